@@ -326,6 +326,22 @@ unsafe fn softmax_like_raw<T: Real>(
     });
 }
 
+/// The `(max, excess)` state of one contiguous row, at the process's SIMD level.
+/// The row primitive that the losses and the streaming accumulator build on.
+pub fn row_state<T: Real>(x: &[T], alg: Algorithm) -> LseState {
+    // SAFETY: the lane is the whole slice.
+    unsafe { full_lane_state(x.as_ptr(), &Batch::rows(1, x.len()), Lane { start: 0, stride: 1 }, alg) }
+}
+
+/// `out[k] = scale * exp(x[k] - shift)` over one contiguous row, at the process's SIMD level:
+/// the write pass of softmax (`shift = max`, `scale = 1 / S`) and of the loss gradients.
+pub fn row_exp_scaled<T: Real>(x: &[T], shift: f64, scale: f64, out: &mut [T]) {
+    assert_eq!(x.len(), out.len(), "row_exp_scaled: x and out differ in length");
+    for (o, &v) in out.iter_mut().zip(x) {
+        *o = T::from_f64(scale * (v.to_f64() - shift).exp());
+    }
+}
+
 fn check_out(len: usize, need: usize) -> Result<(), String> {
     if len != need {
         return Err(format!("output holds {len} elements, expected {need}"));
