@@ -117,7 +117,7 @@ def _kernel_view(x3: np.ndarray) -> np.ndarray:
         and (n <= 1 or s1 == i * it)
         and (o <= 1 or (s0 >= 0 and s0 % it == 0))
     )
-    return x3 if ok else np.ascontiguousarray(x3)
+    return x3 if ok else np.array(x3, order="C", copy=True)
 
 
 class _Plan:
