@@ -13,6 +13,9 @@ from ._api import (
     softmax,
 )
 from ._core import __version__
+from ._threadpool import register as _register_threadpoolctl
+
+_register_threadpoolctl()
 
 __all__ = [
     "__version__",
