@@ -22,6 +22,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(lse_states, m)?)?;
     m.add_function(wrap_pyfunction!(merge_states, m)?)?;
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(after_fork_in_child, m)?)?;
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(simd_level, m)?)?;
     m.add_function(wrap_pyfunction!(available_simd_levels, m)?)?;
@@ -472,6 +473,13 @@ fn merge_states<'py>(
 #[pyfunction]
 fn set_num_threads(n: usize) {
     crate::parallel::set_num_threads(n)
+}
+
+/// Forgets the thread pool in a child process after `fork` (its worker threads were not
+/// copied); the next parallel call builds a new pool. Registered with `os.register_at_fork`.
+#[pyfunction]
+fn after_fork_in_child() {
+    crate::parallel::forget_pool_after_fork()
 }
 
 /// The number of threads stablelse uses.
