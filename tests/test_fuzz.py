@@ -14,7 +14,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+
+import stablelse as sl
 
 CHILD = Path(__file__).with_name("_fuzz_child.py")
 
@@ -47,3 +50,17 @@ def test_fuzz_child_process(tmp_path):
         how = f"signal {-proc.returncode}" if proc.returncode < 0 else f"exit {proc.returncode}"
         pytest.fail(f"fuzz child failed ({how}); last call:\n{last}\noutput:\n{out[-12000:]}")
     assert "FUZZ done" in proc.stdout
+
+
+# --------------------------------------------------------------------------- regressions
+# Each of these failed before the fix that came with it (found by the fuzzer).
+
+
+def test_keepdims_and_return_sign_accept_any_truth_value():
+    x = np.arange(6.0).reshape(2, 3)
+    np.testing.assert_array_equal(
+        sl.logsumexp(x, axis=1, keepdims=1), sl.logsumexp(x, axis=1, keepdims=True)
+    )
+    assert sl.logsumexp(x, axis=1, keepdims=0).shape == (2,)
+    assert sl.logsumexp(x, axis=1, keepdims=None).shape == (2,)
+    assert sl.logsumexp(x, axis=1, keepdims=np.True_).shape == (2, 1)

@@ -283,7 +283,7 @@ def logsumexp(
         and (axis is None or type(axis) is int)
     ):
         # The common call (rows of a C-contiguous array) in one native step; None otherwise.
-        res = _core.rows_fast(a, axis, keepdims, 0)
+        res = _core.rows_fast(a, axis, bool(keepdims), 0)
         if res is not None:
             return res
     if _is_gpu_array(a):
