@@ -64,3 +64,15 @@ def test_keepdims_and_return_sign_accept_any_truth_value():
     assert sl.logsumexp(x, axis=1, keepdims=0).shape == (2,)
     assert sl.logsumexp(x, axis=1, keepdims=None).shape == (2,)
     assert sl.logsumexp(x, axis=1, keepdims=np.True_).shape == (2, 1)
+
+
+@pytest.mark.parametrize("fn", ["logsumexp", "softmax", "log_softmax"])
+def test_unaligned_out_is_filled(fn):
+    x = np.arange(12.0).reshape(3, 4)
+    want = getattr(sl, fn)(x, axis=1)
+    raw = np.zeros(want.nbytes + 1, dtype=np.uint8)
+    out = raw[1:].view(np.float64).reshape(want.shape)
+    assert not out.flags.aligned
+    res = getattr(sl, fn)(x, axis=1, out=out)
+    assert res is out
+    np.testing.assert_array_equal(out, want)

@@ -322,6 +322,7 @@ def logsumexp(
             out is not None
             and out.dtype == x.dtype
             and out.flags.c_contiguous
+            and out.flags.aligned
             and not plan.transposed
             and plan.moved is None
         )
@@ -403,7 +404,7 @@ def _softmax_like(
             out3 = x3 if np.shares_memory(x3, x) else None
         elif plan.moved is None:
             o = out.T if plan.transposed else out
-            if o.flags.c_contiguous:
+            if o.flags.c_contiguous and o.flags.aligned:
                 out3 = o.reshape(plan.outer, plan.n, plan.inner)
     res3 = _core.softmax(x3, log, algorithm, out3)
     if out is not None and out3 is not None:
