@@ -76,3 +76,13 @@ def test_unaligned_out_is_filled(fn):
     res = getattr(sl, fn)(x, axis=1, out=out)
     assert res is out
     np.testing.assert_array_equal(out, want)
+
+
+def test_set_num_threads_errors_name_n():
+    with pytest.raises(TypeError, match=r"\bn\b"):
+        sl.set_num_threads(1.5)
+    with pytest.raises(ValueError, match=r"\bn\b"):
+        sl.set_num_threads(2**70)
+    with pytest.raises(ValueError, match=r"\bn\b"):
+        sl.set_num_threads(100_000)  # would hang building 100k threads
+    assert sl.get_num_threads() >= 1

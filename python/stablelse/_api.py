@@ -524,15 +524,23 @@ def log_softmax(
 # --------------------------------------------------------------------------- threads, info
 
 
+#: The largest thread count set_num_threads accepts.
+MAX_THREADS = 1024
+
+
 def set_num_threads(n: int) -> None:
     """Set the number of threads stablelse's kernels use (0 restores the default).
 
     The default is ``STABLELSE_NUM_THREADS`` if set, else the number of cores. Results are
-    bit-identical for any thread count.
+    bit-identical for any thread count. At most ``MAX_THREADS`` (1024): building a pool of
+    tens of thousands of threads takes minutes and looks like a hang.
     """
-    n = operator.index(n)
-    if n < 0:
-        raise ValueError(f"n must be >= 0, got {n}")
+    try:
+        n = operator.index(n)
+    except TypeError:
+        raise TypeError(f"n must be an int, got {type(n).__name__}") from None
+    if not 0 <= n <= MAX_THREADS:
+        raise ValueError(f"n must be in [0, {MAX_THREADS}], got {n}")
     _core.set_num_threads(n)
 
 
