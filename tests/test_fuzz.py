@@ -86,3 +86,20 @@ def test_set_num_threads_errors_name_n():
     with pytest.raises(ValueError, match=r"\bn\b"):
         sl.set_num_threads(100_000)  # would hang building 100k threads
     assert sl.get_num_threads() >= 1
+
+
+def test_weighted_result_dtype_follows_scipy():
+    sp = pytest.importorskip("scipy.special")
+    cases = [
+        (np.arange(3, dtype=np.int8), np.ones(3, np.float32)),
+        (np.arange(3, dtype=np.float32), np.array([True, False, True])),
+        (np.arange(3, dtype=np.float32), np.ones(3, np.int8)),
+        (np.arange(3, dtype=np.float16), np.ones(3, np.float16)),
+        (np.arange(3, dtype=np.float32), np.ones(3, np.int64)),
+        (np.arange(3, dtype=np.int64), np.ones(3, np.int64)),
+    ]
+    for a, b in cases:
+        want = sp.logsumexp(a, b=b)
+        got = sl.logsumexp(a, b=b)
+        assert np.asarray(got).dtype == np.asarray(want).dtype, (a.dtype, b.dtype)
+        np.testing.assert_allclose(float(got), float(want), rtol=1e-3)

@@ -293,9 +293,12 @@ def logsumexp(
     _check_algorithm(algorithm)
     x, rdtype = _as_real_array(a, "a")
     if b is not None:
-        bw, bdtype = _as_real_array(b, "b")
+        bw, _ = _as_real_array(b, "b")
         common = np.result_type(x.dtype, bw.dtype)
-        rdtype = np.result_type(rdtype, bdtype)
+        # As scipy: the result type of the raw dtypes (so float32 a with bool or int8 weights
+        # stays float32), float64 when that is not floating.
+        rdtype = np.result_type(np.asarray(a).dtype, np.asarray(b).dtype)
+        rdtype = rdtype.newbyteorder("=") if rdtype.kind == "f" else np.dtype(np.float64)
         try:
             x, bw = np.broadcast_arrays(x.astype(common, copy=False), bw.astype(common, copy=False))
         except ValueError:
