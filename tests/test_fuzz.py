@@ -103,3 +103,12 @@ def test_weighted_result_dtype_follows_scipy():
         got = sl.logsumexp(a, b=b)
         assert np.asarray(got).dtype == np.asarray(want).dtype, (a.dtype, b.dtype)
         np.testing.assert_allclose(float(got), float(want), rtol=1e-3)
+
+
+@pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")
+def test_ndarray_subclasses_and_ragged_lists():
+    m = np.matrix([[1.0, 2.0], [3.0, 4.0]])
+    np.testing.assert_allclose(sl.softmax(m, axis=1), sl.softmax(np.asarray(m), axis=1))
+    np.testing.assert_allclose(sl.logsumexp(m, axis=0), sl.logsumexp(np.asarray(m), axis=0))
+    with pytest.raises(ValueError, match=r"\ba\b"):
+        sl.logsumexp([[1.0], [1.0, 2.0]])

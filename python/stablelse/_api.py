@@ -58,7 +58,14 @@ def _as_real_array(a: Any, name: str) -> tuple[np.ndarray, np.dtype]:
     Integers and bools become float64 (as scipy's logsumexp); float16 is computed in float32 and
     the result returned as float16; longdouble is computed in float64 (a documented deviation).
     """
-    arr = a if isinstance(a, np.ndarray) else np.asarray(a)
+    if type(a) is np.ndarray:
+        arr = a
+    else:
+        # Subclasses (np.matrix keeps two dimensions through reshape) become plain arrays.
+        try:
+            arr = np.asarray(a)
+        except ValueError as exc:
+            raise ValueError(f"{name} is not a rectangular array of numbers: {exc}") from None
     dt = arr.dtype
     if dt == np.float32 or dt == np.float64:
         if not dt.isnative:
