@@ -112,3 +112,12 @@ def test_ndarray_subclasses_and_ragged_lists():
     np.testing.assert_allclose(sl.logsumexp(m, axis=0), sl.logsumexp(np.asarray(m), axis=0))
     with pytest.raises(ValueError, match=r"\ba\b"):
         sl.logsumexp([[1.0], [1.0, 2.0]])
+
+
+def test_in_place_on_a_zero_d_array():
+    x = np.array(3.0)
+    assert sl.softmax(x, out=x) is x
+    assert x == 1.0
+    y = np.array(3.0)
+    sl.log_softmax(y, out=y)
+    assert y == 0.0

@@ -393,8 +393,11 @@ def _softmax_like(
     axes = _normalize_axes(axis, x.ndim)
     user_shape = () if scalar else x.shape
     inplace = False
+    user_out = out
     if out is not None:
         _check_out(out, user_shape, rdtype)
+        if scalar:
+            out = out.reshape(1)  # a view, laid out like x
         if np.may_share_memory(out, x):
             same = (
                 out.dtype == x.dtype
@@ -418,11 +421,11 @@ def _softmax_like(
                 out3 = o.reshape(plan.outer, plan.n, plan.inner)
     res3 = _core.softmax(x3, log, algorithm, out3)
     if out is not None and out3 is not None:
-        return out
+        return user_out
     res = plan.unwork_full(res3)
     if out is not None:
         np.copyto(out, res, casting="unsafe")
-        return out
+        return user_out
     if res.dtype != rdtype:
         res = res.astype(rdtype)
     if scalar:
