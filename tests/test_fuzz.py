@@ -121,3 +121,13 @@ def test_in_place_on_a_zero_d_array():
     y = np.array(3.0)
     sl.log_softmax(y, out=y)
     assert y == 0.0
+
+
+@pytest.mark.parametrize("fn", ["logsumexp", "softmax", "log_softmax"])
+def test_bool_axis_is_a_type_error(fn):
+    # NumPy and scipy refuse axis=True; it used to reduce axis 1 silently.
+    x = np.ones((2, 3, 4))
+    with pytest.raises(TypeError, match="axis"):
+        getattr(sl, fn)(x, axis=True)
+    with pytest.raises(TypeError, match="axis"):
+        getattr(sl, fn)(x, axis=(0, np.False_))

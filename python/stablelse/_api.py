@@ -94,6 +94,8 @@ def _normalize_axes(axis: AxisLike, ndim: int) -> tuple[int, ...]:
     axes = []
     for ax in items:
         try:
+            if isinstance(ax, (bool, np.bool_)):
+                raise TypeError  # as NumPy: True is not axis 1
             ax = operator.index(ax)
         except TypeError:
             raise TypeError(
