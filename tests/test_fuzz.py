@@ -131,3 +131,15 @@ def test_bool_axis_is_a_type_error(fn):
         getattr(sl, fn)(x, axis=True)
     with pytest.raises(TypeError, match="axis"):
         getattr(sl, fn)(x, axis=(0, np.False_))
+
+
+@pytest.mark.parametrize("fn", ["logsumexp", "softmax", "log_softmax"])
+def test_self_overlapping_out_is_refused(fn):
+    # A writeable zero-stride out (np.lib.stride_tricks.as_strided) cannot hold the result:
+    # every element would land on the same memory.
+    x = np.array([[0.0, 1.0], [2.0, 5.0]])
+    shape = (2,) if fn == "logsumexp" else (2, 2)
+    out = np.lib.stride_tricks.as_strided(np.full(1, 7.0), shape=shape, strides=(0,) * len(shape))
+    with pytest.raises(ValueError, match="out"):
+        getattr(sl, fn)(x, axis=1, out=out)
+    assert np.all(out == 7.0)

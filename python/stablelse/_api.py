@@ -207,6 +207,8 @@ def _check_out(out: Any, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
         raise ValueError(f"out has shape {out.shape}, expected {shape}")
     if not out.flags.writeable:
         raise ValueError("out is read-only")
+    if any(st == 0 and n > 1 for st, n in zip(out.strides, out.shape)):
+        raise ValueError("out has a zero stride: its elements overlap and cannot hold a result")
     return out
 
 
