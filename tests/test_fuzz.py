@@ -143,3 +143,10 @@ def test_self_overlapping_out_is_refused(fn):
     with pytest.raises(ValueError, match="out"):
         getattr(sl, fn)(x, axis=1, out=out)
     assert np.all(out == 7.0)
+
+
+def test_empty_weighted_reduction_sign_is_minus_one_as_scipy():
+    # scipy gives sign -1 for an empty reduction with or without weights.
+    assert sl.logsumexp(np.zeros(0), b=np.zeros(0), return_sign=True) == (-np.inf, -1.0)
+    res, sgn = sl.logsumexp(np.zeros((3, 0)), axis=1, b=np.ones(0), return_sign=True)
+    np.testing.assert_array_equal(sgn, [-1.0, -1.0, -1.0])

@@ -355,6 +355,8 @@ def logsumexp(
         res2, sgn2 = _core.logsumexp_weighted(x3, b3, bool(return_sign))
         if not return_sign:
             sgn2 = None
+        elif plan.n == 0:
+            sgn2[...] = -1.0  # as scipy, and as the unweighted path above
 
     res = plan.unwork_reduced(res2.reshape(rshape_work), keepdims, x.ndim)
     if res.dtype != rdtype:
