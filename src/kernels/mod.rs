@@ -367,4 +367,6 @@ fn check_out(len: usize, need: usize) -> Result<(), String> {
 }
 
 #[cfg(test)]
+mod proptests;
+#[cfg(test)]
 mod tests;
