@@ -303,6 +303,7 @@ def logsumexp(
         )
     _check_algorithm(algorithm)
     x, rdtype = _as_real_array(a, "a")
+    bw: np.ndarray | None = None
     if b is not None:
         bw, _ = _as_real_array(b, "b")
         common = np.result_type(x.dtype, bw.dtype)
@@ -319,7 +320,7 @@ def logsumexp(
             ) from None
     if x.ndim == 0:
         x = x.reshape(1)
-        bw = bw.reshape(1) if b is not None else None
+        bw = bw.reshape(1) if bw is not None else None
     axes = _normalize_axes(axis, x.ndim)
     plan = _Plan(x, axes)
     rshape_work = plan.reduced_shape(keepdims)
@@ -341,7 +342,9 @@ def logsumexp(
             and plan.moved is None
         )
         res2 = _core.logsumexp(
-            x3, algorithm, out.reshape(plan.outer, plan.inner) if direct else None
+            x3,
+            algorithm,
+            out.reshape(plan.outer, plan.inner) if direct and out is not None else None,
         )
         sgn2 = None
         if return_sign:
@@ -367,6 +370,7 @@ def logsumexp(
         res = out
     res = _scalarize(res)
     if return_sign:
+        assert sgn2 is not None
         sgn = plan.unwork_reduced(sgn2.reshape(rshape_work), keepdims, x.ndim)
         if sgn.dtype != rdtype:
             sgn = sgn.astype(rdtype)
