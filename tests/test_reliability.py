@@ -458,6 +458,20 @@ def test_more_than_2_to_the_31_elements(capsys):
     want = _lse_chunked(x)
     got = sl.logsumexp(x)
     assert abs(float(got) - want) <= 2 * np.spacing(np.float32(want)), (float(got), want)
+    # The same elements as 7705 rows of 278713: row and column offsets pass 2**31.
+    if BIG_N % 7705 == 0:  # 2**31 + 17 = 5 * 23 * 67 * 109 * 2557
+        x2 = x.reshape(7705, BIG_N // 7705)
+        rows = sl.logsumexp(x2, axis=1)
+        cols = sl.logsumexp(x2, axis=0)
+        m_rows, s_rows = x2.max(axis=1).astype(np.float64), np.zeros(x2.shape[0])
+        m_cols, s_cols = x2.max(axis=0).astype(np.float64), np.zeros(x2.shape[1])
+        for r in range(0, x2.shape[0], 64):
+            blk = x2[r : r + 64].astype(np.float64)
+            s_rows[r : r + 64] = np.exp(blk - m_rows[r : r + 64, None]).sum(axis=1)
+            s_cols += np.exp(blk - m_cols).sum(axis=0)
+        for got2, want2 in [(rows, m_rows + np.log(s_rows)), (cols, m_cols + np.log(s_cols))]:
+            err = np.abs(got2.astype(np.float64) - want2)
+            assert np.all(err <= 2 * np.spacing(np.abs(want2).astype(np.float32))), err.max()
     probe = np.r_[0, 12345, 2**31 - 1, 2**31, 2**31 + 5, BIG_N - 18, BIG_N - 17 : BIG_N]
     probe = np.unique(probe[probe < BIG_N])
     before = x[probe].astype(np.float64)
