@@ -340,7 +340,14 @@ PEAK_SCRIPT = textwrap.dedent(
         x[i : i + 256] = np.linspace(-20, 20, n_cols, dtype=dtype)
     out = x if mode == "inplace" else np.zeros_like(x) if mode == "out" else None
     sl.softmax(x[:4], axis=axis, out=None if out is None else out[:4])  # load code, pool
-    hwm = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    def hwm():
+        # VmHWM: this process's peak RSS. (getrusage's ru_maxrss survives exec, so in a child
+        # of a big pytest process it starts at the parent's size and hides the call's peak.)
+        try:
+            with open("/proc/self/status") as f:
+                return next(int(l.split()[1]) for l in f if l.startswith("VmHWM")) * 1024
+        except OSError:
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     before = hwm()
     res = sl.softmax(x, axis=axis, out=out)
     after = hwm()
