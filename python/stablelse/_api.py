@@ -44,7 +44,7 @@ def _is_gpu_array(x: Any) -> bool:
 
 def _gpu_module() -> Any:
     try:
-        from . import cuda  # noqa: PLC0415
+        from . import cuda  # type: ignore[attr-defined,unused-ignore]  # noqa: PLC0415
     except ImportError as exc:  # pragma: no cover - depends on the build
         raise TypeError(
             "a CUDA device array was given but this stablelse build has no CUDA support"
@@ -576,7 +576,7 @@ def info() -> dict[str, Any]:
     """Version, SIMD level chosen, levels available, threads, and CUDA status."""
     cuda: dict[str, Any]
     try:
-        from . import cuda as _cuda  # noqa: PLC0415
+        from . import cuda as _cuda  # type: ignore[attr-defined,unused-ignore]  # noqa: PLC0415
 
         cuda = _cuda.info() if hasattr(_cuda, "info") else {"available": _cuda.is_available()}
     except ImportError:
