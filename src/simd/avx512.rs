@@ -1,0 +1,481 @@
+//! AVX-512 (F + DQ + BW + VL) kernels: the vectorised exps and the row/column building blocks.
+//!
+//! Everything here is `#[target_feature]`; the dispatcher in [`super`] only calls it after
+//! run-time detection. Float32 inputs are widened to float64 lanes for every sum and for the
+//! softmax write (the difference `x - max` is then exact and the exp is accurate to ~1e-11), so
+//! a float32 result is rounded once, at the end, like the scalar reference.
+
+#![allow(clippy::missing_safety_doc)]
+
+use super::consts::*;
+use crate::state::LseState;
+use std::arch::x86_64::*;
+
+const NEAREST: i32 = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+
+/// float32 exp with float32 arithmetic (max error < 1 ULP over the whole float32 range):
+/// `x = k ln2 + r` (Cody-Waite, two constants), a degree-6 polynomial on |r| <= ln2/2
+/// (SLEEF's `expf_u10` coefficients), and `vscalefps` for `2^k` (correct overflow to +inf
+/// and a single rounding into the subnormals).
+#[inline]
+#[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl")]
+pub fn exp_ps(x: __m512) -> __m512 {
+    // Clamps keep k finite (so r is never inf - inf); min/max return their second operand
+    // when either is NaN, so NaN passes through.
+    let x = _mm512_min_ps(_mm512_set1_ps(100.0), x);
+    let x = _mm512_max_ps(_mm512_set1_ps(-110.0), x);
+    let k = _mm512_roundscale_ps::<NEAREST>(_mm512_mul_ps(x, _mm512_set1_ps(F32_LOG2E)));
+    let r = _mm512_fnmadd_ps(k, _mm512_set1_ps(F32_LN2_HI), x);
+    let r = _mm512_fnmadd_ps(k, _mm512_set1_ps(F32_LN2_LO), r);
+    let mut u = _mm512_set1_ps(F32_EXP_POLY[0]);
+    for &c in &F32_EXP_POLY[1..] {
+        u = _mm512_fmadd_ps(u, r, _mm512_set1_ps(c));
+    }
+    // exp(r) = 1 + (r + r^2 u): the small part is summed first, then 1 once.
+    let p = _mm512_fmadd_ps(_mm512_mul_ps(r, r), u, r);
+    let p = _mm512_add_ps(_mm512_set1_ps(1.0), p);
+    _mm512_scalef_ps(p, k)
+}
+
+/// float64 exp by a 16-entry table: `t = (16 k' + j) ln2/16 + r`, |r| <= ln2/32, so
+/// `exp(t) = 2^k' 2^(j/16) (1 + q(r))`. `full` uses a two-constant reduction and the degree-7
+/// Taylor q (truncation 1.2e-18, result < 1 ULP of float64); otherwise one constant and
+/// degree 4 (relative error < 5e-11), ample for float32 results that are rounded once.
+/// -inf -> 0, +inf -> +inf, NaN -> NaN, underflow rounded once by `vscalefpd`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl")]
+pub fn exp_pd(t: __m512d, full: bool) -> __m512d {
+    let t = _mm512_max_pd(_mm512_set1_pd(-746.0), t);
+    let t = _mm512_min_pd(_mm512_set1_pd(710.0), t);
+    // kd holds round(16 t / ln2) in its low mantissa bits; its low 4 bits index the table.
+    let magic = _mm512_set1_pd(ROUND_MAGIC);
+    let kd = _mm512_fmadd_pd(t, _mm512_set1_pd(SIXTEEN_OVER_LN2), magic);
+    let kf = _mm512_sub_pd(kd, magic);
+    let mut r = _mm512_fnmadd_pd(kf, _mm512_set1_pd(LN2_OVER_16_HI), t);
+    if full {
+        r = _mm512_fnmadd_pd(kf, _mm512_set1_pd(LN2_OVER_16_LO), r);
+    }
+    // SAFETY: EXP2_J16 holds 16 f64; two unaligned 8-lane loads read it exactly.
+    let (lo, hi) = unsafe {
+        (
+            _mm512_loadu_pd(EXP2_J16.as_ptr()),
+            _mm512_loadu_pd(EXP2_J16.as_ptr().add(8)),
+        )
+    };
+    let tab = _mm512_permutex2var_pd(lo, _mm512_castpd_si512(kd), hi);
+    let coeffs: &[f64] = if full { &TAYLOR7 } else { &TAYLOR4 };
+    let mut a = _mm512_set1_pd(coeffs[0]);
+    for &c in &coeffs[1..] {
+        a = _mm512_fmadd_pd(a, r, _mm512_set1_pd(c));
+    }
+    let q = _mm512_mul_pd(a, r);
+    let y = _mm512_fmadd_pd(tab, q, tab);
+    // vscalefpd multiplies by 2^floor(kf/16): the table already supplied 2^(j/16).
+    _mm512_scalef_pd(y, _mm512_mul_pd(kf, _mm512_set1_pd(1.0 / 16.0)))
+}
+
+/// An input element type as seen by the float64-lane kernels: 8 elements per vector.
+pub trait Lanes: Copy + 'static + crate::Real {
+    /// Whether results need the full float64 exp (float64 inputs) or the float32-grade one.
+    const FULL: bool;
+    /// Elements per L1 block of the two-pass row kernel.
+    const BLOCK: usize;
+    /// Loads 8 elements widened to f64.
+    unsafe fn load8(p: *const Self) -> __m512d;
+    /// Loads `n < 8` elements, the rest of the lanes `-inf`.
+    unsafe fn load_tail(p: *const Self, n: usize) -> __m512d;
+    /// Stores 8 lanes rounded to `Self`.
+    unsafe fn store8(p: *mut Self, v: __m512d);
+    /// Stores the first `n < 8` lanes.
+    unsafe fn store_tail(p: *mut Self, v: __m512d, n: usize);
+    /// The max of `n` elements (NaN may or may not show; callers re-check non-finite maxima).
+    unsafe fn max(p: *const Self, n: usize) -> f64;
+}
+
+#[inline]
+fn tail_mask8(n: usize) -> __mmask8 {
+    ((1u32 << n) - 1) as __mmask8
+}
+
+impl Lanes for f32 {
+    const FULL: bool = false;
+    const BLOCK: usize = 4096;
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl")]
+    unsafe fn load8(p: *const f32) -> __m512d {
+        // SAFETY: the caller guarantees 8 readable elements.
+        _mm512_cvtps_pd(unsafe { _mm256_loadu_ps(p) })
+    }
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl")]
+    unsafe fn load_tail(p: *const f32, n: usize) -> __m512d {
+        let fill = _mm256_set1_ps(f32::NEG_INFINITY);
+        // SAFETY: masked lanes are not accessed; the first n are readable.
+        _mm512_cvtps_pd(unsafe { _mm256_mask_loadu_ps(fill, tail_mask8(n), p) })
+    }
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl")]
+    unsafe fn store8(p: *mut f32, v: __m512d) {
+        // SAFETY: the caller guarantees 8 writable elements.
+        unsafe { _mm256_storeu_ps(p, _mm512_cvtpd_ps(v)) }
+    }
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl")]
+    unsafe fn store_tail(p: *mut f32, v: __m512d, n: usize) {
+        // SAFETY: only the first n lanes are written.
+        unsafe { _mm256_mask_storeu_ps(p, tail_mask8(n), _mm512_cvtpd_ps(v)) }
+    }
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl")]
+    unsafe fn max(p: *const f32, n: usize) -> f64 {
+        let ninf = _mm512_set1_ps(f32::NEG_INFINITY);
+        let mut acc = [ninf; 4];
+        let mut i = 0;
+        // SAFETY: every load is within the n elements (full vectors, then a masked tail).
+        unsafe {
+            while i + 64 <= n {
+                for (a, acc) in acc.iter_mut().enumerate() {
+                    *acc = _mm512_max_ps(*acc, _mm512_loadu_ps(p.add(i + 16 * a)));
+                }
+                i += 64;
+            }
+            while i + 16 <= n {
+                acc[0] = _mm512_max_ps(acc[0], _mm512_loadu_ps(p.add(i)));
+                i += 16;
+            }
+            if i < n {
+                let m = ((1u32 << (n - i)) - 1) as __mmask16;
+                acc[1] = _mm512_max_ps(acc[1], _mm512_mask_loadu_ps(ninf, m, p.add(i)));
+            }
+        }
+        let m = _mm512_max_ps(_mm512_max_ps(acc[0], acc[1]), _mm512_max_ps(acc[2], acc[3]));
+        _mm512_reduce_max_ps(m) as f64
+    }
+}
+
+impl Lanes for f64 {
+    const FULL: bool = true;
+    const BLOCK: usize = 2048;
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl")]
+    unsafe fn load8(p: *const f64) -> __m512d {
+        // SAFETY: the caller guarantees 8 readable elements.
+        unsafe { _mm512_loadu_pd(p) }
+    }
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl")]
+    unsafe fn load_tail(p: *const f64, n: usize) -> __m512d {
+        let fill = _mm512_set1_pd(f64::NEG_INFINITY);
+        // SAFETY: masked lanes are not accessed; the first n are readable.
+        unsafe { _mm512_mask_loadu_pd(fill, tail_mask8(n), p) }
+    }
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl")]
+    unsafe fn store8(p: *mut f64, v: __m512d) {
+        // SAFETY: the caller guarantees 8 writable elements.
+        unsafe { _mm512_storeu_pd(p, v) }
+    }
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl")]
+    unsafe fn store_tail(p: *mut f64, v: __m512d, n: usize) {
+        // SAFETY: only the first n lanes are written.
+        unsafe { _mm512_mask_storeu_pd(p, tail_mask8(n), v) }
+    }
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl")]
+    unsafe fn max(p: *const f64, n: usize) -> f64 {
+        let ninf = _mm512_set1_pd(f64::NEG_INFINITY);
+        let mut acc = [ninf; 4];
+        let mut i = 0;
+        // SAFETY: every load is within the n elements.
+        unsafe {
+            while i + 32 <= n {
+                for (a, acc) in acc.iter_mut().enumerate() {
+                    *acc = _mm512_max_pd(*acc, _mm512_loadu_pd(p.add(i + 8 * a)));
+                }
+                i += 32;
+            }
+            while i + 8 <= n {
+                acc[0] = _mm512_max_pd(acc[0], _mm512_loadu_pd(p.add(i)));
+                i += 8;
+            }
+            if i < n {
+                acc[1] = _mm512_max_pd(acc[1], Self::load_tail(p.add(i), n - i));
+            }
+        }
+        let m = _mm512_max_pd(_mm512_max_pd(acc[0], acc[1]), _mm512_max_pd(acc[2], acc[3]));
+        _mm512_reduce_max_pd(m)
+    }
+}
+
+/// Sum of `exp(x - m)` over the elements `!= m` (NaN included) and the count of elements
+/// `== m`, for `n` elements; `m` finite and `>= ` every non-NaN element.
+#[inline]
+#[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl")]
+unsafe fn sum_below<T: Lanes>(p: *const T, n: usize, m: f64) -> (__m512d, u64) {
+    let mv = _mm512_set1_pd(m);
+    let mut acc = [_mm512_setzero_pd(); 2];
+    let mut ties = 0u64;
+    let mut i = 0;
+    let mut step = |x: __m512d, acc: &mut __m512d| {
+        let e = exp_pd(_mm512_sub_pd(x, mv), T::FULL);
+        let below = _mm512_cmp_pd_mask::<_CMP_NEQ_UQ>(x, mv);
+        ties += (!below).count_ones() as u64;
+        *acc = _mm512_mask_add_pd(*acc, below, *acc, e);
+    };
+    // SAFETY: loads stay within the n elements; the tail lanes are -inf (below, exp = 0).
+    unsafe {
+        while i + 16 <= n {
+            step(T::load8(p.add(i)), &mut acc[0]);
+            step(T::load8(p.add(i + 8)), &mut acc[1]);
+            i += 16;
+        }
+        if i + 8 <= n {
+            step(T::load8(p.add(i)), &mut acc[0]);
+            i += 8;
+        }
+        if i < n {
+            step(T::load_tail(p.add(i), n - i), &mut acc[1]);
+        }
+    }
+    (_mm512_add_pd(acc[0], acc[1]), ties)
+}
+
+/// Two-pass `(max, excess)` of a contiguous row, blocked for L1: each block's max, then the
+/// exp-sum of the same block while it is in L1, blocks merged by the online rule (so the
+/// DRAM stream of the next block overlaps the exp work). Non-finite maxima go to the scalar
+/// reference, which owns the NaN/inf semantics.
+#[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl")]
+pub unsafe fn state_two_pass<T: Lanes + crate::Real>(x: *const T, n: usize) -> LseState {
+    let mut m = f64::NEG_INFINITY;
+    let mut below = _mm512_setzero_pd();
+    let mut ties = 0u64;
+    let mut start = 0;
+    while start < n {
+        let len = T::BLOCK.min(n - start);
+        // SAFETY: the block lies inside the row.
+        let p = unsafe { x.add(start) };
+        // SAFETY: as above.
+        let bm = unsafe { T::max(p, len) };
+        if !bm.is_finite() {
+            if bm == f64::NEG_INFINITY && !super::has_nan(p, len) {
+                start += len;
+                continue;
+            }
+            // SAFETY: the whole row is readable.
+            return unsafe { crate::kernels::scalar::lse_state_two_pass(x, 0, n, 1) };
+        }
+        if bm > m {
+            // Everything so far is below the new max: fold the ties into the sum and rescale.
+            let scale = (m - bm).exp();
+            below = _mm512_mul_pd(below, _mm512_set1_pd(scale));
+            let carried = _mm512_set_pd(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, ties as f64 * scale);
+            below = _mm512_add_pd(below, carried);
+            ties = 0;
+            m = bm;
+        }
+        // SAFETY: as above.
+        let (b, t) = unsafe { sum_below(p, len, m) };
+        below = _mm512_add_pd(below, b);
+        ties += t;
+        start += len;
+    }
+    super::finish_state(m, _mm512_reduce_add_pd(below), ties)
+}
+
+/// Per-lane online state: running max, sum of exp(x - max) over the elements below it, and
+/// the count of elements equal to it (kept apart so the excess keeps tiny terms).
+#[derive(Clone, Copy)]
+pub struct OnlineLanes {
+    pub m: __m512d,
+    pub below: __m512d,
+    pub ties: __m512d,
+}
+
+impl OnlineLanes {
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl")]
+    pub fn new() -> OnlineLanes {
+        OnlineLanes {
+            m: _mm512_set1_pd(f64::NEG_INFINITY),
+            below: _mm512_setzero_pd(),
+            ties: _mm512_setzero_pd(),
+        }
+    }
+
+    /// Adds one element per lane (Milakov & Gimelshein's update, rescaling only the lanes
+    /// whose max grows; that branch is rare after the first few vectors of a row).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl")]
+    pub fn push(&mut self, x: __m512d, full: bool) {
+        let gt = _mm512_cmp_pd_mask::<_CMP_GT_OQ>(x, self.m);
+        if gt != 0 {
+            let m_new = _mm512_mask_mov_pd(self.m, gt, x);
+            // exp(m - m_new) is 1 on unchanged lanes and 0 when m was -inf or m_new is +inf.
+            let scale = exp_pd(_mm512_sub_pd(self.m, m_new), full);
+            let total = _mm512_add_pd(self.below, self.ties);
+            self.below = _mm512_mask_mul_pd(self.below, gt, total, scale);
+            self.ties = _mm512_mask_mov_pd(self.ties, gt, _mm512_setzero_pd());
+            self.m = m_new;
+        }
+        // Ties compare x with m (not x - m with 0), so +inf == +inf is a tie, not NaN.
+        let tie = _mm512_cmp_pd_mask::<_CMP_EQ_OQ>(x, self.m);
+        let e = exp_pd(_mm512_sub_pd(x, self.m), full);
+        self.below = _mm512_mask_add_pd(self.below, !tie, self.below, e);
+        self.ties = _mm512_mask_add_pd(self.ties, tie, self.ties, _mm512_set1_pd(1.0));
+    }
+
+    /// The 8 lane states merged in lane order.
+    #[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl")]
+    pub fn states(&self) -> [LseState; 8] {
+        let (mut m, mut b, mut t) = ([0.0f64; 8], [0.0f64; 8], [0.0f64; 8]);
+        // SAFETY: each array holds 8 f64.
+        unsafe {
+            _mm512_storeu_pd(m.as_mut_ptr(), self.m);
+            _mm512_storeu_pd(b.as_mut_ptr(), self.below);
+            _mm512_storeu_pd(t.as_mut_ptr(), self.ties);
+        }
+        std::array::from_fn(|l| super::lane_state(m[l], b[l], t[l]))
+    }
+}
+
+/// One-pass `(max, excess)` of a contiguous row: 16 online lanes (two vectors), merged in
+/// lane order at the end.
+#[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl")]
+pub unsafe fn state_online<T: Lanes>(x: *const T, n: usize) -> LseState {
+    let mut lanes = [OnlineLanes::new(), OnlineLanes::new()];
+    let mut i = 0;
+    // SAFETY: loads stay within the n elements; tail lanes are -inf (no contribution).
+    unsafe {
+        while i + 16 <= n {
+            lanes[0].push(T::load8(x.add(i)), T::FULL);
+            lanes[1].push(T::load8(x.add(i + 8)), T::FULL);
+            i += 16;
+        }
+        if i + 8 <= n {
+            lanes[0].push(T::load8(x.add(i)), T::FULL);
+            i += 8;
+        }
+        if i < n {
+            lanes[1].push(T::load_tail(x.add(i), n - i), T::FULL);
+        }
+    }
+    let mut s = LseState::EMPTY;
+    for l in &lanes {
+        for st in l.states() {
+            s = s.merge(st);
+        }
+    }
+    s
+}
+
+/// `out[k] = scale * exp(x[k] - shift)` for `k < n`; `out` may equal `x` (each vector is read
+/// before it is written).
+#[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl")]
+pub unsafe fn exp_scaled<T: Lanes>(x: *const T, out: *mut T, n: usize, shift: f64, scale: f64) {
+    let (sh, sc) = (_mm512_set1_pd(shift), _mm512_set1_pd(scale));
+    let f = |v: __m512d| _mm512_mul_pd(exp_pd(_mm512_sub_pd(v, sh), T::FULL), sc);
+    let mut i = 0;
+    // SAFETY: reads and writes stay within the n elements.
+    unsafe {
+        while i + 8 <= n {
+            T::store8(out.add(i), f(T::load8(x.add(i))));
+            i += 8;
+        }
+        if i < n {
+            T::store_tail(out.add(i), f(T::load_tail(x.add(i), n - i)), n - i);
+        }
+    }
+}
+
+/// `out[k] = (x[k] - shift) - log_total` for `k < n`; `out` may equal `x`.
+#[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl")]
+pub unsafe fn shift_sub<T: Lanes>(x: *const T, out: *mut T, n: usize, shift: f64, log_total: f64) {
+    let (sh, lt) = (_mm512_set1_pd(shift), _mm512_set1_pd(log_total));
+    let f = |v: __m512d| _mm512_sub_pd(_mm512_sub_pd(v, sh), lt);
+    let mut i = 0;
+    // SAFETY: reads and writes stay within the n elements.
+    unsafe {
+        while i + 8 <= n {
+            T::store8(out.add(i), f(T::load8(x.add(i))));
+            i += 8;
+        }
+        if i < n {
+            T::store_tail(out.add(i), f(T::load_tail(x.add(i), n - i)), n - i);
+        }
+    }
+}
+
+/// float32 exp of `n` elements (the float32-arithmetic exp, < 1 ULP).
+#[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl")]
+pub unsafe fn exp_f32(x: *const f32, out: *mut f32, n: usize) {
+    let mut i = 0;
+    // SAFETY: reads and writes stay within the n elements.
+    unsafe {
+        while i + 16 <= n {
+            _mm512_storeu_ps(out.add(i), exp_ps(_mm512_loadu_ps(x.add(i))));
+            i += 16;
+        }
+        if i < n {
+            let m = ((1u32 << (n - i)) - 1) as __mmask16;
+            let v = exp_ps(_mm512_maskz_loadu_ps(m, x.add(i)));
+            _mm512_mask_storeu_ps(out.add(i), m, v);
+        }
+    }
+}
+
+/// float64 exp of `n` elements (< 1 ULP).
+#[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl")]
+pub unsafe fn exp_f64(x: *const f64, out: *mut f64, n: usize) {
+    let mut i = 0;
+    // SAFETY: reads and writes stay within the n elements.
+    unsafe {
+        while i + 8 <= n {
+            _mm512_storeu_pd(out.add(i), exp_pd(_mm512_loadu_pd(x.add(i)), true));
+            i += 8;
+        }
+        if i < n {
+            let m = tail_mask8(n - i);
+            let v = exp_pd(_mm512_maskz_loadu_pd(m, x.add(i)), true);
+            _mm512_mask_storeu_pd(out.add(i), m, v);
+        }
+    }
+}
+
+/// Online states of `w` adjacent columns (`w <= COL_TILE`) of an `(n, inner)` C-order slab
+/// starting at `x`: one streaming pass down the rows, each row reading `w` contiguous elements.
+#[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl")]
+pub unsafe fn column_states<T: Lanes>(
+    x: *const T,
+    n: usize,
+    inner: usize,
+    w: usize,
+    out: &mut [LseState],
+) {
+    const V: usize = super::COL_TILE / 8;
+    let mut lanes = [OnlineLanes::new(); V];
+    let vecs = w.div_ceil(8);
+    for k in 0..n {
+        // SAFETY: row k of the tile holds w readable elements.
+        let row = unsafe { x.add(k * inner) };
+        for (v, lane) in lanes.iter_mut().enumerate().take(vecs) {
+            let left = w - 8 * v;
+            // SAFETY: as above; the last vector is masked to the tile width.
+            let xv = unsafe {
+                if left >= 8 {
+                    T::load8(row.add(8 * v))
+                } else {
+                    T::load_tail(row.add(8 * v), left)
+                }
+            };
+            lane.push(xv, T::FULL);
+        }
+    }
+    for (v, lane) in lanes.iter().enumerate().take(vecs) {
+        for (l, s) in lane.states().into_iter().enumerate() {
+            if 8 * v + l < w {
+                out[8 * v + l] = s;
+            }
+        }
+    }
+}
