@@ -125,7 +125,9 @@ fn main() {
         .collect();
     let levels: Vec<Level> = available_levels()
         .into_iter()
-        .filter(|l| args.is_empty() || args.iter().any(|a| a == l.name()))
+        .filter(|l| {
+            !args.iter().any(|a| Level::parse(a).is_some()) || args.iter().any(|a| a == l.name())
+        })
         .collect();
     let threads = stablelse::parallel::num_threads();
     println!(
@@ -133,6 +135,14 @@ fn main() {
         levels.iter().map(|l| l.name()).collect::<Vec<_>>()
     );
 
+    if args.iter().any(|a| a == "sweep") {
+        sweep(&levels);
+        return;
+    }
+    if args.iter().any(|a| a == "cache") {
+        in_cache(&levels);
+        return;
+    }
     let big = 1usize << 26; // 256 MiB of f32
     let x = data(big);
     let mut out = vec![0.0f32; big];
@@ -239,4 +249,122 @@ fn main() {
         "DRAM read again: {:.1} GB/s",
         dram_read_gbs(&words, threads)
     );
+}
+
+/// The compute ceiling of each kernel: one thread, 256 KiB of float32 that stays in L2,
+/// best of many runs (`cargo bench --bench throughput -- cache`).
+fn in_cache(levels: &[Level]) {
+    stablelse::parallel::set_num_threads(1);
+    let (rows, n) = (16, 4096);
+    let len = rows * n;
+    let x = data(len);
+    let mut out = vec![0.0f32; len];
+    let mut lse = vec![0.0f32; rows];
+    let gbs = |bytes: usize, t: f64| bytes as f64 / t / 1e9;
+    for &level in levels {
+        for (name, alg) in [
+            ("two_pass", Algorithm::TwoPass),
+            ("online", Algorithm::Online),
+        ] {
+            let t = best_of(300, || {
+                logsumexp_at(level, &x, Batch::rows(rows, n), alg, &mut lse).unwrap();
+                black_box(&lse);
+            });
+            println!(
+                "{:>7} logsumexp {name:<9} 16x4096 in L2, 1 thread: {:>6.1} GB/s, {:.2} ns/element",
+                level.name(),
+                gbs(4 * len, t),
+                t * 1e9 / len as f64
+            );
+        }
+        for (name, what) in [
+            ("softmax", Reduction::Softmax),
+            ("log_softmax", Reduction::LogSoftmax),
+        ] {
+            let t = best_of(300, || {
+                softmax_like_at(
+                    level,
+                    &x,
+                    Batch::rows(rows, n),
+                    Algorithm::TwoPass,
+                    what,
+                    &mut out,
+                )
+                .unwrap();
+            });
+            println!(
+                "{:>7} {name:<19} 16x4096 in L2, 1 thread: {:>6.1} GB/s, {:.2} ns/element",
+                level.name(),
+                gbs(8 * len, t),
+                t * 1e9 / len as f64
+            );
+        }
+        let t = best_of(300, || {
+            stablelse::simd::exp_f32(level, black_box(&x), &mut out)
+        });
+        println!(
+            "{:>7} exp_f32             65536 in L2, 1 thread: {:>6.1} GB/s, {:.2} ns/element",
+            level.name(),
+            gbs(8 * len, t),
+            t * 1e9 / len as f64
+        );
+        for (n, rows) in [(10usize, 6553usize), (32, 2048)] {
+            let t = best_of(300, || {
+                logsumexp_at(
+                    level,
+                    &x[..rows * n],
+                    Batch::rows(rows, n),
+                    Algorithm::TwoPass,
+                    &mut out[..rows],
+                )
+                .unwrap();
+            });
+            println!(
+                "{:>7} logsumexp short {rows}x{n} in L2, 1 thread: {:>6.1} GB/s, {:.2} ns/element",
+                level.name(),
+                gbs(4 * rows * n, t),
+                t * 1e9 / (rows * n) as f64
+            );
+        }
+    }
+}
+
+/// logsumexp GB/s over total sizes 256 KiB .. 256 MiB (rows of 32768), 1 and 2 threads, next
+/// to the read ceiling (`cargo bench --bench throughput -- sweep`): where the cache cliff is.
+fn sweep(levels: &[Level]) {
+    let x = data(1 << 26);
+    let words: Vec<u64> = (0..1usize << 25).map(|i| i as u64).collect();
+    for threads in [1, 2] {
+        stablelse::parallel::set_num_threads(threads);
+        println!(
+            "threads {threads}: DRAM read {:.1} GB/s",
+            dram_read_gbs(&words, threads)
+        );
+        for &level in levels {
+            for shift in [16usize, 18, 20, 22, 24, 26] {
+                let len = 1usize << shift;
+                let rows = (len / 32768).max(1);
+                let n = len / rows;
+                let mut o = vec![0.0f32; rows];
+                let reps = (1usize << 28 >> shift).clamp(5, 200);
+                let t = best_of(reps, || {
+                    logsumexp_at(
+                        level,
+                        &x[..len],
+                        Batch::rows(rows, n),
+                        Algorithm::TwoPass,
+                        &mut o,
+                    )
+                    .unwrap();
+                    black_box(&o);
+                });
+                println!(
+                    "{:>7} logsumexp {rows}x{n} ({} KiB): {:.1} GB/s",
+                    level.name(),
+                    len * 4 / 1024,
+                    4.0 * len as f64 / t / 1e9
+                );
+            }
+        }
+    }
 }

@@ -218,6 +218,18 @@ pub fn logsumexp_at<T: Real>(
     batch.check(x.len())?;
     check_out(out.len(), batch.count())?;
     let op = SendPtr(out.as_mut_ptr());
+    if is_short(level, &batch) {
+        let xp = SendPtr(x.as_ptr() as *mut T);
+        for_each_row_group(&batch, |r0, rows| {
+            // SAFETY: rows r0..r0+rows lie inside x (checked); they own out[r0..r0+rows].
+            unsafe {
+                let p = (xp.ptr() as *const T).add(r0 * batch.outer_stride);
+                let o = op.ptr().add(r0);
+                simd::short_rows_logsumexp(level, p, rows, batch.n, batch.outer_stride, o);
+            }
+        });
+        return Ok(());
+    }
     for_each_lane_state(level, x, &batch, alg, |l, s| {
         // SAFETY: lane l owns out[l]; lanes are distinct.
         unsafe { *op.ptr().add(l) = T::from_f64(s.logsumexp()) };
@@ -355,6 +367,19 @@ unsafe fn softmax_like_raw<T: Real>(
     if batch.inner > 1 {
         // SAFETY: forwarded from the caller.
         unsafe { softmax_like_columns(level, xp, batch, alg, what, op) };
+        return;
+    }
+    if is_short(level, &batch) {
+        for_each_row_group(&batch, |r0, rows| {
+            // SAFETY: rows r0..r0+rows lie inside x and own their outputs; in place means
+            // out == x with pitch n, and each row is read before it is written.
+            unsafe {
+                let p = (xp.ptr() as *const T).add(r0 * batch.outer_stride);
+                let o = op.ptr().add(r0 * n);
+                let log = what == Reduction::LogSoftmax;
+                simd::short_rows_softmax(level, p, rows, n, batch.outer_stride, o, log);
+            }
+        });
         return;
     }
     // Writes elements first..first+len of row l from its finished state. Each output is
@@ -537,6 +562,28 @@ fn check_level(level: Level) -> Result<(), String> {
             level.name()
         ))
     }
+}
+
+/// Whether a row batch takes the short-row kernels (rows in vector lanes).
+fn is_short(level: Level, batch: &Batch) -> bool {
+    batch.inner == 1
+        && batch.n > 0
+        && batch.n <= simd::SHORT_ROW
+        && simd::has_short_rows(level, batch.outer_stride)
+}
+
+/// Calls `f(first_row, rows)` over the batch's rows in pieces of whole groups of 8 rows (the
+/// short-row kernels' vector width), in parallel when large enough.
+fn for_each_row_group<F>(batch: &Batch, f: F)
+where
+    F: Fn(usize, usize) + Sync + Send,
+{
+    let groups = batch.outer.div_ceil(8);
+    parallel::for_each_piece(groups, 8 * batch.n, |range| {
+        let r0 = range.start * 8;
+        let r1 = (range.end * 8).min(batch.outer);
+        f(r0, r1 - r0);
+    });
 }
 
 fn check_out(len: usize, need: usize) -> Result<(), String> {

@@ -700,3 +700,81 @@ mod properties {
         }
     }
 }
+
+#[test]
+fn every_level_matches_scalar_on_batches_of_short_rows() {
+    let mut rng = Rng::new(17);
+    let specials = [
+        f64::NEG_INFINITY,
+        f64::INFINITY,
+        f64::NAN,
+        1e-310,
+        1000.0,
+        -1000.0,
+    ];
+    for level in available_levels() {
+        for n in [1usize, 2, 3, 7, 8, 9, 10, 16, 31, 32, 33, 63, 64, 65] {
+            for rows in [1usize, 5, 8, 13, 300] {
+                let mut x = random_row(&mut rng, rows * n, 30.0);
+                for (i, v) in x.iter_mut().enumerate() {
+                    if i % 37 == 5 {
+                        *v = specials[(i / 37) % specials.len()];
+                    }
+                }
+                let x32: Vec<f32> = x.iter().map(|&v| v as f32).collect();
+                let batch = Batch::rows(rows, n);
+                let (mut a, mut b) = (vec![0.0f32; rows], vec![0.0f32; rows]);
+                logsumexp_at(level, &x32, batch, Algorithm::Auto, &mut a).unwrap();
+                logsumexp_at(Level::Scalar, &x32, batch, Algorithm::Auto, &mut b).unwrap();
+                for r in 0..rows {
+                    assert!(
+                        within_ulp32(a[r], b[r], 1),
+                        "{level:?} n={n} row {r}: {} {}",
+                        a[r],
+                        b[r]
+                    );
+                    let exact = naive_lse(
+                        &x32[r * n..(r + 1) * n]
+                            .iter()
+                            .map(|&v| v as f64)
+                            .collect::<Vec<_>>(),
+                    );
+                    if exact.is_finite() {
+                        assert!(
+                            close(a[r] as f64, exact, 0.51 * f32::EPSILON as f64),
+                            "{level:?} n={n} row {r}"
+                        );
+                    }
+                }
+                let (mut a, mut b) = (vec![0.0f64; rows], vec![0.0f64; rows]);
+                logsumexp_at(level, &x, batch, Algorithm::Auto, &mut a).unwrap();
+                logsumexp_at(Level::Scalar, &x, batch, Algorithm::Auto, &mut b).unwrap();
+                assert!(
+                    a.iter().zip(&b).all(|(&p, &q)| agree64(p, q, 1e-14)),
+                    "{level:?} n={n}"
+                );
+                for red in [Reduction::Softmax, Reduction::LogSoftmax] {
+                    let (mut a, mut b) = (vec![0.0f32; x.len()], vec![0.0f32; x.len()]);
+                    softmax_like_at(level, &x32, batch, Algorithm::Auto, red, &mut a).unwrap();
+                    softmax_like_at(Level::Scalar, &x32, batch, Algorithm::Auto, red, &mut b)
+                        .unwrap();
+                    assert!(
+                        a.iter().zip(&b).all(|(&p, &q)| within_ulp32(p, q, 1)),
+                        "{level:?} {red:?} n={n}"
+                    );
+                    let mut c = x32.clone();
+                    softmax_like_inplace_at(level, &mut c, batch, Algorithm::Auto, red).unwrap();
+                    assert!(a.iter().zip(&c).all(|(p, q)| p.to_bits() == q.to_bits()));
+                    let (mut a, mut b) = (vec![0.0f64; x.len()], vec![0.0f64; x.len()]);
+                    softmax_like_at(level, &x, batch, Algorithm::Auto, red, &mut a).unwrap();
+                    softmax_like_at(Level::Scalar, &x, batch, Algorithm::Auto, red, &mut b)
+                        .unwrap();
+                    assert!(
+                        a.iter().zip(&b).all(|(&p, &q)| agree64(p, q, 1e-13)),
+                        "{level:?} {red:?} n={n}"
+                    );
+                }
+            }
+        }
+    }
+}

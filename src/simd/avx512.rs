@@ -208,24 +208,40 @@ impl Lanes for f64 {
     }
 }
 
-/// Sum of `exp(x - m)` over the elements `!= m` (NaN included) and the count of elements
-/// `== m`, for `n` elements; `m` finite and `>= ` every non-NaN element.
+/// Sum of `exp(x - m)` over the `n` elements at `p` that are `!= m` (NaN included) and the
+/// count of those `== m` (`m` finite, `>=` every non-NaN element), fused with the max of the
+/// `qn` elements of the *next* block at `q`: the next block's DRAM loads are issued while this
+/// block's exps run from L1, so memory and arithmetic overlap instead of taking turns.
 #[inline]
 #[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl")]
-unsafe fn sum_below<T: Lanes>(p: *const T, n: usize, m: f64) -> (__m512d, u64) {
+unsafe fn sum_below_max_next<T: Lanes>(
+    p: *const T,
+    n: usize,
+    m: f64,
+    q: *const T,
+    qn: usize,
+) -> (__m512d, u64, f64) {
     let mv = _mm512_set1_pd(m);
     let mut acc = [_mm512_setzero_pd(); 2];
+    let mut mx = [_mm512_set1_pd(f64::NEG_INFINITY); 2];
     let mut ties = 0u64;
     let mut i = 0;
+    let mut qi = 0;
     let mut step = |x: __m512d, acc: &mut __m512d| {
         let e = exp_pd(_mm512_sub_pd(x, mv), T::FULL);
         let below = _mm512_cmp_pd_mask::<_CMP_NEQ_UQ>(x, mv);
         ties += (!below).count_ones() as u64;
         *acc = _mm512_mask_add_pd(*acc, below, *acc, e);
     };
-    // SAFETY: loads stay within the n elements; the tail lanes are -inf (below, exp = 0).
+    // SAFETY: loads stay within the n elements at p and the qn at q; tail lanes are -inf
+    // (below the max, exp = 0; neutral for the max).
     unsafe {
         while i + 16 <= n {
+            if qi + 16 <= qn {
+                mx[0] = _mm512_max_pd(mx[0], T::load8(q.add(qi)));
+                mx[1] = _mm512_max_pd(mx[1], T::load8(q.add(qi + 8)));
+                qi += 16;
+            }
             step(T::load8(p.add(i)), &mut acc[0]);
             step(T::load8(p.add(i + 8)), &mut acc[1]);
             i += 16;
@@ -237,48 +253,62 @@ unsafe fn sum_below<T: Lanes>(p: *const T, n: usize, m: f64) -> (__m512d, u64) {
         if i < n {
             step(T::load_tail(p.add(i), n - i), &mut acc[1]);
         }
+        while qi + 8 <= qn {
+            mx[0] = _mm512_max_pd(mx[0], T::load8(q.add(qi)));
+            qi += 8;
+        }
+        if qi < qn {
+            mx[1] = _mm512_max_pd(mx[1], T::load_tail(q.add(qi), qn - qi));
+        }
     }
-    (_mm512_add_pd(acc[0], acc[1]), ties)
+    let next_max = _mm512_reduce_max_pd(_mm512_max_pd(mx[0], mx[1]));
+    (_mm512_add_pd(acc[0], acc[1]), ties, next_max)
 }
 
 /// Two-pass `(max, excess)` of a contiguous row, blocked for L1: each block's max, then the
-/// exp-sum of the same block while it is in L1, blocks merged by the online rule (so the
-/// DRAM stream of the next block overlaps the exp work). Non-finite maxima go to the scalar
-/// reference, which owns the NaN/inf semantics.
+/// exp-sum of the same block while it is in L1 (fused with the next block's max), blocks
+/// merged by the online rule. Non-finite maxima go to the scalar reference, which owns the
+/// NaN/inf semantics.
 #[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl")]
-pub unsafe fn state_two_pass<T: Lanes + crate::Real>(x: *const T, n: usize) -> LseState {
+pub unsafe fn state_two_pass<T: Lanes>(x: *const T, n: usize) -> LseState {
     let mut m = f64::NEG_INFINITY;
     let mut below = _mm512_setzero_pd();
     let mut ties = 0u64;
     let mut start = 0;
-    while start < n {
-        let len = T::BLOCK.min(n - start);
-        // SAFETY: the block lies inside the row.
-        let p = unsafe { x.add(start) };
-        // SAFETY: as above.
-        let bm = unsafe { T::max(p, len) };
-        if !bm.is_finite() {
-            if bm == f64::NEG_INFINITY && !super::has_nan(p, len) {
-                start += len;
-                continue;
+    let mut len = T::BLOCK.min(n);
+    // SAFETY: the first block lies inside the row.
+    let mut bm = unsafe { T::max(x, len) };
+    while len > 0 {
+        let next = start + len;
+        let next_len = T::BLOCK.min(n - next);
+        // SAFETY: this block and the next lie inside the row.
+        let (p, q) = unsafe { (x.add(start), x.add(next)) };
+        let next_max;
+        if bm.is_finite() {
+            if bm > m {
+                // Everything so far is below the new max: fold the ties into the sum, rescale.
+                let scale = (m - bm).exp();
+                below = _mm512_mul_pd(below, _mm512_set1_pd(scale));
+                let carried = _mm512_set_pd(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, ties as f64 * scale);
+                below = _mm512_add_pd(below, carried);
+                ties = 0;
+                m = bm;
             }
+            // SAFETY: as above.
+            let (b, t, nm) = unsafe { sum_below_max_next(p, len, m, q, next_len) };
+            below = _mm512_add_pd(below, b);
+            ties += t;
+            next_max = nm;
+        } else if bm == f64::NEG_INFINITY && !super::has_nan(p, len) {
+            // SAFETY: as above.
+            next_max = unsafe { T::max(q, next_len) };
+        } else {
             // SAFETY: the whole row is readable.
             return unsafe { crate::kernels::scalar::lse_state_two_pass(x, 0, n, 1) };
         }
-        if bm > m {
-            // Everything so far is below the new max: fold the ties into the sum and rescale.
-            let scale = (m - bm).exp();
-            below = _mm512_mul_pd(below, _mm512_set1_pd(scale));
-            let carried = _mm512_set_pd(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, ties as f64 * scale);
-            below = _mm512_add_pd(below, carried);
-            ties = 0;
-            m = bm;
-        }
-        // SAFETY: as above.
-        let (b, t) = unsafe { sum_below(p, len, m) };
-        below = _mm512_add_pd(below, b);
-        ties += t;
-        start += len;
+        start = next;
+        len = next_len;
+        bm = next_max;
     }
     super::finish_state(m, _mm512_reduce_add_pd(below), ties)
 }
@@ -477,5 +507,184 @@ pub unsafe fn column_states<T: Lanes>(
                 out[8 * v + l] = s;
             }
         }
+    }
+}
+
+/// `log1p(e)` for `e >= 0` in float64 lanes (< 2 ULP of float64): `u = 1 + e = 2^k f` with
+/// f in [sqrt(1/2), sqrt(2)), `log f = 2 atanh(s)`, s = (f-1)/(f+1), |s| < 0.172, by its
+/// series to s^23 (truncation < 1e-18), plus the rounding error of `1 + e` as `(e-(u-1))/u`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl")]
+pub fn log1p_pd(e: __m512d) -> __m512d {
+    let one = _mm512_set1_pd(1.0);
+    let u = _mm512_add_pd(one, e);
+    let mut k = _mm512_getexp_pd(u);
+    let mut f = _mm512_getmant_pd::<_MM_MANT_NORM_1_2, _MM_MANT_SIGN_SRC>(u);
+    let big = _mm512_cmp_pd_mask::<_CMP_GT_OQ>(f, _mm512_set1_pd(std::f64::consts::SQRT_2));
+    f = _mm512_mask_mul_pd(f, big, f, _mm512_set1_pd(0.5));
+    k = _mm512_mask_add_pd(k, big, k, one);
+    let s = _mm512_div_pd(_mm512_sub_pd(f, one), _mm512_add_pd(f, one));
+    let z = _mm512_mul_pd(s, s);
+    let mut p = _mm512_set1_pd(2.0 / 23.0);
+    for j in (0..11).rev() {
+        p = _mm512_fmadd_pd(p, z, _mm512_set1_pd(2.0 / (2 * j + 1) as f64));
+    }
+    let log_f = _mm512_mul_pd(s, p);
+    let log_u = _mm512_fmadd_pd(
+        k,
+        _mm512_set1_pd(LN2_HI),
+        _mm512_fmadd_pd(k, _mm512_set1_pd(LN2_LO), log_f),
+    );
+    let c = _mm512_div_pd(_mm512_sub_pd(e, _mm512_sub_pd(u, one)), u);
+    _mm512_add_pd(log_u, c)
+}
+
+/// Gathers element `k` of up to 8 rows `pitch` apart (lanes past `rows` are `-inf`).
+#[inline]
+#[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl")]
+unsafe fn gather_column<T: Lanes>(p: *const T, idx: __m256i, mask: __mmask8) -> __m512d {
+    // SAFETY: the caller guarantees the masked lanes' addresses are readable.
+    unsafe {
+        if T::FULL {
+            let src = _mm512_set1_pd(f64::NEG_INFINITY);
+            _mm512_mask_i32gather_pd::<8>(src, mask, idx, p as *const f64)
+        } else {
+            let src = _mm256_set1_ps(f32::NEG_INFINITY);
+            _mm512_cvtps_pd(_mm256_mmask_i32gather_ps::<4>(
+                src,
+                mask,
+                idx,
+                p as *const f32,
+            ))
+        }
+    }
+}
+
+/// `(max, excess)` of 8 short rows (`n <= SHORT_ROW`, `pitch` apart, `rows <= 8` of them
+/// valid) with the rows in the lanes: no horizontal reductions. Lanes whose max is not finite
+/// or whose sum is NaN are flagged in the returned mask for the scalar reference.
+#[inline]
+#[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl")]
+unsafe fn short_group_state<T: Lanes>(
+    x: *const T,
+    n: usize,
+    pitch: usize,
+    rows: usize,
+) -> (__m512d, __m512d, __mmask8) {
+    let mut buf = [_mm512_setzero_pd(); super::SHORT_ROW];
+    let mask = tail_mask8(rows.min(8));
+    let idx = _mm256_mullo_epi32(
+        _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+        _mm256_set1_epi32(pitch as i32),
+    );
+    let mut m = _mm512_set1_pd(f64::NEG_INFINITY);
+    for (k, b) in buf.iter_mut().enumerate().take(n) {
+        // SAFETY: element k of each valid row is readable.
+        *b = unsafe { gather_column(x.add(k), idx, mask) };
+        m = _mm512_max_pd(m, *b);
+    }
+    let mut below = _mm512_setzero_pd();
+    let mut ties = _mm512_setzero_pd();
+    let one = _mm512_set1_pd(1.0);
+    for b in buf.iter().take(n) {
+        let e = exp_pd(_mm512_sub_pd(*b, m), T::FULL);
+        let tie = _mm512_cmp_pd_mask::<_CMP_EQ_OQ>(*b, m);
+        below = _mm512_mask_add_pd(below, !tie, below, e);
+        ties = _mm512_mask_add_pd(ties, tie, ties, one);
+    }
+    let excess = _mm512_add_pd(below, _mm512_sub_pd(ties, one));
+    // Finite max (|m| < inf) and a non-NaN sum: the vector result is right; others are redone.
+    let finite = _mm512_cmp_pd_mask::<_CMP_LT_OQ>(_mm512_abs_pd(m), _mm512_set1_pd(f64::INFINITY))
+        & _mm512_cmp_pd_mask::<_CMP_ORD_Q>(excess, excess);
+    (m, excess, !finite & mask)
+}
+
+/// logsumexp of `rows` short rows (`n <= SHORT_ROW`, `pitch` apart) into `out[r]`, 8 rows
+/// per vector.
+#[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl")]
+pub unsafe fn short_rows_logsumexp<T: Lanes>(
+    x: *const T,
+    rows: usize,
+    n: usize,
+    pitch: usize,
+    out: *mut T,
+) {
+    let mut r = 0;
+    while r < rows {
+        let g = (rows - r).min(8);
+        // SAFETY: rows r..r+g are readable, out[r..r+g] writable.
+        unsafe {
+            let p = x.add(r * pitch);
+            let (m, excess, redo) = short_group_state(p, n, pitch, g);
+            let lse = _mm512_add_pd(m, log1p_pd(excess));
+            if g == 8 {
+                T::store8(out.add(r), lse);
+            } else {
+                T::store_tail(out.add(r), lse, g);
+            }
+            for l in 0..g {
+                if redo & (1 << l) != 0 {
+                    let s = crate::kernels::scalar::lse_state_two_pass(p, l * pitch, n, 1);
+                    *out.add(r + l) = T::from_f64(s.logsumexp());
+                }
+            }
+        }
+        r += g;
+    }
+}
+
+/// Softmax or log_softmax of `rows` short rows (`pitch` apart) into the dense `out`
+/// (`rows x n`): states 8 rows per vector, then each row written once from its state.
+#[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl")]
+pub unsafe fn short_rows_softmax<T: Lanes>(
+    x: *const T,
+    rows: usize,
+    n: usize,
+    pitch: usize,
+    out: *mut T,
+    log: bool,
+) {
+    let mut r = 0;
+    while r < rows {
+        let g = (rows - r).min(8);
+        // SAFETY: rows r..r+g are readable, their outputs writable; in place (out == x,
+        // pitch == n) reads a row before writing it and the states are complete first.
+        unsafe {
+            let p = x.add(r * pitch);
+            let (m, excess, redo) = short_group_state(p, n, pitch, g);
+            let (mut ms, mut es) = ([0.0f64; 8], [0.0f64; 8]);
+            _mm512_storeu_pd(ms.as_mut_ptr(), m);
+            _mm512_storeu_pd(es.as_mut_ptr(), excess);
+            let logs = if log {
+                let mut l = [0.0f64; 8];
+                _mm512_storeu_pd(l.as_mut_ptr(), log1p_pd(excess));
+                l
+            } else {
+                [0.0; 8]
+            };
+            for l in 0..g {
+                let (xr, or) = (p.add(l * pitch), out.add((r + l) * n));
+                let state = if redo & (1 << l) != 0 {
+                    crate::kernels::scalar::lse_state_two_pass(xr, 0, n, 1)
+                } else {
+                    LseState {
+                        max: ms[l],
+                        excess: es[l],
+                    }
+                };
+                if !state.max.is_finite() {
+                    if log {
+                        crate::kernels::scalar::log_softmax_write(xr, 0, 1, or, 0, 1, n, state);
+                    } else {
+                        crate::kernels::scalar::softmax_write(xr, 0, 1, or, 0, 1, n, state);
+                    }
+                } else if log {
+                    shift_sub(xr, or, n, state.max, logs[l]);
+                } else {
+                    exp_scaled(xr, or, n, state.max, 1.0 / state.total());
+                }
+            }
+        }
+        r += g;
     }
 }

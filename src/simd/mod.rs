@@ -99,6 +99,9 @@ use crate::real::Real;
 use crate::state::LseState;
 use std::any::TypeId;
 
+/// Rows up to this long take the short-row kernels (8 rows per vector) where a level has them.
+pub const SHORT_ROW: usize = 64;
+
 /// Columns per tile of the column kernel: 4 vectors of online lanes stay in registers.
 pub const COL_TILE: usize = 32;
 
@@ -153,6 +156,9 @@ pub(crate) mod consts {
         1.0,
     ];
     pub const TAYLOR4: [f64; 4] = [1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0];
+    /// `ln2 = HI + LO` with `HI` short enough that `k * HI` is exact for |k| < 2^11.
+    pub const LN2_HI: f64 = 0.6931471803691238;
+    pub const LN2_LO: f64 = 1.9082149292705877e-10;
     pub const F32_LOG2E: f32 = std::f32::consts::LOG2_E;
     /// Cody-Waite split of ln2 for float32: `HI` has 16 significant bits so `k * HI` is exact.
     pub const F32_LN2_HI: f32 = 0.693_145_751_953_125;
@@ -371,6 +377,67 @@ pub(crate) unsafe fn column_states<T: Real>(
         // SAFETY: the caller's contract.
         _ => unsafe { scalar::column_states(x, n, inner, w, out) },
     }
+}
+
+/// Whether `level` has the short-row kernels (rows in vector lanes) for `pitch`.
+pub(crate) fn has_short_rows(level: Level, pitch: usize) -> bool {
+    level == Level::Avx512 && pitch < (1 << 27)
+}
+
+/// logsumexp of `rows` rows of `n <= SHORT_ROW` elements, `pitch` apart, into `out`.
+///
+/// # Safety
+/// The rows readable, `out` writable for `rows` elements; `has_short_rows(level, pitch)`.
+pub(crate) unsafe fn short_rows_logsumexp<T: Real>(
+    level: Level,
+    x: *const T,
+    rows: usize,
+    n: usize,
+    pitch: usize,
+    out: *mut T,
+) {
+    debug_assert!(n <= SHORT_ROW && has_short_rows(level, pitch));
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: the caller's contract.
+    unsafe {
+        let o = out;
+        by_type!(
+            T,
+            x,
+            avx512::short_rows_logsumexp(x, rows, n, pitch, cast_mut(o).unwrap())
+        )
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("{level:?} {x:?} {rows} {n} {pitch} {out:?}: no short-row kernel")
+}
+
+/// Softmax (`log = false`) or log_softmax of `rows` short rows into the dense `out`.
+///
+/// # Safety
+/// As [`short_rows_logsumexp`], `out` writable for `rows * n` elements, disjoint from the
+/// rows or equal to them with `pitch == n`.
+pub(crate) unsafe fn short_rows_softmax<T: Real>(
+    level: Level,
+    x: *const T,
+    rows: usize,
+    n: usize,
+    pitch: usize,
+    out: *mut T,
+    log: bool,
+) {
+    debug_assert!(n <= SHORT_ROW && has_short_rows(level, pitch));
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: the caller's contract.
+    unsafe {
+        let o = out;
+        by_type!(
+            T,
+            x,
+            avx512::short_rows_softmax(x, rows, n, pitch, cast_mut(o).unwrap(), log)
+        )
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("{level:?} {x:?} {rows} {n} {pitch} {out:?} {log}: no short-row kernel")
 }
 
 /// `out[k] = exp(x[k])` in float32 arithmetic at `level` (< 1 ULP; the vectorised exp itself).
