@@ -474,41 +474,29 @@ unsafe fn softmax_like_columns<T: Real>(
         // SAFETY: lane l owns states[l].
         unsafe { *sp.ptr().add(l) = s };
     });
-    let states = &states;
+    // Per column: softmax = a * exp(x - b), log_softmax = (x - b) - a. Non-finite states take
+    // the reference writers' values: softmax NaN (b = NaN), log_softmax x - max (b = 0).
+    let exp = what == Reduction::Softmax;
+    let (b, a): (Vec<f64>, Vec<f64>) = states
+        .iter()
+        .map(|s| match (s.max.is_finite(), exp) {
+            (true, true) => (s.max, 1.0 / s.total()),
+            (true, false) => (s.max, s.log_total()),
+            (false, true) => (f64::NAN, 1.0),
+            (false, false) => (0.0, s.max),
+        })
+        .unzip();
+    let (b, a) = (&b, &a);
     parallel::for_each_piece(batch.outer * n, 2 * inner, |range| {
         for item in range {
             let (o, k) = (item / n, item % n);
-            for j in 0..inner {
-                let s = states[o * inner + j];
-                let (start, ostart) = (
-                    o * batch.outer_stride + k * inner + j,
-                    (o * n + k) * inner + j,
-                );
-                // SAFETY: element (o, k, j) lies inside x and out; each item writes its own row.
-                unsafe {
-                    match what {
-                        Reduction::Softmax => scalar::softmax_write(
-                            xp.ptr() as *const T,
-                            start,
-                            1,
-                            op.ptr(),
-                            ostart,
-                            1,
-                            1,
-                            s,
-                        ),
-                        Reduction::LogSoftmax => scalar::log_softmax_write(
-                            xp.ptr() as *const T,
-                            start,
-                            1,
-                            op.ptr(),
-                            ostart,
-                            1,
-                            1,
-                            s,
-                        ),
-                    }
-                }
+            // SAFETY: row (o, k) of the slab lies inside x and out and is this item's own;
+            // the parameters cover the inner columns of slab o.
+            unsafe {
+                let xr = (xp.ptr() as *const T).add(o * batch.outer_stride + k * inner);
+                let or = op.ptr().add((o * n + k) * inner);
+                let (bo, ao) = (b.as_ptr().add(o * inner), a.as_ptr().add(o * inner));
+                simd::lanes_write(level, xr, or, inner, bo, ao, exp);
             }
         }
     });

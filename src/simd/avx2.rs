@@ -467,3 +467,41 @@ pub unsafe fn column_states<T: Lanes>(
         }
     }
 }
+
+/// `out[j] = a[j] * exp(x[j] - b[j])` or `(x[j] - b[j]) - a[j]`, as `avx512::lanes_write`.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn lanes_write<T: Lanes>(
+    x: *const T,
+    out: *mut T,
+    n: usize,
+    b: *const f64,
+    a: *const f64,
+    exp: bool,
+) {
+    let f = |v: __m256d, bv: __m256d, av: __m256d| {
+        if exp {
+            _mm256_mul_pd(av, exp_pd(_mm256_sub_pd(v, bv), T::FULL))
+        } else {
+            _mm256_sub_pd(_mm256_sub_pd(v, bv), av)
+        }
+    };
+    let mut i = 0;
+    // SAFETY: all arrays hold n elements; each vector is read before it is written.
+    unsafe {
+        while i + 4 <= n {
+            let y = f(
+                T::load4(x.add(i)),
+                _mm256_loadu_pd(b.add(i)),
+                _mm256_loadu_pd(a.add(i)),
+            );
+            T::store4(out.add(i), y);
+            i += 4;
+        }
+        while i < n {
+            let v = T::from_f64(*a.add(i) * ((*x.add(i)).to_f64() - *b.add(i)).exp());
+            let w = T::from_f64(((*x.add(i)).to_f64() - *b.add(i)) - *a.add(i));
+            *out.add(i) = if exp { v } else { w };
+            i += 1;
+        }
+    }
+}

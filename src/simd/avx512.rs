@@ -688,3 +688,45 @@ pub unsafe fn short_rows_softmax<T: Lanes>(
         r += g;
     }
 }
+
+/// `out[j] = a[j] * exp(x[j] - b[j])` (`exp = true`) or `out[j] = (x[j] - b[j]) - a[j]` for
+/// `j < n`: the column kernels' write pass, each column with its own shift and scale/log.
+/// `out` may equal `x`.
+#[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl")]
+pub unsafe fn lanes_write<T: Lanes>(
+    x: *const T,
+    out: *mut T,
+    n: usize,
+    b: *const f64,
+    a: *const f64,
+    exp: bool,
+) {
+    let f = |v: __m512d, bv: __m512d, av: __m512d| {
+        if exp {
+            _mm512_mul_pd(av, exp_pd(_mm512_sub_pd(v, bv), T::FULL))
+        } else {
+            _mm512_sub_pd(_mm512_sub_pd(v, bv), av)
+        }
+    };
+    let mut i = 0;
+    // SAFETY: all five arrays hold n elements; each vector is read before it is written.
+    unsafe {
+        while i + 8 <= n {
+            let y = f(
+                T::load8(x.add(i)),
+                _mm512_loadu_pd(b.add(i)),
+                _mm512_loadu_pd(a.add(i)),
+            );
+            T::store8(out.add(i), y);
+            i += 8;
+        }
+        if i < n {
+            let k = tail_mask8(n - i);
+            let (bv, av) = (
+                _mm512_maskz_loadu_pd(k, b.add(i)),
+                _mm512_maskz_loadu_pd(k, a.add(i)),
+            );
+            T::store_tail(out.add(i), f(T::load_tail(x.add(i), n - i), bv, av), n - i);
+        }
+    }
+}

@@ -350,6 +350,47 @@ pub(crate) unsafe fn shift_sub<T: Real>(
     }
 }
 
+/// The column write pass at `level`: `out[j] = a[j] * exp(x[j] - b[j])` when `exp`, else
+/// `out[j] = (x[j] - b[j]) - a[j]`, for `j < n`.
+///
+/// # Safety
+/// `x`, `b`, `a` readable and `out` writable for `n` elements; `out` disjoint from or equal
+/// to `x`; `level` supported by this CPU.
+pub(crate) unsafe fn lanes_write<T: Real>(
+    level: Level,
+    x: *const T,
+    out: *mut T,
+    n: usize,
+    b: *const f64,
+    a: *const f64,
+    exp: bool,
+) {
+    match level {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the caller's contract.
+        Level::Avx512 => unsafe {
+            let o = out;
+            by_type!(
+                T,
+                x,
+                avx512::lanes_write(x, cast_mut(o).unwrap(), n, b, a, exp)
+            )
+        },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the caller's contract.
+        Level::Avx2 => unsafe {
+            let o = out;
+            by_type!(
+                T,
+                x,
+                avx2::lanes_write(x, cast_mut(o).unwrap(), n, b, a, exp)
+            )
+        },
+        // SAFETY: the caller's contract (NEON uses the scalar write for columns).
+        _ => unsafe { scalar::lanes_write(x, out, n, b, a, exp) },
+    }
+}
+
 /// States of `w <= COL_TILE` adjacent columns of an `(n, inner)` C-order slab at `x`, one
 /// streaming pass down the rows; `out[j]` for column `j < w`.
 ///

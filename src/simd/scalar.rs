@@ -50,6 +50,32 @@ pub unsafe fn column_states<T: Real>(
     }
 }
 
+/// `out[j] = a[j] * exp(x[j] - b[j])` (`exp`) or `(x[j] - b[j]) - a[j]`.
+///
+/// # Safety
+/// `x`, `b`, `a` readable and `out` writable for `n` elements; `out` disjoint from or equal
+/// to `x`.
+pub unsafe fn lanes_write<T: Real>(
+    x: *const T,
+    out: *mut T,
+    n: usize,
+    b: *const f64,
+    a: *const f64,
+    exp: bool,
+) {
+    for j in 0..n {
+        // SAFETY: j < n; element j is read before it is written.
+        unsafe {
+            let d = (*x.add(j)).to_f64() - *b.add(j);
+            *out.add(j) = T::from_f64(if exp {
+                *a.add(j) * d.exp()
+            } else {
+                d - *a.add(j)
+            });
+        }
+    }
+}
+
 pub fn exp_f32(x: &[f32], out: &mut [f32]) {
     for (o, &v) in out.iter_mut().zip(x) {
         *o = (v as f64).exp() as f32;
