@@ -135,6 +135,10 @@ fn main() {
         levels.iter().map(|l| l.name()).collect::<Vec<_>>()
     );
 
+    if args.iter().any(|a| a == "flat") {
+        flat(&levels);
+        return;
+    }
     if args.iter().any(|a| a == "sweep") {
         sweep(&levels);
         return;
@@ -308,7 +312,13 @@ fn in_cache(levels: &[Level]) {
             gbs(8 * len, t),
             t * 1e9 / len as f64
         );
-        for (n, rows) in [(10usize, 6553usize), (32, 2048)] {
+        for (n, rows) in [
+            (4usize, 16384usize),
+            (10, 6553),
+            (16, 4096),
+            (32, 2048),
+            (64, 1024),
+        ] {
             let t = best_of(300, || {
                 logsumexp_at(
                     level,
@@ -365,6 +375,43 @@ fn sweep(levels: &[Level]) {
                     4.0 * len as f64 / t / 1e9
                 );
             }
+        }
+    }
+}
+
+/// logsumexp and softmax GB/s over row lengths 4 .. 2^24 at a fixed 64 MiB float32 input
+/// (`cargo bench --bench throughput -- flat`): the issue wants every length within 2x of the
+/// best.
+fn flat(levels: &[Level]) {
+    let len = 1usize << 24;
+    let x = data(len);
+    let mut out = vec![0.0f32; len];
+    for &level in levels {
+        for shift in (2..=24).step_by(2) {
+            let n = 1usize << shift;
+            let rows = len / n;
+            let mut o = vec![0.0f32; rows];
+            let t = best_of(5, || {
+                logsumexp_at(level, &x, Batch::rows(rows, n), Algorithm::TwoPass, &mut o).unwrap();
+                black_box(&o);
+            });
+            let ts = best_of(5, || {
+                softmax_like_at(
+                    level,
+                    &x,
+                    Batch::rows(rows, n),
+                    Algorithm::TwoPass,
+                    Reduction::Softmax,
+                    &mut out,
+                )
+                .unwrap();
+            });
+            println!(
+                "{:>7} {rows}x{n}: logsumexp {:.1} GB/s, softmax {:.1} GB/s",
+                level.name(),
+                4.0 * len as f64 / t / 1e9,
+                8.0 * len as f64 / ts / 1e9
+            );
         }
     }
 }

@@ -535,6 +535,8 @@ pub fn log1p_pd(e: __m512d) -> __m512d {
         _mm512_set1_pd(LN2_HI),
         _mm512_fmadd_pd(k, _mm512_set1_pd(LN2_LO), log_f),
     );
+    // The correction can be the whole result (the top class of log_softmax, e ~ 1e-15), so
+    // it is divided exactly, not scaled by an approximate reciprocal.
     let c = _mm512_div_pd(_mm512_sub_pd(e, _mm512_sub_pd(u, one)), u);
     _mm512_add_pd(log_u, c)
 }
@@ -560,6 +562,60 @@ unsafe fn gather_column<T: Lanes>(p: *const T, idx: __m256i, mask: __mmask8) -> 
     }
 }
 
+/// Columns `c0..c0+w` (`w <= 8`) of up to 8 float32 rows `pitch` apart, transposed in
+/// registers and widened: `out[c0 + k]` holds element `c0 + k` of rows 0..8 (`-inf` past
+/// `rows` and past `w`).
+#[inline]
+#[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl")]
+unsafe fn transpose_rows_f32(
+    x: *const f32,
+    pitch: usize,
+    rows: usize,
+    c0: usize,
+    w: usize,
+    out: &mut [std::mem::MaybeUninit<__m512d>],
+) {
+    let ninf = _mm256_set1_ps(f32::NEG_INFINITY);
+    let cmask = tail_mask8(w);
+    let r: [__m256; 8] = std::array::from_fn(|i| {
+        if i < rows {
+            // SAFETY: the caller guarantees w readable elements of row i from column c0.
+            unsafe { _mm256_mask_loadu_ps(ninf, cmask, x.add(i * pitch + c0)) }
+        } else {
+            ninf
+        }
+    });
+    let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+    let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+    let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+    let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+    let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+    let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+    let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+    let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+    let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+    let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+    let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+    let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+    let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+    let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+    let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+    let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+    let cols = [
+        _mm256_permute2f128_ps::<0x20>(u0, u4),
+        _mm256_permute2f128_ps::<0x20>(u1, u5),
+        _mm256_permute2f128_ps::<0x20>(u2, u6),
+        _mm256_permute2f128_ps::<0x20>(u3, u7),
+        _mm256_permute2f128_ps::<0x31>(u0, u4),
+        _mm256_permute2f128_ps::<0x31>(u1, u5),
+        _mm256_permute2f128_ps::<0x31>(u2, u6),
+        _mm256_permute2f128_ps::<0x31>(u3, u7),
+    ];
+    for (k, c) in cols.iter().enumerate().take(w) {
+        out[c0 + k].write(_mm512_cvtps_pd(*c));
+    }
+}
+
 /// `(max, excess)` of 8 short rows (`n <= SHORT_ROW`, `pitch` apart, `rows <= 8` of them
 /// valid) with the rows in the lanes: no horizontal reductions. Lanes whose max is not finite
 /// or whose sum is NaN are flagged in the returned mask for the scalar reference.
@@ -571,22 +627,41 @@ unsafe fn short_group_state<T: Lanes>(
     pitch: usize,
     rows: usize,
 ) -> (__m512d, __m512d, __mmask8) {
-    let mut buf = [_mm512_setzero_pd(); super::SHORT_ROW];
+    // Uninitialised: zeroing 4 KiB per group of 8 rows would cost more than the rows.
+    let mut buf = [std::mem::MaybeUninit::<__m512d>::uninit(); super::SHORT_ROW];
     let mask = tail_mask8(rows.min(8));
     let idx = _mm256_mullo_epi32(
         _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
         _mm256_set1_epi32(pitch as i32),
     );
     let mut m = _mm512_set1_pd(f64::NEG_INFINITY);
-    for (k, b) in buf.iter_mut().enumerate().take(n) {
-        // SAFETY: element k of each valid row is readable.
-        *b = unsafe { gather_column(x.add(k), idx, mask) };
-        m = _mm512_max_pd(m, *b);
+    if !T::FULL {
+        // float32 rows: transposing 8x8 tiles in registers is cheaper than gathers.
+        for c0 in (0..n).step_by(8) {
+            // SAFETY: T is f32 (not FULL); elements c0..min(n, c0+8) of each valid row are
+            // readable.
+            unsafe {
+                transpose_rows_f32(x as *const f32, pitch, rows, c0, (n - c0).min(8), &mut buf)
+            };
+        }
+        for b in buf.iter().take(n) {
+            // SAFETY: the first n entries were written above.
+            m = _mm512_max_pd(m, unsafe { b.assume_init() });
+        }
+    } else {
+        for (k, b) in buf.iter_mut().enumerate().take(n) {
+            // SAFETY: element k of each valid row is readable.
+            let v = unsafe { gather_column(x.add(k), idx, mask) };
+            b.write(v);
+            m = _mm512_max_pd(m, v);
+        }
     }
     let mut below = _mm512_setzero_pd();
     let mut ties = _mm512_setzero_pd();
     let one = _mm512_set1_pd(1.0);
     for b in buf.iter().take(n) {
+        // SAFETY: the first n entries were written above.
+        let b = unsafe { b.assume_init_ref() };
         let e = exp_pd(_mm512_sub_pd(*b, m), T::FULL);
         let tie = _mm512_cmp_pd_mask::<_CMP_EQ_OQ>(*b, m);
         below = _mm512_mask_add_pd(below, !tie, below, e);
