@@ -18,6 +18,9 @@ use crate::state::LseState;
 /// parallel and merged in order.
 pub const LONG_ROW_BLOCK: usize = 1 << 16;
 
+/// Softmax outputs of at least this many bytes are written with non-temporal stores.
+pub const STREAM_BYTES: usize = 64 << 20;
+
 /// How a lane's `(max, excess)` state is computed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum Algorithm {
@@ -382,6 +385,9 @@ unsafe fn softmax_like_raw<T: Real>(
         });
         return;
     }
+    // Outputs far larger than the last-level cache are written with non-temporal stores: they
+    // will not be read back from cache, and it saves the read-for-ownership traffic.
+    let stream = batch.elements() * std::mem::size_of::<T>() >= STREAM_BYTES;
     // Writes elements first..first+len of row l from its finished state. Each output is
     // written once; elements are read before they are written (in place is fine).
     let write = move |l: usize, first: usize, len: usize, state: LseState| {
@@ -390,7 +396,7 @@ unsafe fn softmax_like_raw<T: Real>(
         unsafe {
             let xr = (xp.ptr() as *const T).add(ln.start + first);
             let or = op.ptr().add(l * n + first);
-            write_row(level, xr, or, len, state, what);
+            write_row(level, xr, or, len, state, what, stream);
         }
     };
     if n >= 2 * LONG_ROW_BLOCK {
@@ -429,6 +435,7 @@ unsafe fn write_row<T: Real>(
     n: usize,
     state: LseState,
     what: Reduction,
+    stream: bool,
 ) {
     // SAFETY: forwarded from the caller.
     unsafe {
@@ -442,10 +449,10 @@ unsafe fn write_row<T: Real>(
         }
         match what {
             Reduction::Softmax => {
-                simd::exp_scaled(level, x, out, n, state.max, 1.0 / state.total())
+                simd::exp_scaled(level, x, out, n, state.max, 1.0 / state.total(), stream)
             }
             Reduction::LogSoftmax => {
-                simd::shift_sub(level, x, out, n, state.max, state.log_total())
+                simd::shift_sub(level, x, out, n, state.max, state.log_total(), stream)
             }
         }
     }
@@ -537,6 +544,7 @@ pub fn row_exp_scaled<T: Real>(x: &[T], shift: f64, scale: f64, out: &mut [T]) {
             x.len(),
             shift,
             scale,
+            false,
         )
     };
 }

@@ -88,6 +88,8 @@ pub trait Lanes: Copy + 'static + crate::Real {
     unsafe fn store8(p: *mut Self, v: __m512d);
     /// Stores the first `n < 8` lanes.
     unsafe fn store_tail(p: *mut Self, v: __m512d, n: usize);
+    /// Stores 8 lanes with a non-temporal store; `p` aligned to 8 elements.
+    unsafe fn stream8(p: *mut Self, v: __m512d);
     /// The max of `n` elements (NaN may or may not show; callers re-check non-finite maxima).
     unsafe fn max(p: *const Self, n: usize) -> f64;
 }
@@ -118,6 +120,12 @@ impl Lanes for f32 {
     unsafe fn store8(p: *mut f32, v: __m512d) {
         // SAFETY: the caller guarantees 8 writable elements.
         unsafe { _mm256_storeu_ps(p, _mm512_cvtpd_ps(v)) }
+    }
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl")]
+    unsafe fn stream8(p: *mut f32, v: __m512d) {
+        // SAFETY: the caller guarantees 8 writable elements, 32-byte aligned.
+        unsafe { _mm256_stream_ps(p, _mm512_cvtpd_ps(v)) }
     }
     #[inline]
     #[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl")]
@@ -174,6 +182,12 @@ impl Lanes for f64 {
     unsafe fn store8(p: *mut f64, v: __m512d) {
         // SAFETY: the caller guarantees 8 writable elements.
         unsafe { _mm512_storeu_pd(p, v) }
+    }
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl")]
+    unsafe fn stream8(p: *mut f64, v: __m512d) {
+        // SAFETY: the caller guarantees 8 writable elements, 64-byte aligned.
+        unsafe { _mm512_stream_pd(p, v) }
     }
     #[inline]
     #[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl")]
@@ -399,15 +413,35 @@ pub unsafe fn state_online<T: Lanes>(x: *const T, n: usize) -> LseState {
     s
 }
 
-/// `out[k] = scale * exp(x[k] - shift)` for `k < n`; `out` may equal `x` (each vector is read
-/// before it is written).
+/// Applies `f` to 8-lane vectors of `x`, writing `out` (`out` may equal `x`: each vector is
+/// read before it is written). With `stream`, the aligned body uses non-temporal stores: an
+/// output far larger than the caches then costs no read-for-ownership traffic.
+#[inline]
 #[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl")]
-pub unsafe fn exp_scaled<T: Lanes>(x: *const T, out: *mut T, n: usize, shift: f64, scale: f64) {
-    let (sh, sc) = (_mm512_set1_pd(shift), _mm512_set1_pd(scale));
-    let f = |v: __m512d| _mm512_mul_pd(exp_pd(_mm512_sub_pd(v, sh), T::FULL), sc);
+unsafe fn map_rows<T: Lanes>(
+    x: *const T,
+    out: *mut T,
+    n: usize,
+    stream: bool,
+    f: impl Fn(__m512d) -> __m512d,
+) {
     let mut i = 0;
-    // SAFETY: reads and writes stay within the n elements.
+    // SAFETY: reads and writes stay within the n elements; stream stores are aligned.
     unsafe {
+        if stream {
+            // Elements up to the next 8-element (vector) boundary of `out`, done masked.
+            let size = std::mem::size_of::<T>();
+            let head = ((8 * size - (out as usize) % (8 * size)) % (8 * size) / size).min(n);
+            if head > 0 {
+                T::store_tail(out, f(T::load_tail(x, head)), head);
+                i = head;
+            }
+            while i + 8 <= n {
+                T::stream8(out.add(i), f(T::load8(x.add(i))));
+                i += 8;
+            }
+            _mm_sfence();
+        }
         while i + 8 <= n {
             T::store8(out.add(i), f(T::load8(x.add(i))));
             i += 8;
@@ -418,21 +452,41 @@ pub unsafe fn exp_scaled<T: Lanes>(x: *const T, out: *mut T, n: usize, shift: f6
     }
 }
 
+/// `out[k] = scale * exp(x[k] - shift)` for `k < n`; `out` may equal `x`.
+#[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl")]
+pub unsafe fn exp_scaled<T: Lanes>(
+    x: *const T,
+    out: *mut T,
+    n: usize,
+    shift: f64,
+    scale: f64,
+    stream: bool,
+) {
+    let (sh, sc) = (_mm512_set1_pd(shift), _mm512_set1_pd(scale));
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        map_rows(x, out, n, stream, |v| {
+            _mm512_mul_pd(exp_pd(_mm512_sub_pd(v, sh), T::FULL), sc)
+        })
+    }
+}
+
 /// `out[k] = (x[k] - shift) - log_total` for `k < n`; `out` may equal `x`.
 #[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl")]
-pub unsafe fn shift_sub<T: Lanes>(x: *const T, out: *mut T, n: usize, shift: f64, log_total: f64) {
+pub unsafe fn shift_sub<T: Lanes>(
+    x: *const T,
+    out: *mut T,
+    n: usize,
+    shift: f64,
+    log_total: f64,
+    stream: bool,
+) {
     let (sh, lt) = (_mm512_set1_pd(shift), _mm512_set1_pd(log_total));
-    let f = |v: __m512d| _mm512_sub_pd(_mm512_sub_pd(v, sh), lt);
-    let mut i = 0;
-    // SAFETY: reads and writes stay within the n elements.
+    // SAFETY: forwarded from the caller.
     unsafe {
-        while i + 8 <= n {
-            T::store8(out.add(i), f(T::load8(x.add(i))));
-            i += 8;
-        }
-        if i < n {
-            T::store_tail(out.add(i), f(T::load_tail(x.add(i), n - i)), n - i);
-        }
+        map_rows(x, out, n, stream, |v| {
+            _mm512_sub_pd(_mm512_sub_pd(v, sh), lt)
+        })
     }
 }
 
@@ -754,9 +808,9 @@ pub unsafe fn short_rows_softmax<T: Lanes>(
                         crate::kernels::scalar::softmax_write(xr, 0, 1, or, 0, 1, n, state);
                     }
                 } else if log {
-                    shift_sub(xr, or, n, state.max, logs[l]);
+                    shift_sub(xr, or, n, state.max, logs[l], false);
                 } else {
-                    exp_scaled(xr, or, n, state.max, 1.0 / state.total());
+                    exp_scaled(xr, or, n, state.max, 1.0 / state.total(), false);
                 }
             }
         }

@@ -254,6 +254,8 @@ pub(crate) unsafe fn row_state<T: Real>(
 }
 
 /// `out[k] = scale * exp(x[k] - shift)` for `k < n` at `level`; `out` may equal `x`.
+/// `stream` asks for non-temporal stores (outputs much larger than the caches) where the
+/// level has them.
 ///
 /// # Safety
 /// `x` readable and `out` writable for `n` elements, either disjoint or equal; `level`
@@ -265,6 +267,7 @@ pub(crate) unsafe fn exp_scaled<T: Real>(
     n: usize,
     shift: f64,
     scale: f64,
+    stream: bool,
 ) {
     match level {
         #[cfg(target_arch = "x86_64")]
@@ -274,7 +277,7 @@ pub(crate) unsafe fn exp_scaled<T: Real>(
             by_type!(
                 T,
                 x,
-                avx512::exp_scaled(x, cast_mut(o).unwrap(), n, shift, scale)
+                avx512::exp_scaled(x, cast_mut(o).unwrap(), n, shift, scale, stream)
             )
         },
         #[cfg(target_arch = "x86_64")]
@@ -313,6 +316,7 @@ pub(crate) unsafe fn shift_sub<T: Real>(
     n: usize,
     shift: f64,
     log_total: f64,
+    stream: bool,
 ) {
     match level {
         #[cfg(target_arch = "x86_64")]
@@ -322,7 +326,7 @@ pub(crate) unsafe fn shift_sub<T: Real>(
             by_type!(
                 T,
                 x,
-                avx512::shift_sub(x, cast_mut(o).unwrap(), n, shift, log_total)
+                avx512::shift_sub(x, cast_mut(o).unwrap(), n, shift, log_total, stream)
             )
         },
         #[cfg(target_arch = "x86_64")]

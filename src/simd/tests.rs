@@ -163,3 +163,34 @@ fn exp_f64_is_within_one_ulp_of_std() {
         assert!(worst <= 1.0, "{level:?}: {worst} ULP from std");
     }
 }
+
+#[test]
+#[cfg(target_arch = "x86_64")]
+fn streaming_stores_write_the_same_bits_at_any_alignment() {
+    if !is_available(Level::Avx512) {
+        return;
+    }
+    let x: Vec<f32> = (0..1100).map(|i| (i as f32 * 0.37).sin() * 30.0).collect();
+    let x64: Vec<f64> = x.iter().map(|&v| v as f64).collect();
+    for offset in 0..9 {
+        for n in (0..40).chain([1000, 1091 - offset]) {
+            let (mut a, mut b) = (vec![0.0f32; n + offset], vec![0.0f32; n + offset]);
+            let (mut c, mut d) = (vec![0.0f64; n + offset], vec![0.0f64; n + offset]);
+            // SAFETY: AVX-512 is available; every buffer holds offset + n elements.
+            unsafe {
+                avx512::exp_scaled(x.as_ptr(), a.as_mut_ptr().add(offset), n, 3.0, 0.5, true);
+                avx512::exp_scaled(x.as_ptr(), b.as_mut_ptr().add(offset), n, 3.0, 0.5, false);
+                avx512::shift_sub(x64.as_ptr(), c.as_mut_ptr().add(offset), n, 3.0, 0.5, true);
+                avx512::shift_sub(x64.as_ptr(), d.as_mut_ptr().add(offset), n, 3.0, 0.5, false);
+            }
+            assert!(
+                a.iter().zip(&b).all(|(p, q)| p.to_bits() == q.to_bits()),
+                "{offset} {n}"
+            );
+            assert!(
+                c.iter().zip(&d).all(|(p, q)| p.to_bits() == q.to_bits()),
+                "{offset} {n}"
+            );
+        }
+    }
+}
