@@ -269,6 +269,8 @@ pub(crate) unsafe fn exp_scaled<T: Real>(
     scale: f64,
     stream: bool,
 ) {
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = stream; // only the AVX-512 level has streaming stores
     match level {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the caller's contract.
@@ -318,6 +320,8 @@ pub(crate) unsafe fn shift_sub<T: Real>(
     log_total: f64,
     stream: bool,
 ) {
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = stream; // only the AVX-512 level has streaming stores
     match level {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the caller's contract.
