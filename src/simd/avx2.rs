@@ -215,12 +215,21 @@ fn hsum(v: __m256d) -> f64 {
     (a[0] + a[1]) + (a[2] + a[3])
 }
 
-/// Sum of `exp(x - m)` over the elements `!= m` (NaN included) and the count of ties.
+/// Sum of `exp(x - m)` over the `n` elements at `p` that are `!= m` (NaN included) and the
+/// count of ties, fused with the max of the `qn` elements of the next block at `q` (see
+/// `avx512::sum_below_max_next`: the next block's loads overlap this block's exps).
 #[inline]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn sum_below<T: Lanes>(p: *const T, n: usize, m: f64) -> (__m256d, u64) {
+unsafe fn sum_below_max_next<T: Lanes>(
+    p: *const T,
+    n: usize,
+    m: f64,
+    q: *const T,
+    qn: usize,
+) -> (__m256d, u64, f64) {
     let mv = _mm256_set1_pd(m);
     let mut acc = [_mm256_setzero_pd(); 2];
+    let mut mx = [_mm256_set1_pd(f64::NEG_INFINITY); 2];
     let mut ties = 0u64;
     let mut step = |x: __m256d, acc: &mut __m256d| {
         let e = exp_pd(_mm256_sub_pd(x, mv), T::FULL);
@@ -228,10 +237,15 @@ unsafe fn sum_below<T: Lanes>(p: *const T, n: usize, m: f64) -> (__m256d, u64) {
         ties += _mm256_movemask_pd(tie).count_ones() as u64;
         *acc = _mm256_add_pd(*acc, _mm256_andnot_pd(tie, e));
     };
-    let mut i = 0;
-    // SAFETY: loads stay within the n elements; tail lanes are -inf (exp = 0).
+    let (mut i, mut qi) = (0, 0);
+    // SAFETY: loads stay within the n elements at p and the qn at q; tail lanes are -inf.
     unsafe {
         while i + 8 <= n {
+            if qi + 8 <= qn {
+                mx[0] = _mm256_max_pd(mx[0], T::load4(q.add(qi)));
+                mx[1] = _mm256_max_pd(mx[1], T::load4(q.add(qi + 4)));
+                qi += 8;
+            }
             step(T::load4(p.add(i)), &mut acc[0]);
             step(T::load4(p.add(i + 4)), &mut acc[1]);
             i += 8;
@@ -245,44 +259,65 @@ unsafe fn sum_below<T: Lanes>(p: *const T, n: usize, m: f64) -> (__m256d, u64) {
             step(x, &mut acc[0]);
             i += 4;
         }
+        while qi < qn {
+            let x = if qi + 4 <= qn {
+                T::load4(q.add(qi))
+            } else {
+                load_tail(q.add(qi), qn - qi)
+            };
+            mx[0] = _mm256_max_pd(mx[0], x);
+            qi += 4;
+        }
     }
-    (_mm256_add_pd(acc[0], acc[1]), ties)
+    let mut lanes = [0.0f64; 4];
+    // SAFETY: lanes holds 4 f64.
+    unsafe { _mm256_storeu_pd(lanes.as_mut_ptr(), _mm256_max_pd(mx[0], mx[1])) };
+    let next_max = lanes.into_iter().fold(f64::NEG_INFINITY, f64::max);
+    (_mm256_add_pd(acc[0], acc[1]), ties, next_max)
 }
 
-/// Two-pass `(max, excess)` of a contiguous row, in L1 blocks merged by the online rule
-/// (see `avx512::state_two_pass`).
+/// Two-pass `(max, excess)` of a contiguous row in L1 blocks, each block's exp-sum fused
+/// with the next block's max, merged by the online rule (see `avx512::state_two_pass`).
+/// A NaN may hide from the vector max (`maxpd` drops it), but then the max is finite and the
+/// NaN shows in the sum; an all `-inf` block is checked for NaN explicitly.
 #[target_feature(enable = "avx2,fma")]
 pub unsafe fn state_two_pass<T: Lanes>(x: *const T, n: usize) -> LseState {
     let mut m = f64::NEG_INFINITY;
     let mut below = _mm256_setzero_pd();
     let mut ties = 0u64;
     let mut start = 0;
-    while start < n {
-        let len = T::BLOCK.min(n - start);
-        // SAFETY: the block lies inside the row.
-        let p = unsafe { x.add(start) };
-        // SAFETY: as above.
-        let bm = unsafe { T::max(p, len) };
-        if !bm.is_finite() {
-            if bm == f64::NEG_INFINITY && !super::has_nan(p, len) {
-                start += len;
-                continue;
+    let mut len = T::BLOCK.min(n);
+    // SAFETY: the first block lies inside the row.
+    let mut bm = unsafe { T::max(x, len) };
+    while len > 0 {
+        let next = start + len;
+        let next_len = T::BLOCK.min(n - next);
+        // SAFETY: this block and the next lie inside the row.
+        let (p, q) = unsafe { (x.add(start), x.add(next)) };
+        let next_max;
+        if bm.is_finite() {
+            if bm > m {
+                let scale = (m - bm).exp();
+                below = _mm256_mul_pd(below, _mm256_set1_pd(scale));
+                below = _mm256_add_pd(below, _mm256_set_pd(0.0, 0.0, 0.0, ties as f64 * scale));
+                ties = 0;
+                m = bm;
             }
+            // SAFETY: as above.
+            let (b, t, nm) = unsafe { sum_below_max_next(p, len, m, q, next_len) };
+            below = _mm256_add_pd(below, b);
+            ties += t;
+            next_max = nm;
+        } else if bm == f64::NEG_INFINITY && !super::has_nan(p, len) {
+            // SAFETY: as above.
+            next_max = unsafe { T::max(q, next_len) };
+        } else {
             // SAFETY: the whole row is readable.
             return unsafe { crate::kernels::scalar::lse_state_two_pass(x, 0, n, 1) };
         }
-        if bm > m {
-            let scale = (m - bm).exp();
-            below = _mm256_mul_pd(below, _mm256_set1_pd(scale));
-            below = _mm256_add_pd(below, _mm256_set_pd(0.0, 0.0, 0.0, ties as f64 * scale));
-            ties = 0;
-            m = bm;
-        }
-        // SAFETY: as above.
-        let (b, t) = unsafe { sum_below(p, len, m) };
-        below = _mm256_add_pd(below, b);
-        ties += t;
-        start += len;
+        start = next;
+        len = next_len;
+        bm = next_max;
     }
     super::finish_state(m, hsum(below), ties)
 }
