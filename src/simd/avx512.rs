@@ -18,7 +18,7 @@ const NEAREST: i32 = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
 /// (SLEEF's `expf_u10` coefficients), and `vscalefps` for `2^k` (correct overflow to +inf
 /// and a single rounding into the subnormals).
 #[inline]
-#[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl")]
+#[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl,popcnt")]
 pub fn exp_ps(x: __m512) -> __m512 {
     // Clamps keep k finite (so r is never inf - inf); min/max return their second operand
     // when either is NaN, so NaN passes through.
@@ -43,10 +43,52 @@ pub fn exp_ps(x: __m512) -> __m512 {
 /// degree 4 (relative error < 5e-11), ample for float32 results that are rounded once.
 /// -inf -> 0, +inf -> +inf, NaN -> NaN, underflow rounded once by `vscalefpd`.
 #[inline]
-#[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl")]
+#[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl,popcnt")]
 pub fn exp_pd(t: __m512d, full: bool) -> __m512d {
+    exp_scalef_pd(_mm512_min_pd(_mm512_set1_pd(710.0), t), full)
+}
+
+/// [`exp_pd`] for arguments `<= 0` or NaN (the shifted sums, `t = x - max`). float64 results
+/// as `exp_pd`; float32-grade results put `2^floor(k/16)` straight into the table entry's
+/// exponent bits (two integer ops instead of a multiply and `vscalefpd` on the FMA ports),
+/// which needs a normal result: the argument is clamped at -708, where exp is 3e-308, and
+/// callers that must see an exact 0 there mask it out (`t <= -708` is below anything a
+/// float32 result can hold).
+#[inline]
+#[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl,popcnt")]
+pub fn exp_nonpos_pd(t: __m512d, full: bool) -> __m512d {
+    if full {
+        return exp_scalef_pd(t, true);
+    }
+    let t = _mm512_max_pd(_mm512_set1_pd(EXP_FLOOR), t);
+    let magic = _mm512_set1_pd(ROUND_MAGIC);
+    let kd = _mm512_fmadd_pd(t, _mm512_set1_pd(SIXTEEN_OVER_LN2), magic);
+    let kf = _mm512_sub_pd(kd, magic);
+    let r = _mm512_fnmadd_pd(kf, _mm512_set1_pd(LN2_OVER_16_HI), t);
+    // SAFETY: EXP2_J16_LESS_J holds 16 u64; two unaligned 8-lane loads read it exactly.
+    let (lo, hi) = unsafe {
+        (
+            _mm512_loadu_si512(EXP2_J16_LESS_J.as_ptr() as *const __m512i),
+            _mm512_loadu_si512(EXP2_J16_LESS_J.as_ptr().add(8) as *const __m512i),
+        )
+    };
+    let kbits = _mm512_castpd_si512(kd);
+    // kbits << 48 = (k >> 4) << 52 (the exponent step) + (k & 15) << 48, and the table entries
+    // have (j << 48) taken off, so the sum is 2^(j/16) * 2^(k >> 4) exactly.
+    let tab = _mm512_permutex2var_epi64(lo, kbits, hi);
+    let tab = _mm512_castsi512_pd(_mm512_add_epi64(tab, _mm512_slli_epi64::<48>(kbits)));
+    let mut a = _mm512_set1_pd(TAYLOR4[0]);
+    for &c in &TAYLOR4[1..] {
+        a = _mm512_fmadd_pd(a, r, _mm512_set1_pd(c));
+    }
+    _mm512_fmadd_pd(tab, _mm512_mul_pd(a, r), tab)
+}
+
+/// The table exp with `vscalefpd` (any argument <= 710, NaN allowed).
+#[inline]
+#[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl,popcnt")]
+fn exp_scalef_pd(t: __m512d, full: bool) -> __m512d {
     let t = _mm512_max_pd(_mm512_set1_pd(-746.0), t);
-    let t = _mm512_min_pd(_mm512_set1_pd(710.0), t);
     // kd holds round(16 t / ln2) in its low mantissa bits; its low 4 bits index the table.
     let magic = _mm512_set1_pd(ROUND_MAGIC);
     let kd = _mm512_fmadd_pd(t, _mm512_set1_pd(SIXTEEN_OVER_LN2), magic);
@@ -74,6 +116,18 @@ pub fn exp_pd(t: __m512d, full: bool) -> __m512d {
     _mm512_scalef_pd(y, _mm512_mul_pd(kf, _mm512_set1_pd(1.0 / 16.0)))
 }
 
+/// Lanes of `t = x - max` whose exp belongs in a "below the max" sum: not ties (`below`),
+/// and for float32-grade sums above the clamp of [`exp_nonpos_pd`] (NaN kept, so it shows).
+#[inline]
+#[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl,popcnt")]
+fn summable(below: __mmask8, t: __m512d, full: bool) -> __mmask8 {
+    if full {
+        below
+    } else {
+        _mm512_mask_cmp_pd_mask::<_CMP_NLE_UQ>(below, t, _mm512_set1_pd(EXP_FLOOR))
+    }
+}
+
 /// An input element type as seen by the float64-lane kernels: 8 elements per vector.
 pub trait Lanes: Copy + 'static + crate::Real {
     /// Whether results need the full float64 exp (float64 inputs) or the float32-grade one.
@@ -92,6 +146,11 @@ pub trait Lanes: Copy + 'static + crate::Real {
     unsafe fn stream8(p: *mut Self, v: __m512d);
     /// The max of `n` elements (NaN may or may not show; callers re-check non-finite maxima).
     unsafe fn max(p: *const Self, n: usize) -> f64;
+    /// A running max over 16-element steps in the element type's own lanes (float32 maxes
+    /// 16 lanes at once, no widening): the start value, one step, and the final reduction.
+    unsafe fn max_init() -> [__m512d; 2];
+    unsafe fn max16(acc: [__m512d; 2], p: *const Self) -> [__m512d; 2];
+    unsafe fn max_finish(acc: [__m512d; 2]) -> f64;
 }
 
 #[inline]
@@ -103,38 +162,59 @@ impl Lanes for f32 {
     const FULL: bool = false;
     const BLOCK: usize = 4096;
     #[inline]
-    #[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl")]
+    #[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl,popcnt")]
+    unsafe fn max_init() -> [__m512d; 2] {
+        [_mm512_castps_pd(_mm512_set1_ps(f32::NEG_INFINITY)); 2]
+    }
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl,popcnt")]
+    unsafe fn max16(acc: [__m512d; 2], p: *const f32) -> [__m512d; 2] {
+        // SAFETY: the caller guarantees 16 readable elements.
+        let v = unsafe { _mm512_loadu_ps(p) };
+        [
+            _mm512_castps_pd(_mm512_max_ps(_mm512_castpd_ps(acc[0]), v)),
+            acc[1],
+        ]
+    }
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl,popcnt")]
+    unsafe fn max_finish(acc: [__m512d; 2]) -> f64 {
+        let m = _mm512_max_ps(_mm512_castpd_ps(acc[0]), _mm512_castpd_ps(acc[1]));
+        _mm512_reduce_max_ps(m) as f64
+    }
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl,popcnt")]
     unsafe fn load8(p: *const f32) -> __m512d {
         // SAFETY: the caller guarantees 8 readable elements.
         _mm512_cvtps_pd(unsafe { _mm256_loadu_ps(p) })
     }
     #[inline]
-    #[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl")]
+    #[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl,popcnt")]
     unsafe fn load_tail(p: *const f32, n: usize) -> __m512d {
         let fill = _mm256_set1_ps(f32::NEG_INFINITY);
         // SAFETY: masked lanes are not accessed; the first n are readable.
         _mm512_cvtps_pd(unsafe { _mm256_mask_loadu_ps(fill, tail_mask8(n), p) })
     }
     #[inline]
-    #[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl")]
+    #[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl,popcnt")]
     unsafe fn store8(p: *mut f32, v: __m512d) {
         // SAFETY: the caller guarantees 8 writable elements.
         unsafe { _mm256_storeu_ps(p, _mm512_cvtpd_ps(v)) }
     }
     #[inline]
-    #[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl")]
+    #[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl,popcnt")]
     unsafe fn stream8(p: *mut f32, v: __m512d) {
         // SAFETY: the caller guarantees 8 writable elements, 32-byte aligned.
         unsafe { _mm256_stream_ps(p, _mm512_cvtpd_ps(v)) }
     }
     #[inline]
-    #[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl")]
+    #[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl,popcnt")]
     unsafe fn store_tail(p: *mut f32, v: __m512d, n: usize) {
         // SAFETY: only the first n lanes are written.
         unsafe { _mm256_mask_storeu_ps(p, tail_mask8(n), _mm512_cvtpd_ps(v)) }
     }
     #[inline]
-    #[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl")]
+    #[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl,popcnt")]
     unsafe fn max(p: *const f32, n: usize) -> f64 {
         let ninf = _mm512_set1_ps(f32::NEG_INFINITY);
         let mut acc = [ninf; 4];
@@ -165,38 +245,59 @@ impl Lanes for f64 {
     const FULL: bool = true;
     const BLOCK: usize = 2048;
     #[inline]
-    #[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl")]
+    #[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl,popcnt")]
+    unsafe fn max_init() -> [__m512d; 2] {
+        [_mm512_set1_pd(f64::NEG_INFINITY); 2]
+    }
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl,popcnt")]
+    unsafe fn max16(acc: [__m512d; 2], p: *const f64) -> [__m512d; 2] {
+        // SAFETY: the caller guarantees 16 readable elements.
+        unsafe {
+            [
+                _mm512_max_pd(acc[0], _mm512_loadu_pd(p)),
+                _mm512_max_pd(acc[1], _mm512_loadu_pd(p.add(8))),
+            ]
+        }
+    }
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl,popcnt")]
+    unsafe fn max_finish(acc: [__m512d; 2]) -> f64 {
+        _mm512_reduce_max_pd(_mm512_max_pd(acc[0], acc[1]))
+    }
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl,popcnt")]
     unsafe fn load8(p: *const f64) -> __m512d {
         // SAFETY: the caller guarantees 8 readable elements.
         unsafe { _mm512_loadu_pd(p) }
     }
     #[inline]
-    #[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl")]
+    #[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl,popcnt")]
     unsafe fn load_tail(p: *const f64, n: usize) -> __m512d {
         let fill = _mm512_set1_pd(f64::NEG_INFINITY);
         // SAFETY: masked lanes are not accessed; the first n are readable.
         unsafe { _mm512_mask_loadu_pd(fill, tail_mask8(n), p) }
     }
     #[inline]
-    #[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl")]
+    #[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl,popcnt")]
     unsafe fn store8(p: *mut f64, v: __m512d) {
         // SAFETY: the caller guarantees 8 writable elements.
         unsafe { _mm512_storeu_pd(p, v) }
     }
     #[inline]
-    #[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl")]
+    #[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl,popcnt")]
     unsafe fn stream8(p: *mut f64, v: __m512d) {
         // SAFETY: the caller guarantees 8 writable elements, 64-byte aligned.
         unsafe { _mm512_stream_pd(p, v) }
     }
     #[inline]
-    #[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl")]
+    #[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl,popcnt")]
     unsafe fn store_tail(p: *mut f64, v: __m512d, n: usize) {
         // SAFETY: only the first n lanes are written.
         unsafe { _mm512_mask_storeu_pd(p, tail_mask8(n), v) }
     }
     #[inline]
-    #[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl")]
+    #[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl,popcnt")]
     unsafe fn max(p: *const f64, n: usize) -> f64 {
         let ninf = _mm512_set1_pd(f64::NEG_INFINITY);
         let mut acc = [ninf; 4];
@@ -227,7 +328,7 @@ impl Lanes for f64 {
 /// `qn` elements of the *next* block at `q`: the next block's DRAM loads are issued while this
 /// block's exps run from L1, so memory and arithmetic overlap instead of taking turns.
 #[inline]
-#[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl")]
+#[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl,popcnt")]
 unsafe fn sum_below_max_next<T: Lanes>(
     p: *const T,
     n: usize,
@@ -237,23 +338,25 @@ unsafe fn sum_below_max_next<T: Lanes>(
 ) -> (__m512d, u64, f64) {
     let mv = _mm512_set1_pd(m);
     let mut acc = [_mm512_setzero_pd(); 2];
-    let mut mx = [_mm512_set1_pd(f64::NEG_INFINITY); 2];
+    // SAFETY: the level's features are enabled here.
+    let mut mx = unsafe { T::max_init() };
+    // Ties are counted with popcnt on the scalar ports, which the vector code leaves idle.
     let mut ties = 0u64;
     let mut i = 0;
     let mut qi = 0;
     let mut step = |x: __m512d, acc: &mut __m512d| {
-        let e = exp_pd(_mm512_sub_pd(x, mv), T::FULL);
+        let t = _mm512_sub_pd(x, mv);
+        let e = exp_nonpos_pd(t, T::FULL);
         let below = _mm512_cmp_pd_mask::<_CMP_NEQ_UQ>(x, mv);
-        ties += (!below).count_ones() as u64;
-        *acc = _mm512_mask_add_pd(*acc, below, *acc, e);
+        ties += u64::from((!below).count_ones());
+        *acc = _mm512_mask_add_pd(*acc, summable(below, t, T::FULL), *acc, e);
     };
     // SAFETY: loads stay within the n elements at p and the qn at q; tail lanes are -inf
     // (below the max, exp = 0; neutral for the max).
     unsafe {
         while i + 16 <= n {
             if qi + 16 <= qn {
-                mx[0] = _mm512_max_pd(mx[0], T::load8(q.add(qi)));
-                mx[1] = _mm512_max_pd(mx[1], T::load8(q.add(qi + 8)));
+                mx = T::max16(mx, q.add(qi));
                 qi += 16;
             }
             step(T::load8(p.add(i)), &mut acc[0]);
@@ -267,15 +370,19 @@ unsafe fn sum_below_max_next<T: Lanes>(
         if i < n {
             step(T::load_tail(p.add(i), n - i), &mut acc[1]);
         }
-        while qi + 8 <= qn {
-            mx[0] = _mm512_max_pd(mx[0], T::load8(q.add(qi)));
-            qi += 8;
-        }
-        if qi < qn {
-            mx[1] = _mm512_max_pd(mx[1], T::load_tail(q.add(qi), qn - qi));
-        }
     }
-    let next_max = _mm512_reduce_max_pd(_mm512_max_pd(mx[0], mx[1]));
+    // SAFETY: as above.
+    let mut next_max = unsafe { T::max_finish(mx) };
+    if qi < qn {
+        // SAFETY: the rest of the next block is readable.
+        let rest = unsafe { T::max(q.add(qi), qn - qi) };
+        // A NaN from either part must survive (f64::max would drop it).
+        next_max = if rest.is_nan() || next_max.is_nan() {
+            f64::NAN
+        } else {
+            next_max.max(rest)
+        };
+    }
     (_mm512_add_pd(acc[0], acc[1]), ties, next_max)
 }
 
@@ -283,7 +390,7 @@ unsafe fn sum_below_max_next<T: Lanes>(
 /// exp-sum of the same block while it is in L1 (fused with the next block's max), blocks
 /// merged by the online rule. Non-finite maxima go to the scalar reference, which owns the
 /// NaN/inf semantics.
-#[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl")]
+#[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl,popcnt")]
 pub unsafe fn state_two_pass<T: Lanes>(x: *const T, n: usize) -> LseState {
     let mut m = f64::NEG_INFINITY;
     let mut below = _mm512_setzero_pd();
@@ -338,7 +445,7 @@ pub struct OnlineLanes {
 
 impl OnlineLanes {
     #[inline]
-    #[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl")]
+    #[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl,popcnt")]
     pub fn new() -> OnlineLanes {
         OnlineLanes {
             m: _mm512_set1_pd(f64::NEG_INFINITY),
@@ -350,13 +457,13 @@ impl OnlineLanes {
     /// Adds one element per lane (Milakov & Gimelshein's update, rescaling only the lanes
     /// whose max grows; that branch is rare after the first few vectors of a row).
     #[inline]
-    #[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl")]
+    #[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl,popcnt")]
     pub fn push(&mut self, x: __m512d, full: bool) {
         let gt = _mm512_cmp_pd_mask::<_CMP_GT_OQ>(x, self.m);
         if gt != 0 {
             let m_new = _mm512_mask_mov_pd(self.m, gt, x);
             // exp(m - m_new) is 1 on unchanged lanes and 0 when m was -inf or m_new is +inf.
-            let scale = exp_pd(_mm512_sub_pd(self.m, m_new), full);
+            let scale = exp_scalef_pd(_mm512_sub_pd(self.m, m_new), full);
             let total = _mm512_add_pd(self.below, self.ties);
             self.below = _mm512_mask_mul_pd(self.below, gt, total, scale);
             self.ties = _mm512_mask_mov_pd(self.ties, gt, _mm512_setzero_pd());
@@ -364,13 +471,14 @@ impl OnlineLanes {
         }
         // Ties compare x with m (not x - m with 0), so +inf == +inf is a tie, not NaN.
         let tie = _mm512_cmp_pd_mask::<_CMP_EQ_OQ>(x, self.m);
-        let e = exp_pd(_mm512_sub_pd(x, self.m), full);
-        self.below = _mm512_mask_add_pd(self.below, !tie, self.below, e);
+        let t = _mm512_sub_pd(x, self.m);
+        let e = exp_nonpos_pd(t, full);
+        self.below = _mm512_mask_add_pd(self.below, summable(!tie, t, full), self.below, e);
         self.ties = _mm512_mask_add_pd(self.ties, tie, self.ties, _mm512_set1_pd(1.0));
     }
 
     /// The 8 lane states merged in lane order.
-    #[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl")]
+    #[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl,popcnt")]
     pub fn states(&self) -> [LseState; 8] {
         let (mut m, mut b, mut t) = ([0.0f64; 8], [0.0f64; 8], [0.0f64; 8]);
         // SAFETY: each array holds 8 f64.
@@ -385,7 +493,7 @@ impl OnlineLanes {
 
 /// One-pass `(max, excess)` of a contiguous row: 16 online lanes (two vectors), merged in
 /// lane order at the end.
-#[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl")]
+#[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl,popcnt")]
 pub unsafe fn state_online<T: Lanes>(x: *const T, n: usize) -> LseState {
     let mut lanes = [OnlineLanes::new(), OnlineLanes::new()];
     let mut i = 0;
@@ -417,7 +525,7 @@ pub unsafe fn state_online<T: Lanes>(x: *const T, n: usize) -> LseState {
 /// read before it is written). With `stream`, the aligned body uses non-temporal stores: an
 /// output far larger than the caches then costs no read-for-ownership traffic.
 #[inline]
-#[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl")]
+#[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl,popcnt")]
 unsafe fn map_rows<T: Lanes>(
     x: *const T,
     out: *mut T,
@@ -453,7 +561,7 @@ unsafe fn map_rows<T: Lanes>(
 }
 
 /// `out[k] = scale * exp(x[k] - shift)` for `k < n`; `out` may equal `x`.
-#[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl")]
+#[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl,popcnt")]
 pub unsafe fn exp_scaled<T: Lanes>(
     x: *const T,
     out: *mut T,
@@ -472,7 +580,7 @@ pub unsafe fn exp_scaled<T: Lanes>(
 }
 
 /// `out[k] = (x[k] - shift) - log_total` for `k < n`; `out` may equal `x`.
-#[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl")]
+#[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl,popcnt")]
 pub unsafe fn shift_sub<T: Lanes>(
     x: *const T,
     out: *mut T,
@@ -491,7 +599,7 @@ pub unsafe fn shift_sub<T: Lanes>(
 }
 
 /// float32 exp of `n` elements (the float32-arithmetic exp, < 1 ULP).
-#[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl")]
+#[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl,popcnt")]
 pub unsafe fn exp_f32(x: *const f32, out: *mut f32, n: usize) {
     let mut i = 0;
     // SAFETY: reads and writes stay within the n elements.
@@ -509,7 +617,7 @@ pub unsafe fn exp_f32(x: *const f32, out: *mut f32, n: usize) {
 }
 
 /// float64 exp of `n` elements (< 1 ULP).
-#[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl")]
+#[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl,popcnt")]
 pub unsafe fn exp_f64(x: *const f64, out: *mut f64, n: usize) {
     let mut i = 0;
     // SAFETY: reads and writes stay within the n elements.
@@ -528,7 +636,7 @@ pub unsafe fn exp_f64(x: *const f64, out: *mut f64, n: usize) {
 
 /// Online states of `w` adjacent columns (`w <= COL_TILE`) of an `(n, inner)` C-order slab
 /// starting at `x`: one streaming pass down the rows, each row reading `w` contiguous elements.
-#[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl")]
+#[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl,popcnt")]
 pub unsafe fn column_states<T: Lanes>(
     x: *const T,
     n: usize,
@@ -568,7 +676,7 @@ pub unsafe fn column_states<T: Lanes>(
 /// f in [sqrt(1/2), sqrt(2)), `log f = 2 atanh(s)`, s = (f-1)/(f+1), |s| < 0.172, by its
 /// series to s^23 (truncation < 1e-18), plus the rounding error of `1 + e` as `(e-(u-1))/u`.
 #[inline]
-#[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl")]
+#[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl,popcnt")]
 pub fn log1p_pd(e: __m512d) -> __m512d {
     let one = _mm512_set1_pd(1.0);
     let u = _mm512_add_pd(one, e);
@@ -597,7 +705,7 @@ pub fn log1p_pd(e: __m512d) -> __m512d {
 
 /// Gathers element `k` of up to 8 rows `pitch` apart (lanes past `rows` are `-inf`).
 #[inline]
-#[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl")]
+#[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl,popcnt")]
 unsafe fn gather_column<T: Lanes>(p: *const T, idx: __m256i, mask: __mmask8) -> __m512d {
     // SAFETY: the caller guarantees the masked lanes' addresses are readable.
     unsafe {
@@ -620,7 +728,7 @@ unsafe fn gather_column<T: Lanes>(p: *const T, idx: __m256i, mask: __mmask8) -> 
 /// registers and widened: `out[c0 + k]` holds element `c0 + k` of rows 0..8 (`-inf` past
 /// `rows` and past `w`).
 #[inline]
-#[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl")]
+#[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl,popcnt")]
 unsafe fn transpose_rows_f32(
     x: *const f32,
     pitch: usize,
@@ -674,7 +782,7 @@ unsafe fn transpose_rows_f32(
 /// valid) with the rows in the lanes: no horizontal reductions. Lanes whose max is not finite
 /// or whose sum is NaN are flagged in the returned mask for the scalar reference.
 #[inline]
-#[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl")]
+#[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl,popcnt")]
 unsafe fn short_group_state<T: Lanes>(
     x: *const T,
     n: usize,
@@ -716,9 +824,10 @@ unsafe fn short_group_state<T: Lanes>(
     for b in buf.iter().take(n) {
         // SAFETY: the first n entries were written above.
         let b = unsafe { b.assume_init_ref() };
-        let e = exp_pd(_mm512_sub_pd(*b, m), T::FULL);
+        let t = _mm512_sub_pd(*b, m);
+        let e = exp_nonpos_pd(t, T::FULL);
         let tie = _mm512_cmp_pd_mask::<_CMP_EQ_OQ>(*b, m);
-        below = _mm512_mask_add_pd(below, !tie, below, e);
+        below = _mm512_mask_add_pd(below, summable(!tie, t, T::FULL), below, e);
         ties = _mm512_mask_add_pd(ties, tie, ties, one);
     }
     let excess = _mm512_add_pd(below, _mm512_sub_pd(ties, one));
@@ -730,7 +839,7 @@ unsafe fn short_group_state<T: Lanes>(
 
 /// logsumexp of `rows` short rows (`n <= SHORT_ROW`, `pitch` apart) into `out[r]`, 8 rows
 /// per vector.
-#[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl")]
+#[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl,popcnt")]
 pub unsafe fn short_rows_logsumexp<T: Lanes>(
     x: *const T,
     rows: usize,
@@ -764,7 +873,7 @@ pub unsafe fn short_rows_logsumexp<T: Lanes>(
 
 /// Softmax or log_softmax of `rows` short rows (`pitch` apart) into the dense `out`
 /// (`rows x n`): states 8 rows per vector, then each row written once from its state.
-#[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl")]
+#[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl,popcnt")]
 pub unsafe fn short_rows_softmax<T: Lanes>(
     x: *const T,
     rows: usize,
@@ -821,7 +930,7 @@ pub unsafe fn short_rows_softmax<T: Lanes>(
 /// `out[j] = a[j] * exp(x[j] - b[j])` (`exp = true`) or `out[j] = (x[j] - b[j]) - a[j]` for
 /// `j < n`: the column kernels' write pass, each column with its own shift and scale/log.
 /// `out` may equal `x`.
-#[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl")]
+#[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl,popcnt")]
 pub unsafe fn lanes_write<T: Lanes>(
     x: *const T,
     out: *mut T,

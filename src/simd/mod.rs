@@ -48,6 +48,7 @@ pub fn available_levels() -> Vec<Level> {
             && is_x86_feature_detected!("avx512dq")
             && is_x86_feature_detected!("avx512bw")
             && is_x86_feature_detected!("avx512vl")
+            && is_x86_feature_detected!("popcnt")
         {
             levels.push(Level::Avx512);
         }
@@ -137,6 +138,19 @@ pub(crate) mod consts {
         }
         t
     };
+    /// The table's bit patterns less `j << 48`: adding `k << 48` (k = 16 k' + j) to entry j
+    /// gives `2^(j/16) * 2^k'` (the float32-grade exp's integer scaling).
+    pub const EXP2_J16_LESS_J: [u64; 16] = {
+        let mut t = [0u64; 16];
+        let mut j = 0;
+        while j < 16 {
+            t[j] = EXP2_J16[j].to_bits() - ((j as u64) << 48);
+            j += 1;
+        }
+        t
+    };
+    /// The float32-grade exp's argument floor: `exp(-708)` is still a normal float64.
+    pub const EXP_FLOOR: f64 = -708.0;
     /// `1.5 * 2^52`: adding it rounds a float64 of magnitude < 2^51 to an integer held in the
     /// low mantissa bits (two's complement modulo 2^52).
     pub const ROUND_MAGIC: f64 = 6755399441055744.0;
