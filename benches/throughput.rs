@@ -11,7 +11,7 @@ use stablelse::Batch;
 use std::hint::black_box;
 use std::time::Instant;
 
-const REPS: usize = 7;
+const REPS: usize = 11;
 
 fn best_of(reps: usize, mut f: impl FnMut()) -> f64 {
     f();
