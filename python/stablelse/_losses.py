@@ -68,7 +68,7 @@ def _index_targets(
         raise IndexError(
             f"target{_index_str(pos)} = {int(t[pos])} is outside [0, {n_classes})"
         )
-    return np.ascontiguousarray(t, dtype=np.int64)
+    return t.astype(np.int64, order="C", copy=False)  # keeps 0-d (ascontiguousarray would not)
 
 
 def _weight(weight: Any, n_classes: int, dtype: np.dtype) -> Optional[np.ndarray]:
