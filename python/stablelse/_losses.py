@@ -64,7 +64,10 @@ def _index_targets(
         bad = t >= np.uint64(n_classes)
         if ign is not None:
             bad &= t != ign
-        pos = np.unravel_index(int(np.argmax(bad.ravel())), batch_shape) if batch_shape else ()
+        pos: tuple[int, ...] = ()
+        if batch_shape:
+            flat = int(np.argmax(bad.ravel()))
+            pos = tuple(int(i) for i in np.unravel_index(flat, batch_shape))
         raise IndexError(
             f"target{_index_str(pos)} = {int(t[pos])} is outside [0, {n_classes})"
         )
@@ -265,10 +268,9 @@ def cross_entropy(
     x3 = _view3(x, ax)
     if probs:
         x3 = np.ascontiguousarray(x3)  # the kernel reads both with one layout
-    loss, g3 = _core.cross_entropy(x3, t3, w, ii, reduction, ls, zl, bool(return_grad))
-    batch_shape = x.shape[:ax] + x.shape[ax + 1 :]
-    loss = _finish_loss(loss, rdtype, batch_shape)
-    if not return_grad:
+    raw, g3 = _core.cross_entropy(x3, t3, w, ii, reduction, ls, zl, bool(return_grad))
+    loss = _finish_loss(raw, rdtype, x.shape[:ax] + x.shape[ax + 1 :])
+    if g3 is None:
         return loss
     grad = g3.reshape(x.shape)
     if grad.dtype != rdtype:
