@@ -494,3 +494,36 @@ def test_return_grad_does_not_change_the_loss(combo):
         a = sl.cross_entropy(x, t, reduction=reduction, **kw)
         b, _ = sl.cross_entropy(x, t, reduction=reduction, return_grad=True, **kw)
         np.testing.assert_array_equal(a, b)
+
+
+def test_grad_out_receives_the_gradient():
+    rng = np.random.default_rng(8)
+    x = rng.normal(size=(5, 6)).astype(np.float32)
+    t = rng.integers(0, 6, size=5)
+    loss, want = sl.cross_entropy(x, t, return_grad=True, label_smoothing=0.1)
+    buf = np.full_like(x, 7.0)
+    loss2, g = sl.cross_entropy(x, t, grad_out=buf, label_smoothing=0.1)
+    assert g is buf and loss2 == loss
+    np.testing.assert_array_equal(buf, want)
+    fbuf = np.asfortranarray(np.zeros_like(x))  # not C-contiguous: written through a copy
+    assert sl.cross_entropy(x, t, grad_out=fbuf, label_smoothing=0.1)[1] is fbuf
+    np.testing.assert_array_equal(fbuf, want)
+    x4 = rng.normal(size=(2, 3, 4))
+    t4 = rng.integers(0, 3, size=(2, 4))
+    g4 = np.empty_like(x4)
+    sl.cross_entropy(x4, t4, axis=1, grad_out=g4)
+    np.testing.assert_array_equal(g4, sl.cross_entropy(x4, t4, axis=1, return_grad=True)[1])
+    with pytest.raises(ValueError, match="shape"):
+        sl.cross_entropy(x, t, grad_out=np.empty((6, 5), np.float32))
+    with pytest.raises(TypeError, match="dtype"):
+        sl.cross_entropy(x, t, grad_out=np.empty((5, 6)))
+    with pytest.raises(ValueError, match="overlaps logits"):
+        sl.cross_entropy(x, t, grad_out=x)
+    ro = np.zeros_like(x)
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match="read-only"):
+        sl.cross_entropy(x, t, grad_out=ro)
+    bad = np.full_like(x, 7.0)
+    with pytest.raises(IndexError):
+        sl.cross_entropy(x, [0, 1, 2, 3, 99], grad_out=bad)
+    assert (bad == 7.0).all()  # validated before anything was written

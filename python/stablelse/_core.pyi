@@ -40,6 +40,7 @@ def cross_entropy(
     z_loss: float = 0.0,
     return_grad: bool = False,
     algorithm: str = "auto",
+    grad_out: Optional[_Arr] = None,
 ) -> tuple[Union[float, _Arr], Optional[_Arr]]: ...
 def nll_loss(
     log_probs: _Arr,

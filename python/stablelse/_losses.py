@@ -16,7 +16,7 @@ from typing import Any, Optional, Union
 import numpy as np
 
 from . import _core
-from ._api import _as_real_array, _kernel_view
+from ._api import _as_real_array, _check_out, _kernel_view
 
 __all__ = ["cross_entropy", "log_softmax_backward", "nll_loss", "softmax_backward"]
 
@@ -156,6 +156,7 @@ def cross_entropy(
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     return_grad: bool = False,
+    grad_out: Optional[np.ndarray] = None,
 ) -> Any:
     """Cross-entropy between logits and class targets, computed stably from raw logits.
 
@@ -199,6 +200,11 @@ def cross_entropy(
     return_grad : bool, optional
         Also return the gradient of the returned loss (of its sum for ``"none"``) with respect
         to `logits`. stablelse extension.
+    grad_out : ndarray, optional
+        Preallocated writeable array of the shape and dtype of the gradient to write it into
+        (implies ``return_grad=True``; it is the returned ``grad``). It must not overlap the
+        inputs. Reusing it across calls avoids the page faults of a fresh logits-sized array,
+        which on some machines cost as much as the kernel. stablelse extension.
 
     Returns
     -------
@@ -268,10 +274,25 @@ def cross_entropy(
     x3 = _view3(x, ax)
     if probs:
         x3 = np.ascontiguousarray(x3)  # the kernel reads both with one layout
-    raw, g3 = _core.cross_entropy(x3, t3, w, ii, reduction, ls, zl, bool(return_grad))
+    g_direct = None
+    if grad_out is not None:
+        _check_out(grad_out, x.shape, rdtype)
+        for name, arr in (("logits", x3), ("target", t3), ("weight", w)):
+            if arr is not None and np.shares_memory(grad_out, arr):
+                raise ValueError(f"grad_out overlaps {name}")
+        if grad_out.dtype == x.dtype and grad_out.flags.c_contiguous:
+            g_direct = grad_out.reshape(x3.shape)
+    raw, g3 = _core.cross_entropy(
+        x3, t3, w, ii, reduction, ls, zl, bool(return_grad or grad_out is not None),
+        "auto", g_direct,
+    )
     loss = _finish_loss(raw, rdtype, x.shape[:ax] + x.shape[ax + 1 :])
     if g3 is None:
         return loss
+    if grad_out is not None:
+        if g_direct is None:
+            np.copyto(grad_out, g3.reshape(x.shape), casting="unsafe")
+        return loss, grad_out
     grad = g3.reshape(x.shape)
     if grad.dtype != rdtype:
         grad = grad.astype(rdtype)

@@ -12,7 +12,7 @@ use pyo3::exceptions::{PyIndexError, PyTypeError};
 use pyo3::prelude::*;
 use pyo3::types::PyTuple;
 
-use super::reductions::{batch_of, parse_algorithm, slice_of, value_error};
+use super::reductions::{batch_of, check_out, parse_algorithm, slice_of, value_error};
 use crate::kernels::cross_entropy::{
     self as xent, Backward, LossError, LossReduction, Targets, XentOptions,
 };
@@ -96,8 +96,23 @@ fn xent_typed<'py, T: Real + Element>(
     weight: Option<&Bound<'py, PyAny>>,
     args: XentArgs,
     return_grad: bool,
+    grad_out: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyTuple>> {
     let batch = batch_of(logits, "logits")?;
+    let shape = [batch.outer, batch.n, batch.inner];
+    let grad_out = match grad_out {
+        Some(g) => {
+            let g = g
+                .cast::<PyArray3<T>>()
+                .map_err(|_| {
+                    PyTypeError::new_err(format!("grad_out must be a 3-D {} array", T::NAME))
+                })?
+                .clone();
+            check_out(&g, &shape)?;
+            Some(g)
+        }
+        None => None,
+    };
     let weight = weight_of::<T>(weight)?;
     let opts = XentOptions {
         weight: weight.as_ref().map(|w| w.as_slice()).transpose()?,
@@ -113,11 +128,19 @@ fn xent_typed<'py, T: Real + Element>(
     let per_lane = (opts.reduction == LossReduction::None)
         // SAFETY: every element is written by the kernel before the array is returned.
         .then(|| unsafe { PyArray1::<T>::new(py, batch.count(), false) });
-    let grad = return_grad
+    let grad = match grad_out {
+        Some(g) => Some(g),
         // SAFETY: as above.
-        .then(|| unsafe { PyArray3::<T>::new(py, [batch.outer, batch.n, batch.inner], false) });
+        None => return_grad.then(|| unsafe { PyArray3::<T>::new(py, shape, false) }),
+    };
     let mut pr = per_lane.as_ref().map(|p| p.readwrite());
-    let mut gr = grad.as_ref().map(|g| g.readwrite());
+    let mut gr = grad
+        .as_ref()
+        .map(|g| {
+            g.try_readwrite()
+                .map_err(|e| value_error(format!("grad_out cannot be written: {e}")))
+        })
+        .transpose()?;
     let ps = pr
         .as_mut()
         .map(|p| p.as_slice_mut().map_err(|e| value_error(e.to_string())))
@@ -167,9 +190,11 @@ fn xent_typed<'py, T: Real + Element>(
 
 /// Cross-entropy over axis 1 of 3-D `logits`: returns `(loss, grad or None)`; `loss` is a float
 /// (rounded to the logits' dtype) for "mean"/"sum" and a 1-D array of lane losses for "none".
+/// `grad_out` (dense `(outer, n, inner)`, not overlapping the inputs) receives the gradient
+/// instead of a new array; it implies `return_grad`.
 #[pyfunction]
 #[pyo3(signature = (logits, target, weight = None, ignore_index = -100, reduction = "mean",
-    label_smoothing = 0.0, z_loss = 0.0, return_grad = false, algorithm = "auto"))]
+    label_smoothing = 0.0, z_loss = 0.0, return_grad = false, algorithm = "auto", grad_out = None))]
 #[allow(clippy::too_many_arguments)]
 fn cross_entropy<'py>(
     py: Python<'py>,
@@ -182,6 +207,7 @@ fn cross_entropy<'py>(
     z_loss: f64,
     return_grad: bool,
     algorithm: &str,
+    grad_out: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyTuple>> {
     let args = XentArgs {
         ignore_index,
@@ -191,9 +217,9 @@ fn cross_entropy<'py>(
         algorithm: parse_algorithm(algorithm)?,
     };
     if let Ok(x) = logits.cast::<PyArray3<f32>>() {
-        xent_typed(py, x, target, weight, args, return_grad)
+        xent_typed(py, x, target, weight, args, return_grad, grad_out)
     } else if let Ok(x) = logits.cast::<PyArray3<f64>>() {
-        xent_typed(py, x, target, weight, args, return_grad)
+        xent_typed(py, x, target, weight, args, return_grad, grad_out)
     } else {
         Err(PyTypeError::new_err(
             "logits must be a 3-D float32 or float64 array",
