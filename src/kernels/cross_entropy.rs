@@ -40,9 +40,12 @@ use crate::parallel::{self, SendPtr};
 use crate::real::Real;
 use crate::state::LseState;
 
-/// Columns processed together when the class axis is not last: wide enough for contiguous
-/// reads along `inner`, small enough for the per-column accumulators to stay in L1.
+/// At most this many columns form one block when the class axis is not last: wide enough for
+/// contiguous reads along `inner`.
 const COLUMN_BLOCK: usize = 128;
+
+/// Elements of a transposed column block (and of its gradient): 256 KiB of float32, within L2.
+const COLUMN_SCRATCH: usize = 1 << 16;
 
 /// torch's `reduction` argument.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -458,10 +461,12 @@ pub fn cross_entropy<T: Real>(
     )?;
     let lanes_out = per_lane.map(|p| SendPtr(p.as_mut_ptr()));
     let grad_out = grad.map(|g| SendPtr(g.as_mut_ptr()));
-    let (main, zsum) = if batch.inner == 1 {
+    let (main, zsum) = if batch.count() == 0 {
+        (0.0, 0.0)
+    } else if batch.inner == 1 {
         xent_rows(logits, &targets, &plan, opts.algorithm, lanes_out, grad_out)
     } else {
-        xent_columns(logits, &targets, &plan, lanes_out, grad_out)
+        xent_columns(logits, &targets, &plan, opts.algorithm, lanes_out, grad_out)
     };
     let mut total = main * plan.s1;
     if plan.z > 0.0 {
@@ -520,20 +525,7 @@ fn xent_rows<T: Real>(
                 Targets::Indices(_) => None,
             };
             let sums = row_sums(plan, x, target, probs, alg);
-            let (main, lse) = lane_loss(plan, target, &sums);
-            let zt = match target {
-                LaneTarget::Ignored => 0.0,
-                _ => lse * lse,
-            };
-            if let Some(op) = lanes_out {
-                let v = if plan.z > 0.0 {
-                    main + plan.z * zt
-                } else {
-                    main
-                };
-                // SAFETY: lane l owns per_lane[l]; the length was checked by `plan`.
-                unsafe { *op.ptr().add(l) = T::from_f64(v) };
-            }
+            let (main, zt) = lane_outputs(plan, target, &sums, l, lanes_out);
             if let Some(gp) = grad_out {
                 // SAFETY: lane l owns the dense row l of the gradient, checked by `plan`.
                 let g = unsafe { std::slice::from_raw_parts_mut(gp.ptr().add(l * n), n) };
@@ -544,6 +536,34 @@ fn xent_rows<T: Real>(
         }
         acc
     })
+}
+
+/// The lane's `(main, lse^2)` terms (0 for ignored lanes), its "none" loss written to
+/// `per_lane[l]` when asked.
+#[inline]
+fn lane_outputs<T: Real>(
+    plan: &Plan<'_, T>,
+    target: LaneTarget,
+    sums: &LaneSums,
+    l: usize,
+    lanes_out: Option<SendPtr<T>>,
+) -> (f64, f64) {
+    let (main, lse) = lane_loss(plan, target, sums);
+    let zt = match target {
+        LaneTarget::Ignored => 0.0,
+        _ => lse * lse,
+    };
+    if let Some(op) = lanes_out {
+        let v = if plan.z > 0.0 {
+            main + plan.z * zt
+        } else {
+            main
+        };
+        // SAFETY: lane l owns per_lane[l]; the length was checked by `plan`, and each lane is
+        // handled by exactly one piece.
+        unsafe { *op.ptr().add(l) = T::from_f64(v) };
+    }
+    (main, zt)
 }
 
 /// The sums of one row that its loss and gradient need.
@@ -647,103 +667,66 @@ fn write_row_grad<T: Real>(
     }
 }
 
-/// Lanes are columns of `(n, inner)` slabs: blocks of [`COLUMN_BLOCK`] columns are reduced
-/// together, reading along the contiguous `inner` axis. The state of each column is the same
-/// two-pass state as [`lse_state_two_pass`](crate::kernels::scalar::lse_state_two_pass).
+/// Columns per block when the class axis is not last: each block of `(n, width)` is
+/// transposed into `width` contiguous rows (at most [`COLUMN_SCRATCH`] elements), so columns go
+/// through the same SIMD row primitives, exp and accuracy as rows.
+fn column_block_width(n: usize, inner: usize) -> usize {
+    (COLUMN_SCRATCH / n.max(1))
+        .clamp(1, COLUMN_BLOCK)
+        .min(inner)
+}
+
+/// Lanes are columns of `(n, inner)` slabs (torch's `(N, C, d1, ..)`): blocks of columns are
+/// gathered into row scratch (reads contiguous along `inner`), handled by the row code, and
+/// their gradient rows scattered back. The blocking depends only on the sizes.
 fn xent_columns<T: Real>(
     logits: &[T],
     targets: &Targets<'_, T>,
     plan: &Plan<'_, T>,
+    alg: Algorithm,
     lanes_out: Option<SendPtr<T>>,
     grad_out: Option<SendPtr<T>>,
 ) -> (f64, f64) {
     let batch = plan.batch;
     let (n, inner) = (batch.n, batch.inner);
-    let ignore = plan.ignore_index;
-    let blocks_per_slab = inner.div_ceil(COLUMN_BLOCK);
+    let width = column_block_width(n, inner);
+    let blocks_per_slab = inner.div_ceil(width);
     let units = batch.outer * blocks_per_slab;
-    let unit_elements = n * COLUMN_BLOCK.min(inner);
+    let unit_elements = n * width;
     let per = parallel::items_per_piece(unit_elements);
     reduce_pieces(units, per, unit_elements, |range| {
         let mut acc = (0.0f64, 0.0f64);
+        let mut xs = vec![T::from_f64(0.0); n * width];
+        let mut qs = match targets {
+            Targets::Probs(_) => vec![T::from_f64(0.0); n * width],
+            Targets::Indices(_) => Vec::new(),
+        };
+        let mut gs = match grad_out {
+            Some(_) => vec![T::from_f64(0.0); n * width],
+            None => Vec::new(),
+        };
         for u in range {
             let (o, jb) = (u / blocks_per_slab, u % blocks_per_slab);
-            let j0 = jb * COLUMN_BLOCK;
-            let width = COLUMN_BLOCK.min(inner - j0);
+            let j0 = jb * width;
+            let w = width.min(inner - j0);
             let base = o * batch.outer_stride + j0;
-            let at = |k: usize, jj: usize| logits[base + k * inner + jj].to_f64();
-            let probs = match targets {
-                Targets::Probs(q) => Some(&q[base..]),
-                Targets::Indices(_) => None,
-            };
-            let q_at = |k: usize, jj: usize| probs.map_or(0.0, |q| q[k * inner + jj].to_f64());
-            let mut tgt = [LaneTarget::Ignored; COLUMN_BLOCK];
-            for (jj, t) in tgt.iter_mut().enumerate().take(width) {
-                *t = lane_target(targets, o * inner + j0 + jj, ignore);
+            transpose_in(&logits[base..], inner, n, w, &mut xs);
+            if let Targets::Probs(q) = targets {
+                transpose_in(&q[base..], inner, n, w, &mut qs);
             }
-            let mut sums = [LaneSums {
-                state: LseState::EMPTY,
-                xt: 0.0,
-                wsum: 0.0,
-                qsum: 0.0,
-            }; COLUMN_BLOCK];
-            column_states(n, width, &at, &mut sums);
-            // Target logits and weighted sums (loop k outer: contiguous reads).
-            let mut shift = [0.0f64; COLUMN_BLOCK];
-            for jj in 0..width {
-                shift[jj] = shift_and_log_total(sums[jj].state).0;
-                if let LaneTarget::Class(t) = tgt[jj] {
-                    sums[jj].xt = at(t, jj);
-                }
-            }
-            let need_wsum = probs.is_some() || plan.b > 0.0;
-            if need_wsum && n > 0 {
-                for k in 0..n {
-                    let wk = plan.w(k);
-                    for jj in 0..width {
-                        let d = shift[jj] - at(k, jj);
-                        if probs.is_some() {
-                            let wq = wk * (plan.a * q_at(k, jj) + plan.b);
-                            sums[jj].wsum += wq * d;
-                            sums[jj].qsum += wq;
-                        } else {
-                            sums[jj].wsum += wk * d;
-                        }
-                    }
-                }
-            }
-            let mut lg = [None; COLUMN_BLOCK];
-            for jj in 0..width {
+            for jj in 0..w {
                 let l = o * inner + j0 + jj;
-                if let LaneTarget::Ignored = tgt[jj] {
-                    sums[jj].state = LseState::EMPTY;
-                } else if n == 0 {
-                    sums[jj] = LaneSums {
-                        state: LseState {
-                            max: 0.0,
-                            excess: 0.0,
-                        },
-                        xt: 0.0,
-                        wsum: 0.0,
-                        qsum: 0.0,
-                    };
-                }
-                let (main, lse) = lane_loss(plan, tgt[jj], &sums[jj]);
-                let zt = match tgt[jj] {
-                    LaneTarget::Ignored => 0.0,
-                    _ => lse * lse,
+                let x = &xs[jj * n..(jj + 1) * n];
+                let target = lane_target(targets, l, plan.ignore_index);
+                let probs = match targets {
+                    Targets::Probs(_) => Some(&qs[jj * n..(jj + 1) * n]),
+                    Targets::Indices(_) => None,
                 };
-                if let Some(op) = lanes_out {
-                    let v = if plan.z > 0.0 {
-                        main + plan.z * zt
-                    } else {
-                        main
-                    };
-                    // SAFETY: lane l owns per_lane[l]; lanes of different units are disjoint.
-                    unsafe { *op.ptr().add(l) = T::from_f64(v) };
-                }
+                let sums = row_sums(plan, x, target, probs, alg);
+                let (main, zt) = lane_outputs(plan, target, &sums, l, lanes_out);
                 if grad_out.is_some() {
-                    lg[jj] = Some(lane_grad(plan, tgt[jj], &sums[jj]));
+                    let g = &mut gs[jj * n..(jj + 1) * n];
+                    write_row_grad(plan, x, probs, lane_grad(plan, target, &sums), g);
                 }
                 acc.0 += main;
                 acc.1 += zt;
@@ -751,27 +734,10 @@ fn xent_columns<T: Real>(
             if let Some(gp) = grad_out {
                 let gbase = o * n * inner + j0;
                 for k in 0..n {
-                    let wk = plan.w(k);
-                    for (jj, g) in lg.iter().enumerate().take(width) {
-                        let g = g.expect("lane gradient");
-                        let v = match g.fill {
-                            Some(v) => v,
-                            None => {
-                                let e = g.scale * (at(k, jj) - g.shift).exp();
-                                let wq = if probs.is_some() {
-                                    wk * (plan.a * q_at(k, jj) + plan.b)
-                                } else {
-                                    wk
-                                };
-                                match g.target {
-                                    Some((t, gt)) if t == k => gt,
-                                    _ => e - g.corr * wq,
-                                }
-                            }
-                        };
-                        // SAFETY: (k, column) of this unit's slab block, dense gradient layout,
-                        // length checked by `plan`; units own disjoint column blocks.
-                        unsafe { *gp.ptr().add(gbase + k * inner + jj) = T::from_f64(v) };
+                    for jj in 0..w {
+                        // SAFETY: (k, j0 + jj) of slab o in the dense gradient, whose length
+                        // `plan` checked; units own disjoint column blocks.
+                        unsafe { *gp.ptr().add(gbase + k * inner + jj) = gs[jj * n + k] };
                     }
                 }
             }
@@ -780,51 +746,13 @@ fn xent_columns<T: Real>(
     })
 }
 
-/// Two-pass `(max, excess)` of `width` columns, `at(k, jj)` being element k of column jj.
-fn column_states(n: usize, width: usize, at: &impl Fn(usize, usize) -> f64, out: &mut [LaneSums]) {
-    let mut max = [f64::NEG_INFINITY; COLUMN_BLOCK];
-    let mut nan = [false; COLUMN_BLOCK];
+/// `rows[jj * n + k] = src[k * inner + jj]` for `k < n`, `jj < w`: a column block as rows.
+fn transpose_in<T: Real>(src: &[T], inner: usize, n: usize, w: usize, rows: &mut [T]) {
     for k in 0..n {
-        for jj in 0..width {
-            let v = at(k, jj);
-            nan[jj] |= v.is_nan();
-            if v > max[jj] {
-                max[jj] = v;
-            }
+        let line = &src[k * inner..k * inner + w];
+        for (jj, &v) in line.iter().enumerate() {
+            rows[jj * n + k] = v;
         }
-    }
-    let mut ties = [0.0f64; COLUMN_BLOCK];
-    let mut below = [0.0f64; COLUMN_BLOCK];
-    for k in 0..n {
-        for jj in 0..width {
-            let (v, m) = (at(k, jj), max[jj]);
-            if v == m {
-                ties[jj] += 1.0;
-            } else if m.is_finite() {
-                below[jj] += (v - m).exp();
-            }
-        }
-    }
-    for jj in 0..width {
-        let m = max[jj];
-        out[jj].state = if nan[jj] {
-            LseState {
-                max: f64::NAN,
-                excess: f64::NAN,
-            }
-        } else if m == f64::NEG_INFINITY {
-            LseState::EMPTY
-        } else if m == f64::INFINITY {
-            LseState {
-                max: m,
-                excess: 0.0,
-            }
-        } else {
-            LseState {
-                max: m,
-                excess: below[jj] + (ties[jj] - 1.0),
-            }
-        };
     }
 }
 
@@ -1220,6 +1148,75 @@ mod tests {
                                 }
                             }
                         }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn columns_equal_rows_of_the_transpose_bitwise() {
+        // Columns are gathered into rows and run through the row code: same bits. n * inner
+        // exceeds one scratch block, so blocks narrower than COLUMN_BLOCK and a ragged last
+        // block are exercised too.
+        let mut rng = Rng::new(13);
+        for &(outer, n, inner) in &[(2, 700, 150), (3, 5, 300), (1, 70_000, 3)] {
+            let cols = Batch::contiguous(outer, n, inner);
+            let x: Vec<f32> = (0..cols.elements())
+                .map(|_| rng.uniform(-20.0, 20.0) as f32)
+                .collect();
+            let t: Vec<i64> = (0..cols.count())
+                .map(|l| {
+                    if l % 7 == 3 {
+                        -100
+                    } else {
+                        (rng.next_u64() % n as u64) as i64
+                    }
+                })
+                .collect();
+            let w: Vec<f32> = (0..n).map(|k| 0.5 + (k % 5) as f32).collect();
+            let mut xt = vec![0.0f32; x.len()];
+            for o in 0..outer {
+                for k in 0..n {
+                    for j in 0..inner {
+                        xt[(o * inner + j) * n + k] = x[(o * n + k) * inner + j];
+                    }
+                }
+            }
+            let opts = XentOptions {
+                weight: Some(&w[..]),
+                label_smoothing: 0.1,
+                z_loss: 1e-3,
+                reduction: LossReduction::None,
+                ..XentOptions::default()
+            };
+            let rows = Batch::rows(outer * inner, n);
+            let (mut pc, mut pr) = (vec![0.0f32; cols.count()], vec![0.0f32; cols.count()]);
+            let (mut gc, mut gr) = (vec![0.0f32; x.len()], vec![0.0f32; x.len()]);
+            cross_entropy(
+                &x,
+                cols,
+                Targets::Indices(&t),
+                &opts,
+                Some(&mut pc),
+                Some(&mut gc),
+            )
+            .unwrap();
+            cross_entropy(
+                &xt,
+                rows,
+                Targets::Indices(&t),
+                &opts,
+                Some(&mut pr),
+                Some(&mut gr),
+            )
+            .unwrap();
+            assert_eq!(pc, pr, "{cols:?}");
+            for o in 0..outer {
+                for k in 0..n {
+                    for j in 0..inner {
+                        let (a, b) = (gc[(o * n + k) * inner + j], gr[(o * inner + j) * n + k]);
+                        assert_eq!(a.to_bits(), b.to_bits(), "{cols:?} {o} {k} {j}");
                     }
                 }
             }
