@@ -489,3 +489,19 @@ def test_threadpoolctl_limits_stablelse():
         assert sl.get_num_threads() == 2
     finally:
         sl.set_num_threads(0)
+
+
+def _child_softmax(x):
+    return sl.softmax(x, axis=1)
+
+
+def test_fork_after_the_pool_was_used(rng):
+    import multiprocessing as mp
+
+    x = rng.standard_normal((256, 4096)).astype(np.float32)  # large enough to use the pool
+    want = sl.softmax(x, axis=1)
+    ctx = mp.get_context("fork")
+    with ctx.Pool(2) as pool:
+        results = pool.map_async(_child_softmax, [x, x]).get(timeout=60)
+    for r in results:
+        np.testing.assert_array_equal(r, want)
