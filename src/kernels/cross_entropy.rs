@@ -1223,6 +1223,45 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+        /// Identities of the unweighted index-target loss: it is >= 0, invariant under a shift of
+        /// a row, and (without smoothing weights or z-loss) its gradient rows sum to 0 (softmax
+        /// sums to 1); label smoothing keeps the gradient row sums at 0 too.
+        #[test]
+        fn loss_identities(
+            rows in 1usize..6,
+            n in 1usize..40,
+            seed in 0u64..1000,
+            shift in -500.0f64..500.0,
+            ls in 0.0f64..1.0,
+        ) {
+            let mut rng = Rng::new(seed);
+            let batch = Batch::rows(rows, n);
+            let x: Vec<f64> = (0..rows * n).map(|_| rng.uniform(-30.0, 30.0)).collect();
+            let t: Vec<i64> = (0..rows).map(|_| (rng.next_u64() % n as u64) as i64).collect();
+            let opts = XentOptions {
+                label_smoothing: ls,
+                reduction: LossReduction::None,
+                ..XentOptions::default()
+            };
+            let mut per = vec![0.0; rows];
+            let mut g = vec![0.0; rows * n];
+            cross_entropy(&x, batch, Targets::Indices(&t), &opts, Some(&mut per), Some(&mut g))
+                .unwrap();
+            let xs: Vec<f64> = x.iter().map(|v| v + shift).collect();
+            let mut per_s = vec![0.0; rows];
+            cross_entropy(&xs, batch, Targets::Indices(&t), &opts, Some(&mut per_s), None)
+                .unwrap();
+            for r in 0..rows {
+                proptest::prop_assert!(per[r] >= 0.0);
+                proptest::prop_assert!((per[r] - per_s[r]).abs() <= 1e-12 * (1.0 + shift.abs()) * 64.0);
+                let row_sum: f64 = g[r * n..(r + 1) * n].iter().sum();
+                proptest::prop_assert!(row_sum.abs() <= 1e-14 * n as f64, "{row_sum}");
+            }
+        }
+    }
+
     #[test]
     fn float32_rounds_once_and_sums_in_float64() {
         let mut rng = Rng::new(5);
