@@ -10,6 +10,7 @@ kernel's lane order is the targets' C order. Everything is validated before any 
 
 from __future__ import annotations
 
+import math
 import operator
 from typing import Any, Optional, Union
 
@@ -39,9 +40,10 @@ def _class_axis(axis: Any, ndim: int) -> int:
 def _view3(x: np.ndarray, axis: int) -> np.ndarray:
     """``x`` as ``(outer, classes, inner)``, zero copy when the kernels can read it."""
     shape = x.shape
-    outer = int(np.prod(shape[:axis], dtype=np.int64))
-    inner = int(np.prod(shape[axis + 1 :], dtype=np.int64))
-    return _kernel_view(x.reshape(outer, shape[axis], inner))
+    x3 = x.reshape(math.prod(shape[:axis]), shape[axis], math.prod(shape[axis + 1 :]))
+    if x.flags.c_contiguous and x.flags.aligned:
+        return x3  # a dense view: the kernels' own layout
+    return _kernel_view(x3)
 
 
 def _check_reduction(reduction: Any) -> str:
@@ -264,7 +266,7 @@ def cross_entropy(
         raise TypeError("label_smoothing and z_loss must be real numbers") from None
     if not 0.0 <= ls <= 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing!r}")
-    if not (np.isfinite(zl) and zl >= 0.0):
+    if not (math.isfinite(zl) and zl >= 0.0):
         raise ValueError(f"z_loss must be finite and >= 0, got {z_loss!r}")
     n_classes = x.shape[ax]
     t3, probs = _targets(target, x, ax, n_classes, ii, allow_probs=True)
