@@ -67,10 +67,12 @@ def _as_real_array(a: Any, name: str) -> tuple[np.ndarray, np.dtype]:
         except ValueError as exc:
             raise ValueError(f"{name} is not a rectangular array of numbers: {exc}") from None
     dt = arr.dtype
+    if dt.kind == "f" and not dt.isnative:
+        # Byte-swapped floats: the same type in native order (">f4" is float32, not float64).
+        arr = arr.astype(dt.newbyteorder("="))
+        dt = arr.dtype
     if dt == np.float32 or dt == np.float64:
-        if not dt.isnative:
-            arr = arr.astype(dt.newbyteorder("="))
-        return arr, arr.dtype
+        return arr, dt
     kind = dt.kind
     if kind == "f":
         if dt.itemsize == 2:
