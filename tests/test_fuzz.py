@@ -162,3 +162,43 @@ def test_big_endian_float32_is_computed_as_float32(fn):
         got = getattr(sl, fn)(x.astype(">f4"), axis=axis)
         assert got.dtype == np.float32
         np.testing.assert_array_equal(got, want)
+
+
+def _loss_fn(name):
+    f = getattr(sl, name, None)
+    if f is None:
+        pytest.skip(reason=f"stablelse.{name} is not in this build")
+    return f
+
+
+def _unaligned(a):
+    raw = np.zeros(a.nbytes + 1, dtype=np.uint8)
+    u = raw[1:].view(a.dtype).reshape(a.shape)
+    u[...] = a
+    return u
+
+
+def test_zero_classes_do_not_panic():
+    # A (2, 0) batch has a non-zero row stride over an empty buffer: the kernels indexed past
+    # it and panicked (PanicException) instead of returning empty results.
+    xent = _loss_fn("cross_entropy")
+    z = np.zeros((2, 0))
+    loss, grad = xent(z, np.zeros((2, 0)), return_grad=True)
+    assert grad.shape == (2, 0)
+    loss, grad = xent(z, np.array([-100, -100]), return_grad=True, reduction="sum")
+    assert loss == 0.0 and grad.shape == (2, 0)
+    with pytest.raises(IndexError, match="target"):
+        xent(z, np.array([0, -100]))
+    assert _loss_fn("softmax_backward")(z, z).shape == (2, 0)
+    assert _loss_fn("log_softmax_backward")(z, z).shape == (2, 0)
+
+
+def test_unaligned_weights_and_targets_are_accepted():
+    # An unaligned (but contiguous) weight or int64 target reached the binding as is: an
+    # unnamed "not contiguous or misaligned" ValueError, or "target must be C-contiguous".
+    xent, nll = _loss_fn("cross_entropy"), _loss_fn("nll_loss")
+    x = np.log(np.array([[0.1, 0.2, 0.3, 0.4], [0.25, 0.25, 0.25, 0.25]]))
+    t, w = np.array([3, 0]), np.array([1.0, 2.0, 3.0, 4.0])
+    for f in (xent, nll):
+        want = f(x, t, weight=w)
+        assert f(x, _unaligned(t), weight=_unaligned(w)) == want

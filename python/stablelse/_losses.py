@@ -73,7 +73,8 @@ def _index_targets(
         raise IndexError(
             f"target{_index_str(pos)} = {int(t[pos])} is outside [0, {n_classes})"
         )
-    return t.astype(np.int64, order="C", copy=False)  # keeps 0-d (ascontiguousarray would not)
+    t = t.astype(np.int64, order="C", copy=False)  # keeps 0-d (ascontiguousarray would not)
+    return t if t.flags.aligned else t.copy()  # the binding reads aligned buffers only
 
 
 def _weight(weight: Any, n_classes: int, dtype: np.dtype) -> Optional[np.ndarray]:
@@ -86,7 +87,8 @@ def _weight(weight: Any, n_classes: int, dtype: np.dtype) -> Optional[np.ndarray
         raise ValueError(
             f"weight must have one entry per class, shape ({n_classes},), got {w.shape}"
         )
-    return np.ascontiguousarray(w, dtype=dtype)
+    w = np.ascontiguousarray(w, dtype=dtype)
+    return w if w.flags.aligned else w.copy()  # the binding reads aligned buffers only
 
 
 def _ignore_index(ignore_index: Any) -> int:
