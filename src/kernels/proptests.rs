@@ -3,6 +3,7 @@
 //! patterns, huge and tiny (subnormal) magnitudes, f32 and f64, both algorithms, in place,
 //! thread counts and the state merge.
 //!
+//! Every SIMD level this CPU has is checked (the `*_at` entry points), and the dispatching ones.
 //! The reference is the scalar lane code called directly on each lane, so these properties hold
 //! whatever SIMD level or blocking the entry points pick. Tolerances: the result may differ from
 //! the reference by a few units in the last place of the output type (a vectorised `exp` and
@@ -14,6 +15,7 @@ use proptest::prelude::*;
 use super::{scalar, Algorithm, Reduction};
 use crate::layout::Batch;
 use crate::real::Real;
+use crate::simd::{self, Level};
 use crate::state::LseState;
 
 /// Elements that stress the kernels: ordinary values, the specials, huge, tiny and subnormal.
@@ -112,20 +114,43 @@ fn check_block<T: Real>(vals: &[f64], outer: usize, n: usize, inner: usize) -> R
     let x: Vec<T> = to_t(vals);
     let batch = Batch::contiguous(outer, n, inner);
     let scale = max_abs_finite(vals);
-    for alg in [Algorithm::Auto, Algorithm::TwoPass, Algorithm::Online] {
+    let levels: Vec<Option<Level>> = simd::available_levels()
+        .into_iter()
+        .map(Some)
+        .chain([None])
+        .collect();
+    let algs = [Algorithm::Auto, Algorithm::TwoPass, Algorithm::Online];
+    for (level, a) in levels.iter().flat_map(|&l| algs.map(|a| (l, a))) {
+        let alg = format!("{a:?} at {}", level.map_or("dispatch", Level::name));
         let mut lse = vec![T::NAN; batch.count()];
-        super::logsumexp(&x, batch, alg, &mut lse)?;
         let mut states = vec![LseState::EMPTY; batch.count()];
-        super::lse_states(&x, batch, alg, &mut states)?;
+        match level {
+            Some(lv) => {
+                super::logsumexp_at(lv, &x, batch, a, &mut lse)?;
+                super::lse_states_at(lv, &x, batch, a, &mut states)?;
+            }
+            None => {
+                super::logsumexp(&x, batch, a, &mut lse)?;
+                super::lse_states(&x, batch, a, &mut states)?;
+            }
+        }
         for what in [Reduction::Softmax, Reduction::LogSoftmax] {
             let mut out = vec![T::NAN; batch.elements()];
-            super::softmax_like(&x, batch, alg, what, &mut out)?;
             let mut inplace = x.clone();
-            super::softmax_like_inplace(&mut inplace, batch, alg, what)?;
-            for (k, (a, b)) in out.iter().zip(&inplace).enumerate() {
-                if a.to_f64().to_bits() != b.to_f64().to_bits() {
+            match level {
+                Some(lv) => {
+                    super::softmax_like_at(lv, &x, batch, a, what, &mut out)?;
+                    super::softmax_like_inplace_at(lv, &mut inplace, batch, a, what)?;
+                }
+                None => {
+                    super::softmax_like(&x, batch, a, what, &mut out)?;
+                    super::softmax_like_inplace(&mut inplace, batch, a, what)?;
+                }
+            }
+            for (k, (p, q)) in out.iter().zip(&inplace).enumerate() {
+                if p.to_f64().to_bits() != q.to_f64().to_bits() {
                     return Err(format!(
-                        "{alg:?} {what:?}: in place differs at {k}: {a:?} {b:?}"
+                        "{alg} {what:?}: in place differs at {k}: {p:?} {q:?}"
                     ));
                 }
             }
@@ -166,18 +191,18 @@ fn check_block<T: Real>(vals: &[f64], outer: usize, n: usize, inner: usize) -> R
                 };
                 for (k, w) in want.iter().enumerate() {
                     close(out[start + k * inner], *w, 8.0, row_scale)
-                        .map_err(|e| format!("{alg:?} {what:?} lane {l} element {k}: {e}"))?;
+                        .map_err(|e| format!("{alg} {what:?} lane {l} element {k}: {e}"))?;
                 }
                 if what == Reduction::Softmax {
                     close(lse[l], T::from_f64(st.logsumexp()), 4.0, scale)
-                        .map_err(|e| format!("{alg:?} logsumexp lane {l}: {e}"))?;
+                        .map_err(|e| format!("{alg} logsumexp lane {l}: {e}"))?;
                     close(
                         T::from_f64(states[l].logsumexp()),
                         T::from_f64(st.logsumexp()),
                         4.0,
                         scale,
                     )
-                    .map_err(|e| format!("{alg:?} lse_states lane {l}: {e}"))?;
+                    .map_err(|e| format!("{alg} lse_states lane {l}: {e}"))?;
                 }
             }
         }
@@ -295,21 +320,24 @@ proptest! {
             _ => {}
         }
         let x: Vec<f32> = to_t(&vals);
-        let mut results = Vec::new();
-        for threads in [1, 3] {
-            crate::parallel::set_num_threads(threads);
-            let mut lse = [0.0f32];
-            super::logsumexp(&x, Batch::rows(1, n), Algorithm::Auto, &mut lse)
-                .map_err(TestCaseError::fail)?;
-            let mut sm = vec![0.0f32; n];
-            super::softmax_like(&x, Batch::rows(1, n), Algorithm::Auto, Reduction::Softmax, &mut sm)
-                .map_err(TestCaseError::fail)?;
-            results.push((lse[0].to_bits(), sm.iter().map(|v| v.to_bits()).collect::<Vec<_>>()));
-        }
-        crate::parallel::set_num_threads(0);
-        prop_assert!(results[0] == results[1], "results depend on the thread count");
         let want = <f32 as Real>::from_f64(reference_state(&x, 0, n, 1).logsumexp());
-        close(f32::from_bits(results[0].0), want, 4.0, max_abs_finite(&vals))
-            .map_err(TestCaseError::fail)?;
+        let batch = Batch::rows(1, n);
+        for level in simd::available_levels() {
+            let mut results = Vec::new();
+            for threads in [1, 3] {
+                crate::parallel::set_num_threads(threads);
+                let mut lse = [0.0f32];
+                super::logsumexp_at(level, &x, batch, Algorithm::Auto, &mut lse)
+                    .map_err(TestCaseError::fail)?;
+                let mut sm = vec![0.0f32; n];
+                super::softmax_like_at(level, &x, batch, Algorithm::Auto, Reduction::Softmax, &mut sm)
+                    .map_err(TestCaseError::fail)?;
+                results.push((lse[0].to_bits(), sm.iter().map(|v| v.to_bits()).collect::<Vec<_>>()));
+            }
+            crate::parallel::set_num_threads(0);
+            prop_assert!(results[0] == results[1], "{}: results depend on the thread count", level.name());
+            close(f32::from_bits(results[0].0), want, 4.0, max_abs_finite(&vals))
+                .map_err(|e| TestCaseError::fail(format!("{}: {e}", level.name())))?;
+        }
     }
 }
