@@ -13,8 +13,10 @@ from ._api import (
     softmax,
 )
 from ._core import __version__
+from ._stream import LogSumExp
 
 __all__ = [
+    "LogSumExp",
     "__version__",
     "get_num_threads",
     "info",
