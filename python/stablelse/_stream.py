@@ -37,8 +37,12 @@ def chunk_states(x: AnyArray, axes: tuple[int, ...]) -> tuple[F64Array, F64Array
     order). The reduction runs in the Rust kernels; empty reductions give ``(-inf, -1)``.
     """
     plan = _Plan(x, axes)
-    mx, ex = _core.lse_states(plan.view3())
     shape = plan.reduced_shape(False)
+    if plan.outer * plan.inner == 0:
+        # No lanes (a kept axis of length 0): nothing for the kernels to do.
+        kept = tuple(s for i, s in enumerate(x.shape) if i not in axes)
+        return np.empty(kept), np.empty(kept)
+    mx, ex = _core.lse_states(plan.view3())
     mx = plan.unwork_reduced(mx.reshape(shape), False, x.ndim)
     ex = plan.unwork_reduced(ex.reshape(shape), False, x.ndim)
     return _dense(mx), _dense(ex)
