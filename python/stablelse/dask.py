@@ -229,7 +229,7 @@ def _softmax_block(x: AnyArray, st: AnyArray, log: bool, rdtype: np.dtype[Any]) 
     ex = np.asarray(st["excess"])
     fin = np.isfinite(mx)
     xf = np.array(x, dtype=np.float64, copy=True)
-    with np.errstate(over="ignore", invalid="ignore"):
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         if log:
             shift = np.where(fin, mx, 0.0)
             log_total = np.where(fin, np.log1p(ex), mx)
@@ -258,7 +258,7 @@ def _softmax_like(x_in: Any, axis: AxisLike, log: bool, split_every: SplitEvery)
         rdtype=rdtype,
         dtype=rdtype,
         meta=np.empty((0,) * x.ndim, dtype=rdtype),
-        name="stablelse-" + ("log_softmax" if log else "softmax"),
+        token="stablelse-" + ("log_softmax" if log else "softmax"),
     )
     return out.reshape(()) if scalar else out
 
@@ -476,7 +476,7 @@ def cross_entropy(
         dtype=np.float64,
         chunks=contrib_chunks,
         meta=np.empty((0,) * x.ndim, dtype=np.float64),
-        name="stablelse-xent-rows",
+        token="stablelse-xent-rows",
     )
     rows = contrib.sum(axis=ax, split_every=split_every)
     if reduction == "none":
