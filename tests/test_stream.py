@@ -7,10 +7,11 @@ import pickle
 
 import numpy as np
 import pytest
-import stablelse
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
+
+import stablelse
 from stablelse import LogSumExp, logsumexp
 
 INF, NAN = np.inf, np.nan
