@@ -36,16 +36,8 @@ def chunk_states(x: AnyArray, axes: tuple[int, ...]) -> tuple[F64Array, F64Array
     Both arrays are float64, C-contiguous, shaped like `x` with `axes` removed (in `x`'s axis
     order). The reduction runs in the Rust kernels; empty reductions give ``(-inf, -1)``.
     """
-    if not x.flags.aligned:
-        # Buffers deserialised by dask.distributed may be unaligned; _api's layout check
-        # (np.ascontiguousarray) returns such a C-contiguous array uncopied.
-        x = x.copy()
     plan = _Plan(x, axes)
     shape = plan.reduced_shape(False)
-    if plan.outer * plan.inner == 0:
-        # No lanes (a kept axis of length 0): nothing for the kernels to do.
-        kept = tuple(s for i, s in enumerate(x.shape) if i not in axes)
-        return np.empty(kept), np.empty(kept)
     mx, ex = _core.lse_states(plan.view3())
     mx = plan.unwork_reduced(mx.reshape(shape), False, x.ndim)
     ex = plan.unwork_reduced(ex.reshape(shape), False, x.ndim)
