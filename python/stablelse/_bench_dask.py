@@ -50,6 +50,13 @@ def _first(block: Any) -> Any:
     return block[:1].copy()
 
 
+def _load() -> str:
+    try:
+        return " ".join(f"{v:.2f}" for v in os.getloadavg())
+    except OSError:  # pragma: no cover - platform dependent
+        return "n/a"
+
+
 def _best(fn: Callable[[], Any], repeat: int) -> tuple[float, Any]:
     best, out = float("inf"), None
     for _ in range(repeat):
@@ -88,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"array: {nbytes / 2**30:.2f} GiB float32, {nchunks} chunks of {args.chunk_mib} MiB; "
         f"cluster: {args.workers} worker processes x 1 thread; cpus: {os.cpu_count()}; "
-        f"simd: {stablelse.info()['simd']}"
+        f"simd: {stablelse.info()['simd']}; load average: {_load()}"
     )
     with (
         distributed.LocalCluster(
@@ -138,6 +145,7 @@ def main(argv: list[str] | None = None) -> None:
     in_rows.append(("stablelse.logsumexp in memory, 1 thread", t, f"= {float(r):.9g}"))
     stablelse.set_num_threads(0)
 
+    print(f"load average after: {_load()} (figures from a shared machine move with it)")
     print(f"{'what':48s} {'bytes':>9s} {'best s':>8s} {'GB/s':>7s}")
     for name, t, note in rows:
         print(f"{name:48s} {nbytes / 2**30:7.2f}Gi {t:8.3f} {nbytes / t / 1e9:7.2f} {note}")
@@ -146,4 +154,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # Run the importable module's main, so tasks pickle `_gen_block` by reference and each
+    # worker keeps its cached base block (a `__main__` function would be pickled by value).
+    from stablelse._bench_dask import main as _main
+
+    _main()
