@@ -244,3 +244,17 @@ def test_lse_states_follow_the_convention(compute):
     assert s.dtype == sd.STATE_DTYPE
     np.testing.assert_array_equal(s["max"], [0.0, 1.0])
     np.testing.assert_allclose(s["excess"], [np.exp(-40.0), 1.0], rtol=1e-15)
+
+
+def test_accumulators_built_on_workers_merge_locally(cluster_client):
+    """LogSumExp pickles: partial accumulators from worker processes merge on the client."""
+    rng = np.random.default_rng(4)
+    parts = [rng.normal(size=(n, 3)).astype(np.float32) * 20 for n in (5, 0, 9, 4)]
+
+    def partial(chunk):
+        return stablelse.LogSumExp(axis=0).update(chunk)
+
+    accs = cluster_client.gather(cluster_client.map(partial, parts))
+    merged = accs[0].merge(accs[1]).merge(accs[2].merge(accs[3]))
+    want = stablelse.logsumexp(np.concatenate(parts), axis=0)
+    assert_ulps(merged.result(), want, ulps=1)

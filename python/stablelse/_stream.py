@@ -36,6 +36,11 @@ def chunk_states(x: AnyArray, axes: tuple[int, ...]) -> tuple[F64Array, F64Array
     Both arrays are float64, C-contiguous, shaped like `x` with `axes` removed (in `x`'s axis
     order). The reduction runs in the Rust kernels; empty reductions give ``(-inf, -1)``.
     """
+    if x.size == 0:
+        # Nothing to read: every state is the empty one. (Also sidesteps the kernels' pointer
+        # alignment check, which an empty buffer deserialised by dask.distributed can fail.)
+        kept = tuple(s for i, s in enumerate(x.shape) if i not in axes)
+        return np.full(kept, -np.inf), np.full(kept, -1.0)
     plan = _Plan(x, axes)
     shape = plan.reduced_shape(False)
     mx, ex = _core.lse_states(plan.view3())
