@@ -124,6 +124,26 @@ def test_logsumexp_special_values_and_dtypes(compute):
         assert_ulps(got, want)
 
 
+def test_weighted_logsumexp(compute):
+    rng = np.random.default_rng(5)
+    x = (rng.normal(size=(20, 9)) * 5).astype(np.float32)
+    b = rng.uniform(0, 2, size=(20, 9)).astype(np.float32)
+    b[3, 4], x[3, 4] = 0.0, NAN  # a zero weight drops the element, NaN included
+    dx = da.from_array(x, chunks=(6, 4))
+    db = da.from_array(b, chunks=(7, 5))  # chunked differently from a
+    row_w = np.float32(np.linspace(0.0, 2.0, 9))
+    lazy = [sd.logsumexp(dx, axis, b=db) for axis in (None, 0, 1)]
+    lazy.append(sd.logsumexp(dx, 1, b=row_w, keepdims=True))  # broadcast weights
+    wants = [stablelse.logsumexp(x, axis, b=b) for axis in (None, 0, 1)]
+    wants.append(stablelse.logsumexp(x, 1, b=row_w, keepdims=True))
+    for got, want in zip(compute(lazy), wants):
+        assert_ulps(got, want, ulps=1)
+    with pytest.raises(ValueError, match="does not broadcast"):
+        sd.logsumexp(dx, 1, b=np.ones(5))
+    with pytest.raises(ValueError, match="is negative"):
+        compute(sd.logsumexp(dx, 1, b=-db))
+
+
 def test_softmax_matches_numpy_path(compute):
     cases = [
         (dtype, log, axis) for dtype in (np.float32, np.float64) for log in (0, 1) for axis in AXES

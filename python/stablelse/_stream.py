@@ -111,6 +111,35 @@ def result_dtype(a_dtype: np.dtype[Any], b_dtype: Optional[np.dtype[Any]] = None
     return np.dtype(rd)
 
 
+def log_weighted(x: AnyArray, b: AnyArray, who: str, what: str) -> F64Array:
+    """``x + log(b)`` in float64 for weights ``b >= 0`` broadcastable to ``x``; ``b == 0``
+    gives ``-inf`` whatever ``x`` holds (scipy ignores those elements).
+
+    A ``(max, excess)`` state has no sign, so a negative weight raises ``ValueError`` naming
+    `who` (the caller) and the first negative element's index in `what`.
+    """
+    bw, _ = _as_real_array(b, "b")
+    try:
+        bw = np.broadcast_to(bw, x.shape)
+    except ValueError:
+        raise ValueError(
+            f"b with shape {b.shape} does not broadcast to {what}'s shape {x.shape}"
+        ) from None
+    neg = bw < 0
+    if neg.any():
+        idx = tuple(int(i) for i in np.argwhere(neg)[0])
+        raise ValueError(
+            f"b{list(idx)} = {bw[idx]} is negative (index in {what}); {who} supports weights "
+            "b >= 0 only (its (max, excess) state cannot hold a negative sum): use "
+            "stablelse.logsumexp(..., b=b, return_sign=True) on the whole array"
+        )
+    with np.errstate(divide="ignore", invalid="ignore"):
+        lw = np.log(bw.astype(np.float64))
+        xw = np.add(x, lw, dtype=np.float64)
+    xw[bw == 0] = -np.inf
+    return xw
+
+
 # --------------------------------------------------------------------------- the accumulator
 
 
@@ -244,7 +273,8 @@ class LogSumExp:
         x, _ = _as_real_array(arr, "chunk")
         raw_b: Optional[np.dtype[Any]] = None
         if b is not None:
-            x, raw_b = self._log_weighted(x, b)
+            barr = b if isinstance(b, np.ndarray) else np.asarray(b)
+            x, raw_b = log_weighted(x, barr, "LogSumExp", "the chunk"), barr.dtype
         if self.axis is None:
             # The flattened concatenation: element order does not matter, so no copy.
             x = x.reshape(1) if x.ndim == 0 else x
@@ -259,30 +289,6 @@ class LogSumExp:
         if raw_b is not None:
             self._b_dtype = _promote(self._b_dtype, raw_b)
         return self
-
-    @staticmethod
-    def _log_weighted(x: AnyArray, b: Any) -> tuple[F64Array, np.dtype[Any]]:
-        barr = b if isinstance(b, np.ndarray) else np.asarray(b)
-        bw, _ = _as_real_array(barr, "b")
-        try:
-            bw = np.broadcast_to(bw, x.shape)
-        except ValueError:
-            raise ValueError(
-                f"b with shape {barr.shape} does not broadcast to the chunk's shape {x.shape}"
-            ) from None
-        neg = bw < 0
-        if neg.any():
-            idx = tuple(int(i) for i in np.argwhere(neg)[0])
-            raise ValueError(
-                f"b{list(idx)} = {bw[idx]} is negative; LogSumExp supports weights b >= 0 "
-                "only (its state cannot hold a negative sum): use "
-                "stablelse.logsumexp(..., b=b, return_sign=True) on the whole array"
-            )
-        with np.errstate(divide="ignore", invalid="ignore"):
-            lw = np.log(bw.astype(np.float64))
-            xw = np.add(x, lw, dtype=np.float64)
-        xw[bw == 0] = -np.inf
-        return xw, barr.dtype
 
     def _fit(self, x: AnyArray) -> tuple[int, ...]:
         """The reduced axes of `x`; checks `x`'s shape against earlier chunks."""

@@ -29,6 +29,7 @@ from ._api import AxisLike, _as_real_array, _normalize_axes
 from ._stream import (
     STATE_DTYPE,
     chunk_states,
+    log_weighted,
     lse_of_states,
     merge_states_along,
     result_dtype,
@@ -55,12 +56,19 @@ def _empty_like_reduced(x: AnyArray, dtype: Any) -> AnyArray:
 
 
 def _state_chunk(
-    x: AnyArray, axis: tuple[int, ...], keepdims: bool, computing_meta: bool = False
+    x: AnyArray,
+    weights_chunk: Optional[AnyArray] = None,
+    *,
+    axis: tuple[int, ...],
+    keepdims: bool,
+    computing_meta: bool = False,
 ) -> AnyArray:
     """Block -> its states over `axis`, kept as length-1 axes (a structured array)."""
     if computing_meta:
         return _empty_like_reduced(x, STATE_DTYPE)
     xr, _ = _as_real_array(x, "x")
+    if weights_chunk is not None:
+        xr = log_weighted(xr, np.asarray(weights_chunk), "stablelse.dask.logsumexp", "a block")
     mx, ex = chunk_states(xr, axis)
     shape = tuple(1 if i in axis else s for i, s in enumerate(x.shape))
     return _pack(mx.reshape(shape), ex.reshape(shape))
@@ -148,6 +156,7 @@ def _state_reduction(
     split_every: SplitEvery,
     want: str,
     rdtype: np.dtype[Any],
+    weights: Optional[da.Array] = None,
 ) -> da.Array:
     out_dtype = STATE_DTYPE if want == "state" else rdtype
     out_ndim = x.ndim if keepdims else x.ndim - len(axes)
@@ -164,6 +173,7 @@ def _state_reduction(
         concatenate=True,
         meta=np.empty((0,) * out_ndim, dtype=out_dtype),
         name="stablelse-lse-" + want,
+        weights=weights,
     )
 
 
@@ -171,7 +181,12 @@ def _state_reduction(
 
 
 def logsumexp(
-    a: Any, axis: AxisLike = None, keepdims: bool = False, *, split_every: SplitEvery = None
+    a: Any,
+    axis: AxisLike = None,
+    b: Any = None,
+    keepdims: bool = False,
+    *,
+    split_every: SplitEvery = None,
 ) -> da.Array:
     """Lazy :func:`stablelse.logsumexp` of a Dask array.
 
@@ -182,6 +197,9 @@ def logsumexp(
         float64, float16 is computed in float32 and returned as float16 (as the NumPy path).
     axis : None or int or tuple of ints, optional
         Axes to reduce; ``None`` (default) reduces all.
+    b : dask.array.Array or array_like, optional
+        Non-negative weights broadcastable to `a`'s shape (not the other way round). Elements
+        with ``b == 0`` are ignored whatever `a` holds there.
     keepdims : bool, optional
         Keep the reduced axes with length 1.
     split_every : int or dict, optional
@@ -201,16 +219,26 @@ def logsumexp(
     once at the end, so it is within 1 ULP of exact for any chunking. Special values follow
     scipy (empty or all ``-inf`` -> ``-inf``, any ``+inf`` -> ``+inf``, any NaN -> NaN).
 
-    Deviations from the NumPy path: no weights `b`, no `return_sign`, no `out`.
+    Deviations from the NumPy path: weights must be non-negative (as for
+    :class:`stablelse.LogSumExp`; a negative weight raises ``ValueError`` at compute time, and
+    a weighted block is reduced as ``a + log(b)`` in float64); no `return_sign`, no `out`.
     """
     x = _as_dask(a, "a")
-    rdtype = result_dtype(x.dtype)
+    w = None if b is None else _as_dask(b, "b")
+    rdtype = result_dtype(x.dtype, None if w is None else w.dtype)
     if x.ndim == 0:
         x = x.reshape(1)
         if keepdims:
-            return logsumexp(x, axis, True, split_every=split_every)
+            return logsumexp(x, axis, b, True, split_every=split_every)
     axes = _axes_of(x, axis)
-    return _state_reduction(x, axes, keepdims, split_every, "lse", rdtype)
+    if w is not None:
+        try:
+            fits = np.broadcast_shapes(w.shape, x.shape) == x.shape
+        except ValueError:
+            fits = False
+        if not fits:
+            raise ValueError(f"b with shape {w.shape} does not broadcast to a's shape {x.shape}")
+    return _state_reduction(x, axes, keepdims, split_every, "lse", rdtype, w)
 
 
 # --------------------------------------------------------------------------- softmax
