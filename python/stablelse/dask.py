@@ -222,6 +222,15 @@ def logsumexp(
     Deviations from the NumPy path: weights must be non-negative (as for
     :class:`stablelse.LogSumExp`; a negative weight raises ``ValueError`` at compute time, and
     a weighted block is reduced as ``a + log(b)`` in float64); no `return_sign`, no `out`.
+
+    Examples
+    --------
+    >>> import dask.array as da
+    >>> import numpy as np
+    >>> import stablelse.dask as sd
+    >>> x = da.from_array(np.arange(12.0).reshape(3, 4), chunks=(2, 2))
+    >>> sd.logsumexp(x, axis=1).compute()
+    array([ 3.4401897,  7.4401897, 11.4401897])
     """
     x = _as_dask(a, "a")
     w = None if b is None else _as_dask(b, "b")
@@ -457,6 +466,16 @@ def cross_entropy(
     once to pick ``x[t]`` in the one class block that holds it. Everything is computed in
     float64 and rounded once. Not supported (unlike ``stablelse.cross_entropy``):
     `label_smoothing`, `z_loss`, soft labels, gradients.
+
+    Examples
+    --------
+    >>> import dask.array as da
+    >>> import numpy as np
+    >>> import stablelse.dask as sd
+    >>> logits = da.from_array(np.array([[2.0, 0.0, 0.0], [0.0, 0.0, 0.0]]), chunks=(1, 2))
+    >>> target = da.from_array(np.array([0, 2]), chunks=1)
+    >>> sd.cross_entropy(logits, target, reduction="none").compute()
+    array([0.23954477, 1.09861229])
     """
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
