@@ -452,6 +452,6 @@ class LogSumExp:
 def _promote(a: Optional[np.dtype[Any]], b: Optional[np.dtype[Any]]) -> Optional[np.dtype[Any]]:
     if a is None:
         return b
-    if b is None:
+    if b is None or b == a:
         return a
     return np.dtype(np.result_type(a, b))
