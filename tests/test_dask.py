@@ -8,6 +8,9 @@ import sys
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 
 import stablelse
 
@@ -100,6 +103,37 @@ def test_logsumexp_matches_numpy_path(compute):
     for (dtype, axis, keepdims), got in zip(cases, compute(lazy)):
         want = stablelse.logsumexp(xs[dtype], axis=axis, keepdims=keepdims)
         assert_ulps(got, want, ulps=1 if dtype == np.float32 else 4)
+
+
+@st.composite
+def chunked_arrays(draw):
+    shape = draw(hnp.array_shapes(min_dims=1, max_dims=3, min_side=1, max_side=9))
+    dtype = draw(st.sampled_from([np.float32, np.float64]))
+    x = draw(hnp.arrays(dtype, shape, elements=st.floats(-300, 300, width=32)))
+    chunks = []
+    for n in shape:
+        cuts = sorted(set(draw(st.lists(st.integers(1, n - 1), max_size=3)))) if n > 1 else []
+        chunks.append(tuple(np.diff([0, *cuts, n]).tolist()))
+    axis = draw(st.sampled_from([None, *range(len(shape)), tuple(range(len(shape)))]))
+    return x, tuple(chunks), axis
+
+
+@settings(max_examples=40, deadline=None)
+@given(chunked_arrays(), st.integers(2, 4))
+def test_any_chunking_matches_numpy_path(case, split_every):
+    x, chunks, axis = case
+    dx = da.from_array(x, chunks=chunks)
+    got_l, got_s = dask.compute(
+        sd.logsumexp(dx, axis=axis, split_every=split_every),
+        sd.log_softmax(dx, axis=axis, split_every=split_every),
+        scheduler="sync",
+    )
+    assert_ulps(got_l, stablelse.logsumexp(x, axis=axis), ulps=1 if x.dtype == np.float32 else 4)
+    want_s = stablelse.log_softmax(x, axis=axis)
+    if x.dtype == np.float32:
+        assert_ulps(got_s, want_s, ulps=1)
+    else:
+        np.testing.assert_allclose(got_s, want_s, rtol=1e-14, atol=1e-14)
 
 
 def test_logsumexp_special_values_and_dtypes(compute):
