@@ -6,6 +6,7 @@
 //! longer than [`LONG_ROW_BLOCK`]` * 2` are cut into fixed blocks whose states merge in block
 //! order, so every result is bit-identical for any thread count.
 
+pub mod cross_entropy;
 pub mod scalar;
 
 use crate::layout::Batch;
