@@ -74,12 +74,7 @@ pub(crate) fn batch_of<T: Element>(arr: &Bound<'_, PyArray3<T>>, name: &str) -> 
     if n > 1 && elems(s[1])? != inner {
         return Err(bad());
     }
-    // An empty slab reads nothing: its outer stride must not move past the (empty) buffer.
-    let outer_stride = if outer > 1 && n * inner > 0 {
-        elems(s[0])?
-    } else {
-        n * inner
-    };
+    let outer_stride = if outer > 1 { elems(s[0])? } else { n * inner };
     Ok(Batch {
         outer,
         n,
