@@ -202,3 +202,11 @@ def test_unaligned_weights_and_targets_are_accepted():
     for f in (xent, nll):
         want = f(x, t, weight=w)
         assert f(x, _unaligned(t), weight=_unaligned(w)) == want
+
+
+def test_ragged_chunk_error_names_the_chunk():
+    acc_cls = _loss_fn("LogSumExp")
+    with pytest.raises(ValueError, match="chunk"):
+        acc_cls().update([[1.0], [1.0, 2.0]])
+    with pytest.raises(ValueError, match=r"\bb\b"):
+        acc_cls().update([1.0, 2.0], b=[[1.0], [1.0, 2.0]])

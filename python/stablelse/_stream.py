@@ -103,6 +103,14 @@ def lse_of_states(mx: F64Array, ex: F64Array) -> F64Array:
     return res
 
 
+def _asarray(v: Any, name: str) -> AnyArray:
+    """``np.asarray(v)``; a ragged nested list is a ValueError naming the argument."""
+    try:
+        return np.asarray(v)
+    except ValueError as exc:
+        raise ValueError(f"{name} is not a rectangular array of numbers: {exc}") from None
+
+
 def result_dtype(a_dtype: np.dtype[Any], b_dtype: Optional[np.dtype[Any]] = None) -> np.dtype[Any]:
     """The dtype ``stablelse.logsumexp`` returns for inputs of these dtypes."""
     rd = _as_real_array(np.empty(0, dtype=a_dtype), "a")[1]
@@ -269,11 +277,11 @@ class LogSumExp:
             If the chunk's shape does not fit the previous ones, if `b` does not broadcast to
             the chunk, or if `b` has a negative element.
         """
-        arr = chunk if isinstance(chunk, np.ndarray) else np.asarray(chunk)
+        arr = chunk if isinstance(chunk, np.ndarray) else _asarray(chunk, "chunk")
         x, _ = _as_real_array(arr, "chunk")
         raw_b: Optional[np.dtype[Any]] = None
         if b is not None:
-            barr = b if isinstance(b, np.ndarray) else np.asarray(b)
+            barr = b if isinstance(b, np.ndarray) else _asarray(b, "b")
             x, raw_b = log_weighted(x, barr, "LogSumExp", "the chunk"), barr.dtype
         if self.axis is None:
             # The flattened concatenation: element order does not matter, so no copy.
