@@ -34,6 +34,24 @@ def in_place_log_softmax(x: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
     return res
 
 
+def training_step(
+    logits: npt.NDArray[np.float32], labels: npt.NDArray[np.int64]
+) -> tuple[float, npt.NDArray[np.float32]]:
+    """Mean cross-entropy and its gradient in one pass over the logits."""
+    loss, grad = stablelse.cross_entropy(
+        logits, labels, label_smoothing=0.1, ignore_index=-100, return_grad=True
+    )
+    g: npt.NDArray[np.float32] = grad
+    return float(loss), g
+
+
+def streamed_log_partition(chunks: list[npt.NDArray[np.float64]]) -> float:
+    acc = stablelse.LogSumExp(axis=None)
+    for chunk in chunks:
+        acc.update(chunk)
+    return float(acc.result())
+
+
 def main() -> int:
     rng = np.random.default_rng(0)
     scores = rng.standard_normal((4, 10)).astype(np.float32) * 100
@@ -50,6 +68,17 @@ def main() -> int:
     assert per_row.shape == (3, 1)
     cube = rng.standard_normal((2, 3, 4))
     assert in_place_log_softmax(cube) is cube
+
+    labels = np.array([0, 3, -100, 9])
+    loss, grad = training_step(scores, labels)
+    assert grad.shape == scores.shape and np.isfinite(loss)
+    nll = float(stablelse.nll_loss(stablelse.log_softmax(scores, axis=-1), labels))
+    assert abs(nll - float(stablelse.cross_entropy(scores, labels))) < 1e-4
+    dx = stablelse.softmax_backward(probs, np.ones_like(probs))
+    assert np.abs(dx).max() < 1e-5
+    parts = [rng.standard_normal(100) for _ in range(3)]
+    total = streamed_log_partition(parts)
+    assert abs(total - float(stablelse.logsumexp(np.concatenate(parts)))) < 1e-12
 
     previous: int = stablelse.get_num_threads()
     stablelse.set_num_threads(1)

@@ -36,7 +36,7 @@ def cross_entropy(
     logits: _Arr,
     target: Union[npt.NDArray[np.int64], _Arr],
     weight: Optional[_Arr] = None,
-    ignore_index: int = -100,
+    ignore_index: int = ...,  # -100; PyO3 shows negative defaults as ...
     reduction: str = "mean",
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
@@ -48,7 +48,7 @@ def nll_loss(
     log_probs: _Arr,
     target: npt.NDArray[np.int64],
     weight: Optional[_Arr] = None,
-    ignore_index: int = -100,
+    ignore_index: int = ...,  # -100
     reduction: str = "mean",
 ) -> Union[float, _Arr]: ...
 def softmax_backward(y: _Arr, dy: _Arr, log: bool = False) -> _Arr: ...
