@@ -210,3 +210,12 @@ def test_ragged_chunk_error_names_the_chunk():
         acc_cls().update([[1.0], [1.0, 2.0]])
     with pytest.raises(ValueError, match=r"\bb\b"):
         acc_cls().update([1.0, 2.0], b=[[1.0], [1.0, 2.0]])
+
+
+def test_logsumexp_out_overlapping_a_converted_input_is_refused():
+    # float16 input is computed on a float32 copy: the overlap check saw only the copy and
+    # let out write into a.
+    a = np.zeros((2, 2), dtype=np.float16)
+    with pytest.raises(ValueError, match="overlap"):
+        sl.logsumexp(a, axis=1, out=a[:, 0])
+    assert not a.any()

@@ -330,7 +330,10 @@ def logsumexp(
     user_shape = plan.unwork_reduced(np.empty(rshape_work, dtype=np.int8), keepdims, x.ndim).shape
     if out is not None:
         _check_out(out, user_shape, rdtype)
-        if np.may_share_memory(out, x) and np.shares_memory(out, x):
+        if any(
+            isinstance(v, np.ndarray) and np.may_share_memory(out, v) and np.shares_memory(out, v)
+            for v in (x, a)  # x may be a converted copy of a (float16, big-endian, ...)
+        ):
             raise ValueError("out overlaps the input a")
 
     x3 = plan.view3()
