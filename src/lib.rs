@@ -18,6 +18,8 @@ pub mod layout;
 pub mod parallel;
 pub mod real;
 pub mod simd;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod state;
 
 #[cfg(feature = "python")]

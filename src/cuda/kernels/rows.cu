@@ -1,0 +1,551 @@
+// stablelse CUDA kernels: row-wise log-sum-exp, softmax, log_softmax and cross-entropy.
+//
+// Header-free on purpose: NVRTC has no system headers. The host prepends
+//   #define SLSE_T <float|double|slse_bf16|slse_f16>
+// and compiles one module per element type for the device's own sm_XX (CUBIN, never PTX).
+//
+// Numerics follow src/state.rs: a row is summarised by (m, e) with m = max x_i and
+// e = sum_i exp(x_i - m) - 1 (the "excess": the total less the contribution of one maximal
+// element), so logsumexp = m + log1p(e) keeps tiny terms ([0, -40] gives 4.2e-18, not 0).
+// The empty / all -inf state is (-inf, -1); a NaN makes m NaN (max.NaN); m = +inf means the
+// sum is infinite. Accumulation is float32 for float32/bfloat16/float16 and float64 for
+// float64 inputs.
+//
+// Layout: rows of `cols` elements, row r of the input at x + r * ldx, output at y + r * ldy,
+// unit stride along the row. Vector (16-byte) loads are used where the host says the input
+// and output rows are mutually aligned (flag SLSE_VEC); a scalar head/tail covers the rest.
+//
+// Tiers (the host picks by row length):
+//   *_warp      one warp per row (cols <= 1024), 8 rows per 256-thread block;
+//   *_block     one block per row;
+//   *_partial + *_final   the row is split into chunks, one block each; the partial kernel
+//               writes a (m, e, sum x) state per chunk, the final kernel merges the chunk
+//               states of its row (same merge rule) and writes its chunk's outputs.
+
+typedef unsigned short slse_u16;
+typedef unsigned int slse_u32;
+typedef unsigned long long slse_u64;
+typedef long long slse_i64;
+
+struct slse_bf16 { slse_u16 bits; };
+struct slse_f16 { slse_u16 bits; };
+
+#define SLSE_OP_LSE 0
+#define SLSE_OP_SOFTMAX 1
+#define SLSE_OP_LOG_SOFTMAX 2
+#define SLSE_OP_XENT 3
+
+#define SLSE_VEC 1
+#define SLSE_GRAD 2
+#define SLSE_TGT64 4
+
+// Kernel parameters, one struct passed by value; mirrored by `Params` in src/cuda/mod.rs
+// (all fields 8 bytes wide except the trailing four 4-byte ones, so both sides agree).
+struct Params {
+    const void* x;       // input rows
+    void* y;             // output rows; logsumexp: one value per row; cross-entropy: gradient
+    const void* tgt;     // cross-entropy targets (int32 or int64)
+    float* loss;         // cross-entropy: per-row loss (float32, rows entries)
+    void* ws;            // split tier: 4 accumulators (float, or double for float64) per chunk
+    const float* count;  // cross-entropy mean: number of non-ignored targets (1 float)
+    slse_i64 rows;
+    slse_i64 cols;
+    slse_i64 ldx;
+    slse_i64 ldy;
+    slse_i64 ignore_index;
+    slse_i64 chunk;      // split tier: elements per chunk (a multiple of 8)
+    slse_i64 nchunks;    // split tier: chunks per row
+    slse_i64 fchunks;    // split tier: blocks per row of the final kernel (nchunks or 1)
+    float eps;           // label smoothing
+    float z;             // z-loss coefficient
+    float scale;         // gradient scale for reduction "sum"/"none" (mean reads count)
+    int flags;
+};
+
+template <int K> struct IC { static constexpr int value = K; };
+
+// ---- element conversions (PTX cvt; sm_80+) ------------------------------------------------
+
+__device__ __forceinline__ float slse_load(const float* p) { return *p; }
+__device__ __forceinline__ double slse_load(const double* p) { return *p; }
+__device__ __forceinline__ float slse_load(const slse_bf16* p) {
+    return __uint_as_float(((slse_u32)p->bits) << 16);
+}
+__device__ __forceinline__ float slse_load(const slse_f16* p) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(p->bits));
+    return f;
+}
+__device__ __forceinline__ void slse_store(float* p, float v) { *p = v; }
+__device__ __forceinline__ void slse_store(double* p, double v) { *p = v; }
+__device__ __forceinline__ void slse_store(slse_bf16* p, float v) {
+    slse_u16 h;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(v));
+    p->bits = h;
+}
+__device__ __forceinline__ void slse_store(slse_f16* p, float v) {
+    slse_u16 h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
+    p->bits = h;
+}
+
+template <typename T> struct Acc { typedef float type; };
+template <> struct Acc<double> { typedef double type; };
+
+// 16-byte vectors: N elements of T.
+template <typename T> struct Vec { static constexpr int N = 16 / sizeof(T); };
+
+__device__ __forceinline__ void vload(const float* p, float* v) {
+    float4 a = *reinterpret_cast<const float4*>(p);
+    v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
+}
+__device__ __forceinline__ void vload(const double* p, double* v) {
+    double2 a = *reinterpret_cast<const double2*>(p);
+    v[0] = a.x; v[1] = a.y;
+}
+__device__ __forceinline__ void unpack16(slse_u32 w, const slse_bf16*, float* v) {
+    v[0] = __uint_as_float(w << 16);
+    v[1] = __uint_as_float(w & 0xffff0000u);
+}
+__device__ __forceinline__ void unpack16(slse_u32 w, const slse_f16*, float* v) {
+    slse_u16 lo = (slse_u16)(w & 0xffffu), hi = (slse_u16)(w >> 16);
+    asm("cvt.f32.f16 %0, %1;" : "=f"(v[0]) : "h"(lo));
+    asm("cvt.f32.f16 %0, %1;" : "=f"(v[1]) : "h"(hi));
+}
+template <typename H>
+__device__ __forceinline__ void vload(const H* p, float* v) {
+    uint4 a = *reinterpret_cast<const uint4*>(p);
+    unpack16(a.x, p, v);
+    unpack16(a.y, p, v + 2);
+    unpack16(a.z, p, v + 4);
+    unpack16(a.w, p, v + 6);
+}
+__device__ __forceinline__ void vstore(float* p, const float* v) {
+    *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
+}
+__device__ __forceinline__ void vstore(double* p, const double* v) {
+    *reinterpret_cast<double2*>(p) = make_double2(v[0], v[1]);
+}
+__device__ __forceinline__ slse_u32 pack16(const slse_bf16*, float a, float b) {
+    slse_u32 r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(b), "f"(a));
+    return r;
+}
+__device__ __forceinline__ slse_u32 pack16(const slse_f16*, float a, float b) {
+    slse_u32 r;
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(b), "f"(a));
+    return r;
+}
+template <typename H>
+__device__ __forceinline__ void vstore(H* p, const float* v) {
+    uint4 a;
+    a.x = pack16(p, v[0], v[1]);
+    a.y = pack16(p, v[2], v[3]);
+    a.z = pack16(p, v[4], v[5]);
+    a.w = pack16(p, v[6], v[7]);
+    *reinterpret_cast<uint4*>(p) = a;
+}
+
+// ---- exp / max ---------------------------------------------------------------------------
+
+__device__ __forceinline__ float slse_ninf(float) { return __int_as_float(0xff800000); }
+__device__ __forceinline__ double slse_ninf(double) { return __longlong_as_double(0xfff0000000000000ll); }
+__device__ __forceinline__ float slse_pinf(float) { return __int_as_float(0x7f800000); }
+__device__ __forceinline__ double slse_pinf(double) { return __longlong_as_double(0x7ff0000000000000ll); }
+__device__ __forceinline__ float slse_nan(float) { return __int_as_float(0x7fffffff); }
+__device__ __forceinline__ double slse_nan(double) { return __longlong_as_double(0x7ff8000000000000ll); }
+
+// exp(d) for d <= 0 (or NaN) through ex2.approx with the rounding error of d*log2(e) fed back
+// to first order: the result is within a few float32 ULPs over the whole range, subnormal
+// results included (ex2.approx without .ftz keeps them), exp(-inf) = +0, exp(NaN) = NaN.
+__device__ __forceinline__ float slse_exp(float d) {
+    const float L2E_HI = 1.44269502162933349609375f;      // float(log2(e))
+    const float L2E_LO = 1.925963033500011079e-8f;       // log2(e) - L2E_HI
+    float t = d * L2E_HI;
+    float c = fmaf(d, L2E_HI, -t);
+    c = fmaf(d, L2E_LO, c);
+    float y;
+    asm("ex2.approx.f32 %0, %1;" : "=f"(y) : "f"(t));
+    // c is NaN for d = -inf (inf - inf); y is 0 there, so keep y.
+    return (t == slse_ninf(0.f)) ? y : fmaf(y, c * 0.6931471805599453f, y);
+}
+__device__ __forceinline__ double slse_exp(double d) { return exp(d); }
+
+__device__ __forceinline__ float slse_maxnan(float a, float b) {
+    float r;
+    asm("max.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+    return r;
+}
+__device__ __forceinline__ double slse_maxnan(double a, double b) {
+    return (a != a || b != b) ? slse_nan(a) : fmax(a, b);
+}
+__device__ __forceinline__ float slse_log1p(float v) { return log1pf(v); }
+__device__ __forceinline__ double slse_log1p(double v) { return log1p(v); }
+
+// ---- the (m, e) state ----------------------------------------------------------------------
+
+template <typename A> struct State {
+    A m, e, sx;  // max, excess, sum of x (cross-entropy label smoothing)
+};
+
+template <typename A> __device__ __forceinline__ State<A> state_empty() {
+    State<A> s;
+    s.m = slse_ninf(A(0));
+    s.e = A(-1);
+    s.sx = A(0);
+    return s;
+}
+
+// Adds K values: a new maximum rescales the old total and becomes the new "1".
+template <int K, bool SX, typename A>
+__device__ __forceinline__ void state_push(State<A>& s, const A* v) {
+    A vm = v[0];
+#pragma unroll
+    for (int i = 1; i < K; i++) vm = slse_maxnan(vm, v[i]);
+    if (SX) {
+#pragma unroll
+        for (int i = 0; i < K; i++) s.sx += v[i];
+    }
+    if (vm == slse_ninf(A(0))) return;
+    A mn = slse_maxnan(s.m, vm);
+    bool skip = false;
+    if (!(mn == s.m)) {
+        s.e = (A(1) + s.e) * slse_exp(s.m - mn);
+        s.m = mn;
+        skip = true;
+    }
+#pragma unroll
+    for (int i = 0; i < K; i++) {
+        A ev = slse_exp(v[i] - s.m);
+        if (skip && v[i] == s.m) {
+            skip = false;
+            ev = A(0);
+        }
+        s.e += ev;
+    }
+}
+
+template <typename A>
+__device__ __forceinline__ State<A> state_merge(State<A> a, State<A> b) {
+    State<A> r;
+    r.sx = a.sx + b.sx;
+    if (a.m != a.m || b.m != b.m) {
+        r.m = slse_nan(A(0));
+        r.e = r.m;
+        return r;
+    }
+    State<A> hi = a.m >= b.m ? a : b;
+    State<A> lo = a.m >= b.m ? b : a;
+    r.m = hi.m;
+    if (lo.m == slse_ninf(A(0)) || hi.m == slse_pinf(A(0))) {
+        r.e = hi.e;
+    } else {
+        r.e = hi.e + (A(1) + lo.e) * slse_exp(lo.m - hi.m);
+    }
+    return r;
+}
+
+__device__ __forceinline__ float shfl_xor(float v, int o) { return __shfl_xor_sync(0xffffffffu, v, o); }
+__device__ __forceinline__ double shfl_xor(double v, int o) { return __shfl_xor_sync(0xffffffffu, v, o); }
+
+template <typename A> __device__ __forceinline__ State<A> warp_merge(State<A> s) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        State<A> t;
+        t.m = shfl_xor(s.m, o);
+        t.e = shfl_xor(s.e, o);
+        t.sx = shfl_xor(s.sx, o);
+        s = state_merge(s, t);
+    }
+    return s;
+}
+
+// Block-wide merge; every thread gets the result. `sh` holds 32 states.
+template <typename A> __device__ __forceinline__ State<A> block_merge(State<A> s, State<A>* sh) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+    s = warp_merge(s);
+    __syncthreads();  // sh may still be read from a previous merge
+    if (lane == 0) sh[warp] = s;
+    __syncthreads();
+    s = lane < nw ? sh[lane] : state_empty<A>();
+    s = warp_merge(s);
+    return s;
+}
+
+// ---- traversal of a row range: scalar head, 16-byte vectors, scalar tail ------------------
+
+template <typename T, typename F>
+__device__ __forceinline__ void visit(const T* __restrict__ row, slse_i64 b, slse_i64 e, int tid,
+                                      int nthr, bool vec, F&& f) {
+    constexpr int N = Vec<T>::N;
+    typedef typename Acc<T>::type A;
+    slse_i64 vb = e, ve = e;
+    if (vec) {
+        slse_u64 addr = (slse_u64)(row + b);
+        slse_i64 head = (slse_i64)(((16 - (addr & 15)) & 15) / sizeof(T));
+        vb = b + head < e ? b + head : e;
+        ve = vb + ((e - vb) / N) * N;
+    }
+    for (slse_i64 j = b + tid; j < vb; j += nthr) {
+        A v[1];
+        v[0] = slse_load(row + j);
+        f(IC<1>(), v, j);
+    }
+    for (slse_i64 j = vb + (slse_i64)tid * N; j < ve; j += (slse_i64)nthr * N) {
+        A v[N];
+        vload(row + j, v);
+        f(IC<N>(), v, j);
+    }
+    for (slse_i64 j = ve + tid; j < e; j += nthr) {
+        A v[1];
+        v[0] = slse_load(row + j);
+        f(IC<1>(), v, j);
+    }
+}
+
+template <typename T, bool SX>
+__device__ __forceinline__ State<typename Acc<T>::type> range_state(const T* row, slse_i64 b, slse_i64 e,
+                                                                    int tid, int nthr, bool vec) {
+    typedef typename Acc<T>::type A;
+    State<A> s = state_empty<A>();
+    visit(row, b, e, tid, nthr, vec, [&](auto k, const A* v, slse_i64) {
+        state_push<decltype(k)::value, SX>(s, v);
+    });
+    return s;
+}
+
+// Writes the outputs of elements [b, e) of one row, given the row's merged state.
+template <int OP, typename T>
+__device__ __forceinline__ void range_write(const Params& p, slse_i64 r, slse_i64 b, slse_i64 e, int tid,
+                                           int nthr, State<typename Acc<T>::type> s, slse_i64 t,
+                                           typename Acc<T>::type gscale) {
+    typedef typename Acc<T>::type A;
+    const T* row = (const T*)p.x + r * p.ldx;
+    T* out = (T*)p.y + r * p.ldy;
+    bool vec = (p.flags & SLSE_VEC) != 0;
+    bool finite = s.m > slse_ninf(A(0)) && s.m < slse_pinf(A(0));
+    A l1 = slse_log1p(s.e);
+    A inv = A(1) / (A(1) + s.e);
+    A nan = slse_nan(A(0));
+    // cross-entropy gradient: scale * (p_j (1 + 2 z lse) - eps / C - (1 - eps) [j == t])
+    A lse = s.m + l1;
+    A pm = gscale * inv * (A(1) + A(2) * A(p.z) * lse);
+    A off = gscale * A(p.eps) / A(p.cols);
+    A hit = gscale * (A(1) - A(p.eps));
+    bool ignored = (OP == SLSE_OP_XENT) && t == p.ignore_index;
+    bool badt = (OP == SLSE_OP_XENT) && !ignored && (t < 0 || t >= p.cols);
+    visit(row, b, e, tid, nthr, vec, [&](auto k, const A* v, slse_i64 j) {
+        constexpr int K = decltype(k)::value;
+        A o[K];
+#pragma unroll
+        for (int i = 0; i < K; i++) {
+            A d = v[i] - s.m;
+            if (OP == SLSE_OP_SOFTMAX) {
+                o[i] = finite ? slse_exp(d) * inv : nan;
+            } else if (OP == SLSE_OP_LOG_SOFTMAX) {
+                o[i] = finite ? d - l1 : nan;
+            } else {
+                A g = slse_exp(d) * pm - off;
+                if (j + i == t) g -= hit;
+                o[i] = ignored ? A(0) : ((finite && !badt) ? g : nan);
+            }
+        }
+        if (K == 1) {
+            slse_store(out + j, o[0]);
+        } else {
+            vstore(out + j, o);
+        }
+    });
+}
+
+template <typename T> __device__ __forceinline__ slse_i64 load_target(const Params& p, slse_i64 r) {
+    if (p.flags & SLSE_TGT64) return ((const slse_i64*)p.tgt)[r];
+    return (slse_i64)((const int*)p.tgt)[r];
+}
+
+// Per-row epilogue run by one thread: logsumexp value or cross-entropy loss.
+template <int OP, typename T>
+__device__ __forceinline__ void row_epilogue(const Params& p, slse_i64 r, State<typename Acc<T>::type> s,
+                                             slse_i64 t) {
+    typedef typename Acc<T>::type A;
+    A lse = (s.m > slse_ninf(A(0)) && s.m < slse_pinf(A(0))) ? s.m + slse_log1p(s.e) : s.m;
+    if (OP == SLSE_OP_LSE) {
+        slse_store((T*)p.y + r, lse);
+    } else if (OP == SLSE_OP_XENT) {
+        float loss;
+        if (t == p.ignore_index) {
+            loss = 0.f;
+        } else if (t < 0 || t >= p.cols) {
+            loss = slse_nan(0.f);
+        } else {
+            A xt = slse_load((const T*)p.x + r * p.ldx + t);
+            A eps = A(p.eps);
+            A l = lse - (A(1) - eps) * xt;
+            if (eps != A(0)) l -= eps * s.sx / A(p.cols);
+            l += A(p.z) * lse * lse;
+            loss = (float)l;
+        }
+        p.loss[r] = loss;
+    }
+}
+
+template <int OP> __device__ __forceinline__ bool has_pass2(const Params& p) {
+    return OP == SLSE_OP_SOFTMAX || OP == SLSE_OP_LOG_SOFTMAX ||
+           (OP == SLSE_OP_XENT && (p.flags & SLSE_GRAD));
+}
+
+template <int OP, typename T>
+__device__ __forceinline__ typename Acc<T>::type grad_scale(const Params& p) {
+    typedef typename Acc<T>::type A;
+    return p.count ? A(1) / A(*p.count) : A(p.scale);
+}
+
+// ---- tier 1: one warp per row --------------------------------------------------------------
+
+template <int OP, typename T> __device__ __forceinline__ void warp_rows(const Params& p) {
+    typedef typename Acc<T>::type A;
+    int lane = threadIdx.x & 31;
+    slse_i64 r = (slse_i64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (r >= p.rows) return;
+    const T* row = (const T*)p.x + r * p.ldx;
+    bool vec = (p.flags & SLSE_VEC) != 0;
+    State<A> s = (OP == SLSE_OP_XENT && p.eps != 0.f)
+                     ? range_state<T, true>(row, 0, p.cols, lane, 32, vec)
+                     : range_state<T, false>(row, 0, p.cols, lane, 32, vec);
+    s = warp_merge(s);
+    slse_i64 t = OP == SLSE_OP_XENT ? load_target<T>(p, r) : -1;
+    if (lane == 0) row_epilogue<OP, T>(p, r, s, t);
+    if (has_pass2<OP>(p)) range_write<OP, T>(p, r, 0, p.cols, lane, 32, s, t, grad_scale<OP, T>(p));
+}
+
+// ---- tier 2: one block per row -------------------------------------------------------------
+
+template <int OP, typename T> __device__ __forceinline__ void block_rows(const Params& p) {
+    typedef typename Acc<T>::type A;
+    __shared__ State<A> sh[32];
+    slse_i64 r = blockIdx.x;
+    const T* row = (const T*)p.x + r * p.ldx;
+    bool vec = (p.flags & SLSE_VEC) != 0;
+    State<A> s = (OP == SLSE_OP_XENT && p.eps != 0.f)
+                     ? range_state<T, true>(row, 0, p.cols, threadIdx.x, blockDim.x, vec)
+                     : range_state<T, false>(row, 0, p.cols, threadIdx.x, blockDim.x, vec);
+    s = block_merge(s, sh);
+    slse_i64 t = OP == SLSE_OP_XENT ? load_target<T>(p, r) : -1;
+    if (threadIdx.x == 0) row_epilogue<OP, T>(p, r, s, t);
+    if (has_pass2<OP>(p))
+        range_write<OP, T>(p, r, 0, p.cols, threadIdx.x, blockDim.x, s, t, grad_scale<OP, T>(p));
+}
+
+// ---- tier 3: split rows --------------------------------------------------------------------
+
+template <int OP, typename T> __device__ __forceinline__ void partial_rows(const Params& p) {
+    typedef typename Acc<T>::type A;
+    __shared__ State<A> sh[32];
+    slse_i64 r = (slse_i64)blockIdx.x / p.nchunks, c = (slse_i64)blockIdx.x % p.nchunks;
+    slse_i64 b = c * p.chunk, e = b + p.chunk < p.cols ? b + p.chunk : p.cols;
+    const T* row = (const T*)p.x + r * p.ldx;
+    bool vec = (p.flags & SLSE_VEC) != 0;
+    State<A> s = (OP == SLSE_OP_XENT && p.eps != 0.f)
+                     ? range_state<T, true>(row, b, e, threadIdx.x, blockDim.x, vec)
+                     : range_state<T, false>(row, b, e, threadIdx.x, blockDim.x, vec);
+    s = block_merge(s, sh);
+    if (threadIdx.x == 0) {
+        A* w = (A*)p.ws + (r * p.nchunks + c) * 4;
+        w[0] = s.m;
+        w[1] = s.e;
+        w[2] = s.sx;
+    }
+}
+
+template <int OP, typename T> __device__ __forceinline__ void final_rows(const Params& p) {
+    typedef typename Acc<T>::type A;
+    __shared__ State<A> sh[32];
+    slse_i64 r = (slse_i64)blockIdx.x / p.fchunks, c = (slse_i64)blockIdx.x % p.fchunks;
+    State<A> s = state_empty<A>();
+    for (slse_i64 i = threadIdx.x; i < p.nchunks; i += blockDim.x) {
+        const A* w = (const A*)p.ws + (r * p.nchunks + i) * 4;
+        State<A> q;
+        q.m = w[0];
+        q.e = w[1];
+        q.sx = w[2];
+        s = state_merge(s, q);
+    }
+    s = block_merge(s, sh);
+    slse_i64 t = OP == SLSE_OP_XENT ? load_target<T>(p, r) : -1;
+    if (threadIdx.x == 0 && c == 0) row_epilogue<OP, T>(p, r, s, t);
+    if (has_pass2<OP>(p)) {
+        slse_i64 b = c * p.chunk, e = b + p.chunk < p.cols ? b + p.chunk : p.cols;
+        range_write<OP, T>(p, r, b, e, threadIdx.x, blockDim.x, s, t, grad_scale<OP, T>(p));
+    }
+}
+
+// ---- cross-entropy helpers -----------------------------------------------------------------
+
+// count[0] = number of targets != ignore_index (float, the divisor of reduction "mean").
+__device__ __forceinline__ void count_targets(const Params& p) {
+    __shared__ double sh[32];
+    double n = 0;
+    for (slse_i64 r = threadIdx.x; r < p.rows; r += blockDim.x) {
+        slse_i64 t = (p.flags & SLSE_TGT64) ? ((const slse_i64*)p.tgt)[r] : (slse_i64)((const int*)p.tgt)[r];
+        n += (t != p.ignore_index) ? 1.0 : 0.0;
+    }
+    for (int o = 16; o > 0; o >>= 1) n += __shfl_xor_sync(0xffffffffu, n, o);
+    if ((threadIdx.x & 31) == 0) sh[threadIdx.x >> 5] = n;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        double tot = 0;
+        for (int i = 0; i < (int)(blockDim.x >> 5); i++) tot += sh[i];
+        *((float*)p.count) = (float)tot;
+    }
+}
+
+// Deterministic reduction of the per-row losses (fixed order): y[0] = sum or sum / count.
+template <typename T> __device__ __forceinline__ void reduce_loss(const Params& p) {
+    __shared__ double sh[32];
+    double acc = 0;
+    for (slse_i64 r = threadIdx.x; r < p.rows; r += blockDim.x) acc += (double)p.loss[r];
+    for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+    if ((threadIdx.x & 31) == 0) sh[threadIdx.x >> 5] = acc;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        double tot = 0;
+        for (int i = 0; i < (int)(blockDim.x >> 5); i++) tot += sh[i];
+        if (p.count) tot = tot / (double)(*p.count);
+        slse_store((T*)p.y, (typename Acc<T>::type)tot);
+    }
+}
+
+// reduction "none": y[r] = loss[r] in the logits' dtype.
+template <typename T> __device__ __forceinline__ void cast_loss(const Params& p) {
+    slse_i64 r = (slse_i64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (r < p.rows) slse_store((T*)p.y + r, (typename Acc<T>::type)p.loss[r]);
+}
+
+// ---- entry points --------------------------------------------------------------------------
+
+#ifndef SLSE_T
+#define SLSE_T float
+#endif
+
+#define SLSE_TIERS(NAME, OP)                                                                \
+    extern "C" __global__ void __launch_bounds__(1024) NAME##_warp(Params p) {            \
+        warp_rows<OP, SLSE_T>(p);                                                           \
+    }                                                                                       \
+    extern "C" __global__ void __launch_bounds__(1024) NAME##_block(Params p) {           \
+        block_rows<OP, SLSE_T>(p);                                                          \
+    }                                                                                       \
+    extern "C" __global__ void __launch_bounds__(1024) NAME##_partial(Params p) {         \
+        partial_rows<OP, SLSE_T>(p);                                                        \
+    }                                                                                       \
+    extern "C" __global__ void __launch_bounds__(1024) NAME##_final(Params p) {           \
+        final_rows<OP, SLSE_T>(p);                                                          \
+    }
+
+SLSE_TIERS(lse, SLSE_OP_LSE)
+SLSE_TIERS(softmax, SLSE_OP_SOFTMAX)
+SLSE_TIERS(log_softmax, SLSE_OP_LOG_SOFTMAX)
+SLSE_TIERS(xent, SLSE_OP_XENT)
+
+extern "C" __global__ void __launch_bounds__(1024) xent_count(Params p) { count_targets(p); }
+extern "C" __global__ void __launch_bounds__(1024) xent_reduce(Params p) { reduce_loss<SLSE_T>(p); }
+extern "C" __global__ void __launch_bounds__(1024) xent_cast(Params p) { cast_loss<SLSE_T>(p); }
