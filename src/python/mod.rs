@@ -6,11 +6,15 @@
 
 use pyo3::prelude::*;
 
+#[cfg(feature = "cuda")]
+mod cuda;
 mod reductions;
 
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     reductions::register(m)?;
+    #[cfg(feature = "cuda")]
+    cuda::register(m)?;
     Ok(())
 }
