@@ -145,7 +145,17 @@ mod tests {
 
     #[test]
     fn merge_is_associative_and_matches_push() {
-        let xs = [3.0, -1.0, 7.5, 7.5, -1000.0, 1000.0, 0.25, f64::NEG_INFINITY, 2.0];
+        let xs = [
+            3.0,
+            -1.0,
+            7.5,
+            7.5,
+            -1000.0,
+            1000.0,
+            0.25,
+            f64::NEG_INFINITY,
+            2.0,
+        ];
         let whole = state_of(&xs).logsumexp();
         for split1 in 0..=xs.len() {
             for split2 in split1..=xs.len() {
@@ -156,7 +166,10 @@ mod tests {
                 let right = a.merge(b.merge(c)).logsumexp();
                 let swapped = c.merge(a).merge(b).logsumexp();
                 for v in [left, right, swapped] {
-                    assert!((v - whole).abs() <= 4.0 * f64::EPSILON * whole.abs(), "{v} {whole}");
+                    assert!(
+                        (v - whole).abs() <= 4.0 * f64::EPSILON * whole.abs(),
+                        "{v} {whole}"
+                    );
                 }
             }
         }
@@ -167,7 +180,12 @@ mod tests {
         let e = LseState::EMPTY;
         assert_eq!(e.merge(e).logsumexp(), f64::NEG_INFINITY);
         assert_eq!(e.merge(LseState::of(2.0)).logsumexp(), 2.0);
-        assert_eq!(LseState::of(f64::INFINITY).merge(LseState::of(f64::INFINITY)).logsumexp(), f64::INFINITY);
+        assert_eq!(
+            LseState::of(f64::INFINITY)
+                .merge(LseState::of(f64::INFINITY))
+                .logsumexp(),
+            f64::INFINITY
+        );
         assert!(LseState::of(f64::NAN).merge(e).logsumexp().is_nan());
     }
 }

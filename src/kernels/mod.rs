@@ -125,7 +125,8 @@ where
     let run = |range: std::ops::Range<usize>| {
         for l in range {
             // SAFETY: the batch was checked against the slice length.
-            let state = unsafe { full_lane_state(xp.ptr() as *const T, batch, lane(batch, l), alg) };
+            let state =
+                unsafe { full_lane_state(xp.ptr() as *const T, batch, lane(batch, l), alg) };
             f(l, state);
         }
     };
@@ -185,7 +186,9 @@ pub fn logsumexp_weighted<T: Real>(
     batch.check(a.len())?;
     bbatch.check(b.len())?;
     if (bbatch.outer, bbatch.n, bbatch.inner) != (batch.outer, batch.n, batch.inner) {
-        return Err(format!("b batch {bbatch:?} does not match a batch {batch:?}"));
+        return Err(format!(
+            "b batch {bbatch:?} does not match a batch {batch:?}"
+        ));
     }
     check_out(out.len(), batch.count())?;
     let return_sign = sign.is_some();
@@ -330,13 +333,27 @@ unsafe fn softmax_like_raw<T: Real>(
 /// The row primitive that the losses and the streaming accumulator build on.
 pub fn row_state<T: Real>(x: &[T], alg: Algorithm) -> LseState {
     // SAFETY: the lane is the whole slice.
-    unsafe { full_lane_state(x.as_ptr(), &Batch::rows(1, x.len()), Lane { start: 0, stride: 1 }, alg) }
+    unsafe {
+        full_lane_state(
+            x.as_ptr(),
+            &Batch::rows(1, x.len()),
+            Lane {
+                start: 0,
+                stride: 1,
+            },
+            alg,
+        )
+    }
 }
 
 /// `out[k] = scale * exp(x[k] - shift)` over one contiguous row, at the process's SIMD level:
 /// the write pass of softmax (`shift = max`, `scale = 1 / S`) and of the loss gradients.
 pub fn row_exp_scaled<T: Real>(x: &[T], shift: f64, scale: f64, out: &mut [T]) {
-    assert_eq!(x.len(), out.len(), "row_exp_scaled: x and out differ in length");
+    assert_eq!(
+        x.len(),
+        out.len(),
+        "row_exp_scaled: x and out differ in length"
+    );
     for (o, &v) in out.iter_mut().zip(x) {
         *o = T::from_f64(scale * (v.to_f64() - shift).exp());
     }

@@ -212,7 +212,11 @@ pub unsafe fn logsumexp_weighted_lane<T: Real>(
         sum = T::from_f64(sum + term.to_f64()).to_f64();
     }
     let sign = sign_of(sum);
-    let out = if return_sign { sum.abs().ln() } else { sum.ln() };
+    let out = if return_sign {
+        sum.abs().ln()
+    } else {
+        sum.ln()
+    };
     (T::from_f64(out), T::from_f64(sign))
 }
 

@@ -53,7 +53,17 @@ fn random_row(rng: &mut Rng, n: usize, scale: f64) -> Vec<f64> {
 fn logsumexp_rows_match_reference_for_lengths_0_to_70_and_large() {
     let mut rng = Rng::new(1);
     let mut lengths: Vec<usize> = (0..=70).collect();
-    lengths.extend([127, 128, 129, 1000, 4095, 4096, 4097, 100_000, 2 * LONG_ROW_BLOCK + 5]);
+    lengths.extend([
+        127,
+        128,
+        129,
+        1000,
+        4095,
+        4096,
+        4097,
+        100_000,
+        2 * LONG_ROW_BLOCK + 5,
+    ]);
     for &n in &lengths {
         for scale in [1.0, 30.0, 1000.0] {
             let row = random_row(&mut rng, n, scale);
@@ -63,7 +73,11 @@ fn logsumexp_rows_match_reference_for_lengths_0_to_70_and_large() {
             for alg in [Algorithm::TwoPass, Algorithm::Online] {
                 let mut out = [0.0f64];
                 logsumexp(&row, Batch::rows(1, n), alg, &mut out).unwrap();
-                assert!(close(out[0], want, 1e-13), "n={n} {alg:?} {} {want}", out[0]);
+                assert!(
+                    close(out[0], want, 1e-13),
+                    "n={n} {alg:?} {} {want}",
+                    out[0]
+                );
                 let mut out32 = [0.0f32];
                 logsumexp(&row32, Batch::rows(1, n), alg, &mut out32).unwrap();
                 // One rounding at the end: the float32 result is the nearest float to the exact.
@@ -106,9 +120,22 @@ fn seeds_row_softmax_and_log_softmax_are_finite() {
     let row = [1000.0f32, 1.0, -1000.0];
     let mut sm = [0.0f32; 3];
     let mut lsm = [0.0f32; 3];
-    softmax_like(&row, Batch::rows(1, 3), Algorithm::Auto, Reduction::Softmax, &mut sm).unwrap();
-    softmax_like(&row, Batch::rows(1, 3), Algorithm::Auto, Reduction::LogSoftmax, &mut lsm)
-        .unwrap();
+    softmax_like(
+        &row,
+        Batch::rows(1, 3),
+        Algorithm::Auto,
+        Reduction::Softmax,
+        &mut sm,
+    )
+    .unwrap();
+    softmax_like(
+        &row,
+        Batch::rows(1, 3),
+        Algorithm::Auto,
+        Reduction::LogSoftmax,
+        &mut lsm,
+    )
+    .unwrap();
     assert_eq!(sm, [1.0, 0.0, 0.0]);
     assert_eq!(lsm, [0.0, -999.0, -2000.0]);
 }
@@ -119,8 +146,14 @@ fn log_softmax_keeps_the_top_class_relative_accuracy() {
     let eps = f32::EPSILON as f64;
     let x = [(1.0 - eps.ln()) as f32, 0.0f32];
     let mut out = [0.0f32; 2];
-    softmax_like(&x, Batch::rows(1, 2), Algorithm::TwoPass, Reduction::LogSoftmax, &mut out)
-        .unwrap();
+    softmax_like(
+        &x,
+        Batch::rows(1, 2),
+        Algorithm::TwoPass,
+        Reduction::LogSoftmax,
+        &mut out,
+    )
+    .unwrap();
     let exact = -((-(x[0] as f64)).exp()).ln_1p();
     assert!(out[0] != 0.0);
     assert!(((out[0] as f64) - exact).abs() <= 0.5 * (exact.abs() * f32::EPSILON as f64));
@@ -129,7 +162,14 @@ fn log_softmax_keeps_the_top_class_relative_accuracy() {
 #[test]
 fn softmax_matches_reference_rows_and_columns_and_in_place() {
     let mut rng = Rng::new(7);
-    for &(outer, n, inner) in &[(3, 5, 1), (2, 7, 4), (1, 70, 3), (4, 1, 2), (5, 0, 3), (0, 4, 1)] {
+    for &(outer, n, inner) in &[
+        (3, 5, 1),
+        (2, 7, 4),
+        (1, 70, 3),
+        (4, 1, 2),
+        (5, 0, 3),
+        (0, 4, 1),
+    ] {
         let batch = Batch::contiguous(outer, n, inner);
         let x = random_row(&mut rng, batch.elements(), 20.0);
         for what in [Reduction::Softmax, Reduction::LogSoftmax] {
@@ -142,7 +182,11 @@ fn softmax_matches_reference_rows_and_columns_and_in_place() {
                         let lse = naive_lse(&lane);
                         for k in 0..n {
                             let v = lane[k] - lse;
-                            let want = if what == Reduction::Softmax { v.exp() } else { v };
+                            let want = if what == Reduction::Softmax {
+                                v.exp()
+                            } else {
+                                v
+                            };
                             let got = out[(o * n + k) * inner + j];
                             assert!(close(got, want, 1e-13), "{what:?} {got} {want}");
                         }
@@ -162,7 +206,13 @@ fn columns_match_rows_of_the_transpose() {
     let (n, inner) = (37, 11);
     let x = random_row(&mut rng, n * inner, 50.0);
     let mut cols = vec![0.0; inner];
-    logsumexp(&x, Batch::contiguous(1, n, inner), Algorithm::Online, &mut cols).unwrap();
+    logsumexp(
+        &x,
+        Batch::contiguous(1, n, inner),
+        Algorithm::Online,
+        &mut cols,
+    )
+    .unwrap();
     for j in 0..inner {
         let lane: Vec<f64> = (0..n).map(|k| x[k * inner + j]).collect();
         assert!(close(cols[j], naive_lse(&lane), 1e-13));
@@ -173,13 +223,23 @@ fn columns_match_rows_of_the_transpose() {
 fn strided_rows_and_broadcast_rows() {
     // Rows of 5 inside a pitch of 8, and the same row broadcast 3 times (stride 0).
     let data: Vec<f64> = (0..24).map(|i| i as f64 * 0.5).collect();
-    let batch = Batch { outer: 3, n: 5, inner: 1, outer_stride: 8 };
+    let batch = Batch {
+        outer: 3,
+        n: 5,
+        inner: 1,
+        outer_stride: 8,
+    };
     let mut out = vec![0.0; 3];
     logsumexp(&data, batch, Algorithm::TwoPass, &mut out).unwrap();
     for o in 0..3 {
         assert!(close(out[o], naive_lse(&data[o * 8..o * 8 + 5]), 1e-14));
     }
-    let bcast = Batch { outer: 3, n: 5, inner: 1, outer_stride: 0 };
+    let bcast = Batch {
+        outer: 3,
+        n: 5,
+        inner: 1,
+        outer_stride: 0,
+    };
     logsumexp(&data, bcast, Algorithm::Online, &mut out).unwrap();
     assert!(out.iter().all(|&v| close(v, naive_lse(&data[..5]), 1e-14)));
 }
@@ -189,8 +249,15 @@ fn weighted_matches_scipy_cases() {
     let mut out = [0.0f64];
     let mut sign = [0.0f64];
     let run = |a: &[f64], b: &[f64], out: &mut [f64], sign: Option<&mut [f64]>| {
-        logsumexp_weighted(a, Batch::rows(1, a.len()), b, Batch::rows(1, b.len()), out, sign)
-            .unwrap()
+        logsumexp_weighted(
+            a,
+            Batch::rows(1, a.len()),
+            b,
+            Batch::rows(1, b.len()),
+            out,
+            sign,
+        )
+        .unwrap()
     };
     // scipy docs: logsumexp([1,2], b=[1,-1], return_sign=True) == (1.5413248546129181, -1.0)
     run(&[1.0, 2.0], &[1.0, -1.0], &mut out, Some(&mut sign));
@@ -214,19 +281,30 @@ fn weighted_matches_scipy_cases() {
 fn results_do_not_depend_on_thread_count() {
     let mut rng = Rng::new(11);
     let n = 3 * LONG_ROW_BLOCK + 17;
-    let x: Vec<f32> = (0..2 * n).map(|_| rng.uniform(-40.0, 40.0) as f32).collect();
+    let x: Vec<f32> = (0..2 * n)
+        .map(|_| rng.uniform(-40.0, 40.0) as f32)
+        .collect();
     let mut reference: Option<(Vec<f32>, Vec<f32>)> = None;
     for threads in [1, 2, 3] {
         crate::parallel::set_num_threads(threads);
         let mut lse = vec![0.0f32; 2];
         logsumexp(&x, Batch::rows(2, n), Algorithm::Online, &mut lse).unwrap();
         let mut sm = vec![0.0f32; x.len()];
-        softmax_like(&x, Batch::rows(2, n), Algorithm::TwoPass, Reduction::Softmax, &mut sm)
-            .unwrap();
+        softmax_like(
+            &x,
+            Batch::rows(2, n),
+            Algorithm::TwoPass,
+            Reduction::Softmax,
+            &mut sm,
+        )
+        .unwrap();
         match &reference {
             None => reference = Some((lse, sm)),
             Some((l0, s0)) => {
-                assert_eq!(l0.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), lse.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
+                assert_eq!(
+                    l0.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    lse.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+                );
                 assert!(s0.iter().zip(&sm).all(|(a, b)| a.to_bits() == b.to_bits()));
             }
         }
@@ -240,6 +318,11 @@ fn bad_sizes_are_errors_not_panics() {
     let mut out = [0.0f64; 2];
     assert!(logsumexp(&x, Batch::rows(2, 3), Algorithm::Auto, &mut out).is_err());
     assert!(logsumexp(&x, Batch::rows(2, 2), Algorithm::Auto, &mut out[..1]).is_err());
-    let huge = Batch { outer: usize::MAX, n: 2, inner: 1, outer_stride: usize::MAX };
+    let huge = Batch {
+        outer: usize::MAX,
+        n: 2,
+        inner: 1,
+        outer_stride: usize::MAX,
+    };
     assert!(logsumexp(&x, huge, Algorithm::Auto, &mut out).is_err());
 }

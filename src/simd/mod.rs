@@ -65,7 +65,10 @@ pub fn available_levels() -> Vec<Level> {
 pub fn detect() -> Level {
     let levels = available_levels();
     let best = *levels.last().unwrap_or(&Level::Scalar);
-    match std::env::var("STABLELSE_SIMD").ok().and_then(|v| Level::parse(&v)) {
+    match std::env::var("STABLELSE_SIMD")
+        .ok()
+        .and_then(|v| Level::parse(&v))
+    {
         Some(want) if levels.contains(&want) => want,
         _ => best,
     }
