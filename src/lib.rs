@@ -13,13 +13,13 @@
 //! - [`kernels`]: the scalar reference kernels and the dispatching entry points.
 //! - [`parallel`]: the rayon pool and deterministic work splitting.
 
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod kernels;
 pub mod layout;
 pub mod parallel;
 pub mod real;
 pub mod simd;
-#[cfg(feature = "cuda")]
-pub mod cuda;
 pub mod state;
 
 #[cfg(feature = "python")]

@@ -628,7 +628,11 @@ pub unsafe fn cross_entropy(
         let scratch = Scratch::new(rows * 4 + 16, stream)?;
         let loss_rows = scratch.ptr;
         let count = scratch.ptr + (rows as u64) * 4;
-        let mut flags = if targets.ty == TargetType::I64 { FLAG_TGT64 } else { 0 };
+        let mut flags = if targets.ty == TargetType::I64 {
+            FLAG_TGT64
+        } else {
+            0
+        };
         if grad.is_some() {
             flags |= FLAG_GRAD;
         }

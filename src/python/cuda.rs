@@ -10,7 +10,9 @@ use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyCapsule, PyDict, PyTuple};
 
-use crate::cuda::{self, DType, LossReduction, Place, RowOp, Rows, TargetType, Targets, XentOptions};
+use crate::cuda::{
+    self, DType, LossReduction, Place, RowOp, Rows, TargetType, Targets, XentOptions,
+};
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(_cuda_is_available, m)?)?;
@@ -84,8 +86,8 @@ fn parse_dtype(name: &str) -> PyResult<DType> {
         "float16" => DType::F16,
         _ => {
             return Err(PyTypeError::new_err(format!(
-                "dtype {name} is not supported on the CUDA path (float32, float64, bfloat16, float16)"
-            )))
+            "dtype {name} is not supported on the CUDA path (float32, float64, bfloat16, float16)"
+        )))
         }
     })
 }
@@ -221,9 +223,9 @@ fn parse_cai(d: &Bound<'_, PyAny>) -> PyResult<Parsed> {
             PyValueError::new_err(format!("__cuda_array_interface__ has no {k:?} entry"))
         })
     };
-    let shape: Vec<i64> = get("shape")?
-        .extract()
-        .map_err(|_| PyValueError::new_err("__cuda_array_interface__ shape must be a tuple of ints"))?;
+    let shape: Vec<i64> = get("shape")?.extract().map_err(|_| {
+        PyValueError::new_err("__cuda_array_interface__ shape must be a tuple of ints")
+    })?;
     if shape.iter().any(|&n| n < 0) {
         return Err(PyValueError::new_err(format!(
             "__cuda_array_interface__ shape {shape:?} has a negative extent"
@@ -416,9 +418,9 @@ fn _cuda_parse<'py>(
                     }
                     Err(e) => return Err(e),
                 };
-                let capb = cap.cast::<PyCapsule>().map_err(|_| {
-                    PyTypeError::new_err("__dlpack__ did not return a capsule")
-                })?;
+                let capb = cap
+                    .cast::<PyCapsule>()
+                    .map_err(|_| PyTypeError::new_err("__dlpack__ did not return a capsule"))?;
                 (parse_capsule(capb)?, cap.clone())
             }
         }
@@ -473,22 +475,21 @@ fn _cuda_rows(
 }
 
 /// Cross-entropy on raw device pointers: logits `x = (ptr, rows, cols, ld)`, targets
-/// `(ptr, "int32" | "int64")`, loss output pointer, gradient `(ptr, ld)` or None, options
+/// `(ptr, "int32" | "int64")`, outputs `(loss ptr, (grad ptr, ld) or None)`, options
 /// `(ignore_index, label_smoothing, z_loss, reduction)`.
 #[pyfunction]
-#[pyo3(signature = (dtype, place, x, targets, loss, grad, options))]
 fn _cuda_cross_entropy(
     py: Python<'_>,
     dtype: &str,
     place: (i32, u64),
     x: (u64, i64, i64, i64),
-    targets: (u64, &str),
-    loss: u64,
-    grad: Option<(u64, i64)>,
-    options: (i64, f32, f32, &str),
+    targets: (u64, String),
+    outputs: (u64, Option<(u64, i64)>),
+    options: (i64, f32, f32, String),
 ) -> PyResult<()> {
+    let (loss, grad) = outputs;
     let dt = parse_dtype(dtype)?;
-    let ty = match targets.1 {
+    let ty = match targets.1.as_str() {
         "int32" => TargetType::I32,
         "int64" => TargetType::I64,
         t => {
@@ -497,7 +498,7 @@ fn _cuda_cross_entropy(
             )))
         }
     };
-    let reduction = match options.3 {
+    let reduction = match options.3.as_str() {
         "mean" => LossReduction::Mean,
         "sum" => LossReduction::Sum,
         "none" => LossReduction::None,
@@ -523,10 +524,7 @@ fn _cuda_cross_entropy(
         cols: x.2,
         ld: x.3,
     };
-    let tg = Targets {
-        ptr: targets.0,
-        ty,
-    };
+    let tg = Targets { ptr: targets.0, ty };
     // SAFETY: as in _cuda_rows; targets, loss and grad come from live arrays on the device.
     py.detach(move || unsafe { cuda::cross_entropy(dt, place, rows, tg, loss, grad, opt) })
         .map_err(rt)
