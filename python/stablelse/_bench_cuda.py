@@ -2,7 +2,10 @@
 
 Effective bandwidth = bytes the op must move (read the input once, write the output once) /
 median time, next to the device's measured copy bandwidth (a device-to-device copy, bytes read
-plus bytes written) measured in the same run. Also runnable as ``python -m stablelse._bench_cuda``.
+plus bytes written) measured in the same run. Columns: ``kernel`` (stablelse's launcher called
+with raw pointers: the kernels alone), ``api`` (the public ``stablelse.cuda`` call, Python
+dispatch and output allocation included), ``torch`` (eager) and ``compile`` (torch.compile).
+Also runnable as ``python -m stablelse._bench_cuda``.
 """
 
 from __future__ import annotations
@@ -27,6 +30,29 @@ def _timer(torch: Any, fn: Callable[[], Any], reps: int, warmup: int = 3) -> flo
         e.record()
     torch.cuda.synchronize()
     return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends)) / 1e3
+
+
+class _Kernels:
+    """The native launchers called with raw pointers: kernel time without Python dispatch."""
+
+    def __init__(self, core: Any, dname: str, place: Any, xa: Any, y: Any, cols: int):
+        self.core, self.dname, self.place, self.xa, self.y, self.cols = (
+            core, dname, place, xa, y, cols)
+
+    def rows(self, op: str) -> Callable[[], Any]:
+        yarg = (self.y.data_ptr(), self.cols)
+        return lambda: self.core._cuda_rows(op, self.dname, self.place, self.xa, yarg)
+
+    def lse(self, out: Any) -> Callable[[], Any]:
+        yarg = (out.data_ptr(), 1)
+        return lambda: self.core._cuda_rows("logsumexp", self.dname, self.place, self.xa, yarg)
+
+    def xent(self, t: Any, loss: Any, grad: bool) -> Callable[[], Any]:
+        g = (self.y.data_ptr(), self.cols) if grad else None
+        outs = (loss.data_ptr(), g)
+        tg = (t.data_ptr(), "int64")
+        return lambda: self.core._cuda_cross_entropy(
+            self.dname, self.place, self.xa, tg, outs, (-100, 0.0, 0.0, "mean"))
 
 
 def copy_bandwidth(torch: Any, nbytes: int = 1 << 30, reps: int = 20) -> float:
@@ -78,8 +104,8 @@ def run_cuda_bench(args: Any = None) -> list[dict[str, Any]]:
         }
 
     rows_out: list[dict[str, Any]] = []
-    hdr = (f"{'op':<20}{'dtype':<10}{'shape':>16}{'stablelse':>11}{'torch':>9}"
-           f"{'compile':>9}{'% copy':>8}")
+    hdr = (f"{'op':<14}{'dtype':<10}{'shape':>14}{'kernel':>8}{'api':>7}{'torch':>7}"
+           f"{'compile':>8}{'kernel %copy':>13}")
     print(hdr)
     print("-" * len(hdr))
     for dname in dtypes:
@@ -91,6 +117,13 @@ def run_cuda_bench(args: Any = None) -> list[dict[str, Any]]:
             t = torch.randint(0, cols, (rows,), device="cuda")
             y = torch.empty_like(x)
             nx = x.numel() * es
+            lse_out = torch.empty(rows, device="cuda", dtype=dt)
+            loss_out = torch.empty((), device="cuda", dtype=dt)
+            place = (torch.cuda.current_device(),
+                     int(torch.cuda.current_stream().cuda_stream))
+            xa = (x.data_ptr(), rows, cols, cols)
+            k = _Kernels(scuda._core, dname, place, xa, y, cols)
+            lse_args = (lse_out,)
 
             def ce_grad_torch(x=x, t=t):
                 xr = x.detach().requires_grad_(True)
@@ -98,19 +131,23 @@ def run_cuda_bench(args: Any = None) -> list[dict[str, Any]]:
                 return xr.grad
 
             cases = [
-                ("softmax", 2 * nx, lambda x=x, y=y: scuda.softmax(x, axis=-1, out=y),
+                ("softmax", 2 * nx, k.rows("softmax"),
+                 lambda x=x, y=y: scuda.softmax(x, axis=-1, out=y),
                  lambda x=x: torch.softmax(x, -1), "softmax"),
-                ("log_softmax", 2 * nx, lambda x=x: scuda.log_softmax(x, axis=-1),
+                ("log_softmax", 2 * nx, k.rows("log_softmax"),
+                 lambda x=x: scuda.log_softmax(x, axis=-1),
                  lambda x=x: torch.log_softmax(x, -1), None),
-                ("logsumexp", nx, lambda x=x: scuda.logsumexp(x, axis=-1),
+                ("logsumexp", nx, k.lse(*lse_args), lambda x=x: scuda.logsumexp(x, axis=-1),
                  lambda x=x: torch.logsumexp(x, -1), "logsumexp"),
-                ("cross_entropy", nx, lambda x=x, t=t: scuda.cross_entropy(x, t),
+                ("cross_entropy", nx, k.xent(t, loss_out, False),
+                 lambda x=x, t=t: scuda.cross_entropy(x, t),
                  lambda x=x, t=t: F.cross_entropy(x, t), "cross_entropy"),
-                ("xent+grad", 2 * nx,
+                ("xent+grad", 2 * nx, k.xent(t, loss_out, True),
                  lambda x=x, t=t: scuda.cross_entropy(x, t, return_grad=True),
                  ce_grad_torch, None),
             ]
-            for name, nbytes, ours, theirs, cname in cases:
+            for name, nbytes, kernel, ours, theirs, cname in cases:
+                t_kern = _timer(torch, kernel, reps)
                 t_ours = _timer(torch, ours, reps)
                 t_theirs = _timer(torch, theirs, reps)
                 t_comp = None
@@ -122,17 +159,19 @@ def run_cuda_bench(args: Any = None) -> list[dict[str, Any]]:
                         t_comp = _timer(torch, call, reps)
                     except Exception as exc:  # noqa: BLE001 - report and go on
                         print(f"torch.compile {cname} failed: {exc!r}", file=sys.stderr)
-                g = nbytes / t_ours / 1e9
+                g = nbytes / t_kern / 1e9
                 row = {
                     "op": name, "dtype": dname, "rows": rows, "cols": cols,
-                    "stablelse_gbs": g, "torch_gbs": nbytes / t_theirs / 1e9,
+                    "kernel_gbs": g, "stablelse_gbs": nbytes / t_ours / 1e9,
+                    "torch_gbs": nbytes / t_theirs / 1e9,
                     "compile_gbs": nbytes / t_comp / 1e9 if t_comp else None,
                     "copy_gbs": bw, "pct_copy": 100 * g / bw, "device": dev,
                 }
                 rows_out.append(row)
-                comp = f"{row['compile_gbs']:9.0f}" if t_comp else f"{'-':>9}"
-                print(f"{name:<20}{dname:<10}{f'{rows}x{cols}':>16}{g:11.0f}"
-                      f"{row['torch_gbs']:9.0f}{comp}{row['pct_copy']:7.0f}%", flush=True)
+                comp = f"{row['compile_gbs']:8.0f}" if t_comp else f"{'-':>8}"
+                print(f"{name:<14}{dname:<10}{f'{rows}x{cols}':>14}{g:8.0f}"
+                      f"{row['stablelse_gbs']:7.0f}{row['torch_gbs']:7.0f}{comp}"
+                      f"{row['pct_copy']:12.0f}%", flush=True)
             del x, t, y
             torch.cuda.empty_cache()
     path = getattr(args, "json", None)

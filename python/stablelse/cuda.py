@@ -149,6 +149,15 @@ class _Torch:
     def dtype(self, x: Any) -> str:
         return self.dtypes.get(x.dtype, str(x.dtype))
 
+    def describe(self, x: Any, stream: int | None = None) -> dict[str, Any]:
+        """What the protocols would say, read from torch directly (CAI costs tens of us and
+        cannot express bfloat16)."""
+        return {"ptr": x.data_ptr(), "shape": tuple(x.shape), "strides": tuple(x.stride()),
+                "dtype": self.dtype(x), "readonly": False}
+
+    def ndim(self, x: Any) -> int:
+        return int(x.dim())
+
     def device(self, x: Any) -> int:
         if x.device.type != "cuda":
             raise ValueError(f"expected a CUDA tensor, got one on {x.device}")
@@ -190,6 +199,15 @@ class _Cupy:
 
     def dtype(self, x: Any) -> str:
         return str(x.dtype)
+
+    def describe(self, x: Any, stream: int | None = None) -> dict[str, Any]:
+        es = x.itemsize
+        return {"ptr": int(x.data.ptr), "shape": tuple(x.shape),
+                "strides": tuple(st // es for st in x.strides), "dtype": self.dtype(x),
+                "readonly": False}
+
+    def ndim(self, x: Any) -> int:
+        return int(x.ndim)
 
     def device(self, x: Any) -> int:
         return int(x.device.id)
@@ -329,15 +347,15 @@ class _Rows:
     def __init__(self, x: Any, axes: list[int], what: str) -> None:
         _require()
         self.lib, arr, self.wrapper = _lib_for(x)
-        d = _parse(arr)
+        self.device = self.lib.device(arr)
+        self.stream = self.lib.stream(arr, self.device)
+        d = self.lib.describe(arr, self.stream)
         self.dtype = d["dtype"]
         if self.dtype not in _FLOATS:
             raise TypeError(
                 f"{what}: dtype {self.dtype} is not supported on the CUDA path "
                 "(float32, float64, bfloat16, float16)"
             )
-        self.device = self.lib.device(arr)
-        self.stream = self.lib.stream(arr, self.device)
         shape = list(d["shape"])
         ndim = len(shape)
         self.shape = shape
@@ -348,7 +366,7 @@ class _Rows:
         view = None if self.moved else _rows_view(d, len(self.outer))
         if view is None:
             arr = self.lib.contiguous(self.lib.permute(arr, self.perm))
-            d = _parse(arr)
+            d = self.lib.describe(arr, self.stream)
             view = _rows_view(d, len(self.outer))
             assert view is not None
         self.arr = arr
@@ -356,6 +374,11 @@ class _Rows:
         self.rows, self.cols, self.ld = view
         self.outer_shape = [shape[a] for a in self.outer]
         self.moved_shape = [shape[a] for a in self.perm]
+
+    def parse(self, y: Any) -> dict[str, Any]:
+        if _library(y) == self.lib.name:
+            return self.lib.describe(y, self.stream)
+        return _parse(y, self.stream)
 
     def x_arg(self) -> tuple[int, int, int, int]:
         return (int(self.desc["ptr"]), self.rows, self.cols, self.ld)
@@ -373,14 +396,37 @@ class _Rows:
         return self.lib.permute(y, inv)
 
 
+def _span(d: dict[str, Any], esize: int) -> tuple[int, int]:
+    lo = hi = int(d["ptr"])
+    for n, st in zip(d["shape"], d["strides"]):
+        if n == 0:
+            return lo, lo
+        ext = (n - 1) * st * esize
+        if ext < 0:
+            lo += ext
+        else:
+            hi += ext
+    return lo, hi + esize
+
+
+_ESIZE = {"float32": 4, "float64": 8, "bfloat16": 2, "float16": 2}
+
+
 def _check_out(out: Any, shape: Sequence[int], r: _Rows) -> dict[str, Any]:
-    d = _parse(out)
+    d = r.parse(out)
     if list(d["shape"]) != list(shape):
         raise ValueError(f"out has shape {tuple(d['shape'])}, expected {tuple(shape)}")
     if d["dtype"] != r.dtype:
         raise TypeError(f"out has dtype {d['dtype']}, expected {r.dtype}")
     if d["readonly"]:
         raise ValueError("out is read-only")
+    es = _ESIZE[r.dtype]
+    a0, a1 = _span(d, es)
+    b0, b1 = _span(r.desc, es)
+    same = int(d["ptr"]) == int(r.desc["ptr"]) and tuple(d["strides"]) == tuple(
+        r.desc["strides"]) and tuple(d["shape"]) == tuple(r.desc["shape"])
+    if a0 < b1 and b0 < a1 and not same:
+        raise ValueError("out partially overlaps the input (only out=x, exactly, is allowed)")
     return d
 
 
@@ -389,24 +435,35 @@ def _check_out(out: Any, shape: Sequence[int], r: _Rows) -> dict[str, Any]:
 
 def _rowwise(op: str, x: Any, axis: AxisLike, out: Any, what: str) -> Any:
     lib0, arr0, _ = _lib_for(x)
-    ndim = len(_parse(arr0)["shape"])
-    if ndim == 0:
-        arr0 = lib0.reshape(arr0, (1,))
-        x, ndim = arr0, 1
+    ndim = lib0.ndim(arr0)
+    scalar = ndim == 0
+    if scalar:
+        x = lib0.reshape(arr0, (1,))
         axes = [0]
-        scalar = True
     else:
         axes = _norm_axes(axis, ndim)
-        scalar = False
     r = _Rows(x, axes, what)
-    y = r.lib.empty(r.moved_shape, r.arr)
-    yd = _parse(y)
-    _core._cuda_rows(op, r.dtype, r.place(), r.x_arg(), (int(yd["ptr"]), r.cols))
+    direct = None
+    if out is not None and not scalar:
+        od = _check_out(out, r.shape, r)
+        if not r.moved:
+            v = _rows_view(od, len(r.outer))
+            if v is not None and v[:2] == (r.rows, r.cols):
+                direct = (int(od["ptr"]), v[2])
+    if direct is not None:
+        y = out
+    else:
+        y = r.lib.empty(r.moved_shape, r.arr)
+        direct = (int(r.parse(y)["ptr"]), r.cols)
+    if r.rows > 0:
+        _core._cuda_rows(op, r.dtype, r.place(), r.x_arg(), direct)
+    if y is out:
+        return out
     y = r.unpermute(y)
     if scalar:
         y = r.lib.reshape(y, ())
     if out is not None:
-        _check_out(out, r.shape if not scalar else (), r)
+        _check_out(out, list(r.parse(y)["shape"]), r)
         r.lib.copy_into(out, y)
         return out
     return r.wrapper.wrap(y, x)
@@ -448,23 +505,31 @@ def logsumexp(
     if return_sign:
         raise NotImplementedError("logsumexp: return_sign=True is not supported on the CUDA path")
     lib0, arr0, _ = _lib_for(a)
-    d0 = _parse(arr0)
-    ndim = len(d0["shape"])
+    ndim = lib0.ndim(arr0)
     if ndim == 0:
         a = lib0.reshape(arr0, (1,))
         axes = [0]
     else:
         axes = _norm_axes(axis, ndim)
     r = _Rows(a, axes, "a")
-    y = r.lib.empty(r.outer_shape, r.arr)
-    if r.rows > 0:
-        yd = _parse(y)
-        _core._cuda_rows("logsumexp", r.dtype, r.place(), r.x_arg(), (int(yd["ptr"]), 1))
     if keepdims and ndim > 0:
-        shape = [1 if i in axes else n for i, n in enumerate(r.shape)]
-        y = r.lib.reshape(y, shape)
+        rshape = [1 if i in axes else n for i, n in enumerate(r.shape)]
+    else:
+        rshape = list(r.outer_shape)
+    y = None
     if out is not None:
-        _check_out(out, list(_parse(y)["shape"]), r)
+        od = _check_out(out, rshape, r)
+        if _rows_view(od, len(rshape)) in ((r.rows, 1, 1), (r.rows, 1, 0)) or r.rows <= 1:
+            y = out
+    if y is None:
+        y = r.lib.empty(r.outer_shape, r.arr)
+    if r.rows > 0:
+        _core._cuda_rows("logsumexp", r.dtype, r.place(), r.x_arg(),
+                         (int(r.parse(y)["ptr"]), 1))
+    if y is out:
+        return out
+    y = r.lib.reshape(y, rshape)
+    if out is not None:
         r.lib.copy_into(out, y)
         return out
     return r.wrapper.wrap(y, a)
@@ -554,13 +619,13 @@ def cross_entropy(
     if not math.isfinite(float(z_loss)):
         raise ValueError(f"z_loss must be finite, got {z_loss!r}")
     lib0, arr0, _ = _lib_for(logits)
-    ndim = len(_parse(arr0)["shape"])
+    ndim = lib0.ndim(arr0)
     if ndim == 0:
         raise ValueError("logits must have at least one dimension (the classes)")
     (ax,) = _norm_axes(axis, ndim)
     r = _Rows(logits, [ax], "logits")
     tlib, tarr, _ = _lib_for(target)
-    td = _parse(tarr)
+    td = tlib.describe(tarr)
     if td["dtype"] in _FLOATS:
         raise NotImplementedError(
             "cross_entropy: probability (soft-label) targets are not supported on the CUDA path"
@@ -574,19 +639,19 @@ def cross_entropy(
         )
     # One int per row, in the rows' order (the outer axes keep their order).
     tarr = tlib.contiguous(tarr)
-    td = _parse(tarr)
+    td = r.parse(tarr)
     if reduction == "none":
         loss = r.lib.empty(r.outer_shape, r.arr)
     else:
         loss = r.lib.empty((), r.arr)
     grad = r.lib.empty(r.moved_shape, r.arr) if return_grad else None
-    gptr = (int(_parse(grad)["ptr"]), r.cols) if grad is not None else None
+    gptr = (int(r.parse(grad)["ptr"]), r.cols) if grad is not None else None
     _core._cuda_cross_entropy(
         r.dtype,
         r.place(),
         r.x_arg(),
         (int(td["ptr"]), td["dtype"]),
-        (int(_parse(loss)["ptr"]), gptr),
+        (int(r.parse(loss)["ptr"]), gptr),
         (int(ignore_index), float(label_smoothing), float(z_loss), reduction),
     )
     loss = r.wrapper.wrap(loss, logits)

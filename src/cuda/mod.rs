@@ -318,6 +318,7 @@ struct Params {
 const FLAG_VEC: i32 = 1;
 const FLAG_GRAD: i32 = 2;
 const FLAG_TGT64: i32 = 4;
+const FLAG_MEAN: i32 = 8;
 
 /// Where to run: device ordinal and the raw `CUstream` handle (0 = legacy default stream,
 /// 1 = `CU_STREAM_LEGACY`, 2 = `CU_STREAM_PER_THREAD`, else a stream of that device).
@@ -408,7 +409,7 @@ impl Drop for Scratch {
 pub enum Tier {
     /// One warp per row, 8 rows per 256-thread block.
     Warp,
-    /// One block of `threads` per row.
+    /// One block of `threads` (at most 512) per row.
     Block { threads: u32 },
     /// `nchunks` chunks of `chunk` elements per row, one 512-thread block each.
     Split { chunk: i64, nchunks: i64 },
@@ -423,13 +424,7 @@ pub fn choose_tier(rows: i64, cols: i64, sms: i32) -> Tier {
     let sms = sms.max(1) as i64;
     let few_rows = rows < 2 * sms;
     if cols <= 32768 && !(few_rows && cols >= 8192) {
-        let threads = if cols <= 4096 {
-            256
-        } else if cols <= 16384 {
-            512
-        } else {
-            1024
-        };
+        let threads = if cols <= 4096 { 256 } else { 512 };
         return Tier::Block { threads };
     }
     let want = ((4 * sms + rows - 1) / rows).max(1);
@@ -645,7 +640,9 @@ pub unsafe fn cross_entropy(
             y: grad.map_or(0, |g| g.0),
             tgt: targets.ptr,
             loss: loss_rows,
-            count: if mean { count } else { 0 },
+            // The gradient of "mean" needs the count before the main kernel; the loss alone
+            // gets it from the reduction kernel's own pass over the targets.
+            count: if mean && grad.is_some() { count } else { 0 },
             rows: x.rows,
             cols: x.cols,
             ldx: x.ld,
@@ -657,13 +654,17 @@ pub unsafe fn cross_entropy(
             flags,
             ..Params::default()
         };
-        if mean {
+        if mean && grad.is_some() {
             l.launch("xent_count", 1, 1024, &p)?;
         }
         if x.rows > 0 {
             run_rows(&dev, dtype, &l, "xent", grad.is_some(), p)?;
         }
-        let q = Params { y: loss, ..p };
+        let q = Params {
+            y: loss,
+            flags: p.flags | if mean { FLAG_MEAN } else { 0 },
+            ..p
+        };
         match opt.reduction {
             LossReduction::None => l.launch("xent_cast", (x.rows + 255) / 256, 256, &q),
             _ => l.launch("xent_reduce", 1, 1024, &q),
@@ -721,7 +722,7 @@ mod tests {
         assert_eq!(choose_tier(1000, 10, 132), Tier::Warp);
         assert_eq!(choose_tier(1000, 1024, 132), Tier::Warp);
         assert_eq!(choose_tier(4096, 4096, 132), Tier::Block { threads: 256 });
-        assert_eq!(choose_tier(4096, 32768, 132), Tier::Block { threads: 1024 });
+        assert_eq!(choose_tier(4096, 32768, 132), Tier::Block { threads: 512 });
         match choose_tier(64, 262144, 132) {
             Tier::Split { chunk, nchunks } => {
                 assert!(chunk * nchunks >= 262144 && chunk % 64 == 0);

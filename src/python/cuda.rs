@@ -366,6 +366,39 @@ fn parse_capsule(cap: &Bound<'_, PyCapsule>) -> PyResult<Parsed> {
     })
 }
 
+/// Calls `obj.__dlpack__(stream=...)` (versioned first) after checking it is on a CUDA device.
+/// Stream 0 (the legacy default stream as a raw handle) is passed as DLPack's 1.
+fn parse_dlpack_object<'py>(
+    py: Python<'py>,
+    obj: &Bound<'py, PyAny>,
+    stream: Option<i64>,
+) -> PyResult<(Parsed, Bound<'py, PyAny>)> {
+    let dev = obj.call_method0("__dlpack_device__")?;
+    let (dt, _id): (i32, i32) = dev.extract()?;
+    if dt != KDL_CUDA && dt != KDL_CUDA_MANAGED {
+        return Err(PyValueError::new_err(format!(
+            "array is on DLPack device type {dt} (1 = CPU), not CUDA (2)"
+        )));
+    }
+    let stream = stream.map(|s| if s == 0 { 1 } else { s });
+    let kw = PyDict::new(py);
+    kw.set_item("stream", stream)?;
+    kw.set_item("max_version", (1, 0))?;
+    let cap = match obj.call_method("__dlpack__", (), Some(&kw)) {
+        Ok(c) => c,
+        Err(e) if e.is_instance_of::<PyTypeError>(py) => {
+            let kw = PyDict::new(py);
+            kw.set_item("stream", stream)?;
+            obj.call_method("__dlpack__", (), Some(&kw))?
+        }
+        Err(e) => return Err(e),
+    };
+    let capb = cap
+        .cast::<PyCapsule>()
+        .map_err(|_| PyTypeError::new_err("__dlpack__ did not return a capsule"))?;
+    Ok((parse_capsule(capb)?, cap.clone()))
+}
+
 /// Describes a CUDA array without copying or taking ownership.
 ///
 /// `obj` may be a dict in `__cuda_array_interface__` form, an object exposing it, a DLPack
@@ -385,10 +418,14 @@ fn _cuda_parse<'py>(
     } else if obj.cast::<PyDict>().is_ok() {
         (parse_cai(obj)?, obj.clone())
     } else {
-        let cai = obj.getattr("__cuda_array_interface__");
         let has_dlpack = obj.hasattr("__dlpack__")?;
+        // CAI first (zero cost); DLPack when CAI is missing or cannot express the array (torch
+        // bfloat16 reports typestr "<V2").
+        let cai = obj
+            .getattr("__cuda_array_interface__")
+            .and_then(|d| parse_cai(&d));
         match cai {
-            Ok(d) => (parse_cai(&d)?, obj.clone()),
+            Ok(p) => (p, obj.clone()),
             Err(e) if !has_dlpack => {
                 if e.is_instance_of::<pyo3::exceptions::PyAttributeError>(py) {
                     return Err(PyTypeError::new_err(format!(
@@ -398,31 +435,13 @@ fn _cuda_parse<'py>(
                 }
                 return Err(e);
             }
-            Err(_) => {
-                let dev = obj.call_method0("__dlpack_device__")?;
-                let (dt, _id): (i32, i32) = dev.extract()?;
-                if dt != KDL_CUDA && dt != KDL_CUDA_MANAGED {
-                    return Err(PyValueError::new_err(format!(
-                        "array is on DLPack device type {dt} (1 = CPU), not CUDA (2)"
-                    )));
-                }
-                let kw = PyDict::new(py);
-                kw.set_item("stream", stream)?;
-                kw.set_item("max_version", (1, 0))?;
-                let cap = match obj.call_method("__dlpack__", (), Some(&kw)) {
-                    Ok(c) => c,
-                    Err(e) if e.is_instance_of::<PyTypeError>(py) => {
-                        let kw = PyDict::new(py);
-                        kw.set_item("stream", stream)?;
-                        obj.call_method("__dlpack__", (), Some(&kw))?
-                    }
-                    Err(e) => return Err(e),
-                };
-                let capb = cap
-                    .cast::<PyCapsule>()
-                    .map_err(|_| PyTypeError::new_err("__dlpack__ did not return a capsule"))?;
-                (parse_capsule(capb)?, cap.clone())
+            Err(e)
+                if !(e.is_instance_of::<pyo3::exceptions::PyAttributeError>(py)
+                    || e.is_instance_of::<PyTypeError>(py)) =>
+            {
+                return Err(e)
             }
+            Err(_) => parse_dlpack_object(py, obj, stream)?,
         }
     };
     let d = PyDict::new(py);

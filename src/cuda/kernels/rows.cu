@@ -38,6 +38,7 @@ struct slse_f16 { slse_u16 bits; };
 #define SLSE_VEC 1
 #define SLSE_GRAD 2
 #define SLSE_TGT64 4
+#define SLSE_MEAN 8
 
 // Kernel parameters, one struct passed by value; mirrored by `Params` in src/cuda/mod.rs
 // (all fields 8 bytes wide except the trailing four 4-byte ones, so both sides agree).
@@ -291,7 +292,19 @@ __device__ __forceinline__ void visit(const T* __restrict__ row, slse_i64 b, sls
         v[0] = slse_load(row + j);
         f(IC<1>(), v, j);
     }
-    for (slse_i64 j = vb + (slse_i64)tid * N; j < ve; j += (slse_i64)nthr * N) {
+    // U independent 16-byte loads in flight per thread before any arithmetic: one load at a
+    // time leaves HBM latency exposed at the occupancy these kernels run at.
+    constexpr int U = 4;
+    const slse_i64 step = (slse_i64)nthr * N;
+    slse_i64 j = vb + (slse_i64)tid * N;
+    for (; j + (U - 1) * step < ve; j += U * step) {
+        A v[U][N];
+#pragma unroll
+        for (int u = 0; u < U; u++) vload(row + j + u * step, v[u]);
+#pragma unroll
+        for (int u = 0; u < U; u++) f(IC<N>(), v[u], j + u * step);
+    }
+    for (; j < ve; j += step) {
         A v[N];
         vload(row + j, v);
         f(IC<N>(), v, j);
@@ -343,7 +356,10 @@ __device__ __forceinline__ void range_write(const Params& p, slse_i64 r, slse_i6
             if (OP == SLSE_OP_SOFTMAX) {
                 o[i] = finite ? slse_exp(d) * inv : nan;
             } else if (OP == SLSE_OP_LOG_SOFTMAX) {
-                o[i] = finite ? d - l1 : nan;
+                // scipy: a +inf maximum gives -inf for the finite entries, NaN for the +inf ones.
+                A pinf = slse_pinf(A(0));
+                o[i] = finite ? d - l1
+                              : (s.m == pinf ? (v[i] == pinf ? nan : slse_ninf(A(0))) : nan);
             } else {
                 A g = slse_exp(d) * pm - off;
                 if (j + i == t) g -= hit;
@@ -499,18 +515,32 @@ __device__ __forceinline__ void count_targets(const Params& p) {
     }
 }
 
-// Deterministic reduction of the per-row losses (fixed order): y[0] = sum or sum / count.
+// Deterministic reduction of the per-row losses (fixed order): y[0] = sum, or for "mean" the
+// sum over the number of targets != ignore_index, counted in the same pass.
 template <typename T> __device__ __forceinline__ void reduce_loss(const Params& p) {
-    __shared__ double sh[32];
-    double acc = 0;
-    for (slse_i64 r = threadIdx.x; r < p.rows; r += blockDim.x) acc += (double)p.loss[r];
-    for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
-    if ((threadIdx.x & 31) == 0) sh[threadIdx.x >> 5] = acc;
+    __shared__ double sh[32], shn[32];
+    double acc = 0, n = 0;
+    bool mean = (p.flags & SLSE_MEAN) != 0;
+    for (slse_i64 r = threadIdx.x; r < p.rows; r += blockDim.x) {
+        acc += (double)p.loss[r];
+        if (mean) n += (load_target<T>(p, r) != p.ignore_index) ? 1.0 : 0.0;
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+        acc += __shfl_xor_sync(0xffffffffu, acc, o);
+        n += __shfl_xor_sync(0xffffffffu, n, o);
+    }
+    if ((threadIdx.x & 31) == 0) {
+        sh[threadIdx.x >> 5] = acc;
+        shn[threadIdx.x >> 5] = n;
+    }
     __syncthreads();
     if (threadIdx.x == 0) {
-        double tot = 0;
-        for (int i = 0; i < (int)(blockDim.x >> 5); i++) tot += sh[i];
-        if (p.count) tot = tot / (double)(*p.count);
+        double tot = 0, cnt = 0;
+        for (int i = 0; i < (int)(blockDim.x >> 5); i++) {
+            tot += sh[i];
+            cnt += shn[i];
+        }
+        if (mean) tot = tot / cnt;
         slse_store((T*)p.y, (typename Acc<T>::type)tot);
     }
 }
@@ -528,16 +558,16 @@ template <typename T> __device__ __forceinline__ void cast_loss(const Params& p)
 #endif
 
 #define SLSE_TIERS(NAME, OP)                                                                \
-    extern "C" __global__ void __launch_bounds__(1024) NAME##_warp(Params p) {            \
+    extern "C" __global__ void __launch_bounds__(512) NAME##_warp(Params p) {            \
         warp_rows<OP, SLSE_T>(p);                                                           \
     }                                                                                       \
-    extern "C" __global__ void __launch_bounds__(1024) NAME##_block(Params p) {           \
+    extern "C" __global__ void __launch_bounds__(512) NAME##_block(Params p) {           \
         block_rows<OP, SLSE_T>(p);                                                          \
     }                                                                                       \
-    extern "C" __global__ void __launch_bounds__(1024) NAME##_partial(Params p) {         \
+    extern "C" __global__ void __launch_bounds__(512) NAME##_partial(Params p) {         \
         partial_rows<OP, SLSE_T>(p);                                                        \
     }                                                                                       \
-    extern "C" __global__ void __launch_bounds__(1024) NAME##_final(Params p) {           \
+    extern "C" __global__ void __launch_bounds__(512) NAME##_final(Params p) {           \
         final_rows<OP, SLSE_T>(p);                                                          \
     }
 
