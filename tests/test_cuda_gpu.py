@@ -30,7 +30,10 @@ TOL = {
     "bfloat16": (1.6e-2, 1e-2),
     "float16": (2e-3, 1e-3),
 }
-SHAPES = [(513, 10), (130, 1000), (40, 32768), (6, 262144), (3, 4097)]
+# Tiers: warp (10, 1000), cached block (2048, 8192), cluster of 8 (few rows of 32768, 262144),
+# unaligned rows -> re-reading block (4097), split rows (300000).
+SHAPES = [(513, 10), (130, 1000), (300, 2048), (300, 8192), (40, 32768), (6, 262144),
+          (3, 4097), (2, 300000)]
 
 
 def randn(shape, dtype, scale=3.0, seed=0):
@@ -139,6 +142,8 @@ def test_axes_keepdims_views_out_and_inplace():
     ref = torch.softmax(w.double(), -1)
     scuda.softmax(w, axis=-1, out=w)
     close(w, ref, "float32")
+    u = w[:, 3:3003]  # rows not 16-byte aligned: the re-reading block tier
+    close(scuda.softmax(u, axis=-1), torch.softmax(u.double(), -1), "float32")
     with pytest.raises(ValueError, match="shape"):
         scuda.softmax(x, axis=-1, out=torch.empty(3, device="cuda"))
 
@@ -159,7 +164,9 @@ def test_unsupported_options_raise():
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
-@pytest.mark.parametrize("shape", [(257, 10), (64, 1000), (16, 32768), (4, 262144)])
+@pytest.mark.parametrize(
+    "shape", [(257, 10), (64, 1000), (300, 4096), (16, 32768), (4, 262144), (3, 300001)]
+)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_cross_entropy_vs_torch(shape, dtype, reduction):
     n, c = shape

@@ -78,7 +78,13 @@ impl DType {
 
 /// The source NVRTC compiles for one element type.
 pub fn kernel_source(dtype: DType) -> String {
-    format!("#define SLSE_T {}\n{}", dtype.c_type(), ROWS_CU)
+    // The shared-memory-cached tiers hold float32; float64 rows use the re-reading tiers.
+    let extra = if dtype == DType::F64 {
+        "#define SLSE_NO_CACHED\n"
+    } else {
+        ""
+    };
+    format!("#define SLSE_T {}\n{extra}{}", dtype.c_type(), ROWS_CU)
 }
 
 /// Compiles the kernels of one element type for `arch` (`"sm_80"`, `"sm_90"`) and returns
@@ -175,12 +181,16 @@ struct Device {
     ctx: sys::CUcontext,
     cc: (i32, i32),
     sms: i32,
+    /// Largest dynamic shared memory one block may opt in to, less our static use.
+    smem_optin: u32,
     modules: Mutex<HashMap<DType, Arc<Module>>>,
 }
 
 struct Module {
     module: sys::CUmodule,
     functions: Mutex<HashMap<&'static str, sys::CUfunction>>,
+    /// Dynamic shared memory limit raised per function (bytes).
+    smem_set: Mutex<HashMap<&'static str, u32>>,
 }
 
 // SAFETY: CUDA contexts, modules and functions are process-wide handles usable from any
@@ -215,6 +225,9 @@ fn device(ordinal: i32) -> Result<Arc<Device>, String> {
         attr(CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?,
     );
     let sms = attr(CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
+    let optin = attr(CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?;
+    // Static shared memory of the cached kernels is under 1 KiB.
+    let smem_optin = (optin.max(0) as u32).saturating_sub(1024);
     // The primary context is retained for the life of the process (never released): the
     // frameworks whose memory we address share it.
     // SAFETY: d comes from cuDeviceGet.
@@ -224,6 +237,7 @@ fn device(ordinal: i32) -> Result<Arc<Device>, String> {
         ctx,
         cc,
         sms,
+        smem_optin,
         modules: Mutex::new(HashMap::new()),
     });
     devs.insert(ordinal, dev.clone());
@@ -270,6 +284,7 @@ impl Device {
         let m = Arc::new(Module {
             module,
             functions: Mutex::new(HashMap::new()),
+            smem_set: Mutex::new(HashMap::new()),
         });
         mods.insert(dtype, m.clone());
         Ok(m)
@@ -360,7 +375,58 @@ struct Launcher<'a> {
 }
 
 impl Launcher<'_> {
+    /// Launches with `smem` bytes of dynamic shared memory, raising the kernel's limit first
+    /// when it is above the default 48 KiB.
+    fn launch_smem(
+        &self,
+        name: &'static str,
+        grid: i64,
+        block: u32,
+        smem: u32,
+        dev: &Device,
+        p: &Params,
+    ) -> Result<(), String> {
+        if smem > 48 * 1024 {
+            let f = self.module.function(name)?;
+            let mut raised = self
+                .module
+                .smem_set
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if raised.get(name).copied().unwrap_or(0) < smem {
+                if smem > dev.smem_optin {
+                    return Err(format!(
+                        "{name}: {smem} bytes of shared memory exceed the device's {}",
+                        dev.smem_optin
+                    ));
+                }
+                // SAFETY: f is a live function of a loaded module.
+                unsafe {
+                    result::function::set_function_attribute(
+                        f,
+                        sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                        dev.smem_optin as i32,
+                    )
+                }
+                .map_err(|e| derr(&format!("cuFuncSetAttribute({name})"), e))?;
+                raised.insert(name, dev.smem_optin);
+            }
+        }
+        self.launch_with(name, grid, block, smem, p)
+    }
+
     fn launch(&self, name: &'static str, grid: i64, block: u32, p: &Params) -> Result<(), String> {
+        self.launch_with(name, grid, block, 0, p)
+    }
+
+    fn launch_with(
+        &self,
+        name: &'static str,
+        grid: i64,
+        block: u32,
+        smem: u32,
+        p: &Params,
+    ) -> Result<(), String> {
         if grid <= 0 {
             return Ok(());
         }
@@ -371,8 +437,10 @@ impl Launcher<'_> {
         let mut args = [&mut pc as *mut Params as *mut c_void];
         // SAFETY: the kernel takes one `Params` by value, mirrored above; the pointers in it
         // are device addresses the caller vouched for (see the callers' safety contracts).
-        unsafe { result::launch_kernel(f, (grid, 1, 1), (block, 1, 1), 0, self.stream, &mut args) }
-            .map_err(|e| derr(&format!("launch of {name}"), e))
+        unsafe {
+            result::launch_kernel(f, (grid, 1, 1), (block, 1, 1), smem, self.stream, &mut args)
+        }
+        .map_err(|e| derr(&format!("launch of {name}"), e))
     }
 }
 
@@ -404,25 +472,71 @@ impl Drop for Scratch {
     }
 }
 
-/// Launch geometry for `rows x cols`: which tier and how the split tier chunks a row.
+/// Launch geometry for `rows x cols`: which tier and how the split tiers chunk a row.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Tier {
     /// One warp per row, 8 rows per 256-thread block.
     Warp,
-    /// One block of `threads` (at most 512) per row.
+    /// One block of `threads` (at most 512) per row, re-reading the row for a second pass.
     Block { threads: u32 },
+    /// One block per row, the row cached in shared memory between the passes.
+    Cached { threads: u32 },
+    /// A cluster of 8 blocks per row (sm_90), each caching a `chunk` of it.
+    Cluster8 { chunk: i64 },
     /// `nchunks` chunks of `chunk` elements per row, one 512-thread block each.
     Split { chunk: i64, nchunks: i64 },
 }
 
-/// Picks the tier: warps for rows of at most 1024, blocks while there are enough rows to
-/// fill the device and a row is at most 32k elements, split rows otherwise.
-pub fn choose_tier(rows: i64, cols: i64, sms: i32) -> Tier {
-    if cols <= 1024 {
+/// What the tier choice depends on besides the shape.
+#[derive(Clone, Copy, Debug)]
+pub struct TierFacts {
+    /// Multiprocessors on the device.
+    pub sms: i32,
+    /// The op writes per-element outputs (a second pass over the row).
+    pub pass2: bool,
+    /// Rows and outputs are 16-byte aligned and the type is 16/32-bit: the cached tiers apply.
+    pub cacheable: bool,
+    /// Thread-block clusters are available (compute capability 9.0 and up).
+    pub clusters: bool,
+}
+
+const CACHED_MAX: i64 = 32768;
+
+/// `STABLELSE_CUDA_WARP_MAX`, read once: overrides the longest row given to one warp (for
+/// tuning on new devices).
+fn warp_max() -> Option<i64> {
+    static W: std::sync::OnceLock<Option<i64>> = std::sync::OnceLock::new();
+    *W.get_or_init(|| {
+        std::env::var("STABLELSE_CUDA_WARP_MAX")
+            .ok()
+            .and_then(|v| v.parse().ok())
+    })
+}
+
+/// Picks the tier. Read-only ops (logsumexp, the loss alone): a warp per row up to 4096, a
+/// block per row up to 32k (while the rows fill the device), split rows beyond, merged by a
+/// second tiny pass. Ops with outputs per element: a warp per row up to 1024, then the row
+/// cached in shared memory (up to 32k), then clusters of 8 blocks caching a chunk each (up to
+/// 256k on sm_90), so a row is read from memory once; beyond that (or unaligned rows, or
+/// float64) the block and split tiers re-read it.
+pub fn choose_tier(rows: i64, cols: i64, f: TierFacts) -> Tier {
+    let sms = f.sms.max(1) as i64;
+    let few_rows = rows < 2 * sms;
+    let warp_limit = if f.pass2 { 1024 } else { 4096 };
+    if cols <= warp_max().unwrap_or(warp_limit) {
         return Tier::Warp;
     }
-    let sms = sms.max(1) as i64;
-    let few_rows = rows < 2 * sms;
+    if f.pass2 && f.cacheable {
+        let want_cluster = f.clusters && (cols > CACHED_MAX || (few_rows && cols >= 8192));
+        if cols <= CACHED_MAX && !want_cluster {
+            let threads = if cols <= 4096 { 256 } else { 512 };
+            return Tier::Cached { threads };
+        }
+        if want_cluster && cols <= 8 * CACHED_MAX {
+            let chunk = ((cols + 7) / 8 + 7) / 8 * 8;
+            return Tier::Cluster8 { chunk };
+        }
+    }
     if cols <= 32768 && !(few_rows && cols >= 8192) {
         let threads = if cols <= 4096 { 256 } else { 512 };
         return Tier::Block { threads };
@@ -490,12 +604,37 @@ fn run_rows(
             ("xent", "warp") => "xent_warp",
             ("xent", "block") => "xent_block",
             ("xent", "partial") => "xent_partial",
+            ("softmax", "cached") => "softmax_cached",
+            ("log_softmax", "cached") => "log_softmax_cached",
+            ("xent", "cached") => "xent_cached",
+            ("softmax", "cluster8") => "softmax_cluster8",
+            ("log_softmax", "cluster8") => "log_softmax_cluster8",
+            ("xent", "cluster8") => "xent_cluster8",
             _ => "xent_final",
         }
     };
-    match choose_tier(p.rows, p.cols, dev.sms) {
+    let es = dtype.size() as i64;
+    let aligned = |ptr: u64, ld: i64| ptr.is_multiple_of(16) && (ld * es) % 16 == 0;
+    let facts = TierFacts {
+        sms: dev.sms,
+        pass2: needs_pass2,
+        cacheable: dtype != DType::F64
+            && aligned(p.x, p.ldx)
+            && (!needs_pass2 || aligned(p.y, p.ldy)),
+        clusters: dev.cc.0 >= 9,
+    };
+    match choose_tier(p.rows, p.cols, facts) {
         Tier::Warp => l.launch(name("warp"), (p.rows + 7) / 8, 256, &p),
         Tier::Block { threads } => l.launch(name("block"), p.rows, threads, &p),
+        Tier::Cached { threads } => {
+            let smem = (p.cols * 4) as u32;
+            l.launch_smem(name("cached"), p.rows, threads, smem, dev, &p)
+        }
+        Tier::Cluster8 { chunk } => {
+            p.chunk = chunk;
+            let smem = (chunk * 4) as u32;
+            l.launch_smem(name("cluster8"), p.rows * 8, 512, smem, dev, &p)
+        }
         Tier::Split { chunk, nchunks } => {
             let ws = Scratch::new(
                 (p.rows as usize) * (nchunks as usize) * 4 * dtype.acc_size(),
@@ -719,17 +858,41 @@ mod tests {
 
     #[test]
     fn tiers() {
-        assert_eq!(choose_tier(1000, 10, 132), Tier::Warp);
-        assert_eq!(choose_tier(1000, 1024, 132), Tier::Warp);
-        assert_eq!(choose_tier(4096, 4096, 132), Tier::Block { threads: 256 });
-        assert_eq!(choose_tier(4096, 32768, 132), Tier::Block { threads: 512 });
-        match choose_tier(64, 262144, 132) {
+        let ro = TierFacts {
+            sms: 132,
+            pass2: false,
+            cacheable: true,
+            clusters: true,
+        };
+        let rw = TierFacts { pass2: true, ..ro };
+        let rw80 = TierFacts {
+            clusters: false,
+            ..rw
+        };
+        assert_eq!(choose_tier(1000, 10, ro), Tier::Warp);
+        assert_eq!(choose_tier(1000, 4096, ro), Tier::Warp);
+        assert_eq!(choose_tier(1000, 1024, rw), Tier::Warp);
+        assert_eq!(choose_tier(4096, 4096, rw), Tier::Cached { threads: 256 });
+        assert_eq!(choose_tier(4096, 32768, ro), Tier::Block { threads: 512 });
+        assert_eq!(choose_tier(4096, 32768, rw), Tier::Cached { threads: 512 });
+        assert_eq!(choose_tier(64, 262144, rw), Tier::Cluster8 { chunk: 32768 });
+        assert_eq!(choose_tier(8, 16384, rw), Tier::Cluster8 { chunk: 2048 });
+        assert!(matches!(choose_tier(64, 262144, rw80), Tier::Split { .. }));
+        let unaligned = TierFacts {
+            cacheable: false,
+            ..rw
+        };
+        assert_eq!(
+            choose_tier(4096, 4096, unaligned),
+            Tier::Block { threads: 256 }
+        );
+        match choose_tier(64, 262144, ro) {
             Tier::Split { chunk, nchunks } => {
                 assert!(chunk * nchunks >= 262144 && chunk % 64 == 0);
                 assert!(64 * nchunks >= 4 * 132);
             }
             t => panic!("{t:?}"),
         }
-        assert!(matches!(choose_tier(4, 16384, 132), Tier::Split { .. }));
+        assert!(matches!(choose_tier(4, 16384, ro), Tier::Split { .. }));
     }
 }

@@ -172,6 +172,42 @@ __device__ __forceinline__ float slse_exp(float d) {
 }
 __device__ __forceinline__ double slse_exp(double d) { return exp(d); }
 
+// exp(x - m) for the per-element hot loops, by input type. `m2` is m * log2(e).
+//  - float32: the rounding error of (x - m) * log2(e) is fed back to first order (within a few
+//    ULPs); d is clamped at -200 so -inf (and NaN, which only occurs when m is NaN or +inf and
+//    the row's result is decided by m) cannot reach the correction; results below FLT_MIN
+//    flush to zero (ex2.approx.ftz).
+//  - bfloat16 / float16: one FFMA and one ex2 in the log2 domain; the error (about
+//    |m| * 2^-24 relative) is far below a 16-bit ULP for any |x| < 1e4.
+//  - float64: exp.
+template <typename T> struct ElemExp {
+    static __device__ __forceinline__ float run(float x, float m, float) {
+        const float L2E_HI = 1.44269502162933349609375f;
+        const float L2E_LO = 1.925963033500011079e-8f;
+        float d = fmaxf(x - m, -200.f);
+        float t = d * L2E_HI;
+        float c = fmaf(d, L2E_HI, -t);
+        c = fmaf(d, L2E_LO, c);
+        float y;
+        asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(t));
+        return fmaf(y, c * 0.6931471805599453f, y);
+    }
+};
+template <> struct ElemExp<double> {
+    static __device__ __forceinline__ double run(double x, double m, double) { return exp(x - m); }
+};
+__device__ __forceinline__ float slse_exp2_fast(float x, float m2) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(fmaf(x, 1.44269504088896341f, -m2)));
+    return y;
+}
+template <> struct ElemExp<slse_bf16> {
+    static __device__ __forceinline__ float run(float x, float, float m2) { return slse_exp2_fast(x, m2); }
+};
+template <> struct ElemExp<slse_f16> {
+    static __device__ __forceinline__ float run(float x, float, float m2) { return slse_exp2_fast(x, m2); }
+};
+
 __device__ __forceinline__ float slse_maxnan(float a, float b) {
     float r;
     asm("max.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
@@ -197,32 +233,55 @@ template <typename A> __device__ __forceinline__ State<A> state_empty() {
     return s;
 }
 
-// Adds K values: a new maximum rescales the old total and becomes the new "1".
-template <int K, bool SX, typename A>
-__device__ __forceinline__ void state_push(State<A>& s, const A* v) {
+// One thread's accumulator: the total is cnt + e, where cnt counts the elements equal to the
+// running max m (each contributes exactly 1) and e sums the others, so no 1 ever swallows a tiny
+// term; it becomes a State with excess e + (cnt - 1).
+template <typename A> struct Lane {
+    A m, m2, e, cnt, sx;
+};
+
+template <typename A> __device__ __forceinline__ Lane<A> lane_empty() {
+    Lane<A> l;
+    l.m = slse_ninf(A(0));
+    l.m2 = l.m;
+    l.e = A(0);
+    l.cnt = A(0);
+    l.sx = A(0);
+    return l;
+}
+
+template <typename A> __device__ __forceinline__ State<A> lane_state(const Lane<A>& l) {
+    State<A> s;
+    s.m = l.m;
+    s.e = l.e + (l.cnt - A(1));
+    s.sx = l.sx;
+    return s;
+}
+
+// Adds K values: a new maximum rescales the old total.
+template <typename T, int K, bool SX, typename A>
+__device__ __forceinline__ void lane_push(Lane<A>& l, const A* v) {
     A vm = v[0];
 #pragma unroll
     for (int i = 1; i < K; i++) vm = slse_maxnan(vm, v[i]);
     if (SX) {
 #pragma unroll
-        for (int i = 0; i < K; i++) s.sx += v[i];
+        for (int i = 0; i < K; i++) l.sx += v[i];
     }
     if (vm == slse_ninf(A(0))) return;
-    A mn = slse_maxnan(s.m, vm);
-    bool skip = false;
-    if (!(mn == s.m)) {
-        s.e = (A(1) + s.e) * slse_exp(s.m - mn);
-        s.m = mn;
-        skip = true;
+    A mn = slse_maxnan(l.m, vm);
+    if (!(mn == l.m)) {
+        l.e = (l.e + l.cnt) * slse_exp(l.m - mn);
+        l.cnt = A(0);
+        l.m = mn;
+        l.m2 = mn * A(1.4426950408889634);
     }
 #pragma unroll
     for (int i = 0; i < K; i++) {
-        A ev = slse_exp(v[i] - s.m);
-        if (skip && v[i] == s.m) {
-            skip = false;
-            ev = A(0);
-        }
-        s.e += ev;
+        A ev = ElemExp<T>::run(v[i], l.m, l.m2);
+        bool tie = v[i] == l.m;
+        l.e += tie ? A(0) : ev;
+        l.cnt += tie ? A(1) : A(0);
     }
 }
 
@@ -320,48 +379,50 @@ template <typename T, bool SX>
 __device__ __forceinline__ State<typename Acc<T>::type> range_state(const T* row, slse_i64 b, slse_i64 e,
                                                                     int tid, int nthr, bool vec) {
     typedef typename Acc<T>::type A;
-    State<A> s = state_empty<A>();
+    Lane<A> l = lane_empty<A>();
     visit(row, b, e, tid, nthr, vec, [&](auto k, const A* v, slse_i64) {
-        state_push<decltype(k)::value, SX>(s, v);
+        lane_push<T, decltype(k)::value, SX>(l, v);
     });
-    return s;
+    return lane_state(l);
 }
 
-// Writes the outputs of elements [b, e) of one row, given the row's merged state.
-template <int OP, typename T>
-__device__ __forceinline__ void range_write(const Params& p, slse_i64 r, slse_i64 b, slse_i64 e, int tid,
-                                           int nthr, State<typename Acc<T>::type> s, slse_i64 t,
-                                           typename Acc<T>::type gscale) {
+// The per-element outputs of one row, given the row's merged state.
+template <int OP, typename T> struct Writer {
     typedef typename Acc<T>::type A;
-    const T* row = (const T*)p.x + r * p.ldx;
-    T* out = (T*)p.y + r * p.ldy;
-    bool vec = (p.flags & SLSE_VEC) != 0;
-    bool finite = s.m > slse_ninf(A(0)) && s.m < slse_pinf(A(0));
-    A l1 = slse_log1p(s.e);
-    A inv = A(1) / (A(1) + s.e);
-    A nan = slse_nan(A(0));
-    // cross-entropy gradient: scale * (p_j (1 + 2 z lse) - eps / C - (1 - eps) [j == t])
-    A lse = s.m + l1;
-    A pm = gscale * inv * (A(1) + A(2) * A(p.z) * lse);
-    A off = gscale * A(p.eps) / A(p.cols);
-    A hit = gscale * (A(1) - A(p.eps));
-    bool ignored = (OP == SLSE_OP_XENT) && t == p.ignore_index;
-    bool badt = (OP == SLSE_OP_XENT) && !ignored && (t < 0 || t >= p.cols);
-    visit(row, b, e, tid, nthr, vec, [&](auto k, const A* v, slse_i64 j) {
-        constexpr int K = decltype(k)::value;
+    A m, m2, l1, inv, nan, pm, off, hit;
+    bool finite, ignored, badt;
+    slse_i64 t;
+
+    __device__ __forceinline__ Writer(const Params& p, State<A> s, slse_i64 t_, A gscale) {
+        t = t_;
+        m = s.m;
+        finite = s.m > slse_ninf(A(0)) && s.m < slse_pinf(A(0));
+        l1 = slse_log1p(s.e);
+        inv = A(1) / (A(1) + s.e);
+        nan = slse_nan(A(0));
+        m2 = s.m * A(1.4426950408889634);
+        // cross-entropy gradient: scale * (p_j (1 + 2 z lse) - eps / C - (1 - eps) [j == t])
+        A lse = s.m + l1;
+        pm = gscale * inv * (A(1) + A(2) * A(p.z) * lse);
+        off = gscale * A(p.eps) / A(p.cols);
+        hit = gscale * (A(1) - A(p.eps));
+        ignored = (OP == SLSE_OP_XENT) && t == p.ignore_index;
+        badt = (OP == SLSE_OP_XENT) && !ignored && (t < 0 || t >= p.cols);
+    }
+
+    template <int K> __device__ __forceinline__ void apply(const A* v, slse_i64 j, T* out) const {
         A o[K];
 #pragma unroll
         for (int i = 0; i < K; i++) {
-            A d = v[i] - s.m;
             if (OP == SLSE_OP_SOFTMAX) {
-                o[i] = finite ? slse_exp(d) * inv : nan;
+                o[i] = finite ? ElemExp<T>::run(v[i], m, m2) * inv : nan;
             } else if (OP == SLSE_OP_LOG_SOFTMAX) {
                 // scipy: a +inf maximum gives -inf for the finite entries, NaN for the +inf ones.
                 A pinf = slse_pinf(A(0));
-                o[i] = finite ? d - l1
-                              : (s.m == pinf ? (v[i] == pinf ? nan : slse_ninf(A(0))) : nan);
+                o[i] = finite ? (v[i] - m) - l1
+                              : (m == pinf ? (v[i] == pinf ? nan : slse_ninf(A(0))) : nan);
             } else {
-                A g = slse_exp(d) * pm - off;
+                A g = ElemExp<T>::run(v[i], m, m2) * pm - off;
                 if (j + i == t) g -= hit;
                 o[i] = ignored ? A(0) : ((finite && !badt) ? g : nan);
             }
@@ -371,6 +432,21 @@ __device__ __forceinline__ void range_write(const Params& p, slse_i64 r, slse_i6
         } else {
             vstore(out + j, o);
         }
+    }
+};
+
+// Writes the outputs of elements [b, e) of one row, re-reading the input.
+template <int OP, typename T>
+__device__ __forceinline__ void range_write(const Params& p, slse_i64 r, slse_i64 b, slse_i64 e, int tid,
+                                           int nthr, State<typename Acc<T>::type> s, slse_i64 t,
+                                           typename Acc<T>::type gscale) {
+    typedef typename Acc<T>::type A;
+    const T* row = (const T*)p.x + r * p.ldx;
+    T* out = (T*)p.y + r * p.ldy;
+    bool vec = (p.flags & SLSE_VEC) != 0;
+    Writer<OP, T> w(p, s, t, gscale);
+    visit(row, b, e, tid, nthr, vec, [&](auto k, const A* v, slse_i64 j) {
+        w.template apply<decltype(k)::value>(v, j, out);
     });
 }
 
@@ -495,6 +571,115 @@ template <int OP, typename T> __device__ __forceinline__ void final_rows(const P
     }
 }
 
+// ---- tier 2b / 3b: the row (or a cluster's chunk of it) cached in shared memory ----------
+//
+// For softmax, log_softmax and the cross-entropy gradient: the first pass keeps what it reads
+// in dynamic shared memory (as float32) so the second pass never goes back to memory; the
+// host uses these kernels only for rows whose start and stride are 16-byte aligned, so every
+// chunk starts on a vector boundary. With CS > 1 (sm_90 clusters) CS blocks share a row, each
+// caching one chunk, and merge their states through distributed shared memory: the row is
+// still read from memory once.
+
+__device__ __forceinline__ void cache_store(float* c, const float* v, IC<4>) {
+    *reinterpret_cast<float4*>(c) = make_float4(v[0], v[1], v[2], v[3]);
+}
+__device__ __forceinline__ void cache_store(float* c, const float* v, IC<8>) {
+    reinterpret_cast<float4*>(c)[0] = make_float4(v[0], v[1], v[2], v[3]);
+    reinterpret_cast<float4*>(c)[1] = make_float4(v[4], v[5], v[6], v[7]);
+}
+__device__ __forceinline__ void cache_store(float* c, const float* v, IC<1>) { c[0] = v[0]; }
+__device__ __forceinline__ void cache_load(const float* c, float* v, IC<4>) {
+    float4 a = *reinterpret_cast<const float4*>(c);
+    v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
+}
+__device__ __forceinline__ void cache_load(const float* c, float* v, IC<8>) {
+    cache_load(c, v, IC<4>());
+    cache_load(c + 4, v + 4, IC<4>());
+}
+
+__device__ __forceinline__ void cluster_sync() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+#endif
+}
+
+// Reads a float from the shared memory of block `rank` of this cluster.
+__device__ __forceinline__ float cluster_load(const float* local, unsigned rank) {
+#if __CUDA_ARCH__ >= 900
+    unsigned a = (unsigned)__cvta_generic_to_shared(local), ra;
+    float v;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(ra) : "r"(a), "r"(rank));
+    asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(ra) : "memory");
+    return v;
+#else
+    return *local;
+#endif
+}
+
+template <int OP, typename T, int CS> __device__ __forceinline__ void cached_rows(const Params& p) {
+    typedef float A;  // float32 accumulation (the host never sends float64 here)
+    constexpr int N = Vec<T>::N;
+    extern __shared__ float4 slse_dyn[];
+    float* cache = reinterpret_cast<float*>(slse_dyn);
+    __shared__ State<A> sh[32];
+    __shared__ float mine[3];
+    slse_i64 r = (slse_i64)blockIdx.x / CS;
+    unsigned rank = (unsigned)(blockIdx.x % CS);
+    slse_i64 b = (slse_i64)rank * p.chunk;
+    slse_i64 e = b + p.chunk < p.cols ? b + p.chunk : p.cols;
+    if (b > e) b = e;
+    const T* row = (const T*)p.x + r * p.ldx;
+    Lane<A> l = lane_empty<A>();
+    bool sx = OP == SLSE_OP_XENT && p.eps != 0.f;
+    // Aligned rows: visit() has no head, vectors start at b + multiples of N.
+    visit(row, b, e, threadIdx.x, blockDim.x, true, [&](auto k, const A* v, slse_i64 j) {
+        constexpr int K = decltype(k)::value;
+        cache_store(cache + (j - b), v, IC<K>());
+        if (sx) {
+            lane_push<T, K, true>(l, v);
+        } else {
+            lane_push<T, K, false>(l, v);
+        }
+    });
+    State<A> s = block_merge(lane_state(l), sh);
+    if (CS > 1) {
+        if (threadIdx.x == 0) {
+            mine[0] = s.m;
+            mine[1] = s.e;
+            mine[2] = s.sx;
+        }
+        cluster_sync();
+        State<A> q = state_empty<A>();
+        if (threadIdx.x < CS) {
+            q.m = cluster_load(&mine[0], threadIdx.x);
+            q.e = cluster_load(&mine[1], threadIdx.x);
+            q.sx = cluster_load(&mine[2], threadIdx.x);
+        }
+        if (threadIdx.x < 32) q = warp_merge(q);
+        if (threadIdx.x == 0) sh[0] = q;
+        cluster_sync();  // no block leaves while another still reads its `mine`
+        __syncthreads();
+        s = sh[0];
+    } else {
+        __syncthreads();  // cache writes visible to every thread of the block
+    }
+    slse_i64 t = OP == SLSE_OP_XENT ? load_target<T>(p, r) : -1;
+    if (threadIdx.x == 0 && rank == 0) row_epilogue<OP, T>(p, r, s, t);
+    Writer<OP, T> w(p, s, t, grad_scale<OP, T>(p));
+    T* out = (T*)p.y + r * p.ldy;
+    slse_i64 ve = b + ((e - b) / N) * N;
+    for (slse_i64 j = b + (slse_i64)threadIdx.x * N; j < ve; j += (slse_i64)blockDim.x * N) {
+        A v[N];
+        cache_load(cache + (j - b), v, IC<N>());
+        w.template apply<N>(v, j, out);
+    }
+    for (slse_i64 j = ve + threadIdx.x; j < e; j += blockDim.x) {
+        A v[1];
+        v[0] = cache[j - b];
+        w.template apply<1>(v, j, out);
+    }
+}
+
 // ---- cross-entropy helpers -----------------------------------------------------------------
 
 // count[0] = number of targets != ignore_index (float, the divisor of reduction "mean").
@@ -570,6 +755,30 @@ template <typename T> __device__ __forceinline__ void cast_loss(const Params& p)
     extern "C" __global__ void __launch_bounds__(512) NAME##_final(Params p) {           \
         final_rows<OP, SLSE_T>(p);                                                          \
     }
+
+// Cached tiers: only for the ops with a second pass and 16/32-bit inputs.
+#define SLSE_CACHED(NAME, OP)                                                               \
+    extern "C" __global__ void __launch_bounds__(512) NAME##_cached(Params p) {           \
+        cached_rows<OP, SLSE_T, 1>(p);                                                      \
+    }
+#if __CUDA_ARCH__ >= 900
+#define SLSE_CLUSTER(NAME, OP)                                                              \
+    extern "C" __global__ void __cluster_dims__(8, 1, 1) __launch_bounds__(512)           \
+        NAME##_cluster8(Params p) {                                                         \
+        cached_rows<OP, SLSE_T, 8>(p);                                                      \
+    }
+#else
+#define SLSE_CLUSTER(NAME, OP)
+#endif
+
+#ifndef SLSE_NO_CACHED
+SLSE_CACHED(softmax, SLSE_OP_SOFTMAX)
+SLSE_CACHED(log_softmax, SLSE_OP_LOG_SOFTMAX)
+SLSE_CACHED(xent, SLSE_OP_XENT)
+SLSE_CLUSTER(softmax, SLSE_OP_SOFTMAX)
+SLSE_CLUSTER(log_softmax, SLSE_OP_LOG_SOFTMAX)
+SLSE_CLUSTER(xent, SLSE_OP_XENT)
+#endif
 
 SLSE_TIERS(lse, SLSE_OP_LSE)
 SLSE_TIERS(softmax, SLSE_OP_SOFTMAX)
