@@ -65,7 +65,7 @@ def copy_bandwidth(torch: Any, nbytes: int = 1 << 30, reps: int = 20) -> float:
 
 
 def _cases(quick: bool) -> list[int]:
-    return [4096, 32768, 262144] if quick else [1024, 4096, 16384, 32768, 65536, 131072, 262144]
+    return [4096, 32768, 131072, 262144] if quick else [1024, 4096, 16384, 32768, 65536, 131072, 262144]
 
 
 def run_cuda_bench(args: Any = None) -> list[dict[str, Any]]:

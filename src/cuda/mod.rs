@@ -415,6 +415,35 @@ impl Launcher<'_> {
         self.launch_with(name, grid, block, smem, p)
     }
 
+    /// Allows the kernel's compile-time cluster of 16 (beyond the portable 8), once.
+    fn allow_cluster16(&self, name: &'static str) -> Result<(), String> {
+        let f = self.module.function(name)?;
+        let mut set = self
+            .module
+            .smem_set
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let key: &'static str = match name {
+            "softmax_cluster16" => "softmax_cluster16/np",
+            "log_softmax_cluster16" => "log_softmax_cluster16/np",
+            _ => "xent_cluster16/np",
+        };
+        if set.contains_key(key) {
+            return Ok(());
+        }
+        // SAFETY: f is a live function of a loaded module.
+        unsafe {
+            result::function::set_function_attribute(
+                f,
+                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED,
+                1,
+            )
+        }
+        .map_err(|e| derr(&format!("cuFuncSetAttribute({name})"), e))?;
+        set.insert(key, 1);
+        Ok(())
+    }
+
     fn launch(&self, name: &'static str, grid: i64, block: u32, p: &Params) -> Result<(), String> {
         self.launch_with(name, grid, block, 0, p)
     }
@@ -481,8 +510,8 @@ pub enum Tier {
     Block { threads: u32 },
     /// One block per row, the row cached in shared memory between the passes.
     Cached { threads: u32 },
-    /// A cluster of 8 blocks per row (sm_90), each caching a `chunk` of it.
-    Cluster8 { chunk: i64 },
+    /// A cluster of `size` (8 or 16) blocks per row (sm_90), each caching a `chunk` of it.
+    Cluster { size: u32, chunk: i64 },
     /// `nchunks` chunks of `chunk` elements per row, one 512-thread block each.
     Split { chunk: i64, nchunks: i64 },
 }
@@ -501,6 +530,7 @@ pub struct TierFacts {
 }
 
 const CACHED_MAX: i64 = 32768;
+const CLUSTER_CHUNK: i64 = 16384;
 
 /// `STABLELSE_CUDA_WARP_MAX`, read once: overrides the longest row given to one warp (for
 /// tuning on new devices).
@@ -533,8 +563,20 @@ pub fn choose_tier(rows: i64, cols: i64, f: TierFacts) -> Tier {
             return Tier::Cached { threads };
         }
         if want_cluster && cols <= 8 * CACHED_MAX {
-            let chunk = ((cols + 7) / 8 + 7) / 8 * 8;
-            return Tier::Cluster8 { chunk };
+            // Chunks of at most 16k elements (64 KiB of cache) leave room for 3 blocks per SM,
+            // so one block's reads overlap another's writes.
+            let chunk8 = ((cols + 7) / 8 + 7) / 8 * 8;
+            let chunk16 = ((cols + 15) / 16 + 7) / 8 * 8;
+            if chunk8 <= CLUSTER_CHUNK || chunk16 > CLUSTER_CHUNK {
+                return Tier::Cluster {
+                    size: 8,
+                    chunk: chunk8,
+                };
+            }
+            return Tier::Cluster {
+                size: 16,
+                chunk: chunk16,
+            };
         }
     }
     if cols <= 32768 && !(few_rows && cols >= 8192) {
@@ -610,6 +652,9 @@ fn run_rows(
             ("softmax", "cluster8") => "softmax_cluster8",
             ("log_softmax", "cluster8") => "log_softmax_cluster8",
             ("xent", "cluster8") => "xent_cluster8",
+            ("softmax", "cluster16") => "softmax_cluster16",
+            ("log_softmax", "cluster16") => "log_softmax_cluster16",
+            ("xent", "cluster16") => "xent_cluster16",
             _ => "xent_final",
         }
     };
@@ -627,10 +672,25 @@ fn run_rows(
         Tier::Warp => l.launch(name("warp"), (p.rows + 7) / 8, 256, &p),
         Tier::Block { threads } => l.launch(name("block"), p.rows, threads, &p),
         Tier::Cached { threads } => {
+            p.chunk = p.cols;
             let smem = (p.cols * 4) as u32;
             l.launch_smem(name("cached"), p.rows, threads, smem, dev, &p)
         }
-        Tier::Cluster8 { chunk } => {
+        Tier::Cluster { size: 16, chunk } => {
+            p.chunk = chunk;
+            let smem = (chunk * 4) as u32;
+            let r = l
+                .allow_cluster16(name("cluster16"))
+                .and_then(|_| l.launch_smem(name("cluster16"), p.rows * 16, 512, smem, dev, &p));
+            if r.is_ok() {
+                return r;
+            }
+            // A device that cannot co-schedule 16 blocks: clusters of 8 with twice the chunk.
+            p.chunk = ((p.cols + 7) / 8 + 7) / 8 * 8;
+            let smem = (p.chunk * 4) as u32;
+            l.launch_smem(name("cluster8"), p.rows * 8, 512, smem, dev, &p)
+        }
+        Tier::Cluster { chunk, .. } => {
             p.chunk = chunk;
             let smem = (chunk * 4) as u32;
             l.launch_smem(name("cluster8"), p.rows * 8, 512, smem, dev, &p)
@@ -806,7 +866,21 @@ pub unsafe fn cross_entropy(
         };
         match opt.reduction {
             LossReduction::None => l.launch("xent_cast", (x.rows + 255) / 256, 256, &q),
-            _ => l.launch("xent_reduce", 1, 1024, &q),
+            _ if x.rows <= 8192 => l.launch("xent_reduce", 1, 1024, &q),
+            _ => {
+                // Two levels, fixed blocking: (sum, count) per 4096 rows, then one block.
+                let chunk = 4096i64;
+                let nchunks = (x.rows + chunk - 1) / chunk;
+                let partials = Scratch::new(nchunks as usize * 16, stream)?;
+                let q = Params {
+                    ws: partials.ptr,
+                    chunk,
+                    nchunks,
+                    ..q
+                };
+                l.launch("xent_reduce_partial", nchunks, 1024, &q)?;
+                l.launch("xent_reduce", 1, 1024, &q)
+            }
         }
     })
 }
@@ -875,8 +949,27 @@ mod tests {
         assert_eq!(choose_tier(4096, 4096, rw), Tier::Cached { threads: 256 });
         assert_eq!(choose_tier(4096, 32768, ro), Tier::Block { threads: 512 });
         assert_eq!(choose_tier(4096, 32768, rw), Tier::Cached { threads: 512 });
-        assert_eq!(choose_tier(64, 262144, rw), Tier::Cluster8 { chunk: 32768 });
-        assert_eq!(choose_tier(8, 16384, rw), Tier::Cluster8 { chunk: 2048 });
+        assert_eq!(
+            choose_tier(64, 262144, rw),
+            Tier::Cluster {
+                size: 16,
+                chunk: 16384
+            }
+        );
+        assert_eq!(
+            choose_tier(64, 131072, rw),
+            Tier::Cluster {
+                size: 8,
+                chunk: 16384
+            }
+        );
+        assert_eq!(
+            choose_tier(8, 16384, rw),
+            Tier::Cluster {
+                size: 8,
+                chunk: 2048
+            }
+        );
         assert!(matches!(choose_tier(64, 262144, rw80), Tier::Split { .. }));
         let unaligned = TierFacts {
             cacheable: false,

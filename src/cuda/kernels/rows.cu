@@ -700,32 +700,67 @@ __device__ __forceinline__ void count_targets(const Params& p) {
     }
 }
 
-// Deterministic reduction of the per-row losses (fixed order): y[0] = sum, or for "mean" the
-// sum over the number of targets != ignore_index, counted in the same pass.
-template <typename T> __device__ __forceinline__ void reduce_loss(const Params& p) {
+// Deterministic reduction of the per-row losses (fixed blocking, fixed order). With p.ws null
+// one block reduces all rows into y[0]; otherwise xent_reduce_partial has left (sum, count)
+// pairs of p.nchunks blocks of p.chunk rows in p.ws (doubles) and one block adds those.
+// y[0] = sum, or for "mean" the sum over the number of targets != ignore_index.
+template <typename T> __device__ __forceinline__ void block_sum2(double& a, double& n) {
     __shared__ double sh[32], shn[32];
-    double acc = 0, n = 0;
-    bool mean = (p.flags & SLSE_MEAN) != 0;
-    for (slse_i64 r = threadIdx.x; r < p.rows; r += blockDim.x) {
-        acc += (double)p.loss[r];
-        if (mean) n += (load_target<T>(p, r) != p.ignore_index) ? 1.0 : 0.0;
-    }
     for (int o = 16; o > 0; o >>= 1) {
-        acc += __shfl_xor_sync(0xffffffffu, acc, o);
+        a += __shfl_xor_sync(0xffffffffu, a, o);
         n += __shfl_xor_sync(0xffffffffu, n, o);
     }
     if ((threadIdx.x & 31) == 0) {
-        sh[threadIdx.x >> 5] = acc;
+        sh[threadIdx.x >> 5] = a;
         shn[threadIdx.x >> 5] = n;
     }
     __syncthreads();
     if (threadIdx.x == 0) {
-        double tot = 0, cnt = 0;
+        a = 0;
+        n = 0;
         for (int i = 0; i < (int)(blockDim.x >> 5); i++) {
-            tot += sh[i];
-            cnt += shn[i];
+            a += sh[i];
+            n += shn[i];
         }
-        if (mean) tot = tot / cnt;
+    }
+}
+
+template <typename T>
+__device__ __forceinline__ void sum_rows(const Params& p, slse_i64 b, slse_i64 e, double& acc, double& n) {
+    bool mean = (p.flags & SLSE_MEAN) != 0;
+    acc = 0;
+    n = 0;
+    for (slse_i64 r = b + threadIdx.x; r < e; r += blockDim.x) {
+        acc += (double)p.loss[r];
+        if (mean) n += (load_target<T>(p, r) != p.ignore_index) ? 1.0 : 0.0;
+    }
+    block_sum2<T>(acc, n);
+}
+
+template <typename T> __device__ __forceinline__ void reduce_loss_partial(const Params& p) {
+    slse_i64 b = (slse_i64)blockIdx.x * p.chunk;
+    slse_i64 e = b + p.chunk < p.rows ? b + p.chunk : p.rows;
+    double acc, n;
+    sum_rows<T>(p, b, e, acc, n);
+    if (threadIdx.x == 0) {
+        ((double*)p.ws)[2 * blockIdx.x] = acc;
+        ((double*)p.ws)[2 * blockIdx.x + 1] = n;
+    }
+}
+
+template <typename T> __device__ __forceinline__ void reduce_loss(const Params& p) {
+    double acc = 0, n = 0;
+    if (p.ws == 0) {
+        sum_rows<T>(p, 0, p.rows, acc, n);
+    } else {
+        for (slse_i64 i = threadIdx.x; i < p.nchunks; i += blockDim.x) {
+            acc += ((const double*)p.ws)[2 * i];
+            n += ((const double*)p.ws)[2 * i + 1];
+        }
+        block_sum2<T>(acc, n);
+    }
+    if (threadIdx.x == 0) {
+        double tot = (p.flags & SLSE_MEAN) ? acc / n : acc;
         slse_store((T*)p.y, (typename Acc<T>::type)tot);
     }
 }
@@ -766,6 +801,10 @@ template <typename T> __device__ __forceinline__ void cast_loss(const Params& p)
     extern "C" __global__ void __cluster_dims__(8, 1, 1) __launch_bounds__(512)           \
         NAME##_cluster8(Params p) {                                                         \
         cached_rows<OP, SLSE_T, 8>(p);                                                      \
+    }                                                                                       \
+    extern "C" __global__ void __cluster_dims__(16, 1, 1) __launch_bounds__(512)          \
+        NAME##_cluster16(Params p) {                                                        \
+        cached_rows<OP, SLSE_T, 16>(p);                                                     \
     }
 #else
 #define SLSE_CLUSTER(NAME, OP)
@@ -787,4 +826,7 @@ SLSE_TIERS(xent, SLSE_OP_XENT)
 
 extern "C" __global__ void __launch_bounds__(1024) xent_count(Params p) { count_targets(p); }
 extern "C" __global__ void __launch_bounds__(1024) xent_reduce(Params p) { reduce_loss<SLSE_T>(p); }
+extern "C" __global__ void __launch_bounds__(1024) xent_reduce_partial(Params p) {
+    reduce_loss_partial<SLSE_T>(p);
+}
 extern "C" __global__ void __launch_bounds__(1024) xent_cast(Params p) { cast_loss<SLSE_T>(p); }
