@@ -557,7 +557,9 @@ pub fn choose_tier(rows: i64, cols: i64, f: TierFacts) -> Tier {
         return Tier::Warp;
     }
     if f.pass2 && f.cacheable {
-        let want_cluster = f.clusters && (cols > CACHED_MAX || (few_rows && cols >= 8192));
+        // With clusters, a row over 8k is shared by 8 or 16 blocks with small caches (several
+        // blocks per SM overlap their phases) rather than one block with a large cache.
+        let want_cluster = f.clusters && (cols > 8192 || (few_rows && cols >= 4096));
         if cols <= CACHED_MAX && !want_cluster {
             let threads = if cols <= 4096 { 256 } else { 512 };
             return Tier::Cached { threads };
@@ -693,7 +695,8 @@ fn run_rows(
         Tier::Cluster { chunk, .. } => {
             p.chunk = chunk;
             let smem = (chunk * 4) as u32;
-            l.launch_smem(name("cluster8"), p.rows * 8, 512, smem, dev, &p)
+            let threads = if chunk <= 4096 { 256 } else { 512 };
+            l.launch_smem(name("cluster8"), p.rows * 8, threads, smem, dev, &p)
         }
         Tier::Split { chunk, nchunks } => {
             let ws = Scratch::new(
@@ -818,10 +821,10 @@ pub unsafe fn cross_entropy(
             stream,
         };
         let rows = x.rows.max(0) as usize;
-        // Scratch: per-row float32 losses, then the float count of non-ignored targets.
+        // Scratch: the count of non-ignored targets (u64), then per-row float32 losses.
         let scratch = Scratch::new(rows * 4 + 16, stream)?;
-        let loss_rows = scratch.ptr;
-        let count = scratch.ptr + (rows as u64) * 4;
+        let count = scratch.ptr;
+        let loss_rows = scratch.ptr + 16;
         let mut flags = if targets.ty == TargetType::I64 {
             FLAG_TGT64
         } else {
@@ -854,7 +857,11 @@ pub unsafe fn cross_entropy(
             ..Params::default()
         };
         if mean && grad.is_some() {
-            l.launch("xent_count", 1, 1024, &p)?;
+            // SAFETY: count is 8 bytes of our scratch on this stream.
+            unsafe { result::memset_d8_async(count, 0, 8, stream) }
+                .map_err(|e| derr("cuMemsetD8Async", e))?;
+            let blocks = ((x.rows + 8191) / 8192).clamp(1, 1024);
+            l.launch("xent_count", blocks, 256, &p)?;
         }
         if x.rows > 0 {
             run_rows(&dev, dtype, &l, "xent", grad.is_some(), p)?;
@@ -948,7 +955,18 @@ mod tests {
         assert_eq!(choose_tier(1000, 1024, rw), Tier::Warp);
         assert_eq!(choose_tier(4096, 4096, rw), Tier::Cached { threads: 256 });
         assert_eq!(choose_tier(4096, 32768, ro), Tier::Block { threads: 512 });
-        assert_eq!(choose_tier(4096, 32768, rw), Tier::Cached { threads: 512 });
+        assert_eq!(choose_tier(4096, 8192, rw), Tier::Cached { threads: 512 });
+        assert_eq!(
+            choose_tier(4096, 32768, rw),
+            Tier::Cluster {
+                size: 8,
+                chunk: 4096
+            }
+        );
+        assert_eq!(
+            choose_tier(4096, 32768, rw80),
+            Tier::Cached { threads: 512 }
+        );
         assert_eq!(
             choose_tier(64, 262144, rw),
             Tier::Cluster {
@@ -964,10 +982,10 @@ mod tests {
             }
         );
         assert_eq!(
-            choose_tier(8, 16384, rw),
+            choose_tier(8, 4096, rw),
             Tier::Cluster {
                 size: 8,
-                chunk: 2048
+                chunk: 512
             }
         );
         assert!(matches!(choose_tier(64, 262144, rw80), Tier::Split { .. }));

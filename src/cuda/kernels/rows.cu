@@ -48,7 +48,7 @@ struct Params {
     const void* tgt;     // cross-entropy targets (int32 or int64)
     float* loss;         // cross-entropy: per-row loss (float32, rows entries)
     void* ws;            // split tier: 4 accumulators (float, or double for float64) per chunk
-    const float* count;  // cross-entropy mean: number of non-ignored targets (1 float)
+    const unsigned long long* count;  // cross-entropy mean + gradient: non-ignored targets
     slse_i64 rows;
     slse_i64 cols;
     slse_i64 ldx;
@@ -412,6 +412,8 @@ template <int OP, typename T> struct Writer {
 
     template <int K> __device__ __forceinline__ void apply(const A* v, slse_i64 j, T* out) const {
         A o[K];
+        // The target's position in this vector, or -1: one 64-bit compare per vector.
+        int ti = (OP == SLSE_OP_XENT && (unsigned long long)(t - j) < (unsigned long long)K) ? (int)(t - j) : -1;
 #pragma unroll
         for (int i = 0; i < K; i++) {
             if (OP == SLSE_OP_SOFTMAX) {
@@ -423,7 +425,7 @@ template <int OP, typename T> struct Writer {
                               : (m == pinf ? (v[i] == pinf ? nan : slse_ninf(A(0))) : nan);
             } else {
                 A g = ElemExp<T>::run(v[i], m, m2) * pm - off;
-                if (j + i == t) g -= hit;
+                if (i == ti) g -= hit;
                 o[i] = ignored ? A(0) : ((finite && !badt) ? g : nan);
             }
         }
@@ -682,22 +684,18 @@ template <int OP, typename T, int CS> __device__ __forceinline__ void cached_row
 
 // ---- cross-entropy helpers -----------------------------------------------------------------
 
-// count[0] = number of targets != ignore_index (float, the divisor of reduction "mean").
+// count[0] += number of targets != ignore_index (the divisor of reduction "mean"); the host
+// zeroes it first.
 __device__ __forceinline__ void count_targets(const Params& p) {
-    __shared__ double sh[32];
-    double n = 0;
-    for (slse_i64 r = threadIdx.x; r < p.rows; r += blockDim.x) {
+    // Integer atomics: exact, so the count is the same whatever the order.
+    unsigned long long n = 0;
+    for (slse_i64 r = (slse_i64)blockIdx.x * blockDim.x + threadIdx.x; r < p.rows;
+         r += (slse_i64)gridDim.x * blockDim.x) {
         slse_i64 t = (p.flags & SLSE_TGT64) ? ((const slse_i64*)p.tgt)[r] : (slse_i64)((const int*)p.tgt)[r];
-        n += (t != p.ignore_index) ? 1.0 : 0.0;
+        n += (t != p.ignore_index) ? 1ull : 0ull;
     }
     for (int o = 16; o > 0; o >>= 1) n += __shfl_xor_sync(0xffffffffu, n, o);
-    if ((threadIdx.x & 31) == 0) sh[threadIdx.x >> 5] = n;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        double tot = 0;
-        for (int i = 0; i < (int)(blockDim.x >> 5); i++) tot += sh[i];
-        *((float*)p.count) = (float)tot;
-    }
+    if ((threadIdx.x & 31) == 0 && n) atomicAdd((unsigned long long*)p.count, n);
 }
 
 // Deterministic reduction of the per-row losses (fixed blocking, fixed order). With p.ws null
