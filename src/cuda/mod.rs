@@ -527,9 +527,22 @@ pub struct TierFacts {
     pub cacheable: bool,
     /// Thread-block clusters are available (compute capability 9.0 and up).
     pub clusters: bool,
+    /// Elements per 16-byte vector (4 for float32, 8 for 16-bit types, 2 for float64).
+    pub vec_width: i64,
 }
 
 const CACHED_MAX: i64 = 32768;
+
+/// Threads for one block per row: about 8 vectors per thread (fewer threads leave the
+/// block-wide merge too much of the work), 128 to 512.
+fn block_threads(cols: i64, vec_width: i64) -> u32 {
+    let want = cols / (vec_width.max(1) * 8);
+    let mut t = 128i64;
+    while t < want && t < 512 {
+        t *= 2;
+    }
+    t as u32
+}
 const CLUSTER_CHUNK: i64 = 16384;
 
 /// `STABLELSE_CUDA_WARP_MAX`, read once: overrides the longest row given to one warp (for
@@ -557,12 +570,11 @@ pub fn choose_tier(rows: i64, cols: i64, f: TierFacts) -> Tier {
         return Tier::Warp;
     }
     if f.pass2 && f.cacheable {
-        // With clusters, a row over 8k is shared by 8 or 16 blocks with small caches (several
-        // blocks per SM overlap their phases) rather than one block with a large cache.
-        let want_cluster = f.clusters && (cols > 8192 || (few_rows && cols >= 4096));
+        let want_cluster = f.clusters && (cols > CACHED_MAX || (few_rows && cols >= 8192));
         if cols <= CACHED_MAX && !want_cluster {
-            let threads = if cols <= 4096 { 256 } else { 512 };
-            return Tier::Cached { threads };
+            return Tier::Cached {
+                threads: block_threads(cols, f.vec_width),
+            };
         }
         if want_cluster && cols <= 8 * CACHED_MAX {
             // Chunks of at most 16k elements (64 KiB of cache) leave room for 3 blocks per SM,
@@ -582,8 +594,9 @@ pub fn choose_tier(rows: i64, cols: i64, f: TierFacts) -> Tier {
         }
     }
     if cols <= 32768 && !(few_rows && cols >= 8192) {
-        let threads = if cols <= 4096 { 256 } else { 512 };
-        return Tier::Block { threads };
+        return Tier::Block {
+            threads: block_threads(cols, f.vec_width),
+        };
     }
     let want = ((4 * sms + rows - 1) / rows).max(1);
     let chunk = (cols + want - 1) / want;
@@ -669,13 +682,14 @@ fn run_rows(
             && aligned(p.x, p.ldx)
             && (!needs_pass2 || aligned(p.y, p.ldy)),
         clusters: dev.cc.0 >= 9,
+        vec_width: 16 / es,
     };
     match choose_tier(p.rows, p.cols, facts) {
         Tier::Warp => l.launch(name("warp"), (p.rows + 7) / 8, 256, &p),
         Tier::Block { threads } => l.launch(name("block"), p.rows, threads, &p),
         Tier::Cached { threads } => {
             p.chunk = p.cols;
-            let smem = (p.cols * 4) as u32;
+            let smem = (p.cols * es) as u32;
             l.launch_smem(name("cached"), p.rows, threads, smem, dev, &p)
         }
         Tier::Cluster { size: 16, chunk } => {
@@ -689,12 +703,12 @@ fn run_rows(
             }
             // A device that cannot co-schedule 16 blocks: clusters of 8 with twice the chunk.
             p.chunk = ((p.cols + 7) / 8 + 7) / 8 * 8;
-            let smem = (p.chunk * 4) as u32;
+            let smem = (p.chunk * es) as u32;
             l.launch_smem(name("cluster8"), p.rows * 8, 512, smem, dev, &p)
         }
         Tier::Cluster { chunk, .. } => {
             p.chunk = chunk;
-            let smem = (chunk * 4) as u32;
+            let smem = (chunk * es) as u32;
             let threads = if chunk <= 4096 { 256 } else { 512 };
             l.launch_smem(name("cluster8"), p.rows * 8, threads, smem, dev, &p)
         }
@@ -944,6 +958,7 @@ mod tests {
             pass2: false,
             cacheable: true,
             clusters: true,
+            vec_width: 4,
         };
         let rw = TierFacts { pass2: true, ..ro };
         let rw80 = TierFacts {
@@ -953,16 +968,12 @@ mod tests {
         assert_eq!(choose_tier(1000, 10, ro), Tier::Warp);
         assert_eq!(choose_tier(1000, 4096, ro), Tier::Warp);
         assert_eq!(choose_tier(1000, 1024, rw), Tier::Warp);
-        assert_eq!(choose_tier(4096, 4096, rw), Tier::Cached { threads: 256 });
+        assert_eq!(choose_tier(4096, 4096, rw), Tier::Cached { threads: 128 });
         assert_eq!(choose_tier(4096, 32768, ro), Tier::Block { threads: 512 });
-        assert_eq!(choose_tier(4096, 8192, rw), Tier::Cached { threads: 512 });
-        assert_eq!(
-            choose_tier(4096, 32768, rw),
-            Tier::Cluster {
-                size: 8,
-                chunk: 4096
-            }
-        );
+        assert_eq!(block_threads(4096, 8), 128);
+        assert_eq!(block_threads(65536, 8), 512);
+        assert_eq!(choose_tier(4096, 8192, rw), Tier::Cached { threads: 256 });
+        assert_eq!(choose_tier(4096, 32768, rw), Tier::Cached { threads: 512 });
         assert_eq!(
             choose_tier(4096, 32768, rw80),
             Tier::Cached { threads: 512 }
@@ -982,10 +993,10 @@ mod tests {
             }
         );
         assert_eq!(
-            choose_tier(8, 4096, rw),
+            choose_tier(8, 16384, rw),
             Tier::Cluster {
                 size: 8,
-                chunk: 512
+                chunk: 2048
             }
         );
         assert!(matches!(choose_tier(64, 262144, rw80), Tier::Split { .. }));
@@ -995,7 +1006,7 @@ mod tests {
         };
         assert_eq!(
             choose_tier(4096, 4096, unaligned),
-            Tier::Block { threads: 256 }
+            Tier::Block { threads: 128 }
         );
         match choose_tier(64, 262144, ro) {
             Tier::Split { chunk, nchunks } => {

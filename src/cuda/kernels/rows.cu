@@ -576,28 +576,11 @@ template <int OP, typename T> __device__ __forceinline__ void final_rows(const P
 // ---- tier 2b / 3b: the row (or a cluster's chunk of it) cached in shared memory ----------
 //
 // For softmax, log_softmax and the cross-entropy gradient: the first pass keeps what it reads
-// in dynamic shared memory (as float32) so the second pass never goes back to memory; the
+// in dynamic shared memory (in the input's type) so the second pass never goes back to memory; the
 // host uses these kernels only for rows whose start and stride are 16-byte aligned, so every
 // chunk starts on a vector boundary. With CS > 1 (sm_90 clusters) CS blocks share a row, each
 // caching one chunk, and merge their states through distributed shared memory: the row is
 // still read from memory once.
-
-__device__ __forceinline__ void cache_store(float* c, const float* v, IC<4>) {
-    *reinterpret_cast<float4*>(c) = make_float4(v[0], v[1], v[2], v[3]);
-}
-__device__ __forceinline__ void cache_store(float* c, const float* v, IC<8>) {
-    reinterpret_cast<float4*>(c)[0] = make_float4(v[0], v[1], v[2], v[3]);
-    reinterpret_cast<float4*>(c)[1] = make_float4(v[4], v[5], v[6], v[7]);
-}
-__device__ __forceinline__ void cache_store(float* c, const float* v, IC<1>) { c[0] = v[0]; }
-__device__ __forceinline__ void cache_load(const float* c, float* v, IC<4>) {
-    float4 a = *reinterpret_cast<const float4*>(c);
-    v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
-}
-__device__ __forceinline__ void cache_load(const float* c, float* v, IC<8>) {
-    cache_load(c, v, IC<4>());
-    cache_load(c + 4, v + 4, IC<4>());
-}
 
 __device__ __forceinline__ void cluster_sync() {
 #if __CUDA_ARCH__ >= 900
@@ -622,7 +605,7 @@ template <int OP, typename T, int CS> __device__ __forceinline__ void cached_row
     typedef float A;  // float32 accumulation (the host never sends float64 here)
     constexpr int N = Vec<T>::N;
     extern __shared__ float4 slse_dyn[];
-    float* cache = reinterpret_cast<float*>(slse_dyn);
+    T* cache = reinterpret_cast<T*>(slse_dyn);  // the chunk as read, in the input's type
     __shared__ State<A> sh[32];
     __shared__ float mine[3];
     slse_i64 r = (slse_i64)blockIdx.x / CS;
@@ -636,7 +619,12 @@ template <int OP, typename T, int CS> __device__ __forceinline__ void cached_row
     // Aligned rows: visit() has no head, vectors start at b + multiples of N.
     visit(row, b, e, threadIdx.x, blockDim.x, true, [&](auto k, const A* v, slse_i64 j) {
         constexpr int K = decltype(k)::value;
-        cache_store(cache + (j - b), v, IC<K>());
+        // Exact: the values came from T.
+        if (K == 1) {
+            slse_store(cache + (j - b), v[0]);
+        } else {
+            vstore(cache + (j - b), v);
+        }
         if (sx) {
             lane_push<T, K, true>(l, v);
         } else {
@@ -672,12 +660,12 @@ template <int OP, typename T, int CS> __device__ __forceinline__ void cached_row
     slse_i64 ve = b + ((e - b) / N) * N;
     for (slse_i64 j = b + (slse_i64)threadIdx.x * N; j < ve; j += (slse_i64)blockDim.x * N) {
         A v[N];
-        cache_load(cache + (j - b), v, IC<N>());
+        vload(cache + (j - b), v);
         w.template apply<N>(v, j, out);
     }
     for (slse_i64 j = ve + threadIdx.x; j < e; j += blockDim.x) {
         A v[1];
-        v[0] = cache[j - b];
+        v[0] = slse_load(cache + (j - b));
         w.template apply<1>(v, j, out);
     }
 }
