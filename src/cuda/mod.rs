@@ -543,7 +543,8 @@ fn block_threads(cols: i64, vec_width: i64) -> u32 {
     }
     t as u32
 }
-const CLUSTER_CHUNK: i64 = 16384;
+/// Largest per-block cache of the cluster tiers: 64 KiB leaves room for 3 blocks per SM.
+const CLUSTER_CACHE_BYTES: i64 = 65536;
 
 /// `STABLELSE_CUDA_WARP_MAX`, read once: overrides the longest row given to one warp (for
 /// tuning on new devices).
@@ -577,11 +578,12 @@ pub fn choose_tier(rows: i64, cols: i64, f: TierFacts) -> Tier {
             };
         }
         if want_cluster && cols <= 8 * CACHED_MAX {
-            // Chunks of at most 16k elements (64 KiB of cache) leave room for 3 blocks per SM,
-            // so one block's reads overlap another's writes.
+            // Caches of at most 64 KiB leave room for 3 blocks per SM, so one block's reads
+            // overlap another's writes; clusters of 16 only when 8 would need more.
             let chunk8 = ((cols + 7) / 8 + 7) / 8 * 8;
             let chunk16 = ((cols + 15) / 16 + 7) / 8 * 8;
-            if chunk8 <= CLUSTER_CHUNK || chunk16 > CLUSTER_CHUNK {
+            let bytes = 16 / f.vec_width.max(1);
+            if chunk8 * bytes <= CLUSTER_CACHE_BYTES || chunk16 * bytes > CLUSTER_CACHE_BYTES {
                 return Tier::Cluster {
                     size: 8,
                     chunk: chunk8,
@@ -694,22 +696,24 @@ fn run_rows(
         }
         Tier::Cluster { size: 16, chunk } => {
             p.chunk = chunk;
-            let smem = (chunk * 4) as u32;
-            let r = l
-                .allow_cluster16(name("cluster16"))
-                .and_then(|_| l.launch_smem(name("cluster16"), p.rows * 16, 512, smem, dev, &p));
+            let smem = (chunk * es) as u32;
+            let threads = block_threads(chunk, 16 / es);
+            let r = l.allow_cluster16(name("cluster16")).and_then(|_| {
+                l.launch_smem(name("cluster16"), p.rows * 16, threads, smem, dev, &p)
+            });
             if r.is_ok() {
                 return r;
             }
             // A device that cannot co-schedule 16 blocks: clusters of 8 with twice the chunk.
             p.chunk = ((p.cols + 7) / 8 + 7) / 8 * 8;
             let smem = (p.chunk * es) as u32;
-            l.launch_smem(name("cluster8"), p.rows * 8, 512, smem, dev, &p)
+            let threads = block_threads(p.chunk, 16 / es);
+            l.launch_smem(name("cluster8"), p.rows * 8, threads, smem, dev, &p)
         }
         Tier::Cluster { chunk, .. } => {
             p.chunk = chunk;
             let smem = (chunk * es) as u32;
-            let threads = if chunk <= 4096 { 256 } else { 512 };
+            let threads = block_threads(chunk, 16 / es);
             l.launch_smem(name("cluster8"), p.rows * 8, threads, smem, dev, &p)
         }
         Tier::Split { chunk, nchunks } => {
