@@ -65,14 +65,16 @@ def copy_bandwidth(torch: Any, nbytes: int = 1 << 30, reps: int = 20) -> float:
 
 
 def _cases(quick: bool) -> list[int]:
-    return [4096, 32768, 131072, 262144] if quick else [1024, 4096, 16384, 32768, 65536, 131072, 262144]
+    if quick:
+        return [4096, 32768, 131072, 262144]
+    return [1024, 4096, 16384, 32768, 65536, 131072, 262144]
 
 
 def run_cuda_bench(args: Any = None) -> list[dict[str, Any]]:
     """Runs the CUDA bench and prints a table; returns the rows (also written as JSON to
     ``args.json`` when set). Options read from `args`: ``quick`` (fewer shapes), ``compile``
     (also time torch.compile'd versions), ``total_mb`` (input size per case, default 512),
-    ``reps``, ``dtypes`` (e.g. "float32,bfloat16"), ``json``."""
+    ``reps``, ``dtypes`` (e.g. "float32,bfloat16"), ``cols`` (e.g. "4096,32768"), ``json``."""
     import torch  # noqa: PLC0415
     import torch.nn.functional as F  # noqa: PLC0415, N812
 
@@ -111,7 +113,9 @@ def run_cuda_bench(args: Any = None) -> list[dict[str, Any]]:
     for dname in dtypes:
         dt = tdt[dname]
         es = torch.tensor([], dtype=dt).element_size()
-        for cols in _cases(quick):
+        cols_arg = getattr(args, "cols", None)
+        cases_cols = [int(c) for c in str(cols_arg).split(",")] if cols_arg else _cases(quick)
+        for cols in cases_cols:
             rows = max(1, total // (es * cols))
             x = torch.randn((rows, cols), device="cuda", dtype=torch.float32).mul_(3).to(dt)
             t = torch.randint(0, cols, (rows,), device="cuda")
@@ -188,6 +192,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--total-mb", type=int, default=512, help="input size per case (MiB)")
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--dtypes", default="float32,bfloat16")
+    p.add_argument("--cols", help="comma-separated row lengths (default: the standard set)")
     p.add_argument("--json", help="write the rows as JSON here")
     run_cuda_bench(p.parse_args(argv))
 
