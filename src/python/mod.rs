@@ -8,12 +8,14 @@ use pyo3::prelude::*;
 
 #[cfg(feature = "cuda")]
 mod cuda;
+mod losses;
 mod reductions;
 
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     reductions::register(m)?;
+    losses::register(m)?;
     #[cfg(feature = "cuda")]
     cuda::register(m)?;
     Ok(())
