@@ -198,6 +198,20 @@ def test_cross_entropy_z_loss_int32_axis1_and_bad_targets():
     loss, grad = scuda.cross_entropy(x, t, axis=1, z_loss=z, return_grad=True)
     close(loss, ref.detach(), "float32", k=4)
     close(grad, xr.grad, "float32", k=4)
+    g = torch.empty_like(x)
+    loss2, g2 = scuda.cross_entropy(x, t, axis=1, z_loss=z, return_grad=True, grad_out=g)
+    assert g2 is g
+    close(g, xr.grad, "float32", k=4)
+    x2 = randn((6, 3000), "float32")
+    t2 = torch.randint(0, 3000, (6,), device="cuda")
+    g = torch.empty_like(x2)
+    _, g2 = scuda.cross_entropy(x2, t2, return_grad=True, grad_out=g)
+    assert g2 is g
+    xr2 = x2.double().requires_grad_(True)
+    F.cross_entropy(xr2, t2).backward()
+    close(g, xr2.grad, "float32", k=4)
+    with pytest.raises(ValueError, match="z_loss"):
+        scuda.cross_entropy(x2, t2, z_loss=-1.0)
     bad = torch.tensor([0, 9], device="cuda")
     per = scuda.cross_entropy(randn((2, 4), "float32"), bad, reduction="none")
     assert torch.isfinite(per[0]) and torch.isnan(per[1])

@@ -575,6 +575,7 @@ def cross_entropy(
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     return_grad: bool = False,
+    grad_out: Any = None,
 ) -> Any:
     """Cross-entropy of CUDA `logits` against integer class `target`, on the device.
 
@@ -598,6 +599,8 @@ def cross_entropy(
     return_grad : bool
         Also return ``dlogits`` computed in the same pass over the logits: the gradient of the
         returned loss (of its sum for ``"none"``).
+    grad_out : CUDA array, optional
+        With `return_grad`, receives the gradient (logits' shape and dtype) and is returned.
 
     Returns
     -------
@@ -616,8 +619,10 @@ def cross_entropy(
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     if not 0.0 <= float(label_smoothing) <= 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing!r}")
-    if not math.isfinite(float(z_loss)):
-        raise ValueError(f"z_loss must be finite, got {z_loss!r}")
+    if not math.isfinite(float(z_loss)) or float(z_loss) < 0:
+        raise ValueError(f"z_loss must be finite and >= 0, got {z_loss!r}")
+    if grad_out is not None and not return_grad:
+        raise ValueError("grad_out is given but return_grad is False")
     lib0, arr0, _ = _lib_for(logits)
     ndim = lib0.ndim(arr0)
     if ndim == 0:
@@ -644,8 +649,17 @@ def cross_entropy(
         loss = r.lib.empty(r.outer_shape, r.arr)
     else:
         loss = r.lib.empty((), r.arr)
-    grad = r.lib.empty(r.moved_shape, r.arr) if return_grad else None
-    gptr = (int(r.parse(grad)["ptr"]), r.cols) if grad is not None else None
+    grad = None
+    gptr = None
+    if return_grad:
+        if grad_out is not None:
+            gd = _check_out(grad_out, r.shape, r)
+            v = None if r.moved else _rows_view(gd, len(r.outer))
+            if v is not None and v[:2] == (r.rows, r.cols):
+                grad, gptr = grad_out, (int(gd["ptr"]), v[2])
+        if grad is None:
+            grad = r.lib.empty(r.moved_shape, r.arr)
+            gptr = (int(r.parse(grad)["ptr"]), r.cols)
     _core._cuda_cross_entropy(
         r.dtype,
         r.place(),
@@ -657,4 +671,8 @@ def cross_entropy(
     loss = r.wrapper.wrap(loss, logits)
     if grad is None:
         return loss
+    if grad_out is not None:
+        if grad is not grad_out:
+            r.lib.copy_into(grad_out, r.unpermute(grad))
+        return loss, grad_out
     return loss, r.wrapper.wrap(r.unpermute(grad), logits)
