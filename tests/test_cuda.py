@@ -36,14 +36,16 @@ def test_info_reports_why():
 
 
 @built
-def test_every_kernel_compiles_for_sm80_and_sm90():
+def test_kernels_compile_for_sm80_and_sm90(monkeypatch):
+    monkeypatch.setenv("STABLELSE_CACHE_DIR", "")
     info = scuda.info()
     if info["nvrtc_version"] is None:
         if os.environ.get("STABLELSE_REQUIRE_NVRTC"):
             pytest.fail(info["nvrtc_error"])
         pytest.skip(f"NVRTC not found: {info['nvrtc_error']}")
-    jobs = [(dt, arch) for arch in ("sm_80", "sm_90")
-            for dt in ("float32", "float64", "bfloat16", "float16")]
+    # The Rust test (cargo test --features cuda) compiles all eight (type, arch) pairs; here
+    # two, through the Python entry point, with the on-disk CUBIN cache off.
+    jobs = [("float32", "sm_80"), ("bfloat16", "sm_90")]
     with ThreadPoolExecutor(len(jobs)) as ex:
         sizes = list(ex.map(lambda j: _core._cuda_compile(*j), jobs))
     assert all(s > 1000 for s in sizes), sizes

@@ -938,6 +938,8 @@ mod tests {
     #[test]
     fn kernels_compile_for_sm80_and_sm90() {
         register_pip_nvrtc();
+        // Compile for real, not from a CUBIN cache left by an earlier run.
+        std::env::set_var("STABLELSE_CACHE_DIR", "");
         if let Err(e) = nvrtc::ensure_loaded() {
             if std::env::var_os("STABLELSE_REQUIRE_NVRTC").is_some() {
                 panic!("{e}");
@@ -945,13 +947,20 @@ mod tests {
             eprintln!("skipped: {e}");
             return;
         }
-        for arch in ["sm_80", "sm_90"] {
-            for dt in DType::ALL {
-                let cubin = compile_for_arch(dt, arch).unwrap_or_else(|e| panic!("{e}"));
+        // NVRTC is thread-safe: the eight programs compile side by side.
+        std::thread::scope(|sc| {
+            let jobs: Vec<_> = ["sm_80", "sm_90"]
+                .into_iter()
+                .flat_map(|arch| DType::ALL.into_iter().map(move |dt| (arch, dt)))
+                .map(|(arch, dt)| sc.spawn(move || (arch, dt, compile_for_arch(dt, arch))))
+                .collect();
+            for j in jobs {
+                let (arch, dt, r) = j.join().expect("compile thread");
+                let cubin = r.unwrap_or_else(|e| panic!("{e}"));
                 // An ELF image.
                 assert_eq!(&cubin[..4], b"\x7fELF", "{arch} {dt:?}");
             }
-        }
+        });
     }
 
     #[test]

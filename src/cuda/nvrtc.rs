@@ -174,12 +174,50 @@ fn compile_uncached(src: &str, arch: &str, name: &str) -> Result<Vec<u8>, String
     out
 }
 
+/// The on-disk CUBIN cache directory: `STABLELSE_CACHE_DIR`, else `$XDG_CACHE_HOME/stablelse`,
+/// else `~/.cache/stablelse`; `STABLELSE_CACHE_DIR=""` turns it off.
+fn disk_cache_dir() -> Option<PathBuf> {
+    match std::env::var_os("STABLELSE_CACHE_DIR") {
+        Some(d) if d.is_empty() => None,
+        Some(d) => Some(PathBuf::from(d)),
+        None => std::env::var_os("XDG_CACHE_HOME")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+            .map(|d| d.join("stablelse")),
+    }
+    .map(|d| d.join("cuda"))
+}
+
+fn disk_load(path: &Path) -> Option<Vec<u8>> {
+    let data = std::fs::read(path).ok()?;
+    // A CUBIN is an ELF image; anything else (a torn write) is recompiled.
+    (data.len() > 64 && data.starts_with(b"\x7fELF")).then_some(data)
+}
+
+fn disk_store(path: &Path, data: &[u8]) {
+    // Best effort: write a private temporary file, then rename it into place atomically.
+    let Some(dir) = path.parent() else { return };
+    if std::fs::create_dir_all(dir).is_err() {
+        return;
+    }
+    let tmp = dir.join(format!(
+        ".tmp-{}-{:?}",
+        std::process::id(),
+        std::thread::current().id()
+    ));
+    if std::fs::write(&tmp, data).is_ok() && std::fs::rename(&tmp, path).is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+}
+
 /// Compiles `src` to CUBIN for `arch` (`"sm_90"`), cached per (source hash, NVRTC version,
-/// arch) for the life of the process.
+/// arch) for the life of the process and on disk (see [`disk_cache_dir`]), so only the first
+/// use on a machine pays NVRTC's seconds.
 pub fn compile_cubin(src: &str, arch: &str, name: &str) -> Result<Arc<Vec<u8>>, String> {
     let ver = version()?;
     let mut h = std::collections::hash_map::DefaultHasher::new();
     src.hash(&mut h);
+    env!("CARGO_PKG_VERSION").hash(&mut h);
     let key = (h.finish(), ver, arch.to_string());
     if let Some(c) = CUBINS
         .lock()
@@ -189,7 +227,22 @@ pub fn compile_cubin(src: &str, arch: &str, name: &str) -> Result<Arc<Vec<u8>>, 
     {
         return Ok(c.clone());
     }
-    let cubin = Arc::new(compile_uncached(src, arch, name)?);
+    let file = disk_cache_dir().map(|d| {
+        d.join(format!(
+            "{:016x}-nvrtc{}.{}-{arch}.cubin",
+            key.0, ver.0, ver.1
+        ))
+    });
+    let cubin = match file.as_deref().and_then(disk_load) {
+        Some(c) => Arc::new(c),
+        None => {
+            let c = Arc::new(compile_uncached(src, arch, name)?);
+            if let Some(f) = &file {
+                disk_store(f, &c);
+            }
+            c
+        }
+    };
     CUBINS
         .lock()
         .unwrap_or_else(|e| e.into_inner())
