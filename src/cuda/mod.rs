@@ -506,6 +506,8 @@ impl Drop for Scratch {
 pub enum Tier {
     /// One warp per row, 8 rows per 256-thread block.
     Warp,
+    /// One warp per row with the row (at most 1024, aligned) held in registers.
+    WarpRegisters,
     /// One block of `threads` (at most 512) per row, re-reading the row for a second pass.
     Block { threads: u32 },
     /// One block per row, the row cached in shared memory between the passes.
@@ -566,13 +568,12 @@ fn warp_max() -> Option<i64> {
 pub fn choose_tier(rows: i64, cols: i64, f: TierFacts) -> Tier {
     let sms = f.sms.max(1) as i64;
     let few_rows = rows < 2 * sms;
-    // Measured on H100: a warp per row wins for read-only rows up to 4k and for two-pass rows
-    // up to 128 vectors (float32 512, 16-bit 1024); past that the cached block tier does.
-    let warp_limit = match (f.pass2, f.cacheable) {
-        (false, _) => 4096,
-        (true, true) => 128 * f.vec_width,
-        (true, false) => 1024,
-    };
+    // Measured on H100: a warp per row wins for read-only rows up to 4k, and for two-pass
+    // rows up to 1024 when the row stays in the warp's registers.
+    if f.pass2 && f.cacheable && cols <= 1024 && warp_max().is_none() {
+        return Tier::WarpRegisters;
+    }
+    let warp_limit = if f.pass2 { 1024 } else { 4096 };
     if cols <= warp_max().unwrap_or(warp_limit) {
         return Tier::Warp;
     }
@@ -669,6 +670,9 @@ fn run_rows(
             ("xent", "warp") => "xent_warp",
             ("xent", "block") => "xent_block",
             ("xent", "partial") => "xent_partial",
+            ("softmax", "warpreg") => "softmax_warpreg",
+            ("log_softmax", "warpreg") => "log_softmax_warpreg",
+            ("xent", "warpreg") => "xent_warpreg",
             ("softmax", "cached") => "softmax_cached",
             ("log_softmax", "cached") => "log_softmax_cached",
             ("xent", "cached") => "xent_cached",
@@ -694,6 +698,7 @@ fn run_rows(
     };
     match choose_tier(p.rows, p.cols, facts) {
         Tier::Warp => l.launch(name("warp"), (p.rows + 7) / 8, 256, &p),
+        Tier::WarpRegisters => l.launch(name("warpreg"), (p.rows + 7) / 8, 256, &p),
         Tier::Block { threads } => l.launch(name("block"), p.rows, threads, &p),
         Tier::Cached { threads } => {
             p.chunk = p.cols;
@@ -986,10 +991,9 @@ mod tests {
         };
         assert_eq!(choose_tier(1000, 10, ro), Tier::Warp);
         assert_eq!(choose_tier(1000, 4096, ro), Tier::Warp);
-        assert_eq!(choose_tier(1000, 512, rw), Tier::Warp);
-        assert_eq!(choose_tier(1000, 1024, rw), Tier::Cached { threads: 128 });
-        let rw16 = TierFacts { vec_width: 8, ..rw };
-        assert_eq!(choose_tier(1000, 1024, rw16), Tier::Warp);
+        assert_eq!(choose_tier(1000, 512, rw), Tier::WarpRegisters);
+        assert_eq!(choose_tier(1000, 1024, rw), Tier::WarpRegisters);
+        assert_eq!(choose_tier(1000, 1025, rw), Tier::Cached { threads: 128 });
         assert_eq!(choose_tier(4096, 4096, rw), Tier::Cached { threads: 128 });
         assert_eq!(choose_tier(4096, 32768, ro), Tier::Block { threads: 512 });
         assert_eq!(block_threads(4096, 8), 128);

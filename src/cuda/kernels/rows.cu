@@ -258,6 +258,11 @@ template <typename A> __device__ __forceinline__ State<A> lane_state(const Lane<
     return s;
 }
 
+// float32 / float64 inputs keep every term (exact excess); 16-bit inputs take the cheaper sum.
+template <typename T> struct Wide { static constexpr bool value = true; };
+template <> struct Wide<slse_bf16> { static constexpr bool value = false; };
+template <> struct Wide<slse_f16> { static constexpr bool value = false; };
+
 // Adds K values: a new maximum rescales the old total.
 template <typename T, int K, bool SX, typename A>
 __device__ __forceinline__ void lane_push(Lane<A>& l, const A* v) {
@@ -276,12 +281,20 @@ __device__ __forceinline__ void lane_push(Lane<A>& l, const A* v) {
         l.m = mn;
         l.m2 = mn * A(1.4426950408889634);
     }
+    if (Wide<T>::value) {
 #pragma unroll
-    for (int i = 0; i < K; i++) {
-        A ev = ElemExp<T>::run(v[i], l.m, l.m2);
-        bool tie = v[i] == l.m;
-        l.e += tie ? A(0) : ev;
-        l.cnt += tie ? A(1) : A(0);
+        for (int i = 0; i < K; i++) {
+            A ev = ElemExp<T>::run(v[i], l.m, l.m2);
+            bool tie = v[i] == l.m;
+            l.e += tie ? A(0) : ev;
+            l.cnt += tie ? A(1) : A(0);
+        }
+    } else {
+        // 16-bit inputs: the maxima's 1s are summed with the rest and one is taken off at the
+        // end (cnt stays 0, see lane_state); terms under 2^-24 of the total are lost, which
+        // moves a 16-bit result by less than 2^-24 absolute.
+#pragma unroll
+        for (int i = 0; i < K; i++) l.e += ElemExp<T>::run(v[i], l.m, l.m2);
     }
 }
 
@@ -510,6 +523,57 @@ template <int OP, typename T> __device__ __forceinline__ void warp_rows(const Pa
     slse_i64 t = OP == SLSE_OP_XENT ? load_target<T>(p, r) : -1;
     if (lane == 0) row_epilogue<OP, T>(p, r, s, t);
     if (has_pass2<OP>(p)) range_write<OP, T>(p, r, 0, p.cols, lane, 32, s, t, grad_scale<OP, T>(p));
+}
+
+// ---- tier 1b: one warp per row, the row held in registers (rows up to 1024, aligned) ---
+
+template <int OP, typename T> __device__ __forceinline__ void warp_cached_rows(const Params& p) {
+    typedef float A;
+    constexpr int N = Vec<T>::N;
+    constexpr int VPT = 1024 / (32 * N);
+    int lane = threadIdx.x & 31;
+    slse_i64 r = (slse_i64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (r >= p.rows) return;
+    const T* row = (const T*)p.x + r * p.ldx;
+    const slse_i64 nv = p.cols / N;
+    bool sx = OP == SLSE_OP_XENT && p.eps != 0.f;
+    A v[VPT][N];
+#pragma unroll
+    for (int u = 0; u < VPT; u++) {
+        if (lane + u * 32 < nv) vload(row + (lane + u * 32) * N, v[u]);
+    }
+    // The last cols % N elements, one per lane.
+    const slse_i64 tj = nv * N + lane;
+    A tv[1];
+    tv[0] = tj < p.cols ? slse_load(row + tj) : A(0);
+    Lane<A> l = lane_empty<A>();
+#pragma unroll
+    for (int u = 0; u < VPT; u++) {
+        if (lane + u * 32 < nv) {
+            if (sx) {
+                lane_push<T, N, true>(l, v[u]);
+            } else {
+                lane_push<T, N, false>(l, v[u]);
+            }
+        }
+    }
+    if (tj < p.cols) {
+        if (sx) {
+            lane_push<T, 1, true>(l, tv);
+        } else {
+            lane_push<T, 1, false>(l, tv);
+        }
+    }
+    State<A> s = warp_merge(lane_state(l));
+    slse_i64 t = OP == SLSE_OP_XENT ? load_target<T>(p, r) : -1;
+    if (lane == 0) row_epilogue<OP, T>(p, r, s, t);
+    Writer<OP, T> w(p, s, t, grad_scale<OP, T>(p));
+    T* out = (T*)p.y + r * p.ldy;
+#pragma unroll
+    for (int u = 0; u < VPT; u++) {
+        if (lane + u * 32 < nv) w.template apply<N>(v[u], (lane + u * 32) * N, out);
+    }
+    if (tj < p.cols) w.template apply<1>(tv, tj, out);
 }
 
 // ---- tier 2: one block per row -------------------------------------------------------------
@@ -781,6 +845,9 @@ template <typename T> __device__ __forceinline__ void cast_loss(const Params& p)
 #define SLSE_CACHED(NAME, OP)                                                               \
     extern "C" __global__ void __launch_bounds__(512) NAME##_cached(Params p) {           \
         cached_rows<OP, SLSE_T, 1>(p);                                                      \
+    }                                                                                       \
+    extern "C" __global__ void __launch_bounds__(256) NAME##_warpreg(Params p) {          \
+        warp_cached_rows<OP, SLSE_T>(p);                                                    \
     }
 #if __CUDA_ARCH__ >= 900
 #define SLSE_CLUSTER(NAME, OP)                                                              \
