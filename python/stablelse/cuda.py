@@ -17,9 +17,16 @@ without a host round trip:
   input's dtype; float64 is computed in float64. Other dtypes raise ``TypeError``.
 - The fast layout is a reduction over the last axis (rows); other axes are moved to the end
   with one copy made by the input's library.
-- Kernels are compiled by NVRTC on first use for the device's own architecture (a few
-  seconds once per process and dtype). NVRTC is found on the loader path or in the pip
-  package ``nvidia-cuda-nvrtc``.
+- Kernels are compiled by NVRTC on first use for the device's own architecture (about ten
+  seconds per dtype, once per machine: the CUBIN is cached under ``~/.cache/stablelse/cuda``,
+  or ``$XDG_CACHE_HOME``, or ``STABLELSE_CACHE_DIR``; an empty value turns the disk cache
+  off). NVRTC is found on the loader path or in the pip package ``nvidia-cuda-nvrtc``
+  (``STABLELSE_NVRTC_LIB`` names the library file, ``STABLELSE_NVRTC_DIR`` a directory).
+- Row length picks the kernel: one warp per row (up to 1024 elements for softmax-like ops,
+  the row held in registers; up to 4096 for logsumexp and the loss alone), one block per row
+  with the row cached in shared memory (up to 32768), clusters of 8 or 16 blocks sharing a
+  row through distributed shared memory on sm_90 (up to 262144), and split rows with a
+  (max, sum) merge beyond. Every tier reads a row from memory once where its cache allows.
 
 Deviations from the CPU path (stated in each docstring): ``logsumexp`` has no ``b=`` or
 ``return_sign=``; ``cross_entropy`` has no ``weight=`` and no probability (soft-label)
