@@ -548,15 +548,26 @@ fn block_threads(cols: i64, vec_width: i64) -> u32 {
 /// Largest per-block cache of the cluster tiers: 64 KiB leaves room for 3 blocks per SM.
 const CLUSTER_CACHE_BYTES: i64 = 65536;
 
-/// `STABLELSE_CUDA_WARP_MAX`, read once: overrides the longest row given to one warp (for
-/// tuning on new devices).
+/// Tuning knobs for new devices, read once: `STABLELSE_CUDA_WARP_MAX` (longest row given to
+/// one warp), `STABLELSE_CUDA_CACHED_MAX` (longest row cached by one block before clusters
+/// take over), `STABLELSE_CUDA_CLUSTER_CACHE` (bytes cached per cluster block).
+fn knob(name: &str) -> Option<i64> {
+    std::env::var(name).ok().and_then(|v| v.parse().ok())
+}
+
 fn warp_max() -> Option<i64> {
     static W: std::sync::OnceLock<Option<i64>> = std::sync::OnceLock::new();
-    *W.get_or_init(|| {
-        std::env::var("STABLELSE_CUDA_WARP_MAX")
-            .ok()
-            .and_then(|v| v.parse().ok())
-    })
+    *W.get_or_init(|| knob("STABLELSE_CUDA_WARP_MAX"))
+}
+
+fn cached_max() -> i64 {
+    static W: std::sync::OnceLock<i64> = std::sync::OnceLock::new();
+    *W.get_or_init(|| knob("STABLELSE_CUDA_CACHED_MAX").unwrap_or(CACHED_MAX))
+}
+
+fn cluster_cache_bytes() -> i64 {
+    static W: std::sync::OnceLock<i64> = std::sync::OnceLock::new();
+    *W.get_or_init(|| knob("STABLELSE_CUDA_CLUSTER_CACHE").unwrap_or(CLUSTER_CACHE_BYTES))
 }
 
 /// Picks the tier. Read-only ops (logsumexp, the loss alone): a warp per row up to 4096, a
@@ -578,8 +589,9 @@ pub fn choose_tier(rows: i64, cols: i64, f: TierFacts) -> Tier {
         return Tier::Warp;
     }
     if f.pass2 && f.cacheable {
-        let want_cluster = f.clusters && (cols > CACHED_MAX || (few_rows && cols >= 8192));
-        if cols <= CACHED_MAX && !want_cluster {
+        let cmax = cached_max().min(CACHED_MAX);
+        let want_cluster = f.clusters && (cols > cmax || (few_rows && cols >= 8192));
+        if cols <= cmax && !want_cluster {
             return Tier::Cached {
                 threads: block_threads(cols, f.vec_width),
             };
@@ -590,7 +602,8 @@ pub fn choose_tier(rows: i64, cols: i64, f: TierFacts) -> Tier {
             let chunk8 = ((cols + 7) / 8 + 7) / 8 * 8;
             let chunk16 = ((cols + 15) / 16 + 7) / 8 * 8;
             let bytes = 16 / f.vec_width.max(1);
-            if chunk8 * bytes <= CLUSTER_CACHE_BYTES || chunk16 * bytes > CLUSTER_CACHE_BYTES {
+            let cache = cluster_cache_bytes();
+            if chunk8 * bytes <= cache || chunk16 * bytes > cache {
                 return Tier::Cluster {
                     size: 8,
                     chunk: chunk8,
