@@ -24,9 +24,10 @@ without a host round trip:
   (``STABLELSE_NVRTC_LIB`` names the library file, ``STABLELSE_NVRTC_DIR`` a directory).
 - Row length picks the kernel: one warp per row (up to 1024 elements for softmax-like ops,
   the row held in registers; up to 4096 for logsumexp and the loss alone), one block per row
-  with the row cached in shared memory (up to 32768), clusters of 8 or 16 blocks sharing a
-  row through distributed shared memory on sm_90 (up to 262144), and split rows with a
-  (max, sum) merge beyond. Every tier reads a row from memory once where its cache allows.
+  with the row cached in shared memory (up to 64 KiB of row on sm_90: 16k float32 or 32k
+  16-bit elements; 32k elsewhere), clusters of 8 or 16 blocks sharing a row through
+  distributed shared memory on sm_90 (up to 262144), and split rows with a (max, sum) merge
+  beyond. Every tier reads a row from memory once where its cache allows.
 
 Deviations from the CPU path (stated in each docstring): ``logsumexp`` has no ``b=`` or
 ``return_sign=``; ``cross_entropy`` has no ``weight=`` and no probability (soft-label)

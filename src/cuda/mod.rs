@@ -572,10 +572,11 @@ fn cluster_cache_bytes() -> i64 {
 
 /// Picks the tier. Read-only ops (logsumexp, the loss alone): a warp per row up to 4096, a
 /// block per row up to 32k (while the rows fill the device), split rows beyond, merged by a
-/// second tiny pass. Ops with outputs per element: a warp per row up to 1024, then the row
-/// cached in shared memory (up to 32k), then clusters of 8 blocks caching a chunk each (up to
-/// 256k on sm_90), so a row is read from memory once; beyond that (or unaligned rows, or
-/// float64) the block and split tiers re-read it.
+/// second tiny pass. Ops with outputs per element: a warp per row up to 1024 (the row in
+/// registers), then one block caching the row in shared memory (up to 64 KiB on sm_90, 32k
+/// elements elsewhere), then clusters of 8 or 16 blocks caching a chunk each (up to 256k on
+/// sm_90), so a row is read from memory once; beyond that (or unaligned rows, or float64)
+/// the block and split tiers re-read it.
 pub fn choose_tier(rows: i64, cols: i64, f: TierFacts) -> Tier {
     let sms = f.sms.max(1) as i64;
     let few_rows = rows < 2 * sms;
@@ -589,7 +590,16 @@ pub fn choose_tier(rows: i64, cols: i64, f: TierFacts) -> Tier {
         return Tier::Warp;
     }
     if f.pass2 && f.cacheable {
-        let cmax = cached_max().min(CACHED_MAX);
+        // Measured on H100: one block caching up to 64 KiB beats a cluster (float32 16k,
+        // 16-bit 32k); past that clusters of small caches win.
+        let bytes = 16 / f.vec_width.max(1);
+        let cmax = if f.clusters {
+            cached_max()
+                .min(CLUSTER_CACHE_BYTES / bytes)
+                .min(CACHED_MAX)
+        } else {
+            cached_max().min(CACHED_MAX)
+        };
         let want_cluster = f.clusters && (cols > cmax || (few_rows && cols >= 8192));
         if cols <= cmax && !want_cluster {
             return Tier::Cached {
@@ -601,7 +611,6 @@ pub fn choose_tier(rows: i64, cols: i64, f: TierFacts) -> Tier {
             // overlap another's writes; clusters of 16 only when 8 would need more.
             let chunk8 = ((cols + 7) / 8 + 7) / 8 * 8;
             let chunk16 = ((cols + 15) / 16 + 7) / 8 * 8;
-            let bytes = 16 / f.vec_width.max(1);
             let cache = cluster_cache_bytes();
             if chunk8 * bytes <= cache || chunk16 * bytes > cache {
                 return Tier::Cluster {
@@ -1012,7 +1021,23 @@ mod tests {
         assert_eq!(block_threads(4096, 8), 128);
         assert_eq!(block_threads(65536, 8), 512);
         assert_eq!(choose_tier(4096, 8192, rw), Tier::Cached { threads: 256 });
-        assert_eq!(choose_tier(4096, 32768, rw), Tier::Cached { threads: 512 });
+        assert_eq!(choose_tier(4096, 16384, rw), Tier::Cached { threads: 512 });
+        assert_eq!(
+            choose_tier(4096, 32768, rw),
+            Tier::Cluster {
+                size: 8,
+                chunk: 4096
+            }
+        );
+        assert_eq!(
+            choose_tier(4096, 32768, rw80),
+            Tier::Cached { threads: 512 }
+        );
+        let rw16 = TierFacts { vec_width: 8, ..rw };
+        assert_eq!(
+            choose_tier(4096, 32768, rw16),
+            Tier::Cached { threads: 512 }
+        );
         assert_eq!(
             choose_tier(4096, 32768, rw80),
             Tier::Cached { threads: 512 }
