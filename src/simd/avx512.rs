@@ -634,6 +634,9 @@ pub unsafe fn exp_f64(x: *const f64, out: *mut f64, n: usize) {
     }
 }
 
+/// How many rows ahead the column kernel prefetches.
+const COL_PREFETCH_ROWS: usize = 2;
+
 /// Online states of `w` adjacent columns (`w <= COL_TILE`) of an `(n, inner)` C-order slab
 /// starting at `x`: one streaming pass down the rows, each row reading `w` contiguous elements.
 #[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl,popcnt")]
@@ -650,6 +653,12 @@ pub unsafe fn column_states<T: Lanes>(
     for k in 0..n {
         // SAFETY: row k of the tile holds w readable elements.
         let row = unsafe { x.add(k * inner) };
+        // Rows are `inner` apart, usually on different pages, where hardware prefetchers
+        // stop: fetch the tile's segment COL_PREFETCH_ROWS rows ahead (never faults).
+        let ahead = row.wrapping_add(COL_PREFETCH_ROWS * inner) as *const i8;
+        for line in (0..w * std::mem::size_of::<T>()).step_by(64) {
+            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line));
+        }
         for (v, lane) in lanes.iter_mut().enumerate().take(vecs) {
             let left = w - 8 * v;
             // SAFETY: as above; the last vector is masked to the tile width.
