@@ -1,0 +1,54 @@
+"""Type stubs for the native module ``stablelse._core`` (private; use ``stablelse``)."""
+
+from typing import Optional, Union
+
+import numpy as np
+import numpy.typing as npt
+
+__version__: str
+
+_Float = np.floating
+_Arr = npt.NDArray[_Float]
+
+def logsumexp(x: _Arr, algorithm: str = "auto", out: Optional[_Arr] = None) -> _Arr: ...
+def logsumexp_weighted(a: _Arr, b: _Arr, return_sign: bool = False) -> tuple[_Arr, _Arr]: ...
+def softmax(
+    x: _Arr, log: bool = False, algorithm: str = "auto", out: Optional[_Arr] = None
+) -> _Arr: ...
+def lse_states(
+    x: _Arr, algorithm: str = "auto"
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]: ...
+def merge_states(
+    max_a: npt.NDArray[np.float64],
+    excess_a: npt.NDArray[np.float64],
+    max_b: npt.NDArray[np.float64],
+    excess_b: npt.NDArray[np.float64],
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]: ...
+def set_num_threads(n: int) -> None: ...
+def get_num_threads() -> int: ...
+def simd_level() -> str: ...
+def available_simd_levels() -> list[str]: ...
+def rows_fast(x: _Arr, axis: Optional[int], keepdims: bool, op: int) -> Optional[_Arr]: ...
+def after_fork_in_child() -> None: ...
+
+# Losses (src/python/losses.rs): logits are 3-D (outer, classes, inner); index targets int64.
+def cross_entropy(
+    logits: _Arr,
+    target: Union[npt.NDArray[np.int64], _Arr],
+    weight: Optional[_Arr] = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    return_grad: bool = False,
+    algorithm: str = "auto",
+    grad_out: Optional[_Arr] = None,
+) -> tuple[Union[float, _Arr], Optional[_Arr]]: ...
+def nll_loss(
+    log_probs: _Arr,
+    target: npt.NDArray[np.int64],
+    weight: Optional[_Arr] = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+) -> Union[float, _Arr]: ...
+def softmax_backward(y: _Arr, dy: _Arr, log: bool = False) -> _Arr: ...
