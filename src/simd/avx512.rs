@@ -132,7 +132,9 @@ fn summable(below: __mmask8, t: __m512d, full: bool) -> __mmask8 {
 pub trait Lanes: Copy + 'static + crate::Real {
     /// Whether results need the full float64 exp (float64 inputs) or the float32-grade one.
     const FULL: bool;
-    /// Elements per L1 block of the two-pass row kernel.
+    /// Elements per block of the two-pass row kernel: 8 KiB, so the block being summed and
+    /// the next one being loaded sit in L1 together (16 KiB blocks measured 30% slower from
+    /// DRAM on one thread).
     const BLOCK: usize;
     /// Loads 8 elements widened to f64.
     unsafe fn load8(p: *const Self) -> __m512d;
@@ -160,7 +162,7 @@ fn tail_mask8(n: usize) -> __mmask8 {
 
 impl Lanes for f32 {
     const FULL: bool = false;
-    const BLOCK: usize = 4096;
+    const BLOCK: usize = 2048;
     #[inline]
     #[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl,popcnt")]
     unsafe fn max_init() -> [__m512d; 2] {
@@ -243,7 +245,7 @@ impl Lanes for f32 {
 
 impl Lanes for f64 {
     const FULL: bool = true;
-    const BLOCK: usize = 2048;
+    const BLOCK: usize = 1024;
     #[inline]
     #[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl,popcnt")]
     unsafe fn max_init() -> [__m512d; 2] {
