@@ -283,19 +283,24 @@ fn lane_grad<T: Real>(plan: &Plan<'_, T>, target: LaneTarget, s: &LaneSums) -> L
     }
 }
 
-/// Calls `f` on fixed blocks of `0..n` (one block below `2 * LONG_ROW_BLOCK`), in parallel for
-/// long rows, returning the results in block order. The blocking depends only on `n`.
-fn row_blocks<R: Send, F>(n: usize, f: F) -> Vec<R>
+/// Calls `f` on fixed blocks of `0..n` (one block below `2 * LONG_ROW_BLOCK`, without
+/// allocating), in parallel for long rows, yielding the results in block order. The blocking
+/// depends only on `n`.
+fn row_blocks<R: Send, F>(
+    n: usize,
+    f: F,
+) -> std::iter::Chain<std::option::IntoIter<R>, std::vec::IntoIter<R>>
 where
     F: Fn(Range<usize>) -> R + Sync + Send,
 {
     if n < 2 * LONG_ROW_BLOCK {
-        return vec![f(0..n)];
+        return Some(f(0..n)).into_iter().chain(Vec::new());
     }
-    parallel::map_collect(n.div_ceil(LONG_ROW_BLOCK), LONG_ROW_BLOCK, |b| {
+    let blocks = parallel::map_collect(n.div_ceil(LONG_ROW_BLOCK), LONG_ROW_BLOCK, |b| {
         let first = b * LONG_ROW_BLOCK;
         f(first..(first + LONG_ROW_BLOCK).min(n))
-    })
+    });
+    None.into_iter().chain(blocks)
 }
 
 /// `sum_k f(k)` over `range` in `f64` with eight interleaved accumulators (independent adds
@@ -601,7 +606,7 @@ fn row_sums<T: Real>(
                     Some(w) => sum8(r, |k| w[k].to_f64() * (shift - x[k].to_f64())),
                     None => sum8(r, |k| shift - x[k].to_f64()),
                 });
-                sums.wsum = parts.into_iter().sum();
+                sums.wsum = parts.sum();
             }
         }
         LaneTarget::Probs => {
@@ -661,7 +666,8 @@ fn write_row_grad<T: Real>(
             }
             _ => {}
         }
-    });
+    })
+    .for_each(drop); // the blocks ran for their writes
     if let Some((t, gt)) = lg.target {
         g[t] = T::from_f64(gt);
     }
@@ -867,7 +873,6 @@ pub fn softmax_like_backward<T: Real>(
                     Backward::Softmax => sum8(r, |k| yr[k].to_f64() * dr[k].to_f64()),
                     Backward::LogSoftmax => sum8(r, |k| dr[k].to_f64()),
                 })
-                .into_iter()
                 .sum();
                 // SAFETY: lane l owns the dense row l of out, whose length was checked.
                 let o = unsafe { std::slice::from_raw_parts_mut(op.ptr().add(l * n), n) };
@@ -891,7 +896,8 @@ pub fn softmax_like_backward<T: Real>(
                             }
                         }
                     }
-                });
+                })
+                .for_each(drop); // the blocks ran for their writes
             }
         });
         return Ok(());
