@@ -44,6 +44,13 @@ use crate::state::LseState;
 /// contiguous reads along `inner`.
 const COLUMN_BLOCK: usize = 128;
 
+/// Rows whose states are computed together (see [`block_states`]); also the widest column
+/// block, so a block's states fit one buffer.
+const STATE_BLOCK: usize = COLUMN_BLOCK;
+
+/// Rows up to this long are reduced in transposed blocks by the SIMD column kernel.
+const SHORT_ROW: usize = 64;
+
 /// Elements of a transposed column block (and of its gradient): 256 KiB of float32, within L2.
 const COLUMN_SCRATCH: usize = 1 << 16;
 
@@ -524,26 +531,75 @@ fn xent_rows<T: Real>(
     let per = parallel::items_per_piece(n);
     reduce_pieces(batch.outer, per, n, |range| {
         let mut acc = (0.0f64, 0.0f64);
-        for l in range {
-            let start = l * batch.outer_stride;
-            let x = &logits[start..start + n];
-            let target = lane_target(targets, l, ignore);
-            let probs = match targets {
-                Targets::Probs(q) => Some(&q[start..start + n]),
-                Targets::Indices(_) => None,
-            };
-            let sums = row_sums(plan, x, target, probs, alg);
-            let (main, zt) = lane_outputs(plan, target, &sums, l, lanes_out);
-            if let Some(gp) = grad_out {
-                // SAFETY: lane l owns the dense row l of the gradient, checked by `plan`.
-                let g = unsafe { std::slice::from_raw_parts_mut(gp.ptr().add(l * n), n) };
-                write_row_grad(plan, x, probs, lane_grad(plan, target, &sums), g);
+        let mut scratch = Vec::new();
+        let mut states = [LseState::EMPTY; STATE_BLOCK];
+        let mut l0 = range.start;
+        while l0 < range.end {
+            let w = STATE_BLOCK.min(range.end - l0);
+            let first = l0 * batch.outer_stride;
+            block_states(
+                &logits[first..],
+                batch.outer_stride,
+                n,
+                w,
+                alg,
+                &mut scratch,
+                &mut states,
+            );
+            for (i, &state) in states.iter().enumerate().take(w) {
+                let l = l0 + i;
+                let start = l * batch.outer_stride;
+                let x = &logits[start..start + n];
+                let target = lane_target(targets, l, ignore);
+                let probs = match targets {
+                    Targets::Probs(q) => Some(&q[start..start + n]),
+                    Targets::Indices(_) => None,
+                };
+                let sums = row_sums(plan, x, target, probs, state);
+                let (main, zt) = lane_outputs(plan, target, &sums, l, lanes_out);
+                if let Some(gp) = grad_out {
+                    // SAFETY: lane l owns the dense row l of the gradient, checked by `plan`.
+                    let g = unsafe { std::slice::from_raw_parts_mut(gp.ptr().add(l * n), n) };
+                    write_row_grad(plan, x, probs, lane_grad(plan, target, &sums), g);
+                }
+                acc.0 += main;
+                acc.1 += zt;
             }
-            acc.0 += main;
-            acc.1 += zt;
+            l0 += w;
         }
         acc
     })
+}
+
+/// The `(max, excess)` states of `w` rows of length `n`, row `i` at `x[i * pitch..][..n]`.
+/// Short rows are transposed into an `(n, w)` block and reduced by the SIMD column kernel
+/// (rows in vector lanes), which costs a fraction of one [`row_state`] call per row; longer
+/// rows use [`row_state`]. Rows and columns both come through here, so both layouts give the
+/// same bits.
+fn block_states<T: Real>(
+    x: &[T],
+    pitch: usize,
+    n: usize,
+    w: usize,
+    alg: Algorithm,
+    scratch: &mut Vec<T>,
+    states: &mut [LseState],
+) {
+    if (1..=SHORT_ROW).contains(&n) && w > 1 {
+        scratch.clear();
+        scratch.resize(n * w, T::from_f64(0.0));
+        for i in 0..w {
+            for (k, &v) in x[i * pitch..i * pitch + n].iter().enumerate() {
+                scratch[k * w + i] = v;
+            }
+        }
+        crate::kernels::lse_states(scratch, Batch::contiguous(1, n, w), alg, &mut states[..w])
+            .expect("the block matches its batch");
+    } else {
+        for (i, st) in states.iter_mut().enumerate().take(w) {
+            *st = row_state(&x[i * pitch..i * pitch + n], alg);
+        }
+    }
 }
 
 /// The lane's `(main, lse^2)` terms (0 for ignored lanes), its "none" loss written to
@@ -580,7 +636,7 @@ fn row_sums<T: Real>(
     x: &[T],
     target: LaneTarget,
     probs: Option<&[T]>,
-    alg: Algorithm,
+    state: LseState,
 ) -> LaneSums {
     let mut sums = LaneSums {
         state: LseState::EMPTY,
@@ -599,7 +655,7 @@ fn row_sums<T: Real>(
         };
         return sums;
     }
-    sums.state = row_state(x, alg);
+    sums.state = state;
     let (shift, _) = shift_and_log_total(sums.state);
     match target {
         LaneTarget::Class(t) => {
@@ -736,6 +792,8 @@ fn xent_columns<T: Real>(
             Some(_) => vec![T::from_f64(0.0); n * width],
             None => Vec::new(),
         };
+        let mut scratch = Vec::new();
+        let mut states = [LseState::EMPTY; STATE_BLOCK];
         for u in range {
             let (o, jb) = (u / blocks_per_slab, u % blocks_per_slab);
             let j0 = jb * width;
@@ -745,6 +803,7 @@ fn xent_columns<T: Real>(
             if let Targets::Probs(q) = targets {
                 transpose_in(&q[base..], inner, n, w, &mut qs);
             }
+            block_states(&xs, n, n, w, alg, &mut scratch, &mut states);
             for jj in 0..w {
                 let l = o * inner + j0 + jj;
                 let x = &xs[jj * n..(jj + 1) * n];
@@ -753,7 +812,7 @@ fn xent_columns<T: Real>(
                     Targets::Probs(_) => Some(&qs[jj * n..(jj + 1) * n]),
                     Targets::Indices(_) => None,
                 };
-                let sums = row_sums(plan, x, target, probs, alg);
+                let sums = row_sums(plan, x, target, probs, states[jj]);
                 let (main, zt) = lane_outputs(plan, target, &sums, l, lanes_out);
                 if grad_out.is_some() {
                     let g = &mut gs[jj * n..(jj + 1) * n];
