@@ -212,6 +212,16 @@ fn shift_and_log_total(state: LseState) -> (f64, f64) {
     }
 }
 
+/// The `shift` of [`shift_and_log_total`] alone (no logarithm).
+#[inline]
+fn shift_of(state: LseState) -> f64 {
+    if state.max.is_finite() {
+        state.max
+    } else {
+        0.0
+    }
+}
+
 /// The lane's main loss term (before reduction scaling) and `L`.
 #[inline]
 fn lane_loss<T: Real>(plan: &Plan<'_, T>, target: LaneTarget, s: &LaneSums) -> (f64, f64) {
@@ -656,7 +666,7 @@ fn row_sums<T: Real>(
         return sums;
     }
     sums.state = state;
-    let (shift, _) = shift_and_log_total(sums.state);
+    let shift = shift_of(state);
     match target {
         LaneTarget::Class(t) => {
             sums.xt = x[t].to_f64();
