@@ -17,6 +17,7 @@ from ._api import (
 )
 from ._core import __version__
 from ._losses import cross_entropy, log_softmax_backward, nll_loss, softmax_backward
+from ._stream import LogSumExp
 from ._threadpool import register as _register_threadpoolctl
 
 _register_threadpoolctl()
@@ -26,6 +27,7 @@ if hasattr(_os, "register_at_fork"):
     _os.register_at_fork(after_in_child=_core.after_fork_in_child)
 
 __all__ = [
+    "LogSumExp",
     "__version__",
     "cross_entropy",
     "get_num_threads",
