@@ -6,11 +6,13 @@
 
 use pyo3::prelude::*;
 
+mod probe;
 mod reductions;
 
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     reductions::register(m)?;
+    probe::register(m)?;
     Ok(())
 }
