@@ -25,7 +25,14 @@ static POOL: RwLock<Pool> = RwLock::new(Pool {
     pool: None,
 });
 
+/// `STABLELSE_NUM_THREADS`, else the number of cores; read once (querying the cgroup CPU
+/// quota costs tens of microseconds).
 fn default_threads() -> usize {
+    static DEFAULT: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *DEFAULT.get_or_init(read_default_threads)
+}
+
+fn read_default_threads() -> usize {
     std::env::var("STABLELSE_NUM_THREADS")
         .ok()
         .and_then(|v| v.trim().parse::<usize>().ok())
@@ -41,7 +48,11 @@ fn default_threads() -> usize {
 pub fn num_threads() -> usize {
     let threads = POOL.read().unwrap_or_else(|e| e.into_inner()).threads;
     if threads == 0 {
-        default_threads()
+        let mut guard = POOL.write().unwrap_or_else(|e| e.into_inner());
+        if guard.threads == 0 {
+            guard.threads = default_threads();
+        }
+        guard.threads
     } else {
         threads
     }

@@ -4,6 +4,9 @@ Rust SIMD kernels behind a NumPy API with scipy.special's semantics (and torch's
 losses). See ``help(stablelse.logsumexp)`` and the README for the exact contract.
 """
 
+import os as _os
+
+from . import _core
 from ._api import (
     get_num_threads,
     info,
@@ -13,6 +16,13 @@ from ._api import (
     softmax,
 )
 from ._core import __version__
+from ._threadpool import register as _register_threadpoolctl
+
+_register_threadpoolctl()
+
+if hasattr(_os, "register_at_fork"):
+    # A forked child has none of the parent's pool threads: drop the pool, build anew on use.
+    _os.register_at_fork(after_in_child=_core.after_fork_in_child)
 
 __all__ = [
     "__version__",

@@ -9,6 +9,7 @@ non-adjacent axes, negative or odd strides, unaligned or byte-swapped data) are 
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Sequence
 from typing import Any, Union
@@ -117,7 +118,7 @@ def _kernel_view(x3: np.ndarray) -> np.ndarray:
         and (n <= 1 or s1 == i * it)
         and (o <= 1 or (s0 >= 0 and s0 % it == 0))
     )
-    return x3 if ok else np.ascontiguousarray(x3)
+    return x3 if ok else np.array(x3, order="C", copy=True)
 
 
 class _Plan:
@@ -143,9 +144,9 @@ class _Plan:
         self.work = self.transform(x)
         shape = self.work.shape
         first, last = (axes[0], axes[-1]) if axes else (ndim, ndim - 1)
-        self.outer = int(np.prod(shape[:first], dtype=np.int64))
-        self.n = int(np.prod(shape[first : last + 1], dtype=np.int64))
-        self.inner = int(np.prod(shape[last + 1 :], dtype=np.int64))
+        self.outer = math.prod(shape[:first])
+        self.n = math.prod(shape[first : last + 1])
+        self.inner = math.prod(shape[last + 1 :])
 
     def transform(self, arr: np.ndarray) -> np.ndarray:
         """``arr`` (shaped like the input) in the work array's axis order."""
@@ -273,6 +274,18 @@ def logsumexp(
     >>> logsumexp([1, 2], b=[1, -1], return_sign=True)
     (np.float64(1.5413248546129181), np.float64(-1.0))
     """
+    if (
+        type(a) is np.ndarray
+        and b is None
+        and out is None
+        and not return_sign
+        and algorithm == "auto"
+        and (axis is None or type(axis) is int)
+    ):
+        # The common call (rows of a C-contiguous array) in one native step; None otherwise.
+        res = _core.rows_fast(a, axis, keepdims, 0)
+        if res is not None:
+            return res
     if _is_gpu_array(a):
         return _gpu_module().logsumexp(
             a, axis=axis, b=b, keepdims=keepdims, return_sign=return_sign, out=out
@@ -345,6 +358,17 @@ def logsumexp(
 
 
 # --------------------------------------------------------------------------- softmax
+
+
+_NATIVE = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def _softmax_rows_fast(x: np.ndarray, axis: AxisLike, log: bool) -> np.ndarray | None:
+    """softmax over the last axis of a C-contiguous float32/float64 array, or None."""
+    if axis is None or type(axis) is int:
+        res: np.ndarray | None = _core.rows_fast(x, axis, False, 2 if log else 1)
+        return res
+    return None
 
 
 def _softmax_like(
@@ -437,6 +461,10 @@ def softmax(
     >>> softmax(np.array([1000.0, 1.0, -1000.0]))
     array([1., 0., 0.])
     """
+    if type(x) is np.ndarray and out is None and algorithm == "auto":
+        res = _softmax_rows_fast(x, axis, False)
+        if res is not None:
+            return res
     if _is_gpu_array(x):
         return _gpu_module().softmax(x, axis=axis, out=out)
     return _softmax_like(x, axis, out, algorithm, log=False)
@@ -483,6 +511,10 @@ def log_softmax(
     >>> log_softmax(np.array([1000.0, 1.0]))
     array([   0., -999.])
     """
+    if type(x) is np.ndarray and out is None and algorithm == "auto":
+        res = _softmax_rows_fast(x, axis, True)
+        if res is not None:
+            return res
     if _is_gpu_array(x):
         return _gpu_module().log_softmax(x, axis=axis, out=out)
     return _softmax_like(x, axis, out, algorithm, log=True)

@@ -15,12 +15,14 @@ use crate::real::Real;
 use crate::state::LseState;
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(rows_fast, m)?)?;
     m.add_function(wrap_pyfunction!(logsumexp, m)?)?;
     m.add_function(wrap_pyfunction!(logsumexp_weighted, m)?)?;
     m.add_function(wrap_pyfunction!(softmax, m)?)?;
     m.add_function(wrap_pyfunction!(lse_states, m)?)?;
     m.add_function(wrap_pyfunction!(merge_states, m)?)?;
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(after_fork_in_child, m)?)?;
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(simd_level, m)?)?;
     m.add_function(wrap_pyfunction!(available_simd_levels, m)?)?;
@@ -113,6 +115,82 @@ pub(crate) fn check_out<T: Element, D: numpy::ndarray::Dimension>(
 
 fn same_memory<T: Element>(a: &Bound<'_, PyArray3<T>>, b: &Bound<'_, PyArray3<T>>) -> bool {
     a.data() == b.data() && a.shape() == b.shape() && a.strides() == b.strides()
+}
+
+fn rows_fast_typed<'py, T: Real + Element>(
+    py: Python<'py>,
+    x: &Bound<'py, numpy::PyArrayDyn<T>>,
+    axis: Option<isize>,
+    keepdims: bool,
+    op: u8,
+) -> PyResult<Option<Bound<'py, PyAny>>> {
+    let shape = x.shape();
+    let ndim = shape.len() as isize;
+    let last_axis = match axis {
+        Some(a) => ndim > 0 && (a == -1 || a == ndim - 1),
+        None => ndim == 1,
+    };
+    let size: usize = shape.iter().product();
+    let aligned = (x.data() as usize).is_multiple_of(std::mem::align_of::<T>());
+    if !last_axis || size == 0 || !aligned || !x.is_c_contiguous() {
+        return Ok(None);
+    }
+    let n = shape[ndim as usize - 1];
+    let batch = Batch::rows(size / n, n);
+    let xr = x.readonly();
+    let xs = xr.as_slice().map_err(|e| value_error(e.to_string()))?;
+    if op == 0 {
+        let mut oshape = shape[..shape.len() - 1].to_vec();
+        if keepdims {
+            oshape.push(1);
+        }
+        // SAFETY: every element is written by the kernel before the array is returned.
+        let out = unsafe { numpy::PyArrayDyn::<T>::new(py, oshape, false) };
+        let mut or = out.readwrite();
+        let os = or.as_slice_mut().map_err(|e| value_error(e.to_string()))?;
+        py.detach(|| kernels::logsumexp(xs, batch, Algorithm::Auto, os))
+            .map_err(value_error)?;
+        drop((or, xr));
+        if out.ndim() == 0 {
+            return Ok(Some(out.get_item(())?));
+        }
+        return Ok(Some(out.into_any()));
+    }
+    let what = if op == 2 {
+        Reduction::LogSoftmax
+    } else {
+        Reduction::Softmax
+    };
+    // SAFETY: every element is written by the kernel before the array is returned.
+    let out = unsafe { numpy::PyArrayDyn::<T>::new(py, shape.to_vec(), false) };
+    let mut or = out.readwrite();
+    let os = or.as_slice_mut().map_err(|e| value_error(e.to_string()))?;
+    py.detach(|| kernels::softmax_like(xs, batch, Algorithm::Auto, what, os))
+        .map_err(value_error)?;
+    drop((or, xr));
+    Ok(Some(out.into_any()))
+}
+
+/// The common call in one native step: op 0 = logsumexp, 1 = softmax, 2 = log_softmax over
+/// the last axis of a C-contiguous, non-empty float32/float64 array (`axis` -1 or ndim-1, or
+/// None for 1-D). Returns None when the call is not of that form; the Python layer then plans
+/// it in full.
+#[pyfunction]
+#[pyo3(signature = (x, axis, keepdims, op))]
+fn rows_fast<'py>(
+    py: Python<'py>,
+    x: &Bound<'py, PyAny>,
+    axis: Option<isize>,
+    keepdims: bool,
+    op: u8,
+) -> PyResult<Option<Bound<'py, PyAny>>> {
+    if let Ok(x) = x.cast::<numpy::PyArrayDyn<f32>>() {
+        rows_fast_typed(py, x, axis, keepdims, op)
+    } else if let Ok(x) = x.cast::<numpy::PyArrayDyn<f64>>() {
+        rows_fast_typed(py, x, axis, keepdims, op)
+    } else {
+        Ok(None)
+    }
 }
 
 fn lse_typed<'py, T: Real + Element>(
@@ -395,6 +473,13 @@ fn merge_states<'py>(
 #[pyfunction]
 fn set_num_threads(n: usize) {
     crate::parallel::set_num_threads(n)
+}
+
+/// Forgets the thread pool in a child process after `fork` (its worker threads were not
+/// copied); the next parallel call builds a new pool. Registered with `os.register_at_fork`.
+#[pyfunction]
+fn after_fork_in_child() {
+    crate::parallel::forget_pool_after_fork()
 }
 
 /// The number of threads stablelse uses.
