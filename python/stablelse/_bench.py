@@ -69,8 +69,8 @@ DESIGN_WORKLOADS = (
 
 DRAM_PROBE_BYTES = 256 << 20
 QUICK_SCALE = 1.0 / 256
-SWEEP_TOTAL = 1 << 26
-SWEEP_LENGTHS = (10, 32, 128, 1024, 4096, 32768, 1 << 18, 1 << 20)
+SWEEP_TOTAL = 1 << 25  # 128 MiB of float32: four times the L3 of the reference box
+SWEEP_LENGTHS = (10, 32, 128, 1024, 4096, 32768, 1 << 18, 1 << 21)
 SWEEP_OPS = ("logsumexp", "softmax")
 
 
@@ -768,15 +768,14 @@ def plot_sweep(
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=lib, lw=2.5 if lib == "stablelse" else 1.2)
         key = "read" if op == "logsumexp" else "read_write"
-        ax.axhline(
-            ceilings[key], color="k", ls="--", lw=1, label=f"DRAM {key.replace('_', '+')} ceiling"
-        )
+        label = f"DRAM {key.replace('_', '+')} ceiling {ceilings[key]:.0f} GB/s"
+        ax.axhline(ceilings[key], color="k", ls="--", lw=1, label=label)
+        ax.legend(fontsize=8)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("row length (columns), fixed total size")
         ax.set_title(f"{op}, float32")
         ax.grid(True, which="both", alpha=0.3)
     np.atleast_1d(axes)[0].set_ylabel("effective GB/s (read + write) / best time")
-    np.atleast_1d(axes)[0].legend(fontsize=8)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -867,6 +866,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--accuracy", action="store_true", help="report float32 ULP errors instead of timings"
     )
     p.add_argument("--cuda", action="store_true", help="run the CUDA benchmark instead")
+    p.add_argument("--compile", action="store_true", help="--cuda: also time torch.compile")
+    p.add_argument("--total-mb", type=int, default=None, help="--cuda: input MiB per case")
+    p.add_argument("--dtypes", default=None, help="--cuda: e.g. float32,bfloat16")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -881,12 +883,7 @@ def main(argv: list[str]) -> int:
     show = (lambda *a: print(*a, file=sys.stderr)) if to_stdout_json else print
 
     if args.cuda:
-        try:
-            from . import _bench_cuda  # type: ignore[attr-defined]
-        except ImportError:
-            show("CUDA benchmark unavailable: this build has no stablelse._bench_cuda")
-            return 0
-        return int(_bench_cuda.run_cuda_bench(args) or 0)
+        return _run_cuda(args, show)
 
     if args.reps is None:
         args.reps = 3 if args.quick else 7
@@ -914,6 +911,25 @@ def main(argv: list[str]) -> int:
             return _main(args, wanted, scale, probe_bytes, show, to_stdout_json)
     finally:
         stablelse.set_num_threads(saved_threads)
+
+
+def _run_cuda(args: argparse.Namespace, show: Callable[..., None]) -> int:
+    """``--cuda``: hands over to ``stablelse._bench_cuda.run_cuda_bench`` when it exists."""
+    try:
+        from . import _bench_cuda  # type: ignore[attr-defined]
+    except ImportError:
+        show("CUDA benchmark unavailable: this build has no stablelse._bench_cuda")
+        return 0
+    to_stdout = args.json == "-"
+    cuda_args = argparse.Namespace(**{**vars(args), "json": None if to_stdout else args.json})
+    try:
+        rows = _bench_cuda.run_cuda_bench(cuda_args)
+    except ImportError as exc:
+        show(f"CUDA benchmark unavailable: {exc}")
+        return 0
+    if to_stdout:
+        print(json.dumps(_jsonable({"cuda": rows or []}), indent=1))
+    return 0
 
 
 def _main(
