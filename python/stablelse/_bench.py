@@ -372,28 +372,44 @@ def _loss_value(res: Any) -> Optional[float]:
 # --------------------------------------------------------------------------- timing
 
 
-def best_time(fn: Callable[[], Any], reps: int, budget_s: float) -> tuple[float, Any]:
-    """Best seconds per call of ``fn`` over up to ``reps`` samples (at least 3, fewer only when
-    one call exceeds ``budget_s``), after a warm-up call; calls shorter than 2 ms are repeated
-    inside a sample. Returns (seconds, the warm-up's result)."""
-    res = fn()
-    t0 = time.perf_counter()
-    fn()
-    first = time.perf_counter() - t0
-    inner = 1 if first >= 2e-3 else max(1, math.ceil(2e-3 / max(first, 1e-7)))
-    best = first if inner == 1 else math.inf
-    spent = first
-    samples = max(1, reps - (1 if inner == 1 else 0))
-    for k in range(samples):
-        if k >= 2 and spent > budget_s:
-            break
+class _Sampler:
+    """Best-of-N timing of one zero-argument callable, one sample at a time, so that several
+    libraries can be sampled in turns: on a shared machine, load that comes and goes then
+    weighs on all of them alike. Calls shorter than 2 ms are repeated inside a sample."""
+
+    def __init__(self, fn: Callable[[], Any]):
+        self.fn = fn
+        self.result = fn()  # warm-up: jit, page faults of outputs; kept for the sanity check
         t0 = time.perf_counter()
-        for _ in range(inner):
-            fn()
+        fn()
+        first = time.perf_counter() - t0
+        self.inner = 1 if first >= 2e-3 else max(1, math.ceil(2e-3 / max(first, 1e-7)))
+        self.best = first if self.inner == 1 else math.inf
+        self.spent = first
+        self.samples = 1 if self.inner == 1 else 0
+
+    def wants_more(self, reps: int, budget_s: float) -> bool:
+        """At most ``reps`` samples; at least 3 unless a sample ran past ``budget_s``."""
+        if self.samples >= reps:
+            return False
+        return self.samples < 3 or self.spent <= budget_s
+
+    def sample(self) -> None:
+        t0 = time.perf_counter()
+        for _ in range(self.inner):
+            self.fn()
         dt = time.perf_counter() - t0
-        spent += dt
-        best = min(best, dt / inner)
-    return best, res
+        self.spent += dt
+        self.samples += 1
+        self.best = min(self.best, dt / self.inner)
+
+
+def best_time(fn: Callable[[], Any], reps: int, budget_s: float) -> tuple[float, Any]:
+    """Best seconds per call of ``fn`` (see :class:`_Sampler`) and its warm-up result."""
+    s = _Sampler(fn)
+    while s.wants_more(reps, budget_s):
+        s.sample()
+    return s.best, s.result
 
 
 class _Progress:
@@ -420,10 +436,10 @@ class _Progress:
         else:
             print(f"[{self.n + 1}/{self.total}] {desc}", file=sys.stderr, flush=True)
 
-    def done(self) -> None:
-        self.n += 1
+    def done(self, n: int = 1) -> None:
+        self.n += n
         if self.bar is not None:
-            self.bar.update(1)
+            self.bar.update(n)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -467,35 +483,71 @@ def _inputs(w: Workload, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarr
     return x, t
 
 
-def _run_case(
-    lib: str, w: Workload, x: np.ndarray, t: np.ndarray, args: argparse.Namespace
-) -> dict[str, Any]:
-    entry: dict[str, Any] = {"library": lib}
-    try:
-        fn = _make_call(lib, w, x, t, args.algorithm)
-    except Exception as exc:  # a peer that cannot run this op is reported, not fatal
-        entry["error"] = f"{type(exc).__name__}: {exc}"
-        return entry
-    if fn is None:
-        entry["error"] = "not available"
-        return entry
-    try:
-        sec, res = best_time(fn, args.reps, args.budget)
-    except Exception as exc:
-        entry["error"] = f"{type(exc).__name__}: {exc}"
-        return entry
-    entry["seconds"] = sec
-    entry["us_per_call"] = sec * 1e6
-    entry["gbps"] = w.nbytes / sec / 1e9
-    entry["value"] = _loss_value(res)
-    return entry
+def _entry(lib: str, w: Workload, sampler: _Sampler) -> dict[str, Any]:
+    sec = sampler.best
+    return {
+        "library": lib,
+        "seconds": sec,
+        "us_per_call": sec * 1e6,
+        "gbps": w.nbytes / sec / 1e9,
+        "samples": sampler.samples,
+        "value": _loss_value(sampler.result),
+    }
+
+
+def _error(lib: str, exc: BaseException | str) -> dict[str, Any]:
+    msg = exc if isinstance(exc, str) else f"{type(exc).__name__}: {exc}"
+    return {"library": lib, "error": msg}
+
+
+def time_libraries(
+    names: list[str],
+    w: Workload,
+    x: np.ndarray,
+    t: np.ndarray,
+    args: argparse.Namespace,
+    probe: Optional[Callable[[], float]] = None,
+) -> tuple[dict[str, dict[str, Any]], Optional[float]]:
+    """Times ``w`` with every library in ``names``, sampling them in turns (one sample each
+    per round, in a rotating order); ``probe`` (a bandwidth in GB/s) runs once per round too,
+    and its best is returned as the ceiling measured alongside."""
+    entries: dict[str, dict[str, Any]] = {}
+    samplers: dict[str, _Sampler] = {}
+    for name in names:
+        try:  # a peer that cannot run this op is reported, not fatal
+            fn = _make_call(name, w, x, t, args.algorithm)
+            if fn is None:
+                entries[name] = _error(name, "not available")
+            else:
+                samplers[name] = _Sampler(fn)
+        except Exception as exc:
+            entries[name] = _error(name, exc)
+    ceiling = probe() if probe is not None else None
+    order = list(samplers)
+    for k in range(args.reps):
+        live = [n for n in order if samplers[n].wants_more(args.reps, args.budget)]
+        if not live:
+            break
+        shift = k % len(live)
+        for name in live[shift:] + live[:shift]:
+            try:
+                samplers[name].sample()
+            except Exception as exc:
+                entries[name] = _error(name, exc)
+                order.remove(name)
+                del samplers[name]
+        if probe is not None and ceiling is not None:
+            ceiling = max(ceiling, probe())
+    for name, sampler in samplers.items():
+        entries[name] = _entry(name, w, sampler)
+    return {n: entries[n] for n in names if n in entries}, ceiling
 
 
 def run_workloads(
     workloads: list[Workload],
     libs: dict[str, Library],
     args: argparse.Namespace,
-    ceilings: dict[str, float],
+    probe_bytes: int,
     progress: _Progress,
 ) -> list[dict[str, Any]]:
     rng = np.random.default_rng(0)
@@ -503,6 +555,7 @@ def run_workloads(
     names = [n for n, lib in libs.items() if lib.available]
     cache: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
     for w in workloads:
+        progress.step(w.name)
         key = (w.rows, w.cols)
         if key not in cache:
             cache.clear()  # keep one input alive at a time: they can be 256 MiB
@@ -516,19 +569,19 @@ def run_workloads(
             "kind": w.kind,
             "bytes_read": read,
             "bytes_written": written,
-            "libraries": {},
         }
-        if w.kind == "dram":
-            row["ceiling_gbps"] = ceilings["read_write" if w.writes else "read"]
-        elif w.kind == "cache":
-            probe = _core.read_write_bandwidth if w.writes else _core.read_bandwidth
-            row["ceiling_gbps"] = probe(max(read, 1 << 12), max(args.reps, 5))
-        for name in names:
-            progress.step(f"{w.name} {name}")
-            row["libraries"][name] = _run_case(name, w, x, t, args)
-            progress.done()
+        probe: Optional[Callable[[], float]] = None
+        if w.kind != "latency":
+            size = probe_bytes if w.kind == "dram" else max(read, 1 << 12)
+            bw = _core.read_write_bandwidth if w.writes else _core.read_bandwidth
+            probe = lambda bw=bw, size=size: bw(size, 2)  # noqa: E731
+        row["libraries"], ceiling = time_libraries(names, w, x, t, args, probe)
+        if ceiling is not None:
+            row["ceiling_gbps"] = ceiling
+            row["ceiling"] = "read+write" if w.writes else "read"
         _finish_row(row)
         results.append(row)
+        progress.done(len(names))
     return results
 
 
@@ -570,11 +623,10 @@ def run_sweep(
         x, t = _inputs(Workload("logsumexp", rows, cols), rng)
         for op in SWEEP_OPS:
             w = Workload(op, rows, cols)
-            for name in names:
-                progress.step(f"sweep {op} C={cols} {name}")
-                e = _run_case(name, w, x, t, args)
-                progress.done()
-                out.append({"op": op, "rows": rows, "cols": cols, **e})
+            progress.step(f"sweep {op} C={cols}")
+            entries, _ = time_libraries(names, w, x, t, args)
+            progress.done(len(names))
+            out += [{"op": op, "rows": rows, "cols": cols, **e} for e in entries.values()]
         del x, t
     return out
 
@@ -985,37 +1037,40 @@ def _main(
         progress = _Progress(len(workloads) * n_libs + n_sweep, not args.no_progress)
         progress.step("DRAM probe")
         before = measure_ceilings(probe_bytes, 5)
-        results = run_workloads(workloads, libs, args, before, progress)
+        results = run_workloads(workloads, libs, args, probe_bytes, progress)
         sweep = run_sweep(libs, args, sweep_total, progress) if args.plot else []
         after = measure_ceilings(probe_bytes, 5)
         progress.close()
         ceilings = {k: max(before[k], after[k]) for k in before}
-        # Fractions use the best ceiling seen in the run: the conservative reading.
         for row in results:
             if row["kind"] == "dram":
-                row["ceiling_gbps"] = ceilings["read_write" if _writes(row) else "read"]
-                _finish_row(row)
+                key = "read_write" if row["ceiling"] == "read+write" else "read"
+                ceilings[key] = max(ceilings[key], row["ceiling_gbps"])
         doc["ceilings"] = {
             "probe_bytes": probe_bytes,
             "read_gbps": ceilings["read"],
             "read_write_gbps": ceilings["read_write"],
             "before": before,
             "after": after,
-            "note": "native probe, best of 5, max of the measurements before and after; "
-            "read+write counts each byte once (read of src + write of dst)",
+            "note": "native probe (stablelse._core.read_bandwidth / read_write_bandwidth); "
+            "read+write counts each byte once (read of src + write of dst). The run's ceiling "
+            "is the best of the probes before, after and between the workloads; each row's "
+            "ceiling_gbps is the best probe sampled in turns with that row's timings",
         }
         doc["results"] = results
         doc["sweep"] = sweep
         show(
-            f"DRAM ceiling ({probe_bytes >> 20} MiB, {args.threads} threads): "
+            f"DRAM ceiling ({probe_bytes >> 20} MiB, {args.threads} threads, best of the run): "
             f"read {ceilings['read']:.1f} GB/s (before {before['read']:.1f}, after "
             f"{after['read']:.1f}), read+write {ceilings['read_write']:.1f} GB/s (before "
             f"{before['read_write']:.1f}, after {after['read_write']:.1f})"
         )
         show(format_table(results, libs, ceilings))
         show(
-            "GB/s = (bytes the op must read + write) / best time; speed-up = peer time / "
-            "stablelse time; latency rows in microseconds per call; '!' = result differs"
+            "GB/s = (bytes the op must read + write) / best time; 'of ceiling' = stablelse "
+            "GB/s / the probe's best, sampled in turns with that row's timings (read+write "
+            "probe for ops that write their input's size); speed-up = peer time / stablelse "
+            "time; latency rows in microseconds per call; '!' = result differs"
         )
         for row in results:
             for n, e in row["libraries"].items():
@@ -1040,10 +1095,6 @@ def _main(
                 f.write(text + "\n")
             show(f"JSON written to {args.json}")
     return 0
-
-
-def _writes(row: dict[str, Any]) -> bool:
-    return row["bytes_written"] * 4 >= row["bytes_read"]
 
 
 if __name__ == "__main__":
