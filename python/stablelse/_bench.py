@@ -617,7 +617,7 @@ def run_sweep(
     rng = np.random.default_rng(1)
     names = [n for n, lib in libs.items() if lib.available]
     lengths = sorted({c for c in SWEEP_LENGTHS if c <= total} | {total})
-    out = []
+    out: list[dict[str, Any]] = []
     for cols in lengths:
         rows = max(1, total // cols)
         x, t = _inputs(Workload("logsumexp", rows, cols), rng)
@@ -774,7 +774,7 @@ def format_table(
 
 
 def format_accuracy(report: dict[str, dict[str, dict[str, float]]]) -> str:
-    out = []
+    out: list[dict[str, Any]] = []
     for what in ("logsumexp", "log_softmax"):
         cases = [c for c in next(iter(report.values()))[what] if c != "max"] if report else []
         head = ["library", *cases, "max"]
@@ -922,6 +922,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--total-mb", type=int, default=None, help="--cuda: input MiB per case")
     p.add_argument("--dtypes", default=None, help="--cuda: e.g. float32,bfloat16")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--label", default="", help="a note stored with the results (e.g. a commit)")
     return p
 
 
@@ -999,10 +1000,12 @@ def _main(
         "machine": machine,
         "libraries": {n: {"version": lib.version, "note": lib.reason} for n, lib in libs.items()},
         "units": "GB/s = (bytes the op must read + write) / best time; 1 GB = 1e9 bytes",
+        "label": args.label,
     }
     show(
         f"stablelse {stablelse.__version__} ({machine['simd']}), {machine['cpu']}, "
         f"{machine['cores']} cores, {args.threads} threads, float32"
+        + (f" [{args.label}]" if args.label else "")
     )
     for n, lib in libs.items():
         if not lib.available:
@@ -1082,6 +1085,7 @@ def _main(
             title = (
                 f"stablelse {stablelse.__version__} ({machine['simd']}) on {machine['cpu']}, "
                 f"{args.threads} threads, {sweep_total} float32 elements"
+                + (f"\n{args.label}" if args.label else "")
             )
             why = plot_sweep(sweep, ceilings, args.plot, title)
             show(f"plot not written: {why}" if why else f"plot written to {args.plot}")
