@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import json
 import math
 import os
@@ -242,6 +243,10 @@ def _make_call(
             return None
         if op == "xent":
             return lambda: ce(x, t)
+        if "grad_out" in inspect.signature(ce).parameters:
+            # A preallocated gradient, as the NumPy peer's: no page faults in the timing.
+            grad = np.empty_like(x)
+            return lambda: ce(x, t, return_grad=True, grad_out=grad)
         return lambda: ce(x, t, return_grad=True)
 
     if lib == "numpy":
