@@ -16,6 +16,8 @@ from ._api import (
     softmax,
 )
 from ._core import __version__
+from ._losses import cross_entropy, log_softmax_backward, nll_loss, softmax_backward
+from ._stream import LogSumExp
 from ._threadpool import register as _register_threadpoolctl
 
 _register_threadpoolctl()
@@ -25,11 +27,16 @@ if hasattr(_os, "register_at_fork"):
     _os.register_at_fork(after_in_child=_core.after_fork_in_child)
 
 __all__ = [
+    "LogSumExp",
     "__version__",
+    "cross_entropy",
     "get_num_threads",
     "info",
     "log_softmax",
+    "log_softmax_backward",
     "logsumexp",
+    "nll_loss",
     "set_num_threads",
     "softmax",
+    "softmax_backward",
 ]

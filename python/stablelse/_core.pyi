@@ -1,6 +1,6 @@
 """Type stubs for the native module ``stablelse._core`` (private; use ``stablelse``)."""
 
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 import numpy.typing as npt
@@ -32,3 +32,25 @@ def rows_fast(x: _Arr, axis: Optional[int], keepdims: bool, op: int) -> Optional
 def after_fork_in_child() -> None: ...
 def read_bandwidth(bytes: int = ..., reps: int = ...) -> float: ...
 def read_write_bandwidth(bytes: int = ..., reps: int = ...) -> float: ...
+
+# Losses (src/python/losses.rs): logits are 3-D (outer, classes, inner); index targets int64.
+def cross_entropy(
+    logits: _Arr,
+    target: Union[npt.NDArray[np.int64], _Arr],
+    weight: Optional[_Arr] = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    return_grad: bool = False,
+    algorithm: str = "auto",
+    grad_out: Optional[_Arr] = None,
+) -> tuple[Union[float, _Arr], Optional[_Arr]]: ...
+def nll_loss(
+    log_probs: _Arr,
+    target: npt.NDArray[np.int64],
+    weight: Optional[_Arr] = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+) -> Union[float, _Arr]: ...
+def softmax_backward(y: _Arr, dy: _Arr, log: bool = False) -> _Arr: ...

@@ -6,16 +6,21 @@
 //! longer than [`LONG_ROW_BLOCK`]` * 2` are cut into fixed blocks whose states merge in block
 //! order, so every result is bit-identical for any thread count.
 
+pub mod cross_entropy;
 pub mod scalar;
 
 use crate::layout::Batch;
 use crate::parallel::{self, SendPtr};
 use crate::real::Real;
+use crate::simd::{self, Level};
 use crate::state::LseState;
 
 /// Rows at least twice this long are split into blocks of this many elements, reduced in
 /// parallel and merged in order.
 pub const LONG_ROW_BLOCK: usize = 1 << 16;
+
+/// Softmax outputs of at least this many bytes are written with non-temporal stores.
+pub const STREAM_BYTES: usize = 64 << 20;
 
 /// How a lane's `(max, excess)` state is computed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -64,10 +69,12 @@ fn lane(batch: &Batch, l: usize) -> Lane {
 }
 
 /// The state of `n` elements of a lane starting at element offset `first` of the lane.
+/// Contiguous lanes (rows) run at `level`; strided single lanes use the scalar reference.
 ///
 /// # Safety
-/// The lane must lie inside the buffer behind `x`.
+/// The lane must lie inside the buffer behind `x`; `level` must be available.
 unsafe fn lane_state<T: Real>(
+    level: Level,
     x: *const T,
     ln: Lane,
     first: usize,
@@ -77,6 +84,9 @@ unsafe fn lane_state<T: Real>(
     let start = ln.start + first * ln.stride;
     // SAFETY: forwarded from the caller.
     unsafe {
+        if ln.stride == 1 {
+            return simd::row_state(level, x.add(start), n, alg);
+        }
         match alg {
             Algorithm::Online => scalar::lse_state_online(x, start, n, ln.stride),
             Algorithm::Auto | Algorithm::TwoPass => {
@@ -91,6 +101,7 @@ unsafe fn lane_state<T: Real>(
 /// # Safety
 /// As [`lane_state`].
 unsafe fn full_lane_state<T: Real>(
+    level: Level,
     x: *const T,
     batch: &Batch,
     ln: Lane,
@@ -99,7 +110,7 @@ unsafe fn full_lane_state<T: Real>(
     let n = batch.n;
     if n < 2 * LONG_ROW_BLOCK {
         // SAFETY: forwarded from the caller.
-        return unsafe { lane_state(x, ln, 0, n, alg) };
+        return unsafe { lane_state(level, x, ln, 0, n, alg) };
     }
     let blocks = n.div_ceil(LONG_ROW_BLOCK);
     let xp = SendPtr(x as *mut T);
@@ -107,7 +118,7 @@ unsafe fn full_lane_state<T: Real>(
         let first = b * LONG_ROW_BLOCK;
         let len = LONG_ROW_BLOCK.min(n - first);
         // SAFETY: the block lies inside the lane.
-        unsafe { lane_state(xp.ptr() as *const T, ln, first, len, alg) }
+        unsafe { lane_state(level, xp.ptr() as *const T, ln, first, len, alg) }
     });
     states
         .into_iter()
@@ -115,22 +126,43 @@ unsafe fn full_lane_state<T: Real>(
 }
 
 /// Calls `f(l, state)` for every lane with its finished state, in parallel pieces.
-fn for_each_lane_state<T: Real, F>(x: &[T], batch: &Batch, alg: Algorithm, f: F)
+/// Column batches (`inner > 1`) go through the column kernel, `COL_TILE` lanes at a time.
+fn for_each_lane_state<T: Real, F>(level: Level, x: &[T], batch: &Batch, alg: Algorithm, f: F)
 where
     F: Fn(usize, LseState) + Sync + Send,
 {
     let lanes = batch.count();
     let xp = SendPtr(x.as_ptr() as *mut T);
-    let long = batch.n >= 2 * LONG_ROW_BLOCK;
+    if batch.inner > 1 && batch.n > 0 {
+        let tiles = batch.inner.div_ceil(simd::COL_TILE);
+        let run = |range: std::ops::Range<usize>| {
+            let mut states = [LseState::EMPTY; simd::COL_TILE];
+            for item in range {
+                let (o, t) = (item / tiles, item % tiles);
+                let j0 = t * simd::COL_TILE;
+                let w = simd::COL_TILE.min(batch.inner - j0);
+                // SAFETY: the tile's w columns of slab o lie inside the checked slice.
+                unsafe {
+                    let p = (xp.ptr() as *const T).add(o * batch.outer_stride + j0);
+                    simd::column_states(level, p, batch.n, batch.inner, w, &mut states);
+                }
+                for (j, s) in states.iter().enumerate().take(w) {
+                    f(o * batch.inner + j0 + j, *s);
+                }
+            }
+        };
+        parallel::for_each_piece(batch.outer * tiles, batch.n * simd::COL_TILE, run);
+        return;
+    }
     let run = |range: std::ops::Range<usize>| {
         for l in range {
             // SAFETY: the batch was checked against the slice length.
             let state =
-                unsafe { full_lane_state(xp.ptr() as *const T, batch, lane(batch, l), alg) };
+                unsafe { full_lane_state(level, xp.ptr() as *const T, batch, lane(batch, l), alg) };
             f(l, state);
         }
     };
-    if long {
+    if batch.n >= 2 * LONG_ROW_BLOCK {
         // Parallelism comes from the blocks of each row.
         run(0..lanes);
     } else {
@@ -146,10 +178,22 @@ pub fn lse_states<T: Real>(
     alg: Algorithm,
     out: &mut [LseState],
 ) -> Result<(), String> {
+    lse_states_at(simd::level(), x, batch, alg, out)
+}
+
+/// [`lse_states`] at an explicit SIMD level (tests and benchmarks).
+pub fn lse_states_at<T: Real>(
+    level: Level,
+    x: &[T],
+    batch: Batch,
+    alg: Algorithm,
+    out: &mut [LseState],
+) -> Result<(), String> {
+    check_level(level)?;
     batch.check(x.len())?;
     check_out(out.len(), batch.count())?;
     let op = SendPtr(out.as_mut_ptr());
-    for_each_lane_state(x, &batch, alg, |l, s| {
+    for_each_lane_state(level, x, &batch, alg, |l, s| {
         // SAFETY: lane l owns out[l]; lanes are distinct.
         unsafe { *op.ptr().add(l) = s };
     });
@@ -163,10 +207,34 @@ pub fn logsumexp<T: Real>(
     alg: Algorithm,
     out: &mut [T],
 ) -> Result<(), String> {
+    logsumexp_at(simd::level(), x, batch, alg, out)
+}
+
+/// [`logsumexp`] at an explicit SIMD level (tests and benchmarks).
+pub fn logsumexp_at<T: Real>(
+    level: Level,
+    x: &[T],
+    batch: Batch,
+    alg: Algorithm,
+    out: &mut [T],
+) -> Result<(), String> {
+    check_level(level)?;
     batch.check(x.len())?;
     check_out(out.len(), batch.count())?;
     let op = SendPtr(out.as_mut_ptr());
-    for_each_lane_state(x, &batch, alg, |l, s| {
+    if is_short(level, &batch) {
+        let xp = SendPtr(x.as_ptr() as *mut T);
+        for_each_row_group(&batch, |r0, rows| {
+            // SAFETY: rows r0..r0+rows lie inside x (checked); they own out[r0..r0+rows].
+            unsafe {
+                let p = (xp.ptr() as *const T).add(r0 * batch.outer_stride);
+                let o = op.ptr().add(r0);
+                simd::short_rows_logsumexp(level, p, rows, batch.n, batch.outer_stride, o);
+            }
+        });
+        return Ok(());
+    }
+    for_each_lane_state(level, x, &batch, alg, |l, s| {
         // SAFETY: lane l owns out[l]; lanes are distinct.
         unsafe { *op.ptr().add(l) = T::from_f64(s.logsumexp()) };
     });
@@ -237,10 +305,23 @@ pub fn softmax_like<T: Real>(
     what: Reduction,
     out: &mut [T],
 ) -> Result<(), String> {
+    softmax_like_at(simd::level(), x, batch, alg, what, out)
+}
+
+/// [`softmax_like`] at an explicit SIMD level (tests and benchmarks).
+pub fn softmax_like_at<T: Real>(
+    level: Level,
+    x: &[T],
+    batch: Batch,
+    alg: Algorithm,
+    what: Reduction,
+    out: &mut [T],
+) -> Result<(), String> {
+    check_level(level)?;
     batch.check(x.len())?;
     check_out(out.len(), batch.elements())?;
     // SAFETY: x and out are distinct borrows, both checked against the batch.
-    unsafe { softmax_like_raw(x.as_ptr(), batch, alg, what, out.as_mut_ptr()) };
+    unsafe { softmax_like_raw(level, x.as_ptr(), batch, alg, what, out.as_mut_ptr()) };
     Ok(())
 }
 
@@ -251,6 +332,18 @@ pub fn softmax_like_inplace<T: Real>(
     alg: Algorithm,
     what: Reduction,
 ) -> Result<(), String> {
+    softmax_like_inplace_at(simd::level(), buf, batch, alg, what)
+}
+
+/// [`softmax_like_inplace`] at an explicit SIMD level (tests and benchmarks).
+pub fn softmax_like_inplace_at<T: Real>(
+    level: Level,
+    buf: &mut [T],
+    batch: Batch,
+    alg: Algorithm,
+    what: Reduction,
+) -> Result<(), String> {
+    check_level(level)?;
     if !batch.is_contiguous() {
         return Err("an in-place softmax needs a contiguous batch".into());
     }
@@ -258,14 +351,15 @@ pub fn softmax_like_inplace<T: Real>(
     let p = buf.as_mut_ptr();
     // SAFETY: every kernel reads element k of a lane before writing element k of the same lane,
     // and the lane's state is complete before its first write.
-    unsafe { softmax_like_raw(p as *const T, batch, alg, what, p) };
+    unsafe { softmax_like_raw(level, p as *const T, batch, alg, what, p) };
     Ok(())
 }
 
 /// # Safety
 /// `x` holds `batch`; `out` holds `batch.elements()` elements; `out` is either disjoint from
-/// `x` or equal to it with a contiguous batch.
+/// `x` or equal to it with a contiguous batch; `level` is available.
 unsafe fn softmax_like_raw<T: Real>(
+    level: Level,
     x: *const T,
     batch: Batch,
     alg: Algorithm,
@@ -274,34 +368,36 @@ unsafe fn softmax_like_raw<T: Real>(
 ) {
     let (xp, op) = (SendPtr(x as *mut T), SendPtr(out));
     let n = batch.n;
-    let write = move |ln: Lane, l: usize, first: usize, len: usize, state: LseState| {
-        let (o, j) = (l / batch.inner, l % batch.inner);
-        let ostart = o * n * batch.inner + j + first * batch.inner;
-        let start = ln.start + first * ln.stride;
-        // SAFETY: the caller's contract; each (lane, block) writes only its own elements.
-        unsafe {
-            match what {
-                Reduction::Softmax => scalar::softmax_write(
-                    xp.ptr() as *const T,
-                    start,
-                    ln.stride,
-                    op.ptr(),
-                    ostart,
-                    batch.inner,
-                    len,
-                    state,
-                ),
-                Reduction::LogSoftmax => scalar::log_softmax_write(
-                    xp.ptr() as *const T,
-                    start,
-                    ln.stride,
-                    op.ptr(),
-                    ostart,
-                    batch.inner,
-                    len,
-                    state,
-                ),
+    if batch.inner > 1 {
+        // SAFETY: forwarded from the caller.
+        unsafe { softmax_like_columns(level, xp, batch, alg, what, op) };
+        return;
+    }
+    if is_short(level, &batch) {
+        for_each_row_group(&batch, |r0, rows| {
+            // SAFETY: rows r0..r0+rows lie inside x and own their outputs; in place means
+            // out == x with pitch n, and each row is read before it is written.
+            unsafe {
+                let p = (xp.ptr() as *const T).add(r0 * batch.outer_stride);
+                let o = op.ptr().add(r0 * n);
+                let log = what == Reduction::LogSoftmax;
+                simd::short_rows_softmax(level, p, rows, n, batch.outer_stride, o, log);
             }
+        });
+        return;
+    }
+    // Outputs far larger than the last-level cache are written with non-temporal stores: they
+    // will not be read back from cache, and it saves the read-for-ownership traffic.
+    let stream = batch.elements() * std::mem::size_of::<T>() >= STREAM_BYTES;
+    // Writes elements first..first+len of row l from its finished state. Each output is
+    // written once; elements are read before they are written (in place is fine).
+    let write = move |l: usize, first: usize, len: usize, state: LseState| {
+        let ln = lane(&batch, l);
+        // SAFETY: the caller's contract; each (row, block) writes only its own elements.
+        unsafe {
+            let xr = (xp.ptr() as *const T).add(ln.start + first);
+            let or = op.ptr().add(l * n + first);
+            write_row(level, xr, or, len, state, what, stream);
         }
     };
     if n >= 2 * LONG_ROW_BLOCK {
@@ -309,11 +405,11 @@ unsafe fn softmax_like_raw<T: Real>(
         for l in 0..batch.count() {
             let ln = lane(&batch, l);
             // SAFETY: the lane lies inside x.
-            let state = unsafe { full_lane_state(xp.ptr() as *const T, &batch, ln, alg) };
+            let state = unsafe { full_lane_state(level, xp.ptr() as *const T, &batch, ln, alg) };
             parallel::for_each_piece(blocks, LONG_ROW_BLOCK, |range| {
                 for b in range {
                     let first = b * LONG_ROW_BLOCK;
-                    write(ln, l, first, LONG_ROW_BLOCK.min(n - first), state);
+                    write(l, first, LONG_ROW_BLOCK.min(n - first), state);
                 }
             });
         }
@@ -323,8 +419,93 @@ unsafe fn softmax_like_raw<T: Real>(
         for l in range {
             let ln = lane(&batch, l);
             // SAFETY: the lane lies inside x; its state is complete before any write.
-            let state = unsafe { lane_state(xp.ptr() as *const T, ln, 0, n, alg) };
-            write(ln, l, 0, n, state);
+            let state = unsafe { lane_state(level, xp.ptr() as *const T, ln, 0, n, alg) };
+            write(l, 0, n, state);
+        }
+    });
+}
+
+/// Softmax or log_softmax of `n` contiguous elements given the row's finished state.
+///
+/// # Safety
+/// `x` readable and `out` writable for `n` elements, disjoint or equal; `level` available.
+unsafe fn write_row<T: Real>(
+    level: Level,
+    x: *const T,
+    out: *mut T,
+    n: usize,
+    state: LseState,
+    what: Reduction,
+    stream: bool,
+) {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        if !state.max.is_finite() {
+            // scipy's NaN / unshifted semantics live in the reference writers.
+            match what {
+                Reduction::Softmax => scalar::softmax_write(x, 0, 1, out, 0, 1, n, state),
+                Reduction::LogSoftmax => scalar::log_softmax_write(x, 0, 1, out, 0, 1, n, state),
+            }
+            return;
+        }
+        match what {
+            Reduction::Softmax => {
+                simd::exp_scaled(level, x, out, n, state.max, 1.0 / state.total(), stream)
+            }
+            Reduction::LogSoftmax => {
+                simd::shift_sub(level, x, out, n, state.max, state.log_total(), stream)
+            }
+        }
+    }
+}
+
+/// Softmax-like over column batches: the column kernel's states, then a write pass.
+///
+/// # Safety
+/// As [`softmax_like_raw`].
+unsafe fn softmax_like_columns<T: Real>(
+    level: Level,
+    xp: SendPtr<T>,
+    batch: Batch,
+    alg: Algorithm,
+    what: Reduction,
+    op: SendPtr<T>,
+) {
+    let (n, inner) = (batch.n, batch.inner);
+    let mut states = vec![LseState::EMPTY; batch.count()];
+    let sp = SendPtr(states.as_mut_ptr());
+    // SAFETY: the caller checked the batch against x; the slice is rebuilt from it.
+    let x = unsafe {
+        std::slice::from_raw_parts(xp.ptr() as *const T, batch.required_len().unwrap_or(0))
+    };
+    for_each_lane_state(level, x, &batch, alg, |l, s| {
+        // SAFETY: lane l owns states[l].
+        unsafe { *sp.ptr().add(l) = s };
+    });
+    // Per column: softmax = a * exp(x - b), log_softmax = (x - b) - a. Non-finite states take
+    // the reference writers' values: softmax NaN (b = NaN), log_softmax x - max (b = 0).
+    let exp = what == Reduction::Softmax;
+    let (b, a): (Vec<f64>, Vec<f64>) = states
+        .iter()
+        .map(|s| match (s.max.is_finite(), exp) {
+            (true, true) => (s.max, 1.0 / s.total()),
+            (true, false) => (s.max, s.log_total()),
+            (false, true) => (f64::NAN, 1.0),
+            (false, false) => (0.0, s.max),
+        })
+        .unzip();
+    let (b, a) = (&b, &a);
+    parallel::for_each_piece(batch.outer * n, 2 * inner, |range| {
+        for item in range {
+            let (o, k) = (item / n, item % n);
+            // SAFETY: row (o, k) of the slab lies inside x and out and is this item's own;
+            // the parameters cover the inner columns of slab o.
+            unsafe {
+                let xr = (xp.ptr() as *const T).add(o * batch.outer_stride + k * inner);
+                let or = op.ptr().add((o * n + k) * inner);
+                let (bo, ao) = (b.as_ptr().add(o * inner), a.as_ptr().add(o * inner));
+                simd::lanes_write(level, xr, or, inner, bo, ao, exp);
+            }
         }
     });
 }
@@ -332,9 +513,10 @@ unsafe fn softmax_like_raw<T: Real>(
 /// The `(max, excess)` state of one contiguous row, at the process's SIMD level.
 /// The row primitive that the losses and the streaming accumulator build on.
 pub fn row_state<T: Real>(x: &[T], alg: Algorithm) -> LseState {
-    // SAFETY: the lane is the whole slice.
+    // SAFETY: the lane is the whole slice; simd::level() is available.
     unsafe {
         full_lane_state(
+            simd::level(),
             x.as_ptr(),
             &Batch::rows(1, x.len()),
             Lane {
@@ -354,9 +536,51 @@ pub fn row_exp_scaled<T: Real>(x: &[T], shift: f64, scale: f64, out: &mut [T]) {
         out.len(),
         "row_exp_scaled: x and out differ in length"
     );
-    for (o, &v) in out.iter_mut().zip(x) {
-        *o = T::from_f64(scale * (v.to_f64() - shift).exp());
+    // SAFETY: both slices hold x.len() elements and are distinct borrows.
+    unsafe {
+        simd::exp_scaled(
+            simd::level(),
+            x.as_ptr(),
+            out.as_mut_ptr(),
+            x.len(),
+            shift,
+            scale,
+            false,
+        )
+    };
+}
+
+fn check_level(level: Level) -> Result<(), String> {
+    if simd::is_available(level) {
+        Ok(())
+    } else {
+        Err(format!(
+            "SIMD level {} is not available on this CPU",
+            level.name()
+        ))
     }
+}
+
+/// Whether a row batch takes the short-row kernels (rows in vector lanes).
+fn is_short(level: Level, batch: &Batch) -> bool {
+    batch.inner == 1
+        && batch.n > 0
+        && batch.n <= simd::SHORT_ROW
+        && simd::has_short_rows(level, batch.outer_stride)
+}
+
+/// Calls `f(first_row, rows)` over the batch's rows in pieces of whole groups of 8 rows (the
+/// short-row kernels' vector width), in parallel when large enough.
+fn for_each_row_group<F>(batch: &Batch, f: F)
+where
+    F: Fn(usize, usize) + Sync + Send,
+{
+    let groups = batch.outer.div_ceil(8);
+    parallel::for_each_piece(groups, 8 * batch.n, |range| {
+        let r0 = range.start * 8;
+        let r1 = (range.end * 8).min(batch.outer);
+        f(r0, r1 - r0);
+    });
 }
 
 fn check_out(len: usize, need: usize) -> Result<(), String> {
@@ -367,4 +591,4 @@ fn check_out(len: usize, need: usize) -> Result<(), String> {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -326,3 +326,455 @@ fn bad_sizes_are_errors_not_panics() {
     };
     assert!(logsumexp(&x, huge, Algorithm::Auto, &mut out).is_err());
 }
+
+// ---- Every SIMD level against the scalar reference -------------------------------------
+
+use crate::simd::{available_levels, Level};
+
+/// Two float32 values agree to within one unit in the last place (or are both NaN).
+fn within_ulp32(a: f32, b: f32, ulps: u32) -> bool {
+    if a.is_nan() || b.is_nan() {
+        return a.is_nan() && b.is_nan();
+    }
+    if a == b {
+        return true;
+    }
+    if a.is_sign_negative() != b.is_sign_negative() {
+        return a.abs() <= f32::from_bits(ulps) && b.abs() <= f32::from_bits(ulps);
+    }
+    a.to_bits().abs_diff(b.to_bits()) <= ulps
+}
+
+fn agree64(a: f64, b: f64, rel: f64) -> bool {
+    (a.is_nan() && b.is_nan())
+        || a == b
+        || (a - b).abs() <= rel * a.abs().max(b.abs())
+        || (a - b).abs() < 1e-300
+}
+
+fn test_lengths(rng: &mut Rng) -> Vec<usize> {
+    let mut lengths: Vec<usize> = (0..=70).collect();
+    lengths.extend([127, 128, 129, 255, 256, 257, 4095, 4096, 4097, 8191, 8193]);
+    lengths.extend((0..12).map(|_| rng.uniform(1.0, 20_000.0) as usize));
+    lengths
+}
+
+/// Checks logsumexp / softmax / log_softmax of one f32 row at `level` against the scalar level
+/// and, for logsumexp, against the exactly summed reference (one rounding: <= 0.51 ULP).
+fn check_row_f32(level: Level, row: &[f32], what: &str) {
+    let n = row.len();
+    let wide: Vec<f64> = row.iter().map(|&v| v as f64).collect();
+    let exact = naive_lse(&wide);
+    for alg in [Algorithm::TwoPass, Algorithm::Online] {
+        let (mut got, mut reference) = ([0.0f32], [0.0f32]);
+        logsumexp_at(level, row, Batch::rows(1, n), alg, &mut got).unwrap();
+        logsumexp_at(Level::Scalar, row, Batch::rows(1, n), alg, &mut reference).unwrap();
+        assert!(
+            within_ulp32(got[0], reference[0], 1),
+            "{level:?} {alg:?} {what} n={n}: {} vs scalar {}",
+            got[0],
+            reference[0]
+        );
+        if exact.is_finite() {
+            assert!(
+                close(got[0] as f64, exact, 0.51 * f32::EPSILON as f64),
+                "{level:?} {alg:?} {what} n={n}: {} vs exact {exact}",
+                got[0]
+            );
+        }
+        for red in [Reduction::Softmax, Reduction::LogSoftmax] {
+            let (mut got, mut reference) = (vec![0.0f32; n], vec![0.0f32; n]);
+            softmax_like_at(level, row, Batch::rows(1, n), alg, red, &mut got).unwrap();
+            softmax_like_at(
+                Level::Scalar,
+                row,
+                Batch::rows(1, n),
+                alg,
+                red,
+                &mut reference,
+            )
+            .unwrap();
+            for k in 0..n {
+                assert!(
+                    within_ulp32(got[k], reference[k], 1),
+                    "{level:?} {alg:?} {red:?} {what} n={n} k={k}: {} vs scalar {}",
+                    got[k],
+                    reference[k]
+                );
+            }
+            let mut inplace = row.to_vec();
+            softmax_like_inplace_at(level, &mut inplace, Batch::rows(1, n), alg, red).unwrap();
+            assert!(inplace
+                .iter()
+                .zip(&got)
+                .all(|(a, b)| a.to_bits() == b.to_bits()));
+        }
+    }
+}
+
+fn check_row_f64(level: Level, row: &[f64], what: &str) {
+    let n = row.len();
+    for alg in [Algorithm::TwoPass, Algorithm::Online] {
+        let (mut got, mut reference) = ([0.0f64], [0.0f64]);
+        logsumexp_at(level, row, Batch::rows(1, n), alg, &mut got).unwrap();
+        logsumexp_at(Level::Scalar, row, Batch::rows(1, n), alg, &mut reference).unwrap();
+        assert!(
+            agree64(got[0], reference[0], 1e-14),
+            "{level:?} {alg:?} {what} n={n}: {} vs scalar {}",
+            got[0],
+            reference[0]
+        );
+        for red in [Reduction::Softmax, Reduction::LogSoftmax] {
+            let (mut got, mut reference) = (vec![0.0f64; n], vec![0.0f64; n]);
+            softmax_like_at(level, row, Batch::rows(1, n), alg, red, &mut got).unwrap();
+            softmax_like_at(
+                Level::Scalar,
+                row,
+                Batch::rows(1, n),
+                alg,
+                red,
+                &mut reference,
+            )
+            .unwrap();
+            for k in 0..n {
+                assert!(
+                    agree64(got[k], reference[k], 1e-13),
+                    "{level:?} {alg:?} {red:?} {what} n={n} k={k}: {} vs scalar {}",
+                    got[k],
+                    reference[k]
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn every_level_matches_scalar_on_random_rows() {
+    let mut rng = Rng::new(21);
+    for level in available_levels() {
+        for n in test_lengths(&mut rng) {
+            for scale in [1.0, 30.0, 1000.0] {
+                let row = random_row(&mut rng, n, scale);
+                let row32: Vec<f32> = row.iter().map(|&v| v as f32).collect();
+                check_row_f32(level, &row32, "uniform");
+                check_row_f64(level, &row, "uniform");
+            }
+        }
+    }
+}
+
+/// Rows built from specials: -inf, +inf, NaN, subnormals, huge magnitudes, the seeds row.
+fn special_rows() -> Vec<(String, Vec<f64>)> {
+    let (inf, nan) = (f64::INFINITY, f64::NAN);
+    let mut rows: Vec<(String, Vec<f64>)> = vec![
+        ("seeds".into(), vec![1000.0, 1.0, -1000.0]),
+        ("-seeds".into(), vec![-1000.0, 1.0, 1000.0]),
+        ("all -inf".into(), vec![-inf; 37]),
+        ("tiny terms".into(), vec![0.0, -40.0, -80.0, -100.0, -103.0]),
+        ("huge".into(), vec![3e38, -3e38, 1e30, 0.0]),
+        (
+            "subnormals".into(),
+            vec![1e-45, -1e-45, 1e-40, 0.0, -0.0, 1e-310],
+        ),
+        ("ties".into(), vec![2.5; 33]),
+    ];
+    for &n in &[1usize, 7, 8, 9, 17, 100, 4100, 9000] {
+        for (name, v) in [("+inf", inf), ("-inf", -inf), ("nan", nan)] {
+            for pos in [0, n / 2, n - 1] {
+                let mut row: Vec<f64> = (0..n).map(|k| (k as f64 * 0.37).sin() * 20.0).collect();
+                row[pos] = v;
+                rows.push((format!("{name} at {pos} of {n}"), row));
+            }
+        }
+        // -inf everywhere but one NaN, and -inf everywhere but one finite value.
+        let mut row = vec![-inf; n];
+        row[n - 1] = nan;
+        rows.push((format!("-inf row with nan, n={n}"), row));
+        let mut row = vec![-inf; n];
+        row[n / 3] = -5.0;
+        rows.push((format!("-inf row with one value, n={n}"), row));
+        let mut row = vec![1e-42; n];
+        row[n / 2] = -1e-44;
+        rows.push((format!("subnormal row n={n}"), row));
+        let mut row: Vec<f64> = (0..n).map(|k| -(k as f64)).collect();
+        row.reverse(); // increasing: the online max grows at every element
+        rows.push((format!("increasing n={n}"), row));
+        rows.push((
+            format!("alternating +-1000 n={n}"),
+            (0..n)
+                .map(|k| if k % 2 == 0 { 1000.0 } else { -1000.0 })
+                .collect(),
+        ));
+    }
+    rows
+}
+
+#[test]
+fn every_level_matches_scalar_on_special_rows() {
+    for level in available_levels() {
+        for (name, row) in special_rows() {
+            let row32: Vec<f32> = row.iter().map(|&v| v as f32).collect();
+            check_row_f32(level, &row32, &name);
+            check_row_f64(level, &row, &name);
+        }
+    }
+}
+
+#[test]
+fn every_level_matches_scalar_on_long_rows_blocks_and_states() {
+    let mut rng = Rng::new(5);
+    let n = 2 * LONG_ROW_BLOCK + 4097;
+    let x: Vec<f32> = (0..n).map(|_| rng.uniform(-60.0, 60.0) as f32).collect();
+    for level in available_levels() {
+        for alg in [Algorithm::TwoPass, Algorithm::Online] {
+            let (mut a, mut b) = ([LseState::EMPTY], [LseState::EMPTY]);
+            lse_states_at(level, &x, Batch::rows(1, n), alg, &mut a).unwrap();
+            lse_states_at(Level::Scalar, &x, Batch::rows(1, n), alg, &mut b).unwrap();
+            assert_eq!(a[0].max, b[0].max);
+            assert!(
+                agree64(a[0].excess, b[0].excess, 1e-10),
+                "{level:?} {a:?} {b:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn every_level_matches_scalar_on_columns_strided_and_in_place() {
+    let mut rng = Rng::new(9);
+    let shapes = [
+        (1, 37, 11),
+        (2, 5, 40),
+        (3, 64, 33),
+        (1, 1, 9),
+        (2, 300, 70),
+        (1, 0, 5),
+    ];
+    for level in available_levels() {
+        for &(outer, n, inner) in &shapes {
+            let batch = Batch::contiguous(outer, n, inner);
+            let mut x = random_row(&mut rng, batch.elements(), 40.0);
+            if x.len() > 3 {
+                x[1] = f64::NEG_INFINITY;
+                x[2] = 1e-300;
+            }
+            let x32: Vec<f32> = x.iter().map(|&v| v as f32).collect();
+            for alg in [Algorithm::TwoPass, Algorithm::Online] {
+                let (mut a, mut b) = (vec![0.0f32; batch.count()], vec![0.0f32; batch.count()]);
+                logsumexp_at(level, &x32, batch, alg, &mut a).unwrap();
+                logsumexp_at(Level::Scalar, &x32, batch, alg, &mut b).unwrap();
+                assert!(
+                    a.iter().zip(&b).all(|(&p, &q)| within_ulp32(p, q, 1)),
+                    "{level:?} {a:?} {b:?}"
+                );
+                let (mut a, mut b) = (vec![0.0f64; batch.count()], vec![0.0f64; batch.count()]);
+                logsumexp_at(level, &x, batch, alg, &mut a).unwrap();
+                logsumexp_at(Level::Scalar, &x, batch, alg, &mut b).unwrap();
+                assert!(a.iter().zip(&b).all(|(&p, &q)| agree64(p, q, 1e-14)));
+                for red in [Reduction::Softmax, Reduction::LogSoftmax] {
+                    let (mut a, mut b) = (vec![0.0f32; x.len()], vec![0.0f32; x.len()]);
+                    softmax_like_at(level, &x32, batch, alg, red, &mut a).unwrap();
+                    softmax_like_at(Level::Scalar, &x32, batch, alg, red, &mut b).unwrap();
+                    assert!(a.iter().zip(&b).all(|(&p, &q)| within_ulp32(p, q, 1)));
+                    let mut c = x32.clone();
+                    softmax_like_inplace_at(level, &mut c, batch, alg, red).unwrap();
+                    assert!(a.iter().zip(&c).all(|(p, q)| p.to_bits() == q.to_bits()));
+                }
+            }
+        }
+        // Strided rows (pitch 13 > n = 9) and a broadcast row (pitch 0).
+        let data: Vec<f32> = (0..60).map(|i| (i as f32 * 0.7).cos() * 30.0).collect();
+        for batch in [
+            Batch {
+                outer: 4,
+                n: 9,
+                inner: 1,
+                outer_stride: 13,
+            },
+            Batch {
+                outer: 3,
+                n: 9,
+                inner: 1,
+                outer_stride: 0,
+            },
+            Batch {
+                outer: 2,
+                n: 4,
+                inner: 3,
+                outer_stride: 20,
+            },
+        ] {
+            for alg in [Algorithm::TwoPass, Algorithm::Online] {
+                let (mut a, mut b) = (vec![0.0f32; batch.count()], vec![0.0f32; batch.count()]);
+                logsumexp_at(level, &data, batch, alg, &mut a).unwrap();
+                logsumexp_at(Level::Scalar, &data, batch, alg, &mut b).unwrap();
+                assert!(
+                    a.iter().zip(&b).all(|(&p, &q)| within_ulp32(p, q, 1)),
+                    "{batch:?}"
+                );
+                let (mut a, mut b) = (
+                    vec![0.0f32; batch.elements()],
+                    vec![0.0f32; batch.elements()],
+                );
+                softmax_like_at(level, &data, batch, alg, Reduction::Softmax, &mut a).unwrap();
+                softmax_like_at(Level::Scalar, &data, batch, alg, Reduction::Softmax, &mut b)
+                    .unwrap();
+                assert!(
+                    a.iter().zip(&b).all(|(&p, &q)| within_ulp32(p, q, 1)),
+                    "{batch:?}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn every_level_is_bit_identical_for_1_2_3_threads() {
+    let mut rng = Rng::new(13);
+    let long = 3 * LONG_ROW_BLOCK + 17;
+    let cases: Vec<(Batch, Vec<f32>)> = [
+        Batch::rows(2, long),
+        Batch::rows(3000, 40),
+        Batch::rows(40, 3000),
+        Batch::contiguous(3, 500, 100),
+    ]
+    .into_iter()
+    .map(|b| {
+        (
+            b,
+            (0..b.elements())
+                .map(|_| rng.uniform(-40.0, 40.0) as f32)
+                .collect(),
+        )
+    })
+    .collect();
+    for level in available_levels() {
+        for (batch, x) in &cases {
+            let mut reference: Option<(Vec<u32>, Vec<u32>)> = None;
+            for threads in [1, 2, 3] {
+                crate::parallel::set_num_threads(threads);
+                for alg in [Algorithm::TwoPass, Algorithm::Online] {
+                    let mut lse = vec![0.0f32; batch.count()];
+                    logsumexp_at(level, x, *batch, alg, &mut lse).unwrap();
+                    let mut sm = vec![0.0f32; x.len()];
+                    softmax_like_at(level, x, *batch, alg, Reduction::Softmax, &mut sm).unwrap();
+                    let bits = (
+                        lse.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                        sm.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    );
+                    if alg == Algorithm::TwoPass {
+                        match &reference {
+                            None => reference = Some(bits),
+                            Some(r) => assert!(*r == bits, "{level:?} {batch:?} threads={threads}"),
+                        }
+                    }
+                }
+            }
+        }
+    }
+    crate::parallel::set_num_threads(0);
+}
+
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn element() -> impl Strategy<Value = f32> {
+        prop_oneof![
+            8 => -100.0f32..100.0,
+            2 => -1e4f32..1e4,
+            1 => Just(f32::NEG_INFINITY),
+            1 => Just(f32::INFINITY),
+            1 => Just(f32::NAN),
+            1 => Just(0.0f32),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(200))]
+        #[test]
+        fn every_level_matches_scalar(row in proptest::collection::vec(element(), 0..300)) {
+            for level in available_levels() {
+                check_row_f32(level, &row, "proptest");
+            }
+        }
+    }
+}
+
+#[test]
+fn every_level_matches_scalar_on_batches_of_short_rows() {
+    let mut rng = Rng::new(17);
+    let specials = [
+        f64::NEG_INFINITY,
+        f64::INFINITY,
+        f64::NAN,
+        1e-310,
+        1000.0,
+        -1000.0,
+    ];
+    for level in available_levels() {
+        for n in [1usize, 2, 3, 7, 8, 9, 10, 16, 31, 32, 33, 63, 64, 65] {
+            for rows in [1usize, 5, 8, 13, 300] {
+                let mut x = random_row(&mut rng, rows * n, 30.0);
+                for (i, v) in x.iter_mut().enumerate() {
+                    if i % 37 == 5 {
+                        *v = specials[(i / 37) % specials.len()];
+                    }
+                }
+                let x32: Vec<f32> = x.iter().map(|&v| v as f32).collect();
+                let batch = Batch::rows(rows, n);
+                let (mut a, mut b) = (vec![0.0f32; rows], vec![0.0f32; rows]);
+                logsumexp_at(level, &x32, batch, Algorithm::Auto, &mut a).unwrap();
+                logsumexp_at(Level::Scalar, &x32, batch, Algorithm::Auto, &mut b).unwrap();
+                for r in 0..rows {
+                    assert!(
+                        within_ulp32(a[r], b[r], 1),
+                        "{level:?} n={n} row {r}: {} {}",
+                        a[r],
+                        b[r]
+                    );
+                    let exact = naive_lse(
+                        &x32[r * n..(r + 1) * n]
+                            .iter()
+                            .map(|&v| v as f64)
+                            .collect::<Vec<_>>(),
+                    );
+                    if exact.is_finite() {
+                        assert!(
+                            close(a[r] as f64, exact, 0.51 * f32::EPSILON as f64),
+                            "{level:?} n={n} row {r}"
+                        );
+                    }
+                }
+                let (mut a, mut b) = (vec![0.0f64; rows], vec![0.0f64; rows]);
+                logsumexp_at(level, &x, batch, Algorithm::Auto, &mut a).unwrap();
+                logsumexp_at(Level::Scalar, &x, batch, Algorithm::Auto, &mut b).unwrap();
+                assert!(
+                    a.iter().zip(&b).all(|(&p, &q)| agree64(p, q, 1e-14)),
+                    "{level:?} n={n}"
+                );
+                for red in [Reduction::Softmax, Reduction::LogSoftmax] {
+                    let (mut a, mut b) = (vec![0.0f32; x.len()], vec![0.0f32; x.len()]);
+                    softmax_like_at(level, &x32, batch, Algorithm::Auto, red, &mut a).unwrap();
+                    softmax_like_at(Level::Scalar, &x32, batch, Algorithm::Auto, red, &mut b)
+                        .unwrap();
+                    assert!(
+                        a.iter().zip(&b).all(|(&p, &q)| within_ulp32(p, q, 1)),
+                        "{level:?} {red:?} n={n}"
+                    );
+                    let mut c = x32.clone();
+                    softmax_like_inplace_at(level, &mut c, batch, Algorithm::Auto, red).unwrap();
+                    assert!(a.iter().zip(&c).all(|(p, q)| p.to_bits() == q.to_bits()));
+                    let (mut a, mut b) = (vec![0.0f64; x.len()], vec![0.0f64; x.len()]);
+                    softmax_like_at(level, &x, batch, Algorithm::Auto, red, &mut a).unwrap();
+                    softmax_like_at(Level::Scalar, &x, batch, Algorithm::Auto, red, &mut b)
+                        .unwrap();
+                    assert!(
+                        a.iter().zip(&b).all(|(&p, &q)| agree64(p, q, 1e-13)),
+                        "{level:?} {red:?} n={n}"
+                    );
+                }
+            }
+        }
+    }
+}

@@ -6,6 +6,7 @@
 
 use pyo3::prelude::*;
 
+mod losses;
 mod probe;
 mod reductions;
 
@@ -13,6 +14,7 @@ mod reductions;
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     reductions::register(m)?;
+    losses::register(m)?;
     probe::register(m)?;
     Ok(())
 }

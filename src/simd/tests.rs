@@ -1,0 +1,256 @@
+//! The vectorised exps of every available level against float64 references.
+
+use super::*;
+
+/// Error of `got` in float32 ULPs of the exact `exp(x)` (taken as float64 exp; its own error,
+/// ~1e-16 relative, is far below the float32 ULP). Specials must match exactly.
+fn ulp_error_f32(x: f32, got: f32) -> f64 {
+    let exact = (x as f64).exp();
+    if !exact.is_finite() || exact == 0.0 || x.is_nan() {
+        let want = exact as f32;
+        let same = (want.is_nan() && got.is_nan()) || want.to_bits() == got.to_bits();
+        return if same { 0.0 } else { f64::INFINITY };
+    }
+    let want = exact as f32;
+    if want.is_infinite() {
+        return if got == want { 0.0 } else { f64::INFINITY };
+    }
+    // The ULP of the float32 binade holding the exact value (subnormals: 2^-149).
+    let e = exact.log2().floor().max(-126.0);
+    let ulp = (e - 23.0).exp2();
+    ((got as f64) - exact).abs() / ulp
+}
+
+fn levels() -> Vec<Level> {
+    available_levels()
+}
+
+/// Max float32 ULP error of `exp_f32` at `level` over the bit patterns `bits`.
+fn max_error_over(level: Level, bits: impl Iterator<Item = u32>) -> (f64, f32) {
+    let mut worst = (0.0f64, 0.0f32);
+    let mut xs = Vec::with_capacity(1 << 16);
+    let mut out = vec![0.0f32; 1 << 16];
+    let mut flush = |xs: &mut Vec<f32>, worst: &mut (f64, f32)| {
+        let out = &mut out[..xs.len()];
+        exp_f32(level, xs, out);
+        for (&x, &y) in xs.iter().zip(out.iter()) {
+            let err = ulp_error_f32(x, y);
+            if err > worst.0 {
+                *worst = (err, x);
+            }
+        }
+        xs.clear();
+    };
+    for b in bits {
+        xs.push(f32::from_bits(b));
+        if xs.len() == 1 << 16 {
+            flush(&mut xs, &mut worst);
+        }
+    }
+    flush(&mut xs, &mut worst);
+    worst
+}
+
+/// Float32 bit patterns of [-104, 89], every `step`th one (negative and positive halves).
+fn range_bits(step: usize) -> impl Iterator<Item = u32> {
+    let neg = (0x8000_0000u32..=(-104.0f32).to_bits()).step_by(step);
+    let pos = (0u32..=89.0f32.to_bits()).step_by(step);
+    neg.chain(pos)
+}
+
+#[test]
+fn exp_f32_dense_sample_is_within_one_ulp() {
+    for level in levels() {
+        let (err, x) = max_error_over(level, range_bits(97));
+        assert!(err <= 1.0, "{level:?}: {err} ULP at x = {x:e}");
+    }
+}
+
+#[test]
+#[ignore = "exhaustive over ~2.2e9 floats; run with `cargo test --release -- --ignored`"]
+fn exp_f32_exhaustive_is_within_one_ulp() {
+    for level in levels() {
+        let t = std::time::Instant::now();
+        let (err, x) = max_error_over(level, range_bits(1));
+        eprintln!(
+            "exp_f32 {level:?}: max {err:.4} ULP at x = {x:e} over every float32 in [-104, 89] ({:.1} s)",
+            t.elapsed().as_secs_f64()
+        );
+        assert!(err <= 1.0, "{level:?}: {err} ULP at x = {x:e}");
+    }
+}
+
+#[test]
+fn exp_specials_are_exact() {
+    let xs32 = [
+        f32::NEG_INFINITY,
+        f32::INFINITY,
+        f32::NAN,
+        0.0,
+        -0.0,
+        -87.5,
+        -103.9,
+        -104.0,
+        -150.0,
+        -1e30,
+        88.72,
+        88.73,
+        1e30,
+        f32::MIN_POSITIVE,
+        -f32::MIN_POSITIVE,
+        1e-45,
+    ];
+    let xs64 = [
+        f64::NEG_INFINITY,
+        f64::INFINITY,
+        f64::NAN,
+        0.0,
+        -0.0,
+        -708.5,
+        -745.0,
+        -746.0,
+        -1e300,
+        709.78,
+        709.79,
+        1e300,
+        f64::MIN_POSITIVE,
+        5e-324,
+    ];
+    for level in levels() {
+        let mut out = [0.0f32; 16];
+        exp_f32(level, &xs32, &mut out);
+        for (&x, &y) in xs32.iter().zip(&out) {
+            assert!(ulp_error_f32(x, y) <= 1.0, "{level:?} exp({x:e}) = {y:e}");
+        }
+        let mut out = [0.0f64; 14];
+        exp_f64(level, &xs64, &mut out);
+        for (&x, &y) in xs64.iter().zip(&out) {
+            let want = x.exp();
+            let ok = (want.is_nan() && y.is_nan())
+                || want == y
+                || (want - y).abs() <= 2.0 * f64::EPSILON * want.abs()
+                || (want < 1e-300 && (want - y).abs() <= 5e-324);
+            assert!(ok, "{level:?} exp({x:e}) = {y:e}, want {want:e}");
+        }
+    }
+}
+
+#[test]
+fn exp_f64_is_within_one_ulp_of_std() {
+    // std's exp is itself within 1 ULP, so agreement to 1 ULP bounds ours by 2; the
+    // construction (table exact to 0.5 ULP, q to 1e-18, one final rounding) gives < 1.
+    let mut rng = crate::kernels::tests::Rng::new(5);
+    let xs: Vec<f64> = (0..200_000)
+        .map(|i| match i % 3 {
+            0 => rng.uniform(-745.0, 709.7),
+            1 => rng.uniform(-1.0, 1.0),
+            _ => rng.uniform(-30.0, 30.0),
+        })
+        .collect();
+    let mut out = vec![0.0; xs.len()];
+    for level in levels() {
+        exp_f64(level, &xs, &mut out);
+        let mut worst = 0.0f64;
+        for (&x, &y) in xs.iter().zip(&out) {
+            let want = x.exp();
+            let ulp = if want < f64::MIN_POSITIVE {
+                5e-324
+            } else {
+                f64::EPSILON * 2f64.powi(want.log2().floor() as i32)
+            };
+            worst = worst.max((y - want).abs() / ulp);
+        }
+        assert!(worst <= 1.0, "{level:?}: {worst} ULP from std");
+    }
+}
+
+#[test]
+#[cfg(target_arch = "x86_64")]
+fn streaming_stores_write_the_same_bits_at_any_alignment() {
+    if !is_available(Level::Avx512) {
+        return;
+    }
+    let x: Vec<f32> = (0..1100).map(|i| (i as f32 * 0.37).sin() * 30.0).collect();
+    let x64: Vec<f64> = x.iter().map(|&v| v as f64).collect();
+    for offset in 0..9 {
+        for n in (0..40).chain([1000, 1091 - offset]) {
+            let (mut a, mut b) = (vec![0.0f32; n + offset], vec![0.0f32; n + offset]);
+            let (mut c, mut d) = (vec![0.0f64; n + offset], vec![0.0f64; n + offset]);
+            // SAFETY: AVX-512 is available; every buffer holds offset + n elements.
+            unsafe {
+                avx512::exp_scaled(x.as_ptr(), a.as_mut_ptr().add(offset), n, 3.0, 0.5, true);
+                avx512::exp_scaled(x.as_ptr(), b.as_mut_ptr().add(offset), n, 3.0, 0.5, false);
+                avx512::shift_sub(x64.as_ptr(), c.as_mut_ptr().add(offset), n, 3.0, 0.5, true);
+                avx512::shift_sub(x64.as_ptr(), d.as_mut_ptr().add(offset), n, 3.0, 0.5, false);
+            }
+            assert!(
+                a.iter().zip(&b).all(|(p, q)| p.to_bits() == q.to_bits()),
+                "{offset} {n}"
+            );
+            assert!(
+                c.iter().zip(&d).all(|(p, q)| p.to_bits() == q.to_bits()),
+                "{offset} {n}"
+            );
+        }
+    }
+}
+
+#[test]
+#[cfg(target_arch = "x86_64")]
+fn avx512_sum_exp_is_float32_grade_on_nonpositive_arguments() {
+    use std::arch::x86_64::*;
+    if !is_available(Level::Avx512) {
+        return;
+    }
+    #[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl,popcnt")]
+    fn run(t: &[f64; 8], full: bool) -> [f64; 8] {
+        let mut out = [0.0; 8];
+        // SAFETY: both arrays hold 8 f64.
+        unsafe {
+            let v = avx512::exp_nonpos_pd(_mm512_loadu_pd(t.as_ptr()), full);
+            _mm512_storeu_pd(out.as_mut_ptr(), v);
+        }
+        out
+    }
+    let mut worst = [0.0f64; 2];
+    for i in 0..400_000 {
+        let base = -707.9 * (i as f64 / 400_000.0);
+        let t: [f64; 8] = std::array::from_fn(|l| base - l as f64 * 1e-3);
+        for (f, full) in [false, true].into_iter().enumerate() {
+            // SAFETY: AVX-512 is available (checked above).
+            let got = unsafe { run(&t, full) };
+            for l in 0..8 {
+                let want = t[l].exp();
+                worst[f] = worst[f].max(((got[l] - want) / want).abs());
+            }
+        }
+    }
+    // float32-grade: 1e-10 relative is 1/1000 of a float32 ULP; full: ~1 float64 ULP.
+    assert!(
+        worst[0] < 1e-10,
+        "float32-grade sum exp: relative error {}",
+        worst[0]
+    );
+    assert!(
+        worst[1] < 3e-16,
+        "float64 sum exp: relative error {}",
+        worst[1]
+    );
+    // NaN stays NaN; -inf and t <= -708 are masked out of sums by `summable`, and the full
+    // exp gives exact zeros.
+    let t = [
+        f64::NAN,
+        f64::NEG_INFINITY,
+        -1e300,
+        -746.0,
+        -800.0,
+        0.0,
+        -0.0,
+        -708.0,
+    ];
+    // SAFETY: as above.
+    let (g, h) = unsafe { (run(&t, false), run(&t, true)) };
+    assert!(g[0].is_nan() && h[0].is_nan());
+    assert_eq!(&h[1..5], &[0.0; 4]);
+    assert_eq!((g[5], g[6], h[5], h[6]), (1.0, 1.0, 1.0, 1.0));
+}
