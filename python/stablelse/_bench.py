@@ -814,7 +814,7 @@ def plot_sweep(
         import matplotlib.pyplot as plt
     except ImportError:
         return "matplotlib is not installed"
-    fig, axes = plt.subplots(1, len(SWEEP_OPS), figsize=(6 * len(SWEEP_OPS), 4.5), sharey=True)
+    fig, axes = plt.subplots(1, len(SWEEP_OPS), figsize=(6 * len(SWEEP_OPS), 4.5))
     for ax, op in zip(np.atleast_1d(axes), SWEEP_OPS):
         for lib in LIBRARIES:
             pts = sorted(
@@ -827,7 +827,9 @@ def plot_sweep(
         key = "read" if op == "logsumexp" else "read_write"
         label = f"DRAM {key.replace('_', '+')} ceiling {ceilings[key]:.0f} GB/s"
         ax.axhline(ceilings[key], color="k", ls="--", lw=1, label=label)
-        ax.legend(fontsize=8)
+        top = max([ceilings[key]] + [e["gbps"] for e in sweep if "gbps" in e and e["op"] == op])
+        ax.set_ylim(0, top * 1.4)  # room for the legend above the ceiling line
+        ax.legend(fontsize=8, loc="upper center", ncol=3)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("row length (columns), fixed total size")
         ax.set_title(f"{op}, float32")
