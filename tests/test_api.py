@@ -116,6 +116,10 @@ def test_empty_inputs():
     assert sl.logsumexp(x) == -inf
     assert sl.logsumexp(x, return_sign=True) == (-inf, -1.0)
     assert sl.logsumexp(x, keepdims=True).shape == (1, 1)
+    # Empty arrays whose strides are all 0 (NumPy gives them for some shapes).
+    z = np.zeros((0, 1, 2), np.float32)
+    assert sl.logsumexp(z, axis=1).shape == (0, 2)
+    assert sl.softmax(z, axis=1).shape == (0, 1, 2)
     for shape, axis in [((0,), None), ((0, 3), 0), ((0, 3), 1), ((3, 0), 1), ((3, 0), 0)]:
         x = np.zeros(shape)
         assert_same(sl.logsumexp(x, axis=axis), sp.logsumexp(x, axis=axis), 0)

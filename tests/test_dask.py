@@ -259,6 +259,22 @@ def test_cross_entropy_torch_layout_and_ignore_index(compute):
     assert np.isnan(got[-1])  # every row ignored: 0 / 0, as torch
 
 
+def test_cross_entropy_matches_the_cpu_loss(compute):
+    rng = np.random.default_rng(6)
+    logits = (rng.normal(size=(40, 3, 13)) * 6).astype(np.float32)  # classes on axis 2
+    target = rng.integers(0, 13, size=(40, 3))
+    target[::7, 1] = 5
+    weight = rng.uniform(0.1, 2.0, size=13).astype(np.float32)
+    dl = da.from_array(logits, chunks=(9, 2, 4))
+    dt = da.from_array(target, chunks=(11, 3))
+    cases = [(r, w) for r in ("mean", "sum", "none") for w in (None, weight)]
+    lazy = [sd.cross_entropy(dl, dt, weight=w, ignore_index=5, reduction=r) for r, w in cases]
+    for (r, w), got in zip(cases, compute(lazy)):
+        want = stablelse.cross_entropy(logits, target, weight=w, ignore_index=5, reduction=r)
+        assert np.asarray(got).dtype == np.asarray(want).dtype == np.float32
+        np.testing.assert_allclose(got, want, rtol=4e-7, atol=1e-6)
+
+
 def test_cross_entropy_errors(compute):
     dl = da.zeros((4, 3), chunks=2)
     with pytest.raises(ValueError, match="reduction"):

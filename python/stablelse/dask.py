@@ -21,9 +21,13 @@ import operator
 from functools import partial
 from typing import Any, Optional, Union
 
-import dask.array as da
 import numpy as np
 import numpy.typing as npt
+
+try:
+    import dask.array as da
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError("stablelse.dask needs dask[array]: pip install 'stablelse[dask]'") from exc
 
 from ._api import AxisLike, _as_real_array, _normalize_axes
 from ._stream import (

@@ -6,6 +6,8 @@
 
 use pyo3::prelude::*;
 
+#[cfg(feature = "cuda")]
+mod cuda;
 mod losses;
 mod probe;
 mod reductions;
@@ -16,5 +18,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     reductions::register(m)?;
     losses::register(m)?;
     probe::register(m)?;
+    #[cfg(feature = "cuda")]
+    cuda::register(m)?;
     Ok(())
 }

@@ -45,6 +45,10 @@ pub(crate) fn parse_algorithm(name: &str) -> PyResult<Algorithm> {
 pub(crate) fn batch_of<T: Element>(arr: &Bound<'_, PyArray3<T>>, name: &str) -> PyResult<Batch> {
     let shape = arr.shape();
     let (outer, n, inner) = (shape[0], shape[1], shape[2]);
+    if outer == 0 || n == 0 || inner == 0 {
+        // Nothing is read: strides and the data pointer of an empty array are irrelevant.
+        return Ok(Batch::contiguous(outer, n, inner));
+    }
     if !(arr.data() as usize).is_multiple_of(std::mem::align_of::<T>()) {
         return Err(value_error(format!(
             "{name}: the data pointer is not aligned"
