@@ -9,6 +9,7 @@ use pyo3::prelude::*;
 #[cfg(feature = "cuda")]
 mod cuda;
 mod losses;
+mod probe;
 mod reductions;
 
 #[pymodule]
@@ -16,6 +17,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     reductions::register(m)?;
     losses::register(m)?;
+    probe::register(m)?;
     #[cfg(feature = "cuda")]
     cuda::register(m)?;
     Ok(())
