@@ -163,6 +163,24 @@ fn main() {
         softmax: bool,
         alg: Algorithm,
     }
+    // Reductions down axis 0 (the column kernel), on the same 256 MiB.
+    for level in &levels {
+        for (n, inner) in [(2048usize, 32768usize), (1 << 16, 1024), (1 << 22, 16)] {
+            let mut o = vec![0.0f32; inner];
+            let t = best_of(REPS, || {
+                let b = Batch::contiguous(1, n, inner);
+                logsumexp_at(*level, &x[..n * inner], b, Algorithm::Auto, &mut o).unwrap();
+                black_box(&o);
+            });
+            let gbs = 4.0 * (n * inner) as f64 / t / 1e9;
+            println!(
+                "{:>7} logsumexp axis=0 {n}x{inner:<13} {:>8.2} ms {gbs:>7.1} GB/s  ({:.2} of the read ceiling)",
+                level.name(),
+                t * 1e3,
+                gbs / read
+            );
+        }
+    }
     let cases = [
         Case {
             name: "logsumexp 2048x32768",
@@ -301,6 +319,24 @@ fn in_cache(levels: &[Level]) {
                 level.name(),
                 gbs(8 * len, t),
                 t * 1e9 / len as f64
+            );
+        }
+        for (n, inner) in [(256usize, 256usize), (64, 1024), (4096, 16), (16, 4096)] {
+            let t = best_of(300, || {
+                let b = Batch::contiguous(1, n, inner);
+                logsumexp_at(
+                    level,
+                    &x[..n * inner],
+                    b,
+                    Algorithm::Auto,
+                    &mut out[..inner],
+                )
+                .unwrap();
+            });
+            println!(
+                "{:>7} logsumexp axis=0 {n}x{inner} in L2, 1 thread: {:.2} ns/element",
+                level.name(),
+                t * 1e9 / (n * inner) as f64
             );
         }
         let t = best_of(300, || {

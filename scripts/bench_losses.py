@@ -97,6 +97,9 @@ def main() -> None:
     fwd_gbs = nbytes / t_fwd / 1e9
     grad_gbs = 2 * nbytes / t_grad / 1e9
     gout_gbs = 2 * nbytes / t_gout / 1e9
+    # The same run's logsumexp and softmax(out=): the row primitives the losses are built on.
+    t_lse = best(lambda: sl.logsumexp(x, axis=-1), args.repeat)
+    t_sm = best(lambda: sl.softmax(x, axis=-1, out=g), args.repeat)
     info = sl.info()
     print(f"stablelse {info.get('version')} simd={info.get('simd')} threads={args.threads}")
     print(f"ceiling  read {read_gbs:6.1f} GB/s   read+write {rw_gbs:6.1f} GB/s  (C, 256 MiB)")
@@ -111,6 +114,10 @@ def main() -> None:
     print(
         f"cross_entropy {args.rows}x{args.cols} f32 grad_out=     {t_gout * 1e3:8.1f} ms "
         f"{gout_gbs:6.1f} GB/s = {gout_gbs / rw_gbs:.2f} of read+write ceiling (bar 0.5)"
+    )
+    print(
+        f"same run: logsumexp {t_lse * 1e3:.1f} ms ({nbytes / t_lse / 1e9:.1f} GB/s), "
+        f"softmax out= {t_sm * 1e3:.1f} ms ({2 * nbytes / t_sm / 1e9:.1f} GB/s)"
     )
 
 

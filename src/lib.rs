@@ -13,9 +13,12 @@
 //! - [`kernels`]: the scalar reference kernels and the dispatching entry points.
 //! - [`parallel`]: the rayon pool and deterministic work splitting.
 
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod kernels;
 pub mod layout;
 pub mod parallel;
+pub mod probe;
 pub mod real;
 pub mod simd;
 pub mod state;

@@ -17,7 +17,7 @@ from typing import Any, Optional, Union
 import numpy as np
 
 from . import _core
-from ._api import _as_real_array, _check_out, _kernel_view
+from ._api import _as_real_array, _check_out, _gpu_module, _is_gpu_array, _kernel_view
 
 __all__ = ["cross_entropy", "log_softmax_backward", "nll_loss", "softmax_backward"]
 
@@ -258,6 +258,19 @@ def cross_entropy(
     >>> bool(np.isfinite(grad).all())
     True
     """
+    if _is_gpu_array(logits):
+        return _gpu_module().cross_entropy(
+            logits,
+            target,
+            axis=axis,
+            weight=weight,
+            ignore_index=ignore_index,
+            reduction=reduction,
+            label_smoothing=label_smoothing,
+            z_loss=z_loss,
+            return_grad=return_grad,
+            grad_out=grad_out,
+        )
     x, rdtype, ax = _logits(logits, axis, "logits")
     reduction = _check_reduction(reduction)
     ii = _ignore_index(ignore_index)

@@ -44,6 +44,13 @@ use crate::state::LseState;
 /// contiguous reads along `inner`.
 const COLUMN_BLOCK: usize = 128;
 
+/// Rows whose states are computed together (see [`block_states`]); also the widest column
+/// block, so a block's states fit one buffer.
+const STATE_BLOCK: usize = COLUMN_BLOCK;
+
+/// Rows up to this long are reduced in transposed blocks by the SIMD column kernel.
+const SHORT_ROW: usize = 64;
+
 /// Elements of a transposed column block (and of its gradient): 256 KiB of float32, within L2.
 const COLUMN_SCRATCH: usize = 1 << 16;
 
@@ -205,6 +212,16 @@ fn shift_and_log_total(state: LseState) -> (f64, f64) {
     }
 }
 
+/// The `shift` of [`shift_and_log_total`] alone (no logarithm).
+#[inline]
+fn shift_of(state: LseState) -> f64 {
+    if state.max.is_finite() {
+        state.max
+    } else {
+        0.0
+    }
+}
+
 /// The lane's main loss term (before reduction scaling) and `L`.
 #[inline]
 fn lane_loss<T: Real>(plan: &Plan<'_, T>, target: LaneTarget, s: &LaneSums) -> (f64, f64) {
@@ -283,37 +300,45 @@ fn lane_grad<T: Real>(plan: &Plan<'_, T>, target: LaneTarget, s: &LaneSums) -> L
     }
 }
 
-/// Calls `f` on fixed blocks of `0..n` (one block below `2 * LONG_ROW_BLOCK`), in parallel for
-/// long rows, returning the results in block order. The blocking depends only on `n`.
-fn row_blocks<R: Send, F>(n: usize, f: F) -> Vec<R>
+/// Calls `f` on fixed blocks of `0..n` (one block below `2 * LONG_ROW_BLOCK`, without
+/// allocating), in parallel for long rows, yielding the results in block order. The blocking
+/// depends only on `n`.
+fn row_blocks<R: Send, F>(
+    n: usize,
+    f: F,
+) -> std::iter::Chain<std::option::IntoIter<R>, std::vec::IntoIter<R>>
 where
     F: Fn(Range<usize>) -> R + Sync + Send,
 {
     if n < 2 * LONG_ROW_BLOCK {
-        return vec![f(0..n)];
+        return Some(f(0..n)).into_iter().chain(Vec::new());
     }
-    parallel::map_collect(n.div_ceil(LONG_ROW_BLOCK), LONG_ROW_BLOCK, |b| {
+    let blocks = parallel::map_collect(n.div_ceil(LONG_ROW_BLOCK), LONG_ROW_BLOCK, |b| {
         let first = b * LONG_ROW_BLOCK;
         f(first..(first + LONG_ROW_BLOCK).min(n))
-    })
+    });
+    None.into_iter().chain(blocks)
 }
 
-/// `sum_k f(k)` over `range` in `f64` with eight interleaved accumulators (independent adds
-/// pipeline; the order is fixed by the range alone).
+/// `sum_k f(a_k, b_k, c_k)` over three equal-length slices in `f64`, with eight interleaved
+/// accumulators: independent adds that vectorise (no bounds checks inside a chunk), in an
+/// order fixed by the length alone. Pass the same slice twice for fewer operands.
 #[inline]
-fn sum8(range: Range<usize>, f: impl Fn(usize) -> f64) -> f64 {
+fn sum3<A: Copy, B: Copy, C: Copy>(a: &[A], b: &[B], c: &[C], f: impl Fn(A, B, C) -> f64) -> f64 {
+    debug_assert!(a.len() == b.len() && a.len() == c.len());
+    let (ca, cb, cc) = (a.chunks_exact(8), b.chunks_exact(8), c.chunks_exact(8));
+    let tail: f64 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .zip(cc.remainder())
+        .map(|((&p, &q), &r)| f(p, q, r))
+        .sum();
     let mut acc = [0.0f64; 8];
-    let mut k = range.start;
-    while k + 8 <= range.end {
-        for (i, a) in acc.iter_mut().enumerate() {
-            *a += f(k + i);
+    for ((xa, xb), xc) in ca.zip(cb).zip(cc) {
+        for i in 0..8 {
+            acc[i] += f(xa[i], xb[i], xc[i]);
         }
-        k += 8;
-    }
-    let mut tail = 0.0;
-    while k < range.end {
-        tail += f(k);
-        k += 1;
     }
     ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
 }
@@ -516,26 +541,75 @@ fn xent_rows<T: Real>(
     let per = parallel::items_per_piece(n);
     reduce_pieces(batch.outer, per, n, |range| {
         let mut acc = (0.0f64, 0.0f64);
-        for l in range {
-            let start = l * batch.outer_stride;
-            let x = &logits[start..start + n];
-            let target = lane_target(targets, l, ignore);
-            let probs = match targets {
-                Targets::Probs(q) => Some(&q[start..start + n]),
-                Targets::Indices(_) => None,
-            };
-            let sums = row_sums(plan, x, target, probs, alg);
-            let (main, zt) = lane_outputs(plan, target, &sums, l, lanes_out);
-            if let Some(gp) = grad_out {
-                // SAFETY: lane l owns the dense row l of the gradient, checked by `plan`.
-                let g = unsafe { std::slice::from_raw_parts_mut(gp.ptr().add(l * n), n) };
-                write_row_grad(plan, x, probs, lane_grad(plan, target, &sums), g);
+        let mut scratch = Vec::new();
+        let mut states = [LseState::EMPTY; STATE_BLOCK];
+        let mut l0 = range.start;
+        while l0 < range.end {
+            let w = STATE_BLOCK.min(range.end - l0);
+            let first = l0 * batch.outer_stride;
+            block_states(
+                &logits[first..],
+                batch.outer_stride,
+                n,
+                w,
+                alg,
+                &mut scratch,
+                &mut states,
+            );
+            for (i, &state) in states.iter().enumerate().take(w) {
+                let l = l0 + i;
+                let start = l * batch.outer_stride;
+                let x = &logits[start..start + n];
+                let target = lane_target(targets, l, ignore);
+                let probs = match targets {
+                    Targets::Probs(q) => Some(&q[start..start + n]),
+                    Targets::Indices(_) => None,
+                };
+                let sums = row_sums(plan, x, target, probs, state);
+                let (main, zt) = lane_outputs(plan, target, &sums, l, lanes_out);
+                if let Some(gp) = grad_out {
+                    // SAFETY: lane l owns the dense row l of the gradient, checked by `plan`.
+                    let g = unsafe { std::slice::from_raw_parts_mut(gp.ptr().add(l * n), n) };
+                    write_row_grad(plan, x, probs, lane_grad(plan, target, &sums), g);
+                }
+                acc.0 += main;
+                acc.1 += zt;
             }
-            acc.0 += main;
-            acc.1 += zt;
+            l0 += w;
         }
         acc
     })
+}
+
+/// The `(max, excess)` states of `w` rows of length `n`, row `i` at `x[i * pitch..][..n]`.
+/// Short rows are transposed into an `(n, w)` block and reduced by the SIMD column kernel
+/// (rows in vector lanes), which costs a fraction of one [`row_state`] call per row; longer
+/// rows use [`row_state`]. Rows and columns both come through here, so both layouts give the
+/// same bits.
+fn block_states<T: Real>(
+    x: &[T],
+    pitch: usize,
+    n: usize,
+    w: usize,
+    alg: Algorithm,
+    scratch: &mut Vec<T>,
+    states: &mut [LseState],
+) {
+    if (1..=SHORT_ROW).contains(&n) && w > 1 {
+        scratch.clear();
+        scratch.resize(n * w, T::from_f64(0.0));
+        for i in 0..w {
+            for (k, &v) in x[i * pitch..i * pitch + n].iter().enumerate() {
+                scratch[k * w + i] = v;
+            }
+        }
+        crate::kernels::lse_states(scratch, Batch::contiguous(1, n, w), alg, &mut states[..w])
+            .expect("the block matches its batch");
+    } else {
+        for (i, st) in states.iter_mut().enumerate().take(w) {
+            *st = row_state(&x[i * pitch..i * pitch + n], alg);
+        }
+    }
 }
 
 /// The lane's `(main, lse^2)` terms (0 for ignored lanes), its "none" loss written to
@@ -572,7 +646,7 @@ fn row_sums<T: Real>(
     x: &[T],
     target: LaneTarget,
     probs: Option<&[T]>,
-    alg: Algorithm,
+    state: LseState,
 ) -> LaneSums {
     let mut sums = LaneSums {
         state: LseState::EMPTY,
@@ -591,28 +665,45 @@ fn row_sums<T: Real>(
         };
         return sums;
     }
-    sums.state = row_state(x, alg);
-    let (shift, _) = shift_and_log_total(sums.state);
+    sums.state = state;
+    let shift = shift_of(state);
     match target {
         LaneTarget::Class(t) => {
             sums.xt = x[t].to_f64();
             if plan.b > 0.0 {
-                let parts = row_blocks(x.len(), |r| match plan.weight {
-                    Some(w) => sum8(r, |k| w[k].to_f64() * (shift - x[k].to_f64())),
-                    None => sum8(r, |k| shift - x[k].to_f64()),
+                let parts = row_blocks(x.len(), |r| {
+                    let xr = &x[r.clone()];
+                    match plan.weight {
+                        Some(w) => {
+                            sum3(xr, &w[r], xr, |v, wk, _| wk.to_f64() * (shift - v.to_f64()))
+                        }
+                        None => sum3(xr, xr, xr, |v, _, _| shift - v.to_f64()),
+                    }
                 });
-                sums.wsum = parts.into_iter().sum();
+                sums.wsum = parts.sum();
             }
         }
         LaneTarget::Probs => {
             let q = probs.expect("probability targets");
             let (a, b) = (plan.a, plan.b);
             let parts = row_blocks(x.len(), |r| {
-                let wq = |k: usize| plan.w(k) * (a * q[k].to_f64() + b);
-                (
-                    sum8(r.clone(), |k| wq(k) * (shift - x[k].to_f64())),
-                    sum8(r, wq),
-                )
+                let (xr, qr) = (&x[r.clone()], &q[r.clone()]);
+                match plan.weight {
+                    Some(w) => {
+                        let wr = &w[r];
+                        let wq = |qk: T, wk: T| wk.to_f64() * (a * qk.to_f64() + b);
+                        (
+                            sum3(xr, qr, wr, |v, qk, wk| wq(qk, wk) * (shift - v.to_f64())),
+                            sum3(qr, wr, qr, |qk, wk, _| wq(qk, wk)),
+                        )
+                    }
+                    None => (
+                        sum3(xr, qr, xr, |v, qk, _| {
+                            (a * qk.to_f64() + b) * (shift - v.to_f64())
+                        }),
+                        sum3(qr, qr, qr, |qk, _, _| a * qk.to_f64() + b),
+                    ),
+                }
             });
             for (ws, qs) in parts {
                 sums.wsum += ws;
@@ -643,15 +734,20 @@ fn write_row_grad<T: Real>(
         row_exp_scaled(&x[r.clone()], lg.shift, lg.scale, gb);
         let (a, b) = (plan.a, plan.b);
         match (probs, plan.weight) {
-            (Some(q), _) => {
-                for (k, gk) in r.zip(gb.iter_mut()) {
-                    let wq = plan.w(k) * (a * q[k].to_f64() + b);
+            (Some(q), Some(w)) => {
+                for ((gk, &qk), &wk) in gb.iter_mut().zip(&q[r.clone()]).zip(&w[r]) {
+                    let wq = wk.to_f64() * (a * qk.to_f64() + b);
                     *gk = T::from_f64(gk.to_f64() - lg.corr * wq);
                 }
             }
+            (Some(q), None) => {
+                for (gk, &qk) in gb.iter_mut().zip(&q[r]) {
+                    *gk = T::from_f64(gk.to_f64() - lg.corr * (a * qk.to_f64() + b));
+                }
+            }
             (None, Some(w)) if lg.corr != 0.0 => {
-                for (k, gk) in r.zip(gb.iter_mut()) {
-                    *gk = T::from_f64(gk.to_f64() - lg.corr * w[k].to_f64());
+                for (gk, &wk) in gb.iter_mut().zip(&w[r]) {
+                    *gk = T::from_f64(gk.to_f64() - lg.corr * wk.to_f64());
                 }
             }
             (None, None) if lg.corr != 0.0 => {
@@ -661,7 +757,8 @@ fn write_row_grad<T: Real>(
             }
             _ => {}
         }
-    });
+    })
+    .for_each(drop); // the blocks ran for their writes
     if let Some((t, gt)) = lg.target {
         g[t] = T::from_f64(gt);
     }
@@ -705,6 +802,8 @@ fn xent_columns<T: Real>(
             Some(_) => vec![T::from_f64(0.0); n * width],
             None => Vec::new(),
         };
+        let mut scratch = Vec::new();
+        let mut states = [LseState::EMPTY; STATE_BLOCK];
         for u in range {
             let (o, jb) = (u / blocks_per_slab, u % blocks_per_slab);
             let j0 = jb * width;
@@ -714,6 +813,7 @@ fn xent_columns<T: Real>(
             if let Targets::Probs(q) = targets {
                 transpose_in(&q[base..], inner, n, w, &mut qs);
             }
+            block_states(&xs, n, n, w, alg, &mut scratch, &mut states);
             for jj in 0..w {
                 let l = o * inner + j0 + jj;
                 let x = &xs[jj * n..(jj + 1) * n];
@@ -722,7 +822,7 @@ fn xent_columns<T: Real>(
                     Targets::Probs(_) => Some(&qs[jj * n..(jj + 1) * n]),
                     Targets::Indices(_) => None,
                 };
-                let sums = row_sums(plan, x, target, probs, alg);
+                let sums = row_sums(plan, x, target, probs, states[jj]);
                 let (main, zt) = lane_outputs(plan, target, &sums, l, lanes_out);
                 if grad_out.is_some() {
                     let g = &mut gs[jj * n..(jj + 1) * n];
@@ -864,10 +964,15 @@ pub fn softmax_like_backward<T: Real>(
                 let start = l * batch.outer_stride;
                 let (yr, dr) = (&y[start..start + n], &dy[start..start + n]);
                 let dot: f64 = row_blocks(n, |r| match what {
-                    Backward::Softmax => sum8(r, |k| yr[k].to_f64() * dr[k].to_f64()),
-                    Backward::LogSoftmax => sum8(r, |k| dr[k].to_f64()),
+                    Backward::Softmax => {
+                        let yb = &yr[r.clone()];
+                        sum3(yb, &dr[r], yb, |a, b, _| a.to_f64() * b.to_f64())
+                    }
+                    Backward::LogSoftmax => {
+                        let d = &dr[r];
+                        sum3(d, d, d, |a, _, _| a.to_f64())
+                    }
                 })
-                .into_iter()
                 .sum();
                 // SAFETY: lane l owns the dense row l of out, whose length was checked.
                 let o = unsafe { std::slice::from_raw_parts_mut(op.ptr().add(l * n), n) };
@@ -891,7 +996,8 @@ pub fn softmax_like_backward<T: Real>(
                             }
                         }
                     }
-                });
+                })
+                .for_each(drop); // the blocks ran for their writes
             }
         });
         return Ok(());
@@ -1646,6 +1752,26 @@ mod tests {
             let err =
                 nll_loss(&x, batch, &[0; 3], None, -100, LossReduction::Sum, None).unwrap_err();
             assert!(matches!(err, LossError::Invalid(_)));
+        }
+    }
+
+    #[test]
+    fn backward_vjps_on_long_rows() {
+        let mut rng = Rng::new(21);
+        let n = 2 * LONG_ROW_BLOCK + 3;
+        let batch = Batch::rows(1, n);
+        let y: Vec<f64> = (0..n).map(|_| rng.uniform(0.0, 2.0 / n as f64)).collect();
+        let dy: Vec<f64> = (0..n).map(|_| rng.uniform(-1.0, 1.0)).collect();
+        let dot: f64 = y.iter().zip(&dy).map(|(a, b)| a * b).sum();
+        let sdy: f64 = dy.iter().sum();
+        let mut out = vec![0.0; n];
+        softmax_backward(&y, &dy, batch, &mut out).unwrap();
+        for k in [0, 1, LONG_ROW_BLOCK, n - 1] {
+            assert!(close(out[k], y[k] * (dy[k] - dot), 1e-12));
+        }
+        log_softmax_backward(&y, &dy, batch, &mut out).unwrap();
+        for k in [0, 1, LONG_ROW_BLOCK, n - 1] {
+            assert!(close(out[k], dy[k] - y[k].exp() * sdy, 1e-12));
         }
     }
 

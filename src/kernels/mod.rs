@@ -5,6 +5,12 @@
 //! for log-sum-exp, `(outer, n, inner)` C order for softmax. Lanes are independent and rows
 //! longer than [`LONG_ROW_BLOCK`]` * 2` are cut into fixed blocks whose states merge in block
 //! order, so every result is bit-identical for any thread count.
+//!
+//! Paths, by layout: contiguous rows go to the SIMD row kernels of [`crate::simd`] (rows of up
+//! to [`simd::SHORT_ROW`] to the short-row kernels, 8 rows per vector, where the level has
+//! them); column batches (`inner > 1`) to the column kernel, `COL_TILE` columns per streaming
+//! pass; other strided lanes to the scalar reference. The `*_at` functions take the SIMD level
+//! explicitly (tests, benches); the others use [`simd::level()`].
 
 pub mod cross_entropy;
 pub mod scalar;
@@ -136,7 +142,7 @@ where
     if batch.inner > 1 && batch.n > 0 {
         let tiles = batch.inner.div_ceil(simd::COL_TILE);
         let run = |range: std::ops::Range<usize>| {
-            let mut states = [LseState::EMPTY; simd::COL_TILE];
+            let mut states = vec![LseState::EMPTY; simd::COL_TILE];
             for item in range {
                 let (o, t) = (item / tiles, item % tiles);
                 let j0 = t * simd::COL_TILE;

@@ -548,6 +548,7 @@ fn every_level_matches_scalar_on_columns_strided_and_in_place() {
         (3, 64, 33),
         (1, 1, 9),
         (2, 300, 70),
+        (2, 7, 1100),
         (1, 0, 5),
     ];
     for level in available_levels() {
@@ -637,6 +638,7 @@ fn every_level_is_bit_identical_for_1_2_3_threads() {
         Batch::rows(3000, 40),
         Batch::rows(40, 3000),
         Batch::contiguous(3, 500, 100),
+        Batch::contiguous(2, 40, 1300),
     ]
     .into_iter()
     .map(|b| {

@@ -6,7 +6,10 @@
 
 use pyo3::prelude::*;
 
+#[cfg(feature = "cuda")]
+mod cuda;
 mod losses;
+mod probe;
 mod reductions;
 
 #[pymodule]
@@ -14,5 +17,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     reductions::register(m)?;
     losses::register(m)?;
+    probe::register(m)?;
+    #[cfg(feature = "cuda")]
+    cuda::register(m)?;
     Ok(())
 }

@@ -111,7 +111,7 @@ unsafe fn store_tail<T: Lanes>(p: *mut T, v: __m256d, n: usize) {
 
 impl Lanes for f32 {
     const FULL: bool = false;
-    const BLOCK: usize = 4096;
+    const BLOCK: usize = 2048;
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn load4(p: *const f32) -> __m256d {
@@ -160,7 +160,7 @@ impl Lanes for f32 {
 
 impl Lanes for f64 {
     const FULL: bool = true;
-    const BLOCK: usize = 2048;
+    const BLOCK: usize = 1024;
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn load4(p: *const f64) -> __m256d {

@@ -132,7 +132,9 @@ fn summable(below: __mmask8, t: __m512d, full: bool) -> __mmask8 {
 pub trait Lanes: Copy + 'static + crate::Real {
     /// Whether results need the full float64 exp (float64 inputs) or the float32-grade one.
     const FULL: bool;
-    /// Elements per L1 block of the two-pass row kernel.
+    /// Elements per block of the two-pass row kernel: 8 KiB, so the block being summed and
+    /// the next one being loaded sit in L1 together (16 KiB blocks measured 30% slower from
+    /// DRAM on one thread).
     const BLOCK: usize;
     /// Loads 8 elements widened to f64.
     unsafe fn load8(p: *const Self) -> __m512d;
@@ -160,7 +162,7 @@ fn tail_mask8(n: usize) -> __mmask8 {
 
 impl Lanes for f32 {
     const FULL: bool = false;
-    const BLOCK: usize = 4096;
+    const BLOCK: usize = 2048;
     #[inline]
     #[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl,popcnt")]
     unsafe fn max_init() -> [__m512d; 2] {
@@ -243,7 +245,7 @@ impl Lanes for f32 {
 
 impl Lanes for f64 {
     const FULL: bool = true;
-    const BLOCK: usize = 2048;
+    const BLOCK: usize = 1024;
     #[inline]
     #[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl,popcnt")]
     unsafe fn max_init() -> [__m512d; 2] {
@@ -634,6 +636,9 @@ pub unsafe fn exp_f64(x: *const f64, out: *mut f64, n: usize) {
     }
 }
 
+/// How many rows ahead the column kernel prefetches.
+const COL_PREFETCH_ROWS: usize = 2;
+
 /// Online states of `w` adjacent columns (`w <= COL_TILE`) of an `(n, inner)` C-order slab
 /// starting at `x`: one streaming pass down the rows, each row reading `w` contiguous elements.
 #[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl,popcnt")]
@@ -650,6 +655,12 @@ pub unsafe fn column_states<T: Lanes>(
     for k in 0..n {
         // SAFETY: row k of the tile holds w readable elements.
         let row = unsafe { x.add(k * inner) };
+        // Rows are `inner` apart, usually on different pages, where hardware prefetchers
+        // stop: fetch the tile's segment COL_PREFETCH_ROWS rows ahead (never faults).
+        let ahead = row.wrapping_add(COL_PREFETCH_ROWS * inner) as *const i8;
+        for line in (0..w * std::mem::size_of::<T>()).step_by(64) {
+            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line));
+        }
         for (v, lane) in lanes.iter_mut().enumerate().take(vecs) {
             let left = w - 8 * v;
             // SAFETY: as above; the last vector is masked to the tile width.

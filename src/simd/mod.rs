@@ -1,8 +1,19 @@
-//! Instruction-set levels, detected once per process at run time.
+//! Instruction-set levels, detected once per process at run time, and the per-level kernels.
 //!
 //! `STABLELSE_SIMD=scalar|avx2|avx512|neon` forces a level (capped at what the CPU supports)
 //! for tests and benchmarks. The wheel is built for the baseline target; wider instructions are
-//! only used behind this detection.
+//! only used behind this detection (`#[target_feature]` functions, never `target-cpu=native`).
+//!
+//! One module per instruction set (`avx512`, `avx2`, `neon`, `scalar`), each with its own
+//! vectorised exp and the same building blocks: the blocked two-pass and the online row state,
+//! the column state, the softmax / log_softmax write, and (AVX-512) the short-row kernels.
+//! The functions here dispatch on a [`Level`] passed in by the caller, so tests and benches
+//! can run every level in one process; `kernels` passes [`level()`].
+//!
+//! Accuracy: float32 inputs are widened to float64 lanes for every sum and every softmax
+//! output, so `x - max` is exact and the exp (a 16-entry table and a short polynomial) is
+//! accurate to ~5e-11: results are rounded once, at the end, like the scalar reference. The
+//! float32-arithmetic exp ([`exp_f32`], < 1 ULP, tested exhaustively) is the standalone exp.
 
 use std::sync::OnceLock;
 
@@ -103,8 +114,11 @@ use std::any::TypeId;
 /// Rows up to this long take the short-row kernels (8 rows per vector) where a level has them.
 pub const SHORT_ROW: usize = 64;
 
-/// Columns per tile of the column kernel: 4 vectors of online lanes stay in registers.
-pub const COL_TILE: usize = 32;
+/// Columns per tile of the column kernel. A tile walks its rows one contiguous segment at a
+/// time (2 KiB of float32), keeping its online lanes in L1: walking narrower tiles down the
+/// rows reads a few lines per row at a stride that is often a power of two, which thrashes
+/// the cache sets and defeats the prefetchers.
+pub const COL_TILE: usize = 512;
 
 /// Constants shared by every level's exp.
 #[allow(dead_code, clippy::excessive_precision)]

@@ -80,7 +80,7 @@ pub trait Lanes: Copy + 'static + crate::Real {
 
 impl Lanes for f32 {
     const FULL: bool = false;
-    const BLOCK: usize = 4096;
+    const BLOCK: usize = 2048;
     #[inline]
     #[target_feature(enable = "neon")]
     unsafe fn load2(p: *const f32) -> float64x2_t {
@@ -97,7 +97,7 @@ impl Lanes for f32 {
 
 impl Lanes for f64 {
     const FULL: bool = true;
-    const BLOCK: usize = 2048;
+    const BLOCK: usize = 1024;
     #[inline]
     #[target_feature(enable = "neon")]
     unsafe fn load2(p: *const f64) -> float64x2_t {
