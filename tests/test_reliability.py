@@ -174,12 +174,6 @@ def test_set_num_threads_while_other_threads_compute(rng):
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 @pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
-@pytest.mark.xfail(
-    strict=False,
-    reason="known race (issue 8 report): a fork while another thread holds the pool's RwLock "
-    "leaves the child blocked in after_fork_in_child -> RwLock::write; needs a before-fork "
-    "handler in src/parallel.rs that holds the lock across fork",
-)
 def test_fork_while_other_threads_use_the_pool(rng):
     # The parent's pool is busy in other threads at the moment of fork; the child gets none of
     # those threads and must build its own pool instead of waiting on the copied one.
