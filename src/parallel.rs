@@ -7,6 +7,7 @@
 
 use rayon::prelude::*;
 use std::ops::Range;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
 /// Below this many elements of work a call stays on the calling thread.
@@ -46,6 +47,9 @@ fn read_default_threads() -> usize {
 
 /// The number of threads stablelse uses (`STABLELSE_NUM_THREADS`, else all cores).
 pub fn num_threads() -> usize {
+    if LOCK_LOST_IN_FORK.load(Ordering::Acquire) {
+        return 1;
+    }
     let threads = POOL.read().unwrap_or_else(|e| e.into_inner()).threads;
     if threads == 0 {
         let mut guard = POOL.write().unwrap_or_else(|e| e.into_inner());
@@ -60,6 +64,9 @@ pub fn num_threads() -> usize {
 
 /// Sets the number of threads; `0` restores the default. The pool is rebuilt lazily.
 pub fn set_num_threads(n: usize) {
+    if LOCK_LOST_IN_FORK.load(Ordering::Acquire) {
+        return;
+    }
     let mut guard = POOL.write().unwrap_or_else(|e| e.into_inner());
     let n = if n == 0 { default_threads() } else { n };
     if guard.threads != n {
@@ -71,13 +78,34 @@ pub fn set_num_threads(n: usize) {
 /// Drops the pool without joining its threads; used in a child after `fork`, where the
 /// parent's worker threads do not exist. The next parallel call builds a fresh pool.
 pub fn forget_pool_after_fork() {
-    let mut guard = POOL.write().unwrap_or_else(|e| e.into_inner());
-    if let Some(pool) = guard.pool.take() {
-        std::mem::forget(pool);
+    // Never block here: a thread of the parent that held the lock at the moment of the fork
+    // does not exist in the child, so the lock would stay held forever. If it is held, the
+    // child gives up on the pool and runs every call on its own thread (same results: the
+    // pieces do not depend on the thread count).
+    match POOL.try_write() {
+        Ok(mut guard) => {
+            if let Some(pool) = guard.pool.take() {
+                std::mem::forget(pool);
+            }
+        }
+        Err(std::sync::TryLockError::Poisoned(e)) => {
+            if let Some(pool) = e.into_inner().pool.take() {
+                std::mem::forget(pool);
+            }
+        }
+        Err(std::sync::TryLockError::WouldBlock) => {
+            LOCK_LOST_IN_FORK.store(true, Ordering::Release);
+        }
     }
 }
 
+/// Set in a forked child whose pool lock was held by a parent thread at the fork.
+static LOCK_LOST_IN_FORK: AtomicBool = AtomicBool::new(false);
+
 fn pool() -> Option<Arc<rayon::ThreadPool>> {
+    if LOCK_LOST_IN_FORK.load(Ordering::Acquire) {
+        return None;
+    }
     {
         let guard = POOL.read().unwrap_or_else(|e| e.into_inner());
         if let Some(pool) = &guard.pool {
