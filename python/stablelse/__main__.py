@@ -64,21 +64,28 @@ def info(print_fn: Callable[..., None] = print) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:
+        # The benchmark has its own options (and --help); hand them over untouched.
+        try:
+            from ._bench import main as bench_main
+        except ImportError:
+            print("the benchmark module is not available in this build", file=sys.stderr)
+            return 2
+        return int(bench_main(argv[1:]))
     parser = argparse.ArgumentParser(
         prog="python -m stablelse", description="stablelse command line"
     )
-    parser.add_argument("command", choices=["demo", "info", "bench"], help="what to run")
+    parser.add_argument(
+        "command",
+        choices=["demo", "info", "bench"],
+        help="demo: the seeds' example; info: build and machine; bench: see `bench --help`",
+    )
     args, rest = parser.parse_known_args(argv)
     if args.command == "demo":
         return demo()
-    if args.command == "info":
-        return info()
-    try:
-        from ._bench import main as bench_main
-    except ImportError:
-        print("the benchmark module is not available in this build", file=sys.stderr)
-        return 2
-    return int(bench_main(rest))
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    return info()
 
 
 if __name__ == "__main__":

@@ -389,10 +389,13 @@ def logsumexp(
 _NATIVE = (np.dtype(np.float32), np.dtype(np.float64))
 
 
-def _softmax_rows_fast(x: np.ndarray, axis: AxisLike, log: bool) -> np.ndarray | None:
-    """softmax over the last axis of a C-contiguous float32/float64 array, or None."""
+def _softmax_rows_fast(
+    x: np.ndarray, axis: AxisLike, log: bool, out: np.ndarray | None
+) -> np.ndarray | None:
+    """softmax over the last axis of a C-contiguous float32/float64 array (into a dense,
+    disjoint or identical ``out``), or None when the call needs the full planner."""
     if axis is None or type(axis) is int:
-        res: np.ndarray | None = _core.rows_fast(x, axis, False, 2 if log else 1)
+        res: np.ndarray | None = _core.rows_fast(x, axis, False, 2 if log else 1, out)
         return res
     return None
 
@@ -490,8 +493,8 @@ def softmax(
     >>> softmax(np.array([1000.0, 1.0, -1000.0]))
     array([1., 0., 0.])
     """
-    if type(x) is np.ndarray and out is None and algorithm == "auto":
-        res = _softmax_rows_fast(x, axis, False)
+    if type(x) is np.ndarray and algorithm == "auto":
+        res = _softmax_rows_fast(x, axis, False, out)
         if res is not None:
             return res
     if _is_gpu_array(x):
@@ -540,8 +543,8 @@ def log_softmax(
     >>> log_softmax(np.array([1000.0, 1.0]))
     array([   0., -999.])
     """
-    if type(x) is np.ndarray and out is None and algorithm == "auto":
-        res = _softmax_rows_fast(x, axis, True)
+    if type(x) is np.ndarray and algorithm == "auto":
+        res = _softmax_rows_fast(x, axis, True, out)
         if res is not None:
             return res
     if _is_gpu_array(x):

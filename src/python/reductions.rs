@@ -127,6 +127,7 @@ fn rows_fast_typed<'py, T: Real + Element>(
     axis: Option<isize>,
     keepdims: bool,
     op: u8,
+    out: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Option<Bound<'py, PyAny>>> {
     let shape = x.shape();
     let ndim = shape.len() as isize;
@@ -165,9 +166,42 @@ fn rows_fast_typed<'py, T: Real + Element>(
     } else {
         Reduction::Softmax
     };
-    // SAFETY: every element is written by the kernel before the array is returned.
-    let out = unsafe { numpy::PyArrayDyn::<T>::new(py, shape.to_vec(), false) };
-    let mut or = out.readwrite();
+    let out = match out {
+        None => {
+            // SAFETY: every element is written by the kernel before the array is returned.
+            unsafe { numpy::PyArrayDyn::<T>::new(py, shape.to_vec(), false) }
+        }
+        Some(o) => {
+            // Anything but a dense out of the right shape and dtype, disjoint from x or x
+            // itself, goes to the full planner, which names the problem.
+            let Ok(o) = o.cast::<numpy::PyArrayDyn<T>>() else {
+                return Ok(None);
+            };
+            if o.shape() != shape || !o.is_c_contiguous() {
+                return Ok(None);
+            }
+            let bytes = size * std::mem::size_of::<T>();
+            let (xb, ob) = (x.data() as usize, o.data() as usize);
+            if ob == xb {
+                drop(xr);
+                let Ok(mut or) = o.try_readwrite() else {
+                    return Ok(None);
+                };
+                let buf = or.as_slice_mut().map_err(|e| value_error(e.to_string()))?;
+                py.detach(|| kernels::softmax_like_inplace(buf, batch, Algorithm::Auto, what))
+                    .map_err(value_error)?;
+                drop(or);
+                return Ok(Some(o.clone().into_any()));
+            }
+            if ob < xb + bytes && xb < ob + bytes {
+                return Ok(None);
+            }
+            o.clone()
+        }
+    };
+    let Ok(mut or) = out.try_readwrite() else {
+        return Ok(None);
+    };
     let os = or.as_slice_mut().map_err(|e| value_error(e.to_string()))?;
     py.detach(|| kernels::softmax_like(xs, batch, Algorithm::Auto, what, os))
         .map_err(value_error)?;
@@ -177,21 +211,23 @@ fn rows_fast_typed<'py, T: Real + Element>(
 
 /// The common call in one native step: op 0 = logsumexp, 1 = softmax, 2 = log_softmax over
 /// the last axis of a C-contiguous, non-empty float32/float64 array (`axis` -1 or ndim-1, or
-/// None for 1-D). Returns None when the call is not of that form; the Python layer then plans
-/// it in full.
+/// None for 1-D), into a new array or, for softmax/log_softmax, into a dense `out` of the same
+/// shape and dtype that is disjoint from `x` or is `x` itself (in place). Returns None when the
+/// call is not of that form; the Python layer then plans it in full (and raises its errors).
 #[pyfunction]
-#[pyo3(signature = (x, axis, keepdims, op))]
+#[pyo3(signature = (x, axis, keepdims, op, out = None))]
 fn rows_fast<'py>(
     py: Python<'py>,
     x: &Bound<'py, PyAny>,
     axis: Option<isize>,
     keepdims: bool,
     op: u8,
+    out: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Option<Bound<'py, PyAny>>> {
     if let Ok(x) = x.cast::<numpy::PyArrayDyn<f32>>() {
-        rows_fast_typed(py, x, axis, keepdims, op)
+        rows_fast_typed(py, x, axis, keepdims, op, out)
     } else if let Ok(x) = x.cast::<numpy::PyArrayDyn<f64>>() {
-        rows_fast_typed(py, x, axis, keepdims, op)
+        rows_fast_typed(py, x, axis, keepdims, op, out)
     } else {
         Ok(None)
     }
