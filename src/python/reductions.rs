@@ -177,7 +177,8 @@ fn rows_fast_typed<'py, T: Real + Element>(
             let Ok(o) = o.cast::<numpy::PyArrayDyn<T>>() else {
                 return Ok(None);
             };
-            if o.shape() != shape || !o.is_c_contiguous() {
+            let aligned = (o.data() as usize).is_multiple_of(std::mem::align_of::<T>());
+            if o.shape() != shape || !o.is_c_contiguous() || !aligned {
                 return Ok(None);
             }
             let bytes = size * std::mem::size_of::<T>();
