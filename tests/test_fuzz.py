@@ -219,3 +219,9 @@ def test_logsumexp_out_overlapping_a_converted_input_is_refused():
     with pytest.raises(ValueError, match="overlap"):
         sl.logsumexp(a, axis=1, out=a[:, 0])
     assert not a.any()
+
+
+def test_ragged_target_error_names_the_target():
+    xent = _loss_fn("cross_entropy")
+    with pytest.raises(ValueError, match="target"):
+        xent(np.zeros((2, 3)), [[1.0], [1.0, 2.0]])

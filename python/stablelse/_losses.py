@@ -114,7 +114,10 @@ def _targets(
     target: Any, x: np.ndarray, ax: int, n_classes: int, ignore_index: int, allow_probs: bool
 ) -> tuple[np.ndarray, bool]:
     """``(kernel target, is_probability)`` after torch's checks."""
-    t = np.asarray(target)
+    try:
+        t = np.asarray(target)
+    except ValueError as exc:
+        raise ValueError(f"target is not a rectangular array: {exc}") from None
     batch_shape = x.shape[:ax] + x.shape[ax + 1 :]
     kind = t.dtype.kind
     if kind not in "iuf":
