@@ -43,6 +43,7 @@ fn read_default_threads() -> usize {
                 .map(|n| n.get())
                 .unwrap_or(1)
         })
+        .min(MAX_THREADS)
 }
 
 /// The number of threads stablelse uses (`STABLELSE_NUM_THREADS`, else all cores).
@@ -63,12 +64,21 @@ pub fn num_threads() -> usize {
 }
 
 /// Sets the number of threads; `0` restores the default. The pool is rebuilt lazily.
+/// The most threads a pool may have; more only slows the pool's construction (4096 threads
+/// took 46 s to start here). `set_num_threads`, `STABLELSE_NUM_THREADS` and threadpoolctl
+/// are all clamped to it.
+pub const MAX_THREADS: usize = 1024;
+
 pub fn set_num_threads(n: usize) {
     if LOCK_LOST_IN_FORK.load(Ordering::Acquire) {
         return;
     }
     let mut guard = POOL.write().unwrap_or_else(|e| e.into_inner());
-    let n = if n == 0 { default_threads() } else { n };
+    let n = if n == 0 {
+        default_threads()
+    } else {
+        n.min(MAX_THREADS)
+    };
     if guard.threads != n {
         guard.threads = n;
         guard.pool = None;
