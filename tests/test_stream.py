@@ -323,3 +323,13 @@ def test_float32_accuracy_2_pow_26_in_1000_chunks():
     assert abs(float(got) - ref) <= np.spacing(np.float32(ref)), (float(got), ref)
     # One call over the concatenation agrees (it also rounds once).
     assert abs(float(logsumexp(np.concatenate(chunks))) - float(got)) <= np.spacing(got)
+
+
+def test_weighted_result_dtype_matches_one_call():
+    a = np.arange(6, dtype=np.float32)
+    b = np.array([1, 0, 1, 1, 0, 1], dtype=bool)
+    acc = LogSumExp().update(a[:3], b=b[:3]).update(a[3:], b=b[3:])
+    want = logsumexp(a, b=b)
+    got = acc.result()
+    assert np.asarray(got).dtype == np.asarray(want).dtype == np.float32
+    np.testing.assert_allclose(got, want, rtol=1e-6)

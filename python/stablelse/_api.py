@@ -85,6 +85,13 @@ def _as_real_array(a: Any, name: str) -> tuple[np.ndarray, np.dtype]:
     raise TypeError(f"{name} must be a real numeric array, got dtype {dt}")
 
 
+def _weighted_result_dtype(a_dtype: np.dtype, b_dtype: np.dtype) -> np.dtype:
+    """As scipy: the result type of the raw dtypes (so float32 ``a`` with bool or int8 weights
+    stays float32), float64 when that is not floating."""
+    rdtype = np.result_type(a_dtype, b_dtype)
+    return rdtype.newbyteorder("=") if rdtype.kind == "f" else np.dtype(np.float64)
+
+
 def _normalize_axes(axis: AxisLike, ndim: int) -> tuple[int, ...]:
     """``axis`` as a sorted tuple of distinct non-negative axes (scipy/NumPy rules)."""
     if axis is None:
@@ -309,10 +316,7 @@ def logsumexp(
     if b is not None:
         bw, _ = _as_real_array(b, "b")
         common = np.result_type(x.dtype, bw.dtype)
-        # As scipy: the result type of the raw dtypes (so float32 a with bool or int8 weights
-        # stays float32), float64 when that is not floating.
-        rdtype = np.result_type(np.asarray(a).dtype, np.asarray(b).dtype)
-        rdtype = rdtype.newbyteorder("=") if rdtype.kind == "f" else np.dtype(np.float64)
+        rdtype = _weighted_result_dtype(np.asarray(a).dtype, np.asarray(b).dtype)
         try:
             x, bw = np.broadcast_arrays(x.astype(common, copy=False), bw.astype(common, copy=False))
         except ValueError:

@@ -15,7 +15,7 @@ import numpy as np
 import numpy.typing as npt
 
 from . import _core
-from ._api import _as_real_array, _normalize_axes, _Plan
+from ._api import _as_real_array, _normalize_axes, _Plan, _weighted_result_dtype
 
 __all__ = ["LogSumExp"]
 
@@ -113,10 +113,9 @@ def _asarray(v: Any, name: str) -> AnyArray:
 
 def result_dtype(a_dtype: np.dtype[Any], b_dtype: Optional[np.dtype[Any]] = None) -> np.dtype[Any]:
     """The dtype ``stablelse.logsumexp`` returns for inputs of these dtypes."""
-    rd = _as_real_array(np.empty(0, dtype=a_dtype), "a")[1]
     if b_dtype is not None:
-        rd = np.result_type(rd, _as_real_array(np.empty(0, dtype=b_dtype), "b")[1])
-    return np.dtype(rd)
+        return np.dtype(_weighted_result_dtype(a_dtype, b_dtype))
+    return np.dtype(_as_real_array(np.empty(0, dtype=a_dtype), "a")[1])
 
 
 def log_weighted(x: AnyArray, b: AnyArray, who: str, what: str) -> F64Array:
