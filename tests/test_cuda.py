@@ -42,7 +42,7 @@ def test_kernels_compile_for_sm80_and_sm90(monkeypatch):
     if info["nvrtc_version"] is None:
         if os.environ.get("STABLELSE_REQUIRE_NVRTC"):
             pytest.fail(info["nvrtc_error"])
-        pytest.skip(f"NVRTC not found: {info['nvrtc_error']}")
+        pytest.skip(reason=f"NVRTC not found: {info['nvrtc_error']}")
     # The Rust test (cargo test --features cuda) compiles all eight (type, arch) pairs; here
     # two, through the Python entry point, with the on-disk CUBIN cache off.
     jobs = [("float32", "sm_80"), ("bfloat16", "sm_90")]
@@ -255,7 +255,7 @@ def test_dlpack_object_gets_the_stream():
 @built
 def test_ops_without_gpu_raise_cleanly():
     if scuda.is_available():
-        pytest.skip("a GPU is present")
+        pytest.skip(reason="a GPU is present")
     x = Holder(cai())
     with pytest.raises(Exception) as ei:  # noqa: B017 - any clean Python error will do
         scuda.softmax(x, axis=-1)
