@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Sequence
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 
 from . import _core
-
-AxisLike = Union[int, Sequence[int], None]
+from ._axes import AxisLike, normalize_axes
 
 _ALGORITHMS = ("auto", "two_pass", "online")
 
@@ -90,34 +88,6 @@ def _weighted_result_dtype(a_dtype: np.dtype, b_dtype: np.dtype) -> np.dtype:
     stays float32), float64 when that is not floating."""
     rdtype = np.result_type(a_dtype, b_dtype)
     return rdtype.newbyteorder("=") if rdtype.kind == "f" else np.dtype(np.float64)
-
-
-def _normalize_axes(axis: AxisLike, ndim: int) -> tuple[int, ...]:
-    """``axis`` as a sorted tuple of distinct non-negative axes (scipy/NumPy rules)."""
-    if axis is None:
-        return tuple(range(ndim))
-    if isinstance(axis, (tuple, list)):
-        items = list(axis)
-    else:
-        items = [axis]
-    axes = []
-    for ax in items:
-        try:
-            if isinstance(ax, (bool, np.bool_)):
-                raise TypeError  # as NumPy: True is not axis 1
-            ax = operator.index(ax)
-        except TypeError:
-            raise TypeError(
-                f"axis must be an int, a tuple of ints or None, got {type(ax).__name__}"
-            ) from None
-        if not -ndim <= ax < max(ndim, 1) or (ndim == 0 and ax not in (0, -1)):
-            raise np.exceptions.AxisError(
-                f"axis {ax} is out of bounds for an array of dimension {ndim}"
-            )
-        axes.append(ax % ndim if ndim else 0)
-    if len(set(axes)) != len(axes):
-        raise ValueError(f"duplicate value in axis: {axis!r}")
-    return tuple(sorted(axes))
 
 
 def _check_algorithm(algorithm: str) -> None:
@@ -327,7 +297,7 @@ def logsumexp(
     if x.ndim == 0:
         x = x.reshape(1)
         bw = bw.reshape(1) if bw is not None else None
-    axes = _normalize_axes(axis, x.ndim)
+    axes = normalize_axes(axis, x.ndim)
     plan = _Plan(x, axes)
     rshape_work = plan.reduced_shape(keepdims)
     # The user-visible result shape.
@@ -412,7 +382,7 @@ def _softmax_like(
     scalar = x.ndim == 0
     if scalar:
         x = x.reshape(1)
-    axes = _normalize_axes(axis, x.ndim)
+    axes = normalize_axes(axis, x.ndim)
     user_shape = () if scalar else x.shape
     inplace = False
     user_out = out

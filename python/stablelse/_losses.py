@@ -18,23 +18,12 @@ import numpy as np
 
 from . import _core
 from ._api import _as_real_array, _check_out, _gpu_module, _is_gpu_array, _kernel_view
+from ._axes import normalize_axis
 
 __all__ = ["cross_entropy", "log_softmax_backward", "nll_loss", "softmax_backward"]
 
 _REDUCTIONS = ("mean", "sum", "none")
 _INT64_MAX = np.iinfo(np.int64).max
-
-
-def _class_axis(axis: Any, ndim: int) -> int:
-    try:
-        ax = operator.index(axis)
-    except TypeError:
-        raise TypeError(f"axis must be an int, got {type(axis).__name__}") from None
-    if not -ndim <= ax < ndim:
-        raise np.exceptions.AxisError(
-            f"axis {ax} is out of bounds for an array of dimension {ndim}"
-        )
-    return ax % ndim
 
 
 def _view3(x: np.ndarray, axis: int) -> np.ndarray:
@@ -107,7 +96,7 @@ def _logits(logits: Any, axis: Any, name: str) -> tuple[np.ndarray, np.dtype, in
     x, rdtype = _as_real_array(logits, name)
     if x.ndim == 0:
         raise ValueError(f"{name} must have at least one dimension (the class axis), got a scalar")
-    return x, rdtype, _class_axis(axis, x.ndim)
+    return x, rdtype, normalize_axis(axis, x.ndim)
 
 
 def _targets(
@@ -396,7 +385,7 @@ def _backward(y: Any, dy: Any, axis: int, log: bool) -> Any:
     scalar = yv.ndim == 0
     if scalar:
         yv, dv = yv.reshape(1), dv.reshape(1)
-    ax = _class_axis(axis, yv.ndim)
+    ax = normalize_axis(axis, yv.ndim)
     y3 = np.ascontiguousarray(_view3(yv, ax), dtype=common)
     d3 = np.ascontiguousarray(_view3(dv, ax), dtype=common)
     res = _core.softmax_backward(y3, d3, log).reshape(yv.shape)

@@ -7,7 +7,6 @@ Every chunk is reduced by the Rust kernels (``_core.lse_states``) to one float64
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Sequence
 from typing import Any, Optional, Union
 
@@ -15,7 +14,8 @@ import numpy as np
 import numpy.typing as npt
 
 from . import _core
-from ._api import _as_real_array, _normalize_axes, _Plan, _weighted_result_dtype
+from ._api import _as_real_array, _Plan, _weighted_result_dtype
+from ._axes import check_axis_arg, normalize_axes
 
 __all__ = ["LogSumExp"]
 
@@ -150,22 +150,6 @@ def log_weighted(x: AnyArray, b: AnyArray, who: str, what: str) -> F64Array:
 # --------------------------------------------------------------------------- the accumulator
 
 
-def _check_axis_arg(axis: AxisArg) -> AxisArg:
-    if axis is None:
-        return None
-    if isinstance(axis, (tuple, list)):
-        items = tuple(axis)
-    else:
-        items = (axis,)
-    try:
-        norm = tuple(operator.index(a) for a in items)
-    except TypeError:
-        raise TypeError(f"axis must be an int, a tuple of ints or None, got {axis!r}") from None
-    if not norm:
-        raise ValueError("axis must not be an empty tuple")
-    return norm[0] if not isinstance(axis, (tuple, list)) else norm
-
-
 class LogSumExp:
     """Streaming ``logsumexp``: feed chunks, merge partial accumulators, read the result.
 
@@ -238,7 +222,7 @@ class LogSumExp:
     """
 
     def __init__(self, axis: AxisArg = None) -> None:
-        self.axis: AxisArg = _check_axis_arg(axis)
+        self.axis: AxisArg = check_axis_arg(axis)
         # Set by the first chunk: reduced axes (normalised), ndim, kept shape.
         self._axes: Optional[tuple[int, ...]] = None
         self._ndim: Optional[int] = None
@@ -302,7 +286,7 @@ class LogSumExp:
         if self.axis is None:
             return tuple(range(x.ndim))
         if self._axes is None:
-            axes = _normalize_axes(self.axis, x.ndim)
+            axes = normalize_axes(self.axis, x.ndim)
             self._axes, self._ndim = axes, x.ndim
         axes = self._axes
         if x.ndim != self._ndim:

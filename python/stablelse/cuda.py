@@ -42,9 +42,10 @@ import importlib.util
 import math
 import os
 from collections.abc import Sequence
-from typing import Any, Union
+from typing import Any
 
 from . import _core
+from ._axes import AxisLike, normalize_axes, normalize_axis
 
 __all__ = [
     "cross_entropy",
@@ -56,7 +57,6 @@ __all__ = [
     "softmax",
 ]
 
-AxisLike = Union[int, Sequence[int], None]
 
 _BUILT = hasattr(_core, "_cuda_is_available")
 _FLOATS = ("float32", "float64", "bfloat16", "float16")
@@ -302,23 +302,6 @@ def _lib_for(x: Any) -> tuple[Any, Any, Any]:
 # --------------------------------------------------------------------------- layout
 
 
-def _norm_axes(axis: AxisLike, ndim: int) -> list[int]:
-    if axis is None:
-        return list(range(ndim))
-    axes = [axis] if isinstance(axis, int) else list(axis)
-    out = []
-    for ax in axes:
-        if not isinstance(ax, int) or isinstance(ax, bool):
-            raise TypeError(f"axis must be an int, a tuple of ints or None, got {axis!r}")
-        if not -ndim <= ax < ndim:
-            raise ValueError(f"axis {ax} is out of bounds for an array of dimension {ndim}")
-        a = ax % ndim
-        if a in out:
-            raise ValueError(f"repeated axis {ax} in axis={axis!r}")
-        out.append(a)
-    return out
-
-
 def _rows_view(d: dict[str, Any], nouter: int) -> tuple[int, int, int] | None:
     """(rows, cols, row stride) when the array is rows of unit-stride elements: the last
     ``ndim - nouter`` axes C-contiguous and the outer axes collapsible to one stride."""
@@ -449,7 +432,7 @@ def _rowwise(op: str, x: Any, axis: AxisLike, out: Any, what: str) -> Any:
         x = lib0.reshape(arr0, (1,))
         axes = [0]
     else:
-        axes = _norm_axes(axis, ndim)
+        axes = list(normalize_axes(axis, ndim))
     r = _Rows(x, axes, what)
     direct = None
     if out is not None and not scalar:
@@ -518,7 +501,7 @@ def logsumexp(
         a = lib0.reshape(arr0, (1,))
         axes = [0]
     else:
-        axes = _norm_axes(axis, ndim)
+        axes = list(normalize_axes(axis, ndim))
     r = _Rows(a, axes, "a")
     if keepdims and ndim > 0:
         rshape = [1 if i in axes else n for i, n in enumerate(r.shape)]
@@ -635,7 +618,7 @@ def cross_entropy(
     ndim = lib0.ndim(arr0)
     if ndim == 0:
         raise ValueError("logits must have at least one dimension (the classes)")
-    (ax,) = _norm_axes(axis, ndim)
+    ax = normalize_axis(axis, ndim)
     r = _Rows(logits, [ax], "logits")
     tlib, tarr, _ = _lib_for(target)
     td = tlib.describe(tarr)

@@ -29,7 +29,8 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("stablelse.dask needs dask[array]: pip install 'stablelse[dask]'") from exc
 
-from ._api import AxisLike, _as_real_array, _normalize_axes
+from ._api import _as_real_array
+from ._axes import AxisLike, normalize_axes, normalize_axis
 from ._stream import (
     STATE_DTYPE,
     chunk_states,
@@ -120,7 +121,7 @@ def _as_dask(x: Any, name: str) -> da.Array:
 
 
 def _axes_of(x: da.Array, axis: AxisLike) -> tuple[int, ...]:
-    return _normalize_axes(axis, x.ndim)
+    return normalize_axes(axis, x.ndim)
 
 
 def lse_states(
@@ -486,7 +487,7 @@ def cross_entropy(
     x = _as_dask(logits, "logits")
     if x.ndim == 0:
         raise ValueError("logits must have at least one dimension (the classes)")
-    ax = _normalize_axes(operator.index(axis), x.ndim)[0]
+    ax = normalize_axis(axis, x.ndim)
     rdtype = result_dtype(x.dtype)
     n_classes = x.shape[ax]
     if not isinstance(n_classes, int) or np.isnan(n_classes):
