@@ -8,6 +8,7 @@ use pyo3::prelude::*;
 
 #[cfg(feature = "cuda")]
 mod cuda;
+mod env;
 mod losses;
 mod probe;
 mod reductions;
@@ -18,6 +19,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     reductions::register(m)?;
     losses::register(m)?;
     probe::register(m)?;
+    env::register(m)?;
     #[cfg(feature = "cuda")]
     cuda::register(m)?;
     Ok(())
