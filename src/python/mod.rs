@@ -6,7 +6,7 @@
 
 use pyo3::prelude::*;
 
-#[cfg(feature = "cuda")]
+#[cfg(all(feature = "cuda", target_os = "linux"))]
 mod cuda;
 mod env;
 mod losses;
@@ -20,7 +20,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     losses::register(m)?;
     probe::register(m)?;
     env::register(m)?;
-    #[cfg(feature = "cuda")]
+    #[cfg(all(feature = "cuda", target_os = "linux"))]
     cuda::register(m)?;
     Ok(())
 }
