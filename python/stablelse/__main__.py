@@ -75,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m stablelse", description="stablelse command line"
     )
+    parser.add_argument("--version", action="version", version=f"stablelse {stablelse.__version__}")
     parser.add_argument(
         "command",
         choices=["demo", "info", "bench"],
