@@ -114,6 +114,8 @@
 //! - [`kernels`]: the entry points (log-sum-exp, softmax, losses and their gradients) and the
 //!   scalar reference kernels.
 //! - [`layout`]: [`Batch`], how a batch of reductions lies over a slice.
+//! - [`plan`]: how a strided n-dimensional array reduced over some axes maps onto [`Batch`]es
+//!   (read in place, through a transpose, or gathered).
 //! - [`state`]: [`LseState`], the `(max, excess)` state and its merge rule.
 //! - [`real`]: [`Real`], the trait over `f32` / `f64`.
 //! - [`parallel`]: the thread pool and deterministic work splitting.
@@ -126,6 +128,7 @@ pub mod cuda;
 pub mod kernels;
 pub mod layout;
 pub mod parallel;
+pub mod plan;
 #[doc(hidden)]
 pub mod probe;
 pub mod real;

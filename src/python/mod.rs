@@ -10,6 +10,7 @@ use pyo3::prelude::*;
 mod cuda;
 mod env;
 mod losses;
+mod plan;
 mod probe;
 mod reductions;
 
@@ -18,6 +19,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     reductions::register(m)?;
     losses::register(m)?;
+    plan::register(m)?;
     probe::register(m)?;
     env::register(m)?;
     #[cfg(all(feature = "cuda", target_os = "linux"))]
