@@ -1,7 +1,7 @@
 """Type stubs for the native module ``stablelse._core`` (private; use ``stablelse``)."""
 
 from collections.abc import Sequence
-from typing import Any, Optional, Union
+from typing import Any, Optional, Union, final
 
 import numpy as np
 import numpy.typing as npt
@@ -36,6 +36,7 @@ def rows_fast(
 def after_fork_in_child() -> None: ...
 
 # The planner (src/plan.rs, src/python/plan.rs).
+@final
 class Plan:
     """How the kernels see an array reduced over some of its axes."""
 
