@@ -50,10 +50,19 @@ def cases(scale: float) -> list[tuple[str, Callable[[], Callable[[], Any]]]]:
     def n(k: int) -> int:
         return max(100, int(k * scale))
 
-    def gmm() -> Callable[[], Any]:
-        x, _ = _blobs(n(50_000), 8, 10, 0)
-        est = GaussianMixture(n_components=10, max_iter=20, tol=0.0, random_state=0)
-        return lambda: est.fit(x).means_
+    def gmm(covariance_type: str) -> Callable[[], Callable[[], Any]]:
+        def setup() -> Callable[[], Any]:
+            x, _ = _blobs(n(50_000), 8, 10, 0)
+            est = GaussianMixture(
+                n_components=10,
+                covariance_type=covariance_type,
+                max_iter=20,
+                tol=0.0,
+                random_state=0,
+            )
+            return lambda: est.fit(x).means_
+
+        return setup
 
     def mnb() -> Callable[[], Any]:
         rng = np.random.default_rng(1)
@@ -81,7 +90,8 @@ def cases(scale: float) -> list[tuple[str, Callable[[], Callable[[], Any]]]]:
         return lambda: est.fit(x, y).coefs_[-1]
 
     return [
-        ("GaussianMixture(10 components).fit, 50000x8, 20 EM steps", gmm),
+        ("GaussianMixture(10, 'full').fit, 50000x8, 20 EM steps", gmm("full")),
+        ("GaussianMixture(10, 'diag').fit, 50000x8, 20 EM steps", gmm("diag")),
         ("MultinomialNB.predict_proba, 200000x50, 20 classes", mnb),
         ("LogisticRegression.predict_proba, 200000x20, 10 classes", logreg_proba),
         ("LogisticRegression.fit (lbfgs), 20000x20, 10 classes", logreg_fit),
