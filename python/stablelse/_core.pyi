@@ -15,6 +15,13 @@ def logsumexp_weighted(a: _Arr, b: _Arr, return_sign: bool = False) -> tuple[_Ar
 def softmax(
     x: _Arr, log: bool = False, algorithm: str = "auto", out: Optional[_Arr] = None
 ) -> _Arr: ...
+def logsumexp_complex(
+    a: npt.NDArray[np.complexfloating], b: Optional[npt.NDArray[np.complexfloating]] = None,
+    return_sign: bool = False,
+) -> tuple[npt.NDArray[np.complexfloating], Optional[npt.NDArray[np.complexfloating]]]: ...
+def softmax_complex(
+    x: npt.NDArray[np.complexfloating], log: bool = False
+) -> npt.NDArray[np.complexfloating]: ...
 def lse_states(
     x: _Arr, algorithm: str = "auto"
 ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]: ...

@@ -12,6 +12,7 @@
 //! pass; other strided lanes to the scalar reference. The `*_at` functions take the SIMD level
 //! explicitly (tests, benches); the others use [`simd::level()`].
 
+pub mod complex;
 pub mod cross_entropy;
 pub mod scalar;
 

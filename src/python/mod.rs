@@ -6,6 +6,7 @@
 
 use pyo3::prelude::*;
 
+mod complex;
 #[cfg(feature = "cuda")]
 mod cuda;
 mod losses;
@@ -16,6 +17,7 @@ mod reductions;
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     reductions::register(m)?;
+    complex::register(m)?;
     losses::register(m)?;
     probe::register(m)?;
     #[cfg(feature = "cuda")]
