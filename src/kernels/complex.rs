@@ -119,7 +119,7 @@ fn log1p_excess(e: C) -> C {
 }
 
 fn check_pairs<T>(x: &[T], batch: &Batch, name: &str) -> Result<(), String> {
-    if x.len() % 2 != 0 {
+    if !x.len().is_multiple_of(2) {
         return Err(format!(
             "{name}: an interleaved complex buffer has an odd length"
         ));
@@ -165,75 +165,91 @@ impl MaxState {
     }
 }
 
-/// The weight of element `e`, `(1, 0)` without weights.
-#[inline(always)]
-fn weight<T: Real>(b: Option<Weights<'_, T>>, e: usize) -> Option<C> {
-    b.map(|b| load(b.data, e))
+/// One tile of `a` and, with weights, the matching tile of `b`.
+#[derive(Clone, Copy)]
+struct WeightedTile<'a, T> {
+    a: &'a [T],
+    tile: Tile,
+    b: Option<(&'a [T], Tile)>,
 }
 
-/// Pass 1 over rows `k0..k1` of a tile (lane `j` of the tile updates `states[j]`).
-fn lse_max_pass<T: Real>(
-    a: &[T],
-    b: Option<Weights<'_, T>>,
-    tile: &Tile,
-    bt: Option<&Tile>,
-    k0: usize,
-    k1: usize,
-    states: &mut [MaxState],
-) {
-    for k in k0..k1 {
-        for (j, st) in states.iter_mut().enumerate().take(tile.w) {
-            let (re, im) = load(a, tile.at(k, j));
-            if let (Some(bw), Some(bt)) = (b, bt) {
-                let (br, bi) = load(bw.data, bt.at(k, j));
-                if br == 0.0 && bi == 0.0 {
-                    continue; // scipy: a zero weight removes the element, whatever `a` holds
+impl<T: Real> WeightedTile<'_, T> {
+    #[inline(always)]
+    fn elem(&self, k: usize, j: usize) -> C {
+        load(self.a, self.tile.at(k, j))
+    }
+
+    /// The weight of element `(k, j)`; None without weights.
+    #[inline(always)]
+    fn weight(&self, k: usize, j: usize) -> Option<C> {
+        self.b.map(|(data, t)| load(data, t.at(k, j)))
+    }
+
+    /// Pass 1 over rows `k0..k1` (lane `j` of the tile updates `states[j]`).
+    fn max_pass(&self, k0: usize, k1: usize, states: &mut [MaxState]) {
+        for k in k0..k1 {
+            for (j, st) in states.iter_mut().enumerate().take(self.tile.w) {
+                let (re, im) = self.elem(k, j);
+                if let Some((br, bi)) = self.weight(k, j) {
+                    if br == 0.0 && bi == 0.0 {
+                        continue; // scipy: a zero weight removes the element, whatever `a` holds
+                    }
+                    if !(br.is_finite() && bi.is_finite()) {
+                        st.special = true;
+                    }
                 }
-                if !(br.is_finite() && bi.is_finite()) {
+                if !(im.is_finite() && (re.is_finite() || re == f64::NEG_INFINITY)) {
                     st.special = true;
                 }
-            }
-            if !(im.is_finite() && (re.is_finite() || re == f64::NEG_INFINITY)) {
-                st.special = true;
-            }
-            if re >= st.max {
-                st.max = re;
-                st.imax = k;
+                if re >= st.max {
+                    st.max = re;
+                    st.imax = k;
+                }
             }
         }
     }
-}
 
-/// Pass 2: `sums[j] += sum b * exp(re - M) * cis(im)` over rows `k0..k1`, skipping each lane's
-/// maximal element and zero weights. Only lanes whose pass-1 state is finite and ordinary.
-fn lse_sum_pass<T: Real>(
-    a: &[T],
-    b: Option<Weights<'_, T>>,
-    tile: &Tile,
-    bt: Option<&Tile>,
-    k0: usize,
-    k1: usize,
-    states: &[MaxState],
-    sums: &mut [C],
-) {
-    for k in k0..k1 {
-        for j in 0..tile.w {
-            let st = states[j];
-            if st.special || st.imax == k || !st.max.is_finite() {
-                continue;
-            }
-            let (re, im) = load(a, tile.at(k, j));
-            let term = match (b, bt) {
-                (Some(bw), Some(bt)) => {
-                    let bv = load(bw.data, bt.at(k, j));
-                    if bv.0 == 0.0 && bv.1 == 0.0 {
-                        continue;
-                    }
-                    cmul(bv, exp_cis(re - st.max, im))
+    /// Pass 2: `sums[j] += sum b * exp(re - M) * cis(im)` over rows `k0..k1`, skipping each
+    /// lane's maximal element and zero weights; only lanes whose pass-1 state is ordinary.
+    fn sum_pass(&self, k0: usize, k1: usize, states: &[MaxState], sums: &mut [C]) {
+        for k in k0..k1 {
+            for (j, (st, sum)) in states.iter().zip(sums.iter_mut()).enumerate() {
+                if st.special || st.imax == k || !st.max.is_finite() {
+                    continue;
                 }
-                _ => exp_cis(re - st.max, im),
-            };
-            sums[j] = cadd(sums[j], term);
+                let (re, im) = self.elem(k, j);
+                let term = match self.weight(k, j) {
+                    Some(bv) if bv.0 == 0.0 && bv.1 == 0.0 => continue,
+                    Some(bv) => cmul(bv, exp_cis(re - st.max, im)),
+                    None => exp_cis(re - st.max, im),
+                };
+                *sum = cadd(*sum, term);
+            }
+        }
+    }
+
+    /// Writes every lane's `(value, sign)` through `write(lane, ...)`.
+    fn finish(
+        &self,
+        states: &[MaxState],
+        sums: &[C],
+        return_sign: bool,
+        write: impl Fn(usize, (C, C)),
+    ) {
+        for (j, (&st, &sum)) in states.iter().zip(sums).enumerate() {
+            let mut res = None;
+            if st.imax != usize::MAX && !st.special && st.max.is_finite() {
+                let wtop = self.weight(st.imax, j).unwrap_or((1.0, 0.0));
+                res = lse_finish(st, self.elem(st.imax, j), wtop, sum, return_sign);
+            }
+            let (v, s) = res.unwrap_or_else(|| {
+                let get = |k: usize| (self.elem(k, j), self.weight(k, j));
+                numpy_ops::logsumexp_lane::<T>(self.tile.n, get, return_sign)
+            });
+            write(
+                self.tile.lane0 + j,
+                numpy_ops::wrap_result(v, s, return_sign),
+            );
         }
     }
 }
@@ -322,76 +338,36 @@ pub fn logsumexp_complex<T: Real>(
         }
     };
     let (count, tile_of) = tiles_of(&batch);
-    let btile_of = b.map(|bw| tiles_of(&bw.batch).1);
-    let finish_tile = |tile: &Tile, bt: Option<&Tile>, states: &[MaxState], sums: &[C]| {
-        for j in 0..tile.w {
-            let st = states[j];
-            let mut res = None;
-            if st.imax != usize::MAX && !st.special && st.max.is_finite() {
-                let top = load(a, tile.at(st.imax, j));
-                let wtop = match (b, bt) {
-                    (Some(bw), Some(bt)) => load(bw.data, bt.at(st.imax, j)),
-                    _ => (1.0, 0.0),
-                };
-                res = lse_finish(st, top, wtop, sums[j], return_sign);
-            }
-            let (v, s) = res.unwrap_or_else(|| {
-                let get = |k: usize| {
-                    (
-                        load(a, tile.at(k, j)),
-                        match (b, bt) {
-                            (Some(bw), Some(bt)) => weight(Some(bw), bt.at(k, j)),
-                            _ => None,
-                        },
-                    )
-                };
-                numpy_ops::logsumexp_lane::<T>(tile.n, get, return_sign)
-            });
-            write(tile.lane0 + j, numpy_ops::wrap_result(v, s, return_sign));
-        }
+    let btile_of = b.map(|bw| (bw.data, tiles_of(&bw.batch).1));
+    let view = |t: usize| WeightedTile {
+        a,
+        tile: tile_of(t),
+        b: btile_of.map(|(data, f)| (data, f(t))),
     };
     if batch.inner == 1 && batch.n >= 2 * LONG_ROW_BLOCK {
         // Long rows: blocks of each row in parallel, merged in block order.
         let n = batch.n;
         let blocks = n.div_ceil(LONG_ROW_BLOCK);
+        let range = |blk: usize| (blk * LONG_ROW_BLOCK, ((blk + 1) * LONG_ROW_BLOCK).min(n));
         for t in 0..count {
-            let tile = tile_of(t);
-            let bt = btile_of.map(|f| f(t));
+            let v = view(t);
             let parts = parallel::map_collect(blocks, LONG_ROW_BLOCK, |blk| {
-                let k0 = blk * LONG_ROW_BLOCK;
+                let (k0, k1) = range(blk);
                 let mut st = [MaxState::EMPTY];
-                lse_max_pass(
-                    a,
-                    b,
-                    &tile,
-                    bt.as_ref(),
-                    k0,
-                    (k0 + LONG_ROW_BLOCK).min(n),
-                    &mut st,
-                );
+                v.max_pass(k0, k1, &mut st);
                 st[0]
             });
-            let st = parts
+            let st = [parts
                 .into_iter()
-                .fold(MaxState::EMPTY, MaxState::merge_later);
-            let sts = [st];
+                .fold(MaxState::EMPTY, MaxState::merge_later)];
             let sums = parallel::map_collect(blocks, LONG_ROW_BLOCK, |blk| {
-                let k0 = blk * LONG_ROW_BLOCK;
+                let (k0, k1) = range(blk);
                 let mut s = [(0.0, 0.0)];
-                lse_sum_pass(
-                    a,
-                    b,
-                    &tile,
-                    bt.as_ref(),
-                    k0,
-                    (k0 + LONG_ROW_BLOCK).min(n),
-                    &sts,
-                    &mut s,
-                );
+                v.sum_pass(k0, k1, &st, &mut s);
                 s[0]
             });
             let sum = sums.into_iter().fold((0.0, 0.0), cadd);
-            finish_tile(&tile, bt.as_ref(), &sts, &[sum]);
+            v.finish(&st, &[sum], return_sign, write);
         }
         return Ok(());
     }
@@ -400,14 +376,13 @@ pub fn logsumexp_complex<T: Real>(
         let mut states = vec![MaxState::EMPTY; COL_TILE];
         let mut sums = vec![(0.0, 0.0); COL_TILE];
         for t in range {
-            let tile = tile_of(t);
-            let bt = btile_of.map(|f| f(t));
-            let (st, su) = (&mut states[..tile.w], &mut sums[..tile.w]);
+            let v = view(t);
+            let (st, su) = (&mut states[..v.tile.w], &mut sums[..v.tile.w]);
             st.fill(MaxState::EMPTY);
             su.fill((0.0, 0.0));
-            lse_max_pass(a, b, &tile, bt.as_ref(), 0, tile.n, st);
-            lse_sum_pass(a, b, &tile, bt.as_ref(), 0, tile.n, st, su);
-            finish_tile(&tile, bt.as_ref(), st, su);
+            v.max_pass(0, v.tile.n, st);
+            v.sum_pass(0, v.tile.n, st, su);
+            v.finish(st, su, return_sign, write);
         }
     });
     Ok(())
