@@ -10,6 +10,7 @@ mod complex;
 #[cfg(feature = "cuda")]
 mod cuda;
 mod losses;
+mod plan;
 mod probe;
 mod reductions;
 
@@ -19,6 +20,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     reductions::register(m)?;
     complex::register(m)?;
     losses::register(m)?;
+    plan::register(m)?;
     probe::register(m)?;
     #[cfg(feature = "cuda")]
     cuda::register(m)?;
