@@ -158,18 +158,18 @@ def test_return_sign_gives_real_log_and_complex_unit():
 
 @pytest.mark.parametrize(
     "a_dtype, b_dtype",
-    list(
-        itertools.product(
+    [
+        (da, db)
+        for da, db in itertools.product(
             ["complex64", "complex128", "float32", "float64", "int32"],
             ["complex64", "complex128", "float32", "float64", "int64", "bool"],
         )
-    ),
+        if "complex" in da + db  # real pairs take the real path (test_api.py)
+    ],
 )
 def test_weighted_result_dtype_as_scipy(a_dtype, b_dtype):
     a = np.array([2, 1], dtype=a_dtype)
     b = np.array([1, -1j if np.dtype(b_dtype).kind == "c" else 1], dtype=b_dtype)
-    if np.dtype(a_dtype).kind != "c" and np.dtype(b_dtype).kind != "c":
-        pytest.skip("real inputs take the real path")
     res = stablelse.logsumexp(a, b=b)
     ref = sp.logsumexp(a, b=b)
     assert res.dtype == ref.dtype
@@ -177,6 +177,7 @@ def test_weighted_result_dtype_as_scipy(a_dtype, b_dtype):
     np.testing.assert_allclose(res, ref, rtol=tol)
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # scipy's sign
 def test_empty_input_is_complex_minus_inf_with_nan_sign():
     a = np.zeros((0,), dtype=np.complex64)
     assert same(stablelse.logsumexp(a), sp.logsumexp(a))

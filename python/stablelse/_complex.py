@@ -1,7 +1,7 @@
 """Complex input for logsumexp, softmax and log_softmax, with scipy.special's semantics.
 
 The arithmetic runs in Rust (``src/kernels/complex.rs``); this module chooses the dtypes,
-maps ``axis`` onto the kernels' ``(outer, n, inner)`` view with the real path's planner and
+maps ``axis`` onto the kernels' ``(outer, n, inner)`` view with the planner (``src/plan.rs``) and
 gives the results their shape. complex64 is computed with float64 accumulation and rounded
 once, as float32 is.
 """
@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _api, _core
+from . import _api, _core, _plan
 from ._axes import AxisLike, normalize_axes
 
 __all__ = ["is_complex", "logsumexp", "softmax_like"]
@@ -31,9 +31,24 @@ def is_complex(v: Any) -> bool:
     return isinstance(dt, np.dtype) and dt.kind == "c"
 
 
-def _plan(x: np.ndarray, axes: tuple[int, ...]) -> Any:
-    """The layout plan for reducing `axes` of `x`: the real path's planner, used as is."""
-    return _api._Plan(x, axes)
+class _Layout:
+    """One call's kernel view (the planner's, as for the real path) and the way back to the
+    caller's axis order. The only place this module touches the planner."""
+
+    def __init__(self, x: np.ndarray, axes: tuple[int, ...]):
+        self.x3, self.plan = _plan.kernel_view(x, axes)
+        self.shape = x.shape
+
+    def view3(self, arr: np.ndarray) -> np.ndarray:
+        """`arr` (shaped like `x`, e.g. the weights) in the same work order as `x`."""
+        p = self.plan
+        return np.ascontiguousarray(arr.transpose(p.perm)).reshape(p.outer, p.n, p.inner)
+
+    def reduced(self, res2: np.ndarray, keepdims: bool) -> np.ndarray:
+        return _plan.reduced_to_user(res2, self.plan, self.shape, keepdims)
+
+    def full(self, res3: np.ndarray) -> np.ndarray:
+        return _plan.full_to_user(res3, self.plan, self.shape)
 
 
 def _compute_dtype(rdtype: np.dtype) -> np.dtype:
@@ -85,9 +100,8 @@ def logsumexp(
         x = x.reshape(1)
         bw = bw.reshape(1) if bw is not None else None
     axes = normalize_axes(axis, x.ndim)
-    plan = _plan(x, axes)
-    rshape_work = plan.reduced_shape(keepdims)
-    user_shape = plan.unwork_reduced(np.empty(rshape_work, dtype=np.int8), keepdims, x.ndim).shape
+    lay = _Layout(x, axes)
+    user_shape = lay.reduced(np.empty((lay.plan.outer, lay.plan.inner), np.int8), keepdims).shape
     # scipy returns log|sum| (real) with the sign, except for an empty input: -inf + 0j.
     real_result = return_sign and x.size != 0
     odtype = np.finfo(rdtype).dtype if real_result else rdtype
@@ -97,9 +111,9 @@ def logsumexp(
             raise ValueError("out overlaps the input a or b")
 
     res2, sgn2 = _core.logsumexp_complex(
-        plan.view3(), None if bw is None else plan.view3(bw), bool(return_sign)
+        lay.x3, None if bw is None else lay.view3(bw), bool(return_sign)
     )
-    res = plan.unwork_reduced(res2.reshape(rshape_work), keepdims, x.ndim)
+    res = lay.reduced(res2, keepdims)
     if real_result:
         res = res.real
     res = res.astype(odtype, copy=False)
@@ -109,7 +123,7 @@ def logsumexp(
     res = _api._scalarize(res)
     if sgn2 is None:
         return res
-    sgn = plan.unwork_reduced(sgn2.reshape(rshape_work), keepdims, x.ndim)
+    sgn = lay.reduced(sgn2, keepdims)
     return res, _api._scalarize(sgn.astype(rdtype, copy=False))
 
 
@@ -127,8 +141,8 @@ def softmax_like(x_in: Any, axis: AxisLike, out: np.ndarray | None, log: bool) -
         same = isinstance(x_in, np.ndarray) and out is x_in
         if not same and isinstance(x_in, np.ndarray) and np.shares_memory(out, x_in):
             raise ValueError("out partially overlaps the input x; pass out=x for in place")
-    plan = _plan(x, axes)
-    res = plan.unwork_full(_core.softmax_complex(plan.view3(), bool(log)))
+    lay = _Layout(x, axes)
+    res = lay.full(_core.softmax_complex(lay.x3, bool(log)))
     if out is not None:
         # The kernel wrote a fresh array, so out may be x itself.
         np.copyto(out, res.reshape(out.shape), casting="unsafe")
