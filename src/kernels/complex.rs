@@ -483,6 +483,7 @@ pub fn softmax_like_complex<T: Real>(
     parallel::for_each_piece(count, 3 * per_tile, |range| {
         let mut states = vec![LexMax::EMPTY; COL_TILE];
         let mut sums = vec![(0.0, 0.0); COL_TILE];
+        let mut consts: Vec<Option<(f64, f64, f64)>> = vec![None; COL_TILE];
         let mut lane_buf: Vec<C> = Vec::new();
         for t in range {
             let tile = tile_of(t);
@@ -502,33 +503,35 @@ pub fn softmax_like_complex<T: Real>(
                     *op.ptr().add(2 * e + 1) = T::from_f64(v.1);
                 }
             };
+            // Lanes [`numpy_ops`] computes are written one by one; the others row by row, so
+            // a column tile's output is written in whole cache lines.
             for j in 0..tile.w {
-                let s = st[j];
-                match softmax_finish(&s, su[j]) {
-                    Some((log_s, arg_s)) => {
-                        let inv_s = (-log_s).exp();
-                        for k in 0..n {
-                            let (re, im) = load(x, tile.at(k, j));
-                            let (dr, di) = (re - s.re, (im - s.im) - arg_s);
-                            let v = match what {
-                                Reduction::LogSoftmax => (dr - log_s, di),
-                                Reduction::Softmax => {
-                                    let m = dr.exp() * inv_s;
-                                    let (sn, cs) = di.sin_cos();
-                                    (m * cs, m * sn)
-                                }
-                            };
-                            put(dst(k, j), v);
-                        }
+                consts[j] = softmax_finish(&st[j], su[j]).map(|(l, a)| (l, a, (-l).exp()));
+                if consts[j].is_none() {
+                    lane_buf.clear();
+                    lane_buf.extend((0..n).map(|k| load(x, tile.at(k, j))));
+                    numpy_ops::softmax_lane::<T>(&mut lane_buf, what);
+                    for (k, v) in lane_buf.iter().enumerate() {
+                        put(dst(k, j), *v);
                     }
-                    None => {
-                        lane_buf.clear();
-                        lane_buf.extend((0..n).map(|k| load(x, tile.at(k, j))));
-                        numpy_ops::softmax_lane::<T>(&mut lane_buf, what);
-                        for (k, v) in lane_buf.iter().enumerate() {
-                            put(dst(k, j), *v);
+                }
+            }
+            for k in 0..n {
+                for (j, (c, s)) in consts.iter().zip(st.iter()).enumerate().take(tile.w) {
+                    let Some((log_s, arg_s, inv_s)) = *c else {
+                        continue;
+                    };
+                    let (re, im) = load(x, tile.at(k, j));
+                    let (dr, di) = (re - s.re, (im - s.im) - arg_s);
+                    let v = match what {
+                        Reduction::LogSoftmax => (dr - log_s, di),
+                        Reduction::Softmax => {
+                            let m = dr.exp() * inv_s;
+                            let (sn, cs) = di.sin_cos();
+                            (m * cs, m * sn)
                         }
-                    }
+                    };
+                    put(dst(k, j), v);
                 }
             }
         }
