@@ -7,8 +7,9 @@
 use pyo3::prelude::*;
 
 mod complex;
-#[cfg(feature = "cuda")]
+#[cfg(all(feature = "cuda", target_os = "linux"))]
 mod cuda;
+mod env;
 mod losses;
 mod plan;
 mod probe;
@@ -22,7 +23,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     losses::register(m)?;
     plan::register(m)?;
     probe::register(m)?;
-    #[cfg(feature = "cuda")]
+    env::register(m)?;
+    #[cfg(all(feature = "cuda", target_os = "linux"))]
     cuda::register(m)?;
     Ok(())
 }
