@@ -15,6 +15,7 @@
 
 #[cfg(feature = "cuda")]
 pub mod cuda;
+mod error;
 pub mod kernels;
 pub mod layout;
 pub mod parallel;
@@ -26,6 +27,7 @@ pub mod state;
 #[cfg(feature = "python")]
 mod python;
 
+pub use error::Error;
 pub use kernels::{Algorithm, Reduction};
 pub use layout::Batch;
 pub use real::Real;

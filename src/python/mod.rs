@@ -6,8 +6,10 @@
 
 use pyo3::prelude::*;
 
+mod blocks;
 #[cfg(feature = "cuda")]
 mod cuda;
+mod errors;
 mod losses;
 mod probe;
 mod reductions;
@@ -17,6 +19,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     reductions::register(m)?;
     losses::register(m)?;
+    blocks::register(m)?;
     probe::register(m)?;
     #[cfg(feature = "cuda")]
     cuda::register(m)?;
