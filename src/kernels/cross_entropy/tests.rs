@@ -3,8 +3,8 @@
 use super::*;
 use crate::kernels::tests::Rng;
 use crate::kernels::LONG_ROW_BLOCK;
-use crate::parallel;
 use crate::layout::Batch;
+use crate::parallel;
 
 /// An independent float64 re-implementation of torch's formulas (log_softmax, then the
 /// weighted NLL / smoothing / probability sums, then the reduction), plus the z-loss term.
