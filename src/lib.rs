@@ -19,6 +19,7 @@ mod error;
 pub mod kernels;
 pub mod layout;
 pub mod parallel;
+pub mod plan;
 pub mod probe;
 pub mod real;
 pub mod simd;

@@ -1,8 +1,9 @@
 //! The PyO3 binding layer (cargo feature `python`): the only code that knows about Python.
 //!
 //! Each submodule borrows NumPy buffers (zero copy), validates them, releases the GIL with
-//! `py.detach`, calls a kernel from [`crate::kernels`] and returns. Kernel errors are `String`s
-//! turned into `ValueError`; nothing panics across the boundary.
+//! `py.detach`, calls a kernel from [`crate::kernels`] and returns. Kernel errors (`String`s, or the
+//! crate's typed [`Error`](crate::Error) through `errors`) become Python exceptions; nothing
+//! panics across the boundary.
 
 use pyo3::prelude::*;
 
@@ -11,6 +12,7 @@ mod blocks;
 mod cuda;
 mod errors;
 mod losses;
+mod plan;
 mod probe;
 mod reductions;
 
@@ -20,6 +22,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     reductions::register(m)?;
     losses::register(m)?;
     blocks::register(m)?;
+    plan::register(m)?;
     probe::register(m)?;
     #[cfg(feature = "cuda")]
     cuda::register(m)?;
