@@ -29,6 +29,8 @@ __all__ = [
 
 Reduction = Literal["mean", "sum", "none"]
 REDUCTIONS: tuple[Reduction, ...] = ("mean", "sum", "none")
+_REDUCTION_SET = frozenset(REDUCTIONS)
+_new_tuple = tuple.__new__
 _INT64 = (-(2**63), 2**63 - 1)
 
 
@@ -126,6 +128,23 @@ def loss_options(
     non-integer `ignore_index`, a non-bool `return_grad`, a non-str `reduction`) and
     ``ValueError`` for a value outside its domain.
     """
+    if (
+        type(label_smoothing) is float
+        and type(z_loss) is float
+        and type(ignore_index) is int
+        and type(return_grad) is bool
+        and (grad_out is None or return_grad)
+        and 0.0 <= label_smoothing <= 1.0
+        and 0.0 <= z_loss < math.inf
+        and _INT64[0] <= ignore_index <= _INT64[1]
+        and reduction in _REDUCTION_SET
+        and type(reduction) is str
+    ):
+        # tuple.__new__ skips NamedTuple's Python-level constructor: this is the per-call path.
+        return _new_tuple(
+            LossOptions, (ignore_index, reduction, label_smoothing, z_loss, return_grad)
+        )
+    # Something is unusual: the same rules, one at a time, with a message for each.
     ls = _float_option("label_smoothing", label_smoothing)
     zl = _float_option("z_loss", z_loss)
     if not 0.0 <= ls <= 1.0:
@@ -160,21 +179,21 @@ def target_kind(
     ``TypeError`` (wrong dtype) or ``ValueError`` (wrong shape), and so is a shape that is not
     known yet (a Dask array with unknown chunk sizes).
     """
+    batch_shape = tuple(x_shape[:ax]) + tuple(x_shape[ax + 1 :])
+    kind = t_dtype.kind
+    t_shape = tuple(t_shape)
+    if t_shape == batch_shape and kind in "iu":  # NaN sizes never compare equal
+        return "index"
     for name, shape in (("target", t_shape), ("logits", x_shape)):
         if not _known(shape):
             raise ValueError(
                 f"{name} has chunks of unknown size; call .compute_chunk_sizes() on it first"
             )
-    batch_shape = tuple(x_shape[:ax]) + tuple(x_shape[ax + 1 :])
-    kind = t_dtype.kind
-    t_shape = tuple(t_shape)
     if kind not in "iuf":
         raise TypeError(
             "target must hold integer class indices or float class probabilities, "
             f"got dtype {t_dtype}"
         )
-    if t_shape == batch_shape and kind in "iu":
-        return "index"
     if allow_probs and t_shape == tuple(x_shape) and kind == "f":
         if ignore_index >= 0:
             raise ValueError(
