@@ -712,3 +712,16 @@ fn nll_loss_matches_reference() {
         assert!(matches!(err, Error::ShapeMismatch { .. }));
     }
 }
+
+#[test]
+fn a_target_out_of_range_after_validation_is_never_indexed() {
+    // `plan` validates every target first; a value that changes afterwards (another thread
+    // writing the caller's buffer) is read as ignored rather than used as an index.
+    use super::spec::{lane_target, LaneTarget};
+    let t = Targets::<f64>::Indices(&[2, 3, -7, i64::MAX, -100]);
+    let kinds: Vec<bool> = (0..5)
+        .map(|l| matches!(lane_target(&t, l, -100, 3), LaneTarget::Class(_)))
+        .collect();
+    assert_eq!(kinds, [true, false, false, false, false]);
+    assert!(matches!(lane_target(&t, 0, 2, 3), LaneTarget::Ignored));
+}
