@@ -1,9 +1,9 @@
 //! Cross-entropy and NLL losses with torch's semantics, their gradient fused into the same pass
 //! over the logits.
 //!
-//! Layout: a [`Batch`] `(outer, n = classes, inner)`. With `inner == 1` each lane is a row
-//! (NumPy / optax layout, `axis = -1`); with `inner > 1` the class axis sits in the middle
-//! (torch's `(N, C, d1, .., dk)`, lanes `inner` apart). Index targets hold one class per lane in
+//! Layout: a [`Batch`](crate::layout::Batch) `(outer, n = classes, inner)`. With `inner == 1`
+//! each lane is a row (NumPy / optax layout, `axis = -1`); with `inner > 1` the class axis sits
+//! in the middle (torch's `(N, C, d1, .., dk)`, lanes `inner` apart). Index targets hold one class per lane in
 //! lane order `l = o * inner + j`; probability targets use the logits' batch. Gradients and
 //! per-lane losses are written dense.
 //!

@@ -10,8 +10,8 @@ use crate::real::Real;
 
 /// torch's `nll_loss` of `log_probs` (laid out by `batch`) against index targets: the lane loss
 /// is `-w_t * log_probs[t]`, 0 for ignored lanes; "mean" divides by the sum of `w_t` over
-/// non-ignored lanes (NaN when there are none). Same contract as [`cross_entropy`]; only the
-/// target elements are read.
+/// non-ignored lanes (NaN when there are none). Same contract as
+/// [`cross_entropy`](super::cross_entropy); only the target elements are read.
 pub fn nll_loss<T: Real>(
     log_probs: &[T],
     batch: Batch,

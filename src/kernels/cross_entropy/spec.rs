@@ -42,7 +42,7 @@ pub enum Targets<'a, T> {
     Probs(&'a [T]),
 }
 
-/// Options of [`cross_entropy`] (torch's keyword arguments plus `z_loss`).
+/// Options of [`cross_entropy`](super::cross_entropy) (torch's keyword arguments plus `z_loss`).
 #[derive(Clone, Copy, Debug)]
 pub struct XentOptions<'a, T> {
     /// Per-class weights (`n` of them).
