@@ -8,8 +8,9 @@
 use pyo3::prelude::*;
 
 mod blocks;
-#[cfg(feature = "cuda")]
+#[cfg(all(feature = "cuda", target_os = "linux"))]
 mod cuda;
+mod env;
 mod errors;
 mod losses;
 mod plan;
@@ -24,7 +25,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     blocks::register(m)?;
     plan::register(m)?;
     probe::register(m)?;
-    #[cfg(feature = "cuda")]
+    env::register(m)?;
+    #[cfg(all(feature = "cuda", target_os = "linux"))]
     cuda::register(m)?;
     Ok(())
 }
