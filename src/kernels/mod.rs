@@ -14,7 +14,10 @@
 
 pub mod complex;
 pub mod cross_entropy;
+pub mod from_states;
+mod lanes;
 pub mod scalar;
+pub mod vjp;
 
 use crate::layout::Batch;
 use crate::parallel::{self, SendPtr};
@@ -436,7 +439,7 @@ unsafe fn softmax_like_raw<T: Real>(
 ///
 /// # Safety
 /// `x` readable and `out` writable for `n` elements, disjoint or equal; `level` available.
-unsafe fn write_row<T: Real>(
+pub(crate) unsafe fn write_row<T: Real>(
     level: Level,
     x: *const T,
     out: *mut T,
