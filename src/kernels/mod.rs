@@ -12,8 +12,12 @@
 //! pass; other strided lanes to the scalar reference. The `*_at` functions take the SIMD level
 //! explicitly (tests, benches); the others use [`simd::level()`].
 
+pub mod complex;
 pub mod cross_entropy;
+pub mod from_states;
+mod lanes;
 pub mod scalar;
+pub mod vjp;
 
 use crate::layout::Batch;
 use crate::parallel::{self, SendPtr};
@@ -435,7 +439,7 @@ unsafe fn softmax_like_raw<T: Real>(
 ///
 /// # Safety
 /// `x` readable and `out` writable for `n` elements, disjoint or equal; `level` available.
-unsafe fn write_row<T: Real>(
+pub(crate) unsafe fn write_row<T: Real>(
     level: Level,
     x: *const T,
     out: *mut T,
