@@ -13,7 +13,9 @@
 //! explicitly (tests, benches); the others use [`simd::level()`].
 
 pub mod cross_entropy;
-pub mod scalar;
+
+/// The scalar reference kernels (they live with the scalar SIMD level).
+pub use crate::simd::scalar;
 
 use crate::layout::Batch;
 use crate::parallel::{self, SendPtr};
@@ -91,7 +93,7 @@ unsafe fn lane_state<T: Real>(
     // SAFETY: forwarded from the caller.
     unsafe {
         if ln.stride == 1 {
-            return simd::row_state(level, x.add(start), n, alg);
+            return simd::row_state(level, x.add(start), n, alg == Algorithm::Online);
         }
         match alg {
             Algorithm::Online => scalar::lse_state_online(x, start, n, ln.stride),
@@ -177,7 +179,9 @@ where
 }
 
 /// The `(max, excess)` state of every lane, written to `out` (length `batch.count()`).
-/// This is what streaming accumulators and Dask chunks keep and merge.
+/// This is what streaming accumulators and Dask chunks keep and merge, and what a loss over
+/// a batch of rows starts from: rows of up to [`simd::SHORT_ROW`] elements take the
+/// short-row kernels (a vector of rows at a time, no per-row reductions or tails).
 pub fn lse_states<T: Real>(
     x: &[T],
     batch: Batch,
@@ -199,6 +203,18 @@ pub fn lse_states_at<T: Real>(
     batch.check(x.len())?;
     check_out(out.len(), batch.count())?;
     let op = SendPtr(out.as_mut_ptr());
+    if is_short(level, &batch) {
+        let xp = SendPtr(x.as_ptr() as *mut T);
+        for_each_row_group(&batch, |r0, rows| {
+            // SAFETY: rows r0..r0+rows lie inside x (checked); they own out[r0..r0+rows].
+            unsafe {
+                let p = (xp.ptr() as *const T).add(r0 * batch.outer_stride);
+                let o = std::slice::from_raw_parts_mut(op.ptr().add(r0), rows);
+                simd::short_rows_states(level, p, rows, batch.n, batch.outer_stride, o);
+            }
+        });
+        return Ok(());
+    }
     for_each_lane_state(level, x, &batch, alg, |l, s| {
         // SAFETY: lane l owns out[l]; lanes are distinct.
         unsafe { *op.ptr().add(l) = s };

@@ -178,10 +178,35 @@ fn streaming_stores_write_the_same_bits_at_any_alignment() {
             let (mut c, mut d) = (vec![0.0f64; n + offset], vec![0.0f64; n + offset]);
             // SAFETY: AVX-512 is available; every buffer holds offset + n elements.
             unsafe {
-                avx512::exp_scaled(x.as_ptr(), a.as_mut_ptr().add(offset), n, 3.0, 0.5, true);
-                avx512::exp_scaled(x.as_ptr(), b.as_mut_ptr().add(offset), n, 3.0, 0.5, false);
-                avx512::shift_sub(x64.as_ptr(), c.as_mut_ptr().add(offset), n, 3.0, 0.5, true);
-                avx512::shift_sub(x64.as_ptr(), d.as_mut_ptr().add(offset), n, 3.0, 0.5, false);
+                let l = Level::Avx512;
+                exp_scaled(l, x.as_ptr(), a.as_mut_ptr().add(offset), n, 3.0, 0.5, true);
+                exp_scaled(
+                    l,
+                    x.as_ptr(),
+                    b.as_mut_ptr().add(offset),
+                    n,
+                    3.0,
+                    0.5,
+                    false,
+                );
+                shift_sub(
+                    l,
+                    x64.as_ptr(),
+                    c.as_mut_ptr().add(offset),
+                    n,
+                    3.0,
+                    0.5,
+                    true,
+                );
+                shift_sub(
+                    l,
+                    x64.as_ptr(),
+                    d.as_mut_ptr().add(offset),
+                    n,
+                    3.0,
+                    0.5,
+                    false,
+                );
             }
             assert!(
                 a.iter().zip(&b).all(|(p, q)| p.to_bits() == q.to_bits()),
