@@ -18,6 +18,7 @@ pub mod cuda;
 pub mod kernels;
 pub mod layout;
 pub mod parallel;
+pub mod plan;
 pub mod probe;
 pub mod real;
 pub mod simd;

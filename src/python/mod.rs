@@ -9,6 +9,7 @@ use pyo3::prelude::*;
 #[cfg(feature = "cuda")]
 mod cuda;
 mod losses;
+mod plan;
 mod probe;
 mod reductions;
 
@@ -17,6 +18,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     reductions::register(m)?;
     losses::register(m)?;
+    plan::register(m)?;
     probe::register(m)?;
     #[cfg(feature = "cuda")]
     cuda::register(m)?;
