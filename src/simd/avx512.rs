@@ -211,14 +211,35 @@ fn transpose8_ps(r: [__m256; 8]) -> [__m256; 8] {
     ]
 }
 
-/// Lane `r` holds `r * pitch`: the gather/scatter offsets of 8 rows.
+/// The 8x8 transpose of float64 lanes: `out[k][i] = r[i][k]`.
 #[inline]
 #[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl,popcnt")]
-fn row_offsets(pitch: usize) -> __m256i {
-    _mm256_mullo_epi32(
-        _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
-        _mm256_set1_epi32(pitch as i32),
-    )
+fn transpose8_pd(r: [__m512d; 8]) -> [__m512d; 8] {
+    // Pairs of rows interleaved, then pairs of pairs, then the two halves of the rows.
+    let t: [__m512d; 8] = std::array::from_fn(|i| {
+        let (a, b) = (r[i & !1], r[i | 1]);
+        if i % 2 == 0 {
+            _mm512_unpacklo_pd(a, b)
+        } else {
+            _mm512_unpackhi_pd(a, b)
+        }
+    });
+    let lo = _mm512_setr_epi64(0, 1, 8, 9, 4, 5, 12, 13);
+    let hi = _mm512_setr_epi64(2, 3, 10, 11, 6, 7, 14, 15);
+    let s: [__m512d; 8] = std::array::from_fn(|i| {
+        let (h, odd, second) = (i / 4, (i / 2) % 2, i % 2);
+        let (a, b) = (t[4 * h + odd], t[4 * h + 2 + odd]);
+        _mm512_permutex2var_pd(a, if second == 0 { lo } else { hi }, b)
+    });
+    // s[4h + 2 odd + second] holds rows 4h..4h+4 of columns c = odd + 2 second and c + 4.
+    let first = _mm512_setr_epi64(0, 1, 2, 3, 8, 9, 10, 11);
+    let last = _mm512_setr_epi64(4, 5, 6, 7, 12, 13, 14, 15);
+    std::array::from_fn(|k| {
+        let c = k % 4;
+        let (odd, second) = (c % 2, c / 2);
+        let j = 2 * odd + second;
+        _mm512_permutex2var_pd(s[j], if k < 4 { first } else { last }, s[4 + j])
+    })
 }
 
 /// float32 exp of `n` elements (the float32-arithmetic exp, < 1 ULP).
@@ -482,7 +503,11 @@ unsafe impl Lanes for Avx512 {
         // read; out holds c0 + w entries.
         unsafe {
             if T::FULL {
-                let idx = row_offsets(pitch);
+                // Gathers: cheaper here than loads and a float64 transpose.
+                let idx = _mm256_mullo_epi32(
+                    _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                    _mm256_set1_epi32(pitch as i32),
+                );
                 let src = _mm512_set1_pd(f64::NEG_INFINITY);
                 for (k, o) in out.iter_mut().enumerate().skip(c0).take(w) {
                     let p = x.add(k) as *const f64;
@@ -506,7 +531,7 @@ unsafe impl Lanes for Avx512 {
         }
     }
 
-    /// float32: the same transpose back; float64: one scatter per column.
+    /// The same transpose back.
     #[inline(always)]
     unsafe fn store_columns<T: Real>(
         self,
@@ -523,10 +548,19 @@ unsafe impl Lanes for Avx512 {
         // entries.
         unsafe {
             if T::FULL {
-                let idx = row_offsets(pitch);
-                for (k, c) in cols.iter().enumerate().skip(c0).take(w) {
-                    let p = out.add(k) as *mut f64;
-                    _mm512_mask_i32scatter_pd::<8>(p, mask, idx, *c);
+                let out = out as *mut f64;
+                let c: [__m512d; 8] = std::array::from_fn(|k| {
+                    if k < w {
+                        cols[c0 + k]
+                    } else {
+                        _mm512_setzero_pd()
+                    }
+                });
+                let cmask = tail_mask8(w);
+                for (i, r) in transpose8_pd(c).iter().enumerate() {
+                    if mask & (1 << i) != 0 {
+                        _mm512_mask_storeu_pd(out.add(i * pitch + c0), cmask, *r);
+                    }
                 }
                 return;
             }
