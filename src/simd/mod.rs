@@ -114,7 +114,7 @@ mod short;
 use crate::real::Real;
 use crate::state::LseState;
 use lanes::{dispatch, Kernel, Lanes};
-use rows::{ExpScaled, ShiftSub};
+use rows::{ExpScaled, LaneMap, ShiftSub};
 
 /// Rows up to this long take the short-row kernels (8 rows per vector) where a level has them.
 pub const SHORT_ROW: usize = 64;
@@ -256,39 +256,19 @@ struct MapRow<T, F> {
     f: F,
 }
 
-impl<T: Real> Kernel for MapRow<T, ExpScaled> {
+impl<T: Real, F: LaneMap> Kernel for MapRow<T, F> {
     type Out = ();
     #[inline(always)]
     fn run<L: Lanes>(self, l: L) {
-        // SAFETY: the callers of exp_scaled guarantee the buffers.
+        // SAFETY: the callers of exp_scaled / shift_sub guarantee the buffers.
         unsafe { rows::map_row(l, self.x, self.out, self.n, self.stream, self.f) }
     }
     fn scalar(self) {
-        let ExpScaled { shift, scale, .. } = self.f;
         for k in 0..self.n {
             // SAFETY: k < n; element k is read before it is written.
             unsafe {
                 let v = (*self.x.add(k)).to_f64();
-                *self.out.add(k) = T::from_f64(scale * (v - shift).exp());
-            }
-        }
-    }
-}
-
-impl<T: Real> Kernel for MapRow<T, ShiftSub> {
-    type Out = ();
-    #[inline(always)]
-    fn run<L: Lanes>(self, l: L) {
-        // SAFETY: the callers of shift_sub guarantee the buffers.
-        unsafe { rows::map_row(l, self.x, self.out, self.n, self.stream, self.f) }
-    }
-    fn scalar(self) {
-        let ShiftSub { shift, log_total } = self.f;
-        for k in 0..self.n {
-            // SAFETY: k < n; element k is read before it is written.
-            unsafe {
-                let v = (*self.x.add(k)).to_f64();
-                *self.out.add(k) = T::from_f64((v - shift) - log_total);
+                *self.out.add(k) = T::from_f64(self.f.scalar(v));
             }
         }
     }

@@ -215,9 +215,11 @@ pub(crate) unsafe fn state_online<L: Lanes, T: Real>(l: L, x: *const T, n: usize
     s
 }
 
-/// An elementwise map of float64 lanes (the softmax and log_softmax writes).
-pub(crate) trait LaneMap<L: Lanes>: Copy {
-    fn apply(self, l: L, v: L::V) -> L::V;
+/// An elementwise map of float64 lanes (the softmax and log_softmax writes), and the same
+/// map for the scalar level.
+pub(crate) trait LaneMap: Copy {
+    fn apply<L: Lanes>(self, l: L, v: L::V) -> L::V;
+    fn scalar(self, v: f64) -> f64;
 }
 
 /// `scale * exp(x - shift)`, with the float64 exp when `full` (float64 results).
@@ -228,13 +230,16 @@ pub(crate) struct ExpScaled {
     pub full: bool,
 }
 
-impl<L: Lanes> LaneMap<L> for ExpScaled {
+impl LaneMap for ExpScaled {
     #[inline(always)]
-    fn apply(self, l: L, v: L::V) -> L::V {
+    fn apply<L: Lanes>(self, l: L, v: L::V) -> L::V {
         l.mul(
             l.exp(l.sub(v, l.splat(self.shift)), self.full),
             l.splat(self.scale),
         )
+    }
+    fn scalar(self, v: f64) -> f64 {
+        self.scale * (v - self.shift).exp()
     }
 }
 
@@ -245,10 +250,13 @@ pub(crate) struct ShiftSub {
     pub log_total: f64,
 }
 
-impl<L: Lanes> LaneMap<L> for ShiftSub {
+impl LaneMap for ShiftSub {
     #[inline(always)]
-    fn apply(self, l: L, v: L::V) -> L::V {
+    fn apply<L: Lanes>(self, l: L, v: L::V) -> L::V {
         l.sub(l.sub(v, l.splat(self.shift)), l.splat(self.log_total))
+    }
+    fn scalar(self, v: f64) -> f64 {
+        (v - self.shift) - self.log_total
     }
 }
 
@@ -266,7 +274,7 @@ pub(crate) unsafe fn map_row<L: Lanes, T: Real>(
     out: *mut T,
     n: usize,
     stream: bool,
-    f: impl LaneMap<L>,
+    f: impl LaneMap,
 ) {
     let (w, mut i) = (L::N, 0);
     // SAFETY: reads and writes stay within the n elements; stream stores are aligned.
