@@ -7,8 +7,8 @@
 //! order, so every result is bit-identical for any thread count.
 //!
 //! Paths, by layout: contiguous rows go to the SIMD row kernels of [`crate::simd`] (rows of up
-//! to [`simd::SHORT_ROW`] to the short-row kernels, 8 rows per vector, where the level has
-//! them); column batches (`inner > 1`) to the column kernel, `COL_TILE` columns per streaming
+//! to [`simd::SHORT_ROW`] to the short-row kernels, one row per vector lane, on every SIMD
+//! level); column batches (`inner > 1`) to the column kernel, `COL_TILE` columns per streaming
 //! pass; other strided lanes to the scalar reference. The `*_at` functions take the SIMD level
 //! explicitly (tests, benches); the others use [`simd::level()`].
 
@@ -591,8 +591,8 @@ fn is_short(level: Level, batch: &Batch) -> bool {
         && simd::has_short_rows(level, batch.outer_stride)
 }
 
-/// Calls `f(first_row, rows)` over the batch's rows in pieces of whole groups of 8 rows (the
-/// short-row kernels' vector width), in parallel when large enough.
+/// Calls `f(first_row, rows)` over the batch's rows in pieces of whole groups of 8 rows (a
+/// multiple of every level's vector width), in parallel when large enough.
 fn for_each_row_group<F>(batch: &Batch, f: F)
 where
     F: Fn(usize, usize) + Sync + Send,

@@ -116,7 +116,7 @@ use crate::state::LseState;
 use lanes::{dispatch, Kernel, Lanes};
 use rows::{ExpScaled, LaneMap, ShiftSub};
 
-/// Rows up to this long take the short-row kernels (8 rows per vector) where a level has them.
+/// Rows up to this long take the short-row kernels (one row per vector lane) at SIMD levels.
 pub const SHORT_ROW: usize = 64;
 
 /// Columns per tile of the column kernel. A tile walks its rows one contiguous segment at a
