@@ -6,8 +6,9 @@
 
 use pyo3::prelude::*;
 
-#[cfg(feature = "cuda")]
+#[cfg(all(feature = "cuda", target_os = "linux"))]
 mod cuda;
+mod env;
 mod losses;
 mod plan;
 mod probe;
@@ -20,7 +21,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     losses::register(m)?;
     plan::register(m)?;
     probe::register(m)?;
-    #[cfg(feature = "cuda")]
+    env::register(m)?;
+    #[cfg(all(feature = "cuda", target_os = "linux"))]
     cuda::register(m)?;
     Ok(())
 }
