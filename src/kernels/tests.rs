@@ -2,24 +2,7 @@
 
 use super::*;
 
-/// A small deterministic generator (xorshift64*), so tests need no extra crates.
-pub(crate) struct Rng(u64);
-
-impl Rng {
-    pub(crate) fn new(seed: u64) -> Rng {
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-    pub(crate) fn next_u64(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    /// Uniform in [lo, hi).
-    pub(crate) fn uniform(&mut self, lo: f64, hi: f64) -> f64 {
-        lo + (hi - lo) * ((self.next_u64() >> 11) as f64 / (1u64 << 53) as f64)
-    }
-}
+pub(crate) use crate::simd::tests::Rng;
 
 /// Naive, exactly-summed (two-sum compensated) float64 reference: max shift, then log of the sum.
 fn naive_lse(x: &[f64]) -> f64 {

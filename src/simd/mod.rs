@@ -672,4 +672,4 @@ pub(crate) fn has_nan<T: Real>(p: *const T, n: usize) -> bool {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
