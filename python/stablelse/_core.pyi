@@ -50,6 +50,7 @@ def last_level_cache_bytes() -> Optional[int]: ...
 def dram_probe_bytes() -> int: ...
 
 # The planner (src/plan.rs, src/python/plan.rs).
+@final
 class Plan:
     """How the kernels see an array reduced over some of its axes."""
 
