@@ -2,7 +2,7 @@
 //! input from the forward output `y` and the cotangent `dy`, as `torch.autograd` computes them.
 
 use crate::error::Error;
-use crate::kernels::lanes::{row_blocks, sum3, COLUMN_BLOCK};
+use crate::kernels::blocking::{row_blocks, sum3, COLUMN_BLOCK};
 use crate::kernels::row_exp_scaled;
 use crate::layout::Batch;
 use crate::parallel::{self, SendPtr};

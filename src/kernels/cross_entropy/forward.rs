@@ -2,7 +2,7 @@
 
 use super::spec::{lane_target, plan, reduce_pieces, LaneTarget, Plan, Targets, XentOptions};
 use crate::error::{try_vec, Error};
-use crate::kernels::lanes::{row_blocks, sum3, COLUMN_BLOCK};
+use crate::kernels::blocking::{row_blocks, sum3, COLUMN_BLOCK};
 use crate::kernels::{row_exp_scaled, row_state, Algorithm};
 use crate::layout::Batch;
 use crate::parallel::{self, SendPtr};
