@@ -68,3 +68,35 @@ def _cuda_info() -> dict[str, Any]: ...
 def _cuda_is_available() -> bool: ...
 def _cuda_parse(obj: Any, stream: Any = None) -> Any: ...
 def _cuda_rows(op: str, dtype: str, place: Any, x: Any, y: Any) -> Any: ...
+
+# Segments (src/python/segments.rs): x is a C-contiguous (rows, inner) block, ids / offsets
+# int64, and the caller allocates the outputs.
+def segment_logsumexp(
+    x: _Arr,
+    out: _Arr,
+    segment_ids: Optional[npt.NDArray[np.int64]] = None,
+    offsets: Optional[npt.NDArray[np.int64]] = None,
+    num_segments: int = 0,
+    sorted: bool = False,
+) -> None: ...
+def segment_softmax(
+    x: _Arr,
+    out: _Arr,
+    segment_ids: Optional[npt.NDArray[np.int64]] = None,
+    offsets: Optional[npt.NDArray[np.int64]] = None,
+    num_segments: int = 0,
+    sorted: bool = False,
+    log: bool = False,
+) -> None: ...
+def segment_cross_entropy(
+    x: _Arr,
+    target: npt.NDArray[np.int64],
+    losses: npt.NDArray[np.float64],
+    grad: Optional[_Arr] = None,
+    segment_ids: Optional[npt.NDArray[np.int64]] = None,
+    offsets: Optional[npt.NDArray[np.int64]] = None,
+    num_segments: int = 0,
+    sorted: bool = False,
+    ignore_index: int = -100,
+    mean: bool = True,
+) -> tuple[float, int]: ...

@@ -11,6 +11,7 @@ mod cuda;
 mod losses;
 mod probe;
 mod reductions;
+mod segments;
 
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -18,6 +19,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     reductions::register(m)?;
     losses::register(m)?;
     probe::register(m)?;
+    segments::register(m)?;
     #[cfg(feature = "cuda")]
     cuda::register(m)?;
     Ok(())
