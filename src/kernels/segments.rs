@@ -23,6 +23,8 @@ use crate::parallel::{self, SendPtr};
 use crate::real::Real;
 use crate::simd::{self, Level};
 use crate::state::LseState;
+use std::mem::MaybeUninit;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// How rows are grouped into segments. Ids and offsets are `i64` as NumPy's `intp`.
 #[derive(Clone, Copy, Debug)]
@@ -179,27 +181,39 @@ fn csr_starts(seg: &Segments, rows: usize) -> Result<Option<Vec<usize>>, Segment
                 return Err(ids_len_error(ids.len(), rows));
             }
             let mut starts = try_vec(num_segments + 1, rows)?;
-            let mut next = 0usize; // the next segment whose start is not yet known
-            let mut prev = 0i64;
-            for (r, &id) in ids.iter().enumerate() {
-                if id < 0 || id as u64 >= num_segments as u64 {
-                    return Err(SegmentError::IdOutOfRange {
-                        pos: r,
-                        id,
-                        num_segments,
-                    });
+            // Segment s starts at the first row r with ids[r] >= s: row r writes the starts of
+            // ids[r - 1] + 1 ..= ids[r], so every start is written by exactly one row and
+            // chunks of rows run in parallel. Segments after the last id start at `rows`.
+            let sp = SendPtr(starts.as_mut_ptr());
+            let chunk = 1usize << 16;
+            let errors = parallel::map_collect(rows.div_ceil(chunk), chunk, |k| {
+                let (r0, r1) = (k * chunk, ((k + 1) * chunk).min(rows));
+                let mut prev = if r0 == 0 { -1 } else { ids[r0 - 1] };
+                for (r, &id) in (r0..r1).zip(&ids[r0..r1]) {
+                    if id < 0 || id as u64 >= num_segments as u64 {
+                        return Some(SegmentError::IdOutOfRange {
+                            pos: r,
+                            id,
+                            num_segments,
+                        });
+                    }
+                    if id < prev {
+                        return Some(SegmentError::NotSorted { pos: r, id, prev });
+                    }
+                    // A previous id out of range is reported by its own chunk, first.
+                    let from = (prev + 1).max(0) as usize;
+                    for s in from..=id as usize {
+                        // SAFETY: s <= id < num_segments; row r alone writes these starts.
+                        unsafe { *sp.ptr().add(s) = r };
+                    }
+                    prev = id;
                 }
-                if id < prev {
-                    return Err(SegmentError::NotSorted { pos: r, id, prev });
-                }
-                let id = id as usize;
-                while next <= id {
-                    starts[next] = r;
-                    next += 1;
-                }
-                prev = id as i64;
+                None
+            });
+            // Chunks are in row order: the first error found is the first offending row.
+            if let Some(err) = errors.into_iter().flatten().next() {
+                return Err(err);
             }
-            // Segments after the last id (and the end) start at `rows`: already filled.
             Ok(Some(starts))
         }
     }
@@ -419,15 +433,46 @@ fn csr_softmax_like<T: Real>(
     });
 }
 
-/// Blocks of rows the unsorted path cuts its input into: a function of the sizes alone (never
-/// of the thread count), with every block's states no larger than an eighth of its elements.
-fn unsorted_blocks(elements: usize, width: usize) -> usize {
-    (elements / (8 * width).max(1 << 16)).clamp(1, 16)
+/// The most buckets the first level of the unsorted path uses (one output stream each).
+const SORT_BUCKETS: usize = 256;
+
+/// A vector of `n` uninitialised elements, or [`SegmentError::Alloc`]. Skipping the fill
+/// saves a pass over memory that is about to be overwritten.
+fn try_uninit<T>(n: usize) -> Result<Vec<MaybeUninit<T>>, SegmentError> {
+    let mut out = Vec::new();
+    out.try_reserve_exact(n).map_err(|_| SegmentError::Alloc)?;
+    // SAFETY: MaybeUninit needs no initialisation; the capacity was reserved.
+    unsafe { out.set_len(n) };
+    Ok(out)
 }
 
-/// States of unsorted segments: each block of rows pushes into its own states in row order,
-/// then the blocks merge in block order. Ids are validated on the way; the first offending
-/// position is reported.
+/// Copies one row of `inner` elements; a plain move for the common `inner == 1` (a call to
+/// `memcpy` per element costs more than the rest of the sort).
+///
+/// # Safety
+/// `src` readable and `dst` writable for `inner` elements, not overlapping.
+#[inline(always)]
+unsafe fn copy_row<T: Copy>(src: *const T, dst: *mut T, inner: usize) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        if inner == 1 {
+            *dst = *src;
+        } else {
+            std::ptr::copy_nonoverlapping(src, dst, inner);
+        }
+    }
+}
+
+/// States of unsorted segments, through a stable two-level counting sort into the sorted path.
+///
+/// Rows are first distributed into at most [`SORT_BUCKETS`] buckets of consecutive segment
+/// ids (chunks of rows counted, then scattered in parallel, each chunk into ranges fixed by a
+/// prefix sum, so each bucket keeps its rows in array order). Each bucket, small enough for
+/// the cache, is then sorted by segment into a scratch buffer and its segments reduced there
+/// by the row kernels of the sorted path, as contiguous runs. Every segment is thus reduced
+/// over its rows in array order, exactly as the sorted path reduces the stably sorted input;
+/// the pieces depend on the sizes alone, so the result is the same for any thread count.
+/// Ids are validated in the first pass; the first offending position is reported.
 fn unsorted_states<T: Real>(
     x: &[T],
     inner: usize,
@@ -436,26 +481,28 @@ fn unsorted_states<T: Real>(
     out: &mut [LseState],
 ) -> Result<(), SegmentError> {
     let rows = ids.len();
-    let width = num_segments * inner;
-    debug_assert_eq!(out.len(), width);
     debug_assert_eq!(x.len(), rows * inner);
-    out.fill(LseState::EMPTY);
-    let blocks = unsorted_blocks(rows * inner, width);
-    let mut partial = try_vec((blocks - 1) * width, LseState::EMPTY)?;
-    let per = rows.div_ceil(blocks).max(1);
-    let (op, pp) = (SendPtr(out.as_mut_ptr()), SendPtr(partial.as_mut_ptr()));
-    let errors = parallel::map_collect(blocks, per * inner.max(1), |k| {
-        // SAFETY: block 0 owns out, block k > 0 owns partial[(k - 1) * width..k * width].
-        let states = unsafe {
-            let p = if k == 0 {
-                op.ptr()
-            } else {
-                pp.ptr().add((k - 1) * width)
-            };
-            std::slice::from_raw_parts_mut(p, width)
-        };
-        let r_end = ((k + 1) * per).min(rows);
-        for r in (k * per).min(r_end)..r_end {
+    debug_assert_eq!(out.len(), num_segments * inner);
+    let bits = usize::BITS - num_segments.saturating_sub(1).leading_zeros();
+    // Local ids within a bucket are u32; 2^40 segments could not be allocated anyway.
+    if bits > 40 {
+        return Err(SegmentError::Alloc);
+    }
+    let shift = bits.saturating_sub(SORT_BUCKETS.trailing_zeros());
+    let buckets = if num_segments == 0 {
+        1
+    } else {
+        ((num_segments - 1) >> shift) + 1
+    };
+    let chunk = (1usize << 16).max(rows.div_ceil(1024));
+    let chunks = rows.div_ceil(chunk).max(1);
+    let mut counts = try_vec(chunks * buckets, 0usize)?;
+    let cp = SendPtr(counts.as_mut_ptr());
+    let chunk_rows = |k: usize| (k * chunk).min(rows)..((k + 1) * chunk).min(rows);
+    let errors = parallel::map_collect(chunks, chunk, |k| {
+        // SAFETY: chunk k owns counts[k * buckets..(k + 1) * buckets].
+        let c = unsafe { std::slice::from_raw_parts_mut(cp.ptr().add(k * buckets), buckets) };
+        for r in chunk_rows(k) {
             let id = ids[r];
             if id < 0 || id as u64 >= num_segments as u64 {
                 return Some(SegmentError::IdOutOfRange {
@@ -464,34 +511,108 @@ fn unsorted_states<T: Real>(
                     num_segments,
                 });
             }
-            let q = id as usize * inner;
-            for (st, v) in states[q..q + inner]
-                .iter_mut()
-                .zip(&x[r * inner..(r + 1) * inner])
-            {
-                st.push(v.to_f64());
-            }
+            c[(id as usize) >> shift] += 1;
         }
         None
     });
-    // Blocks are in row order: the first error found is the first offending position.
+    // Chunks are in row order: the first error found is the first offending position.
     if let Some(err) = errors.into_iter().flatten().next() {
         return Err(err);
     }
-    if blocks > 1 {
-        let partial = &partial;
-        parallel::for_each_piece(width, 4 * blocks, |range| {
-            for q in range {
-                // SAFETY: pieces own disjoint q < width.
-                unsafe {
-                    let mut s = *op.ptr().add(q);
-                    for k in 1..blocks {
-                        s = s.merge(partial[(k - 1) * width + q]);
-                    }
-                    *op.ptr().add(q) = s;
+    // Bucket-major exclusive prefix: chunk k writes bucket b from counts[k][b] on.
+    let mut bucket_start = try_vec(buckets + 1, rows)?;
+    let mut run = 0usize;
+    for b in 0..buckets {
+        bucket_start[b] = run;
+        for k in 0..chunks {
+            let c = &mut counts[k * buckets + b];
+            let n = *c;
+            *c = run;
+            run += n;
+        }
+    }
+    let mut tmp_x = try_uninit::<T>(x.len())?;
+    let mut tmp_local = try_uninit::<u32>(rows)?;
+    let (tp, lp) = (
+        SendPtr(tmp_x.as_mut_ptr() as *mut T),
+        SendPtr(tmp_local.as_mut_ptr() as *mut u32),
+    );
+    let cp = SendPtr(counts.as_mut_ptr());
+    let mask = (1usize << shift) - 1;
+    parallel::for_each_piece(chunks, chunk * inner.max(1), |range| {
+        for k in range {
+            // SAFETY: chunk k owns its cursors, and the ranges they walk are disjoint from
+            // every other chunk's (prefix above); rows and ids were validated.
+            unsafe {
+                let cur = std::slice::from_raw_parts_mut(cp.ptr().add(k * buckets), buckets);
+                for r in chunk_rows(k) {
+                    let id = ids[r] as usize;
+                    let slot = &mut cur[id >> shift];
+                    let p = *slot;
+                    *slot += 1;
+                    *lp.ptr().add(p) = (id & mask) as u32;
+                    copy_row(x.as_ptr().add(r * inner), tp.ptr().add(p * inner), inner);
                 }
             }
-        });
+        }
+    });
+    drop(counts);
+    // SAFETY: the partition wrote every row of both buffers exactly once.
+    let (tmp_x, tmp_local) = unsafe {
+        (
+            std::slice::from_raw_parts(tmp_x.as_ptr() as *const T, x.len()),
+            std::slice::from_raw_parts(tmp_local.as_ptr() as *const u32, rows),
+        )
+    };
+    // Second level: each bucket sorts its rows by local id into a scratch buffer and reduces
+    // its segments there.
+    let failed = AtomicBool::new(false);
+    let op = SendPtr(out.as_mut_ptr());
+    let bucket_start = &bucket_start;
+    let per_bucket = (rows * inner.max(1)).div_ceil(buckets).max(1);
+    let level = simd::level();
+    parallel::for_each_piece(buckets, per_bucket, |range| {
+        for b in range {
+            let (b0, b1) = (bucket_start[b], bucket_start[b + 1]);
+            let base = b << shift;
+            let segs = ((b + 1) << shift).min(num_segments) - base;
+            let (Ok(mut scratch), Ok(mut starts)) = (
+                try_uninit::<T>((b1 - b0) * inner),
+                try_vec(segs + 1, 0usize),
+            ) else {
+                failed.store(true, Ordering::Relaxed);
+                return;
+            };
+            let local = &tmp_local[b0..b1];
+            for &l in local {
+                starts[l as usize + 1] += 1;
+            }
+            for s in 1..=segs {
+                starts[s] += starts[s - 1];
+            }
+            // Cursors: starts[l] advanced in place, then shifted back below.
+            let sp = scratch.as_mut_ptr() as *mut T;
+            for (p, &l) in (b0..b1).zip(local) {
+                let slot = &mut starts[l as usize];
+                // SAFETY: slot < b1 - b0 (counting sort); row p lies inside tmp_x.
+                unsafe { copy_row(tmp_x.as_ptr().add(p * inner), sp.add(*slot * inner), inner) };
+                *slot += 1;
+            }
+            for s in (1..=segs).rev() {
+                starts[s] = starts[s - 1];
+            }
+            starts[0] = 0;
+            // SAFETY: the scatter wrote every row of the scratch; bucket b owns the states of
+            // segments base..base + segs.
+            unsafe {
+                let sorted = std::slice::from_raw_parts(sp as *const T, (b1 - b0) * inner);
+                let o = std::slice::from_raw_parts_mut(op.ptr().add(base * inner), segs * inner);
+                csr_states(level, sorted, inner, &starts, o);
+            }
+        }
+    });
+    if failed.into_inner() {
+        return Err(SegmentError::Alloc);
     }
     Ok(())
 }
@@ -775,7 +896,7 @@ mod tests {
     }
 
     #[test]
-    fn unsorted_equals_sorted_up_to_rounding_and_is_thread_invariant() {
+    fn unsorted_equals_stably_sorted_bitwise_and_is_thread_invariant() {
         let (xs, offsets) = ragged(11, 5000, 40);
         let mut ids = Vec::new();
         for s in 0..5000 {
@@ -795,8 +916,13 @@ mod tests {
             ids: &iu,
             num_segments: 5000,
         };
+        // The rows of each segment in array order (a stable sort by id) give the same
+        // segments as `offsets`.
+        let mut order: Vec<usize> = (0..xu.len()).collect();
+        order.sort_by_key(|&i| iu[i]);
+        let xs_stable: Vec<f64> = order.iter().map(|&i| xu[i]).collect();
         let mut sorted = vec![0.0; 5000];
-        segment_logsumexp(&xs, 1, Segments::Offsets(&offsets), &mut sorted).unwrap();
+        segment_logsumexp(&xs_stable, 1, Segments::Offsets(&offsets), &mut sorted).unwrap();
         let mut runs = Vec::new();
         for threads in [1, 2, 3] {
             crate::parallel::set_num_threads(threads);
@@ -818,7 +944,8 @@ mod tests {
             );
         }
         for (s, (&got, &want)) in runs[0].0.iter().zip(&sorted).enumerate() {
-            assert!(close(got, want), "{s}: {got} {want}");
+            // The stable sort gives each segment its rows in array order: the sorted path's.
+            assert_eq!(got.to_bits(), want.to_bits(), "{s}: {got} {want}");
         }
     }
 
