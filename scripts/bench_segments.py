@@ -15,6 +15,7 @@ probe, same threads) is measured in the same run: effective GB/s = bytes the op 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 
@@ -52,6 +53,10 @@ def numpy_unsorted(x, ids, count, softmax):
     if softmax:
         return e / s[ids]
     return m + np.log(s)
+
+
+def run_jax(f, x, ids):
+    return f(x, ids).block_until_ready()
 
 
 def jax_fns(count, sorted_ids):
@@ -105,8 +110,15 @@ def main():
     rows = []
 
     def add(case, op, peer, seconds, nbytes):
-        rows.append({"case": case, "op": op, "impl": peer, "ms": seconds * 1e3,
-                     "GB/s": nbytes / seconds / 1e9})
+        rows.append(
+            {
+                "case": case,
+                "op": op,
+                "impl": peer,
+                "ms": seconds * 1e3,
+                "GB/s": nbytes / seconds / 1e9,
+            }
+        )
 
     jf = {} if args.no_jax else {"sorted": jax_fns(count, True), "unsorted": jax_fns(count, False)}
     for case, xx, ii in (("sorted", x, ids), ("unsorted", xu, idsu)):
@@ -114,26 +126,54 @@ def main():
             nbytes = in_bytes + (4 * n if softmax else 4 * count)
             ours = stablelse.segment_softmax if softmax else stablelse.segment_logsumexp
             kw = {"num_segments": count, "sorted": case == "sorted"}
-            add(case, op, "stablelse", best(lambda: ours(xx, ii, **kw), args.repeat), nbytes)
+            add(
+                case,
+                op,
+                "stablelse",
+                best(functools.partial(ours, xx, ii, **kw), args.repeat),
+                nbytes,
+            )
             if case == "sorted":
-                add(case, op, "stablelse offsets=",
-                    best(lambda: ours(xx, offsets=offsets), args.repeat), nbytes)
-                add(case, op, "numpy reduceat",
-                    best(lambda: numpy_sorted(xx, starts, ii, softmax), args.repeat), nbytes)
+                add(
+                    case,
+                    op,
+                    "stablelse offsets=",
+                    best(functools.partial(ours, xx, offsets=offsets), args.repeat),
+                    nbytes,
+                )
+                add(
+                    case,
+                    op,
+                    "numpy reduceat",
+                    best(functools.partial(numpy_sorted, xx, starts, ii, softmax), args.repeat),
+                    nbytes,
+                )
             else:
-                add(case, op, "numpy ufunc.at",
-                    best(lambda: numpy_unsorted(xx, ii, count, softmax), args.repeat), nbytes)
+                add(
+                    case,
+                    op,
+                    "numpy ufunc.at",
+                    best(functools.partial(numpy_unsorted, xx, ii, count, softmax), args.repeat),
+                    nbytes,
+                )
             fns = jf.get(case)
             if fns:
                 lse_j, sm_j, jax = fns
                 xj, ij = jax.device_put(xx), jax.device_put(ii.astype(np.int32))
                 f = sm_j if softmax else lse_j
-                add(case, op, "jax jit",
-                    best(lambda: f(xj, ij).block_until_ready(), args.repeat), nbytes)
+                add(
+                    case,
+                    op,
+                    "jax jit",
+                    best(functools.partial(run_jax, f, xj, ij), args.repeat),
+                    nbytes,
+                )
 
-    print(f"stablelse {stablelse.__version__}, simd {_core.simd_level()}, threads {threads}; "
-          f"n = 2^{args.log2n} float32 in {count} segments of 1..{args.max_len}; "
-          f"read bandwidth {read_gbs:.1f} GB/s (native probe, 256 MiB)")
+    print(
+        f"stablelse {stablelse.__version__}, simd {_core.simd_level()}, threads {threads}; "
+        f"n = 2^{args.log2n} float32 in {count} segments of 1..{args.max_len}; "
+        f"read bandwidth {read_gbs:.1f} GB/s (native probe, 256 MiB)"
+    )
     print(f"{'case':9} {'op':10} {'impl':20} {'ms':>9} {'GB/s':>7} {'x vs best peer':>15}")
     for case in ("sorted", "unsorted"):
         for op in ("logsumexp", "softmax"):
@@ -141,12 +181,16 @@ def main():
             peers = [r["ms"] for r in group if not r["impl"].startswith("stablelse")]
             for r in group:
                 ratio = min(peers) / r["ms"] if peers else float("nan")
-                print(f"{case:9} {op:10} {r['impl']:20} {r['ms']:9.2f} {r['GB/s']:7.2f} "
-                      f"{ratio:15.2f}")
+                print(
+                    f"{case:9} {op:10} {r['impl']:20} {r['ms']:9.2f} {r['GB/s']:7.2f} {ratio:15.2f}"
+                )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"read_GBps": read_gbs, "threads": threads, "segments": count,
-                       "rows": rows}, f, indent=1)
+            json.dump(
+                {"read_GBps": read_gbs, "threads": threads, "segments": count, "rows": rows},
+                f,
+                indent=1,
+            )
 
 
 if __name__ == "__main__":

@@ -341,3 +341,22 @@ def test_segment_cross_entropy_errors_and_ignored_segments():
     )
     assert loss[0] == np.inf and loss[1] == 0.0
     assert np.isnan(g[:2]).all() and g[2] == 0.0
+
+
+@settings(max_examples=80, deadline=None)
+@given(data=ragged(), seed=st.integers(0, 2**32 - 1))
+def test_unsorted_ids_equal_the_stably_sorted_offsets_bitwise(data, seed):
+    # Unsorted ids reduce each segment over its elements in array order, through the same
+    # row kernels as offsets: bit for bit the offsets result on the stably sorted input.
+    x, offsets = data
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(x.size)
+    xu, iu = x[perm], ids_of(offsets)[perm]
+    xs = xu[np.argsort(iu, kind="stable")]
+    count = len(offsets) - 1
+    for f in (segment_logsumexp, segment_softmax, segment_log_softmax):
+        got = f(xu, iu, count)
+        want = f(xs, offsets=offsets)
+        if f is not segment_logsumexp:
+            want = want[np.argsort(np.argsort(iu, kind="stable"))]
+        np.testing.assert_array_equal(got.view(np.uint8), want.view(np.uint8))

@@ -190,6 +190,11 @@ fn csr_starts(seg: &Segments, rows: usize) -> Result<Option<Vec<usize>>, Segment
                 let (r0, r1) = (k * chunk, ((k + 1) * chunk).min(rows));
                 let mut prev = if r0 == 0 { -1 } else { ids[r0 - 1] };
                 for (r, &id) in (r0..r1).zip(&ids[r0..r1]) {
+                    // Runs of one id are the common case; a run starting with an invalid id
+                    // is reported at its first row, by this chunk or an earlier one.
+                    if id == prev {
+                        continue;
+                    }
                     if id < 0 || id as u64 >= num_segments as u64 {
                         return Some(SegmentError::IdOutOfRange {
                             pos: r,
