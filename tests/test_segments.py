@@ -360,3 +360,89 @@ def test_unsorted_ids_equal_the_stably_sorted_offsets_bitwise(data, seed):
         if f is not segment_logsumexp:
             want = want[np.argsort(np.argsort(iu, kind="stable"))]
         np.testing.assert_array_equal(got.view(np.uint8), want.view(np.uint8))
+
+
+# ------------------------------------------------------------------ where= (masked rows kernel)
+
+
+def masked_oracle(x, mask):
+    """JAX's where= semantics from scipy on the kept elements of each row."""
+    x64 = x.astype(np.float64)
+    lse = np.full(x.shape[0], -np.inf)
+    sm = np.zeros_like(x64)
+    ls = np.full_like(x64, -np.inf)
+    for r in range(x.shape[0]):
+        kept = x64[r][mask[r]]
+        if kept.size:
+            lse[r] = sp.logsumexp(kept)
+            with np.errstate(all="ignore"):
+                sm[r][mask[r]] = sp.softmax(kept)
+                ls[r][mask[r]] = sp.log_softmax(kept)
+    return lse, sm, ls
+
+
+def masked_run(x, mask):
+    from stablelse import _core
+
+    lse = np.empty(x.shape[0], x.dtype)
+    sm, ls = np.empty_like(x), np.empty_like(x)
+    _core.masked_rows(x, mask, lse, 0)
+    _core.masked_rows(x, mask, sm, 1)
+    _core.masked_rows(x, mask, ls, 2)
+    return lse, sm, ls
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    data=ragged(max_segments=1, max_len=40),
+    rows=st.integers(1, 5),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_masked_rows_follow_jax_where_semantics(data, rows, seed):
+    x1, _ = data
+    rng = np.random.default_rng(seed)
+    n = max(x1.size, 1)
+    x = np.resize(np.append(x1, 0.0).astype(x1.dtype), rows * n).reshape(rows, n)
+    x = x[:, rng.permutation(n)].copy()
+    mask = rng.random((rows, n)) < rng.random()
+    mask[0] = False  # a fully masked row every time
+    got = masked_run(x, mask)
+    want = masked_oracle(x, mask)
+    scale = np.abs(x.astype(np.float64))
+    lse_scale = np.where(np.isfinite(want[0]), np.abs(want[0]), 0)
+    ls_scale = (
+        np.where(np.isfinite(scale), scale, 0)
+        + np.where(np.isfinite(want[0]), np.abs(want[0]), 0)[:, None]
+    )
+    assert_close(got[0], want[0], lse_scale, x.dtype)
+    with np.errstate(all="ignore"):
+        assert_close(got[1], want[1], np.nan_to_num(want[1] * ls_scale), x.dtype)
+    assert_close(got[2], want[2], ls_scale, x.dtype)
+    assert (got[1][~mask] == 0).all() and (got[2][~mask] == -np.inf).all()
+    assert got[0][0] == -np.inf
+
+
+def test_masked_rows_equal_jax():
+    jax = pytest.importorskip("jax")
+    jax.config.update("jax_enable_x64", True)
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((6, 9)) * 20
+    mask = rng.random((6, 9)) < 0.5
+    mask[2] = False
+    mask[4] = True
+    lse, sm, ls = masked_run(x, mask)
+    np.testing.assert_allclose(lse, jax.nn.logsumexp(x, axis=1, where=mask), rtol=1e-14)
+    np.testing.assert_allclose(sm, jax.nn.softmax(x, axis=1, where=mask), rtol=1e-13, atol=1e-300)
+    # JAX forms log(1 + tiny) for the top element and loses it; the absolute error is eps * |x|.
+    np.testing.assert_allclose(
+        ls, jax.nn.log_softmax(x, axis=1, where=mask), rtol=1e-13, atol=1e-13
+    )
+
+
+def test_masked_rows_reject_mismatched_mask():
+    from stablelse import _core
+
+    with pytest.raises(ValueError, match="mask has shape"):
+        _core.masked_rows(np.zeros((2, 3)), np.ones((2, 2), bool), np.empty(2), 0)
+    with pytest.raises(TypeError, match="mask must be a 2-D bool array"):
+        _core.masked_rows(np.zeros((2, 3)), np.ones((2, 3)), np.empty(2), 0)

@@ -13,6 +13,7 @@
 //! explicitly (tests, benches); the others use [`simd::level()`].
 
 pub mod cross_entropy;
+pub mod masked;
 pub mod scalar;
 pub mod segments;
 

@@ -10,6 +10,7 @@ use numpy::{Element, PyArray1, PyArray2, PyArrayMethods, PyUntypedArrayMethods};
 use pyo3::exceptions::{PyIndexError, PyMemoryError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 
+use crate::kernels::masked;
 use crate::kernels::segments::{self, SegmentError, Segments};
 use crate::kernels::Reduction;
 use crate::real::Real;
@@ -17,6 +18,7 @@ use crate::real::Real;
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(segment_logsumexp, m)?)?;
     m.add_function(wrap_pyfunction!(segment_softmax, m)?)?;
+    m.add_function(wrap_pyfunction!(masked_rows, m)?)?;
     m.add_function(wrap_pyfunction!(segment_cross_entropy, m)?)?;
     Ok(())
 }
@@ -349,6 +351,86 @@ fn segment_cross_entropy<'py>(
     } else {
         Err(PyTypeError::new_err(
             "x must be a 1-D float32 or float64 array",
+        ))
+    }
+}
+
+fn masked_typed<'py, T: Real + Element>(
+    py: Python<'py>,
+    x: &Bound<'py, PyArray2<T>>,
+    mask: &Bound<'py, PyAny>,
+    out: &Bound<'py, PyAny>,
+    op: u8,
+) -> PyResult<()> {
+    let xr = x
+        .try_readonly()
+        .map_err(|e| PyValueError::new_err(e.to_string()))?;
+    let (xs, n) = block_of(&xr)?;
+    let mask = mask
+        .cast::<PyArray2<bool>>()
+        .map_err(|_| PyTypeError::new_err("mask must be a 2-D bool array"))?;
+    let mr = mask
+        .try_readonly()
+        .map_err(|e| PyValueError::new_err(e.to_string()))?;
+    if mr.shape() != xr.shape() {
+        return Err(PyValueError::new_err(format!(
+            "mask has shape {:?}, x has {:?}; they must match",
+            mr.shape(),
+            xr.shape()
+        )));
+    }
+    let ms = mr
+        .as_slice()
+        .map_err(|_| PyValueError::new_err("mask must be C-contiguous"))?;
+    if op == 0 {
+        let mut ow = writable::<T, numpy::Ix1>(out, "out")?;
+        let os = ow
+            .as_slice_mut()
+            .map_err(|e| PyValueError::new_err(e.to_string()))?;
+        return py
+            .detach(|| masked::logsumexp_rows_masked(xs, ms, n, os))
+            .map_err(PyValueError::new_err);
+    }
+    if out.is(x) {
+        return Err(PyValueError::new_err("out must not be x"));
+    }
+    let what = if op == 2 {
+        Reduction::LogSoftmax
+    } else {
+        Reduction::Softmax
+    };
+    let mut ow = writable::<T, numpy::Ix2>(out, "out")?;
+    let os = ow
+        .as_slice_mut()
+        .map_err(|e| PyValueError::new_err(e.to_string()))?;
+    py.detach(|| masked::softmax_rows_masked(xs, ms, n, what, os))
+        .map_err(PyValueError::new_err)
+}
+
+/// JAX-style `where=` over the rows of a C-contiguous 2-D `x` with a bool `mask` of its
+/// shape: `op` 0 writes logsumexp per row into the 1-D `out`, 1 softmax and 2 log_softmax into
+/// the 2-D `out`.
+#[pyfunction]
+#[pyo3(signature = (x, mask, out, op))]
+fn masked_rows<'py>(
+    py: Python<'py>,
+    x: &Bound<'py, PyAny>,
+    mask: &Bound<'py, PyAny>,
+    out: &Bound<'py, PyAny>,
+    op: u8,
+) -> PyResult<()> {
+    if op > 2 {
+        return Err(PyValueError::new_err(format!(
+            "op must be 0, 1 or 2, got {op}"
+        )));
+    }
+    if let Ok(x) = x.cast::<PyArray2<f32>>() {
+        masked_typed(py, x, mask, out, op)
+    } else if let Ok(x) = x.cast::<PyArray2<f64>>() {
+        masked_typed(py, x, mask, out, op)
+    } else {
+        Err(PyTypeError::new_err(
+            "x must be a 2-D float32 or float64 array",
         ))
     }
 }
