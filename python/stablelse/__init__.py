@@ -25,8 +25,10 @@ from ._segments import (  # noqa: F401  (exported below)
 )
 from ._stream import LogSumExp
 from ._threadpool import register as _register_threadpoolctl
+from ._threadpool import warn_env_problems as _warn_env_problems
 
 _register_threadpoolctl()
+_warn_env_problems()
 
 if hasattr(_os, "register_at_fork"):
     # A forked child has none of the parent's pool threads: drop the pool, build anew on use.
