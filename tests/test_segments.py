@@ -424,7 +424,15 @@ def test_masked_rows_follow_jax_where_semantics(data, rows, seed):
 
 def test_masked_rows_equal_jax():
     jax = pytest.importorskip("jax")
+    x64 = jax.config.jax_enable_x64
     jax.config.update("jax_enable_x64", True)
+    try:
+        check_masked_rows_against(jax)
+    finally:
+        jax.config.update("jax_enable_x64", x64)
+
+
+def check_masked_rows_against(jax):
     rng = np.random.default_rng(3)
     x = rng.standard_normal((6, 9)) * 20
     mask = rng.random((6, 9)) < 0.5
