@@ -138,7 +138,7 @@ def segment_cross_entropy(
     offsets: Optional[npt.NDArray[np.int64]] = None,
     num_segments: int = 0,
     sorted: bool = False,
-    ignore_index: int = -100,
+    ignore_index: int = ...,  # -100
     mean: bool = True,
 ) -> tuple[float, int]: ...
 def masked_rows(x: _Arr, mask: npt.NDArray[np.bool_], out: _Arr, op: int) -> None: ...
