@@ -16,7 +16,7 @@ import numpy as np
 from . import _core
 from ._api import _as_real_array
 from ._axes import normalize_axis
-from ._losses import _check_reduction
+from ._spec import _reduction as _check_reduction
 
 
 def _index_array(a: Any, name: str) -> np.ndarray:
