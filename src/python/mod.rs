@@ -6,8 +6,10 @@
 
 use pyo3::prelude::*;
 
+mod array;
 #[cfg(feature = "cuda")]
 mod cuda;
+mod exec;
 mod losses;
 mod plan;
 mod probe;
