@@ -118,7 +118,9 @@ def _check_out(
     return out
 
 
-def _reduced_shape(shape: tuple[int, ...], axes: tuple[int, ...], keepdims: bool) -> tuple[int, ...]:
+def _reduced_shape(
+    shape: tuple[int, ...], axes: tuple[int, ...], keepdims: bool
+) -> tuple[int, ...]:
     if keepdims:
         return tuple(1 if i in axes else n for i, n in enumerate(shape))
     return tuple(n for i, n in enumerate(shape) if i not in axes)
@@ -200,7 +202,7 @@ def logsumexp(
     """
     if type(a) is np.ndarray and b is None and not return_sign and a.ndim:
         # float32/float64 arrays in one native call; NotImplemented for anything else.
-        res = _core.logsumexp(a, normalize_axes(axis, a.ndim), bool(keepdims), algorithm, out)
+        res = _core.logsumexp(a, normalize_axes(axis, a.ndim), keepdims, algorithm, out)
         if res is not NotImplemented:
             return res
     if _is_gpu_array(a):

@@ -38,6 +38,7 @@ unsafe impl Sync for Raw {}
 
 impl Raw {
     /// The fields of `arr`.
+    #[inline]
     pub fn of<T: Element>(arr: &Bound<'_, PyArrayDyn<T>>) -> PyResult<Raw> {
         let ndim = arr.ndim();
         if ndim > MAX_DIMS {

@@ -8,7 +8,7 @@
 //! output that *is* the input (in place, any view) is read before it is written, block by
 //! block. The per-lane arithmetic is the kernels' own, so every path gives the same values.
 
-use crate::kernels::{self, Algorithm, Reduction};
+use crate::kernels::{self, scalar, Algorithm, Reduction};
 use crate::layout::Batch;
 use crate::parallel;
 use crate::plan::Plan;
@@ -138,6 +138,36 @@ impl WorkView {
         });
     }
 
+    /// Copies the work elements `start + i * step` into `dst[i]` (a lane across columns).
+    ///
+    /// # Safety
+    /// As [`WorkView::gather`].
+    pub unsafe fn gather_step<T: Copy>(&self, start: usize, step: usize, dst: &mut [T]) {
+        if step == 1 {
+            // SAFETY: forwarded.
+            return unsafe { self.gather(start, dst) };
+        }
+        for (i, d) in dst.iter_mut().enumerate() {
+            // SAFETY: forwarded.
+            unsafe { self.gather(start + i * step, std::slice::from_mut(d)) };
+        }
+    }
+
+    /// Copies `src[i]` into the work elements `start + i * step`.
+    ///
+    /// # Safety
+    /// As [`WorkView::scatter`].
+    pub unsafe fn scatter_step<T: Copy>(&self, start: usize, step: usize, src: &[T]) {
+        if step == 1 {
+            // SAFETY: forwarded.
+            return unsafe { self.scatter(start, src) };
+        }
+        for (i, v) in src.iter().enumerate() {
+            // SAFETY: forwarded.
+            unsafe { self.scatter(start + i * step, std::slice::from_ref(v)) };
+        }
+    }
+
     /// Copies `src` into work elements `start..start + src.len()`.
     ///
     /// # Safety
@@ -190,6 +220,11 @@ impl Blocks {
                 cols: (BLOCK / p.n.max(1)).max(1).min(p.inner),
             }
         }
+    }
+
+    /// Lanes longer than a block: streamed through a block-sized buffer, lane by lane.
+    fn long_lanes(&self) -> bool {
+        self.n > BLOCK
     }
 
     fn whole_slabs(&self) -> bool {
@@ -370,6 +405,22 @@ pub(crate) unsafe fn softmax<T: Real>(
     let blocks = Blocks::new(p);
     let xv = WorkView::new(x, p.perm.iter().copied());
     let ov = WorkView::new(out, p.perm.iter().copied());
+    if blocks.long_lanes() {
+        return for_each_long_lane::<T>(&blocks, 2 * BLOCK, &xv, alg, |start, buf, state| {
+            let (xs, os) = buf.split_at_mut(BLOCK);
+            let mut k = 0;
+            while k < blocks.n {
+                let len = BLOCK.min(blocks.n - k);
+                let at = start + k * blocks.inner;
+                // SAFETY: the views cover the planned shape; the lane is this task's own.
+                unsafe { xv.gather_step(at, blocks.inner, &mut xs[..len]) };
+                write_chunk(&xs[..len], &mut os[..len], state, what);
+                // SAFETY: as above; out is writeable.
+                unsafe { ov.scatter_step(at, blocks.inner, &os[..len]) };
+                k += len;
+            }
+        });
+    }
     for_each_block::<T>(
         &blocks,
         T::from_f64(0.0),
@@ -422,14 +473,21 @@ pub(crate) unsafe fn reduce<T: Real>(
         crate::plan::Access::Gather => None,
     };
     let view = |r: &Raw| WorkView::new(r, out_axes.iter().copied());
-    let dense = |v: &WorkView, item: usize| -> bool {
-        // The work order of the output is dense C when its merged view is one unit run.
-        v.ndim == 0 || (v.ndim == 1 && v.strides[0] == item as isize)
+    // The output is dense C in the work order when its axes, taken in that order, step by
+    // exactly the elements after them.
+    let dense = |r: &Raw| -> bool {
+        let mut expected = r.itemsize as isize;
+        for &a in out_axes.iter().rev() {
+            if r.shape[a] != 1 && r.strides[a] != expected {
+                return false;
+            }
+            expected *= r.shape[a] as isize;
+        }
+        true
     };
     match what {
         LaneOut::Logsumexp(out) => {
-            let ov = view(out);
-            if let (Some(xb), true) = (xb, dense(&ov, out.itemsize)) {
+            if let (Some(xb), true) = (xb, dense(out)) {
                 // SAFETY: x holds the batch; out holds `count` dense elements, disjoint from x.
                 unsafe {
                     let xs = slice_of::<T>(x, &xb)?;
@@ -438,8 +496,16 @@ pub(crate) unsafe fn reduce<T: Real>(
                 }
                 return Ok(());
             }
+            let ov = view(out);
             let blocks = Blocks::new(p);
             let xv = WorkView::new(x, p.perm.iter().copied());
+            if blocks.long_lanes() {
+                return for_each_long_lane::<T>(&blocks, BLOCK, &xv, alg, |start, _, state| {
+                    let v = [T::from_f64(state.logsumexp())];
+                    // SAFETY: out covers the kept shape and is writeable.
+                    unsafe { ov.scatter(lane_of(&blocks, start), &v) };
+                });
+            }
             let lanes = blocks.slabs * blocks.cols;
             for_each_block::<T>(
                 &blocks,
@@ -490,6 +556,12 @@ pub(crate) unsafe fn reduce<T: Real>(
                 }
                 return Ok(());
             }
+            if blocks.long_lanes() {
+                return for_each_long_lane::<T>(&blocks, BLOCK, &xv, alg, |start, _, state| {
+                    // SAFETY: outputs cover the kept shape and are writeable.
+                    unsafe { emit_states(&mv, &ev, lane_of(&blocks, start), &[state]) };
+                });
+            }
             let lanes = blocks.slabs * blocks.cols;
             for_each_block::<T>(
                 &blocks,
@@ -511,6 +583,75 @@ pub(crate) unsafe fn reduce<T: Real>(
                     Ok(())
                 },
             )
+        }
+    }
+}
+
+/// Lanes longer than a block, each streamed twice through a block-sized buffer: its state
+/// from the states of its chunks (the kernels' merge rule), then `f(first work index, buffer,
+/// state)`. Lanes run in parallel, each task with its own buffer of `scratch` elements.
+fn for_each_long_lane<T: Real>(
+    blocks: &Blocks,
+    scratch: usize,
+    xv: &WorkView,
+    alg: Algorithm,
+    f: impl Fn(usize, &mut [T], LseState) + Sync + Send,
+) -> Result<(), ExecError> {
+    let failed = std::sync::atomic::AtomicBool::new(false);
+    let lanes = blocks.outer * blocks.inner;
+    parallel::for_each_piece(lanes, blocks.n, |range| {
+        let mut buf: Vec<T> = Vec::new();
+        if buf.try_reserve_exact(scratch.max(BLOCK)).is_err() {
+            failed.store(true, std::sync::atomic::Ordering::Relaxed);
+            return;
+        }
+        buf.resize(scratch.max(BLOCK), T::from_f64(0.0));
+        for l in range {
+            let (o, j) = (l / blocks.inner, l % blocks.inner);
+            let start = o * blocks.n * blocks.inner + j;
+            let mut state = LseState::EMPTY;
+            let mut k = 0;
+            while k < blocks.n {
+                let len = BLOCK.min(blocks.n - k);
+                let chunk = &mut buf[..len];
+                // SAFETY: the view covers the planned shape.
+                unsafe { xv.gather_step(start + k * blocks.inner, blocks.inner, chunk) };
+                state = state.merge(kernels::row_state(chunk, alg));
+                k += len;
+            }
+            f(start, &mut buf, state);
+        }
+    });
+    if failed.into_inner() {
+        Err(ExecError::Memory)
+    } else {
+        Ok(())
+    }
+}
+
+/// The `(outer, inner)` lane whose first element is work index `start`.
+fn lane_of(blocks: &Blocks, start: usize) -> usize {
+    let (o, j) = (start / (blocks.n * blocks.inner), start % blocks.inner);
+    o * blocks.inner + j
+}
+
+/// Softmax or log_softmax of one chunk of a lane whose finished state is `state`: the
+/// kernels' exp-scale pass for a finite softmax, the reference writers otherwise.
+fn write_chunk<T: Real>(x: &[T], out: &mut [T], state: LseState, what: Reduction) {
+    if what == Reduction::Softmax && state.max.is_finite() {
+        kernels::row_exp_scaled(x, state.max, 1.0 / state.total(), out);
+        return;
+    }
+    let n = x.len().min(out.len());
+    // SAFETY: both slices hold n elements and are distinct.
+    unsafe {
+        match what {
+            Reduction::Softmax => {
+                scalar::softmax_write(x.as_ptr(), 0, 1, out.as_mut_ptr(), 0, 1, n, state)
+            }
+            Reduction::LogSoftmax => {
+                scalar::log_softmax_write(x.as_ptr(), 0, 1, out.as_mut_ptr(), 0, 1, n, state)
+            }
         }
     }
 }

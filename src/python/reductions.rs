@@ -140,6 +140,21 @@ fn scalarize(arr: Bound<'_, PyAny>, ndim: usize) -> PyResult<Bound<'_, PyAny>> {
     }
 }
 
+/// The shape of a reduction's result: the kept axes, with length-1 reduced axes if
+/// `keepdims`.
+fn result_shape(shape: &[usize], axes: &[usize], keepdims: bool) -> ([usize; MAX_DIMS], usize) {
+    let mut out = [0usize; MAX_DIMS];
+    let mut k = 0;
+    for (a, &n) in shape.iter().enumerate() {
+        let reduced = axes.contains(&a);
+        if keepdims || !reduced {
+            out[k] = if reduced { 1 } else { n };
+            k += 1;
+        }
+    }
+    (out, k)
+}
+
 fn lse_typed<'py, T: Real + Element>(
     py: Python<'py>,
     x: &Bound<'py, PyArrayDyn<T>>,
@@ -154,14 +169,7 @@ fn lse_typed<'py, T: Real + Element>(
     let shape = raw.shape();
     let reduced = |a: usize| axes.contains(&a);
     if let Some(o) = out {
-        let mut rshape = [0usize; MAX_DIMS];
-        let mut k = 0;
-        for a in 0..ndim {
-            if keepdims || !reduced(a) {
-                rshape[k] = if reduced(a) { 1 } else { shape[a] };
-                k += 1;
-            }
-        }
+        let (rshape, k) = result_shape(shape, axes, keepdims);
         let (oarr, oraw) = check_out::<T>(o, &rshape[..k], "out")?;
         if shares_memory(py, x.as_any(), &raw, o, &oraw)? {
             return Err(value_error("out overlaps the input a"));
@@ -185,31 +193,31 @@ fn lse_typed<'py, T: Real + Element>(
     }
     // A new result, dense in the work order of the kept axes (returned as a view in the
     // input's order); with keepdims the reduced axes are length-1 axes in place.
-    let kept: Vec<usize> = p.kept().collect();
+    let mut kept_buf = [0usize; MAX_DIMS];
+    let mut nk = 0;
+    for a in p.kept() {
+        kept_buf[nk] = a;
+        nk += 1;
+    }
+    let kept = &kept_buf[..nk];
     let sorted = kept.windows(2).all(|w| w[0] < w[1]);
-    let mut wshape = [0usize; MAX_DIMS];
-    let mut k = 0;
-    if sorted && keepdims {
-        for a in 0..ndim {
-            wshape[a] = if reduced(a) { 1 } else { shape[a] };
+    let (mut wshape, mut k) = result_shape(shape, axes, keepdims);
+    if !sorted {
+        for (slot, &a) in wshape.iter_mut().zip(kept) {
+            *slot = shape[a];
         }
-        k = ndim;
-    } else {
-        for &a in &kept {
-            wshape[k] = shape[a];
-            k += 1;
-        }
+        k = kept.len();
     }
     // SAFETY: every element is written below before the array is returned.
     let res = unsafe { try_empty::<T>(py, &wshape[..k])? };
     let rraw = Raw::of(&res)?;
-    let out_axes: Vec<usize> = if sorted && keepdims {
-        kept.clone()
-    } else {
-        (0..kept.len()).collect()
-    };
+    let mut out_axes = [0usize; MAX_DIMS];
+    for (i, slot) in out_axes[..nk].iter_mut().enumerate() {
+        *slot = if sorted && keepdims { kept[i] } else { i };
+    }
+    let out_axes = &out_axes[..nk];
     // SAFETY: x and res are live for the call; res is new, dense and writeable.
-    py.detach(|| unsafe { exec::reduce::<T>(&p, &raw, &out_axes, LaneOut::Logsumexp(&rraw), alg) })
+    py.detach(|| unsafe { exec::reduce::<T>(&p, &raw, out_axes, LaneOut::Logsumexp(&rraw), alg) })
         .map_err(exec_error)?;
     if sorted {
         return scalarize(res.into_any(), k);
@@ -236,11 +244,12 @@ fn logsumexp<'py>(
     py: Python<'py>,
     x: &Bound<'py, PyAny>,
     axes: &Bound<'py, PyAny>,
-    keepdims: bool,
+    keepdims: &Bound<'py, PyAny>,
     algorithm: &Bound<'py, PyAny>,
     out: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyAny>> {
     let (ax, na) = axes_of(axes)?;
+    let keepdims = keepdims.is_truthy()?;
     let alg = algorithm_of(algorithm)?;
     if let Ok(x) = x.cast::<PyArrayDyn<f32>>() {
         if x.ndim() > 0 {
