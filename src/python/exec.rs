@@ -2,13 +2,14 @@
 //!
 //! When the kernels read the input where it is and write a dense output (the plan's
 //! [`Access::Direct`] and [`Plan::dense_out`]), the kernel runs over the whole batch. Otherwise
-//! the lanes are taken in blocks of about [`BLOCK`] elements: each block is copied (in work
-//! order) into a dense per-thread buffer, the kernel runs there, and the block's results are
-//! copied to the output through its own strides. Blocks are disjoint sets of lanes, so an
+//! the lanes are taken in blocks of about [`BLOCK`] elements (or one lane, up to
+//! `2 * LONG_ROW_BLOCK` elements; longer lanes stream through one `LONG_ROW_BLOCK`): each block
+//! is copied (in work order) into a dense per-thread buffer, the kernel runs there, and the
+//! block's results are copied to the output through its own strides. Blocks are disjoint sets of lanes, so an
 //! output that *is* the input (in place, any view) is read before it is written, block by
 //! block. The per-lane arithmetic is the kernels' own, so every path gives the same values.
 
-use crate::kernels::{self, scalar, Algorithm, Reduction};
+use crate::kernels::{self, scalar, Algorithm, Reduction, LONG_ROW_BLOCK};
 use crate::layout::Batch;
 use crate::parallel;
 use crate::plan::Plan;
@@ -222,9 +223,11 @@ impl Blocks {
         }
     }
 
-    /// Lanes longer than a block: streamed through a block-sized buffer, lane by lane.
+    /// Lanes the kernels cut into blocks themselves: streamed through a buffer of one such
+    /// block, lane by lane, with the kernels' blocking (so the values are theirs, bit for
+    /// bit). Shorter lanes fit a buffer of at most `2 * LONG_ROW_BLOCK` elements.
     fn long_lanes(&self) -> bool {
-        self.n > BLOCK
+        self.n >= 2 * LONG_ROW_BLOCK
     }
 
     fn whole_slabs(&self) -> bool {
@@ -406,20 +409,26 @@ pub(crate) unsafe fn softmax<T: Real>(
     let xv = WorkView::new(x, p.perm.iter().copied());
     let ov = WorkView::new(out, p.perm.iter().copied());
     if blocks.long_lanes() {
-        return for_each_long_lane::<T>(&blocks, 2 * BLOCK, &xv, alg, |start, buf, state| {
-            let (xs, os) = buf.split_at_mut(BLOCK);
-            let mut k = 0;
-            while k < blocks.n {
-                let len = BLOCK.min(blocks.n - k);
-                let at = start + k * blocks.inner;
-                // SAFETY: the views cover the planned shape; the lane is this task's own.
-                unsafe { xv.gather_step(at, blocks.inner, &mut xs[..len]) };
-                write_chunk(&xs[..len], &mut os[..len], state, what);
-                // SAFETY: as above; out is writeable.
-                unsafe { ov.scatter_step(at, blocks.inner, &os[..len]) };
-                k += len;
-            }
-        });
+        return for_each_long_lane::<T>(
+            &blocks,
+            2 * LONG_ROW_BLOCK,
+            &xv,
+            alg,
+            |start, buf, state| {
+                let (xs, os) = buf.split_at_mut(LONG_ROW_BLOCK);
+                let mut k = 0;
+                while k < blocks.n {
+                    let len = LONG_ROW_BLOCK.min(blocks.n - k);
+                    let at = start + k * blocks.inner;
+                    // SAFETY: the views cover the planned shape; the lane is this task's own.
+                    unsafe { xv.gather_step(at, blocks.inner, &mut xs[..len]) };
+                    write_chunk(&xs[..len], &mut os[..len], state, what);
+                    // SAFETY: as above; out is writeable.
+                    unsafe { ov.scatter_step(at, blocks.inner, &os[..len]) };
+                    k += len;
+                }
+            },
+        );
     }
     for_each_block::<T>(
         &blocks,
@@ -500,11 +509,17 @@ pub(crate) unsafe fn reduce<T: Real>(
             let blocks = Blocks::new(p);
             let xv = WorkView::new(x, p.perm.iter().copied());
             if blocks.long_lanes() {
-                return for_each_long_lane::<T>(&blocks, BLOCK, &xv, alg, |start, _, state| {
-                    let v = [T::from_f64(state.logsumexp())];
-                    // SAFETY: out covers the kept shape and is writeable.
-                    unsafe { ov.scatter(lane_of(&blocks, start), &v) };
-                });
+                return for_each_long_lane::<T>(
+                    &blocks,
+                    LONG_ROW_BLOCK,
+                    &xv,
+                    alg,
+                    |start, _, state| {
+                        let v = [T::from_f64(state.logsumexp())];
+                        // SAFETY: out covers the kept shape and is writeable.
+                        unsafe { ov.scatter(lane_of(&blocks, start), &v) };
+                    },
+                );
             }
             let lanes = blocks.slabs * blocks.cols;
             for_each_block::<T>(
@@ -557,10 +572,16 @@ pub(crate) unsafe fn reduce<T: Real>(
                 return Ok(());
             }
             if blocks.long_lanes() {
-                return for_each_long_lane::<T>(&blocks, BLOCK, &xv, alg, |start, _, state| {
-                    // SAFETY: outputs cover the kept shape and are writeable.
-                    unsafe { emit_states(&mv, &ev, lane_of(&blocks, start), &[state]) };
-                });
+                return for_each_long_lane::<T>(
+                    &blocks,
+                    LONG_ROW_BLOCK,
+                    &xv,
+                    alg,
+                    |start, _, state| {
+                        // SAFETY: outputs cover the kept shape and are writeable.
+                        unsafe { emit_states(&mv, &ev, lane_of(&blocks, start), &[state]) };
+                    },
+                );
             }
             let lanes = blocks.slabs * blocks.cols;
             for_each_block::<T>(
@@ -601,18 +622,18 @@ fn for_each_long_lane<T: Real>(
     let lanes = blocks.outer * blocks.inner;
     parallel::for_each_piece(lanes, blocks.n, |range| {
         let mut buf: Vec<T> = Vec::new();
-        if buf.try_reserve_exact(scratch.max(BLOCK)).is_err() {
+        if buf.try_reserve_exact(scratch.max(LONG_ROW_BLOCK)).is_err() {
             failed.store(true, std::sync::atomic::Ordering::Relaxed);
             return;
         }
-        buf.resize(scratch.max(BLOCK), T::from_f64(0.0));
+        buf.resize(scratch.max(LONG_ROW_BLOCK), T::from_f64(0.0));
         for l in range {
             let (o, j) = (l / blocks.inner, l % blocks.inner);
             let start = o * blocks.n * blocks.inner + j;
             let mut state = LseState::EMPTY;
             let mut k = 0;
             while k < blocks.n {
-                let len = BLOCK.min(blocks.n - k);
+                let len = LONG_ROW_BLOCK.min(blocks.n - k);
                 let chunk = &mut buf[..len];
                 // SAFETY: the view covers the planned shape.
                 unsafe { xv.gather_step(start + k * blocks.inner, blocks.inner, chunk) };

@@ -1,14 +1,16 @@
 //! The PyO3 binding layer (cargo feature `python`): the only code that knows about Python.
 //!
-//! Each submodule borrows NumPy buffers (zero copy), validates them, releases the GIL with
-//! `py.detach`, calls a kernel from [`crate::kernels`] and returns. Kernel errors are `String`s
-//! turned into `ValueError`; nothing panics across the boundary.
+//! Each submodule reads NumPy buffers through their raw fields (zero copy, no borrow flags:
+//! [`array`]), asks the planner how the kernels see them, validates, releases the GIL with
+//! `py.detach`, runs the kernels ([`exec`] for any layout) and returns. Allocation failures
+//! are `MemoryError`, kernel errors `ValueError`; nothing panics across the boundary.
 
 use pyo3::prelude::*;
 
 mod array;
-#[cfg(feature = "cuda")]
+#[cfg(all(feature = "cuda", target_os = "linux"))]
 mod cuda;
+mod env;
 mod exec;
 mod losses;
 mod plan;
@@ -22,7 +24,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     losses::register(m)?;
     plan::register(m)?;
     probe::register(m)?;
-    #[cfg(feature = "cuda")]
+    env::register(m)?;
+    #[cfg(all(feature = "cuda", target_os = "linux"))]
     cuda::register(m)?;
     Ok(())
 }
