@@ -346,11 +346,12 @@ def test_logsumexp_into_every_out_layout(dtype):
         for name, v in layouts(x):
             for kind in ("C", "F", "strided", "negative", "unaligned"):
                 big = np.zeros(tuple(2 * s for s in want.shape), dtype)
+                rev = tuple(slice(None, None, -1) for _ in want.shape)
                 out = {
                     "C": np.zeros(want.shape, dtype),
                     "F": np.asfortranarray(np.zeros(want.shape, dtype)),
                     "strided": big[tuple(slice(None, None, 2) for _ in want.shape)],
-                    "negative": np.zeros(want.shape, dtype)[tuple(slice(None, None, -1) for _ in want.shape)],
+                    "negative": np.zeros(want.shape, dtype)[rev],
                     "unaligned": np.zeros(want.size * x.itemsize + 1, np.uint8)[1:]
                     .view(dtype)
                     .reshape(want.shape),
