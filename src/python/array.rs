@@ -39,7 +39,9 @@ unsafe impl Sync for Raw {}
 impl Raw {
     /// The fields of `arr`.
     #[inline]
-    pub fn of<T: Element>(arr: &Bound<'_, PyArrayDyn<T>>) -> PyResult<Raw> {
+    pub fn of<T: Element, D: numpy::ndarray::Dimension>(
+        arr: &Bound<'_, numpy::PyArray<T, D>>,
+    ) -> PyResult<Raw> {
         let ndim = arr.ndim();
         if ndim > MAX_DIMS {
             return Err(PyValueError::new_err(format!(
@@ -198,14 +200,9 @@ pub(crate) unsafe fn try_empty<'py, T: Element>(
     Ok(unsafe { Bound::from_owned_ptr(py, ptr).cast_into_unchecked() })
 }
 
-/// A vector of `len` copies of `value`, or `MemoryError`.
+/// A vector of `len` copies of `value`, or `MemoryError` ([`crate::error::try_vec`]).
 pub(crate) fn try_vec<T: Clone>(len: usize, value: T) -> PyResult<Vec<T>> {
-    let mut v = Vec::new();
-    v.try_reserve_exact(len).map_err(|_| {
-        PyMemoryError::new_err(format!("cannot allocate {len} elements of scratch memory"))
-    })?;
-    v.resize(len, value);
-    Ok(v)
+    crate::error::try_vec(len, value).map_err(|e| PyMemoryError::new_err(e.to_string()))
 }
 
 /// The writeable output `out` of exactly `shape` and dtype `T`, or an error naming `name`.

@@ -4,20 +4,23 @@
 //! `(outer, classes, inner)` float32/float64 view (class axis in the middle, `inner == 1` for
 //! the last axis), index targets as C-contiguous int64 in the shape of the logits without the
 //! class axis, probability targets and weights in the logits' dtype. This module checks the
-//! layouts, releases the GIL and calls [`crate::kernels::cross_entropy`]; a target out of range
-//! becomes an `IndexError` naming its position in the target's own shape.
+//! layouts, releases the GIL and calls [`crate::kernels::cross_entropy`]; kernel errors become
+//! Python exceptions through `super::errors`. Buffers are read through their raw fields
+//! (`super::array`); targets and weights are copied once, so no other thread can change them
+//! between validation and use.
 
 use numpy::{Element, PyArrayDyn, PyUntypedArrayMethods};
-use pyo3::exceptions::{PyIndexError, PyTypeError};
+use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
 use pyo3::types::PyTuple;
 
 use super::array::{check_out, shares_memory, try_empty, try_vec, Raw};
+use super::errors::to_pyerr;
 use super::exec::WorkView;
 use super::reductions::{batch3, parse_algorithm, slice3, value_error};
-use crate::kernels::cross_entropy::{
-    self as xent, Backward, LossError, LossReduction, Targets, XentOptions,
-};
+use crate::error::Error;
+use crate::kernels::cross_entropy::{self as xent, LossReduction, Targets, XentOptions};
+use crate::kernels::vjp::{self, Backward};
 use crate::kernels::Algorithm;
 use crate::layout::Batch;
 use crate::real::Real;
@@ -35,34 +38,6 @@ fn parse_reduction(name: &str) -> PyResult<LossReduction> {
             "reduction must be 'mean', 'sum' or 'none', got {name:?}"
         ))
     })
-}
-
-/// `target[i, j] = v is outside [0, C)` with the position unravelled in the target's shape.
-fn loss_error(err: LossError, target_shape: &[usize]) -> PyErr {
-    match err {
-        LossError::TargetOutOfRange {
-            position,
-            value,
-            n_classes,
-        } => {
-            let mut rest = position;
-            let mut index = vec![0usize; target_shape.len()];
-            for (i, &dim) in target_shape.iter().enumerate().rev() {
-                if dim > 0 {
-                    index[i] = rest % dim;
-                    rest /= dim;
-                }
-            }
-            let at = if index.is_empty() {
-                String::new()
-            } else {
-                let parts: Vec<String> = index.iter().map(|i| i.to_string()).collect();
-                format!("[{}]", parts.join(", "))
-            };
-            PyIndexError::new_err(format!("target{at} = {value} is outside [0, {n_classes})"))
-        }
-        LossError::Invalid(msg) => value_error(msg),
-    }
 }
 
 /// The class weights (1-D, the logits' dtype, any layout), copied: a private, contiguous
@@ -93,9 +68,8 @@ fn copy_values<T: Copy>(raw: &Raw, zero: T) -> PyResult<Vec<T>> {
 
 /// The index targets (int64, any layout), copied once: the kernel validates and reads the
 /// copy, so another thread changing the array cannot make a checked index go out of range.
-fn targets_of(t: &Bound<'_, PyArrayDyn<i64>>) -> PyResult<(Vec<i64>, Vec<usize>)> {
-    let raw = Raw::of(t)?;
-    Ok((copy_values(&raw, 0i64)?, raw.shape().to_vec()))
+fn targets_of(t: &Bound<'_, PyArrayDyn<i64>>) -> PyResult<Vec<i64>> {
+    copy_values(&Raw::of(t)?, 0i64)
 }
 
 /// The scalar options of a cross_entropy call (the weight is borrowed per dtype).
@@ -172,15 +146,15 @@ fn xent_typed<'py, T: Real + Element>(
         )
     };
     let total = if let Ok(t) = target.cast::<PyArrayDyn<i64>>() {
-        let (ts, tshape) = targets_of(t)?;
+        let ts = targets_of(t)?;
         py.detach(|| {
             // SAFETY: logits hold the batch for the call.
-            let xs = unsafe { slice3::<T>(&rx, &batch) }
-                .map_err(|_| LossError::Invalid("logits".into()))?;
+            let xs =
+                unsafe { slice3::<T>(&rx, &batch) }.map_err(|_| Error::Layout("logits".into()))?;
             let (ps, gs) = outputs();
             xent::cross_entropy(xs, batch, Targets::Indices(&ts), &opts, ps, gs)
         })
-        .map_err(|e| loss_error(e, &tshape))?
+        .map_err(|e| to_pyerr(py, e))?
     } else if let Ok(q) = target.cast::<PyArrayDyn<T>>() {
         let rq = Raw::of(q)?;
         if classless_as_rows(batch3(&rq, "target")?) != batch {
@@ -192,13 +166,13 @@ fn xent_typed<'py, T: Real + Element>(
             // SAFETY: logits and target hold the batch for the call.
             let (xs, qs) = unsafe { (slice3::<T>(&rx, &batch), slice3::<T>(&rq, &batch)) };
             let (xs, qs) = (
-                xs.map_err(|_| LossError::Invalid("logits".into()))?,
-                qs.map_err(|_| LossError::Invalid("target".into()))?,
+                xs.map_err(|_| Error::Layout("logits".into()))?,
+                qs.map_err(|_| Error::Layout("target".into()))?,
             );
             let (ps, gs) = outputs();
             xent::cross_entropy(xs, batch, Targets::Probs(qs), &opts, ps, gs)
         })
-        .map_err(|e| loss_error(e, rq.shape()))?
+        .map_err(|e| to_pyerr(py, e))?
     } else {
         return Err(PyTypeError::new_err(format!(
             "target must be an int64 array of class indices or a 3-D {} array of probabilities",
@@ -305,7 +279,7 @@ fn nll_typed<'py, T: Real + Element>(
     let t = target
         .cast::<PyArrayDyn<i64>>()
         .map_err(|_| PyTypeError::new_err("target must be an int64 array of class indices"))?;
-    let (ts, tshape) = targets_of(t)?;
+    let ts = targets_of(t)?;
     let per_lane = match reduction {
         // SAFETY: every element is written by the kernel before the array is returned.
         LossReduction::None => Some(unsafe { try_empty::<T>(py, &[batch.count()])? }),
@@ -317,7 +291,7 @@ fn nll_typed<'py, T: Real + Element>(
         .detach(|| {
             // SAFETY: log_probs hold the batch; the per-lane output is new, of `count`.
             let xs = unsafe { slice3::<T>(&rx, &batch) }
-                .map_err(|_| LossError::Invalid("log_probs".into()))?;
+                .map_err(|_| Error::Layout("log_probs".into()))?;
             let ps = rp.map(|r| unsafe { std::slice::from_raw_parts_mut(r.data::<T>(), count) });
             xent::nll_loss(
                 xs,
@@ -329,7 +303,7 @@ fn nll_typed<'py, T: Real + Element>(
                 ps,
             )
         })
-        .map_err(|e| loss_error(e, &tshape))?;
+        .map_err(|e| to_pyerr(py, e))?;
     Ok(match per_lane {
         Some(p) => p.into_any(),
         None => total.to_f64().into_pyobject(py)?.into_any(),
@@ -383,14 +357,14 @@ fn backward_typed<'py, T: Real + Element>(
         unsafe {
             let (ys, ds) = (slice3::<T>(&ry, &batch), slice3::<T>(&rd, &batch));
             let (ys, ds) = (
-                ys.map_err(|e| e.to_string())?,
-                ds.map_err(|e| e.to_string())?,
+                ys.map_err(|_| Error::Layout("y".into()))?,
+                ds.map_err(|_| Error::Layout("dy".into()))?,
             );
             let os = std::slice::from_raw_parts_mut(ro.data::<T>(), elements);
-            xent::softmax_like_backward(ys, ds, batch, what, os)
+            vjp::softmax_like_backward(ys, ds, batch, what, os)
         }
     })
-    .map_err(value_error)?;
+    .map_err(|e| to_pyerr(py, e))?;
     Ok(out.into_any())
 }
 

@@ -3,14 +3,18 @@
 //! Each submodule reads NumPy buffers through their raw fields (zero copy, no borrow flags:
 //! [`array`]), asks the planner how the kernels see them, validates, releases the GIL with
 //! `py.detach`, runs the kernels ([`exec`] for any layout) and returns. Allocation failures
-//! are `MemoryError`, kernel errors `ValueError`; nothing panics across the boundary.
+//! are `MemoryError`; kernel errors (`String`s, or the crate's typed [`Error`](crate::Error)
+//! through `errors`) become Python exceptions; nothing panics across the boundary.
 
 use pyo3::prelude::*;
 
 mod array;
+mod blocks;
+mod complex;
 #[cfg(all(feature = "cuda", target_os = "linux"))]
 mod cuda;
 mod env;
+mod errors;
 mod exec;
 mod losses;
 mod plan;
@@ -21,7 +25,9 @@ mod reductions;
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     reductions::register(m)?;
+    complex::register(m)?;
     losses::register(m)?;
+    blocks::register(m)?;
     plan::register(m)?;
     probe::register(m)?;
     env::register(m)?;

@@ -103,6 +103,26 @@ pub(crate) fn batch3(raw: &Raw, name: &str) -> PyResult<Batch> {
     }
 }
 
+/// [`batch3`] of a typed 3-D array (bindings that hold a `PyArray3`).
+pub(crate) fn batch_of<T: Element>(
+    arr: &Bound<'_, numpy::PyArray3<T>>,
+    name: &str,
+) -> PyResult<Batch> {
+    batch3(&Raw::of(arr)?, name)
+}
+
+/// [`slice3`] of a typed 3-D array.
+///
+/// # Safety
+/// As [`slice3`]: `batch` comes from [`batch_of`] on `arr`, which outlives the slice.
+pub(crate) unsafe fn slice_of<'a, T: Element>(
+    arr: &Bound<'_, numpy::PyArray3<T>>,
+    batch: &Batch,
+) -> PyResult<&'a [T]> {
+    // SAFETY: forwarded.
+    unsafe { slice3(&Raw::of(arr)?, batch) }
+}
+
 /// The elements of a batch read by [`batch3`] as a slice.
 ///
 /// # Safety
