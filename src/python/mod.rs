@@ -1,18 +1,21 @@
 //! The PyO3 binding layer (cargo feature `python`): the only code that knows about Python.
 //!
-//! Each submodule borrows NumPy buffers (zero copy), validates them, releases the GIL with
-//! `py.detach`, calls a kernel from [`crate::kernels`] and returns. Kernel errors (`String`s, or the
-//! crate's typed [`Error`](crate::Error) through `errors`) become Python exceptions; nothing
-//! panics across the boundary.
+//! Each submodule reads NumPy buffers through their raw fields (zero copy, no borrow flags:
+//! [`array`]), asks the planner how the kernels see them, validates, releases the GIL with
+//! `py.detach`, runs the kernels ([`exec`] for any layout) and returns. Allocation failures
+//! are `MemoryError`; kernel errors (`String`s, or the crate's typed [`Error`](crate::Error)
+//! through `errors`) become Python exceptions; nothing panics across the boundary.
 
 use pyo3::prelude::*;
 
+mod array;
 mod blocks;
 mod complex;
 #[cfg(all(feature = "cuda", target_os = "linux"))]
 mod cuda;
 mod env;
 mod errors;
+mod exec;
 mod losses;
 mod plan;
 mod probe;
