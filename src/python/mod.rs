@@ -24,6 +24,7 @@ mod segments;
 
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    initialise_lazy_state(m.py())?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     reductions::register(m)?;
     complex::register(m)?;
@@ -35,5 +36,18 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     env::register(m)?;
     #[cfg(all(feature = "cuda", target_os = "linux"))]
     cuda::register(m)?;
+    Ok(())
+}
+
+/// Fills every lazily initialised global now, at import, under the GIL and before any thread of
+/// the user's can be inside a call: a cell that another thread is initialising when the process
+/// forks stays "being initialised" forever in the child, and the child's first call would wait
+/// on it. (NumPy's C API table, the SIMD level and the default thread count are such cells.)
+fn initialise_lazy_state(py: Python<'_>) -> PyResult<()> {
+    // Creating an array loads NumPy's C API table into its cell.
+    let _ = numpy::PyArray1::<f64>::zeros(py, 0, false);
+    let _ = crate::simd::level();
+    let _ = crate::simd::available_levels();
+    let _ = crate::parallel::thread_env_problem();
     Ok(())
 }
