@@ -5,9 +5,15 @@
 //! L3/DRAM and short rows measure the per-row overhead. Sample sizes are small so that a
 //! default `cargo bench` stays within minutes on 2 cores; pass a filter to go deeper, e.g.
 //! `cargo bench --bench kernels -- 'logsumexp_two_pass/f32/avx512'`.
+//!
+//! The `probe` group is the crate's bandwidth probe (`stablelse::probe`, the ceiling of
+//! `python -m stablelse bench` and `cargo bench --bench throughput`) over the same 8 MiB
+//! footprint as the f32 cases, so each kernel's GB/s reads against what plain streaming
+//! reaches at that size.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use stablelse::kernels::{logsumexp_at, softmax_like_at, Algorithm, Reduction};
+use stablelse::probe::Probe;
 use stablelse::simd::{available_levels, exp_f32, exp_f64};
 use stablelse::{Batch, Real};
 use std::hint::black_box;
@@ -147,7 +153,20 @@ fn bench_exp(c: &mut Criterion) {
     g.finish();
 }
 
+fn bench_probe(c: &mut Criterion) {
+    let mut g = configure(c, "probe");
+    let bytes = ELEMENTS * std::mem::size_of::<f32>();
+    let Ok(mut probe) = Probe::new(bytes) else {
+        return;
+    };
+    g.throughput(Throughput::Bytes(bytes as u64));
+    g.bench_function("read", |b| b.iter(|| black_box(probe.read(1))));
+    g.bench_function("read_write", |b| b.iter(|| black_box(probe.read_write(1))));
+    g.finish();
+}
+
 fn kernels(c: &mut Criterion) {
+    bench_probe(c);
     bench_exp(c);
     bench_lse::<f32>(c, Algorithm::TwoPass, "logsumexp_two_pass");
     bench_lse::<f32>(c, Algorithm::Online, "logsumexp_online");

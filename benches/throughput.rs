@@ -2,10 +2,12 @@
 //!
 //! `cargo bench --bench throughput` (optionally `-- avx512` / `-- avx2` / `-- scalar` to pick
 //! levels, default: all available). GB/s = bytes the op must read (+ write) / best time of
-//! several runs; the DRAM ceilings are a plain read-reduction and a read+write (scale) loop
-//! over 256 MiB on all threads, written with the widest available vector instructions.
+//! several runs; the DRAM ceilings come from the crate's bandwidth probe (`stablelse::probe`,
+//! the one `python -m stablelse bench` uses), over a footprint several times the last-level
+//! cache, on all threads.
 
 use stablelse::kernels::{logsumexp_at, softmax_like_at, Algorithm, Reduction};
+use stablelse::probe::{dram_probe_bytes, Probe};
 use stablelse::simd::{available_levels, Level};
 use stablelse::Batch;
 use std::hint::black_box;
@@ -22,88 +24,6 @@ fn best_of(reps: usize, mut f: impl FnMut()) -> f64 {
             t.elapsed().as_secs_f64()
         })
         .fold(f64::INFINITY, f64::min)
-}
-
-#[cfg(target_arch = "x86_64")]
-mod dram {
-    use std::arch::x86_64::*;
-
-    /// XOR-reduces `x` with 512-bit loads (4 independent accumulators).
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn read_avx512(x: &[u64]) -> u64 {
-        let mut acc = [_mm512_setzero_si512(); 4];
-        let chunks = x.len() / 32;
-        let p = x.as_ptr() as *const __m512i;
-        for c in 0..chunks {
-            for (a, acc) in acc.iter_mut().enumerate() {
-                // SAFETY: 32 u64 per chunk lie inside x.
-                *acc = _mm512_xor_si512(*acc, unsafe { _mm512_loadu_si512(p.add(4 * c + a)) });
-            }
-        }
-        let v = _mm512_xor_si512(
-            _mm512_xor_si512(acc[0], acc[1]),
-            _mm512_xor_si512(acc[2], acc[3]),
-        );
-        let mut out = [0u64; 8];
-        // SAFETY: out holds 8 u64.
-        unsafe { _mm512_storeu_si512(out.as_mut_ptr() as *mut __m512i, v) };
-        out.iter().fold(0, |a, b| a ^ b)
-    }
-
-    /// `y = 2 x` with 512-bit loads and stores.
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn scale_avx512(x: &[f32], y: &mut [f32]) {
-        let two = _mm512_set1_ps(2.0);
-        for c in 0..x.len() / 16 {
-            // SAFETY: 16 f32 per chunk lie inside x and y.
-            unsafe {
-                let v = _mm512_loadu_ps(x.as_ptr().add(16 * c));
-                _mm512_storeu_ps(y.as_mut_ptr().add(16 * c), _mm512_mul_ps(v, two));
-            }
-        }
-    }
-}
-
-fn dram_read_gbs(buf: &[u64], threads: usize) -> f64 {
-    let bytes = std::mem::size_of_val(buf) as f64;
-    let t = best_of(REPS, || {
-        std::thread::scope(|s| {
-            for part in buf.chunks(buf.len().div_ceil(threads)) {
-                s.spawn(move || {
-                    #[cfg(target_arch = "x86_64")]
-                    if is_x86_feature_detected!("avx512f") {
-                        // SAFETY: the feature was detected.
-                        return black_box(unsafe { dram::read_avx512(part) });
-                    }
-                    black_box(part.iter().fold(0u64, |a, &b| a ^ b))
-                });
-            }
-        })
-    });
-    bytes / t / 1e9
-}
-
-fn dram_rw_gbs(x: &[f32], y: &mut [f32], threads: usize) -> f64 {
-    let bytes = 2.0 * std::mem::size_of_val(x) as f64;
-    let per = x.len().div_ceil(threads);
-    let t = best_of(REPS, || {
-        std::thread::scope(|s| {
-            for (xs, ys) in x.chunks(per).zip(y.chunks_mut(per)) {
-                s.spawn(move || {
-                    #[cfg(target_arch = "x86_64")]
-                    if is_x86_feature_detected!("avx512f") {
-                        // SAFETY: the feature was detected.
-                        unsafe { dram::scale_avx512(xs, ys) };
-                        return;
-                    }
-                    for (a, b) in ys.iter_mut().zip(xs) {
-                        *a = 2.0 * b;
-                    }
-                });
-            }
-        })
-    });
-    bytes / t / 1e9
 }
 
 fn data(len: usize) -> Vec<f32> {
@@ -150,11 +70,14 @@ fn main() {
     let big = 1usize << 26; // 256 MiB of f32
     let x = data(big);
     let mut out = vec![0.0f32; big];
-    let words: Vec<u64> = (0..big / 2).map(|i| i as u64).collect();
-    let read = dram_read_gbs(&words, threads);
-    let rw = dram_rw_gbs(&x, &mut out, threads);
-    println!("DRAM ceiling (256 MiB): read {read:.1} GB/s, read+write {rw:.1} GB/s");
-    drop(words);
+    let probe_bytes = dram_probe_bytes();
+    let mut probe = Probe::new(probe_bytes).expect("memory for the bandwidth probe");
+    let read = probe.read(REPS);
+    let rw = probe.read_write(REPS);
+    println!(
+        "DRAM ceiling ({} MiB): read {read:.1} GB/s, read+write {rw:.1} GB/s",
+        probe_bytes >> 20
+    );
 
     struct Case {
         name: &'static str,
@@ -266,11 +189,7 @@ fn main() {
         }
     }
     // The ceiling again, after the kernels: neighbours on a shared machine move it.
-    let words: Vec<u64> = (0..big / 2).map(|i| i as u64).collect();
-    println!(
-        "DRAM read again: {:.1} GB/s",
-        dram_read_gbs(&words, threads)
-    );
+    println!("DRAM read again: {:.1} GB/s", probe.read(REPS));
 }
 
 /// The compute ceiling of each kernel: one thread, 256 KiB of float32 that stays in L2,
@@ -379,13 +298,10 @@ fn in_cache(levels: &[Level]) {
 /// to the read ceiling (`cargo bench --bench throughput -- sweep`): where the cache cliff is.
 fn sweep(levels: &[Level]) {
     let x = data(1 << 26);
-    let words: Vec<u64> = (0..1usize << 25).map(|i| i as u64).collect();
+    let probe = Probe::new(dram_probe_bytes()).expect("memory for the bandwidth probe");
     for threads in [1, 2] {
         stablelse::parallel::set_num_threads(threads);
-        println!(
-            "threads {threads}: DRAM read {:.1} GB/s",
-            dram_read_gbs(&words, threads)
-        );
+        println!("threads {threads}: DRAM read {:.1} GB/s", probe.read(REPS));
         for &level in levels {
             for shift in [16usize, 18, 20, 22, 24, 26] {
                 let len = 1usize << shift;

@@ -26,27 +26,91 @@ static POOL: RwLock<Pool> = RwLock::new(Pool {
     pool: None,
 });
 
-/// `STABLELSE_NUM_THREADS`, else the number of cores; read once (querying the cgroup CPU
-/// quota costs tens of microseconds).
+/// The variables that set the default thread count, first one set (and valid) wins:
+/// stablelse's own, then rayon's, then OpenMP's (Dask's nanny sets `OMP_NUM_THREADS=1` in its
+/// workers, so a worker runs one stablelse thread as it runs one BLAS thread).
+pub const THREAD_ENV_VARS: [&str; 3] = [
+    "STABLELSE_NUM_THREADS",
+    "RAYON_NUM_THREADS",
+    "OMP_NUM_THREADS",
+];
+
+/// The default thread count and, if a variable was set to something unusable, why it was
+/// ignored.
+struct DefaultThreads {
+    threads: usize,
+    /// The first variable ignored, and a message naming every one ignored.
+    problem: Option<(&'static str, String)>,
+}
+
+/// The default thread count; read once (querying the cgroup CPU quota costs tens of
+/// microseconds).
 fn default_threads() -> usize {
-    static DEFAULT: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *DEFAULT.get_or_init(read_default_threads)
+    default_threads_and_problem().threads
 }
 
-fn read_default_threads() -> usize {
-    std::env::var("STABLELSE_NUM_THREADS")
-        .ok()
-        .and_then(|v| v.trim().parse::<usize>().ok())
-        .filter(|&n| n > 0)
-        .unwrap_or_else(|| {
-            std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1)
-        })
-        .min(MAX_THREADS)
+fn default_threads_and_problem() -> &'static DefaultThreads {
+    static DEFAULT: std::sync::OnceLock<DefaultThreads> = std::sync::OnceLock::new();
+    DEFAULT.get_or_init(|| read_default_threads(|var| std::env::var_os(var)))
 }
 
-/// The number of threads stablelse uses (`STABLELSE_NUM_THREADS`, else all cores).
+/// A thread count as these variables spell it: a positive integer (OpenMP's nested list
+/// `"4,2"` counts its first entry). `Ok(None)` for an empty value or `0`, which mean "the
+/// default" (as for rayon); `Err` for anything else.
+fn parse_threads(value: &str) -> Result<Option<usize>, ()> {
+    let first = value.split(',').next().unwrap_or("").trim();
+    if first.is_empty() {
+        return Ok(None);
+    }
+    match first.parse::<usize>() {
+        Ok(0) => Ok(None),
+        Ok(n) => Ok(Some(n)),
+        // More threads than a usize holds: as many as allowed.
+        Err(_) if first.bytes().all(|b| b.is_ascii_digit()) => Ok(Some(MAX_THREADS)),
+        Err(_) => Err(()),
+    }
+}
+
+fn read_default_threads(var: impl Fn(&str) -> Option<std::ffi::OsString>) -> DefaultThreads {
+    let mut bad: Vec<(&'static str, String)> = Vec::new();
+    let mut chosen: Option<(usize, &str)> = None;
+    for name in THREAD_ENV_VARS {
+        let Some(raw) = var(name) else { continue };
+        match raw.to_str().map(parse_threads) {
+            Some(Ok(Some(n))) => {
+                chosen = Some((n.min(MAX_THREADS), name));
+                break;
+            }
+            Some(Ok(None)) => {}
+            _ => bad.push((name, format!("{name}={:?}", raw.to_string_lossy()))),
+        }
+    }
+    let (threads, source) = chosen.unwrap_or_else(|| {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        (cpus.min(MAX_THREADS), "the CPUs this process may run on")
+    });
+    let problem = bad.first().map(|&(first, _)| {
+        let named: Vec<&str> = bad.iter().map(|(_, s)| s.as_str()).collect();
+        let message = format!(
+            "ignored {}: not a number of threads; using {threads} thread{} ({source})",
+            named.join(", "),
+            if threads == 1 { "" } else { "s" },
+        );
+        (first, message)
+    });
+    DefaultThreads { threads, problem }
+}
+
+/// Why a thread-count variable was ignored, if one was set to something that is not a number
+/// of threads (`STABLELSE_NUM_THREADS=abc`): the first such variable and a message naming
+/// each one; `None` when every one set was usable.
+pub fn thread_env_problem() -> Option<(&'static str, String)> {
+    default_threads_and_problem().problem.clone()
+}
+
+/// The number of threads stablelse uses: what [`set_num_threads`] set, else the default
+/// (the first usable of [`THREAD_ENV_VARS`], else the CPUs this process may run on: its
+/// affinity mask, and the cgroup CPU quota where one is set).
 pub fn num_threads() -> usize {
     if LOCK_LOST_IN_FORK.load(Ordering::Acquire) {
         return 1;
@@ -63,12 +127,12 @@ pub fn num_threads() -> usize {
     }
 }
 
-/// Sets the number of threads; `0` restores the default. The pool is rebuilt lazily.
 /// The most threads a pool may have; more only slows the pool's construction (4096 threads
-/// took 46 s to start here). `set_num_threads`, `STABLELSE_NUM_THREADS` and threadpoolctl
-/// are all clamped to it.
+/// took 46 s to start here). `set_num_threads`, the thread-count variables and
+/// threadpoolctl are all clamped to it.
 pub const MAX_THREADS: usize = 1024;
 
+/// Sets the number of threads; `0` restores the default. The pool is rebuilt lazily.
 pub fn set_num_threads(n: usize) {
     if LOCK_LOST_IN_FORK.load(Ordering::Acquire) {
         return;
@@ -198,3 +262,65 @@ impl<T> SendPtr<T> {
 unsafe impl<T> Send for SendPtr<T> {}
 // SAFETY: as above; the pointer itself is never mutated.
 unsafe impl<T> Sync for SendPtr<T> {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::ffi::OsString;
+
+    fn with(vars: &[(&str, &str)]) -> DefaultThreads {
+        let vars: Vec<(String, OsString)> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), OsString::from(v)))
+            .collect();
+        read_default_threads(|name| vars.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone()))
+    }
+
+    fn cpus() -> usize {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    }
+
+    #[test]
+    fn first_usable_variable_wins() {
+        let d = with(&[("STABLELSE_NUM_THREADS", "3"), ("OMP_NUM_THREADS", "1")]);
+        assert_eq!((d.threads, d.problem), (3, None));
+        let d = with(&[("RAYON_NUM_THREADS", "5"), ("OMP_NUM_THREADS", "1")]);
+        assert_eq!(d.threads, 5);
+        let d = with(&[("OMP_NUM_THREADS", "1")]);
+        assert_eq!(d.threads, 1);
+        let d = with(&[("OMP_NUM_THREADS", "4,2")]);
+        assert_eq!(d.threads, 4);
+        assert_eq!(with(&[]).threads, cpus());
+    }
+
+    #[test]
+    fn empty_and_zero_mean_the_default() {
+        let d = with(&[("STABLELSE_NUM_THREADS", ""), ("RAYON_NUM_THREADS", "0")]);
+        assert_eq!((d.threads, d.problem), (cpus(), None));
+        let d = with(&[("STABLELSE_NUM_THREADS", "0"), ("OMP_NUM_THREADS", "2")]);
+        assert_eq!((d.threads, d.problem), (2, None));
+    }
+
+    #[test]
+    fn a_bad_value_is_named_and_the_next_variable_used() {
+        let d = with(&[("STABLELSE_NUM_THREADS", "abc"), ("OMP_NUM_THREADS", "1")]);
+        assert_eq!(d.threads, 1);
+        let (var, msg) = d.problem.expect("a problem");
+        assert_eq!(var, "STABLELSE_NUM_THREADS");
+        assert!(msg.contains("STABLELSE_NUM_THREADS=\"abc\""), "{msg}");
+        assert!(msg.contains("using 1 thread (OMP_NUM_THREADS)"), "{msg}");
+        let d = with(&[("RAYON_NUM_THREADS", "-2")]);
+        assert_eq!(d.threads, cpus());
+        assert_eq!(d.problem.expect("a problem").0, "RAYON_NUM_THREADS");
+    }
+
+    #[test]
+    fn huge_values_are_clamped() {
+        let d = with(&[("STABLELSE_NUM_THREADS", "99999999999999999999999")]);
+        assert_eq!((d.threads, d.problem), (MAX_THREADS, None));
+        assert_eq!(
+            with(&[("STABLELSE_NUM_THREADS", "5000")]).threads,
+            MAX_THREADS
+        );
+    }
+}

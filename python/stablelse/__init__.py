@@ -19,8 +19,10 @@ from ._core import __version__
 from ._losses import cross_entropy, log_softmax_backward, nll_loss, softmax_backward
 from ._stream import LogSumExp
 from ._threadpool import register as _register_threadpoolctl
+from ._threadpool import warn_env_problems as _warn_env_problems
 
 _register_threadpoolctl()
+_warn_env_problems()
 
 if hasattr(_os, "register_at_fork"):
     # A forked child has none of the parent's pool threads: drop the pool, build anew on use.

@@ -11,7 +11,7 @@ import numpy as np
 
 import stablelse
 
-SEEDS_BATCH = [[2.0, 1.0, 0.1], [1000.0, 1.0, -1000.0], [3.0, 2.0, 1.0]]
+DEMO_BATCH = [[2.0, 1.0, 0.1], [1000.0, 1.0, -1000.0], [3.0, 2.0, 1.0]]
 
 
 def _naive_softmax(x: np.ndarray) -> np.ndarray:
@@ -20,10 +20,10 @@ def _naive_softmax(x: np.ndarray) -> np.ndarray:
 
 
 def demo(print_fn: Callable[..., None] = print) -> int:
-    """The seeds' example: naive softmax overflows, stablelse stays finite and exact."""
+    """A batch whose naive softmax overflows, while stablelse stays finite and exact."""
     np.set_printoptions(precision=6, suppress=True)
-    logits = np.array(SEEDS_BATCH, dtype=np.float32)
-    print_fn("stablelse demo: the seeds' batch of logits (float32)")
+    logits = np.array(DEMO_BATCH, dtype=np.float32)
+    print_fn("stablelse demo: a batch of logits (float32) with a row of +-1000")
     print_fn(logits)
     print_fn()
     print_fn("Naive NumPy softmax, exp(x) / sum(exp(x)):")
@@ -67,18 +67,20 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["bench"]:
         # The benchmark has its own options (and --help); hand them over untouched.
         try:
-            from ._bench import main as bench_main
-        except ImportError:
-            print("the benchmark module is not available in this build", file=sys.stderr)
+            from .bench import main as bench_main
+        except ImportError as exc:
+            print(f"the benchmark is not available: {exc}", file=sys.stderr)
             return 2
         return int(bench_main(argv[1:]))
     parser = argparse.ArgumentParser(
         prog="python -m stablelse", description="stablelse command line"
     )
+    parser.add_argument("--version", action="version", version=f"stablelse {stablelse.__version__}")
     parser.add_argument(
         "command",
         choices=["demo", "info", "bench"],
-        help="demo: the seeds' example; info: build and machine; bench: see `bench --help`",
+        help="demo: naive vs stable softmax on overflowing logits; info: build and machine; "
+        "bench: see `bench --help`",
     )
     args, rest = parser.parse_known_args(argv)
     if args.command == "demo":

@@ -536,7 +536,8 @@ MAX_THREADS = 1024
 def set_num_threads(n: int) -> None:
     """Set the number of threads stablelse's kernels use (0 restores the default).
 
-    The default is ``STABLELSE_NUM_THREADS`` if set, else the number of cores. Results are
+    The default is ``STABLELSE_NUM_THREADS``, else ``RAYON_NUM_THREADS``, else
+    ``OMP_NUM_THREADS``, else the CPUs this process may run on. Results are
     bit-identical for any thread count. At most ``MAX_THREADS`` (1024): building a pool of
     tens of thousands of threads takes minutes and looks like a hang.
     """

@@ -1,6 +1,6 @@
-"""The losses part of ``python -m stablelse demo``: the seeds' loss and gradient story.
+"""The losses part of ``python -m stablelse demo``: a loss and its gradient on an overflowing batch.
 
-The seeds' batch has a row ``[1000, 1, -1000]`` whose target is class 2. Computed naively,
+The demo batch has a row ``[1000, 1, -1000]`` whose target is class 2. Computed naively,
 softmax overflows (``exp(1000) = inf``), the target probability is ``1 / inf = 0``, the loss
 ``-log(0)`` is ``inf`` and backpropagation through it gives NaN gradients. stablelse computes
 ``logsumexp(x) - x[t]`` directly, with the gradient ``softmax(x) - one_hot(t)``, all finite.
@@ -12,8 +12,8 @@ from typing import Callable
 
 import numpy as np
 
-SEEDS_BATCH = [[2.0, 1.0, 0.1], [1000.0, 1.0, -1000.0], [3.0, 2.0, 1.0]]
-SEEDS_TARGETS = [0, 2, 1]
+DEMO_BATCH = [[2.0, 1.0, 0.1], [1000.0, 1.0, -1000.0], [3.0, 2.0, 1.0]]
+DEMO_TARGETS = [0, 2, 1]
 
 
 def _naive_loss_and_grad(x: np.ndarray, t: np.ndarray) -> tuple[np.floating, np.ndarray]:
@@ -31,12 +31,12 @@ def _naive_loss_and_grad(x: np.ndarray, t: np.ndarray) -> tuple[np.floating, np.
 
 
 def demo_losses(print_fn: Callable[..., None] = print) -> bool:
-    """Prints the naive vs stablelse cross-entropy on the seeds' batch; True if all is well."""
+    """Prints the naive vs stablelse cross-entropy on the demo batch; True if all is well."""
     import stablelse  # noqa: PLC0415 - imported late: this module is imported by stablelse
 
-    x = np.array(SEEDS_BATCH, dtype=np.float32)
-    t = np.array(SEEDS_TARGETS)
-    print_fn(f"Cross-entropy on the same batch, targets {SEEDS_TARGETS}:")
+    x = np.array(DEMO_BATCH, dtype=np.float32)
+    t = np.array(DEMO_TARGETS)
+    print_fn(f"Cross-entropy on the same batch, targets {DEMO_TARGETS}:")
     naive_loss, naive_grad = _naive_loss_and_grad(x, t)
     print_fn(f"naive -log(softmax(x)[t]).mean() = {naive_loss}")
     print_fn("  row 1: softmax(x)[2] = exp(-1000) / exp(1000) = 0 / inf = 0, and -log(0) = inf")

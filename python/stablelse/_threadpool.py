@@ -1,14 +1,22 @@
-"""threadpoolctl integration: ``threadpool_limits(1)`` limits stablelse's pool too.
+"""The thread pool as the ecosystem expects it: environment variables and threadpoolctl.
 
-Registered at import when threadpoolctl is installed, through its custom-controller API.
-threadpoolctl finds controllers by the file name of loaded shared libraries; ours is the
-native module ``stablelse/_core.abi3.so``, and the controller ignores any other library that
-happens to share that file name.
+Default thread count (read once, by the native module): ``STABLELSE_NUM_THREADS``, else
+``RAYON_NUM_THREADS``, else ``OMP_NUM_THREADS`` (Dask's nanny sets it to 1 in each worker),
+else the CPUs this process may run on. A variable set to something unusable
+(``STABLELSE_NUM_THREADS=abc``, ``STABLELSE_SIMD=bogus`` or a SIMD level this CPU lacks) is
+ignored with one ``RuntimeWarning`` at import that names it.
+
+threadpoolctl: ``threadpool_limits(1)`` limits stablelse's pool too. Registered at import when
+threadpoolctl is installed, through its custom-controller API. threadpoolctl finds controllers
+by the file name of loaded shared libraries; ours is the native module
+``stablelse/_core.abi3.so``, and the controller ignores any other library that happens to share
+that file name.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 
 from . import _core
 
@@ -44,3 +52,9 @@ def register() -> bool:
     threadpoolctl.register(StablelseController)
     threadpoolctl._stablelse_registered = True  # type: ignore[attr-defined]
     return True
+
+
+def warn_env_problems() -> None:
+    """One ``RuntimeWarning`` per environment variable the native module ignored."""
+    for _var, message in _core.env_problems():
+        warnings.warn(f"stablelse {message}", RuntimeWarning, stacklevel=3)

@@ -6,9 +6,11 @@
 
 use pyo3::prelude::*;
 
-#[cfg(feature = "cuda")]
+#[cfg(all(feature = "cuda", target_os = "linux"))]
 mod cuda;
+mod env;
 mod losses;
+mod plan;
 mod probe;
 mod reductions;
 
@@ -17,8 +19,10 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     reductions::register(m)?;
     losses::register(m)?;
+    plan::register(m)?;
     probe::register(m)?;
-    #[cfg(feature = "cuda")]
+    env::register(m)?;
+    #[cfg(all(feature = "cuda", target_os = "linux"))]
     cuda::register(m)?;
     Ok(())
 }

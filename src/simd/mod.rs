@@ -92,6 +92,23 @@ pub fn detect() -> Level {
     }
 }
 
+/// Why `STABLELSE_SIMD` was not followed, when it is set (non-empty) and names no level this
+/// CPU has; the Python package turns it into a warning.
+pub fn env_problem() -> Option<String> {
+    let value = std::env::var("STABLELSE_SIMD").ok()?;
+    let want = Level::parse(&value);
+    let reason = match want {
+        _ if value.trim().is_empty() => return None,
+        Some(l) if is_available(l) => return None,
+        Some(_) => "this CPU lacks that level",
+        None => "not one of scalar, avx2, avx512, neon",
+    };
+    Some(format!(
+        "ignored STABLELSE_SIMD={value:?}: {reason}; using {}",
+        level().name()
+    ))
+}
+
 /// The level chosen for this process (detected on first use).
 pub fn level() -> Level {
     static LEVEL: OnceLock<Level> = OnceLock::new();

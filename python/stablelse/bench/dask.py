@@ -1,6 +1,6 @@
 """Benchmark: logsumexp of a large float32 Dask array on a local cluster (not a test).
 
-Run ``python -m stablelse._bench_dask`` (defaults: 4 GiB float32 in 64 MiB chunks, a
+Run ``python -m stablelse.bench.dask`` (defaults: 4 GiB float32 in 64 MiB chunks, a
 ``LocalCluster`` of 2 worker processes with 1 thread each on loopback). The array is generated
 chunk by chunk on the workers and never materialised whole: each block is a per-process cached
 standard-normal block plus a per-block offset (one fused add, so the generator costs about one
@@ -73,7 +73,7 @@ def _best(fn: Callable[[], Any], repeat: int) -> tuple[float, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m stablelse._bench_dask", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m stablelse.bench.dask", description=__doc__)
     p.add_argument("--gib", type=float, default=4.0, help="array size in GiB (default 4)")
     p.add_argument("--chunk-mib", type=int, default=64, help="chunk size in MiB (default 64)")
     p.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
@@ -168,6 +168,6 @@ def main(argv: list[str] | None = None) -> None:
 if __name__ == "__main__":
     # Run the importable module's main, so tasks pickle `_gen_block` by reference and each
     # worker keeps its cached base block (a `__main__` function would be pickled by value).
-    from stablelse._bench_dask import main as _main
+    from stablelse.bench.dask import main as _main
 
     _main()

@@ -5,7 +5,7 @@ median time, next to the device's measured copy bandwidth (a device-to-device co
 plus bytes written) measured in the same run. Columns: ``kernel`` (stablelse's launcher called
 with raw pointers: the kernels alone), ``api`` (the public ``stablelse.cuda`` call, Python
 dispatch and output allocation included), ``torch`` (eager) and ``compile`` (torch.compile).
-Also runnable as ``python -m stablelse._bench_cuda``.
+Also runnable as ``python -m stablelse.bench.cuda``.
 """
 
 from __future__ import annotations
@@ -186,7 +186,7 @@ def run_cuda_bench(args: Any = None) -> list[dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m stablelse._bench_cuda", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m stablelse.bench.cuda", description=__doc__)
     p.add_argument("--quick", action="store_true", help="three row lengths only")
     p.add_argument("--compile", action="store_true", help="also time torch.compile")
     p.add_argument("--total-mb", type=int, default=512, help="input size per case (MiB)")

@@ -1,0 +1,63 @@
+"""The planner (``src/plan.rs``) for NumPy arrays: kernel views and results in user order.
+
+Every front door that hands a NumPy array to the kernels goes through :func:`kernel_view`
+(the losses' class axis, the streaming accumulator and Dask's block functions); device arrays
+(the CUDA path) call ``_core.plan`` with their own shape, strides and address. ``axes`` is
+always the normalised tuple of :func:`stablelse._axes.normalize_axes`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from . import _core
+
+__all__ = ["full_to_user", "kernel_view", "plan", "reduced_to_user"]
+
+AnyArray = npt.NDArray[Any]
+
+
+def plan(x: AnyArray, axes: Sequence[int]) -> _core.Plan:
+    """How the kernels see `x` reduced over `axes` (sorted, distinct, in range)."""
+    addr = int(x.__array_interface__["data"][0])
+    return _core.plan(x.shape, x.strides, x.itemsize, addr, tuple(axes))
+
+
+def kernel_view(x: AnyArray, axes: Sequence[int]) -> tuple[AnyArray, _core.Plan]:
+    """`x` as the 3-D ``(outer, n, inner)`` array the kernels read, and its plan.
+
+    A view (maybe transposed) when the planner reads `x` directly; otherwise the one dense
+    copy, in the plan's work order.
+    """
+    p = plan(x, axes)
+    w = x.transpose(p.perm)
+    if not p.direct:
+        w = np.array(w, order="C", copy=True)  # also aligns: a copy is always made
+    return w.reshape(p.outer, p.n, p.inner), p
+
+
+def reduced_to_user(
+    res: AnyArray, p: _core.Plan, shape: Sequence[int], keepdims: bool = False
+) -> AnyArray:
+    """A reduction's ``(outer, inner)`` result (work order) in the input's axis order."""
+    kept = p.kept
+    res = res.reshape([shape[a] for a in kept])
+    order = sorted(range(len(kept)), key=kept.__getitem__)
+    res = res.transpose(order)
+    if keepdims:
+        reduced = set(p.perm[p.first : p.first + p.reduced])
+        res = res.reshape([1 if a in reduced else n for a, n in enumerate(shape)])
+    return res
+
+
+def full_to_user(res: AnyArray, p: _core.Plan, shape: Sequence[int]) -> AnyArray:
+    """A ``(outer, n, inner)`` result laid out in work order, as a view in the input's order."""
+    perm = p.perm
+    inv = [0] * len(perm)
+    for i, a in enumerate(perm):
+        inv[a] = i
+    return res.reshape([shape[a] for a in perm]).transpose(inv)
