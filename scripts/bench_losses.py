@@ -55,7 +55,7 @@ def main() -> None:
     t_fwd = best(lambda: sl.cross_entropy(x, t), args.repeat)
     t_grad = best(lambda: sl.cross_entropy(x, t, return_grad=True), args.repeat)
     g = np.empty_like(x)
-    t_gout = best(lambda: sl.cross_entropy(x, t, grad_out=g), args.repeat)
+    t_gout = best(lambda: sl.cross_entropy(x, t, return_grad=True, grad_out=g), args.repeat)
     fwd_gbs = nbytes / t_fwd / 1e9
     grad_gbs = 2 * nbytes / t_grad / 1e9
     gout_gbs = 2 * nbytes / t_gout / 1e9

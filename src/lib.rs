@@ -125,6 +125,7 @@
 #[cfg(all(feature = "cuda", target_os = "linux"))]
 #[doc(hidden)]
 pub mod cuda;
+mod error;
 pub mod kernels;
 pub mod layout;
 pub mod parallel;
@@ -139,6 +140,7 @@ pub mod state;
 #[cfg(feature = "python")]
 mod python;
 
+pub use error::Error;
 pub use kernels::{Algorithm, Reduction};
 pub use layout::Batch;
 pub use real::Real;

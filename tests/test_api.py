@@ -176,9 +176,7 @@ def test_big_endian_and_longdouble():
     assert sl.softmax(ld, axis=1).dtype == np.longdouble
 
 
-def test_complex_and_object_raise_type_error():
-    with pytest.raises(TypeError, match="complex"):
-        sl.logsumexp(np.array([1 + 1j]))
+def test_object_and_strings_raise_type_error():
     with pytest.raises(TypeError, match="real numeric"):
         sl.softmax(np.array(["a", "b"]))
     with pytest.raises(TypeError):

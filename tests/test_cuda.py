@@ -262,3 +262,34 @@ def test_ops_without_gpu_raise_cleanly():
     assert isinstance(ei.value, Exception)
     with pytest.raises(Exception):  # noqa: B017
         stablelse.logsumexp(x, axis=-1)
+
+
+def test_cross_entropy_validates_options_before_touching_the_arrays():
+    # The same specification as the CPU door: without a device library the arrays cannot be
+    # read at all, so a bad option must be reported first, with the CPU door's exception.
+    x, t = np.zeros((2, 3), np.float32), np.array([0, 1])
+    cases = [
+        ({"grad_out": x}, ValueError, "grad_out is given but return_grad is False"),
+        ({"label_smoothing": "0.1"}, TypeError, "label_smoothing must be a float"),
+        ({"z_loss": True}, TypeError, "z_loss must be a float, got bool"),
+        ({"ignore_index": 2**63}, ValueError, "does not fit in int64"),
+        ({"reduction": "avg"}, ValueError, "reduction must be 'mean', 'sum' or 'none'"),
+    ]
+    for kwargs, exc, msg in cases:
+        with pytest.raises(exc, match=msg):
+            scuda.cross_entropy(x, t, **kwargs)
+        with pytest.raises(exc, match=msg):
+            stablelse.cross_entropy(x, t, **kwargs)
+
+
+def test_cuda_reduction_is_the_kernels_reduction():
+    # One reduction enum: the CUDA binding parses names with the loss kernels' parser, so a
+    # name the specification lets through always reaches the device as the same variant.
+    from stablelse._spec import REDUCTIONS
+
+    assert REDUCTIONS == ("mean", "sum", "none")
+    import inspect
+
+    for fn in (scuda.cross_entropy, stablelse.cross_entropy, stablelse.nll_loss):
+        ann = inspect.signature(fn).parameters["reduction"].annotation
+        assert ann == "Reduction", fn

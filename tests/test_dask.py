@@ -279,15 +279,76 @@ def test_cross_entropy_errors(compute):
     dl = da.zeros((4, 3), chunks=2)
     with pytest.raises(ValueError, match="reduction"):
         sd.cross_entropy(dl, da.zeros(4, dtype=int), reduction="avg")
-    with pytest.raises(ValueError, match=r"target has shape \(3,\), expected \(4,\)"):
+    with pytest.raises(ValueError, match=r"target has shape \(3,\); expected \(4,\)"):
         sd.cross_entropy(dl, da.zeros(3, dtype=int))
-    with pytest.raises(TypeError, match="integer class indices"):
+    with pytest.raises(TypeError, match="class-index target must have an integer dtype"):
         sd.cross_entropy(dl, da.zeros(4))
-    with pytest.raises(ValueError, match="weight has shape"):
+    with pytest.raises(ValueError, match="weight must have one entry per class"):
         sd.cross_entropy(dl, da.zeros(4, dtype=int), weight=[1.0, 2.0])
+    with pytest.raises(NotImplementedError, match="gradients"):
+        sd.cross_entropy(dl, da.zeros(4, dtype=int), return_grad=True)
     lazy = sd.cross_entropy(dl, da.from_array(np.array([0, 1, 3, 2]), chunks=2))
-    with pytest.raises(IndexError, match=r"target\[2\] = 3 is outside \[0, 3\)"):
+    with pytest.raises(IndexError, match=r"^target\[2\] = 3 is outside \[0, 3\)$"):
         compute(lazy)
+
+
+def test_cross_entropy_names_the_target_in_the_whole_array(compute):
+    x = da.zeros((6, 4, 3), chunks=(2, 3, 3))  # classes on axis 2, rows in 3 x 2 blocks
+    t = np.zeros((6, 4), dtype=np.int64)
+    t[3, 2] = 7
+    lazy = sd.cross_entropy(x, da.from_array(t, chunks=(2, 3)), reduction="none")
+    with pytest.raises(IndexError, match=r"^target\[3, 2\] = 7 is outside \[0, 3\)$"):
+        compute(lazy)
+    big = np.array([0, 1, 2**64 - 1, 0], dtype=np.uint64)  # printed as uint64, not -1
+    lazy = sd.cross_entropy(da.zeros((4, 3), chunks=2), da.from_array(big, chunks=2))
+    with pytest.raises(IndexError, match=r"^target\[2\] = 18446744073709551615 is outside"):
+        compute(lazy)
+
+
+def test_cross_entropy_refuses_unknown_chunk_sizes_without_nan_shapes():
+    t = da.from_array(np.array([0, 1, 1, 5]), chunks=2)
+    t = t[t < 3]  # a boolean mask: chunk sizes unknown
+    with pytest.raises(ValueError, match="unknown size") as ei:
+        sd.cross_entropy(da.zeros((3, 3), chunks=2), t)
+    assert "nan" not in str(ei.value)
+
+
+def test_cross_entropy_options_match_the_numpy_path(compute):
+    rng = np.random.default_rng(12)
+    x = (rng.normal(size=(23, 2, 9)) * 3).astype(np.float32)
+    t = rng.integers(0, 9, size=(23, 2))
+    t[::5, 0] = -100
+    w = rng.uniform(0.3, 2.0, size=9)
+    q = rng.dirichlet(np.ones(9), size=(23, 2)).astype(np.float32)
+    dl = da.from_array(x, chunks=(7, 1, 4))  # the class axis split: gathered per block
+    cases = []
+    for red in ("mean", "sum", "none"):
+        for tt, kw in (
+            (t, {"label_smoothing": 0.2}),
+            (t, {"z_loss": 1e-3}),
+            (t, {"weight": w, "z_loss": 1e-3, "label_smoothing": 0.1}),
+            (np.where(t < 0, 3, t), {"weight": w, "ignore_index": 3}),  # a class ignored
+        ):
+            cases.append((da.from_array(tt, chunks=(5, 2)), tt, {**kw, "reduction": red}))
+        cases.append((da.from_array(q, chunks=(6, 1, 9)), q, {"reduction": red, "weight": w}))
+    lazy = [sd.cross_entropy(dl, dt, **kw) for dt, _, kw in cases]
+    for (_, tt, kw), got in zip(cases, compute(lazy)):
+        want = stablelse.cross_entropy(x, tt, **kw)
+        assert np.asarray(got).dtype == np.float32
+        np.testing.assert_allclose(got, want, rtol=3e-7, atol=1e-6, err_msg=str(kw))
+
+
+def test_softmax_blocks_are_written_by_the_kernels(compute):
+    rng = np.random.default_rng(13)
+    x = rng.normal(size=(5, 7, 6)) * 30
+    x[1, :, 2] = -np.inf  # an all -inf slice over axis 1
+    dx = da.from_array(x, chunks=(2, 3, 4))
+    for ax in (1, (0, 2), None):
+        got = compute([sd.softmax(dx, axis=ax), sd.log_softmax(dx, axis=ax)])
+        with np.errstate(invalid="ignore"):
+            want = [stablelse.softmax(x, axis=ax), stablelse.log_softmax(x, axis=ax)]
+        for g, w in zip(got, want):
+            np.testing.assert_allclose(g, w, rtol=1e-14, atol=1e-300)
 
 
 def test_graph_is_lazy():

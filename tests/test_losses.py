@@ -502,28 +502,148 @@ def test_grad_out_receives_the_gradient():
     t = rng.integers(0, 6, size=5)
     loss, want = sl.cross_entropy(x, t, return_grad=True, label_smoothing=0.1)
     buf = np.full_like(x, 7.0)
-    loss2, g = sl.cross_entropy(x, t, grad_out=buf, label_smoothing=0.1)
+    loss2, g = sl.cross_entropy(x, t, return_grad=True, grad_out=buf, label_smoothing=0.1)
     assert g is buf and loss2 == loss
     np.testing.assert_array_equal(buf, want)
     fbuf = np.asfortranarray(np.zeros_like(x))  # not C-contiguous: written through a copy
-    assert sl.cross_entropy(x, t, grad_out=fbuf, label_smoothing=0.1)[1] is fbuf
+    assert sl.cross_entropy(x, t, return_grad=True, grad_out=fbuf, label_smoothing=0.1)[1] is fbuf
     np.testing.assert_array_equal(fbuf, want)
     x4 = rng.normal(size=(2, 3, 4))
     t4 = rng.integers(0, 3, size=(2, 4))
     g4 = np.empty_like(x4)
-    sl.cross_entropy(x4, t4, axis=1, grad_out=g4)
+    sl.cross_entropy(x4, t4, axis=1, return_grad=True, grad_out=g4)
     np.testing.assert_array_equal(g4, sl.cross_entropy(x4, t4, axis=1, return_grad=True)[1])
     with pytest.raises(ValueError, match="shape"):
-        sl.cross_entropy(x, t, grad_out=np.empty((6, 5), np.float32))
+        sl.cross_entropy(x, t, return_grad=True, grad_out=np.empty((6, 5), np.float32))
     with pytest.raises(TypeError, match="dtype"):
-        sl.cross_entropy(x, t, grad_out=np.empty((5, 6)))
+        sl.cross_entropy(x, t, return_grad=True, grad_out=np.empty((5, 6)))
     with pytest.raises(ValueError, match="overlaps logits"):
-        sl.cross_entropy(x, t, grad_out=x)
+        sl.cross_entropy(x, t, return_grad=True, grad_out=x)
     ro = np.zeros_like(x)
     ro.flags.writeable = False
     with pytest.raises(ValueError, match="read-only"):
-        sl.cross_entropy(x, t, grad_out=ro)
+        sl.cross_entropy(x, t, return_grad=True, grad_out=ro)
     bad = np.full_like(x, 7.0)
     with pytest.raises(IndexError):
-        sl.cross_entropy(x, [0, 1, 2, 3, 99], grad_out=bad)
+        sl.cross_entropy(x, [0, 1, 2, 3, 99], return_grad=True, grad_out=bad)
     assert (bad == 7.0).all()  # validated before anything was written
+
+
+# --------------------------------------------------------------------------- one specification
+# The NumPy, CUDA and Dask front doors parse the options with one function, so each mistake
+# raises the same exception from each of them. The CUDA door validates before it looks at the
+# arrays, so these run without a GPU; the Dask door validates at call time.
+
+def _front_doors():
+    doors = [("numpy", sl.cross_entropy, np.asarray)]
+    import stablelse.cuda as scuda
+
+    doors.append(("cuda", scuda.cross_entropy, np.asarray))
+    try:
+        import dask.array as da
+
+        import stablelse.dask as sd
+    except ImportError:  # pragma: no cover - dask is a test dependency
+        return doors
+    doors.append(("dask", sd.cross_entropy, lambda a: da.from_array(np.asarray(a), chunks=1)))
+    return doors
+
+
+BAD_OPTIONS = [
+    # (keyword arguments, exception, message)
+    ({"grad_out": np.empty((2, 3))}, ValueError, "grad_out is given but return_grad is False"),
+    ({"ignore_index": 2**63}, ValueError, "ignore_index 9223372036854775808 does not fit"),
+    ({"ignore_index": -(2**63) - 1}, ValueError, "does not fit in int64"),
+    ({"ignore_index": True}, TypeError, "ignore_index must be an int, got bool"),
+    ({"ignore_index": 1.0}, TypeError, "ignore_index must be an int, got float"),
+    ({"label_smoothing": "0.1"}, TypeError, "label_smoothing must be a float, got str"),
+    ({"label_smoothing": True}, TypeError, "label_smoothing must be a float, got bool"),
+    ({"label_smoothing": 1.5}, ValueError, r"label_smoothing must be in \[0, 1\]"),
+    ({"z_loss": True}, TypeError, "z_loss must be a float, got bool"),
+    ({"z_loss": "1e-4"}, TypeError, "z_loss must be a float, got str"),
+    ({"z_loss": float("nan")}, ValueError, "z_loss must be finite"),
+    ({"reduction": "avg"}, ValueError, "reduction must be 'mean', 'sum' or 'none', got 'avg'"),
+    ({"reduction": b"mean"}, TypeError, "reduction must be a str, got bytes"),
+    ({"return_grad": "yes"}, TypeError, "return_grad must be a bool, got str"),
+    ({"axis": True}, TypeError, "axis must be an int, got bool"),
+    ({"axis": 2}, np.exceptions.AxisError, "axis 2 is out of bounds"),
+]
+
+
+@pytest.mark.parametrize("kwargs,exc,msg", BAD_OPTIONS, ids=lambda v: repr(v)[:40])
+@pytest.mark.parametrize("door", _front_doors(), ids=lambda d: d[0])
+def test_every_front_door_refuses_the_same_options_alike(door, kwargs, exc, msg):
+    name, fn, wrap = door
+    if name == "cuda" and "axis" in kwargs:
+        pytest.skip(reason="the CUDA door reads the rank from a device array's library")
+    with pytest.raises(exc, match=msg):
+        fn(wrap(np.zeros((2, 3))), wrap(np.array([0, 1])), **kwargs)
+
+
+def test_integral_and_numpy_scalars_are_accepted_as_floats():
+    x, t = np.array([[1.0, 2.0, 0.5]]), np.array([1])
+    want = sl.cross_entropy(x, t, label_smoothing=0.0, z_loss=1.0)
+    for ls, zl in [(0, 1), (np.float32(0.0), np.int64(1)), (np.float64(0.0), 1.0)]:
+        assert sl.cross_entropy(x, t, label_smoothing=ls, z_loss=zl) == want
+    assert sl.cross_entropy(x, t, ignore_index=np.int64(-100), return_grad=np.True_)[0] == (
+        sl.cross_entropy(x, t)
+    )
+
+
+def test_grad_out_needs_return_grad():
+    x, t = np.zeros((2, 3)), np.array([0, 1])
+    buf = np.full_like(x, 7.0)
+    with pytest.raises(ValueError, match="grad_out is given but return_grad is False"):
+        sl.cross_entropy(x, t, grad_out=buf)
+    assert (buf == 7.0).all()
+    assert sl.cross_entropy(x, t, return_grad=True, grad_out=buf)[1] is buf
+
+
+@pytest.mark.parametrize("fn", [sl.cross_entropy, sl.nll_loss])
+def test_out_of_range_target_is_named_in_the_targets_shape(fn):
+    x = np.zeros((2, 3, 4))
+    t = np.zeros((2, 4), dtype=np.int64)
+    t[1, 2] = 3  # classes on axis 1: 3 is out of range
+    with pytest.raises(IndexError, match=r"^target\[1, 2\] = 3 is outside \[0, 3\)$"):
+        fn(x, t, axis=1)
+    with pytest.raises(IndexError, match=r"^target = -1 is outside \[0, 3\)$"):
+        fn(np.zeros(3), np.array(-1))  # an unbatched call: a scalar target
+
+
+def test_uint64_target_is_printed_as_uint64():
+    t = np.array([[0, 1], [2**64 - 1, 0]], dtype=np.uint64)
+    for fn in (sl.cross_entropy, sl.nll_loss):
+        with pytest.raises(IndexError, match=r"^target\[1, 0\] = 18446744073709551615 is outside"):
+            fn(np.zeros((2, 2, 3)), t)
+    small_first = np.array([5, 2**63], dtype=np.uint64)  # the first bad one in C order
+    with pytest.raises(IndexError, match=r"^target\[0\] = 5 is outside \[0, 3\)$"):
+        sl.cross_entropy(np.zeros((2, 3)), small_first)
+
+
+def test_target_error_is_an_index_error_that_pickles():
+    import pickle
+
+    from stablelse._spec import TargetError
+
+    e = TargetError((1, 0), 3, 2)
+    assert isinstance(e, IndexError) and str(e) == "target[1, 0] = 3 is outside [0, 2)"
+    back = pickle.loads(pickle.dumps(e))
+    assert str(back) == str(e) and back.position == (1, 0)
+    assert str(e.shifted((4, 5))) == "target[5, 5] = 3 is outside [0, 2)"
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda x, **k: sl.cross_entropy(x, np.array([0, 1]), **k),
+        lambda x, **k: sl.nll_loss(x, np.array([0, 1]), **k),
+        lambda x, **k: sl.softmax_backward(x, x, **k),
+        lambda x, **k: sl.log_softmax_backward(x, x, **k),
+        lambda x, **k: sl.logsumexp(x, **k),
+        lambda x, **k: sl.softmax(x, **k),
+        lambda x, **k: sl.LogSumExp(**k),
+    ],
+)
+def test_axis_true_is_refused_by_every_function(call):
+    with pytest.raises(TypeError, match="got bool"):
+        call(np.zeros((2, 3)), axis=True)

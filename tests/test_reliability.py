@@ -297,7 +297,7 @@ def _failing_calls():
         "softmax overlapping out": lambda: sl.softmax(x[:, 1:], axis=1, out=x[:, :-1]),
         "logsumexp b shape": lambda: sl.logsumexp(x, axis=1, b=np.ones(3)),
         "log_softmax bad axis": lambda: sl.log_softmax(x, axis=(0, 5)),
-        "logsumexp complex": lambda: sl.logsumexp(x + 0j),
+        "logsumexp complex b shape": lambda: sl.logsumexp(x + 0j, axis=1, b=np.ones(3)),
     }
     if hasattr(sl, "cross_entropy"):
         t = np.zeros(256, dtype=np.int64)

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _core
+from . import _complex, _core
 from ._axes import AxisLike, normalize_axes
 
 _ALGORITHMS = ("auto", "two_pass", "online")
@@ -217,7 +217,7 @@ def logsumexp(
     ----------
     a : array_like
         Input array. Integers and bools are promoted to float64; float16 is computed in
-        float32 and returned as float16. Complex input raises ``TypeError``.
+        float32 and returned as float16. Complex `a` (or `b`) is supported as in scipy.
     axis : None or int or tuple of ints, optional
         Axis or axes to reduce. ``None`` (default) reduces all axes.
     b : array_like, optional
@@ -249,8 +249,14 @@ def logsumexp(
     excess omits one maximal term, so ``logsumexp([0, -40])`` is ``4.25e-18`` rather than 0, and
     float32 inputs are summed in float64 and rounded once: results are within 1 ULP of exact.
 
-    Deviations from scipy: `out` and `algorithm` are extensions; longdouble input is computed
-    in float64. Calls on CUDA device arrays run on the device (see :mod:`stablelse.cuda`).
+    Complex input: the imaginary part of the result lies in ``(-pi, pi]``; with
+    `return_sign` the result is the real ``log|sum|`` and the sign the complex unit
+    ``sum / |sum|``; infinities and NaNs land where scipy puts them. complex64 stays
+    complex64, summed in float64 (the real part is within 1 ULP).
+
+    Deviations from scipy: `out` and `algorithm` are extensions (`algorithm` is ignored for
+    complex input); longdouble input is computed in float64. Calls on CUDA device arrays run
+    on the device (see :mod:`stablelse.cuda`).
 
     The gradient of ``logsumexp`` with respect to `a` is ``softmax(a)`` (times `b`, divided by
     the signed sum, when weights are given).
@@ -281,6 +287,8 @@ def logsumexp(
             a, axis=axis, b=b, keepdims=keepdims, return_sign=return_sign, out=out
         )
     _check_algorithm(algorithm)
+    if _complex.is_complex(a) or _complex.is_complex(b):
+        return _complex.logsumexp(a, axis, b, keepdims, return_sign, out)
     x, rdtype = _as_real_array(a, "a")
     bw: np.ndarray | None = None
     if b is not None:
@@ -378,6 +386,8 @@ def _softmax_like(
     x_in: Any, axis: AxisLike, out: np.ndarray | None, algorithm: str, log: bool
 ) -> Any:
     _check_algorithm(algorithm)
+    if _complex.is_complex(x_in):
+        return _complex.softmax_like(x_in, axis, out, log)
     x, rdtype = _as_real_array(x_in, "x")
     scalar = x.ndim == 0
     if scalar:
@@ -437,7 +447,7 @@ def softmax(
     ----------
     x : array_like
         Input array. Integers and bools are promoted to float64; float16 is computed in float32
-        and returned as float16. Complex input raises ``TypeError``.
+        and returned as float16. Complex input is computed as scipy computes it.
     axis : None or int or tuple of ints, optional
         Axis or axes to normalise over. ``None`` (default) uses the whole array.
     out : ndarray, optional

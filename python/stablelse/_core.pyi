@@ -16,6 +16,13 @@ def logsumexp_weighted(a: _Arr, b: _Arr, return_sign: bool = False) -> tuple[_Ar
 def softmax(
     x: _Arr, log: bool = False, algorithm: str = "auto", out: Optional[_Arr] = None
 ) -> _Arr: ...
+def logsumexp_complex(
+    a: npt.NDArray[np.complexfloating], b: Optional[npt.NDArray[np.complexfloating]] = None,
+    return_sign: bool = False,
+) -> tuple[npt.NDArray[np.complexfloating], Optional[npt.NDArray[np.complexfloating]]]: ...
+def softmax_complex(
+    x: npt.NDArray[np.complexfloating], log: bool = False
+) -> npt.NDArray[np.complexfloating]: ...
 def lse_states(
     x: _Arr, algorithm: str = "auto"
 ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]: ...
@@ -50,6 +57,7 @@ def last_level_cache_bytes() -> Optional[int]: ...
 def dram_probe_bytes() -> int: ...
 
 # The planner (src/plan.rs, src/python/plan.rs).
+@final
 class Plan:
     """How the kernels see an array reduced over some of its axes."""
 
@@ -96,6 +104,7 @@ def nll_loss(
     ignore_index: int = ...,  # -100
     reduction: str = "mean",
 ) -> Union[float, _Arr]: ...
+def softmax_from_states(x: _Arr, max: _Arr, excess: _Arr, log: bool = False) -> _Arr: ...
 def softmax_backward(y: _Arr, dy: _Arr, log: bool = False) -> _Arr: ...
 
 # CUDA (cargo feature "cuda", src/cuda/): private entry points of stablelse.cuda, which

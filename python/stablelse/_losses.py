@@ -11,7 +11,6 @@ kernel's lane order is the targets' C order. Everything is validated before any 
 from __future__ import annotations
 
 import math
-import operator
 from typing import Any, Optional, Union
 
 import numpy as np
@@ -19,15 +18,25 @@ import numpy as np
 from . import _core
 from ._api import _as_real_array, _check_out, _gpu_module, _is_gpu_array, _kernel_view
 from ._axes import normalize_axis
+from ._spec import (
+    Reduction,
+    TargetError,
+    first_out_of_range,
+    loss_options,
+    target_kind,
+    weight_array,
+)
 
 __all__ = ["cross_entropy", "log_softmax_backward", "nll_loss", "softmax_backward"]
 
-_REDUCTIONS = ("mean", "sum", "none")
 _INT64_MAX = np.iinfo(np.int64).max
 
 
 def _view3(x: np.ndarray, axis: int) -> np.ndarray:
-    """``x`` as ``(outer, classes, inner)``, zero copy when the kernels can read it."""
+    """``x`` as ``(outer, classes, inner)``, zero copy when the kernels can read it.
+
+    The one place this module asks the layout planner for a kernel view.
+    """
     shape = x.shape
     x3 = x.reshape(math.prod(shape[:axis]), shape[axis], math.prod(shape[axis + 1 :]))
     if x.flags.c_contiguous and x.flags.aligned:
@@ -35,61 +44,15 @@ def _view3(x: np.ndarray, axis: int) -> np.ndarray:
     return _kernel_view(x3)
 
 
-def _check_reduction(reduction: Any) -> str:
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-    return str(reduction)
-
-
-def _index_str(pos: tuple[int, ...]) -> str:
-    return "[" + ", ".join(str(int(i)) for i in pos) + "]" if pos else ""
-
-
-def _index_targets(
-    t: np.ndarray, n_classes: int, ignore_index: int, batch_shape: tuple[int, ...]
-) -> np.ndarray:
-    """Integer class targets as C-contiguous int64 of ``batch_shape``."""
+def _index_targets(t: np.ndarray, n_classes: int, ignore_index: int) -> np.ndarray:
+    """Integer class targets as C-contiguous int64 of the batch shape."""
     if t.dtype.kind == "u" and t.dtype.itemsize == 8 and t.size and int(t.max()) > _INT64_MAX:
-        # Values that do not fit int64 are out of range; report the first bad one ourselves.
-        ign = np.uint64(ignore_index) if ignore_index >= 0 else None
-        bad = t >= np.uint64(n_classes)
-        if ign is not None:
-            bad &= t != ign
-        pos: tuple[int, ...] = ()
-        if batch_shape:
-            flat = int(np.argmax(bad.ravel()))
-            pos = tuple(int(i) for i in np.unravel_index(flat, batch_shape))
-        raise IndexError(
-            f"target{_index_str(pos)} = {int(t[pos])} is outside [0, {n_classes})"
-        )
+        # Values that do not fit int64 cannot reach the kernels; find the first bad one here.
+        err = first_out_of_range(t, n_classes, ignore_index)
+        if err is not None:
+            raise err
     t = t.astype(np.int64, order="C", copy=False)  # keeps 0-d (ascontiguousarray would not)
     return t if t.flags.aligned else t.copy()  # the binding reads aligned buffers only
-
-
-def _weight(weight: Any, n_classes: int, dtype: np.dtype) -> Optional[np.ndarray]:
-    if weight is None:
-        return None
-    w = np.asarray(weight)
-    if w.dtype.kind not in "biuf":
-        raise TypeError(f"weight must be a real numeric array, got dtype {w.dtype}")
-    if w.shape != (n_classes,):
-        raise ValueError(
-            f"weight must have one entry per class, shape ({n_classes},), got {w.shape}"
-        )
-    w = np.ascontiguousarray(w, dtype=dtype)
-    return w if w.flags.aligned else w.copy()  # the binding reads aligned buffers only
-
-
-def _ignore_index(ignore_index: Any) -> int:
-    try:
-        ii = operator.index(ignore_index)
-    except TypeError:
-        raise TypeError(
-            f"ignore_index must be an int, got {type(ignore_index).__name__}"
-        ) from None
-    if not -(2**63) <= ii <= _INT64_MAX:
-        raise ValueError(f"ignore_index {ii} does not fit in int64")
-    return ii
 
 
 def _logits(logits: Any, axis: Any, name: str) -> tuple[np.ndarray, np.dtype, int]:
@@ -100,34 +63,17 @@ def _logits(logits: Any, axis: Any, name: str) -> tuple[np.ndarray, np.dtype, in
 
 
 def _targets(
-    target: Any, x: np.ndarray, ax: int, n_classes: int, ignore_index: int, allow_probs: bool
+    target: Any, x: np.ndarray, ax: int, ignore_index: int, allow_probs: bool
 ) -> tuple[np.ndarray, bool]:
     """``(kernel target, is_probability)`` after torch's checks."""
     try:
         t = np.asarray(target)
     except ValueError as exc:
         raise ValueError(f"target is not a rectangular array: {exc}") from None
-    batch_shape = x.shape[:ax] + x.shape[ax + 1 :]
-    kind = t.dtype.kind
-    if kind not in "iuf":
-        raise TypeError(
-            f"target must hold integer class indices or float class probabilities, "
-            f"got dtype {t.dtype}"
-        )
-    if t.shape == batch_shape and kind in "iu":
-        return _index_targets(t, n_classes, ignore_index, batch_shape), False
-    if allow_probs and t.shape == x.shape and kind == "f":
-        return _view3(np.ascontiguousarray(t, dtype=x.dtype), ax), True
-    if t.shape == batch_shape:
-        raise TypeError(f"class-index target must have an integer dtype, got {t.dtype}")
-    if allow_probs and t.shape == x.shape:
-        raise TypeError(
-            f"class-probability target must have a floating dtype, got {t.dtype}"
-        )
-    expected = f"{batch_shape} (class indices: the logits' shape without axis {ax})"
-    if allow_probs:
-        expected += f" or {x.shape} (class probabilities)"
-    raise ValueError(f"target has shape {t.shape}; expected {expected}")
+    kind = target_kind(t.shape, t.dtype, x.shape, ax, allow_probs, ignore_index)
+    if kind == "index":
+        return _index_targets(t, x.shape[ax], ignore_index), False
+    return _view3(np.ascontiguousarray(t, dtype=x.dtype), ax), True
 
 
 def _finish_loss(
@@ -148,7 +94,7 @@ def cross_entropy(
     axis: int = -1,
     weight: Any = None,
     ignore_index: int = -100,
-    reduction: str = "mean",
+    reduction: Reduction = "mean",
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     return_grad: bool = False,
@@ -198,7 +144,7 @@ def cross_entropy(
         to `logits`. stablelse extension.
     grad_out : ndarray, optional
         Preallocated writeable array of the shape and dtype of the gradient to write it into
-        (implies ``return_grad=True``; it is the returned ``grad``). It must not overlap the
+        (needs ``return_grad=True``; it is the returned ``grad``). It must not overlap the
         inputs. Reusing it across calls avoids the page faults of a fresh logits-sized array,
         which on some machines cost as much as the kernel. stablelse extension.
 
@@ -218,9 +164,12 @@ def cross_entropy(
         first one, e.g. ``target[3] = 7 is outside [0, 5)``.
     ValueError
         Shape mismatches, a bad `reduction`, a `weight` of the wrong shape, `label_smoothing`
-        outside ``[0, 1]``, a negative or non-finite `z_loss`.
+        outside ``[0, 1]``, a negative or non-finite `z_loss`, an `ignore_index` outside int64,
+        `grad_out` without ``return_grad=True``.
     TypeError
-        Non-numeric or complex inputs, float class indices, integer probabilities.
+        Non-numeric or complex inputs, float class indices, integer probabilities; as torch,
+        a str or bool for `label_smoothing` or `z_loss`, a non-integer `ignore_index`, a
+        non-str `reduction` (and here a non-bool `return_grad`).
 
     Notes
     -----
@@ -263,23 +212,18 @@ def cross_entropy(
             return_grad=return_grad,
             grad_out=grad_out,
         )
+    opts = loss_options(
+        ignore_index=ignore_index,
+        reduction=reduction,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        return_grad=return_grad,
+        grad_out=grad_out,
+    )
     x, rdtype, ax = _logits(logits, axis, "logits")
-    reduction = _check_reduction(reduction)
-    ii = _ignore_index(ignore_index)
-    try:
-        ls = float(label_smoothing)
-        zl = float(z_loss)
-    except (TypeError, ValueError):
-        raise TypeError("label_smoothing and z_loss must be real numbers") from None
-    if not 0.0 <= ls <= 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing!r}")
-    if not (math.isfinite(zl) and zl >= 0.0):
-        raise ValueError(f"z_loss must be finite and >= 0, got {z_loss!r}")
-    n_classes = x.shape[ax]
-    t3, probs = _targets(target, x, ax, n_classes, ii, allow_probs=True)
-    if probs and ii >= 0:
-        raise ValueError("ignore_index is not supported for class-probability targets (torch)")
-    w = _weight(weight, n_classes, x.dtype)
+    ii = opts.ignore_index
+    t3, probs = _targets(target, x, ax, ii, allow_probs=True)
+    w = weight_array(weight, x.shape[ax], x.dtype)
     x3 = _view3(x, ax)
     if probs:
         x3 = np.ascontiguousarray(x3)  # the kernel reads both with one layout
@@ -291,11 +235,15 @@ def cross_entropy(
                 raise ValueError(f"grad_out overlaps {name}")
         if grad_out.dtype == x.dtype and grad_out.flags.c_contiguous:
             g_direct = grad_out.reshape(x3.shape)
-    raw, g3 = _core.cross_entropy(
-        x3, t3, w, ii, reduction, ls, zl, bool(return_grad or grad_out is not None),
-        "auto", g_direct,
-    )
-    loss = _finish_loss(raw, rdtype, x.shape[:ax] + x.shape[ax + 1 :])
+    batch_shape = x.shape[:ax] + x.shape[ax + 1 :]
+    try:
+        raw, g3 = _core.cross_entropy(
+            x3, t3, w, ii, opts.reduction, opts.label_smoothing, opts.z_loss,
+            opts.return_grad, "auto", g_direct,
+        )
+    except IndexError as exc:
+        raise TargetError.from_core(exc, batch_shape) from None
+    loss = _finish_loss(raw, rdtype, batch_shape)
     if g3 is None:
         return loss
     if grad_out is not None:
@@ -315,7 +263,7 @@ def nll_loss(
     axis: int = -1,
     weight: Any = None,
     ignore_index: int = -100,
-    reduction: str = "mean",
+    reduction: Reduction = "mean",
 ) -> Any:
     """Negative log-likelihood of class indices under log-probabilities.
 
@@ -365,14 +313,16 @@ def nll_loss(
     >>> round(float(nll_loss(lp, [2])), 6)
     0.407606
     """
+    opts = loss_options(ignore_index=ignore_index, reduction=reduction)
     x, rdtype, ax = _logits(log_probs, axis, "log_probs")
-    reduction = _check_reduction(reduction)
-    ii = _ignore_index(ignore_index)
-    n_classes = x.shape[ax]
-    t, _ = _targets(target, x, ax, n_classes, ii, allow_probs=False)
-    w = _weight(weight, n_classes, x.dtype)
-    loss = _core.nll_loss(_view3(x, ax), t, w, ii, reduction)
-    return _finish_loss(loss, rdtype, x.shape[:ax] + x.shape[ax + 1 :])
+    t, _ = _targets(target, x, ax, opts.ignore_index, allow_probs=False)
+    w = weight_array(weight, x.shape[ax], x.dtype)
+    batch_shape = x.shape[:ax] + x.shape[ax + 1 :]
+    try:
+        loss = _core.nll_loss(_view3(x, ax), t, w, opts.ignore_index, opts.reduction)
+    except IndexError as exc:
+        raise TargetError.from_core(exc, batch_shape) from None
+    return _finish_loss(loss, rdtype, batch_shape)
 
 
 def _backward(y: Any, dy: Any, axis: int, log: bool) -> Any:

@@ -44,8 +44,11 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+
 from . import _core
 from ._axes import AxisLike, normalize_axes, normalize_axis
+from ._spec import Reduction, loss_options, target_kind
 
 __all__ = [
     "cross_entropy",
@@ -562,7 +565,7 @@ def cross_entropy(
     axis: int = -1,
     weight: Any = None,
     ignore_index: int = -100,
-    reduction: str = "mean",
+    reduction: Reduction = "mean",
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     return_grad: bool = False,
@@ -604,16 +607,16 @@ def cross_entropy(
     (``NotImplementedError``); a target outside ``[0, C)`` other than `ignore_index` gives a
     NaN loss and NaN gradient row rather than ``IndexError`` (checking needs a device sync).
     """
+    opts = loss_options(
+        ignore_index=ignore_index,
+        reduction=reduction,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        return_grad=return_grad,
+        grad_out=grad_out,
+    )
     if weight is not None:
         raise NotImplementedError("cross_entropy: weight= is not supported on the CUDA path")
-    if reduction not in ("mean", "sum", "none"):
-        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-    if not 0.0 <= float(label_smoothing) <= 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing!r}")
-    if not math.isfinite(float(z_loss)) or float(z_loss) < 0:
-        raise ValueError(f"z_loss must be finite and >= 0, got {z_loss!r}")
-    if grad_out is not None and not return_grad:
-        raise ValueError("grad_out is given but return_grad is False")
     lib0, arr0, _ = _lib_for(logits)
     ndim = lib0.ndim(arr0)
     if ndim == 0:
@@ -622,27 +625,24 @@ def cross_entropy(
     r = _Rows(logits, [ax], "logits")
     tlib, tarr, _ = _lib_for(target)
     td = tlib.describe(tarr)
-    if td["dtype"] in _FLOATS:
+    t_dtype = np.dtype("float32" if td["dtype"] in _FLOATS else td["dtype"])
+    kind = target_kind(tuple(td["shape"]), t_dtype, tuple(r.shape), ax, True, opts.ignore_index)
+    if kind == "probs":
         raise NotImplementedError(
             "cross_entropy: probability (soft-label) targets are not supported on the CUDA path"
         )
     if td["dtype"] not in ("int32", "int64"):
         raise TypeError(f"target must hold int32 or int64 class indices, got {td['dtype']}")
-    if list(td["shape"]) != r.outer_shape:
-        raise ValueError(
-            f"target has shape {tuple(td['shape'])}, expected {tuple(r.outer_shape)} "
-            f"(logits' shape without axis {ax})"
-        )
     # One int per row, in the rows' order (the outer axes keep their order).
     tarr = tlib.contiguous(tarr)
     td = r.parse(tarr)
-    if reduction == "none":
+    if opts.reduction == "none":
         loss = r.lib.empty(r.outer_shape, r.arr)
     else:
         loss = r.lib.empty((), r.arr)
     grad = None
     gptr = None
-    if return_grad:
+    if opts.return_grad:
         if grad_out is not None:
             gd = _check_out(grad_out, r.shape, r)
             v = None if r.moved else _rows_view(gd, len(r.outer))
@@ -657,7 +657,7 @@ def cross_entropy(
         r.x_arg(),
         (int(td["ptr"]), td["dtype"]),
         (int(r.parse(loss)["ptr"]), gptr),
-        (int(ignore_index), float(label_smoothing), float(z_loss), reduction),
+        (opts.ignore_index, opts.label_smoothing, opts.z_loss, opts.reduction),
     )
     loss = r.wrapper.wrap(loss, logits)
     if grad is None:

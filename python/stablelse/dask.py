@@ -17,7 +17,7 @@ Importing :mod:`stablelse` does not import Dask; importing this module does.
 
 from __future__ import annotations
 
-import operator
+import math
 from functools import partial
 from typing import Any, Optional, Union
 
@@ -29,8 +29,11 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("stablelse.dask needs dask[array]: pip install 'stablelse[dask]'") from exc
 
+from . import _core
 from ._api import _as_real_array
 from ._axes import AxisLike, normalize_axes, normalize_axis
+from ._losses import cross_entropy as _np_cross_entropy
+from ._spec import Reduction, TargetError, loss_options, target_kind, weight_array
 from ._stream import (
     STATE_DTYPE,
     chunk_states,
@@ -258,30 +261,36 @@ def logsumexp(
 # --------------------------------------------------------------------------- softmax
 
 
-def _softmax_block(x: AnyArray, st: AnyArray, log: bool, rdtype: np.dtype[Any]) -> AnyArray:
-    """softmax / log_softmax of a block given the (broadcast) states of its slices.
+def _softmax_block(
+    x: AnyArray, st: AnyArray, *, axes: tuple[int, ...], log: bool, rdtype: np.dtype[Any]
+) -> AnyArray:
+    """softmax / log_softmax of a block given the merged states of its slices over `axes`.
 
-    The same formulas as ``src/kernels/scalar.rs``: ``exp(x - max) / (1 + excess)`` and
-    ``(x - max) - log1p(excess)`` for a finite max; NaN (softmax) or scipy's unshifted
-    ``x - lse`` (log_softmax) otherwise. Computed in float64, rounded once.
+    The block's slices are laid out as rows (the normalised axes last, one copy) and written
+    by the Rust row writer with the given states, so each element gets what the NumPy path's
+    kernel writes for it.
     """
     if x.size == 0:
         return np.empty(x.shape, dtype=rdtype)
-    mx = np.asarray(st["max"])
-    ex = np.asarray(st["excess"])
-    fin = np.isfinite(mx)
-    xf = np.array(x, dtype=np.float64, copy=True)
-    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-        if log:
-            shift = np.where(fin, mx, 0.0)
-            log_total = np.where(fin, np.log1p(ex), mx)
-            xf -= shift
-            xf -= log_total
-        else:
-            xf -= np.where(fin, mx, 0.0)
-            np.exp(xf, out=xf)
-            xf /= np.where(fin, 1.0 + ex, np.nan)
-    return xf.astype(rdtype, copy=False)
+    xr, _ = _as_real_array(x, "x")
+    k = len(axes)
+    last = tuple(range(x.ndim - k, x.ndim))
+    moved = np.moveaxis(xr, axes, last)
+    rows = np.ascontiguousarray(moved).reshape(math.prod(moved.shape[: x.ndim - k]), -1)
+    # The states are kept-dims (length 1 on `axes`); one per row, in the rows' order.
+    kept = [1 if i in axes else n for i, n in enumerate(x.shape)]
+    mx = np.broadcast_to(np.asarray(st["max"]), kept)
+    ex = np.broadcast_to(np.asarray(st["excess"]), mx.shape)
+    # Blocks deserialised by dask.distributed may be unaligned; the kernels read aligned data.
+    flat = [
+        np.ascontiguousarray(v, dtype=np.float64).reshape(-1)
+        for v in (np.moveaxis(mx, axes, last), np.moveaxis(ex, axes, last))
+    ]
+    mxr, exr = (v if v.flags.aligned else v.copy() for v in flat)
+    if not rows.flags.aligned:
+        rows = rows.copy()
+    y = _core.softmax_from_states(rows, mxr, exr, log).reshape(moved.shape)
+    return np.moveaxis(y, last, axes).astype(rdtype, copy=False)
 
 
 def _softmax_like(x_in: Any, axis: AxisLike, log: bool, split_every: SplitEvery) -> da.Array:
@@ -296,6 +305,7 @@ def _softmax_like(x_in: Any, axis: AxisLike, log: bool, split_every: SplitEvery)
         _softmax_block,
         x,
         st,
+        axes=axes,
         log=log,
         rdtype=rdtype,
         dtype=rdtype,
@@ -359,63 +369,78 @@ def log_softmax(x: Any, axis: AxisLike = None, *, split_every: SplitEvery = None
 
 # --------------------------------------------------------------------------- cross_entropy
 
-_REDUCTIONS = ("mean", "sum", "none")
-
 
 def _xent_block(
     x: AnyArray,
     t: AnyArray,
-    st: AnyArray,
     *,
     ax: int,
-    n_classes: int,
-    ignore_index: int,
+    kind: str,
     weight: Optional[AnyArray],
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    mode: str,
     block_info: Optional[dict[Any, Any]] = None,
 ) -> AnyArray:
-    """Weighted per-row loss contributed by one block of the class axis (keepdims on `ax`).
+    """The loss of one block that holds every class of its rows, by the NumPy path's kernel.
 
-    Only the block whose class range holds a row's target contributes ``w[t] * (lse - x_t)``;
-    every other block contributes exactly 0, so summing over the class blocks is exact.
+    ``mode`` ``"none"``: the per-element losses. ``"sum"``: the block's sum, as an array of
+    ones with the class axis kept. ``"split"``: the sum without the z-loss term and the z-loss
+    term alone, along the class axis (length 2), for a weighted mean whose two terms have
+    different denominators (the z term is class-weight free: a zero weight leaves only it).
     """
-    if block_info is None or t.size == 0:
-        return np.zeros(t.shape, dtype=np.float64)
-    lo, hi = block_info[0]["array-location"][ax]
-    tt = np.asarray(t).astype(np.int64, copy=False)
-    if lo == 0:
-        bad = (tt != ignore_index) & ((tt < 0) | (tt >= n_classes))
-        if bad.any():
-            local = np.argwhere(bad)[0]
-            start = [s for s, _ in block_info[1]["array-location"]]
-            idx = [int(i) + int(s) for i, s in zip(local, start)]
-            del idx[ax]
-            raise IndexError(
-                f"target{idx} = {tt[tuple(local)]} is outside [0, {n_classes})"
-                f" and is not ignore_index ({ignore_index})"
+    tb = np.squeeze(t, ax) if kind == "index" else t
+
+    def run(w: Optional[AnyArray], reduction: str, zl: float) -> Any:
+        try:
+            return _np_cross_entropy(
+                x, tb, axis=ax, weight=w, ignore_index=ignore_index, reduction=reduction,  # type: ignore[arg-type]
+                label_smoothing=label_smoothing, z_loss=zl,
             )
-    inblk = (tt != ignore_index) & (tt >= lo) & (tt < hi)
-    if x.shape[ax] == 0 or not inblk.any():
-        return np.zeros(tt.shape, dtype=np.float64)
-    local_t = np.where(inblk, tt - lo, 0)
-    xt = np.take_along_axis(x, local_t, axis=ax).astype(np.float64)
-    mx = np.asarray(st["max"])
-    ex = np.asarray(st["excess"])
-    fin = np.isfinite(mx)
-    with np.errstate(invalid="ignore", over="ignore"):
-        # (max - x_t) + log1p(excess) keeps the accuracy of a near-zero loss.
-        loss = np.where(fin, (mx - xt) + np.log1p(np.where(fin, ex, 0.0)), mx - xt)
-        if weight is not None:
-            loss = loss * weight[np.where(inblk, tt, 0)]
-    return np.where(inblk, loss, 0.0)
+        except TargetError as exc:
+            if block_info is None:
+                raise
+            loc = block_info[0]["array-location"]
+            raise exc.shifted(tuple(lo for i, (lo, _) in enumerate(loc) if i != ax)) from None
+
+    if mode == "none":
+        return np.asarray(run(weight, "none", z_loss))
+    shape = [1] * x.ndim
+    if mode == "split":
+        shape[ax] = 2
+        main = run(weight, "sum", 0.0)
+        zero = None if weight is None else np.zeros_like(weight)
+        zpart = run(zero, "sum", z_loss)
+        return np.array([main, zpart], dtype=np.float64).reshape(shape)
+    return np.full(shape, float(run(weight, "sum", z_loss)))
 
 
-def _xent_weight_block(t: AnyArray, *, ignore_index: int, weight: Optional[AnyArray]) -> AnyArray:
-    tt = np.asarray(t).astype(np.int64, copy=False)
+def _denominator_block(t: AnyArray, *, ignore_index: int, weight: Optional[AnyArray]) -> AnyArray:
+    """torch's "mean" denominators of index targets: ``sum(w[t])`` and the count, both over
+    the non-ignored targets (a target out of range is reported by the loss blocks)."""
+    tt = np.asarray(t)
     keep = tt != ignore_index
     if weight is None:
-        return keep.astype(np.float64)
-    idx = np.clip(tt, 0, weight.shape[0] - 1)
-    return np.where(keep, weight[idx], 0.0)
+        w = keep.astype(np.float64)
+    else:
+        idx = np.clip(tt, 0, max(weight.shape[0] - 1, 0)).astype(np.intp)
+        w = np.where(keep, weight[idx] if weight.size else 0.0, 0.0)
+    out = np.empty(tt.shape + (2,), dtype=np.float64)
+    out[..., 0] = w
+    out[..., 1] = keep
+    return out
+
+
+def _mean(parts: AnyArray, den: AnyArray, rdtype: np.dtype[Any]) -> AnyArray:
+    """``sum / D`` (or ``main / D + z / K``) in float64, rounded once; 0 / 0 is NaN without a
+    warning (torch)."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        if parts.shape[-1] == 2:
+            res = parts[..., 0] / den[..., 0] + parts[..., 1] / den[..., 1]
+        else:
+            res = parts[..., 0] / den[..., 0]
+    return np.asarray(res).astype(rdtype)
 
 
 def cross_entropy(
@@ -425,52 +450,58 @@ def cross_entropy(
     axis: int = -1,
     weight: Any = None,
     ignore_index: int = -100,
-    reduction: str = "mean",
+    reduction: Reduction = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    return_grad: bool = False,
+    grad_out: Any = None,
     split_every: SplitEvery = None,
 ) -> da.Array:
-    """Lazy softmax cross-entropy of Dask `logits` against integer class `target`.
+    """Lazy :func:`stablelse.cross_entropy` of Dask `logits` against class `target`.
 
     Parameters
     ----------
     logits : dask.array.Array or array_like
-        Unnormalised scores, classes along `axis`. Chunked in any way, including along the
-        class axis.
-    target : dask.array.Array or array_like of int
-        Class indices, shaped like `logits` without `axis`; rechunked to match `logits`.
-    axis : int, optional
-        The class axis; -1 (default) is the NumPy / optax layout, 1 is torch's
-        ``(N, C, d1, ...)`` layout.
-    weight : array_like, optional
-        Per-class weights of length C (a small in-memory array).
-    ignore_index : int, optional
-        Targets equal to this contribute nothing and are left out of the mean (default -100).
-    reduction : {"mean", "sum", "none"}, optional
-        ``"mean"`` is the weighted mean over the non-ignored rows, as torch
-        (``sum(w[t] * loss) / sum(w[t])``, NaN when every row is ignored); ``"none"`` returns
-        ``w[t] * loss`` per row (0 where ignored).
+        Unnormalised scores, classes along `axis`, chunked in any way: the class axis is
+        gathered into one chunk per block (a rechunk when it is split), so each block's rows
+        are complete. Chunk along the other axes to bound the block size.
+    target : dask.array.Array or array_like
+        Class indices (integer, the logits' shape without `axis`) or class probabilities
+        (floating, the logits' shape), as :func:`stablelse.cross_entropy` decides; rechunked
+        to match `logits`.
+    axis, weight, ignore_index, reduction, label_smoothing, z_loss
+        As :func:`stablelse.cross_entropy`; validated at call time by the same rules.
+    return_grad, grad_out
+        Not supported here: ``return_grad=True`` raises ``NotImplementedError``, and
+        `grad_out` without ``return_grad=True`` the same ``ValueError`` as the NumPy path.
+    split_every : int or dict, optional
+        Fan-in of the sum tree, as for :func:`dask.array.reduction`.
 
     Returns
     -------
     loss : dask.array.Array
-        0-d for "mean" and "sum", the shape of `target` for "none"; in the logits' result
-        dtype (float32 stays float32, integers give float64).
+        0-d for "mean" and "sum", of the targets' batch shape for "none"; in the logits'
+        result dtype (float32 stays float32, integers give float64).
 
     Raises
     ------
-    ValueError
-        Bad `reduction`, shapes or `weight` (at call time).
-    TypeError
-        Non-integer `target` (soft labels are not supported here).
+    ValueError, TypeError
+        At call time, as :func:`stablelse.cross_entropy` (options, shapes, dtypes, `weight`),
+        and for chunks of unknown size.
     IndexError
-        At compute time, for a target outside ``[0, C)`` that is not `ignore_index`.
+        At compute time, for a class index outside ``[0, C)`` that is not `ignore_index`,
+        naming its position in the whole target.
 
     Notes
     -----
-    Per row, ``loss = (max - x[t]) + log1p(excess)`` from the row's merged state (the same
-    reduction as :func:`logsumexp`), so the logits are read twice: once for the states and
-    once to pick ``x[t]`` in the one class block that holds it. Everything is computed in
-    float64 and rounded once. Not supported (unlike ``stablelse.cross_entropy``):
-    `label_smoothing`, `z_loss`, soft labels, gradients.
+    Every block is computed by the NumPy path's kernel (:func:`stablelse.cross_entropy`):
+    ``"none"`` gives exactly its per-element losses. ``"sum"`` and ``"mean"`` add the blocks'
+    sums in float64, each block's sum rounded to the result dtype by the kernel, so a float32
+    result may differ from the NumPy path's in the last bit. ``"mean"`` divides by torch's
+    denominator (``sum(w[t])`` over non-ignored index targets, the batch size for
+    probabilities) and, with class weights and `z_loss`, divides the z term by the count of
+    non-ignored targets as the NumPy path does (two kernel passes per block; a row holding
+    ``+inf`` then gives NaN rather than ``inf``).
 
     Examples
     --------
@@ -482,73 +513,70 @@ def cross_entropy(
     >>> sd.cross_entropy(logits, target, reduction="none").compute()
     array([0.23954477, 1.09861229])
     """
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    opts = loss_options(
+        ignore_index=ignore_index,
+        reduction=reduction,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        return_grad=return_grad,
+        grad_out=grad_out,
+    )
+    if opts.return_grad:
+        raise NotImplementedError("stablelse.dask.cross_entropy does not return gradients")
     x = _as_dask(logits, "logits")
     if x.ndim == 0:
-        raise ValueError("logits must have at least one dimension (the classes)")
+        raise ValueError("logits must have at least one dimension (the class axis), got a scalar")
     ax = normalize_axis(axis, x.ndim)
-    rdtype = result_dtype(x.dtype)
-    n_classes = x.shape[ax]
-    if not isinstance(n_classes, int) or np.isnan(n_classes):
-        raise ValueError("logits must have a known number of classes along axis")
     t = target if isinstance(target, da.Array) else da.asarray(target)
-    row_shape = tuple(s for i, s in enumerate(x.shape) if i != ax)
-    if t.shape != row_shape:
-        raise ValueError(
-            f"target has shape {t.shape}, expected {row_shape} (logits' shape {x.shape} "
-            f"without axis {ax})"
+    kind = target_kind(t.shape, t.dtype, x.shape, ax, True, opts.ignore_index)
+    rdtype = result_dtype(x.dtype)
+    n_classes = int(x.shape[ax])
+    w = weight_array(weight, n_classes, np.dtype(np.float64))
+    xr = x.rechunk({ax: -1})
+    if kind == "index":
+        te = da.expand_dims(t, ax).rechunk(
+            tuple((1,) if i == ax else c for i, c in enumerate(xr.chunks))
         )
-    if t.dtype.kind not in "iu":
-        raise TypeError(
-            f"target must hold integer class indices, got dtype {t.dtype} (soft labels are "
-            "not supported by stablelse.dask.cross_entropy)"
-        )
-    w: Optional[AnyArray] = None
-    if weight is not None:
-        w = np.asarray(weight, dtype=np.float64)
-        if w.shape != (n_classes,):
-            raise ValueError(f"weight has shape {w.shape}, expected ({n_classes},)")
-    ignore_index = operator.index(ignore_index)
-
-    st = _state_reduction(x, (ax,), True, split_every, "state", STATE_DTYPE)
-    te = da.expand_dims(t, ax).rechunk(
-        tuple((1,) if i == ax else c for i, c in enumerate(x.chunks))
+    else:
+        te = t.rechunk(xr.chunks)
+    split = (
+        opts.reduction == "mean" and kind == "index" and w is not None and opts.z_loss > 0.0
     )
-    contrib_chunks = tuple((1,) * len(c) if i == ax else c for i, c in enumerate(x.chunks))
-    contrib = da.map_blocks(
+    mode = opts.reduction if opts.reduction != "mean" else ("split" if split else "sum")
+    block = partial(
         _xent_block,
-        x,
-        te,
-        st,
         ax=ax,
-        n_classes=n_classes,
-        ignore_index=ignore_index,
+        kind=kind,
         weight=w,
-        dtype=np.float64,
-        chunks=contrib_chunks,
-        meta=np.empty((0,) * x.ndim, dtype=np.float64),
-        token="stablelse-xent-rows",
+        ignore_index=opts.ignore_index,
+        label_smoothing=opts.label_smoothing,
+        z_loss=opts.z_loss,
+        mode=mode,
     )
-    rows = contrib.sum(axis=ax, split_every=split_every)
-    if reduction == "none":
-        return rows.astype(rdtype)
-    total = rows.sum(split_every=split_every)
-    if reduction == "sum":
-        return total.astype(rdtype)
-    tw = da.map_blocks(
-        _xent_weight_block,
-        t,
-        ignore_index=ignore_index,
-        weight=w,
-        dtype=np.float64,
-        meta=np.empty((0,) * t.ndim, dtype=np.float64),
+    if mode == "none":
+        return da.map_blocks(
+            block, xr, te, drop_axis=ax, dtype=rdtype,
+            meta=np.empty((0,) * (x.ndim - 1), dtype=rdtype), token="stablelse-xent-none",
+        )
+    width = 2 if split else 1
+    chunks = tuple((width,) if i == ax else (1,) * len(c) for i, c in enumerate(xr.chunks))
+    sums = da.map_blocks(
+        block, xr, te, chunks=chunks, dtype=np.float64,
+        meta=np.empty((0,) * x.ndim, dtype=np.float64), token="stablelse-xent-" + mode,
     )
-    denom = tw.sum(split_every=split_every)
-    return da.map_blocks(_ratio, total, denom, rdtype=rdtype, dtype=rdtype)
-
-
-def _ratio(num: AnyArray, den: AnyArray, rdtype: np.dtype[Any]) -> AnyArray:
-    """``num / den`` in float64 rounded once; 0 / 0 is NaN without a warning (torch)."""
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.asarray(np.true_divide(num, den)).astype(rdtype)
+    others = tuple(i for i in range(x.ndim) if i != ax)
+    parts = sums.sum(axis=others, split_every=split_every)
+    if opts.reduction == "sum":
+        return parts[0].astype(rdtype)
+    if kind == "probs":
+        lanes = float(math.prod(t.shape[:ax] + t.shape[ax + 1 :]))
+        den = da.from_array(np.array([lanes, lanes]))
+    else:
+        dens = da.map_blocks(
+            _denominator_block, t, ignore_index=opts.ignore_index, weight=w,
+            new_axis=t.ndim, chunks=t.chunks + ((2,),), dtype=np.float64,
+            meta=np.empty((0,) * (t.ndim + 1), dtype=np.float64),
+        )
+        den = dens.sum(axis=tuple(range(t.ndim)), split_every=split_every)
+    return da.map_blocks(_mean, parts, den, rdtype=rdtype, dtype=rdtype, drop_axis=0,
+                         meta=np.empty((), dtype=rdtype))

@@ -211,7 +211,7 @@ fn disk_store(path: &Path, data: &[u8]) {
 }
 
 /// Compiles `src` to CUBIN for `arch` (`"sm_90"`), cached per (source hash, NVRTC version,
-/// arch) for the life of the process and on disk (see [`disk_cache_dir`]), so only the first
+/// arch) for the life of the process and on disk (see `disk_cache_dir`), so only the first
 /// use on a machine pays NVRTC's seconds.
 pub fn compile_cubin(src: &str, arch: &str, name: &str) -> Result<Arc<Vec<u8>>, String> {
     let ver = version()?;

@@ -7,13 +7,19 @@
 //! order, so every result is bit-identical for any thread count.
 //!
 //! Paths, by layout: contiguous rows go to the SIMD row kernels of [`crate::simd`] (rows of up
-//! to [`simd::SHORT_ROW`] to the short-row kernels, 8 rows per vector, where the level has
-//! them); column batches (`inner > 1`) to the column kernel, `COL_TILE` columns per streaming
+//! to [`simd::SHORT_ROW`] to the short-row kernels, one row per vector lane, on every SIMD
+//! level); column batches (`inner > 1`) to the column kernel, `COL_TILE` columns per streaming
 //! pass; other strided lanes to the scalar reference. The `*_at` functions take the SIMD level
 //! explicitly (tests, benches); the others use [`simd::level()`].
 
+mod blocking;
+pub mod complex;
 pub mod cross_entropy;
-pub mod scalar;
+pub mod from_states;
+pub mod vjp;
+
+/// The scalar reference kernels (they live with the scalar SIMD level).
+pub use crate::simd::scalar;
 
 use crate::layout::Batch;
 use crate::parallel::{self, SendPtr};
@@ -91,7 +97,7 @@ unsafe fn lane_state<T: Real>(
     // SAFETY: forwarded from the caller.
     unsafe {
         if ln.stride == 1 {
-            return simd::row_state(level, x.add(start), n, alg);
+            return simd::row_state(level, x.add(start), n, alg == Algorithm::Online);
         }
         match alg {
             Algorithm::Online => scalar::lse_state_online(x, start, n, ln.stride),
@@ -177,7 +183,9 @@ where
 }
 
 /// The `(max, excess)` state of every lane, written to `out` (length `batch.count()`).
-/// This is what streaming accumulators and Dask chunks keep and merge.
+/// This is what streaming accumulators and Dask chunks keep and merge, and what a loss over
+/// a batch of rows starts from: rows of up to [`simd::SHORT_ROW`] elements take the
+/// short-row kernels (a vector of rows at a time, no per-row reductions or tails).
 pub fn lse_states<T: Real>(
     x: &[T],
     batch: Batch,
@@ -199,6 +207,18 @@ pub fn lse_states_at<T: Real>(
     batch.check(x.len())?;
     check_out(out.len(), batch.count())?;
     let op = SendPtr(out.as_mut_ptr());
+    if is_short(level, &batch) {
+        let xp = SendPtr(x.as_ptr() as *mut T);
+        for_each_row_group(&batch, |r0, rows| {
+            // SAFETY: rows r0..r0+rows lie inside x (checked); they own out[r0..r0+rows].
+            unsafe {
+                let p = (xp.ptr() as *const T).add(r0 * batch.outer_stride);
+                let o = std::slice::from_raw_parts_mut(op.ptr().add(r0), rows);
+                simd::short_rows_states(level, p, rows, batch.n, batch.outer_stride, o);
+            }
+        });
+        return Ok(());
+    }
     for_each_lane_state(level, x, &batch, alg, |l, s| {
         // SAFETY: lane l owns out[l]; lanes are distinct.
         unsafe { *op.ptr().add(l) = s };
@@ -435,7 +455,7 @@ unsafe fn softmax_like_raw<T: Real>(
 ///
 /// # Safety
 /// `x` readable and `out` writable for `n` elements, disjoint or equal; `level` available.
-unsafe fn write_row<T: Real>(
+pub(crate) unsafe fn write_row<T: Real>(
     level: Level,
     x: *const T,
     out: *mut T,
@@ -575,8 +595,8 @@ fn is_short(level: Level, batch: &Batch) -> bool {
         && simd::has_short_rows(level, batch.outer_stride)
 }
 
-/// Calls `f(first_row, rows)` over the batch's rows in pieces of whole groups of 8 rows (the
-/// short-row kernels' vector width), in parallel when large enough.
+/// Calls `f(first_row, rows)` over the batch's rows in pieces of whole groups of 8 rows (a
+/// multiple of every level's vector width), in parallel when large enough.
 fn for_each_row_group<F>(batch: &Batch, f: F)
 where
     F: Fn(usize, usize) + Sync + Send,

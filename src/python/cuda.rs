@@ -517,16 +517,9 @@ fn _cuda_cross_entropy(
             )))
         }
     };
-    let reduction = match options.3.as_str() {
-        "mean" => LossReduction::Mean,
-        "sum" => LossReduction::Sum,
-        "none" => LossReduction::None,
-        r => {
-            return Err(PyValueError::new_err(format!(
-                "reduction must be 'mean', 'sum' or 'none', got {r:?}"
-            )))
-        }
-    };
+    // The front door validated the name (stablelse._spec); this only converts it.
+    let reduction = LossReduction::parse(&options.3)
+        .ok_or_else(|| PyValueError::new_err(format!("unknown reduction {:?}", options.3)))?;
     let opt = XentOptions {
         ignore_index: options.0,
         label_smoothing: options.1,

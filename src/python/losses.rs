@@ -4,18 +4,18 @@
 //! `(outer, classes, inner)` float32/float64 view (class axis in the middle, `inner == 1` for
 //! the last axis), index targets as C-contiguous int64 in the shape of the logits without the
 //! class axis, probability targets and weights in the logits' dtype. This module checks the
-//! layouts, releases the GIL and calls [`crate::kernels::cross_entropy`]; a target out of range
-//! becomes an `IndexError` naming its position in the target's own shape.
+//! layouts, releases the GIL and calls [`crate::kernels::cross_entropy`]; kernel errors become
+//! Python exceptions through `super::errors`.
 
-use numpy::{Element, PyArray1, PyArray3, PyArrayDyn, PyArrayMethods, PyUntypedArrayMethods};
-use pyo3::exceptions::{PyIndexError, PyTypeError};
+use numpy::{Element, PyArray1, PyArray3, PyArrayDyn, PyArrayMethods};
+use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
 use pyo3::types::PyTuple;
 
+use super::errors::to_pyerr;
 use super::reductions::{batch_of, check_out, parse_algorithm, slice_of, value_error};
-use crate::kernels::cross_entropy::{
-    self as xent, Backward, LossError, LossReduction, Targets, XentOptions,
-};
+use crate::kernels::cross_entropy::{self as xent, LossReduction, Targets, XentOptions};
+use crate::kernels::vjp::{self, Backward};
 use crate::kernels::Algorithm;
 use crate::real::Real;
 
@@ -32,34 +32,6 @@ fn parse_reduction(name: &str) -> PyResult<LossReduction> {
             "reduction must be 'mean', 'sum' or 'none', got {name:?}"
         ))
     })
-}
-
-/// `target[i, j] = v is outside [0, C)` with the position unravelled in the target's shape.
-fn loss_error(err: LossError, target_shape: &[usize]) -> PyErr {
-    match err {
-        LossError::TargetOutOfRange {
-            position,
-            value,
-            n_classes,
-        } => {
-            let mut rest = position;
-            let mut index = vec![0usize; target_shape.len()];
-            for (i, &dim) in target_shape.iter().enumerate().rev() {
-                if dim > 0 {
-                    index[i] = rest % dim;
-                    rest /= dim;
-                }
-            }
-            let at = if index.is_empty() {
-                String::new()
-            } else {
-                let parts: Vec<String> = index.iter().map(|i| i.to_string()).collect();
-                format!("[{}]", parts.join(", "))
-            };
-            PyIndexError::new_err(format!("target{at} = {value} is outside [0, {n_classes})"))
-        }
-        LossError::Invalid(msg) => value_error(msg),
-    }
 }
 
 /// The class weights as a slice (1-D, contiguous, the logits' dtype), borrowed for the call.
@@ -155,7 +127,7 @@ fn xent_typed<'py, T: Real + Element>(
             .as_slice()
             .map_err(|_| value_error("target must be C-contiguous int64"))?;
         py.detach(|| xent::cross_entropy(xs, batch, Targets::Indices(ts), &opts, ps, gs))
-            .map_err(|e| loss_error(e, t.shape()))?
+            .map_err(|e| to_pyerr(py, e))?
     } else if let Ok(q) = target.cast::<PyArray3<T>>() {
         if batch_of(q, "target")? != batch {
             return Err(value_error(
@@ -167,7 +139,7 @@ fn xent_typed<'py, T: Real + Element>(
         let qs = unsafe { slice_of(q, &batch)? };
         let total = py
             .detach(|| xent::cross_entropy(xs, batch, Targets::Probs(qs), &opts, ps, gs))
-            .map_err(|e| loss_error(e, q.shape()))?;
+            .map_err(|e| to_pyerr(py, e))?;
         drop(qr);
         total
     } else {
@@ -258,7 +230,7 @@ fn nll_typed<'py, T: Real + Element>(
         .transpose()?;
     let total = py
         .detach(|| xent::nll_loss(xs, batch, ts, ws, ignore_index, reduction, ps))
-        .map_err(|e| loss_error(e, t.shape()))?;
+        .map_err(|e| to_pyerr(py, e))?;
     drop((xr, pr));
     Ok(match per_lane {
         Some(p) => p.into_any(),
@@ -310,8 +282,8 @@ fn backward_typed<'py, T: Real + Element>(
     // SAFETY: `yr` and `dr` keep the inputs borrowed for the call.
     let (ys, ds) = unsafe { (slice_of(y, &batch)?, slice_of(dy, &batch)?) };
     let os = or.as_slice_mut().map_err(|e| value_error(e.to_string()))?;
-    py.detach(|| xent::softmax_like_backward(ys, ds, batch, what, os))
-        .map_err(value_error)?;
+    py.detach(|| vjp::softmax_like_backward(ys, ds, batch, what, os))
+        .map_err(|e| to_pyerr(py, e))?;
     drop((yr, dr, or));
     Ok(out.into_any())
 }

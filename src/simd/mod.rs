@@ -4,11 +4,13 @@
 //! for tests and benchmarks. The wheel is built for the baseline target; wider instructions are
 //! only used behind this detection (`#[target_feature]` functions, never `target-cpu=native`).
 //!
-//! One module per instruction set (`avx512`, `avx2`, `neon`, `scalar`), each with its own
-//! vectorised exp and the same building blocks: the blocked two-pass and the online row state,
-//! the column state, the softmax / log_softmax write, and (AVX-512) the short-row kernels.
-//! The functions here dispatch on a [`Level`] passed in by the caller, so tests and benches
-//! can run every level in one process; `kernels` passes [`level()`].
+//! Each algorithm is written once over the lane abstraction of [`lanes`]: the row kernels
+//! (blocked two-pass and online states, the softmax / log_softmax writes) and the column
+//! kernels in `rows`, the short-row kernels (rows in vector lanes) in `short`. One module per
+//! instruction set (`avx512`, `avx2`, `neon`) provides the primitives and its own exp;
+//! `scalar` is the reference every level is tested against. The functions here dispatch once
+//! per call on a [`Level`] passed in by the caller, so tests and benches can run every level
+//! in one process; `kernels` passes [`level()`].
 //!
 //! Accuracy: float32 inputs are widened to float64 lanes for every sum and every softmax
 //! output, so `x - max` is exact and the exp (a 16-entry table and a short polynomial) is
@@ -119,16 +121,19 @@ pub fn level() -> Level {
 pub mod avx2;
 #[cfg(target_arch = "x86_64")]
 pub mod avx512;
+mod lanes;
 #[cfg(target_arch = "aarch64")]
 pub mod neon;
+mod rows;
 pub mod scalar;
+mod short;
 
-use crate::kernels::Algorithm;
 use crate::real::Real;
 use crate::state::LseState;
-use std::any::TypeId;
+use lanes::{dispatch, Kernel, Lanes};
+use rows::{ExpScaled, LaneMap, ShiftSub};
 
-/// Rows up to this long take the short-row kernels (8 rows per vector) where a level has them.
+/// Rows up to this long take the short-row kernels (one row per vector lane) at SIMD levels.
 pub const SHORT_ROW: usize = 64;
 
 /// Columns per tile of the column kernel. A tile walks its rows one contiguous segment at a
@@ -219,30 +224,8 @@ pub(crate) mod consts {
     ];
 }
 
-#[inline(always)]
-fn cast<T: 'static, U: 'static>(p: *const T) -> Option<*const U> {
-    (TypeId::of::<T>() == TypeId::of::<U>()).then_some(p as *const U)
-}
-
-#[inline(always)]
-fn cast_mut<T: 'static, U: 'static>(p: *mut T) -> Option<*mut U> {
-    (TypeId::of::<T>() == TypeId::of::<U>()).then_some(p as *mut U)
-}
-
-/// Runs `$body` with `$x` rebound to the concrete `f32`/`f64` pointer behind a generic one.
-macro_rules! by_type {
-    ($T:ty, $x:ident, $body:expr) => {
-        if let Some($x) = cast::<$T, f32>($x) {
-            $body
-        } else if let Some($x) = cast::<$T, f64>($x) {
-            $body
-        } else {
-            unreachable!("Real is only implemented for f32 and f64")
-        }
-    };
-}
-
-/// `(max, excess)` of `n` contiguous elements at `level`.
+/// `(max, excess)` of `n` contiguous elements at `level`: blocked two-pass, or one pass with
+/// a running max (`online`).
 ///
 /// # Safety
 /// `x` must be readable for `n` elements, and `level` supported by this CPU.
@@ -250,51 +233,61 @@ pub(crate) unsafe fn row_state<T: Real>(
     level: Level,
     x: *const T,
     n: usize,
-    alg: Algorithm,
+    online: bool,
 ) -> LseState {
-    let online = alg == Algorithm::Online;
-    match level {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: the caller checked the level; x is readable for n elements.
-        Level::Avx512 => unsafe {
-            by_type!(
-                T,
-                x,
-                if online {
-                    avx512::state_online(x, n)
+    struct K<T>(*const T, usize, bool);
+    impl<T: Real> Kernel for K<T> {
+        type Out = LseState;
+        #[inline(always)]
+        fn run<L: Lanes>(self, l: L) -> LseState {
+            // SAFETY: the caller of row_state guarantees n readable elements.
+            unsafe {
+                if self.2 {
+                    rows::state_online(l, self.0, self.1)
                 } else {
-                    avx512::state_two_pass(x, n)
+                    rows::state_two_pass(l, self.0, self.1)
                 }
-            )
-        },
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: as above.
-        Level::Avx2 => unsafe {
-            by_type!(
-                T,
-                x,
-                if online {
-                    avx2::state_online(x, n)
+            }
+        }
+        fn scalar(self) -> LseState {
+            // SAFETY: as above.
+            unsafe {
+                if self.2 {
+                    scalar::lse_state_online(self.0, 0, self.1, 1)
                 } else {
-                    avx2::state_two_pass(x, n)
+                    scalar::lse_state_two_pass(self.0, 0, self.1, 1)
                 }
-            )
-        },
-        #[cfg(target_arch = "aarch64")]
-        // SAFETY: as above.
-        Level::Neon => unsafe {
-            by_type!(
-                T,
-                x,
-                if online {
-                    neon::state_online(x, n)
-                } else {
-                    neon::state_two_pass(x, n)
-                }
-            )
-        },
-        // SAFETY: as above.
-        _ => unsafe { scalar::row_state(x, n, alg) },
+            }
+        }
+    }
+    // SAFETY: forwarded from the caller.
+    unsafe { dispatch(level, K(x, n, online)) }
+}
+
+/// The row writes: `out[k] = f(x[k])` for `k < n`, with `f` softmax's or log_softmax's.
+struct MapRow<T, F> {
+    x: *const T,
+    out: *mut T,
+    n: usize,
+    stream: bool,
+    f: F,
+}
+
+impl<T: Real, F: LaneMap> Kernel for MapRow<T, F> {
+    type Out = ();
+    #[inline(always)]
+    fn run<L: Lanes>(self, l: L) {
+        // SAFETY: the callers of exp_scaled / shift_sub guarantee the buffers.
+        unsafe { rows::map_row(l, self.x, self.out, self.n, self.stream, self.f) }
+    }
+    fn scalar(self) {
+        for k in 0..self.n {
+            // SAFETY: k < n; element k is read before it is written.
+            unsafe {
+                let v = (*self.x.add(k)).to_f64();
+                *self.out.add(k) = T::from_f64(self.f.scalar(v));
+            }
+        }
     }
 }
 
@@ -314,41 +307,23 @@ pub(crate) unsafe fn exp_scaled<T: Real>(
     scale: f64,
     stream: bool,
 ) {
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = stream; // only the AVX-512 level has streaming stores
-    match level {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: the caller's contract.
-        Level::Avx512 => unsafe {
-            let o = out;
-            by_type!(
-                T,
+    let f = ExpScaled {
+        shift,
+        scale,
+        full: T::FULL,
+    };
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        dispatch(
+            level,
+            MapRow {
                 x,
-                avx512::exp_scaled(x, cast_mut(o).unwrap(), n, shift, scale, stream)
-            )
-        },
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: the caller's contract.
-        Level::Avx2 => unsafe {
-            let o = out;
-            by_type!(
-                T,
-                x,
-                avx2::exp_scaled(x, cast_mut(o).unwrap(), n, shift, scale)
-            )
-        },
-        #[cfg(target_arch = "aarch64")]
-        // SAFETY: the caller's contract.
-        Level::Neon => unsafe {
-            let o = out;
-            by_type!(
-                T,
-                x,
-                neon::exp_scaled(x, cast_mut(o).unwrap(), n, shift, scale)
-            )
-        },
-        // SAFETY: the caller's contract.
-        _ => unsafe { scalar::exp_scaled(x, out, n, shift, scale) },
+                out,
+                n,
+                stream,
+                f,
+            },
+        )
     }
 }
 
@@ -365,41 +340,19 @@ pub(crate) unsafe fn shift_sub<T: Real>(
     log_total: f64,
     stream: bool,
 ) {
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = stream; // only the AVX-512 level has streaming stores
-    match level {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: the caller's contract.
-        Level::Avx512 => unsafe {
-            let o = out;
-            by_type!(
-                T,
+    let f = ShiftSub { shift, log_total };
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        dispatch(
+            level,
+            MapRow {
                 x,
-                avx512::shift_sub(x, cast_mut(o).unwrap(), n, shift, log_total, stream)
-            )
-        },
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: the caller's contract.
-        Level::Avx2 => unsafe {
-            let o = out;
-            by_type!(
-                T,
-                x,
-                avx2::shift_sub(x, cast_mut(o).unwrap(), n, shift, log_total)
-            )
-        },
-        #[cfg(target_arch = "aarch64")]
-        // SAFETY: the caller's contract.
-        Level::Neon => unsafe {
-            let o = out;
-            by_type!(
-                T,
-                x,
-                neon::shift_sub(x, cast_mut(o).unwrap(), n, shift, log_total)
-            )
-        },
-        // SAFETY: the caller's contract.
-        _ => unsafe { scalar::shift_sub(x, out, n, shift, log_total) },
+                out,
+                n,
+                stream,
+                f,
+            },
+        )
     }
 }
 
@@ -418,30 +371,32 @@ pub(crate) unsafe fn lanes_write<T: Real>(
     a: *const f64,
     exp: bool,
 ) {
-    match level {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: the caller's contract.
-        Level::Avx512 => unsafe {
-            let o = out;
-            by_type!(
-                T,
-                x,
-                avx512::lanes_write(x, cast_mut(o).unwrap(), n, b, a, exp)
-            )
-        },
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: the caller's contract.
-        Level::Avx2 => unsafe {
-            let o = out;
-            by_type!(
-                T,
-                x,
-                avx2::lanes_write(x, cast_mut(o).unwrap(), n, b, a, exp)
-            )
-        },
-        // SAFETY: the caller's contract (NEON uses the scalar write for columns).
-        _ => unsafe { scalar::lanes_write(x, out, n, b, a, exp) },
+    struct K<T>(*const T, *mut T, usize, *const f64, *const f64, bool);
+    impl<T: Real> Kernel for K<T> {
+        type Out = ();
+        #[inline(always)]
+        fn run<L: Lanes>(self, l: L) {
+            let K(x, out, n, b, a, exp) = self;
+            // SAFETY: the caller of lanes_write guarantees the buffers.
+            unsafe { rows::lanes_write(l, x, out, n, b, a, exp) }
+        }
+        fn scalar(self) {
+            let K(x, out, n, b, a, exp) = self;
+            for j in 0..n {
+                // SAFETY: j < n; element j is read before it is written.
+                unsafe {
+                    let d = (*x.add(j)).to_f64() - *b.add(j);
+                    *out.add(j) = T::from_f64(if exp {
+                        *a.add(j) * d.exp()
+                    } else {
+                        d - *a.add(j)
+                    });
+                }
+            }
+        }
     }
+    // SAFETY: forwarded from the caller.
+    unsafe { dispatch(level, K(x, out, n, b, a, exp)) }
 }
 
 /// States of `w <= COL_TILE` adjacent columns of an `(n, inner)` C-order slab at `x`, one
@@ -458,30 +413,57 @@ pub(crate) unsafe fn column_states<T: Real>(
     out: &mut [LseState],
 ) {
     debug_assert!(w <= COL_TILE && out.len() >= w);
-    match level {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: the caller's contract.
-        Level::Avx512 => unsafe { by_type!(T, x, avx512::column_states(x, n, inner, w, out)) },
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: the caller's contract.
-        Level::Avx2 => unsafe { by_type!(T, x, avx2::column_states(x, n, inner, w, out)) },
-        #[cfg(target_arch = "aarch64")]
-        // SAFETY: the caller's contract.
-        Level::Neon => unsafe { by_type!(T, x, neon::column_states(x, n, inner, w, out)) },
-        // SAFETY: the caller's contract.
-        _ => unsafe { scalar::column_states(x, n, inner, w, out) },
+    struct K<'a, T>(*const T, usize, usize, usize, &'a mut [LseState]);
+    impl<T: Real> Kernel for K<'_, T> {
+        type Out = ();
+        #[inline(always)]
+        fn run<L: Lanes>(self, l: L) {
+            let K(x, n, inner, w, out) = self;
+            // SAFETY: the caller of column_states guarantees the slab.
+            unsafe { rows::column_states(l, x, n, inner, w, out) }
+        }
+        fn scalar(self) {
+            let K(x, n, inner, w, out) = self;
+            for (j, o) in out.iter_mut().enumerate().take(w) {
+                // SAFETY: as above.
+                *o = unsafe { scalar::lse_state_online(x, j, n, inner) };
+            }
+        }
     }
+    // SAFETY: forwarded from the caller.
+    unsafe { dispatch(level, K(x, n, inner, w, out)) }
 }
 
-/// Whether `level` has the short-row kernels (rows in vector lanes) for `pitch`.
+/// Whether `level` has the short-row kernels (rows in vector lanes) for `pitch` (the
+/// AVX-512 gathers index rows with 32-bit offsets).
 pub(crate) fn has_short_rows(level: Level, pitch: usize) -> bool {
-    level == Level::Avx512 && pitch < (1 << 27)
+    level != Level::Scalar && pitch < (1 << 27)
+}
+
+/// A batch of short rows: `rows` rows of `n <= SHORT_ROW` elements, `pitch` apart.
+#[derive(Clone, Copy)]
+struct ShortRows<T> {
+    x: *const T,
+    rows: usize,
+    n: usize,
+    pitch: usize,
+}
+
+impl<T: Real> ShortRows<T> {
+    /// Row `r`'s reference state.
+    ///
+    /// # Safety
+    /// The rows readable.
+    unsafe fn reference(self, r: usize) -> LseState {
+        // SAFETY: row r is readable.
+        unsafe { scalar::lse_state_two_pass(self.x, r * self.pitch, self.n, 1) }
+    }
 }
 
 /// logsumexp of `rows` rows of `n <= SHORT_ROW` elements, `pitch` apart, into `out`.
 ///
 /// # Safety
-/// The rows readable, `out` writable for `rows` elements; `has_short_rows(level, pitch)`.
+/// The rows readable, `out` writable for `rows` elements; `level` supported by this CPU.
 pub(crate) unsafe fn short_rows_logsumexp<T: Real>(
     level: Level,
     x: *const T,
@@ -490,19 +472,61 @@ pub(crate) unsafe fn short_rows_logsumexp<T: Real>(
     pitch: usize,
     out: *mut T,
 ) {
-    debug_assert!(n <= SHORT_ROW && has_short_rows(level, pitch));
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: the caller's contract.
-    unsafe {
-        let o = out;
-        by_type!(
-            T,
-            x,
-            avx512::short_rows_logsumexp(x, rows, n, pitch, cast_mut(o).unwrap())
-        )
+    debug_assert!(n <= SHORT_ROW);
+    struct K<T>(ShortRows<T>, *mut T);
+    impl<T: Real> Kernel for K<T> {
+        type Out = ();
+        #[inline(always)]
+        fn run<L: Lanes>(self, l: L) {
+            let ShortRows { x, rows, n, pitch } = self.0;
+            // SAFETY: the caller of short_rows_logsumexp guarantees the buffers.
+            unsafe { short::logsumexp(l, x, rows, n, pitch, self.1) }
+        }
+        fn scalar(self) {
+            for r in 0..self.0.rows {
+                // SAFETY: as above.
+                unsafe { *self.1.add(r) = T::from_f64(self.0.reference(r).logsumexp()) };
+            }
+        }
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    unreachable!("{level:?} {x:?} {rows} {n} {pitch} {out:?}: no short-row kernel")
+    let s = ShortRows { x, rows, n, pitch };
+    // SAFETY: forwarded from the caller.
+    unsafe { dispatch(level, K(s, out)) }
+}
+
+/// The `(max, excess)` state of each of `rows` short rows (`n <= SHORT_ROW` elements, `pitch`
+/// apart) into `out[r]`, `N` rows per vector: the per-row states a loss over short rows needs.
+///
+/// # Safety
+/// The rows readable; `out` holds `rows` states; `level` supported by this CPU.
+pub(crate) unsafe fn short_rows_states<T: Real>(
+    level: Level,
+    x: *const T,
+    rows: usize,
+    n: usize,
+    pitch: usize,
+    out: &mut [LseState],
+) {
+    debug_assert!(n <= SHORT_ROW && out.len() >= rows);
+    struct K<'a, T>(ShortRows<T>, &'a mut [LseState]);
+    impl<T: Real> Kernel for K<'_, T> {
+        type Out = ();
+        #[inline(always)]
+        fn run<L: Lanes>(self, l: L) {
+            let ShortRows { x, rows, n, pitch } = self.0;
+            // SAFETY: the caller of short_rows_states guarantees the rows.
+            unsafe { short::states(l, x, rows, n, pitch, self.1) }
+        }
+        fn scalar(self) {
+            for (r, o) in self.1.iter_mut().enumerate().take(self.0.rows) {
+                // SAFETY: as above.
+                *o = unsafe { self.0.reference(r) };
+            }
+        }
+    }
+    let s = ShortRows { x, rows, n, pitch };
+    // SAFETY: forwarded from the caller.
+    unsafe { dispatch(level, K(s, out)) }
 }
 
 /// Softmax (`log = false`) or log_softmax of `rows` short rows into the dense `out`.
@@ -519,19 +543,35 @@ pub(crate) unsafe fn short_rows_softmax<T: Real>(
     out: *mut T,
     log: bool,
 ) {
-    debug_assert!(n <= SHORT_ROW && has_short_rows(level, pitch));
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: the caller's contract.
-    unsafe {
-        let o = out;
-        by_type!(
-            T,
-            x,
-            avx512::short_rows_softmax(x, rows, n, pitch, cast_mut(o).unwrap(), log)
-        )
+    debug_assert!(n <= SHORT_ROW);
+    struct K<T>(ShortRows<T>, *mut T, bool);
+    impl<T: Real> Kernel for K<T> {
+        type Out = ();
+        #[inline(always)]
+        fn run<L: Lanes>(self, l: L) {
+            let ShortRows { x, rows, n, pitch } = self.0;
+            // SAFETY: the caller of short_rows_softmax guarantees the buffers.
+            unsafe { short::softmax(l, x, rows, n, pitch, self.1, self.2) }
+        }
+        fn scalar(self) {
+            let ShortRows { x, rows, n, pitch } = self.0;
+            for r in 0..rows {
+                // SAFETY: as above; each row is read before it is written.
+                unsafe {
+                    let state = self.0.reference(r);
+                    let (xr, or) = (x.add(r * pitch), self.1.add(r * n));
+                    if self.2 {
+                        scalar::log_softmax_write(xr, 0, 1, or, 0, 1, n, state);
+                    } else {
+                        scalar::softmax_write(xr, 0, 1, or, 0, 1, n, state);
+                    }
+                }
+            }
+        }
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    unreachable!("{level:?} {x:?} {rows} {n} {pitch} {out:?} {log}: no short-row kernel")
+    let s = ShortRows { x, rows, n, pitch };
+    // SAFETY: forwarded from the caller.
+    unsafe { dispatch(level, K(s, out, log)) }
 }
 
 /// `out[k] = exp(x[k])` in float32 arithmetic at `level` (< 1 ULP; the vectorised exp itself).
@@ -563,18 +603,25 @@ pub fn exp_f32(level: Level, x: &[f32], out: &mut [f32]) {
 pub fn exp_f64(level: Level, x: &[f64], out: &mut [f64]) {
     assert_eq!(x.len(), out.len(), "exp_f64: x and out differ in length");
     assert!(is_available(level), "level {level:?} is not available");
-    let (n, xp, op) = (x.len(), x.as_ptr(), out.as_mut_ptr());
-    match level {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: the level is available; both slices hold n elements.
-        Level::Avx512 => unsafe { avx512::exp_f64(xp, op, n) },
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: as above.
-        Level::Avx2 => unsafe { avx2::exp_f64(xp, op, n) },
-        #[cfg(target_arch = "aarch64")]
-        // SAFETY: as above.
-        Level::Neon => unsafe { neon::exp_f64(xp, op, n) },
-        _ => scalar::exp_f64(x, out),
+    // exp(x) = 1 * exp(x - 0), the float64 exp.
+    let f = ExpScaled {
+        shift: 0.0,
+        scale: 1.0,
+        full: true,
+    };
+    let (n, x, out) = (x.len(), x.as_ptr(), out.as_mut_ptr());
+    // SAFETY: the level is available; both slices hold n elements.
+    unsafe {
+        dispatch(
+            level,
+            MapRow {
+                x,
+                out,
+                n,
+                stream: false,
+                f,
+            },
+        )
     }
 }
 
@@ -625,4 +672,4 @@ pub(crate) fn has_nan<T: Real>(p: *const T, n: usize) -> bool {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -2,6 +2,25 @@
 
 use super::*;
 
+/// A small deterministic generator (xorshift64*), so tests need no extra crates.
+pub(crate) struct Rng(u64);
+
+impl Rng {
+    pub(crate) fn new(seed: u64) -> Rng {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+    pub(crate) fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    /// Uniform in [lo, hi).
+    pub(crate) fn uniform(&mut self, lo: f64, hi: f64) -> f64 {
+        lo + (hi - lo) * ((self.next_u64() >> 11) as f64 / (1u64 << 53) as f64)
+    }
+}
+
 /// Error of `got` in float32 ULPs of the exact `exp(x)` (taken as float64 exp; its own error,
 /// ~1e-16 relative, is far below the float32 ULP). Specials must match exactly.
 fn ulp_error_f32(x: f32, got: f32) -> f64 {
@@ -139,7 +158,7 @@ fn exp_specials_are_exact() {
 fn exp_f64_is_within_one_ulp_of_std() {
     // std's exp is itself within 1 ULP, so agreement to 1 ULP bounds ours by 2; the
     // construction (table exact to 0.5 ULP, q to 1e-18, one final rounding) gives < 1.
-    let mut rng = crate::kernels::tests::Rng::new(5);
+    let mut rng = Rng::new(5);
     let xs: Vec<f64> = (0..200_000)
         .map(|i| match i % 3 {
             0 => rng.uniform(-745.0, 709.7),
@@ -178,10 +197,35 @@ fn streaming_stores_write_the_same_bits_at_any_alignment() {
             let (mut c, mut d) = (vec![0.0f64; n + offset], vec![0.0f64; n + offset]);
             // SAFETY: AVX-512 is available; every buffer holds offset + n elements.
             unsafe {
-                avx512::exp_scaled(x.as_ptr(), a.as_mut_ptr().add(offset), n, 3.0, 0.5, true);
-                avx512::exp_scaled(x.as_ptr(), b.as_mut_ptr().add(offset), n, 3.0, 0.5, false);
-                avx512::shift_sub(x64.as_ptr(), c.as_mut_ptr().add(offset), n, 3.0, 0.5, true);
-                avx512::shift_sub(x64.as_ptr(), d.as_mut_ptr().add(offset), n, 3.0, 0.5, false);
+                let l = Level::Avx512;
+                exp_scaled(l, x.as_ptr(), a.as_mut_ptr().add(offset), n, 3.0, 0.5, true);
+                exp_scaled(
+                    l,
+                    x.as_ptr(),
+                    b.as_mut_ptr().add(offset),
+                    n,
+                    3.0,
+                    0.5,
+                    false,
+                );
+                shift_sub(
+                    l,
+                    x64.as_ptr(),
+                    c.as_mut_ptr().add(offset),
+                    n,
+                    3.0,
+                    0.5,
+                    true,
+                );
+                shift_sub(
+                    l,
+                    x64.as_ptr(),
+                    d.as_mut_ptr().add(offset),
+                    n,
+                    3.0,
+                    0.5,
+                    false,
+                );
             }
             assert!(
                 a.iter().zip(&b).all(|(p, q)| p.to_bits() == q.to_bits()),

@@ -1,0 +1,107 @@
+//! The crate's error type: why a kernel refused its arguments.
+//!
+//! Every fallible entry point of the loss and vector-Jacobian kernels returns
+//! `Result<_, Error>`, and nothing has been written to any output when it does. The variants
+//! carry the facts (which argument, which lane, which sizes) rather than prose, so a caller can
+//! react to them: the Python bindings map [`Error::TargetOutOfRange`] to `IndexError`,
+//! [`Error::Alloc`] to `MemoryError` and the rest to `ValueError`.
+
+use std::fmt;
+
+/// Why a call was refused. Nothing has been written to any output when one is returned.
+///
+/// ```
+/// use stablelse::kernels::cross_entropy::{cross_entropy, Targets, XentOptions};
+/// use stablelse::{Batch, Error};
+///
+/// let logits = [0.0f64; 6];
+/// let err = cross_entropy(
+///     &logits,
+///     Batch::rows(2, 3),
+///     Targets::Indices(&[0, 3]),
+///     &XentOptions::default(),
+///     None,
+///     None,
+/// )
+/// .unwrap_err();
+/// assert_eq!(err, Error::TargetOutOfRange { position: 1, value: 3, classes: 3 });
+/// assert_eq!(err.to_string(), "target[1] = 3 is outside [0, 3)");
+/// ```
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub enum Error {
+    /// The first lane, in lane order, whose class index is outside `[0, classes)` and is not
+    /// `ignore_index`.
+    TargetOutOfRange {
+        /// The lane (`o * inner + j` in a [`Batch`](crate::Batch)).
+        position: usize,
+        /// The offending class index.
+        value: i64,
+        /// The number of classes.
+        classes: usize,
+    },
+    /// A buffer whose length does not match the batch it is used with.
+    ShapeMismatch {
+        /// Which argument (`"weight"`, `"targets"`, `"gradient"`, ...).
+        what: &'static str,
+        /// The number of elements the batch needs.
+        expected: usize,
+        /// The number of elements given.
+        got: usize,
+    },
+    /// A scalar option outside its domain.
+    InvalidOption {
+        /// The option's name (`"label_smoothing"`, `"z_loss"`).
+        name: &'static str,
+        /// The domain it must lie in, in words (`"in [0, 1]"`).
+        domain: &'static str,
+        /// The value given.
+        value: f64,
+    },
+    /// A combination of arguments the operation does not define.
+    Unsupported(&'static str),
+    /// A batch layout that does not fit its buffer (see [`Batch::check`](crate::Batch::check)).
+    Layout(String),
+    /// Scratch memory could not be allocated.
+    Alloc {
+        /// The size of the failed request.
+        bytes: usize,
+    },
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::TargetOutOfRange {
+                position,
+                value,
+                classes,
+            } => write!(f, "target[{position}] = {value} is outside [0, {classes})"),
+            Error::ShapeMismatch {
+                what,
+                expected,
+                got,
+            } => write!(f, "{what} holds {got} elements, expected {expected}"),
+            Error::InvalidOption {
+                name,
+                domain,
+                value,
+            } => write!(f, "{name} must be {domain}, got {value}"),
+            Error::Unsupported(what) => f.write_str(what),
+            Error::Layout(msg) => f.write_str(msg),
+            Error::Alloc { bytes } => write!(f, "cannot allocate {bytes} bytes of scratch memory"),
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+/// `Vec::with_capacity` that reports a failed allocation instead of aborting the process.
+pub(crate) fn try_vec<T: Clone>(len: usize, fill: T) -> Result<Vec<T>, Error> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(len).map_err(|_| Error::Alloc {
+        bytes: len.saturating_mul(std::mem::size_of::<T>()),
+    })?;
+    v.resize(len, fill);
+    Ok(v)
+}

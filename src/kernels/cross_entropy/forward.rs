@@ -1,0 +1,503 @@
+//! The cross-entropy forward pass and its fused gradient, over rows (`inner == 1`) or columns.
+
+use super::spec::{lane_target, plan, reduce_pieces, LaneTarget, Plan, Targets, XentOptions};
+use crate::error::{try_vec, Error};
+use crate::kernels::blocking::{row_blocks, sum3, COLUMN_BLOCK};
+use crate::kernels::{row_exp_scaled, row_state, Algorithm};
+use crate::layout::Batch;
+use crate::parallel::{self, SendPtr};
+use crate::real::Real;
+use crate::state::LseState;
+
+/// Rows whose states are computed together (see [`block_states`]); also the widest column
+/// block, so a block's states fit one buffer.
+const STATE_BLOCK: usize = COLUMN_BLOCK;
+
+/// Rows up to this long are reduced in transposed blocks by the SIMD column kernel.
+const SHORT_ROW: usize = 64;
+
+/// Elements of a transposed column block (and of its gradient): 256 KiB of float32, within L2.
+const COLUMN_SCRATCH: usize = 1 << 16;
+
+/// Per-lane sums that the loss and gradient formulas need, from one read of the lane.
+#[derive(Clone, Copy)]
+struct LaneSums {
+    state: LseState,
+    /// `x_t` (index target).
+    xt: f64,
+    /// `sum_k w_k (shift - x_k)` (label smoothing) or `sum_k w_k q'_k (shift - x_k)`
+    /// (probabilities).
+    wsum: f64,
+    /// `sum_k w_k q'_k` (probabilities).
+    qsum: f64,
+}
+
+/// `(shift, log_total)` with `L = shift + log_total`: `(m, log1p(excess))` for a finite max, the
+/// unshifted `(0, L)` otherwise (as [`log_softmax`](crate::kernels::scalar::log_softmax_write)).
+#[inline]
+fn shift_and_log_total(state: LseState) -> (f64, f64) {
+    if state.max.is_finite() {
+        (state.max, state.log_total())
+    } else {
+        (0.0, state.max)
+    }
+}
+
+/// The `shift` of [`shift_and_log_total`] alone (no logarithm).
+#[inline]
+fn shift_of(state: LseState) -> f64 {
+    if state.max.is_finite() {
+        state.max
+    } else {
+        0.0
+    }
+}
+
+/// The lane's main loss term (before reduction scaling) and `L`.
+#[inline]
+fn lane_loss<T: Real>(plan: &Plan<'_, T>, target: LaneTarget, s: &LaneSums) -> (f64, f64) {
+    let (shift, lt) = shift_and_log_total(s.state);
+    let lse = shift + lt;
+    let main = match target {
+        LaneTarget::Ignored => 0.0,
+        LaneTarget::Class(t) => {
+            let nll = plan.w(t) * (lt - (s.xt - shift));
+            if plan.b > 0.0 {
+                plan.a * nll + plan.b * (s.wsum + plan.w_total * lt)
+            } else {
+                nll
+            }
+        }
+        LaneTarget::Probs => s.wsum + s.qsum * lt,
+    };
+    (main, lse)
+}
+
+/// How a lane's gradient is written: `g_k = scale * exp(x_k - m) - corr * w_k [* q'_k]`, then
+/// `g_t` (index target) replaced by its accurate value.
+#[derive(Clone, Copy)]
+struct LaneGrad {
+    /// NaN gradient (non-finite max) or zero (ignored).
+    fill: Option<f64>,
+    shift: f64,
+    scale: f64,
+    corr: f64,
+    target: Option<(usize, f64)>,
+}
+
+#[inline]
+fn lane_grad<T: Real>(plan: &Plan<'_, T>, target: LaneTarget, s: &LaneSums) -> LaneGrad {
+    let fill = |v: f64| LaneGrad {
+        fill: Some(v),
+        shift: 0.0,
+        scale: 0.0,
+        corr: 0.0,
+        target: None,
+    };
+    if let LaneTarget::Ignored = target {
+        return fill(0.0);
+    }
+    if !s.state.max.is_finite() {
+        return fill(f64::NAN);
+    }
+    let (m, excess) = (s.state.max, s.state.excess);
+    let total = s.state.total();
+    let lse = m + s.state.log_total();
+    let zterm = 2.0 * plan.z * plan.s2 * lse;
+    match target {
+        LaneTarget::Class(t) => {
+            let wt = plan.w(t);
+            let c = plan.s1 * (plan.a * wt + plan.b * plan.w_total) + zterm;
+            // g_t = c p_t - s1 (a + b) w_t = -c (S - e_t) / S + (c - s1 (a + b) w_t), with
+            // S - e_t = excess - expm1(x_t - m) exact in relative terms when p_t -> 1.
+            let rest = plan.s1 * plan.b * (plan.w_total - wt) + zterm;
+            let gt = -c * (excess - (s.xt - m).exp_m1()) / total + rest;
+            LaneGrad {
+                fill: None,
+                shift: m,
+                scale: c / total,
+                corr: plan.s1 * plan.b,
+                target: Some((t, gt)),
+            }
+        }
+        LaneTarget::Probs => LaneGrad {
+            fill: None,
+            shift: m,
+            scale: (plan.s1 * s.qsum + zterm) / total,
+            corr: plan.s1,
+            target: None,
+        },
+        LaneTarget::Ignored => unreachable!(),
+    }
+}
+
+/// Cross-entropy of `logits` (laid out by `batch`, classes along `n`) against `targets`, with
+/// torch's semantics (see the module docs), plus `z_loss * lse^2` per non-ignored lane.
+///
+/// Returns the reduced loss ("mean" / "sum"; for "none" the sum of the lane losses), rounded to
+/// `T` once. `per_lane` (length `batch.count()`) must be given exactly for "none". With `grad`
+/// (length `batch.elements()`, dense `(outer, n, inner)`), writes the gradient of the returned
+/// loss (of the lane losses' sum for "none") in the same pass. Everything is validated first.
+pub fn cross_entropy<T: Real>(
+    logits: &[T],
+    batch: Batch,
+    targets: Targets<'_, T>,
+    opts: &XentOptions<'_, T>,
+    per_lane: Option<&mut [T]>,
+    grad: Option<&mut [T]>,
+) -> Result<T, Error> {
+    let plan = plan(
+        logits.len(),
+        batch,
+        &targets,
+        opts,
+        per_lane.as_ref().map(|p| p.len()),
+        grad.as_ref().map(|g| g.len()),
+    )?;
+    let lanes_out = per_lane.map(|p| SendPtr(p.as_mut_ptr()));
+    let grad_out = grad.map(|g| SendPtr(g.as_mut_ptr()));
+    let (main, zsum) = if batch.count() == 0 {
+        (0.0, 0.0)
+    } else if batch.inner == 1 {
+        xent_rows(logits, &targets, &plan, opts.algorithm, lanes_out, grad_out)?
+    } else {
+        xent_columns(logits, &targets, &plan, opts.algorithm, lanes_out, grad_out)?
+    };
+    let mut total = main * plan.s1;
+    if plan.z > 0.0 {
+        total += plan.z * zsum * plan.s2;
+    }
+    Ok(T::from_f64(total))
+}
+
+/// Lanes are rows (`inner == 1`): each row is reduced by [`row_state`] and its gradient written
+/// by [`row_exp_scaled`], the SIMD-dispatched row primitives.
+fn xent_rows<T: Real>(
+    logits: &[T],
+    targets: &Targets<'_, T>,
+    plan: &Plan<'_, T>,
+    alg: Algorithm,
+    lanes_out: Option<SendPtr<T>>,
+    grad_out: Option<SendPtr<T>>,
+) -> Result<(f64, f64), Error> {
+    let batch = plan.batch;
+    let n = batch.n;
+    let ignore = plan.ignore_index;
+    let per = parallel::items_per_piece(n);
+    reduce_pieces(batch.outer, per, n, |range| {
+        let mut acc = (0.0f64, 0.0f64);
+        let mut scratch = Vec::new();
+        let mut states = [LseState::EMPTY; STATE_BLOCK];
+        let mut l0 = range.start;
+        while l0 < range.end {
+            let w = STATE_BLOCK.min(range.end - l0);
+            let first = l0 * batch.outer_stride;
+            block_states(
+                &logits[first..],
+                batch.outer_stride,
+                n,
+                w,
+                alg,
+                &mut scratch,
+                &mut states,
+            );
+            for (i, &state) in states.iter().enumerate().take(w) {
+                let l = l0 + i;
+                let start = l * batch.outer_stride;
+                let x = &logits[start..start + n];
+                let target = lane_target(targets, l, ignore, n);
+                let probs = match targets {
+                    Targets::Probs(q) => Some(&q[start..start + n]),
+                    Targets::Indices(_) => None,
+                };
+                let sums = row_sums(plan, x, target, probs, state);
+                let (main, zt) = lane_outputs(plan, target, &sums, l, lanes_out);
+                if let Some(gp) = grad_out {
+                    // SAFETY: lane l owns the dense row l of the gradient, checked by `plan`.
+                    let g = unsafe { std::slice::from_raw_parts_mut(gp.ptr().add(l * n), n) };
+                    write_row_grad(plan, x, probs, lane_grad(plan, target, &sums), g);
+                }
+                acc.0 += main;
+                acc.1 += zt;
+            }
+            l0 += w;
+        }
+        Ok(acc)
+    })
+}
+
+/// The `(max, excess)` states of `w` rows of length `n`, row `i` at `x[i * pitch..][..n]`.
+/// Short rows are transposed into an `(n, w)` block and reduced by the SIMD column kernel
+/// (rows in vector lanes), which costs a fraction of one [`row_state`] call per row; longer
+/// rows use [`row_state`]. Rows and columns both come through here, so both layouts give the
+/// same bits.
+fn block_states<T: Real>(
+    x: &[T],
+    pitch: usize,
+    n: usize,
+    w: usize,
+    alg: Algorithm,
+    scratch: &mut Vec<T>,
+    states: &mut [LseState],
+) {
+    if (1..=SHORT_ROW).contains(&n) && w > 1 {
+        scratch.clear();
+        scratch.resize(n * w, T::from_f64(0.0));
+        for i in 0..w {
+            for (k, &v) in x[i * pitch..i * pitch + n].iter().enumerate() {
+                scratch[k * w + i] = v;
+            }
+        }
+        crate::kernels::lse_states(scratch, Batch::contiguous(1, n, w), alg, &mut states[..w])
+            .expect("the block matches its batch");
+    } else {
+        for (i, st) in states.iter_mut().enumerate().take(w) {
+            *st = row_state(&x[i * pitch..i * pitch + n], alg);
+        }
+    }
+}
+
+/// The lane's `(main, lse^2)` terms (0 for ignored lanes), its "none" loss written to
+/// `per_lane[l]` when asked.
+#[inline]
+fn lane_outputs<T: Real>(
+    plan: &Plan<'_, T>,
+    target: LaneTarget,
+    sums: &LaneSums,
+    l: usize,
+    lanes_out: Option<SendPtr<T>>,
+) -> (f64, f64) {
+    let (main, lse) = lane_loss(plan, target, sums);
+    let zt = match target {
+        LaneTarget::Ignored => 0.0,
+        _ => lse * lse,
+    };
+    if let Some(op) = lanes_out {
+        let v = if plan.z > 0.0 {
+            main + plan.z * zt
+        } else {
+            main
+        };
+        // SAFETY: lane l owns per_lane[l]; the length was checked by `plan`, and each lane is
+        // handled by exactly one piece.
+        unsafe { *op.ptr().add(l) = T::from_f64(v) };
+    }
+    (main, zt)
+}
+
+/// The sums of one row that its loss and gradient need.
+fn row_sums<T: Real>(
+    plan: &Plan<'_, T>,
+    x: &[T],
+    target: LaneTarget,
+    probs: Option<&[T]>,
+    state: LseState,
+) -> LaneSums {
+    let mut sums = LaneSums {
+        state: LseState::EMPTY,
+        xt: 0.0,
+        wsum: 0.0,
+        qsum: 0.0,
+    };
+    if let LaneTarget::Ignored = target {
+        return sums;
+    }
+    if x.is_empty() {
+        // No classes: log_softmax is empty and every sum is 0 (torch).
+        sums.state = LseState {
+            max: 0.0,
+            excess: 0.0,
+        };
+        return sums;
+    }
+    sums.state = state;
+    let shift = shift_of(state);
+    match target {
+        LaneTarget::Class(t) => {
+            sums.xt = x[t].to_f64();
+            if plan.b > 0.0 {
+                let parts = row_blocks(x.len(), |r| {
+                    let xr = &x[r.clone()];
+                    match plan.weight {
+                        Some(w) => {
+                            sum3(xr, &w[r], xr, |v, wk, _| wk.to_f64() * (shift - v.to_f64()))
+                        }
+                        None => sum3(xr, xr, xr, |v, _, _| shift - v.to_f64()),
+                    }
+                });
+                sums.wsum = parts.sum();
+            }
+        }
+        LaneTarget::Probs => {
+            let q = probs.expect("probability targets");
+            let (a, b) = (plan.a, plan.b);
+            let parts = row_blocks(x.len(), |r| {
+                let (xr, qr) = (&x[r.clone()], &q[r.clone()]);
+                match plan.weight {
+                    Some(w) => {
+                        let wr = &w[r];
+                        let wq = |qk: T, wk: T| wk.to_f64() * (a * qk.to_f64() + b);
+                        (
+                            sum3(xr, qr, wr, |v, qk, wk| wq(qk, wk) * (shift - v.to_f64())),
+                            sum3(qr, wr, qr, |qk, wk, _| wq(qk, wk)),
+                        )
+                    }
+                    None => (
+                        sum3(xr, qr, xr, |v, qk, _| {
+                            (a * qk.to_f64() + b) * (shift - v.to_f64())
+                        }),
+                        sum3(qr, qr, qr, |qk, _, _| a * qk.to_f64() + b),
+                    ),
+                }
+            });
+            for (ws, qs) in parts {
+                sums.wsum += ws;
+                sums.qsum += qs;
+            }
+        }
+        LaneTarget::Ignored => {}
+    }
+    sums
+}
+
+/// Writes one row's gradient (dense, `g.len() == x.len()`).
+fn write_row_grad<T: Real>(
+    plan: &Plan<'_, T>,
+    x: &[T],
+    probs: Option<&[T]>,
+    lg: LaneGrad,
+    g: &mut [T],
+) {
+    if let Some(v) = lg.fill {
+        g.fill(T::from_f64(v));
+        return;
+    }
+    let gp = SendPtr(g.as_mut_ptr());
+    row_blocks(x.len(), |r| {
+        // SAFETY: the blocks of one row are disjoint ranges of g.
+        let gb = unsafe { std::slice::from_raw_parts_mut(gp.ptr().add(r.start), r.len()) };
+        row_exp_scaled(&x[r.clone()], lg.shift, lg.scale, gb);
+        let (a, b) = (plan.a, plan.b);
+        match (probs, plan.weight) {
+            (Some(q), Some(w)) => {
+                for ((gk, &qk), &wk) in gb.iter_mut().zip(&q[r.clone()]).zip(&w[r]) {
+                    let wq = wk.to_f64() * (a * qk.to_f64() + b);
+                    *gk = T::from_f64(gk.to_f64() - lg.corr * wq);
+                }
+            }
+            (Some(q), None) => {
+                for (gk, &qk) in gb.iter_mut().zip(&q[r]) {
+                    *gk = T::from_f64(gk.to_f64() - lg.corr * (a * qk.to_f64() + b));
+                }
+            }
+            (None, Some(w)) if lg.corr != 0.0 => {
+                for (gk, &wk) in gb.iter_mut().zip(&w[r]) {
+                    *gk = T::from_f64(gk.to_f64() - lg.corr * wk.to_f64());
+                }
+            }
+            (None, None) if lg.corr != 0.0 => {
+                for gk in gb.iter_mut() {
+                    *gk = T::from_f64(gk.to_f64() - lg.corr);
+                }
+            }
+            _ => {}
+        }
+    })
+    .for_each(drop); // the blocks ran for their writes
+    if let Some((t, gt)) = lg.target {
+        g[t] = T::from_f64(gt);
+    }
+}
+
+/// Columns per block when the class axis is not last: each block of `(n, width)` is
+/// transposed into `width` contiguous rows (at most [`COLUMN_SCRATCH`] elements), so columns go
+/// through the same SIMD row primitives, exp and accuracy as rows.
+fn column_block_width(n: usize, inner: usize) -> usize {
+    (COLUMN_SCRATCH / n.max(1))
+        .clamp(1, COLUMN_BLOCK)
+        .min(inner)
+}
+
+/// Lanes are columns of `(n, inner)` slabs (torch's `(N, C, d1, ..)`): blocks of columns are
+/// gathered into row scratch (reads contiguous along `inner`), handled by the row code, and
+/// their gradient rows scattered back. The blocking depends only on the sizes.
+fn xent_columns<T: Real>(
+    logits: &[T],
+    targets: &Targets<'_, T>,
+    plan: &Plan<'_, T>,
+    alg: Algorithm,
+    lanes_out: Option<SendPtr<T>>,
+    grad_out: Option<SendPtr<T>>,
+) -> Result<(f64, f64), Error> {
+    let batch = plan.batch;
+    let (n, inner) = (batch.n, batch.inner);
+    let width = column_block_width(n, inner);
+    let blocks_per_slab = inner.div_ceil(width);
+    let units = batch.outer * blocks_per_slab;
+    let unit_elements = n * width;
+    let per = parallel::items_per_piece(unit_elements);
+    reduce_pieces(units, per, unit_elements, |range| {
+        let mut acc = (0.0f64, 0.0f64);
+        let zero = T::from_f64(0.0);
+        let mut xs = try_vec(n * width, zero)?;
+        let mut qs = match targets {
+            Targets::Probs(_) => try_vec(n * width, zero)?,
+            Targets::Indices(_) => Vec::new(),
+        };
+        let mut gs = match grad_out {
+            Some(_) => try_vec(n * width, zero)?,
+            None => Vec::new(),
+        };
+        let mut scratch = Vec::new();
+        let mut states = [LseState::EMPTY; STATE_BLOCK];
+        for u in range {
+            let (o, jb) = (u / blocks_per_slab, u % blocks_per_slab);
+            let j0 = jb * width;
+            let w = width.min(inner - j0);
+            let base = o * batch.outer_stride + j0;
+            transpose_in(&logits[base..], inner, n, w, &mut xs);
+            if let Targets::Probs(q) = targets {
+                transpose_in(&q[base..], inner, n, w, &mut qs);
+            }
+            block_states(&xs, n, n, w, alg, &mut scratch, &mut states);
+            for jj in 0..w {
+                let l = o * inner + j0 + jj;
+                let x = &xs[jj * n..(jj + 1) * n];
+                let target = lane_target(targets, l, plan.ignore_index, n);
+                let probs = match targets {
+                    Targets::Probs(_) => Some(&qs[jj * n..(jj + 1) * n]),
+                    Targets::Indices(_) => None,
+                };
+                let sums = row_sums(plan, x, target, probs, states[jj]);
+                let (main, zt) = lane_outputs(plan, target, &sums, l, lanes_out);
+                if grad_out.is_some() {
+                    let g = &mut gs[jj * n..(jj + 1) * n];
+                    write_row_grad(plan, x, probs, lane_grad(plan, target, &sums), g);
+                }
+                acc.0 += main;
+                acc.1 += zt;
+            }
+            if let Some(gp) = grad_out {
+                let gbase = o * n * inner + j0;
+                for k in 0..n {
+                    for jj in 0..w {
+                        // SAFETY: (k, j0 + jj) of slab o in the dense gradient, whose length
+                        // `plan` checked; units own disjoint column blocks.
+                        unsafe { *gp.ptr().add(gbase + k * inner + jj) = gs[jj * n + k] };
+                    }
+                }
+            }
+        }
+        Ok(acc)
+    })
+}
+
+/// `rows[jj * n + k] = src[k * inner + jj]` for `k < n`, `jj < w`: a column block as rows.
+fn transpose_in<T: Real>(src: &[T], inner: usize, n: usize, w: usize, rows: &mut [T]) {
+    for k in 0..n {
+        let line = &src[k * inner..k * inner + w];
+        for (jj, &v) in line.iter().enumerate() {
+            rows[jj * n + k] = v;
+        }
+    }
+}

@@ -1,0 +1,273 @@
+//! The loss specification: torch's options, the targets, and the plan that validates them all
+//! before any logit is read or output written.
+
+use std::ops::Range;
+
+use crate::error::Error;
+use crate::kernels::Algorithm;
+use crate::layout::Batch;
+use crate::parallel;
+use crate::real::Real;
+
+/// torch's `reduction` argument.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum LossReduction {
+    /// Per-lane losses.
+    None,
+    /// Weighted mean over non-ignored lanes (index targets) or mean over lanes (probabilities).
+    #[default]
+    Mean,
+    /// Sum over lanes.
+    Sum,
+}
+
+impl LossReduction {
+    /// Parses `"none"`, `"mean"` or `"sum"`.
+    pub fn parse(name: &str) -> Option<LossReduction> {
+        match name {
+            "none" => Some(LossReduction::None),
+            "mean" => Some(LossReduction::Mean),
+            "sum" => Some(LossReduction::Sum),
+            _ => None,
+        }
+    }
+}
+
+/// The targets of a loss.
+#[derive(Clone, Copy, Debug)]
+pub enum Targets<'a, T> {
+    /// One class index per lane, in lane order (`batch.count()` of them).
+    Indices(&'a [i64]),
+    /// Class probabilities laid out like the logits (same [`Batch`]).
+    Probs(&'a [T]),
+}
+
+/// Options of [`cross_entropy`](super::cross_entropy) (torch's keyword arguments plus `z_loss`).
+#[derive(Clone, Copy, Debug)]
+pub struct XentOptions<'a, T> {
+    /// Per-class weights (`n` of them).
+    pub weight: Option<&'a [T]>,
+    /// Index targets equal to this are ignored (no loss, no gradient, not counted).
+    pub ignore_index: i64,
+    pub reduction: LossReduction,
+    /// In `[0, 1]`.
+    pub label_smoothing: f64,
+    /// Coefficient of PaLM's auxiliary `lse^2` term; finite and `>= 0`.
+    pub z_loss: f64,
+    /// How each lane's `(max, excess)` state is computed.
+    pub algorithm: Algorithm,
+}
+
+impl<T> Default for XentOptions<'_, T> {
+    fn default() -> Self {
+        XentOptions {
+            weight: None,
+            ignore_index: -100,
+            reduction: LossReduction::Mean,
+            label_smoothing: 0.0,
+            z_loss: 0.0,
+            algorithm: Algorithm::Auto,
+        }
+    }
+}
+
+/// What a lane's target is, after validation.
+#[derive(Clone, Copy)]
+pub(super) enum LaneTarget {
+    Ignored,
+    Class(usize),
+    Probs,
+}
+
+/// Everything about a call that does not depend on the logits.
+pub(super) struct Plan<'a, T> {
+    pub(super) batch: Batch,
+    pub(super) ignore_index: i64,
+    pub(super) weight: Option<&'a [T]>,
+    /// `a = 1 - label_smoothing`, `b = label_smoothing / n`.
+    pub(super) a: f64,
+    pub(super) b: f64,
+    /// `W = sum_k w_k`.
+    pub(super) w_total: f64,
+    /// Reduction scales of the main term and of the z term.
+    pub(super) s1: f64,
+    pub(super) s2: f64,
+    pub(super) z: f64,
+}
+
+impl<T: Real> Plan<'_, T> {
+    #[inline]
+    pub(super) fn w(&self, k: usize) -> f64 {
+        match self.weight {
+            Some(w) => w[k].to_f64(),
+            None => 1.0,
+        }
+    }
+}
+
+/// Checks everything that does not need the logits and returns the plan: shapes, options,
+/// every target (first bad one reported), and the reduction scales.
+pub(super) fn plan<'a, T: Real>(
+    logits_len: usize,
+    batch: Batch,
+    targets: &Targets<'_, T>,
+    opts: &XentOptions<'a, T>,
+    per_lane_len: Option<usize>,
+    grad_len: Option<usize>,
+) -> Result<Plan<'a, T>, Error> {
+    batch.check(logits_len).map_err(Error::Layout)?;
+    let n = batch.n;
+    let ls = opts.label_smoothing;
+    if !(0.0..=1.0).contains(&ls) {
+        return Err(Error::InvalidOption {
+            name: "label_smoothing",
+            domain: "in [0, 1]",
+            value: ls,
+        });
+    }
+    if !(opts.z_loss.is_finite() && opts.z_loss >= 0.0) {
+        return Err(Error::InvalidOption {
+            name: "z_loss",
+            domain: "finite and >= 0",
+            value: opts.z_loss,
+        });
+    }
+    let lengths = [
+        ("weight", opts.weight.map(|w| w.len()), n),
+        ("gradient", grad_len, batch.elements()),
+    ];
+    for (what, got, expected) in lengths {
+        match got {
+            Some(got) if got != expected => {
+                return Err(Error::ShapeMismatch {
+                    what,
+                    expected,
+                    got,
+                })
+            }
+            _ => {}
+        }
+    }
+    match (opts.reduction, per_lane_len) {
+        (LossReduction::None, Some(len)) if len == batch.count() => {}
+        (LossReduction::None, got) => {
+            return Err(Error::ShapeMismatch {
+                what: "per-lane output",
+                expected: batch.count(),
+                got: got.unwrap_or(0),
+            })
+        }
+        (_, None) => {}
+        (_, Some(_)) => {
+            return Err(Error::Unsupported(
+                "a per-lane output is only written for reduction 'none'",
+            ))
+        }
+    }
+    let mut w_total = 0.0;
+    if let Some(w) = opts.weight {
+        for &v in w {
+            w_total += v.to_f64();
+        }
+    } else {
+        w_total = n as f64;
+    }
+    let mut plan = Plan {
+        batch,
+        ignore_index: opts.ignore_index,
+        weight: opts.weight,
+        a: 1.0 - ls,
+        b: if n > 0 { ls / n as f64 } else { 0.0 },
+        w_total,
+        s1: 1.0,
+        s2: 1.0,
+        z: opts.z_loss,
+    };
+    let (denominator, kept) = match targets {
+        Targets::Indices(t) => {
+            if t.len() != batch.count() {
+                return Err(Error::ShapeMismatch {
+                    what: "targets",
+                    expected: batch.count(),
+                    got: t.len(),
+                });
+            }
+            let (mut d, mut kept) = (0.0f64, 0usize);
+            for (position, &value) in t.iter().enumerate() {
+                if value == opts.ignore_index {
+                    continue;
+                }
+                if value < 0 || value as u64 >= n as u64 {
+                    return Err(Error::TargetOutOfRange {
+                        position,
+                        value,
+                        classes: n,
+                    });
+                }
+                d += plan.w(value as usize);
+                kept += 1;
+            }
+            (d, kept as f64)
+        }
+        Targets::Probs(q) => {
+            if opts.ignore_index >= 0 {
+                return Err(Error::Unsupported(
+                    "ignore_index is not supported for class-probability targets",
+                ));
+            }
+            batch.check(q.len()).map_err(Error::Layout)?;
+            let lanes = batch.count() as f64;
+            (lanes, lanes)
+        }
+    };
+    if opts.reduction == LossReduction::Mean {
+        plan.s1 = 1.0 / denominator;
+        plan.s2 = 1.0 / kept;
+    }
+    Ok(plan)
+}
+
+/// The target of lane `l` of `n` classes. `plan` validated every target, but the caller's
+/// buffer may be changed by another thread since: a value now out of range is read as ignored,
+/// so a racing writer can change the result (as with any racing NumPy call) but never make the
+/// kernel index outside a row.
+#[inline]
+pub(super) fn lane_target<T>(
+    targets: &Targets<'_, T>,
+    l: usize,
+    ignore_index: i64,
+    n: usize,
+) -> LaneTarget {
+    match targets {
+        Targets::Indices(t) => {
+            let v = t[l];
+            if v != ignore_index && v >= 0 && (v as u64) < n as u64 {
+                LaneTarget::Class(v as usize)
+            } else {
+                LaneTarget::Ignored
+            }
+        }
+        Targets::Probs(_) => LaneTarget::Probs,
+    }
+}
+
+/// Sums `(main, lse^2)` of every lane in fixed pieces of `per` units, merged in piece order;
+/// the first piece's error (a failed scratch allocation), if any, in piece order.
+pub(super) fn reduce_pieces<F>(
+    units: usize,
+    per: usize,
+    unit_elements: usize,
+    f: F,
+) -> Result<(f64, f64), Error>
+where
+    F: Fn(Range<usize>) -> Result<(f64, f64), Error> + Sync + Send,
+{
+    let pieces = units.div_ceil(per.max(1));
+    let partials = parallel::map_collect(pieces, per * unit_elements.max(1), |p| {
+        f(p * per..((p + 1) * per).min(units))
+    });
+    partials.into_iter().try_fold((0.0, 0.0), |acc, piece| {
+        let (m, z) = piece?;
+        Ok((acc.0 + m, acc.1 + z))
+    })
+}

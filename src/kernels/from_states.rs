@@ -1,0 +1,96 @@
+//! softmax / log_softmax of rows whose `(max, excess)` states were computed elsewhere: a block
+//! of a larger array whose normalised axis is split across blocks (a Dask chunk), given the
+//! merged states of its rows. Each row is written by the row writer that
+//! [`softmax_like`](crate::kernels::softmax_like) uses for rows that are not short, so such a
+//! row gets the bits it would get there (short rows there go through a transposed kernel and
+//! may differ in the last bit).
+
+use crate::error::Error;
+use crate::kernels::{write_row, Reduction};
+use crate::layout::Batch;
+use crate::parallel::{self, SendPtr};
+use crate::real::Real;
+use crate::simd;
+use crate::state::LseState;
+
+/// Writes `softmax` (or `log_softmax`) of every row of `x` (rows of `batch.n` elements,
+/// `batch.inner == 1`) into the dense `out`, normalising row `r` by `states[r]` instead of its
+/// own elements' state.
+pub fn softmax_like_from_states<T: Real>(
+    x: &[T],
+    batch: Batch,
+    states: &[LseState],
+    what: Reduction,
+    out: &mut [T],
+) -> Result<(), Error> {
+    if batch.inner != 1 {
+        return Err(Error::Unsupported(
+            "states are applied to rows only (inner == 1)",
+        ));
+    }
+    batch.check(x.len()).map_err(Error::Layout)?;
+    for (what, expected, got) in [
+        ("states", batch.count(), states.len()),
+        ("output", batch.elements(), out.len()),
+    ] {
+        if expected != got {
+            return Err(Error::ShapeMismatch {
+                what,
+                expected,
+                got,
+            });
+        }
+    }
+    let level = simd::level();
+    let (n, pitch) = (batch.n, batch.outer_stride);
+    let (xp, op) = (SendPtr(x.as_ptr() as *mut T), SendPtr(out.as_mut_ptr()));
+    parallel::for_each_piece(batch.outer, 2 * n.max(1), |range| {
+        for r in range {
+            // SAFETY: row r lies inside x (checked by `batch.check`) and owns row r of the dense
+            // out (length checked); `level` is the detected one; out does not alias x.
+            unsafe {
+                let xr = (xp.ptr() as *const T).add(r * pitch);
+                write_row(level, xr, op.ptr().add(r * n), n, states[r], what, false);
+            }
+        }
+    });
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::{lse_states, softmax_like, Algorithm};
+
+    #[test]
+    fn own_states_give_what_softmax_like_writes() {
+        for n in [37, 1000] {
+            let batch = Batch::rows(3, n);
+            let x: Vec<f64> = (0..batch.elements())
+                .map(|i| ((i * 7919) % 101) as f64 / 9.0 - 5.0)
+                .collect();
+            let mut states = vec![LseState::EMPTY; 3];
+            lse_states(&x, batch, Algorithm::Auto, &mut states).unwrap();
+            for what in [Reduction::Softmax, Reduction::LogSoftmax] {
+                let (mut a, mut b) = (vec![0.0; x.len()], vec![0.0; x.len()]);
+                softmax_like(&x, batch, Algorithm::Auto, what, &mut a).unwrap();
+                softmax_like_from_states(&x, batch, &states, what, &mut b).unwrap();
+                if n > 64 {
+                    assert_eq!(a, b); // the same row writer
+                } else {
+                    for (p, q) in a.iter().zip(&b) {
+                        assert!((p - q).abs() <= 1e-15 * p.abs().max(1.0), "{p} {q}");
+                    }
+                }
+            }
+        }
+        let batch = Batch::rows(3, 37);
+        let x = vec![0.0f64; batch.elements()];
+        let states = [LseState::EMPTY; 2];
+        let err = softmax_like_from_states(&x, batch, &states, Reduction::Softmax, &mut [0.0; 111]);
+        assert!(matches!(
+            err,
+            Err(Error::ShapeMismatch { what: "states", .. })
+        ));
+    }
+}

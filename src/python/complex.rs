@@ -1,0 +1,166 @@
+//! Bindings for complex logsumexp, softmax and log_softmax (`python/stablelse/_complex.py`).
+//!
+//! complex64 / complex128 arrays reach [`crate::kernels::complex`] as interleaved `(re, im)`
+//! slices of `f32` / `f64`; layouts are checked by the same [`batch_of`] as the real bindings.
+
+use numpy::{Complex32, Complex64, Element, PyArray2, PyArray3, PyArrayMethods};
+use pyo3::exceptions::PyTypeError;
+use pyo3::prelude::*;
+use pyo3::types::PyTuple;
+
+use super::reductions::{batch_of, slice_of, value_error};
+use crate::kernels::complex::{self as kc, Weights};
+use crate::kernels::Reduction;
+use crate::real::Real;
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(logsumexp_complex, m)?)?;
+    m.add_function(wrap_pyfunction!(softmax_complex, m)?)?;
+    Ok(())
+}
+
+/// A NumPy complex element type and the real type of its parts.
+trait Pair: Element {
+    type R: Real;
+}
+impl Pair for Complex32 {
+    type R = f32;
+}
+impl Pair for Complex64 {
+    type R = f64;
+}
+
+/// The interleaved parts of a complex slice.
+fn parts<C: Pair>(s: &[C]) -> &[C::R] {
+    // SAFETY: num-complex's `Complex<T>` is `#[repr(C)] { re: T, im: T }`, so `len` complex
+    // values are `2 * len` consecutive `T`s with the same alignment.
+    unsafe { std::slice::from_raw_parts(s.as_ptr() as *const C::R, 2 * s.len()) }
+}
+
+fn parts_mut<C: Pair>(s: &mut [C]) -> &mut [C::R] {
+    // SAFETY: as `parts`; the borrow is exclusive and covers the same memory.
+    unsafe { std::slice::from_raw_parts_mut(s.as_mut_ptr() as *mut C::R, 2 * s.len()) }
+}
+
+fn lse_typed<'py, C: Pair>(
+    py: Python<'py>,
+    a: &Bound<'py, PyArray3<C>>,
+    b: Option<&Bound<'py, PyAny>>,
+    return_sign: bool,
+) -> PyResult<Bound<'py, PyTuple>> {
+    let b = match b {
+        Some(b) => Some(
+            b.cast::<PyArray3<C>>()
+                .map_err(|_| PyTypeError::new_err("b must be a 3-D complex array of a's dtype"))?,
+        ),
+        None => None,
+    };
+    let batch = batch_of(a, "a")?;
+    let bbatch = b.map(|b| batch_of(b, "b")).transpose()?;
+    let shape = [batch.outer, batch.inner];
+    // SAFETY: every element is written by the kernel before the arrays are returned.
+    let out = unsafe { PyArray2::<C>::new(py, shape, false) };
+    let sign = unsafe { PyArray2::<C>::new(py, shape, false) };
+    let ar = a.readonly();
+    let br = b.map(|b| b.readonly());
+    let (mut or, mut sr) = (out.readwrite(), sign.readwrite());
+    // SAFETY: `ar` and `br` keep the inputs borrowed for the call.
+    let as_ = unsafe { slice_of(a, &batch)? };
+    let bs = match (b, bbatch) {
+        // SAFETY: as above.
+        (Some(b), Some(bb)) => Some((unsafe { slice_of(b, &bb)? }, bb)),
+        _ => None,
+    };
+    let os = or.as_slice_mut().map_err(|e| value_error(e.to_string()))?;
+    let ss = sr.as_slice_mut().map_err(|e| value_error(e.to_string()))?;
+    py.detach(|| {
+        kc::logsumexp_complex(
+            parts(as_),
+            batch,
+            bs.map(|(data, batch)| Weights {
+                data: parts(data),
+                batch,
+            }),
+            parts_mut(os),
+            if return_sign {
+                Some(parts_mut(ss))
+            } else {
+                None
+            },
+        )
+    })
+    .map_err(value_error)?;
+    drop((ar, br, or, sr));
+    let sign = if return_sign {
+        sign.into_any()
+    } else {
+        py.None().into_bound(py)
+    };
+    PyTuple::new(py, [out.into_any(), sign])
+}
+
+/// scipy's complex logsumexp over axis 1 of a 3-D complex64/complex128 `a` (and `b` of the
+/// same dtype and shape): returns `(res, sign)` as complex `(outer, inner)` arrays; with
+/// `return_sign` the imaginary part of `res` is 0, without it `sign` is None.
+#[pyfunction]
+#[pyo3(signature = (a, b = None, return_sign = false))]
+fn logsumexp_complex<'py>(
+    py: Python<'py>,
+    a: &Bound<'py, PyAny>,
+    b: Option<&Bound<'py, PyAny>>,
+    return_sign: bool,
+) -> PyResult<Bound<'py, PyTuple>> {
+    if let Ok(a) = a.cast::<PyArray3<Complex32>>() {
+        lse_typed(py, a, b, return_sign)
+    } else if let Ok(a) = a.cast::<PyArray3<Complex64>>() {
+        lse_typed(py, a, b, return_sign)
+    } else {
+        Err(PyTypeError::new_err(
+            "a must be a 3-D complex64 or complex128 array",
+        ))
+    }
+}
+
+fn softmax_typed<'py, C: Pair>(
+    py: Python<'py>,
+    x: &Bound<'py, PyArray3<C>>,
+    what: Reduction,
+) -> PyResult<Bound<'py, PyAny>> {
+    let batch = batch_of(x, "x")?;
+    // SAFETY: every element is written by the kernel before the array is returned.
+    let out = unsafe { PyArray3::<C>::new(py, [batch.outer, batch.n, batch.inner], false) };
+    let xr = x.readonly();
+    let mut or = out.readwrite();
+    // SAFETY: `xr` keeps x borrowed for the call.
+    let xs = unsafe { slice_of(x, &batch)? };
+    let os = or.as_slice_mut().map_err(|e| value_error(e.to_string()))?;
+    py.detach(|| kc::softmax_like_complex(parts(xs), batch, what, parts_mut(os)))
+        .map_err(value_error)?;
+    drop((xr, or));
+    Ok(out.into_any())
+}
+
+/// scipy's complex softmax (or log_softmax when `log`) over axis 1 of a 3-D complex64 /
+/// complex128 array, into a new C-contiguous `(outer, n, inner)` array.
+#[pyfunction]
+#[pyo3(signature = (x, log = false))]
+fn softmax_complex<'py>(
+    py: Python<'py>,
+    x: &Bound<'py, PyAny>,
+    log: bool,
+) -> PyResult<Bound<'py, PyAny>> {
+    let what = if log {
+        Reduction::LogSoftmax
+    } else {
+        Reduction::Softmax
+    };
+    if let Ok(x) = x.cast::<PyArray3<Complex32>>() {
+        softmax_typed(py, x, what)
+    } else if let Ok(x) = x.cast::<PyArray3<Complex64>>() {
+        softmax_typed(py, x, what)
+    } else {
+        Err(PyTypeError::new_err(
+            "x must be a 3-D complex64 or complex128 array",
+        ))
+    }
+}

@@ -1,0 +1,317 @@
+//! The lane abstraction: what an instruction set provides, and the one dispatch per call.
+//!
+//! Each algorithm ([`super::rows`], [`super::short`]) is written once, generic over
+//! [`Lanes`]: a vector of `N` float64 lanes with its arithmetic, compares, masks, widening
+//! loads, rounding stores, horizontal reductions and the instruction set's own exp. An
+//! implementation is a zero-sized token (`avx512::Avx512`, `avx2::Avx2`, `neon::Neon`) that
+//! only [`dispatch`] creates, inside a `#[target_feature]` function entered after run-time
+//! detection. Every primitive and every algorithm is `#[inline(always)]`, so the whole kernel
+//! is compiled into that function with the level's instructions; the level is matched once
+//! per call, at the top. Genuinely instruction-set-specific tricks (the `vscalefpd` exp, the
+//! register transposes of short rows, streaming stores, float32-lane maxima) are provided
+//! methods that an implementation overrides, never a second copy of an algorithm.
+
+use super::{scalar, Level};
+use crate::real::Real;
+use std::mem::MaybeUninit;
+
+/// An instruction set's vector of `N <= 8` float64 lanes and its primitives.
+///
+/// # Safety
+/// A value of an implementing type proves that the CPU supports its instructions: only
+/// [`dispatch`] may create one, after checking the level.
+pub unsafe trait Lanes: Copy {
+    /// `N` float64 lanes.
+    type V: Copy;
+    /// One flag per lane.
+    type M: Copy;
+    const N: usize;
+    /// Whether [`Lanes::stream`] is a non-temporal store.
+    const STREAMS: bool = false;
+
+    fn splat(self, v: f64) -> Self::V;
+    fn add(self, a: Self::V, b: Self::V) -> Self::V;
+    fn sub(self, a: Self::V, b: Self::V) -> Self::V;
+    fn mul(self, a: Self::V, b: Self::V) -> Self::V;
+    fn max(self, a: Self::V, b: Self::V) -> Self::V;
+    /// Lanes 0..N as an array (the rest zero).
+    fn to_lanes(self, v: Self::V) -> [f64; 8];
+    /// A vector from lanes 0..N of `a`.
+    fn of_lanes(self, a: &[f64; 8]) -> Self::V;
+    fn reduce_add(self, v: Self::V) -> f64;
+    /// The largest lane (a NaN lane may or may not show; callers re-check).
+    fn reduce_max(self, v: Self::V) -> f64;
+
+    /// `a == b` (ordered: false for NaN).
+    fn eq(self, a: Self::V, b: Self::V) -> Self::M;
+    /// `a > b` (ordered).
+    fn gt(self, a: Self::V, b: Self::V) -> Self::M;
+    fn not(self, m: Self::M) -> Self::M;
+    fn any(self, m: Self::M) -> bool;
+    fn count(self, m: Self::M) -> u64;
+    /// `m ? a : b` per lane.
+    fn select(self, m: Self::M, a: Self::V, b: Self::V) -> Self::V;
+    /// `acc + e` on the lanes of `m`, `acc` elsewhere.
+    #[inline(always)]
+    fn masked_add(self, acc: Self::V, m: Self::M, e: Self::V) -> Self::V {
+        self.select(m, self.add(acc, e), acc)
+    }
+
+    /// `N` elements widened to float64.
+    ///
+    /// # Safety
+    /// `N` readable elements at `p`.
+    unsafe fn load<T: Real>(self, p: *const T) -> Self::V;
+    /// `n < N` elements, the other lanes `-inf`.
+    ///
+    /// # Safety
+    /// `n` readable elements at `p`.
+    unsafe fn load_tail<T: Real>(self, p: *const T, n: usize) -> Self::V;
+    /// `N` lanes rounded to `T`.
+    ///
+    /// # Safety
+    /// `N` writable elements at `p`.
+    unsafe fn store<T: Real>(self, p: *mut T, v: Self::V);
+    /// The first `n < N` lanes rounded to `T`.
+    ///
+    /// # Safety
+    /// `n` writable elements at `p`.
+    unsafe fn store_tail<T: Real>(self, p: *mut T, v: Self::V, n: usize);
+    /// A non-temporal store of `N` lanes where [`Lanes::STREAMS`], else [`Lanes::store`].
+    ///
+    /// # Safety
+    /// `N` writable elements at `p`, aligned to `N` elements.
+    #[inline(always)]
+    unsafe fn stream<T: Real>(self, p: *mut T, v: Self::V) {
+        // SAFETY: forwarded from the caller.
+        unsafe { self.store(p, v) }
+    }
+    /// Orders the non-temporal stores before what follows.
+    #[inline(always)]
+    fn fence(self) {}
+    /// A hint to fetch the line at `p` into L1 (never faults).
+    #[inline(always)]
+    fn prefetch(self, p: *const i8) {
+        let _ = p;
+    }
+
+    /// `exp(t)` for `t <= 710` or NaN (`-inf -> 0`, NaN -> NaN): to < 1 ULP of float64 when
+    /// `full`, else to ~5e-11 relative (float32 results, rounded once).
+    fn exp(self, t: Self::V, full: bool) -> Self::V;
+    /// [`Lanes::exp`] for `t <= 0` or NaN, the shifted sums. A level may return anything
+    /// finite and tiny for the lanes [`Lanes::summable`] drops.
+    #[inline(always)]
+    fn exp_nonpos(self, t: Self::V, full: bool) -> Self::V {
+        self.exp(t, full)
+    }
+    /// The lanes of `below` whose `exp_nonpos(t)` belongs in a sum (NaN kept).
+    #[inline(always)]
+    fn summable(self, below: Self::M, t: Self::V, full: bool) -> Self::M {
+        let _ = (t, full);
+        below
+    }
+    /// `log1p(e)` for `e >= 0` or NaN, to ~1 ULP of float64.
+    #[inline(always)]
+    fn log1p(self, e: Self::V) -> Self::V {
+        let mut a = self.to_lanes(e);
+        for v in a.iter_mut().take(Self::N) {
+            *v = v.ln_1p();
+        }
+        self.of_lanes(&a)
+    }
+
+    /// The max of `n` elements (a NaN may or may not show; callers re-check non-finite
+    /// maxima and sums).
+    ///
+    /// # Safety
+    /// `n` readable elements at `p`.
+    #[inline(always)]
+    unsafe fn max_of<T: Real>(self, p: *const T, n: usize) -> f64 {
+        // SAFETY: forwarded from the caller.
+        unsafe { max_of_widened(self, p, n) }
+    }
+    /// A running max over steps of `2N` elements (a level may keep float32 in its own lanes):
+    /// the start value, one step and the final reduction.
+    #[inline(always)]
+    fn max_init<T: Real>(self) -> [Self::V; 2] {
+        [self.splat(f64::NEG_INFINITY); 2]
+    }
+    /// # Safety
+    /// `2N` readable elements at `p`.
+    #[inline(always)]
+    unsafe fn max_step<T: Real>(self, acc: [Self::V; 2], p: *const T) -> [Self::V; 2] {
+        // SAFETY: forwarded from the caller.
+        unsafe {
+            [
+                self.max(acc[0], self.load(p)),
+                self.max(acc[1], self.load(p.add(Self::N))),
+            ]
+        }
+    }
+    #[inline(always)]
+    fn max_finish<T: Real>(self, acc: [Self::V; 2]) -> f64 {
+        self.reduce_max(self.max(acc[0], acc[1]))
+    }
+
+    /// Columns `c0..c0 + w` (`w <= N`) of up to `N` rows `pitch` apart: `out[c0 + k]` holds
+    /// element `c0 + k` of rows `0..N`, `-inf` past `rows`. (A level may transpose in
+    /// registers.)
+    ///
+    /// # Safety
+    /// Elements `c0..c0 + w` of rows `0..rows` readable; `out` holds `c0 + w` entries.
+    #[inline(always)]
+    unsafe fn load_columns<T: Real>(
+        self,
+        x: *const T,
+        pitch: usize,
+        rows: usize,
+        c0: usize,
+        w: usize,
+        out: &mut [MaybeUninit<Self::V>],
+    ) {
+        // SAFETY: forwarded from the caller.
+        unsafe { load_columns_by_element(self, x, pitch, rows, c0, w, out) }
+    }
+    /// The inverse of [`Lanes::load_columns`]: element `c0 + k` of row `r < rows` from lane
+    /// `r` of `cols[c0 + k]`, `k < w`, each row `pitch` apart, rounded to `T`. `skip` flags
+    /// rows left alone.
+    ///
+    /// # Safety
+    /// Elements `c0..c0 + w` of rows `0..rows` writable; `cols` holds `c0 + w` entries.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn store_columns<T: Real>(
+        self,
+        out: *mut T,
+        pitch: usize,
+        rows: usize,
+        skip: u8,
+        c0: usize,
+        w: usize,
+        cols: &[Self::V],
+    ) {
+        // SAFETY: forwarded from the caller.
+        unsafe { store_columns_by_element(self, out, pitch, rows, skip, c0, w, cols) }
+    }
+}
+
+/// [`Lanes::max_of`] over widened lanes.
+///
+/// # Safety
+/// `n` readable elements at `p`.
+#[inline(always)]
+pub(crate) unsafe fn max_of_widened<L: Lanes, T: Real>(l: L, p: *const T, n: usize) -> f64 {
+    let ninf = l.splat(f64::NEG_INFINITY);
+    let mut acc = [ninf; 4];
+    let (w, mut i) = (L::N, 0);
+    // SAFETY: every load is within the n elements.
+    unsafe {
+        while i + 4 * w <= n {
+            for (a, acc) in acc.iter_mut().enumerate() {
+                *acc = l.max(*acc, l.load(p.add(i + w * a)));
+            }
+            i += 4 * w;
+        }
+        while i + w <= n {
+            acc[0] = l.max(acc[0], l.load(p.add(i)));
+            i += w;
+        }
+        if i < n {
+            acc[1] = l.max(acc[1], l.load_tail(p.add(i), n - i));
+        }
+    }
+    let m = l.max(l.max(acc[0], acc[1]), l.max(acc[2], acc[3]));
+    l.reduce_max(m)
+}
+
+/// [`Lanes::load_columns`] one element at a time.
+///
+/// # Safety
+/// As [`Lanes::load_columns`].
+#[inline(always)]
+pub(crate) unsafe fn load_columns_by_element<L: Lanes, T: Real>(
+    l: L,
+    x: *const T,
+    pitch: usize,
+    rows: usize,
+    c0: usize,
+    w: usize,
+    out: &mut [MaybeUninit<L::V>],
+) {
+    for (k, o) in out.iter_mut().enumerate().skip(c0).take(w) {
+        let mut a = [f64::NEG_INFINITY; 8];
+        for (r, v) in a.iter_mut().enumerate().take(rows.min(L::N)) {
+            // SAFETY: element k of row r is readable.
+            *v = unsafe { (*x.add(r * pitch + k)).to_f64() };
+        }
+        o.write(l.of_lanes(&a));
+    }
+}
+
+/// [`Lanes::store_columns`] one element at a time.
+///
+/// # Safety
+/// As [`Lanes::store_columns`].
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn store_columns_by_element<L: Lanes, T: Real>(
+    l: L,
+    out: *mut T,
+    pitch: usize,
+    rows: usize,
+    skip: u8,
+    c0: usize,
+    w: usize,
+    cols: &[L::V],
+) {
+    for (k, c) in cols.iter().enumerate().skip(c0).take(w) {
+        let a = l.to_lanes(*c);
+        for (r, v) in a.iter().enumerate().take(rows.min(L::N)) {
+            if skip & (1 << r) == 0 {
+                // SAFETY: element k of row r is writable.
+                unsafe { *out.add(r * pitch + k) = T::from_f64(*v) };
+            }
+        }
+    }
+}
+
+/// A kernel written once over [`Lanes`], with the scalar reference for [`Level::Scalar`].
+pub(crate) trait Kernel {
+    type Out;
+    /// The kernel at a SIMD level; implementations are `#[inline(always)]`, so the body is
+    /// compiled into the level's `#[target_feature]` entry.
+    fn run<L: Lanes>(self, l: L) -> Self::Out;
+    /// The kernel at the scalar level.
+    fn scalar(self) -> Self::Out;
+}
+
+/// Runs `k` at `level`: the one match on the level per call.
+///
+/// # Safety
+/// `level` must be supported by this CPU, and `k`'s own contract hold.
+#[inline]
+pub(crate) unsafe fn dispatch<K: Kernel>(level: Level, k: K) -> K::Out {
+    match level {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the caller checked the level.
+        Level::Avx512 => unsafe { super::avx512::enter(k) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Level::Avx2 => unsafe { super::avx2::enter(k) },
+        #[cfg(target_arch = "aarch64")]
+        // SAFETY: as above.
+        Level::Neon => unsafe { super::neon::enter(k) },
+        _ => k.scalar(),
+    }
+}
+
+/// The scalar reference `(max, excess)` of `n` contiguous elements (the vector kernels'
+/// fallback for rows with a NaN or infinite max).
+///
+/// # Safety
+/// `n` readable elements at `x`.
+#[inline(always)]
+pub(crate) unsafe fn reference_state<T: Real>(x: *const T, n: usize) -> crate::state::LseState {
+    // SAFETY: forwarded from the caller.
+    unsafe { scalar::lse_state_two_pass(x, 0, n, 1) }
+}

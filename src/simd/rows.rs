@@ -1,0 +1,411 @@
+//! The row and column algorithms, written once over [`Lanes`].
+//!
+//! Float32 inputs are widened to float64 lanes for every sum and every softmax output, so
+//! `x - max` is exact and the exp error (~5e-11 for float32-grade results) is far below the
+//! final rounding: a float32 result is rounded once, at the end, like the scalar reference.
+
+use super::lanes::{reference_state, Lanes};
+use super::{finish_state, has_nan, lane_state, COL_TILE};
+use crate::real::Real;
+use crate::state::LseState;
+use std::mem::MaybeUninit;
+
+/// Sum of `exp(x - m)` over the `n` elements at `p` that are `!= m` (NaN included) and the
+/// count of those `== m` (`m` finite, `>=` every non-NaN element), fused with the max of the
+/// `qn` elements of the *next* block at `q`: the next block's DRAM loads are issued while this
+/// block's exps run from L1, so memory and arithmetic overlap instead of taking turns.
+///
+/// # Safety
+/// `n` readable elements at `p`, `qn` at `q`.
+#[inline(always)]
+unsafe fn sum_below_max_next<L: Lanes, T: Real>(
+    l: L,
+    p: *const T,
+    n: usize,
+    m: f64,
+    q: *const T,
+    qn: usize,
+) -> (L::V, u64, f64) {
+    let mv = l.splat(m);
+    let mut acc = [l.splat(0.0); 2];
+    let mut mx = l.max_init::<T>();
+    let mut ties = 0u64;
+    let (mut i, mut qi) = (0, 0);
+    let w = L::N;
+    // SAFETY: loads stay within the n elements at p and the qn at q; tail lanes are -inf
+    // (below the max, exp = 0; neutral for the max).
+    unsafe {
+        while i + 2 * w <= n {
+            if qi + 2 * w <= qn {
+                mx = l.max_step(mx, q.add(qi));
+                qi += 2 * w;
+            }
+            sum_step(l, l.load(p.add(i)), mv, &mut acc[0], &mut ties, T::FULL);
+            sum_step(l, l.load(p.add(i + w)), mv, &mut acc[1], &mut ties, T::FULL);
+            i += 2 * w;
+        }
+        if i + w <= n {
+            sum_step(l, l.load(p.add(i)), mv, &mut acc[0], &mut ties, T::FULL);
+            i += w;
+        }
+        if i < n {
+            let x = l.load_tail(p.add(i), n - i);
+            sum_step(l, x, mv, &mut acc[1], &mut ties, T::FULL);
+        }
+    }
+    let mut next_max = l.max_finish::<T>(mx);
+    if qi < qn {
+        // SAFETY: the rest of the next block is readable.
+        let rest = unsafe { l.max_of(q.add(qi), qn - qi) };
+        // A NaN from either part must survive (f64::max would drop it).
+        next_max = if rest.is_nan() || next_max.is_nan() {
+            f64::NAN
+        } else {
+            next_max.max(rest)
+        };
+    }
+    (l.add(acc[0], acc[1]), ties, next_max)
+}
+
+/// Adds `exp(x - m)` of the lanes below `m` to `acc` and counts the ties (popcount on the
+/// scalar ports, which the vector code leaves idle).
+#[inline(always)]
+fn sum_step<L: Lanes>(l: L, x: L::V, mv: L::V, acc: &mut L::V, ties: &mut u64, full: bool) {
+    let t = l.sub(x, mv);
+    let e = l.exp_nonpos(t, full);
+    let tie = l.eq(x, mv);
+    *ties += l.count(tie);
+    *acc = l.masked_add(*acc, l.summable(l.not(tie), t, full), e);
+}
+
+/// Two-pass `(max, excess)` of a contiguous row, blocked for L1: each block's max, then the
+/// exp-sum of the same block while it is in L1 (fused with the next block's max), blocks
+/// merged by the online rule. Non-finite maxima go to the scalar reference, which owns the
+/// NaN/inf semantics.
+///
+/// # Safety
+/// `n` readable elements at `x`.
+#[inline(always)]
+pub(crate) unsafe fn state_two_pass<L: Lanes, T: Real>(l: L, x: *const T, n: usize) -> LseState {
+    let mut m = f64::NEG_INFINITY;
+    let mut below = l.splat(0.0);
+    let mut ties = 0u64;
+    let mut start = 0;
+    let mut len = T::BLOCK.min(n);
+    // SAFETY: the first block lies inside the row.
+    let mut bm = unsafe { l.max_of(x, len) };
+    while len > 0 {
+        let next = start + len;
+        let next_len = T::BLOCK.min(n - next);
+        // SAFETY: this block and the next lie inside the row.
+        let (p, q) = unsafe { (x.add(start), x.add(next)) };
+        let next_max;
+        if bm.is_finite() {
+            if bm > m {
+                // Everything so far is below the new max: fold the ties into the sum, rescale.
+                let scale = (m - bm).exp();
+                below = l.mul(below, l.splat(scale));
+                let mut carried = [0.0; 8];
+                carried[0] = ties as f64 * scale;
+                below = l.add(below, l.of_lanes(&carried));
+                ties = 0;
+                m = bm;
+            }
+            // SAFETY: as above.
+            let (b, t, nm) = unsafe { sum_below_max_next(l, p, len, m, q, next_len) };
+            below = l.add(below, b);
+            ties += t;
+            next_max = nm;
+        } else if bm == f64::NEG_INFINITY && !has_nan(p, len) {
+            // SAFETY: as above.
+            next_max = unsafe { l.max_of(q, next_len) };
+        } else {
+            // SAFETY: the whole row is readable.
+            return unsafe { reference_state(x, n) };
+        }
+        start = next;
+        len = next_len;
+        bm = next_max;
+    }
+    finish_state(m, l.reduce_add(below), ties)
+}
+
+/// Per-lane online state: running max, sum of exp(x - max) over the elements below it, and
+/// the count of elements equal to it (kept apart so the excess keeps tiny terms).
+#[derive(Clone, Copy)]
+pub(crate) struct OnlineLanes<L: Lanes> {
+    m: L::V,
+    below: L::V,
+    ties: L::V,
+}
+
+impl<L: Lanes> OnlineLanes<L> {
+    #[inline(always)]
+    pub(crate) fn new(l: L) -> Self {
+        OnlineLanes {
+            m: l.splat(f64::NEG_INFINITY),
+            below: l.splat(0.0),
+            ties: l.splat(0.0),
+        }
+    }
+
+    /// Adds one element per lane (Milakov & Gimelshein's update, rescaling only the lanes
+    /// whose max grows; that branch is rare after the first few vectors of a row).
+    #[inline(always)]
+    pub(crate) fn push(&mut self, l: L, x: L::V, full: bool) {
+        let gt = l.gt(x, self.m);
+        if l.any(gt) {
+            let m_new = l.select(gt, x, self.m);
+            // exp(m - m_new) is 1 on unchanged lanes and 0 when m was -inf or m_new is +inf.
+            let scale = l.exp(l.sub(self.m, m_new), full);
+            let total = l.add(self.below, self.ties);
+            self.below = l.select(gt, l.mul(total, scale), self.below);
+            self.ties = l.select(gt, l.splat(0.0), self.ties);
+            self.m = m_new;
+        }
+        // Ties compare x with m (not x - m with 0), so +inf == +inf is a tie, not NaN.
+        let tie = l.eq(x, self.m);
+        let t = l.sub(x, self.m);
+        let e = l.exp_nonpos(t, full);
+        self.below = l.masked_add(self.below, l.summable(l.not(tie), t, full), e);
+        self.ties = l.masked_add(self.ties, tie, l.splat(1.0));
+    }
+
+    /// Lane `k`'s state, `k < N`.
+    #[inline(always)]
+    pub(crate) fn states(&self, l: L) -> [LseState; 8] {
+        let (m, b, t) = (
+            l.to_lanes(self.m),
+            l.to_lanes(self.below),
+            l.to_lanes(self.ties),
+        );
+        std::array::from_fn(|k| lane_state(m[k], b[k], t[k]))
+    }
+}
+
+/// One-pass `(max, excess)` of a contiguous row: `2N` online lanes, merged in lane order.
+///
+/// # Safety
+/// `n` readable elements at `x`.
+#[inline(always)]
+pub(crate) unsafe fn state_online<L: Lanes, T: Real>(l: L, x: *const T, n: usize) -> LseState {
+    let mut lanes = [OnlineLanes::new(l), OnlineLanes::new(l)];
+    let (w, mut i) = (L::N, 0);
+    // SAFETY: loads stay within the n elements; tail lanes are -inf (no contribution).
+    unsafe {
+        while i + 2 * w <= n {
+            lanes[0].push(l, l.load(x.add(i)), T::FULL);
+            lanes[1].push(l, l.load(x.add(i + w)), T::FULL);
+            i += 2 * w;
+        }
+        if i + w <= n {
+            lanes[0].push(l, l.load(x.add(i)), T::FULL);
+            i += w;
+        }
+        if i < n {
+            lanes[1].push(l, l.load_tail(x.add(i), n - i), T::FULL);
+        }
+    }
+    let mut s = LseState::EMPTY;
+    for ln in &lanes {
+        for st in ln.states(l).into_iter().take(w) {
+            s = s.merge(st);
+        }
+    }
+    s
+}
+
+/// An elementwise map of float64 lanes (the softmax and log_softmax writes), and the same
+/// map for the scalar level.
+pub(crate) trait LaneMap: Copy {
+    fn apply<L: Lanes>(self, l: L, v: L::V) -> L::V;
+    fn scalar(self, v: f64) -> f64;
+}
+
+/// `scale * exp(x - shift)`, with the float64 exp when `full` (float64 results).
+#[derive(Clone, Copy)]
+pub(crate) struct ExpScaled {
+    pub shift: f64,
+    pub scale: f64,
+    pub full: bool,
+}
+
+impl LaneMap for ExpScaled {
+    #[inline(always)]
+    fn apply<L: Lanes>(self, l: L, v: L::V) -> L::V {
+        l.mul(
+            l.exp(l.sub(v, l.splat(self.shift)), self.full),
+            l.splat(self.scale),
+        )
+    }
+    fn scalar(self, v: f64) -> f64 {
+        self.scale * (v - self.shift).exp()
+    }
+}
+
+/// `(x - shift) - log_total`.
+#[derive(Clone, Copy)]
+pub(crate) struct ShiftSub {
+    pub shift: f64,
+    pub log_total: f64,
+}
+
+impl LaneMap for ShiftSub {
+    #[inline(always)]
+    fn apply<L: Lanes>(self, l: L, v: L::V) -> L::V {
+        l.sub(l.sub(v, l.splat(self.shift)), l.splat(self.log_total))
+    }
+    fn scalar(self, v: f64) -> f64 {
+        (v - self.shift) - self.log_total
+    }
+}
+
+/// Applies `f` to `N`-lane vectors of `x`, writing `out` (`out` may equal `x`: each vector
+/// is read before it is written). With `stream` (where the level streams), the aligned body
+/// uses non-temporal stores: an output far larger than the caches then costs no
+/// read-for-ownership traffic.
+///
+/// # Safety
+/// `n` readable elements at `x`, `n` writable at `out`, disjoint or equal.
+#[inline(always)]
+pub(crate) unsafe fn map_row<L: Lanes, T: Real>(
+    l: L,
+    x: *const T,
+    out: *mut T,
+    n: usize,
+    stream: bool,
+    f: impl LaneMap,
+) {
+    let (w, mut i) = (L::N, 0);
+    // SAFETY: reads and writes stay within the n elements; stream stores are aligned.
+    unsafe {
+        if stream && L::STREAMS {
+            // Elements up to the next vector boundary of `out`, done masked.
+            let size = std::mem::size_of::<T>();
+            let head = ((w * size - (out as usize) % (w * size)) % (w * size) / size).min(n);
+            if head > 0 {
+                l.store_tail(out, f.apply(l, l.load_tail(x, head)), head);
+                i = head;
+            }
+            while i + w <= n {
+                l.stream(out.add(i), f.apply(l, l.load(x.add(i))));
+                i += w;
+            }
+            l.fence();
+        }
+        while i + w <= n {
+            l.store(out.add(i), f.apply(l, l.load(x.add(i))));
+            i += w;
+        }
+        if i < n {
+            l.store_tail(out.add(i), f.apply(l, l.load_tail(x.add(i), n - i)), n - i);
+        }
+    }
+}
+
+/// Online states of `w <= COL_TILE` adjacent columns of an `(n, inner)` C-order slab at `x`:
+/// one streaming pass down the rows, each row reading `w` contiguous elements.
+///
+/// # Safety
+/// `x.add(k * inner + j)` readable for `k < n`, `j < w`; `out` holds `w` states.
+#[inline(always)]
+pub(crate) unsafe fn column_states<L: Lanes, T: Real>(
+    l: L,
+    x: *const T,
+    n: usize,
+    inner: usize,
+    w: usize,
+    out: &mut [LseState],
+) {
+    /// How many rows ahead the column kernel prefetches.
+    const PREFETCH_ROWS: usize = 2;
+    // Every level has N >= 2; only the first `vecs` entries are initialised and used.
+    let mut lanes = [MaybeUninit::<OnlineLanes<L>>::uninit(); COL_TILE / 2];
+    let vecs = w.div_ceil(L::N);
+    for ln in lanes.iter_mut().take(vecs) {
+        ln.write(OnlineLanes::new(l));
+    }
+    for k in 0..n {
+        // SAFETY: row k of the tile holds w readable elements.
+        let row = unsafe { x.add(k * inner) };
+        // Rows are `inner` apart, usually on different pages, where hardware prefetchers
+        // stop: fetch the tile's segment PREFETCH_ROWS rows ahead (never faults).
+        let ahead = row.wrapping_add(PREFETCH_ROWS * inner) as *const i8;
+        for line in (0..w * std::mem::size_of::<T>()).step_by(64) {
+            l.prefetch(ahead.wrapping_add(line));
+        }
+        for (v, ln) in lanes.iter_mut().enumerate().take(vecs) {
+            let left = w - L::N * v;
+            // SAFETY: as above; the last vector is -inf past the tile width. Entry v < vecs
+            // was initialised above.
+            unsafe {
+                let xv = if left >= L::N {
+                    l.load(row.add(L::N * v))
+                } else {
+                    l.load_tail(row.add(L::N * v), left)
+                };
+                ln.assume_init_mut().push(l, xv, T::FULL);
+            }
+        }
+    }
+    for (v, ln) in lanes.iter().enumerate().take(vecs) {
+        // SAFETY: entry v < vecs was initialised above.
+        let states = unsafe { ln.assume_init_ref() }.states(l);
+        for (k, s) in states.into_iter().enumerate().take(L::N) {
+            if L::N * v + k < w {
+                out[L::N * v + k] = s;
+            }
+        }
+    }
+}
+
+/// `out[j] = a[j] * exp(x[j] - b[j])` (`exp`) or `out[j] = (x[j] - b[j]) - a[j]` for
+/// `j < n`: the column kernels' write pass, each column with its own shift and scale/log.
+/// `out` may equal `x`.
+///
+/// # Safety
+/// `x`, `b`, `a` readable and `out` writable for `n` elements; `out` disjoint from or equal
+/// to `x`.
+#[inline(always)]
+pub(crate) unsafe fn lanes_write<L: Lanes, T: Real>(
+    l: L,
+    x: *const T,
+    out: *mut T,
+    n: usize,
+    b: *const f64,
+    a: *const f64,
+    exp: bool,
+) {
+    let (w, mut i) = (L::N, 0);
+    // SAFETY: all arrays hold n elements; each vector is read before it is written.
+    unsafe {
+        while i + w <= n {
+            let y = column_write(
+                l,
+                l.load(x.add(i)),
+                l.load(b.add(i)),
+                l.load(a.add(i)),
+                exp,
+                T::FULL,
+            );
+            l.store(out.add(i), y);
+            i += w;
+        }
+        if i < n {
+            let k = n - i;
+            let (bv, av) = (l.load_tail(b.add(i), k), l.load_tail(a.add(i), k));
+            let y = column_write(l, l.load_tail(x.add(i), k), bv, av, exp, T::FULL);
+            l.store_tail(out.add(i), y, k);
+        }
+    }
+}
+
+/// One vector of [`lanes_write`].
+#[inline(always)]
+fn column_write<L: Lanes>(l: L, v: L::V, bv: L::V, av: L::V, exp: bool, full: bool) -> L::V {
+    if exp {
+        l.mul(av, l.exp(l.sub(v, bv), full))
+    } else {
+        l.sub(l.sub(v, bv), av)
+    }
+}

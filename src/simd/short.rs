@@ -1,0 +1,249 @@
+//! Short rows (`n <= SHORT_ROW`), written once over [`Lanes`]: `N` rows per vector, one row
+//! in each lane, so a group of rows needs no horizontal reduction and no per-row tail.
+//!
+//! A group's columns are loaded into registers (transposed where the level can), its states
+//! computed lane-wise, and softmax / log_softmax written back from the same columns (the
+//! exps of the state pass are reused: `softmax = exp(x - max) / S`). Rows whose max is not
+//! finite or whose sum is NaN are flagged and redone by the scalar reference, which owns the
+//! NaN/inf semantics.
+
+use super::lanes::{reference_state, Lanes};
+use super::rows::{map_row, ExpScaled, ShiftSub};
+use super::{scalar, SHORT_ROW};
+use crate::real::Real;
+use crate::state::LseState;
+use std::mem::MaybeUninit;
+
+/// What the state pass leaves in the column buffer.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Keep {
+    /// The inputs.
+    Input,
+    /// `exp(x - max)` (softmax).
+    Exp,
+    /// `x - max` (log_softmax).
+    Shift,
+}
+
+/// `(max, excess)` lanes of up to `N` short rows (`pitch` apart, `rows` of them valid) and a
+/// bit per row to redo with the reference; `buf[k]` is left holding column `k` as `keep` says.
+///
+/// # Safety
+/// Elements `0..n` of rows `0..rows.min(N)` readable; `n <= SHORT_ROW`.
+#[inline(always)]
+unsafe fn group_state<L: Lanes, T: Real>(
+    l: L,
+    x: *const T,
+    n: usize,
+    pitch: usize,
+    rows: usize,
+    buf: &mut [MaybeUninit<L::V>; SHORT_ROW],
+    keep: Keep,
+) -> (L::V, L::V, u8) {
+    let rows = rows.min(L::N);
+    for c0 in (0..n).step_by(L::N) {
+        // SAFETY: the caller's contract; buf holds SHORT_ROW >= n entries.
+        unsafe { l.load_columns(x, pitch, rows, c0, (n - c0).min(L::N), buf) };
+    }
+    let mut m = l.splat(f64::NEG_INFINITY);
+    for b in buf.iter().take(n) {
+        // SAFETY: the first n entries were written above.
+        m = l.max(m, unsafe { b.assume_init() });
+    }
+    let one = l.splat(1.0);
+    let (mut below, mut ties) = (l.splat(0.0), l.splat(0.0));
+    for b in buf.iter_mut().take(n) {
+        // SAFETY: as above.
+        let v = unsafe { b.assume_init() };
+        let t = l.sub(v, m);
+        let e = l.exp_nonpos(t, T::FULL);
+        let tie = l.eq(v, m);
+        below = l.masked_add(below, l.summable(l.not(tie), t, T::FULL), e);
+        ties = l.masked_add(ties, tie, one);
+        match keep {
+            Keep::Input => {}
+            Keep::Exp => {
+                b.write(e);
+            }
+            Keep::Shift => {
+                b.write(t);
+            }
+        }
+    }
+    let excess = l.add(below, l.sub(ties, one));
+    let (ms, es) = (l.to_lanes(m), l.to_lanes(excess));
+    let mut redo = 0u8;
+    for r in 0..rows {
+        if !ms[r].is_finite() || es[r].is_nan() {
+            redo |= 1 << r;
+        }
+    }
+    (m, excess, redo)
+}
+
+/// logsumexp of `rows` short rows (`n <= SHORT_ROW`, `pitch` apart) into `out[r]`.
+///
+/// # Safety
+/// The rows readable, `out` writable for `rows` elements.
+#[inline(always)]
+pub(crate) unsafe fn logsumexp<L: Lanes, T: Real>(
+    l: L,
+    x: *const T,
+    rows: usize,
+    n: usize,
+    pitch: usize,
+    out: *mut T,
+) {
+    // Uninitialised: zeroing it per group would cost more than the rows.
+    let mut buf = [MaybeUninit::<L::V>::uninit(); SHORT_ROW];
+    let mut r = 0;
+    while r < rows {
+        let g = (rows - r).min(L::N);
+        // SAFETY: rows r..r+g are readable, out[r..r+g] writable.
+        unsafe {
+            let p = x.add(r * pitch);
+            let (m, excess, redo) = group_state(l, p, n, pitch, g, &mut buf, Keep::Input);
+            let lse = l.add(m, l.log1p(excess));
+            if g == L::N {
+                l.store(out.add(r), lse);
+            } else {
+                l.store_tail(out.add(r), lse, g);
+            }
+            for k in 0..g {
+                if redo & (1 << k) != 0 {
+                    *out.add(r + k) = T::from_f64(reference_state(p.add(k * pitch), n).logsumexp());
+                }
+            }
+        }
+        r += g;
+    }
+}
+
+/// The `(max, excess)` state of each of `rows` short rows (`pitch` apart) into `out[r]`.
+///
+/// # Safety
+/// The rows readable; `out` holds `rows` states.
+#[inline(always)]
+pub(crate) unsafe fn states<L: Lanes, T: Real>(
+    l: L,
+    x: *const T,
+    rows: usize,
+    n: usize,
+    pitch: usize,
+    out: &mut [LseState],
+) {
+    let mut buf = [MaybeUninit::<L::V>::uninit(); SHORT_ROW];
+    let mut r = 0;
+    while r < rows {
+        let g = (rows - r).min(L::N);
+        // SAFETY: rows r..r+g are readable.
+        unsafe {
+            let p = x.add(r * pitch);
+            let (m, excess, redo) = group_state(l, p, n, pitch, g, &mut buf, Keep::Input);
+            let (ms, es) = (l.to_lanes(m), l.to_lanes(excess));
+            for k in 0..g {
+                out[r + k] = if redo & (1 << k) != 0 {
+                    reference_state(p.add(k * pitch), n)
+                } else {
+                    LseState {
+                        max: ms[k],
+                        excess: es[k],
+                    }
+                };
+            }
+        }
+        r += g;
+    }
+}
+
+/// Softmax (`log = false`) or log_softmax of `rows` short rows (`pitch` apart) into the
+/// dense `out` (`rows x n`): states `N` rows per vector, then the columns of the state pass
+/// scaled (or shifted) and stored back row-wise.
+///
+/// # Safety
+/// The rows readable, `out` writable for `rows * n` elements, disjoint from the rows or equal
+/// to them with `pitch == n`.
+#[inline(always)]
+pub(crate) unsafe fn softmax<L: Lanes, T: Real>(
+    l: L,
+    x: *const T,
+    rows: usize,
+    n: usize,
+    pitch: usize,
+    out: *mut T,
+    log: bool,
+) {
+    let mut buf = [MaybeUninit::<L::V>::uninit(); SHORT_ROW];
+    let keep = if log { Keep::Shift } else { Keep::Exp };
+    let mut r = 0;
+    while r < rows {
+        let g = (rows - r).min(L::N);
+        // SAFETY: rows r..r+g are readable, their outputs writable; in place (out == x,
+        // pitch == n), every row of the group is read before any is written, and a redone
+        // row is written only by the reference, after the others.
+        unsafe {
+            let (p, o) = (x.add(r * pitch), out.add(r * n));
+            let (_, excess, redo) = group_state(l, p, n, pitch, g, &mut buf, keep);
+            // Per row: softmax = e * (1 / S), log_softmax = t - log1p(excess).
+            let factor = if log {
+                l.log1p(excess)
+            } else {
+                let mut s = l.to_lanes(excess);
+                for v in s.iter_mut().take(L::N) {
+                    *v = 1.0 / (1.0 + *v);
+                }
+                l.of_lanes(&s)
+            };
+            for b in buf.iter_mut().take(n) {
+                let v = b.assume_init();
+                b.write(if log {
+                    l.sub(v, factor)
+                } else {
+                    l.mul(v, factor)
+                });
+            }
+            let cols = std::slice::from_raw_parts(buf.as_ptr() as *const L::V, n);
+            for c0 in (0..n).step_by(L::N) {
+                l.store_columns(o, n, g, redo, c0, (n - c0).min(L::N), cols);
+            }
+            for k in 0..g {
+                if redo & (1 << k) != 0 {
+                    redo_row(l, p.add(k * pitch), o.add(k * n), n, log);
+                }
+            }
+        }
+        r += g;
+    }
+}
+
+/// A short row with a non-finite max or a NaN, written from the reference state.
+///
+/// # Safety
+/// `n` readable elements at `x`, `n` writable at `out`, disjoint or equal.
+#[inline(always)]
+unsafe fn redo_row<L: Lanes, T: Real>(l: L, x: *const T, out: *mut T, n: usize, log: bool) {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        let state = reference_state(x, n);
+        if !state.max.is_finite() {
+            if log {
+                scalar::log_softmax_write(x, 0, 1, out, 0, 1, n, state);
+            } else {
+                scalar::softmax_write(x, 0, 1, out, 0, 1, n, state);
+            }
+        } else if log {
+            let f = ShiftSub {
+                shift: state.max,
+                log_total: state.log_total(),
+            };
+            map_row(l, x, out, n, false, f);
+        } else {
+            let f = ExpScaled {
+                shift: state.max,
+                scale: 1.0 / state.total(),
+                full: T::FULL,
+            };
+            map_row(l, x, out, n, false, f);
+        }
+    }
+}
