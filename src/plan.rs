@@ -124,37 +124,52 @@ pub fn plan(layout: ArrayLayout<'_>, axes: &[usize]) -> Result<Plan, PlanError> 
             "axes {axes:?} are not sorted, distinct axes of a {ndim}-d array"
         )));
     }
-    let mut candidates: Vec<Vec<usize>> = Vec::with_capacity(3);
-    let adjacent = axes.is_empty() || axes[axes.len() - 1] - axes[0] + 1 == axes.len();
-    if adjacent {
-        candidates.push((0..ndim).collect());
+    let reduced = axes.len();
+    let adjacent = axes.is_empty() || axes[reduced - 1] - axes[0] + 1 == reduced;
+    // The array's own order first (every C-ordered array with adjacent axes ends here), then
+    // the order of memory (a transpose: Fortran arrays), then kept axes before reduced ones.
+    let own: Option<Vec<usize>> = adjacent.then(|| (0..ndim).collect());
+    if let Some(perm) = &own {
+        let first = first_reduced(perm, axes);
+        if let Some(batch) = direct_batch(layout, perm, first, reduced) {
+            return finish(
+                layout,
+                own.unwrap_or_default(),
+                first,
+                reduced,
+                Access::Direct(batch),
+            );
+        }
     }
-    if let Some(order) = memory_order(layout, axes) {
-        candidates.push(order);
+    if let Some(perm) = memory_order(layout, axes) {
+        let first = first_reduced(&perm, axes);
+        if let Some(batch) = direct_batch(layout, &perm, first, reduced) {
+            return finish(layout, perm, first, reduced, Access::Direct(batch));
+        }
     }
-    // Kept axes in order, then the reduced ones: always adjacent (a copy is read this way).
+    // Kept axes in order, then the reduced ones: always adjacent.
     let moved: Vec<usize> = (0..ndim)
         .filter(|a| !axes.contains(a))
         .chain(axes.iter().copied())
         .collect();
-    candidates.push(moved);
-    let reduced = axes.len();
-    let mut chosen = None;
-    for perm in &candidates {
-        let first = first_reduced(perm, axes);
-        if let Some(batch) = direct_batch(layout, perm, first, reduced) {
-            chosen = Some((perm.clone(), first, Access::Direct(batch)));
-            break;
-        }
+    let first = first_reduced(&moved, axes);
+    if let Some(batch) = direct_batch(layout, &moved, first, reduced) {
+        return finish(layout, moved, first, reduced, Access::Direct(batch));
     }
-    let (perm, first, access) = match chosen {
-        Some(c) => c,
-        None => {
-            let perm = candidates.swap_remove(0);
-            let first = first_reduced(&perm, axes);
-            (perm, first, Access::Gather)
-        }
-    };
+    // Gathered block by block in the array's own order when that keeps the reduced axes
+    // adjacent, else with them moved last.
+    let perm = own.unwrap_or(moved);
+    let first = first_reduced(&perm, axes);
+    finish(layout, perm, first, reduced, Access::Gather)
+}
+
+fn finish(
+    layout: ArrayLayout<'_>,
+    perm: Vec<usize>,
+    first: usize,
+    reduced: usize,
+    access: Access,
+) -> Result<Plan, PlanError> {
     let (outer, n, inner) = sizes(layout.shape, &perm, first, reduced)?;
     Ok(Plan {
         perm,

@@ -17,6 +17,12 @@ from ._api import (
 )
 from ._core import __version__
 from ._losses import cross_entropy, log_softmax_backward, nll_loss, softmax_backward
+from ._segments import (  # noqa: F401  (exported below)
+    segment_cross_entropy,
+    segment_log_softmax,
+    segment_logsumexp,
+    segment_softmax,
+)
 from ._stream import LogSumExp
 from ._threadpool import register as _register_threadpoolctl
 from ._threadpool import warn_env_problems as _warn_env_problems
@@ -38,6 +44,10 @@ __all__ = [
     "log_softmax_backward",
     "logsumexp",
     "nll_loss",
+    "segment_cross_entropy",
+    "segment_log_softmax",
+    "segment_logsumexp",
+    "segment_softmax",
     "set_num_threads",
     "softmax",
     "softmax_backward",

@@ -1,24 +1,28 @@
 """logsumexp, softmax and log_softmax with scipy.special's semantics.
 
-Every call is mapped onto the kernels' one shape, ``(outer, n, inner)``: ``outer * inner``
-independent reductions of length ``n`` (see ``src/layout.rs``). Reducing the last axes of a
-C-contiguous array gives ``inner == 1`` (rows); reducing leading axes gives columns. A Fortran
-array is handled as its transpose. Only layouts the kernels cannot read directly (a tuple of
-non-adjacent axes, negative or odd strides, unaligned or byte-swapped data) are copied, once.
+This module keeps what is Python's: the public signatures, scipy's dtype rules and the
+conversion of foreign objects to arrays. ``axis`` is interpreted by :mod:`stablelse._axes`;
+how the kernels see the array (a direct view, a transpose, or blocks copied through a small
+buffer) is decided by the one planner in ``src/plan.rs``, and a float32/float64 ndarray goes
+to the native module in one call.
 """
 
 from __future__ import annotations
 
-import math
 import operator
-from typing import Any
+from typing import Any, Literal, Optional
 
 import numpy as np
 
 from . import _complex, _core
 from ._axes import AxisLike, normalize_axes
+from ._plan import kernel_view, kernel_view3, reduced_to_user, view_as
 
+Algorithm = Literal["auto", "two_pass", "online"]
 _ALGORITHMS = ("auto", "two_pass", "online")
+
+#: The 3-D kernel view of an ``(outer, n, inner)`` array (the losses' class axis).
+_kernel_view = kernel_view3
 
 
 # --------------------------------------------------------------------------- input handling
@@ -95,100 +99,31 @@ def _check_algorithm(algorithm: str) -> None:
         raise ValueError(f"algorithm must be one of {_ALGORITHMS}, got {algorithm!r}")
 
 
-def _kernel_view(x3: np.ndarray) -> np.ndarray:
-    """``x3`` if the kernels read its layout directly (see src/layout.rs), else a dense copy."""
-    o, n, i = x3.shape
-    s0, s1, s2 = x3.strides
-    it = x3.itemsize
-    ok = (
-        x3.flags.aligned
-        and (i <= 1 or n == 0 or s2 == it)
-        and (n <= 1 or s1 == i * it)
-        and (o <= 1 or (s0 >= 0 and s0 % it == 0))
-    )
-    return x3 if ok else np.array(x3, order="C", copy=True)
-
-
-class _Plan:
-    """How one call maps the user's array onto ``(outer, n, inner)``.
-
-    ``work`` is the array the kernels see (maybe transposed or with axes moved), ``axes`` the
-    reduced axes of ``work``, ``transposed`` whether ``work`` is ``x.T``.
-    """
-
-    __slots__ = ("work", "axes", "transposed", "moved", "outer", "n", "inner")
-
-    def __init__(self, x: np.ndarray, axes: tuple[int, ...]):
-        ndim = x.ndim
-        self.transposed = ndim > 1 and x.flags.f_contiguous and not x.flags.c_contiguous
-        if self.transposed:
-            axes = tuple(sorted(ndim - 1 - a for a in axes))
-        self.moved: tuple[int, ...] | None = None
-        if axes and axes[-1] - axes[0] + 1 != len(axes):
-            # Non-adjacent axes: move them to the end (the reshape to 3-D then copies).
-            self.moved = axes
-            axes = tuple(range(ndim - len(axes), ndim))
-        self.axes = axes
-        self.work = self.transform(x)
-        shape = self.work.shape
-        first, last = (axes[0], axes[-1]) if axes else (ndim, ndim - 1)
-        self.outer = math.prod(shape[:first])
-        self.n = math.prod(shape[first : last + 1])
-        self.inner = math.prod(shape[last + 1 :])
-
-    def transform(self, arr: np.ndarray) -> np.ndarray:
-        """``arr`` (shaped like the input) in the work array's axis order."""
-        if self.transposed:
-            arr = arr.T
-        if self.moved is not None:
-            ndim = arr.ndim
-            arr = np.moveaxis(arr, self.moved, range(ndim - len(self.moved), ndim))
-        return arr
-
-    def view3(self, arr: np.ndarray | None = None) -> np.ndarray:
-        """The kernel view of ``arr`` (default: the work array), laid out like the work array."""
-        w = self.work if arr is None else self.transform(arr)
-        return _kernel_view(w.reshape(self.outer, self.n, self.inner))
-
-    def reduced_shape(self, keepdims: bool) -> tuple[int, ...]:
-        """Result shape of a reduction, in the *work* array's axis order."""
-        shape = self.work.shape
-        if keepdims:
-            return tuple(1 if a in self.axes else s for a, s in enumerate(shape))
-        return tuple(s for a, s in enumerate(shape) if a not in self.axes)
-
-    def unwork_reduced(self, res: np.ndarray, keepdims: bool, ndim: int) -> np.ndarray:
-        """A reduction result (in work order) back in the user's axis order."""
-        if self.moved is not None and keepdims:
-            # Work order is (kept..., reduced...) with reduced sizes 1: restore positions.
-            res = np.moveaxis(res, range(ndim - len(self.moved), ndim), self.moved)
-        if self.transposed:
-            res = res.T
-        return res
-
-    def unwork_full(self, res3: np.ndarray) -> np.ndarray:
-        """A softmax result (3-D, work layout) back in the user's shape and axis order."""
-        res = res3.reshape(self.work.shape)
-        if self.moved is not None:
-            ndim = res.ndim
-            res = np.moveaxis(res, range(ndim - len(self.moved), ndim), self.moved)
-        if self.transposed:
-            res = res.T
-        return res
-
-
-def _check_out(out: Any, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+def _check_out(
+    out: Any, shape: tuple[int, ...], dtype: np.dtype, name: str = "out"
+) -> np.ndarray:
+    """`out` if it can receive a result of `shape` and `dtype`, else the error naming `name`."""
     if not isinstance(out, np.ndarray):
-        raise TypeError(f"out must be a numpy.ndarray, got {type(out).__name__}")
+        raise TypeError(f"{name} must be a numpy.ndarray, got {type(out).__name__}")
     if out.dtype != dtype:
-        raise TypeError(f"out has dtype {out.dtype}, expected {dtype}")
+        raise TypeError(f"{name} has dtype {out.dtype}, expected {dtype}")
     if out.shape != shape:
-        raise ValueError(f"out has shape {out.shape}, expected {shape}")
+        raise ValueError(f"{name} has shape {out.shape}, expected {shape}")
     if not out.flags.writeable:
-        raise ValueError("out is read-only")
-    if any(st == 0 and n > 1 for st, n in zip(out.strides, out.shape)):
-        raise ValueError("out has a zero stride: its elements overlap and cannot hold a result")
+        raise ValueError(f"{name} is read-only")
+    if out.size > 1 and any(st == 0 and n > 1 for st, n in zip(out.strides, out.shape)):
+        raise ValueError(
+            f"{name} has a zero stride: its elements overlap and cannot hold a result"
+        )
     return out
+
+
+def _reduced_shape(
+    shape: tuple[int, ...], axes: tuple[int, ...], keepdims: bool
+) -> tuple[int, ...]:
+    if keepdims:
+        return tuple(1 if i in axes else n for i, n in enumerate(shape))
+    return tuple(n for i, n in enumerate(shape) if i not in axes)
 
 
 def _scalarize(res: np.ndarray) -> Any:
@@ -205,8 +140,8 @@ def logsumexp(
     keepdims: bool = False,
     return_sign: bool = False,
     *,
-    out: np.ndarray | None = None,
-    algorithm: str = "auto",
+    out: Optional[np.ndarray] = None,
+    algorithm: Algorithm = "auto",
 ) -> Any:
     """Compute the log of the sum of exponentials of input elements.
 
@@ -228,8 +163,9 @@ def logsumexp(
     return_sign : bool, optional
         Also return the sign of the sum; without it a negative sum gives NaN.
     out : ndarray, optional
-        Preallocated writeable array of the result's shape and dtype to write the result
-        into (not the sign). It must not overlap `a`. stablelse extension.
+        Preallocated writeable array of the result's shape and dtype, of any layout, to write
+        the result into (not the sign). It must share no element with `a`. stablelse
+        extension.
     algorithm : {"auto", "two_pass", "online"}, optional
         Kernel: max pass then exp-sum pass, or one pass with a running maximum.
         stablelse extension.
@@ -270,17 +206,10 @@ def logsumexp(
     >>> logsumexp([1, 2], b=[1, -1], return_sign=True)
     (np.float64(1.5413248546129181), np.float64(-1.0))
     """
-    if (
-        type(a) is np.ndarray
-        and b is None
-        and out is None
-        and not return_sign
-        and algorithm == "auto"
-        and (axis is None or type(axis) is int)
-    ):
-        # The common call (rows of a C-contiguous array) in one native step; None otherwise.
-        res = _core.rows_fast(a, axis, bool(keepdims), 0)
-        if res is not None:
+    if type(a) is np.ndarray and b is None and not return_sign and a.ndim:
+        # float32/float64 arrays in one native call; NotImplemented for anything else.
+        res = _core.logsumexp(a, normalize_axes(axis, a.ndim), keepdims, algorithm, out)
+        if res is not NotImplemented:
             return res
     if _is_gpu_array(a):
         return _gpu_module().logsumexp(
@@ -306,49 +235,35 @@ def logsumexp(
         x = x.reshape(1)
         bw = bw.reshape(1) if bw is not None else None
     axes = normalize_axes(axis, x.ndim)
-    plan = _Plan(x, axes)
-    rshape_work = plan.reduced_shape(keepdims)
-    # The user-visible result shape.
-    user_shape = plan.unwork_reduced(np.empty(rshape_work, dtype=np.int8), keepdims, x.ndim).shape
+    keepdims = bool(keepdims)
+    direct = False
     if out is not None:
-        _check_out(out, user_shape, rdtype)
+        _check_out(out, _reduced_shape(x.shape, axes, keepdims), rdtype)
         if any(
             isinstance(v, np.ndarray) and np.may_share_memory(out, v) and np.shares_memory(out, v)
             for v in (x, a)  # x may be a converted copy of a (float16, big-endian, ...)
         ):
             raise ValueError("out overlaps the input a")
+        direct = bw is None and out.dtype == x.dtype
 
-    x3 = plan.view3()
-    if b is None:
-        direct = (
-            out is not None
-            and out.dtype == x.dtype
-            and out.flags.c_contiguous
-            and out.flags.aligned
-            and not plan.transposed
-            and plan.moved is None
+    sgn: Any = None
+    if bw is None:
+        res = np.asarray(
+            _core.logsumexp(x, axes, keepdims, algorithm, out if direct else None)
         )
-        res2 = _core.logsumexp(
-            x3,
-            algorithm,
-            out.reshape(plan.outer, plan.inner) if direct and out is not None else None,
-        )
-        sgn2 = None
         if return_sign:
-            sgn2 = (res2 > -np.inf).astype(res2.dtype)
-            sgn2[np.isnan(res2)] = np.nan
-            if plan.n == 0:
-                sgn2[...] = -1.0
+            sgn = np.array(res > -np.inf, dtype=res.dtype)
+            sgn[np.isnan(res)] = np.nan
+            if x.size == 0 or any(x.shape[i] == 0 for i in axes):
+                sgn[...] = -1.0
     else:
-        direct = False
-        b3 = plan.view3(bw)
-        res2, sgn2 = _core.logsumexp_weighted(x3, b3, bool(return_sign))
-        if not return_sign:
-            sgn2 = None
-        elif plan.n == 0:
-            sgn2[...] = -1.0  # as scipy, and as the unweighted path above
-
-    res = plan.unwork_reduced(res2.reshape(rshape_work), keepdims, x.ndim)
+        x3, plan = kernel_view(x, axes)
+        res2, sgn2 = _core.logsumexp_weighted(x3, view_as(bw, plan), bool(return_sign))
+        res = reduced_to_user(res2, plan, x.shape, keepdims)
+        if return_sign:
+            sgn = reduced_to_user(sgn2, plan, x.shape, keepdims)
+            if plan.n == 0:
+                sgn[...] = -1.0  # as scipy, and as the unweighted path above
     if res.dtype != rdtype:
         res = res.astype(rdtype)
     if out is not None:
@@ -357,8 +272,6 @@ def logsumexp(
         res = out
     res = _scalarize(res)
     if return_sign:
-        assert sgn2 is not None
-        sgn = plan.unwork_reduced(sgn2.reshape(rshape_work), keepdims, x.ndim)
         if sgn.dtype != rdtype:
             sgn = sgn.astype(rdtype)
         return res, _scalarize(sgn)
@@ -368,23 +281,11 @@ def logsumexp(
 # --------------------------------------------------------------------------- softmax
 
 
-_NATIVE = (np.dtype(np.float32), np.dtype(np.float64))
-
-
-def _softmax_rows_fast(
-    x: np.ndarray, axis: AxisLike, log: bool, out: np.ndarray | None
-) -> np.ndarray | None:
-    """softmax over the last axis of a C-contiguous float32/float64 array (into a dense,
-    disjoint or identical ``out``), or None when the call needs the full planner."""
-    if axis is None or type(axis) is int:
-        res: np.ndarray | None = _core.rows_fast(x, axis, False, 2 if log else 1, out)
-        return res
-    return None
-
-
 def _softmax_like(
     x_in: Any, axis: AxisLike, out: np.ndarray | None, algorithm: str, log: bool
 ) -> Any:
+    """softmax / log_softmax of anything but a float32/float64 ndarray of 1+ dimensions:
+    converted by scipy's dtype rules, then computed natively."""
     _check_algorithm(algorithm)
     if _complex.is_complex(x_in):
         return _complex.softmax_like(x_in, axis, out, log)
@@ -393,41 +294,16 @@ def _softmax_like(
     if scalar:
         x = x.reshape(1)
     axes = normalize_axes(axis, x.ndim)
-    user_shape = () if scalar else x.shape
-    inplace = False
-    user_out = out
     if out is not None:
-        _check_out(out, user_shape, rdtype)
-        if scalar:
-            out = out.reshape(1)  # a view, laid out like x
-        if np.may_share_memory(out, x):
-            same = (
-                out.dtype == x.dtype
-                and out.shape == x.shape
-                and out.strides == x.strides
-                and out.__array_interface__["data"][0] == x.__array_interface__["data"][0]
-            )
-            if not same and np.shares_memory(out, x):
-                raise ValueError("out partially overlaps the input x; pass out=x for in place")
-            inplace = same
-    plan = _Plan(x, axes)
-    x3 = plan.view3()
-    out3 = None
-    if out is not None and out.dtype == x.dtype:
-        if inplace:
-            # A copy was made if the layout was not kernel-readable; then write back below.
-            out3 = x3 if np.shares_memory(x3, x) else None
-        elif plan.moved is None:
-            o = out.T if plan.transposed else out
-            if o.flags.c_contiguous and o.flags.aligned:
-                out3 = o.reshape(plan.outer, plan.n, plan.inner)
-    res3 = _core.softmax(x3, log, algorithm, out3)
-    if out is not None and out3 is not None:
-        return user_out
-    res = plan.unwork_full(res3)
+        _check_out(out, () if scalar else x.shape, rdtype)
+        if out.dtype == x.dtype:
+            # Same compute dtype: the native call writes `out` (in place when it is x).
+            _core.softmax(x, axes, log, algorithm, out.reshape(1) if scalar else out)
+            return out
+    res = _core.softmax(x, axes, log, algorithm, None)
     if out is not None:
-        np.copyto(out, res, casting="unsafe")
-        return user_out
+        np.copyto(out, res.reshape(out.shape), casting="unsafe")
+        return out
     if res.dtype != rdtype:
         res = res.astype(rdtype)
     if scalar:
@@ -436,7 +312,11 @@ def _softmax_like(
 
 
 def softmax(
-    x: Any, axis: AxisLike = None, *, out: np.ndarray | None = None, algorithm: str = "auto"
+    x: Any,
+    axis: AxisLike = None,
+    *,
+    out: Optional[np.ndarray] = None,
+    algorithm: Algorithm = "auto",
 ) -> Any:
     r"""Compute the softmax function, ``exp(x) / sum(exp(x))`` along `axis`.
 
@@ -451,8 +331,9 @@ def softmax(
     axis : None or int or tuple of ints, optional
         Axis or axes to normalise over. ``None`` (default) uses the whole array.
     out : ndarray, optional
-        Writeable array of `x`'s shape and the result dtype. ``out=x`` updates `x` in place (no
-        second array); any other overlap with `x` raises ``ValueError``. stablelse extension.
+        Writeable array of `x`'s shape and the result dtype, of any layout. ``out=x`` updates
+        `x` in place, on any view of it (no second array: at most a block-sized buffer per
+        thread); any other overlap with `x` raises ``ValueError``. stablelse extension.
     algorithm : {"auto", "two_pass", "online"}, optional
         Kernel used for the normaliser; stablelse extension.
 
@@ -477,9 +358,10 @@ def softmax(
     >>> softmax(np.array([1000.0, 1.0, -1000.0]))
     array([1., 0., 0.])
     """
-    if type(x) is np.ndarray and algorithm == "auto":
-        res = _softmax_rows_fast(x, axis, False, out)
-        if res is not None:
+    if type(x) is np.ndarray and x.ndim:
+        # float32/float64 arrays in one native call; NotImplemented for anything else.
+        res = _core.softmax(x, normalize_axes(axis, x.ndim), False, algorithm, out)
+        if res is not NotImplemented:
             return res
     if _is_gpu_array(x):
         return _gpu_module().softmax(x, axis=axis, out=out)
@@ -487,7 +369,11 @@ def softmax(
 
 
 def log_softmax(
-    x: Any, axis: AxisLike = None, *, out: np.ndarray | None = None, algorithm: str = "auto"
+    x: Any,
+    axis: AxisLike = None,
+    *,
+    out: Optional[np.ndarray] = None,
+    algorithm: Algorithm = "auto",
 ) -> Any:
     r"""Compute the logarithm of the softmax function, ``x - logsumexp(x, axis)``.
 
@@ -527,9 +413,10 @@ def log_softmax(
     >>> log_softmax(np.array([1000.0, 1.0]))
     array([   0., -999.])
     """
-    if type(x) is np.ndarray and algorithm == "auto":
-        res = _softmax_rows_fast(x, axis, True, out)
-        if res is not None:
+    if type(x) is np.ndarray and x.ndim:
+        # float32/float64 arrays in one native call; NotImplemented for anything else.
+        res = _core.softmax(x, normalize_axes(axis, x.ndim), True, algorithm, out)
+        if res is not NotImplemented:
             return res
     if _is_gpu_array(x):
         return _gpu_module().log_softmax(x, axis=axis, out=out)

@@ -45,6 +45,8 @@ def normalize_axes(axis: AxisLike, ndim: int) -> tuple[int, ...]:
 
     ``None`` means every axis. A 0-d array accepts axis 0 and -1 (as scipy's logsumexp).
     """
+    if type(axis) is int and -ndim <= axis < ndim:
+        return (axis % ndim,)  # the common call, answered before the general rules
     if axis is None:
         return tuple(range(ndim))
     axes = []

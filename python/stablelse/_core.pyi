@@ -1,6 +1,7 @@
 """Type stubs for the native module ``stablelse._core`` (private; use ``stablelse``)."""
 
 from collections.abc import Sequence
+from types import NotImplementedType
 from typing import Any, Optional, Union, final
 
 import numpy as np
@@ -11,11 +12,22 @@ __version__: str
 _Float = np.floating
 _Arr = npt.NDArray[_Float]
 
-def logsumexp(x: _Arr, algorithm: str = "auto", out: Optional[_Arr] = None) -> _Arr: ...
+_F64 = npt.NDArray[np.float64]
+
+# Reductions (src/python/reductions.rs). `axes` is the normalised tuple of
+# stablelse._axes.normalize_axes; NotImplemented means "not a float32/float64 ndarray of one or
+# more dimensions" (the caller converts it first).
+def logsumexp(
+    x: Any,
+    axes: tuple[int, ...],
+    keepdims: bool,
+    algorithm: Any,
+    out: Optional[_Arr] = None,
+) -> Union[_Arr, np.floating, NotImplementedType]: ...
 def logsumexp_weighted(a: _Arr, b: _Arr, return_sign: bool = False) -> tuple[_Arr, _Arr]: ...
 def softmax(
-    x: _Arr, log: bool = False, algorithm: str = "auto", out: Optional[_Arr] = None
-) -> _Arr: ...
+    x: Any, axes: tuple[int, ...], log: bool, algorithm: Any, out: Optional[_Arr] = None
+) -> Union[_Arr, NotImplementedType]: ...
 def logsumexp_complex(
     a: npt.NDArray[np.complexfloating], b: Optional[npt.NDArray[np.complexfloating]] = None,
     return_sign: bool = False,
@@ -24,22 +36,19 @@ def softmax_complex(
     x: npt.NDArray[np.complexfloating], log: bool = False
 ) -> npt.NDArray[np.complexfloating]: ...
 def lse_states(
-    x: _Arr, algorithm: str = "auto"
-) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]: ...
+    x: _Arr, axes: tuple[int, ...], algorithm: str = "auto"
+) -> tuple[_F64, _F64]: ...
 def merge_states(
-    max_a: npt.NDArray[np.float64],
-    excess_a: npt.NDArray[np.float64],
-    max_b: npt.NDArray[np.float64],
-    excess_b: npt.NDArray[np.float64],
-) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]: ...
+    max_a: _F64,
+    excess_a: _F64,
+    max_b: _F64,
+    excess_b: _F64,
+) -> tuple[_F64, _F64]: ...
 def set_num_threads(n: int) -> None: ...
 def get_num_threads() -> int: ...
 def simd_level() -> str: ...
 def env_problems() -> list[tuple[str, str]]: ...
 def available_simd_levels() -> list[str]: ...
-def rows_fast(
-    x: _Arr, axis: Optional[int], keepdims: bool, op: int, out: Optional[_Arr] = None
-) -> Optional[_Arr]: ...
 def after_fork_in_child() -> None: ...
 
 # Bandwidth probe (src/python/probe.rs); footprint default: several times the last-level cache.
@@ -110,11 +119,44 @@ def softmax_backward(y: _Arr, dy: _Arr, log: bool = False) -> _Arr: ...
 # CUDA (cargo feature "cuda", src/cuda/): private entry points of stablelse.cuda, which
 # validates every argument first. Device arrays are described by plain tuples / dicts.
 def _cuda_add_nvrtc_dir(path: str) -> None: ...
-def _cuda_compile(dtype: str, arch: Any) -> Any: ...
+def _cuda_compile(dtype: str, arch: str) -> int: ...
 def _cuda_cross_entropy(
     dtype: str, place: Any, x: Any, targets: Any, outputs: Any, options: Any
-) -> Any: ...
+) -> None: ...
 def _cuda_info() -> dict[str, Any]: ...
 def _cuda_is_available() -> bool: ...
-def _cuda_parse(obj: Any, stream: Any = None) -> Any: ...
-def _cuda_rows(op: str, dtype: str, place: Any, x: Any, y: Any) -> Any: ...
+def _cuda_parse(obj: Any, stream: Any = None) -> dict[str, Any]: ...
+def _cuda_rows(op: str, dtype: str, place: Any, x: Any, y: Any) -> None: ...
+
+# Segments (src/python/segments.rs): x is a C-contiguous (rows, inner) block, ids / offsets
+# int64, and the caller allocates the outputs.
+def segment_logsumexp(
+    x: _Arr,
+    out: _Arr,
+    segment_ids: Optional[npt.NDArray[np.int64]] = None,
+    offsets: Optional[npt.NDArray[np.int64]] = None,
+    num_segments: int = 0,
+    sorted: bool = False,
+) -> None: ...
+def segment_softmax(
+    x: _Arr,
+    out: _Arr,
+    segment_ids: Optional[npt.NDArray[np.int64]] = None,
+    offsets: Optional[npt.NDArray[np.int64]] = None,
+    num_segments: int = 0,
+    sorted: bool = False,
+    log: bool = False,
+) -> None: ...
+def segment_cross_entropy(
+    x: _Arr,
+    target: npt.NDArray[np.int64],
+    losses: npt.NDArray[np.float64],
+    grad: Optional[_Arr] = None,
+    segment_ids: Optional[npt.NDArray[np.int64]] = None,
+    offsets: Optional[npt.NDArray[np.int64]] = None,
+    num_segments: int = 0,
+    sorted: bool = False,
+    ignore_index: int = ...,  # -100
+    mean: bool = True,
+) -> tuple[float, int]: ...
+def masked_rows(x: _Arr, mask: npt.NDArray[np.bool_], out: _Arr, op: int) -> None: ...

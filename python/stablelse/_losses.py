@@ -229,7 +229,7 @@ def cross_entropy(
         x3 = np.ascontiguousarray(x3)  # the kernel reads both with one layout
     g_direct = None
     if grad_out is not None:
-        _check_out(grad_out, x.shape, rdtype)
+        _check_out(grad_out, x.shape, rdtype, "grad_out")
         for name, arr in (("logits", x3), ("target", t3), ("weight", w)):
             if arr is not None and np.shares_memory(grad_out, arr):
                 raise ValueError(f"grad_out overlaps {name}")

@@ -16,7 +16,14 @@ import numpy.typing as npt
 
 from . import _core
 
-__all__ = ["full_to_user", "kernel_view", "plan", "reduced_to_user"]
+__all__ = [
+    "full_to_user",
+    "kernel_view",
+    "kernel_view3",
+    "plan",
+    "reduced_to_user",
+    "view_as",
+]
 
 AnyArray = npt.NDArray[Any]
 
@@ -38,6 +45,21 @@ def kernel_view(x: AnyArray, axes: Sequence[int]) -> tuple[AnyArray, _core.Plan]
     if not p.direct:
         w = np.array(w, order="C", copy=True)  # also aligns: a copy is always made
     return w.reshape(p.outer, p.n, p.inner), p
+
+
+def kernel_view3(x3: AnyArray) -> AnyArray:
+    """A 3-D ``(outer, n, inner)`` array as the kernels read it in its own axis order (lanes
+    along axis 1, as the losses' class axis): itself when they can, else the one dense copy."""
+    p = plan(x3, (1,))
+    if p.direct and list(p.perm) == [0, 1, 2]:
+        return x3
+    return np.array(x3, order="C", copy=True)
+
+
+def view_as(arr: AnyArray, p: _core.Plan) -> AnyArray:
+    """`arr`, of the planned input's shape, as 3-D in `p`'s work order (weights read beside
+    the input): a view when the kernels can read it so, else the one copy."""
+    return kernel_view3(arr.transpose(p.perm).reshape(p.outer, p.n, p.inner))
 
 
 def reduced_to_user(

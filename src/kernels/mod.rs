@@ -16,6 +16,8 @@ mod blocking;
 pub mod complex;
 pub mod cross_entropy;
 pub mod from_states;
+pub mod masked;
+pub mod segments;
 pub mod vjp;
 
 /// The scalar reference kernels (they live with the scalar SIMD level).
@@ -508,18 +510,8 @@ unsafe fn softmax_like_columns<T: Real>(
         // SAFETY: lane l owns states[l].
         unsafe { *sp.ptr().add(l) = s };
     });
-    // Per column: softmax = a * exp(x - b), log_softmax = (x - b) - a. Non-finite states take
-    // the reference writers' values: softmax NaN (b = NaN), log_softmax x - max (b = 0).
     let exp = what == Reduction::Softmax;
-    let (b, a): (Vec<f64>, Vec<f64>) = states
-        .iter()
-        .map(|s| match (s.max.is_finite(), exp) {
-            (true, true) => (s.max, 1.0 / s.total()),
-            (true, false) => (s.max, s.log_total()),
-            (false, true) => (f64::NAN, 1.0),
-            (false, false) => (0.0, s.max),
-        })
-        .unzip();
+    let (b, a): (Vec<f64>, Vec<f64>) = states.iter().map(|s| write_params(*s, exp)).unzip();
     let (b, a) = (&b, &a);
     parallel::for_each_piece(batch.outer * n, 2 * inner, |range| {
         for item in range {
@@ -534,6 +526,18 @@ unsafe fn softmax_like_columns<T: Real>(
             }
         }
     });
+}
+
+/// The parameters `(b, a)` of the per-element write from a lane's finished state: softmax
+/// `a * exp(x - b)` (`exp`), log_softmax `(x - b) - a`. Non-finite states take the reference
+/// writers' values: softmax NaN (b = NaN), log_softmax `x - max` (b = 0).
+pub(crate) fn write_params(s: LseState, exp: bool) -> (f64, f64) {
+    match (s.max.is_finite(), exp) {
+        (true, true) => (s.max, 1.0 / s.total()),
+        (true, false) => (s.max, s.log_total()),
+        (false, true) => (f64::NAN, 1.0),
+        (false, false) => (0.0, s.max),
+    }
 }
 
 /// The `(max, excess)` state of one contiguous row, at the process's SIMD level.

@@ -5,18 +5,24 @@
 //! the last axis), index targets as C-contiguous int64 in the shape of the logits without the
 //! class axis, probability targets and weights in the logits' dtype. This module checks the
 //! layouts, releases the GIL and calls [`crate::kernels::cross_entropy`]; kernel errors become
-//! Python exceptions through `super::errors`.
+//! Python exceptions through `super::errors`. Buffers are read through their raw fields
+//! (`super::array`); targets and weights are copied once, so no other thread can change them
+//! between validation and use.
 
-use numpy::{Element, PyArray1, PyArray3, PyArrayDyn, PyArrayMethods};
+use numpy::{Element, PyArrayDyn, PyUntypedArrayMethods};
 use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
 use pyo3::types::PyTuple;
 
+use super::array::{check_out, shares_memory, try_empty, try_vec, Raw};
 use super::errors::to_pyerr;
-use super::reductions::{batch_of, check_out, parse_algorithm, slice_of, value_error};
+use super::exec::WorkView;
+use super::reductions::{batch3, parse_algorithm, slice3, value_error};
+use crate::error::Error;
 use crate::kernels::cross_entropy::{self as xent, LossReduction, Targets, XentOptions};
 use crate::kernels::vjp::{self, Backward};
 use crate::kernels::Algorithm;
+use crate::layout::Batch;
 use crate::real::Real;
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -34,21 +40,36 @@ fn parse_reduction(name: &str) -> PyResult<LossReduction> {
     })
 }
 
-/// The class weights as a slice (1-D, contiguous, the logits' dtype), borrowed for the call.
-fn weight_of<'py, T: Real + Element>(
-    weight: Option<&Bound<'py, PyAny>>,
-) -> PyResult<Option<numpy::PyReadonlyArray1<'py, T>>> {
-    match weight {
-        None => Ok(None),
-        Some(w) => {
-            let w = w.cast::<PyArray1<T>>().map_err(|_| {
-                PyTypeError::new_err(format!("weight must be a 1-D {} array", T::NAME))
-            })?;
-            let r = w.try_readonly().map_err(|e| value_error(e.to_string()))?;
-            r.as_slice().map_err(|e| value_error(e.to_string()))?;
-            Ok(Some(r))
-        }
+/// The class weights (1-D, the logits' dtype, any layout), copied: a private, contiguous
+/// vector that no other thread can change during the call.
+fn weight_of<T: Real + Element>(weight: Option<&Bound<'_, PyAny>>) -> PyResult<Option<Vec<T>>> {
+    let Some(w) = weight else {
+        return Ok(None);
+    };
+    let w = w
+        .cast::<PyArrayDyn<T>>()
+        .map_err(|_| PyTypeError::new_err(format!("weight must be a 1-D {} array", T::NAME)))?;
+    if w.ndim() != 1 {
+        return Err(PyTypeError::new_err(format!(
+            "weight must be a 1-D {} array",
+            T::NAME
+        )));
     }
+    copy_values(&Raw::of(w)?, T::from_f64(0.0)).map(Some)
+}
+
+/// The elements of an array in C order, copied into a new vector (or `MemoryError`).
+fn copy_values<T: Copy>(raw: &Raw, zero: T) -> PyResult<Vec<T>> {
+    let mut v = try_vec(raw.size(), zero)?;
+    // SAFETY: the caller holds the array alive; the view covers its own elements.
+    unsafe { WorkView::new(raw, 0..raw.ndim).gather(0, &mut v) };
+    Ok(v)
+}
+
+/// The index targets (int64, any layout), copied once: the kernel validates and reads the
+/// copy, so another thread changing the array cannot make a checked index go out of range.
+fn targets_of(t: &Bound<'_, PyArrayDyn<i64>>) -> PyResult<Vec<i64>> {
+    copy_values(&Raw::of(t)?, 0i64)
 }
 
 /// The scalar options of a cross_entropy call (the weight is borrowed per dtype).
@@ -63,101 +84,146 @@ struct XentArgs {
 
 fn xent_typed<'py, T: Real + Element>(
     py: Python<'py>,
-    logits: &Bound<'py, PyArray3<T>>,
+    logits: &Bound<'py, PyArrayDyn<T>>,
     target: &Bound<'py, PyAny>,
     weight: Option<&Bound<'py, PyAny>>,
     args: XentArgs,
     return_grad: bool,
     grad_out: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyTuple>> {
-    let batch = batch_of(logits, "logits")?;
+    let rx = Raw::of(logits)?;
+    let batch = classless_as_rows(batch3(&rx, "logits")?);
     let shape = [batch.outer, batch.n, batch.inner];
-    let grad_out = match grad_out {
-        Some(g) => {
-            let g = g
-                .cast::<PyArray3<T>>()
-                .map_err(|_| {
-                    PyTypeError::new_err(format!("grad_out must be a 3-D {} array", T::NAME))
-                })?
-                .clone();
-            check_out(&g, &shape)?;
-            Some(g)
-        }
-        None => None,
-    };
     let weight = weight_of::<T>(weight)?;
     let opts = XentOptions {
-        weight: weight.as_ref().map(|w| w.as_slice()).transpose()?,
+        weight: weight.as_deref(),
         ignore_index: args.ignore_index,
         reduction: args.reduction,
         label_smoothing: args.label_smoothing,
         z_loss: args.z_loss,
         algorithm: args.algorithm,
     };
-    let xr = logits.readonly();
-    // SAFETY: `xr` keeps the logits borrowed for the call.
-    let xs = unsafe { slice_of(logits, &batch)? };
-    let per_lane = (opts.reduction == LossReduction::None)
+    // The gradient goes straight into a dense grad_out; any other layout gets the kernel's
+    // dense result copied into it.
+    let mut direct_grad = None;
+    let mut bounce_to = None;
+    if let Some(g) = grad_out {
+        let (garr, graw) = check_out::<T>(g, &shape, "grad_out")?;
+        if shares_memory(py, logits.as_any(), &rx, g, &graw)?
+            || shares_memory(py, target, &raw_any(target)?, g, &graw)?
+        {
+            return Err(value_error("grad_out overlaps the logits or the target"));
+        }
+        match batch3(&graw, "grad_out") {
+            Ok(b) if b.is_contiguous() => direct_grad = Some((garr, graw)),
+            _ => bounce_to = Some((garr, graw)),
+        }
+    }
+    let per_lane = match opts.reduction {
         // SAFETY: every element is written by the kernel before the array is returned.
-        .then(|| unsafe { PyArray1::<T>::new(py, batch.count(), false) });
-    let grad = match grad_out {
-        Some(g) => Some(g),
-        // SAFETY: as above.
-        None => return_grad.then(|| unsafe { PyArray3::<T>::new(py, shape, false) }),
+        LossReduction::None => Some(unsafe { try_empty::<T>(py, &[batch.count()])? }),
+        _ => None,
     };
-    let mut pr = per_lane.as_ref().map(|p| p.readwrite());
-    let mut gr = grad
-        .as_ref()
-        .map(|g| {
-            g.try_readwrite()
-                .map_err(|e| value_error(format!("grad_out cannot be written: {e}")))
-        })
-        .transpose()?;
-    let ps = pr
-        .as_mut()
-        .map(|p| p.as_slice_mut().map_err(|e| value_error(e.to_string())))
-        .transpose()?;
-    let gs = gr
-        .as_mut()
-        .map(|g| g.as_slice_mut().map_err(|e| value_error(e.to_string())))
-        .transpose()?;
+    let fresh_grad = if direct_grad.is_none() && (return_grad || bounce_to.is_some()) {
+        // SAFETY: as above.
+        Some(unsafe { try_empty::<T>(py, &shape)? })
+    } else {
+        None
+    };
+    let rp = per_lane.as_ref().map(Raw::of).transpose()?;
+    let rg = match (&direct_grad, &fresh_grad) {
+        (Some((_, r)), _) => Some(*r),
+        (None, Some(g)) => Some(Raw::of(g)?),
+        _ => None,
+    };
+    let (count, elements) = (batch.count(), batch.elements());
+    // SAFETY: the outputs are dense, writeable and disjoint from the inputs (checked above or
+    // new); the inputs hold `batch`.
+    let outputs = || unsafe {
+        (
+            rp.map(|r| std::slice::from_raw_parts_mut(r.data::<T>(), count)),
+            rg.map(|r| std::slice::from_raw_parts_mut(r.data::<T>(), elements)),
+        )
+    };
     let total = if let Ok(t) = target.cast::<PyArrayDyn<i64>>() {
-        let tr = t.try_readonly().map_err(|e| value_error(e.to_string()))?;
-        let ts = tr
-            .as_slice()
-            .map_err(|_| value_error("target must be C-contiguous int64"))?;
-        py.detach(|| xent::cross_entropy(xs, batch, Targets::Indices(ts), &opts, ps, gs))
-            .map_err(|e| to_pyerr(py, e))?
-    } else if let Ok(q) = target.cast::<PyArray3<T>>() {
-        if batch_of(q, "target")? != batch {
+        let ts = targets_of(t)?;
+        py.detach(|| {
+            // SAFETY: logits hold the batch for the call.
+            let xs =
+                unsafe { slice3::<T>(&rx, &batch) }.map_err(|_| Error::Layout("logits".into()))?;
+            let (ps, gs) = outputs();
+            xent::cross_entropy(xs, batch, Targets::Indices(&ts), &opts, ps, gs)
+        })
+        .map_err(|e| to_pyerr(py, e))?
+    } else if let Ok(q) = target.cast::<PyArrayDyn<T>>() {
+        let rq = Raw::of(q)?;
+        if classless_as_rows(batch3(&rq, "target")?) != batch {
             return Err(value_error(
                 "probability targets must have the logits' shape and layout",
             ));
         }
-        let qr = q.readonly();
-        // SAFETY: `qr` keeps the target borrowed for the call.
-        let qs = unsafe { slice_of(q, &batch)? };
-        let total = py
-            .detach(|| xent::cross_entropy(xs, batch, Targets::Probs(qs), &opts, ps, gs))
-            .map_err(|e| to_pyerr(py, e))?;
-        drop(qr);
-        total
+        py.detach(|| {
+            // SAFETY: logits and target hold the batch for the call.
+            let (xs, qs) = unsafe { (slice3::<T>(&rx, &batch), slice3::<T>(&rq, &batch)) };
+            let (xs, qs) = (
+                xs.map_err(|_| Error::Layout("logits".into()))?,
+                qs.map_err(|_| Error::Layout("target".into()))?,
+            );
+            let (ps, gs) = outputs();
+            xent::cross_entropy(xs, batch, Targets::Probs(qs), &opts, ps, gs)
+        })
+        .map_err(|e| to_pyerr(py, e))?
     } else {
         return Err(PyTypeError::new_err(format!(
             "target must be an int64 array of class indices or a 3-D {} array of probabilities",
             T::NAME
         )));
     };
-    drop((xr, pr, gr));
     let loss: Bound<'py, PyAny> = match per_lane {
         Some(p) => p.into_any(),
         None => total.to_f64().into_pyobject(py)?.into_any(),
     };
-    let grad: Bound<'py, PyAny> = match grad {
-        Some(g) => g.into_any(),
-        None => py.None().into_bound(py),
+    let grad: Bound<'py, PyAny> = match (direct_grad, bounce_to, fresh_grad) {
+        (Some((g, _)), _, _) => g.into_any(),
+        (None, Some((g, graw)), Some(fresh)) => {
+            let fr = Raw::of(&fresh)?;
+            // SAFETY: both arrays are live, of the same (outer, n, inner) shape; grad_out is
+            // writeable and shares nothing with the fresh result.
+            unsafe {
+                let src = std::slice::from_raw_parts(fr.data::<T>() as *const T, elements);
+                WorkView::new(&graw, 0..graw.ndim).scatter(0, src);
+            }
+            g.into_any()
+        }
+        (None, None, Some(fresh)) => fresh.into_any(),
+        _ => py.None().into_bound(py),
     };
     PyTuple::new(py, [loss, grad])
+}
+
+/// Lanes of zero classes hold no element, so they have no layout: read them as rows (in the
+/// same lane order), which no kernel path steps through.
+fn classless_as_rows(batch: Batch) -> Batch {
+    if batch.n == 0 {
+        Batch::rows(batch.count(), 0)
+    } else {
+        batch
+    }
+}
+
+/// The raw fields of `obj` if it is an ndarray of a dtype the losses take (for overlap
+/// checks), else an empty placeholder that overlaps nothing.
+fn raw_any(obj: &Bound<'_, PyAny>) -> PyResult<Raw> {
+    if let Ok(a) = obj.cast::<PyArrayDyn<i64>>() {
+        return Raw::of(a);
+    }
+    if let Ok(a) = obj.cast::<PyArrayDyn<f32>>() {
+        return Raw::of(a);
+    }
+    if let Ok(a) = obj.cast::<PyArrayDyn<f64>>() {
+        return Raw::of(a);
+    }
+    Ok(Raw::empty())
 }
 
 /// Cross-entropy over axis 1 of 3-D `logits`: returns `(loss, grad or None)`; `loss` is a float
@@ -188,9 +254,9 @@ fn cross_entropy<'py>(
         z_loss,
         algorithm: parse_algorithm(algorithm)?,
     };
-    if let Ok(x) = logits.cast::<PyArray3<f32>>() {
+    if let Ok(x) = logits.cast::<PyArrayDyn<f32>>() {
         xent_typed(py, x, target, weight, args, return_grad, grad_out)
-    } else if let Ok(x) = logits.cast::<PyArray3<f64>>() {
+    } else if let Ok(x) = logits.cast::<PyArrayDyn<f64>>() {
         xent_typed(py, x, target, weight, args, return_grad, grad_out)
     } else {
         Err(PyTypeError::new_err(
@@ -201,37 +267,43 @@ fn cross_entropy<'py>(
 
 fn nll_typed<'py, T: Real + Element>(
     py: Python<'py>,
-    x: &Bound<'py, PyArray3<T>>,
+    x: &Bound<'py, PyArrayDyn<T>>,
     target: &Bound<'py, PyAny>,
     weight: Option<&Bound<'py, PyAny>>,
     ignore_index: i64,
     reduction: LossReduction,
 ) -> PyResult<Bound<'py, PyAny>> {
-    let batch = batch_of(x, "log_probs")?;
+    let rx = Raw::of(x)?;
+    let batch = classless_as_rows(batch3(&rx, "log_probs")?);
     let weight = weight_of::<T>(weight)?;
-    let ws = weight.as_ref().map(|w| w.as_slice()).transpose()?;
     let t = target
         .cast::<PyArrayDyn<i64>>()
         .map_err(|_| PyTypeError::new_err("target must be an int64 array of class indices"))?;
-    let tr = t.try_readonly().map_err(|e| value_error(e.to_string()))?;
-    let ts = tr
-        .as_slice()
-        .map_err(|_| value_error("target must be C-contiguous int64"))?;
-    let xr = x.readonly();
-    // SAFETY: `xr` keeps log_probs borrowed for the call.
-    let xs = unsafe { slice_of(x, &batch)? };
-    let per_lane = (reduction == LossReduction::None)
+    let ts = targets_of(t)?;
+    let per_lane = match reduction {
         // SAFETY: every element is written by the kernel before the array is returned.
-        .then(|| unsafe { PyArray1::<T>::new(py, batch.count(), false) });
-    let mut pr = per_lane.as_ref().map(|p| p.readwrite());
-    let ps = pr
-        .as_mut()
-        .map(|p| p.as_slice_mut().map_err(|e| value_error(e.to_string())))
-        .transpose()?;
+        LossReduction::None => Some(unsafe { try_empty::<T>(py, &[batch.count()])? }),
+        _ => None,
+    };
+    let rp = per_lane.as_ref().map(Raw::of).transpose()?;
+    let count = batch.count();
     let total = py
-        .detach(|| xent::nll_loss(xs, batch, ts, ws, ignore_index, reduction, ps))
+        .detach(|| {
+            // SAFETY: log_probs hold the batch; the per-lane output is new, of `count`.
+            let xs = unsafe { slice3::<T>(&rx, &batch) }
+                .map_err(|_| Error::Layout("log_probs".into()))?;
+            let ps = rp.map(|r| unsafe { std::slice::from_raw_parts_mut(r.data::<T>(), count) });
+            xent::nll_loss(
+                xs,
+                batch,
+                &ts,
+                weight.as_deref(),
+                ignore_index,
+                reduction,
+                ps,
+            )
+        })
         .map_err(|e| to_pyerr(py, e))?;
-    drop((xr, pr));
     Ok(match per_lane {
         Some(p) => p.into_any(),
         None => total.to_f64().into_pyobject(py)?.into_any(),
@@ -251,9 +323,9 @@ fn nll_loss<'py>(
     reduction: &str,
 ) -> PyResult<Bound<'py, PyAny>> {
     let reduction = parse_reduction(reduction)?;
-    if let Ok(x) = log_probs.cast::<PyArray3<f32>>() {
+    if let Ok(x) = log_probs.cast::<PyArrayDyn<f32>>() {
         nll_typed(py, x, target, weight, ignore_index, reduction)
-    } else if let Ok(x) = log_probs.cast::<PyArray3<f64>>() {
+    } else if let Ok(x) = log_probs.cast::<PyArrayDyn<f64>>() {
         nll_typed(py, x, target, weight, ignore_index, reduction)
     } else {
         Err(PyTypeError::new_err(
@@ -264,27 +336,35 @@ fn nll_loss<'py>(
 
 fn backward_typed<'py, T: Real + Element>(
     py: Python<'py>,
-    y: &Bound<'py, PyArray3<T>>,
+    y: &Bound<'py, PyArrayDyn<T>>,
     dy: &Bound<'py, PyAny>,
     what: Backward,
 ) -> PyResult<Bound<'py, PyAny>> {
     let dy = dy
-        .cast::<PyArray3<T>>()
+        .cast::<PyArrayDyn<T>>()
         .map_err(|_| PyTypeError::new_err(format!("dy must be a 3-D {} array like y", T::NAME)))?;
-    let batch = batch_of(y, "y")?;
-    if batch_of(dy, "dy")? != batch {
+    let (ry, rd) = (Raw::of(y)?, Raw::of(dy)?);
+    let batch = classless_as_rows(batch3(&ry, "y")?);
+    if classless_as_rows(batch3(&rd, "dy")?) != batch {
         return Err(value_error("dy must have y's shape and layout"));
     }
     // SAFETY: every element is written by the kernel before the array is returned.
-    let out = unsafe { PyArray3::<T>::new(py, [batch.outer, batch.n, batch.inner], false) };
-    let (yr, dr) = (y.readonly(), dy.readonly());
-    let mut or = out.readwrite();
-    // SAFETY: `yr` and `dr` keep the inputs borrowed for the call.
-    let (ys, ds) = unsafe { (slice_of(y, &batch)?, slice_of(dy, &batch)?) };
-    let os = or.as_slice_mut().map_err(|e| value_error(e.to_string()))?;
-    py.detach(|| vjp::softmax_like_backward(ys, ds, batch, what, os))
-        .map_err(|e| to_pyerr(py, e))?;
-    drop((yr, dr, or));
+    let out = unsafe { try_empty::<T>(py, &[batch.outer, batch.n, batch.inner])? };
+    let ro = Raw::of(&out)?;
+    let elements = batch.elements();
+    py.detach(|| {
+        // SAFETY: y and dy hold the batch; out is new and dense.
+        unsafe {
+            let (ys, ds) = (slice3::<T>(&ry, &batch), slice3::<T>(&rd, &batch));
+            let (ys, ds) = (
+                ys.map_err(|_| Error::Layout("y".into()))?,
+                ds.map_err(|_| Error::Layout("dy".into()))?,
+            );
+            let os = std::slice::from_raw_parts_mut(ro.data::<T>(), elements);
+            vjp::softmax_like_backward(ys, ds, batch, what, os)
+        }
+    })
+    .map_err(|e| to_pyerr(py, e))?;
     Ok(out.into_any())
 }
 
@@ -303,9 +383,9 @@ fn softmax_backward<'py>(
     } else {
         Backward::Softmax
     };
-    if let Ok(y) = y.cast::<PyArray3<f32>>() {
+    if let Ok(y) = y.cast::<PyArrayDyn<f32>>() {
         backward_typed(py, y, dy, what)
-    } else if let Ok(y) = y.cast::<PyArray3<f64>>() {
+    } else if let Ok(y) = y.cast::<PyArrayDyn<f64>>() {
         backward_typed(py, y, dy, what)
     } else {
         Err(PyTypeError::new_err(

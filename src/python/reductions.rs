@@ -1,21 +1,25 @@
 //! Bindings for logsumexp, softmax, log_softmax, the lane states and the thread pool.
 //!
-//! The Python layer (`python/stablelse/_api.py`) maps any `axis` onto a 3-D
-//! `(outer, n, inner)` view and hands it here; this module checks that the view is a layout
-//! the kernels read directly (see [`crate::layout`]) and raises `ValueError` otherwise.
+//! The Python layer (`python/stablelse/_api.py`) normalises `axis` and converts foreign inputs;
+//! these functions take a float32/float64 ndarray and the normalised axes, ask the planner
+//! ([`crate::plan`]) how the kernels see it, and run it ([`super::exec`]) into a new array or
+//! an `out` of any writeable layout. Arrays are read through their raw fields
+//! ([`super::array`]), never the numpy crate's borrow flags.
 
-use numpy::{Element, PyArray2, PyArray3, PyArrayMethods, PyUntypedArrayMethods};
-use pyo3::exceptions::{PyTypeError, PyValueError};
+use numpy::{Element, PyArrayDyn, PyUntypedArrayMethods};
+use pyo3::exceptions::{PyMemoryError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::PyTuple;
+use pyo3::types::{PyString, PyTuple};
 
+use super::array::{check_out, shares_memory, try_empty, try_vec, Raw, MAX_DIMS};
+use super::exec::{self, ExecError, LaneOut};
 use crate::kernels::{self, Algorithm, Reduction};
 use crate::layout::Batch;
+use crate::plan::{self, Access, Plan};
 use crate::real::Real;
 use crate::state::LseState;
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    m.add_function(wrap_pyfunction!(rows_fast, m)?)?;
     m.add_function(wrap_pyfunction!(logsumexp, m)?)?;
     m.add_function(wrap_pyfunction!(logsumexp_weighted, m)?)?;
     m.add_function(wrap_pyfunction!(softmax, m)?)?;
@@ -36,291 +40,275 @@ pub(crate) fn value_error(msg: impl Into<String>) -> PyErr {
 pub(crate) fn parse_algorithm(name: &str) -> PyResult<Algorithm> {
     Algorithm::parse(name).ok_or_else(|| {
         value_error(format!(
-            "algorithm must be 'auto', 'two_pass' or 'online', got {name:?}"
+            "algorithm must be one of ('auto', 'two_pass', 'online'), got '{name}'"
         ))
     })
 }
 
-/// The kernel batch of a 3-D `(outer, n, inner)` array, or why the kernels cannot read it.
-pub(crate) fn batch_of<T: Element>(arr: &Bound<'_, PyArray3<T>>, name: &str) -> PyResult<Batch> {
-    let shape = arr.shape();
-    let (outer, n, inner) = (shape[0], shape[1], shape[2]);
-    if outer == 0 || n == 0 || inner == 0 {
-        // Nothing is read: strides and the data pointer of an empty array are irrelevant.
-        return Ok(Batch::contiguous(outer, n, inner));
-    }
-    if !(arr.data() as usize).is_multiple_of(std::mem::align_of::<T>()) {
-        return Err(value_error(format!(
-            "{name}: the data pointer is not aligned"
-        )));
-    }
-    let item = std::mem::size_of::<T>() as isize;
-    let s = arr.strides();
-    let bad = || {
-        value_error(format!(
-            "{name}: layout not supported by the kernels: shape {shape:?}, strides {s:?}"
-        ))
-    };
-    let elems = |stride: isize| -> PyResult<usize> {
-        if stride < 0 || stride % item != 0 {
-            return Err(bad());
+/// The `algorithm` argument, any Python object: a `ValueError` (as for any unknown name)
+/// unless it is one of the three names.
+pub(crate) fn algorithm_of(obj: &Bound<'_, PyAny>) -> PyResult<Algorithm> {
+    if let Ok(s) = obj.cast::<PyString>() {
+        if let Some(alg) = Algorithm::parse(&s.to_cow()?) {
+            return Ok(alg);
         }
-        Ok((stride / item) as usize)
-    };
-    // Strides of length-1 (or empty) axes are irrelevant; the others must be the dense ones.
-    if inner > 1 && n > 0 && elems(s[2])? != 1 {
-        return Err(bad());
     }
-    if n > 1 && elems(s[1])? != inner {
-        return Err(bad());
-    }
-    let outer_stride = if outer > 1 { elems(s[0])? } else { n * inner };
-    Ok(Batch {
-        outer,
-        n,
-        inner,
-        outer_stride,
-    })
+    Err(value_error(format!(
+        "algorithm must be one of ('auto', 'two_pass', 'online'), got {}",
+        obj.repr()?
+    )))
 }
 
-/// The elements behind `arr` that `batch` indexes, as a slice.
+/// An execution error as a Python exception.
+pub(crate) fn exec_error(e: ExecError) -> PyErr {
+    match e {
+        ExecError::Memory => PyMemoryError::new_err("cannot allocate scratch memory"),
+        ExecError::Kernel(msg) => value_error(msg),
+    }
+}
+
+/// The normalised axes tuple (sorted, distinct, in range: `_axes.normalize_axes`).
+fn axes_of(axes: &Bound<'_, PyAny>) -> PyResult<([usize; MAX_DIMS], usize)> {
+    let mut out = [0usize; MAX_DIMS];
+    let tuple = axes
+        .cast::<PyTuple>()
+        .map_err(|_| PyTypeError::new_err("axes must be a tuple of ints"))?;
+    if tuple.len() > MAX_DIMS {
+        return Err(value_error("too many axes"));
+    }
+    for (slot, item) in out.iter_mut().zip(tuple.iter()) {
+        *slot = item.extract()?;
+    }
+    Ok((out, tuple.len()))
+}
+
+/// The plan of `raw` over the normalised `axes`, or a `ValueError`.
+fn plan_of(raw: &Raw, axes: &[usize]) -> PyResult<Plan> {
+    plan::plan(raw.layout(), axes).map_err(|e| value_error(e.0))
+}
+
+/// The kernel batch of a 3-D `(outer, n, inner)` array read as it is, or why not.
+pub(crate) fn batch3(raw: &Raw, name: &str) -> PyResult<Batch> {
+    if raw.ndim != 3 {
+        return Err(value_error(format!("{name} must be 3-D")));
+    }
+    let p = plan_of(raw, &[1])?;
+    match p.access {
+        Access::Direct(b) if p.perm == [0, 1, 2] => Ok(b),
+        _ => Err(value_error(format!(
+            "{name}: layout not supported by the kernels: shape {:?}, strides {:?}",
+            raw.shape(),
+            raw.strides()
+        ))),
+    }
+}
+
+/// [`batch3`] of a typed 3-D array (bindings that hold a `PyArray3`).
+pub(crate) fn batch_of<T: Element>(
+    arr: &Bound<'_, numpy::PyArray3<T>>,
+    name: &str,
+) -> PyResult<Batch> {
+    batch3(&Raw::of(arr)?, name)
+}
+
+/// [`slice3`] of a typed 3-D array.
 ///
 /// # Safety
-/// `batch` must come from [`batch_of`] on `arr`, and the array must stay alive and unmodified
-/// (it is borrowed through the numpy crate's borrow checker by the caller) while the slice lives.
+/// As [`slice3`]: `batch` comes from [`batch_of`] on `arr`, which outlives the slice.
 pub(crate) unsafe fn slice_of<'a, T: Element>(
-    arr: &Bound<'_, PyArray3<T>>,
+    arr: &Bound<'_, numpy::PyArray3<T>>,
     batch: &Batch,
 ) -> PyResult<&'a [T]> {
-    let len = batch.required_len().map_err(value_error)?;
-    if len == 0 {
-        return Ok(&[]);
-    }
-    // SAFETY: batch_of checked that every index the batch reaches lies inside the array.
-    Ok(unsafe { std::slice::from_raw_parts(arr.data() as *const T, len) })
+    // SAFETY: forwarded.
+    unsafe { slice3(&Raw::of(arr)?, batch) }
 }
 
-/// A dense, writeable output array of exactly `shape`, or a `ValueError` naming `out`.
-pub(crate) fn check_out<T: Element, D: numpy::ndarray::Dimension>(
-    out: &Bound<'_, numpy::PyArray<T, D>>,
-    shape: &[usize],
-) -> PyResult<()> {
-    if out.shape() != shape {
-        return Err(value_error(format!(
-            "out has shape {:?}, expected {shape:?}",
-            out.shape()
-        )));
-    }
-    if !out.is_c_contiguous() {
-        return Err(value_error("out must be C-contiguous"));
-    }
-    Ok(())
+/// The elements of a batch read by [`batch3`] as a slice.
+///
+/// # Safety
+/// `batch` comes from [`batch3`] on `raw`, whose array outlives the slice.
+pub(crate) unsafe fn slice3<'a, T>(raw: &Raw, batch: &Batch) -> PyResult<&'a [T]> {
+    // SAFETY: the caller's contract.
+    unsafe { exec::slice_of(raw, batch) }.map_err(exec_error)
 }
 
-fn same_memory<T: Element>(a: &Bound<'_, PyArray3<T>>, b: &Bound<'_, PyArray3<T>>) -> bool {
-    a.data() == b.data() && a.shape() == b.shape() && a.strides() == b.strides()
+/// `raw` with the axes of a work-order array put back in the input's order: axis `perm[i]`
+/// of the result is axis `i` of `raw`.
+fn unpermute(raw: &Raw, perm: &[usize]) -> Raw {
+    let mut r = *raw;
+    for (i, &a) in perm.iter().enumerate() {
+        r.shape[a] = raw.shape[i];
+        r.strides[a] = raw.strides[i];
+    }
+    r
 }
 
-fn rows_fast_typed<'py, T: Real + Element>(
-    py: Python<'py>,
-    x: &Bound<'py, numpy::PyArrayDyn<T>>,
-    axis: Option<isize>,
-    keepdims: bool,
-    op: u8,
-    out: Option<&Bound<'py, PyAny>>,
-) -> PyResult<Option<Bound<'py, PyAny>>> {
-    let shape = x.shape();
-    let ndim = shape.len() as isize;
-    let last_axis = match axis {
-        Some(a) => ndim > 0 && (a == -1 || a == ndim - 1),
-        None => ndim == 1,
-    };
-    let size: usize = shape.iter().product();
-    let aligned = (x.data() as usize).is_multiple_of(std::mem::align_of::<T>());
-    if !last_axis || size == 0 || !aligned || !x.is_c_contiguous() {
-        return Ok(None);
+/// `arr.transpose(order)` as a new view (a NumPy call: only transposed plans need it).
+fn transposed<'py>(arr: Bound<'py, PyAny>, order: &[usize]) -> PyResult<Bound<'py, PyAny>> {
+    if order.iter().enumerate().all(|(i, &a)| i == a) {
+        return Ok(arr);
     }
-    let n = shape[ndim as usize - 1];
-    let batch = Batch::rows(size / n, n);
-    let xr = x.readonly();
-    let xs = xr.as_slice().map_err(|e| value_error(e.to_string()))?;
-    if op == 0 {
-        let mut oshape = shape[..shape.len() - 1].to_vec();
-        if keepdims {
-            oshape.push(1);
-        }
-        // SAFETY: every element is written by the kernel before the array is returned.
-        let out = unsafe { numpy::PyArrayDyn::<T>::new(py, oshape, false) };
-        let mut or = out.readwrite();
-        let os = or.as_slice_mut().map_err(|e| value_error(e.to_string()))?;
-        py.detach(|| kernels::logsumexp(xs, batch, Algorithm::Auto, os))
-            .map_err(value_error)?;
-        drop((or, xr));
-        if out.ndim() == 0 {
-            return Ok(Some(out.get_item(())?));
-        }
-        return Ok(Some(out.into_any()));
-    }
-    let what = if op == 2 {
-        Reduction::LogSoftmax
+    arr.call_method1("transpose", (PyTuple::new(arr.py(), order)?,))
+}
+
+/// A 0-d result as a NumPy scalar (as scipy returns), anything else as is.
+fn scalarize(arr: Bound<'_, PyAny>, ndim: usize) -> PyResult<Bound<'_, PyAny>> {
+    if ndim == 0 {
+        arr.get_item(())
     } else {
-        Reduction::Softmax
-    };
-    let out = match out {
-        None => {
-            // SAFETY: every element is written by the kernel before the array is returned.
-            unsafe { numpy::PyArrayDyn::<T>::new(py, shape.to_vec(), false) }
-        }
-        Some(o) => {
-            // Anything but a dense out of the right shape and dtype, disjoint from x or x
-            // itself, goes to the full planner, which names the problem.
-            let Ok(o) = o.cast::<numpy::PyArrayDyn<T>>() else {
-                return Ok(None);
-            };
-            let aligned = (o.data() as usize).is_multiple_of(std::mem::align_of::<T>());
-            if o.shape() != shape || !o.is_c_contiguous() || !aligned {
-                return Ok(None);
-            }
-            let bytes = size * std::mem::size_of::<T>();
-            let (xb, ob) = (x.data() as usize, o.data() as usize);
-            if ob == xb {
-                drop(xr);
-                let Ok(mut or) = o.try_readwrite() else {
-                    return Ok(None);
-                };
-                let buf = or.as_slice_mut().map_err(|e| value_error(e.to_string()))?;
-                py.detach(|| kernels::softmax_like_inplace(buf, batch, Algorithm::Auto, what))
-                    .map_err(value_error)?;
-                drop(or);
-                return Ok(Some(o.clone().into_any()));
-            }
-            if ob < xb + bytes && xb < ob + bytes {
-                return Ok(None);
-            }
-            o.clone()
-        }
-    };
-    let Ok(mut or) = out.try_readwrite() else {
-        return Ok(None);
-    };
-    let os = or.as_slice_mut().map_err(|e| value_error(e.to_string()))?;
-    py.detach(|| kernels::softmax_like(xs, batch, Algorithm::Auto, what, os))
-        .map_err(value_error)?;
-    drop((or, xr));
-    Ok(Some(out.into_any()))
+        Ok(arr)
+    }
 }
 
-/// The common call in one native step: op 0 = logsumexp, 1 = softmax, 2 = log_softmax over
-/// the last axis of a C-contiguous, non-empty float32/float64 array (`axis` -1 or ndim-1, or
-/// None for 1-D), into a new array or, for softmax/log_softmax, into a dense `out` of the same
-/// shape and dtype that is disjoint from `x` or is `x` itself (in place). Returns None when the
-/// call is not of that form; the Python layer then plans it in full (and raises its errors).
-#[pyfunction]
-#[pyo3(signature = (x, axis, keepdims, op, out = None))]
-fn rows_fast<'py>(
-    py: Python<'py>,
-    x: &Bound<'py, PyAny>,
-    axis: Option<isize>,
-    keepdims: bool,
-    op: u8,
-    out: Option<&Bound<'py, PyAny>>,
-) -> PyResult<Option<Bound<'py, PyAny>>> {
-    if let Ok(x) = x.cast::<numpy::PyArrayDyn<f32>>() {
-        rows_fast_typed(py, x, axis, keepdims, op, out)
-    } else if let Ok(x) = x.cast::<numpy::PyArrayDyn<f64>>() {
-        rows_fast_typed(py, x, axis, keepdims, op, out)
-    } else {
-        Ok(None)
+/// The shape of a reduction's result: the kept axes, with length-1 reduced axes if
+/// `keepdims`.
+fn result_shape(shape: &[usize], axes: &[usize], keepdims: bool) -> ([usize; MAX_DIMS], usize) {
+    let mut out = [0usize; MAX_DIMS];
+    let mut k = 0;
+    for (a, &n) in shape.iter().enumerate() {
+        let reduced = axes.contains(&a);
+        if keepdims || !reduced {
+            out[k] = if reduced { 1 } else { n };
+            k += 1;
+        }
     }
+    (out, k)
 }
 
 fn lse_typed<'py, T: Real + Element>(
     py: Python<'py>,
-    x: &Bound<'py, PyArray3<T>>,
+    x: &Bound<'py, PyArrayDyn<T>>,
+    axes: &[usize],
+    keepdims: bool,
     alg: Algorithm,
     out: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyAny>> {
-    let batch = batch_of(x, "x")?;
-    let shape = [batch.outer, batch.inner];
-    let out = match out {
-        Some(o) => {
-            let o = o
-                .cast::<PyArray2<T>>()
-                .map_err(|_| PyTypeError::new_err(format!("out must be a 2-D {} array", T::NAME)))?
-                .clone();
-            check_out(&o, &shape)?;
-            o
+    let raw = Raw::of(x)?;
+    let p = plan_of(&raw, axes)?;
+    let ndim = raw.ndim;
+    let shape = raw.shape();
+    let reduced = |a: usize| axes.contains(&a);
+    if let Some(o) = out {
+        let (rshape, k) = result_shape(shape, axes, keepdims);
+        let (oarr, oraw) = check_out::<T>(o, &rshape[..k], "out")?;
+        if shares_memory(py, x.as_any(), &raw, o, &oraw)? {
+            return Err(value_error("out overlaps the input a"));
         }
-        // SAFETY: every element is written by the kernel before the array is returned.
-        None => unsafe { PyArray2::<T>::new(py, shape, false) },
-    };
-    let xr = x.readonly();
-    let mut or = out
-        .try_readwrite()
-        .map_err(|e| value_error(format!("out cannot be written: {e}")))?;
-    // SAFETY: `xr` keeps x borrowed for the call.
-    let xs = unsafe { slice_of(x, &batch)? };
-    let os = or.as_slice_mut().map_err(|e| value_error(e.to_string()))?;
-    py.detach(|| kernels::logsumexp(xs, batch, alg, os))
-        .map_err(value_error)?;
-    drop(xr);
-    Ok(out.into_any())
+        // The output's axis for each kept axis, in work order.
+        let mut out_axes = [0usize; MAX_DIMS];
+        for (slot, a) in out_axes.iter_mut().zip(p.kept()) {
+            *slot = if keepdims {
+                a
+            } else {
+                (0..a).filter(|&b| !reduced(b)).count()
+            };
+        }
+        let kept = ndim - axes.len();
+        // SAFETY: x and out are live for the call, out writeable and disjoint from x.
+        py.detach(|| unsafe {
+            exec::reduce::<T>(&p, &raw, &out_axes[..kept], LaneOut::Logsumexp(&oraw), alg)
+        })
+        .map_err(exec_error)?;
+        return scalarize(oarr.into_any(), k);
+    }
+    // A new result, dense in the work order of the kept axes (returned as a view in the
+    // input's order); with keepdims the reduced axes are length-1 axes in place.
+    let mut kept_buf = [0usize; MAX_DIMS];
+    let mut nk = 0;
+    for a in p.kept() {
+        kept_buf[nk] = a;
+        nk += 1;
+    }
+    let kept = &kept_buf[..nk];
+    let sorted = kept.windows(2).all(|w| w[0] < w[1]);
+    let (mut wshape, mut k) = result_shape(shape, axes, keepdims);
+    if !sorted {
+        for (slot, &a) in wshape.iter_mut().zip(kept) {
+            *slot = shape[a];
+        }
+        k = kept.len();
+    }
+    // SAFETY: every element is written below before the array is returned.
+    let res = unsafe { try_empty::<T>(py, &wshape[..k])? };
+    let rraw = Raw::of(&res)?;
+    let mut out_axes = [0usize; MAX_DIMS];
+    for (i, slot) in out_axes[..nk].iter_mut().enumerate() {
+        *slot = if sorted && keepdims { kept[i] } else { i };
+    }
+    let out_axes = &out_axes[..nk];
+    // SAFETY: x and res are live for the call; res is new, dense and writeable.
+    py.detach(|| unsafe { exec::reduce::<T>(&p, &raw, out_axes, LaneOut::Logsumexp(&rraw), alg) })
+        .map_err(exec_error)?;
+    if sorted {
+        return scalarize(res.into_any(), k);
+    }
+    let mut order: Vec<usize> = (0..kept.len()).collect();
+    order.sort_by_key(|&i| kept[i]);
+    let mut res = transposed(res.into_any(), &order)?;
+    if keepdims {
+        let kshape: Vec<usize> = (0..ndim)
+            .map(|a| if reduced(a) { 1 } else { shape[a] })
+            .collect();
+        res = res.call_method1("reshape", (PyTuple::new(py, kshape)?,))?;
+    }
+    Ok(res)
 }
 
-/// logsumexp over axis 1 of a 3-D float32/float64 array: returns `(outer, inner)`.
+/// logsumexp of a float32/float64 ndarray of at least one dimension over the normalised
+/// `axes`, into a new array (a NumPy scalar when 0-d) or into `out` (any writeable layout of
+/// the result's shape and dtype, sharing no element with `x`). Returns `NotImplemented` for
+/// any other input; the Python layer converts it first.
 #[pyfunction]
-#[pyo3(signature = (x, algorithm = "auto", out = None))]
+#[pyo3(signature = (x, axes, keepdims, algorithm, out = None))]
 fn logsumexp<'py>(
     py: Python<'py>,
     x: &Bound<'py, PyAny>,
-    algorithm: &str,
+    axes: &Bound<'py, PyAny>,
+    keepdims: &Bound<'py, PyAny>,
+    algorithm: &Bound<'py, PyAny>,
     out: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyAny>> {
-    let alg = parse_algorithm(algorithm)?;
-    if let Ok(x) = x.cast::<PyArray3<f32>>() {
-        lse_typed(py, x, alg, out)
-    } else if let Ok(x) = x.cast::<PyArray3<f64>>() {
-        lse_typed(py, x, alg, out)
-    } else {
-        Err(PyTypeError::new_err(
-            "x must be a 3-D float32 or float64 array",
-        ))
+    let (ax, na) = axes_of(axes)?;
+    let keepdims = keepdims.is_truthy()?;
+    let alg = algorithm_of(algorithm)?;
+    if let Ok(x) = x.cast::<PyArrayDyn<f32>>() {
+        if x.ndim() > 0 {
+            return lse_typed(py, x, &ax[..na], keepdims, alg, out);
+        }
+    } else if let Ok(x) = x.cast::<PyArrayDyn<f64>>() {
+        if x.ndim() > 0 {
+            return lse_typed(py, x, &ax[..na], keepdims, alg, out);
+        }
     }
+    Ok(py.NotImplemented().into_bound(py))
 }
 
 fn weighted_typed<'py, T: Real + Element>(
     py: Python<'py>,
-    a: &Bound<'py, PyArray3<T>>,
+    a: &Bound<'py, PyArrayDyn<T>>,
     b: &Bound<'py, PyAny>,
     return_sign: bool,
 ) -> PyResult<Bound<'py, PyTuple>> {
     let b = b
-        .cast::<PyArray3<T>>()
+        .cast::<PyArrayDyn<T>>()
         .map_err(|_| PyTypeError::new_err(format!("b must be a 3-D {} array like a", T::NAME)))?;
-    let batch = batch_of(a, "a")?;
-    let bbatch = batch_of(b, "b")?;
+    let (ra, rb) = (Raw::of(a)?, Raw::of(b)?);
+    let batch = batch3(&ra, "a")?;
+    let bbatch = batch3(&rb, "b")?;
     let shape = [batch.outer, batch.inner];
     // SAFETY: every element is written by the kernel before the arrays are returned.
-    let out = unsafe { PyArray2::<T>::new(py, shape, false) };
-    let sign = unsafe { PyArray2::<T>::new(py, shape, false) };
-    let (ar, br) = (a.readonly(), b.readonly());
-    let (mut or, mut sr) = (out.readwrite(), sign.readwrite());
-    // SAFETY: `ar` and `br` keep the inputs borrowed for the call.
-    let (as_, bs) = unsafe { (slice_of(a, &batch)?, slice_of(b, &bbatch)?) };
-    let os = or.as_slice_mut().map_err(|e| value_error(e.to_string()))?;
-    let ss = sr.as_slice_mut().map_err(|e| value_error(e.to_string()))?;
-    py.detach(|| {
-        kernels::logsumexp_weighted(
-            as_,
-            batch,
-            bs,
-            bbatch,
-            os,
-            if return_sign { Some(ss) } else { None },
-        )
-    })
-    .map_err(value_error)?;
-    drop((ar, br, or, sr));
+    let (out, sign) = unsafe { (try_empty::<T>(py, &shape)?, try_empty::<T>(py, &shape)?) };
+    let (ro, rs) = (Raw::of(&out)?, Raw::of(&sign)?);
+    let count = batch.count();
+    // SAFETY: a and b hold their batches; out and sign are new, dense, of `count` elements.
+    let res = py.detach(|| unsafe {
+        let (as_, bs) = (slice3::<T>(&ra, &batch)?, slice3::<T>(&rb, &bbatch)?);
+        let os = std::slice::from_raw_parts_mut(ro.data::<T>(), count);
+        let ss = std::slice::from_raw_parts_mut(rs.data::<T>(), count);
+        kernels::logsumexp_weighted(as_, batch, bs, bbatch, os, return_sign.then_some(ss))
+            .map_err(value_error)
+    });
+    res?;
     PyTuple::new(py, [out.into_any(), sign.into_any()])
 }
 
@@ -334,9 +322,9 @@ fn logsumexp_weighted<'py>(
     b: &Bound<'py, PyAny>,
     return_sign: bool,
 ) -> PyResult<Bound<'py, PyTuple>> {
-    if let Ok(a) = a.cast::<PyArray3<f32>>() {
+    if let Ok(a) = a.cast::<PyArrayDyn<f32>>() {
         weighted_typed(py, a, b, return_sign)
-    } else if let Ok(a) = a.cast::<PyArray3<f64>>() {
+    } else if let Ok(a) = a.cast::<PyArrayDyn<f64>>() {
         weighted_typed(py, a, b, return_sign)
     } else {
         Err(PyTypeError::new_err(
@@ -347,167 +335,189 @@ fn logsumexp_weighted<'py>(
 
 fn softmax_typed<'py, T: Real + Element>(
     py: Python<'py>,
-    x: &Bound<'py, PyArray3<T>>,
+    x: &Bound<'py, PyArrayDyn<T>>,
+    axes: &[usize],
     what: Reduction,
     alg: Algorithm,
     out: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyAny>> {
-    let batch = batch_of(x, "x")?;
-    let shape = [batch.outer, batch.n, batch.inner];
-    let out = match out {
-        Some(o) => {
-            let o = o
-                .cast::<PyArray3<T>>()
-                .map_err(|_| PyTypeError::new_err(format!("out must be a 3-D {} array", T::NAME)))?
-                .clone();
-            check_out(&o, &shape)?;
-            o
+    let raw = Raw::of(x)?;
+    let p = plan_of(&raw, axes)?;
+    if let Some(o) = out {
+        let (oarr, oraw) = check_out::<T>(o, raw.shape(), "out")?;
+        if !raw.same_view(&oraw) && shares_memory(py, x.as_any(), &raw, o, &oraw)? {
+            return Err(value_error(
+                "out partially overlaps the input x; pass out=x for in place",
+            ));
         }
-        // SAFETY: every element is written by the kernel before the array is returned.
-        None => unsafe { PyArray3::<T>::new(py, shape, false) },
-    };
-    if same_memory(x, &out) {
-        if !batch.is_contiguous() {
-            return Err(value_error("in-place softmax needs a C-contiguous array"));
-        }
-        let mut or = out
-            .try_readwrite()
-            .map_err(|e| value_error(format!("out cannot be written: {e}")))?;
-        let buf = or.as_slice_mut().map_err(|e| value_error(e.to_string()))?;
-        py.detach(|| kernels::softmax_like_inplace(buf, batch, alg, what))
-            .map_err(value_error)?;
-        drop(or);
-        return Ok(out.into_any());
+        // SAFETY: x and out are live for the call; out is writeable and is x or disjoint.
+        py.detach(|| unsafe { exec::softmax::<T>(&p, &raw, &oraw, alg, what) })
+            .map_err(exec_error)?;
+        return Ok(oarr.into_any());
     }
-    let xr = x.readonly();
-    let mut or = out
-        .try_readwrite()
-        .map_err(|_| value_error("out overlaps the input or is borrowed elsewhere"))?;
-    // SAFETY: `xr` keeps x borrowed for the call.
-    let xs = unsafe { slice_of(x, &batch)? };
-    let os = or.as_slice_mut().map_err(|e| value_error(e.to_string()))?;
-    py.detach(|| kernels::softmax_like(xs, batch, alg, what, os))
-        .map_err(value_error)?;
-    drop((xr, or));
-    Ok(out.into_any())
+    let mut wshape = [0usize; MAX_DIMS];
+    for (slot, &a) in wshape.iter_mut().zip(&p.perm) {
+        *slot = raw.shape[a];
+    }
+    // SAFETY: every element is written below before the array is returned.
+    let res = unsafe { try_empty::<T>(py, &wshape[..raw.ndim])? };
+    let rraw = unpermute(&Raw::of(&res)?, &p.perm);
+    // SAFETY: x and res are live; res is new, writeable and disjoint from x.
+    py.detach(|| unsafe { exec::softmax::<T>(&p, &raw, &rraw, alg, what) })
+        .map_err(exec_error)?;
+    let mut inv = vec![0usize; p.perm.len()];
+    for (i, &a) in p.perm.iter().enumerate() {
+        inv[a] = i;
+    }
+    transposed(res.into_any(), &inv)
 }
 
-/// softmax (or log_softmax when `log`) over axis 1 of a 3-D float32/float64 array, into a new
-/// C-contiguous array or `out` (which may be `x` itself for an in-place update).
+/// softmax (or log_softmax when `log`) of a float32/float64 ndarray of at least one
+/// dimension over the normalised `axes`, into a new array or `out` (any writeable layout of
+/// `x`'s shape and dtype; `x` itself for in place, else sharing no element with it). Returns
+/// `NotImplemented` for any other input.
 #[pyfunction]
-#[pyo3(signature = (x, log = false, algorithm = "auto", out = None))]
+#[pyo3(signature = (x, axes, log, algorithm, out = None))]
 fn softmax<'py>(
     py: Python<'py>,
     x: &Bound<'py, PyAny>,
+    axes: &Bound<'py, PyAny>,
     log: bool,
-    algorithm: &str,
+    algorithm: &Bound<'py, PyAny>,
     out: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyAny>> {
-    let alg = parse_algorithm(algorithm)?;
+    let (ax, na) = axes_of(axes)?;
+    let alg = algorithm_of(algorithm)?;
     let what = if log {
         Reduction::LogSoftmax
     } else {
         Reduction::Softmax
     };
-    if let Ok(x) = x.cast::<PyArray3<f32>>() {
-        softmax_typed(py, x, what, alg, out)
-    } else if let Ok(x) = x.cast::<PyArray3<f64>>() {
-        softmax_typed(py, x, what, alg, out)
-    } else {
-        Err(PyTypeError::new_err(
-            "x must be a 3-D float32 or float64 array",
-        ))
+    if let Ok(x) = x.cast::<PyArrayDyn<f32>>() {
+        if x.ndim() > 0 {
+            return softmax_typed(py, x, &ax[..na], what, alg, out);
+        }
+    } else if let Ok(x) = x.cast::<PyArrayDyn<f64>>() {
+        if x.ndim() > 0 {
+            return softmax_typed(py, x, &ax[..na], what, alg, out);
+        }
     }
+    Ok(py.NotImplemented().into_bound(py))
 }
 
 fn states_typed<'py, T: Real + Element>(
     py: Python<'py>,
-    x: &Bound<'py, PyArray3<T>>,
+    x: &Bound<'py, PyArrayDyn<T>>,
+    axes: &[usize],
     alg: Algorithm,
 ) -> PyResult<Bound<'py, PyTuple>> {
-    let batch = batch_of(x, "x")?;
-    let xr = x.readonly();
-    // SAFETY: `xr` keeps x borrowed for the call.
-    let xs = unsafe { slice_of(x, &batch)? };
-    let mut states = vec![LseState::EMPTY; batch.count()];
-    py.detach(|| kernels::lse_states(xs, batch, alg, &mut states))
-        .map_err(value_error)?;
-    drop(xr);
-    let shape = [batch.outer, batch.inner];
-    let max = numpy::PyArray1::from_iter(py, states.iter().map(|s| s.max)).reshape(shape)?;
-    let excess = numpy::PyArray1::from_iter(py, states.iter().map(|s| s.excess)).reshape(shape)?;
-    PyTuple::new(py, [max.into_any(), excess.into_any()])
+    let raw = Raw::of(x)?;
+    let p = plan_of(&raw, axes)?;
+    let kshape: Vec<usize> = (0..raw.ndim)
+        .filter(|a| !axes.contains(a))
+        .map(|a| raw.shape[a])
+        .collect();
+    // SAFETY: every element is written below before the arrays are returned.
+    let (mx, ex) = unsafe {
+        (
+            try_empty::<f64>(py, &kshape)?,
+            try_empty::<f64>(py, &kshape)?,
+        )
+    };
+    let (rm, re) = (Raw::of(&mx)?, Raw::of(&ex)?);
+    let out_axes: Vec<usize> = p
+        .kept()
+        .map(|a| (0..a).filter(|b| !axes.contains(b)).count())
+        .collect();
+    // SAFETY: x and the new outputs are live for the call.
+    py.detach(|| unsafe { exec::reduce::<T>(&p, &raw, &out_axes, LaneOut::States(&rm, &re), alg) })
+        .map_err(exec_error)?;
+    PyTuple::new(py, [mx.into_any(), ex.into_any()])
 }
 
-/// The `(max, excess)` float64 states of every lane of a 3-D float array, each `(outer, inner)`.
+/// The `(max, excess)` float64 states of every lane of a float32/float64 array reduced over
+/// the normalised `axes`: two C-contiguous arrays of the kept axes, in the input's order.
 /// `logsumexp = max + log1p(excess)` for a finite max; see `LseState`.
 #[pyfunction]
-#[pyo3(signature = (x, algorithm = "auto"))]
+#[pyo3(signature = (x, axes, algorithm = "auto"))]
 fn lse_states<'py>(
     py: Python<'py>,
     x: &Bound<'py, PyAny>,
+    axes: &Bound<'py, PyAny>,
     algorithm: &str,
 ) -> PyResult<Bound<'py, PyTuple>> {
+    let (ax, na) = axes_of(axes)?;
     let alg = parse_algorithm(algorithm)?;
-    if let Ok(x) = x.cast::<PyArray3<f32>>() {
-        states_typed(py, x, alg)
-    } else if let Ok(x) = x.cast::<PyArray3<f64>>() {
-        states_typed(py, x, alg)
+    if let Ok(x) = x.cast::<PyArrayDyn<f32>>() {
+        states_typed(py, x, &ax[..na], alg)
+    } else if let Ok(x) = x.cast::<PyArrayDyn<f64>>() {
+        states_typed(py, x, &ax[..na], alg)
     } else {
-        Err(PyTypeError::new_err(
-            "x must be a 3-D float32 or float64 array",
-        ))
+        Err(PyTypeError::new_err("x must be a float32 or float64 array"))
     }
 }
 
-/// Merges two sets of `(max, excess)` float64 states elementwise (same shapes, contiguous)
-/// with the one merge rule of `LseState`; returns new `(max, excess)` arrays.
-#[pyfunction]
-fn merge_states<'py>(
-    py: Python<'py>,
-    max_a: numpy::PyReadonlyArrayDyn<'py, f64>,
-    excess_a: numpy::PyReadonlyArrayDyn<'py, f64>,
-    max_b: numpy::PyReadonlyArrayDyn<'py, f64>,
-    excess_b: numpy::PyReadonlyArrayDyn<'py, f64>,
-) -> PyResult<Bound<'py, PyTuple>> {
-    let shape = max_a.shape().to_vec();
-    for (name, arr) in [
-        ("excess_a", &excess_a),
-        ("max_b", &max_b),
-        ("excess_b", &excess_b),
-    ] {
-        if arr.shape() != shape.as_slice() {
+/// The elements of a float64 array in C order, copied (any layout).
+fn f64_values(
+    a: &Bound<'_, PyAny>,
+    name: &str,
+    shape: Option<&[usize]>,
+) -> PyResult<(Vec<f64>, Vec<usize>)> {
+    let arr = a
+        .cast::<PyArrayDyn<f64>>()
+        .map_err(|_| PyTypeError::new_err(format!("{name} must be a float64 array")))?;
+    let raw = Raw::of(arr)?;
+    if let Some(s) = shape {
+        if raw.shape() != s {
             return Err(value_error(format!(
-                "{name} has shape {:?}, expected {shape:?}",
-                arr.shape()
+                "{name} has shape {:?}, expected {s:?}",
+                raw.shape()
             )));
         }
     }
-    let (ma, ea, mb, eb) = (
-        max_a.as_array(),
-        excess_a.as_array(),
-        max_b.as_array(),
-        excess_b.as_array(),
-    );
-    let merged: Vec<LseState> = ma
-        .iter()
-        .zip(ea.iter())
-        .zip(mb.iter().zip(eb.iter()))
-        .map(|((&m1, &e1), (&m2, &e2))| {
-            LseState {
-                max: m1,
-                excess: e1,
-            }
-            .merge(LseState {
-                max: m2,
-                excess: e2,
-            })
-        })
-        .collect();
-    let max =
-        numpy::PyArray1::from_iter(py, merged.iter().map(|s| s.max)).reshape(shape.clone())?;
-    let excess = numpy::PyArray1::from_iter(py, merged.iter().map(|s| s.excess)).reshape(shape)?;
-    PyTuple::new(py, [max.into_any(), excess.into_any()])
+    let mut v = try_vec(raw.size(), 0f64)?;
+    // SAFETY: the array is alive (held by `a`) and covers its own elements.
+    unsafe { exec::WorkView::new(&raw, 0..raw.ndim).gather(0, &mut v) };
+    Ok((v, raw.shape().to_vec()))
+}
+
+/// Merges two sets of `(max, excess)` float64 states elementwise (same shapes) with the one
+/// merge rule of `LseState`; returns new C-contiguous `(max, excess)` arrays.
+#[pyfunction]
+fn merge_states<'py>(
+    py: Python<'py>,
+    max_a: &Bound<'py, PyAny>,
+    excess_a: &Bound<'py, PyAny>,
+    max_b: &Bound<'py, PyAny>,
+    excess_b: &Bound<'py, PyAny>,
+) -> PyResult<Bound<'py, PyTuple>> {
+    let (ma, shape) = f64_values(max_a, "max_a", None)?;
+    let (ea, _) = f64_values(excess_a, "excess_a", Some(&shape))?;
+    let (mb, _) = f64_values(max_b, "max_b", Some(&shape))?;
+    let (eb, _) = f64_values(excess_b, "excess_b", Some(&shape))?;
+    // SAFETY: every element is written below before the arrays are returned.
+    let (mx, ex) = unsafe { (try_empty::<f64>(py, &shape)?, try_empty::<f64>(py, &shape)?) };
+    let (rm, re) = (Raw::of(&mx)?, Raw::of(&ex)?);
+    // SAFETY: both arrays are new, C-contiguous, of ma.len() elements.
+    let (ms, es) = unsafe {
+        (
+            std::slice::from_raw_parts_mut(rm.data::<f64>(), ma.len()),
+            std::slice::from_raw_parts_mut(re.data::<f64>(), ma.len()),
+        )
+    };
+    for (i, (m, e)) in ms.iter_mut().zip(es.iter_mut()).enumerate() {
+        let s = LseState {
+            max: ma[i],
+            excess: ea[i],
+        }
+        .merge(LseState {
+            max: mb[i],
+            excess: eb[i],
+        });
+        *m = s.max;
+        *e = s.excess;
+    }
+    PyTuple::new(py, [mx.into_any(), ex.into_any()])
 }
 
 /// Sets the number of threads of stablelse's pool; 0 restores the default.

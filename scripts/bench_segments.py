@@ -1,0 +1,219 @@
+"""Time segment_logsumexp / segment_softmax against the NumPy and JAX compositions, one run.
+
+    python scripts/bench_segments.py [--log2n 24] [--max-len 64] [--repeat 5] [--threads 2]
+
+Data: 2**log2n float32 values in random segments of length 1..max-len (about 2**19 segments
+for the defaults). "sorted" hands the segments as sorted ids (NumPy: ``np.maximum.reduceat``
+and ``np.add.reduceat`` at the segment starts; stablelse: ``sorted=True``; CSR offsets are
+timed too); "unsorted" shuffles the values and their ids (NumPy: ``np.maximum.at`` and
+``np.add.at``; JAX: ``segment_max`` + gather + ``segment_sum`` under jit). Each peer computes
+in float32 as a user would write it. The read bandwidth of the machine (stablelse's native
+probe, same threads) is measured in the same run: effective GB/s = bytes the op must read
+(values + ids, + the output written for softmax) / best time. Only ratios from one run count.
+The "where=" rows time the masked rows kernel (a 90% mask, rows of max-len) and the unmasked op
+on the same rows; their ratio column is the masked time over the row's time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import time
+
+import numpy as np
+
+import stablelse
+from stablelse import _core
+
+
+def best(fn, repeat):
+    fn()
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def numpy_sorted(x, starts, ids, softmax):
+    m = np.maximum.reduceat(x, starts)
+    e = np.exp(x - m[ids])
+    s = np.add.reduceat(e, starts)
+    if softmax:
+        return e / s[ids]
+    return m + np.log(s)
+
+
+def numpy_unsorted(x, ids, count, softmax):
+    m = np.full(count, -np.inf, dtype=x.dtype)
+    np.maximum.at(m, ids, x)
+    e = np.exp(x - m[ids])
+    s = np.zeros(count, dtype=x.dtype)
+    np.add.at(s, ids, e)
+    if softmax:
+        return e / s[ids]
+    return m + np.log(s)
+
+
+def run_jax(f, x, ids):
+    return f(x, ids).block_until_ready()
+
+
+def jax_fns(count, sorted_ids):
+    try:
+        import jax  # noqa: PLC0415
+        import jax.numpy as jnp  # noqa: PLC0415
+    except ImportError:
+        return None
+
+    def lse(x, ids):
+        m = jax.ops.segment_max(x, ids, count, indices_are_sorted=sorted_ids)
+        s = jax.ops.segment_sum(jnp.exp(x - m[ids]), ids, count, indices_are_sorted=sorted_ids)
+        return m + jnp.log(s)
+
+    def softmax(x, ids):
+        m = jax.ops.segment_max(x, ids, count, indices_are_sorted=sorted_ids)
+        e = jnp.exp(x - m[ids])
+        s = jax.ops.segment_sum(e, ids, count, indices_are_sorted=sorted_ids)
+        return e / s[ids]
+
+    return jax.jit(lse), jax.jit(softmax), jax
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--log2n", type=int, default=24)
+    ap.add_argument("--max-len", type=int, default=64)
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--no-jax", action="store_true")
+    ap.add_argument("--json", help="also write the table as JSON here")
+    args = ap.parse_args()
+    if args.threads:
+        stablelse.set_num_threads(args.threads)
+    threads = stablelse.get_num_threads()
+    rng = np.random.default_rng(0)
+    n = 1 << args.log2n
+    lengths = rng.integers(1, args.max_len + 1, n // ((args.max_len + 1) // 2) + 16)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    offsets = offsets[offsets < n]
+    offsets = np.append(offsets, n).astype(np.int64)
+    count = offsets.size - 1
+    x = rng.standard_normal(n).astype(np.float32) * 4
+    ids = np.repeat(np.arange(count, dtype=np.int64), np.diff(offsets))
+    perm = rng.permutation(n)
+    xu, idsu = x[perm], ids[perm]
+    starts = offsets[:-1]
+
+    read_gbs = _core.read_bandwidth(256 << 20, 5)
+    in_bytes = n * (4 + 8)
+    rows = []
+
+    def add(case, op, peer, seconds, nbytes):
+        rows.append(
+            {
+                "case": case,
+                "op": op,
+                "impl": peer,
+                "ms": seconds * 1e3,
+                "GB/s": nbytes / seconds / 1e9,
+            }
+        )
+
+    jf = {} if args.no_jax else {"sorted": jax_fns(count, True), "unsorted": jax_fns(count, False)}
+    for case, xx, ii in (("sorted", x, ids), ("unsorted", xu, idsu)):
+        for op, softmax in (("logsumexp", False), ("softmax", True)):
+            nbytes = in_bytes + (4 * n if softmax else 4 * count)
+            ours = stablelse.segment_softmax if softmax else stablelse.segment_logsumexp
+            kw = {"num_segments": count, "sorted": case == "sorted"}
+            add(
+                case,
+                op,
+                "stablelse",
+                best(functools.partial(ours, xx, ii, **kw), args.repeat),
+                nbytes,
+            )
+            if case == "sorted":
+                add(
+                    case,
+                    op,
+                    "stablelse offsets=",
+                    best(functools.partial(ours, xx, offsets=offsets), args.repeat),
+                    nbytes,
+                )
+                add(
+                    case,
+                    op,
+                    "numpy reduceat",
+                    best(functools.partial(numpy_sorted, xx, starts, ii, softmax), args.repeat),
+                    nbytes,
+                )
+            else:
+                add(
+                    case,
+                    op,
+                    "numpy ufunc.at",
+                    best(functools.partial(numpy_unsorted, xx, ii, count, softmax), args.repeat),
+                    nbytes,
+                )
+            fns = jf.get(case)
+            if fns:
+                lse_j, sm_j, jax = fns
+                xj, ij = jax.device_put(xx), jax.device_put(ii.astype(np.int32))
+                f = sm_j if softmax else lse_j
+                add(
+                    case,
+                    op,
+                    "jax jit",
+                    best(functools.partial(run_jax, f, xj, ij), args.repeat),
+                    nbytes,
+                )
+
+    # where=: the masked rows kernel against the unmasked op, rows of max_len, same data.
+    xr = x[: (n // args.max_len) * args.max_len].reshape(-1, args.max_len)
+    mask = rng.random(xr.shape) < 0.9
+    for op, code in (("logsumexp", 0), ("softmax", 1)):
+        out = np.empty(xr.shape[0] if code == 0 else xr.shape, xr.dtype)
+        plain = stablelse.logsumexp if code == 0 else stablelse.softmax
+        nbytes = xr.size * (5 + (4 if code else 0))
+        masked = functools.partial(_core.masked_rows, xr, mask, out, code)
+        add("where=", op, "stablelse masked", best(masked, args.repeat), nbytes)
+        add(
+            "where=",
+            op,
+            "stablelse unmasked",
+            best(functools.partial(plain, xr, axis=1), args.repeat),
+            nbytes,
+        )
+
+    print(
+        f"stablelse {stablelse.__version__}, simd {_core.simd_level()}, threads {threads}; "
+        f"n = 2^{args.log2n} float32 in {count} segments of 1..{args.max_len}; "
+        f"read bandwidth {read_gbs:.1f} GB/s (native probe, 256 MiB)"
+    )
+    print(f"{'case':9} {'op':10} {'impl':20} {'ms':>9} {'GB/s':>7} {'x vs best peer':>15}")
+    for case in ("sorted", "unsorted", "where="):
+        for op in ("logsumexp", "softmax"):
+            group = [r for r in rows if r["case"] == case and r["op"] == op]
+            peers = [r["ms"] for r in group if not r["impl"].startswith("stablelse")]
+            if case == "where=":
+                # The ratio column is then the masked op's time over this row's.
+                peers = [r["ms"] for r in group if r["impl"] == "stablelse masked"]
+            for r in group:
+                ratio = min(peers) / r["ms"] if peers else float("nan")
+                print(
+                    f"{case:9} {op:10} {r['impl']:20} {r['ms']:9.2f} {r['GB/s']:7.2f} {ratio:15.2f}"
+                )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(
+                {"read_GBps": read_gbs, "threads": threads, "segments": count, "rows": rows},
+                f,
+                indent=1,
+            )
+
+
+if __name__ == "__main__":
+    main()

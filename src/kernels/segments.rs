@@ -1,0 +1,1074 @@
+//! Reductions over segments of rows: log-sum-exp, softmax, log_softmax and cross-entropy per
+//! group, for ragged data (candidate lists per query, edges per node, rows per key of a table).
+//!
+//! The input is a C-contiguous `(rows, inner)` block (`inner == 1` for a 1-D array); segment
+//! `s` is a set of rows, and each of its `inner` columns is reduced separately. Segments are
+//! described three ways ([`Segments`]):
+//!
+//! - CSR offsets, `offsets[s]..offsets[s + 1]`, and sorted ids (turned into offsets in one
+//!   scan): every segment is a contiguous run of rows, a variable-length row of the existing
+//!   row kernels (column kernels when `inner > 1`). Segments are independent, so the work is
+//!   split over segments and nothing depends on the split.
+//! - Unsorted ids: each row is pushed into its segment's `(max, excess)` state with the one
+//!   online update of [`LseState`]. The rows are cut into a number of blocks fixed by the
+//!   problem's size alone, each block keeps its own states, and the blocks' states are merged
+//!   in block order with [`LseState::merge`]; so results are bit-identical for any thread count.
+//!   Softmax then writes every element from its segment's finished state, gathered per element.
+//!
+//! An empty segment has the empty state: log-sum-exp `-inf`, and nothing to write for softmax.
+
+use super::{Algorithm, Reduction};
+use crate::layout::Batch;
+use crate::parallel::{self, SendPtr};
+use crate::real::Real;
+use crate::simd::{self, Level};
+use crate::state::LseState;
+use std::mem::MaybeUninit;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// How rows are grouped into segments. Ids and offsets are `i64` as NumPy's `intp`.
+#[derive(Clone, Copy, Debug)]
+pub enum Segments<'a> {
+    /// CSR form: segment `s` is rows `offsets[s]..offsets[s + 1]`; `offsets[0] == 0` and the
+    /// last offset is the number of rows.
+    Offsets(&'a [i64]),
+    /// One id in `0..num_segments` per row, non-decreasing.
+    SortedIds { ids: &'a [i64], num_segments: usize },
+    /// One id in `0..num_segments` per row, in any order.
+    Ids { ids: &'a [i64], num_segments: usize },
+}
+
+impl Segments<'_> {
+    /// The number of segments (outputs of log-sum-exp per column).
+    pub fn count(&self) -> usize {
+        match *self {
+            Segments::Offsets(o) => o.len().saturating_sub(1),
+            Segments::SortedIds { num_segments, .. } | Segments::Ids { num_segments, .. } => {
+                num_segments
+            }
+        }
+    }
+}
+
+/// Why a segment reduction refused its input. Nothing is written to a caller's output when
+/// one of these is returned except to outputs the caller allocated and discards.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SegmentError {
+    /// `segment_ids[pos] = id` is outside `[0, num_segments)` (Python: `IndexError`).
+    IdOutOfRange {
+        pos: usize,
+        id: i64,
+        num_segments: usize,
+    },
+    /// `segment_ids[pos] < segment_ids[pos - 1]` although the ids were declared sorted.
+    NotSorted { pos: usize, id: i64, prev: i64 },
+    /// The offsets are not a CSR partition of the rows; the message says how.
+    BadOffsets(String),
+    /// A cross-entropy target outside its segment (Python: `IndexError`).
+    TargetOutOfRange {
+        segment: usize,
+        target: i64,
+        len: usize,
+    },
+    /// Sizes that do not fit together (Python: `ValueError`).
+    Shape(String),
+    /// A work buffer could not be allocated (Python: `MemoryError`).
+    Alloc,
+}
+
+impl std::fmt::Display for SegmentError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SegmentError::IdOutOfRange {
+                pos,
+                id,
+                num_segments,
+            } => write!(
+                f,
+                "segment_ids[{pos}] = {id} is outside [0, {num_segments}) (num_segments = {num_segments})"
+            ),
+            SegmentError::NotSorted { pos, id, prev } => write!(
+                f,
+                "segment_ids[{pos}] = {id} is smaller than segment_ids[{}] = {prev}, but sorted=True",
+                pos - 1
+            ),
+            SegmentError::BadOffsets(msg) | SegmentError::Shape(msg) => f.write_str(msg),
+            SegmentError::TargetOutOfRange {
+                segment,
+                target,
+                len,
+            } => write!(
+                f,
+                "target[{segment}] = {target} is outside [0, {len}) (segment {segment} has {len} elements)"
+            ),
+            SegmentError::Alloc => f.write_str("cannot allocate the segment work buffers"),
+        }
+    }
+}
+
+impl std::error::Error for SegmentError {}
+
+/// A vector of `n` copies of `v`, or [`SegmentError::Alloc`].
+fn try_vec<T: Clone>(n: usize, v: T) -> Result<Vec<T>, SegmentError> {
+    let mut out = Vec::new();
+    out.try_reserve_exact(n).map_err(|_| SegmentError::Alloc)?;
+    out.resize(n, v);
+    Ok(out)
+}
+
+/// The rows of `x` for `inner` columns, or why `x` is not a whole number of rows.
+fn rows_of<T>(x: &[T], inner: usize) -> Result<usize, SegmentError> {
+    if inner == 0 {
+        return Ok(0);
+    }
+    if !x.len().is_multiple_of(inner) {
+        return Err(SegmentError::Shape(format!(
+            "x holds {} elements, not a whole number of rows of {inner}",
+            x.len()
+        )));
+    }
+    Ok(x.len() / inner)
+}
+
+/// The first row of every segment and the end, `starts.len() == count + 1`, for the CSR forms;
+/// `None` for unsorted ids. Validates offsets and sorted ids (first offending position).
+fn csr_starts(seg: &Segments, rows: usize) -> Result<Option<Vec<usize>>, SegmentError> {
+    match *seg {
+        Segments::Ids { ids, .. } => {
+            if ids.len() != rows {
+                return Err(ids_len_error(ids.len(), rows));
+            }
+            Ok(None)
+        }
+        Segments::Offsets(offsets) => {
+            let Some(&first) = offsets.first() else {
+                return Err(SegmentError::BadOffsets(
+                    "offsets must hold at least one element (offsets[0] = 0)".into(),
+                ));
+            };
+            if first != 0 {
+                return Err(SegmentError::BadOffsets(format!(
+                    "offsets[0] = {first}, expected 0"
+                )));
+            }
+            let mut starts = try_vec(offsets.len(), 0usize)?;
+            let mut prev = 0i64;
+            for (i, (&o, st)) in offsets.iter().zip(starts.iter_mut()).enumerate() {
+                if o < prev {
+                    return Err(SegmentError::BadOffsets(format!(
+                        "offsets[{i}] = {o} is smaller than offsets[{}] = {prev}; offsets must be non-decreasing",
+                        i - 1
+                    )));
+                }
+                if o as u64 > rows as u64 {
+                    return Err(SegmentError::BadOffsets(format!(
+                        "offsets[{i}] = {o} exceeds the {rows} rows of x"
+                    )));
+                }
+                *st = o as usize;
+                prev = o;
+            }
+            if prev as usize != rows {
+                return Err(SegmentError::BadOffsets(format!(
+                    "offsets[{}] = {prev}, expected the number of rows of x, {rows}",
+                    offsets.len() - 1
+                )));
+            }
+            Ok(Some(starts))
+        }
+        Segments::SortedIds { ids, num_segments } => {
+            if ids.len() != rows {
+                return Err(ids_len_error(ids.len(), rows));
+            }
+            let mut starts = try_vec(num_segments + 1, rows)?;
+            // Segment s starts at the first row r with ids[r] >= s: row r writes the starts of
+            // ids[r - 1] + 1 ..= ids[r], so every start is written by exactly one row and
+            // chunks of rows run in parallel. Segments after the last id start at `rows`.
+            let sp = SendPtr(starts.as_mut_ptr());
+            let chunk = 1usize << 16;
+            let errors = parallel::map_collect(rows.div_ceil(chunk), chunk, |k| {
+                let (r0, r1) = (k * chunk, ((k + 1) * chunk).min(rows));
+                let mut prev = if r0 == 0 { -1 } else { ids[r0 - 1] };
+                for (r, &id) in (r0..r1).zip(&ids[r0..r1]) {
+                    // Runs of one id are the common case; a run starting with an invalid id
+                    // is reported at its first row, by this chunk or an earlier one.
+                    if id == prev {
+                        continue;
+                    }
+                    if id < 0 || id as u64 >= num_segments as u64 {
+                        return Some(SegmentError::IdOutOfRange {
+                            pos: r,
+                            id,
+                            num_segments,
+                        });
+                    }
+                    if id < prev {
+                        return Some(SegmentError::NotSorted { pos: r, id, prev });
+                    }
+                    // A previous id out of range is reported by its own chunk, first.
+                    let from = (prev + 1).max(0) as usize;
+                    for s in from..=id as usize {
+                        // SAFETY: s <= id < num_segments; row r alone writes these starts.
+                        unsafe { *sp.ptr().add(s) = r };
+                    }
+                    prev = id;
+                }
+                None
+            });
+            // Chunks are in row order: the first error found is the first offending row.
+            if let Some(err) = errors.into_iter().flatten().next() {
+                return Err(err);
+            }
+            Ok(Some(starts))
+        }
+    }
+}
+
+fn ids_len_error(ids: usize, rows: usize) -> SegmentError {
+    SegmentError::Shape(format!(
+        "segment_ids has {ids} elements but x has {rows} rows along the segment axis"
+    ))
+}
+
+/// The `(max, excess)` state of every segment and column, `out[s * inner + j]`
+/// (`out.len() == seg.count() * inner`). This is what a streaming or chunked caller merges.
+pub fn segment_states<T: Real>(
+    x: &[T],
+    inner: usize,
+    seg: Segments,
+    out: &mut [LseState],
+) -> Result<(), SegmentError> {
+    let rows = rows_of(x, inner)?;
+    check_len("out", out.len(), seg.count() * inner)?;
+    match csr_starts(&seg, rows)? {
+        Some(starts) => csr_states(simd::level(), x, inner, &starts, out),
+        None => {
+            if let Segments::Ids { ids, num_segments } = seg {
+                unsorted_states(x, inner, ids, num_segments, out)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `log(sum(exp(x)))` of every segment and column into `out` (`seg.count() * inner`);
+/// `-inf` for an empty segment.
+pub fn segment_logsumexp<T: Real>(
+    x: &[T],
+    inner: usize,
+    seg: Segments,
+    out: &mut [T],
+) -> Result<(), SegmentError> {
+    let rows = rows_of(x, inner)?;
+    let width = seg.count() * inner;
+    check_len("out", out.len(), width)?;
+    match csr_starts(&seg, rows)? {
+        Some(starts) if inner == 1 => {
+            // The state is finished per segment: no buffer of states.
+            let (xp, op) = (SendPtr(x.as_ptr() as *mut T), SendPtr(out.as_mut_ptr()));
+            for_each_segment(&starts, 1, |s, r0, r1| {
+                // SAFETY: rows r0..r1 lie inside x (validated starts); segment s owns out[s].
+                unsafe {
+                    let row = std::slice::from_raw_parts(xp.ptr().add(r0) as *const T, r1 - r0);
+                    *op.ptr().add(s) =
+                        T::from_f64(super::row_state(row, Algorithm::Auto).logsumexp());
+                }
+            });
+        }
+        starts => {
+            let mut states = try_vec(width, LseState::EMPTY)?;
+            match (starts, seg) {
+                (Some(starts), _) => csr_states(simd::level(), x, inner, &starts, &mut states),
+                (None, Segments::Ids { ids, num_segments }) => {
+                    unsorted_states(x, inner, ids, num_segments, &mut states)?
+                }
+                (None, _) => {}
+            }
+            write_from_states(&states, out, |s| s.logsumexp());
+        }
+    }
+    Ok(())
+}
+
+/// Softmax or log_softmax of every segment and column into `out` (x's shape). Rows of an
+/// empty segment do not exist, so nothing is written for it; a segment's non-finite state
+/// gives scipy's values (as [`super::softmax_like`]).
+pub fn segment_softmax_like<T: Real>(
+    x: &[T],
+    inner: usize,
+    seg: Segments,
+    what: Reduction,
+    out: &mut [T],
+) -> Result<(), SegmentError> {
+    let rows = rows_of(x, inner)?;
+    check_len("out", out.len(), x.len())?;
+    let level = simd::level();
+    match (csr_starts(&seg, rows)?, seg) {
+        (Some(starts), _) => {
+            csr_softmax_like(level, x, inner, &starts, what, out);
+        }
+        (None, Segments::Ids { ids, num_segments }) => {
+            let mut states = try_vec(num_segments * inner, LseState::EMPTY)?;
+            unsorted_states(x, inner, ids, num_segments, &mut states)?;
+            let params = try_params(&states, what == Reduction::Softmax, |_| 1.0)?;
+            gather_write(
+                level,
+                x,
+                inner,
+                ids,
+                &params,
+                what == Reduction::Softmax,
+                out,
+            );
+        }
+        (None, _) => {}
+    }
+    Ok(())
+}
+
+fn check_len(name: &str, len: usize, need: usize) -> Result<(), SegmentError> {
+    if len != need {
+        return Err(SegmentError::Shape(format!(
+            "{name} holds {len} elements, expected {need}"
+        )));
+    }
+    Ok(())
+}
+
+/// `out[q] = f(states[q])` in parallel pieces.
+fn write_from_states<T: Real>(
+    states: &[LseState],
+    out: &mut [T],
+    f: impl Fn(LseState) -> f64 + Sync,
+) {
+    let op = SendPtr(out.as_mut_ptr());
+    parallel::for_each_piece(states.len(), 8, |range| {
+        for q in range {
+            // SAFETY: q < states.len() == out.len(); pieces own disjoint q.
+            unsafe { *op.ptr().add(q) = T::from_f64(f(states[q])) };
+        }
+    });
+}
+
+/// Calls `f(s, r0, r1)` for every segment (rows `r0..r1`) in parallel pieces. Each segment is
+/// computed on its own, so the result does not depend on how the segments are grouped.
+fn for_each_segment<F>(starts: &[usize], inner: usize, f: F)
+where
+    F: Fn(usize, usize, usize) + Sync + Send,
+{
+    let count = starts.len().saturating_sub(1);
+    if count == 0 {
+        return;
+    }
+    let rows = starts[count];
+    let per_segment = (rows * inner).div_ceil(count).max(1);
+    parallel::for_each_piece(count, per_segment, |range| {
+        for s in range {
+            f(s, starts[s], starts[s + 1]);
+        }
+    });
+}
+
+/// States of contiguous-row segments: the row kernel (`inner == 1`) or the column kernel.
+fn csr_states<T: Real>(
+    level: Level,
+    x: &[T],
+    inner: usize,
+    starts: &[usize],
+    out: &mut [LseState],
+) {
+    let (xp, op) = (SendPtr(x.as_ptr() as *mut T), SendPtr(out.as_mut_ptr()));
+    for_each_segment(starts, inner, |s, r0, r1| {
+        // SAFETY: rows r0..r1 lie inside x (validated starts); segment s owns
+        // out[s * inner..(s + 1) * inner].
+        unsafe {
+            let slab =
+                std::slice::from_raw_parts(xp.ptr().add(r0 * inner) as *const T, (r1 - r0) * inner);
+            let o = std::slice::from_raw_parts_mut(op.ptr().add(s * inner), inner);
+            if inner == 1 {
+                o[0] = super::row_state(slab, Algorithm::Auto);
+            } else if r1 == r0 {
+                o.fill(LseState::EMPTY);
+            } else {
+                let batch = Batch::contiguous(1, r1 - r0, inner);
+                // Cannot fail: the level is the process's and the sizes match by construction.
+                let _ = super::lse_states_at(level, slab, batch, Algorithm::Auto, o);
+            }
+        }
+    });
+}
+
+/// Softmax-like over contiguous-row segments, each written from its own finished state.
+fn csr_softmax_like<T: Real>(
+    level: Level,
+    x: &[T],
+    inner: usize,
+    starts: &[usize],
+    what: Reduction,
+    out: &mut [T],
+) {
+    let (xp, op) = (SendPtr(x.as_ptr() as *mut T), SendPtr(out.as_mut_ptr()));
+    for_each_segment(starts, 2 * inner, |_, r0, r1| {
+        if r1 == r0 {
+            return;
+        }
+        let (first, len) = (r0 * inner, (r1 - r0) * inner);
+        // SAFETY: elements first..first+len lie inside x and out (same shape) and belong to
+        // this segment alone.
+        unsafe {
+            let slab = std::slice::from_raw_parts(xp.ptr().add(first) as *const T, len);
+            if inner == 1 {
+                let state = super::row_state(slab, Algorithm::Auto);
+                super::write_row(
+                    level,
+                    slab.as_ptr(),
+                    op.ptr().add(first),
+                    len,
+                    state,
+                    what,
+                    false,
+                );
+            } else {
+                let o = std::slice::from_raw_parts_mut(op.ptr().add(first), len);
+                let batch = Batch::contiguous(1, r1 - r0, inner);
+                // Cannot fail: the level is the process's and the sizes match by construction.
+                let _ = super::softmax_like_at(level, slab, batch, Algorithm::Auto, what, o);
+            }
+        }
+    });
+}
+
+/// The most buckets the first level of the unsorted path uses (one output stream each).
+const SORT_BUCKETS: usize = 256;
+
+/// A vector of `n` uninitialised elements, or [`SegmentError::Alloc`]. Skipping the fill
+/// saves a pass over memory that is about to be overwritten.
+fn try_uninit<T>(n: usize) -> Result<Vec<MaybeUninit<T>>, SegmentError> {
+    let mut out = Vec::new();
+    out.try_reserve_exact(n).map_err(|_| SegmentError::Alloc)?;
+    // SAFETY: MaybeUninit needs no initialisation; the capacity was reserved.
+    unsafe { out.set_len(n) };
+    Ok(out)
+}
+
+/// Copies one row of `inner` elements; a plain move for the common `inner == 1` (a call to
+/// `memcpy` per element costs more than the rest of the sort).
+///
+/// # Safety
+/// `src` readable and `dst` writable for `inner` elements, not overlapping.
+#[inline(always)]
+unsafe fn copy_row<T: Copy>(src: *const T, dst: *mut T, inner: usize) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        if inner == 1 {
+            *dst = *src;
+        } else {
+            std::ptr::copy_nonoverlapping(src, dst, inner);
+        }
+    }
+}
+
+/// States of unsorted segments, through a stable two-level counting sort into the sorted path.
+///
+/// Rows are first distributed into at most [`SORT_BUCKETS`] buckets of consecutive segment
+/// ids (chunks of rows counted, then scattered in parallel, each chunk into ranges fixed by a
+/// prefix sum, so each bucket keeps its rows in array order). Each bucket, small enough for
+/// the cache, is then sorted by segment into a scratch buffer and its segments reduced there
+/// by the row kernels of the sorted path, as contiguous runs. Every segment is thus reduced
+/// over its rows in array order, exactly as the sorted path reduces the stably sorted input;
+/// the pieces depend on the sizes alone, so the result is the same for any thread count.
+/// Ids are validated in the first pass; the first offending position is reported.
+fn unsorted_states<T: Real>(
+    x: &[T],
+    inner: usize,
+    ids: &[i64],
+    num_segments: usize,
+    out: &mut [LseState],
+) -> Result<(), SegmentError> {
+    let rows = ids.len();
+    debug_assert_eq!(x.len(), rows * inner);
+    debug_assert_eq!(out.len(), num_segments * inner);
+    let bits = usize::BITS - num_segments.saturating_sub(1).leading_zeros();
+    // Local ids within a bucket are u32; 2^40 segments could not be allocated anyway.
+    if bits > 40 {
+        return Err(SegmentError::Alloc);
+    }
+    let shift = bits.saturating_sub(SORT_BUCKETS.trailing_zeros());
+    let buckets = if num_segments == 0 {
+        1
+    } else {
+        ((num_segments - 1) >> shift) + 1
+    };
+    let chunk = (1usize << 16).max(rows.div_ceil(1024));
+    let chunks = rows.div_ceil(chunk).max(1);
+    let mut counts = try_vec(chunks * buckets, 0usize)?;
+    let cp = SendPtr(counts.as_mut_ptr());
+    let chunk_rows = |k: usize| (k * chunk).min(rows)..((k + 1) * chunk).min(rows);
+    let errors = parallel::map_collect(chunks, chunk, |k| {
+        // SAFETY: chunk k owns counts[k * buckets..(k + 1) * buckets].
+        let c = unsafe { std::slice::from_raw_parts_mut(cp.ptr().add(k * buckets), buckets) };
+        for r in chunk_rows(k) {
+            let id = ids[r];
+            if id < 0 || id as u64 >= num_segments as u64 {
+                return Some(SegmentError::IdOutOfRange {
+                    pos: r,
+                    id,
+                    num_segments,
+                });
+            }
+            c[(id as usize) >> shift] += 1;
+        }
+        None
+    });
+    // Chunks are in row order: the first error found is the first offending position.
+    if let Some(err) = errors.into_iter().flatten().next() {
+        return Err(err);
+    }
+    // Bucket-major exclusive prefix: chunk k writes bucket b from counts[k][b] on.
+    let mut bucket_start = try_vec(buckets + 1, rows)?;
+    let mut run = 0usize;
+    for b in 0..buckets {
+        bucket_start[b] = run;
+        for k in 0..chunks {
+            let c = &mut counts[k * buckets + b];
+            let n = *c;
+            *c = run;
+            run += n;
+        }
+    }
+    let mut tmp_x = try_uninit::<T>(x.len())?;
+    let mut tmp_local = try_uninit::<u32>(rows)?;
+    let (tp, lp) = (
+        SendPtr(tmp_x.as_mut_ptr() as *mut T),
+        SendPtr(tmp_local.as_mut_ptr() as *mut u32),
+    );
+    let cp = SendPtr(counts.as_mut_ptr());
+    let mask = (1usize << shift) - 1;
+    parallel::for_each_piece(chunks, chunk * inner.max(1), |range| {
+        for k in range {
+            // SAFETY: chunk k owns its cursors, and the ranges they walk are disjoint from
+            // every other chunk's (prefix above); rows and ids were validated.
+            unsafe {
+                let cur = std::slice::from_raw_parts_mut(cp.ptr().add(k * buckets), buckets);
+                for r in chunk_rows(k) {
+                    let id = ids[r] as usize;
+                    let slot = &mut cur[id >> shift];
+                    let p = *slot;
+                    *slot += 1;
+                    *lp.ptr().add(p) = (id & mask) as u32;
+                    copy_row(x.as_ptr().add(r * inner), tp.ptr().add(p * inner), inner);
+                }
+            }
+        }
+    });
+    drop(counts);
+    // SAFETY: the partition wrote every row of both buffers exactly once.
+    let (tmp_x, tmp_local) = unsafe {
+        (
+            std::slice::from_raw_parts(tmp_x.as_ptr() as *const T, x.len()),
+            std::slice::from_raw_parts(tmp_local.as_ptr() as *const u32, rows),
+        )
+    };
+    // Second level: each bucket sorts its rows by local id into a scratch buffer and reduces
+    // its segments there.
+    let failed = AtomicBool::new(false);
+    let op = SendPtr(out.as_mut_ptr());
+    let bucket_start = &bucket_start;
+    let per_bucket = (rows * inner.max(1)).div_ceil(buckets).max(1);
+    let level = simd::level();
+    parallel::for_each_piece(buckets, per_bucket, |range| {
+        for b in range {
+            let (b0, b1) = (bucket_start[b], bucket_start[b + 1]);
+            let base = b << shift;
+            let segs = ((b + 1) << shift).min(num_segments) - base;
+            let (Ok(mut scratch), Ok(mut starts)) = (
+                try_uninit::<T>((b1 - b0) * inner),
+                try_vec(segs + 1, 0usize),
+            ) else {
+                failed.store(true, Ordering::Relaxed);
+                return;
+            };
+            let local = &tmp_local[b0..b1];
+            for &l in local {
+                starts[l as usize + 1] += 1;
+            }
+            for s in 1..=segs {
+                starts[s] += starts[s - 1];
+            }
+            // Cursors: starts[l] advanced in place, then shifted back below.
+            let sp = scratch.as_mut_ptr() as *mut T;
+            for (p, &l) in (b0..b1).zip(local) {
+                let slot = &mut starts[l as usize];
+                // SAFETY: slot < b1 - b0 (counting sort); row p lies inside tmp_x.
+                unsafe { copy_row(tmp_x.as_ptr().add(p * inner), sp.add(*slot * inner), inner) };
+                *slot += 1;
+            }
+            for s in (1..=segs).rev() {
+                starts[s] = starts[s - 1];
+            }
+            starts[0] = 0;
+            // SAFETY: the scatter wrote every row of the scratch; bucket b owns the states of
+            // segments base..base + segs.
+            unsafe {
+                let sorted = std::slice::from_raw_parts(sp as *const T, (b1 - b0) * inner);
+                let o = std::slice::from_raw_parts_mut(op.ptr().add(base * inner), segs * inner);
+                csr_states(level, sorted, inner, &starts, o);
+            }
+        }
+    });
+    if failed.into_inner() {
+        return Err(SegmentError::Alloc);
+    }
+    Ok(())
+}
+
+/// Per state the write parameters `(b, a)` of [`super::write_params`], with `a` of a softmax
+/// scaled by `scale(q)` (the loss gradient's weight; 1 for softmax).
+fn try_params(
+    states: &[LseState],
+    exp: bool,
+    scale: impl Fn(usize) -> f64 + Sync,
+) -> Result<Vec<[f64; 2]>, SegmentError> {
+    let mut params = try_vec(states.len(), [0.0f64; 2])?;
+    let pp = SendPtr(params.as_mut_ptr());
+    parallel::for_each_piece(states.len(), 8, |range| {
+        for q in range {
+            let (b, a) = super::write_params(states[q], exp);
+            let a = if exp { a * scale(q) } else { a };
+            // SAFETY: pieces own disjoint q < params.len().
+            unsafe { *pp.ptr().add(q) = [b, a] };
+        }
+    });
+    Ok(params)
+}
+
+/// Elements gathered per call of the lane write.
+const GATHER: usize = 256;
+
+/// Writes every element of unsorted segments from its segment's parameters:
+/// `out = a * exp(x - b)` (softmax) or `(x - b) - a` (log_softmax), the column write pass of
+/// the kernels with `(b, a)` gathered per element. Ids were validated by the states pass.
+fn gather_write<T: Real>(
+    level: Level,
+    x: &[T],
+    inner: usize,
+    ids: &[i64],
+    params: &[[f64; 2]],
+    exp: bool,
+    out: &mut [T],
+) {
+    let (xp, op) = (SendPtr(x.as_ptr() as *mut T), SendPtr(out.as_mut_ptr()));
+    let chunks = x.len().div_ceil(GATHER);
+    parallel::for_each_piece(chunks, 2 * GATHER, |range| {
+        let (mut b, mut a) = ([0.0f64; GATHER], [0.0f64; GATHER]);
+        for c in range {
+            let e0 = c * GATHER;
+            let len = GATHER.min(x.len() - e0);
+            for k in 0..len {
+                let e = e0 + k;
+                let (r, j) = if inner == 1 {
+                    (e, 0)
+                } else {
+                    (e / inner, e % inner)
+                };
+                let q = ids.get(r).map_or(usize::MAX, |&id| id as usize * inner + j);
+                let [bq, aq] = params.get(q).copied().unwrap_or([f64::NAN, f64::NAN]);
+                b[k] = bq;
+                a[k] = aq;
+            }
+            // SAFETY: elements e0..e0+len lie inside x and out and belong to this chunk.
+            unsafe {
+                simd::lanes_write(
+                    level,
+                    (xp.ptr() as *const T).add(e0),
+                    op.ptr().add(e0),
+                    len,
+                    b.as_ptr(),
+                    a.as_ptr(),
+                    exp,
+                );
+            }
+        }
+    });
+}
+
+/// The result of [`segment_cross_entropy`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SegmentLoss {
+    /// The sum of the losses of the segments whose target is not `ignore_index`.
+    pub sum: f64,
+    /// How many segments count (the mean's denominator).
+    pub count: usize,
+}
+
+/// Cross-entropy of each segment of a 1-D `x` against the position of its positive element
+/// *within the segment* (`target[s]` in `0..len(s)`, or `ignore_index` to leave the segment
+/// out): `loss[s] = logsumexp(x[seg s]) - x[seg s][target[s]]`, written to `losses` (0 for an
+/// ignored segment). With `grad`, writes `grad_scale * (softmax(x[seg s]) - onehot(target[s]))`
+/// per counted segment, 0 for ignored ones; the caller picks `grad_scale` (`1 / count` for a
+/// mean) through `grad_scale(count)`.
+///
+/// For unsorted ids, "within the segment" counts the segment's elements in array order.
+#[allow(clippy::too_many_arguments)]
+pub fn segment_cross_entropy<T: Real>(
+    x: &[T],
+    seg: Segments,
+    target: &[i64],
+    ignore_index: i64,
+    losses: &mut [f64],
+    grad: Option<&mut [T]>,
+    grad_scale: impl Fn(usize) -> f64,
+) -> Result<SegmentLoss, SegmentError> {
+    let rows = x.len();
+    let count = seg.count();
+    check_len("target", target.len(), count)?;
+    check_len("losses", losses.len(), count)?;
+    if let Some(g) = &grad {
+        check_len("grad", g.len(), rows)?;
+    }
+    let level = simd::level();
+    let starts = csr_starts(&seg, rows)?;
+    // Lengths and positions of the targets, validated before anything is computed.
+    let mut states = try_vec(count, LseState::EMPTY)?;
+    let mut target_pos = try_vec(count, usize::MAX)?;
+    match (&starts, seg) {
+        (Some(starts), _) => {
+            for s in 0..count {
+                let len = starts[s + 1] - starts[s];
+                let t = target[s];
+                if t == ignore_index {
+                    continue;
+                }
+                if t < 0 || t as u64 >= len as u64 {
+                    return Err(SegmentError::TargetOutOfRange {
+                        segment: s,
+                        target: t,
+                        len,
+                    });
+                }
+                target_pos[s] = starts[s] + t as usize;
+            }
+            csr_states(level, x, 1, starts, &mut states);
+        }
+        (None, Segments::Ids { ids, num_segments }) => {
+            unsorted_states(x, 1, ids, num_segments, &mut states)?;
+            // The k-th element of segment s in array order; ids are valid after the states.
+            let mut seen = try_vec(count, 0i64)?;
+            for (r, &id) in ids.iter().enumerate() {
+                let s = id as usize;
+                if let (Some(n), Some(&t)) = (seen.get_mut(s), target.get(s)) {
+                    if *n == t && t != ignore_index {
+                        target_pos[s] = r;
+                    }
+                    *n += 1;
+                }
+            }
+            for s in 0..count {
+                let t = target[s];
+                if t != ignore_index && target_pos[s] == usize::MAX {
+                    return Err(SegmentError::TargetOutOfRange {
+                        segment: s,
+                        target: t,
+                        len: seen[s] as usize,
+                    });
+                }
+            }
+        }
+        (None, _) => {}
+    }
+    let mut sum = 0.0f64;
+    let mut counted = 0usize;
+    for s in 0..count {
+        let p = target_pos[s];
+        if target[s] == ignore_index || p == usize::MAX {
+            losses[s] = 0.0;
+            continue;
+        }
+        let st = states[s];
+        let xt = x[p].to_f64();
+        // (max - x_t) + log1p(excess) keeps the loss of a confident segment exact.
+        let loss = if st.max.is_finite() {
+            (st.max - xt) + st.log_total()
+        } else {
+            st.logsumexp() - xt
+        };
+        losses[s] = loss;
+        sum += loss;
+        counted += 1;
+    }
+    if let Some(g) = grad {
+        let scale = grad_scale(counted);
+        let weight = |s: usize| {
+            if target_pos[s] == usize::MAX {
+                0.0
+            } else {
+                scale
+            }
+        };
+        let params = try_params(&states, true, weight)?;
+        match (&starts, seg) {
+            (Some(starts), _) => {
+                let gp = SendPtr(g.as_mut_ptr());
+                let xp = SendPtr(x.as_ptr() as *mut T);
+                let params = &params;
+                for_each_segment(starts, 2, |s, r0, r1| {
+                    let [b, a] = params[s];
+                    // SAFETY: rows r0..r1 lie inside x and grad and belong to segment s.
+                    unsafe {
+                        let g = std::slice::from_raw_parts_mut(gp.ptr().add(r0), r1 - r0);
+                        if a == 0.0 {
+                            g.fill(T::from_f64(0.0));
+                        } else if b.is_nan() {
+                            g.fill(T::NAN);
+                        } else {
+                            let xr = (xp.ptr() as *const T).add(r0);
+                            simd::exp_scaled(level, xr, g.as_mut_ptr(), r1 - r0, b, a, false);
+                        }
+                    }
+                });
+            }
+            (None, Segments::Ids { ids, .. }) => {
+                gather_write(level, x, 1, ids, &params, true, g);
+            }
+            (None, _) => {}
+        }
+        for &p in &target_pos {
+            if p != usize::MAX {
+                if let Some(v) = g.get_mut(p) {
+                    *v = T::from_f64(v.to_f64() - scale);
+                }
+            }
+        }
+    }
+    Ok(SegmentLoss {
+        sum,
+        count: counted,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::scalar;
+
+    /// A deterministic pseudo-random stream (xorshift) for test data.
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+        fn below(&mut self, n: u64) -> u64 {
+            self.next() % n
+        }
+    }
+
+    fn reference_state(xs: &[f64]) -> LseState {
+        // SAFETY: the slice holds xs.len() elements.
+        unsafe { scalar::lse_state_two_pass(xs.as_ptr(), 0, xs.len(), 1) }
+    }
+
+    fn ragged(seed: u64, segments: usize, max_len: u64) -> (Vec<f64>, Vec<i64>) {
+        let mut rng = Rng(seed);
+        let mut offsets = vec![0i64];
+        let mut xs = Vec::new();
+        for _ in 0..segments {
+            let len = rng.below(max_len + 1);
+            for _ in 0..len {
+                xs.push((rng.below(20001) as f64 - 10000.0) / 97.0);
+            }
+            offsets.push(xs.len() as i64);
+        }
+        (xs, offsets)
+    }
+
+    fn close(a: f64, b: f64) -> bool {
+        a == b || (a - b).abs() <= 4.0 * f64::EPSILON * a.abs().max(1.0)
+    }
+
+    #[test]
+    fn offsets_match_per_segment_reference() {
+        let (xs, offsets) = ragged(7, 300, 70);
+        let mut out = vec![0.0; 300];
+        segment_logsumexp(&xs, 1, Segments::Offsets(&offsets), &mut out).unwrap();
+        for s in 0..300 {
+            let row = &xs[offsets[s] as usize..offsets[s + 1] as usize];
+            let want = reference_state(row).logsumexp();
+            assert!(close(out[s], want), "segment {s}: {} vs {want}", out[s]);
+        }
+    }
+
+    #[test]
+    fn unsorted_equals_stably_sorted_bitwise_and_is_thread_invariant() {
+        let (xs, offsets) = ragged(11, 5000, 40);
+        let mut ids = Vec::new();
+        for s in 0..5000 {
+            for _ in offsets[s]..offsets[s + 1] {
+                ids.push(s as i64);
+            }
+        }
+        // A fixed shuffle of the rows.
+        let mut rng = Rng(3);
+        let mut perm: Vec<usize> = (0..xs.len()).collect();
+        for i in (1..perm.len()).rev() {
+            perm.swap(i, rng.below(i as u64 + 1) as usize);
+        }
+        let xu: Vec<f64> = perm.iter().map(|&i| xs[i]).collect();
+        let iu: Vec<i64> = perm.iter().map(|&i| ids[i]).collect();
+        let seg = Segments::Ids {
+            ids: &iu,
+            num_segments: 5000,
+        };
+        // The rows of each segment in array order (a stable sort by id) give the same
+        // segments as `offsets`.
+        let mut order: Vec<usize> = (0..xu.len()).collect();
+        order.sort_by_key(|&i| iu[i]);
+        let xs_stable: Vec<f64> = order.iter().map(|&i| xu[i]).collect();
+        let mut sorted = vec![0.0; 5000];
+        segment_logsumexp(&xs_stable, 1, Segments::Offsets(&offsets), &mut sorted).unwrap();
+        let mut runs = Vec::new();
+        for threads in [1, 2, 3] {
+            crate::parallel::set_num_threads(threads);
+            let mut out = vec![0.0; 5000];
+            segment_logsumexp(&xu, 1, seg, &mut out).unwrap();
+            let mut sm = vec![0.0; xu.len()];
+            segment_softmax_like(&xu, 1, seg, Reduction::Softmax, &mut sm).unwrap();
+            runs.push((out, sm));
+        }
+        crate::parallel::set_num_threads(0);
+        for r in &runs[1..] {
+            assert_eq!(
+                r.0.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                runs[0].0.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+            );
+            assert_eq!(
+                r.1.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                runs[0].1.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+            );
+        }
+        for (s, (&got, &want)) in runs[0].0.iter().zip(&sorted).enumerate() {
+            // The stable sort gives each segment its rows in array order: the sorted path's.
+            assert_eq!(got.to_bits(), want.to_bits(), "{s}: {got} {want}");
+        }
+    }
+
+    #[test]
+    fn bad_ids_and_offsets_name_the_position() {
+        let xs = [1.0f32, 2.0, 3.0, 4.0];
+        let mut out = [0.0f32; 3];
+        let ids = [0i64, 2, 3, 1];
+        let err = segment_logsumexp(
+            &xs,
+            1,
+            Segments::Ids {
+                ids: &ids,
+                num_segments: 3,
+            },
+            &mut out,
+        )
+        .unwrap_err();
+        assert_eq!(
+            err,
+            SegmentError::IdOutOfRange {
+                pos: 2,
+                id: 3,
+                num_segments: 3
+            }
+        );
+        let ids = [0i64, 2, 1, 1];
+        let err = segment_logsumexp(
+            &xs,
+            1,
+            Segments::SortedIds {
+                ids: &ids,
+                num_segments: 3,
+            },
+            &mut out,
+        )
+        .unwrap_err();
+        assert_eq!(
+            err,
+            SegmentError::NotSorted {
+                pos: 2,
+                id: 1,
+                prev: 2
+            }
+        );
+        let offsets = [0i64, 3, 2, 4];
+        let err = segment_logsumexp(&xs, 1, Segments::Offsets(&offsets), &mut out).unwrap_err();
+        assert!(matches!(err, SegmentError::BadOffsets(m) if m.contains("offsets[2] = 2")));
+    }
+
+    #[test]
+    fn empty_segments_and_columns() {
+        // Two columns; segment 1 is empty.
+        let xs = [0.0f64, 1.0, 2.0, 3.0, 4.0, 5.0];
+        let offsets = [0i64, 2, 2, 3];
+        let mut out = [0.0f64; 6];
+        segment_logsumexp(&xs, 2, Segments::Offsets(&offsets), &mut out).unwrap();
+        let lse2 = |a: f64, b: f64| a.max(b) + (-(a - b).abs()).exp().ln_1p();
+        assert!(close(out[0], lse2(0.0, 2.0)) && close(out[1], lse2(1.0, 3.0)));
+        assert_eq!(out[2..4], [f64::NEG_INFINITY; 2]);
+        assert_eq!(out[4..6], [4.0, 5.0]);
+        let ids = [2i64, 0, 0];
+        let mut uo = [0.0f64; 6];
+        segment_logsumexp(
+            &xs,
+            2,
+            Segments::Ids {
+                ids: &ids,
+                num_segments: 3,
+            },
+            &mut uo,
+        )
+        .unwrap();
+        assert_eq!(uo[0..2], [lse2(2.0, 4.0), lse2(3.0, 5.0)]);
+        assert_eq!(uo[2..4], [f64::NEG_INFINITY; 2]);
+        assert_eq!(uo[4..6], [0.0, 1.0]);
+    }
+
+    #[test]
+    fn cross_entropy_and_gradient() {
+        let xs = [1.0f64, 2.0, 3.0, 5.0, 0.5];
+        let offsets = [0i64, 3, 3, 5];
+        let mut losses = [0.0; 3];
+        let mut grad = [9.0; 5];
+        let r = segment_cross_entropy(
+            &xs,
+            Segments::Offsets(&offsets),
+            &[2, -100, 0],
+            -100,
+            &mut losses,
+            Some(&mut grad),
+            |n| 1.0 / n as f64,
+        )
+        .unwrap();
+        assert_eq!(r.count, 2);
+        let l0 = reference_state(&xs[0..3]).logsumexp() - 3.0;
+        let l2 = reference_state(&xs[3..5]).logsumexp() - 5.0;
+        assert!(close(losses[0], l0) && losses[1] == 0.0 && close(losses[2], l2));
+        let s0: f64 = xs[0..3].iter().map(|v| v.exp()).sum();
+        assert!((grad[2] - 0.5 * (3f64.exp() / s0 - 1.0)).abs() < 1e-15);
+        assert!((grad[0] - 0.5 * (1f64.exp() / s0)).abs() < 1e-15);
+        let err = segment_cross_entropy(
+            &xs,
+            Segments::Offsets(&offsets),
+            &[2, 0, 0],
+            -100,
+            &mut losses,
+            None,
+            |_| 1.0,
+        )
+        .unwrap_err();
+        assert_eq!(
+            err,
+            SegmentError::TargetOutOfRange {
+                segment: 1,
+                target: 0,
+                len: 0
+            }
+        );
+    }
+}
