@@ -2,8 +2,8 @@
 errors, peak memory of softmax with out=, unaligned / big-endian inputs and a > 2**31 element
 array (slow).
 
-Every function family is exercised when ``stablelse`` has it (the losses and the LogSumExp
-accumulator land from other branches); absent ones are skipped with a reason. Nothing here
+Every function family is exercised when ``stablelse`` has it (the losses, the LogSumExp
+accumulator); absent ones are skipped with a reason. Nothing here
 asserts on time: the timeouts only turn a deadlock into a failure.
 
 Budgets (environment):
