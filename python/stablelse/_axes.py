@@ -64,6 +64,8 @@ def normalize_axes(axis: AxisLike, ndim: int) -> tuple[int, ...]:
 
 def normalize_axis(axis: Any, ndim: int) -> int:
     """One axis (the class axis of a loss or a VJP) as a non-negative int."""
+    if type(axis) is int and -ndim <= axis < ndim:
+        return axis % ndim  # the common call, answered before the general rules
     a = _as_index(axis, _ONE)
     if not -ndim <= a < ndim:
         raise np.exceptions.AxisError(f"axis {a} is out of bounds for an array of dimension {ndim}")

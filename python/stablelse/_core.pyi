@@ -105,7 +105,17 @@ def cross_entropy(
     return_grad: bool = False,
     algorithm: str = "auto",
     grad_out: Optional[_Arr] = None,
-) -> tuple[Union[float, _Arr], Optional[_Arr]]: ...
+) -> tuple[Union[np.floating[Any], _Arr], Optional[_Arr]]: ...
+def cross_entropy_common(
+    logits: Any,
+    target: Any,
+    axis: int,
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+    z_loss: float,
+    return_grad: bool,
+) -> Any: ...
 def nll_loss(
     log_probs: _Arr,
     target: npt.NDArray[np.int64],

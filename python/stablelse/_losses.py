@@ -200,7 +200,7 @@ def cross_entropy(
     >>> bool(np.isfinite(grad).all())
     True
     """
-    if _is_gpu_array(logits):
+    if type(logits) is not np.ndarray and _is_gpu_array(logits):
         return _gpu_module().cross_entropy(
             logits,
             target,
@@ -221,6 +221,25 @@ def cross_entropy(
         return_grad=return_grad,
         grad_out=grad_out,
     )
+    if (
+        type(logits) is np.ndarray
+        and type(target) is np.ndarray
+        and weight is None
+        and grad_out is None
+        and logits.ndim
+        and logits.dtype.kind == "f"  # other dtypes are refused before axis is read
+    ):
+        # The common call (aligned C-contiguous float32/float64 logits, aligned int64 class
+        # indices of the batch shape) in one native call, where every conversion below is
+        # the identity; NotImplemented sends anything else down the general path.
+        try:
+            res = _core.cross_entropy_common(
+                logits, target, normalize_axis(axis, logits.ndim), *opts
+            )
+        except IndexError as exc:
+            raise TargetError.from_core(exc, target.shape) from None
+        if res is not NotImplemented:
+            return res
     x, rdtype, ax = _logits(logits, axis, "logits")
     ii = opts.ignore_index
     t3, probs = _targets(target, x, ax, ii, allow_probs=True)

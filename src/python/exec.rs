@@ -16,6 +16,9 @@ use crate::plan::Plan;
 use crate::real::Real;
 use crate::state::LseState;
 
+use pyo3::marker::Ungil;
+use pyo3::Python;
+
 use super::array::{Raw, MAX_DIMS};
 
 /// Elements per block of the blocked path: a few hundred KiB, well inside L2.
@@ -23,6 +26,24 @@ pub(crate) const BLOCK: usize = 1 << 15;
 
 /// Lanes per direct call of the column kernels, whose per-lane parameters are scratch.
 const COLUMN_LANES: usize = 1 << 13;
+
+/// Elements below which a binding keeps the GIL for the kernel call: releasing and taking it
+/// back costs more than the work (a few hundred nanoseconds against a call of about a
+/// microsecond), and other Python threads wait no longer than this work takes.
+pub(crate) const DETACH_MIN_ELEMENTS: usize = 1 << 12;
+
+/// Run `f` without the GIL unless its work (`elements` values read) is small.
+pub(crate) fn detach_unless_small<T, F>(py: Python<'_>, elements: usize, f: F) -> T
+where
+    F: Ungil + FnOnce() -> T,
+    T: Ungil,
+{
+    if elements < DETACH_MIN_ELEMENTS {
+        f()
+    } else {
+        py.detach(f)
+    }
+}
 
 /// Why a plan could not run.
 pub(crate) enum ExecError {

@@ -16,7 +16,7 @@ use pyo3::types::PyTuple;
 
 use super::array::{check_out, shares_memory, try_empty, try_vec, Raw};
 use super::errors::to_pyerr;
-use super::exec::WorkView;
+use super::exec::{self, WorkView};
 use super::reductions::{batch3, parse_algorithm, slice3, value_error};
 use crate::error::Error;
 use crate::kernels::cross_entropy::{self as xent, LossReduction, Targets, XentOptions};
@@ -27,6 +27,7 @@ use crate::real::Real;
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cross_entropy, m)?)?;
+    m.add_function(wrap_pyfunction!(cross_entropy_common, m)?)?;
     m.add_function(wrap_pyfunction!(nll_loss, m)?)?;
     m.add_function(wrap_pyfunction!(softmax_backward, m)?)?;
     Ok(())
@@ -82,17 +83,27 @@ struct XentArgs {
     algorithm: Algorithm,
 }
 
+/// How a cross_entropy call reads its logits and shapes its results: the kernel batch of the
+/// logits, the shape of the per-lane losses (`"none"`) and of the gradient.
+struct XentView<'a> {
+    raw: &'a Raw,
+    batch: Batch,
+    lanes: &'a [usize],
+    grad: &'a [usize],
+}
+
+#[allow(clippy::too_many_arguments)]
 fn xent_typed<'py, T: Real + Element>(
     py: Python<'py>,
     logits: &Bound<'py, PyArrayDyn<T>>,
+    view: XentView<'_>,
     target: &Bound<'py, PyAny>,
     weight: Option<&Bound<'py, PyAny>>,
     args: XentArgs,
     return_grad: bool,
     grad_out: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyTuple>> {
-    let rx = Raw::of(logits)?;
-    let batch = classless_as_rows(batch3(&rx, "logits")?);
+    let (rx, batch) = (view.raw, view.batch);
     let shape = [batch.outer, batch.n, batch.inner];
     let weight = weight_of::<T>(weight)?;
     let opts = XentOptions {
@@ -109,7 +120,7 @@ fn xent_typed<'py, T: Real + Element>(
     let mut bounce_to = None;
     if let Some(g) = grad_out {
         let (garr, graw) = check_out::<T>(g, &shape, "grad_out")?;
-        if shares_memory(py, logits.as_any(), &rx, g, &graw)?
+        if shares_memory(py, logits.as_any(), rx, g, &graw)?
             || shares_memory(py, target, &raw_any(target)?, g, &graw)?
         {
             return Err(value_error("grad_out overlaps the logits or the target"));
@@ -121,12 +132,12 @@ fn xent_typed<'py, T: Real + Element>(
     }
     let per_lane = match opts.reduction {
         // SAFETY: every element is written by the kernel before the array is returned.
-        LossReduction::None => Some(unsafe { try_empty::<T>(py, &[batch.count()])? }),
+        LossReduction::None => Some(unsafe { try_empty::<T>(py, view.lanes)? }),
         _ => None,
     };
     let fresh_grad = if direct_grad.is_none() && (return_grad || bounce_to.is_some()) {
         // SAFETY: as above.
-        Some(unsafe { try_empty::<T>(py, &shape)? })
+        Some(unsafe { try_empty::<T>(py, view.grad)? })
     } else {
         None
     };
@@ -147,10 +158,10 @@ fn xent_typed<'py, T: Real + Element>(
     };
     let total = if let Ok(t) = target.cast::<PyArrayDyn<i64>>() {
         let ts = targets_of(t)?;
-        py.detach(|| {
+        exec::detach_unless_small(py, elements, || {
             // SAFETY: logits hold the batch for the call.
             let xs =
-                unsafe { slice3::<T>(&rx, &batch) }.map_err(|_| Error::Layout("logits".into()))?;
+                unsafe { slice3::<T>(rx, &batch) }.map_err(|_| Error::Layout("logits".into()))?;
             let (ps, gs) = outputs();
             xent::cross_entropy(xs, batch, Targets::Indices(&ts), &opts, ps, gs)
         })
@@ -162,9 +173,9 @@ fn xent_typed<'py, T: Real + Element>(
                 "probability targets must have the logits' shape and layout",
             ));
         }
-        py.detach(|| {
+        exec::detach_unless_small(py, elements, || {
             // SAFETY: logits and target hold the batch for the call.
-            let (xs, qs) = unsafe { (slice3::<T>(&rx, &batch), slice3::<T>(&rq, &batch)) };
+            let (xs, qs) = unsafe { (slice3::<T>(rx, &batch), slice3::<T>(&rq, &batch)) };
             let (xs, qs) = (
                 xs.map_err(|_| Error::Layout("logits".into()))?,
                 qs.map_err(|_| Error::Layout("target".into()))?,
@@ -181,7 +192,7 @@ fn xent_typed<'py, T: Real + Element>(
     };
     let loss: Bound<'py, PyAny> = match per_lane {
         Some(p) => p.into_any(),
-        None => total.to_f64().into_pyobject(py)?.into_any(),
+        None => numpy_scalar(py, total)?,
     };
     let grad: Bound<'py, PyAny> = match (direct_grad, bounce_to, fresh_grad) {
         (Some((g, _)), _, _) => g.into_any(),
@@ -199,6 +210,120 @@ fn xent_typed<'py, T: Real + Element>(
         _ => py.None().into_bound(py),
     };
     PyTuple::new(py, [loss, grad])
+}
+
+/// `value` as a NumPy scalar of its dtype (what the Python functions return).
+fn numpy_scalar<'py, T: Real + Element>(py: Python<'py>, value: T) -> PyResult<Bound<'py, PyAny>> {
+    let mut v = value;
+    let descr = T::get_dtype(py);
+    // SAFETY: `v` is a live `T` and `descr` its dtype; PyArray_Scalar copies the value and
+    // does not steal the descriptor; a null result has set a Python error.
+    unsafe {
+        let obj = numpy::npyffi::PY_ARRAY_API.PyArray_Scalar(
+            py,
+            (&mut v as *mut T).cast(),
+            descr.as_ptr().cast(),
+            std::ptr::null_mut(),
+        );
+        Bound::from_owned_ptr_or_err(py, obj)
+    }
+}
+
+/// The common call in one step: `x` of any rank with the class axis `axis` (normalised), C
+/// contiguous and aligned, and an aligned int64 `t` of `x`'s shape without `axis`. `None`
+/// for anything else: the general path then converts and validates.
+fn common_view<T: Element>(
+    x: &Bound<'_, PyArrayDyn<T>>,
+    t: &Bound<'_, PyArrayDyn<i64>>,
+    axis: usize,
+) -> PyResult<Option<(Raw, Batch)>> {
+    let (rx, rt) = (Raw::of(x)?, Raw::of(t)?);
+    let (xs, ts) = (rx.shape(), rt.shape());
+    if axis >= xs.len()
+        || ts.len() + 1 != xs.len()
+        || ts[..axis] != xs[..axis]
+        || ts[axis..] != xs[axis + 1..]
+        || rx.data::<T>().align_offset(std::mem::align_of::<T>()) != 0
+        || rt.data::<i64>().align_offset(std::mem::align_of::<i64>()) != 0
+    {
+        return Ok(None);
+    }
+    let mut expected = std::mem::size_of::<T>();
+    for (&n, &st) in xs.iter().zip(rx.strides()).rev() {
+        if n > 1 && usize::try_from(st).ok() != Some(expected) {
+            return Ok(None);
+        }
+        expected = expected.saturating_mul(n);
+    }
+    let inner: usize = xs[axis + 1..].iter().product();
+    let outer: usize = xs[..axis].iter().product();
+    let batch = classless_as_rows(Batch::contiguous(outer, xs[axis], inner));
+    Ok(Some((rx, batch)))
+}
+
+fn common_typed<'py, T: Real + Element>(
+    py: Python<'py>,
+    x: &Bound<'py, PyArrayDyn<T>>,
+    t: &Bound<'py, PyAny>,
+    axis: usize,
+    args: XentArgs,
+    return_grad: bool,
+) -> PyResult<Bound<'py, PyAny>> {
+    let Ok(ti) = t.cast::<PyArrayDyn<i64>>() else {
+        return Ok(py.NotImplemented().into_bound(py));
+    };
+    let Some((raw, batch)) = common_view(x, ti, axis)? else {
+        return Ok(py.NotImplemented().into_bound(py));
+    };
+    let view = XentView {
+        raw: &raw,
+        batch,
+        lanes: ti.shape(),
+        grad: x.shape(),
+    };
+    let res = xent_typed(py, x, view, t, None, args, return_grad, None)?;
+    if return_grad {
+        Ok(res.into_any())
+    } else {
+        res.get_item(0)
+    }
+}
+
+/// Cross-entropy of `logits` of any rank with class indices along `axis` (normalised by the
+/// Python layer), without weights or `grad_out`: the loss (a NumPy scalar of the logits'
+/// dtype, or an array of the target's shape for "none"), or `(loss, grad)` with the grad of
+/// the logits' shape. Returns `NotImplemented` unless the logits are C-contiguous aligned
+/// float32/float64 and the target an aligned int64 array of the logits' shape without
+/// `axis`: the Python layer's general path converts and validates everything else.
+#[pyfunction]
+#[pyo3(signature = (logits, target, axis, ignore_index, reduction, label_smoothing, z_loss,
+    return_grad))]
+#[allow(clippy::too_many_arguments)]
+fn cross_entropy_common<'py>(
+    py: Python<'py>,
+    logits: &Bound<'py, PyAny>,
+    target: &Bound<'py, PyAny>,
+    axis: usize,
+    ignore_index: i64,
+    reduction: &str,
+    label_smoothing: f64,
+    z_loss: f64,
+    return_grad: bool,
+) -> PyResult<Bound<'py, PyAny>> {
+    let args = XentArgs {
+        ignore_index,
+        reduction: parse_reduction(reduction)?,
+        label_smoothing,
+        z_loss,
+        algorithm: Algorithm::Auto,
+    };
+    if let Ok(x) = logits.cast::<PyArrayDyn<f32>>() {
+        common_typed(py, x, target, axis, args, return_grad)
+    } else if let Ok(x) = logits.cast::<PyArrayDyn<f64>>() {
+        common_typed(py, x, target, axis, args, return_grad)
+    } else {
+        Ok(py.NotImplemented().into_bound(py))
+    }
 }
 
 /// Lanes of zero classes hold no element, so they have no layout: read them as rows (in the
@@ -224,6 +349,36 @@ fn raw_any(obj: &Bound<'_, PyAny>) -> PyResult<Raw> {
         return Raw::of(a);
     }
     Ok(Raw::empty())
+}
+
+/// [`xent_typed`] of 3-D `(outer, classes, inner)` logits: 1-D lane losses, a 3-D gradient.
+fn xent_3d<'py, T: Real + Element>(
+    py: Python<'py>,
+    logits: &Bound<'py, PyArrayDyn<T>>,
+    target: &Bound<'py, PyAny>,
+    weight: Option<&Bound<'py, PyAny>>,
+    args: XentArgs,
+    return_grad: bool,
+    grad_out: Option<&Bound<'py, PyAny>>,
+) -> PyResult<Bound<'py, PyTuple>> {
+    let raw = Raw::of(logits)?;
+    let batch = classless_as_rows(batch3(&raw, "logits")?);
+    let view = XentView {
+        raw: &raw,
+        batch,
+        lanes: &[batch.count()],
+        grad: &[batch.outer, batch.n, batch.inner],
+    };
+    xent_typed(
+        py,
+        logits,
+        view,
+        target,
+        weight,
+        args,
+        return_grad,
+        grad_out,
+    )
 }
 
 /// Cross-entropy over axis 1 of 3-D `logits`: returns `(loss, grad or None)`; `loss` is a float
@@ -255,9 +410,9 @@ fn cross_entropy<'py>(
         algorithm: parse_algorithm(algorithm)?,
     };
     if let Ok(x) = logits.cast::<PyArrayDyn<f32>>() {
-        xent_typed(py, x, target, weight, args, return_grad, grad_out)
+        xent_3d(py, x, target, weight, args, return_grad, grad_out)
     } else if let Ok(x) = logits.cast::<PyArrayDyn<f64>>() {
-        xent_typed(py, x, target, weight, args, return_grad, grad_out)
+        xent_3d(py, x, target, weight, args, return_grad, grad_out)
     } else {
         Err(PyTypeError::new_err(
             "logits must be a 3-D float32 or float64 array",

@@ -205,7 +205,7 @@ fn lse_typed<'py, T: Real + Element>(
         }
         let kept = ndim - axes.len();
         // SAFETY: x and out are live for the call, out writeable and disjoint from x.
-        py.detach(|| unsafe {
+        exec::detach_unless_small(py, raw.size(), || unsafe {
             exec::reduce::<T>(&p, &raw, &out_axes[..kept], LaneOut::Logsumexp(&oraw), alg)
         })
         .map_err(exec_error)?;
@@ -237,8 +237,10 @@ fn lse_typed<'py, T: Real + Element>(
     }
     let out_axes = &out_axes[..nk];
     // SAFETY: x and res are live for the call; res is new, dense and writeable.
-    py.detach(|| unsafe { exec::reduce::<T>(&p, &raw, out_axes, LaneOut::Logsumexp(&rraw), alg) })
-        .map_err(exec_error)?;
+    exec::detach_unless_small(py, raw.size(), || unsafe {
+        exec::reduce::<T>(&p, &raw, out_axes, LaneOut::Logsumexp(&rraw), alg)
+    })
+    .map_err(exec_error)?;
     if sorted {
         return scalarize(res.into_any(), k);
     }
@@ -351,8 +353,10 @@ fn softmax_typed<'py, T: Real + Element>(
             ));
         }
         // SAFETY: x and out are live for the call; out is writeable and is x or disjoint.
-        py.detach(|| unsafe { exec::softmax::<T>(&p, &raw, &oraw, alg, what) })
-            .map_err(exec_error)?;
+        exec::detach_unless_small(py, raw.size(), || unsafe {
+            exec::softmax::<T>(&p, &raw, &oraw, alg, what)
+        })
+        .map_err(exec_error)?;
         return Ok(oarr.into_any());
     }
     let mut wshape = [0usize; MAX_DIMS];
@@ -363,13 +367,15 @@ fn softmax_typed<'py, T: Real + Element>(
     let res = unsafe { try_empty::<T>(py, &wshape[..raw.ndim])? };
     let rraw = unpermute(&Raw::of(&res)?, &p.perm);
     // SAFETY: x and res are live; res is new, writeable and disjoint from x.
-    py.detach(|| unsafe { exec::softmax::<T>(&p, &raw, &rraw, alg, what) })
-        .map_err(exec_error)?;
-    let mut inv = vec![0usize; p.perm.len()];
+    exec::detach_unless_small(py, raw.size(), || unsafe {
+        exec::softmax::<T>(&p, &raw, &rraw, alg, what)
+    })
+    .map_err(exec_error)?;
+    let mut inv = [0usize; MAX_DIMS];
     for (i, &a) in p.perm.iter().enumerate() {
         inv[a] = i;
     }
-    transposed(res.into_any(), &inv)
+    transposed(res.into_any(), &inv[..p.perm.len()])
 }
 
 /// softmax (or log_softmax when `log`) of a float32/float64 ndarray of at least one
