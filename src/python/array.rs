@@ -167,7 +167,7 @@ impl Raw {
             step *= n as isize;
         }
         self.itemsize == std::mem::size_of::<T>()
-            && (self.ptr as usize) % std::mem::align_of::<T>() == 0
+            && (self.ptr as usize).is_multiple_of(std::mem::align_of::<T>())
     }
 }
 
