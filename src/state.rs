@@ -1,4 +1,4 @@
-//! The log-sum-exp state `(max, excess)` and its merge rule (DESIGN section 3).
+//! The log-sum-exp state `(max, excess)` and its merge rule.
 //!
 //! A state summarises a multiset of values `x_i` as `m = max x_i` and
 //! `excess = sum_i exp(x_i - m) - 1`, i.e. the total `S = 1 + excess` less the contribution of

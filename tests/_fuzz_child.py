@@ -450,8 +450,8 @@ def check_scipy_fn(fn: str, kwargs: dict[str, Any], res: Any) -> None:
             if not kw.get("return_sign"):
                 want = np.where(np.asarray(signed[1]) < 0, np.nan, want)[()]
             # All weights of a lane zero and exp(a) overflowing the input dtype: scipy (on the
-            # input's own dtypes) and stablelse give NaN, not log(0) = -inf (see the report of
-            # issue 8: the weighted kernel's fallback multiplies inf by 0).
+            # input's own dtypes) and stablelse give NaN, not log(0) = -inf (the weighted
+            # kernel's fallback multiplies inf by 0).
             native, nexc = scipy_call(fn, np.asarray(x), **{**kw, "b": np.asarray(kwargs["b"])})
             if nexc is None:
                 nat = np.asarray(native[0] if kw.get("return_sign") else native)
@@ -818,7 +818,7 @@ def run_loss_call(fn: str, kwargs: dict[str, Any]) -> None:
     if probs and not np.all(np.abs(_f64(t)) < 1e15):
         return  # infinite or huge probabilities: no meaningful reference
     if w is not None and red == "mean" and 0 < np.abs(_f64(_as_compute(w, x))).sum() < 1e-290:
-        # Known (issue 8 report): "mean" multiplies by 1 / sum(w[t]), which overflows for a
+        # Known: "mean" multiplies by 1 / sum(w[t]), which overflows for a
         # subnormal weight sum (NaN or inf where torch divides). Kernel fix pending.
         return
     if fn == "nll_loss":

@@ -497,6 +497,7 @@ def _child_softmax(x):
     return sl.softmax(x, axis=1)
 
 
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
 def test_fork_after_the_pool_was_used(rng):
     import multiprocessing as mp
 

@@ -21,8 +21,8 @@ from hypothesis.extra import numpy as hnp
 import stablelse as sl
 
 inf, nan = np.inf, np.nan
-SEEDS_BATCH = [[2.0, 1.0, 0.1], [1000.0, 1.0, -1000.0], [3.0, 2.0, 1.0]]
-SEEDS_TARGETS = [0, 2, 1]
+OVERFLOW_BATCH = [[2.0, 1.0, 0.1], [1000.0, 1.0, -1000.0], [3.0, 2.0, 1.0]]
+OVERFLOW_TARGETS = [0, 2, 1]
 
 
 # --------------------------------------------------------------------------- references
@@ -101,9 +101,9 @@ def test_z_loss_is_a_count_mean_not_weighted():
     assert per[2] == 0.0
 
 
-def test_seeds_example_naive_is_inf_and_nan_stablelse_is_finite():
-    x = np.array(SEEDS_BATCH, dtype=np.float32)
-    t = np.array(SEEDS_TARGETS)
+def test_overflow_example_naive_is_inf_and_nan_stablelse_is_finite():
+    x = np.array(OVERFLOW_BATCH, dtype=np.float32)
+    t = np.array(OVERFLOW_TARGETS)
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         e = np.exp(x)
         p = e / e.sum(axis=1, keepdims=True)

@@ -90,9 +90,9 @@ def test_index_targets_equal_one_hot_probabilities_and_nll_of_log_softmax():
     keep = t2 != -100
     want = per[keep].sum() / w[t2[keep]].sum()
     np.testing.assert_allclose(oracles.cross_entropy(x, t2, weight=w), want)
-    # the seeds of the overflow story: finite where the naive formula is inf
-    seeds = np.array([[2.0, 1.0, 0.1], [1000.0, 1.0, -1000.0], [3.0, 2.0, 1.0]])
-    assert np.isfinite(oracles.cross_entropy(seeds, [0, 2, 1]))
+    # the overflow batch: finite where the naive formula is inf
+    batch = np.array([[2.0, 1.0, 0.1], [1000.0, 1.0, -1000.0], [3.0, 2.0, 1.0]])
+    assert np.isfinite(oracles.cross_entropy(batch, [0, 2, 1]))
 
 
 def test_nll_gradient_and_all_ignored_mean_is_nan():

@@ -188,7 +188,8 @@ def cross_entropy(
 
     Examples
     --------
-    The seeds' batch, where ``-log(softmax(x)[t])`` computed naively is ``inf``:
+    The overflow batch of ``python -m stablelse demo``, where ``-log(softmax(x)[t])`` computed
+    naively is ``inf``:
 
     >>> import numpy as np
     >>> from stablelse import cross_entropy

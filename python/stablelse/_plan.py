@@ -1,9 +1,10 @@
 """The planner (``src/plan.rs``) for NumPy arrays: kernel views and results in user order.
 
-Every front door that hands a NumPy array to the kernels goes through :func:`kernel_view`
-(the losses' class axis, the streaming accumulator and Dask's block functions); device arrays
-(the CUDA path) call ``_core.plan`` with their own shape, strides and address. ``axes`` is
-always the normalised tuple of :func:`stablelse._axes.normalize_axes`.
+Front doors that need a 3-D ``(outer, n, inner)`` array of their own rather than one native
+call go through :func:`kernel_view` (weighted ``logsumexp``, complex input) or
+:func:`kernel_view3` (the losses' class axis); the native reductions, the streaming accumulator
+and Dask's block functions plan inside ``_core``. ``axes`` is always the normalised tuple of
+:func:`stablelse._axes.normalize_axes`.
 """
 
 from __future__ import annotations

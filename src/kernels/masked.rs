@@ -5,7 +5,7 @@
 //! elements take no part; a fully masked row gives log-sum-exp `-inf`, softmax 0 at every
 //! position and log_softmax `-inf`; masked positions get softmax 0 and log_softmax `-inf`.
 //! The kept elements of a row go through the one online update of [`LseState`], and are written
-//! with the same parameters as the unmasked kernels ([`super::write_params`]), so a row with
+//! with the same parameters as the unmasked kernels (`write_params` in `kernels`), so a row with
 //! every element kept gives the unmasked reference's values.
 //!
 //! This is the scalar kernel: one pass per row for the state, one for the write; rows are split

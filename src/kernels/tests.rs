@@ -99,7 +99,7 @@ fn specials_rows() {
 }
 
 #[test]
-fn seeds_row_softmax_and_log_softmax_are_finite() {
+fn overflow_row_softmax_and_log_softmax_are_finite() {
     let row = [1000.0f32, 1.0, -1000.0];
     let mut sm = [0.0f32; 3];
     let mut lsm = [0.0f32; 3];
@@ -446,12 +446,12 @@ fn every_level_matches_scalar_on_random_rows() {
     }
 }
 
-/// Rows built from specials: -inf, +inf, NaN, subnormals, huge magnitudes, the seeds row.
+/// Rows built from specials: -inf, +inf, NaN, subnormals, huge magnitudes, the overflow row.
 fn special_rows() -> Vec<(String, Vec<f64>)> {
     let (inf, nan) = (f64::INFINITY, f64::NAN);
     let mut rows: Vec<(String, Vec<f64>)> = vec![
-        ("seeds".into(), vec![1000.0, 1.0, -1000.0]),
-        ("-seeds".into(), vec![-1000.0, 1.0, 1000.0]),
+        ("overflow".into(), vec![1000.0, 1.0, -1000.0]),
+        ("-overflow".into(), vec![-1000.0, 1.0, 1000.0]),
         ("all -inf".into(), vec![-inf; 37]),
         ("tiny terms".into(), vec![0.0, -40.0, -80.0, -100.0, -103.0]),
         ("huge".into(), vec![3e38, -3e38, 1e30, 0.0]),

@@ -1,7 +1,8 @@
 //! The planner ([`crate::plan`]) as Python sees it: `_core.plan(...)` returns a `Plan`.
 //!
-//! Front doors that hold device arrays or need a 3-D view of their own (the losses, Dask's
-//! block functions, the CUDA path) call this instead of deciding layouts themselves.
+//! Front doors that need a 3-D view of their own (the losses, weighted logsumexp, complex
+//! input; through `python/stablelse/_plan.py`) call this instead of deciding layouts
+//! themselves.
 
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;

@@ -4,7 +4,7 @@
 //! for tests and benchmarks. The wheel is built for the baseline target; wider instructions are
 //! only used behind this detection (`#[target_feature]` functions, never `target-cpu=native`).
 //!
-//! Each algorithm is written once over the lane abstraction of [`lanes`]: the row kernels
+//! Each algorithm is written once over the lane abstraction of `lanes`: the row kernels
 //! (blocked two-pass and online states, the softmax / log_softmax writes) and the column
 //! kernels in `rows`, the short-row kernels (rows in vector lanes) in `short`. One module per
 //! instruction set (`avx512`, `avx2`, `neon`) provides the primitives and its own exp;
@@ -118,12 +118,12 @@ pub fn level() -> Level {
 }
 
 #[cfg(target_arch = "x86_64")]
-pub mod avx2;
+pub(crate) mod avx2;
 #[cfg(target_arch = "x86_64")]
-pub mod avx512;
+pub(crate) mod avx512;
 mod lanes;
 #[cfg(target_arch = "aarch64")]
-pub mod neon;
+pub(crate) mod neon;
 mod rows;
 pub mod scalar;
 mod short;

@@ -1,6 +1,7 @@
 //! NEON (aarch64): the [`Lanes`] primitives on 2 float64 lanes, and the float32 exp on 4
-//! float32 lanes. The 16-entry table is read lane by lane. Compiled and tested only on
-//! aarch64 hosts; x86 builds skip this module by cfg.
+//! float32 lanes. The 16-entry table is read lane by lane. Compiled only for aarch64 (x86
+//! builds skip this module by cfg); tested on aarch64 hosts and, in CI, under qemu user-mode
+//! emulation by `scripts/test-aarch64`.
 
 #![allow(clippy::missing_safety_doc)]
 

@@ -368,8 +368,8 @@ fn float32_rounds_once_and_sums_in_float64() {
 }
 
 #[test]
-fn seeds_batch_has_finite_loss_and_gradient() {
-    // The seeds' batch: a naive softmax-then-log gives loss inf and NaN gradients.
+fn overflow_batch_has_finite_loss_and_gradient() {
+    // The demo's overflow batch: a naive softmax-then-log gives loss inf and NaN gradients.
     let x = [2.0f32, 1.0, 0.1, 1000.0, 1.0, -1000.0, 3.0, 2.0, 1.0];
     let t = [0i64, 2, 1];
     let mut g = [0.0f32; 9];
