@@ -18,6 +18,7 @@ import scipy.special as sp
 from test_api import layouts
 
 import stablelse as sl
+from stablelse import _core
 
 
 def _run_child(code, timeout=240):
@@ -35,12 +36,21 @@ def _run_child(code, timeout=240):
 
 
 def test_threads_sharing_a_buffer_raise_nothing():
-    """One thread writes softmax(x, out=buf) while others read buf: values race, nothing
-    raises (the numpy crate's borrow flags raised PanicException and ValueError here)."""
+    """One thread writes softmax(x, out=buf) while others read buf (also as complex, by
+    segments and by the Dask block function): values race, nothing raises (the numpy crate's
+    borrow flags raised PanicException and ValueError here)."""
     rng = np.random.default_rng(0)
     x = rng.standard_normal((64, 513)).astype(np.float32)
     buf = sl.softmax(x, axis=1)
     t = rng.integers(0, 513, size=64)
+    # A second buffer, written by softmax and by the segment binding, that other threads read
+    # as complex64 (the same memory), by segments and by the Dask block function.
+    x2 = rng.standard_normal((64, 514)).astype(np.float32)
+    buf2 = sl.softmax(x2, axis=1)
+    cbuf = buf2.view(np.complex64)
+    ids = np.repeat(np.arange(8), 8)
+    flat_ids = np.repeat(np.arange(64), 514)
+    mx, ex = _core.lse_states(x2, (1,))
     stop = threading.Event()
     errors = []
 
@@ -66,6 +76,15 @@ def test_threads_sharing_a_buffer_raise_nothing():
         guard(lambda: sl.softmax(buf, axis=0)),
         guard(lambda: sl.cross_entropy(buf, t)),
         guard(stream),
+        guard(lambda: sl.softmax(x2, axis=1, out=buf2)),
+        guard(lambda: _core.segment_softmax(x2, buf2, segment_ids=ids, num_segments=8)),
+        guard(lambda: sl.logsumexp(cbuf, axis=1)),
+        guard(lambda: sl.softmax(cbuf, axis=1)),
+        guard(lambda: sl.log_softmax(cbuf, axis=0)),
+        guard(lambda: sl.segment_logsumexp(buf2, ids, 8)),
+        guard(lambda: sl.segment_softmax(buf2, ids, 8)),
+        guard(lambda: sl.segment_cross_entropy(buf2.reshape(-1), flat_ids, t, return_grad=True)),
+        guard(lambda: _core.softmax_from_states(buf2, mx, ex, True)),
     ]
     threads = [threading.Thread(target=w) for w in workers]
     for th in threads:
@@ -166,10 +185,13 @@ def test_every_function_under_a_memory_limit_raises_memory_error():
     del resource
     code = """
         import resource, numpy as np, stablelse as sl
+        from stablelse import _core
         n = 1 << 24
         x = np.zeros((2, n), dtype=np.float32)          # 128 MiB
         t = np.zeros(n, dtype=np.int64)                 # for losses over axis 0 (classes = 2)
         small = np.arange(12.0).reshape(3, 4)
+        xc = x.view(np.complex64)                       # (2, n / 2), the same memory
+        mx, ex = np.zeros(2), np.zeros(2)               # states of x's two rows
         sl.softmax(small, axis=1)                       # the pool exists before the limit
         sl.softmax(np.zeros((4, 1 << 16), np.float32), axis=1)
         with open("/proc/self/status") as f:
@@ -186,6 +208,15 @@ def test_every_function_under_a_memory_limit_raises_memory_error():
             "softmax_backward": lambda: sl.softmax_backward(x, x, axis=0),
             "log_softmax_backward": lambda: sl.log_softmax_backward(x, x, axis=1),
             "LogSumExp.update": lambda: sl.LogSumExp(axis=0).update(x),
+            "complex logsumexp": lambda: sl.logsumexp(xc, axis=0),
+            "complex softmax": lambda: sl.softmax(xc, axis=1),
+            "complex log_softmax": lambda: sl.log_softmax(xc, axis=1),
+            "segment_logsumexp": lambda: sl.segment_logsumexp(x, [0, 1], 2),
+            "segment_softmax": lambda: sl.segment_softmax(x, [0, 1], 2),
+            "segment_cross_entropy": lambda: sl.segment_cross_entropy(
+                x.reshape(-1), offsets=[0, n, 2 * n], target=[0, 0], return_grad=True
+            ),
+            "softmax_from_states": lambda: _core.softmax_from_states(x, mx, ex),
         }
         for name, f in calls.items():
             try:

@@ -143,6 +143,66 @@ impl Raw {
     }
 }
 
+/// The elements of an array in C order, copied into a new vector (or `MemoryError`): a
+/// private copy that no other thread can change between validation and use.
+pub(crate) fn copy_values<T: Copy>(raw: &Raw, zero: T) -> PyResult<Vec<T>> {
+    let mut v = try_vec(raw.size(), zero)?;
+    // SAFETY: the caller holds the array alive; the view covers its own elements.
+    unsafe { super::exec::WorkView::new(raw, 0..raw.ndim).gather(0, &mut v) };
+    Ok(v)
+}
+
+impl Raw {
+    /// Whether the elements lie in C order with no gaps, at an address aligned for `T`
+    /// (strides of length-1 axes do not matter; an empty array always qualifies).
+    pub fn is_dense<T>(&self) -> bool {
+        if self.size() == 0 {
+            return true;
+        }
+        let mut step = self.itemsize as isize;
+        for (&n, &s) in self.shape().iter().zip(self.strides()).rev() {
+            if n > 1 && s != step {
+                return false;
+            }
+            step *= n as isize;
+        }
+        self.itemsize == std::mem::size_of::<T>()
+            && (self.ptr as usize).is_multiple_of(std::mem::align_of::<T>())
+    }
+}
+
+/// The elements of a dense array ([`Raw::is_dense`]) as a slice, or `None` for any other
+/// layout.
+///
+/// # Safety
+/// `raw` describes a live array of `T` that outlives the slice.
+pub(crate) unsafe fn dense<'a, T>(raw: &Raw) -> Option<&'a [T]> {
+    if !raw.is_dense::<T>() {
+        return None;
+    }
+    if raw.size() == 0 {
+        return Some(&[]);
+    }
+    // SAFETY: dense and aligned: `size` consecutive `T`s from the data pointer.
+    Some(unsafe { std::slice::from_raw_parts(raw.data::<T>() as *const T, raw.size()) })
+}
+
+/// As [`dense`], writeable.
+///
+/// # Safety
+/// As [`dense`]; the array is writeable and nothing else in this call reads or writes it
+/// while the slice is used.
+pub(crate) unsafe fn dense_mut<'a, T>(raw: &Raw) -> Option<&'a mut [T]> {
+    if !raw.is_dense::<T>() {
+        return None;
+    }
+    if raw.size() == 0 {
+        return Some(&mut []);
+    }
+    // SAFETY: as in `dense`; exclusive by the caller's contract.
+    Some(unsafe { std::slice::from_raw_parts_mut(raw.data::<T>(), raw.size()) })
+}
+
 /// Whether the arrays `a` and `b` (with fields `ra`, `rb`) share an element, decided exactly
 /// as `numpy.shares_memory` does; disjoint byte ranges answer without asking NumPy.
 pub(crate) fn shares_memory(

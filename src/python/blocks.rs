@@ -1,11 +1,16 @@
 //! Bindings for the kernels that compute one block of a larger array (Dask chunks).
+//!
+//! Arrays are read through their raw fields ([`super::array`]), never the numpy crate's
+//! borrow flags; the states are copied once, and the result is allocated fallibly.
 
-use numpy::{Element, PyArray2, PyArrayMethods, PyReadonlyArray1};
+use numpy::{Element, PyArray2};
 use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
 
+use super::array::{dense, dense_mut, try_empty, try_vec, Raw};
 use super::errors::to_pyerr;
-use crate::error::{try_vec, Error};
+use super::reductions::{f64_values, value_error};
+use crate::error::Error;
 use crate::kernels::{from_states, Reduction};
 use crate::layout::Batch;
 use crate::real::Real;
@@ -19,53 +24,60 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
 fn from_states_typed<'py, T: Real + Element>(
     py: Python<'py>,
     x: &Bound<'py, PyArray2<T>>,
-    max: PyReadonlyArray1<'py, f64>,
-    excess: PyReadonlyArray1<'py, f64>,
+    max: &Bound<'py, PyAny>,
+    excess: &Bound<'py, PyAny>,
     what: Reduction,
 ) -> PyResult<Bound<'py, PyAny>> {
-    let xr = x
-        .try_readonly()
-        .map_err(|e| to_pyerr(py, Error::Layout(e.to_string())))?;
-    let xs = xr
-        .as_slice()
-        .map_err(|_| PyTypeError::new_err("x must be a C-contiguous 2-D array"))?;
-    let (ms, es) = (max.as_slice()?, excess.as_slice()?);
-    let dims = x.dims();
-    let batch = Batch::rows(dims[0], dims[1]);
-    if ms.len() != batch.outer || es.len() != batch.outer {
+    let rx = Raw::of(x)?;
+    if !rx.is_dense::<T>() {
+        return Err(value_error("x must be a C-contiguous, aligned 2-D array"));
+    }
+    let batch = Batch::rows(rx.shape[0], rx.shape[1]);
+    let (ms, mshape) = f64_values(max, "max", None)?;
+    let (es, _) = f64_values(excess, "excess", Some(&mshape))?;
+    if mshape.len() != 1 {
+        return Err(value_error("max and excess must be 1-D float64 arrays"));
+    }
+    if ms.len() != batch.outer {
         return Err(to_pyerr(
             py,
             Error::ShapeMismatch {
                 what: "states",
                 expected: batch.outer,
-                got: ms.len().min(es.len()),
+                got: ms.len(),
             },
         ));
     }
-    let mut states = try_vec(batch.outer, LseState::EMPTY).map_err(|e| to_pyerr(py, e))?;
-    for ((s, &m), &e) in states.iter_mut().zip(ms).zip(es) {
+    let mut states = try_vec(batch.outer, LseState::EMPTY)?;
+    for ((s, &m), &e) in states.iter_mut().zip(&ms).zip(&es) {
         *s = LseState { max: m, excess: e };
     }
-    let out = PyArray2::<T>::zeros(py, [batch.outer, batch.n], false);
-    let mut or = out.readwrite();
-    let os = or
-        .as_slice_mut()
-        .map_err(|e| to_pyerr(py, Error::Layout(e.to_string())))?;
-    py.detach(|| from_states::softmax_like_from_states(xs, batch, &states, what, os))
-        .map_err(|e| to_pyerr(py, e))?;
-    drop(or);
+    // SAFETY: every element is written by the kernel before the array is returned.
+    let out = unsafe { try_empty::<T>(py, &[batch.outer, batch.n])? };
+    let ro = Raw::of(&out)?;
+    py.detach(|| {
+        // SAFETY: x is held by the caller for the call and is dense (checked above); out is
+        // new, dense and private to this call.
+        let (xs, os) = unsafe { (dense::<T>(&rx), dense_mut::<T>(&ro)) };
+        let (Some(xs), Some(os)) = (xs, os) else {
+            return Err(Error::Layout("x and the result must be dense".into()));
+        };
+        from_states::softmax_like_from_states(xs, batch, &states, what, os)
+    })
+    .map_err(|e| to_pyerr(py, e))?;
     Ok(out.into_any())
 }
 
 /// softmax (`log = False`) or log_softmax of each row of a C-contiguous 2-D float array,
-/// normalised by the given float64 `(max, excess)` state of that row (one per row).
+/// normalised by the given float64 `(max, excess)` state of that row (one per row, 1-D
+/// arrays of any layout).
 #[pyfunction]
 #[pyo3(signature = (x, max, excess, log = false))]
 fn softmax_from_states<'py>(
     py: Python<'py>,
     x: &Bound<'py, PyAny>,
-    max: PyReadonlyArray1<'py, f64>,
-    excess: PyReadonlyArray1<'py, f64>,
+    max: &Bound<'py, PyAny>,
+    excess: &Bound<'py, PyAny>,
     log: bool,
 ) -> PyResult<Bound<'py, PyAny>> {
     let what = if log {

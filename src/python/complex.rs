@@ -1,14 +1,17 @@
 //! Bindings for complex logsumexp, softmax and log_softmax (`python/stablelse/_complex.py`).
 //!
 //! complex64 / complex128 arrays reach [`crate::kernels::complex`] as interleaved `(re, im)`
-//! slices of `f32` / `f64`; layouts are checked by the same [`batch_of`] as the real bindings.
+//! slices of `f32` / `f64`; layouts are checked by the same [`batch3`] as the real bindings,
+//! arrays are read through their raw fields ([`super::array`]), never the numpy crate's borrow
+//! flags, and results are allocated fallibly (`MemoryError`).
 
-use numpy::{Complex32, Complex64, Element, PyArray2, PyArray3, PyArrayMethods};
+use numpy::{Complex32, Complex64, Element, PyArray3};
 use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
 use pyo3::types::PyTuple;
 
-use super::reductions::{batch_of, slice_of, value_error};
+use super::array::{dense_mut, try_empty, Raw};
+use super::reductions::{batch3, slice3, value_error};
 use crate::kernels::complex::{self as kc, Weights};
 use crate::kernels::Reduction;
 use crate::real::Real;
@@ -55,25 +58,31 @@ fn lse_typed<'py, C: Pair>(
         ),
         None => None,
     };
-    let batch = batch_of(a, "a")?;
-    let bbatch = b.map(|b| batch_of(b, "b")).transpose()?;
+    let ra = Raw::of(a)?;
+    let rb = b.map(|b| Raw::of(b)).transpose()?;
+    let batch = batch3(&ra, "a")?;
+    let bbatch = rb.as_ref().map(|rb| batch3(rb, "b")).transpose()?;
     let shape = [batch.outer, batch.inner];
     // SAFETY: every element is written by the kernel before the arrays are returned.
-    let out = unsafe { PyArray2::<C>::new(py, shape, false) };
-    let sign = unsafe { PyArray2::<C>::new(py, shape, false) };
-    let ar = a.readonly();
-    let br = b.map(|b| b.readonly());
-    let (mut or, mut sr) = (out.readwrite(), sign.readwrite());
-    // SAFETY: `ar` and `br` keep the inputs borrowed for the call.
-    let as_ = unsafe { slice_of(a, &batch)? };
-    let bs = match (b, bbatch) {
-        // SAFETY: as above.
-        (Some(b), Some(bb)) => Some((unsafe { slice_of(b, &bb)? }, bb)),
-        _ => None,
-    };
-    let os = or.as_slice_mut().map_err(|e| value_error(e.to_string()))?;
-    let ss = sr.as_slice_mut().map_err(|e| value_error(e.to_string()))?;
+    let (out, sign) = unsafe { (try_empty::<C>(py, &shape)?, try_empty::<C>(py, &shape)?) };
+    let (ro, rs) = (Raw::of(&out)?, Raw::of(&sign)?);
     py.detach(|| {
+        // SAFETY: a (and b) are held by the caller for the call and hold their batches; out
+        // and sign are new, dense and private to this call.
+        let (as_, bs, os, ss) = unsafe {
+            (
+                slice3::<C>(&ra, &batch)?,
+                match (rb, bbatch) {
+                    (Some(rb), Some(bb)) => Some((slice3::<C>(&rb, &bb)?, bb)),
+                    _ => None,
+                },
+                dense_mut::<C>(&ro),
+                dense_mut::<C>(&rs),
+            )
+        };
+        let (Some(os), Some(ss)) = (os, ss) else {
+            return Err(value_error("the results are not dense"));
+        };
         kc::logsumexp_complex(
             parts(as_),
             batch,
@@ -88,9 +97,8 @@ fn lse_typed<'py, C: Pair>(
                 None
             },
         )
-    })
-    .map_err(value_error)?;
-    drop((ar, br, or, sr));
+        .map_err(value_error)
+    })?;
     let sign = if return_sign {
         sign.into_any()
     } else {
@@ -126,17 +134,18 @@ fn softmax_typed<'py, C: Pair>(
     x: &Bound<'py, PyArray3<C>>,
     what: Reduction,
 ) -> PyResult<Bound<'py, PyAny>> {
-    let batch = batch_of(x, "x")?;
+    let rx = Raw::of(x)?;
+    let batch = batch3(&rx, "x")?;
     // SAFETY: every element is written by the kernel before the array is returned.
-    let out = unsafe { PyArray3::<C>::new(py, [batch.outer, batch.n, batch.inner], false) };
-    let xr = x.readonly();
-    let mut or = out.readwrite();
-    // SAFETY: `xr` keeps x borrowed for the call.
-    let xs = unsafe { slice_of(x, &batch)? };
-    let os = or.as_slice_mut().map_err(|e| value_error(e.to_string()))?;
-    py.detach(|| kc::softmax_like_complex(parts(xs), batch, what, parts_mut(os)))
-        .map_err(value_error)?;
-    drop((xr, or));
+    let out = unsafe { try_empty::<C>(py, &[batch.outer, batch.n, batch.inner])? };
+    let ro = Raw::of(&out)?;
+    py.detach(|| {
+        // SAFETY: x is held by the caller for the call and holds its batch; out is new, dense
+        // and private to this call.
+        let (xs, os) = unsafe { (slice3::<C>(&rx, &batch)?, dense_mut::<C>(&ro)) };
+        let os = os.ok_or_else(|| value_error("the result is not dense"))?;
+        kc::softmax_like_complex(parts(xs), batch, what, parts_mut(os)).map_err(value_error)
+    })?;
     Ok(out.into_any())
 }
 

@@ -14,7 +14,7 @@ use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
 use pyo3::types::PyTuple;
 
-use super::array::{check_out, shares_memory, try_empty, try_vec, Raw};
+use super::array::{check_out, copy_values, shares_memory, try_empty, Raw};
 use super::errors::to_pyerr;
 use super::exec::{self, WorkView};
 use super::reductions::{batch3, parse_algorithm, slice3, value_error};
@@ -57,14 +57,6 @@ fn weight_of<T: Real + Element>(weight: Option<&Bound<'_, PyAny>>) -> PyResult<O
         )));
     }
     copy_values(&Raw::of(w)?, T::from_f64(0.0)).map(Some)
-}
-
-/// The elements of an array in C order, copied into a new vector (or `MemoryError`).
-fn copy_values<T: Copy>(raw: &Raw, zero: T) -> PyResult<Vec<T>> {
-    let mut v = try_vec(raw.size(), zero)?;
-    // SAFETY: the caller holds the array alive; the view covers its own elements.
-    unsafe { WorkView::new(raw, 0..raw.ndim).gather(0, &mut v) };
-    Ok(v)
 }
 
 /// The index targets (int64, any layout), copied once: the kernel validates and reads the

@@ -11,7 +11,7 @@ use pyo3::exceptions::{PyMemoryError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyString, PyTuple};
 
-use super::array::{check_out, shares_memory, try_empty, try_vec, Raw, MAX_DIMS};
+use super::array::{check_out, copy_values, shares_memory, try_empty, Raw, MAX_DIMS};
 use super::exec::{self, ExecError, LaneOut};
 use crate::kernels::{self, Algorithm, Reduction};
 use crate::layout::Batch;
@@ -101,26 +101,6 @@ pub(crate) fn batch3(raw: &Raw, name: &str) -> PyResult<Batch> {
             raw.strides()
         ))),
     }
-}
-
-/// [`batch3`] of a typed 3-D array (bindings that hold a `PyArray3`).
-pub(crate) fn batch_of<T: Element>(
-    arr: &Bound<'_, numpy::PyArray3<T>>,
-    name: &str,
-) -> PyResult<Batch> {
-    batch3(&Raw::of(arr)?, name)
-}
-
-/// [`slice3`] of a typed 3-D array.
-///
-/// # Safety
-/// As [`slice3`]: `batch` comes from [`batch_of`] on `arr`, which outlives the slice.
-pub(crate) unsafe fn slice_of<'a, T: Element>(
-    arr: &Bound<'_, numpy::PyArray3<T>>,
-    batch: &Batch,
-) -> PyResult<&'a [T]> {
-    // SAFETY: forwarded.
-    unsafe { slice3(&Raw::of(arr)?, batch) }
 }
 
 /// The elements of a batch read by [`batch3`] as a slice.
@@ -464,7 +444,7 @@ fn lse_states<'py>(
 }
 
 /// The elements of a float64 array in C order, copied (any layout).
-fn f64_values(
+pub(crate) fn f64_values(
     a: &Bound<'_, PyAny>,
     name: &str,
     shape: Option<&[usize]>,
@@ -481,10 +461,7 @@ fn f64_values(
             )));
         }
     }
-    let mut v = try_vec(raw.size(), 0f64)?;
-    // SAFETY: the array is alive (held by `a`) and covers its own elements.
-    unsafe { exec::WorkView::new(&raw, 0..raw.ndim).gather(0, &mut v) };
-    Ok((v, raw.shape().to_vec()))
+    Ok((copy_values(&raw, 0f64)?, raw.shape().to_vec()))
 }
 
 /// Merges two sets of `(max, excess)` float64 states elementwise (same shapes) with the one

@@ -6,10 +6,11 @@
 //! arrays, releases the GIL and maps [`SegmentError`] onto `IndexError` (ids and targets out of
 //! range), `MemoryError` (work buffers) and `ValueError` (everything else).
 
-use numpy::{Element, PyArray1, PyArray2, PyArrayMethods, PyUntypedArrayMethods};
+use numpy::{Element, PyArray, PyArray1, PyArray2};
 use pyo3::exceptions::{PyIndexError, PyMemoryError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 
+use super::array::{check_out, copy_values, dense, dense_mut, py_shape, shares_memory, Raw};
 use crate::kernels::masked;
 use crate::kernels::segments::{self, SegmentError, Segments};
 use crate::kernels::Reduction;
@@ -33,12 +34,6 @@ fn segment_error(err: SegmentError) -> PyErr {
     }
 }
 
-/// A contiguous `int64` vector argument as a slice (the caller holds the borrow).
-fn index_slice<'a>(arr: &'a numpy::PyReadonlyArray1<'_, i64>, name: &str) -> PyResult<&'a [i64]> {
-    arr.as_slice()
-        .map_err(|_| PyValueError::new_err(format!("{name} must be a contiguous int64 array")))
-}
-
 /// The segment description from the keyword arguments, exactly one of `ids` / `offsets`.
 fn segments_of<'a>(
     ids: Option<&'a [i64]>,
@@ -56,58 +51,73 @@ fn segments_of<'a>(
     }
 }
 
-/// Both readonly borrows of the optional index arrays.
-type Indices<'py> = (
-    Option<numpy::PyReadonlyArray1<'py, i64>>,
-    Option<numpy::PyReadonlyArray1<'py, i64>>,
-);
-
-fn borrow_indices<'py>(
-    ids: Option<&Bound<'py, PyAny>>,
-    offsets: Option<&Bound<'py, PyAny>>,
-) -> PyResult<Indices<'py>> {
-    let get = |a: Option<&Bound<'py, PyAny>>, name: &str| -> PyResult<_> {
-        match a {
-            None => Ok(None),
-            Some(a) => {
-                let a = a.cast::<PyArray1<i64>>().map_err(|_| {
-                    PyTypeError::new_err(format!("{name} must be a 1-D int64 array"))
-                })?;
-                Ok(Some(a.try_readonly().map_err(|e| {
-                    PyValueError::new_err(format!("{name} cannot be read: {e}"))
-                })?))
-            }
-        }
+/// An optional 1-D `int64` argument (any layout), copied once: the kernel validates and
+/// reads the copy, so another thread changing the array cannot make a checked index go out
+/// of range.
+fn indices_of(a: Option<&Bound<'_, PyAny>>, name: &str) -> PyResult<Option<Vec<i64>>> {
+    let Some(a) = a else {
+        return Ok(None);
     };
-    Ok((get(ids, "segment_ids")?, get(offsets, "offsets")?))
+    let a = a
+        .cast::<PyArray1<i64>>()
+        .map_err(|_| PyTypeError::new_err(format!("{name} must be a 1-D int64 array")))?;
+    copy_values(&Raw::of(a)?, 0i64).map(Some)
 }
 
-/// The `(rows, inner)` data of `x` as a slice, with `inner`.
-fn block_of<'a, T: Element>(x: &'a numpy::PyReadonlyArray2<'_, T>) -> PyResult<(&'a [T], usize)> {
-    let inner = x.shape()[1];
-    let xs = x
-        .as_slice()
-        .map_err(|_| PyValueError::new_err("x must be a C-contiguous array"))?;
-    Ok((xs, inner))
-}
-
-fn writable<'py, T: Element, D: numpy::ndarray::Dimension>(
-    out: &Bound<'py, PyAny>,
+/// The raw fields of an input that must be dense (C-contiguous, aligned), or a `ValueError`
+/// naming it.
+fn dense_input<T, D: numpy::ndarray::Dimension>(
+    x: &Bound<'_, PyArray<T, D>>,
     name: &str,
-) -> PyResult<numpy::PyReadwriteArray<'py, T, D>> {
-    let out = out.cast::<numpy::PyArray<T, D>>().map_err(|_| {
-        PyTypeError::new_err(format!(
-            "{name} must be a {}-D array of the input's dtype",
-            D::NDIM.unwrap_or(0)
-        ))
-    })?;
-    if !out.is_c_contiguous() {
+) -> PyResult<Raw>
+where
+    T: Element,
+{
+    let raw = Raw::of(x)?;
+    if !raw.is_dense::<T>() {
         return Err(PyValueError::new_err(format!(
-            "{name} must be C-contiguous"
+            "{name} must be a C-contiguous, aligned array"
         )));
     }
-    out.try_readwrite()
-        .map_err(|e| PyValueError::new_err(format!("{name} cannot be written: {e}")))
+    Ok(raw)
+}
+
+/// The output `out` (writeable, exactly `shape`, dtype `T`, dense) sharing no element with
+/// the input `x`, or an error naming it.
+fn output_of<'py, T: Element>(
+    py: Python<'py>,
+    out: &Bound<'py, PyAny>,
+    shape: &[usize],
+    name: &str,
+    x: &Bound<'py, PyAny>,
+    rx: &Raw,
+) -> PyResult<Raw> {
+    let (_, raw) = check_out::<T>(out, shape, name)?;
+    if !raw.is_dense::<T>() {
+        return Err(PyValueError::new_err(format!(
+            "{name} must be a C-contiguous, aligned array"
+        )));
+    }
+    if shares_memory(py, x, rx, out, &raw)? {
+        return Err(PyValueError::new_err(format!(
+            "{name} overlaps the input x"
+        )));
+    }
+    Ok(raw)
+}
+
+/// The slices of a dense input and a dense output checked by [`dense_input`] / [`output_of`].
+///
+/// # Safety
+/// Both arrays are live for the call; `out` is writeable and shares no element with `x`.
+unsafe fn slices<'a, T, O>(x: &Raw, out: &Raw) -> Result<(&'a [T], &'a mut [O]), SegmentError> {
+    // SAFETY: the caller's contract.
+    match unsafe { (dense::<T>(x), dense_mut::<O>(out)) } {
+        (Some(xs), Some(os)) => Ok((xs, os)),
+        _ => Err(SegmentError::Shape(
+            "x and the outputs must be dense".into(),
+        )),
+    }
 }
 
 fn lse_typed<'py, T: Real + Element>(
@@ -119,30 +129,20 @@ fn lse_typed<'py, T: Real + Element>(
     num_segments: usize,
     sorted: bool,
 ) -> PyResult<()> {
-    let xr = x
-        .try_readonly()
-        .map_err(|e| PyValueError::new_err(e.to_string()))?;
-    let (xs, inner) = block_of(&xr)?;
-    let (ir, or) = borrow_indices(ids, offsets)?;
-    let ids = ir
-        .as_ref()
-        .map(|a| index_slice(a, "segment_ids"))
-        .transpose()?;
-    let offs = or.as_ref().map(|a| index_slice(a, "offsets")).transpose()?;
-    let seg = segments_of(ids, offs, num_segments, sorted)?;
-    let mut ow = writable::<T, numpy::Ix2>(out, "out")?;
-    if ow.shape() != [seg.count(), inner] {
-        return Err(PyValueError::new_err(format!(
-            "out has shape {:?}, expected {:?}",
-            ow.shape(),
-            [seg.count(), inner]
-        )));
-    }
-    let os = ow
-        .as_slice_mut()
-        .map_err(|e| PyValueError::new_err(e.to_string()))?;
-    py.detach(|| segments::segment_logsumexp(xs, inner, seg, os))
-        .map_err(segment_error)
+    let rx = dense_input(x, "x")?;
+    let inner = rx.shape[1];
+    let (ids, offs) = (
+        indices_of(ids, "segment_ids")?,
+        indices_of(offsets, "offsets")?,
+    );
+    let seg = segments_of(ids.as_deref(), offs.as_deref(), num_segments, sorted)?;
+    let ro = output_of::<T>(py, out, &[seg.count(), inner], "out", x.as_any(), &rx)?;
+    py.detach(|| {
+        // SAFETY: checked above; x and out are held by the caller for the call.
+        let (xs, os) = unsafe { slices::<T, T>(&rx, &ro)? };
+        segments::segment_logsumexp(xs, inner, seg, os)
+    })
+    .map_err(segment_error)
 }
 
 /// logsumexp of every segment of the rows of a C-contiguous 2-D `x` into `out`
@@ -180,38 +180,25 @@ fn softmax_typed<'py, T: Real + Element>(
     sorted: bool,
     log: bool,
 ) -> PyResult<()> {
-    if out.is(x) {
-        return Err(PyValueError::new_err("out must not be x"));
-    }
-    let xr = x
-        .try_readonly()
-        .map_err(|e| PyValueError::new_err(e.to_string()))?;
-    let (xs, inner) = block_of(&xr)?;
-    let (ir, or) = borrow_indices(ids, offsets)?;
-    let ids = ir
-        .as_ref()
-        .map(|a| index_slice(a, "segment_ids"))
-        .transpose()?;
-    let offs = or.as_ref().map(|a| index_slice(a, "offsets")).transpose()?;
-    let seg = segments_of(ids, offs, num_segments, sorted)?;
-    let mut ow = writable::<T, numpy::Ix2>(out, "out")?;
-    if ow.shape() != xr.shape() {
-        return Err(PyValueError::new_err(format!(
-            "out has shape {:?}, expected x's {:?}",
-            ow.shape(),
-            xr.shape()
-        )));
-    }
-    let os = ow
-        .as_slice_mut()
-        .map_err(|e| PyValueError::new_err(e.to_string()))?;
+    let rx = dense_input(x, "x")?;
+    let inner = rx.shape[1];
+    let (ids, offs) = (
+        indices_of(ids, "segment_ids")?,
+        indices_of(offsets, "offsets")?,
+    );
+    let seg = segments_of(ids.as_deref(), offs.as_deref(), num_segments, sorted)?;
+    let ro = output_of::<T>(py, out, rx.shape(), "out", x.as_any(), &rx)?;
     let what = if log {
         Reduction::LogSoftmax
     } else {
         Reduction::Softmax
     };
-    py.detach(|| segments::segment_softmax_like(xs, inner, seg, what, os))
-        .map_err(segment_error)
+    py.detach(|| {
+        // SAFETY: checked above; x and out are held by the caller for the call.
+        let (xs, os) = unsafe { slices::<T, T>(&rx, &ro)? };
+        segments::segment_softmax_like(xs, inner, seg, what, os)
+    })
+    .map_err(segment_error)
 }
 
 /// softmax (or log_softmax with `log=True`) of every segment of the rows of a C-contiguous
@@ -254,47 +241,35 @@ fn xent_typed<'py, T: Real + Element>(
     ignore_index: i64,
     mean: bool,
 ) -> PyResult<(f64, usize)> {
-    let xr = x
-        .try_readonly()
-        .map_err(|e| PyValueError::new_err(e.to_string()))?;
-    let xs = xr
-        .as_slice()
-        .map_err(|_| PyValueError::new_err("x must be a contiguous array"))?;
-    let (ir, or) = borrow_indices(ids, offsets)?;
-    let ids = ir
-        .as_ref()
-        .map(|a| index_slice(a, "segment_ids"))
+    let rx = dense_input(x, "x")?;
+    let (ids, offs) = (
+        indices_of(ids, "segment_ids")?,
+        indices_of(offsets, "offsets")?,
+    );
+    let seg = segments_of(ids.as_deref(), offs.as_deref(), num_segments, sorted)?;
+    let ts = indices_of(Some(target), "target")?.unwrap_or_default();
+    let rl = output_of::<f64>(py, losses, &[seg.count()], "losses", x.as_any(), &rx)?;
+    let rg = grad
+        .map(|g| output_of::<T>(py, g, rx.shape(), "grad", x.as_any(), &rx))
         .transpose()?;
-    let offs = or.as_ref().map(|a| index_slice(a, "offsets")).transpose()?;
-    let seg = segments_of(ids, offs, num_segments, sorted)?;
-    let (tr, _) = borrow_indices(Some(target), None)?;
-    let ts = tr
-        .as_ref()
-        .map(|a| index_slice(a, "target"))
-        .transpose()?
-        .unwrap_or(&[]);
-    let mut lw = writable::<f64, numpy::Ix1>(losses, "losses")?;
-    let ls = lw
-        .as_slice_mut()
-        .map_err(|e| PyValueError::new_err(e.to_string()))?;
-    let mut gw = grad
-        .map(|g| {
-            if g.is(x) {
-                return Err(PyValueError::new_err("grad must not be x"));
-            }
-            writable::<T, numpy::Ix1>(g, "grad")
-        })
-        .transpose()?;
-    let gs = match gw.as_mut() {
-        Some(g) => Some(
-            g.as_slice_mut()
-                .map_err(|e| PyValueError::new_err(e.to_string()))?,
-        ),
-        None => None,
-    };
+    if let Some(rg) = &rg {
+        if shares_memory(py, losses, &rl, grad.unwrap_or(losses), rg)? {
+            return Err(PyValueError::new_err("grad overlaps losses"));
+        }
+    }
     let scale = move |count: usize| if mean { 1.0 / count as f64 } else { 1.0 };
     let r = py
-        .detach(|| segments::segment_cross_entropy(xs, seg, ts, ignore_index, ls, gs, scale))
+        .detach(|| {
+            // SAFETY: checked above; x, losses and grad are held by the caller for the call
+            // and share no element.
+            let (xs, ls) = unsafe { slices::<T, f64>(&rx, &rl)? };
+            let gs = match rg {
+                // SAFETY: as above.
+                Some(rg) => Some(unsafe { slices::<T, T>(&rx, &rg)? }.1),
+                None => None,
+            };
+            segments::segment_cross_entropy(xs, seg, &ts, ignore_index, ls, gs, scale)
+        })
         .map_err(segment_error)?;
     Ok((r.sum, r.count))
 }
@@ -362,49 +337,47 @@ fn masked_typed<'py, T: Real + Element>(
     out: &Bound<'py, PyAny>,
     op: u8,
 ) -> PyResult<()> {
-    let xr = x
-        .try_readonly()
-        .map_err(|e| PyValueError::new_err(e.to_string()))?;
-    let (xs, n) = block_of(&xr)?;
+    let rx = dense_input(x, "x")?;
+    let n = rx.shape[1];
     let mask = mask
         .cast::<PyArray2<bool>>()
         .map_err(|_| PyTypeError::new_err("mask must be a 2-D bool array"))?;
-    let mr = mask
-        .try_readonly()
-        .map_err(|e| PyValueError::new_err(e.to_string()))?;
-    if mr.shape() != xr.shape() {
+    let rm = dense_input(mask, "mask")?;
+    if rm.shape() != rx.shape() {
         return Err(PyValueError::new_err(format!(
-            "mask has shape {:?}, x has {:?}; they must match",
-            mr.shape(),
-            xr.shape()
+            "mask has shape {}, x has {}; they must match",
+            py_shape(rm.shape()),
+            py_shape(rx.shape())
         )));
     }
-    let ms = mr
-        .as_slice()
-        .map_err(|_| PyValueError::new_err("mask must be C-contiguous"))?;
-    if op == 0 {
-        let mut ow = writable::<T, numpy::Ix1>(out, "out")?;
-        let os = ow
-            .as_slice_mut()
-            .map_err(|e| PyValueError::new_err(e.to_string()))?;
-        return py
-            .detach(|| masked::logsumexp_rows_masked(xs, ms, n, os))
-            .map_err(PyValueError::new_err);
+    // SAFETY: mask is held by the caller for the call and is dense (checked above).
+    let ms = unsafe { dense::<bool>(&rm) }
+        .ok_or_else(|| PyValueError::new_err("mask must be C-contiguous"))?;
+    let shape = if op == 0 { &rx.shape[..1] } else { rx.shape() };
+    let ro = output_of::<T>(py, out, shape, "out", x.as_any(), &rx)?;
+    if shares_memory(py, mask.as_any(), &rm, out, &ro)? {
+        return Err(PyValueError::new_err("out overlaps the mask"));
     }
-    if out.is(x) {
-        return Err(PyValueError::new_err("out must not be x"));
+    if op == 0 {
+        return py
+            .detach(|| {
+                // SAFETY: checked above; x and out are held by the caller for the call.
+                let (xs, os) = unsafe { slices::<T, T>(&rx, &ro) }.map_err(|e| e.to_string())?;
+                masked::logsumexp_rows_masked(xs, ms, n, os)
+            })
+            .map_err(PyValueError::new_err);
     }
     let what = if op == 2 {
         Reduction::LogSoftmax
     } else {
         Reduction::Softmax
     };
-    let mut ow = writable::<T, numpy::Ix2>(out, "out")?;
-    let os = ow
-        .as_slice_mut()
-        .map_err(|e| PyValueError::new_err(e.to_string()))?;
-    py.detach(|| masked::softmax_rows_masked(xs, ms, n, what, os))
-        .map_err(PyValueError::new_err)
+    py.detach(|| {
+        // SAFETY: checked above; x and out are held by the caller for the call.
+        let (xs, os) = unsafe { slices::<T, T>(&rx, &ro) }.map_err(|e| e.to_string())?;
+        masked::softmax_rows_masked(xs, ms, n, what, os)
+    })
+    .map_err(PyValueError::new_err)
 }
 
 /// JAX-style `where=` over the rows of a C-contiguous 2-D `x` with a bool `mask` of its
