@@ -129,7 +129,13 @@ def test_any_chunking_matches_numpy_path(case, split_every):
         sd.log_softmax(dx, axis=axis, split_every=split_every),
         scheduler="sync",
     )
-    assert_ulps(got_l, stablelse.logsumexp(x, axis=axis), ulps=1 if x.dtype == np.float32 else 4)
+    # float32 is summed in float64 and rounded once, so both paths agree to 1 ULP. float64 is
+    # summed in float64: when the result is tiny (log1p of a tiny excess) each path's summation
+    # error is up to about one ULP per term relative to the result, so the bound grows with the
+    # number of terms reduced.
+    terms = x.size if axis is None else int(np.prod([x.shape[a] for a in np.atleast_1d(axis)]))
+    ulps = 1 if x.dtype == np.float32 else 4 + terms
+    assert_ulps(got_l, stablelse.logsumexp(x, axis=axis), ulps=ulps)
     want_s = stablelse.log_softmax(x, axis=axis)
     if x.dtype == np.float32:
         assert_ulps(got_s, want_s, ulps=1)
