@@ -126,7 +126,7 @@ fn log_of(prog: sys::nvrtcProgram) -> String {
             let bytes: Vec<u8> = chars
                 .iter()
                 .take_while(|&&c| c != 0)
-                .map(|&c| c as u8)
+                .map(|&c| c.to_ne_bytes()[0])
                 .collect();
             String::from_utf8_lossy(&bytes).into_owned()
         }
