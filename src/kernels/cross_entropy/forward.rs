@@ -3,7 +3,7 @@
 use super::spec::{lane_target, plan, reduce_pieces, LaneTarget, Plan, Targets, XentOptions};
 use crate::error::{try_vec, Error};
 use crate::kernels::blocking::{row_blocks, sum3, COLUMN_BLOCK};
-use crate::kernels::{row_exp_scaled, row_state, Algorithm};
+use crate::kernels::{row_exp_scaled, row_state, softmax_like, Algorithm, Reduction};
 use crate::layout::Batch;
 use crate::parallel::{self, SendPtr};
 use crate::real::Real;
@@ -13,8 +13,13 @@ use crate::state::LseState;
 /// block, so a block's states fit one buffer.
 const STATE_BLOCK: usize = COLUMN_BLOCK;
 
-/// Rows up to this long are reduced in transposed blocks by the SIMD column kernel.
-const SHORT_ROW: usize = 64;
+/// Rows up to this long take the SIMD short-row kernels (rows in vector lanes) for their states
+/// and gradients.
+const SHORT_ROW: usize = crate::simd::SHORT_ROW;
+
+/// Rows of a pitch this large or more are copied to contiguous scratch before the short-row
+/// kernels, which index rows with 32-bit offsets (so every pitch takes the same kernel).
+const SHORT_PITCH_LIMIT: usize = 1 << 26;
 
 /// Elements of a transposed column block (and of its gradient): 256 KiB of float32, within L2.
 const COLUMN_SCRATCH: usize = 1 << 16;
@@ -73,16 +78,29 @@ fn lane_loss<T: Real>(plan: &Plan<'_, T>, target: LaneTarget, s: &LaneSums) -> (
     (main, lse)
 }
 
-/// How a lane's gradient is written: `g_k = scale * exp(x_k - m) - corr * w_k [* q'_k]`, then
-/// `g_t` (index target) replaced by its accurate value.
+/// How a lane's gradient is written: `g_k = scale * exp(x_k - m) - corr * w_k [* q'_k]`
+/// (`scale = coef / S`; short rows: `coef * softmax_k - ..`), then `g_t` (index target)
+/// replaced by its accurate value.
 #[derive(Clone, Copy)]
 struct LaneGrad {
     /// NaN gradient (non-finite max) or zero (ignored).
     fill: Option<f64>,
     shift: f64,
     scale: f64,
+    coef: f64,
     corr: f64,
     target: Option<(usize, f64)>,
+}
+
+impl LaneGrad {
+    const ZERO: LaneGrad = LaneGrad {
+        fill: Some(0.0),
+        shift: 0.0,
+        scale: 0.0,
+        coef: 0.0,
+        corr: 0.0,
+        target: None,
+    };
 }
 
 #[inline]
@@ -91,6 +109,7 @@ fn lane_grad<T: Real>(plan: &Plan<'_, T>, target: LaneTarget, s: &LaneSums) -> L
         fill: Some(v),
         shift: 0.0,
         scale: 0.0,
+        coef: 0.0,
         corr: 0.0,
         target: None,
     };
@@ -116,6 +135,7 @@ fn lane_grad<T: Real>(plan: &Plan<'_, T>, target: LaneTarget, s: &LaneSums) -> L
                 fill: None,
                 shift: m,
                 scale: c / total,
+                coef: c,
                 corr: plan.s1 * plan.b,
                 target: Some((t, gt)),
             }
@@ -124,6 +144,7 @@ fn lane_grad<T: Real>(plan: &Plan<'_, T>, target: LaneTarget, s: &LaneSums) -> L
             fill: None,
             shift: m,
             scale: (plan.s1 * s.qsum + zterm) / total,
+            coef: plan.s1 * s.qsum + zterm,
             corr: plan.s1,
             target: None,
         },
@@ -188,37 +209,36 @@ fn xent_rows<T: Real>(
         let mut acc = (0.0f64, 0.0f64);
         let mut scratch = Vec::new();
         let mut states = [LseState::EMPTY; STATE_BLOCK];
+        let mut grads = [LaneGrad::ZERO; STATE_BLOCK];
+        let pitch = batch.outer_stride;
         let mut l0 = range.start;
         while l0 < range.end {
             let w = STATE_BLOCK.min(range.end - l0);
-            let first = l0 * batch.outer_stride;
-            block_states(
-                &logits[first..],
-                batch.outer_stride,
-                n,
-                w,
-                alg,
-                &mut scratch,
-                &mut states,
-            );
-            for (i, &state) in states.iter().enumerate().take(w) {
+            let first = l0 * pitch;
+            let xb = &logits[first..];
+            let qb = match targets {
+                Targets::Probs(q) => Some(&q[first..]),
+                Targets::Indices(_) => None,
+            };
+            block_states(xb, pitch, n, w, alg, &mut scratch, &mut states)?;
+            for i in 0..w {
                 let l = l0 + i;
-                let start = l * batch.outer_stride;
-                let x = &logits[start..start + n];
+                let x = &xb[i * pitch..i * pitch + n];
                 let target = lane_target(targets, l, ignore, n);
-                let probs = match targets {
-                    Targets::Probs(q) => Some(&q[start..start + n]),
-                    Targets::Indices(_) => None,
-                };
-                let sums = row_sums(plan, x, target, probs, state);
+                let probs = qb.map(|q| &q[i * pitch..i * pitch + n]);
+                let sums = row_sums(plan, x, target, probs, states[i]);
                 let (main, zt) = lane_outputs(plan, target, &sums, l, lanes_out);
-                if let Some(gp) = grad_out {
-                    // SAFETY: lane l owns the dense row l of the gradient, checked by `plan`.
-                    let g = unsafe { std::slice::from_raw_parts_mut(gp.ptr().add(l * n), n) };
-                    write_row_grad(plan, x, probs, lane_grad(plan, target, &sums), g);
+                if grad_out.is_some() {
+                    grads[i] = lane_grad(plan, target, &sums);
                 }
                 acc.0 += main;
                 acc.1 += zt;
+            }
+            if let Some(gp) = grad_out {
+                // SAFETY: lanes l0..l0 + w own the dense rows l0..l0 + w of the gradient,
+                // whose length `plan` checked.
+                let g = unsafe { std::slice::from_raw_parts_mut(gp.ptr().add(l0 * n), w * n) };
+                block_grads(plan, xb, qb, pitch, n, &grads[..w], alg, &mut scratch, g)?;
             }
             l0 += w;
         }
@@ -226,11 +246,38 @@ fn xent_rows<T: Real>(
     })
 }
 
+/// `w` short rows of `x` (row `i` at `x[i * pitch..][..n]`) as a batch the short-row kernels
+/// take: in place, or copied to `scratch` when the pitch is beyond their offsets.
+fn short_block<'a, T: Real>(
+    x: &'a [T],
+    pitch: usize,
+    n: usize,
+    w: usize,
+    scratch: &'a mut Vec<T>,
+) -> Result<(&'a [T], Batch), Error> {
+    if pitch < SHORT_PITCH_LIMIT {
+        let batch = Batch {
+            outer: w,
+            outer_stride: pitch,
+            n,
+            inner: 1,
+        };
+        return Ok((&x[..(w - 1) * pitch + n], batch));
+    }
+    scratch.clear();
+    scratch.try_reserve_exact(w * n).map_err(|_| Error::Alloc {
+        bytes: w * n * std::mem::size_of::<T>(),
+    })?;
+    for i in 0..w {
+        scratch.extend_from_slice(&x[i * pitch..i * pitch + n]);
+    }
+    Ok((&scratch[..], Batch::rows(w, n)))
+}
+
 /// The `(max, excess)` states of `w` rows of length `n`, row `i` at `x[i * pitch..][..n]`.
-/// Short rows are transposed into an `(n, w)` block and reduced by the SIMD column kernel
-/// (rows in vector lanes), which costs a fraction of one [`row_state`] call per row; longer
-/// rows use [`row_state`]. Rows and columns both come through here, so both layouts give the
-/// same bits.
+/// Short rows take the SIMD short-row kernels (a vector of rows at a time, read in place);
+/// longer rows use [`row_state`]. Rows and columns both come through here, so both layouts
+/// give the same bits.
 fn block_states<T: Real>(
     x: &[T],
     pitch: usize,
@@ -239,22 +286,58 @@ fn block_states<T: Real>(
     alg: Algorithm,
     scratch: &mut Vec<T>,
     states: &mut [LseState],
-) {
-    if (1..=SHORT_ROW).contains(&n) && w > 1 {
-        scratch.clear();
-        scratch.resize(n * w, T::from_f64(0.0));
-        for i in 0..w {
-            for (k, &v) in x[i * pitch..i * pitch + n].iter().enumerate() {
-                scratch[k * w + i] = v;
-            }
-        }
-        crate::kernels::lse_states(scratch, Batch::contiguous(1, n, w), alg, &mut states[..w])
-            .expect("the block matches its batch");
+) -> Result<(), Error> {
+    if (1..=SHORT_ROW).contains(&n) {
+        let (xs, batch) = short_block(x, pitch, n, w, scratch)?;
+        crate::kernels::lse_states(xs, batch, alg, &mut states[..w]).map_err(Error::Layout)?;
     } else {
         for (i, st) in states.iter_mut().enumerate().take(w) {
             *st = row_state(&x[i * pitch..i * pitch + n], alg);
         }
     }
+    Ok(())
+}
+
+/// Writes the gradients `grads` of `w = grads.len()` rows of length `n` (row `i` at
+/// `x[i * pitch..][..n]`, its probabilities at the same place in `q`) to the dense `g`
+/// (`w * n`). Short rows are written as softmax by the SIMD short-row kernel, then scaled
+/// per row; longer rows by [`write_row_grad`]. Rows and columns both come through here.
+#[allow(clippy::too_many_arguments)]
+fn block_grads<T: Real>(
+    plan: &Plan<'_, T>,
+    x: &[T],
+    q: Option<&[T]>,
+    pitch: usize,
+    n: usize,
+    grads: &[LaneGrad],
+    alg: Algorithm,
+    scratch: &mut Vec<T>,
+    g: &mut [T],
+) -> Result<(), Error> {
+    let w = grads.len();
+    if !(1..=SHORT_ROW).contains(&n) {
+        for (i, &lg) in grads.iter().enumerate() {
+            let row = i * pitch..i * pitch + n;
+            let probs = q.map(|q| &q[row.clone()]);
+            write_row_grad(plan, &x[row], probs, lg, &mut g[i * n..(i + 1) * n]);
+        }
+        return Ok(());
+    }
+    let (xs, batch) = short_block(x, pitch, n, w, scratch)?;
+    softmax_like(xs, batch, alg, Reduction::Softmax, g).map_err(Error::Layout)?;
+    for (i, lg) in grads.iter().enumerate() {
+        let gi = &mut g[i * n..(i + 1) * n];
+        if let Some(v) = lg.fill {
+            gi.fill(T::from_f64(v));
+            continue;
+        }
+        let probs = q.map(|q| &q[i * pitch..i * pitch + n]);
+        scale_and_correct(plan, gi, probs, plan.weight, lg.coef, lg.corr);
+        if let Some((t, gt)) = lg.target {
+            gi[t] = T::from_f64(gt);
+        }
+    }
+    Ok(())
 }
 
 /// The lane's `(main, lse^2)` terms (0 for ignored lanes), its "none" loss written to
@@ -377,35 +460,54 @@ fn write_row_grad<T: Real>(
         // SAFETY: the blocks of one row are disjoint ranges of g.
         let gb = unsafe { std::slice::from_raw_parts_mut(gp.ptr().add(r.start), r.len()) };
         row_exp_scaled(&x[r.clone()], lg.shift, lg.scale, gb);
-        let (a, b) = (plan.a, plan.b);
-        match (probs, plan.weight) {
-            (Some(q), Some(w)) => {
-                for ((gk, &qk), &wk) in gb.iter_mut().zip(&q[r.clone()]).zip(&w[r]) {
-                    let wq = wk.to_f64() * (a * qk.to_f64() + b);
-                    *gk = T::from_f64(gk.to_f64() - lg.corr * wq);
-                }
-            }
-            (Some(q), None) => {
-                for (gk, &qk) in gb.iter_mut().zip(&q[r]) {
-                    *gk = T::from_f64(gk.to_f64() - lg.corr * (a * qk.to_f64() + b));
-                }
-            }
-            (None, Some(w)) if lg.corr != 0.0 => {
-                for (gk, &wk) in gb.iter_mut().zip(&w[r]) {
-                    *gk = T::from_f64(gk.to_f64() - lg.corr * wk.to_f64());
-                }
-            }
-            (None, None) if lg.corr != 0.0 => {
-                for gk in gb.iter_mut() {
-                    *gk = T::from_f64(gk.to_f64() - lg.corr);
-                }
-            }
-            _ => {}
-        }
+        let probs = probs.map(|q| &q[r.clone()]);
+        scale_and_correct(plan, gb, probs, plan.weight.map(|w| &w[r]), 1.0, lg.corr);
     })
     .for_each(drop); // the blocks ran for their writes
     if let Some((t, gt)) = lg.target {
         g[t] = T::from_f64(gt);
+    }
+}
+
+/// `g_k = mul * g_k - corr * w_k [* q'_k]` over one row (block): `q` and `w` cover the same
+/// classes as `g`. `mul == 1` leaves `g_k` exact; a zero `corr` skips the weights.
+fn scale_and_correct<T: Real>(
+    plan: &Plan<'_, T>,
+    g: &mut [T],
+    q: Option<&[T]>,
+    w: Option<&[T]>,
+    mul: f64,
+    corr: f64,
+) {
+    let (a, b) = (plan.a, plan.b);
+    match (q, w) {
+        (Some(q), Some(w)) => {
+            for ((gk, &qk), &wk) in g.iter_mut().zip(q).zip(w) {
+                let wq = wk.to_f64() * (a * qk.to_f64() + b);
+                *gk = T::from_f64(mul * gk.to_f64() - corr * wq);
+            }
+        }
+        (Some(q), None) => {
+            for (gk, &qk) in g.iter_mut().zip(q) {
+                *gk = T::from_f64(mul * gk.to_f64() - corr * (a * qk.to_f64() + b));
+            }
+        }
+        (None, Some(w)) if corr != 0.0 => {
+            for (gk, &wk) in g.iter_mut().zip(w) {
+                *gk = T::from_f64(mul * gk.to_f64() - corr * wk.to_f64());
+            }
+        }
+        (None, None) if corr != 0.0 => {
+            for gk in g.iter_mut() {
+                *gk = T::from_f64(mul * gk.to_f64() - corr);
+            }
+        }
+        _ if mul != 1.0 => {
+            for gk in g.iter_mut() {
+                *gk = T::from_f64(mul * gk.to_f64());
+            }
+        }
+        _ => {}
     }
 }
 
@@ -450,6 +552,7 @@ fn xent_columns<T: Real>(
         };
         let mut scratch = Vec::new();
         let mut states = [LseState::EMPTY; STATE_BLOCK];
+        let mut grads = [LaneGrad::ZERO; STATE_BLOCK];
         for u in range {
             let (o, jb) = (u / blocks_per_slab, u % blocks_per_slab);
             let j0 = jb * width;
@@ -459,7 +562,7 @@ fn xent_columns<T: Real>(
             if let Targets::Probs(q) = targets {
                 transpose_in(&q[base..], inner, n, w, &mut qs);
             }
-            block_states(&xs, n, n, w, alg, &mut scratch, &mut states);
+            block_states(&xs, n, n, w, alg, &mut scratch, &mut states)?;
             for jj in 0..w {
                 let l = o * inner + j0 + jj;
                 let x = &xs[jj * n..(jj + 1) * n];
@@ -471,13 +574,18 @@ fn xent_columns<T: Real>(
                 let sums = row_sums(plan, x, target, probs, states[jj]);
                 let (main, zt) = lane_outputs(plan, target, &sums, l, lanes_out);
                 if grad_out.is_some() {
-                    let g = &mut gs[jj * n..(jj + 1) * n];
-                    write_row_grad(plan, x, probs, lane_grad(plan, target, &sums), g);
+                    grads[jj] = lane_grad(plan, target, &sums);
                 }
                 acc.0 += main;
                 acc.1 += zt;
             }
             if let Some(gp) = grad_out {
+                let qb = match targets {
+                    Targets::Probs(_) => Some(&qs[..]),
+                    Targets::Indices(_) => None,
+                };
+                let g = &mut gs[..w * n];
+                block_grads(plan, &xs, qb, n, n, &grads[..w], alg, &mut scratch, g)?;
                 let gbase = o * n * inner + j0;
                 for k in 0..n {
                     for jj in 0..w {

@@ -725,3 +725,106 @@ fn a_target_out_of_range_after_validation_is_never_indexed() {
     assert_eq!(kinds, [true, false, false, false, false]);
     assert!(matches!(lane_target(&t, 0, 2, 3), LaneTarget::Ignored));
 }
+
+#[test]
+fn pitched_short_rows_equal_contiguous_rows_and_columns_bitwise() {
+    // Short rows take the short-row kernels read in place (pitched) for both the loss and the
+    // gradient; the contiguous rows and the columns of the transpose must give the same bits,
+    // with several state blocks, a ragged last block and both kinds of target.
+    let mut rng = Rng::new(29);
+    for &n in &[1usize, 7, 33, 64, 65] {
+        let (outer, pitch) = (300, n + 3);
+        let x: Vec<f32> = (0..outer * pitch)
+            .map(|_| rng.uniform(-30.0, 30.0) as f32)
+            .collect();
+        let q: Vec<f32> = (0..outer * pitch)
+            .map(|_| rng.uniform(0.0, 1.0) as f32)
+            .collect();
+        let t: Vec<i64> = (0..outer)
+            .map(|l| {
+                if l % 9 == 4 {
+                    -100
+                } else {
+                    (rng.next_u64() % n as u64) as i64
+                }
+            })
+            .collect();
+        let w: Vec<f32> = (0..n).map(|k| 0.25 + (k % 3) as f32).collect();
+        let dense = |v: &[f32]| -> Vec<f32> {
+            (0..outer)
+                .flat_map(|o| v[o * pitch..o * pitch + n].to_vec())
+                .collect()
+        };
+        let transpose = |v: &[f32]| -> Vec<f32> {
+            let mut c = vec![0.0f32; outer * n];
+            for o in 0..outer {
+                for k in 0..n {
+                    c[k * outer + o] = v[o * n + k];
+                }
+            }
+            c
+        };
+        let (xd, qd) = (dense(&x), dense(&q));
+        let (xc, qc) = (transpose(&xd), transpose(&qd));
+        let opts = XentOptions {
+            weight: Some(&w[..]),
+            label_smoothing: 0.1,
+            z_loss: 1e-3,
+            reduction: LossReduction::None,
+            ..XentOptions::default()
+        };
+        let pitched = Batch {
+            outer,
+            outer_stride: pitch,
+            n,
+            inner: 1,
+        };
+        let cases = [
+            (pitched, &x, &q),
+            (Batch::rows(outer, n), &xd, &qd),
+            (Batch::contiguous(1, n, outer), &xc, &qc),
+        ];
+        for probs in [false, true] {
+            let mut outs = Vec::new();
+            for (batch, xs, qs) in cases.iter() {
+                let targets = if probs {
+                    Targets::Probs(&qs[..])
+                } else {
+                    Targets::Indices(&t)
+                };
+                let mut per = vec![0.0f32; outer];
+                let mut g = vec![0.0f32; outer * n];
+                cross_entropy(
+                    &xs[..],
+                    *batch,
+                    targets,
+                    &opts,
+                    Some(&mut per),
+                    Some(&mut g),
+                )
+                .unwrap();
+                if batch.inner > 1 {
+                    g = transpose_back(&g, n, outer);
+                }
+                let bits = |v: &[f32]| v.iter().map(|a| a.to_bits()).collect::<Vec<_>>();
+                outs.push((bits(&per), bits(&g)));
+            }
+            assert!(
+                outs[0] == outs[1],
+                "pitched vs contiguous, n={n} probs={probs}"
+            );
+            assert!(outs[1] == outs[2], "rows vs columns, n={n} probs={probs}");
+        }
+    }
+}
+
+/// `(n, lanes)` back to `(lanes, n)`.
+fn transpose_back(g: &[f32], n: usize, lanes: usize) -> Vec<f32> {
+    let mut r = vec![0.0f32; g.len()];
+    for k in 0..n {
+        for l in 0..lanes {
+            r[l * n + k] = g[k * lanes + l];
+        }
+    }
+    r
+}
