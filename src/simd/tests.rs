@@ -21,6 +21,17 @@ impl Rng {
     }
 }
 
+/// With `STABLELSE_REQUIRE_SIMD` set (the emulated aarch64 run sets it to `neon`), the level it
+/// names must be the one dispatched to; otherwise the every-level tests could quietly compare
+/// scalar with scalar on a CPU or emulator that hides the instruction set.
+#[test]
+fn required_level_is_the_dispatched_one() {
+    if let Ok(want) = std::env::var("STABLELSE_REQUIRE_SIMD") {
+        assert_eq!(level().name(), want, "STABLELSE_REQUIRE_SIMD={want}");
+        assert!(available_levels().iter().any(|l| l.name() == want));
+    }
+}
+
 /// Error of `got` in float32 ULPs of the exact `exp(x)` (taken as float64 exp; its own error,
 /// ~1e-16 relative, is far below the float32 ULP). Specials must match exactly.
 fn ulp_error_f32(x: f32, got: f32) -> f64 {
