@@ -325,6 +325,20 @@ def test_out_sharing_no_element_with_a_strided_input_is_accepted():
         sl.logsumexp(b, axis=1, out=b[:, 0])
 
 
+def test_dense_out_in_the_gaps_of_a_row_pitched_input_is_accepted():
+    """A dense logsumexp out lying in the gaps between a row-pitched input's rows (inside its
+    address range, no element shared) was refused as "already borrowed"."""
+    a = np.zeros((4, 16), np.float32)
+    x = a[:, :8]
+    x[...] = np.arange(32, dtype=np.float32).reshape(4, 8) / 7
+    out = a[0, 8:12]
+    assert not np.shares_memory(x, out)
+    keep = x.copy()
+    assert sl.logsumexp(x, axis=-1, out=out) is out
+    np.testing.assert_allclose(out, sp.logsumexp(keep.astype(np.float64), axis=-1), rtol=1e-6)
+    np.testing.assert_array_equal(x, keep)
+
+
 def test_zero_classes_with_the_class_axis_in_the_middle():
     """Lanes of no classes over many columns: the column path of the loss indexed past an
     empty slice (found by the fuzzer, seed 136238712)."""
