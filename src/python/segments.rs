@@ -54,6 +54,31 @@ fn segments_of<'a>(
 /// An optional 1-D `int64` argument (any layout), copied once: the kernel validates and
 /// reads the copy, so another thread changing the array cannot make a checked index go out
 /// of range.
+/// The segment description a call was given (ids or offsets), copied once so another thread
+/// cannot change it after validation.
+struct SegmentArgs {
+    ids: Option<Vec<i64>>,
+    offsets: Option<Vec<i64>>,
+}
+
+impl SegmentArgs {
+    fn read(ids: Option<&Bound<'_, PyAny>>, offsets: Option<&Bound<'_, PyAny>>) -> PyResult<Self> {
+        Ok(SegmentArgs {
+            ids: indices_of(ids, "segment_ids")?,
+            offsets: indices_of(offsets, "offsets")?,
+        })
+    }
+
+    fn segments(&self, num_segments: usize, sorted: bool) -> PyResult<Segments<'_>> {
+        segments_of(
+            self.ids.as_deref(),
+            self.offsets.as_deref(),
+            num_segments,
+            sorted,
+        )
+    }
+}
+
 fn indices_of(a: Option<&Bound<'_, PyAny>>, name: &str) -> PyResult<Option<Vec<i64>>> {
     let Some(a) = a else {
         return Ok(None);
@@ -131,11 +156,8 @@ fn lse_typed<'py, T: Real + Element>(
 ) -> PyResult<()> {
     let rx = dense_input(x, "x")?;
     let inner = rx.shape[1];
-    let (ids, offs) = (
-        indices_of(ids, "segment_ids")?,
-        indices_of(offsets, "offsets")?,
-    );
-    let seg = segments_of(ids.as_deref(), offs.as_deref(), num_segments, sorted)?;
+    let args = SegmentArgs::read(ids, offsets)?;
+    let seg = args.segments(num_segments, sorted)?;
     let ro = output_of::<T>(py, out, &[seg.count(), inner], "out", x.as_any(), &rx)?;
     py.detach(|| {
         // SAFETY: checked above; x and out are held by the caller for the call.
@@ -182,11 +204,8 @@ fn softmax_typed<'py, T: Real + Element>(
 ) -> PyResult<()> {
     let rx = dense_input(x, "x")?;
     let inner = rx.shape[1];
-    let (ids, offs) = (
-        indices_of(ids, "segment_ids")?,
-        indices_of(offsets, "offsets")?,
-    );
-    let seg = segments_of(ids.as_deref(), offs.as_deref(), num_segments, sorted)?;
+    let args = SegmentArgs::read(ids, offsets)?;
+    let seg = args.segments(num_segments, sorted)?;
     let ro = output_of::<T>(py, out, rx.shape(), "out", x.as_any(), &rx)?;
     let what = if log {
         Reduction::LogSoftmax
@@ -242,11 +261,8 @@ fn xent_typed<'py, T: Real + Element>(
     mean: bool,
 ) -> PyResult<(f64, usize)> {
     let rx = dense_input(x, "x")?;
-    let (ids, offs) = (
-        indices_of(ids, "segment_ids")?,
-        indices_of(offsets, "offsets")?,
-    );
-    let seg = segments_of(ids.as_deref(), offs.as_deref(), num_segments, sorted)?;
+    let args = SegmentArgs::read(ids, offsets)?;
+    let seg = args.segments(num_segments, sorted)?;
     let ts = indices_of(Some(target), "target")?.unwrap_or_default();
     let rl = output_of::<f64>(py, losses, &[seg.count()], "losses", x.as_any(), &rx)?;
     let rg = grad
