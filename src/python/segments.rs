@@ -10,8 +10,7 @@ use numpy::{Element, PyArray, PyArray1, PyArray2};
 use pyo3::exceptions::{PyIndexError, PyMemoryError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 
-use super::array::{check_out, copy_values, dense, dense_mut, py_shape, shares_memory, Raw};
-use crate::kernels::masked;
+use super::array::{check_out, copy_values, dense, dense_mut, shares_memory, Raw};
 use crate::kernels::segments::{self, SegmentError, Segments};
 use crate::kernels::Reduction;
 use crate::real::Real;
@@ -19,7 +18,6 @@ use crate::real::Real;
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(segment_logsumexp, m)?)?;
     m.add_function(wrap_pyfunction!(segment_softmax, m)?)?;
-    m.add_function(wrap_pyfunction!(masked_rows, m)?)?;
     m.add_function(wrap_pyfunction!(segment_cross_entropy, m)?)?;
     Ok(())
 }
@@ -342,84 +340,6 @@ fn segment_cross_entropy<'py>(
     } else {
         Err(PyTypeError::new_err(
             "x must be a 1-D float32 or float64 array",
-        ))
-    }
-}
-
-fn masked_typed<'py, T: Real + Element>(
-    py: Python<'py>,
-    x: &Bound<'py, PyArray2<T>>,
-    mask: &Bound<'py, PyAny>,
-    out: &Bound<'py, PyAny>,
-    op: u8,
-) -> PyResult<()> {
-    let rx = dense_input(x, "x")?;
-    let n = rx.shape[1];
-    let mask = mask
-        .cast::<PyArray2<bool>>()
-        .map_err(|_| PyTypeError::new_err("mask must be a 2-D bool array"))?;
-    let rm = dense_input(mask, "mask")?;
-    if rm.shape() != rx.shape() {
-        return Err(PyValueError::new_err(format!(
-            "mask has shape {}, x has {}; they must match",
-            py_shape(rm.shape()),
-            py_shape(rx.shape())
-        )));
-    }
-    // SAFETY: mask is held by the caller for the call and is dense (checked above).
-    let ms = unsafe { dense::<bool>(&rm) }
-        .ok_or_else(|| PyValueError::new_err("mask must be C-contiguous"))?;
-    let shape = if op == 0 { &rx.shape[..1] } else { rx.shape() };
-    let ro = output_of::<T>(py, out, shape, "out", x.as_any(), &rx)?;
-    if shares_memory(py, mask.as_any(), &rm, out, &ro)? {
-        return Err(PyValueError::new_err("out overlaps the mask"));
-    }
-    if op == 0 {
-        return py
-            .detach(|| {
-                // SAFETY: checked above; x and out are held by the caller for the call.
-                let (xs, os) = unsafe { slices::<T, T>(&rx, &ro) }.map_err(|e| e.to_string())?;
-                masked::logsumexp_rows_masked(xs, ms, n, os)
-            })
-            .map_err(PyValueError::new_err);
-    }
-    let what = if op == 2 {
-        Reduction::LogSoftmax
-    } else {
-        Reduction::Softmax
-    };
-    py.detach(|| {
-        // SAFETY: checked above; x and out are held by the caller for the call.
-        let (xs, os) = unsafe { slices::<T, T>(&rx, &ro) }.map_err(|e| e.to_string())?;
-        masked::softmax_rows_masked(xs, ms, n, what, os)
-    })
-    .map_err(PyValueError::new_err)
-}
-
-/// JAX-style `where=` over the rows of a C-contiguous 2-D `x` with a bool `mask` of its
-/// shape: `op` 0 writes logsumexp per row into the 1-D `out`, 1 softmax and 2 log_softmax into
-/// the 2-D `out`.
-#[pyfunction]
-#[pyo3(signature = (x, mask, out, op))]
-fn masked_rows<'py>(
-    py: Python<'py>,
-    x: &Bound<'py, PyAny>,
-    mask: &Bound<'py, PyAny>,
-    out: &Bound<'py, PyAny>,
-    op: u8,
-) -> PyResult<()> {
-    if op > 2 {
-        return Err(PyValueError::new_err(format!(
-            "op must be 0, 1 or 2, got {op}"
-        )));
-    }
-    if let Ok(x) = x.cast::<PyArray2<f32>>() {
-        masked_typed(py, x, mask, out, op)
-    } else if let Ok(x) = x.cast::<PyArray2<f64>>() {
-        masked_typed(py, x, mask, out, op)
-    } else {
-        Err(PyTypeError::new_err(
-            "x must be a 2-D float32 or float64 array",
         ))
     }
 }
