@@ -69,15 +69,23 @@ def _state_chunk(
     *,
     axis: tuple[int, ...],
     keepdims: bool,
+    masked: bool = False,
     computing_meta: bool = False,
 ) -> AnyArray:
-    """Block -> its states over `axis`, kept as length-1 axes (a structured array)."""
+    """Block -> its states over `axis`, kept as length-1 axes (a structured array).
+
+    ``weights_chunk`` is the block of the weights, or with ``masked`` the block of the bool
+    ``where`` mask (read by the kernels beside the block).
+    """
     if computing_meta:
         return _empty_like_reduced(x, STATE_DTYPE)
     xr, _ = _as_real_array(x, "x")
-    if weights_chunk is not None:
+    mask = None
+    if masked:
+        mask = np.asarray(weights_chunk)
+    elif weights_chunk is not None:
         xr = log_weighted(xr, np.asarray(weights_chunk), "stablelse.dask.logsumexp", "a block")
-    mx, ex = chunk_states(xr, axis)
+    mx, ex = chunk_states(xr, axis, mask)
     shape = tuple(1 if i in axis else s for i, s in enumerate(x.shape))
     return _pack(mx.reshape(shape), ex.reshape(shape))
 
@@ -127,6 +135,20 @@ def _axes_of(x: da.Array, axis: AxisLike) -> tuple[int, ...]:
     return normalize_axes(axis, x.ndim)
 
 
+def _where_dask(where: Any, shape: tuple[int, ...]) -> da.Array:
+    """`where` as a bool Dask array broadcastable to `shape`, or the error naming it."""
+    w = where if isinstance(where, da.Array) else da.asarray(np.asarray(where))
+    if w.dtype != np.bool_:
+        raise TypeError(f"where must be a boolean array, got dtype {w.dtype}")
+    try:
+        fits = np.broadcast_shapes(w.shape, shape) == shape
+    except ValueError:
+        fits = False
+    if not fits:
+        raise ValueError(f"where with shape {w.shape} does not broadcast to the input's shape {shape}")
+    return w
+
+
 def lse_states(
     x: Any, axis: AxisLike = None, *, keepdims: bool = False, split_every: SplitEvery = None
 ) -> da.Array:
@@ -165,12 +187,17 @@ def _state_reduction(
     want: str,
     rdtype: np.dtype[Any],
     weights: Optional[da.Array] = None,
+    mask: Optional[da.Array] = None,
 ) -> da.Array:
     out_dtype = STATE_DTYPE if want == "state" else rdtype
     out_ndim = x.ndim if keepdims else x.ndim - len(axes)
+    if mask is not None:
+        # Masked weights take no part (weight 0 drops an element whatever it holds); without
+        # weights the mask itself travels in the weights' slot, to the kernels.
+        weights = mask if weights is None else da.where(mask, weights, 0)
     return da.reduction(
         x,
-        _state_chunk,
+        partial(_state_chunk, masked=mask is not None and weights is mask),
         partial(_state_aggregate, want=want, rdtype=rdtype),
         combine=_state_combine,
         axis=axes,
@@ -195,6 +222,7 @@ def logsumexp(
     keepdims: bool = False,
     *,
     split_every: SplitEvery = None,
+    where: Any = None,
 ) -> da.Array:
     """Lazy :func:`stablelse.logsumexp` of a Dask array.
 
@@ -212,6 +240,10 @@ def logsumexp(
         Keep the reduced axes with length 1.
     split_every : int or dict, optional
         Fan-in of the merge tree, as for :func:`dask.array.reduction`.
+    where : dask.array.Array or array_like of bool, optional
+        Mask broadcastable to `a`'s shape, as :func:`stablelse.logsumexp`'s `where` (JAX's
+        semantics: masked elements take no part whatever they hold or weigh; a fully masked
+        reduction gives ``-inf``). Each block's mask is read by the kernels beside the block.
 
     Returns
     -------
@@ -243,10 +275,12 @@ def logsumexp(
     x = _as_dask(a, "a")
     w = None if b is None else _as_dask(b, "b")
     rdtype = result_dtype(x.dtype, None if w is None else w.dtype)
+    m = None if where is None else _where_dask(where, x.shape)
     if x.ndim == 0:
         x = x.reshape(1)
+        m = None if m is None else m.reshape(1)
         if keepdims:
-            return logsumexp(x, axis, b, True, split_every=split_every)
+            return logsumexp(x, axis, b, True, split_every=split_every, where=m)
     axes = _axes_of(x, axis)
     if w is not None:
         try:
@@ -255,20 +289,27 @@ def logsumexp(
             fits = False
         if not fits:
             raise ValueError(f"b with shape {w.shape} does not broadcast to a's shape {x.shape}")
-    return _state_reduction(x, axes, keepdims, split_every, "lse", rdtype, w)
+    return _state_reduction(x, axes, keepdims, split_every, "lse", rdtype, w, m)
 
 
 # --------------------------------------------------------------------------- softmax
 
 
 def _softmax_block(
-    x: AnyArray, st: AnyArray, *, axes: tuple[int, ...], log: bool, rdtype: np.dtype[Any]
+    x: AnyArray,
+    st: AnyArray,
+    mask: Optional[AnyArray] = None,
+    *,
+    axes: tuple[int, ...],
+    log: bool,
+    rdtype: np.dtype[Any],
 ) -> AnyArray:
     """softmax / log_softmax of a block given the merged states of its slices over `axes`.
 
     The block's slices are laid out as rows (the normalised axes last, one copy) and written
     by the Rust row writer with the given states, so each element gets what the NumPy path's
-    kernel writes for it.
+    kernel writes for it; with `mask` (the block of ``where``), the writer puts 0 / ``-inf`` at
+    the masked positions.
     """
     if x.size == 0:
         return np.empty(x.shape, dtype=rdtype)
@@ -277,6 +318,11 @@ def _softmax_block(
     last = tuple(range(x.ndim - k, x.ndim))
     moved = np.moveaxis(xr, axes, last)
     rows = np.ascontiguousarray(moved).reshape(math.prod(moved.shape[: x.ndim - k]), -1)
+    keep = None
+    if mask is not None:
+        keep = np.ascontiguousarray(
+            np.moveaxis(np.broadcast_to(mask, x.shape), axes, last)
+        ).reshape(rows.shape)
     # The states are kept-dims (length 1 on `axes`); one per row, in the rows' order.
     kept = [1 if i in axes else n for i, n in enumerate(x.shape)]
     mx = np.broadcast_to(np.asarray(st["max"]), kept)
@@ -289,22 +335,29 @@ def _softmax_block(
     mxr, exr = (v if v.flags.aligned else v.copy() for v in flat)
     if not rows.flags.aligned:
         rows = rows.copy()
-    y = _core.softmax_from_states(rows, mxr, exr, log).reshape(moved.shape)
+    y = _core.softmax_from_states(rows, mxr, exr, log, keep).reshape(moved.shape)
     return np.moveaxis(y, last, axes).astype(rdtype, copy=False)
 
 
-def _softmax_like(x_in: Any, axis: AxisLike, log: bool, split_every: SplitEvery) -> da.Array:
+def _softmax_like(
+    x_in: Any, axis: AxisLike, log: bool, split_every: SplitEvery, where: Any = None
+) -> da.Array:
     x = _as_dask(x_in, "x")
     rdtype = result_dtype(x.dtype)
+    m = None if where is None else _where_dask(where, x.shape)
     scalar = x.ndim == 0
     if scalar:
         x = x.reshape(1)
+        m = None if m is None else m.reshape(1)
     axes = _axes_of(x, axis)
-    st = _state_reduction(x, axes, True, split_every, "state", STATE_DTYPE)
+    st = _state_reduction(x, axes, True, split_every, "state", STATE_DTYPE, mask=m)
+    # The mask block beside each block of x (same chunks; broadcast axes stay cheap views).
+    extra = () if m is None else (da.broadcast_to(m, x.shape).rechunk(x.chunks),)
     out = da.map_blocks(
         _softmax_block,
         x,
         st,
+        *extra,
         axes=axes,
         log=log,
         rdtype=rdtype,
@@ -315,7 +368,9 @@ def _softmax_like(x_in: Any, axis: AxisLike, log: bool, split_every: SplitEvery)
     return out.reshape(()) if scalar else out
 
 
-def softmax(x: Any, axis: AxisLike = None, *, split_every: SplitEvery = None) -> da.Array:
+def softmax(
+    x: Any, axis: AxisLike = None, *, split_every: SplitEvery = None, where: Any = None
+) -> da.Array:
     """Lazy :func:`stablelse.softmax` of a Dask array, ``exp(x) / sum(exp(x))`` along `axis`.
 
     Parameters
@@ -326,6 +381,9 @@ def softmax(x: Any, axis: AxisLike = None, *, split_every: SplitEvery = None) ->
         Axes to normalise over; ``None`` (default) uses the whole array.
     split_every : int or dict, optional
         Fan-in of the state merge tree, as for :func:`dask.array.reduction`.
+    where : dask.array.Array or array_like of bool, optional
+        Mask broadcastable to `x`'s shape, as :func:`stablelse.softmax`'s `where` (JAX's
+        semantics: the normaliser runs over the kept elements; masked positions get 0).
 
     Returns
     -------
@@ -339,10 +397,12 @@ def softmax(x: Any, axis: AxisLike = None, *, split_every: SplitEvery = None) ->
     twice (persist it first if it is expensive to produce). Special values as scipy: a slice
     with ``+inf``, only ``-inf`` or a NaN is NaN throughout.
     """
-    return _softmax_like(x, axis, False, split_every)
+    return _softmax_like(x, axis, False, split_every, where)
 
 
-def log_softmax(x: Any, axis: AxisLike = None, *, split_every: SplitEvery = None) -> da.Array:
+def log_softmax(
+    x: Any, axis: AxisLike = None, *, split_every: SplitEvery = None, where: Any = None
+) -> da.Array:
     """Lazy :func:`stablelse.log_softmax` of a Dask array, ``x - logsumexp(x, axis)``.
 
     Parameters
@@ -353,6 +413,9 @@ def log_softmax(x: Any, axis: AxisLike = None, *, split_every: SplitEvery = None
         Axes to normalise over; ``None`` (default) uses the whole array.
     split_every : int or dict, optional
         Fan-in of the state merge tree, as for :func:`dask.array.reduction`.
+    where : dask.array.Array or array_like of bool, optional
+        Mask broadcastable to `x`'s shape, as :func:`stablelse.log_softmax`'s `where` (JAX's
+        semantics: the normaliser runs over the kept elements; masked positions get ``-inf``).
 
     Returns
     -------
@@ -364,7 +427,7 @@ def log_softmax(x: Any, axis: AxisLike = None, *, split_every: SplitEvery = None
     Writes ``(x - max) - log1p(excess)`` per block, as the Rust kernel does, so the top class
     keeps its relative accuracy. Special values as :func:`stablelse.log_softmax`.
     """
-    return _softmax_like(x, axis, True, split_every)
+    return _softmax_like(x, axis, True, split_every, where)
 
 
 # --------------------------------------------------------------------------- cross_entropy
