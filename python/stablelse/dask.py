@@ -194,6 +194,7 @@ def _state_reduction(
     if mask is not None:
         # Masked weights take no part (weight 0 drops an element whatever it holds); without
         # weights the mask itself travels in the weights' slot, to the kernels.
+        mask = da.broadcast_to(mask, x.shape).rechunk(x.chunks)
         weights = mask if weights is None else da.where(mask, weights, 0)
     return da.reduction(
         x,
