@@ -158,7 +158,9 @@ def test_all_kept_is_bit_identical_to_no_mask():
         for f in (sl.logsumexp, sl.softmax, sl.log_softmax):
             a = f(x, axis=axis, where=ones)
             b = f(x, axis=axis)
-            np.testing.assert_array_equal(np.asarray(a).view(np.uint32), np.asarray(b).view(np.uint32))
+            np.testing.assert_array_equal(
+                np.asarray(a).view(np.uint32), np.asarray(b).view(np.uint32)
+            )
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -193,7 +195,9 @@ def test_every_layout_of_x_mask_and_out(dtype):
                     w = v.copy() if name == "C" else v
                     before = w.copy()
                     f(w, axis=axis, where=m, out=w)
-                    np.testing.assert_allclose(w, want, rtol=4e-6, atol=1e-6, err_msg=f"{fn} in place {name}")
+                    np.testing.assert_allclose(
+                        w, want, rtol=4e-6, atol=1e-6, err_msg=f"{fn} in place {name}"
+                    )
                     w[...] = before
 
 
@@ -289,7 +293,9 @@ def test_native_binding_checks_the_mask():
 # --------------------------------------------------------------------------- threads
 
 
-@pytest.mark.parametrize("shape,axis", [((4000, 64), 1), ((300, 1000), 1), ((3, 140000), 1), ((500, 300), 0)])
+@pytest.mark.parametrize(
+    "shape,axis", [((4000, 64), 1), ((300, 1000), 1), ((3, 140000), 1), ((500, 300), 0)]
+)
 def test_bit_identical_for_any_thread_count(shape, axis):
     rng = np.random.default_rng(7)
     x = rng.standard_normal(shape).astype(np.float32)
@@ -300,7 +306,10 @@ def test_bit_identical_for_any_thread_count(shape, axis):
         for n in (1, 2, 3):
             sl.set_num_threads(n)
             results.append(
-                [np.asarray(f(x, axis=axis, where=m)).copy() for f in (sl.logsumexp, sl.softmax, sl.log_softmax)]
+                [
+                    np.asarray(f(x, axis=axis, where=m)).copy()
+                    for f in (sl.logsumexp, sl.softmax, sl.log_softmax)
+                ]
                 + list(sl.LogSumExp(axis=axis).update(x, where=m).state)
             )
     finally:

@@ -145,7 +145,9 @@ def _where_dask(where: Any, shape: tuple[int, ...]) -> da.Array:
     except ValueError:
         fits = False
     if not fits:
-        raise ValueError(f"where with shape {w.shape} does not broadcast to the input's shape {shape}")
+        raise ValueError(
+            f"where with shape {w.shape} does not broadcast to the input's shape {shape}"
+        )
     return w
 
 
