@@ -10,8 +10,7 @@ timed too); "unsorted" shuffles the values and their ids (NumPy: ``np.maximum.at
 in float32 as a user would write it. The read bandwidth of the machine (stablelse's native
 probe, same threads) is measured in the same run: effective GB/s = bytes the op must read
 (values + ids, + the output written for softmax) / best time. Only ratios from one run count.
-The "where=" rows time the masked rows kernel (a 90% mask, rows of max-len) and the unmasked op
-on the same rows; their ratio column is the masked time over the row's time.
+where= is timed by scripts/bench_where.py.
 """
 
 from __future__ import annotations
@@ -171,36 +170,16 @@ def main():
                     nbytes,
                 )
 
-    # where=: the masked rows kernel against the unmasked op, rows of max_len, same data.
-    xr = x[: (n // args.max_len) * args.max_len].reshape(-1, args.max_len)
-    mask = rng.random(xr.shape) < 0.9
-    for op, code in (("logsumexp", 0), ("softmax", 1)):
-        out = np.empty(xr.shape[0] if code == 0 else xr.shape, xr.dtype)
-        plain = stablelse.logsumexp if code == 0 else stablelse.softmax
-        nbytes = xr.size * (5 + (4 if code else 0))
-        masked = functools.partial(_core.masked_rows, xr, mask, out, code)
-        add("where=", op, "stablelse masked", best(masked, args.repeat), nbytes)
-        add(
-            "where=",
-            op,
-            "stablelse unmasked",
-            best(functools.partial(plain, xr, axis=1), args.repeat),
-            nbytes,
-        )
-
     print(
         f"stablelse {stablelse.__version__}, simd {_core.simd_level()}, threads {threads}; "
         f"n = 2^{args.log2n} float32 in {count} segments of 1..{args.max_len}; "
         f"read bandwidth {read_gbs:.1f} GB/s (native probe, 256 MiB)"
     )
     print(f"{'case':9} {'op':10} {'impl':20} {'ms':>9} {'GB/s':>7} {'x vs best peer':>15}")
-    for case in ("sorted", "unsorted", "where="):
+    for case in ("sorted", "unsorted"):
         for op in ("logsumexp", "softmax"):
             group = [r for r in rows if r["case"] == case and r["op"] == op]
             peers = [r["ms"] for r in group if not r["impl"].startswith("stablelse")]
-            if case == "where=":
-                # The ratio column is then the masked op's time over this row's.
-                peers = [r["ms"] for r in group if r["impl"] == "stablelse masked"]
             for r in group:
                 ratio = min(peers) / r["ms"] if peers else float("nan")
                 print(

@@ -9,10 +9,11 @@
 //! softmax NaN at the kept positions).
 //!
 //! How: the caller copies a block of lanes into a dense buffer (it needs one anyway for
-//! layouts the kernels cannot read in place) and the mask block beside it. A masked element
-//! becomes `-inf`, which is exactly "not there" for a log-sum-exp: `exp(-inf - m) = 0` adds
-//! nothing to a state, and a lane of only `-inf` has the empty state. The unmasked SIMD kernels
-//! then run on the block as they are, and softmax / log_softmax write 0 / `-inf` at the masked
+//! layouts the kernels cannot read in place), the mask block beside it, and hides the masked
+//! elements as it copies: a masked element becomes `-inf`, which is exactly "not there" for a
+//! log-sum-exp: `exp(-inf - m) = 0` adds nothing to a state, and a lane of only `-inf` has the
+//! empty state. The unmasked SIMD kernels then run on the block as they are (log-sum-exp and
+//! states need nothing else), and softmax / log_softmax write 0 / `-inf` at the masked
 //! positions afterwards (which also fixes fully masked lanes, whose every position is masked).
 //! So a lane with every element kept gives the unmasked kernels' values bit for bit, and the
 //! blocking (and so every result) is the same for any thread count.
@@ -22,6 +23,7 @@
 use super::{Algorithm, Reduction};
 use crate::layout::Batch;
 use crate::real::Real;
+use crate::simd;
 use crate::state::LseState;
 
 /// `x[k] = -inf` wherever `keep[k] == 0`: the masked elements leave the reduction.
@@ -60,48 +62,110 @@ fn check(buf: usize, keep: usize, batch: &Batch) -> Result<(), String> {
     batch.check(buf)
 }
 
-/// Log-sum-exp of the kept elements of every lane of the dense block `buf` into `out`.
-/// `buf` is scratch: its masked elements are overwritten with `-inf`.
-pub fn logsumexp_masked<T: Real>(
-    buf: &mut [T],
-    keep: &[u8],
-    batch: Batch,
-    alg: Algorithm,
-    out: &mut [T],
-) -> Result<(), String> {
-    check(buf.len(), keep.len(), &batch)?;
-    hide_masked(buf, keep);
-    super::logsumexp(buf, batch, alg, out)
-}
-
-/// The `(max, excess)` states of the kept elements of every lane of the dense block `buf`
-/// (a fully masked lane has the empty state). `buf` is scratch, as in [`logsumexp_masked`].
-pub fn lse_states_masked<T: Real>(
-    buf: &mut [T],
-    keep: &[u8],
-    batch: Batch,
-    alg: Algorithm,
-    out: &mut [LseState],
-) -> Result<(), String> {
-    check(buf.len(), keep.len(), &batch)?;
-    hide_masked(buf, keep);
-    super::lse_states(buf, batch, alg, out)
-}
-
 /// Softmax or log_softmax of the kept elements of every lane of the dense block `buf`, in
-/// place; masked positions get 0 (softmax) or `-inf` (log_softmax).
+/// place; masked positions get 0 (softmax) or `-inf` (log_softmax). The masked elements of
+/// `buf` are hidden already ([`hide_masked`], or a gather that hides them). `states` is
+/// scratch of `batch.count()` lane states (softmax only).
+///
+/// log_softmax runs the in-place kernel on the hidden block: `-inf - max - log S` is already
+/// the masked value. Softmax does not: `exp(-inf)` is exact but takes the exp's subnormal
+/// path (microcode assists, about 6x the cost of the whole write), so the states come first,
+/// every masked element is set to its lane's maximum (a cheap `exp(0)`), the kernels' write
+/// pass runs, and the masked positions are overwritten with 0.
 pub fn softmax_like_masked<T: Real>(
     buf: &mut [T],
     keep: &[u8],
     batch: Batch,
     alg: Algorithm,
     what: Reduction,
+    states: &mut [LseState],
 ) -> Result<(), String> {
     check(buf.len(), keep.len(), &batch)?;
-    hide_masked(buf, keep);
-    super::softmax_like_inplace(buf, batch, alg, what)?;
-    fill_masked(buf, keep, masked_value(what));
+    if what == Reduction::LogSoftmax {
+        super::softmax_like_inplace(buf, batch, alg, what)?;
+        fill_masked(buf, keep, masked_value(what));
+        return Ok(());
+    }
+    let have = states.len();
+    let states = states
+        .get_mut(..batch.count())
+        .ok_or_else(|| format!("{have} lane states for {} lanes", batch.count()))?;
+    super::lse_states(buf, batch, alg, states)?;
+    let level = simd::level();
+    let (n, inner) = (batch.n, batch.inner);
+    let zero = masked_value::<T>(what);
+    if inner == 1 {
+        for ((row, kr), s) in buf
+            .chunks_exact_mut(n.max(1))
+            .zip(keep.chunks_exact(n.max(1)))
+            .zip(states.iter())
+        {
+            if s.max.is_finite() {
+                fill_masked(row, kr, T::from_f64(s.max));
+            }
+            // SAFETY: the row is `n` elements, written in place (allowed: equal buffers).
+            unsafe { super::write_row(level, row.as_ptr(), row.as_mut_ptr(), n, *s, what, false) };
+            fill_masked(row, kr, zero);
+        }
+        return Ok(());
+    }
+    // Column batches: the column write, `COLS` lanes at a time with their parameters.
+    const COLS: usize = 64;
+    let (mut b, mut a) = ([0f64; COLS], [0f64; COLS]);
+    for o in 0..batch.outer {
+        let mut j0 = 0;
+        while j0 < inner {
+            let w = COLS.min(inner - j0);
+            let lanes = &states[o * inner + j0..][..w];
+            for (i, s) in lanes.iter().enumerate() {
+                (b[i], a[i]) = super::write_params(*s, true);
+            }
+            for k in 0..n {
+                let at = (o * n + k) * inner + j0;
+                let (row, kr) = (&mut buf[at..at + w], &keep[at..at + w]);
+                for ((v, &kk), s) in row.iter_mut().zip(kr).zip(lanes) {
+                    if kk == 0 && s.max.is_finite() {
+                        *v = T::from_f64(s.max);
+                    }
+                }
+                // SAFETY: `w` elements and parameters, written in place (equal buffers).
+                unsafe {
+                    simd::lanes_write(
+                        level,
+                        row.as_ptr(),
+                        row.as_mut_ptr(),
+                        w,
+                        b.as_ptr(),
+                        a.as_ptr(),
+                        true,
+                    )
+                };
+                fill_masked(row, kr, zero);
+            }
+            j0 += w;
+        }
+    }
     Ok(())
+}
+
+/// Copies a finished block to its place in a dense output far larger than the caches with
+/// non-temporal stores (no read-for-ownership of the output, as the unmasked kernels' own
+/// streaming writes). The copy is the kernels' `(x - 0) - 0` write pass, which is the identity
+/// on every float (NaN and `-0.0` included; float32 goes through float64 exactly).
+pub fn copy_streaming<T: Real>(src: &[T], dst: &mut [T]) {
+    let n = src.len().min(dst.len());
+    // SAFETY: both slices hold n elements and are distinct borrows; the level is the process's.
+    unsafe {
+        simd::shift_sub(
+            simd::level(),
+            src.as_ptr(),
+            dst.as_mut_ptr(),
+            n,
+            0.0,
+            0.0,
+            true,
+        )
+    };
 }
 
 /// Writes the masked positions of a chunk of a softmax-like output whose kept positions are
@@ -114,81 +178,72 @@ pub fn finish_masked_chunk<T: Real>(out: &mut [T], keep: &[u8], what: Reduction)
 mod tests {
     use super::*;
 
+    fn masked_softmax<T: Real>(x: &[T], keep: &[u8], b: Batch, what: Reduction) -> Vec<T> {
+        let mut buf = x.to_vec();
+        hide_masked(&mut buf, keep);
+        let mut st = vec![LseState::EMPTY; b.count()];
+        softmax_like_masked(&mut buf, keep, b, Algorithm::Auto, what, &mut st).unwrap();
+        buf
+    }
+
     #[test]
     fn fully_masked_lanes_and_masked_positions() {
         let x = [1.0f64, 2.0, 3.0, 4.0, 5.0, 6.0];
         let keep = [1u8, 0, 1, 0, 0, 0];
         let b = Batch::rows(2, 3);
+        let mut hidden = x;
+        hide_masked(&mut hidden, &keep);
         let mut lse = [0.0; 2];
-        logsumexp_masked(&mut x.clone(), &keep, b, Algorithm::Auto, &mut lse).unwrap();
+        super::super::logsumexp(&hidden, b, Algorithm::Auto, &mut lse).unwrap();
         let want = 3.0 + (-2.0f64).exp().ln_1p();
         assert!((lse[0] - want).abs() < 1e-15 && lse[1] == f64::NEG_INFINITY);
-        let mut sm = x;
-        softmax_like_masked(&mut sm, &keep, b, Algorithm::Auto, Reduction::Softmax).unwrap();
+        let sm = masked_softmax(&x, &keep, b, Reduction::Softmax);
         assert_eq!(sm[1], 0.0);
         assert_eq!(sm[3..], [0.0; 3]);
         assert!((sm[0] + sm[2] - 1.0).abs() < 1e-15);
-        let mut ls = x;
-        softmax_like_masked(&mut ls, &keep, b, Algorithm::Auto, Reduction::LogSoftmax).unwrap();
+        let ls = masked_softmax(&x, &keep, b, Reduction::LogSoftmax);
         assert_eq!(ls[1], f64::NEG_INFINITY);
         assert_eq!(ls[3..], [f64::NEG_INFINITY; 3]);
         assert!((ls[2] - (3.0 - want)).abs() < 1e-15);
-        let mut st = [LseState::EMPTY; 2];
-        lse_states_masked(&mut x.clone(), &keep, b, Algorithm::Auto, &mut st).unwrap();
-        assert_eq!(st[1].max, f64::NEG_INFINITY);
+        // Columns: the same lanes transposed.
+        let xt = [1.0f64, 4.0, 2.0, 5.0, 3.0, 6.0];
+        let kt = [1u8, 0, 0, 0, 1, 0];
+        let smt = masked_softmax(&xt, &kt, Batch::contiguous(1, 3, 2), Reduction::Softmax);
+        assert_eq!(smt, [sm[0], 0.0, 0.0, 0.0, sm[2], 0.0]);
     }
 
     #[test]
     fn masked_nan_and_inf_have_no_effect_kept_specials_do() {
         let x = [f64::NAN, 1.0, f64::INFINITY, 2.0];
-        let keep = [0u8, 1, 0, 1];
-        let mut sm = x;
-        softmax_like_masked(
-            &mut sm,
-            &keep,
-            Batch::rows(1, 4),
-            Algorithm::Auto,
-            Reduction::Softmax,
-        )
-        .unwrap();
+        let sm = masked_softmax(&x, &[0, 1, 0, 1], Batch::rows(1, 4), Reduction::Softmax);
         assert_eq!((sm[0], sm[2]), (0.0, 0.0));
         assert!((sm[3] - 1.0 / (1.0 + (-1.0f64).exp())).abs() < 1e-15);
         // Kept elements all -inf: the unmasked op on them (NaN), masked positions still 0.
-        let mut sm = [f64::NEG_INFINITY, f64::NEG_INFINITY, 3.0];
-        let keep = [1u8, 1, 0];
-        softmax_like_masked(
-            &mut sm,
-            &keep,
-            Batch::rows(1, 3),
-            Algorithm::Auto,
-            Reduction::Softmax,
-        )
-        .unwrap();
+        let x = [f64::NEG_INFINITY, f64::NEG_INFINITY, 3.0];
+        let sm = masked_softmax(&x, &[1, 1, 0], Batch::rows(1, 3), Reduction::Softmax);
         assert!(sm[0].is_nan() && sm[1].is_nan() && sm[2] == 0.0);
     }
 
     #[test]
     fn all_kept_matches_the_unmasked_kernels_bitwise() {
         let x = [0.5f32, -40.0, 3.25, 1e30, -1e30, 7.0, 7.0, 0.0];
-        let keep = [1u8; 8];
-        let (mut a, mut b) = ([0.0f32; 2], [0.0f32; 2]);
         let batch = Batch::rows(2, 4);
-        logsumexp_masked(&mut x.clone(), &keep, batch, Algorithm::Auto, &mut a).unwrap();
-        super::super::logsumexp(&x, batch, Algorithm::Auto, &mut b).unwrap();
-        assert_eq!(a, b);
-        let mut s = x;
-        softmax_like_masked(&mut s, &keep, batch, Algorithm::Auto, Reduction::Softmax).unwrap();
-        let mut t = [0.0f32; 8];
-        super::super::softmax_like(&x, batch, Algorithm::Auto, Reduction::Softmax, &mut t).unwrap();
-        assert_eq!(s, t);
+        for what in [Reduction::Softmax, Reduction::LogSoftmax] {
+            let s = masked_softmax(&x, &[1; 8], batch, what);
+            let mut t = [0.0f32; 8];
+            super::super::softmax_like(&x, batch, Algorithm::Auto, what, &mut t).unwrap();
+            assert_eq!(s, t);
+        }
     }
 
     #[test]
     fn mismatched_sizes_are_errors() {
-        let mut out = [0.0f64; 1];
+        let mut st = [LseState::EMPTY; 1];
+        let (a, r) = (Algorithm::Auto, Reduction::Softmax);
         let b = Batch::rows(1, 2);
-        assert!(logsumexp_masked(&mut [1.0, 2.0], &[1], b, Algorithm::Auto, &mut out).is_err());
+        assert!(softmax_like_masked(&mut [1.0, 2.0], &[1], b, a, r, &mut st).is_err());
+        assert!(softmax_like_masked(&mut [1.0f64; 2], &[1, 1], b, a, r, &mut []).is_err());
         let b = Batch::rows(1, 3);
-        assert!(logsumexp_masked(&mut [1.0, 2.0], &[1, 1], b, Algorithm::Auto, &mut out).is_err());
+        assert!(softmax_like_masked(&mut [1.0, 2.0], &[1, 1], b, a, r, &mut st).is_err());
     }
 }

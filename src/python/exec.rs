@@ -507,28 +507,42 @@ pub(crate) unsafe fn softmax<T: Real>(
             },
         );
     }
-    let mask_len = if mv.is_some() { blocks.elements() } else { 0 };
+    // A masked result far larger than the caches goes to a dense output with streaming
+    // stores, as the unmasked kernels write it.
+    let big = p.outer * p.n * p.inner * std::mem::size_of::<T>() >= kernels::STREAM_BYTES;
+    let stream_out = p.dense_out(out.layout()).filter(|_| big && !inplace);
+    let (mask_len, lanes) = match mv {
+        Some(_) => (blocks.elements(), blocks.slabs * blocks.cols),
+        None => (0, 0),
+    };
     for_each_block::<T>(
         &blocks,
         T::from_f64(0.0),
         blocks.elements(),
         mask_len,
-        0,
-        |b, scratch, keep, _| {
+        lanes,
+        |b, scratch, keep, states| {
             let (batch, o0, j0) = blocks.block(b);
             let buf = &mut scratch[..batch.elements()];
-            // SAFETY: the views cover the planned shape; this block's elements are its own.
-            blocks.element_runs(o0, j0, &batch, |w, d, len| unsafe {
-                xv.gather(w, &mut buf[d..d + len])
-            });
             if let Some(mv) = &mv {
                 let keep = &mut keep[..batch.elements()];
-                // SAFETY: the mask's view covers the planned shape.
-                blocks.element_runs(o0, j0, &batch, |w, d, len| unsafe {
-                    mv.gather(w, &mut keep[d..d + len])
-                });
-                masked::softmax_like_masked(buf, keep, batch, alg, what)?;
+                gather_hidden(&blocks, o0, j0, &batch, &xv, mv, buf, keep);
+                masked::softmax_like_masked(buf, keep, batch, alg, what, states)?;
+                if let (Some(ob), true) = (stream_out, blocks.whole_slabs()) {
+                    // SAFETY: out is dense in the work order (`ob`) and writeable; slabs
+                    // o0.. of it are this block's own.
+                    unsafe {
+                        let os = slice_mut_of::<T>(out, &ob)?;
+                        let at = o0 * p.n * p.inner;
+                        masked::copy_streaming(buf, &mut os[at..at + buf.len()]);
+                    }
+                    return Ok(());
+                }
             } else {
+                // SAFETY: the views cover the planned shape; this block's elements are its own.
+                blocks.element_runs(o0, j0, &batch, |w, d, len| unsafe {
+                    xv.gather(w, &mut buf[d..d + len])
+                });
                 kernels::softmax_like_inplace(buf, batch, alg, what)?;
             }
             // SAFETY: as above; out is writeable.
@@ -624,20 +638,17 @@ pub(crate) unsafe fn reduce<T: Real>(
                     let (buf, res) = scratch.split_at_mut(blocks.elements());
                     let buf = &mut buf[..batch.elements()];
                     let res = &mut res[..batch.count()];
-                    // SAFETY: the view covers the planned shape.
-                    blocks.element_runs(o0, j0, &batch, |w, d, len| unsafe {
-                        xv.gather(w, &mut buf[d..d + len])
-                    });
-                    if let Some(kv) = &kv {
-                        let keep = &mut keep[..batch.elements()];
-                        // SAFETY: the mask's view covers the planned shape.
-                        blocks.element_runs(o0, j0, &batch, |w, d, len| unsafe {
-                            kv.gather(w, &mut keep[d..d + len])
-                        });
-                        masked::logsumexp_masked(buf, keep, batch, alg, res)?;
-                    } else {
-                        kernels::logsumexp(buf, batch, alg, res)?;
+                    match &kv {
+                        Some(kv) => {
+                            let keep = &mut keep[..batch.elements()];
+                            gather_hidden(&blocks, o0, j0, &batch, &xv, kv, buf, keep);
+                        }
+                        // SAFETY: the view covers the planned shape.
+                        None => blocks.element_runs(o0, j0, &batch, |w, d, len| unsafe {
+                            xv.gather(w, &mut buf[d..d + len])
+                        }),
                     }
+                    kernels::logsumexp(buf, batch, alg, res)?;
                     let (start, _) = blocks.result_run(o0, j0, &batch);
                     // SAFETY: out covers the kept shape and is writeable.
                     unsafe { ov.scatter(start, res) };
@@ -696,20 +707,17 @@ pub(crate) unsafe fn reduce<T: Real>(
                     let (batch, o0, j0) = blocks.block(b);
                     let buf = &mut scratch[..batch.elements()];
                     let states = &mut states[..batch.count()];
-                    // SAFETY: the view covers the planned shape.
-                    blocks.element_runs(o0, j0, &batch, |w, d, len| unsafe {
-                        xv.gather(w, &mut buf[d..d + len])
-                    });
-                    if let Some(kv) = &kv {
-                        let keep = &mut keep[..batch.elements()];
-                        // SAFETY: the mask's view covers the planned shape.
-                        blocks.element_runs(o0, j0, &batch, |w, d, len| unsafe {
-                            kv.gather(w, &mut keep[d..d + len])
-                        });
-                        masked::lse_states_masked(buf, keep, batch, alg, states)?;
-                    } else {
-                        kernels::lse_states(buf, batch, alg, states)?;
+                    match &kv {
+                        Some(kv) => {
+                            let keep = &mut keep[..batch.elements()];
+                            gather_hidden(&blocks, o0, j0, &batch, &xv, kv, buf, keep);
+                        }
+                        // SAFETY: the view covers the planned shape.
+                        None => blocks.element_runs(o0, j0, &batch, |w, d, len| unsafe {
+                            xv.gather(w, &mut buf[d..d + len])
+                        }),
                     }
+                    kernels::lse_states(buf, batch, alg, states)?;
                     let (start, _) = blocks.result_run(o0, j0, &batch);
                     // SAFETY: outputs cover the kept shape and are writeable.
                     unsafe { emit_states(&mv, &ev, start, states) };
@@ -718,6 +726,31 @@ pub(crate) unsafe fn reduce<T: Real>(
             )
         }
     }
+}
+
+/// Gathers the mask block of `(o0, j0, batch)` into `keep` and the block of `x` into `buf`
+/// with its masked elements hidden (`-inf`: see `kernels::masked`).
+#[allow(clippy::too_many_arguments)]
+fn gather_hidden<T: Real>(
+    blocks: &Blocks,
+    o0: usize,
+    j0: usize,
+    batch: &Batch,
+    xv: &WorkView,
+    mv: &WorkView,
+    buf: &mut [T],
+    keep: &mut [u8],
+) {
+    // SAFETY: the views cover the planned shape; this block's elements are its own.
+    blocks.element_runs(o0, j0, batch, |w, d, len| unsafe {
+        mv.gather(w, &mut keep[d..d + len])
+    });
+    // SAFETY: as above.
+    blocks.element_runs(o0, j0, batch, |w, d, len| unsafe {
+        xv.gather(w, &mut buf[d..d + len])
+    });
+    // A separate pass: a copy and a select in cache cost less than a select reading memory.
+    masked::hide_masked(buf, keep);
 }
 
 /// Gathers `len` elements of a lane from work index `at` (stepping over the inner lanes) into
