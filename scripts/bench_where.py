@@ -72,10 +72,10 @@ def main() -> None:
         ]
         for name, f, kw, writes in cases:
 
-            def masked(f=f, kw=kw):
+            def masked(f=f, kw=kw, x=x, mask=mask):
                 return f(x, axis=1, where=mask, **kw)
 
-            def plain(f=f, kw=kw):
+            def plain(f=f, kw=kw, x=x):
                 return f(x, axis=1, **kw)
 
             tm, tp = best_pair(masked, plain, args.repeat)
@@ -86,9 +86,7 @@ def main() -> None:
             if args.jax and not kw:
                 import jax  # noqa: PLC0415
 
-                jf = jax.jit(
-                    lambda v, m, name=name: getattr(jax.nn, name)(v, axis=1, where=m)
-                )
+                jf = jax.jit(lambda v, m, name=name: getattr(jax.nn, name)(v, axis=1, where=m))
                 xj, mj = jax.device_put(x), jax.device_put(mask)
 
                 def run_jax(jf=jf, xj=xj, mj=mj):
@@ -96,8 +94,10 @@ def main() -> None:
 
                 tj, tp2 = best_pair(run_jax, plain, args.repeat)
                 gbs = (moved + x.size) / tj / 1e9
-                print(f"{n:8} {name:22} {'jax jit where=':16} {tj * 1e3:9.2f} {gbs:7.2f} "
-                      f"{tj / tp2:6.2f}")
+                print(
+                    f"{n:8} {name:22} {'jax jit where=':16} {tj * 1e3:9.2f} {gbs:7.2f} "
+                    f"{tj / tp2:6.2f}"
+                )
 
 
 if __name__ == "__main__":

@@ -148,26 +148,6 @@ pub fn softmax_like_masked<T: Real>(
     Ok(())
 }
 
-/// Copies a finished block to its place in a dense output far larger than the caches with
-/// non-temporal stores (no read-for-ownership of the output, as the unmasked kernels' own
-/// streaming writes). The copy is the kernels' `(x - 0) - 0` write pass, which is the identity
-/// on every float (NaN and `-0.0` included; float32 goes through float64 exactly).
-pub fn copy_streaming<T: Real>(src: &[T], dst: &mut [T]) {
-    let n = src.len().min(dst.len());
-    // SAFETY: both slices hold n elements and are distinct borrows; the level is the process's.
-    unsafe {
-        simd::shift_sub(
-            simd::level(),
-            src.as_ptr(),
-            dst.as_mut_ptr(),
-            n,
-            0.0,
-            0.0,
-            true,
-        )
-    };
-}
-
 /// Writes the masked positions of a chunk of a softmax-like output whose kept positions are
 /// written already (the chunks of lanes too long for one block).
 pub fn finish_masked_chunk<T: Real>(out: &mut [T], keep: &[u8], what: Reduction) {

@@ -507,10 +507,6 @@ pub(crate) unsafe fn softmax<T: Real>(
             },
         );
     }
-    // A masked result far larger than the caches goes to a dense output with streaming
-    // stores, as the unmasked kernels write it.
-    let big = p.outer * p.n * p.inner * std::mem::size_of::<T>() >= kernels::STREAM_BYTES;
-    let stream_out = p.dense_out(out.layout()).filter(|_| big && !inplace);
     let (mask_len, lanes) = match mv {
         Some(_) => (blocks.elements(), blocks.slabs * blocks.cols),
         None => (0, 0),
@@ -528,16 +524,6 @@ pub(crate) unsafe fn softmax<T: Real>(
                 let keep = &mut keep[..batch.elements()];
                 gather_hidden(&blocks, o0, j0, &batch, &xv, mv, buf, keep);
                 masked::softmax_like_masked(buf, keep, batch, alg, what, states)?;
-                if let (Some(ob), true) = (stream_out, blocks.whole_slabs()) {
-                    // SAFETY: out is dense in the work order (`ob`) and writeable; slabs
-                    // o0.. of it are this block's own.
-                    unsafe {
-                        let os = slice_mut_of::<T>(out, &ob)?;
-                        let at = o0 * p.n * p.inner;
-                        masked::copy_streaming(buf, &mut os[at..at + buf.len()]);
-                    }
-                    return Ok(());
-                }
             } else {
                 // SAFETY: the views cover the planned shape; this block's elements are its own.
                 blocks.element_runs(o0, j0, &batch, |w, d, len| unsafe {
