@@ -16,6 +16,7 @@ mod cuda;
 mod env;
 mod errors;
 mod exec;
+mod half;
 mod losses;
 mod plan;
 mod probe;
@@ -27,6 +28,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     initialise_lazy_state(m.py())?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     reductions::register(m)?;
+    half::register(m)?;
     complex::register(m)?;
     losses::register(m)?;
     blocks::register(m)?;
