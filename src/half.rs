@@ -193,6 +193,8 @@ pub fn widen_f16(c: Conversion, src: &[u16], dst: &mut [f32]) {
     let (src, dst) = (&src[..n], &mut dst[..n]);
     #[allow(unused_mut)]
     let mut done = 0;
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = c; // only the portable conversion exists here
     #[cfg(target_arch = "x86_64")]
     {
         if c != Conversion::Portable && supported(c) {
@@ -216,6 +218,8 @@ pub fn narrow_f16(c: Conversion, src: &[f32], dst: &mut [u16]) {
     let (src, dst) = (&src[..n], &mut dst[..n]);
     #[allow(unused_mut)]
     let mut done = 0;
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = c; // only the portable conversion exists here
     #[cfg(target_arch = "x86_64")]
     {
         if c != Conversion::Portable && supported(c) {
