@@ -274,10 +274,14 @@ def test_long_lanes_and_columns(rng, dtype):
     # (contiguous runs) and columns (one element per run).
     n = 2 * (1 << 16) + 37
     x = (rng.standard_normal((n, 2)) * 4).astype(dtype)
-    for f in FUNCS.values():
+    for name, f in FUNCS.items():
         for v, axis in ((x, 0), (np.ascontiguousarray(x.T), 1)):
             want = np.asarray(f(v.astype(np.float32), axis=axis)).astype(dtype)
             _same(f(v, axis=axis), want)
+            if name != "logsumexp":
+                y = v.copy()
+                assert f(y, axis=axis, out=y) is y  # in place, chunk by chunk
+                _same(y, want)
 
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
@@ -332,6 +336,13 @@ def test_recognised_without_importing_ml_dtypes():
         "assert sl.softmax(x, axis=1).dtype == np.float16\n"
         "assert sl.logsumexp(x.astype(np.int8)).dtype == np.float64\n"
         "assert sl.log_softmax(np.zeros(3, 'V2').view(np.float16)).dtype == np.float16\n"
+        "try:\n"
+        "    sl.softmax(np.zeros(3, 'V2'))\n"
+        "except TypeError:\n"
+        "    pass\n"
+        "else:\n"
+        "    raise AssertionError('a 2-byte void array was taken for bfloat16')\n"
+        "assert 'ml_dtypes' not in sys.modules or sys.modules['ml_dtypes'] is None\n"
         "print('ok')\n"
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
