@@ -389,8 +389,8 @@ unsafe fn slice_mut_of<'a, T>(raw: &Raw, batch: &Batch) -> Result<&'a mut [T], E
 }
 
 /// Softmax or log_softmax of `x` (planned by `p`) into `out` (same shape; `out` may be `x`
-/// itself, or share no element with it). Arrays of a 16-bit `S` are computed in `T`, block by
-/// block (never in place: the kernels cannot read them).
+/// itself, or share no element with it). Arrays of a 16-bit `S` are computed in `T` block by
+/// block (the kernels never read them where they are; in place works as for any blocked plan).
 ///
 /// # Safety
 /// `x` and `out` describe live arrays of `S` of the planned shape; `out` is writeable; they
