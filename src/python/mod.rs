@@ -50,6 +50,7 @@ fn initialise_lazy_state(py: Python<'_>) -> PyResult<()> {
     let _ = numpy::PyArray1::<f64>::zeros(py, 0, false);
     let _ = crate::simd::level();
     let _ = crate::simd::available_levels();
+    let _ = crate::half::conversion();
     let _ = crate::parallel::thread_env_problem();
     Ok(())
 }
