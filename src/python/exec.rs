@@ -8,7 +8,10 @@
 //! block's results are copied to the output through its own strides. Blocks are disjoint sets of lanes, so an
 //! output that *is* the input (in place, any view) is read before it is written, block by
 //! block. The per-lane arithmetic is the kernels' own, so every path gives the same values.
+//! Arrays of 16-bit floats ([`Stored`] types other than the compute type) always take the
+//! blocked path: the gather widens each block to float32 and the scatter rounds it back.
 
+use crate::half::{read_run, write_run, Stored};
 use crate::kernels::{self, masked, scalar, Algorithm, Reduction, LONG_ROW_BLOCK};
 use crate::layout::Batch;
 use crate::parallel;
@@ -150,6 +153,7 @@ impl WorkView {
         let size = std::mem::size_of::<T>() as isize;
         self.runs(start, dst.len(), |off, stride, len| {
             let run = &mut dst[at..at + len];
+            at += len;
             if stride == size {
                 // SAFETY: the run lies inside the array (caller's contract); bytes have no
                 // alignment, and `run` is a distinct buffer.
@@ -160,55 +164,63 @@ impl WorkView {
                         len * size as usize,
                     )
                 };
-                at += len;
-                return;
-            }
-            if stride == 0 {
+            } else if stride == 0 {
                 // A broadcast axis: one element repeated.
                 // SAFETY: as below.
                 run.fill(unsafe { (self.base.offset(off) as *const T).read_unaligned() });
-                at += len;
-                return;
+            } else {
+                // SAFETY: the run lies inside the array (caller's contract); its elements may
+                // be unaligned (a view of a byte buffer).
+                unsafe { read_run(self.base.offset(off), stride, run) };
             }
-            for i in 0..len {
-                // SAFETY: the element lies inside the array (caller's contract); it may be
-                // unaligned (a view of a byte buffer).
-                unsafe {
-                    let p = self.base.offset(off + i as isize * stride) as *const T;
-                    *dst.get_unchecked_mut(at + i) = p.read_unaligned();
-                }
-            }
+        });
+    }
+
+    /// As [`WorkView::gather`] from an array of `S`, widened to its compute type.
+    ///
+    /// # Safety
+    /// The view describes a live array of `S` that covers those elements.
+    pub unsafe fn gather_as<S: Stored>(&self, start: usize, dst: &mut [S::Compute]) {
+        if S::NATIVE {
+            // SAFETY: an array of S holds values of S::Compute itself.
+            return unsafe { self.gather(start, dst) };
+        }
+        let mut at = 0usize;
+        self.runs(start, dst.len(), |off, stride, len| {
+            // SAFETY: as in gather.
+            unsafe { S::widen_run(self.base.offset(off), stride, &mut dst[at..at + len]) };
             at += len;
         });
     }
 
-    /// Copies the work elements `start + i * step` into `dst[i]` (a lane across columns).
+    /// Copies the work elements `start + i * step` of an array of `S` into `dst[i]` (a lane
+    /// across columns).
     ///
     /// # Safety
-    /// As [`WorkView::gather`].
-    pub unsafe fn gather_step<T: Copy>(&self, start: usize, step: usize, dst: &mut [T]) {
+    /// As [`WorkView::gather_as`].
+    pub unsafe fn gather_step<S: Stored>(&self, start: usize, step: usize, dst: &mut [S::Compute]) {
         if step == 1 {
             // SAFETY: forwarded.
-            return unsafe { self.gather(start, dst) };
+            return unsafe { self.gather_as::<S>(start, dst) };
         }
         for (i, d) in dst.iter_mut().enumerate() {
             // SAFETY: forwarded.
-            unsafe { self.gather(start + i * step, std::slice::from_mut(d)) };
+            unsafe { self.gather_as::<S>(start + i * step, std::slice::from_mut(d)) };
         }
     }
 
-    /// Copies `src[i]` into the work elements `start + i * step`.
+    /// Copies `src[i]` into the work elements `start + i * step` of an array of `S`.
     ///
     /// # Safety
-    /// As [`WorkView::scatter`].
-    pub unsafe fn scatter_step<T: Copy>(&self, start: usize, step: usize, src: &[T]) {
+    /// As [`WorkView::scatter_as`].
+    pub unsafe fn scatter_step<S: Stored>(&self, start: usize, step: usize, src: &[S::Compute]) {
         if step == 1 {
             // SAFETY: forwarded.
-            return unsafe { self.scatter(start, src) };
+            return unsafe { self.scatter_as::<S>(start, src) };
         }
         for (i, v) in src.iter().enumerate() {
             // SAFETY: forwarded.
-            unsafe { self.scatter(start + i * step, std::slice::from_ref(v)) };
+            unsafe { self.scatter_as::<S>(start + i * step, std::slice::from_ref(v)) };
         }
     }
 
@@ -220,25 +232,37 @@ impl WorkView {
         let mut at = 0usize;
         let size = std::mem::size_of::<T>() as isize;
         self.runs(start, src.len(), |off, stride, len| {
+            let run = &src[at..at + len];
+            at += len;
             if stride == size {
                 // SAFETY: as in gather; the output is writeable and distinct from `src`.
                 unsafe {
                     std::ptr::copy_nonoverlapping(
-                        src[at..at + len].as_ptr() as *const u8,
+                        run.as_ptr() as *const u8,
                         self.base.offset(off),
                         len * size as usize,
                     )
                 };
-                at += len;
-                return;
-            }
-            for i in 0..len {
+            } else {
                 // SAFETY: as in gather.
-                unsafe {
-                    let p = self.base.offset(off + i as isize * stride) as *mut T;
-                    p.write_unaligned(*src.get_unchecked(at + i));
-                }
+                unsafe { write_run(run, self.base.offset(off), stride) };
             }
+        });
+    }
+
+    /// As [`WorkView::scatter`] into an array of `S`, rounded from its compute type.
+    ///
+    /// # Safety
+    /// As [`WorkView::scatter`], for an array of `S`.
+    pub unsafe fn scatter_as<S: Stored>(&self, start: usize, src: &[S::Compute]) {
+        if S::NATIVE {
+            // SAFETY: as in gather_as.
+            return unsafe { self.scatter(start, src) };
+        }
+        let mut at = 0usize;
+        self.runs(start, src.len(), |off, stride, len| {
+            // SAFETY: as in gather.
+            unsafe { S::narrow_run(&src[at..at + len], self.base.offset(off), stride) };
             at += len;
         });
     }
@@ -409,11 +433,12 @@ unsafe fn slice_mut_of<'a, T>(raw: &Raw, batch: &Batch) -> Result<&'a mut [T], E
     Ok(unsafe { std::slice::from_raw_parts_mut(raw.data::<T>(), len) })
 }
 
-/// The plan's direct batch of `x`, unless a mask is given: masked lanes always take the
-/// blocked path, where the mask block is gathered beside the block of `x`.
-fn direct_unmasked(p: &Plan, mask: Option<&Raw>) -> Option<Batch> {
+/// The plan's direct batch of `x` when the kernels read it where it is: arrays of a 16-bit
+/// `S` and masked lanes always take the blocked path (the mask block is gathered beside the
+/// block of `x`).
+fn direct_batch<S: Stored>(p: &Plan, mask: Option<&Raw>) -> Option<Batch> {
     match (p.access, mask) {
-        (crate::plan::Access::Direct(b), None) => Some(b),
+        (crate::plan::Access::Direct(b), None) if S::NATIVE => Some(b),
         _ => None,
     }
 }
@@ -421,12 +446,14 @@ fn direct_unmasked(p: &Plan, mask: Option<&Raw>) -> Option<Batch> {
 /// Softmax or log_softmax of `x` (planned by `p`) into `out` (same shape; `out` may be `x`
 /// itself, or share no element with it), over the elements `mask` keeps if one is given (a
 /// bool array of `x`'s shape, any strides, zero strides included; see `kernels::masked`).
+/// Arrays of a 16-bit `S` are computed in `T` block by block (the kernels never read them where
+/// they are; in place works as for any blocked plan).
 ///
 /// # Safety
-/// `x`, `mask` and `out` describe live arrays of `T` (`mask`: bytes) of the planned shape;
-/// `out` is writeable; `x` and `out` are the same view or share no element; `mask` shares no
-/// element with `out`.
-pub(crate) unsafe fn softmax<T: Real>(
+/// `x` and `out` describe live arrays of `S` of the planned shape, `mask` one of bytes; `out`
+/// is writeable; `x` and `out` are the same view or share no element; `mask` shares no element
+/// with `out`.
+pub(crate) unsafe fn softmax<S: Stored<Compute = T>, T: Real>(
     p: &Plan,
     x: &Raw,
     mask: Option<&Raw>,
@@ -438,7 +465,7 @@ pub(crate) unsafe fn softmax<T: Real>(
         return Ok(());
     }
     let inplace = x.same_view(out);
-    let xb = direct_unmasked(p, mask);
+    let xb = direct_batch::<S>(p, mask);
     let ob = p.dense_out(out.layout());
     if let (Some(xb), Some(ob)) = (xb, ob) {
         let (x0, x1) = x.extent();
@@ -481,7 +508,7 @@ pub(crate) unsafe fn softmax<T: Real>(
     let mv = mask.map(|m| WorkView::new(m, p.perm.iter().copied()));
     let ov = WorkView::new(out, p.perm.iter().copied());
     if blocks.long_lanes() {
-        return for_each_long_lane::<T>(
+        return for_each_long_lane::<S, T>(
             &blocks,
             2 * LONG_ROW_BLOCK,
             &xv,
@@ -494,14 +521,15 @@ pub(crate) unsafe fn softmax<T: Real>(
                     let len = LONG_ROW_BLOCK.min(blocks.n - k);
                     let at = start + k * blocks.inner;
                     // SAFETY: the views cover the planned shape; the lane is this task's own.
-                    let keep =
-                        unsafe { gather_chunk(&xv, mv.as_ref(), at, &blocks, xs, kbuf, len) };
+                    let keep = unsafe {
+                        gather_chunk::<S, T>(&xv, mv.as_ref(), at, &blocks, xs, kbuf, len)
+                    };
                     write_chunk(&xs[..len], &mut os[..len], state, what);
                     if let Some(keep) = keep {
                         masked::finish_masked_chunk(&mut os[..len], keep, what);
                     }
                     // SAFETY: as above; out is writeable.
-                    unsafe { ov.scatter_step(at, blocks.inner, &os[..len]) };
+                    unsafe { ov.scatter_step::<S>(at, blocks.inner, &os[..len]) };
                     k += len;
                 }
             },
@@ -522,18 +550,18 @@ pub(crate) unsafe fn softmax<T: Real>(
             let buf = &mut scratch[..batch.elements()];
             if let Some(mv) = &mv {
                 let keep = &mut keep[..batch.elements()];
-                gather_hidden(&blocks, o0, j0, &batch, &xv, mv, buf, keep);
+                gather_hidden::<S, T>(&blocks, o0, j0, &batch, &xv, mv, buf, keep);
                 masked::softmax_like_masked(buf, keep, batch, alg, what, states)?;
             } else {
                 // SAFETY: the views cover the planned shape; this block's elements are its own.
                 blocks.element_runs(o0, j0, &batch, |w, d, len| unsafe {
-                    xv.gather(w, &mut buf[d..d + len])
+                    xv.gather_as::<S>(w, &mut buf[d..d + len])
                 });
                 kernels::softmax_like_inplace(buf, batch, alg, what)?;
             }
             // SAFETY: as above; out is writeable.
             blocks.element_runs(o0, j0, &batch, |w, d, len| unsafe {
-                ov.scatter(w, &buf[d..d + len])
+                ov.scatter_as::<S>(w, &buf[d..d + len])
             });
             Ok(())
         },
@@ -554,9 +582,10 @@ pub(crate) enum LaneOut<'a> {
 /// order), and share no element with `x` or `mask`.
 ///
 /// # Safety
-/// `x`, `mask` and the outputs describe live arrays of the planned shapes; outputs are
-/// writeable.
-pub(crate) unsafe fn reduce<T: Real>(
+/// `x`, `mask` and the outputs describe live arrays of the planned shapes (`x` and a
+/// `Logsumexp` output of `S`, computed in `T`; `mask` of bytes; states in float64); outputs
+/// are writeable.
+pub(crate) unsafe fn reduce<S: Stored<Compute = T>, T: Real>(
     p: &Plan,
     x: &Raw,
     mask: Option<&Raw>,
@@ -568,7 +597,7 @@ pub(crate) unsafe fn reduce<T: Real>(
     if count == 0 {
         return Ok(());
     }
-    let xb = direct_unmasked(p, mask);
+    let xb = direct_batch::<S>(p, mask);
     let kv = mask.map(|m| WorkView::new(m, p.perm.iter().copied()));
     let mask_len = |blocks: &Blocks| if kv.is_some() { blocks.elements() } else { 0 };
     let view = |r: &Raw| WorkView::new(r, out_axes.iter().copied());
@@ -599,7 +628,7 @@ pub(crate) unsafe fn reduce<T: Real>(
             let blocks = Blocks::new(p);
             let xv = WorkView::new(x, p.perm.iter().copied());
             if blocks.long_lanes() {
-                return for_each_long_lane::<T>(
+                return for_each_long_lane::<S, T>(
                     &blocks,
                     LONG_ROW_BLOCK,
                     &xv,
@@ -608,7 +637,7 @@ pub(crate) unsafe fn reduce<T: Real>(
                     |start, _, _, state| {
                         let v = [T::from_f64(state.logsumexp())];
                         // SAFETY: out covers the kept shape and is writeable.
-                        unsafe { ov.scatter(lane_of(&blocks, start), &v) };
+                        unsafe { ov.scatter_as::<S>(lane_of(&blocks, start), &v) };
                     },
                 );
             }
@@ -627,17 +656,17 @@ pub(crate) unsafe fn reduce<T: Real>(
                     match &kv {
                         Some(kv) => {
                             let keep = &mut keep[..batch.elements()];
-                            gather_hidden(&blocks, o0, j0, &batch, &xv, kv, buf, keep);
+                            gather_hidden::<S, T>(&blocks, o0, j0, &batch, &xv, kv, buf, keep);
                         }
                         // SAFETY: the view covers the planned shape.
                         None => blocks.element_runs(o0, j0, &batch, |w, d, len| unsafe {
-                            xv.gather(w, &mut buf[d..d + len])
+                            xv.gather_as::<S>(w, &mut buf[d..d + len])
                         }),
                     }
                     kernels::logsumexp(buf, batch, alg, res)?;
                     let (start, _) = blocks.result_run(o0, j0, &batch);
                     // SAFETY: out covers the kept shape and is writeable.
-                    unsafe { ov.scatter(start, res) };
+                    unsafe { ov.scatter_as::<S>(start, res) };
                     Ok(())
                 },
             )
@@ -670,7 +699,7 @@ pub(crate) unsafe fn reduce<T: Real>(
                 return Ok(());
             }
             if blocks.long_lanes() {
-                return for_each_long_lane::<T>(
+                return for_each_long_lane::<S, T>(
                     &blocks,
                     LONG_ROW_BLOCK,
                     &xv,
@@ -696,11 +725,11 @@ pub(crate) unsafe fn reduce<T: Real>(
                     match &kv {
                         Some(kv) => {
                             let keep = &mut keep[..batch.elements()];
-                            gather_hidden(&blocks, o0, j0, &batch, &xv, kv, buf, keep);
+                            gather_hidden::<S, T>(&blocks, o0, j0, &batch, &xv, kv, buf, keep);
                         }
                         // SAFETY: the view covers the planned shape.
                         None => blocks.element_runs(o0, j0, &batch, |w, d, len| unsafe {
-                            xv.gather(w, &mut buf[d..d + len])
+                            xv.gather_as::<S>(w, &mut buf[d..d + len])
                         }),
                     }
                     kernels::lse_states(buf, batch, alg, states)?;
@@ -717,7 +746,7 @@ pub(crate) unsafe fn reduce<T: Real>(
 /// Gathers the mask block of `(o0, j0, batch)` into `keep` and the block of `x` into `buf`
 /// with its masked elements hidden (`-inf`: see `kernels::masked`).
 #[allow(clippy::too_many_arguments)]
-fn gather_hidden<T: Real>(
+fn gather_hidden<S: Stored<Compute = T>, T: Real>(
     blocks: &Blocks,
     o0: usize,
     j0: usize,
@@ -733,7 +762,7 @@ fn gather_hidden<T: Real>(
     });
     // SAFETY: as above.
     blocks.element_runs(o0, j0, batch, |w, d, len| unsafe {
-        xv.gather(w, &mut buf[d..d + len])
+        xv.gather_as::<S>(w, &mut buf[d..d + len])
     });
     // A separate pass: a copy and a select in cache cost less than a select reading memory.
     masked::hide_masked(buf, keep);
@@ -745,7 +774,7 @@ fn gather_hidden<T: Real>(
 ///
 /// # Safety
 /// The views cover the planned shape; `xs` and `keep` hold at least `len` elements.
-unsafe fn gather_chunk<'k, T: Real>(
+unsafe fn gather_chunk<'k, S: Stored<Compute = T>, T: Real>(
     xv: &WorkView,
     mv: Option<&WorkView>,
     at: usize,
@@ -755,11 +784,18 @@ unsafe fn gather_chunk<'k, T: Real>(
     len: usize,
 ) -> Option<&'k [u8]> {
     // SAFETY: the caller's contract.
-    unsafe { xv.gather_step(at, blocks.inner, &mut xs[..len]) };
+    unsafe { xv.gather_step::<S>(at, blocks.inner, &mut xs[..len]) };
     let mv = mv?;
     let keep = &mut keep[..len];
-    // SAFETY: the caller's contract.
-    unsafe { mv.gather_step(at, blocks.inner, keep) };
+    if blocks.inner == 1 {
+        // SAFETY: the caller's contract.
+        unsafe { mv.gather(at, keep) };
+    } else {
+        for (i, k) in keep.iter_mut().enumerate() {
+            // SAFETY: the caller's contract (a lane across columns, `inner` apart).
+            unsafe { mv.gather(at + i * blocks.inner, std::slice::from_mut(k)) };
+        }
+    }
     masked::hide_masked(&mut xs[..len], keep);
     Some(keep)
 }
@@ -768,7 +804,7 @@ unsafe fn gather_chunk<'k, T: Real>(
 /// from the states of its chunks (the kernels' merge rule; with a mask, of the kept elements),
 /// then `f(first work index, buffer, mask buffer, state)`. Lanes run in parallel, each task
 /// with its own buffer of `scratch` elements (and `LONG_ROW_BLOCK` mask bytes with a mask).
-fn for_each_long_lane<T: Real>(
+fn for_each_long_lane<S: Stored<Compute = T>, T: Real>(
     blocks: &Blocks,
     scratch: usize,
     xv: &WorkView,
@@ -799,7 +835,7 @@ fn for_each_long_lane<T: Real>(
                 let len = LONG_ROW_BLOCK.min(blocks.n - k);
                 let at = start + k * blocks.inner;
                 // SAFETY: the views cover the planned shape; the buffers hold a chunk.
-                unsafe { gather_chunk(xv, mv, at, blocks, &mut buf, &mut keep, len) };
+                unsafe { gather_chunk::<S, T>(xv, mv, at, blocks, &mut buf, &mut keep, len) };
                 state = state.merge(kernels::row_state(&buf[..len], alg));
                 k += len;
             }

@@ -13,6 +13,8 @@ use pyo3::types::{PyString, PyTuple};
 
 use super::array::{check_out, copy_values, shares_memory, try_empty, Raw, MAX_DIMS};
 use super::exec::{self, ExecError, LaneOut};
+use super::half::as_bf16;
+use crate::half::{Stored, F16};
 use crate::kernels::{self, Algorithm, Reduction};
 use crate::layout::Batch;
 use crate::plan::{self, Access, Plan};
@@ -189,7 +191,7 @@ fn result_shape(shape: &[usize], axes: &[usize], keepdims: bool) -> ([usize; MAX
 }
 
 #[allow(clippy::too_many_arguments)]
-fn lse_typed<'py, T: Real + Element>(
+fn lse_typed<'py, T: Stored + Element>(
     py: Python<'py>,
     x: &Bound<'py, PyArrayDyn<T>>,
     axes: &[usize],
@@ -224,7 +226,7 @@ fn lse_typed<'py, T: Real + Element>(
         let kept = ndim - axes.len();
         // SAFETY: x and out are live for the call, out writeable and disjoint from x.
         exec::detach_unless_small(py, raw.size(), || unsafe {
-            exec::reduce::<T>(
+            exec::reduce::<T, _>(
                 &p,
                 &raw,
                 mref,
@@ -263,7 +265,7 @@ fn lse_typed<'py, T: Real + Element>(
     let out_axes = &out_axes[..nk];
     // SAFETY: x and res are live for the call; res is new, dense and writeable.
     exec::detach_unless_small(py, raw.size(), || unsafe {
-        exec::reduce::<T>(&p, &raw, mref, out_axes, LaneOut::Logsumexp(&rraw), alg)
+        exec::reduce::<T, _>(&p, &raw, mref, out_axes, LaneOut::Logsumexp(&rraw), alg)
     })
     .map_err(exec_error)?;
     if sorted {
@@ -307,6 +309,14 @@ fn logsumexp<'py>(
     } else if let Ok(x) = x.cast::<PyArrayDyn<f64>>() {
         if x.ndim() > 0 {
             return lse_typed(py, x, &ax[..na], keepdims, alg, out, r#where);
+        }
+    } else if let Ok(x) = x.cast::<PyArrayDyn<F16>>() {
+        if x.ndim() > 0 {
+            return lse_typed(py, x, &ax[..na], keepdims, alg, out, r#where);
+        }
+    } else if let Some(x) = as_bf16(x) {
+        if x.ndim() > 0 {
+            return lse_typed(py, &x, &ax[..na], keepdims, alg, out, r#where);
         }
     }
     Ok(py.NotImplemented().into_bound(py))
@@ -363,7 +373,7 @@ fn logsumexp_weighted<'py>(
 }
 
 #[allow(clippy::too_many_arguments)]
-fn softmax_typed<'py, T: Real + Element>(
+fn softmax_typed<'py, T: Stored + Element>(
     py: Python<'py>,
     x: &Bound<'py, PyArrayDyn<T>>,
     axes: &[usize],
@@ -386,7 +396,7 @@ fn softmax_typed<'py, T: Real + Element>(
         check_mask_apart(py, mask.zip(mref), o, &oraw)?;
         // SAFETY: x and out are live for the call; out is writeable and is x or disjoint.
         exec::detach_unless_small(py, raw.size(), || unsafe {
-            exec::softmax::<T>(&p, &raw, mref, &oraw, alg, what)
+            exec::softmax::<T, _>(&p, &raw, mref, &oraw, alg, what)
         })
         .map_err(exec_error)?;
         return Ok(oarr.into_any());
@@ -400,7 +410,7 @@ fn softmax_typed<'py, T: Real + Element>(
     let rraw = unpermute(&Raw::of(&res)?, &p.perm);
     // SAFETY: x and res are live; res is new, writeable and disjoint from x.
     exec::detach_unless_small(py, raw.size(), || unsafe {
-        exec::softmax::<T>(&p, &raw, mref, &rraw, alg, what)
+        exec::softmax::<T, _>(&p, &raw, mref, &rraw, alg, what)
     })
     .map_err(exec_error)?;
     let mut inv = [0usize; MAX_DIMS];
@@ -442,11 +452,19 @@ fn softmax<'py>(
         if x.ndim() > 0 {
             return softmax_typed(py, x, &ax[..na], what, alg, out, r#where);
         }
+    } else if let Ok(x) = x.cast::<PyArrayDyn<F16>>() {
+        if x.ndim() > 0 {
+            return softmax_typed(py, x, &ax[..na], what, alg, out, r#where);
+        }
+    } else if let Some(x) = as_bf16(x) {
+        if x.ndim() > 0 {
+            return softmax_typed(py, &x, &ax[..na], what, alg, out, r#where);
+        }
     }
     Ok(py.NotImplemented().into_bound(py))
 }
 
-fn states_typed<'py, T: Real + Element>(
+fn states_typed<'py, T: Stored + Element>(
     py: Python<'py>,
     x: &Bound<'py, PyArrayDyn<T>>,
     axes: &[usize],
@@ -475,7 +493,7 @@ fn states_typed<'py, T: Real + Element>(
         .collect();
     // SAFETY: x and the new outputs are live for the call.
     py.detach(|| unsafe {
-        exec::reduce::<T>(&p, &raw, mref, &out_axes, LaneOut::States(&rm, &re), alg)
+        exec::reduce::<T, _>(&p, &raw, mref, &out_axes, LaneOut::States(&rm, &re), alg)
     })
     .map_err(exec_error)?;
     PyTuple::new(py, [mx.into_any(), ex.into_any()])
@@ -500,8 +518,14 @@ fn lse_states<'py>(
         states_typed(py, x, &ax[..na], alg, r#where)
     } else if let Ok(x) = x.cast::<PyArrayDyn<f64>>() {
         states_typed(py, x, &ax[..na], alg, r#where)
+    } else if let Ok(x) = x.cast::<PyArrayDyn<F16>>() {
+        states_typed(py, x, &ax[..na], alg, r#where)
+    } else if let Some(x) = as_bf16(x) {
+        states_typed(py, &x, &ax[..na], alg, r#where)
     } else {
-        Err(PyTypeError::new_err("x must be a float32 or float64 array"))
+        Err(PyTypeError::new_err(
+            "x must be a float32, float64, float16 or bfloat16 array",
+        ))
     }
 }
 
