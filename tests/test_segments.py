@@ -454,3 +454,92 @@ def test_masked_rows_reject_mismatched_mask():
         _core.masked_rows(np.zeros((2, 3)), np.ones((2, 2), bool), np.empty(2), 0)
     with pytest.raises(TypeError, match="mask must be a 2-D bool array"):
         _core.masked_rows(np.zeros((2, 3)), np.ones((2, 3)), np.empty(2), 0)
+
+
+def _bits(a):
+    a = np.ascontiguousarray(a)
+    return a.view(np.uint32 if a.dtype == np.float32 else np.uint64)
+
+
+@settings(max_examples=80, deadline=None)
+@given(data=ragged(), seed=st.integers(0, 2**32 - 1), cols=st.integers(1, 3))
+def test_out_receives_the_plain_result_bitwise_in_place_and_in_any_layout(data, seed, cols):
+    # Catches an in-place write that lands before its segment's state is final, an `out`
+    # view mapped to the wrong positions, and the copy path (non-contiguous out) not written.
+    x1, offsets = data
+    rng = np.random.default_rng(seed)
+    x = (x1[:, None] + rng.integers(-3, 4, (x1.size, cols))).astype(x1.dtype)
+    for name, _, kw, perm in forms(x1, offsets, rng):
+        xx = x if perm is None else x[perm]
+        for f in (segment_softmax, segment_log_softmax):
+            with np.errstate(all="ignore"):
+                want = f(xx, **kw)
+                fresh = np.empty_like(xx)
+                assert f(xx, **kw, out=fresh) is fresh
+                np.testing.assert_array_equal(_bits(fresh), _bits(want), err_msg=name)
+                strided = np.empty((xx.shape[0], 2 * cols), xx.dtype)[:, ::2]
+                f(xx, **kw, out=strided)
+                np.testing.assert_array_equal(_bits(strided), _bits(want), err_msg=name)
+                buf = xx.copy()
+                assert f(buf, **kw, out=buf) is buf
+                np.testing.assert_array_equal(_bits(buf), _bits(want), err_msg=name)
+                # Segments along axis 1 of the transpose: x's block is a copy, out=x still works.
+                t = np.asfortranarray(xx).T
+                assert f(t, **kw, axis=1, out=t) is t
+                np.testing.assert_array_equal(_bits(t.T), _bits(want), err_msg=name)
+        want = segment_logsumexp(xx, **kw)
+        for out in (np.empty_like(want), np.empty_like(want, order="F")[..., :]):
+            assert segment_logsumexp(xx, **kw, out=out) is out
+            np.testing.assert_array_equal(_bits(out), _bits(want), err_msg=name)
+        out = np.empty(want.T.shape, want.dtype)
+        segment_logsumexp(np.ascontiguousarray(xx.T), **kw, axis=1, out=out)
+        np.testing.assert_array_equal(_bits(out), _bits(want.T), err_msg=name)
+
+
+def test_out_errors_name_out():
+    x = np.linspace(-3, 3, 12)
+    ids = np.array([0, 1, 2] * 4)
+    with pytest.raises(ValueError, match=r"out has shape \(4,\), expected \(3,\)"):
+        segment_logsumexp(x, ids, 3, out=np.empty(4))
+    with pytest.raises(TypeError, match="out has dtype float32, expected float64"):
+        segment_softmax(x, ids, 3, out=np.empty(12, np.float32))
+    with pytest.raises(TypeError, match="out must be a numpy.ndarray"):
+        segment_log_softmax(x, ids, 3, out=[0.0] * 12)
+    ro = np.empty(12)
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match="out is read-only"):
+        segment_softmax(x, ids, 3, out=ro)
+    # Overlap is decided by element: a reversed x, or a logsumexp out inside x, is refused
+    # before anything is written; an out in the gaps of a strided x is accepted.
+    y = x.copy()
+    for out, f in ((y[::-1], segment_softmax), (y[:3], segment_logsumexp)):
+        with pytest.raises(ValueError, match="overlaps the input x"):
+            f(y, ids, 3, out=out)
+        np.testing.assert_array_equal(y, x)
+    both = np.empty(24)
+    both[::2] = x
+    segment_softmax(both[::2], ids, 3, out=both[1::2])
+    np.testing.assert_array_equal(both[1::2], segment_softmax(x, ids, 3))
+    # Through the native layer directly: a partial overlap of a dense block.
+    z = np.linspace(0, 1, 13).reshape(13, 1)
+    with pytest.raises(ValueError, match="overlaps"):
+        stablelse._core.segment_softmax(z[:12], z[1:], offsets=np.array([0, 12]))
+
+
+def test_grad_out_is_the_returned_gradient():
+    # Catches a grad_out that is checked but not written, or written in a different dtype.
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal(50).astype(np.float32)
+    ids = rng.integers(0, 6, 50)
+    target = np.zeros(6, dtype=np.int64)
+    loss, want = segment_cross_entropy(x, ids, target, return_grad=True)
+    for g in (np.full(50, np.nan, np.float32), np.full(100, np.nan, np.float32)[::2]):
+        loss2, got = segment_cross_entropy(x, ids, target, return_grad=True, grad_out=g)
+        assert got is g and loss2 == loss
+        np.testing.assert_array_equal(got, want)
+    with pytest.raises(ValueError, match="grad_out is given but return_grad is False"):
+        segment_cross_entropy(x, ids, target, grad_out=np.empty(50, np.float32))
+    with pytest.raises(ValueError, match="grad_out overlaps x"):
+        segment_cross_entropy(x, ids, target, return_grad=True, grad_out=x)
+    with pytest.raises(TypeError, match="grad_out has dtype float64"):
+        segment_cross_entropy(x, ids, target, return_grad=True, grad_out=np.empty(50))

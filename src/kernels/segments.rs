@@ -300,26 +300,62 @@ pub fn segment_softmax_like<T: Real>(
     what: Reduction,
     out: &mut [T],
 ) -> Result<(), SegmentError> {
-    let rows = rows_of(x, inner)?;
     check_len("out", out.len(), x.len())?;
+    // SAFETY: x and out are distinct borrows of the same length.
+    unsafe { softmax_like_raw(x.as_ptr(), out.as_mut_ptr(), x.len(), inner, seg, what) }
+}
+
+/// [`segment_softmax_like`] in place: `buf` holds x and receives the result. Every element
+/// is read (into its segment's state) before it is written.
+pub fn segment_softmax_like_inplace<T: Real>(
+    buf: &mut [T],
+    inner: usize,
+    seg: Segments,
+    what: Reduction,
+) -> Result<(), SegmentError> {
+    let p = buf.as_mut_ptr();
+    // SAFETY: x and out are the same buffer of buf.len() elements.
+    unsafe { softmax_like_raw(p as *const T, p, buf.len(), inner, seg, what) }
+}
+
+/// # Safety
+/// `x` readable and `out` writable for `len` elements; they are disjoint or equal.
+unsafe fn softmax_like_raw<T: Real>(
+    x: *const T,
+    out: *mut T,
+    len: usize,
+    inner: usize,
+    seg: Segments,
+    what: Reduction,
+) -> Result<(), SegmentError> {
+    // SAFETY: the caller's contract. Nothing is written through `out` while `xs` is used,
+    // except elements of other segments (disjoint) or after their segment's state is final.
+    let xs = unsafe { std::slice::from_raw_parts(x, len) };
+    let rows = rows_of(xs, inner)?;
     let level = simd::level();
+    let (xp, op) = (SendPtr(x as *mut T), SendPtr(out));
     match (csr_starts(&seg, rows)?, seg) {
         (Some(starts), _) => {
-            csr_softmax_like(level, x, inner, &starts, what, out);
+            // SAFETY: forwarded.
+            unsafe { csr_softmax_like(level, xp, len, inner, &starts, what, op) };
         }
         (None, Segments::Ids { ids, num_segments }) => {
             let mut states = try_vec(num_segments * inner, LseState::EMPTY)?;
-            unsorted_states(x, inner, ids, num_segments, &mut states)?;
+            unsorted_states(xs, inner, ids, num_segments, &mut states)?;
             let params = try_params(&states, what == Reduction::Softmax, |_| 1.0)?;
-            gather_write(
-                level,
-                x,
-                inner,
-                ids,
-                &params,
-                what == Reduction::Softmax,
-                out,
-            );
+            // SAFETY: forwarded; every state is final.
+            unsafe {
+                gather_write(
+                    level,
+                    xp,
+                    len,
+                    inner,
+                    ids,
+                    &params,
+                    what == Reduction::Softmax,
+                    op,
+                )
+            };
         }
         (None, _) => {}
     }
@@ -399,40 +435,45 @@ fn csr_states<T: Real>(
 }
 
 /// Softmax-like over contiguous-row segments, each written from its own finished state.
-fn csr_softmax_like<T: Real>(
+///
+/// # Safety
+/// `xp` readable and `op` writable for `len` elements (x's), disjoint or equal; `starts`
+/// validated against the rows.
+unsafe fn csr_softmax_like<T: Real>(
     level: Level,
-    x: &[T],
+    xp: SendPtr<T>,
+    len: usize,
     inner: usize,
     starts: &[usize],
     what: Reduction,
-    out: &mut [T],
+    op: SendPtr<T>,
 ) {
-    let (xp, op) = (SendPtr(x.as_ptr() as *mut T), SendPtr(out.as_mut_ptr()));
+    let inplace = std::ptr::eq(xp.ptr(), op.ptr());
+    debug_assert!(starts.last().is_none_or(|&r| r * inner <= len));
     for_each_segment(starts, 2 * inner, |_, r0, r1| {
         if r1 == r0 {
             return;
         }
-        let (first, len) = (r0 * inner, (r1 - r0) * inner);
-        // SAFETY: elements first..first+len lie inside x and out (same shape) and belong to
-        // this segment alone.
+        let (first, n) = (r0 * inner, (r1 - r0) * inner);
+        // SAFETY: elements first..first+n lie inside x and out and belong to this segment
+        // alone; in place, the state is final before the first write.
         unsafe {
-            let slab = std::slice::from_raw_parts(xp.ptr().add(first) as *const T, len);
+            let xr = xp.ptr().add(first) as *const T;
+            let or = op.ptr().add(first);
             if inner == 1 {
-                let state = super::row_state(slab, Algorithm::Auto);
-                super::write_row(
-                    level,
-                    slab.as_ptr(),
-                    op.ptr().add(first),
-                    len,
-                    state,
-                    what,
-                    false,
-                );
+                let state = super::row_state(std::slice::from_raw_parts(xr, n), Algorithm::Auto);
+                super::write_row(level, xr, or, n, state, what, false);
             } else {
-                let o = std::slice::from_raw_parts_mut(op.ptr().add(first), len);
                 let batch = Batch::contiguous(1, r1 - r0, inner);
                 // Cannot fail: the level is the process's and the sizes match by construction.
-                let _ = super::softmax_like_at(level, slab, batch, Algorithm::Auto, what, o);
+                let _ = if inplace {
+                    let buf = std::slice::from_raw_parts_mut(or, n);
+                    super::softmax_like_inplace_at(level, buf, batch, Algorithm::Auto, what)
+                } else {
+                    let slab = std::slice::from_raw_parts(xr, n);
+                    let o = std::slice::from_raw_parts_mut(or, n);
+                    super::softmax_like_at(level, slab, batch, Algorithm::Auto, what, o)
+                };
             }
         }
     });
@@ -648,23 +689,28 @@ const GATHER: usize = 256;
 /// Writes every element of unsorted segments from its segment's parameters:
 /// `out = a * exp(x - b)` (softmax) or `(x - b) - a` (log_softmax), the column write pass of
 /// the kernels with `(b, a)` gathered per element. Ids were validated by the states pass.
-fn gather_write<T: Real>(
+///
+/// # Safety
+/// `xp` readable and `op` writable for `len` elements, disjoint or equal (each element is
+/// read before it is written).
+#[allow(clippy::too_many_arguments)]
+unsafe fn gather_write<T: Real>(
     level: Level,
-    x: &[T],
+    xp: SendPtr<T>,
+    len: usize,
     inner: usize,
     ids: &[i64],
     params: &[[f64; 2]],
     exp: bool,
-    out: &mut [T],
+    op: SendPtr<T>,
 ) {
-    let (xp, op) = (SendPtr(x.as_ptr() as *mut T), SendPtr(out.as_mut_ptr()));
-    let chunks = x.len().div_ceil(GATHER);
+    let chunks = len.div_ceil(GATHER);
     parallel::for_each_piece(chunks, 2 * GATHER, |range| {
         let (mut b, mut a) = ([0.0f64; GATHER], [0.0f64; GATHER]);
         for c in range {
             let e0 = c * GATHER;
-            let len = GATHER.min(x.len() - e0);
-            for k in 0..len {
+            let n = GATHER.min(len - e0);
+            for k in 0..n {
                 let e = e0 + k;
                 let (r, j) = if inner == 1 {
                     (e, 0)
@@ -676,13 +722,13 @@ fn gather_write<T: Real>(
                 b[k] = bq;
                 a[k] = aq;
             }
-            // SAFETY: elements e0..e0+len lie inside x and out and belong to this chunk.
+            // SAFETY: elements e0..e0+n lie inside x and out and belong to this chunk.
             unsafe {
                 simd::lanes_write(
                     level,
                     (xp.ptr() as *const T).add(e0),
                     op.ptr().add(e0),
-                    len,
+                    n,
                     b.as_ptr(),
                     a.as_ptr(),
                     exp,
@@ -828,7 +874,9 @@ pub fn segment_cross_entropy<T: Real>(
                 });
             }
             (None, Segments::Ids { ids, .. }) => {
-                gather_write(level, x, 1, ids, &params, true, g);
+                let (xp, gp) = (SendPtr(x.as_ptr() as *mut T), SendPtr(g.as_mut_ptr()));
+                // SAFETY: x and grad are distinct borrows of `rows` elements.
+                unsafe { gather_write(level, xp, rows, 1, ids, &params, true, gp) };
             }
             (None, _) => {}
         }

@@ -51,9 +51,6 @@ fn segments_of<'a>(
     }
 }
 
-/// An optional 1-D `int64` argument (any layout), copied once: the kernel validates and
-/// reads the copy, so another thread changing the array cannot make a checked index go out
-/// of range.
 /// The segment description a call was given (ids or offsets), copied once so another thread
 /// cannot change it after validation.
 struct SegmentArgs {
@@ -79,6 +76,9 @@ impl SegmentArgs {
     }
 }
 
+/// An optional 1-D `int64` argument (any layout), copied once: the kernel validates and
+/// reads the copy, so another thread changing the array cannot make a checked index go out
+/// of range.
 fn indices_of(a: Option<&Bound<'_, PyAny>>, name: &str) -> PyResult<Option<Vec<i64>>> {
     let Some(a) = a else {
         return Ok(None);
@@ -206,12 +206,28 @@ fn softmax_typed<'py, T: Real + Element>(
     let inner = rx.shape[1];
     let args = SegmentArgs::read(ids, offsets)?;
     let seg = args.segments(num_segments, sorted)?;
-    let ro = output_of::<T>(py, out, rx.shape(), "out", x.as_any(), &rx)?;
     let what = if log {
         Reduction::LogSoftmax
     } else {
         Reduction::Softmax
     };
+    let (_, ro) = check_out::<T>(out, rx.shape(), "out")?;
+    if rx.same_view(&ro) {
+        if !ro.is_dense::<T>() {
+            return Err(PyValueError::new_err(
+                "out must be a C-contiguous, aligned array",
+            ));
+        }
+        return py
+            .detach(|| {
+                // SAFETY: x is out, dense and writeable (checked above), held by the caller.
+                let buf = unsafe { dense_mut::<T>(&ro) }
+                    .ok_or_else(|| SegmentError::Shape("out must be dense".into()))?;
+                segments::segment_softmax_like_inplace(buf, inner, seg, what)
+            })
+            .map_err(segment_error);
+    }
+    let ro = output_of::<T>(py, out, rx.shape(), "out", x.as_any(), &rx)?;
     py.detach(|| {
         // SAFETY: checked above; x and out are held by the caller for the call.
         let (xs, os) = unsafe { slices::<T, T>(&rx, &ro)? };
@@ -221,7 +237,8 @@ fn softmax_typed<'py, T: Real + Element>(
 }
 
 /// softmax (or log_softmax with `log=True`) of every segment of the rows of a C-contiguous
-/// 2-D `x` into `out` (x's shape and dtype, not x itself).
+/// 2-D `x` into `out` (x's shape and dtype): `x` itself (in place) or an array sharing no
+/// element with it.
 #[pyfunction]
 #[pyo3(signature = (x, out, segment_ids = None, offsets = None, num_segments = 0, sorted = false, log = false))]
 #[allow(clippy::too_many_arguments)]
