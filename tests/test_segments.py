@@ -543,3 +543,71 @@ def test_grad_out_is_the_returned_gradient():
         segment_cross_entropy(x, ids, target, return_grad=True, grad_out=x)
     with pytest.raises(TypeError, match="grad_out has dtype float64"):
         segment_cross_entropy(x, ids, target, return_grad=True, grad_out=np.empty(50))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("chunk", [1, 7, 64])
+def test_dask_segments_across_chunks_equal_the_numpy_path(dtype, chunk):
+    # Segments split across chunk boundaries (chunk 1: every segment of length > 1 spans
+    # chunks), empty segments and specials: catches a merge that is not the kernels' (a wrong
+    # max or excess across chunks), states of one chunk assigned to the wrong segments, and a
+    # write pass that uses a chunk's own states instead of the merged ones.
+    da = pytest.importorskip("dask.array")
+    import stablelse.dask as sd
+
+    rng = np.random.default_rng(chunk)
+    lengths = rng.integers(0, 7, 20)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    n = int(offsets[-1])
+    x = (rng.standard_normal((n, 3)) * 30).astype(dtype)
+    x[rng.integers(0, n, 4), rng.integers(0, 3, 4)] = [np.inf, -np.inf, np.nan, 1000.0]
+    x[offsets[5] : offsets[6]] = -np.inf
+    ids = ids_of(offsets)
+    perm = rng.permutation(n)
+    count = len(lengths)
+    cases = [
+        (x, {"offsets": offsets}),
+        (x, {"segment_ids": ids, "num_segments": count, "sorted": True}),
+        (x[perm], {"segment_ids": ids[perm], "num_segments": count}),
+    ]
+    for xx, kw in cases:
+        for f, ours in (
+            (sd.segment_logsumexp, segment_logsumexp),
+            (sd.segment_softmax, segment_softmax),
+            (sd.segment_log_softmax, segment_log_softmax),
+        ):
+            with np.errstate(all="ignore"):
+                want = ours(xx, **kw)
+                xd = da.from_array(xx, chunks=(chunk, 2))
+                dkw = dict(kw)
+                if "segment_ids" in dkw:
+                    dkw["segment_ids"] = da.from_array(dkw["segment_ids"], chunks=chunk + 1)
+                got = f(xd, **dkw).compute()
+                got_t = f(xd.T, **dkw, axis=1).compute()
+            assert got.dtype == want.dtype and got.shape == want.shape
+            scale = np.abs(np.where(np.isfinite(want), want, 0.0)) + 30
+            assert_close(got, want, scale, dtype)
+            assert_close(got_t, want.T, scale.T, dtype)
+
+
+def test_dask_segment_errors():
+    da = pytest.importorskip("dask.array")
+    import stablelse.dask as sd
+
+    x = da.from_array(np.arange(10.0), chunks=3)
+    ids = np.array([0, 0, 1, 1, 1, 2, 2, 3, 3, 3])
+    bad = ids.copy()
+    bad[7] = 4
+    # The position is named in the whole array, not in its chunk.
+    with pytest.raises(IndexError, match=r"segment_ids\[7\] = 4 is outside \[0, 4\)"):
+        sd.segment_softmax(x, da.from_array(bad, chunks=3), 4).compute()
+    unsorted = ids.copy()
+    unsorted[4] = 0
+    with pytest.raises(ValueError, match=r"segment_ids\[4\] = 0 is smaller than segment_ids\[3\]"):
+        sd.segment_logsumexp(x, unsorted, 4, sorted=True).compute()
+    with pytest.raises(TypeError, match="num_segments is required"):
+        sd.segment_logsumexp(x, ids)
+    with pytest.raises(ValueError, match="offsets must be non-decreasing from 0 to the 10 rows"):
+        sd.segment_logsumexp(x, offsets=[0, 4, 3, 10])
+    with pytest.raises(ValueError, match="segment_ids has shape"):
+        sd.segment_logsumexp(x, ids[:9], 4)

@@ -362,6 +362,52 @@ unsafe fn softmax_like_raw<T: Real>(
     Ok(())
 }
 
+/// Softmax or log_softmax of every element of a C-contiguous `(rows, inner)` block `x` from
+/// the finished state of its segment, `states[ids[r] * inner + j]`: how one chunk of a larger
+/// array is written once the states of all its chunks are merged. The writes are those of the
+/// unsorted path of [`segment_softmax_like`].
+pub fn segment_softmax_from_states<T: Real>(
+    x: &[T],
+    inner: usize,
+    ids: &[i64],
+    states: &[LseState],
+    what: Reduction,
+    out: &mut [T],
+) -> Result<(), SegmentError> {
+    let rows = rows_of(x, inner)?;
+    check_len("out", out.len(), x.len())?;
+    if ids.len() != rows {
+        return Err(ids_len_error(ids.len(), rows));
+    }
+    if inner == 0 {
+        return Ok(());
+    }
+    if !states.len().is_multiple_of(inner) {
+        return Err(SegmentError::Shape(format!(
+            "{} states are not a whole number of segments of {inner} columns",
+            states.len()
+        )));
+    }
+    let num_segments = states.len() / inner;
+    if let Some((pos, &id)) = ids
+        .iter()
+        .enumerate()
+        .find(|&(_, &id)| id < 0 || id as u64 >= num_segments as u64)
+    {
+        return Err(SegmentError::IdOutOfRange {
+            pos,
+            id,
+            num_segments,
+        });
+    }
+    let exp = what == Reduction::Softmax;
+    let params = try_params(states, exp, |_| 1.0)?;
+    let (xp, op) = (SendPtr(x.as_ptr() as *mut T), SendPtr(out.as_mut_ptr()));
+    // SAFETY: x and out are distinct borrows of x.len() elements; ids are in range.
+    unsafe { gather_write(simd::level(), xp, x.len(), inner, ids, &params, exp, op) };
+    Ok(())
+}
+
 fn check_len(name: &str, len: usize, need: usize) -> Result<(), SegmentError> {
     if len != need {
         return Err(SegmentError::Shape(format!(

@@ -10,17 +10,23 @@ use numpy::{Element, PyArray, PyArray1, PyArray2};
 use pyo3::exceptions::{PyIndexError, PyMemoryError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 
-use super::array::{check_out, copy_values, dense, dense_mut, py_shape, shares_memory, Raw};
+use super::array::{
+    check_out, copy_values, dense, dense_mut, py_shape, shares_memory, try_empty, try_vec, Raw,
+};
+use super::reductions::f64_values;
 use crate::kernels::masked;
 use crate::kernels::segments::{self, SegmentError, Segments};
 use crate::kernels::Reduction;
 use crate::real::Real;
+use crate::state::LseState;
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(segment_logsumexp, m)?)?;
     m.add_function(wrap_pyfunction!(segment_softmax, m)?)?;
     m.add_function(wrap_pyfunction!(masked_rows, m)?)?;
     m.add_function(wrap_pyfunction!(segment_cross_entropy, m)?)?;
+    m.add_function(wrap_pyfunction!(segment_states, m)?)?;
+    m.add_function(wrap_pyfunction!(segment_softmax_from_states, m)?)?;
     Ok(())
 }
 
@@ -434,6 +440,121 @@ fn masked_rows<'py>(
         masked_typed(py, x, mask, out, op)
     } else if let Ok(x) = x.cast::<PyArray2<f64>>() {
         masked_typed(py, x, mask, out, op)
+    } else {
+        Err(PyTypeError::new_err(
+            "x must be a 2-D float32 or float64 array",
+        ))
+    }
+}
+
+fn states_typed<'py, T: Real + Element>(
+    py: Python<'py>,
+    x: &Bound<'py, PyArray2<T>>,
+    ids: Option<&Bound<'py, PyAny>>,
+    offsets: Option<&Bound<'py, PyAny>>,
+    num_segments: usize,
+    sorted: bool,
+) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>)> {
+    let rx = dense_input(x, "x")?;
+    let inner = rx.shape[1];
+    let args = SegmentArgs::read(ids, offsets)?;
+    let seg = args.segments(num_segments, sorted)?;
+    let shape = [seg.count(), inner];
+    let mut states = try_vec(seg.count() * inner, LseState::EMPTY)?;
+    py.detach(|| {
+        // SAFETY: x is held by the caller for the call and is dense (checked above).
+        let xs = unsafe { dense::<T>(&rx) }
+            .ok_or_else(|| SegmentError::Shape("x must be dense".into()))?;
+        segments::segment_states(xs, inner, seg, &mut states)
+    })
+    .map_err(segment_error)?;
+    // SAFETY: every element is written below before the arrays are returned.
+    let (mx, ex) = unsafe { (try_empty::<f64>(py, &shape)?, try_empty::<f64>(py, &shape)?) };
+    let (rm, re) = (Raw::of(&mx)?, Raw::of(&ex)?);
+    // SAFETY: both arrays are new, dense and private to this call.
+    if let (Some(ms), Some(es)) = unsafe { (dense_mut::<f64>(&rm), dense_mut::<f64>(&re)) } {
+        for ((m, e), s) in ms.iter_mut().zip(es.iter_mut()).zip(&states) {
+            (*m, *e) = (s.max, s.excess);
+        }
+    }
+    Ok((mx.into_any(), ex.into_any()))
+}
+
+/// The float64 `(max, excess)` states of every segment of the rows of a C-contiguous 2-D
+/// `x`, two `(num_segments, x.shape[1])` arrays: what chunks of a larger array merge.
+#[pyfunction]
+#[pyo3(signature = (x, segment_ids = None, offsets = None, num_segments = 0, sorted = false))]
+fn segment_states<'py>(
+    py: Python<'py>,
+    x: &Bound<'py, PyAny>,
+    segment_ids: Option<&Bound<'py, PyAny>>,
+    offsets: Option<&Bound<'py, PyAny>>,
+    num_segments: usize,
+    sorted: bool,
+) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>)> {
+    if let Ok(x) = x.cast::<PyArray2<f32>>() {
+        states_typed(py, x, segment_ids, offsets, num_segments, sorted)
+    } else if let Ok(x) = x.cast::<PyArray2<f64>>() {
+        states_typed(py, x, segment_ids, offsets, num_segments, sorted)
+    } else {
+        Err(PyTypeError::new_err(
+            "x must be a 2-D float32 or float64 array",
+        ))
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn from_states_typed<'py, T: Real + Element>(
+    py: Python<'py>,
+    x: &Bound<'py, PyArray2<T>>,
+    out: &Bound<'py, PyAny>,
+    ids: &Bound<'py, PyAny>,
+    max: &Bound<'py, PyAny>,
+    excess: &Bound<'py, PyAny>,
+    log: bool,
+) -> PyResult<()> {
+    let rx = dense_input(x, "x")?;
+    let inner = rx.shape[1];
+    let ids = indices_of(Some(ids), "segment_ids")?.unwrap_or_default();
+    let (ms, mshape) = f64_values(max, "max", None)?;
+    let (es, _) = f64_values(excess, "excess", Some(&mshape))?;
+    let mut states = try_vec(ms.len(), LseState::EMPTY)?;
+    for ((s, &m), &e) in states.iter_mut().zip(&ms).zip(&es) {
+        *s = LseState { max: m, excess: e };
+    }
+    let ro = output_of::<T>(py, out, rx.shape(), "out", x.as_any(), &rx)?;
+    let what = if log {
+        Reduction::LogSoftmax
+    } else {
+        Reduction::Softmax
+    };
+    py.detach(|| {
+        // SAFETY: checked above; x and out are held by the caller for the call.
+        let (xs, os) = unsafe { slices::<T, T>(&rx, &ro)? };
+        segments::segment_softmax_from_states(xs, inner, &ids, &states, what, os)
+    })
+    .map_err(segment_error)
+}
+
+/// softmax (or log_softmax with `log=True`) of the rows of a C-contiguous 2-D `x` into `out`
+/// (x's shape and dtype, disjoint from x), each element normalised by the float64 state
+/// `(max, excess)[segment_ids[r], j]` of its segment (`max` / `excess` of shape
+/// `(num_segments, x.shape[1])`, any layout).
+#[pyfunction]
+#[pyo3(signature = (x, out, segment_ids, max, excess, log = false))]
+fn segment_softmax_from_states<'py>(
+    py: Python<'py>,
+    x: &Bound<'py, PyAny>,
+    out: &Bound<'py, PyAny>,
+    segment_ids: &Bound<'py, PyAny>,
+    max: &Bound<'py, PyAny>,
+    excess: &Bound<'py, PyAny>,
+    log: bool,
+) -> PyResult<()> {
+    if let Ok(x) = x.cast::<PyArray2<f32>>() {
+        from_states_typed(py, x, out, segment_ids, max, excess, log)
+    } else if let Ok(x) = x.cast::<PyArray2<f64>>() {
+        from_states_typed(py, x, out, segment_ids, max, excess, log)
     } else {
         Err(PyTypeError::new_err(
             "x must be a 2-D float32 or float64 array",
