@@ -666,7 +666,7 @@ def _segment_state_block(
     from ._segments import _index_array  # noqa: PLC0415
 
     ids = _index_array(np.asarray(ib).reshape(ib.shape[0], -1)[:, 0], "segment_ids")
-    kw = {"segment_ids": ids, "num_segments": count, "sorted": sorted}
+    kw: dict[str, Any] = {"segment_ids": ids, "num_segments": count, "sorted": sorted}
     shape = (1, count) + xb.shape[1:]
     try:
         if xb.size == 0:
