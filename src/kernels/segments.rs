@@ -219,9 +219,19 @@ fn csr_starts(seg: &Segments, rows: usize) -> Result<Option<Vec<usize>>, Segment
             if let Some(err) = errors.into_iter().flatten().next() {
                 return Err(err);
             }
+            // Ids read twice at chunk edges disagree only if another thread changed them
+            // during the call; the row ranges must still be ranges of x.
+            if starts.windows(2).any(|w| w[0] > w[1]) {
+                return Err(changed_ids());
+            }
             Ok(Some(starts))
         }
     }
+}
+
+/// Ids that passed validation but read differently later: another thread wrote them.
+fn changed_ids() -> SegmentError {
+    SegmentError::Shape("segment_ids changed while the call was reading it".into())
 }
 
 fn ids_len_error(ids: usize, rows: usize) -> SegmentError {
@@ -629,27 +639,52 @@ fn unsorted_states<T: Real>(
         SendPtr(tmp_x.as_mut_ptr() as *mut T),
         SendPtr(tmp_local.as_mut_ptr() as *mut u32),
     );
+    // Where every (chunk, bucket) cursor must end: the next chunk's start in that bucket.
+    let mut ends = try_vec(chunks * buckets, 0usize)?;
+    for k in 0..chunks {
+        for b in 0..buckets {
+            ends[k * buckets + b] = if k + 1 < chunks {
+                counts[(k + 1) * buckets + b]
+            } else {
+                bucket_start[b + 1]
+            };
+        }
+    }
     let cp = SendPtr(counts.as_mut_ptr());
     let mask = (1usize << shift) - 1;
+    let changed = AtomicBool::new(false);
     parallel::for_each_piece(chunks, chunk * inner.max(1), |range| {
         for k in range {
             // SAFETY: chunk k owns its cursors, and the ranges they walk are disjoint from
-            // every other chunk's (prefix above); rows and ids were validated.
+            // every other chunk's (prefix above). Ids are re-read here: one changed since the
+            // count (another thread) is caught by the bounds below, never written out of x's
+            // rows, and reported after the pass.
             unsafe {
                 let cur = std::slice::from_raw_parts_mut(cp.ptr().add(k * buckets), buckets);
+                let end = &ends[k * buckets..(k + 1) * buckets];
                 for r in chunk_rows(k) {
                     let id = ids[r] as usize;
-                    let slot = &mut cur[id >> shift];
-                    let p = *slot;
-                    *slot += 1;
-                    *lp.ptr().add(p) = (id & mask) as u32;
-                    copy_row(x.as_ptr().add(r * inner), tp.ptr().add(p * inner), inner);
+                    let b = id >> shift;
+                    match (cur.get_mut(b), end.get(b)) {
+                        (Some(slot), Some(&e)) if id < num_segments && *slot < e => {
+                            let p = *slot;
+                            *slot += 1;
+                            *lp.ptr().add(p) = (id & mask) as u32;
+                            copy_row(x.as_ptr().add(r * inner), tp.ptr().add(p * inner), inner);
+                        }
+                        _ => changed.store(true, Ordering::Relaxed),
+                    }
                 }
             }
         }
     });
+    // Every cursor at its end means every row of both buffers was written exactly once.
+    if changed.into_inner() || counts.iter().zip(&ends).any(|(c, e)| c != e) {
+        return Err(changed_ids());
+    }
     drop(counts);
-    // SAFETY: the partition wrote every row of both buffers exactly once.
+    drop(ends);
+    // SAFETY: the partition wrote every row of both buffers exactly once (checked above).
     let (tmp_x, tmp_local) = unsafe {
         (
             std::slice::from_raw_parts(tmp_x.as_ptr() as *const T, x.len()),

@@ -57,11 +57,35 @@ fn segments_of<'a>(
     }
 }
 
-/// The segment description a call was given (ids or offsets), copied once so another thread
-/// cannot change it after validation.
+/// One index argument: the caller's dense `int64` array read where it lies, or a private
+/// copy of any other layout.
+enum Indices {
+    Borrowed(Raw),
+    Owned(Vec<i64>),
+}
+
+impl Indices {
+    /// # Safety
+    /// A borrowed array is held alive by the caller for as long as the slice is used.
+    unsafe fn slice(&self) -> &[i64] {
+        match self {
+            // SAFETY: dense (checked when read) and alive by the caller's contract.
+            Indices::Borrowed(raw) => unsafe { dense::<i64>(raw) }.unwrap_or(&[]),
+            Indices::Owned(v) => v,
+        }
+    }
+}
+
+/// The segment description a call was given (ids or offsets).
+///
+/// Ids and offsets are read where they lie (no copy of an array the size of x): the kernels
+/// read every id once per pass and bound every index they derive from it, and check what they
+/// derive (segment starts, bucket cursors) before using it, so another thread changing the
+/// array during the call cannot make an access go out of bounds; it can only change results
+/// or raise an error.
 struct SegmentArgs {
-    ids: Option<Vec<i64>>,
-    offsets: Option<Vec<i64>>,
+    ids: Option<Indices>,
+    offsets: Option<Indices>,
 }
 
 impl SegmentArgs {
@@ -72,27 +96,33 @@ impl SegmentArgs {
         })
     }
 
-    fn segments(&self, num_segments: usize, sorted: bool) -> PyResult<Segments<'_>> {
-        segments_of(
-            self.ids.as_deref(),
-            self.offsets.as_deref(),
-            num_segments,
-            sorted,
-        )
+    /// # Safety
+    /// The arrays the arguments were read from are held alive by the caller for the call.
+    unsafe fn segments(&self, num_segments: usize, sorted: bool) -> PyResult<Segments<'_>> {
+        // SAFETY: the caller's contract.
+        let (ids, offsets) = unsafe {
+            (
+                self.ids.as_ref().map(|i| i.slice()),
+                self.offsets.as_ref().map(|i| i.slice()),
+            )
+        };
+        segments_of(ids, offsets, num_segments, sorted)
     }
 }
 
-/// An optional 1-D `int64` argument (any layout), copied once: the kernel validates and
-/// reads the copy, so another thread changing the array cannot make a checked index go out
-/// of range.
-fn indices_of(a: Option<&Bound<'_, PyAny>>, name: &str) -> PyResult<Option<Vec<i64>>> {
+/// An optional 1-D `int64` argument: borrowed when dense, else copied once.
+fn indices_of(a: Option<&Bound<'_, PyAny>>, name: &str) -> PyResult<Option<Indices>> {
     let Some(a) = a else {
         return Ok(None);
     };
     let a = a
         .cast::<PyArray1<i64>>()
         .map_err(|_| PyTypeError::new_err(format!("{name} must be a 1-D int64 array")))?;
-    copy_values(&Raw::of(a)?, 0i64).map(Some)
+    let raw = Raw::of(a)?;
+    if raw.is_dense::<i64>() {
+        return Ok(Some(Indices::Borrowed(raw)));
+    }
+    copy_values(&raw, 0i64).map(|v| Some(Indices::Owned(v)))
 }
 
 /// The raw fields of an input that must be dense (C-contiguous, aligned), or a `ValueError`
@@ -163,7 +193,8 @@ fn lse_typed<'py, T: Real + Element>(
     let rx = dense_input(x, "x")?;
     let inner = rx.shape[1];
     let args = SegmentArgs::read(ids, offsets)?;
-    let seg = args.segments(num_segments, sorted)?;
+    // SAFETY: the index arrays are arguments of this call, held by the caller.
+    let seg = unsafe { args.segments(num_segments, sorted)? };
     let ro = output_of::<T>(py, out, &[seg.count(), inner], "out", x.as_any(), &rx)?;
     py.detach(|| {
         // SAFETY: checked above; x and out are held by the caller for the call.
@@ -211,7 +242,8 @@ fn softmax_typed<'py, T: Real + Element>(
     let rx = dense_input(x, "x")?;
     let inner = rx.shape[1];
     let args = SegmentArgs::read(ids, offsets)?;
-    let seg = args.segments(num_segments, sorted)?;
+    // SAFETY: the index arrays are arguments of this call, held by the caller.
+    let seg = unsafe { args.segments(num_segments, sorted)? };
     let what = if log {
         Reduction::LogSoftmax
     } else {
@@ -285,8 +317,14 @@ fn xent_typed<'py, T: Real + Element>(
 ) -> PyResult<(f64, usize)> {
     let rx = dense_input(x, "x")?;
     let args = SegmentArgs::read(ids, offsets)?;
-    let seg = args.segments(num_segments, sorted)?;
-    let ts = indices_of(Some(target), "target")?.unwrap_or_default();
+    // SAFETY: the index arrays are arguments of this call, held by the caller.
+    let seg = unsafe { args.segments(num_segments, sorted)? };
+    let ts = match indices_of(Some(target), "target")? {
+        // The targets are small (one per segment) and indexed after validation: a copy.
+        Some(Indices::Borrowed(raw)) => copy_values(&raw, 0i64)?,
+        Some(Indices::Owned(v)) => v,
+        None => Vec::new(),
+    };
     let rl = output_of::<f64>(py, losses, &[seg.count()], "losses", x.as_any(), &rx)?;
     let rg = grad
         .map(|g| output_of::<T>(py, g, rx.shape(), "grad", x.as_any(), &rx))
@@ -458,7 +496,8 @@ fn states_typed<'py, T: Real + Element>(
     let rx = dense_input(x, "x")?;
     let inner = rx.shape[1];
     let args = SegmentArgs::read(ids, offsets)?;
-    let seg = args.segments(num_segments, sorted)?;
+    // SAFETY: the index arrays are arguments of this call, held by the caller.
+    let seg = unsafe { args.segments(num_segments, sorted)? };
     let shape = [seg.count(), inner];
     let mut states = try_vec(seg.count() * inner, LseState::EMPTY)?;
     py.detach(|| {
@@ -515,7 +554,9 @@ fn from_states_typed<'py, T: Real + Element>(
 ) -> PyResult<()> {
     let rx = dense_input(x, "x")?;
     let inner = rx.shape[1];
-    let ids = indices_of(Some(ids), "segment_ids")?.unwrap_or_default();
+    let ids = indices_of(Some(ids), "segment_ids")?;
+    // SAFETY: the ids array is an argument of this call, held by the caller.
+    let ids = unsafe { ids.as_ref().map_or(&[][..], |i| i.slice()) };
     let (ms, mshape) = f64_values(max, "max", None)?;
     let (es, _) = f64_values(excess, "excess", Some(&mshape))?;
     let mut states = try_vec(ms.len(), LseState::EMPTY)?;
