@@ -611,3 +611,30 @@ def test_dask_segment_errors():
         sd.segment_logsumexp(x, offsets=[0, 4, 3, 10])
     with pytest.raises(ValueError, match="segment_ids has shape"):
         sd.segment_logsumexp(x, ids[:9], 4)
+
+
+@pytest.mark.parametrize("num_segments", [3, 5000, 70000])
+def test_unsorted_ids_over_many_sort_chunks_equal_the_sorted_offsets_bitwise(num_segments):
+    # 300k rows: several chunks of the sort's first level and, for 70000 segments, buckets of
+    # many segments; catches pieces of a bucket gathered out of chunk order (which breaks the
+    # array order of a segment's rows and so its bits), a piece skipped, and a dependence on
+    # the thread count.
+    rng = np.random.default_rng(num_segments)
+    n = 300_000
+    ids = rng.integers(0, num_segments, n)
+    x = (rng.standard_normal(n) * 20).astype(np.float32)
+    order = np.argsort(ids, kind="stable")
+    offsets = np.searchsorted(ids[order], np.arange(num_segments + 1)).astype(np.int64)
+    want_lse = segment_logsumexp(x[order], offsets=offsets)
+    want_sm = np.empty_like(x)
+    want_sm[order] = segment_softmax(x[order], offsets=offsets)
+    before = stablelse.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            stablelse.set_num_threads(threads)
+            np.testing.assert_array_equal(_bits(segment_logsumexp(x, ids, num_segments)),
+                                          _bits(want_lse))
+            np.testing.assert_array_equal(_bits(segment_softmax(x, ids, num_segments)),
+                                          _bits(want_sm))
+    finally:
+        stablelse.set_num_threads(before)

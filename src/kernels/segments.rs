@@ -536,7 +536,7 @@ unsafe fn csr_softmax_like<T: Real>(
 }
 
 /// The most buckets the first level of the unsorted path uses (one output stream each).
-const SORT_BUCKETS: usize = 256;
+const SORT_BUCKETS: usize = 64;
 
 /// A vector of `n` uninitialised elements, or [`SegmentError::Alloc`]. Skipping the fill
 /// saves a pass over memory that is about to be overwritten.
@@ -565,16 +565,23 @@ unsafe fn copy_row<T: Copy>(src: *const T, dst: *mut T, inner: usize) {
     }
 }
 
+/// Rows of the first level of the unsorted path handled together: their ids, values and sorted
+/// copies stay in the cache between the count and the scatter.
+const SORT_CHUNK: usize = 1 << 16;
+
 /// States of unsorted segments, through a stable two-level counting sort into the sorted path.
 ///
-/// Rows are first distributed into at most [`SORT_BUCKETS`] buckets of consecutive segment
-/// ids (chunks of rows counted, then scattered in parallel, each chunk into ranges fixed by a
-/// prefix sum, so each bucket keeps its rows in array order). Each bucket, small enough for
-/// the cache, is then sorted by segment into a scratch buffer and its segments reduced there
-/// by the row kernels of the sorted path, as contiguous runs. Every segment is thus reduced
-/// over its rows in array order, exactly as the sorted path reduces the stably sorted input;
-/// the pieces depend on the sizes alone, so the result is the same for any thread count.
-/// Ids are validated in the first pass; the first offending position is reported.
+/// First level: the rows are cut into chunks of [`SORT_CHUNK`]; each chunk counts its rows
+/// per bucket of consecutive segment ids (at most [`SORT_BUCKETS`]) and scatters them, in
+/// array order, into its own region of two work buffers (values and ids within the bucket),
+/// grouped by bucket. The ids are read from memory once: the scatter re-reads them from the
+/// cache. Second level: each bucket gathers its pieces from every chunk in chunk order (so
+/// its rows stay in array order), sorts them by segment into a scratch buffer small enough
+/// for the cache, and reduces its segments there with the row kernels of the sorted path, as
+/// contiguous runs. Every segment is thus reduced over its rows in array order, exactly as
+/// the sorted path reduces the stably sorted input; the pieces depend on the sizes alone, so
+/// the result is the same for any thread count. Ids are validated by the first level; the
+/// first offending position is reported.
 fn unsorted_states<T: Real>(
     x: &[T],
     inner: usize,
@@ -596,16 +603,26 @@ fn unsorted_states<T: Real>(
     } else {
         ((num_segments - 1) >> shift) + 1
     };
-    let chunk = (1usize << 16).max(rows.div_ceil(1024));
-    let chunks = rows.div_ceil(chunk).max(1);
-    let mut counts = try_vec(chunks * buckets, 0usize)?;
-    let cp = SendPtr(counts.as_mut_ptr());
-    let chunk_rows = |k: usize| (k * chunk).min(rows)..((k + 1) * chunk).min(rows);
-    let errors = parallel::map_collect(chunks, chunk, |k| {
-        // SAFETY: chunk k owns counts[k * buckets..(k + 1) * buckets].
-        let c = unsafe { std::slice::from_raw_parts_mut(cp.ptr().add(k * buckets), buckets) };
-        for r in chunk_rows(k) {
-            let id = ids[r];
+    let chunks = rows.div_ceil(SORT_CHUNK).max(1);
+    // pieces[k * (buckets + 1) + b]: where bucket b of chunk k starts in the work buffers;
+    // pieces[k * (buckets + 1) + buckets] is the chunk's end.
+    let stride = buckets + 1;
+    let mut pieces = try_vec(chunks * stride, 0usize)?;
+    let mut tmp_x = try_uninit::<T>(x.len())?;
+    let mut tmp_local = try_uninit::<u32>(rows)?;
+    let (tp, lp) = (
+        SendPtr(tmp_x.as_mut_ptr() as *mut T),
+        SendPtr(tmp_local.as_mut_ptr() as *mut u32),
+    );
+    let pp = SendPtr(pieces.as_mut_ptr());
+    let mask = (1usize << shift) - 1;
+    let changed = AtomicBool::new(false);
+    let errors = parallel::map_collect(chunks, SORT_CHUNK * inner.max(1), |k| {
+        let (r0, r1) = ((k * SORT_CHUNK).min(rows), ((k + 1) * SORT_CHUNK).min(rows));
+        // SAFETY: chunk k owns pieces[k * stride..(k + 1) * stride].
+        let starts = unsafe { std::slice::from_raw_parts_mut(pp.ptr().add(k * stride), stride) };
+        let mut count = [0usize; SORT_BUCKETS];
+        for (r, &id) in (r0..r1).zip(&ids[r0..r1]) {
             if id < 0 || id as u64 >= num_segments as u64 {
                 return Some(SegmentError::IdOutOfRange {
                     pos: r,
@@ -613,7 +630,39 @@ fn unsorted_states<T: Real>(
                     num_segments,
                 });
             }
-            c[(id as usize) >> shift] += 1;
+            count[((id as usize) >> shift) & (SORT_BUCKETS - 1)] += 1;
+        }
+        let mut run = r0;
+        for b in 0..buckets {
+            starts[b] = run;
+            run += count[b];
+        }
+        starts[buckets] = run;
+        // Cursors and ends of this chunk's buckets. The ids are read again (from the cache):
+        // one changed since the count (another thread) is caught by the bounds below, never
+        // written outside this chunk's region, and reported after the pass.
+        let mut cur = [0usize; SORT_BUCKETS];
+        cur[..buckets].copy_from_slice(&starts[..buckets]);
+        for (r, &id) in (r0..r1).zip(&ids[r0..r1]) {
+            let id = id as usize;
+            let b = id >> shift;
+            match (cur.get_mut(b), starts.get(b + 1)) {
+                (Some(slot), Some(&end)) if id < num_segments && *slot < end => {
+                    let p = *slot;
+                    *slot += 1;
+                    // SAFETY: r0 <= p < r1: the chunk's own rows of both buffers; row r
+                    // lies inside x.
+                    unsafe {
+                        *lp.ptr().add(p) = (id & mask) as u32;
+                        copy_row(x.as_ptr().add(r * inner), tp.ptr().add(p * inner), inner);
+                    }
+                }
+                _ => changed.store(true, Ordering::Relaxed),
+            }
+        }
+        // Every cursor at its end means every row of the chunk was written exactly once.
+        if cur[..buckets] != starts[1..] {
+            changed.store(true, Ordering::Relaxed);
         }
         None
     });
@@ -621,109 +670,62 @@ fn unsorted_states<T: Real>(
     if let Some(err) = errors.into_iter().flatten().next() {
         return Err(err);
     }
-    // Bucket-major exclusive prefix: chunk k writes bucket b from counts[k][b] on.
-    let mut bucket_start = try_vec(buckets + 1, rows)?;
-    let mut run = 0usize;
-    for b in 0..buckets {
-        bucket_start[b] = run;
-        for k in 0..chunks {
-            let c = &mut counts[k * buckets + b];
-            let n = *c;
-            *c = run;
-            run += n;
-        }
-    }
-    let mut tmp_x = try_uninit::<T>(x.len())?;
-    let mut tmp_local = try_uninit::<u32>(rows)?;
-    let (tp, lp) = (
-        SendPtr(tmp_x.as_mut_ptr() as *mut T),
-        SendPtr(tmp_local.as_mut_ptr() as *mut u32),
-    );
-    // Where every (chunk, bucket) cursor must end: the next chunk's start in that bucket.
-    let mut ends = try_vec(chunks * buckets, 0usize)?;
-    for k in 0..chunks {
-        for b in 0..buckets {
-            ends[k * buckets + b] = if k + 1 < chunks {
-                counts[(k + 1) * buckets + b]
-            } else {
-                bucket_start[b + 1]
-            };
-        }
-    }
-    let cp = SendPtr(counts.as_mut_ptr());
-    let mask = (1usize << shift) - 1;
-    let changed = AtomicBool::new(false);
-    parallel::for_each_piece(chunks, chunk * inner.max(1), |range| {
-        for k in range {
-            // SAFETY: chunk k owns its cursors, and the ranges they walk are disjoint from
-            // every other chunk's (prefix above). Ids are re-read here: one changed since the
-            // count (another thread) is caught by the bounds below, never written out of x's
-            // rows, and reported after the pass.
-            unsafe {
-                let cur = std::slice::from_raw_parts_mut(cp.ptr().add(k * buckets), buckets);
-                let end = &ends[k * buckets..(k + 1) * buckets];
-                for r in chunk_rows(k) {
-                    let id = ids[r] as usize;
-                    let b = id >> shift;
-                    match (cur.get_mut(b), end.get(b)) {
-                        (Some(slot), Some(&e)) if id < num_segments && *slot < e => {
-                            let p = *slot;
-                            *slot += 1;
-                            *lp.ptr().add(p) = (id & mask) as u32;
-                            copy_row(x.as_ptr().add(r * inner), tp.ptr().add(p * inner), inner);
-                        }
-                        _ => changed.store(true, Ordering::Relaxed),
-                    }
-                }
-            }
-        }
-    });
-    // Every cursor at its end means every row of both buffers was written exactly once.
-    if changed.into_inner() || counts.iter().zip(&ends).any(|(c, e)| c != e) {
+    if changed.into_inner() {
         return Err(changed_ids());
     }
-    drop(counts);
-    drop(ends);
-    // SAFETY: the partition wrote every row of both buffers exactly once (checked above).
+    // SAFETY: the first level wrote every row of both buffers exactly once (checked above).
     let (tmp_x, tmp_local) = unsafe {
         (
             std::slice::from_raw_parts(tmp_x.as_ptr() as *const T, x.len()),
             std::slice::from_raw_parts(tmp_local.as_ptr() as *const u32, rows),
         )
     };
+    let pieces = &pieces;
+    let piece = |k: usize, b: usize| pieces[k * stride + b]..pieces[k * stride + b + 1];
+    let bucket_len = |b: usize| (0..chunks).map(|k| piece(k, b).len()).sum::<usize>();
     // Second level: each bucket sorts its rows by local id into a scratch buffer and reduces
     // its segments there.
     let failed = AtomicBool::new(false);
     let op = SendPtr(out.as_mut_ptr());
-    let bucket_start = &bucket_start;
     let per_bucket = (rows * inner.max(1)).div_ceil(buckets).max(1);
     let level = simd::level();
     parallel::for_each_piece(buckets, per_bucket, |range| {
+        // One scratch and one cursor array per piece of buckets, sized for its largest
+        // bucket: a fresh allocation per bucket would be a fresh mapping for large buckets.
+        let most = range.clone().map(bucket_len).max().unwrap_or(0);
+        let (Ok(mut scratch), Ok(mut starts)) = (
+            try_uninit::<T>(most * inner),
+            try_vec((1usize << shift).min(num_segments) + 1, 0usize),
+        ) else {
+            failed.store(true, Ordering::Relaxed);
+            return;
+        };
         for b in range {
-            let (b0, b1) = (bucket_start[b], bucket_start[b + 1]);
+            let n = bucket_len(b);
             let base = b << shift;
             let segs = ((b + 1) << shift).min(num_segments) - base;
-            let (Ok(mut scratch), Ok(mut starts)) = (
-                try_uninit::<T>((b1 - b0) * inner),
-                try_vec(segs + 1, 0usize),
-            ) else {
-                failed.store(true, Ordering::Relaxed);
-                return;
-            };
-            let local = &tmp_local[b0..b1];
-            for &l in local {
-                starts[l as usize + 1] += 1;
+            let starts = &mut starts[..segs + 1];
+            starts.fill(0);
+            for k in 0..chunks {
+                for &l in &tmp_local[piece(k, b)] {
+                    starts[l as usize + 1] += 1;
+                }
             }
             for s in 1..=segs {
                 starts[s] += starts[s - 1];
             }
             // Cursors: starts[l] advanced in place, then shifted back below.
             let sp = scratch.as_mut_ptr() as *mut T;
-            for (p, &l) in (b0..b1).zip(local) {
-                let slot = &mut starts[l as usize];
-                // SAFETY: slot < b1 - b0 (counting sort); row p lies inside tmp_x.
-                unsafe { copy_row(tmp_x.as_ptr().add(p * inner), sp.add(*slot * inner), inner) };
-                *slot += 1;
+            for k in 0..chunks {
+                let range = piece(k, b);
+                for (p, &l) in range.clone().zip(&tmp_local[range]) {
+                    let slot = &mut starts[l as usize];
+                    // SAFETY: slot < n (counting sort); row p lies inside tmp_x.
+                    unsafe {
+                        copy_row(tmp_x.as_ptr().add(p * inner), sp.add(*slot * inner), inner)
+                    };
+                    *slot += 1;
+                }
             }
             for s in (1..=segs).rev() {
                 starts[s] = starts[s - 1];
@@ -732,9 +734,9 @@ fn unsorted_states<T: Real>(
             // SAFETY: the scatter wrote every row of the scratch; bucket b owns the states of
             // segments base..base + segs.
             unsafe {
-                let sorted = std::slice::from_raw_parts(sp as *const T, (b1 - b0) * inner);
+                let sorted = std::slice::from_raw_parts(sp as *const T, n * inner);
                 let o = std::slice::from_raw_parts_mut(op.ptr().add(base * inner), segs * inner);
-                csr_states(level, sorted, inner, &starts, o);
+                csr_states(level, sorted, inner, starts, o);
             }
         }
     });
