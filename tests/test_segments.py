@@ -622,7 +622,7 @@ def test_unsorted_ids_over_many_sort_chunks_equal_the_sorted_offsets_bitwise(num
     rng = np.random.default_rng(num_segments)
     n = 300_000
     ids = rng.integers(0, num_segments, n)
-    x = (rng.standard_normal(n) * 20).astype(np.float32)
+    x = rng.standard_normal(n) * 20
     order = np.argsort(ids, kind="stable")
     offsets = np.searchsorted(ids[order], np.arange(num_segments + 1)).astype(np.int64)
     want_lse = segment_logsumexp(x[order], offsets=offsets)
