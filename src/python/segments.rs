@@ -60,7 +60,7 @@ fn segments_of<'a>(
 /// One index argument: the caller's dense `int64` array read where it lies, or a private
 /// copy of any other layout.
 enum Indices {
-    Borrowed(Raw),
+    Borrowed(Box<Raw>),
     Owned(Vec<i64>),
 }
 
@@ -120,7 +120,7 @@ fn indices_of(a: Option<&Bound<'_, PyAny>>, name: &str) -> PyResult<Option<Indic
         .map_err(|_| PyTypeError::new_err(format!("{name} must be a 1-D int64 array")))?;
     let raw = Raw::of(a)?;
     if raw.is_dense::<i64>() {
-        return Ok(Some(Indices::Borrowed(raw)));
+        return Ok(Some(Indices::Borrowed(Box::new(raw))));
     }
     copy_values(&raw, 0i64).map(|v| Some(Indices::Owned(v)))
 }
@@ -572,7 +572,7 @@ fn from_states_typed<'py, T: Real + Element>(
     py.detach(|| {
         // SAFETY: checked above; x and out are held by the caller for the call.
         let (xs, os) = unsafe { slices::<T, T>(&rx, &ro)? };
-        segments::segment_softmax_from_states(xs, inner, &ids, &states, what, os)
+        segments::segment_softmax_from_states(xs, inner, ids, &states, what, os)
     })
     .map_err(segment_error)
 }
