@@ -254,7 +254,7 @@ pub fn segment_states<T: Real>(
         Some(starts) => csr_states(simd::level(), x, inner, &starts, out),
         None => {
             if let Segments::Ids { ids, num_segments } = seg {
-                unsorted_states(x, inner, ids, num_segments, out)?;
+                unsorted_states(x, inner, ids, num_segments, out, None)?;
             }
         }
     }
@@ -290,7 +290,7 @@ pub fn segment_logsumexp<T: Real>(
             match (starts, seg) {
                 (Some(starts), _) => csr_states(simd::level(), x, inner, &starts, &mut states),
                 (None, Segments::Ids { ids, num_segments }) => {
-                    unsorted_states(x, inner, ids, num_segments, &mut states)?
+                    unsorted_states(x, inner, ids, num_segments, &mut states, None)?
                 }
                 (None, _) => {}
             }
@@ -351,7 +351,14 @@ unsafe fn softmax_like_raw<T: Real>(
         }
         (None, Segments::Ids { ids, num_segments }) => {
             let mut states = try_vec(num_segments * inner, LseState::EMPTY)?;
-            unsorted_states(xs, inner, ids, num_segments, &mut states)?;
+            // A separate output is about to be overwritten: it holds the sorted values in the
+            // meantime (no fresh buffer of x's size to fault in).
+            let work = (!std::ptr::eq(x, out)).then(|| {
+                // SAFETY: out is writable for len elements, disjoint from x, and unused until
+                // the states are final.
+                unsafe { std::slice::from_raw_parts_mut(out as *mut MaybeUninit<T>, len) }
+            });
+            unsorted_states(xs, inner, ids, num_segments, &mut states, work)?;
             let params = try_params(&states, what == Reduction::Softmax, |_| 1.0)?;
             // SAFETY: forwarded; every state is final.
             unsafe {
@@ -581,13 +588,15 @@ const SORT_CHUNK: usize = 1 << 16;
 /// contiguous runs. Every segment is thus reduced over its rows in array order, exactly as
 /// the sorted path reduces the stably sorted input; the pieces depend on the sizes alone, so
 /// the result is the same for any thread count. Ids are validated by the first level; the
-/// first offending position is reported.
+/// first offending position is reported. `work`, when it holds `x.len()` elements, is used as
+/// the values' work buffer instead of a fresh one.
 fn unsorted_states<T: Real>(
     x: &[T],
     inner: usize,
     ids: &[i64],
     num_segments: usize,
     out: &mut [LseState],
+    work: Option<&mut [MaybeUninit<T>]>,
 ) -> Result<(), SegmentError> {
     let rows = ids.len();
     debug_assert_eq!(x.len(), rows * inner);
@@ -608,7 +617,14 @@ fn unsorted_states<T: Real>(
     // pieces[k * (buckets + 1) + buckets] is the chunk's end.
     let stride = buckets + 1;
     let mut pieces = try_vec(chunks * stride, 0usize)?;
-    let mut tmp_x = try_uninit::<T>(x.len())?;
+    let mut own_x: Vec<MaybeUninit<T>>;
+    let tmp_x: &mut [MaybeUninit<T>] = match work {
+        Some(w) if w.len() == x.len() => w,
+        _ => {
+            own_x = try_uninit::<T>(x.len())?;
+            &mut own_x
+        }
+    };
     let mut tmp_local = try_uninit::<u32>(rows)?;
     let (tp, lp) = (
         SendPtr(tmp_x.as_mut_ptr() as *mut T),
@@ -880,7 +896,7 @@ pub fn segment_cross_entropy<T: Real>(
             csr_states(level, x, 1, starts, &mut states);
         }
         (None, Segments::Ids { ids, num_segments }) => {
-            unsorted_states(x, 1, ids, num_segments, &mut states)?;
+            unsorted_states(x, 1, ids, num_segments, &mut states, None)?;
             // The k-th element of segment s in array order; ids are valid after the states.
             let mut seen = try_vec(count, 0i64)?;
             for (r, &id) in ids.iter().enumerate() {
