@@ -9,11 +9,16 @@
 //!   scan): every segment is a contiguous run of rows, a variable-length row of the existing
 //!   row kernels (column kernels when `inner > 1`). Segments are independent, so the work is
 //!   split over segments and nothing depends on the split.
-//! - Unsorted ids: each row is pushed into its segment's `(max, excess)` state with the one
-//!   online update of [`LseState`]. The rows are cut into a number of blocks fixed by the
-//!   problem's size alone, each block keeps its own states, and the blocks' states are merged
-//!   in block order with [`LseState::merge`]; so results are bit-identical for any thread count.
-//!   Softmax then writes every element from its segment's finished state, gathered per element.
+//! - Unsorted ids: a stable two-level counting sort (chunks of rows into buckets of
+//!   consecutive ids, then each cache-sized bucket by segment) hands every segment's rows, in
+//!   array order, to the same row kernels; the pieces depend on the sizes alone, so results
+//!   are bit-identical for any thread count and to the sorted path on the stably sorted
+//!   input. Softmax then writes every element from its segment's finished state, gathered per
+//!   element.
+//!
+//! Ids and offsets may be read where they lie while another thread writes them: every index
+//! derived from them is bounded before use, so such a race changes results or raises
+//! [`SegmentError::Shape`], never an access out of bounds.
 //!
 //! An empty segment has the empty state: log-sum-exp `-inf`, and nothing to write for softmax.
 
