@@ -173,6 +173,21 @@ def segment_softmax(
     sorted: bool = False,
     log: bool = False,
 ) -> None: ...
+def segment_states(
+    x: _Arr,
+    segment_ids: Optional[npt.NDArray[np.int64]] = None,
+    offsets: Optional[npt.NDArray[np.int64]] = None,
+    num_segments: int = 0,
+    sorted: bool = False,
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]: ...
+def segment_softmax_from_states(
+    x: _Arr,
+    out: _Arr,
+    segment_ids: npt.NDArray[np.int64],
+    max: npt.NDArray[np.float64],
+    excess: npt.NDArray[np.float64],
+    log: bool = False,
+) -> None: ...
 def segment_cross_entropy(
     x: _Arr,
     target: npt.NDArray[np.int64],
