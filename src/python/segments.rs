@@ -11,7 +11,7 @@ use pyo3::exceptions::{PyIndexError, PyMemoryError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 
 use super::array::{
-    check_out, copy_values, dense, dense_mut, py_shape, shares_memory, try_empty, try_vec, Raw,
+    check_out, copy_values, dense, dense_mut, shares_memory, try_empty, try_vec, Raw,
 };
 use super::reductions::f64_values;
 use crate::kernels::segments::{self, SegmentError, Segments};

@@ -37,7 +37,10 @@ fn pow2_pd(e: __m256d) -> __m256d {
 #[inline]
 #[target_feature(enable = "avx2,fma")]
 pub fn exp_pd(t: __m256d, full: bool) -> __m256d {
-    let t = _mm256_max_pd(_mm256_set1_pd(-746.0), t);
+    // Lanes whose exp rounds to 0 (-inf included; NaN is not among them) are computed at 0 and
+    // zeroed at the end: an underflowing multiply costs a microcode assist per vector.
+    let dead = _mm256_cmp_pd::<_CMP_LT_OQ>(t, _mm256_set1_pd(F64_EXP_ZERO_BELOW));
+    let t = _mm256_andnot_pd(dead, t);
     let t = _mm256_min_pd(_mm256_set1_pd(710.0), t);
     let magic = _mm256_set1_pd(ROUND_MAGIC);
     let kd = _mm256_fmadd_pd(t, _mm256_set1_pd(SIXTEEN_OVER_LN2), magic);
@@ -59,15 +62,20 @@ pub fn exp_pd(t: __m256d, full: bool) -> __m256d {
     let e = _mm256_floor_pd(_mm256_mul_pd(kf, _mm256_set1_pd(1.0 / 16.0)));
     let e1 = _mm256_floor_pd(_mm256_mul_pd(e, _mm256_set1_pd(0.5)));
     let e2 = _mm256_sub_pd(e, e1);
-    _mm256_mul_pd(_mm256_mul_pd(y, pow2_pd(e1)), pow2_pd(e2))
+    _mm256_andnot_pd(
+        dead,
+        _mm256_mul_pd(_mm256_mul_pd(y, pow2_pd(e1)), pow2_pd(e2)),
+    )
 }
 
 /// float32 exp in float32 arithmetic, as `avx512::exp_ps` (< 1 ULP).
 #[inline]
 #[target_feature(enable = "avx2,fma")]
 pub fn exp_ps(x: __m256) -> __m256 {
+    // As exp_pd: lanes whose exp rounds to 0 are computed at 0 and zeroed at the end.
+    let dead = _mm256_cmp_ps::<_CMP_LT_OQ>(x, _mm256_set1_ps(F32_EXP_ZERO_BELOW));
+    let x = _mm256_andnot_ps(dead, x);
     let x = _mm256_min_ps(_mm256_set1_ps(100.0), x);
-    let x = _mm256_max_ps(_mm256_set1_ps(-110.0), x);
     let k = _mm256_round_ps::<NEAREST>(_mm256_mul_ps(x, _mm256_set1_ps(F32_LOG2E)));
     let r = _mm256_fnmadd_ps(k, _mm256_set1_ps(F32_LN2_HI), x);
     let r = _mm256_fnmadd_ps(k, _mm256_set1_ps(F32_LN2_LO), r);
@@ -87,7 +95,7 @@ pub fn exp_ps(x: __m256) -> __m256 {
             _mm256_set1_epi32(127),
         )))
     };
-    _mm256_mul_ps(_mm256_mul_ps(p, pow(k1)), pow(k2))
+    _mm256_andnot_ps(dead, _mm256_mul_ps(_mm256_mul_ps(p, pow(k1)), pow(k2)))
 }
 
 /// float32 exp of `n` elements in float32 arithmetic.

@@ -49,7 +49,10 @@ pub fn exp_ps(x: __m512) -> __m512 {
     // exp(r) = 1 + (r + r^2 u): the small part is summed first, then 1 once.
     let p = _mm512_fmadd_ps(_mm512_mul_ps(r, r), u, r);
     let p = _mm512_add_ps(_mm512_set1_ps(1.0), p);
-    _mm512_scalef_ps(p, k)
+    // Lanes whose exp rounds to 0 (x < -104, -inf included; NaN stays live) are zeroed by the
+    // mask rather than scaled into the underflow, which costs a microcode assist per vector.
+    let live = _mm512_cmp_ps_mask::<_CMP_NLT_UQ>(x, _mm512_set1_ps(F32_EXP_ZERO_BELOW));
+    _mm512_maskz_scalef_ps(live, p, k)
 }
 
 /// float64 exp by a 16-entry table: `t = (16 k' + j) ln2/16 + r`, |r| <= ln2/32, so
@@ -127,8 +130,11 @@ fn exp_scalef_pd(t: __m512d, full: bool) -> __m512d {
     }
     let q = _mm512_mul_pd(a, r);
     let y = _mm512_fmadd_pd(tab, q, tab);
-    // vscalefpd multiplies by 2^floor(kf/16): the table already supplied 2^(j/16).
-    _mm512_scalef_pd(y, _mm512_mul_pd(kf, _mm512_set1_pd(1.0 / 16.0)))
+    // vscalefpd multiplies by 2^floor(kf/16): the table already supplied 2^(j/16). Lanes whose
+    // exp rounds to 0 (-inf included; NaN stays live) are zeroed by the mask rather than scaled
+    // into the underflow, which costs a microcode assist per vector (masks of -inf are common).
+    let live = _mm512_cmp_pd_mask::<_CMP_NLT_UQ>(t, _mm512_set1_pd(F64_EXP_ZERO_BELOW));
+    _mm512_maskz_scalef_pd(live, y, _mm512_mul_pd(kf, _mm512_set1_pd(1.0 / 16.0)))
 }
 
 /// Lanes of `t = x - max` whose exp belongs in a "below the max" sum: not ties (`below`),

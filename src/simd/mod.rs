@@ -210,6 +210,11 @@ pub(crate) mod consts {
     pub const LN2_HI: f64 = 0.6931471803691238;
     pub const LN2_LO: f64 = 1.9082149292705877e-10;
     pub const F32_LOG2E: f32 = std::f32::consts::LOG2_E;
+    /// Below these arguments exp rounds to 0 in float32 (`exp(-104) < 2^-150`, half the least
+    /// subnormal) and in float64 (`exp(-745.2) < 2^-1075`): the vector exps zero such lanes
+    /// instead of computing an underflow.
+    pub const F32_EXP_ZERO_BELOW: f32 = -104.0;
+    pub const F64_EXP_ZERO_BELOW: f64 = -745.2;
     /// Cody-Waite split of ln2 for float32: `HI` has 16 significant bits so `k * HI` is exact.
     pub const F32_LN2_HI: f32 = 0.693_145_751_953_125;
     pub const F32_LN2_LO: f32 = 1.428_606_765_330_187e-6;
