@@ -29,7 +29,7 @@ enum Keep {
 /// bit per row to redo with the reference; `buf[k]` is left holding column `k` as `keep` says.
 ///
 /// # Safety
-/// Elements `0..n` of rows `0..rows.min(N)` readable; `n <= SHORT_ROW`.
+/// Elements `0..n` of rows `0..rows.min(N)` readable; `n <= buf.len()`.
 #[inline(always)]
 unsafe fn group_state<L: Lanes, T: Real>(
     l: L,
@@ -37,13 +37,13 @@ unsafe fn group_state<L: Lanes, T: Real>(
     n: usize,
     pitch: usize,
     rows: usize,
-    buf: &mut [MaybeUninit<L::V>; SHORT_ROW],
+    buf: &mut [MaybeUninit<L::V>],
     keep: Keep,
 ) -> (L::V, L::V, u8) {
     let rows = rows.min(L::N);
     for c0 in (0..n).step_by(L::N) {
         let w = (n - c0).min(L::N);
-        // SAFETY: the caller's contract; buf holds SHORT_ROW >= n entries. A full group
+        // SAFETY: the caller's contract; buf holds n entries or more. A full group
         // passes the constant N, so the per-row checks of the load fold away.
         unsafe {
             if rows == L::N {
@@ -260,6 +260,10 @@ unsafe fn redo_row<L: Lanes, T: Real>(l: L, x: *const T, out: *mut T, n: usize, 
     }
 }
 
+/// Rows up to this long take [`xent_index`]: longer than [`SHORT_ROW`], since a loss
+/// row's horizontal reductions and per-row scalar work cost more than a softmax's.
+pub(crate) const SHORT_LOSS_ROW: usize = 2 * SHORT_ROW;
+
 /// A row of a short-row loss whose target is ignored (no loss, a zero gradient).
 pub(crate) const IGNORED: u32 = u32::MAX;
 
@@ -294,7 +298,7 @@ pub(crate) struct IndexLossOut<'a> {
 ///
 /// # Safety
 /// The rows readable, `grad` writable for `rows * n` elements; `p` and `out` hold `rows`
-/// entries; every class that is not [`IGNORED`] is `< n`; `n <= SHORT_ROW`.
+/// entries; every class that is not [`IGNORED`] is `< n`; `n <= SHORT_LOSS_ROW`.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn xent_index<L: Lanes, T: Real>(
@@ -307,7 +311,7 @@ pub(crate) unsafe fn xent_index<L: Lanes, T: Real>(
     out: &mut IndexLossOut<'_>,
     grad: Option<*mut T>,
 ) {
-    let mut buf = [MaybeUninit::<L::V>::uninit(); SHORT_ROW];
+    let mut buf = [MaybeUninit::<L::V>::uninit(); SHORT_LOSS_ROW];
     let keep = if grad.is_some() {
         Keep::Exp
     } else {
@@ -396,7 +400,7 @@ pub(crate) unsafe fn short_rows_xent_index<T: Real>(
     out: &mut IndexLossOut<'_>,
     grad: Option<*mut T>,
 ) {
-    debug_assert!(n <= SHORT_ROW && p.class.len() >= rows && out.redo.len() >= rows);
+    debug_assert!(n <= SHORT_LOSS_ROW && p.class.len() >= rows && out.redo.len() >= rows);
     struct K<'a, 'b, 'c, T> {
         x: *const T,
         rows: usize,

@@ -307,7 +307,7 @@ fn short_block<'a, T: Real>(
 /// Whether the lanes take [`short_index_block`]: short rows, class-index targets, no label
 /// smoothing.
 fn takes_short_index<T: Real>(plan: &Plan<'_, T>, targets: &Targets<'_, T>) -> bool {
-    (1..=SHORT_ROW).contains(&plan.batch.n)
+    (1..=crate::simd::SHORT_LOSS_ROW).contains(&plan.batch.n)
         && matches!(targets, Targets::Indices(_))
         && plan.b == 0.0
 }
