@@ -373,10 +373,10 @@ pub(crate) unsafe fn xent_index<L: Lanes, T: Real>(
             for c0 in (0..n).step_by(L::N) {
                 l.store_columns(o, n, g, redo, c0, (n - c0).min(L::N), cols);
             }
-            for k in 0..g {
+            for (k, &v) in gt.iter().enumerate().take(g) {
                 let c = p.class[r + k];
                 if c != IGNORED && redo & (1 << k) == 0 {
-                    *o.add(k * n + c as usize) = T::from_f64(gt[k]);
+                    *o.add(k * n + c as usize) = T::from_f64(v);
                 }
             }
         }
