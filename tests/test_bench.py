@@ -48,7 +48,7 @@ def test_quick_bench_writes_json(tmp_path, capsys):
 def test_default_workloads_cover_short_rows_and_losses():
     have = {(op, cols) for op, _, cols, kind in workloads.DEFAULT_WORKLOADS if kind == "dram"}
     for cols in (10, 32):
-        for op in ("softmax", "xent", "xent_grad"):
+        for op in workloads.OPS:
             assert (op, cols) in have, (op, cols)
     latency = {(op, c) for op, _, c, k in workloads.DEFAULT_WORKLOADS if k == "latency"}
     assert ("xent", 10) in latency
@@ -119,6 +119,48 @@ def test_plot_quick_has_a_loss_panel(tmp_path):
     sweep = json.loads(path.read_text())["sweep"]
     assert {e["op"] for e in sweep} == {"softmax", "xent_grad"}
     assert {e["cols"] for e in sweep} >= {10, 32}
+
+
+def test_short_rows_keeps_every_op_on_short_rows_and_names_the_fastest_peer(capsys):
+    argv = ["--short-rows", "--quick", "--no-progress", "--reps", "1", "--json"]
+    argv += ["--libraries", "stablelse,numpy,scipy"]
+    assert bench.main(argv) == 0
+    captured = capsys.readouterr()
+    doc = json.loads(captured.out)
+    shapes = {tuple(r["shape"]) for r in doc["results"]}
+    assert all(1 < rows and cols <= workloads.SHORT_COLS for rows, cols in shapes), shapes
+    assert {(r["op"], r["shape"][1]) for r in doc["results"]} == {
+        (op, cols) for op in workloads.OPS for cols in (10, 32)
+    }
+    for row in doc["results"]:
+        fastest = row["fastest_peer"]
+        assert fastest["speedup"] == min(row["speedup"].values())
+        assert row["speedup"][fastest["library"]] == fastest["speedup"]
+    assert "vs fastest peer" in captured.err
+
+
+def test_plot_has_a_short_row_panel(tmp_path):
+    pytest.importorskip("matplotlib")
+    from stablelse.bench import report
+
+    sweep = [
+        {"op": "softmax", "library": lib, "rows": 1 << 10 // c, "cols": c, "gbps": 1.0 + c}
+        for lib in ("stablelse", "numpy")
+        for c in (10, 32)
+    ]
+    results = [
+        {
+            "workload": f"cross_entropy 64x{c}",
+            "kind": "dram",
+            "shape": [64, c],
+            "libraries": {"stablelse": {"gbps": 2.0}, "numpy": {"gbps": 1.0}},
+        }
+        for c in (10, 32, 4096)
+    ]
+    ceilings = {"read": 10.0, "read_write": 8.0}
+    png = tmp_path / "short.png"
+    assert report.plot_sweep(sweep, ceilings, str(png), "t", ("softmax",), results) is None
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_bad_arguments():

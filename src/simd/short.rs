@@ -29,7 +29,7 @@ enum Keep {
 /// bit per row to redo with the reference; `buf[k]` is left holding column `k` as `keep` says.
 ///
 /// # Safety
-/// Elements `0..n` of rows `0..rows.min(N)` readable; `n <= SHORT_ROW`.
+/// Elements `0..n` of rows `0..rows.min(N)` readable; `n <= buf.len()`.
 #[inline(always)]
 unsafe fn group_state<L: Lanes, T: Real>(
     l: L,
@@ -37,13 +37,21 @@ unsafe fn group_state<L: Lanes, T: Real>(
     n: usize,
     pitch: usize,
     rows: usize,
-    buf: &mut [MaybeUninit<L::V>; SHORT_ROW],
+    buf: &mut [MaybeUninit<L::V>],
     keep: Keep,
 ) -> (L::V, L::V, u8) {
     let rows = rows.min(L::N);
     for c0 in (0..n).step_by(L::N) {
-        // SAFETY: the caller's contract; buf holds SHORT_ROW >= n entries.
-        unsafe { l.load_columns(x, pitch, rows, c0, (n - c0).min(L::N), buf) };
+        let w = (n - c0).min(L::N);
+        // SAFETY: the caller's contract; buf holds n entries or more. A full group
+        // passes the constant N, so the per-row checks of the load fold away.
+        unsafe {
+            if rows == L::N {
+                l.load_columns(x, pitch, L::N, c0, w, buf);
+            } else {
+                l.load_columns(x, pitch, rows, c0, w, buf);
+            }
+        }
     }
     let mut m = l.splat(f64::NEG_INFINITY);
     for b in buf.iter().take(n) {
@@ -71,11 +79,15 @@ unsafe fn group_state<L: Lanes, T: Real>(
         }
     }
     let excess = l.add(below, l.sub(ties, one));
-    let (ms, es) = (l.to_lanes(m), l.to_lanes(excess));
+    // `excess + (m - m)` is NaN exactly where the max is not finite or the sum is NaN.
+    let check = l.add(excess, l.sub(m, m));
     let mut redo = 0u8;
-    for r in 0..rows {
-        if !ms[r].is_finite() || es[r].is_nan() {
-            redo |= 1 << r;
+    if l.any(l.not(l.eq(check, check))) {
+        let (ms, es) = (l.to_lanes(m), l.to_lanes(excess));
+        for r in 0..rows {
+            if !ms[r].is_finite() || es[r].is_nan() {
+                redo |= 1 << r;
+            }
         }
     }
     (m, excess, redo)
@@ -246,4 +258,182 @@ unsafe fn redo_row<L: Lanes, T: Real>(l: L, x: *const T, out: *mut T, n: usize, 
             map_row(l, x, out, n, false, f);
         }
     }
+}
+
+/// Rows up to this long take [`xent_index`]: longer than [`SHORT_ROW`], since a loss
+/// row's horizontal reductions and per-row scalar work cost more than a softmax's.
+pub(crate) const SHORT_LOSS_ROW: usize = 2 * SHORT_ROW;
+
+/// A row of a short-row loss whose target is ignored (no loss, a zero gradient).
+pub(crate) const IGNORED: u32 = u32::MAX;
+
+/// The per-row inputs of the cross-entropy of short rows against class indices (no label
+/// smoothing): each row's target class ([`IGNORED`] or `< n`) and its weight `w_t`, and the
+/// gradient's scales, `c = s1 * w_t + z2 * lse` per row.
+#[derive(Clone, Copy)]
+pub(crate) struct IndexLoss<'a> {
+    pub(crate) class: &'a [u32],
+    pub(crate) weight: &'a [f64],
+    /// The reduction's scale of the main term.
+    pub(crate) s1: f64,
+    /// `2 * z_loss * s2`: the z-term's share of the gradient coefficient, per unit of lse.
+    pub(crate) z2: f64,
+}
+
+/// The per-row outputs of [`xent_index`]: the main loss term `w_t * (L - x_t)` (0 for an
+/// ignored row), `L = logsumexp` and whether the row must be redone by the caller's reference
+/// path (a non-finite max or a NaN sum; its outputs, gradient included, are then left alone).
+pub(crate) struct IndexLossOut<'a> {
+    pub(crate) main: &'a mut [f64],
+    pub(crate) lse: &'a mut [f64],
+    pub(crate) redo: &'a mut [bool],
+}
+
+/// Cross-entropy of `rows` short rows (`pitch` apart) against class indices, `N` rows per
+/// vector: each group's states, `L = m + log1p(excess)` (vector log1p) and the gathered
+/// `x_t` give the loss lane-wise; with `grad` (dense `rows x n`) the gradient
+/// `g_k = c * exp(x_k - m) / S` is written from the exps of the state pass, and the target's
+/// `g_t = -c * (S - e_t) / S + z2 * L`, with `S - e_t` exact when the target is the max
+/// (`excess`) and at least 1 otherwise, so `p_t -> 1` loses no relative accuracy.
+///
+/// # Safety
+/// The rows readable, `grad` writable for `rows * n` elements; `p` and `out` hold `rows`
+/// entries; every class that is not [`IGNORED`] is `< n`; `n <= SHORT_LOSS_ROW`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn xent_index<L: Lanes, T: Real>(
+    l: L,
+    x: *const T,
+    rows: usize,
+    n: usize,
+    pitch: usize,
+    p: IndexLoss<'_>,
+    out: &mut IndexLossOut<'_>,
+    grad: Option<*mut T>,
+) {
+    let mut buf = [MaybeUninit::<L::V>::uninit(); SHORT_LOSS_ROW];
+    let keep = if grad.is_some() {
+        Keep::Exp
+    } else {
+        Keep::Input
+    };
+    let mut r = 0;
+    while r < rows {
+        let g = (rows - r).min(L::N);
+        // SAFETY: rows r..r+g are readable (and their gradient rows writable); their classes
+        // index inside the row.
+        unsafe {
+            let px = x.add(r * pitch);
+            let (m, excess, redo) = group_state(l, px, n, pitch, g, &mut buf, keep);
+            let ms = l.to_lanes(m);
+            // An ignored row's x_t is its max: every term below stays finite.
+            let (mut xt, mut wt) = (ms, [0.0f64; 8]);
+            for k in 0..g {
+                let c = p.class[r + k];
+                if c != IGNORED {
+                    xt[k] = (*px.add(k * pitch + c as usize)).to_f64();
+                    wt[k] = p.weight[r + k];
+                }
+            }
+            let lt = l.log1p(excess);
+            let xtv = l.of_lanes(&xt);
+            let main = l.mul(l.of_lanes(&wt), l.sub(lt, l.sub(xtv, m)));
+            let lse = l.add(m, lt);
+            let (ma, la) = (l.to_lanes(main), l.to_lanes(lse));
+            for k in 0..g {
+                let kept = p.class[r + k] != IGNORED;
+                out.main[r + k] = if kept { ma[k] } else { 0.0 };
+                out.lse[r + k] = la[k];
+                out.redo[r + k] = redo & (1 << k) != 0;
+            }
+            let Some(gp) = grad else {
+                r += g;
+                continue;
+            };
+            let et = l.to_lanes(l.exp_nonpos(l.sub(xtv, m), T::FULL));
+            let es = l.to_lanes(excess);
+            let (mut factor, mut gt) = ([0.0f64; 8], [0.0f64; 8]);
+            for k in 0..g {
+                if p.class[r + k] == IGNORED {
+                    continue; // factor 0: a zero gradient row
+                }
+                let total = 1.0 + es[k];
+                let zterm = p.z2 * la[k];
+                let c = p.s1 * wt[k] + zterm;
+                let others = if xt[k] == ms[k] { es[k] } else { total - et[k] };
+                factor[k] = c / total;
+                gt[k] = -c * others / total + zterm;
+            }
+            let f = l.of_lanes(&factor);
+            for b in buf.iter_mut().take(n) {
+                b.write(l.mul(b.assume_init(), f));
+            }
+            let cols = std::slice::from_raw_parts(buf.as_ptr() as *const L::V, n);
+            let o = gp.add(r * n);
+            for c0 in (0..n).step_by(L::N) {
+                l.store_columns(o, n, g, redo, c0, (n - c0).min(L::N), cols);
+            }
+            for (k, &v) in gt.iter().enumerate().take(g) {
+                let c = p.class[r + k];
+                if c != IGNORED && redo & (1 << k) == 0 {
+                    *o.add(k * n + c as usize) = T::from_f64(v);
+                }
+            }
+        }
+        r += g;
+    }
+}
+
+/// [`xent_index`] at `level`; at the scalar level every row is flagged for the caller's
+/// reference path.
+///
+/// # Safety
+/// As [`xent_index`]; `level` supported by this CPU.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn short_rows_xent_index<T: Real>(
+    level: super::Level,
+    x: *const T,
+    rows: usize,
+    n: usize,
+    pitch: usize,
+    p: IndexLoss<'_>,
+    out: &mut IndexLossOut<'_>,
+    grad: Option<*mut T>,
+) {
+    debug_assert!(n <= SHORT_LOSS_ROW && p.class.len() >= rows && out.redo.len() >= rows);
+    struct K<'a, 'b, 'c, T> {
+        x: *const T,
+        rows: usize,
+        n: usize,
+        pitch: usize,
+        p: IndexLoss<'a>,
+        out: &'b mut IndexLossOut<'c>,
+        grad: Option<*mut T>,
+    }
+    impl<T: Real> super::lanes::Kernel for K<'_, '_, '_, T> {
+        type Out = ();
+        #[inline(always)]
+        fn run<L: Lanes>(self, l: L) {
+            // SAFETY: the caller of short_rows_xent_index guarantees the buffers.
+            unsafe {
+                xent_index(
+                    l, self.x, self.rows, self.n, self.pitch, self.p, self.out, self.grad,
+                )
+            }
+        }
+        fn scalar(self) {
+            self.out.redo[..self.rows].fill(true);
+        }
+    }
+    let k = K {
+        x,
+        rows,
+        n,
+        pitch,
+        p,
+        out,
+        grad,
+    };
+    // SAFETY: forwarded from the caller.
+    unsafe { super::lanes::dispatch(level, k) }
 }

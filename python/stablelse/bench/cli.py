@@ -21,6 +21,7 @@ from .workloads import (
     OP_LABEL,
     OPS,
     QUICK_SCALE,
+    SHORT_COLS,
     SWEEP_OPS,
     SWEEP_TOTAL,
     Workload,
@@ -70,6 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--only", default=None, help="comma-separated ops to keep from the workload list"
+    )
+    p.add_argument(
+        "--short-rows",
+        action="store_true",
+        help=f"keep only the workloads of short rows (at most {SHORT_COLS} columns, more "
+        "than one row): every op on rows of 10 and 32 classes by default",
     )
     p.add_argument(
         "--libraries",
@@ -257,6 +264,8 @@ def _run_timings(
         keep = {s.strip() for s in args.only.split(",")}
         keep |= {k for k, v in OP_LABEL.items() if v in keep}
         workloads = [w for w in workloads if w.op in keep]
+    if args.short_rows:
+        workloads = [w for w in workloads if w.kind == "dram" and w.cols <= SHORT_COLS]
     workloads = [scaled(w, scale) for w in workloads]
     n_libs = sum(lib.available for lib in libs.values())
     sweep_total = max(1024, round(SWEEP_TOTAL * scale))
@@ -318,5 +327,5 @@ def _run_timings(
             f"{args.threads} threads, {sweep_total} float32 elements"
             + (f"\n{args.label}" if args.label else "")
         )
-        why = plot_sweep(sweep, ceilings, args.plot, title, sweep_ops)
+        why = plot_sweep(sweep, ceilings, args.plot, title, sweep_ops, results)
         show(f"plot not written: {why}" if why else f"plot written to {args.plot}")

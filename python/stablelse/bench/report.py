@@ -8,7 +8,7 @@ from typing import Any, Optional
 import numpy as np
 
 from .peers import LIBRARIES, PEERS, Library
-from .workloads import OP_LABEL
+from .workloads import OP_LABEL, SHORT_COLS
 
 
 def _fmt_rate(e: dict[str, Any], latency: bool) -> str:
@@ -29,10 +29,12 @@ def format_table(
     results: list[dict[str, Any]], libs: dict[str, Library], ceilings: dict[str, float]
 ) -> str:
     """One row per workload: stablelse's GB/s (or us per call), its share of the ceiling,
-    and every peer's GB/s with stablelse's speed-up over it."""
+    every peer's GB/s with stablelse's speed-up over it, and the speed-up over the fastest
+    peer."""
     peers = [n for n in PEERS if n in libs and libs[n].available]
     head = ["workload", "stablelse GB/s", "of ceiling"]
     head += [f"{p} GB/s (speed-up)" for p in peers]
+    head.append("vs fastest peer")
     lines = [head]
     for row in results:
         lat = row["kind"] == "latency"
@@ -47,6 +49,8 @@ def format_table(
             e = row["libraries"].get(p, {})
             sp = row.get("speedup", {}).get(p)
             cells.append(_fmt_rate(e, lat) + (f" ({sp:.1f}x)" if sp is not None else ""))
+        fastest = row.get("fastest_peer")
+        cells.append(f"{fastest['speedup']:.2f}x {fastest['library']}" if fastest else "-")
         lines.append(cells)
     return "\n".join(_markdown(lines))
 
@@ -80,9 +84,12 @@ def plot_sweep(
     path: str,
     title: str,
     ops: tuple[str, ...],
+    results: Optional[list[dict[str, Any]]] = None,
 ) -> Optional[str]:
     """Writes the GB/s-vs-row-length chart to ``path``, one panel per op (the reductions on
-    the first row, the losses on the second); returns why not, or None."""
+    the first row, the losses on the second), and, when ``results`` hold short-row workloads
+    (at most ``SHORT_COLS`` columns), a last panel of their GB/s per library; returns why
+    not, or None."""
     try:
         import matplotlib
 
@@ -91,8 +98,14 @@ def plot_sweep(
     except ImportError:
         return "matplotlib is not installed"
     ops = tuple(op for op in ops if any(e["op"] == op for e in sweep)) or ops
-    ncols = min(2, len(ops))
-    nrows = math.ceil(len(ops) / ncols)
+    short = [
+        r
+        for r in results or []
+        if r["kind"] == "dram" and 1 < r["shape"][0] and r["shape"][1] <= SHORT_COLS
+    ]
+    panels = len(ops) + (1 if short else 0)
+    ncols = min(2, panels)
+    nrows = math.ceil(panels / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(6 * ncols, 4.5 * nrows), squeeze=False)
     flat = axes.ravel()
     for ax, op in zip(flat, ops):
@@ -115,7 +128,9 @@ def plot_sweep(
         ax.set_xlabel("row length (columns), fixed total size")
         ax.set_title(f"{OP_LABEL[op]}, float32")
         ax.grid(True, which="both", alpha=0.3)
-    for ax in flat[len(ops) :]:
+    if short:
+        _short_row_panel(flat[len(ops)], short)
+    for ax in flat[panels:]:
         ax.set_visible(False)
     for ax in axes[:, 0]:
         ax.set_ylabel("effective GB/s (read + write) / best time")
@@ -124,6 +139,22 @@ def plot_sweep(
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return None
+
+
+def _short_row_panel(ax: Any, rows: list[dict[str, Any]]) -> None:
+    """Grouped bars: each short-row workload's GB/s per library."""
+    libs = [n for n in LIBRARIES if any("gbps" in r["libraries"].get(n, {}) for r in rows)]
+    width = 0.8 / max(1, len(libs))
+    for i, lib in enumerate(libs):
+        xs = [j + (i - (len(libs) - 1) / 2) * width for j in range(len(rows))]
+        ys = [r["libraries"].get(lib, {}).get("gbps", 0.0) for r in rows]
+        ax.bar(xs, ys, width, label=lib, edgecolor="k" if lib == "stablelse" else None)
+    ax.set_xticks(range(len(rows)))
+    ax.set_xticklabels([r["workload"] for r in rows], rotation=35, ha="right", fontsize=7)
+    ax.set_ylabel("effective GB/s (read + write) / best time")
+    ax.set_title("short rows: softmax and losses, float32")
+    ax.legend(fontsize=8, ncol=3)
+    ax.grid(True, axis="y", alpha=0.3)
 
 
 def jsonable(obj: Any) -> Any:

@@ -267,6 +267,9 @@ def finish_row(row: dict[str, Any]) -> None:
             for n, e in libs.items()
             if n != "stablelse" and "seconds" in e
         }
+        if row["speedup"]:
+            fastest = min(row["speedup"], key=row["speedup"].__getitem__)
+            row["fastest_peer"] = {"library": fastest, "speedup": row["speedup"][fastest]}
         ref = ours.get("value")
         if ref is not None and row["op"] in ("logsumexp", "xent", "xent_grad"):
             for e in libs.values():

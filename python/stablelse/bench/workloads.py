@@ -23,8 +23,8 @@ LOSS_OPS = ("xent", "xent_grad")
 
 # The default workloads: (op, rows, columns, kind). "dram" workloads are compared with the DRAM
 # ceiling, "cache" ones with the probe at their own size, "latency" ones report microseconds
-# per call. Long rows, short rows (10 and 32 classes: where classification lives), one row
-# of 2^26, a batch that fits in L2, and single calls on 8 x 10.
+# per call. Long rows, short rows (10 and 32 classes: where classification lives; every op),
+# one row of 2^26, a batch that fits in L2, and single calls on 8 x 10.
 DEFAULT_WORKLOADS = (
     ("logsumexp", 2048, 32768, "dram"),
     ("logsumexp", 1, 1 << 26, "dram"),
@@ -34,9 +34,12 @@ DEFAULT_WORKLOADS = (
     ("xent_grad", 2048, 32768, "dram"),
     ("logsumexp", 1 << 22, 10, "dram"),
     ("softmax", 1 << 22, 10, "dram"),
+    ("log_softmax", 1 << 22, 10, "dram"),
     ("xent", 1 << 22, 10, "dram"),
     ("xent_grad", 1 << 22, 10, "dram"),
+    ("logsumexp", 1 << 21, 32, "dram"),
     ("softmax", 1 << 21, 32, "dram"),
+    ("log_softmax", 1 << 21, 32, "dram"),
     ("xent", 1 << 21, 32, "dram"),
     ("xent_grad", 1 << 21, 32, "dram"),
     ("softmax", 64, 4096, "cache"),
@@ -46,6 +49,9 @@ DEFAULT_WORKLOADS = (
 )
 
 QUICK_SCALE = 1.0 / 256
+
+# Rows up to this many classes count as short (--short-rows, the plot's short-row panel).
+SHORT_COLS = 128
 
 # The row-length sweep behind the plot: a fixed total size (128 MiB of float32, several times
 # the L3 of the machines this was written on), rows from 10 to 2^21 columns.

@@ -7,6 +7,7 @@ use crate::kernels::{row_exp_scaled, row_state, softmax_like, Algorithm, Reducti
 use crate::layout::Batch;
 use crate::parallel::{self, SendPtr};
 use crate::real::Real;
+use crate::simd::{IndexLoss, IndexLossOut, IGNORED};
 use crate::state::LseState;
 
 /// Rows whose states are computed together (see [`block_states`]); also the widest column
@@ -205,11 +206,13 @@ fn xent_rows<T: Real>(
     let n = batch.n;
     let ignore = plan.ignore_index;
     let per = parallel::items_per_piece(n);
+    let short_index = takes_short_index(plan, targets);
     reduce_pieces(batch.outer, per, n, |range| {
         let mut acc = (0.0f64, 0.0f64);
         let mut scratch = Vec::new();
         let mut states = [LseState::EMPTY; STATE_BLOCK];
         let mut grads = [LaneGrad::ZERO; STATE_BLOCK];
+        let mut short_lanes = ShortLanes::new();
         let pitch = batch.outer_stride;
         let mut l0 = range.start;
         while l0 < range.end {
@@ -220,6 +223,33 @@ fn xent_rows<T: Real>(
                 Targets::Probs(q) => Some(&q[first..]),
                 Targets::Indices(_) => None,
             };
+            if short_index {
+                // SAFETY: lanes l0..l0 + w own the dense rows l0..l0 + w of the gradient,
+                // whose length `plan` checked.
+                let g = grad_out.map(|gp| unsafe {
+                    std::slice::from_raw_parts_mut(gp.ptr().add(l0 * n), w * n)
+                });
+                let block = ShortBlock {
+                    x: xb,
+                    pitch,
+                    n,
+                    w,
+                    l0,
+                };
+                short_index_block(
+                    plan,
+                    targets,
+                    block,
+                    alg,
+                    &mut scratch,
+                    &mut short_lanes,
+                    lanes_out,
+                    g,
+                    &mut acc,
+                )?;
+                l0 += w;
+                continue;
+            }
             block_states(xb, pitch, n, w, alg, &mut scratch, &mut states)?;
             for i in 0..w {
                 let l = l0 + i;
@@ -272,6 +302,157 @@ fn short_block<'a, T: Real>(
         scratch.extend_from_slice(&x[i * pitch..i * pitch + n]);
     }
     Ok((&scratch[..], Batch::rows(w, n)))
+}
+
+/// Whether the lanes take [`short_index_block`]: short rows, class-index targets, no label
+/// smoothing.
+fn takes_short_index<T: Real>(plan: &Plan<'_, T>, targets: &Targets<'_, T>) -> bool {
+    (1..=crate::simd::SHORT_LOSS_ROW).contains(&plan.batch.n)
+        && matches!(targets, Targets::Indices(_))
+        && plan.b == 0.0
+}
+
+/// `w` rows of length `n`, row `i` at `x[i * pitch..][..n]`, holding lanes `l0..l0 + w`.
+#[derive(Clone, Copy)]
+struct ShortBlock<'a, T> {
+    x: &'a [T],
+    pitch: usize,
+    n: usize,
+    w: usize,
+    l0: usize,
+}
+
+/// The loss of a [`ShortBlock`] against class indices (no label smoothing) by the fused
+/// short-row kernel (states, `L`, `x_t`, the loss and the gradient into the dense `g`, a
+/// vector of rows at a time); rows it flags (a non-finite max or a NaN) are redone here by
+/// the general row path. Lane `(main, lse^2)` terms are added to `acc` in lane order, and
+/// "none" losses written to `lanes_out`.
+#[allow(clippy::too_many_arguments)]
+fn short_index_block<T: Real>(
+    plan: &Plan<'_, T>,
+    targets: &Targets<'_, T>,
+    block: ShortBlock<'_, T>,
+    alg: Algorithm,
+    scratch: &mut Vec<T>,
+    lanes: &mut ShortLanes,
+    lanes_out: Option<SendPtr<T>>,
+    mut g: Option<&mut [T]>,
+    acc: &mut (f64, f64),
+) -> Result<(), Error> {
+    let ShortBlock { x, pitch, n, w, l0 } = block;
+    let ShortLanes {
+        class,
+        weight,
+        main,
+        lse,
+        redo,
+    } = lanes;
+    for i in 0..w {
+        (class[i], weight[i]) = match lane_target(targets, l0 + i, plan.ignore_index, n) {
+            LaneTarget::Class(t) => (t as u32, plan.w(t)),
+            _ => (IGNORED, 0.0),
+        };
+    }
+    let mut out = IndexLossOut {
+        main: &mut main[..w],
+        lse: &mut lse[..w],
+        redo: &mut redo[..w],
+    };
+    let p = IndexLoss {
+        class: &class[..w],
+        weight: &weight[..w],
+        s1: plan.s1,
+        z2: 2.0 * plan.z * plan.s2,
+    };
+    let gp = match g.as_mut() {
+        Some(g) if g.len() == w * n => Some(g.as_mut_ptr()),
+        Some(_) => return Err(Error::Layout("gradient block length".into())),
+        None => None,
+    };
+    let (xs, batch) = short_block(x, pitch, n, w, scratch)?;
+    // SAFETY: `xs` holds w rows of n elements `outer_stride` apart (short_block), `gp` w * n
+    // elements; every class is IGNORED or < n (lane_target); p and out hold w entries.
+    unsafe {
+        crate::simd::short_rows_xent_index(
+            crate::simd::level(),
+            xs.as_ptr(),
+            w,
+            n,
+            batch.outer_stride,
+            p,
+            &mut out,
+            gp,
+        );
+    }
+    // `main` and `lse` become each lane's (main, lse^2) terms, summed in a fixed order.
+    for i in 0..w {
+        let l = l0 + i;
+        if redo[i] {
+            let row = &x[i * pitch..i * pitch + n];
+            let target = lane_target(targets, l, plan.ignore_index, n);
+            let sums = row_sums(plan, row, target, None, row_state(row, alg));
+            if let Some(g) = g.as_deref_mut() {
+                let lg = lane_grad(plan, target, &sums);
+                write_row_grad(plan, row, None, lg, &mut g[i * n..(i + 1) * n]);
+            }
+            (main[i], lse[i]) = lane_outputs(plan, target, &sums, l, lanes_out);
+        } else {
+            lse[i] = if class[i] == IGNORED {
+                0.0
+            } else {
+                lse[i] * lse[i]
+            };
+            write_lane(plan, main[i], lse[i], l, lanes_out);
+        }
+    }
+    acc.0 += fixed_sum(&main[..w]);
+    acc.1 += fixed_sum(&lse[..w]);
+    Ok(())
+}
+
+/// The per-lane buffers of [`short_index_block`], one set per piece.
+struct ShortLanes {
+    class: [u32; STATE_BLOCK],
+    weight: [f64; STATE_BLOCK],
+    main: [f64; STATE_BLOCK],
+    lse: [f64; STATE_BLOCK],
+    redo: [bool; STATE_BLOCK],
+}
+
+impl ShortLanes {
+    fn new() -> Self {
+        ShortLanes {
+            class: [IGNORED; STATE_BLOCK],
+            weight: [0.0; STATE_BLOCK],
+            main: [0.0; STATE_BLOCK],
+            lse: [0.0; STATE_BLOCK],
+            redo: [false; STATE_BLOCK],
+        }
+    }
+}
+
+/// The sum of `v` in an order fixed by its length alone: eight interleaved partial sums,
+/// added pairwise, then the tail in order.
+fn fixed_sum(v: &[f64]) -> f64 {
+    let mut part = [0.0f64; 8];
+    let chunks = v.chunks_exact(8);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for (p, &x) in part.iter_mut().zip(c) {
+            *p += x;
+        }
+    }
+    let quad = [
+        part[0] + part[4],
+        part[1] + part[5],
+        part[2] + part[6],
+        part[3] + part[7],
+    ];
+    let mut total = (quad[0] + quad[2]) + (quad[1] + quad[3]);
+    for &x in tail {
+        total += x;
+    }
+    total
 }
 
 /// The `(max, excess)` states of `w` rows of length `n`, row `i` at `x[i * pitch..][..n]`.
@@ -355,6 +536,19 @@ fn lane_outputs<T: Real>(
         LaneTarget::Ignored => 0.0,
         _ => lse * lse,
     };
+    write_lane(plan, main, zt, l, lanes_out);
+    (main, zt)
+}
+
+/// Lane `l`'s "none" loss, `main + z * lse^2`, written to `per_lane[l]` when asked.
+#[inline]
+fn write_lane<T: Real>(
+    plan: &Plan<'_, T>,
+    main: f64,
+    zt: f64,
+    l: usize,
+    lanes_out: Option<SendPtr<T>>,
+) {
     if let Some(op) = lanes_out {
         let v = if plan.z > 0.0 {
             main + plan.z * zt
@@ -365,7 +559,6 @@ fn lane_outputs<T: Real>(
         // handled by exactly one piece.
         unsafe { *op.ptr().add(l) = T::from_f64(v) };
     }
-    (main, zt)
 }
 
 /// The sums of one row that its loss and gradient need.
@@ -538,6 +731,7 @@ fn xent_columns<T: Real>(
     let units = batch.outer * blocks_per_slab;
     let unit_elements = n * width;
     let per = parallel::items_per_piece(unit_elements);
+    let short_index = takes_short_index(plan, targets);
     reduce_pieces(units, per, unit_elements, |range| {
         let mut acc = (0.0f64, 0.0f64);
         let zero = T::from_f64(0.0);
@@ -553,6 +747,7 @@ fn xent_columns<T: Real>(
         let mut scratch = Vec::new();
         let mut states = [LseState::EMPTY; STATE_BLOCK];
         let mut grads = [LaneGrad::ZERO; STATE_BLOCK];
+        let mut short_lanes = ShortLanes::new();
         for u in range {
             let (o, jb) = (u / blocks_per_slab, u % blocks_per_slab);
             let j0 = jb * width;
@@ -562,30 +757,54 @@ fn xent_columns<T: Real>(
             if let Targets::Probs(q) = targets {
                 transpose_in(&q[base..], inner, n, w, &mut qs);
             }
-            block_states(&xs, n, n, w, alg, &mut scratch, &mut states)?;
-            for jj in 0..w {
-                let l = o * inner + j0 + jj;
-                let x = &xs[jj * n..(jj + 1) * n];
-                let target = lane_target(targets, l, plan.ignore_index, n);
-                let probs = match targets {
-                    Targets::Probs(_) => Some(&qs[jj * n..(jj + 1) * n]),
-                    Targets::Indices(_) => None,
+            if short_index {
+                let g = grad_out.map(|_| &mut gs[..w * n]);
+                let block = ShortBlock {
+                    x: &xs,
+                    pitch: n,
+                    n,
+                    w,
+                    l0: o * inner + j0,
                 };
-                let sums = row_sums(plan, x, target, probs, states[jj]);
-                let (main, zt) = lane_outputs(plan, target, &sums, l, lanes_out);
-                if grad_out.is_some() {
-                    grads[jj] = lane_grad(plan, target, &sums);
+                short_index_block(
+                    plan,
+                    targets,
+                    block,
+                    alg,
+                    &mut scratch,
+                    &mut short_lanes,
+                    lanes_out,
+                    g,
+                    &mut acc,
+                )?;
+            } else {
+                block_states(&xs, n, n, w, alg, &mut scratch, &mut states)?;
+                for jj in 0..w {
+                    let l = o * inner + j0 + jj;
+                    let x = &xs[jj * n..(jj + 1) * n];
+                    let target = lane_target(targets, l, plan.ignore_index, n);
+                    let probs = match targets {
+                        Targets::Probs(_) => Some(&qs[jj * n..(jj + 1) * n]),
+                        Targets::Indices(_) => None,
+                    };
+                    let sums = row_sums(plan, x, target, probs, states[jj]);
+                    let (main, zt) = lane_outputs(plan, target, &sums, l, lanes_out);
+                    if grad_out.is_some() {
+                        grads[jj] = lane_grad(plan, target, &sums);
+                    }
+                    acc.0 += main;
+                    acc.1 += zt;
                 }
-                acc.0 += main;
-                acc.1 += zt;
+                if grad_out.is_some() {
+                    let qb = match targets {
+                        Targets::Probs(_) => Some(&qs[..]),
+                        Targets::Indices(_) => None,
+                    };
+                    let g = &mut gs[..w * n];
+                    block_grads(plan, &xs, qb, n, n, &grads[..w], alg, &mut scratch, g)?;
+                }
             }
             if let Some(gp) = grad_out {
-                let qb = match targets {
-                    Targets::Probs(_) => Some(&qs[..]),
-                    Targets::Indices(_) => None,
-                };
-                let g = &mut gs[..w * n];
-                block_grads(plan, &xs, qb, n, n, &grads[..w], alg, &mut scratch, g)?;
                 let gbase = o * n * inner + j0;
                 for k in 0..n {
                     for jj in 0..w {

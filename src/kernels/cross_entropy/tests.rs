@@ -828,3 +828,156 @@ fn transpose_back(g: &[f32], n: usize, lanes: usize) -> Vec<f32> {
     }
     r
 }
+
+#[test]
+fn short_index_rows_match_the_reference_with_special_rows_in_every_layout() {
+    // Index targets without label smoothing on rows up to twice the short-row length take
+    // the fused short-row kernel: loss, "none" losses and gradient against the float64
+    // reference and its analytic gradient, ragged vector groups, ignored rows, rows the
+    // kernel hands back (inf, NaN, all -inf), and columns equal to rows bitwise.
+    let mut rng = Rng::new(29);
+    let limit = crate::simd::SHORT_LOSS_ROW;
+    for n in [1, 2, 8, 10, 63, 64, 65, 100, limit, limit + 1] {
+        let lanes = 37;
+        let batch = Batch::rows(lanes, n);
+        let mut x: Vec<f64> = (0..batch.elements())
+            .map(|_| rng.uniform(-30.0, 30.0))
+            .collect();
+        let t: Vec<i64> = (0..lanes)
+            .map(|l| {
+                if l % 5 == 2 {
+                    -100
+                } else {
+                    (rng.next_u64() % n as u64) as i64
+                }
+            })
+            .collect();
+        // Lane 3: +inf off the target (loss +inf); lane 4: NaN; lane 6: all -inf.
+        let off = |l: usize| (t[l] as usize + 1) % n;
+        x[3 * n + off(3)] = f64::INFINITY;
+        x[4 * n] = f64::NAN;
+        x[6 * n..7 * n].fill(f64::NEG_INFINITY);
+        let w: Vec<f64> = (0..n).map(|k| 0.5 + (k % 3) as f64).collect();
+        for weight in [None, Some(&w[..])] {
+            for z in [0.0, 0.01] {
+                for reduction in [LossReduction::Mean, LossReduction::None] {
+                    let what = format!("n={n} w={} z={z} {reduction:?}", weight.is_some());
+                    let (got, per, grad) = run(
+                        &x,
+                        batch,
+                        Targets::Indices(&t),
+                        weight,
+                        0.0,
+                        z,
+                        reduction,
+                        true,
+                    );
+                    let r = Ref {
+                        x: &x,
+                        batch,
+                        weight,
+                        ignore: -100,
+                        ls: 0.0,
+                        z,
+                        reduction,
+                    };
+                    let want_per = r.eval(&RefTarget::Idx(&t)).0;
+                    // The special lanes follow IEEE (logp = x - L): NaN totals.
+                    assert!(got.is_nan(), "{what}: {got}");
+                    if reduction == LossReduction::None {
+                        for (l, (a, b)) in per.iter().zip(&want_per).enumerate() {
+                            let b = match l {
+                                3 if n > 1 => f64::INFINITY,
+                                3 | 4 | 6 => f64::NAN,
+                                _ => *b,
+                            };
+                            assert!(close(*a, b, 1e-12), "{what} lane {l}: {a} vs {b}");
+                        }
+                        let clean: Vec<f64> = (0..lanes)
+                            .filter(|l| ![3, 4, 6].contains(l))
+                            .flat_map(|l| r.lane(l))
+                            .collect();
+                        let tc: Vec<i64> = (0..lanes)
+                            .filter(|l| ![3, 4, 6].contains(l))
+                            .map(|l| t[l])
+                            .collect();
+                        let bc = Batch::rows(tc.len(), n);
+                        for red in [LossReduction::Mean, LossReduction::Sum] {
+                            let (got, _, _) = run(
+                                &clean,
+                                bc,
+                                Targets::Indices(&tc),
+                                weight,
+                                0.0,
+                                z,
+                                red,
+                                false,
+                            );
+                            let rc = Ref {
+                                x: &clean,
+                                batch: bc,
+                                reduction: red,
+                                ..r
+                            };
+                            let want = rc.eval(&RefTarget::Idx(&tc)).1;
+                            assert!(close(got, want, 1e-12), "{what} {red:?}: {got} vs {want}");
+                        }
+                        continue;
+                    }
+                    // The analytic gradient of the mean: s1 w_t (p - onehot) + 2 z s2 L p.
+                    let kept: Vec<usize> = (0..lanes).filter(|&l| t[l] != -100).collect();
+                    let s1 = 1.0 / kept.iter().map(|&l| r.w(t[l] as usize)).sum::<f64>();
+                    let s2 = 1.0 / kept.len() as f64;
+                    for l in 0..lanes {
+                        let g = &grad[l * n..(l + 1) * n];
+                        if t[l] == -100 {
+                            assert!(g.iter().all(|&v| v == 0.0), "{what} lane {l}: {g:?}");
+                            continue;
+                        }
+                        let xl = r.lane(l);
+                        let m = xl.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                        if !m.is_finite() || xl.iter().any(|v| v.is_nan()) {
+                            assert!(g.iter().all(|v| v.is_nan()), "{what} lane {l}: {g:?}");
+                            continue;
+                        }
+                        let s: f64 = xl.iter().map(|v| (v - m).exp()).sum();
+                        let lse = m + s.ln();
+                        let tl = t[l] as usize;
+                        for k in 0..n {
+                            let p = (xl[k] - m).exp() / s;
+                            let hot = if k == tl { 1.0 } else { 0.0 };
+                            let want = s1 * r.w(tl) * (p - hot) + 2.0 * z * s2 * lse * p;
+                            assert!(
+                                (g[k] - want).abs() <= 1e-14 + 1e-12 * want.abs(),
+                                "{what} lane {l} g[{k}]: {} vs {want}",
+                                g[k]
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        // Columns (the class axis in the middle) give the rows' bits.
+        let xf: Vec<f32> = x.iter().map(|&v| v as f32).collect();
+        let opts = XentOptions {
+            z_loss: 0.01,
+            reduction: LossReduction::None,
+            ..XentOptions::default()
+        };
+        let cols = Batch::contiguous(1, n, lanes);
+        let mut xc = vec![0.0f32; xf.len()];
+        for l in 0..lanes {
+            for k in 0..n {
+                xc[k * lanes + l] = xf[l * n + k];
+            }
+        }
+        let (mut pr, mut pc) = (vec![0.0f32; lanes], vec![0.0f32; lanes]);
+        let (mut gr, mut gc) = (vec![0.0f32; xf.len()], vec![0.0f32; xf.len()]);
+        let ti = Targets::Indices(&t);
+        cross_entropy(&xf, batch, ti, &opts, Some(&mut pr), Some(&mut gr)).unwrap();
+        cross_entropy(&xc, cols, ti, &opts, Some(&mut pc), Some(&mut gc)).unwrap();
+        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&pr), bits(&pc), "n={n}");
+        assert_eq!(bits(&gr), bits(&transpose_back(&gc, n, lanes)), "n={n}");
+    }
+}
