@@ -166,6 +166,62 @@ fn exp_specials_are_exact() {
 }
 
 #[test]
+fn exp_is_plus_zero_below_the_underflow_and_subnormal_just_above_it() {
+    // The vector exps zero the lanes below the thresholds rather than computing the
+    // underflow; every argument there must still give +0, and those just above the right
+    // subnormal, mixed in one vector with -inf and NaN.
+    use super::consts::{F32_EXP_ZERO_BELOW, F64_EXP_ZERO_BELOW};
+    let t32 = F32_EXP_ZERO_BELOW;
+    let xs32 = [
+        t32 - 0.01,
+        t32,
+        t32 + 0.01,
+        -103.5,
+        -100.0,
+        f32::NEG_INFINITY,
+        f32::NAN,
+        1.0,
+    ];
+    let t64 = F64_EXP_ZERO_BELOW;
+    let xs64 = [
+        t64 - 0.01,
+        t64,
+        t64 + 0.01,
+        -745.1,
+        -740.0,
+        f64::NEG_INFINITY,
+        f64::NAN,
+        1.0,
+    ];
+    for level in levels() {
+        let mut out = [1.0f32; 8];
+        exp_f32(level, &xs32, &mut out);
+        for (&x, &y) in xs32.iter().zip(&out) {
+            let want = (x as f64).exp() as f32;
+            let same = (want.is_nan() && y.is_nan()) || want.to_bits() == y.to_bits();
+            assert!(
+                same || ulp_error_f32(x, y) <= 1.0,
+                "{level:?} exp({x:e}) = {y:e}"
+            );
+            if x < t32 {
+                assert_eq!(y.to_bits(), 0, "{level:?} exp({x:e}) = {y:e}");
+            }
+        }
+        let mut out = [1.0f64; 8];
+        exp_f64(level, &xs64, &mut out);
+        for (&x, &y) in xs64.iter().zip(&out) {
+            let want = x.exp();
+            let ok = (want.is_nan() && y.is_nan())
+                || (want - y).abs() <= 2.0 * f64::EPSILON * want.abs() + 5e-324;
+            assert!(ok, "{level:?} exp({x:e}) = {y:e}, want {want:e}");
+            if x < t64 {
+                assert_eq!(y.to_bits(), 0, "{level:?} exp({x:e}) = {y:e}");
+            }
+        }
+    }
+}
+
+#[test]
 fn exp_f64_is_within_one_ulp_of_std() {
     // std's exp is itself within 1 ULP, so agreement to 1 ULP bounds ours by 2; the
     // construction (table exact to 0.5 ULP, q to 1e-18, one final rounding) gives < 1.
