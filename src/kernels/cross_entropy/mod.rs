@@ -37,6 +37,7 @@
 //! losses and live in [`crate::kernels::vjp`].
 
 mod forward;
+pub mod mask;
 mod nll;
 pub mod spec;
 #[cfg(test)]
@@ -44,5 +45,6 @@ mod tests;
 
 pub use crate::error::Error;
 pub use forward::cross_entropy;
+pub use mask::ClassMask;
 pub use nll::nll_loss;
 pub use spec::{LossReduction, Targets, XentOptions};

@@ -1,0 +1,299 @@
+//! The forward pass and fused gradient under `where=` (see [`ClassMask`] for the rule).
+//!
+//! Lanes are taken in the blocks the unmasked kernel uses (rows, or columns of torch's layout);
+//! each block is staged once into per-thread scratch of at most [`COLUMN_SCRATCH`] elements
+//! (one lane, if a lane is longer), a masked class becoming `-inf` there, beside a dense copy of
+//! the block's mask bytes. The staged block then goes through the unmasked kernel's own SIMD
+//! state and gradient code: `exp(-inf - m) = 0`, so the state is the kept classes' log-sum-exp
+//! and masked probabilities are 0. The mask is read in place with its strides (a broadcast
+//! mask is never expanded), and nothing of the logits' size is allocated. The sums that weight
+//! every class (label smoothing, probability targets) skip masked classes through the staged
+//! mask bytes. A mask keeping every class gives the unmasked result bit for bit for index
+//! targets (the label-smoothing sum keeps the unmasked summation order); probability targets
+//! agree up to the rounding of their sums.
+
+use super::super::mask::ClassMask;
+use super::*;
+
+/// Staged lanes of one block: the logits (`-inf` where masked), the mask bytes, the
+/// probability targets when there are some, and each lane's kept-class count.
+struct Staged<T> {
+    x: Vec<T>,
+    keep: Vec<u8>,
+    q: Vec<T>,
+    kept: [usize; STATE_BLOCK],
+}
+
+/// Where a block's lanes start and how its elements are spaced in one array.
+#[derive(Clone, Copy)]
+struct Spacing {
+    base: usize,
+    lane: usize,
+    class: usize,
+}
+
+impl<T: Real> Staged<T> {
+    fn new(n: usize, width: usize, probs: bool) -> Result<Self, Error> {
+        let zero = T::from_f64(0.0);
+        Ok(Staged {
+            x: try_vec(n * width, zero)?,
+            keep: try_vec(n * width, 0u8)?,
+            q: if probs {
+                try_vec(n * width, zero)?
+            } else {
+                Vec::new()
+            },
+            kept: [0; STATE_BLOCK],
+        })
+    }
+
+    /// Stages `w` lanes of `n` classes: logits spaced by `xs`, mask bytes by `ms`.
+    fn stage(&mut self, x: &[T], xs: Spacing, keep: &[u8], ms: Spacing, n: usize, w: usize) {
+        let masked = T::from_f64(f64::NEG_INFINITY);
+        for jj in 0..w {
+            let (xr, kr) = (&mut self.x[jj * n..][..n], &mut self.keep[jj * n..][..n]);
+            let (x0, m0) = (xs.base + jj * xs.lane, ms.base + jj * ms.lane);
+            let mut kept = 0usize;
+            if xs.class == 1 && ms.class == 1 {
+                // Rows with a dense mask row: a loop that vectorises.
+                let pairs = x[x0..x0 + n].iter().zip(&keep[m0..m0 + n]);
+                for ((d, kd), (&v, &m)) in xr.iter_mut().zip(kr.iter_mut()).zip(pairs) {
+                    let k = m != 0;
+                    *d = if k { v } else { masked };
+                    *kd = k as u8;
+                    kept += k as usize;
+                }
+            } else {
+                for k in 0..n {
+                    let kk = keep[m0 + k * ms.class] != 0;
+                    xr[k] = if kk { x[x0 + k * xs.class] } else { masked };
+                    kr[k] = kk as u8;
+                    kept += kk as usize;
+                }
+            }
+            self.kept[jj] = kept;
+        }
+    }
+
+    /// Stages the probability targets of the same lanes (laid out like the logits).
+    fn stage_probs(&mut self, q: &[T], xs: Spacing, n: usize, w: usize) {
+        for jj in 0..w {
+            let q0 = xs.base + jj * xs.lane;
+            for (k, d) in self.q[jj * n..][..n].iter_mut().enumerate() {
+                *d = q[q0 + k * xs.class];
+            }
+        }
+    }
+}
+
+/// The plan of one lane with its masked classes deleted: smoothing over `C_kept` classes and
+/// `W` the kept classes' weight (only the smoothing terms read `W`).
+fn lane_plan<'a, T: Real>(plan: &Plan<'a, T>, keep: &[u8], kept: usize) -> Plan<'a, T> {
+    if plan.label_smoothing == 0.0 || kept == 0 {
+        return *plan;
+    }
+    let w_total = match plan.weight {
+        Some(w) => sum3(w, keep, w, |wk, k, _| if k != 0 { wk.to_f64() } else { 0.0 }),
+        None => kept as f64,
+    };
+    Plan {
+        b: plan.label_smoothing / kept as f64,
+        w_total,
+        ..*plan
+    }
+}
+
+/// [`row_sums`] over the kept classes of a staged lane.
+fn masked_sums<T: Real>(
+    plan: &Plan<'_, T>,
+    x: &[T],
+    keep: &[u8],
+    target: LaneTarget,
+    probs: Option<&[T]>,
+    state: LseState,
+) -> LaneSums {
+    let mut sums = LaneSums {
+        state,
+        xt: 0.0,
+        wsum: 0.0,
+        qsum: 0.0,
+    };
+    let shift = shift_of(state);
+    let w = plan.weight;
+    let (a, b) = (plan.a, plan.b);
+    match target {
+        LaneTarget::Ignored => return row_sums(plan, x, target, probs, state),
+        LaneTarget::Class(t) => {
+            sums.xt = x[t].to_f64();
+            if b > 0.0 {
+                let parts = row_blocks(x.len(), |r| {
+                    let (xr, kr) = (&x[r.clone()], &keep[r.clone()]);
+                    let d = |v: T, k: u8| if k != 0 { shift - v.to_f64() } else { 0.0 };
+                    match w {
+                        Some(w) => sum3(xr, kr, &w[r], |v, k, wk| {
+                            if k != 0 {
+                                wk.to_f64() * (shift - v.to_f64())
+                            } else {
+                                0.0
+                            }
+                        }),
+                        None => sum3(xr, kr, xr, |v, k, _| d(v, k)),
+                    }
+                });
+                sums.wsum = parts.sum();
+            }
+        }
+        LaneTarget::Probs => {
+            let q = probs.expect("probability targets");
+            let qw = |qk: T, k: u8, wk: f64| {
+                if k != 0 {
+                    wk * (a * qk.to_f64() + b)
+                } else {
+                    0.0
+                }
+            };
+            let parts = row_blocks(x.len(), |r| {
+                let (xr, qr, kr) = (&x[r.clone()], &q[r.clone()], &keep[r.clone()]);
+                let wr = |k: usize| w.map_or(1.0, |w| w[r.start + k].to_f64());
+                let mut ws = 0.0;
+                let mut qs = 0.0;
+                // Same terms as the unmasked sums, masked classes contributing 0.
+                let terms = xr.iter().zip(qr).zip(kr).enumerate();
+                for (k, ((&v, &qk), &kk)) in terms {
+                    let wq = qw(qk, kk, wr(k));
+                    if kk != 0 {
+                        ws += wq * (shift - v.to_f64());
+                    }
+                    qs += wq;
+                }
+                (ws, qs)
+            });
+            for (ws, qs) in parts {
+                sums.wsum += ws;
+                sums.qsum += qs;
+            }
+        }
+    }
+    sums
+}
+
+/// The masked cross-entropy over every lane: `(main, lse^2)` sums as [`xent_rows`] /
+/// [`xent_columns`], gradients dense with 0 at masked classes.
+pub(super) fn xent_masked<T: Real>(
+    logits: &[T],
+    targets: &Targets<'_, T>,
+    plan: &Plan<'_, T>,
+    mask: &ClassMask<'_>,
+    alg: Algorithm,
+    lanes_out: Option<SendPtr<T>>,
+    grad_out: Option<SendPtr<T>>,
+) -> Result<(f64, f64), Error> {
+    let batch = plan.batch;
+    let (n, inner) = (batch.n, batch.inner);
+    let rows = inner == 1;
+    let width = column_block_width(n, if rows { batch.outer } else { inner });
+    let blocks_per_slab = if rows { 1 } else { inner.div_ceil(width) };
+    let units = if rows {
+        batch.outer.div_ceil(width)
+    } else {
+        batch.outer * blocks_per_slab
+    };
+    let unit_elements = n * width;
+    let probs = matches!(targets, Targets::Probs(_));
+    let per = parallel::items_per_piece(unit_elements);
+    reduce_pieces(units, per, unit_elements, |range| {
+        let mut acc = (0.0f64, 0.0f64);
+        let mut st = Staged::<T>::new(n, width, probs)?;
+        let mut gs = match (grad_out, rows) {
+            (Some(_), false) => try_vec(n * width, T::from_f64(0.0))?,
+            _ => Vec::new(),
+        };
+        let mut scratch = Vec::new();
+        let mut states = [LseState::EMPTY; STATE_BLOCK];
+        let mut grads = [LaneGrad::ZERO; STATE_BLOCK];
+        let mut plans = [*plan; STATE_BLOCK];
+        for u in range {
+            // The block's lanes l0..l0 + w are consecutive in lane order.
+            let (o, j0, w) = if rows {
+                let o = u * width;
+                (o, 0, width.min(batch.outer - o))
+            } else {
+                let (o, jb) = (u / blocks_per_slab, u % blocks_per_slab);
+                (o, jb * width, width.min(inner - jb * width))
+            };
+            let l0 = o * inner + j0;
+            let [s0, s1, s2] = mask.strides;
+            let xs = Spacing {
+                base: o * batch.outer_stride + j0,
+                lane: if rows { batch.outer_stride } else { 1 },
+                class: inner,
+            };
+            let ms = Spacing {
+                base: o * s0 + j0 * s2,
+                lane: if rows { s0 } else { s2 },
+                class: s1,
+            };
+            st.stage(logits, xs, mask.keep, ms, n, w);
+            if let Targets::Probs(q) = targets {
+                st.stage_probs(q, xs, n, w);
+            }
+            block_states(&st.x, n, n, w, alg, &mut scratch, &mut states)?;
+            for jj in 0..w {
+                let l = l0 + jj;
+                let (x, keep) = (&st.x[jj * n..][..n], &st.keep[jj * n..][..n]);
+                let target = match lane_target(targets, l, plan.ignore_index, n) {
+                    _ if st.kept[jj] == 0 => LaneTarget::Ignored,
+                    // Refused by the pre-pass; only a racing writer gets here.
+                    LaneTarget::Class(t) if keep[t] == 0 => LaneTarget::Ignored,
+                    t => t,
+                };
+                let lp = lane_plan(plan, keep, st.kept[jj]);
+                let q = probs.then(|| &st.q[jj * n..][..n]);
+                let sums = masked_sums(&lp, x, keep, target, q, states[jj]);
+                let (main, zt) = lane_outputs(&lp, target, &sums, l, lanes_out);
+                if grad_out.is_some() {
+                    grads[jj] = lane_grad(&lp, target, &sums);
+                    plans[jj] = lp;
+                }
+                acc.0 += main;
+                acc.1 += zt;
+            }
+            let Some(gp) = grad_out else { continue };
+            let g = if rows {
+                // SAFETY: lanes l0..l0 + w own the dense rows l0..l0 + w of the gradient,
+                // whose length `plan` checked.
+                unsafe { std::slice::from_raw_parts_mut(gp.ptr().add(l0 * n), w * n) }
+            } else {
+                &mut gs[..w * n]
+            };
+            if probs && plan.label_smoothing > 0.0 {
+                // The smoothed probabilities differ per lane: one lane at a time.
+                for jj in 0..w {
+                    let lane = jj * n..(jj + 1) * n;
+                    let (x, q) = (&st.x[lane.clone()], Some(&st.q[lane.clone()]));
+                    let gi = &mut g[lane];
+                    block_grads(&plans[jj], x, q, n, n, &grads[jj..=jj], alg, &mut scratch, gi)?;
+                }
+            } else {
+                let q = probs.then_some(&st.q[..]);
+                block_grads(plan, &st.x, q, n, n, &grads[..w], alg, &mut scratch, g)?;
+            }
+            for (gk, &k) in g.iter_mut().zip(&st.keep[..w * n]) {
+                if k == 0 {
+                    *gk = T::from_f64(0.0);
+                }
+            }
+            if !rows {
+                let gbase = o * n * inner + j0;
+                for k in 0..n {
+                    for jj in 0..w {
+                        // SAFETY: (k, j0 + jj) of slab o in the dense gradient, whose length
+                        // `plan` checked; units own disjoint column blocks.
+                        unsafe { *gp.ptr().add(gbase + k * inner + jj) = gs[jj * n + k] };
+                    }
+                }
+            }
+        }
+        Ok(acc)
+    })
+}
