@@ -228,15 +228,17 @@ def cross_entropy(
     is written). The mask is read by the kernels beside the logits, never as a masked copy; a
     broadcast mask keeps its zero strides.
 
-    Against optax (``softmax_cross_entropy(_with_integer_labels)(..., where=)``): the same
-    values for kept rows without smoothing; optax gives a fully masked row loss 0 too, but
-    its ``optax.losses`` mean counts it, and for a label on a masked class it returns a value
-    (``lse_kept - x_t``) rather than an error; optax has no label smoothing inside the loss
-    (``optax.smooth_labels`` spreads over all C classes, so the mass put on masked classes is
-    dropped), where stablelse spreads over the kept classes. torch has no ``where=``: the
-    equivalent is ``logits.masked_fill(~where, -inf)``, which gives NaN for a fully masked row
-    and an ``inf`` loss for a target on a masked class, and spreads label smoothing over all
-    C classes (an ``inf`` loss whenever a class is masked).
+    Against optax 0.2 (``softmax_cross_entropy_with_integer_labels(..., where=)`` and
+    ``softmax_cross_entropy(..., where=)``, which return per-row losses): the same losses and
+    gradients for rows that keep a class, and 0 for a fully masked row (but a ``.mean()`` of
+    optax's rows counts it); for an index target on a masked class optax returns
+    ``logsumexp(kept) - x[t]`` where stablelse raises; probability mass on a masked class is
+    silently dropped by optax. optax has no label smoothing inside the loss:
+    ``optax.smooth_labels`` spreads ``ls / C`` over all C classes and the mass on masked
+    classes is then dropped, where stablelse spreads ``ls / C_kept`` over the kept ones. torch
+    has no ``where=``; the nearest is ``logits.masked_fill(~where, -inf)``, which gives NaN for
+    a fully masked row, ``inf`` for a target on a masked class, and ``inf`` whenever
+    `label_smoothing` > 0 and a class is masked (its smoothing term reads ``-inf``).
 
     Examples
     --------
