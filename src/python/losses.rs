@@ -19,9 +19,7 @@ use super::errors::to_pyerr;
 use super::exec::{self, WorkView};
 use super::reductions::{batch3, parse_algorithm, slice3, value_error};
 use crate::error::Error;
-use crate::kernels::cross_entropy::{
-    self as xent, ClassMask, LossReduction, Targets, XentOptions,
-};
+use crate::kernels::cross_entropy::{self as xent, ClassMask, LossReduction, Targets, XentOptions};
 use crate::kernels::vjp::{self, Backward};
 use crate::kernels::Algorithm;
 use crate::layout::Batch;

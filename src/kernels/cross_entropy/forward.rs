@@ -182,7 +182,15 @@ pub fn cross_entropy<T: Real>(
     let (main, zsum) = if batch.count() == 0 {
         (0.0, 0.0)
     } else if let Some(mask) = &opts.mask {
-        masked::xent_masked(logits, &targets, &plan, mask, opts.algorithm, lanes_out, grad_out)?
+        masked::xent_masked(
+            logits,
+            &targets,
+            &plan,
+            mask,
+            opts.algorithm,
+            lanes_out,
+            grad_out,
+        )?
     } else if batch.inner == 1 {
         xent_rows(logits, &targets, &plan, opts.algorithm, lanes_out, grad_out)?
     } else {

@@ -203,7 +203,11 @@ pub(super) fn plan<'a, T: Real>(
                 });
             }
             if let Some(mask) = &opts.mask {
-                return finish(plan, opts.reduction, masked_denominators(&plan, targets, mask)?);
+                return finish(
+                    plan,
+                    opts.reduction,
+                    masked_denominators(&plan, targets, mask)?,
+                );
             }
             let (mut d, mut kept) = (0.0f64, 0usize);
             for (position, &value) in t.iter().enumerate() {
@@ -230,7 +234,11 @@ pub(super) fn plan<'a, T: Real>(
             }
             batch.check(q.len()).map_err(Error::Layout)?;
             if let Some(mask) = &opts.mask {
-                return finish(plan, opts.reduction, masked_denominators(&plan, targets, mask)?);
+                return finish(
+                    plan,
+                    opts.reduction,
+                    masked_denominators(&plan, targets, mask)?,
+                );
             }
             let lanes = batch.count() as f64;
             (lanes, lanes)

@@ -93,7 +93,12 @@ fn lane_plan<'a, T: Real>(plan: &Plan<'a, T>, keep: &[u8], kept: usize) -> Plan<
         return *plan;
     }
     let w_total = match plan.weight {
-        Some(w) => sum3(w, keep, w, |wk, k, _| if k != 0 { wk.to_f64() } else { 0.0 }),
+        Some(w) => sum3(
+            w,
+            keep,
+            w,
+            |wk, k, _| if k != 0 { wk.to_f64() } else { 0.0 },
+        ),
         None => kept as f64,
     };
     Plan {
@@ -272,7 +277,17 @@ pub(super) fn xent_masked<T: Real>(
                     let lane = jj * n..(jj + 1) * n;
                     let (x, q) = (&st.x[lane.clone()], Some(&st.q[lane.clone()]));
                     let gi = &mut g[lane];
-                    block_grads(&plans[jj], x, q, n, n, &grads[jj..=jj], alg, &mut scratch, gi)?;
+                    block_grads(
+                        &plans[jj],
+                        x,
+                        q,
+                        n,
+                        n,
+                        &grads[jj..=jj],
+                        alg,
+                        &mut scratch,
+                        gi,
+                    )?;
                 }
             } else {
                 let q = probs.then_some(&st.q[..]);
@@ -296,4 +311,186 @@ pub(super) fn xent_masked<T: Real>(
         }
         Ok(acc)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::super::{cross_entropy, nll_loss, LossReduction, Targets, XentOptions};
+    use super::*;
+
+    /// The masked call against the unmasked kernel on each lane with its masked classes
+    /// deleted: rows and columns, a broadcast mask, smoothing, weights and the z-loss.
+    #[test]
+    fn masked_lanes_equal_the_lanes_with_masked_classes_deleted() {
+        let (outer, n, inner) = (5usize, 7usize, 3usize);
+        let x: Vec<f64> = (0..outer * n * inner)
+            .map(|i| ((i * 37 % 23) as f64 - 11.0) * 0.7)
+            .collect();
+        let w: Vec<f64> = (0..n).map(|k| 0.5 + k as f64 * 0.25).collect();
+        // One mask row of classes broadcast over every lane, except lane 4 masked fully.
+        let row = [true, false, true, true, false, true, true];
+        for inner in [1, inner] {
+            let batch = Batch::contiguous(outer, n, inner);
+            let mut keep = vec![0u8; batch.elements()];
+            for o in 0..outer {
+                for k in 0..n {
+                    for j in 0..inner {
+                        keep[(o * n + k) * inner + j] = (row[k] && o * inner + j != 4) as u8;
+                    }
+                }
+            }
+            let x = &x[..batch.elements()];
+            let t: Vec<i64> = (0..batch.count()).map(|l| [0, 2, 3, 5, 6][l % 5]).collect();
+            let opts = XentOptions {
+                weight: Some(&w[..]),
+                label_smoothing: 0.2,
+                z_loss: 0.01,
+                reduction: LossReduction::None,
+                mask: Some(ClassMask {
+                    keep: &keep,
+                    strides: [n * inner, inner, 1],
+                }),
+                ..XentOptions::default()
+            };
+            let mut per = vec![0.0; batch.count()];
+            let mut grad = vec![9.0; batch.elements()];
+            cross_entropy(
+                x,
+                batch,
+                Targets::Indices(&t),
+                &opts,
+                Some(&mut per),
+                Some(&mut grad),
+            )
+            .unwrap();
+            let kept: Vec<usize> = (0..n).filter(|&k| row[k]).collect();
+            for l in 0..batch.count() {
+                let (o, j) = (l / inner, l % inner);
+                let at = |k: usize| (o * n + k) * inner + j;
+                if l == 4 {
+                    assert_eq!(per[l], 0.0);
+                    assert!((0..n).all(|k| grad[at(k)] == 0.0));
+                    continue;
+                }
+                let xr: Vec<f64> = kept.iter().map(|&k| x[at(k)]).collect();
+                let wr: Vec<f64> = kept.iter().map(|&k| w[k]).collect();
+                let tr = kept.iter().position(|&k| k as i64 == t[l]).unwrap() as i64;
+                let one = XentOptions {
+                    weight: Some(&wr[..]),
+                    label_smoothing: 0.2,
+                    z_loss: 0.01,
+                    reduction: LossReduction::Sum,
+                    ..XentOptions::default()
+                };
+                let mut g = vec![0.0; xr.len()];
+                let want = cross_entropy(
+                    &xr,
+                    Batch::rows(1, xr.len()),
+                    Targets::Indices(&[tr]),
+                    &one,
+                    None,
+                    Some(&mut g),
+                )
+                .unwrap();
+                assert!(
+                    (per[l] - want).abs() <= 1e-13 * want.abs().max(1.0),
+                    "lane {l}"
+                );
+                for (i, &k) in kept.iter().enumerate() {
+                    assert!((grad[at(k)] - g[i]).abs() <= 1e-14, "lane {l} class {k}");
+                }
+                assert!((0..n).filter(|&k| !row[k]).all(|k| grad[at(k)] == 0.0));
+            }
+        }
+    }
+
+    #[test]
+    fn a_zero_stride_mask_is_read_in_place_and_targets_are_checked_against_it() {
+        let x = [1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0];
+        let batch = Batch::rows(2, 3);
+        let keep = [1u8, 0, 1];
+        let mask = ClassMask {
+            keep: &keep,
+            strides: [0, 1, 0],
+        };
+        let opts = XentOptions {
+            mask: Some(mask),
+            reduction: LossReduction::Sum,
+            ..XentOptions::default()
+        };
+        let got = cross_entropy(&x, batch, Targets::Indices(&[0, 2]), &opts, None, None).unwrap();
+        let deleted = [1.0f32, 3.0, 4.0, 6.0];
+        let plain = XentOptions {
+            reduction: LossReduction::Sum,
+            ..XentOptions::default()
+        };
+        let want = cross_entropy(
+            &deleted,
+            Batch::rows(2, 2),
+            Targets::Indices(&[0, 1]),
+            &plain,
+            None,
+            None,
+        )
+        .unwrap();
+        assert_eq!(got, want);
+        let err = cross_entropy(&x, batch, Targets::Indices(&[0, 1]), &opts, None, None);
+        assert_eq!(
+            err.unwrap_err(),
+            Error::MaskedTarget {
+                position: 1,
+                value: 1
+            }
+        );
+        let lp = [-1.0f64, -2.0, -3.0, -4.0, -5.0, -6.0];
+        let err = nll_loss(
+            &lp,
+            batch,
+            &[0, 1],
+            None,
+            -100,
+            LossReduction::Sum,
+            None,
+            Some(mask),
+        );
+        assert!(matches!(err, Err(Error::MaskedTarget { position: 1, .. })));
+        let short = ClassMask {
+            keep: &keep[..2],
+            strides: [0, 1, 0],
+        };
+        let err = nll_loss(
+            &lp,
+            batch,
+            &[0, 0],
+            None,
+            -100,
+            LossReduction::Sum,
+            None,
+            Some(short),
+        );
+        assert!(matches!(err, Err(Error::Layout(_))));
+    }
+
+    #[test]
+    fn probability_mass_on_a_masked_class_is_refused() {
+        let x = [0.0f64; 6];
+        let q = [0.5, 0.5, 0.0, 0.2, 0.0, 0.8];
+        let keep = [1u8, 1, 0, 1, 1, 0];
+        let opts = XentOptions {
+            mask: Some(ClassMask {
+                keep: &keep,
+                strides: [3, 1, 0],
+            }),
+            ..XentOptions::default()
+        };
+        let err = cross_entropy(&x, Batch::rows(2, 3), Targets::Probs(&q), &opts, None, None);
+        assert_eq!(
+            err.unwrap_err(),
+            Error::MaskedProbability {
+                position: 1,
+                class: 2,
+                value: 0.8
+            }
+        );
+    }
 }
