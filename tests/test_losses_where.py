@@ -9,11 +9,11 @@ nothing and is not counted.
 from __future__ import annotations
 
 import numpy as np
+import oracles
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import oracles
 import stablelse as sl
 
 REDUCTIONS = ("mean", "sum", "none")
