@@ -1,8 +1,8 @@
 //! The forward pass and fused gradient under `where=` (see [`ClassMask`] for the rule).
 //!
-//! Lanes are taken in the blocks the unmasked kernel uses (rows, or columns of torch's layout);
-//! each block is staged once into per-thread scratch of at most [`COLUMN_SCRATCH`] elements
-//! (one lane, if a lane is longer), a masked class becoming `-inf` there, beside a dense copy of
+//! Lanes are taken in blocks (rows, or columns of torch's layout); each block is staged once
+//! into per-piece scratch of at most [`STAGE_ELEMENTS`] elements (one lane, if a lane is
+//! longer), a masked class becoming `-inf` there, beside a dense copy of
 //! the block's mask bytes. The staged block then goes through the unmasked kernel's own SIMD
 //! state and gradient code: `exp(-inf - m) = 0`, so the state is the kept classes' log-sum-exp
 //! and masked probabilities are 0. The mask is read in place with its strides (a broadcast
@@ -14,6 +14,10 @@
 
 use super::super::mask::ClassMask;
 use super::*;
+
+/// Elements staged per block: small enough that the scratch (at most 72 KiB for float64) is
+/// reused from the heap rather than mapped afresh (and faulted in) by every piece.
+const STAGE_ELEMENTS: usize = 1 << 13;
 
 /// Staged lanes of one block: the logits (`-inf` where masked), the mask bytes, the
 /// probability targets when there are some, and each lane's kept-class count.
@@ -47,31 +51,83 @@ impl<T: Real> Staged<T> {
         })
     }
 
-    /// Stages `w` lanes of `n` classes: logits spaced by `xs`, mask bytes by `ms`.
-    fn stage(&mut self, x: &[T], xs: Spacing, keep: &[u8], ms: Spacing, n: usize, w: usize) {
+    /// Stages `w` lanes of `n` classes: logits spaced by `xs`, mask bytes by `ms`; each
+    /// lane's kept classes are counted when `count`, else only whether there is one.
+    #[allow(clippy::too_many_arguments)]
+    fn stage(
+        &mut self,
+        x: &[T],
+        xs: Spacing,
+        keep: &[u8],
+        ms: Spacing,
+        n: usize,
+        w: usize,
+        count: bool,
+    ) {
         let masked = T::from_f64(f64::NEG_INFINITY);
-        for jj in 0..w {
-            let (xr, kr) = (&mut self.x[jj * n..][..n], &mut self.keep[jj * n..][..n]);
-            let (x0, m0) = (xs.base + jj * xs.lane, ms.base + jj * ms.lane);
-            let mut kept = 0usize;
-            if xs.class == 1 && ms.class == 1 {
-                // Rows with a dense mask row: a loop that vectorises.
-                let pairs = x[x0..x0 + n].iter().zip(&keep[m0..m0 + n]);
-                for ((d, kd), (&v, &m)) in xr.iter_mut().zip(kr.iter_mut()).zip(pairs) {
-                    let k = m != 0;
-                    *d = if k { v } else { masked };
-                    *kd = k as u8;
-                    kept += k as usize;
+        let select = |d: &mut [T], kd: &mut [u8], xr: &[T], kr: &[u8]| {
+            // A select of values (not of references), so that it compiles to a blend.
+            for ((d, kd), (&v, &m)) in d.iter_mut().zip(kd.iter_mut()).zip(xr.iter().zip(kr)) {
+                let v = v.to_f64();
+                *d = T::from_f64(if m != 0 { v } else { f64::NEG_INFINITY });
+                *kd = (m != 0) as u8;
+            }
+        };
+        if xs.class == 1 && xs.lane == n && ms.class == 1 && ms.lane == n {
+            // Dense rows under a dense mask: the whole block in one loop that vectorises.
+            let (x0, m0) = (xs.base, ms.base);
+            let (xb, kb) = (&x[x0..x0 + w * n], &keep[m0..m0 + w * n]);
+            select(&mut self.x[..w * n], &mut self.keep[..w * n], xb, kb);
+        } else if xs.class == 1 && ms.class == 1 {
+            for jj in 0..w {
+                let (x0, m0) = (xs.base + jj * xs.lane, ms.base + jj * ms.lane);
+                let (d, kd) = (&mut self.x[jj * n..][..n], &mut self.keep[jj * n..][..n]);
+                select(d, kd, &x[x0..x0 + n], &keep[m0..m0 + n]);
+            }
+        } else if xs.class == 1 && ms.class == 0 {
+            // One flag per row (an `(N, 1)` mask): copy the row or mask all of it.
+            for jj in 0..w {
+                let x0 = xs.base + jj * xs.lane;
+                let kk = keep[ms.base + jj * ms.lane] != 0;
+                let (d, kd) = (&mut self.x[jj * n..][..n], &mut self.keep[jj * n..][..n]);
+                if kk {
+                    d.copy_from_slice(&x[x0..x0 + n]);
+                } else {
+                    d.fill(masked);
                 }
-            } else {
-                for k in 0..n {
+                kd.fill(kk as u8);
+            }
+        } else {
+            for k in 0..n {
+                for jj in 0..w {
+                    let (x0, m0) = (xs.base + jj * xs.lane, ms.base + jj * ms.lane);
                     let kk = keep[m0 + k * ms.class] != 0;
-                    xr[k] = if kk { x[x0 + k * xs.class] } else { masked };
-                    kr[k] = kk as u8;
-                    kept += kk as usize;
+                    self.x[jj * n + k] = if kk { x[x0 + k * xs.class] } else { masked };
+                    self.keep[jj * n + k] = kk as u8;
                 }
             }
-            self.kept[jj] = kept;
+        }
+        for (jj, kept) in self.kept[..w].iter_mut().enumerate() {
+            let kr = &self.keep[jj * n..][..n];
+            // The count matters only to label smoothing; otherwise whether any class is kept.
+            *kept = if count {
+                kr.iter().map(|&b| b as usize).sum()
+            } else {
+                kr.iter().any(|&b| b != 0) as usize
+            };
+        }
+    }
+
+    /// Replaces the masked logits of the staged lanes by each lane's shift before the
+    /// gradient write of long rows: their gradient is overwritten with 0 anyway, and an
+    /// `exp` that underflows is the slow case of the row exp.
+    fn unmask_for_grads(&mut self, states: &[LseState], n: usize) {
+        for (jj, st) in states.iter().enumerate() {
+            let fill = shift_of(*st);
+            let (d, kd) = (&mut self.x[jj * n..][..n], &self.keep[jj * n..][..n]);
+            for (v, &k) in d.iter_mut().zip(kd) {
+                *v = T::from_f64(if k != 0 { v.to_f64() } else { fill });
+            }
         }
     }
 
@@ -196,7 +252,8 @@ pub(super) fn xent_masked<T: Real>(
     let batch = plan.batch;
     let (n, inner) = (batch.n, batch.inner);
     let rows = inner == 1;
-    let width = column_block_width(n, if rows { batch.outer } else { inner });
+    let lanes = if rows { batch.outer } else { inner };
+    let width = (STAGE_ELEMENTS / n.max(1)).clamp(1, STATE_BLOCK).min(lanes);
     let blocks_per_slab = if rows { 1 } else { inner.div_ceil(width) };
     let units = if rows {
         batch.outer.div_ceil(width)
@@ -238,7 +295,7 @@ pub(super) fn xent_masked<T: Real>(
                 lane: if rows { s0 } else { s2 },
                 class: s1,
             };
-            st.stage(logits, xs, mask.keep, ms, n, w);
+            st.stage(logits, xs, mask.keep, ms, n, w, plan.label_smoothing > 0.0);
             if let Targets::Probs(q) = targets {
                 st.stage_probs(q, xs, n, w);
             }
@@ -258,7 +315,9 @@ pub(super) fn xent_masked<T: Real>(
                 let (main, zt) = lane_outputs(&lp, target, &sums, l, lanes_out);
                 if grad_out.is_some() {
                     grads[jj] = lane_grad(&lp, target, &sums);
-                    plans[jj] = lp;
+                    if probs {
+                        plans[jj] = lp;
+                    }
                 }
                 acc.0 += main;
                 acc.1 += zt;
@@ -271,6 +330,11 @@ pub(super) fn xent_masked<T: Real>(
             } else {
                 &mut gs[..w * n]
             };
+            if n > SHORT_ROW {
+                // Long rows write exp(x - m) from the staged values; short rows recompute
+                // their softmax from them, so they keep the -inf.
+                st.unmask_for_grads(&states[..w], n);
+            }
             if probs && plan.label_smoothing > 0.0 {
                 // The smoothed probabilities differ per lane: one lane at a time.
                 for jj in 0..w {
@@ -293,9 +357,17 @@ pub(super) fn xent_masked<T: Real>(
                 let q = probs.then_some(&st.q[..]);
                 block_grads(plan, &st.x, q, n, n, &grads[..w], alg, &mut scratch, g)?;
             }
-            for (gk, &k) in g.iter_mut().zip(&st.keep[..w * n]) {
-                if k == 0 {
-                    *gk = T::from_f64(0.0);
+            // Masked classes get 0. Short rows without smoothing or probabilities already
+            // have it (softmax 0 at -inf, no correction term) except in a NaN-filled lane.
+            let exact = n <= SHORT_ROW && !probs && plan.label_smoothing == 0.0;
+            for (jj, lg) in grads[..w].iter().enumerate() {
+                if exact && lg.fill.is_none_or(|v| v == 0.0) {
+                    continue;
+                }
+                let (gi, ki) = (&mut g[jj * n..][..n], &st.keep[jj * n..][..n]);
+                for (gk, &k) in gi.iter_mut().zip(ki) {
+                    // Branch-free: masks are often irregular.
+                    *gk = T::from_f64(if k != 0 { gk.to_f64() } else { 0.0 });
                 }
             }
             if !rows {
