@@ -178,6 +178,20 @@ def test_fully_masked_rows_contribute_nothing_and_are_not_counted():
     assert sl.cross_entropy(x, t, where=np.zeros(3, bool), reduction="sum") == 0.0
 
 
+@pytest.mark.parametrize("n", [4, 200])  # short rows and long rows take different paths
+def test_masked_gradient_is_zero_even_where_a_kept_nan_spoils_the_row(n):
+    x = np.zeros((3, n))
+    x[0, 1] = np.nan
+    x[1, 2] = np.inf
+    m = np.ones((3, n), bool)
+    m[:, 3] = False
+    loss, grad = sl.cross_entropy(x, np.zeros(3, np.int64), where=m, reduction="none",
+                                  return_grad=True)
+    assert np.isnan(loss[0]) and loss[1] == np.inf and np.isfinite(loss[2])
+    assert (grad[:, 3] == 0).all()
+    assert np.isnan(grad[0, m[0]]).all() and np.isnan(grad[1, m[1]]).all()
+
+
 @pytest.mark.parametrize("fn", [sl.cross_entropy, sl.nll_loss])
 def test_a_target_on_a_masked_class_is_an_index_error_naming_the_row(fn):
     x = np.zeros((2, 3, 4))
