@@ -44,10 +44,10 @@ def main() -> None:
         g = np.empty_like(x)
         for grad in (False, True):
             kw = {"return_grad": True, "grad_out": g} if grad else {}
+            masks = {"plain": None, "full": m, "row": row}
             calls = {
-                "plain": lambda kw=kw: sl.cross_entropy(x, t, **kw),
-                "full": lambda kw=kw: sl.cross_entropy(x, t, where=m, **kw),
-                "row": lambda kw=kw: sl.cross_entropy(x, t, where=row, **kw),
+                name: lambda kw=kw, w=w, x=x, t=t: sl.cross_entropy(x, t, where=w, **kw)
+                for name, w in masks.items()
             }
             best = dict.fromkeys(calls, float("inf"))
             for fn in calls.values():
