@@ -106,10 +106,11 @@ pub(super) fn masked_denominators<T: Real>(
                             classes: n,
                         });
                     }
-                    if !mask.any_kept(base, stride, n) {
-                        continue;
-                    }
+                    // The target's own flag first: a kept target settles the lane in one read.
                     if !mask.keeps(base, stride, value as usize) {
+                        if !mask.any_kept(base, stride, n) {
+                            continue;
+                        }
                         return Err(Error::MaskedTarget { position: l, value });
                     }
                     d += plan.w(value as usize);

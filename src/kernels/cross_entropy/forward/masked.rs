@@ -28,6 +28,17 @@ struct Staged<T> {
     kept: [usize; STATE_BLOCK],
 }
 
+/// What a lane's plan needs to know of its kept classes.
+#[derive(Clone, Copy, PartialEq)]
+enum Count {
+    /// How many (label smoothing spreads over them).
+    Classes,
+    /// Whether there is one (probability targets).
+    Any,
+    /// Nothing: an index target is kept or the lane is skipped.
+    None,
+}
+
 /// Where a block's lanes start and how its elements are spaced in one array.
 #[derive(Clone, Copy)]
 struct Spacing {
@@ -51,8 +62,8 @@ impl<T: Real> Staged<T> {
         })
     }
 
-    /// Stages `w` lanes of `n` classes: logits spaced by `xs`, mask bytes by `ms`; each
-    /// lane's kept classes are counted when `count`, else only whether there is one.
+    /// Stages `w` lanes of `n` classes: logits spaced by `xs`, mask bytes by `ms`, and
+    /// what `count` asks of each lane's kept classes.
     #[allow(clippy::too_many_arguments)]
     fn stage(
         &mut self,
@@ -62,7 +73,7 @@ impl<T: Real> Staged<T> {
         ms: Spacing,
         n: usize,
         w: usize,
-        count: bool,
+        count: Count,
     ) {
         let masked = T::from_f64(f64::NEG_INFINITY);
         let select = |d: &mut [T], kd: &mut [u8], xr: &[T], kr: &[u8]| {
@@ -109,11 +120,11 @@ impl<T: Real> Staged<T> {
         }
         for (jj, kept) in self.kept[..w].iter_mut().enumerate() {
             let kr = &self.keep[jj * n..][..n];
-            // The count matters only to label smoothing; otherwise whether any class is kept.
-            *kept = if count {
-                kr.iter().map(|&b| b as usize).sum()
-            } else {
-                kr.iter().any(|&b| b != 0) as usize
+            *kept = match count {
+                Count::Classes => kr.iter().map(|&b| b as usize).sum(),
+                Count::Any => kr.iter().any(|&b| b != 0) as usize,
+                // A kept index target already says the lane keeps a class.
+                Count::None => 1,
             };
         }
     }
@@ -145,7 +156,7 @@ impl<T: Real> Staged<T> {
 /// The plan of one lane with its masked classes deleted: smoothing over `C_kept` classes and
 /// `W` the kept classes' weight (only the smoothing terms read `W`).
 fn lane_plan<'a, T: Real>(plan: &Plan<'a, T>, keep: &[u8], kept: usize) -> Plan<'a, T> {
-    if plan.label_smoothing == 0.0 || kept == 0 {
+    if kept == 0 {
         return *plan;
     }
     let w_total = match plan.weight {
@@ -262,6 +273,11 @@ pub(super) fn xent_masked<T: Real>(
     };
     let unit_elements = n * width;
     let probs = matches!(targets, Targets::Probs(_));
+    let count = match (plan.label_smoothing > 0.0, probs) {
+        (true, _) => Count::Classes,
+        (false, true) => Count::Any,
+        (false, false) => Count::None,
+    };
     let per = parallel::items_per_piece(unit_elements);
     reduce_pieces(units, per, unit_elements, |range| {
         let mut acc = (0.0f64, 0.0f64);
@@ -295,7 +311,7 @@ pub(super) fn xent_masked<T: Real>(
                 lane: if rows { s0 } else { s2 },
                 class: s1,
             };
-            st.stage(logits, xs, mask.keep, ms, n, w, plan.label_smoothing > 0.0);
+            st.stage(logits, xs, mask.keep, ms, n, w, count);
             if let Targets::Probs(q) = targets {
                 st.stage_probs(q, xs, n, w);
             }
@@ -305,18 +321,25 @@ pub(super) fn xent_masked<T: Real>(
                 let (x, keep) = (&st.x[jj * n..][..n], &st.keep[jj * n..][..n]);
                 let target = match lane_target(targets, l, plan.ignore_index, n) {
                     _ if st.kept[jj] == 0 => LaneTarget::Ignored,
-                    // Refused by the pre-pass; only a racing writer gets here.
+                    // A lane that keeps no class (or, refused by the pre-pass, a racing
+                    // writer's masked target).
                     LaneTarget::Class(t) if keep[t] == 0 => LaneTarget::Ignored,
                     t => t,
                 };
-                let lp = lane_plan(plan, keep, st.kept[jj]);
+                let own;
+                let lp = if plan.label_smoothing > 0.0 {
+                    own = lane_plan(plan, keep, st.kept[jj]);
+                    &own
+                } else {
+                    plan
+                };
                 let q = probs.then(|| &st.q[jj * n..][..n]);
-                let sums = masked_sums(&lp, x, keep, target, q, states[jj]);
-                let (main, zt) = lane_outputs(&lp, target, &sums, l, lanes_out);
+                let sums = masked_sums(lp, x, keep, target, q, states[jj]);
+                let (main, zt) = lane_outputs(lp, target, &sums, l, lanes_out);
                 if grad_out.is_some() {
-                    grads[jj] = lane_grad(&lp, target, &sums);
+                    grads[jj] = lane_grad(lp, target, &sums);
                     if probs {
-                        plans[jj] = lp;
+                        plans[jj] = *lp;
                     }
                 }
                 acc.0 += main;
