@@ -237,8 +237,9 @@ def cross_entropy(
     ``optax.smooth_labels`` spreads ``ls / C`` over all C classes and the mass on masked
     classes is then dropped, where stablelse spreads ``ls / C_kept`` over the kept ones. torch
     has no ``where=``; the nearest is ``logits.masked_fill(~where, -inf)``, which gives NaN for
-    a fully masked row, ``inf`` for a target on a masked class, and ``inf`` whenever
-    `label_smoothing` > 0 and a class is masked (its smoothing term reads ``-inf``).
+    a fully masked row, ``inf`` for a target on a masked class, ``inf`` whenever
+    `label_smoothing` > 0 and a class is masked (its smoothing term reads ``-inf``), and NaN
+    for probability targets (``0 * -inf`` at the masked classes).
 
     Examples
     --------
