@@ -1,6 +1,6 @@
 """Time cross_entropy with where= against the unmasked call on the same data, in the same run.
 
-    python scripts/bench_losses_where.py [--repeat 5] [--threads N] [--dtype float32]
+    python scripts/bench_losses_where.py [--repeat 7] [--threads N] [--dtype float32]
 
 Shapes: 2^22 x 10 (short rows) and 2^14 x 1000, float32 by default. For each, with and
 without the gradient (written into a reused ``grad_out``, so page faults of a fresh array do
@@ -23,7 +23,7 @@ def main() -> None:
     from stablelse.bench.timing import available_cores
 
     ap = argparse.ArgumentParser()
-    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--repeat", type=int, default=7)
     ap.add_argument("--threads", type=int, default=available_cores())
     ap.add_argument("--dtype", default="float32")
     args = ap.parse_args()
