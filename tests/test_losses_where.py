@@ -261,14 +261,15 @@ def test_nll_loss_where_skips_rows_without_classes_and_does_not_renormalise():
         np.testing.assert_allclose(got, want, rtol=1e-14)
 
 
-def test_results_are_bit_identical_for_any_thread_count():
+@pytest.mark.parametrize("n", [37, 300])  # the short-row and the long-row gradient paths
+def test_results_are_bit_identical_for_any_thread_count(n):
     rng = np.random.default_rng(4)
-    x = rng.normal(scale=3, size=(20000, 37)).astype(np.float32)
-    m = rng.random((20000, 37)) < 0.8
+    x = rng.normal(scale=3, size=(20000, n)).astype(np.float32)
+    m = rng.random((20000, n)) < 0.8
     m[::7] = False
     t = np.array([np.flatnonzero(r)[0] if r.any() else 0 for r in m])
-    xc = np.ascontiguousarray(x.reshape(200, 100, 37).transpose(0, 2, 1))
-    mc = np.ascontiguousarray(m.reshape(200, 100, 37).transpose(0, 2, 1))
+    xc = np.ascontiguousarray(x.reshape(200, 100, n).transpose(0, 2, 1))
+    mc = np.ascontiguousarray(m.reshape(200, 100, n).transpose(0, 2, 1))
     before = sl.get_num_threads()
     runs = []
     try:

@@ -89,6 +89,20 @@ impl<T: Real> Staged<T> {
             let (x0, m0) = (xs.base, ms.base);
             let (xb, kb) = (&x[x0..x0 + w * n], &keep[m0..m0 + w * n]);
             select(&mut self.x[..w * n], &mut self.keep[..w * n], xb, kb);
+        } else if xs.class == 1 && xs.lane == n && ms.class == 1 && ms.lane == 0 {
+            // One mask row for every lane (`(1, C)`): its bytes repeated, then one flat loop.
+            let row = &keep[ms.base..ms.base + n];
+            for kd in self.keep[..w * n].chunks_exact_mut(n.max(1)) {
+                kd.copy_from_slice(row);
+            }
+            let pairs = x[xs.base..xs.base + w * n].iter().zip(&self.keep[..w * n]);
+            for (d, (&v, &m)) in self.x[..w * n].iter_mut().zip(pairs) {
+                *d = T::from_f64(if m != 0 {
+                    v.to_f64()
+                } else {
+                    f64::NEG_INFINITY
+                });
+            }
         } else if xs.class == 1 && ms.class == 1 {
             for jj in 0..w {
                 let (x0, m0) = (xs.base + jj * xs.lane, ms.base + jj * ms.lane);
