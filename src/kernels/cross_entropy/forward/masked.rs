@@ -89,8 +89,9 @@ impl<T: Real> Staged<T> {
             let (x0, m0) = (xs.base, ms.base);
             let (xb, kb) = (&x[x0..x0 + w * n], &keep[m0..m0 + w * n]);
             select(&mut self.x[..w * n], &mut self.keep[..w * n], xb, kb);
-        } else if xs.class == 1 && xs.lane == n && ms.class == 1 && ms.lane == 0 {
-            // One mask row for every lane (`(1, C)`): its bytes repeated, then one flat loop.
+        } else if n <= SHORT_ROW && xs.class == 1 && xs.lane == n && ms.class == 1 && ms.lane == 0 {
+            // One mask row for every short lane (`(1, C)`): its bytes repeated, then one flat
+            // loop rather than a loop per lane of a few elements.
             let row = &keep[ms.base..ms.base + n];
             for kd in self.keep[..w * n].chunks_exact_mut(n.max(1)) {
                 kd.copy_from_slice(row);
