@@ -40,6 +40,24 @@ pub enum Error {
         /// The number of classes.
         classes: usize,
     },
+    /// The first lane, in lane order, that keeps some class under `where=` but whose class
+    /// index is a masked class.
+    MaskedTarget {
+        /// The lane (`o * inner + j` in a [`Batch`](crate::Batch)).
+        position: usize,
+        /// The masked class index.
+        value: i64,
+    },
+    /// The first lane, in lane order, that keeps some class under `where=` but whose
+    /// probability target puts nonzero mass on a masked class.
+    MaskedProbability {
+        /// The lane.
+        position: usize,
+        /// The first such class of the lane.
+        class: usize,
+        /// Its probability.
+        value: f64,
+    },
     /// A buffer whose length does not match the batch it is used with.
     ShapeMismatch {
         /// Which argument (`"weight"`, `"targets"`, `"gradient"`, ...).
@@ -77,6 +95,19 @@ impl fmt::Display for Error {
                 value,
                 classes,
             } => write!(f, "target[{position}] = {value} is outside [0, {classes})"),
+            Error::MaskedTarget { position, value } => write!(
+                f,
+                "target[{position}] = {value} is a class that where= masks in that row"
+            ),
+            Error::MaskedProbability {
+                position,
+                class,
+                value,
+            } => write!(
+                f,
+                "target[{position}] puts probability {value} on class {class}, which where= \
+                 masks in that row"
+            ),
             Error::ShapeMismatch {
                 what,
                 expected,

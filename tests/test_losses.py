@@ -489,6 +489,9 @@ BAD_OPTIONS = [
     ({"return_grad": "yes"}, TypeError, "return_grad must be a bool, got str"),
     ({"axis": True}, TypeError, "axis must be an int, got bool"),
     ({"axis": 2}, np.exceptions.AxisError, "axis 2 is out of bounds"),
+    ({"where": np.array([1, 0, 1])}, TypeError, "where must be a bool array, got dtype int64"),
+    ({"where": [[True, False, True]] * 3}, ValueError, r"where of shape \(3, 3\) does not"),
+    ({"where": np.ones((1, 2, 3), bool)}, ValueError, "does not broadcast to the logits' shape"),
 ]
 
 

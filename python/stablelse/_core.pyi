@@ -115,6 +115,7 @@ def cross_entropy(
     return_grad: bool = False,
     algorithm: str = "auto",
     grad_out: Optional[_Arr] = None,
+    mask: Optional[npt.NDArray[np.bool_]] = None,  # where=: 3-D bool, non-negative strides
 ) -> tuple[Union[np.floating[Any], _Arr], Optional[_Arr]]: ...
 def cross_entropy_common(
     logits: Any,
@@ -132,6 +133,7 @@ def nll_loss(
     weight: Optional[_Arr] = None,
     ignore_index: int = ...,  # -100
     reduction: str = "mean",
+    mask: Optional[npt.NDArray[np.bool_]] = None,
 ) -> Union[float, _Arr]: ...
 def softmax_from_states(
     x: _Arr,

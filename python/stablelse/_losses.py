@@ -21,6 +21,8 @@ from ._axes import normalize_axis
 from ._spec import (
     Reduction,
     TargetError,
+    check_where,
+    core_error,
     first_out_of_range,
     loss_options,
     target_kind,
@@ -42,6 +44,20 @@ def _view3(x: np.ndarray, axis: int) -> np.ndarray:
     if x.flags.c_contiguous and x.flags.aligned:
         return x3  # a dense view: the kernels' own layout
     return _kernel_view(x3)
+
+
+def _mask3(where: Any, x: np.ndarray, axis: int, name: str) -> np.ndarray:
+    """``where`` as a bool ``(outer, classes, inner)`` view of `x`'s shape for the kernels.
+
+    Broadcast axes keep stride 0 (a ``(1, C)`` or ``(N, 1)`` mask is never expanded); only a
+    mask whose axes cannot be merged into three without a copy (or one with negative strides)
+    is copied, as a dense bool array.
+    """
+    check_where(where, x.shape, name)
+    m = np.broadcast_to(np.asarray(where), x.shape)
+    shape = x.shape
+    m3 = m.reshape(math.prod(shape[:axis]), shape[axis], math.prod(shape[axis + 1 :]))
+    return m3 if all(s >= 0 for s in m3.strides) else np.ascontiguousarray(m3)
 
 
 def _index_targets(t: np.ndarray, n_classes: int, ignore_index: int) -> np.ndarray:
@@ -99,6 +115,7 @@ def cross_entropy(
     z_loss: float = 0.0,
     return_grad: bool = False,
     grad_out: Optional[np.ndarray] = None,
+    where: Any = None,
 ) -> Any:
     """Cross-entropy between logits and class targets, computed stably from raw logits.
 
@@ -147,6 +164,11 @@ def cross_entropy(
         (needs ``return_grad=True``; it is the returned ``grad``). It must not overlap the
         inputs. Reusing it across calls avoids the page faults of a fresh logits-sized array,
         which on some machines cost as much as the kernel. stablelse extension.
+    where : array_like of bool, optional
+        Which classes take part, broadcastable to the shape of `logits` (a ``(C,)`` or
+        ``(1, C)`` mask for every row, a per-row ``(N, 1)`` flag, or a full mask). The rule:
+        the result equals calling the loss on each row with its masked classes deleted (see
+        Notes). Default None: every class. optax's extension; torch has none.
 
     Returns
     -------
@@ -161,15 +183,22 @@ def cross_entropy(
     ------
     IndexError
         A class index outside ``[0, C)`` that is not `ignore_index`; the message names the
-        first one, e.g. ``target[3] = 7 is outside [0, 5)``.
+        first one, e.g. ``target[3] = 7 is outside [0, 5)``. Also a class index that `where`
+        masks in a row that keeps some class (``target[3] = 2 is a class that where= masks in
+        that row``): with the masked classes deleted it indexes no class, so it is the same
+        error as an index out of range.
     ValueError
         Shape mismatches, a bad `reduction`, a `weight` of the wrong shape, `label_smoothing`
         outside ``[0, 1]``, a negative or non-finite `z_loss`, an `ignore_index` outside int64,
-        `grad_out` without ``return_grad=True``.
+        `grad_out` without ``return_grad=True``, a `where` that does not broadcast to
+        `logits`, and a probability target with nonzero mass on a class that `where` masks in
+        a row that keeps some class (that mass would have no class to go to; the message names
+        the row and the class).
     TypeError
-        Non-numeric or complex inputs, float class indices, integer probabilities; as torch,
-        a str or bool for `label_smoothing` or `z_loss`, a non-integer `ignore_index`, a
-        non-str `reduction` (and here a non-bool `return_grad`).
+        Non-numeric or complex inputs, float class indices, integer probabilities, a `where`
+        that is not boolean; as torch, a str or bool for `label_smoothing` or `z_loss`, a
+        non-integer `ignore_index`, a non-str `reduction` (and here a non-bool
+        `return_grad`).
 
     Notes
     -----
@@ -185,6 +214,32 @@ def cross_entropy(
     ``+inf`` gets the IEEE result ``inf - x[t]`` (``+inf`` unless the target logit is ``+inf``)
     where torch's ``log_softmax`` gives NaN, and a NaN gradient; float32 results are usually
     more accurate than torch's (float64 accumulation), so they may differ in the last bits.
+
+    ``where=``: the loss equals calling ``cross_entropy`` on each row with its masked classes
+    deleted. So a masked class takes no part in ``logsumexp`` (a masked NaN or ``inf`` is
+    never read); `label_smoothing` spreads ``ls / C_kept`` over the row's kept classes (and
+    its weighted form uses the kept classes' weights); `z_loss` uses the kept ``logsumexp``;
+    the gradient is 0 at masked positions; `ignore_index` works as without a mask. A row that
+    keeps no class has no problem left: it contributes 0 loss and 0 gradient and is left out
+    of ``"mean"``'s denominator (its ``w[t]`` and its count), like an ignored target, whatever
+    its target holds (padding rows need no special target). A row that keeps some class but
+    whose index target is masked is an ``IndexError``; probability targets with nonzero mass
+    on a masked class are a ``ValueError`` (both name the row, and are raised before anything
+    is written). The mask is read by the kernels beside the logits, never as a masked copy; a
+    broadcast mask keeps its zero strides.
+
+    Against optax 0.2 (``softmax_cross_entropy_with_integer_labels(..., where=)`` and
+    ``softmax_cross_entropy(..., where=)``, which return per-row losses): the same losses and
+    gradients for rows that keep a class, and 0 for a fully masked row (but a ``.mean()`` of
+    optax's rows counts it); for an index target on a masked class optax returns
+    ``logsumexp(kept) - x[t]`` where stablelse raises; probability mass on a masked class is
+    silently dropped by optax. optax has no label smoothing inside the loss:
+    ``optax.smooth_labels`` spreads ``ls / C`` over all C classes and the mass on masked
+    classes is then dropped, where stablelse spreads ``ls / C_kept`` over the kept ones. torch
+    has no ``where=``; the nearest is ``logits.masked_fill(~where, -inf)``, which gives NaN for
+    a fully masked row, ``inf`` for a target on a masked class, ``inf`` whenever
+    `label_smoothing` > 0 and a class is masked (its smoothing term reads ``-inf``), and NaN
+    for probability targets (``0 * -inf`` at the masked classes).
 
     Examples
     --------
@@ -212,6 +267,7 @@ def cross_entropy(
             z_loss=z_loss,
             return_grad=return_grad,
             grad_out=grad_out,
+            where=where,
         )
     opts = loss_options(
         ignore_index=ignore_index,
@@ -226,6 +282,7 @@ def cross_entropy(
         and type(target) is np.ndarray
         and weight is None
         and grad_out is None
+        and where is None
         and logits.ndim
         and logits.dtype.kind == "f"  # other dtypes are refused before axis is read
     ):
@@ -247,10 +304,11 @@ def cross_entropy(
     x3 = _view3(x, ax)
     if probs:
         x3 = np.ascontiguousarray(x3)  # the kernel reads both with one layout
+    m3 = None if where is None else _mask3(where, x, ax, "logits")
     g_direct = None
     if grad_out is not None:
         _check_out(grad_out, x.shape, rdtype, "grad_out")
-        for name, arr in (("logits", x3), ("target", t3), ("weight", w)):
+        for name, arr in (("logits", x3), ("target", t3), ("weight", w), ("where", m3)):
             if arr is not None and np.shares_memory(grad_out, arr):
                 raise ValueError(f"grad_out overlaps {name}")
         if grad_out.dtype == x.dtype and grad_out.flags.c_contiguous:
@@ -259,10 +317,10 @@ def cross_entropy(
     try:
         raw, g3 = _core.cross_entropy(
             x3, t3, w, ii, opts.reduction, opts.label_smoothing, opts.z_loss,
-            opts.return_grad, "auto", g_direct,
+            opts.return_grad, "auto", g_direct, m3,
         )
-    except IndexError as exc:
-        raise TargetError.from_core(exc, batch_shape) from None
+    except (IndexError, ValueError) as exc:
+        raise core_error(exc, batch_shape) from None
     loss = _finish_loss(raw, rdtype, batch_shape)
     if g3 is None:
         return loss
@@ -284,6 +342,7 @@ def nll_loss(
     weight: Any = None,
     ignore_index: int = -100,
     reduction: Reduction = "mean",
+    where: Any = None,
 ) -> Any:
     """Negative log-likelihood of class indices under log-probabilities.
 
@@ -307,6 +366,11 @@ def nll_loss(
     reduction : {"mean", "sum", "none"}, optional
         As :func:`cross_entropy` with index targets: ``"mean"`` is
         ``sum(w[t] * loss) / sum(w[t])`` over non-ignored targets (NaN if none).
+    where : array_like of bool, optional
+        Which classes exist, broadcastable to `log_probs`; as :func:`cross_entropy`: a row
+        that keeps no class contributes 0 and is not counted by ``"mean"``, and a target on a
+        masked class of any other row is an ``IndexError``. The log-probabilities are taken as
+        given (not renormalised over the kept classes: pass ``log_softmax(x, where=...)``).
 
     Returns
     -------
@@ -316,7 +380,8 @@ def nll_loss(
     Raises
     ------
     IndexError
-        A target outside ``[0, C)`` that is not `ignore_index` (the first is named).
+        A target outside ``[0, C)`` that is not `ignore_index` (the first is named), or on a
+        class that `where` masks in a row that keeps some class.
     ValueError, TypeError
         As :func:`cross_entropy`; float targets are a ``TypeError``.
 
@@ -337,11 +402,12 @@ def nll_loss(
     x, rdtype, ax = _logits(log_probs, axis, "log_probs")
     t, _ = _targets(target, x, ax, opts.ignore_index, allow_probs=False)
     w = weight_array(weight, x.shape[ax], x.dtype)
+    m3 = None if where is None else _mask3(where, x, ax, "log_probs")
     batch_shape = x.shape[:ax] + x.shape[ax + 1 :]
     try:
-        loss = _core.nll_loss(_view3(x, ax), t, w, opts.ignore_index, opts.reduction)
+        loss = _core.nll_loss(_view3(x, ax), t, w, opts.ignore_index, opts.reduction, m3)
     except IndexError as exc:
-        raise TargetError.from_core(exc, batch_shape) from None
+        raise core_error(exc, batch_shape) from None
     return _finish_loss(loss, rdtype, batch_shape)
 
 

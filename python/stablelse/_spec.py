@@ -7,6 +7,10 @@ an ``ignore_index`` that does not fit int64 is a ``ValueError``, and ``grad_out`
 ``return_grad=True`` is a ``ValueError`` (the return type depends on `return_grad` alone).
 :class:`TargetError` is the one ``IndexError`` raised for a class index out of range; ``axis``
 is interpreted by :mod:`stablelse._axes`, not here.
+
+``where=`` (a class mask) is checked by :func:`check_where` from its shape and dtype alone, so
+NumPy, device and Dask masks get the same exception; :class:`MaskedTargetError` and
+:class:`MaskedProbabilityError` are the two ways a target can contradict it.
 """
 
 from __future__ import annotations
@@ -21,7 +25,10 @@ __all__ = [
     "REDUCTIONS",
     "LossOptions",
     "Reduction",
+    "MaskedProbabilityError",
+    "MaskedTargetError",
     "TargetError",
+    "check_where",
     "loss_options",
     "target_kind",
     "weight_array",
@@ -76,6 +83,105 @@ class TargetError(IndexError):
         lane, value, classes = facts
         pos = tuple(int(i) for i in np.unravel_index(lane, batch_shape)) if batch_shape else ()
         return cls(pos, value, classes)
+
+
+def _at(position: tuple[int, ...]) -> str:
+    return "[" + ", ".join(map(str, position)) + "]" if position else ""
+
+
+class MaskedTargetError(IndexError):
+    """A class index that ``where=`` masks, in a row that keeps some class.
+
+    An ``IndexError``, as for a class outside ``[0, C)``: with the masked classes deleted the
+    index names no class of the row. ``position`` is in the target's shape; picklable.
+    """
+
+    def __init__(self, position: tuple[int, ...], value: int) -> None:
+        super().__init__(position, value)
+        self.position = tuple(int(i) for i in position)
+        self.value = int(value)
+
+    def __str__(self) -> str:
+        return (f"target{_at(self.position)} = {self.value} is a class that where= masks "
+                "in that row")
+
+    def shifted(self, offset: tuple[int, ...]) -> MaskedTargetError:
+        """The same error for a target block that starts at `offset` of the whole target."""
+        return MaskedTargetError(tuple(p + o for p, o in zip(self.position, offset)), self.value)
+
+
+class MaskedProbabilityError(ValueError):
+    """A probability target with nonzero mass on a class that ``where=`` masks, in a row that
+    keeps some class (the mass would have no class to go to). Picklable."""
+
+    def __init__(self, position: tuple[int, ...], klass: int, value: float) -> None:
+        super().__init__(position, klass, value)
+        self.position = tuple(int(i) for i in position)
+        self.klass = int(klass)
+        self.value = float(value)
+
+    def __str__(self) -> str:
+        return (f"target{_at(self.position)} puts probability {self.value} on class "
+                f"{self.klass}, which where= masks in that row")
+
+    def shifted(self, offset: tuple[int, ...]) -> MaskedProbabilityError:
+        """The same error for a target block that starts at `offset` of the whole target."""
+        pos = tuple(p + o for p, o in zip(self.position, offset))
+        return MaskedProbabilityError(pos, self.klass, self.value)
+
+
+def core_error(exc: Exception, batch_shape: tuple[int, ...]) -> Exception:
+    """A kernel's target error (a lane of the C-ordered batch) restated in `batch_shape`."""
+
+    def pos(lane: int) -> tuple[int, ...]:
+        return tuple(int(i) for i in np.unravel_index(lane, batch_shape)) if batch_shape else ()
+
+    facts = getattr(exc, "masked_target", None)
+    if facts is not None:
+        return MaskedTargetError(pos(facts[0]), facts[1])
+    facts = getattr(exc, "masked_probability", None)
+    if facts is not None:
+        return MaskedProbabilityError(pos(facts[0]), facts[1], facts[2])
+    if isinstance(exc, IndexError):
+        return TargetError.from_core(exc, batch_shape)
+    return exc
+
+
+def _where_facts(where: Any) -> tuple[tuple[Any, ...], Any]:
+    """``(shape, dtype)`` of a mask of any array library, without copying a device array."""
+    shape, dtype = getattr(where, "shape", None), getattr(where, "dtype", None)
+    if shape is None or dtype is None:
+        try:
+            arr = np.asarray(where)
+        except ValueError as exc:
+            raise ValueError(f"where is not a rectangular array: {exc}") from None
+        return arr.shape, arr.dtype
+    return tuple(shape), dtype
+
+
+def check_where(where: Any, x_shape: tuple[Any, ...], name: str = "logits") -> None:
+    """Check a ``where=`` mask against the shape of `name` (every front door calls this).
+
+    ``TypeError`` unless it holds booleans (a NumPy, device or Dask array, or nested lists);
+    ``ValueError`` unless it broadcasts to `x_shape` (NumPy's rules, without changing
+    `x_shape`), or when a shape is not known yet (a Dask array with unknown chunk sizes).
+    """
+    shape, dtype = _where_facts(where)
+    if str(dtype) not in ("bool", "torch.bool"):
+        raise TypeError(f"where must be a bool array, got dtype {dtype}")
+    for what, sh in (("where", shape), (name, x_shape)):
+        if not _known(sh):
+            raise ValueError(
+                f"{what} has chunks of unknown size; call .compute_chunk_sizes() on it first"
+            )
+    x_shape = tuple(int(s) for s in x_shape)
+    shape = tuple(int(s) for s in shape)
+    ok = len(shape) <= len(x_shape) and all(
+        a in (1, b) for a, b in zip(shape[::-1], x_shape[::-1])
+    )
+    if not ok:
+        raise ValueError(f"where of shape {shape} does not broadcast to the {name}' shape "
+                         f"{x_shape}")
 
 
 def _float_option(name: str, value: Any) -> float:

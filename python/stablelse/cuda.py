@@ -48,7 +48,7 @@ import numpy as np
 
 from . import _core
 from ._axes import AxisLike, normalize_axes, normalize_axis
-from ._spec import Reduction, loss_options, target_kind
+from ._spec import Reduction, check_where, loss_options, target_kind
 
 __all__ = [
     "cross_entropy",
@@ -570,6 +570,7 @@ def cross_entropy(
     z_loss: float = 0.0,
     return_grad: bool = False,
     grad_out: Any = None,
+    where: Any = None,
 ) -> Any:
     """Cross-entropy of CUDA `logits` against integer class `target`, on the device.
 
@@ -595,6 +596,10 @@ def cross_entropy(
         returned loss (of its sum for ``"none"``).
     grad_out : CUDA array, optional
         With `return_grad`, receives the gradient (logits' shape and dtype) and is returned.
+    where : array, optional
+        Not supported on the CUDA path: a mask is checked as on the CPU (a non-bool or
+        non-broadcastable mask gets the same exception), then refused with
+        ``NotImplementedError``.
 
     Returns
     -------
@@ -615,6 +620,9 @@ def cross_entropy(
         return_grad=return_grad,
         grad_out=grad_out,
     )
+    if where is not None:
+        check_where(where, tuple(getattr(logits, "shape", np.shape(logits))))
+        raise NotImplementedError("cross_entropy: where= is not supported on the CUDA path")
     if weight is not None:
         raise NotImplementedError("cross_entropy: weight= is not supported on the CUDA path")
     lib0, arr0, _ = _lib_for(logits)

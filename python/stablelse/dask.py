@@ -34,7 +34,16 @@ from . import _core
 from ._api import _as_real_array
 from ._axes import AxisLike, normalize_axes, normalize_axis
 from ._losses import cross_entropy as _np_cross_entropy
-from ._spec import Reduction, TargetError, loss_options, target_kind, weight_array
+from ._spec import (
+    MaskedProbabilityError,
+    MaskedTargetError,
+    Reduction,
+    TargetError,
+    check_where,
+    loss_options,
+    target_kind,
+    weight_array,
+)
 from ._stream import (
     STATE_DTYPE,
     chunk_states,
@@ -450,6 +459,7 @@ def log_softmax(
 def _xent_block(
     x: AnyArray,
     t: AnyArray,
+    m: Optional[AnyArray] = None,
     *,
     ax: int,
     kind: str,
@@ -466,6 +476,7 @@ def _xent_block(
     ones with the class axis kept. ``"split"``: the sum without the z-loss term and the z-loss
     term alone, along the class axis (length 2), for a weighted mean whose two terms have
     different denominators (the z term is class-weight free: a zero weight leaves only it).
+    ``m`` is the block of the ``where=`` mask, if any.
     """
     tb = np.squeeze(t, ax) if kind == "index" else t
 
@@ -473,9 +484,9 @@ def _xent_block(
         try:
             return _np_cross_entropy(
                 x, tb, axis=ax, weight=w, ignore_index=ignore_index, reduction=reduction,  # type: ignore[arg-type]
-                label_smoothing=label_smoothing, z_loss=zl,
+                label_smoothing=label_smoothing, z_loss=zl, where=m,
             )
-        except TargetError as exc:
+        except (TargetError, MaskedTargetError, MaskedProbabilityError) as exc:
             if block_info is None:
                 raise
             loc = block_info[0]["array-location"]
@@ -509,6 +520,30 @@ def _denominator_block(t: AnyArray, *, ignore_index: int, weight: Optional[AnyAr
     return out
 
 
+def _masked_denominator_block(
+    t: AnyArray,
+    m: AnyArray,
+    *,
+    ax: int,
+    kind: str,
+    ignore_index: int,
+    weight: Optional[AnyArray],
+) -> AnyArray:
+    """The "mean" denominators of one block under ``where=``: rows that keep no class count
+    as ignored (the loss blocks report targets on masked classes). ``(D, K)`` along `ax`."""
+    alive = np.asarray(m).any(axis=ax)
+    if kind == "index":
+        tt = np.squeeze(np.asarray(t), ax)
+        dk = _denominator_block(np.where(alive, tt, ignore_index), ignore_index=ignore_index,
+                                weight=weight)
+        d, k = float(dk[..., 0].sum()), float(dk[..., 1].sum())
+    else:
+        d = k = float(alive.sum())
+    shape = [1] * m.ndim
+    shape[ax] = 2
+    return np.array([d, k], dtype=np.float64).reshape(shape)
+
+
 def _mean(parts: AnyArray, den: AnyArray, rdtype: np.dtype[Any]) -> AnyArray:
     """``sum / D`` (or ``main / D + z / K``) in float64, rounded once; 0 / 0 is NaN without a
     warning (torch)."""
@@ -532,6 +567,7 @@ def cross_entropy(
     z_loss: float = 0.0,
     return_grad: bool = False,
     grad_out: Any = None,
+    where: Any = None,
     split_every: SplitEvery = None,
 ) -> da.Array:
     """Lazy :func:`stablelse.cross_entropy` of Dask `logits` against class `target`.
@@ -551,6 +587,11 @@ def cross_entropy(
     return_grad, grad_out
         Not supported here: ``return_grad=True`` raises ``NotImplementedError``, and
         `grad_out` without ``return_grad=True`` the same ``ValueError`` as the NumPy path.
+    where : dask.array.Array or array_like of bool, optional
+        The class mask of :func:`stablelse.cross_entropy`, broadcastable to `logits`;
+        checked at call time by the same rule, broadcast and rechunked like `logits` (a
+        broadcast axis stays a zero-stride view inside each block). Under ``"mean"`` the
+        denominators leave out the rows that keep no class.
     split_every : int or dict, optional
         Fan-in of the sum tree, as for :func:`dask.array.reduction`.
 
@@ -566,8 +607,9 @@ def cross_entropy(
         At call time, as :func:`stablelse.cross_entropy` (options, shapes, dtypes, `weight`),
         and for chunks of unknown size.
     IndexError
-        At compute time, for a class index outside ``[0, C)`` that is not `ignore_index`,
-        naming its position in the whole target.
+        At compute time, for a class index outside ``[0, C)`` that is not `ignore_index`, or
+        on a class that `where` masks, naming its position in the whole target (probability
+        mass on a masked class: ``ValueError``, likewise).
 
     Notes
     -----
@@ -606,10 +648,22 @@ def cross_entropy(
     ax = normalize_axis(axis, x.ndim)
     t = target if isinstance(target, da.Array) else da.asarray(target)
     kind = target_kind(t.shape, t.dtype, x.shape, ax, True, opts.ignore_index)
+    if where is not None:
+        check_where(where, x.shape)
     rdtype = result_dtype(x.dtype)
     n_classes = int(x.shape[ax])
     w = weight_array(weight, n_classes, np.dtype(np.float64))
     xr = x.rechunk({ax: -1})
+    masks: tuple[da.Array, ...] = ()
+    if where is not None:
+        m = where if isinstance(where, da.Array) else da.asarray(np.asarray(where))
+        lead = x.ndim - m.ndim
+        # The mask's own axes take the logits' chunks, its length-1 axes stay whole: blocks
+        # of the broadcast are then zero-stride views, never expanded copies.
+        m = m.rechunk(tuple(
+            (1,) if m.shape[i] == 1 else xr.chunks[lead + i] for i in range(m.ndim)
+        ))
+        masks = (da.broadcast_to(m, x.shape, chunks=xr.chunks),)
     if kind == "index":
         te = da.expand_dims(t, ax).rechunk(
             tuple((1,) if i == ax else c for i, c in enumerate(xr.chunks))
@@ -632,20 +686,28 @@ def cross_entropy(
     )
     if mode == "none":
         return da.map_blocks(
-            block, xr, te, drop_axis=ax, dtype=rdtype,
+            block, xr, te, *masks, drop_axis=ax, dtype=rdtype,
             meta=np.empty((0,) * (x.ndim - 1), dtype=rdtype), token="stablelse-xent-none",
         )
     width = 2 if split else 1
     chunks = tuple((width,) if i == ax else (1,) * len(c) for i, c in enumerate(xr.chunks))
     sums = da.map_blocks(
-        block, xr, te, chunks=chunks, dtype=np.float64,
+        block, xr, te, *masks, chunks=chunks, dtype=np.float64,
         meta=np.empty((0,) * x.ndim, dtype=np.float64), token="stablelse-xent-" + mode,
     )
     others = tuple(i for i in range(x.ndim) if i != ax)
     parts = sums.sum(axis=others, split_every=split_every)
     if opts.reduction == "sum":
         return parts[0].astype(rdtype)
-    if kind == "probs":
+    if masks:
+        dchunks = tuple((2,) if i == ax else (1,) * len(c) for i, c in enumerate(xr.chunks))
+        dens = da.map_blocks(
+            _masked_denominator_block, te, *masks, ax=ax, kind=kind,
+            ignore_index=opts.ignore_index, weight=w, chunks=dchunks, dtype=np.float64,
+            meta=np.empty((0,) * x.ndim, dtype=np.float64),
+        )
+        den = dens.sum(axis=others, split_every=split_every)
+    elif kind == "probs":
         lanes = float(math.prod(t.shape[:ax] + t.shape[ax + 1 :]))
         den = da.from_array(np.array([lanes, lanes]))
     else:

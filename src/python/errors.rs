@@ -24,6 +24,22 @@ pub(crate) fn to_pyerr(py: Python<'_>, err: Error) -> PyErr {
                 .setattr("target_error", (position, value, classes));
             exc
         }
+        Error::MaskedTarget { position, value } => {
+            let exc = PyIndexError::new_err(err.to_string());
+            let _ = exc.value(py).setattr("masked_target", (position, value));
+            exc
+        }
+        Error::MaskedProbability {
+            position,
+            class,
+            value,
+        } => {
+            let exc = PyValueError::new_err(err.to_string());
+            let _ = exc
+                .value(py)
+                .setattr("masked_probability", (position, class, value));
+            exc
+        }
         Error::Alloc { .. } => PyMemoryError::new_err(err.to_string()),
         _ => PyValueError::new_err(err.to_string()),
     }

@@ -19,7 +19,7 @@ use super::errors::to_pyerr;
 use super::exec::{self, WorkView};
 use super::reductions::{batch3, parse_algorithm, slice3, value_error};
 use crate::error::Error;
-use crate::kernels::cross_entropy::{self as xent, LossReduction, Targets, XentOptions};
+use crate::kernels::cross_entropy::{self as xent, ClassMask, LossReduction, Targets, XentOptions};
 use crate::kernels::vjp::{self, Backward};
 use crate::kernels::Algorithm;
 use crate::layout::Batch;
@@ -65,6 +65,51 @@ fn targets_of(t: &Bound<'_, PyArrayDyn<i64>>) -> PyResult<Vec<i64>> {
     copy_values(&Raw::of(t)?, 0i64)
 }
 
+/// The raw fields of `where=`: a 3-D bool array of the logits' `(outer, classes, inner)` shape,
+/// any non-negative strides (0 for a broadcast axis), read in place.
+fn mask_of(mask: Option<&Bound<'_, PyAny>>, shape: &[usize]) -> PyResult<Option<Raw>> {
+    let Some(m) = mask else {
+        return Ok(None);
+    };
+    let m = m
+        .cast::<PyArrayDyn<bool>>()
+        .map_err(|_| PyTypeError::new_err("where must be a 3-D bool array"))?;
+    let raw = Raw::of(m)?;
+    if raw.shape() != shape {
+        return Err(value_error(format!(
+            "where has shape {:?}, expected the logits' {:?}",
+            raw.shape(),
+            shape
+        )));
+    }
+    if raw.strides().iter().any(|&s| s < 0) {
+        return Err(value_error("where must have non-negative strides"));
+    }
+    Ok(Some(raw))
+}
+
+/// The kernels' view of a mask read by [`mask_of`].
+///
+/// # Safety
+/// The mask's array outlives the view.
+unsafe fn class_mask<'a>(raw: &Raw) -> ClassMask<'a> {
+    let st = raw.strides();
+    let strides = [st[0] as usize, st[1] as usize, st[2] as usize];
+    let len = if raw.size() == 0 {
+        0
+    } else {
+        1 + raw
+            .shape()
+            .iter()
+            .zip(strides)
+            .map(|(&n, s)| (n - 1) * s)
+            .sum::<usize>()
+    };
+    // SAFETY: the strides are non-negative, so the elements lie in [data, data + len).
+    let keep = unsafe { std::slice::from_raw_parts(raw.data::<u8>() as *const u8, len) };
+    ClassMask { keep, strides }
+}
+
 /// The scalar options of a cross_entropy call (the weight is borrowed per dtype).
 #[derive(Clone, Copy)]
 struct XentArgs {
@@ -82,6 +127,7 @@ struct XentView<'a> {
     batch: Batch,
     lanes: &'a [usize],
     grad: &'a [usize],
+    mask: Option<Raw>,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -105,6 +151,8 @@ fn xent_typed<'py, T: Real + Element>(
         label_smoothing: args.label_smoothing,
         z_loss: args.z_loss,
         algorithm: args.algorithm,
+        // SAFETY: the caller holds the mask's array for the call.
+        mask: view.mask.as_ref().map(|m| unsafe { class_mask(m) }),
     };
     // The gradient goes straight into a dense grad_out; any other layout gets the kernel's
     // dense result copied into it.
@@ -272,6 +320,7 @@ fn common_typed<'py, T: Real + Element>(
         batch,
         lanes: ti.shape(),
         grad: x.shape(),
+        mask: None,
     };
     let res = xent_typed(py, x, view, t, None, args, return_grad, None)?;
     if return_grad {
@@ -344,6 +393,7 @@ fn raw_any(obj: &Bound<'_, PyAny>) -> PyResult<Raw> {
 }
 
 /// [`xent_typed`] of 3-D `(outer, classes, inner)` logits: 1-D lane losses, a 3-D gradient.
+#[allow(clippy::too_many_arguments)]
 fn xent_3d<'py, T: Real + Element>(
     py: Python<'py>,
     logits: &Bound<'py, PyArrayDyn<T>>,
@@ -352,6 +402,7 @@ fn xent_3d<'py, T: Real + Element>(
     args: XentArgs,
     return_grad: bool,
     grad_out: Option<&Bound<'py, PyAny>>,
+    mask: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyTuple>> {
     let raw = Raw::of(logits)?;
     let batch = classless_as_rows(batch3(&raw, "logits")?);
@@ -360,6 +411,7 @@ fn xent_3d<'py, T: Real + Element>(
         batch,
         lanes: &[batch.count()],
         grad: &[batch.outer, batch.n, batch.inner],
+        mask: mask_of(mask, raw.shape())?,
     };
     xent_typed(
         py,
@@ -376,10 +428,12 @@ fn xent_3d<'py, T: Real + Element>(
 /// Cross-entropy over axis 1 of 3-D `logits`: returns `(loss, grad or None)`; `loss` is a float
 /// (rounded to the logits' dtype) for "mean"/"sum" and a 1-D array of lane losses for "none".
 /// `grad_out` (dense `(outer, n, inner)`, not overlapping the inputs) receives the gradient
-/// instead of a new array; it implies `return_grad`.
+/// instead of a new array; it implies `return_grad`. `mask` (`where=`) is a bool array of the
+/// logits' shape, any non-negative strides (see [`ClassMask`]).
 #[pyfunction]
 #[pyo3(signature = (logits, target, weight = None, ignore_index = -100, reduction = "mean",
-    label_smoothing = 0.0, z_loss = 0.0, return_grad = false, algorithm = "auto", grad_out = None))]
+    label_smoothing = 0.0, z_loss = 0.0, return_grad = false, algorithm = "auto", grad_out = None,
+    mask = None))]
 #[allow(clippy::too_many_arguments)]
 fn cross_entropy<'py>(
     py: Python<'py>,
@@ -393,6 +447,7 @@ fn cross_entropy<'py>(
     return_grad: bool,
     algorithm: &str,
     grad_out: Option<&Bound<'py, PyAny>>,
+    mask: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyTuple>> {
     let args = XentArgs {
         ignore_index,
@@ -402,9 +457,9 @@ fn cross_entropy<'py>(
         algorithm: parse_algorithm(algorithm)?,
     };
     if let Ok(x) = logits.cast::<PyArrayDyn<f32>>() {
-        xent_3d(py, x, target, weight, args, return_grad, grad_out)
+        xent_3d(py, x, target, weight, args, return_grad, grad_out, mask)
     } else if let Ok(x) = logits.cast::<PyArrayDyn<f64>>() {
-        xent_3d(py, x, target, weight, args, return_grad, grad_out)
+        xent_3d(py, x, target, weight, args, return_grad, grad_out, mask)
     } else {
         Err(PyTypeError::new_err(
             "logits must be a 3-D float32 or float64 array",
@@ -419,9 +474,11 @@ fn nll_typed<'py, T: Real + Element>(
     weight: Option<&Bound<'py, PyAny>>,
     ignore_index: i64,
     reduction: LossReduction,
+    mask: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyAny>> {
     let rx = Raw::of(x)?;
     let batch = classless_as_rows(batch3(&rx, "log_probs")?);
+    let rm = mask_of(mask, rx.shape())?;
     let weight = weight_of::<T>(weight)?;
     let t = target
         .cast::<PyArrayDyn<i64>>()
@@ -448,6 +505,8 @@ fn nll_typed<'py, T: Real + Element>(
                 ignore_index,
                 reduction,
                 ps,
+                // SAFETY: the caller holds the mask's array for the call.
+                rm.as_ref().map(|m| unsafe { class_mask(m) }),
             )
         })
         .map_err(|e| to_pyerr(py, e))?;
@@ -458,9 +517,10 @@ fn nll_typed<'py, T: Real + Element>(
 }
 
 /// NLL loss over axis 1 of 3-D `log_probs` with int64 class targets: a float for
-/// "mean"/"sum", a 1-D array of lane losses for "none".
+/// "mean"/"sum", a 1-D array of lane losses for "none". `mask` as in [`cross_entropy`].
 #[pyfunction]
-#[pyo3(signature = (log_probs, target, weight = None, ignore_index = -100, reduction = "mean"))]
+#[pyo3(signature = (log_probs, target, weight = None, ignore_index = -100, reduction = "mean",
+    mask = None))]
 fn nll_loss<'py>(
     py: Python<'py>,
     log_probs: &Bound<'py, PyAny>,
@@ -468,12 +528,13 @@ fn nll_loss<'py>(
     weight: Option<&Bound<'py, PyAny>>,
     ignore_index: i64,
     reduction: &str,
+    mask: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyAny>> {
     let reduction = parse_reduction(reduction)?;
     if let Ok(x) = log_probs.cast::<PyArrayDyn<f32>>() {
-        nll_typed(py, x, target, weight, ignore_index, reduction)
+        nll_typed(py, x, target, weight, ignore_index, reduction, mask)
     } else if let Ok(x) = log_probs.cast::<PyArrayDyn<f64>>() {
-        nll_typed(py, x, target, weight, ignore_index, reduction)
+        nll_typed(py, x, target, weight, ignore_index, reduction, mask)
     } else {
         Err(PyTypeError::new_err(
             "log_probs must be a 3-D float32 or float64 array",

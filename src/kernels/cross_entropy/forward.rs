@@ -10,6 +10,8 @@ use crate::real::Real;
 use crate::simd::{IndexLoss, IndexLossOut, IGNORED};
 use crate::state::LseState;
 
+mod masked;
+
 /// Rows whose states are computed together (see [`block_states`]); also the widest column
 /// block, so a block's states fit one buffer.
 const STATE_BLOCK: usize = COLUMN_BLOCK;
@@ -180,6 +182,16 @@ pub fn cross_entropy<T: Real>(
     let grad_out = grad.map(|g| SendPtr(g.as_mut_ptr()));
     let (main, zsum) = if batch.count() == 0 {
         (0.0, 0.0)
+    } else if let Some(mask) = &opts.mask {
+        masked::xent_masked(
+            logits,
+            &targets,
+            &plan,
+            mask,
+            opts.algorithm,
+            lanes_out,
+            grad_out,
+        )?
     } else if batch.inner == 1 {
         xent_rows(logits, &targets, &plan, opts.algorithm, lanes_out, grad_out)?
     } else {

@@ -31,12 +31,18 @@
 //! `logp = x - L` in IEEE arithmetic (loss `+inf` for a `+inf` logit off the target, NaN for
 //! NaN), and a NaN gradient.
 //!
+//! `where=` ([`ClassMask`], read in place with its strides): the loss of each lane with its
+//! masked classes deleted; a lane that keeps no class is skipped like an ignored one (see
+//! [`mask`] for the whole rule).
+//!
 //! Modules, one concern each: [`spec`] validates the options and targets once and fixes the
-//! reduction scales (the plan); `forward` computes the loss and its fused gradient over rows
-//! or columns; `nll` is `nll_loss`. The softmax / log_softmax vector-Jacobian products are not
+//! reduction scales (the plan); [`mask`] is the class mask and its part of that pre-pass;
+//! `forward` computes the loss and its fused gradient over rows or columns (`forward/masked.rs`
+//! under a mask); `nll` is `nll_loss`. The softmax / log_softmax vector-Jacobian products are not
 //! losses and live in [`crate::kernels::vjp`].
 
 mod forward;
+pub mod mask;
 mod nll;
 pub mod spec;
 #[cfg(test)]
@@ -44,5 +50,6 @@ mod tests;
 
 pub use crate::error::Error;
 pub use forward::cross_entropy;
+pub use mask::ClassMask;
 pub use nll::nll_loss;
 pub use spec::{LossReduction, Targets, XentOptions};

@@ -3,6 +3,7 @@
 
 use std::ops::Range;
 
+use super::mask::{masked_denominators, ClassMask};
 use crate::error::Error;
 use crate::kernels::Algorithm;
 use crate::layout::Batch;
@@ -56,6 +57,8 @@ pub struct XentOptions<'a, T> {
     pub z_loss: f64,
     /// How each lane's `(max, excess)` state is computed.
     pub algorithm: Algorithm,
+    /// `where=`: the classes each lane keeps (see [`ClassMask`]); `None` keeps every class.
+    pub mask: Option<ClassMask<'a>>,
 }
 
 impl<T> Default for XentOptions<'_, T> {
@@ -67,6 +70,7 @@ impl<T> Default for XentOptions<'_, T> {
             label_smoothing: 0.0,
             z_loss: 0.0,
             algorithm: Algorithm::Auto,
+            mask: None,
         }
     }
 }
@@ -80,10 +84,12 @@ pub(super) enum LaneTarget {
 }
 
 /// Everything about a call that does not depend on the logits.
+#[derive(Clone, Copy)]
 pub(super) struct Plan<'a, T> {
     pub(super) batch: Batch,
     pub(super) ignore_index: i64,
     pub(super) weight: Option<&'a [T]>,
+    pub(super) label_smoothing: f64,
     /// `a = 1 - label_smoothing`, `b = label_smoothing / n`.
     pub(super) a: f64,
     pub(super) b: f64,
@@ -172,10 +178,11 @@ pub(super) fn plan<'a, T: Real>(
     } else {
         w_total = n as f64;
     }
-    let mut plan = Plan {
+    let plan = Plan {
         batch,
         ignore_index: opts.ignore_index,
         weight: opts.weight,
+        label_smoothing: ls,
         a: 1.0 - ls,
         b: if n > 0 { ls / n as f64 } else { 0.0 },
         w_total,
@@ -183,6 +190,9 @@ pub(super) fn plan<'a, T: Real>(
         s2: 1.0,
         z: opts.z_loss,
     };
+    if let Some(mask) = &opts.mask {
+        mask.check(&batch)?;
+    }
     let (denominator, kept) = match targets {
         Targets::Indices(t) => {
             if t.len() != batch.count() {
@@ -191,6 +201,13 @@ pub(super) fn plan<'a, T: Real>(
                     expected: batch.count(),
                     got: t.len(),
                 });
+            }
+            if let Some(mask) = &opts.mask {
+                return finish(
+                    plan,
+                    opts.reduction,
+                    masked_denominators(&plan, targets, mask)?,
+                );
             }
             let (mut d, mut kept) = (0.0f64, 0usize);
             for (position, &value) in t.iter().enumerate() {
@@ -216,11 +233,27 @@ pub(super) fn plan<'a, T: Real>(
                 ));
             }
             batch.check(q.len()).map_err(Error::Layout)?;
+            if let Some(mask) = &opts.mask {
+                return finish(
+                    plan,
+                    opts.reduction,
+                    masked_denominators(&plan, targets, mask)?,
+                );
+            }
             let lanes = batch.count() as f64;
             (lanes, lanes)
         }
     };
-    if opts.reduction == LossReduction::Mean {
+    finish(plan, opts.reduction, (denominator, kept))
+}
+
+/// The plan with the reduction scales of `(D, K)`: `1 / D` and `1 / K` for "mean".
+fn finish<T>(
+    mut plan: Plan<'_, T>,
+    reduction: LossReduction,
+    (denominator, kept): (f64, f64),
+) -> Result<Plan<'_, T>, Error> {
+    if reduction == LossReduction::Mean {
         plan.s1 = 1.0 / denominator;
         plan.s2 = 1.0 / kept;
     }

@@ -694,7 +694,17 @@ fn nll_loss_matches_reference() {
             num += want_per[l];
             den += w[tl];
         }
-        let mean = nll_loss(&x, batch, &t, Some(&w), -100, LossReduction::Mean, None).unwrap();
+        let mean = nll_loss(
+            &x,
+            batch,
+            &t,
+            Some(&w),
+            -100,
+            LossReduction::Mean,
+            None,
+            None,
+        )
+        .unwrap();
         assert!(close(mean, num / den, 1e-14));
         let mut per = vec![0.0; batch.count()];
         nll_loss(
@@ -705,10 +715,21 @@ fn nll_loss_matches_reference() {
             -100,
             LossReduction::None,
             Some(&mut per),
+            None,
         )
         .unwrap();
         assert_eq!(per, want_per);
-        let err = nll_loss(&x, batch, &[0; 3], None, -100, LossReduction::Sum, None).unwrap_err();
+        let err = nll_loss(
+            &x,
+            batch,
+            &[0; 3],
+            None,
+            -100,
+            LossReduction::Sum,
+            None,
+            None,
+        )
+        .unwrap_err();
         assert!(matches!(err, Error::ShapeMismatch { .. }));
     }
 }

@@ -1,0 +1,606 @@
+//! The forward pass and fused gradient under `where=` (see [`ClassMask`] for the rule).
+//!
+//! Lanes are taken in blocks (rows, or columns of torch's layout); each block is staged once
+//! into per-piece scratch of at most [`STAGE_ELEMENTS`] elements (one lane, if a lane is
+//! longer), a masked class becoming `-inf` there, beside a dense copy of
+//! the block's mask bytes. The staged block then goes through the unmasked kernel's own SIMD
+//! state and gradient code: `exp(-inf - m) = 0`, so the state is the kept classes' log-sum-exp
+//! and masked probabilities are 0. The mask is read in place with its strides (a broadcast
+//! mask is never expanded), and nothing of the logits' size is allocated. The sums that weight
+//! every class (label smoothing, probability targets) skip masked classes through the staged
+//! mask bytes. A mask keeping every class gives the unmasked result bit for bit for index
+//! targets (the label-smoothing sum keeps the unmasked summation order); probability targets
+//! agree up to the rounding of their sums.
+
+use super::super::mask::ClassMask;
+use super::*;
+
+/// Elements staged per block: small enough that the scratch (at most 72 KiB for float64) is
+/// reused from the heap rather than mapped afresh (and faulted in) by every piece.
+const STAGE_ELEMENTS: usize = 1 << 13;
+
+/// Staged lanes of one block: the logits (`-inf` where masked), the mask bytes, the
+/// probability targets when there are some, and each lane's kept-class count.
+struct Staged<T> {
+    x: Vec<T>,
+    keep: Vec<u8>,
+    q: Vec<T>,
+    kept: [usize; STATE_BLOCK],
+}
+
+/// What a lane's plan needs to know of its kept classes.
+#[derive(Clone, Copy, PartialEq)]
+enum Count {
+    /// How many (label smoothing spreads over them).
+    Classes,
+    /// Whether there is one (probability targets).
+    Any,
+    /// Nothing: an index target is kept or the lane is skipped.
+    None,
+}
+
+/// Where a block's lanes start and how its elements are spaced in one array.
+#[derive(Clone, Copy)]
+struct Spacing {
+    base: usize,
+    lane: usize,
+    class: usize,
+}
+
+impl<T: Real> Staged<T> {
+    fn new(n: usize, width: usize, probs: bool) -> Result<Self, Error> {
+        let zero = T::from_f64(0.0);
+        Ok(Staged {
+            x: try_vec(n * width, zero)?,
+            keep: try_vec(n * width, 0u8)?,
+            q: if probs {
+                try_vec(n * width, zero)?
+            } else {
+                Vec::new()
+            },
+            kept: [0; STATE_BLOCK],
+        })
+    }
+
+    /// Stages `w` lanes of `n` classes: logits spaced by `xs`, mask bytes by `ms`, and
+    /// what `count` asks of each lane's kept classes.
+    #[allow(clippy::too_many_arguments)]
+    fn stage(
+        &mut self,
+        x: &[T],
+        xs: Spacing,
+        keep: &[u8],
+        ms: Spacing,
+        n: usize,
+        w: usize,
+        count: Count,
+    ) {
+        let masked = T::from_f64(f64::NEG_INFINITY);
+        let select = |d: &mut [T], kd: &mut [u8], xr: &[T], kr: &[u8]| {
+            // A select of values (not of references), so that it compiles to a blend.
+            for ((d, kd), (&v, &m)) in d.iter_mut().zip(kd.iter_mut()).zip(xr.iter().zip(kr)) {
+                let v = v.to_f64();
+                *d = T::from_f64(if m != 0 { v } else { f64::NEG_INFINITY });
+                *kd = (m != 0) as u8;
+            }
+        };
+        if xs.class == 1 && xs.lane == n && ms.class == 1 && ms.lane == n {
+            // Dense rows under a dense mask: the whole block in one loop that vectorises.
+            let (x0, m0) = (xs.base, ms.base);
+            let (xb, kb) = (&x[x0..x0 + w * n], &keep[m0..m0 + w * n]);
+            select(&mut self.x[..w * n], &mut self.keep[..w * n], xb, kb);
+        } else if n <= SHORT_ROW && xs.class == 1 && xs.lane == n && ms.class == 1 && ms.lane == 0 {
+            // One mask row for every short lane (`(1, C)`): its bytes repeated, then one flat
+            // loop rather than a loop per lane of a few elements.
+            let row = &keep[ms.base..ms.base + n];
+            for kd in self.keep[..w * n].chunks_exact_mut(n.max(1)) {
+                kd.copy_from_slice(row);
+            }
+            let pairs = x[xs.base..xs.base + w * n].iter().zip(&self.keep[..w * n]);
+            for (d, (&v, &m)) in self.x[..w * n].iter_mut().zip(pairs) {
+                *d = T::from_f64(if m != 0 {
+                    v.to_f64()
+                } else {
+                    f64::NEG_INFINITY
+                });
+            }
+        } else if xs.class == 1 && ms.class == 1 {
+            for jj in 0..w {
+                let (x0, m0) = (xs.base + jj * xs.lane, ms.base + jj * ms.lane);
+                let (d, kd) = (&mut self.x[jj * n..][..n], &mut self.keep[jj * n..][..n]);
+                select(d, kd, &x[x0..x0 + n], &keep[m0..m0 + n]);
+            }
+        } else if xs.class == 1 && ms.class == 0 {
+            // One flag per row (an `(N, 1)` mask): copy the row or mask all of it.
+            for jj in 0..w {
+                let x0 = xs.base + jj * xs.lane;
+                let kk = keep[ms.base + jj * ms.lane] != 0;
+                let (d, kd) = (&mut self.x[jj * n..][..n], &mut self.keep[jj * n..][..n]);
+                if kk {
+                    d.copy_from_slice(&x[x0..x0 + n]);
+                } else {
+                    d.fill(masked);
+                }
+                kd.fill(kk as u8);
+            }
+        } else {
+            for k in 0..n {
+                for jj in 0..w {
+                    let (x0, m0) = (xs.base + jj * xs.lane, ms.base + jj * ms.lane);
+                    let kk = keep[m0 + k * ms.class] != 0;
+                    self.x[jj * n + k] = if kk { x[x0 + k * xs.class] } else { masked };
+                    self.keep[jj * n + k] = kk as u8;
+                }
+            }
+        }
+        for (jj, kept) in self.kept[..w].iter_mut().enumerate() {
+            let kr = &self.keep[jj * n..][..n];
+            *kept = match count {
+                Count::Classes => kr.iter().map(|&b| b as usize).sum(),
+                Count::Any => kr.iter().any(|&b| b != 0) as usize,
+                // A kept index target already says the lane keeps a class.
+                Count::None => 1,
+            };
+        }
+    }
+
+    /// Replaces the masked logits of the staged lanes by each lane's shift before the
+    /// gradient write of long rows: their gradient is overwritten with 0 anyway, and an
+    /// `exp` that underflows is the slow case of the row exp.
+    fn unmask_for_grads(&mut self, states: &[LseState], n: usize) {
+        for (jj, st) in states.iter().enumerate() {
+            let fill = shift_of(*st);
+            let (d, kd) = (&mut self.x[jj * n..][..n], &self.keep[jj * n..][..n]);
+            for (v, &k) in d.iter_mut().zip(kd) {
+                *v = T::from_f64(if k != 0 { v.to_f64() } else { fill });
+            }
+        }
+    }
+
+    /// Stages the probability targets of the same lanes (laid out like the logits).
+    fn stage_probs(&mut self, q: &[T], xs: Spacing, n: usize, w: usize) {
+        for jj in 0..w {
+            let q0 = xs.base + jj * xs.lane;
+            for (k, d) in self.q[jj * n..][..n].iter_mut().enumerate() {
+                *d = q[q0 + k * xs.class];
+            }
+        }
+    }
+}
+
+/// The plan of one lane with its masked classes deleted: smoothing over `C_kept` classes and
+/// `W` the kept classes' weight (only the smoothing terms read `W`).
+fn lane_plan<'a, T: Real>(plan: &Plan<'a, T>, keep: &[u8], kept: usize) -> Plan<'a, T> {
+    if kept == 0 {
+        return *plan;
+    }
+    let w_total = match plan.weight {
+        Some(w) => sum3(
+            w,
+            keep,
+            w,
+            |wk, k, _| if k != 0 { wk.to_f64() } else { 0.0 },
+        ),
+        None => kept as f64,
+    };
+    Plan {
+        b: plan.label_smoothing / kept as f64,
+        w_total,
+        ..*plan
+    }
+}
+
+/// [`row_sums`] over the kept classes of a staged lane.
+fn masked_sums<T: Real>(
+    plan: &Plan<'_, T>,
+    x: &[T],
+    keep: &[u8],
+    target: LaneTarget,
+    probs: Option<&[T]>,
+    state: LseState,
+) -> LaneSums {
+    let mut sums = LaneSums {
+        state,
+        xt: 0.0,
+        wsum: 0.0,
+        qsum: 0.0,
+    };
+    let shift = shift_of(state);
+    let w = plan.weight;
+    let (a, b) = (plan.a, plan.b);
+    match target {
+        LaneTarget::Ignored => return row_sums(plan, x, target, probs, state),
+        LaneTarget::Class(t) => {
+            sums.xt = x[t].to_f64();
+            if b > 0.0 {
+                let parts = row_blocks(x.len(), |r| {
+                    let (xr, kr) = (&x[r.clone()], &keep[r.clone()]);
+                    let d = |v: T, k: u8| if k != 0 { shift - v.to_f64() } else { 0.0 };
+                    match w {
+                        Some(w) => sum3(xr, kr, &w[r], |v, k, wk| {
+                            if k != 0 {
+                                wk.to_f64() * (shift - v.to_f64())
+                            } else {
+                                0.0
+                            }
+                        }),
+                        None => sum3(xr, kr, xr, |v, k, _| d(v, k)),
+                    }
+                });
+                sums.wsum = parts.sum();
+            }
+        }
+        LaneTarget::Probs => {
+            let q = probs.expect("probability targets");
+            let qw = |qk: T, k: u8, wk: f64| {
+                if k != 0 {
+                    wk * (a * qk.to_f64() + b)
+                } else {
+                    0.0
+                }
+            };
+            let parts = row_blocks(x.len(), |r| {
+                let (xr, qr, kr) = (&x[r.clone()], &q[r.clone()], &keep[r.clone()]);
+                let wr = |k: usize| w.map_or(1.0, |w| w[r.start + k].to_f64());
+                let mut ws = 0.0;
+                let mut qs = 0.0;
+                // Same terms as the unmasked sums, masked classes contributing 0.
+                let terms = xr.iter().zip(qr).zip(kr).enumerate();
+                for (k, ((&v, &qk), &kk)) in terms {
+                    let wq = qw(qk, kk, wr(k));
+                    if kk != 0 {
+                        ws += wq * (shift - v.to_f64());
+                    }
+                    qs += wq;
+                }
+                (ws, qs)
+            });
+            for (ws, qs) in parts {
+                sums.wsum += ws;
+                sums.qsum += qs;
+            }
+        }
+    }
+    sums
+}
+
+/// The masked cross-entropy over every lane: `(main, lse^2)` sums as [`xent_rows`] /
+/// [`xent_columns`], gradients dense with 0 at masked classes.
+pub(super) fn xent_masked<T: Real>(
+    logits: &[T],
+    targets: &Targets<'_, T>,
+    plan: &Plan<'_, T>,
+    mask: &ClassMask<'_>,
+    alg: Algorithm,
+    lanes_out: Option<SendPtr<T>>,
+    grad_out: Option<SendPtr<T>>,
+) -> Result<(f64, f64), Error> {
+    let batch = plan.batch;
+    let (n, inner) = (batch.n, batch.inner);
+    let rows = inner == 1;
+    let lanes = if rows { batch.outer } else { inner };
+    let width = (STAGE_ELEMENTS / n.max(1)).clamp(1, STATE_BLOCK).min(lanes);
+    let blocks_per_slab = if rows { 1 } else { inner.div_ceil(width) };
+    let units = if rows {
+        batch.outer.div_ceil(width)
+    } else {
+        batch.outer * blocks_per_slab
+    };
+    let unit_elements = n * width;
+    let probs = matches!(targets, Targets::Probs(_));
+    let count = match (plan.label_smoothing > 0.0, probs) {
+        (true, _) => Count::Classes,
+        (false, true) => Count::Any,
+        (false, false) => Count::None,
+    };
+    let per = parallel::items_per_piece(unit_elements);
+    reduce_pieces(units, per, unit_elements, |range| {
+        let mut acc = (0.0f64, 0.0f64);
+        let mut st = Staged::<T>::new(n, width, probs)?;
+        let mut gs = match (grad_out, rows) {
+            (Some(_), false) => try_vec(n * width, T::from_f64(0.0))?,
+            _ => Vec::new(),
+        };
+        let mut scratch = Vec::new();
+        let mut states = [LseState::EMPTY; STATE_BLOCK];
+        let mut grads = [LaneGrad::ZERO; STATE_BLOCK];
+        let mut plans = [*plan; STATE_BLOCK];
+        for u in range {
+            // The block's lanes l0..l0 + w are consecutive in lane order.
+            let (o, j0, w) = if rows {
+                let o = u * width;
+                (o, 0, width.min(batch.outer - o))
+            } else {
+                let (o, jb) = (u / blocks_per_slab, u % blocks_per_slab);
+                (o, jb * width, width.min(inner - jb * width))
+            };
+            let l0 = o * inner + j0;
+            let [s0, s1, s2] = mask.strides;
+            let xs = Spacing {
+                base: o * batch.outer_stride + j0,
+                lane: if rows { batch.outer_stride } else { 1 },
+                class: inner,
+            };
+            let ms = Spacing {
+                base: o * s0 + j0 * s2,
+                lane: if rows { s0 } else { s2 },
+                class: s1,
+            };
+            st.stage(logits, xs, mask.keep, ms, n, w, count);
+            if let Targets::Probs(q) = targets {
+                st.stage_probs(q, xs, n, w);
+            }
+            block_states(&st.x, n, n, w, alg, &mut scratch, &mut states)?;
+            for jj in 0..w {
+                let l = l0 + jj;
+                let (x, keep) = (&st.x[jj * n..][..n], &st.keep[jj * n..][..n]);
+                let target = match lane_target(targets, l, plan.ignore_index, n) {
+                    _ if st.kept[jj] == 0 => LaneTarget::Ignored,
+                    // A lane that keeps no class (or, refused by the pre-pass, a racing
+                    // writer's masked target).
+                    LaneTarget::Class(t) if keep[t] == 0 => LaneTarget::Ignored,
+                    t => t,
+                };
+                let own;
+                let lp = if plan.label_smoothing > 0.0 {
+                    own = lane_plan(plan, keep, st.kept[jj]);
+                    &own
+                } else {
+                    plan
+                };
+                let q = probs.then(|| &st.q[jj * n..][..n]);
+                let sums = masked_sums(lp, x, keep, target, q, states[jj]);
+                let (main, zt) = lane_outputs(lp, target, &sums, l, lanes_out);
+                if grad_out.is_some() {
+                    grads[jj] = lane_grad(lp, target, &sums);
+                    if probs {
+                        plans[jj] = *lp;
+                    }
+                }
+                acc.0 += main;
+                acc.1 += zt;
+            }
+            let Some(gp) = grad_out else { continue };
+            let g = if rows {
+                // SAFETY: lanes l0..l0 + w own the dense rows l0..l0 + w of the gradient,
+                // whose length `plan` checked.
+                unsafe { std::slice::from_raw_parts_mut(gp.ptr().add(l0 * n), w * n) }
+            } else {
+                &mut gs[..w * n]
+            };
+            if n > SHORT_ROW {
+                // Long rows write exp(x - m) from the staged values; short rows recompute
+                // their softmax from them, so they keep the -inf.
+                st.unmask_for_grads(&states[..w], n);
+            }
+            if probs && plan.label_smoothing > 0.0 {
+                // The smoothed probabilities differ per lane: one lane at a time.
+                for jj in 0..w {
+                    let lane = jj * n..(jj + 1) * n;
+                    let (x, q) = (&st.x[lane.clone()], Some(&st.q[lane.clone()]));
+                    let gi = &mut g[lane];
+                    block_grads(
+                        &plans[jj],
+                        x,
+                        q,
+                        n,
+                        n,
+                        &grads[jj..=jj],
+                        alg,
+                        &mut scratch,
+                        gi,
+                    )?;
+                }
+            } else {
+                let q = probs.then_some(&st.q[..]);
+                block_grads(plan, &st.x, q, n, n, &grads[..w], alg, &mut scratch, g)?;
+            }
+            // Masked classes get 0. Short rows without smoothing or probabilities already
+            // have it (softmax 0 at -inf, no correction term) except in a NaN-filled lane.
+            let exact = n <= SHORT_ROW && !probs && plan.label_smoothing == 0.0;
+            for (jj, lg) in grads[..w].iter().enumerate() {
+                if exact && lg.fill.is_none_or(|v| v == 0.0) {
+                    continue;
+                }
+                let (gi, ki) = (&mut g[jj * n..][..n], &st.keep[jj * n..][..n]);
+                for (gk, &k) in gi.iter_mut().zip(ki) {
+                    // Branch-free: masks are often irregular.
+                    *gk = T::from_f64(if k != 0 { gk.to_f64() } else { 0.0 });
+                }
+            }
+            if !rows {
+                let gbase = o * n * inner + j0;
+                for k in 0..n {
+                    for jj in 0..w {
+                        // SAFETY: (k, j0 + jj) of slab o in the dense gradient, whose length
+                        // `plan` checked; units own disjoint column blocks.
+                        unsafe { *gp.ptr().add(gbase + k * inner + jj) = gs[jj * n + k] };
+                    }
+                }
+            }
+        }
+        Ok(acc)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::super::{cross_entropy, nll_loss, LossReduction, Targets, XentOptions};
+    use super::*;
+
+    /// The masked call against the unmasked kernel on each lane with its masked classes
+    /// deleted: rows and columns, a broadcast mask, smoothing, weights and the z-loss.
+    #[test]
+    fn masked_lanes_equal_the_lanes_with_masked_classes_deleted() {
+        let (outer, n, inner) = (5usize, 7usize, 3usize);
+        let x: Vec<f64> = (0..outer * n * inner)
+            .map(|i| ((i * 37 % 23) as f64 - 11.0) * 0.7)
+            .collect();
+        let w: Vec<f64> = (0..n).map(|k| 0.5 + k as f64 * 0.25).collect();
+        // One mask row of classes broadcast over every lane, except lane 4 masked fully.
+        let row = [true, false, true, true, false, true, true];
+        for inner in [1, inner] {
+            let batch = Batch::contiguous(outer, n, inner);
+            let mut keep = vec![0u8; batch.elements()];
+            for o in 0..outer {
+                for k in 0..n {
+                    for j in 0..inner {
+                        keep[(o * n + k) * inner + j] = (row[k] && o * inner + j != 4) as u8;
+                    }
+                }
+            }
+            let x = &x[..batch.elements()];
+            let t: Vec<i64> = (0..batch.count()).map(|l| [0, 2, 3, 5, 6][l % 5]).collect();
+            let opts = XentOptions {
+                weight: Some(&w[..]),
+                label_smoothing: 0.2,
+                z_loss: 0.01,
+                reduction: LossReduction::None,
+                mask: Some(ClassMask {
+                    keep: &keep,
+                    strides: [n * inner, inner, 1],
+                }),
+                ..XentOptions::default()
+            };
+            let mut per = vec![0.0; batch.count()];
+            let mut grad = vec![9.0; batch.elements()];
+            cross_entropy(
+                x,
+                batch,
+                Targets::Indices(&t),
+                &opts,
+                Some(&mut per),
+                Some(&mut grad),
+            )
+            .unwrap();
+            let kept: Vec<usize> = (0..n).filter(|&k| row[k]).collect();
+            for l in 0..batch.count() {
+                let (o, j) = (l / inner, l % inner);
+                let at = |k: usize| (o * n + k) * inner + j;
+                if l == 4 {
+                    assert_eq!(per[l], 0.0);
+                    assert!((0..n).all(|k| grad[at(k)] == 0.0));
+                    continue;
+                }
+                let xr: Vec<f64> = kept.iter().map(|&k| x[at(k)]).collect();
+                let wr: Vec<f64> = kept.iter().map(|&k| w[k]).collect();
+                let tr = kept.iter().position(|&k| k as i64 == t[l]).unwrap() as i64;
+                let one = XentOptions {
+                    weight: Some(&wr[..]),
+                    label_smoothing: 0.2,
+                    z_loss: 0.01,
+                    reduction: LossReduction::Sum,
+                    ..XentOptions::default()
+                };
+                let mut g = vec![0.0; xr.len()];
+                let want = cross_entropy(
+                    &xr,
+                    Batch::rows(1, xr.len()),
+                    Targets::Indices(&[tr]),
+                    &one,
+                    None,
+                    Some(&mut g),
+                )
+                .unwrap();
+                assert!(
+                    (per[l] - want).abs() <= 1e-13 * want.abs().max(1.0),
+                    "lane {l}"
+                );
+                for (i, &k) in kept.iter().enumerate() {
+                    assert!((grad[at(k)] - g[i]).abs() <= 1e-14, "lane {l} class {k}");
+                }
+                assert!((0..n).filter(|&k| !row[k]).all(|k| grad[at(k)] == 0.0));
+            }
+        }
+    }
+
+    #[test]
+    fn a_zero_stride_mask_is_read_in_place_and_targets_are_checked_against_it() {
+        let x = [1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0];
+        let batch = Batch::rows(2, 3);
+        let keep = [1u8, 0, 1];
+        let mask = ClassMask {
+            keep: &keep,
+            strides: [0, 1, 0],
+        };
+        let opts = XentOptions {
+            mask: Some(mask),
+            reduction: LossReduction::Sum,
+            ..XentOptions::default()
+        };
+        let got = cross_entropy(&x, batch, Targets::Indices(&[0, 2]), &opts, None, None).unwrap();
+        let deleted = [1.0f32, 3.0, 4.0, 6.0];
+        let plain = XentOptions {
+            reduction: LossReduction::Sum,
+            ..XentOptions::default()
+        };
+        let want = cross_entropy(
+            &deleted,
+            Batch::rows(2, 2),
+            Targets::Indices(&[0, 1]),
+            &plain,
+            None,
+            None,
+        )
+        .unwrap();
+        assert_eq!(got, want);
+        let err = cross_entropy(&x, batch, Targets::Indices(&[0, 1]), &opts, None, None);
+        assert_eq!(
+            err.unwrap_err(),
+            Error::MaskedTarget {
+                position: 1,
+                value: 1
+            }
+        );
+        let lp = [-1.0f64, -2.0, -3.0, -4.0, -5.0, -6.0];
+        let err = nll_loss(
+            &lp,
+            batch,
+            &[0, 1],
+            None,
+            -100,
+            LossReduction::Sum,
+            None,
+            Some(mask),
+        );
+        assert!(matches!(err, Err(Error::MaskedTarget { position: 1, .. })));
+        let short = ClassMask {
+            keep: &keep[..2],
+            strides: [0, 1, 0],
+        };
+        let err = nll_loss(
+            &lp,
+            batch,
+            &[0, 0],
+            None,
+            -100,
+            LossReduction::Sum,
+            None,
+            Some(short),
+        );
+        assert!(matches!(err, Err(Error::Layout(_))));
+    }
+
+    #[test]
+    fn probability_mass_on_a_masked_class_is_refused() {
+        let x = [0.0f64; 6];
+        let q = [0.5, 0.5, 0.0, 0.2, 0.0, 0.8];
+        let keep = [1u8, 1, 0, 1, 1, 0];
+        let opts = XentOptions {
+            mask: Some(ClassMask {
+                keep: &keep,
+                strides: [3, 1, 0],
+            }),
+            ..XentOptions::default()
+        };
+        let err = cross_entropy(&x, Batch::rows(2, 3), Targets::Probs(&q), &opts, None, None);
+        assert_eq!(
+            err.unwrap_err(),
+            Error::MaskedProbability {
+                position: 1,
+                class: 2,
+                value: 0.8
+            }
+        );
+    }
+}

@@ -1,0 +1,147 @@
+//! `where=` for the losses: a boolean mask over the classes, read in place beside the logits.
+//!
+//! The rule is one sentence: a masked loss equals the loss of each lane with its masked classes
+//! deleted. So the normaliser is the log-sum-exp of the kept classes, label smoothing spreads
+//! `label_smoothing / C_kept` over the kept classes (and `W` is the kept classes' weight), the
+//! z-loss uses the kept log-sum-exp, and the gradient is 0 at masked classes. A lane with no
+//! kept class has nothing to predict: it is skipped like an ignored target (no loss, no
+//! gradient, not counted by "mean") whatever its target holds. In a lane with kept classes an
+//! index target on a masked class, or a probability target with nonzero mass on one, does not
+//! exist in the reduced problem and is refused ([`Error::MaskedTarget`],
+//! [`Error::MaskedProbability`]) by the pre-pass, before any logit is read.
+
+use super::spec::{Plan, Targets};
+use crate::error::Error;
+use crate::layout::Batch;
+use crate::parallel;
+use crate::real::Real;
+
+/// A class mask of a [`Batch`]: element `(o, k, j)` (lane `o * inner + j`, class `k`) is kept
+/// when `keep[o * strides[0] + k * strides[1] + j * strides[2]] != 0`. Strides may be 0, so a
+/// broadcast mask (one row of classes for every lane, or one flag per lane) is read as it is,
+/// never expanded. Bytes rather than `bool`: any nonzero byte keeps.
+#[derive(Clone, Copy, Debug)]
+pub struct ClassMask<'a> {
+    /// The mask's elements; `strides` index into it.
+    pub keep: &'a [u8],
+    /// Element strides along `(outer, classes, inner)`.
+    pub strides: [usize; 3],
+}
+
+impl ClassMask<'_> {
+    /// Checks that every element of `batch` indexes inside `keep`.
+    pub(super) fn check(&self, batch: &Batch) -> Result<(), Error> {
+        if batch.elements() == 0 {
+            return Ok(());
+        }
+        let [s0, s1, s2] = self.strides;
+        let last = [(batch.outer, s0), (batch.n, s1), (batch.inner, s2)]
+            .iter()
+            .try_fold(0usize, |acc, &(len, s)| {
+                (len - 1).checked_mul(s).and_then(|v| acc.checked_add(v))
+            });
+        match last {
+            Some(last) if last < self.keep.len() => Ok(()),
+            _ => Err(Error::Layout(format!(
+                "where holds {} elements, too few for strides {:?} over {:?}",
+                self.keep.len(),
+                self.strides,
+                [batch.outer, batch.n, batch.inner]
+            ))),
+        }
+    }
+
+    /// The offset of class 0 of lane `l` and the stride between classes.
+    #[inline]
+    pub(super) fn lane(&self, batch: &Batch, l: usize) -> (usize, usize) {
+        let (o, j) = (l / batch.inner, l % batch.inner);
+        (o * self.strides[0] + j * self.strides[2], self.strides[1])
+    }
+
+    /// Whether class `k` of the lane at `base` is kept.
+    #[inline]
+    pub(super) fn keeps(&self, base: usize, stride: usize, k: usize) -> bool {
+        self.keep[base + k * stride] != 0
+    }
+
+    /// Whether the lane at `base` keeps any of its `n` classes.
+    #[inline]
+    pub(super) fn any_kept(&self, base: usize, stride: usize, n: usize) -> bool {
+        match stride {
+            _ if n == 0 => false,
+            0 => self.keep[base] != 0,
+            1 => self.keep[base..base + n].iter().any(|&b| b != 0),
+            _ => (0..n).any(|k| self.keep[base + k * stride] != 0),
+        }
+    }
+}
+
+/// The pre-pass of a masked call: validates the targets against the mask (first bad lane in
+/// lane order) and returns `(D, K)`, the "mean" denominators (the weight of the kept index
+/// targets, or the lane count for probabilities; and the count of lanes that take part).
+/// Out-of-range targets were not yet checked: this does it, in the same lane order.
+pub(super) fn masked_denominators<T: Real>(
+    plan: &Plan<'_, T>,
+    targets: &Targets<'_, T>,
+    mask: &ClassMask<'_>,
+) -> Result<(f64, f64), Error> {
+    let batch = plan.batch;
+    let (n, lanes) = (batch.n, batch.count());
+    let per = parallel::items_per_piece(n);
+    let pieces = lanes.div_ceil(per.max(1));
+    let partials = parallel::map_collect(pieces, per * n.max(1), |p| {
+        let (mut d, mut kept) = (0.0f64, 0usize);
+        for l in p * per..((p + 1) * per).min(lanes) {
+            let (base, stride) = mask.lane(&batch, l);
+            match targets {
+                Targets::Indices(t) => {
+                    let value = t[l];
+                    if value == plan.ignore_index {
+                        continue;
+                    }
+                    if value < 0 || value as u64 >= n as u64 {
+                        return Err(Error::TargetOutOfRange {
+                            position: l,
+                            value,
+                            classes: n,
+                        });
+                    }
+                    // The target's own flag first: a kept target settles the lane in one read.
+                    if !mask.keeps(base, stride, value as usize) {
+                        if !mask.any_kept(base, stride, n) {
+                            continue;
+                        }
+                        return Err(Error::MaskedTarget { position: l, value });
+                    }
+                    d += plan.w(value as usize);
+                }
+                Targets::Probs(q) => {
+                    if !mask.any_kept(base, stride, n) {
+                        continue;
+                    }
+                    let (o, j) = (l / batch.inner, l % batch.inner);
+                    let qbase = o * batch.outer_stride + j;
+                    for k in 0..n {
+                        let v = q[qbase + k * batch.inner].to_f64();
+                        if v != 0.0 && !mask.keeps(base, stride, k) {
+                            return Err(Error::MaskedProbability {
+                                position: l,
+                                class: k,
+                                value: v,
+                            });
+                        }
+                    }
+                    d += 1.0;
+                }
+            }
+            kept += 1;
+        }
+        Ok((d, kept))
+    });
+    partials
+        .into_iter()
+        .try_fold((0.0, 0.0), |acc, piece: Result<(f64, usize), Error>| {
+            let (d, k) = piece?;
+            Ok((acc.0 + d, acc.1 + k as f64))
+        })
+}

@@ -1,0 +1,371 @@
+"""``where=`` on cross_entropy and nll_loss: the loss of each row with its masked classes deleted.
+
+The reference below builds exactly that: for every row it deletes the masked classes (and their
+weights, probabilities, and renumbers the target), calls the float64 oracle on what is left, and
+scatters the gradient back with zeros at masked classes. A row that keeps no class contributes
+nothing and is not counted.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import oracles
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import stablelse as sl
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def deleted_reference(x, t, m, axis=-1, weight=None, ignore_index=-100, reduction="mean",
+                      label_smoothing=0.0, z_loss=0.0):
+    """``(loss, grad)`` of cross_entropy with where=m, built by deleting masked classes."""
+    x = np.moveaxis(np.asarray(x, dtype=np.float64), axis, -1)
+    m = np.moveaxis(np.broadcast_to(m, np.moveaxis(x, -1, axis).shape), axis, -1)
+    probs = np.asarray(t).dtype.kind == "f"
+    tt = np.moveaxis(np.asarray(t, dtype=np.float64), axis, -1) if probs else np.asarray(t)
+    n = x.shape[-1]
+    w = np.ones(n) if weight is None else np.asarray(weight, dtype=np.float64)
+    batch = x.shape[:-1]
+    ce = np.zeros(batch)
+    zt = np.zeros(batch)
+    g_ce = np.zeros(x.shape)
+    g_z = np.zeros(x.shape)
+    den = cnt = 0.0
+    for idx in np.ndindex(*batch):
+        keep = m[idx]
+        if not keep.any():
+            continue
+        xr = x[idx][keep]
+        if probs:
+            tr = tt[idx][keep]
+        else:
+            if tt[idx] == ignore_index:
+                continue
+            assert keep[tt[idx]], "the test drew a target on a masked class"
+            tr = np.int64(np.cumsum(keep)[tt[idx]] - 1)
+        loss, grad = oracles.cross_entropy_grad(
+            xr, tr, weight=w[keep], reduction="sum", label_smoothing=label_smoothing)
+        ce[idx] = loss
+        g_ce[idx + (keep,)] = grad
+        lse = float(oracles.logsumexp(xr))
+        zt[idx] = z_loss * lse**2
+        g_z[idx + (keep,)] = 2 * z_loss * lse * oracles.softmax(xr)
+        den += 1.0 if probs else w[tt[idx]]
+        cnt += 1.0
+    with np.errstate(all="ignore"):
+        if reduction == "none":
+            loss, grad = ce + zt, g_ce + g_z
+        elif reduction == "sum":
+            loss, grad = ce.sum() + zt.sum(), g_ce + g_z
+        else:
+            loss = ce.sum() / den + (zt.sum() / cnt if z_loss else 0.0)
+            # Rows that do not count have a zero gradient, also when none counts (0, not NaN).
+            grad = (g_ce / den if den else g_ce) + (g_z / cnt if z_loss and cnt else 0.0)
+    return loss, np.moveaxis(grad, -1, axis)
+
+
+@st.composite
+def masked_problems(draw):
+    """Logits of 2 or 3 dimensions, a class axis anywhere, a mask (possibly broadcast, with
+    fully masked rows), and targets that respect it."""
+    ndim = draw(st.sampled_from([1, 2, 3]))
+    shape = tuple(draw(st.lists(st.integers(1, 5), min_size=ndim, max_size=ndim)))
+    axis = draw(st.integers(-ndim, ndim - 1))
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    x = rng.normal(scale=draw(st.sampled_from([1.0, 30.0])), size=shape)
+    mshape = tuple(s if draw(st.booleans()) else 1 for s in shape)
+    mshape = mshape[draw(st.integers(0, ndim)):]  # drop some leading axes too
+    m = rng.random(mshape) < draw(st.sampled_from([0.3, 0.7, 1.0]))
+    full = np.broadcast_to(m, shape)
+    cls = np.moveaxis(full, axis, -1)
+    batch = cls.shape[:-1]
+    probs = draw(st.booleans())
+    if probs:
+        q = rng.random(cls.shape) * cls
+        q = q / np.where(q.sum(-1, keepdims=True) > 0, q.sum(-1, keepdims=True), 1.0)
+        target = np.moveaxis(q, -1, axis)
+        ignore = -100
+    else:
+        ignore = draw(st.sampled_from([-100, 0]))
+        t = np.empty(batch, dtype=np.int64)
+        for idx in np.ndindex(*batch):
+            kept = np.flatnonzero(cls[idx])
+            choice = list(kept) + [ignore] if len(kept) else [rng.integers(cls.shape[-1])]
+            t[idx] = rng.choice(choice)
+        target = t
+    opts = {
+        "axis": axis,
+        "reduction": draw(st.sampled_from(REDUCTIONS)),
+        "label_smoothing": draw(st.sampled_from([0.0, 0.25])),
+        "z_loss": draw(st.sampled_from([0.0, 0.1])),
+        "ignore_index": ignore,
+    }
+    if draw(st.booleans()):
+        opts["weight"] = rng.random(shape[axis]) + 0.5
+    return x, target, m, opts
+
+
+@settings(max_examples=150, deadline=None)
+@given(masked_problems())
+def test_where_equals_the_loss_of_each_row_with_its_masked_classes_deleted(problem):
+    x, t, m, opts = problem
+    want_loss, want_grad = deleted_reference(x, t, m, **opts)
+    loss, grad = sl.cross_entropy(x, t, where=m, return_grad=True, **opts)
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(grad, want_grad, rtol=1e-9, atol=1e-12)
+    assert (grad[~np.broadcast_to(m, x.shape)] == 0).all()
+    assert np.array_equal(sl.cross_entropy(x, t, where=m, **opts), loss, equal_nan=True)
+    x32 = x.astype(np.float32)
+    l32, g32 = sl.cross_entropy(x32, t if t.dtype.kind != "f" else t.astype(np.float32),
+                                where=m, return_grad=True, **opts)
+    assert l32.dtype == np.float32 and g32.dtype == np.float32
+    np.testing.assert_allclose(g32, want_grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(6, 1), (1, 5), (5,), (6, 5)])
+@pytest.mark.parametrize("axis", [-1, 0])
+def test_broadcast_masks_are_read_in_place_and_agree_with_the_expanded_mask(shape, axis):
+    from stablelse._losses import _mask3
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(6, 5))
+    m = rng.random(shape) < 0.6
+    m.flat[0] = True
+    full = np.ascontiguousarray(np.broadcast_to(m, x.shape))
+    cls = np.moveaxis(full, axis, -1)
+    t = np.array([np.flatnonzero(r)[0] if r.any() else 0 for r in cls])
+    got = sl.cross_entropy(x, t, axis=axis, where=m, reduction="none", return_grad=True)
+    want = sl.cross_entropy(x, t, axis=axis, where=full, reduction="none", return_grad=True)
+    assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])
+    m3 = _mask3(m, x, axis % 2, "logits")
+    if m.size < x.size:
+        assert 0 in m3.strides and np.shares_memory(m3, m)  # never expanded
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("axis", [-1, 1])
+@pytest.mark.parametrize("ls", [0.0, 0.2])
+def test_a_mask_keeping_every_class_gives_the_unmasked_bits(dtype, axis, ls):
+    rng = np.random.default_rng(2)
+    x = rng.normal(scale=5, size=(40, 7, 3)).astype(dtype)
+    t = rng.integers(0, 7 if axis == 1 else 3, size=(40, 3) if axis == 1 else (40, 7))
+    w = rng.random(x.shape[axis]).astype(dtype) + 0.5
+    for kw in ({}, {"weight": w}, {"z_loss": 1e-2}):
+        plain = sl.cross_entropy(x, t, axis=axis, label_smoothing=ls, return_grad=True, **kw)
+        masked = sl.cross_entropy(x, t, axis=axis, label_smoothing=ls, return_grad=True,
+                                  where=np.ones(x.shape, bool), **kw)
+        assert plain[0] == masked[0] and np.array_equal(plain[1], masked[1])
+
+
+def test_fully_masked_rows_contribute_nothing_and_are_not_counted():
+    x = np.array([[1.0, 2.0, 3.0], [np.nan, np.inf, 7.0], [0.5, 0.0, -1.0]])
+    m = np.array([[True, True, False], [False, False, False], [True, True, True]])
+    t = np.array([1, 2, 0])  # row 1 is padding: its target is never read
+    w = np.array([2.0, 1.0, 3.0])
+    none = sl.cross_entropy(x, t, where=m, weight=w, reduction="none")
+    assert none[1] == 0.0
+    mean, grad = sl.cross_entropy(x, t, where=m, weight=w, z_loss=0.1, return_grad=True)
+    want, wgrad = deleted_reference(x, t, m, weight=w, z_loss=0.1)
+    np.testing.assert_allclose(mean, want, rtol=1e-13)
+    np.testing.assert_allclose(grad, wgrad, rtol=1e-12, atol=1e-15)
+    assert (grad[1] == 0).all()  # masked NaN and inf are never read
+    allmasked = sl.cross_entropy(x, t, where=np.zeros(3, bool))
+    assert np.isnan(allmasked)  # 0 / 0, as torch's mean over all-ignored targets
+    assert sl.cross_entropy(x, t, where=np.zeros(3, bool), reduction="sum") == 0.0
+
+
+@pytest.mark.parametrize("n", [4, 200])  # short rows and long rows take different paths
+def test_masked_gradient_is_zero_even_where_a_kept_nan_spoils_the_row(n):
+    x = np.zeros((3, n))
+    x[0, 1] = np.nan
+    x[1, 2] = np.inf
+    m = np.ones((3, n), bool)
+    m[:, 3] = False
+    loss, grad = sl.cross_entropy(x, np.zeros(3, np.int64), where=m, reduction="none",
+                                  return_grad=True)
+    assert np.isnan(loss[0]) and loss[1] == np.inf and np.isfinite(loss[2])
+    assert (grad[:, 3] == 0).all()
+    assert np.isnan(grad[0, m[0]]).all() and np.isnan(grad[1, m[1]]).all()
+
+
+@pytest.mark.parametrize("fn", [sl.cross_entropy, sl.nll_loss])
+def test_a_target_on_a_masked_class_is_an_index_error_naming_the_row(fn):
+    x = np.zeros((2, 3, 4))
+    t = np.zeros((2, 4), dtype=np.int64)
+    m = np.ones(x.shape, bool)
+    m[1, 0, 2] = False  # classes on axis 1: row [1, 2] masks class 0, its target
+    with pytest.raises(IndexError, match=r"^target\[1, 2\] = 0 is a class that where= masks"):
+        fn(x, t, axis=1, where=m)
+    m[1, :, 2] = False  # the whole row masked: padding, no error
+    assert np.isfinite(fn(x, t, axis=1, where=m))
+    m[1, 0, 2] = True
+    t[1, 2] = -100  # ignored
+    fn(x, t, axis=1, where=m)
+
+
+def test_nothing_is_written_before_a_masked_target_is_refused():
+    x = np.zeros((3, 4))
+    buf = np.full_like(x, 7.0)
+    m = np.ones(4, bool)
+    m[2] = False
+    with pytest.raises(IndexError, match=r"target\[1\] = 2"):
+        sl.cross_entropy(x, np.array([0, 2, 1]), where=m, return_grad=True, grad_out=buf)
+    assert (buf == 7.0).all()
+
+
+def test_probability_mass_on_a_masked_class_is_a_value_error_naming_the_row():
+    x = np.zeros((3, 3))
+    q = np.array([[0.5, 0.5, 0.0], [0.0, 0.9, 0.1], [0.2, 0.0, 0.8]])
+    m = np.array([[True, True, False], [True, True, False], [False, False, False]])
+    with pytest.raises(ValueError, match=r"^target\[1\] puts probability 0.1 on class 2"):
+        sl.cross_entropy(x, q, where=m)
+    m[1, 2] = True  # row 2 keeps no class: its mass does not matter
+    want, _ = deleted_reference(x, q, m)
+    np.testing.assert_allclose(sl.cross_entropy(x, q, where=m), want, rtol=1e-14)
+
+
+@pytest.mark.parametrize(
+    "where,exc,msg",
+    [
+        (np.array([1, 0, 1]), TypeError, "where must be a bool array, got dtype int64"),
+        ([[1.0, 0.0, 1.0]], TypeError, "where must be a bool array, got dtype float64"),
+        (np.ones((3, 2), bool), ValueError, r"where of shape \(3, 2\) does not broadcast"),
+        (np.ones((1, 2, 3), bool), ValueError, "does not broadcast to the logits' shape"),
+        ("yes", TypeError, "where must be a bool array"),
+    ],
+)
+def test_a_bad_where_is_refused_naming_it(where, exc, msg):
+    with pytest.raises(exc, match=msg):
+        sl.cross_entropy(np.zeros((2, 3)), np.array([0, 1]), where=where)
+    with pytest.raises(exc, match=msg.replace("logits'", "log_probs'")):
+        sl.nll_loss(np.zeros((2, 3)), np.array([0, 1]), where=where)
+
+
+def test_nll_loss_where_skips_rows_without_classes_and_does_not_renormalise():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(5, 4))
+    lp = np.log(oracles.softmax(x))
+    m = np.ones((5, 4), bool)
+    m[2] = False
+    m[0, 3] = False
+    t = np.array([1, 3, 0, 2, 0])
+    w = rng.random(4) + 0.5
+    keep = np.array([True, True, False, True, True])
+    for red in REDUCTIONS:
+        got = sl.nll_loss(lp, t, weight=w, reduction=red, where=m)
+        want = oracles.nll_loss(lp, np.where(keep, t, -100), weight=w, reduction=red)
+        np.testing.assert_allclose(got, want, rtol=1e-14)
+
+
+@pytest.mark.parametrize("n", [37, 300])  # the short-row and the long-row gradient paths
+def test_results_are_bit_identical_for_any_thread_count(n):
+    rng = np.random.default_rng(4)
+    x = rng.normal(scale=3, size=(20000, n)).astype(np.float32)
+    m = rng.random((20000, n)) < 0.8
+    m[::7] = False
+    t = np.array([np.flatnonzero(r)[0] if r.any() else 0 for r in m])
+    xc = np.ascontiguousarray(x.reshape(200, 100, n).transpose(0, 2, 1))
+    mc = np.ascontiguousarray(m.reshape(200, 100, n).transpose(0, 2, 1))
+    before = sl.get_num_threads()
+    runs = []
+    try:
+        for n in (1, 2, 3):
+            sl.set_num_threads(n)
+            runs.append((
+                sl.cross_entropy(x, t, where=m, label_smoothing=0.1, z_loss=1e-3,
+                                 return_grad=True),
+                sl.cross_entropy(xc, t.reshape(200, 100), axis=1, where=mc, return_grad=True),
+                sl.nll_loss(x, t, where=m),
+            ))
+    finally:
+        sl.set_num_threads(before)
+    for other in runs[1:]:
+        for (a, b) in zip(runs[0], other):
+            if isinstance(a, tuple):
+                assert a[0] == b[0] and np.array_equal(a[1], b[1])
+            else:
+                assert a == b
+
+
+def test_dask_where_matches_the_numpy_path():
+    da = pytest.importorskip("dask.array")
+    import stablelse.dask as sd
+
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(9, 6))
+    m = rng.random((9, 6)) < 0.5
+    m[:, 1] = True
+    m[4] = False
+    t = np.ones(9, dtype=np.int64)
+    w = rng.random(6) + 0.5
+    dx = da.from_array(x, chunks=(4, 4))
+    for red in REDUCTIONS:
+        for kw in ({}, {"weight": w, "z_loss": 0.1}, {"label_smoothing": 0.3}):
+            want = sl.cross_entropy(x, t, where=m, reduction=red, **kw)
+            got = sd.cross_entropy(dx, t, where=da.from_array(m, chunks=3), reduction=red, **kw)
+            np.testing.assert_allclose(got.compute(), want, rtol=1e-13)
+    row = m[:1] | ~m[:1]  # a (1, C) mask broadcast over the rows
+    np.testing.assert_allclose(sd.cross_entropy(dx, t, where=row).compute(),
+                               sl.cross_entropy(x, t, where=row), rtol=1e-13)
+    bad = t.copy()
+    bad[6] = int(np.flatnonzero(~m[6])[0])
+    with pytest.raises(IndexError, match=rf"^target\[6\] = {bad[6]} is a class that where="):
+        sd.cross_entropy(dx, bad, where=m).compute()
+
+
+def test_cuda_refuses_where_after_the_common_check():
+    import stablelse.cuda as scuda
+
+    x, t = np.zeros((2, 3)), np.array([0, 1])
+    with pytest.raises(NotImplementedError, match="where= is not supported"):
+        scuda.cross_entropy(x, t, where=np.ones(3, bool))
+    with pytest.raises(TypeError, match="where must be a bool array"):
+        scuda.cross_entropy(x, t, where=np.ones(3))
+
+
+_OPTAX_SCRIPT = """
+import sys
+import jax
+jax.config.update("jax_enable_x64", True)
+import numpy as np
+import optax
+d = dict(np.load(sys.argv[1]))
+x, t, m, q = d["x"], d["t"], d["m"], d["q"]
+f = optax.softmax_cross_entropy_with_integer_labels
+g = jax.grad(lambda z: f(z, t, where=m).sum())(x)
+np.savez(sys.argv[2], ints=np.asarray(f(x, t, where=m)), grad=np.asarray(g),
+         probs=np.asarray(optax.softmax_cross_entropy(x, q, where=m)))
+"""
+
+
+def test_optax_gives_the_same_losses_and_gradients_where_it_agrees(tmp_path):
+    # optax runs in a child process: JAX's threads must not live in this one, which the
+    # reliability tests fork.
+    import importlib.util
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("optax") is None:
+        pytest.skip("optax is not installed")
+    rng = np.random.default_rng(6)
+    x = rng.normal(scale=4, size=(50, 9))
+    m = rng.random((50, 9)) < 0.6
+    m[::5] = False
+    t = np.array([rng.choice(np.flatnonzero(r)) if r.any() else 0 for r in m])
+    q = rng.random((50, 9)) * m
+    q = q / np.where(q.sum(1, keepdims=True) > 0, q.sum(1, keepdims=True), 1)
+    np.savez(tmp_path / "in.npz", x=x, t=t, m=m, q=q)
+    subprocess.run([sys.executable, "-c", _OPTAX_SCRIPT, str(tmp_path / "in.npz"),
+                    str(tmp_path / "out.npz")], check=True, timeout=300)
+    want = np.load(tmp_path / "out.npz")
+    np.testing.assert_allclose(sl.cross_entropy(x, t, where=m, reduction="none"),
+                               want["ints"], rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(sl.cross_entropy(x, t, where=m, reduction="sum",
+                                                 return_grad=True)[1], want["grad"],
+                               rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(sl.cross_entropy(x, q, where=m, reduction="none"),
+                               want["probs"], rtol=1e-12, atol=1e-14)
