@@ -443,9 +443,29 @@ unsafe fn softmax_like_raw<T: Real>(
         }
         return;
     }
+    // Softmax rows in cache keep their exps for the write (one exp per element instead of
+    // two), in a float64 scratch per piece; without the scratch they take the two-exp path.
+    let stored = what == Reduction::Softmax
+        && alg != Algorithm::Online
+        && level != Level::Scalar
+        && n <= simd::STORED_ROW;
     parallel::for_each_piece(batch.count(), 2 * n.max(1), |range| {
+        let mut scratch: Vec<f64> = Vec::new();
+        let stored = stored && scratch.try_reserve_exact(n).is_ok();
         for l in range {
             let ln = lane(&batch, l);
+            if stored && ln.stride == 1 {
+                // SAFETY: the lane's n elements lie inside x, row l's n outputs are its own
+                // (in place: the same elements), and the scratch holds n float64.
+                let done = unsafe {
+                    let xr = (xp.ptr() as *const T).add(ln.start);
+                    let or = op.ptr().add(l * n);
+                    simd::softmax_stored(level, xr, or, n, scratch.as_mut_ptr(), stream)
+                };
+                if done {
+                    continue;
+                }
+            }
             // SAFETY: the lane lies inside x; its state is complete before any write.
             let state = unsafe { lane_state(level, xp.ptr() as *const T, ln, 0, n, alg) };
             write(l, 0, n, state);

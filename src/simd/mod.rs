@@ -327,6 +327,43 @@ pub(crate) unsafe fn exp_scaled<T: Real>(
     }
 }
 
+/// Rows up to this long may take the softmax with one exp per element
+/// ([`softmax_stored`]), whose float64 scratch of `8 n` bytes then stays in L2.
+pub const STORED_ROW: usize = 1 << 15;
+
+/// Softmax of `n` contiguous elements at `level` with one exp per element, keeping the exps
+/// in the float64 scratch `e` between the sum and the write (the outputs are those of the
+/// state pass followed by [`exp_scaled`], up to the sum's rounding). Returns `false`, with
+/// nothing written, for rows with a NaN or an infinity, and at the scalar level: the caller
+/// then takes the two-exp path.
+///
+/// # Safety
+/// `x` readable and `out` writable for `n` elements, disjoint or equal; `e` writable for `n`
+/// float64; `level` supported by this CPU.
+pub(crate) unsafe fn softmax_stored<T: Real>(
+    level: Level,
+    x: *const T,
+    out: *mut T,
+    n: usize,
+    e: *mut f64,
+    stream: bool,
+) -> bool {
+    struct K<T>(*const T, *mut T, usize, *mut f64, bool);
+    impl<T: Real> Kernel for K<T> {
+        type Out = bool;
+        #[inline(always)]
+        fn run<L: Lanes>(self, l: L) -> bool {
+            // SAFETY: the caller of softmax_stored guarantees the buffers.
+            unsafe { rows::softmax_stored(l, self.0, self.1, self.2, self.3, self.4) }
+        }
+        fn scalar(self) -> bool {
+            false
+        }
+    }
+    // SAFETY: forwarded from the caller.
+    unsafe { dispatch(level, K(x, out, n, e, stream)) }
+}
+
 /// `out[k] = (x[k] - shift) - log_total` for `k < n` at `level`; `out` may equal `x`.
 ///
 /// # Safety

@@ -14,17 +14,19 @@ use std::mem::MaybeUninit;
 /// count of those `== m` (`m` finite, `>=` every non-NaN element), fused with the max of the
 /// `qn` elements of the *next* block at `q`: the next block's DRAM loads are issued while this
 /// block's exps run from L1, so memory and arithmetic overlap instead of taking turns.
+/// With `STORE`, every element's `exp_nonpos(x - m)` is also written to `e` (float64).
 ///
 /// # Safety
-/// `n` readable elements at `p`, `qn` at `q`.
+/// `n` readable elements at `p`, `qn` at `q`; with `STORE`, `n` writable float64 at `e`.
 #[inline(always)]
-unsafe fn sum_below_max_next<L: Lanes, T: Real>(
+unsafe fn sum_below_max_next<L: Lanes, T: Real, const STORE: bool>(
     l: L,
     p: *const T,
     n: usize,
     m: f64,
     q: *const T,
     qn: usize,
+    e: *mut f64,
 ) -> (L::V, u64, f64) {
     let mv = l.splat(m);
     let mut acc = [l.splat(0.0); 2];
@@ -33,24 +35,34 @@ unsafe fn sum_below_max_next<L: Lanes, T: Real>(
     let (mut i, mut qi) = (0, 0);
     let w = L::N;
     // SAFETY: loads stay within the n elements at p and the qn at q; tail lanes are -inf
-    // (below the max, exp = 0; neutral for the max).
+    // (below the max, exp = 0; neutral for the max); stores stay within the n at e.
     unsafe {
         while i + 2 * w <= n {
             if qi + 2 * w <= qn {
                 mx = l.max_step(mx, q.add(qi));
                 qi += 2 * w;
             }
-            sum_step(l, l.load(p.add(i)), mv, &mut acc[0], &mut ties, T::FULL);
-            sum_step(l, l.load(p.add(i + w)), mv, &mut acc[1], &mut ties, T::FULL);
+            let e0 = sum_step(l, l.load(p.add(i)), mv, &mut acc[0], &mut ties, T::FULL);
+            let e1 = sum_step(l, l.load(p.add(i + w)), mv, &mut acc[1], &mut ties, T::FULL);
+            if STORE {
+                l.store(e.add(i), e0);
+                l.store(e.add(i + w), e1);
+            }
             i += 2 * w;
         }
         if i + w <= n {
-            sum_step(l, l.load(p.add(i)), mv, &mut acc[0], &mut ties, T::FULL);
+            let e0 = sum_step(l, l.load(p.add(i)), mv, &mut acc[0], &mut ties, T::FULL);
+            if STORE {
+                l.store(e.add(i), e0);
+            }
             i += w;
         }
         if i < n {
             let x = l.load_tail(p.add(i), n - i);
-            sum_step(l, x, mv, &mut acc[1], &mut ties, T::FULL);
+            let e1 = sum_step(l, x, mv, &mut acc[1], &mut ties, T::FULL);
+            if STORE {
+                l.store_tail(e.add(i), e1, n - i);
+            }
         }
     }
     let mut next_max = l.max_finish::<T>(mx);
@@ -68,14 +80,22 @@ unsafe fn sum_below_max_next<L: Lanes, T: Real>(
 }
 
 /// Adds `exp(x - m)` of the lanes below `m` to `acc` and counts the ties (popcount on the
-/// scalar ports, which the vector code leaves idle).
+/// scalar ports, which the vector code leaves idle); returns every lane's `exp_nonpos(x - m)`.
 #[inline(always)]
-fn sum_step<L: Lanes>(l: L, x: L::V, mv: L::V, acc: &mut L::V, ties: &mut u64, full: bool) {
+fn sum_step<L: Lanes>(
+    l: L,
+    x: L::V,
+    mv: L::V,
+    acc: &mut L::V,
+    ties: &mut u64,
+    full: bool,
+) -> L::V {
     let t = l.sub(x, mv);
     let e = l.exp_nonpos(t, full);
     let tie = l.eq(x, mv);
     *ties += l.count(tie);
     *acc = l.masked_add(*acc, l.summable(l.not(tie), t, full), e);
+    e
 }
 
 /// Two-pass `(max, excess)` of a contiguous row, blocked for L1: each block's max, then the
@@ -112,7 +132,9 @@ pub(crate) unsafe fn state_two_pass<L: Lanes, T: Real>(l: L, x: *const T, n: usi
                 m = bm;
             }
             // SAFETY: as above.
-            let (b, t, nm) = unsafe { sum_below_max_next(l, p, len, m, q, next_len) };
+            let (b, t, nm) = unsafe {
+                sum_below_max_next::<L, T, false>(l, p, len, m, q, next_len, std::ptr::null_mut())
+            };
             below = l.add(below, b);
             ties += t;
             next_max = nm;
@@ -128,6 +150,41 @@ pub(crate) unsafe fn state_two_pass<L: Lanes, T: Real>(l: L, x: *const T, n: usi
         bm = next_max;
     }
     finish_state(m, l.reduce_add(below), ties)
+}
+
+/// Softmax of a row that fits in cache with one exp per element: the row's max, then the
+/// exp-sum pass of [`state_two_pass`] keeping each `exp(x - max)` in float64 at `e`, then
+/// `out = e / S` from there. Each output is the float64 exp times `1 / S`, rounded once, as in
+/// the two-exp write ([`ExpScaled`]). Returns `false`, having written nothing, when the max or
+/// the sum is not finite (a NaN or an infinity in the row): the caller takes the reference.
+///
+/// # Safety
+/// `n` readable elements at `x`, `n` writable at `out` (disjoint from or equal to `x`), `n`
+/// writable float64 at `e`.
+#[inline(always)]
+pub(crate) unsafe fn softmax_stored<L: Lanes, T: Real>(
+    l: L,
+    x: *const T,
+    out: *mut T,
+    n: usize,
+    e: *mut f64,
+    stream: bool,
+) -> bool {
+    // SAFETY: forwarded from the caller; every e[k] is written by the sum before it is read.
+    unsafe {
+        let m = l.max_of(x, n);
+        if !m.is_finite() {
+            return false;
+        }
+        let (below, ties, _) = sum_below_max_next::<L, T, true>(l, x, n, m, x, 0, e);
+        let state = finish_state(m, l.reduce_add(below), ties);
+        if !state.max.is_finite() {
+            return false;
+        }
+        let scale = Scale(1.0 / state.total());
+        map_row(l, e as *const f64, out, n, stream, scale);
+    }
+    true
 }
 
 /// Per-lane online state: running max, sum of exp(x - max) over the elements below it, and
@@ -243,6 +300,20 @@ impl LaneMap for ExpScaled {
     }
 }
 
+/// `scale * x`.
+#[derive(Clone, Copy)]
+pub(crate) struct Scale(pub f64);
+
+impl LaneMap for Scale {
+    #[inline(always)]
+    fn apply<L: Lanes>(self, l: L, v: L::V) -> L::V {
+        l.mul(v, l.splat(self.0))
+    }
+    fn scalar(self, v: f64) -> f64 {
+        self.0 * v
+    }
+}
+
 /// `(x - shift) - log_total`.
 #[derive(Clone, Copy)]
 pub(crate) struct ShiftSub {
@@ -260,17 +331,17 @@ impl LaneMap for ShiftSub {
     }
 }
 
-/// Applies `f` to `N`-lane vectors of `x`, writing `out` (`out` may equal `x`: each vector
-/// is read before it is written). With `stream` (where the level streams), the aligned body
+/// Applies `f` to `N`-lane vectors of `x` (widened), writing `out` (rounded; `out` may equal
+/// `x`: each vector is read before it is written). With `stream` (where the level streams), the aligned body
 /// uses non-temporal stores: an output far larger than the caches then costs no
 /// read-for-ownership traffic.
 ///
 /// # Safety
 /// `n` readable elements at `x`, `n` writable at `out`, disjoint or equal.
 #[inline(always)]
-pub(crate) unsafe fn map_row<L: Lanes, T: Real>(
+pub(crate) unsafe fn map_row<L: Lanes, S: Real, T: Real>(
     l: L,
-    x: *const T,
+    x: *const S,
     out: *mut T,
     n: usize,
     stream: bool,
