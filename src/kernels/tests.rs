@@ -811,7 +811,9 @@ fn every_level_matches_scalar_on_short_row_states() {
 
 /// The float32 softmax of `row`, each element rounded once from float64 with `f64::exp`.
 fn exact_softmax_f32(row: &[f32]) -> Vec<f32> {
-    let m = row.iter().fold(f64::NEG_INFINITY, |a, &v| a.max(f64::from(v)));
+    let m = row
+        .iter()
+        .fold(f64::NEG_INFINITY, |a, &v| a.max(f64::from(v)));
     let e: Vec<f64> = row.iter().map(|&v| (f64::from(v) - m).exp()).collect();
     let s: f64 = e.iter().sum();
     e.iter().map(|&v| (v / s) as f32).collect()
@@ -881,7 +883,10 @@ fn softmax_with_stored_exps_is_within_one_ulp_at_every_level() {
             )
             .unwrap();
             assert!(
-                inplace.iter().zip(&got).all(|(a, b)| a.to_bits() == b.to_bits()),
+                inplace
+                    .iter()
+                    .zip(&got)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
                 "{level:?} {name}: in place differs"
             );
         }
@@ -898,8 +903,15 @@ fn softmax_with_stored_exps_has_the_two_exp_bits_on_one_block() {
             let row: Vec<f32> = (0..n).map(|_| rng.uniform(-30.0, 30.0) as f32).collect();
             let mut got = vec![0.0f32; n];
             let b = Batch::rows(1, n);
-            softmax_like_at(level, &row, b, Algorithm::TwoPass, Reduction::Softmax, &mut got)
-                .unwrap();
+            softmax_like_at(
+                level,
+                &row,
+                b,
+                Algorithm::TwoPass,
+                Reduction::Softmax,
+                &mut got,
+            )
+            .unwrap();
             let mut st = [LseState::EMPTY];
             lse_states_at(level, &row, b, Algorithm::TwoPass, &mut st).unwrap();
             let mut two = vec![0.0f32; n];
@@ -916,7 +928,9 @@ fn softmax_with_stored_exps_has_the_two_exp_bits_on_one_block() {
                 )
             };
             assert!(
-                got.iter().zip(&two).all(|(a, b)| a.to_bits() == b.to_bits()),
+                got.iter()
+                    .zip(&two)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
                 "{level:?} n={n}"
             );
         }

@@ -82,14 +82,7 @@ unsafe fn sum_below_max_next<L: Lanes, T: Real, const STORE: bool>(
 /// Adds `exp(x - m)` of the lanes below `m` to `acc` and counts the ties (popcount on the
 /// scalar ports, which the vector code leaves idle); returns every lane's `exp_nonpos(x - m)`.
 #[inline(always)]
-fn sum_step<L: Lanes>(
-    l: L,
-    x: L::V,
-    mv: L::V,
-    acc: &mut L::V,
-    ties: &mut u64,
-    full: bool,
-) -> L::V {
+fn sum_step<L: Lanes>(l: L, x: L::V, mv: L::V, acc: &mut L::V, ties: &mut u64, full: bool) -> L::V {
     let t = l.sub(x, mv);
     let e = l.exp_nonpos(t, full);
     let tie = l.eq(x, mv);
