@@ -14,19 +14,17 @@ use std::mem::MaybeUninit;
 /// count of those `== m` (`m` finite, `>=` every non-NaN element), fused with the max of the
 /// `qn` elements of the *next* block at `q`: the next block's DRAM loads are issued while this
 /// block's exps run from L1, so memory and arithmetic overlap instead of taking turns.
-/// With `STORE`, every element's `exp_nonpos(x - m)` is also written to `e` (float64).
 ///
 /// # Safety
-/// `n` readable elements at `p`, `qn` at `q`; with `STORE`, `n` writable float64 at `e`.
+/// `n` readable elements at `p`, `qn` at `q`.
 #[inline(always)]
-unsafe fn sum_below_max_next<L: Lanes, T: Real, const STORE: bool>(
+unsafe fn sum_below_max_next<L: Lanes, T: Real>(
     l: L,
     p: *const T,
     n: usize,
     m: f64,
     q: *const T,
     qn: usize,
-    e: *mut f64,
 ) -> (L::V, u64, f64) {
     let mv = l.splat(m);
     let mut acc = [l.splat(0.0); 2];
@@ -35,34 +33,24 @@ unsafe fn sum_below_max_next<L: Lanes, T: Real, const STORE: bool>(
     let (mut i, mut qi) = (0, 0);
     let w = L::N;
     // SAFETY: loads stay within the n elements at p and the qn at q; tail lanes are -inf
-    // (below the max, exp = 0; neutral for the max); stores stay within the n at e.
+    // (below the max, exp = 0; neutral for the max).
     unsafe {
         while i + 2 * w <= n {
             if qi + 2 * w <= qn {
                 mx = l.max_step(mx, q.add(qi));
                 qi += 2 * w;
             }
-            let e0 = sum_step(l, l.load(p.add(i)), mv, &mut acc[0], &mut ties, T::FULL);
-            let e1 = sum_step(l, l.load(p.add(i + w)), mv, &mut acc[1], &mut ties, T::FULL);
-            if STORE {
-                l.store(e.add(i), e0);
-                l.store(e.add(i + w), e1);
-            }
+            sum_step(l, l.load(p.add(i)), mv, &mut acc[0], &mut ties, T::FULL);
+            sum_step(l, l.load(p.add(i + w)), mv, &mut acc[1], &mut ties, T::FULL);
             i += 2 * w;
         }
         if i + w <= n {
-            let e0 = sum_step(l, l.load(p.add(i)), mv, &mut acc[0], &mut ties, T::FULL);
-            if STORE {
-                l.store(e.add(i), e0);
-            }
+            sum_step(l, l.load(p.add(i)), mv, &mut acc[0], &mut ties, T::FULL);
             i += w;
         }
         if i < n {
             let x = l.load_tail(p.add(i), n - i);
-            let e1 = sum_step(l, x, mv, &mut acc[1], &mut ties, T::FULL);
-            if STORE {
-                l.store_tail(e.add(i), e1, n - i);
-            }
+            sum_step(l, x, mv, &mut acc[1], &mut ties, T::FULL);
         }
     }
     let mut next_max = l.max_finish::<T>(mx);
@@ -125,9 +113,7 @@ pub(crate) unsafe fn state_two_pass<L: Lanes, T: Real>(l: L, x: *const T, n: usi
                 m = bm;
             }
             // SAFETY: as above.
-            let (b, t, nm) = unsafe {
-                sum_below_max_next::<L, T, false>(l, p, len, m, q, next_len, std::ptr::null_mut())
-            };
+            let (b, t, nm) = unsafe { sum_below_max_next(l, p, len, m, q, next_len) };
             below = l.add(below, b);
             ties += t;
             next_max = nm;
@@ -145,11 +131,14 @@ pub(crate) unsafe fn state_two_pass<L: Lanes, T: Real>(l: L, x: *const T, n: usi
     finish_state(m, l.reduce_add(below), ties)
 }
 
-/// Softmax of a row that fits in cache with one exp per element: the row's max, then the
-/// exp-sum pass of [`state_two_pass`] keeping each `exp(x - max)` in float64 at `e`, then
-/// `out = e / S` from there. Each output is the float64 exp times `1 / S`, rounded once, as in
-/// the two-exp write ([`ExpScaled`]). Returns `false`, having written nothing, when the max or
-/// the sum is not finite (a NaN or an infinity in the row): the caller takes the reference.
+/// Softmax of a row that fits in cache with one exp per element: the row's max, then one
+/// pass that stores each `exp(x - max)` in float64 at `e` and sums them, then `out = e / S`
+/// from there. Unlike the log-sum-exp states, the sum keeps no ties apart (only `S` is
+/// needed, not `S - 1`), and terms a float32-grade exp clamps (`<= exp(-708)`) stay in it:
+/// they change `S` by less than `n * 1e-307`. Each output is the float64 exp times `1 / S`,
+/// rounded once, as in the two-exp write ([`ExpScaled`]). Returns `false`, having written
+/// nothing, when the max or the sum is not finite (a NaN or an infinity in the row): the
+/// caller takes the reference.
 ///
 /// # Safety
 /// `n` readable elements at `x`, `n` writable at `out` (disjoint from or equal to `x`), `n`
@@ -169,15 +158,55 @@ pub(crate) unsafe fn softmax_stored<L: Lanes, T: Real>(
         if !m.is_finite() {
             return false;
         }
-        let (below, ties, _) = sum_below_max_next::<L, T, true>(l, x, n, m, x, 0, e);
-        let state = finish_state(m, l.reduce_add(below), ties);
-        if !state.max.is_finite() {
+        let total = sum_exp_store(l, x, n, m, e);
+        if !total.is_finite() {
             return false;
         }
-        let scale = Scale(1.0 / state.total());
-        map_row(l, e as *const f64, out, n, stream, scale);
+        map_row(l, e as *const f64, out, n, stream, Scale(1.0 / total));
     }
     true
+}
+
+/// `sum exp(x - m)` over the `n` elements at `x` (`m` finite, `>=` every non-NaN element; a
+/// NaN makes the sum NaN), storing each term at `e`.
+///
+/// # Safety
+/// `n` readable elements at `x`, `n` writable float64 at `e`.
+#[inline(always)]
+unsafe fn sum_exp_store<L: Lanes, T: Real>(
+    l: L,
+    x: *const T,
+    n: usize,
+    m: f64,
+    e: *mut f64,
+) -> f64 {
+    let mv = l.splat(m);
+    let mut acc = [l.splat(0.0); 2];
+    let (w, mut i) = (L::N, 0);
+    // SAFETY: loads and stores stay within the n elements; tail lanes are -inf (exp 0, or a
+    // clamped term under 1e-307) and are not stored.
+    unsafe {
+        while i + 2 * w <= n {
+            for (k, acc) in acc.iter_mut().enumerate() {
+                let v = l.exp_nonpos(l.sub(l.load(x.add(i + k * w)), mv), T::FULL);
+                l.store(e.add(i + k * w), v);
+                *acc = l.add(*acc, v);
+            }
+            i += 2 * w;
+        }
+        if i + w <= n {
+            let v = l.exp_nonpos(l.sub(l.load(x.add(i)), mv), T::FULL);
+            l.store(e.add(i), v);
+            acc[0] = l.add(acc[0], v);
+            i += w;
+        }
+        if i < n {
+            let v = l.exp_nonpos(l.sub(l.load_tail(x.add(i), n - i), mv), T::FULL);
+            l.store_tail(e.add(i), v, n - i);
+            acc[1] = l.add(acc[1], v);
+        }
+    }
+    l.reduce_add(l.add(acc[0], acc[1]))
 }
 
 /// Per-lane online state: running max, sum of exp(x - max) over the elements below it, and
