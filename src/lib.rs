@@ -126,6 +126,7 @@
 #[doc(hidden)]
 pub mod cuda;
 mod error;
+pub mod half;
 pub mod kernels;
 pub mod layout;
 pub mod parallel;

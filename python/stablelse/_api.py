@@ -54,11 +54,24 @@ def _gpu_module() -> Any:
     return cuda
 
 
-def _as_real_array(a: Any, name: str) -> tuple[np.ndarray, np.dtype]:
+def _is_bfloat16(dt: np.dtype) -> bool:
+    """Whether `dt` is a bfloat16 dtype (``ml_dtypes.bfloat16``), recognised by its name and
+    size, so that nothing is imported when no package providing it is installed."""
+    return dt.kind == "V" and dt.itemsize == 2 and dt.fields is None and dt.name == "bfloat16"
+
+
+def _is_half(dt: np.dtype) -> bool:
+    """Whether `dt` is float16 or bfloat16: computed in float32, returned in its own type."""
+    return (dt.kind == "f" and dt.itemsize == 2) or _is_bfloat16(dt)
+
+
+def _as_real_array(a: Any, name: str, half: bool = False) -> tuple[np.ndarray, np.dtype]:
     """``a`` as a native-endian float32/float64 array, and the dtype the result must have.
 
-    Integers and bools become float64 (as scipy's logsumexp); float16 is computed in float32 and
-    the result returned as float16; longdouble is computed in float64 (a documented deviation).
+    Integers and bools become float64 (as scipy's logsumexp); float16 and bfloat16 are computed
+    in float32 and the result returned in the input's type; longdouble is computed in float64
+    (a documented deviation). With `half`, float16 and bfloat16 arrays are returned as they are
+    (native byte order): the native reductions widen them block by block, with no copy.
     """
     if type(a) is np.ndarray:
         arr = a
@@ -75,10 +88,10 @@ def _as_real_array(a: Any, name: str) -> tuple[np.ndarray, np.dtype]:
         dt = arr.dtype
     if dt == np.float32 or dt == np.float64:
         return arr, dt
+    if _is_half(dt):
+        return (arr if half else arr.astype(np.float32)), dt
     kind = dt.kind
     if kind == "f":
-        if dt.itemsize == 2:
-            return arr.astype(np.float32), np.dtype(np.float16)
         return arr.astype(np.float64), dt.newbyteorder("=")
     if kind in "biu":
         return arr.astype(np.float64), np.dtype(np.float64)
@@ -91,7 +104,9 @@ def _weighted_result_dtype(a_dtype: np.dtype, b_dtype: np.dtype) -> np.dtype:
     """As scipy: the result type of the raw dtypes (so float32 ``a`` with bool or int8 weights
     stays float32), float64 when that is not floating."""
     rdtype = np.result_type(a_dtype, b_dtype)
-    return rdtype.newbyteorder("=") if rdtype.kind == "f" else np.dtype(np.float64)
+    if rdtype.kind == "f" or _is_bfloat16(rdtype):
+        return rdtype.newbyteorder("=")
+    return np.dtype(np.float64)
 
 
 def _check_algorithm(algorithm: str) -> None:
@@ -151,8 +166,10 @@ def logsumexp(
     Parameters
     ----------
     a : array_like
-        Input array. Integers and bools are promoted to float64; float16 is computed in
-        float32 and returned as float16. Complex `a` (or `b`) is supported as in scipy.
+        Input array. Integers and bools are promoted to float64; float16 and bfloat16
+        (``ml_dtypes.bfloat16``) are computed in float32 and returned in the input's type
+        (scipy's rule), each block of lanes widened as it is read, with no copy of `a` (with
+        `b`, `a` is converted once). Complex `a` (or `b`) is supported as in scipy.
     axis : None or int or tuple of ints, optional
         Axis or axes to reduce. ``None`` (default) reduces all axes.
     b : array_like, optional
@@ -184,6 +201,8 @@ def logsumexp(
     ``+inf`` gives ``+inf``; any NaN gives NaN. The sum is kept as ``1 + excess`` where the
     excess omits one maximal term, so ``logsumexp([0, -40])`` is ``4.25e-18`` rather than 0, and
     float32 inputs are summed in float64 and rounded once: results are within 1 ULP of exact.
+    float16 and bfloat16 results are the float32 results rounded to the input's type: within
+    0.5 ULP of that type plus 1 float32 ULP (1/8192 of a float16 ULP) of exact.
 
     Complex input: the imaginary part of the result lies in ``(-pi, pi]``; with
     `return_sign` the result is the real ``log|sum|`` and the sign the complex unit
@@ -218,7 +237,7 @@ def logsumexp(
     _check_algorithm(algorithm)
     if _complex.is_complex(a) or _complex.is_complex(b):
         return _complex.logsumexp(a, axis, b, keepdims, return_sign, out)
-    x, rdtype = _as_real_array(a, "a")
+    x, rdtype = _as_real_array(a, "a", half=b is None)
     bw: np.ndarray | None = None
     if b is not None:
         bw, _ = _as_real_array(b, "b")
@@ -289,7 +308,7 @@ def _softmax_like(
     _check_algorithm(algorithm)
     if _complex.is_complex(x_in):
         return _complex.softmax_like(x_in, axis, out, log)
-    x, rdtype = _as_real_array(x_in, "x")
+    x, rdtype = _as_real_array(x_in, "x", half=True)
     scalar = x.ndim == 0
     if scalar:
         x = x.reshape(1)
@@ -326,8 +345,10 @@ def softmax(
     Parameters
     ----------
     x : array_like
-        Input array. Integers and bools are promoted to float64; float16 is computed in float32
-        and returned as float16. Complex input is computed as scipy computes it.
+        Input array. Integers and bools are promoted to float64; float16 and bfloat16
+        (``ml_dtypes.bfloat16``) are computed in float32 block by block, with no copy of `x`,
+        and returned in the input's type (scipy's rule). Complex input is computed as scipy
+        computes it.
     axis : None or int or tuple of ints, optional
         Axis or axes to normalise over. ``None`` (default) uses the whole array.
     out : ndarray, optional
@@ -346,6 +367,8 @@ def softmax(
     -----
     As scipy, a slice containing ``+inf``, only ``-inf``, or a NaN gives NaN everywhere in that
     slice. Each output is ``exp(x - max) / S`` with ``S`` summed in float64 for float32 input.
+    float16 and bfloat16 outputs are the float32 ones rounded to the input's type (within 0.5
+    ULP of that type plus 1 float32 ULP of exact).
 
     Deviations from scipy: an empty input returns an empty result (scipy raises
     ``ValueError``); small integer types are promoted to float64 (scipy's NumPy ufuncs give

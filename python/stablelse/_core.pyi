@@ -15,8 +15,9 @@ _Arr = npt.NDArray[_Float]
 _F64 = npt.NDArray[np.float64]
 
 # Reductions (src/python/reductions.rs). `axes` is the normalised tuple of
-# stablelse._axes.normalize_axes; NotImplemented means "not a float32/float64 ndarray of one or
-# more dimensions" (the caller converts it first).
+# stablelse._axes.normalize_axes; NotImplemented means "not a float32/float64/float16/bfloat16
+# ndarray of one or more dimensions" (the caller converts it first). float16 and bfloat16 are
+# computed in float32 block by block and returned (and written to `out`) in their own dtype.
 def logsumexp(
     x: Any,
     axes: tuple[int, ...],
@@ -170,3 +171,13 @@ def segment_cross_entropy(
     mean: bool = True,
 ) -> tuple[float, int]: ...
 def masked_rows(x: _Arr, mask: npt.NDArray[np.bool_], out: _Arr, op: int) -> None: ...
+
+# float16 / bfloat16 conversions (src/python/half.rs), for the tests. `conversion`: "auto" (the
+# process's), or one of half_conversions()[0]: "portable", "f16c", "avx512".
+def half_conversions() -> tuple[list[str], str]: ...
+def half_to_float32(
+    bits: npt.NDArray[np.uint16], bfloat16: bool = False, conversion: str = "auto"
+) -> npt.NDArray[np.float32]: ...
+def float32_to_half(
+    x: npt.NDArray[np.float32], bfloat16: bool = False, conversion: str = "auto"
+) -> npt.NDArray[np.uint16]: ...

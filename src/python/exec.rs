@@ -8,7 +8,10 @@
 //! block's results are copied to the output through its own strides. Blocks are disjoint sets of lanes, so an
 //! output that *is* the input (in place, any view) is read before it is written, block by
 //! block. The per-lane arithmetic is the kernels' own, so every path gives the same values.
+//! Arrays of 16-bit floats ([`Stored`] types other than the compute type) always take the
+//! blocked path: the gather widens each block to float32 and the scatter rounds it back.
 
+use crate::half::{read_run, write_run, Stored};
 use crate::kernels::{self, scalar, Algorithm, Reduction, LONG_ROW_BLOCK};
 use crate::layout::Batch;
 use crate::parallel;
@@ -148,45 +151,54 @@ impl WorkView {
     pub unsafe fn gather<T: Copy>(&self, start: usize, dst: &mut [T]) {
         let mut at = 0usize;
         self.runs(start, dst.len(), |off, stride, len| {
-            for i in 0..len {
-                // SAFETY: the element lies inside the array (caller's contract); it may be
-                // unaligned (a view of a byte buffer).
-                unsafe {
-                    let p = self.base.offset(off + i as isize * stride) as *const T;
-                    *dst.get_unchecked_mut(at + i) = p.read_unaligned();
-                }
-            }
+            // SAFETY: the run lies inside the array (caller's contract); its elements may be
+            // unaligned (a view of a byte buffer).
+            unsafe { read_run(self.base.offset(off), stride, &mut dst[at..at + len]) };
             at += len;
         });
     }
 
-    /// Copies the work elements `start + i * step` into `dst[i]` (a lane across columns).
+    /// As [`WorkView::gather`] from an array of `S`, widened to its compute type.
     ///
     /// # Safety
-    /// As [`WorkView::gather`].
-    pub unsafe fn gather_step<T: Copy>(&self, start: usize, step: usize, dst: &mut [T]) {
+    /// The view describes a live array of `S` that covers those elements.
+    pub unsafe fn gather_as<S: Stored>(&self, start: usize, dst: &mut [S::Compute]) {
+        let mut at = 0usize;
+        self.runs(start, dst.len(), |off, stride, len| {
+            // SAFETY: as in gather.
+            unsafe { S::widen_run(self.base.offset(off), stride, &mut dst[at..at + len]) };
+            at += len;
+        });
+    }
+
+    /// Copies the work elements `start + i * step` of an array of `S` into `dst[i]` (a lane
+    /// across columns).
+    ///
+    /// # Safety
+    /// As [`WorkView::gather_as`].
+    pub unsafe fn gather_step<S: Stored>(&self, start: usize, step: usize, dst: &mut [S::Compute]) {
         if step == 1 {
             // SAFETY: forwarded.
-            return unsafe { self.gather(start, dst) };
+            return unsafe { self.gather_as::<S>(start, dst) };
         }
         for (i, d) in dst.iter_mut().enumerate() {
             // SAFETY: forwarded.
-            unsafe { self.gather(start + i * step, std::slice::from_mut(d)) };
+            unsafe { self.gather_as::<S>(start + i * step, std::slice::from_mut(d)) };
         }
     }
 
-    /// Copies `src[i]` into the work elements `start + i * step`.
+    /// Copies `src[i]` into the work elements `start + i * step` of an array of `S`.
     ///
     /// # Safety
-    /// As [`WorkView::scatter`].
-    pub unsafe fn scatter_step<T: Copy>(&self, start: usize, step: usize, src: &[T]) {
+    /// As [`WorkView::scatter_as`].
+    pub unsafe fn scatter_step<S: Stored>(&self, start: usize, step: usize, src: &[S::Compute]) {
         if step == 1 {
             // SAFETY: forwarded.
-            return unsafe { self.scatter(start, src) };
+            return unsafe { self.scatter_as::<S>(start, src) };
         }
         for (i, v) in src.iter().enumerate() {
             // SAFETY: forwarded.
-            unsafe { self.scatter(start + i * step, std::slice::from_ref(v)) };
+            unsafe { self.scatter_as::<S>(start + i * step, std::slice::from_ref(v)) };
         }
     }
 
@@ -197,13 +209,21 @@ impl WorkView {
     pub unsafe fn scatter<T: Copy>(&self, start: usize, src: &[T]) {
         let mut at = 0usize;
         self.runs(start, src.len(), |off, stride, len| {
-            for i in 0..len {
-                // SAFETY: as in gather.
-                unsafe {
-                    let p = self.base.offset(off + i as isize * stride) as *mut T;
-                    p.write_unaligned(*src.get_unchecked(at + i));
-                }
-            }
+            // SAFETY: as in gather.
+            unsafe { write_run(&src[at..at + len], self.base.offset(off), stride) };
+            at += len;
+        });
+    }
+
+    /// As [`WorkView::scatter`] into an array of `S`, rounded from its compute type.
+    ///
+    /// # Safety
+    /// As [`WorkView::scatter`], for an array of `S`.
+    pub unsafe fn scatter_as<S: Stored>(&self, start: usize, src: &[S::Compute]) {
+        let mut at = 0usize;
+        self.runs(start, src.len(), |off, stride, len| {
+            // SAFETY: as in gather.
+            unsafe { S::narrow_run(&src[at..at + len], self.base.offset(off), stride) };
             at += len;
         });
     }
@@ -369,12 +389,13 @@ unsafe fn slice_mut_of<'a, T>(raw: &Raw, batch: &Batch) -> Result<&'a mut [T], E
 }
 
 /// Softmax or log_softmax of `x` (planned by `p`) into `out` (same shape; `out` may be `x`
-/// itself, or share no element with it).
+/// itself, or share no element with it). Arrays of a 16-bit `S` are computed in `T` block by
+/// block (the kernels never read them where they are; in place works as for any blocked plan).
 ///
 /// # Safety
-/// `x` and `out` describe live arrays of `T` of the planned shape; `out` is writeable; they
+/// `x` and `out` describe live arrays of `S` of the planned shape; `out` is writeable; they
 /// are the same view or share no element.
-pub(crate) unsafe fn softmax<T: Real>(
+pub(crate) unsafe fn softmax<S: Stored<Compute = T>, T: Real>(
     p: &Plan,
     x: &Raw,
     out: &Raw,
@@ -386,8 +407,8 @@ pub(crate) unsafe fn softmax<T: Real>(
     }
     let inplace = x.same_view(out);
     let xb = match p.access {
-        crate::plan::Access::Direct(b) => Some(b),
-        crate::plan::Access::Gather => None,
+        crate::plan::Access::Direct(b) if S::NATIVE => Some(b),
+        _ => None,
     };
     let ob = p.dense_out(out.layout());
     if let (Some(xb), Some(ob)) = (xb, ob) {
@@ -430,7 +451,7 @@ pub(crate) unsafe fn softmax<T: Real>(
     let xv = WorkView::new(x, p.perm.iter().copied());
     let ov = WorkView::new(out, p.perm.iter().copied());
     if blocks.long_lanes() {
-        return for_each_long_lane::<T>(
+        return for_each_long_lane::<S, T>(
             &blocks,
             2 * LONG_ROW_BLOCK,
             &xv,
@@ -442,10 +463,10 @@ pub(crate) unsafe fn softmax<T: Real>(
                     let len = LONG_ROW_BLOCK.min(blocks.n - k);
                     let at = start + k * blocks.inner;
                     // SAFETY: the views cover the planned shape; the lane is this task's own.
-                    unsafe { xv.gather_step(at, blocks.inner, &mut xs[..len]) };
+                    unsafe { xv.gather_step::<S>(at, blocks.inner, &mut xs[..len]) };
                     write_chunk(&xs[..len], &mut os[..len], state, what);
                     // SAFETY: as above; out is writeable.
-                    unsafe { ov.scatter_step(at, blocks.inner, &os[..len]) };
+                    unsafe { ov.scatter_step::<S>(at, blocks.inner, &os[..len]) };
                     k += len;
                 }
             },
@@ -461,12 +482,12 @@ pub(crate) unsafe fn softmax<T: Real>(
             let buf = &mut scratch[..batch.elements()];
             // SAFETY: the views cover the planned shape; this block's elements are its own.
             blocks.element_runs(o0, j0, &batch, |w, d, len| unsafe {
-                xv.gather(w, &mut buf[d..d + len])
+                xv.gather_as::<S>(w, &mut buf[d..d + len])
             });
             kernels::softmax_like_inplace(buf, batch, alg, what)?;
             // SAFETY: as above; out is writeable.
             blocks.element_runs(o0, j0, &batch, |w, d, len| unsafe {
-                ov.scatter(w, &buf[d..d + len])
+                ov.scatter_as::<S>(w, &buf[d..d + len])
             });
             Ok(())
         },
@@ -486,8 +507,9 @@ pub(crate) enum LaneOut<'a> {
 /// kept axis of the work order), and share no element with `x`.
 ///
 /// # Safety
-/// `x` and the outputs describe live arrays of the planned shapes; outputs are writeable.
-pub(crate) unsafe fn reduce<T: Real>(
+/// `x` and the outputs describe live arrays of the planned shapes (`x` and a `Logsumexp`
+/// output of `S`, computed in `T`; states in float64); outputs are writeable.
+pub(crate) unsafe fn reduce<S: Stored<Compute = T>, T: Real>(
     p: &Plan,
     x: &Raw,
     out_axes: &[usize],
@@ -499,8 +521,8 @@ pub(crate) unsafe fn reduce<T: Real>(
         return Ok(());
     }
     let xb = match p.access {
-        crate::plan::Access::Direct(b) => Some(b),
-        crate::plan::Access::Gather => None,
+        crate::plan::Access::Direct(b) if S::NATIVE => Some(b),
+        _ => None,
     };
     let view = |r: &Raw| WorkView::new(r, out_axes.iter().copied());
     // The output is dense C in the work order when its axes, taken in that order, step by
@@ -530,7 +552,7 @@ pub(crate) unsafe fn reduce<T: Real>(
             let blocks = Blocks::new(p);
             let xv = WorkView::new(x, p.perm.iter().copied());
             if blocks.long_lanes() {
-                return for_each_long_lane::<T>(
+                return for_each_long_lane::<S, T>(
                     &blocks,
                     LONG_ROW_BLOCK,
                     &xv,
@@ -538,7 +560,7 @@ pub(crate) unsafe fn reduce<T: Real>(
                     |start, _, state| {
                         let v = [T::from_f64(state.logsumexp())];
                         // SAFETY: out covers the kept shape and is writeable.
-                        unsafe { ov.scatter(lane_of(&blocks, start), &v) };
+                        unsafe { ov.scatter_as::<S>(lane_of(&blocks, start), &v) };
                     },
                 );
             }
@@ -555,12 +577,12 @@ pub(crate) unsafe fn reduce<T: Real>(
                     let res = &mut res[..batch.count()];
                     // SAFETY: the view covers the planned shape.
                     blocks.element_runs(o0, j0, &batch, |w, d, len| unsafe {
-                        xv.gather(w, &mut buf[d..d + len])
+                        xv.gather_as::<S>(w, &mut buf[d..d + len])
                     });
                     kernels::logsumexp(buf, batch, alg, res)?;
                     let (start, _) = blocks.result_run(o0, j0, &batch);
                     // SAFETY: out covers the kept shape and is writeable.
-                    unsafe { ov.scatter(start, res) };
+                    unsafe { ov.scatter_as::<S>(start, res) };
                     Ok(())
                 },
             )
@@ -593,7 +615,7 @@ pub(crate) unsafe fn reduce<T: Real>(
                 return Ok(());
             }
             if blocks.long_lanes() {
-                return for_each_long_lane::<T>(
+                return for_each_long_lane::<S, T>(
                     &blocks,
                     LONG_ROW_BLOCK,
                     &xv,
@@ -616,7 +638,7 @@ pub(crate) unsafe fn reduce<T: Real>(
                     let states = &mut states[..batch.count()];
                     // SAFETY: the view covers the planned shape.
                     blocks.element_runs(o0, j0, &batch, |w, d, len| unsafe {
-                        xv.gather(w, &mut buf[d..d + len])
+                        xv.gather_as::<S>(w, &mut buf[d..d + len])
                     });
                     kernels::lse_states(buf, batch, alg, states)?;
                     let (start, _) = blocks.result_run(o0, j0, &batch);
@@ -632,7 +654,7 @@ pub(crate) unsafe fn reduce<T: Real>(
 /// Lanes longer than a block, each streamed twice through a block-sized buffer: its state
 /// from the states of its chunks (the kernels' merge rule), then `f(first work index, buffer,
 /// state)`. Lanes run in parallel, each task with its own buffer of `scratch` elements.
-fn for_each_long_lane<T: Real>(
+fn for_each_long_lane<S: Stored<Compute = T>, T: Real>(
     blocks: &Blocks,
     scratch: usize,
     xv: &WorkView,
@@ -657,7 +679,7 @@ fn for_each_long_lane<T: Real>(
                 let len = LONG_ROW_BLOCK.min(blocks.n - k);
                 let chunk = &mut buf[..len];
                 // SAFETY: the view covers the planned shape.
-                unsafe { xv.gather_step(start + k * blocks.inner, blocks.inner, chunk) };
+                unsafe { xv.gather_step::<S>(start + k * blocks.inner, blocks.inner, chunk) };
                 state = state.merge(kernels::row_state(chunk, alg));
                 k += len;
             }

@@ -16,6 +16,7 @@ mod cuda;
 mod env;
 mod errors;
 mod exec;
+mod half;
 mod losses;
 mod plan;
 mod probe;
@@ -27,6 +28,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     initialise_lazy_state(m.py())?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     reductions::register(m)?;
+    half::register(m)?;
     complex::register(m)?;
     losses::register(m)?;
     blocks::register(m)?;
@@ -48,6 +50,7 @@ fn initialise_lazy_state(py: Python<'_>) -> PyResult<()> {
     let _ = numpy::PyArray1::<f64>::zeros(py, 0, false);
     let _ = crate::simd::level();
     let _ = crate::simd::available_levels();
+    let _ = crate::half::conversion();
     let _ = crate::parallel::thread_env_problem();
     Ok(())
 }

@@ -13,6 +13,8 @@ use pyo3::types::{PyString, PyTuple};
 
 use super::array::{check_out, copy_values, shares_memory, try_empty, Raw, MAX_DIMS};
 use super::exec::{self, ExecError, LaneOut};
+use super::half::as_bf16;
+use crate::half::{Stored, F16};
 use crate::kernels::{self, Algorithm, Reduction};
 use crate::layout::Batch;
 use crate::plan::{self, Access, Plan};
@@ -155,7 +157,7 @@ fn result_shape(shape: &[usize], axes: &[usize], keepdims: bool) -> ([usize; MAX
     (out, k)
 }
 
-fn lse_typed<'py, T: Real + Element>(
+fn lse_typed<'py, T: Stored + Element>(
     py: Python<'py>,
     x: &Bound<'py, PyArrayDyn<T>>,
     axes: &[usize],
@@ -186,7 +188,7 @@ fn lse_typed<'py, T: Real + Element>(
         let kept = ndim - axes.len();
         // SAFETY: x and out are live for the call, out writeable and disjoint from x.
         exec::detach_unless_small(py, raw.size(), || unsafe {
-            exec::reduce::<T>(&p, &raw, &out_axes[..kept], LaneOut::Logsumexp(&oraw), alg)
+            exec::reduce::<T, _>(&p, &raw, &out_axes[..kept], LaneOut::Logsumexp(&oraw), alg)
         })
         .map_err(exec_error)?;
         return scalarize(oarr.into_any(), k);
@@ -218,7 +220,7 @@ fn lse_typed<'py, T: Real + Element>(
     let out_axes = &out_axes[..nk];
     // SAFETY: x and res are live for the call; res is new, dense and writeable.
     exec::detach_unless_small(py, raw.size(), || unsafe {
-        exec::reduce::<T>(&p, &raw, out_axes, LaneOut::Logsumexp(&rraw), alg)
+        exec::reduce::<T, _>(&p, &raw, out_axes, LaneOut::Logsumexp(&rraw), alg)
     })
     .map_err(exec_error)?;
     if sorted {
@@ -260,6 +262,14 @@ fn logsumexp<'py>(
     } else if let Ok(x) = x.cast::<PyArrayDyn<f64>>() {
         if x.ndim() > 0 {
             return lse_typed(py, x, &ax[..na], keepdims, alg, out);
+        }
+    } else if let Ok(x) = x.cast::<PyArrayDyn<F16>>() {
+        if x.ndim() > 0 {
+            return lse_typed(py, x, &ax[..na], keepdims, alg, out);
+        }
+    } else if let Some(x) = as_bf16(x) {
+        if x.ndim() > 0 {
+            return lse_typed(py, &x, &ax[..na], keepdims, alg, out);
         }
     }
     Ok(py.NotImplemented().into_bound(py))
@@ -315,7 +325,7 @@ fn logsumexp_weighted<'py>(
     }
 }
 
-fn softmax_typed<'py, T: Real + Element>(
+fn softmax_typed<'py, T: Stored + Element>(
     py: Python<'py>,
     x: &Bound<'py, PyArrayDyn<T>>,
     axes: &[usize],
@@ -334,7 +344,7 @@ fn softmax_typed<'py, T: Real + Element>(
         }
         // SAFETY: x and out are live for the call; out is writeable and is x or disjoint.
         exec::detach_unless_small(py, raw.size(), || unsafe {
-            exec::softmax::<T>(&p, &raw, &oraw, alg, what)
+            exec::softmax::<T, _>(&p, &raw, &oraw, alg, what)
         })
         .map_err(exec_error)?;
         return Ok(oarr.into_any());
@@ -348,7 +358,7 @@ fn softmax_typed<'py, T: Real + Element>(
     let rraw = unpermute(&Raw::of(&res)?, &p.perm);
     // SAFETY: x and res are live; res is new, writeable and disjoint from x.
     exec::detach_unless_small(py, raw.size(), || unsafe {
-        exec::softmax::<T>(&p, &raw, &rraw, alg, what)
+        exec::softmax::<T, _>(&p, &raw, &rraw, alg, what)
     })
     .map_err(exec_error)?;
     let mut inv = [0usize; MAX_DIMS];
@@ -387,11 +397,19 @@ fn softmax<'py>(
         if x.ndim() > 0 {
             return softmax_typed(py, x, &ax[..na], what, alg, out);
         }
+    } else if let Ok(x) = x.cast::<PyArrayDyn<F16>>() {
+        if x.ndim() > 0 {
+            return softmax_typed(py, x, &ax[..na], what, alg, out);
+        }
+    } else if let Some(x) = as_bf16(x) {
+        if x.ndim() > 0 {
+            return softmax_typed(py, &x, &ax[..na], what, alg, out);
+        }
     }
     Ok(py.NotImplemented().into_bound(py))
 }
 
-fn states_typed<'py, T: Real + Element>(
+fn states_typed<'py, T: Stored + Element>(
     py: Python<'py>,
     x: &Bound<'py, PyArrayDyn<T>>,
     axes: &[usize],
@@ -416,8 +434,10 @@ fn states_typed<'py, T: Real + Element>(
         .map(|a| (0..a).filter(|b| !axes.contains(b)).count())
         .collect();
     // SAFETY: x and the new outputs are live for the call.
-    py.detach(|| unsafe { exec::reduce::<T>(&p, &raw, &out_axes, LaneOut::States(&rm, &re), alg) })
-        .map_err(exec_error)?;
+    py.detach(|| unsafe {
+        exec::reduce::<T, _>(&p, &raw, &out_axes, LaneOut::States(&rm, &re), alg)
+    })
+    .map_err(exec_error)?;
     PyTuple::new(py, [mx.into_any(), ex.into_any()])
 }
 
@@ -438,8 +458,14 @@ fn lse_states<'py>(
         states_typed(py, x, &ax[..na], alg)
     } else if let Ok(x) = x.cast::<PyArrayDyn<f64>>() {
         states_typed(py, x, &ax[..na], alg)
+    } else if let Ok(x) = x.cast::<PyArrayDyn<F16>>() {
+        states_typed(py, x, &ax[..na], alg)
+    } else if let Some(x) = as_bf16(x) {
+        states_typed(py, &x, &ax[..na], alg)
     } else {
-        Err(PyTypeError::new_err("x must be a float32 or float64 array"))
+        Err(PyTypeError::new_err(
+            "x must be a float32, float64, float16 or bfloat16 array",
+        ))
     }
 }
 
