@@ -1,17 +1,21 @@
-"""Time segment_logsumexp / segment_softmax against the NumPy and JAX compositions, one run.
+"""Time segment_logsumexp / segment_softmax against NumPy, torch and JAX compositions, one run.
 
     python scripts/bench_segments.py [--log2n 24] [--max-len 64] [--repeat 5] [--threads 2]
+                                     [--peer-python /path/to/python]
 
 Data: 2**log2n float32 values in random segments of length 1..max-len (about 2**19 segments
 for the defaults). "sorted" hands the segments as sorted ids (NumPy: ``np.maximum.reduceat``
 and ``np.add.reduceat`` at the segment starts; stablelse: ``sorted=True``; CSR offsets are
 timed too); "unsorted" shuffles the values and their ids (NumPy: ``np.maximum.at`` and
-``np.add.at``; JAX: ``segment_max`` + gather + ``segment_sum`` under jit). Each peer computes
-in float32 as a user would write it. The read bandwidth of the machine (stablelse's native
-probe, same threads) is measured in the same run: effective GB/s = bytes the op must read
-(values + ids, + the output written for softmax) / best time. Only ratios from one run count.
-The "where=" rows time the masked rows kernel (a 90% mask, rows of max-len) and the unmasked op
-on the same rows; their ratio column is the masked time over the row's time.
+``np.add.at``; JAX: ``segment_max`` + gather + ``segment_sum`` under jit; torch:
+``scatter_reduce("amax")`` + gather + ``index_add_``, and ``torch.segment_reduce`` for sorted
+segments). Each peer computes in float32 as a user would write it. torch is timed in this
+process when importable, else by the interpreter given as ``--peer-python`` (one with torch),
+run from here on the same data with the same threads, between the other timings. The read
+bandwidth of the machine (stablelse's native probe, same threads) is measured in the same run:
+effective GB/s = bytes the op must read (values + ids, + the output written for softmax) /
+best time. Only ratios from one run count.
+where= is timed by scripts/bench_where.py.
 """
 
 from __future__ import annotations
@@ -19,12 +23,13 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
+import subprocess
+import sys
+import tempfile
 import time
 
 import numpy as np
-
-import stablelse
-from stablelse import _core
 
 
 def best(fn, repeat):
@@ -55,6 +60,56 @@ def numpy_unsorted(x, ids, count, softmax):
     if softmax:
         return e / s[ids]
     return m + np.log(s)
+
+
+def torch_fns():
+    try:
+        import torch  # noqa: PLC0415
+    except ImportError:
+        return None
+
+    def scatter(x, ids, count, softmax):
+        m = torch.full((count,), -torch.inf, dtype=x.dtype).scatter_reduce(
+            0, ids, x, "amax", include_self=True
+        )
+        e = torch.exp(x - m[ids])
+        s = torch.zeros(count, dtype=x.dtype).index_add_(0, ids, e)
+        return e / s[ids] if softmax else m + torch.log(s)
+
+    def segment(x, ids, offsets, softmax):
+        m = torch.segment_reduce(x, "max", offsets=offsets)
+        e = torch.exp(x - m[ids])
+        s = torch.segment_reduce(e, "sum", offsets=offsets)
+        return e / s[ids] if softmax else m + torch.log(s)
+
+    return torch, scatter, segment
+
+
+def torch_rows(data, repeat, threads):
+    """[(case, op, impl, seconds)] of the torch compositions on `data` (the bench's arrays)."""
+    fns = torch_fns()
+    if fns is None:
+        return []
+    torch, scatter, segment = fns
+    torch.set_num_threads(threads)
+    count = int(data["count"])
+    offsets = torch.from_numpy(data["offsets"])
+    out = []
+    for case, xk, ik in (("sorted", "x", "ids"), ("unsorted", "xu", "idsu")):
+        xx, ii = torch.from_numpy(data[xk]), torch.from_numpy(data[ik])
+        for op, softmax in (("logsumexp", False), ("softmax", True)):
+            t = best(functools.partial(scatter, xx, ii, count, softmax), repeat)
+            out.append((case, op, "torch scatter", t))
+            if case == "sorted":
+                t = best(functools.partial(segment, xx, ii, offsets, softmax), repeat)
+                out.append((case, op, "torch segment_reduce", t))
+    return out
+
+
+def torch_worker(path, repeat, threads):
+    with np.load(path) as data:
+        rows = torch_rows(dict(data), repeat, threads)
+    json.dump(rows, sys.stdout)
 
 
 def run_jax(f, x, ids):
@@ -90,7 +145,18 @@ def main():
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--no-jax", action="store_true")
     ap.add_argument("--json", help="also write the table as JSON here")
+    ap.add_argument(
+        "--peer-python", help="an interpreter with torch, used when torch is not importable here"
+    )
+    ap.add_argument("--torch-worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.torch_worker:
+        torch_worker(args.torch_worker, args.repeat, args.threads or 1)
+        return
+
+    import stablelse  # noqa: PLC0415
+    from stablelse import _core  # noqa: PLC0415
+
     if args.threads:
         stablelse.set_num_threads(args.threads)
     threads = stablelse.get_num_threads()
@@ -171,40 +237,37 @@ def main():
                     nbytes,
                 )
 
-    # where=: the masked rows kernel against the unmasked op, rows of max_len, same data.
-    xr = x[: (n // args.max_len) * args.max_len].reshape(-1, args.max_len)
-    mask = rng.random(xr.shape) < 0.9
-    for op, code in (("logsumexp", 0), ("softmax", 1)):
-        out = np.empty(xr.shape[0] if code == 0 else xr.shape, xr.dtype)
-        plain = stablelse.logsumexp if code == 0 else stablelse.softmax
-        nbytes = xr.size * (5 + (4 if code else 0))
-        masked = functools.partial(_core.masked_rows, xr, mask, out, code)
-        add("where=", op, "stablelse masked", best(masked, args.repeat), nbytes)
-        add(
-            "where=",
-            op,
-            "stablelse unmasked",
-            best(functools.partial(plain, xr, axis=1), args.repeat),
-            nbytes,
-        )
+    data = {"x": x, "ids": ids, "xu": xu, "idsu": idsu, "offsets": offsets, "count": count}
+    if torch_fns() is not None:
+        trows = torch_rows(data, args.repeat, threads)
+    elif args.peer_python:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "data.npz")
+            np.savez(path, **data)
+            cmd = [args.peer_python, __file__, "--torch-worker", path]
+            cmd += ["--repeat", str(args.repeat), "--threads", str(threads)]
+            trows = json.loads(subprocess.run(cmd, check=True, capture_output=True).stdout)
+    else:
+        trows = []
+    for case, op, impl, seconds in trows:
+        softmax = op == "softmax"
+        add(case, op, impl, seconds, in_bytes + (4 * n if softmax else 4 * count))
+
 
     print(
         f"stablelse {stablelse.__version__}, simd {_core.simd_level()}, threads {threads}; "
         f"n = 2^{args.log2n} float32 in {count} segments of 1..{args.max_len}; "
         f"read bandwidth {read_gbs:.1f} GB/s (native probe, 256 MiB)"
     )
-    print(f"{'case':9} {'op':10} {'impl':20} {'ms':>9} {'GB/s':>7} {'x vs best peer':>15}")
-    for case in ("sorted", "unsorted", "where="):
+    print(f"{'case':9} {'op':10} {'impl':22} {'ms':>9} {'GB/s':>7} {'x vs best peer':>15}")
+    for case in ("sorted", "unsorted"):
         for op in ("logsumexp", "softmax"):
             group = [r for r in rows if r["case"] == case and r["op"] == op]
             peers = [r["ms"] for r in group if not r["impl"].startswith("stablelse")]
-            if case == "where=":
-                # The ratio column is then the masked op's time over this row's.
-                peers = [r["ms"] for r in group if r["impl"] == "stablelse masked"]
             for r in group:
                 ratio = min(peers) / r["ms"] if peers else float("nan")
                 print(
-                    f"{case:9} {op:10} {r['impl']:20} {r['ms']:9.2f} {r['GB/s']:7.2f} {ratio:15.2f}"
+                    f"{case:9} {op:10} {r['impl']:22} {r['ms']:9.2f} {r['GB/s']:7.2f} {ratio:15.2f}"
                 )
     if args.json:
         with open(args.json, "w") as f:

@@ -362,95 +362,185 @@ def test_unsorted_ids_equal_the_stably_sorted_offsets_bitwise(data, seed):
         np.testing.assert_array_equal(got.view(np.uint8), want.view(np.uint8))
 
 
-# ------------------------------------------------------------------ where= (masked rows kernel)
+def _bits(a):
+    a = np.ascontiguousarray(a)
+    return a.view(np.uint32 if a.dtype == np.float32 else np.uint64)
 
 
-def masked_oracle(x, mask):
-    """JAX's where= semantics from scipy on the kept elements of each row."""
-    x64 = x.astype(np.float64)
-    lse = np.full(x.shape[0], -np.inf)
-    sm = np.zeros_like(x64)
-    ls = np.full_like(x64, -np.inf)
-    for r in range(x.shape[0]):
-        kept = x64[r][mask[r]]
-        if kept.size:
-            lse[r] = sp.logsumexp(kept)
-            with np.errstate(all="ignore"):
-                sm[r][mask[r]] = sp.softmax(kept)
-                ls[r][mask[r]] = sp.log_softmax(kept)
-    return lse, sm, ls
-
-
-def masked_run(x, mask):
-    from stablelse import _core
-
-    lse = np.empty(x.shape[0], x.dtype)
-    sm, ls = np.empty_like(x), np.empty_like(x)
-    _core.masked_rows(x, mask, lse, 0)
-    _core.masked_rows(x, mask, sm, 1)
-    _core.masked_rows(x, mask, ls, 2)
-    return lse, sm, ls
-
-
-@settings(max_examples=100, deadline=None)
-@given(
-    data=ragged(max_segments=1, max_len=40),
-    rows=st.integers(1, 5),
-    seed=st.integers(0, 2**32 - 1),
-)
-def test_masked_rows_follow_jax_where_semantics(data, rows, seed):
-    x1, _ = data
+@settings(max_examples=80, deadline=None)
+@given(data=ragged(), seed=st.integers(0, 2**32 - 1), cols=st.integers(1, 3))
+def test_out_receives_the_plain_result_bitwise_in_place_and_in_any_layout(data, seed, cols):
+    # Catches an in-place write that lands before its segment's state is final, an `out`
+    # view mapped to the wrong positions, and the copy path (non-contiguous out) not written.
+    x1, offsets = data
     rng = np.random.default_rng(seed)
-    n = max(x1.size, 1)
-    x = np.resize(np.append(x1, 0.0).astype(x1.dtype), rows * n).reshape(rows, n)
-    x = x[:, rng.permutation(n)].copy()
-    mask = rng.random((rows, n)) < rng.random()
-    mask[0] = False  # a fully masked row every time
-    got = masked_run(x, mask)
-    want = masked_oracle(x, mask)
-    scale = np.abs(x.astype(np.float64))
-    lse_scale = np.where(np.isfinite(want[0]), np.abs(want[0]), 0)
-    ls_scale = (
-        np.where(np.isfinite(scale), scale, 0)
-        + np.where(np.isfinite(want[0]), np.abs(want[0]), 0)[:, None]
-    )
-    assert_close(got[0], want[0], lse_scale, x.dtype)
-    with np.errstate(all="ignore"):
-        assert_close(got[1], want[1], np.nan_to_num(want[1] * ls_scale), x.dtype)
-    assert_close(got[2], want[2], ls_scale, x.dtype)
-    assert (got[1][~mask] == 0).all() and (got[2][~mask] == -np.inf).all()
-    assert got[0][0] == -np.inf
+    x = (x1[:, None] + rng.integers(-3, 4, (x1.size, cols))).astype(x1.dtype)
+    for name, _, kw, perm in forms(x1, offsets, rng):
+        xx = x if perm is None else x[perm]
+        for f in (segment_softmax, segment_log_softmax):
+            with np.errstate(all="ignore"):
+                want = f(xx, **kw)
+                fresh = np.empty_like(xx)
+                assert f(xx, **kw, out=fresh) is fresh
+                np.testing.assert_array_equal(_bits(fresh), _bits(want), err_msg=name)
+                strided = np.empty((xx.shape[0], 2 * cols), xx.dtype)[:, ::2]
+                f(xx, **kw, out=strided)
+                np.testing.assert_array_equal(_bits(strided), _bits(want), err_msg=name)
+                buf = xx.copy()
+                assert f(buf, **kw, out=buf) is buf
+                np.testing.assert_array_equal(_bits(buf), _bits(want), err_msg=name)
+                # Segments along axis 1 of the transpose: x's block is a copy, out=x still works.
+                t = np.asfortranarray(xx).T
+                assert f(t, **kw, axis=1, out=t) is t
+                np.testing.assert_array_equal(_bits(t.T), _bits(want), err_msg=name)
+        want = segment_logsumexp(xx, **kw)
+        for out in (np.empty_like(want), np.empty_like(want, order="F")[..., :]):
+            assert segment_logsumexp(xx, **kw, out=out) is out
+            np.testing.assert_array_equal(_bits(out), _bits(want), err_msg=name)
+        out = np.empty(want.T.shape, want.dtype)
+        segment_logsumexp(np.ascontiguousarray(xx.T), **kw, axis=1, out=out)
+        np.testing.assert_array_equal(_bits(out), _bits(want.T), err_msg=name)
 
 
-def test_masked_rows_equal_jax():
-    jax = pytest.importorskip("jax")
-    x64 = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
+def test_out_errors_name_out():
+    x = np.linspace(-3, 3, 12)
+    ids = np.array([0, 1, 2] * 4)
+    with pytest.raises(ValueError, match=r"out has shape \(4,\), expected \(3,\)"):
+        segment_logsumexp(x, ids, 3, out=np.empty(4))
+    with pytest.raises(TypeError, match="out has dtype float32, expected float64"):
+        segment_softmax(x, ids, 3, out=np.empty(12, np.float32))
+    with pytest.raises(TypeError, match="out must be a numpy.ndarray"):
+        segment_log_softmax(x, ids, 3, out=[0.0] * 12)
+    ro = np.empty(12)
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match="out is read-only"):
+        segment_softmax(x, ids, 3, out=ro)
+    # Overlap is decided by element: a reversed x, or a logsumexp out inside x, is refused
+    # before anything is written; an out in the gaps of a strided x is accepted.
+    y = x.copy()
+    for out, f in ((y[::-1], segment_softmax), (y[:3], segment_logsumexp)):
+        with pytest.raises(ValueError, match="overlaps the input x"):
+            f(y, ids, 3, out=out)
+        np.testing.assert_array_equal(y, x)
+    both = np.empty(24)
+    both[::2] = x
+    segment_softmax(both[::2], ids, 3, out=both[1::2])
+    np.testing.assert_array_equal(both[1::2], segment_softmax(x, ids, 3))
+    # Through the native layer directly: a partial overlap of a dense block.
+    z = np.linspace(0, 1, 13).reshape(13, 1)
+    with pytest.raises(ValueError, match="overlaps"):
+        stablelse._core.segment_softmax(z[:12], z[1:], offsets=np.array([0, 12]))
+
+
+def test_grad_out_is_the_returned_gradient():
+    # Catches a grad_out that is checked but not written, or written in a different dtype.
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal(50).astype(np.float32)
+    ids = rng.integers(0, 6, 50)
+    target = np.zeros(6, dtype=np.int64)
+    loss, want = segment_cross_entropy(x, ids, target, return_grad=True)
+    for g in (np.full(50, np.nan, np.float32), np.full(100, np.nan, np.float32)[::2]):
+        loss2, got = segment_cross_entropy(x, ids, target, return_grad=True, grad_out=g)
+        assert got is g and loss2 == loss
+        np.testing.assert_array_equal(got, want)
+    with pytest.raises(ValueError, match="grad_out is given but return_grad is False"):
+        segment_cross_entropy(x, ids, target, grad_out=np.empty(50, np.float32))
+    with pytest.raises(ValueError, match="grad_out overlaps x"):
+        segment_cross_entropy(x, ids, target, return_grad=True, grad_out=x)
+    with pytest.raises(TypeError, match="grad_out has dtype float64"):
+        segment_cross_entropy(x, ids, target, return_grad=True, grad_out=np.empty(50))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("chunk", [1, 7, 64])
+def test_dask_segments_across_chunks_equal_the_numpy_path(dtype, chunk):
+    # Segments split across chunk boundaries (chunk 1: every segment of length > 1 spans
+    # chunks), empty segments and specials: catches a merge that is not the kernels' (a wrong
+    # max or excess across chunks), states of one chunk assigned to the wrong segments, and a
+    # write pass that uses a chunk's own states instead of the merged ones.
+    da = pytest.importorskip("dask.array")
+    import stablelse.dask as sd
+
+    rng = np.random.default_rng(chunk)
+    lengths = rng.integers(0, 7, 20)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    n = int(offsets[-1])
+    x = (rng.standard_normal((n, 3)) * 30).astype(dtype)
+    x[rng.integers(0, n, 4), rng.integers(0, 3, 4)] = [np.inf, -np.inf, np.nan, 1000.0]
+    x[offsets[5] : offsets[6]] = -np.inf
+    ids = ids_of(offsets)
+    perm = rng.permutation(n)
+    count = len(lengths)
+    cases = [
+        (x, {"offsets": offsets}),
+        (x, {"segment_ids": ids, "num_segments": count, "sorted": True}),
+        (x[perm], {"segment_ids": ids[perm], "num_segments": count}),
+    ]
+    for xx, kw in cases:
+        for f, ours in (
+            (sd.segment_logsumexp, segment_logsumexp),
+            (sd.segment_softmax, segment_softmax),
+            (sd.segment_log_softmax, segment_log_softmax),
+        ):
+            with np.errstate(all="ignore"):
+                want = ours(xx, **kw)
+                xd = da.from_array(xx, chunks=(chunk, 2))
+                dkw = dict(kw)
+                if "segment_ids" in dkw:
+                    dkw["segment_ids"] = da.from_array(dkw["segment_ids"], chunks=chunk + 1)
+                got = f(xd, **dkw).compute()
+                got_t = f(xd.T, **dkw, axis=1).compute()
+            assert got.dtype == want.dtype and got.shape == want.shape
+            scale = np.abs(np.where(np.isfinite(want), want, 0.0)) + 30
+            assert_close(got, want, scale, dtype)
+            assert_close(got_t, want.T, scale.T, dtype)
+
+
+def test_dask_segment_errors():
+    da = pytest.importorskip("dask.array")
+    import stablelse.dask as sd
+
+    x = da.from_array(np.arange(10.0), chunks=3)
+    ids = np.array([0, 0, 1, 1, 1, 2, 2, 3, 3, 3])
+    bad = ids.copy()
+    bad[7] = 4
+    # The position is named in the whole array, not in its chunk.
+    with pytest.raises(IndexError, match=r"segment_ids\[7\] = 4 is outside \[0, 4\)"):
+        sd.segment_softmax(x, da.from_array(bad, chunks=3), 4).compute()
+    unsorted = ids.copy()
+    unsorted[4] = 0
+    with pytest.raises(ValueError, match=r"segment_ids\[4\] = 0 is smaller than segment_ids\[3\]"):
+        sd.segment_logsumexp(x, unsorted, 4, sorted=True).compute()
+    with pytest.raises(TypeError, match="num_segments is required"):
+        sd.segment_logsumexp(x, ids)
+    with pytest.raises(ValueError, match="offsets must be non-decreasing from 0 to the 10 rows"):
+        sd.segment_logsumexp(x, offsets=[0, 4, 3, 10])
+    with pytest.raises(ValueError, match="segment_ids has shape"):
+        sd.segment_logsumexp(x, ids[:9], 4)
+
+
+@pytest.mark.parametrize("num_segments", [3, 5000, 70000])
+def test_unsorted_ids_over_many_sort_chunks_equal_the_sorted_offsets_bitwise(num_segments):
+    # 300k rows: several chunks of the sort's first level and, for 70000 segments, buckets of
+    # many segments; catches pieces of a bucket gathered out of chunk order (which breaks the
+    # array order of a segment's rows and so its bits), a piece skipped, and a dependence on
+    # the thread count.
+    rng = np.random.default_rng(num_segments)
+    n = 300_000
+    ids = rng.integers(0, num_segments, n)
+    x = rng.standard_normal(n) * 20
+    order = np.argsort(ids, kind="stable")
+    offsets = np.searchsorted(ids[order], np.arange(num_segments + 1)).astype(np.int64)
+    want_lse = segment_logsumexp(x[order], offsets=offsets)
+    want_sm = np.empty_like(x)
+    want_sm[order] = segment_softmax(x[order], offsets=offsets)
+    before = stablelse.get_num_threads()
     try:
-        check_masked_rows_against(jax)
+        for threads in (1, 2, 3):
+            stablelse.set_num_threads(threads)
+            np.testing.assert_array_equal(_bits(segment_logsumexp(x, ids, num_segments)),
+                                          _bits(want_lse))
+            np.testing.assert_array_equal(_bits(segment_softmax(x, ids, num_segments)),
+                                          _bits(want_sm))
     finally:
-        jax.config.update("jax_enable_x64", x64)
-
-
-def check_masked_rows_against(jax):
-    rng = np.random.default_rng(3)
-    x = rng.standard_normal((6, 9)) * 20
-    mask = rng.random((6, 9)) < 0.5
-    mask[2] = False
-    mask[4] = True
-    lse, sm, ls = masked_run(x, mask)
-    np.testing.assert_allclose(lse, jax.nn.logsumexp(x, axis=1, where=mask), rtol=1e-14)
-    np.testing.assert_allclose(sm, jax.nn.softmax(x, axis=1, where=mask), rtol=1e-13, atol=1e-300)
-    # JAX forms log(1 + tiny) for the top element and loses it; the absolute error is eps * |x|.
-    np.testing.assert_allclose(
-        ls, jax.nn.log_softmax(x, axis=1, where=mask), rtol=1e-13, atol=1e-13
-    )
-
-
-def test_masked_rows_reject_mismatched_mask():
-    from stablelse import _core
-
-    with pytest.raises(ValueError, match="mask has shape"):
-        _core.masked_rows(np.zeros((2, 3)), np.ones((2, 2), bool), np.empty(2), 0)
-    with pytest.raises(TypeError, match="mask must be a 2-D bool array"):
-        _core.masked_rows(np.zeros((2, 3)), np.ones((2, 3)), np.empty(2), 0)
+        stablelse.set_num_threads(before)

@@ -133,6 +133,35 @@ def _check_out(
     return out
 
 
+def _where_mask(where: Any, shape: tuple[int, ...]) -> np.ndarray:
+    """`where` as a bool array of `shape` (a broadcast view: no copy), or the error naming it.
+
+    As NumPy's ufuncs, the mask must be boolean (``where=[1, 0]`` is a ``TypeError``; JAX raises
+    ``ValueError`` for it) and must broadcast to the input's shape without growing it.
+    """
+    try:
+        w = where if isinstance(where, np.ndarray) else np.asarray(where)
+    except ValueError as exc:
+        raise ValueError(f"where is not a rectangular array of booleans: {exc}") from None
+    if w.dtype != np.bool_:
+        raise TypeError(f"where must be a boolean array, got dtype {w.dtype}")
+    try:
+        return np.broadcast_to(w, shape)
+    except ValueError:
+        raise ValueError(
+            f"where with shape {w.shape} does not broadcast to the input's shape {shape}"
+        ) from None
+
+
+def _where_unsupported(where: Any, what: str) -> None:
+    """A ``NotImplementedError`` naming `where` for inputs the masked kernels do not take."""
+    if where is not None:
+        raise NotImplementedError(
+            f"where= is not supported for {what}; apply the mask before the call "
+            "(for example, set masked elements to -inf)"
+        )
+
+
 def _reduced_shape(
     shape: tuple[int, ...], axes: tuple[int, ...], keepdims: bool
 ) -> tuple[int, ...]:
@@ -157,6 +186,7 @@ def logsumexp(
     *,
     out: Optional[np.ndarray] = None,
     algorithm: Algorithm = "auto",
+    where: Any = None,
 ) -> Any:
     """Compute the log of the sum of exponentials of input elements.
 
@@ -186,6 +216,12 @@ def logsumexp(
     algorithm : {"auto", "two_pass", "online"}, optional
         Kernel: max pass then exp-sum pass, or one pass with a running maximum.
         stablelse extension.
+    where : array_like of bool, optional
+        Mask broadcastable to `a` (to the broadcast shape of `a` and `b` with weights): only
+        elements where it is True take part, as ``jax.nn.logsumexp(..., where=)``. A masked
+        element is excluded whatever it holds (NaN, ``+inf``) and whatever its weight. A fully
+        masked reduction gives ``-inf`` (sign 0 with `return_sign`). Read by the kernels beside
+        `a`, never a masked copy of `a`. stablelse extension (scipy has no `where`).
 
     Returns
     -------
@@ -216,6 +252,16 @@ def logsumexp(
     The gradient of ``logsumexp`` with respect to `a` is ``softmax(a)`` (times `b`, divided by
     the signed sum, when weights are given).
 
+    Masks (`where`) follow JAX: the result is that of the kept elements alone, so kept
+    elements that are all ``-inf`` give ``-inf`` as without a mask. `where` must be boolean
+    (``TypeError`` otherwise, as NumPy's ufuncs; JAX raises ``ValueError``) and must broadcast
+    to the input without growing it (``ValueError``). With `b`, the weights of the kept elements
+    take part as without a mask (the weights are masked, ``b`` where `where` else 0, in one
+    weights-sized temporary). torch has no ``where=``: a torch user writes
+    ``torch.logsumexp(x.masked_fill(~mask, -torch.inf), dim)`` (a masked copy of `x`; same
+    values, fully masked rows included). Complex input and CUDA device arrays do not take
+    `where` (``NotImplementedError``).
+
     Examples
     --------
     >>> import numpy as np
@@ -224,18 +270,23 @@ def logsumexp(
     9.45862974442671
     >>> logsumexp([1, 2], b=[1, -1], return_sign=True)
     (np.float64(1.5413248546129181), np.float64(-1.0))
+    >>> logsumexp([[0.0, np.nan], [1.0, 2.0]], axis=1, where=[[True, False], [False, False]])
+    array([  0., -inf])
     """
     if type(a) is np.ndarray and b is None and not return_sign and a.ndim:
         # float32/float64 arrays in one native call; NotImplemented for anything else.
-        res = _core.logsumexp(a, normalize_axes(axis, a.ndim), keepdims, algorithm, out)
+        mask = None if where is None else _where_mask(where, a.shape)
+        res = _core.logsumexp(a, normalize_axes(axis, a.ndim), keepdims, algorithm, out, mask)
         if res is not NotImplemented:
             return res
     if _is_gpu_array(a):
+        _where_unsupported(where, "CUDA device arrays")
         return _gpu_module().logsumexp(
             a, axis=axis, b=b, keepdims=keepdims, return_sign=return_sign, out=out
         )
     _check_algorithm(algorithm)
     if _complex.is_complex(a) or _complex.is_complex(b):
+        _where_unsupported(where, "complex input")
         return _complex.logsumexp(a, axis, b, keepdims, return_sign, out)
     x, rdtype = _as_real_array(a, "a", half=b is None)
     bw: np.ndarray | None = None
@@ -250,9 +301,16 @@ def logsumexp(
                 f"b with shape {np.shape(b)} does not broadcast against a with shape "
                 f"{np.shape(a)}"
             ) from None
+    mask = None if where is None else _where_mask(where, x.shape)
+    if bw is not None and mask is not None:
+        # A masked element leaves the sum whatever its weight (NaN, negative): weight 0 does
+        # exactly that in the weighted kernel (scipy ignores b == 0 whatever a holds).
+        bw = np.where(mask, bw, bw.dtype.type(0))
+        mask = None
     if x.ndim == 0:
         x = x.reshape(1)
         bw = bw.reshape(1) if bw is not None else None
+        mask = mask.reshape(1) if mask is not None else None
     axes = normalize_axes(axis, x.ndim)
     keepdims = bool(keepdims)
     direct = False
@@ -268,7 +326,7 @@ def logsumexp(
     sgn: Any = None
     if bw is None:
         res = np.asarray(
-            _core.logsumexp(x, axes, keepdims, algorithm, out if direct else None)
+            _core.logsumexp(x, axes, keepdims, algorithm, out if direct else None, mask)
         )
         if return_sign:
             sgn = np.array(res > -np.inf, dtype=res.dtype)
@@ -301,25 +359,33 @@ def logsumexp(
 
 
 def _softmax_like(
-    x_in: Any, axis: AxisLike, out: np.ndarray | None, algorithm: str, log: bool
+    x_in: Any,
+    axis: AxisLike,
+    out: np.ndarray | None,
+    algorithm: str,
+    log: bool,
+    where: Any = None,
 ) -> Any:
     """softmax / log_softmax of anything but a float32/float64 ndarray of 1+ dimensions:
     converted by scipy's dtype rules, then computed natively."""
     _check_algorithm(algorithm)
     if _complex.is_complex(x_in):
+        _where_unsupported(where, "complex input")
         return _complex.softmax_like(x_in, axis, out, log)
     x, rdtype = _as_real_array(x_in, "x", half=True)
+    mask = None if where is None else _where_mask(where, x.shape)
     scalar = x.ndim == 0
     if scalar:
         x = x.reshape(1)
+        mask = mask.reshape(1) if mask is not None else None
     axes = normalize_axes(axis, x.ndim)
     if out is not None:
         _check_out(out, () if scalar else x.shape, rdtype)
         if out.dtype == x.dtype:
             # Same compute dtype: the native call writes `out` (in place when it is x).
-            _core.softmax(x, axes, log, algorithm, out.reshape(1) if scalar else out)
+            _core.softmax(x, axes, log, algorithm, out.reshape(1) if scalar else out, mask)
             return out
-    res = _core.softmax(x, axes, log, algorithm, None)
+    res = _core.softmax(x, axes, log, algorithm, None, mask)
     if out is not None:
         np.copyto(out, res.reshape(out.shape), casting="unsafe")
         return out
@@ -336,6 +402,7 @@ def softmax(
     *,
     out: Optional[np.ndarray] = None,
     algorithm: Algorithm = "auto",
+    where: Any = None,
 ) -> Any:
     r"""Compute the softmax function, ``exp(x) / sum(exp(x))`` along `axis`.
 
@@ -357,6 +424,11 @@ def softmax(
         thread); any other overlap with `x` raises ``ValueError``. stablelse extension.
     algorithm : {"auto", "two_pass", "online"}, optional
         Kernel used for the normaliser; stablelse extension.
+    where : array_like of bool, optional
+        Mask broadcastable to `x`: the normaliser runs over the elements where it is True
+        only, as ``jax.nn.softmax(..., where=)``; masked positions get 0, whatever
+        they hold (NaN, ``+inf``). Read by the kernels beside `x`, never a masked copy of `x`.
+        stablelse extension (scipy has no `where`).
 
     Returns
     -------
@@ -374,21 +446,35 @@ def softmax(
     ``ValueError``); small integer types are promoted to float64 (scipy's NumPy ufuncs give
     float16 for int8/uint8/bool). The gradient of ``logsumexp`` is ``softmax``.
 
+    Masks (`where`) follow JAX: kept elements get the softmax of the kept elements alone,
+    masked positions 0, and a fully masked slice 0 everywhere; a slice whose kept
+    elements are all ``-inf`` (or hold ``+inf`` / NaN) gives NaN at its kept positions, as
+    without a mask. `where` must be boolean (``TypeError`` otherwise, as NumPy's ufuncs; JAX
+    raises ``ValueError``) and must broadcast to `x` without growing it (``ValueError``).
+    torch has no ``where=``: a torch user writes ``torch.softmax(x.masked_fill(~mask,
+    -torch.inf), dim)``, which copies `x` and gives NaN (not 0) in fully masked rows;
+    ``.masked_fill(~mask, 0.0)`` on the result fixes them. Complex input and CUDA device
+    arrays do not take `where` (``NotImplementedError``).
+
     Examples
     --------
     >>> import numpy as np
     >>> from stablelse import softmax
     >>> softmax(np.array([1000.0, 1.0, -1000.0]))
     array([1., 0., 0.])
+    >>> softmax(np.array([0.0, np.nan, 0.0]), where=np.array([True, False, True]))
+    array([0.5, 0. , 0.5])
     """
     if type(x) is np.ndarray and x.ndim:
         # float32/float64 arrays in one native call; NotImplemented for anything else.
-        res = _core.softmax(x, normalize_axes(axis, x.ndim), False, algorithm, out)
+        mask = None if where is None else _where_mask(where, x.shape)
+        res = _core.softmax(x, normalize_axes(axis, x.ndim), False, algorithm, out, mask)
         if res is not NotImplemented:
             return res
     if _is_gpu_array(x):
+        _where_unsupported(where, "CUDA device arrays")
         return _gpu_module().softmax(x, axis=axis, out=out)
-    return _softmax_like(x, axis, out, algorithm, log=False)
+    return _softmax_like(x, axis, out, algorithm, log=False, where=where)
 
 
 def log_softmax(
@@ -397,6 +483,7 @@ def log_softmax(
     *,
     out: Optional[np.ndarray] = None,
     algorithm: Algorithm = "auto",
+    where: Any = None,
 ) -> Any:
     r"""Compute the logarithm of the softmax function, ``x - logsumexp(x, axis)``.
 
@@ -412,11 +499,16 @@ def log_softmax(
         As for :func:`softmax`; ``out=x`` works in place.
     algorithm : {"auto", "two_pass", "online"}, optional
         Kernel used for the normaliser; stablelse extension.
+    where : array_like of bool, optional
+        Mask broadcastable to `x`: the normaliser runs over the elements where it is True
+        only, as ``jax.nn.log_softmax(..., where=)``; masked positions get ``-inf``, whatever
+        they hold (NaN, ``+inf``). Read by the kernels beside `x`, never a masked copy of `x`.
+        stablelse extension (scipy has no `where`).
 
     Returns
     -------
     s : ndarray or scalar
-        ``exp(s)`` sums to 1 along `axis`.
+        ``exp(s)`` sums to 1 along `axis` (over the kept elements with `where`).
 
     Notes
     -----
@@ -429,6 +521,16 @@ def log_softmax(
 
     Deviations from scipy: as :func:`softmax` (empty input, small integer promotion).
 
+    Masks (`where`) follow JAX: kept elements get the log_softmax of the kept elements alone,
+    masked positions ``-inf``, and a fully masked slice ``-inf`` everywhere; a slice whose kept
+    elements are all ``-inf`` (or hold ``+inf`` / NaN) gives NaN at its kept positions, as
+    without a mask. `where` must be boolean (``TypeError`` otherwise, as NumPy's ufuncs; JAX
+    raises ``ValueError``) and must broadcast to `x` without growing it (``ValueError``).
+    torch has no ``where=``: a torch user writes ``torch.log_softmax(x.masked_fill(~mask,
+    -torch.inf), dim)``, which copies `x` and gives NaN (not ``-inf``) in fully masked rows;
+    ``.masked_fill(~mask, -torch.inf)`` on the result fixes them. Complex input and CUDA device
+    arrays do not take `where` (``NotImplementedError``).
+
     Examples
     --------
     >>> import numpy as np
@@ -438,12 +540,14 @@ def log_softmax(
     """
     if type(x) is np.ndarray and x.ndim:
         # float32/float64 arrays in one native call; NotImplemented for anything else.
-        res = _core.softmax(x, normalize_axes(axis, x.ndim), True, algorithm, out)
+        mask = None if where is None else _where_mask(where, x.shape)
+        res = _core.softmax(x, normalize_axes(axis, x.ndim), True, algorithm, out, mask)
         if res is not NotImplemented:
             return res
     if _is_gpu_array(x):
+        _where_unsupported(where, "CUDA device arrays")
         return _gpu_module().log_softmax(x, axis=axis, out=out)
-    return _softmax_like(x, axis, out, algorithm, log=True)
+    return _softmax_like(x, axis, out, algorithm, log=True, where=where)
 
 
 # --------------------------------------------------------------------------- threads, info

@@ -24,10 +24,16 @@ def logsumexp(
     keepdims: bool,
     algorithm: Any,
     out: Optional[_Arr] = None,
+    where: Optional[npt.NDArray[np.bool_]] = None,
 ) -> Union[_Arr, np.floating, NotImplementedType]: ...
 def logsumexp_weighted(a: _Arr, b: _Arr, return_sign: bool = False) -> tuple[_Arr, _Arr]: ...
 def softmax(
-    x: Any, axes: tuple[int, ...], log: bool, algorithm: Any, out: Optional[_Arr] = None
+    x: Any,
+    axes: tuple[int, ...],
+    log: bool,
+    algorithm: Any,
+    out: Optional[_Arr] = None,
+    where: Optional[npt.NDArray[np.bool_]] = None,
 ) -> Union[_Arr, NotImplementedType]: ...
 def logsumexp_complex(
     a: npt.NDArray[np.complexfloating], b: Optional[npt.NDArray[np.complexfloating]] = None,
@@ -37,7 +43,10 @@ def softmax_complex(
     x: npt.NDArray[np.complexfloating], log: bool = False
 ) -> npt.NDArray[np.complexfloating]: ...
 def lse_states(
-    x: _Arr, axes: tuple[int, ...], algorithm: str = "auto"
+    x: _Arr,
+    axes: tuple[int, ...],
+    algorithm: str = "auto",
+    where: Optional[npt.NDArray[np.bool_]] = None,
 ) -> tuple[_F64, _F64]: ...
 def merge_states(
     max_a: _F64,
@@ -124,7 +133,13 @@ def nll_loss(
     ignore_index: int = ...,  # -100
     reduction: str = "mean",
 ) -> Union[float, _Arr]: ...
-def softmax_from_states(x: _Arr, max: _Arr, excess: _Arr, log: bool = False) -> _Arr: ...
+def softmax_from_states(
+    x: _Arr,
+    max: _Arr,
+    excess: _Arr,
+    log: bool = False,
+    where: Optional[npt.NDArray[np.bool_]] = None,
+) -> _Arr: ...
 def softmax_backward(y: _Arr, dy: _Arr, log: bool = False) -> _Arr: ...
 
 # CUDA (cargo feature "cuda", src/cuda/): private entry points of stablelse.cuda, which
@@ -158,6 +173,21 @@ def segment_softmax(
     sorted: bool = False,
     log: bool = False,
 ) -> None: ...
+def segment_states(
+    x: _Arr,
+    segment_ids: Optional[npt.NDArray[np.int64]] = None,
+    offsets: Optional[npt.NDArray[np.int64]] = None,
+    num_segments: int = 0,
+    sorted: bool = False,
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]: ...
+def segment_softmax_from_states(
+    x: _Arr,
+    out: _Arr,
+    segment_ids: npt.NDArray[np.int64],
+    max: npt.NDArray[np.float64],
+    excess: npt.NDArray[np.float64],
+    log: bool = False,
+) -> None: ...
 def segment_cross_entropy(
     x: _Arr,
     target: npt.NDArray[np.int64],
@@ -170,8 +200,6 @@ def segment_cross_entropy(
     ignore_index: int = ...,  # -100
     mean: bool = True,
 ) -> tuple[float, int]: ...
-def masked_rows(x: _Arr, mask: npt.NDArray[np.bool_], out: _Arr, op: int) -> None: ...
-
 # float16 / bfloat16 conversions (src/python/half.rs), for the tests. `conversion`: "auto" (the
 # process's), or one of half_conversions()[0]: "portable", "f16c", "avx512".
 def half_conversions() -> tuple[list[str], str]: ...

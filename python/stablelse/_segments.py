@@ -9,12 +9,12 @@ padded copy, no Python loop over groups.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
 from . import _core
-from ._api import _as_real_array
+from ._api import _as_real_array, _check_out
 from ._axes import normalize_axis
 from ._spec import _reduction as _check_reduction
 
@@ -49,11 +49,22 @@ def _num_segments(value: Any) -> int:
     return n
 
 
+def _same_view(a: np.ndarray, b: Any) -> bool:
+    """Whether `b` is an ndarray viewing exactly `a`'s elements in `a`'s order (``out=x``)."""
+    return (
+        isinstance(b, np.ndarray)
+        and a.dtype == b.dtype
+        and a.shape == b.shape
+        and a.strides == b.strides
+        and a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
+    )
+
+
 class _Segmented:
     """One call's view: ``x`` with the segment axis first as a C-contiguous ``(rows, inner)``
     block, and the segment description handed to the kernels."""
 
-    __slots__ = ("x2", "rdtype", "axis", "moved_shape", "kwargs", "count")
+    __slots__ = ("x", "x2", "rdtype", "axis", "moved_shape", "kwargs", "count")
 
     def __init__(
         self,
@@ -65,6 +76,7 @@ class _Segmented:
         sorted: bool,
     ) -> None:
         arr, self.rdtype = _as_real_array(x, "x")
+        self.x = x
         if arr.ndim == 0:
             raise ValueError("x must have at least one dimension (the segment axis)")
         self.axis = normalize_axis(axis, arr.ndim)
@@ -105,6 +117,30 @@ class _Segmented:
             probe = np.zeros((rows, 1), dtype=self.x2.dtype)
             _core.segment_logsumexp(probe, np.empty((count, 1), probe.dtype), **self.kwargs)
 
+    def user_shape(self, leading: int) -> tuple[int, ...]:
+        """The caller's axis order with `leading` positions along the segment axis."""
+        shape = list(self.moved_shape)
+        shape[0] = leading
+        return tuple(shape[1 : self.axis + 1] + [leading] + shape[self.axis + 1 :])
+
+    def check_out(self, out: Any, leading: int, name: str) -> Optional[np.ndarray]:
+        """Checks `out` (shape, dtype, writeable); returns it as the kernel's C-contiguous
+        ``(leading, inner)`` block when it is one (and of the compute dtype), else None."""
+        _check_out(out, self.user_shape(leading), self.rdtype, name)
+        if out.dtype != self.x2.dtype:
+            return None
+        moved = np.moveaxis(out, self.axis, 0)
+        if not (moved.flags.c_contiguous and moved.flags.aligned):
+            return None
+        return moved.reshape(leading, self.x2.shape[1])
+
+    def overlaps(self, out: np.ndarray) -> bool:
+        """Whether `out` shares an element with the input (as given or as read)."""
+        return any(
+            isinstance(v, np.ndarray) and np.may_share_memory(out, v) and np.shares_memory(out, v)
+            for v in (self.x, self.x2)
+        )
+
     def restore(self, y2: np.ndarray, leading: int) -> np.ndarray:
         """``y2`` (``(leading, inner)``) back in the caller's axis order and dtype."""
         y = y2.reshape((leading,) + self.moved_shape[1:])
@@ -120,6 +156,7 @@ def segment_logsumexp(
     offsets: Any = None,
     axis: Any = 0,
     sorted: bool = False,
+    out: Optional[np.ndarray] = None,
 ) -> np.ndarray:
     """Log of the sum of exponentials of every segment of `x` along `axis`.
 
@@ -152,6 +189,9 @@ def segment_logsumexp(
         Promise that `segment_ids` is non-decreasing (JAX's ``indices_are_sorted``). The
         segments are then contiguous runs and go through the row kernels. The promise is
         checked: a decreasing id raises ``ValueError``.
+    out : ndarray, optional
+        Writeable array of the result's shape and dtype, of any layout, to write the result
+        into (it is returned). It must not share memory with `x`. stablelse extension.
 
     Returns
     -------
@@ -164,8 +204,10 @@ def segment_logsumexp(
     IndexError
         A segment id outside ``[0, num_segments)``; the message names its position.
     ValueError
-        Ids not sorted although ``sorted=True``, offsets that do not partition the axis, or
-        lengths that do not match.
+        Ids not sorted although ``sorted=True``, offsets that do not partition the axis,
+        lengths that do not match, or an `out` of the wrong shape or overlapping `x`.
+    TypeError
+        An `out` that is not an ndarray of the result dtype.
 
     Notes
     -----
@@ -192,10 +234,19 @@ def segment_logsumexp(
     array([1000.69314718,    2.16984602])
     """
     seg = _Segmented(x, segment_ids, num_segments, offsets, axis, sorted)
-    out = np.empty((seg.count, seg.x2.shape[1]), dtype=seg.x2.dtype)
+    direct = None
+    if out is not None:
+        direct = seg.check_out(out, seg.count, "out")
+        if seg.overlaps(out):
+            raise ValueError("out overlaps the input x")
+    res = np.empty((seg.count, seg.x2.shape[1]), seg.x2.dtype) if direct is None else direct
     if seg.x2.shape[1]:
-        _core.segment_logsumexp(seg.x2, out, **seg.kwargs)
-    return seg.restore(out, seg.count)
+        _core.segment_logsumexp(seg.x2, res, **seg.kwargs)
+    if out is None:
+        return seg.restore(res, seg.count)
+    if direct is None:
+        np.copyto(out, seg.restore(res, seg.count), casting="unsafe")
+    return out
 
 
 def _softmax_like(
@@ -206,12 +257,25 @@ def _softmax_like(
     axis: Any,
     sorted: bool,
     log: bool,
+    out: Optional[np.ndarray],
 ) -> np.ndarray:
     seg = _Segmented(x, segment_ids, num_segments, offsets, axis, sorted)
-    out = np.empty_like(seg.x2)
+    rows = seg.x2.shape[0]
+    # `out=x` is written in place (by the kernel when x's block is x itself, else through the
+    # fresh result); any other overlap with x is refused.
+    direct = None
+    if out is not None:
+        direct = seg.check_out(out, rows, "out")
+        if not _same_view(out, seg.x) and seg.overlaps(out):
+            raise ValueError("out partially overlaps the input x; pass out=x for in place")
+    res = np.empty_like(seg.x2) if direct is None else direct
     if seg.x2.size:
-        _core.segment_softmax(seg.x2, out, log=log, **seg.kwargs)
-    return seg.restore(out, seg.x2.shape[0])
+        _core.segment_softmax(seg.x2, res, log=log, **seg.kwargs)
+    if out is None:
+        return seg.restore(res, rows)
+    if direct is None:
+        np.copyto(out, seg.restore(res, rows), casting="unsafe")
+    return out
 
 
 def segment_softmax(
@@ -222,6 +286,7 @@ def segment_softmax(
     offsets: Any = None,
     axis: Any = 0,
     sorted: bool = False,
+    out: Optional[np.ndarray] = None,
 ) -> np.ndarray:
     """Softmax of `x` within every segment along `axis`.
 
@@ -233,6 +298,12 @@ def segment_softmax(
     ----------
     x, segment_ids, num_segments, offsets, axis, sorted
         As :func:`segment_logsumexp`.
+    out : ndarray, optional
+        Writeable array of `x`'s shape and the result dtype, of any layout, to write the
+        result into (it is returned). ``out=x`` works in place (for a float32/float64 `x`
+        whose segment axis is its leading C-contiguous one the kernel reads each segment
+        before writing it; otherwise through a copy). Any other overlap with `x` raises
+        ``ValueError``. stablelse extension.
 
     Returns
     -------
@@ -264,7 +335,7 @@ def segment_softmax(
     >>> segment_softmax(np.array([1.0, 1.0, 5.0, 2.0, 3.0]), [0, 0, 1, 2, 2])
     array([0.5       , 0.5       , 1.        , 0.26894142, 0.73105858])
     """
-    return _softmax_like(x, segment_ids, num_segments, offsets, axis, sorted, False)
+    return _softmax_like(x, segment_ids, num_segments, offsets, axis, sorted, False, out)
 
 
 def segment_log_softmax(
@@ -275,6 +346,7 @@ def segment_log_softmax(
     offsets: Any = None,
     axis: Any = 0,
     sorted: bool = False,
+    out: Optional[np.ndarray] = None,
 ) -> np.ndarray:
     """Log-softmax of `x` within every segment along `axis`.
 
@@ -286,6 +358,8 @@ def segment_log_softmax(
     ----------
     x, segment_ids, num_segments, offsets, axis, sorted
         As :func:`segment_logsumexp`.
+    out : ndarray, optional
+        As for :func:`segment_softmax`; ``out=x`` works in place.
 
     Returns
     -------
@@ -314,7 +388,7 @@ def segment_log_softmax(
     >>> segment_log_softmax(np.array([0.0, -40.0, 3.0]), offsets=[0, 2, 3])
     array([-4.24835426e-18, -4.00000000e+01,  0.00000000e+00])
     """
-    return _softmax_like(x, segment_ids, num_segments, offsets, axis, sorted, True)
+    return _softmax_like(x, segment_ids, num_segments, offsets, axis, sorted, True, out)
 
 
 def segment_cross_entropy(
@@ -328,6 +402,7 @@ def segment_cross_entropy(
     ignore_index: int = -100,
     reduction: str = "mean",
     return_grad: bool = False,
+    grad_out: Optional[np.ndarray] = None,
 ) -> Any:
     """Softmax cross-entropy over variable-length candidate sets (listwise ranking).
 
@@ -365,6 +440,10 @@ def segment_cross_entropy(
         Also return the gradient of the returned loss (of its sum for "none") with respect
         to `x`, from the same pass: ``softmax - onehot`` per counted segment, scaled by
         ``1 / count`` for "mean"; 0 on ignored and empty segments.
+    grad_out : ndarray, optional
+        Writeable array of `x`'s shape and the result dtype to write the gradient into
+        (needs ``return_grad=True``; it is the returned ``grad``). It must not overlap `x`.
+        Reusing it across calls avoids the page faults of a fresh array of `x`'s size.
 
     Returns
     -------
@@ -379,7 +458,8 @@ def segment_cross_entropy(
         A segment id out of range, or a target outside its segment (an empty segment's
         target must be `ignore_index`); the message names the segment and its length.
     ValueError
-        As :func:`segment_logsumexp`, or a bad `reduction`.
+        As :func:`segment_logsumexp`, a bad `reduction`, or a `grad_out` of the wrong shape,
+        overlapping `x`, or without ``return_grad=True``.
 
     Notes
     -----
@@ -412,6 +492,15 @@ def segment_cross_entropy(
     x1 = seg.x2.reshape(-1)
     losses = np.empty(seg.count, dtype=np.float64)
     grad = np.empty_like(x1) if return_grad else None
+    direct = None
+    if grad_out is not None:
+        if not return_grad:
+            raise ValueError("grad_out is given but return_grad is False")
+        direct = seg.check_out(grad_out, x1.size, "grad_out")
+        if seg.overlaps(grad_out):
+            raise ValueError("grad_out overlaps x")
+        if direct is not None:
+            grad = direct.reshape(-1)
     total, count = _core.segment_cross_entropy(
         x1,
         tgt,
@@ -431,5 +520,9 @@ def segment_cross_entropy(
         loss = rtype(total / count) if count else rtype(np.nan)
     if return_grad:
         assert grad is not None
+        if grad_out is not None:
+            if direct is None:
+                np.copyto(grad_out, grad, casting="unsafe")
+            return loss, grad_out
         return loss, grad.astype(seg.rdtype, copy=False)
     return loss

@@ -14,7 +14,7 @@ import numpy as np
 import numpy.typing as npt
 
 from . import _core
-from ._api import _as_real_array, _weighted_result_dtype
+from ._api import _as_real_array, _weighted_result_dtype, _where_mask
 from ._axes import check_axis_arg, normalize_axes
 
 __all__ = ["LogSumExp"]
@@ -30,18 +30,21 @@ STATE_DTYPE = np.dtype([("max", np.float64), ("excess", np.float64)])
 # --------------------------------------------------------------------------- state helpers
 
 
-def chunk_states(x: AnyArray, axes: tuple[int, ...]) -> tuple[F64Array, F64Array]:
+def chunk_states(
+    x: AnyArray, axes: tuple[int, ...], mask: Optional[AnyArray] = None
+) -> tuple[F64Array, F64Array]:
     """The ``(max, excess)`` states of float32/float64 `x` reduced over `axes`.
 
     Both arrays are float64, C-contiguous, shaped like `x` with `axes` removed (in `x`'s axis
-    order). The reduction runs in the Rust kernels; empty reductions give ``(-inf, -1)``.
+    order). The reduction runs in the Rust kernels; empty reductions give ``(-inf, -1)``. With
+    `mask` (a bool array of `x`'s shape, any strides), the states of the elements it keeps.
     """
     if x.size == 0:
         # Nothing to read: every state is the empty one. (Also sidesteps the kernels' pointer
         # alignment check, which an empty buffer deserialised by dask.distributed can fail.)
         kept = tuple(s for i, s in enumerate(x.shape) if i not in axes)
         return np.full(kept, -np.inf), np.full(kept, -1.0)
-    mx, ex = _core.lse_states(x, tuple(axes))
+    mx, ex = _core.lse_states(x, tuple(axes), "auto", mask)
     return mx, ex
 
 
@@ -231,7 +234,7 @@ class LogSumExp:
 
     # ------------------------------------------------------------------ feeding
 
-    def update(self, chunk: Any, b: Any = None) -> LogSumExp:
+    def update(self, chunk: Any, b: Any = None, *, where: Any = None) -> LogSumExp:
         """Consume one chunk (concatenated after the previous ones along :attr:`axis`).
 
         Parameters
@@ -244,6 +247,11 @@ class LogSumExp:
             Non-negative weights broadcastable to ``chunk.shape``; the chunk contributes
             ``log(sum(b * exp(chunk)))``. Elements with ``b == 0`` are ignored whatever
             `chunk` holds there.
+        where : array_like of bool, optional
+            Mask broadcastable to ``chunk.shape``: only elements where it is True take part
+            (JAX's ``where=``), whatever the others hold and whatever their weight (a masked
+            weight may be negative or NaN). A fully masked slice contributes nothing, so the
+            stream equals one ``stablelse.logsumexp(concatenation, where=concatenated mask)``.
 
         Returns
         -------
@@ -253,24 +261,39 @@ class LogSumExp:
         Raises
         ------
         ValueError
-            If the chunk's shape does not fit the previous ones, if `b` does not broadcast to
-            the chunk, or if `b` has a negative element.
+            If the chunk's shape does not fit the previous ones, if `b` or `where` does not
+            broadcast to the chunk, or if a kept element of `b` is negative.
+        TypeError
+            If `where` is not boolean.
         """
         arr = chunk if isinstance(chunk, np.ndarray) else _asarray(chunk, "chunk")
         x, _ = _as_real_array(arr, "chunk")
+        mask = None if where is None else _where_mask(where, x.shape)
         raw_b: Optional[np.dtype[Any]] = None
         if b is not None:
             barr = b if isinstance(b, np.ndarray) else _asarray(b, "b")
-            x, raw_b = log_weighted(x, barr, "LogSumExp", "the chunk"), barr.dtype
+            raw_b = barr.dtype
+            if mask is not None:
+                # Masked weights take no part, whatever they hold (a weight-sized temporary).
+                try:
+                    barr = np.where(mask, barr, barr.dtype.type(0))
+                except ValueError:
+                    raise ValueError(
+                        f"b with shape {barr.shape} does not broadcast to the chunk's shape "
+                        f"{x.shape}"
+                    ) from None
+            x = log_weighted(x, barr, "LogSumExp", "the chunk")
         if self.axis is None:
             # The flattened concatenation: element order does not matter, so no copy.
-            x = x.reshape(1) if x.ndim == 0 else x
+            if x.ndim == 0:
+                x = x.reshape(1)
+                mask = None if mask is None else mask.reshape(1)
         elif x.ndim == 0:
             raise ValueError(
                 f"a zero-dimensional chunk cannot be concatenated along axis {self.axis}"
             )
         axes = self._fit(x)
-        mx, ex = chunk_states(x, axes)
+        mx, ex = chunk_states(x, axes, mask)
         self._absorb(mx, ex)
         self._a_dtype = _promote(self._a_dtype, arr.dtype)
         if raw_b is not None:

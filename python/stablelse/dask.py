@@ -18,6 +18,7 @@ Importing :mod:`stablelse` does not import Dask; importing this module does.
 from __future__ import annotations
 
 import math
+import re
 from functools import partial
 from typing import Any, Optional, Union
 
@@ -43,7 +44,17 @@ from ._stream import (
     result_dtype,
 )
 
-__all__ = ["STATE_DTYPE", "cross_entropy", "log_softmax", "logsumexp", "lse_states", "softmax"]
+__all__ = [
+    "STATE_DTYPE",
+    "cross_entropy",
+    "log_softmax",
+    "logsumexp",
+    "lse_states",
+    "segment_log_softmax",
+    "segment_logsumexp",
+    "segment_softmax",
+    "softmax",
+]
 
 AnyArray = npt.NDArray[Any]
 SplitEvery = Union[int, dict[int, int], None]
@@ -69,15 +80,23 @@ def _state_chunk(
     *,
     axis: tuple[int, ...],
     keepdims: bool,
+    masked: bool = False,
     computing_meta: bool = False,
 ) -> AnyArray:
-    """Block -> its states over `axis`, kept as length-1 axes (a structured array)."""
+    """Block -> its states over `axis`, kept as length-1 axes (a structured array).
+
+    ``weights_chunk`` is the block of the weights, or with ``masked`` the block of the bool
+    ``where`` mask (read by the kernels beside the block).
+    """
     if computing_meta:
         return _empty_like_reduced(x, STATE_DTYPE)
     xr, _ = _as_real_array(x, "x")
-    if weights_chunk is not None:
+    mask = None
+    if masked:
+        mask = np.asarray(weights_chunk)
+    elif weights_chunk is not None:
         xr = log_weighted(xr, np.asarray(weights_chunk), "stablelse.dask.logsumexp", "a block")
-    mx, ex = chunk_states(xr, axis)
+    mx, ex = chunk_states(xr, axis, mask)
     shape = tuple(1 if i in axis else s for i, s in enumerate(x.shape))
     return _pack(mx.reshape(shape), ex.reshape(shape))
 
@@ -127,6 +146,22 @@ def _axes_of(x: da.Array, axis: AxisLike) -> tuple[int, ...]:
     return normalize_axes(axis, x.ndim)
 
 
+def _where_dask(where: Any, shape: tuple[int, ...]) -> da.Array:
+    """`where` as a bool Dask array broadcastable to `shape`, or the error naming it."""
+    w = where if isinstance(where, da.Array) else da.asarray(np.asarray(where))
+    if w.dtype != np.bool_:
+        raise TypeError(f"where must be a boolean array, got dtype {w.dtype}")
+    try:
+        fits = np.broadcast_shapes(w.shape, shape) == shape
+    except ValueError:
+        fits = False
+    if not fits:
+        raise ValueError(
+            f"where with shape {w.shape} does not broadcast to the input's shape {shape}"
+        )
+    return w
+
+
 def lse_states(
     x: Any, axis: AxisLike = None, *, keepdims: bool = False, split_every: SplitEvery = None
 ) -> da.Array:
@@ -165,12 +200,18 @@ def _state_reduction(
     want: str,
     rdtype: np.dtype[Any],
     weights: Optional[da.Array] = None,
+    mask: Optional[da.Array] = None,
 ) -> da.Array:
     out_dtype = STATE_DTYPE if want == "state" else rdtype
     out_ndim = x.ndim if keepdims else x.ndim - len(axes)
+    if mask is not None:
+        # Masked weights take no part (weight 0 drops an element whatever it holds); without
+        # weights the mask itself travels in the weights' slot, to the kernels.
+        mask = da.broadcast_to(mask, x.shape).rechunk(x.chunks)
+        weights = mask if weights is None else da.where(mask, weights, 0)
     return da.reduction(
         x,
-        _state_chunk,
+        partial(_state_chunk, masked=mask is not None and weights is mask),
         partial(_state_aggregate, want=want, rdtype=rdtype),
         combine=_state_combine,
         axis=axes,
@@ -195,6 +236,7 @@ def logsumexp(
     keepdims: bool = False,
     *,
     split_every: SplitEvery = None,
+    where: Any = None,
 ) -> da.Array:
     """Lazy :func:`stablelse.logsumexp` of a Dask array.
 
@@ -212,6 +254,10 @@ def logsumexp(
         Keep the reduced axes with length 1.
     split_every : int or dict, optional
         Fan-in of the merge tree, as for :func:`dask.array.reduction`.
+    where : dask.array.Array or array_like of bool, optional
+        Mask broadcastable to `a`'s shape, as :func:`stablelse.logsumexp`'s `where` (JAX's
+        semantics: masked elements take no part whatever they hold or weigh; a fully masked
+        reduction gives ``-inf``). Each block's mask is read by the kernels beside the block.
 
     Returns
     -------
@@ -243,10 +289,12 @@ def logsumexp(
     x = _as_dask(a, "a")
     w = None if b is None else _as_dask(b, "b")
     rdtype = result_dtype(x.dtype, None if w is None else w.dtype)
+    m = None if where is None else _where_dask(where, x.shape)
     if x.ndim == 0:
         x = x.reshape(1)
+        m = None if m is None else m.reshape(1)
         if keepdims:
-            return logsumexp(x, axis, b, True, split_every=split_every)
+            return logsumexp(x, axis, b, True, split_every=split_every, where=m)
     axes = _axes_of(x, axis)
     if w is not None:
         try:
@@ -255,20 +303,27 @@ def logsumexp(
             fits = False
         if not fits:
             raise ValueError(f"b with shape {w.shape} does not broadcast to a's shape {x.shape}")
-    return _state_reduction(x, axes, keepdims, split_every, "lse", rdtype, w)
+    return _state_reduction(x, axes, keepdims, split_every, "lse", rdtype, w, m)
 
 
 # --------------------------------------------------------------------------- softmax
 
 
 def _softmax_block(
-    x: AnyArray, st: AnyArray, *, axes: tuple[int, ...], log: bool, rdtype: np.dtype[Any]
+    x: AnyArray,
+    st: AnyArray,
+    mask: Optional[AnyArray] = None,
+    *,
+    axes: tuple[int, ...],
+    log: bool,
+    rdtype: np.dtype[Any],
 ) -> AnyArray:
     """softmax / log_softmax of a block given the merged states of its slices over `axes`.
 
     The block's slices are laid out as rows (the normalised axes last, one copy) and written
     by the Rust row writer with the given states, so each element gets what the NumPy path's
-    kernel writes for it.
+    kernel writes for it; with `mask` (the block of ``where``), the writer puts 0 / ``-inf`` at
+    the masked positions.
     """
     if x.size == 0:
         return np.empty(x.shape, dtype=rdtype)
@@ -277,6 +332,11 @@ def _softmax_block(
     last = tuple(range(x.ndim - k, x.ndim))
     moved = np.moveaxis(xr, axes, last)
     rows = np.ascontiguousarray(moved).reshape(math.prod(moved.shape[: x.ndim - k]), -1)
+    keep = None
+    if mask is not None:
+        keep = np.ascontiguousarray(
+            np.moveaxis(np.broadcast_to(mask, x.shape), axes, last)
+        ).reshape(rows.shape)
     # The states are kept-dims (length 1 on `axes`); one per row, in the rows' order.
     kept = [1 if i in axes else n for i, n in enumerate(x.shape)]
     mx = np.broadcast_to(np.asarray(st["max"]), kept)
@@ -289,22 +349,29 @@ def _softmax_block(
     mxr, exr = (v if v.flags.aligned else v.copy() for v in flat)
     if not rows.flags.aligned:
         rows = rows.copy()
-    y = _core.softmax_from_states(rows, mxr, exr, log).reshape(moved.shape)
+    y = _core.softmax_from_states(rows, mxr, exr, log, keep).reshape(moved.shape)
     return np.moveaxis(y, last, axes).astype(rdtype, copy=False)
 
 
-def _softmax_like(x_in: Any, axis: AxisLike, log: bool, split_every: SplitEvery) -> da.Array:
+def _softmax_like(
+    x_in: Any, axis: AxisLike, log: bool, split_every: SplitEvery, where: Any = None
+) -> da.Array:
     x = _as_dask(x_in, "x")
     rdtype = result_dtype(x.dtype)
+    m = None if where is None else _where_dask(where, x.shape)
     scalar = x.ndim == 0
     if scalar:
         x = x.reshape(1)
+        m = None if m is None else m.reshape(1)
     axes = _axes_of(x, axis)
-    st = _state_reduction(x, axes, True, split_every, "state", STATE_DTYPE)
+    st = _state_reduction(x, axes, True, split_every, "state", STATE_DTYPE, mask=m)
+    # The mask block beside each block of x (same chunks; broadcast axes stay cheap views).
+    extra = () if m is None else (da.broadcast_to(m, x.shape).rechunk(x.chunks),)
     out = da.map_blocks(
         _softmax_block,
         x,
         st,
+        *extra,
         axes=axes,
         log=log,
         rdtype=rdtype,
@@ -315,7 +382,9 @@ def _softmax_like(x_in: Any, axis: AxisLike, log: bool, split_every: SplitEvery)
     return out.reshape(()) if scalar else out
 
 
-def softmax(x: Any, axis: AxisLike = None, *, split_every: SplitEvery = None) -> da.Array:
+def softmax(
+    x: Any, axis: AxisLike = None, *, split_every: SplitEvery = None, where: Any = None
+) -> da.Array:
     """Lazy :func:`stablelse.softmax` of a Dask array, ``exp(x) / sum(exp(x))`` along `axis`.
 
     Parameters
@@ -326,6 +395,9 @@ def softmax(x: Any, axis: AxisLike = None, *, split_every: SplitEvery = None) ->
         Axes to normalise over; ``None`` (default) uses the whole array.
     split_every : int or dict, optional
         Fan-in of the state merge tree, as for :func:`dask.array.reduction`.
+    where : dask.array.Array or array_like of bool, optional
+        Mask broadcastable to `x`'s shape, as :func:`stablelse.softmax`'s `where` (JAX's
+        semantics: the normaliser runs over the kept elements; masked positions get 0).
 
     Returns
     -------
@@ -339,10 +411,12 @@ def softmax(x: Any, axis: AxisLike = None, *, split_every: SplitEvery = None) ->
     twice (persist it first if it is expensive to produce). Special values as scipy: a slice
     with ``+inf``, only ``-inf`` or a NaN is NaN throughout.
     """
-    return _softmax_like(x, axis, False, split_every)
+    return _softmax_like(x, axis, False, split_every, where)
 
 
-def log_softmax(x: Any, axis: AxisLike = None, *, split_every: SplitEvery = None) -> da.Array:
+def log_softmax(
+    x: Any, axis: AxisLike = None, *, split_every: SplitEvery = None, where: Any = None
+) -> da.Array:
     """Lazy :func:`stablelse.log_softmax` of a Dask array, ``x - logsumexp(x, axis)``.
 
     Parameters
@@ -353,6 +427,9 @@ def log_softmax(x: Any, axis: AxisLike = None, *, split_every: SplitEvery = None
         Axes to normalise over; ``None`` (default) uses the whole array.
     split_every : int or dict, optional
         Fan-in of the state merge tree, as for :func:`dask.array.reduction`.
+    where : dask.array.Array or array_like of bool, optional
+        Mask broadcastable to `x`'s shape, as :func:`stablelse.log_softmax`'s `where` (JAX's
+        semantics: the normaliser runs over the kept elements; masked positions get ``-inf``).
 
     Returns
     -------
@@ -364,7 +441,7 @@ def log_softmax(x: Any, axis: AxisLike = None, *, split_every: SplitEvery = None
     Writes ``(x - max) - log1p(excess)`` per block, as the Rust kernel does, so the top class
     keeps its relative accuracy. Special values as :func:`stablelse.log_softmax`.
     """
-    return _softmax_like(x, axis, True, split_every)
+    return _softmax_like(x, axis, True, split_every, where)
 
 
 # --------------------------------------------------------------------------- cross_entropy
@@ -580,3 +657,341 @@ def cross_entropy(
         den = dens.sum(axis=tuple(range(t.ndim)), split_every=split_every)
     return da.map_blocks(_mean, parts, den, rdtype=rdtype, dtype=rdtype, drop_axis=0,
                          meta=np.empty((), dtype=rdtype))
+
+
+# --------------------------------------------------------------------------- segments
+
+
+def _segment_layout(
+    x_in: Any, segment_ids: Any, num_segments: Any, offsets: Any, axis: Any, sorted: bool
+) -> tuple[da.Array, int, da.Array, int, bool]:
+    """`x` with the segment axis first, that axis, one int64 id per row as a Dask array
+    chunked like it (derived from `offsets` in the CSR form), the number of segments and
+    whether the ids are sorted."""
+    from ._segments import _index_array, _num_segments  # noqa: PLC0415
+
+    x = _as_dask(x_in, "x")
+    if x.ndim == 0:
+        raise ValueError("x must have at least one dimension (the segment axis)")
+    ax = normalize_axis(axis, x.ndim)
+    xm = da.moveaxis(x, ax, 0)
+    rows = xm.shape[0]
+    if math.isnan(rows):
+        raise ValueError(
+            "x has chunks of unknown size along the segment axis; call compute_chunk_sizes()"
+        )
+    if (segment_ids is None) == (offsets is None):
+        raise TypeError("give exactly one of segment_ids and offsets")
+    if offsets is not None:
+        offs = _index_array(offsets, "offsets")
+        count = max(offs.size - 1, 0)
+        if num_segments is not None and _num_segments(num_segments) != count:
+            raise ValueError(
+                f"num_segments = {num_segments} but offsets describes {count} segments"
+            )
+        if offs.size == 0 or offs[0] != 0 or offs[-1] != rows or (np.diff(offs) < 0).any():
+            raise ValueError(
+                f"offsets must be non-decreasing from 0 to the {rows} rows of x along axis {ax}"
+            )
+        # Row r belongs to the last segment starting at or before it.
+        ids = da.map_blocks(
+            lambda r: np.searchsorted(offs, r, side="right") - 1,
+            da.arange(rows, chunks=(xm.chunks[0],), dtype=np.int64),
+            dtype=np.int64,
+        )
+        return xm, ax, ids, count, True
+    if num_segments is None:
+        raise TypeError("num_segments is required with segment_ids on Dask arrays")
+    count = _num_segments(num_segments)
+    ids = segment_ids if isinstance(segment_ids, da.Array) else da.asarray(np.asarray(segment_ids))
+    if ids.ndim != 1 or ids.shape[0] != rows:
+        raise ValueError(
+            f"segment_ids has shape {ids.shape} but x has {rows} positions along axis {ax}"
+        )
+    if ids.dtype.kind not in "iu":
+        raise TypeError(f"segment_ids must hold integers, got dtype {ids.dtype}")
+    return xm, ax, ids.rechunk((xm.chunks[0],)), count, bool(sorted)
+
+
+def _segment_block(xb: AnyArray) -> AnyArray:
+    """A block as the kernels' aligned C-contiguous ``(rows, inner)`` float array."""
+    xr, _ = _as_real_array(xb, "x")
+    x2 = np.ascontiguousarray(xr).reshape(xb.shape[0], -1)
+    return x2 if x2.flags.aligned else x2.copy()
+
+
+def _segment_state_block(
+    xb: AnyArray,
+    ib: AnyArray,
+    *,
+    count: int,
+    sorted: bool,
+    block_info: Optional[dict[Any, Any]] = None,
+) -> AnyArray:
+    """One block's states of every segment, ``(1, count, *other axes)``."""
+    from ._segments import _index_array  # noqa: PLC0415
+
+    ids = _index_array(np.asarray(ib).reshape(ib.shape[0], -1)[:, 0], "segment_ids")
+    kw: dict[str, Any] = {"segment_ids": ids, "num_segments": count, "sorted": sorted}
+    shape = (1, count) + xb.shape[1:]
+    try:
+        if xb.size == 0:
+            if xb.shape[0]:
+                # No columns: nothing to reduce, but the ids are still checked.
+                _core.segment_states(np.zeros((xb.shape[0], 1)), **kw)
+            return _pack(np.full(shape, -np.inf), np.full(shape, -1.0))
+        mx, ex = _core.segment_states(_segment_block(xb), **kw)
+    except (IndexError, ValueError) as exc:
+        if block_info is None:
+            raise
+        # Name the position in the whole array, not in the block.
+        start = int(block_info[0]["array-location"][0][0])
+        msg = re.sub(
+            r"segment_ids\[(\d+)\]", lambda m: f"segment_ids[{int(m[1]) + start}]", str(exc)
+        )
+        raise type(exc)(msg) from None
+    return _pack(mx.reshape(shape), ex.reshape(shape))
+
+
+def _states_identity(
+    s: AnyArray, axis: tuple[int, ...], keepdims: bool, computing_meta: bool = False
+) -> AnyArray:
+    return _empty_like_reduced(s, STATE_DTYPE) if computing_meta else s
+
+
+def _segment_reduction(
+    xm: da.Array,
+    ids: da.Array,
+    count: int,
+    sorted: bool,
+    split_every: SplitEvery,
+    want: str,
+    rdtype: np.dtype[Any],
+) -> da.Array:
+    """The merged states (``want="state"``) or log-sum-exp of every segment, ``(count, *other
+    axes)``: one block of states per chunk of rows, merged across the chunks by the state
+    reduction's combine and aggregate steps (the kernels' merge rule)."""
+    # The ids broadcast along the other axes, so each block of x meets its rows' ids.
+    idb = ids.reshape((ids.shape[0],) + (1,) * (xm.ndim - 1))
+    per_block = da.map_blocks(
+        _segment_state_block,
+        xm,
+        idb,
+        new_axis=1,
+        chunks=((1,) * len(xm.chunks[0]), (count,)) + xm.chunks[1:],
+        dtype=STATE_DTYPE,
+        meta=np.empty((0,) * (xm.ndim + 1), dtype=STATE_DTYPE),
+        count=count,
+        sorted=sorted,
+    )
+    out_dtype = STATE_DTYPE if want == "state" else rdtype
+    return da.reduction(
+        per_block,
+        _states_identity,
+        partial(_state_aggregate, want=want, rdtype=rdtype),
+        combine=_state_combine,
+        axis=0,
+        keepdims=False,
+        dtype=STATE_DTYPE,
+        split_every=split_every,
+        concatenate=True,
+        meta=np.empty((0,) * xm.ndim, dtype=out_dtype),
+        name="stablelse-segment-" + want,
+    )
+
+
+def segment_logsumexp(
+    x: Any,
+    segment_ids: Any = None,
+    num_segments: Any = None,
+    *,
+    offsets: Any = None,
+    axis: int = 0,
+    sorted: bool = False,
+    split_every: SplitEvery = None,
+) -> da.Array:
+    """Lazy :func:`stablelse.segment_logsumexp` of a Dask array.
+
+    Parameters
+    ----------
+    x : dask.array.Array or array_like
+        Real input, chunked in any way: a segment may span any number of chunks along `axis`.
+    segment_ids : dask.array.Array or array_like of int, optional
+        One id per position along `axis`, in ``[0, num_segments)``; rechunked to `x`'s chunks
+        along `axis`. Exactly one of `segment_ids` and `offsets` is given.
+    num_segments : int
+        The number of segments; required with `segment_ids` (the ids are not read at call
+        time). With `offsets` it defaults to ``len(offsets) - 1``.
+    offsets : array_like of int, optional
+        CSR form as :func:`stablelse.segment_logsumexp`, a NumPy array known at call time
+        (validated then).
+    axis : int, optional
+        The segment axis (default 0).
+    sorted : bool, optional
+        Promise that the ids are non-decreasing; checked within each chunk (``ValueError`` at
+        compute time), not across chunk boundaries.
+    split_every : int or dict, optional
+        Fan-in of the merge tree over the chunks of `axis`, as for
+        :func:`dask.array.reduction`.
+
+    Returns
+    -------
+    res : dask.array.Array
+        `x`'s shape with `axis` replaced by `num_segments` (one chunk along it), in the
+        NumPy path's result dtype.
+
+    Raises
+    ------
+    IndexError
+        At compute time, an id outside ``[0, num_segments)``, naming its position in the
+        whole `segment_ids`.
+
+    Notes
+    -----
+    Every chunk of rows is reduced by the Rust kernels to float64 ``(max, excess)`` states
+    of all segments (an absent segment has the empty state); the chunks' states are merged
+    with the kernels' merge rule in a fixed tree, as :func:`logsumexp` merges its blocks, so
+    a segment split across chunks gives the NumPy path's value up to rounding (within a few
+    ULP), and the same bits for any scheduler. Each chunk produces ``num_segments`` states
+    per column: chunk along `axis` in pieces large against ``num_segments``.
+
+    Examples
+    --------
+    >>> import dask.array as da
+    >>> import numpy as np
+    >>> import stablelse.dask as sd
+    >>> x = da.from_array(np.array([1000.0, 1000.0, 0.0, -1.0, 2.0]), chunks=2)
+    >>> sd.segment_logsumexp(x, da.from_array([0, 0, 2, 2, 2], chunks=2), 4).compute()
+    array([1000.69314718,          -inf,    2.16984602,          -inf])
+    """
+    xm, ax, ids, count, srt = _segment_layout(x, segment_ids, num_segments, offsets, axis, sorted)
+    rdtype = result_dtype(xm.dtype)
+    res = _segment_reduction(xm, ids, count, srt, split_every, "lse", rdtype)
+    return da.moveaxis(res, 0, ax)
+
+
+def _segment_softmax_block(
+    xb: AnyArray, ib: AnyArray, st: AnyArray, *, log: bool, rdtype: np.dtype[Any]
+) -> AnyArray:
+    """softmax / log_softmax of a block of rows from the merged states of all segments."""
+    if xb.size == 0:
+        return np.empty(xb.shape, dtype=rdtype)
+    x2 = _segment_block(xb)
+    states = np.asarray(st).reshape(st.shape[0], -1)
+    out = np.empty_like(x2)
+    _core.segment_softmax_from_states(
+        x2,
+        out,
+        np.ascontiguousarray(ib, dtype=np.int64),
+        np.ascontiguousarray(states["max"]),
+        np.ascontiguousarray(states["excess"]),
+        log,
+    )
+    return out.reshape(xb.shape).astype(rdtype, copy=False)
+
+
+def _segment_softmax_like(
+    x: Any,
+    segment_ids: Any,
+    num_segments: Any,
+    offsets: Any,
+    axis: int,
+    sorted: bool,
+    split_every: SplitEvery,
+    log: bool,
+) -> da.Array:
+    xm, ax, ids, count, srt = _segment_layout(x, segment_ids, num_segments, offsets, axis, sorted)
+    rdtype = result_dtype(xm.dtype)
+    st = _segment_reduction(xm, ids, count, srt, split_every, "state", STATE_DTYPE)
+    others = "".join(chr(ord("a") + i) for i in range(xm.ndim - 1))
+    out = da.blockwise(
+        _segment_softmax_block,
+        "r" + others,
+        xm,
+        "r" + others,
+        ids,
+        "r",
+        st,
+        "s" + others,
+        concatenate=True,
+        dtype=rdtype,
+        meta=np.empty((0,) * xm.ndim, dtype=rdtype),
+        log=log,
+        rdtype=rdtype,
+        name="stablelse-segment-" + ("log_softmax" if log else "softmax"),
+    )
+    return da.moveaxis(out, 0, ax)
+
+
+def segment_softmax(
+    x: Any,
+    segment_ids: Any = None,
+    num_segments: Any = None,
+    *,
+    offsets: Any = None,
+    axis: int = 0,
+    sorted: bool = False,
+    split_every: SplitEvery = None,
+) -> da.Array:
+    """Lazy :func:`stablelse.segment_softmax` of a Dask array.
+
+    Parameters
+    ----------
+    x, segment_ids, num_segments, offsets, axis, sorted, split_every
+        As :func:`segment_logsumexp`.
+
+    Returns
+    -------
+    s : dask.array.Array
+        Same shape and chunks as `x`.
+
+    Notes
+    -----
+    Two steps: the merged states of every segment (as :func:`segment_logsumexp`), then a
+    blockwise write of every element from its segment's state by the kernels' write (the
+    NumPy path's unsorted-ids write), so `x` is read twice (persist it first if it is
+    expensive to produce). Special values as :func:`stablelse.segment_softmax`.
+
+    Examples
+    --------
+    >>> import dask.array as da
+    >>> import numpy as np
+    >>> import stablelse.dask as sd
+    >>> x = da.from_array(np.array([1.0, 1.0, 5.0, 2.0, 3.0]), chunks=2)
+    >>> sd.segment_softmax(x, offsets=[0, 2, 3, 5]).compute()
+    array([0.5       , 0.5       , 1.        , 0.26894142, 0.73105858])
+    """
+    return _segment_softmax_like(
+        x, segment_ids, num_segments, offsets, axis, sorted, split_every, False
+    )
+
+
+def segment_log_softmax(
+    x: Any,
+    segment_ids: Any = None,
+    num_segments: Any = None,
+    *,
+    offsets: Any = None,
+    axis: int = 0,
+    sorted: bool = False,
+    split_every: SplitEvery = None,
+) -> da.Array:
+    """Lazy :func:`stablelse.segment_log_softmax` of a Dask array.
+
+    Parameters
+    ----------
+    x, segment_ids, num_segments, offsets, axis, sorted, split_every
+        As :func:`segment_logsumexp`.
+
+    Returns
+    -------
+    s : dask.array.Array
+        Same shape and chunks as `x`.
+
+    Notes
+    -----
+    As :func:`segment_softmax`, writing ``(x - max) - log1p(excess)``.
+    """
+    return _segment_softmax_like(
+        x, segment_ids, num_segments, offsets, axis, sorted, split_every, True
+    )

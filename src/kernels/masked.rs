@@ -1,139 +1,229 @@
-//! Masked rows: log-sum-exp, softmax and log_softmax over the elements a boolean mask keeps,
-//! the mask read beside the data (no masked copy of the input).
+//! Lanes under a boolean mask (JAX's `where=`): log-sum-exp, states, softmax and log_softmax
+//! over the elements the mask keeps, run by the unmasked kernels on a dense scratch block.
 //!
-//! Semantics are JAX's `where=` (`jax.nn.logsumexp` / `softmax` / `log_softmax`): masked
-//! elements take no part; a fully masked row gives log-sum-exp `-inf`, softmax 0 at every
-//! position and log_softmax `-inf`; masked positions get softmax 0 and log_softmax `-inf`.
-//! The kept elements of a row go through the one online update of [`LseState`], and are written
-//! with the same parameters as the unmasked kernels (`write_params` in `kernels`), so a row with
-//! every element kept gives the unmasked reference's values.
+//! Semantics are JAX's (`jax.nn.logsumexp` / `softmax` / `log_softmax` with `where=`): masked
+//! elements take no part, whatever they hold (a NaN or `+inf` there has no effect); a fully
+//! masked lane gives log-sum-exp `-inf` (the empty state), softmax 0 and log_softmax `-inf` at
+//! every position; masked positions always get softmax 0 and log_softmax `-inf`. Lanes whose
+//! kept elements are all `-inf` behave as the unmasked kernels on those elements (scipy:
+//! softmax NaN at the kept positions).
 //!
-//! This is the scalar kernel: one pass per row for the state, one for the write; rows are split
-//! over threads in fixed pieces, so results are bit-identical for any thread count.
+//! How: the caller copies a block of lanes into a dense buffer (it needs one anyway for
+//! layouts the kernels cannot read in place), the mask block beside it, and hides the masked
+//! elements as it copies: a masked element becomes `-inf`, which is exactly "not there" for a
+//! log-sum-exp: `exp(-inf - m) = 0` adds nothing to a state, and a lane of only `-inf` has the
+//! empty state. The unmasked SIMD kernels then run on the block as they are (log-sum-exp and
+//! states need nothing else), and softmax / log_softmax write 0 / `-inf` at the masked
+//! positions afterwards (which also fixes fully masked lanes, whose every position is masked).
+//! So a lane with every element kept gives the unmasked kernels' values bit for bit, and the
+//! blocking (and so every result) is the same for any thread count.
+//!
+//! The mask is bytes, nonzero = kept (NumPy's bool is one byte; any byte value is read safely).
 
-use super::Reduction;
-use crate::parallel::{self, SendPtr};
+use super::{Algorithm, Reduction};
+use crate::layout::Batch;
 use crate::real::Real;
+use crate::simd;
 use crate::state::LseState;
 
-/// The state of the kept elements of one row.
-fn masked_state<T: Real>(x: &[T], keep: &[bool]) -> LseState {
-    let mut s = LseState::EMPTY;
-    for (&v, &k) in x.iter().zip(keep) {
-        if k {
-            s.push(v.to_f64());
-        }
+/// `x[k] = -inf` wherever `keep[k] == 0`: the masked elements leave the reduction.
+pub fn hide_masked<T: Real>(x: &mut [T], keep: &[u8]) {
+    let hidden = T::from_f64(f64::NEG_INFINITY);
+    for (v, &k) in x.iter_mut().zip(keep) {
+        // A select, not a branch: the loop vectorises.
+        *v = if k != 0 { *v } else { hidden };
     }
-    s
 }
 
-fn check(len: usize, mask: usize, n: usize, out: usize, out_need: usize) -> Result<(), String> {
-    if mask != len {
+/// `out[k] = fill` wherever `keep[k] == 0`.
+fn fill_masked<T: Real>(out: &mut [T], keep: &[u8], fill: T) {
+    for (v, &k) in out.iter_mut().zip(keep) {
+        *v = if k != 0 { *v } else { fill };
+    }
+}
+
+/// The value softmax (0) or log_softmax (`-inf`) takes at a masked position.
+pub fn masked_value<T: Real>(what: Reduction) -> T {
+    T::from_f64(match what {
+        Reduction::Softmax => 0.0,
+        Reduction::LogSoftmax => f64::NEG_INFINITY,
+    })
+}
+
+fn check(buf: usize, keep: usize, batch: &Batch) -> Result<(), String> {
+    if keep != buf {
         return Err(format!(
-            "mask holds {mask} elements, x holds {len}; they must match"
+            "mask holds {keep} elements, the block {buf}; they must match"
         ));
     }
-    if n == 0 && len != 0 || n != 0 && !len.is_multiple_of(n) {
-        return Err(format!("x holds {len} elements, not whole rows of {n}"));
+    if !batch.is_contiguous() {
+        return Err("a masked block must be a contiguous batch".into());
     }
-    if out != out_need {
-        return Err(format!("output holds {out} elements, expected {out_need}"));
-    }
-    Ok(())
+    batch.check(buf)
 }
 
-/// Log-sum-exp of the kept elements of each contiguous row of `n` into `out` (one per row).
-pub fn logsumexp_rows_masked<T: Real>(
-    x: &[T],
-    mask: &[bool],
-    n: usize,
-    out: &mut [T],
-) -> Result<(), String> {
-    let rows = x.len().checked_div(n).unwrap_or(0);
-    check(x.len(), mask.len(), n, out.len(), rows)?;
-    let op = SendPtr(out.as_mut_ptr());
-    parallel::for_each_piece(rows, n.max(1), |range| {
-        for r in range {
-            let s = masked_state(&x[r * n..(r + 1) * n], &mask[r * n..(r + 1) * n]);
-            // SAFETY: row r owns out[r]; r < rows == out.len().
-            unsafe { *op.ptr().add(r) = T::from_f64(s.logsumexp()) };
-        }
-    });
-    Ok(())
-}
-
-/// Softmax or log_softmax of the kept elements of each contiguous row of `n` into `out`
-/// (x's size): masked positions get 0 (softmax) or `-inf` (log_softmax).
-pub fn softmax_rows_masked<T: Real>(
-    x: &[T],
-    mask: &[bool],
-    n: usize,
+/// Softmax or log_softmax of the kept elements of every lane of the dense block `buf`, in
+/// place; masked positions get 0 (softmax) or `-inf` (log_softmax). The masked elements of
+/// `buf` are hidden already ([`hide_masked`], or a gather that hides them). `states` is
+/// scratch of `batch.count()` lane states (softmax only).
+///
+/// log_softmax runs the in-place kernel on the hidden block: `-inf - max - log S` is already
+/// the masked value. Softmax does not: `exp(-inf)` is exact but takes the exp's subnormal
+/// path (microcode assists, about 6x the cost of the whole write), so the states come first,
+/// every masked element is set to its lane's maximum (a cheap `exp(0)`), the kernels' write
+/// pass runs, and the masked positions are overwritten with 0.
+pub fn softmax_like_masked<T: Real>(
+    buf: &mut [T],
+    keep: &[u8],
+    batch: Batch,
+    alg: Algorithm,
     what: Reduction,
-    out: &mut [T],
+    states: &mut [LseState],
 ) -> Result<(), String> {
-    check(x.len(), mask.len(), n, out.len(), x.len())?;
-    let rows = x.len().checked_div(n).unwrap_or(0);
-    let exp = what == Reduction::Softmax;
-    let op = SendPtr(out.as_mut_ptr());
-    parallel::for_each_piece(rows, 2 * n.max(1), |range| {
-        for r in range {
-            let (xr, kr) = (&x[r * n..(r + 1) * n], &mask[r * n..(r + 1) * n]);
-            let (b, a) = super::write_params(masked_state(xr, kr), exp);
-            for (k, (&v, &keep)) in xr.iter().zip(kr).enumerate() {
-                let y = match (keep, exp) {
-                    (true, true) => a * (v.to_f64() - b).exp(),
-                    (true, false) => (v.to_f64() - b) - a,
-                    (false, true) => 0.0,
-                    (false, false) => f64::NEG_INFINITY,
-                };
-                // SAFETY: row r owns out[r * n..(r + 1) * n].
-                unsafe { *op.ptr().add(r * n + k) = T::from_f64(y) };
+    check(buf.len(), keep.len(), &batch)?;
+    if what == Reduction::LogSoftmax {
+        super::softmax_like_inplace(buf, batch, alg, what)?;
+        fill_masked(buf, keep, masked_value(what));
+        return Ok(());
+    }
+    let have = states.len();
+    let states = states
+        .get_mut(..batch.count())
+        .ok_or_else(|| format!("{have} lane states for {} lanes", batch.count()))?;
+    super::lse_states(buf, batch, alg, states)?;
+    let level = simd::level();
+    let (n, inner) = (batch.n, batch.inner);
+    let zero = masked_value::<T>(what);
+    if inner == 1 {
+        for ((row, kr), s) in buf
+            .chunks_exact_mut(n.max(1))
+            .zip(keep.chunks_exact(n.max(1)))
+            .zip(states.iter())
+        {
+            if s.max.is_finite() {
+                fill_masked(row, kr, T::from_f64(s.max));
             }
+            // SAFETY: the row is `n` elements, written in place (allowed: equal buffers).
+            unsafe { super::write_row(level, row.as_ptr(), row.as_mut_ptr(), n, *s, what, false) };
+            fill_masked(row, kr, zero);
         }
-    });
+        return Ok(());
+    }
+    // Column batches: the column write, `COLS` lanes at a time with their parameters.
+    const COLS: usize = 64;
+    let (mut b, mut a) = ([0f64; COLS], [0f64; COLS]);
+    for o in 0..batch.outer {
+        let mut j0 = 0;
+        while j0 < inner {
+            let w = COLS.min(inner - j0);
+            let lanes = &states[o * inner + j0..][..w];
+            for (i, s) in lanes.iter().enumerate() {
+                (b[i], a[i]) = super::write_params(*s, true);
+            }
+            for k in 0..n {
+                let at = (o * n + k) * inner + j0;
+                let (row, kr) = (&mut buf[at..at + w], &keep[at..at + w]);
+                for ((v, &kk), s) in row.iter_mut().zip(kr).zip(lanes) {
+                    if kk == 0 && s.max.is_finite() {
+                        *v = T::from_f64(s.max);
+                    }
+                }
+                // SAFETY: `w` elements and parameters, written in place (equal buffers).
+                unsafe {
+                    simd::lanes_write(
+                        level,
+                        row.as_ptr(),
+                        row.as_mut_ptr(),
+                        w,
+                        b.as_ptr(),
+                        a.as_ptr(),
+                        true,
+                    )
+                };
+                fill_masked(row, kr, zero);
+            }
+            j0 += w;
+        }
+    }
     Ok(())
+}
+
+/// Writes the masked positions of a chunk of a softmax-like output whose kept positions are
+/// written already (the chunks of lanes too long for one block).
+pub fn finish_masked_chunk<T: Real>(out: &mut [T], keep: &[u8], what: Reduction) {
+    fill_masked(out, keep, masked_value(what));
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn fully_masked_rows_and_masked_positions() {
-        let x = [1.0f64, 2.0, 3.0, 4.0, 5.0, 6.0];
-        let mask = [true, false, true, false, false, false];
-        let mut lse = [0.0; 2];
-        logsumexp_rows_masked(&x, &mask, 3, &mut lse).unwrap();
-        let want = 3.0 + (-2.0f64).exp().ln_1p();
-        assert!((lse[0] - want).abs() < 1e-15 && lse[1] == f64::NEG_INFINITY);
-        let mut sm = [9.0; 6];
-        softmax_rows_masked(&x, &mask, 3, Reduction::Softmax, &mut sm).unwrap();
-        assert_eq!(sm[1], 0.0);
-        assert_eq!(sm[3..], [0.0; 3]);
-        assert!((sm[0] + sm[2] - 1.0).abs() < 1e-15);
-        let mut ls = [9.0; 6];
-        softmax_rows_masked(&x, &mask, 3, Reduction::LogSoftmax, &mut ls).unwrap();
-        assert_eq!(ls[1], f64::NEG_INFINITY);
-        assert_eq!(ls[3..], [f64::NEG_INFINITY; 3]);
-        assert!((ls[2] - (3.0 - want)).abs() < 1e-15);
+    fn masked_softmax<T: Real>(x: &[T], keep: &[u8], b: Batch, what: Reduction) -> Vec<T> {
+        let mut buf = x.to_vec();
+        hide_masked(&mut buf, keep);
+        let mut st = vec![LseState::EMPTY; b.count()];
+        softmax_like_masked(&mut buf, keep, b, Algorithm::Auto, what, &mut st).unwrap();
+        buf
     }
 
     #[test]
-    fn all_kept_matches_the_unmasked_reference() {
+    fn fully_masked_lanes_and_masked_positions() {
+        let x = [1.0f64, 2.0, 3.0, 4.0, 5.0, 6.0];
+        let keep = [1u8, 0, 1, 0, 0, 0];
+        let b = Batch::rows(2, 3);
+        let mut hidden = x;
+        hide_masked(&mut hidden, &keep);
+        let mut lse = [0.0; 2];
+        super::super::logsumexp(&hidden, b, Algorithm::Auto, &mut lse).unwrap();
+        let want = 3.0 + (-2.0f64).exp().ln_1p();
+        assert!((lse[0] - want).abs() < 1e-15 && lse[1] == f64::NEG_INFINITY);
+        let sm = masked_softmax(&x, &keep, b, Reduction::Softmax);
+        assert_eq!(sm[1], 0.0);
+        assert_eq!(sm[3..], [0.0; 3]);
+        assert!((sm[0] + sm[2] - 1.0).abs() < 1e-15);
+        let ls = masked_softmax(&x, &keep, b, Reduction::LogSoftmax);
+        assert_eq!(ls[1], f64::NEG_INFINITY);
+        assert_eq!(ls[3..], [f64::NEG_INFINITY; 3]);
+        assert!((ls[2] - (3.0 - want)).abs() < 1e-15);
+        // Columns: the same lanes transposed.
+        let xt = [1.0f64, 4.0, 2.0, 5.0, 3.0, 6.0];
+        let kt = [1u8, 0, 0, 0, 1, 0];
+        let smt = masked_softmax(&xt, &kt, Batch::contiguous(1, 3, 2), Reduction::Softmax);
+        assert_eq!(smt, [sm[0], 0.0, 0.0, 0.0, sm[2], 0.0]);
+    }
+
+    #[test]
+    fn masked_nan_and_inf_have_no_effect_kept_specials_do() {
+        let x = [f64::NAN, 1.0, f64::INFINITY, 2.0];
+        let sm = masked_softmax(&x, &[0, 1, 0, 1], Batch::rows(1, 4), Reduction::Softmax);
+        assert_eq!((sm[0], sm[2]), (0.0, 0.0));
+        assert!((sm[3] - 1.0 / (1.0 + (-1.0f64).exp())).abs() < 1e-15);
+        // Kept elements all -inf: the unmasked op on them (NaN), masked positions still 0.
+        let x = [f64::NEG_INFINITY, f64::NEG_INFINITY, 3.0];
+        let sm = masked_softmax(&x, &[1, 1, 0], Batch::rows(1, 3), Reduction::Softmax);
+        assert!(sm[0].is_nan() && sm[1].is_nan() && sm[2] == 0.0);
+    }
+
+    #[test]
+    fn all_kept_matches_the_unmasked_kernels_bitwise() {
         let x = [0.5f32, -40.0, 3.25, 1e30, -1e30, 7.0, 7.0, 0.0];
-        let mask = [true; 8];
-        let mut a = [0.0f32; 2];
-        let mut b = [0.0f32; 2];
-        logsumexp_rows_masked(&x, &mask, 4, &mut a).unwrap();
-        crate::kernels::logsumexp(&x, crate::Batch::rows(2, 4), crate::Algorithm::Auto, &mut b)
-            .unwrap();
-        assert_eq!(a, b);
+        let batch = Batch::rows(2, 4);
+        for what in [Reduction::Softmax, Reduction::LogSoftmax] {
+            let s = masked_softmax(&x, &[1; 8], batch, what);
+            let mut t = [0.0f32; 8];
+            super::super::softmax_like(&x, batch, Algorithm::Auto, what, &mut t).unwrap();
+            assert_eq!(s, t);
+        }
     }
 
     #[test]
     fn mismatched_sizes_are_errors() {
-        let mut out = [0.0f64; 1];
-        assert!(logsumexp_rows_masked(&[1.0, 2.0], &[true], 2, &mut out).is_err());
-        assert!(logsumexp_rows_masked(&[1.0, 2.0, 3.0], &[true; 3], 2, &mut out).is_err());
+        let mut st = [LseState::EMPTY; 1];
+        let (a, r) = (Algorithm::Auto, Reduction::Softmax);
+        let b = Batch::rows(1, 2);
+        assert!(softmax_like_masked(&mut [1.0, 2.0], &[1], b, a, r, &mut st).is_err());
+        assert!(softmax_like_masked(&mut [1.0f64; 2], &[1, 1], b, a, r, &mut []).is_err());
+        let b = Batch::rows(1, 3);
+        assert!(softmax_like_masked(&mut [1.0, 2.0], &[1, 1], b, a, r, &mut st).is_err());
     }
 }

@@ -9,11 +9,16 @@
 //!   scan): every segment is a contiguous run of rows, a variable-length row of the existing
 //!   row kernels (column kernels when `inner > 1`). Segments are independent, so the work is
 //!   split over segments and nothing depends on the split.
-//! - Unsorted ids: each row is pushed into its segment's `(max, excess)` state with the one
-//!   online update of [`LseState`]. The rows are cut into a number of blocks fixed by the
-//!   problem's size alone, each block keeps its own states, and the blocks' states are merged
-//!   in block order with [`LseState::merge`]; so results are bit-identical for any thread count.
-//!   Softmax then writes every element from its segment's finished state, gathered per element.
+//! - Unsorted ids: a stable two-level counting sort (chunks of rows into buckets of
+//!   consecutive ids, then each cache-sized bucket by segment) hands every segment's rows, in
+//!   array order, to the same row kernels; the pieces depend on the sizes alone, so results
+//!   are bit-identical for any thread count and to the sorted path on the stably sorted
+//!   input. Softmax then writes every element from its segment's finished state, gathered per
+//!   element.
+//!
+//! Ids and offsets may be read where they lie while another thread writes them: every index
+//! derived from them is bounded before use, so such a race changes results or raises
+//! [`SegmentError::Shape`], never an access out of bounds.
 //!
 //! An empty segment has the empty state: log-sum-exp `-inf`, and nothing to write for softmax.
 
@@ -219,9 +224,19 @@ fn csr_starts(seg: &Segments, rows: usize) -> Result<Option<Vec<usize>>, Segment
             if let Some(err) = errors.into_iter().flatten().next() {
                 return Err(err);
             }
+            // Ids read twice at chunk edges disagree only if another thread changed them
+            // during the call; the row ranges must still be ranges of x.
+            if starts.windows(2).any(|w| w[0] > w[1]) {
+                return Err(changed_ids());
+            }
             Ok(Some(starts))
         }
     }
+}
+
+/// Ids that passed validation but read differently later: another thread wrote them.
+fn changed_ids() -> SegmentError {
+    SegmentError::Shape("segment_ids changed while the call was reading it".into())
 }
 
 fn ids_len_error(ids: usize, rows: usize) -> SegmentError {
@@ -244,7 +259,7 @@ pub fn segment_states<T: Real>(
         Some(starts) => csr_states(simd::level(), x, inner, &starts, out),
         None => {
             if let Segments::Ids { ids, num_segments } = seg {
-                unsorted_states(x, inner, ids, num_segments, out)?;
+                unsorted_states(x, inner, ids, num_segments, out, None)?;
             }
         }
     }
@@ -280,7 +295,7 @@ pub fn segment_logsumexp<T: Real>(
             match (starts, seg) {
                 (Some(starts), _) => csr_states(simd::level(), x, inner, &starts, &mut states),
                 (None, Segments::Ids { ids, num_segments }) => {
-                    unsorted_states(x, inner, ids, num_segments, &mut states)?
+                    unsorted_states(x, inner, ids, num_segments, &mut states, None)?
                 }
                 (None, _) => {}
             }
@@ -300,29 +315,118 @@ pub fn segment_softmax_like<T: Real>(
     what: Reduction,
     out: &mut [T],
 ) -> Result<(), SegmentError> {
-    let rows = rows_of(x, inner)?;
     check_len("out", out.len(), x.len())?;
+    // SAFETY: x and out are distinct borrows of the same length.
+    unsafe { softmax_like_raw(x.as_ptr(), out.as_mut_ptr(), x.len(), inner, seg, what) }
+}
+
+/// [`segment_softmax_like`] in place: `buf` holds x and receives the result. Every element
+/// is read (into its segment's state) before it is written.
+pub fn segment_softmax_like_inplace<T: Real>(
+    buf: &mut [T],
+    inner: usize,
+    seg: Segments,
+    what: Reduction,
+) -> Result<(), SegmentError> {
+    let p = buf.as_mut_ptr();
+    // SAFETY: x and out are the same buffer of buf.len() elements.
+    unsafe { softmax_like_raw(p as *const T, p, buf.len(), inner, seg, what) }
+}
+
+/// # Safety
+/// `x` readable and `out` writable for `len` elements; they are disjoint or equal.
+unsafe fn softmax_like_raw<T: Real>(
+    x: *const T,
+    out: *mut T,
+    len: usize,
+    inner: usize,
+    seg: Segments,
+    what: Reduction,
+) -> Result<(), SegmentError> {
+    // SAFETY: the caller's contract. Nothing is written through `out` while `xs` is used,
+    // except elements of other segments (disjoint) or after their segment's state is final.
+    let xs = unsafe { std::slice::from_raw_parts(x, len) };
+    let rows = rows_of(xs, inner)?;
     let level = simd::level();
+    let (xp, op) = (SendPtr(x as *mut T), SendPtr(out));
     match (csr_starts(&seg, rows)?, seg) {
         (Some(starts), _) => {
-            csr_softmax_like(level, x, inner, &starts, what, out);
+            // SAFETY: forwarded.
+            unsafe { csr_softmax_like(level, xp, len, inner, &starts, what, op) };
         }
         (None, Segments::Ids { ids, num_segments }) => {
             let mut states = try_vec(num_segments * inner, LseState::EMPTY)?;
-            unsorted_states(x, inner, ids, num_segments, &mut states)?;
+            // A separate output is about to be overwritten: it holds the sorted values in the
+            // meantime (no fresh buffer of x's size to fault in).
+            let work = (!std::ptr::eq(x, out)).then(|| {
+                // SAFETY: out is writable for len elements, disjoint from x, and unused until
+                // the states are final.
+                unsafe { std::slice::from_raw_parts_mut(out as *mut MaybeUninit<T>, len) }
+            });
+            unsorted_states(xs, inner, ids, num_segments, &mut states, work)?;
             let params = try_params(&states, what == Reduction::Softmax, |_| 1.0)?;
-            gather_write(
-                level,
-                x,
-                inner,
-                ids,
-                &params,
-                what == Reduction::Softmax,
-                out,
-            );
+            // SAFETY: forwarded; every state is final.
+            unsafe {
+                gather_write(
+                    level,
+                    xp,
+                    len,
+                    inner,
+                    ids,
+                    &params,
+                    what == Reduction::Softmax,
+                    op,
+                )
+            };
         }
         (None, _) => {}
     }
+    Ok(())
+}
+
+/// Softmax or log_softmax of every element of a C-contiguous `(rows, inner)` block `x` from
+/// the finished state of its segment, `states[ids[r] * inner + j]`: how one chunk of a larger
+/// array is written once the states of all its chunks are merged. The writes are those of the
+/// unsorted path of [`segment_softmax_like`].
+pub fn segment_softmax_from_states<T: Real>(
+    x: &[T],
+    inner: usize,
+    ids: &[i64],
+    states: &[LseState],
+    what: Reduction,
+    out: &mut [T],
+) -> Result<(), SegmentError> {
+    let rows = rows_of(x, inner)?;
+    check_len("out", out.len(), x.len())?;
+    if ids.len() != rows {
+        return Err(ids_len_error(ids.len(), rows));
+    }
+    if inner == 0 {
+        return Ok(());
+    }
+    if !states.len().is_multiple_of(inner) {
+        return Err(SegmentError::Shape(format!(
+            "{} states are not a whole number of segments of {inner} columns",
+            states.len()
+        )));
+    }
+    let num_segments = states.len() / inner;
+    if let Some((pos, &id)) = ids
+        .iter()
+        .enumerate()
+        .find(|&(_, &id)| id < 0 || id as u64 >= num_segments as u64)
+    {
+        return Err(SegmentError::IdOutOfRange {
+            pos,
+            id,
+            num_segments,
+        });
+    }
+    let exp = what == Reduction::Softmax;
+    let params = try_params(states, exp, |_| 1.0)?;
+    let (xp, op) = (SendPtr(x.as_ptr() as *mut T), SendPtr(out.as_mut_ptr()));
+    // SAFETY: x and out are distinct borrows of x.len() elements; ids are in range.
+    unsafe { gather_write(simd::level(), xp, x.len(), inner, ids, &params, exp, op) };
     Ok(())
 }
 
@@ -399,47 +503,52 @@ fn csr_states<T: Real>(
 }
 
 /// Softmax-like over contiguous-row segments, each written from its own finished state.
-fn csr_softmax_like<T: Real>(
+///
+/// # Safety
+/// `xp` readable and `op` writable for `len` elements (x's), disjoint or equal; `starts`
+/// validated against the rows.
+unsafe fn csr_softmax_like<T: Real>(
     level: Level,
-    x: &[T],
+    xp: SendPtr<T>,
+    len: usize,
     inner: usize,
     starts: &[usize],
     what: Reduction,
-    out: &mut [T],
+    op: SendPtr<T>,
 ) {
-    let (xp, op) = (SendPtr(x.as_ptr() as *mut T), SendPtr(out.as_mut_ptr()));
+    let inplace = std::ptr::eq(xp.ptr(), op.ptr());
+    debug_assert!(starts.last().is_none_or(|&r| r * inner <= len));
     for_each_segment(starts, 2 * inner, |_, r0, r1| {
         if r1 == r0 {
             return;
         }
-        let (first, len) = (r0 * inner, (r1 - r0) * inner);
-        // SAFETY: elements first..first+len lie inside x and out (same shape) and belong to
-        // this segment alone.
+        let (first, n) = (r0 * inner, (r1 - r0) * inner);
+        // SAFETY: elements first..first+n lie inside x and out and belong to this segment
+        // alone; in place, the state is final before the first write.
         unsafe {
-            let slab = std::slice::from_raw_parts(xp.ptr().add(first) as *const T, len);
+            let xr = xp.ptr().add(first) as *const T;
+            let or = op.ptr().add(first);
             if inner == 1 {
-                let state = super::row_state(slab, Algorithm::Auto);
-                super::write_row(
-                    level,
-                    slab.as_ptr(),
-                    op.ptr().add(first),
-                    len,
-                    state,
-                    what,
-                    false,
-                );
+                let state = super::row_state(std::slice::from_raw_parts(xr, n), Algorithm::Auto);
+                super::write_row(level, xr, or, n, state, what, false);
             } else {
-                let o = std::slice::from_raw_parts_mut(op.ptr().add(first), len);
                 let batch = Batch::contiguous(1, r1 - r0, inner);
                 // Cannot fail: the level is the process's and the sizes match by construction.
-                let _ = super::softmax_like_at(level, slab, batch, Algorithm::Auto, what, o);
+                let _ = if inplace {
+                    let buf = std::slice::from_raw_parts_mut(or, n);
+                    super::softmax_like_inplace_at(level, buf, batch, Algorithm::Auto, what)
+                } else {
+                    let slab = std::slice::from_raw_parts(xr, n);
+                    let o = std::slice::from_raw_parts_mut(or, n);
+                    super::softmax_like_at(level, slab, batch, Algorithm::Auto, what, o)
+                };
             }
         }
     });
 }
 
 /// The most buckets the first level of the unsorted path uses (one output stream each).
-const SORT_BUCKETS: usize = 256;
+const SORT_BUCKETS: usize = 64;
 
 /// A vector of `n` uninitialised elements, or [`SegmentError::Alloc`]. Skipping the fill
 /// saves a pass over memory that is about to be overwritten.
@@ -468,22 +577,31 @@ unsafe fn copy_row<T: Copy>(src: *const T, dst: *mut T, inner: usize) {
     }
 }
 
+/// Rows of the first level of the unsorted path handled together: their ids, values and sorted
+/// copies stay in the cache between the count and the scatter.
+const SORT_CHUNK: usize = 1 << 16;
+
 /// States of unsorted segments, through a stable two-level counting sort into the sorted path.
 ///
-/// Rows are first distributed into at most [`SORT_BUCKETS`] buckets of consecutive segment
-/// ids (chunks of rows counted, then scattered in parallel, each chunk into ranges fixed by a
-/// prefix sum, so each bucket keeps its rows in array order). Each bucket, small enough for
-/// the cache, is then sorted by segment into a scratch buffer and its segments reduced there
-/// by the row kernels of the sorted path, as contiguous runs. Every segment is thus reduced
-/// over its rows in array order, exactly as the sorted path reduces the stably sorted input;
-/// the pieces depend on the sizes alone, so the result is the same for any thread count.
-/// Ids are validated in the first pass; the first offending position is reported.
+/// First level: the rows are cut into chunks of [`SORT_CHUNK`]; each chunk counts its rows
+/// per bucket of consecutive segment ids (at most [`SORT_BUCKETS`]) and scatters them, in
+/// array order, into its own region of two work buffers (values and ids within the bucket),
+/// grouped by bucket. The ids are read from memory once: the scatter re-reads them from the
+/// cache. Second level: each bucket gathers its pieces from every chunk in chunk order (so
+/// its rows stay in array order), sorts them by segment into a scratch buffer small enough
+/// for the cache, and reduces its segments there with the row kernels of the sorted path, as
+/// contiguous runs. Every segment is thus reduced over its rows in array order, exactly as
+/// the sorted path reduces the stably sorted input; the pieces depend on the sizes alone, so
+/// the result is the same for any thread count. Ids are validated by the first level; the
+/// first offending position is reported. `work`, when it holds `x.len()` elements, is used as
+/// the values' work buffer instead of a fresh one.
 fn unsorted_states<T: Real>(
     x: &[T],
     inner: usize,
     ids: &[i64],
     num_segments: usize,
     out: &mut [LseState],
+    work: Option<&mut [MaybeUninit<T>]>,
 ) -> Result<(), SegmentError> {
     let rows = ids.len();
     debug_assert_eq!(x.len(), rows * inner);
@@ -499,16 +617,33 @@ fn unsorted_states<T: Real>(
     } else {
         ((num_segments - 1) >> shift) + 1
     };
-    let chunk = (1usize << 16).max(rows.div_ceil(1024));
-    let chunks = rows.div_ceil(chunk).max(1);
-    let mut counts = try_vec(chunks * buckets, 0usize)?;
-    let cp = SendPtr(counts.as_mut_ptr());
-    let chunk_rows = |k: usize| (k * chunk).min(rows)..((k + 1) * chunk).min(rows);
-    let errors = parallel::map_collect(chunks, chunk, |k| {
-        // SAFETY: chunk k owns counts[k * buckets..(k + 1) * buckets].
-        let c = unsafe { std::slice::from_raw_parts_mut(cp.ptr().add(k * buckets), buckets) };
-        for r in chunk_rows(k) {
-            let id = ids[r];
+    let chunks = rows.div_ceil(SORT_CHUNK).max(1);
+    // pieces[k * (buckets + 1) + b]: where bucket b of chunk k starts in the work buffers;
+    // pieces[k * (buckets + 1) + buckets] is the chunk's end.
+    let stride = buckets + 1;
+    let mut pieces = try_vec(chunks * stride, 0usize)?;
+    let mut own_x: Vec<MaybeUninit<T>>;
+    let tmp_x: &mut [MaybeUninit<T>] = match work {
+        Some(w) if w.len() == x.len() => w,
+        _ => {
+            own_x = try_uninit::<T>(x.len())?;
+            &mut own_x
+        }
+    };
+    let mut tmp_local = try_uninit::<u32>(rows)?;
+    let (tp, lp) = (
+        SendPtr(tmp_x.as_mut_ptr() as *mut T),
+        SendPtr(tmp_local.as_mut_ptr() as *mut u32),
+    );
+    let pp = SendPtr(pieces.as_mut_ptr());
+    let mask = (1usize << shift) - 1;
+    let changed = AtomicBool::new(false);
+    let errors = parallel::map_collect(chunks, SORT_CHUNK * inner.max(1), |k| {
+        let (r0, r1) = ((k * SORT_CHUNK).min(rows), ((k + 1) * SORT_CHUNK).min(rows));
+        // SAFETY: chunk k owns pieces[k * stride..(k + 1) * stride].
+        let starts = unsafe { std::slice::from_raw_parts_mut(pp.ptr().add(k * stride), stride) };
+        let mut count = [0usize; SORT_BUCKETS];
+        for (r, &id) in (r0..r1).zip(&ids[r0..r1]) {
             if id < 0 || id as u64 >= num_segments as u64 {
                 return Some(SegmentError::IdOutOfRange {
                     pos: r,
@@ -516,7 +651,39 @@ fn unsorted_states<T: Real>(
                     num_segments,
                 });
             }
-            c[(id as usize) >> shift] += 1;
+            count[((id as usize) >> shift) & (SORT_BUCKETS - 1)] += 1;
+        }
+        let mut run = r0;
+        for b in 0..buckets {
+            starts[b] = run;
+            run += count[b];
+        }
+        starts[buckets] = run;
+        // Cursors and ends of this chunk's buckets. The ids are read again (from the cache):
+        // one changed since the count (another thread) is caught by the bounds below, never
+        // written outside this chunk's region, and reported after the pass.
+        let mut cur = [0usize; SORT_BUCKETS];
+        cur[..buckets].copy_from_slice(&starts[..buckets]);
+        for (r, &id) in (r0..r1).zip(&ids[r0..r1]) {
+            let id = id as usize;
+            let b = id >> shift;
+            match (cur.get_mut(b), starts.get(b + 1)) {
+                (Some(slot), Some(&end)) if id < num_segments && *slot < end => {
+                    let p = *slot;
+                    *slot += 1;
+                    // SAFETY: r0 <= p < r1: the chunk's own rows of both buffers; row r
+                    // lies inside x.
+                    unsafe {
+                        *lp.ptr().add(p) = (id & mask) as u32;
+                        copy_row(x.as_ptr().add(r * inner), tp.ptr().add(p * inner), inner);
+                    }
+                }
+                _ => changed.store(true, Ordering::Relaxed),
+            }
+        }
+        // Every cursor at its end means every row of the chunk was written exactly once.
+        if cur[..buckets] != starts[1..] {
+            changed.store(true, Ordering::Relaxed);
         }
         None
     });
@@ -524,84 +691,62 @@ fn unsorted_states<T: Real>(
     if let Some(err) = errors.into_iter().flatten().next() {
         return Err(err);
     }
-    // Bucket-major exclusive prefix: chunk k writes bucket b from counts[k][b] on.
-    let mut bucket_start = try_vec(buckets + 1, rows)?;
-    let mut run = 0usize;
-    for b in 0..buckets {
-        bucket_start[b] = run;
-        for k in 0..chunks {
-            let c = &mut counts[k * buckets + b];
-            let n = *c;
-            *c = run;
-            run += n;
-        }
+    if changed.into_inner() {
+        return Err(changed_ids());
     }
-    let mut tmp_x = try_uninit::<T>(x.len())?;
-    let mut tmp_local = try_uninit::<u32>(rows)?;
-    let (tp, lp) = (
-        SendPtr(tmp_x.as_mut_ptr() as *mut T),
-        SendPtr(tmp_local.as_mut_ptr() as *mut u32),
-    );
-    let cp = SendPtr(counts.as_mut_ptr());
-    let mask = (1usize << shift) - 1;
-    parallel::for_each_piece(chunks, chunk * inner.max(1), |range| {
-        for k in range {
-            // SAFETY: chunk k owns its cursors, and the ranges they walk are disjoint from
-            // every other chunk's (prefix above); rows and ids were validated.
-            unsafe {
-                let cur = std::slice::from_raw_parts_mut(cp.ptr().add(k * buckets), buckets);
-                for r in chunk_rows(k) {
-                    let id = ids[r] as usize;
-                    let slot = &mut cur[id >> shift];
-                    let p = *slot;
-                    *slot += 1;
-                    *lp.ptr().add(p) = (id & mask) as u32;
-                    copy_row(x.as_ptr().add(r * inner), tp.ptr().add(p * inner), inner);
-                }
-            }
-        }
-    });
-    drop(counts);
-    // SAFETY: the partition wrote every row of both buffers exactly once.
+    // SAFETY: the first level wrote every row of both buffers exactly once (checked above).
     let (tmp_x, tmp_local) = unsafe {
         (
             std::slice::from_raw_parts(tmp_x.as_ptr() as *const T, x.len()),
             std::slice::from_raw_parts(tmp_local.as_ptr() as *const u32, rows),
         )
     };
+    let pieces = &pieces;
+    let piece = |k: usize, b: usize| pieces[k * stride + b]..pieces[k * stride + b + 1];
+    let bucket_len = |b: usize| (0..chunks).map(|k| piece(k, b).len()).sum::<usize>();
     // Second level: each bucket sorts its rows by local id into a scratch buffer and reduces
     // its segments there.
     let failed = AtomicBool::new(false);
     let op = SendPtr(out.as_mut_ptr());
-    let bucket_start = &bucket_start;
     let per_bucket = (rows * inner.max(1)).div_ceil(buckets).max(1);
     let level = simd::level();
     parallel::for_each_piece(buckets, per_bucket, |range| {
+        // One scratch and one cursor array per piece of buckets, sized for its largest
+        // bucket: a fresh allocation per bucket would be a fresh mapping for large buckets.
+        let most = range.clone().map(bucket_len).max().unwrap_or(0);
+        let (Ok(mut scratch), Ok(mut starts)) = (
+            try_uninit::<T>(most * inner),
+            try_vec((1usize << shift).min(num_segments) + 1, 0usize),
+        ) else {
+            failed.store(true, Ordering::Relaxed);
+            return;
+        };
         for b in range {
-            let (b0, b1) = (bucket_start[b], bucket_start[b + 1]);
+            let n = bucket_len(b);
             let base = b << shift;
             let segs = ((b + 1) << shift).min(num_segments) - base;
-            let (Ok(mut scratch), Ok(mut starts)) = (
-                try_uninit::<T>((b1 - b0) * inner),
-                try_vec(segs + 1, 0usize),
-            ) else {
-                failed.store(true, Ordering::Relaxed);
-                return;
-            };
-            let local = &tmp_local[b0..b1];
-            for &l in local {
-                starts[l as usize + 1] += 1;
+            let starts = &mut starts[..segs + 1];
+            starts.fill(0);
+            for k in 0..chunks {
+                for &l in &tmp_local[piece(k, b)] {
+                    starts[l as usize + 1] += 1;
+                }
             }
             for s in 1..=segs {
                 starts[s] += starts[s - 1];
             }
             // Cursors: starts[l] advanced in place, then shifted back below.
             let sp = scratch.as_mut_ptr() as *mut T;
-            for (p, &l) in (b0..b1).zip(local) {
-                let slot = &mut starts[l as usize];
-                // SAFETY: slot < b1 - b0 (counting sort); row p lies inside tmp_x.
-                unsafe { copy_row(tmp_x.as_ptr().add(p * inner), sp.add(*slot * inner), inner) };
-                *slot += 1;
+            for k in 0..chunks {
+                let range = piece(k, b);
+                for (p, &l) in range.clone().zip(&tmp_local[range]) {
+                    let slot = &mut starts[l as usize];
+                    // SAFETY: slot < n (counting sort); row p lies inside tmp_x.
+                    unsafe {
+                        copy_row(tmp_x.as_ptr().add(p * inner), sp.add(*slot * inner), inner)
+                    };
+                    *slot += 1;
+                }
             }
             for s in (1..=segs).rev() {
                 starts[s] = starts[s - 1];
@@ -610,9 +755,9 @@ fn unsorted_states<T: Real>(
             // SAFETY: the scatter wrote every row of the scratch; bucket b owns the states of
             // segments base..base + segs.
             unsafe {
-                let sorted = std::slice::from_raw_parts(sp as *const T, (b1 - b0) * inner);
+                let sorted = std::slice::from_raw_parts(sp as *const T, n * inner);
                 let o = std::slice::from_raw_parts_mut(op.ptr().add(base * inner), segs * inner);
-                csr_states(level, sorted, inner, &starts, o);
+                csr_states(level, sorted, inner, starts, o);
             }
         }
     });
@@ -648,23 +793,28 @@ const GATHER: usize = 256;
 /// Writes every element of unsorted segments from its segment's parameters:
 /// `out = a * exp(x - b)` (softmax) or `(x - b) - a` (log_softmax), the column write pass of
 /// the kernels with `(b, a)` gathered per element. Ids were validated by the states pass.
-fn gather_write<T: Real>(
+///
+/// # Safety
+/// `xp` readable and `op` writable for `len` elements, disjoint or equal (each element is
+/// read before it is written).
+#[allow(clippy::too_many_arguments)]
+unsafe fn gather_write<T: Real>(
     level: Level,
-    x: &[T],
+    xp: SendPtr<T>,
+    len: usize,
     inner: usize,
     ids: &[i64],
     params: &[[f64; 2]],
     exp: bool,
-    out: &mut [T],
+    op: SendPtr<T>,
 ) {
-    let (xp, op) = (SendPtr(x.as_ptr() as *mut T), SendPtr(out.as_mut_ptr()));
-    let chunks = x.len().div_ceil(GATHER);
+    let chunks = len.div_ceil(GATHER);
     parallel::for_each_piece(chunks, 2 * GATHER, |range| {
         let (mut b, mut a) = ([0.0f64; GATHER], [0.0f64; GATHER]);
         for c in range {
             let e0 = c * GATHER;
-            let len = GATHER.min(x.len() - e0);
-            for k in 0..len {
+            let n = GATHER.min(len - e0);
+            for k in 0..n {
                 let e = e0 + k;
                 let (r, j) = if inner == 1 {
                     (e, 0)
@@ -676,13 +826,13 @@ fn gather_write<T: Real>(
                 b[k] = bq;
                 a[k] = aq;
             }
-            // SAFETY: elements e0..e0+len lie inside x and out and belong to this chunk.
+            // SAFETY: elements e0..e0+n lie inside x and out and belong to this chunk.
             unsafe {
                 simd::lanes_write(
                     level,
                     (xp.ptr() as *const T).add(e0),
                     op.ptr().add(e0),
-                    len,
+                    n,
                     b.as_ptr(),
                     a.as_ptr(),
                     exp,
@@ -751,7 +901,7 @@ pub fn segment_cross_entropy<T: Real>(
             csr_states(level, x, 1, starts, &mut states);
         }
         (None, Segments::Ids { ids, num_segments }) => {
-            unsorted_states(x, 1, ids, num_segments, &mut states)?;
+            unsorted_states(x, 1, ids, num_segments, &mut states, None)?;
             // The k-th element of segment s in array order; ids are valid after the states.
             let mut seen = try_vec(count, 0i64)?;
             for (r, &id) in ids.iter().enumerate() {
@@ -828,7 +978,9 @@ pub fn segment_cross_entropy<T: Real>(
                 });
             }
             (None, Segments::Ids { ids, .. }) => {
-                gather_write(level, x, 1, ids, &params, true, g);
+                let (xp, gp) = (SendPtr(x.as_ptr() as *mut T), SendPtr(g.as_mut_ptr()));
+                // SAFETY: x and grad are distinct borrows of `rows` elements.
+                unsafe { gather_write(level, xp, rows, 1, ids, &params, true, gp) };
             }
             (None, _) => {}
         }

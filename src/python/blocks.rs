@@ -11,7 +11,7 @@ use super::array::{dense, dense_mut, try_empty, try_vec, Raw};
 use super::errors::to_pyerr;
 use super::reductions::{f64_values, value_error};
 use crate::error::Error;
-use crate::kernels::{from_states, Reduction};
+use crate::kernels::{from_states, masked, Reduction};
 use crate::layout::Batch;
 use crate::real::Real;
 use crate::state::LseState;
@@ -27,11 +27,27 @@ fn from_states_typed<'py, T: Real + Element>(
     max: &Bound<'py, PyAny>,
     excess: &Bound<'py, PyAny>,
     what: Reduction,
+    mask: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyAny>> {
     let rx = Raw::of(x)?;
     if !rx.is_dense::<T>() {
         return Err(value_error("x must be a C-contiguous, aligned 2-D array"));
     }
+    let rm = match mask {
+        None => None,
+        Some(m) => {
+            let m = m
+                .cast::<PyArray2<bool>>()
+                .map_err(|_| PyTypeError::new_err("where must be a 2-D bool array"))?;
+            let rm = Raw::of(m)?;
+            if rm.shape() != rx.shape() || !rm.is_dense::<u8>() {
+                return Err(value_error(
+                    "where must be a C-contiguous bool array of x's shape",
+                ));
+            }
+            Some(rm)
+        }
+    };
     let batch = Batch::rows(rx.shape[0], rx.shape[1]);
     let (ms, mshape) = f64_values(max, "max", None)?;
     let (es, _) = f64_values(excess, "excess", Some(&mshape))?;
@@ -62,7 +78,14 @@ fn from_states_typed<'py, T: Real + Element>(
         let (Some(xs), Some(os)) = (xs, os) else {
             return Err(Error::Layout("x and the result must be dense".into()));
         };
-        from_states::softmax_like_from_states(xs, batch, &states, what, os)
+        from_states::softmax_like_from_states(xs, batch, &states, what, os)?;
+        if let Some(rm) = &rm {
+            // SAFETY: the mask is held by the caller for the call and is dense (checked above).
+            if let Some(keep) = unsafe { dense::<u8>(rm) } {
+                masked::finish_masked_chunk(os, keep, what);
+            }
+        }
+        Ok(())
     })
     .map_err(|e| to_pyerr(py, e))?;
     Ok(out.into_any())
@@ -70,15 +93,17 @@ fn from_states_typed<'py, T: Real + Element>(
 
 /// softmax (`log = False`) or log_softmax of each row of a C-contiguous 2-D float array,
 /// normalised by the given float64 `(max, excess)` state of that row (one per row, 1-D
-/// arrays of any layout).
+/// arrays of any layout). With `where` (a C-contiguous bool array of x's shape), the states are
+/// those of the kept elements, and masked positions get 0 (softmax) or `-inf` (log_softmax).
 #[pyfunction]
-#[pyo3(signature = (x, max, excess, log = false))]
+#[pyo3(signature = (x, max, excess, log = false, r#where = None))]
 fn softmax_from_states<'py>(
     py: Python<'py>,
     x: &Bound<'py, PyAny>,
     max: &Bound<'py, PyAny>,
     excess: &Bound<'py, PyAny>,
     log: bool,
+    r#where: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyAny>> {
     let what = if log {
         Reduction::LogSoftmax
@@ -86,9 +111,9 @@ fn softmax_from_states<'py>(
         Reduction::Softmax
     };
     if let Ok(x) = x.cast::<PyArray2<f32>>() {
-        from_states_typed(py, x, max, excess, what)
+        from_states_typed(py, x, max, excess, what, r#where)
     } else if let Ok(x) = x.cast::<PyArray2<f64>>() {
-        from_states_typed(py, x, max, excess, what)
+        from_states_typed(py, x, max, excess, what, r#where)
     } else {
         Err(PyTypeError::new_err(
             "x must be a 2-D float32 or float64 array",

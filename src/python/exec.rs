@@ -12,7 +12,7 @@
 //! blocked path: the gather widens each block to float32 and the scatter rounds it back.
 
 use crate::half::{read_run, write_run, Stored};
-use crate::kernels::{self, scalar, Algorithm, Reduction, LONG_ROW_BLOCK};
+use crate::kernels::{self, masked, scalar, Algorithm, Reduction, LONG_ROW_BLOCK};
 use crate::layout::Batch;
 use crate::parallel;
 use crate::plan::Plan;
@@ -150,11 +150,29 @@ impl WorkView {
     /// The view describes a live array of `T` that covers those elements.
     pub unsafe fn gather<T: Copy>(&self, start: usize, dst: &mut [T]) {
         let mut at = 0usize;
+        let size = std::mem::size_of::<T>() as isize;
         self.runs(start, dst.len(), |off, stride, len| {
-            // SAFETY: the run lies inside the array (caller's contract); its elements may be
-            // unaligned (a view of a byte buffer).
-            unsafe { read_run(self.base.offset(off), stride, &mut dst[at..at + len]) };
+            let run = &mut dst[at..at + len];
             at += len;
+            if stride == size {
+                // SAFETY: the run lies inside the array (caller's contract); bytes have no
+                // alignment, and `run` is a distinct buffer.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        self.base.offset(off),
+                        run.as_mut_ptr() as *mut u8,
+                        len * size as usize,
+                    )
+                };
+            } else if stride == 0 {
+                // A broadcast axis: one element repeated.
+                // SAFETY: as below.
+                run.fill(unsafe { (self.base.offset(off) as *const T).read_unaligned() });
+            } else {
+                // SAFETY: the run lies inside the array (caller's contract); its elements may
+                // be unaligned (a view of a byte buffer).
+                unsafe { read_run(self.base.offset(off), stride, run) };
+            }
         });
     }
 
@@ -163,6 +181,10 @@ impl WorkView {
     /// # Safety
     /// The view describes a live array of `S` that covers those elements.
     pub unsafe fn gather_as<S: Stored>(&self, start: usize, dst: &mut [S::Compute]) {
+        if S::NATIVE {
+            // SAFETY: an array of S holds values of S::Compute itself.
+            return unsafe { self.gather(start, dst) };
+        }
         let mut at = 0usize;
         self.runs(start, dst.len(), |off, stride, len| {
             // SAFETY: as in gather.
@@ -208,10 +230,23 @@ impl WorkView {
     /// As [`WorkView::gather`], and the array is writeable.
     pub unsafe fn scatter<T: Copy>(&self, start: usize, src: &[T]) {
         let mut at = 0usize;
+        let size = std::mem::size_of::<T>() as isize;
         self.runs(start, src.len(), |off, stride, len| {
-            // SAFETY: as in gather.
-            unsafe { write_run(&src[at..at + len], self.base.offset(off), stride) };
+            let run = &src[at..at + len];
             at += len;
+            if stride == size {
+                // SAFETY: as in gather; the output is writeable and distinct from `src`.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        run.as_ptr() as *const u8,
+                        self.base.offset(off),
+                        len * size as usize,
+                    )
+                };
+            } else {
+                // SAFETY: as in gather.
+                unsafe { write_run(run, self.base.offset(off), stride) };
+            }
         });
     }
 
@@ -220,6 +255,10 @@ impl WorkView {
     /// # Safety
     /// As [`WorkView::scatter`], for an array of `S`.
     pub unsafe fn scatter_as<S: Stored>(&self, start: usize, src: &[S::Compute]) {
+        if S::NATIVE {
+            // SAFETY: as in gather_as.
+            return unsafe { self.scatter(start, src) };
+        }
         let mut at = 0usize;
         self.runs(start, src.len(), |off, stride, len| {
             // SAFETY: as in gather.
@@ -331,29 +370,35 @@ impl Blocks {
     }
 }
 
-/// Runs `f(block, elements, states)` over every block, in parallel pieces that each own one
-/// scratch of `elements` values and one of `states` lane states; a failed allocation is
-/// `ExecError::Memory`.
+/// Runs `f(block, elements, mask, states)` over every block, in parallel pieces that each own
+/// one scratch of `elements` values, one of `mask` mask bytes and one of `states` lane states;
+/// a failed allocation is `ExecError::Memory`.
 fn for_each_block<S: Copy + Send + Sync>(
     blocks: &Blocks,
     zero: S,
     elements: usize,
+    mask: usize,
     states: usize,
-    f: impl Fn(usize, &mut [S], &mut [LseState]) -> Result<(), ExecError> + Sync + Send,
+    f: impl Fn(usize, &mut [S], &mut [u8], &mut [LseState]) -> Result<(), ExecError> + Sync + Send,
 ) -> Result<(), ExecError> {
     let failed = std::sync::Mutex::new(None::<ExecError>);
     let fail = |e: ExecError| *failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
     // About eight blocks per piece: one allocation serves several blocks.
     parallel::for_each_piece(blocks.count(), parallel::GRAIN_ELEMENTS / 8, |range| {
         let mut scratch: Vec<S> = Vec::new();
+        let mut keep: Vec<u8> = Vec::new();
         let mut st: Vec<LseState> = Vec::new();
-        if scratch.try_reserve_exact(elements).is_err() || st.try_reserve_exact(states).is_err() {
+        if scratch.try_reserve_exact(elements).is_err()
+            || keep.try_reserve_exact(mask).is_err()
+            || st.try_reserve_exact(states).is_err()
+        {
             return fail(ExecError::Memory);
         }
         scratch.resize(elements, zero);
+        keep.resize(mask, 0);
         st.resize(states, LseState::EMPTY);
         for b in range {
-            if let Err(e) = f(b, &mut scratch, &mut st) {
+            if let Err(e) = f(b, &mut scratch, &mut keep, &mut st) {
                 return fail(e);
             }
         }
@@ -388,16 +433,30 @@ unsafe fn slice_mut_of<'a, T>(raw: &Raw, batch: &Batch) -> Result<&'a mut [T], E
     Ok(unsafe { std::slice::from_raw_parts_mut(raw.data::<T>(), len) })
 }
 
+/// The plan's direct batch of `x` when the kernels read it where it is: arrays of a 16-bit
+/// `S` and masked lanes always take the blocked path (the mask block is gathered beside the
+/// block of `x`).
+fn direct_batch<S: Stored>(p: &Plan, mask: Option<&Raw>) -> Option<Batch> {
+    match (p.access, mask) {
+        (crate::plan::Access::Direct(b), None) if S::NATIVE => Some(b),
+        _ => None,
+    }
+}
+
 /// Softmax or log_softmax of `x` (planned by `p`) into `out` (same shape; `out` may be `x`
-/// itself, or share no element with it). Arrays of a 16-bit `S` are computed in `T` block by
-/// block (the kernels never read them where they are; in place works as for any blocked plan).
+/// itself, or share no element with it), over the elements `mask` keeps if one is given (a
+/// bool array of `x`'s shape, any strides, zero strides included; see `kernels::masked`).
+/// Arrays of a 16-bit `S` are computed in `T` block by block (the kernels never read them where
+/// they are; in place works as for any blocked plan).
 ///
 /// # Safety
-/// `x` and `out` describe live arrays of `S` of the planned shape; `out` is writeable; they
-/// are the same view or share no element.
+/// `x` and `out` describe live arrays of `S` of the planned shape, `mask` one of bytes; `out`
+/// is writeable; `x` and `out` are the same view or share no element; `mask` shares no element
+/// with `out`.
 pub(crate) unsafe fn softmax<S: Stored<Compute = T>, T: Real>(
     p: &Plan,
     x: &Raw,
+    mask: Option<&Raw>,
     out: &Raw,
     alg: Algorithm,
     what: Reduction,
@@ -406,10 +465,7 @@ pub(crate) unsafe fn softmax<S: Stored<Compute = T>, T: Real>(
         return Ok(());
     }
     let inplace = x.same_view(out);
-    let xb = match p.access {
-        crate::plan::Access::Direct(b) if S::NATIVE => Some(b),
-        _ => None,
-    };
+    let xb = direct_batch::<S>(p, mask);
     let ob = p.dense_out(out.layout());
     if let (Some(xb), Some(ob)) = (xb, ob) {
         let (x0, x1) = x.extent();
@@ -449,22 +505,29 @@ pub(crate) unsafe fn softmax<S: Stored<Compute = T>, T: Real>(
     }
     let blocks = Blocks::new(p);
     let xv = WorkView::new(x, p.perm.iter().copied());
+    let mv = mask.map(|m| WorkView::new(m, p.perm.iter().copied()));
     let ov = WorkView::new(out, p.perm.iter().copied());
     if blocks.long_lanes() {
         return for_each_long_lane::<S, T>(
             &blocks,
             2 * LONG_ROW_BLOCK,
             &xv,
+            mv.as_ref(),
             alg,
-            |start, buf, state| {
+            |start, buf, kbuf, state| {
                 let (xs, os) = buf.split_at_mut(LONG_ROW_BLOCK);
                 let mut k = 0;
                 while k < blocks.n {
                     let len = LONG_ROW_BLOCK.min(blocks.n - k);
                     let at = start + k * blocks.inner;
                     // SAFETY: the views cover the planned shape; the lane is this task's own.
-                    unsafe { xv.gather_step::<S>(at, blocks.inner, &mut xs[..len]) };
+                    let keep = unsafe {
+                        gather_chunk::<S, T>(&xv, mv.as_ref(), at, &blocks, xs, kbuf, len)
+                    };
                     write_chunk(&xs[..len], &mut os[..len], state, what);
+                    if let Some(keep) = keep {
+                        masked::finish_masked_chunk(&mut os[..len], keep, what);
+                    }
                     // SAFETY: as above; out is writeable.
                     unsafe { ov.scatter_step::<S>(at, blocks.inner, &os[..len]) };
                     k += len;
@@ -472,19 +535,30 @@ pub(crate) unsafe fn softmax<S: Stored<Compute = T>, T: Real>(
             },
         );
     }
+    let (mask_len, lanes) = match mv {
+        Some(_) => (blocks.elements(), blocks.slabs * blocks.cols),
+        None => (0, 0),
+    };
     for_each_block::<T>(
         &blocks,
         T::from_f64(0.0),
         blocks.elements(),
-        0,
-        |b, scratch, _| {
+        mask_len,
+        lanes,
+        |b, scratch, keep, states| {
             let (batch, o0, j0) = blocks.block(b);
             let buf = &mut scratch[..batch.elements()];
-            // SAFETY: the views cover the planned shape; this block's elements are its own.
-            blocks.element_runs(o0, j0, &batch, |w, d, len| unsafe {
-                xv.gather_as::<S>(w, &mut buf[d..d + len])
-            });
-            kernels::softmax_like_inplace(buf, batch, alg, what)?;
+            if let Some(mv) = &mv {
+                let keep = &mut keep[..batch.elements()];
+                gather_hidden::<S, T>(&blocks, o0, j0, &batch, &xv, mv, buf, keep);
+                masked::softmax_like_masked(buf, keep, batch, alg, what, states)?;
+            } else {
+                // SAFETY: the views cover the planned shape; this block's elements are its own.
+                blocks.element_runs(o0, j0, &batch, |w, d, len| unsafe {
+                    xv.gather_as::<S>(w, &mut buf[d..d + len])
+                });
+                kernels::softmax_like_inplace(buf, batch, alg, what)?;
+            }
             // SAFETY: as above; out is writeable.
             blocks.element_runs(o0, j0, &batch, |w, d, len| unsafe {
                 ov.scatter_as::<S>(w, &buf[d..d + len])
@@ -502,16 +576,19 @@ pub(crate) enum LaneOut<'a> {
     States(&'a Raw, &'a Raw),
 }
 
-/// A reduction of `x` (planned by `p`) over its lanes. The outputs hold the kept axes, in the
-/// order `kept_axes` lists them for the output arrays (`out_axes`: the output's axis for each
-/// kept axis of the work order), and share no element with `x`.
+/// A reduction of `x` (planned by `p`) over its lanes, of the elements `mask` keeps if one is
+/// given (as in [`softmax`]). The outputs hold the kept axes, in the order `kept_axes` lists
+/// them for the output arrays (`out_axes`: the output's axis for each kept axis of the work
+/// order), and share no element with `x` or `mask`.
 ///
 /// # Safety
-/// `x` and the outputs describe live arrays of the planned shapes (`x` and a `Logsumexp`
-/// output of `S`, computed in `T`; states in float64); outputs are writeable.
+/// `x`, `mask` and the outputs describe live arrays of the planned shapes (`x` and a
+/// `Logsumexp` output of `S`, computed in `T`; `mask` of bytes; states in float64); outputs
+/// are writeable.
 pub(crate) unsafe fn reduce<S: Stored<Compute = T>, T: Real>(
     p: &Plan,
     x: &Raw,
+    mask: Option<&Raw>,
     out_axes: &[usize],
     what: LaneOut<'_>,
     alg: Algorithm,
@@ -520,10 +597,9 @@ pub(crate) unsafe fn reduce<S: Stored<Compute = T>, T: Real>(
     if count == 0 {
         return Ok(());
     }
-    let xb = match p.access {
-        crate::plan::Access::Direct(b) if S::NATIVE => Some(b),
-        _ => None,
-    };
+    let xb = direct_batch::<S>(p, mask);
+    let kv = mask.map(|m| WorkView::new(m, p.perm.iter().copied()));
+    let mask_len = |blocks: &Blocks| if kv.is_some() { blocks.elements() } else { 0 };
     let view = |r: &Raw| WorkView::new(r, out_axes.iter().copied());
     // The output is dense C in the work order when its axes, taken in that order, step by
     // exactly the elements after them.
@@ -556,8 +632,9 @@ pub(crate) unsafe fn reduce<S: Stored<Compute = T>, T: Real>(
                     &blocks,
                     LONG_ROW_BLOCK,
                     &xv,
+                    kv.as_ref(),
                     alg,
-                    |start, _, state| {
+                    |start, _, _, state| {
                         let v = [T::from_f64(state.logsumexp())];
                         // SAFETY: out covers the kept shape and is writeable.
                         unsafe { ov.scatter_as::<S>(lane_of(&blocks, start), &v) };
@@ -569,16 +646,23 @@ pub(crate) unsafe fn reduce<S: Stored<Compute = T>, T: Real>(
                 &blocks,
                 T::from_f64(0.0),
                 blocks.elements() + lanes,
+                mask_len(&blocks),
                 0,
-                |b, scratch, _| {
+                |b, scratch, keep, _| {
                     let (batch, o0, j0) = blocks.block(b);
                     let (buf, res) = scratch.split_at_mut(blocks.elements());
                     let buf = &mut buf[..batch.elements()];
                     let res = &mut res[..batch.count()];
-                    // SAFETY: the view covers the planned shape.
-                    blocks.element_runs(o0, j0, &batch, |w, d, len| unsafe {
-                        xv.gather_as::<S>(w, &mut buf[d..d + len])
-                    });
+                    match &kv {
+                        Some(kv) => {
+                            let keep = &mut keep[..batch.elements()];
+                            gather_hidden::<S, T>(&blocks, o0, j0, &batch, &xv, kv, buf, keep);
+                        }
+                        // SAFETY: the view covers the planned shape.
+                        None => blocks.element_runs(o0, j0, &batch, |w, d, len| unsafe {
+                            xv.gather_as::<S>(w, &mut buf[d..d + len])
+                        }),
+                    }
                     kernels::logsumexp(buf, batch, alg, res)?;
                     let (start, _) = blocks.result_run(o0, j0, &batch);
                     // SAFETY: out covers the kept shape and is writeable.
@@ -619,8 +703,9 @@ pub(crate) unsafe fn reduce<S: Stored<Compute = T>, T: Real>(
                     &blocks,
                     LONG_ROW_BLOCK,
                     &xv,
+                    kv.as_ref(),
                     alg,
-                    |start, _, state| {
+                    |start, _, _, state| {
                         // SAFETY: outputs cover the kept shape and are writeable.
                         unsafe { emit_states(&mv, &ev, lane_of(&blocks, start), &[state]) };
                     },
@@ -631,15 +716,22 @@ pub(crate) unsafe fn reduce<S: Stored<Compute = T>, T: Real>(
                 &blocks,
                 T::from_f64(0.0),
                 blocks.elements(),
+                mask_len(&blocks),
                 lanes,
-                |b, scratch, states| {
+                |b, scratch, keep, states| {
                     let (batch, o0, j0) = blocks.block(b);
                     let buf = &mut scratch[..batch.elements()];
                     let states = &mut states[..batch.count()];
-                    // SAFETY: the view covers the planned shape.
-                    blocks.element_runs(o0, j0, &batch, |w, d, len| unsafe {
-                        xv.gather_as::<S>(w, &mut buf[d..d + len])
-                    });
+                    match &kv {
+                        Some(kv) => {
+                            let keep = &mut keep[..batch.elements()];
+                            gather_hidden::<S, T>(&blocks, o0, j0, &batch, &xv, kv, buf, keep);
+                        }
+                        // SAFETY: the view covers the planned shape.
+                        None => blocks.element_runs(o0, j0, &batch, |w, d, len| unsafe {
+                            xv.gather_as::<S>(w, &mut buf[d..d + len])
+                        }),
+                    }
                     kernels::lse_states(buf, batch, alg, states)?;
                     let (start, _) = blocks.result_run(o0, j0, &batch);
                     // SAFETY: outputs cover the kept shape and are writeable.
@@ -651,25 +743,89 @@ pub(crate) unsafe fn reduce<S: Stored<Compute = T>, T: Real>(
     }
 }
 
+/// Gathers the mask block of `(o0, j0, batch)` into `keep` and the block of `x` into `buf`
+/// with its masked elements hidden (`-inf`: see `kernels::masked`).
+#[allow(clippy::too_many_arguments)]
+fn gather_hidden<S: Stored<Compute = T>, T: Real>(
+    blocks: &Blocks,
+    o0: usize,
+    j0: usize,
+    batch: &Batch,
+    xv: &WorkView,
+    mv: &WorkView,
+    buf: &mut [T],
+    keep: &mut [u8],
+) {
+    // SAFETY: the views cover the planned shape; this block's elements are its own.
+    blocks.element_runs(o0, j0, batch, |w, d, len| unsafe {
+        mv.gather(w, &mut keep[d..d + len])
+    });
+    // SAFETY: as above.
+    blocks.element_runs(o0, j0, batch, |w, d, len| unsafe {
+        xv.gather_as::<S>(w, &mut buf[d..d + len])
+    });
+    // A separate pass: a copy and a select in cache cost less than a select reading memory.
+    masked::hide_masked(buf, keep);
+}
+
+/// Gathers `len` elements of a lane from work index `at` (stepping over the inner lanes) into
+/// `xs`, and with a mask the mask chunk into `keep`, hiding the masked elements of `xs`;
+/// returns the mask chunk.
+///
+/// # Safety
+/// The views cover the planned shape; `xs` and `keep` hold at least `len` elements.
+unsafe fn gather_chunk<'k, S: Stored<Compute = T>, T: Real>(
+    xv: &WorkView,
+    mv: Option<&WorkView>,
+    at: usize,
+    blocks: &Blocks,
+    xs: &mut [T],
+    keep: &'k mut [u8],
+    len: usize,
+) -> Option<&'k [u8]> {
+    // SAFETY: the caller's contract.
+    unsafe { xv.gather_step::<S>(at, blocks.inner, &mut xs[..len]) };
+    let mv = mv?;
+    let keep = &mut keep[..len];
+    if blocks.inner == 1 {
+        // SAFETY: the caller's contract.
+        unsafe { mv.gather(at, keep) };
+    } else {
+        for (i, k) in keep.iter_mut().enumerate() {
+            // SAFETY: the caller's contract (a lane across columns, `inner` apart).
+            unsafe { mv.gather(at + i * blocks.inner, std::slice::from_mut(k)) };
+        }
+    }
+    masked::hide_masked(&mut xs[..len], keep);
+    Some(keep)
+}
+
 /// Lanes longer than a block, each streamed twice through a block-sized buffer: its state
-/// from the states of its chunks (the kernels' merge rule), then `f(first work index, buffer,
-/// state)`. Lanes run in parallel, each task with its own buffer of `scratch` elements.
+/// from the states of its chunks (the kernels' merge rule; with a mask, of the kept elements),
+/// then `f(first work index, buffer, mask buffer, state)`. Lanes run in parallel, each task
+/// with its own buffer of `scratch` elements (and `LONG_ROW_BLOCK` mask bytes with a mask).
 fn for_each_long_lane<S: Stored<Compute = T>, T: Real>(
     blocks: &Blocks,
     scratch: usize,
     xv: &WorkView,
+    mv: Option<&WorkView>,
     alg: Algorithm,
-    f: impl Fn(usize, &mut [T], LseState) + Sync + Send,
+    f: impl Fn(usize, &mut [T], &mut [u8], LseState) + Sync + Send,
 ) -> Result<(), ExecError> {
     let failed = std::sync::atomic::AtomicBool::new(false);
     let lanes = blocks.outer * blocks.inner;
+    let mask_len = if mv.is_some() { LONG_ROW_BLOCK } else { 0 };
     parallel::for_each_piece(lanes, blocks.n, |range| {
         let mut buf: Vec<T> = Vec::new();
-        if buf.try_reserve_exact(scratch.max(LONG_ROW_BLOCK)).is_err() {
+        let mut keep: Vec<u8> = Vec::new();
+        if buf.try_reserve_exact(scratch.max(LONG_ROW_BLOCK)).is_err()
+            || keep.try_reserve_exact(mask_len).is_err()
+        {
             failed.store(true, std::sync::atomic::Ordering::Relaxed);
             return;
         }
         buf.resize(scratch.max(LONG_ROW_BLOCK), T::from_f64(0.0));
+        keep.resize(mask_len, 0);
         for l in range {
             let (o, j) = (l / blocks.inner, l % blocks.inner);
             let start = o * blocks.n * blocks.inner + j;
@@ -677,13 +833,13 @@ fn for_each_long_lane<S: Stored<Compute = T>, T: Real>(
             let mut k = 0;
             while k < blocks.n {
                 let len = LONG_ROW_BLOCK.min(blocks.n - k);
-                let chunk = &mut buf[..len];
-                // SAFETY: the view covers the planned shape.
-                unsafe { xv.gather_step::<S>(start + k * blocks.inner, blocks.inner, chunk) };
-                state = state.merge(kernels::row_state(chunk, alg));
+                let at = start + k * blocks.inner;
+                // SAFETY: the views cover the planned shape; the buffers hold a chunk.
+                unsafe { gather_chunk::<S, T>(xv, mv, at, blocks, &mut buf, &mut keep, len) };
+                state = state.merge(kernels::row_state(&buf[..len], alg));
                 k += len;
             }
-            f(start, &mut buf, state);
+            f(start, &mut buf, &mut keep, state);
         }
     });
     if failed.into_inner() {

@@ -89,6 +89,39 @@ fn plan_of(raw: &Raw, axes: &[usize]) -> PyResult<Plan> {
     plan::plan(raw.layout(), axes).map_err(|e| value_error(e.0))
 }
 
+/// The fields of the `where` mask: a bool ndarray of exactly `shape` (the front door broadcasts
+/// it; zero strides are fine), or a precise error naming `where`.
+fn mask_of(mask: Option<&Bound<'_, PyAny>>, shape: &[usize]) -> PyResult<Option<Raw>> {
+    let Some(m) = mask else { return Ok(None) };
+    let arr = m
+        .cast::<PyArrayDyn<bool>>()
+        .map_err(|_| PyTypeError::new_err("where must be a bool ndarray of the input's shape"))?;
+    let raw = Raw::of(arr)?;
+    if raw.shape() != shape {
+        return Err(value_error(format!(
+            "where has shape {}, expected the input's shape {}",
+            super::array::py_shape(raw.shape()),
+            super::array::py_shape(shape)
+        )));
+    }
+    Ok(Some(raw))
+}
+
+/// A `ValueError` if the output `o` shares an element with the mask.
+fn check_mask_apart(
+    py: Python<'_>,
+    mask: Option<(&Bound<'_, PyAny>, &Raw)>,
+    o: &Bound<'_, PyAny>,
+    oraw: &Raw,
+) -> PyResult<()> {
+    if let Some((m, mraw)) = mask {
+        if shares_memory(py, m, mraw, o, oraw)? {
+            return Err(value_error("out overlaps where"));
+        }
+    }
+    Ok(())
+}
+
 /// The kernel batch of a 3-D `(outer, n, inner)` array read as it is, or why not.
 pub(crate) fn batch3(raw: &Raw, name: &str) -> PyResult<Batch> {
     if raw.ndim != 3 {
@@ -157,6 +190,7 @@ fn result_shape(shape: &[usize], axes: &[usize], keepdims: bool) -> ([usize; MAX
     (out, k)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn lse_typed<'py, T: Stored + Element>(
     py: Python<'py>,
     x: &Bound<'py, PyArrayDyn<T>>,
@@ -164,8 +198,11 @@ fn lse_typed<'py, T: Stored + Element>(
     keepdims: bool,
     alg: Algorithm,
     out: Option<&Bound<'py, PyAny>>,
+    mask: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyAny>> {
     let raw = Raw::of(x)?;
+    let mraw = mask_of(mask, raw.shape())?;
+    let mref = mraw.as_ref();
     let p = plan_of(&raw, axes)?;
     let ndim = raw.ndim;
     let shape = raw.shape();
@@ -176,6 +213,7 @@ fn lse_typed<'py, T: Stored + Element>(
         if shares_memory(py, x.as_any(), &raw, o, &oraw)? {
             return Err(value_error("out overlaps the input a"));
         }
+        check_mask_apart(py, mask.zip(mref), o, &oraw)?;
         // The output's axis for each kept axis, in work order.
         let mut out_axes = [0usize; MAX_DIMS];
         for (slot, a) in out_axes.iter_mut().zip(p.kept()) {
@@ -188,7 +226,14 @@ fn lse_typed<'py, T: Stored + Element>(
         let kept = ndim - axes.len();
         // SAFETY: x and out are live for the call, out writeable and disjoint from x.
         exec::detach_unless_small(py, raw.size(), || unsafe {
-            exec::reduce::<T, _>(&p, &raw, &out_axes[..kept], LaneOut::Logsumexp(&oraw), alg)
+            exec::reduce::<T, _>(
+                &p,
+                &raw,
+                mref,
+                &out_axes[..kept],
+                LaneOut::Logsumexp(&oraw),
+                alg,
+            )
         })
         .map_err(exec_error)?;
         return scalarize(oarr.into_any(), k);
@@ -220,7 +265,7 @@ fn lse_typed<'py, T: Stored + Element>(
     let out_axes = &out_axes[..nk];
     // SAFETY: x and res are live for the call; res is new, dense and writeable.
     exec::detach_unless_small(py, raw.size(), || unsafe {
-        exec::reduce::<T, _>(&p, &raw, out_axes, LaneOut::Logsumexp(&rraw), alg)
+        exec::reduce::<T, _>(&p, &raw, mref, out_axes, LaneOut::Logsumexp(&rraw), alg)
     })
     .map_err(exec_error)?;
     if sorted {
@@ -240,10 +285,11 @@ fn lse_typed<'py, T: Stored + Element>(
 
 /// logsumexp of a float32/float64 ndarray of at least one dimension over the normalised
 /// `axes`, into a new array (a NumPy scalar when 0-d) or into `out` (any writeable layout of
-/// the result's shape and dtype, sharing no element with `x`). Returns `NotImplemented` for
-/// any other input; the Python layer converts it first.
+/// the result's shape and dtype, sharing no element with `x` or `where`), of the elements the
+/// bool array `where` (of `x`'s shape, any strides) keeps if given. Returns `NotImplemented`
+/// for any other input; the Python layer converts it first.
 #[pyfunction]
-#[pyo3(signature = (x, axes, keepdims, algorithm, out = None))]
+#[pyo3(signature = (x, axes, keepdims, algorithm, out = None, r#where = None))]
 fn logsumexp<'py>(
     py: Python<'py>,
     x: &Bound<'py, PyAny>,
@@ -251,25 +297,26 @@ fn logsumexp<'py>(
     keepdims: &Bound<'py, PyAny>,
     algorithm: &Bound<'py, PyAny>,
     out: Option<&Bound<'py, PyAny>>,
+    r#where: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyAny>> {
     let (ax, na) = axes_of(axes)?;
     let keepdims = keepdims.is_truthy()?;
     let alg = algorithm_of(algorithm)?;
     if let Ok(x) = x.cast::<PyArrayDyn<f32>>() {
         if x.ndim() > 0 {
-            return lse_typed(py, x, &ax[..na], keepdims, alg, out);
+            return lse_typed(py, x, &ax[..na], keepdims, alg, out, r#where);
         }
     } else if let Ok(x) = x.cast::<PyArrayDyn<f64>>() {
         if x.ndim() > 0 {
-            return lse_typed(py, x, &ax[..na], keepdims, alg, out);
+            return lse_typed(py, x, &ax[..na], keepdims, alg, out, r#where);
         }
     } else if let Ok(x) = x.cast::<PyArrayDyn<F16>>() {
         if x.ndim() > 0 {
-            return lse_typed(py, x, &ax[..na], keepdims, alg, out);
+            return lse_typed(py, x, &ax[..na], keepdims, alg, out, r#where);
         }
     } else if let Some(x) = as_bf16(x) {
         if x.ndim() > 0 {
-            return lse_typed(py, &x, &ax[..na], keepdims, alg, out);
+            return lse_typed(py, &x, &ax[..na], keepdims, alg, out, r#where);
         }
     }
     Ok(py.NotImplemented().into_bound(py))
@@ -325,6 +372,7 @@ fn logsumexp_weighted<'py>(
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn softmax_typed<'py, T: Stored + Element>(
     py: Python<'py>,
     x: &Bound<'py, PyArrayDyn<T>>,
@@ -332,8 +380,11 @@ fn softmax_typed<'py, T: Stored + Element>(
     what: Reduction,
     alg: Algorithm,
     out: Option<&Bound<'py, PyAny>>,
+    mask: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyAny>> {
     let raw = Raw::of(x)?;
+    let mraw = mask_of(mask, raw.shape())?;
+    let mref = mraw.as_ref();
     let p = plan_of(&raw, axes)?;
     if let Some(o) = out {
         let (oarr, oraw) = check_out::<T>(o, raw.shape(), "out")?;
@@ -342,9 +393,10 @@ fn softmax_typed<'py, T: Stored + Element>(
                 "out partially overlaps the input x; pass out=x for in place",
             ));
         }
+        check_mask_apart(py, mask.zip(mref), o, &oraw)?;
         // SAFETY: x and out are live for the call; out is writeable and is x or disjoint.
         exec::detach_unless_small(py, raw.size(), || unsafe {
-            exec::softmax::<T, _>(&p, &raw, &oraw, alg, what)
+            exec::softmax::<T, _>(&p, &raw, mref, &oraw, alg, what)
         })
         .map_err(exec_error)?;
         return Ok(oarr.into_any());
@@ -358,7 +410,7 @@ fn softmax_typed<'py, T: Stored + Element>(
     let rraw = unpermute(&Raw::of(&res)?, &p.perm);
     // SAFETY: x and res are live; res is new, writeable and disjoint from x.
     exec::detach_unless_small(py, raw.size(), || unsafe {
-        exec::softmax::<T, _>(&p, &raw, &rraw, alg, what)
+        exec::softmax::<T, _>(&p, &raw, mref, &rraw, alg, what)
     })
     .map_err(exec_error)?;
     let mut inv = [0usize; MAX_DIMS];
@@ -371,9 +423,11 @@ fn softmax_typed<'py, T: Stored + Element>(
 /// softmax (or log_softmax when `log`) of a float32/float64 ndarray of at least one
 /// dimension over the normalised `axes`, into a new array or `out` (any writeable layout of
 /// `x`'s shape and dtype; `x` itself for in place, else sharing no element with it). Returns
-/// `NotImplemented` for any other input.
+/// `NotImplemented` for any other input. With `where` (a bool array of `x`'s shape, any
+/// strides), over the elements it keeps: 0 (softmax) or `-inf` (log_softmax) elsewhere.
 #[pyfunction]
-#[pyo3(signature = (x, axes, log, algorithm, out = None))]
+#[pyo3(signature = (x, axes, log, algorithm, out = None, r#where = None))]
+#[allow(clippy::too_many_arguments)]
 fn softmax<'py>(
     py: Python<'py>,
     x: &Bound<'py, PyAny>,
@@ -381,6 +435,7 @@ fn softmax<'py>(
     log: bool,
     algorithm: &Bound<'py, PyAny>,
     out: Option<&Bound<'py, PyAny>>,
+    r#where: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyAny>> {
     let (ax, na) = axes_of(axes)?;
     let alg = algorithm_of(algorithm)?;
@@ -391,19 +446,19 @@ fn softmax<'py>(
     };
     if let Ok(x) = x.cast::<PyArrayDyn<f32>>() {
         if x.ndim() > 0 {
-            return softmax_typed(py, x, &ax[..na], what, alg, out);
+            return softmax_typed(py, x, &ax[..na], what, alg, out, r#where);
         }
     } else if let Ok(x) = x.cast::<PyArrayDyn<f64>>() {
         if x.ndim() > 0 {
-            return softmax_typed(py, x, &ax[..na], what, alg, out);
+            return softmax_typed(py, x, &ax[..na], what, alg, out, r#where);
         }
     } else if let Ok(x) = x.cast::<PyArrayDyn<F16>>() {
         if x.ndim() > 0 {
-            return softmax_typed(py, x, &ax[..na], what, alg, out);
+            return softmax_typed(py, x, &ax[..na], what, alg, out, r#where);
         }
     } else if let Some(x) = as_bf16(x) {
         if x.ndim() > 0 {
-            return softmax_typed(py, &x, &ax[..na], what, alg, out);
+            return softmax_typed(py, &x, &ax[..na], what, alg, out, r#where);
         }
     }
     Ok(py.NotImplemented().into_bound(py))
@@ -414,8 +469,11 @@ fn states_typed<'py, T: Stored + Element>(
     x: &Bound<'py, PyArrayDyn<T>>,
     axes: &[usize],
     alg: Algorithm,
+    mask: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyTuple>> {
     let raw = Raw::of(x)?;
+    let mraw = mask_of(mask, raw.shape())?;
+    let mref = mraw.as_ref();
     let p = plan_of(&raw, axes)?;
     let kshape: Vec<usize> = (0..raw.ndim)
         .filter(|a| !axes.contains(a))
@@ -435,7 +493,7 @@ fn states_typed<'py, T: Stored + Element>(
         .collect();
     // SAFETY: x and the new outputs are live for the call.
     py.detach(|| unsafe {
-        exec::reduce::<T, _>(&p, &raw, &out_axes, LaneOut::States(&rm, &re), alg)
+        exec::reduce::<T, _>(&p, &raw, mref, &out_axes, LaneOut::States(&rm, &re), alg)
     })
     .map_err(exec_error)?;
     PyTuple::new(py, [mx.into_any(), ex.into_any()])
@@ -443,25 +501,27 @@ fn states_typed<'py, T: Stored + Element>(
 
 /// The `(max, excess)` float64 states of every lane of a float32/float64 array reduced over
 /// the normalised `axes`: two C-contiguous arrays of the kept axes, in the input's order.
-/// `logsumexp = max + log1p(excess)` for a finite max; see `LseState`.
+/// `logsumexp = max + log1p(excess)` for a finite max; see `LseState`. With `where` (a bool
+/// array of `x`'s shape), the states of the kept elements (`(-inf, -1)` for none).
 #[pyfunction]
-#[pyo3(signature = (x, axes, algorithm = "auto"))]
+#[pyo3(signature = (x, axes, algorithm = "auto", r#where = None))]
 fn lse_states<'py>(
     py: Python<'py>,
     x: &Bound<'py, PyAny>,
     axes: &Bound<'py, PyAny>,
     algorithm: &str,
+    r#where: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyTuple>> {
     let (ax, na) = axes_of(axes)?;
     let alg = parse_algorithm(algorithm)?;
     if let Ok(x) = x.cast::<PyArrayDyn<f32>>() {
-        states_typed(py, x, &ax[..na], alg)
+        states_typed(py, x, &ax[..na], alg, r#where)
     } else if let Ok(x) = x.cast::<PyArrayDyn<f64>>() {
-        states_typed(py, x, &ax[..na], alg)
+        states_typed(py, x, &ax[..na], alg, r#where)
     } else if let Ok(x) = x.cast::<PyArrayDyn<F16>>() {
-        states_typed(py, x, &ax[..na], alg)
+        states_typed(py, x, &ax[..na], alg, r#where)
     } else if let Some(x) = as_bf16(x) {
-        states_typed(py, &x, &ax[..na], alg)
+        states_typed(py, &x, &ax[..na], alg, r#where)
     } else {
         Err(PyTypeError::new_err(
             "x must be a float32, float64, float16 or bfloat16 array",

@@ -10,17 +10,21 @@ use numpy::{Element, PyArray, PyArray1, PyArray2};
 use pyo3::exceptions::{PyIndexError, PyMemoryError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 
-use super::array::{check_out, copy_values, dense, dense_mut, py_shape, shares_memory, Raw};
-use crate::kernels::masked;
+use super::array::{
+    check_out, copy_values, dense, dense_mut, py_shape, shares_memory, try_empty, try_vec, Raw,
+};
+use super::reductions::f64_values;
 use crate::kernels::segments::{self, SegmentError, Segments};
 use crate::kernels::Reduction;
 use crate::real::Real;
+use crate::state::LseState;
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(segment_logsumexp, m)?)?;
     m.add_function(wrap_pyfunction!(segment_softmax, m)?)?;
-    m.add_function(wrap_pyfunction!(masked_rows, m)?)?;
     m.add_function(wrap_pyfunction!(segment_cross_entropy, m)?)?;
+    m.add_function(wrap_pyfunction!(segment_states, m)?)?;
+    m.add_function(wrap_pyfunction!(segment_softmax_from_states, m)?)?;
     Ok(())
 }
 
@@ -51,14 +55,35 @@ fn segments_of<'a>(
     }
 }
 
-/// An optional 1-D `int64` argument (any layout), copied once: the kernel validates and
-/// reads the copy, so another thread changing the array cannot make a checked index go out
-/// of range.
-/// The segment description a call was given (ids or offsets), copied once so another thread
-/// cannot change it after validation.
+/// One index argument: the caller's dense `int64` array read where it lies, or a private
+/// copy of any other layout.
+enum Indices {
+    Borrowed(Box<Raw>),
+    Owned(Vec<i64>),
+}
+
+impl Indices {
+    /// # Safety
+    /// A borrowed array is held alive by the caller for as long as the slice is used.
+    unsafe fn slice(&self) -> &[i64] {
+        match self {
+            // SAFETY: dense (checked when read) and alive by the caller's contract.
+            Indices::Borrowed(raw) => unsafe { dense::<i64>(raw) }.unwrap_or(&[]),
+            Indices::Owned(v) => v,
+        }
+    }
+}
+
+/// The segment description a call was given (ids or offsets).
+///
+/// Ids and offsets are read where they lie (no copy of an array the size of x): the kernels
+/// read every id once per pass and bound every index they derive from it, and check what they
+/// derive (segment starts, bucket cursors) before using it, so another thread changing the
+/// array during the call cannot make an access go out of bounds; it can only change results
+/// or raise an error.
 struct SegmentArgs {
-    ids: Option<Vec<i64>>,
-    offsets: Option<Vec<i64>>,
+    ids: Option<Indices>,
+    offsets: Option<Indices>,
 }
 
 impl SegmentArgs {
@@ -69,24 +94,33 @@ impl SegmentArgs {
         })
     }
 
-    fn segments(&self, num_segments: usize, sorted: bool) -> PyResult<Segments<'_>> {
-        segments_of(
-            self.ids.as_deref(),
-            self.offsets.as_deref(),
-            num_segments,
-            sorted,
-        )
+    /// # Safety
+    /// The arrays the arguments were read from are held alive by the caller for the call.
+    unsafe fn segments(&self, num_segments: usize, sorted: bool) -> PyResult<Segments<'_>> {
+        // SAFETY: the caller's contract.
+        let (ids, offsets) = unsafe {
+            (
+                self.ids.as_ref().map(|i| i.slice()),
+                self.offsets.as_ref().map(|i| i.slice()),
+            )
+        };
+        segments_of(ids, offsets, num_segments, sorted)
     }
 }
 
-fn indices_of(a: Option<&Bound<'_, PyAny>>, name: &str) -> PyResult<Option<Vec<i64>>> {
+/// An optional 1-D `int64` argument: borrowed when dense, else copied once.
+fn indices_of(a: Option<&Bound<'_, PyAny>>, name: &str) -> PyResult<Option<Indices>> {
     let Some(a) = a else {
         return Ok(None);
     };
     let a = a
         .cast::<PyArray1<i64>>()
         .map_err(|_| PyTypeError::new_err(format!("{name} must be a 1-D int64 array")))?;
-    copy_values(&Raw::of(a)?, 0i64).map(Some)
+    let raw = Raw::of(a)?;
+    if raw.is_dense::<i64>() {
+        return Ok(Some(Indices::Borrowed(Box::new(raw))));
+    }
+    copy_values(&raw, 0i64).map(|v| Some(Indices::Owned(v)))
 }
 
 /// The raw fields of an input that must be dense (C-contiguous, aligned), or a `ValueError`
@@ -157,7 +191,8 @@ fn lse_typed<'py, T: Real + Element>(
     let rx = dense_input(x, "x")?;
     let inner = rx.shape[1];
     let args = SegmentArgs::read(ids, offsets)?;
-    let seg = args.segments(num_segments, sorted)?;
+    // SAFETY: the index arrays are arguments of this call, held by the caller.
+    let seg = unsafe { args.segments(num_segments, sorted)? };
     let ro = output_of::<T>(py, out, &[seg.count(), inner], "out", x.as_any(), &rx)?;
     py.detach(|| {
         // SAFETY: checked above; x and out are held by the caller for the call.
@@ -205,13 +240,30 @@ fn softmax_typed<'py, T: Real + Element>(
     let rx = dense_input(x, "x")?;
     let inner = rx.shape[1];
     let args = SegmentArgs::read(ids, offsets)?;
-    let seg = args.segments(num_segments, sorted)?;
-    let ro = output_of::<T>(py, out, rx.shape(), "out", x.as_any(), &rx)?;
+    // SAFETY: the index arrays are arguments of this call, held by the caller.
+    let seg = unsafe { args.segments(num_segments, sorted)? };
     let what = if log {
         Reduction::LogSoftmax
     } else {
         Reduction::Softmax
     };
+    let (_, ro) = check_out::<T>(out, rx.shape(), "out")?;
+    if rx.same_view(&ro) {
+        if !ro.is_dense::<T>() {
+            return Err(PyValueError::new_err(
+                "out must be a C-contiguous, aligned array",
+            ));
+        }
+        return py
+            .detach(|| {
+                // SAFETY: x is out, dense and writeable (checked above), held by the caller.
+                let buf = unsafe { dense_mut::<T>(&ro) }
+                    .ok_or_else(|| SegmentError::Shape("out must be dense".into()))?;
+                segments::segment_softmax_like_inplace(buf, inner, seg, what)
+            })
+            .map_err(segment_error);
+    }
+    let ro = output_of::<T>(py, out, rx.shape(), "out", x.as_any(), &rx)?;
     py.detach(|| {
         // SAFETY: checked above; x and out are held by the caller for the call.
         let (xs, os) = unsafe { slices::<T, T>(&rx, &ro)? };
@@ -221,7 +273,8 @@ fn softmax_typed<'py, T: Real + Element>(
 }
 
 /// softmax (or log_softmax with `log=True`) of every segment of the rows of a C-contiguous
-/// 2-D `x` into `out` (x's shape and dtype, not x itself).
+/// 2-D `x` into `out` (x's shape and dtype): `x` itself (in place) or an array sharing no
+/// element with it.
 #[pyfunction]
 #[pyo3(signature = (x, out, segment_ids = None, offsets = None, num_segments = 0, sorted = false, log = false))]
 #[allow(clippy::too_many_arguments)]
@@ -262,8 +315,14 @@ fn xent_typed<'py, T: Real + Element>(
 ) -> PyResult<(f64, usize)> {
     let rx = dense_input(x, "x")?;
     let args = SegmentArgs::read(ids, offsets)?;
-    let seg = args.segments(num_segments, sorted)?;
-    let ts = indices_of(Some(target), "target")?.unwrap_or_default();
+    // SAFETY: the index arrays are arguments of this call, held by the caller.
+    let seg = unsafe { args.segments(num_segments, sorted)? };
+    let ts = match indices_of(Some(target), "target")? {
+        // The targets are small (one per segment) and indexed after validation: a copy.
+        Some(Indices::Borrowed(raw)) => copy_values(&raw, 0i64)?,
+        Some(Indices::Owned(v)) => v,
+        None => Vec::new(),
+    };
     let rl = output_of::<f64>(py, losses, &[seg.count()], "losses", x.as_any(), &rx)?;
     let rg = grad
         .map(|g| output_of::<T>(py, g, rx.shape(), "grad", x.as_any(), &rx))
@@ -346,77 +405,117 @@ fn segment_cross_entropy<'py>(
     }
 }
 
-fn masked_typed<'py, T: Real + Element>(
+fn states_typed<'py, T: Real + Element>(
     py: Python<'py>,
     x: &Bound<'py, PyArray2<T>>,
-    mask: &Bound<'py, PyAny>,
+    ids: Option<&Bound<'py, PyAny>>,
+    offsets: Option<&Bound<'py, PyAny>>,
+    num_segments: usize,
+    sorted: bool,
+) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>)> {
+    let rx = dense_input(x, "x")?;
+    let inner = rx.shape[1];
+    let args = SegmentArgs::read(ids, offsets)?;
+    // SAFETY: the index arrays are arguments of this call, held by the caller.
+    let seg = unsafe { args.segments(num_segments, sorted)? };
+    let shape = [seg.count(), inner];
+    let mut states = try_vec(seg.count() * inner, LseState::EMPTY)?;
+    py.detach(|| {
+        // SAFETY: x is held by the caller for the call and is dense (checked above).
+        let xs = unsafe { dense::<T>(&rx) }
+            .ok_or_else(|| SegmentError::Shape("x must be dense".into()))?;
+        segments::segment_states(xs, inner, seg, &mut states)
+    })
+    .map_err(segment_error)?;
+    // SAFETY: every element is written below before the arrays are returned.
+    let (mx, ex) = unsafe { (try_empty::<f64>(py, &shape)?, try_empty::<f64>(py, &shape)?) };
+    let (rm, re) = (Raw::of(&mx)?, Raw::of(&ex)?);
+    // SAFETY: both arrays are new, dense and private to this call.
+    if let (Some(ms), Some(es)) = unsafe { (dense_mut::<f64>(&rm), dense_mut::<f64>(&re)) } {
+        for ((m, e), s) in ms.iter_mut().zip(es.iter_mut()).zip(&states) {
+            (*m, *e) = (s.max, s.excess);
+        }
+    }
+    Ok((mx.into_any(), ex.into_any()))
+}
+
+/// The float64 `(max, excess)` states of every segment of the rows of a C-contiguous 2-D
+/// `x`, two `(num_segments, x.shape[1])` arrays: what chunks of a larger array merge.
+#[pyfunction]
+#[pyo3(signature = (x, segment_ids = None, offsets = None, num_segments = 0, sorted = false))]
+fn segment_states<'py>(
+    py: Python<'py>,
+    x: &Bound<'py, PyAny>,
+    segment_ids: Option<&Bound<'py, PyAny>>,
+    offsets: Option<&Bound<'py, PyAny>>,
+    num_segments: usize,
+    sorted: bool,
+) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>)> {
+    if let Ok(x) = x.cast::<PyArray2<f32>>() {
+        states_typed(py, x, segment_ids, offsets, num_segments, sorted)
+    } else if let Ok(x) = x.cast::<PyArray2<f64>>() {
+        states_typed(py, x, segment_ids, offsets, num_segments, sorted)
+    } else {
+        Err(PyTypeError::new_err(
+            "x must be a 2-D float32 or float64 array",
+        ))
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn from_states_typed<'py, T: Real + Element>(
+    py: Python<'py>,
+    x: &Bound<'py, PyArray2<T>>,
     out: &Bound<'py, PyAny>,
-    op: u8,
+    ids: &Bound<'py, PyAny>,
+    max: &Bound<'py, PyAny>,
+    excess: &Bound<'py, PyAny>,
+    log: bool,
 ) -> PyResult<()> {
     let rx = dense_input(x, "x")?;
-    let n = rx.shape[1];
-    let mask = mask
-        .cast::<PyArray2<bool>>()
-        .map_err(|_| PyTypeError::new_err("mask must be a 2-D bool array"))?;
-    let rm = dense_input(mask, "mask")?;
-    if rm.shape() != rx.shape() {
-        return Err(PyValueError::new_err(format!(
-            "mask has shape {}, x has {}; they must match",
-            py_shape(rm.shape()),
-            py_shape(rx.shape())
-        )));
+    let inner = rx.shape[1];
+    let ids = indices_of(Some(ids), "segment_ids")?;
+    // SAFETY: the ids array is an argument of this call, held by the caller.
+    let ids = unsafe { ids.as_ref().map_or(&[][..], |i| i.slice()) };
+    let (ms, mshape) = f64_values(max, "max", None)?;
+    let (es, _) = f64_values(excess, "excess", Some(&mshape))?;
+    let mut states = try_vec(ms.len(), LseState::EMPTY)?;
+    for ((s, &m), &e) in states.iter_mut().zip(&ms).zip(&es) {
+        *s = LseState { max: m, excess: e };
     }
-    // SAFETY: mask is held by the caller for the call and is dense (checked above).
-    let ms = unsafe { dense::<bool>(&rm) }
-        .ok_or_else(|| PyValueError::new_err("mask must be C-contiguous"))?;
-    let shape = if op == 0 { &rx.shape[..1] } else { rx.shape() };
-    let ro = output_of::<T>(py, out, shape, "out", x.as_any(), &rx)?;
-    if shares_memory(py, mask.as_any(), &rm, out, &ro)? {
-        return Err(PyValueError::new_err("out overlaps the mask"));
-    }
-    if op == 0 {
-        return py
-            .detach(|| {
-                // SAFETY: checked above; x and out are held by the caller for the call.
-                let (xs, os) = unsafe { slices::<T, T>(&rx, &ro) }.map_err(|e| e.to_string())?;
-                masked::logsumexp_rows_masked(xs, ms, n, os)
-            })
-            .map_err(PyValueError::new_err);
-    }
-    let what = if op == 2 {
+    let ro = output_of::<T>(py, out, rx.shape(), "out", x.as_any(), &rx)?;
+    let what = if log {
         Reduction::LogSoftmax
     } else {
         Reduction::Softmax
     };
     py.detach(|| {
         // SAFETY: checked above; x and out are held by the caller for the call.
-        let (xs, os) = unsafe { slices::<T, T>(&rx, &ro) }.map_err(|e| e.to_string())?;
-        masked::softmax_rows_masked(xs, ms, n, what, os)
+        let (xs, os) = unsafe { slices::<T, T>(&rx, &ro)? };
+        segments::segment_softmax_from_states(xs, inner, ids, &states, what, os)
     })
-    .map_err(PyValueError::new_err)
+    .map_err(segment_error)
 }
 
-/// JAX-style `where=` over the rows of a C-contiguous 2-D `x` with a bool `mask` of its
-/// shape: `op` 0 writes logsumexp per row into the 1-D `out`, 1 softmax and 2 log_softmax into
-/// the 2-D `out`.
+/// softmax (or log_softmax with `log=True`) of the rows of a C-contiguous 2-D `x` into `out`
+/// (x's shape and dtype, disjoint from x), each element normalised by the float64 state
+/// `(max, excess)[segment_ids[r], j]` of its segment (`max` / `excess` of shape
+/// `(num_segments, x.shape[1])`, any layout).
 #[pyfunction]
-#[pyo3(signature = (x, mask, out, op))]
-fn masked_rows<'py>(
+#[pyo3(signature = (x, out, segment_ids, max, excess, log = false))]
+fn segment_softmax_from_states<'py>(
     py: Python<'py>,
     x: &Bound<'py, PyAny>,
-    mask: &Bound<'py, PyAny>,
     out: &Bound<'py, PyAny>,
-    op: u8,
+    segment_ids: &Bound<'py, PyAny>,
+    max: &Bound<'py, PyAny>,
+    excess: &Bound<'py, PyAny>,
+    log: bool,
 ) -> PyResult<()> {
-    if op > 2 {
-        return Err(PyValueError::new_err(format!(
-            "op must be 0, 1 or 2, got {op}"
-        )));
-    }
     if let Ok(x) = x.cast::<PyArray2<f32>>() {
-        masked_typed(py, x, mask, out, op)
+        from_states_typed(py, x, out, segment_ids, max, excess, log)
     } else if let Ok(x) = x.cast::<PyArray2<f64>>() {
-        masked_typed(py, x, mask, out, op)
+        from_states_typed(py, x, out, segment_ids, max, excess, log)
     } else {
         Err(PyTypeError::new_err(
             "x must be a 2-D float32 or float64 array",

@@ -1,0 +1,104 @@
+"""Time where= against the unmasked op at the same size, one run.
+
+    python scripts/bench_where.py [--log2n 24] [--rows-of 64 1000] [--keep 0.9] [--repeat 7]
+                                  [--threads 2] [--dtype float32] [--jax]
+
+Data: 2**log2n standard-normal values in rows of each length (the last axis reduced), a random
+mask keeping the fraction --keep. Each masked case is timed beside the same op without a mask on
+the same data, alternating the two within each repeat so the neighbours' load hits both alike;
+ms is the best time. GB/s counts the bytes the op must move: the input, the mask (one byte per
+element, masked cases only) and the output (softmax). ratio is the time over the unmasked op's
+time in the same run (the goal is at most 1.3). With --jax, jax.jit(jax.nn.*(where=)) is timed
+too (ratio over stablelse's unmasked op).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+import stablelse
+from stablelse import _core
+
+
+def best_pair(f, g, repeat):
+    """Best times of f and g, interleaved so that both see the same load."""
+    f()
+    g()
+    tf, tg = [], []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        f()
+        tf.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        g()
+        tg.append(time.perf_counter() - t)
+    return min(tf), min(tg)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--log2n", type=int, default=24)
+    ap.add_argument("--rows-of", type=int, nargs="+", default=[64, 1000])
+    ap.add_argument("--keep", type=float, default=0.9)
+    ap.add_argument("--repeat", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--jax", action="store_true")
+    args = ap.parse_args()
+    if args.threads:
+        stablelse.set_num_threads(args.threads)
+    rng = np.random.default_rng(0)
+    dtype = np.dtype(args.dtype)
+    size = dtype.itemsize
+    print(
+        f"stablelse {stablelse.__version__}, simd {_core.simd_level()}, "
+        f"threads {stablelse.get_num_threads()}; 2^{args.log2n} {dtype}, "
+        f"{args.keep:.0%} kept, best of {args.repeat}"
+    )
+    print(f"{'rows of':>8} {'op':22} {'impl':16} {'ms':>9} {'GB/s':>7} {'ratio':>6}")
+    for n in args.rows_of:
+        rows = (1 << args.log2n) // n
+        x = rng.standard_normal((rows, n)).astype(dtype)
+        mask = rng.random((rows, n)) < args.keep
+        out = np.empty_like(x)
+        cases = [
+            ("logsumexp", stablelse.logsumexp, {}, 0),
+            ("softmax", stablelse.softmax, {}, 1),
+            ("softmax out=", stablelse.softmax, {"out": out}, 1),
+            ("log_softmax out=", stablelse.log_softmax, {"out": out}, 1),
+        ]
+        for name, f, kw, writes in cases:
+
+            def masked(f=f, kw=kw, x=x, mask=mask):
+                return f(x, axis=1, where=mask, **kw)
+
+            def plain(f=f, kw=kw, x=x):
+                return f(x, axis=1, **kw)
+
+            tm, tp = best_pair(masked, plain, args.repeat)
+            moved = x.size * size * (1 + writes)
+            for impl, t, extra in (("where=", tm, x.size), ("unmasked", tp, 0)):
+                gbs = (moved + extra) / t / 1e9
+                print(f"{n:8} {name:22} {impl:16} {t * 1e3:9.2f} {gbs:7.2f} {t / tp:6.2f}")
+            if args.jax and not kw:
+                import jax  # noqa: PLC0415
+
+                jf = jax.jit(lambda v, m, name=name: getattr(jax.nn, name)(v, axis=1, where=m))
+                xj, mj = jax.device_put(x), jax.device_put(mask)
+
+                def run_jax(jf=jf, xj=xj, mj=mj):
+                    return jf(xj, mj).block_until_ready()
+
+                tj, tp2 = best_pair(run_jax, plain, args.repeat)
+                gbs = (moved + x.size) / tj / 1e9
+                print(
+                    f"{n:8} {name:22} {'jax jit where=':16} {tj * 1e3:9.2f} {gbs:7.2f} "
+                    f"{tj / tp2:6.2f}"
+                )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,462 @@
+"""``where=`` masks on logsumexp, softmax, log_softmax, LogSumExp.update and stablelse.dask.
+
+The oracle is JAX's semantics, computed from scipy on the kept elements of each slice: masked
+elements take no part whatever they hold; a fully masked slice gives logsumexp ``-inf``,
+softmax 0 and log_softmax ``-inf``; masked positions get 0 / ``-inf``. jax itself is compared
+where it is installed.
+"""
+
+import numpy as np
+import pytest
+import scipy.special as sp
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_api import layouts
+from test_buffers import _run_child
+from test_segments import assert_close
+
+import stablelse as sl
+
+SPECIALS = [np.nan, np.inf, -np.inf, 1000.0, -1000.0, -40.0, 0.0]
+
+
+def _rows(a, axes):
+    """`a` with `axes` moved last and flattened: one row per slice, and the kept shape."""
+    last = tuple(range(a.ndim - len(axes), a.ndim))
+    moved = np.moveaxis(a, axes, last)
+    kept = moved.shape[: a.ndim - len(axes)]
+    return moved.reshape(int(np.prod(kept)), -1), kept, last
+
+
+def oracle(x, mask, axis, b=None):
+    """float64 (logsumexp, sign, softmax, log_softmax) of the kept elements (JAX's where=)."""
+    x64 = np.asarray(x, np.float64)
+    mask = np.broadcast_to(mask, x64.shape)
+    axes = tuple(range(x64.ndim)) if axis is None else tuple(np.atleast_1d(axis) % x64.ndim)
+    xr, kept, last = _rows(x64, axes)
+    mr, _, _ = _rows(mask, axes)
+    br = None if b is None else _rows(np.broadcast_to(b, x64.shape).astype(np.float64), axes)[0]
+    lse = np.full(xr.shape[0], -np.inf)
+    sgn = np.zeros(xr.shape[0])
+    sm = np.zeros_like(xr)
+    ls = np.full_like(xr, -np.inf)
+    with np.errstate(all="ignore"):
+        for r in range(xr.shape[0]):
+            k = mr[r]
+            if not k.any():
+                continue
+            if br is None:
+                lse[r] = sp.logsumexp(xr[r][k])
+                sgn[r] = 1.0 if lse[r] > -np.inf else (np.nan if np.isnan(lse[r]) else 0.0)
+            else:
+                lse[r], sgn[r] = sp.logsumexp(xr[r][k], b=br[r][k], return_sign=True)
+            sm[r][k] = sp.softmax(xr[r][k])
+            ls[r][k] = sp.log_softmax(xr[r][k])
+
+    def back(v):
+        return np.moveaxis(v.reshape(np.moveaxis(x64, axes, last).shape), last, axes)
+
+    return lse.reshape(kept), sgn.reshape(kept), back(sm), back(ls)
+
+
+def check(x, mask, axis, keepdims=False):
+    lse, _, sm, ls = oracle(x, mask, axis)
+    scale = np.where(np.isfinite(x), np.abs(x.astype(np.float64)), 0)
+    got = sl.logsumexp(x, axis=axis, keepdims=keepdims, where=mask)
+    axes = tuple(range(x.ndim)) if axis is None else tuple(np.atleast_1d(axis) % x.ndim)
+    lse_k = np.expand_dims(lse, axes)
+    want = lse_k if keepdims else lse
+    assert np.shape(got) == np.shape(want)
+    # Finite results within a few ULP of the largest kept term (the terms that cancel).
+    kept_scale = np.max(np.where(np.broadcast_to(mask, x.shape), scale, 0), axis=axes)
+    assert_close(got, want, kept_scale.reshape(np.shape(want)), x.dtype)
+    got_sm = sl.softmax(x, axis=axis, where=mask)
+    got_ls = sl.log_softmax(x, axis=axis, where=mask)
+    m = np.broadcast_to(mask, x.shape)
+    assert (got_sm[~m] == 0).all() and (got_ls[~m] == -np.inf).all()
+    assert_close(got_sm, sm, 1.0, x.dtype)
+    lscale = np.where(np.isfinite(lse_k), np.abs(lse_k), 0)
+    assert_close(got_ls, ls, scale + lscale, x.dtype)
+    return got, got_sm, got_ls
+
+
+# --------------------------------------------------------------------------- vs scipy
+
+
+@st.composite
+def cases(draw):
+    ndim = draw(st.integers(1, 3))
+    shape = tuple(draw(st.lists(st.integers(1, 6), min_size=ndim, max_size=ndim)))
+    dtype = draw(st.sampled_from([np.float32, np.float64]))
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal(shape) * 5).astype(dtype)
+    special = rng.random(shape) < draw(st.sampled_from([0.0, 0.15, 0.5]))
+    x[special] = rng.choice(SPECIALS, special.sum())
+    # A mask that broadcasts: some axes of length 1.
+    mshape = tuple(1 if draw(st.booleans()) and draw(st.booleans()) else n for n in shape)
+    mask = rng.random(mshape) < draw(st.sampled_from([0.0, 0.3, 0.9, 1.0]))
+    if draw(st.booleans()):
+        mask = mask.copy()
+        mask.reshape(-1)[: max(1, mask.size // 3)] = False  # likely a fully masked slice
+    axis = draw(
+        st.sampled_from([None, 0, -1, (0,), tuple(range(ndim))] + ([(0, 2)] if ndim == 3 else []))
+    )
+    return x, mask, axis, draw(st.booleans())
+
+
+@settings(max_examples=150, deadline=None)
+@given(cases())
+def test_where_equals_scipy_on_the_kept_elements(case):
+    """Catches masked values leaking into the max or the sum (NaN / +inf at masked positions),
+    fully masked slices that are not -inf / 0, broadcast masks read at the wrong element,
+    and axis / keepdims mix-ups."""
+    x, mask, axis, keepdims = case
+    check(x, mask, axis, keepdims)
+
+
+def test_masked_nan_and_inf_have_no_effect_and_fully_masked_slices():
+    x = np.array([[np.nan, 1.0, np.inf, 2.0], [5.0, 6.0, 7.0, 8.0], [-np.inf, -np.inf, 3.0, 0.0]])
+    m = np.array([[False, True, False, True], [False] * 4, [True, True, False, False]])
+    lse = sl.logsumexp(x, axis=1, where=m)
+    np.testing.assert_array_equal(lse[1:], [-np.inf, -np.inf])
+    assert lse[0] == pytest.approx(sp.logsumexp([1.0, 2.0]), rel=1e-15)
+    sm = sl.softmax(x, axis=1, where=m)
+    np.testing.assert_array_equal(sm[1], 0.0)
+    # Kept elements all -inf: as the unmasked op on them (scipy: NaN), masked still 0.
+    assert np.isnan(sm[2, :2]).all() and (sm[2, 2:] == 0).all()
+    ls = sl.log_softmax(x, axis=1, where=m)
+    np.testing.assert_array_equal(ls[1], -np.inf)
+    assert np.isnan(ls[2, :2]).all() and (ls[2, 2:] == -np.inf).all()
+    # A kept +inf: as without a mask.
+    assert sl.logsumexp([np.inf, np.nan], where=[True, False]) == np.inf
+
+
+def test_long_lanes_and_column_batches():
+    """Lanes longer than two kernel blocks stream through a chunk buffer, and the leading axis
+    runs as columns: catches a mask chunk out of step with its data chunk."""
+    rng = np.random.default_rng(1)
+    n = (1 << 17) + 5000
+    x = rng.standard_normal((2, n)).astype(np.float32)
+    x[0, 7] = np.nan
+    m = rng.random((2, n)) < 0.5
+    m[0, 7] = False
+    m[1, : n // 2] = False
+    check(x, m, 1)
+    check(np.ascontiguousarray(x.T), np.ascontiguousarray(m.T), 0)
+    y = rng.standard_normal((50, 40))
+    check(y, rng.random((50, 1)) < 0.5, 0)
+
+
+def test_all_kept_is_bit_identical_to_no_mask():
+    """The masked path runs the unmasked kernels on blocks: any kept-everywhere difference is
+    a wrong hidden value or block boundary."""
+    rng = np.random.default_rng(2)
+    for shape, axis in [((300, 64), 1), ((200, 1000), 1), ((2, 140000), 1), ((30, 50), 0)]:
+        x = rng.standard_normal(shape).astype(np.float32)
+        ones = np.ones(shape, bool)
+        for f in (sl.logsumexp, sl.softmax, sl.log_softmax):
+            a = f(x, axis=axis, where=ones)
+            b = f(x, axis=axis)
+            np.testing.assert_array_equal(
+                np.asarray(a).view(np.uint32), np.asarray(b).view(np.uint32)
+            )
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_every_layout_of_x_mask_and_out(dtype):
+    """Catches a mask read in the wrong work order (transposed, strided, negative, unaligned x;
+    broadcast, Fortran, negative masks) and masked writes into out of any layout / in place."""
+    rng = np.random.default_rng(4)
+    x = (rng.standard_normal((3, 4, 7)) * 4).astype(dtype)
+    x[0, 1, 2] = np.nan
+    base = rng.random((3, 4, 7)) < 0.6
+    base[0, 1, 2] = False
+    base[1, 2] = False
+    masks = {
+        "C": base,
+        "F": np.asfortranarray(base),
+        "negative": np.ascontiguousarray(base[::-1, :, ::-1])[::-1, :, ::-1],
+        "broadcast": np.broadcast_to(base[:1, :, :1], base.shape),
+    }
+    for axis in [None, 0, 2, (0, 2), (1, 2)]:
+        for mname, m in masks.items():
+            lse, _, sm, ls = oracle(x, m, axis)
+            for name, v in layouts(x):
+                got = sl.logsumexp(v, axis=axis, where=m)
+                np.testing.assert_allclose(got, lse, rtol=4e-6, err_msg=f"{name}/{mname}")
+                for fn, want in (("softmax", sm), ("log_softmax", ls)):
+                    f = getattr(sl, fn)
+                    for oname, out in layouts(np.zeros(x.shape, dtype)):
+                        assert f(v, axis=axis, where=m, out=out) is out
+                        np.testing.assert_allclose(
+                            out, want, rtol=4e-6, atol=1e-6, err_msg=f"{fn} {name}/{mname}/{oname}"
+                        )
+                    w = v.copy() if name == "C" else v
+                    before = w.copy()
+                    f(w, axis=axis, where=m, out=w)
+                    np.testing.assert_allclose(
+                        w, want, rtol=4e-6, atol=1e-6, err_msg=f"{fn} in place {name}"
+                    )
+                    w[...] = before
+
+
+def test_logsumexp_out_layouts_and_keepdims():
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((5, 6, 7))
+    m = rng.random((5, 6, 7)) < 0.5
+    m[2, :, 3] = False
+    lse = oracle(x, m, 1)[0]
+    out = np.zeros((7, 5)).T
+    assert sl.logsumexp(x, axis=1, where=m, out=out) is out
+    np.testing.assert_allclose(out, lse, rtol=1e-14)
+    assert out[2, 3] == -np.inf
+    k = sl.logsumexp(x, axis=(0, 2), keepdims=True, where=m)
+    assert k.shape == (1, 6, 1)
+    np.testing.assert_allclose(k.reshape(6), oracle(x, m, (0, 2))[0], rtol=1e-14)
+
+
+def test_b_and_return_sign_combine_with_the_mask():
+    """Masked elements leave the sum whatever their weight: a NaN or negative weight at a
+    masked position changes nothing; the sign of a fully masked slice is 0."""
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((4, 9))
+    b = rng.standard_normal(9)
+    m = rng.random((4, 9)) < 0.6
+    m[3] = False
+    bb = np.broadcast_to(b, x.shape).copy()
+    bb[~m] = np.nan
+    for weights in (b, bb):
+        res, sgn = sl.logsumexp(x, axis=1, b=weights, where=m, return_sign=True)
+        want, wsgn, _, _ = oracle(x, m, 1, b=np.where(m, weights, 0))
+        np.testing.assert_allclose(res, want, rtol=1e-13)
+        np.testing.assert_array_equal(sgn, wsgn)
+    res, sgn = sl.logsumexp(x, axis=1, where=m, return_sign=True)
+    assert res[3] == -np.inf and sgn[3] == 0 and (sgn[:3] == 1).all()
+    # b=0 drops an element whatever a holds (scipy), and so does the mask.
+    assert sl.logsumexp([np.nan, 1.0, 2.0], b=[0.0, 1.0, 5.0], where=[True, True, False]) == 1.0
+
+
+def test_dtypes_and_zero_dimensional_input():
+    m = np.array([True, False, True])
+    r = sl.logsumexp(np.array([1, 2, 3]), where=m)
+    assert r.dtype == np.float64 and r == pytest.approx(sp.logsumexp([1, 3]))
+    h = sl.softmax(np.array([1, 2, 3], np.float16), where=m)
+    assert h.dtype == np.float16 and h[1] == 0
+    assert sl.logsumexp(np.float32(2.0), where=False) == -np.inf
+    assert sl.softmax(3.0, where=True) == 1.0
+    out = np.empty(3, np.float16)
+    assert sl.log_softmax(np.array([1, 2, 3], np.float16), where=m, out=out) is out
+    assert out[1] == -np.inf
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def test_errors_name_where():
+    x = np.zeros((2, 3))
+    for f in (sl.logsumexp, sl.softmax, sl.log_softmax):
+        with pytest.raises(TypeError, match="where must be a boolean array"):
+            f(x, where=np.ones((2, 3), int))
+        with pytest.raises(ValueError, match="where with shape"):
+            f(x, where=np.ones((3, 3), bool))
+        with pytest.raises(ValueError, match="where with shape"):
+            f(x, where=np.ones((2, 2, 3), bool))  # would grow x
+        with pytest.raises(ValueError, match="where is not a rectangular"):
+            f(x, where=[[True], [True, False]])
+        with pytest.raises(NotImplementedError, match="where"):
+            f(x.astype(complex), where=np.ones((2, 3), bool))
+    with pytest.raises(TypeError, match="where"):
+        sl.LogSumExp(axis=1).update(x, where=[[1, 0, 1]])
+    with pytest.raises(ValueError, match="where"):
+        sl.LogSumExp(axis=1).update(x, where=np.ones(2, bool))
+
+
+def test_out_overlapping_the_mask_is_refused():
+    buf = np.zeros(64, np.uint8)
+    out = buf[:24].view(np.float64)
+    where = buf.view(bool)[:3]
+    with pytest.raises(ValueError, match="overlaps where"):
+        sl.softmax(np.zeros(3), where=where, out=out)
+    assert (buf == 0).all()
+
+
+def test_native_binding_checks_the_mask():
+    from stablelse import _core
+
+    with pytest.raises(ValueError, match="where has shape"):
+        _core.logsumexp(np.zeros((2, 3)), (1,), False, "auto", None, np.ones((2, 2), bool))
+    with pytest.raises(TypeError, match="where must be a bool ndarray"):
+        _core.softmax(np.zeros((2, 3)), (1,), False, "auto", None, np.ones((2, 3)))
+
+
+# --------------------------------------------------------------------------- threads
+
+
+@pytest.mark.parametrize(
+    "shape,axis", [((4000, 64), 1), ((300, 1000), 1), ((3, 140000), 1), ((500, 300), 0)]
+)
+def test_bit_identical_for_any_thread_count(shape, axis):
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal(shape).astype(np.float32)
+    m = rng.random(shape) < 0.9
+    before = sl.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3):
+            sl.set_num_threads(n)
+            results.append(
+                [
+                    np.asarray(f(x, axis=axis, where=m)).copy()
+                    for f in (sl.logsumexp, sl.softmax, sl.log_softmax)
+                ]
+                + list(sl.LogSumExp(axis=axis).update(x, where=m).state)
+            )
+    finally:
+        sl.set_num_threads(before)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            np.testing.assert_array_equal(a.view(np.uint8), b.view(np.uint8))
+
+
+# --------------------------------------------------------------------------- jax
+
+
+def test_equals_jax():
+    jax = pytest.importorskip("jax")
+    x64 = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", True)
+    try:
+        _check_against_jax(jax)
+    finally:
+        jax.config.update("jax_enable_x64", x64)
+
+
+def _check_against_jax(jax):
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((6, 9)) * 20
+    x[0, 0], x[1, 1] = np.nan, np.inf
+    mask = rng.random((6, 9)) < 0.5
+    mask[0, 0] = mask[1, 1] = False
+    mask[2] = False
+    mask[4] = True
+    for axis in (0, 1):
+        np.testing.assert_allclose(
+            sl.logsumexp(x, axis=axis, where=mask),
+            jax.nn.logsumexp(x, axis=axis, where=mask),
+            rtol=1e-14,
+        )
+        np.testing.assert_allclose(
+            sl.softmax(x, axis=axis, where=mask),
+            jax.nn.softmax(x, axis=axis, where=mask),
+            rtol=1e-13,
+            atol=1e-300,
+        )
+        # JAX forms log(1 + tiny) for the top element and loses it: absolute error eps * |x|.
+        np.testing.assert_allclose(
+            sl.log_softmax(x, axis=axis, where=mask),
+            jax.nn.log_softmax(x, axis=axis, where=mask),
+            rtol=1e-13,
+            atol=1e-12,
+        )
+    b = rng.standard_normal(9)
+    got = sl.logsumexp(x, axis=1, b=b, where=mask, return_sign=True)
+    want = jax.nn.logsumexp(x, axis=1, b=b, where=mask, return_sign=True)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-13)
+    np.testing.assert_array_equal(got[1], want[1])
+    xi = np.array([[-np.inf, -np.inf, 3.0]])
+    mi = np.array([[True, True, False]])
+    for f in ("softmax", "log_softmax"):
+        np.testing.assert_array_equal(
+            getattr(sl, f)(xi, axis=1, where=mi), getattr(jax.nn, f)(xi, axis=1, where=mi)
+        )
+
+
+# --------------------------------------------------------------------------- streaming, dask
+
+
+def test_streaming_update_equals_one_call():
+    """Catches a mask chunk applied to the wrong data chunk, fully masked chunks that are not
+    the identity, and masked weights that still count."""
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((5, 40)).astype(np.float32)
+    x[1, 3] = np.nan
+    m = rng.random((5, 40)) < 0.7
+    m[1, 3] = False
+    m[2] = False
+    m[:, 10:20] = False  # a fully masked chunk
+    b = rng.random((5, 40)) + 0.1
+    b[~m] = -1.0  # negative weights are refused unless masked
+    acc, wacc = sl.LogSumExp(axis=1), sl.LogSumExp(axis=1)
+    for i in range(0, 40, 10):
+        acc.update(x[:, i : i + 10], where=m[:, i : i + 10])
+        wacc.update(x[:, i : i + 10], b[:, i : i + 10], where=m[:, i : i + 10])
+    np.testing.assert_array_equal(acc.result(), sl.logsumexp(x, axis=1, where=m))
+    np.testing.assert_allclose(
+        wacc.result(), sl.logsumexp(x, axis=1, b=np.where(m, b, 0), where=m), rtol=1e-6
+    )
+    none = sl.LogSumExp()
+    none.update(x, where=m).update(np.float32(5.0), where=False)
+    assert none.result() == sl.logsumexp(x, where=m)
+
+
+def test_dask_equals_numpy():
+    da = pytest.importorskip("dask.array")
+    import stablelse.dask as sd
+
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((7, 11))
+    x[0, 2] = np.nan
+    m = rng.random((7, 11)) < 0.6
+    m[0, 2] = False
+    m[3] = False
+    xd = da.from_array(x, chunks=(3, 4))
+    for where in (m, da.from_array(m, chunks=(4, 3)), m[:1]):
+        for axis in (None, 0, 1, (0, 1)):
+            np.testing.assert_allclose(
+                sd.logsumexp(xd, axis=axis, where=where).compute(),
+                sl.logsumexp(x, axis=axis, where=where),
+                rtol=1e-14,
+            )
+        for fn in ("softmax", "log_softmax"):
+            for axis in (0, 1):
+                np.testing.assert_allclose(
+                    getattr(sd, fn)(xd, axis=axis, where=where).compute(),
+                    getattr(sl, fn)(x, axis=axis, where=where),
+                    rtol=1e-13,
+                )
+    b = rng.random(11)
+    np.testing.assert_allclose(
+        sd.logsumexp(xd, axis=1, b=b, where=m).compute(),
+        sl.logsumexp(x, axis=1, b=b, where=m),
+        rtol=1e-13,
+    )
+    with pytest.raises(TypeError, match="where"):
+        sd.logsumexp(xd, where=np.ones((7, 11), int))
+    with pytest.raises(ValueError, match="where"):
+        sd.softmax(xd, where=np.ones((2, 11), bool))
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def test_masked_in_place_softmax_adds_no_input_sized_buffer():
+    """A broadcast mask and out=x: scratch stays block-sized (no masked copy of x, no copy of
+    the broadcast mask)."""
+    code = """
+        import resource, numpy as np, stablelse as sl
+        x = np.random.default_rng(0).standard_normal((2, 1 << 24)).astype(np.float32)
+        keep = np.broadcast_to(np.array([[True], [False]]), x.shape)
+        sl.softmax(np.zeros((2, 1 << 16), np.float32), axis=1, where=keep[:, : 1 << 16])
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        sl.softmax(x, axis=1, out=x, where=keep)
+        sl.log_softmax(x, axis=0, out=x, where=keep)
+        r = sl.logsumexp(x, axis=1, where=keep)
+        grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+        assert r[1] == -np.inf and (x[1] == -np.inf).all()
+        print("GROWN_KIB", grown)
+    """
+    rc, out = _run_child(code)
+    assert rc == 0, out[-2000:]
+    grown = int(out.split("GROWN_KIB")[1].split()[0])
+    assert grown < 24 * 1024, f"peak RSS grew by {grown} KiB for a 128 MiB input"
