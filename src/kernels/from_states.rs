@@ -75,9 +75,10 @@ mod tests {
                 let (mut a, mut b) = (vec![0.0; x.len()], vec![0.0; x.len()]);
                 softmax_like(&x, batch, Algorithm::Auto, what, &mut a).unwrap();
                 softmax_like_from_states(&x, batch, &states, what, &mut b).unwrap();
-                if n > 64 {
+                if n > 64 && what == Reduction::LogSoftmax {
                     assert_eq!(a, b); // the same row writer
                 } else {
+                    // Short rows and softmax rows in cache sum in their own order.
                     for (p, q) in a.iter().zip(&b) {
                         assert!((p - q).abs() <= 1e-15 * p.abs().max(1.0), "{p} {q}");
                     }

@@ -443,14 +443,60 @@ unsafe fn softmax_like_raw<T: Real>(
         }
         return;
     }
+    // Softmax rows in cache keep their exps for the write (one exp per element instead of
+    // two), in the thread's float64 scratch; without the scratch they take the two-exp path.
+    let stored = what == Reduction::Softmax
+        && alg != Algorithm::Online
+        && level != Level::Scalar
+        && n <= simd::STORED_ROW;
     parallel::for_each_piece(batch.count(), 2 * n.max(1), |range| {
-        for l in range {
-            let ln = lane(&batch, l);
-            // SAFETY: the lane lies inside x; its state is complete before any write.
-            let state = unsafe { lane_state(level, xp.ptr() as *const T, ln, 0, n, alg) };
-            write(l, 0, n, state);
-        }
+        with_exp_scratch(if stored { n } else { 0 }, |scratch| {
+            for l in range {
+                let ln = lane(&batch, l);
+                if let (Some(e), 1) = (scratch, ln.stride) {
+                    // SAFETY: the lane's n elements lie inside x, row l's n outputs are its
+                    // own (in place: the same elements), and the scratch holds n float64.
+                    let done = unsafe {
+                        let xr = (xp.ptr() as *const T).add(ln.start);
+                        let or = op.ptr().add(l * n);
+                        simd::softmax_stored(level, xr, or, n, e, stream)
+                    };
+                    if done {
+                        continue;
+                    }
+                }
+                // SAFETY: the lane lies inside x; its state is complete before any write.
+                let state = unsafe { lane_state(level, xp.ptr() as *const T, ln, 0, n, alg) };
+                write(l, 0, n, state);
+            }
+        })
     });
+}
+
+thread_local! {
+    /// Each thread's float64 scratch for the softmax with stored exps (at most
+    /// [`simd::STORED_ROW`] entries, kept between calls).
+    static EXP_SCRATCH: std::cell::RefCell<Vec<f64>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` with room for `n > 0` float64 from this thread's scratch, or with `None` when
+/// `n == 0` or the room cannot be had (the allocation failed).
+fn with_exp_scratch<R>(n: usize, f: impl FnOnce(Option<*mut f64>) -> R) -> R {
+    if n == 0 {
+        return f(None);
+    }
+    EXP_SCRATCH.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut v) => {
+            if v.capacity() < n {
+                *v = Vec::new();
+                if v.try_reserve_exact(n).is_err() {
+                    return f(None);
+                }
+            }
+            f(Some(v.as_mut_ptr()))
+        }
+        Err(_) => f(None),
+    })
 }
 
 /// Softmax or log_softmax of `n` contiguous elements given the row's finished state.

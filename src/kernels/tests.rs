@@ -808,3 +808,118 @@ fn every_level_matches_scalar_on_short_row_states() {
         }
     }
 }
+
+/// The float32 softmax of `row`, each element rounded once from float64 with `f64::exp`.
+fn exact_softmax_f32(row: &[f32]) -> Vec<f32> {
+    let m = row
+        .iter()
+        .fold(f64::NEG_INFINITY, |a, &v| a.max(f64::from(v)));
+    let e: Vec<f64> = row.iter().map(|&v| (f64::from(v) - m).exp()).collect();
+    let s: f64 = e.iter().sum();
+    e.iter().map(|&v| (v / s) as f32).collect()
+}
+
+/// Softmax rows in cache keep their exps in a float64 scratch for the write (one exp per
+/// element). The rows here cross the sum's block size (where the blocked state would rescale
+/// when the max comes late), the scratch limit, and hold the cases where every term but the
+/// max underflows, the max is last, or the row is a ramp. A wrong scratch index, a stale
+/// exp, a missing rescale or a lost tail lane shows as an error far above 1 ULP.
+#[test]
+fn softmax_with_stored_exps_is_within_one_ulp_at_every_level() {
+    use crate::simd::STORED_ROW;
+    let mut rng = Rng::new(77);
+    let mut rows: Vec<(String, Vec<f32>)> = Vec::new();
+    for n in [65, 71, 1023, 1024, 1025, 2047, 2048, 2049, 4096, 6143, 6145] {
+        rows.push((
+            format!("uniform n={n}"),
+            (0..n).map(|_| rng.uniform(-20.0, 20.0) as f32).collect(),
+        ));
+        let mut late: Vec<f32> = (0..n).map(|_| rng.uniform(-5.0, 5.0) as f32).collect();
+        late[n - 1] = 30.0;
+        rows.push((format!("max last n={n}"), late));
+        let mut one: Vec<f32> = (0..n).map(|_| rng.uniform(-900.0, -200.0) as f32).collect();
+        one[n / 3] = 1.5;
+        rows.push((format!("all but one underflow n={n}"), one));
+        rows.push((
+            format!("ramp n={n}"),
+            (0..n).map(|k| k as f32 * 0.01).collect(),
+        ));
+        let mut holes: Vec<f32> = (0..n).map(|_| rng.uniform(-3.0, 3.0) as f32).collect();
+        for k in (0..n).step_by(7) {
+            holes[k] = f32::NEG_INFINITY;
+        }
+        rows.push((format!("-inf every 7th n={n}"), holes));
+    }
+    for n in [STORED_ROW - 1, STORED_ROW, STORED_ROW + 1] {
+        rows.push((
+            format!("long n={n}"),
+            (0..n).map(|_| rng.uniform(-10.0, 10.0) as f32).collect(),
+        ));
+    }
+    for level in available_levels() {
+        for (name, row) in &rows {
+            let n = row.len();
+            let exact = exact_softmax_f32(row);
+            let mut got = vec![0.0f32; n];
+            softmax_like_at(
+                level,
+                row,
+                Batch::rows(1, n),
+                Algorithm::TwoPass,
+                Reduction::Softmax,
+                &mut got,
+            )
+            .unwrap();
+            for k in 0..n {
+                assert!(
+                    within_ulp32(got[k], exact[k], 1),
+                    "{level:?} {name} k={k}: {} vs {}",
+                    got[k],
+                    exact[k]
+                );
+                if row[k] == f32::NEG_INFINITY {
+                    assert_eq!(got[k].to_bits(), 0, "{level:?} {name} k={k}");
+                }
+            }
+            // float64: the float64 exp (< 1 ULP) times 1 / S.
+            let row64: Vec<f64> = row.iter().map(|&v| f64::from(v)).collect();
+            let m = row64.iter().fold(f64::NEG_INFINITY, |a, &v| a.max(v));
+            let s: f64 = row64.iter().map(|&v| (v - m).exp()).sum();
+            let mut got64 = vec![0.0f64; n];
+            let b = Batch::rows(1, n);
+            softmax_like_at(
+                level,
+                &row64,
+                b,
+                Algorithm::TwoPass,
+                Reduction::Softmax,
+                &mut got64,
+            )
+            .unwrap();
+            for k in 0..n {
+                let want = (row64[k] - m).exp() / s;
+                assert!(
+                    agree64(got64[k], want, 1e-14),
+                    "{level:?} {name} float64 k={k}: {} vs {want}",
+                    got64[k]
+                );
+            }
+            let mut inplace = row.clone();
+            softmax_like_inplace_at(
+                level,
+                &mut inplace,
+                Batch::rows(1, n),
+                Algorithm::TwoPass,
+                Reduction::Softmax,
+            )
+            .unwrap();
+            assert!(
+                inplace
+                    .iter()
+                    .zip(&got)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{level:?} {name}: in place differs"
+            );
+        }
+    }
+}

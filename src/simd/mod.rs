@@ -230,6 +230,38 @@ pub(crate) mod consts {
     ];
 }
 
+/// Runs a kernel written as two bodies at `level`: `|l| run`, over the level's [`Lanes`] `l`,
+/// and `scalar:`, the reference. The named variables become the fields of a one-off
+/// [`Kernel`] (generic over the caller's element type `T`, and over a lifetime `'a` where a
+/// field borrows) and are bound by the same names in both bodies. Expands to the unsafe
+/// [`dispatch`] call, so it is used inside an `unsafe` block whose `SAFETY` comment (the
+/// caller's contract on the pointers) covers both bodies, which run in `unsafe` too.
+macro_rules! run_kernel {
+    ($level:expr, $(<$lt:lifetime>)? { $($f:ident: $t:ty),* $(,)? } -> $out:ty,
+     |$l:ident| $run:expr, scalar: $scalar:expr $(,)?) => {{
+        struct K<$($lt,)? T> {
+            $($f: $t),*
+        }
+        impl<$($lt,)? T: Real> Kernel for K<$($lt,)? T> {
+            type Out = $out;
+            #[inline(always)]
+            #[allow(unused_unsafe)]
+            fn run<L: Lanes>(self, $l: L) -> $out {
+                let K { $($f),* } = self;
+                // SAFETY: the contract of the dispatch below, checked by its caller.
+                unsafe { $run }
+            }
+            #[allow(unused_unsafe, unused_variables)]
+            fn scalar(self) -> $out {
+                let K { $($f),* } = self;
+                // SAFETY: as above.
+                unsafe { $scalar }
+            }
+        }
+        dispatch($level, K { $($f),* })
+    }};
+}
+
 /// `(max, excess)` of `n` contiguous elements at `level`: blocked two-pass, or one pass with
 /// a running max (`online`).
 ///
@@ -241,33 +273,25 @@ pub(crate) unsafe fn row_state<T: Real>(
     n: usize,
     online: bool,
 ) -> LseState {
-    struct K<T>(*const T, usize, bool);
-    impl<T: Real> Kernel for K<T> {
-        type Out = LseState;
-        #[inline(always)]
-        fn run<L: Lanes>(self, l: L) -> LseState {
-            // SAFETY: the caller of row_state guarantees n readable elements.
-            unsafe {
-                if self.2 {
-                    rows::state_online(l, self.0, self.1)
+    // SAFETY: forwarded from the caller (n readable elements at x), in both bodies.
+    unsafe {
+        run_kernel!(level, { x: *const T, n: usize, online: bool } -> LseState,
+            |l| {
+                if online {
+                    rows::state_online(l, x, n)
                 } else {
-                    rows::state_two_pass(l, self.0, self.1)
+                    rows::state_two_pass(l, x, n)
                 }
-            }
-        }
-        fn scalar(self) -> LseState {
-            // SAFETY: as above.
-            unsafe {
-                if self.2 {
-                    scalar::lse_state_online(self.0, 0, self.1, 1)
+            },
+            scalar: {
+                if online {
+                    scalar::lse_state_online(x, 0, n, 1)
                 } else {
-                    scalar::lse_state_two_pass(self.0, 0, self.1, 1)
+                    scalar::lse_state_two_pass(x, 0, n, 1)
                 }
-            }
-        }
+            },
+        )
     }
-    // SAFETY: forwarded from the caller.
-    unsafe { dispatch(level, K(x, n, online)) }
 }
 
 /// The row writes: `out[k] = f(x[k])` for `k < n`, with `f` softmax's or log_softmax's.
@@ -283,7 +307,7 @@ impl<T: Real, F: LaneMap> Kernel for MapRow<T, F> {
     type Out = ();
     #[inline(always)]
     fn run<L: Lanes>(self, l: L) {
-        // SAFETY: the callers of exp_scaled / shift_sub guarantee the buffers.
+        // SAFETY: the callers of map_row guarantee the buffers.
         unsafe { rows::map_row(l, self.x, self.out, self.n, self.stream, self.f) }
     }
     fn scalar(self) {
@@ -297,13 +321,36 @@ impl<T: Real, F: LaneMap> Kernel for MapRow<T, F> {
     }
 }
 
-/// `out[k] = scale * exp(x[k] - shift)` for `k < n` at `level`; `out` may equal `x`.
-/// `stream` asks for non-temporal stores (outputs much larger than the caches) where the
-/// level has them.
+/// `out[k] = f(x[k])` for `k < n` at `level`; `out` may equal `x`. `stream` asks for
+/// non-temporal stores (outputs much larger than the caches) where the level has them.
 ///
 /// # Safety
 /// `x` readable and `out` writable for `n` elements, either disjoint or equal; `level`
 /// supported by this CPU.
+#[inline]
+unsafe fn map_row<T: Real>(
+    level: Level,
+    x: *const T,
+    out: *mut T,
+    n: usize,
+    stream: bool,
+    f: impl LaneMap,
+) {
+    let k = MapRow {
+        x,
+        out,
+        n,
+        stream,
+        f,
+    };
+    // SAFETY: forwarded from the caller.
+    unsafe { dispatch(level, k) }
+}
+
+/// `out[k] = scale * exp(x[k] - shift)` for `k < n` at `level`, as [`map_row`].
+///
+/// # Safety
+/// As [`map_row`].
 pub(crate) unsafe fn exp_scaled<T: Real>(
     level: Level,
     x: *const T,
@@ -313,30 +360,15 @@ pub(crate) unsafe fn exp_scaled<T: Real>(
     scale: f64,
     stream: bool,
 ) {
-    let f = ExpScaled {
-        shift,
-        scale,
-        full: T::FULL,
-    };
+    let full = T::FULL;
     // SAFETY: forwarded from the caller.
-    unsafe {
-        dispatch(
-            level,
-            MapRow {
-                x,
-                out,
-                n,
-                stream,
-                f,
-            },
-        )
-    }
+    unsafe { map_row(level, x, out, n, stream, ExpScaled { shift, scale, full }) }
 }
 
-/// `out[k] = (x[k] - shift) - log_total` for `k < n` at `level`; `out` may equal `x`.
+/// `out[k] = (x[k] - shift) - log_total` for `k < n` at `level`, as [`map_row`].
 ///
 /// # Safety
-/// As [`exp_scaled`].
+/// As [`map_row`].
 pub(crate) unsafe fn shift_sub<T: Real>(
     level: Level,
     x: *const T,
@@ -346,18 +378,36 @@ pub(crate) unsafe fn shift_sub<T: Real>(
     log_total: f64,
     stream: bool,
 ) {
-    let f = ShiftSub { shift, log_total };
     // SAFETY: forwarded from the caller.
+    unsafe { map_row(level, x, out, n, stream, ShiftSub { shift, log_total }) }
+}
+
+/// Rows up to this long may take the softmax with one exp per element
+/// ([`softmax_stored`]), whose float64 scratch of `8 n` bytes then stays in L2.
+pub const STORED_ROW: usize = 1 << 15;
+
+/// Softmax of `n` contiguous elements at `level` with one exp per element, keeping the exps
+/// in the float64 scratch `e` between the sum and the write (the outputs are those of the
+/// state pass followed by [`exp_scaled`], up to the sum's rounding). Returns `false`, with
+/// nothing written, for rows with a NaN or an infinity, and at the scalar level: the caller
+/// then takes the two-exp path.
+///
+/// # Safety
+/// `x` readable and `out` writable for `n` elements, disjoint or equal; `e` writable for `n`
+/// float64; `level` supported by this CPU.
+pub(crate) unsafe fn softmax_stored<T: Real>(
+    level: Level,
+    x: *const T,
+    out: *mut T,
+    n: usize,
+    e: *mut f64,
+    stream: bool,
+) -> bool {
+    // SAFETY: forwarded from the caller (the buffers).
     unsafe {
-        dispatch(
-            level,
-            MapRow {
-                x,
-                out,
-                n,
-                stream,
-                f,
-            },
+        run_kernel!(level, { x: *const T, out: *mut T, n: usize, e: *mut f64, stream: bool } -> bool,
+            |l| rows::softmax_stored(l, x, out, n, e, stream),
+            scalar: false,
         )
     }
 }
@@ -377,32 +427,18 @@ pub(crate) unsafe fn lanes_write<T: Real>(
     a: *const f64,
     exp: bool,
 ) {
-    struct K<T>(*const T, *mut T, usize, *const f64, *const f64, bool);
-    impl<T: Real> Kernel for K<T> {
-        type Out = ();
-        #[inline(always)]
-        fn run<L: Lanes>(self, l: L) {
-            let K(x, out, n, b, a, exp) = self;
-            // SAFETY: the caller of lanes_write guarantees the buffers.
-            unsafe { rows::lanes_write(l, x, out, n, b, a, exp) }
-        }
-        fn scalar(self) {
-            let K(x, out, n, b, a, exp) = self;
-            for j in 0..n {
-                // SAFETY: j < n; element j is read before it is written.
-                unsafe {
-                    let d = (*x.add(j)).to_f64() - *b.add(j);
-                    *out.add(j) = T::from_f64(if exp {
-                        *a.add(j) * d.exp()
-                    } else {
-                        d - *a.add(j)
-                    });
-                }
-            }
-        }
+    // SAFETY: forwarded from the caller (the buffers; element j is read before it is written).
+    unsafe {
+        run_kernel!(level,
+            { x: *const T, out: *mut T, n: usize, b: *const f64, a: *const f64, exp: bool } -> (),
+            |l| rows::lanes_write(l, x, out, n, b, a, exp),
+            scalar: for j in 0..n {
+                let d = (*x.add(j)).to_f64() - *b.add(j);
+                let y = if exp { *a.add(j) * d.exp() } else { d - *a.add(j) };
+                *out.add(j) = T::from_f64(y);
+            },
+        )
     }
-    // SAFETY: forwarded from the caller.
-    unsafe { dispatch(level, K(x, out, n, b, a, exp)) }
 }
 
 /// States of `w <= COL_TILE` adjacent columns of an `(n, inner)` C-order slab at `x`, one
@@ -419,25 +455,16 @@ pub(crate) unsafe fn column_states<T: Real>(
     out: &mut [LseState],
 ) {
     debug_assert!(w <= COL_TILE && out.len() >= w);
-    struct K<'a, T>(*const T, usize, usize, usize, &'a mut [LseState]);
-    impl<T: Real> Kernel for K<'_, T> {
-        type Out = ();
-        #[inline(always)]
-        fn run<L: Lanes>(self, l: L) {
-            let K(x, n, inner, w, out) = self;
-            // SAFETY: the caller of column_states guarantees the slab.
-            unsafe { rows::column_states(l, x, n, inner, w, out) }
-        }
-        fn scalar(self) {
-            let K(x, n, inner, w, out) = self;
-            for (j, o) in out.iter_mut().enumerate().take(w) {
-                // SAFETY: as above.
-                *o = unsafe { scalar::lse_state_online(x, j, n, inner) };
-            }
-        }
+    // SAFETY: forwarded from the caller (the slab).
+    unsafe {
+        run_kernel!(level, <'a> { x: *const T, n: usize, inner: usize, w: usize,
+                                  out: &'a mut [LseState] } -> (),
+            |l| rows::column_states(l, x, n, inner, w, out),
+            scalar: for (j, o) in out.iter_mut().enumerate().take(w) {
+                *o = scalar::lse_state_online(x, j, n, inner);
+            },
+        )
     }
-    // SAFETY: forwarded from the caller.
-    unsafe { dispatch(level, K(x, n, inner, w, out)) }
 }
 
 /// Whether `level` has the short-row kernels (rows in vector lanes) for `pitch` (the
@@ -446,24 +473,13 @@ pub(crate) fn has_short_rows(level: Level, pitch: usize) -> bool {
     level != Level::Scalar && pitch < (1 << 27)
 }
 
-/// A batch of short rows: `rows` rows of `n <= SHORT_ROW` elements, `pitch` apart.
-#[derive(Clone, Copy)]
-struct ShortRows<T> {
-    x: *const T,
-    rows: usize,
-    n: usize,
-    pitch: usize,
-}
-
-impl<T: Real> ShortRows<T> {
-    /// Row `r`'s reference state.
-    ///
-    /// # Safety
-    /// The rows readable.
-    unsafe fn reference(self, r: usize) -> LseState {
-        // SAFETY: row r is readable.
-        unsafe { scalar::lse_state_two_pass(self.x, r * self.pitch, self.n, 1) }
-    }
+/// Row `r`'s reference state, of `n` elements among rows `pitch` apart at `x`.
+///
+/// # Safety
+/// Row `r` readable.
+unsafe fn short_reference<T: Real>(x: *const T, r: usize, n: usize, pitch: usize) -> LseState {
+    // SAFETY: row r is readable.
+    unsafe { scalar::lse_state_two_pass(x, r * pitch, n, 1) }
 }
 
 /// logsumexp of `rows` rows of `n <= SHORT_ROW` elements, `pitch` apart, into `out`.
@@ -479,25 +495,15 @@ pub(crate) unsafe fn short_rows_logsumexp<T: Real>(
     out: *mut T,
 ) {
     debug_assert!(n <= SHORT_ROW);
-    struct K<T>(ShortRows<T>, *mut T);
-    impl<T: Real> Kernel for K<T> {
-        type Out = ();
-        #[inline(always)]
-        fn run<L: Lanes>(self, l: L) {
-            let ShortRows { x, rows, n, pitch } = self.0;
-            // SAFETY: the caller of short_rows_logsumexp guarantees the buffers.
-            unsafe { short::logsumexp(l, x, rows, n, pitch, self.1) }
-        }
-        fn scalar(self) {
-            for r in 0..self.0.rows {
-                // SAFETY: as above.
-                unsafe { *self.1.add(r) = T::from_f64(self.0.reference(r).logsumexp()) };
-            }
-        }
+    // SAFETY: forwarded from the caller (the rows and out).
+    unsafe {
+        run_kernel!(level, { x: *const T, rows: usize, n: usize, pitch: usize, out: *mut T } -> (),
+            |l| short::logsumexp(l, x, rows, n, pitch, out),
+            scalar: for r in 0..rows {
+                *out.add(r) = T::from_f64(short_reference(x, r, n, pitch).logsumexp());
+            },
+        )
     }
-    let s = ShortRows { x, rows, n, pitch };
-    // SAFETY: forwarded from the caller.
-    unsafe { dispatch(level, K(s, out)) }
 }
 
 /// The `(max, excess)` state of each of `rows` short rows (`n <= SHORT_ROW` elements, `pitch`
@@ -514,25 +520,16 @@ pub(crate) unsafe fn short_rows_states<T: Real>(
     out: &mut [LseState],
 ) {
     debug_assert!(n <= SHORT_ROW && out.len() >= rows);
-    struct K<'a, T>(ShortRows<T>, &'a mut [LseState]);
-    impl<T: Real> Kernel for K<'_, T> {
-        type Out = ();
-        #[inline(always)]
-        fn run<L: Lanes>(self, l: L) {
-            let ShortRows { x, rows, n, pitch } = self.0;
-            // SAFETY: the caller of short_rows_states guarantees the rows.
-            unsafe { short::states(l, x, rows, n, pitch, self.1) }
-        }
-        fn scalar(self) {
-            for (r, o) in self.1.iter_mut().enumerate().take(self.0.rows) {
-                // SAFETY: as above.
-                *o = unsafe { self.0.reference(r) };
-            }
-        }
+    // SAFETY: forwarded from the caller (the rows).
+    unsafe {
+        run_kernel!(level, <'a> { x: *const T, rows: usize, n: usize, pitch: usize,
+                                  out: &'a mut [LseState] } -> (),
+            |l| short::states(l, x, rows, n, pitch, out),
+            scalar: for (r, o) in out.iter_mut().enumerate().take(rows) {
+                *o = short_reference(x, r, n, pitch);
+            },
+        )
     }
-    let s = ShortRows { x, rows, n, pitch };
-    // SAFETY: forwarded from the caller.
-    unsafe { dispatch(level, K(s, out)) }
 }
 
 /// Softmax (`log = false`) or log_softmax of `rows` short rows into the dense `out`.
@@ -550,34 +547,23 @@ pub(crate) unsafe fn short_rows_softmax<T: Real>(
     log: bool,
 ) {
     debug_assert!(n <= SHORT_ROW);
-    struct K<T>(ShortRows<T>, *mut T, bool);
-    impl<T: Real> Kernel for K<T> {
-        type Out = ();
-        #[inline(always)]
-        fn run<L: Lanes>(self, l: L) {
-            let ShortRows { x, rows, n, pitch } = self.0;
-            // SAFETY: the caller of short_rows_softmax guarantees the buffers.
-            unsafe { short::softmax(l, x, rows, n, pitch, self.1, self.2) }
-        }
-        fn scalar(self) {
-            let ShortRows { x, rows, n, pitch } = self.0;
-            for r in 0..rows {
-                // SAFETY: as above; each row is read before it is written.
-                unsafe {
-                    let state = self.0.reference(r);
-                    let (xr, or) = (x.add(r * pitch), self.1.add(r * n));
-                    if self.2 {
-                        scalar::log_softmax_write(xr, 0, 1, or, 0, 1, n, state);
-                    } else {
-                        scalar::softmax_write(xr, 0, 1, or, 0, 1, n, state);
-                    }
+    // SAFETY: forwarded from the caller (the rows and out; each row is read before it is
+    // written).
+    unsafe {
+        run_kernel!(level,
+            { x: *const T, rows: usize, n: usize, pitch: usize, out: *mut T, log: bool } -> (),
+            |l| short::softmax(l, x, rows, n, pitch, out, log),
+            scalar: for r in 0..rows {
+                let state = short_reference(x, r, n, pitch);
+                let (xr, or) = (x.add(r * pitch), out.add(r * n));
+                if log {
+                    scalar::log_softmax_write(xr, 0, 1, or, 0, 1, n, state);
+                } else {
+                    scalar::softmax_write(xr, 0, 1, or, 0, 1, n, state);
                 }
-            }
-        }
+            },
+        )
     }
-    let s = ShortRows { x, rows, n, pitch };
-    // SAFETY: forwarded from the caller.
-    unsafe { dispatch(level, K(s, out, log)) }
 }
 
 /// `out[k] = exp(x[k])` in float32 arithmetic at `level` (< 1 ULP; the vectorised exp itself).
@@ -615,20 +601,8 @@ pub fn exp_f64(level: Level, x: &[f64], out: &mut [f64]) {
         scale: 1.0,
         full: true,
     };
-    let (n, x, out) = (x.len(), x.as_ptr(), out.as_mut_ptr());
     // SAFETY: the level is available; both slices hold n elements.
-    unsafe {
-        dispatch(
-            level,
-            MapRow {
-                x,
-                out,
-                n,
-                stream: false,
-                f,
-            },
-        )
-    }
+    unsafe { map_row(level, x.as_ptr(), out.as_mut_ptr(), x.len(), false, f) }
 }
 
 /// A row's state from the blocked two-pass sums: `below` sums exp(x - m) over the elements

@@ -68,14 +68,15 @@ unsafe fn sum_below_max_next<L: Lanes, T: Real>(
 }
 
 /// Adds `exp(x - m)` of the lanes below `m` to `acc` and counts the ties (popcount on the
-/// scalar ports, which the vector code leaves idle).
+/// scalar ports, which the vector code leaves idle); returns every lane's `exp_nonpos(x - m)`.
 #[inline(always)]
-fn sum_step<L: Lanes>(l: L, x: L::V, mv: L::V, acc: &mut L::V, ties: &mut u64, full: bool) {
+fn sum_step<L: Lanes>(l: L, x: L::V, mv: L::V, acc: &mut L::V, ties: &mut u64, full: bool) -> L::V {
     let t = l.sub(x, mv);
     let e = l.exp_nonpos(t, full);
     let tie = l.eq(x, mv);
     *ties += l.count(tie);
     *acc = l.masked_add(*acc, l.summable(l.not(tie), t, full), e);
+    e
 }
 
 /// Two-pass `(max, excess)` of a contiguous row, blocked for L1: each block's max, then the
@@ -128,6 +129,84 @@ pub(crate) unsafe fn state_two_pass<L: Lanes, T: Real>(l: L, x: *const T, n: usi
         bm = next_max;
     }
     finish_state(m, l.reduce_add(below), ties)
+}
+
+/// Softmax of a row that fits in cache with one exp per element: the row's max, then one
+/// pass that stores each `exp(x - max)` in float64 at `e` and sums them, then `out = e / S`
+/// from there. Unlike the log-sum-exp states, the sum keeps no ties apart (only `S` is
+/// needed, not `S - 1`), and terms a float32-grade exp clamps (`<= exp(-708)`) stay in it:
+/// they change `S` by less than `n * 1e-307`. Each output is the float64 exp times `1 / S`,
+/// rounded once, as in the two-exp write ([`ExpScaled`]). Returns `false`, having written
+/// nothing, when the max or the sum is not finite (a NaN or an infinity in the row): the
+/// caller takes the reference.
+///
+/// # Safety
+/// `n` readable elements at `x`, `n` writable at `out` (disjoint from or equal to `x`), `n`
+/// writable float64 at `e`.
+#[inline(always)]
+pub(crate) unsafe fn softmax_stored<L: Lanes, T: Real>(
+    l: L,
+    x: *const T,
+    out: *mut T,
+    n: usize,
+    e: *mut f64,
+    stream: bool,
+) -> bool {
+    // SAFETY: forwarded from the caller; every e[k] is written by the sum before it is read.
+    unsafe {
+        let m = l.max_of(x, n);
+        if !m.is_finite() {
+            return false;
+        }
+        let total = sum_exp_store(l, x, n, m, e);
+        if !total.is_finite() {
+            return false;
+        }
+        map_row(l, e as *const f64, out, n, stream, Scale(1.0 / total));
+    }
+    true
+}
+
+/// `sum exp(x - m)` over the `n` elements at `x` (`m` finite, `>=` every non-NaN element; a
+/// NaN makes the sum NaN), storing each term at `e`.
+///
+/// # Safety
+/// `n` readable elements at `x`, `n` writable float64 at `e`.
+#[inline(always)]
+unsafe fn sum_exp_store<L: Lanes, T: Real>(
+    l: L,
+    x: *const T,
+    n: usize,
+    m: f64,
+    e: *mut f64,
+) -> f64 {
+    let mv = l.splat(m);
+    let mut acc = [l.splat(0.0); 2];
+    let (w, mut i) = (L::N, 0);
+    // SAFETY: loads and stores stay within the n elements; tail lanes are -inf (exp 0, or a
+    // clamped term under 1e-307) and are not stored.
+    unsafe {
+        while i + 2 * w <= n {
+            for (k, acc) in acc.iter_mut().enumerate() {
+                let v = l.exp_nonpos(l.sub(l.load(x.add(i + k * w)), mv), T::FULL);
+                l.store(e.add(i + k * w), v);
+                *acc = l.add(*acc, v);
+            }
+            i += 2 * w;
+        }
+        if i + w <= n {
+            let v = l.exp_nonpos(l.sub(l.load(x.add(i)), mv), T::FULL);
+            l.store(e.add(i), v);
+            acc[0] = l.add(acc[0], v);
+            i += w;
+        }
+        if i < n {
+            let v = l.exp_nonpos(l.sub(l.load_tail(x.add(i), n - i), mv), T::FULL);
+            l.store_tail(e.add(i), v, n - i);
+            acc[1] = l.add(acc[1], v);
+        }
+    }
+    l.reduce_add(l.add(acc[0], acc[1]))
 }
 
 /// Per-lane online state: running max, sum of exp(x - max) over the elements below it, and
@@ -243,6 +322,20 @@ impl LaneMap for ExpScaled {
     }
 }
 
+/// `scale * x`.
+#[derive(Clone, Copy)]
+pub(crate) struct Scale(pub f64);
+
+impl LaneMap for Scale {
+    #[inline(always)]
+    fn apply<L: Lanes>(self, l: L, v: L::V) -> L::V {
+        l.mul(v, l.splat(self.0))
+    }
+    fn scalar(self, v: f64) -> f64 {
+        self.0 * v
+    }
+}
+
 /// `(x - shift) - log_total`.
 #[derive(Clone, Copy)]
 pub(crate) struct ShiftSub {
@@ -260,17 +353,17 @@ impl LaneMap for ShiftSub {
     }
 }
 
-/// Applies `f` to `N`-lane vectors of `x`, writing `out` (`out` may equal `x`: each vector
-/// is read before it is written). With `stream` (where the level streams), the aligned body
+/// Applies `f` to `N`-lane vectors of `x` (widened), writing `out` (rounded; `out` may equal
+/// `x`: each vector is read before it is written). With `stream` (where the level streams), the aligned body
 /// uses non-temporal stores: an output far larger than the caches then costs no
 /// read-for-ownership traffic.
 ///
 /// # Safety
 /// `n` readable elements at `x`, `n` writable at `out`, disjoint or equal.
 #[inline(always)]
-pub(crate) unsafe fn map_row<L: Lanes, T: Real>(
+pub(crate) unsafe fn map_row<L: Lanes, S: Real, T: Real>(
     l: L,
-    x: *const T,
+    x: *const S,
     out: *mut T,
     n: usize,
     stream: bool,
