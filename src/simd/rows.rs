@@ -167,6 +167,19 @@ pub(crate) unsafe fn softmax_stored<L: Lanes, T: Real>(
     true
 }
 
+/// `exp(t)` for `t <= 0` as the stored softmax keeps it: float32-grade exps are clamped at
+/// `EXP_FLOOR` (a normal number), so the lanes below it (-inf among them) are zeroed here;
+/// otherwise the write's `e / S` would compute a float64 underflow, a microcode assist per
+/// vector. NaN stays NaN (the comparison is false), so a NaN row still shows in the sum.
+#[inline(always)]
+fn stored_exp<L: Lanes, T: Real>(l: L, t: L::V) -> L::V {
+    let v = l.exp_nonpos(t, T::FULL);
+    if T::FULL {
+        return v;
+    }
+    l.select(l.gt(l.splat(super::consts::EXP_FLOOR), t), l.splat(0.0), v)
+}
+
 /// `sum exp(x - m)` over the `n` elements at `x` (`m` finite, `>=` every non-NaN element; a
 /// NaN makes the sum NaN), storing each term at `e`.
 ///
@@ -188,20 +201,20 @@ unsafe fn sum_exp_store<L: Lanes, T: Real>(
     unsafe {
         while i + 2 * w <= n {
             for (k, acc) in acc.iter_mut().enumerate() {
-                let v = l.exp_nonpos(l.sub(l.load(x.add(i + k * w)), mv), T::FULL);
+                let v = stored_exp::<L, T>(l, l.sub(l.load(x.add(i + k * w)), mv));
                 l.store(e.add(i + k * w), v);
                 *acc = l.add(*acc, v);
             }
             i += 2 * w;
         }
         if i + w <= n {
-            let v = l.exp_nonpos(l.sub(l.load(x.add(i)), mv), T::FULL);
+            let v = stored_exp::<L, T>(l, l.sub(l.load(x.add(i)), mv));
             l.store(e.add(i), v);
             acc[0] = l.add(acc[0], v);
             i += w;
         }
         if i < n {
-            let v = l.exp_nonpos(l.sub(l.load_tail(x.add(i), n - i), mv), T::FULL);
+            let v = stored_exp::<L, T>(l, l.sub(l.load_tail(x.add(i), n - i), mv));
             l.store_tail(e.add(i), v, n - i);
             acc[1] = l.add(acc[1], v);
         }
