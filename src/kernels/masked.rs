@@ -26,20 +26,35 @@ use crate::real::Real;
 use crate::simd;
 use crate::state::LseState;
 
-/// `x[k] = -inf` wherever `keep[k] == 0`: the masked elements leave the reduction.
-pub fn hide_masked<T: Real>(x: &mut [T], keep: &[u8]) {
-    let hidden = T::from_f64(f64::NEG_INFINITY);
-    for (v, &k) in x.iter_mut().zip(keep) {
-        // A select, not a branch: the loop vectorises.
-        *v = if k != 0 { *v } else { hidden };
+/// `out[k] = keep[k] != 0 ? x[k] : fill` over the shortest of the three: the one select of
+/// the kept elements every masked path stages its lanes with (a vector select reading the mask
+/// bytes in registers, at the CPU's SIMD level).
+pub fn copy_kept<T: Real>(x: &[T], keep: &[u8], out: &mut [T], fill: f64) {
+    let n = x.len().min(keep.len()).min(out.len());
+    // SAFETY: n elements of each; `out` is a distinct borrow (disjoint from `x`).
+    unsafe {
+        simd::select_kept(
+            simd::level(),
+            x.as_ptr(),
+            keep.as_ptr(),
+            out.as_mut_ptr(),
+            n,
+            fill,
+        )
     }
 }
 
-/// `out[k] = fill` wherever `keep[k] == 0`.
-fn fill_masked<T: Real>(out: &mut [T], keep: &[u8], fill: T) {
-    for (v, &k) in out.iter_mut().zip(keep) {
-        *v = if k != 0 { *v } else { fill };
-    }
+/// `out[k] = fill` wherever `keep[k] == 0`, in place ([`copy_kept`]'s select).
+pub fn fill_masked<T: Real>(out: &mut [T], keep: &[u8], fill: T) {
+    let n = out.len().min(keep.len());
+    let p = out.as_mut_ptr();
+    // SAFETY: n elements of each, read and written in place (allowed: equal buffers).
+    unsafe { simd::select_kept(simd::level(), p, keep.as_ptr(), p, n, fill.to_f64()) }
+}
+
+/// `x[k] = -inf` wherever `keep[k] == 0`: the masked elements leave the reduction.
+pub fn hide_masked<T: Real>(x: &mut [T], keep: &[u8]) {
+    fill_masked(x, keep, T::NEG_INFINITY);
 }
 
 /// The value softmax (0) or log_softmax (`-inf`) takes at a masked position.

@@ -144,6 +144,22 @@ impl WorkView {
         }
     }
 
+    /// The address of work elements `start..start + len` when they are one unit-stride run
+    /// of aligned `T` (a block the kernels may read where it is).
+    fn unit_run<T>(&self, start: usize, len: usize) -> Option<*const T> {
+        let size = std::mem::size_of::<T>() as isize;
+        let (mut runs, mut first) = (0, None);
+        self.runs(start, len, |off, stride, l| {
+            runs += 1;
+            if stride == size && l == len {
+                first = Some(off);
+            }
+        });
+        // SAFETY: the offset of a run inside the array (the view's contract).
+        let p = unsafe { self.base.offset(first?) } as *const T;
+        (runs == 1 && p as usize % std::mem::align_of::<T>() == 0).then_some(p)
+    }
+
     /// Copies work elements `start..start + dst.len()` into `dst`.
     ///
     /// # Safety
@@ -189,6 +205,42 @@ impl WorkView {
         self.runs(start, dst.len(), |off, stride, len| {
             // SAFETY: as in gather.
             unsafe { S::widen_run(self.base.offset(off), stride, &mut dst[at..at + len]) };
+            at += len;
+        });
+    }
+
+    /// As [`WorkView::gather_as`], with `dst[i] = -inf` wherever `keep[i] == 0` (a `where=`
+    /// block hidden as it is gathered, see `kernels::masked`): unit-stride runs of a native,
+    /// aligned array go through one vector select reading the array where it is.
+    ///
+    /// # Safety
+    /// As [`WorkView::gather`]; `keep` holds at least `dst.len()` bytes.
+    pub unsafe fn gather_hidden<S: Stored>(
+        &self,
+        start: usize,
+        keep: &[u8],
+        dst: &mut [S::Compute],
+    ) {
+        let size = std::mem::size_of::<S::Compute>() as isize;
+        let align = std::mem::align_of::<S::Compute>();
+        let level = crate::simd::level();
+        let mut at = 0usize;
+        self.runs(start, dst.len(), |off, stride, len| {
+            let (run, kr) = (&mut dst[at..at + len], &keep[at..at + len]);
+            // SAFETY: the run lies inside the array (caller's contract).
+            let p = unsafe { self.base.offset(off) } as *const S::Compute;
+            if S::NATIVE && stride == size && p as usize % align == 0 {
+                let ninf = f64::NEG_INFINITY;
+                // SAFETY: `len` aligned elements of the array (an array of S holds values of
+                // S::Compute), `len` bytes of `kr`; `run` is a distinct buffer.
+                unsafe {
+                    crate::simd::select_kept(level, p, kr.as_ptr(), run.as_mut_ptr(), len, ninf)
+                };
+            } else {
+                // SAFETY: forwarded (the one run at work index `start + at`).
+                unsafe { self.gather_as::<S>(start + at, run) };
+                masked::hide_masked(run, kr);
+            }
             at += len;
         });
     }
@@ -550,7 +602,7 @@ pub(crate) unsafe fn softmax<S: Stored<Compute = T>, T: Real>(
             let buf = &mut scratch[..batch.elements()];
             if let Some(mv) = &mv {
                 let keep = &mut keep[..batch.elements()];
-                gather_hidden::<S, T>(&blocks, o0, j0, &batch, &xv, mv, buf, keep);
+                gather_hidden::<S, T>(&blocks, o0, j0, &batch, &xv, mv, buf, keep, true);
                 masked::softmax_like_masked(buf, keep, batch, alg, what, states)?;
             } else {
                 // SAFETY: the views cover the planned shape; this block's elements are its own.
@@ -656,7 +708,9 @@ pub(crate) unsafe fn reduce<S: Stored<Compute = T>, T: Real>(
                     match &kv {
                         Some(kv) => {
                             let keep = &mut keep[..batch.elements()];
-                            gather_hidden::<S, T>(&blocks, o0, j0, &batch, &xv, kv, buf, keep);
+                            gather_hidden::<S, T>(
+                                &blocks, o0, j0, &batch, &xv, kv, buf, keep, false,
+                            );
                         }
                         // SAFETY: the view covers the planned shape.
                         None => blocks.element_runs(o0, j0, &batch, |w, d, len| unsafe {
@@ -725,7 +779,9 @@ pub(crate) unsafe fn reduce<S: Stored<Compute = T>, T: Real>(
                     match &kv {
                         Some(kv) => {
                             let keep = &mut keep[..batch.elements()];
-                            gather_hidden::<S, T>(&blocks, o0, j0, &batch, &xv, kv, buf, keep);
+                            gather_hidden::<S, T>(
+                                &blocks, o0, j0, &batch, &xv, kv, buf, keep, false,
+                            );
                         }
                         // SAFETY: the view covers the planned shape.
                         None => blocks.element_runs(o0, j0, &batch, |w, d, len| unsafe {
@@ -743,8 +799,10 @@ pub(crate) unsafe fn reduce<S: Stored<Compute = T>, T: Real>(
     }
 }
 
-/// Gathers the mask block of `(o0, j0, batch)` into `keep` and the block of `x` into `buf`
-/// with its masked elements hidden (`-inf`: see `kernels::masked`).
+/// Gathers the block of `x` of `(o0, j0, batch)` into `buf` with its masked elements hidden
+/// (`-inf`: see `kernels::masked`), and the mask block into `keep` when `need_keep` (else
+/// `keep` is scratch). A run that is dense in both `x` and the mask is read where it is, one
+/// select over both arrays.
 #[allow(clippy::too_many_arguments)]
 fn gather_hidden<S: Stored<Compute = T>, T: Real>(
     blocks: &Blocks,
@@ -755,17 +813,26 @@ fn gather_hidden<S: Stored<Compute = T>, T: Real>(
     mv: &WorkView,
     buf: &mut [T],
     keep: &mut [u8],
+    need_keep: bool,
 ) {
-    // SAFETY: the views cover the planned shape; this block's elements are its own.
-    blocks.element_runs(o0, j0, batch, |w, d, len| unsafe {
-        mv.gather(w, &mut keep[d..d + len])
+    let level = crate::simd::level();
+    blocks.element_runs(o0, j0, batch, |w, d, len| {
+        let (run, kr) = (&mut buf[d..d + len], &mut keep[d..d + len]);
+        if !need_keep && S::NATIVE {
+            if let (Some(xp), Some(kp)) = (xv.unit_run::<T>(w, len), mv.unit_run::<u8>(w, len)) {
+                let ninf = f64::NEG_INFINITY;
+                // SAFETY: `len` aligned elements of x (an array of S holds values of T) and
+                // `len` mask bytes; `run` is this block's own scratch.
+                unsafe { crate::simd::select_kept(level, xp, kp, run.as_mut_ptr(), len, ninf) };
+                return;
+            }
+        }
+        // SAFETY: the views cover the planned shape; this block's elements are its own.
+        unsafe {
+            mv.gather(w, kr);
+            xv.gather_hidden::<S>(w, kr, run);
+        }
     });
-    // SAFETY: as above.
-    blocks.element_runs(o0, j0, batch, |w, d, len| unsafe {
-        xv.gather_as::<S>(w, &mut buf[d..d + len])
-    });
-    // A separate pass: a copy and a select in cache cost less than a select reading memory.
-    masked::hide_masked(buf, keep);
 }
 
 /// Gathers `len` elements of a lane from work index `at` (stepping over the inner lanes) into
@@ -783,18 +850,25 @@ unsafe fn gather_chunk<'k, S: Stored<Compute = T>, T: Real>(
     keep: &'k mut [u8],
     len: usize,
 ) -> Option<&'k [u8]> {
-    // SAFETY: the caller's contract.
-    unsafe { xv.gather_step::<S>(at, blocks.inner, &mut xs[..len]) };
-    let mv = mv?;
+    let Some(mv) = mv else {
+        // SAFETY: the caller's contract.
+        unsafe { xv.gather_step::<S>(at, blocks.inner, &mut xs[..len]) };
+        return None;
+    };
     let keep = &mut keep[..len];
     if blocks.inner == 1 {
         // SAFETY: the caller's contract.
-        unsafe { mv.gather(at, keep) };
-    } else {
-        for (i, k) in keep.iter_mut().enumerate() {
-            // SAFETY: the caller's contract (a lane across columns, `inner` apart).
-            unsafe { mv.gather(at + i * blocks.inner, std::slice::from_mut(k)) };
+        unsafe {
+            mv.gather(at, keep);
+            xv.gather_hidden::<S>(at, keep, &mut xs[..len]);
         }
+        return Some(keep);
+    }
+    // SAFETY: the caller's contract.
+    unsafe { xv.gather_step::<S>(at, blocks.inner, &mut xs[..len]) };
+    for (i, k) in keep.iter_mut().enumerate() {
+        // SAFETY: the caller's contract (a lane across columns, `inner` apart).
+        unsafe { mv.gather(at + i * blocks.inner, std::slice::from_mut(k)) };
     }
     masked::hide_masked(&mut xs[..len], keep);
     Some(keep)

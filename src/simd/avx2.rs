@@ -195,6 +195,15 @@ unsafe impl Lanes for Avx2 {
     }
 
     #[inline(always)]
+    unsafe fn kept(self, keep: *const u8) -> __m256d {
+        // SAFETY: the caller guarantees 4 readable bytes.
+        unsafe {
+            let b = _mm_cvtsi32_si128(std::ptr::read_unaligned(keep as *const i32));
+            let masked = _mm256_cmpeq_epi64(_mm256_cvtepu8_epi64(b), _mm256_setzero_si256());
+            self.not(_mm256_castsi256_pd(masked))
+        }
+    }
+    #[inline(always)]
     unsafe fn load<T: Real>(self, p: *const T) -> __m256d {
         // SAFETY: the caller guarantees 4 readable elements.
         unsafe {

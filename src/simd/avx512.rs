@@ -342,6 +342,14 @@ unsafe impl Lanes for Avx512 {
     }
 
     #[inline(always)]
+    unsafe fn kept(self, keep: *const u8) -> __mmask8 {
+        // SAFETY: the caller guarantees 8 readable bytes.
+        unsafe {
+            let b = _mm_loadl_epi64(keep as *const __m128i);
+            _mm_test_epi8_mask(b, b) as __mmask8
+        }
+    }
+    #[inline(always)]
     unsafe fn load<T: Real>(self, p: *const T) -> __m512d {
         // SAFETY: the caller guarantees 8 readable elements.
         unsafe {

@@ -51,6 +51,23 @@ pub unsafe trait Lanes: Copy {
     fn count(self, m: Self::M) -> u64;
     /// `m ? a : b` per lane.
     fn select(self, m: Self::M, a: Self::V, b: Self::V) -> Self::V;
+    /// The lanes whose mask byte (`N` bytes at `keep`) is nonzero.
+    ///
+    /// # Safety
+    /// `N` readable bytes at `keep`.
+    #[inline(always)]
+    unsafe fn kept(self, keep: *const u8) -> Self::M {
+        let mut a = [0.0; 8];
+        for (r, v) in a.iter_mut().enumerate().take(Self::N) {
+            // SAFETY: byte r < N is readable.
+            *v = if unsafe { *keep.add(r) } != 0 {
+                1.0
+            } else {
+                0.0
+            };
+        }
+        self.eq(self.of_lanes(&a), self.splat(1.0))
+    }
     /// `acc + e` on the lanes of `m`, `acc` elsewhere.
     #[inline(always)]
     fn masked_add(self, acc: Self::V, m: Self::M, e: Self::V) -> Self::V {

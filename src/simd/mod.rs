@@ -412,6 +412,34 @@ pub(crate) unsafe fn softmax_stored<T: Real>(
     }
 }
 
+/// `out[k] = keep[k] != 0 ? x[k] : fill` for `k < n` at `level` (a `where=` mask applied as
+/// the elements are copied, or in place when `out` equals `x`).
+///
+/// # Safety
+/// `x` and `keep` readable and `out` writable for `n` elements; `out` disjoint from or equal
+/// to `x`; `level` supported by this CPU.
+pub(crate) unsafe fn select_kept<T: Real>(
+    level: Level,
+    x: *const T,
+    keep: *const u8,
+    out: *mut T,
+    n: usize,
+    fill: f64,
+) {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        run_kernel!(level, { x: *const T, keep: *const u8, out: *mut T, n: usize, fill: f64 } -> (),
+            |l| rows::select_kept(l, x, keep, out, n, fill),
+            scalar: {
+                let fill = T::from_f64(fill);
+                for k in 0..n {
+                    *out.add(k) = if *keep.add(k) != 0 { *x.add(k) } else { fill };
+                }
+            },
+        )
+    }
+}
+
 /// The column write pass at `level`: `out[j] = a[j] * exp(x[j] - b[j])` when `exp`, else
 /// `out[j] = (x[j] - b[j]) - a[j]`, for `j < n`.
 ///

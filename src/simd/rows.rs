@@ -515,3 +515,41 @@ fn column_write<L: Lanes>(l: L, v: L::V, bv: L::V, av: L::V, exp: bool, full: bo
         l.sub(l.sub(v, bv), av)
     }
 }
+
+/// `out[k] = keep[k] != 0 ? x[k] : fill` for `k < n` (`out` may equal `x`): the mask applied
+/// in registers as the elements are read, the masked lanes never looked at.
+///
+/// # Safety
+/// `x` and `keep` readable and `out` writable for `n` elements; `out` disjoint from or equal
+/// to `x`.
+#[inline(always)]
+pub(super) unsafe fn select_kept<L: Lanes, T: Real>(
+    l: L,
+    x: *const T,
+    keep: *const u8,
+    out: *mut T,
+    n: usize,
+    fill: f64,
+) {
+    let f = l.splat(fill);
+    let w = L::N;
+    let mut i = 0;
+    // SAFETY: every access is within the n elements; element k is read before it is written.
+    unsafe {
+        while i + 2 * w <= n {
+            let a = l.select(l.kept(keep.add(i)), l.load(x.add(i)), f);
+            let b = l.select(l.kept(keep.add(i + w)), l.load(x.add(i + w)), f);
+            l.store(out.add(i), a);
+            l.store(out.add(i + w), b);
+            i += 2 * w;
+        }
+        while i < n {
+            if *keep.add(i) == 0 {
+                *out.add(i) = T::from_f64(fill);
+            } else if !std::ptr::eq(x, out) {
+                *out.add(i) = *x.add(i);
+            }
+            i += 1;
+        }
+    }
+}

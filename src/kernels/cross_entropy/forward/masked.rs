@@ -14,6 +14,7 @@
 
 use super::super::mask::ClassMask;
 use super::*;
+use crate::kernels::masked::{copy_kept, fill_masked};
 
 /// Elements staged per block: small enough that the scratch (at most 72 KiB for float64) is
 /// reused from the heap rather than mapped afresh (and faulted in) by every piece.
@@ -77,10 +78,8 @@ impl<T: Real> Staged<T> {
     ) {
         let masked = T::from_f64(f64::NEG_INFINITY);
         let select = |d: &mut [T], kd: &mut [u8], xr: &[T], kr: &[u8]| {
-            // A select of values (not of references), so that it compiles to a blend.
-            for ((d, kd), (&v, &m)) in d.iter_mut().zip(kd.iter_mut()).zip(xr.iter().zip(kr)) {
-                let v = v.to_f64();
-                *d = T::from_f64(if m != 0 { v } else { f64::NEG_INFINITY });
+            copy_kept(xr, kr, d, f64::NEG_INFINITY);
+            for (kd, &m) in kd.iter_mut().zip(kr) {
                 *kd = (m != 0) as u8;
             }
         };
@@ -96,14 +95,13 @@ impl<T: Real> Staged<T> {
             for kd in self.keep[..w * n].chunks_exact_mut(n.max(1)) {
                 kd.copy_from_slice(row);
             }
-            let pairs = x[xs.base..xs.base + w * n].iter().zip(&self.keep[..w * n]);
-            for (d, (&v, &m)) in self.x[..w * n].iter_mut().zip(pairs) {
-                *d = T::from_f64(if m != 0 {
-                    v.to_f64()
-                } else {
-                    f64::NEG_INFINITY
-                });
-            }
+            let xb = &x[xs.base..xs.base + w * n];
+            copy_kept(
+                xb,
+                &self.keep[..w * n],
+                &mut self.x[..w * n],
+                f64::NEG_INFINITY,
+            );
         } else if xs.class == 1 && ms.class == 1 {
             for jj in 0..w {
                 let (x0, m0) = (xs.base + jj * xs.lane, ms.base + jj * ms.lane);
@@ -151,9 +149,7 @@ impl<T: Real> Staged<T> {
         for (jj, st) in states.iter().enumerate() {
             let fill = shift_of(*st);
             let (d, kd) = (&mut self.x[jj * n..][..n], &self.keep[jj * n..][..n]);
-            for (v, &k) in d.iter_mut().zip(kd) {
-                *v = T::from_f64(if k != 0 { v.to_f64() } else { fill });
-            }
+            fill_masked(d, kd, T::from_f64(fill));
         }
     }
 
