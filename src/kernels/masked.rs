@@ -20,7 +20,7 @@
 //!
 //! The mask is bytes, nonzero = kept (NumPy's bool is one byte; any byte value is read safely).
 
-use super::{Algorithm, Reduction};
+use super::{is_short, Algorithm, Reduction};
 use crate::layout::Batch;
 use crate::real::Real;
 use crate::simd;
@@ -96,7 +96,10 @@ pub fn softmax_like_masked<T: Real>(
     states: &mut [LseState],
 ) -> Result<(), String> {
     check(buf.len(), keep.len(), &batch)?;
-    if what == Reduction::LogSoftmax {
+    let (n, inner) = (batch.n, batch.inner);
+    if what == Reduction::LogSoftmax
+        || (inner == 1 && n <= simd::STORED_ROW && !is_short(simd::level(), &batch))
+    {
         super::softmax_like_inplace(buf, batch, alg, what)?;
         fill_masked(buf, keep, masked_value(what));
         return Ok(());
@@ -107,7 +110,6 @@ pub fn softmax_like_masked<T: Real>(
         .ok_or_else(|| format!("{have} lane states for {} lanes", batch.count()))?;
     super::lse_states(buf, batch, alg, states)?;
     let level = simd::level();
-    let (n, inner) = (batch.n, batch.inner);
     let zero = masked_value::<T>(what);
     if inner == 1 {
         for ((row, kr), s) in buf

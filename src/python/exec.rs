@@ -587,6 +587,7 @@ pub(crate) unsafe fn softmax<S: Stored<Compute = T>, T: Real>(
             },
         );
     }
+    let simd_level = crate::simd::level();
     let (mask_len, lanes) = match mv {
         Some(_) => (blocks.elements(), blocks.slabs * blocks.cols),
         None => (0, 0),
@@ -601,6 +602,34 @@ pub(crate) unsafe fn softmax<S: Stored<Compute = T>, T: Real>(
             let (batch, o0, j0) = blocks.block(b);
             let buf = &mut scratch[..batch.elements()];
             if let Some(mv) = &mv {
+                // A block dense in x, the mask and out (in the work order): hidden straight
+                // into out and finished there, the mask read where it is.
+                let len = batch.elements();
+                let start = o0 * blocks.n * blocks.inner;
+                let dense = (S::NATIVE && blocks.whole_slabs())
+                    .then(|| {
+                        Some((
+                            xv.unit_run::<T>(start, len)?,
+                            mv.unit_run::<u8>(start, len)?,
+                            ov.unit_run::<T>(start, len)?,
+                        ))
+                    })
+                    .flatten();
+                if let Some((xp, kp, op)) = dense {
+                    let op = op as *mut T;
+                    // SAFETY: `len` aligned elements of x and out (arrays of S hold values of
+                    // T) and mask bytes, this block's own; out is writeable, shares no element
+                    // with the mask, and is x itself or disjoint from it.
+                    unsafe {
+                        crate::simd::select_kept(simd_level, xp, kp, op, len, f64::NEG_INFINITY);
+                        let (os, keep) = (
+                            std::slice::from_raw_parts_mut(op, len),
+                            std::slice::from_raw_parts(kp, len),
+                        );
+                        masked::softmax_like_masked(os, keep, batch, alg, what, states)?;
+                    }
+                    return Ok(());
+                }
                 let keep = &mut keep[..batch.elements()];
                 gather_hidden::<S, T>(&blocks, o0, j0, &batch, &xv, mv, buf, keep, true);
                 masked::softmax_like_masked(buf, keep, batch, alg, what, states)?;
