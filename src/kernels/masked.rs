@@ -8,9 +8,10 @@
 //! kept elements are all `-inf` behave as the unmasked kernels on those elements (scipy:
 //! softmax NaN at the kept positions).
 //!
-//! How: the caller copies a block of lanes into a dense buffer (it needs one anyway for
-//! layouts the kernels cannot read in place), the mask block beside it, and hides the masked
-//! elements as it copies: a masked element becomes `-inf`, which is exactly "not there" for a
+//! How: the caller copies a block of lanes into a dense buffer (the output itself when that is
+//! dense, else scratch), hiding the masked elements as it copies with one vector select that
+//! reads the mask bytes in registers ([`copy_kept`]; x and the mask are read where they are
+//! when dense): a masked element becomes `-inf`, which is exactly "not there" for a
 //! log-sum-exp: `exp(-inf - m) = 0` adds nothing to a state, and a lane of only `-inf` has the
 //! empty state. The unmasked SIMD kernels then run on the block as they are (log-sum-exp and
 //! states need nothing else), and softmax / log_softmax write 0 / `-inf` at the masked
@@ -82,11 +83,13 @@ fn check(buf: usize, keep: usize, batch: &Batch) -> Result<(), String> {
 /// `buf` are hidden already ([`hide_masked`], or a gather that hides them). `states` is
 /// scratch of `batch.count()` lane states (softmax only).
 ///
-/// log_softmax runs the in-place kernel on the hidden block: `-inf - max - log S` is already
-/// the masked value. Softmax does not: `exp(-inf)` is exact but takes the exp's subnormal
-/// path (microcode assists, about 6x the cost of the whole write), so the states come first,
-/// every masked element is set to its lane's maximum (a cheap `exp(0)`), the kernels' write
-/// pass runs, and the masked positions are overwritten with 0.
+/// log_softmax, and softmax rows short enough for the kernels' stored-exp path (which zeroes
+/// the exps of `-inf` without an underflow), run the in-place kernel on the hidden block:
+/// `-inf - max - log S` is the masked value, `exp(-inf)` is 0, and the fill afterwards fixes
+/// fully masked lanes. Other softmax lanes do not: there `exp(-inf)` is exact but takes the
+/// exp's subnormal path (microcode assists, about 6x the cost of the whole write), so the
+/// states come first, every masked element is set to its lane's maximum (a cheap `exp(0)`),
+/// the kernels' write pass runs, and the masked positions are overwritten with 0.
 pub fn softmax_like_masked<T: Real>(
     buf: &mut [T],
     keep: &[u8],

@@ -157,7 +157,7 @@ impl WorkView {
         });
         // SAFETY: the offset of a run inside the array (the view's contract).
         let p = unsafe { self.base.offset(first?) } as *const T;
-        (runs == 1 && p as usize % std::mem::align_of::<T>() == 0).then_some(p)
+        (runs == 1 && (p as usize).is_multiple_of(std::mem::align_of::<T>())).then_some(p)
     }
 
     /// Copies work elements `start..start + dst.len()` into `dst`.
@@ -229,7 +229,7 @@ impl WorkView {
             let (run, kr) = (&mut dst[at..at + len], &keep[at..at + len]);
             // SAFETY: the run lies inside the array (caller's contract).
             let p = unsafe { self.base.offset(off) } as *const S::Compute;
-            if S::NATIVE && stride == size && p as usize % align == 0 {
+            if S::NATIVE && stride == size && (p as usize).is_multiple_of(align) {
                 let ninf = f64::NEG_INFINITY;
                 // SAFETY: `len` aligned elements of the array (an array of S holds values of
                 // S::Compute), `len` bytes of `kr`; `run` is a distinct buffer.

@@ -365,3 +365,50 @@ fn avx512_sum_exp_is_float32_grade_on_nonpositive_arguments() {
     assert_eq!(&h[1..5], &[0.0; 4]);
     assert_eq!((g[5], g[6], h[5], h[6]), (1.0, 1.0, 1.0, 1.0));
 }
+
+/// `select_kept` at every level gives the scalar level's bits: every length across the vector
+/// widths and their tails, copies and in place, any nonzero mask byte counting as kept, NaN and
+/// infinities kept as they are, masked NaN never showing.
+#[test]
+fn select_kept_matches_scalar_at_every_level() {
+    fn check<T: Real + PartialEq + std::fmt::Debug>(to: fn(f64) -> T) {
+        let mut rng = Rng::new(7);
+        for n in 0..70 {
+            let x: Vec<T> = (0..n)
+                .map(|k| match k % 11 {
+                    3 => to(f64::NAN),
+                    5 => to(f64::INFINITY),
+                    7 => to(f64::NEG_INFINITY),
+                    _ => to(rng.uniform(-50.0, 50.0)),
+                })
+                .collect();
+            let keep: Vec<u8> = (0..n)
+                .map(|_| [0u8, 1, 2, 255][rng.next_u64() as usize % 4])
+                .collect();
+            let bits = |v: &[T]| v.iter().map(|t| t.to_f64().to_bits()).collect::<Vec<_>>();
+            let want: Vec<T> = x
+                .iter()
+                .zip(&keep)
+                .map(|(&v, &k)| if k != 0 { v } else { to(-3.5) })
+                .collect();
+            for level in levels() {
+                let mut out = vec![to(0.0); n];
+                // SAFETY: n elements each; out is its own buffer; the level is available.
+                unsafe { select_kept(level, x.as_ptr(), keep.as_ptr(), out.as_mut_ptr(), n, -3.5) };
+                assert_eq!(bits(&out), bits(&want), "{} n={n} copy", level.name());
+                let mut inplace = x.clone();
+                let p = inplace.as_mut_ptr();
+                // SAFETY: as above, in place (allowed: equal buffers).
+                unsafe { select_kept(level, p, keep.as_ptr(), p, n, -3.5) };
+                assert_eq!(
+                    bits(&inplace),
+                    bits(&want),
+                    "{} n={n} in place",
+                    level.name()
+                );
+            }
+        }
+    }
+    check::<f32>(|v| v as f32);
+    check::<f64>(|v| v);
+}
