@@ -460,3 +460,34 @@ def test_masked_in_place_softmax_adds_no_input_sized_buffer():
     assert rc == 0, out[-2000:]
     grown = int(out.split("GROWN_KIB")[1].split()[0])
     assert grown < 24 * 1024, f"peak RSS grew by {grown} KiB for a 128 MiB input"
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n", [3, 64, 1000, 40000])
+def test_dense_blocks_written_in_out_equal_the_staged_path(dtype, n):
+    """A block dense in x, the mask and out is hidden straight into out and finished there;
+    a strided out takes the staged scratch path. Both must give the same bits, also for rows
+    whose kept elements are +inf, NaN or all -inf, fully masked rows, and in place (a wrong
+    fill left in out, a masked value read, a row past the stored-exp length)."""
+    rng = np.random.default_rng(n)
+    rows = 12
+    x = (rng.standard_normal((rows, n)) * 5).astype(dtype)
+    keep = rng.random((rows, n)) < 0.8
+    keep[1] = False
+    x[2, 0], keep[2, 0] = np.inf, True
+    x[3, 1], keep[3, 1] = np.nan, True
+    x[4, :], keep[4, :] = -np.inf, True
+    keep[4, n // 2] = False
+    x[5, keep[5] == 0] = np.nan  # masked NaN: no effect
+    for f in (sl.softmax, sl.log_softmax):
+        dense = np.empty_like(x)
+        f(x, axis=1, where=keep, out=dense)
+        strided = np.empty((rows, 2 * n), dtype)[:, ::2]
+        f(x, axis=1, where=keep, out=strided)
+        inplace = x.copy()
+        f(inplace, axis=1, where=keep, out=inplace)
+        bits = np.uint32 if dtype == np.float32 else np.uint64
+        want = np.ascontiguousarray(strided).view(bits)
+        np.testing.assert_array_equal(dense.view(bits), want)
+        np.testing.assert_array_equal(inplace.view(bits), want)
+        assert np.all(dense[~keep] == (0.0 if f is sl.softmax else -np.inf))
