@@ -347,3 +347,118 @@ def test_recognised_without_importing_ml_dtypes():
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
+
+
+# --------------------------------------------------------------------------- stream and Dask
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("masked", [False, True])
+def test_stream_states_equal_float32(rng, dtype, masked):
+    # Catches a chunk read with the wrong element type (bytes of a 16-bit array taken as
+    # float32) or a state that depends on the stored type.
+    chunks = [(rng.standard_normal((n, 40)) * 6).astype(dtype) for n in (7, 300, 1)]
+    masks = [rng.random(c.shape) < 0.7 if masked else None for c in chunks]
+    for axis in (0, 1, None):
+        half, wide = sl.LogSumExp(axis=axis), sl.LogSumExp(axis=axis)
+        pairs = list(zip(chunks, masks)) if axis != 1 else [(chunks[1], masks[1])] * 2
+        for c, m in pairs:
+            half.update(c, where=m)
+            wide.update(c.astype(np.float32), where=m)
+        for got, want in zip(half.state, wide.state):
+            _same(got, want)
+        assert half.result().dtype == dtype
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_stream_weighted_chunks(rng, dtype):
+    # Weights take the float64 path (x + log b): same states as float32 with the same weights.
+    x = (rng.standard_normal((50, 8)) * 3).astype(dtype)
+    b = rng.random((50, 8))
+    half = sl.LogSumExp(axis=0).update(x, b=b)
+    wide = sl.LogSumExp(axis=0).update(x.astype(np.float32), b=b)
+    for got, want in zip(half.state, wide.state):
+        _same(got, want)
+
+
+def test_stream_update_makes_no_input_sized_copy():
+    # Catches LogSumExp.update widening the whole chunk to float32 (2x its bytes).
+    x = np.random.default_rng(1).standard_normal(1 << 22).astype(np.float16).reshape(1024, -1)
+    acc = sl.LogSumExp(axis=1).update(x)
+    tracemalloc.start()
+    try:
+        acc.update(x)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < x.nbytes // 8, peak
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("log", [False, True])
+@pytest.mark.parametrize("masked", [False, True])
+def test_rows_from_states_equal_float32_rounded(rng, dtype, log, masked):
+    # Rows longer than the writer's step (2048) and not a multiple of it: catches a step
+    # written at the wrong offset, a lost tail, a mask applied to the wrong step, and float32
+    # bits written into the 16-bit result.
+    for n in (5, 2048, 5000):
+        x = (rng.standard_normal((7, n)) * 5).astype(dtype)
+        x[1, 3] = np.inf
+        x[2, :] = -np.inf
+        keep = rng.random(x.shape) < 0.8 if masked else None
+        mx, ex = _core.lse_states(x, (1,), "auto", keep)
+        got = _core.softmax_from_states(x, mx, ex, log, keep)
+        want = _core.softmax_from_states(x.astype(np.float32), mx, ex, log, keep)
+        _same(got, want.astype(dtype))
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_rows_from_states_any_thread_count(rng, dtype):
+    x = (rng.standard_normal((600, 3000)) * 5).astype(dtype)
+    mx, ex = _core.lse_states(x, (1,))
+    try:
+        sl.set_num_threads(1)
+        one = _core.softmax_from_states(x, mx, ex)
+        sl.set_num_threads(4)
+        four = _core.softmax_from_states(x, mx, ex)
+    finally:
+        sl.set_num_threads(0)
+    _same(one, four)
+
+
+def test_rows_from_states_make_no_copy():
+    # The result (nbytes) is the only input-sized allocation: no float32 copy of the rows.
+    x = np.random.default_rng(2).standard_normal(1 << 22).astype(np.float16).reshape(1024, -1)
+    mx, ex = _core.lse_states(x, (1,))
+    _core.softmax_from_states(x, mx, ex)
+    tracemalloc.start()
+    try:
+        _core.softmax_from_states(x, mx, ex)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < x.nbytes + x.nbytes // 8, peak
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_dask_equals_float32(rng, dtype):
+    # Catches the Dask blocks' states or softmax rows read in the wrong type, or a result
+    # dtype other than the input's.
+    da = pytest.importorskip("dask.array")
+    import stablelse.dask as sld
+
+    x = (rng.standard_normal((60, 50)) * 5).astype(dtype)
+    keep = rng.random(x.shape) < 0.8
+    xh, xw = da.from_array(x, chunks=(25, 20)), da.from_array(x.astype(np.float32), chunks=(25, 20))
+    for axis in (0, 1, None):
+        got, want = sld.lse_states(xh, axis=axis).compute(), sld.lse_states(xw, axis=axis).compute()
+        for field in ("max", "excess"):
+            _same(got[field], want[field])
+        for where in (None, keep):
+            assert sld.logsumexp(xh, axis=axis, where=where).compute().dtype == dtype
+            if axis is None:
+                continue
+            for f in (sld.softmax, sld.log_softmax):
+                got = f(xh, axis=axis, where=where).compute()
+                want = f(xw, axis=axis, where=where).compute()
+                _same(got, want.astype(dtype))
