@@ -16,7 +16,14 @@ from typing import Any, Optional, Union
 import numpy as np
 
 from . import _core
-from ._api import _as_real_array, _check_out, _gpu_module, _is_gpu_array, _kernel_view
+from ._api import (
+    _as_real_array,
+    _check_out,
+    _gpu_module,
+    _is_gpu_array,
+    _is_half,
+    _kernel_view,
+)
 from ._axes import normalize_axis
 from ._spec import (
     Reduction,
@@ -71,8 +78,10 @@ def _index_targets(t: np.ndarray, n_classes: int, ignore_index: int) -> np.ndarr
     return t if t.flags.aligned else t.copy()  # the binding reads aligned buffers only
 
 
-def _logits(logits: Any, axis: Any, name: str) -> tuple[np.ndarray, np.dtype, int]:
-    x, rdtype = _as_real_array(logits, name)
+def _logits(
+    logits: Any, axis: Any, name: str, half: bool = False
+) -> tuple[np.ndarray, np.dtype, int]:
+    x, rdtype = _as_real_array(logits, name, half=half)
     if x.ndim == 0:
         raise ValueError(f"{name} must have at least one dimension (the class axis), got a scalar")
     return x, rdtype, normalize_axis(axis, x.ndim)
@@ -90,6 +99,16 @@ def _targets(
     if kind == "index":
         return _index_targets(t, x.shape[ax], ignore_index), False
     return _view3(np.ascontiguousarray(t, dtype=x.dtype), ax), True
+
+
+def _half_rows(x: np.ndarray, ax: int, target: Any, where: Any) -> bool:
+    """Whether the kernels read float16 / bfloat16 logits `x` in place, widening blocks of rows:
+    class axis last, integer class targets, no `where`. Otherwise they get a float32 copy."""
+    return (
+        where is None
+        and math.prod(x.shape[ax + 1 :]) == 1
+        and np.asarray(target).dtype.kind in "iu"
+    )
 
 
 def _finish_loss(
@@ -297,10 +316,13 @@ def cross_entropy(
             raise TargetError.from_core(exc, target.shape) from None
         if res is not NotImplemented:
             return res
-    x, rdtype, ax = _logits(logits, axis, "logits")
+    x, rdtype, ax = _logits(logits, axis, "logits", half=True)
+    if _is_half(x.dtype) and not _half_rows(x, ax, target, where):
+        x = x.astype(np.float32)
     ii = opts.ignore_index
     t3, probs = _targets(target, x, ax, ii, allow_probs=True)
-    w = weight_array(weight, x.shape[ax], x.dtype)
+    # 16-bit logits are computed in float32: so are their class weights.
+    w = weight_array(weight, x.shape[ax], np.float32 if _is_half(x.dtype) else x.dtype)
     x3 = _view3(x, ax)
     if probs:
         x3 = np.ascontiguousarray(x3)  # the kernel reads both with one layout
