@@ -462,3 +462,120 @@ def test_dask_equals_float32(rng, dtype):
                 got = f(xh, axis=axis, where=where).compute()
                 want = f(xw, axis=axis, where=where).compute()
                 _same(got, want.astype(dtype))
+
+
+# --------------------------------------------------------------------------- losses
+
+
+def _same_loss(got, want, dtype) -> None:
+    """A loss (scalar or array) equal to the float32 one rounded to `dtype`, bit for bit."""
+    got, want = np.asarray(got), np.asarray(want)
+    assert got.dtype == dtype
+    _same(got, want.astype(dtype))
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("n", [5, 300, 20000])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_cross_entropy_equals_float32_rounded(rng, dtype, n, reduction):
+    # Short rows (the fused short-row kernel), rows in cache, and rows longer than a piece:
+    # catches a piece widened at the wrong row or pitch, a gradient row narrowed at the wrong
+    # offset, per-lane losses written to the wrong lane, and a mean scaled per piece.
+    rows = max(3, 60000 // n)
+    wide = (rng.standard_normal((rows, n + 3)) * 4).astype(dtype)
+    x = wide[:, 1 : n + 1]  # rows with a pitch that is not n
+    t = rng.integers(0, n, rows)
+    t[1] = -100
+    w = rng.random(n)
+    for opts in ({}, {"label_smoothing": 0.1, "z_loss": 1e-3}, {"weight": w}):
+        got, g = sl.cross_entropy(x, t, reduction=reduction, return_grad=True, **opts)
+        want, gw = sl.cross_entropy(x.astype(np.float32), t, reduction=reduction,
+                                    return_grad=True, **opts)
+        _same_loss(got, want, dtype)
+        assert g.dtype == dtype and g.shape == x.shape
+        _same(g, gw.astype(dtype))
+        _same(sl.cross_entropy(x, t, reduction=reduction, **opts), got)
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_cross_entropy_grad_out_and_special_values(rng, dtype):
+    # grad_out dense (written by the kernel) and strided (copied); NaN / inf logits.
+    x = (rng.standard_normal((40, 70)) * 4).astype(dtype)
+    x[3, 5], x[4, 6], x[5, :] = np.nan, np.inf, -np.inf
+    t = rng.integers(0, 70, 40)
+    want, gw = sl.cross_entropy(x.astype(np.float32), t, return_grad=True)
+    for out in (np.empty_like(x), np.empty((70, 40), dtype).T):
+        loss, g = sl.cross_entropy(x, t, return_grad=True, grad_out=out)
+        assert g is out
+        _same_loss(loss, want, dtype)
+        _same(g, gw.astype(dtype))
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_losses_on_the_copy_path_equal_float32_rounded(rng, dtype):
+    # Class axis not last, probability targets and where= still widen to a float32 copy:
+    # same results and dtypes.
+    x = (rng.standard_normal((6, 9, 11)) * 3).astype(dtype)
+    t = rng.integers(0, 9, (6, 11))
+    q = rng.dirichlet(np.ones(9), (6, 11)).transpose(0, 2, 1).astype(np.float32)
+    keep = rng.random(x.shape) < 0.8
+    keep[np.arange(6)[:, None], t, np.arange(11)] = True
+    for tgt, kw in ((t, {}), (q, {}), (t, {"where": keep})):
+        got, g = sl.cross_entropy(x, tgt, axis=1, return_grad=True, **kw)
+        want, gw = sl.cross_entropy(x.astype(np.float32), tgt, axis=1, return_grad=True, **kw)
+        _same_loss(got, want, dtype)
+        _same(g, gw.astype(dtype))
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_nll_loss_equals_float32_rounded(rng, dtype, reduction):
+    # Catches a target element read as the wrong type or at the wrong place.
+    x = (rng.standard_normal((30, 8, 5)) * 3).astype(dtype)
+    t = rng.integers(0, 8, (30, 5))
+    t[2, 3] = -100
+    w = rng.random(8)
+    for v, ax, tt in ((x, 1, t), (x.transpose(0, 2, 1), 2, t), (x[:, :, 0], -1, t[:, 0])):
+        got = sl.nll_loss(v, tt, weight=w, reduction=reduction, axis=ax)
+        want = sl.nll_loss(v.astype(np.float32), tt, weight=w, reduction=reduction, axis=ax)
+        _same_loss(got, want, dtype)
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_losses_bit_identical_for_any_thread_count(rng, dtype):
+    # Many pieces: catches a mean summed in thread order or a piece buffer reused wrongly.
+    x = (rng.standard_normal((3000, 500)) * 4).astype(dtype)
+    t = rng.integers(0, 500, 3000)
+    res = []
+    try:
+        for threads in (1, 4):
+            sl.set_num_threads(threads)
+            res.append([sl.cross_entropy(x, t, reduction=r, return_grad=True, z_loss=1e-3)
+                        for r in ("mean", "none")]
+                       + [sl.nll_loss(x, t, reduction="mean")])
+    finally:
+        sl.set_num_threads(0)
+    for a, b in zip(*res):
+        if isinstance(a, tuple):
+            for p, q in zip(a, b):
+                _same(p, q)
+        else:
+            _same(a, b)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_losses_make_no_input_sized_copy(grad):
+    # A float32 copy of the logits is 2x their bytes; with the gradient, the result itself
+    # (nbytes) is the only input-sized allocation.
+    x = np.random.default_rng(3).standard_normal(1 << 22).astype(np.float16).reshape(4096, -1)
+    t = np.random.default_rng(4).integers(0, x.shape[1], x.shape[0])
+    sl.cross_entropy(x, t, return_grad=grad)
+    tracemalloc.start()
+    try:
+        sl.cross_entropy(x, t, return_grad=grad)
+        if not grad:
+            sl.nll_loss(x, t)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < (x.nbytes if grad else 0) + x.nbytes // 8, peak

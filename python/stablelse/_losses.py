@@ -421,9 +421,10 @@ def nll_loss(
     0.407606
     """
     opts = loss_options(ignore_index=ignore_index, reduction=reduction)
-    x, rdtype, ax = _logits(log_probs, axis, "log_probs")
+    # float16 / bfloat16 log-probabilities are read in place: only the target entries.
+    x, rdtype, ax = _logits(log_probs, axis, "log_probs", half=True)
     t, _ = _targets(target, x, ax, opts.ignore_index, allow_probs=False)
-    w = weight_array(weight, x.shape[ax], x.dtype)
+    w = weight_array(weight, x.shape[ax], np.float32 if _is_half(x.dtype) else x.dtype)
     m3 = None if where is None else _mask3(where, x, ax, "log_probs")
     batch_shape = x.shape[:ax] + x.shape[ax + 1 :]
     try:

@@ -508,7 +508,7 @@ fn cross_entropy<'py>(
     }
 }
 
-fn nll_typed<'py, T: Real + Element>(
+fn nll_typed<'py, T: Stored + Element>(
     py: Python<'py>,
     x: &Bound<'py, PyArrayDyn<T>>,
     target: &Bound<'py, PyAny>,
@@ -516,11 +516,14 @@ fn nll_typed<'py, T: Real + Element>(
     ignore_index: i64,
     reduction: LossReduction,
     mask: Option<&Bound<'py, PyAny>>,
-) -> PyResult<Bound<'py, PyAny>> {
+) -> PyResult<Bound<'py, PyAny>>
+where
+    T::Compute: Element,
+{
     let rx = Raw::of(x)?;
     let batch = classless_as_rows(batch3(&rx, "log_probs")?);
     let rm = mask_of(mask, rx.shape())?;
-    let weight = weight_of::<T>(weight)?;
+    let weight = weight_of::<T::Compute>(weight)?;
     let t = target
         .cast::<PyArrayDyn<i64>>()
         .map_err(|_| PyTypeError::new_err("target must be an int64 array of class indices"))?;
@@ -576,9 +579,13 @@ fn nll_loss<'py>(
         nll_typed(py, x, target, weight, ignore_index, reduction, mask)
     } else if let Ok(x) = log_probs.cast::<PyArrayDyn<f64>>() {
         nll_typed(py, x, target, weight, ignore_index, reduction, mask)
+    } else if let Ok(x) = log_probs.cast::<PyArrayDyn<F16>>() {
+        nll_typed(py, x, target, weight, ignore_index, reduction, mask)
+    } else if let Some(x) = as_bf16(log_probs) {
+        nll_typed(py, &x, target, weight, ignore_index, reduction, mask)
     } else {
         Err(PyTypeError::new_err(
-            "log_probs must be a 3-D float32 or float64 array",
+            "log_probs must be a 3-D float32, float64, float16 or bfloat16 array",
         ))
     }
 }
