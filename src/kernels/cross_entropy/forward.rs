@@ -198,11 +198,16 @@ pub fn cross_entropy<T: Real>(
     } else {
         xent_columns(logits, &targets, &plan, opts.algorithm, lanes_out, grad_out)?
     };
+    Ok(T::from_f64(reduced(&plan, main, zsum)))
+}
+
+/// The reduced loss from the lanes' summed `(main, lse^2)` terms and the plan's scales.
+fn reduced<T>(plan: &Plan<'_, T>, main: f64, zsum: f64) -> f64 {
     let mut total = main * plan.s1;
     if plan.z > 0.0 {
         total += plan.z * zsum * plan.s2;
     }
-    Ok(T::from_f64(total))
+    total
 }
 
 /// As [`cross_entropy`] for logits stored as `S` and computed in `S::Compute` (float16 /
@@ -240,7 +245,7 @@ pub fn cross_entropy_stored<S: Stored>(
         Some(_) => try_vec(batch.count(), zero)?,
         None => Vec::new(),
     };
-    let lanes_out = per_lane.is_some().then(|| SendPtr(lanes.as_mut_ptr()));
+    let lanes_out = per_lane.is_some().then_some(SendPtr(lanes.as_mut_ptr()));
     let grad_out = grad.map(|g| SendPtr(g.as_mut_ptr()));
     let (n, pitch, size) = (batch.n, batch.outer_stride, std::mem::size_of::<S>());
     let xp = SendPtr(logits.as_ptr() as *mut S);
@@ -291,11 +296,7 @@ pub fn cross_entropy_stored<S: Stored>(
         // SAFETY: `p` is a live slice of `lanes.len()` elements (checked by `plan`).
         unsafe { S::narrow_run(&lanes, p.as_mut_ptr() as *mut u8, size as isize) };
     }
-    let mut total = main * plan.s1;
-    if plan.z > 0.0 {
-        total += plan.z * zsum * plan.s2;
-    }
-    Ok(<S::Compute as Real>::from_f64(total))
+    Ok(<S::Compute as Real>::from_f64(reduced(&plan, main, zsum)))
 }
 
 /// Lanes are rows (`inner == 1`): each row is reduced by [`row_state`] and its gradient written
