@@ -148,7 +148,13 @@ def cross_entropy(
     logits : array_like
         Unnormalised scores. ``(C,)`` (unbatched), ``(N, C)`` or any shape with the classes
         along `axis`. float32 and float64 are computed natively; integers and bools are
-        promoted to float64; float16 is computed in float32 and returned as float16.
+        promoted to float64. float16 and bfloat16 (``ml_dtypes.bfloat16``) are computed in
+        float32 and the loss, the per-element losses and the gradient returned in the logits'
+        dtype, as torch does: each equals the float32 result on the widened logits, rounded
+        once more. With the classes along the last axis, integer targets and no `where`,
+        they are widened a block of rows at a time (no float32 copy of the logits); class
+        weights are then used in float32. Otherwise (class axis not last, probability targets,
+        `where`) a float32 copy of the logits is made.
     target : array_like
         Either class indices, of any integer dtype, with the shape of `logits` without `axis`
         (a scalar for unbatched logits), or class probabilities, floating, with the shape of
@@ -376,7 +382,8 @@ def nll_loss(
     ----------
     log_probs : array_like
         Log-probabilities (e.g. from :func:`stablelse.log_softmax`), classes along `axis`.
-        Same dtype rules as :func:`cross_entropy`.
+        Same dtype rules as :func:`cross_entropy`; float16 and bfloat16 are read in place,
+        any layout (only the target entries are read), never copied.
     target : array_like of int
         Class indices, any integer dtype, of the shape of `log_probs` without `axis`.
     axis : int, optional

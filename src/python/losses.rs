@@ -3,7 +3,9 @@
 //! The Python layer (`python/stablelse/_losses.py`) normalises the arguments: logits as a 3-D
 //! `(outer, classes, inner)` float32/float64 view (class axis in the middle, `inner == 1` for
 //! the last axis), index targets as C-contiguous int64 in the shape of the logits without the
-//! class axis, probability targets and weights in the logits' dtype. This module checks the
+//! class axis, probability targets and weights in the logits' dtype. float16 / bfloat16 logits
+//! (with float32 weights) come as they are for `nll_loss`, and for `cross_entropy` with index
+//! targets over rows without a mask: the kernel widens them per piece. This module checks the
 //! layouts, releases the GIL and calls [`crate::kernels::cross_entropy`]; kernel errors become
 //! Python exceptions through `super::errors`. Buffers are read through their raw fields
 //! (`super::array`); targets and weights are copied once, so no other thread can change them
