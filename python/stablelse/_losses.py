@@ -111,6 +111,11 @@ def _half_rows(x: np.ndarray, ax: int, target: Any, where: Any) -> bool:
     )
 
 
+def _compute_dtype(x: np.ndarray) -> np.dtype:
+    """The dtype the kernels compute `x` in (float16 / bfloat16 in float32): the weights'."""
+    return np.dtype(np.float32) if _is_half(x.dtype) else x.dtype
+
+
 def _finish_loss(
     loss: Any, rdtype: np.dtype, batch_shape: tuple[int, ...]
 ) -> Union[np.ndarray, np.floating]:
@@ -327,8 +332,7 @@ def cross_entropy(
         x = x.astype(np.float32)
     ii = opts.ignore_index
     t3, probs = _targets(target, x, ax, ii, allow_probs=True)
-    # 16-bit logits are computed in float32: so are their class weights.
-    w = weight_array(weight, x.shape[ax], np.float32 if _is_half(x.dtype) else x.dtype)
+    w = weight_array(weight, x.shape[ax], _compute_dtype(x))
     x3 = _view3(x, ax)
     if probs:
         x3 = np.ascontiguousarray(x3)  # the kernel reads both with one layout
@@ -431,7 +435,7 @@ def nll_loss(
     # float16 / bfloat16 log-probabilities are read in place: only the target entries.
     x, rdtype, ax = _logits(log_probs, axis, "log_probs", half=True)
     t, _ = _targets(target, x, ax, opts.ignore_index, allow_probs=False)
-    w = weight_array(weight, x.shape[ax], np.float32 if _is_half(x.dtype) else x.dtype)
+    w = weight_array(weight, x.shape[ax], _compute_dtype(x))
     m3 = None if where is None else _mask3(where, x, ax, "log_probs")
     batch_shape = x.shape[:ax] + x.shape[ax + 1 :]
     try:
