@@ -347,3 +347,235 @@ def test_recognised_without_importing_ml_dtypes():
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
+
+
+# --------------------------------------------------------------------------- stream and Dask
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("masked", [False, True])
+def test_stream_states_equal_float32(rng, dtype, masked):
+    # Catches a chunk read with the wrong element type (bytes of a 16-bit array taken as
+    # float32) or a state that depends on the stored type.
+    chunks = [(rng.standard_normal((n, 40)) * 6).astype(dtype) for n in (7, 300, 1)]
+    masks = [rng.random(c.shape) < 0.7 if masked else None for c in chunks]
+    for axis in (0, 1, None):
+        half, wide = sl.LogSumExp(axis=axis), sl.LogSumExp(axis=axis)
+        pairs = list(zip(chunks, masks)) if axis != 1 else [(chunks[1], masks[1])] * 2
+        for c, m in pairs:
+            half.update(c, where=m)
+            wide.update(c.astype(np.float32), where=m)
+        for got, want in zip(half.state, wide.state):
+            _same(got, want)
+        assert half.result().dtype == dtype
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_stream_weighted_chunks(rng, dtype):
+    # Weights take the float64 path (x + log b): same states as float32 with the same weights.
+    x = (rng.standard_normal((50, 8)) * 3).astype(dtype)
+    b = rng.random((50, 8))
+    half = sl.LogSumExp(axis=0).update(x, b=b)
+    wide = sl.LogSumExp(axis=0).update(x.astype(np.float32), b=b)
+    for got, want in zip(half.state, wide.state):
+        _same(got, want)
+
+
+def test_stream_update_makes_no_input_sized_copy():
+    # Catches LogSumExp.update widening the whole chunk to float32 (2x its bytes).
+    x = np.random.default_rng(1).standard_normal(1 << 22).astype(np.float16).reshape(1024, -1)
+    acc = sl.LogSumExp(axis=1).update(x)
+    tracemalloc.start()
+    try:
+        acc.update(x)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < x.nbytes // 8, peak
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("log", [False, True])
+@pytest.mark.parametrize("masked", [False, True])
+def test_rows_from_states_equal_float32_rounded(rng, dtype, log, masked):
+    # Rows longer than the writer's step (2048) and not a multiple of it: catches a step
+    # written at the wrong offset, a lost tail, a mask applied to the wrong step, and float32
+    # bits written into the 16-bit result.
+    for n in (5, 2048, 5000):
+        x = (rng.standard_normal((7, n)) * 5).astype(dtype)
+        x[1, 3] = np.inf
+        x[2, :] = -np.inf
+        keep = rng.random(x.shape) < 0.8 if masked else None
+        mx, ex = _core.lse_states(x, (1,), "auto", keep)
+        got = _core.softmax_from_states(x, mx, ex, log, keep)
+        want = _core.softmax_from_states(x.astype(np.float32), mx, ex, log, keep)
+        _same(got, want.astype(dtype))
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_rows_from_states_any_thread_count(rng, dtype):
+    x = (rng.standard_normal((600, 3000)) * 5).astype(dtype)
+    mx, ex = _core.lse_states(x, (1,))
+    try:
+        sl.set_num_threads(1)
+        one = _core.softmax_from_states(x, mx, ex)
+        sl.set_num_threads(4)
+        four = _core.softmax_from_states(x, mx, ex)
+    finally:
+        sl.set_num_threads(0)
+    _same(one, four)
+
+
+def test_rows_from_states_make_no_copy():
+    # The result (nbytes) is the only input-sized allocation: no float32 copy of the rows.
+    x = np.random.default_rng(2).standard_normal(1 << 22).astype(np.float16).reshape(1024, -1)
+    mx, ex = _core.lse_states(x, (1,))
+    _core.softmax_from_states(x, mx, ex)
+    tracemalloc.start()
+    try:
+        _core.softmax_from_states(x, mx, ex)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < x.nbytes + x.nbytes // 8, peak
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_dask_equals_float32(rng, dtype):
+    # Catches the Dask blocks' states or softmax rows read in the wrong type, or a result
+    # dtype other than the input's.
+    da = pytest.importorskip("dask.array")
+    import stablelse.dask as sld
+
+    x = (rng.standard_normal((60, 50)) * 5).astype(dtype)
+    keep = rng.random(x.shape) < 0.8
+    xh, xw = da.from_array(x, chunks=(25, 20)), da.from_array(x.astype(np.float32), chunks=(25, 20))
+    for axis in (0, 1, None):
+        got, want = sld.lse_states(xh, axis=axis).compute(), sld.lse_states(xw, axis=axis).compute()
+        for field in ("max", "excess"):
+            _same(got[field], want[field])
+        for where in (None, keep):
+            assert sld.logsumexp(xh, axis=axis, where=where).compute().dtype == dtype
+            if axis is None:
+                continue
+            for f in (sld.softmax, sld.log_softmax):
+                got = f(xh, axis=axis, where=where).compute()
+                want = f(xw, axis=axis, where=where).compute()
+                _same(got, want.astype(dtype))
+
+
+# --------------------------------------------------------------------------- losses
+
+
+def _same_loss(got, want, dtype) -> None:
+    """A loss (scalar or array) equal to the float32 one rounded to `dtype`, bit for bit."""
+    got, want = np.asarray(got), np.asarray(want)
+    assert got.dtype == dtype
+    _same(got, want.astype(dtype))
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("n", [5, 300, 20000])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_cross_entropy_equals_float32_rounded(rng, dtype, n, reduction):
+    # Short rows (the fused short-row kernel), rows in cache, and rows longer than a piece:
+    # catches a piece widened at the wrong row or pitch, a gradient row narrowed at the wrong
+    # offset, per-lane losses written to the wrong lane, and a mean scaled per piece.
+    rows = max(3, 60000 // n)
+    wide = (rng.standard_normal((rows, n + 3)) * 4).astype(dtype)
+    x = wide[:, 1 : n + 1]  # rows with a pitch that is not n
+    t = rng.integers(0, n, rows)
+    t[1] = -100
+    w = rng.random(n)
+    for opts in ({}, {"label_smoothing": 0.1, "z_loss": 1e-3}, {"weight": w}):
+        got, g = sl.cross_entropy(x, t, reduction=reduction, return_grad=True, **opts)
+        want, gw = sl.cross_entropy(x.astype(np.float32), t, reduction=reduction,
+                                    return_grad=True, **opts)
+        _same_loss(got, want, dtype)
+        assert g.dtype == dtype and g.shape == x.shape
+        _same(g, gw.astype(dtype))
+        _same(sl.cross_entropy(x, t, reduction=reduction, **opts), got)
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_cross_entropy_grad_out_and_special_values(rng, dtype):
+    # grad_out dense (written by the kernel) and strided (copied); NaN / inf logits.
+    x = (rng.standard_normal((40, 70)) * 4).astype(dtype)
+    x[3, 5], x[4, 6], x[5, :] = np.nan, np.inf, -np.inf
+    t = rng.integers(0, 70, 40)
+    want, gw = sl.cross_entropy(x.astype(np.float32), t, return_grad=True)
+    for out in (np.empty_like(x), np.empty((70, 40), dtype).T):
+        loss, g = sl.cross_entropy(x, t, return_grad=True, grad_out=out)
+        assert g is out
+        _same_loss(loss, want, dtype)
+        _same(g, gw.astype(dtype))
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_losses_on_the_copy_path_equal_float32_rounded(rng, dtype):
+    # Class axis not last, probability targets and where= still widen to a float32 copy:
+    # same results and dtypes.
+    x = (rng.standard_normal((6, 9, 11)) * 3).astype(dtype)
+    t = rng.integers(0, 9, (6, 11))
+    q = rng.dirichlet(np.ones(9), (6, 11)).transpose(0, 2, 1).astype(np.float32)
+    keep = rng.random(x.shape) < 0.8
+    keep[np.arange(6)[:, None], t, np.arange(11)] = True
+    for tgt, kw in ((t, {}), (q, {}), (t, {"where": keep})):
+        got, g = sl.cross_entropy(x, tgt, axis=1, return_grad=True, **kw)
+        want, gw = sl.cross_entropy(x.astype(np.float32), tgt, axis=1, return_grad=True, **kw)
+        _same_loss(got, want, dtype)
+        _same(g, gw.astype(dtype))
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_nll_loss_equals_float32_rounded(rng, dtype, reduction):
+    # Catches a target element read as the wrong type or at the wrong place.
+    x = (rng.standard_normal((30, 8, 5)) * 3).astype(dtype)
+    t = rng.integers(0, 8, (30, 5))
+    t[2, 3] = -100
+    w = rng.random(8)
+    for v, ax, tt in ((x, 1, t), (x.transpose(0, 2, 1), 2, t), (x[:, :, 0], -1, t[:, 0])):
+        got = sl.nll_loss(v, tt, weight=w, reduction=reduction, axis=ax)
+        want = sl.nll_loss(v.astype(np.float32), tt, weight=w, reduction=reduction, axis=ax)
+        _same_loss(got, want, dtype)
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_losses_bit_identical_for_any_thread_count(rng, dtype):
+    # Many pieces: catches a mean summed in thread order or a piece buffer reused wrongly.
+    x = (rng.standard_normal((3000, 500)) * 4).astype(dtype)
+    t = rng.integers(0, 500, 3000)
+    res = []
+    try:
+        for threads in (1, 4):
+            sl.set_num_threads(threads)
+            res.append([sl.cross_entropy(x, t, reduction=r, return_grad=True, z_loss=1e-3)
+                        for r in ("mean", "none")]
+                       + [sl.nll_loss(x, t, reduction="mean")])
+    finally:
+        sl.set_num_threads(0)
+    for a, b in zip(*res):
+        if isinstance(a, tuple):
+            for p, q in zip(a, b):
+                _same(p, q)
+        else:
+            _same(a, b)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_losses_make_no_input_sized_copy(grad):
+    # A float32 copy of the logits is 2x their bytes; with the gradient, the result itself
+    # (nbytes) is the only input-sized allocation.
+    x = np.random.default_rng(3).standard_normal(1 << 22).astype(np.float16).reshape(4096, -1)
+    t = np.random.default_rng(4).integers(0, x.shape[1], x.shape[0])
+    sl.cross_entropy(x, t, return_grad=grad)
+    tracemalloc.start()
+    try:
+        sl.cross_entropy(x, t, return_grad=grad)
+        if not grad:
+            sl.nll_loss(x, t)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < (x.nbytes if grad else 0) + x.nbytes // 8, peak

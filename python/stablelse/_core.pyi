@@ -211,3 +211,9 @@ def half_to_float32(
 def float32_to_half(
     x: npt.NDArray[np.float32], bfloat16: bool = False, conversion: str = "auto"
 ) -> npt.NDArray[np.uint16]: ...
+
+# float16 / bfloat16 in the losses and the block kernels: cross_entropy (class indices, no
+# mask, inner == 1; widened per piece of rows) and nll_loss take 3-D float16 / bfloat16 logits
+# and return per-lane losses and gradients in that dtype, the "mean"/"sum" loss in float32
+# (rounded by the caller); weights are then float32. softmax_from_states takes 2-D
+# float16 / bfloat16 rows and returns that dtype.

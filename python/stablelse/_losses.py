@@ -16,7 +16,14 @@ from typing import Any, Optional, Union
 import numpy as np
 
 from . import _core
-from ._api import _as_real_array, _check_out, _gpu_module, _is_gpu_array, _kernel_view
+from ._api import (
+    _as_real_array,
+    _check_out,
+    _gpu_module,
+    _is_gpu_array,
+    _is_half,
+    _kernel_view,
+)
 from ._axes import normalize_axis
 from ._spec import (
     Reduction,
@@ -71,8 +78,10 @@ def _index_targets(t: np.ndarray, n_classes: int, ignore_index: int) -> np.ndarr
     return t if t.flags.aligned else t.copy()  # the binding reads aligned buffers only
 
 
-def _logits(logits: Any, axis: Any, name: str) -> tuple[np.ndarray, np.dtype, int]:
-    x, rdtype = _as_real_array(logits, name)
+def _logits(
+    logits: Any, axis: Any, name: str, half: bool = False
+) -> tuple[np.ndarray, np.dtype, int]:
+    x, rdtype = _as_real_array(logits, name, half=half)
     if x.ndim == 0:
         raise ValueError(f"{name} must have at least one dimension (the class axis), got a scalar")
     return x, rdtype, normalize_axis(axis, x.ndim)
@@ -90,6 +99,21 @@ def _targets(
     if kind == "index":
         return _index_targets(t, x.shape[ax], ignore_index), False
     return _view3(np.ascontiguousarray(t, dtype=x.dtype), ax), True
+
+
+def _half_rows(x: np.ndarray, ax: int, target: Any, where: Any) -> bool:
+    """Whether the kernels read float16 / bfloat16 logits `x` in place, widening blocks of rows:
+    class axis last, integer class targets, no `where`. Otherwise they get a float32 copy."""
+    return (
+        where is None
+        and math.prod(x.shape[ax + 1 :]) == 1
+        and np.asarray(target).dtype.kind in "iu"
+    )
+
+
+def _compute_dtype(x: np.ndarray) -> np.dtype:
+    """The dtype the kernels compute `x` in (float16 / bfloat16 in float32): the weights'."""
+    return np.dtype(np.float32) if _is_half(x.dtype) else x.dtype
 
 
 def _finish_loss(
@@ -129,7 +153,13 @@ def cross_entropy(
     logits : array_like
         Unnormalised scores. ``(C,)`` (unbatched), ``(N, C)`` or any shape with the classes
         along `axis`. float32 and float64 are computed natively; integers and bools are
-        promoted to float64; float16 is computed in float32 and returned as float16.
+        promoted to float64. float16 and bfloat16 (``ml_dtypes.bfloat16``) are computed in
+        float32 and the loss, the per-element losses and the gradient returned in the logits'
+        dtype, as torch does: each equals the float32 result on the widened logits, rounded
+        once more. With the classes along the last axis, integer targets and no `where`,
+        they are widened a block of rows at a time (no float32 copy of the logits); class
+        weights are then used in float32. Otherwise (class axis not last, probability targets,
+        `where`) a float32 copy of the logits is made.
     target : array_like
         Either class indices, of any integer dtype, with the shape of `logits` without `axis`
         (a scalar for unbatched logits), or class probabilities, floating, with the shape of
@@ -297,10 +327,12 @@ def cross_entropy(
             raise TargetError.from_core(exc, target.shape) from None
         if res is not NotImplemented:
             return res
-    x, rdtype, ax = _logits(logits, axis, "logits")
+    x, rdtype, ax = _logits(logits, axis, "logits", half=True)
+    if _is_half(x.dtype) and not _half_rows(x, ax, target, where):
+        x = x.astype(np.float32)
     ii = opts.ignore_index
     t3, probs = _targets(target, x, ax, ii, allow_probs=True)
-    w = weight_array(weight, x.shape[ax], x.dtype)
+    w = weight_array(weight, x.shape[ax], _compute_dtype(x))
     x3 = _view3(x, ax)
     if probs:
         x3 = np.ascontiguousarray(x3)  # the kernel reads both with one layout
@@ -354,7 +386,8 @@ def nll_loss(
     ----------
     log_probs : array_like
         Log-probabilities (e.g. from :func:`stablelse.log_softmax`), classes along `axis`.
-        Same dtype rules as :func:`cross_entropy`.
+        Same dtype rules as :func:`cross_entropy`; float16 and bfloat16 are read in place,
+        any layout (only the target entries are read), never copied.
     target : array_like of int
         Class indices, any integer dtype, of the shape of `log_probs` without `axis`.
     axis : int, optional
@@ -399,9 +432,10 @@ def nll_loss(
     0.407606
     """
     opts = loss_options(ignore_index=ignore_index, reduction=reduction)
-    x, rdtype, ax = _logits(log_probs, axis, "log_probs")
+    # float16 / bfloat16 log-probabilities are read in place: only the target entries.
+    x, rdtype, ax = _logits(log_probs, axis, "log_probs", half=True)
     t, _ = _targets(target, x, ax, opts.ignore_index, allow_probs=False)
-    w = weight_array(weight, x.shape[ax], x.dtype)
+    w = weight_array(weight, x.shape[ax], _compute_dtype(x))
     m3 = None if where is None else _mask3(where, x, ax, "log_probs")
     batch_shape = x.shape[:ax] + x.shape[ax + 1 :]
     try:

@@ -33,7 +33,9 @@ STATE_DTYPE = np.dtype([("max", np.float64), ("excess", np.float64)])
 def chunk_states(
     x: AnyArray, axes: tuple[int, ...], mask: Optional[AnyArray] = None
 ) -> tuple[F64Array, F64Array]:
-    """The ``(max, excess)`` states of float32/float64 `x` reduced over `axes`.
+    """The ``(max, excess)`` states of float `x` reduced over `axes`.
+
+    `x` is float32, float64, float16 or bfloat16 (the last two read and widened per block).
 
     Both arrays are float64, C-contiguous, shaped like `x` with `axes` removed (in `x`'s axis
     order). The reduction runs in the Rust kernels; empty reductions give ``(-inf, -1)``. With
@@ -267,7 +269,9 @@ class LogSumExp:
             If `where` is not boolean.
         """
         arr = chunk if isinstance(chunk, np.ndarray) else _asarray(chunk, "chunk")
-        x, _ = _as_real_array(arr, "chunk")
+        # float16 / bfloat16 are widened block by block in the kernels (no float32 copy), unless
+        # weighted: log_weighted computes x + log(b) in float64.
+        x, _ = _as_real_array(arr, "chunk", half=b is None)
         mask = None if where is None else _where_mask(where, x.shape)
         raw_b: Optional[np.dtype[Any]] = None
         if b is not None:

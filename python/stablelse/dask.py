@@ -99,7 +99,8 @@ def _state_chunk(
     """
     if computing_meta:
         return _empty_like_reduced(x, STATE_DTYPE)
-    xr, _ = _as_real_array(x, "x")
+    # float16 / bfloat16 blocks are widened per kernel block, unless weighted (x + log(b)).
+    xr, _ = _as_real_array(x, "x", half=masked or weights_chunk is None)
     mask = None
     if masked:
         mask = np.asarray(weights_chunk)
@@ -336,7 +337,8 @@ def _softmax_block(
     """
     if x.size == 0:
         return np.empty(x.shape, dtype=rdtype)
-    xr, _ = _as_real_array(x, "x")
+    # float16 / bfloat16 rows are widened and rounded per step by the row writer (no copy).
+    xr, _ = _as_real_array(x, "x", half=True)
     k = len(axes)
     last = tuple(range(x.ndim - k, x.ndim))
     moved = np.moveaxis(xr, axes, last)

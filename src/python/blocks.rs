@@ -3,17 +3,18 @@
 //! Arrays are read through their raw fields ([`super::array`]), never the numpy crate's
 //! borrow flags; the states are copied once, and the result is allocated fallibly.
 
-use numpy::{Element, PyArray2};
+use numpy::{Element, PyArray2, PyArrayDyn};
 use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
 
 use super::array::{dense, dense_mut, try_empty, try_vec, Raw};
 use super::errors::to_pyerr;
+use super::half::as_bf16;
 use super::reductions::{f64_values, value_error};
 use crate::error::Error;
+use crate::half::{Stored, F16};
 use crate::kernels::{from_states, masked, Reduction};
 use crate::layout::Batch;
-use crate::real::Real;
 use crate::state::LseState;
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -21,15 +22,20 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     Ok(())
 }
 
-fn from_states_typed<'py, T: Real + Element>(
+fn from_states_typed<'py, T: Stored + Element>(
     py: Python<'py>,
-    x: &Bound<'py, PyArray2<T>>,
+    x: &Bound<'py, PyArrayDyn<T>>,
     max: &Bound<'py, PyAny>,
     excess: &Bound<'py, PyAny>,
     what: Reduction,
     mask: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyAny>> {
     let rx = Raw::of(x)?;
+    if rx.ndim != 2 {
+        return Err(PyTypeError::new_err(
+            "x must be a 2-D float32, float64, float16 or bfloat16 array",
+        ));
+    }
     if !rx.is_dense::<T>() {
         return Err(value_error("x must be a C-contiguous, aligned 2-D array"));
     }
@@ -72,26 +78,36 @@ fn from_states_typed<'py, T: Real + Element>(
     let out = unsafe { try_empty::<T>(py, &[batch.outer, batch.n])? };
     let ro = Raw::of(&out)?;
     py.detach(|| {
-        // SAFETY: x is held by the caller for the call and is dense (checked above); out is
-        // new, dense and private to this call.
+        // SAFETY: the mask is held by the caller for the call and is dense (checked above).
+        let keep = rm.as_ref().and_then(|rm| unsafe { dense::<u8>(rm) });
+        if T::NATIVE {
+            // The compute type itself (an array of T holds T::Compute values): the row writer
+            // reads x and writes out in place.
+            // SAFETY: x is held by the caller for the call and is dense (checked above); out
+            // is new, dense and private to this call.
+            let (xs, os) = unsafe { (dense::<T::Compute>(&rx), dense_mut::<T::Compute>(&ro)) };
+            let (Some(xs), Some(os)) = (xs, os) else {
+                return Err(Error::Layout("x and the result must be dense".into()));
+            };
+            from_states::softmax_like_from_states(xs, batch, &states, what, os)?;
+            if let Some(keep) = keep {
+                masked::finish_masked_chunk(os, keep, what);
+            }
+            return Ok(());
+        }
+        // SAFETY: as above.
         let (xs, os) = unsafe { (dense::<T>(&rx), dense_mut::<T>(&ro)) };
         let (Some(xs), Some(os)) = (xs, os) else {
             return Err(Error::Layout("x and the result must be dense".into()));
         };
-        from_states::softmax_like_from_states(xs, batch, &states, what, os)?;
-        if let Some(rm) = &rm {
-            // SAFETY: the mask is held by the caller for the call and is dense (checked above).
-            if let Some(keep) = unsafe { dense::<u8>(rm) } {
-                masked::finish_masked_chunk(os, keep, what);
-            }
-        }
-        Ok(())
+        from_states::softmax_like_from_states_stored(xs, batch, &states, what, keep, os)
     })
     .map_err(|e| to_pyerr(py, e))?;
     Ok(out.into_any())
 }
 
-/// softmax (`log = False`) or log_softmax of each row of a C-contiguous 2-D float array,
+/// softmax (`log = False`) or log_softmax of each row of a C-contiguous 2-D float array
+/// (float32, float64, or float16 / bfloat16 computed in float32 per block, no copy),
 /// normalised by the given float64 `(max, excess)` state of that row (one per row, 1-D
 /// arrays of any layout). With `where` (a C-contiguous bool array of x's shape), the states are
 /// those of the kept elements, and masked positions get 0 (softmax) or `-inf` (log_softmax).
@@ -110,13 +126,17 @@ fn softmax_from_states<'py>(
     } else {
         Reduction::Softmax
     };
-    if let Ok(x) = x.cast::<PyArray2<f32>>() {
+    if let Ok(x) = x.cast::<PyArrayDyn<f32>>() {
         from_states_typed(py, x, max, excess, what, r#where)
-    } else if let Ok(x) = x.cast::<PyArray2<f64>>() {
+    } else if let Ok(x) = x.cast::<PyArrayDyn<f64>>() {
         from_states_typed(py, x, max, excess, what, r#where)
+    } else if let Ok(x) = x.cast::<PyArrayDyn<F16>>() {
+        from_states_typed(py, x, max, excess, what, r#where)
+    } else if let Some(x) = as_bf16(x) {
+        from_states_typed(py, &x, max, excess, what, r#where)
     } else {
         Err(PyTypeError::new_err(
-            "x must be a 2-D float32 or float64 array",
+            "x must be a 2-D float32, float64, float16 or bfloat16 array",
         ))
     }
 }

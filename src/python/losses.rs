@@ -3,7 +3,9 @@
 //! The Python layer (`python/stablelse/_losses.py`) normalises the arguments: logits as a 3-D
 //! `(outer, classes, inner)` float32/float64 view (class axis in the middle, `inner == 1` for
 //! the last axis), index targets as C-contiguous int64 in the shape of the logits without the
-//! class axis, probability targets and weights in the logits' dtype. This module checks the
+//! class axis, probability targets and weights in the logits' dtype. float16 / bfloat16 logits
+//! (with float32 weights) come as they are for `nll_loss`, and for `cross_entropy` with index
+//! targets over rows without a mask: the kernel widens them per piece. This module checks the
 //! layouts, releases the GIL and calls [`crate::kernels::cross_entropy`]; kernel errors become
 //! Python exceptions through `super::errors`. Buffers are read through their raw fields
 //! (`super::array`); targets and weights are copied once, so no other thread can change them
@@ -17,8 +19,10 @@ use pyo3::types::PyTuple;
 use super::array::{check_out, copy_values, shares_memory, try_empty, Raw};
 use super::errors::to_pyerr;
 use super::exec::{self, WorkView};
+use super::half::as_bf16;
 use super::reductions::{batch3, parse_algorithm, slice3, value_error};
 use crate::error::Error;
+use crate::half::{Stored, F16};
 use crate::kernels::cross_entropy::{self as xent, ClassMask, LossReduction, Targets, XentOptions};
 use crate::kernels::vjp::{self, Backward};
 use crate::kernels::Algorithm;
@@ -131,19 +135,22 @@ struct XentView<'a> {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn xent_typed<'py, T: Real + Element>(
+fn xent_typed<'py, S: Stored + Element>(
     py: Python<'py>,
-    logits: &Bound<'py, PyArrayDyn<T>>,
+    logits: &Bound<'py, PyArrayDyn<S>>,
     view: XentView<'_>,
     target: &Bound<'py, PyAny>,
     weight: Option<&Bound<'py, PyAny>>,
     args: XentArgs,
     return_grad: bool,
     grad_out: Option<&Bound<'py, PyAny>>,
-) -> PyResult<Bound<'py, PyTuple>> {
+) -> PyResult<Bound<'py, PyTuple>>
+where
+    S::Compute: Element,
+{
     let (rx, batch) = (view.raw, view.batch);
     let shape = [batch.outer, batch.n, batch.inner];
-    let weight = weight_of::<T>(weight)?;
+    let weight = weight_of::<S::Compute>(weight)?;
     let opts = XentOptions {
         weight: weight.as_deref(),
         ignore_index: args.ignore_index,
@@ -159,7 +166,7 @@ fn xent_typed<'py, T: Real + Element>(
     let mut direct_grad = None;
     let mut bounce_to = None;
     if let Some(g) = grad_out {
-        let (garr, graw) = check_out::<T>(g, &shape, "grad_out")?;
+        let (garr, graw) = check_out::<S>(g, &shape, "grad_out")?;
         if shares_memory(py, logits.as_any(), rx, g, &graw)?
             || shares_memory(py, target, &raw_any(target)?, g, &graw)?
         {
@@ -172,12 +179,12 @@ fn xent_typed<'py, T: Real + Element>(
     }
     let per_lane = match opts.reduction {
         // SAFETY: every element is written by the kernel before the array is returned.
-        LossReduction::None => Some(unsafe { try_empty::<T>(py, view.lanes)? }),
+        LossReduction::None => Some(unsafe { try_empty::<S>(py, view.lanes)? }),
         _ => None,
     };
     let fresh_grad = if direct_grad.is_none() && (return_grad || bounce_to.is_some()) {
         // SAFETY: as above.
-        Some(unsafe { try_empty::<T>(py, view.grad)? })
+        Some(unsafe { try_empty::<S>(py, view.grad)? })
     } else {
         None
     };
@@ -188,25 +195,27 @@ fn xent_typed<'py, T: Real + Element>(
         _ => None,
     };
     let (count, elements) = (batch.count(), batch.elements());
-    // SAFETY: the outputs are dense, writeable and disjoint from the inputs (checked above or
-    // new); the inputs hold `batch`.
-    let outputs = || unsafe {
-        (
-            rp.map(|r| std::slice::from_raw_parts_mut(r.data::<T>(), count)),
-            rg.map(|r| std::slice::from_raw_parts_mut(r.data::<T>(), elements)),
-        )
-    };
     let total = if let Ok(t) = target.cast::<PyArrayDyn<i64>>() {
         let ts = targets_of(t)?;
         exec::detach_unless_small(py, elements, || {
-            // SAFETY: logits hold the batch for the call.
-            let xs =
-                unsafe { slice3::<T>(rx, &batch) }.map_err(|_| Error::Layout("logits".into()))?;
-            let (ps, gs) = outputs();
-            xent::cross_entropy(xs, batch, Targets::Indices(&ts), &opts, ps, gs)
+            // SAFETY: logits hold the batch for the call; the outputs are dense, writeable
+            // and disjoint from the inputs (checked above or new).
+            unsafe {
+                if S::NATIVE {
+                    // S is its compute type: the kernel reads the arrays where they are.
+                    let xs = slice3::<S::Compute>(rx, &batch)
+                        .map_err(|_| Error::Layout("logits".into()))?;
+                    let (ps, gs) = outputs::<S::Compute>(rp, rg, count, elements);
+                    xent::cross_entropy(xs, batch, Targets::Indices(&ts), &opts, ps, gs)
+                } else {
+                    let xs = slice3::<S>(rx, &batch).map_err(|_| Error::Layout("logits".into()))?;
+                    let (ps, gs) = outputs::<S>(rp, rg, count, elements);
+                    xent::cross_entropy_stored(xs, batch, &ts, &opts, ps, gs)
+                }
+            }
         })
         .map_err(|e| to_pyerr(py, e))?
-    } else if let Ok(q) = target.cast::<PyArrayDyn<T>>() {
+    } else if let (true, Ok(q)) = (S::NATIVE, target.cast::<PyArrayDyn<S::Compute>>()) {
         let rq = Raw::of(q)?;
         if classless_as_rows(batch3(&rq, "target")?) != batch {
             return Err(value_error(
@@ -214,20 +223,26 @@ fn xent_typed<'py, T: Real + Element>(
             ));
         }
         exec::detach_unless_small(py, elements, || {
-            // SAFETY: logits and target hold the batch for the call.
-            let (xs, qs) = unsafe { (slice3::<T>(rx, &batch), slice3::<T>(&rq, &batch)) };
+            // SAFETY: logits and target hold the batch for the call; outputs as above.
+            let (xs, qs) = unsafe {
+                (
+                    slice3::<S::Compute>(rx, &batch),
+                    slice3::<S::Compute>(&rq, &batch),
+                )
+            };
             let (xs, qs) = (
                 xs.map_err(|_| Error::Layout("logits".into()))?,
                 qs.map_err(|_| Error::Layout("target".into()))?,
             );
-            let (ps, gs) = outputs();
+            // SAFETY: as above.
+            let (ps, gs) = unsafe { outputs::<S::Compute>(rp, rg, count, elements) };
             xent::cross_entropy(xs, batch, Targets::Probs(qs), &opts, ps, gs)
         })
         .map_err(|e| to_pyerr(py, e))?
     } else {
         return Err(PyTypeError::new_err(format!(
             "target must be an int64 array of class indices or a 3-D {} array of probabilities",
-            T::NAME
+            <S::Compute as Real>::NAME
         )));
     };
     let loss: Bound<'py, PyAny> = match per_lane {
@@ -241,7 +256,7 @@ fn xent_typed<'py, T: Real + Element>(
             // SAFETY: both arrays are live, of the same (outer, n, inner) shape; grad_out is
             // writeable and shares nothing with the fresh result.
             unsafe {
-                let src = std::slice::from_raw_parts(fr.data::<T>() as *const T, elements);
+                let src = std::slice::from_raw_parts(fr.data::<S>() as *const S, elements);
                 WorkView::new(&graw, 0..graw.ndim).scatter(0, src);
             }
             g.into_any()
@@ -252,8 +267,29 @@ fn xent_typed<'py, T: Real + Element>(
     PyTuple::new(py, [loss, grad])
 }
 
+/// The kernel's views of the per-lane losses (`count`) and the gradient (`elements`), typed
+/// as `T`.
+///
+/// # Safety
+/// The arrays of `rp` and `rg` are live, dense, writeable arrays of `T` of those lengths,
+/// disjoint from every input, and nothing else uses them during the call.
+unsafe fn outputs<'a, T>(
+    rp: Option<Raw>,
+    rg: Option<Raw>,
+    count: usize,
+    elements: usize,
+) -> (Option<&'a mut [T]>, Option<&'a mut [T]>) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        (
+            rp.map(|r| std::slice::from_raw_parts_mut(r.data::<T>(), count)),
+            rg.map(|r| std::slice::from_raw_parts_mut(r.data::<T>(), elements)),
+        )
+    }
+}
+
 /// `value` as a NumPy scalar of its dtype (what the Python functions return).
-fn numpy_scalar<'py, T: Real + Element>(py: Python<'py>, value: T) -> PyResult<Bound<'py, PyAny>> {
+fn numpy_scalar<'py, T: Element + Copy>(py: Python<'py>, value: T) -> PyResult<Bound<'py, PyAny>> {
     let mut v = value;
     let descr = T::get_dtype(py);
     // SAFETY: `v` is a live `T` and `descr` its dtype; PyArray_Scalar copies the value and
@@ -301,7 +337,7 @@ fn common_view<T: Element>(
     Ok(Some((rx, batch)))
 }
 
-fn common_typed<'py, T: Real + Element>(
+fn common_typed<'py, T: Real + Element + Stored<Compute = T>>(
     py: Python<'py>,
     x: &Bound<'py, PyArrayDyn<T>>,
     t: &Bound<'py, PyAny>,
@@ -394,16 +430,19 @@ fn raw_any(obj: &Bound<'_, PyAny>) -> PyResult<Raw> {
 
 /// [`xent_typed`] of 3-D `(outer, classes, inner)` logits: 1-D lane losses, a 3-D gradient.
 #[allow(clippy::too_many_arguments)]
-fn xent_3d<'py, T: Real + Element>(
+fn xent_3d<'py, S: Stored + Element>(
     py: Python<'py>,
-    logits: &Bound<'py, PyArrayDyn<T>>,
+    logits: &Bound<'py, PyArrayDyn<S>>,
     target: &Bound<'py, PyAny>,
     weight: Option<&Bound<'py, PyAny>>,
     args: XentArgs,
     return_grad: bool,
     grad_out: Option<&Bound<'py, PyAny>>,
     mask: Option<&Bound<'py, PyAny>>,
-) -> PyResult<Bound<'py, PyTuple>> {
+) -> PyResult<Bound<'py, PyTuple>>
+where
+    S::Compute: Element,
+{
     let raw = Raw::of(logits)?;
     let batch = classless_as_rows(batch3(&raw, "logits")?);
     let view = XentView {
@@ -460,14 +499,18 @@ fn cross_entropy<'py>(
         xent_3d(py, x, target, weight, args, return_grad, grad_out, mask)
     } else if let Ok(x) = logits.cast::<PyArrayDyn<f64>>() {
         xent_3d(py, x, target, weight, args, return_grad, grad_out, mask)
+    } else if let Ok(x) = logits.cast::<PyArrayDyn<F16>>() {
+        xent_3d(py, x, target, weight, args, return_grad, grad_out, mask)
+    } else if let Some(x) = as_bf16(logits) {
+        xent_3d(py, &x, target, weight, args, return_grad, grad_out, mask)
     } else {
         Err(PyTypeError::new_err(
-            "logits must be a 3-D float32 or float64 array",
+            "logits must be a 3-D float32, float64, float16 or bfloat16 array",
         ))
     }
 }
 
-fn nll_typed<'py, T: Real + Element>(
+fn nll_typed<'py, T: Stored + Element>(
     py: Python<'py>,
     x: &Bound<'py, PyArrayDyn<T>>,
     target: &Bound<'py, PyAny>,
@@ -475,11 +518,14 @@ fn nll_typed<'py, T: Real + Element>(
     ignore_index: i64,
     reduction: LossReduction,
     mask: Option<&Bound<'py, PyAny>>,
-) -> PyResult<Bound<'py, PyAny>> {
+) -> PyResult<Bound<'py, PyAny>>
+where
+    T::Compute: Element,
+{
     let rx = Raw::of(x)?;
     let batch = classless_as_rows(batch3(&rx, "log_probs")?);
     let rm = mask_of(mask, rx.shape())?;
-    let weight = weight_of::<T>(weight)?;
+    let weight = weight_of::<T::Compute>(weight)?;
     let t = target
         .cast::<PyArrayDyn<i64>>()
         .map_err(|_| PyTypeError::new_err("target must be an int64 array of class indices"))?;
@@ -535,9 +581,13 @@ fn nll_loss<'py>(
         nll_typed(py, x, target, weight, ignore_index, reduction, mask)
     } else if let Ok(x) = log_probs.cast::<PyArrayDyn<f64>>() {
         nll_typed(py, x, target, weight, ignore_index, reduction, mask)
+    } else if let Ok(x) = log_probs.cast::<PyArrayDyn<F16>>() {
+        nll_typed(py, x, target, weight, ignore_index, reduction, mask)
+    } else if let Some(x) = as_bf16(log_probs) {
+        nll_typed(py, &x, target, weight, ignore_index, reduction, mask)
     } else {
         Err(PyTypeError::new_err(
-            "log_probs must be a 3-D float32 or float64 array",
+            "log_probs must be a 3-D float32, float64, float16 or bfloat16 array",
         ))
     }
 }

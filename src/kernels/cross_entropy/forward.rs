@@ -2,6 +2,7 @@
 
 use super::spec::{lane_target, plan, reduce_pieces, LaneTarget, Plan, Targets, XentOptions};
 use crate::error::{try_vec, Error};
+use crate::half::Stored;
 use crate::kernels::blocking::{row_blocks, sum3, COLUMN_BLOCK};
 use crate::kernels::{row_exp_scaled, row_state, softmax_like, Algorithm, Reduction};
 use crate::layout::Batch;
@@ -197,11 +198,105 @@ pub fn cross_entropy<T: Real>(
     } else {
         xent_columns(logits, &targets, &plan, opts.algorithm, lanes_out, grad_out)?
     };
+    Ok(T::from_f64(reduced(&plan, main, zsum)))
+}
+
+/// The reduced loss from the lanes' summed `(main, lse^2)` terms and the plan's scales.
+fn reduced<T>(plan: &Plan<'_, T>, main: f64, zsum: f64) -> f64 {
     let mut total = main * plan.s1;
     if plan.z > 0.0 {
         total += plan.z * zsum * plan.s2;
     }
-    Ok(T::from_f64(total))
+    total
+}
+
+/// As [`cross_entropy`] for logits stored as `S` and computed in `S::Compute` (float16 /
+/// bfloat16 in float32), against class indices, without a mask, over rows (`batch.inner == 1`;
+/// anything else is [`Error::Unsupported`]). Each piece of lanes is widened into a buffer of
+/// its thread and handled by the row code, its gradient rows rounded to `S` as they are
+/// written; the "none" losses are computed into a lane-sized buffer and rounded. The pieces,
+/// blocks and the order of every sum are those of [`cross_entropy`] on the widened
+/// C-contiguous logits, so each output equals that call's rounded to `S`, for any thread
+/// count. The returned loss is that call's (in `S::Compute`).
+pub fn cross_entropy_stored<S: Stored>(
+    logits: &[S],
+    batch: Batch,
+    targets: &[i64],
+    opts: &XentOptions<'_, S::Compute>,
+    per_lane: Option<&mut [S]>,
+    grad: Option<&mut [S]>,
+) -> Result<S::Compute, Error> {
+    let targets = Targets::Indices(targets);
+    let plan = plan(
+        logits.len(),
+        batch,
+        &targets,
+        opts,
+        per_lane.as_ref().map(|p| p.len()),
+        grad.as_ref().map(|g| g.len()),
+    )?;
+    if opts.mask.is_some() || (batch.inner != 1 && batch.n != 0) {
+        return Err(Error::Unsupported(
+            "16-bit logits are read as rows (class axis last) without a mask",
+        ));
+    }
+    let zero = <S::Compute as Real>::from_f64(0.0);
+    let mut lanes = match per_lane {
+        Some(_) => try_vec(batch.count(), zero)?,
+        None => Vec::new(),
+    };
+    let lanes_out = per_lane.is_some().then_some(SendPtr(lanes.as_mut_ptr()));
+    let grad_out = grad.map(|g| SendPtr(g.as_mut_ptr()));
+    let (n, pitch, size) = (batch.n, batch.outer_stride, std::mem::size_of::<S>());
+    let xp = SendPtr(logits.as_ptr() as *mut S);
+    let (main, zsum) = if batch.count() == 0 {
+        (0.0, 0.0)
+    } else {
+        reduce_pieces(batch.outer, parallel::items_per_piece(n), n, |range| {
+            let w = range.len();
+            let mut xs = try_vec(w * n, zero)?;
+            for (i, row) in xs.chunks_exact_mut(n.max(1)).enumerate() {
+                // SAFETY: row range.start + i of the batch, which `plan` checked against
+                // the logits.
+                unsafe {
+                    let src = (xp.ptr() as *const u8).add((range.start + i) * pitch * size);
+                    S::widen_run(src, size as isize, row);
+                }
+            }
+            let mut gs = match grad_out {
+                Some(_) => try_vec(w * n, zero)?,
+                None => Vec::new(),
+            };
+            let rows = RowsAt {
+                x: &xs,
+                pitch: n,
+                base: range.start,
+            };
+            let g = grad_out.map(|_| SendPtr(gs.as_mut_ptr()));
+            let sums = rows_piece(
+                rows,
+                &targets,
+                &plan,
+                opts.algorithm,
+                range.clone(),
+                lanes_out,
+                g,
+            )?;
+            if let Some(gp) = grad_out {
+                // SAFETY: the piece's rows of the dense gradient, whose length `plan` checked;
+                // pieces own disjoint lanes.
+                unsafe {
+                    S::narrow_run(&gs, gp.ptr().add(range.start * n) as *mut u8, size as isize)
+                };
+            }
+            Ok(sums)
+        })?
+    };
+    if let Some(p) = per_lane {
+        // SAFETY: `p` is a live slice of `lanes.len()` elements (checked by `plan`).
+        unsafe { S::narrow_run(&lanes, p.as_mut_ptr() as *mut u8, size as isize) };
+    }
+    Ok(<S::Compute as Real>::from_f64(reduced(&plan, main, zsum)))
 }
 
 /// Lanes are rows (`inner == 1`): each row is reduced by [`row_state`] and its gradient written
@@ -215,77 +310,111 @@ fn xent_rows<T: Real>(
     grad_out: Option<SendPtr<T>>,
 ) -> Result<(f64, f64), Error> {
     let batch = plan.batch;
-    let n = batch.n;
+    let rows = RowsAt {
+        x: logits,
+        pitch: batch.outer_stride,
+        base: 0,
+    };
+    reduce_pieces(
+        batch.outer,
+        parallel::items_per_piece(batch.n),
+        batch.n,
+        |range| rows_piece(rows, targets, plan, alg, range, lanes_out, grad_out),
+    )
+}
+
+/// Rows of the logits from lane `base` on: lane `l`'s row at `x[(l - base) * pitch..][..n]`,
+/// its gradient row at `(l - base) * n` of the dense gradient given with it.
+#[derive(Clone, Copy)]
+struct RowsAt<'a, T> {
+    x: &'a [T],
+    pitch: usize,
+    base: usize,
+}
+
+/// The lanes `range` of [`xent_rows`] (one piece): their `(main, lse^2)` sums in lane order,
+/// their "none" losses written to `lanes_out` and gradient rows to `grad_out` (as [`RowsAt`]).
+fn rows_piece<T: Real>(
+    rows: RowsAt<'_, T>,
+    targets: &Targets<'_, T>,
+    plan: &Plan<'_, T>,
+    alg: Algorithm,
+    range: std::ops::Range<usize>,
+    lanes_out: Option<SendPtr<T>>,
+    grad_out: Option<SendPtr<T>>,
+) -> Result<(f64, f64), Error> {
+    let n = plan.batch.n;
     let ignore = plan.ignore_index;
-    let per = parallel::items_per_piece(n);
     let short_index = takes_short_index(plan, targets);
-    reduce_pieces(batch.outer, per, n, |range| {
-        let mut acc = (0.0f64, 0.0f64);
-        let mut scratch = Vec::new();
-        let mut states = [LseState::EMPTY; STATE_BLOCK];
-        let mut grads = [LaneGrad::ZERO; STATE_BLOCK];
-        let mut short_lanes = ShortLanes::new();
-        let pitch = batch.outer_stride;
-        let mut l0 = range.start;
-        while l0 < range.end {
-            let w = STATE_BLOCK.min(range.end - l0);
-            let first = l0 * pitch;
-            let xb = &logits[first..];
-            let qb = match targets {
-                Targets::Probs(q) => Some(&q[first..]),
-                Targets::Indices(_) => None,
+    let RowsAt {
+        x: logits,
+        pitch,
+        base,
+    } = rows;
+    let mut acc = (0.0f64, 0.0f64);
+    let mut scratch = Vec::new();
+    let mut states = [LseState::EMPTY; STATE_BLOCK];
+    let mut grads = [LaneGrad::ZERO; STATE_BLOCK];
+    let mut short_lanes = ShortLanes::new();
+    let mut l0 = range.start;
+    while l0 < range.end {
+        let w = STATE_BLOCK.min(range.end - l0);
+        let first = (l0 - base) * pitch;
+        let xb = &logits[first..];
+        let qb = match targets {
+            Targets::Probs(q) => Some(&q[first..]),
+            Targets::Indices(_) => None,
+        };
+        if short_index {
+            // SAFETY: lanes l0..l0 + w own the dense rows l0..l0 + w of the gradient,
+            // whose length `plan` checked.
+            let g = grad_out.map(|gp| unsafe {
+                std::slice::from_raw_parts_mut(gp.ptr().add((l0 - base) * n), w * n)
+            });
+            let block = ShortBlock {
+                x: xb,
+                pitch,
+                n,
+                w,
+                l0,
             };
-            if short_index {
-                // SAFETY: lanes l0..l0 + w own the dense rows l0..l0 + w of the gradient,
-                // whose length `plan` checked.
-                let g = grad_out.map(|gp| unsafe {
-                    std::slice::from_raw_parts_mut(gp.ptr().add(l0 * n), w * n)
-                });
-                let block = ShortBlock {
-                    x: xb,
-                    pitch,
-                    n,
-                    w,
-                    l0,
-                };
-                short_index_block(
-                    plan,
-                    targets,
-                    block,
-                    alg,
-                    &mut scratch,
-                    &mut short_lanes,
-                    lanes_out,
-                    g,
-                    &mut acc,
-                )?;
-                l0 += w;
-                continue;
-            }
-            block_states(xb, pitch, n, w, alg, &mut scratch, &mut states)?;
-            for i in 0..w {
-                let l = l0 + i;
-                let x = &xb[i * pitch..i * pitch + n];
-                let target = lane_target(targets, l, ignore, n);
-                let probs = qb.map(|q| &q[i * pitch..i * pitch + n]);
-                let sums = row_sums(plan, x, target, probs, states[i]);
-                let (main, zt) = lane_outputs(plan, target, &sums, l, lanes_out);
-                if grad_out.is_some() {
-                    grads[i] = lane_grad(plan, target, &sums);
-                }
-                acc.0 += main;
-                acc.1 += zt;
-            }
-            if let Some(gp) = grad_out {
-                // SAFETY: lanes l0..l0 + w own the dense rows l0..l0 + w of the gradient,
-                // whose length `plan` checked.
-                let g = unsafe { std::slice::from_raw_parts_mut(gp.ptr().add(l0 * n), w * n) };
-                block_grads(plan, xb, qb, pitch, n, &grads[..w], alg, &mut scratch, g)?;
-            }
+            short_index_block(
+                plan,
+                targets,
+                block,
+                alg,
+                &mut scratch,
+                &mut short_lanes,
+                lanes_out,
+                g,
+                &mut acc,
+            )?;
             l0 += w;
+            continue;
         }
-        Ok(acc)
-    })
+        block_states(xb, pitch, n, w, alg, &mut scratch, &mut states)?;
+        for i in 0..w {
+            let l = l0 + i;
+            let x = &xb[i * pitch..i * pitch + n];
+            let target = lane_target(targets, l, ignore, n);
+            let probs = qb.map(|q| &q[i * pitch..i * pitch + n]);
+            let sums = row_sums(plan, x, target, probs, states[i]);
+            let (main, zt) = lane_outputs(plan, target, &sums, l, lanes_out);
+            if grad_out.is_some() {
+                grads[i] = lane_grad(plan, target, &sums);
+            }
+            acc.0 += main;
+            acc.1 += zt;
+        }
+        if let Some(gp) = grad_out {
+            // SAFETY: lanes l0..l0 + w own the dense rows l0..l0 + w of the gradient,
+            // whose length `plan` checked.
+            let g = unsafe { std::slice::from_raw_parts_mut(gp.ptr().add((l0 - base) * n), w * n) };
+            block_grads(plan, xb, qb, pitch, n, &grads[..w], alg, &mut scratch, g)?;
+        }
+        l0 += w;
+    }
+    Ok(acc)
 }
 
 /// `w` short rows of `x` (row `i` at `x[i * pitch..][..n]`) as a batch the short-row kernels

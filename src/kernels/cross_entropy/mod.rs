@@ -49,7 +49,7 @@ pub mod spec;
 mod tests;
 
 pub use crate::error::Error;
-pub use forward::cross_entropy;
+pub use forward::{cross_entropy, cross_entropy_stored};
 pub use mask::ClassMask;
 pub use nll::nll_loss;
 pub use spec::{LossReduction, Targets, XentOptions};

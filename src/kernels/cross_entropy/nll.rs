@@ -5,6 +5,7 @@ use super::spec::{
     lane_target, plan, reduce_pieces, LaneTarget, LossReduction, Targets, XentOptions,
 };
 use crate::error::Error;
+use crate::half::Stored;
 use crate::layout::Batch;
 use crate::parallel::{self, SendPtr};
 use crate::real::Real;
@@ -17,17 +18,22 @@ use crate::real::Real;
 /// With `mask` (`where=`), a lane that keeps no class is skipped like an ignored one, and a
 /// target on a masked class of any other lane is [`Error::MaskedTarget`]; log-probabilities
 /// are taken as given (no renormalisation over the kept classes).
+///
+/// `log_probs` and the "none" losses are stored as `S` and computed in `S::Compute` (float16 /
+/// bfloat16 in float32): each target element is widened as it is read and each lane loss
+/// rounded to `S` from its `S::Compute` value, as on a widened copy; the returned loss is in
+/// `S::Compute`.
 #[allow(clippy::too_many_arguments)]
-pub fn nll_loss<T: Real>(
-    log_probs: &[T],
+pub fn nll_loss<S: Stored>(
+    log_probs: &[S],
     batch: Batch,
     targets: &[i64],
-    weight: Option<&[T]>,
+    weight: Option<&[S::Compute]>,
     ignore_index: i64,
     reduction: LossReduction,
-    per_lane: Option<&mut [T]>,
+    per_lane: Option<&mut [S]>,
     mask: Option<ClassMask<'_>>,
-) -> Result<T, Error> {
+) -> Result<S::Compute, Error> {
     let opts = XentOptions {
         weight,
         ignore_index,
@@ -58,18 +64,22 @@ pub fn nll_loss<T: Real>(
             let v = match lane_target(&targets, l, plan.ignore_index, batch.n) {
                 LaneTarget::Class(t) if kept(t) => {
                     let (o, j) = (l / batch.inner, l % batch.inner);
-                    let x = log_probs[o * batch.outer_stride + t * batch.inner + j].to_f64();
-                    -(plan.w(t) * x)
+                    let at = &log_probs[o * batch.outer_stride + t * batch.inner + j];
+                    let mut x = [<S::Compute as Real>::from_f64(0.0)];
+                    // SAFETY: one element of `log_probs`.
+                    unsafe { S::widen_run((at as *const S).cast(), 0, &mut x) };
+                    -(plan.w(t) * x[0].to_f64())
                 }
                 _ => 0.0,
             };
             if let Some(op) = lanes_out {
+                let v = [<S::Compute as Real>::from_f64(v)];
                 // SAFETY: lane l owns per_lane[l]; the length was checked by `plan`.
-                unsafe { *op.ptr().add(l) = T::from_f64(v) };
+                unsafe { S::narrow_run(&v, op.ptr().add(l).cast(), 0) };
             }
             acc += v;
         }
         Ok((acc, 0.0))
     })?;
-    Ok(T::from_f64(main * plan.s1))
+    Ok(<S::Compute as Real>::from_f64(main * plan.s1))
 }
