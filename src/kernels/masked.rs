@@ -53,6 +53,57 @@ pub fn fill_masked<T: Real>(out: &mut [T], keep: &[u8], fill: T) {
     unsafe { simd::select_kept(simd::level(), p, keep.as_ptr(), p, n, fill.to_f64()) }
 }
 
+/// Whether [`kept_row_states`] gives `batch`'s states: rows (`inner == 1`) that the staged
+/// block would run through the two-pass row kernel one at a time (not the short-row kernels,
+/// not online, not split into long-row blocks).
+pub fn reads_rows_in_place(batch: &Batch, alg: Algorithm) -> bool {
+    batch.inner == 1
+        && alg != Algorithm::Online
+        && batch.n < 2 * super::LONG_ROW_BLOCK
+        && !is_short(simd::level(), batch)
+}
+
+/// `f(r, state)` for each row `r` of `batch` (see [`reads_rows_in_place`]) over the kept
+/// elements, reading `x` and the mask where they are: the masked elements become `-inf` in
+/// registers as they are loaded, in both passes of the two-pass state, so no staged copy is
+/// written. A row that needs the scalar reference (a NaN or infinite max), and every row at
+/// the scalar level, is staged into `scratch` ([`copy_kept`]) and run as the staged block
+/// would be; the states are those of the staged block bit for bit.
+pub fn kept_row_states<T: Real>(
+    x: &[T],
+    keep: &[u8],
+    batch: Batch,
+    alg: Algorithm,
+    scratch: &mut [T],
+    mut f: impl FnMut(usize, LseState),
+) -> Result<(), String> {
+    batch.check(x.len())?;
+    batch.check(keep.len())?;
+    let n = batch.n;
+    if batch.inner != 1 || scratch.len() < n {
+        return Err(format!(
+            "kept_row_states needs rows and {n} scratch elements, got inner {} and {}",
+            batch.inner,
+            scratch.len()
+        ));
+    }
+    let level = simd::level();
+    for r in 0..batch.outer {
+        let at = r * batch.outer_stride;
+        let (xr, kr) = (&x[at..at + n], &keep[at..at + n]);
+        // SAFETY: n elements of the row and of its mask (checked above); the level is available.
+        let state = match unsafe { simd::kept_row_state(level, xr.as_ptr(), kr.as_ptr(), n) } {
+            Some(s) => s,
+            None => {
+                copy_kept(xr, kr, &mut scratch[..n], f64::NEG_INFINITY);
+                super::row_state(&scratch[..n], alg)
+            }
+        };
+        f(r, state);
+    }
+    Ok(())
+}
+
 /// `x[k] = -inf` wherever `keep[k] == 0`: the masked elements leave the reduction.
 pub fn hide_masked<T: Real>(x: &mut [T], keep: &[u8]) {
     fill_masked(x, keep, T::NEG_INFINITY);

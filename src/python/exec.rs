@@ -734,6 +734,17 @@ pub(crate) unsafe fn reduce<S: Stored<Compute = T>, T: Real>(
                     let (buf, res) = scratch.split_at_mut(blocks.elements());
                     let buf = &mut buf[..batch.elements()];
                     let res = &mut res[..batch.count()];
+                    let (start, _) = blocks.result_run(o0, j0, &batch);
+                    if let Some((xs, ks)) =
+                        rows_in_place::<S, T>(&blocks, o0, j0, &batch, &xv, &kv, alg)
+                    {
+                        masked::kept_row_states(xs, ks, batch, alg, buf, |r, s| {
+                            res[r] = T::from_f64(s.logsumexp())
+                        })?;
+                        // SAFETY: out covers the kept shape and is writeable.
+                        unsafe { ov.scatter_as::<S>(start, res) };
+                        return Ok(());
+                    }
                     match &kv {
                         Some(kv) => {
                             let keep = &mut keep[..batch.elements()];
@@ -747,7 +758,6 @@ pub(crate) unsafe fn reduce<S: Stored<Compute = T>, T: Real>(
                         }),
                     }
                     kernels::logsumexp(buf, batch, alg, res)?;
-                    let (start, _) = blocks.result_run(o0, j0, &batch);
                     // SAFETY: out covers the kept shape and is writeable.
                     unsafe { ov.scatter_as::<S>(start, res) };
                     Ok(())
@@ -805,6 +815,15 @@ pub(crate) unsafe fn reduce<S: Stored<Compute = T>, T: Real>(
                     let (batch, o0, j0) = blocks.block(b);
                     let buf = &mut scratch[..batch.elements()];
                     let states = &mut states[..batch.count()];
+                    let (start, _) = blocks.result_run(o0, j0, &batch);
+                    if let Some((xs, ks)) =
+                        rows_in_place::<S, T>(&blocks, o0, j0, &batch, &xv, &kv, alg)
+                    {
+                        masked::kept_row_states(xs, ks, batch, alg, buf, |r, s| states[r] = s)?;
+                        // SAFETY: outputs cover the kept shape and are writeable.
+                        unsafe { emit_states(&mv, &ev, start, states) };
+                        return Ok(());
+                    }
                     match &kv {
                         Some(kv) => {
                             let keep = &mut keep[..batch.elements()];
@@ -818,13 +837,49 @@ pub(crate) unsafe fn reduce<S: Stored<Compute = T>, T: Real>(
                         }),
                     }
                     kernels::lse_states(buf, batch, alg, states)?;
-                    let (start, _) = blocks.result_run(o0, j0, &batch);
                     // SAFETY: outputs cover the kept shape and are writeable.
                     unsafe { emit_states(&mv, &ev, start, states) };
                     Ok(())
                 },
             )
         }
+    }
+}
+
+/// The block `(o0, j0, batch)` of `x` and of the mask as slices where they are, when the
+/// reduction can read its rows in place ([`masked::reads_rows_in_place`]): a mask is given,
+/// the block is one aligned unit-stride run in both arrays, and `x` holds `T` itself.
+#[allow(clippy::too_many_arguments)]
+fn rows_in_place<'a, S: Stored<Compute = T>, T: Real>(
+    blocks: &Blocks,
+    o0: usize,
+    j0: usize,
+    batch: &Batch,
+    xv: &'a WorkView,
+    kv: &'a Option<WorkView>,
+    alg: Algorithm,
+) -> Option<(&'a [T], &'a [u8])> {
+    let kv = kv.as_ref()?;
+    if !S::NATIVE || !masked::reads_rows_in_place(batch, alg) {
+        return None;
+    }
+    let (mut runs, mut first) = (0, None);
+    blocks.element_runs(o0, j0, batch, |w, d, len| {
+        runs += 1;
+        first = Some((w, d, len));
+    });
+    let (w, d, len) = first?;
+    if runs != 1 || d != 0 || len != batch.elements() {
+        return None;
+    }
+    let (xp, kp) = (xv.unit_run::<T>(w, len)?, kv.unit_run::<u8>(w, len)?);
+    // SAFETY: `len` aligned elements of x (an array of S holds values of T) and `len` mask
+    // bytes, live for the call that planned the views, only read.
+    unsafe {
+        Some((
+            std::slice::from_raw_parts(xp, len),
+            std::slice::from_raw_parts(kp, len),
+        ))
     }
 }
 

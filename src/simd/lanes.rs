@@ -218,23 +218,38 @@ pub unsafe trait Lanes: Copy {
 /// `n` readable elements at `p`.
 #[inline(always)]
 pub(crate) unsafe fn max_of_widened<L: Lanes, T: Real>(l: L, p: *const T, n: usize) -> f64 {
+    // SAFETY: forwarded from the caller.
+    unsafe { max_of_source(l, super::rows::Dense(p), 0, n) }
+}
+
+/// The max of elements `i..i + n` of `src` over widened lanes, four vectors per step.
+///
+/// # Safety
+/// Those elements readable.
+#[inline(always)]
+pub(crate) unsafe fn max_of_source<L: Lanes, S: super::rows::Source>(
+    l: L,
+    src: S,
+    i: usize,
+    n: usize,
+) -> f64 {
     let ninf = l.splat(f64::NEG_INFINITY);
     let mut acc = [ninf; 4];
-    let (w, mut i) = (L::N, 0);
+    let (w, mut k) = (L::N, 0);
     // SAFETY: every load is within the n elements.
     unsafe {
-        while i + 4 * w <= n {
+        while k + 4 * w <= n {
             for (a, acc) in acc.iter_mut().enumerate() {
-                *acc = l.max(*acc, l.load(p.add(i + w * a)));
+                *acc = l.max(*acc, src.load(l, i + k + w * a));
             }
-            i += 4 * w;
+            k += 4 * w;
         }
-        while i + w <= n {
-            acc[0] = l.max(acc[0], l.load(p.add(i)));
-            i += w;
+        while k + w <= n {
+            acc[0] = l.max(acc[0], src.load(l, i + k));
+            k += w;
         }
-        if i < n {
-            acc[1] = l.max(acc[1], l.load_tail(p.add(i), n - i));
+        if k < n {
+            acc[1] = l.max(acc[1], src.load_tail(l, i + k, n - k));
         }
     }
     let m = l.max(l.max(acc[0], acc[1]), l.max(acc[2], acc[3]));

@@ -294,6 +294,28 @@ pub(crate) unsafe fn row_state<T: Real>(
     }
 }
 
+/// The two-pass `(max, excess)` of a `where=` row read in place: `x[k]` where `keep[k] != 0`,
+/// else `-inf`, bit-identical to [`row_state`] (two-pass) of the staged row. `None` where
+/// that row needs the scalar reference (a NaN or infinite max) and at the scalar level: the
+/// caller then stages the row.
+///
+/// # Safety
+/// `n` readable elements at `x` and mask bytes at `keep`; `level` supported by this CPU.
+pub(crate) unsafe fn kept_row_state<T: Real>(
+    level: Level,
+    x: *const T,
+    keep: *const u8,
+    n: usize,
+) -> Option<LseState> {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        run_kernel!(level, { x: *const T, keep: *const u8, n: usize } -> Option<LseState>,
+            |l| rows::state_two_pass_of(l, rows::Kept { x, keep }, n),
+            scalar: None,
+        )
+    }
+}
+
 /// The row writes: `out[k] = f(x[k])` for `k < n`, with `f` softmax's or log_softmax's.
 struct MapRow<T, F> {
     x: *const T,

@@ -4,31 +4,182 @@
 //! `x - max` is exact and the exp error (~5e-11 for float32-grade results) is far below the
 //! final rounding: a float32 result is rounded once, at the end, like the scalar reference.
 
-use super::lanes::{reference_state, Lanes};
+use super::lanes::{max_of_source, reference_state, Lanes};
 use super::{finish_state, has_nan, lane_state, COL_TILE};
 use crate::real::Real;
 use crate::state::LseState;
 use std::mem::MaybeUninit;
 
-/// Sum of `exp(x - m)` over the `n` elements at `p` that are `!= m` (NaN included) and the
-/// count of those `== m` (`m` finite, `>=` every non-NaN element), fused with the max of the
-/// `qn` elements of the *next* block at `q`: the next block's DRAM loads are issued while this
-/// block's exps run from L1, so memory and arithmetic overlap instead of taking turns.
+/// Where a row algorithm reads its elements: the load policy that lets one body serve both
+/// a dense row ([`Dense`]) and a `where=` row read in place ([`Kept`], masked lanes `-inf`
+/// as they are loaded). Offsets are in elements from the row's start.
+pub(crate) trait Source: Copy {
+    type T: Real;
+    /// `N` elements at `i`, widened.
+    ///
+    /// # Safety
+    /// Elements `i..i + N` readable.
+    unsafe fn load<L: Lanes>(self, l: L, i: usize) -> L::V;
+    /// `n < N` elements at `i`, the other lanes `-inf`.
+    ///
+    /// # Safety
+    /// Elements `i..i + n` readable.
+    unsafe fn load_tail<L: Lanes>(self, l: L, i: usize, n: usize) -> L::V;
+    /// The max of elements `i..i + n` (a NaN may or may not show).
+    ///
+    /// # Safety
+    /// Those elements readable.
+    unsafe fn max_of<L: Lanes>(self, l: L, i: usize, n: usize) -> f64;
+    /// The running max of [`Lanes::max_init`] and its steps, over this source.
+    fn max_init<L: Lanes>(self, l: L) -> [L::V; 2];
+    /// # Safety
+    /// Elements `i..i + 2N` readable.
+    unsafe fn max_step<L: Lanes>(self, l: L, acc: [L::V; 2], i: usize) -> [L::V; 2];
+    fn max_finish<L: Lanes>(self, l: L, acc: [L::V; 2]) -> f64;
+    /// Whether elements `i..i + n` hold a NaN.
+    ///
+    /// # Safety
+    /// Those elements readable.
+    unsafe fn has_nan(self, i: usize, n: usize) -> bool;
+    /// The scalar reference state of elements `0..n`, where this source has one.
+    ///
+    /// # Safety
+    /// Those elements readable.
+    unsafe fn reference(self, n: usize) -> Option<LseState>;
+}
+
+/// A contiguous row read as it is.
+#[derive(Clone, Copy)]
+pub(crate) struct Dense<T>(pub *const T);
+
+impl<T: Real> Source for Dense<T> {
+    type T = T;
+    #[inline(always)]
+    unsafe fn load<L: Lanes>(self, l: L, i: usize) -> L::V {
+        // SAFETY: forwarded from the caller.
+        unsafe { l.load(self.0.add(i)) }
+    }
+    #[inline(always)]
+    unsafe fn load_tail<L: Lanes>(self, l: L, i: usize, n: usize) -> L::V {
+        // SAFETY: forwarded from the caller.
+        unsafe { l.load_tail(self.0.add(i), n) }
+    }
+    #[inline(always)]
+    unsafe fn max_of<L: Lanes>(self, l: L, i: usize, n: usize) -> f64 {
+        // SAFETY: forwarded from the caller.
+        unsafe { l.max_of(self.0.add(i), n) }
+    }
+    #[inline(always)]
+    fn max_init<L: Lanes>(self, l: L) -> [L::V; 2] {
+        l.max_init::<T>()
+    }
+    #[inline(always)]
+    unsafe fn max_step<L: Lanes>(self, l: L, acc: [L::V; 2], i: usize) -> [L::V; 2] {
+        // SAFETY: forwarded from the caller.
+        unsafe { l.max_step(acc, self.0.add(i)) }
+    }
+    #[inline(always)]
+    fn max_finish<L: Lanes>(self, l: L, acc: [L::V; 2]) -> f64 {
+        l.max_finish::<T>(acc)
+    }
+    #[inline(always)]
+    unsafe fn has_nan(self, i: usize, n: usize) -> bool {
+        // SAFETY: forwarded from the caller.
+        has_nan(unsafe { self.0.add(i) }, n)
+    }
+    #[inline(always)]
+    unsafe fn reference(self, n: usize) -> Option<LseState> {
+        // SAFETY: forwarded from the caller.
+        Some(unsafe { reference_state(self.0, n) })
+    }
+}
+
+/// A contiguous row and its `where=` mask bytes, read in place: element `k` is `x[k]` where
+/// `keep[k] != 0`, else `-inf` (the value a staged block would hold), so the algorithms see
+/// exactly the staged row's lanes without the staging pass.
+#[derive(Clone, Copy)]
+pub(crate) struct Kept<T> {
+    pub x: *const T,
+    pub keep: *const u8,
+}
+
+impl<T: Real> Source for Kept<T> {
+    type T = T;
+    #[inline(always)]
+    unsafe fn load<L: Lanes>(self, l: L, i: usize) -> L::V {
+        // SAFETY: forwarded from the caller (N elements and N mask bytes at i).
+        unsafe {
+            let v = l.load(self.x.add(i));
+            l.select(l.kept(self.keep.add(i)), v, l.splat(f64::NEG_INFINITY))
+        }
+    }
+    #[inline(always)]
+    unsafe fn load_tail<L: Lanes>(self, l: L, i: usize, n: usize) -> L::V {
+        // Only n mask bytes are readable: copy them into a zeroed vector's worth.
+        let mut b = [0u8; 8];
+        // SAFETY: forwarded from the caller; n < N <= 8.
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.keep.add(i), b.as_mut_ptr(), n);
+            let v = l.load_tail(self.x.add(i), n);
+            l.select(l.kept(b.as_ptr()), v, l.splat(f64::NEG_INFINITY))
+        }
+    }
+    #[inline(always)]
+    unsafe fn max_of<L: Lanes>(self, l: L, i: usize, n: usize) -> f64 {
+        // SAFETY: forwarded from the caller.
+        unsafe { max_of_source(l, self, i, n) }
+    }
+    #[inline(always)]
+    fn max_init<L: Lanes>(self, l: L) -> [L::V; 2] {
+        [l.splat(f64::NEG_INFINITY); 2]
+    }
+    #[inline(always)]
+    unsafe fn max_step<L: Lanes>(self, l: L, acc: [L::V; 2], i: usize) -> [L::V; 2] {
+        // SAFETY: forwarded from the caller.
+        unsafe {
+            [
+                l.max(acc[0], self.load(l, i)),
+                l.max(acc[1], self.load(l, i + L::N)),
+            ]
+        }
+    }
+    #[inline(always)]
+    fn max_finish<L: Lanes>(self, l: L, acc: [L::V; 2]) -> f64 {
+        l.reduce_max(l.max(acc[0], acc[1]))
+    }
+    #[inline(always)]
+    unsafe fn has_nan(self, i: usize, n: usize) -> bool {
+        // SAFETY: forwarded from the caller.
+        (i..i + n).any(|k| unsafe { *self.keep.add(k) != 0 && (*self.x.add(k)).to_f64().is_nan() })
+    }
+    #[inline(always)]
+    unsafe fn reference(self, _n: usize) -> Option<LseState> {
+        None
+    }
+}
+
+/// Sum of `exp(x - m)` over the `n` elements of `src` at `p` that are `!= m` (NaN included)
+/// and the count of those `== m` (`m` finite, `>=` every non-NaN element), fused with the max
+/// of the `qn` elements of the *next* block at `q`: the next block's DRAM loads are issued
+/// while this block's exps run from L1, so memory and arithmetic overlap instead of taking
+/// turns.
 ///
 /// # Safety
 /// `n` readable elements at `p`, `qn` at `q`.
 #[inline(always)]
-unsafe fn sum_below_max_next<L: Lanes, T: Real>(
+unsafe fn sum_below_max_next<L: Lanes, S: Source>(
     l: L,
-    p: *const T,
+    src: S,
+    p: usize,
     n: usize,
     m: f64,
-    q: *const T,
+    q: usize,
     qn: usize,
 ) -> (L::V, u64, f64) {
+    let full = S::T::FULL;
     let mv = l.splat(m);
     let mut acc = [l.splat(0.0); 2];
-    let mut mx = l.max_init::<T>();
+    let mut mx = src.max_init(l);
     let mut ties = 0u64;
     let (mut i, mut qi) = (0, 0);
     let w = L::N;
@@ -37,26 +188,26 @@ unsafe fn sum_below_max_next<L: Lanes, T: Real>(
     unsafe {
         while i + 2 * w <= n {
             if qi + 2 * w <= qn {
-                mx = l.max_step(mx, q.add(qi));
+                mx = src.max_step(l, mx, q + qi);
                 qi += 2 * w;
             }
-            sum_step(l, l.load(p.add(i)), mv, &mut acc[0], &mut ties, T::FULL);
-            sum_step(l, l.load(p.add(i + w)), mv, &mut acc[1], &mut ties, T::FULL);
+            sum_step(l, src.load(l, p + i), mv, &mut acc[0], &mut ties, full);
+            sum_step(l, src.load(l, p + i + w), mv, &mut acc[1], &mut ties, full);
             i += 2 * w;
         }
         if i + w <= n {
-            sum_step(l, l.load(p.add(i)), mv, &mut acc[0], &mut ties, T::FULL);
+            sum_step(l, src.load(l, p + i), mv, &mut acc[0], &mut ties, full);
             i += w;
         }
         if i < n {
-            let x = l.load_tail(p.add(i), n - i);
-            sum_step(l, x, mv, &mut acc[1], &mut ties, T::FULL);
+            let x = src.load_tail(l, p + i, n - i);
+            sum_step(l, x, mv, &mut acc[1], &mut ties, full);
         }
     }
-    let mut next_max = l.max_finish::<T>(mx);
+    let mut next_max = src.max_finish(l, mx);
     if qi < qn {
         // SAFETY: the rest of the next block is readable.
-        let rest = unsafe { l.max_of(q.add(qi), qn - qi) };
+        let rest = unsafe { src.max_of(l, q + qi, qn - qi) };
         // A NaN from either part must survive (f64::max would drop it).
         next_max = if rest.is_nan() || next_max.is_nan() {
             f64::NAN
@@ -88,18 +239,35 @@ fn sum_step<L: Lanes>(l: L, x: L::V, mv: L::V, acc: &mut L::V, ties: &mut u64, f
 /// `n` readable elements at `x`.
 #[inline(always)]
 pub(crate) unsafe fn state_two_pass<L: Lanes, T: Real>(l: L, x: *const T, n: usize) -> LseState {
+    // SAFETY: forwarded from the caller.
+    match unsafe { state_two_pass_of(l, Dense(x), n) } {
+        Some(s) => s,
+        // SAFETY: as above (Dense always has its reference, so this is not reached).
+        None => unsafe { reference_state(x, n) },
+    }
+}
+
+/// [`state_two_pass`] over any [`Source`]; `None` where the row needs the scalar reference
+/// and `src` has none (the caller then stages the row).
+///
+/// # Safety
+/// `n` readable elements of `src`.
+#[inline(always)]
+pub(crate) unsafe fn state_two_pass_of<L: Lanes, S: Source>(
+    l: L,
+    src: S,
+    n: usize,
+) -> Option<LseState> {
     let mut m = f64::NEG_INFINITY;
     let mut below = l.splat(0.0);
     let mut ties = 0u64;
     let mut start = 0;
-    let mut len = T::BLOCK.min(n);
+    let mut len = S::T::BLOCK.min(n);
     // SAFETY: the first block lies inside the row.
-    let mut bm = unsafe { l.max_of(x, len) };
+    let mut bm = unsafe { src.max_of(l, 0, len) };
     while len > 0 {
         let next = start + len;
-        let next_len = T::BLOCK.min(n - next);
-        // SAFETY: this block and the next lie inside the row.
-        let (p, q) = unsafe { (x.add(start), x.add(next)) };
+        let next_len = S::T::BLOCK.min(n - next);
         let next_max;
         if bm.is_finite() {
             if bm > m {
@@ -112,23 +280,24 @@ pub(crate) unsafe fn state_two_pass<L: Lanes, T: Real>(l: L, x: *const T, n: usi
                 ties = 0;
                 m = bm;
             }
-            // SAFETY: as above.
-            let (b, t, nm) = unsafe { sum_below_max_next(l, p, len, m, q, next_len) };
+            // SAFETY: this block and the next lie inside the row.
+            let (b, t, nm) = unsafe { sum_below_max_next(l, src, start, len, m, next, next_len) };
             below = l.add(below, b);
             ties += t;
             next_max = nm;
-        } else if bm == f64::NEG_INFINITY && !has_nan(p, len) {
+        // SAFETY: as above.
+        } else if bm == f64::NEG_INFINITY && !unsafe { src.has_nan(start, len) } {
             // SAFETY: as above.
-            next_max = unsafe { l.max_of(q, next_len) };
+            next_max = unsafe { src.max_of(l, next, next_len) };
         } else {
             // SAFETY: the whole row is readable.
-            return unsafe { reference_state(x, n) };
+            return unsafe { src.reference(n) };
         }
         start = next;
         len = next_len;
         bm = next_max;
     }
-    finish_state(m, l.reduce_add(below), ties)
+    Some(finish_state(m, l.reduce_add(below), ties))
 }
 
 /// Softmax of a row that fits in cache with one exp per element: the row's max, then one
