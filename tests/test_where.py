@@ -496,7 +496,7 @@ def test_dense_blocks_written_in_out_equal_the_staged_path(dtype, n):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("n", [37, 1000, 5003])
 def test_rows_read_in_place_equal_the_staged_and_unmasked_paths(dtype, n):
-    """logsumexp and lane states of rows dense in x and the mask read both where they are,
+    """logsumexp, lane states and log_softmax of rows dense in x and the mask read both where they are,
     the mask applied as each vector is loaded (in the max pass and the sum pass). They must
     equal, bit for bit, the staged path (x strided) and the unmasked op on x with its masked
     elements set to -inf, also for kept +inf / NaN / all -inf rows, fully masked rows, masked
@@ -527,6 +527,18 @@ def test_rows_read_in_place_equal_the_staged_and_unmasked_paths(dtype, n):
     plain = sl.logsumexp(hidden, axis=1)
     np.testing.assert_array_equal(dense.view(bits), staged.view(bits))
     np.testing.assert_array_equal(dense.view(bits), plain.view(bits))
+    # log_softmax: dense out= and in place read x in place; a strided out stages.
+    want = np.empty((rows, 2 * n), dtype)[:, ::2]
+    sl.log_softmax(x, axis=1, where=keep, out=want)
+    want = np.ascontiguousarray(want).view(bits)
+    np.testing.assert_array_equal(sl.log_softmax(x, axis=1, where=keep).view(bits), want)
+    inplace = x.copy()
+    sl.log_softmax(inplace, axis=1, where=keep, out=inplace)
+    np.testing.assert_array_equal(inplace.view(bits), want)
+    hidden_ls = sl.log_softmax(hidden, axis=1)
+    ok = np.isfinite(plain)  # rows whose kept state is finite: the unmasked op's bits
+    np.testing.assert_array_equal(hidden_ls[ok].view(bits), want[ok])
+    assert np.all(np.isneginf(sl.log_softmax(x, axis=1, where=keep)[~keep]))
     got = _stream.chunk_states(x, (1,), keep)
     for want in (_stream.chunk_states(strided, (1,), keep), _stream.chunk_states(hidden, (1,))):
         for a, b in zip(got, want):

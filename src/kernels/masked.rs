@@ -104,6 +104,50 @@ pub fn kept_row_states<T: Real>(
     Ok(())
 }
 
+/// log_softmax of `batch`'s rows (see [`reads_rows_in_place`]) over the kept elements,
+/// reading `x` and the mask where they are: each row's state as [`kept_row_states`], then one
+/// write pass `(x - max) - log S` that loads the masked elements as `-inf`, which is the
+/// masked value, so no staged copy and no fill pass. A row whose state is not finite (fully
+/// masked, a kept NaN or infinity) is staged into `out` and finished as the staged block is
+/// ([`softmax_like_masked`]), so every output equals the staged path's bit for bit.
+///
+/// # Safety
+/// `x` readable and `out` writable for `batch.elements()` elements, `out` equal to `x` or
+/// disjoint from it; `keep` readable for as many bytes, disjoint from `out`; `batch` is a
+/// contiguous row batch.
+pub unsafe fn log_softmax_rows_in_place<T: Real>(
+    x: *const T,
+    keep: *const u8,
+    out: *mut T,
+    batch: Batch,
+    alg: Algorithm,
+) {
+    let n = batch.n;
+    let level = simd::level();
+    let stream = batch.elements() * std::mem::size_of::<T>() >= super::STREAM_BYTES;
+    let what = Reduction::LogSoftmax;
+    let ninf = f64::NEG_INFINITY;
+    for r in 0..batch.outer {
+        // SAFETY: row r's n elements of x, out and the mask (the caller's contract); the
+        // staged copy and every write go through raw pointers, so out may equal x.
+        unsafe {
+            let (xr, kr, or) = (x.add(r * n), keep.add(r * n), out.add(r * n));
+            let state = simd::kept_row_state(level, xr, kr, n);
+            if let Some(s) = state.filter(|s| s.max.is_finite()) {
+                simd::kept_shift_sub(level, xr, kr, or, n, s.max, s.log_total(), stream);
+                continue;
+            }
+            simd::select_kept(level, xr, kr, or, n, ninf);
+            let s = match state {
+                Some(s) => s,
+                None => super::row_state(std::slice::from_raw_parts(or, n), alg),
+            };
+            super::write_row(level, or, or, n, s, what, stream);
+            simd::select_kept(level, or, kr, or, n, ninf);
+        }
+    }
+}
+
 /// `x[k] = -inf` wherever `keep[k] == 0`: the masked elements leave the reduction.
 pub fn hide_masked<T: Real>(x: &mut [T], keep: &[u8]) {
     fill_masked(x, keep, T::NEG_INFINITY);

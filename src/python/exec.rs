@@ -621,6 +621,11 @@ pub(crate) unsafe fn softmax<S: Stored<Compute = T>, T: Real>(
                     // T) and mask bytes, this block's own; out is writeable, shares no element
                     // with the mask, and is x itself or disjoint from it.
                     unsafe {
+                        if what == Reduction::LogSoftmax && masked::reads_rows_in_place(&batch, alg)
+                        {
+                            masked::log_softmax_rows_in_place(xp, kp, op, batch, alg);
+                            return Ok(());
+                        }
                         crate::simd::select_kept(simd_level, xp, kp, op, len, f64::NEG_INFINITY);
                         let (os, keep) = (
                             std::slice::from_raw_parts_mut(op, len),

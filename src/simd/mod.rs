@@ -316,9 +316,11 @@ pub(crate) unsafe fn kept_row_state<T: Real>(
     }
 }
 
-/// The row writes: `out[k] = f(x[k])` for `k < n`, with `f` softmax's or log_softmax's.
+/// The row writes: `out[k] = f(x[k])` for `k < n`, with `f` softmax's or log_softmax's; with
+/// a mask (`keep` not null) `x[k]` is `-inf` where `keep[k] == 0`, applied as it is loaded.
 struct MapRow<T, F> {
     x: *const T,
+    keep: *const u8,
     out: *mut T,
     n: usize,
     stream: bool,
@@ -329,14 +331,33 @@ impl<T: Real, F: LaneMap> Kernel for MapRow<T, F> {
     type Out = ();
     #[inline(always)]
     fn run<L: Lanes>(self, l: L) {
+        let MapRow {
+            x,
+            keep,
+            out,
+            n,
+            stream,
+            f,
+        } = self;
         // SAFETY: the callers of map_row guarantee the buffers.
-        unsafe { rows::map_row(l, self.x, self.out, self.n, self.stream, self.f) }
+        unsafe {
+            if keep.is_null() {
+                rows::map_row_of(l, rows::Dense(x), out, n, stream, f)
+            } else {
+                rows::map_row_of(l, rows::Kept { x, keep }, out, n, stream, f)
+            }
+        }
     }
     fn scalar(self) {
         for k in 0..self.n {
             // SAFETY: k < n; element k is read before it is written.
             unsafe {
-                let v = (*self.x.add(k)).to_f64();
+                let masked = !self.keep.is_null() && *self.keep.add(k) == 0;
+                let v = if masked {
+                    f64::NEG_INFINITY
+                } else {
+                    (*self.x.add(k)).to_f64()
+                };
                 *self.out.add(k) = T::from_f64(self.f.scalar(v));
             }
         }
@@ -358,8 +379,41 @@ unsafe fn map_row<T: Real>(
     stream: bool,
     f: impl LaneMap,
 ) {
+    let keep = std::ptr::null();
     let k = MapRow {
         x,
+        keep,
+        out,
+        n,
+        stream,
+        f,
+    };
+    // SAFETY: forwarded from the caller.
+    unsafe { dispatch(level, k) }
+}
+
+/// The log_softmax write of a `where=` row read in place: `out[k] = (x[k] - shift) -
+/// log_total` where `keep[k] != 0`, else `-inf` (the staged row's values, `shift` and
+/// `log_total` finite), the mask applied as `x` is loaded.
+///
+/// # Safety
+/// `x` and `keep` readable and `out` writable for `n` elements, `out` disjoint from or equal
+/// to `x` and disjoint from `keep`; `level` supported by this CPU.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn kept_shift_sub<T: Real>(
+    level: Level,
+    x: *const T,
+    keep: *const u8,
+    out: *mut T,
+    n: usize,
+    shift: f64,
+    log_total: f64,
+    stream: bool,
+) {
+    let f = ShiftSub { shift, log_total };
+    let k = MapRow {
+        x,
+        keep,
         out,
         n,
         stream,

@@ -551,6 +551,23 @@ pub(crate) unsafe fn map_row<L: Lanes, S: Real, T: Real>(
     stream: bool,
     f: impl LaneMap,
 ) {
+    // SAFETY: forwarded from the caller.
+    unsafe { map_row_of(l, Dense(x), out, n, stream, f) }
+}
+
+/// [`map_row`] over any [`Source`].
+///
+/// # Safety
+/// `n` readable elements of `src`, `n` writable at `out`, disjoint or equal.
+#[inline(always)]
+pub(crate) unsafe fn map_row_of<L: Lanes, S: Source, T: Real>(
+    l: L,
+    src: S,
+    out: *mut T,
+    n: usize,
+    stream: bool,
+    f: impl LaneMap,
+) {
     let (w, mut i) = (L::N, 0);
     // SAFETY: reads and writes stay within the n elements; stream stores are aligned.
     unsafe {
@@ -559,21 +576,21 @@ pub(crate) unsafe fn map_row<L: Lanes, S: Real, T: Real>(
             let size = std::mem::size_of::<T>();
             let head = ((w * size - (out as usize) % (w * size)) % (w * size) / size).min(n);
             if head > 0 {
-                l.store_tail(out, f.apply(l, l.load_tail(x, head)), head);
+                l.store_tail(out, f.apply(l, src.load_tail(l, 0, head)), head);
                 i = head;
             }
             while i + w <= n {
-                l.stream(out.add(i), f.apply(l, l.load(x.add(i))));
+                l.stream(out.add(i), f.apply(l, src.load(l, i)));
                 i += w;
             }
             l.fence();
         }
         while i + w <= n {
-            l.store(out.add(i), f.apply(l, l.load(x.add(i))));
+            l.store(out.add(i), f.apply(l, src.load(l, i)));
             i += w;
         }
         if i < n {
-            l.store_tail(out.add(i), f.apply(l, l.load_tail(x.add(i), n - i)), n - i);
+            l.store_tail(out.add(i), f.apply(l, src.load_tail(l, i, n - i)), n - i);
         }
     }
 }
