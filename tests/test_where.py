@@ -496,8 +496,8 @@ def test_dense_blocks_written_in_out_equal_the_staged_path(dtype, n):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("n", [37, 1000, 5003])
 def test_rows_read_in_place_equal_the_staged_and_unmasked_paths(dtype, n):
-    """logsumexp, lane states and log_softmax of rows dense in x and the mask read both where they are,
-    the mask applied as each vector is loaded (in the max pass and the sum pass). They must
+    """logsumexp, lane states and log_softmax of rows dense in x and the mask read both where
+    they are, the mask applied as each vector is loaded (max, sum and write passes). They must
     equal, bit for bit, the staged path (x strided) and the unmasked op on x with its masked
     elements set to -inf, also for kept +inf / NaN / all -inf rows, fully masked rows, masked
     NaN and +inf (a masked value read, a lost NaN, a wrong tail mask, a block skipped)."""
