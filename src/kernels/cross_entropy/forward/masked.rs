@@ -3,9 +3,10 @@
 //! Lanes are taken in blocks (rows, or columns of torch's layout); each block is staged once
 //! into per-piece scratch of at most [`STAGE_ELEMENTS`] elements (one lane, if a lane is
 //! longer), a masked class becoming `-inf` there, beside a dense copy of
-//! the block's mask bytes. The staged block then goes through the unmasked kernel's own SIMD
-//! state and gradient code: `exp(-inf - m) = 0`, so the state is the kept classes' log-sum-exp
-//! and masked probabilities are 0. The mask is read in place with its strides (a broadcast
+//! the block's mask bytes. The staged block then goes through the unmasked kernel's own code
+//! (the fused short-row loss for the lanes it takes, else the SIMD state and gradient code):
+//! `exp(-inf - m) = 0`, so the state is the kept classes' log-sum-exp and masked
+//! probabilities are 0. The mask is read in place with its strides (a broadcast
 //! mask is never expanded), and nothing of the logits' size is allocated. The sums that weight
 //! every class (label smoothing, probability targets) skip masked classes through the staged
 //! mask bytes. A mask keeping every class gives the unmasked result bit for bit for index
@@ -153,6 +154,14 @@ impl<T: Real> Staged<T> {
         }
     }
 
+    /// Sets `g[k]` to 0 where staged lane `jj` (of `n` classes) masks class `k`.
+    fn zero_masked(&self, g: &mut [T], jj: usize, n: usize) {
+        for (gk, &k) in g.iter_mut().zip(&self.keep[jj * n..][..n]) {
+            // Branch-free: masks are often irregular.
+            *gk = T::from_f64(if k != 0 { gk.to_f64() } else { 0.0 });
+        }
+    }
+
     /// Stages the probability targets of the same lanes (laid out like the logits).
     fn stage_probs(&mut self, q: &[T], xs: Spacing, n: usize, w: usize) {
         for jj in 0..w {
@@ -289,10 +298,12 @@ pub(super) fn xent_masked<T: Real>(
         (false, true) => Count::Any,
         (false, false) => Count::None,
     };
+    let short_index = takes_short_index(plan, targets);
     let per = parallel::items_per_piece(unit_elements);
     reduce_pieces(units, per, unit_elements, |range| {
         let mut acc = (0.0f64, 0.0f64);
         let mut st = Staged::<T>::new(n, width, probs)?;
+        let mut short_lanes = ShortLanes::new();
         let mut gs = match (grad_out, rows) {
             (Some(_), false) => try_vec(n * width, T::from_f64(0.0))?,
             _ => Vec::new(),
@@ -326,17 +337,75 @@ pub(super) fn xent_masked<T: Real>(
             if let Targets::Probs(q) = targets {
                 st.stage_probs(q, xs, n, w);
             }
+            // The lane's target, ignored when the lane keeps no class (or, refused by the
+            // pre-pass, a racing writer's masked target).
+            let target_of = |l: usize, kept: usize, keep: &[u8]| match lane_target(
+                targets,
+                l,
+                plan.ignore_index,
+                n,
+            ) {
+                _ if kept == 0 => LaneTarget::Ignored,
+                LaneTarget::Class(t) if keep[t] == 0 => LaneTarget::Ignored,
+                t => t,
+            };
+            if short_index {
+                // The unmasked short-row kernel on the staged block: a masked class is
+                // `-inf` there, so its probability and gradient are 0.
+                let g = match grad_out {
+                    // SAFETY: lanes l0..l0 + w own the dense rows l0..l0 + w of the
+                    // gradient, whose length `plan` checked.
+                    Some(gp) if rows => Some(unsafe {
+                        std::slice::from_raw_parts_mut(gp.ptr().add(l0 * n), w * n)
+                    }),
+                    Some(_) => Some(&mut gs[..w * n]),
+                    None => None,
+                };
+                let (sx, skeep, skept) = (&st.x, &st.keep, &st.kept);
+                let block = ShortBlock {
+                    x: sx,
+                    pitch: n,
+                    n,
+                    w,
+                    l0,
+                };
+                let lane = |l: usize| {
+                    let jj = l - l0;
+                    target_of(l, skept[jj], &skeep[jj * n..][..n])
+                };
+                short_index_block(
+                    plan,
+                    lane,
+                    block,
+                    alg,
+                    &mut scratch,
+                    &mut short_lanes,
+                    lanes_out,
+                    g,
+                    &mut acc,
+                )?;
+                let Some(gp) = grad_out else { continue };
+                let g = if rows {
+                    // SAFETY: as above.
+                    unsafe { std::slice::from_raw_parts_mut(gp.ptr().add(l0 * n), w * n) }
+                } else {
+                    &mut gs[..w * n]
+                };
+                // Rows the row path redid (a non-finite max or a NaN: NaN-filled) get 0 at
+                // their masked classes; the kernel's rows have it already.
+                for jj in (0..w).filter(|&jj| short_lanes.redo[jj]) {
+                    st.zero_masked(&mut g[jj * n..][..n], jj, n);
+                }
+                if !rows {
+                    scatter_columns(gp, &gs, o * n * inner + j0, n, inner, w);
+                }
+                continue;
+            }
             block_states(&st.x, n, n, w, alg, &mut scratch, &mut states)?;
             for jj in 0..w {
                 let l = l0 + jj;
                 let (x, keep) = (&st.x[jj * n..][..n], &st.keep[jj * n..][..n]);
-                let target = match lane_target(targets, l, plan.ignore_index, n) {
-                    _ if st.kept[jj] == 0 => LaneTarget::Ignored,
-                    // A lane that keeps no class (or, refused by the pre-pass, a racing
-                    // writer's masked target).
-                    LaneTarget::Class(t) if keep[t] == 0 => LaneTarget::Ignored,
-                    t => t,
-                };
+                let target = target_of(l, st.kept[jj], keep);
                 let own;
                 let lp = if plan.label_smoothing > 0.0 {
                     own = lane_plan(plan, keep, st.kept[jj]);
@@ -391,32 +460,35 @@ pub(super) fn xent_masked<T: Real>(
                 let q = probs.then_some(&st.q[..]);
                 block_grads(plan, &st.x, q, n, n, &grads[..w], alg, &mut scratch, g)?;
             }
-            // Masked classes get 0. Short rows without smoothing or probabilities already
-            // have it (softmax 0 at -inf, no correction term) except in a NaN-filled lane.
-            let exact = n <= SHORT_ROW && !probs && plan.label_smoothing == 0.0;
-            for (jj, lg) in grads[..w].iter().enumerate() {
-                if exact && lg.fill.is_none_or(|v| v == 0.0) {
-                    continue;
-                }
-                let (gi, ki) = (&mut g[jj * n..][..n], &st.keep[jj * n..][..n]);
-                for (gk, &k) in gi.iter_mut().zip(ki) {
-                    // Branch-free: masks are often irregular.
-                    *gk = T::from_f64(if k != 0 { gk.to_f64() } else { 0.0 });
-                }
+            // Masked classes get 0 (smoothing and probability terms reach every class).
+            for jj in 0..w {
+                st.zero_masked(&mut g[jj * n..][..n], jj, n);
             }
             if !rows {
-                let gbase = o * n * inner + j0;
-                for k in 0..n {
-                    for jj in 0..w {
-                        // SAFETY: (k, j0 + jj) of slab o in the dense gradient, whose length
-                        // `plan` checked; units own disjoint column blocks.
-                        unsafe { *gp.ptr().add(gbase + k * inner + jj) = gs[jj * n + k] };
-                    }
-                }
+                scatter_columns(gp, &gs, o * n * inner + j0, n, inner, w);
             }
         }
         Ok(acc)
     })
+}
+
+/// Writes the gradient rows `gs` of `w` columns back to the columns `j0..j0 + w` of one
+/// `(n, inner)` slab of the dense gradient at `gp`, starting at `gbase = o * n * inner + j0`.
+fn scatter_columns<T: Real>(
+    gp: SendPtr<T>,
+    gs: &[T],
+    gbase: usize,
+    n: usize,
+    inner: usize,
+    w: usize,
+) {
+    for k in 0..n {
+        for jj in 0..w {
+            // SAFETY: (k, j0 + jj) of slab o in the dense gradient, whose length `plan`
+            // checked; units own disjoint column blocks.
+            unsafe { *gp.ptr().add(gbase + k * inner + jj) = gs[jj * n + k] };
+        }
+    }
 }
 
 #[cfg(test)]
