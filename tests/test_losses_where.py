@@ -173,6 +173,45 @@ def test_a_mask_keeping_every_class_gives_the_unmasked_bits_on_long_rows(dtype, 
     assert plain[0] == masked[0] and np.array_equal(plain[1], masked[1])
 
 
+@pytest.mark.parametrize("n", [2, 10, 64, 100, 128])
+@pytest.mark.parametrize("axis", [-1, 1])
+def test_short_rows_under_a_mask_equal_the_deleted_reference_with_special_rows(n, axis):
+    # 45 lanes: ragged vector groups, fully masked lanes, masked NaN/inf values, a kept
+    # +inf lane, a kept NaN lane and an ignored target, through the fused short-row loss.
+    rng = np.random.default_rng(n)
+    x = rng.normal(scale=4, size=(45, n))
+    m = rng.random((45, n)) < 0.7
+    m[:, 0] = True
+    m[[3, 20], :] = False
+    x[~m & (rng.random((45, n)) < 0.2)] = np.nan
+    x[5, ~m[5]] = np.inf
+    t = np.array([rng.choice(np.flatnonzero(r)) if r.any() else 0 for r in m])
+    t[7] = -100
+    x[11, 0], t[11] = np.inf, 0  # L = x_t = inf: a NaN loss (the reference's too)
+    x[12, 0] = np.nan
+    w = rng.random(n) + 0.5
+    if axis == 1:
+        # torch's (N, C, d) layout: 15 x 3 lanes as columns.
+        xa = x.reshape(15, 3, n).transpose(0, 2, 1)
+        ma = m.reshape(15, 3, n).transpose(0, 2, 1)
+        ta = t.reshape(15, 3)
+    else:
+        xa, ma, ta = x, m, t
+    for kw in ({}, {"weight": w, "z_loss": 1e-2}):
+        per = sl.cross_entropy(xa, ta, axis=axis, where=ma, reduction="none", **kw)
+        _, grad = sl.cross_entropy(xa, ta, axis=axis, where=ma, reduction="sum",
+                                   return_grad=True, **kw)
+        with np.errstate(invalid="ignore"):
+            want, wgrad = deleted_reference(xa, ta, ma, axis=axis, reduction="none", **kw)
+        # L - x_t cancels when p_t -> 1: an absolute error of L's rounding.
+        np.testing.assert_allclose(per, want, rtol=1e-12, atol=1e-13)
+        np.testing.assert_allclose(grad, wgrad, rtol=1e-12, atol=1e-15)
+        assert (grad[~ma] == 0).all()  # masked classes: 0 even in the NaN lanes
+        g = np.moveaxis(grad, axis, -1).reshape(45, n)
+        assert (g[[3, 7, 20]] == 0).all()
+        assert np.isnan(g[[11, 12]][m[[11, 12]]]).all()
+
+
 def test_fully_masked_rows_contribute_nothing_and_are_not_counted():
     x = np.array([[1.0, 2.0, 3.0], [np.nan, np.inf, 7.0], [0.5, 0.0, -1.0]])
     m = np.array([[True, True, False], [False, False, False], [True, True, True]])
