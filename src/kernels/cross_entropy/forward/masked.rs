@@ -355,9 +355,9 @@ pub(super) fn xent_masked<T: Real>(
                 let g = match grad_out {
                     // SAFETY: lanes l0..l0 + w own the dense rows l0..l0 + w of the
                     // gradient, whose length `plan` checked.
-                    Some(gp) if rows => Some(unsafe {
-                        std::slice::from_raw_parts_mut(gp.ptr().add(l0 * n), w * n)
-                    }),
+                    Some(gp) if rows => {
+                        Some(unsafe { std::slice::from_raw_parts_mut(gp.ptr().add(l0 * n), w * n) })
+                    }
                     Some(_) => Some(&mut gs[..w * n]),
                     None => None,
                 };
