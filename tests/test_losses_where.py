@@ -212,6 +212,22 @@ def test_short_rows_under_a_mask_equal_the_deleted_reference_with_special_rows(n
         assert np.isnan(g[[11, 12]][m[[11, 12]]]).all()
 
 
+@pytest.mark.parametrize("ls", [0.0, 0.2])
+@pytest.mark.parametrize("shape, axis", [((5000, 10), -1), ((3000, 100), -1),
+                                         ((40, 10, 300), 1), ((6, 100, 700), 1)])
+def test_a_mask_keeping_every_class_gives_the_unmasked_bits_over_many_pieces(shape, axis, ls):
+    # Enough lanes for several pieces and blocks: the masked path must sum in the same order.
+    rng = np.random.default_rng(4)
+    x = rng.normal(scale=3, size=shape)
+    n = shape[axis]
+    tshape = shape[:1] + shape[2:] if axis == 1 else shape[:-1]
+    t = rng.integers(0, n, size=tshape)
+    kw = dict(axis=axis, label_smoothing=ls, z_loss=1e-3, return_grad=True)
+    plain = sl.cross_entropy(x, t, **kw)
+    masked = sl.cross_entropy(x, t, where=np.ones(shape, bool), **kw)
+    assert plain[0] == masked[0] and np.array_equal(plain[1], masked[1])
+
+
 def test_fully_masked_rows_contribute_nothing_and_are_not_counted():
     x = np.array([[1.0, 2.0, 3.0], [np.nan, np.inf, 7.0], [0.5, 0.0, -1.0]])
     m = np.array([[True, True, False], [False, False, False], [True, True, True]])

@@ -1,9 +1,10 @@
 //! The forward pass and fused gradient under `where=` (see [`ClassMask`] for the rule).
 //!
-//! Lanes are taken in blocks (rows, or columns of torch's layout); each block is staged once
-//! into per-piece scratch of at most [`STAGE_ELEMENTS`] elements (one lane, if a lane is
-//! longer), a masked class becoming `-inf` there, beside a dense copy of
-//! the block's mask bytes. The staged block then goes through the unmasked kernel's own code
+//! Lanes are taken in blocks (rows, or columns of torch's layout) in the unmasked kernels'
+//! pieces; each block is staged once into per-piece scratch (at most [`STAGE_ELEMENTS`]
+//! elements or one lane for rows, `STATE_BLOCK` short rows for the fused short-row loss, the
+//! unmasked column blocks for columns), a masked class becoming `-inf` there, beside a dense
+//! copy of the block's mask bytes. The staged block then goes through the unmasked kernel's own code
 //! (the fused short-row loss for the lanes it takes, else the SIMD state and gradient code):
 //! `exp(-inf - m) = 0`, so the state is the kept classes' log-sum-exp and masked
 //! probabilities are 0. The mask is read in place with its strides (a broadcast
@@ -283,22 +284,31 @@ pub(super) fn xent_masked<T: Real>(
     let batch = plan.batch;
     let (n, inner) = (batch.n, batch.inner);
     let rows = inner == 1;
-    let lanes = if rows { batch.outer } else { inner };
-    let width = (STAGE_ELEMENTS / n.max(1)).clamp(1, STATE_BLOCK).min(lanes);
-    let blocks_per_slab = if rows { 1 } else { inner.div_ceil(width) };
-    let units = if rows {
-        batch.outer.div_ceil(width)
+    let short_index = takes_short_index(plan, targets);
+    // The unmasked kernels' pieces and (for the short-row loss, which sums a block at a time)
+    // blocks, so that a mask keeping every class gives their bits at any size: rows in
+    // pieces of lanes, columns in pieces of column blocks.
+    let width = if !rows {
+        column_block_width(n, inner)
+    } else if short_index {
+        STATE_BLOCK.min(batch.outer)
     } else {
-        batch.outer * blocks_per_slab
+        (STAGE_ELEMENTS / n.max(1))
+            .clamp(1, STATE_BLOCK)
+            .min(batch.outer)
     };
-    let unit_elements = n * width;
+    let blocks_per_slab = if rows { 1 } else { inner.div_ceil(width) };
+    let (units, unit_elements) = if rows {
+        (batch.outer, n)
+    } else {
+        (batch.outer * blocks_per_slab, n * width)
+    };
     let probs = matches!(targets, Targets::Probs(_));
     let count = match (plan.label_smoothing > 0.0, probs) {
         (true, _) => Count::Classes,
         (false, true) => Count::Any,
         (false, false) => Count::None,
     };
-    let short_index = takes_short_index(plan, targets);
     let per = parallel::items_per_piece(unit_elements);
     reduce_pieces(units, per, unit_elements, |range| {
         let mut acc = (0.0f64, 0.0f64);
@@ -312,15 +322,17 @@ pub(super) fn xent_masked<T: Real>(
         let mut states = [LseState::EMPTY; STATE_BLOCK];
         let mut grads = [LaneGrad::ZERO; STATE_BLOCK];
         let mut plans = [*plan; STATE_BLOCK];
-        for u in range {
+        let mut next = range.start;
+        while next < range.end {
             // The block's lanes l0..l0 + w are consecutive in lane order.
             let (o, j0, w) = if rows {
-                let o = u * width;
-                (o, 0, width.min(batch.outer - o))
+                let w = width.min(range.end - next);
+                (next, 0, w)
             } else {
-                let (o, jb) = (u / blocks_per_slab, u % blocks_per_slab);
+                let (o, jb) = (next / blocks_per_slab, next % blocks_per_slab);
                 (o, jb * width, width.min(inner - jb * width))
             };
+            next = if rows { next + w } else { next + 1 };
             let l0 = o * inner + j0;
             let [s0, s1, s2] = mask.strides;
             let xs = Spacing {
@@ -352,7 +364,7 @@ pub(super) fn xent_masked<T: Real>(
             if short_index {
                 // The unmasked short-row kernel on the staged block: a masked class is
                 // `-inf` there, so its probability and gradient are 0.
-                let g = match grad_out {
+                let mut g = match grad_out {
                     // SAFETY: lanes l0..l0 + w own the dense rows l0..l0 + w of the
                     // gradient, whose length `plan` checked.
                     Some(gp) if rows => {
@@ -381,15 +393,11 @@ pub(super) fn xent_masked<T: Real>(
                     &mut scratch,
                     &mut short_lanes,
                     lanes_out,
-                    g,
+                    g.as_deref_mut(),
                     &mut acc,
                 )?;
-                let Some(gp) = grad_out else { continue };
-                let g = if rows {
-                    // SAFETY: as above.
-                    unsafe { std::slice::from_raw_parts_mut(gp.ptr().add(l0 * n), w * n) }
-                } else {
-                    &mut gs[..w * n]
+                let (Some(gp), Some(g)) = (grad_out, g) else {
+                    continue;
                 };
                 // Rows the row path redid (a non-finite max or a NaN: NaN-filled) get 0 at
                 // their masked classes; the kernel's rows have it already.
