@@ -49,6 +49,23 @@ def _num_segments(value: Any) -> int:
     return n
 
 
+def _offsets_of(
+    segment_ids: Any, offsets: Any, num_segments: Any
+) -> tuple[Optional[np.ndarray], int]:
+    """The one-of check of ``segment_ids`` / ``offsets``; for ``offsets``, the int64 offsets
+    and the segment count they describe (checked against ``num_segments`` when given), else
+    ``(None, -1)``."""
+    if (segment_ids is None) == (offsets is None):
+        raise TypeError("give exactly one of segment_ids and offsets")
+    if offsets is None:
+        return None, -1
+    offs = _index_array(offsets, "offsets")
+    count = max(offs.size - 1, 0)
+    if num_segments is not None and _num_segments(num_segments) != count:
+        raise ValueError(f"num_segments = {num_segments} but offsets describes {count} segments")
+    return offs, count
+
+
 def _same_view(a: np.ndarray, b: Any) -> bool:
     """Whether `b` is an ndarray viewing exactly `a`'s elements in `a`'s order (``out=x``)."""
     return (
@@ -85,15 +102,8 @@ class _Segmented:
         rows = moved.shape[0]
         inner = int(np.prod(moved.shape[1:], dtype=np.int64))
         self.x2 = np.ascontiguousarray(moved).reshape(rows, inner)
-        if (segment_ids is None) == (offsets is None):
-            raise TypeError("give exactly one of segment_ids and offsets")
-        if offsets is not None:
-            offs = _index_array(offsets, "offsets")
-            count = max(offs.size - 1, 0)
-            if num_segments is not None and _num_segments(num_segments) != count:
-                raise ValueError(
-                    f"num_segments = {num_segments} but offsets describes {count} segments"
-                )
+        offs, count = _offsets_of(segment_ids, offsets, num_segments)
+        if offs is not None:
             self.kwargs: dict[str, Any] = {"offsets": offs}
         else:
             ids = _index_array(segment_ids, "segment_ids")

@@ -732,7 +732,7 @@ def _segment_layout(
     """`x` with the segment axis first, that axis, one int64 id per row as a Dask array
     chunked like it (derived from `offsets` in the CSR form), the number of segments and
     whether the ids are sorted."""
-    from ._segments import _index_array, _num_segments  # noqa: PLC0415
+    from ._segments import _num_segments, _offsets_of  # noqa: PLC0415
 
     x = _as_dask(x_in, "x")
     if x.ndim == 0:
@@ -744,15 +744,8 @@ def _segment_layout(
         raise ValueError(
             "x has chunks of unknown size along the segment axis; call compute_chunk_sizes()"
         )
-    if (segment_ids is None) == (offsets is None):
-        raise TypeError("give exactly one of segment_ids and offsets")
-    if offsets is not None:
-        offs = _index_array(offsets, "offsets")
-        count = max(offs.size - 1, 0)
-        if num_segments is not None and _num_segments(num_segments) != count:
-            raise ValueError(
-                f"num_segments = {num_segments} but offsets describes {count} segments"
-            )
+    offs, count = _offsets_of(segment_ids, offsets, num_segments)
+    if offs is not None:
         if offs.size == 0 or offs[0] != 0 or offs[-1] != rows or (np.diff(offs) < 0).any():
             raise ValueError(
                 f"offsets must be non-decreasing from 0 to the {rows} rows of x along axis {ax}"
