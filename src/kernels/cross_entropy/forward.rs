@@ -380,7 +380,7 @@ fn rows_piece<T: Real>(
             };
             short_index_block(
                 plan,
-                targets,
+                |l| lane_target(targets, l, ignore, n),
                 block,
                 alg,
                 &mut scratch,
@@ -466,12 +466,13 @@ struct ShortBlock<'a, T> {
 /// The loss of a [`ShortBlock`] against class indices (no label smoothing) by the fused
 /// short-row kernel (states, `L`, `x_t`, the loss and the gradient into the dense `g`, a
 /// vector of rows at a time); rows it flags (a non-finite max or a NaN) are redone here by
-/// the general row path. Lane `(main, lse^2)` terms are added to `acc` in lane order, and
-/// "none" losses written to `lanes_out`.
+/// the general row path, and left flagged in `lanes.redo`. `target_of(l)` is lane `l`'s
+/// target (a class `< n` or ignored). Lane `(main, lse^2)` terms are added to `acc` in lane
+/// order, and "none" losses written to `lanes_out`.
 #[allow(clippy::too_many_arguments)]
-fn short_index_block<T: Real>(
+fn short_index_block<T: Real, F: Fn(usize) -> LaneTarget>(
     plan: &Plan<'_, T>,
-    targets: &Targets<'_, T>,
+    target_of: F,
     block: ShortBlock<'_, T>,
     alg: Algorithm,
     scratch: &mut Vec<T>,
@@ -489,7 +490,7 @@ fn short_index_block<T: Real>(
         redo,
     } = lanes;
     for i in 0..w {
-        (class[i], weight[i]) = match lane_target(targets, l0 + i, plan.ignore_index, n) {
+        (class[i], weight[i]) = match target_of(l0 + i) {
             LaneTarget::Class(t) => (t as u32, plan.w(t)),
             _ => (IGNORED, 0.0),
         };
@@ -530,7 +531,7 @@ fn short_index_block<T: Real>(
         let l = l0 + i;
         if redo[i] {
             let row = &x[i * pitch..i * pitch + n];
-            let target = lane_target(targets, l, plan.ignore_index, n);
+            let target = target_of(l);
             let sums = row_sums(plan, row, target, None, row_state(row, alg));
             if let Some(g) = g.as_deref_mut() {
                 let lg = lane_grad(plan, target, &sums);
@@ -909,7 +910,7 @@ fn xent_columns<T: Real>(
                 };
                 short_index_block(
                     plan,
-                    targets,
+                    |l| lane_target(targets, l, plan.ignore_index, n),
                     block,
                     alg,
                     &mut scratch,

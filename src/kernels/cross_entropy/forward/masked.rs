@@ -1,11 +1,13 @@
 //! The forward pass and fused gradient under `where=` (see [`ClassMask`] for the rule).
 //!
-//! Lanes are taken in blocks (rows, or columns of torch's layout); each block is staged once
-//! into per-piece scratch of at most [`STAGE_ELEMENTS`] elements (one lane, if a lane is
-//! longer), a masked class becoming `-inf` there, beside a dense copy of
-//! the block's mask bytes. The staged block then goes through the unmasked kernel's own SIMD
-//! state and gradient code: `exp(-inf - m) = 0`, so the state is the kept classes' log-sum-exp
-//! and masked probabilities are 0. The mask is read in place with its strides (a broadcast
+//! Lanes are taken in blocks (rows, or columns of torch's layout) in the unmasked kernels'
+//! pieces; each block is staged once into per-piece scratch (at most [`STAGE_ELEMENTS`]
+//! elements or one lane for rows, `STATE_BLOCK` short rows for the fused short-row loss, the
+//! unmasked column blocks for columns), a masked class becoming `-inf` there, beside a dense
+//! copy of the block's mask bytes. The staged block then goes through the unmasked kernel's own code
+//! (the fused short-row loss for the lanes it takes, else the SIMD state and gradient code):
+//! `exp(-inf - m) = 0`, so the state is the kept classes' log-sum-exp and masked
+//! probabilities are 0. The mask is read in place with its strides (a broadcast
 //! mask is never expanded), and nothing of the logits' size is allocated. The sums that weight
 //! every class (label smoothing, probability targets) skip masked classes through the staged
 //! mask bytes. A mask keeping every class gives the unmasked result bit for bit for index
@@ -153,6 +155,14 @@ impl<T: Real> Staged<T> {
         }
     }
 
+    /// Sets `g[k]` to 0 where staged lane `jj` (of `n` classes) masks class `k`.
+    fn zero_masked(&self, g: &mut [T], jj: usize, n: usize) {
+        for (gk, &k) in g.iter_mut().zip(&self.keep[jj * n..][..n]) {
+            // Branch-free: masks are often irregular.
+            *gk = T::from_f64(if k != 0 { gk.to_f64() } else { 0.0 });
+        }
+    }
+
     /// Stages the probability targets of the same lanes (laid out like the logits).
     fn stage_probs(&mut self, q: &[T], xs: Spacing, n: usize, w: usize) {
         for jj in 0..w {
@@ -274,15 +284,25 @@ pub(super) fn xent_masked<T: Real>(
     let batch = plan.batch;
     let (n, inner) = (batch.n, batch.inner);
     let rows = inner == 1;
-    let lanes = if rows { batch.outer } else { inner };
-    let width = (STAGE_ELEMENTS / n.max(1)).clamp(1, STATE_BLOCK).min(lanes);
-    let blocks_per_slab = if rows { 1 } else { inner.div_ceil(width) };
-    let units = if rows {
-        batch.outer.div_ceil(width)
+    let short_index = takes_short_index(plan, targets);
+    // The unmasked kernels' pieces and (for the short-row loss, which sums a block at a time)
+    // blocks, so that a mask keeping every class gives their bits at any size: rows in
+    // pieces of lanes, columns in pieces of column blocks.
+    let width = if !rows {
+        column_block_width(n, inner)
+    } else if short_index {
+        STATE_BLOCK.min(batch.outer)
     } else {
-        batch.outer * blocks_per_slab
+        (STAGE_ELEMENTS / n.max(1))
+            .clamp(1, STATE_BLOCK)
+            .min(batch.outer)
     };
-    let unit_elements = n * width;
+    let blocks_per_slab = if rows { 1 } else { inner.div_ceil(width) };
+    let (units, unit_elements) = if rows {
+        (batch.outer, n)
+    } else {
+        (batch.outer * blocks_per_slab, n * width)
+    };
     let probs = matches!(targets, Targets::Probs(_));
     let count = match (plan.label_smoothing > 0.0, probs) {
         (true, _) => Count::Classes,
@@ -293,6 +313,7 @@ pub(super) fn xent_masked<T: Real>(
     reduce_pieces(units, per, unit_elements, |range| {
         let mut acc = (0.0f64, 0.0f64);
         let mut st = Staged::<T>::new(n, width, probs)?;
+        let mut short_lanes = ShortLanes::new();
         let mut gs = match (grad_out, rows) {
             (Some(_), false) => try_vec(n * width, T::from_f64(0.0))?,
             _ => Vec::new(),
@@ -301,15 +322,17 @@ pub(super) fn xent_masked<T: Real>(
         let mut states = [LseState::EMPTY; STATE_BLOCK];
         let mut grads = [LaneGrad::ZERO; STATE_BLOCK];
         let mut plans = [*plan; STATE_BLOCK];
-        for u in range {
+        let mut next = range.start;
+        while next < range.end {
             // The block's lanes l0..l0 + w are consecutive in lane order.
             let (o, j0, w) = if rows {
-                let o = u * width;
-                (o, 0, width.min(batch.outer - o))
+                let w = width.min(range.end - next);
+                (next, 0, w)
             } else {
-                let (o, jb) = (u / blocks_per_slab, u % blocks_per_slab);
+                let (o, jb) = (next / blocks_per_slab, next % blocks_per_slab);
                 (o, jb * width, width.min(inner - jb * width))
             };
+            next = if rows { next + w } else { next + 1 };
             let l0 = o * inner + j0;
             let [s0, s1, s2] = mask.strides;
             let xs = Spacing {
@@ -326,17 +349,71 @@ pub(super) fn xent_masked<T: Real>(
             if let Targets::Probs(q) = targets {
                 st.stage_probs(q, xs, n, w);
             }
+            // The lane's target, ignored when the lane keeps no class (or, refused by the
+            // pre-pass, a racing writer's masked target).
+            let target_of = |l: usize, kept: usize, keep: &[u8]| match lane_target(
+                targets,
+                l,
+                plan.ignore_index,
+                n,
+            ) {
+                _ if kept == 0 => LaneTarget::Ignored,
+                LaneTarget::Class(t) if keep[t] == 0 => LaneTarget::Ignored,
+                t => t,
+            };
+            if short_index {
+                // The unmasked short-row kernel on the staged block: a masked class is
+                // `-inf` there, so its probability and gradient are 0.
+                let mut g = match grad_out {
+                    // SAFETY: lanes l0..l0 + w own the dense rows l0..l0 + w of the
+                    // gradient, whose length `plan` checked.
+                    Some(gp) if rows => {
+                        Some(unsafe { std::slice::from_raw_parts_mut(gp.ptr().add(l0 * n), w * n) })
+                    }
+                    Some(_) => Some(&mut gs[..w * n]),
+                    None => None,
+                };
+                let (sx, skeep, skept) = (&st.x, &st.keep, &st.kept);
+                let block = ShortBlock {
+                    x: sx,
+                    pitch: n,
+                    n,
+                    w,
+                    l0,
+                };
+                let lane = |l: usize| {
+                    let jj = l - l0;
+                    target_of(l, skept[jj], &skeep[jj * n..][..n])
+                };
+                short_index_block(
+                    plan,
+                    lane,
+                    block,
+                    alg,
+                    &mut scratch,
+                    &mut short_lanes,
+                    lanes_out,
+                    g.as_deref_mut(),
+                    &mut acc,
+                )?;
+                let (Some(gp), Some(g)) = (grad_out, g) else {
+                    continue;
+                };
+                // Rows the row path redid (a non-finite max or a NaN: NaN-filled) get 0 at
+                // their masked classes; the kernel's rows have it already.
+                for jj in (0..w).filter(|&jj| short_lanes.redo[jj]) {
+                    st.zero_masked(&mut g[jj * n..][..n], jj, n);
+                }
+                if !rows {
+                    scatter_columns(gp, &gs, o * n * inner + j0, n, inner, w);
+                }
+                continue;
+            }
             block_states(&st.x, n, n, w, alg, &mut scratch, &mut states)?;
             for jj in 0..w {
                 let l = l0 + jj;
                 let (x, keep) = (&st.x[jj * n..][..n], &st.keep[jj * n..][..n]);
-                let target = match lane_target(targets, l, plan.ignore_index, n) {
-                    _ if st.kept[jj] == 0 => LaneTarget::Ignored,
-                    // A lane that keeps no class (or, refused by the pre-pass, a racing
-                    // writer's masked target).
-                    LaneTarget::Class(t) if keep[t] == 0 => LaneTarget::Ignored,
-                    t => t,
-                };
+                let target = target_of(l, st.kept[jj], keep);
                 let own;
                 let lp = if plan.label_smoothing > 0.0 {
                     own = lane_plan(plan, keep, st.kept[jj]);
@@ -391,32 +468,35 @@ pub(super) fn xent_masked<T: Real>(
                 let q = probs.then_some(&st.q[..]);
                 block_grads(plan, &st.x, q, n, n, &grads[..w], alg, &mut scratch, g)?;
             }
-            // Masked classes get 0. Short rows without smoothing or probabilities already
-            // have it (softmax 0 at -inf, no correction term) except in a NaN-filled lane.
-            let exact = n <= SHORT_ROW && !probs && plan.label_smoothing == 0.0;
-            for (jj, lg) in grads[..w].iter().enumerate() {
-                if exact && lg.fill.is_none_or(|v| v == 0.0) {
-                    continue;
-                }
-                let (gi, ki) = (&mut g[jj * n..][..n], &st.keep[jj * n..][..n]);
-                for (gk, &k) in gi.iter_mut().zip(ki) {
-                    // Branch-free: masks are often irregular.
-                    *gk = T::from_f64(if k != 0 { gk.to_f64() } else { 0.0 });
-                }
+            // Masked classes get 0 (smoothing and probability terms reach every class).
+            for jj in 0..w {
+                st.zero_masked(&mut g[jj * n..][..n], jj, n);
             }
             if !rows {
-                let gbase = o * n * inner + j0;
-                for k in 0..n {
-                    for jj in 0..w {
-                        // SAFETY: (k, j0 + jj) of slab o in the dense gradient, whose length
-                        // `plan` checked; units own disjoint column blocks.
-                        unsafe { *gp.ptr().add(gbase + k * inner + jj) = gs[jj * n + k] };
-                    }
-                }
+                scatter_columns(gp, &gs, o * n * inner + j0, n, inner, w);
             }
         }
         Ok(acc)
     })
+}
+
+/// Writes the gradient rows `gs` of `w` columns back to the columns `j0..j0 + w` of one
+/// `(n, inner)` slab of the dense gradient at `gp`, starting at `gbase = o * n * inner + j0`.
+fn scatter_columns<T: Real>(
+    gp: SendPtr<T>,
+    gs: &[T],
+    gbase: usize,
+    n: usize,
+    inner: usize,
+    w: usize,
+) {
+    for k in 0..n {
+        for jj in 0..w {
+            // SAFETY: (k, j0 + jj) of slab o in the dense gradient, whose length `plan`
+            // checked; units own disjoint column blocks.
+            unsafe { *gp.ptr().add(gbase + k * inner + jj) = gs[jj * n + k] };
+        }
+    }
 }
 
 #[cfg(test)]
