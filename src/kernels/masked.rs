@@ -194,6 +194,12 @@ pub fn softmax_like_masked<T: Real>(
     states: &mut [LseState],
 ) -> Result<(), String> {
     check(buf.len(), keep.len(), &batch)?;
+    // The states are scratch for one of the paths below; they are checked whichever runs, so
+    // the same arguments are refused alike at every SIMD level.
+    let have = states.len();
+    let states = states
+        .get_mut(..batch.count())
+        .ok_or_else(|| format!("{have} lane states for {} lanes", batch.count()))?;
     let (n, inner) = (batch.n, batch.inner);
     if what == Reduction::LogSoftmax
         || (inner == 1 && n <= simd::STORED_ROW && !is_short(simd::level(), &batch))
@@ -202,10 +208,6 @@ pub fn softmax_like_masked<T: Real>(
         fill_masked(buf, keep, masked_value(what));
         return Ok(());
     }
-    let have = states.len();
-    let states = states
-        .get_mut(..batch.count())
-        .ok_or_else(|| format!("{have} lane states for {} lanes", batch.count()))?;
     super::lse_states(buf, batch, alg, states)?;
     let level = simd::level();
     let zero = masked_value::<T>(what);
