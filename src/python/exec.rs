@@ -636,7 +636,7 @@ pub(crate) unsafe fn softmax<S: Stored<Compute = T>, T: Real>(
                     return Ok(());
                 }
                 let keep = &mut keep[..batch.elements()];
-                gather_hidden::<S, T>(&blocks, o0, j0, &batch, &xv, mv, buf, keep, true);
+                gather_hidden::<S, T>(&blocks, o0, j0, &batch, &xv, Some(mv), buf, keep, true);
                 masked::softmax_like_masked(buf, keep, batch, alg, what, states)?;
             } else {
                 // SAFETY: the views cover the planned shape; this block's elements are its own.
@@ -750,18 +750,17 @@ pub(crate) unsafe fn reduce<S: Stored<Compute = T>, T: Real>(
                         unsafe { ov.scatter_as::<S>(start, res) };
                         return Ok(());
                     }
-                    match &kv {
-                        Some(kv) => {
-                            let keep = &mut keep[..batch.elements()];
-                            gather_hidden::<S, T>(
-                                &blocks, o0, j0, &batch, &xv, kv, buf, keep, false,
-                            );
-                        }
-                        // SAFETY: the view covers the planned shape.
-                        None => blocks.element_runs(o0, j0, &batch, |w, d, len| unsafe {
-                            xv.gather_as::<S>(w, &mut buf[d..d + len])
-                        }),
-                    }
+                    gather_hidden::<S, T>(
+                        &blocks,
+                        o0,
+                        j0,
+                        &batch,
+                        &xv,
+                        kv.as_ref(),
+                        buf,
+                        keep,
+                        false,
+                    );
                     kernels::logsumexp(buf, batch, alg, res)?;
                     // SAFETY: out covers the kept shape and is writeable.
                     unsafe { ov.scatter_as::<S>(start, res) };
@@ -829,18 +828,17 @@ pub(crate) unsafe fn reduce<S: Stored<Compute = T>, T: Real>(
                         unsafe { emit_states(&mv, &ev, start, states) };
                         return Ok(());
                     }
-                    match &kv {
-                        Some(kv) => {
-                            let keep = &mut keep[..batch.elements()];
-                            gather_hidden::<S, T>(
-                                &blocks, o0, j0, &batch, &xv, kv, buf, keep, false,
-                            );
-                        }
-                        // SAFETY: the view covers the planned shape.
-                        None => blocks.element_runs(o0, j0, &batch, |w, d, len| unsafe {
-                            xv.gather_as::<S>(w, &mut buf[d..d + len])
-                        }),
-                    }
+                    gather_hidden::<S, T>(
+                        &blocks,
+                        o0,
+                        j0,
+                        &batch,
+                        &xv,
+                        kv.as_ref(),
+                        buf,
+                        keep,
+                        false,
+                    );
                     kernels::lse_states(buf, batch, alg, states)?;
                     // SAFETY: outputs cover the kept shape and are writeable.
                     unsafe { emit_states(&mv, &ev, start, states) };
@@ -888,10 +886,10 @@ fn rows_in_place<'a, S: Stored<Compute = T>, T: Real>(
     }
 }
 
-/// Gathers the block of `x` of `(o0, j0, batch)` into `buf` with its masked elements hidden
-/// (`-inf`: see `kernels::masked`), and the mask block into `keep` when `need_keep` (else
-/// `keep` is scratch). A run that is dense in both `x` and the mask is read where it is, one
-/// select over both arrays.
+/// Gathers the block of `x` of `(o0, j0, batch)` into `buf`; with a mask `mv`, its masked
+/// elements hidden (`-inf`: see `kernels::masked`) and the mask block into `keep` when
+/// `need_keep` (else `keep` is scratch). A run that is dense in both `x` and the mask is read
+/// where it is, one select over both arrays. Without a mask `keep` is not touched.
 #[allow(clippy::too_many_arguments)]
 fn gather_hidden<S: Stored<Compute = T>, T: Real>(
     blocks: &Blocks,
@@ -899,11 +897,18 @@ fn gather_hidden<S: Stored<Compute = T>, T: Real>(
     j0: usize,
     batch: &Batch,
     xv: &WorkView,
-    mv: &WorkView,
+    mv: Option<&WorkView>,
     buf: &mut [T],
     keep: &mut [u8],
     need_keep: bool,
 ) {
+    let Some(mv) = mv else {
+        // SAFETY: the view covers the planned shape; this block's elements are its own.
+        blocks.element_runs(o0, j0, batch, |w, d, len| unsafe {
+            xv.gather_as::<S>(w, &mut buf[d..d + len])
+        });
+        return;
+    };
     let level = crate::simd::level();
     blocks.element_runs(o0, j0, batch, |w, d, len| {
         let (run, kr) = (&mut buf[d..d + len], &mut keep[d..d + len]);
