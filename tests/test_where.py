@@ -496,8 +496,8 @@ def test_dense_blocks_written_in_out_equal_the_staged_path(dtype, n):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("n", [37, 1000, 5003])
 def test_rows_read_in_place_equal_the_staged_and_unmasked_paths(dtype, n):
-    """logsumexp, lane states and log_softmax of rows dense in x and the mask read both where
-    they are, the mask applied as each vector is loaded (max, sum and write passes). They must
+    """logsumexp, lane states, log_softmax and softmax of rows dense in x and the mask read both
+    where they are, the mask applied as each vector is loaded (max, sum and write passes). They must
     equal, bit for bit, the staged path (x strided) and the unmasked op on x with its masked
     elements set to -inf, also for kept +inf / NaN / all -inf rows, fully masked rows, masked
     NaN and +inf (a masked value read, a lost NaN, a wrong tail mask, a block skipped)."""
@@ -539,6 +539,17 @@ def test_rows_read_in_place_equal_the_staged_and_unmasked_paths(dtype, n):
     ok = np.isfinite(plain)  # rows whose kept state is finite: the unmasked op's bits
     np.testing.assert_array_equal(hidden_ls[ok].view(bits), want[ok])
     assert np.all(np.isneginf(sl.log_softmax(x, axis=1, where=keep)[~keep]))
+    # softmax: the same three routes (the stored-exp kernel reading x and the mask in place).
+    want = np.empty((rows, 2 * n), dtype)[:, ::2]
+    sl.softmax(x, axis=1, where=keep, out=want)
+    want = np.ascontiguousarray(want).view(bits)
+    got = sl.softmax(x, axis=1, where=keep)
+    np.testing.assert_array_equal(got.view(bits), want)
+    inplace = x.copy()
+    sl.softmax(inplace, axis=1, where=keep, out=inplace)
+    np.testing.assert_array_equal(inplace.view(bits), want)
+    np.testing.assert_array_equal(sl.softmax(hidden, axis=1)[ok].view(bits), want[ok])
+    assert np.all(got[~keep].view(bits) == 0)  # +0.0 at every masked position
     got = _stream.chunk_states(x, (1,), keep)
     for want in (_stream.chunk_states(strided, (1,), keep), _stream.chunk_states(hidden, (1,))):
         for a, b in zip(got, want):

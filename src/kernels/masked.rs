@@ -104,48 +104,73 @@ pub fn kept_row_states<T: Real>(
     Ok(())
 }
 
-/// log_softmax of `batch`'s rows (see [`reads_rows_in_place`]) over the kept elements,
-/// reading `x` and the mask where they are: each row's state as [`kept_row_states`], then one
-/// write pass `(x - max) - log S` that loads the masked elements as `-inf`, which is the
-/// masked value, so no staged copy and no fill pass. A row whose state is not finite (fully
-/// masked, a kept NaN or infinity) is staged into `out` and finished as the staged block is
-/// ([`softmax_like_masked`]), so every output equals the staged path's bit for bit.
+/// Whether [`softmax_like_rows_in_place`] writes `batch`'s `what`: the rows of
+/// [`reads_rows_in_place`], softmax only those the kernels keep the exps of (the stored-exp
+/// path, `n <= STORED_ROW`).
+pub fn writes_rows_in_place(batch: &Batch, alg: Algorithm, what: Reduction) -> bool {
+    reads_rows_in_place(batch, alg)
+        && (what == Reduction::LogSoftmax || batch.n <= simd::STORED_ROW)
+}
+
+/// Softmax or log_softmax of `batch`'s rows (see [`writes_rows_in_place`]) over the kept
+/// elements, reading `x` and the mask where they are, the masked elements loaded as `-inf`:
+/// softmax rows take the stored-exp kernel (the exp of `-inf` is stored as 0, so the masked
+/// outputs are 0 with no fill pass); log_softmax rows their state as [`kept_row_states`],
+/// then one write `(x - max) - log S`, which is `-inf` at the masked elements. A row that
+/// needs more (fully masked, a kept NaN or infinity) is staged into `out` and finished as the
+/// staged block is ([`softmax_like_masked`]), so every output equals the staged path's bit
+/// for bit. `stream` asks for non-temporal stores (an output far larger than the caches).
 ///
 /// # Safety
 /// `x` readable and `out` writable for `batch.elements()` elements, `out` equal to `x` or
 /// disjoint from it; `keep` readable for as many bytes, disjoint from `out`; `batch` is a
 /// contiguous row batch.
-pub unsafe fn log_softmax_rows_in_place<T: Real>(
+pub unsafe fn softmax_like_rows_in_place<T: Real>(
     x: *const T,
     keep: *const u8,
     out: *mut T,
     batch: Batch,
     alg: Algorithm,
+    what: Reduction,
+    stream: bool,
 ) {
     let n = batch.n;
     let level = simd::level();
-    let stream = batch.elements() * std::mem::size_of::<T>() >= super::STREAM_BYTES;
-    let what = Reduction::LogSoftmax;
     let ninf = f64::NEG_INFINITY;
-    for r in 0..batch.outer {
-        // SAFETY: row r's n elements of x, out and the mask (the caller's contract); the
-        // staged copy and every write go through raw pointers, so out may equal x.
-        unsafe {
-            let (xr, kr, or) = (x.add(r * n), keep.add(r * n), out.add(r * n));
-            let state = simd::kept_row_state(level, xr, kr, n);
-            if let Some(s) = state.filter(|s| s.max.is_finite()) {
-                simd::kept_shift_sub(level, xr, kr, or, n, s.max, s.log_total(), stream);
-                continue;
+    let softmax = what == Reduction::Softmax;
+    super::with_exp_scratch(if softmax { n } else { 0 }, |scratch| {
+        for r in 0..batch.outer {
+            // SAFETY: row r's n elements of x, out and the mask (the caller's contract); the
+            // staged copy and every write go through raw pointers, so out may equal x; the
+            // scratch holds n float64.
+            unsafe {
+                let (xr, kr, or) = (x.add(r * n), keep.add(r * n), out.add(r * n));
+                let state = if softmax {
+                    if let Some(e) = scratch {
+                        if simd::softmax_stored(level, xr, kr, or, n, e, stream) {
+                            continue;
+                        }
+                    }
+                    None
+                } else {
+                    let state = simd::kept_row_state(level, xr, kr, n);
+                    if let Some(s) = state.filter(|s| s.max.is_finite()) {
+                        let log_total = s.log_total();
+                        simd::kept_shift_sub(level, xr, kr, or, n, s.max, log_total, stream);
+                        continue;
+                    }
+                    state
+                };
+                simd::select_kept(level, xr, kr, or, n, ninf);
+                let s = match state {
+                    Some(s) => s,
+                    None => super::row_state(std::slice::from_raw_parts(or, n), alg),
+                };
+                super::write_row(level, or, or, n, s, what, stream);
+                simd::select_kept(level, or, kr, or, n, masked_value::<T>(what).to_f64());
             }
-            simd::select_kept(level, xr, kr, or, n, ninf);
-            let s = match state {
-                Some(s) => s,
-                None => super::row_state(std::slice::from_raw_parts(or, n), alg),
-            };
-            super::write_row(level, or, or, n, s, what, stream);
-            simd::select_kept(level, or, kr, or, n, ninf);
         }
-    }
+    })
 }
 
 /// `x[k] = -inf` wherever `keep[k] == 0`: the masked elements leave the reduction.

@@ -588,6 +588,9 @@ pub(crate) unsafe fn softmax<S: Stored<Compute = T>, T: Real>(
         );
     }
     let simd_level = crate::simd::level();
+    // Outputs far larger than the caches are written with non-temporal stores where a block
+    // writes out directly, as the kernels do over a whole batch.
+    let stream = p.outer * p.n * p.inner * std::mem::size_of::<T>() >= kernels::STREAM_BYTES;
     let (mask_len, lanes) = match mv {
         Some(_) => (blocks.elements(), blocks.slabs * blocks.cols),
         None => (0, 0),
@@ -621,9 +624,10 @@ pub(crate) unsafe fn softmax<S: Stored<Compute = T>, T: Real>(
                     // T) and mask bytes, this block's own; out is writeable, shares no element
                     // with the mask, and is x itself or disjoint from it.
                     unsafe {
-                        if what == Reduction::LogSoftmax && masked::reads_rows_in_place(&batch, alg)
-                        {
-                            masked::log_softmax_rows_in_place(xp, kp, op, batch, alg);
+                        if masked::writes_rows_in_place(&batch, alg, what) {
+                            masked::softmax_like_rows_in_place(
+                                xp, kp, op, batch, alg, what, stream,
+                            );
                             return Ok(());
                         }
                         crate::simd::select_kept(simd_level, xp, kp, op, len, f64::NEG_INFINITY);

@@ -464,16 +464,20 @@ pub const STORED_ROW: usize = 1 << 15;
 
 /// Softmax of `n` contiguous elements at `level` with one exp per element, keeping the exps
 /// in the float64 scratch `e` between the sum and the write (the outputs are those of the
-/// state pass followed by [`exp_scaled`], up to the sum's rounding). Returns `false`, with
-/// nothing written, for rows with a NaN or an infinity, and at the scalar level: the caller
-/// then takes the two-exp path.
+/// state pass followed by [`exp_scaled`], up to the sum's rounding). With a mask (`keep` not
+/// null) `x[k]` is `-inf` where `keep[k] == 0`, applied as it is loaded: the staged row's
+/// outputs bit for bit, 0 at the masked positions. Returns `false`, with nothing written, for
+/// rows with a NaN or an infinity (of those read), and at the scalar level: the caller then
+/// takes the two-exp path.
 ///
 /// # Safety
-/// `x` readable and `out` writable for `n` elements, disjoint or equal; `e` writable for `n`
-/// float64; `level` supported by this CPU.
+/// `x` readable and `out` writable for `n` elements, disjoint or equal; `keep` null or
+/// readable for `n` bytes, disjoint from `out`; `e` writable for `n` float64; `level`
+/// supported by this CPU.
 pub(crate) unsafe fn softmax_stored<T: Real>(
     level: Level,
     x: *const T,
+    keep: *const u8,
     out: *mut T,
     n: usize,
     e: *mut f64,
@@ -481,8 +485,16 @@ pub(crate) unsafe fn softmax_stored<T: Real>(
 ) -> bool {
     // SAFETY: forwarded from the caller (the buffers).
     unsafe {
-        run_kernel!(level, { x: *const T, out: *mut T, n: usize, e: *mut f64, stream: bool } -> bool,
-            |l| rows::softmax_stored(l, x, out, n, e, stream),
+        run_kernel!(level,
+            { x: *const T, keep: *const u8, out: *mut T, n: usize, e: *mut f64, stream: bool }
+                -> bool,
+            |l| {
+                if keep.is_null() {
+                    rows::softmax_stored(l, rows::Dense(x), out, n, e, stream)
+                } else {
+                    rows::softmax_stored(l, rows::Kept { x, keep }, out, n, e, stream)
+                }
+            },
             scalar: false,
         )
     }

@@ -302,7 +302,8 @@ pub(crate) unsafe fn state_two_pass_of<L: Lanes, S: Source>(
 
 /// Softmax of a row that fits in cache with one exp per element: the row's max, then one
 /// pass that stores each `exp(x - max)` in float64 at `e` and sums them, then `out = e / S`
-/// from there. Unlike the log-sum-exp states, the sum keeps no ties apart (only `S` is
+/// from there. Over a [`Kept`] source the masked lanes are `-inf`, whose stored exp is 0: the
+/// output is 0 there, the staged row's value, with no fill pass. Unlike the log-sum-exp states, the sum keeps no ties apart (only `S` is
 /// needed, not `S - 1`), and terms a float32-grade exp clamps (`<= exp(-708)`) stay in it:
 /// they change `S` by less than `n * 1e-307`. Each output is the float64 exp times `1 / S`,
 /// rounded once, as in the two-exp write ([`ExpScaled`]). Returns `false`, having written
@@ -310,24 +311,24 @@ pub(crate) unsafe fn state_two_pass_of<L: Lanes, S: Source>(
 /// caller takes the reference.
 ///
 /// # Safety
-/// `n` readable elements at `x`, `n` writable at `out` (disjoint from or equal to `x`), `n`
-/// writable float64 at `e`.
+/// `n` readable elements of `src`, `n` writable at `out` (disjoint from or equal to the
+/// source's elements), `n` writable float64 at `e`.
 #[inline(always)]
-pub(crate) unsafe fn softmax_stored<L: Lanes, T: Real>(
+pub(crate) unsafe fn softmax_stored<L: Lanes, S: Source>(
     l: L,
-    x: *const T,
-    out: *mut T,
+    src: S,
+    out: *mut S::T,
     n: usize,
     e: *mut f64,
     stream: bool,
 ) -> bool {
     // SAFETY: forwarded from the caller; every e[k] is written by the sum before it is read.
     unsafe {
-        let m = l.max_of(x, n);
+        let m = src.max_of(l, 0, n);
         if !m.is_finite() {
             return false;
         }
-        let total = sum_exp_store(l, x, n, m, e);
+        let total = sum_exp_store(l, src, n, m, e);
         if !total.is_finite() {
             return false;
         }
@@ -349,19 +350,13 @@ fn stored_exp<L: Lanes, T: Real>(l: L, t: L::V) -> L::V {
     l.select(l.gt(l.splat(super::consts::EXP_FLOOR), t), l.splat(0.0), v)
 }
 
-/// `sum exp(x - m)` over the `n` elements at `x` (`m` finite, `>=` every non-NaN element; a
+/// `sum exp(x - m)` over the `n` elements of `src` (`m` finite, `>=` every non-NaN element; a
 /// NaN makes the sum NaN), storing each term at `e`.
 ///
 /// # Safety
-/// `n` readable elements at `x`, `n` writable float64 at `e`.
+/// `n` readable elements of `src`, `n` writable float64 at `e`.
 #[inline(always)]
-unsafe fn sum_exp_store<L: Lanes, T: Real>(
-    l: L,
-    x: *const T,
-    n: usize,
-    m: f64,
-    e: *mut f64,
-) -> f64 {
+unsafe fn sum_exp_store<L: Lanes, S: Source>(l: L, src: S, n: usize, m: f64, e: *mut f64) -> f64 {
     let mv = l.splat(m);
     let mut acc = [l.splat(0.0); 2];
     let (w, mut i) = (L::N, 0);
@@ -370,20 +365,20 @@ unsafe fn sum_exp_store<L: Lanes, T: Real>(
     unsafe {
         while i + 2 * w <= n {
             for (k, acc) in acc.iter_mut().enumerate() {
-                let v = stored_exp::<L, T>(l, l.sub(l.load(x.add(i + k * w)), mv));
+                let v = stored_exp::<L, S::T>(l, l.sub(src.load(l, i + k * w), mv));
                 l.store(e.add(i + k * w), v);
                 *acc = l.add(*acc, v);
             }
             i += 2 * w;
         }
         if i + w <= n {
-            let v = stored_exp::<L, T>(l, l.sub(l.load(x.add(i)), mv));
+            let v = stored_exp::<L, S::T>(l, l.sub(src.load(l, i), mv));
             l.store(e.add(i), v);
             acc[0] = l.add(acc[0], v);
             i += w;
         }
         if i < n {
-            let v = stored_exp::<L, T>(l, l.sub(l.load_tail(x.add(i), n - i), mv));
+            let v = stored_exp::<L, S::T>(l, l.sub(src.load_tail(l, i, n - i), mv));
             l.store_tail(e.add(i), v, n - i);
             acc[1] = l.add(acc[1], v);
         }
