@@ -494,7 +494,7 @@ def test_dense_blocks_written_in_out_equal_the_staged_path(dtype, n):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("n", [37, 1000, 5003])
+@pytest.mark.parametrize("n", [37, 1000, 5003, 40000])
 def test_rows_read_in_place_equal_the_staged_and_unmasked_paths(dtype, n):
     """logsumexp, lane states, log_softmax and softmax of rows dense in x and the mask read both
     where they are, the mask applied as each vector is loaded (max, sum and write passes). They must
@@ -554,3 +554,24 @@ def test_rows_read_in_place_equal_the_staged_and_unmasked_paths(dtype, n):
     for want in (_stream.chunk_states(strided, (1,), keep), _stream.chunk_states(hidden, (1,))):
         for a, b in zip(got, want):
             np.testing.assert_array_equal(a.view(np.uint64), b.view(np.uint64))
+
+
+@pytest.mark.parametrize("n", [64, 1003, 40000])
+def test_masked_rows_streamed_into_a_large_out_equal_rows_written_through_the_cache(n):
+    """An output of 64 MiB or more is written with non-temporal stores, the rows read in place
+    (the mask applied as x is loaded): its bits must equal those of the same rows computed in
+    halves small enough to be written through the cache (a wrong head or tail of a streamed
+    row, a mask byte misread next to a vector boundary of out, a masked value streamed)."""
+    rng = np.random.default_rng(n)
+    rows = -(-(1 << 24) // n)
+    x = rng.standard_normal((rows, n), dtype=np.float32)
+    keep = rng.random((rows, n), dtype=np.float32) < 0.9
+    keep[3] = False
+    half = rows // 2
+    for f, masked in ((sl.softmax, 0.0), (sl.log_softmax, -np.inf)):
+        got = f(x, axis=1, where=keep)
+        for part in (slice(0, half), slice(half, rows)):
+            want = f(x[part], axis=1, where=keep[part])
+            np.testing.assert_array_equal(got[part].view(np.uint32), want.view(np.uint32))
+        assert np.all(got[~keep] == masked)
+

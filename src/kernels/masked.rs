@@ -105,26 +105,35 @@ pub fn kept_row_states<T: Real>(
 }
 
 /// Whether [`softmax_like_rows_in_place`] writes `batch`'s `what`: the rows of
-/// [`reads_rows_in_place`], softmax only those the kernels keep the exps of (the stored-exp
-/// path, `n <= STORED_ROW`).
+/// [`reads_rows_in_place`], and softmax rows short enough for the short-row kernels (their
+/// states come from a staged copy, the write reads `x` in place).
 pub fn writes_rows_in_place(batch: &Batch, alg: Algorithm, what: Reduction) -> bool {
     reads_rows_in_place(batch, alg)
-        && (what == Reduction::LogSoftmax || batch.n <= simd::STORED_ROW)
+        || (what == Reduction::Softmax && is_short(simd::level(), batch))
 }
 
 /// Softmax or log_softmax of `batch`'s rows (see [`writes_rows_in_place`]) over the kept
-/// elements, reading `x` and the mask where they are, the masked elements loaded as `-inf`:
-/// softmax rows take the stored-exp kernel (the exp of `-inf` is stored as 0, so the masked
-/// outputs are 0 with no fill pass); log_softmax rows their state as [`kept_row_states`],
-/// then one write `(x - max) - log S`, which is `-inf` at the masked elements. A row that
-/// needs more (fully masked, a kept NaN or infinity) is staged into `out` and finished as the
-/// staged block is ([`softmax_like_masked`]), so every output equals the staged path's bit
-/// for bit. `stream` asks for non-temporal stores (an output far larger than the caches).
+/// elements, reading `x` and the mask where they are and writing `out` once, with the same
+/// values as the staged path ([`softmax_like_masked`] on the staged block) bit for bit:
+///
+/// - softmax rows up to `STORED_ROW`: the stored-exp kernel with the masked elements loaded
+///   as `-inf`, whose stored exp is 0, so the masked outputs are 0 with no fill pass;
+/// - longer softmax rows and log_softmax: the state as [`kept_row_states`], then one write
+///   that loads the masked elements as the max (softmax: `exp(0)`, not the slow `exp(-inf)`)
+///   or `-inf` (log_softmax) and stores 0 / `-inf` there;
+/// - short softmax rows: the states of a copy staged in `scratch` (the short-row kernels take
+///   no mask), then the same write from `x`;
+/// - a row whose state is not finite (fully masked, a kept NaN or infinity) is staged into
+///   `out` and finished as the staged block finishes it.
+///
+/// `stream` asks for non-temporal stores (an output far larger than the caches).
 ///
 /// # Safety
 /// `x` readable and `out` writable for `batch.elements()` elements, `out` equal to `x` or
 /// disjoint from it; `keep` readable for as many bytes, disjoint from `out`; `batch` is a
-/// contiguous row batch.
+/// contiguous row batch; `scratch` holds `batch.elements()` elements and `states`
+/// `batch.outer` states (short softmax rows only).
+#[allow(clippy::too_many_arguments)]
 pub unsafe fn softmax_like_rows_in_place<T: Real>(
     x: *const T,
     keep: *const u8,
@@ -133,34 +142,54 @@ pub unsafe fn softmax_like_rows_in_place<T: Real>(
     alg: Algorithm,
     what: Reduction,
     stream: bool,
-) {
-    let n = batch.n;
+    scratch: &mut [T],
+    states: &mut [LseState],
+) -> Result<(), String> {
+    let (n, rows) = (batch.n, batch.outer);
     let level = simd::level();
     let ninf = f64::NEG_INFINITY;
     let softmax = what == Reduction::Softmax;
-    super::with_exp_scratch(if softmax { n } else { 0 }, |scratch| {
-        for r in 0..batch.outer {
+    let short = softmax && is_short(level, &batch);
+    if short {
+        let len = batch.elements();
+        let (Some(buf), Some(states)) = (scratch.get_mut(..len), states.get_mut(..rows)) else {
+            return Err(format!("{rows} short rows of {n} need scratch"));
+        };
+        // SAFETY: `len` elements of x and mask bytes (the caller's contract); `buf` is
+        // distinct scratch.
+        unsafe { simd::select_kept(level, x, keep, buf.as_mut_ptr(), len, ninf) };
+        super::lse_states(buf, batch, alg, states)?;
+    }
+    let stored = softmax && !short && n <= simd::STORED_ROW;
+    super::with_exp_scratch(if stored { n } else { 0 }, |e| {
+        for r in 0..rows {
             // SAFETY: row r's n elements of x, out and the mask (the caller's contract); the
             // staged copy and every write go through raw pointers, so out may equal x; the
-            // scratch holds n float64.
+            // exp scratch holds n float64.
             unsafe {
                 let (xr, kr, or) = (x.add(r * n), keep.add(r * n), out.add(r * n));
-                let state = if softmax {
-                    if let Some(e) = scratch {
+                let state = if short {
+                    states.get(r).copied()
+                } else if stored {
+                    if let Some(e) = e {
                         if simd::softmax_stored(level, xr, kr, or, n, e, stream) {
                             continue;
                         }
                     }
                     None
                 } else {
-                    let state = simd::kept_row_state(level, xr, kr, n);
-                    if let Some(s) = state.filter(|s| s.max.is_finite()) {
+                    simd::kept_row_state(level, xr, kr, n)
+                };
+                if let Some(s) = state.filter(|s| s.max.is_finite()) {
+                    if softmax {
+                        let scale = 1.0 / s.total();
+                        simd::kept_exp_scaled(level, xr, kr, or, n, s.max, scale, stream);
+                    } else {
                         let log_total = s.log_total();
                         simd::kept_shift_sub(level, xr, kr, or, n, s.max, log_total, stream);
-                        continue;
                     }
-                    state
-                };
+                    continue;
+                }
                 simd::select_kept(level, xr, kr, or, n, ninf);
                 let s = match state {
                     Some(s) => s,
@@ -170,7 +199,8 @@ pub unsafe fn softmax_like_rows_in_place<T: Real>(
                 simd::select_kept(level, or, kr, or, n, masked_value::<T>(what).to_f64());
             }
         }
-    })
+    });
+    Ok(())
 }
 
 /// `x[k] = -inf` wherever `keep[k] == 0`: the masked elements leave the reduction.

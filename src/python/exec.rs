@@ -626,8 +626,8 @@ pub(crate) unsafe fn softmax<S: Stored<Compute = T>, T: Real>(
                     unsafe {
                         if masked::writes_rows_in_place(&batch, alg, what) {
                             masked::softmax_like_rows_in_place(
-                                xp, kp, op, batch, alg, what, stream,
-                            );
+                                xp, kp, op, batch, alg, what, stream, buf, states,
+                            )?;
                             return Ok(());
                         }
                         crate::simd::select_kept(simd_level, xp, kp, op, len, f64::NEG_INFINITY);

@@ -310,17 +310,20 @@ pub(crate) unsafe fn kept_row_state<T: Real>(
     // SAFETY: forwarded from the caller.
     unsafe {
         run_kernel!(level, { x: *const T, keep: *const u8, n: usize } -> Option<LseState>,
-            |l| rows::state_two_pass_of(l, rows::Kept { x, keep }, n),
+            |l| rows::state_two_pass_of(l, rows::Kept::hidden(x, keep), n),
             scalar: None,
         )
     }
 }
 
 /// The row writes: `out[k] = f(x[k])` for `k < n`, with `f` softmax's or log_softmax's; with
-/// a mask (`keep` not null) `x[k]` is `-inf` where `keep[k] == 0`, applied as it is loaded.
+/// a mask (`keep` not null) `out[k] = value` where `keep[k] == 0`, applied as `x` is loaded
+/// (the masked lanes enter `f` as `fill`).
 struct MapRow<T, F> {
     x: *const T,
     keep: *const u8,
+    fill: f64,
+    value: f64,
     out: *mut T,
     n: usize,
     stream: bool,
@@ -334,6 +337,8 @@ impl<T: Real, F: LaneMap> Kernel for MapRow<T, F> {
         let MapRow {
             x,
             keep,
+            fill,
+            value,
             out,
             n,
             stream,
@@ -344,7 +349,13 @@ impl<T: Real, F: LaneMap> Kernel for MapRow<T, F> {
             if keep.is_null() {
                 rows::map_row_of(l, rows::Dense(x), out, n, stream, f)
             } else {
-                rows::map_row_of(l, rows::Kept { x, keep }, out, n, stream, f)
+                let src = rows::Kept {
+                    x,
+                    keep,
+                    fill,
+                    value,
+                };
+                rows::map_row_of(l, src, out, n, stream, f)
             }
         }
     }
@@ -353,12 +364,12 @@ impl<T: Real, F: LaneMap> Kernel for MapRow<T, F> {
             // SAFETY: k < n; element k is read before it is written.
             unsafe {
                 let masked = !self.keep.is_null() && *self.keep.add(k) == 0;
-                let v = if masked {
-                    f64::NEG_INFINITY
+                let y = if masked {
+                    self.value
                 } else {
-                    (*self.x.add(k)).to_f64()
+                    self.f.scalar((*self.x.add(k)).to_f64())
                 };
-                *self.out.add(k) = T::from_f64(self.f.scalar(v));
+                *self.out.add(k) = T::from_f64(y);
             }
         }
     }
@@ -380,9 +391,12 @@ unsafe fn map_row<T: Real>(
     f: impl LaneMap,
 ) {
     let keep = std::ptr::null();
+    let (fill, value) = (0.0, 0.0);
     let k = MapRow {
         x,
         keep,
+        fill,
+        value,
         out,
         n,
         stream,
@@ -411,9 +425,48 @@ pub(crate) unsafe fn kept_shift_sub<T: Real>(
     stream: bool,
 ) {
     let f = ShiftSub { shift, log_total };
+    let (fill, value) = (f64::NEG_INFINITY, f64::NEG_INFINITY);
     let k = MapRow {
         x,
         keep,
+        fill,
+        value,
+        out,
+        n,
+        stream,
+        f,
+    };
+    // SAFETY: forwarded from the caller.
+    unsafe { dispatch(level, k) }
+}
+
+/// The softmax write of a `where=` row read in place: `out[k] = scale * exp(x[k] - shift)`
+/// where `keep[k] != 0`, else 0 (`shift` the finite max of the kept elements, `scale` finite).
+/// The masked lanes are loaded as `shift` (`exp(0)`, where the `-inf` a staged row holds
+/// would take the exp's slow subnormal path) and replaced by 0: the values a staged row
+/// written with its masked elements set to the max, then filled with 0, holds.
+///
+/// # Safety
+/// As [`kept_shift_sub`].
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn kept_exp_scaled<T: Real>(
+    level: Level,
+    x: *const T,
+    keep: *const u8,
+    out: *mut T,
+    n: usize,
+    shift: f64,
+    scale: f64,
+    stream: bool,
+) {
+    let full = T::FULL;
+    let f = ExpScaled { shift, scale, full };
+    let (fill, value) = (shift, 0.0);
+    let k = MapRow {
+        x,
+        keep,
+        fill,
+        value,
         out,
         n,
         stream,
@@ -492,7 +545,7 @@ pub(crate) unsafe fn softmax_stored<T: Real>(
                 if keep.is_null() {
                     rows::softmax_stored(l, rows::Dense(x), out, n, e, stream)
                 } else {
-                    rows::softmax_stored(l, rows::Kept { x, keep }, out, n, e, stream)
+                    rows::softmax_stored(l, rows::Kept::hidden(x, keep), out, n, e, stream)
                 }
             },
             scalar: false,

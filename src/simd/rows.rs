@@ -46,6 +46,23 @@ pub(crate) trait Source: Copy {
     /// # Safety
     /// Those elements readable.
     unsafe fn reference(self, n: usize) -> Option<LseState>;
+    /// What a write stores for the `N` elements at `i` that map to `y` (a masked source puts
+    /// its own value at the masked lanes).
+    ///
+    /// # Safety
+    /// As [`Source::load`].
+    #[inline(always)]
+    unsafe fn written<L: Lanes>(self, _l: L, _i: usize, y: L::V) -> L::V {
+        y
+    }
+    /// [`Source::written`] for the `n < N` elements at `i`.
+    ///
+    /// # Safety
+    /// As [`Source::load_tail`].
+    #[inline(always)]
+    unsafe fn written_tail<L: Lanes>(self, _l: L, _i: usize, _n: usize, y: L::V) -> L::V {
+        y
+    }
 }
 
 /// A contiguous row read as it is.
@@ -95,12 +112,46 @@ impl<T: Real> Source for Dense<T> {
 }
 
 /// A contiguous row and its `where=` mask bytes, read in place: element `k` is `x[k]` where
-/// `keep[k] != 0`, else `-inf` (the value a staged block would hold), so the algorithms see
-/// exactly the staged row's lanes without the staging pass.
+/// `keep[k] != 0`, else `fill`, and a write stores `value` there. [`Kept::hidden`] (`fill`
+/// `-inf`, the value a staged block would hold) is what the state algorithms read: they see
+/// exactly the staged row's lanes without the staging pass. A softmax write loads the masked
+/// elements as the row's max instead (a cheap `exp(0)`, where `exp(-inf)` would take the
+/// exp's slow subnormal path) and stores 0 there.
 #[derive(Clone, Copy)]
 pub(crate) struct Kept<T> {
     pub x: *const T,
     pub keep: *const u8,
+    pub fill: f64,
+    pub value: f64,
+}
+
+impl<T> Kept<T> {
+    /// The row with its masked elements `-inf`, read and written.
+    #[inline(always)]
+    pub(crate) fn hidden(x: *const T, keep: *const u8) -> Kept<T> {
+        let (fill, value) = (f64::NEG_INFINITY, f64::NEG_INFINITY);
+        Kept {
+            x,
+            keep,
+            fill,
+            value,
+        }
+    }
+}
+
+/// The lanes of `n < N` mask bytes at `keep` (the others masked).
+///
+/// # Safety
+/// `n` readable bytes at `keep`.
+#[inline(always)]
+unsafe fn kept_tail<L: Lanes>(l: L, keep: *const u8, n: usize) -> L::M {
+    // Only n mask bytes are readable: copy them into a zeroed vector's worth.
+    let mut b = [0u8; 8];
+    // SAFETY: forwarded from the caller; n < N <= 8.
+    unsafe {
+        std::ptr::copy_nonoverlapping(keep, b.as_mut_ptr(), n);
+        l.kept(b.as_ptr())
+    }
 }
 
 impl<T: Real> Source for Kept<T> {
@@ -110,19 +161,26 @@ impl<T: Real> Source for Kept<T> {
         // SAFETY: forwarded from the caller (N elements and N mask bytes at i).
         unsafe {
             let v = l.load(self.x.add(i));
-            l.select(l.kept(self.keep.add(i)), v, l.splat(f64::NEG_INFINITY))
+            l.select(l.kept(self.keep.add(i)), v, l.splat(self.fill))
         }
     }
     #[inline(always)]
     unsafe fn load_tail<L: Lanes>(self, l: L, i: usize, n: usize) -> L::V {
-        // Only n mask bytes are readable: copy them into a zeroed vector's worth.
-        let mut b = [0u8; 8];
-        // SAFETY: forwarded from the caller; n < N <= 8.
+        // SAFETY: forwarded from the caller.
         unsafe {
-            std::ptr::copy_nonoverlapping(self.keep.add(i), b.as_mut_ptr(), n);
             let v = l.load_tail(self.x.add(i), n);
-            l.select(l.kept(b.as_ptr()), v, l.splat(f64::NEG_INFINITY))
+            l.select(kept_tail(l, self.keep.add(i), n), v, l.splat(self.fill))
         }
+    }
+    #[inline(always)]
+    unsafe fn written<L: Lanes>(self, l: L, i: usize, y: L::V) -> L::V {
+        // SAFETY: forwarded from the caller (N mask bytes at i).
+        unsafe { l.select(l.kept(self.keep.add(i)), y, l.splat(self.value)) }
+    }
+    #[inline(always)]
+    unsafe fn written_tail<L: Lanes>(self, l: L, i: usize, n: usize, y: L::V) -> L::V {
+        // SAFETY: forwarded from the caller.
+        unsafe { l.select(kept_tail(l, self.keep.add(i), n), y, l.splat(self.value)) }
     }
     #[inline(always)]
     unsafe fn max_of<L: Lanes>(self, l: L, i: usize, n: usize) -> f64 {
@@ -571,21 +629,25 @@ pub(crate) unsafe fn map_row_of<L: Lanes, S: Source, T: Real>(
             let size = std::mem::size_of::<T>();
             let head = ((w * size - (out as usize) % (w * size)) % (w * size) / size).min(n);
             if head > 0 {
-                l.store_tail(out, f.apply(l, src.load_tail(l, 0, head)), head);
+                let y = f.apply(l, src.load_tail(l, 0, head));
+                l.store_tail(out, src.written_tail(l, 0, head, y), head);
                 i = head;
             }
             while i + w <= n {
-                l.stream(out.add(i), f.apply(l, src.load(l, i)));
+                let y = f.apply(l, src.load(l, i));
+                l.stream(out.add(i), src.written(l, i, y));
                 i += w;
             }
             l.fence();
         }
         while i + w <= n {
-            l.store(out.add(i), f.apply(l, src.load(l, i)));
+            let y = f.apply(l, src.load(l, i));
+            l.store(out.add(i), src.written(l, i, y));
             i += w;
         }
         if i < n {
-            l.store_tail(out.add(i), f.apply(l, src.load_tail(l, i, n - i)), n - i);
+            let y = f.apply(l, src.load_tail(l, i, n - i));
+            l.store_tail(out.add(i), src.written_tail(l, i, n - i, y), n - i);
         }
     }
 }
