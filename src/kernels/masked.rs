@@ -150,6 +150,10 @@ pub unsafe fn softmax_like_rows_in_place<T: Real>(
     let ninf = f64::NEG_INFINITY;
     let softmax = what == Reduction::Softmax;
     let short = softmax && is_short(level, &batch);
+    // Short rows are written through the cache, as the short-row kernels write them: a
+    // streamed row ends with a store fence, which costs more than a few lines' worth of
+    // read-for-ownership.
+    let stream = stream && !short;
     if short {
         let len = batch.elements();
         let (Some(buf), Some(states)) = (scratch.get_mut(..len), states.get_mut(..rows)) else {
