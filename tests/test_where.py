@@ -494,7 +494,7 @@ def test_dense_blocks_written_in_out_equal_the_staged_path(dtype, n):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("n", [37, 1000, 5003, 40000])
+@pytest.mark.parametrize("n", [37, 1000, 5003, 40000, 140001])
 def test_rows_read_in_place_equal_the_staged_and_unmasked_paths(dtype, n):
     """logsumexp, lane states, log_softmax and softmax of rows dense in x and the mask read both
     where they are, the mask applied as each vector is loaded (max, sum and write passes). They must
@@ -556,7 +556,7 @@ def test_rows_read_in_place_equal_the_staged_and_unmasked_paths(dtype, n):
             np.testing.assert_array_equal(a.view(np.uint64), b.view(np.uint64))
 
 
-@pytest.mark.parametrize("n", [64, 1003, 40000])
+@pytest.mark.parametrize("n", [64, 1003, 40000, 131075])
 def test_masked_rows_streamed_into_a_large_out_equal_rows_written_through_the_cache(n):
     """An output of 64 MiB or more is written with non-temporal stores, the rows read in place
     (the mask applied as x is loaded): its bits must equal those of the same rows computed in

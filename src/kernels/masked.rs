@@ -23,6 +23,7 @@
 
 use super::{is_short, Algorithm, Reduction};
 use crate::layout::Batch;
+use crate::parallel::{self, SendPtr};
 use crate::real::Real;
 use crate::simd;
 use crate::state::LseState;
@@ -184,27 +185,128 @@ pub unsafe fn softmax_like_rows_in_place<T: Real>(
                 } else {
                     simd::kept_row_state(level, xr, kr, n)
                 };
-                if let Some(s) = state.filter(|s| s.max.is_finite()) {
-                    if softmax {
-                        let scale = 1.0 / s.total();
-                        simd::kept_exp_scaled(level, xr, kr, or, n, s.max, scale, stream);
-                    } else {
-                        let log_total = s.log_total();
-                        simd::kept_shift_sub(level, xr, kr, or, n, s.max, log_total, stream);
-                    }
-                    continue;
-                }
-                simd::select_kept(level, xr, kr, or, n, ninf);
                 let s = match state {
                     Some(s) => s,
-                    None => super::row_state(std::slice::from_raw_parts(or, n), alg),
+                    None => staged_state(xr, kr, or, n, alg),
                 };
-                super::write_row(level, or, or, n, s, what, stream);
-                simd::select_kept(level, or, kr, or, n, masked_value::<T>(what).to_f64());
+                write_kept(xr, kr, or, n, s, what, stream);
             }
         }
     });
     Ok(())
+}
+
+/// Softmax or log_softmax of `batch`'s rows of at least `2 * LONG_ROW_BLOCK` elements over
+/// the kept elements, reading `x` and the mask where they are: each row's state merges the
+/// in-place states of its `LONG_ROW_BLOCK` chunks in order, then each chunk is written as
+/// [`softmax_like_rows_in_place`] writes a row; the chunks of a row run in parallel. The same
+/// values as the staged lanes (chunks gathered with the masked elements `-inf`) bit for bit.
+///
+/// # Safety
+/// As [`softmax_like_rows_in_place`] (no scratch); `alg` is not online.
+pub unsafe fn softmax_like_long_rows_in_place<T: Real>(
+    x: *const T,
+    keep: *const u8,
+    out: *mut T,
+    batch: Batch,
+    alg: Algorithm,
+    what: Reduction,
+    stream: bool,
+) {
+    let n = batch.n;
+    let block = super::LONG_ROW_BLOCK;
+    let chunks = n.div_ceil(block);
+    let (xp, kp, op) = (SendPtr(x as *mut T), SendPtr(keep as *mut u8), SendPtr(out));
+    // Chunk c of row r: its pointers into x, the mask and out, and its length.
+    let at = move |r: usize, c: usize| {
+        let first = r * n + c * block;
+        // SAFETY: the chunk lies inside row r (the caller's contract).
+        unsafe {
+            let p = (xp.ptr() as *const T).add(first);
+            (p, (kp.ptr() as *const u8).add(first), op.ptr().add(first))
+        }
+    };
+    for r in 0..batch.outer {
+        let states = parallel::map_collect(chunks, block, |c| {
+            let (xr, kr, or) = at(r, c);
+            let len = block.min(n - c * block);
+            // SAFETY: the chunk's elements of x, the mask and out, this task's own.
+            unsafe {
+                match simd::kept_row_state(simd::level(), xr, kr, len) {
+                    Some(s) => s,
+                    None => staged_state(xr, kr, or, len, alg),
+                }
+            }
+        });
+        let state = states.into_iter().fold(LseState::EMPTY, |a, s| a.merge(s));
+        parallel::for_each_piece(chunks, block, |range| {
+            for c in range {
+                let (xr, kr, or) = at(r, c);
+                let len = block.min(n - c * block);
+                // SAFETY: as above.
+                unsafe { write_kept(xr, kr, or, len, state, what, stream) };
+            }
+        });
+    }
+}
+
+/// The state of a row staged into `out` (the masked elements `-inf`): the row a staged block
+/// holds, reduced as the staged block reduces it. Reading the row in place after this is
+/// still right when `out` is `x`: only masked elements changed.
+///
+/// # Safety
+/// `n` elements of `x` and mask bytes readable, `n` of `out` writable (equal to `x` or
+/// disjoint), not online.
+unsafe fn staged_state<T: Real>(
+    x: *const T,
+    keep: *const u8,
+    out: *mut T,
+    n: usize,
+    alg: Algorithm,
+) -> LseState {
+    // SAFETY: the caller's contract; the slice is rebuilt after the select wrote it.
+    unsafe {
+        simd::select_kept(simd::level(), x, keep, out, n, f64::NEG_INFINITY);
+        super::row_state(std::slice::from_raw_parts(out, n), alg)
+    }
+}
+
+/// Writes softmax or log_softmax of a `where=` row read in place from its kept elements'
+/// `state`: with a finite max, one pass that applies the mask as `x` is loaded; otherwise the
+/// row is staged into `out` and written by the reference writers, the masked positions then
+/// set, as the staged path does.
+///
+/// # Safety
+/// As [`staged_state`].
+unsafe fn write_kept<T: Real>(
+    x: *const T,
+    keep: *const u8,
+    out: *mut T,
+    n: usize,
+    s: LseState,
+    what: Reduction,
+    stream: bool,
+) {
+    let level = simd::level();
+    // SAFETY: the caller's contract.
+    unsafe {
+        if s.max.is_finite() {
+            match what {
+                Reduction::Softmax => {
+                    let scale = 1.0 / s.total();
+                    simd::kept_exp_scaled(level, x, keep, out, n, s.max, scale, stream)
+                }
+                Reduction::LogSoftmax => {
+                    let log_total = s.log_total();
+                    simd::kept_shift_sub(level, x, keep, out, n, s.max, log_total, stream)
+                }
+            }
+            return;
+        }
+        simd::select_kept(level, x, keep, out, n, f64::NEG_INFINITY);
+        super::write_row(level, out, out, n, s, what, stream);
+        simd::select_kept(level, out, keep, out, n, masked_value::<T>(what).to_f64());
+    }
 }
 
 /// `x[k] = -inf` wherever `keep[k] == 0`: the masked elements leave the reduction.

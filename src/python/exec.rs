@@ -559,7 +559,32 @@ pub(crate) unsafe fn softmax<S: Stored<Compute = T>, T: Real>(
     let xv = WorkView::new(x, p.perm.iter().copied());
     let mv = mask.map(|m| WorkView::new(m, p.perm.iter().copied()));
     let ov = WorkView::new(out, p.perm.iter().copied());
+    // Outputs far larger than the caches are written with non-temporal stores where a block
+    // writes out directly, as the kernels do over a whole batch.
+    let stream = p.outer * p.n * p.inner * std::mem::size_of::<T>() >= kernels::STREAM_BYTES;
     if blocks.long_lanes() {
+        // Rows dense in x, the mask and out: read and written where they are.
+        let len = p.outer * p.n;
+        let dense = mv
+            .as_ref()
+            .filter(|_| S::NATIVE && p.inner == 1 && alg != Algorithm::Online)
+            .and_then(|mv| {
+                Some((
+                    xv.unit_run::<T>(0, len)?,
+                    mv.unit_run::<u8>(0, len)?,
+                    ov.unit_run::<T>(0, len)? as *mut T,
+                ))
+            });
+        if let Some((xp, kp, op)) = dense {
+            let batch = Batch::rows(p.outer, p.n);
+            // SAFETY: `len` aligned elements of x and out (arrays of S hold values of T) and
+            // mask bytes; out is writeable, shares no element with the mask, and is x itself
+            // or disjoint from it.
+            unsafe {
+                masked::softmax_like_long_rows_in_place(xp, kp, op, batch, alg, what, stream)
+            };
+            return Ok(());
+        }
         return for_each_long_lane::<S, T>(
             &blocks,
             2 * LONG_ROW_BLOCK,
@@ -588,9 +613,6 @@ pub(crate) unsafe fn softmax<S: Stored<Compute = T>, T: Real>(
         );
     }
     let simd_level = crate::simd::level();
-    // Outputs far larger than the caches are written with non-temporal stores where a block
-    // writes out directly, as the kernels do over a whole batch.
-    let stream = p.outer * p.n * p.inner * std::mem::size_of::<T>() >= kernels::STREAM_BYTES;
     let (mask_len, lanes) = match mv {
         Some(_) => (blocks.elements(), blocks.slabs * blocks.cols),
         None => (0, 0),
