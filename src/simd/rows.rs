@@ -182,28 +182,46 @@ impl<T: Real> Source for Kept<T> {
         // SAFETY: forwarded from the caller.
         unsafe { l.select(kept_tail(l, self.keep.add(i), n), y, l.splat(self.value)) }
     }
+    /// The max of the kept elements (the masked ones take no part, whatever `fill` is: the
+    /// max functions serve the states, which read [`Kept::hidden`]).
     #[inline(always)]
     unsafe fn max_of<L: Lanes>(self, l: L, i: usize, n: usize) -> f64 {
-        // SAFETY: forwarded from the caller.
-        unsafe { max_of_source(l, self, i, n) }
+        let step = 2 * L::N;
+        let (mut a, mut b) = (self.max_init(l), self.max_init(l));
+        let mut k = 0;
+        // SAFETY: every load is within the n elements; two chains hide the max's latency.
+        unsafe {
+            while k + 2 * step <= n {
+                a = self.max_step(l, a, i + k);
+                b = self.max_step(l, b, i + k + step);
+                k += 2 * step;
+            }
+            if k + step <= n {
+                a = self.max_step(l, a, i + k);
+                k += step;
+            }
+            let m = max_keeping_nan(self.max_finish(l, a), self.max_finish(l, b));
+            if k == n {
+                return m;
+            }
+            max_keeping_nan(
+                m,
+                max_of_source(l, Kept::hidden(self.x, self.keep), i + k, n - k),
+            )
+        }
     }
     #[inline(always)]
     fn max_init<L: Lanes>(self, l: L) -> [L::V; 2] {
-        [l.splat(f64::NEG_INFINITY); 2]
+        l.max_init::<T>()
     }
     #[inline(always)]
     unsafe fn max_step<L: Lanes>(self, l: L, acc: [L::V; 2], i: usize) -> [L::V; 2] {
         // SAFETY: forwarded from the caller.
-        unsafe {
-            [
-                l.max(acc[0], self.load(l, i)),
-                l.max(acc[1], self.load(l, i + L::N)),
-            ]
-        }
+        unsafe { l.max_step_kept(acc, self.x.add(i), self.keep.add(i)) }
     }
     #[inline(always)]
     fn max_finish<L: Lanes>(self, l: L, acc: [L::V; 2]) -> f64 {
-        l.reduce_max(l.max(acc[0], acc[1]))
+        l.max_finish::<T>(acc)
     }
     #[inline(always)]
     unsafe fn has_nan(self, i: usize, n: usize) -> bool {
@@ -265,15 +283,19 @@ unsafe fn sum_below_max_next<L: Lanes, S: Source>(
     let mut next_max = src.max_finish(l, mx);
     if qi < qn {
         // SAFETY: the rest of the next block is readable.
-        let rest = unsafe { src.max_of(l, q + qi, qn - qi) };
-        // A NaN from either part must survive (f64::max would drop it).
-        next_max = if rest.is_nan() || next_max.is_nan() {
-            f64::NAN
-        } else {
-            next_max.max(rest)
-        };
+        next_max = max_keeping_nan(next_max, unsafe { src.max_of(l, q + qi, qn - qi) });
     }
     (l.add(acc[0], acc[1]), ties, next_max)
+}
+
+/// The larger of two maxima, NaN if either is (`f64::max` would drop it).
+#[inline(always)]
+fn max_keeping_nan(a: f64, b: f64) -> f64 {
+    if a.is_nan() || b.is_nan() {
+        f64::NAN
+    } else {
+        a.max(b)
+    }
 }
 
 /// Adds `exp(x - m)` of the lanes below `m` to `acc` and counts the ties (popcount on the
