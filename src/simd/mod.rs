@@ -310,20 +310,19 @@ pub(crate) unsafe fn kept_row_state<T: Real>(
     // SAFETY: forwarded from the caller.
     unsafe {
         run_kernel!(level, { x: *const T, keep: *const u8, n: usize } -> Option<LseState>,
-            |l| rows::state_two_pass_of(l, rows::Kept::hidden(x, keep), n),
+            |l| rows::state_two_pass_of(l, rows::Kept { x, keep }, n),
             scalar: None,
         )
     }
 }
 
 /// The row writes: `out[k] = f(x[k])` for `k < n`, with `f` softmax's or log_softmax's; with
-/// a mask (`keep` not null) `out[k] = value` where `keep[k] == 0`, applied as `x` is loaded
-/// (the masked lanes enter `f` as `fill`).
+/// a mask (`keep` not null) `x[k]` is `-inf` where `keep[k] == 0`, applied as it is loaded,
+/// or with `masked = Some((fill, value))` enters `f` as `fill` and is stored as `value`.
 struct MapRow<T, F> {
     x: *const T,
     keep: *const u8,
-    fill: f64,
-    value: f64,
+    masked: Option<(f64, f64)>,
     out: *mut T,
     n: usize,
     stream: bool,
@@ -337,8 +336,7 @@ impl<T: Real, F: LaneMap> Kernel for MapRow<T, F> {
         let MapRow {
             x,
             keep,
-            fill,
-            value,
+            masked,
             out,
             n,
             stream,
@@ -346,16 +344,18 @@ impl<T: Real, F: LaneMap> Kernel for MapRow<T, F> {
         } = self;
         // SAFETY: the callers of map_row guarantee the buffers.
         unsafe {
-            if keep.is_null() {
-                rows::map_row_of(l, rows::Dense(x), out, n, stream, f)
-            } else {
-                let src = rows::Kept {
-                    x,
-                    keep,
-                    fill,
-                    value,
-                };
-                rows::map_row_of(l, src, out, n, stream, f)
+            match masked {
+                _ if keep.is_null() => rows::map_row_of(l, rows::Dense(x), out, n, stream, f),
+                None => rows::map_row_of(l, rows::Kept { x, keep }, out, n, stream, f),
+                Some((fill, value)) => {
+                    let src = rows::Masked {
+                        x,
+                        keep,
+                        fill,
+                        value,
+                    };
+                    rows::map_row_of(l, src, out, n, stream, f)
+                }
             }
         }
     }
@@ -363,11 +363,11 @@ impl<T: Real, F: LaneMap> Kernel for MapRow<T, F> {
         for k in 0..self.n {
             // SAFETY: k < n; element k is read before it is written.
             unsafe {
-                let masked = !self.keep.is_null() && *self.keep.add(k) == 0;
-                let y = if masked {
-                    self.value
-                } else {
-                    self.f.scalar((*self.x.add(k)).to_f64())
+                let kept = self.keep.is_null() || *self.keep.add(k) != 0;
+                let y = match self.masked {
+                    _ if kept => self.f.scalar((*self.x.add(k)).to_f64()),
+                    None => self.f.scalar(f64::NEG_INFINITY),
+                    Some((_, value)) => value,
                 };
                 *self.out.add(k) = T::from_f64(y);
             }
@@ -390,13 +390,11 @@ unsafe fn map_row<T: Real>(
     stream: bool,
     f: impl LaneMap,
 ) {
-    let keep = std::ptr::null();
-    let (fill, value) = (0.0, 0.0);
+    let (keep, masked) = (std::ptr::null(), None);
     let k = MapRow {
         x,
         keep,
-        fill,
-        value,
+        masked,
         out,
         n,
         stream,
@@ -425,12 +423,11 @@ pub(crate) unsafe fn kept_shift_sub<T: Real>(
     stream: bool,
 ) {
     let f = ShiftSub { shift, log_total };
-    let (fill, value) = (f64::NEG_INFINITY, f64::NEG_INFINITY);
+    let masked = None;
     let k = MapRow {
         x,
         keep,
-        fill,
-        value,
+        masked,
         out,
         n,
         stream,
@@ -461,12 +458,11 @@ pub(crate) unsafe fn kept_exp_scaled<T: Real>(
 ) {
     let full = T::FULL;
     let f = ExpScaled { shift, scale, full };
-    let (fill, value) = (shift, 0.0);
+    let masked = Some((shift, 0.0));
     let k = MapRow {
         x,
         keep,
-        fill,
-        value,
+        masked,
         out,
         n,
         stream,
@@ -545,7 +541,7 @@ pub(crate) unsafe fn softmax_stored<T: Real>(
                 if keep.is_null() {
                     rows::softmax_stored(l, rows::Dense(x), out, n, e, stream)
                 } else {
-                    rows::softmax_stored(l, rows::Kept::hidden(x, keep), out, n, e, stream)
+                    rows::softmax_stored(l, rows::Kept { x, keep }, out, n, e, stream)
                 }
             },
             scalar: false,

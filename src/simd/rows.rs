@@ -10,10 +10,10 @@ use crate::real::Real;
 use crate::state::LseState;
 use std::mem::MaybeUninit;
 
-/// Where a row algorithm reads its elements: the load policy that lets one body serve both
-/// a dense row ([`Dense`]) and a `where=` row read in place ([`Kept`], masked lanes `-inf`
-/// as they are loaded). Offsets are in elements from the row's start.
-pub(crate) trait Source: Copy {
+/// Where a row write reads its elements and what it stores: the load policy that lets one
+/// body serve a dense row ([`Dense`]) and a `where=` row read in place ([`Kept`], [`Masked`]).
+/// Offsets are in elements from the row's start.
+pub(crate) trait Load: Copy {
     type T: Real;
     /// `N` elements at `i`, widened.
     ///
@@ -25,6 +25,28 @@ pub(crate) trait Source: Copy {
     /// # Safety
     /// Elements `i..i + n` readable.
     unsafe fn load_tail<L: Lanes>(self, l: L, i: usize, n: usize) -> L::V;
+    /// What a write stores for the `N` elements at `i` that map to `y` (a masked source may
+    /// put its own value at the masked lanes).
+    ///
+    /// # Safety
+    /// As [`Load::load`].
+    #[inline(always)]
+    unsafe fn written<L: Lanes>(self, _l: L, _i: usize, y: L::V) -> L::V {
+        y
+    }
+    /// [`Load::written`] for the `n < N` elements at `i`.
+    ///
+    /// # Safety
+    /// As [`Load::load_tail`].
+    #[inline(always)]
+    unsafe fn written_tail<L: Lanes>(self, _l: L, _i: usize, _n: usize, y: L::V) -> L::V {
+        y
+    }
+}
+
+/// Where a row algorithm that reduces reads its elements ([`Dense`], or [`Kept`]: masked
+/// lanes `-inf` as they are loaded).
+pub(crate) trait Source: Load {
     /// The max of elements `i..i + n` (a NaN may or may not show).
     ///
     /// # Safety
@@ -46,30 +68,13 @@ pub(crate) trait Source: Copy {
     /// # Safety
     /// Those elements readable.
     unsafe fn reference(self, n: usize) -> Option<LseState>;
-    /// What a write stores for the `N` elements at `i` that map to `y` (a masked source puts
-    /// its own value at the masked lanes).
-    ///
-    /// # Safety
-    /// As [`Source::load`].
-    #[inline(always)]
-    unsafe fn written<L: Lanes>(self, _l: L, _i: usize, y: L::V) -> L::V {
-        y
-    }
-    /// [`Source::written`] for the `n < N` elements at `i`.
-    ///
-    /// # Safety
-    /// As [`Source::load_tail`].
-    #[inline(always)]
-    unsafe fn written_tail<L: Lanes>(self, _l: L, _i: usize, _n: usize, y: L::V) -> L::V {
-        y
-    }
 }
 
 /// A contiguous row read as it is.
 #[derive(Clone, Copy)]
 pub(crate) struct Dense<T>(pub *const T);
 
-impl<T: Real> Source for Dense<T> {
+impl<T: Real> Load for Dense<T> {
     type T = T;
     #[inline(always)]
     unsafe fn load<L: Lanes>(self, l: L, i: usize) -> L::V {
@@ -81,6 +86,9 @@ impl<T: Real> Source for Dense<T> {
         // SAFETY: forwarded from the caller.
         unsafe { l.load_tail(self.0.add(i), n) }
     }
+}
+
+impl<T: Real> Source for Dense<T> {
     #[inline(always)]
     unsafe fn max_of<L: Lanes>(self, l: L, i: usize, n: usize) -> f64 {
         // SAFETY: forwarded from the caller.
@@ -112,31 +120,23 @@ impl<T: Real> Source for Dense<T> {
 }
 
 /// A contiguous row and its `where=` mask bytes, read in place: element `k` is `x[k]` where
-/// `keep[k] != 0`, else `fill`, and a write stores `value` there. [`Kept::hidden`] (`fill`
-/// `-inf`, the value a staged block would hold) is what the state algorithms read: they see
-/// exactly the staged row's lanes without the staging pass. A softmax write loads the masked
-/// elements as the row's max instead (a cheap `exp(0)`, where `exp(-inf)` would take the
-/// exp's slow subnormal path) and stores 0 there.
+/// `keep[k] != 0`, else `-inf` (the value a staged block would hold), so the algorithms see
+/// exactly the staged row's lanes without the staging pass.
 #[derive(Clone, Copy)]
 pub(crate) struct Kept<T> {
     pub x: *const T,
     pub keep: *const u8,
-    pub fill: f64,
-    pub value: f64,
 }
 
-impl<T> Kept<T> {
-    /// The row with its masked elements `-inf`, read and written.
-    #[inline(always)]
-    pub(crate) fn hidden(x: *const T, keep: *const u8) -> Kept<T> {
-        let (fill, value) = (f64::NEG_INFINITY, f64::NEG_INFINITY);
-        Kept {
-            x,
-            keep,
-            fill,
-            value,
-        }
-    }
+/// A `where=` row written from `x` in place: the masked elements enter the map as `fill` and
+/// are stored as `value`. The softmax write loads them as the row's max (a cheap `exp(0)`,
+/// where `exp(-inf)` would take the exp's slow subnormal path) and stores 0.
+#[derive(Clone, Copy)]
+pub(crate) struct Masked<T> {
+    pub x: *const T,
+    pub keep: *const u8,
+    pub fill: f64,
+    pub value: f64,
 }
 
 /// The lanes of `n < N` mask bytes at `keep` (the others masked).
@@ -154,23 +154,67 @@ unsafe fn kept_tail<L: Lanes>(l: L, keep: *const u8, n: usize) -> L::M {
     }
 }
 
-impl<T: Real> Source for Kept<T> {
+/// `N` elements of `x` at `i`, `fill` where the mask bytes at `keep + i` are 0.
+///
+/// # Safety
+/// `N` elements and mask bytes at `i` readable.
+#[inline(always)]
+unsafe fn load_kept<L: Lanes, T: Real>(
+    l: L,
+    x: *const T,
+    keep: *const u8,
+    i: usize,
+    fill: f64,
+) -> L::V {
+    // SAFETY: forwarded from the caller.
+    unsafe { l.select(l.kept(keep.add(i)), l.load(x.add(i)), l.splat(fill)) }
+}
+
+/// [`load_kept`] of the `n < N` elements at `i`.
+///
+/// # Safety
+/// `n` elements and mask bytes at `i` readable.
+#[inline(always)]
+unsafe fn load_kept_tail<L: Lanes, T: Real>(
+    l: L,
+    x: *const T,
+    keep: *const u8,
+    i: usize,
+    n: usize,
+    fill: f64,
+) -> L::V {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        let v = l.load_tail(x.add(i), n);
+        l.select(kept_tail(l, keep.add(i), n), v, l.splat(fill))
+    }
+}
+
+impl<T: Real> Load for Kept<T> {
     type T = T;
     #[inline(always)]
     unsafe fn load<L: Lanes>(self, l: L, i: usize) -> L::V {
         // SAFETY: forwarded from the caller (N elements and N mask bytes at i).
-        unsafe {
-            let v = l.load(self.x.add(i));
-            l.select(l.kept(self.keep.add(i)), v, l.splat(self.fill))
-        }
+        unsafe { load_kept(l, self.x, self.keep, i, f64::NEG_INFINITY) }
     }
     #[inline(always)]
     unsafe fn load_tail<L: Lanes>(self, l: L, i: usize, n: usize) -> L::V {
         // SAFETY: forwarded from the caller.
-        unsafe {
-            let v = l.load_tail(self.x.add(i), n);
-            l.select(kept_tail(l, self.keep.add(i), n), v, l.splat(self.fill))
-        }
+        unsafe { load_kept_tail(l, self.x, self.keep, i, n, f64::NEG_INFINITY) }
+    }
+}
+
+impl<T: Real> Load for Masked<T> {
+    type T = T;
+    #[inline(always)]
+    unsafe fn load<L: Lanes>(self, l: L, i: usize) -> L::V {
+        // SAFETY: forwarded from the caller (N elements and N mask bytes at i).
+        unsafe { load_kept(l, self.x, self.keep, i, self.fill) }
+    }
+    #[inline(always)]
+    unsafe fn load_tail<L: Lanes>(self, l: L, i: usize, n: usize) -> L::V {
+        // SAFETY: forwarded from the caller.
+        unsafe { load_kept_tail(l, self.x, self.keep, i, n, self.fill) }
     }
     #[inline(always)]
     unsafe fn written<L: Lanes>(self, l: L, i: usize, y: L::V) -> L::V {
@@ -182,8 +226,9 @@ impl<T: Real> Source for Kept<T> {
         // SAFETY: forwarded from the caller.
         unsafe { l.select(kept_tail(l, self.keep.add(i), n), y, l.splat(self.value)) }
     }
-    /// The max of the kept elements (the masked ones take no part, whatever `fill` is: the
-    /// max functions serve the states, which read [`Kept::hidden`]).
+}
+
+impl<T: Real> Source for Kept<T> {
     #[inline(always)]
     unsafe fn max_of<L: Lanes>(self, l: L, i: usize, n: usize) -> f64 {
         let step = 2 * L::N;
@@ -204,10 +249,7 @@ impl<T: Real> Source for Kept<T> {
             if k == n {
                 return m;
             }
-            max_keeping_nan(
-                m,
-                max_of_source(l, Kept::hidden(self.x, self.keep), i + k, n - k),
-            )
+            max_keeping_nan(m, max_of_source(l, self, i + k, n - k))
         }
     }
     #[inline(always)]
@@ -630,12 +672,12 @@ pub(crate) unsafe fn map_row<L: Lanes, S: Real, T: Real>(
     unsafe { map_row_of(l, Dense(x), out, n, stream, f) }
 }
 
-/// [`map_row`] over any [`Source`].
+/// [`map_row`] over any [`Load`] (each vector stored as [`Load::written`] makes it).
 ///
 /// # Safety
 /// `n` readable elements of `src`, `n` writable at `out`, disjoint or equal.
 #[inline(always)]
-pub(crate) unsafe fn map_row_of<L: Lanes, S: Source, T: Real>(
+pub(crate) unsafe fn map_row_of<L: Lanes, S: Load, T: Real>(
     l: L,
     src: S,
     out: *mut T,
