@@ -127,7 +127,7 @@ pub fn writes_rows_in_place(batch: &Batch, alg: Algorithm, what: Reduction) -> b
 /// - a row whose state is not finite (fully masked, a kept NaN or infinity) is staged into
 ///   `out` and finished as the staged block finishes it.
 ///
-/// `stream` asks for non-temporal stores (an output far larger than the caches).
+/// `stream` asks for non-temporal stores (`kernels::streams` of the whole output).
 ///
 /// # Safety
 /// `x` readable and `out` writable for `batch.elements()` elements, `out` equal to `x` or
@@ -151,10 +151,6 @@ pub unsafe fn softmax_like_rows_in_place<T: Real>(
     let ninf = f64::NEG_INFINITY;
     let softmax = what == Reduction::Softmax;
     let short = softmax && is_short(level, &batch);
-    // Short rows are written through the cache, as the short-row kernels write them: a
-    // streamed row ends with a store fence, which costs more than a few lines' worth of
-    // read-for-ownership.
-    let stream = stream && !short;
     if short {
         let len = batch.elements();
         let (Some(buf), Some(states)) = (scratch.get_mut(..len), states.get_mut(..rows)) else {

@@ -559,9 +559,8 @@ pub(crate) unsafe fn softmax<S: Stored<Compute = T>, T: Real>(
     let xv = WorkView::new(x, p.perm.iter().copied());
     let mv = mask.map(|m| WorkView::new(m, p.perm.iter().copied()));
     let ov = WorkView::new(out, p.perm.iter().copied());
-    // Outputs far larger than the caches are written with non-temporal stores where a block
-    // writes out directly, as the kernels do over a whole batch.
-    let stream = p.outer * p.n * p.inner * std::mem::size_of::<T>() >= kernels::STREAM_BYTES;
+    // Blocks that write out directly stream as the kernels would over the whole batch.
+    let stream = kernels::streams::<T>(&Batch::contiguous(p.outer, p.n, p.inner));
     if blocks.long_lanes() {
         // Rows dense in x, the mask and out: read and written where they are.
         let len = p.outer * p.n;
