@@ -559,10 +559,10 @@ def test_rows_read_in_place_equal_the_staged_and_unmasked_paths(dtype, n):
 @pytest.mark.parametrize("n", [1029, 40000, 131075])
 def test_masked_rows_streamed_into_a_large_out_equal_rows_written_through_the_cache(n):
     """An output of 64 MiB or more in rows of 4 KiB or more is written with non-temporal stores,
-    the rows read in place
-    (the mask applied as x is loaded): its bits must equal those of the same rows computed in
-    halves small enough to be written through the cache (a wrong head or tail of a streamed
-    row, a mask byte misread next to a vector boundary of out, a masked value streamed)."""
+    the rows read in place (the mask applied as x is loaded): its bits must equal those of the
+    same rows computed in halves small enough to be written through the cache (a wrong head or
+    tail of a streamed row, a mask byte misread next to a vector boundary of out, a masked
+    value streamed)."""
     rng = np.random.default_rng(n)
     rows = -(-(1 << 24) // n)
     x = rng.standard_normal((rows, n), dtype=np.float32)
