@@ -606,6 +606,9 @@ fn unsorted_states<T: Real>(
     let rows = ids.len();
     debug_assert_eq!(x.len(), rows * inner);
     debug_assert_eq!(out.len(), num_segments * inner);
+    if super::segment_scatter::applies::<T>(inner, num_segments) {
+        return super::segment_scatter::scatter_states(x, ids, num_segments, out);
+    }
     let bits = usize::BITS - num_segments.saturating_sub(1).leading_zeros();
     // Local ids within a bucket are u32; 2^40 segments could not be allocated anyway.
     if bits > 40 {
