@@ -49,6 +49,7 @@ from torch.autograd.function import once_differentiable
 import stablelse as _sl
 
 from ._axes import normalize_axes
+from ._spec import Reduction
 
 __all__ = ["CrossEntropyLoss", "cross_entropy", "log_softmax", "logsumexp", "softmax"]
 
@@ -153,7 +154,8 @@ def _ce(
         axis=_class_dim(x),
         weight=None if weight is None else _arg(weight),
         ignore_index=ignore_index,
-        reduction=reduction,
+        # torch's signature takes any str; the loss specification rejects a wrong one.
+        reduction=cast(Reduction, reduction),
         label_smoothing=label_smoothing,
         z_loss=z_loss,
         return_grad=return_grad,

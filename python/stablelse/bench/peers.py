@@ -15,6 +15,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 import stablelse
+from stablelse._api import Algorithm
 
 from .workloads import FLOAT, Workload
 
@@ -96,7 +97,7 @@ def np_log_softmax(x: np.ndarray, out: Optional[np.ndarray] = None) -> np.ndarra
 
 
 def make_call(
-    lib: str, w: Workload, x: np.ndarray, t: np.ndarray, algorithm: str
+    lib: str, w: Workload, x: np.ndarray, t: np.ndarray, algorithm: Algorithm
 ) -> Optional[Callable[[], Any]]:
     """A zero-argument callable that runs ``w.op`` on ``x`` (targets ``t``) with ``lib``,
     everything else (output buffers, device copies, jit) prepared; None if unsupported."""
@@ -113,7 +114,7 @@ def make_call(
 
 
 def _stablelse_call(
-    w: Workload, x: np.ndarray, t: np.ndarray, algorithm: str
+    w: Workload, x: np.ndarray, t: np.ndarray, algorithm: Algorithm
 ) -> Optional[Callable[[], Any]]:
     op = w.op
     if op == "logsumexp":
@@ -135,7 +136,7 @@ def _stablelse_call(
 
 
 def _numpy_call(
-    w: Workload, x: np.ndarray, t: np.ndarray, algorithm: str
+    w: Workload, x: np.ndarray, t: np.ndarray, algorithm: Algorithm
 ) -> Optional[Callable[[], Any]]:
     op, rows = w.op, w.rows
     ar = np.arange(rows)
@@ -171,7 +172,7 @@ def _numpy_call(
 
 
 def _scipy_call(
-    w: Workload, x: np.ndarray, t: np.ndarray, algorithm: str
+    w: Workload, x: np.ndarray, t: np.ndarray, algorithm: Algorithm
 ) -> Optional[Callable[[], Any]]:
     import scipy.special as sp
 
@@ -197,7 +198,7 @@ def _scipy_call(
 
 
 def _torch_call(
-    w: Workload, x: np.ndarray, t: np.ndarray, algorithm: str
+    w: Workload, x: np.ndarray, t: np.ndarray, algorithm: Algorithm
 ) -> Optional[Callable[[], Any]]:
     import torch
     import torch.nn.functional as F  # noqa: N812
@@ -233,7 +234,7 @@ def _torch_call(
 
 
 def _jax_call(
-    w: Workload, x: np.ndarray, t: np.ndarray, algorithm: str
+    w: Workload, x: np.ndarray, t: np.ndarray, algorithm: Algorithm
 ) -> Optional[Callable[[], Any]]:
     import jax
     import jax.numpy as jnp
