@@ -150,7 +150,8 @@ fn scatter_ids<T: Real>(
         e: [0.0; BLOCK],
     };
     for (b, (xb, ib)) in x.chunks(BLOCK).zip(ids.chunks(BLOCK)).enumerate() {
-        scatter_block(level, xb, ib, states, &mut scratch).map_err(|k| {
+        let next = ids.get((b + 1) * BLOCK..).unwrap_or(&[]);
+        scatter_block(level, xb, ib, next, states, &mut scratch).map_err(|k| {
             SegmentError::IdOutOfRange {
                 pos: first + b * BLOCK + k,
                 id: ib[k],
@@ -159,6 +160,19 @@ fn scatter_ids<T: Real>(
         })?;
     }
     Ok(())
+}
+
+/// A hint to bring the line at `p` into the cache; never faults.
+#[inline(always)]
+fn prefetch<T>(p: *const T) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch does not access memory architecturally; SSE is baseline on x86_64.
+    unsafe {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        _mm_prefetch::<_MM_HINT_T0>(p as *const i8)
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
 }
 
 /// The per-block scratch of [`scatter_block`], made once per part.
@@ -179,6 +193,7 @@ fn scatter_block<T: Real>(
     level: Level,
     x: &[T],
     ids: &[i64],
+    next: &[i64],
     states: &mut [LseState],
     scratch: &mut Block,
 ) -> Result<(), usize> {
@@ -199,7 +214,13 @@ fn scatter_block<T: Real>(
     // exp(x - max) for x <= max, exp(max - x) for x > max (0 for the empty state's -inf
     // max); lanes with a non-finite x or max are unused.
     simd::exp_f64(level, &t[..n], &mut e[..n]);
+    let last = states.len().saturating_sub(1);
     for k in 0..n {
+        // The next block's states are fetched while this one computes (a prefetch of a
+        // clamped index: a bad id is reported when its block comes).
+        if let Some(&id) = next.get(k) {
+            prefetch(states.as_ptr().wrapping_add((id as usize).min(last)));
+        }
         let v = x[k].to_f64();
         // Cannot miss: q[k] was bounded above; `get_mut` keeps that visible here.
         let Some(st) = states.get_mut(q[k]) else {
