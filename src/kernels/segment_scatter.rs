@@ -164,7 +164,7 @@ fn scatter_ids<T: Real>(
 
 /// A hint to bring the line at `p` into the cache; never faults.
 #[inline(always)]
-fn prefetch<T>(p: *const T) {
+pub(super) fn prefetch<T>(p: *const T) {
     #[cfg(target_arch = "x86_64")]
     // SAFETY: a prefetch does not access memory architecturally; SSE is baseline on x86_64.
     unsafe {
