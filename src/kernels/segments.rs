@@ -9,12 +9,14 @@
 //!   scan): every segment is a contiguous run of rows, a variable-length row of the existing
 //!   row kernels (column kernels when `inner > 1`). Segments are independent, so the work is
 //!   split over segments and nothing depends on the split.
-//! - Unsorted ids: a stable two-level counting sort (chunks of rows into buckets of
-//!   consecutive ids, then each cache-sized bucket by segment) hands every segment's rows, in
-//!   array order, to the same row kernels; the pieces depend on the sizes alone, so results
-//!   are bit-identical for any thread count and to the sorted path on the stably sorted
-//!   input. Softmax then writes every element from its segment's finished state, gathered per
-//!   element.
+//! - Unsorted ids: float32 single columns with states that fit the cache are scattered,
+//!   every element into its segment's running state ([`super::segment_scatter`]: no sort,
+//!   bit-identical for any thread count, within rounding of the sorted path). Otherwise a
+//!   stable two-level counting sort (chunks of rows into buckets of consecutive ids, then
+//!   each cache-sized bucket by segment) hands every segment's rows, in array order, to the
+//!   same row kernels; the pieces depend on the sizes alone, so results are bit-identical
+//!   for any thread count and to the sorted path on the stably sorted input. Softmax then
+//!   writes every element from its segment's finished state, gathered per element.
 //!
 //! Ids and offsets may be read where they lie while another thread writes them: every index
 //! derived from them is bounded before use, so such a race changes results or raises
@@ -581,7 +583,8 @@ unsafe fn copy_row<T: Copy>(src: *const T, dst: *mut T, inner: usize) {
 /// copies stay in the cache between the count and the scatter.
 const SORT_CHUNK: usize = 1 << 16;
 
-/// States of unsorted segments, through a stable two-level counting sort into the sorted path.
+/// States of unsorted segments: scattered where [`super::segment_scatter::applies`], else
+/// through a stable two-level counting sort into the sorted path.
 ///
 /// First level: the rows are cut into chunks of [`SORT_CHUNK`]; each chunk counts its rows
 /// per bucket of consecutive segment ids (at most [`SORT_BUCKETS`]) and scatters them, in
