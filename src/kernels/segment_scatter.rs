@@ -296,7 +296,6 @@ mod tests {
         for (&x, &id) in xs.iter().zip(&ids) {
             rows[id as usize].push(x as f64);
         }
-        // An all -inf segment and an empty one.
         for s in 0..3000 {
             // SAFETY: the row holds rows[s].len() elements.
             let want = unsafe { scalar::lse_state_two_pass(rows[s].as_ptr(), 0, rows[s].len(), 1) };
