@@ -226,13 +226,13 @@ def segment_logsumexp(
     or all ``-inf``. Sums are accumulated in float64 for float32 input. Results are
     bit-identical for any number of threads.
 
-    Accuracy: offsets, sorted ids and float64 input sum each segment in blocked vector
-    lanes; unsorted ids give bit for bit the offsets result on the stably sorted input.
-    Unsorted float32 (and float16) ids with up to 2**21 segments are instead scattered: each
-    element updates its segment's running ``(max, sum)`` in float64, in array order, with no
-    sort. The sum then rounds differently, so the result is not bit-identical to the sorted
-    forms, but within ``0.5`` ULP of the result's type plus ``(3 n + 4) 2**-53`` (absolute;
-    ``n`` the segment's length) of the exact value.
+    Accuracy: unsorted float32 (and float16) ids with up to 2**21 segments are scattered:
+    each element updates its segment's running ``(max, sum)`` in float64, in array order,
+    with no sort. The sum then rounds differently from the sorted forms', so the result is
+    not bit-identical to theirs, but within ``0.5`` ULP of the result's type plus
+    ``(3 n + 4) 2**-53`` (absolute; ``n`` the segment's length) of the exact value. Other
+    unsorted ids (float64, more segments, several columns) are sorted stably and reduced as
+    the sorted forms reduce the stably sorted input.
 
     Deviations from peers: JAX has no ``segment_logsumexp`` (the composition of
     ``jax.ops.segment_max`` and ``segment_sum`` gives ``-inf`` for an empty segment like

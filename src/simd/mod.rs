@@ -262,6 +262,8 @@ macro_rules! run_kernel {
     }};
 }
 
+pub(crate) mod ragged;
+
 /// `(max, excess)` of `n` contiguous elements at `level`: blocked two-pass, or one pass with
 /// a running max (`online`).
 ///
