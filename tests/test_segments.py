@@ -1,5 +1,7 @@
 """Segment reductions against a loop of scipy calls over the segments, on random ragged data."""
 
+import math
+
 import numpy as np
 import pytest
 import scipy.special as sp
@@ -658,3 +660,170 @@ def test_packed_segments_are_bit_identical_for_any_thread_count_and_in_place():
     first = {name: a for t, name, form, a in runs if t == 1 and form == "offsets"}
     for t, name, form, a in runs:
         np.testing.assert_array_equal(_bits(a), _bits(first[name]), err_msg=f"{t} {name} {form}")
+
+
+# Unsorted float32 ids: the scatter (each element into its segment's running state).
+
+SCATTER_MAX_SEGMENTS = 2**21  # 32 MiB of 16-byte states; more segments take the sort
+
+
+def _exact_states(x, ids, count):
+    """Per segment: (max, exact excess = sum exp(x - max) - 1 by fsum, length), float64."""
+    x64 = x.astype(np.float64)
+    order = np.argsort(ids, kind="stable")
+    bounds = np.searchsorted(ids[order], np.arange(count + 1))
+    out = []
+    for s in range(count):
+        seg = x64[order[bounds[s]:bounds[s + 1]]]
+        m = np.max(seg, initial=-np.inf)
+        if np.isfinite(m):
+            excess = math.fsum(list(np.exp(seg - m)) + [-1.0])
+        else:
+            excess = np.nan
+        out.append((m, excess, seg.size))
+    return out
+
+
+def _exact_lse(states):
+    return np.array(
+        [m + math.log1p(e) if np.isfinite(m) else m for m, e, _ in states], dtype=np.float64
+    )
+
+
+def _within_scatter_bound(got, want, n, what):
+    """The documented bound: 0.5 float32 ULP plus (3 n + 4) 2**-53 absolute (lse), relative
+    plus 2**-32 (softmax); special values placed as in the exact result."""
+    got = np.asarray(got, dtype=np.float64)
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    np.testing.assert_array_equal(got[np.isinf(want)], want[np.isinf(want)])
+    ok = np.isfinite(want)
+    half_ulp = 0.5 * np.spacing(np.abs(want[ok]).astype(np.float32)).astype(np.float64)
+    sums = (3 * n[ok] + 4) * 2.0**-53
+    if what == "softmax":
+        tol = half_ulp + want[ok] * (sums + 2.0**-32)
+    else:
+        tol = half_ulp + sums * (1 + np.abs(want[ok])) + 4 * 2.0**-53 * np.abs(want[ok])
+    err = np.abs(got[ok] - want[ok])
+    assert (err <= tol).all(), (got[ok][err > tol], want[ok][err > tol])
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=ragged(max_segments=20, max_len=40), seed=st.integers(0, 2**32 - 1))
+def test_unsorted_float32_is_within_the_documented_bound_of_an_exact_sum(data, seed):
+    # Catches a wrong rescale when an element raises its segment's max, a factor taken for
+    # the wrong max, special values (NaN, +-inf, empty and all -inf segments, length 1)
+    # handled otherwise than by the state's rules, and sums lost to the excess form
+    # ([0, -40] keeps its 4e-18).
+    x, offsets = data
+    x = x.astype(np.float32)
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(x.size)
+    xu, iu = x[perm], ids_of(offsets)[perm]
+    count = len(offsets) - 1
+    states = _exact_states(xu, iu, count)
+    n = np.array([k for _, _, k in states], dtype=np.float64)
+    _within_scatter_bound(segment_logsumexp(xu, iu, count), _exact_lse(states), n, "lse")
+    with np.errstate(all="ignore"):
+        m = np.array([st[0] for st in states])[iu]
+        excess = np.array([st[1] for st in states])[iu]
+        x64 = xu.astype(np.float64)
+        want_sm = np.where(np.isfinite(m), np.exp(x64 - m) / (1 + excess), np.nan)
+        want_ls = np.where(np.isfinite(m), (x64 - m) - np.log1p(excess), x64 - m)
+    _within_scatter_bound(segment_softmax(xu, iu, count), want_sm, n[iu], "softmax")
+    _within_scatter_bound(segment_log_softmax(xu, iu, count), want_ls, n[iu], "lse")
+
+
+def test_unsorted_float32_keeps_the_tiny_excess():
+    x = np.array([-40.0, 0.0, 5.0, -40.0, 5.0], dtype=np.float32)
+    got = segment_logsumexp(x, [0, 0, 1, 1, 1], 2)
+    assert got[0] == np.float32(4.248354255291589e-18)
+    np.testing.assert_array_equal(segment_log_softmax(x, [0, 0, 1, 1, 1], 2)[1],
+                                  np.float32(-4.248354255291589e-18))
+
+
+@pytest.mark.parametrize("count", [7, 500, 40_000])
+def test_unsorted_float32_bits_do_not_depend_on_the_thread_count(count):
+    # 600k rows: the scatter cuts the rows into several parts for 7 and 500 segments (each
+    # with its own states, merged in part order), one for 40000; catches a merge order or a
+    # part boundary that follows the thread count.
+    rng = np.random.default_rng(count)
+    ids = rng.integers(0, count, 600_000)
+    x = (rng.standard_normal(ids.size) * 30).astype(np.float32)
+    x[rng.integers(0, x.size, 30)] = -np.inf
+    runs = []
+    before = stablelse.get_num_threads()
+    try:
+        for threads in (1, 2, 3, 7):
+            stablelse.set_num_threads(threads)
+            runs.append([f(x, ids, count) for f in
+                         (segment_logsumexp, segment_softmax, segment_log_softmax)])
+    finally:
+        stablelse.set_num_threads(before)
+    for run in runs[1:]:
+        for a, b in zip(run, runs[0]):
+            np.testing.assert_array_equal(_bits(a), _bits(b))
+    states = _exact_states(x, ids, count)
+    n = np.array([k for _, _, k in states], dtype=np.float64)
+    _within_scatter_bound(runs[0][0], _exact_lse(states), n, "lse")
+
+
+def test_unsorted_float32_names_the_first_bad_id_across_parts():
+    ids = np.zeros(700_000, dtype=np.int64)
+    ids[650_000] = -3
+    ids[400_123] = 5
+    ids[400_200] = 9
+    x = np.zeros(ids.size, np.float32)
+    with pytest.raises(IndexError, match=r"segment_ids\[400123\] = 5 is outside \[0, 5\)"):
+        segment_logsumexp(x, ids, num_segments=5)
+    with pytest.raises(IndexError, match=r"segment_ids\[400123\] = 5"):
+        segment_softmax(x, ids, num_segments=5)
+
+
+@pytest.mark.parametrize("count", [SCATTER_MAX_SEGMENTS, SCATTER_MAX_SEGMENTS + 1])
+def test_scatter_boundary_gives_results_within_the_bound_on_both_sides(count):
+    # The last segment count of the scatter and the first of the sort: both within the
+    # bound. The float64 states (before the float32 rounding hides the summation order) are
+    # the offsets path's bit for bit on the sort's side only, which pins where the switch
+    # lies.
+    rng = np.random.default_rng(count)
+    used = rng.choice(count, 2000, replace=False)
+    ids = used[rng.integers(0, used.size, 100_000)]
+    x = (rng.standard_normal(ids.size) * 10).astype(np.float32)
+    got = segment_logsumexp(x, ids, count)
+    order = np.argsort(ids, kind="stable")
+    offsets = np.searchsorted(ids[order], np.arange(count + 1)).astype(np.int64)
+    dense = np.sort(used)
+    states = _exact_states(x, np.searchsorted(dense, ids), dense.size)
+    n = np.array([k for _, _, k in states], dtype=np.float64)
+    _within_scatter_bound(got[dense], _exact_lse(states), n, "lse")
+    assert np.isneginf(np.delete(got, dense)).all()
+    excess = stablelse._core.segment_states(x[:, None], segment_ids=ids, num_segments=count)[1]
+    want_excess = stablelse._core.segment_states(x[order][:, None], offsets=offsets)[1]
+    same = np.array_equal(_bits(excess[dense]), _bits(want_excess[dense]))
+    assert same == (count > SCATTER_MAX_SEGMENTS)
+
+
+def test_float64_long_unsorted_segment_keeps_the_sorted_states():
+    # float64 stays on the sort (its blocked sums: about 0 ULP here, where one running sum
+    # is off by a few ULP); float32 scatters within its bound.
+    rng = np.random.default_rng(3)
+    n = 1 << 20
+    x = rng.standard_normal(n)
+    ids = np.zeros(n, dtype=np.int64)
+    ids[rng.integers(0, n, 1000)] = 1
+    got = segment_logsumexp(x, ids, 2)
+    order = np.argsort(ids, kind="stable")
+    offsets = np.searchsorted(ids[order], np.arange(3)).astype(np.int64)
+    for a, b in zip(
+        stablelse._core.segment_states(x[:, None], segment_ids=ids, num_segments=2),
+        stablelse._core.segment_states(x[order][:, None], offsets=offsets),
+    ):
+        np.testing.assert_array_equal(_bits(a), _bits(b))
+    states = _exact_states(x, ids, 2)
+    want = _exact_lse(states)
+    assert np.abs(got - want).max() <= 2 * np.spacing(want).max()
+    x32 = x.astype(np.float32)
+    states = _exact_states(x32, ids, 2)
+    n_seg = np.array([k for _, _, k in states], dtype=np.float64)
+    _within_scatter_bound(segment_logsumexp(x32, ids, 2), _exact_lse(states), n_seg, "lse")
+

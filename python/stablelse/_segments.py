@@ -226,6 +226,14 @@ def segment_logsumexp(
     or all ``-inf``. Sums are accumulated in float64 for float32 input. Results are
     bit-identical for any number of threads.
 
+    Accuracy: unsorted float32 (and float16) ids with up to 2**21 segments are scattered:
+    each element updates its segment's running ``(max, sum)`` in float64, in array order,
+    with no sort. The sum then rounds differently from the sorted forms', so the result is
+    not bit-identical to theirs, but within ``0.5`` ULP of the result's type plus
+    ``(3 n + 4) 2**-53`` (absolute; ``n`` the segment's length) of the exact value. Other
+    unsorted ids (float64, more segments, several columns) are sorted stably and reduced as
+    the sorted forms reduce the stably sorted input.
+
     Deviations from peers: JAX has no ``segment_logsumexp`` (the composition of
     ``jax.ops.segment_max`` and ``segment_sum`` gives ``-inf`` for an empty segment like
     this one, but silently drops out-of-range ids, where this raises ``IndexError``).
@@ -330,7 +338,10 @@ def segment_softmax(
     -----
     Per segment, scipy's values: a segment holding NaN or ``+inf``, or all ``-inf``, is NaN
     at every position (``exp(x - max)`` with a non-finite max), as
-    ``scipy.special.softmax``. Bit-identical for any number of threads.
+    ``scipy.special.softmax``. Bit-identical for any number of threads. Unsorted float32
+    ids take the scattered sums described in :func:`segment_logsumexp` (float32 results
+    within ``0.5`` ULP plus ``2**-32`` relative of exact, not bit-identical to the sorted
+    forms).
 
     Deviations from peers: ``torch_scatter.scatter_softmax`` and PyG's ``softmax(src,
     index)`` return NaN for an all ``-inf`` segment too, but do not check the ids (an id
@@ -386,6 +397,7 @@ def segment_log_softmax(
     Per segment, scipy's values for non-finite segments: ``x - logsumexp`` unshifted, so an
     all ``-inf`` segment is NaN, a segment with ``+inf`` is NaN at the ``+inf`` and ``-inf``
     elsewhere, a NaN makes the segment NaN. Bit-identical for any number of threads.
+    Unsorted float32 ids take the scattered sums described in :func:`segment_logsumexp`.
 
     Deviations from peers: ``torch_scatter.scatter_log_softmax`` adds ``eps=1e-12`` to the
     sum before its log (results biased by about 1e-12); ids are checked as in

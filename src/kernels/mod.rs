@@ -17,6 +17,7 @@ pub mod complex;
 pub mod cross_entropy;
 pub mod from_states;
 pub mod masked;
+mod segment_scatter;
 pub mod segments;
 pub mod vjp;
 

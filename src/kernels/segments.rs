@@ -13,12 +13,15 @@
 //!   kernels. Each segment's result depends on its own rows only, so the work is split over
 //!   segments and nothing depends on the split (thread count), and sorted ids give the bits
 //!   of the equivalent offsets.
-//! - Unsorted ids: a stable two-level counting sort (chunks of rows into buckets of
-//!   consecutive ids, then each cache-sized bucket by segment) hands every segment's rows, in
-//!   array order, to the same row kernels; the pieces depend on the sizes alone, so results
-//!   are bit-identical for any thread count and to the sorted path on the stably sorted
-//!   input. Softmax then writes every element from its segment's finished state, gathered per
-//!   element.
+//! - Unsorted ids: float32 single columns with states that fit the cache are scattered,
+//!   every element into its segment's running state ([`super::segment_scatter`]: no sort,
+//!   bit-identical for any thread count, within rounding of the sorted path). Otherwise a
+//!   stable two-level counting sort (chunks of rows into buckets of consecutive ids, then
+//!   each cache-sized bucket by segment) hands every segment's rows, in array order, to the
+//!   same segment kernels; the pieces depend on the sizes alone, so results are bit-identical
+//!   for any thread count and the states are those of the sorted path on the stably sorted
+//!   input. Softmax then writes every element from its segment's finished state, gathered
+//!   per element.
 //!
 //! Ids and offsets may be read where they lie while another thread writes them: every index
 //! derived from them is bounded before use, so such a race changes results or raises
@@ -652,7 +655,8 @@ unsafe fn copy_row<T: Copy>(src: *const T, dst: *mut T, inner: usize) {
 /// copies stay in the cache between the count and the scatter.
 const SORT_CHUNK: usize = 1 << 16;
 
-/// States of unsorted segments, through a stable two-level counting sort into the sorted path.
+/// States of unsorted segments: scattered where [`super::segment_scatter::applies`], else
+/// through a stable two-level counting sort into the sorted path.
 ///
 /// First level: the rows are cut into chunks of [`SORT_CHUNK`]; each chunk counts its rows
 /// per bucket of consecutive segment ids (at most [`SORT_BUCKETS`]) and scatters them, in
@@ -677,6 +681,9 @@ fn unsorted_states<T: Real>(
     let rows = ids.len();
     debug_assert_eq!(x.len(), rows * inner);
     debug_assert_eq!(out.len(), num_segments * inner);
+    if super::segment_scatter::applies::<T>(inner, num_segments) {
+        return super::segment_scatter::scatter_states(x, ids, num_segments, out);
+    }
     let bits = usize::BITS - num_segments.saturating_sub(1).leading_zeros();
     // Local ids within a bucket are u32; 2^40 segments could not be allocated anyway.
     if bits > 40 {
@@ -882,11 +889,18 @@ unsafe fn gather_write<T: Real>(
     let chunks = len.div_ceil(GATHER);
     parallel::for_each_piece(chunks, 2 * GATHER, |range| {
         let (mut b, mut a) = ([0.0f64; GATHER], [0.0f64; GATHER]);
+        let last = params.len().saturating_sub(1);
         for c in range {
             let e0 = c * GATHER;
             let n = GATHER.min(len - e0);
             for k in 0..n {
                 let e = e0 + k;
+                // The next chunk's parameters are fetched while this one is written.
+                if let (1, Some(&id)) = (inner, ids.get(e + GATHER)) {
+                    super::segment_scatter::prefetch(
+                        params.as_ptr().wrapping_add((id as usize).min(last)),
+                    );
+                }
                 let (r, j) = if inner == 1 {
                     (e, 0)
                 } else {
