@@ -8,7 +8,7 @@ use crate::kernels::{row_exp_scaled, row_state, softmax_like, Algorithm, Reducti
 use crate::layout::Batch;
 use crate::parallel::{self, SendPtr};
 use crate::real::Real;
-use crate::simd::{IndexLoss, IndexLossOut, IGNORED};
+use crate::simd::{IndexLoss, IndexLossOut, RowMask, IGNORED};
 use crate::state::LseState;
 
 mod masked;
@@ -377,6 +377,7 @@ fn rows_piece<T: Real>(
                 n,
                 w,
                 l0,
+                mask: None,
             };
             short_index_block(
                 plan,
@@ -453,7 +454,8 @@ fn takes_short_index<T: Real>(plan: &Plan<'_, T>, targets: &Targets<'_, T>) -> b
         && plan.b == 0.0
 }
 
-/// `w` rows of length `n`, row `i` at `x[i * pitch..][..n]`, holding lanes `l0..l0 + w`.
+/// `w` rows of length `n`, row `i` at `x[i * pitch..][..n]`, holding lanes `l0..l0 + w`,
+/// and their `where=` mask when there is one.
 #[derive(Clone, Copy)]
 struct ShortBlock<'a, T> {
     x: &'a [T],
@@ -461,13 +463,33 @@ struct ShortBlock<'a, T> {
     n: usize,
     w: usize,
     l0: usize,
+    mask: Option<ShortMask<'a>>,
+}
+
+/// The mask of a [`ShortBlock`]: class `k` of row `i` is kept when
+/// `keep[base + i * lane + k * class] != 0`; every such byte is inside `keep`.
+#[derive(Clone, Copy)]
+struct ShortMask<'a> {
+    keep: &'a [u8],
+    base: usize,
+    lane: usize,
+    class: usize,
+}
+
+impl ShortMask<'_> {
+    /// Whether row `i` keeps class `k`.
+    fn keeps(&self, i: usize, k: usize) -> bool {
+        self.keep[self.base + i * self.lane + k * self.class] != 0
+    }
 }
 
 /// The loss of a [`ShortBlock`] against class indices (no label smoothing) by the fused
 /// short-row kernel (states, `L`, `x_t`, the loss and the gradient into the dense `g`, a
 /// vector of rows at a time); rows it flags (a non-finite max or a NaN) are redone here by
 /// the general row path, and left flagged in `lanes.redo`. `target_of(l)` is lane `l`'s
-/// target (a class `< n` or ignored). Lane `(main, lse^2)` terms are added to `acc` in lane
+/// target (a class `< n` or ignored). Under a mask the kernel reads the rows' mask beside
+/// them; a target the mask hides is left to the pre-pass, which refuses it in a row that
+/// keeps some class: such a row keeps none, is flagged, and is skipped here. Lane `(main, lse^2)` terms are added to `acc` in lane
 /// order, and "none" losses written to `lanes_out`.
 #[allow(clippy::too_many_arguments)]
 fn short_index_block<T: Real, F: Fn(usize) -> LaneTarget>(
@@ -481,7 +503,14 @@ fn short_index_block<T: Real, F: Fn(usize) -> LaneTarget>(
     mut g: Option<&mut [T]>,
     acc: &mut (f64, f64),
 ) -> Result<(), Error> {
-    let ShortBlock { x, pitch, n, w, l0 } = block;
+    let ShortBlock {
+        x,
+        pitch,
+        n,
+        w,
+        l0,
+        mask,
+    } = block;
     let ShortLanes {
         class,
         weight,
@@ -505,6 +534,12 @@ fn short_index_block<T: Real, F: Fn(usize) -> LaneTarget>(
         weight: &weight[..w],
         s1: plan.s1,
         z2: 2.0 * plan.z * plan.s2,
+        // SAFETY: `base` and every byte the strides reach from it are inside `keep`.
+        mask: mask.map(|m| RowMask {
+            keep: unsafe { m.keep.as_ptr().add(m.base) },
+            lane: m.lane,
+            class: m.class,
+        }),
     };
     let gp = match g.as_mut() {
         Some(g) if g.len() == w * n => Some(g.as_mut_ptr()),
@@ -513,7 +548,8 @@ fn short_index_block<T: Real, F: Fn(usize) -> LaneTarget>(
     };
     let (xs, batch) = short_block(x, pitch, n, w, scratch)?;
     // SAFETY: `xs` holds w rows of n elements `outer_stride` apart (short_block), `gp` w * n
-    // elements; every class is IGNORED or < n (lane_target); p and out hold w entries.
+    // elements; every class is IGNORED or < n (lane_target); p and out hold w entries; the
+    // mask's bytes of the w rows are inside `keep` (ShortMask).
     unsafe {
         crate::simd::short_rows_xent_index(
             crate::simd::level(),
@@ -529,13 +565,50 @@ fn short_index_block<T: Real, F: Fn(usize) -> LaneTarget>(
     // `main` and `lse` become each lane's (main, lse^2) terms, summed in a fixed order.
     for i in 0..w {
         let l = l0 + i;
+        let mut target = LaneTarget::Ignored;
         if redo[i] {
-            let row = &x[i * pitch..i * pitch + n];
-            let target = target_of(l);
+            target = target_of(l);
+            if let (Some(m), LaneTarget::Class(t)) = (mask, target) {
+                // A masked target: the row keeps no class (the pre-pass refused it in any
+                // other), so it is skipped.
+                if !m.keeps(i, t) {
+                    target = LaneTarget::Ignored;
+                }
+            }
+        }
+        if redo[i] && matches!(target, LaneTarget::Ignored) {
+            // An ignored row the kernel flags (a row that keeps no class, say): what the row
+            // path gives it, a zero loss and a zero gradient, without reading it again.
+            if let Some(g) = g.as_deref_mut() {
+                g[i * n..(i + 1) * n].fill(T::from_f64(0.0));
+            }
+            (main[i], lse[i]) = (0.0, 0.0);
+            write_lane(plan, 0.0, 0.0, l, lanes_out);
+        } else if redo[i] {
+            let mut row = &x[i * pitch..i * pitch + n];
+            let mut staged = [T::from_f64(f64::NEG_INFINITY); crate::simd::SHORT_LOSS_ROW];
+            if let Some(m) = mask {
+                // The row as a staged copy holds it: masked classes -inf.
+                for (k, s) in staged.iter_mut().enumerate().take(n) {
+                    if m.keeps(i, k) {
+                        *s = row[k];
+                    }
+                }
+                row = &staged[..n];
+            }
             let sums = row_sums(plan, row, target, None, row_state(row, alg));
             if let Some(g) = g.as_deref_mut() {
                 let lg = lane_grad(plan, target, &sums);
-                write_row_grad(plan, row, None, lg, &mut g[i * n..(i + 1) * n]);
+                let gi = &mut g[i * n..(i + 1) * n];
+                write_row_grad(plan, row, None, lg, gi);
+                if let Some(m) = mask {
+                    // NaN and zero fills reach every class; a masked one's gradient is 0.
+                    for (k, gk) in gi.iter_mut().enumerate() {
+                        if !m.keeps(i, k) {
+                            *gk = T::from_f64(0.0);
+                        }
+                    }
+                }
             }
             (main[i], lse[i]) = lane_outputs(plan, target, &sums, l, lanes_out);
         } else {
@@ -907,6 +980,7 @@ fn xent_columns<T: Real>(
                     n,
                     w,
                     l0: o * inner + j0,
+                    mask: None,
                 };
                 short_index_block(
                     plan,

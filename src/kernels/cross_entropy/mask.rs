@@ -54,6 +54,10 @@ impl ClassMask<'_> {
     /// The offset of class 0 of lane `l` and the stride between classes.
     #[inline]
     pub(super) fn lane(&self, batch: &Batch, l: usize) -> (usize, usize) {
+        if batch.inner == 1 {
+            // Rows: no division per lane.
+            return (l * self.strides[0], self.strides[1]);
+        }
         let (o, j) = (l / batch.inner, l % batch.inner);
         (o * self.strides[0] + j * self.strides[2], self.strides[1])
     }

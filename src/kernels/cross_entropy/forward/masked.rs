@@ -312,7 +312,9 @@ pub(super) fn xent_masked<T: Real>(
     let per = parallel::items_per_piece(unit_elements);
     reduce_pieces(units, per, unit_elements, |range| {
         let mut acc = (0.0f64, 0.0f64);
-        let mut st = Staged::<T>::new(n, width, probs)?;
+        // In-place short rows stage nothing.
+        let staged_width = if short_index && rows { 0 } else { width };
+        let mut st = Staged::<T>::new(n, staged_width, probs)?;
         let mut short_lanes = ShortLanes::new();
         let mut gs = match (grad_out, rows) {
             (Some(_), false) => try_vec(n * width, T::from_f64(0.0))?,
@@ -345,6 +347,67 @@ pub(super) fn xent_masked<T: Real>(
                 lane: if rows { s0 } else { s2 },
                 class: s1,
             };
+            if short_index {
+                // The fused short-row loss. Rows are read where they lie, the kernel reading
+                // the mask beside them (a masked class as `-inf`, so its probability and
+                // gradient are 0); columns are staged (transposed) first, as unmasked.
+                let mut g = match grad_out {
+                    // SAFETY: lanes l0..l0 + w own the dense rows l0..l0 + w of the
+                    // gradient, whose length `plan` checked.
+                    Some(gp) if rows => {
+                        Some(unsafe { std::slice::from_raw_parts_mut(gp.ptr().add(l0 * n), w * n) })
+                    }
+                    Some(_) => Some(&mut gs[..w * n]),
+                    None => None,
+                };
+                let block = if rows {
+                    ShortBlock {
+                        x: &logits[xs.base..],
+                        pitch: xs.lane,
+                        n,
+                        w,
+                        l0,
+                        mask: Some(ShortMask {
+                            keep: mask.keep,
+                            base: ms.base,
+                            lane: ms.lane,
+                            class: ms.class,
+                        }),
+                    }
+                } else {
+                    st.stage(logits, xs, mask.keep, ms, n, w, count);
+                    ShortBlock {
+                        x: &st.x,
+                        pitch: n,
+                        n,
+                        w,
+                        l0,
+                        mask: Some(ShortMask {
+                            keep: &st.keep,
+                            base: 0,
+                            lane: n,
+                            class: 1,
+                        }),
+                    }
+                };
+                // A masked target is the kernel's to skip (short_index_block).
+                let lane = |l: usize| lane_target(targets, l, plan.ignore_index, n);
+                short_index_block(
+                    plan,
+                    lane,
+                    block,
+                    alg,
+                    &mut scratch,
+                    &mut short_lanes,
+                    lanes_out,
+                    g.as_deref_mut(),
+                    &mut acc,
+                )?;
+                if let (Some(gp), false) = (grad_out, rows) {
+                    scatter_columns(gp, &gs, o * n * inner + j0, n, inner, w);
+                }
+                continue;
+            }
             st.stage(logits, xs, mask.keep, ms, n, w, count);
             if let Targets::Probs(q) = targets {
                 st.stage_probs(q, xs, n, w);
@@ -361,54 +424,6 @@ pub(super) fn xent_masked<T: Real>(
                 LaneTarget::Class(t) if keep[t] == 0 => LaneTarget::Ignored,
                 t => t,
             };
-            if short_index {
-                // The unmasked short-row kernel on the staged block: a masked class is
-                // `-inf` there, so its probability and gradient are 0.
-                let mut g = match grad_out {
-                    // SAFETY: lanes l0..l0 + w own the dense rows l0..l0 + w of the
-                    // gradient, whose length `plan` checked.
-                    Some(gp) if rows => {
-                        Some(unsafe { std::slice::from_raw_parts_mut(gp.ptr().add(l0 * n), w * n) })
-                    }
-                    Some(_) => Some(&mut gs[..w * n]),
-                    None => None,
-                };
-                let (sx, skeep, skept) = (&st.x, &st.keep, &st.kept);
-                let block = ShortBlock {
-                    x: sx,
-                    pitch: n,
-                    n,
-                    w,
-                    l0,
-                };
-                let lane = |l: usize| {
-                    let jj = l - l0;
-                    target_of(l, skept[jj], &skeep[jj * n..][..n])
-                };
-                short_index_block(
-                    plan,
-                    lane,
-                    block,
-                    alg,
-                    &mut scratch,
-                    &mut short_lanes,
-                    lanes_out,
-                    g.as_deref_mut(),
-                    &mut acc,
-                )?;
-                let (Some(gp), Some(g)) = (grad_out, g) else {
-                    continue;
-                };
-                // Rows the row path redid (a non-finite max or a NaN: NaN-filled) get 0 at
-                // their masked classes; the kernel's rows have it already.
-                for jj in (0..w).filter(|&jj| short_lanes.redo[jj]) {
-                    st.zero_masked(&mut g[jj * n..][..n], jj, n);
-                }
-                if !rows {
-                    scatter_columns(gp, &gs, o * n * inner + j0, n, inner, w);
-                }
-                continue;
-            }
             block_states(&st.x, n, n, w, alg, &mut scratch, &mut states)?;
             for jj in 0..w {
                 let l = l0 + jj;
