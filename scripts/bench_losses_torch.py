@@ -5,7 +5,8 @@
 
 Each case has 2^22 logits (rows = 2^22 / cols) and int64 targets; stablelse and torch (under
 ``inference_mode``; with ``--grad``, ``.backward()`` against stablelse's ``return_grad`` into a
-reused ``grad_out``) are called in turns and each keeps its best time. Needs torch; only the
+reused ``grad_out``) are called in turns, ``--pause`` seconds apart, and each keeps its best
+time. Needs torch; only the
 ratio (torch time / stablelse time) means anything on a shared machine.
 """
 
@@ -29,11 +30,19 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=9)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--grad", action="store_true")
+    ap.add_argument("--cpu", action="store_true",
+                    help="time CPU seconds of the process (time.process_time) rather than wall "
+                         "time: a call's share of a busy machine stops counting, but any thread's "
+                         "spinning does count (use with --threads 1)")
+    ap.add_argument("--pause", type=float, default=0.05,
+                    help="seconds between calls, so that neither library's idle worker "
+                         "threads (OpenMP spins after a parallel region) run into the other's")
     args = ap.parse_args()
     sl.set_num_threads(args.threads)
     torch.set_num_threads(args.threads)
+    clock = time.process_time if args.cpu else time.perf_counter
     print(f"stablelse {sl.__file__} simd={sl.info().get('simd')} torch {torch.__version__} "
-          f"threads={args.threads} dtype={args.dtype} grad={args.grad}")
+          f"threads={args.threads} dtype={args.dtype} grad={args.grad} cpu={args.cpu}")
     print(f"{'shape':>12} {'stablelse ms':>13} {'torch ms':>9} {'torch/stablelse':>16}")
     rng = np.random.default_rng(0)
     for cols in args.cols:
@@ -61,9 +70,10 @@ def main() -> None:
         theirs()
         for _ in range(args.repeat):
             for name, fn in (("ours", ours), ("torch", theirs)):
-                t0 = time.perf_counter()
+                time.sleep(args.pause)
+                t0 = clock()
                 fn()
-                best[name] = min(best[name], time.perf_counter() - t0)
+                best[name] = min(best[name], clock() - t0)
         print(f"{rows:>7}x{cols:<4} {best['ours'] * 1e3:13.2f} {best['torch'] * 1e3:9.2f} "
               f"{best['torch'] / best['ours']:15.2f}x")
 

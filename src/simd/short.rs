@@ -156,11 +156,23 @@ unsafe fn group_state<L: Lanes, T: Real>(
             }
         }
     }
-    let mut m = l.splat(f64::NEG_INFINITY);
-    for b in buf.iter().take(n) {
-        // SAFETY: the first n entries were written above.
-        m = l.max(m, unsafe { b.assume_init() });
+    // Four running maxima, so the compares overlap rather than wait on each other. The max
+    // of a row without NaN is the same in any order; a row with a NaN is redone whatever
+    // its max (its sum is NaN).
+    let mut acc = [l.splat(f64::NEG_INFINITY); 4];
+    let quads = buf[..n].chunks_exact(4);
+    let rest = quads.remainder();
+    for q in quads {
+        for (a, b) in acc.iter_mut().zip(q) {
+            // SAFETY: the first n entries were written above.
+            *a = l.max(*a, unsafe { b.assume_init() });
+        }
     }
+    for (a, b) in acc.iter_mut().zip(rest) {
+        // SAFETY: as above.
+        *a = l.max(*a, unsafe { b.assume_init() });
+    }
+    let m = l.max(l.max(acc[0], acc[1]), l.max(acc[2], acc[3]));
     let one = l.splat(1.0);
     let (mut below, mut ties) = (l.splat(0.0), l.splat(0.0));
     for b in buf.iter_mut().take(n) {
@@ -437,6 +449,13 @@ pub(crate) unsafe fn xent_index<L: Lanes, T: Real, const MASKED: bool>(
         // index inside the row.
         unsafe {
             let px = x.add(r * pitch);
+            prefetch_rows(
+                l,
+                px.wrapping_add(g * pitch),
+                n,
+                pitch,
+                (rows - r - g).min(L::N),
+            );
             // A constant `None` unmasked: the mask code compiles away.
             let mask = p.mask.filter(|_| MASKED).map(|m| RowMask {
                 keep: m.keep.add(r * m.lane),
@@ -499,6 +518,33 @@ pub(crate) unsafe fn xent_index<L: Lanes, T: Real, const MASKED: bool>(
             }
         }
         r += g;
+    }
+}
+
+/// Hints the `rows` rows of `n` elements at `x` (`pitch` apart) into L1: the next group's,
+/// fetched while this group is computed (8 rows `pitch` apart defeat the hardware
+/// prefetcher's page-local streams). Never faults.
+#[inline(always)]
+fn prefetch_rows<L: Lanes, T>(l: L, x: *const T, n: usize, pitch: usize, rows: usize) {
+    let size = std::mem::size_of::<T>();
+    let p = x as *const i8;
+    if pitch == n {
+        // One span: every line it touches.
+        let bytes = rows * n * size;
+        for off in (0..bytes).step_by(64) {
+            l.prefetch(p.wrapping_add(off));
+        }
+        if bytes > 0 {
+            l.prefetch(p.wrapping_add(bytes - 1));
+        }
+        return;
+    }
+    for r in 0..rows {
+        let row = p.wrapping_add(r * pitch * size);
+        for off in (0..n * size).step_by(64) {
+            l.prefetch(row.wrapping_add(off));
+        }
+        l.prefetch(row.wrapping_add(n * size - 1));
     }
 }
 
