@@ -52,17 +52,17 @@ def main() -> None:
         xt, tt = torch.from_numpy(x), torch.from_numpy(t)
         g = np.empty_like(x)
         if args.grad:
-            def ours():
+            def ours(x=x, t=t, g=g):
                 sl.cross_entropy(x, t, return_grad=True, grad_out=g)
 
-            def theirs():
+            def theirs(xt=xt, tt=tt):
                 xg = xt.detach().requires_grad_()
                 F.cross_entropy(xg, tt).backward()
         else:
-            def ours():
+            def ours(x=x, t=t, g=g):
                 sl.cross_entropy(x, t)
 
-            def theirs():
+            def theirs(xt=xt, tt=tt):
                 with torch.inference_mode():
                     F.cross_entropy(xt, tt)
         best = {"ours": float("inf"), "torch": float("inf")}

@@ -457,7 +457,7 @@ def _mask_form(m, form):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("form", ["full", "row", "lane", "strided", "fortran"])
 @pytest.mark.parametrize("n", [1, 3, 8, 9, 10, 17, 100, 128])
-def test_short_rows_read_in_place_under_a_mask_equal_the_kernel_on_rows_with_masked_classes_at_minus_inf(
+def test_masked_short_rows_read_in_place_equal_the_kernel_on_rows_holding_minus_inf(
     dtype, form, n
 ):
     # The fused short-row loss reads the rows and the mask where they lie. Its results must be

@@ -235,10 +235,8 @@ pub fn cross_entropy_stored<S: Stored>(
         per_lane.as_ref().map(|p| p.len()),
         grad.as_ref().map(|g| g.len()),
     )?;
-    if opts.mask.is_some() || (batch.inner != 1 && batch.n != 0) {
-        return Err(Error::Unsupported(
-            "16-bit logits are read as rows (class axis last) without a mask",
-        ));
+    if opts.mask.is_some() {
+        return Err(Error::Unsupported("16-bit logits are read without a mask"));
     }
     let zero = <S::Compute as Real>::from_f64(0.0);
     let mut lanes = match per_lane {
@@ -251,6 +249,9 @@ pub fn cross_entropy_stored<S: Stored>(
     let xp = SendPtr(logits.as_ptr() as *mut S);
     let (main, zsum) = if batch.count() == 0 {
         (0.0, 0.0)
+    } else if batch.inner != 1 {
+        let x = Widened(logits);
+        xent_columns(x, &targets, &plan, opts.algorithm, lanes_out, grad_out)?
     } else {
         reduce_pieces(batch.outer, parallel::items_per_piece(n), n, |range| {
             let w = range.len();
@@ -931,13 +932,17 @@ fn column_block_width(n: usize, inner: usize) -> usize {
 /// Lanes are columns of `(n, inner)` slabs (torch's `(N, C, d1, ..)`): blocks of columns are
 /// gathered into row scratch (reads contiguous along `inner`), handled by the row code, and
 /// their gradient rows scattered back. The blocking depends only on the sizes.
-fn xent_columns<T: Real>(
-    logits: &[T],
+///
+/// The logits are stored as `S` and computed in `T = S::Compute`: a 16-bit column block is
+/// widened as it is transposed and its gradient rounded to `S` as it is scattered back, so
+/// each output is the float32 computation's, rounded once.
+fn xent_columns<T: Real, C: Columns<T>>(
+    logits: C,
     targets: &Targets<'_, T>,
     plan: &Plan<'_, T>,
     alg: Algorithm,
     lanes_out: Option<SendPtr<T>>,
-    grad_out: Option<SendPtr<T>>,
+    grad_out: Option<SendPtr<C::Out>>,
 ) -> Result<(f64, f64), Error> {
     let batch = plan.batch;
     let (n, inner) = (batch.n, batch.inner);
@@ -959,6 +964,11 @@ fn xent_columns<T: Real>(
             Some(_) => try_vec(n * width, zero)?,
             None => Vec::new(),
         };
+        // A line of the block in the compute type (16-bit logits only).
+        let mut line = match C::WIDENS {
+            true => try_vec(width, zero)?,
+            false => Vec::new(),
+        };
         let mut scratch = Vec::new();
         let mut states = [LseState::EMPTY; STATE_BLOCK];
         let mut grads = [LaneGrad::ZERO; STATE_BLOCK];
@@ -968,9 +978,9 @@ fn xent_columns<T: Real>(
             let j0 = jb * width;
             let w = width.min(inner - j0);
             let base = o * batch.outer_stride + j0;
-            transpose_in(&logits[base..], inner, n, w, &mut xs);
+            logits.transpose_in(base, inner, n, w, &mut xs, &mut line);
             if let Targets::Probs(q) = targets {
-                transpose_in(&q[base..], inner, n, w, &mut qs);
+                q.transpose_in(base, inner, n, w, &mut qs, &mut []);
             }
             if short_index {
                 let g = grad_out.map(|_| &mut gs[..w * n]);
@@ -1021,26 +1031,125 @@ fn xent_columns<T: Real>(
                 }
             }
             if let Some(gp) = grad_out {
-                let gbase = o * n * inner + j0;
-                for k in 0..n {
-                    for jj in 0..w {
-                        // SAFETY: (k, j0 + jj) of slab o in the dense gradient, whose length
-                        // `plan` checked; units own disjoint column blocks.
-                        unsafe { *gp.ptr().add(gbase + k * inner + jj) = gs[jj * n + k] };
-                    }
-                }
+                // SAFETY: slab o's columns j0..j0 + w of the dense gradient, whose length
+                // `plan` checked; units own disjoint column blocks.
+                unsafe { C::scatter(gp, &gs, o * n * inner + j0, n, inner, w, &mut line) };
             }
         }
         Ok(acc)
     })
 }
 
-/// `rows[jj * n + k] = src[k * inner + jj]` for `k < n`, `jj < w`: a column block as rows.
-fn transpose_in<T: Real>(src: &[T], inner: usize, n: usize, w: usize, rows: &mut [T]) {
-    for k in 0..n {
-        let line = &src[k * inner..k * inner + w];
-        for (jj, &v) in line.iter().enumerate() {
-            rows[jj * n + k] = v;
+/// How [`xent_columns`] reads the logits and writes the gradient: in the compute type `T`
+/// itself (`&[T]`), or stored as 16 bits ([`Widened`]), widened per line of a block as it
+/// is transposed and rounded per line as its gradient is scattered back.
+trait Columns<T: Real>: Copy + Sync {
+    /// The gradient's element type.
+    type Out: Copy;
+    /// Whether the lines go through a buffer of `T` (of the block's width).
+    const WIDENS: bool;
+    /// `rows[jj * n + k] = x[base + k * inner + jj]` for `k < n`, `jj < w`: a column block
+    /// as rows.
+    fn transpose_in(
+        self,
+        base: usize,
+        inner: usize,
+        n: usize,
+        w: usize,
+        rows: &mut [T],
+        line: &mut [T],
+    );
+    /// Writes the gradient rows `gs` of `w` columns to columns `0..w` of the `(n, inner)`
+    /// slab of the dense gradient at `gp + gbase`.
+    ///
+    /// # Safety
+    /// Those elements of the gradient writable, and no other thread's.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn scatter(
+        gp: SendPtr<Self::Out>,
+        gs: &[T],
+        gbase: usize,
+        n: usize,
+        inner: usize,
+        w: usize,
+        line: &mut [T],
+    );
+}
+
+impl<T: Real> Columns<T> for &[T] {
+    type Out = T;
+    const WIDENS: bool = false;
+    fn transpose_in(
+        self,
+        base: usize,
+        inner: usize,
+        n: usize,
+        w: usize,
+        rows: &mut [T],
+        _: &mut [T],
+    ) {
+        for k in 0..n {
+            let line = &self[base + k * inner..][..w];
+            for (jj, &v) in line.iter().enumerate() {
+                rows[jj * n + k] = v;
+            }
+        }
+    }
+    unsafe fn scatter(
+        gp: SendPtr<T>,
+        gs: &[T],
+        gbase: usize,
+        n: usize,
+        inner: usize,
+        w: usize,
+        _: &mut [T],
+    ) {
+        masked::scatter_columns(gp, gs, gbase, n, inner, w);
+    }
+}
+
+/// 16-bit logits (`S::Compute` their compute type) for [`Columns`].
+#[derive(Clone, Copy)]
+struct Widened<'a, S>(&'a [S]);
+
+impl<S: Stored> Columns<S::Compute> for Widened<'_, S> {
+    type Out = S;
+    const WIDENS: bool = true;
+    fn transpose_in(
+        self,
+        base: usize,
+        inner: usize,
+        n: usize,
+        w: usize,
+        rows: &mut [S::Compute],
+        line: &mut [S::Compute],
+    ) {
+        let size = std::mem::size_of::<S>() as isize;
+        for k in 0..n {
+            let from = &self.0[base + k * inner..][..w];
+            // SAFETY: the w elements of `from`.
+            unsafe { S::widen_run(from.as_ptr() as *const u8, size, &mut line[..w]) };
+            for (jj, &v) in line[..w].iter().enumerate() {
+                rows[jj * n + k] = v;
+            }
+        }
+    }
+    unsafe fn scatter(
+        gp: SendPtr<S>,
+        gs: &[S::Compute],
+        gbase: usize,
+        n: usize,
+        inner: usize,
+        w: usize,
+        line: &mut [S::Compute],
+    ) {
+        let size = std::mem::size_of::<S>() as isize;
+        for k in 0..n {
+            for (jj, v) in line[..w].iter_mut().enumerate() {
+                *v = gs[jj * n + k];
+            }
+            // SAFETY: the caller's contract (w elements of row k of the slab).
+            unsafe { S::narrow_run(&line[..w], gp.ptr().add(gbase + k * inner) as *mut u8, size) };
         }
     }
 }

@@ -497,7 +497,7 @@ pub(super) fn xent_masked<T: Real>(
 
 /// Writes the gradient rows `gs` of `w` columns back to the columns `j0..j0 + w` of one
 /// `(n, inner)` slab of the dense gradient at `gp`, starting at `gbase = o * n * inner + j0`.
-fn scatter_columns<T: Real>(
+pub(super) fn scatter_columns<T: Real>(
     gp: SendPtr<T>,
     gs: &[T],
     gbase: usize,
