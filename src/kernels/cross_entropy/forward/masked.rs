@@ -351,7 +351,7 @@ pub(super) fn xent_masked<T: Real>(
                 // The fused short-row loss. Rows are read where they lie, the kernel reading
                 // the mask beside them (a masked class as `-inf`, so its probability and
                 // gradient are 0); columns are staged (transposed) first, as unmasked.
-                let mut g = match grad_out {
+                let g = match grad_out {
                     // SAFETY: lanes l0..l0 + w own the dense rows l0..l0 + w of the
                     // gradient, whose length `plan` checked.
                     Some(gp) if rows => {
@@ -400,7 +400,7 @@ pub(super) fn xent_masked<T: Real>(
                     &mut scratch,
                     &mut short_lanes,
                     lanes_out,
-                    g.as_deref_mut(),
+                    g,
                     &mut acc,
                 )?;
                 if let (Some(gp), false) = (grad_out, rows) {
