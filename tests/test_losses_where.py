@@ -503,3 +503,45 @@ def test_masked_short_rows_read_in_place_equal_the_kernel_on_rows_holding_minus_
                 assert loss.tobytes() == wl.tobytes()
                 assert np.array_equal(g[m].view(np.uint8), wg[m].view(np.uint8))
                 assert (g[~m] == 0).all()
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_a_forward_only_masked_loss_checks_its_targets_in_the_main_pass_as_the_pre_pass_does(
+    reduction,
+):
+    # Without a gradient or per-row losses, short rows check their targets against the mask
+    # in the kernel's pass (nothing is written before a refusal there). The loss must have the
+    # pre-pass's bits (the "mean" denominator summed in the same pieces) and a refusal must
+    # name the same first bad row, whichever kind of error comes first, over many pieces.
+    rng = np.random.default_rng(11)
+    rows, n = 40000, 10
+    x = rng.normal(scale=3, size=(rows, n))
+    m = rng.random((rows, n)) < 0.8
+    m[::97] = False
+    t = np.array([rng.choice(np.flatnonzero(r)) if r.any() else rng.integers(n) for r in m])
+    t[5::13] = -100
+    w = rng.random(n) + 0.5
+
+    def both(tt):
+        outs = []
+        for grad in (False, True):  # the deferred check, then the pre-pass
+            try:
+                res = sl.cross_entropy(x, tt, where=m, weight=w, reduction=reduction,
+                                       return_grad=grad)
+                outs.append(res[0] if grad else res)
+            except IndexError as exc:
+                outs.append(str(exc))
+        return outs
+
+    fwd, pre = both(t)
+    assert np.float64(fwd).tobytes() == np.float64(pre).tobytes()
+    # Rows that keep some classes and mask others, far apart (different pieces).
+    some = np.flatnonzero(m.any(axis=1) & ~m.all(axis=1))
+    a, b = some[1000], some[30000 * len(some) // rows]
+    for masked_row, out_row in ((a, b), (b, a)):
+        tt = t.copy()
+        tt[masked_row] = np.flatnonzero(~m[masked_row])[0]
+        tt[out_row] = n + 4
+        fwd, pre = both(tt)
+        assert isinstance(fwd, str) and fwd == pre
+        assert fwd.startswith(f"target[{a}]")

@@ -1,6 +1,8 @@
 //! The cross-entropy forward pass and its fused gradient, over rows (`inner == 1`) or columns.
 
-use super::spec::{lane_target, plan, reduce_pieces, LaneTarget, Plan, Targets, XentOptions};
+use super::spec::{
+    finish, lane_target, plan, reduce_pieces, LaneTarget, Plan, Targets, XentOptions,
+};
 use crate::error::{try_vec, Error};
 use crate::half::Stored;
 use crate::kernels::blocking::{row_blocks, sum3, COLUMN_BLOCK};
@@ -171,20 +173,21 @@ pub fn cross_entropy<T: Real>(
     per_lane: Option<&mut [T]>,
     grad: Option<&mut [T]>,
 ) -> Result<T, Error> {
-    let plan = plan(
+    let mut plan = plan(
         logits.len(),
         batch,
         &targets,
         opts,
         per_lane.as_ref().map(|p| p.len()),
         grad.as_ref().map(|g| g.len()),
+        true,
     )?;
     let lanes_out = per_lane.map(|p| SendPtr(p.as_mut_ptr()));
     let grad_out = grad.map(|g| SendPtr(g.as_mut_ptr()));
     let (main, zsum) = if batch.count() == 0 {
         (0.0, 0.0)
     } else if let Some(mask) = &opts.mask {
-        masked::xent_masked(
+        let (main, zsum, deferred) = masked::xent_masked(
             logits,
             &targets,
             &plan,
@@ -192,7 +195,12 @@ pub fn cross_entropy<T: Real>(
             opts.algorithm,
             lanes_out,
             grad_out,
-        )?
+        )?;
+        if let Some(counts) = deferred {
+            // The targets were checked by the main pass: the mean's scales now.
+            plan = finish(plan, opts.reduction, counts)?;
+        }
+        (main, zsum)
     } else if batch.inner == 1 {
         xent_rows(logits, &targets, &plan, opts.algorithm, lanes_out, grad_out)?
     } else {
@@ -234,6 +242,7 @@ pub fn cross_entropy_stored<S: Stored>(
         opts,
         per_lane.as_ref().map(|p| p.len()),
         grad.as_ref().map(|g| g.len()),
+        false,
     )?;
     if opts.mask.is_some() {
         return Err(Error::Unsupported("16-bit logits are read without a mask"));

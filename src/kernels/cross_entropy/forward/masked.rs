@@ -14,7 +14,7 @@
 //! targets (the label-smoothing sum keeps the unmasked summation order); probability targets
 //! agree up to the rounding of their sums.
 
-use super::super::mask::ClassMask;
+use super::super::mask::{index_lane, ClassMask};
 use super::*;
 use crate::kernels::masked::{copy_kept, fill_masked};
 
@@ -271,7 +271,11 @@ fn masked_sums<T: Real>(
 }
 
 /// The masked cross-entropy over every lane: `(main, lse^2)` sums as [`xent_rows`] /
-/// [`xent_columns`], gradients dense with 0 at masked classes.
+/// [`xent_columns`], gradients dense with 0 at masked classes. A `deferred` plan has its
+/// targets checked here, each block after the kernel has read its rows' mask, and gets
+/// the "mean" denominators `(D, K)` back, summed as [`masked_denominators`] sums them.
+///
+/// [`masked_denominators`]: super::super::mask::masked_denominators
 pub(super) fn xent_masked<T: Real>(
     logits: &[T],
     targets: &Targets<'_, T>,
@@ -280,7 +284,7 @@ pub(super) fn xent_masked<T: Real>(
     alg: Algorithm,
     lanes_out: Option<SendPtr<T>>,
     grad_out: Option<SendPtr<T>>,
-) -> Result<(f64, f64), Error> {
+) -> Result<(f64, f64, Option<(f64, f64)>), Error> {
     let batch = plan.batch;
     let (n, inner) = (batch.n, batch.inner);
     let rows = inner == 1;
@@ -310,8 +314,17 @@ pub(super) fn xent_masked<T: Real>(
         (false, false) => Count::None,
     };
     let per = parallel::items_per_piece(unit_elements);
-    reduce_pieces(units, per, unit_elements, |range| {
+    // Each piece's (D, K) when the checks are deferred: the pre-pass's pieces (lanes in
+    // pieces of `items_per_piece(n)`, as here for rows).
+    let deferred = plan.deferred && rows && short_index && targets_are_indices(targets);
+    let mut counts = match deferred {
+        true => try_vec(units.div_ceil(per.max(1)), (0.0f64, 0usize))?,
+        false => Vec::new(),
+    };
+    let counts_out = SendPtr(counts.as_mut_ptr());
+    let (main, zsum) = reduce_pieces(units, per, unit_elements, |range| {
         let mut acc = (0.0f64, 0.0f64);
+        let mut counted = (0.0f64, 0usize);
         // In-place short rows stage nothing.
         let staged_width = if short_index && rows { 0 } else { width };
         let mut st = Staged::<T>::new(n, staged_width, probs)?;
@@ -406,6 +419,15 @@ pub(super) fn xent_masked<T: Real>(
                 if let (Some(gp), false) = (grad_out, rows) {
                     scatter_columns(gp, &gs, o * n * inner + j0, n, inner, w);
                 }
+                if let (true, Targets::Indices(t)) = (deferred, targets) {
+                    // The rows' mask is in cache now: the pre-pass's checks, lane by lane.
+                    for l in l0..l0 + w {
+                        if let Some(wt) = index_lane(plan, t, mask, l)? {
+                            counted.0 += wt;
+                            counted.1 += 1;
+                        }
+                    }
+                }
                 continue;
             }
             st.stage(logits, xs, mask.keep, ms, n, w, count);
@@ -491,8 +513,24 @@ pub(super) fn xent_masked<T: Real>(
                 scatter_columns(gp, &gs, o * n * inner + j0, n, inner, w);
             }
         }
+        if deferred {
+            // SAFETY: one slot per piece, written by that piece alone.
+            unsafe { *counts_out.ptr().add(range.start / per.max(1)) = counted };
+        }
         Ok(acc)
-    })
+    })?;
+    // Summed in piece order, as the pre-pass does.
+    let dk = deferred.then(|| {
+        counts
+            .iter()
+            .fold((0.0, 0.0), |acc, &(d, k)| (acc.0 + d, acc.1 + k as f64))
+    });
+    Ok((main, zsum, dk))
+}
+
+/// Whether the targets are class indices.
+fn targets_are_indices<T>(targets: &Targets<'_, T>) -> bool {
+    matches!(targets, Targets::Indices(_))
 }
 
 /// Writes the gradient rows `gs` of `w` columns back to the columns `j0..j0 + w` of one
