@@ -136,7 +136,7 @@ pub(super) fn masked_denominators<T: Real>(
 /// Lane `l`'s index target checked against the mask: `Some(w_t)` for a lane that counts in
 /// "mean", `None` for one that is skipped (ignored, or keeping no class); an out-of-range
 /// target, or one the mask hides in a lane that keeps some class, is refused.
-#[inline]
+#[inline(always)]
 pub(super) fn index_lane<T: Real>(
     plan: &Plan<'_, T>,
     t: &[i64],
