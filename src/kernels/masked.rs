@@ -124,7 +124,7 @@ pub unsafe fn log_softmax_rows_in_place<T: Real>(
 ) {
     let n = batch.n;
     let level = simd::level();
-    let stream = batch.elements() * std::mem::size_of::<T>() >= super::STREAM_BYTES;
+    let stream = super::streams::<T>(&batch);
     let what = Reduction::LogSoftmax;
     let ninf = f64::NEG_INFINITY;
     for r in 0..batch.outer {

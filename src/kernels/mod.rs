@@ -36,6 +36,20 @@ pub const LONG_ROW_BLOCK: usize = 1 << 16;
 /// Softmax outputs of at least this many bytes are written with non-temporal stores.
 pub const STREAM_BYTES: usize = 64 << 20;
 
+/// Rows shorter than this many bytes are never streamed: each streamed row ends with a store
+/// fence and starts and ends on partial cache lines, which costs more than the
+/// read-for-ownership traffic it saves (float32 softmax on rows of 100 ran at half the speed
+/// of cached stores).
+pub const STREAM_ROW_BYTES: usize = 4 << 10;
+
+/// Whether the rows of `batch` are written with non-temporal stores: the output is far larger
+/// than the last-level cache (it will not be read back from there) and each row is long
+/// enough for whole streamed lines to outweigh its fence.
+pub fn streams<T>(batch: &Batch) -> bool {
+    let size = std::mem::size_of::<T>();
+    batch.elements() * size >= STREAM_BYTES && batch.n * size >= STREAM_ROW_BYTES
+}
+
 /// How a lane's `(max, excess)` state is computed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum Algorithm {
@@ -414,9 +428,7 @@ unsafe fn softmax_like_raw<T: Real>(
         });
         return;
     }
-    // Outputs far larger than the last-level cache are written with non-temporal stores: they
-    // will not be read back from cache, and it saves the read-for-ownership traffic.
-    let stream = batch.elements() * std::mem::size_of::<T>() >= STREAM_BYTES;
+    let stream = streams::<T>(&batch);
     // Writes elements first..first+len of row l from its finished state. Each output is
     // written once; elements are read before they are written (in place is fine).
     let write = move |l: usize, first: usize, len: usize, state: LseState| {
