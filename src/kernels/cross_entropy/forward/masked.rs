@@ -284,7 +284,7 @@ pub(super) fn xent_masked<T: Real>(
     alg: Algorithm,
     lanes_out: Option<SendPtr<T>>,
     grad_out: Option<SendPtr<T>>,
-) -> Result<(f64, f64, Option<(f64, f64)>), Error> {
+) -> Result<(f64, f64, Option<Counts>), Error> {
     let batch = plan.batch;
     let (n, inner) = (batch.n, batch.inner);
     let rows = inner == 1;
@@ -527,6 +527,9 @@ pub(super) fn xent_masked<T: Real>(
     });
     Ok((main, zsum, dk))
 }
+
+/// The "mean" denominators `(D, K)`: the weight of the counted targets and their number.
+type Counts = (f64, f64);
 
 /// Whether the targets are class indices.
 fn targets_are_indices<T>(targets: &Targets<'_, T>) -> bool {
