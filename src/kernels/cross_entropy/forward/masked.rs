@@ -713,6 +713,95 @@ mod tests {
         assert!(matches!(err, Err(Error::Layout(_))));
     }
 
+    /// Short rows read in place under a mask give the unmasked kernel's bits on a copy whose
+    /// masked classes hold `-inf` (a row keeping no class ignored): every group size of the
+    /// level, a row pitch, dense, `(1, C)` and strided masks, NaN/inf behind the mask.
+    #[test]
+    fn masked_short_rows_read_in_place_equal_the_kernel_on_rows_holding_minus_inf() {
+        let rows = 37usize;
+        for n in [1usize, 3, 8, 10, 17, 100] {
+            let pitch = n + 3;
+            let x: Vec<f32> = (0..rows * pitch)
+                .map(|i| match i % 29 {
+                    7 => f32::NAN,
+                    11 => f32::INFINITY,
+                    _ => ((i * 37 % 23) as f32 - 11.0) * 0.7,
+                })
+                .collect();
+            // [dense, (1, C) broadcast, class stride 2]
+            for form in 0..3 {
+                let (lane, class) = [(n, 1), (0, 1), (2 * n, 2)][form];
+                let keep: Vec<u8> = (0..rows.max(1) * 2 * n)
+                    .map(|i| (i % 5 != 2 && i % 7 != 3) as u8)
+                    .collect();
+                // Every 9th row keeps no class (where the mask has a row per row).
+                let mut m = keep.clone();
+                for r in (4..rows).step_by(9).filter(|_| lane != 0) {
+                    for k in 0..n {
+                        m[r * lane + k * class] = 0;
+                    }
+                }
+                let keeps = |r: usize, k: usize| m[r * lane + k * class] != 0;
+                let t: Vec<i64> = (0..rows)
+                    .map(|r| (0..n).find(|&k| keeps(r, k)).unwrap_or(0) as i64)
+                    .collect();
+                let mut staged = vec![0.0f32; rows * n];
+                let mut ref_t = t.clone();
+                for r in 0..rows {
+                    for k in 0..n {
+                        staged[r * n + k] = if keeps(r, k) {
+                            x[r * pitch + k]
+                        } else {
+                            f32::NEG_INFINITY
+                        };
+                    }
+                    if !(0..n).any(|k| keeps(r, k)) {
+                        ref_t[r] = -100;
+                    }
+                }
+                let batch = Batch {
+                    outer: rows,
+                    outer_stride: pitch,
+                    n,
+                    inner: 1,
+                };
+                let opts = XentOptions {
+                    z_loss: 0.01,
+                    reduction: LossReduction::None,
+                    mask: Some(ClassMask {
+                        keep: &m,
+                        strides: [lane, class, 0],
+                    }),
+                    ..XentOptions::default()
+                };
+                let (mut per, mut grad) = (vec![0.0f32; rows], vec![9.0f32; rows * n]);
+                let x = &x[..(rows - 1) * pitch + n];
+                let t = Targets::Indices(&t);
+                cross_entropy(x, batch, t, &opts, Some(&mut per), Some(&mut grad)).unwrap();
+                let plain = XentOptions { mask: None, ..opts };
+                let (mut want, mut wgrad) = (vec![0.0f32; rows], vec![9.0f32; rows * n]);
+                let rt = Targets::Indices(&ref_t);
+                let rb = Batch::rows(rows, n);
+                cross_entropy(&staged, rb, rt, &plain, Some(&mut want), Some(&mut wgrad)).unwrap();
+                for r in 0..rows {
+                    assert_eq!(
+                        per[r].to_bits(),
+                        want[r].to_bits(),
+                        "n {n} form {form} row {r}"
+                    );
+                    for k in 0..n {
+                        let (g, w) = (grad[r * n + k], wgrad[r * n + k]);
+                        if keeps(r, k) {
+                            assert_eq!(g.to_bits(), w.to_bits(), "n {n} form {form} ({r}, {k})");
+                        } else {
+                            assert_eq!(g, 0.0, "n {n} form {form} ({r}, {k})");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn probability_mass_on_a_masked_class_is_refused() {
         let x = [0.0f64; 6];
