@@ -494,10 +494,10 @@ def test_dense_blocks_written_in_out_equal_the_staged_path(dtype, n):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("n", [37, 1000, 5003])
+@pytest.mark.parametrize("n", [37, 1000, 5003, 40000, 140001])
 def test_rows_read_in_place_equal_the_staged_and_unmasked_paths(dtype, n):
-    """logsumexp, lane states and log_softmax of rows dense in x and the mask read both where
-    they are, the mask applied as each vector is loaded (max, sum and write passes). They must
+    """logsumexp, lane states, log_softmax and softmax of rows dense in x and the mask read both
+    where they are, the mask applied as each vector is loaded (max, sum and write passes). They must
     equal, bit for bit, the staged path (x strided) and the unmasked op on x with its masked
     elements set to -inf, also for kept +inf / NaN / all -inf rows, fully masked rows, masked
     NaN and +inf (a masked value read, a lost NaN, a wrong tail mask, a block skipped)."""
@@ -539,7 +539,40 @@ def test_rows_read_in_place_equal_the_staged_and_unmasked_paths(dtype, n):
     ok = np.isfinite(plain)  # rows whose kept state is finite: the unmasked op's bits
     np.testing.assert_array_equal(hidden_ls[ok].view(bits), want[ok])
     assert np.all(np.isneginf(sl.log_softmax(x, axis=1, where=keep)[~keep]))
+    # softmax: the same three routes (the stored-exp kernel reading x and the mask in place).
+    want = np.empty((rows, 2 * n), dtype)[:, ::2]
+    sl.softmax(x, axis=1, where=keep, out=want)
+    want = np.ascontiguousarray(want).view(bits)
+    got = sl.softmax(x, axis=1, where=keep)
+    np.testing.assert_array_equal(got.view(bits), want)
+    inplace = x.copy()
+    sl.softmax(inplace, axis=1, where=keep, out=inplace)
+    np.testing.assert_array_equal(inplace.view(bits), want)
+    np.testing.assert_array_equal(sl.softmax(hidden, axis=1)[ok].view(bits), want[ok])
+    assert np.all(got[~keep].view(bits) == 0)  # +0.0 at every masked position
     got = _stream.chunk_states(x, (1,), keep)
     for want in (_stream.chunk_states(strided, (1,), keep), _stream.chunk_states(hidden, (1,))):
         for a, b in zip(got, want):
             np.testing.assert_array_equal(a.view(np.uint64), b.view(np.uint64))
+
+
+@pytest.mark.parametrize("n", [1029, 40000, 131075])
+def test_masked_rows_streamed_into_a_large_out_equal_rows_written_through_the_cache(n):
+    """An output of 64 MiB or more in rows of 4 KiB or more is written with non-temporal stores,
+    the rows read in place (the mask applied as x is loaded): its bits must equal those of the
+    same rows computed in halves small enough to be written through the cache (a wrong head or
+    tail of a streamed row, a mask byte misread next to a vector boundary of out, a masked
+    value streamed)."""
+    rng = np.random.default_rng(n)
+    rows = -(-(1 << 24) // n)
+    x = rng.standard_normal((rows, n), dtype=np.float32)
+    keep = rng.random((rows, n), dtype=np.float32) < 0.9
+    keep[3] = False
+    half = rows // 2
+    for f, masked in ((sl.softmax, 0.0), (sl.log_softmax, -np.inf)):
+        got = f(x, axis=1, where=keep)
+        for part in (slice(0, half), slice(half, rows)):
+            want = f(x[part], axis=1, where=keep[part])
+            np.testing.assert_array_equal(got[part].view(np.uint32), want.view(np.uint32))
+        assert np.all(got[~keep] == masked)
+

@@ -23,6 +23,7 @@
 
 use super::{is_short, Algorithm, Reduction};
 use crate::layout::Batch;
+use crate::parallel::{self, SendPtr};
 use crate::real::Real;
 use crate::simd;
 use crate::state::LseState;
@@ -104,47 +105,203 @@ pub fn kept_row_states<T: Real>(
     Ok(())
 }
 
-/// log_softmax of `batch`'s rows (see [`reads_rows_in_place`]) over the kept elements,
-/// reading `x` and the mask where they are: each row's state as [`kept_row_states`], then one
-/// write pass `(x - max) - log S` that loads the masked elements as `-inf`, which is the
-/// masked value, so no staged copy and no fill pass. A row whose state is not finite (fully
-/// masked, a kept NaN or infinity) is staged into `out` and finished as the staged block is
-/// ([`softmax_like_masked`]), so every output equals the staged path's bit for bit.
+/// Whether [`softmax_like_rows_in_place`] writes `batch`'s `what`: the rows of
+/// [`reads_rows_in_place`], and softmax rows short enough for the short-row kernels (their
+/// states come from a staged copy, the write reads `x` in place).
+pub fn writes_rows_in_place(batch: &Batch, alg: Algorithm, what: Reduction) -> bool {
+    reads_rows_in_place(batch, alg)
+        || (what == Reduction::Softmax && is_short(simd::level(), batch))
+}
+
+/// Softmax or log_softmax of `batch`'s rows (see [`writes_rows_in_place`]) over the kept
+/// elements, reading `x` and the mask where they are and writing `out` once, with the same
+/// values as the staged path ([`softmax_like_masked`] on the staged block) bit for bit:
+///
+/// - softmax rows up to `STORED_ROW`: the stored-exp kernel with the masked elements loaded
+///   as `-inf`, whose stored exp is 0, so the masked outputs are 0 with no fill pass;
+/// - longer softmax rows and log_softmax: the state as [`kept_row_states`], then one write
+///   that loads the masked elements as the max (softmax: `exp(0)`, not the slow `exp(-inf)`)
+///   or `-inf` (log_softmax) and stores 0 / `-inf` there;
+/// - short softmax rows: the states of a copy staged in `scratch` (the short-row kernels take
+///   no mask), then the same write from `x`;
+/// - a row whose state is not finite (fully masked, a kept NaN or infinity) is staged into
+///   `out` and finished as the staged block finishes it.
+///
+/// `stream` asks for non-temporal stores (`kernels::streams` of the whole output).
 ///
 /// # Safety
 /// `x` readable and `out` writable for `batch.elements()` elements, `out` equal to `x` or
 /// disjoint from it; `keep` readable for as many bytes, disjoint from `out`; `batch` is a
-/// contiguous row batch.
-pub unsafe fn log_softmax_rows_in_place<T: Real>(
+/// contiguous row batch; `scratch` holds `batch.elements()` elements and `states`
+/// `batch.outer` states (short softmax rows only).
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn softmax_like_rows_in_place<T: Real>(
     x: *const T,
     keep: *const u8,
     out: *mut T,
     batch: Batch,
     alg: Algorithm,
+    what: Reduction,
+    stream: bool,
+    scratch: &mut [T],
+    states: &mut [LseState],
+) -> Result<(), String> {
+    let (n, rows) = (batch.n, batch.outer);
+    let level = simd::level();
+    let ninf = f64::NEG_INFINITY;
+    let softmax = what == Reduction::Softmax;
+    let short = softmax && is_short(level, &batch);
+    if short {
+        let len = batch.elements();
+        let (Some(buf), Some(states)) = (scratch.get_mut(..len), states.get_mut(..rows)) else {
+            return Err(format!("{rows} short rows of {n} need scratch"));
+        };
+        // SAFETY: `len` elements of x and mask bytes (the caller's contract); `buf` is
+        // distinct scratch.
+        unsafe { simd::select_kept(level, x, keep, buf.as_mut_ptr(), len, ninf) };
+        super::lse_states(buf, batch, alg, states)?;
+    }
+    let stored = softmax && !short && n <= simd::STORED_ROW;
+    super::with_exp_scratch(if stored { n } else { 0 }, |e| {
+        for r in 0..rows {
+            // SAFETY: row r's n elements of x, out and the mask (the caller's contract); the
+            // staged copy and every write go through raw pointers, so out may equal x; the
+            // exp scratch holds n float64.
+            unsafe {
+                let (xr, kr, or) = (x.add(r * n), keep.add(r * n), out.add(r * n));
+                let state = if short {
+                    states.get(r).copied()
+                } else if stored {
+                    if let Some(e) = e {
+                        if simd::softmax_stored(level, xr, kr, or, n, e, stream) {
+                            continue;
+                        }
+                    }
+                    None
+                } else {
+                    simd::kept_row_state(level, xr, kr, n)
+                };
+                let s = match state {
+                    Some(s) => s,
+                    None => staged_state(xr, kr, or, n, alg),
+                };
+                write_kept(xr, kr, or, n, s, what, stream);
+            }
+        }
+    });
+    Ok(())
+}
+
+/// Softmax or log_softmax of `batch`'s rows of at least `2 * LONG_ROW_BLOCK` elements over
+/// the kept elements, reading `x` and the mask where they are: each row's state merges the
+/// in-place states of its `LONG_ROW_BLOCK` chunks in order, then each chunk is written as
+/// [`softmax_like_rows_in_place`] writes a row; the chunks of a row run in parallel. The same
+/// values as the staged lanes (chunks gathered with the masked elements `-inf`) bit for bit.
+///
+/// # Safety
+/// As [`softmax_like_rows_in_place`] (no scratch); `alg` is not online.
+pub unsafe fn softmax_like_long_rows_in_place<T: Real>(
+    x: *const T,
+    keep: *const u8,
+    out: *mut T,
+    batch: Batch,
+    alg: Algorithm,
+    what: Reduction,
+    stream: bool,
 ) {
     let n = batch.n;
-    let level = simd::level();
-    let stream = super::streams::<T>(&batch);
-    let what = Reduction::LogSoftmax;
-    let ninf = f64::NEG_INFINITY;
-    for r in 0..batch.outer {
-        // SAFETY: row r's n elements of x, out and the mask (the caller's contract); the
-        // staged copy and every write go through raw pointers, so out may equal x.
+    let block = super::LONG_ROW_BLOCK;
+    let chunks = n.div_ceil(block);
+    let (xp, kp, op) = (SendPtr(x as *mut T), SendPtr(keep as *mut u8), SendPtr(out));
+    // Chunk c of row r: its pointers into x, the mask and out, and its length.
+    let at = move |r: usize, c: usize| {
+        let first = r * n + c * block;
+        // SAFETY: the chunk lies inside row r (the caller's contract).
         unsafe {
-            let (xr, kr, or) = (x.add(r * n), keep.add(r * n), out.add(r * n));
-            let state = simd::kept_row_state(level, xr, kr, n);
-            if let Some(s) = state.filter(|s| s.max.is_finite()) {
-                simd::kept_shift_sub(level, xr, kr, or, n, s.max, s.log_total(), stream);
-                continue;
-            }
-            simd::select_kept(level, xr, kr, or, n, ninf);
-            let s = match state {
-                Some(s) => s,
-                None => super::row_state(std::slice::from_raw_parts(or, n), alg),
-            };
-            super::write_row(level, or, or, n, s, what, stream);
-            simd::select_kept(level, or, kr, or, n, ninf);
+            let p = (xp.ptr() as *const T).add(first);
+            (p, (kp.ptr() as *const u8).add(first), op.ptr().add(first))
         }
+    };
+    for r in 0..batch.outer {
+        let states = parallel::map_collect(chunks, block, |c| {
+            let (xr, kr, or) = at(r, c);
+            let len = block.min(n - c * block);
+            // SAFETY: the chunk's elements of x, the mask and out, this task's own.
+            unsafe {
+                match simd::kept_row_state(simd::level(), xr, kr, len) {
+                    Some(s) => s,
+                    None => staged_state(xr, kr, or, len, alg),
+                }
+            }
+        });
+        let state = states.into_iter().fold(LseState::EMPTY, |a, s| a.merge(s));
+        parallel::for_each_piece(chunks, block, |range| {
+            for c in range {
+                let (xr, kr, or) = at(r, c);
+                let len = block.min(n - c * block);
+                // SAFETY: as above.
+                unsafe { write_kept(xr, kr, or, len, state, what, stream) };
+            }
+        });
+    }
+}
+
+/// The state of a row staged into `out` (the masked elements `-inf`): the row a staged block
+/// holds, reduced as the staged block reduces it. Reading the row in place after this is
+/// still right when `out` is `x`: only masked elements changed.
+///
+/// # Safety
+/// `n` elements of `x` and mask bytes readable, `n` of `out` writable (equal to `x` or
+/// disjoint), not online.
+unsafe fn staged_state<T: Real>(
+    x: *const T,
+    keep: *const u8,
+    out: *mut T,
+    n: usize,
+    alg: Algorithm,
+) -> LseState {
+    // SAFETY: the caller's contract; the slice is rebuilt after the select wrote it.
+    unsafe {
+        simd::select_kept(simd::level(), x, keep, out, n, f64::NEG_INFINITY);
+        super::row_state(std::slice::from_raw_parts(out, n), alg)
+    }
+}
+
+/// Writes softmax or log_softmax of a `where=` row read in place from its kept elements'
+/// `state`: with a finite max, one pass that applies the mask as `x` is loaded; otherwise the
+/// row is staged into `out` and written by the reference writers, the masked positions then
+/// set, as the staged path does.
+///
+/// # Safety
+/// As [`staged_state`].
+unsafe fn write_kept<T: Real>(
+    x: *const T,
+    keep: *const u8,
+    out: *mut T,
+    n: usize,
+    s: LseState,
+    what: Reduction,
+    stream: bool,
+) {
+    let level = simd::level();
+    // SAFETY: the caller's contract.
+    unsafe {
+        if s.max.is_finite() {
+            match what {
+                Reduction::Softmax => {
+                    let scale = 1.0 / s.total();
+                    simd::kept_exp_scaled(level, x, keep, out, n, s.max, scale, stream)
+                }
+                Reduction::LogSoftmax => {
+                    let log_total = s.log_total();
+                    simd::kept_shift_sub(level, x, keep, out, n, s.max, log_total, stream)
+                }
+            }
+            return;
+        }
+        simd::select_kept(level, x, keep, out, n, f64::NEG_INFINITY);
+        super::write_row(level, out, out, n, s, what, stream);
+        simd::select_kept(level, out, keep, out, n, masked_value::<T>(what).to_f64());
     }
 }
 

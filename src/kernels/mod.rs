@@ -471,7 +471,7 @@ unsafe fn softmax_like_raw<T: Real>(
                     let done = unsafe {
                         let xr = (xp.ptr() as *const T).add(ln.start);
                         let or = op.ptr().add(l * n);
-                        simd::softmax_stored(level, xr, or, n, e, stream)
+                        simd::softmax_stored(level, xr, std::ptr::null(), or, n, e, stream)
                     };
                     if done {
                         continue;

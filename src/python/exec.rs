@@ -559,7 +559,31 @@ pub(crate) unsafe fn softmax<S: Stored<Compute = T>, T: Real>(
     let xv = WorkView::new(x, p.perm.iter().copied());
     let mv = mask.map(|m| WorkView::new(m, p.perm.iter().copied()));
     let ov = WorkView::new(out, p.perm.iter().copied());
+    // Blocks that write out directly stream as the kernels would over the whole batch.
+    let stream = kernels::streams::<T>(&Batch::contiguous(p.outer, p.n, p.inner));
     if blocks.long_lanes() {
+        // Rows dense in x, the mask and out: read and written where they are.
+        let len = p.outer * p.n;
+        let dense = mv
+            .as_ref()
+            .filter(|_| S::NATIVE && p.inner == 1 && alg != Algorithm::Online)
+            .and_then(|mv| {
+                Some((
+                    xv.unit_run::<T>(0, len)?,
+                    mv.unit_run::<u8>(0, len)?,
+                    ov.unit_run::<T>(0, len)? as *mut T,
+                ))
+            });
+        if let Some((xp, kp, op)) = dense {
+            let batch = Batch::rows(p.outer, p.n);
+            // SAFETY: `len` aligned elements of x and out (arrays of S hold values of T) and
+            // mask bytes; out is writeable, shares no element with the mask, and is x itself
+            // or disjoint from it.
+            unsafe {
+                masked::softmax_like_long_rows_in_place(xp, kp, op, batch, alg, what, stream)
+            };
+            return Ok(());
+        }
         return for_each_long_lane::<S, T>(
             &blocks,
             2 * LONG_ROW_BLOCK,
@@ -621,9 +645,10 @@ pub(crate) unsafe fn softmax<S: Stored<Compute = T>, T: Real>(
                     // T) and mask bytes, this block's own; out is writeable, shares no element
                     // with the mask, and is x itself or disjoint from it.
                     unsafe {
-                        if what == Reduction::LogSoftmax && masked::reads_rows_in_place(&batch, alg)
-                        {
-                            masked::log_softmax_rows_in_place(xp, kp, op, batch, alg);
+                        if masked::writes_rows_in_place(&batch, alg, what) {
+                            masked::softmax_like_rows_in_place(
+                                xp, kp, op, batch, alg, what, stream, buf, states,
+                            )?;
                             return Ok(());
                         }
                         crate::simd::select_kept(simd_level, xp, kp, op, len, f64::NEG_INFINITY);

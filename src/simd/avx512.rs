@@ -489,6 +489,33 @@ unsafe impl Lanes for Avx512 {
             }
         }
     }
+    /// float32: 16 lanes at a time in float32, the mask applied by the max itself (the load
+    /// does not wait for the mask bytes).
+    #[inline(always)]
+    unsafe fn max_step_kept<T: Real>(
+        self,
+        acc: [__m512d; 2],
+        p: *const T,
+        keep: *const u8,
+    ) -> [__m512d; 2] {
+        // SAFETY: the caller guarantees 16 readable elements and mask bytes.
+        unsafe {
+            if T::FULL {
+                let ninf = _mm512_set1_pd(f64::NEG_INFINITY);
+                let (k0, k1) = (self.kept(keep), self.kept(keep.add(8)));
+                let (v0, v1) = (self.load(p), self.load(p.add(8)));
+                [
+                    _mm512_max_pd(acc[0], _mm512_mask_blend_pd(k0, ninf, v0)),
+                    _mm512_max_pd(acc[1], _mm512_mask_blend_pd(k1, ninf, v1)),
+                ]
+            } else {
+                let b = _mm_loadu_si128(keep as *const __m128i);
+                let k = _mm_test_epi8_mask(b, b);
+                let (a, v) = (_mm512_castpd_ps(acc[0]), _mm512_loadu_ps(p as *const f32));
+                [_mm512_castps_pd(_mm512_mask_max_ps(a, k, a, v)), acc[1]]
+            }
+        }
+    }
     #[inline(always)]
     fn max_finish<T: Real>(self, acc: [__m512d; 2]) -> f64 {
         unsafe {

@@ -169,6 +169,29 @@ pub unsafe trait Lanes: Copy {
     fn max_finish<T: Real>(self, acc: [Self::V; 2]) -> f64 {
         self.reduce_max(self.max(acc[0], acc[1]))
     }
+    /// [`Lanes::max_step`] over the kept elements of the `2N` at `p`: those whose mask byte
+    /// at `keep` is nonzero (the others take no part).
+    ///
+    /// # Safety
+    /// `2N` readable elements at `p` and bytes at `keep`.
+    #[inline(always)]
+    unsafe fn max_step_kept<T: Real>(
+        self,
+        acc: [Self::V; 2],
+        p: *const T,
+        keep: *const u8,
+    ) -> [Self::V; 2] {
+        let ninf = self.splat(f64::NEG_INFINITY);
+        // SAFETY: forwarded from the caller.
+        unsafe {
+            let (k0, k1) = (self.kept(keep), self.kept(keep.add(Self::N)));
+            let (v0, v1) = (self.load(p), self.load(p.add(Self::N)));
+            [
+                self.max(acc[0], self.select(k0, v0, ninf)),
+                self.max(acc[1], self.select(k1, v1, ninf)),
+            ]
+        }
+    }
 
     /// Columns `c0..c0 + w` (`w <= N`) of up to `N` rows `pitch` apart: `out[c0 + k]` holds
     /// element `c0 + k` of rows `0..N`, `-inf` past `rows`. (A level may transpose in

@@ -264,6 +264,8 @@ macro_rules! run_kernel {
     }};
 }
 
+pub(crate) mod ragged;
+
 /// `(max, excess)` of `n` contiguous elements at `level`: blocked two-pass, or one pass with
 /// a running max (`online`).
 ///
@@ -319,10 +321,12 @@ pub(crate) unsafe fn kept_row_state<T: Real>(
 }
 
 /// The row writes: `out[k] = f(x[k])` for `k < n`, with `f` softmax's or log_softmax's; with
-/// a mask (`keep` not null) `x[k]` is `-inf` where `keep[k] == 0`, applied as it is loaded.
+/// a mask (`keep` not null) `x[k]` is `-inf` where `keep[k] == 0`, applied as it is loaded,
+/// or with `masked = Some((fill, value))` enters `f` as `fill` and is stored as `value`.
 struct MapRow<T, F> {
     x: *const T,
     keep: *const u8,
+    masked: Option<(f64, f64)>,
     out: *mut T,
     n: usize,
     stream: bool,
@@ -336,6 +340,7 @@ impl<T: Real, F: LaneMap> Kernel for MapRow<T, F> {
         let MapRow {
             x,
             keep,
+            masked,
             out,
             n,
             stream,
@@ -343,10 +348,18 @@ impl<T: Real, F: LaneMap> Kernel for MapRow<T, F> {
         } = self;
         // SAFETY: the callers of map_row guarantee the buffers.
         unsafe {
-            if keep.is_null() {
-                rows::map_row_of(l, rows::Dense(x), out, n, stream, f)
-            } else {
-                rows::map_row_of(l, rows::Kept { x, keep }, out, n, stream, f)
+            match masked {
+                _ if keep.is_null() => rows::map_row_of(l, rows::Dense(x), out, n, stream, f),
+                None => rows::map_row_of(l, rows::Kept { x, keep }, out, n, stream, f),
+                Some((fill, value)) => {
+                    let src = rows::Masked {
+                        x,
+                        keep,
+                        fill,
+                        value,
+                    };
+                    rows::map_row_of(l, src, out, n, stream, f)
+                }
             }
         }
     }
@@ -354,13 +367,13 @@ impl<T: Real, F: LaneMap> Kernel for MapRow<T, F> {
         for k in 0..self.n {
             // SAFETY: k < n; element k is read before it is written.
             unsafe {
-                let masked = !self.keep.is_null() && *self.keep.add(k) == 0;
-                let v = if masked {
-                    f64::NEG_INFINITY
-                } else {
-                    (*self.x.add(k)).to_f64()
+                let kept = self.keep.is_null() || *self.keep.add(k) != 0;
+                let y = match self.masked {
+                    _ if kept => self.f.scalar((*self.x.add(k)).to_f64()),
+                    None => self.f.scalar(f64::NEG_INFINITY),
+                    Some((_, value)) => value,
                 };
-                *self.out.add(k) = T::from_f64(self.f.scalar(v));
+                *self.out.add(k) = T::from_f64(y);
             }
         }
     }
@@ -381,10 +394,11 @@ unsafe fn map_row<T: Real>(
     stream: bool,
     f: impl LaneMap,
 ) {
-    let keep = std::ptr::null();
+    let (keep, masked) = (std::ptr::null(), None);
     let k = MapRow {
         x,
         keep,
+        masked,
         out,
         n,
         stream,
@@ -413,9 +427,46 @@ pub(crate) unsafe fn kept_shift_sub<T: Real>(
     stream: bool,
 ) {
     let f = ShiftSub { shift, log_total };
+    let masked = None;
     let k = MapRow {
         x,
         keep,
+        masked,
+        out,
+        n,
+        stream,
+        f,
+    };
+    // SAFETY: forwarded from the caller.
+    unsafe { dispatch(level, k) }
+}
+
+/// The softmax write of a `where=` row read in place: `out[k] = scale * exp(x[k] - shift)`
+/// where `keep[k] != 0`, else 0 (`shift` the finite max of the kept elements, `scale` finite).
+/// The masked lanes are loaded as `shift` (`exp(0)`, where the `-inf` a staged row holds
+/// would take the exp's slow subnormal path) and replaced by 0: the values a staged row
+/// written with its masked elements set to the max, then filled with 0, holds.
+///
+/// # Safety
+/// As [`kept_shift_sub`].
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn kept_exp_scaled<T: Real>(
+    level: Level,
+    x: *const T,
+    keep: *const u8,
+    out: *mut T,
+    n: usize,
+    shift: f64,
+    scale: f64,
+    stream: bool,
+) {
+    let full = T::FULL;
+    let f = ExpScaled { shift, scale, full };
+    let masked = Some((shift, 0.0));
+    let k = MapRow {
+        x,
+        keep,
+        masked,
         out,
         n,
         stream,
@@ -466,16 +517,20 @@ pub const STORED_ROW: usize = 1 << 15;
 
 /// Softmax of `n` contiguous elements at `level` with one exp per element, keeping the exps
 /// in the float64 scratch `e` between the sum and the write (the outputs are those of the
-/// state pass followed by [`exp_scaled`], up to the sum's rounding). Returns `false`, with
-/// nothing written, for rows with a NaN or an infinity, and at the scalar level: the caller
-/// then takes the two-exp path.
+/// state pass followed by [`exp_scaled`], up to the sum's rounding). With a mask (`keep` not
+/// null) `x[k]` is `-inf` where `keep[k] == 0`, applied as it is loaded: the staged row's
+/// outputs bit for bit, 0 at the masked positions. Returns `false`, with nothing written, for
+/// rows with a NaN or an infinity (of those read), and at the scalar level: the caller then
+/// takes the two-exp path.
 ///
 /// # Safety
-/// `x` readable and `out` writable for `n` elements, disjoint or equal; `e` writable for `n`
-/// float64; `level` supported by this CPU.
+/// `x` readable and `out` writable for `n` elements, disjoint or equal; `keep` null or
+/// readable for `n` bytes, disjoint from `out`; `e` writable for `n` float64; `level`
+/// supported by this CPU.
 pub(crate) unsafe fn softmax_stored<T: Real>(
     level: Level,
     x: *const T,
+    keep: *const u8,
     out: *mut T,
     n: usize,
     e: *mut f64,
@@ -483,8 +538,16 @@ pub(crate) unsafe fn softmax_stored<T: Real>(
 ) -> bool {
     // SAFETY: forwarded from the caller (the buffers).
     unsafe {
-        run_kernel!(level, { x: *const T, out: *mut T, n: usize, e: *mut f64, stream: bool } -> bool,
-            |l| rows::softmax_stored(l, x, out, n, e, stream),
+        run_kernel!(level,
+            { x: *const T, keep: *const u8, out: *mut T, n: usize, e: *mut f64, stream: bool }
+                -> bool,
+            |l| {
+                if keep.is_null() {
+                    rows::softmax_stored(l, rows::Dense(x), out, n, e, stream)
+                } else {
+                    rows::softmax_stored(l, rows::Kept { x, keep }, out, n, e, stream)
+                }
+            },
             scalar: false,
         )
     }

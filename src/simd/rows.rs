@@ -10,10 +10,10 @@ use crate::real::Real;
 use crate::state::LseState;
 use std::mem::MaybeUninit;
 
-/// Where a row algorithm reads its elements: the load policy that lets one body serve both
-/// a dense row ([`Dense`]) and a `where=` row read in place ([`Kept`], masked lanes `-inf`
-/// as they are loaded). Offsets are in elements from the row's start.
-pub(crate) trait Source: Copy {
+/// Where a row write reads its elements and what it stores: the load policy that lets one
+/// body serve a dense row ([`Dense`]) and a `where=` row read in place ([`Kept`], [`Masked`]).
+/// Offsets are in elements from the row's start.
+pub(crate) trait Load: Copy {
     type T: Real;
     /// `N` elements at `i`, widened.
     ///
@@ -25,6 +25,28 @@ pub(crate) trait Source: Copy {
     /// # Safety
     /// Elements `i..i + n` readable.
     unsafe fn load_tail<L: Lanes>(self, l: L, i: usize, n: usize) -> L::V;
+    /// What a write stores for the `N` elements at `i` that map to `y` (a masked source may
+    /// put its own value at the masked lanes).
+    ///
+    /// # Safety
+    /// As [`Load::load`].
+    #[inline(always)]
+    unsafe fn written<L: Lanes>(self, _l: L, _i: usize, y: L::V) -> L::V {
+        y
+    }
+    /// [`Load::written`] for the `n < N` elements at `i`.
+    ///
+    /// # Safety
+    /// As [`Load::load_tail`].
+    #[inline(always)]
+    unsafe fn written_tail<L: Lanes>(self, _l: L, _i: usize, _n: usize, y: L::V) -> L::V {
+        y
+    }
+}
+
+/// Where a row algorithm that reduces reads its elements ([`Dense`], or [`Kept`]: masked
+/// lanes `-inf` as they are loaded).
+pub(crate) trait Source: Load {
     /// The max of elements `i..i + n` (a NaN may or may not show).
     ///
     /// # Safety
@@ -52,7 +74,7 @@ pub(crate) trait Source: Copy {
 #[derive(Clone, Copy)]
 pub(crate) struct Dense<T>(pub *const T);
 
-impl<T: Real> Source for Dense<T> {
+impl<T: Real> Load for Dense<T> {
     type T = T;
     #[inline(always)]
     unsafe fn load<L: Lanes>(self, l: L, i: usize) -> L::V {
@@ -64,6 +86,9 @@ impl<T: Real> Source for Dense<T> {
         // SAFETY: forwarded from the caller.
         unsafe { l.load_tail(self.0.add(i), n) }
     }
+}
+
+impl<T: Real> Source for Dense<T> {
     #[inline(always)]
     unsafe fn max_of<L: Lanes>(self, l: L, i: usize, n: usize) -> f64 {
         // SAFETY: forwarded from the caller.
@@ -103,49 +128,142 @@ pub(crate) struct Kept<T> {
     pub keep: *const u8,
 }
 
-impl<T: Real> Source for Kept<T> {
+/// A `where=` row written from `x` in place: the masked elements enter the map as `fill` and
+/// are stored as `value`. The softmax write loads them as the row's max (a cheap `exp(0)`,
+/// where `exp(-inf)` would take the exp's slow subnormal path) and stores 0.
+#[derive(Clone, Copy)]
+pub(crate) struct Masked<T> {
+    pub x: *const T,
+    pub keep: *const u8,
+    pub fill: f64,
+    pub value: f64,
+}
+
+/// The lanes of `n < N` mask bytes at `keep` (the others masked).
+///
+/// # Safety
+/// `n` readable bytes at `keep`.
+#[inline(always)]
+unsafe fn kept_tail<L: Lanes>(l: L, keep: *const u8, n: usize) -> L::M {
+    // Only n mask bytes are readable: copy them into a zeroed vector's worth.
+    let mut b = [0u8; 8];
+    // SAFETY: forwarded from the caller; n < N <= 8.
+    unsafe {
+        std::ptr::copy_nonoverlapping(keep, b.as_mut_ptr(), n);
+        l.kept(b.as_ptr())
+    }
+}
+
+/// `N` elements of `x` at `i`, `fill` where the mask bytes at `keep + i` are 0.
+///
+/// # Safety
+/// `N` elements and mask bytes at `i` readable.
+#[inline(always)]
+unsafe fn load_kept<L: Lanes, T: Real>(
+    l: L,
+    x: *const T,
+    keep: *const u8,
+    i: usize,
+    fill: f64,
+) -> L::V {
+    // SAFETY: forwarded from the caller.
+    unsafe { l.select(l.kept(keep.add(i)), l.load(x.add(i)), l.splat(fill)) }
+}
+
+/// [`load_kept`] of the `n < N` elements at `i`.
+///
+/// # Safety
+/// `n` elements and mask bytes at `i` readable.
+#[inline(always)]
+unsafe fn load_kept_tail<L: Lanes, T: Real>(
+    l: L,
+    x: *const T,
+    keep: *const u8,
+    i: usize,
+    n: usize,
+    fill: f64,
+) -> L::V {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        let v = l.load_tail(x.add(i), n);
+        l.select(kept_tail(l, keep.add(i), n), v, l.splat(fill))
+    }
+}
+
+impl<T: Real> Load for Kept<T> {
     type T = T;
     #[inline(always)]
     unsafe fn load<L: Lanes>(self, l: L, i: usize) -> L::V {
         // SAFETY: forwarded from the caller (N elements and N mask bytes at i).
-        unsafe {
-            let v = l.load(self.x.add(i));
-            l.select(l.kept(self.keep.add(i)), v, l.splat(f64::NEG_INFINITY))
-        }
+        unsafe { load_kept(l, self.x, self.keep, i, f64::NEG_INFINITY) }
     }
     #[inline(always)]
     unsafe fn load_tail<L: Lanes>(self, l: L, i: usize, n: usize) -> L::V {
-        // Only n mask bytes are readable: copy them into a zeroed vector's worth.
-        let mut b = [0u8; 8];
-        // SAFETY: forwarded from the caller; n < N <= 8.
+        // SAFETY: forwarded from the caller.
+        unsafe { load_kept_tail(l, self.x, self.keep, i, n, f64::NEG_INFINITY) }
+    }
+}
+
+impl<T: Real> Load for Masked<T> {
+    type T = T;
+    #[inline(always)]
+    unsafe fn load<L: Lanes>(self, l: L, i: usize) -> L::V {
+        // SAFETY: forwarded from the caller (N elements and N mask bytes at i).
+        unsafe { load_kept(l, self.x, self.keep, i, self.fill) }
+    }
+    #[inline(always)]
+    unsafe fn load_tail<L: Lanes>(self, l: L, i: usize, n: usize) -> L::V {
+        // SAFETY: forwarded from the caller.
+        unsafe { load_kept_tail(l, self.x, self.keep, i, n, self.fill) }
+    }
+    #[inline(always)]
+    unsafe fn written<L: Lanes>(self, l: L, i: usize, y: L::V) -> L::V {
+        // SAFETY: forwarded from the caller (N mask bytes at i).
+        unsafe { l.select(l.kept(self.keep.add(i)), y, l.splat(self.value)) }
+    }
+    #[inline(always)]
+    unsafe fn written_tail<L: Lanes>(self, l: L, i: usize, n: usize, y: L::V) -> L::V {
+        // SAFETY: forwarded from the caller.
+        unsafe { l.select(kept_tail(l, self.keep.add(i), n), y, l.splat(self.value)) }
+    }
+}
+
+impl<T: Real> Source for Kept<T> {
+    #[inline(always)]
+    unsafe fn max_of<L: Lanes>(self, l: L, i: usize, n: usize) -> f64 {
+        let step = 2 * L::N;
+        let (mut a, mut b) = (self.max_init(l), self.max_init(l));
+        let mut k = 0;
+        // SAFETY: every load is within the n elements; two chains hide the max's latency.
         unsafe {
-            std::ptr::copy_nonoverlapping(self.keep.add(i), b.as_mut_ptr(), n);
-            let v = l.load_tail(self.x.add(i), n);
-            l.select(l.kept(b.as_ptr()), v, l.splat(f64::NEG_INFINITY))
+            while k + 2 * step <= n {
+                a = self.max_step(l, a, i + k);
+                b = self.max_step(l, b, i + k + step);
+                k += 2 * step;
+            }
+            if k + step <= n {
+                a = self.max_step(l, a, i + k);
+                k += step;
+            }
+            let m = max_keeping_nan(self.max_finish(l, a), self.max_finish(l, b));
+            if k == n {
+                return m;
+            }
+            max_keeping_nan(m, max_of_source(l, self, i + k, n - k))
         }
     }
     #[inline(always)]
-    unsafe fn max_of<L: Lanes>(self, l: L, i: usize, n: usize) -> f64 {
-        // SAFETY: forwarded from the caller.
-        unsafe { max_of_source(l, self, i, n) }
-    }
-    #[inline(always)]
     fn max_init<L: Lanes>(self, l: L) -> [L::V; 2] {
-        [l.splat(f64::NEG_INFINITY); 2]
+        l.max_init::<T>()
     }
     #[inline(always)]
     unsafe fn max_step<L: Lanes>(self, l: L, acc: [L::V; 2], i: usize) -> [L::V; 2] {
         // SAFETY: forwarded from the caller.
-        unsafe {
-            [
-                l.max(acc[0], self.load(l, i)),
-                l.max(acc[1], self.load(l, i + L::N)),
-            ]
-        }
+        unsafe { l.max_step_kept(acc, self.x.add(i), self.keep.add(i)) }
     }
     #[inline(always)]
     fn max_finish<L: Lanes>(self, l: L, acc: [L::V; 2]) -> f64 {
-        l.reduce_max(l.max(acc[0], acc[1]))
+        l.max_finish::<T>(acc)
     }
     #[inline(always)]
     unsafe fn has_nan(self, i: usize, n: usize) -> bool {
@@ -207,15 +325,19 @@ unsafe fn sum_below_max_next<L: Lanes, S: Source>(
     let mut next_max = src.max_finish(l, mx);
     if qi < qn {
         // SAFETY: the rest of the next block is readable.
-        let rest = unsafe { src.max_of(l, q + qi, qn - qi) };
-        // A NaN from either part must survive (f64::max would drop it).
-        next_max = if rest.is_nan() || next_max.is_nan() {
-            f64::NAN
-        } else {
-            next_max.max(rest)
-        };
+        next_max = max_keeping_nan(next_max, unsafe { src.max_of(l, q + qi, qn - qi) });
     }
     (l.add(acc[0], acc[1]), ties, next_max)
+}
+
+/// The larger of two maxima, NaN if either is (`f64::max` would drop it).
+#[inline(always)]
+fn max_keeping_nan(a: f64, b: f64) -> f64 {
+    if a.is_nan() || b.is_nan() {
+        f64::NAN
+    } else {
+        a.max(b)
+    }
 }
 
 /// Adds `exp(x - m)` of the lanes below `m` to `acc` and counts the ties (popcount on the
@@ -302,7 +424,8 @@ pub(crate) unsafe fn state_two_pass_of<L: Lanes, S: Source>(
 
 /// Softmax of a row that fits in cache with one exp per element: the row's max, then one
 /// pass that stores each `exp(x - max)` in float64 at `e` and sums them, then `out = e / S`
-/// from there. Unlike the log-sum-exp states, the sum keeps no ties apart (only `S` is
+/// from there. Over a [`Kept`] source the masked lanes are `-inf`, whose stored exp is 0: the
+/// output is 0 there, the staged row's value, with no fill pass. Unlike the log-sum-exp states, the sum keeps no ties apart (only `S` is
 /// needed, not `S - 1`), and terms a float32-grade exp clamps (`<= exp(-708)`) stay in it:
 /// they change `S` by less than `n * 1e-307`. Each output is the float64 exp times `1 / S`,
 /// rounded once, as in the two-exp write ([`ExpScaled`]). Returns `false`, having written
@@ -310,24 +433,24 @@ pub(crate) unsafe fn state_two_pass_of<L: Lanes, S: Source>(
 /// caller takes the reference.
 ///
 /// # Safety
-/// `n` readable elements at `x`, `n` writable at `out` (disjoint from or equal to `x`), `n`
-/// writable float64 at `e`.
+/// `n` readable elements of `src`, `n` writable at `out` (disjoint from or equal to the
+/// source's elements), `n` writable float64 at `e`.
 #[inline(always)]
-pub(crate) unsafe fn softmax_stored<L: Lanes, T: Real>(
+pub(crate) unsafe fn softmax_stored<L: Lanes, S: Source>(
     l: L,
-    x: *const T,
-    out: *mut T,
+    src: S,
+    out: *mut S::T,
     n: usize,
     e: *mut f64,
     stream: bool,
 ) -> bool {
     // SAFETY: forwarded from the caller; every e[k] is written by the sum before it is read.
     unsafe {
-        let m = l.max_of(x, n);
+        let m = src.max_of(l, 0, n);
         if !m.is_finite() {
             return false;
         }
-        let total = sum_exp_store(l, x, n, m, e);
+        let total = sum_exp_store(l, src, n, m, e);
         if !total.is_finite() {
             return false;
         }
@@ -349,19 +472,13 @@ fn stored_exp<L: Lanes, T: Real>(l: L, t: L::V) -> L::V {
     l.select(l.gt(l.splat(super::consts::EXP_FLOOR), t), l.splat(0.0), v)
 }
 
-/// `sum exp(x - m)` over the `n` elements at `x` (`m` finite, `>=` every non-NaN element; a
+/// `sum exp(x - m)` over the `n` elements of `src` (`m` finite, `>=` every non-NaN element; a
 /// NaN makes the sum NaN), storing each term at `e`.
 ///
 /// # Safety
-/// `n` readable elements at `x`, `n` writable float64 at `e`.
+/// `n` readable elements of `src`, `n` writable float64 at `e`.
 #[inline(always)]
-unsafe fn sum_exp_store<L: Lanes, T: Real>(
-    l: L,
-    x: *const T,
-    n: usize,
-    m: f64,
-    e: *mut f64,
-) -> f64 {
+unsafe fn sum_exp_store<L: Lanes, S: Source>(l: L, src: S, n: usize, m: f64, e: *mut f64) -> f64 {
     let mv = l.splat(m);
     let mut acc = [l.splat(0.0); 2];
     let (w, mut i) = (L::N, 0);
@@ -370,20 +487,20 @@ unsafe fn sum_exp_store<L: Lanes, T: Real>(
     unsafe {
         while i + 2 * w <= n {
             for (k, acc) in acc.iter_mut().enumerate() {
-                let v = stored_exp::<L, T>(l, l.sub(l.load(x.add(i + k * w)), mv));
+                let v = stored_exp::<L, S::T>(l, l.sub(src.load(l, i + k * w), mv));
                 l.store(e.add(i + k * w), v);
                 *acc = l.add(*acc, v);
             }
             i += 2 * w;
         }
         if i + w <= n {
-            let v = stored_exp::<L, T>(l, l.sub(l.load(x.add(i)), mv));
+            let v = stored_exp::<L, S::T>(l, l.sub(src.load(l, i), mv));
             l.store(e.add(i), v);
             acc[0] = l.add(acc[0], v);
             i += w;
         }
         if i < n {
-            let v = stored_exp::<L, T>(l, l.sub(l.load_tail(x.add(i), n - i), mv));
+            let v = stored_exp::<L, S::T>(l, l.sub(src.load_tail(l, i, n - i), mv));
             l.store_tail(e.add(i), v, n - i);
             acc[1] = l.add(acc[1], v);
         }
@@ -555,12 +672,12 @@ pub(crate) unsafe fn map_row<L: Lanes, S: Real, T: Real>(
     unsafe { map_row_of(l, Dense(x), out, n, stream, f) }
 }
 
-/// [`map_row`] over any [`Source`].
+/// [`map_row`] over any [`Load`] (each vector stored as [`Load::written`] makes it).
 ///
 /// # Safety
 /// `n` readable elements of `src`, `n` writable at `out`, disjoint or equal.
 #[inline(always)]
-pub(crate) unsafe fn map_row_of<L: Lanes, S: Source, T: Real>(
+pub(crate) unsafe fn map_row_of<L: Lanes, S: Load, T: Real>(
     l: L,
     src: S,
     out: *mut T,
@@ -576,21 +693,25 @@ pub(crate) unsafe fn map_row_of<L: Lanes, S: Source, T: Real>(
             let size = std::mem::size_of::<T>();
             let head = ((w * size - (out as usize) % (w * size)) % (w * size) / size).min(n);
             if head > 0 {
-                l.store_tail(out, f.apply(l, src.load_tail(l, 0, head)), head);
+                let y = f.apply(l, src.load_tail(l, 0, head));
+                l.store_tail(out, src.written_tail(l, 0, head, y), head);
                 i = head;
             }
             while i + w <= n {
-                l.stream(out.add(i), f.apply(l, src.load(l, i)));
+                let y = f.apply(l, src.load(l, i));
+                l.stream(out.add(i), src.written(l, i, y));
                 i += w;
             }
             l.fence();
         }
         while i + w <= n {
-            l.store(out.add(i), f.apply(l, src.load(l, i)));
+            let y = f.apply(l, src.load(l, i));
+            l.store(out.add(i), src.written(l, i, y));
             i += w;
         }
         if i < n {
-            l.store_tail(out.add(i), f.apply(l, src.load_tail(l, i, n - i)), n - i);
+            let y = f.apply(l, src.load_tail(l, i, n - i));
+            l.store_tail(out.add(i), src.written_tail(l, i, n - i, y), n - i);
         }
     }
 }

@@ -355,8 +355,26 @@ pub(crate) unsafe fn softmax<L: Lanes, T: Real>(
 #[inline(always)]
 unsafe fn redo_row<L: Lanes, T: Real>(l: L, x: *const T, out: *mut T, n: usize, log: bool) {
     // SAFETY: forwarded from the caller.
+    unsafe { write_state_row(l, x, out, n, reference_state(x, n), log) }
+}
+
+/// Softmax (`log = false`) or log_softmax of the `n` elements at `x` into `out` from their
+/// finished `state`: the row write, or scipy's values from the reference writers when the
+/// max is not finite.
+///
+/// # Safety
+/// `n` readable elements at `x`, `n` writable at `out`, disjoint or equal.
+#[inline(always)]
+pub(crate) unsafe fn write_state_row<L: Lanes, T: Real>(
+    l: L,
+    x: *const T,
+    out: *mut T,
+    n: usize,
+    state: LseState,
+    log: bool,
+) {
+    // SAFETY: forwarded from the caller.
     unsafe {
-        let state = reference_state(x, n);
         if !state.max.is_finite() {
             if log {
                 scalar::log_softmax_write(x, 0, 1, out, 0, 1, n, state);

@@ -412,3 +412,118 @@ fn select_kept_matches_scalar_at_every_level() {
     check::<f32>(|v| v as f32);
     check::<f64>(|v| v);
 }
+
+/// The `where=` row kernels reading x and the mask in place (the state, the stored-exp
+/// softmax, the softmax and log_softmax writes) give at every level the bits of the same
+/// kernels on the staged row (masked elements `-inf`; the softmax write with them at the max,
+/// then 0): rows of one vector to several L1 blocks, tails, masked NaN and infinities, kept
+/// NaN and infinities (a masked lane read, a mask byte misread in a tail or in the float32
+/// max, a NaN lost by the max). A kernel may decline (`None` / `false`) only where the staged
+/// row declines too or needs the reference.
+#[test]
+fn kept_rows_equal_the_staged_rows_at_every_level() {
+    fn check<T: Real>(to: fn(f64) -> T) {
+        let mut rng = Rng::new(11);
+        let bits = |v: &[T]| v.iter().map(|t| t.to_f64().to_bits()).collect::<Vec<_>>();
+        for n in [1, 7, 8, 9, 16, 17, 63, 64, 65, 1000, 2048, 2049, 5003] {
+            for case in 0..5 {
+                let mut x: Vec<T> = (0..n).map(|_| to(rng.uniform(-30.0, 30.0))).collect();
+                let mut keep: Vec<u8> = (0..n)
+                    .map(|_| !rng.next_u64().is_multiple_of(10) as u8)
+                    .collect();
+                let k = rng.next_u64() as usize % n;
+                match case {
+                    1 => (x[k], keep[k]) = (to(f64::NAN), 0),
+                    2 => (x[k], keep[k]) = (to(f64::INFINITY), 0),
+                    3 => (x[k], keep[k]) = (to(f64::NAN), 2),
+                    4 => (x[n - 1], keep[n - 1]) = (to(f64::INFINITY), 255),
+                    _ => {}
+                }
+                let hide = |fill: f64| -> Vec<T> {
+                    x.iter()
+                        .zip(&keep)
+                        .map(|(&v, &b)| if b != 0 { v } else { to(fill) })
+                        .collect()
+                };
+                let staged = hide(f64::NEG_INFINITY);
+                let (xp, kp) = (x.as_ptr(), keep.as_ptr());
+                for level in levels() {
+                    let name = level.name();
+                    let mut e = vec![0.0; n];
+                    let (mut got, mut want) = (vec![to(0.0); n], vec![to(0.0); n]);
+                    // SAFETY: n elements, mask bytes and scratch each; the level is available.
+                    unsafe {
+                        let s = row_state(level, staged.as_ptr(), n, false);
+                        if let Some(k) = kept_row_state(level, xp, kp, n) {
+                            assert_eq!(
+                                (k.max.to_bits(), k.excess.to_bits()),
+                                (s.max.to_bits(), s.excess.to_bits()),
+                                "{name} n={n} case {case} state"
+                            );
+                        } else {
+                            assert!(level == Level::Scalar || !s.max.is_finite(), "{name} n={n}");
+                        }
+                        let a = softmax_stored(
+                            level,
+                            xp,
+                            kp,
+                            got.as_mut_ptr(),
+                            n,
+                            e.as_mut_ptr(),
+                            false,
+                        );
+                        let null = std::ptr::null();
+                        let b = softmax_stored(
+                            level,
+                            staged.as_ptr(),
+                            null,
+                            want.as_mut_ptr(),
+                            n,
+                            e.as_mut_ptr(),
+                            false,
+                        );
+                        assert_eq!(a, b, "{name} n={n} case {case} stored");
+                        if a {
+                            assert_eq!(bits(&got), bits(&want), "{name} n={n} case {case} stored");
+                        }
+                        if !s.max.is_finite() {
+                            continue;
+                        }
+                        let scale = 1.0 / s.total();
+                        kept_exp_scaled(level, xp, kp, got.as_mut_ptr(), n, s.max, scale, false);
+                        let at_max = hide(s.max);
+                        exp_scaled(
+                            level,
+                            at_max.as_ptr(),
+                            want.as_mut_ptr(),
+                            n,
+                            s.max,
+                            scale,
+                            false,
+                        );
+                        for (w, &b) in want.iter_mut().zip(&keep) {
+                            if b == 0 {
+                                *w = to(0.0);
+                            }
+                        }
+                        assert_eq!(bits(&got), bits(&want), "{name} n={n} case {case} exp");
+                        let lt = s.log_total();
+                        kept_shift_sub(level, xp, kp, got.as_mut_ptr(), n, s.max, lt, false);
+                        shift_sub(
+                            level,
+                            staged.as_ptr(),
+                            want.as_mut_ptr(),
+                            n,
+                            s.max,
+                            lt,
+                            false,
+                        );
+                        assert_eq!(bits(&got), bits(&want), "{name} n={n} case {case} log");
+                    }
+                }
+            }
+        }
+    }
+    check::<f32>(|v| v as f32);
+    check::<f64>(|v| v);
+}

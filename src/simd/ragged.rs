@@ -1,0 +1,380 @@
+//! Ragged short rows: contiguous rows of different lengths, `1..=SHORT_ROW` elements each (the
+//! segments of a CSR partition), run by the short-row kernels of [`super::short`], one row per
+//! vector lane.
+//!
+//! A row kernel pays a fixed cost per row (horizontal maxima and sums, tails, a libm log, a
+//! mispredicted loop exit) that dwarfs the arithmetic of a row of ~32 elements. Here the rows
+//! of a window of [`WINDOW`] consecutive rows are ordered by length (a counting sort), taken
+//! [`GROUP`] at a time, and copied into a block of `GROUP` rows [`SHORT_ROW`] apart, each
+//! padded with `-inf` up to the longest row of its group; the short-row kernels then compute
+//! every row's state in its own lane, the logsumexp with one vector log per group, and the
+//! softmax from the exps of the state pass, written back row by row.
+//!
+//! The padding changes no result: `-inf` leaves the max alone, and its exp is 0, kept out of
+//! the sum (or added as an exact 0). Each lane is computed on its own, so a row's result is
+//! the same whatever rows share its group: bit-identical for any split of the rows into
+//! pieces (thread count), and equal to the short-row kernels' result for the same elements
+//! as a row of a 2-D batch. The sum runs over the row in element order: its rounding error is
+//! at most about `n` float64 roundings for a row of `n` elements (plus the exp's ~5e-11
+//! relative error for float32-grade results), as for any short row.
+//!
+//! Rows of other lengths (0, or more than [`SHORT_ROW`]) are left to the caller.
+
+use super::lanes::{dispatch, reference_state, Kernel, Lanes};
+use super::{scalar, short, Level, SHORT_ROW};
+use crate::real::Real;
+use crate::state::LseState;
+use std::mem::MaybeUninit;
+
+/// Rows handled together by one call of a short-row kernel (a multiple of every level's `N`).
+const GROUP: usize = 8;
+
+/// Consecutive rows ordered by length together, so that a group's rows have similar lengths
+/// and little of its block is padding.
+const WINDOW: usize = 64;
+
+/// Whether a row of `len` elements is one of this module's.
+#[inline(always)]
+pub(crate) fn is_ragged_short(len: usize) -> bool {
+    (1..=SHORT_ROW).contains(&len)
+}
+
+/// What a pass over the rows produces, per row `s` of `starts`.
+#[derive(Clone, Copy)]
+enum Out<T> {
+    /// `out[s]` = the `(max, excess)` state.
+    States(*mut LseState),
+    /// `out[s]` = logsumexp.
+    Lse(*mut T),
+    /// Elements `starts[s]..starts[s + 1]` of `out` = softmax, or log_softmax when `log`.
+    Softmax(*mut T, bool),
+}
+
+/// The rows `starts[s]..starts[s + 1]` of `x` holding `1..=SHORT_ROW` elements, grouped and
+/// run as described in the module docs, writing `out` for each. `len` elements are readable
+/// at `x`: a row's copy reads whole vectors past its end while they stay inside them.
+///
+/// The next window's elements are prefetched while a window computes, so the copies read
+/// from the cache in whatever order the groups take them.
+///
+/// # Safety
+/// `starts` non-decreasing, `starts.last() <= len`, `len` readable elements at `x`; `out`
+/// writable for every row's result (softmax: disjoint from `x` or equal to it; a window is
+/// read before it is written).
+#[inline(always)]
+unsafe fn run<L: Lanes, T: Real>(l: L, x: *const T, len: usize, starts: &[usize], out: Out<T>) {
+    let rows = starts.len().saturating_sub(1);
+    // One group's padded rows (uninitialised: only what a group wrote is read).
+    let mut block = [MaybeUninit::<T>::uninit(); GROUP * SHORT_ROW];
+    let bp = block.as_mut_ptr() as *mut T;
+    let mut index = [0.0; 8];
+    for (k, v) in index.iter_mut().enumerate() {
+        *v = k as f64;
+    }
+    let index = l.of_lanes(&index);
+    // Per row of the window: its length (0: not short); per rank of the length order, its
+    // row.
+    let mut lens = [0u8; WINDOW];
+    let mut order = [0u8; WINDOW];
+    let mut w0 = 0;
+    while w0 < rows {
+        let w = (rows - w0).min(WINDOW);
+        let (a, b) = (starts[w0 + w], starts[(w0 + w + WINDOW).min(rows)]);
+        let line = 64 / std::mem::size_of::<T>();
+        for e in (a..b).step_by(line) {
+            l.prefetch(x.wrapping_add(e) as *const i8);
+        }
+        // Counting sort of the window's short rows by length.
+        let mut first = [0u8; SHORT_ROW + 2];
+        for (k, n) in lens.iter_mut().enumerate().take(w) {
+            let d = starts[w0 + k + 1] - starts[w0 + k];
+            *n = if is_ragged_short(d) { d as u8 } else { 0 };
+            first[*n as usize + 1] += 1;
+        }
+        for n in 1..first.len() {
+            first[n] += first[n - 1];
+        }
+        for (k, &n) in lens.iter().enumerate().take(w) {
+            let slot = &mut first[n as usize];
+            order[*slot as usize] = k as u8;
+            *slot += 1;
+        }
+        // Rows of length 0 (here: not short) sort first; the short ones are ranks skip..w.
+        let mut r0 = first[0] as usize;
+        while r0 < w {
+            let g = (w - r0).min(GROUP);
+            let ranked = &order[r0..r0 + g];
+            // Ascending lengths: the last row of the group is its longest.
+            let width = lens[ranked[g - 1] as usize] as usize;
+            // SAFETY: each row lies inside x (the caller's contract) and is copied into its
+            // own row of the block, padded to the group's width; the kernels read columns
+            // 0..width of the group's rows, all written here. A softmax row is written from
+            // x after its state is final; no other row reads its elements.
+            unsafe {
+                for (i, &k) in ranked.iter().enumerate() {
+                    let (r, n) = (starts[w0 + k as usize], lens[k as usize] as usize);
+                    copy_padded(l, x, len, r, n, bp.add(i * SHORT_ROW), width, index);
+                }
+                match out {
+                    Out::States(o) => {
+                        let mut states = [LseState::EMPTY; GROUP];
+                        short::states(l, bp, g, width, SHORT_ROW, &mut states);
+                        for (&k, st) in ranked.iter().zip(states) {
+                            *o.add(w0 + k as usize) = st;
+                        }
+                    }
+                    Out::Lse(o) => {
+                        let mut lse = [MaybeUninit::<T>::uninit(); GROUP];
+                        let lp = lse.as_mut_ptr() as *mut T;
+                        short::logsumexp(l, bp, g, width, SHORT_ROW, lp);
+                        for (&k, v) in ranked.iter().zip(lse) {
+                            *o.add(w0 + k as usize) = v.assume_init();
+                        }
+                    }
+                    Out::Softmax(o, log) => {
+                        let mut states = [LseState::EMPTY; GROUP];
+                        short::states(l, bp, g, width, SHORT_ROW, &mut states);
+                        for (&k, st) in ranked.iter().zip(states) {
+                            let (r, n) = (starts[w0 + k as usize], lens[k as usize] as usize);
+                            short::write_state_row(l, x.add(r), o.add(r), n, st, log);
+                        }
+                    }
+                }
+            }
+            r0 += g;
+        }
+        w0 += w;
+    }
+}
+
+/// Copies the `n` elements of `x` at `r` to `dst` and fills `dst[n..width]` with `-inf`, in
+/// whole vectors (up to the next multiple of `N` past `width`, inside a block row): each
+/// vector is loaded whole while it lies inside x's `len` elements and its lanes past the row
+/// masked, so the copy does not branch on the row's length.
+///
+/// # Safety
+/// `n <= width <= SHORT_ROW`; `len` readable elements at `x`, `r + n <= len`; `dst` writable
+/// for `width` rounded up to a multiple of `N`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn copy_padded<L: Lanes, T: Real>(
+    l: L,
+    x: *const T,
+    len: usize,
+    r: usize,
+    n: usize,
+    dst: *mut T,
+    width: usize,
+    index: L::V,
+) {
+    let ninf = l.splat(f64::NEG_INFINITY);
+    let mut c = 0;
+    // SAFETY: whole loads stay within x's len elements, tails within the row; stores within
+    // the caller's bound.
+    unsafe {
+        while c < width {
+            let v = if r + c + L::N <= len {
+                let keep = l.gt(l.splat(n as f64 - c as f64), index);
+                l.select(keep, l.load(x.add(r + c)), ninf)
+            } else {
+                l.load_tail(x.add(r + c), n.saturating_sub(c).min(L::N - 1))
+            };
+            l.store(dst.add(c), v);
+            c += L::N;
+        }
+    }
+}
+
+/// Runs [`run`] at `level`; the scalar level takes the reference per row.
+///
+/// # Safety
+/// As [`run`]; `level` supported by this CPU.
+unsafe fn run_at<T: Real>(level: Level, x: *const T, len: usize, starts: &[usize], out: Out<T>) {
+    // SAFETY: forwarded from the caller (the rows and the outputs).
+    unsafe {
+        run_kernel!(level, <'a> { x: *const T, len: usize, starts: &'a [usize], out: Out<T> } -> (),
+            |l| run(l, x, len, starts, out),
+            scalar: for s in 0..starts.len().saturating_sub(1) {
+                let (r0, n) = (starts[s], starts[s + 1] - starts[s]);
+                if !is_ragged_short(n) {
+                    continue;
+                }
+                let state = reference_state(x.add(r0), n);
+                match out {
+                    Out::States(o) => *o.add(s) = state,
+                    Out::Lse(o) => *o.add(s) = T::from_f64(state.logsumexp()),
+                    Out::Softmax(o, true) => {
+                        scalar::log_softmax_write(x, r0, 1, o, r0, 1, n, state)
+                    }
+                    Out::Softmax(o, false) => scalar::softmax_write(x, r0, 1, o, r0, 1, n, state),
+                }
+            },
+        )
+    }
+}
+
+/// The `(max, excess)` state of every row `s` (`starts[s]..starts[s + 1]` of `x`) holding
+/// `1..=SHORT_ROW` elements into `out[s]`; other rows' states are left alone.
+///
+/// # Safety
+/// `starts` non-decreasing with every row readable at `x`; `out` writable for
+/// `starts.len() - 1` states; `level` supported by this CPU.
+pub(crate) unsafe fn states<T: Real>(
+    level: Level,
+    x: *const T,
+    len: usize,
+    starts: &[usize],
+    out: *mut LseState,
+) {
+    // SAFETY: forwarded from the caller.
+    unsafe { run_at(level, x, len, starts, Out::States(out)) }
+}
+
+/// logsumexp of every row `s` holding `1..=SHORT_ROW` elements into `out[s]`, as [`states`].
+///
+/// # Safety
+/// As [`states`], `out` writable for `starts.len() - 1` elements.
+pub(crate) unsafe fn logsumexp<T: Real>(
+    level: Level,
+    x: *const T,
+    len: usize,
+    starts: &[usize],
+    out: *mut T,
+) {
+    // SAFETY: forwarded from the caller.
+    unsafe { run_at(level, x, len, starts, Out::Lse(out)) }
+}
+
+/// Softmax (`log = false`) or log_softmax of every row holding `1..=SHORT_ROW` elements into
+/// the same elements of `out`, as [`states`].
+///
+/// # Safety
+/// As [`states`]; `out` writable where `x` is readable, disjoint from `x` or equal to it.
+pub(crate) unsafe fn softmax<T: Real>(
+    level: Level,
+    x: *const T,
+    len: usize,
+    starts: &[usize],
+    out: *mut T,
+    log: bool,
+) {
+    // SAFETY: forwarded from the caller.
+    unsafe { run_at(level, x, len, starts, Out::Softmax(out, log)) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::Rng;
+    use super::super::{available_levels, short_rows_logsumexp, short_rows_states, SHORT_ROW};
+    use super::*;
+
+    /// Rows of every length 0..=SHORT_ROW + 3 (each several times, shuffled), values with a
+    /// few NaN / inf / -inf rows, as CSR starts.
+    fn rows(seed: u64) -> (Vec<f64>, Vec<usize>) {
+        let mut rng = Rng::new(seed);
+        let mut lens: Vec<usize> = (0..=SHORT_ROW + 3).flat_map(|n| [n; 3]).collect();
+        for i in (1..lens.len()).rev() {
+            lens.swap(i, (rng.next_u64() % (i as u64 + 1)) as usize);
+        }
+        let mut x = Vec::new();
+        let mut starts = vec![0];
+        for (k, &n) in lens.iter().enumerate() {
+            for j in 0..n {
+                x.push(match (k % 17, j) {
+                    (3, 0) => f64::NAN,
+                    (5, 1) => f64::INFINITY,
+                    (7, _) => f64::NEG_INFINITY,
+                    _ => rng.uniform(-30.0, 30.0),
+                });
+            }
+            starts.push(x.len());
+        }
+        (x, starts)
+    }
+
+    /// At every level, for float64 and float32: each short row's state and logsumexp are bit
+    /// for bit the short-row kernels' on that row alone (the packing, padding and grouping
+    /// change nothing), rows of other lengths are left alone, and softmax / log_softmax are
+    /// the row write of that state.
+    #[test]
+    fn packed_rows_equal_each_row_alone_at_every_level() {
+        let (x64, starts) = rows(3);
+        let x32: Vec<f32> = x64.iter().map(|&v| v as f32).collect();
+        for level in available_levels() {
+            check(level, &x64, &starts);
+            check(level, &x32, &starts);
+        }
+    }
+
+    fn check<T: Real>(level: Level, x: &[T], starts: &[usize]) {
+        let count = starts.len() - 1;
+        let sentinel = LseState {
+            max: 7.0,
+            excess: 7.0,
+        };
+        let mut got = vec![sentinel; count];
+        let mut lse = vec![T::from_f64(7.0); count];
+        let mut sm = vec![T::from_f64(7.0); x.len()];
+        let mut lsm = vec![T::from_f64(7.0); x.len()];
+        // SAFETY: the starts are CSR over x; every output holds what it must.
+        unsafe {
+            states(level, x.as_ptr(), x.len(), starts, got.as_mut_ptr());
+            logsumexp(level, x.as_ptr(), x.len(), starts, lse.as_mut_ptr());
+            softmax(level, x.as_ptr(), x.len(), starts, sm.as_mut_ptr(), false);
+            softmax(level, x.as_ptr(), x.len(), starts, lsm.as_mut_ptr(), true);
+        }
+        for s in 0..count {
+            let (r, n) = (starts[s], starts[s + 1] - starts[s]);
+            let what = format!("{level:?} {} row {s} of {n}", T::NAME);
+            if !is_ragged_short(n) {
+                assert_eq!(got[s], sentinel, "{what}");
+                assert_eq!(lse[s].to_f64(), 7.0, "{what}");
+                assert!(sm[r..r + n].iter().all(|v| v.to_f64() == 7.0), "{what}");
+                continue;
+            }
+            let mut alone = [LseState::EMPTY];
+            let mut alone_lse = [T::from_f64(0.0)];
+            // SAFETY: row s is readable; one output each.
+            unsafe {
+                let p = x.as_ptr().add(r);
+                if level == Level::Scalar {
+                    alone[0] = reference_state(p, n);
+                    alone_lse[0] = T::from_f64(alone[0].logsumexp());
+                } else {
+                    short_rows_states(level, p, 1, n, n, &mut alone);
+                    short_rows_logsumexp(level, p, 1, n, n, alone_lse.as_mut_ptr());
+                }
+            }
+            let st = got[s];
+            let same = |a: f64, b: f64| a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan());
+            assert!(
+                same(st.max, alone[0].max) && same(st.excess, alone[0].excess),
+                "{what}"
+            );
+            assert!(same(lse[s].to_f64(), alone_lse[0].to_f64()), "{what}");
+            for k in r..r + n {
+                let v = x[k].to_f64();
+                let (want_sm, want_lsm) = if st.max.is_finite() {
+                    let t = v - st.max;
+                    (t.exp() / st.total(), t - st.log_total())
+                } else {
+                    let m = st.max;
+                    (f64::NAN, v - m)
+                };
+                let tol = |w: f64| 1e-6 * w.abs().max(1e-30) + 1e-300;
+                let (g, l) = (sm[k].to_f64(), lsm[k].to_f64());
+                let near = |g: f64, w: f64| {
+                    g == w || (g.is_nan() && w.is_nan()) || (g - w).abs() <= tol(w)
+                };
+                assert!(
+                    near(g, T::from_f64(want_sm).to_f64()),
+                    "{what}: softmax {g} {want_sm}"
+                );
+                assert!(
+                    near(l, T::from_f64(want_lsm).to_f64()),
+                    "{what}: log {l} {want_lsm}"
+                );
+            }
+        }
+    }
+}
