@@ -513,8 +513,8 @@ def test_cross_entropy_grad_out_and_special_values(rng, dtype):
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
 def test_losses_on_the_copy_path_equal_float32_rounded(rng, dtype):
-    # Class axis not last, probability targets and where= still widen to a float32 copy:
-    # same results and dtypes.
+    # Probability targets and where= still widen to a float32 copy (the class axis not last
+    # is read in place): same results and dtypes.
     x = (rng.standard_normal((6, 9, 11)) * 3).astype(dtype)
     t = rng.integers(0, 9, (6, 11))
     q = rng.dirichlet(np.ones(9), (6, 11)).transpose(0, 2, 1).astype(np.float32)
@@ -575,6 +575,53 @@ def test_losses_make_no_input_sized_copy(grad):
         sl.cross_entropy(x, t, return_grad=grad)
         if not grad:
             sl.nll_loss(x, t)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < (x.nbytes if grad else 0) + x.nbytes // 8, peak
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("n", [5, 300])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_cross_entropy_with_the_class_axis_not_last_equals_float32_rounded(
+    rng, dtype, n, reduction
+):
+    # torch's (N, C, d) layout read in place, a column block widened at a time: short and
+    # long lanes, several column blocks per slab and a ragged last one, ignored targets and
+    # special values. Catches a line widened at the wrong offset, a gradient line narrowed
+    # into the wrong columns, and lane losses in the wrong lane.
+    d = 700 if n == 5 else 90
+    x = (rng.standard_normal((3, n, d)) * 4).astype(dtype)
+    x[0, 1, 7], x[1, 2, 8], x[2, :, 9] = np.nan, np.inf, -np.inf
+    t = rng.integers(0, n, (3, d))
+    t[1, 3] = -100
+    w = rng.random(n)
+    for opts in ({}, {"label_smoothing": 0.1, "z_loss": 1e-3}, {"weight": w}):
+        got, g = sl.cross_entropy(x, t, axis=1, reduction=reduction, return_grad=True, **opts)
+        want, gw = sl.cross_entropy(x.astype(np.float32), t, axis=1, reduction=reduction,
+                                    return_grad=True, **opts)
+        _same_loss(got, want, dtype)
+        assert g.dtype == dtype and g.shape == x.shape
+        _same(g, gw.astype(dtype))
+        out = np.empty_like(x)
+        loss, g2 = sl.cross_entropy(x, t, axis=1, reduction=reduction, return_grad=True,
+                                    grad_out=out, **opts)
+        assert g2 is out
+        _same(out, g)
+        _same_loss(loss, want, dtype)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_losses_with_the_class_axis_not_last_make_no_input_sized_copy(grad):
+    # The copy path allocated a float32 copy of the logits (2x their bytes) and, with the
+    # gradient, a float32 gradient cast back (another 2x).
+    x = np.random.default_rng(3).standard_normal(1 << 22).astype(np.float16).reshape(64, 16, -1)
+    t = np.random.default_rng(4).integers(0, 16, (64, x.shape[2]))
+    sl.cross_entropy(x, t, axis=1, return_grad=grad)
+    tracemalloc.start()
+    try:
+        sl.cross_entropy(x, t, axis=1, return_grad=grad)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()

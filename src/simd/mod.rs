@@ -127,7 +127,9 @@ pub(crate) mod neon;
 mod rows;
 pub mod scalar;
 mod short;
-pub(crate) use short::{short_rows_xent_index, IndexLoss, IndexLossOut, IGNORED, SHORT_LOSS_ROW};
+pub(crate) use short::{
+    short_rows_xent_index, IndexLoss, IndexLossOut, RowMask, IGNORED, SHORT_LOSS_ROW,
+};
 
 use crate::real::Real;
 use crate::state::LseState;

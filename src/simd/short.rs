@@ -25,12 +25,111 @@ enum Keep {
     Shift,
 }
 
-/// `(max, excess)` lanes of up to `N` short rows (`pitch` apart, `rows` of them valid) and a
-/// bit per row to redo with the reference; `buf[k]` is left holding column `k` as `keep` says.
+/// A `where=` mask over short rows, read in place: class `k` of row `r` is kept when
+/// `keep[r * lane + k * class] != 0`, else it reads as `-inf` (the value a staged copy of the
+/// row would hold). Strides may be 0 (one mask row for every row, one flag per row).
+#[derive(Clone, Copy)]
+pub(crate) struct RowMask {
+    pub(crate) keep: *const u8,
+    pub(crate) lane: usize,
+    pub(crate) class: usize,
+}
+
+/// The bytes of `v` that are nonzero, as 1 (and 0 elsewhere).
+#[inline(always)]
+fn nonzero_bytes(v: u64) -> u64 {
+    const LOW: u64 = 0x7f7f_7f7f_7f7f_7f7f;
+    ((((v & LOW) + LOW) | v) >> 7) & 0x0101_0101_0101_0101
+}
+
+impl RowMask {
+    /// The mask of classes `c0..c0 + w` (`w <= 8`) of rows `0..rows` (`rows <= 8`), transposed:
+    /// bit `r` of byte `k` is set when row `r` keeps class `c0 + k`. A row's up to 8 mask
+    /// bytes are read as one word where the row holds them, and 8 rows make one word.
+    ///
+    /// # Safety
+    /// Mask bytes of classes `0..n` of rows `0..rows` readable; `c0 + w <= n`.
+    #[inline(always)]
+    unsafe fn columns(self, rows: usize, c0: usize, w: usize, n: usize) -> u64 {
+        // SAFETY: every read is a mask byte of class c0..n of a row < rows.
+        unsafe {
+            let row_bytes = |r: usize| -> u64 {
+                let p = self.keep.add(r * self.lane + c0);
+                if c0 + 8 <= n {
+                    nonzero_bytes(std::ptr::read_unaligned(p as *const u64))
+                } else if n >= 8 {
+                    // The row's last 8 bytes, shifted down to class c0.
+                    let last = std::ptr::read_unaligned(p.sub(c0 + 8 - n) as *const u64);
+                    nonzero_bytes(last >> (8 * (c0 + 8 - n)))
+                } else {
+                    let mut v = 0u64;
+                    for k in 0..w {
+                        v |= ((*p.add(k) != 0) as u64) << (8 * k);
+                    }
+                    v
+                }
+            };
+            let all_rows = (1u64 << rows) - 1;
+            match (self.class, self.lane) {
+                (1, 0) => row_bytes(0) * all_rows,
+                (1, _) => (0..rows).fold(0, |acc, r| acc | (row_bytes(r) << r)),
+                (0, _) => {
+                    let flags = (0..rows).fold(0u64, |acc, r| {
+                        acc | (((*self.keep.add(r * self.lane) != 0) as u64) << r)
+                    });
+                    flags * 0x0101_0101_0101_0101
+                }
+                (s, _) => {
+                    let mut v = 0u64;
+                    for r in 0..rows {
+                        for k in 0..w {
+                            let b = *self.keep.add(r * self.lane + (c0 + k) * s);
+                            v |= ((b != 0) as u64) << (8 * k + r);
+                        }
+                    }
+                    v
+                }
+            }
+        }
+    }
+
+    /// Column vectors `cols[c0..c0 + w]` of rows `0..rows` with their masked lanes set to
+    /// `-inf` (lanes past `rows` are `-inf` already).
+    ///
+    /// # Safety
+    /// As [`RowMask::columns`]; `cols` holds `c0 + w` initialised entries.
+    #[inline(always)]
+    unsafe fn apply<L: Lanes>(
+        self,
+        l: L,
+        cols: &mut [MaybeUninit<L::V>],
+        rows: usize,
+        c0: usize,
+        w: usize,
+        n: usize,
+    ) {
+        // SAFETY: forwarded from the caller.
+        let bits = unsafe { self.columns(rows, c0, w, n) };
+        let ninf = l.splat(f64::NEG_INFINITY);
+        for (k, c) in cols.iter_mut().skip(c0).take(w).enumerate() {
+            // Byte k's bit r to byte r of a word: the lanes' mask bytes.
+            let spread =
+                (((bits >> (8 * k)) & 0xff) * 0x0101_0101_0101_0101) & 0x8040_2010_0804_0201;
+            let bytes = spread.to_le_bytes();
+            // SAFETY: 8 readable bytes; entry c0 + k was initialised by the caller.
+            unsafe { c.write(l.select(l.kept(bytes.as_ptr()), c.assume_init(), ninf)) };
+        }
+    }
+}
+
+/// `(max, excess)` lanes of up to `N` short rows (`pitch` apart, `rows` of them valid; with
+/// `mask`, their masked classes read as `-inf`) and a bit per row to redo with the
+/// reference; `buf[k]` is left holding column `k` as `keep` says.
 ///
 /// # Safety
-/// Elements `0..n` of rows `0..rows.min(N)` readable; `n <= buf.len()`.
+/// Elements `0..n` of rows `0..rows.min(N)` readable, and their mask bytes; `n <= buf.len()`.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 unsafe fn group_state<L: Lanes, T: Real>(
     l: L,
     x: *const T,
@@ -39,6 +138,7 @@ unsafe fn group_state<L: Lanes, T: Real>(
     rows: usize,
     buf: &mut [MaybeUninit<L::V>],
     keep: Keep,
+    mask: Option<RowMask>,
 ) -> (L::V, L::V, u8) {
     let rows = rows.min(L::N);
     for c0 in (0..n).step_by(L::N) {
@@ -51,13 +151,28 @@ unsafe fn group_state<L: Lanes, T: Real>(
             } else {
                 l.load_columns(x, pitch, rows, c0, w, buf);
             }
+            if let Some(mask) = mask {
+                mask.apply(l, buf, rows, c0, w, n);
+            }
         }
     }
-    let mut m = l.splat(f64::NEG_INFINITY);
-    for b in buf.iter().take(n) {
-        // SAFETY: the first n entries were written above.
-        m = l.max(m, unsafe { b.assume_init() });
+    // Four running maxima, so the compares overlap rather than wait on each other. The max
+    // of a row without NaN is the same in any order; a row with a NaN is redone whatever
+    // its max (its sum is NaN).
+    let mut acc = [l.splat(f64::NEG_INFINITY); 4];
+    let quads = buf[..n].chunks_exact(4);
+    let rest = quads.remainder();
+    for q in quads {
+        for (a, b) in acc.iter_mut().zip(q) {
+            // SAFETY: the first n entries were written above.
+            *a = l.max(*a, unsafe { b.assume_init() });
+        }
     }
+    for (a, b) in acc.iter_mut().zip(rest) {
+        // SAFETY: as above.
+        *a = l.max(*a, unsafe { b.assume_init() });
+    }
+    let m = l.max(l.max(acc[0], acc[1]), l.max(acc[2], acc[3]));
     let one = l.splat(1.0);
     let (mut below, mut ties) = (l.splat(0.0), l.splat(0.0));
     for b in buf.iter_mut().take(n) {
@@ -71,7 +186,12 @@ unsafe fn group_state<L: Lanes, T: Real>(
         match keep {
             Keep::Input => {}
             Keep::Exp => {
-                b.write(e);
+                // The lanes a float32-grade exp clamps (`summable` drops them; `-inf`, a
+                // masked class, among them) are stored as 0: scaled, the clamped value
+                // would underflow float64 (a microcode assist per vector) and round to 0
+                // anyway. A NaN lane's row is redone.
+                let keep = l.summable(l.eq(v, v), t, T::FULL);
+                b.write(l.select(keep, e, l.splat(0.0)));
             }
             Keep::Shift => {
                 b.write(t);
@@ -114,7 +234,7 @@ pub(crate) unsafe fn logsumexp<L: Lanes, T: Real>(
         // SAFETY: rows r..r+g are readable, out[r..r+g] writable.
         unsafe {
             let p = x.add(r * pitch);
-            let (m, excess, redo) = group_state(l, p, n, pitch, g, &mut buf, Keep::Input);
+            let (m, excess, redo) = group_state(l, p, n, pitch, g, &mut buf, Keep::Input, None);
             let lse = l.add(m, l.log1p(excess));
             if g == L::N {
                 l.store(out.add(r), lse);
@@ -151,7 +271,7 @@ pub(crate) unsafe fn states<L: Lanes, T: Real>(
         // SAFETY: rows r..r+g are readable.
         unsafe {
             let p = x.add(r * pitch);
-            let (m, excess, redo) = group_state(l, p, n, pitch, g, &mut buf, Keep::Input);
+            let (m, excess, redo) = group_state(l, p, n, pitch, g, &mut buf, Keep::Input, None);
             let (ms, es) = (l.to_lanes(m), l.to_lanes(excess));
             for k in 0..g {
                 out[r + k] = if redo & (1 << k) != 0 {
@@ -195,7 +315,7 @@ pub(crate) unsafe fn softmax<L: Lanes, T: Real>(
         // row is written only by the reference, after the others.
         unsafe {
             let (p, o) = (x.add(r * pitch), out.add(r * n));
-            let (_, excess, redo) = group_state(l, p, n, pitch, g, &mut buf, keep);
+            let (_, excess, redo) = group_state(l, p, n, pitch, g, &mut buf, keep, None);
             // Per row: softmax = e * (1 / S), log_softmax = t - log1p(excess).
             let factor = if log {
                 l.log1p(excess)
@@ -296,6 +416,9 @@ pub(crate) struct IndexLoss<'a> {
     pub(crate) s1: f64,
     /// `2 * z_loss * s2`: the z-term's share of the gradient coefficient, per unit of lse.
     pub(crate) z2: f64,
+    /// The rows' `where=` mask (row `r`'s bytes at `r * lane`); a masked class reads as
+    /// `-inf`, so its probability and gradient are 0. A row's target must be kept.
+    pub(crate) mask: Option<RowMask>,
 }
 
 /// The per-row outputs of [`xent_index`]: the main loss term `w_t * (L - x_t)` (0 for an
@@ -312,14 +435,16 @@ pub(crate) struct IndexLossOut<'a> {
 /// `x_t` give the loss lane-wise; with `grad` (dense `rows x n`) the gradient
 /// `g_k = c * exp(x_k - m) / S` is written from the exps of the state pass, and the target's
 /// `g_t = -c * (S - e_t) / S + z2 * L`, with `S - e_t` exact when the target is the max
-/// (`excess`) and at least 1 otherwise, so `p_t -> 1` loses no relative accuracy.
+/// (`excess`) and at least 1 otherwise, so `p_t -> 1` loses no relative accuracy. `p.mask`
+/// is read only when `MASKED`.
 ///
 /// # Safety
 /// The rows readable, `grad` writable for `rows * n` elements; `p` and `out` hold `rows`
-/// entries; every class that is not [`IGNORED`] is `< n`; `n <= SHORT_LOSS_ROW`.
+/// entries; every class that is not [`IGNORED`] is `< n`; `n <= SHORT_LOSS_ROW`; with
+/// `p.mask`, the mask bytes of every row readable.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn xent_index<L: Lanes, T: Real>(
+pub(crate) unsafe fn xent_index<L: Lanes, T: Real, const MASKED: bool>(
     l: L,
     x: *const T,
     rows: usize,
@@ -342,7 +467,19 @@ pub(crate) unsafe fn xent_index<L: Lanes, T: Real>(
         // index inside the row.
         unsafe {
             let px = x.add(r * pitch);
-            let (m, excess, redo) = group_state(l, px, n, pitch, g, &mut buf, keep);
+            prefetch_rows(
+                l,
+                px.wrapping_add(g * pitch),
+                n,
+                pitch,
+                (rows - r - g).min(L::N),
+            );
+            // A constant `None` unmasked: the mask code compiles away.
+            let mask = p.mask.filter(|_| MASKED).map(|m| RowMask {
+                keep: m.keep.add(r * m.lane),
+                ..m
+            });
+            let (m, excess, redo) = group_state(l, px, n, pitch, g, &mut buf, keep, mask);
             let ms = l.to_lanes(m);
             // An ignored row's x_t is its max: every term below stays finite.
             let (mut xt, mut wt) = (ms, [0.0f64; 8]);
@@ -402,8 +539,35 @@ pub(crate) unsafe fn xent_index<L: Lanes, T: Real>(
     }
 }
 
-/// [`xent_index`] at `level`; at the scalar level every row is flagged for the caller's
-/// reference path.
+/// Hints the `rows` rows of `n` elements at `x` (`pitch` apart) into L1: the next group's,
+/// fetched while this group is computed (8 rows `pitch` apart defeat the hardware
+/// prefetcher's page-local streams). Never faults.
+#[inline(always)]
+fn prefetch_rows<L: Lanes, T>(l: L, x: *const T, n: usize, pitch: usize, rows: usize) {
+    let size = std::mem::size_of::<T>();
+    let p = x as *const i8;
+    if pitch == n {
+        // One span: every line it touches.
+        let bytes = rows * n * size;
+        for off in (0..bytes).step_by(64) {
+            l.prefetch(p.wrapping_add(off));
+        }
+        if bytes > 0 {
+            l.prefetch(p.wrapping_add(bytes - 1));
+        }
+        return;
+    }
+    for r in 0..rows {
+        let row = p.wrapping_add(r * pitch * size);
+        for off in (0..n * size).step_by(64) {
+            l.prefetch(row.wrapping_add(off));
+        }
+        l.prefetch(row.wrapping_add(n * size - 1));
+    }
+}
+
+/// [`xent_index`] at `level` (compiled apart with and without a mask); at the scalar level
+/// every row is flagged for the caller's reference path.
 ///
 /// # Safety
 /// As [`xent_index`]; `level` supported by this CPU.
@@ -434,9 +598,13 @@ pub(crate) unsafe fn short_rows_xent_index<T: Real>(
         fn run<L: Lanes>(self, l: L) {
             // SAFETY: the caller of short_rows_xent_index guarantees the buffers.
             unsafe {
-                xent_index(
-                    l, self.x, self.rows, self.n, self.pitch, self.p, self.out, self.grad,
-                )
+                let (x, rows, n, pitch, p, grad) =
+                    (self.x, self.rows, self.n, self.pitch, self.p, self.grad);
+                if p.mask.is_some() {
+                    xent_index::<L, T, true>(l, x, rows, n, pitch, p, self.out, grad)
+                } else {
+                    xent_index::<L, T, false>(l, x, rows, n, pitch, p, self.out, grad)
+                }
             }
         }
         fn scalar(self) {

@@ -1,6 +1,8 @@
 //! The cross-entropy forward pass and its fused gradient, over rows (`inner == 1`) or columns.
 
-use super::spec::{lane_target, plan, reduce_pieces, LaneTarget, Plan, Targets, XentOptions};
+use super::spec::{
+    finish, lane_target, plan, reduce_pieces, LaneTarget, Plan, Targets, XentOptions,
+};
 use crate::error::{try_vec, Error};
 use crate::half::Stored;
 use crate::kernels::blocking::{row_blocks, sum3, COLUMN_BLOCK};
@@ -8,7 +10,7 @@ use crate::kernels::{row_exp_scaled, row_state, softmax_like, Algorithm, Reducti
 use crate::layout::Batch;
 use crate::parallel::{self, SendPtr};
 use crate::real::Real;
-use crate::simd::{IndexLoss, IndexLossOut, IGNORED};
+use crate::simd::{IndexLoss, IndexLossOut, RowMask, IGNORED};
 use crate::state::LseState;
 
 mod masked;
@@ -171,20 +173,21 @@ pub fn cross_entropy<T: Real>(
     per_lane: Option<&mut [T]>,
     grad: Option<&mut [T]>,
 ) -> Result<T, Error> {
-    let plan = plan(
+    let mut plan = plan(
         logits.len(),
         batch,
         &targets,
         opts,
         per_lane.as_ref().map(|p| p.len()),
         grad.as_ref().map(|g| g.len()),
+        true,
     )?;
     let lanes_out = per_lane.map(|p| SendPtr(p.as_mut_ptr()));
     let grad_out = grad.map(|g| SendPtr(g.as_mut_ptr()));
     let (main, zsum) = if batch.count() == 0 {
         (0.0, 0.0)
     } else if let Some(mask) = &opts.mask {
-        masked::xent_masked(
+        let (main, zsum, deferred) = masked::xent_masked(
             logits,
             &targets,
             &plan,
@@ -192,7 +195,12 @@ pub fn cross_entropy<T: Real>(
             opts.algorithm,
             lanes_out,
             grad_out,
-        )?
+        )?;
+        if let Some(counts) = deferred {
+            // The targets were checked by the main pass: the mean's scales now.
+            plan = finish(plan, opts.reduction, counts)?;
+        }
+        (main, zsum)
     } else if batch.inner == 1 {
         xent_rows(logits, &targets, &plan, opts.algorithm, lanes_out, grad_out)?
     } else {
@@ -234,11 +242,10 @@ pub fn cross_entropy_stored<S: Stored>(
         opts,
         per_lane.as_ref().map(|p| p.len()),
         grad.as_ref().map(|g| g.len()),
+        false,
     )?;
-    if opts.mask.is_some() || (batch.inner != 1 && batch.n != 0) {
-        return Err(Error::Unsupported(
-            "16-bit logits are read as rows (class axis last) without a mask",
-        ));
+    if opts.mask.is_some() {
+        return Err(Error::Unsupported("16-bit logits are read without a mask"));
     }
     let zero = <S::Compute as Real>::from_f64(0.0);
     let mut lanes = match per_lane {
@@ -251,6 +258,9 @@ pub fn cross_entropy_stored<S: Stored>(
     let xp = SendPtr(logits.as_ptr() as *mut S);
     let (main, zsum) = if batch.count() == 0 {
         (0.0, 0.0)
+    } else if batch.inner != 1 {
+        let x = Widened(logits);
+        xent_columns(x, &targets, &plan, opts.algorithm, lanes_out, grad_out)?
     } else {
         reduce_pieces(batch.outer, parallel::items_per_piece(n), n, |range| {
             let w = range.len();
@@ -377,6 +387,7 @@ fn rows_piece<T: Real>(
                 n,
                 w,
                 l0,
+                mask: None,
             };
             short_index_block(
                 plan,
@@ -453,7 +464,8 @@ fn takes_short_index<T: Real>(plan: &Plan<'_, T>, targets: &Targets<'_, T>) -> b
         && plan.b == 0.0
 }
 
-/// `w` rows of length `n`, row `i` at `x[i * pitch..][..n]`, holding lanes `l0..l0 + w`.
+/// `w` rows of length `n`, row `i` at `x[i * pitch..][..n]`, holding lanes `l0..l0 + w`,
+/// and their `where=` mask when there is one.
 #[derive(Clone, Copy)]
 struct ShortBlock<'a, T> {
     x: &'a [T],
@@ -461,13 +473,33 @@ struct ShortBlock<'a, T> {
     n: usize,
     w: usize,
     l0: usize,
+    mask: Option<ShortMask<'a>>,
+}
+
+/// The mask of a [`ShortBlock`]: class `k` of row `i` is kept when
+/// `keep[base + i * lane + k * class] != 0`; every such byte is inside `keep`.
+#[derive(Clone, Copy)]
+struct ShortMask<'a> {
+    keep: &'a [u8],
+    base: usize,
+    lane: usize,
+    class: usize,
+}
+
+impl ShortMask<'_> {
+    /// Whether row `i` keeps class `k`.
+    fn keeps(&self, i: usize, k: usize) -> bool {
+        self.keep[self.base + i * self.lane + k * self.class] != 0
+    }
 }
 
 /// The loss of a [`ShortBlock`] against class indices (no label smoothing) by the fused
 /// short-row kernel (states, `L`, `x_t`, the loss and the gradient into the dense `g`, a
 /// vector of rows at a time); rows it flags (a non-finite max or a NaN) are redone here by
 /// the general row path, and left flagged in `lanes.redo`. `target_of(l)` is lane `l`'s
-/// target (a class `< n` or ignored). Lane `(main, lse^2)` terms are added to `acc` in lane
+/// target (a class `< n` or ignored). Under a mask the kernel reads the rows' mask beside
+/// them; a target the mask hides is left to the pre-pass, which refuses it in a row that
+/// keeps some class: such a row keeps none, is flagged, and is skipped here. Lane `(main, lse^2)` terms are added to `acc` in lane
 /// order, and "none" losses written to `lanes_out`.
 #[allow(clippy::too_many_arguments)]
 fn short_index_block<T: Real, F: Fn(usize) -> LaneTarget>(
@@ -481,7 +513,14 @@ fn short_index_block<T: Real, F: Fn(usize) -> LaneTarget>(
     mut g: Option<&mut [T]>,
     acc: &mut (f64, f64),
 ) -> Result<(), Error> {
-    let ShortBlock { x, pitch, n, w, l0 } = block;
+    let ShortBlock {
+        x,
+        pitch,
+        n,
+        w,
+        l0,
+        mask,
+    } = block;
     let ShortLanes {
         class,
         weight,
@@ -505,6 +544,12 @@ fn short_index_block<T: Real, F: Fn(usize) -> LaneTarget>(
         weight: &weight[..w],
         s1: plan.s1,
         z2: 2.0 * plan.z * plan.s2,
+        // SAFETY: `base` and every byte the strides reach from it are inside `keep`.
+        mask: mask.map(|m| RowMask {
+            keep: unsafe { m.keep.as_ptr().add(m.base) },
+            lane: m.lane,
+            class: m.class,
+        }),
     };
     let gp = match g.as_mut() {
         Some(g) if g.len() == w * n => Some(g.as_mut_ptr()),
@@ -513,7 +558,8 @@ fn short_index_block<T: Real, F: Fn(usize) -> LaneTarget>(
     };
     let (xs, batch) = short_block(x, pitch, n, w, scratch)?;
     // SAFETY: `xs` holds w rows of n elements `outer_stride` apart (short_block), `gp` w * n
-    // elements; every class is IGNORED or < n (lane_target); p and out hold w entries.
+    // elements; every class is IGNORED or < n (lane_target); p and out hold w entries; the
+    // mask's bytes of the w rows are inside `keep` (ShortMask).
     unsafe {
         crate::simd::short_rows_xent_index(
             crate::simd::level(),
@@ -529,13 +575,50 @@ fn short_index_block<T: Real, F: Fn(usize) -> LaneTarget>(
     // `main` and `lse` become each lane's (main, lse^2) terms, summed in a fixed order.
     for i in 0..w {
         let l = l0 + i;
+        let mut target = LaneTarget::Ignored;
         if redo[i] {
-            let row = &x[i * pitch..i * pitch + n];
-            let target = target_of(l);
+            target = target_of(l);
+            if let (Some(m), LaneTarget::Class(t)) = (mask, target) {
+                // A masked target: the row keeps no class (the pre-pass refused it in any
+                // other), so it is skipped.
+                if !m.keeps(i, t) {
+                    target = LaneTarget::Ignored;
+                }
+            }
+        }
+        if redo[i] && matches!(target, LaneTarget::Ignored) {
+            // An ignored row the kernel flags (a row that keeps no class, say): what the row
+            // path gives it, a zero loss and a zero gradient, without reading it again.
+            if let Some(g) = g.as_deref_mut() {
+                g[i * n..(i + 1) * n].fill(T::from_f64(0.0));
+            }
+            (main[i], lse[i]) = (0.0, 0.0);
+            write_lane(plan, 0.0, 0.0, l, lanes_out);
+        } else if redo[i] {
+            let mut row = &x[i * pitch..i * pitch + n];
+            let mut staged = [T::from_f64(f64::NEG_INFINITY); crate::simd::SHORT_LOSS_ROW];
+            if let Some(m) = mask {
+                // The row as a staged copy holds it: masked classes -inf.
+                for (k, s) in staged.iter_mut().enumerate().take(n) {
+                    if m.keeps(i, k) {
+                        *s = row[k];
+                    }
+                }
+                row = &staged[..n];
+            }
             let sums = row_sums(plan, row, target, None, row_state(row, alg));
             if let Some(g) = g.as_deref_mut() {
                 let lg = lane_grad(plan, target, &sums);
-                write_row_grad(plan, row, None, lg, &mut g[i * n..(i + 1) * n]);
+                let gi = &mut g[i * n..(i + 1) * n];
+                write_row_grad(plan, row, None, lg, gi);
+                if let Some(m) = mask {
+                    // NaN and zero fills reach every class; a masked one's gradient is 0.
+                    for (k, gk) in gi.iter_mut().enumerate() {
+                        if !m.keeps(i, k) {
+                            *gk = T::from_f64(0.0);
+                        }
+                    }
+                }
             }
             (main[i], lse[i]) = lane_outputs(plan, target, &sums, l, lanes_out);
         } else {
@@ -858,13 +941,17 @@ fn column_block_width(n: usize, inner: usize) -> usize {
 /// Lanes are columns of `(n, inner)` slabs (torch's `(N, C, d1, ..)`): blocks of columns are
 /// gathered into row scratch (reads contiguous along `inner`), handled by the row code, and
 /// their gradient rows scattered back. The blocking depends only on the sizes.
-fn xent_columns<T: Real>(
-    logits: &[T],
+///
+/// The logits are stored as `S` and computed in `T = S::Compute`: a 16-bit column block is
+/// widened as it is transposed and its gradient rounded to `S` as it is scattered back, so
+/// each output is the float32 computation's, rounded once.
+fn xent_columns<T: Real, C: Columns<T>>(
+    logits: C,
     targets: &Targets<'_, T>,
     plan: &Plan<'_, T>,
     alg: Algorithm,
     lanes_out: Option<SendPtr<T>>,
-    grad_out: Option<SendPtr<T>>,
+    grad_out: Option<SendPtr<C::Out>>,
 ) -> Result<(f64, f64), Error> {
     let batch = plan.batch;
     let (n, inner) = (batch.n, batch.inner);
@@ -886,6 +973,11 @@ fn xent_columns<T: Real>(
             Some(_) => try_vec(n * width, zero)?,
             None => Vec::new(),
         };
+        // A line of the block in the compute type (16-bit logits only).
+        let mut line = match C::WIDENS {
+            true => try_vec(width, zero)?,
+            false => Vec::new(),
+        };
         let mut scratch = Vec::new();
         let mut states = [LseState::EMPTY; STATE_BLOCK];
         let mut grads = [LaneGrad::ZERO; STATE_BLOCK];
@@ -895,9 +987,9 @@ fn xent_columns<T: Real>(
             let j0 = jb * width;
             let w = width.min(inner - j0);
             let base = o * batch.outer_stride + j0;
-            transpose_in(&logits[base..], inner, n, w, &mut xs);
+            logits.transpose_in(base, inner, n, w, &mut xs, &mut line);
             if let Targets::Probs(q) = targets {
-                transpose_in(&q[base..], inner, n, w, &mut qs);
+                q.transpose_in(base, inner, n, w, &mut qs, &mut []);
             }
             if short_index {
                 let g = grad_out.map(|_| &mut gs[..w * n]);
@@ -907,6 +999,7 @@ fn xent_columns<T: Real>(
                     n,
                     w,
                     l0: o * inner + j0,
+                    mask: None,
                 };
                 short_index_block(
                     plan,
@@ -947,26 +1040,125 @@ fn xent_columns<T: Real>(
                 }
             }
             if let Some(gp) = grad_out {
-                let gbase = o * n * inner + j0;
-                for k in 0..n {
-                    for jj in 0..w {
-                        // SAFETY: (k, j0 + jj) of slab o in the dense gradient, whose length
-                        // `plan` checked; units own disjoint column blocks.
-                        unsafe { *gp.ptr().add(gbase + k * inner + jj) = gs[jj * n + k] };
-                    }
-                }
+                // SAFETY: slab o's columns j0..j0 + w of the dense gradient, whose length
+                // `plan` checked; units own disjoint column blocks.
+                unsafe { C::scatter(gp, &gs, o * n * inner + j0, n, inner, w, &mut line) };
             }
         }
         Ok(acc)
     })
 }
 
-/// `rows[jj * n + k] = src[k * inner + jj]` for `k < n`, `jj < w`: a column block as rows.
-fn transpose_in<T: Real>(src: &[T], inner: usize, n: usize, w: usize, rows: &mut [T]) {
-    for k in 0..n {
-        let line = &src[k * inner..k * inner + w];
-        for (jj, &v) in line.iter().enumerate() {
-            rows[jj * n + k] = v;
+/// How [`xent_columns`] reads the logits and writes the gradient: in the compute type `T`
+/// itself (`&[T]`), or stored as 16 bits ([`Widened`]), widened per line of a block as it
+/// is transposed and rounded per line as its gradient is scattered back.
+trait Columns<T: Real>: Copy + Sync {
+    /// The gradient's element type.
+    type Out: Copy;
+    /// Whether the lines go through a buffer of `T` (of the block's width).
+    const WIDENS: bool;
+    /// `rows[jj * n + k] = x[base + k * inner + jj]` for `k < n`, `jj < w`: a column block
+    /// as rows.
+    fn transpose_in(
+        self,
+        base: usize,
+        inner: usize,
+        n: usize,
+        w: usize,
+        rows: &mut [T],
+        line: &mut [T],
+    );
+    /// Writes the gradient rows `gs` of `w` columns to columns `0..w` of the `(n, inner)`
+    /// slab of the dense gradient at `gp + gbase`.
+    ///
+    /// # Safety
+    /// Those elements of the gradient writable, and no other thread's.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn scatter(
+        gp: SendPtr<Self::Out>,
+        gs: &[T],
+        gbase: usize,
+        n: usize,
+        inner: usize,
+        w: usize,
+        line: &mut [T],
+    );
+}
+
+impl<T: Real> Columns<T> for &[T] {
+    type Out = T;
+    const WIDENS: bool = false;
+    fn transpose_in(
+        self,
+        base: usize,
+        inner: usize,
+        n: usize,
+        w: usize,
+        rows: &mut [T],
+        _: &mut [T],
+    ) {
+        for k in 0..n {
+            let line = &self[base + k * inner..][..w];
+            for (jj, &v) in line.iter().enumerate() {
+                rows[jj * n + k] = v;
+            }
+        }
+    }
+    unsafe fn scatter(
+        gp: SendPtr<T>,
+        gs: &[T],
+        gbase: usize,
+        n: usize,
+        inner: usize,
+        w: usize,
+        _: &mut [T],
+    ) {
+        masked::scatter_columns(gp, gs, gbase, n, inner, w);
+    }
+}
+
+/// 16-bit logits (`S::Compute` their compute type) for [`Columns`].
+#[derive(Clone, Copy)]
+struct Widened<'a, S>(&'a [S]);
+
+impl<S: Stored> Columns<S::Compute> for Widened<'_, S> {
+    type Out = S;
+    const WIDENS: bool = true;
+    fn transpose_in(
+        self,
+        base: usize,
+        inner: usize,
+        n: usize,
+        w: usize,
+        rows: &mut [S::Compute],
+        line: &mut [S::Compute],
+    ) {
+        let size = std::mem::size_of::<S>() as isize;
+        for k in 0..n {
+            let from = &self.0[base + k * inner..][..w];
+            // SAFETY: the w elements of `from`.
+            unsafe { S::widen_run(from.as_ptr() as *const u8, size, &mut line[..w]) };
+            for (jj, &v) in line[..w].iter().enumerate() {
+                rows[jj * n + k] = v;
+            }
+        }
+    }
+    unsafe fn scatter(
+        gp: SendPtr<S>,
+        gs: &[S::Compute],
+        gbase: usize,
+        n: usize,
+        inner: usize,
+        w: usize,
+        line: &mut [S::Compute],
+    ) {
+        let size = std::mem::size_of::<S>() as isize;
+        for k in 0..n {
+            for (jj, v) in line[..w].iter_mut().enumerate() {
+                *v = gs[jj * n + k];
+            }
+            // SAFETY: the caller's contract (w elements of row k of the slab).
+            unsafe { S::narrow_run(&line[..w], gp.ptr().add(gbase + k * inner) as *mut u8, size) };
         }
     }
 }

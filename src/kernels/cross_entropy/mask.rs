@@ -54,6 +54,10 @@ impl ClassMask<'_> {
     /// The offset of class 0 of lane `l` and the stride between classes.
     #[inline]
     pub(super) fn lane(&self, batch: &Batch, l: usize) -> (usize, usize) {
+        if batch.inner == 1 {
+            // Rows: no division per lane.
+            return (l * self.strides[0], self.strides[1]);
+        }
         let (o, j) = (l / batch.inner, l % batch.inner);
         (o * self.strides[0] + j * self.strides[2], self.strides[1])
     }
@@ -92,30 +96,13 @@ pub(super) fn masked_denominators<T: Real>(
     let partials = parallel::map_collect(pieces, per * n.max(1), |p| {
         let (mut d, mut kept) = (0.0f64, 0usize);
         for l in p * per..((p + 1) * per).min(lanes) {
-            let (base, stride) = mask.lane(&batch, l);
             match targets {
-                Targets::Indices(t) => {
-                    let value = t[l];
-                    if value == plan.ignore_index {
-                        continue;
-                    }
-                    if value < 0 || value as u64 >= n as u64 {
-                        return Err(Error::TargetOutOfRange {
-                            position: l,
-                            value,
-                            classes: n,
-                        });
-                    }
-                    // The target's own flag first: a kept target settles the lane in one read.
-                    if !mask.keeps(base, stride, value as usize) {
-                        if !mask.any_kept(base, stride, n) {
-                            continue;
-                        }
-                        return Err(Error::MaskedTarget { position: l, value });
-                    }
-                    d += plan.w(value as usize);
-                }
+                Targets::Indices(t) => match index_lane(plan, t, mask, l)? {
+                    Some(w) => d += w,
+                    None => continue,
+                },
                 Targets::Probs(q) => {
+                    let (base, stride) = mask.lane(&batch, l);
                     if !mask.any_kept(base, stride, n) {
                         continue;
                     }
@@ -144,4 +131,56 @@ pub(super) fn masked_denominators<T: Real>(
             let (d, k) = piece?;
             Ok((acc.0 + d, acc.1 + k as f64))
         })
+}
+
+/// Lane `l`'s index target checked against the mask: `Some(w_t)` for a lane that counts in
+/// "mean", `None` for one that is skipped (ignored, or keeping no class); an out-of-range
+/// target, or one the mask hides in a lane that keeps some class, is refused.
+#[inline(always)]
+pub(super) fn index_lane<T: Real>(
+    plan: &Plan<'_, T>,
+    t: &[i64],
+    mask: &ClassMask<'_>,
+    l: usize,
+) -> Result<Option<f64>, Error> {
+    let n = plan.batch.n;
+    let value = t[l];
+    if value == plan.ignore_index {
+        return Ok(None);
+    }
+    if value < 0 || value as u64 >= n as u64 {
+        return Err(Error::TargetOutOfRange {
+            position: l,
+            value,
+            classes: n,
+        });
+    }
+    let (base, stride) = mask.lane(&plan.batch, l);
+    // The target's own flag first: a kept target settles the lane in one read.
+    if !mask.keeps(base, stride, value as usize) {
+        if !mask.any_kept(base, stride, n) {
+            return Ok(None);
+        }
+        return Err(Error::MaskedTarget { position: l, value });
+    }
+    Ok(Some(plan.w(value as usize)))
+}
+
+/// Whether a masked call checks its targets in its main pass rather than in a pre-pass: the
+/// fused short-row loss over rows, read in place, writing nothing but the reduced loss (no
+/// gradient, no per-lane losses), so a refused target still leaves every output unwritten,
+/// and the mask is read once, beside the logits, instead of twice.
+pub(super) fn defers_masked_checks<T: Real>(
+    plan: &Plan<'_, T>,
+    targets: &Targets<'_, T>,
+    per_lane_len: Option<usize>,
+    grad_len: Option<usize>,
+) -> bool {
+    let batch = plan.batch;
+    per_lane_len.is_none()
+        && grad_len.is_none()
+        && batch.inner == 1
+        && (1..=crate::simd::SHORT_LOSS_ROW).contains(&batch.n)
+        && matches!(targets, Targets::Indices(_))
+        && plan.label_smoothing == 0.0
 }

@@ -49,6 +49,7 @@ pub fn nll_loss<S: Stored>(
         &opts,
         per_lane.as_ref().map(|p| p.len()),
         None,
+        false,
     )?;
     let lanes_out = per_lane.map(|p| SendPtr(p.as_mut_ptr()));
     let per = parallel::items_per_piece(1);

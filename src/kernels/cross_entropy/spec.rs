@@ -3,7 +3,7 @@
 
 use std::ops::Range;
 
-use super::mask::{masked_denominators, ClassMask};
+use super::mask::{defers_masked_checks, masked_denominators, ClassMask};
 use crate::error::Error;
 use crate::kernels::Algorithm;
 use crate::layout::Batch;
@@ -99,6 +99,9 @@ pub(super) struct Plan<'a, T> {
     pub(super) s1: f64,
     pub(super) s2: f64,
     pub(super) z: f64,
+    /// The targets are checked against a `where=` mask, and the mean's scales set, by the
+    /// main pass ([`defers_masked_checks`]), not before it.
+    pub(super) deferred: bool,
 }
 
 impl<T: Real> Plan<'_, T> {
@@ -112,7 +115,9 @@ impl<T: Real> Plan<'_, T> {
 }
 
 /// Checks everything that does not need the logits and returns the plan: shapes, options,
-/// every target (first bad one reported), and the reduction scales.
+/// every target (first bad one reported), and the reduction scales. With `may_defer`, a
+/// masked call whose main pass can check the targets itself ([`defers_masked_checks`])
+/// returns a `deferred` plan instead.
 pub(super) fn plan<'a, T: Real>(
     logits_len: usize,
     batch: Batch,
@@ -120,6 +125,7 @@ pub(super) fn plan<'a, T: Real>(
     opts: &XentOptions<'a, T>,
     per_lane_len: Option<usize>,
     grad_len: Option<usize>,
+    may_defer: bool,
 ) -> Result<Plan<'a, T>, Error> {
     batch.check(logits_len).map_err(Error::Layout)?;
     let n = batch.n;
@@ -189,6 +195,7 @@ pub(super) fn plan<'a, T: Real>(
         s1: 1.0,
         s2: 1.0,
         z: opts.z_loss,
+        deferred: false,
     };
     if let Some(mask) = &opts.mask {
         mask.check(&batch)?;
@@ -203,6 +210,12 @@ pub(super) fn plan<'a, T: Real>(
                 });
             }
             if let Some(mask) = &opts.mask {
+                if may_defer && defers_masked_checks(&plan, targets, per_lane_len, grad_len) {
+                    return Ok(Plan {
+                        deferred: true,
+                        ..plan
+                    });
+                }
                 return finish(
                     plan,
                     opts.reduction,
@@ -248,7 +261,7 @@ pub(super) fn plan<'a, T: Real>(
 }
 
 /// The plan with the reduction scales of `(D, K)`: `1 / D` and `1 / K` for "mean".
-fn finish<T>(
+pub(super) fn finish<T>(
     mut plan: Plan<'_, T>,
     reduction: LossReduction,
     (denominator, kept): (f64, f64),

@@ -14,7 +14,7 @@
 //! targets (the label-smoothing sum keeps the unmasked summation order); probability targets
 //! agree up to the rounding of their sums.
 
-use super::super::mask::ClassMask;
+use super::super::mask::{index_lane, ClassMask};
 use super::*;
 use crate::kernels::masked::{copy_kept, fill_masked};
 
@@ -271,7 +271,11 @@ fn masked_sums<T: Real>(
 }
 
 /// The masked cross-entropy over every lane: `(main, lse^2)` sums as [`xent_rows`] /
-/// [`xent_columns`], gradients dense with 0 at masked classes.
+/// [`xent_columns`], gradients dense with 0 at masked classes. A `deferred` plan has its
+/// targets checked here, each block after the kernel has read its rows' mask, and gets
+/// the "mean" denominators `(D, K)` back, summed as [`masked_denominators`] sums them.
+///
+/// [`masked_denominators`]: super::super::mask::masked_denominators
 pub(super) fn xent_masked<T: Real>(
     logits: &[T],
     targets: &Targets<'_, T>,
@@ -280,7 +284,7 @@ pub(super) fn xent_masked<T: Real>(
     alg: Algorithm,
     lanes_out: Option<SendPtr<T>>,
     grad_out: Option<SendPtr<T>>,
-) -> Result<(f64, f64), Error> {
+) -> Result<(f64, f64, Option<Counts>), Error> {
     let batch = plan.batch;
     let (n, inner) = (batch.n, batch.inner);
     let rows = inner == 1;
@@ -310,9 +314,20 @@ pub(super) fn xent_masked<T: Real>(
         (false, false) => Count::None,
     };
     let per = parallel::items_per_piece(unit_elements);
-    reduce_pieces(units, per, unit_elements, |range| {
+    // Each piece's (D, K) when the checks are deferred: the pre-pass's pieces (lanes in
+    // pieces of `items_per_piece(n)`, as here for rows).
+    let deferred = plan.deferred && rows && short_index && targets_are_indices(targets);
+    let mut counts = match deferred {
+        true => try_vec(units.div_ceil(per.max(1)), (0.0f64, 0usize))?,
+        false => Vec::new(),
+    };
+    let counts_out = SendPtr(counts.as_mut_ptr());
+    let (main, zsum) = reduce_pieces(units, per, unit_elements, |range| {
         let mut acc = (0.0f64, 0.0f64);
-        let mut st = Staged::<T>::new(n, width, probs)?;
+        let mut counted = (0.0f64, 0usize);
+        // In-place short rows stage nothing.
+        let staged_width = if short_index && rows { 0 } else { width };
+        let mut st = Staged::<T>::new(n, staged_width, probs)?;
         let mut short_lanes = ShortLanes::new();
         let mut gs = match (grad_out, rows) {
             (Some(_), false) => try_vec(n * width, T::from_f64(0.0))?,
@@ -345,6 +360,76 @@ pub(super) fn xent_masked<T: Real>(
                 lane: if rows { s0 } else { s2 },
                 class: s1,
             };
+            if short_index {
+                // The fused short-row loss. Rows are read where they lie, the kernel reading
+                // the mask beside them (a masked class as `-inf`, so its probability and
+                // gradient are 0); columns are staged (transposed) first, as unmasked.
+                let g = match grad_out {
+                    // SAFETY: lanes l0..l0 + w own the dense rows l0..l0 + w of the
+                    // gradient, whose length `plan` checked.
+                    Some(gp) if rows => {
+                        Some(unsafe { std::slice::from_raw_parts_mut(gp.ptr().add(l0 * n), w * n) })
+                    }
+                    Some(_) => Some(&mut gs[..w * n]),
+                    None => None,
+                };
+                let block = if rows {
+                    ShortBlock {
+                        x: &logits[xs.base..],
+                        pitch: xs.lane,
+                        n,
+                        w,
+                        l0,
+                        mask: Some(ShortMask {
+                            keep: mask.keep,
+                            base: ms.base,
+                            lane: ms.lane,
+                            class: ms.class,
+                        }),
+                    }
+                } else {
+                    st.stage(logits, xs, mask.keep, ms, n, w, count);
+                    ShortBlock {
+                        x: &st.x,
+                        pitch: n,
+                        n,
+                        w,
+                        l0,
+                        mask: Some(ShortMask {
+                            keep: &st.keep,
+                            base: 0,
+                            lane: n,
+                            class: 1,
+                        }),
+                    }
+                };
+                // A masked target is the kernel's to skip (short_index_block).
+                let lane = |l: usize| lane_target(targets, l, plan.ignore_index, n);
+                short_index_block(
+                    plan,
+                    lane,
+                    block,
+                    alg,
+                    &mut scratch,
+                    &mut short_lanes,
+                    lanes_out,
+                    g,
+                    &mut acc,
+                )?;
+                if let (Some(gp), false) = (grad_out, rows) {
+                    scatter_columns(gp, &gs, o * n * inner + j0, n, inner, w);
+                }
+                if let (true, Targets::Indices(t)) = (deferred, targets) {
+                    // The rows' mask is in cache now: the pre-pass's checks, lane by lane.
+                    for l in l0..l0 + w {
+                        if let Some(wt) = index_lane(plan, t, mask, l)? {
+                            counted.0 += wt;
+                            counted.1 += 1;
+                        }
+                    }
+                }
+                continue;
+            }
             st.stage(logits, xs, mask.keep, ms, n, w, count);
             if let Targets::Probs(q) = targets {
                 st.stage_probs(q, xs, n, w);
@@ -361,54 +446,6 @@ pub(super) fn xent_masked<T: Real>(
                 LaneTarget::Class(t) if keep[t] == 0 => LaneTarget::Ignored,
                 t => t,
             };
-            if short_index {
-                // The unmasked short-row kernel on the staged block: a masked class is
-                // `-inf` there, so its probability and gradient are 0.
-                let mut g = match grad_out {
-                    // SAFETY: lanes l0..l0 + w own the dense rows l0..l0 + w of the
-                    // gradient, whose length `plan` checked.
-                    Some(gp) if rows => {
-                        Some(unsafe { std::slice::from_raw_parts_mut(gp.ptr().add(l0 * n), w * n) })
-                    }
-                    Some(_) => Some(&mut gs[..w * n]),
-                    None => None,
-                };
-                let (sx, skeep, skept) = (&st.x, &st.keep, &st.kept);
-                let block = ShortBlock {
-                    x: sx,
-                    pitch: n,
-                    n,
-                    w,
-                    l0,
-                };
-                let lane = |l: usize| {
-                    let jj = l - l0;
-                    target_of(l, skept[jj], &skeep[jj * n..][..n])
-                };
-                short_index_block(
-                    plan,
-                    lane,
-                    block,
-                    alg,
-                    &mut scratch,
-                    &mut short_lanes,
-                    lanes_out,
-                    g.as_deref_mut(),
-                    &mut acc,
-                )?;
-                let (Some(gp), Some(g)) = (grad_out, g) else {
-                    continue;
-                };
-                // Rows the row path redid (a non-finite max or a NaN: NaN-filled) get 0 at
-                // their masked classes; the kernel's rows have it already.
-                for jj in (0..w).filter(|&jj| short_lanes.redo[jj]) {
-                    st.zero_masked(&mut g[jj * n..][..n], jj, n);
-                }
-                if !rows {
-                    scatter_columns(gp, &gs, o * n * inner + j0, n, inner, w);
-                }
-                continue;
-            }
             block_states(&st.x, n, n, w, alg, &mut scratch, &mut states)?;
             for jj in 0..w {
                 let l = l0 + jj;
@@ -476,13 +513,32 @@ pub(super) fn xent_masked<T: Real>(
                 scatter_columns(gp, &gs, o * n * inner + j0, n, inner, w);
             }
         }
+        if deferred {
+            // SAFETY: one slot per piece, written by that piece alone.
+            unsafe { *counts_out.ptr().add(range.start / per.max(1)) = counted };
+        }
         Ok(acc)
-    })
+    })?;
+    // Summed in piece order, as the pre-pass does.
+    let dk = deferred.then(|| {
+        counts
+            .iter()
+            .fold((0.0, 0.0), |acc, &(d, k)| (acc.0 + d, acc.1 + k as f64))
+    });
+    Ok((main, zsum, dk))
+}
+
+/// The "mean" denominators `(D, K)`: the weight of the counted targets and their number.
+type Counts = (f64, f64);
+
+/// Whether the targets are class indices.
+fn targets_are_indices<T>(targets: &Targets<'_, T>) -> bool {
+    matches!(targets, Targets::Indices(_))
 }
 
 /// Writes the gradient rows `gs` of `w` columns back to the columns `j0..j0 + w` of one
 /// `(n, inner)` slab of the dense gradient at `gp`, starting at `gbase = o * n * inner + j0`.
-fn scatter_columns<T: Real>(
+pub(super) fn scatter_columns<T: Real>(
     gp: SendPtr<T>,
     gs: &[T],
     gbase: usize,
@@ -655,6 +711,95 @@ mod tests {
             Some(short),
         );
         assert!(matches!(err, Err(Error::Layout(_))));
+    }
+
+    /// Short rows read in place under a mask give the unmasked kernel's bits on a copy whose
+    /// masked classes hold `-inf` (a row keeping no class ignored): every group size of the
+    /// level, a row pitch, dense, `(1, C)` and strided masks, NaN/inf behind the mask.
+    #[test]
+    fn masked_short_rows_read_in_place_equal_the_kernel_on_rows_holding_minus_inf() {
+        let rows = 37usize;
+        for n in [1usize, 3, 8, 10, 17, 100] {
+            let pitch = n + 3;
+            let x: Vec<f32> = (0..rows * pitch)
+                .map(|i| match i % 29 {
+                    7 => f32::NAN,
+                    11 => f32::INFINITY,
+                    _ => ((i * 37 % 23) as f32 - 11.0) * 0.7,
+                })
+                .collect();
+            // [dense, (1, C) broadcast, class stride 2]
+            for form in 0..3 {
+                let (lane, class) = [(n, 1), (0, 1), (2 * n, 2)][form];
+                let keep: Vec<u8> = (0..rows.max(1) * 2 * n)
+                    .map(|i| (i % 5 != 2 && i % 7 != 3) as u8)
+                    .collect();
+                // Every 9th row keeps no class (where the mask has a row per row).
+                let mut m = keep.clone();
+                for r in (4..rows).step_by(9).filter(|_| lane != 0) {
+                    for k in 0..n {
+                        m[r * lane + k * class] = 0;
+                    }
+                }
+                let keeps = |r: usize, k: usize| m[r * lane + k * class] != 0;
+                let t: Vec<i64> = (0..rows)
+                    .map(|r| (0..n).find(|&k| keeps(r, k)).unwrap_or(0) as i64)
+                    .collect();
+                let mut staged = vec![0.0f32; rows * n];
+                let mut ref_t = t.clone();
+                for r in 0..rows {
+                    for k in 0..n {
+                        staged[r * n + k] = if keeps(r, k) {
+                            x[r * pitch + k]
+                        } else {
+                            f32::NEG_INFINITY
+                        };
+                    }
+                    if !(0..n).any(|k| keeps(r, k)) {
+                        ref_t[r] = -100;
+                    }
+                }
+                let batch = Batch {
+                    outer: rows,
+                    outer_stride: pitch,
+                    n,
+                    inner: 1,
+                };
+                let opts = XentOptions {
+                    z_loss: 0.01,
+                    reduction: LossReduction::None,
+                    mask: Some(ClassMask {
+                        keep: &m,
+                        strides: [lane, class, 0],
+                    }),
+                    ..XentOptions::default()
+                };
+                let (mut per, mut grad) = (vec![0.0f32; rows], vec![9.0f32; rows * n]);
+                let x = &x[..(rows - 1) * pitch + n];
+                let t = Targets::Indices(&t);
+                cross_entropy(x, batch, t, &opts, Some(&mut per), Some(&mut grad)).unwrap();
+                let plain = XentOptions { mask: None, ..opts };
+                let (mut want, mut wgrad) = (vec![0.0f32; rows], vec![9.0f32; rows * n]);
+                let rt = Targets::Indices(&ref_t);
+                let rb = Batch::rows(rows, n);
+                cross_entropy(&staged, rb, rt, &plain, Some(&mut want), Some(&mut wgrad)).unwrap();
+                for r in 0..rows {
+                    assert_eq!(
+                        per[r].to_bits(),
+                        want[r].to_bits(),
+                        "n {n} form {form} row {r}"
+                    );
+                    for k in 0..n {
+                        let (g, w) = (grad[r * n + k], wgrad[r * n + k]);
+                        if keeps(r, k) {
+                            assert_eq!(g.to_bits(), w.to_bits(), "n {n} form {form} ({r}, {k})");
+                        } else {
+                            assert_eq!(g, 0.0, "n {n} form {form} ({r}, {k})");
+                        }
+                    }
+                }
+            }
+        }
     }
 
     #[test]
