@@ -178,6 +178,10 @@ unsafe impl Lanes for Avx2 {
         unsafe { _mm256_xor_pd(m, _mm256_castsi256_pd(_mm256_set1_epi64x(-1))) }
     }
     #[inline(always)]
+    fn ne(self, a: __m256d, b: __m256d) -> __m256d {
+        unsafe { _mm256_cmp_pd::<_CMP_NEQ_UQ>(a, b) }
+    }
+    #[inline(always)]
     fn any(self, m: __m256d) -> bool {
         unsafe { _mm256_movemask_pd(m) != 0 }
     }

@@ -325,6 +325,10 @@ unsafe impl Lanes for Avx512 {
         !m
     }
     #[inline(always)]
+    fn ne(self, a: __m512d, b: __m512d) -> __mmask8 {
+        unsafe { _mm512_cmp_pd_mask::<_CMP_NEQ_UQ>(a, b) }
+    }
+    #[inline(always)]
     fn any(self, m: __mmask8) -> bool {
         m != 0
     }

@@ -47,6 +47,12 @@ pub unsafe trait Lanes: Copy {
     /// `a > b` (ordered).
     fn gt(self, a: Self::V, b: Self::V) -> Self::M;
     fn not(self, m: Self::M) -> Self::M;
+    /// `!(a == b)` (true for NaN), as one compare where the level has one: a select on an
+    /// inverted mask compiles to an add and a blend where a masked add would do.
+    #[inline(always)]
+    fn ne(self, a: Self::V, b: Self::V) -> Self::M {
+        self.not(self.eq(a, b))
+    }
     fn any(self, m: Self::M) -> bool;
     fn count(self, m: Self::M) -> u64;
     /// `m ? a : b` per lane.

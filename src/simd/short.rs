@@ -174,30 +174,38 @@ unsafe fn group_state<L: Lanes, T: Real>(
     }
     let m = l.max(l.max(acc[0], acc[1]), l.max(acc[2], acc[3]));
     let one = l.splat(1.0);
-    let (mut below, mut ties) = (l.splat(0.0), l.splat(0.0));
+    // The lanes off the max are counted, not the ties (`ties = n - others`, exact), so both
+    // adds take the mask of one `ne` compare as is (masked adds, no inversion or blend): the
+    // pass is bound by the vector ports, not by its chains. The adds keep the columns' order.
+    let (mut below, mut others) = (l.splat(0.0), l.splat(0.0));
     for b in buf.iter_mut().take(n) {
         // SAFETY: as above.
         let v = unsafe { b.assume_init() };
         let t = l.sub(v, m);
         let e = l.exp_nonpos(t, T::FULL);
-        let tie = l.eq(v, m);
-        below = l.masked_add(below, l.summable(l.not(tie), t, T::FULL), e);
-        ties = l.masked_add(ties, tie, one);
+        let other = l.ne(v, m);
+        below = l.masked_add(below, l.summable(other, t, T::FULL), e);
+        others = l.masked_add(others, other, one);
         match keep {
             Keep::Input => {}
             Keep::Exp => {
                 // The lanes a float32-grade exp clamps (`summable` drops them; `-inf`, a
                 // masked class, among them) are stored as 0: scaled, the clamped value
                 // would underflow float64 (a microcode assist per vector) and round to 0
-                // anyway. A NaN lane's row is redone.
-                let keep = l.summable(l.eq(v, v), t, T::FULL);
-                b.write(l.select(keep, e, l.splat(0.0)));
+                // anyway. The full grade drops no lane (its `exp(-inf)` is 0), so it stores
+                // `e` as is. A NaN lane's row is redone.
+                b.write(if T::FULL {
+                    e
+                } else {
+                    l.select(l.summable(l.eq(v, v), t, T::FULL), e, l.splat(0.0))
+                });
             }
             Keep::Shift => {
                 b.write(t);
             }
         }
     }
+    let ties = l.sub(l.splat(n as f64), others);
     let excess = l.add(below, l.sub(ties, one));
     // `excess + (m - m)` is NaN exactly where the max is not finite or the sum is NaN.
     let check = l.add(excess, l.sub(m, m));
