@@ -527,3 +527,95 @@ fn kept_rows_equal_the_staged_rows_at_every_level() {
     check::<f32>(|v| v as f32);
     check::<f64>(|v| v);
 }
+
+/// Short rows (one per lane) whose max sits in several columns, with `-inf`, `+inf` and NaN
+/// moved through every column position, for every `n` up to [`SHORT_ROW`], against the
+/// scalar reference at every level: the tie count (kept apart from the sum), a dropped or
+/// doubled exp, a stored exp of a `-inf` lane, or a NaN/inf row not redone each show as an
+/// error far above the tolerance. Rows with small integer values hold many ties.
+#[test]
+fn short_rows_with_ties_and_specials_at_every_column_match_scalar() {
+    let mut rng = Rng::new(91);
+    let rows = 11;
+    for n in 1..=SHORT_ROW {
+        for p in 0..n {
+            let mut x = vec![0.0f64; rows * n];
+            for (i, v) in x.iter_mut().enumerate() {
+                *v = if (i / n) % 2 == 0 {
+                    rng.uniform(-3.0, 2.0).round()
+                } else {
+                    rng.uniform(-20.0, 20.0)
+                };
+            }
+            let row = |r: usize| r * n;
+            x[row(0)..row(1)].fill(1.5); // every column a tie
+            x[row(1) + p] = 40.0; // the max at p and at the column after
+            x[row(1) + (p + 1) % n] = 40.0;
+            x[row(3) + p] = f64::NEG_INFINITY;
+            x[row(4) + p] = f64::NAN;
+            x[row(5) + p] = f64::INFINITY;
+            x[row(6) + p] = f64::NEG_INFINITY; // -inf in a row of integer ties
+            x[row(7)..row(8)].fill(f64::NEG_INFINITY);
+            x[row(9) + p] = 25.0; // a lone max, the last column stays below it
+            let x32: Vec<f32> = x.iter().map(|&v| v as f32).collect();
+            for level in levels() {
+                check_short_rows(level, &x, n, rows, 1e-14, |a, b| agree(a, b, 1e-13));
+                check_short_rows(level, &x32, n, rows, 1e-9, |a, b| {
+                    (a.is_nan() && b.is_nan())
+                        || (a as f32).to_bits().abs_diff((b as f32).to_bits()) <= 1
+                });
+            }
+        }
+    }
+}
+
+fn agree(a: f64, b: f64, rel: f64) -> bool {
+    (a.is_nan() && b.is_nan())
+        || a == b
+        || (a - b).abs() <= rel * a.abs().max(b.abs())
+        || (a - b).abs() < 1e-300
+}
+
+/// The short-row states, logsumexps, softmax and log_softmax of `rows` rows of `n` at
+/// `level` against [`Level::Scalar`]: the max equal, the rest within `rel` (states) or as
+/// `same` says (outputs).
+fn check_short_rows<T: crate::real::Real>(
+    level: Level,
+    x: &[T],
+    n: usize,
+    rows: usize,
+    rel: f64,
+    same: impl Fn(f64, f64) -> bool,
+) {
+    let run = |lv: Level| {
+        let mut st = vec![LseState::EMPTY; rows];
+        let mut lse = vec![T::from_f64(0.0); rows];
+        let mut sm = vec![T::from_f64(0.0); rows * n];
+        let mut lsm = vec![T::from_f64(0.0); rows * n];
+        // SAFETY: rows * n readable elements; every output holds what it is given.
+        unsafe {
+            short_rows_states(lv, x.as_ptr(), rows, n, n, &mut st);
+            short_rows_logsumexp(lv, x.as_ptr(), rows, n, n, lse.as_mut_ptr());
+            short_rows_softmax(lv, x.as_ptr(), rows, n, n, sm.as_mut_ptr(), false);
+            short_rows_softmax(lv, x.as_ptr(), rows, n, n, lsm.as_mut_ptr(), true);
+        }
+        (st, lse, sm, lsm)
+    };
+    let (a, b) = (run(level), run(Level::Scalar));
+    for r in 0..rows {
+        let (p, q) = (a.0[r], b.0[r]);
+        // `==`: which of `-0.0` and `0.0` a row's max is depends on the order of its compares.
+        let same_max = p.max == q.max || (p.max.is_nan() && q.max.is_nan());
+        assert!(same_max, "{level:?} n={n} row {r}: {p:?} {q:?}");
+        if p.max.is_finite() {
+            assert!(agree(p.excess, q.excess, rel), "{level:?} n={n} row {r}: {p:?} {q:?}");
+        }
+        let (u, v) = (a.1[r].to_f64(), b.1[r].to_f64());
+        assert!(same(u, v), "{level:?} n={n} row {r}: lse {u} {v}");
+    }
+    for (i, ((s, t), (u, v))) in a.2.iter().zip(&b.2).zip(a.3.iter().zip(&b.3)).enumerate() {
+        let (s, t, u, v) = (s.to_f64(), t.to_f64(), u.to_f64(), v.to_f64());
+        assert!(same(s, t), "{level:?} n={n} softmax [{i}]: {s} {t}");
+        assert!(same(u, v), "{level:?} n={n} log_softmax [{i}]: {u} {v}");
+    }
+}
