@@ -234,6 +234,31 @@ pub(crate) unsafe fn logsumexp<L: Lanes, T: Real>(
     pitch: usize,
     out: *mut T,
 ) {
+    // Compiled apart: the hint's code, even skipped, slows the loop over rows of a few
+    // elements, whose groups are the cheapest.
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        if hinted(n) {
+            logsumexp_groups::<L, T, true>(l, x, rows, n, pitch, out)
+        } else {
+            logsumexp_groups::<L, T, false>(l, x, rows, n, pitch, out)
+        }
+    }
+}
+
+/// [`logsumexp`], with the next group hinted into L1 when `HINT`.
+///
+/// # Safety
+/// As [`logsumexp`].
+#[inline(always)]
+unsafe fn logsumexp_groups<L: Lanes, T: Real, const HINT: bool>(
+    l: L,
+    x: *const T,
+    rows: usize,
+    n: usize,
+    pitch: usize,
+    out: *mut T,
+) {
     // Uninitialised: zeroing it per group would cost more than the rows.
     let mut buf = [MaybeUninit::<L::V>::uninit(); SHORT_ROW];
     let mut r = 0;
@@ -242,6 +267,9 @@ pub(crate) unsafe fn logsumexp<L: Lanes, T: Real>(
         // SAFETY: rows r..r+g are readable, out[r..r+g] writable.
         unsafe {
             let p = x.add(r * pitch);
+            if HINT {
+                prefetch_next_group(l, p, g, n, pitch, rows - r - g);
+            }
             let (m, excess, redo) = group_state(l, p, n, pitch, g, &mut buf, Keep::Input, None);
             let lse = l.add(m, l.log1p(excess));
             if g == L::N {
@@ -279,6 +307,9 @@ pub(crate) unsafe fn states<L: Lanes, T: Real>(
         // SAFETY: rows r..r+g are readable.
         unsafe {
             let p = x.add(r * pitch);
+            if hinted(n) {
+                prefetch_next_group(l, p, g, n, pitch, rows - r - g);
+            }
             let (m, excess, redo) = group_state(l, p, n, pitch, g, &mut buf, Keep::Input, None);
             let (ms, es) = (l.to_lanes(m), l.to_lanes(excess));
             for k in 0..g {
@@ -323,6 +354,9 @@ pub(crate) unsafe fn softmax<L: Lanes, T: Real>(
         // row is written only by the reference, after the others.
         unsafe {
             let (p, o) = (x.add(r * pitch), out.add(r * n));
+            if hinted(n) {
+                prefetch_next_group(l, p, g, n, pitch, rows - r - g);
+            }
             let (_, excess, redo) = group_state(l, p, n, pitch, g, &mut buf, keep, None);
             // Per row: softmax = e * (1 / S), log_softmax = t - log1p(excess).
             let factor = if log {
@@ -545,6 +579,28 @@ pub(crate) unsafe fn xent_index<L: Lanes, T: Real, const MASKED: bool>(
         }
         r += g;
     }
+}
+
+/// Whether the short-row kernels hint the next group into L1: not for rows under 8 elements,
+/// whose groups are a few lines that the hardware's streams bring in time (the hints cost
+/// more than they save).
+#[inline(always)]
+fn hinted(n: usize) -> bool {
+    n >= 8
+}
+
+/// Hints the group of up to `N` rows that follows the `g` rows at `x` into L1 (`left` rows
+/// remain), as [`prefetch_rows`].
+#[inline(always)]
+fn prefetch_next_group<L: Lanes, T>(
+    l: L,
+    x: *const T,
+    g: usize,
+    n: usize,
+    pitch: usize,
+    left: usize,
+) {
+    prefetch_rows(l, x.wrapping_add(g * pitch), n, pitch, left.min(L::N));
 }
 
 /// Hints the `rows` rows of `n` elements at `x` (`pitch` apart) into L1: the next group's,

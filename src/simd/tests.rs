@@ -608,7 +608,10 @@ fn check_short_rows<T: crate::real::Real>(
         let same_max = p.max == q.max || (p.max.is_nan() && q.max.is_nan());
         assert!(same_max, "{level:?} n={n} row {r}: {p:?} {q:?}");
         if p.max.is_finite() {
-            assert!(agree(p.excess, q.excess, rel), "{level:?} n={n} row {r}: {p:?} {q:?}");
+            assert!(
+                agree(p.excess, q.excess, rel),
+                "{level:?} n={n} row {r}: {p:?} {q:?}"
+            );
         }
         let (u, v) = (a.1[r].to_f64(), b.1[r].to_f64());
         assert!(same(u, v), "{level:?} n={n} row {r}: lse {u} {v}");
