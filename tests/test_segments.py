@@ -827,3 +827,121 @@ def test_float64_long_unsorted_segment_keeps_the_sorted_states():
     n_seg = np.array([k for _, _, k in states], dtype=np.float64)
     _within_scatter_bound(segment_logsumexp(x32, ids, 2), _exact_lse(states), n_seg, "lse")
 
+
+
+# --- Sorted ids: the id scan (blocks of ids checked at once, pieces of rows in parallel) -------
+# Sorted ids are checked in blocks of 64 compared at once, in pieces of 65536 rows that run in
+# parallel; an offending block is rescanned row by row. These tests put run boundaries, gaps,
+# unsorted and out-of-range ids at every position around the vector and block widths, the
+# piece edges and the end, and require the first offending row to be the one named.
+
+ID_PIECE = 1 << 16
+_NEAR = sorted(set(range(18)) | set(range(56, 72)) | {127, 128, 129, 191, 192, 193})
+
+
+def _positions(n):
+    """Positions near vector widths, blocks, the pieces of the parallel split and the end."""
+    near = set(_NEAR) | set(range(max(n - 17, 0), n))
+    if n > ID_PIECE:
+        near |= {ID_PIECE + d for d in range(-9, 10)}
+    return sorted(p for p in near if 0 <= p < n)
+
+
+def _offsets_of(ids, num_segments):
+    return np.searchsorted(ids, np.arange(num_segments + 1)).astype(np.int64)
+
+
+def _with_threads(threads, f, *args, **kwargs):
+    before = stablelse.get_num_threads()
+    try:
+        stablelse.set_num_threads(threads)
+        return f(*args, **kwargs)
+    finally:
+        stablelse.set_num_threads(before)
+
+
+@pytest.mark.parametrize("n", [150, ID_PIECE + 150])
+def test_sorted_id_run_boundary_at_every_position_equals_offsets_bitwise(n):
+    # One boundary at position b (ids 0 then 2 + gap: segment 1 and those past the last id are
+    # empty, num_segments above the largest id): every start must land on b exactly.
+    x = np.random.default_rng(n).standard_normal(n)
+    for b in _positions(n):
+        for gap in (0, 3):
+            ids = np.where(np.arange(n) >= b, 1 + gap, 0).astype(np.int64)
+            count = 4 + gap
+            offsets = _offsets_of(ids, count)
+            want = segment_logsumexp(x, offsets=offsets)
+            assert want[0] == -np.inf if b == 0 else np.isclose(want[0], sp.logsumexp(x[:b]))
+            for threads in (1, 2):
+                got = _with_threads(threads, segment_logsumexp, x, ids, count, sorted=True)
+                np.testing.assert_array_equal(_bits(got), _bits(want), err_msg=f"b={b} gap={gap}")
+
+
+@pytest.mark.parametrize("n", [300, 3 * ID_PIECE + 100])
+def test_sorted_ids_name_exactly_the_first_unsorted_position(n):
+    base = (5 + np.arange(n) // 7).astype(np.int64)
+    count = int(base[-1]) + 1
+    x = np.zeros(n, np.float32)
+    for p in _positions(n):
+        if p == 0:
+            continue
+        ids = base.copy()
+        ids[p] = ids[p - 1] - 1
+        # Later offences, in the same block and in later pieces, must not be named instead.
+        for q in (p + 3, p + 64, p + ID_PIECE):
+            if q < n:
+                ids[q] = ids[q - 1] - 2
+        msg = rf"segment_ids\[{p}\] = {ids[p]} is smaller than segment_ids\[{p - 1}\] = "
+        msg += str(ids[p - 1])
+        for threads in (1, 2):
+            with pytest.raises(ValueError, match=msg):
+                _with_threads(threads, segment_logsumexp, x, ids, count, sorted=True)
+        with pytest.raises(ValueError, match=msg):
+            segment_softmax(x, ids, count, sorted=True)
+
+
+@pytest.mark.parametrize("n", [200, ID_PIECE + 80])
+def test_sorted_ids_name_an_out_of_range_id_at_every_position_of_a_vector(n):
+    base = (np.arange(n) // 5).astype(np.int64)
+    count = int(base[-1]) + 1
+    x = np.zeros(n)
+    for p in _positions(n):
+        for bad in (-1, count, 2**62):
+            ids = base.copy()
+            ids[p] = bad
+            if p + 9 < n:
+                ids[p + 9] = -7
+            msg = rf"segment_ids\[{p}\] = {bad} is outside \[0, {count}\)"
+            for threads in (1, 2):
+                with pytest.raises(IndexError, match=msg):
+                    _with_threads(threads, segment_logsumexp, x, ids, count, sorted=True)
+
+
+def test_sorted_ids_starting_with_minus_one_raise_instead_of_dropping_rows():
+    x = np.array([5.0, 1.0, 2.0])
+    for ids in ([-1, 0, 0], [-1, -1, 0], [-1, -1, -1]):
+        with pytest.raises(IndexError, match=r"segment_ids\[0\] = -1 is outside \[0, 1\)"):
+            segment_logsumexp(x, ids, 1, sorted=True)
+
+
+def test_sorted_ids_with_gaps_and_spare_segments_equal_offsets_bitwise():
+    # Runs of 1..70 rows with gaps of up to 40 empty segments, num_segments well past the
+    # largest id, over several pieces: logsumexp, softmax and log_softmax from the ids equal
+    # those from the offsets, bitwise, for 1 and 2 threads.
+    rng = np.random.default_rng(17)
+    lengths = rng.integers(1, 71, 6000)
+    lengths[rng.random(lengths.size) < 0.3] = 0
+    lengths[rng.integers(0, lengths.size, 30)] = 0
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    offsets = np.concatenate([offsets, np.full(50, offsets[-1])])
+    count = offsets.size - 1
+    x = (rng.standard_normal(offsets[-1]) * 5).astype(np.float32)
+    ids = ids_of(offsets).astype(np.int64)
+    assert ids.size > 2 * ID_PIECE and int(ids.max()) < count - 40
+    np.testing.assert_array_equal(_offsets_of(ids, count), offsets)
+    for f in (segment_logsumexp, segment_softmax, segment_log_softmax):
+        want = f(x, offsets=offsets)
+        for threads in (1, 2):
+            got = _with_threads(threads, f, x, ids, count, sorted=True)
+            what = f"{f.__name__} {threads} threads"
+            np.testing.assert_array_equal(_bits(got), _bits(want), err_msg=what)

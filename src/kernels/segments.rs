@@ -199,13 +199,28 @@ fn csr_starts(seg: &Segments, rows: usize) -> Result<Option<Vec<usize>>, Segment
             // chunks of rows run in parallel. Segments after the last id start at `rows`.
             let sp = SendPtr(starts.as_mut_ptr());
             let chunk = 1usize << 16;
+            let level = simd::level();
             let errors = parallel::map_collect(rows.div_ceil(chunk), chunk, |k| {
                 let (r0, r1) = (k * chunk, ((k + 1) * chunk).min(rows));
-                let mut prev = if r0 == 0 { -1 } else { ids[r0 - 1] };
+                let prev = if r0 == 0 { -1 } else { ids[r0 - 1] };
+                // SAFETY: starts holds num_segments + 1 elements.
+                let (done, mut prev) = unsafe {
+                    simd::ragged::sorted_id_starts(
+                        level,
+                        &ids[r0..r1],
+                        r0,
+                        prev,
+                        num_segments,
+                        sp.ptr(),
+                    )
+                };
+                // The rest, row by row: the first block with an offending id, and the tail.
+                let r0 = r0 + done;
                 for (r, &id) in (r0..r1).zip(&ids[r0..r1]) {
                     // Runs of one id are the common case; a run starting with an invalid id
-                    // is reported at its first row, by this chunk or an earlier one.
-                    if id == prev {
+                    // is reported at its first row, by this chunk or an earlier one. Row 0
+                    // has no run before it (its id may be -1, the `prev` of row 0).
+                    if id == prev && r != 0 {
                         continue;
                     }
                     if id < 0 || id as u64 >= num_segments as u64 {

@@ -262,6 +262,127 @@ pub(crate) unsafe fn softmax<T: Real>(
     unsafe { run_at(level, x, len, starts, Out::Softmax(out, log)) }
 }
 
+/// Ids checked per block of the sorted-id scan ([`sorted_id_starts`]): one `u64` of run
+/// boundaries.
+const ID_BLOCK: usize = 64;
+
+/// Blocks ahead of the one checked whose ids are prefetched.
+const ID_PREFETCH: usize = 16;
+
+/// The sorted-id scan over whole blocks of [`ID_BLOCK`] ids, written once and compiled at
+/// every level (the compare loops vectorize under the level's `#[target_feature]`).
+struct IdScan<'a> {
+    ids: &'a [i64],
+    base: usize,
+    prev: i64,
+    count: usize,
+    starts: *mut usize,
+}
+
+impl Kernel for IdScan<'_> {
+    type Out = (usize, i64);
+    #[inline(always)]
+    fn run<L: Lanes>(self, l: L) -> (usize, i64) {
+        // SAFETY: the contract of `sorted_id_starts`.
+        unsafe { id_scan(self, |p| l.prefetch(p)) }
+    }
+    fn scalar(self) -> (usize, i64) {
+        // SAFETY: as above.
+        unsafe { id_scan(self, |_| ()) }
+    }
+}
+
+/// # Safety
+/// As [`sorted_id_starts`].
+#[inline(always)]
+unsafe fn id_scan(k: IdScan, prefetch: impl Fn(*const i8)) -> (usize, i64) {
+    let IdScan {
+        ids,
+        base,
+        mut prev,
+        count,
+        starts,
+    } = k;
+    let Some(last) = count.checked_sub(1) else {
+        return (0, prev);
+    };
+    let n = count as u64;
+    let mut done = 0;
+    for blk in ids.chunks_exact(ID_BLOCK) {
+        let Ok(blk) = <&[i64; ID_BLOCK]>::try_from(blk) else {
+            break;
+        };
+        // The hardware prefetcher alone leaves the scan well below the memory bandwidth.
+        let ahead = blk.as_ptr().wrapping_add(ID_PREFETCH * ID_BLOCK) as *const i8;
+        for line in 0..ID_BLOCK * 8 / 64 {
+            prefetch(ahead.wrapping_add(line * 64));
+        }
+        // Branch-free over the block: any id out of range or below the one before it, and
+        // the mask of rows whose id differs from the one before (the runs' first rows).
+        let mut bad = (blk[0] < prev) | (blk[0] as u64 >= n);
+        for j in 1..ID_BLOCK {
+            bad |= (blk[j] < blk[j - 1]) | (blk[j] as u64 >= n);
+        }
+        if bad {
+            break;
+        }
+        let mut mask = (blk[0] != prev) as u64;
+        for j in 1..ID_BLOCK {
+            mask |= ((blk[j] != blk[j - 1]) as u64) << j;
+        }
+        while mask != 0 {
+            let j = mask.trailing_zeros() as usize;
+            mask &= mask - 1;
+            // Read again: clamp, in case another thread changed the ids since the check.
+            let p = if j == 0 { prev } else { blk[j - 1] };
+            let from = p.saturating_add(1).clamp(0, count as i64) as usize;
+            let to = blk[j].clamp(0, last as i64) as usize;
+            let r = base + done + j;
+            // SAFETY: to <= last < count. Then the empty segments before it (rare).
+            unsafe { *starts.add(to) = r };
+            for s in from..to {
+                // SAFETY: s < to.
+                unsafe { *starts.add(s) = r };
+            }
+        }
+        prev = blk[ID_BLOCK - 1];
+        done += ID_BLOCK;
+    }
+    (done, prev)
+}
+
+/// The first part of the sorted-id scan of `ids` (rows `base..base + ids.len()`, after a row
+/// of id `prev`, or -1 for the first row): the leading whole blocks of [`ID_BLOCK`] ids that
+/// are all in `[0, count)` and non-decreasing. In them, a row `r` whose id differs from the
+/// one before writes `r` to `starts[prev_id + 1..=id]`. Returns the rows done and the last id
+/// read; the caller scans the rest (from the first block holding an offending id, and the
+/// tail) row by row, and so reports the first offending row.
+///
+/// The ids may be written by another thread meanwhile: every index written is clamped below
+/// `count`, so a change can only leave wrong or decreasing starts, never an access out of
+/// bounds.
+///
+/// # Safety
+/// `starts` must be writable for `count` elements, and `level` supported by this CPU.
+pub(crate) unsafe fn sorted_id_starts(
+    level: Level,
+    ids: &[i64],
+    base: usize,
+    prev: i64,
+    count: usize,
+    starts: *mut usize,
+) -> (usize, i64) {
+    let k = IdScan {
+        ids,
+        base,
+        prev,
+        count,
+        starts,
+    };
+    // SAFETY: forwarded from the caller.
+    unsafe { dispatch(level, k) }
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::tests::Rng;
@@ -374,6 +495,67 @@ mod tests {
                     near(l, T::from_f64(want_lsm).to_f64()),
                     "{what}: log {l} {want_lsm}"
                 );
+            }
+        }
+    }
+
+    /// Sorted ids with runs of 1..70 rows and gaps (empty segments) between them.
+    fn sorted_ids(rng: &mut Rng, rows: usize) -> Vec<i64> {
+        let mut ids = Vec::with_capacity(rows);
+        let mut id = (rng.next_u64() % 3) as i64;
+        while ids.len() < rows {
+            let run = 1 + (rng.next_u64() % 70) as usize;
+            ids.extend(std::iter::repeat_n(id, run.min(rows - ids.len())));
+            id += 1 + (rng.next_u64() % 4 / 3) as i64 * (1 + (rng.next_u64() % 5) as i64);
+        }
+        ids
+    }
+
+    #[test]
+    fn id_scan_writes_the_run_starts_and_stops_at_the_block_of_the_first_bad_id() {
+        let mut rng = Rng::new(5);
+        for level in available_levels() {
+            for rows in [0, 1, 63, 64, 65, 127, 128, 1000, 4096 + 37] {
+                let ids = sorted_ids(&mut rng, rows);
+                let count = ids.last().map_or(1, |&l| l as usize + 1 + rows % 3);
+                for bad in [None, Some(0), Some(1), Some(63), Some(64), Some(rows / 2)] {
+                    let mut ids = ids.clone();
+                    let stop = match bad {
+                        Some(p) if p < rows => {
+                            // Alternately below the previous id, negative and too large.
+                            ids[p] = match p % 3 {
+                                0 if p > 0 => ids[p - 1] - 1,
+                                1 => -1,
+                                _ => count as i64,
+                            };
+                            p / ID_BLOCK * ID_BLOCK
+                        }
+                        _ => rows / ID_BLOCK * ID_BLOCK,
+                    };
+                    for (base, prev) in [(0, -1), (1000, ids.first().map_or(0, |&f| f.min(0)))] {
+                        let mut starts = vec![usize::MAX; count];
+                        // SAFETY: starts holds count elements; the level is available.
+                        let (done, last) = unsafe {
+                            sorted_id_starts(level, &ids, base, prev, count, starts.as_mut_ptr())
+                        };
+                        let what = format!("{level:?} rows {rows} bad {bad:?} prev {prev}");
+                        assert_eq!(done, stop, "{what}");
+                        assert_eq!(last, if done == 0 { prev } else { ids[done - 1] }, "{what}");
+                        // Segment s starts at the first row whose id is at least s, for the
+                        // segments up to the last id of the rows done; the rest is untouched.
+                        for (s, &st) in starts.iter().enumerate() {
+                            let want = if s as i64 <= last && s as i64 > prev {
+                                ids[..done]
+                                    .iter()
+                                    .position(|&i| i >= s as i64)
+                                    .map(|r| r + base)
+                            } else {
+                                None
+                            };
+                            assert_eq!(st, want.unwrap_or(usize::MAX), "{what}: start {s}");
+                        }
+                    }
+                }
             }
         }
     }
