@@ -24,7 +24,7 @@ LOSS_OPS = ("xent", "xent_grad")
 # The default workloads: (op, rows, columns, kind). "dram" workloads are compared with the DRAM
 # ceiling, "cache" ones with the probe at their own size, "latency" ones report microseconds
 # per call. Long rows, short rows (10 and 32 classes: where classification lives; every op),
-# one row of 2^26, a batch that fits in L2, and single calls on 8 x 10.
+# rows of 100 and 1000, one row of 2^26, a batch that fits in L2, and single calls on 8 x 10.
 DEFAULT_WORKLOADS = (
     ("logsumexp", 2048, 32768, "dram"),
     ("logsumexp", 1, 1 << 26, "dram"),
@@ -42,6 +42,11 @@ DEFAULT_WORKLOADS = (
     ("log_softmax", 1 << 21, 32, "dram"),
     ("xent", 1 << 21, 32, "dram"),
     ("xent_grad", 1 << 21, 32, "dram"),
+    ("logsumexp", 1 << 18, 100, "dram"),
+    ("softmax", 1 << 18, 100, "dram"),
+    ("xent", 1 << 18, 100, "dram"),
+    ("softmax", 1 << 15, 1000, "dram"),
+    ("xent", 1 << 15, 1000, "dram"),
     ("softmax", 64, 4096, "cache"),
     ("logsumexp", 8, 10, "latency"),
     ("softmax", 8, 10, "latency"),
