@@ -68,6 +68,51 @@ pub fn exp_pd(t: __m256d, full: bool) -> __m256d {
     )
 }
 
+/// [`exp_pd`] for arguments `<= 0` or NaN (the shifted sums, `t = x - max`), as
+/// `avx512::exp_nonpos_pd`. float64 results as `exp_pd`; float32-grade results put
+/// `2^floor(k/16)` straight into the table entry's exponent bits (a shift and an add instead
+/// of two floors, four multiplies and the underflow masks), which needs a normal result: the
+/// argument is clamped at -708, where exp is 3e-308, and [`summable_pd`] drops the lanes
+/// below it. Above the clamp the result is bit-identical to `exp_pd`'s: scaling by a power of
+/// two commutes with the rounding of a normal number.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+pub fn exp_nonpos_pd(t: __m256d, full: bool) -> __m256d {
+    if full {
+        return exp_pd(t, true);
+    }
+    // max returns its second operand when either is NaN, so NaN passes through.
+    let t = _mm256_max_pd(_mm256_set1_pd(EXP_FLOOR), t);
+    let magic = _mm256_set1_pd(ROUND_MAGIC);
+    let kd = _mm256_fmadd_pd(t, _mm256_set1_pd(SIXTEEN_OVER_LN2), magic);
+    let kf = _mm256_sub_pd(kd, magic);
+    let r = _mm256_fnmadd_pd(kf, _mm256_set1_pd(LN2_OVER_16_HI), t);
+    let kbits = _mm256_castpd_si256(kd);
+    let j = _mm256_and_si256(kbits, _mm256_set1_epi64x(15));
+    // SAFETY: j is in 0..16 and EXP2_J16_LESS_J holds 16 u64.
+    let tab = unsafe { _mm256_i64gather_epi64::<8>(EXP2_J16_LESS_J.as_ptr() as *const i64, j) };
+    // kbits << 48 = (k >> 4) << 52 (the exponent step) + (k & 15) << 48, and the table entries
+    // have (j << 48) taken off, so the sum is 2^(j/16) * 2^(k >> 4) exactly.
+    let tab = _mm256_castsi256_pd(_mm256_add_epi64(tab, _mm256_slli_epi64::<48>(kbits)));
+    let mut a = _mm256_set1_pd(TAYLOR4[0]);
+    for &c in &TAYLOR4[1..] {
+        a = _mm256_fmadd_pd(a, r, _mm256_set1_pd(c));
+    }
+    _mm256_fmadd_pd(tab, _mm256_mul_pd(a, r), tab)
+}
+
+/// Lanes of `t = x - max` whose exp belongs in a "below the max" sum: not ties (`below`),
+/// and for float32-grade sums above the clamp of [`exp_nonpos_pd`] (NaN kept, so it shows).
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn summable_pd(below: __m256d, t: __m256d, full: bool) -> __m256d {
+    if full {
+        below
+    } else {
+        _mm256_and_pd(below, _mm256_cmp_pd::<_CMP_NLE_UQ>(t, _mm256_set1_pd(EXP_FLOOR)))
+    }
+}
+
 /// float32 exp in float32 arithmetic, as `avx512::exp_ps` (< 1 ULP).
 #[inline]
 #[target_feature(enable = "avx2,fma")]
@@ -251,5 +296,13 @@ unsafe impl Lanes for Avx2 {
     #[inline(always)]
     fn exp(self, t: __m256d, full: bool) -> __m256d {
         unsafe { exp_pd(t, full) }
+    }
+    #[inline(always)]
+    fn exp_nonpos(self, t: __m256d, full: bool) -> __m256d {
+        unsafe { exp_nonpos_pd(t, full) }
+    }
+    #[inline(always)]
+    fn summable(self, below: __m256d, t: __m256d, full: bool) -> __m256d {
+        unsafe { summable_pd(below, t, full) }
     }
 }

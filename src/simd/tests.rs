@@ -366,6 +366,44 @@ fn avx512_sum_exp_is_float32_grade_on_nonpositive_arguments() {
     assert_eq!((g[5], g[6], h[5], h[6]), (1.0, 1.0, 1.0, 1.0));
 }
 
+/// AVX2's float32-grade exp for the shifted sums scales in the exponent bits: the same bits
+/// as the general exp wherever the result is normal (t >= -708), NaN through, and the lanes
+/// below the clamp finite (the sums drop them).
+#[test]
+#[cfg(target_arch = "x86_64")]
+fn avx2_sum_exp_has_the_general_exps_bits_above_the_clamp() {
+    use std::arch::x86_64::*;
+    if !is_available(Level::Avx2) {
+        return;
+    }
+    #[target_feature(enable = "avx2,fma")]
+    fn run(t: &[f64; 4]) -> ([f64; 4], [f64; 4]) {
+        let (mut a, mut b) = ([0.0; 4], [0.0; 4]);
+        // SAFETY: the arrays hold 4 f64.
+        unsafe {
+            let v = _mm256_loadu_pd(t.as_ptr());
+            _mm256_storeu_pd(a.as_mut_ptr(), avx2::exp_nonpos_pd(v, false));
+            _mm256_storeu_pd(b.as_mut_ptr(), avx2::exp_pd(v, false));
+        }
+        (a, b)
+    }
+    for i in 0..400_000 {
+        let base = -707.99 * (i as f64 / 400_000.0);
+        let t: [f64; 4] = std::array::from_fn(|l| base - l as f64 * 2.5e-3);
+        // SAFETY: AVX2 and FMA are available (checked above).
+        let (got, want) = unsafe { run(&t) };
+        for l in 0..4 {
+            assert_eq!(got[l].to_bits(), want[l].to_bits(), "exp({})", t[l]);
+        }
+    }
+    let t = [f64::NAN, f64::NEG_INFINITY, -1e300, -0.0];
+    // SAFETY: as above.
+    let (got, _) = unsafe { run(&t) };
+    assert!(got[0].is_nan());
+    assert!(got[1].is_finite() && got[1] < 1e-307 && got[2] == got[1]);
+    assert_eq!(got[3], 1.0);
+}
+
 /// `select_kept` at every level gives the scalar level's bits: every length across the vector
 /// widths and their tails, copies and in place, any nonzero mask byte counting as kept, NaN and
 /// infinities kept as they are, masked NaN never showing.
