@@ -617,6 +617,26 @@ pub fn row_state<T: Real>(x: &[T], alg: Algorithm) -> LseState {
     }
 }
 
+/// [`row_state`] (two-pass) of a row of at most `T::BLOCK` elements with each term
+/// `exp(x[k] - max)` kept in `terms[k]` (`terms.len() >= x.len()`) for a write from them
+/// ([`row_scaled_terms`]); the same bits as [`row_state`]. `None` where the max is not finite,
+/// the row is longer or `terms` shorter, and at the scalar level: take [`row_state`] then.
+pub fn row_state_stored<T: Real>(x: &[T], terms: &mut [f64]) -> Option<LseState> {
+    if x.len() > T::BLOCK || terms.len() < x.len() {
+        return None;
+    }
+    // SAFETY: x holds n <= T::BLOCK elements and terms at least n; the level is available.
+    unsafe { simd::row_state_stored(simd::level(), x.as_ptr(), x.len(), terms.as_mut_ptr()) }
+}
+
+/// `out[k] = scale * terms[k]` over the shorter of the two: the write of [`row_exp_scaled`]
+/// from the terms [`row_state_stored`] kept (the same bits).
+pub fn row_scaled_terms<T: Real>(terms: &[f64], scale: f64, out: &mut [T]) {
+    let n = terms.len().min(out.len());
+    // SAFETY: both slices hold at least n elements and are distinct borrows.
+    unsafe { simd::scaled_terms(simd::level(), terms.as_ptr(), out.as_mut_ptr(), n, scale) }
+}
+
 /// `out[k] = scale * exp(x[k] - shift)` over one contiguous row, at the process's SIMD level:
 /// the write pass of softmax (`shift = max`, `scale = 1 / S`) and of the loss gradients.
 pub fn row_exp_scaled<T: Real>(x: &[T], shift: f64, scale: f64, out: &mut [T]) {

@@ -109,7 +109,10 @@ fn summable_pd(below: __m256d, t: __m256d, full: bool) -> __m256d {
     if full {
         below
     } else {
-        _mm256_and_pd(below, _mm256_cmp_pd::<_CMP_NLE_UQ>(t, _mm256_set1_pd(EXP_FLOOR)))
+        _mm256_and_pd(
+            below,
+            _mm256_cmp_pd::<_CMP_NLE_UQ>(t, _mm256_set1_pd(EXP_FLOOR)),
+        )
     }
 }
 

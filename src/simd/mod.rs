@@ -298,6 +298,53 @@ pub(crate) unsafe fn row_state<T: Real>(
     }
 }
 
+/// The two-pass `(max, excess)` of a row of at most `T::BLOCK` elements, bit-identical to
+/// [`row_state`] (two-pass), with each term `exp(x[k] - max)` stored at `terms[k]` for a
+/// write from them ([`scaled_terms`]). `None` where the max is not finite and at the scalar
+/// level: the caller then takes [`row_state`].
+///
+/// # Safety
+/// `n <= T::BLOCK` readable elements at `x`, `n` writable float64 at `terms`.
+pub(crate) unsafe fn row_state_stored<T: Real>(
+    level: Level,
+    x: *const T,
+    n: usize,
+    terms: *mut f64,
+) -> Option<LseState> {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        run_kernel!(level, { x: *const T, n: usize, terms: *mut f64 } -> Option<LseState>,
+            |l| rows::state_two_pass_stored(l, x, n, terms),
+            scalar: None,
+        )
+    }
+}
+
+/// `out[k] = scale * terms[k]` rounded once to `T`: the write of a softmax or a loss gradient
+/// from the terms [`row_state_stored`] kept (the same bits as [`exp_scaled`] from the row).
+///
+/// # Safety
+/// `n` readable float64 at `terms`, `n` writable elements at `out`.
+pub(crate) unsafe fn scaled_terms<T: Real>(
+    level: Level,
+    terms: *const f64,
+    out: *mut T,
+    n: usize,
+    scale: f64,
+) {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        run_kernel!(level, { terms: *const f64, out: *mut T, n: usize, scale: f64 } -> (),
+            |l| rows::map_row(l, terms, out, n, false, rows::Scale(scale)),
+            scalar: {
+                for k in 0..n {
+                    *out.add(k) = T::from_f64(scale * *terms.add(k));
+                }
+            },
+        )
+    }
+}
+
 /// The two-pass `(max, excess)` of a `where=` row read in place: `x[k]` where `keep[k] != 0`,
 /// else `-inf`, bit-identical to [`row_state`] (two-pass) of the staged row. `None` where
 /// that row needs the scalar reference (a NaN or infinite max) and at the scalar level: the

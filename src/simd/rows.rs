@@ -285,6 +285,7 @@ impl<T: Real> Source for Kept<T> {
 /// # Safety
 /// `n` readable elements at `p`, `qn` at `q`.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 unsafe fn sum_below_max_next<L: Lanes, S: Source>(
     l: L,
     src: S,
@@ -293,6 +294,7 @@ unsafe fn sum_below_max_next<L: Lanes, S: Source>(
     m: f64,
     q: usize,
     qn: usize,
+    terms: Option<*mut f64>,
 ) -> (L::V, u64, f64) {
     let full = S::T::FULL;
     let mv = l.splat(m);
@@ -304,22 +306,36 @@ unsafe fn sum_below_max_next<L: Lanes, S: Source>(
     // SAFETY: loads stay within the n elements at p and the qn at q; tail lanes are -inf
     // (below the max, exp = 0; neutral for the max).
     unsafe {
+        // Stores term k (of the block) at terms[k] where asked.
+        let keep = |k: usize, x: L::V, e: L::V| {
+            if let Some(t) = terms {
+                l.store(t.add(k), stored_term::<L, S::T>(l, l.sub(x, mv), e));
+            }
+        };
         while i + 2 * w <= n {
             if qi + 2 * w <= qn {
                 mx = src.max_step(l, mx, q + qi);
                 qi += 2 * w;
             }
-            sum_step(l, src.load(l, p + i), mv, &mut acc[0], &mut ties, full);
-            sum_step(l, src.load(l, p + i + w), mv, &mut acc[1], &mut ties, full);
+            let (x0, x1) = (src.load(l, p + i), src.load(l, p + i + w));
+            let e0 = sum_step(l, x0, mv, &mut acc[0], &mut ties, full);
+            let e1 = sum_step(l, x1, mv, &mut acc[1], &mut ties, full);
+            keep(i, x0, e0);
+            keep(i + w, x1, e1);
             i += 2 * w;
         }
         if i + w <= n {
-            sum_step(l, src.load(l, p + i), mv, &mut acc[0], &mut ties, full);
+            let x = src.load(l, p + i);
+            let e = sum_step(l, x, mv, &mut acc[0], &mut ties, full);
+            keep(i, x, e);
             i += w;
         }
         if i < n {
             let x = src.load_tail(l, p + i, n - i);
-            sum_step(l, x, mv, &mut acc[1], &mut ties, full);
+            let e = sum_step(l, x, mv, &mut acc[1], &mut ties, full);
+            if let Some(t) = terms {
+                l.store_tail(t.add(i), stored_term::<L, S::T>(l, l.sub(x, mv), e), n - i);
+            }
         }
     }
     let mut next_max = src.max_finish(l, mx);
@@ -403,7 +419,8 @@ pub(crate) unsafe fn state_two_pass_of<L: Lanes, S: Source>(
                 m = bm;
             }
             // SAFETY: this block and the next lie inside the row.
-            let (b, t, nm) = unsafe { sum_below_max_next(l, src, start, len, m, next, next_len) };
+            let (b, t, nm) =
+                unsafe { sum_below_max_next(l, src, start, len, m, next, next_len, None) };
             below = l.add(below, b);
             ties += t;
             next_max = nm;
@@ -420,6 +437,33 @@ pub(crate) unsafe fn state_two_pass_of<L: Lanes, S: Source>(
         bm = next_max;
     }
     Some(finish_state(m, l.reduce_add(below), ties))
+}
+
+/// [`state_two_pass`] of a row that is one block (`n <= T::BLOCK`, so its max is the row's and
+/// every term is `exp(x - max)`), storing each term at `terms` (as [`stored_term`] keeps it)
+/// for a write that would otherwise compute it again: the same bits as [`state_two_pass`].
+/// `None` where the max is not finite (the caller takes [`state_two_pass`]).
+///
+/// # Safety
+/// `n <= T::BLOCK` readable elements at `x`, `n` writable float64 at `terms`.
+#[inline(always)]
+pub(crate) unsafe fn state_two_pass_stored<L: Lanes, T: Real>(
+    l: L,
+    x: *const T,
+    n: usize,
+    terms: *mut f64,
+) -> Option<LseState> {
+    debug_assert!(n <= T::BLOCK);
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        let m = Dense(x).max_of(l, 0, n);
+        if !m.is_finite() {
+            return None;
+        }
+        // state_two_pass's one block: its sum starts from +0, so adding it changes no bit.
+        let (below, ties, _) = sum_below_max_next(l, Dense(x), 0, n, m, n, 0, Some(terms));
+        Some(finish_state(m, l.reduce_add(below), ties))
+    }
 }
 
 /// Softmax of a row that fits in cache with one exp per element: the row's max, then one
@@ -465,11 +509,17 @@ pub(crate) unsafe fn softmax_stored<L: Lanes, S: Source>(
 /// vector. NaN stays NaN (the comparison is false), so a NaN row still shows in the sum.
 #[inline(always)]
 fn stored_exp<L: Lanes, T: Real>(l: L, t: L::V) -> L::V {
-    let v = l.exp_nonpos(t, T::FULL);
+    stored_term::<L, T>(l, t, l.exp_nonpos(t, T::FULL))
+}
+
+/// `e = exp_nonpos(t)` as it is kept for a later write: float32-grade lanes below the clamp
+/// (`t < EXP_FLOOR`) as 0, as [`stored_exp`] explains.
+#[inline(always)]
+fn stored_term<L: Lanes, T: Real>(l: L, t: L::V, e: L::V) -> L::V {
     if T::FULL {
-        return v;
+        return e;
     }
-    l.select(l.gt(l.splat(super::consts::EXP_FLOOR), t), l.splat(0.0), v)
+    l.select(l.gt(l.splat(super::consts::EXP_FLOOR), t), l.splat(0.0), e)
 }
 
 /// `sum exp(x - m)` over the `n` elements of `src` (`m` finite, `>=` every non-NaN element; a

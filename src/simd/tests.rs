@@ -660,3 +660,64 @@ fn check_short_rows<T: crate::real::Real>(
         assert!(same(u, v), "{level:?} n={n} log_softmax [{i}]: {u} {v}");
     }
 }
+
+/// The exps a row's state pass keeps give the states and the scaled writes of the two-exp path,
+/// bit for bit, at every level: rows of one block (up to `T::BLOCK`), every tail length, ties,
+/// `-inf` and terms far below the float32-grade clamp; rows the kept path declines (a
+/// non-finite max, the scalar level) say so.
+#[test]
+fn kept_terms_give_the_two_exp_bits_at_every_level() {
+    fn check<T: crate::real::Real>(level: Level, rng: &mut Rng) {
+        for n in (65..=T::BLOCK).step_by(37).chain([T::BLOCK - 1, T::BLOCK]) {
+            let spread = [3.0, 40.0, 1500.0][n % 3];
+            let mut x: Vec<T> = (0..n)
+                .map(|_| T::from_f64(rng.uniform(-spread, spread)))
+                .collect();
+            x[n / 2] = T::NEG_INFINITY;
+            x[n / 3] = x[n / 5];
+            let mut terms = vec![0.0f64; n];
+            // SAFETY: x holds n <= T::BLOCK elements, terms n.
+            let kept = unsafe { row_state_stored(level, x.as_ptr(), n, terms.as_mut_ptr()) };
+            // SAFETY: as above.
+            let want = unsafe { row_state(level, x.as_ptr(), n, false) };
+            let Some(st) = kept else {
+                assert_eq!(level, Level::Scalar, "{n}");
+                continue;
+            };
+            assert_eq!(
+                (st.max.to_bits(), st.excess.to_bits()),
+                (want.max.to_bits(), want.excess.to_bits()),
+                "{} {n}",
+                level.name()
+            );
+            let scale = 0.37 / st.total();
+            let (mut a, mut b) = (vec![T::from_f64(0.0); n], vec![T::from_f64(0.0); n]);
+            // SAFETY: every buffer holds n elements.
+            unsafe {
+                scaled_terms(level, terms.as_ptr(), a.as_mut_ptr(), n, scale);
+                exp_scaled(level, x.as_ptr(), b.as_mut_ptr(), n, st.max, scale, false);
+            }
+            for k in 0..n {
+                assert_eq!(
+                    a[k].to_f64().to_bits(),
+                    b[k].to_f64().to_bits(),
+                    "{} {n} {k}",
+                    level.name()
+                );
+            }
+            x[n / 4] = T::from_f64(f64::NAN);
+            // SAFETY: as above.
+            let nan = unsafe { row_state_stored(level, x.as_ptr(), n, terms.as_mut_ptr()) };
+            assert!(
+                nan.is_none_or(|s| s.excess.is_nan()),
+                "{} {n}",
+                level.name()
+            );
+        }
+    }
+    let mut rng = Rng::new(41);
+    for level in levels() {
+        check::<f32>(level, &mut rng);
+        check::<f64>(level, &mut rng);
+    }
+}

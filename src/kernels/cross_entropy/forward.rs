@@ -6,7 +6,9 @@ use super::spec::{
 use crate::error::{try_vec, Error};
 use crate::half::Stored;
 use crate::kernels::blocking::{row_blocks, sum3, COLUMN_BLOCK};
-use crate::kernels::{row_exp_scaled, row_state, softmax_like, Algorithm, Reduction};
+use crate::kernels::{
+    row_exp_scaled, row_scaled_terms, row_state, softmax_like, Algorithm, Reduction,
+};
 use crate::layout::Batch;
 use crate::parallel::{self, SendPtr};
 use crate::real::Real;
@@ -365,6 +367,7 @@ fn rows_piece<T: Real>(
     let mut scratch = Vec::new();
     let mut states = [LseState::EMPTY; STATE_BLOCK];
     let mut grads = [LaneGrad::ZERO; STATE_BLOCK];
+    let mut terms = Vec::new();
     let mut short_lanes = ShortLanes::new();
     let mut l0 = range.start;
     while l0 < range.end {
@@ -403,26 +406,26 @@ fn rows_piece<T: Real>(
             l0 += w;
             continue;
         }
-        block_states(xb, pitch, n, w, alg, &mut scratch, &mut states)?;
-        for i in 0..w {
-            let l = l0 + i;
-            let x = &xb[i * pitch..i * pitch + n];
-            let target = lane_target(targets, l, ignore, n);
-            let probs = qb.map(|q| &q[i * pitch..i * pitch + n]);
-            let sums = row_sums(plan, x, target, probs, states[i]);
-            let (main, zt) = lane_outputs(plan, target, &sums, l, lanes_out);
-            if grad_out.is_some() {
-                grads[i] = lane_grad(plan, target, &sums);
-            }
-            acc.0 += main;
-            acc.1 += zt;
-        }
-        if let Some(gp) = grad_out {
-            // SAFETY: lanes l0..l0 + w own the dense rows l0..l0 + w of the gradient,
-            // whose length `plan` checked.
-            let g = unsafe { std::slice::from_raw_parts_mut(gp.ptr().add((l0 - base) * n), w * n) };
-            block_grads(plan, xb, qb, pitch, n, &grads[..w], alg, &mut scratch, g)?;
-        }
+        // SAFETY: lanes l0..l0 + w own the dense rows l0..l0 + w of the gradient, whose
+        // length `plan` checked.
+        let g = grad_out.map(|gp| unsafe {
+            std::slice::from_raw_parts_mut(gp.ptr().add((l0 - base) * n), w * n)
+        });
+        let block = LaneBlock {
+            x: xb,
+            q: qb,
+            pitch,
+            n,
+            w,
+            l0,
+        };
+        let bufs = BlockBuffers {
+            scratch: &mut scratch,
+            states: &mut states,
+            grads: &mut grads,
+            terms: &mut terms,
+        };
+        lanes_block(plan, targets, block, alg, bufs, lanes_out, g, &mut acc)?;
         l0 += w;
     }
     Ok(acc)
@@ -610,7 +613,7 @@ fn short_index_block<T: Real, F: Fn(usize) -> LaneTarget>(
             if let Some(g) = g.as_deref_mut() {
                 let lg = lane_grad(plan, target, &sums);
                 let gi = &mut g[i * n..(i + 1) * n];
-                write_row_grad(plan, row, None, lg, gi);
+                write_row_grad(plan, row, None, lg, gi, None);
                 if let Some(m) = mask {
                     // NaN and zero fills reach every class; a masked one's gradient is 0.
                     for (k, gk) in gi.iter_mut().enumerate() {
@@ -680,6 +683,112 @@ fn fixed_sum(v: &[f64]) -> f64 {
     total
 }
 
+/// `w` lanes of the logits laid out as rows, lane `l0 + i` at `x[i * pitch..][..n]` (its
+/// probabilities at the same place in `q`), for the per-lane path (not the fused short-row
+/// loss).
+#[derive(Clone, Copy)]
+struct LaneBlock<'a, T> {
+    x: &'a [T],
+    q: Option<&'a [T]>,
+    pitch: usize,
+    n: usize,
+    w: usize,
+    l0: usize,
+}
+
+/// The per-piece buffers of [`lanes_block`], reused from block to block.
+struct BlockBuffers<'a, T> {
+    scratch: &'a mut Vec<T>,
+    states: &'a mut [LseState; STATE_BLOCK],
+    grads: &'a mut [LaneGrad; STATE_BLOCK],
+    terms: &'a mut Vec<f64>,
+}
+
+/// Whether the gradient of rows of `n` classes is written from the exps their states pass
+/// kept ([`crate::kernels::row_state_stored`]), not from a second exp of each logit: rows
+/// longer than the short-row kernels' that are one state block, two-pass. The same bits
+/// either way.
+fn keeps_terms<T: Real>(n: usize, alg: Algorithm) -> bool {
+    n > SHORT_ROW && n <= T::BLOCK && alg != Algorithm::Online
+}
+
+/// The losses (added to `acc`, "none" losses to `lanes_out`) and, with `g` (`w * n`, dense),
+/// the gradients of one [`LaneBlock`]. Rows and columns (transposed into rows) both come
+/// through here, so both layouts give the same bits.
+#[allow(clippy::too_many_arguments)]
+fn lanes_block<T: Real>(
+    plan: &Plan<'_, T>,
+    targets: &Targets<'_, T>,
+    b: LaneBlock<'_, T>,
+    alg: Algorithm,
+    bufs: BlockBuffers<'_, T>,
+    lanes_out: Option<SendPtr<T>>,
+    g: Option<&mut [T]>,
+    acc: &mut (f64, f64),
+) -> Result<(), Error> {
+    let LaneBlock {
+        x: xb,
+        q: qb,
+        pitch,
+        n,
+        w,
+        l0,
+    } = b;
+    let row = |i: usize| i * pitch..i * pitch + n;
+    // The loss of lane i from its state, and its gradient's parameters when asked.
+    let mut lane = |i: usize, state: LseState, grad: bool| -> LaneGrad {
+        let l = l0 + i;
+        let target = lane_target(targets, l, plan.ignore_index, n);
+        let probs = qb.map(|q| &q[row(i)]);
+        let sums = row_sums(plan, &xb[row(i)], target, probs, state);
+        let (main, zt) = lane_outputs(plan, target, &sums, l, lanes_out);
+        acc.0 += main;
+        acc.1 += zt;
+        if grad {
+            lane_grad(plan, target, &sums)
+        } else {
+            LaneGrad::ZERO
+        }
+    };
+    match g {
+        Some(g) if keeps_terms::<T>(n, alg) => {
+            // One row at a time: its state keeps the exps, its gradient is written from them.
+            if bufs.terms.len() < n {
+                *bufs.terms = try_vec(n, 0.0)?;
+            }
+            let terms = &mut bufs.terms[..n];
+            for i in 0..w {
+                let x = &xb[row(i)];
+                let kept = crate::kernels::row_state_stored(x, terms);
+                let lg = lane(i, kept.unwrap_or_else(|| row_state(x, alg)), true);
+                let probs = qb.map(|q| &q[row(i)]);
+                let from = kept.map(|_| &terms[..]);
+                write_row_grad(plan, x, probs, lg, &mut g[i * n..(i + 1) * n], from);
+            }
+        }
+        g => {
+            block_states(xb, pitch, n, w, alg, bufs.scratch, bufs.states)?;
+            for i in 0..w {
+                bufs.grads[i] = lane(i, bufs.states[i], g.is_some());
+            }
+            if let Some(g) = g {
+                block_grads(
+                    plan,
+                    xb,
+                    qb,
+                    pitch,
+                    n,
+                    &bufs.grads[..w],
+                    alg,
+                    bufs.scratch,
+                    g,
+                )?;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The `(max, excess)` states of `w` rows of length `n`, row `i` at `x[i * pitch..][..n]`.
 /// Short rows take the SIMD short-row kernels (a vector of rows at a time, read in place);
 /// longer rows use [`row_state`]. Rows and columns both come through here, so both layouts
@@ -725,7 +834,7 @@ fn block_grads<T: Real>(
         for (i, &lg) in grads.iter().enumerate() {
             let row = i * pitch..i * pitch + n;
             let probs = q.map(|q| &q[row.clone()]);
-            write_row_grad(plan, &x[row], probs, lg, &mut g[i * n..(i + 1) * n]);
+            write_row_grad(plan, &x[row], probs, lg, &mut g[i * n..(i + 1) * n], None);
         }
         return Ok(());
     }
@@ -868,6 +977,7 @@ fn write_row_grad<T: Real>(
     probs: Option<&[T]>,
     lg: LaneGrad,
     g: &mut [T],
+    terms: Option<&[f64]>,
 ) {
     if let Some(v) = lg.fill {
         g.fill(T::from_f64(v));
@@ -877,7 +987,11 @@ fn write_row_grad<T: Real>(
     row_blocks(x.len(), |r| {
         // SAFETY: the blocks of one row are disjoint ranges of g.
         let gb = unsafe { std::slice::from_raw_parts_mut(gp.ptr().add(r.start), r.len()) };
-        row_exp_scaled(&x[r.clone()], lg.shift, lg.scale, gb);
+        match terms {
+            // The row's exps, kept by its state pass (a row of one block).
+            Some(e) => row_scaled_terms(&e[r.clone()], lg.scale, gb),
+            None => row_exp_scaled(&x[r.clone()], lg.shift, lg.scale, gb),
+        }
         let probs = probs.map(|q| &q[r.clone()]);
         scale_and_correct(plan, gb, probs, plan.weight.map(|w| &w[r]), 1.0, lg.corr);
     })
@@ -981,6 +1095,7 @@ fn xent_columns<T: Real, C: Columns<T>>(
         let mut scratch = Vec::new();
         let mut states = [LseState::EMPTY; STATE_BLOCK];
         let mut grads = [LaneGrad::ZERO; STATE_BLOCK];
+        let mut terms = Vec::new();
         let mut short_lanes = ShortLanes::new();
         for u in range {
             let (o, jb) = (u / blocks_per_slab, u % blocks_per_slab);
@@ -1013,31 +1128,25 @@ fn xent_columns<T: Real, C: Columns<T>>(
                     &mut acc,
                 )?;
             } else {
-                block_states(&xs, n, n, w, alg, &mut scratch, &mut states)?;
-                for jj in 0..w {
-                    let l = o * inner + j0 + jj;
-                    let x = &xs[jj * n..(jj + 1) * n];
-                    let target = lane_target(targets, l, plan.ignore_index, n);
-                    let probs = match targets {
-                        Targets::Probs(_) => Some(&qs[jj * n..(jj + 1) * n]),
-                        Targets::Indices(_) => None,
-                    };
-                    let sums = row_sums(plan, x, target, probs, states[jj]);
-                    let (main, zt) = lane_outputs(plan, target, &sums, l, lanes_out);
-                    if grad_out.is_some() {
-                        grads[jj] = lane_grad(plan, target, &sums);
-                    }
-                    acc.0 += main;
-                    acc.1 += zt;
-                }
-                if grad_out.is_some() {
-                    let qb = match targets {
+                let block = LaneBlock {
+                    x: &xs,
+                    q: match targets {
                         Targets::Probs(_) => Some(&qs[..]),
                         Targets::Indices(_) => None,
-                    };
-                    let g = &mut gs[..w * n];
-                    block_grads(plan, &xs, qb, n, n, &grads[..w], alg, &mut scratch, g)?;
-                }
+                    },
+                    pitch: n,
+                    n,
+                    w,
+                    l0: o * inner + j0,
+                };
+                let bufs = BlockBuffers {
+                    scratch: &mut scratch,
+                    states: &mut states,
+                    grads: &mut grads,
+                    terms: &mut terms,
+                };
+                let g = grad_out.map(|_| &mut gs[..w * n]);
+                lanes_block(plan, targets, block, alg, bufs, lanes_out, g, &mut acc)?;
             }
             if let Some(gp) = grad_out {
                 // SAFETY: slab o's columns j0..j0 + w of the dense gradient, whose length
