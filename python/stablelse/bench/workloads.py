@@ -24,7 +24,8 @@ LOSS_OPS = ("xent", "xent_grad")
 # The default workloads: (op, rows, columns, kind). "dram" workloads are compared with the DRAM
 # ceiling, "cache" ones with the probe at their own size, "latency" ones report microseconds
 # per call. Long rows, short rows (10 and 32 classes: where classification lives; every op),
-# rows of 100 and 1000, one row of 2^26, a batch that fits in L2, and single calls on 8 x 10.
+# rows of 100 and 1000 (with a classifier's training step: the loss with its gradient), one
+# row of 2^26, a batch that fits in L2, and single calls on 8 x 10.
 DEFAULT_WORKLOADS = (
     ("logsumexp", 2048, 32768, "dram"),
     ("logsumexp", 1, 1 << 26, "dram"),
@@ -47,6 +48,7 @@ DEFAULT_WORKLOADS = (
     ("xent", 1 << 18, 100, "dram"),
     ("softmax", 1 << 15, 1000, "dram"),
     ("xent", 1 << 15, 1000, "dram"),
+    ("xent_grad", 1 << 15, 1000, "dram"),
     ("softmax", 64, 4096, "cache"),
     ("logsumexp", 8, 10, "latency"),
     ("softmax", 8, 10, "latency"),
