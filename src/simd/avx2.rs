@@ -116,6 +116,47 @@ fn summable_pd(below: __m256d, t: __m256d, full: bool) -> __m256d {
     }
 }
 
+/// `log1p(e)` for `e >= 0` or NaN in float64 lanes, as `avx512::log1p_pd` (< 4 ULP of float64):
+/// `u = 1 + e = 2^k f`, with the exponent and mantissa taken from the bits (AVX2 has no
+/// `getexp` / `getmant`); `+inf` and NaN are returned as they are.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+pub fn log1p_pd(e: __m256d) -> __m256d {
+    let one = _mm256_set1_pd(1.0);
+    let u = _mm256_add_pd(one, e);
+    let bits = _mm256_castpd_si256(u);
+    // u >= 1: its biased exponent, as a float64 by the 2^52 trick, less the bias.
+    let two52 = _mm256_set1_pd(4503599627370496.0);
+    let biased = _mm256_or_si256(_mm256_srli_epi64::<52>(bits), _mm256_castpd_si256(two52));
+    let mut k = _mm256_sub_pd(
+        _mm256_castsi256_pd(biased),
+        _mm256_set1_pd(4503599627370496.0 + 1023.0),
+    );
+    let mant = _mm256_and_si256(bits, _mm256_set1_epi64x(0x000f_ffff_ffff_ffff));
+    let mut f = _mm256_castsi256_pd(_mm256_or_si256(mant, _mm256_castpd_si256(one)));
+    let big = _mm256_cmp_pd::<_CMP_GT_OQ>(f, _mm256_set1_pd(std::f64::consts::SQRT_2));
+    f = _mm256_blendv_pd(f, _mm256_mul_pd(f, _mm256_set1_pd(0.5)), big);
+    k = _mm256_add_pd(k, _mm256_and_pd(big, one));
+    let s = _mm256_div_pd(_mm256_sub_pd(f, one), _mm256_add_pd(f, one));
+    let z = _mm256_mul_pd(s, s);
+    let mut p = _mm256_set1_pd(2.0 / 23.0);
+    for j in (0..11).rev() {
+        p = _mm256_fmadd_pd(p, z, _mm256_set1_pd(2.0 / (2 * j + 1) as f64));
+    }
+    let log_f = _mm256_mul_pd(s, p);
+    let log_u = _mm256_fmadd_pd(
+        k,
+        _mm256_set1_pd(LN2_HI),
+        _mm256_fmadd_pd(k, _mm256_set1_pd(LN2_LO), log_f),
+    );
+    // The rounding error of 1 + e, divided exactly (it can be the whole result).
+    let c = _mm256_div_pd(_mm256_sub_pd(e, _mm256_sub_pd(u, one)), u);
+    let y = _mm256_add_pd(log_u, c);
+    // +inf and NaN (not below +inf) pass through.
+    let special = _mm256_cmp_pd::<_CMP_NLT_UQ>(e, _mm256_set1_pd(f64::INFINITY));
+    _mm256_blendv_pd(y, e, special)
+}
+
 /// float32 exp in float32 arithmetic, as `avx512::exp_ps` (< 1 ULP).
 #[inline]
 #[target_feature(enable = "avx2,fma")]
@@ -299,6 +340,10 @@ unsafe impl Lanes for Avx2 {
     #[inline(always)]
     fn exp(self, t: __m256d, full: bool) -> __m256d {
         unsafe { exp_pd(t, full) }
+    }
+    #[inline(always)]
+    fn log1p(self, e: __m256d) -> __m256d {
+        unsafe { log1p_pd(e) }
     }
     #[inline(always)]
     fn exp_nonpos(self, t: __m256d, full: bool) -> __m256d {

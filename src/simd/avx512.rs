@@ -154,7 +154,7 @@ fn tail_mask8(n: usize) -> __mmask8 {
     ((1u32 << n) - 1) as __mmask8
 }
 
-/// `log1p(e)` for `e >= 0` in float64 lanes (< 2 ULP of float64): `u = 1 + e = 2^k f` with
+/// `log1p(e)` for `e >= 0` in float64 lanes (< 4 ULP of float64; 3 where `k ln2 + log f` cancels): `u = 1 + e = 2^k f` with
 /// f in [sqrt(1/2), sqrt(2)), `log f = 2 atanh(s)`, s = (f-1)/(f+1), |s| < 0.172, by its
 /// series to s^23 (truncation < 1e-18), plus the rounding error of `1 + e` as `(e-(u-1))/u`.
 #[inline]
