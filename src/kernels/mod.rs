@@ -617,15 +617,17 @@ pub fn row_state<T: Real>(x: &[T], alg: Algorithm) -> LseState {
     }
 }
 
-/// [`row_state`] (two-pass) of a row of at most `T::BLOCK` elements with each term
-/// `exp(x[k] - max)` kept in `terms[k]` (`terms.len() >= x.len()`) for a write from them
-/// ([`row_scaled_terms`]); the same bits as [`row_state`]. `None` where the max is not finite,
-/// the row is longer or `terms` shorter, and at the scalar level: take [`row_state`] then.
-pub fn row_state_stored<T: Real>(x: &[T], terms: &mut [f64]) -> Option<LseState> {
-    if x.len() > T::BLOCK || terms.len() < x.len() {
+/// [`row_state`] (two-pass) of a row of at most [`simd::STORED_ROW`] elements with each term
+/// its sums computed kept in `terms` (`terms.len() >= x.len()`) for a write from them
+/// ([`row_scaled_terms`]); the same bits as [`row_state`]. Returns with the state the index
+/// from which the kept terms are `exp(x[k] - max)` for the row's max (the write computes the
+/// earlier ones again). `None` where the max is not finite, the row is longer or `terms`
+/// shorter, and at the scalar level: take [`row_state`] then.
+pub fn row_state_stored<T: Real>(x: &[T], terms: &mut [f64]) -> Option<(LseState, usize)> {
+    if x.len() > simd::STORED_ROW || terms.len() < x.len() {
         return None;
     }
-    // SAFETY: x holds n <= T::BLOCK elements and terms at least n; the level is available.
+    // SAFETY: x holds n elements and terms at least n; the level is available.
     unsafe { simd::row_state_stored(simd::level(), x.as_ptr(), x.len(), terms.as_mut_ptr()) }
 }
 

@@ -298,22 +298,23 @@ pub(crate) unsafe fn row_state<T: Real>(
     }
 }
 
-/// The two-pass `(max, excess)` of a row of at most `T::BLOCK` elements, bit-identical to
-/// [`row_state`] (two-pass), with each term `exp(x[k] - max)` stored at `terms[k]` for a
-/// write from them ([`scaled_terms`]). `None` where the max is not finite and at the scalar
-/// level: the caller then takes [`row_state`].
+/// The two-pass `(max, excess)` of a row, bit-identical to [`row_state`] (two-pass), with
+/// each term its sums computed kept at `terms[k]` for a write from them ([`scaled_terms`]),
+/// and the index from which those terms are `exp(x[k] - max)` for the row's max (earlier
+/// ones were taken against a smaller running max). `None` where the max is not finite and
+/// at the scalar level: the caller then takes [`row_state`].
 ///
 /// # Safety
-/// `n <= T::BLOCK` readable elements at `x`, `n` writable float64 at `terms`.
+/// `n` readable elements at `x`, `n` writable float64 at `terms`.
 pub(crate) unsafe fn row_state_stored<T: Real>(
     level: Level,
     x: *const T,
     n: usize,
     terms: *mut f64,
-) -> Option<LseState> {
+) -> Option<(LseState, usize)> {
     // SAFETY: forwarded from the caller.
     unsafe {
-        run_kernel!(level, { x: *const T, n: usize, terms: *mut f64 } -> Option<LseState>,
+        run_kernel!(level, { x: *const T, n: usize, terms: *mut f64 } -> Option<(LseState, usize)>,
             |l| rows::state_two_pass_stored(l, x, n, terms),
             scalar: None,
         )

@@ -396,6 +396,25 @@ pub(crate) unsafe fn state_two_pass_of<L: Lanes, S: Source>(
     src: S,
     n: usize,
 ) -> Option<LseState> {
+    // SAFETY: forwarded from the caller.
+    unsafe { state_two_pass_keeping(l, src, n, None) }.map(|(s, _)| s)
+}
+
+/// [`state_two_pass_of`], keeping each term the sums computed at `terms` (as [`stored_term`]
+/// keeps it) when given: returns with the state the index from which the terms are
+/// `exp(x - max)` for the row's final max (the start of the block that raised it last;
+/// earlier terms were taken against a smaller running max).
+///
+/// # Safety
+/// `n` readable elements of `src`; `n` writable float64 at `terms` when given.
+#[inline(always)]
+unsafe fn state_two_pass_keeping<L: Lanes, S: Source>(
+    l: L,
+    src: S,
+    n: usize,
+    terms: Option<*mut f64>,
+) -> Option<(LseState, usize)> {
+    let mut final_from = 0;
     let mut m = f64::NEG_INFINITY;
     let mut below = l.splat(0.0);
     let mut ties = 0u64;
@@ -417,53 +436,55 @@ pub(crate) unsafe fn state_two_pass_of<L: Lanes, S: Source>(
                 below = l.add(below, l.of_lanes(&carried));
                 ties = 0;
                 m = bm;
+                final_from = start;
             }
-            // SAFETY: this block and the next lie inside the row.
-            let (b, t, nm) =
-                unsafe { sum_below_max_next(l, src, start, len, m, next, next_len, None) };
+            // SAFETY: this block and the next lie inside the row, its terms inside `terms`.
+            let (b, t, nm) = unsafe {
+                let kept = terms.map(|p| p.add(start));
+                sum_below_max_next(l, src, start, len, m, next, next_len, kept)
+            };
             below = l.add(below, b);
             ties += t;
             next_max = nm;
         // SAFETY: as above.
         } else if bm == f64::NEG_INFINITY && !unsafe { src.has_nan(start, len) } {
+            if let Some(p) = terms {
+                // A block of -inf: every term is exp(-inf) = 0.
+                // SAFETY: the block's terms lie inside `terms`.
+                unsafe { std::ptr::write_bytes(p.add(start), 0, len) };
+            }
             // SAFETY: as above.
             next_max = unsafe { src.max_of(l, next, next_len) };
         } else {
             // SAFETY: the whole row is readable.
-            return unsafe { src.reference(n) };
+            return unsafe { src.reference(n) }.map(|s| (s, n));
         }
         start = next;
         len = next_len;
         bm = next_max;
     }
-    Some(finish_state(m, l.reduce_add(below), ties))
+    Some((finish_state(m, l.reduce_add(below), ties), final_from))
 }
 
-/// [`state_two_pass`] of a row that is one block (`n <= T::BLOCK`, so its max is the row's and
-/// every term is `exp(x - max)`), storing each term at `terms` (as [`stored_term`] keeps it)
-/// for a write that would otherwise compute it again: the same bits as [`state_two_pass`].
-/// `None` where the max is not finite (the caller takes [`state_two_pass`]).
+/// [`state_two_pass`] of a row with each term its sums computed kept at `terms` (as
+/// [`stored_term`] keeps it), for a write that would otherwise compute it again: the same
+/// state bits. Returns the state and the index from which the kept terms are `exp(x - max)`
+/// for the row's max (before it they were taken against a smaller running max, and the
+/// write computes them again). `None` where the max is not finite (the caller takes
+/// [`state_two_pass`]).
 ///
 /// # Safety
-/// `n <= T::BLOCK` readable elements at `x`, `n` writable float64 at `terms`.
+/// `n` readable elements at `x`, `n` writable float64 at `terms`.
 #[inline(always)]
 pub(crate) unsafe fn state_two_pass_stored<L: Lanes, T: Real>(
     l: L,
     x: *const T,
     n: usize,
     terms: *mut f64,
-) -> Option<LseState> {
-    debug_assert!(n <= T::BLOCK);
+) -> Option<(LseState, usize)> {
     // SAFETY: forwarded from the caller.
-    unsafe {
-        let m = Dense(x).max_of(l, 0, n);
-        if !m.is_finite() {
-            return None;
-        }
-        // state_two_pass's one block: its sum starts from +0, so adding it changes no bit.
-        let (below, ties, _) = sum_below_max_next(l, Dense(x), 0, n, m, n, 0, Some(terms));
-        Some(finish_state(m, l.reduce_add(below), ties))
-    }
+    let (state, from) = unsafe { state_two_pass_keeping(l, Dense(x), n, Some(terms)) }?;
+    state.max.is_finite().then_some((state, from))
 }
 
 /// Softmax of a row that fits in cache with one exp per element: the row's max, then one

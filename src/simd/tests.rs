@@ -662,25 +662,36 @@ fn check_short_rows<T: crate::real::Real>(
 }
 
 /// The exps a row's state pass keeps give the states and the scaled writes of the two-exp path,
-/// bit for bit, at every level: rows of one block (up to `T::BLOCK`), every tail length, ties,
-/// `-inf` and terms far below the float32-grade clamp; rows the kept path declines (a
-/// non-finite max, the scalar level) say so.
+/// bit for bit, at every level: rows of one and of many blocks whose max comes early, late or
+/// in the middle, every tail length, ties, `-inf` (a whole block of it too) and terms far below
+/// the float32-grade clamp; rows the kept path declines (a non-finite max, the scalar level)
+/// say so.
 #[test]
 fn kept_terms_give_the_two_exp_bits_at_every_level() {
     fn check<T: crate::real::Real>(level: Level, rng: &mut Rng) {
-        for n in (65..=T::BLOCK).step_by(37).chain([T::BLOCK - 1, T::BLOCK]) {
-            let spread = [3.0, 40.0, 1500.0][n % 3];
+        let b = T::BLOCK;
+        let lens = (65..=b)
+            .step_by(37)
+            .chain([b - 1, b, b + 1, 3 * b + 5, 9 * b]);
+        for (c, n) in lens.enumerate() {
+            let spread = [3.0, 40.0, 1500.0][c % 3];
             let mut x: Vec<T> = (0..n)
                 .map(|_| T::from_f64(rng.uniform(-spread, spread)))
                 .collect();
             x[n / 2] = T::NEG_INFINITY;
             x[n / 3] = x[n / 5];
+            // The max in the first, a middle or the last block.
+            let top = [0, n / 2, n - 1][c % 3];
+            x[top] = T::from_f64(spread + 1.0);
+            if n > 4 * b {
+                x[b..2 * b].fill(T::NEG_INFINITY);
+            }
             let mut terms = vec![0.0f64; n];
-            // SAFETY: x holds n <= T::BLOCK elements, terms n.
+            // SAFETY: x holds n elements, terms n.
             let kept = unsafe { row_state_stored(level, x.as_ptr(), n, terms.as_mut_ptr()) };
             // SAFETY: as above.
             let want = unsafe { row_state(level, x.as_ptr(), n, false) };
-            let Some(st) = kept else {
+            let Some((st, from)) = kept else {
                 assert_eq!(level, Level::Scalar, "{n}");
                 continue;
             };
@@ -690,17 +701,24 @@ fn kept_terms_give_the_two_exp_bits_at_every_level() {
                 "{} {n}",
                 level.name()
             );
+            assert!(from <= top && from % b == 0, "{} {n}: {from}", level.name());
             let scale = 0.37 / st.total();
-            let (mut a, mut b) = (vec![T::from_f64(0.0); n], vec![T::from_f64(0.0); n]);
+            let (mut a, mut e) = (vec![T::from_f64(0.0); n], vec![T::from_f64(0.0); n]);
             // SAFETY: every buffer holds n elements.
             unsafe {
-                scaled_terms(level, terms.as_ptr(), a.as_mut_ptr(), n, scale);
-                exp_scaled(level, x.as_ptr(), b.as_mut_ptr(), n, st.max, scale, false);
+                scaled_terms(
+                    level,
+                    terms[from..].as_ptr(),
+                    a[from..].as_mut_ptr(),
+                    n - from,
+                    scale,
+                );
+                exp_scaled(level, x.as_ptr(), e.as_mut_ptr(), n, st.max, scale, false);
             }
-            for k in 0..n {
+            for k in from..n {
                 assert_eq!(
                     a[k].to_f64().to_bits(),
-                    b[k].to_f64().to_bits(),
+                    e[k].to_f64().to_bits(),
                     "{} {n} {k}",
                     level.name()
                 );
@@ -709,7 +727,7 @@ fn kept_terms_give_the_two_exp_bits_at_every_level() {
             // SAFETY: as above.
             let nan = unsafe { row_state_stored(level, x.as_ptr(), n, terms.as_mut_ptr()) };
             assert!(
-                nan.is_none_or(|s| s.excess.is_nan()),
+                nan.is_none_or(|(s, _)| s.excess.is_nan()),
                 "{} {n}",
                 level.name()
             );

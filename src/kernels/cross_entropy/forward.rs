@@ -705,11 +705,10 @@ struct BlockBuffers<'a, T> {
 }
 
 /// Whether the gradient of rows of `n` classes is written from the exps their states pass
-/// kept ([`crate::kernels::row_state_stored`]), not from a second exp of each logit: rows
-/// longer than the short-row kernels' that are one state block, two-pass. The same bits
-/// either way.
-fn keeps_terms<T: Real>(n: usize, alg: Algorithm) -> bool {
-    n > SHORT_ROW && n <= T::BLOCK && alg != Algorithm::Online
+/// kept ([`crate::kernels::row_state_stored`]), not from a second exp of each logit: two-pass
+/// rows longer than the short-row kernels' whose exps fit L2. The same bits either way.
+fn keeps_terms(n: usize, alg: Algorithm) -> bool {
+    n > SHORT_ROW && n <= crate::simd::STORED_ROW && alg != Algorithm::Online
 }
 
 /// The losses (added to `acc`, "none" losses to `lanes_out`) and, with `g` (`w * n`, dense),
@@ -751,7 +750,7 @@ fn lanes_block<T: Real>(
         }
     };
     match g {
-        Some(g) if keeps_terms::<T>(n, alg) => {
+        Some(g) if keeps_terms(n, alg) => {
             // One row at a time: its state keeps the exps, its gradient is written from them.
             if bufs.terms.len() < n {
                 *bufs.terms = try_vec(n, 0.0)?;
@@ -760,9 +759,10 @@ fn lanes_block<T: Real>(
             for i in 0..w {
                 let x = &xb[row(i)];
                 let kept = crate::kernels::row_state_stored(x, terms);
-                let lg = lane(i, kept.unwrap_or_else(|| row_state(x, alg)), true);
+                let state = kept.map_or_else(|| row_state(x, alg), |(s, _)| s);
+                let lg = lane(i, state, true);
                 let probs = qb.map(|q| &q[row(i)]);
-                let from = kept.map(|_| &terms[..]);
+                let from = kept.map(|(_, from)| (&terms[..], from));
                 write_row_grad(plan, x, probs, lg, &mut g[i * n..(i + 1) * n], from);
             }
         }
@@ -977,7 +977,7 @@ fn write_row_grad<T: Real>(
     probs: Option<&[T]>,
     lg: LaneGrad,
     g: &mut [T],
-    terms: Option<&[f64]>,
+    terms: Option<(&[f64], usize)>,
 ) {
     if let Some(v) = lg.fill {
         g.fill(T::from_f64(v));
@@ -987,10 +987,14 @@ fn write_row_grad<T: Real>(
     row_blocks(x.len(), |r| {
         // SAFETY: the blocks of one row are disjoint ranges of g.
         let gb = unsafe { std::slice::from_raw_parts_mut(gp.ptr().add(r.start), r.len()) };
-        match terms {
-            // The row's exps, kept by its state pass (a row of one block).
-            Some(e) => row_scaled_terms(&e[r.clone()], lg.scale, gb),
-            None => row_exp_scaled(&x[r.clone()], lg.shift, lg.scale, gb),
+        // The exps its state pass kept from `from` on (taken against the row's max), and
+        // the earlier ones computed again.
+        let (e, from) = terms.unwrap_or((&[], x.len()));
+        let split = from.clamp(r.start, r.end);
+        let (head, tail) = gb.split_at_mut(split - r.start);
+        row_exp_scaled(&x[r.start..split], lg.shift, lg.scale, head);
+        if !tail.is_empty() {
+            row_scaled_terms(&e[split..r.end], lg.scale, tail);
         }
         let probs = probs.map(|q| &q[r.clone()]);
         scale_and_correct(plan, gb, probs, plan.weight.map(|w| &w[r]), 1.0, lg.corr);
