@@ -645,10 +645,10 @@ pub(crate) unsafe fn softmax<S: Stored<Compute = T>, T: Real>(
                     // T) and mask bytes, this block's own; out is writeable, shares no element
                     // with the mask, and is x itself or disjoint from it.
                     unsafe {
-                        if masked::writes_rows_in_place(&batch, alg, what) {
+                        if masked::writes_rows_in_place(&batch, alg) {
                             masked::softmax_like_rows_in_place(
-                                xp, kp, op, batch, alg, what, stream, buf, states,
-                            )?;
+                                xp, kp, op, batch, alg, what, stream,
+                            );
                             return Ok(());
                         }
                         crate::simd::select_kept(simd_level, xp, kp, op, len, f64::NEG_INFINITY);

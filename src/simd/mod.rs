@@ -735,6 +735,55 @@ pub(crate) unsafe fn short_rows_softmax<T: Real>(
     }
 }
 
+/// Softmax (`log = false`) or log_softmax of `rows` dense short rows (`n <= SHORT_ROW`)
+/// under a `where=` mask read in place beside them (`keep`, `n` bytes a row): the values of
+/// the rows staged with their masked elements at `-inf`, then run through
+/// [`short_rows_softmax`], with 0 (softmax) or `-inf` (log_softmax) at the masked positions.
+///
+/// # Safety
+/// `x` readable and `out` writable for `rows * n` elements, equal or disjoint; `keep`
+/// readable for as many bytes, disjoint from `out`; `level` supported by this CPU.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn short_rows_softmax_kept<T: Real>(
+    level: Level,
+    x: *const T,
+    keep: *const u8,
+    rows: usize,
+    n: usize,
+    out: *mut T,
+    log: bool,
+) {
+    debug_assert!(n <= SHORT_ROW);
+    // SAFETY: forwarded from the caller (the rows, their mask bytes and out; each row is read
+    // before it is written).
+    unsafe {
+        run_kernel!(level,
+            { x: *const T, keep: *const u8, rows: usize, n: usize, out: *mut T, log: bool } -> (),
+            |l| short::softmax_kept(l, x, keep, rows, n, out, log),
+            scalar: for r in 0..rows {
+                // The staged row, reduced and written by the reference, masked positions set.
+                let (xr, kr, or) = (x.add(r * n), keep.add(r * n), out.add(r * n));
+                for k in 0..n {
+                    *or.add(k) = if *kr.add(k) != 0 { *xr.add(k) } else { T::NEG_INFINITY };
+                }
+                let state = short_reference(or, 0, n, n);
+                let masked = if log {
+                    scalar::log_softmax_write(or, 0, 1, or, 0, 1, n, state);
+                    T::NEG_INFINITY
+                } else {
+                    scalar::softmax_write(or, 0, 1, or, 0, 1, n, state);
+                    T::from_f64(0.0)
+                };
+                for k in 0..n {
+                    if *kr.add(k) == 0 {
+                        *or.add(k) = masked;
+                    }
+                }
+            },
+        )
+    }
+}
+
 /// `out[k] = exp(x[k])` in float32 arithmetic at `level` (< 1 ULP; the vectorised exp itself).
 ///
 /// # Panics

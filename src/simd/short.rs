@@ -8,7 +8,7 @@
 //! NaN/inf semantics.
 
 use super::lanes::{reference_state, Lanes};
-use super::rows::{map_row, ExpScaled, ShiftSub};
+use super::rows::{map_row, select_kept, ExpScaled, ShiftSub};
 use super::{scalar, SHORT_ROW};
 use crate::real::Real;
 use crate::state::LseState;
@@ -221,6 +221,39 @@ unsafe fn group_state<L: Lanes, T: Real>(
     (m, excess, redo)
 }
 
+/// [`group_state`] of rows under `mask`. A group dense in x and the mask (rows and mask rows
+/// `n` apart) is staged into `staged` with its masked elements at `-inf` by one vector select
+/// over the whole group, then loaded as an unmasked group: the same columns, at a fraction of
+/// the cost of masking each loaded column. Other groups mask their columns as they load them.
+///
+/// # Safety
+/// As [`group_state`].
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn group_state_kept<L: Lanes, T: Real>(
+    l: L,
+    x: *const T,
+    n: usize,
+    pitch: usize,
+    rows: usize,
+    buf: &mut [MaybeUninit<L::V>],
+    keep: Keep,
+    mask: RowMask,
+    staged: &mut [MaybeUninit<T>],
+) -> (L::V, L::V, u8) {
+    let rows = rows.min(L::N);
+    // SAFETY: forwarded from the caller; the group's rows * n elements and mask bytes are
+    // readable when it is dense, and `staged` holds them.
+    unsafe {
+        if mask.class == 1 && mask.lane == n && pitch == n && rows * n <= staged.len() {
+            let s = staged.as_mut_ptr() as *mut T;
+            select_kept(l, x, mask.keep, s, rows * n, f64::NEG_INFINITY);
+            return group_state(l, s, n, n, rows, buf, keep, None);
+        }
+        group_state(l, x, n, pitch, rows, buf, keep, Some(mask))
+    }
+}
+
 /// logsumexp of `rows` short rows (`n <= SHORT_ROW`, `pitch` apart) into `out[r]`.
 ///
 /// # Safety
@@ -344,8 +377,54 @@ pub(crate) unsafe fn softmax<L: Lanes, T: Real>(
     out: *mut T,
     log: bool,
 ) {
+    // SAFETY: forwarded from the caller.
+    unsafe { softmax_groups(l, x, None, rows, n, pitch, out, log) }
+}
+
+/// [`softmax`] of `rows` dense short rows (`n` apart) under a `where=` mask read in place
+/// beside them (`keep`, the rows' mask bytes, `n` apart): a masked class reads as `-inf`, so
+/// its softmax is 0 and its log_softmax `-inf`, the values of the rows staged with their
+/// masked classes at `-inf` and run through [`softmax`] bit for bit. A row that needs the
+/// reference (fully masked, a kept NaN or infinity) is staged into `out` and redone there, its
+/// masked positions set afterwards, as the staged rows are.
+///
+/// # Safety
+/// `x` readable and `out` writable for `rows * n` elements, equal or disjoint; `keep`
+/// readable for as many bytes, disjoint from `out`.
+#[inline(always)]
+pub(crate) unsafe fn softmax_kept<L: Lanes, T: Real>(
+    l: L,
+    x: *const T,
+    keep: *const u8,
+    rows: usize,
+    n: usize,
+    out: *mut T,
+    log: bool,
+) {
+    // SAFETY: forwarded from the caller.
+    unsafe { softmax_groups(l, x, Some(keep), rows, n, n, out, log) }
+}
+
+/// [`softmax`] and [`softmax_kept`] (`keep`, mask rows `n` apart, given only with
+/// `pitch == n`).
+///
+/// # Safety
+/// As [`softmax_kept`] with a mask, else as [`softmax`].
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn softmax_groups<L: Lanes, T: Real>(
+    l: L,
+    x: *const T,
+    keep: Option<*const u8>,
+    rows: usize,
+    n: usize,
+    pitch: usize,
+    out: *mut T,
+    log: bool,
+) {
     let mut buf = [MaybeUninit::<L::V>::uninit(); SHORT_ROW];
-    let keep = if log { Keep::Shift } else { Keep::Exp };
+    let mut staged = [MaybeUninit::<T>::uninit(); 8 * SHORT_ROW];
+    let kind = if log { Keep::Shift } else { Keep::Exp };
     let mut r = 0;
     while r < rows {
         let g = (rows - r).min(L::N);
@@ -357,7 +436,15 @@ pub(crate) unsafe fn softmax<L: Lanes, T: Real>(
             if hinted(n) {
                 prefetch_next_group(l, p, g, n, pitch, rows - r - g);
             }
-            let (_, excess, redo) = group_state(l, p, n, pitch, g, &mut buf, keep, None);
+            let mask = keep.map(|k| RowMask {
+                keep: k.add(r * n),
+                lane: n,
+                class: 1,
+            });
+            let (_, excess, redo) = match mask {
+                Some(m) => group_state_kept(l, p, n, pitch, g, &mut buf, kind, m, &mut staged),
+                None => group_state(l, p, n, pitch, g, &mut buf, kind, None),
+            };
             // Per row: softmax = e * (1 / S), log_softmax = t - log1p(excess).
             let factor = if log {
                 l.log1p(excess)
@@ -381,8 +468,19 @@ pub(crate) unsafe fn softmax<L: Lanes, T: Real>(
                 l.store_columns(o, n, g, redo, c0, (n - c0).min(L::N), cols);
             }
             for k in 0..g {
-                if redo & (1 << k) != 0 {
-                    redo_row(l, p.add(k * pitch), o.add(k * n), n, log);
+                if redo & (1 << k) == 0 {
+                    continue;
+                }
+                let (xr, or) = (p.add(k * pitch), o.add(k * n));
+                match mask {
+                    None => redo_row(l, xr, or, n, log),
+                    Some(m) => {
+                        let kr = m.keep.add(k * n);
+                        let masked = if log { f64::NEG_INFINITY } else { 0.0 };
+                        select_kept(l, xr, kr, or, n, f64::NEG_INFINITY);
+                        redo_row(l, or, or, n, log);
+                        select_kept(l, or, kr, or, n, masked);
+                    }
                 }
             }
         }
@@ -497,6 +595,7 @@ pub(crate) unsafe fn xent_index<L: Lanes, T: Real, const MASKED: bool>(
     grad: Option<*mut T>,
 ) {
     let mut buf = [MaybeUninit::<L::V>::uninit(); SHORT_LOSS_ROW];
+    let mut staged = [MaybeUninit::<T>::uninit(); 8 * SHORT_LOSS_ROW];
     let keep = if grad.is_some() {
         Keep::Exp
     } else {
@@ -521,7 +620,10 @@ pub(crate) unsafe fn xent_index<L: Lanes, T: Real, const MASKED: bool>(
                 keep: m.keep.add(r * m.lane),
                 ..m
             });
-            let (m, excess, redo) = group_state(l, px, n, pitch, g, &mut buf, keep, mask);
+            let (m, excess, redo) = match mask {
+                Some(mk) => group_state_kept(l, px, n, pitch, g, &mut buf, keep, mk, &mut staged),
+                None => group_state(l, px, n, pitch, g, &mut buf, keep, None),
+            };
             let ms = l.to_lanes(m);
             // An ignored row's x_t is its max: every term below stays finite.
             let (mut xt, mut wt) = (ms, [0.0f64; 8]);
