@@ -601,6 +601,23 @@ pub(crate) unsafe fn xent_index<L: Lanes, T: Real, const MASKED: bool>(
     } else {
         Keep::Input
     };
+    // One mask row for every row (a `(1, C)` mask): repeated once for a group of rows, so
+    // that each group is staged as a dense one rather than masked column by column.
+    let mut repeated = [0u8; 8 * SHORT_LOSS_ROW];
+    let shared = p
+        .mask
+        .filter(|m| MASKED && m.lane == 0 && m.class == 1 && L::N * n <= repeated.len())
+        .map(|m| {
+            for row in repeated.chunks_exact_mut(n.max(1)).take(L::N) {
+                // SAFETY: the mask row's n bytes are readable (the caller's contract).
+                row.copy_from_slice(unsafe { std::slice::from_raw_parts(m.keep, n) });
+            }
+            RowMask {
+                keep: repeated.as_ptr(),
+                lane: n,
+                class: 1,
+            }
+        });
     let mut r = 0;
     while r < rows {
         let g = (rows - r).min(L::N);
@@ -616,9 +633,11 @@ pub(crate) unsafe fn xent_index<L: Lanes, T: Real, const MASKED: bool>(
                 (rows - r - g).min(L::N),
             );
             // A constant `None` unmasked: the mask code compiles away.
-            let mask = p.mask.filter(|_| MASKED).map(|m| RowMask {
-                keep: m.keep.add(r * m.lane),
-                ..m
+            let mask = shared.or_else(|| {
+                p.mask.filter(|_| MASKED).map(|m| RowMask {
+                    keep: m.keep.add(r * m.lane),
+                    ..m
+                })
             });
             let (m, excess, redo) = match mask {
                 Some(mk) => group_state_kept(l, px, n, pitch, g, &mut buf, keep, mk, &mut staged),
@@ -749,7 +768,9 @@ pub(crate) unsafe fn short_rows_xent_index<T: Real>(
     grad: Option<*mut T>,
 ) {
     debug_assert!(n <= SHORT_LOSS_ROW && p.class.len() >= rows && out.redo.len() >= rows);
-    struct K<'a, 'b, 'c, T> {
+    // Masked and unmasked are kernels of their own, each entered apart: the masked one's
+    // staging buffers stay out of the unmasked one's frame.
+    struct K<'a, 'b, 'c, T, const MASKED: bool> {
         x: *const T,
         rows: usize,
         n: usize,
@@ -758,7 +779,7 @@ pub(crate) unsafe fn short_rows_xent_index<T: Real>(
         out: &'b mut IndexLossOut<'c>,
         grad: Option<*mut T>,
     }
-    impl<T: Real> super::lanes::Kernel for K<'_, '_, '_, T> {
+    impl<T: Real, const MASKED: bool> super::lanes::Kernel for K<'_, '_, '_, T, MASKED> {
         type Out = ();
         #[inline(always)]
         fn run<L: Lanes>(self, l: L) {
@@ -766,26 +787,37 @@ pub(crate) unsafe fn short_rows_xent_index<T: Real>(
             unsafe {
                 let (x, rows, n, pitch, p, grad) =
                     (self.x, self.rows, self.n, self.pitch, self.p, self.grad);
-                if p.mask.is_some() {
-                    xent_index::<L, T, true>(l, x, rows, n, pitch, p, self.out, grad)
-                } else {
-                    xent_index::<L, T, false>(l, x, rows, n, pitch, p, self.out, grad)
-                }
+                xent_index::<L, T, MASKED>(l, x, rows, n, pitch, p, self.out, grad)
             }
         }
         fn scalar(self) {
             self.out.redo[..self.rows].fill(true);
         }
     }
-    let k = K {
-        x,
-        rows,
-        n,
-        pitch,
-        p,
-        out,
-        grad,
-    };
     // SAFETY: forwarded from the caller.
-    unsafe { super::lanes::dispatch(level, k) }
+    unsafe {
+        if p.mask.is_some() {
+            let k = K::<T, true> {
+                x,
+                rows,
+                n,
+                pitch,
+                p,
+                out,
+                grad,
+            };
+            super::lanes::dispatch(level, k)
+        } else {
+            let k = K::<T, false> {
+                x,
+                rows,
+                n,
+                pitch,
+                p,
+                out,
+                grad,
+            };
+            super::lanes::dispatch(level, k)
+        }
+    }
 }
