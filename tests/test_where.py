@@ -582,7 +582,8 @@ def test_masked_rows_streamed_into_a_large_out_equal_rows_written_through_the_ca
 @pytest.mark.parametrize("n", [1, 2, 5, 7, 10, 16, 33, 64])
 def test_short_rows_read_beside_the_mask_equal_the_staged_path(dtype, n):
     """Short rows dense in x, the mask and out go through the short-row kernels with the mask
-    read beside them, a group of rows staged at a time; x strided takes the staged block. Both
+    read beside them, a group of rows staged at a time (softmax, log_softmax, logsumexp and
+    the lane states); x strided takes the staged block. Both
     must give the same bits over many groups and blocks (a tail group, a block boundary, a mask
     byte read for the wrong row), in place too, also for fully masked rows, kept NaN / +inf /
     all -inf rows and masked NaN / +inf, and the unmasked op's bits on x with the masked
@@ -603,7 +604,18 @@ def test_short_rows_read_beside_the_mask_equal_the_staged_path(dtype, n):
     strided = np.empty((rows, 2 * n), dtype)[:, ::2]
     strided[...] = x
     bits = np.uint32 if dtype == np.float32 else np.uint64
-    ok = np.isfinite(sl.logsumexp(hidden, axis=1))
+    plain = sl.logsumexp(hidden, axis=1)
+    ok = np.isfinite(plain)
+    got = sl.logsumexp(x, axis=1, where=keep)
+    staged = sl.logsumexp(strided, axis=1, where=keep)
+    np.testing.assert_array_equal(got.view(bits), staged.view(bits))
+    np.testing.assert_array_equal(got.view(bits), plain.view(bits))
+    from stablelse import _stream
+
+    got = _stream.chunk_states(x, (1,), keep)
+    for want in (_stream.chunk_states(strided, (1,), keep), _stream.chunk_states(hidden, (1,))):
+        for a, b in zip(got, want):
+            np.testing.assert_array_equal(a.view(np.uint64), b.view(np.uint64))
     for f, masked in ((sl.softmax, 0.0), (sl.log_softmax, -np.inf)):
         want = f(strided, axis=1, where=keep).view(bits)
         for threads in (1, 2):

@@ -54,22 +54,24 @@ pub fn fill_masked<T: Real>(out: &mut [T], keep: &[u8], fill: T) {
     unsafe { simd::select_kept(simd::level(), p, keep.as_ptr(), p, n, fill.to_f64()) }
 }
 
-/// Whether [`kept_row_states`] gives `batch`'s states: rows (`inner == 1`) that the staged
-/// block would run through the two-pass row kernel one at a time (not the short-row kernels,
-/// not online, not split into long-row blocks).
+/// Whether [`kept_row_states`] gives `batch`'s states (and [`kept_row_logsumexp`] its
+/// log-sum-exps): rows (`inner == 1`) that the staged block would run through the short-row
+/// kernels, or through the two-pass row kernel one at a time (not online, not split into
+/// long-row blocks).
 pub fn reads_rows_in_place(batch: &Batch, alg: Algorithm) -> bool {
     batch.inner == 1
-        && alg != Algorithm::Online
-        && batch.n < 2 * super::LONG_ROW_BLOCK
-        && !is_short(simd::level(), batch)
+        && (is_short(simd::level(), batch)
+            || (alg != Algorithm::Online && batch.n < 2 * super::LONG_ROW_BLOCK))
 }
 
 /// `f(r, state)` for each row `r` of `batch` (see [`reads_rows_in_place`]) over the kept
-/// elements, reading `x` and the mask where they are: the masked elements become `-inf` in
-/// registers as they are loaded, in both passes of the two-pass state, so no staged copy is
-/// written. A row that needs the scalar reference (a NaN or infinite max), and every row at
-/// the scalar level, is staged into `scratch` ([`copy_kept`]) and run as the staged block
-/// would be; the states are those of the staged block bit for bit.
+/// elements, reading `x` and the mask where they are, with the states of the staged block
+/// (the masked elements `-inf`) bit for bit. Short rows go through the short-row kernels,
+/// each group of rows staged on the stack. Longer rows become `-inf` at their masked
+/// elements in registers as they are loaded, in both passes of the two-pass state, so no
+/// staged copy is written; a row that needs the scalar reference (a NaN or infinite max),
+/// and every row at the scalar level, is staged into `scratch` ([`copy_kept`]) and run as the
+/// staged block would be.
 pub fn kept_row_states<T: Real>(
     x: &[T],
     keep: &[u8],
@@ -78,17 +80,30 @@ pub fn kept_row_states<T: Real>(
     scratch: &mut [T],
     mut f: impl FnMut(usize, LseState),
 ) -> Result<(), String> {
-    batch.check(x.len())?;
-    batch.check(keep.len())?;
+    check_rows(x.len(), keep.len(), &batch)?;
     let n = batch.n;
-    if batch.inner != 1 || scratch.len() < n {
+    let level = simd::level();
+    if is_short(level, &batch) {
+        let mut states = [LseState::EMPTY; 64];
+        for r0 in (0..batch.outer).step_by(states.len()) {
+            let rows = states.len().min(batch.outer - r0);
+            // SAFETY: rows r0..r0 + rows of x and of the mask, `n` apart (checked).
+            unsafe {
+                let (xp, kp) = (x.as_ptr().add(r0 * n), keep.as_ptr().add(r0 * n));
+                simd::short_rows_states_kept(level, xp, kp, rows, n, &mut states);
+            }
+            for (r, s) in states.iter().take(rows).enumerate() {
+                f(r0 + r, *s);
+            }
+        }
+        return Ok(());
+    }
+    if scratch.len() < n {
         return Err(format!(
-            "kept_row_states needs rows and {n} scratch elements, got inner {} and {}",
-            batch.inner,
+            "kept_row_states needs {n} scratch elements, got {}",
             scratch.len()
         ));
     }
-    let level = simd::level();
     for r in 0..batch.outer {
         let at = r * batch.outer_stride;
         let (xr, kr) = (&x[at..at + n], &keep[at..at + n]);
@@ -105,10 +120,54 @@ pub fn kept_row_states<T: Real>(
     Ok(())
 }
 
-/// Whether [`softmax_like_rows_in_place`] writes `batch`'s rows: the rows of
-/// [`reads_rows_in_place`], and rows short enough for the short-row kernels.
+/// The log-sum-exp of each row of `batch` (see [`reads_rows_in_place`]) over the kept
+/// elements into `out`, read in place as [`kept_row_states`] reads them: the values of the
+/// staged block bit for bit (short rows through the short-row log-sum-exp kernel, as the
+/// staged block runs them).
+pub fn kept_row_logsumexp<T: Real>(
+    x: &[T],
+    keep: &[u8],
+    batch: Batch,
+    alg: Algorithm,
+    scratch: &mut [T],
+    out: &mut [T],
+) -> Result<(), String> {
+    check_rows(x.len(), keep.len(), &batch)?;
+    if out.len() < batch.outer {
+        return Err(format!("{} rows for {} results", batch.outer, out.len()));
+    }
+    let level = simd::level();
+    if is_short(level, &batch) {
+        // SAFETY: the rows of x and of the mask, `n` apart (checked), and `outer` results.
+        unsafe {
+            let (xp, kp) = (x.as_ptr(), keep.as_ptr());
+            simd::short_rows_logsumexp_kept(level, xp, kp, batch.outer, batch.n, out.as_mut_ptr())
+        };
+        return Ok(());
+    }
+    kept_row_states(x, keep, batch, alg, scratch, |r, s| {
+        out[r] = T::from_f64(s.logsumexp())
+    })
+}
+
+/// Checks that `batch` is dense rows (`outer_stride == n`, as the short-row kernels read a
+/// mask beside them) inside `x` and the mask.
+fn check_rows(x: usize, keep: usize, batch: &Batch) -> Result<(), String> {
+    batch.check(x)?;
+    batch.check(keep)?;
+    if batch.inner != 1 || batch.outer_stride != batch.n {
+        return Err(format!(
+            "masked rows read in place must be dense rows, got inner {} and stride {}",
+            batch.inner, batch.outer_stride
+        ));
+    }
+    Ok(())
+}
+
+/// Whether [`softmax_like_rows_in_place`] writes `batch`'s rows: those of
+/// [`reads_rows_in_place`].
 pub fn writes_rows_in_place(batch: &Batch, alg: Algorithm) -> bool {
-    reads_rows_in_place(batch, alg) || is_short(simd::level(), batch)
+    reads_rows_in_place(batch, alg)
 }
 
 /// Softmax or log_softmax of `batch`'s rows (see [`writes_rows_in_place`]) over the kept
@@ -475,8 +534,9 @@ mod tests {
     }
 
     /// Short rows read in place beside their mask must equal, bit for bit at every level, the
-    /// rows staged with their masked elements at `-inf`, run through the unmasked short-row
-    /// kernel and filled at the masked positions, in place or not: a mask byte misread in a
+    /// rows staged with their masked elements at `-inf` and run through the unmasked
+    /// short-row kernels (log-sum-exp, states, softmax and log_softmax, these filled at the
+    /// masked positions), in place or not: a mask byte misread in a
     /// tail group or column, a masked NaN or `+inf` read, a redone row (fully masked, kept
     /// NaN / `+inf` / all `-inf`) finished differently, a masked value left in `out`.
     #[test]
@@ -513,6 +573,26 @@ mod tests {
                     .map(|(&v, &b)| if b != 0 { v } else { to(f64::NEG_INFINITY) })
                     .collect();
                 for level in simd::available_levels() {
+                    let what = format!("{} n={n}", level.name());
+                    let (mut want, mut got) = (vec![to(0.0); rows], vec![to(1.0); rows]);
+                    let mut want_st = vec![LseState::EMPTY; rows];
+                    let mut got_st = vec![LseState::EMPTY; rows];
+                    // SAFETY: rows * n elements and mask bytes, rows results; the level is
+                    // available.
+                    unsafe {
+                        let (xp, kp, sp) = (x.as_ptr(), keep.as_ptr(), staged.as_ptr());
+                        simd::short_rows_logsumexp(level, sp, rows, n, n, want.as_mut_ptr());
+                        simd::short_rows_logsumexp_kept(level, xp, kp, rows, n, got.as_mut_ptr());
+                        simd::short_rows_states(level, sp, rows, n, n, &mut want_st);
+                        simd::short_rows_states_kept(level, xp, kp, rows, n, &mut got_st);
+                    }
+                    assert_eq!(bits(&got), bits(&want), "{what} logsumexp");
+                    let st = |v: &[LseState]| {
+                        v.iter()
+                            .map(|s| (s.max.to_bits(), s.excess.to_bits()))
+                            .collect::<Vec<_>>()
+                    };
+                    assert_eq!(st(&got_st), st(&want_st), "{what} states");
                     for log in [false, true] {
                         let masked = to(if log { f64::NEG_INFINITY } else { 0.0 });
                         let mut want = vec![to(0.0); len];

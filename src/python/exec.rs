@@ -768,9 +768,7 @@ pub(crate) unsafe fn reduce<S: Stored<Compute = T>, T: Real>(
                     if let Some((xs, ks)) =
                         rows_in_place::<S, T>(&blocks, o0, j0, &batch, &xv, &kv, alg)
                     {
-                        masked::kept_row_states(xs, ks, batch, alg, buf, |r, s| {
-                            res[r] = T::from_f64(s.logsumexp())
-                        })?;
+                        masked::kept_row_logsumexp(xs, ks, batch, alg, buf, res)?;
                         // SAFETY: out covers the kept shape and is writeable.
                         unsafe { ov.scatter_as::<S>(start, res) };
                         return Ok(());

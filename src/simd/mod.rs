@@ -701,6 +701,86 @@ pub(crate) unsafe fn short_rows_states<T: Real>(
     }
 }
 
+/// Row `r`'s reference state over the elements its mask bytes keep (rows and mask rows `n`
+/// apart, `n <= SHORT_ROW`): the row staged with its masked elements at `-inf`.
+///
+/// # Safety
+/// Row `r` and its mask bytes readable.
+unsafe fn short_kept_reference<T: Real>(
+    x: *const T,
+    keep: *const u8,
+    r: usize,
+    n: usize,
+) -> LseState {
+    let mut row = [T::NEG_INFINITY; SHORT_ROW];
+    for (k, v) in row.iter_mut().enumerate().take(n) {
+        // SAFETY: element k of row r and its mask byte are readable.
+        unsafe {
+            if *keep.add(r * n + k) != 0 {
+                *v = *x.add(r * n + k);
+            }
+        }
+    }
+    // SAFETY: the staged row holds n elements.
+    unsafe { short_reference(row.as_ptr(), 0, n, n) }
+}
+
+/// logsumexp of `rows` dense short rows (`n <= SHORT_ROW`) over the elements their mask
+/// bytes `keep` (`n` a row, read in place) keep into `out`: the values of the rows staged
+/// with their masked elements at `-inf` and run through [`short_rows_logsumexp`].
+///
+/// # Safety
+/// `x` readable for `rows * n` elements and `keep` for as many bytes; `out` writable for
+/// `rows` elements; `level` supported by this CPU.
+pub(crate) unsafe fn short_rows_logsumexp_kept<T: Real>(
+    level: Level,
+    x: *const T,
+    keep: *const u8,
+    rows: usize,
+    n: usize,
+    out: *mut T,
+) {
+    debug_assert!(n <= SHORT_ROW);
+    // SAFETY: forwarded from the caller (the rows, their mask bytes and out).
+    unsafe {
+        run_kernel!(level,
+            { x: *const T, keep: *const u8, rows: usize, n: usize, out: *mut T } -> (),
+            |l| short::logsumexp_kept(l, x, keep, rows, n, out),
+            scalar: for r in 0..rows {
+                *out.add(r) = T::from_f64(short_kept_reference(x, keep, r, n).logsumexp());
+            },
+        )
+    }
+}
+
+/// The `(max, excess)` states of `rows` dense short rows (`n <= SHORT_ROW`) over the
+/// elements their mask bytes `keep` (`n` a row, read in place) keep into `out[r]`: the states
+/// of the rows staged with their masked elements at `-inf` ([`short_rows_states`]).
+///
+/// # Safety
+/// `x` readable for `rows * n` elements and `keep` for as many bytes; `out` holds `rows`
+/// states; `level` supported by this CPU.
+pub(crate) unsafe fn short_rows_states_kept<T: Real>(
+    level: Level,
+    x: *const T,
+    keep: *const u8,
+    rows: usize,
+    n: usize,
+    out: &mut [LseState],
+) {
+    debug_assert!(n <= SHORT_ROW && out.len() >= rows);
+    // SAFETY: forwarded from the caller (the rows and their mask bytes).
+    unsafe {
+        run_kernel!(level, <'a> { x: *const T, keep: *const u8, rows: usize, n: usize,
+                                  out: &'a mut [LseState] } -> (),
+            |l| short::states_kept(l, x, keep, rows, n, out),
+            scalar: for (r, o) in out.iter_mut().enumerate().take(rows) {
+                *o = short_kept_reference(x, keep, r, n);
+            },
+        )
+    }
+}
+
 /// Softmax (`log = false`) or log_softmax of `rows` short rows into the dense `out`.
 ///
 /// # Safety

@@ -254,6 +254,67 @@ unsafe fn group_state_kept<L: Lanes, T: Real>(
     }
 }
 
+/// [`group_state`] of a group of short rows, under a `where=` mask when `keep` is given (the
+/// group's mask rows, `n` apart, beside rows `pitch` apart), through [`group_state_kept`].
+///
+/// # Safety
+/// As [`group_state_kept`] with a mask, else as [`group_state`].
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn group_state_of<L: Lanes, T: Real>(
+    l: L,
+    x: *const T,
+    keep: Option<*const u8>,
+    n: usize,
+    pitch: usize,
+    rows: usize,
+    buf: &mut [MaybeUninit<L::V>],
+    kind: Keep,
+    staged: &mut [MaybeUninit<T>],
+) -> (L::V, L::V, u8) {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        match keep {
+            Some(k) => {
+                let mask = RowMask {
+                    keep: k,
+                    lane: n,
+                    class: 1,
+                };
+                group_state_kept(l, x, n, pitch, rows, buf, kind, mask, staged)
+            }
+            None => group_state(l, x, n, pitch, rows, buf, kind, None),
+        }
+    }
+}
+
+/// The reference state of the short row at `x`, over the elements its mask bytes `keep`
+/// keep when given: the row staged with its masked elements at `-inf`, as a staged block
+/// holds it.
+///
+/// # Safety
+/// `n <= SHORT_ROW` elements readable at `x`, and as many mask bytes at `keep`.
+#[inline(always)]
+unsafe fn row_reference<L: Lanes, T: Real>(
+    l: L,
+    x: *const T,
+    keep: Option<*const u8>,
+    n: usize,
+) -> LseState {
+    // SAFETY: forwarded from the caller; the staged row holds n <= SHORT_ROW elements.
+    unsafe {
+        match keep {
+            Some(k) => {
+                let mut row = [MaybeUninit::<T>::uninit(); SHORT_ROW];
+                let s = row.as_mut_ptr() as *mut T;
+                select_kept(l, x, k, s, n, f64::NEG_INFINITY);
+                reference_state(s, n)
+            }
+            None => reference_state(x, n),
+        }
+    }
+}
+
 /// logsumexp of `rows` short rows (`n <= SHORT_ROW`, `pitch` apart) into `out[r]`.
 ///
 /// # Safety
@@ -272,21 +333,50 @@ pub(crate) unsafe fn logsumexp<L: Lanes, T: Real>(
     // SAFETY: forwarded from the caller.
     unsafe {
         if hinted(n) {
-            logsumexp_groups::<L, T, true>(l, x, rows, n, pitch, out)
+            logsumexp_groups::<L, T, true>(l, x, None, rows, n, pitch, out)
         } else {
-            logsumexp_groups::<L, T, false>(l, x, rows, n, pitch, out)
+            logsumexp_groups::<L, T, false>(l, x, None, rows, n, pitch, out)
         }
     }
 }
 
-/// [`logsumexp`], with the next group hinted into L1 when `HINT`.
+/// [`logsumexp`] of `rows` dense short rows (`n` apart) over the elements their mask bytes
+/// `keep` (`n` a row) keep: the values of the rows staged with their masked elements at
+/// `-inf` and run through [`logsumexp`], bit for bit.
 ///
 /// # Safety
-/// As [`logsumexp`].
+/// `x` readable for `rows * n` elements and `keep` for as many bytes, `out` writable for
+/// `rows` elements.
 #[inline(always)]
+pub(crate) unsafe fn logsumexp_kept<L: Lanes, T: Real>(
+    l: L,
+    x: *const T,
+    keep: *const u8,
+    rows: usize,
+    n: usize,
+    out: *mut T,
+) {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        if hinted(n) {
+            logsumexp_groups::<L, T, true>(l, x, Some(keep), rows, n, n, out)
+        } else {
+            logsumexp_groups::<L, T, false>(l, x, Some(keep), rows, n, n, out)
+        }
+    }
+}
+
+/// [`logsumexp`] and [`logsumexp_kept`] (`keep`, mask rows `n` apart, given only with
+/// `pitch == n`), with the next group hinted into L1 when `HINT`.
+///
+/// # Safety
+/// As [`logsumexp_kept`] with a mask, else as [`logsumexp`].
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
 unsafe fn logsumexp_groups<L: Lanes, T: Real, const HINT: bool>(
     l: L,
     x: *const T,
+    keep: Option<*const u8>,
     rows: usize,
     n: usize,
     pitch: usize,
@@ -294,16 +384,20 @@ unsafe fn logsumexp_groups<L: Lanes, T: Real, const HINT: bool>(
 ) {
     // Uninitialised: zeroing it per group would cost more than the rows.
     let mut buf = [MaybeUninit::<L::V>::uninit(); SHORT_ROW];
+    let mut staged = [MaybeUninit::<T>::uninit(); 8 * SHORT_ROW];
     let mut r = 0;
     while r < rows {
         let g = (rows - r).min(L::N);
-        // SAFETY: rows r..r+g are readable, out[r..r+g] writable.
+        // SAFETY: rows r..r+g are readable (and their mask bytes), out[r..r+g] writable.
         unsafe {
             let p = x.add(r * pitch);
             if HINT {
                 prefetch_next_group(l, p, g, n, pitch, rows - r - g);
             }
-            let (m, excess, redo) = group_state(l, p, n, pitch, g, &mut buf, Keep::Input, None);
+            let kp = keep.map(|k| k.add(r * n));
+            let kind = Keep::Input;
+            let (m, excess, redo) =
+                group_state_of(l, p, kp, n, pitch, g, &mut buf, kind, &mut staged);
             let lse = l.add(m, l.log1p(excess));
             if g == L::N {
                 l.store(out.add(r), lse);
@@ -312,7 +406,9 @@ unsafe fn logsumexp_groups<L: Lanes, T: Real, const HINT: bool>(
             }
             for k in 0..g {
                 if redo & (1 << k) != 0 {
-                    *out.add(r + k) = T::from_f64(reference_state(p.add(k * pitch), n).logsumexp());
+                    let kr = kp.map(|kp| kp.add(k * n));
+                    let state = row_reference(l, p.add(k * pitch), kr, n);
+                    *out.add(r + k) = T::from_f64(state.logsumexp());
                 }
             }
         }
@@ -333,21 +429,64 @@ pub(crate) unsafe fn states<L: Lanes, T: Real>(
     pitch: usize,
     out: &mut [LseState],
 ) {
+    // SAFETY: forwarded from the caller.
+    unsafe { states_groups(l, x, None, rows, n, pitch, out) }
+}
+
+/// [`states`] of `rows` dense short rows (`n` apart) over the elements their mask bytes
+/// `keep` (`n` a row) keep: the states of the rows staged with their masked elements at
+/// `-inf`, bit for bit.
+///
+/// # Safety
+/// `x` readable for `rows * n` elements and `keep` for as many bytes; `out` holds `rows`
+/// states.
+#[inline(always)]
+pub(crate) unsafe fn states_kept<L: Lanes, T: Real>(
+    l: L,
+    x: *const T,
+    keep: *const u8,
+    rows: usize,
+    n: usize,
+    out: &mut [LseState],
+) {
+    // SAFETY: forwarded from the caller.
+    unsafe { states_groups(l, x, Some(keep), rows, n, n, out) }
+}
+
+/// [`states`] and [`states_kept`] (`keep`, mask rows `n` apart, given only with
+/// `pitch == n`).
+///
+/// # Safety
+/// As [`states_kept`] with a mask, else as [`states`].
+#[inline(always)]
+unsafe fn states_groups<L: Lanes, T: Real>(
+    l: L,
+    x: *const T,
+    keep: Option<*const u8>,
+    rows: usize,
+    n: usize,
+    pitch: usize,
+    out: &mut [LseState],
+) {
     let mut buf = [MaybeUninit::<L::V>::uninit(); SHORT_ROW];
+    let mut staged = [MaybeUninit::<T>::uninit(); 8 * SHORT_ROW];
     let mut r = 0;
     while r < rows {
         let g = (rows - r).min(L::N);
-        // SAFETY: rows r..r+g are readable.
+        // SAFETY: rows r..r+g are readable (and their mask bytes).
         unsafe {
             let p = x.add(r * pitch);
             if hinted(n) {
                 prefetch_next_group(l, p, g, n, pitch, rows - r - g);
             }
-            let (m, excess, redo) = group_state(l, p, n, pitch, g, &mut buf, Keep::Input, None);
+            let kp = keep.map(|k| k.add(r * n));
+            let kind = Keep::Input;
+            let (m, excess, redo) =
+                group_state_of(l, p, kp, n, pitch, g, &mut buf, kind, &mut staged);
             let (ms, es) = (l.to_lanes(m), l.to_lanes(excess));
             for k in 0..g {
                 out[r + k] = if redo & (1 << k) != 0 {
-                    reference_state(p.add(k * pitch), n)
+                    row_reference(l, p.add(k * pitch), kp.map(|kp| kp.add(k * n)), n)
                 } else {
                     LseState {
                         max: ms[k],
@@ -436,15 +575,9 @@ unsafe fn softmax_groups<L: Lanes, T: Real>(
             if hinted(n) {
                 prefetch_next_group(l, p, g, n, pitch, rows - r - g);
             }
-            let mask = keep.map(|k| RowMask {
-                keep: k.add(r * n),
-                lane: n,
-                class: 1,
-            });
-            let (_, excess, redo) = match mask {
-                Some(m) => group_state_kept(l, p, n, pitch, g, &mut buf, kind, m, &mut staged),
-                None => group_state(l, p, n, pitch, g, &mut buf, kind, None),
-            };
+            let kp = keep.map(|k| k.add(r * n));
+            let (_, excess, redo) =
+                group_state_of(l, p, kp, n, pitch, g, &mut buf, kind, &mut staged);
             // Per row: softmax = e * (1 / S), log_softmax = t - log1p(excess).
             let factor = if log {
                 l.log1p(excess)
@@ -472,10 +605,10 @@ unsafe fn softmax_groups<L: Lanes, T: Real>(
                     continue;
                 }
                 let (xr, or) = (p.add(k * pitch), o.add(k * n));
-                match mask {
+                match kp {
                     None => redo_row(l, xr, or, n, log),
-                    Some(m) => {
-                        let kr = m.keep.add(k * n);
+                    Some(kp) => {
+                        let kr = kp.add(k * n);
                         let masked = if log { f64::NEG_INFINITY } else { 0.0 };
                         select_kept(l, xr, kr, or, n, f64::NEG_INFINITY);
                         redo_row(l, or, or, n, log);
