@@ -54,10 +54,10 @@ pub fn fill_masked<T: Real>(out: &mut [T], keep: &[u8], fill: T) {
     unsafe { simd::select_kept(simd::level(), p, keep.as_ptr(), p, n, fill.to_f64()) }
 }
 
-/// Whether [`kept_row_states`] gives `batch`'s states (and [`kept_row_logsumexp`] its
-/// log-sum-exps): rows (`inner == 1`) that the staged block would run through the short-row
-/// kernels, or through the two-pass row kernel one at a time (not online, not split into
-/// long-row blocks).
+/// Whether `batch`'s rows are read in place beside their mask, by [`kept_row_states`],
+/// [`kept_row_logsumexp`] and [`softmax_like_rows_in_place`] (the one decision): rows
+/// (`inner == 1`) that the staged block would run through the short-row kernels, or through
+/// the two-pass row kernel one at a time (not online, not split into long-row blocks).
 pub fn reads_rows_in_place(batch: &Batch, alg: Algorithm) -> bool {
     batch.inner == 1
         && (is_short(simd::level(), batch)
@@ -164,13 +164,7 @@ fn check_rows(x: usize, keep: usize, batch: &Batch) -> Result<(), String> {
     Ok(())
 }
 
-/// Whether [`softmax_like_rows_in_place`] writes `batch`'s rows: those of
-/// [`reads_rows_in_place`].
-pub fn writes_rows_in_place(batch: &Batch, alg: Algorithm) -> bool {
-    reads_rows_in_place(batch, alg)
-}
-
-/// Softmax or log_softmax of `batch`'s rows (see [`writes_rows_in_place`]) over the kept
+/// Softmax or log_softmax of `batch`'s rows (see [`reads_rows_in_place`]) over the kept
 /// elements, reading `x` and the mask where they are and writing `out` once, with the same
 /// values as the staged path ([`softmax_like_masked`] on the staged block) bit for bit:
 ///
@@ -536,9 +530,9 @@ mod tests {
     /// Short rows read in place beside their mask must equal, bit for bit at every level, the
     /// rows staged with their masked elements at `-inf` and run through the unmasked
     /// short-row kernels (log-sum-exp, states, softmax and log_softmax, these filled at the
-    /// masked positions), in place or not: a mask byte misread in a
-    /// tail group or column, a masked NaN or `+inf` read, a redone row (fully masked, kept
-    /// NaN / `+inf` / all `-inf`) finished differently, a masked value left in `out`.
+    /// masked positions), in place or not: a mask byte misread in a tail group or column, a
+    /// masked NaN or `+inf` read, a redone row (fully masked, kept NaN / `+inf` / all `-inf`)
+    /// finished differently, a masked value left in `out`.
     #[test]
     fn short_rows_read_in_place_equal_the_staged_rows_at_every_level() {
         fn check<T: Real>(to: fn(f64) -> T) {

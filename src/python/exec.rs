@@ -645,7 +645,7 @@ pub(crate) unsafe fn softmax<S: Stored<Compute = T>, T: Real>(
                     // T) and mask bytes, this block's own; out is writeable, shares no element
                     // with the mask, and is x itself or disjoint from it.
                     unsafe {
-                        if masked::writes_rows_in_place(&batch, alg) {
+                        if masked::reads_rows_in_place(&batch, alg) {
                             masked::softmax_like_rows_in_place(
                                 xp, kp, op, batch, alg, what, stream,
                             );
