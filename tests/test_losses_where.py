@@ -545,3 +545,42 @@ def test_a_forward_only_masked_loss_checks_its_targets_in_the_main_pass_as_the_p
         fwd, pre = both(tt)
         assert isinstance(fwd, str) and fwd == pre
         assert fwd.startswith(f"target[{a}]")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n", [2, 5, 10, 64, 100, 128])
+def test_short_rows_under_a_dense_mask_equal_a_strided_mask(dtype, n):
+    """The fused short-row loss stages each group of rows dense in the logits and the mask (or
+    under a (1, C) mask) with its masked classes at -inf; a strided mask is applied to each
+    loaded column instead. The
+    loss, the lane losses and the gradient must be the same bits (a group staged from the wrong
+    rows, a tail group, a masked NaN read), also with rows that keep no class, kept NaN and
+    +inf, and ignored targets."""
+    rng = np.random.default_rng(200 + n)
+    rows = 5003
+    x = (rng.standard_normal((rows, n)) * 8).astype(dtype)
+    keep = rng.random((rows, n)) < 0.85
+    t = rng.integers(0, n, rows)
+    keep[np.arange(rows), t] = True
+    x[2::89, 0], keep[2::89, 0] = np.inf, True
+    x[3::83, n // 2], keep[3::83, n // 2] = np.nan, True
+    x[5::79][~keep[5::79]] = np.nan
+    keep[1::97] = False
+    t[6::71] = -100
+    # A (1, C) mask is repeated for a group of rows and staged as a dense one.
+    row = np.ones((1, n), bool)
+    row[0, -1] = False
+    t_row = np.where(t == n - 1, 0, t)
+    cases = [(keep, t), (row, t_row)]
+    for red in ("mean", "none"):
+        for kw in ({}, {"return_grad": True}, {"z_loss": 1e-3, "return_grad": True}):
+            for mask, tt in cases:
+                strided = np.empty((rows, 2 * n), bool)[:, ::2]
+                strided[...] = mask
+                a = sl.cross_entropy(x, tt, where=mask, reduction=red, **kw)
+                b = sl.cross_entropy(x, tt, where=strided, reduction=red, **kw)
+                pairs = zip(a, b) if isinstance(a, tuple) else [(a, b)]
+                for u, v in pairs:
+                    u, v = np.asarray(u), np.asarray(v)
+                    bits = np.uint32 if u.dtype == np.float32 else np.uint64
+                    np.testing.assert_array_equal(u.view(bits), v.view(bits))

@@ -576,3 +576,59 @@ def test_masked_rows_streamed_into_a_large_out_equal_rows_written_through_the_ca
             np.testing.assert_array_equal(got[part].view(np.uint32), want.view(np.uint32))
         assert np.all(got[~keep] == masked)
 
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n", [1, 2, 5, 7, 10, 16, 33, 64])
+def test_short_rows_read_beside_the_mask_equal_the_staged_path(dtype, n):
+    """Short rows dense in x, the mask and out go through the short-row kernels with the mask
+    read beside them, a group of rows staged at a time (softmax, log_softmax, logsumexp and
+    the lane states); x strided takes the staged block. Both
+    must give the same bits over many groups and blocks (a tail group, a block boundary, a mask
+    byte read for the wrong row), in place too, also for fully masked rows, kept NaN / +inf /
+    all -inf rows and masked NaN / +inf, and the unmasked op's bits on x with the masked
+    elements at -inf where the kept state is finite."""
+    rng = np.random.default_rng(100 + n)
+    rows = 20011
+    x = (rng.standard_normal((rows, n)) * 30).astype(dtype)
+    keep = rng.random((rows, n)) < 0.85
+    keep[1::101] = False
+    x[2::103, 0], keep[2::103, 0] = np.inf, True
+    x[3::107, n // 2], keep[3::107, n // 2] = np.nan, True
+    x[4::109] = -np.inf
+    x[5::113][~keep[5::113]] = np.nan
+    x[6::127][~keep[6::127]] = np.inf
+    x[7::131] = -800.0
+    x[7::131, 0], keep[7::131, 0] = 0.0, True
+    hidden = np.where(keep, x, -np.inf).astype(dtype)
+    strided = np.empty((rows, 2 * n), dtype)[:, ::2]
+    strided[...] = x
+    bits = np.uint32 if dtype == np.float32 else np.uint64
+    plain = sl.logsumexp(hidden, axis=1)
+    ok = np.isfinite(plain)
+    got = sl.logsumexp(x, axis=1, where=keep)
+    staged = sl.logsumexp(strided, axis=1, where=keep)
+    np.testing.assert_array_equal(got.view(bits), staged.view(bits))
+    np.testing.assert_array_equal(got.view(bits), plain.view(bits))
+    from stablelse import _stream
+
+    got = _stream.chunk_states(x, (1,), keep)
+    for want in (_stream.chunk_states(strided, (1,), keep), _stream.chunk_states(hidden, (1,))):
+        for a, b in zip(got, want):
+            np.testing.assert_array_equal(a.view(np.uint64), b.view(np.uint64))
+    for f, masked in ((sl.softmax, 0.0), (sl.log_softmax, -np.inf)):
+        want = f(strided, axis=1, where=keep).view(bits)
+        for threads in (1, 2):
+            sl.set_num_threads(threads)
+            try:
+                np.testing.assert_array_equal(f(x, axis=1, where=keep).view(bits), want)
+                out = np.empty_like(x)
+                f(x, axis=1, where=keep, out=out)
+                np.testing.assert_array_equal(out.view(bits), want)
+                inplace = x.copy()
+                f(inplace, axis=1, where=keep, out=inplace)
+                np.testing.assert_array_equal(inplace.view(bits), want)
+            finally:
+                sl.set_num_threads(0)
+        np.testing.assert_array_equal(f(hidden, axis=1)[ok].view(bits), want[ok])
+        assert np.all(want.view(dtype)[~keep] == masked)

@@ -54,22 +54,24 @@ pub fn fill_masked<T: Real>(out: &mut [T], keep: &[u8], fill: T) {
     unsafe { simd::select_kept(simd::level(), p, keep.as_ptr(), p, n, fill.to_f64()) }
 }
 
-/// Whether [`kept_row_states`] gives `batch`'s states: rows (`inner == 1`) that the staged
-/// block would run through the two-pass row kernel one at a time (not the short-row kernels,
-/// not online, not split into long-row blocks).
+/// Whether `batch`'s rows are read in place beside their mask, by [`kept_row_states`],
+/// [`kept_row_logsumexp`] and [`softmax_like_rows_in_place`] (the one decision): rows
+/// (`inner == 1`) that the staged block would run through the short-row kernels, or through
+/// the two-pass row kernel one at a time (not online, not split into long-row blocks).
 pub fn reads_rows_in_place(batch: &Batch, alg: Algorithm) -> bool {
     batch.inner == 1
-        && alg != Algorithm::Online
-        && batch.n < 2 * super::LONG_ROW_BLOCK
-        && !is_short(simd::level(), batch)
+        && (is_short(simd::level(), batch)
+            || (alg != Algorithm::Online && batch.n < 2 * super::LONG_ROW_BLOCK))
 }
 
 /// `f(r, state)` for each row `r` of `batch` (see [`reads_rows_in_place`]) over the kept
-/// elements, reading `x` and the mask where they are: the masked elements become `-inf` in
-/// registers as they are loaded, in both passes of the two-pass state, so no staged copy is
-/// written. A row that needs the scalar reference (a NaN or infinite max), and every row at
-/// the scalar level, is staged into `scratch` ([`copy_kept`]) and run as the staged block
-/// would be; the states are those of the staged block bit for bit.
+/// elements, reading `x` and the mask where they are, with the states of the staged block
+/// (the masked elements `-inf`) bit for bit. Short rows go through the short-row kernels,
+/// each group of rows staged on the stack. Longer rows become `-inf` at their masked
+/// elements in registers as they are loaded, in both passes of the two-pass state, so no
+/// staged copy is written; a row that needs the scalar reference (a NaN or infinite max),
+/// and every row at the scalar level, is staged into `scratch` ([`copy_kept`]) and run as the
+/// staged block would be.
 pub fn kept_row_states<T: Real>(
     x: &[T],
     keep: &[u8],
@@ -78,17 +80,30 @@ pub fn kept_row_states<T: Real>(
     scratch: &mut [T],
     mut f: impl FnMut(usize, LseState),
 ) -> Result<(), String> {
-    batch.check(x.len())?;
-    batch.check(keep.len())?;
+    check_rows(x.len(), keep.len(), &batch)?;
     let n = batch.n;
-    if batch.inner != 1 || scratch.len() < n {
+    let level = simd::level();
+    if is_short(level, &batch) {
+        let mut states = [LseState::EMPTY; 64];
+        for r0 in (0..batch.outer).step_by(states.len()) {
+            let rows = states.len().min(batch.outer - r0);
+            // SAFETY: rows r0..r0 + rows of x and of the mask, `n` apart (checked).
+            unsafe {
+                let (xp, kp) = (x.as_ptr().add(r0 * n), keep.as_ptr().add(r0 * n));
+                simd::short_rows_states_kept(level, xp, kp, rows, n, &mut states);
+            }
+            for (r, s) in states.iter().take(rows).enumerate() {
+                f(r0 + r, *s);
+            }
+        }
+        return Ok(());
+    }
+    if scratch.len() < n {
         return Err(format!(
-            "kept_row_states needs rows and {n} scratch elements, got inner {} and {}",
-            batch.inner,
+            "kept_row_states needs {n} scratch elements, got {}",
             scratch.len()
         ));
     }
-    let level = simd::level();
     for r in 0..batch.outer {
         let at = r * batch.outer_stride;
         let (xr, kr) = (&x[at..at + n], &keep[at..at + n]);
@@ -105,25 +120,61 @@ pub fn kept_row_states<T: Real>(
     Ok(())
 }
 
-/// Whether [`softmax_like_rows_in_place`] writes `batch`'s `what`: the rows of
-/// [`reads_rows_in_place`], and softmax rows short enough for the short-row kernels (their
-/// states come from a staged copy, the write reads `x` in place).
-pub fn writes_rows_in_place(batch: &Batch, alg: Algorithm, what: Reduction) -> bool {
-    reads_rows_in_place(batch, alg)
-        || (what == Reduction::Softmax && is_short(simd::level(), batch))
+/// The log-sum-exp of each row of `batch` (see [`reads_rows_in_place`]) over the kept
+/// elements into `out`, read in place as [`kept_row_states`] reads them: the values of the
+/// staged block bit for bit (short rows through the short-row log-sum-exp kernel, as the
+/// staged block runs them).
+pub fn kept_row_logsumexp<T: Real>(
+    x: &[T],
+    keep: &[u8],
+    batch: Batch,
+    alg: Algorithm,
+    scratch: &mut [T],
+    out: &mut [T],
+) -> Result<(), String> {
+    check_rows(x.len(), keep.len(), &batch)?;
+    if out.len() < batch.outer {
+        return Err(format!("{} rows for {} results", batch.outer, out.len()));
+    }
+    let level = simd::level();
+    if is_short(level, &batch) {
+        // SAFETY: the rows of x and of the mask, `n` apart (checked), and `outer` results.
+        unsafe {
+            let (xp, kp) = (x.as_ptr(), keep.as_ptr());
+            simd::short_rows_logsumexp_kept(level, xp, kp, batch.outer, batch.n, out.as_mut_ptr())
+        };
+        return Ok(());
+    }
+    kept_row_states(x, keep, batch, alg, scratch, |r, s| {
+        out[r] = T::from_f64(s.logsumexp())
+    })
 }
 
-/// Softmax or log_softmax of `batch`'s rows (see [`writes_rows_in_place`]) over the kept
+/// Checks that `batch` is dense rows (`outer_stride == n`, as the short-row kernels read a
+/// mask beside them) inside `x` and the mask.
+fn check_rows(x: usize, keep: usize, batch: &Batch) -> Result<(), String> {
+    batch.check(x)?;
+    batch.check(keep)?;
+    if batch.inner != 1 || batch.outer_stride != batch.n {
+        return Err(format!(
+            "masked rows read in place must be dense rows, got inner {} and stride {}",
+            batch.inner, batch.outer_stride
+        ));
+    }
+    Ok(())
+}
+
+/// Softmax or log_softmax of `batch`'s rows (see [`reads_rows_in_place`]) over the kept
 /// elements, reading `x` and the mask where they are and writing `out` once, with the same
 /// values as the staged path ([`softmax_like_masked`] on the staged block) bit for bit:
 ///
+/// - short rows: the short-row kernels with the mask read beside the rows (a masked element
+///   loaded as `-inf`, as the staged block holds it);
 /// - softmax rows up to `STORED_ROW`: the stored-exp kernel with the masked elements loaded
 ///   as `-inf`, whose stored exp is 0, so the masked outputs are 0 with no fill pass;
 /// - longer softmax rows and log_softmax: the state as [`kept_row_states`], then one write
 ///   that loads the masked elements as the max (softmax: `exp(0)`, not the slow `exp(-inf)`)
 ///   or `-inf` (log_softmax) and stores 0 / `-inf` there;
-/// - short softmax rows: the states of a copy staged in `scratch` (the short-row kernels take
-///   no mask), then the same write from `x`;
 /// - a row whose state is not finite (fully masked, a kept NaN or infinity) is staged into
 ///   `out` and finished as the staged block finishes it.
 ///
@@ -132,9 +183,7 @@ pub fn writes_rows_in_place(batch: &Batch, alg: Algorithm, what: Reduction) -> b
 /// # Safety
 /// `x` readable and `out` writable for `batch.elements()` elements, `out` equal to `x` or
 /// disjoint from it; `keep` readable for as many bytes, disjoint from `out`; `batch` is a
-/// contiguous row batch; `scratch` holds `batch.elements()` elements and `states`
-/// `batch.outer` states (short softmax rows only).
-#[allow(clippy::too_many_arguments)]
+/// contiguous row batch.
 pub unsafe fn softmax_like_rows_in_place<T: Real>(
     x: *const T,
     keep: *const u8,
@@ -143,25 +192,16 @@ pub unsafe fn softmax_like_rows_in_place<T: Real>(
     alg: Algorithm,
     what: Reduction,
     stream: bool,
-    scratch: &mut [T],
-    states: &mut [LseState],
-) -> Result<(), String> {
+) {
     let (n, rows) = (batch.n, batch.outer);
     let level = simd::level();
-    let ninf = f64::NEG_INFINITY;
     let softmax = what == Reduction::Softmax;
-    let short = softmax && is_short(level, &batch);
-    if short {
-        let len = batch.elements();
-        let (Some(buf), Some(states)) = (scratch.get_mut(..len), states.get_mut(..rows)) else {
-            return Err(format!("{rows} short rows of {n} need scratch"));
-        };
-        // SAFETY: `len` elements of x and mask bytes (the caller's contract); `buf` is
-        // distinct scratch.
-        unsafe { simd::select_kept(level, x, keep, buf.as_mut_ptr(), len, ninf) };
-        super::lse_states(buf, batch, alg, states)?;
+    if is_short(level, &batch) {
+        // SAFETY: the caller's contract (rows of n elements and mask bytes, n apart).
+        unsafe { simd::short_rows_softmax_kept(level, x, keep, rows, n, out, !softmax) };
+        return;
     }
-    let stored = softmax && !short && n <= simd::STORED_ROW;
+    let stored = softmax && n <= simd::STORED_ROW;
     super::with_exp_scratch(if stored { n } else { 0 }, |e| {
         for r in 0..rows {
             // SAFETY: row r's n elements of x, out and the mask (the caller's contract); the
@@ -169,9 +209,7 @@ pub unsafe fn softmax_like_rows_in_place<T: Real>(
             // exp scratch holds n float64.
             unsafe {
                 let (xr, kr, or) = (x.add(r * n), keep.add(r * n), out.add(r * n));
-                let state = if short {
-                    states.get(r).copied()
-                } else if stored {
+                let state = if stored {
                     if let Some(e) = e {
                         if simd::softmax_stored(level, xr, kr, or, n, e, stream) {
                             continue;
@@ -189,7 +227,6 @@ pub unsafe fn softmax_like_rows_in_place<T: Real>(
             }
         }
     });
-    Ok(())
 }
 
 /// Softmax or log_softmax of `batch`'s rows of at least `2 * LONG_ROW_BLOCK` elements over
@@ -488,6 +525,103 @@ mod tests {
             super::super::softmax_like(&x, batch, Algorithm::Auto, what, &mut t).unwrap();
             assert_eq!(s, t);
         }
+    }
+
+    /// Short rows read in place beside their mask must equal, bit for bit at every level, the
+    /// rows staged with their masked elements at `-inf` and run through the unmasked
+    /// short-row kernels (log-sum-exp, states, softmax and log_softmax, these filled at the
+    /// masked positions), in place or not: a mask byte misread in a tail group or column, a
+    /// masked NaN or `+inf` read, a redone row (fully masked, kept NaN / `+inf` / all `-inf`)
+    /// finished differently, a masked value left in `out`.
+    #[test]
+    fn short_rows_read_in_place_equal_the_staged_rows_at_every_level() {
+        fn check<T: Real>(to: fn(f64) -> T) {
+            let mut rng = crate::simd::tests::Rng::new(5);
+            let bits = |v: &[T]| v.iter().map(|t| t.to_f64().to_bits()).collect::<Vec<_>>();
+            let rows = 13;
+            for n in (1..=simd::SHORT_ROW).filter(|n| *n <= 18 || n % 7 == 1 || *n == 64) {
+                let len = rows * n;
+                let mut x: Vec<T> = (0..len).map(|_| to(rng.uniform(-30.0, 30.0))).collect();
+                let mut keep: Vec<u8> = (0..len)
+                    .map(|_| !rng.next_u64().is_multiple_of(5) as u8)
+                    .collect();
+                let row = |r: usize| r * n..(r + 1) * n;
+                keep[row(1)].fill(0);
+                (x[2 * n], keep[2 * n]) = (to(f64::INFINITY), 1);
+                (x[3 * n + n / 2], keep[3 * n + n / 2]) = (to(f64::NAN), 3);
+                x[row(4)].fill(to(f64::NEG_INFINITY));
+                for k in row(5).chain(row(6)) {
+                    if keep[k] == 0 {
+                        x[k] = to(if k < 6 * n { f64::NAN } else { f64::INFINITY });
+                    }
+                }
+                // A kept max far above the rest: exps below anything float32 holds.
+                for v in &mut x[row(7)] {
+                    *v = to(-800.0);
+                }
+                (x[7 * n], keep[7 * n]) = (to(0.0), 1);
+                keep[row(8)].fill(255);
+                let staged: Vec<T> = x
+                    .iter()
+                    .zip(&keep)
+                    .map(|(&v, &b)| if b != 0 { v } else { to(f64::NEG_INFINITY) })
+                    .collect();
+                for level in simd::available_levels() {
+                    let what = format!("{} n={n}", level.name());
+                    let (mut want, mut got) = (vec![to(0.0); rows], vec![to(1.0); rows]);
+                    let mut want_st = vec![LseState::EMPTY; rows];
+                    let mut got_st = vec![LseState::EMPTY; rows];
+                    // SAFETY: rows * n elements and mask bytes, rows results; the level is
+                    // available.
+                    unsafe {
+                        let (xp, kp, sp) = (x.as_ptr(), keep.as_ptr(), staged.as_ptr());
+                        simd::short_rows_logsumexp(level, sp, rows, n, n, want.as_mut_ptr());
+                        simd::short_rows_logsumexp_kept(level, xp, kp, rows, n, got.as_mut_ptr());
+                        simd::short_rows_states(level, sp, rows, n, n, &mut want_st);
+                        simd::short_rows_states_kept(level, xp, kp, rows, n, &mut got_st);
+                    }
+                    assert_eq!(bits(&got), bits(&want), "{what} logsumexp");
+                    let st = |v: &[LseState]| {
+                        v.iter()
+                            .map(|s| (s.max.to_bits(), s.excess.to_bits()))
+                            .collect::<Vec<_>>()
+                    };
+                    assert_eq!(st(&got_st), st(&want_st), "{what} states");
+                    for log in [false, true] {
+                        let masked = to(if log { f64::NEG_INFINITY } else { 0.0 });
+                        let mut want = vec![to(0.0); len];
+                        let (mut got, mut inplace) = (vec![to(1.0); len], x.clone());
+                        // SAFETY: rows * n elements and mask bytes each; the level is available.
+                        unsafe {
+                            simd::short_rows_softmax(
+                                level,
+                                staged.as_ptr(),
+                                rows,
+                                n,
+                                n,
+                                want.as_mut_ptr(),
+                                log,
+                            );
+                            let kp = keep.as_ptr();
+                            let gp = got.as_mut_ptr();
+                            simd::short_rows_softmax_kept(level, x.as_ptr(), kp, rows, n, gp, log);
+                            let ip = inplace.as_mut_ptr();
+                            simd::short_rows_softmax_kept(level, ip, kp, rows, n, ip, log);
+                        }
+                        for (w, &b) in want.iter_mut().zip(&keep) {
+                            if b == 0 {
+                                *w = masked;
+                            }
+                        }
+                        let what = format!("{} n={n} log={log}", level.name());
+                        assert_eq!(bits(&got), bits(&want), "{what}");
+                        assert_eq!(bits(&inplace), bits(&want), "{what} in place");
+                    }
+                }
+            }
+        }
+        check::<f32>(|v| v as f32);
+        check::<f64>(|v| v);
     }
 
     #[test]

@@ -645,10 +645,10 @@ pub(crate) unsafe fn softmax<S: Stored<Compute = T>, T: Real>(
                     // T) and mask bytes, this block's own; out is writeable, shares no element
                     // with the mask, and is x itself or disjoint from it.
                     unsafe {
-                        if masked::writes_rows_in_place(&batch, alg, what) {
+                        if masked::reads_rows_in_place(&batch, alg) {
                             masked::softmax_like_rows_in_place(
-                                xp, kp, op, batch, alg, what, stream, buf, states,
-                            )?;
+                                xp, kp, op, batch, alg, what, stream,
+                            );
                             return Ok(());
                         }
                         crate::simd::select_kept(simd_level, xp, kp, op, len, f64::NEG_INFINITY);
@@ -768,9 +768,7 @@ pub(crate) unsafe fn reduce<S: Stored<Compute = T>, T: Real>(
                     if let Some((xs, ks)) =
                         rows_in_place::<S, T>(&blocks, o0, j0, &batch, &xv, &kv, alg)
                     {
-                        masked::kept_row_states(xs, ks, batch, alg, buf, |r, s| {
-                            res[r] = T::from_f64(s.logsumexp())
-                        })?;
+                        masked::kept_row_logsumexp(xs, ks, batch, alg, buf, res)?;
                         // SAFETY: out covers the kept shape and is writeable.
                         unsafe { ov.scatter_as::<S>(start, res) };
                         return Ok(());

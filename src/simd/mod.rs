@@ -749,6 +749,86 @@ pub(crate) unsafe fn short_rows_states<T: Real>(
     }
 }
 
+/// Row `r`'s reference state over the elements its mask bytes keep (rows and mask rows `n`
+/// apart, `n <= SHORT_ROW`): the row staged with its masked elements at `-inf`.
+///
+/// # Safety
+/// Row `r` and its mask bytes readable.
+unsafe fn short_kept_reference<T: Real>(
+    x: *const T,
+    keep: *const u8,
+    r: usize,
+    n: usize,
+) -> LseState {
+    let mut row = [T::NEG_INFINITY; SHORT_ROW];
+    for (k, v) in row.iter_mut().enumerate().take(n) {
+        // SAFETY: element k of row r and its mask byte are readable.
+        unsafe {
+            if *keep.add(r * n + k) != 0 {
+                *v = *x.add(r * n + k);
+            }
+        }
+    }
+    // SAFETY: the staged row holds n elements.
+    unsafe { short_reference(row.as_ptr(), 0, n, n) }
+}
+
+/// logsumexp of `rows` dense short rows (`n <= SHORT_ROW`) over the elements their mask
+/// bytes `keep` (`n` a row, read in place) keep into `out`: the values of the rows staged
+/// with their masked elements at `-inf` and run through [`short_rows_logsumexp`].
+///
+/// # Safety
+/// `x` readable for `rows * n` elements and `keep` for as many bytes; `out` writable for
+/// `rows` elements; `level` supported by this CPU.
+pub(crate) unsafe fn short_rows_logsumexp_kept<T: Real>(
+    level: Level,
+    x: *const T,
+    keep: *const u8,
+    rows: usize,
+    n: usize,
+    out: *mut T,
+) {
+    debug_assert!(n <= SHORT_ROW);
+    // SAFETY: forwarded from the caller (the rows, their mask bytes and out).
+    unsafe {
+        run_kernel!(level,
+            { x: *const T, keep: *const u8, rows: usize, n: usize, out: *mut T } -> (),
+            |l| short::logsumexp_kept(l, x, keep, rows, n, out),
+            scalar: for r in 0..rows {
+                *out.add(r) = T::from_f64(short_kept_reference(x, keep, r, n).logsumexp());
+            },
+        )
+    }
+}
+
+/// The `(max, excess)` states of `rows` dense short rows (`n <= SHORT_ROW`) over the
+/// elements their mask bytes `keep` (`n` a row, read in place) keep into `out[r]`: the states
+/// of the rows staged with their masked elements at `-inf` ([`short_rows_states`]).
+///
+/// # Safety
+/// `x` readable for `rows * n` elements and `keep` for as many bytes; `out` holds `rows`
+/// states; `level` supported by this CPU.
+pub(crate) unsafe fn short_rows_states_kept<T: Real>(
+    level: Level,
+    x: *const T,
+    keep: *const u8,
+    rows: usize,
+    n: usize,
+    out: &mut [LseState],
+) {
+    debug_assert!(n <= SHORT_ROW && out.len() >= rows);
+    // SAFETY: forwarded from the caller (the rows and their mask bytes).
+    unsafe {
+        run_kernel!(level, <'a> { x: *const T, keep: *const u8, rows: usize, n: usize,
+                                  out: &'a mut [LseState] } -> (),
+            |l| short::states_kept(l, x, keep, rows, n, out),
+            scalar: for (r, o) in out.iter_mut().enumerate().take(rows) {
+                *o = short_kept_reference(x, keep, r, n);
+            },
+        )
+    }
+}
+
 /// Softmax (`log = false`) or log_softmax of `rows` short rows into the dense `out`.
 ///
 /// # Safety
@@ -777,6 +857,55 @@ pub(crate) unsafe fn short_rows_softmax<T: Real>(
                     scalar::log_softmax_write(xr, 0, 1, or, 0, 1, n, state);
                 } else {
                     scalar::softmax_write(xr, 0, 1, or, 0, 1, n, state);
+                }
+            },
+        )
+    }
+}
+
+/// Softmax (`log = false`) or log_softmax of `rows` dense short rows (`n <= SHORT_ROW`)
+/// under a `where=` mask read in place beside them (`keep`, `n` bytes a row): the values of
+/// the rows staged with their masked elements at `-inf`, then run through
+/// [`short_rows_softmax`], with 0 (softmax) or `-inf` (log_softmax) at the masked positions.
+///
+/// # Safety
+/// `x` readable and `out` writable for `rows * n` elements, equal or disjoint; `keep`
+/// readable for as many bytes, disjoint from `out`; `level` supported by this CPU.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn short_rows_softmax_kept<T: Real>(
+    level: Level,
+    x: *const T,
+    keep: *const u8,
+    rows: usize,
+    n: usize,
+    out: *mut T,
+    log: bool,
+) {
+    debug_assert!(n <= SHORT_ROW);
+    // SAFETY: forwarded from the caller (the rows, their mask bytes and out; each row is read
+    // before it is written).
+    unsafe {
+        run_kernel!(level,
+            { x: *const T, keep: *const u8, rows: usize, n: usize, out: *mut T, log: bool } -> (),
+            |l| short::softmax_kept(l, x, keep, rows, n, out, log),
+            scalar: for r in 0..rows {
+                // The staged row, reduced and written by the reference, masked positions set.
+                let (xr, kr, or) = (x.add(r * n), keep.add(r * n), out.add(r * n));
+                for k in 0..n {
+                    *or.add(k) = if *kr.add(k) != 0 { *xr.add(k) } else { T::NEG_INFINITY };
+                }
+                let state = short_reference(or, 0, n, n);
+                let masked = if log {
+                    scalar::log_softmax_write(or, 0, 1, or, 0, 1, n, state);
+                    T::NEG_INFINITY
+                } else {
+                    scalar::softmax_write(or, 0, 1, or, 0, 1, n, state);
+                    T::from_f64(0.0)
+                };
+                for k in 0..n {
+                    if *kr.add(k) == 0 {
+                        *or.add(k) = masked;
+                    }
                 }
             },
         )

@@ -8,7 +8,7 @@
 //! NaN/inf semantics.
 
 use super::lanes::{reference_state, Lanes};
-use super::rows::{map_row, ExpScaled, ShiftSub};
+use super::rows::{map_row, select_kept, ExpScaled, ShiftSub};
 use super::{scalar, SHORT_ROW};
 use crate::real::Real;
 use crate::state::LseState;
@@ -221,6 +221,100 @@ unsafe fn group_state<L: Lanes, T: Real>(
     (m, excess, redo)
 }
 
+/// [`group_state`] of rows under `mask`. A group dense in x and the mask (rows and mask rows
+/// `n` apart) is staged into `staged` with its masked elements at `-inf` by one vector select
+/// over the whole group, then loaded as an unmasked group: the same columns, at a fraction of
+/// the cost of masking each loaded column. Other groups mask their columns as they load them.
+///
+/// # Safety
+/// As [`group_state`].
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn group_state_kept<L: Lanes, T: Real>(
+    l: L,
+    x: *const T,
+    n: usize,
+    pitch: usize,
+    rows: usize,
+    buf: &mut [MaybeUninit<L::V>],
+    keep: Keep,
+    mask: RowMask,
+    staged: &mut [MaybeUninit<T>],
+) -> (L::V, L::V, u8) {
+    let rows = rows.min(L::N);
+    // SAFETY: forwarded from the caller; the group's rows * n elements and mask bytes are
+    // readable when it is dense, and `staged` holds them.
+    unsafe {
+        if mask.class == 1 && mask.lane == n && pitch == n && rows * n <= staged.len() {
+            let s = staged.as_mut_ptr() as *mut T;
+            select_kept(l, x, mask.keep, s, rows * n, f64::NEG_INFINITY);
+            return group_state(l, s, n, n, rows, buf, keep, None);
+        }
+        group_state(l, x, n, pitch, rows, buf, keep, Some(mask))
+    }
+}
+
+/// [`group_state`] of a group of short rows, under a `where=` mask when `keep` is given (the
+/// group's mask rows, `n` apart, beside rows `pitch` apart), through [`group_state_kept`].
+///
+/// # Safety
+/// As [`group_state_kept`] with a mask, else as [`group_state`].
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn group_state_of<L: Lanes, T: Real>(
+    l: L,
+    x: *const T,
+    keep: Option<*const u8>,
+    n: usize,
+    pitch: usize,
+    rows: usize,
+    buf: &mut [MaybeUninit<L::V>],
+    kind: Keep,
+    staged: &mut [MaybeUninit<T>],
+) -> (L::V, L::V, u8) {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        match keep {
+            Some(k) => {
+                let mask = RowMask {
+                    keep: k,
+                    lane: n,
+                    class: 1,
+                };
+                group_state_kept(l, x, n, pitch, rows, buf, kind, mask, staged)
+            }
+            None => group_state(l, x, n, pitch, rows, buf, kind, None),
+        }
+    }
+}
+
+/// The reference state of the short row at `x`, over the elements its mask bytes `keep`
+/// keep when given: the row staged with its masked elements at `-inf`, as a staged block
+/// holds it.
+///
+/// # Safety
+/// `n <= SHORT_ROW` elements readable at `x`, and as many mask bytes at `keep`.
+#[inline(always)]
+unsafe fn row_reference<L: Lanes, T: Real>(
+    l: L,
+    x: *const T,
+    keep: Option<*const u8>,
+    n: usize,
+) -> LseState {
+    // SAFETY: forwarded from the caller; the staged row holds n <= SHORT_ROW elements.
+    unsafe {
+        match keep {
+            Some(k) => {
+                let mut row = [MaybeUninit::<T>::uninit(); SHORT_ROW];
+                let s = row.as_mut_ptr() as *mut T;
+                select_kept(l, x, k, s, n, f64::NEG_INFINITY);
+                reference_state(s, n)
+            }
+            None => reference_state(x, n),
+        }
+    }
+}
+
 /// logsumexp of `rows` short rows (`n <= SHORT_ROW`, `pitch` apart) into `out[r]`.
 ///
 /// # Safety
@@ -239,21 +333,50 @@ pub(crate) unsafe fn logsumexp<L: Lanes, T: Real>(
     // SAFETY: forwarded from the caller.
     unsafe {
         if hinted(n) {
-            logsumexp_groups::<L, T, true>(l, x, rows, n, pitch, out)
+            logsumexp_groups::<L, T, true>(l, x, None, rows, n, pitch, out)
         } else {
-            logsumexp_groups::<L, T, false>(l, x, rows, n, pitch, out)
+            logsumexp_groups::<L, T, false>(l, x, None, rows, n, pitch, out)
         }
     }
 }
 
-/// [`logsumexp`], with the next group hinted into L1 when `HINT`.
+/// [`logsumexp`] of `rows` dense short rows (`n` apart) over the elements their mask bytes
+/// `keep` (`n` a row) keep: the values of the rows staged with their masked elements at
+/// `-inf` and run through [`logsumexp`], bit for bit.
 ///
 /// # Safety
-/// As [`logsumexp`].
+/// `x` readable for `rows * n` elements and `keep` for as many bytes, `out` writable for
+/// `rows` elements.
 #[inline(always)]
+pub(crate) unsafe fn logsumexp_kept<L: Lanes, T: Real>(
+    l: L,
+    x: *const T,
+    keep: *const u8,
+    rows: usize,
+    n: usize,
+    out: *mut T,
+) {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        if hinted(n) {
+            logsumexp_groups::<L, T, true>(l, x, Some(keep), rows, n, n, out)
+        } else {
+            logsumexp_groups::<L, T, false>(l, x, Some(keep), rows, n, n, out)
+        }
+    }
+}
+
+/// [`logsumexp`] and [`logsumexp_kept`] (`keep`, mask rows `n` apart, given only with
+/// `pitch == n`), with the next group hinted into L1 when `HINT`.
+///
+/// # Safety
+/// As [`logsumexp_kept`] with a mask, else as [`logsumexp`].
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
 unsafe fn logsumexp_groups<L: Lanes, T: Real, const HINT: bool>(
     l: L,
     x: *const T,
+    keep: Option<*const u8>,
     rows: usize,
     n: usize,
     pitch: usize,
@@ -261,16 +384,20 @@ unsafe fn logsumexp_groups<L: Lanes, T: Real, const HINT: bool>(
 ) {
     // Uninitialised: zeroing it per group would cost more than the rows.
     let mut buf = [MaybeUninit::<L::V>::uninit(); SHORT_ROW];
+    let mut staged = [MaybeUninit::<T>::uninit(); 8 * SHORT_ROW];
     let mut r = 0;
     while r < rows {
         let g = (rows - r).min(L::N);
-        // SAFETY: rows r..r+g are readable, out[r..r+g] writable.
+        // SAFETY: rows r..r+g are readable (and their mask bytes), out[r..r+g] writable.
         unsafe {
             let p = x.add(r * pitch);
             if HINT {
                 prefetch_next_group(l, p, g, n, pitch, rows - r - g);
             }
-            let (m, excess, redo) = group_state(l, p, n, pitch, g, &mut buf, Keep::Input, None);
+            let kp = keep.map(|k| k.add(r * n));
+            let kind = Keep::Input;
+            let (m, excess, redo) =
+                group_state_of(l, p, kp, n, pitch, g, &mut buf, kind, &mut staged);
             let lse = l.add(m, l.log1p(excess));
             if g == L::N {
                 l.store(out.add(r), lse);
@@ -279,7 +406,9 @@ unsafe fn logsumexp_groups<L: Lanes, T: Real, const HINT: bool>(
             }
             for k in 0..g {
                 if redo & (1 << k) != 0 {
-                    *out.add(r + k) = T::from_f64(reference_state(p.add(k * pitch), n).logsumexp());
+                    let kr = kp.map(|kp| kp.add(k * n));
+                    let state = row_reference(l, p.add(k * pitch), kr, n);
+                    *out.add(r + k) = T::from_f64(state.logsumexp());
                 }
             }
         }
@@ -300,21 +429,64 @@ pub(crate) unsafe fn states<L: Lanes, T: Real>(
     pitch: usize,
     out: &mut [LseState],
 ) {
+    // SAFETY: forwarded from the caller.
+    unsafe { states_groups(l, x, None, rows, n, pitch, out) }
+}
+
+/// [`states`] of `rows` dense short rows (`n` apart) over the elements their mask bytes
+/// `keep` (`n` a row) keep: the states of the rows staged with their masked elements at
+/// `-inf`, bit for bit.
+///
+/// # Safety
+/// `x` readable for `rows * n` elements and `keep` for as many bytes; `out` holds `rows`
+/// states.
+#[inline(always)]
+pub(crate) unsafe fn states_kept<L: Lanes, T: Real>(
+    l: L,
+    x: *const T,
+    keep: *const u8,
+    rows: usize,
+    n: usize,
+    out: &mut [LseState],
+) {
+    // SAFETY: forwarded from the caller.
+    unsafe { states_groups(l, x, Some(keep), rows, n, n, out) }
+}
+
+/// [`states`] and [`states_kept`] (`keep`, mask rows `n` apart, given only with
+/// `pitch == n`).
+///
+/// # Safety
+/// As [`states_kept`] with a mask, else as [`states`].
+#[inline(always)]
+unsafe fn states_groups<L: Lanes, T: Real>(
+    l: L,
+    x: *const T,
+    keep: Option<*const u8>,
+    rows: usize,
+    n: usize,
+    pitch: usize,
+    out: &mut [LseState],
+) {
     let mut buf = [MaybeUninit::<L::V>::uninit(); SHORT_ROW];
+    let mut staged = [MaybeUninit::<T>::uninit(); 8 * SHORT_ROW];
     let mut r = 0;
     while r < rows {
         let g = (rows - r).min(L::N);
-        // SAFETY: rows r..r+g are readable.
+        // SAFETY: rows r..r+g are readable (and their mask bytes).
         unsafe {
             let p = x.add(r * pitch);
             if hinted(n) {
                 prefetch_next_group(l, p, g, n, pitch, rows - r - g);
             }
-            let (m, excess, redo) = group_state(l, p, n, pitch, g, &mut buf, Keep::Input, None);
+            let kp = keep.map(|k| k.add(r * n));
+            let kind = Keep::Input;
+            let (m, excess, redo) =
+                group_state_of(l, p, kp, n, pitch, g, &mut buf, kind, &mut staged);
             let (ms, es) = (l.to_lanes(m), l.to_lanes(excess));
             for k in 0..g {
                 out[r + k] = if redo & (1 << k) != 0 {
-                    reference_state(p.add(k * pitch), n)
+                    row_reference(l, p.add(k * pitch), kp.map(|kp| kp.add(k * n)), n)
                 } else {
                     LseState {
                         max: ms[k],
@@ -344,8 +516,54 @@ pub(crate) unsafe fn softmax<L: Lanes, T: Real>(
     out: *mut T,
     log: bool,
 ) {
+    // SAFETY: forwarded from the caller.
+    unsafe { softmax_groups(l, x, None, rows, n, pitch, out, log) }
+}
+
+/// [`softmax`] of `rows` dense short rows (`n` apart) under a `where=` mask read in place
+/// beside them (`keep`, the rows' mask bytes, `n` apart): a masked class reads as `-inf`, so
+/// its softmax is 0 and its log_softmax `-inf`, the values of the rows staged with their
+/// masked classes at `-inf` and run through [`softmax`] bit for bit. A row that needs the
+/// reference (fully masked, a kept NaN or infinity) is staged into `out` and redone there, its
+/// masked positions set afterwards, as the staged rows are.
+///
+/// # Safety
+/// `x` readable and `out` writable for `rows * n` elements, equal or disjoint; `keep`
+/// readable for as many bytes, disjoint from `out`.
+#[inline(always)]
+pub(crate) unsafe fn softmax_kept<L: Lanes, T: Real>(
+    l: L,
+    x: *const T,
+    keep: *const u8,
+    rows: usize,
+    n: usize,
+    out: *mut T,
+    log: bool,
+) {
+    // SAFETY: forwarded from the caller.
+    unsafe { softmax_groups(l, x, Some(keep), rows, n, n, out, log) }
+}
+
+/// [`softmax`] and [`softmax_kept`] (`keep`, mask rows `n` apart, given only with
+/// `pitch == n`).
+///
+/// # Safety
+/// As [`softmax_kept`] with a mask, else as [`softmax`].
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn softmax_groups<L: Lanes, T: Real>(
+    l: L,
+    x: *const T,
+    keep: Option<*const u8>,
+    rows: usize,
+    n: usize,
+    pitch: usize,
+    out: *mut T,
+    log: bool,
+) {
     let mut buf = [MaybeUninit::<L::V>::uninit(); SHORT_ROW];
-    let keep = if log { Keep::Shift } else { Keep::Exp };
+    let mut staged = [MaybeUninit::<T>::uninit(); 8 * SHORT_ROW];
+    let kind = if log { Keep::Shift } else { Keep::Exp };
     let mut r = 0;
     while r < rows {
         let g = (rows - r).min(L::N);
@@ -357,7 +575,9 @@ pub(crate) unsafe fn softmax<L: Lanes, T: Real>(
             if hinted(n) {
                 prefetch_next_group(l, p, g, n, pitch, rows - r - g);
             }
-            let (_, excess, redo) = group_state(l, p, n, pitch, g, &mut buf, keep, None);
+            let kp = keep.map(|k| k.add(r * n));
+            let (_, excess, redo) =
+                group_state_of(l, p, kp, n, pitch, g, &mut buf, kind, &mut staged);
             // Per row: softmax = e * (1 / S), log_softmax = t - log1p(excess).
             let factor = if log {
                 l.log1p(excess)
@@ -381,8 +601,19 @@ pub(crate) unsafe fn softmax<L: Lanes, T: Real>(
                 l.store_columns(o, n, g, redo, c0, (n - c0).min(L::N), cols);
             }
             for k in 0..g {
-                if redo & (1 << k) != 0 {
-                    redo_row(l, p.add(k * pitch), o.add(k * n), n, log);
+                if redo & (1 << k) == 0 {
+                    continue;
+                }
+                let (xr, or) = (p.add(k * pitch), o.add(k * n));
+                match kp {
+                    None => redo_row(l, xr, or, n, log),
+                    Some(kp) => {
+                        let kr = kp.add(k * n);
+                        let masked = if log { f64::NEG_INFINITY } else { 0.0 };
+                        select_kept(l, xr, kr, or, n, f64::NEG_INFINITY);
+                        redo_row(l, or, or, n, log);
+                        select_kept(l, or, kr, or, n, masked);
+                    }
                 }
             }
         }
@@ -497,11 +728,29 @@ pub(crate) unsafe fn xent_index<L: Lanes, T: Real, const MASKED: bool>(
     grad: Option<*mut T>,
 ) {
     let mut buf = [MaybeUninit::<L::V>::uninit(); SHORT_LOSS_ROW];
+    let mut staged = [MaybeUninit::<T>::uninit(); 8 * SHORT_LOSS_ROW];
     let keep = if grad.is_some() {
         Keep::Exp
     } else {
         Keep::Input
     };
+    // One mask row for every row (a `(1, C)` mask): repeated once for a group of rows, so
+    // that each group is staged as a dense one rather than masked column by column.
+    let mut repeated = [0u8; 8 * SHORT_LOSS_ROW];
+    let shared = p
+        .mask
+        .filter(|m| MASKED && m.lane == 0 && m.class == 1 && L::N * n <= repeated.len())
+        .map(|m| {
+            for row in repeated.chunks_exact_mut(n.max(1)).take(L::N) {
+                // SAFETY: the mask row's n bytes are readable (the caller's contract).
+                row.copy_from_slice(unsafe { std::slice::from_raw_parts(m.keep, n) });
+            }
+            RowMask {
+                keep: repeated.as_ptr(),
+                lane: n,
+                class: 1,
+            }
+        });
     let mut r = 0;
     while r < rows {
         let g = (rows - r).min(L::N);
@@ -517,11 +766,16 @@ pub(crate) unsafe fn xent_index<L: Lanes, T: Real, const MASKED: bool>(
                 (rows - r - g).min(L::N),
             );
             // A constant `None` unmasked: the mask code compiles away.
-            let mask = p.mask.filter(|_| MASKED).map(|m| RowMask {
-                keep: m.keep.add(r * m.lane),
-                ..m
+            let mask = shared.or_else(|| {
+                p.mask.filter(|_| MASKED).map(|m| RowMask {
+                    keep: m.keep.add(r * m.lane),
+                    ..m
+                })
             });
-            let (m, excess, redo) = group_state(l, px, n, pitch, g, &mut buf, keep, mask);
+            let (m, excess, redo) = match mask {
+                Some(mk) => group_state_kept(l, px, n, pitch, g, &mut buf, keep, mk, &mut staged),
+                None => group_state(l, px, n, pitch, g, &mut buf, keep, None),
+            };
             let ms = l.to_lanes(m);
             // An ignored row's x_t is its max: every term below stays finite.
             let (mut xt, mut wt) = (ms, [0.0f64; 8]);
@@ -647,7 +901,9 @@ pub(crate) unsafe fn short_rows_xent_index<T: Real>(
     grad: Option<*mut T>,
 ) {
     debug_assert!(n <= SHORT_LOSS_ROW && p.class.len() >= rows && out.redo.len() >= rows);
-    struct K<'a, 'b, 'c, T> {
+    // Masked and unmasked are kernels of their own, each entered apart: the masked one's
+    // staging buffers stay out of the unmasked one's frame.
+    struct K<'a, 'b, 'c, T, const MASKED: bool> {
         x: *const T,
         rows: usize,
         n: usize,
@@ -656,7 +912,7 @@ pub(crate) unsafe fn short_rows_xent_index<T: Real>(
         out: &'b mut IndexLossOut<'c>,
         grad: Option<*mut T>,
     }
-    impl<T: Real> super::lanes::Kernel for K<'_, '_, '_, T> {
+    impl<T: Real, const MASKED: bool> super::lanes::Kernel for K<'_, '_, '_, T, MASKED> {
         type Out = ();
         #[inline(always)]
         fn run<L: Lanes>(self, l: L) {
@@ -664,26 +920,37 @@ pub(crate) unsafe fn short_rows_xent_index<T: Real>(
             unsafe {
                 let (x, rows, n, pitch, p, grad) =
                     (self.x, self.rows, self.n, self.pitch, self.p, self.grad);
-                if p.mask.is_some() {
-                    xent_index::<L, T, true>(l, x, rows, n, pitch, p, self.out, grad)
-                } else {
-                    xent_index::<L, T, false>(l, x, rows, n, pitch, p, self.out, grad)
-                }
+                xent_index::<L, T, MASKED>(l, x, rows, n, pitch, p, self.out, grad)
             }
         }
         fn scalar(self) {
             self.out.redo[..self.rows].fill(true);
         }
     }
-    let k = K {
-        x,
-        rows,
-        n,
-        pitch,
-        p,
-        out,
-        grad,
-    };
     // SAFETY: forwarded from the caller.
-    unsafe { super::lanes::dispatch(level, k) }
+    unsafe {
+        if p.mask.is_some() {
+            let k = K::<T, true> {
+                x,
+                rows,
+                n,
+                pitch,
+                p,
+                out,
+                grad,
+            };
+            super::lanes::dispatch(level, k)
+        } else {
+            let k = K::<T, false> {
+                x,
+                rows,
+                n,
+                pitch,
+                p,
+                out,
+                grad,
+            };
+            super::lanes::dispatch(level, k)
+        }
+    }
 }

@@ -270,6 +270,28 @@ fn masked_sums<T: Real>(
     sums
 }
 
+/// The pre-pass's checks ([`index_lane`]) of `lanes`, in lane order, their "mean" weights
+/// and count added to `counted` one lane at a time as the pre-pass adds them. Apart from the
+/// block loop, so that the running sums stay in registers.
+#[inline(never)]
+fn check_lanes<T: Real>(
+    plan: &Plan<'_, T>,
+    t: &[i64],
+    mask: &ClassMask<'_>,
+    lanes: std::ops::Range<usize>,
+    counted: &mut (f64, usize),
+) -> Result<(), Error> {
+    let (mut d, mut k) = *counted;
+    for l in lanes {
+        if let Some(wt) = index_lane(plan, t, mask, l)? {
+            d += wt;
+            k += 1;
+        }
+    }
+    *counted = (d, k);
+    Ok(())
+}
+
 /// The masked cross-entropy over every lane: `(main, lse^2)` sums as [`xent_rows`] /
 /// [`xent_columns`], gradients dense with 0 at masked classes. A `deferred` plan has its
 /// targets checked here, each block after the kernel has read its rows' mask, and gets
@@ -421,12 +443,7 @@ pub(super) fn xent_masked<T: Real>(
                 }
                 if let (true, Targets::Indices(t)) = (deferred, targets) {
                     // The rows' mask is in cache now: the pre-pass's checks, lane by lane.
-                    for l in l0..l0 + w {
-                        if let Some(wt) = index_lane(plan, t, mask, l)? {
-                            counted.0 += wt;
-                            counted.1 += 1;
-                        }
-                    }
+                    check_lanes(plan, t, mask, l0..l0 + w, &mut counted)?;
                 }
                 continue;
             }
