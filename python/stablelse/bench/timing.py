@@ -28,13 +28,24 @@ def available_cores() -> int:
     return max(1, os.cpu_count() or 1)
 
 
+# Before each sample taken in turns: a pause, so that the worker threads of the library
+# sampled before it stop spinning (OpenMP pools such as torch's keep the cores busy for
+# several milliseconds after a call, and made the next library's 0.2 ms call 2x slower), then
+# untimed calls of short ops, so that this library's own threads are awake and its data warm.
+SETTLE_PAUSE_S = 0.02
+SETTLE_WARM_S = 0.01
+
+
 class Sampler:
     """Best-of-N timing of one zero-argument callable, one sample at a time, so that several
     libraries can be sampled in turns: on a shared machine, load that comes and goes then
-    weighs on all of them alike. Calls shorter than 2 ms are repeated inside a sample."""
+    weighs on all of them alike. Calls shorter than 2 ms are repeated inside a sample. With
+    ``settle``, each sample starts after :data:`SETTLE_PAUSE_S` and, for calls shorter than
+    2 ms, :data:`SETTLE_WARM_S` of untimed calls."""
 
-    def __init__(self, fn: Callable[[], Any]):
+    def __init__(self, fn: Callable[[], Any], settle: bool = False):
         self.fn = fn
+        self.settle = settle
         self.result = fn()  # warm-up: jit, page faults of outputs; kept for the sanity check
         t0 = time.perf_counter()
         fn()
@@ -51,6 +62,12 @@ class Sampler:
         return self.samples < 3 or self.spent <= budget_s
 
     def sample(self) -> None:
+        if self.settle:
+            time.sleep(SETTLE_PAUSE_S)
+            if self.inner > 1:
+                end = time.perf_counter() + SETTLE_WARM_S
+                while time.perf_counter() < end:
+                    self.fn()
         t0 = time.perf_counter()
         for _ in range(self.inner):
             self.fn()
@@ -173,8 +190,9 @@ def time_libraries(
     probe: Optional[Callable[[], float]] = None,
 ) -> tuple[dict[str, dict[str, Any]], Optional[float]]:
     """Times ``w`` with every library in ``names``, sampling them in turns (one sample each
-    per round, in a rotating order); ``probe`` (a bandwidth in GB/s) runs once per round too,
-    and its best is returned as the ceiling measured alongside."""
+    per round, in a rotating order, each settled first unless ``--quick``); ``probe`` (a
+    bandwidth in GB/s) runs once per round too, and its best is returned as the ceiling
+    measured alongside."""
     entries: dict[str, dict[str, Any]] = {}
     samplers: dict[str, Sampler] = {}
     for name in names:
@@ -183,7 +201,7 @@ def time_libraries(
             if fn is None:
                 entries[name] = _error(name, "not available")
             else:
-                samplers[name] = Sampler(fn)
+                samplers[name] = Sampler(fn, settle=not args.quick)
         except Exception as exc:
             entries[name] = _error(name, exc)
     ceiling = probe() if probe is not None else None
