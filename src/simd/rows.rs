@@ -306,10 +306,15 @@ unsafe fn sum_below_max_next<L: Lanes, S: Source>(
     // SAFETY: loads stay within the n elements at p and the qn at q; tail lanes are -inf
     // (below the max, exp = 0; neutral for the max).
     unsafe {
-        // Stores term k (of the block) at terms[k] where asked.
-        let keep = |k: usize, x: L::V, e: L::V| {
-            if let Some(t) = terms {
-                l.store(t.add(k), stored_term::<L, S::T>(l, l.sub(x, mv), e));
+        // Stores the `len` terms from k (of the block) at terms[k..] where asked.
+        let keep = |k: usize, len: usize, (t, e): (L::V, L::V)| {
+            if let Some(p) = terms {
+                let v = stored_term::<L, S::T>(l, t, e);
+                if len == w {
+                    l.store(p.add(k), v);
+                } else {
+                    l.store_tail(p.add(k), v, len);
+                }
             }
         };
         while i + 2 * w <= n {
@@ -318,24 +323,20 @@ unsafe fn sum_below_max_next<L: Lanes, S: Source>(
                 qi += 2 * w;
             }
             let (x0, x1) = (src.load(l, p + i), src.load(l, p + i + w));
-            let e0 = sum_step(l, x0, mv, &mut acc[0], &mut ties, full);
-            let e1 = sum_step(l, x1, mv, &mut acc[1], &mut ties, full);
-            keep(i, x0, e0);
-            keep(i + w, x1, e1);
+            let te0 = sum_step(l, x0, mv, &mut acc[0], &mut ties, full);
+            let te1 = sum_step(l, x1, mv, &mut acc[1], &mut ties, full);
+            keep(i, w, te0);
+            keep(i + w, w, te1);
             i += 2 * w;
         }
         if i + w <= n {
             let x = src.load(l, p + i);
-            let e = sum_step(l, x, mv, &mut acc[0], &mut ties, full);
-            keep(i, x, e);
+            keep(i, w, sum_step(l, x, mv, &mut acc[0], &mut ties, full));
             i += w;
         }
         if i < n {
             let x = src.load_tail(l, p + i, n - i);
-            let e = sum_step(l, x, mv, &mut acc[1], &mut ties, full);
-            if let Some(t) = terms {
-                l.store_tail(t.add(i), stored_term::<L, S::T>(l, l.sub(x, mv), e), n - i);
-            }
+            keep(i, n - i, sum_step(l, x, mv, &mut acc[1], &mut ties, full));
         }
     }
     let mut next_max = src.max_finish(l, mx);
@@ -357,15 +358,23 @@ fn max_keeping_nan(a: f64, b: f64) -> f64 {
 }
 
 /// Adds `exp(x - m)` of the lanes below `m` to `acc` and counts the ties (popcount on the
-/// scalar ports, which the vector code leaves idle); returns every lane's `exp_nonpos(x - m)`.
+/// scalar ports, which the vector code leaves idle); returns every lane's `t = x - m` and
+/// `exp_nonpos(t)`.
 #[inline(always)]
-fn sum_step<L: Lanes>(l: L, x: L::V, mv: L::V, acc: &mut L::V, ties: &mut u64, full: bool) -> L::V {
+fn sum_step<L: Lanes>(
+    l: L,
+    x: L::V,
+    mv: L::V,
+    acc: &mut L::V,
+    ties: &mut u64,
+    full: bool,
+) -> (L::V, L::V) {
     let t = l.sub(x, mv);
     let e = l.exp_nonpos(t, full);
     let tie = l.eq(x, mv);
     *ties += l.count(tie);
     *acc = l.masked_add(*acc, l.summable(l.not(tie), t, full), e);
-    e
+    (t, e)
 }
 
 /// Two-pass `(max, excess)` of a contiguous row, blocked for L1: each block's max, then the

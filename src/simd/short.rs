@@ -927,30 +927,39 @@ pub(crate) unsafe fn short_rows_xent_index<T: Real>(
             self.out.redo[..self.rows].fill(true);
         }
     }
+    /// Enters the kernel compiled for `MASKED`.
+    ///
+    /// # Safety
+    /// As [`short_rows_xent_index`].
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn enter<T: Real, const MASKED: bool>(
+        level: super::Level,
+        x: *const T,
+        rows: usize,
+        n: usize,
+        pitch: usize,
+        p: IndexLoss<'_>,
+        out: &mut IndexLossOut<'_>,
+        grad: Option<*mut T>,
+    ) {
+        let k = K::<T, MASKED> {
+            x,
+            rows,
+            n,
+            pitch,
+            p,
+            out,
+            grad,
+        };
+        // SAFETY: forwarded from the caller.
+        unsafe { super::lanes::dispatch(level, k) }
+    }
     // SAFETY: forwarded from the caller.
     unsafe {
         if p.mask.is_some() {
-            let k = K::<T, true> {
-                x,
-                rows,
-                n,
-                pitch,
-                p,
-                out,
-                grad,
-            };
-            super::lanes::dispatch(level, k)
+            enter::<T, true>(level, x, rows, n, pitch, p, out, grad)
         } else {
-            let k = K::<T, false> {
-                x,
-                rows,
-                n,
-                pitch,
-                p,
-                out,
-                grad,
-            };
-            super::lanes::dispatch(level, k)
+            enter::<T, false>(level, x, rows, n, pitch, p, out, grad)
         }
     }
 }
