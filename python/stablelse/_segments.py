@@ -230,7 +230,8 @@ def segment_logsumexp(
     each element updates its segment's running ``(max, sum)`` in float64, in array order,
     with no sort. The sum then rounds differently from the sorted forms', so the result is
     not bit-identical to theirs, but within ``0.5`` ULP of the result's type plus
-    ``(3 n + 4) 2**-53`` (absolute; ``n`` the segment's length) of the exact value. Other
+    ``(3 n + 4) 2**-53 + 2**-34`` (absolute; ``n`` the segment's length; ``2**-34`` is the
+    relative error of the float32-grade exp the row kernels use too) of the exact value. Other
     unsorted ids (float64, more segments, several columns) are sorted stably and reduced as
     the sorted forms reduce the stably sorted input.
 

@@ -5,8 +5,9 @@
 //! update of [`LseState::push`]: `x <= max` adds `exp(x - max)` to the excess; `x > max`
 //! rescales the excess by `exp(max - x)` and makes `x` the max. Both factors are
 //! `exp(-|x - max|)`, so a block of elements gathers the maxima of its segments and computes
-//! every factor with one vector exp ([`simd::exp_f64`]); the scalar update then adds or
-//! multiplies without a branch. An element whose segment's max changed earlier in the same
+//! every factor with one vector exp ([`simd::exp_nonpos_f64`], float32-grade as the row
+//! kernels' exp for float32 results); the scalar update then adds or multiplies without a
+//! branch. An element whose segment's max changed earlier in the same
 //! block gets its factor recomputed by the same exp, so the result is the sequential update
 //! in array order whatever the blocks; an element whose value or max is not finite takes
 //! [`LseState::push`] itself, which then computes no exp, so special values follow the
@@ -21,8 +22,9 @@
 //!
 //! Accuracy: a segment's total is summed in float64 in array order, so it differs from the
 //! sorted path's (blocked vector lanes) by rounding only: at most about `3 n` float64
-//! roundings of the total for a segment of `n` elements (one per add, two per rescale, each
-//! exp within one), i.e. `3 n 2^-53` in the log-sum-exp, before the one rounding to float32.
+//! roundings of the total for a segment of `n` elements (one per add, two per rescale), and
+//! the exp's own error (about `2^-34` relative, as in the row kernels for float32 results),
+//! i.e. `3 n 2^-53 + 2^-34` in the log-sum-exp, before the one rounding to float32.
 //!
 //! Determinism: the rows are cut into [`parts`] chosen from the sizes alone; each part scatters
 //! into its own states (the first into the output), and the parts are merged in part order
@@ -213,7 +215,7 @@ fn scatter_block<T: Real>(
     }
     // exp(x - max) for x <= max, exp(max - x) for x > max (0 for the empty state's -inf
     // max); lanes with a non-finite x or max are unused.
-    simd::exp_f64(level, &t[..n], &mut e[..n]);
+    simd::exp_nonpos_f64(level, &t[..n], &mut e[..n], T::FULL);
     let last = states.len().saturating_sub(1);
     for k in 0..n {
         // The next block's states are fetched while this one computes (a prefetch of a
@@ -234,7 +236,7 @@ fn scatter_block<T: Real>(
                 e[k]
             } else {
                 let mut f = [0.0];
-                simd::exp_f64(level, &[-(v - m).abs()], &mut f);
+                simd::exp_nonpos_f64(level, &[-(v - m).abs()], &mut f, T::FULL);
                 f[0]
             };
             // x > max: excess = (1 + excess) exp(max - x), which is 0 for the empty state
@@ -301,7 +303,10 @@ mod tests {
             let want = unsafe { scalar::lse_state_two_pass(rows[s].as_ptr(), 0, rows[s].len(), 1) };
             let (g, w) = (got[s].logsumexp(), want.logsumexp());
             let n = rows[s].len() as f64;
-            let tol = (3.0 * n + 4.0) * f64::EPSILON / 2.0 + 4.0 * f64::EPSILON * w.abs();
+            // The sums' roundings, and the float32-grade exp (2^-34 relative, every term).
+            let tol = (3.0 * n + 4.0) * f64::EPSILON / 2.0
+                + 4.0 * f64::EPSILON * w.abs()
+                + 2f64.powi(-34);
             assert!(
                 g.to_bits() == w.to_bits() || (g - w).abs() <= tol,
                 "segment {s} of {n}: {g} vs {w}"

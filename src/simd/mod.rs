@@ -934,6 +934,32 @@ pub fn exp_f32(level: Level, x: &[f32], out: &mut [f32]) {
     }
 }
 
+/// `out[k] = exp(t[k])` for the terms `t[k] <= 0` of a sum below its max (0 for `-inf`,
+/// for terms too small to matter and for `t[k] > 0`): the float64 exp (< 1 ULP) when `full`,
+/// else to ~5e-11 relative, as the row kernels use for float32 results.
+///
+/// # Panics
+/// If the slices differ in length or `level` is not available on this CPU.
+pub fn exp_nonpos_f64(level: Level, t: &[f64], out: &mut [f64], full: bool) {
+    assert_eq!(
+        t.len(),
+        out.len(),
+        "exp_nonpos_f64: t and out differ in length"
+    );
+    assert!(is_available(level), "level {level:?} is not available");
+    // SAFETY: the level is available; both slices hold n elements.
+    unsafe {
+        map_row(
+            level,
+            t.as_ptr(),
+            out.as_mut_ptr(),
+            t.len(),
+            false,
+            rows::ExpNonpos { full },
+        )
+    }
+}
+
 /// `out[k] = exp(x[k])` in float64 at `level` (< 1 ULP).
 ///
 /// # Panics

@@ -701,6 +701,29 @@ impl LaneMap for ExpScaled {
     }
 }
 
+/// `exp(t)` for `t <= 0` or NaN (0 for `-inf` and wherever [`Lanes::summable`] drops the
+/// term, and for `t > 0`), with the float64 exp when `full`: the terms of a sum below its max.
+#[derive(Clone, Copy)]
+pub(crate) struct ExpNonpos {
+    pub full: bool,
+}
+
+impl LaneMap for ExpNonpos {
+    #[inline(always)]
+    fn apply<L: Lanes>(self, l: L, t: L::V) -> L::V {
+        let nonpos = l.not(l.gt(t, l.splat(0.0)));
+        let keep = l.summable(nonpos, t, self.full);
+        l.select(keep, l.exp_nonpos(t, self.full), l.splat(0.0))
+    }
+    fn scalar(self, t: f64) -> f64 {
+        if t > 0.0 {
+            0.0
+        } else {
+            t.exp()
+        }
+    }
+}
+
 /// `scale * x`.
 #[derive(Clone, Copy)]
 pub(crate) struct Scale(pub f64);
