@@ -8,15 +8,18 @@
 //! targets over rows without a mask: the kernel widens them per piece. This module checks the
 //! layouts, releases the GIL and calls [`crate::kernels::cross_entropy`]; kernel errors become
 //! Python exceptions through `super::errors`. Buffers are read through their raw fields
-//! (`super::array`); targets and weights are copied once, so no other thread can change them
-//! between validation and use.
+//! (`super::array`); weights are copied once, and index targets are read in place when dense
+//! (else copied): the kernels bound every target they read, so another thread changing them
+//! between validation and use changes results but never reads out of bounds.
+
+use std::borrow::Cow;
 
 use numpy::{Element, PyArrayDyn, PyUntypedArrayMethods};
 use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
 use pyo3::types::PyTuple;
 
-use super::array::{check_out, copy_values, shares_memory, try_empty, Raw};
+use super::array::{check_out, copy_values, dense, shares_memory, try_empty, Raw};
 use super::errors::to_pyerr;
 use super::exec::{self, WorkView};
 use super::half::as_bf16;
@@ -63,10 +66,19 @@ fn weight_of<T: Real + Element>(weight: Option<&Bound<'_, PyAny>>) -> PyResult<O
     copy_values(&Raw::of(w)?, T::from_f64(0.0)).map(Some)
 }
 
-/// The index targets (int64, any layout), copied once: the kernel validates and reads the
-/// copy, so another thread changing the array cannot make a checked index go out of range.
-fn targets_of(t: &Bound<'_, PyArrayDyn<i64>>) -> PyResult<Vec<i64>> {
-    copy_values(&Raw::of(t)?, 0i64)
+/// The index targets (int64): read where they lie when dense and aligned (the common call:
+/// no pass and no allocation of the targets' size), else copied once into a dense vector.
+/// Read in place, another thread may change a target between the validation and the
+/// kernels: every read in the kernels is bounded (a value outside the classes takes the
+/// ignored lane's path), so such a race changes results, as it would in NumPy, but never
+/// reads outside the logits.
+fn targets_of<'a>(t: &'a Bound<'_, PyArrayDyn<i64>>) -> PyResult<Cow<'a, [i64]>> {
+    let raw = Raw::of(t)?;
+    // SAFETY: `t` holds the array alive for 'a.
+    match unsafe { dense::<i64>(&raw) } {
+        Some(ts) => Ok(Cow::Borrowed(ts)),
+        None => copy_values(&raw, 0i64).map(Cow::Owned),
+    }
 }
 
 /// The raw fields of `where=`: a 3-D bool array of the logits' `(outer, classes, inner)` shape,
