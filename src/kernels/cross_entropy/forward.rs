@@ -17,6 +17,8 @@ use crate::state::LseState;
 
 mod masked;
 
+use masked::StagedMask;
+
 /// Rows whose states are computed together (see [`block_states`]); also the widest column
 /// block, so a block's states fit one buffer.
 const STATE_BLOCK: usize = COLUMN_BLOCK;
@@ -97,6 +99,9 @@ struct LaneGrad {
     scale: f64,
     coef: f64,
     corr: f64,
+    /// `b` of `q'_k = a q_k + b` (probabilities): the lane's own under `where=`, whose
+    /// smoothing spreads over the lane's kept classes.
+    b: f64,
     target: Option<(usize, f64)>,
 }
 
@@ -107,6 +112,7 @@ impl LaneGrad {
         scale: 0.0,
         coef: 0.0,
         corr: 0.0,
+        b: 0.0,
         target: None,
     };
 }
@@ -115,11 +121,7 @@ impl LaneGrad {
 fn lane_grad<T: Real>(plan: &Plan<'_, T>, target: LaneTarget, s: &LaneSums) -> LaneGrad {
     let fill = |v: f64| LaneGrad {
         fill: Some(v),
-        shift: 0.0,
-        scale: 0.0,
-        coef: 0.0,
-        corr: 0.0,
-        target: None,
+        ..LaneGrad::ZERO
     };
     if let LaneTarget::Ignored = target {
         return fill(0.0);
@@ -145,6 +147,7 @@ fn lane_grad<T: Real>(plan: &Plan<'_, T>, target: LaneTarget, s: &LaneSums) -> L
                 scale: c / total,
                 coef: c,
                 corr: plan.s1 * plan.b,
+                b: plan.b,
                 target: Some((t, gt)),
             }
         }
@@ -154,6 +157,7 @@ fn lane_grad<T: Real>(plan: &Plan<'_, T>, target: LaneTarget, s: &LaneSums) -> L
             scale: (plan.s1 * s.qsum + zterm) / total,
             coef: plan.s1 * s.qsum + zterm,
             corr: plan.s1,
+            b: plan.b,
             target: None,
         },
         LaneTarget::Ignored => unreachable!(),
@@ -364,10 +368,7 @@ fn rows_piece<T: Real>(
         base,
     } = rows;
     let mut acc = (0.0f64, 0.0f64);
-    let mut scratch = Vec::new();
-    let mut states = [LseState::EMPTY; STATE_BLOCK];
-    let mut grads = [LaneGrad::ZERO; STATE_BLOCK];
-    let mut terms = Vec::new();
+    let mut bufs = BlockBuffers::new();
     let mut short_lanes = ShortLanes::new();
     let mut l0 = range.start;
     while l0 < range.end {
@@ -397,7 +398,7 @@ fn rows_piece<T: Real>(
                 |l| lane_target(targets, l, ignore, n),
                 block,
                 alg,
-                &mut scratch,
+                &mut bufs.scratch,
                 &mut short_lanes,
                 lanes_out,
                 g,
@@ -418,14 +419,9 @@ fn rows_piece<T: Real>(
             n,
             w,
             l0,
+            mask: None,
         };
-        let bufs = BlockBuffers {
-            scratch: &mut scratch,
-            states: &mut states,
-            grads: &mut grads,
-            terms: &mut terms,
-        };
-        lanes_block(plan, targets, block, alg, bufs, lanes_out, g, &mut acc)?;
+        lanes_block(plan, targets, block, alg, &mut bufs, lanes_out, g, &mut acc)?;
         l0 += w;
     }
     Ok(acc)
@@ -613,7 +609,7 @@ fn short_index_block<T: Real, F: Fn(usize) -> LaneTarget>(
             if let Some(g) = g.as_deref_mut() {
                 let lg = lane_grad(plan, target, &sums);
                 let gi = &mut g[i * n..(i + 1) * n];
-                write_row_grad(plan, row, None, lg, gi, None);
+                write_row_grad(plan, row, None, None, lg, gi, None);
                 if let Some(m) = mask {
                     // NaN and zero fills reach every class; a masked one's gradient is 0.
                     for (k, gk) in gi.iter_mut().enumerate() {
@@ -685,7 +681,7 @@ fn fixed_sum(v: &[f64]) -> f64 {
 
 /// `w` lanes of the logits laid out as rows, lane `l0 + i` at `x[i * pitch..][..n]` (its
 /// probabilities at the same place in `q`), for the per-lane path (not the fused short-row
-/// loss).
+/// loss). Under `where=` the lanes are staged (a masked class `-inf`) with their `mask`.
 #[derive(Clone, Copy)]
 struct LaneBlock<'a, T> {
     x: &'a [T],
@@ -694,14 +690,40 @@ struct LaneBlock<'a, T> {
     n: usize,
     w: usize,
     l0: usize,
+    mask: Option<StagedMask<'a>>,
 }
 
-/// The per-piece buffers of [`lanes_block`], reused from block to block.
-struct BlockBuffers<'a, T> {
-    scratch: &'a mut Vec<T>,
-    states: &'a mut [LseState; STATE_BLOCK],
-    grads: &'a mut [LaneGrad; STATE_BLOCK],
-    terms: &'a mut Vec<f64>,
+impl<'a, T> LaneBlock<'a, T> {
+    /// Lane `l0 + i`'s logits and probabilities.
+    fn lane(&self, i: usize) -> (&'a [T], Option<&'a [T]>) {
+        let row = i * self.pitch..i * self.pitch + self.n;
+        (&self.x[row.clone()], self.q.map(|q| &q[row]))
+    }
+
+    /// Lane `l0 + i`'s mask bytes, under `where=`.
+    fn keep(&self, i: usize) -> Option<&'a [u8]> {
+        self.mask.map(|m| m.lane(i, self.n))
+    }
+}
+
+/// The per-piece buffers of [`lanes_block`] (`scratch` also of [`short_index_block`]), reused
+/// from block to block.
+struct BlockBuffers<T> {
+    scratch: Vec<T>,
+    states: [LseState; STATE_BLOCK],
+    grads: [LaneGrad; STATE_BLOCK],
+    terms: Vec<f64>,
+}
+
+impl<T> BlockBuffers<T> {
+    fn new() -> Self {
+        BlockBuffers {
+            scratch: Vec::new(),
+            states: [LseState::EMPTY; STATE_BLOCK],
+            grads: [LaneGrad::ZERO; STATE_BLOCK],
+            terms: Vec::new(),
+        }
+    }
 }
 
 /// Whether the gradient of rows of `n` classes is written from the exps their states pass
@@ -713,33 +735,42 @@ fn keeps_terms(n: usize, alg: Algorithm) -> bool {
 
 /// The losses (added to `acc`, "none" losses to `lanes_out`) and, with `g` (`w * n`, dense),
 /// the gradients of one [`LaneBlock`]. Rows and columns (transposed into rows) both come
-/// through here, so both layouts give the same bits.
+/// through here, so both layouts give the same bits; so do staged `where=` blocks, each lane
+/// with its masked classes deleted ([`StagedMask::lane_sums`]) and a gradient of 0 at them.
 #[allow(clippy::too_many_arguments)]
 fn lanes_block<T: Real>(
     plan: &Plan<'_, T>,
     targets: &Targets<'_, T>,
     b: LaneBlock<'_, T>,
     alg: Algorithm,
-    bufs: BlockBuffers<'_, T>,
+    bufs: &mut BlockBuffers<T>,
     lanes_out: Option<SendPtr<T>>,
     g: Option<&mut [T]>,
     acc: &mut (f64, f64),
 ) -> Result<(), Error> {
     let LaneBlock {
         x: xb,
-        q: qb,
         pitch,
         n,
         w,
         l0,
+        mask,
+        ..
     } = b;
-    let row = |i: usize| i * pitch..i * pitch + n;
     // The loss of lane i from its state, and its gradient's parameters when asked.
     let mut lane = |i: usize, state: LseState, grad: bool| -> LaneGrad {
         let l = l0 + i;
+        let (x, probs) = b.lane(i);
         let target = lane_target(targets, l, plan.ignore_index, n);
-        let probs = qb.map(|q| &q[row(i)]);
-        let sums = row_sums(plan, &xb[row(i)], target, probs, state);
+        let own;
+        let (plan, target, sums) = match mask {
+            None => (plan, target, row_sums(plan, x, target, probs, state)),
+            Some(m) => {
+                let (lp, target, sums) = m.lane_sums(plan, i, target, x, probs, state);
+                own = lp;
+                (&own, target, sums)
+            }
+        };
         let (main, zt) = lane_outputs(plan, target, &sums, l, lanes_out);
         acc.0 += main;
         acc.1 += zt;
@@ -753,36 +784,26 @@ fn lanes_block<T: Real>(
         Some(g) if keeps_terms(n, alg) => {
             // One row at a time: its state keeps the exps, its gradient is written from them.
             if bufs.terms.len() < n {
-                *bufs.terms = try_vec(n, 0.0)?;
+                bufs.terms = try_vec(n, 0.0)?;
             }
             let terms = &mut bufs.terms[..n];
             for i in 0..w {
-                let x = &xb[row(i)];
+                let (x, probs) = b.lane(i);
                 let kept = crate::kernels::row_state_stored(x, terms);
                 let state = kept.map_or_else(|| row_state(x, alg), |(s, _)| s);
                 let lg = lane(i, state, true);
-                let probs = qb.map(|q| &q[row(i)]);
                 let from = kept.map(|(_, from)| (&terms[..], from));
-                write_row_grad(plan, x, probs, lg, &mut g[i * n..(i + 1) * n], from);
+                let gi = &mut g[i * n..(i + 1) * n];
+                write_row_grad(plan, x, probs, b.keep(i), lg, gi, from);
             }
         }
         g => {
-            block_states(xb, pitch, n, w, alg, bufs.scratch, bufs.states)?;
+            block_states(xb, pitch, n, w, alg, &mut bufs.scratch, &mut bufs.states)?;
             for i in 0..w {
                 bufs.grads[i] = lane(i, bufs.states[i], g.is_some());
             }
             if let Some(g) = g {
-                block_grads(
-                    plan,
-                    xb,
-                    qb,
-                    pitch,
-                    n,
-                    &bufs.grads[..w],
-                    alg,
-                    bufs.scratch,
-                    g,
-                )?;
+                block_grads(plan, b, &bufs.grads[..w], alg, &mut bufs.scratch, g)?;
             }
         }
     }
@@ -813,43 +834,42 @@ fn block_states<T: Real>(
     Ok(())
 }
 
-/// Writes the gradients `grads` of `w = grads.len()` rows of length `n` (row `i` at
-/// `x[i * pitch..][..n]`, its probabilities at the same place in `q`) to the dense `g`
-/// (`w * n`). Short rows are written as softmax by the SIMD short-row kernel, then scaled
-/// per row; longer rows by [`write_row_grad`]. Rows and columns both come through here.
-#[allow(clippy::too_many_arguments)]
+/// Writes the gradients `grads` of the first `grads.len()` lanes of `b` to the dense `g`
+/// (`grads.len() * n`). Short rows are written as softmax by the SIMD short-row kernel, then
+/// scaled per row; longer rows by [`write_row_grad`]. Rows and columns both come through
+/// here; masked classes get 0.
 fn block_grads<T: Real>(
     plan: &Plan<'_, T>,
-    x: &[T],
-    q: Option<&[T]>,
-    pitch: usize,
-    n: usize,
+    b: LaneBlock<'_, T>,
     grads: &[LaneGrad],
     alg: Algorithm,
     scratch: &mut Vec<T>,
     g: &mut [T],
 ) -> Result<(), Error> {
-    let w = grads.len();
+    let (w, n) = (grads.len(), b.n);
     if !(1..=SHORT_ROW).contains(&n) {
         for (i, &lg) in grads.iter().enumerate() {
-            let row = i * pitch..i * pitch + n;
-            let probs = q.map(|q| &q[row.clone()]);
-            write_row_grad(plan, &x[row], probs, lg, &mut g[i * n..(i + 1) * n], None);
+            let (x, probs) = b.lane(i);
+            let gi = &mut g[i * n..(i + 1) * n];
+            write_row_grad(plan, x, probs, b.keep(i), lg, gi, None);
         }
         return Ok(());
     }
-    let (xs, batch) = short_block(x, pitch, n, w, scratch)?;
+    let (xs, batch) = short_block(b.x, b.pitch, n, w, scratch)?;
     softmax_like(xs, batch, alg, Reduction::Softmax, g).map_err(Error::Layout)?;
     for (i, lg) in grads.iter().enumerate() {
         let gi = &mut g[i * n..(i + 1) * n];
         if let Some(v) = lg.fill {
             gi.fill(T::from_f64(v));
-            continue;
+        } else {
+            scale_and_correct(plan, lg, gi, b.lane(i).1, plan.weight, lg.coef);
+            if let Some((t, gt)) = lg.target {
+                gi[t] = T::from_f64(gt);
+            }
         }
-        let probs = q.map(|q| &q[i * pitch..i * pitch + n]);
-        scale_and_correct(plan, gi, probs, plan.weight, lg.coef, lg.corr);
-        if let Some((t, gt)) = lg.target {
-            gi[t] = T::from_f64(gt);
+        if let Some(keep) = b.keep(i) {
+            // The smoothing and probability terms and the fills reach every class.
+            zero_masked(gi, keep);
         }
     }
     Ok(())
@@ -970,17 +990,22 @@ fn row_sums<T: Real>(
     sums
 }
 
-/// Writes one row's gradient (dense, `g.len() == x.len()`).
+/// Writes one row's gradient (dense, `g.len() == x.len()`), with 0 at the classes `keep`
+/// masks when given (`x` then holds `-inf` there, as staged).
 fn write_row_grad<T: Real>(
     plan: &Plan<'_, T>,
     x: &[T],
     probs: Option<&[T]>,
+    keep: Option<&[u8]>,
     lg: LaneGrad,
     g: &mut [T],
     terms: Option<(&[f64], usize)>,
 ) {
     if let Some(v) = lg.fill {
         g.fill(T::from_f64(v));
+        if let Some(keep) = keep {
+            zero_masked(g, keep);
+        }
         return;
     }
     let gp = SendPtr(g.as_mut_ptr());
@@ -992,12 +1017,18 @@ fn write_row_grad<T: Real>(
         let (e, from) = terms.unwrap_or((&[], x.len()));
         let split = from.clamp(r.start, r.end);
         let (head, tail) = gb.split_at_mut(split - r.start);
+        // A masked class (`-inf`) gets exp 0: the vector exps zero underflowing lanes at no cost.
         row_exp_scaled(&x[r.start..split], lg.shift, lg.scale, head);
         if !tail.is_empty() {
             row_scaled_terms(&e[split..r.end], lg.scale, tail);
         }
         let probs = probs.map(|q| &q[r.clone()]);
-        scale_and_correct(plan, gb, probs, plan.weight.map(|w| &w[r]), 1.0, lg.corr);
+        let w = plan.weight.map(|w| &w[r.clone()]);
+        scale_and_correct(plan, &lg, gb, probs, w, 1.0);
+        if let Some(keep) = keep {
+            // The smoothing and probability terms reach every class.
+            zero_masked(gb, &keep[r]);
+        }
     })
     .for_each(drop); // the blocks ran for their writes
     if let Some((t, gt)) = lg.target {
@@ -1005,17 +1036,26 @@ fn write_row_grad<T: Real>(
     }
 }
 
-/// `g_k = mul * g_k - corr * w_k [* q'_k]` over one row (block): `q` and `w` cover the same
-/// classes as `g`. `mul == 1` leaves `g_k` exact; a zero `corr` skips the weights.
+/// Sets `g[k]` to 0 where `keep[k] == 0`.
+fn zero_masked<T: Real>(g: &mut [T], keep: &[u8]) {
+    for (gk, &k) in g.iter_mut().zip(keep) {
+        // Branch-free: masks are often irregular.
+        *gk = T::from_f64(if k != 0 { gk.to_f64() } else { 0.0 });
+    }
+}
+
+/// `g_k = mul * g_k - corr * w_k [* q'_k]` over one row (block) of the lane `lg` describes:
+/// `q` and `w` cover the same classes as `g`. `mul == 1` leaves `g_k` exact; a zero `corr`
+/// skips the weights.
 fn scale_and_correct<T: Real>(
     plan: &Plan<'_, T>,
+    lg: &LaneGrad,
     g: &mut [T],
     q: Option<&[T]>,
     w: Option<&[T]>,
     mul: f64,
-    corr: f64,
 ) {
-    let (a, b) = (plan.a, plan.b);
+    let (a, b, corr) = (plan.a, lg.b, lg.corr);
     match (q, w) {
         (Some(q), Some(w)) => {
             for ((gk, &qk), &wk) in g.iter_mut().zip(q).zip(w) {
@@ -1096,10 +1136,7 @@ fn xent_columns<T: Real, C: Columns<T>>(
             true => try_vec(width, zero)?,
             false => Vec::new(),
         };
-        let mut scratch = Vec::new();
-        let mut states = [LseState::EMPTY; STATE_BLOCK];
-        let mut grads = [LaneGrad::ZERO; STATE_BLOCK];
-        let mut terms = Vec::new();
+        let mut bufs = BlockBuffers::new();
         let mut short_lanes = ShortLanes::new();
         for u in range {
             let (o, jb) = (u / blocks_per_slab, u % blocks_per_slab);
@@ -1125,7 +1162,7 @@ fn xent_columns<T: Real, C: Columns<T>>(
                     |l| lane_target(targets, l, plan.ignore_index, n),
                     block,
                     alg,
-                    &mut scratch,
+                    &mut bufs.scratch,
                     &mut short_lanes,
                     lanes_out,
                     g,
@@ -1142,15 +1179,10 @@ fn xent_columns<T: Real, C: Columns<T>>(
                     n,
                     w,
                     l0: o * inner + j0,
-                };
-                let bufs = BlockBuffers {
-                    scratch: &mut scratch,
-                    states: &mut states,
-                    grads: &mut grads,
-                    terms: &mut terms,
+                    mask: None,
                 };
                 let g = grad_out.map(|_| &mut gs[..w * n]);
-                lanes_block(plan, targets, block, alg, bufs, lanes_out, g, &mut acc)?;
+                lanes_block(plan, targets, block, alg, &mut bufs, lanes_out, g, &mut acc)?;
             }
             if let Some(gp) = grad_out {
                 // SAFETY: slab o's columns j0..j0 + w of the dense gradient, whose length

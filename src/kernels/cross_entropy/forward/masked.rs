@@ -1,22 +1,23 @@
 //! The forward pass and fused gradient under `where=` (see [`ClassMask`] for the rule).
 //!
-//! Lanes are taken in blocks (rows, or columns of torch's layout) in the unmasked kernels'
-//! pieces; each block is staged once into per-piece scratch (at most [`STAGE_ELEMENTS`]
-//! elements or one lane for rows, `STATE_BLOCK` short rows for the fused short-row loss, the
-//! unmasked column blocks for columns), a masked class becoming `-inf` there, beside a dense
-//! copy of the block's mask bytes. The staged block then goes through the unmasked kernel's own code
-//! (the fused short-row loss for the lanes it takes, else the SIMD state and gradient code):
-//! `exp(-inf - m) = 0`, so the state is the kept classes' log-sum-exp and masked
-//! probabilities are 0. The mask is read in place with its strides (a broadcast
-//! mask is never expanded), and nothing of the logits' size is allocated. The sums that weight
-//! every class (label smoothing, probability targets) skip masked classes through the staged
-//! mask bytes. A mask keeping every class gives the unmasked result bit for bit for index
-//! targets (the label-smoothing sum keeps the unmasked summation order); probability targets
-//! agree up to the rounding of their sums.
+//! Lanes are taken in blocks (rows, or columns of torch's layout) in the unmasked kernels' pieces;
+//! each block is staged once into per-piece scratch (at most [`STAGE_ELEMENTS`] elements or one
+//! lane for rows, `STATE_BLOCK` short rows for the fused short-row loss, the unmasked column blocks
+//! for columns), a masked class becoming `-inf` there, beside a dense copy of the block's mask
+//! bytes. The staged block then goes through the unmasked kernel's own code (the fused short-row
+//! loss for the lanes it takes, else [`lanes_block`], the unmasked per-lane loop, given the block's
+//! [`StagedMask`]): `exp(-inf - m) = 0`, so the state is the kept classes' log-sum-exp and masked
+//! probabilities are 0, and the gradient of rows whose exps fit L2 is written from the exps their
+//! state pass kept. The mask is read in place with its strides (a broadcast mask is never
+//! expanded), and nothing of the logits' size is allocated. The sums that weight every class (label
+//! smoothing, probability targets) skip masked classes through the staged mask bytes. A mask
+//! keeping every class gives the unmasked result bit for bit for index targets (the label-smoothing
+//! sum keeps the unmasked summation order); probability targets agree up to the rounding of their
+//! sums.
 
 use super::super::mask::{index_lane, ClassMask};
 use super::*;
-use crate::kernels::masked::{copy_kept, fill_masked};
+use crate::kernels::masked::copy_kept;
 
 /// Elements staged per block: small enough that the scratch (at most 72 KiB for float64) is
 /// reused from the heap rather than mapped afresh (and faulted in) by every piece.
@@ -144,25 +145,6 @@ impl<T: Real> Staged<T> {
         }
     }
 
-    /// Replaces the masked logits of the staged lanes by each lane's shift before the
-    /// gradient write of long rows: their gradient is overwritten with 0 anyway, and an
-    /// `exp` that underflows is the slow case of the row exp.
-    fn unmask_for_grads(&mut self, states: &[LseState], n: usize) {
-        for (jj, st) in states.iter().enumerate() {
-            let fill = shift_of(*st);
-            let (d, kd) = (&mut self.x[jj * n..][..n], &self.keep[jj * n..][..n]);
-            fill_masked(d, kd, T::from_f64(fill));
-        }
-    }
-
-    /// Sets `g[k]` to 0 where staged lane `jj` (of `n` classes) masks class `k`.
-    fn zero_masked(&self, g: &mut [T], jj: usize, n: usize) {
-        for (gk, &k) in g.iter_mut().zip(&self.keep[jj * n..][..n]) {
-            // Branch-free: masks are often irregular.
-            *gk = T::from_f64(if k != 0 { gk.to_f64() } else { 0.0 });
-        }
-    }
-
     /// Stages the probability targets of the same lanes (laid out like the logits).
     fn stage_probs(&mut self, q: &[T], xs: Spacing, n: usize, w: usize) {
         for jj in 0..w {
@@ -171,6 +153,48 @@ impl<T: Real> Staged<T> {
                 *d = q[q0 + k * xs.class];
             }
         }
+    }
+}
+
+/// The mask of a staged block of lanes of `n` classes (as [`LaneBlock`] takes it): lane `i`
+/// keeps class `k` where `keep[i * n + k] != 0`, and `kept[i]` is what its plan needs to know
+/// of its kept classes ([`Count`]).
+#[derive(Clone, Copy)]
+pub(super) struct StagedMask<'a> {
+    keep: &'a [u8],
+    kept: &'a [usize],
+}
+
+impl<'a> StagedMask<'a> {
+    /// Lane `i`'s mask bytes.
+    pub(super) fn lane(&self, i: usize, n: usize) -> &'a [u8] {
+        &self.keep[i * n..][..n]
+    }
+
+    /// Lane `i`'s plan, target and sums with its masked classes deleted, from its staged
+    /// logits `x`, probabilities and `state`. Its target is ignored when the lane keeps no
+    /// class (or, refused by the pre-pass, a racing writer's masked target).
+    pub(super) fn lane_sums<'p, T: Real>(
+        &self,
+        plan: &Plan<'p, T>,
+        i: usize,
+        target: LaneTarget,
+        x: &[T],
+        probs: Option<&[T]>,
+        state: LseState,
+    ) -> (Plan<'p, T>, LaneTarget, LaneSums) {
+        let (keep, kept) = (self.lane(i, x.len()), self.kept[i]);
+        let target = match target {
+            _ if kept == 0 => LaneTarget::Ignored,
+            LaneTarget::Class(t) if keep[t] == 0 => LaneTarget::Ignored,
+            t => t,
+        };
+        let lp = match plan.label_smoothing > 0.0 {
+            true => lane_plan(plan, keep, kept),
+            false => *plan,
+        };
+        let sums = masked_sums(&lp, x, keep, target, probs, state);
+        (lp, target, sums)
     }
 }
 
@@ -355,10 +379,7 @@ pub(super) fn xent_masked<T: Real>(
             (Some(_), false) => try_vec(n * width, T::from_f64(0.0))?,
             _ => Vec::new(),
         };
-        let mut scratch = Vec::new();
-        let mut states = [LseState::EMPTY; STATE_BLOCK];
-        let mut grads = [LaneGrad::ZERO; STATE_BLOCK];
-        let mut plans = [*plan; STATE_BLOCK];
+        let mut bufs = BlockBuffers::new();
         let mut next = range.start;
         while next < range.end {
             // The block's lanes l0..l0 + w are consecutive in lane order.
@@ -432,7 +453,7 @@ pub(super) fn xent_masked<T: Real>(
                     lane,
                     block,
                     alg,
-                    &mut scratch,
+                    &mut bufs.scratch,
                     &mut short_lanes,
                     lanes_out,
                     g,
@@ -451,82 +472,29 @@ pub(super) fn xent_masked<T: Real>(
             if let Targets::Probs(q) = targets {
                 st.stage_probs(q, xs, n, w);
             }
-            // The lane's target, ignored when the lane keeps no class (or, refused by the
-            // pre-pass, a racing writer's masked target).
-            let target_of = |l: usize, kept: usize, keep: &[u8]| match lane_target(
-                targets,
-                l,
-                plan.ignore_index,
-                n,
-            ) {
-                _ if kept == 0 => LaneTarget::Ignored,
-                LaneTarget::Class(t) if keep[t] == 0 => LaneTarget::Ignored,
-                t => t,
-            };
-            block_states(&st.x, n, n, w, alg, &mut scratch, &mut states)?;
-            for jj in 0..w {
-                let l = l0 + jj;
-                let (x, keep) = (&st.x[jj * n..][..n], &st.keep[jj * n..][..n]);
-                let target = target_of(l, st.kept[jj], keep);
-                let own;
-                let lp = if plan.label_smoothing > 0.0 {
-                    own = lane_plan(plan, keep, st.kept[jj]);
-                    &own
-                } else {
-                    plan
-                };
-                let q = probs.then(|| &st.q[jj * n..][..n]);
-                let sums = masked_sums(lp, x, keep, target, q, states[jj]);
-                let (main, zt) = lane_outputs(lp, target, &sums, l, lanes_out);
-                if grad_out.is_some() {
-                    grads[jj] = lane_grad(lp, target, &sums);
-                    if probs {
-                        plans[jj] = *lp;
-                    }
-                }
-                acc.0 += main;
-                acc.1 += zt;
-            }
-            let Some(gp) = grad_out else { continue };
-            let g = if rows {
+            let g = match grad_out {
                 // SAFETY: lanes l0..l0 + w own the dense rows l0..l0 + w of the gradient,
                 // whose length `plan` checked.
-                unsafe { std::slice::from_raw_parts_mut(gp.ptr().add(l0 * n), w * n) }
-            } else {
-                &mut gs[..w * n]
-            };
-            if n > SHORT_ROW {
-                // Long rows write exp(x - m) from the staged values; short rows recompute
-                // their softmax from them, so they keep the -inf.
-                st.unmask_for_grads(&states[..w], n);
-            }
-            if probs && plan.label_smoothing > 0.0 {
-                // The smoothed probabilities differ per lane: one lane at a time.
-                for jj in 0..w {
-                    let lane = jj * n..(jj + 1) * n;
-                    let (x, q) = (&st.x[lane.clone()], Some(&st.q[lane.clone()]));
-                    let gi = &mut g[lane];
-                    block_grads(
-                        &plans[jj],
-                        x,
-                        q,
-                        n,
-                        n,
-                        &grads[jj..=jj],
-                        alg,
-                        &mut scratch,
-                        gi,
-                    )?;
+                Some(gp) if rows => {
+                    Some(unsafe { std::slice::from_raw_parts_mut(gp.ptr().add(l0 * n), w * n) })
                 }
-            } else {
-                let q = probs.then_some(&st.q[..]);
-                block_grads(plan, &st.x, q, n, n, &grads[..w], alg, &mut scratch, g)?;
-            }
-            // Masked classes get 0 (smoothing and probability terms reach every class).
-            for jj in 0..w {
-                st.zero_masked(&mut g[jj * n..][..n], jj, n);
-            }
-            if !rows {
+                Some(_) => Some(&mut gs[..w * n]),
+                None => None,
+            };
+            let block = LaneBlock {
+                x: &st.x,
+                q: probs.then_some(&st.q[..]),
+                pitch: n,
+                n,
+                w,
+                l0,
+                mask: Some(StagedMask {
+                    keep: &st.keep,
+                    kept: &st.kept,
+                }),
+            };
+            lanes_block(plan, targets, block, alg, &mut bufs, lanes_out, g, &mut acc)?;
+            if let (Some(gp), false) = (grad_out, rows) {
                 scatter_columns(gp, &gs, o * n * inner + j0, n, inner, w);
             }
         }
@@ -815,6 +783,85 @@ mod tests {
                         }
                     }
                 }
+            }
+        }
+    }
+
+    /// Rows longer than the short-row kernels' under a full mask give the unmasked kernel's
+    /// bits on a copy whose masked classes hold `-inf`, with 0 at masked classes: rows whose
+    /// gradient is written from the exps their state pass kept (the max in a later block, so
+    /// the earlier exps are computed again), rows longer than that, and online states; float32
+    /// and float64, a row keeping no class, NaN behind the mask.
+    #[test]
+    fn masked_long_rows_equal_the_kernel_on_rows_holding_minus_inf() {
+        fn check<T: Real>(n: usize, algorithm: Algorithm) {
+            let rows = 5usize;
+            let mut x: Vec<T> = (0..rows * n)
+                .map(|i| T::from_f64(((i * 37 % 23) as f64 - 11.0) * 0.7))
+                .collect();
+            let mut m: Vec<u8> = (0..rows * n)
+                .map(|i| (i % 5 != 2 && i % 7 != 3) as u8)
+                .collect();
+            for r in 0..rows {
+                // The row's max near its end, kept; a NaN it masks.
+                x[r * n + n - 3] = T::from_f64(20.0 + r as f64);
+                m[r * n + n - 3] = 1;
+                x[r * n + 2] = T::from_f64(f64::NAN);
+                m[r * n + 2] = 0;
+            }
+            m[3 * n..4 * n].fill(0);
+            let keeps = |r: usize, k: usize| m[r * n + k] != 0;
+            let t: Vec<i64> = (0..rows)
+                .map(|r| (0..n).find(|&k| keeps(r, k)).map_or(-100, |k| k as i64))
+                .collect();
+            let minus_inf = T::from_f64(f64::NEG_INFINITY);
+            let staged: Vec<T> = (0..rows * n)
+                .map(|i| if m[i] != 0 { x[i] } else { minus_inf })
+                .collect();
+            let w: Vec<T> = (0..n).map(|k| T::from_f64(0.5 + (k % 4) as f64)).collect();
+            let batch = Batch::rows(rows, n);
+            let opts = XentOptions {
+                weight: Some(&w[..]),
+                z_loss: 0.01,
+                reduction: LossReduction::None,
+                algorithm,
+                mask: Some(ClassMask {
+                    keep: &m,
+                    strides: [n, 1, 0],
+                }),
+                ..XentOptions::default()
+            };
+            let zero = T::from_f64(0.0);
+            let (mut per, mut grad) = (vec![zero; rows], vec![T::from_f64(9.0); rows * n]);
+            let tt = Targets::Indices(&t);
+            cross_entropy(&x, batch, tt, &opts, Some(&mut per), Some(&mut grad)).unwrap();
+            let plain = XentOptions { mask: None, ..opts };
+            let (mut want, mut wgrad) = (vec![zero; rows], vec![T::from_f64(9.0); rows * n]);
+            let tt = Targets::Indices(&t);
+            cross_entropy(
+                &staged,
+                batch,
+                tt,
+                &plain,
+                Some(&mut want),
+                Some(&mut wgrad),
+            )
+            .unwrap();
+            let bits = |v: T| v.to_f64().to_bits();
+            for r in 0..rows {
+                assert_eq!(bits(per[r]), bits(want[r]), "n {n} row {r}");
+                for k in 0..n {
+                    let g = grad[r * n + k];
+                    let w = if keeps(r, k) { wgrad[r * n + k] } else { zero };
+                    assert_eq!(bits(g), bits(w), "n {n} ({r}, {k})");
+                }
+            }
+        }
+        let long = crate::simd::STORED_ROW + 100;
+        for n in [SHORT_ROW + 1, 1000, 5000, long] {
+            for alg in [Algorithm::Auto, Algorithm::Online] {
+                check::<f32>(n, alg);
+                check::<f64>(n, alg);
             }
         }
     }
