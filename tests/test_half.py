@@ -512,9 +512,9 @@ def test_cross_entropy_grad_out_and_special_values(rng, dtype):
 
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
-def test_losses_on_the_copy_path_equal_float32_rounded(rng, dtype):
-    # Probability targets and where= still widen to a float32 copy (the class axis not last
-    # is read in place): same results and dtypes.
+def test_losses_of_every_target_kind_equal_float32_rounded(rng, dtype):
+    # Probability targets still widen to a float32 copy; index targets, with or without
+    # where=, are widened per block (the class axis not last): same results and dtypes.
     x = (rng.standard_normal((6, 9, 11)) * 3).astype(dtype)
     t = rng.integers(0, 9, (6, 11))
     q = rng.dirichlet(np.ones(9), (6, 11)).transpose(0, 2, 1).astype(np.float32)
@@ -525,6 +525,52 @@ def test_losses_on_the_copy_path_equal_float32_rounded(rng, dtype):
         want, gw = sl.cross_entropy(x.astype(np.float32), tgt, axis=1, return_grad=True, **kw)
         _same_loss(got, want, dtype)
         _same(g, gw.astype(dtype))
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("shape,axis", [((37, 10), -1), ((300, 70), -1), ((5, 1000), -1),
+                                        ((6, 9, 13), 1), ((3, 40), 0)])
+@pytest.mark.parametrize("mask_shape", ["full", "classes", "lanes"])
+def test_masked_cross_entropy_equals_float32_rounded(rng, dtype, shape, axis, mask_shape):
+    # where= on 16-bit logits, widened as each block is staged (short rows, rows whose exps
+    # are kept for the gradient, columns; dense and broadcast masks): catches a block widened
+    # at the wrong place, a gradient rounded at the wrong offset, a mask read against the
+    # staged block instead of the logits.
+    x = (rng.standard_normal(shape) * 3).astype(dtype)
+    ax = axis % len(shape)
+    mshape = {"full": shape,
+              "classes": tuple(s if i == ax else 1 for i, s in enumerate(shape)),
+              "lanes": tuple(1 if i == ax else s for i, s in enumerate(shape))}[mask_shape]
+    keep = rng.random(mshape) < 0.8
+    kept = np.moveaxis(np.broadcast_to(keep, shape), ax, -1)
+    t = np.full(kept.shape[:-1], -100, np.int64)
+    for idx in np.ndindex(*t.shape):
+        k = np.flatnonzero(kept[idx])
+        if k.size:
+            t[idx] = rng.choice(k)
+    for opts in ({}, {"label_smoothing": 0.1, "reduction": "none"}, {"reduction": "sum"}):
+        got, g = sl.cross_entropy(x, t, axis=axis, where=keep, return_grad=True, **opts)
+        want, gw = sl.cross_entropy(x.astype(np.float32), t, axis=axis, where=keep,
+                                    return_grad=True, **opts)
+        _same_loss(got, want, dtype)
+        _same(g, gw.astype(dtype))
+
+
+def test_masked_cross_entropy_makes_no_input_sized_copy():
+    # Catches where= on float16 logits widening them all to float32 (2x their bytes).
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((1 << 12, 1000)).astype(np.float16)
+    t = rng.integers(0, 1000, x.shape[0])
+    keep = np.ones(1000, dtype=bool)
+    grad = np.empty_like(x)
+    sl.cross_entropy(x, t, where=keep, return_grad=True, grad_out=grad)
+    tracemalloc.start()
+    try:
+        sl.cross_entropy(x, t, where=keep, return_grad=True, grad_out=grad)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < x.nbytes // 8, peak
 
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES)

@@ -5,7 +5,7 @@
 //! the last axis), index targets as C-contiguous int64 in the shape of the logits without the
 //! class axis, probability targets and weights in the logits' dtype. float16 / bfloat16 logits
 //! (with float32 weights) come as they are for `nll_loss`, and for `cross_entropy` with index
-//! targets over rows without a mask: the kernel widens them per piece. This module checks the
+//! targets (with or without a mask): the kernel widens them per block. This module checks the
 //! layouts, releases the GIL and calls [`crate::kernels::cross_entropy`]; kernel errors become
 //! Python exceptions through `super::errors`. Buffers are read through their raw fields
 //! (`super::array`); weights are copied once, and index targets are read in place when dense

@@ -225,13 +225,13 @@ fn reduced<T>(plan: &Plan<'_, T>, main: f64, zsum: f64) -> f64 {
 }
 
 /// As [`cross_entropy`] for logits stored as `S` and computed in `S::Compute` (float16 /
-/// bfloat16 in float32), against class indices, without a mask, over rows (`batch.inner == 1`;
-/// anything else is [`Error::Unsupported`]). Each piece of lanes is widened into a buffer of
-/// its thread and handled by the row code, its gradient rows rounded to `S` as they are
-/// written; the "none" losses are computed into a lane-sized buffer and rounded. The pieces,
-/// blocks and the order of every sum are those of [`cross_entropy`] on the widened
-/// C-contiguous logits, so each output equals that call's rounded to `S`, for any thread
-/// count. The returned loss is that call's (in `S::Compute`).
+/// bfloat16 in float32), against class indices, with or without a mask. Each piece of rows is
+/// widened into a buffer of its thread and handled by the row code (columns and masked blocks
+/// are widened as they are staged), its gradient rounded to `S` as it is written; the "none"
+/// losses are computed into a lane-sized buffer and rounded. The pieces, blocks and the order
+/// of every sum are those of [`cross_entropy`] on the widened C-contiguous logits, so each
+/// output equals that call's rounded to `S`, for any thread count. The returned loss is that
+/// call's (in `S::Compute`).
 pub fn cross_entropy_stored<S: Stored>(
     logits: &[S],
     batch: Batch,
@@ -250,9 +250,6 @@ pub fn cross_entropy_stored<S: Stored>(
         grad.as_ref().map(|g| g.len()),
         false,
     )?;
-    if opts.mask.is_some() {
-        return Err(Error::Unsupported("16-bit logits are read without a mask"));
-    }
     let zero = <S::Compute as Real>::from_f64(0.0);
     let mut lanes = match per_lane {
         Some(_) => try_vec(batch.count(), zero)?,
@@ -264,6 +261,19 @@ pub fn cross_entropy_stored<S: Stored>(
     let xp = SendPtr(logits.as_ptr() as *mut S);
     let (main, zsum) = if batch.count() == 0 {
         (0.0, 0.0)
+    } else if let Some(mask) = &opts.mask {
+        // Not deferred (`plan` was asked for none): the mean's scales are final.
+        let x = Widened(logits);
+        let (main, zsum, _) = masked::xent_masked(
+            x,
+            &targets,
+            &plan,
+            mask,
+            opts.algorithm,
+            lanes_out,
+            grad_out,
+        )?;
+        (main, zsum)
     } else if batch.inner != 1 {
         let x = Widened(logits);
         xent_columns(x, &targets, &plan, opts.algorithm, lanes_out, grad_out)?
@@ -1103,7 +1113,7 @@ fn column_block_width(n: usize, inner: usize) -> usize {
 /// The logits are stored as `S` and computed in `T = S::Compute`: a 16-bit column block is
 /// widened as it is transposed and its gradient rounded to `S` as it is scattered back, so
 /// each output is the float32 computation's, rounded once.
-fn xent_columns<T: Real, C: Columns<T>>(
+fn xent_columns<T: Real, C: Logits<T>>(
     logits: C,
     targets: &Targets<'_, T>,
     plan: &Plan<'_, T>,
@@ -1194,10 +1204,11 @@ fn xent_columns<T: Real, C: Columns<T>>(
     })
 }
 
-/// How [`xent_columns`] reads the logits and writes the gradient: in the compute type `T`
-/// itself (`&[T]`), or stored as 16 bits ([`Widened`]), widened per line of a block as it
-/// is transposed and rounded per line as its gradient is scattered back.
-trait Columns<T: Real>: Copy + Sync {
+/// How [`xent_columns`] and the masked loss read the logits and write the gradient: in the
+/// compute type `T` itself (`&[T]`, rows read where they lie), or stored as 16 bits
+/// ([`Widened`]), widened per run or line of a block as it is staged and rounded per run or
+/// line as its gradient is written back.
+pub(super) trait Logits<T: Real>: Copy + Sync {
     /// The gradient's element type.
     type Out: Copy;
     /// Whether the lines go through a buffer of `T` (of the block's width).
@@ -1228,9 +1239,24 @@ trait Columns<T: Real>: Copy + Sync {
         w: usize,
         line: &mut [T],
     );
+    /// The logits themselves when stored as `T` (then read where they lie).
+    fn direct(&self) -> Option<&[T]>;
+    /// `out[k] = x[start + k]`: a run of a row, in `T`.
+    fn read_run(self, start: usize, out: &mut [T]);
+    /// Writes the dense gradient rows `g` at element `at` of the dense gradient.
+    ///
+    /// # Safety
+    /// Those `g.len()` elements of the gradient writable, and no other thread's.
+    unsafe fn write_rows(gp: SendPtr<Self::Out>, at: usize, g: &[T]);
+    /// Elements `at..at + len` of the dense gradient to write in place, when it is stored as
+    /// `T` (else `None`: the rows go through a buffer and [`Logits::write_rows`]).
+    ///
+    /// # Safety
+    /// Those elements of the gradient writable, and no other thread's while the slice lives.
+    unsafe fn rows_out<'g>(gp: SendPtr<Self::Out>, at: usize, len: usize) -> Option<&'g mut [T]>;
 }
 
-impl<T: Real> Columns<T> for &[T] {
+impl<T: Real> Logits<T> for &[T] {
     type Out = T;
     const WIDENS: bool = false;
     fn transpose_in(
@@ -1260,13 +1286,27 @@ impl<T: Real> Columns<T> for &[T] {
     ) {
         masked::scatter_columns(gp, gs, gbase, n, inner, w);
     }
+    fn direct(&self) -> Option<&[T]> {
+        Some(self)
+    }
+    fn read_run(self, start: usize, out: &mut [T]) {
+        out.copy_from_slice(&self[start..start + out.len()]);
+    }
+    unsafe fn write_rows(gp: SendPtr<T>, at: usize, g: &[T]) {
+        // SAFETY: the caller's contract.
+        unsafe { std::ptr::copy_nonoverlapping(g.as_ptr(), gp.ptr().add(at), g.len()) };
+    }
+    unsafe fn rows_out<'g>(gp: SendPtr<T>, at: usize, len: usize) -> Option<&'g mut [T]> {
+        // SAFETY: the caller's contract.
+        Some(unsafe { std::slice::from_raw_parts_mut(gp.ptr().add(at), len) })
+    }
 }
 
-/// 16-bit logits (`S::Compute` their compute type) for [`Columns`].
+/// 16-bit logits (`S::Compute` their compute type) for [`Logits`].
 #[derive(Clone, Copy)]
 struct Widened<'a, S>(&'a [S]);
 
-impl<S: Stored> Columns<S::Compute> for Widened<'_, S> {
+impl<S: Stored> Logits<S::Compute> for Widened<'_, S> {
     type Out = S;
     const WIDENS: bool = true;
     fn transpose_in(
@@ -1305,5 +1345,27 @@ impl<S: Stored> Columns<S::Compute> for Widened<'_, S> {
             // SAFETY: the caller's contract (w elements of row k of the slab).
             unsafe { S::narrow_run(&line[..w], gp.ptr().add(gbase + k * inner) as *mut u8, size) };
         }
+    }
+    fn direct(&self) -> Option<&[S::Compute]> {
+        None
+    }
+    fn read_run(self, start: usize, out: &mut [S::Compute]) {
+        let from = &self.0[start..start + out.len()];
+        // SAFETY: the out.len() elements of `from`.
+        unsafe {
+            S::widen_run(
+                from.as_ptr() as *const u8,
+                std::mem::size_of::<S>() as isize,
+                out,
+            )
+        };
+    }
+    unsafe fn write_rows(gp: SendPtr<S>, at: usize, g: &[S::Compute]) {
+        let size = std::mem::size_of::<S>() as isize;
+        // SAFETY: the caller's contract.
+        unsafe { S::narrow_run(g, gp.ptr().add(at) as *mut u8, size) };
+    }
+    unsafe fn rows_out<'g>(_: SendPtr<S>, _: usize, _: usize) -> Option<&'g mut [S::Compute]> {
+        None
     }
 }

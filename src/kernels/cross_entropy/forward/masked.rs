@@ -322,14 +322,14 @@ fn check_lanes<T: Real>(
 /// the "mean" denominators `(D, K)` back, summed as [`masked_denominators`] sums them.
 ///
 /// [`masked_denominators`]: super::super::mask::masked_denominators
-pub(super) fn xent_masked<T: Real>(
-    logits: &[T],
+pub(super) fn xent_masked<T: Real, C: Logits<T>>(
+    logits: C,
     targets: &Targets<'_, T>,
     plan: &Plan<'_, T>,
     mask: &ClassMask<'_>,
     alg: Algorithm,
     lanes_out: Option<SendPtr<T>>,
-    grad_out: Option<SendPtr<T>>,
+    grad_out: Option<SendPtr<C::Out>>,
 ) -> Result<(f64, f64, Option<Counts>), Error> {
     let batch = plan.batch;
     let (n, inner) = (batch.n, batch.inner);
@@ -371,12 +371,20 @@ pub(super) fn xent_masked<T: Real>(
     let (main, zsum) = reduce_pieces(units, per, unit_elements, |range| {
         let mut acc = (0.0f64, 0.0f64);
         let mut counted = (0.0f64, 0usize);
-        // In-place short rows stage nothing.
+        let zero = T::from_f64(0.0);
+        // Short rows in the compute type stage nothing (read in place).
         let staged_width = if short_index && rows { 0 } else { width };
         let mut st = Staged::<T>::new(n, staged_width, probs)?;
         let mut short_lanes = ShortLanes::new();
-        let mut gs = match (grad_out, rows) {
-            (Some(_), false) => try_vec(n * width, T::from_f64(0.0))?,
+        // 16-bit logits: each block widened (and for columns transposed, through a line of
+        // the block) before it is staged, and its gradient rounded as it is written back.
+        let (mut wide, mut line) = match logits.direct() {
+            Some(_) => (Vec::new(), Vec::new()),
+            None => (try_vec(n * width, zero)?, try_vec(width, zero)?),
+        };
+        let through_buffer = !rows || logits.direct().is_none();
+        let mut gs = match (grad_out, through_buffer) {
+            (Some(_), true) => try_vec(n * width, zero)?,
             _ => Vec::new(),
         };
         let mut bufs = BlockBuffers::new();
@@ -403,47 +411,73 @@ pub(super) fn xent_masked<T: Real>(
                 lane: if rows { s0 } else { s2 },
                 class: s1,
             };
+            // SAFETY (both gradient views): lanes l0..l0 + w own the dense rows l0..l0 + w of
+            // the gradient, whose length `plan` checked.
+            let direct_g = match grad_out {
+                Some(gp) if rows => unsafe { C::rows_out(gp, l0 * n, w * n) },
+                _ => None,
+            };
             if short_index {
-                // The fused short-row loss. Rows are read where they lie, the kernel reading
-                // the mask beside them (a masked class as `-inf`, so its probability and
-                // gradient are 0); columns are staged (transposed) first, as unmasked.
-                let g = match grad_out {
-                    // SAFETY: lanes l0..l0 + w own the dense rows l0..l0 + w of the
-                    // gradient, whose length `plan` checked.
-                    Some(gp) if rows => {
-                        Some(unsafe { std::slice::from_raw_parts_mut(gp.ptr().add(l0 * n), w * n) })
-                    }
-                    Some(_) => Some(&mut gs[..w * n]),
-                    None => None,
+                // The fused short-row loss. Rows are read where they lie (16-bit rows widened
+                // first), the kernel reading the mask beside them (a masked class as `-inf`,
+                // so its probability and gradient are 0); columns are staged (transposed)
+                // first, as unmasked.
+                let g = match (direct_g, grad_out) {
+                    (Some(g), _) => Some(g),
+                    (None, Some(_)) => Some(&mut gs[..w * n]),
+                    (None, None) => None,
                 };
-                let block = if rows {
-                    ShortBlock {
-                        x: &logits[xs.base..],
+                let row_mask = ShortMask {
+                    keep: mask.keep,
+                    base: ms.base,
+                    lane: ms.lane,
+                    class: ms.class,
+                };
+                let block = match (rows, logits.direct()) {
+                    (true, Some(x)) => ShortBlock {
+                        x: &x[xs.base..],
                         pitch: xs.lane,
                         n,
                         w,
                         l0,
-                        mask: Some(ShortMask {
-                            keep: mask.keep,
-                            base: ms.base,
-                            lane: ms.lane,
-                            class: ms.class,
-                        }),
+                        mask: Some(row_mask),
+                    },
+                    (true, None) => {
+                        for (jj, row) in wide.chunks_exact_mut(n.max(1)).take(w).enumerate() {
+                            logits.read_run(xs.base + jj * xs.lane, row);
+                        }
+                        ShortBlock {
+                            x: &wide,
+                            pitch: n,
+                            n,
+                            w,
+                            l0,
+                            mask: Some(row_mask),
+                        }
                     }
-                } else {
-                    st.stage(logits, xs, mask.keep, ms, n, w, count);
-                    ShortBlock {
-                        x: &st.x,
-                        pitch: n,
-                        n,
-                        w,
-                        l0,
-                        mask: Some(ShortMask {
-                            keep: &st.keep,
-                            base: 0,
-                            lane: n,
-                            class: 1,
-                        }),
+                    (false, _) => {
+                        stage(
+                            &mut st,
+                            logits,
+                            xs,
+                            mask.keep,
+                            ms,
+                            (n, w, count),
+                            (&mut wide, &mut line),
+                        );
+                        ShortBlock {
+                            x: &st.x,
+                            pitch: n,
+                            n,
+                            w,
+                            l0,
+                            mask: Some(ShortMask {
+                                keep: &st.keep,
+                                base: 0,
+                                lane: n,
+                                class: 1,
+                            }),
+                        }
                     }
                 };
                 // A masked target is the kernel's to skip (short_index_block).
@@ -459,27 +493,35 @@ pub(super) fn xent_masked<T: Real>(
                     g,
                     &mut acc,
                 )?;
-                if let (Some(gp), false) = (grad_out, rows) {
-                    scatter_columns(gp, &gs, o * n * inner + j0, n, inner, w);
-                }
+                write_back::<T, C>(
+                    grad_out,
+                    through_buffer,
+                    &gs,
+                    (o, j0, w, n, inner),
+                    &mut line,
+                );
                 if let (true, Targets::Indices(t)) = (deferred, targets) {
                     // The rows' mask is in cache now: the pre-pass's checks, lane by lane.
                     check_lanes(plan, t, mask, l0..l0 + w, &mut counted)?;
                 }
                 continue;
             }
-            st.stage(logits, xs, mask.keep, ms, n, w, count);
+            stage(
+                &mut st,
+                logits,
+                xs,
+                mask.keep,
+                ms,
+                (n, w, count),
+                (&mut wide, &mut line),
+            );
             if let Targets::Probs(q) = targets {
                 st.stage_probs(q, xs, n, w);
             }
-            let g = match grad_out {
-                // SAFETY: lanes l0..l0 + w own the dense rows l0..l0 + w of the gradient,
-                // whose length `plan` checked.
-                Some(gp) if rows => {
-                    Some(unsafe { std::slice::from_raw_parts_mut(gp.ptr().add(l0 * n), w * n) })
-                }
-                Some(_) => Some(&mut gs[..w * n]),
-                None => None,
+            let g = match (direct_g, grad_out) {
+                (Some(g), _) => Some(g),
+                (None, Some(_)) => Some(&mut gs[..w * n]),
+                (None, None) => None,
             };
             let block = LaneBlock {
                 x: &st.x,
@@ -494,9 +536,13 @@ pub(super) fn xent_masked<T: Real>(
                 }),
             };
             lanes_block(plan, targets, block, alg, &mut bufs, lanes_out, g, &mut acc)?;
-            if let (Some(gp), false) = (grad_out, rows) {
-                scatter_columns(gp, &gs, o * n * inner + j0, n, inner, w);
-            }
+            write_back::<T, C>(
+                grad_out,
+                through_buffer,
+                &gs,
+                (o, j0, w, n, inner),
+                &mut line,
+            );
         }
         if deferred {
             // SAFETY: one slot per piece, written by that piece alone.
@@ -511,6 +557,61 @@ pub(super) fn xent_masked<T: Real>(
             .fold((0.0, 0.0), |acc, &(d, k)| (acc.0 + d, acc.1 + k as f64))
     });
     Ok((main, zsum, dk))
+}
+
+/// Stages `w` lanes of `n` classes of `logits` (spaced by `xs`) under the mask bytes spaced
+/// by `ms`: read in place when stored as `T`, else widened into `wide` first (columns
+/// transposed through `line`).
+#[allow(clippy::too_many_arguments)]
+fn stage<T: Real, C: Logits<T>>(
+    st: &mut Staged<T>,
+    logits: C,
+    xs: Spacing,
+    keep: &[u8],
+    ms: Spacing,
+    (n, w, count): (usize, usize, Count),
+    (wide, line): (&mut [T], &mut [T]),
+) {
+    if let Some(x) = logits.direct() {
+        st.stage(x, xs, keep, ms, n, w, count);
+        return;
+    }
+    if xs.class == 1 {
+        for (jj, row) in wide.chunks_exact_mut(n.max(1)).take(w).enumerate() {
+            logits.read_run(xs.base + jj * xs.lane, row);
+        }
+    } else {
+        logits.transpose_in(xs.base, xs.class, n, w, wide, line);
+    }
+    let dense = Spacing {
+        base: 0,
+        lane: n,
+        class: 1,
+    };
+    st.stage(wide, dense, keep, ms, n, w, count);
+}
+
+/// Writes a block's gradient from the buffer `gs` when it went through one: the rows
+/// `l0 = o * inner + j0..` (`inner == 1`) or the columns `j0..j0 + w` of slab `o`.
+fn write_back<T: Real, C: Logits<T>>(
+    grad_out: Option<SendPtr<C::Out>>,
+    through_buffer: bool,
+    gs: &[T],
+    (o, j0, w, n, inner): (usize, usize, usize, usize, usize),
+    line: &mut [T],
+) {
+    let Some(gp) = grad_out.filter(|_| through_buffer) else {
+        return;
+    };
+    // SAFETY: the block's lanes own these rows or columns of the dense gradient, whose
+    // length `plan` checked; blocks own disjoint lanes.
+    unsafe {
+        if inner == 1 {
+            C::write_rows(gp, o * n, &gs[..w * n]);
+        } else {
+            C::scatter(gp, gs, o * n * inner + j0, n, inner, w, line);
+        }
+    }
 }
 
 /// The "mean" denominators `(D, K)`: the weight of the counted targets and their number.
