@@ -513,8 +513,8 @@ def test_cross_entropy_grad_out_and_special_values(rng, dtype):
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
 def test_losses_of_every_target_kind_equal_float32_rounded(rng, dtype):
-    # Probability targets still widen to a float32 copy; index targets, with or without
-    # where=, are widened per block (the class axis not last): same results and dtypes.
+    # Index and probability targets, with or without where=, the class axis not last: the
+    # logits widened per block give the float32 call's results rounded, in the logits' dtype.
     x = (rng.standard_normal((6, 9, 11)) * 3).astype(dtype)
     t = rng.integers(0, 9, (6, 11))
     q = rng.dirichlet(np.ones(9), (6, 11)).transpose(0, 2, 1).astype(np.float32)
@@ -556,17 +556,44 @@ def test_masked_cross_entropy_equals_float32_rounded(rng, dtype, shape, axis, ma
         _same(g, gw.astype(dtype))
 
 
-def test_masked_cross_entropy_makes_no_input_sized_copy():
-    # Catches where= on float16 logits widening them all to float32 (2x their bytes).
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("shape,axis", [((37, 10), -1), ((300, 70), -1), ((5, 1000), -1),
+                                        ((6, 9, 13), 1), ((20000, 40), -1)])
+@pytest.mark.parametrize("masked", [False, True])
+def test_probability_targets_equal_float32_rounded(rng, dtype, shape, axis, masked):
+    # 16-bit logits against float32 probabilities: catches probabilities read at the wrong
+    # row of a piece (rows), of a staged block (where=) or of a column block.
+    x = (rng.standard_normal(shape) * 3).astype(dtype)
+    ax = axis % len(shape)
+    lanes = tuple(s for i, s in enumerate(shape) if i != ax)
+    q = np.moveaxis(rng.dirichlet(np.ones(shape[ax]), lanes), -1, ax).astype(np.float32)
+    keep = None
+    if masked:
+        keep = rng.random(shape) < 0.8
+        q = np.where(keep, q, 0).astype(np.float32)
+    for opts in ({}, {"label_smoothing": 0.1, "reduction": "none"}):
+        got, g = sl.cross_entropy(x, q, axis=axis, where=keep, return_grad=True, **opts)
+        want, gw = sl.cross_entropy(x.astype(np.float32), q, axis=axis, where=keep,
+                                    return_grad=True, **opts)
+        _same_loss(got, want, dtype)
+        _same(g, gw.astype(dtype))
+
+
+@pytest.mark.parametrize("kind", ["where", "probabilities"])
+def test_losses_make_no_copy_of_the_logits(kind):
+    # Catches where= or probability targets on float16 logits widening them all to float32
+    # (2x their bytes); the float32 probabilities are read where they lie.
     rng = np.random.default_rng(2)
     x = rng.standard_normal((1 << 12, 1000)).astype(np.float16)
-    t = rng.integers(0, 1000, x.shape[0])
-    keep = np.ones(1000, dtype=bool)
+    if kind == "where":
+        t, kw = rng.integers(0, 1000, x.shape[0]), {"where": np.ones(1000, dtype=bool)}
+    else:
+        t, kw = rng.dirichlet(np.ones(1000), x.shape[0]).astype(np.float32), {}
     grad = np.empty_like(x)
-    sl.cross_entropy(x, t, where=keep, return_grad=True, grad_out=grad)
+    sl.cross_entropy(x, t, return_grad=True, grad_out=grad, **kw)
     tracemalloc.start()
     try:
-        sl.cross_entropy(x, t, where=keep, return_grad=True, grad_out=grad)
+        sl.cross_entropy(x, t, return_grad=True, grad_out=grad, **kw)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()

@@ -98,14 +98,7 @@ def _targets(
     kind = target_kind(t.shape, t.dtype, x.shape, ax, allow_probs, ignore_index)
     if kind == "index":
         return _index_targets(t, x.shape[ax], ignore_index), False
-    return _view3(np.ascontiguousarray(t, dtype=x.dtype), ax), True
-
-
-def _half_rows(target: Any) -> bool:
-    """Whether the kernels read float16 / bfloat16 logits in place, widening blocks of rows
-    (or of columns, the class axis not last), with or without `where`: integer class targets.
-    Probability targets get a float32 copy of the logits."""
-    return np.asarray(target).dtype.kind in "iu"
+    return _view3(np.ascontiguousarray(t, dtype=_compute_dtype(x)), ax), True
 
 
 def _compute_dtype(x: np.ndarray) -> np.dtype:
@@ -153,10 +146,9 @@ def cross_entropy(
         promoted to float64. float16 and bfloat16 (``ml_dtypes.bfloat16``) are computed in
         float32 and the loss, the per-element losses and the gradient returned in the logits'
         dtype, as torch does: each equals the float32 result on the widened logits, rounded
-        once more. With integer targets (with or without `where`), they are widened a block
-        of rows (or, the class axis not last, of columns) at a time: no float32 copy of the
-        logits; class weights are then used in float32. With probability targets a float32
-        copy of the logits is made.
+        once more. They are widened a block of rows (or, the class axis not last, of columns)
+        at a time: no float32 copy of the logits; class weights and probability targets are
+        then used in float32.
     target : array_like
         Either class indices, of any integer dtype, with the shape of `logits` without `axis`
         (a scalar for unbatched logits), or class probabilities, floating, with the shape of
@@ -325,8 +317,6 @@ def cross_entropy(
         if res is not NotImplemented:
             return res
     x, rdtype, ax = _logits(logits, axis, "logits", half=True)
-    if _is_half(x.dtype) and not _half_rows(target):
-        x = x.astype(np.float32)
     ii = opts.ignore_index
     t3, probs = _targets(target, x, ax, ii, allow_probs=True)
     w = weight_array(weight, x.shape[ax], _compute_dtype(x))

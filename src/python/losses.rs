@@ -3,10 +3,10 @@
 //! The Python layer (`python/stablelse/_losses.py`) normalises the arguments: logits as a 3-D
 //! `(outer, classes, inner)` float32/float64 view (class axis in the middle, `inner == 1` for
 //! the last axis), index targets as C-contiguous int64 in the shape of the logits without the
-//! class axis, probability targets and weights in the logits' dtype. float16 / bfloat16 logits
-//! (with float32 weights) come as they are for `nll_loss`, and for `cross_entropy` with index
-//! targets (with or without a mask): the kernel widens them per block. This module checks the
-//! layouts, releases the GIL and calls [`crate::kernels::cross_entropy`]; kernel errors become
+//! class axis, probability targets and weights in the logits' compute dtype. float16 /
+//! bfloat16 logits (with float32 weights and probabilities) come as they are: the kernels widen
+//! them per block. This module checks the layouts, releases the GIL and calls
+//! [`crate::kernels::cross_entropy`]; kernel errors become
 //! Python exceptions through `super::errors`. Buffers are read through their raw fields
 //! (`super::array`); weights are copied once, and index targets are read in place when dense
 //! (else copied): the kernels bound every target they read, so another thread changing them
@@ -222,12 +222,12 @@ where
                 } else {
                     let xs = slice3::<S>(rx, &batch).map_err(|_| Error::Layout("logits".into()))?;
                     let (ps, gs) = outputs::<S>(rp, rg, count, elements);
-                    xent::cross_entropy_stored(xs, batch, &ts, &opts, ps, gs)
+                    xent::cross_entropy_stored(xs, batch, Targets::Indices(&ts), &opts, ps, gs)
                 }
             }
         })
         .map_err(|e| to_pyerr(py, e))?
-    } else if let (true, Ok(q)) = (S::NATIVE, target.cast::<PyArrayDyn<S::Compute>>()) {
+    } else if let Ok(q) = target.cast::<PyArrayDyn<S::Compute>>() {
         let rq = Raw::of(q)?;
         if classless_as_rows(batch3(&rq, "target")?) != batch {
             return Err(value_error(
@@ -235,20 +235,24 @@ where
             ));
         }
         exec::detach_unless_small(py, elements, || {
-            // SAFETY: logits and target hold the batch for the call; outputs as above.
-            let (xs, qs) = unsafe {
-                (
-                    slice3::<S::Compute>(rx, &batch),
-                    slice3::<S::Compute>(&rq, &batch),
-                )
-            };
-            let (xs, qs) = (
-                xs.map_err(|_| Error::Layout("logits".into()))?,
-                qs.map_err(|_| Error::Layout("target".into()))?,
-            );
-            // SAFETY: as above.
-            let (ps, gs) = unsafe { outputs::<S::Compute>(rp, rg, count, elements) };
-            xent::cross_entropy(xs, batch, Targets::Probs(qs), &opts, ps, gs)
+            // SAFETY: the target holds the batch for the call.
+            let qs = unsafe { slice3::<S::Compute>(&rq, &batch) }
+                .map_err(|_| Error::Layout("target".into()))?;
+            let targets = Targets::Probs(qs);
+            // SAFETY: logits hold the batch for the call; outputs as above.
+            unsafe {
+                if S::NATIVE {
+                    let xs = slice3::<S::Compute>(rx, &batch)
+                        .map_err(|_| Error::Layout("logits".into()))?;
+                    let (ps, gs) = outputs::<S::Compute>(rp, rg, count, elements);
+                    xent::cross_entropy(xs, batch, targets, &opts, ps, gs)
+                } else {
+                    // 16-bit logits against probabilities in their compute type.
+                    let xs = slice3::<S>(rx, &batch).map_err(|_| Error::Layout("logits".into()))?;
+                    let (ps, gs) = outputs::<S>(rp, rg, count, elements);
+                    xent::cross_entropy_stored(xs, batch, targets, &opts, ps, gs)
+                }
+            }
         })
         .map_err(|e| to_pyerr(py, e))?
     } else {

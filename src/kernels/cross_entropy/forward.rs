@@ -225,9 +225,10 @@ fn reduced<T>(plan: &Plan<'_, T>, main: f64, zsum: f64) -> f64 {
 }
 
 /// As [`cross_entropy`] for logits stored as `S` and computed in `S::Compute` (float16 /
-/// bfloat16 in float32), against class indices, with or without a mask. Each piece of rows is
-/// widened into a buffer of its thread and handled by the row code (columns and masked blocks
-/// are widened as they are staged), its gradient rounded to `S` as it is written; the "none"
+/// bfloat16 in float32), against class indices or probabilities (in `S::Compute`), with or
+/// without a mask. Each piece of rows is widened into a buffer of its thread (its
+/// probabilities copied beside it) and handled by the row code (columns and masked blocks are
+/// widened as they are staged), its gradient rounded to `S` as it is written; the "none"
 /// losses are computed into a lane-sized buffer and rounded. The pieces, blocks and the order
 /// of every sum are those of [`cross_entropy`] on the widened C-contiguous logits, so each
 /// output equals that call's rounded to `S`, for any thread count. The returned loss is that
@@ -235,12 +236,11 @@ fn reduced<T>(plan: &Plan<'_, T>, main: f64, zsum: f64) -> f64 {
 pub fn cross_entropy_stored<S: Stored>(
     logits: &[S],
     batch: Batch,
-    targets: &[i64],
+    targets: Targets<'_, S::Compute>,
     opts: &XentOptions<'_, S::Compute>,
     per_lane: Option<&mut [S]>,
     grad: Option<&mut [S]>,
 ) -> Result<S::Compute, Error> {
-    let targets = Targets::Indices(targets);
     let plan = plan(
         logits.len(),
         batch,
@@ -289,6 +289,18 @@ pub fn cross_entropy_stored<S: Stored>(
                     S::widen_run(src, size as isize, row);
                 }
             }
+            // Probability targets: the piece's rows at the widened logits' pitch.
+            let mut qs = Vec::new();
+            if let Targets::Probs(q) = targets {
+                qs = try_vec(w * n, zero)?;
+                for (i, row) in qs.chunks_exact_mut(n.max(1)).enumerate() {
+                    row.copy_from_slice(&q[(range.start + i) * pitch..][..n]);
+                }
+            }
+            let piece_targets = match targets {
+                Targets::Probs(_) => Targets::Probs(&qs),
+                indices => indices,
+            };
             let mut gs = match grad_out {
                 Some(_) => try_vec(w * n, zero)?,
                 None => Vec::new(),
@@ -301,7 +313,7 @@ pub fn cross_entropy_stored<S: Stored>(
             let g = grad_out.map(|_| SendPtr(gs.as_mut_ptr()));
             let sums = rows_piece(
                 rows,
-                &targets,
+                &piece_targets,
                 &plan,
                 opts.algorithm,
                 range.clone(),
