@@ -10,7 +10,9 @@
 //! probabilities are 0, and the gradient of rows whose exps fit L2 is written from the exps their
 //! state pass kept. The mask is read in place with its strides (a broadcast mask is never
 //! expanded), and nothing of the logits' size is allocated. The sums that weight every class (label
-//! smoothing, probability targets) skip masked classes through the staged mask bytes. A mask
+//! smoothing, probability targets) skip masked classes through the staged mask bytes. 16-bit
+//! logits ([`Widened`]) are widened into a block buffer first (short rows too, which the
+//! compute type reads in place) and their gradient rounded as it is written back. A mask
 //! keeping every class gives the unmasked result bit for bit for index targets (the label-smoothing
 //! sum keeps the unmasked summation order); probability targets agree up to the rounding of their
 //! sums.
