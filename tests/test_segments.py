@@ -521,6 +521,70 @@ def test_dask_segment_errors():
         sd.segment_logsumexp(x, ids[:9], 4)
 
 
+@pytest.mark.parametrize("chunk", [1, 5, 64])
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+def test_dask_segment_cross_entropy_equals_the_numpy_path(chunk, reduction):
+    # Unsorted ids across chunks (chunk 1: every row alone): catches a rank within the segment
+    # counted per chunk instead of over the whole array (a target picked in the wrong chunk),
+    # counts of earlier chunks added to the wrong segment, an ignored or empty segment
+    # counted, and a target found twice or not at all.
+    da = pytest.importorskip("dask.array")
+    import stablelse.dask as sd
+
+    rng = np.random.default_rng(chunk)
+    lengths = rng.integers(0, 8, 40)
+    lengths[[2, 9]] = 0
+    lengths[4] = 3
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    n = int(offsets[-1])
+    x = rng.standard_normal(n) * 5
+    x[offsets[4]] = 60.0  # a confident segment, where lse - x_t would cancel
+    target = np.array([rng.integers(0, k) if k else -100 for k in lengths])
+    target[4], target[7] = 0, -100
+    ids = ids_of(offsets)
+    perm = rng.permutation(n)
+    cases = [
+        (x, {"offsets": offsets}),
+        (x, {"segment_ids": ids, "sorted": True}),
+        (x[perm], {"segment_ids": ids[perm]}),
+    ]
+    for xx, kw in cases:
+        want = segment_cross_entropy(xx, target=target, reduction=reduction, **kw)
+        dkw = dict(kw)
+        if "segment_ids" in dkw:
+            dkw["segment_ids"] = da.from_array(dkw["segment_ids"], chunks=chunk + 1)
+        got = sd.segment_cross_entropy(
+            da.from_array(xx, chunks=chunk), target=target, reduction=reduction, **dkw
+        ).compute()
+        assert got.dtype == np.asarray(want).dtype and got.shape == np.shape(want)
+        np.testing.assert_allclose(got, want, rtol=4e-15, atol=1e-300)
+
+
+def test_dask_segment_cross_entropy_errors():
+    da = pytest.importorskip("dask.array")
+    import stablelse.dask as sd
+
+    x = da.from_array(np.arange(10.0, dtype=np.float32), chunks=3)
+    ids = np.array([0, 0, 1, 1, 1, 2, 2, 3, 3, 3])
+    loss = sd.segment_cross_entropy(x, da.from_array(ids, chunks=4), [1, 0, 1, 2])
+    assert loss.dtype == np.float32
+    np.testing.assert_allclose(
+        loss.compute(), segment_cross_entropy(x.compute(), ids, [1, 0, 1, 2]), rtol=1e-6
+    )
+    with pytest.raises(IndexError, match=r"target\[1\] = 3 is outside \[0, 3\) \(segment 1"):
+        sd.segment_cross_entropy(x, ids, [1, 3, 1, 2]).compute()
+    bad = ids.copy()
+    bad[8] = 4
+    with pytest.raises(IndexError, match=r"segment_ids\[8\] = 4 is outside \[0, 4\)"):
+        sd.segment_cross_entropy(x, da.from_array(bad, chunks=3), [0, 0, 0, 0]).compute()
+    with pytest.raises(NotImplementedError, match="return_grad"):
+        sd.segment_cross_entropy(x, ids, [0, 0, 0, 0], return_grad=True)
+    with pytest.raises(ValueError, match="target has 3 elements but there are 4 segments"):
+        sd.segment_cross_entropy(x, ids, [0, 0, 0], num_segments=4)
+    with pytest.raises(TypeError, match="missing the target"):
+        sd.segment_cross_entropy(x, ids)
+
+
 @pytest.mark.parametrize("num_segments", [3, 5000, 70000])
 def test_unsorted_ids_over_many_sort_chunks_equal_the_sorted_offsets(num_segments):
     # 300k rows: several chunks of the sort's first level and, for 70000 segments, buckets of

@@ -27,6 +27,7 @@ import numpy.typing as npt
 
 try:
     import dask.array as da
+    from dask import delayed
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("stablelse.dask needs dask[array]: pip install 'stablelse[dask]'") from exc
 
@@ -44,6 +45,7 @@ from ._spec import (
     target_kind,
     weight_array,
 )
+from ._spec import _reduction as _check_reduction
 from ._stream import (
     STATE_DTYPE,
     chunk_states,
@@ -59,6 +61,7 @@ __all__ = [
     "log_softmax",
     "logsumexp",
     "lse_states",
+    "segment_cross_entropy",
     "segment_log_softmax",
     "segment_logsumexp",
     "segment_softmax",
@@ -1052,3 +1055,198 @@ def segment_log_softmax(
     return _segment_softmax_like(
         x, segment_ids, num_segments, offsets, axis, sorted, split_every, True
     )
+
+
+def _segment_count_block(
+    ib: AnyArray, *, count: int, block_info: Optional[dict[Any, Any]] = None
+) -> AnyArray:
+    """How many rows of a block each segment holds, ``(1, count)``; an id outside
+    ``[0, count)`` raises IndexError naming its position in the whole `segment_ids`."""
+    ids = np.asarray(ib, dtype=np.int64)
+    bad = (ids < 0) | (ids >= count)
+    if bad.any():
+        k = int(np.argmax(bad))
+        start = int(block_info[0]["array-location"][0][0]) if block_info else 0
+        raise IndexError(
+            f"segment_ids[{start + k}] = {int(ids[k])} is outside [0, {count}) "
+            f"(num_segments = {count})"
+        )
+    return np.bincount(ids, minlength=count)[None, :count]
+
+
+def _segment_target_block(
+    xb: AnyArray, ib: AnyArray, before: AnyArray, *, tgt: AnyArray, ignore_index: int
+) -> AnyArray:
+    """``(1, count)``: the target score of every segment whose target row lies in this block
+    (0 elsewhere). A row's rank within its segment is the rows of that segment in earlier
+    blocks (`before`) plus those before it in this block, in array order."""
+    out = np.zeros((1, tgt.size), dtype=np.float64)
+    ids = np.asarray(ib, dtype=np.int64)
+    if ids.size == 0:
+        return out
+    order = np.argsort(ids, kind="stable")
+    sid = ids[order]
+    rank = np.empty(ids.size, dtype=np.int64)
+    rank[order] = np.arange(sid.size) - np.searchsorted(sid, sid, side="left")
+    rank += np.asarray(before).reshape(-1)[ids]
+    t = tgt[ids]
+    hit = (rank == t) & (t != ignore_index)
+    out[0, ids[hit]] = np.asarray(xb, dtype=np.float64)[hit]
+    return out
+
+
+def _segment_loss_block(
+    st: AnyArray,
+    xt: AnyArray,
+    lengths: AnyArray,
+    *,
+    tgt: AnyArray,
+    ignore_index: int,
+    reduction: str,
+    rdtype: np.dtype[Any],
+) -> AnyArray:
+    """Every segment's loss ``(max - x_t) + log1p(excess)`` from its merged state, reduced;
+    a target outside its segment raises IndexError as the NumPy path does."""
+    counted = tgt != ignore_index
+    bad = counted & ((tgt < 0) | (tgt >= lengths))
+    if bad.any():
+        s = int(np.argmax(bad))
+        raise IndexError(
+            f"target[{s}] = {int(tgt[s])} is outside [0, {int(lengths[s])}) "
+            f"(segment {s} has {int(lengths[s])} elements)"
+        )
+    # Ignored and empty segments (excess -1) are masked out of the result.
+    with np.errstate(invalid="ignore", divide="ignore"):
+        loss = np.where(counted, (st["max"] - xt) + np.log1p(st["excess"]), 0.0)
+    if reduction == "none":
+        return loss.astype(rdtype)
+    total = math.fsum(loss[counted]) if counted.any() else 0.0
+    if reduction == "mean":
+        n = int(counted.sum())
+        total = total / n if n else np.nan
+    return np.asarray(total, dtype=rdtype)
+
+
+def segment_cross_entropy(
+    x: Any,
+    segment_ids: Any = None,
+    target: Any = None,
+    *,
+    offsets: Any = None,
+    num_segments: Any = None,
+    sorted: bool = False,
+    ignore_index: int = -100,
+    reduction: Reduction = "mean",
+    return_grad: bool = False,
+    split_every: SplitEvery = None,
+) -> da.Array:
+    """Lazy :func:`stablelse.segment_cross_entropy` of Dask scores.
+
+    Parameters
+    ----------
+    x : dask.array.Array or array_like
+        1-D scores, chunked in any way: a segment may span any number of chunks.
+    segment_ids, offsets, sorted, split_every
+        As :func:`segment_logsumexp` (ids rechunked to `x`'s chunks).
+    target : array_like of int
+        One index per segment, counted within the segment in array order, as
+        :func:`stablelse.segment_cross_entropy`: a NumPy array known at call time.
+    num_segments : int, optional
+        Defaults to ``len(target)`` (and with `offsets` to ``len(offsets) - 1``).
+    ignore_index, reduction
+        As :func:`stablelse.segment_cross_entropy`.
+    return_grad : bool, optional
+        Not supported here, as in :func:`cross_entropy`: ``True`` raises
+        ``NotImplementedError`` (:func:`segment_softmax` gives the probabilities).
+
+    Returns
+    -------
+    loss : dask.array.Array
+        0-d for "mean" and "sum", ``(num_segments,)`` for "none" (0 for ignored segments),
+        in the scores' result dtype.
+
+    Raises
+    ------
+    TypeError, ValueError
+        At call time, as :func:`stablelse.segment_cross_entropy` (no `target`, a bad
+        `reduction`, `target` of the wrong length, `x` not 1-D).
+    IndexError
+        At compute time, an id outside ``[0, num_segments)`` (naming its position in the
+        whole `segment_ids`), or a target outside its segment (naming the segment).
+
+    Notes
+    -----
+    Three lazy steps: the merged ``(max, excess)`` state of every segment (as
+    :func:`segment_logsumexp`); every row's rank within its segment, from per-chunk counts of
+    every segment and their running sums over the chunks, which picks out each segment's
+    target score; then ``(max - x_t) + log1p(excess)`` per segment (exact for a confident
+    segment where ``lse - x_t`` would cancel). A segment split across chunks gives the NumPy
+    path's loss up to the rounding of the merged state (a few ULP); "sum" and "mean" add the
+    losses with ``math.fsum``. Each chunk produces ``num_segments`` states and counts: chunk
+    in pieces large against ``num_segments``.
+
+    Examples
+    --------
+    >>> import dask.array as da
+    >>> import numpy as np
+    >>> import stablelse.dask as sd
+    >>> scores = da.from_array(np.array([2.0, 0.5, -1.0, 0.3, 1.2]), chunks=2)
+    >>> sd.segment_cross_entropy(scores, target=[0, 1], offsets=[0, 3, 5],
+    ...                          reduction="none").compute()
+    array([0.2413113 , 0.34115387])
+    """
+    from ._segments import _index_array  # noqa: PLC0415
+
+    if target is None:
+        raise TypeError("segment_cross_entropy() missing the target argument")
+    if return_grad:
+        raise NotImplementedError(
+            "return_grad is not supported on Dask arrays; segment_softmax gives the "
+            "probabilities"
+        )
+    reduction = _check_reduction(reduction)
+    tgt = _index_array(target, "target")
+    if num_segments is None and segment_ids is not None:
+        num_segments = tgt.size
+    xm, _, ids, count, srt = _segment_layout(x, segment_ids, num_segments, offsets, 0, sorted)
+    if xm.ndim != 1:
+        raise ValueError(f"x must be 1-D scores, got shape {xm.shape}")
+    if tgt.size != count:
+        raise ValueError(f"target has {tgt.size} elements but there are {count} segments")
+    rdtype = result_dtype(xm.dtype)
+    states = _segment_reduction(xm, ids, count, srt, split_every, "state", STATE_DTYPE)
+    blocks = len(xm.chunks[0])
+    counts = da.map_blocks(
+        _segment_count_block, ids, count=count, new_axis=1,
+        chunks=((1,) * blocks, (count,)), dtype=np.int64,
+        meta=np.empty((0, 0), dtype=np.int64),
+    )
+    before = da.cumsum(counts, axis=0) - counts
+    # Block b of the scores meets row b of `before` (their chunks differ, so no blockwise);
+    # the targets enter the graph once.
+    targets = delayed(tgt, pure=True)
+    found = da.concatenate(
+        [
+            da.from_delayed(
+                delayed(_segment_target_block, pure=True)(
+                    xb, ib, bb, tgt=targets, ignore_index=int(ignore_index)
+                ),
+                shape=(1, count),
+                dtype=np.float64,
+                meta=np.empty((0, 0), dtype=np.float64),
+            )
+            for xb, ib, bb in zip(
+                xm.to_delayed().ravel(), ids.to_delayed().ravel(), before.to_delayed().ravel()
+            )
+        ],
+        axis=0,
+    )
+    xt = found.sum(axis=0, split_every=split_every)
+    lengths = counts.sum(axis=0, split_every=split_every)
+    kw = {"tgt": tgt, "ignore_index": int(ignore_index), "reduction": reduction,
+          "rdtype": rdtype}
+    if reduction == "none":
+        return da.map_blocks(_segment_loss_block, states, xt, lengths, dtype=rdtype,
+                             meta=np.empty((0,), dtype=rdtype), **kw)
+    return da.map_blocks(_segment_loss_block, states, xt, lengths, drop_axis=0, dtype=rdtype,
+                         meta=np.empty((), dtype=rdtype), **kw)
