@@ -527,7 +527,7 @@ def test_dask_segment_cross_entropy_equals_the_numpy_path(chunk, reduction):
     # Unsorted ids across chunks (chunk 1: every row alone): catches a rank within the segment
     # counted per chunk instead of over the whole array (a target picked in the wrong chunk),
     # counts of earlier chunks added to the wrong segment, an ignored or empty segment
-    # counted, and a target found twice or not at all.
+    # counted, a target found twice or not at all, and a gradient scaled or placed wrongly.
     da = pytest.importorskip("dask.array")
     import stablelse.dask as sd
 
@@ -549,15 +549,22 @@ def test_dask_segment_cross_entropy_equals_the_numpy_path(chunk, reduction):
         (x[perm], {"segment_ids": ids[perm]}),
     ]
     for xx, kw in cases:
-        want = segment_cross_entropy(xx, target=target, reduction=reduction, **kw)
+        want, gwant = segment_cross_entropy(
+            xx, target=target, reduction=reduction, return_grad=True, **kw
+        )
         dkw = dict(kw)
         if "segment_ids" in dkw:
             dkw["segment_ids"] = da.from_array(dkw["segment_ids"], chunks=chunk + 1)
-        got = sd.segment_cross_entropy(
-            da.from_array(xx, chunks=chunk), target=target, reduction=reduction, **dkw
-        ).compute()
+        xd = da.from_array(xx, chunks=chunk)
+        got = sd.segment_cross_entropy(xd, target=target, reduction=reduction, **dkw).compute()
         assert got.dtype == np.asarray(want).dtype and got.shape == np.shape(want)
         np.testing.assert_allclose(got, want, rtol=4e-15, atol=1e-300)
+        loss, grad = sd.segment_cross_entropy(
+            xd, target=target, reduction=reduction, return_grad=True, **dkw
+        )
+        assert grad.chunks == xd.chunks
+        np.testing.assert_allclose(loss.compute(), want, rtol=4e-15, atol=1e-300)
+        np.testing.assert_allclose(grad.compute(), gwant, rtol=1e-14, atol=1e-16)
 
 
 def test_dask_segment_cross_entropy_errors():
@@ -577,8 +584,12 @@ def test_dask_segment_cross_entropy_errors():
     bad[8] = 4
     with pytest.raises(IndexError, match=r"segment_ids\[8\] = 4 is outside \[0, 4\)"):
         sd.segment_cross_entropy(x, da.from_array(bad, chunks=3), [0, 0, 0, 0]).compute()
-    with pytest.raises(NotImplementedError, match="return_grad"):
-        sd.segment_cross_entropy(x, ids, [0, 0, 0, 0], return_grad=True)
+    with pytest.raises(IndexError, match=r"target\[1\] = 3 is outside"):
+        sd.segment_cross_entropy(x, ids, [1, 3, 1, 2], return_grad=True)[1].compute()
+    loss, grad = sd.segment_cross_entropy(x, ids, [1, 0, 1, -100], return_grad=True)
+    want, gwant = segment_cross_entropy(x.compute(), ids, [1, 0, 1, -100], return_grad=True)
+    assert grad.dtype == np.float32 and not grad[7:].compute().any()
+    np.testing.assert_allclose(grad.compute(), gwant, rtol=1e-6, atol=1e-7)
     with pytest.raises(ValueError, match="target has 3 elements but there are 4 segments"):
         sd.segment_cross_entropy(x, ids, [0, 0, 0], num_segments=4)
     with pytest.raises(TypeError, match="missing the target"):

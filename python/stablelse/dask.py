@@ -1074,25 +1074,57 @@ def _segment_count_block(
     return np.bincount(ids, minlength=count)[None, :count]
 
 
-def _segment_target_block(
-    xb: AnyArray, ib: AnyArray, before: AnyArray, *, tgt: AnyArray, ignore_index: int
-) -> AnyArray:
-    """``(1, count)``: the target score of every segment whose target row lies in this block
-    (0 elsewhere). A row's rank within its segment is the rows of that segment in earlier
-    blocks (`before`) plus those before it in this block, in array order."""
-    out = np.zeros((1, tgt.size), dtype=np.float64)
+def _target_hits(
+    ib: AnyArray, before: AnyArray, tgt: AnyArray, ignore_index: int
+) -> tuple[AnyArray, AnyArray]:
+    """A block's ids and which of its rows are their segment's target. A row's rank within
+    its segment is the rows of that segment in earlier blocks (`before`) plus those before it
+    in this block, in array order."""
     ids = np.asarray(ib, dtype=np.int64)
-    if ids.size == 0:
-        return out
     order = np.argsort(ids, kind="stable")
     sid = ids[order]
     rank = np.empty(ids.size, dtype=np.int64)
     rank[order] = np.arange(sid.size) - np.searchsorted(sid, sid, side="left")
     rank += np.asarray(before).reshape(-1)[ids]
     t = tgt[ids]
-    hit = (rank == t) & (t != ignore_index)
+    return ids, (rank == t) & (t != ignore_index)
+
+
+def _segment_target_block(
+    xb: AnyArray, ib: AnyArray, before: AnyArray, *, tgt: AnyArray, ignore_index: int
+) -> AnyArray:
+    """``(1, count)``: the target score of every segment whose target row lies in this block
+    (0 elsewhere)."""
+    out = np.zeros((1, tgt.size), dtype=np.float64)
+    ids, hit = _target_hits(ib, before, tgt, ignore_index)
     out[0, ids[hit]] = np.asarray(xb, dtype=np.float64)[hit]
     return out
+
+
+def _segment_grad_block(
+    xb: AnyArray,
+    ib: AnyArray,
+    before: AnyArray,
+    st: AnyArray,
+    *,
+    tgt: AnyArray,
+    ignore_index: int,
+    scale: float,
+    rdtype: np.dtype[Any],
+) -> AnyArray:
+    """A block's gradient ``scale * (softmax - onehot)`` from the merged states, in float64
+    and rounded once; 0 in ignored segments, NaN in counted ones holding ``+inf``."""
+    ids, hit = _target_hits(ib, before, tgt, ignore_index)
+    m, ex = st["max"][ids], st["excess"][ids]
+    with np.errstate(invalid="ignore", over="ignore"):
+        p = np.exp(np.asarray(xb, dtype=np.float64) - m) / (1.0 + ex)
+        g = np.where(m == np.inf, np.nan, (p - hit) * scale)
+    return np.where(tgt[ids] != ignore_index, g, 0.0).astype(rdtype)
+
+
+def _first(a: Any, _after: Any) -> Any:
+    """`a`, once `_after` has been computed (an ordering edge in the graph)."""
+    return a
 
 
 def _segment_loss_block(
@@ -1139,7 +1171,7 @@ def segment_cross_entropy(
     reduction: Reduction = "mean",
     return_grad: bool = False,
     split_every: SplitEvery = None,
-) -> da.Array:
+) -> Union[da.Array, tuple[da.Array, da.Array]]:
     """Lazy :func:`stablelse.segment_cross_entropy` of Dask scores.
 
     Parameters
@@ -1156,14 +1188,17 @@ def segment_cross_entropy(
     ignore_index, reduction
         As :func:`stablelse.segment_cross_entropy`.
     return_grad : bool, optional
-        Not supported here, as in :func:`cross_entropy`: ``True`` raises
-        ``NotImplementedError`` (:func:`segment_softmax` gives the probabilities).
+        Also return the gradient of the returned loss (of its sum for "none") with respect to
+        `x`: ``softmax - onehot`` per counted segment, scaled by ``1 / count`` for "mean"; 0
+        on ignored segments.
 
     Returns
     -------
     loss : dask.array.Array
         0-d for "mean" and "sum", ``(num_segments,)`` for "none" (0 for ignored segments),
         in the scores' result dtype.
+    grad : dask.array.Array
+        Only with ``return_grad=True``: `x`'s shape and chunks, in the result dtype.
 
     Raises
     ------
@@ -1182,8 +1217,9 @@ def segment_cross_entropy(
     target score; then ``(max - x_t) + log1p(excess)`` per segment (exact for a confident
     segment where ``lse - x_t`` would cancel). A segment split across chunks gives the NumPy
     path's loss up to the rounding of the merged state (a few ULP); "sum" and "mean" add the
-    losses with ``math.fsum``. Each chunk produces ``num_segments`` states and counts: chunk
-    in pieces large against ``num_segments``.
+    losses with ``math.fsum``. The gradient is written per chunk from the merged states in
+    float64 and rounded once (the NumPy path's up to that rounding). Each chunk produces
+    ``num_segments`` states and counts: chunk in pieces large against ``num_segments``.
 
     Examples
     --------
@@ -1199,11 +1235,6 @@ def segment_cross_entropy(
 
     if target is None:
         raise TypeError("segment_cross_entropy() missing the target argument")
-    if return_grad:
-        raise NotImplementedError(
-            "return_grad is not supported on Dask arrays; segment_softmax gives the "
-            "probabilities"
-        )
     reduction = _check_reduction(reduction)
     tgt = _index_array(target, "target")
     if num_segments is None and segment_ids is not None:
@@ -1246,7 +1277,33 @@ def segment_cross_entropy(
     kw = {"tgt": tgt, "ignore_index": int(ignore_index), "reduction": reduction,
           "rdtype": rdtype}
     if reduction == "none":
-        return da.map_blocks(_segment_loss_block, states, xt, lengths, dtype=rdtype,
+        loss = da.map_blocks(_segment_loss_block, states, xt, lengths, dtype=rdtype,
                              meta=np.empty((0,), dtype=rdtype), **kw)
-    return da.map_blocks(_segment_loss_block, states, xt, lengths, drop_axis=0, dtype=rdtype,
-                         meta=np.empty((), dtype=rdtype), **kw)
+    else:
+        loss = da.map_blocks(_segment_loss_block, states, xt, lengths, drop_axis=0,
+                             dtype=rdtype, meta=np.empty((), dtype=rdtype), **kw)
+    if not return_grad:
+        return loss
+    counted = int((tgt != ignore_index).sum())
+    scale = 1.0 / counted if reduction == "mean" and counted else 1.0
+    # The loss is computed first: it validates the targets the gradient reads.
+    merged = delayed(_first, pure=True)(states.to_delayed().ravel()[0], loss)
+    grad = da.concatenate(
+        [
+            da.from_delayed(
+                delayed(_segment_grad_block, pure=True)(
+                    xb, ib, bb, merged, tgt=targets, ignore_index=int(ignore_index),
+                    scale=scale, rdtype=rdtype,
+                ),
+                shape=(rows,),
+                dtype=rdtype,
+                meta=np.empty((0,), dtype=rdtype),
+            )
+            for xb, ib, bb, rows in zip(
+                xm.to_delayed().ravel(), ids.to_delayed().ravel(),
+                before.to_delayed().ravel(), xm.chunks[0],
+            )
+        ],
+        axis=0,
+    )
+    return loss, grad
