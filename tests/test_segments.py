@@ -567,6 +567,28 @@ def test_dask_segment_cross_entropy_equals_the_numpy_path(chunk, reduction):
         np.testing.assert_allclose(grad.compute(), gwant, rtol=1e-14, atol=1e-16)
 
 
+def test_dask_segments_of_an_empty_array():
+    # No rows: every segment is empty (-inf, nothing to write, no loss); an empty block's ids
+    # used to fail a reshape.
+    da = pytest.importorskip("dask.array")
+    import stablelse.dask as sd
+
+    xe = da.from_array(np.zeros(0), chunks=1)
+    np.testing.assert_array_equal(sd.segment_logsumexp(xe, offsets=[0, 0, 0]).compute(),
+                                  [-np.inf, -np.inf])
+    assert sd.segment_softmax(xe, offsets=[0, 0, 0]).compute().shape == (0,)
+    ids = da.from_array(np.zeros(0, np.int64), chunks=1)
+    x2 = da.from_array(np.zeros((0, 3)), chunks=(1, 2))
+    assert np.isneginf(sd.segment_logsumexp(x2, ids, 2).compute()).all()
+    loss, grad = sd.segment_cross_entropy(
+        xe, target=[-100, -100], offsets=[0, 0, 0], reduction="none", return_grad=True
+    )
+    np.testing.assert_array_equal(loss.compute(), [0.0, 0.0])
+    assert grad.compute().shape == (0,)
+    with pytest.raises(IndexError, match=r"target\[0\] = 0 is outside \[0, 0\)"):
+        sd.segment_cross_entropy(xe, target=[0, -100], offsets=[0, 0, 0]).compute()
+
+
 def test_dask_segment_cross_entropy_errors():
     da = pytest.importorskip("dask.array")
     import stablelse.dask as sd

@@ -791,7 +791,9 @@ def _segment_state_block(
     """One block's states of every segment, ``(1, count, *other axes)``."""
     from ._segments import _index_array  # noqa: PLC0415
 
-    ids = _index_array(np.asarray(ib).reshape(ib.shape[0], -1)[:, 0], "segment_ids")
+    # The ids broadcast along the other axes (length 1): one per row, none in an empty block.
+    arr = np.asarray(ib)
+    ids = _index_array(arr[(slice(None),) + (0,) * (arr.ndim - 1)], "segment_ids")
     kw: dict[str, Any] = {"segment_ids": ids, "num_segments": count, "sorted": sorted}
     shape = (1, count) + xb.shape[1:]
     try:
