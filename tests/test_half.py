@@ -579,6 +579,20 @@ def test_probability_targets_equal_float32_rounded(rng, dtype, shape, axis, mask
         _same(g, gw.astype(dtype))
 
 
+def test_bfloat16_probability_targets_are_floating(rng):
+    # ml_dtypes' bfloat16 has NumPy kind "V": it must still count as class probabilities
+    # (and another 1-byte ml_dtypes float type must not).
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    x = (rng.standard_normal((6, 9)) * 3).astype(ml_dtypes.bfloat16)
+    q = rng.dirichlet(np.ones(9), 6).astype(ml_dtypes.bfloat16)
+    got, g = sl.cross_entropy(x, q, return_grad=True)
+    want, gw = sl.cross_entropy(x.astype(np.float32), q.astype(np.float32), return_grad=True)
+    _same_loss(got, want, x.dtype)
+    _same(g, gw.astype(x.dtype))
+    with pytest.raises(TypeError, match="float class probabilities"):
+        sl.cross_entropy(x, np.zeros((6, 9), ml_dtypes.float8_e4m3fn))
+
+
 @pytest.mark.parametrize("kind", ["where", "probabilities"])
 def test_losses_make_no_copy_of_the_logits(kind):
     # Catches where= or probability targets on float16 logits widening them all to float32
