@@ -275,11 +275,52 @@ def test_cross_entropy_errors(compute):
         sd.cross_entropy(dl, da.zeros(4))
     with pytest.raises(ValueError, match="weight must have one entry per class"):
         sd.cross_entropy(dl, da.zeros(4, dtype=int), weight=[1.0, 2.0])
-    with pytest.raises(NotImplementedError, match="gradients"):
-        sd.cross_entropy(dl, da.zeros(4, dtype=int), return_grad=True)
+    with pytest.raises(NotImplementedError, match="grad_out is not supported on Dask arrays"):
+        sd.cross_entropy(dl, da.zeros(4, dtype=int), return_grad=True, grad_out=np.empty((4, 3)))
+    with pytest.raises(ValueError, match="grad_out"):
+        sd.cross_entropy(dl, da.zeros(4, dtype=int), grad_out=np.empty((4, 3)))
     lazy = sd.cross_entropy(dl, da.from_array(np.array([0, 1, 3, 2]), chunks=2))
     with pytest.raises(IndexError, match=r"^target\[2\] = 3 is outside \[0, 3\)$"):
         compute(lazy)
+    # The gradient alone checks its targets too, naming them in the whole array.
+    _, grad = sd.cross_entropy(dl, da.from_array(np.array([0, 1, 3, 2]), chunks=2),
+                               return_grad=True, reduction="mean")
+    with pytest.raises(IndexError, match=r"^target\[2\] = 3 is outside \[0, 3\)$"):
+        compute(grad)
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+@pytest.mark.parametrize("targets", ["index", "probs"])
+def test_cross_entropy_gradient_equals_the_numpy_path(compute, reduction, targets):
+    # Rows split over blocks along two axes (the class axis in the middle): catches a block's
+    # gradient scaled by its own denominator instead of the batch's, a z-loss term scaled by
+    # the weighted denominator, and a gradient block placed at the wrong rows.
+    rng = np.random.default_rng(7)
+    x = (rng.standard_normal((30, 7, 4)) * 3).astype(np.float32)
+    t = rng.integers(0, 7, (30, 4))
+    t[3, 1] = -100
+    keep = rng.random(x.shape) < 0.8
+    keep[np.arange(30)[:, None], np.where(t >= 0, t, 0), np.arange(4)] = True
+    q = rng.dirichlet(np.ones(7), (30, 4)).transpose(0, 2, 1) * keep  # no mass where masked
+    tgt = t if targets == "index" else (q / q.sum(axis=1, keepdims=True)).astype(np.float32)
+    w = rng.uniform(0.1, 2.0, 7)
+    optsets = [{}, {"label_smoothing": 0.1, "z_loss": 1e-2}, {"where": keep}]
+    if targets == "index":
+        optsets += [{"weight": w, "z_loss": 1e-2}, {"weight": w, "where": keep}]
+    xd = da.from_array(x, chunks=(7, 7, 3))
+    td = da.from_array(tgt, chunks=(7, 3) if targets == "index" else (7, 7, 3))
+    for opts in optsets:
+        want, gw = stablelse.cross_entropy(x, tgt, axis=1, reduction=reduction,
+                                           return_grad=True, **opts)
+        loss, grad = sd.cross_entropy(xd, td, axis=1, reduction=reduction, return_grad=True,
+                                      **opts)
+        got, g = compute([loss, grad])
+        assert g.dtype == gw.dtype == np.float32 and g.shape == x.shape
+        np.testing.assert_allclose(got, want, rtol=4e-7, atol=1e-7)
+        if reduction == "mean":
+            np.testing.assert_allclose(g, gw, rtol=4e-7, atol=1e-9, err_msg=str(opts))
+        else:
+            np.testing.assert_array_equal(g, gw, err_msg=str(opts))
 
 
 def test_cross_entropy_names_the_target_in_the_whole_array(compute):

@@ -461,6 +461,72 @@ def log_softmax(
 # --------------------------------------------------------------------------- cross_entropy
 
 
+def _block_call(
+    x: AnyArray,
+    tb: AnyArray,
+    m: Optional[AnyArray],
+    w: Optional[AnyArray],
+    reduction: str,
+    zl: float,
+    *,
+    ax: int,
+    ignore_index: int,
+    label_smoothing: float,
+    block_info: Optional[dict[Any, Any]],
+    return_grad: bool = False,
+) -> Any:
+    """The NumPy path's loss (and gradient) of one block; a bad target is named by its
+    position in the whole target, not in the block."""
+    try:
+        return _np_cross_entropy(
+            x, tb, axis=ax, weight=w, ignore_index=ignore_index, reduction=reduction,  # type: ignore[arg-type]
+            label_smoothing=label_smoothing, z_loss=zl, where=m, return_grad=return_grad,
+        )
+    except (TargetError, MaskedTargetError, MaskedProbabilityError) as exc:
+        if block_info is None:
+            raise
+        loc = block_info[0]["array-location"]
+        raise exc.shifted(tuple(lo for i, (lo, _) in enumerate(loc) if i != ax)) from None
+
+
+def _xent_grad_block(
+    x: AnyArray,
+    t: AnyArray,
+    *extra: AnyArray,
+    ax: int,
+    kind: str,
+    weight: Optional[AnyArray],
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    masked: bool,
+    mean: bool,
+    rdtype: np.dtype[Any],
+    block_info: Optional[dict[Any, Any]] = None,
+) -> AnyArray:
+    """The gradient of the returned loss with respect to one block of logits. "sum" and
+    "none": the block's own gradient of its sum (the NumPy path's bits). "mean": that of
+    ``main / D + z * zterm / K`` with the whole batch's ``D + iK`` (last of `extra`), as the
+    gradient of the block's sum with the z-loss scaled by ``D / K``, computed in float64 and
+    divided by ``D`` before its one rounding."""
+    m = extra[0] if masked else None
+    tb = np.squeeze(t, ax) if kind == "index" else t
+    run = partial(_block_call, tb=tb, m=m, w=weight, reduction="sum", ax=ax,
+                  ignore_index=ignore_index, label_smoothing=label_smoothing,
+                  block_info=block_info, return_grad=True)
+    if not mean:
+        return np.asarray(run(x, zl=z_loss)[1]).astype(rdtype, copy=False)
+    dk = complex(np.asarray(extra[-1]).reshape(-1)[0])
+    d, k = dk.real, dk.imag
+    if k == 0.0:
+        # No row takes part: the NumPy path writes 0 everywhere.
+        return np.zeros(x.shape, dtype=rdtype)
+    zl = z_loss * d / k if z_loss > 0.0 and d != k else z_loss
+    g = run(np.asarray(x, dtype=np.float64), zl=zl)[1]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (g / d).astype(rdtype)
+
+
 def _xent_block(
     x: AnyArray,
     t: AnyArray,
@@ -486,16 +552,8 @@ def _xent_block(
     tb = np.squeeze(t, ax) if kind == "index" else t
 
     def run(w: Optional[AnyArray], reduction: str, zl: float) -> Any:
-        try:
-            return _np_cross_entropy(
-                x, tb, axis=ax, weight=w, ignore_index=ignore_index, reduction=reduction,  # type: ignore[arg-type]
-                label_smoothing=label_smoothing, z_loss=zl, where=m,
-            )
-        except (TargetError, MaskedTargetError, MaskedProbabilityError) as exc:
-            if block_info is None:
-                raise
-            loc = block_info[0]["array-location"]
-            raise exc.shifted(tuple(lo for i, (lo, _) in enumerate(loc) if i != ax)) from None
+        return _block_call(x, tb, m, w, reduction, zl, ax=ax, ignore_index=ignore_index,
+                           label_smoothing=label_smoothing, block_info=block_info)
 
     if mode == "none":
         return np.asarray(run(weight, "none", z_loss))
@@ -574,7 +632,7 @@ def cross_entropy(
     grad_out: Any = None,
     where: Any = None,
     split_every: SplitEvery = None,
-) -> da.Array:
+) -> Union[da.Array, tuple[da.Array, da.Array]]:
     """Lazy :func:`stablelse.cross_entropy` of Dask `logits` against class `target`.
 
     Parameters
@@ -589,9 +647,12 @@ def cross_entropy(
         to match `logits`.
     axis, weight, ignore_index, reduction, label_smoothing, z_loss
         As :func:`stablelse.cross_entropy`; validated at call time by the same rules.
-    return_grad, grad_out
-        Not supported here: ``return_grad=True`` raises ``NotImplementedError``, and
-        `grad_out` without ``return_grad=True`` the same ``ValueError`` as the NumPy path.
+    return_grad : bool, optional
+        Also return the gradient of the returned loss (of its sum for "none") with respect to
+        `logits`, as a Dask array chunked like the logits with the class axis whole.
+    grad_out
+        Not supported here (the gradient is returned lazily): ``NotImplementedError``; without
+        ``return_grad=True`` the same ``ValueError`` as the NumPy path.
     where : dask.array.Array or array_like of bool, optional
         The class mask of :func:`stablelse.cross_entropy`, broadcastable to `logits`;
         checked at call time by the same rule, broadcast and rechunked like `logits` (a
@@ -605,6 +666,8 @@ def cross_entropy(
     loss : dask.array.Array
         0-d for "mean" and "sum", of the targets' batch shape for "none"; in the logits'
         result dtype (float32 stays float32, integers give float64).
+    grad : dask.array.Array
+        Only with ``return_grad=True``: the logits' shape, in the result dtype.
 
     Raises
     ------
@@ -625,7 +688,11 @@ def cross_entropy(
     denominator (``sum(w[t])`` over non-ignored index targets, the batch size for
     probabilities) and, with class weights and `z_loss`, divides the z term by the count of
     non-ignored targets as the NumPy path does (two kernel passes per block; a row holding
-    ``+inf`` then gives NaN rather than ``inf``).
+    ``+inf`` then gives NaN rather than ``inf``). The gradient of "none" and "sum" is the NumPy
+    path's, bit for bit (each block's rows by its kernel); that of "mean" needs the whole
+    batch's denominators first, and is each block's gradient of its sum (its z-loss scaled by
+    ``D / K`` when those differ) computed in float64 and divided by ``D`` before one rounding,
+    so a float32 result may differ from the NumPy path's in the last bit.
 
     Examples
     --------
@@ -645,8 +712,10 @@ def cross_entropy(
         return_grad=return_grad,
         grad_out=grad_out,
     )
-    if opts.return_grad:
-        raise NotImplementedError("stablelse.dask.cross_entropy does not return gradients")
+    if grad_out is not None:
+        raise NotImplementedError(
+            "grad_out is not supported on Dask arrays: the gradient is returned as one"
+        )
     x = _as_dask(logits, "logits")
     if x.ndim == 0:
         raise ValueError("logits must have at least one dimension (the class axis), got a scalar")
@@ -689,11 +758,14 @@ def cross_entropy(
         z_loss=opts.z_loss,
         mode=mode,
     )
+    grad = partial(_xent_grad, xr, te, masks, ax=ax, kind=kind, weight=w, opts=opts,
+                   rdtype=rdtype)
     if mode == "none":
-        return da.map_blocks(
+        loss = da.map_blocks(
             block, xr, te, *masks, drop_axis=ax, dtype=rdtype,
             meta=np.empty((0,) * (x.ndim - 1), dtype=rdtype), token="stablelse-xent-none",
         )
+        return (loss, grad(None)) if opts.return_grad else loss
     width = 2 if split else 1
     chunks = tuple((width,) if i == ax else (1,) * len(c) for i, c in enumerate(xr.chunks))
     sums = da.map_blocks(
@@ -703,7 +775,8 @@ def cross_entropy(
     others = tuple(i for i in range(x.ndim) if i != ax)
     parts = sums.sum(axis=others, split_every=split_every)
     if opts.reduction == "sum":
-        return parts[0].astype(rdtype)
+        loss = parts[0].astype(rdtype)
+        return (loss, grad(None)) if opts.return_grad else loss
     if masks:
         dchunks = tuple((2,) if i == ax else (1,) * len(c) for i, c in enumerate(xr.chunks))
         dens = da.map_blocks(
@@ -722,8 +795,36 @@ def cross_entropy(
             meta=np.empty((0,) * (t.ndim + 1), dtype=np.float64),
         )
         den = dens.sum(axis=tuple(range(t.ndim)), split_every=split_every)
-    return da.map_blocks(_mean, parts, den, rdtype=rdtype, dtype=rdtype, drop_axis=0,
+    loss = da.map_blocks(_mean, parts, den, rdtype=rdtype, dtype=rdtype, drop_axis=0,
                          meta=np.empty((), dtype=rdtype))
+    return (loss, grad(den)) if opts.return_grad else loss
+
+
+def _xent_grad(
+    xr: da.Array,
+    te: da.Array,
+    masks: tuple[da.Array, ...],
+    den: Optional[da.Array],
+    *,
+    ax: int,
+    kind: str,
+    weight: Optional[AnyArray],
+    opts: Any,
+    rdtype: np.dtype[Any],
+) -> da.Array:
+    """The gradient of :func:`cross_entropy`'s loss, block by block of `xr` (each block
+    holding whole rows), with the batch's "mean" denominators `den` when given."""
+    args: list[Any] = [xr, te, *masks]
+    if den is not None:
+        # (D, K) as one complex number in an array of ones along every axis, which every
+        # block of the logits meets whole.
+        args.append((den[0] + 1j * den[1]).reshape((1,) * xr.ndim))
+    return da.map_blocks(
+        _xent_grad_block, *args, dtype=rdtype, meta=np.empty((0,) * xr.ndim, dtype=rdtype),
+        ax=ax, kind=kind, weight=weight, ignore_index=opts.ignore_index,
+        label_smoothing=opts.label_smoothing, z_loss=opts.z_loss, masked=bool(masks),
+        mean=den is not None, rdtype=rdtype, token="stablelse-xent-grad",
+    )
 
 
 # --------------------------------------------------------------------------- segments
