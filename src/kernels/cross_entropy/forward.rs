@@ -190,28 +190,11 @@ pub fn cross_entropy<T: Real>(
     )?;
     let lanes_out = per_lane.map(|p| SendPtr(p.as_mut_ptr()));
     let grad_out = grad.map(|g| SendPtr(g.as_mut_ptr()));
-    let (main, zsum) = if batch.count() == 0 {
-        (0.0, 0.0)
-    } else if let Some(mask) = &opts.mask {
-        let (main, zsum, deferred) = masked::xent_masked(
-            logits,
-            &targets,
-            &plan,
-            mask,
-            opts.algorithm,
-            lanes_out,
-            grad_out,
-        )?;
-        if let Some(counts) = deferred {
-            // The targets were checked by the main pass: the mean's scales now.
-            plan = finish(plan, opts.reduction, counts)?;
-        }
-        (main, zsum)
-    } else if batch.inner == 1 {
-        xent_rows(logits, &targets, &plan, opts.algorithm, lanes_out, grad_out)?
-    } else {
-        xent_columns(logits, &targets, &plan, opts.algorithm, lanes_out, grad_out)?
-    };
+    let (main, zsum, deferred) = xent_lanes(logits, &targets, &plan, opts, lanes_out, grad_out)?;
+    if let Some(counts) = deferred {
+        // The targets were checked by the main pass: the mean's scales now.
+        plan = finish(plan, opts.reduction, counts)?;
+    }
     Ok(T::from_f64(reduced(&plan, main, zsum)))
 }
 
@@ -257,108 +240,97 @@ pub fn cross_entropy_stored<S: Stored>(
     };
     let lanes_out = per_lane.is_some().then_some(SendPtr(lanes.as_mut_ptr()));
     let grad_out = grad.map(|g| SendPtr(g.as_mut_ptr()));
-    let (n, pitch, size) = (batch.n, batch.outer_stride, std::mem::size_of::<S>());
-    let xp = SendPtr(logits.as_ptr() as *mut S);
-    let (main, zsum) = if batch.count() == 0 {
-        (0.0, 0.0)
-    } else if let Some(mask) = &opts.mask {
-        // Not deferred (`plan` was asked for none): the mean's scales are final.
-        let x = Widened(logits);
-        let (main, zsum, _) = masked::xent_masked(
-            x,
-            &targets,
-            &plan,
-            mask,
-            opts.algorithm,
-            lanes_out,
-            grad_out,
-        )?;
-        (main, zsum)
-    } else if batch.inner != 1 {
-        let x = Widened(logits);
-        xent_columns(x, &targets, &plan, opts.algorithm, lanes_out, grad_out)?
-    } else {
-        reduce_pieces(batch.outer, parallel::items_per_piece(n), n, |range| {
-            let w = range.len();
-            let mut xs = try_vec(w * n, zero)?;
-            for (i, row) in xs.chunks_exact_mut(n.max(1)).enumerate() {
-                // SAFETY: row range.start + i of the batch, which `plan` checked against
-                // the logits.
-                unsafe {
-                    let src = (xp.ptr() as *const u8).add((range.start + i) * pitch * size);
-                    S::widen_run(src, size as isize, row);
-                }
-            }
-            // Probability targets: the piece's rows at the widened logits' pitch.
-            let mut qs = Vec::new();
-            if let Targets::Probs(q) = targets {
-                qs = try_vec(w * n, zero)?;
-                for (i, row) in qs.chunks_exact_mut(n.max(1)).enumerate() {
-                    row.copy_from_slice(&q[(range.start + i) * pitch..][..n]);
-                }
-            }
-            let piece_targets = match targets {
-                Targets::Probs(_) => Targets::Probs(&qs),
-                indices => indices,
-            };
-            let mut gs = match grad_out {
-                Some(_) => try_vec(w * n, zero)?,
-                None => Vec::new(),
-            };
-            let rows = RowsAt {
-                x: &xs,
-                pitch: n,
-                base: range.start,
-            };
-            let g = grad_out.map(|_| SendPtr(gs.as_mut_ptr()));
-            let sums = rows_piece(
-                rows,
-                &piece_targets,
-                &plan,
-                opts.algorithm,
-                range.clone(),
-                lanes_out,
-                g,
-            )?;
-            if let Some(gp) = grad_out {
-                // SAFETY: the piece's rows of the dense gradient, whose length `plan` checked;
-                // pieces own disjoint lanes.
-                unsafe {
-                    S::narrow_run(&gs, gp.ptr().add(range.start * n) as *mut u8, size as isize)
-                };
-            }
-            Ok(sums)
-        })?
-    };
+    // Not deferred (`plan` was asked for none): the mean's scales are final.
+    let (main, zsum, _) = xent_lanes(Widened(logits), &targets, &plan, opts, lanes_out, grad_out)?;
+    let size = std::mem::size_of::<S>() as isize;
     if let Some(p) = per_lane {
         // SAFETY: `p` is a live slice of `lanes.len()` elements (checked by `plan`).
-        unsafe { S::narrow_run(&lanes, p.as_mut_ptr() as *mut u8, size as isize) };
+        unsafe { S::narrow_run(&lanes, p.as_mut_ptr() as *mut u8, size) };
     }
     Ok(<S::Compute as Real>::from_f64(reduced(&plan, main, zsum)))
 }
 
-/// Lanes are rows (`inner == 1`): each row is reduced by [`row_state`] and its gradient written
-/// by [`row_exp_scaled`], the SIMD-dispatched row primitives.
-fn xent_rows<T: Real>(
-    logits: &[T],
+/// The lanes' summed `(main, lse^2)` terms (the "none" losses to `lanes_out`, the gradient to
+/// `grad_out`), by layout: under a mask, lanes in rows, or in columns. The third value is the
+/// mean's denominators when the masked pass checked the targets itself ([`Plan::deferred`]).
+fn xent_lanes<T: Real, C: Logits<T>>(
+    logits: C,
+    targets: &Targets<'_, T>,
+    plan: &Plan<'_, T>,
+    opts: &XentOptions<'_, T>,
+    lanes_out: Option<SendPtr<T>>,
+    grad_out: Option<SendPtr<C::Out>>,
+) -> Result<(f64, f64, Option<masked::Counts>), Error> {
+    let (batch, alg) = (plan.batch, opts.algorithm);
+    let (main, zsum) = if batch.count() == 0 {
+        (0.0, 0.0)
+    } else if let Some(mask) = &opts.mask {
+        return masked::xent_masked(logits, targets, plan, mask, alg, lanes_out, grad_out);
+    } else if batch.inner == 1 {
+        xent_rows(logits, targets, plan, alg, lanes_out, grad_out)?
+    } else {
+        xent_columns(logits, targets, plan, alg, lanes_out, grad_out)?
+    };
+    Ok((main, zsum, None))
+}
+
+/// Lanes are rows (`inner == 1`), in pieces of [`parallel::items_per_piece`]: read where they
+/// lie, or (16-bit logits) each piece widened into a buffer of its thread, its probabilities
+/// copied beside it at the same pitch and its gradient rounded as it is written back. The
+/// pieces and blocks are the same either way, so 16-bit logits give the widened call's bits.
+fn xent_rows<T: Real, C: Logits<T>>(
+    logits: C,
     targets: &Targets<'_, T>,
     plan: &Plan<'_, T>,
     alg: Algorithm,
     lanes_out: Option<SendPtr<T>>,
-    grad_out: Option<SendPtr<T>>,
+    grad_out: Option<SendPtr<C::Out>>,
 ) -> Result<(f64, f64), Error> {
     let batch = plan.batch;
-    let rows = RowsAt {
-        x: logits,
-        pitch: batch.outer_stride,
-        base: 0,
-    };
-    reduce_pieces(
-        batch.outer,
-        parallel::items_per_piece(batch.n),
-        batch.n,
-        |range| rows_piece(rows, targets, plan, alg, range, lanes_out, grad_out),
-    )
+    let (n, pitch) = (batch.n, batch.outer_stride);
+    let per = parallel::items_per_piece(n);
+    if let Some(x) = logits.direct() {
+        let rows = RowsAt { x, pitch, base: 0 };
+        let g = grad_out.and_then(C::direct_out);
+        return reduce_pieces(batch.outer, per, n, |range| {
+            rows_piece(rows, targets, plan, alg, range, lanes_out, g)
+        });
+    }
+    reduce_pieces(batch.outer, per, n, |range| {
+        let (w, zero) = (range.len(), T::from_f64(0.0));
+        let mut xs = try_vec(w * n, zero)?;
+        for (i, row) in xs.chunks_exact_mut(n.max(1)).enumerate() {
+            logits.read_run((range.start + i) * pitch, row);
+        }
+        let mut qs = Vec::new();
+        if let Targets::Probs(q) = targets {
+            qs = try_vec(w * n, zero)?;
+            for (i, row) in qs.chunks_exact_mut(n.max(1)).enumerate() {
+                row.copy_from_slice(&q[(range.start + i) * pitch..][..n]);
+            }
+        }
+        let piece_targets = match targets {
+            Targets::Probs(_) => Targets::Probs(&qs),
+            indices => *indices,
+        };
+        let mut gs = match grad_out {
+            Some(_) => try_vec(w * n, zero)?,
+            None => Vec::new(),
+        };
+        let rows = RowsAt {
+            x: &xs,
+            pitch: n,
+            base: range.start,
+        };
+        let g = grad_out.map(|_| SendPtr(gs.as_mut_ptr()));
+        let sums = rows_piece(rows, &piece_targets, plan, alg, range.clone(), lanes_out, g)?;
+        if let Some(gp) = grad_out {
+            // SAFETY: the piece's rows of the dense gradient, whose length `plan` checked;
+            // pieces own disjoint lanes.
+            unsafe { C::write_rows(gp, range.start * n, &gs) };
+        }
+        Ok(sums)
+    })
 }
 
 /// Rows of the logits from lane `base` on: lane `l`'s row at `x[(l - base) * pitch..][..n]`,
@@ -1260,12 +1232,9 @@ pub(super) trait Logits<T: Real>: Copy + Sync {
     /// # Safety
     /// Those `g.len()` elements of the gradient writable, and no other thread's.
     unsafe fn write_rows(gp: SendPtr<Self::Out>, at: usize, g: &[T]);
-    /// Elements `at..at + len` of the dense gradient to write in place, when it is stored as
-    /// `T` (else `None`: the rows go through a buffer and [`Logits::write_rows`]).
-    ///
-    /// # Safety
-    /// Those elements of the gradient writable, and no other thread's while the slice lives.
-    unsafe fn rows_out<'g>(gp: SendPtr<Self::Out>, at: usize, len: usize) -> Option<&'g mut [T]>;
+    /// The dense gradient to write in place, when it is stored as `T` (else `None`: the rows
+    /// go through a buffer and [`Logits::write_rows`]).
+    fn direct_out(gp: SendPtr<Self::Out>) -> Option<SendPtr<T>>;
 }
 
 impl<T: Real> Logits<T> for &[T] {
@@ -1308,9 +1277,8 @@ impl<T: Real> Logits<T> for &[T] {
         // SAFETY: the caller's contract.
         unsafe { std::ptr::copy_nonoverlapping(g.as_ptr(), gp.ptr().add(at), g.len()) };
     }
-    unsafe fn rows_out<'g>(gp: SendPtr<T>, at: usize, len: usize) -> Option<&'g mut [T]> {
-        // SAFETY: the caller's contract.
-        Some(unsafe { std::slice::from_raw_parts_mut(gp.ptr().add(at), len) })
+    fn direct_out(gp: SendPtr<T>) -> Option<SendPtr<T>> {
+        Some(gp)
     }
 }
 
@@ -1377,7 +1345,7 @@ impl<S: Stored> Logits<S::Compute> for Widened<'_, S> {
         // SAFETY: the caller's contract.
         unsafe { S::narrow_run(g, gp.ptr().add(at) as *mut u8, size) };
     }
-    unsafe fn rows_out<'g>(_: SendPtr<S>, _: usize, _: usize) -> Option<&'g mut [S::Compute]> {
+    fn direct_out(_: SendPtr<S>) -> Option<SendPtr<S::Compute>> {
         None
     }
 }

@@ -413,74 +413,65 @@ pub(super) fn xent_masked<T: Real, C: Logits<T>>(
                 lane: if rows { s0 } else { s2 },
                 class: s1,
             };
-            // SAFETY (both gradient views): lanes l0..l0 + w own the dense rows l0..l0 + w of
-            // the gradient, whose length `plan` checked.
-            let direct_g = match grad_out {
-                Some(gp) if rows => unsafe { C::rows_out(gp, l0 * n, w * n) },
+            // SAFETY: lanes l0..l0 + w own the dense rows l0..l0 + w of the gradient, whose
+            // length `plan` checked.
+            let direct_g = match grad_out.and_then(C::direct_out) {
+                Some(gp) if rows => {
+                    Some(unsafe { std::slice::from_raw_parts_mut(gp.ptr().add(l0 * n), w * n) })
+                }
                 _ => None,
+            };
+            // Every block but the fused loss's rows is staged (masked classes at -inf).
+            if !(short_index && rows) {
+                stage(
+                    &mut st,
+                    logits,
+                    xs,
+                    mask.keep,
+                    ms,
+                    (n, w, count),
+                    (&mut wide, &mut line),
+                );
+            }
+            let g = match (direct_g, grad_out) {
+                (Some(g), _) => Some(g),
+                (None, Some(_)) => Some(&mut gs[..w * n]),
+                (None, None) => None,
             };
             if short_index {
                 // The fused short-row loss. Rows are read where they lie (16-bit rows widened
                 // first), the kernel reading the mask beside them (a masked class as `-inf`,
                 // so its probability and gradient are 0); columns are staged (transposed)
                 // first, as unmasked.
-                let g = match (direct_g, grad_out) {
-                    (Some(g), _) => Some(g),
-                    (None, Some(_)) => Some(&mut gs[..w * n]),
-                    (None, None) => None,
-                };
                 let row_mask = ShortMask {
                     keep: mask.keep,
                     base: ms.base,
                     lane: ms.lane,
                     class: ms.class,
                 };
-                let block = match (rows, logits.direct()) {
-                    (true, Some(x)) => ShortBlock {
-                        x: &x[xs.base..],
-                        pitch: xs.lane,
-                        n,
-                        w,
-                        l0,
-                        mask: Some(row_mask),
-                    },
+                let staged_mask = ShortMask {
+                    keep: &st.keep,
+                    base: 0,
+                    lane: n,
+                    class: 1,
+                };
+                let (x, pitch, block_mask) = match (rows, logits.direct()) {
+                    (true, Some(x)) => (&x[xs.base..], xs.lane, row_mask),
                     (true, None) => {
                         for (jj, row) in wide.chunks_exact_mut(n.max(1)).take(w).enumerate() {
                             logits.read_run(xs.base + jj * xs.lane, row);
                         }
-                        ShortBlock {
-                            x: &wide,
-                            pitch: n,
-                            n,
-                            w,
-                            l0,
-                            mask: Some(row_mask),
-                        }
+                        (&wide[..], n, row_mask)
                     }
-                    (false, _) => {
-                        stage(
-                            &mut st,
-                            logits,
-                            xs,
-                            mask.keep,
-                            ms,
-                            (n, w, count),
-                            (&mut wide, &mut line),
-                        );
-                        ShortBlock {
-                            x: &st.x,
-                            pitch: n,
-                            n,
-                            w,
-                            l0,
-                            mask: Some(ShortMask {
-                                keep: &st.keep,
-                                base: 0,
-                                lane: n,
-                                class: 1,
-                            }),
-                        }
-                    }
+                    (false, _) => (&st.x[..], n, staged_mask),
+                };
+                let block = ShortBlock {
+                    x,
+                    pitch,
+                    n,
+                    w,
+                    l0,
+                    mask: Some(block_mask),
                 };
                 // A masked target is the kernel's to skip (short_index_block).
                 let lane = |l: usize| lane_target(targets, l, plan.ignore_index, n);
@@ -495,49 +486,28 @@ pub(super) fn xent_masked<T: Real, C: Logits<T>>(
                     g,
                     &mut acc,
                 )?;
-                write_back::<T, C>(
-                    grad_out,
-                    through_buffer,
-                    &gs,
-                    (o, j0, w, n, inner),
-                    &mut line,
-                );
                 if let (true, Targets::Indices(t)) = (deferred, targets) {
                     // The rows' mask is in cache now: the pre-pass's checks, lane by lane.
                     check_lanes(plan, t, mask, l0..l0 + w, &mut counted)?;
                 }
-                continue;
+            } else {
+                if let Targets::Probs(q) = targets {
+                    st.stage_probs(q, xs, n, w);
+                }
+                let block = LaneBlock {
+                    x: &st.x,
+                    q: probs.then_some(&st.q[..]),
+                    pitch: n,
+                    n,
+                    w,
+                    l0,
+                    mask: Some(StagedMask {
+                        keep: &st.keep,
+                        kept: &st.kept,
+                    }),
+                };
+                lanes_block(plan, targets, block, alg, &mut bufs, lanes_out, g, &mut acc)?;
             }
-            stage(
-                &mut st,
-                logits,
-                xs,
-                mask.keep,
-                ms,
-                (n, w, count),
-                (&mut wide, &mut line),
-            );
-            if let Targets::Probs(q) = targets {
-                st.stage_probs(q, xs, n, w);
-            }
-            let g = match (direct_g, grad_out) {
-                (Some(g), _) => Some(g),
-                (None, Some(_)) => Some(&mut gs[..w * n]),
-                (None, None) => None,
-            };
-            let block = LaneBlock {
-                x: &st.x,
-                q: probs.then_some(&st.q[..]),
-                pitch: n,
-                n,
-                w,
-                l0,
-                mask: Some(StagedMask {
-                    keep: &st.keep,
-                    kept: &st.kept,
-                }),
-            };
-            lanes_block(plan, targets, block, alg, &mut bufs, lanes_out, g, &mut acc)?;
             write_back::<T, C>(
                 grad_out,
                 through_buffer,
@@ -617,7 +587,7 @@ fn write_back<T: Real, C: Logits<T>>(
 }
 
 /// The "mean" denominators `(D, K)`: the weight of the counted targets and their number.
-type Counts = (f64, f64);
+pub(super) type Counts = (f64, f64);
 
 /// Whether the targets are class indices.
 fn targets_are_indices<T>(targets: &Targets<'_, T>) -> bool {
