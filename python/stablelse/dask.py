@@ -1225,6 +1225,21 @@ def _segment_grad_block(
     return np.where(tgt[ids] != ignore_index, g, 0.0).astype(rdtype)
 
 
+def _per_block(
+    func: Any, blocks: list[tuple[Any, ...]], shapes: list[tuple[int, ...]], dtype: Any, **kw: Any
+) -> da.Array:
+    """``func(*block, **kw)`` for each tuple of delayed blocks, concatenated along axis 0 as a
+    Dask array (each result of its shape in `shapes`)."""
+    return da.concatenate(
+        [
+            da.from_delayed(delayed(func, pure=True)(*blk, **kw), shape=shape, dtype=dtype,
+                            meta=np.empty((0,) * len(shape), dtype=dtype))
+            for blk, shape in zip(blocks, shapes)
+        ],
+        axis=0,
+    )
+
+
 def _first(a: Any, _after: Any) -> Any:
     """`a`, once `_after` has been computed (an ordering edge in the graph)."""
     return a
@@ -1356,25 +1371,12 @@ def segment_cross_entropy(
         meta=np.empty((0, 0), dtype=np.int64),
     )
     before = da.cumsum(counts, axis=0) - counts
-    # Block b of the scores meets row b of `before` (their chunks differ, so no blockwise);
-    # the targets enter the graph once.
-    targets = delayed(tgt, pure=True)
-    found = da.concatenate(
-        [
-            da.from_delayed(
-                delayed(_segment_target_block, pure=True)(
-                    xb, ib, bb, tgt=targets, ignore_index=int(ignore_index)
-                ),
-                shape=(1, count),
-                dtype=np.float64,
-                meta=np.empty((0, 0), dtype=np.float64),
-            )
-            for xb, ib, bb in zip(
-                xm.to_delayed().ravel(), ids.to_delayed().ravel(), before.to_delayed().ravel()
-            )
-        ],
-        axis=0,
-    )
+    targets = delayed(tgt, pure=True)  # in the graph once, not once per block
+    # Block b of the scores meets row b of `before` (their chunks differ, so no blockwise).
+    parts = list(zip(xm.to_delayed().ravel(), ids.to_delayed().ravel(),
+                     before.to_delayed().ravel()))
+    found = _per_block(_segment_target_block, parts, [(1, count)] * blocks, np.float64,
+                       tgt=targets, ignore_index=int(ignore_index))
     xt = found.sum(axis=0, split_every=split_every)
     lengths = counts.sum(axis=0, split_every=split_every)
     kw = {"tgt": tgt, "ignore_index": int(ignore_index), "reduction": reduction,
@@ -1391,22 +1393,7 @@ def segment_cross_entropy(
     scale = 1.0 / counted if reduction == "mean" and counted else 1.0
     # The loss is computed first: it validates the targets the gradient reads.
     merged = delayed(_first, pure=True)(states.to_delayed().ravel()[0], loss)
-    grad = da.concatenate(
-        [
-            da.from_delayed(
-                delayed(_segment_grad_block, pure=True)(
-                    xb, ib, bb, merged, tgt=targets, ignore_index=int(ignore_index),
-                    scale=scale, rdtype=rdtype,
-                ),
-                shape=(rows,),
-                dtype=rdtype,
-                meta=np.empty((0,), dtype=rdtype),
-            )
-            for xb, ib, bb, rows in zip(
-                xm.to_delayed().ravel(), ids.to_delayed().ravel(),
-                before.to_delayed().ravel(), xm.chunks[0],
-            )
-        ],
-        axis=0,
-    )
+    grad = _per_block(_segment_grad_block, [(*p, merged) for p in parts],
+                      [(rows,) for rows in xm.chunks[0]], rdtype, tgt=targets,
+                      ignore_index=int(ignore_index), scale=scale, rdtype=rdtype)
     return loss, grad
