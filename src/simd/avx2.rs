@@ -1,6 +1,7 @@
 //! AVX2 + FMA: the [`Lanes`] primitives on 4 float64 lanes, and the float32 exp on 8 float32
-//! lanes. Without `vscalefpd`/`vpermt2pd`, `2^k` is built from the exponent bits in two
-//! halves (so subnormal results round once) and the 16-entry table is gathered.
+//! lanes. Without `vscalefpd`/`vpermt2pd`, `2^k` is built from the exponent bits (in two halves
+//! where subnormal results must round once); the float64 exp gathers its 16-entry table, the
+//! float32-grade exp picks from a 4-entry table held in registers ([`exp_reduced_pd`]).
 
 #![allow(clippy::missing_safety_doc)]
 
@@ -33,7 +34,9 @@ fn pow2_pd(e: __m256d) -> __m256d {
     _mm256_castsi256_pd(_mm256_slli_epi64::<52>(_mm256_castpd_si256(b)))
 }
 
-/// float64 exp, as `avx512::exp_pd` (same reduction, table and polynomials).
+/// float64 exp: for float64 results as `avx512::exp_pd` (same reduction, table and
+/// polynomial); for float32-grade results by [`exp_reduced_pd`], scaled by `2^(k >> 2)` in two
+/// factors so that any argument up to 710 works.
 #[inline]
 #[target_feature(enable = "avx2,fma")]
 pub fn exp_pd(t: __m256d, full: bool) -> __m256d {
@@ -42,24 +45,33 @@ pub fn exp_pd(t: __m256d, full: bool) -> __m256d {
     let dead = _mm256_cmp_pd::<_CMP_LT_OQ>(t, _mm256_set1_pd(F64_EXP_ZERO_BELOW));
     let t = _mm256_andnot_pd(dead, t);
     let t = _mm256_min_pd(_mm256_set1_pd(710.0), t);
-    let magic = _mm256_set1_pd(ROUND_MAGIC);
-    let kd = _mm256_fmadd_pd(t, _mm256_set1_pd(SIXTEEN_OVER_LN2), magic);
-    let kf = _mm256_sub_pd(kd, magic);
-    let mut r = _mm256_fnmadd_pd(kf, _mm256_set1_pd(LN2_OVER_16_HI), t);
-    if full {
-        r = _mm256_fnmadd_pd(kf, _mm256_set1_pd(LN2_OVER_16_LO), r);
-    }
-    let j = _mm256_and_si256(_mm256_castpd_si256(kd), _mm256_set1_epi64x(15));
-    // SAFETY: j is in 0..16 and EXP2_J16 holds 16 f64.
-    let tab = unsafe { _mm256_i64gather_pd::<8>(EXP2_J16.as_ptr(), j) };
-    let coeffs: &[f64] = if full { &TAYLOR7 } else { &TAYLOR4 };
-    let mut a = _mm256_set1_pd(coeffs[0]);
-    for &c in &coeffs[1..] {
-        a = _mm256_fmadd_pd(a, r, _mm256_set1_pd(c));
-    }
-    let y = _mm256_fmadd_pd(tab, _mm256_mul_pd(a, r), tab);
-    // 2^floor(kf/16) in two factors so that neither leaves the normal range.
-    let e = _mm256_floor_pd(_mm256_mul_pd(kf, _mm256_set1_pd(1.0 / 16.0)));
+    let (y, e) = if full {
+        let magic = _mm256_set1_pd(ROUND_MAGIC);
+        let kd = _mm256_fmadd_pd(t, _mm256_set1_pd(SIXTEEN_OVER_LN2), magic);
+        let kf = _mm256_sub_pd(kd, magic);
+        let r = _mm256_fnmadd_pd(kf, _mm256_set1_pd(LN2_OVER_16_HI), t);
+        let r = _mm256_fnmadd_pd(kf, _mm256_set1_pd(LN2_OVER_16_LO), r);
+        let j = _mm256_and_si256(_mm256_castpd_si256(kd), _mm256_set1_epi64x(15));
+        // SAFETY: j is in 0..16 and EXP2_J16 holds 16 f64.
+        let tab = unsafe { _mm256_i64gather_pd::<8>(EXP2_J16.as_ptr(), j) };
+        let mut a = _mm256_set1_pd(TAYLOR7[0]);
+        for &c in &TAYLOR7[1..] {
+            a = _mm256_fmadd_pd(a, r, _mm256_set1_pd(c));
+        }
+        let y = _mm256_fmadd_pd(tab, _mm256_mul_pd(a, r), tab);
+        (
+            y,
+            _mm256_floor_pd(_mm256_mul_pd(kf, _mm256_set1_pd(1.0 / 16.0))),
+        )
+    } else {
+        let (tab, q, kd) = exp_reduced_pd(t, &EXP2_J4);
+        let kf = _mm256_sub_pd(kd, _mm256_set1_pd(ROUND_MAGIC));
+        (
+            _mm256_fmadd_pd(tab, q, tab),
+            _mm256_floor_pd(_mm256_mul_pd(kf, _mm256_set1_pd(0.25))),
+        )
+    };
+    // 2^e in two factors so that neither leaves the normal range.
     let e1 = _mm256_floor_pd(_mm256_mul_pd(e, _mm256_set1_pd(0.5)));
     let e2 = _mm256_sub_pd(e, e1);
     _mm256_andnot_pd(
@@ -68,13 +80,47 @@ pub fn exp_pd(t: __m256d, full: bool) -> __m256d {
     )
 }
 
-/// [`exp_pd`] for arguments `<= 0` or NaN (the shifted sums, `t = x - max`), as
-/// `avx512::exp_nonpos_pd`. float64 results as `exp_pd`; float32-grade results put
-/// `2^floor(k/16)` straight into the table entry's exponent bits (a shift and an add instead
-/// of two floors, four multiplies and the underflow masks), which needs a normal result: the
-/// argument is clamped at -708, where exp is 3e-308, and [`summable_pd`] drops the lanes
-/// below it. Above the clamp the result is bit-identical to `exp_pd`'s: scaling by a power of
-/// two commutes with the rounding of a normal number.
+/// The float32-grade exp's core: `t = k ln2/4 + r` with `|r| <= ln2/8`, `2^(j/4)` (`j = k & 3`)
+/// picked from two registers by `vpermilpd` and a blend, and `exp(r)` by a degree-5
+/// polynomial (relative error < 2.4e-11, [`EXP_POLY5_J4`]); returns the entry of `table`
+/// (`EXP2_J4`, or `EXP2_J4_LESS_J` for a caller that adds `k << 50`), `q = exp(r) - 1`, so
+/// that `exp(t) = 2^(k >> 2) (tab + tab q)`, and `kd`, which holds `k` in its low bits. No
+/// gather: with a 16-entry table `vpgatherqq` took half the time of the sum loop on Zen 2.
+/// `q(0)` is exactly 0.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn exp_reduced_pd(t: __m256d, table: &[u64; 4]) -> (__m256d, __m256d, __m256d) {
+    let magic = _mm256_set1_pd(ROUND_MAGIC);
+    let kd = _mm256_fmadd_pd(t, _mm256_set1_pd(FOUR_OVER_LN2), magic);
+    let kf = _mm256_sub_pd(kd, magic);
+    let r = _mm256_fnmadd_pd(kf, _mm256_set1_pd(LN2_OVER_4), t);
+    let kbits = _mm256_castpd_si256(kd);
+    let e = table;
+    let pair = |a: u64, b: u64| {
+        _mm256_castsi256_pd(_mm256_setr_epi64x(a as i64, b as i64, a as i64, b as i64))
+    };
+    // vpermilpd picks within each 128-bit half by bit 1 of the lane's index (k's bit 0);
+    // blendv by the sign bit (k's bit 1).
+    let idx = _mm256_slli_epi64::<1>(kbits);
+    let tab = _mm256_blendv_pd(
+        _mm256_permutevar_pd(pair(e[0], e[1]), idx),
+        _mm256_permutevar_pd(pair(e[2], e[3]), idx),
+        _mm256_castsi256_pd(_mm256_slli_epi64::<62>(kbits)),
+    );
+    let mut a = _mm256_set1_pd(EXP_POLY5_J4[0]);
+    for &c in &EXP_POLY5_J4[1..] {
+        a = _mm256_fmadd_pd(a, r, _mm256_set1_pd(c));
+    }
+    let q = _mm256_mul_pd(r, _mm256_fmadd_pd(a, r, _mm256_set1_pd(1.0)));
+    (tab, q, kd)
+}
+
+/// [`exp_pd`] for arguments `<= 0` or NaN (the shifted sums, `t = x - max`). float64 results
+/// as `exp_pd`; float32-grade results put `2^(k >> 2)` straight into the table entry's
+/// exponent bits (a shift and an add instead of two floors and three multiplies), which needs
+/// a normal result: the argument is clamped at -708, where exp is 3e-308, and [`summable_pd`]
+/// drops the lanes below it. Above the clamp the result is bit-identical to `exp_pd`'s:
+/// scaling by a power of two commutes with the rounding of a normal number.
 #[inline]
 #[target_feature(enable = "avx2,fma")]
 pub fn exp_nonpos_pd(t: __m256d, full: bool) -> __m256d {
@@ -83,22 +129,14 @@ pub fn exp_nonpos_pd(t: __m256d, full: bool) -> __m256d {
     }
     // max returns its second operand when either is NaN, so NaN passes through.
     let t = _mm256_max_pd(_mm256_set1_pd(EXP_FLOOR), t);
-    let magic = _mm256_set1_pd(ROUND_MAGIC);
-    let kd = _mm256_fmadd_pd(t, _mm256_set1_pd(SIXTEEN_OVER_LN2), magic);
-    let kf = _mm256_sub_pd(kd, magic);
-    let r = _mm256_fnmadd_pd(kf, _mm256_set1_pd(LN2_OVER_16_HI), t);
-    let kbits = _mm256_castpd_si256(kd);
-    let j = _mm256_and_si256(kbits, _mm256_set1_epi64x(15));
-    // SAFETY: j is in 0..16 and EXP2_J16_LESS_J holds 16 u64.
-    let tab = unsafe { _mm256_i64gather_epi64::<8>(EXP2_J16_LESS_J.as_ptr() as *const i64, j) };
-    // kbits << 48 = (k >> 4) << 52 (the exponent step) + (k & 15) << 48, and the table entries
-    // have (j << 48) taken off, so the sum is 2^(j/16) * 2^(k >> 4) exactly.
-    let tab = _mm256_castsi256_pd(_mm256_add_epi64(tab, _mm256_slli_epi64::<48>(kbits)));
-    let mut a = _mm256_set1_pd(TAYLOR4[0]);
-    for &c in &TAYLOR4[1..] {
-        a = _mm256_fmadd_pd(a, r, _mm256_set1_pd(c));
-    }
-    _mm256_fmadd_pd(tab, _mm256_mul_pd(a, r), tab)
+    let (tab, q, kd) = exp_reduced_pd(t, &EXP2_J4_LESS_J);
+    // kd << 50 = (k >> 2) << 52 (the exponent step) + (k & 3) << 50, and the table entries
+    // have (j << 50) taken off, so the sum is 2^(j/4) * 2^(k >> 2) exactly.
+    let tab = _mm256_castsi256_pd(_mm256_add_epi64(
+        _mm256_castpd_si256(tab),
+        _mm256_slli_epi64::<50>(_mm256_castpd_si256(kd)),
+    ));
+    _mm256_fmadd_pd(tab, q, tab)
 }
 
 /// Lanes of `t = x - max` whose exp belongs in a "below the max" sum: not ties (`below`),

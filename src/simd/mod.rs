@@ -13,8 +13,9 @@
 //! in one process; `kernels` passes [`level()`].
 //!
 //! Accuracy: float32 inputs are widened to float64 lanes for every sum and every softmax
-//! output, so `x - max` is exact and the exp (a 16-entry table and a short polynomial) is
-//! accurate to ~5e-11: results are rounded once, at the end, like the scalar reference. The
+//! output, so `x - max` is exact and the exp (a 16-entry table and a short polynomial; on AVX2
+//! a 4-entry table held in registers) is accurate to ~5e-11: results are rounded once, at the
+//! end, like the scalar reference. The
 //! float32-arithmetic exp ([`exp_f32`], < 1 ULP, tested exhaustively) is the standalone exp.
 
 use std::sync::OnceLock;
@@ -209,6 +210,39 @@ pub(crate) mod consts {
         1.0,
     ];
     pub const TAYLOR4: [f64; 4] = [1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0];
+    /// `2^(j/4)`, j = 0..4 (every fourth entry of [`EXP2_J16`]), and less `j << 50`: adding
+    /// `k << 50` (k = 4 k' + j) to the latter gives `2^(j/4) * 2^k'` (AVX2's float32-grade
+    /// exp, whose table lives in two registers).
+    pub const EXP2_J4: [u64; 4] = {
+        let mut t = [0u64; 4];
+        let mut j = 0;
+        while j < 4 {
+            t[j] = EXP2_J16[4 * j].to_bits();
+            j += 1;
+        }
+        t
+    };
+    pub const EXP2_J4_LESS_J: [u64; 4] = {
+        let mut t = EXP2_J4;
+        let mut j = 0;
+        while j < 4 {
+            t[j] -= (j as u64) << 50;
+            j += 1;
+        }
+        t
+    };
+    /// `4/ln2` and `ln2/4` (float64 `ln2` scaled exactly).
+    pub const FOUR_OVER_LN2: f64 = std::f64::consts::LOG2_E * 4.0;
+    pub const LN2_OVER_4: f64 = std::f64::consts::LN_2 / 4.0;
+    /// `exp(r) = 1 + r + r^2 a(r)` on |r| <= ln2/8 with relative error < 2.4e-11: `a`'s
+    /// coefficients, highest first, fitted to the relative error (Lawson's iteration on 4001
+    /// Chebyshev points against a 40-digit exp).
+    pub const EXP_POLY5_J4: [f64; 4] = [
+        0.00833229178110068,
+        0.04168106463016073,
+        0.16666668256107198,
+        0.49999996708119265,
+    ];
     /// `ln2 = HI + LO` with `HI` short enough that `k * HI` is exact for |k| < 2^11.
     pub const LN2_HI: f64 = 0.6931471803691238;
     pub const LN2_LO: f64 = 1.9082149292705877e-10;
