@@ -9,6 +9,7 @@ use super::consts::*;
 use super::lanes::{Kernel, Lanes};
 use crate::real::Real;
 use std::arch::x86_64::*;
+use std::mem::MaybeUninit;
 
 const NEAREST: i32 = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
 
@@ -152,6 +153,41 @@ fn summable_pd(below: __m256d, t: __m256d, full: bool) -> __m256d {
             _mm256_cmp_pd::<_CMP_NLE_UQ>(t, _mm256_set1_pd(EXP_FLOOR)),
         )
     }
+}
+
+/// `0, 1, 2, 3` in the 64-bit lanes (the lane each compares its column count with).
+const LANE_INDEX: __m256i = unsafe { std::mem::transmute([0i64, 1, 2, 3]) };
+
+/// A 4x4 float32 transpose: `out[k]` holds element `k` of `r[0..4]`.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn transpose4_ps(r: [__m128; 4]) -> [__m128; 4] {
+    let t0 = _mm_unpacklo_ps(r[0], r[1]);
+    let t1 = _mm_unpacklo_ps(r[2], r[3]);
+    let t2 = _mm_unpackhi_ps(r[0], r[1]);
+    let t3 = _mm_unpackhi_ps(r[2], r[3]);
+    [
+        _mm_movelh_ps(t0, t1),
+        _mm_movehl_ps(t1, t0),
+        _mm_movelh_ps(t2, t3),
+        _mm_movehl_ps(t3, t2),
+    ]
+}
+
+/// A 4x4 float64 transpose: `out[k]` holds element `k` of `r[0..4]`.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn transpose4_pd(r: [__m256d; 4]) -> [__m256d; 4] {
+    let t0 = _mm256_unpacklo_pd(r[0], r[1]);
+    let t1 = _mm256_unpackhi_pd(r[0], r[1]);
+    let t2 = _mm256_unpacklo_pd(r[2], r[3]);
+    let t3 = _mm256_unpackhi_pd(r[2], r[3]);
+    [
+        _mm256_permute2f128_pd::<0x20>(t0, t2),
+        _mm256_permute2f128_pd::<0x20>(t1, t3),
+        _mm256_permute2f128_pd::<0x31>(t0, t2),
+        _mm256_permute2f128_pd::<0x31>(t1, t3),
+    ]
 }
 
 /// `log1p(e)` for `e >= 0` or NaN in float64 lanes, as `avx512::log1p_pd` (< 4 ULP of float64):
@@ -390,5 +426,109 @@ unsafe impl Lanes for Avx2 {
     #[inline(always)]
     fn summable(self, below: __m256d, t: __m256d, full: bool) -> __m256d {
         unsafe { summable_pd(below, t, full) }
+    }
+
+    /// 4x4 transposes in registers of the rows' pieces, each loaded whole (a masked load for
+    /// a tail of fewer than 4 columns).
+    #[inline(always)]
+    unsafe fn load_columns<T: Real>(
+        self,
+        x: *const T,
+        pitch: usize,
+        rows: usize,
+        c0: usize,
+        w: usize,
+        out: &mut [MaybeUninit<__m256d>],
+    ) {
+        let rows = rows.min(4);
+        // SAFETY: only elements c0..c0 + w of rows 0..rows are read (the masked load reads
+        // no lane past w); out holds c0 + w entries.
+        unsafe {
+            let cols = if T::FULL {
+                let x = x as *const f64;
+                let mask = _mm256_cmpgt_epi64(_mm256_set1_epi64x(w as i64), LANE_INDEX);
+                let r: [__m256d; 4] = std::array::from_fn(|i| {
+                    let p = x.add(i * pitch + c0);
+                    match (i < rows, w) {
+                        (false, _) => _mm256_set1_pd(f64::NEG_INFINITY),
+                        (true, 4) => _mm256_loadu_pd(p),
+                        (true, _) => _mm256_maskload_pd(p, mask),
+                    }
+                });
+                transpose4_pd(r)
+            } else {
+                let x = x as *const f32;
+                let mask = _mm_cmpgt_epi32(_mm_set1_epi32(w as i32), _mm_setr_epi32(0, 1, 2, 3));
+                let r: [__m128; 4] = std::array::from_fn(|i| {
+                    let p = x.add(i * pitch + c0);
+                    match (i < rows, w) {
+                        (false, _) => _mm_set1_ps(f32::NEG_INFINITY),
+                        (true, 4) => _mm_loadu_ps(p),
+                        (true, _) => _mm_maskload_ps(p, mask),
+                    }
+                });
+                transpose4_ps(r).map(|c| _mm256_cvtps_pd(c))
+            };
+            for (o, c) in out[c0..c0 + w].iter_mut().zip(cols) {
+                o.write(c);
+            }
+        }
+    }
+
+    /// The same transposes back; a tail of fewer than 4 columns by narrower stores.
+    #[inline(always)]
+    unsafe fn store_columns<T: Real>(
+        self,
+        out: *mut T,
+        pitch: usize,
+        rows: usize,
+        skip: u8,
+        c0: usize,
+        w: usize,
+        cols: &[__m256d],
+    ) {
+        let col = |k: usize| {
+            if k < w {
+                cols[c0 + k]
+            } else {
+                _mm256_setzero_pd()
+            }
+        };
+        let rows = (0..rows.min(4)).filter(|i| skip & (1 << i) == 0);
+        // SAFETY: only elements c0..c0 + w of the rows below `rows` not in `skip` are
+        // written; cols holds c0 + w entries.
+        unsafe {
+            if T::FULL {
+                let r = transpose4_pd(std::array::from_fn(col));
+                for i in rows {
+                    let p = out.add(i * pitch + c0) as *mut f64;
+                    let lo = _mm256_castpd256_pd128(r[i]);
+                    match w {
+                        4 => _mm256_storeu_pd(p, r[i]),
+                        3 => {
+                            _mm_storeu_pd(p, lo);
+                            _mm_store_sd(p.add(2), _mm256_extractf128_pd::<1>(r[i]));
+                        }
+                        2 => _mm_storeu_pd(p, lo),
+                        _ => _mm_store_sd(p, lo),
+                    }
+                }
+            } else {
+                let r = transpose4_ps(std::array::from_fn(|k| _mm256_cvtpd_ps(col(k))));
+                for i in rows {
+                    let p = out.add(i * pitch + c0) as *mut f32;
+                    let two = _mm_castps_pd(r[i]);
+                    match w {
+                        4 => _mm_storeu_ps(p, r[i]),
+                        3 => {
+                            _mm_store_sd(p as *mut f64, two);
+                            _mm_store_ss(p.add(2), _mm_movehl_ps(r[i], r[i]));
+                        }
+                        2 => _mm_store_sd(p as *mut f64, two),
+                        _ => _mm_store_ss(p, r[i]),
+                    }
+                }
+            }
+        }
     }
 }
