@@ -154,11 +154,12 @@ unsafe fn full_lane_state<T: Real>(
         .fold(LseState::EMPTY, |acc, s| acc.merge(s))
 }
 
-/// Calls `f(l, state)` for every lane with its finished state, in parallel pieces.
-/// Column batches (`inner > 1`) go through the column kernel, `COL_TILE` lanes at a time.
+/// Calls `f(l, states)` with the finished states of lanes `l..l + states.len()`, every lane
+/// once, in parallel pieces. Column batches (`inner > 1`) go through the column kernel,
+/// `COL_TILE` lanes at a time; rows come in runs of up to 64.
 fn for_each_lane_state<T: Real, F>(level: Level, x: &[T], batch: &Batch, alg: Algorithm, f: F)
 where
-    F: Fn(usize, LseState) + Sync + Send,
+    F: Fn(usize, &[LseState]) + Sync + Send,
 {
     let lanes = batch.count();
     let xp = SendPtr(x.as_ptr() as *mut T);
@@ -175,20 +176,25 @@ where
                     let p = (xp.ptr() as *const T).add(o * batch.outer_stride + j0);
                     simd::column_states(level, p, batch.n, batch.inner, w, &mut states);
                 }
-                for (j, s) in states.iter().enumerate().take(w) {
-                    f(o * batch.inner + j0 + j, *s);
-                }
+                f(o * batch.inner + j0, &states[..w]);
             }
         };
         parallel::for_each_piece(batch.outer * tiles, batch.n * simd::COL_TILE, run);
         return;
     }
     let run = |range: std::ops::Range<usize>| {
-        for l in range {
-            // SAFETY: the batch was checked against the slice length.
-            let state =
-                unsafe { full_lane_state(level, xp.ptr() as *const T, batch, lane(batch, l), alg) };
-            f(l, state);
+        // Runs of up to 64 lanes' states, so that `f` can finish them a vector at a time.
+        let mut states = [LseState::EMPTY; 64];
+        let mut first = range.start;
+        while first < range.end {
+            let k = (range.end - first).min(states.len());
+            for (j, s) in states[..k].iter_mut().enumerate() {
+                let l = lane(batch, first + j);
+                // SAFETY: the batch was checked against the slice length.
+                *s = unsafe { full_lane_state(level, xp.ptr() as *const T, batch, l, alg) };
+            }
+            f(first, &states[..k]);
+            first += k;
         }
     };
     if batch.n >= 2 * LONG_ROW_BLOCK {
@@ -237,8 +243,8 @@ pub fn lse_states_at<T: Real>(
         return Ok(());
     }
     for_each_lane_state(level, x, &batch, alg, |l, s| {
-        // SAFETY: lane l owns out[l]; lanes are distinct.
-        unsafe { *op.ptr().add(l) = s };
+        // SAFETY: lanes l..l + s.len() own their entries of out; runs are disjoint.
+        unsafe { std::ptr::copy_nonoverlapping(s.as_ptr(), op.ptr().add(l), s.len()) };
     });
     Ok(())
 }
@@ -278,8 +284,8 @@ pub fn logsumexp_at<T: Real>(
         return Ok(());
     }
     for_each_lane_state(level, x, &batch, alg, |l, s| {
-        // SAFETY: lane l owns out[l]; lanes are distinct.
-        unsafe { *op.ptr().add(l) = T::from_f64(s.logsumexp()) };
+        // SAFETY: lanes l..l + s.len() own their entries of out; runs are disjoint.
+        unsafe { simd::states_logsumexp(level, s, op.ptr().add(l)) };
     });
     Ok(())
 }
@@ -566,8 +572,8 @@ unsafe fn softmax_like_columns<T: Real>(
         std::slice::from_raw_parts(xp.ptr() as *const T, batch.required_len().unwrap_or(0))
     };
     for_each_lane_state(level, x, &batch, alg, |l, s| {
-        // SAFETY: lane l owns states[l].
-        unsafe { *sp.ptr().add(l) = s };
+        // SAFETY: lanes l..l + s.len() own their entries of states; runs are disjoint.
+        unsafe { std::ptr::copy_nonoverlapping(s.as_ptr(), sp.ptr().add(l), s.len()) };
     });
     let exp = what == Reduction::Softmax;
     let (b, a): (Vec<f64>, Vec<f64>) = states.iter().map(|s| write_params(*s, exp)).unzip();

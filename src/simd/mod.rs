@@ -733,6 +733,23 @@ unsafe fn short_reference<T: Real>(x: *const T, r: usize, n: usize, pitch: usize
     unsafe { scalar::lse_state_two_pass(x, r * pitch, n, 1) }
 }
 
+/// `max + log1p(excess)` of each state into `out`, rounded to `T` (a non-finite max gives
+/// itself), `N` states per vector.
+///
+/// # Safety
+/// `out` writable for `states.len()` elements; `level` supported by this CPU.
+pub(crate) unsafe fn states_logsumexp<T: Real>(level: Level, states: &[LseState], out: *mut T) {
+    // SAFETY: forwarded from the caller (out).
+    unsafe {
+        run_kernel!(level, <'a> { states: &'a [LseState], out: *mut T } -> (),
+            |l| rows::logsumexp_of_states(l, states, out),
+            scalar: for (k, s) in states.iter().enumerate() {
+                *out.add(k) = T::from_f64(s.logsumexp());
+            },
+        )
+    }
+}
+
 /// logsumexp of `rows` rows of `n <= SHORT_ROW` elements, `pitch` apart, into `out`.
 ///
 /// # Safety
