@@ -155,6 +155,16 @@ fn summable_pd(below: __m256d, t: __m256d, full: bool) -> __m256d {
     }
 }
 
+/// The largest of 8 float32 lanes (a NaN lane may or may not show; callers re-check).
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn reduce_max_ps(v: __m256) -> f32 {
+    let m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+    let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    let m = _mm_max_ss(m, _mm_shuffle_ps::<1>(m, m));
+    _mm_cvtss_f32(m)
+}
+
 /// `0, 1, 2, 3` in the 64-bit lanes (the lane each compares its column count with).
 const LANE_INDEX: __m256i = unsafe { std::mem::transmute([0i64, 1, 2, 3]) };
 
@@ -426,6 +436,103 @@ unsafe impl Lanes for Avx2 {
     #[inline(always)]
     fn summable(self, below: __m256d, t: __m256d, full: bool) -> __m256d {
         unsafe { summable_pd(below, t, full) }
+    }
+
+    /// float32: 8 lanes at a time in float32 (no widening for a max).
+    #[inline(always)]
+    unsafe fn max_of<T: Real>(self, p: *const T, n: usize) -> f64 {
+        if T::FULL {
+            // SAFETY: forwarded from the caller.
+            return unsafe { super::lanes::max_of_widened(self, p, n) };
+        }
+        let p = p as *const f32;
+        // SAFETY: every load is within the n elements (full vectors, then a scalar tail).
+        unsafe {
+            let mut acc = [_mm256_set1_ps(f32::NEG_INFINITY); 4];
+            let mut i = 0;
+            while i + 32 <= n {
+                for (a, acc) in acc.iter_mut().enumerate() {
+                    *acc = _mm256_max_ps(*acc, _mm256_loadu_ps(p.add(i + 8 * a)));
+                }
+                i += 32;
+            }
+            while i + 8 <= n {
+                acc[0] = _mm256_max_ps(acc[0], _mm256_loadu_ps(p.add(i)));
+                i += 8;
+            }
+            let m = _mm256_max_ps(_mm256_max_ps(acc[0], acc[1]), _mm256_max_ps(acc[2], acc[3]));
+            let tail = (i..n).fold(f32::NEG_INFINITY, |m, k| m.max(*p.add(k)));
+            f64::from(reduce_max_ps(m).max(tail))
+        }
+    }
+    #[inline(always)]
+    fn max_init<T: Real>(self) -> [__m256d; 2] {
+        unsafe {
+            if T::FULL {
+                [_mm256_set1_pd(f64::NEG_INFINITY); 2]
+            } else {
+                [_mm256_castps_pd(_mm256_set1_ps(f32::NEG_INFINITY)); 2]
+            }
+        }
+    }
+    /// float32: the 8 elements in one float32 max.
+    #[inline(always)]
+    unsafe fn max_step<T: Real>(self, acc: [__m256d; 2], p: *const T) -> [__m256d; 2] {
+        // SAFETY: the caller guarantees 8 readable elements.
+        unsafe {
+            if T::FULL {
+                [
+                    _mm256_max_pd(acc[0], self.load(p)),
+                    _mm256_max_pd(acc[1], self.load(p.add(4))),
+                ]
+            } else {
+                let v = _mm256_loadu_ps(p as *const f32);
+                let m = _mm256_max_ps(_mm256_castpd_ps(acc[0]), v);
+                [_mm256_castps_pd(m), acc[1]]
+            }
+        }
+    }
+    /// float32: 8 lanes at a time in float32, the masked lanes `-inf` by one blend.
+    #[inline(always)]
+    unsafe fn max_step_kept<T: Real>(
+        self,
+        acc: [__m256d; 2],
+        p: *const T,
+        keep: *const u8,
+    ) -> [__m256d; 2] {
+        // SAFETY: the caller guarantees 8 readable elements and mask bytes.
+        unsafe {
+            if T::FULL {
+                let ninf = _mm256_set1_pd(f64::NEG_INFINITY);
+                let (k0, k1) = (self.kept(keep), self.kept(keep.add(4)));
+                let (v0, v1) = (self.load(p), self.load(p.add(4)));
+                [
+                    _mm256_max_pd(acc[0], _mm256_blendv_pd(ninf, v0, k0)),
+                    _mm256_max_pd(acc[1], _mm256_blendv_pd(ninf, v1, k1)),
+                ]
+            } else {
+                let b = _mm_loadl_epi64(keep as *const __m128i);
+                let masked = _mm256_cmpeq_epi32(_mm256_cvtepu8_epi32(b), _mm256_setzero_si256());
+                let v = _mm256_blendv_ps(
+                    _mm256_loadu_ps(p as *const f32),
+                    _mm256_set1_ps(f32::NEG_INFINITY),
+                    _mm256_castsi256_ps(masked),
+                );
+                let m = _mm256_max_ps(_mm256_castpd_ps(acc[0]), v);
+                [_mm256_castps_pd(m), acc[1]]
+            }
+        }
+    }
+    #[inline(always)]
+    fn max_finish<T: Real>(self, acc: [__m256d; 2]) -> f64 {
+        unsafe {
+            if T::FULL {
+                self.reduce_max(_mm256_max_pd(acc[0], acc[1]))
+            } else {
+                let m = _mm256_max_ps(_mm256_castpd_ps(acc[0]), _mm256_castpd_ps(acc[1]));
+                f64::from(reduce_max_ps(m))
+            }
+        }
     }
 
     /// 4x4 transposes in registers of the rows' pieces, each loaded whole (a masked load for
