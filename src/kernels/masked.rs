@@ -21,7 +21,7 @@
 //!
 //! The mask is bytes, nonzero = kept (NumPy's bool is one byte; any byte value is read safely).
 
-use super::{is_short, Algorithm, Reduction};
+use super::{is_short, is_short_for, Algorithm, Reduction};
 use crate::layout::Batch;
 use crate::parallel::{self, SendPtr};
 use crate::real::Real;
@@ -196,7 +196,7 @@ pub unsafe fn softmax_like_rows_in_place<T: Real>(
     let (n, rows) = (batch.n, batch.outer);
     let level = simd::level();
     let softmax = what == Reduction::Softmax;
-    if is_short(level, &batch) {
+    if is_short_for(level, &batch, what, alg) {
         // SAFETY: the caller's contract (rows of n elements and mask bytes, n apart).
         unsafe { simd::short_rows_softmax_kept(level, x, keep, rows, n, out, !softmax) };
         return;
@@ -396,7 +396,7 @@ pub fn softmax_like_masked<T: Real>(
         .ok_or_else(|| format!("{have} lane states for {} lanes", batch.count()))?;
     let (n, inner) = (batch.n, batch.inner);
     if what == Reduction::LogSoftmax
-        || (inner == 1 && n <= simd::STORED_ROW && !is_short(simd::level(), &batch))
+        || (inner == 1 && n <= simd::STORED_ROW && !is_short_for(simd::level(), &batch, what, alg))
     {
         super::softmax_like_inplace(buf, batch, alg, what)?;
         fill_masked(buf, keep, masked_value(what));

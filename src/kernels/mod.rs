@@ -422,14 +422,14 @@ unsafe fn softmax_like_raw<T: Real>(
         unsafe { softmax_like_columns(level, xp, batch, alg, what, op) };
         return;
     }
-    if is_short(level, &batch) {
+    let log = what == Reduction::LogSoftmax;
+    if is_short_for(level, &batch, what, alg) {
         for_each_row_group(&batch, |r0, rows| {
             // SAFETY: rows r0..r0+rows lie inside x and own their outputs; in place means
             // out == x with pitch n, and each row is read before it is written.
             unsafe {
                 let p = (xp.ptr() as *const T).add(r0 * batch.outer_stride);
                 let o = op.ptr().add(r0 * n);
-                let log = what == Reduction::LogSoftmax;
                 simd::short_rows_softmax(level, p, rows, n, batch.outer_stride, o, log);
             }
         });
@@ -684,6 +684,17 @@ fn is_short(level: Level, batch: &Batch) -> bool {
         && batch.n > 0
         && batch.n <= simd::SHORT_ROW
         && simd::has_short_rows(level, batch.outer_stride)
+}
+
+/// [`is_short`] for a softmax-like write: softmax rows longer than
+/// [`simd::short_softmax_limit`] take the row kernels (two-pass; the online algorithm keeps
+/// the short rows). The one decision for the unmasked, staged and in-place masked paths, so
+/// they keep the same bits.
+pub(crate) fn is_short_for(level: Level, batch: &Batch, what: Reduction, alg: Algorithm) -> bool {
+    is_short(level, batch)
+        && (what != Reduction::Softmax
+            || alg == Algorithm::Online
+            || batch.n <= simd::short_softmax_limit(level))
 }
 
 /// Calls `f(first_row, rows)` over the batch's rows in pieces of whole groups of 8 rows (a

@@ -718,6 +718,17 @@ pub(crate) unsafe fn column_states<T: Real>(
     }
 }
 
+/// The longest rows the short-row softmax takes at `level`; longer ones take the row kernels.
+/// With 4 rows per AVX2 vector, the row kernels' softmax (each exp kept for its write, rows
+/// stored as they lie) is the faster from rows of about 24: 5-12% on rows of 32 and 12-19% on
+/// rows of 48-64, float32 and float64, one thread in L2. log_softmax keeps the short rows.
+pub(crate) fn short_softmax_limit(level: Level) -> usize {
+    match level {
+        Level::Avx2 => 24,
+        _ => SHORT_ROW,
+    }
+}
+
 /// Whether `level` has the short-row kernels (rows in vector lanes) for `pitch` (the
 /// AVX-512 gathers index rows with 32-bit offsets).
 pub(crate) fn has_short_rows(level: Level, pitch: usize) -> bool {
