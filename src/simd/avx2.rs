@@ -467,13 +467,13 @@ unsafe impl Lanes for Avx2 {
     }
     #[inline(always)]
     fn max_init<T: Real>(self) -> [__m256d; 2] {
-        unsafe {
-            if T::FULL {
-                [_mm256_set1_pd(f64::NEG_INFINITY); 2]
-            } else {
-                [_mm256_castps_pd(_mm256_set1_ps(f32::NEG_INFINITY)); 2]
-            }
-        }
+        // float64 -inf, or float32 -inf in both halves of each lane.
+        let bits = if T::FULL {
+            f64::NEG_INFINITY.to_bits()
+        } else {
+            u64::from(f32::NEG_INFINITY.to_bits()) * 0x1_0000_0001
+        };
+        [self.splat(f64::from_bits(bits)); 2]
     }
     /// float32: the 8 elements in one float32 max.
     #[inline(always)]
@@ -481,10 +481,7 @@ unsafe impl Lanes for Avx2 {
         // SAFETY: the caller guarantees 8 readable elements.
         unsafe {
             if T::FULL {
-                [
-                    _mm256_max_pd(acc[0], self.load(p)),
-                    _mm256_max_pd(acc[1], self.load(p.add(4))),
-                ]
+                super::lanes::max_step_widened(self, acc, p)
             } else {
                 let v = _mm256_loadu_ps(p as *const f32);
                 let m = _mm256_max_ps(_mm256_castpd_ps(acc[0]), v);
@@ -503,13 +500,7 @@ unsafe impl Lanes for Avx2 {
         // SAFETY: the caller guarantees 8 readable elements and mask bytes.
         unsafe {
             if T::FULL {
-                let ninf = _mm256_set1_pd(f64::NEG_INFINITY);
-                let (k0, k1) = (self.kept(keep), self.kept(keep.add(4)));
-                let (v0, v1) = (self.load(p), self.load(p.add(4)));
-                [
-                    _mm256_max_pd(acc[0], _mm256_blendv_pd(ninf, v0, k0)),
-                    _mm256_max_pd(acc[1], _mm256_blendv_pd(ninf, v1, k1)),
-                ]
+                super::lanes::max_step_kept_widened(self, acc, p, keep)
             } else {
                 let b = _mm_loadl_epi64(keep as *const __m128i);
                 let masked = _mm256_cmpeq_epi32(_mm256_cvtepu8_epi32(b), _mm256_setzero_si256());

@@ -164,12 +164,7 @@ pub unsafe trait Lanes: Copy {
     #[inline(always)]
     unsafe fn max_step<T: Real>(self, acc: [Self::V; 2], p: *const T) -> [Self::V; 2] {
         // SAFETY: forwarded from the caller.
-        unsafe {
-            [
-                self.max(acc[0], self.load(p)),
-                self.max(acc[1], self.load(p.add(Self::N))),
-            ]
-        }
+        unsafe { max_step_widened(self, acc, p) }
     }
     #[inline(always)]
     fn max_finish<T: Real>(self, acc: [Self::V; 2]) -> f64 {
@@ -187,16 +182,8 @@ pub unsafe trait Lanes: Copy {
         p: *const T,
         keep: *const u8,
     ) -> [Self::V; 2] {
-        let ninf = self.splat(f64::NEG_INFINITY);
         // SAFETY: forwarded from the caller.
-        unsafe {
-            let (k0, k1) = (self.kept(keep), self.kept(keep.add(Self::N)));
-            let (v0, v1) = (self.load(p), self.load(p.add(Self::N)));
-            [
-                self.max(acc[0], self.select(k0, v0, ninf)),
-                self.max(acc[1], self.select(k1, v1, ninf)),
-            ]
-        }
+        unsafe { max_step_kept_widened(self, acc, p, keep) }
     }
 
     /// Columns `c0..c0 + w` (`w <= N`) of up to `N` rows `pitch` apart: `out[c0 + k]` holds
@@ -238,6 +225,43 @@ pub unsafe trait Lanes: Copy {
     ) {
         // SAFETY: forwarded from the caller.
         unsafe { store_columns_by_element(self, out, pitch, rows, skip, c0, w, cols) }
+    }
+}
+
+/// [`Lanes::max_step`] over widened lanes.
+///
+/// # Safety
+/// `2N` readable elements at `p`.
+#[inline(always)]
+pub(crate) unsafe fn max_step_widened<L: Lanes, T: Real>(
+    l: L,
+    acc: [L::V; 2],
+    p: *const T,
+) -> [L::V; 2] {
+    // SAFETY: forwarded from the caller.
+    unsafe { [l.max(acc[0], l.load(p)), l.max(acc[1], l.load(p.add(L::N)))] }
+}
+
+/// [`Lanes::max_step_kept`] over widened lanes.
+///
+/// # Safety
+/// `2N` readable elements at `p` and bytes at `keep`.
+#[inline(always)]
+pub(crate) unsafe fn max_step_kept_widened<L: Lanes, T: Real>(
+    l: L,
+    acc: [L::V; 2],
+    p: *const T,
+    keep: *const u8,
+) -> [L::V; 2] {
+    let ninf = l.splat(f64::NEG_INFINITY);
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        let (k0, k1) = (l.kept(keep), l.kept(keep.add(L::N)));
+        let (v0, v1) = (l.load(p), l.load(p.add(L::N)));
+        [
+            l.max(acc[0], l.select(k0, v0, ninf)),
+            l.max(acc[1], l.select(k1, v1, ninf)),
+        ]
     }
 }
 
