@@ -15,8 +15,8 @@
 //! Accuracy: float32 inputs are widened to float64 lanes for every sum and every softmax
 //! output, so `x - max` is exact and the exp (a 16-entry table and a short polynomial; on AVX2
 //! a 4-entry table held in registers) is accurate to ~5e-11: results are rounded once, at the
-//! end, like the scalar reference. The
-//! float32-arithmetic exp ([`exp_f32`], < 1 ULP, tested exhaustively) is the standalone exp.
+//! end, like the scalar reference. The float32-arithmetic exp ([`exp_f32`], < 1 ULP, tested
+//! exhaustively) is the standalone exp.
 
 use std::sync::OnceLock;
 
