@@ -1,37 +1,43 @@
-//! States of unsorted segments by scattering every element into its segment's state, in
-//! array order, with no sort.
+//! States of unsorted segments by scattering every element into its segment's running max
+//! and sum, in array order, with no sort.
 //!
-//! Every element updates the `(max, excess)` [`LseState`] of its segment in place, the online
-//! update of [`LseState::push`]: `x <= max` adds `exp(x - max)` to the excess; `x > max`
-//! rescales the excess by `exp(max - x)` and makes `x` the max. Both factors are
-//! `exp(-|x - max|)`, so a block of elements gathers the maxima of its segments and computes
-//! every factor with one vector exp ([`simd::exp_nonpos_f64`], float32-grade as the row
-//! kernels' exp for float32 results); the scalar update then adds or multiplies without a
-//! branch. An element whose segment's max changed earlier in the same
-//! block gets its factor recomputed by the same exp, so the result is the sequential update
-//! in array order whatever the blocks; an element whose value or max is not finite takes
-//! [`LseState::push`] itself, which then computes no exp, so special values follow the
-//! state's rules exactly.
+//! Two passes over the elements. The first takes every segment's max (exact: a max does not
+//! round, so its order does not matter; NaN if any element is NaN). The second adds
+//! `exp(x - max)` of every element to its segment's float64 sum: a block of elements gathers
+//! the maxima of its segments and computes every term with one vector exp
+//! ([`simd::exp_nonpos_f64`], float32-grade as the row kernels' exp for float32 results,
+//! and 0 for `x = -inf`), then adds them in order. The first element equal to the max adds
+//! nothing, so the sum is the excess of the `(max, excess)` [`LseState`] and the max's own
+//! term of 1 never meets the small ones: an excess far below 1 keeps its bits
+//! (`logsumexp([-40, 0])` is `4.2e-18`, not 0). A segment whose max is not finite is decided
+//! by its max alone, as the state's rules say: NaN, `+inf`, or empty (`-inf`). Two light
+//! passes cost less than one online pass that rescales a segment's sum whenever its max
+//! rises: that update is a chain of dependent arithmetic per element, where the passes only
+//! gather, compare and add.
 //!
 //! Where: float32 input (float16 is computed in float32) with single columns and at most
 //! [`SCATTER_MAX_STATE_BYTES`] of states ([`applies`]). A random access per element into
-//! states that stay in the cache costs less than the counting sort's passes over work
-//! buffers of the input's size. float64 input keeps the sort: its sorted path's blocked sums
-//! are more accurate than one running sum (measured: 0 against 1-4 float64 ULP on a segment
-//! of 2^20 elements), which a float32 result does not show but a float64 one would.
+//! per-segment arrays that stay in the cache costs less than the counting sort's passes over
+//! work buffers of the input's size. float64 input keeps the sort: its sorted path's blocked
+//! sums are more accurate than one running sum (measured: 0 against 1-4 float64 ULP on a
+//! segment of 2^20 elements), which a float32 result does not show but a float64 one would.
 //!
-//! Accuracy: a segment's total is summed in float64 in array order, so it differs from the
-//! sorted path's (blocked vector lanes) by rounding only: at most about `3 n` float64
-//! roundings of the total for a segment of `n` elements (one per add, two per rescale), and
-//! the exp's own error (about `2^-34` relative, as in the row kernels for float32 results),
-//! i.e. `3 n 2^-53 + 2^-34` in the log-sum-exp, before the one rounding to float32.
+//! Accuracy: a segment's sum is taken in float64 in array order, so it differs from the
+//! sorted path's (blocked vector lanes) by rounding only: at most `n` float64 roundings of
+//! the total for a segment of `n` elements, and the exp's own error (about `2^-34` relative,
+//! as in the row kernels for float32 results), i.e. `n 2^-53 + 2^-34` in the log-sum-exp,
+//! before the one rounding to float32.
 //!
-//! Determinism: the rows are cut into [`parts`] chosen from the sizes alone; each part scatters
-//! into its own states (the first into the output), and the parts are merged in part order
-//! with [`LseState::merge`]. The result is therefore the same for any thread count.
+//! Determinism: the rows are cut into [`parts`] chosen from the sizes alone, and with fewer
+//! than [`BANKED_BELOW`] segments each part keeps [`BANKS`] copies of its arrays, element
+//! `k` updating copy `k % BANKS` (so that consecutive elements of one segment do not wait for
+//! each other). Each part and copy scatters into its own arrays, and they are folded in
+//! order (maxima by max, sums by addition; each copy that met the max adds its 1 there). The
+//! result is therefore the same for any thread count.
 //!
-//! Ids are read where they lie, possibly while another thread writes them: each id is read
-//! once and bounded, and only the bounded index is used.
+//! Ids are read where they lie, possibly while another thread writes them: every read is
+//! bounded, and only the bounded index is used; an id found out of range by the second pass
+//! after the first accepted it raises the "changed while reading" error.
 
 use super::segments::SegmentError;
 use crate::parallel::{self, SendPtr};
@@ -40,9 +46,9 @@ use crate::simd::{self, Level};
 use crate::state::LseState;
 use std::hint::select_unpredictable;
 
-/// The most bytes of states (16 per segment) the scatter takes on, about a server's L3: a
-/// random access per element that misses it goes to DRAM, where the counting sort's streams
-/// may win. (Measured on one thread, 2^22 float32 rows of random ids: the scatter took 0.77x
+/// The most bytes of states (16 per segment; each part's max and sum take 12) the scatter
+/// takes on, about a server's L3: a random access per element that misses it goes to DRAM,
+/// where the counting sort's streams may win. (Measured on one thread, 2^22 float32 rows of random ids: the scatter took 0.77x
 /// the sort's time at 2^17 segments and 0.71x at 2^23, on a machine whose L3 holds both.)
 pub const SCATTER_MAX_STATE_BYTES: usize = 32 << 20;
 
@@ -56,7 +62,7 @@ const PART_ROWS_PER_SEGMENT: usize = 16;
 /// Fewer rows than this per part do not pay for waking a thread.
 const PART_MIN_ROWS: usize = 1 << 16;
 
-/// The most parts (each beyond the first holds its own states).
+/// The most parts (each holds its own maxima and sums).
 const MAX_PARTS: usize = 8;
 
 /// Whether unsorted states of `T` in `inner` columns and `num_segments` segments take the
@@ -88,80 +94,112 @@ pub fn scatter_states<T: Real>(
     debug_assert_eq!(ids.len(), rows);
     debug_assert_eq!(out.len(), num_segments);
     let parts = parts(rows, num_segments);
-    // Part p > 0 scatters into own[(p - 1) * num_segments..p * num_segments].
-    let mut own = Vec::new();
-    own.try_reserve_exact((parts - 1) * num_segments)
-        .map_err(|_| SegmentError::Alloc)?;
-    own.resize((parts - 1) * num_segments, LseState::EMPTY);
-    out.fill(LseState::EMPTY);
-    let (op, wp) = (SendPtr(out.as_mut_ptr()), SendPtr(own.as_mut_ptr()));
-    let level = simd::level();
+    let banks = banks(num_segments);
+    // Part p scatters into its `banks` copies of the maxima and sums, at
+    // [p * banks * num_segments..][..banks * num_segments], and marks in its bitmap of
+    // `words` words the copies that met their max.
+    let own = banks * num_segments;
+    let words = own.div_ceil(64);
+    let mut maxima = try_filled(parts * own, f32::NEG_INFINITY)?;
+    let mut sums = try_filled(parts * own, 0.0f64)?;
+    let mut met = try_filled(parts * words, 0u64)?;
     // Whole blocks per part; the last part takes the rest.
     let per = (rows / parts).next_multiple_of(BLOCK);
-    let errors = parallel::map_collect(parts, rows.div_ceil(parts), |p| {
+    let part_rows = |p: usize| {
         let r0 = (p * per).min(rows);
         let r1 = if p + 1 == parts {
             rows
         } else {
             ((p + 1) * per).min(rows)
         };
-        // SAFETY: part 0 owns out, part p > 0 owns its slice of own; both hold
-        // num_segments states.
-        let states = unsafe {
-            let base = if p == 0 {
-                op.ptr()
-            } else {
-                wp.ptr().add((p - 1) * num_segments)
-            };
-            std::slice::from_raw_parts_mut(base, num_segments)
-        };
-        scatter_ids(level, &x[r0..r1], &ids[r0..r1], r0, states).err()
+        r0..r1
+    };
+    let (mp, sp, bp) = (
+        SendPtr(maxima.as_mut_ptr()),
+        SendPtr(sums.as_mut_ptr()),
+        SendPtr(met.as_mut_ptr()),
+    );
+    let errors = parallel::map_collect(parts, rows.div_ceil(parts), |p| {
+        let r = part_rows(p);
+        // SAFETY: part p owns its slice of maxima.
+        let maxima = unsafe { part_of(mp, p, own) };
+        max_pass(&x[r.clone()], &ids[r.clone()], maxima, num_segments).map_err(|k| {
+            SegmentError::IdOutOfRange {
+                pos: r.start + k,
+                id: ids[r.start + k],
+                num_segments,
+            }
+        })
     });
     // Parts are in row order: the first error found is the first offending position.
-    if let Some(err) = errors.into_iter().flatten().next() {
+    if let Some(err) = errors.into_iter().filter_map(Result::err).next() {
         return Err(err);
     }
-    if parts > 1 {
-        let own = &own;
-        parallel::for_each_piece(num_segments, parts, |range| {
-            for s in range {
-                // SAFETY: pieces own disjoint s < num_segments == out.len().
-                let o = unsafe { &mut *op.ptr().add(s) };
-                for p in 1..parts {
-                    *o = o.merge(own[(p - 1) * num_segments + s]);
-                }
-            }
-        });
+    // Every part's sums are taken below the maxima of the whole array (exact, any order).
+    fold_parts(&mut maxima, num_segments, parts * banks, |m, o| {
+        if o > *m || o.is_nan() {
+            *m = o;
+        }
+    });
+    let (maxima, level) = (&maxima[..num_segments], simd::level());
+    let changed = parallel::map_collect(parts, rows.div_ceil(parts), |p| {
+        let r = part_rows(p);
+        // SAFETY: part p owns its slices of sums and met.
+        let (sums, met) = unsafe { (part_of(sp, p, own), part_of(bp, p, words)) };
+        sum_pass(level, &x[r.clone()], &ids[r], maxima, sums, met)
+    });
+    if changed.into_iter().any(|ok| !ok) {
+        return Err(super::segments::changed_ids());
     }
+    fold_parts(&mut sums, num_segments, parts * banks, |s, o| *s += o);
+    let op = SendPtr(out.as_mut_ptr());
+    parallel::for_each_piece(num_segments, 4, |range| {
+        for s in range {
+            let max = f64::from(maxima[s]);
+            let state = if max.is_nan() {
+                LseState {
+                    max,
+                    excess: f64::NAN,
+                }
+            } else if max == f64::INFINITY {
+                LseState { max, excess: 0.0 }
+            } else if max == f64::NEG_INFINITY {
+                LseState::EMPTY
+            } else {
+                LseState {
+                    max,
+                    // At least one copy met the max; each added 1 for every further
+                    // element at it.
+                    excess: sums[s] + (copies_at_max(&met, words, banks, num_segments, s) - 1.0),
+                }
+            };
+            // SAFETY: pieces own disjoint s < num_segments == out.len().
+            unsafe { *op.ptr().add(s) = state };
+        }
+    });
     Ok(())
 }
 
-/// Scatters `x` (ids `ids`, the first at row `first`) straight into `states`.
-fn scatter_ids<T: Real>(
-    level: Level,
-    x: &[T],
-    ids: &[i64],
-    first: usize,
-    states: &mut [LseState],
-) -> Result<(), SegmentError> {
-    let num_segments = states.len();
-    let mut scratch = Block {
-        q: [0; BLOCK],
-        gathered: [0.0; BLOCK],
-        t: [0.0; BLOCK],
-        e: [0.0; BLOCK],
-    };
-    for (b, (xb, ib)) in x.chunks(BLOCK).zip(ids.chunks(BLOCK)).enumerate() {
-        let next = ids.get((b + 1) * BLOCK..).unwrap_or(&[]);
-        scatter_block(level, xb, ib, next, states, &mut scratch).map_err(|k| {
-            SegmentError::IdOutOfRange {
-                pos: first + b * BLOCK + k,
-                id: ib[k],
-                num_segments,
-            }
-        })?;
-    }
-    Ok(())
+/// How many of the copies (parts and banks) of segment `s` met its max, from the parts'
+/// bitmaps of `words` words each.
+fn copies_at_max(met: &[u64], words: usize, banks: usize, num_segments: usize, s: usize) -> f64 {
+    let copies = met.len() / words.max(1) * banks;
+    let count = (0..copies)
+        .filter(|&c| {
+            let q = (c / banks) * words * 64 + (c % banks) * num_segments + s;
+            met.get(q / 64).is_some_and(|w| w & (1 << (q % 64)) != 0)
+        })
+        .count();
+    count as f64
+}
+
+/// Part `p`'s `n` elements of per-part arrays at `ptr`.
+///
+/// # Safety
+/// `ptr` holds at least `(p + 1) * n` elements, and the caller owns part `p`'s.
+unsafe fn part_of<'a, V>(ptr: SendPtr<V>, p: usize, n: usize) -> &'a mut [V] {
+    // SAFETY: the caller's contract.
+    unsafe { std::slice::from_raw_parts_mut(ptr.ptr().add(p * n), n) }
 }
 
 /// A hint to bring the line at `p` into the cache; never faults.
@@ -177,80 +215,145 @@ pub(super) fn prefetch<T>(p: *const T) {
     let _ = p;
 }
 
-/// The per-block scratch of [`scatter_block`], made once per part.
-struct Block {
-    /// The bounded segment of each element.
-    q: [usize; BLOCK],
-    /// Its segment's max when the block started.
-    gathered: [f64; BLOCK],
-    /// `-|x - max|`, then its exp in `e`.
-    t: [f64; BLOCK],
-    e: [f64; BLOCK],
+/// A vector of `n` copies of `v`, or [`SegmentError::Alloc`].
+fn try_filled<V: Clone>(n: usize, v: V) -> Result<Vec<V>, SegmentError> {
+    let mut out = Vec::new();
+    out.try_reserve_exact(n).map_err(|_| SegmentError::Alloc)?;
+    out.resize(n, v);
+    Ok(out)
 }
 
-/// The online update of one block of at most [`BLOCK`] elements, in order; `Err(k)` when
-/// `ids[k]` is not a segment (nothing of the block is applied then).
-#[inline(always)]
-fn scatter_block<T: Real>(
+/// Folds the per-part arrays `all[p * n..(p + 1) * n]` into the first, part by part in
+/// order for every element (so the result does not depend on the threads).
+fn fold_parts<V: Copy + Send + Sync>(
+    all: &mut [V],
+    n: usize,
+    parts: usize,
+    fold: impl Fn(&mut V, V) + Sync + Send,
+) {
+    if parts < 2 {
+        return;
+    }
+    let (first, rest) = all.split_at_mut(n);
+    let (fp, rest) = (SendPtr(first.as_mut_ptr()), &*rest);
+    parallel::for_each_piece(n, parts, |range| {
+        for s in range {
+            // SAFETY: pieces own disjoint s < n == first.len().
+            let acc = unsafe { &mut *fp.ptr().add(s) };
+            for p in 1..parts {
+                fold(acc, rest[(p - 1) * n + s]);
+            }
+        }
+    });
+}
+
+/// Fewer segments than this are scattered into [`BANKS`] copies of their maxima and sums, by
+/// position: with few segments, consecutive elements mostly update the same one, and each
+/// update would wait for the last.
+const BANKED_BELOW: usize = 256;
+
+/// The copies of the maxima and sums of few segments; element `k` of a part updates copy
+/// `k % BANKS` (parts start at whole blocks, so that is the row's position modulo `BANKS`).
+const BANKS: usize = 4;
+
+/// The copies each part keeps of the maxima and sums of `num_segments` segments.
+fn banks(num_segments: usize) -> usize {
+    if num_segments < BANKED_BELOW {
+        BANKS
+    } else {
+        1
+    }
+}
+
+/// How far ahead the passes fetch the next elements' segments.
+const AHEAD: usize = 64;
+
+/// The max of every segment's elements into `maxima` (NaN if any is NaN), which holds the
+/// [`banks`] copies of `num_segments` maxima; `Err(k)` at the first `ids[k]` that is not a
+/// segment.
+fn max_pass<T: Real>(
+    x: &[T],
+    ids: &[i64],
+    maxima: &mut [f32],
+    num_segments: usize,
+) -> Result<(), usize> {
+    let last = num_segments.saturating_sub(1);
+    let bank = banks(num_segments) - 1;
+    for (k, (&v, &id)) in x.iter().zip(ids).enumerate() {
+        if let Some(&next) = ids.get(k + AHEAD) {
+            prefetch(maxima.as_ptr().wrapping_add((next as usize).min(last)));
+        }
+        // One read of each id, bounded here; only the bounded index is used.
+        if id as u64 >= num_segments as u64 {
+            return Err(k);
+        }
+        let Some(m) = maxima.get_mut((k & bank) * num_segments + id as usize) else {
+            return Err(k);
+        };
+        // Exact: float32-grade values are float32 values.
+        let (v, old) = (v.to_f64() as f32, *m);
+        *m = select_unpredictable(v > old || v.is_nan(), v, old);
+    }
+    Ok(())
+}
+
+/// Adds `exp(x - max)` of every element to its segment's sum, a block of [`BLOCK`] at a
+/// time: the block's maxima are gathered, its terms computed by one vector exp (0 for
+/// `x = -inf`; the segments whose max is not finite are decided by the max alone) and added
+/// in order. The first element of each copy equal to its max (`x - max == 0`: a float64
+/// difference of two distinct float32 values is never 0) adds nothing and sets the copy's
+/// bit in `met`; later ones add their term of 1. The max's own 1 thus never meets the small
+/// terms: an excess far below 1 keeps its bits (`logsumexp([-40, 0])` is `4.2e-18`, not 0),
+/// and once a copy adds a 1 the excess is at least 1. `false` when
+/// an id no longer names a segment (another thread wrote it since the max pass checked it);
+/// only bounded indices are used.
+fn sum_pass<T: Real>(
     level: Level,
     x: &[T],
     ids: &[i64],
-    next: &[i64],
-    states: &mut [LseState],
-    scratch: &mut Block,
-) -> Result<(), usize> {
-    let n = x.len().min(ids.len()).min(BLOCK);
-    let Block { q, gathered, t, e } = scratch;
-    for k in 0..n {
-        // One read of each id, bounded here; only the bounded index is used below.
-        let Some((s, st)) = usize::try_from(ids[k])
-            .ok()
-            .and_then(|s| Some((s, states.get(s)?)))
-        else {
-            return Err(k);
-        };
-        q[k] = s;
-        gathered[k] = st.max;
-        t[k] = -(x[k].to_f64() - st.max).abs();
-    }
-    // exp(x - max) for x <= max, exp(max - x) for x > max (0 for the empty state's -inf
-    // max); lanes with a non-finite x or max are unused.
-    simd::exp_nonpos_f64(level, &t[..n], &mut e[..n], T::FULL);
-    let last = states.len().saturating_sub(1);
-    for k in 0..n {
-        // The next block's states are fetched while this one computes (a prefetch of a
-        // clamped index: a bad id is reported when its block comes).
-        if let Some(&id) = next.get(k) {
-            prefetch(states.as_ptr().wrapping_add((id as usize).min(last)));
+    maxima: &[f32],
+    sums: &mut [f64],
+    met: &mut [u64],
+) -> bool {
+    let num_segments = maxima.len();
+    let last = num_segments.saturating_sub(1);
+    let bank = banks(num_segments) - 1;
+    let (mut q, mut t, mut e) = ([0usize; BLOCK], [0.0f64; BLOCK], [0.0f64; BLOCK]);
+    let mut ok = true;
+    for (b, (xb, ib)) in x.chunks(BLOCK).zip(ids.chunks(BLOCK)).enumerate() {
+        let n = xb.len().min(ib.len());
+        let next = ids.get((b + 1) * BLOCK..).unwrap_or(&[]);
+        for k in 0..n {
+            let id = ib[k];
+            ok &= (id as u64) < num_segments as u64;
+            let s = (id as usize).min(last);
+            // This block's sums are added to after the exp; the next block's maxima are
+            // gathered after that.
+            prefetch(sums.as_ptr().wrapping_add(s));
+            if let Some(&id) = next.get(k) {
+                prefetch(maxima.as_ptr().wrapping_add((id as usize).min(last)));
+            }
+            q[k] = (k & bank) * num_segments + s;
+            t[k] = xb[k].to_f64() - maxima.get(s).map_or(f64::NAN, |&m| f64::from(m));
+            // At the max: rare (about once per segment), so the branch is predicted.
+            if t[k] == 0.0 {
+                let bit = 1u64 << (q[k] % 64);
+                if let Some(word) = met.get_mut(q[k] / 64) {
+                    if *word & bit == 0 {
+                        *word |= bit;
+                        t[k] = f64::NEG_INFINITY;
+                    }
+                }
+            }
         }
-        let v = x[k].to_f64();
-        // Cannot miss: q[k] was bounded above; `get_mut` keeps that visible here.
-        let Some(st) = states.get_mut(q[k]) else {
-            continue;
-        };
-        if st.max < f64::INFINITY && v.is_finite() {
-            let m = st.max;
-            // The max moved earlier in this block: the factor of the current max, by the
-            // same exp (so the blocks never show in the result).
-            let f = if m == gathered[k] {
-                e[k]
-            } else {
-                let mut f = [0.0];
-                simd::exp_nonpos_f64(level, &[-(v - m).abs()], &mut f, T::FULL);
-                f[0]
-            };
-            // x > max: excess = (1 + excess) exp(max - x), which is 0 for the empty state
-            // (-inf, -1); else excess + exp(x - max). Which one is data-dependent.
-            let up = v > m;
-            let (one, mul, add) = select_unpredictable(up, (1.0, f, 0.0), (0.0, 1.0, f));
-            st.excess = (st.excess + one) * mul + add;
-            st.max = select_unpredictable(up, v, m);
-        } else {
-            // A NaN or infinite value or max: the state's own rules, no exp.
-            st.push(v);
+        simd::exp_nonpos_f64(level, &t[..n], &mut e[..n], T::FULL);
+        for k in 0..n {
+            if let Some(sum) = sums.get_mut(q[k]) {
+                *sum += e[k];
+            }
         }
     }
-    Ok(())
+    ok
 }
 
 #[cfg(test)]
@@ -328,6 +431,21 @@ mod tests {
     }
 
     #[test]
+    fn elements_equal_to_the_max_are_counted_not_summed() {
+        // The max's own term never meets the small ones: an excess of e^-40 keeps its bits
+        // (1 + e^-40 would round to 1), and two elements at the max give 1 + e^-45.
+        let got = states(&[-40.0, 0.0, 5.0, -40.0, 5.0, 7.0], &[0, 0, 1, 1, 1, 2], 3);
+        let tiny = |t: f64| {
+            let mut e = [0.0];
+            simd::exp_nonpos_f64(simd::level(), &[t], &mut e, false);
+            e[0]
+        };
+        assert_eq!(got[0].excess, tiny(-40.0));
+        assert_eq!(got[1].excess, tiny(-45.0) + 1.0);
+        assert_eq!((got[2].max, got[2].excess), (7.0, 0.0));
+    }
+
+    #[test]
     fn the_same_bits_for_any_thread_count() {
         let (xs, ids) = data(9, 600_000, 500);
         assert_eq!(parts(xs.len(), 500), MAX_PARTS);
@@ -348,26 +466,31 @@ mod tests {
 
     #[test]
     fn blocks_never_show_in_the_bits() {
-        // Increasing values of few segments: most elements raise their segment's max, often
-        // after another element of it in the same block. Elements of an extra segment in front
-        // move every block boundary; the other segments' states must not change.
+        // Increasing values: most elements raise their segment's max. Elements of an extra
+        // segment in front move every block boundary; the other segments' states must not
+        // change. With few segments (banked) an element's copy is its position modulo
+        // BANKS, so there the shifts keep it.
         let rows = 5000;
         let xs: Vec<f32> = (0..rows).map(|r| (r as f32) * 0.01 - 20.0).collect();
-        let ids: Vec<i64> = (0..rows as i64).map(|r| r % 3).collect();
-        let base = states(&xs, &ids, 4);
-        for shift in [1usize, 7, 255] {
-            let mut xs2 = vec![0.5f32; shift];
-            xs2.extend_from_slice(&xs);
-            let mut ids2 = vec![3i64; shift];
-            ids2.extend_from_slice(&ids);
-            let got = states(&xs2, &ids2, 4);
-            for s in 0..3 {
-                assert_eq!(got[s].max.to_bits(), base[s].max.to_bits());
-                assert_eq!(
-                    got[s].excess.to_bits(),
-                    base[s].excess.to_bits(),
-                    "{shift} {s}"
-                );
+        for (segments, shifts) in [(3i64, [4usize, 28, 252]), (300, [1, 7, 255])] {
+            let total = segments as usize + 1;
+            assert_eq!(banks(total) > 1, segments == 3);
+            let ids: Vec<i64> = (0..rows as i64).map(|r| r % segments).collect();
+            let base = states(&xs, &ids, total);
+            for shift in shifts {
+                let mut xs2 = vec![0.5f32; shift];
+                xs2.extend_from_slice(&xs);
+                let mut ids2 = vec![segments; shift];
+                ids2.extend_from_slice(&ids);
+                let got = states(&xs2, &ids2, total);
+                for s in 0..segments as usize {
+                    assert_eq!(got[s].max.to_bits(), base[s].max.to_bits());
+                    assert_eq!(
+                        got[s].excess.to_bits(),
+                        base[s].excess.to_bits(),
+                        "{shift} {s}"
+                    );
+                }
             }
         }
     }

@@ -14,8 +14,9 @@
 //!   segments and nothing depends on the split (thread count), and sorted ids give the bits
 //!   of the equivalent offsets.
 //! - Unsorted ids: float32 single columns with states that fit the cache are scattered,
-//!   every element into its segment's running state ([`super::segment_scatter`]: no sort,
-//!   bit-identical for any thread count, within rounding of the sorted path). Otherwise a
+//!   every element into its segment's running max, then its running sum
+//!   ([`super::segment_scatter`]: no sort, bit-identical for any thread count, within
+//!   rounding of the sorted path). Otherwise a
 //!   stable two-level counting sort (chunks of rows into buckets of consecutive ids, then
 //!   each cache-sized bucket by segment) hands every segment's rows, in array order, to the
 //!   same segment kernels; the pieces depend on the sizes alone, so results are bit-identical
@@ -258,7 +259,7 @@ fn csr_starts(seg: &Segments, rows: usize) -> Result<Option<Vec<usize>>, Segment
 }
 
 /// Ids that passed validation but read differently later: another thread wrote them.
-fn changed_ids() -> SegmentError {
+pub(super) fn changed_ids() -> SegmentError {
     SegmentError::Shape("segment_ids changed while the call was reading it".into())
 }
 
