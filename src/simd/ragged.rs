@@ -132,11 +132,14 @@ unsafe fn run<L: Lanes, T: Real>(l: L, x: *const T, len: usize, starts: &[usize]
                         }
                     }
                     Out::Softmax(o, log) => {
-                        let mut states = [LseState::EMPTY; GROUP];
-                        short::states(l, bp, g, width, SHORT_ROW, &mut states);
-                        for (&k, st) in ranked.iter().zip(states) {
+                        // The group's rows written `width` apart, then each row's own
+                        // elements copied out.
+                        let mut done = [MaybeUninit::<T>::uninit(); GROUP * SHORT_ROW];
+                        let dp = done.as_mut_ptr() as *mut T;
+                        short::softmax(l, bp, g, width, SHORT_ROW, dp, log);
+                        for (i, &k) in ranked.iter().enumerate() {
                             let (r, n) = (starts[w0 + k as usize], lens[k as usize] as usize);
-                            short::write_state_row(l, x.add(r), o.add(r), n, st, log);
+                            copy_out(l, dp.add(i * width), o.add(r), n);
                         }
                     }
                 }
@@ -181,6 +184,26 @@ unsafe fn copy_padded<L: Lanes, T: Real>(
             };
             l.store(dst.add(c), v);
             c += L::N;
+        }
+    }
+}
+
+/// Copies `n` elements from `src` to `dst` in whole vectors and a tail (exact: every `T`
+/// value is a float64 value).
+///
+/// # Safety
+/// `n` readable elements at `src`, `n` writable at `dst`, not overlapping.
+#[inline(always)]
+unsafe fn copy_out<L: Lanes, T: Real>(l: L, src: *const T, dst: *mut T, n: usize) {
+    let mut c = 0;
+    // SAFETY: whole vectors and the tail stay within the n elements.
+    unsafe {
+        while c + L::N <= n {
+            l.store(dst.add(c), l.load(src.add(c)));
+            c += L::N;
+        }
+        if c < n {
+            l.store_tail(dst.add(c), l.load_tail(src.add(c), n - c), n - c);
         }
     }
 }
@@ -386,7 +409,9 @@ pub(crate) unsafe fn sorted_id_starts(
 #[cfg(test)]
 mod tests {
     use super::super::tests::Rng;
-    use super::super::{available_levels, short_rows_logsumexp, short_rows_states, SHORT_ROW};
+    use super::super::{
+        available_levels, short_rows_logsumexp, short_rows_softmax, short_rows_states, SHORT_ROW,
+    };
     use super::*;
 
     /// Rows of every length 0..=SHORT_ROW + 3 (each several times, shuffled), values with a
@@ -413,10 +438,10 @@ mod tests {
         (x, starts)
     }
 
-    /// At every level, for float64 and float32: each short row's state and logsumexp are bit
-    /// for bit the short-row kernels' on that row alone (the packing, padding and grouping
-    /// change nothing), rows of other lengths are left alone, and softmax / log_softmax are
-    /// the row write of that state.
+    /// At every level, for float64 and float32: each short row's state, logsumexp, softmax
+    /// and log_softmax are bit for bit the short-row kernels' on that row alone (the packing,
+    /// padding and grouping change nothing) and near the exact values of that state; rows of
+    /// other lengths are left alone.
     #[test]
     fn packed_rows_equal_each_row_alone_at_every_level() {
         let (x64, starts) = rows(3);
@@ -455,15 +480,22 @@ mod tests {
             }
             let mut alone = [LseState::EMPTY];
             let mut alone_lse = [T::from_f64(0.0)];
-            // SAFETY: row s is readable; one output each.
+            let (mut alone_sm, mut alone_lsm) =
+                (vec![T::from_f64(0.0); n], vec![T::from_f64(0.0); n]);
+            // SAFETY: row s is readable; each output holds the row.
             unsafe {
                 let p = x.as_ptr().add(r);
                 if level == Level::Scalar {
                     alone[0] = reference_state(p, n);
                     alone_lse[0] = T::from_f64(alone[0].logsumexp());
+                    let o = (alone_sm.as_mut_ptr(), alone_lsm.as_mut_ptr());
+                    scalar::softmax_write(p, 0, 1, o.0, 0, 1, n, alone[0]);
+                    scalar::log_softmax_write(p, 0, 1, o.1, 0, 1, n, alone[0]);
                 } else {
                     short_rows_states(level, p, 1, n, n, &mut alone);
                     short_rows_logsumexp(level, p, 1, n, n, alone_lse.as_mut_ptr());
+                    short_rows_softmax(level, p, 1, n, n, alone_sm.as_mut_ptr(), false);
+                    short_rows_softmax(level, p, 1, n, n, alone_lsm.as_mut_ptr(), true);
                 }
             }
             let st = got[s];
@@ -473,6 +505,17 @@ mod tests {
                 "{what}"
             );
             assert!(same(lse[s].to_f64(), alone_lse[0].to_f64()), "{what}");
+            for j in 0..n {
+                let k = r + j;
+                assert!(
+                    same(sm[k].to_f64(), alone_sm[j].to_f64()),
+                    "{what}: softmax {j}"
+                );
+                assert!(
+                    same(lsm[k].to_f64(), alone_lsm[j].to_f64()),
+                    "{what}: log {j}"
+                );
+            }
             for k in r..r + n {
                 let v = x[k].to_f64();
                 let (want_sm, want_lsm) = if st.max.is_finite() {
