@@ -265,6 +265,15 @@ fn banks(num_segments: usize) -> usize {
     }
 }
 
+/// Whether the passes fetch the segments of elements ahead: only where the per-segment arrays
+/// (12 bytes a segment) outgrow 2 MiB. Below, the out-of-order core overlaps the misses by
+/// itself and the fetches only cost instructions (measured on one thread, 2^24 float32 values
+/// in random ids: 0.85-0.90x the time up to 2^15 segments, 0.92x at 2^16, 0.98x at 2^17; no
+/// difference from 2^18 to 2^20).
+fn fetches_ahead(num_segments: usize) -> bool {
+    num_segments > (2 << 20) / 12
+}
+
 /// How far ahead the passes fetch the next elements' segments.
 const AHEAD: usize = 64;
 
@@ -279,8 +288,9 @@ fn max_pass<T: Real>(
 ) -> Result<(), usize> {
     let last = num_segments.saturating_sub(1);
     let bank = banks(num_segments) - 1;
+    let far = fetches_ahead(num_segments);
     for (k, (&v, &id)) in x.iter().zip(ids).enumerate() {
-        if let Some(&next) = ids.get(k + AHEAD) {
+        if let (true, Some(&next)) = (far, ids.get(k + AHEAD)) {
             prefetch(maxima.as_ptr().wrapping_add((next as usize).min(last)));
         }
         // One read of each id, bounded here; only the bounded index is used.
@@ -318,6 +328,7 @@ fn sum_pass<T: Real>(
     let num_segments = maxima.len();
     let last = num_segments.saturating_sub(1);
     let bank = banks(num_segments) - 1;
+    let far = fetches_ahead(num_segments);
     let (mut q, mut t, mut e) = ([0usize; BLOCK], [0.0f64; BLOCK], [0.0f64; BLOCK]);
     let mut ok = true;
     for (b, (xb, ib)) in x.chunks(BLOCK).zip(ids.chunks(BLOCK)).enumerate() {
@@ -329,9 +340,11 @@ fn sum_pass<T: Real>(
             let s = (id as usize).min(last);
             // This block's sums are added to after the exp; the next block's maxima are
             // gathered after that.
-            prefetch(sums.as_ptr().wrapping_add(s));
-            if let Some(&id) = next.get(k) {
-                prefetch(maxima.as_ptr().wrapping_add((id as usize).min(last)));
+            if far {
+                prefetch(sums.as_ptr().wrapping_add(s));
+                if let Some(&id) = next.get(k) {
+                    prefetch(maxima.as_ptr().wrapping_add((id as usize).min(last)));
+                }
             }
             q[k] = (k & bank) * num_segments + s;
             t[k] = xb[k].to_f64() - maxima.get(s).map_or(f64::NAN, |&m| f64::from(m));
