@@ -265,13 +265,14 @@ fn banks(num_segments: usize) -> usize {
     }
 }
 
-/// Whether the passes fetch the segments of elements ahead: only where the per-segment arrays
-/// (12 bytes a segment) outgrow 2 MiB. Below, the out-of-order core overlaps the misses by
-/// itself and the fetches only cost instructions (measured on one thread, 2^24 float32 values
-/// in random ids: 0.85-0.90x the time up to 2^15 segments, 0.92x at 2^16, 0.98x at 2^17; no
-/// difference from 2^18 to 2^20).
-fn fetches_ahead(num_segments: usize) -> bool {
-    num_segments > (2 << 20) / 12
+/// Whether a pass that reads per-segment data at random (`bytes` of it) fetches the
+/// segments of elements ahead: only beyond 2 MiB. Below, the out-of-order core overlaps the
+/// misses by itself and the fetches only cost instructions (measured on one thread, 2^24
+/// float32 values in random ids, the passes here: 0.85-0.90x the time up to 2^15 segments,
+/// 0.92x at 2^16, 0.98x at 2^17, no difference from 2^18 to 2^20; the softmax write
+/// 0.93-0.98x at 2^10 segments).
+pub(super) fn fetches_ahead(bytes: usize) -> bool {
+    bytes > 2 << 20
 }
 
 /// How far ahead the passes fetch the next elements' segments.
@@ -288,10 +289,12 @@ fn max_pass<T: Real>(
 ) -> Result<(), usize> {
     let last = num_segments.saturating_sub(1);
     let bank = banks(num_segments) - 1;
-    let far = fetches_ahead(num_segments);
+    let far = fetches_ahead(num_segments * 12);
     for (k, (&v, &id)) in x.iter().zip(ids).enumerate() {
-        if let (true, Some(&next)) = (far, ids.get(k + AHEAD)) {
-            prefetch(maxima.as_ptr().wrapping_add((next as usize).min(last)));
+        if far {
+            if let Some(&next) = ids.get(k + AHEAD) {
+                prefetch(maxima.as_ptr().wrapping_add((next as usize).min(last)));
+            }
         }
         // One read of each id, bounded here; only the bounded index is used.
         if id as u64 >= num_segments as u64 {
@@ -328,7 +331,7 @@ fn sum_pass<T: Real>(
     let num_segments = maxima.len();
     let last = num_segments.saturating_sub(1);
     let bank = banks(num_segments) - 1;
-    let far = fetches_ahead(num_segments);
+    let far = fetches_ahead(num_segments * 12);
     let (mut q, mut t, mut e) = ([0usize; BLOCK], [0.0f64; BLOCK], [0.0f64; BLOCK]);
     let mut ok = true;
     for (b, (xb, ib)) in x.chunks(BLOCK).zip(ids.chunks(BLOCK)).enumerate() {

@@ -906,16 +906,19 @@ unsafe fn gather_write<T: Real>(
     parallel::for_each_piece(chunks, 2 * GATHER, |range| {
         let (mut b, mut a) = ([0.0f64; GATHER], [0.0f64; GATHER]);
         let last = params.len().saturating_sub(1);
+        let far = inner == 1 && super::segment_scatter::fetches_ahead(params.len() * 16);
         for c in range {
             let e0 = c * GATHER;
             let n = GATHER.min(len - e0);
             for k in 0..n {
                 let e = e0 + k;
                 // The next chunk's parameters are fetched while this one is written.
-                if let (1, Some(&id)) = (inner, ids.get(e + GATHER)) {
-                    super::segment_scatter::prefetch(
-                        params.as_ptr().wrapping_add((id as usize).min(last)),
-                    );
+                if far {
+                    if let Some(&id) = ids.get(e + GATHER) {
+                        super::segment_scatter::prefetch(
+                            params.as_ptr().wrapping_add((id as usize).min(last)),
+                        );
+                    }
                 }
                 let (r, j) = if inner == 1 {
                     (e, 0)
