@@ -227,11 +227,12 @@ def segment_logsumexp(
     bit-identical for any number of threads.
 
     Accuracy: unsorted float32 (and float16) ids with up to 2**21 segments are scattered:
-    each element updates its segment's running ``(max, sum)`` in float64, in array order,
-    with no sort. The sum then rounds differently from the sorted forms', so the result is
-    not bit-identical to theirs, but within ``0.5`` ULP of the result's type plus
-    ``(3 n + 4) 2**-53 + 2**-34`` (absolute; ``n`` the segment's length; ``2**-34`` is the
-    relative error of the float32-grade exp the row kernels use too) of the exact value. Other
+    one pass takes each segment's max, a second adds each element's ``exp(x - max)`` to its
+    segment's float64 sum, in array order, with no sort. The sum then rounds differently
+    from the sorted forms', so the result is not bit-identical to theirs, but within ``0.5``
+    ULP of the result's type plus ``(3 n + 4) 2**-53 + 2**-34`` (absolute; ``n`` the
+    segment's length; ``2**-34`` is the relative error of the float32-grade exp the row
+    kernels use too) of the exact value. Other
     unsorted ids (float64, more segments, several columns) are sorted stably and reduced as
     the sorted forms reduce the stably sorted input.
 

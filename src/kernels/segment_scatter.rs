@@ -23,10 +23,11 @@
 //! segment of 2^20 elements), which a float32 result does not show but a float64 one would.
 //!
 //! Accuracy: a segment's sum is taken in float64 in array order, so it differs from the
-//! sorted path's (blocked vector lanes) by rounding only: at most `n` float64 roundings of
-//! the total for a segment of `n` elements, and the exp's own error (about `2^-34` relative,
-//! as in the row kernels for float32 results), i.e. `n 2^-53 + 2^-34` in the log-sum-exp,
-//! before the one rounding to float32.
+//! sorted path's (blocked vector lanes) by rounding only: at most `2 n + 1` float64
+//! roundings of the total for a segment of `n` elements (each term added once in its part
+//! and copy, the partial sums folded, the count of copies at the max added), and the exp's
+//! own error (about `2^-34` relative, as in the row kernels for float32 results), i.e.
+//! `(2 n + 1) 2^-53 + 2^-34` in the log-sum-exp, before the one rounding to float32.
 //!
 //! Determinism: the rows are cut into [`parts`] chosen from the sizes alone, and with fewer
 //! than [`BANKED_BELOW`] segments each part keeps [`BANKS`] copies of its arrays, element
