@@ -40,7 +40,7 @@
 //! bounded, and only the bounded index is used; an id found out of range by the second pass
 //! after the first accepted it raises the "changed while reading" error.
 
-use super::segments::SegmentError;
+use super::segments::{try_vec, SegmentError};
 use crate::parallel::{self, SendPtr};
 use crate::real::Real;
 use crate::simd::{self, Level};
@@ -102,9 +102,9 @@ pub fn scatter_states<T: Real>(
     // `words` words the copies that met their max.
     let own = banks * num_segments;
     let words = own.div_ceil(64);
-    let mut maxima = try_filled(parts * own, f32::NEG_INFINITY)?;
-    let mut sums = try_filled(parts * own, 0.0f64)?;
-    let mut met = try_filled(parts * words, 0u64)?;
+    let mut maxima = try_vec(parts * own, f32::NEG_INFINITY)?;
+    let mut sums = try_vec(parts * own, 0.0f64)?;
+    let mut met = try_vec(parts * words, 0u64)?;
     // Whole blocks per part; the last part takes the rest.
     let per = (rows / parts).next_multiple_of(BLOCK);
     let part_rows = |p: usize| {
@@ -139,9 +139,7 @@ pub fn scatter_states<T: Real>(
     }
     // Every part's sums are taken below the maxima of the whole array (exact, any order).
     fold_parts(&mut maxima, num_segments, parts * banks, |m, o| {
-        if o > *m || o.is_nan() {
-            *m = o;
-        }
+        *m = top(*m, o)
     });
     let (maxima, level) = (&maxima[..num_segments], simd::level());
     let changed = parallel::map_collect(parts, rows.div_ceil(parts), |p| {
@@ -217,14 +215,6 @@ pub(super) fn prefetch<T>(p: *const T) {
     let _ = p;
 }
 
-/// A vector of `n` copies of `v`, or [`SegmentError::Alloc`].
-fn try_filled<V: Clone>(n: usize, v: V) -> Result<Vec<V>, SegmentError> {
-    let mut out = Vec::new();
-    out.try_reserve_exact(n).map_err(|_| SegmentError::Alloc)?;
-    out.resize(n, v);
-    Ok(out)
-}
-
 /// Folds the per-part arrays `all[p * n..(p + 1) * n]` into the first, part by part in
 /// order for every element (so the result does not depend on the threads).
 fn fold_parts<V: Copy + Send + Sync>(
@@ -280,6 +270,12 @@ pub(super) fn fetches_ahead(bytes: usize) -> bool {
 /// How far ahead the passes fetch the next elements' segments.
 const AHEAD: usize = 64;
 
+/// The max of `m` and `v`, NaN if either is NaN (without a branch on the data).
+#[inline(always)]
+fn top(m: f32, v: f32) -> f32 {
+    select_unpredictable(v > m || v.is_nan(), v, m)
+}
+
 /// The max of every segment's elements into `maxima` (NaN if any is NaN), which holds the
 /// [`banks`] copies of `num_segments` maxima; `Err(k)` at the first `ids[k]` that is not a
 /// segment.
@@ -306,8 +302,7 @@ fn max_pass<T: Real>(
             return Err(k);
         };
         // Exact: float32-grade values are float32 values.
-        let (v, old) = (v.to_f64() as f32, *m);
-        *m = select_unpredictable(v > old || v.is_nan(), v, old);
+        *m = top(*m, v.to_f64() as f32);
     }
     Ok(())
 }

@@ -16,13 +16,12 @@
 //! - Unsorted ids: float32 single columns with states that fit the cache are scattered,
 //!   every element into its segment's running max, then its running sum
 //!   ([`super::segment_scatter`]: no sort, bit-identical for any thread count, within
-//!   rounding of the sorted path). Otherwise a
-//!   stable two-level counting sort (chunks of rows into buckets of consecutive ids, then
-//!   each cache-sized bucket by segment) hands every segment's rows, in array order, to the
-//!   same segment kernels; the pieces depend on the sizes alone, so results are bit-identical
-//!   for any thread count and the states are those of the sorted path on the stably sorted
-//!   input. Softmax then writes every element from its segment's finished state, gathered
-//!   per element.
+//!   rounding of the sorted path). Otherwise a stable two-level counting sort (chunks of rows
+//!   into buckets of consecutive ids, then each cache-sized bucket by segment) hands every
+//!   segment's rows, in array order, to the same segment kernels; the pieces depend on the
+//!   sizes alone, so results are bit-identical for any thread count and the states are those
+//!   of the sorted path on the stably sorted input. Softmax then writes every element from
+//!   its segment's finished state, gathered per element.
 //!
 //! Ids and offsets may be read where they lie while another thread writes them: every index
 //! derived from them is bounded before use, so such a race changes results or raises
@@ -123,7 +122,7 @@ impl std::fmt::Display for SegmentError {
 impl std::error::Error for SegmentError {}
 
 /// A vector of `n` copies of `v`, or [`SegmentError::Alloc`].
-fn try_vec<T: Clone>(n: usize, v: T) -> Result<Vec<T>, SegmentError> {
+pub(super) fn try_vec<T: Clone>(n: usize, v: T) -> Result<Vec<T>, SegmentError> {
     let mut out = Vec::new();
     out.try_reserve_exact(n).map_err(|_| SegmentError::Alloc)?;
     out.resize(n, v);

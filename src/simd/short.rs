@@ -638,7 +638,7 @@ unsafe fn redo_row<L: Lanes, T: Real>(l: L, x: *const T, out: *mut T, n: usize, 
 /// # Safety
 /// `n` readable elements at `x`, `n` writable at `out`, disjoint or equal.
 #[inline(always)]
-pub(crate) unsafe fn write_state_row<L: Lanes, T: Real>(
+unsafe fn write_state_row<L: Lanes, T: Real>(
     l: L,
     x: *const T,
     out: *mut T,
