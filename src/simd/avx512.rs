@@ -482,10 +482,7 @@ unsafe impl Lanes for Avx512 {
         // SAFETY: the caller guarantees 16 readable elements.
         unsafe {
             if T::FULL {
-                [
-                    _mm512_max_pd(acc[0], self.load(p)),
-                    _mm512_max_pd(acc[1], self.load(p.add(8))),
-                ]
+                super::lanes::max_step_widened(self, acc, p)
             } else {
                 let v = _mm512_loadu_ps(p as *const f32);
                 let m = _mm512_max_ps(_mm512_castpd_ps(acc[0]), v);
@@ -505,13 +502,7 @@ unsafe impl Lanes for Avx512 {
         // SAFETY: the caller guarantees 16 readable elements and mask bytes.
         unsafe {
             if T::FULL {
-                let ninf = _mm512_set1_pd(f64::NEG_INFINITY);
-                let (k0, k1) = (self.kept(keep), self.kept(keep.add(8)));
-                let (v0, v1) = (self.load(p), self.load(p.add(8)));
-                [
-                    _mm512_max_pd(acc[0], _mm512_mask_blend_pd(k0, ninf, v0)),
-                    _mm512_max_pd(acc[1], _mm512_mask_blend_pd(k1, ninf, v1)),
-                ]
+                super::lanes::max_step_kept_widened(self, acc, p, keep)
             } else {
                 let b = _mm_loadu_si128(keep as *const __m128i);
                 let k = _mm_test_epi8_mask(b, b);
