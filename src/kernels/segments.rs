@@ -311,7 +311,7 @@ pub fn segment_logsumexp<T: Real>(
                 unsafe {
                     let piece = &starts[range.start..=range.end];
                     let (x, o) = (xp.ptr() as *const T, op.ptr().add(range.start));
-                    simd::ragged::logsumexp(level, x, rows, piece, o);
+                    simd::ragged::logsumexp(level, x, piece, o);
                 }
                 for s in range {
                     let (r0, r1) = (starts[s], starts[s + 1]);
@@ -531,14 +531,13 @@ fn csr_states<T: Real>(
 ) {
     let (xp, op) = (SendPtr(x.as_ptr() as *mut T), SendPtr(out.as_mut_ptr()));
     if inner == 1 {
-        let rows = x.len();
         for_each_segment_piece(starts, 1, |range| {
             // SAFETY: every segment's rows lie inside x (validated starts); the piece owns
             // out[range].
             unsafe {
                 let piece = &starts[range.start..=range.end];
                 let (x, o) = (xp.ptr() as *const T, op.ptr().add(range.start));
-                simd::ragged::states(level, x, rows, piece, o);
+                simd::ragged::states(level, x, piece, o);
             }
             for s in range {
                 let (r0, r1) = (starts[s], starts[s + 1]);
@@ -595,7 +594,7 @@ unsafe fn csr_softmax_like<T: Real>(
             // to this piece alone; each is read before it is written.
             unsafe {
                 let piece = &starts[range.start..=range.end];
-                simd::ragged::softmax(level, x, len, piece, op.ptr(), log);
+                simd::ragged::softmax(level, x, piece, op.ptr(), log);
             }
             for s in range {
                 let (r0, r1) = (starts[s], starts[s + 1]);

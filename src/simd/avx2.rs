@@ -537,8 +537,7 @@ unsafe impl Lanes for Avx2 {
     #[inline(always)]
     unsafe fn load_columns<T: Real>(
         self,
-        x: *const T,
-        pitch: usize,
+        row: &[*const T; 8],
         rows: usize,
         c0: usize,
         w: usize,
@@ -549,10 +548,9 @@ unsafe impl Lanes for Avx2 {
         // no lane past w); out holds c0 + w entries.
         unsafe {
             let cols = if T::FULL {
-                let x = x as *const f64;
                 let mask = _mm256_cmpgt_epi64(_mm256_set1_epi64x(w as i64), LANE_INDEX);
                 let r: [__m256d; 4] = std::array::from_fn(|i| {
-                    let p = x.add(i * pitch + c0);
+                    let p = (row[i] as *const f64).add(c0);
                     match (i < rows, w) {
                         (false, _) => _mm256_set1_pd(f64::NEG_INFINITY),
                         (true, 4) => _mm256_loadu_pd(p),
@@ -561,10 +559,9 @@ unsafe impl Lanes for Avx2 {
                 });
                 transpose4_pd(r)
             } else {
-                let x = x as *const f32;
                 let mask = _mm_cmpgt_epi32(_mm_set1_epi32(w as i32), _mm_setr_epi32(0, 1, 2, 3));
                 let r: [__m128; 4] = std::array::from_fn(|i| {
-                    let p = x.add(i * pitch + c0);
+                    let p = (row[i] as *const f32).add(c0);
                     match (i < rows, w) {
                         (false, _) => _mm_set1_ps(f32::NEG_INFINITY),
                         (true, 4) => _mm_loadu_ps(p),

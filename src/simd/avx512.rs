@@ -527,8 +527,7 @@ unsafe impl Lanes for Avx512 {
     #[inline(always)]
     unsafe fn load_columns<T: Real>(
         self,
-        x: *const T,
-        pitch: usize,
+        row: &[*const T; 8],
         rows: usize,
         c0: usize,
         w: usize,
@@ -539,24 +538,29 @@ unsafe impl Lanes for Avx512 {
         // read; out holds c0 + w entries.
         unsafe {
             if T::FULL {
-                // Gathers: cheaper here than loads and a float64 transpose.
-                let idx = _mm256_mullo_epi32(
-                    _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
-                    _mm256_set1_epi32(pitch as i32),
-                );
+                // Gathers: cheaper here than loads and a float64 transpose. Each row's byte
+                // offset from the first (0 for the lanes past `rows`, which are not read).
+                let base = row[0] as *const f64;
+                let offset: [i64; 8] = std::array::from_fn(|i| {
+                    let d = (row[i] as isize).wrapping_sub(base as isize);
+                    if i < rows {
+                        d as i64
+                    } else {
+                        0
+                    }
+                });
+                let idx = _mm512_loadu_si512(offset.as_ptr() as *const _);
                 let src = _mm512_set1_pd(f64::NEG_INFINITY);
                 for (k, o) in out.iter_mut().enumerate().skip(c0).take(w) {
-                    let p = x.add(k) as *const f64;
-                    o.write(_mm512_mask_i32gather_pd::<8>(src, mask, idx, p));
+                    o.write(_mm512_mask_i64gather_pd::<1>(src, mask, idx, base.add(k)));
                 }
                 return;
             }
-            let x = x as *const f32;
             let ninf = _mm256_set1_ps(f32::NEG_INFINITY);
             let cmask = tail_mask8(w);
             let r: [__m256; 8] = std::array::from_fn(|i| {
                 if i < rows {
-                    _mm256_mask_loadu_ps(ninf, cmask, x.add(i * pitch + c0))
+                    _mm256_mask_loadu_ps(ninf, cmask, (row[i] as *const f32).add(c0))
                 } else {
                     ninf
                 }

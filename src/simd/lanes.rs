@@ -186,24 +186,23 @@ pub unsafe trait Lanes: Copy {
         unsafe { max_step_kept_widened(self, acc, p, keep) }
     }
 
-    /// Columns `c0..c0 + w` (`w <= N`) of up to `N` rows `pitch` apart: `out[c0 + k]` holds
-    /// element `c0 + k` of rows `0..N`, `-inf` past `rows`. (A level may transpose in
-    /// registers.)
+    /// Columns `c0..c0 + w` (`w <= N`) of up to `N` rows, row `r` starting at `row[r]`:
+    /// `out[c0 + k]` holds element `c0 + k` of rows `0..N`, `-inf` past `rows`. (A level may
+    /// transpose in registers.)
     ///
     /// # Safety
     /// Elements `c0..c0 + w` of rows `0..rows` readable; `out` holds `c0 + w` entries.
     #[inline(always)]
     unsafe fn load_columns<T: Real>(
         self,
-        x: *const T,
-        pitch: usize,
+        row: &[*const T; 8],
         rows: usize,
         c0: usize,
         w: usize,
         out: &mut [MaybeUninit<Self::V>],
     ) {
         // SAFETY: forwarded from the caller.
-        unsafe { load_columns_by_element(self, x, pitch, rows, c0, w, out) }
+        unsafe { load_columns_by_element(self, row, rows, c0, w, out) }
     }
     /// The inverse of [`Lanes::load_columns`]: element `c0 + k` of row `r < rows` from lane
     /// `r` of `cols[c0 + k]`, `k < w`, each row `pitch` apart, rounded to `T`. `skip` flags
@@ -316,8 +315,7 @@ pub(crate) unsafe fn max_of_source<L: Lanes, S: super::rows::Source>(
 #[inline(always)]
 pub(crate) unsafe fn load_columns_by_element<L: Lanes, T: Real>(
     l: L,
-    x: *const T,
-    pitch: usize,
+    row: &[*const T; 8],
     rows: usize,
     c0: usize,
     w: usize,
@@ -325,9 +323,9 @@ pub(crate) unsafe fn load_columns_by_element<L: Lanes, T: Real>(
 ) {
     for (k, o) in out.iter_mut().enumerate().skip(c0).take(w) {
         let mut a = [f64::NEG_INFINITY; 8];
-        for (r, v) in a.iter_mut().enumerate().take(rows.min(L::N)) {
-            // SAFETY: element k of row r is readable.
-            *v = unsafe { (*x.add(r * pitch + k)).to_f64() };
+        for (v, &p) in a.iter_mut().zip(row).take(rows.min(L::N)) {
+            // SAFETY: element k of the row is readable.
+            *v = unsafe { (*p.add(k)).to_f64() };
         }
         o.write(l.of_lanes(&a));
     }

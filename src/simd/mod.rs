@@ -777,7 +777,7 @@ pub(crate) unsafe fn short_rows_logsumexp<T: Real>(
     // SAFETY: forwarded from the caller (the rows and out).
     unsafe {
         run_kernel!(level, { x: *const T, rows: usize, n: usize, pitch: usize, out: *mut T } -> (),
-            |l| short::logsumexp(l, x, rows, n, pitch, out),
+            |l| short::logsumexp(l, short::Rows::Pitched { x, pitch }, rows, n, out),
             scalar: for r in 0..rows {
                 *out.add(r) = T::from_f64(short_reference(x, r, n, pitch).logsumexp());
             },
@@ -803,7 +803,7 @@ pub(crate) unsafe fn short_rows_states<T: Real>(
     unsafe {
         run_kernel!(level, <'a> { x: *const T, rows: usize, n: usize, pitch: usize,
                                   out: &'a mut [LseState] } -> (),
-            |l| short::states(l, x, rows, n, pitch, out),
+            |l| short::states(l, short::Rows::Pitched { x, pitch }, rows, n, out),
             scalar: for (r, o) in out.iter_mut().enumerate().take(rows) {
                 *o = short_reference(x, r, n, pitch);
             },
@@ -911,7 +911,7 @@ pub(crate) unsafe fn short_rows_softmax<T: Real>(
     unsafe {
         run_kernel!(level,
             { x: *const T, rows: usize, n: usize, pitch: usize, out: *mut T, log: bool } -> (),
-            |l| short::softmax(l, x, rows, n, pitch, out, log),
+            |l| short::softmax(l, short::Rows::Pitched { x, pitch }, rows, n, out, log),
             scalar: for r in 0..rows {
                 let state = short_reference(x, r, n, pitch);
                 let (xr, or) = (x.add(r * pitch), out.add(r * n));

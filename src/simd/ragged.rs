@@ -4,11 +4,13 @@
 //!
 //! A row kernel pays a fixed cost per row (horizontal maxima and sums, tails, a libm log, a
 //! mispredicted loop exit) that dwarfs the arithmetic of a row of ~32 elements. Here the rows
-//! of a window of [`WINDOW`] consecutive rows are ordered by length (a counting sort), taken
-//! [`GROUP`] at a time, and copied into a block of `GROUP` rows [`SHORT_ROW`] apart, each
-//! padded with `-inf` up to the longest row of its group; the short-row kernels then compute
-//! every row's state in its own lane, the logsumexp with one vector log per group, and the
-//! softmax from the exps of the state pass, written back row by row.
+//! of a window of [`WINDOW`] consecutive rows are ordered by length (a counting sort) and
+//! taken [`GROUP`] at a time. The short-row kernels read a group's rows where they lie, one
+//! per lane, each as far as the group's longest, its lanes past its own end read as `-inf`
+//! (the last rows, whose reads would pass the end of the rows, are copied into a block
+//! padded with `-inf` instead); they compute every row's state in its own lane, the
+//! logsumexp with one vector log per group, and the softmax from the exps of the state pass,
+//! written into a block and copied out row by row.
 //!
 //! The padding changes no result: `-inf` leaves the max alone, and its exp is 0, kept out of
 //! the sum (or added as an exact 0). Each lane is computed on its own, so a row's result is
@@ -51,19 +53,22 @@ enum Out<T> {
 }
 
 /// The rows `starts[s]..starts[s + 1]` of `x` holding `1..=SHORT_ROW` elements, grouped and
-/// run as described in the module docs, writing `out` for each. `len` elements are readable
-/// at `x`: a row's copy reads whole vectors past its end while they stay inside them.
+/// run as described in the module docs, writing `out` for each. A group's rows are read in
+/// place, each up to the group's longest (the elements past a row's own read and discarded,
+/// as [`short::Rows::Ragged`] says), where that stays inside the rows, `..starts.last()`;
+/// the last rows are copied, padded.
 ///
-/// The next window's elements are prefetched while a window computes, so the copies read
-/// from the cache in whatever order the groups take them.
+/// The next window's elements are prefetched while a window computes, so the groups read
+/// from the cache in whatever order they take the rows.
 ///
 /// # Safety
-/// `starts` non-decreasing, `starts.last() <= len`, `len` readable elements at `x`; `out`
-/// writable for every row's result (softmax: disjoint from `x` or equal to it; a window is
-/// read before it is written).
+/// `starts` non-decreasing, elements `..starts.last()` readable at `x`; `out` writable for
+/// every row's result (softmax: disjoint from `x` or equal to it; a row is read before it is
+/// written, and the elements past a row's own that it reads are discarded).
 #[inline(always)]
-unsafe fn run<L: Lanes, T: Real>(l: L, x: *const T, len: usize, starts: &[usize], out: Out<T>) {
+unsafe fn run<L: Lanes, T: Real>(l: L, x: *const T, starts: &[usize], out: Out<T>) {
     let rows = starts.len().saturating_sub(1);
+    let end = starts.last().copied().unwrap_or(0);
     // One group's padded rows (uninitialised: only what a group wrote is read).
     let mut block = [MaybeUninit::<T>::uninit(); GROUP * SHORT_ROW];
     let bp = block.as_mut_ptr() as *mut T;
@@ -72,6 +77,12 @@ unsafe fn run<L: Lanes, T: Real>(l: L, x: *const T, len: usize, starts: &[usize]
         *v = k as f64;
     }
     let index = l.of_lanes(&index);
+    // A softmax into another array hints its outputs beside its inputs.
+    let out_hint = match out {
+        Out::Softmax(o, _) if !std::ptr::eq(o, x) => Some(o as *const T),
+        _ => None,
+    };
+    let line = 64 / std::mem::size_of::<T>();
     // Per row of the window: its length (0: not short); per rank of the length order, its
     // row.
     let mut lens = [0u8; WINDOW];
@@ -79,11 +90,6 @@ unsafe fn run<L: Lanes, T: Real>(l: L, x: *const T, len: usize, starts: &[usize]
     let mut w0 = 0;
     while w0 < rows {
         let w = (rows - w0).min(WINDOW);
-        let (a, b) = (starts[w0 + w], starts[(w0 + w + WINDOW).min(rows)]);
-        let line = 64 / std::mem::size_of::<T>();
-        for e in (a..b).step_by(line) {
-            l.prefetch(x.wrapping_add(e) as *const i8);
-        }
         // Counting sort of the window's short rows by length.
         let mut first = [0u8; SHORT_ROW + 2];
         for (k, n) in lens.iter_mut().enumerate().take(w) {
@@ -101,24 +107,58 @@ unsafe fn run<L: Lanes, T: Real>(l: L, x: *const T, len: usize, starts: &[usize]
         }
         // Rows of length 0 (here: not short) sort first; the short ones are ranks skip..w.
         let mut r0 = first[0] as usize;
+        // The next window's elements are hinted into L1 a share per group: hinted all at
+        // once, they were measured to help little (the misses queue behind each other).
+        let (mut next, b) = (starts[w0 + w], starts[(w0 + w + WINDOW).min(rows)]);
+        let groups = (w - r0).div_ceil(GROUP).max(1);
+        let share = (b - next).div_ceil(line).div_ceil(groups) * line;
         while r0 < w {
             let g = (w - r0).min(GROUP);
+            let stop = (next + share).min(b);
+            while next < stop {
+                l.prefetch(x.wrapping_add(next) as *const i8);
+                if let Some(o) = out_hint {
+                    l.prefetch(o.wrapping_add(next) as *const i8);
+                }
+                next += line;
+            }
             let ranked = &order[r0..r0 + g];
             // Ascending lengths: the last row of the group is its longest.
             let width = lens[ranked[g - 1] as usize] as usize;
-            // SAFETY: each row lies inside x (the caller's contract) and is copied into its
-            // own row of the block, padded to the group's width; the kernels read columns
-            // 0..width of the group's rows, all written here. A softmax row is written from
-            // x after its state is final; no other row reads its elements.
+            // SAFETY: each row lies inside x (the caller's contract); read in place, the
+            // kernels read columns 0..width of every row of the group, inside `end`; else
+            // each is copied into its own row of the block, padded to the group's width. A
+            // softmax row is written after its state is final; another row reads its elements
+            // only to discard them.
             unsafe {
+                let mut start = [0; GROUP];
+                let mut len = [0; GROUP];
                 for (i, &k) in ranked.iter().enumerate() {
-                    let (r, n) = (starts[w0 + k as usize], lens[k as usize] as usize);
-                    copy_padded(l, x, len, r, n, bp.add(i * SHORT_ROW), width, index);
+                    (start[i], len[i]) = (starts[w0 + k as usize], lens[k as usize]);
                 }
+                // Read in place where every row's `width` elements lie inside the rows;
+                // else (the last rows) copied into the block, padded.
+                let last = start[..g].iter().fold(0, |a, &b| a.max(b));
+                let src = if last + width <= end {
+                    short::Rows::Ragged {
+                        x,
+                        start: &start[..g],
+                        len: &len[..g],
+                    }
+                } else {
+                    for i in 0..g {
+                        let dst = bp.add(i * SHORT_ROW);
+                        copy_padded(l, x, end, start[i], len[i] as usize, dst, width, index);
+                    }
+                    short::Rows::Pitched {
+                        x: bp as *const T,
+                        pitch: SHORT_ROW,
+                    }
+                };
                 match out {
                     Out::States(o) => {
                         let mut states = [LseState::EMPTY; GROUP];
-                        short::states(l, bp, g, width, SHORT_ROW, &mut states);
+                        short::states(l, src, g, width, &mut states);
                         for (&k, st) in ranked.iter().zip(states) {
                             *o.add(w0 + k as usize) = st;
                         }
@@ -126,7 +166,7 @@ unsafe fn run<L: Lanes, T: Real>(l: L, x: *const T, len: usize, starts: &[usize]
                     Out::Lse(o) => {
                         let mut lse = [MaybeUninit::<T>::uninit(); GROUP];
                         let lp = lse.as_mut_ptr() as *mut T;
-                        short::logsumexp(l, bp, g, width, SHORT_ROW, lp);
+                        short::logsumexp(l, src, g, width, lp);
                         for (&k, v) in ranked.iter().zip(lse) {
                             *o.add(w0 + k as usize) = v.assume_init();
                         }
@@ -136,10 +176,10 @@ unsafe fn run<L: Lanes, T: Real>(l: L, x: *const T, len: usize, starts: &[usize]
                         // elements copied out.
                         let mut done = [MaybeUninit::<T>::uninit(); GROUP * SHORT_ROW];
                         let dp = done.as_mut_ptr() as *mut T;
-                        short::softmax(l, bp, g, width, SHORT_ROW, dp, log);
-                        for (i, &k) in ranked.iter().enumerate() {
-                            let (r, n) = (starts[w0 + k as usize], lens[k as usize] as usize);
-                            copy_out(l, dp.add(i * width), o.add(r), n);
+                        short::softmax(l, src, g, width, dp, log);
+                        for i in 0..g {
+                            let n = len[i] as usize;
+                            std::ptr::copy_nonoverlapping(dp.add(i * width), o.add(start[i]), n);
                         }
                     }
                 }
@@ -152,8 +192,8 @@ unsafe fn run<L: Lanes, T: Real>(l: L, x: *const T, len: usize, starts: &[usize]
 
 /// Copies the `n` elements of `x` at `r` to `dst` and fills `dst[n..width]` with `-inf`, in
 /// whole vectors (up to the next multiple of `N` past `width`, inside a block row): each
-/// vector is loaded whole while it lies inside x's `len` elements and its lanes past the row
-/// masked, so the copy does not branch on the row's length.
+/// vector is loaded whole while it lies inside the first `len` elements of `x` and its lanes
+/// past the row masked, so the copy does not branch on the row's length.
 ///
 /// # Safety
 /// `n <= width <= SHORT_ROW`; `len` readable elements at `x`, `r + n <= len`; `dst` writable
@@ -188,35 +228,15 @@ unsafe fn copy_padded<L: Lanes, T: Real>(
     }
 }
 
-/// Copies `n` elements from `src` to `dst` in whole vectors and a tail (exact: every `T`
-/// value is a float64 value).
-///
-/// # Safety
-/// `n` readable elements at `src`, `n` writable at `dst`, not overlapping.
-#[inline(always)]
-unsafe fn copy_out<L: Lanes, T: Real>(l: L, src: *const T, dst: *mut T, n: usize) {
-    let mut c = 0;
-    // SAFETY: whole vectors and the tail stay within the n elements.
-    unsafe {
-        while c + L::N <= n {
-            l.store(dst.add(c), l.load(src.add(c)));
-            c += L::N;
-        }
-        if c < n {
-            l.store_tail(dst.add(c), l.load_tail(src.add(c), n - c), n - c);
-        }
-    }
-}
-
 /// Runs [`run`] at `level`; the scalar level takes the reference per row.
 ///
 /// # Safety
 /// As [`run`]; `level` supported by this CPU.
-unsafe fn run_at<T: Real>(level: Level, x: *const T, len: usize, starts: &[usize], out: Out<T>) {
+unsafe fn run_at<T: Real>(level: Level, x: *const T, starts: &[usize], out: Out<T>) {
     // SAFETY: forwarded from the caller (the rows and the outputs).
     unsafe {
-        run_kernel!(level, <'a> { x: *const T, len: usize, starts: &'a [usize], out: Out<T> } -> (),
-            |l| run(l, x, len, starts, out),
+        run_kernel!(level, <'a> { x: *const T, starts: &'a [usize], out: Out<T> } -> (),
+            |l| run(l, x, starts, out),
             scalar: for s in 0..starts.len().saturating_sub(1) {
                 let (r0, n) = (starts[s], starts[s + 1] - starts[s]);
                 if !is_ragged_short(n) {
@@ -245,27 +265,20 @@ unsafe fn run_at<T: Real>(level: Level, x: *const T, len: usize, starts: &[usize
 pub(crate) unsafe fn states<T: Real>(
     level: Level,
     x: *const T,
-    len: usize,
     starts: &[usize],
     out: *mut LseState,
 ) {
     // SAFETY: forwarded from the caller.
-    unsafe { run_at(level, x, len, starts, Out::States(out)) }
+    unsafe { run_at(level, x, starts, Out::States(out)) }
 }
 
 /// logsumexp of every row `s` holding `1..=SHORT_ROW` elements into `out[s]`, as [`states`].
 ///
 /// # Safety
 /// As [`states`], `out` writable for `starts.len() - 1` elements.
-pub(crate) unsafe fn logsumexp<T: Real>(
-    level: Level,
-    x: *const T,
-    len: usize,
-    starts: &[usize],
-    out: *mut T,
-) {
+pub(crate) unsafe fn logsumexp<T: Real>(level: Level, x: *const T, starts: &[usize], out: *mut T) {
     // SAFETY: forwarded from the caller.
-    unsafe { run_at(level, x, len, starts, Out::Lse(out)) }
+    unsafe { run_at(level, x, starts, Out::Lse(out)) }
 }
 
 /// Softmax (`log = false`) or log_softmax of every row holding `1..=SHORT_ROW` elements into
@@ -276,13 +289,12 @@ pub(crate) unsafe fn logsumexp<T: Real>(
 pub(crate) unsafe fn softmax<T: Real>(
     level: Level,
     x: *const T,
-    len: usize,
     starts: &[usize],
     out: *mut T,
     log: bool,
 ) {
     // SAFETY: forwarded from the caller.
-    unsafe { run_at(level, x, len, starts, Out::Softmax(out, log)) }
+    unsafe { run_at(level, x, starts, Out::Softmax(out, log)) }
 }
 
 /// Ids checked per block of the sorted-id scan ([`sorted_id_starts`]): one `u64` of run
@@ -452,6 +464,61 @@ mod tests {
         }
     }
 
+    /// A row's results depend on its own elements alone: the rows read past their ends (in
+    /// place, elements already overwritten by an in-place softmax; past the last row, NaN)
+    /// change nothing, at every level.
+    #[test]
+    fn rows_read_in_place_see_only_their_own_elements() {
+        let (x, starts) = rows(5);
+        let x: Vec<f32> = x.iter().map(|&v| v as f32).collect();
+        let same = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(p, q)| p.to_bits() == q.to_bits());
+        for level in available_levels() {
+            for log in [false, true] {
+                let mut want = x.clone();
+                let mut inplace = x.clone();
+                // SAFETY: the starts are CSR over x; each output holds x's elements.
+                unsafe {
+                    softmax(level, x.as_ptr(), &starts, want.as_mut_ptr(), log);
+                    let p = inplace.as_mut_ptr();
+                    softmax(level, p as *const f32, &starts, p, log);
+                }
+                assert!(same(&want, &inplace), "{level:?} log {log}: in place");
+            }
+            // The first half of the rows as a piece, the elements after it NaN.
+            let k = starts.len() / 2;
+            let mut want = vec![0.0f32; starts.len() - 1];
+            let mut poisoned = x.clone();
+            poisoned[starts[k]..].fill(f32::NAN);
+            let mut got = vec![0.0f32; k];
+            // SAFETY: as above; the piece's rows lie before starts[k].
+            unsafe {
+                logsumexp(level, x.as_ptr(), &starts, want.as_mut_ptr());
+                logsumexp(level, poisoned.as_ptr(), &starts[..=k], got.as_mut_ptr());
+            }
+            let short = |s: &usize| is_ragged_short(starts[s + 1] - starts[*s]);
+            for s in (0..k).filter(short) {
+                assert_eq!(want[s].to_bits(), got[s].to_bits(), "{level:?} row {s}");
+            }
+        }
+    }
+
+    /// Windows of rows that are all empty or long are left alone.
+    #[test]
+    fn windows_without_short_rows_are_left_alone() {
+        let x = vec![1.0f64; 200 * (SHORT_ROW + 1)];
+        let starts: Vec<usize> = (0..=400).map(|k| k / 2 * (SHORT_ROW + 1)).collect();
+        for level in available_levels() {
+            let mut lse = vec![7.0; 400];
+            let mut sm = vec![7.0; x.len()];
+            // SAFETY: the starts are CSR over x; each output holds what it must.
+            unsafe {
+                logsumexp(level, x.as_ptr(), &starts, lse.as_mut_ptr());
+                softmax(level, x.as_ptr(), &starts, sm.as_mut_ptr(), false);
+            }
+            assert!(lse.iter().chain(&sm).all(|&v| v == 7.0), "{level:?}");
+        }
+    }
+
     fn check<T: Real>(level: Level, x: &[T], starts: &[usize]) {
         let count = starts.len() - 1;
         let sentinel = LseState {
@@ -464,10 +531,10 @@ mod tests {
         let mut lsm = vec![T::from_f64(7.0); x.len()];
         // SAFETY: the starts are CSR over x; every output holds what it must.
         unsafe {
-            states(level, x.as_ptr(), x.len(), starts, got.as_mut_ptr());
-            logsumexp(level, x.as_ptr(), x.len(), starts, lse.as_mut_ptr());
-            softmax(level, x.as_ptr(), x.len(), starts, sm.as_mut_ptr(), false);
-            softmax(level, x.as_ptr(), x.len(), starts, lsm.as_mut_ptr(), true);
+            states(level, x.as_ptr(), starts, got.as_mut_ptr());
+            logsumexp(level, x.as_ptr(), starts, lse.as_mut_ptr());
+            softmax(level, x.as_ptr(), starts, sm.as_mut_ptr(), false);
+            softmax(level, x.as_ptr(), starts, lsm.as_mut_ptr(), true);
         }
         for s in 0..count {
             let (r, n) = (starts[s], starts[s + 1] - starts[s]);

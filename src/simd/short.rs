@@ -122,34 +122,135 @@ impl RowMask {
     }
 }
 
-/// `(max, excess)` lanes of up to `N` short rows (`pitch` apart, `rows` of them valid; with
-/// `mask`, their masked classes read as `-inf`) and a bit per row to redo with the
-/// reference; `buf[k]` is left holding column `k` as `keep` says.
+/// Where the short rows of a kernel lie: rows of `n` elements (the kernel's row length)
+/// `pitch` apart, or ragged rows of their own lengths.
+#[derive(Clone, Copy)]
+pub(crate) enum Rows<'a, T> {
+    /// Row `r` at `x + r * pitch`.
+    Pitched { x: *const T, pitch: usize },
+    /// Row `r` at `x + start[r]`, holding `len[r] <= n` elements: its columns past `len[r]`
+    /// read as `-inf` (as a copy padded with `-inf` would), and a group of rows runs only
+    /// up to its longest row. Elements `start[r]..start[r] + n` must be readable for every
+    /// row; those past the row's own are loaded and discarded, never used.
+    Ragged {
+        x: *const T,
+        start: &'a [usize],
+        len: &'a [u8],
+    },
+}
+
+impl<T> Rows<'_, T> {
+    /// Rows `r..r + g` (`g <= 8`) of rows of `n` elements, as a [`Group`].
+    #[inline(always)]
+    fn group(self, r: usize, g: usize, n: usize) -> Group<T> {
+        match self {
+            Rows::Pitched { x, pitch } => Group::pitched(x.wrapping_add(r * pitch), pitch, g, n),
+            Rows::Ragged { x, start, len } => {
+                let mut row = [x; 8];
+                let mut lens = [0u8; 8];
+                for i in 0..g {
+                    row[i] = x.wrapping_add(start[r + i]);
+                    lens[i] = len[r + i];
+                }
+                Group {
+                    row,
+                    rows: g,
+                    n: lens.iter().take(g).fold(0, |a, &b| a.max(b as usize)),
+                    pitch: 0,
+                    len: Some(lens),
+                }
+            }
+        }
+    }
+
+    /// Hints the group of rows after rows `r..r + g` into L1 (`left` rows follow them);
+    /// ragged rows are hinted by their caller.
+    #[inline(always)]
+    fn prefetch_next<L: Lanes>(self, l: L, r: usize, g: usize, n: usize, left: usize) {
+        if let Rows::Pitched { x, pitch } = self {
+            prefetch_next_group(l, x.wrapping_add(r * pitch), g, n, pitch, left);
+        }
+    }
+}
+
+/// Up to 8 short rows of a group, each at its own start.
+#[derive(Clone, Copy)]
+struct Group<T> {
+    row: [*const T; 8],
+    /// The rows present (the lanes past them read as `-inf`).
+    rows: usize,
+    /// The columns the group runs: its rows' length, or its longest ragged row's.
+    n: usize,
+    /// The rows' distance when pitched (0 when ragged).
+    pitch: usize,
+    /// Each ragged row's length.
+    len: Option<[u8; 8]>,
+}
+
+impl<T> Group<T> {
+    /// `rows` rows of `n` elements `pitch` apart from `x`.
+    #[inline(always)]
+    fn pitched(x: *const T, pitch: usize, rows: usize, n: usize) -> Self {
+        Group {
+            row: std::array::from_fn(|i| x.wrapping_add(i * pitch)),
+            rows,
+            n,
+            pitch,
+            len: None,
+        }
+    }
+
+    /// Row `k`'s own length.
+    #[inline(always)]
+    fn len_of(&self, k: usize) -> usize {
+        self.len.map_or(self.n, |len| len[k] as usize)
+    }
+}
+
+/// `(max, excess)` lanes of up to `N` short rows (`grp.rows` of them valid; with `mask`,
+/// their masked classes read as `-inf`) and a bit per row to redo with the reference;
+/// `buf[k]` is left holding column `k` as `keep` says, for `k < grp.n`.
 ///
 /// # Safety
-/// Elements `0..n` of rows `0..rows.min(N)` readable, and their mask bytes; `n <= buf.len()`.
+/// Elements `0..grp.n` of the group's rows readable, and their mask bytes;
+/// `grp.n <= buf.len()`.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 unsafe fn group_state<L: Lanes, T: Real>(
     l: L,
-    x: *const T,
-    n: usize,
-    pitch: usize,
-    rows: usize,
+    grp: Group<T>,
     buf: &mut [MaybeUninit<L::V>],
     keep: Keep,
     mask: Option<RowMask>,
 ) -> (L::V, L::V, u8) {
-    let rows = rows.min(L::N);
+    let (n, rows) = (grp.n, grp.rows.min(L::N));
+    // A ragged row's lanes past its length read as -inf.
+    let ragged = grp.len.map(|len| {
+        let mut a = [0.0; 8];
+        for (v, &k) in a.iter_mut().zip(&len) {
+            *v = k as f64;
+        }
+        l.of_lanes(&a)
+    });
+    let ninf = l.splat(f64::NEG_INFINITY);
     for c0 in (0..n).step_by(L::N) {
         let w = (n - c0).min(L::N);
         // SAFETY: the caller's contract; buf holds n entries or more. A full group
         // passes the constant N, so the per-row checks of the load fold away.
         unsafe {
-            if rows == L::N {
-                l.load_columns(x, pitch, L::N, c0, w, buf);
+            if let Some(len) = ragged {
+                // Loaded into registers and blended there: a blend of what buf holds would
+                // compile to a masked store, slow on some cores.
+                let row = grp.row.map(|p| p.wrapping_add(c0));
+                let mut cols = [MaybeUninit::<L::V>::uninit(); 8];
+                l.load_columns(&row, rows, 0, w, &mut cols);
+                for (k, c) in cols.iter().enumerate().take(w) {
+                    let inside = l.gt(len, l.splat((c0 + k) as f64));
+                    buf[c0 + k].write(l.select(inside, c.assume_init(), ninf));
+                }
+            } else if rows == L::N {
+                l.load_columns(&grp.row, L::N, c0, w, buf);
             } else {
-                l.load_columns(x, pitch, rows, c0, w, buf);
+                l.load_columns(&grp.row, rows, c0, w, buf);
             }
             if let Some(mask) = mask {
                 mask.apply(l, buf, rows, c0, w, n);
@@ -229,45 +330,38 @@ unsafe fn group_state<L: Lanes, T: Real>(
 /// # Safety
 /// As [`group_state`].
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 unsafe fn group_state_kept<L: Lanes, T: Real>(
     l: L,
-    x: *const T,
-    n: usize,
-    pitch: usize,
-    rows: usize,
+    grp: Group<T>,
     buf: &mut [MaybeUninit<L::V>],
     keep: Keep,
     mask: RowMask,
     staged: &mut [MaybeUninit<T>],
 ) -> (L::V, L::V, u8) {
-    let rows = rows.min(L::N);
+    let (n, rows) = (grp.n, grp.rows.min(L::N));
+    let dense = grp.len.is_none() && grp.pitch == n;
     // SAFETY: forwarded from the caller; the group's rows * n elements and mask bytes are
     // readable when it is dense, and `staged` holds them.
     unsafe {
-        if mask.class == 1 && mask.lane == n && pitch == n && rows * n <= staged.len() {
+        if mask.class == 1 && mask.lane == n && dense && rows * n <= staged.len() {
             let s = staged.as_mut_ptr() as *mut T;
-            select_kept(l, x, mask.keep, s, rows * n, f64::NEG_INFINITY);
-            return group_state(l, s, n, n, rows, buf, keep, None);
+            select_kept(l, grp.row[0], mask.keep, s, rows * n, f64::NEG_INFINITY);
+            return group_state(l, Group::pitched(s, n, rows, n), buf, keep, None);
         }
-        group_state(l, x, n, pitch, rows, buf, keep, Some(mask))
+        group_state(l, grp, buf, keep, Some(mask))
     }
 }
 
 /// [`group_state`] of a group of short rows, under a `where=` mask when `keep` is given (the
-/// group's mask rows, `n` apart, beside rows `pitch` apart), through [`group_state_kept`].
+/// group's mask rows, `grp.n` apart), through [`group_state_kept`].
 ///
 /// # Safety
 /// As [`group_state_kept`] with a mask, else as [`group_state`].
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 unsafe fn group_state_of<L: Lanes, T: Real>(
     l: L,
-    x: *const T,
+    grp: Group<T>,
     keep: Option<*const u8>,
-    n: usize,
-    pitch: usize,
-    rows: usize,
     buf: &mut [MaybeUninit<L::V>],
     kind: Keep,
     staged: &mut [MaybeUninit<T>],
@@ -278,12 +372,12 @@ unsafe fn group_state_of<L: Lanes, T: Real>(
             Some(k) => {
                 let mask = RowMask {
                     keep: k,
-                    lane: n,
+                    lane: grp.n,
                     class: 1,
                 };
-                group_state_kept(l, x, n, pitch, rows, buf, kind, mask, staged)
+                group_state_kept(l, grp, buf, kind, mask, staged)
             }
-            None => group_state(l, x, n, pitch, rows, buf, kind, None),
+            None => group_state(l, grp, buf, kind, None),
         }
     }
 }
@@ -315,17 +409,17 @@ unsafe fn row_reference<L: Lanes, T: Real>(
     }
 }
 
-/// logsumexp of `rows` short rows (`n <= SHORT_ROW`, `pitch` apart) into `out[r]`.
+/// logsumexp of `rows` short rows (`n <= SHORT_ROW` elements, or ragged rows of at most
+/// `n`) into `out[r]`.
 ///
 /// # Safety
 /// The rows readable, `out` writable for `rows` elements.
 #[inline(always)]
 pub(crate) unsafe fn logsumexp<L: Lanes, T: Real>(
     l: L,
-    x: *const T,
+    x: Rows<'_, T>,
     rows: usize,
     n: usize,
-    pitch: usize,
     out: *mut T,
 ) {
     // Compiled apart: the hint's code, even skipped, slows the loop over rows of a few
@@ -333,9 +427,9 @@ pub(crate) unsafe fn logsumexp<L: Lanes, T: Real>(
     // SAFETY: forwarded from the caller.
     unsafe {
         if hinted(n) {
-            logsumexp_groups::<L, T, true>(l, x, None, rows, n, pitch, out)
+            logsumexp_groups::<L, T, true>(l, x, None, rows, n, out)
         } else {
-            logsumexp_groups::<L, T, false>(l, x, None, rows, n, pitch, out)
+            logsumexp_groups::<L, T, false>(l, x, None, rows, n, out)
         }
     }
 }
@@ -358,28 +452,27 @@ pub(crate) unsafe fn logsumexp_kept<L: Lanes, T: Real>(
 ) {
     // SAFETY: forwarded from the caller.
     unsafe {
+        let x = Rows::Pitched { x, pitch: n };
         if hinted(n) {
-            logsumexp_groups::<L, T, true>(l, x, Some(keep), rows, n, n, out)
+            logsumexp_groups::<L, T, true>(l, x, Some(keep), rows, n, out)
         } else {
-            logsumexp_groups::<L, T, false>(l, x, Some(keep), rows, n, n, out)
+            logsumexp_groups::<L, T, false>(l, x, Some(keep), rows, n, out)
         }
     }
 }
 
-/// [`logsumexp`] and [`logsumexp_kept`] (`keep`, mask rows `n` apart, given only with
-/// `pitch == n`), with the next group hinted into L1 when `HINT`.
+/// [`logsumexp`] and [`logsumexp_kept`] (`keep`, mask rows `n` apart, given only with rows
+/// `n` apart), with the next group hinted into L1 when `HINT`.
 ///
 /// # Safety
 /// As [`logsumexp_kept`] with a mask, else as [`logsumexp`].
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 unsafe fn logsumexp_groups<L: Lanes, T: Real, const HINT: bool>(
     l: L,
-    x: *const T,
+    x: Rows<'_, T>,
     keep: Option<*const u8>,
     rows: usize,
     n: usize,
-    pitch: usize,
     out: *mut T,
 ) {
     // Uninitialised: zeroing it per group would cost more than the rows.
@@ -390,14 +483,13 @@ unsafe fn logsumexp_groups<L: Lanes, T: Real, const HINT: bool>(
         let g = (rows - r).min(L::N);
         // SAFETY: rows r..r+g are readable (and their mask bytes), out[r..r+g] writable.
         unsafe {
-            let p = x.add(r * pitch);
+            let grp = x.group(r, g, n);
             if HINT {
-                prefetch_next_group(l, p, g, n, pitch, rows - r - g);
+                x.prefetch_next(l, r, g, n, rows - r - g);
             }
             let kp = keep.map(|k| k.add(r * n));
             let kind = Keep::Input;
-            let (m, excess, redo) =
-                group_state_of(l, p, kp, n, pitch, g, &mut buf, kind, &mut staged);
+            let (m, excess, redo) = group_state_of(l, grp, kp, &mut buf, kind, &mut staged);
             let lse = l.add(m, l.log1p(excess));
             if g == L::N {
                 l.store(out.add(r), lse);
@@ -407,7 +499,7 @@ unsafe fn logsumexp_groups<L: Lanes, T: Real, const HINT: bool>(
             for k in 0..g {
                 if redo & (1 << k) != 0 {
                     let kr = kp.map(|kp| kp.add(k * n));
-                    let state = row_reference(l, p.add(k * pitch), kr, n);
+                    let state = row_reference(l, grp.row[k], kr, grp.len_of(k));
                     *out.add(r + k) = T::from_f64(state.logsumexp());
                 }
             }
@@ -416,21 +508,21 @@ unsafe fn logsumexp_groups<L: Lanes, T: Real, const HINT: bool>(
     }
 }
 
-/// The `(max, excess)` state of each of `rows` short rows (`pitch` apart) into `out[r]`.
+/// The `(max, excess)` state of each of `rows` short rows (as [`logsumexp`]'s) into
+/// `out[r]`.
 ///
 /// # Safety
 /// The rows readable; `out` holds `rows` states.
 #[inline(always)]
 pub(crate) unsafe fn states<L: Lanes, T: Real>(
     l: L,
-    x: *const T,
+    x: Rows<'_, T>,
     rows: usize,
     n: usize,
-    pitch: usize,
     out: &mut [LseState],
 ) {
     // SAFETY: forwarded from the caller.
-    unsafe { states_groups(l, x, None, rows, n, pitch, out) }
+    unsafe { states_groups(l, x, None, rows, n, out) }
 }
 
 /// [`states`] of `rows` dense short rows (`n` apart) over the elements their mask bytes
@@ -450,22 +542,21 @@ pub(crate) unsafe fn states_kept<L: Lanes, T: Real>(
     out: &mut [LseState],
 ) {
     // SAFETY: forwarded from the caller.
-    unsafe { states_groups(l, x, Some(keep), rows, n, n, out) }
+    unsafe { states_groups(l, Rows::Pitched { x, pitch: n }, Some(keep), rows, n, out) }
 }
 
-/// [`states`] and [`states_kept`] (`keep`, mask rows `n` apart, given only with
-/// `pitch == n`).
+/// [`states`] and [`states_kept`] (`keep`, mask rows `n` apart, given only with rows `n`
+/// apart).
 ///
 /// # Safety
 /// As [`states_kept`] with a mask, else as [`states`].
 #[inline(always)]
 unsafe fn states_groups<L: Lanes, T: Real>(
     l: L,
-    x: *const T,
+    x: Rows<'_, T>,
     keep: Option<*const u8>,
     rows: usize,
     n: usize,
-    pitch: usize,
     out: &mut [LseState],
 ) {
     let mut buf = [MaybeUninit::<L::V>::uninit(); SHORT_ROW];
@@ -475,18 +566,17 @@ unsafe fn states_groups<L: Lanes, T: Real>(
         let g = (rows - r).min(L::N);
         // SAFETY: rows r..r+g are readable (and their mask bytes).
         unsafe {
-            let p = x.add(r * pitch);
+            let grp = x.group(r, g, n);
             if hinted(n) {
-                prefetch_next_group(l, p, g, n, pitch, rows - r - g);
+                x.prefetch_next(l, r, g, n, rows - r - g);
             }
             let kp = keep.map(|k| k.add(r * n));
             let kind = Keep::Input;
-            let (m, excess, redo) =
-                group_state_of(l, p, kp, n, pitch, g, &mut buf, kind, &mut staged);
+            let (m, excess, redo) = group_state_of(l, grp, kp, &mut buf, kind, &mut staged);
             let (ms, es) = (l.to_lanes(m), l.to_lanes(excess));
             for k in 0..g {
                 out[r + k] = if redo & (1 << k) != 0 {
-                    row_reference(l, p.add(k * pitch), kp.map(|kp| kp.add(k * n)), n)
+                    row_reference(l, grp.row[k], kp.map(|kp| kp.add(k * n)), grp.len_of(k))
                 } else {
                     LseState {
                         max: ms[k],
@@ -499,25 +589,25 @@ unsafe fn states_groups<L: Lanes, T: Real>(
     }
 }
 
-/// Softmax (`log = false`) or log_softmax of `rows` short rows (`pitch` apart) into the
-/// dense `out` (`rows x n`): states `N` rows per vector, then the columns of the state pass
-/// scaled (or shifted) and stored back row-wise.
+/// Softmax (`log = false`) or log_softmax of `rows` short rows (as [`logsumexp`]'s) into
+/// the dense `out` (`rows x n`; a ragged row's elements past its own are left alone): states
+/// `N` rows per vector, then the columns of the state pass scaled (or shifted) and stored
+/// back row-wise.
 ///
 /// # Safety
 /// The rows readable, `out` writable for `rows * n` elements, disjoint from the rows or equal
-/// to them with `pitch == n`.
+/// to them when pitched `n` apart.
 #[inline(always)]
 pub(crate) unsafe fn softmax<L: Lanes, T: Real>(
     l: L,
-    x: *const T,
+    x: Rows<'_, T>,
     rows: usize,
     n: usize,
-    pitch: usize,
     out: *mut T,
     log: bool,
 ) {
     // SAFETY: forwarded from the caller.
-    unsafe { softmax_groups(l, x, None, rows, n, pitch, out, log) }
+    unsafe { softmax_groups(l, x, None, rows, n, out, log) }
 }
 
 /// [`softmax`] of `rows` dense short rows (`n` apart) under a `where=` mask read in place
@@ -541,23 +631,31 @@ pub(crate) unsafe fn softmax_kept<L: Lanes, T: Real>(
     log: bool,
 ) {
     // SAFETY: forwarded from the caller.
-    unsafe { softmax_groups(l, x, Some(keep), rows, n, n, out, log) }
+    unsafe {
+        softmax_groups(
+            l,
+            Rows::Pitched { x, pitch: n },
+            Some(keep),
+            rows,
+            n,
+            out,
+            log,
+        )
+    }
 }
 
-/// [`softmax`] and [`softmax_kept`] (`keep`, mask rows `n` apart, given only with
-/// `pitch == n`).
+/// [`softmax`] and [`softmax_kept`] (`keep`, mask rows `n` apart, given only with rows `n`
+/// apart).
 ///
 /// # Safety
 /// As [`softmax_kept`] with a mask, else as [`softmax`].
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 unsafe fn softmax_groups<L: Lanes, T: Real>(
     l: L,
-    x: *const T,
+    x: Rows<'_, T>,
     keep: Option<*const u8>,
     rows: usize,
     n: usize,
-    pitch: usize,
     out: *mut T,
     log: bool,
 ) {
@@ -571,13 +669,12 @@ unsafe fn softmax_groups<L: Lanes, T: Real>(
         // pitch == n), every row of the group is read before any is written, and a redone
         // row is written only by the reference, after the others.
         unsafe {
-            let (p, o) = (x.add(r * pitch), out.add(r * n));
+            let (grp, o) = (x.group(r, g, n), out.add(r * n));
             if hinted(n) {
-                prefetch_next_group(l, p, g, n, pitch, rows - r - g);
+                x.prefetch_next(l, r, g, n, rows - r - g);
             }
             let kp = keep.map(|k| k.add(r * n));
-            let (_, excess, redo) =
-                group_state_of(l, p, kp, n, pitch, g, &mut buf, kind, &mut staged);
+            let (_, excess, redo) = group_state_of(l, grp, kp, &mut buf, kind, &mut staged);
             // Per row: softmax = e * (1 / S), log_softmax = t - log1p(excess).
             let factor = if log {
                 l.log1p(excess)
@@ -588,7 +685,10 @@ unsafe fn softmax_groups<L: Lanes, T: Real>(
                 }
                 l.of_lanes(&s)
             };
-            for b in buf.iter_mut().take(n) {
+            // A ragged group's columns run to its longest row (its store writes each row
+            // that far, inside the row's n elements of `out`).
+            let w = grp.n;
+            for b in buf.iter_mut().take(w) {
                 let v = b.assume_init();
                 b.write(if log {
                     l.sub(v, factor)
@@ -596,17 +696,17 @@ unsafe fn softmax_groups<L: Lanes, T: Real>(
                     l.mul(v, factor)
                 });
             }
-            let cols = std::slice::from_raw_parts(buf.as_ptr() as *const L::V, n);
-            for c0 in (0..n).step_by(L::N) {
-                l.store_columns(o, n, g, redo, c0, (n - c0).min(L::N), cols);
+            let cols = std::slice::from_raw_parts(buf.as_ptr() as *const L::V, w);
+            for c0 in (0..w).step_by(L::N) {
+                l.store_columns(o, n, g, redo, c0, (w - c0).min(L::N), cols);
             }
             for k in 0..g {
                 if redo & (1 << k) == 0 {
                     continue;
                 }
-                let (xr, or) = (p.add(k * pitch), o.add(k * n));
+                let (xr, or) = (grp.row[k], o.add(k * n));
                 match kp {
-                    None => redo_row(l, xr, or, n, log),
+                    None => redo_row(l, xr, or, grp.len_of(k), log),
                     Some(kp) => {
                         let kr = kp.add(k * n);
                         let masked = if log { f64::NEG_INFINITY } else { 0.0 };
@@ -768,9 +868,10 @@ pub(crate) unsafe fn xent_index<L: Lanes, T: Real, const MASKED: bool>(
                     ..m
                 })
             });
+            let grp = Group::pitched(px, pitch, g, n);
             let (m, excess, redo) = match mask {
-                Some(mk) => group_state_kept(l, px, n, pitch, g, &mut buf, keep, mk, &mut staged),
-                None => group_state(l, px, n, pitch, g, &mut buf, keep, None),
+                Some(mk) => group_state_kept(l, grp, &mut buf, keep, mk, &mut staged),
+                None => group_state(l, grp, &mut buf, keep, None),
             };
             let ms = l.to_lanes(m);
             // An ignored row's x_t is its max: every term below stays finite.
