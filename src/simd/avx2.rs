@@ -537,7 +537,7 @@ unsafe impl Lanes for Avx2 {
     #[inline(always)]
     unsafe fn load_columns<T: Real>(
         self,
-        row: &[*const T; 8],
+        row: impl Fn(usize) -> *const T,
         rows: usize,
         c0: usize,
         w: usize,
@@ -550,7 +550,7 @@ unsafe impl Lanes for Avx2 {
             let cols = if T::FULL {
                 let mask = _mm256_cmpgt_epi64(_mm256_set1_epi64x(w as i64), LANE_INDEX);
                 let r: [__m256d; 4] = std::array::from_fn(|i| {
-                    let p = (row[i] as *const f64).add(c0);
+                    let p = (row(i) as *const f64).add(c0);
                     match (i < rows, w) {
                         (false, _) => _mm256_set1_pd(f64::NEG_INFINITY),
                         (true, 4) => _mm256_loadu_pd(p),
@@ -561,7 +561,7 @@ unsafe impl Lanes for Avx2 {
             } else {
                 let mask = _mm_cmpgt_epi32(_mm_set1_epi32(w as i32), _mm_setr_epi32(0, 1, 2, 3));
                 let r: [__m128; 4] = std::array::from_fn(|i| {
-                    let p = (row[i] as *const f32).add(c0);
+                    let p = (row(i) as *const f32).add(c0);
                     match (i < rows, w) {
                         (false, _) => _mm_set1_ps(f32::NEG_INFINITY),
                         (true, 4) => _mm_loadu_ps(p),

@@ -527,7 +527,7 @@ unsafe impl Lanes for Avx512 {
     #[inline(always)]
     unsafe fn load_columns<T: Real>(
         self,
-        row: &[*const T; 8],
+        row: impl Fn(usize) -> *const T,
         rows: usize,
         c0: usize,
         w: usize,
@@ -540,9 +540,9 @@ unsafe impl Lanes for Avx512 {
             if T::FULL {
                 // Gathers: cheaper here than loads and a float64 transpose. Each row's byte
                 // offset from the first (0 for the lanes past `rows`, which are not read).
-                let base = row[0] as *const f64;
+                let base = row(0) as *const f64;
                 let offset: [i64; 8] = std::array::from_fn(|i| {
-                    let d = (row[i] as isize).wrapping_sub(base as isize);
+                    let d = (row(i) as isize).wrapping_sub(base as isize);
                     if i < rows {
                         d as i64
                     } else {
@@ -560,7 +560,7 @@ unsafe impl Lanes for Avx512 {
             let cmask = tail_mask8(w);
             let r: [__m256; 8] = std::array::from_fn(|i| {
                 if i < rows {
-                    _mm256_mask_loadu_ps(ninf, cmask, (row[i] as *const f32).add(c0))
+                    _mm256_mask_loadu_ps(ninf, cmask, (row(i) as *const f32).add(c0))
                 } else {
                     ninf
                 }

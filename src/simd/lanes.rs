@@ -186,7 +186,7 @@ pub unsafe trait Lanes: Copy {
         unsafe { max_step_kept_widened(self, acc, p, keep) }
     }
 
-    /// Columns `c0..c0 + w` (`w <= N`) of up to `N` rows, row `r` starting at `row[r]`:
+    /// Columns `c0..c0 + w` (`w <= N`) of up to `N` rows, row `r` starting at `row(r)`:
     /// `out[c0 + k]` holds element `c0 + k` of rows `0..N`, `-inf` past `rows`. (A level may
     /// transpose in registers.)
     ///
@@ -195,7 +195,7 @@ pub unsafe trait Lanes: Copy {
     #[inline(always)]
     unsafe fn load_columns<T: Real>(
         self,
-        row: &[*const T; 8],
+        row: impl Fn(usize) -> *const T,
         rows: usize,
         c0: usize,
         w: usize,
@@ -315,7 +315,7 @@ pub(crate) unsafe fn max_of_source<L: Lanes, S: super::rows::Source>(
 #[inline(always)]
 pub(crate) unsafe fn load_columns_by_element<L: Lanes, T: Real>(
     l: L,
-    row: &[*const T; 8],
+    row: impl Fn(usize) -> *const T,
     rows: usize,
     c0: usize,
     w: usize,
@@ -323,9 +323,9 @@ pub(crate) unsafe fn load_columns_by_element<L: Lanes, T: Real>(
 ) {
     for (k, o) in out.iter_mut().enumerate().skip(c0).take(w) {
         let mut a = [f64::NEG_INFINITY; 8];
-        for (v, &p) in a.iter_mut().zip(row).take(rows.min(L::N)) {
-            // SAFETY: element k of the row is readable.
-            *v = unsafe { (*p.add(k)).to_f64() };
+        for (r, v) in a.iter_mut().enumerate().take(rows.min(L::N)) {
+            // SAFETY: element k of row r is readable.
+            *v = unsafe { (*row(r).add(k)).to_f64() };
         }
         o.write(l.of_lanes(&a));
     }

@@ -153,10 +153,11 @@ impl<T> Rows<'_, T> {
                     lens[i] = len[r + i];
                 }
                 Group {
+                    x,
+                    pitch: 0,
                     row,
                     rows: g,
                     n: lens.iter().take(g).fold(0, |a, &b| a.max(b as usize)),
-                    pitch: 0,
                     len: Some(lens),
                 }
             }
@@ -173,16 +174,17 @@ impl<T> Rows<'_, T> {
     }
 }
 
-/// Up to 8 short rows of a group, each at its own start.
+/// Up to 8 short rows of a group: `pitch` apart from `x`, or (ragged) each at its own start.
 #[derive(Clone, Copy)]
 struct Group<T> {
+    x: *const T,
+    pitch: usize,
+    /// Each ragged row's start.
     row: [*const T; 8],
     /// The rows present (the lanes past them read as `-inf`).
     rows: usize,
     /// The columns the group runs: its rows' length, or its longest ragged row's.
     n: usize,
-    /// The rows' distance when pitched (0 when ragged).
-    pitch: usize,
     /// Each ragged row's length.
     len: Option<[u8; 8]>,
 }
@@ -192,11 +194,21 @@ impl<T> Group<T> {
     #[inline(always)]
     fn pitched(x: *const T, pitch: usize, rows: usize, n: usize) -> Self {
         Group {
-            row: std::array::from_fn(|i| x.wrapping_add(i * pitch)),
+            x,
+            pitch,
+            row: [x; 8],
             rows,
             n,
-            pitch,
             len: None,
+        }
+    }
+
+    /// Row `k`'s start.
+    #[inline(always)]
+    fn row(&self, k: usize) -> *const T {
+        match self.len {
+            Some(_) => self.row[k],
+            None => self.x.wrapping_add(k * self.pitch),
         }
     }
 
@@ -240,17 +252,20 @@ unsafe fn group_state<L: Lanes, T: Real>(
             if let Some(len) = ragged {
                 // Loaded into registers and blended there: a blend of what buf holds would
                 // compile to a masked store, slow on some cores.
-                let row = grp.row.map(|p| p.wrapping_add(c0));
                 let mut cols = [MaybeUninit::<L::V>::uninit(); 8];
-                l.load_columns(&row, rows, 0, w, &mut cols);
+                l.load_columns(|i| grp.row[i].wrapping_add(c0), rows, 0, w, &mut cols);
                 for (k, c) in cols.iter().enumerate().take(w) {
                     let inside = l.gt(len, l.splat((c0 + k) as f64));
                     buf[c0 + k].write(l.select(inside, c.assume_init(), ninf));
                 }
-            } else if rows == L::N {
-                l.load_columns(&grp.row, L::N, c0, w, buf);
             } else {
-                l.load_columns(&grp.row, rows, c0, w, buf);
+                let (x, pitch) = (grp.x, grp.pitch);
+                let row = |i: usize| x.wrapping_add(i * pitch);
+                if rows == L::N {
+                    l.load_columns(row, L::N, c0, w, buf);
+                } else {
+                    l.load_columns(row, rows, c0, w, buf);
+                }
             }
             if let Some(mask) = mask {
                 mask.apply(l, buf, rows, c0, w, n);
@@ -345,7 +360,7 @@ unsafe fn group_state_kept<L: Lanes, T: Real>(
     unsafe {
         if mask.class == 1 && mask.lane == n && dense && rows * n <= staged.len() {
             let s = staged.as_mut_ptr() as *mut T;
-            select_kept(l, grp.row[0], mask.keep, s, rows * n, f64::NEG_INFINITY);
+            select_kept(l, grp.x, mask.keep, s, rows * n, f64::NEG_INFINITY);
             return group_state(l, Group::pitched(s, n, rows, n), buf, keep, None);
         }
         group_state(l, grp, buf, keep, Some(mask))
@@ -499,7 +514,7 @@ unsafe fn logsumexp_groups<L: Lanes, T: Real, const HINT: bool>(
             for k in 0..g {
                 if redo & (1 << k) != 0 {
                     let kr = kp.map(|kp| kp.add(k * n));
-                    let state = row_reference(l, grp.row[k], kr, grp.len_of(k));
+                    let state = row_reference(l, grp.row(k), kr, grp.len_of(k));
                     *out.add(r + k) = T::from_f64(state.logsumexp());
                 }
             }
@@ -576,7 +591,7 @@ unsafe fn states_groups<L: Lanes, T: Real>(
             let (ms, es) = (l.to_lanes(m), l.to_lanes(excess));
             for k in 0..g {
                 out[r + k] = if redo & (1 << k) != 0 {
-                    row_reference(l, grp.row[k], kp.map(|kp| kp.add(k * n)), grp.len_of(k))
+                    row_reference(l, grp.row(k), kp.map(|kp| kp.add(k * n)), grp.len_of(k))
                 } else {
                     LseState {
                         max: ms[k],
@@ -704,7 +719,7 @@ unsafe fn softmax_groups<L: Lanes, T: Real>(
                 if redo & (1 << k) == 0 {
                     continue;
                 }
-                let (xr, or) = (grp.row[k], o.add(k * n));
+                let (xr, or) = (grp.row(k), o.add(k * n));
                 match kp {
                     None => redo_row(l, xr, or, grp.len_of(k), log),
                     Some(kp) => {
