@@ -6,7 +6,7 @@
 #![allow(clippy::missing_safety_doc)]
 
 use super::consts::*;
-use super::lanes::{Kernel, Lanes};
+use super::lanes::{log1p_terms, Kernel, Lanes};
 use crate::real::Real;
 use std::arch::x86_64::*;
 use std::mem::MaybeUninit;
@@ -200,12 +200,13 @@ fn transpose4_pd(r: [__m256d; 4]) -> [__m256d; 4] {
     ]
 }
 
-/// `log1p(e)` for `e >= 0` or NaN in float64 lanes, as `avx512::log1p_pd` (< 4 ULP of float64):
-/// `u = 1 + e = 2^k f`, with the exponent and mantissa taken from the bits (AVX2 has no
-/// `getexp` / `getmant`); `+inf` and NaN are returned as they are.
+/// `log1p(e)` for `e >= 0` or NaN in float64 lanes, as `avx512::log1p_pd` (< 4 ULP of float64
+/// when `full`, else within 2e-12 relative): `u = 1 + e = 2^k f`, with the exponent and
+/// mantissa taken from the bits (AVX2 has no `getexp` / `getmant`); `+inf` and NaN are
+/// returned as they are.
 #[inline]
 #[target_feature(enable = "avx2,fma")]
-pub fn log1p_pd(e: __m256d) -> __m256d {
+pub fn log1p_pd(e: __m256d, full: bool) -> __m256d {
     let one = _mm256_set1_pd(1.0);
     let u = _mm256_add_pd(one, e);
     let bits = _mm256_castpd_si256(u);
@@ -223,8 +224,9 @@ pub fn log1p_pd(e: __m256d) -> __m256d {
     k = _mm256_add_pd(k, _mm256_and_pd(big, one));
     let s = _mm256_div_pd(_mm256_sub_pd(f, one), _mm256_add_pd(f, one));
     let z = _mm256_mul_pd(s, s);
-    let mut p = _mm256_set1_pd(2.0 / 23.0);
-    for j in (0..11).rev() {
+    let top = log1p_terms(full);
+    let mut p = _mm256_set1_pd(2.0 / (2 * top + 1) as f64);
+    for j in (0..top).rev() {
         p = _mm256_fmadd_pd(p, z, _mm256_set1_pd(2.0 / (2 * j + 1) as f64));
     }
     let log_f = _mm256_mul_pd(s, p);
@@ -432,8 +434,8 @@ unsafe impl Lanes for Avx2 {
         unsafe { exp_pd(t, full) }
     }
     #[inline(always)]
-    fn log1p(self, e: __m256d) -> __m256d {
-        unsafe { log1p_pd(e) }
+    fn log1p(self, e: __m256d, full: bool) -> __m256d {
+        unsafe { log1p_pd(e, full) }
     }
     #[inline(always)]
     fn exp_nonpos(self, t: __m256d, full: bool) -> __m256d {

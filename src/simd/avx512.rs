@@ -154,12 +154,14 @@ fn tail_mask8(n: usize) -> __mmask8 {
     ((1u32 << n) - 1) as __mmask8
 }
 
-/// `log1p(e)` for `e >= 0` in float64 lanes (< 4 ULP of float64; 3 where `k ln2 + log f` cancels): `u = 1 + e = 2^k f` with
-/// f in [sqrt(1/2), sqrt(2)), `log f = 2 atanh(s)`, s = (f-1)/(f+1), |s| < 0.172, by its
-/// series to s^23 (truncation < 1e-18), plus the rounding error of `1 + e` as `(e-(u-1))/u`.
+/// `log1p(e)` for `e >= 0` in float64 lanes (< 4 ULP of float64 when `full`, 3 where
+/// `k ln2 + log f` cancels; else within 2e-12 relative): `u = 1 + e = 2^k f` with f in
+/// [sqrt(1/2), sqrt(2)), `log f = 2 atanh(s)`, s = (f-1)/(f+1), |s| < 0.172, by its series to
+/// s^23 (truncation < 1e-18; to s^13, < 2e-12, for float32-grade results), plus the rounding
+/// error of `1 + e` as `(e-(u-1))/u`.
 #[inline]
 #[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl,popcnt")]
-pub fn log1p_pd(e: __m512d) -> __m512d {
+pub fn log1p_pd(e: __m512d, full: bool) -> __m512d {
     let one = _mm512_set1_pd(1.0);
     let u = _mm512_add_pd(one, e);
     let mut k = _mm512_getexp_pd(u);
@@ -169,8 +171,9 @@ pub fn log1p_pd(e: __m512d) -> __m512d {
     k = _mm512_mask_add_pd(k, big, k, one);
     let s = _mm512_div_pd(_mm512_sub_pd(f, one), _mm512_add_pd(f, one));
     let z = _mm512_mul_pd(s, s);
-    let mut p = _mm512_set1_pd(2.0 / 23.0);
-    for j in (0..11).rev() {
+    let top = super::lanes::log1p_terms(full);
+    let mut p = _mm512_set1_pd(2.0 / (2 * top + 1) as f64);
+    for j in (0..top).rev() {
         p = _mm512_fmadd_pd(p, z, _mm512_set1_pd(2.0 / (2 * j + 1) as f64));
     }
     let log_f = _mm512_mul_pd(s, p);
@@ -432,8 +435,8 @@ unsafe impl Lanes for Avx512 {
         unsafe { summable_pd(below, t, full) }
     }
     #[inline(always)]
-    fn log1p(self, e: __m512d) -> __m512d {
-        unsafe { log1p_pd(e) }
+    fn log1p(self, e: __m512d, full: bool) -> __m512d {
+        unsafe { log1p_pd(e, full) }
     }
 
     /// float32: 16 lanes at a time in float32, no widening.

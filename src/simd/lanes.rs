@@ -133,9 +133,11 @@ pub unsafe trait Lanes: Copy {
         let _ = (t, full);
         below
     }
-    /// `log1p(e)` for `e >= 0` or NaN, to ~1 ULP of float64.
+    /// `log1p(e)` for `e >= 0` or NaN: to a few ULP of float64 when `full`, else to ~2e-12
+    /// relative (float32-grade results; a level may give the full grade).
     #[inline(always)]
-    fn log1p(self, e: Self::V) -> Self::V {
+    fn log1p(self, e: Self::V, full: bool) -> Self::V {
+        let _ = full;
         let mut a = self.to_lanes(e);
         for v in a.iter_mut().take(Self::N) {
             *v = v.ln_1p();
@@ -306,6 +308,19 @@ pub(crate) unsafe fn max_of_source<L: Lanes, S: super::rows::Source>(
     }
     let m = l.max(l.max(acc[0], acc[1]), l.max(acc[2], acc[3]));
     l.reduce_max(m)
+}
+
+/// The highest power of `z = s^2` in the vector `log1p`'s series `log f = 2 atanh(s) =
+/// 2 s sum z^j / (2j + 1)`, `|s| < 0.172`: to `s^23` (truncation < 1e-18) for float64 results,
+/// to `s^13` (< 2e-12 relative, below the float32-grade exp's 5e-11) for float32-grade ones.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(crate) fn log1p_terms(full: bool) -> usize {
+    if full {
+        11
+    } else {
+        6
+    }
 }
 
 /// [`Lanes::load_columns`] one element at a time.

@@ -984,7 +984,7 @@ pub(crate) unsafe fn logsumexp_of_states<L: Lanes, T: Real>(
         let (m, e) = (l.of_lanes(&m), l.of_lanes(&e));
         // m - m is 0 exactly where m is finite (NaN for infinities and NaN).
         let finite = l.eq(l.sub(m, m), l.splat(0.0));
-        let v = l.select(finite, l.add(m, l.log1p(e)), m);
+        let v = l.select(finite, l.add(m, l.log1p(e, T::FULL)), m);
         // SAFETY: out holds states.len() elements; this group's are at i * N.
         unsafe {
             if group.len() == L::N {

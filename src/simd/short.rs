@@ -505,7 +505,7 @@ unsafe fn logsumexp_groups<L: Lanes, T: Real, const HINT: bool>(
             let kp = keep.map(|k| k.add(r * n));
             let kind = Keep::Input;
             let (m, excess, redo) = group_state_of(l, grp, kp, &mut buf, kind, &mut staged);
-            let lse = l.add(m, l.log1p(excess));
+            let lse = l.add(m, l.log1p(excess, T::FULL));
             if g == L::N {
                 l.store(out.add(r), lse);
             } else {
@@ -692,7 +692,7 @@ unsafe fn softmax_groups<L: Lanes, T: Real>(
             let (_, excess, redo) = group_state_of(l, grp, kp, &mut buf, kind, &mut staged);
             // Per row: softmax = e * (1 / S), log_softmax = t - log1p(excess).
             let factor = if log {
-                l.log1p(excess)
+                l.log1p(excess, T::FULL)
             } else {
                 let mut s = l.to_lanes(excess);
                 for v in s.iter_mut().take(L::N) {
@@ -898,7 +898,7 @@ pub(crate) unsafe fn xent_index<L: Lanes, T: Real, const MASKED: bool>(
                     wt[k] = p.weight[r + k];
                 }
             }
-            let lt = l.log1p(excess);
+            let lt = l.log1p(excess, T::FULL);
             let xtv = l.of_lanes(&xt);
             let main = l.mul(l.of_lanes(&wt), l.sub(lt, l.sub(xtv, m)));
             let lse = l.add(m, lt);
