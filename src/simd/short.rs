@@ -139,28 +139,33 @@ pub(crate) enum Rows<'a, T> {
     },
 }
 
-impl<T> Rows<'_, T> {
+impl<'a, T: Copy> Rows<'a, T> {
     /// Rows `r..r + g` (`g <= 8`) of rows of `n` elements, as a [`Group`].
     #[inline(always)]
-    fn group(self, r: usize, g: usize, n: usize) -> Group<T> {
+    fn group(self, r: usize, g: usize, n: usize) -> Group<'a, T> {
         match self {
             Rows::Pitched { x, pitch } => Group::pitched(x.wrapping_add(r * pitch), pitch, g, n),
             Rows::Ragged { x, start, len } => {
-                let mut row = [x; 8];
-                let mut lens = [0u8; 8];
-                for i in 0..g {
-                    row[i] = x.wrapping_add(start[r + i]);
-                    lens[i] = len[r + i];
-                }
+                let len = &len[r..r + g];
                 Group {
-                    x,
-                    pitch: 0,
-                    row,
+                    at: Rows::Ragged {
+                        x,
+                        start: &start[r..r + g],
+                        len,
+                    },
                     rows: g,
-                    n: lens.iter().take(g).fold(0, |a, &b| a.max(b as usize)),
-                    len: Some(lens),
+                    n: len.iter().fold(0, |a, &b| a.max(b as usize)),
                 }
             }
+        }
+    }
+
+    /// Row `k`'s start (for a ragged `k` past the rows, `x`: a lane that is not read).
+    #[inline(always)]
+    fn row(self, k: usize) -> *const T {
+        match self {
+            Rows::Pitched { x, pitch } => x.wrapping_add(k * pitch),
+            Rows::Ragged { x, start, .. } => start.get(k).map_or(x, |&s| x.wrapping_add(s)),
         }
     }
 
@@ -174,48 +179,40 @@ impl<T> Rows<'_, T> {
     }
 }
 
-/// Up to 8 short rows of a group: `pitch` apart from `x`, or (ragged) each at its own start.
+/// Up to 8 short rows of a group: its [`Rows`], from the group's first row.
 #[derive(Clone, Copy)]
-struct Group<T> {
-    x: *const T,
-    pitch: usize,
-    /// Each ragged row's start.
-    row: [*const T; 8],
+struct Group<'a, T> {
+    at: Rows<'a, T>,
     /// The rows present (the lanes past them read as `-inf`).
     rows: usize,
     /// The columns the group runs: its rows' length, or its longest ragged row's.
     n: usize,
-    /// Each ragged row's length.
-    len: Option<[u8; 8]>,
 }
 
-impl<T> Group<T> {
+impl<T: Copy> Group<'_, T> {
     /// `rows` rows of `n` elements `pitch` apart from `x`.
     #[inline(always)]
     fn pitched(x: *const T, pitch: usize, rows: usize, n: usize) -> Self {
         Group {
-            x,
-            pitch,
-            row: [x; 8],
+            at: Rows::Pitched { x, pitch },
             rows,
             n,
-            len: None,
         }
     }
 
     /// Row `k`'s start.
     #[inline(always)]
     fn row(&self, k: usize) -> *const T {
-        match self.len {
-            Some(_) => self.row[k],
-            None => self.x.wrapping_add(k * self.pitch),
-        }
+        self.at.row(k)
     }
 
     /// Row `k`'s own length.
     #[inline(always)]
     fn len_of(&self, k: usize) -> usize {
-        self.len.map_or(self.n, |len| len[k] as usize)
+        match self.at {
+            Rows::Pitched { .. } => self.n,
+            Rows::Ragged { len, .. } => len[k] as usize,
+        }
     }
 }
 
@@ -229,38 +226,42 @@ impl<T> Group<T> {
 #[inline(always)]
 unsafe fn group_state<L: Lanes, T: Real>(
     l: L,
-    grp: Group<T>,
+    grp: Group<'_, T>,
     buf: &mut [MaybeUninit<L::V>],
     keep: Keep,
     mask: Option<RowMask>,
 ) -> (L::V, L::V, u8) {
     let (n, rows) = (grp.n, grp.rows.min(L::N));
     // A ragged row's lanes past its length read as -inf.
-    let ragged = grp.len.map(|len| {
-        let mut a = [0.0; 8];
-        for (v, &k) in a.iter_mut().zip(&len) {
-            *v = k as f64;
+    // A ragged group's row starts, taken once for all its columns.
+    let ragged = match grp.at {
+        Rows::Ragged { len, .. } => {
+            let mut a = [0.0; 8];
+            for (v, &k) in a.iter_mut().zip(len) {
+                *v = k as f64;
+            }
+            let row: [*const T; 8] = std::array::from_fn(|i| grp.row(i));
+            Some((l.of_lanes(&a), row))
         }
-        l.of_lanes(&a)
-    });
+        Rows::Pitched { .. } => None,
+    };
     let ninf = l.splat(f64::NEG_INFINITY);
     for c0 in (0..n).step_by(L::N) {
         let w = (n - c0).min(L::N);
         // SAFETY: the caller's contract; buf holds n entries or more. A full group
         // passes the constant N, so the per-row checks of the load fold away.
         unsafe {
-            if let Some(len) = ragged {
+            if let Some((len, row)) = ragged {
                 // Loaded into registers and blended there: a blend of what buf holds would
                 // compile to a masked store, slow on some cores.
                 let mut cols = [MaybeUninit::<L::V>::uninit(); 8];
-                l.load_columns(|i| grp.row[i].wrapping_add(c0), rows, 0, w, &mut cols);
+                l.load_columns(|i| row[i].wrapping_add(c0), rows, 0, w, &mut cols);
                 for (k, c) in cols.iter().enumerate().take(w) {
                     let inside = l.gt(len, l.splat((c0 + k) as f64));
                     buf[c0 + k].write(l.select(inside, c.assume_init(), ninf));
                 }
             } else {
-                let (x, pitch) = (grp.x, grp.pitch);
-                let row = |i: usize| x.wrapping_add(i * pitch);
+                let row = |i: usize| grp.row(i);
                 if rows == L::N {
                     l.load_columns(row, L::N, c0, w, buf);
                 } else {
@@ -347,20 +348,20 @@ unsafe fn group_state<L: Lanes, T: Real>(
 #[inline(always)]
 unsafe fn group_state_kept<L: Lanes, T: Real>(
     l: L,
-    grp: Group<T>,
+    grp: Group<'_, T>,
     buf: &mut [MaybeUninit<L::V>],
     keep: Keep,
     mask: RowMask,
     staged: &mut [MaybeUninit<T>],
 ) -> (L::V, L::V, u8) {
     let (n, rows) = (grp.n, grp.rows.min(L::N));
-    let dense = grp.len.is_none() && grp.pitch == n;
+    let dense = matches!(grp.at, Rows::Pitched { pitch, .. } if pitch == n);
     // SAFETY: forwarded from the caller; the group's rows * n elements and mask bytes are
     // readable when it is dense, and `staged` holds them.
     unsafe {
         if mask.class == 1 && mask.lane == n && dense && rows * n <= staged.len() {
             let s = staged.as_mut_ptr() as *mut T;
-            select_kept(l, grp.x, mask.keep, s, rows * n, f64::NEG_INFINITY);
+            select_kept(l, grp.row(0), mask.keep, s, rows * n, f64::NEG_INFINITY);
             return group_state(l, Group::pitched(s, n, rows, n), buf, keep, None);
         }
         group_state(l, grp, buf, keep, Some(mask))
@@ -375,7 +376,7 @@ unsafe fn group_state_kept<L: Lanes, T: Real>(
 #[inline(always)]
 unsafe fn group_state_of<L: Lanes, T: Real>(
     l: L,
-    grp: Group<T>,
+    grp: Group<'_, T>,
     keep: Option<*const u8>,
     buf: &mut [MaybeUninit<L::V>],
     kind: Keep,
