@@ -276,8 +276,9 @@ impl<T: Real> Source for Kept<T> {
     }
 }
 
-/// Sum of `exp(x - m)` over the `n` elements of `src` at `p` that are `!= m` (NaN included)
-/// and the count of those `== m` (`m` finite, `>=` every non-NaN element), fused with the max
+/// Sum of `exp(x - m)` over the `n` elements of `src` at `p` (`m` finite, `>=` every non-NaN
+/// element): with `split`, over those `!= m` (NaN included) and the count of those `== m`;
+/// without, over all of them (as [`sum_step`] adds them) and a count of 0. Fused with the max
 /// of the `qn` elements of the *next* block at `q`: the next block's DRAM loads are issued
 /// while this block's exps run from L1, so memory and arithmetic overlap instead of taking
 /// turns.
@@ -295,6 +296,7 @@ unsafe fn sum_below_max_next<L: Lanes, S: Source>(
     q: usize,
     qn: usize,
     terms: Option<*mut f64>,
+    split: bool,
 ) -> (L::V, u64, f64) {
     let full = S::T::FULL;
     let mv = l.splat(m);
@@ -323,20 +325,28 @@ unsafe fn sum_below_max_next<L: Lanes, S: Source>(
                 qi += 2 * w;
             }
             let (x0, x1) = (src.load(l, p + i), src.load(l, p + i + w));
-            let te0 = sum_step(l, x0, mv, &mut acc[0], &mut ties, full);
-            let te1 = sum_step(l, x1, mv, &mut acc[1], &mut ties, full);
+            let te0 = sum_step(l, x0, mv, &mut acc[0], &mut ties, full, split);
+            let te1 = sum_step(l, x1, mv, &mut acc[1], &mut ties, full, split);
             keep(i, w, te0);
             keep(i + w, w, te1);
             i += 2 * w;
         }
         if i + w <= n {
             let x = src.load(l, p + i);
-            keep(i, w, sum_step(l, x, mv, &mut acc[0], &mut ties, full));
+            keep(
+                i,
+                w,
+                sum_step(l, x, mv, &mut acc[0], &mut ties, full, split),
+            );
             i += w;
         }
         if i < n {
             let x = src.load_tail(l, p + i, n - i);
-            keep(i, n - i, sum_step(l, x, mv, &mut acc[1], &mut ties, full));
+            keep(
+                i,
+                n - i,
+                sum_step(l, x, mv, &mut acc[1], &mut ties, full, split),
+            );
         }
     }
     let mut next_max = src.max_finish(l, mx);
@@ -357,9 +367,10 @@ fn max_keeping_nan(a: f64, b: f64) -> f64 {
     }
 }
 
-/// Adds `exp(x - m)` of the lanes below `m` to `acc` and counts the ties (popcount on the
-/// scalar ports, which the vector code leaves idle); returns every lane's `t = x - m` and
-/// `exp_nonpos(t)`.
+/// Adds `exp(x - m)` to `acc`; returns every lane's `t = x - m` and `exp_nonpos(t)`. With
+/// `split`, only the lanes below `m` are added and the ties are counted (popcount on the
+/// scalar ports, which the vector code leaves idle); without, every lane is added, the ties'
+/// exact 1s and the clamped lanes' tiny values included (see [`whole_sum_decides`]).
 #[inline(always)]
 fn sum_step<L: Lanes>(
     l: L,
@@ -368,13 +379,41 @@ fn sum_step<L: Lanes>(
     acc: &mut L::V,
     ties: &mut u64,
     full: bool,
+    split: bool,
 ) -> (L::V, L::V) {
     let t = l.sub(x, mv);
     let e = l.exp_nonpos(t, full);
-    let tie = l.eq(x, mv);
-    *ties += l.count(tie);
-    *acc = l.masked_add(*acc, l.summable(l.not(tie), t, full), e);
+    if split {
+        let tie = l.eq(x, mv);
+        *ties += l.count(tie);
+        *acc = l.masked_add(*acc, l.summable(l.not(tie), t, full), e);
+    } else {
+        *acc = l.add(*acc, e);
+    }
     (t, e)
+}
+
+/// Whether a float32-grade state summed whole (`S = 1 + excess` with the ties and the clamped
+/// lanes inside the sum, `split` off) knows its excess well enough: to `2^-28` relative, a
+/// sixteenth of a float32 ULP of `log1p(excess)` at worst, against the sum's rounding bound of
+/// `adds * 2^-53 * S` (`adds` per accumulator lane, the block merges and the final steps).
+/// A row whose other terms are all tiny beside its max (the case the split exists for:
+/// `logsumexp([0, -40])` is 4e-18, not 0) fails and is summed again with the ties apart. The
+/// clamped lanes add under `n * 1e-307` to a sum of at least 1. Non-finite and empty states
+/// pass (their excess is not used, or is exact).
+#[inline(always)]
+pub(crate) fn whole_sum_decides(s: LseState, adds: usize) -> bool {
+    if !s.max.is_finite() || !s.excess.is_finite() {
+        return true;
+    }
+    s.excess >= (1.0 + s.excess) * whole_sum_slack(adds)
+}
+
+/// The least `excess / S` a whole sum of `adds` rounded adds per lane decides:
+/// `adds * 2^-53 <= 2^-28 * excess / S` ([`whole_sum_decides`]).
+#[inline(always)]
+pub(crate) fn whole_sum_slack(adds: usize) -> f64 {
+    adds as f64 * f64::powi(2.0, -25)
 }
 
 /// Two-pass `(max, excess)` of a contiguous row, blocked for L1: each block's max, then the
@@ -423,6 +462,32 @@ unsafe fn state_two_pass_keeping<L: Lanes, S: Source>(
     n: usize,
     terms: Option<*mut f64>,
 ) -> Option<(LseState, usize)> {
+    // float32-grade rows are summed whole first (no tie compare, no clamp mask: a fifth of
+    // the pass's vector work), and again with the ties apart where that cannot decide.
+    let full = S::T::FULL;
+    // SAFETY: forwarded from the caller.
+    let whole = unsafe { state_two_pass_summed(l, src, n, terms, full) }?;
+    let b = S::T::BLOCK;
+    let adds = n.min(b).div_ceil(2 * L::N) + 2 * n.div_ceil(b) + 8;
+    if full || whole_sum_decides(whole.0, adds) {
+        return Some(whole);
+    }
+    // SAFETY: as above.
+    unsafe { state_two_pass_summed(l, src, n, terms, true) }
+}
+
+/// [`state_two_pass_keeping`] with the ties apart (`split`) or summed whole.
+///
+/// # Safety
+/// As [`state_two_pass_keeping`].
+#[inline(always)]
+unsafe fn state_two_pass_summed<L: Lanes, S: Source>(
+    l: L,
+    src: S,
+    n: usize,
+    terms: Option<*mut f64>,
+    split: bool,
+) -> Option<(LseState, usize)> {
     let mut final_from = 0;
     let mut m = f64::NEG_INFINITY;
     let mut below = l.splat(0.0);
@@ -450,7 +515,7 @@ unsafe fn state_two_pass_keeping<L: Lanes, S: Source>(
             // SAFETY: this block and the next lie inside the row, its terms inside `terms`.
             let (b, t, nm) = unsafe {
                 let kept = terms.map(|p| p.add(start));
-                sum_below_max_next(l, src, start, len, m, next, next_len, kept)
+                sum_below_max_next(l, src, start, len, m, next, next_len, kept, split)
             };
             below = l.add(below, b);
             ties += t;

@@ -8,7 +8,7 @@
 //! NaN/inf semantics.
 
 use super::lanes::{reference_state, Lanes};
-use super::rows::{map_row, select_kept, ExpScaled, ShiftSub};
+use super::rows::{self, map_row, select_kept, ExpScaled, ShiftSub};
 use super::{scalar, SHORT_ROW};
 use crate::real::Real;
 use crate::state::LseState;
@@ -216,6 +216,24 @@ impl<T: Copy> Group<'_, T> {
     }
 }
 
+/// One column of a sum with the ties apart: `e` into `below` where `other` (the lane is off
+/// the max) and [`Lanes::summable`] keeps it, and `other` counted. Both adds take the mask of
+/// one `ne` compare as is (masked adds, no inversion or blend).
+#[inline(always)]
+fn split_step<L: Lanes>(
+    l: L,
+    (below, others): (L::V, L::V),
+    other: L::M,
+    t: L::V,
+    e: L::V,
+    full: bool,
+) -> (L::V, L::V) {
+    (
+        l.masked_add(below, l.summable(other, t, full), e),
+        l.masked_add(others, other, l.splat(1.0)),
+    )
+}
+
 /// `(max, excess)` lanes of up to `N` short rows (`grp.rows` of them valid; with `mask`,
 /// their masked classes read as `-inf`) and a bit per row to redo with the reference;
 /// `buf[k]` is left holding column `k` as `keep` says, for `k < grp.n`.
@@ -291,18 +309,23 @@ unsafe fn group_state<L: Lanes, T: Real>(
     }
     let m = l.max(l.max(acc[0], acc[1]), l.max(acc[2], acc[3]));
     let one = l.splat(1.0);
-    // The lanes off the max are counted, not the ties (`ties = n - others`, exact), so both
-    // adds take the mask of one `ne` compare as is (masked adds, no inversion or blend): the
-    // pass is bound by the vector ports, not by its chains. The adds keep the columns' order.
-    let (mut below, mut others) = (l.splat(0.0), l.splat(0.0));
+    // float32-grade rows are summed whole (ties and clamped lanes inside the sum, no compares:
+    // [`rows::whole_sum_decides`]), and the lanes whose excess that cannot know are summed
+    // again from `buf` with the ties apart. A softmax needs only the sum, never the split.
+    // The adds keep the columns' order.
+    let full = T::FULL;
+    let mut total = l.splat(0.0);
+    let mut below_others = (l.splat(0.0), l.splat(0.0));
     for b in buf.iter_mut().take(n) {
         // SAFETY: as above.
         let v = unsafe { b.assume_init() };
         let t = l.sub(v, m);
-        let e = l.exp_nonpos(t, T::FULL);
-        let other = l.ne(v, m);
-        below = l.masked_add(below, l.summable(other, t, T::FULL), e);
-        others = l.masked_add(others, other, one);
+        let e = l.exp_nonpos(t, full);
+        if full {
+            below_others = split_step(l, below_others, l.ne(v, m), t, e, full);
+        } else {
+            total = l.add(total, e);
+        }
         match keep {
             Keep::Input => {}
             Keep::Exp => {
@@ -311,10 +334,10 @@ unsafe fn group_state<L: Lanes, T: Real>(
                 // would underflow float64 (a microcode assist per vector) and round to 0
                 // anyway. The full grade drops no lane (its `exp(-inf)` is 0), so it stores
                 // `e` as is. A NaN lane's row is redone.
-                b.write(if T::FULL {
+                b.write(if full {
                     e
                 } else {
-                    l.select(l.summable(l.eq(v, v), t, T::FULL), e, l.splat(0.0))
+                    l.select(l.summable(l.eq(v, v), t, full), e, l.splat(0.0))
                 });
             }
             Keep::Shift => {
@@ -322,8 +345,34 @@ unsafe fn group_state<L: Lanes, T: Real>(
             }
         }
     }
-    let ties = l.sub(l.splat(n as f64), others);
-    let excess = l.add(below, l.sub(ties, one));
+    // The lanes off the max are counted, not the ties (`ties = n - others`, exact).
+    let split_excess =
+        |(below, others): (L::V, L::V)| l.add(below, l.sub(l.sub(l.splat(n as f64), others), one));
+    let excess = if full {
+        split_excess(below_others)
+    } else {
+        let whole = l.sub(total, one);
+        // The lanes that cannot know their excess (NaN lanes compare false: they are redone).
+        let slack = l.splat(rows::whole_sum_slack(n + 8));
+        let unsure = l.gt(l.mul(total, slack), whole);
+        if keep == Keep::Exp || !l.any(unsure) {
+            whole
+        } else {
+            let mut sums = (l.splat(0.0), l.splat(0.0));
+            for b in buf.iter().take(n) {
+                // SAFETY: as above.
+                let v = unsafe { b.assume_init() };
+                // What buf holds now: the inputs, or the shifts (a tie is `t == 0`).
+                let (other, t) = match keep {
+                    Keep::Shift => (l.ne(v, l.splat(0.0)), v),
+                    _ => (l.ne(v, m), l.sub(v, m)),
+                };
+                sums = split_step(l, sums, other, t, l.exp_nonpos(t, full), full);
+            }
+            // Per lane, so that a row's bits do not depend on the rows grouped with it.
+            l.select(unsure, split_excess(sums), whole)
+        }
+    };
     // `excess + (m - m)` is NaN exactly where the max is not finite or the sum is NaN.
     let check = l.add(excess, l.sub(m, m));
     let mut redo = 0u8;

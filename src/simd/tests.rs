@@ -563,7 +563,8 @@ fn kept_rows_equal_the_staged_rows_at_every_level() {
 /// moved through every column position, for every `n` up to [`SHORT_ROW`], against the
 /// scalar reference at every level: the tie count (kept apart from the sum), a dropped or
 /// doubled exp, a stored exp of a `-inf` lane, or a NaN/inf row not redone each show as an
-/// error far above the tolerance. Rows with small integer values hold many ties.
+/// error far above the tolerance. Rows with small integer values hold many ties; one has
+/// every other term under `e^-27` (float32-grade rows must sum it again with the ties apart).
 #[test]
 fn short_rows_with_ties_and_specials_at_every_column_match_scalar() {
     let mut rng = Rng::new(91);
@@ -588,6 +589,7 @@ fn short_rows_with_ties_and_specials_at_every_column_match_scalar() {
             x[row(6) + p] = f64::NEG_INFINITY; // -inf in a row of integer ties
             x[row(7)..row(8)].fill(f64::NEG_INFINITY);
             x[row(9) + p] = 25.0; // a lone max, the last column stays below it
+            x[row(10) + p] = 30.0; // a lone max whose excess a whole sum cannot know
             let x32: Vec<f32> = x.iter().map(|&v| v as f32).collect();
             for level in levels() {
                 check_short_rows(level, &x, n, rows, 1e-14, |a, b| agree(a, b, 1e-13));
@@ -730,6 +732,42 @@ fn kept_terms_give_the_two_exp_bits_at_every_level() {
     for level in levels() {
         check::<f32>(level, &mut rng);
         check::<f64>(level, &mut rng);
+    }
+}
+
+/// float32-grade rows are summed whole (ties and all) and summed again with the ties apart
+/// where the whole sum cannot know the excess: rows of one and of many blocks whose other terms
+/// are all tiny beside a lone max (`[0, -40, ...]`, excess ~4e-18 per element, lost to the
+/// rounding of `1 + excess` if the retry were missing), with two tied maxima (excess >= 1),
+/// and at the threshold between the two (others at -12 and -17), against the scalar reference
+/// at every level: the excess to 1e-9 relative.
+#[test]
+fn peaked_rows_keep_their_tiny_excess_at_every_level() {
+    let b = <f32 as crate::real::Real>::BLOCK;
+    for n in [65, 100, 1000, b - 1, b, b + 1, 3 * b + 5] {
+        for (case, below) in [-40.0f32, -12.0, -17.0, -40.0].into_iter().enumerate() {
+            let mut x = vec![below; n];
+            for top in [0, n / 2, n - 1] {
+                x[top] = 0.5;
+                if case == 3 {
+                    x[(top + 7) % n] = 0.5;
+                }
+                // SAFETY: x holds n elements.
+                let want = unsafe { scalar::lse_state_two_pass(x.as_ptr(), 0, n, 1) };
+                for level in levels() {
+                    // SAFETY: as above.
+                    let got = unsafe { row_state(level, x.as_ptr(), n, false) };
+                    assert_eq!(got.max, want.max, "{} n={n} case {case}", level.name());
+                    assert!(
+                        agree(got.excess, want.excess, 1e-9),
+                        "{} n={n} case {case} top {top}: {got:?} {want:?}",
+                        level.name()
+                    );
+                }
+                x[top] = below;
+                x[(top + 7) % n] = below;
+            }
+        }
     }
 }
 
