@@ -131,6 +131,24 @@ def test_target_gradient_keeps_relative_accuracy():
     assert loss == pytest.approx(np.log1p(np.exp(-40.0)), rel=1e-15)
 
 
+@pytest.mark.parametrize("n", [2, 10, 100, 1000, 5000])
+def test_float32_loss_of_a_dominant_class_keeps_relative_accuracy(n):
+    # Every other class 40 below the target: the loss is (n - 1) e^-40 (4.2e-18 a class), which
+    # a float32-grade sum holding the target's exact 1 would round to 0 (short rows, the fused
+    # loss with its gradient, long rows and rows of several blocks alike).
+    x = np.full((3, n), -40.0, np.float32)
+    t = np.array([0, n // 2, n - 1])
+    x[np.arange(3), t] = 0.0
+    want = np.log1p((n - 1) * np.exp(-40.0))
+    a = sl.cross_entropy(x, t, reduction="none")
+    b, grad = sl.cross_entropy(x, t, reduction="none", return_grad=True)
+    np.testing.assert_allclose(a, want, rtol=1e-6)
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(grad[np.arange(3), t], -want, rtol=1e-6)
+    np.testing.assert_allclose(sl.logsumexp(x, axis=1), want, rtol=1e-6)
+    np.testing.assert_allclose(sl.log_softmax(x, axis=1)[np.arange(3), t], -want, rtol=1e-6)
+
+
 # --------------------------------------------------------------------------- shapes, dtypes
 
 

@@ -610,7 +610,7 @@ fn stored_exp<L: Lanes, T: Real>(l: L, t: L::V) -> L::V {
 /// `e = exp_nonpos(t)` as it is kept for a later write: float32-grade lanes below the clamp
 /// (`t < EXP_FLOOR`) as 0, as [`stored_exp`] explains.
 #[inline(always)]
-fn stored_term<L: Lanes, T: Real>(l: L, t: L::V, e: L::V) -> L::V {
+pub(crate) fn stored_term<L: Lanes, T: Real>(l: L, t: L::V, e: L::V) -> L::V {
     if T::FULL {
         return e;
     }

@@ -216,20 +216,19 @@ impl<T: Copy> Group<'_, T> {
     }
 }
 
-/// One column of a sum with the ties apart: `e` into `below` where `other` (the lane is off
-/// the max) and [`Lanes::summable`] keeps it, and `other` counted. Both adds take the mask of
-/// one `ne` compare as is (masked adds, no inversion or blend).
+/// One column of a sum with the ties apart: `e` into `below` where `summed` (the lane is off
+/// the max and [`Lanes::summable`] keeps it), and `other` (off the max) counted. Both adds take
+/// their masks as they are (masked adds, no inversion or blend).
 #[inline(always)]
 fn split_step<L: Lanes>(
     l: L,
     (below, others): (L::V, L::V),
     other: L::M,
-    t: L::V,
+    summed: L::M,
     e: L::V,
-    full: bool,
 ) -> (L::V, L::V) {
     (
-        l.masked_add(below, l.summable(other, t, full), e),
+        l.masked_add(below, summed, e),
         l.masked_add(others, other, l.splat(1.0)),
     )
 }
@@ -311,8 +310,7 @@ unsafe fn group_state<L: Lanes, T: Real>(
     let one = l.splat(1.0);
     // float32-grade rows are summed whole (ties and clamped lanes inside the sum, no compares:
     // [`rows::whole_sum_decides`]), and the lanes whose excess that cannot know are summed
-    // again from `buf` with the ties apart. A softmax needs only the sum, never the split.
-    // The adds keep the columns' order.
+    // again from `buf` with the ties apart. The adds keep the columns' order.
     let full = T::FULL;
     let mut total = l.splat(0.0);
     let mut below_others = (l.splat(0.0), l.splat(0.0));
@@ -322,23 +320,17 @@ unsafe fn group_state<L: Lanes, T: Real>(
         let t = l.sub(v, m);
         let e = l.exp_nonpos(t, full);
         if full {
-            below_others = split_step(l, below_others, l.ne(v, m), t, e, full);
+            let other = l.ne(v, m);
+            below_others = split_step(l, below_others, other, l.summable(other, t, full), e);
         } else {
             total = l.add(total, e);
         }
         match keep {
             Keep::Input => {}
             Keep::Exp => {
-                // The lanes a float32-grade exp clamps (`summable` drops them; `-inf`, a
-                // masked class, among them) are stored as 0: scaled, the clamped value
-                // would underflow float64 (a microcode assist per vector) and round to 0
-                // anyway. The full grade drops no lane (its `exp(-inf)` is 0), so it stores
-                // `e` as is. A NaN lane's row is redone.
-                b.write(if full {
-                    e
-                } else {
-                    l.select(l.summable(l.eq(v, v), t, full), e, l.splat(0.0))
-                });
+                // The lanes a float32-grade exp clamps (`-inf`, a masked class, among them)
+                // are stored as 0, as every kept term is. A NaN lane's row is redone.
+                b.write(rows::stored_term::<L, T>(l, t, e));
             }
             Keep::Shift => {
                 b.write(t);
@@ -355,19 +347,29 @@ unsafe fn group_state<L: Lanes, T: Real>(
         // The lanes that cannot know their excess (NaN lanes compare false: they are redone).
         let slack = l.splat(rows::whole_sum_slack(n + 8));
         let unsure = l.gt(l.mul(total, slack), whole);
-        if keep == Keep::Exp || !l.any(unsure) {
+        if !l.any(unsure) {
             whole
         } else {
             let mut sums = (l.splat(0.0), l.splat(0.0));
             for b in buf.iter().take(n) {
                 // SAFETY: as above.
                 let v = unsafe { b.assume_init() };
-                // What buf holds now: the inputs, or the shifts (a tie is `t == 0`).
-                let (other, t) = match keep {
-                    Keep::Shift => (l.ne(v, l.splat(0.0)), v),
-                    _ => (l.ne(v, m), l.sub(v, m)),
+                // From what buf holds now: the inputs, the shifts (a tie is `t == 0`) or the
+                // kept terms (a tie is a term of exactly 1; the clamped lanes hold 0).
+                sums = match keep {
+                    Keep::Exp => {
+                        let other = l.ne(v, one);
+                        split_step(l, sums, other, other, v)
+                    }
+                    Keep::Input | Keep::Shift => {
+                        let (other, t) = match keep {
+                            Keep::Shift => (l.ne(v, l.splat(0.0)), v),
+                            _ => (l.ne(v, m), l.sub(v, m)),
+                        };
+                        let e = l.exp_nonpos(t, full);
+                        split_step(l, sums, other, l.summable(other, t, full), e)
+                    }
                 };
-                sums = split_step(l, sums, other, t, l.exp_nonpos(t, full), full);
             }
             // Per lane, so that a row's bits do not depend on the rows grouped with it.
             l.select(unsure, split_excess(sums), whole)
