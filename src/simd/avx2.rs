@@ -129,7 +129,14 @@ pub fn exp_nonpos_pd(t: __m256d, full: bool) -> __m256d {
         return exp_pd(t, true);
     }
     // max returns its second operand when either is NaN, so NaN passes through.
-    let t = _mm256_max_pd(_mm256_set1_pd(EXP_FLOOR), t);
+    exp_above_floor_pd(_mm256_max_pd(_mm256_set1_pd(EXP_FLOOR), t))
+}
+
+/// The float32-grade [`exp_nonpos_pd`] of `t` in `[EXP_FLOOR, 0]` or NaN, without its clamp
+/// (anything at all below it: the exponent bits wrap).
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+pub fn exp_above_floor_pd(t: __m256d) -> __m256d {
     let (tab, q, kd) = exp_reduced_pd(t, &EXP2_J4_LESS_J);
     // kd << 50 = (k >> 2) << 52 (the exponent step) + (k & 3) << 50, and the table entries
     // have (j << 50) taken off, so the sum is 2^(j/4) * 2^(k >> 2) exactly.
@@ -321,6 +328,10 @@ unsafe impl Lanes for Avx2 {
         unsafe { _mm256_max_pd(a, b) }
     }
     #[inline(always)]
+    fn min(self, a: __m256d, b: __m256d) -> __m256d {
+        unsafe { _mm256_min_pd(a, b) }
+    }
+    #[inline(always)]
     fn to_lanes(self, v: __m256d) -> [f64; 8] {
         let mut a = [0.0; 8];
         unsafe { _mm256_storeu_pd(a.as_mut_ptr(), v) };
@@ -440,6 +451,16 @@ unsafe impl Lanes for Avx2 {
     #[inline(always)]
     fn exp_nonpos(self, t: __m256d, full: bool) -> __m256d {
         unsafe { exp_nonpos_pd(t, full) }
+    }
+    #[inline(always)]
+    fn exp_nonpos_unclamped(self, t: __m256d, full: bool) -> __m256d {
+        unsafe {
+            if full {
+                exp_pd(t, true)
+            } else {
+                exp_above_floor_pd(t)
+            }
+        }
     }
     #[inline(always)]
     fn summable(self, below: __m256d, t: __m256d, full: bool) -> __m256d {

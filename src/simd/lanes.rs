@@ -34,6 +34,8 @@ pub unsafe trait Lanes: Copy {
     fn sub(self, a: Self::V, b: Self::V) -> Self::V;
     fn mul(self, a: Self::V, b: Self::V) -> Self::V;
     fn max(self, a: Self::V, b: Self::V) -> Self::V;
+    /// The lesser of each lane (which of the two a NaN lane gives is the level's).
+    fn min(self, a: Self::V, b: Self::V) -> Self::V;
     /// Lanes 0..N as an array (the rest zero).
     fn to_lanes(self, v: Self::V) -> [f64; 8];
     /// A vector from lanes 0..N of `a`.
@@ -126,6 +128,14 @@ pub unsafe trait Lanes: Copy {
     #[inline(always)]
     fn exp_nonpos(self, t: Self::V, full: bool) -> Self::V {
         self.exp(t, full)
+    }
+    /// [`Lanes::exp_nonpos`] without the clamp a float32-grade exp may take at `EXP_FLOOR`:
+    /// the same bits for `t` in `[EXP_FLOOR, 0]` and NaN, anything at all below (the caller
+    /// tracks the least `t` and computes again where it fell below). A level without a clamp
+    /// keeps the default.
+    #[inline(always)]
+    fn exp_nonpos_unclamped(self, t: Self::V, full: bool) -> Self::V {
+        self.exp_nonpos(t, full)
     }
     /// The lanes of `below` whose `exp_nonpos(t)` belongs in a sum (NaN kept).
     #[inline(always)]

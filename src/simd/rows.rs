@@ -297,12 +297,14 @@ unsafe fn sum_below_max_next<L: Lanes, S: Source>(
     qn: usize,
     terms: Option<*mut f64>,
     split: bool,
-) -> (L::V, u64, f64) {
+    unclamped: bool,
+) -> (L::V, u64, f64, f64) {
     let full = S::T::FULL;
     let mv = l.splat(m);
     let mut acc = [l.splat(0.0); 2];
     let mut mx = src.max_init(l);
     let mut ties = 0u64;
+    let mut least = l.splat(0.0);
     let (mut i, mut qi) = (0, 0);
     let w = L::N;
     // SAFETY: loads stay within the n elements at p and the qn at q; tail lanes are -inf
@@ -311,7 +313,11 @@ unsafe fn sum_below_max_next<L: Lanes, S: Source>(
         // Stores the `len` terms from k (of the block) at terms[k..] where asked.
         let keep = |k: usize, len: usize, (t, e): (L::V, L::V)| {
             if let Some(p) = terms {
-                let v = stored_term::<L, S::T>(l, t, e);
+                let v = if unclamped && len == w {
+                    e
+                } else {
+                    stored_term::<L, S::T>(l, t, e)
+                };
                 if len == w {
                     l.store(p.add(k), v);
                 } else {
@@ -325,22 +331,32 @@ unsafe fn sum_below_max_next<L: Lanes, S: Source>(
                 qi += 2 * w;
             }
             let (x0, x1) = (src.load(l, p + i), src.load(l, p + i + w));
-            let te0 = sum_step(l, x0, mv, &mut acc[0], &mut ties, full, split);
-            let te1 = sum_step(l, x1, mv, &mut acc[1], &mut ties, full, split);
+            let te0 = if unclamped {
+                unclamped_step(l, x0, mv, &mut acc[0], &mut least)
+            } else {
+                sum_step(l, x0, mv, &mut acc[0], &mut ties, full, split)
+            };
+            let te1 = if unclamped {
+                unclamped_step(l, x1, mv, &mut acc[1], &mut least)
+            } else {
+                sum_step(l, x1, mv, &mut acc[1], &mut ties, full, split)
+            };
             keep(i, w, te0);
             keep(i + w, w, te1);
             i += 2 * w;
         }
         if i + w <= n {
             let x = src.load(l, p + i);
-            keep(
-                i,
-                w,
-                sum_step(l, x, mv, &mut acc[0], &mut ties, full, split),
-            );
+            let te = if unclamped {
+                unclamped_step(l, x, mv, &mut acc[0], &mut least)
+            } else {
+                sum_step(l, x, mv, &mut acc[0], &mut ties, full, split)
+            };
+            keep(i, w, te);
             i += w;
         }
         if i < n {
+            // The tail's lanes past n are -inf: clamped either way (the same bits above it).
             let x = src.load_tail(l, p + i, n - i);
             keep(
                 i,
@@ -354,7 +370,25 @@ unsafe fn sum_below_max_next<L: Lanes, S: Source>(
         // SAFETY: the rest of the next block is readable.
         next_max = max_keeping_nan(next_max, unsafe { src.max_of(l, q + qi, qn - qi) });
     }
-    (l.add(acc[0], acc[1]), ties, next_max)
+    let least = l.to_lanes(least).into_iter().fold(0.0, f64::min);
+    (l.add(acc[0], acc[1]), ties, next_max, least)
+}
+
+/// [`sum_step`] of a whole float32-grade sum by [`Lanes::exp_nonpos_unclamped`]: every lane
+/// added, the least `t` kept (a block whose least falls below the clamp is summed again).
+#[inline(always)]
+fn unclamped_step<L: Lanes>(
+    l: L,
+    x: L::V,
+    mv: L::V,
+    acc: &mut L::V,
+    least: &mut L::V,
+) -> (L::V, L::V) {
+    let t = l.sub(x, mv);
+    *least = l.min(*least, t);
+    let e = l.exp_nonpos_unclamped(t, false);
+    *acc = l.add(*acc, e);
+    (t, e)
 }
 
 /// The larger of two maxima, NaN if either is (`f64::max` would drop it).
@@ -512,10 +546,28 @@ unsafe fn state_two_pass_summed<L: Lanes, S: Source>(
                 m = bm;
                 final_from = start;
             }
+            // With terms to keep, a float32-grade whole sum first takes its exps unclamped
+            // (the kept terms then need no zeroing either), again clamped where a block falls
+            // below the clamp.
+            let unclamped = terms.is_some() && !split && !S::T::FULL;
+            let kept = terms.map(|p| p.wrapping_add(start));
             // SAFETY: this block and the next lie inside the row, its terms inside `terms`.
-            let (b, t, nm) = unsafe {
-                let kept = terms.map(|p| p.add(start));
-                sum_below_max_next(l, src, start, len, m, next, next_len, kept, split)
+            let (b, t, nm, least) = unsafe {
+                if unclamped {
+                    sum_below_max_next(l, src, start, len, m, next, next_len, kept, false, true)
+                } else {
+                    sum_below_max_next(l, src, start, len, m, next, next_len, kept, split, false)
+                }
+            };
+            // The least skips NaN shifts; their NaN sum is what the state shows.
+            let (b, t, nm) = if unclamped && least < super::consts::EXP_FLOOR {
+                // SAFETY: as above.
+                let (b, t, nm, _) = unsafe {
+                    sum_below_max_next(l, src, start, len, m, next, next_len, kept, false, false)
+                };
+                (b, t, nm)
+            } else {
+                (b, t, nm)
             };
             below = l.add(below, b);
             ties += t;
@@ -618,39 +670,81 @@ pub(crate) fn stored_term<L: Lanes, T: Real>(l: L, t: L::V, e: L::V) -> L::V {
 }
 
 /// `sum exp(x - m)` over the `n` elements of `src` (`m` finite, `>=` every non-NaN element; a
-/// NaN makes the sum NaN), storing each term at `e`.
+/// NaN makes the sum NaN), storing each term at `e` (as [`stored_term`] keeps it).
+/// float32-grade terms are first taken without the exp's clamp and without zeroing the
+/// lanes below it, the least shift tracked instead (one op where those were three); a row
+/// that reaches below the clamp (a `-inf` in it, or a spread over 708) is taken again with
+/// both.
 ///
 /// # Safety
 /// `n` readable elements of `src`, `n` writable float64 at `e`.
 #[inline(always)]
 unsafe fn sum_exp_store<L: Lanes, S: Source>(l: L, src: S, n: usize, m: f64, e: *mut f64) -> f64 {
+    if !S::T::FULL {
+        // SAFETY: forwarded from the caller.
+        let (total, least) = unsafe { sum_exp_store_with(l, src, n, m, e, false) };
+        // The least skips NaN shifts; their NaN total is what the caller sees.
+        if least >= super::consts::EXP_FLOOR {
+            return total;
+        }
+    }
+    // SAFETY: as above.
+    unsafe { sum_exp_store_with(l, src, n, m, e, true) }.0
+}
+
+/// [`sum_exp_store`]'s pass: with `clamp`, each term as [`stored_exp`] takes it; without,
+/// by [`Lanes::exp_nonpos_unclamped`] (the last partial vector still clamped), and the least
+/// shift `x - m` of those returned with the sum (a NaN shift may or may not show in it).
+///
+/// # Safety
+/// As [`sum_exp_store`].
+#[inline(always)]
+unsafe fn sum_exp_store_with<L: Lanes, S: Source>(
+    l: L,
+    src: S,
+    n: usize,
+    m: f64,
+    e: *mut f64,
+    clamp: bool,
+) -> (f64, f64) {
     let mv = l.splat(m);
     let mut acc = [l.splat(0.0); 2];
+    let mut least = l.splat(0.0);
+    let term = |t: L::V, least: &mut L::V| {
+        if clamp {
+            stored_exp::<L, S::T>(l, t)
+        } else {
+            *least = l.min(*least, t);
+            l.exp_nonpos_unclamped(t, S::T::FULL)
+        }
+    };
     let (w, mut i) = (L::N, 0);
     // SAFETY: loads and stores stay within the n elements; tail lanes are -inf (exp 0, or a
     // clamped term under 1e-307) and are not stored.
     unsafe {
         while i + 2 * w <= n {
             for (k, acc) in acc.iter_mut().enumerate() {
-                let v = stored_exp::<L, S::T>(l, l.sub(src.load(l, i + k * w), mv));
+                let v = term(l.sub(src.load(l, i + k * w), mv), &mut least);
                 l.store(e.add(i + k * w), v);
                 *acc = l.add(*acc, v);
             }
             i += 2 * w;
         }
         if i + w <= n {
-            let v = stored_exp::<L, S::T>(l, l.sub(src.load(l, i), mv));
+            let v = term(l.sub(src.load(l, i), mv), &mut least);
             l.store(e.add(i), v);
             acc[0] = l.add(acc[0], v);
             i += w;
         }
         if i < n {
+            // The tail's lanes past n are -inf: clamped either way (the same bits above it).
             let v = stored_exp::<L, S::T>(l, l.sub(src.load_tail(l, i, n - i), mv));
             l.store_tail(e.add(i), v, n - i);
             acc[1] = l.add(acc[1], v);
         }
     }
-    l.reduce_add(l.add(acc[0], acc[1]))
+    let least = l.to_lanes(least).into_iter().fold(0.0, f64::min);
+    (l.reduce_add(l.add(acc[0], acc[1])), least)
 }
 
 /// Per-lane online state: running max, sum of exp(x - max) over the elements below it, and
