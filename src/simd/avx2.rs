@@ -330,10 +330,6 @@ unsafe impl Lanes for Avx2 {
         unsafe { _mm256_max_pd(a, b) }
     }
     #[inline(always)]
-    fn min(self, a: __m256d, b: __m256d) -> __m256d {
-        unsafe { _mm256_min_pd(a, b) }
-    }
-    #[inline(always)]
     fn to_lanes(self, v: __m256d) -> [f64; 8] {
         let mut a = [0.0; 8];
         unsafe { _mm256_storeu_pd(a.as_mut_ptr(), v) };
@@ -494,6 +490,41 @@ unsafe impl Lanes for Avx2 {
             let m = _mm256_max_ps(_mm256_max_ps(acc[0], acc[1]), _mm256_max_ps(acc[2], acc[3]));
             let tail = (i..n).fold(f32::NEG_INFINITY, |m, k| m.max(*p.add(k)));
             f64::from(reduce_max_ps(m).max(tail))
+        }
+    }
+    /// float32: the max and the min in one pass of float32 lanes.
+    #[inline(always)]
+    unsafe fn range_of<T: Real>(self, p: *const T, n: usize) -> (f64, f64) {
+        if T::FULL {
+            // SAFETY: forwarded from the caller.
+            return (unsafe { self.max_of(p, n) }, f64::NEG_INFINITY);
+        }
+        let p = p as *const f32;
+        // SAFETY: every load is within the n elements (full vectors, then a scalar tail).
+        unsafe {
+            let mut hi = [_mm256_set1_ps(f32::NEG_INFINITY); 2];
+            let mut lo = [_mm256_set1_ps(f32::INFINITY); 2];
+            let mut i = 0;
+            while i + 16 <= n {
+                for k in 0..2 {
+                    let v = _mm256_loadu_ps(p.add(i + 8 * k));
+                    hi[k] = _mm256_max_ps(hi[k], v);
+                    lo[k] = _mm256_min_ps(lo[k], v);
+                }
+                i += 16;
+            }
+            let (mut m, mut least) = (
+                reduce_max_ps(_mm256_max_ps(hi[0], hi[1])),
+                -reduce_max_ps(_mm256_sub_ps(
+                    _mm256_setzero_ps(),
+                    _mm256_min_ps(lo[0], lo[1]),
+                )),
+            );
+            for k in i..n {
+                m = m.max(*p.add(k));
+                least = least.min(*p.add(k));
+            }
+            (f64::from(m), f64::from(least))
         }
     }
     #[inline(always)]

@@ -298,10 +298,6 @@ unsafe impl Lanes for Avx512 {
         unsafe { _mm512_max_pd(a, b) }
     }
     #[inline(always)]
-    fn min(self, a: __m512d, b: __m512d) -> __m512d {
-        unsafe { _mm512_min_pd(a, b) }
-    }
-    #[inline(always)]
     fn to_lanes(self, v: __m512d) -> [f64; 8] {
         let mut a = [0.0; 8];
         unsafe { _mm512_storeu_pd(a.as_mut_ptr(), v) };

@@ -34,8 +34,6 @@ pub unsafe trait Lanes: Copy {
     fn sub(self, a: Self::V, b: Self::V) -> Self::V;
     fn mul(self, a: Self::V, b: Self::V) -> Self::V;
     fn max(self, a: Self::V, b: Self::V) -> Self::V;
-    /// The lesser of each lane (which of the two a NaN lane gives is the level's).
-    fn min(self, a: Self::V, b: Self::V) -> Self::V;
     /// Lanes 0..N as an array (the rest zero).
     fn to_lanes(self, v: Self::V) -> [f64; 8];
     /// A vector from lanes 0..N of `a`.
@@ -164,6 +162,16 @@ pub unsafe trait Lanes: Copy {
     unsafe fn max_of<T: Real>(self, p: *const T, n: usize) -> f64 {
         // SAFETY: forwarded from the caller.
         unsafe { max_of_widened(self, p, n) }
+    }
+    /// [`Lanes::max_of`] and, where a level takes it in the same pass, the min (`-inf` where
+    /// not); NaN may or may not show in either.
+    ///
+    /// # Safety
+    /// `n` readable elements at `p`.
+    #[inline(always)]
+    unsafe fn range_of<T: Real>(self, p: *const T, n: usize) -> (f64, f64) {
+        // SAFETY: forwarded from the caller.
+        (unsafe { self.max_of(p, n) }, f64::NEG_INFINITY)
     }
     /// A running max over steps of `2N` elements (a level may keep float32 in its own lanes):
     /// the start value, one step and the final reduction.

@@ -133,10 +133,6 @@ unsafe impl Lanes for Neon {
         unsafe { vmaxq_f64(a, b) }
     }
     #[inline(always)]
-    fn min(self, a: float64x2_t, b: float64x2_t) -> float64x2_t {
-        unsafe { vminq_f64(a, b) }
-    }
-    #[inline(always)]
     fn to_lanes(self, v: float64x2_t) -> [f64; 8] {
         let mut a = [0.0; 8];
         unsafe { vst1q_f64(a.as_mut_ptr(), v) };

@@ -52,6 +52,18 @@ pub(crate) trait Source: Load {
     /// # Safety
     /// Those elements readable.
     unsafe fn max_of<L: Lanes>(self, l: L, i: usize, n: usize) -> f64;
+    /// The max of elements `i..i + n` and their min where the source and level take both in
+    /// one pass (`-inf` where not; NaN may or may not show in either).
+    ///
+    /// # Safety
+    /// Those elements readable.
+    #[inline(always)]
+    unsafe fn range_of<L: Lanes>(self, l: L, i: usize, n: usize) -> (f64, f64) {
+        // SAFETY: forwarded from the caller.
+        (unsafe { self.max_of(l, i, n) }, f64::NEG_INFINITY)
+    }
+    /// Whether some lanes read as `-inf` whatever the data (a `where=` mask's).
+    const MASKS: bool;
     /// The running max of [`Lanes::max_init`] and its steps, over this source.
     fn max_init<L: Lanes>(self, l: L) -> [L::V; 2];
     /// # Safety
@@ -89,10 +101,16 @@ impl<T: Real> Load for Dense<T> {
 }
 
 impl<T: Real> Source for Dense<T> {
+    const MASKS: bool = false;
     #[inline(always)]
     unsafe fn max_of<L: Lanes>(self, l: L, i: usize, n: usize) -> f64 {
         // SAFETY: forwarded from the caller.
         unsafe { l.max_of(self.0.add(i), n) }
+    }
+    #[inline(always)]
+    unsafe fn range_of<L: Lanes>(self, l: L, i: usize, n: usize) -> (f64, f64) {
+        // SAFETY: forwarded from the caller.
+        unsafe { l.range_of(self.0.add(i), n) }
     }
     #[inline(always)]
     fn max_init<L: Lanes>(self, l: L) -> [L::V; 2] {
@@ -229,6 +247,7 @@ impl<T: Real> Load for Masked<T> {
 }
 
 impl<T: Real> Source for Kept<T> {
+    const MASKS: bool = true;
     #[inline(always)]
     unsafe fn max_of<L: Lanes>(self, l: L, i: usize, n: usize) -> f64 {
         let step = 2 * L::N;
@@ -281,10 +300,11 @@ impl<T: Real> Source for Kept<T> {
 /// without, over all of them (as [`sum_step`] adds them) and a count of 0. Fused with the max
 /// of the `qn` elements of the *next* block at `q`: the next block's DRAM loads are issued
 /// while this block's exps run from L1, so memory and arithmetic overlap instead of taking
-/// turns.
+/// turns. `unclamped` (whole sums only) takes the exps without their clamp and keeps the terms
+/// as they are.
 ///
 /// # Safety
-/// `n` readable elements at `p`, `qn` at `q`.
+/// `n` readable elements at `p`, `qn` at `q`; with `unclamped`, none below `m + EXP_FLOOR`.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 unsafe fn sum_below_max_next<L: Lanes, S: Source>(
@@ -298,13 +318,12 @@ unsafe fn sum_below_max_next<L: Lanes, S: Source>(
     terms: Option<*mut f64>,
     split: bool,
     unclamped: bool,
-) -> (L::V, u64, f64, f64) {
+) -> (L::V, u64, f64) {
     let full = S::T::FULL;
     let mv = l.splat(m);
     let mut acc = [l.splat(0.0); 2];
     let mut mx = src.max_init(l);
     let mut ties = 0u64;
-    let mut least = l.splat(0.0);
     let (mut i, mut qi) = (0, 0);
     let w = L::N;
     // SAFETY: loads stay within the n elements at p and the qn at q; tail lanes are -inf
@@ -331,27 +350,15 @@ unsafe fn sum_below_max_next<L: Lanes, S: Source>(
                 qi += 2 * w;
             }
             let (x0, x1) = (src.load(l, p + i), src.load(l, p + i + w));
-            let te0 = if unclamped {
-                unclamped_step(l, x0, mv, &mut acc[0], &mut least)
-            } else {
-                sum_step(l, x0, mv, &mut acc[0], &mut ties, full, split)
-            };
-            let te1 = if unclamped {
-                unclamped_step(l, x1, mv, &mut acc[1], &mut least)
-            } else {
-                sum_step(l, x1, mv, &mut acc[1], &mut ties, full, split)
-            };
+            let te0 = sum_step(l, x0, mv, &mut acc[0], &mut ties, full, split, !unclamped);
+            let te1 = sum_step(l, x1, mv, &mut acc[1], &mut ties, full, split, !unclamped);
             keep(i, w, te0);
             keep(i + w, w, te1);
             i += 2 * w;
         }
         if i + w <= n {
             let x = src.load(l, p + i);
-            let te = if unclamped {
-                unclamped_step(l, x, mv, &mut acc[0], &mut least)
-            } else {
-                sum_step(l, x, mv, &mut acc[0], &mut ties, full, split)
-            };
+            let te = sum_step(l, x, mv, &mut acc[0], &mut ties, full, split, !unclamped);
             keep(i, w, te);
             i += w;
         }
@@ -361,7 +368,7 @@ unsafe fn sum_below_max_next<L: Lanes, S: Source>(
             keep(
                 i,
                 n - i,
-                sum_step(l, x, mv, &mut acc[1], &mut ties, full, split),
+                sum_step(l, x, mv, &mut acc[1], &mut ties, full, split, true),
             );
         }
     }
@@ -370,25 +377,7 @@ unsafe fn sum_below_max_next<L: Lanes, S: Source>(
         // SAFETY: the rest of the next block is readable.
         next_max = max_keeping_nan(next_max, unsafe { src.max_of(l, q + qi, qn - qi) });
     }
-    let least = l.to_lanes(least).into_iter().fold(0.0, f64::min);
-    (l.add(acc[0], acc[1]), ties, next_max, least)
-}
-
-/// [`sum_step`] of a whole float32-grade sum by [`Lanes::exp_nonpos_unclamped`]: every lane
-/// added, the least `t` kept (a block whose least falls below the clamp is summed again).
-#[inline(always)]
-fn unclamped_step<L: Lanes>(
-    l: L,
-    x: L::V,
-    mv: L::V,
-    acc: &mut L::V,
-    least: &mut L::V,
-) -> (L::V, L::V) {
-    let t = l.sub(x, mv);
-    *least = l.min(*least, t);
-    let e = l.exp_nonpos_unclamped(t, false);
-    *acc = l.add(*acc, e);
-    (t, e)
+    (l.add(acc[0], acc[1]), ties, next_max)
 }
 
 /// The larger of two maxima, NaN if either is (`f64::max` would drop it).
@@ -404,8 +393,10 @@ fn max_keeping_nan(a: f64, b: f64) -> f64 {
 /// Adds `exp(x - m)` to `acc`; returns every lane's `t = x - m` and `exp_nonpos(t)`. With
 /// `split`, only the lanes below `m` are added and the ties are counted (popcount on the
 /// scalar ports, which the vector code leaves idle); without, every lane is added, the ties'
-/// exact 1s and the clamped lanes' tiny values included (see [`whole_sum_decides`]).
+/// exact 1s and the clamped lanes' tiny values included (see [`whole_sum_decides`]). Without
+/// `clamp` (no lane below it) the exp is [`Lanes::exp_nonpos_unclamped`].
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn sum_step<L: Lanes>(
     l: L,
     x: L::V,
@@ -414,9 +405,14 @@ fn sum_step<L: Lanes>(
     ties: &mut u64,
     full: bool,
     split: bool,
+    clamp: bool,
 ) -> (L::V, L::V) {
     let t = l.sub(x, mv);
-    let e = l.exp_nonpos(t, full);
+    let e = if clamp {
+        l.exp_nonpos(t, full)
+    } else {
+        l.exp_nonpos_unclamped(t, full)
+    };
     if split {
         let tie = l.eq(x, mv);
         *ties += l.count(tie);
@@ -499,18 +495,28 @@ unsafe fn state_two_pass_keeping<L: Lanes, S: Source>(
     // float32-grade rows are summed whole first (no tie compare, no clamp mask: a fifth of
     // the pass's vector work), and again with the ties apart where that cannot decide.
     let full = S::T::FULL;
+    // With terms to keep, a float32-grade whole sum of a dense row that spans less than the
+    // exp's clamp (its least element within 708 of its max: no `-inf`) takes its exps
+    // unclamped, and its kept terms need no zeroing either; a pass of float32 max and min
+    // decides it. A masked source's `-inf` lanes always fall below: it keeps the clamp.
+    let unclamped = !full && !S::MASKS && terms.is_some() && {
+        // SAFETY: forwarded from the caller.
+        let (top, least) = unsafe { src.range_of(l, 0, n) };
+        least - top >= super::consts::EXP_FLOOR
+    };
     // SAFETY: forwarded from the caller.
-    let whole = unsafe { state_two_pass_summed(l, src, n, terms, full) }?;
+    let whole = unsafe { state_two_pass_summed(l, src, n, terms, full, unclamped) }?;
     let b = S::T::BLOCK;
     let adds = n.min(b).div_ceil(2 * L::N) + 2 * n.div_ceil(b) + 8;
     if full || whole_sum_decides(whole.0, adds) {
         return Some(whole);
     }
     // SAFETY: as above.
-    unsafe { state_two_pass_summed(l, src, n, terms, true) }
+    unsafe { state_two_pass_summed(l, src, n, terms, true, false) }
 }
 
-/// [`state_two_pass_keeping`] with the ties apart (`split`) or summed whole.
+/// [`state_two_pass_keeping`] with the ties apart (`split`) or summed whole, `unclamped`
+/// (whole, no element below the clamp of the row's max) or not.
 ///
 /// # Safety
 /// As [`state_two_pass_keeping`].
@@ -521,6 +527,7 @@ unsafe fn state_two_pass_summed<L: Lanes, S: Source>(
     n: usize,
     terms: Option<*mut f64>,
     split: bool,
+    unclamped: bool,
 ) -> Option<(LseState, usize)> {
     let mut final_from = 0;
     let mut m = f64::NEG_INFINITY;
@@ -546,28 +553,14 @@ unsafe fn state_two_pass_summed<L: Lanes, S: Source>(
                 m = bm;
                 final_from = start;
             }
-            // With terms to keep, a float32-grade whole sum first takes its exps unclamped
-            // (the kept terms then need no zeroing either), again clamped where a block falls
-            // below the clamp.
-            let unclamped = terms.is_some() && !split && !S::T::FULL;
             let kept = terms.map(|p| p.wrapping_add(start));
             // SAFETY: this block and the next lie inside the row, its terms inside `terms`.
-            let (b, t, nm, least) = unsafe {
+            let (b, t, nm) = unsafe {
                 if unclamped {
                     sum_below_max_next(l, src, start, len, m, next, next_len, kept, false, true)
                 } else {
                     sum_below_max_next(l, src, start, len, m, next, next_len, kept, split, false)
                 }
-            };
-            // The least skips NaN shifts; their NaN sum is what the state shows.
-            let (b, t, nm) = if unclamped && least < super::consts::EXP_FLOOR {
-                // SAFETY: as above.
-                let (b, t, nm, _) = unsafe {
-                    sum_below_max_next(l, src, start, len, m, next, next_len, kept, false, false)
-                };
-                (b, t, nm)
-            } else {
-                (b, t, nm)
             };
             below = l.add(below, b);
             ties += t;
@@ -637,11 +630,11 @@ pub(crate) unsafe fn softmax_stored<L: Lanes, S: Source>(
 ) -> bool {
     // SAFETY: forwarded from the caller; every e[k] is written by the sum before it is read.
     unsafe {
-        let m = src.max_of(l, 0, n);
+        let (m, least) = src.range_of(l, 0, n);
         if !m.is_finite() {
             return false;
         }
-        let total = sum_exp_store(l, src, n, m, e);
+        let total = sum_exp_store(l, src, n, m, least, e);
         if !total.is_finite() {
             return false;
         }
@@ -670,34 +663,39 @@ pub(crate) fn stored_term<L: Lanes, T: Real>(l: L, t: L::V, e: L::V) -> L::V {
 }
 
 /// `sum exp(x - m)` over the `n` elements of `src` (`m` finite, `>=` every non-NaN element; a
-/// NaN makes the sum NaN), storing each term at `e` (as [`stored_term`] keeps it).
-/// float32-grade terms are first taken without the exp's clamp and without zeroing the
-/// lanes below it, the least shift tracked instead (one op where those were three); a row
-/// that reaches below the clamp (a `-inf` in it, or a spread over 708) is taken again with
-/// both.
+/// NaN makes the sum NaN), storing each term at `e` (as [`stored_term`] keeps it). Where the
+/// row's least element `least` (from the max pass; `-inf` where unknown) lies within the
+/// clamp of `m`, float32-grade terms are taken without the exp's clamp and without zeroing the
+/// lanes below it (three vector ops per vector fewer; the same bits). A NaN the max pass hid
+/// from `least` makes the sum NaN, which the caller sees.
 ///
 /// # Safety
 /// `n` readable elements of `src`, `n` writable float64 at `e`.
 #[inline(always)]
-unsafe fn sum_exp_store<L: Lanes, S: Source>(l: L, src: S, n: usize, m: f64, e: *mut f64) -> f64 {
-    if !S::T::FULL {
-        // SAFETY: forwarded from the caller.
-        let (total, least) = unsafe { sum_exp_store_with(l, src, n, m, e, false) };
-        // The least skips NaN shifts; their NaN total is what the caller sees.
-        if least >= super::consts::EXP_FLOOR {
-            return total;
+unsafe fn sum_exp_store<L: Lanes, S: Source>(
+    l: L,
+    src: S,
+    n: usize,
+    m: f64,
+    least: f64,
+    e: *mut f64,
+) -> f64 {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        if !S::T::FULL && least - m >= super::consts::EXP_FLOOR {
+            sum_exp_store_with(l, src, n, m, e, false)
+        } else {
+            sum_exp_store_with(l, src, n, m, e, true)
         }
     }
-    // SAFETY: as above.
-    unsafe { sum_exp_store_with(l, src, n, m, e, true) }.0
 }
 
-/// [`sum_exp_store`]'s pass: with `clamp`, each term as [`stored_exp`] takes it; without,
-/// by [`Lanes::exp_nonpos_unclamped`] (the last partial vector still clamped), and the least
-/// shift `x - m` of those returned with the sum (a NaN shift may or may not show in it).
+/// [`sum_exp_store`]'s pass: with `clamp`, each term as [`stored_exp`] takes it; without, by
+/// [`Lanes::exp_nonpos_unclamped`] (the last partial vector still clamped: its lanes past `n`
+/// are `-inf`).
 ///
 /// # Safety
-/// As [`sum_exp_store`].
+/// As [`sum_exp_store`], and without `clamp` no element below `m + EXP_FLOOR`.
 #[inline(always)]
 unsafe fn sum_exp_store_with<L: Lanes, S: Source>(
     l: L,
@@ -706,15 +704,13 @@ unsafe fn sum_exp_store_with<L: Lanes, S: Source>(
     m: f64,
     e: *mut f64,
     clamp: bool,
-) -> (f64, f64) {
+) -> f64 {
     let mv = l.splat(m);
     let mut acc = [l.splat(0.0); 2];
-    let mut least = l.splat(0.0);
-    let term = |t: L::V, least: &mut L::V| {
+    let term = |t: L::V| {
         if clamp {
             stored_exp::<L, S::T>(l, t)
         } else {
-            *least = l.min(*least, t);
             l.exp_nonpos_unclamped(t, S::T::FULL)
         }
     };
@@ -724,27 +720,25 @@ unsafe fn sum_exp_store_with<L: Lanes, S: Source>(
     unsafe {
         while i + 2 * w <= n {
             for (k, acc) in acc.iter_mut().enumerate() {
-                let v = term(l.sub(src.load(l, i + k * w), mv), &mut least);
+                let v = term(l.sub(src.load(l, i + k * w), mv));
                 l.store(e.add(i + k * w), v);
                 *acc = l.add(*acc, v);
             }
             i += 2 * w;
         }
         if i + w <= n {
-            let v = term(l.sub(src.load(l, i), mv), &mut least);
+            let v = term(l.sub(src.load(l, i), mv));
             l.store(e.add(i), v);
             acc[0] = l.add(acc[0], v);
             i += w;
         }
         if i < n {
-            // The tail's lanes past n are -inf: clamped either way (the same bits above it).
             let v = stored_exp::<L, S::T>(l, l.sub(src.load_tail(l, i, n - i), mv));
             l.store_tail(e.add(i), v, n - i);
             acc[1] = l.add(acc[1], v);
         }
     }
-    let least = l.to_lanes(least).into_iter().fold(0.0, f64::min);
-    (l.reduce_add(l.add(acc[0], acc[1])), least)
+    l.reduce_add(l.add(acc[0], acc[1]))
 }
 
 /// Per-lane online state: running max, sum of exp(x - max) over the elements below it, and
