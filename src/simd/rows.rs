@@ -329,21 +329,8 @@ unsafe fn sum_below_max_next<L: Lanes, S: Source>(
     // SAFETY: loads stay within the n elements at p and the qn at q; tail lanes are -inf
     // (below the max, exp = 0; neutral for the max).
     unsafe {
-        // Stores the `len` terms from k (of the block) at terms[k..] where asked.
-        let keep = |k: usize, len: usize, (t, e): (L::V, L::V)| {
-            if let Some(p) = terms {
-                let v = if unclamped && len == w {
-                    e
-                } else {
-                    stored_term::<L, S::T>(l, t, e)
-                };
-                if len == w {
-                    l.store(p.add(k), v);
-                } else {
-                    l.store_tail(p.add(k), v, len);
-                }
-            }
-        };
+        // The terms go to terms[k..] where asked, by a function rather than a closure: a
+        // closure called from four places may be left out of line.
         while i + 2 * w <= n {
             if qi + 2 * w <= qn {
                 mx = src.max_step(l, mx, q + qi);
@@ -352,20 +339,23 @@ unsafe fn sum_below_max_next<L: Lanes, S: Source>(
             let (x0, x1) = (src.load(l, p + i), src.load(l, p + i + w));
             let te0 = sum_step(l, x0, mv, &mut acc[0], &mut ties, full, split, !unclamped);
             let te1 = sum_step(l, x1, mv, &mut acc[1], &mut ties, full, split, !unclamped);
-            keep(i, w, te0);
-            keep(i + w, w, te1);
+            keep_terms::<L, S::T>(l, terms, unclamped, i, w, te0);
+            keep_terms::<L, S::T>(l, terms, unclamped, i + w, w, te1);
             i += 2 * w;
         }
         if i + w <= n {
             let x = src.load(l, p + i);
             let te = sum_step(l, x, mv, &mut acc[0], &mut ties, full, split, !unclamped);
-            keep(i, w, te);
+            keep_terms::<L, S::T>(l, terms, unclamped, i, w, te);
             i += w;
         }
         if i < n {
             // The tail's lanes past n are -inf: clamped either way (the same bits above it).
             let x = src.load_tail(l, p + i, n - i);
-            keep(
+            keep_terms::<L, S::T>(
+                l,
+                terms,
+                unclamped,
                 i,
                 n - i,
                 sum_step(l, x, mv, &mut acc[1], &mut ties, full, split, true),
@@ -378,6 +368,38 @@ unsafe fn sum_below_max_next<L: Lanes, S: Source>(
         next_max = max_keeping_nan(next_max, unsafe { src.max_of(l, q + qi, qn - qi) });
     }
     (l.add(acc[0], acc[1]), ties, next_max)
+}
+
+/// Stores the `len <= N` terms `(t, e)` of a block at `terms[k..]` where asked: as
+/// [`stored_term`] keeps them, or as they are where the exps were taken `unclamped` (a full
+/// vector; the tail's were clamped).
+///
+/// # Safety
+/// `terms`, when given, writable for `k + len` float64.
+#[inline(always)]
+unsafe fn keep_terms<L: Lanes, T: Real>(
+    l: L,
+    terms: Option<*mut f64>,
+    unclamped: bool,
+    k: usize,
+    len: usize,
+    (t, e): (L::V, L::V),
+) {
+    if let Some(p) = terms {
+        let v = if unclamped && len == L::N {
+            e
+        } else {
+            stored_term::<L, T>(l, t, e)
+        };
+        // SAFETY: forwarded from the caller.
+        unsafe {
+            if len == L::N {
+                l.store(p.add(k), v);
+            } else {
+                l.store_tail(p.add(k), v, len);
+            }
+        }
+    }
 }
 
 /// The larger of two maxima, NaN if either is (`f64::max` would drop it).
