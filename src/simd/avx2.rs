@@ -492,6 +492,7 @@ unsafe impl Lanes for Avx2 {
             f64::from(reduce_max_ps(m).max(tail))
         }
     }
+    const TAKES_MIN: bool = true;
     /// float32: the max and the min in one pass of float32 lanes.
     #[inline(always)]
     unsafe fn range_of<T: Real>(self, p: *const T, n: usize) -> (f64, f64) {

@@ -173,6 +173,9 @@ pub unsafe trait Lanes: Copy {
         // SAFETY: forwarded from the caller.
         (unsafe { self.max_of(p, n) }, f64::NEG_INFINITY)
     }
+    /// Whether [`Lanes::range_of`] takes the min of float32 elements (of float64 ones it
+    /// takes none at any level).
+    const TAKES_MIN: bool = false;
     /// A running max over steps of `2N` elements (a level may keep float32 in its own lanes):
     /// the start value, one step and the final reduction.
     #[inline(always)]

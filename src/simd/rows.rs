@@ -62,8 +62,13 @@ pub(crate) trait Source: Load {
         // SAFETY: forwarded from the caller.
         (unsafe { self.max_of(l, i, n) }, f64::NEG_INFINITY)
     }
-    /// Whether some lanes read as `-inf` whatever the data (a `where=` mask's).
-    const MASKS: bool;
+    /// Whether [`Source::range_of`] takes a min at level `L` (else it is `-inf`, and a pass
+    /// taken only for the min would be wasted). A masked source's lanes read as `-inf`
+    /// whatever the data: it takes none.
+    #[inline(always)]
+    fn takes_min<L: Lanes>() -> bool {
+        false
+    }
     /// The running max of [`Lanes::max_init`] and its steps, over this source.
     fn max_init<L: Lanes>(self, l: L) -> [L::V; 2];
     /// # Safety
@@ -101,7 +106,10 @@ impl<T: Real> Load for Dense<T> {
 }
 
 impl<T: Real> Source for Dense<T> {
-    const MASKS: bool = false;
+    #[inline(always)]
+    fn takes_min<L: Lanes>() -> bool {
+        L::TAKES_MIN && !T::FULL
+    }
     #[inline(always)]
     unsafe fn max_of<L: Lanes>(self, l: L, i: usize, n: usize) -> f64 {
         // SAFETY: forwarded from the caller.
@@ -247,7 +255,6 @@ impl<T: Real> Load for Masked<T> {
 }
 
 impl<T: Real> Source for Kept<T> {
-    const MASKS: bool = true;
     #[inline(always)]
     unsafe fn max_of<L: Lanes>(self, l: L, i: usize, n: usize) -> f64 {
         let step = 2 * L::N;
@@ -520,8 +527,9 @@ unsafe fn state_two_pass_keeping<L: Lanes, S: Source>(
     // With terms to keep, a float32-grade whole sum of a dense row that spans less than the
     // exp's clamp (its least element within 708 of its max: no `-inf`) takes its exps
     // unclamped, and its kept terms need no zeroing either; a pass of float32 max and min
-    // decides it. A masked source's `-inf` lanes always fall below: it keeps the clamp.
-    let unclamped = !full && !S::MASKS && terms.is_some() && {
+    // decides it, where the level takes the min in that pass (a masked source, whose `-inf`
+    // lanes always fall below, or a level without, keeps the clamp and skips the pass).
+    let unclamped = !full && S::takes_min::<L>() && terms.is_some() && {
         // SAFETY: forwarded from the caller.
         let (top, least) = unsafe { src.range_of(l, 0, n) };
         least - top >= super::consts::EXP_FLOOR
