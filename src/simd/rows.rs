@@ -532,7 +532,7 @@ unsafe fn state_two_pass_keeping<L: Lanes, S: Source>(
     let unclamped = !full && S::takes_min::<L>() && terms.is_some() && {
         // SAFETY: forwarded from the caller.
         let (top, least) = unsafe { src.range_of(l, 0, n) };
-        least - top >= super::consts::EXP_FLOOR
+        within_clamp(top, least)
     };
     // SAFETY: forwarded from the caller.
     let whole = unsafe { state_two_pass_summed(l, src, n, terms, full, unclamped) }?;
@@ -673,6 +673,13 @@ pub(crate) unsafe fn softmax_stored<L: Lanes, S: Source>(
     true
 }
 
+/// Whether every element of a row with max `top` and least element `least` (`-inf` where
+/// unknown) lies within the float32-grade exp's clamp: its exps may be taken unclamped.
+#[inline(always)]
+fn within_clamp(top: f64, least: f64) -> bool {
+    least - top >= super::consts::EXP_FLOOR
+}
+
 /// `exp(t)` for `t <= 0` as the stored softmax keeps it: float32-grade exps are clamped at
 /// `EXP_FLOOR` (a normal number), so the lanes below it (-inf among them) are zeroed here;
 /// otherwise the write's `e / S` would compute a float64 underflow, a microcode assist per
@@ -712,7 +719,7 @@ unsafe fn sum_exp_store<L: Lanes, S: Source>(
 ) -> f64 {
     // SAFETY: forwarded from the caller.
     unsafe {
-        if !S::T::FULL && least - m >= super::consts::EXP_FLOOR {
+        if !S::T::FULL && within_clamp(m, least) {
             sum_exp_store_with(l, src, n, m, e, false)
         } else {
             sum_exp_store_with(l, src, n, m, e, true)
