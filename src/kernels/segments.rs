@@ -401,7 +401,7 @@ unsafe fn softmax_like_raw<T: Real>(
                 unsafe { std::slice::from_raw_parts_mut(out as *mut MaybeUninit<T>, len) }
             });
             unsorted_states(xs, inner, ids, num_segments, &mut states, work)?;
-            let params = try_params(&states, what == Reduction::Softmax, |_| 1.0)?;
+            let params = WriteParams::of::<T>(&states, what == Reduction::Softmax)?;
             // SAFETY: forwarded; every state is final.
             unsafe {
                 gather_write(
@@ -460,7 +460,7 @@ pub fn segment_softmax_from_states<T: Real>(
         });
     }
     let exp = what == Reduction::Softmax;
-    let params = try_params(states, exp, |_| 1.0)?;
+    let params = WriteParams::of::<T>(states, exp)?;
     let (xp, op) = (SendPtr(x.as_ptr() as *mut T), SendPtr(out.as_mut_ptr()));
     // SAFETY: x and out are distinct borrows of x.len() elements; ids are in range.
     unsafe { gather_write(simd::level(), xp, x.len(), inner, ids, &params, exp, op) };
@@ -859,8 +859,24 @@ fn unsorted_states<T: Real>(
     Ok(())
 }
 
-/// Per state the write parameters `(b, a)` of [`super::write_params`], with `a` of a softmax
-/// scaled by `scale(q)` (the loss gradient's weight; 1 for softmax).
+/// Per state the parameters of the gathered write ([`gather_write`]).
+enum WriteParams {
+    /// `(b, a)` of [`super::write_params`]: `a * exp(x - b)` (softmax) or `(x - b) - a`
+    /// (log_softmax).
+    Pair(Vec<[f64; 2]>),
+    /// A softmax's `b = max + ln(1 + excess)` (NaN for a state without a finite max), written
+    /// as `exp(x - b)`: half the bytes of [`WriteParams::Pair`] to gather at random per element,
+    /// for the same results within the exp's error. `b` rounds to float64 where the pair's
+    /// `a` does, an error of `2^-53 |b|` relative in the result, under `2^-37` for the maxima
+    /// this form is taken for ([`COMPACT_MAX`]).
+    Lse(Vec<f64>),
+}
+
+/// The largest `|max|` over the states for which a softmax gathers [`WriteParams::Lse`].
+const COMPACT_MAX: f64 = 65536.0;
+
+/// Per state the pair `(b, a)` of [`super::write_params`], with `a` of a softmax scaled by
+/// `scale(q)` (the loss gradient's weight; 1 for softmax).
 fn try_params(
     states: &[LseState],
     exp: bool,
@@ -877,6 +893,44 @@ fn try_params(
         }
     });
     Ok(params)
+}
+
+impl WriteParams {
+    /// The softmax parameters of `states`: [`WriteParams::Lse`] where every finite max is
+    /// within [`COMPACT_MAX`], else the pairs.
+    fn softmax(states: &[LseState]) -> Result<Self, SegmentError> {
+        if states
+            .iter()
+            .any(|s| s.max.is_finite() && s.max.abs() > COMPACT_MAX)
+        {
+            return try_params(states, true, |_| 1.0).map(Self::Pair);
+        }
+        let mut params = try_vec(states.len(), 0.0f64)?;
+        let pp = SendPtr(params.as_mut_ptr());
+        parallel::for_each_piece(states.len(), 8, |range| {
+            for q in range {
+                let s = states[q];
+                let b = if s.max.is_finite() {
+                    s.max + s.log_total()
+                } else {
+                    f64::NAN
+                };
+                // SAFETY: pieces own disjoint q < params.len().
+                unsafe { *pp.ptr().add(q) = b };
+            }
+        });
+        Ok(Self::Lse(params))
+    }
+
+    /// The softmax (`exp`) or log_softmax parameters of `states` for results of `T`: the
+    /// compact form only for float32-grade results (`2^-37` would show in a float64 one).
+    fn of<T: Real>(states: &[LseState], exp: bool) -> Result<Self, SegmentError> {
+        if exp && !T::FULL {
+            Self::softmax(states)
+        } else {
+            try_params(states, exp, |_| 1.0).map(Self::Pair)
+        }
+    }
 }
 
 /// Elements gathered per call of the lane write.
@@ -896,15 +950,49 @@ unsafe fn gather_write<T: Real>(
     len: usize,
     inner: usize,
     ids: &[i64],
-    params: &[[f64; 2]],
+    params: &WriteParams,
     exp: bool,
     op: SendPtr<T>,
+) {
+    // SAFETY: forwarded.
+    unsafe {
+        match params {
+            WriteParams::Pair(p) => {
+                gather_write_with(level, xp, len, inner, ids, p, exp, op, |q| {
+                    p.get(q).map_or((f64::NAN, f64::NAN), |&[b, a]| (b, a))
+                })
+            }
+            WriteParams::Lse(p) => gather_write_with(level, xp, len, inner, ids, p, exp, op, |q| {
+                (p.get(q).copied().unwrap_or(f64::NAN), 1.0)
+            }),
+        }
+    }
+}
+
+/// [`gather_write`] with the parameters `(b, a)` of state `q` from `get(q)` (NaN for a `q`
+/// out of range), which reads them from `params` (fetched ahead where they outgrow the cache).
+///
+/// # Safety
+/// As [`gather_write`].
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn gather_write_with<T: Real, P: Sync>(
+    level: Level,
+    xp: SendPtr<T>,
+    len: usize,
+    inner: usize,
+    ids: &[i64],
+    params: &[P],
+    exp: bool,
+    op: SendPtr<T>,
+    get: impl Fn(usize) -> (f64, f64) + Sync,
 ) {
     let chunks = len.div_ceil(GATHER);
     parallel::for_each_piece(chunks, 2 * GATHER, |range| {
         let (mut b, mut a) = ([0.0f64; GATHER], [0.0f64; GATHER]);
         let last = params.len().saturating_sub(1);
-        let far = inner == 1 && super::segment_scatter::fetches_ahead(params.len() * 16);
+        let far =
+            inner == 1 && super::segment_scatter::fetches_ahead(std::mem::size_of_val(params));
         for c in range {
             let e0 = c * GATHER;
             let n = GATHER.min(len - e0);
@@ -924,9 +1012,7 @@ unsafe fn gather_write<T: Real>(
                     (e / inner, e % inner)
                 };
                 let q = ids.get(r).map_or(usize::MAX, |&id| id as usize * inner + j);
-                let [bq, aq] = params.get(q).copied().unwrap_or([f64::NAN, f64::NAN]);
-                b[k] = bq;
-                a[k] = aq;
+                (b[k], a[k]) = get(q);
             }
             // SAFETY: elements e0..e0+n lie inside x and out and belong to this chunk.
             unsafe {
@@ -1082,7 +1168,18 @@ pub fn segment_cross_entropy<T: Real>(
             (None, Segments::Ids { ids, .. }) => {
                 let (xp, gp) = (SendPtr(x.as_ptr() as *mut T), SendPtr(g.as_mut_ptr()));
                 // SAFETY: x and grad are distinct borrows of `rows` elements.
-                unsafe { gather_write(level, xp, rows, 1, ids, &params, true, gp) };
+                unsafe {
+                    gather_write(
+                        level,
+                        xp,
+                        rows,
+                        1,
+                        ids,
+                        &WriteParams::Pair(params),
+                        true,
+                        gp,
+                    )
+                };
             }
             (None, _) => {}
         }
@@ -1282,6 +1379,39 @@ mod tests {
         assert_eq!(uo[0..2], [lse2(2.0, 4.0), lse2(3.0, 5.0)]);
         assert_eq!(uo[2..4], [f64::NEG_INFINITY; 2]);
         assert_eq!(uo[4..6], [0.0, 1.0]);
+    }
+
+    #[test]
+    fn unsorted_softmax_of_huge_maxima_keeps_its_normaliser() {
+        // The compact gather writes exp(x - (max + ln S)); a max of 1e20 would absorb ln 2 and
+        // give 1 for both elements of [1e20, 1e20]. The pairs keep 1/S.
+        let unsorted = |xs: &[f32], ids: &[i64]| {
+            let mut out = vec![0.0f32; xs.len()];
+            let seg = Segments::Ids {
+                ids,
+                num_segments: 3,
+            };
+            segment_softmax_like(xs, 1, seg, Reduction::Softmax, &mut out).unwrap();
+            out
+        };
+        let small = unsorted(&[3.0, 1.0, 3.0, -5.0, f32::NEG_INFINITY], &[0, 1, 0, 1, 2]);
+        let e6 = (-6.0f64).exp();
+        let want = [0.5, 1.0 / (1.0 + e6), 0.5, e6 / (1.0 + e6)];
+        for (g, w) in small.iter().zip(want) {
+            assert_eq!(*g, w as f32);
+        }
+        // A segment of -inf alone: NaN, as scipy.
+        assert!(small[4].is_nan());
+        let huge = unsorted(&[1e20, 2.0, 1e20, 2.0], &[0, 1, 0, 1]);
+        assert_eq!(huge, [0.5; 4]);
+        // Just within the compact form's maxima, the results agree with the pairs' to the
+        // float32 rounding.
+        let edge = unsorted(&[65536.0, 65535.0, 65536.0], &[0, 0, 1]);
+        let e1 = (-1.0f64).exp();
+        assert_eq!(
+            edge,
+            [(1.0 / (1.0 + e1)) as f32, (e1 / (1.0 + e1)) as f32, 1.0]
+        );
     }
 
     #[test]
