@@ -94,6 +94,27 @@ def test_accuracy_quick(tmp_path):
         assert all(v is None or v >= 0 for v in ours[what].values())
 
 
+def test_compute_quick_times_every_op_at_every_level(tmp_path, capsys):
+    # Catches a level whose child process fails (its environment not passed, its JSON not
+    # parsed), an op left out of the table, and a time that is not a positive number.
+    path = tmp_path / "compute.json"
+    argv = ["--compute", "--quick", "--no-progress", "--libraries", "stablelse"]
+    assert bench.main([*argv, "--json", str(path)]) == 0
+    report = json.loads(path.read_text())["compute"]
+    assert report["errors"] == {}
+    levels = list(_core.available_simd_levels())
+    assert report["levels"] == levels
+    assert sorted({r["simd"] for r in report["results"]}) == sorted(levels)
+    from stablelse.bench.compute import OPS, QUICK_SHAPES
+
+    assert len(report["results"]) == len(levels) * len(QUICK_SHAPES)
+    for row in report["results"]:
+        assert set(row["ns_per_element"]) == set(OPS)
+        assert all(v > 0 for v in row["ns_per_element"].values())
+    table = capsys.readouterr().out
+    assert "| 16x256 | scalar |" in table and "cross_entropy+grad" in table
+
+
 def test_plot_quick_has_a_loss_panel(tmp_path):
     pytest.importorskip("matplotlib")
     png = tmp_path / "bench.png"

@@ -12,6 +12,7 @@ import stablelse
 
 from .. import _core
 from .accuracy import accuracy_suite, run_accuracy
+from .compute import format_compute, run_compute
 from .peers import LIBRARIES, detect_libraries
 from .report import format_accuracy, format_table, jsonable, plot_sweep
 from .timing import Ceilings, Progress, available_cores, machine, run_sweep, run_workloads
@@ -46,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m stablelse bench",
         description="Time stablelse against NumPy, scipy, torch and JAX next to this "
-        "machine's DRAM bandwidth, or (--accuracy) compare their float32 errors.",
+        "machine's DRAM bandwidth, or (--compute) one thread's ns per element with the data "
+        "in the cache, or (--accuracy) compare their float32 errors.",
     )
     p.add_argument(
         "--threads",
@@ -125,6 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--accuracy", action="store_true", help="report float32 ULP errors instead of timings"
+    )
+    p.add_argument(
+        "--compute",
+        action="store_true",
+        help="report one thread's ns per element with the data in the cache, per op and SIMD "
+        "level, instead of timings against peers",
     )
     p.add_argument("--cuda", action="store_true", help="run the CUDA benchmark instead")
     p.add_argument("--compile", action="store_true", help="--cuda: also time torch.compile")
@@ -236,6 +244,11 @@ def _run(
         progress.close()
         doc["accuracy"] = report
         show(format_accuracy(report))
+    elif args.compute:
+        note = (lambda level: None) if args.no_progress else (lambda level: show(f"  {level} ..."))
+        compute = run_compute(args.quick, note)
+        doc["compute"] = compute
+        show(format_compute(compute))
     else:
         _run_timings(args, libs, mach, doc, scale, probe_bytes, show)
 
