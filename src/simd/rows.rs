@@ -302,16 +302,40 @@ impl<T: Real> Source for Kept<T> {
     }
 }
 
+/// How a state pass adds its terms `exp(x - m)`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Sum {
+    /// Only the lanes below the max, the ties to it counted apart, the lanes below the exp's
+    /// clamp dropped: float64 results, and a float32-grade row its whole sum cannot decide
+    /// ([`whole_sum_decides`]).
+    Split,
+    /// Every lane: the ties' exact 1s and the clamped lanes' tiny values inside the sum.
+    Whole,
+    /// As [`Sum::Whole`], the exps taken without their clamp (no element of the row below
+    /// it) and kept as they are.
+    WholeUnclamped,
+}
+
+impl Sum {
+    /// The mode of a partial last vector, whose lanes past the row are `-inf`: clamped.
+    fn clamped(self) -> Self {
+        match self {
+            Sum::WholeUnclamped => Sum::Whole,
+            other => other,
+        }
+    }
+}
+
 /// Sum of `exp(x - m)` over the `n` elements of `src` at `p` (`m` finite, `>=` every non-NaN
-/// element): with `split`, over those `!= m` (NaN included) and the count of those `== m`;
-/// without, over all of them (as [`sum_step`] adds them) and a count of 0. Fused with the max
-/// of the `qn` elements of the *next* block at `q`: the next block's DRAM loads are issued
-/// while this block's exps run from L1, so memory and arithmetic overlap instead of taking
-/// turns. `unclamped` (whole sums only) takes the exps without their clamp and keeps the terms
-/// as they are.
+/// element) as `mode` says: [`Sum::Split`] over those `!= m` (NaN included) and the count of
+/// those `== m`; the whole sums over all of them (as [`sum_step`] adds them) and a count of 0.
+/// Fused with the max of the `qn` elements of the *next* block at `q`: the next block's DRAM
+/// loads are issued while this block's exps run from L1, so memory and arithmetic overlap
+/// instead of taking turns.
 ///
 /// # Safety
-/// `n` readable elements at `p`, `qn` at `q`; with `unclamped`, none below `m + EXP_FLOOR`.
+/// `n` readable elements at `p`, `qn` at `q`; with [`Sum::WholeUnclamped`], none below
+/// `m + EXP_FLOOR`.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 unsafe fn sum_below_max_next<L: Lanes, S: Source>(
@@ -323,8 +347,7 @@ unsafe fn sum_below_max_next<L: Lanes, S: Source>(
     q: usize,
     qn: usize,
     terms: Option<*mut f64>,
-    split: bool,
-    unclamped: bool,
+    mode: Sum,
 ) -> (L::V, u64, f64) {
     let full = S::T::FULL;
     let mv = l.splat(m);
@@ -344,29 +367,23 @@ unsafe fn sum_below_max_next<L: Lanes, S: Source>(
                 qi += 2 * w;
             }
             let (x0, x1) = (src.load(l, p + i), src.load(l, p + i + w));
-            let te0 = sum_step(l, x0, mv, &mut acc[0], &mut ties, full, split, !unclamped);
-            let te1 = sum_step(l, x1, mv, &mut acc[1], &mut ties, full, split, !unclamped);
-            keep_terms::<L, S::T>(l, terms, unclamped, i, w, te0);
-            keep_terms::<L, S::T>(l, terms, unclamped, i + w, w, te1);
+            let te0 = sum_step(l, x0, mv, &mut acc[0], &mut ties, full, mode);
+            let te1 = sum_step(l, x1, mv, &mut acc[1], &mut ties, full, mode);
+            keep_terms::<L, S::T>(l, terms, mode, i, w, te0);
+            keep_terms::<L, S::T>(l, terms, mode, i + w, w, te1);
             i += 2 * w;
         }
         if i + w <= n {
             let x = src.load(l, p + i);
-            let te = sum_step(l, x, mv, &mut acc[0], &mut ties, full, split, !unclamped);
-            keep_terms::<L, S::T>(l, terms, unclamped, i, w, te);
+            let te = sum_step(l, x, mv, &mut acc[0], &mut ties, full, mode);
+            keep_terms::<L, S::T>(l, terms, mode, i, w, te);
             i += w;
         }
         if i < n {
             // The tail's lanes past n are -inf: clamped either way (the same bits above it).
             let x = src.load_tail(l, p + i, n - i);
-            keep_terms::<L, S::T>(
-                l,
-                terms,
-                unclamped,
-                i,
-                n - i,
-                sum_step(l, x, mv, &mut acc[1], &mut ties, full, split, true),
-            );
+            let te = sum_step(l, x, mv, &mut acc[1], &mut ties, full, mode.clamped());
+            keep_terms::<L, S::T>(l, terms, mode, i, n - i, te);
         }
     }
     let mut next_max = src.max_finish(l, mx);
@@ -378,8 +395,8 @@ unsafe fn sum_below_max_next<L: Lanes, S: Source>(
 }
 
 /// Stores the `len <= N` terms `(t, e)` of a block at `terms[k..]` where asked: as
-/// [`stored_term`] keeps them, or as they are where the exps were taken `unclamped` (a full
-/// vector; the tail's were clamped).
+/// [`stored_term`] keeps them, or as they are where the exps were taken unclamped (a full
+/// vector of a [`Sum::WholeUnclamped`] pass; the tail's were clamped).
 ///
 /// # Safety
 /// `terms`, when given, writable for `k + len` float64.
@@ -387,13 +404,13 @@ unsafe fn sum_below_max_next<L: Lanes, S: Source>(
 unsafe fn keep_terms<L: Lanes, T: Real>(
     l: L,
     terms: Option<*mut f64>,
-    unclamped: bool,
+    mode: Sum,
     k: usize,
     len: usize,
     (t, e): (L::V, L::V),
 ) {
     if let Some(p) = terms {
-        let v = if unclamped && len == L::N {
+        let v = if mode == Sum::WholeUnclamped && len == L::N {
             e
         } else {
             stored_term::<L, T>(l, t, e)
@@ -419,13 +436,12 @@ fn max_keeping_nan(a: f64, b: f64) -> f64 {
     }
 }
 
-/// Adds `exp(x - m)` to `acc`; returns every lane's `t = x - m` and `exp_nonpos(t)`. With
-/// `split`, only the lanes below `m` are added and the ties are counted (popcount on the
-/// scalar ports, which the vector code leaves idle); without, every lane is added, the ties'
-/// exact 1s and the clamped lanes' tiny values included (see [`whole_sum_decides`]). Without
-/// `clamp` (no lane below it) the exp is [`Lanes::exp_nonpos_unclamped`].
+/// Adds `exp(x - m)` to `acc` as `mode` says; returns every lane's `t = x - m` and
+/// `exp_nonpos(t)`. [`Sum::Split`] adds only the lanes below `m` and counts the ties (popcount
+/// on the scalar ports, which the vector code leaves idle); the whole sums add every lane, the
+/// ties' exact 1s and the clamped lanes' tiny values included (see [`whole_sum_decides`]).
+/// [`Sum::WholeUnclamped`] (no lane below the clamp) takes [`Lanes::exp_nonpos_unclamped`].
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 fn sum_step<L: Lanes>(
     l: L,
     x: L::V,
@@ -433,16 +449,15 @@ fn sum_step<L: Lanes>(
     acc: &mut L::V,
     ties: &mut u64,
     full: bool,
-    split: bool,
-    clamp: bool,
+    mode: Sum,
 ) -> (L::V, L::V) {
     let t = l.sub(x, mv);
-    let e = if clamp {
-        l.exp_nonpos(t, full)
-    } else {
+    let e = if mode == Sum::WholeUnclamped {
         l.exp_nonpos_unclamped(t, full)
+    } else {
+        l.exp_nonpos(t, full)
     };
-    if split {
+    if mode == Sum::Split {
         let tie = l.eq(x, mv);
         *ties += l.count(tie);
         *acc = l.masked_add(*acc, l.summable(l.not(tie), t, full), e);
@@ -453,7 +468,7 @@ fn sum_step<L: Lanes>(
 }
 
 /// Whether a float32-grade state summed whole (`S = 1 + excess` with the ties and the clamped
-/// lanes inside the sum, `split` off) knows its excess well enough: to `2^-28` relative, a
+/// lanes inside the sum: [`Sum::Whole`]) knows its excess well enough: to `2^-28` relative, a
 /// sixteenth of a float32 ULP of `log1p(excess)` at worst, against the sum's rounding bound of
 /// `adds * 2^-53 * S` (`adds` per accumulator lane, the block merges and the final steps).
 /// A row whose other terms are all tiny beside its max (the case the split exists for:
@@ -534,19 +549,25 @@ unsafe fn state_two_pass_keeping<L: Lanes, S: Source>(
         let (top, least) = unsafe { src.range_of(l, 0, n) };
         within_clamp(top, least)
     };
+    let mode = if full {
+        Sum::Split
+    } else if unclamped {
+        Sum::WholeUnclamped
+    } else {
+        Sum::Whole
+    };
     // SAFETY: forwarded from the caller.
-    let whole = unsafe { state_two_pass_summed(l, src, n, terms, full, unclamped) }?;
+    let whole = unsafe { state_two_pass_summed(l, src, n, terms, mode) }?;
     let b = S::T::BLOCK;
     let adds = n.min(b).div_ceil(2 * L::N) + 2 * n.div_ceil(b) + 8;
     if full || whole_sum_decides(whole.0, adds) {
         return Some(whole);
     }
     // SAFETY: as above.
-    unsafe { state_two_pass_summed(l, src, n, terms, true, false) }
+    unsafe { state_two_pass_summed(l, src, n, terms, Sum::Split) }
 }
 
-/// [`state_two_pass_keeping`] with the ties apart (`split`) or summed whole, `unclamped`
-/// (whole, no element below the clamp of the row's max) or not.
+/// [`state_two_pass_keeping`] with its terms added as `mode` says.
 ///
 /// # Safety
 /// As [`state_two_pass_keeping`].
@@ -556,8 +577,7 @@ unsafe fn state_two_pass_summed<L: Lanes, S: Source>(
     src: S,
     n: usize,
     terms: Option<*mut f64>,
-    split: bool,
-    unclamped: bool,
+    mode: Sum,
 ) -> Option<(LseState, usize)> {
     let mut final_from = 0;
     let mut m = f64::NEG_INFINITY;
@@ -586,10 +606,12 @@ unsafe fn state_two_pass_summed<L: Lanes, S: Source>(
             let kept = terms.map(|p| p.wrapping_add(start));
             // SAFETY: this block and the next lie inside the row, its terms inside `terms`.
             let (b, t, nm) = unsafe {
-                if unclamped {
-                    sum_below_max_next(l, src, start, len, m, next, next_len, kept, false, true)
+                // The unclamped pass as its own copy of the loop (a constant mode).
+                if mode == Sum::WholeUnclamped {
+                    let unclamped = Sum::WholeUnclamped;
+                    sum_below_max_next(l, src, start, len, m, next, next_len, kept, unclamped)
                 } else {
-                    sum_below_max_next(l, src, start, len, m, next, next_len, kept, split, false)
+                    sum_below_max_next(l, src, start, len, m, next, next_len, kept, mode)
                 }
             };
             below = l.add(below, b);
