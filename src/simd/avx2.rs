@@ -606,7 +606,7 @@ unsafe impl Lanes for Avx2 {
         unsafe {
             let cols = if T::FULL {
                 let mask = _mm256_cmpgt_epi64(_mm256_set1_epi64x(w as i64), LANE_INDEX);
-                let r: [__m256d; 4] = std::array::from_fn(|i| {
+                let r: [__m256d; 4] = super::array4(|i| {
                     let p = (row(i) as *const f64).add(c0);
                     match (i < rows, w) {
                         (false, _) => _mm256_set1_pd(f64::NEG_INFINITY),
@@ -617,7 +617,7 @@ unsafe impl Lanes for Avx2 {
                 transpose4_pd(r)
             } else {
                 let mask = _mm_cmpgt_epi32(_mm_set1_epi32(w as i32), _mm_setr_epi32(0, 1, 2, 3));
-                let r: [__m128; 4] = std::array::from_fn(|i| {
+                let r: [__m128; 4] = super::array4(|i| {
                     let p = (row(i) as *const f32).add(c0);
                     match (i < rows, w) {
                         (false, _) => _mm_set1_ps(f32::NEG_INFINITY),
@@ -657,7 +657,7 @@ unsafe impl Lanes for Avx2 {
         // written; cols holds c0 + w entries.
         unsafe {
             if T::FULL {
-                let r = transpose4_pd(std::array::from_fn(col));
+                let r = transpose4_pd(super::array4(col));
                 for i in rows {
                     let p = out.add(i * pitch + c0) as *mut f64;
                     let lo = _mm256_castpd256_pd128(r[i]);
@@ -672,7 +672,7 @@ unsafe impl Lanes for Avx2 {
                     }
                 }
             } else {
-                let r = transpose4_ps(std::array::from_fn(|k| _mm256_cvtpd_ps(col(k))));
+                let r = transpose4_ps(super::array4(|k| _mm256_cvtpd_ps(col(k))));
                 for i in rows {
                     let p = out.add(i * pitch + c0) as *mut f32;
                     let two = _mm_castps_pd(r[i]);

@@ -225,7 +225,7 @@ fn transpose8_ps(r: [__m256; 8]) -> [__m256; 8] {
 #[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl,popcnt")]
 fn transpose8_pd(r: [__m512d; 8]) -> [__m512d; 8] {
     // Pairs of rows interleaved, then pairs of pairs, then the two halves of the rows.
-    let t: [__m512d; 8] = std::array::from_fn(|i| {
+    let t: [__m512d; 8] = super::array8(|i| {
         let (a, b) = (r[i & !1], r[i | 1]);
         if i % 2 == 0 {
             _mm512_unpacklo_pd(a, b)
@@ -235,7 +235,7 @@ fn transpose8_pd(r: [__m512d; 8]) -> [__m512d; 8] {
     });
     let lo = _mm512_setr_epi64(0, 1, 8, 9, 4, 5, 12, 13);
     let hi = _mm512_setr_epi64(2, 3, 10, 11, 6, 7, 14, 15);
-    let s: [__m512d; 8] = std::array::from_fn(|i| {
+    let s: [__m512d; 8] = super::array8(|i| {
         let (h, odd, second) = (i / 4, (i / 2) % 2, i % 2);
         let (a, b) = (t[4 * h + odd], t[4 * h + 2 + odd]);
         _mm512_permutex2var_pd(a, if second == 0 { lo } else { hi }, b)
@@ -243,7 +243,7 @@ fn transpose8_pd(r: [__m512d; 8]) -> [__m512d; 8] {
     // s[4h + 2 odd + second] holds rows 4h..4h+4 of columns c = odd + 2 second and c + 4.
     let first = _mm512_setr_epi64(0, 1, 2, 3, 8, 9, 10, 11);
     let last = _mm512_setr_epi64(4, 5, 6, 7, 12, 13, 14, 15);
-    std::array::from_fn(|k| {
+    super::array8(|k| {
         let c = k % 4;
         let (odd, second) = (c % 2, c / 2);
         let j = 2 * odd + second;
@@ -544,7 +544,7 @@ unsafe impl Lanes for Avx512 {
                 // Gathers: cheaper here than loads and a float64 transpose. Each row's byte
                 // offset from the first (0 for the lanes past `rows`, which are not read).
                 let base = row(0) as *const f64;
-                let offset: [i64; 8] = std::array::from_fn(|i| {
+                let offset: [i64; 8] = super::array8(|i| {
                     let d = (row(i) as isize).wrapping_sub(base as isize);
                     if i < rows {
                         d as i64
@@ -561,7 +561,7 @@ unsafe impl Lanes for Avx512 {
             }
             let ninf = _mm256_set1_ps(f32::NEG_INFINITY);
             let cmask = tail_mask8(w);
-            let r: [__m256; 8] = std::array::from_fn(|i| {
+            let r: [__m256; 8] = super::array8(|i| {
                 if i < rows {
                     _mm256_mask_loadu_ps(ninf, cmask, (row(i) as *const f32).add(c0))
                 } else {
@@ -592,7 +592,7 @@ unsafe impl Lanes for Avx512 {
         unsafe {
             if T::FULL {
                 let out = out as *mut f64;
-                let c: [__m512d; 8] = std::array::from_fn(|k| {
+                let c: [__m512d; 8] = super::array8(|k| {
                     if k < w {
                         cols[c0 + k]
                     } else {
@@ -608,7 +608,7 @@ unsafe impl Lanes for Avx512 {
                 return;
             }
             let out = out as *mut f32;
-            let c: [__m256; 8] = std::array::from_fn(|k| {
+            let c: [__m256; 8] = super::array8(|k| {
                 if k < w {
                     _mm512_cvtpd_ps(cols[c0 + k])
                 } else {

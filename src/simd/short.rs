@@ -257,7 +257,7 @@ unsafe fn group_state<L: Lanes, T: Real>(
             for (v, &k) in a.iter_mut().zip(len) {
                 *v = k as f64;
             }
-            let row: [*const T; 8] = std::array::from_fn(|i| grp.row(i));
+            let row: [*const T; 8] = super::array8(|i| grp.row(i));
             Some((l.of_lanes(&a), row))
         }
         Rows::Pitched { .. } => None,
