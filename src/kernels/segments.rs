@@ -875,6 +875,25 @@ enum WriteParams {
 /// The largest `|max|` over the states for which a softmax gathers [`WriteParams::Lse`].
 const COMPACT_MAX: f64 = 65536.0;
 
+/// `f(q, states[q])` for every state, computed in parallel pieces.
+fn per_state<P: Copy + Send + Sync>(
+    states: &[LseState],
+    f: impl Fn(usize, LseState) -> P + Sync,
+) -> Result<Vec<P>, SegmentError> {
+    let Some(&first) = states.first() else {
+        return Ok(Vec::new());
+    };
+    let mut params = try_vec(states.len(), f(0, first))?;
+    let pp = SendPtr(params.as_mut_ptr());
+    parallel::for_each_piece(states.len(), 8, |range| {
+        for q in range {
+            // SAFETY: pieces own disjoint q < params.len().
+            unsafe { *pp.ptr().add(q) = f(q, states[q]) };
+        }
+    });
+    Ok(params)
+}
+
 /// Per state the pair `(b, a)` of [`super::write_params`], with `a` of a softmax scaled by
 /// `scale(q)` (the loss gradient's weight; 1 for softmax).
 fn try_params(
@@ -882,17 +901,10 @@ fn try_params(
     exp: bool,
     scale: impl Fn(usize) -> f64 + Sync,
 ) -> Result<Vec<[f64; 2]>, SegmentError> {
-    let mut params = try_vec(states.len(), [0.0f64; 2])?;
-    let pp = SendPtr(params.as_mut_ptr());
-    parallel::for_each_piece(states.len(), 8, |range| {
-        for q in range {
-            let (b, a) = super::write_params(states[q], exp);
-            let a = if exp { a * scale(q) } else { a };
-            // SAFETY: pieces own disjoint q < params.len().
-            unsafe { *pp.ptr().add(q) = [b, a] };
-        }
-    });
-    Ok(params)
+    per_state(states, |q, s| {
+        let (b, a) = super::write_params(s, exp);
+        [b, if exp { a * scale(q) } else { a }]
+    })
 }
 
 impl WriteParams {
@@ -905,20 +917,13 @@ impl WriteParams {
         {
             return try_params(states, true, |_| 1.0).map(Self::Pair);
         }
-        let mut params = try_vec(states.len(), 0.0f64)?;
-        let pp = SendPtr(params.as_mut_ptr());
-        parallel::for_each_piece(states.len(), 8, |range| {
-            for q in range {
-                let s = states[q];
-                let b = if s.max.is_finite() {
-                    s.max + s.log_total()
-                } else {
-                    f64::NAN
-                };
-                // SAFETY: pieces own disjoint q < params.len().
-                unsafe { *pp.ptr().add(q) = b };
+        let params = per_state(states, |_, s| {
+            if s.max.is_finite() {
+                s.max + s.log_total()
+            } else {
+                f64::NAN
             }
-        });
+        })?;
         Ok(Self::Lse(params))
     }
 

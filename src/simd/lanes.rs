@@ -128,9 +128,9 @@ pub unsafe trait Lanes: Copy {
         self.exp(t, full)
     }
     /// [`Lanes::exp_nonpos`] without the clamp a float32-grade exp may take at `EXP_FLOOR`:
-    /// the same bits for `t` in `[EXP_FLOOR, 0]` and NaN, anything at all below (the caller
-    /// tracks the least `t` and computes again where it fell below). A level without a clamp
-    /// keeps the default.
+    /// the same bits for `t` in `[EXP_FLOOR, 0]` and NaN, anything at all below (callers take
+    /// it only for rows whose least element lies within the clamp of their max). A level
+    /// without a clamp keeps the default.
     #[inline(always)]
     fn exp_nonpos_unclamped(self, t: Self::V, full: bool) -> Self::V {
         self.exp_nonpos(t, full)
