@@ -259,8 +259,11 @@ def logsumexp(
     take part as without a mask (the weights are masked, ``b`` where `where` else 0, in one
     weights-sized temporary). torch has no ``where=``: a torch user writes
     ``torch.logsumexp(x.masked_fill(~mask, -torch.inf), dim)`` (a masked copy of `x`; same
-    values, fully masked rows included). Complex input and CUDA device arrays do not take
-    `where` (``NotImplementedError``).
+    values, fully masked rows included). Complex input takes `where` with the same rules
+    (scipy's complex formulas over the kept elements; a fully masked slice gives ``-inf + 0j``
+    and, with `return_sign`, sign 0, as JAX); the mask is laid out in the kernels' order in a
+    one-byte-per-element temporary. CUDA device arrays do not take `where`
+    (``NotImplementedError``).
 
     Examples
     --------
@@ -286,8 +289,7 @@ def logsumexp(
         )
     _check_algorithm(algorithm)
     if _complex.is_complex(a) or _complex.is_complex(b):
-        _where_unsupported(where, "complex input")
-        return _complex.logsumexp(a, axis, b, keepdims, return_sign, out)
+        return _complex.logsumexp(a, axis, b, keepdims, return_sign, out, where)
     x, rdtype = _as_real_array(a, "a", half=b is None)
     bw: np.ndarray | None = None
     if b is not None:
@@ -370,8 +372,7 @@ def _softmax_like(
     converted by scipy's dtype rules, then computed natively."""
     _check_algorithm(algorithm)
     if _complex.is_complex(x_in):
-        _where_unsupported(where, "complex input")
-        return _complex.softmax_like(x_in, axis, out, log)
+        return _complex.softmax_like(x_in, axis, out, log, where)
     x, rdtype = _as_real_array(x_in, "x", half=True)
     mask = None if where is None else _where_mask(where, x.shape)
     scalar = x.ndim == 0
@@ -453,8 +454,9 @@ def softmax(
     raises ``ValueError``) and must broadcast to `x` without growing it (``ValueError``).
     torch has no ``where=``: a torch user writes ``torch.softmax(x.masked_fill(~mask,
     -torch.inf), dim)``, which copies `x` and gives NaN (not 0) in fully masked rows;
-    ``.masked_fill(~mask, 0.0)`` on the result fixes them. Complex input and CUDA device
-    arrays do not take `where` (``NotImplementedError``).
+    ``.masked_fill(~mask, 0.0)`` on the result fixes them. Complex input takes `where` with
+    the same rules (scipy's complex softmax of the kept elements, ``0j`` at masked positions,
+    as JAX). CUDA device arrays do not take `where` (``NotImplementedError``).
 
     Examples
     --------
@@ -528,8 +530,10 @@ def log_softmax(
     raises ``ValueError``) and must broadcast to `x` without growing it (``ValueError``).
     torch has no ``where=``: a torch user writes ``torch.log_softmax(x.masked_fill(~mask,
     -torch.inf), dim)``, which copies `x` and gives NaN (not ``-inf``) in fully masked rows;
-    ``.masked_fill(~mask, -torch.inf)`` on the result fixes them. Complex input and CUDA device
-    arrays do not take `where` (``NotImplementedError``).
+    ``.masked_fill(~mask, -torch.inf)`` on the result fixes them. Complex input takes `where`
+    with the same rules (``-inf + 0j`` at masked positions, as JAX; kept elements follow
+    scipy's complex formulas, where JAX gives NaN for some special values). CUDA device arrays
+    do not take `where` (``NotImplementedError``).
 
     Examples
     --------

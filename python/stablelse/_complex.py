@@ -3,7 +3,8 @@
 The arithmetic runs in Rust (``src/kernels/complex.rs``); this module chooses the dtypes,
 maps ``axis`` onto the kernels' ``(outer, n, inner)`` view with the planner (``src/plan.rs``) and
 gives the results their shape. complex64 is computed with float64 accumulation and rounded
-once, as float32 is.
+once, as float32 is. A `where` mask is laid out in the same work order (one byte per element,
+a mask-sized temporary) and read by the kernels beside the data.
 """
 
 from __future__ import annotations
@@ -77,6 +78,7 @@ def logsumexp(
     keepdims: bool = False,
     return_sign: bool = False,
     out: np.ndarray | None = None,
+    where: Any = None,
 ) -> Any:
     """:func:`stablelse.logsumexp` for complex `a` or `b` (see its docstring)."""
     x = _as_array(a, "a")
@@ -96,9 +98,11 @@ def logsumexp(
             raise ValueError(
                 f"b with shape {np.shape(b)} does not broadcast against a with shape {np.shape(a)}"
             ) from None
+    mask = None if where is None else _api._where_mask(where, x.shape)
     if x.ndim == 0:
         x = x.reshape(1)
         bw = bw.reshape(1) if bw is not None else None
+        mask = mask.reshape(1) if mask is not None else None
     axes = normalize_axes(axis, x.ndim)
     lay = _Layout(x, axes)
     user_shape = lay.reduced(np.empty((lay.plan.outer, lay.plan.inner), np.int8), keepdims).shape
@@ -111,7 +115,10 @@ def logsumexp(
             raise ValueError("out overlaps the input a or b")
 
     res2, sgn2 = _core.logsumexp_complex(
-        lay.x3, None if bw is None else lay.view3(bw), bool(return_sign)
+        lay.x3,
+        None if bw is None else lay.view3(bw),
+        bool(return_sign),
+        None if mask is None else lay.view3(mask),
     )
     res = lay.reduced(res2, keepdims)
     if real_result:
@@ -127,14 +134,18 @@ def logsumexp(
     return res, _api._scalarize(sgn.astype(rdtype, copy=False))
 
 
-def softmax_like(x_in: Any, axis: AxisLike, out: np.ndarray | None, log: bool) -> Any:
+def softmax_like(
+    x_in: Any, axis: AxisLike, out: np.ndarray | None, log: bool, where: Any = None
+) -> Any:
     """:func:`stablelse.softmax` / :func:`stablelse.log_softmax` for complex `x`."""
     x = _as_array(x_in, "x")
     rdtype = x.dtype.newbyteorder("=")
     x = x.astype(_compute_dtype(rdtype), copy=False)
+    mask = None if where is None else _api._where_mask(where, x.shape)
     scalar = x.ndim == 0
     if scalar:
         x = x.reshape(1)
+        mask = mask.reshape(1) if mask is not None else None
     axes = normalize_axes(axis, x.ndim)
     if out is not None:
         _api._check_out(out, () if scalar else x.shape, rdtype)
@@ -142,7 +153,9 @@ def softmax_like(x_in: Any, axis: AxisLike, out: np.ndarray | None, log: bool) -
         if not same and isinstance(x_in, np.ndarray) and np.shares_memory(out, x_in):
             raise ValueError("out partially overlaps the input x; pass out=x for in place")
     lay = _Layout(x, axes)
-    res = lay.full(_core.softmax_complex(lay.x3, bool(log)))
+    res = lay.full(
+        _core.softmax_complex(lay.x3, bool(log), None if mask is None else lay.view3(mask))
+    )
     if out is not None:
         # The kernel wrote a fresh array, so out may be x itself.
         np.copyto(out, res.reshape(out.shape), casting="unsafe")

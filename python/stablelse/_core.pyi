@@ -38,9 +38,11 @@ def softmax(
 def logsumexp_complex(
     a: npt.NDArray[np.complexfloating], b: Optional[npt.NDArray[np.complexfloating]] = None,
     return_sign: bool = False,
+    where: Optional[npt.NDArray[np.bool_]] = None,
 ) -> tuple[npt.NDArray[np.complexfloating], Optional[npt.NDArray[np.complexfloating]]]: ...
 def softmax_complex(
-    x: npt.NDArray[np.complexfloating], log: bool = False
+    x: npt.NDArray[np.complexfloating], log: bool = False,
+    where: Optional[npt.NDArray[np.bool_]] = None,
 ) -> npt.NDArray[np.complexfloating]: ...
 def lse_states(
     x: _Arr,

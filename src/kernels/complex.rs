@@ -30,12 +30,53 @@ pub type C = (f64, f64);
 /// Column lanes reduced together: one pass over a `(n, COL_TILE)` tile reads whole cache lines.
 const COL_TILE: usize = 64;
 
-/// Which weights a complex log-sum-exp uses: none, or complex `b` laid out by its own batch
-/// (the same `(outer, n, inner)` as `a`).
+/// An array read beside the input, laid out by its own batch with the input's
+/// `(outer, n, inner)`: the complex weights `b` (interleaved pairs, [`Weights`]) or the bytes of
+/// a `where` mask ([`Keep`], nonzero = kept).
 #[derive(Clone, Copy)]
-pub struct Weights<'a, T> {
+pub struct Laid<'a, T> {
     pub data: &'a [T],
     pub batch: Batch,
+}
+
+/// Complex weights `b` of a log-sum-exp (interleaved `(re, im)` pairs).
+pub type Weights<'a, T> = Laid<'a, T>;
+
+/// A `where` mask: one byte per complex element, nonzero = kept (NumPy's bool). Masked
+/// elements take no part, whatever they or their weights hold (JAX's `where=`).
+pub type Keep<'a> = Laid<'a, u8>;
+
+impl<T> Laid<'_, T> {
+    /// An error unless this array has the input's `(outer, n, inner)`.
+    fn check_matches(&self, batch: &Batch, name: &str) -> Result<(), String> {
+        if (self.batch.outer, self.batch.n, self.batch.inner) != (batch.outer, batch.n, batch.inner)
+        {
+            return Err(format!(
+                "{name} batch {:?} does not match the input's batch {batch:?}",
+                self.batch
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The mask's tile matching an input tile (see [`Tile`]); `None` keeps every element.
+#[derive(Clone, Copy)]
+struct KeepTile<'a>(Option<(&'a [u8], Tile)>);
+
+impl KeepTile<'_> {
+    #[inline(always)]
+    fn kept(&self, k: usize, j: usize) -> bool {
+        self.0.is_none_or(|(m, t)| m[t.at(k, j)] != 0)
+    }
+
+    /// The kept indices `k` of lane `j` among `0..n`, or None when the mask keeps them all
+    /// (or there is no mask).
+    fn kept_rows(&self, n: usize, j: usize) -> Option<Vec<usize>> {
+        self.0?;
+        let rows: Vec<usize> = (0..n).filter(|&k| self.kept(k, j)).collect();
+        (rows.len() != n).then_some(rows)
+    }
 }
 
 /// A tile of `w` adjacent lanes: element `(k, j)` (k < n, j < w) is complex element
@@ -86,6 +127,12 @@ fn tiles_of(batch: &Batch) -> (usize, impl Fn(usize) -> Tile + Sync + Send + Cop
         }
     };
     (b.outer * per, tile)
+}
+
+/// The mask tile of every tile number (the tiles of the mask's own batch).
+fn keep_tiles<'a>(keep: Option<Keep<'a>>) -> impl Fn(usize) -> KeepTile<'a> + Sync + Send + Copy {
+    let tiles = keep.map(|m| (m.data, tiles_of(&m.batch).1));
+    move |t| KeepTile(tiles.map(|(data, f)| (data, f(t))))
 }
 
 #[inline(always)]
@@ -165,12 +212,13 @@ impl MaxState {
     }
 }
 
-/// One tile of `a` and, with weights, the matching tile of `b`.
+/// One tile of `a` and, with weights and a mask, the matching tiles of `b` and `where`.
 #[derive(Clone, Copy)]
 struct WeightedTile<'a, T> {
     a: &'a [T],
     tile: Tile,
     b: Option<(&'a [T], Tile)>,
+    keep: KeepTile<'a>,
 }
 
 impl<T: Real> WeightedTile<'_, T> {
@@ -189,6 +237,9 @@ impl<T: Real> WeightedTile<'_, T> {
     fn max_pass(&self, k0: usize, k1: usize, states: &mut [MaxState]) {
         for k in k0..k1 {
             for (j, st) in states.iter_mut().enumerate().take(self.tile.w) {
+                if !self.keep.kept(k, j) {
+                    continue; // JAX's where=: a masked element is not there
+                }
                 let (re, im) = self.elem(k, j);
                 if let Some((br, bi)) = self.weight(k, j) {
                     if br == 0.0 && bi == 0.0 {
@@ -210,11 +261,12 @@ impl<T: Real> WeightedTile<'_, T> {
     }
 
     /// Pass 2: `sums[j] += sum b * exp(re - M) * cis(im)` over rows `k0..k1`, skipping each
-    /// lane's maximal element and zero weights; only lanes whose pass-1 state is ordinary.
+    /// lane's maximal element, zero weights and masked elements; only lanes whose pass-1
+    /// state is ordinary.
     fn sum_pass(&self, k0: usize, k1: usize, states: &[MaxState], sums: &mut [C]) {
         for k in k0..k1 {
             for (j, (st, sum)) in states.iter().zip(sums.iter_mut()).enumerate() {
-                if st.special || st.imax == k || !st.max.is_finite() {
+                if st.special || st.imax == k || !st.max.is_finite() || !self.keep.kept(k, j) {
                     continue;
                 }
                 let (re, im) = self.elem(k, j);
@@ -244,7 +296,15 @@ impl<T: Real> WeightedTile<'_, T> {
             }
             let (v, s) = res.unwrap_or_else(|| {
                 let get = |k: usize| (self.elem(k, j), self.weight(k, j));
-                numpy_ops::logsumexp_lane::<T>(self.tile.n, get, return_sign)
+                match self.keep.kept_rows(self.tile.n, j) {
+                    None => numpy_ops::logsumexp_lane::<T>(self.tile.n, get, return_sign),
+                    // A fully masked lane: -inf with sign 0 (JAX), not the empty lane's NaN.
+                    Some(rows) if rows.is_empty() => ((f64::NEG_INFINITY, 0.0), (0.0, 0.0)),
+                    // scipy's formulas over the kept elements alone.
+                    Some(rows) => {
+                        numpy_ops::logsumexp_lane::<T>(rows.len(), |i| get(rows[i]), return_sign)
+                    }
+                }
             });
             write(
                 self.tile.lane0 + j,
@@ -286,7 +346,9 @@ fn lse_finish(st: MaxState, top: C, wtop: C, sum: C, return_sign: bool) -> Optio
 /// Complex `log(sum(b * exp(a)))` of every lane of `a` (interleaved pairs laid out by
 /// `batch`), with scipy's semantics: the result's imaginary part lies in `(-pi, pi]`; with
 /// `sign`, `out` gets `log|sum|` (imaginary part 0) and `sign` the complex unit `sum / |sum|`.
-/// Zero weights remove their element. `out` and `sign` hold `2 * batch.count()` values.
+/// Zero weights remove their element, and so does `keep` where it is 0 (a fully masked lane
+/// gives `-inf` with sign 0, as JAX's `where=`). `out` and `sign` hold `2 * batch.count()`
+/// values.
 ///
 /// ```
 /// use stablelse::kernels::complex::logsumexp_complex;
@@ -294,7 +356,7 @@ fn lse_finish(st: MaxState, top: C, wtop: C, sum: C, return_sign: bool) -> Optio
 /// // log(e^(1+2i) + e^(1-2i)) = 1 + log(2 cos 2) (cos 2 < 0, so the phase is pi)
 /// let a = [1.0f64, 2.0, 1.0, -2.0];
 /// let mut out = [0.0f64; 2];
-/// logsumexp_complex(&a, Batch::rows(1, 2), None, &mut out, None).unwrap();
+/// logsumexp_complex(&a, Batch::rows(1, 2), None, None, &mut out, None).unwrap();
 /// assert!((out[0] - (1.0 + (-2.0 * 2f64.cos()).ln())).abs() < 1e-15);
 /// assert!((out[1] - std::f64::consts::PI).abs() < 1e-15);
 /// ```
@@ -302,18 +364,20 @@ pub fn logsumexp_complex<T: Real>(
     a: &[T],
     batch: Batch,
     b: Option<Weights<'_, T>>,
+    keep: Option<Keep<'_>>,
     out: &mut [T],
     sign: Option<&mut [T]>,
 ) -> Result<(), String> {
     check_pairs(a, &batch, "a")?;
     if let Some(bw) = b {
         check_pairs(bw.data, &bw.batch, "b")?;
-        if (bw.batch.outer, bw.batch.n, bw.batch.inner) != (batch.outer, batch.n, batch.inner) {
-            return Err(format!(
-                "b batch {:?} does not match a batch {batch:?}",
-                bw.batch
-            ));
-        }
+        bw.check_matches(&batch, "b")?;
+    }
+    if let Some(m) = keep {
+        m.batch
+            .check(m.data.len())
+            .map_err(|e| format!("where: {e}"))?;
+        m.check_matches(&batch, "where")?;
     }
     check_len(out.len(), 2 * batch.count(), "out")?;
     let return_sign = sign.is_some();
@@ -339,10 +403,12 @@ pub fn logsumexp_complex<T: Real>(
     };
     let (count, tile_of) = tiles_of(&batch);
     let btile_of = b.map(|bw| (bw.data, tiles_of(&bw.batch).1));
+    let ktile_of = keep_tiles(keep);
     let view = |t: usize| WeightedTile {
         a,
         tile: tile_of(t),
         b: btile_of.map(|(data, f)| (data, f(t))),
+        keep: ktile_of(t),
     };
     if batch.inner == 1 && batch.n >= 2 * LONG_ROW_BLOCK {
         // Long rows: blocks of each row in parallel, merged in block order.
@@ -409,9 +475,12 @@ impl LexMax {
     };
 }
 
-fn softmax_max_pass<T: Real>(x: &[T], tile: &Tile, states: &mut [LexMax]) {
+fn softmax_max_pass<T: Real>(x: &[T], tile: &Tile, keep: KeepTile, states: &mut [LexMax]) {
     for k in 0..tile.n {
         for (j, st) in states.iter_mut().enumerate().take(tile.w) {
+            if !keep.kept(k, j) {
+                continue;
+            }
             let (re, im) = load(x, tile.at(k, j));
             if !(re.is_finite() && im.is_finite()) {
                 st.special = true;
@@ -427,12 +496,19 @@ fn softmax_max_pass<T: Real>(x: &[T], tile: &Tile, states: &mut [LexMax]) {
     }
 }
 
-/// Pass 2: the excess `E = sum exp(re - M) cis(im - theta)` over all but the maximal element.
-fn softmax_sum_pass<T: Real>(x: &[T], tile: &Tile, states: &[LexMax], sums: &mut [C]) {
+/// Pass 2: the excess `E = sum exp(re - M) cis(im - theta)` over all but the maximal element
+/// (and the masked ones).
+fn softmax_sum_pass<T: Real>(
+    x: &[T],
+    tile: &Tile,
+    keep: KeepTile,
+    states: &[LexMax],
+    sums: &mut [C],
+) {
     for k in 0..tile.n {
         for j in 0..tile.w {
             let st = states[j];
-            if st.special || st.k == k {
+            if st.special || st.k == k || !keep.kept(k, j) {
                 continue;
             }
             let (re, im) = load(x, tile.at(k, j));
@@ -459,24 +535,39 @@ fn softmax_finish(st: &LexMax, e: C) -> Option<C> {
 /// imaginary parts are scipy's (not wrapped). softmax is `exp(x - M) / S`, magnitude and phase
 /// computed apart.
 ///
+/// With `keep`, masked elements take no part and get `0` (softmax) or `-inf` (log_softmax),
+/// imaginary part 0, as JAX's `where=`; a fully masked lane gets that everywhere.
+///
 /// ```
 /// use stablelse::kernels::complex::softmax_like_complex;
 /// use stablelse::{Batch, Reduction};
 /// let x = [0.0f64, 1.0, 0.0, -1.0];
 /// let mut out = [0.0f64; 4];
-/// softmax_like_complex(&x, Batch::rows(1, 2), Reduction::Softmax, &mut out).unwrap();
+/// softmax_like_complex(&x, Batch::rows(1, 2), None, Reduction::Softmax, &mut out).unwrap();
 /// // e^i / (e^i + e^-i) = e^i / (2 cos 1)
 /// assert!((out[0] - 0.5).abs() < 1e-15 && (out[1] - 1f64.tan() / 2.0).abs() < 1e-15);
 /// ```
 pub fn softmax_like_complex<T: Real>(
     x: &[T],
     batch: Batch,
+    keep: Option<Keep<'_>>,
     what: Reduction,
     out: &mut [T],
 ) -> Result<(), String> {
     check_pairs(x, &batch, "x")?;
     check_len(out.len(), 2 * batch.elements(), "out")?;
+    if let Some(m) = keep {
+        m.batch
+            .check(m.data.len())
+            .map_err(|e| format!("where: {e}"))?;
+        m.check_matches(&batch, "where")?;
+    }
+    let masked: C = match what {
+        Reduction::Softmax => (0.0, 0.0),
+        Reduction::LogSoftmax => (f64::NEG_INFINITY, 0.0),
+    };
     let (count, tile_of) = tiles_of(&batch);
+    let ktile_of = keep_tiles(keep);
     let op = SendPtr(out.as_mut_ptr());
     let (n, inner) = (batch.n, batch.inner);
     let per_tile = n.max(1) * if inner == 1 { 1 } else { COL_TILE };
@@ -486,12 +577,12 @@ pub fn softmax_like_complex<T: Real>(
         let mut consts: Vec<Option<(f64, f64, f64)>> = vec![None; COL_TILE];
         let mut lane_buf: Vec<C> = Vec::new();
         for t in range {
-            let tile = tile_of(t);
+            let (tile, kt) = (tile_of(t), ktile_of(t));
             let (st, su) = (&mut states[..tile.w], &mut sums[..tile.w]);
             st.fill(LexMax::EMPTY);
             su.fill((0.0, 0.0));
-            softmax_max_pass(x, &tile, st);
-            softmax_sum_pass(x, &tile, st, su);
+            softmax_max_pass(x, &tile, kt, st);
+            softmax_sum_pass(x, &tile, kt, st, su);
             // Output element (k, j) of the tile is dense element o * n * inner + k * inner + j.
             let (o, j0) = (tile.lane0 / inner, tile.lane0 % inner);
             let dst = |k: usize, j: usize| o * n * inner + k * inner + j0 + j;
@@ -503,16 +594,25 @@ pub fn softmax_like_complex<T: Real>(
                     *op.ptr().add(2 * e + 1) = T::from_f64(v.1);
                 }
             };
-            // Lanes [`numpy_ops`] computes are written one by one; the others row by row, so
-            // a column tile's output is written in whole cache lines.
+            // Lanes [`numpy_ops`] computes (over their kept elements) are written one by one;
+            // the others row by row, so a column tile's output is written in whole cache lines.
             for j in 0..tile.w {
                 consts[j] = softmax_finish(&st[j], su[j]).map(|(l, a)| (l, a, (-l).exp()));
                 if consts[j].is_none() {
+                    let rows = kt.kept_rows(n, j);
+                    let at = |i: usize| rows.as_ref().map_or(i, |r| r[i]);
                     lane_buf.clear();
-                    lane_buf.extend((0..n).map(|k| load(x, tile.at(k, j))));
+                    lane_buf.extend(
+                        (0..rows.as_ref().map_or(n, Vec::len)).map(|i| load(x, tile.at(at(i), j))),
+                    );
                     numpy_ops::softmax_lane::<T>(&mut lane_buf, what);
-                    for (k, v) in lane_buf.iter().enumerate() {
-                        put(dst(k, j), *v);
+                    if rows.is_some() {
+                        for k in 0..n {
+                            put(dst(k, j), masked);
+                        }
+                    }
+                    for (i, v) in lane_buf.iter().enumerate() {
+                        put(dst(at(i), j), *v);
                     }
                 }
             }
@@ -521,6 +621,10 @@ pub fn softmax_like_complex<T: Real>(
                     let Some((log_s, arg_s, inv_s)) = *c else {
                         continue;
                     };
+                    if !kt.kept(k, j) {
+                        put(dst(k, j), masked);
+                        continue;
+                    }
                     let (re, im) = load(x, tile.at(k, j));
                     let (dr, di) = (re - s.re, (im - s.im) - arg_s);
                     let v = match what {
@@ -832,7 +936,7 @@ mod tests {
         });
         let mut out = [0.0; 2];
         let mut sg = [0.0; 2];
-        logsumexp_complex(&flat, batch, w, &mut out, sign.then_some(&mut sg[..])).unwrap();
+        logsumexp_complex(&flat, batch, w, None, &mut out, sign.then_some(&mut sg[..])).unwrap();
         ((out[0], out[1]), (sg[0], sg[1]))
     }
 
@@ -907,7 +1011,7 @@ mod tests {
             .map(|i| ((i as f64) * 0.37).sin() * 5.0)
             .collect();
         let mut long = [0.0; 2];
-        logsumexp_complex(&x, Batch::rows(1, n), None, &mut long, None).unwrap();
+        logsumexp_complex(&x, Batch::rows(1, n), None, None, &mut long, None).unwrap();
         // The same row as a column (inner = 3 copies) goes through the tile path.
         let mut cols = vec![0.0; 6 * n];
         for k in 0..n {
@@ -917,7 +1021,15 @@ mod tests {
             }
         }
         let mut out = [0.0; 6];
-        logsumexp_complex(&cols, Batch::contiguous(1, n, 3), None, &mut out, None).unwrap();
+        logsumexp_complex(
+            &cols,
+            Batch::contiguous(1, n, 3),
+            None,
+            None,
+            &mut out,
+            None,
+        )
+        .unwrap();
         for j in 0..3 {
             assert!((out[2 * j] - long[0]).abs() < 1e-12 * long[0].abs().max(1.0));
             assert!((out[2 * j + 1] - long[1]).abs() < 1e-11);
@@ -930,8 +1042,8 @@ mod tests {
         let batch = Batch::rows(1, 4);
         let mut sm = [0.0; 8];
         let mut ls = [0.0; 8];
-        softmax_like_complex(&x, batch, Reduction::Softmax, &mut sm).unwrap();
-        softmax_like_complex(&x, batch, Reduction::LogSoftmax, &mut ls).unwrap();
+        softmax_like_complex(&x, batch, None, Reduction::Softmax, &mut sm).unwrap();
+        softmax_like_complex(&x, batch, None, Reduction::LogSoftmax, &mut ls).unwrap();
         let total = (0..4).fold((0.0, 0.0), |acc, k| cadd(acc, (sm[2 * k], sm[2 * k + 1])));
         assert!(
             (total.0 - 1.0).abs() < 1e-14 && total.1.abs() < 1e-14,
@@ -940,6 +1052,38 @@ mod tests {
         for k in 0..4 {
             let e = exp_cis(ls[2 * k], ls[2 * k + 1]);
             assert!((e.0 - sm[2 * k]).abs() < 1e-14 && (e.1 - sm[2 * k + 1]).abs() < 1e-14);
+        }
+    }
+
+    #[test]
+    fn a_mask_removes_its_elements_whatever_they_hold() {
+        let (inf, nan) = (f64::INFINITY, f64::NAN);
+        // Two rows of 3: the masked NaN / +inf take no part; the second row is fully masked.
+        let x = [1.0, 1.0, nan, 0.0, 2.0, -1.0, inf, 0.0, 3.0, 1.0, 0.5, 0.5];
+        let keep = [1u8, 0, 1, 0, 0, 0];
+        let batch = Batch::rows(2, 3);
+        let k = Some(Keep { data: &keep, batch });
+        let (mut out, mut sg) = ([0.0; 4], [0.0; 4]);
+        logsumexp_complex(&x, batch, None, k, &mut out, Some(&mut sg[..])).unwrap();
+        let (want, want_sign) = lse(&[(1.0, 1.0), (2.0, -1.0)], None, true);
+        assert_eq!((out[0], out[1]), want);
+        assert_eq!((sg[0], sg[1]), want_sign);
+        assert_eq!(
+            (out[2], out[3], sg[2], sg[3]),
+            (f64::NEG_INFINITY, 0.0, 0.0, 0.0)
+        );
+        for (what, masked) in [
+            (Reduction::Softmax, (0.0, 0.0)),
+            (Reduction::LogSoftmax, (f64::NEG_INFINITY, 0.0)),
+        ] {
+            let mut got = [0.0; 12];
+            softmax_like_complex(&x, batch, k, what, &mut got).unwrap();
+            let mut kept = [0.0; 4];
+            let pair = [1.0, 1.0, 2.0, -1.0];
+            softmax_like_complex(&pair, Batch::rows(1, 2), None, what, &mut kept).unwrap();
+            assert_eq!([got[0], got[1], got[4], got[5]], kept);
+            assert_eq!((got[2], got[3]), masked);
+            assert!(got[6..].chunks(2).all(|v| (v[0], v[1]) == masked));
         }
     }
 
@@ -964,13 +1108,27 @@ mod tests {
     #[test]
     fn bad_buffers_are_errors() {
         let mut out = [0.0f64; 2];
-        assert!(logsumexp_complex(&[1.0f64], Batch::rows(1, 1), None, &mut out, None).is_err());
         assert!(
-            logsumexp_complex(&[1.0f64, 0.0], Batch::rows(1, 2), None, &mut out, None).is_err()
+            logsumexp_complex(&[1.0f64], Batch::rows(1, 1), None, None, &mut out, None).is_err()
         );
+        assert!(logsumexp_complex(
+            &[1.0f64, 0.0],
+            Batch::rows(1, 2),
+            None,
+            None,
+            &mut out,
+            None
+        )
+        .is_err());
         let mut short = [0.0f64; 1];
-        assert!(
-            logsumexp_complex(&[1.0f64, 0.0], Batch::rows(1, 1), None, &mut short, None).is_err()
-        );
+        assert!(logsumexp_complex(
+            &[1.0f64, 0.0],
+            Batch::rows(1, 1),
+            None,
+            None,
+            &mut short,
+            None
+        )
+        .is_err());
     }
 }
