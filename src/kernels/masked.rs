@@ -196,7 +196,7 @@ pub unsafe fn softmax_like_rows_in_place<T: Real>(
     let (n, rows) = (batch.n, batch.outer);
     let level = simd::level();
     let softmax = what == Reduction::Softmax;
-    if is_short_for(level, &batch, what, alg) {
+    if is_short_for::<T>(level, &batch, what, alg) {
         // SAFETY: the caller's contract (rows of n elements and mask bytes, n apart).
         unsafe { simd::short_rows_softmax_kept(level, x, keep, rows, n, out, !softmax) };
         return;
@@ -396,7 +396,9 @@ pub fn softmax_like_masked<T: Real>(
         .ok_or_else(|| format!("{have} lane states for {} lanes", batch.count()))?;
     let (n, inner) = (batch.n, batch.inner);
     if what == Reduction::LogSoftmax
-        || (inner == 1 && n <= simd::STORED_ROW && !is_short_for(simd::level(), &batch, what, alg))
+        || (inner == 1
+            && n <= simd::STORED_ROW
+            && !is_short_for::<T>(simd::level(), &batch, what, alg))
     {
         super::softmax_like_inplace(buf, batch, alg, what)?;
         fill_masked(buf, keep, masked_value(what));

@@ -423,7 +423,7 @@ unsafe fn softmax_like_raw<T: Real>(
         return;
     }
     let log = what == Reduction::LogSoftmax;
-    if is_short_for(level, &batch, what, alg) {
+    if is_short_for::<T>(level, &batch, what, alg) {
         for_each_row_group(&batch, |r0, rows| {
             // SAFETY: rows r0..r0+rows lie inside x and own their outputs; in place means
             // out == x with pitch n, and each row is read before it is written.
@@ -690,11 +690,16 @@ fn is_short(level: Level, batch: &Batch) -> bool {
 /// [`simd::short_softmax_limit`] take the row kernels (two-pass; the online algorithm keeps
 /// the short rows). The one decision for the unmasked, staged and in-place masked paths, so
 /// they keep the same bits.
-pub(crate) fn is_short_for(level: Level, batch: &Batch, what: Reduction, alg: Algorithm) -> bool {
+pub(crate) fn is_short_for<T: Real>(
+    level: Level,
+    batch: &Batch,
+    what: Reduction,
+    alg: Algorithm,
+) -> bool {
     is_short(level, batch)
         && (what != Reduction::Softmax
             || alg == Algorithm::Online
-            || batch.n <= simd::short_softmax_limit(level))
+            || batch.n <= simd::short_softmax_limit(level, T::FULL))
 }
 
 /// Calls `f(first_row, rows)` over the batch's rows in pieces of whole groups of 8 rows (a
