@@ -444,3 +444,17 @@ def test_random_mixtures_with_specials_match_scipy(seed, sp):
             for f in ("softmax", "log_softmax"):
                 g, w = getattr(stablelse, f)(a, axis=axis), getattr(sp, f)(a, axis=axis)
                 assert agree(g, w, tol), (f, a, axis, g, w)
+
+
+def test_functions_without_complex_support_say_so():
+    """The losses, segments and streaming states take real input only; the error names the
+    argument and where complex input is taken."""
+    x = np.ones((2, 3), complex)
+    calls = [
+        lambda: stablelse.cross_entropy(x, np.array([0, 1])),
+        lambda: stablelse.segment_logsumexp(x[0], np.array([0, 0, 1])),
+        lambda: stablelse.LogSumExp(axis=1).update(x),
+    ]
+    for call in calls:
+        with pytest.raises(TypeError, match=r"is complex \(complex128\); this function takes real"):
+            call()

@@ -96,7 +96,10 @@ def _as_real_array(a: Any, name: str, half: bool = False) -> tuple[np.ndarray, n
     if kind in "biu":
         return arr.astype(np.float64), np.dtype(np.float64)
     if kind == "c":
-        raise TypeError(f"{name} is complex ({dt}); stablelse supports real inputs only")
+        raise TypeError(
+            f"{name} is complex ({dt}); this function takes real input only (complex input "
+            "is taken by logsumexp, softmax and log_softmax on NumPy arrays)"
+        )
     raise TypeError(f"{name} must be a real numeric array, got dtype {dt}")
 
 
