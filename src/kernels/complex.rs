@@ -60,6 +60,15 @@ impl<T> Laid<'_, T> {
     }
 }
 
+/// An error unless the mask (if any) holds its batch and has the input's shape.
+fn check_keep(keep: Option<Keep<'_>>, batch: &Batch) -> Result<(), String> {
+    let Some(m) = keep else { return Ok(()) };
+    m.batch
+        .check(m.data.len())
+        .map_err(|e| format!("where: {e}"))?;
+    m.check_matches(batch, "where")
+}
+
 /// The mask's tile matching an input tile (see [`Tile`]); `None` keeps every element.
 #[derive(Clone, Copy)]
 struct KeepTile<'a>(Option<(&'a [u8], Tile)>);
@@ -373,12 +382,7 @@ pub fn logsumexp_complex<T: Real>(
         check_pairs(bw.data, &bw.batch, "b")?;
         bw.check_matches(&batch, "b")?;
     }
-    if let Some(m) = keep {
-        m.batch
-            .check(m.data.len())
-            .map_err(|e| format!("where: {e}"))?;
-        m.check_matches(&batch, "where")?;
-    }
+    check_keep(keep, &batch)?;
     check_len(out.len(), 2 * batch.count(), "out")?;
     let return_sign = sign.is_some();
     let sp = match sign {
@@ -556,12 +560,7 @@ pub fn softmax_like_complex<T: Real>(
 ) -> Result<(), String> {
     check_pairs(x, &batch, "x")?;
     check_len(out.len(), 2 * batch.elements(), "out")?;
-    if let Some(m) = keep {
-        m.batch
-            .check(m.data.len())
-            .map_err(|e| format!("where: {e}"))?;
-        m.check_matches(&batch, "where")?;
-    }
+    check_keep(keep, &batch)?;
     let masked: C = match what {
         Reduction::Softmax => (0.0, 0.0),
         Reduction::LogSoftmax => (f64::NEG_INFINITY, 0.0),
