@@ -28,16 +28,17 @@ def _rows(a, axes):
     return moved.reshape(int(np.prod(kept)), -1), kept, last
 
 
-def oracle(x, mask, axis, b=None):
-    """float64 (logsumexp, sign, softmax, log_softmax) of the kept elements (JAX's where=)."""
-    x64 = np.asarray(x, np.float64)
-    mask = np.broadcast_to(mask, x64.shape)
-    axes = tuple(range(x64.ndim)) if axis is None else tuple(np.atleast_1d(axis) % x64.ndim)
-    xr, kept, last = _rows(x64, axes)
-    mr, _, _ = _rows(mask, axes)
-    br = None if b is None else _rows(np.broadcast_to(b, x64.shape).astype(np.float64), axes)[0]
-    lse = np.full(xr.shape[0], -np.inf)
-    sgn = np.zeros(xr.shape[0])
+def _kept_slices(x, mask, axis, b, lse_sign, lse_dtype, sign_dtype):
+    """Per slice of `x` along `axis`: ``lse_sign(kept x, kept b)`` and scipy's softmax and
+    log_softmax of the kept elements; a fully masked slice gives -inf (sign 0), softmax 0 and
+    log_softmax -inf (JAX's where=)."""
+    mask = np.broadcast_to(mask, x.shape)
+    axes = tuple(range(x.ndim)) if axis is None else tuple(np.atleast_1d(axis) % x.ndim)
+    xr, kept, last = _rows(x, axes)
+    mr = _rows(mask, axes)[0]
+    br = None if b is None else _rows(np.broadcast_to(b, x.shape), axes)[0]
+    lse = np.full(xr.shape[0], -np.inf, lse_dtype)
+    sgn = np.zeros(xr.shape[0], sign_dtype)
     sm = np.zeros_like(xr)
     ls = np.full_like(xr, -np.inf)
     with np.errstate(all="ignore"):
@@ -45,18 +46,28 @@ def oracle(x, mask, axis, b=None):
             k = mr[r]
             if not k.any():
                 continue
-            if br is None:
-                lse[r] = sp.logsumexp(xr[r][k])
-                sgn[r] = 1.0 if lse[r] > -np.inf else (np.nan if np.isnan(lse[r]) else 0.0)
-            else:
-                lse[r], sgn[r] = sp.logsumexp(xr[r][k], b=br[r][k], return_sign=True)
+            lse[r], sgn[r] = lse_sign(xr[r][k], None if br is None else br[r][k])
             sm[r][k] = sp.softmax(xr[r][k])
             ls[r][k] = sp.log_softmax(xr[r][k])
 
     def back(v):
-        return np.moveaxis(v.reshape(np.moveaxis(x64, axes, last).shape), last, axes)
+        return np.moveaxis(v.reshape(np.moveaxis(x, axes, last).shape), last, axes)
 
     return lse.reshape(kept), sgn.reshape(kept), back(sm), back(ls)
+
+
+def oracle(x, mask, axis, b=None):
+    """float64 (logsumexp, sign, softmax, log_softmax) of the kept elements (JAX's where=)."""
+
+    def lse_sign(xk, bk):
+        if bk is not None:
+            return sp.logsumexp(xk, b=bk, return_sign=True)
+        v = sp.logsumexp(xk)
+        return v, 1.0 if v > -np.inf else (np.nan if np.isnan(v) else 0.0)
+
+    x64 = np.asarray(x, np.float64)
+    b64 = None if b is None else np.asarray(b, np.float64)
+    return _kept_slices(x64, mask, axis, b64, lse_sign, np.float64, np.float64)
 
 
 def check(x, mask, axis, keepdims=False):
@@ -298,33 +309,14 @@ def test_native_binding_checks_the_mask():
 def complex_oracle(x, mask, axis, b=None, return_sign=False):
     """scipy's complex (logsumexp[, sign], softmax, log_softmax) of the kept elements of each
     slice; a fully masked slice gives -inf (sign 0), softmax 0 and log_softmax -inf."""
-    mask = np.broadcast_to(mask, x.shape)
-    axes = tuple(range(x.ndim)) if axis is None else tuple(np.atleast_1d(axis) % x.ndim)
-    xr, kept, last = _rows(x, axes)
-    mr = _rows(mask, axes)[0]
-    br = None if b is None else _rows(np.broadcast_to(b, x.shape), axes)[0]
+
+    def lse_sign(xk, bk):
+        value, sign = sp.logsumexp(xk, b=bk, return_sign=True)
+        return (value if return_sign else sp.logsumexp(xk, b=bk)), sign
+
     rdt = x.dtype if b is None else np.result_type(x.dtype, np.asarray(b).dtype)
-    lse = np.full(xr.shape[0], -np.inf, np.finfo(rdt).dtype if return_sign else rdt)
-    sgn = np.zeros(xr.shape[0], rdt)
-    sm = np.zeros_like(xr)
-    ls = np.full_like(xr, -np.inf)
-    with np.errstate(all="ignore"):
-        for r in range(xr.shape[0]):
-            k = mr[r]
-            if not k.any():
-                continue
-            res = sp.logsumexp(xr[r][k], b=None if br is None else br[r][k], return_sign=True)
-            lse[r] = res[0] if return_sign else sp.logsumexp(
-                xr[r][k], b=None if br is None else br[r][k]
-            )
-            sgn[r] = res[1]
-            sm[r][k] = sp.softmax(xr[r][k])
-            ls[r][k] = sp.log_softmax(xr[r][k])
-
-    def back(v):
-        return np.moveaxis(v.reshape(np.moveaxis(x, axes, last).shape), last, axes)
-
-    return lse.reshape(kept), sgn.reshape(kept), back(sm), back(ls)
+    lse_dtype = np.finfo(rdt).dtype if return_sign else rdt
+    return _kept_slices(x, mask, axis, b, lse_sign, lse_dtype, rdt)
 
 
 COMPLEX_SPECIALS = [np.nan, np.inf, -np.inf, complex(-np.inf, 1.0), complex(np.inf, 2.0),

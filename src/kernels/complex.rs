@@ -1106,28 +1106,21 @@ mod tests {
 
     #[test]
     fn bad_buffers_are_errors() {
+        let fails = |a: &[f64], n: usize, keep: Option<Keep<'_>>, out: &mut [f64]| {
+            logsumexp_complex(a, Batch::rows(1, n), None, keep, out, None).is_err()
+        };
         let mut out = [0.0f64; 2];
-        assert!(
-            logsumexp_complex(&[1.0f64], Batch::rows(1, 1), None, None, &mut out, None).is_err()
-        );
-        assert!(logsumexp_complex(
-            &[1.0f64, 0.0],
-            Batch::rows(1, 2),
-            None,
-            None,
-            &mut out,
-            None
-        )
-        .is_err());
-        let mut short = [0.0f64; 1];
-        assert!(logsumexp_complex(
-            &[1.0f64, 0.0],
-            Batch::rows(1, 1),
-            None,
-            None,
-            &mut short,
-            None
-        )
-        .is_err());
+        assert!(fails(&[1.0], 1, None, &mut out)); // an odd number of parts
+        assert!(fails(&[1.0, 0.0], 2, None, &mut out)); // fewer elements than the batch
+        assert!(fails(&[1.0, 0.0], 1, None, &mut [0.0])); // out too short
+        let keep = |data, n| {
+            Some(Keep {
+                data,
+                batch: Batch::rows(1, n),
+            })
+        };
+        assert!(fails(&[1.0, 0.0], 1, keep(&[1, 1], 2), &mut out)); // a mask of another shape
+        assert!(fails(&[1.0, 0.0], 1, keep(&[], 1), &mut out)); // a mask short of its batch
+        assert!(!fails(&[1.0, 0.0], 1, keep(&[1], 1), &mut out));
     }
 }
