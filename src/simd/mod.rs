@@ -739,8 +739,8 @@ pub(crate) fn array8<V>(mut f: impl FnMut(usize) -> V) -> [V; 8] {
 /// float64 (`full`) results; longer ones take the row kernels (each exp kept for its write,
 /// rows stored as they lie). On AVX2, one thread in L2, `softmax(out=)` in ns per element,
 /// short rows / row kernels: float32 rows of 32 1.79 / 1.88, 40 1.76 / 1.93, 48 1.77 / 1.62,
-/// 64 1.74 / 1.49; float64 rows of 24 3.6 / 3.6, 32 3.55 / 3.05, 48 3.48 / 2.82 (float64
-/// fills only 4 rows per vector). log_softmax keeps the short rows.
+/// 64 1.74 / 1.49; float64 rows of 24 3.6 / 3.6, 32 3.55 / 3.05, 48 3.48 / 2.82. log_softmax
+/// keeps the short rows (float32 rows of 32: 1.9 against 3.0-3.4 in the row kernels).
 pub(crate) fn short_softmax_limit(level: Level, full: bool) -> usize {
     match (level, full) {
         (Level::Avx2, false) => 40,
