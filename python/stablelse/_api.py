@@ -278,6 +278,8 @@ def logsumexp(
     (np.float64(1.5413248546129181), np.float64(-1.0))
     >>> logsumexp([[0.0, np.nan], [1.0, 2.0]], axis=1, where=[[True, False], [False, False]])
     array([  0., -inf])
+    >>> logsumexp(np.array([1 + 1j, np.nan]), where=np.array([True, False]))
+    np.complex128(1+1j)
     """
     if type(a) is np.ndarray and b is None and not return_sign and a.ndim:
         # float32/float64 arrays in one native call; NotImplemented for anything else.
@@ -469,6 +471,8 @@ def softmax(
     array([1., 0., 0.])
     >>> softmax(np.array([0.0, np.nan, 0.0]), where=np.array([True, False, True]))
     array([0.5, 0. , 0.5])
+    >>> softmax(np.array([1j, 1j, np.nan]), where=np.array([True, True, False]))
+    array([0.5+0.j, 0.5+0.j, 0. +0.j])
     """
     if type(x) is np.ndarray and x.ndim:
         # float32/float64 arrays in one native call; NotImplemented for anything else.
