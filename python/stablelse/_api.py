@@ -156,11 +156,12 @@ def _where_mask(where: Any, shape: tuple[int, ...]) -> np.ndarray:
         ) from None
 
 
-def _where_unsupported(where: Any, what: str) -> None:
-    """A ``NotImplementedError`` naming `where` for inputs the masked kernels do not take."""
+def _where_unsupported_on_gpu(where: Any) -> None:
+    """A ``NotImplementedError`` naming `where` for CUDA device arrays (the CUDA kernels
+    take no mask)."""
     if where is not None:
         raise NotImplementedError(
-            f"where= is not supported for {what}; apply the mask before the call "
+            "where= is not supported for CUDA device arrays; apply the mask before the call "
             "(for example, set masked elements to -inf)"
         )
 
@@ -288,7 +289,7 @@ def logsumexp(
         if res is not NotImplemented:
             return res
     if _is_gpu_array(a):
-        _where_unsupported(where, "CUDA device arrays")
+        _where_unsupported_on_gpu(where)
         return _gpu_module().logsumexp(
             a, axis=axis, b=b, keepdims=keepdims, return_sign=return_sign, out=out
         )
@@ -481,7 +482,7 @@ def softmax(
         if res is not NotImplemented:
             return res
     if _is_gpu_array(x):
-        _where_unsupported(where, "CUDA device arrays")
+        _where_unsupported_on_gpu(where)
         return _gpu_module().softmax(x, axis=axis, out=out)
     return _softmax_like(x, axis, out, algorithm, log=False, where=where)
 
@@ -556,7 +557,7 @@ def log_softmax(
         if res is not NotImplemented:
             return res
     if _is_gpu_array(x):
-        _where_unsupported(where, "CUDA device arrays")
+        _where_unsupported_on_gpu(where)
         return _gpu_module().log_softmax(x, axis=axis, out=out)
     return _softmax_like(x, axis, out, algorithm, log=True, where=where)
 

@@ -908,33 +908,26 @@ fn try_params(
 }
 
 impl WriteParams {
-    /// The softmax parameters of `states`: [`WriteParams::Lse`] where every finite max is
-    /// within [`COMPACT_MAX`], else the pairs.
-    fn softmax(states: &[LseState]) -> Result<Self, SegmentError> {
-        if states
-            .iter()
-            .any(|s| s.max.is_finite() && s.max.abs() > COMPACT_MAX)
-        {
-            return try_params(states, true, |_| 1.0).map(Self::Pair);
+    /// The softmax (`exp`) or log_softmax parameters of `states` for results of `T`:
+    /// [`WriteParams::Lse`] for a float32-grade softmax whose every finite max is within
+    /// [`COMPACT_MAX`] (`2^-37` would show in a float64 result), else the pairs.
+    fn of<T: Real>(states: &[LseState], exp: bool) -> Result<Self, SegmentError> {
+        let compact = exp
+            && !T::FULL
+            && states
+                .iter()
+                .all(|s| !s.max.is_finite() || s.max.abs() <= COMPACT_MAX);
+        if !compact {
+            return try_params(states, exp, |_| 1.0).map(Self::Pair);
         }
-        let params = per_state(states, |_, s| {
+        let lse = per_state(states, |_, s| {
             if s.max.is_finite() {
                 s.max + s.log_total()
             } else {
                 f64::NAN
             }
         })?;
-        Ok(Self::Lse(params))
-    }
-
-    /// The softmax (`exp`) or log_softmax parameters of `states` for results of `T`: the
-    /// compact form only for float32-grade results (`2^-37` would show in a float64 one).
-    fn of<T: Real>(states: &[LseState], exp: bool) -> Result<Self, SegmentError> {
-        if exp && !T::FULL {
-            Self::softmax(states)
-        } else {
-            try_params(states, exp, |_| 1.0).map(Self::Pair)
-        }
+        Ok(Self::Lse(lse))
     }
 }
 
