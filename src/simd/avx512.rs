@@ -185,7 +185,9 @@ pub fn log1p_pd(e: __m512d, full: bool) -> __m512d {
     // The correction can be the whole result (the top class of log_softmax, e ~ 1e-15), so
     // it is divided exactly, not scaled by an approximate reciprocal.
     let c = _mm512_div_pd(_mm512_sub_pd(e, _mm512_sub_pd(u, one)), u);
-    _mm512_add_pd(log_u, c)
+    // +inf and NaN (not below +inf) pass through (`inf - inf` would make the sum NaN).
+    let special = _mm512_cmp_pd_mask::<_CMP_NLT_UQ>(e, _mm512_set1_pd(f64::INFINITY));
+    _mm512_mask_mov_pd(_mm512_add_pd(log_u, c), special, e)
 }
 
 /// The 8x8 transpose of float32 lanes: `out[k][i] = r[i][k]`.
