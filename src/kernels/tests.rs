@@ -923,3 +923,148 @@ fn softmax_with_stored_exps_is_within_one_ulp_at_every_level() {
         }
     }
 }
+
+/// Memory that ends where an inaccessible page begins: a read or write past the end of a
+/// slice placed at its end faults, so a kernel that loads whole vectors past a row must keep
+/// them inside what it was given.
+#[cfg(target_os = "linux")]
+mod guarded {
+    use std::ffi::c_void;
+
+    extern "C" {
+        fn mmap(
+            addr: *mut c_void,
+            len: usize,
+            prot: i32,
+            flags: i32,
+            fd: i32,
+            off: i64,
+        ) -> *mut c_void;
+        fn mprotect(addr: *mut c_void, len: usize, prot: i32) -> i32;
+        fn munmap(addr: *mut c_void, len: usize) -> i32;
+        fn sysconf(name: i32) -> i64;
+    }
+    const PROT_NONE: i32 = 0;
+    const PROT_READ_WRITE: i32 = 1 | 2;
+    const MAP_PRIVATE_ANONYMOUS: i32 = 0x02 | 0x20;
+    const SC_PAGESIZE: i32 = 30;
+
+    pub(super) struct Guarded {
+        base: *mut u8,
+        total: usize,
+        open: usize,
+    }
+
+    impl Guarded {
+        /// Room for `bytes` (at least one page) before a page that may not be touched.
+        pub(super) fn new(bytes: usize) -> Guarded {
+            // SAFETY: plain libc calls; the mapping is checked before use.
+            unsafe {
+                let page = sysconf(SC_PAGESIZE) as usize;
+                let open = bytes.div_ceil(page).max(1) * page;
+                let total = open + page;
+                let base = mmap(
+                    std::ptr::null_mut(),
+                    total,
+                    PROT_READ_WRITE,
+                    MAP_PRIVATE_ANONYMOUS,
+                    -1,
+                    0,
+                );
+                assert!(base as isize != -1, "mmap");
+                let base = base as *mut u8;
+                assert_eq!(mprotect(base.add(open) as *mut c_void, page, PROT_NONE), 0);
+                Guarded { base, total, open }
+            }
+        }
+
+        /// `src` copied to the last `src.len()` elements before the guard.
+        pub(super) fn at_end<T: Copy>(&mut self, src: &[T]) -> &mut [T] {
+            let bytes = std::mem::size_of_val(src);
+            assert!(bytes <= self.open);
+            // SAFETY: the bytes lie in the open part of the mapping, which is aligned for
+            // any T whose size divides the page (the slice ends on the page boundary).
+            unsafe {
+                let p = self.base.add(self.open - bytes) as *mut T;
+                std::ptr::copy_nonoverlapping(src.as_ptr(), p, src.len());
+                std::slice::from_raw_parts_mut(p, src.len())
+            }
+        }
+    }
+
+    impl Drop for Guarded {
+        fn drop(&mut self) {
+            // SAFETY: the mapping made in `new`.
+            unsafe { munmap(self.base as *mut c_void, self.total) };
+        }
+    }
+}
+
+/// Short rows (and the losses' short rows, up to twice as long) read and write nothing past
+/// their last element, at every level, with the input and the output each ending at an
+/// inaccessible page, and give the same bits as in ordinary memory.
+#[cfg(target_os = "linux")]
+#[test]
+fn short_rows_stay_inside_their_buffers() {
+    fn check<T: Real + std::fmt::Debug>(rng: &mut Rng) {
+        for level in simd::available_levels() {
+            for n in 1..=crate::simd::SHORT_LOSS_ROW + 1 {
+                for rows in [1, 3, 8, 9, 17] {
+                    let batch = Batch::rows(rows, n);
+                    let x: Vec<T> = (0..rows * n)
+                        .map(|_| T::from_f64(rng.uniform(-20.0, 20.0)))
+                        .collect();
+                    let (mut gx, mut go) = (
+                        guarded::Guarded::new(std::mem::size_of_val(&x[..])),
+                        guarded::Guarded::new(std::mem::size_of_val(&x[..])),
+                    );
+                    let xg = gx.at_end(&x);
+                    let alg = Algorithm::Auto;
+                    let mut want = vec![T::from_f64(0.0); rows];
+                    logsumexp_at(level, &x, batch, alg, &mut want).unwrap();
+                    let got = go.at_end(&want);
+                    logsumexp_at(level, xg, batch, alg, got).unwrap();
+                    assert_eq!(got, &want[..], "{level:?} logsumexp rows={rows} n={n}");
+                    let mut states = vec![LseState::EMPTY; rows];
+                    lse_states_at(level, &x, batch, alg, &mut states).unwrap();
+                    let mut gs = guarded::Guarded::new(rows * std::mem::size_of::<LseState>());
+                    let got = gs.at_end(&states);
+                    lse_states_at(level, xg, batch, alg, got).unwrap();
+                    assert_eq!(got, &states[..], "{level:?} states rows={rows} n={n}");
+                    for what in [Reduction::Softmax, Reduction::LogSoftmax] {
+                        let mut want = vec![T::from_f64(0.0); rows * n];
+                        softmax_like_at(level, &x, batch, alg, what, &mut want).unwrap();
+                        let got = go.at_end(&want);
+                        softmax_like_at(level, xg, batch, alg, what, got).unwrap();
+                        assert_eq!(got, &want[..], "{level:?} {what:?} rows={rows} n={n}");
+                    }
+                    if level == simd::level() {
+                        let t: Vec<i64> = (0..rows as i64).map(|r| r % n as i64).collect();
+                        let xent = |x: &[T], per: &mut [T], g: &mut [T]| {
+                            use crate::kernels::cross_entropy::{
+                                cross_entropy, LossReduction, Targets, XentOptions,
+                            };
+                            let opts = XentOptions {
+                                reduction: LossReduction::None,
+                                ..XentOptions::default()
+                            };
+                            let t = Targets::Indices(&t);
+                            cross_entropy(x, batch, t, &opts, Some(per), Some(g)).unwrap();
+                        };
+                        let mut want = vec![T::from_f64(0.0); rows];
+                        let mut want_g = vec![T::from_f64(0.0); rows * n];
+                        xent(&x, &mut want, &mut want_g);
+                        let mut gg = guarded::Guarded::new(std::mem::size_of_val(&x[..]));
+                        let (got, got_g) = (go.at_end(&want), gg.at_end(&want_g));
+                        xent(xg, got, got_g);
+                        assert_eq!(got, &want[..], "cross_entropy rows={rows} n={n}");
+                        assert_eq!(got_g, &want_g[..], "its gradient rows={rows} n={n}");
+                    }
+                }
+            }
+        }
+    }
+    let mut rng = Rng::new(29);
+    check::<f32>(&mut rng);
+    check::<f64>(&mut rng);
+}

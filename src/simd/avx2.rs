@@ -598,17 +598,20 @@ unsafe impl Lanes for Avx2 {
         rows: usize,
         c0: usize,
         w: usize,
+        room: usize,
         out: &mut [MaybeUninit<__m256d>],
     ) {
         let rows = rows.min(4);
-        // SAFETY: only elements c0..c0 + w of rows 0..rows are read (the masked load reads
-        // no lane past w); out holds c0 + w entries.
+        // A whole vector where the room holds one.
+        let lw = if room >= 4 { 4 } else { w };
+        // SAFETY: only elements c0..c0 + lw of rows 0..rows are read (w, or 4 where `room`
+        // holds 4; the masked load reads no lane past w); out holds c0 + w entries.
         unsafe {
             let cols = if T::FULL {
                 let mask = _mm256_cmpgt_epi64(_mm256_set1_epi64x(w as i64), LANE_INDEX);
                 let r: [__m256d; 4] = super::array4(|i| {
                     let p = (row(i) as *const f64).add(c0);
-                    match (i < rows, w) {
+                    match (i < rows, lw) {
                         (false, _) => _mm256_set1_pd(f64::NEG_INFINITY),
                         (true, 4) => _mm256_loadu_pd(p),
                         (true, _) => _mm256_maskload_pd(p, mask),
@@ -619,7 +622,7 @@ unsafe impl Lanes for Avx2 {
                 let mask = _mm_cmpgt_epi32(_mm_set1_epi32(w as i32), _mm_setr_epi32(0, 1, 2, 3));
                 let r: [__m128; 4] = super::array4(|i| {
                     let p = (row(i) as *const f32).add(c0);
-                    match (i < rows, w) {
+                    match (i < rows, lw) {
                         (false, _) => _mm_set1_ps(f32::NEG_INFINITY),
                         (true, 4) => _mm_loadu_ps(p),
                         (true, _) => _mm_maskload_ps(p, mask),

@@ -140,11 +140,13 @@ pub(crate) enum Rows<'a, T> {
 }
 
 impl<'a, T: Copy> Rows<'a, T> {
-    /// Rows `r..r + g` (`g <= 8`) of rows of `n` elements, as a [`Group`].
+    /// Rows `r..r + g` (`g <= 8`) of `rows` rows of `n` elements, as a [`Group`].
     #[inline(always)]
-    fn group(self, r: usize, g: usize, n: usize) -> Group<'a, T> {
+    fn group(self, r: usize, g: usize, n: usize, rows: usize) -> Group<'a, T> {
         match self {
-            Rows::Pitched { x, pitch } => Group::pitched(x.wrapping_add(r * pitch), pitch, g, n),
+            Rows::Pitched { x, pitch } => {
+                Group::pitched(x.wrapping_add(r * pitch), pitch, g, n, rows - r)
+            }
             Rows::Ragged { x, start, len } => {
                 let len = &len[r..r + g];
                 Group {
@@ -155,6 +157,7 @@ impl<'a, T: Copy> Rows<'a, T> {
                     },
                     rows: g,
                     n: len.iter().fold(0, |a, &b| a.max(b as usize)),
+                    room: n,
                 }
             }
         }
@@ -187,16 +190,22 @@ struct Group<'a, T> {
     rows: usize,
     /// The columns the group runs: its rows' length, or its longest ragged row's.
     n: usize,
+    /// Elements readable from each row's start (at least `n`): a load may read whole
+    /// vectors within it.
+    room: usize,
 }
 
 impl<T: Copy> Group<'_, T> {
-    /// `rows` rows of `n` elements `pitch` apart from `x`.
+    /// `rows` rows of `n` elements `pitch` apart from `x`, of `span` rows (at least `rows`)
+    /// readable from `x`.
     #[inline(always)]
-    fn pitched(x: *const T, pitch: usize, rows: usize, n: usize) -> Self {
+    fn pitched(x: *const T, pitch: usize, rows: usize, n: usize, span: usize) -> Self {
         Group {
             at: Rows::Pitched { x, pitch },
             rows,
             n,
+            // From the start of the group's last row to the end of the span's.
+            room: (span - rows) * pitch + n,
         }
     }
 
@@ -272,17 +281,19 @@ unsafe fn group_state<L: Lanes, T: Real>(
                 // Loaded into registers and blended there: a blend of what buf holds would
                 // compile to a masked store, slow on some cores.
                 let mut cols = [MaybeUninit::<L::V>::uninit(); 8];
-                l.load_columns(|i| row[i].wrapping_add(c0), rows, 0, w, &mut cols);
+                let room = grp.room - c0;
+                l.load_columns(|i| row[i].wrapping_add(c0), rows, 0, w, room, &mut cols);
                 for (k, c) in cols.iter().enumerate().take(w) {
                     let inside = l.gt(len, l.splat((c0 + k) as f64));
                     buf[c0 + k].write(l.select(inside, c.assume_init(), ninf));
                 }
             } else {
                 let row = |i: usize| grp.row(i);
+                let room = grp.room - c0;
                 if rows == L::N {
-                    l.load_columns(row, L::N, c0, w, buf);
+                    l.load_columns(row, L::N, c0, w, room, buf);
                 } else {
-                    l.load_columns(row, rows, c0, w, buf);
+                    l.load_columns(row, rows, c0, w, room, buf);
                 }
             }
             if let Some(mask) = mask {
@@ -413,7 +424,7 @@ unsafe fn group_state_kept<L: Lanes, T: Real>(
         if mask.class == 1 && mask.lane == n && dense && rows * n <= staged.len() {
             let s = staged.as_mut_ptr() as *mut T;
             select_kept(l, grp.row(0), mask.keep, s, rows * n, f64::NEG_INFINITY);
-            return group_state(l, Group::pitched(s, n, rows, n), buf, keep, None);
+            return group_state(l, Group::pitched(s, n, rows, n, rows), buf, keep, None);
         }
         group_state(l, grp, buf, keep, Some(mask))
     }
@@ -550,7 +561,7 @@ unsafe fn logsumexp_groups<L: Lanes, T: Real, const HINT: bool>(
         let g = (rows - r).min(L::N);
         // SAFETY: rows r..r+g are readable (and their mask bytes), out[r..r+g] writable.
         unsafe {
-            let grp = x.group(r, g, n);
+            let grp = x.group(r, g, n, rows);
             if HINT {
                 x.prefetch_next(l, r, g, n, rows - r - g);
             }
@@ -633,7 +644,7 @@ unsafe fn states_groups<L: Lanes, T: Real>(
         let g = (rows - r).min(L::N);
         // SAFETY: rows r..r+g are readable (and their mask bytes).
         unsafe {
-            let grp = x.group(r, g, n);
+            let grp = x.group(r, g, n, rows);
             if hinted(n) {
                 x.prefetch_next(l, r, g, n, rows - r - g);
             }
@@ -736,7 +747,7 @@ unsafe fn softmax_groups<L: Lanes, T: Real>(
         // pitch == n), every row of the group is read before any is written, and a redone
         // row is written only by the reference, after the others.
         unsafe {
-            let (grp, o) = (x.group(r, g, n), out.add(r * n));
+            let (grp, o) = (x.group(r, g, n, rows), out.add(r * n));
             if hinted(n) {
                 x.prefetch_next(l, r, g, n, rows - r - g);
             }
@@ -935,7 +946,7 @@ pub(crate) unsafe fn xent_index<L: Lanes, T: Real, const MASKED: bool>(
                     ..m
                 })
             });
-            let grp = Group::pitched(px, pitch, g, n);
+            let grp = Group::pitched(px, pitch, g, n, rows - r);
             let (m, excess, redo) = match mask {
                 Some(mk) => group_state_kept(l, grp, &mut buf, keep, mk, &mut staged),
                 None => group_state(l, grp, &mut buf, keep, None),
