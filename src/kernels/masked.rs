@@ -330,7 +330,7 @@ unsafe fn write_kept<T: Real>(
                     simd::kept_exp_scaled(level, x, keep, out, n, s.max, scale, stream)
                 }
                 Reduction::LogSoftmax => {
-                    let log_total = s.log_total();
+                    let log_total = super::log_total_at::<T>(level, s);
                     simd::kept_shift_sub(level, x, keep, out, n, s.max, log_total, stream)
                 }
             }
@@ -431,7 +431,7 @@ pub fn softmax_like_masked<T: Real>(
             let w = COLS.min(inner - j0);
             let lanes = &states[o * inner + j0..][..w];
             for (i, s) in lanes.iter().enumerate() {
-                (b[i], a[i]) = super::write_params(*s, true);
+                (b[i], a[i]) = super::write_params::<T>(simd::level(), *s, true);
             }
             for k in 0..n {
                 let at = (o * n + k) * inner + j0;

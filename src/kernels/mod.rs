@@ -447,6 +447,43 @@ unsafe fn softmax_like_raw<T: Real>(
             write_row(level, xr, or, len, state, what, stream);
         }
     };
+    if what == Reduction::LogSoftmax && level != Level::Scalar && n < 2 * LONG_ROW_BLOCK {
+        // Short rows eight at a time: their states, their log totals in one vector, then
+        // their writes (a log1p per row, waited on before its write, took 40% of the time of
+        // rows of 100); longer rows, whose eight would leave L1 before their writes, one by
+        // one. Writing each chunk only after the next one's states (so that no write waits
+        // on its log1p) measured no faster.
+        let chunk = if 8 * n * std::mem::size_of::<T>() <= LOG_TOTAL_CHUNK_BYTES {
+            8
+        } else {
+            1
+        };
+        parallel::for_each_piece(batch.count(), 2 * n.max(1), |range| {
+            let (mut states, mut logs) = ([LseState::EMPTY; 8], [0.0; 8]);
+            for r0 in range.clone().step_by(chunk) {
+                let rows = r0..(r0 + chunk).min(range.end);
+                let k = rows.len();
+                for (s, l) in states.iter_mut().zip(rows.clone()) {
+                    // SAFETY: the lane lies inside x.
+                    *s = unsafe {
+                        lane_state(level, xp.ptr() as *const T, lane(&batch, l), 0, n, alg)
+                    };
+                }
+                // SAFETY: the level is available (checked by the caller).
+                unsafe { simd::states_log_totals::<T>(level, &states[..k], &mut logs[..k]) };
+                for ((l, s), lt) in rows.zip(states).zip(logs) {
+                    let ln = lane(&batch, l);
+                    // SAFETY: as `write`: row l's elements and outputs are its own, and every
+                    // row of the chunk is read (its state) before any of them is written.
+                    unsafe {
+                        let xr = (xp.ptr() as *const T).add(ln.start);
+                        write_row_with(level, xr, op.ptr().add(l * n), n, s, lt, what, stream);
+                    }
+                }
+            }
+        });
+        return;
+    }
     if n >= 2 * LONG_ROW_BLOCK {
         let blocks = n.div_ceil(LONG_ROW_BLOCK);
         for l in 0..batch.count() {
@@ -518,6 +555,12 @@ fn with_exp_scratch<R>(n: usize, f: impl FnOnce(Option<*mut f64>) -> R) -> R {
     })
 }
 
+/// The most bytes of eight rows that a log_softmax reduces before it writes them (their log
+/// totals taken in one vector). Float32 rows from DRAM, one thread, ns per element, one row at
+/// a time (the scalar log1p) / eight: 100 elements 0.68 / 0.49, 300 0.44 / 0.38; eight rows
+/// of 16 KiB were slower (500 elements 0.47 / 0.58, 1000 in fours 0.40 / 0.47).
+const LOG_TOTAL_CHUNK_BYTES: usize = 10 << 10;
+
 /// Softmax or log_softmax of `n` contiguous elements given the row's finished state.
 ///
 /// # Safety
@@ -528,6 +571,32 @@ pub(crate) unsafe fn write_row<T: Real>(
     out: *mut T,
     n: usize,
     state: LseState,
+    what: Reduction,
+    stream: bool,
+) {
+    let log_total = if what == Reduction::LogSoftmax && state.max.is_finite() {
+        log_total_at::<T>(level, state)
+    } else {
+        0.0
+    };
+    // SAFETY: forwarded from the caller.
+    unsafe { write_row_with(level, x, out, n, state, log_total, what, stream) }
+}
+
+/// [`write_row`] given the state's `log S` for a log_softmax
+/// ([`simd::states_log_totals`], the same bits whether taken for one row or many; unused
+/// where the max is not finite, and by softmax).
+///
+/// # Safety
+/// As [`write_row`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn write_row_with<T: Real>(
+    level: Level,
+    x: *const T,
+    out: *mut T,
+    n: usize,
+    state: LseState,
+    log_total: f64,
     what: Reduction,
     stream: bool,
 ) {
@@ -546,7 +615,7 @@ pub(crate) unsafe fn write_row<T: Real>(
                 simd::exp_scaled(level, x, out, n, state.max, 1.0 / state.total(), stream)
             }
             Reduction::LogSoftmax => {
-                simd::shift_sub(level, x, out, n, state.max, state.log_total(), stream)
+                simd::shift_sub(level, x, out, n, state.max, log_total, stream)
             }
         }
     }
@@ -576,7 +645,10 @@ unsafe fn softmax_like_columns<T: Real>(
         unsafe { std::ptr::copy_nonoverlapping(s.as_ptr(), sp.ptr().add(l), s.len()) };
     });
     let exp = what == Reduction::Softmax;
-    let (b, a): (Vec<f64>, Vec<f64>) = states.iter().map(|s| write_params(*s, exp)).unzip();
+    let (b, a): (Vec<f64>, Vec<f64>) = states
+        .iter()
+        .map(|s| write_params::<T>(level, *s, exp))
+        .unzip();
     let (b, a) = (&b, &a);
     parallel::for_each_piece(batch.outer * n, 2 * inner, |range| {
         for item in range {
@@ -594,15 +666,26 @@ unsafe fn softmax_like_columns<T: Real>(
 }
 
 /// The parameters `(b, a)` of the per-element write from a lane's finished state: softmax
-/// `a * exp(x - b)` (`exp`), log_softmax `(x - b) - a`. Non-finite states take the reference
-/// writers' values: softmax NaN (b = NaN), log_softmax `x - max` (b = 0).
-pub(crate) fn write_params(s: LseState, exp: bool) -> (f64, f64) {
+/// `a * exp(x - b)` (`exp`), log_softmax `(x - b) - a` (`a` the log total of
+/// [`log_total_at`]). Non-finite states take the reference writers' values: softmax NaN
+/// (b = NaN), log_softmax `x - max` (b = 0).
+pub(crate) fn write_params<T: Real>(level: Level, s: LseState, exp: bool) -> (f64, f64) {
     match (s.max.is_finite(), exp) {
         (true, true) => (s.max, 1.0 / s.total()),
-        (true, false) => (s.max, s.log_total()),
+        (true, false) => (s.max, log_total_at::<T>(level, s)),
         (false, true) => (f64::NAN, 1.0),
         (false, false) => (0.0, s.max),
     }
+}
+
+/// The state's `log S`, what a log_softmax of results `T` takes from `x - max`, at `level`
+/// (an available one): [`simd::states_log_totals`] of the one state, the bits every
+/// log_softmax writer (rows, columns, `where=`) takes.
+pub(crate) fn log_total_at<T: Real>(level: Level, s: LseState) -> f64 {
+    let mut lt = [0.0];
+    // SAFETY: the callers pass an available level (checked at their entry).
+    unsafe { simd::states_log_totals::<T>(level, &[s], &mut lt) };
+    lt[0]
 }
 
 /// The `(max, excess)` state of one contiguous row, at the process's SIMD level.

@@ -894,15 +894,15 @@ fn per_state<P: Copy + Send + Sync>(
     Ok(params)
 }
 
-/// Per state the pair `(b, a)` of [`super::write_params`], with `a` of a softmax scaled by
-/// `scale(q)` (the loss gradient's weight; 1 for softmax).
-fn try_params(
+/// Per state the pair `(b, a)` of [`super::write_params`] for results of `T`, with `a` of a
+/// softmax scaled by `scale(q)` (the loss gradient's weight; 1 for softmax).
+fn try_params<T: Real>(
     states: &[LseState],
     exp: bool,
     scale: impl Fn(usize) -> f64 + Sync,
 ) -> Result<Vec<[f64; 2]>, SegmentError> {
     per_state(states, |q, s| {
-        let (b, a) = super::write_params(s, exp);
+        let (b, a) = super::write_params::<T>(crate::simd::level(), s, exp);
         [b, if exp { a * scale(q) } else { a }]
     })
 }
@@ -918,7 +918,7 @@ impl WriteParams {
                 .iter()
                 .all(|s| !s.max.is_finite() || s.max.abs() <= COMPACT_MAX);
         if !compact {
-            return try_params(states, exp, |_| 1.0).map(Self::Pair);
+            return try_params::<T>(states, exp, |_| 1.0).map(Self::Pair);
         }
         let lse = per_state(states, |_, s| {
             if s.max.is_finite() {
@@ -1141,7 +1141,7 @@ pub fn segment_cross_entropy<T: Real>(
                 scale
             }
         };
-        let params = try_params(&states, true, weight)?;
+        let params = try_params::<T>(&states, true, weight)?;
         match (&starts, seg) {
             (Some(starts), _) => {
                 let gp = SendPtr(g.as_mut_ptr());

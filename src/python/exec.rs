@@ -12,7 +12,7 @@
 //! blocked path: the gather widens each block to float32 and the scatter rounds it back.
 
 use crate::half::{read_run, write_run, Stored};
-use crate::kernels::{self, masked, scalar, Algorithm, Reduction, LONG_ROW_BLOCK};
+use crate::kernels::{self, masked, Algorithm, Reduction, LONG_ROW_BLOCK};
 use crate::layout::Batch;
 use crate::parallel;
 use crate::plan::Plan;
@@ -1046,24 +1046,21 @@ fn lane_of(blocks: &Blocks, start: usize) -> usize {
     o * blocks.inner + j
 }
 
-/// Softmax or log_softmax of one chunk of a lane whose finished state is `state`: the
-/// kernels' exp-scale pass for a finite softmax, the reference writers otherwise.
+/// Softmax or log_softmax of one chunk of a lane whose finished state is `state`, as the
+/// kernels write a row ([`kernels::write_row`]: the same bits).
 fn write_chunk<T: Real>(x: &[T], out: &mut [T], state: LseState, what: Reduction) {
-    if what == Reduction::Softmax && state.max.is_finite() {
-        kernels::row_exp_scaled(x, state.max, 1.0 / state.total(), out);
-        return;
-    }
     let n = x.len().min(out.len());
-    // SAFETY: both slices hold n elements and are distinct.
+    // SAFETY: both slices hold n elements and are distinct; the process's level is available.
     unsafe {
-        match what {
-            Reduction::Softmax => {
-                scalar::softmax_write(x.as_ptr(), 0, 1, out.as_mut_ptr(), 0, 1, n, state)
-            }
-            Reduction::LogSoftmax => {
-                scalar::log_softmax_write(x.as_ptr(), 0, 1, out.as_mut_ptr(), 0, 1, n, state)
-            }
-        }
+        kernels::write_row(
+            crate::simd::level(),
+            x.as_ptr(),
+            out.as_mut_ptr(),
+            n,
+            state,
+            what,
+            false,
+        )
     }
 }
 

@@ -781,6 +781,35 @@ pub(crate) unsafe fn states_logsumexp<T: Real>(level: Level, states: &[LseState]
     }
 }
 
+/// `log S = log1p(excess)` of each state, what log_softmax takes from `x - max`, into `out`
+/// (as long as `states`): at a SIMD level by its vector log1p for results of type `T`, as
+/// the short-row kernels take it, lane by lane (a state gets the same bits alone or among
+/// others); at the scalar level by [`LseState::log_total`].
+///
+/// # Safety
+/// `level` supported by this CPU.
+pub(crate) unsafe fn states_log_totals<T: Real>(
+    level: Level,
+    states: &[LseState],
+    out: &mut [f64],
+) {
+    debug_assert_eq!(states.len(), out.len());
+    // The result type, which picks the log1p's grade.
+    let grade = std::marker::PhantomData::<T>;
+    // SAFETY: forwarded from the caller (the level).
+    unsafe {
+        run_kernel!(level, <'a> { states: &'a [LseState], out: &'a mut [f64], grade: std::marker::PhantomData<T> } -> (),
+            |l| {
+                let _ = grade;
+                rows::log_totals_of_states::<_, T>(l, states, out)
+            },
+            scalar: for (o, s) in out.iter_mut().zip(states) {
+                *o = s.log_total();
+            },
+        )
+    }
+}
+
 /// logsumexp of `rows` rows of `n <= SHORT_ROW` elements, `pitch` apart, into `out`.
 ///
 /// # Safety

@@ -1209,3 +1209,18 @@ pub(crate) unsafe fn logsumexp_of_states<L: Lanes, T: Real>(
         }
     }
 }
+
+/// `log1p(excess)` of each state into `out` (`out.len() == states.len()`), `N` states per
+/// vector, as [`Lanes::log1p`] for results of type `T`: lane by lane, so a state gets the same
+/// bits alone or among others.
+#[inline(always)]
+pub(crate) fn log_totals_of_states<L: Lanes, T: Real>(l: L, states: &[LseState], out: &mut [f64]) {
+    for (group, o) in states.chunks(L::N).zip(out.chunks_mut(L::N)) {
+        let mut e = [0.0; 8];
+        for (k, s) in group.iter().enumerate() {
+            e[k] = s.excess;
+        }
+        let v = l.to_lanes(l.log1p(l.of_lanes(&e), T::FULL));
+        o.copy_from_slice(&v[..o.len()]);
+    }
+}
