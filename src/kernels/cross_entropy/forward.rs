@@ -566,6 +566,20 @@ fn short_index_block<T: Real, F: Fn(usize) -> LaneTarget>(
         );
     }
     // `main` and `lse` become each lane's (main, lse^2) terms, summed in a fixed order.
+    if !redo[..w].contains(&true) {
+        // No lane to redo (the usual block): the terms and "none" losses in plain loops.
+        for (z, &c) in lse[..w].iter_mut().zip(&class[..w]) {
+            *z = if c == IGNORED { 0.0 } else { *z * *z };
+        }
+        if lanes_out.is_some() {
+            for i in 0..w {
+                write_lane(plan, main[i], lse[i], l0 + i, lanes_out);
+            }
+        }
+        acc.0 += fixed_sum(&main[..w]);
+        acc.1 += fixed_sum(&lse[..w]);
+        return Ok(());
+    }
     for i in 0..w {
         let l = l0 + i;
         let mut target = LaneTarget::Ignored;
