@@ -137,6 +137,23 @@ use crate::state::LseState;
 use lanes::{dispatch, Kernel, Lanes};
 use rows::{ExpScaled, LaneMap, ShiftSub};
 
+/// Hints the `bytes` at `p` into the cache, a line at a time (a hint does not access memory:
+/// it never faults, wherever `p` points).
+#[inline]
+pub(crate) fn prefetch_span(p: *const u8, bytes: usize) {
+    #[cfg(target_arch = "x86_64")]
+    for off in (0..bytes).step_by(64) {
+        // SAFETY: a prefetch does not access memory architecturally (SSE, baseline).
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                p.wrapping_add(off) as *const i8,
+            )
+        };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (p, bytes);
+}
+
 /// Rows up to this long take the short-row kernels (one row per vector lane) at SIMD levels.
 pub const SHORT_ROW: usize = 64;
 

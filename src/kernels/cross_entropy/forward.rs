@@ -836,6 +836,13 @@ fn block_states<T: Real>(
         crate::kernels::lse_states(xs, batch, alg, &mut states[..w]).map_err(Error::Layout)?;
     } else {
         for (i, st) in states.iter_mut().enumerate().take(w) {
+            if i + 1 < w {
+                // The next row's first block, hinted a row ahead: its DRAM loads overlap this
+                // row's exps (float32 rows of 500 from DRAM, one thread: 0.43-0.45 -> 0.33 ns
+                // per element; 1000: 0.37-0.38 -> 0.34-0.36; 2000 and longer unchanged).
+                let next = x.as_ptr().wrapping_add((i + 1) * pitch) as *const u8;
+                crate::simd::prefetch_span(next, n.min(T::BLOCK) * std::mem::size_of::<T>());
+            }
             *st = row_state(&x[i * pitch..i * pitch + n], alg);
         }
     }
