@@ -228,8 +228,9 @@ pub unsafe trait Lanes: Copy {
         room: usize,
         out: &mut [MaybeUninit<Self::V>],
     ) {
-        let _ = room; // element by element: nothing is masked
-                      // SAFETY: forwarded from the caller.
+        // Element by element: nothing is masked, the room is not needed.
+        let _ = room;
+        // SAFETY: forwarded from the caller.
         unsafe { load_columns_by_element(self, row, rows, c0, w, out) }
     }
     /// The inverse of [`Lanes::load_columns`]: element `c0 + k` of row `r < rows` from lane

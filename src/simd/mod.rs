@@ -137,18 +137,24 @@ use crate::state::LseState;
 use lanes::{dispatch, Kernel, Lanes};
 use rows::{ExpScaled, LaneMap, ShiftSub};
 
-/// Hints the `bytes` at `p` into the cache, a line at a time (a hint does not access memory:
-/// it never faults, wherever `p` points).
+/// Hints every cache line of the `bytes` at `p` into L1 (its last byte's line too, for a span
+/// that does not start on a line). A hint does not access memory: it never faults, wherever
+/// `p` points. x86-64 only (SSE, baseline); elsewhere nothing.
 #[inline]
 pub(crate) fn prefetch_span(p: *const u8, bytes: usize) {
     #[cfg(target_arch = "x86_64")]
-    for off in (0..bytes).step_by(64) {
-        // SAFETY: a prefetch does not access memory architecturally (SSE, baseline).
-        unsafe {
-            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
-                p.wrapping_add(off) as *const i8,
-            )
+    {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        let hint = |at: usize| {
+            // SAFETY: a prefetch does not access memory architecturally.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(at) as *const i8) }
         };
+        for off in (0..bytes).step_by(64) {
+            hint(off);
+        }
+        if bytes > 0 {
+            hint(bytes - 1);
+        }
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = (p, bytes);

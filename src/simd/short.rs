@@ -175,9 +175,9 @@ impl<'a, T: Copy> Rows<'a, T> {
     /// Hints the group of rows after rows `r..r + g` into L1 (`left` rows follow them);
     /// ragged rows are hinted by their caller.
     #[inline(always)]
-    fn prefetch_next<L: Lanes>(self, l: L, r: usize, g: usize, n: usize, left: usize) {
+    fn prefetch_next<L: Lanes>(self, r: usize, g: usize, n: usize, left: usize) {
         if let Rows::Pitched { x, pitch } = self {
-            prefetch_next_group(l, x.wrapping_add(r * pitch), g, n, pitch, left);
+            prefetch_next_group::<L, T>(x.wrapping_add(r * pitch), g, n, pitch, left);
         }
     }
 }
@@ -563,7 +563,7 @@ unsafe fn logsumexp_groups<L: Lanes, T: Real, const HINT: bool>(
         unsafe {
             let grp = x.group(r, g, n, rows);
             if HINT {
-                x.prefetch_next(l, r, g, n, rows - r - g);
+                x.prefetch_next::<L>(r, g, n, rows - r - g);
             }
             let kp = keep.map(|k| k.add(r * n));
             let kind = Keep::Input;
@@ -646,7 +646,7 @@ unsafe fn states_groups<L: Lanes, T: Real>(
         unsafe {
             let grp = x.group(r, g, n, rows);
             if hinted(n) {
-                x.prefetch_next(l, r, g, n, rows - r - g);
+                x.prefetch_next::<L>(r, g, n, rows - r - g);
             }
             let kp = keep.map(|k| k.add(r * n));
             let kind = Keep::Input;
@@ -749,7 +749,7 @@ unsafe fn softmax_groups<L: Lanes, T: Real>(
         unsafe {
             let (grp, o) = (x.group(r, g, n, rows), out.add(r * n));
             if hinted(n) {
-                x.prefetch_next(l, r, g, n, rows - r - g);
+                x.prefetch_next::<L>(r, g, n, rows - r - g);
             }
             let kp = keep.map(|k| k.add(r * n));
             let (_, excess, redo) = group_state_of(l, grp, kp, &mut buf, kind, &mut staged);
@@ -937,7 +937,7 @@ pub(crate) unsafe fn xent_index<L: Lanes, T: Real, const MASKED: bool>(
         unsafe {
             let px = x.add(r * pitch);
             if hinted(n) {
-                prefetch_next_group(l, px, g, n, pitch, rows - r - g);
+                prefetch_next_group::<L, T>(px, g, n, pitch, rows - r - g);
             }
             // A constant `None` unmasked: the mask code compiles away.
             let mask = shared.or_else(|| {
@@ -1021,41 +1021,23 @@ fn hinted(n: usize) -> bool {
 /// Hints the group of up to `N` rows that follows the `g` rows at `x` into L1 (`left` rows
 /// remain), as [`prefetch_rows`].
 #[inline(always)]
-fn prefetch_next_group<L: Lanes, T>(
-    l: L,
-    x: *const T,
-    g: usize,
-    n: usize,
-    pitch: usize,
-    left: usize,
-) {
-    prefetch_rows(l, x.wrapping_add(g * pitch), n, pitch, left.min(L::N));
+fn prefetch_next_group<L: Lanes, T>(x: *const T, g: usize, n: usize, pitch: usize, left: usize) {
+    prefetch_rows(x.wrapping_add(g * pitch), n, pitch, left.min(L::N));
 }
 
 /// Hints the `rows` rows of `n` elements at `x` (`pitch` apart) into L1: the next group's,
 /// fetched while this group is computed (8 rows `pitch` apart defeat the hardware
 /// prefetcher's page-local streams). Never faults.
 #[inline(always)]
-fn prefetch_rows<L: Lanes, T>(l: L, x: *const T, n: usize, pitch: usize, rows: usize) {
+fn prefetch_rows<T>(x: *const T, n: usize, pitch: usize, rows: usize) {
     let size = std::mem::size_of::<T>();
-    let p = x as *const i8;
     if pitch == n {
         // One span: every line it touches.
-        let bytes = rows * n * size;
-        for off in (0..bytes).step_by(64) {
-            l.prefetch(p.wrapping_add(off));
-        }
-        if bytes > 0 {
-            l.prefetch(p.wrapping_add(bytes - 1));
-        }
+        super::prefetch_span(x as *const u8, rows * n * size);
         return;
     }
     for r in 0..rows {
-        let row = p.wrapping_add(r * pitch * size);
-        for off in (0..n * size).step_by(64) {
-            l.prefetch(row.wrapping_add(off));
-        }
-        l.prefetch(row.wrapping_add(n * size - 1));
+        super::prefetch_span(x.wrapping_add(r * pitch) as *const u8, n * size);
     }
 }
 
