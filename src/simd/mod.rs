@@ -1151,6 +1151,33 @@ pub(crate) fn lane_state(m: f64, below: f64, ties: f64) -> LseState {
     }
 }
 
+/// How many of the class targets `t` are kept (not `ignore`), and whether a kept one is
+/// outside `[0, n)`: one branch-free scan, compiled for `level` (where it vectorises).
+pub(crate) fn count_targets(level: Level, t: &[i64], ignore: i64, n: u64) -> (usize, bool) {
+    #[inline(always)]
+    fn scan(t: &[i64], ignore: i64, n: u64) -> (usize, bool) {
+        let (mut kept, mut bad) = (0u64, 0u64);
+        for &v in t {
+            let k = v != ignore;
+            kept += u64::from(k);
+            bad |= u64::from(k & (v as u64 >= n));
+        }
+        (kept as usize, bad != 0)
+    }
+    // The kernel takes a value type; this scan has none.
+    let grade = std::marker::PhantomData::<f64>;
+    // SAFETY: the level is the caller's, supported by this CPU; the scan reads `t` only.
+    unsafe {
+        run_kernel!(level, <'a> { t: &'a [i64], ignore: i64, n: u64, grade: std::marker::PhantomData<T> } -> (usize, bool),
+            |l| {
+                let _ = (l, grade);
+                scan(t, ignore, n)
+            },
+            scalar: scan(t, ignore, n),
+        )
+    }
+}
+
 /// Whether any of `n` elements at `p` is NaN (the slow path behind an all `-inf` block).
 pub(crate) fn has_nan<T: Real>(p: *const T, n: usize) -> bool {
     // SAFETY: callers pass a readable block of n elements.

@@ -966,11 +966,12 @@ pub(crate) unsafe fn xent_index<L: Lanes, T: Real, const MASKED: bool>(
             let main = l.mul(l.of_lanes(&wt), l.sub(lt, l.sub(xtv, m)));
             let lse = l.add(m, lt);
             let (ma, la) = (l.to_lanes(main), l.to_lanes(lse));
-            for k in 0..g {
-                let kept = p.class[r + k] != IGNORED;
-                out.main[r + k] = if kept { ma[k] } else { 0.0 };
-                out.lse[r + k] = la[k];
-                out.redo[r + k] = redo & (1 << k) != 0;
+            // An ignored row's main term is already +0 (weight 0 times `lt >= 0`) unless the
+            // row is redone, which rewrites it.
+            out.main[r..r + g].copy_from_slice(&ma[..g]);
+            out.lse[r..r + g].copy_from_slice(&la[..g]);
+            for (k, o) in out.redo[r..r + g].iter_mut().enumerate() {
+                *o = redo & (1 << k) != 0;
             }
             let Some(gp) = grad else {
                 r += g;

@@ -1,7 +1,7 @@
 //! The cross-entropy forward pass and its fused gradient, over rows (`inner == 1`) or columns.
 
 use super::spec::{
-    finish, lane_target, plan, reduce_pieces, LaneTarget, Plan, Targets, XentOptions,
+    finish, lane_classes, lane_target, plan, reduce_pieces, LaneTarget, Plan, Targets, XentOptions,
 };
 use crate::error::{try_vec, Error};
 use crate::half::Stored;
@@ -354,7 +354,6 @@ fn rows_piece<T: Real>(
     grad_out: Option<SendPtr<T>>,
 ) -> Result<(f64, f64), Error> {
     let n = plan.batch.n;
-    let ignore = plan.ignore_index;
     let short_index = takes_short_index(plan, targets);
     let RowsAt {
         x: logits,
@@ -389,7 +388,7 @@ fn rows_piece<T: Real>(
             };
             short_index_block(
                 plan,
-                |l| lane_target(targets, l, ignore, n),
+                targets,
                 block,
                 alg,
                 &mut bufs.scratch,
@@ -495,9 +494,9 @@ impl ShortMask<'_> {
 /// keeps some class: such a row keeps none, is flagged, and is skipped here. Lane `(main, lse^2)` terms are added to `acc` in lane
 /// order, and "none" losses written to `lanes_out`.
 #[allow(clippy::too_many_arguments)]
-fn short_index_block<T: Real, F: Fn(usize) -> LaneTarget>(
+fn short_index_block<T: Real>(
     plan: &Plan<'_, T>,
-    target_of: F,
+    targets: &Targets<'_, T>,
     block: ShortBlock<'_, T>,
     alg: Algorithm,
     scratch: &mut Vec<T>,
@@ -521,12 +520,17 @@ fn short_index_block<T: Real, F: Fn(usize) -> LaneTarget>(
         lse,
         redo,
     } = lanes;
-    for i in 0..w {
-        (class[i], weight[i]) = match target_of(l0 + i) {
-            LaneTarget::Class(t) => (t as u32, plan.w(t)),
-            _ => (IGNORED, 0.0),
-        };
+    if !lane_classes(
+        plan,
+        targets,
+        l0,
+        IGNORED,
+        &mut class[..w],
+        &mut weight[..w],
+    ) {
+        return Err(Error::Layout("short-row loss targets".into()));
     }
+    let target_of = |l| lane_target(targets, l, plan.ignore_index, n);
     let mut out = IndexLossOut {
         main: &mut main[..w],
         lse: &mut lse[..w],
@@ -566,10 +570,15 @@ fn short_index_block<T: Real, F: Fn(usize) -> LaneTarget>(
         );
     }
     // `main` and `lse` become each lane's (main, lse^2) terms, summed in a fixed order.
-    if !redo[..w].contains(&true) {
+    // A fold, not a search: it vectorises, and a redo is rare.
+    if !redo[..w].iter().fold(false, |any, &r| any | r) {
         // No lane to redo (the usual block): the terms and "none" losses in plain loops.
-        for (z, &c) in lse[..w].iter_mut().zip(&class[..w]) {
-            *z = if c == IGNORED { 0.0 } else { *z * *z };
+        // The lse^2 terms only feed the z-loss.
+        if plan.z > 0.0 {
+            for (z, &c) in lse[..w].iter_mut().zip(&class[..w]) {
+                *z = if c == IGNORED { 0.0 } else { *z * *z };
+            }
+            acc.1 += fixed_sum(&lse[..w]);
         }
         if lanes_out.is_some() {
             for i in 0..w {
@@ -577,7 +586,6 @@ fn short_index_block<T: Real, F: Fn(usize) -> LaneTarget>(
             }
         }
         acc.0 += fixed_sum(&main[..w]);
-        acc.1 += fixed_sum(&lse[..w]);
         return Ok(());
     }
     for i in 0..w {
@@ -1174,7 +1182,7 @@ fn xent_columns<T: Real, C: Logits<T>>(
                 };
                 short_index_block(
                     plan,
-                    |l| lane_target(targets, l, plan.ignore_index, n),
+                    targets,
                     block,
                     alg,
                     &mut bufs.scratch,

@@ -222,21 +222,29 @@ pub(super) fn plan<'a, T: Real>(
                     masked_denominators(&plan, targets, mask)?,
                 );
             }
-            let (mut d, mut kept) = (0.0f64, 0usize);
-            for (position, &value) in t.iter().enumerate() {
-                if value == opts.ignore_index {
-                    continue;
-                }
-                if value < 0 || value as u64 >= n as u64 {
-                    return Err(Error::TargetOutOfRange {
-                        position,
-                        value,
-                        classes: n,
-                    });
-                }
-                d += plan.w(value as usize);
-                kept += 1;
+            let ignore = opts.ignore_index;
+            // A target is kept unless ignored; a kept one must name a class.
+            let kept_at = |v: i64| v != ignore;
+            let bad_at = |v: i64| v != ignore && v as u64 >= n as u64;
+            // One vector scan counts; the first bad target is looked for only when there is
+            // one.
+            let (kept, bad) = crate::simd::count_targets(crate::simd::level(), t, ignore, n as u64);
+            if let Some(position) = bad.then(|| t.iter().position(|&v| bad_at(v))).flatten() {
+                return Err(Error::TargetOutOfRange {
+                    position,
+                    value: t[position],
+                    classes: n,
+                });
             }
+            // Without weights the denominator is the count; with them, the kept targets'
+            // weights summed in lane order.
+            let d = match opts.weight {
+                None => kept as f64,
+                Some(_) => t
+                    .iter()
+                    .filter(|&&v| kept_at(v))
+                    .fold(0.0, |d, &v| d + plan.w(v as usize)),
+            };
             (d, kept as f64)
         }
         Targets::Probs(q) => {
@@ -295,6 +303,50 @@ pub(super) fn lane_target<T>(
         }
         Targets::Probs(_) => LaneTarget::Probs,
     }
+}
+
+/// The class (`ignored` when the lane has none, as [`lane_target`] reads it) and weight (0
+/// when ignored) of lanes `l0..l0 + class.len()` of index targets, in one branch-free loop;
+/// `false` for probability targets or lanes past the targets (nothing written).
+pub(super) fn lane_classes<T: Real>(
+    plan: &Plan<'_, T>,
+    targets: &Targets<'_, T>,
+    l0: usize,
+    ignored: u32,
+    class: &mut [u32],
+    weight: &mut [f64],
+) -> bool {
+    let Targets::Indices(t) = targets else {
+        return false;
+    };
+    let Some(t) = t.get(l0..l0 + class.len()) else {
+        return false;
+    };
+    let (ignore, n) = (plan.ignore_index, plan.batch.n as u64);
+    let lanes = class.iter_mut().zip(weight.iter_mut()).zip(t);
+    match plan.weight {
+        None => {
+            for ((c, w), &v) in lanes {
+                let kept = v != ignore && (v as u64) < n;
+                (*c, *w) = if kept {
+                    (v as u32, 1.0)
+                } else {
+                    (ignored, 0.0)
+                };
+            }
+        }
+        Some(weights) => {
+            for ((c, w), &v) in lanes {
+                let kept = v != ignore && (v as u64) < n;
+                *c = if kept { v as u32 } else { ignored };
+                *w = match weights.get(v as usize) {
+                    Some(wv) if kept => wv.to_f64(),
+                    _ => 0.0,
+                };
+            }
+        }
+    }
+    true
 }
 
 /// Sums `(main, lse^2)` of every lane in fixed pieces of `per` units, merged in piece order;

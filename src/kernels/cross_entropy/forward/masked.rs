@@ -474,10 +474,9 @@ pub(super) fn xent_masked<T: Real, C: Logits<T>>(
                     mask: Some(block_mask),
                 };
                 // A masked target is the kernel's to skip (short_index_block).
-                let lane = |l: usize| lane_target(targets, l, plan.ignore_index, n);
                 short_index_block(
                     plan,
-                    lane,
+                    targets,
                     block,
                     alg,
                     &mut bufs.scratch,
