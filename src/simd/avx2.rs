@@ -326,6 +326,10 @@ unsafe impl Lanes for Avx2 {
         unsafe { _mm256_mul_pd(a, b) }
     }
     #[inline(always)]
+    fn div(self, a: __m256d, b: __m256d) -> __m256d {
+        unsafe { _mm256_div_pd(a, b) }
+    }
+    #[inline(always)]
     fn max(self, a: __m256d, b: __m256d) -> __m256d {
         unsafe { _mm256_max_pd(a, b) }
     }

@@ -296,6 +296,10 @@ unsafe impl Lanes for Avx512 {
         unsafe { _mm512_mul_pd(a, b) }
     }
     #[inline(always)]
+    fn div(self, a: __m512d, b: __m512d) -> __m512d {
+        unsafe { _mm512_div_pd(a, b) }
+    }
+    #[inline(always)]
     fn max(self, a: __m512d, b: __m512d) -> __m512d {
         unsafe { _mm512_max_pd(a, b) }
     }

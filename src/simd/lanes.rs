@@ -33,6 +33,7 @@ pub unsafe trait Lanes: Copy {
     fn add(self, a: Self::V, b: Self::V) -> Self::V;
     fn sub(self, a: Self::V, b: Self::V) -> Self::V;
     fn mul(self, a: Self::V, b: Self::V) -> Self::V;
+    fn div(self, a: Self::V, b: Self::V) -> Self::V;
     fn max(self, a: Self::V, b: Self::V) -> Self::V;
     /// Lanes 0..N as an array (the rest zero).
     fn to_lanes(self, v: Self::V) -> [f64; 8];

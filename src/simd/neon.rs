@@ -129,6 +129,10 @@ unsafe impl Lanes for Neon {
         unsafe { vmulq_f64(a, b) }
     }
     #[inline(always)]
+    fn div(self, a: float64x2_t, b: float64x2_t) -> float64x2_t {
+        unsafe { vdivq_f64(a, b) }
+    }
+    #[inline(always)]
     fn max(self, a: float64x2_t, b: float64x2_t) -> float64x2_t {
         unsafe { vmaxq_f64(a, b) }
     }

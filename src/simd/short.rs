@@ -953,12 +953,13 @@ pub(crate) unsafe fn xent_index<L: Lanes, T: Real, const MASKED: bool>(
             };
             let ms = l.to_lanes(m);
             // An ignored row's x_t is its max: every term below stays finite.
-            let (mut xt, mut wt) = (ms, [0.0f64; 8]);
+            let (mut xt, mut wt, mut kept) = (ms, [0.0f64; 8], [0.0f64; 8]);
             for k in 0..g {
                 let c = p.class[r + k];
                 if c != IGNORED {
                     xt[k] = (*px.add(k * pitch + c as usize)).to_f64();
                     wt[k] = p.weight[r + k];
+                    kept[k] = 1.0;
                 }
             }
             let lt = l.log1p(excess, T::FULL);
@@ -977,21 +978,18 @@ pub(crate) unsafe fn xent_index<L: Lanes, T: Real, const MASKED: bool>(
                 r += g;
                 continue;
             };
-            let et = l.to_lanes(l.exp_nonpos(l.sub(xtv, m), T::FULL));
-            let es = l.to_lanes(excess);
-            let (mut factor, mut gt) = ([0.0f64; 8], [0.0f64; 8]);
-            for k in 0..g {
-                if p.class[r + k] == IGNORED {
-                    continue; // factor 0: a zero gradient row
-                }
-                let total = 1.0 + es[k];
-                let zterm = p.z2 * la[k];
-                let c = p.s1 * wt[k] + zterm;
-                let others = if xt[k] == ms[k] { es[k] } else { total - et[k] };
-                factor[k] = c / total;
-                gt[k] = -c * others / total + zterm;
-            }
-            let f = l.of_lanes(&factor);
+            // Lane-wise: c = s1 * w_t + z2 * L, factor = c / S, g_t = z2 * L - c * others / S,
+            // with others = S - e_t (excess when the target is the max). An ignored row's
+            // factor and g_t are 0: a zero gradient row.
+            let et = l.exp_nonpos(l.sub(xtv, m), T::FULL);
+            let total = l.add(l.splat(1.0), excess);
+            let zterm = l.mul(l.splat(p.z2), lse);
+            let c = l.add(l.mul(l.splat(p.s1), l.of_lanes(&wt)), zterm);
+            let others = l.select(l.eq(xtv, m), excess, l.sub(total, et));
+            let zero = l.splat(0.0);
+            let kept = l.gt(l.of_lanes(&kept), zero);
+            let f = l.select(kept, l.div(c, total), zero);
+            let gt = l.to_lanes(l.sub(zterm, l.div(l.mul(c, others), total)));
             for b in buf.iter_mut().take(n) {
                 b.write(l.mul(b.assume_init(), f));
             }
