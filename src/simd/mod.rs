@@ -1178,6 +1178,41 @@ pub(crate) fn count_targets(level: Level, t: &[i64], ignore: i64, n: u64) -> (us
     }
 }
 
+/// The class of each target of `t` (`ignored` where it is `ignore` or outside `[0, n)`) and
+/// its weight, 1 or 0 (unweighted classes): one branch-free loop compiled for `level`.
+pub(crate) fn unweighted_classes(
+    level: Level,
+    t: &[i64],
+    ignore: i64,
+    n: u64,
+    ignored: u32,
+    class: &mut [u32],
+    weight: &mut [f64],
+) {
+    #[inline(always)]
+    fn fill(t: &[i64], ignore: i64, n: u64, ignored: u32, class: &mut [u32], weight: &mut [f64]) {
+        for ((c, w), &v) in class.iter_mut().zip(weight.iter_mut()).zip(t) {
+            let kept = v != ignore && (v as u64) < n;
+            *c = if kept { v as u32 } else { ignored };
+            *w = if kept { 1.0 } else { 0.0 };
+        }
+    }
+    // The kernel takes a value type; this loop has none.
+    let grade = std::marker::PhantomData::<f64>;
+    // SAFETY: the level is the caller's, supported by this CPU; the loop stays in the slices.
+    unsafe {
+        run_kernel!(level, <'a> { t: &'a [i64], ignore: i64, n: u64, ignored: u32,
+                                  class: &'a mut [u32], weight: &'a mut [f64],
+                                  grade: std::marker::PhantomData<T> } -> (),
+            |l| {
+                let _ = (l, grade);
+                fill(t, ignore, n, ignored, class, weight)
+            },
+            scalar: fill(t, ignore, n, ignored, class, weight),
+        )
+    }
+}
+
 /// Whether any of `n` elements at `p` is NaN (the slow path behind an all `-inf` block).
 pub(crate) fn has_nan<T: Real>(p: *const T, n: usize) -> bool {
     // SAFETY: callers pass a readable block of n elements.

@@ -969,8 +969,14 @@ pub(crate) unsafe fn xent_index<L: Lanes, T: Real, const MASKED: bool>(
             let (ma, la) = (l.to_lanes(main), l.to_lanes(lse));
             // An ignored row's main term is already +0 (weight 0 times `lt >= 0`) unless the
             // row is redone, which rewrites it.
-            out.main[r..r + g].copy_from_slice(&ma[..g]);
-            out.lse[r..r + g].copy_from_slice(&la[..g]);
+            if g == L::N {
+                // A copy of constant length: moves, not a call to memmove.
+                out.main[r..r + L::N].copy_from_slice(&ma[..L::N]);
+                out.lse[r..r + L::N].copy_from_slice(&la[..L::N]);
+            } else {
+                out.main[r..r + g].copy_from_slice(&ma[..g]);
+                out.lse[r..r + g].copy_from_slice(&la[..g]);
+            }
             for (k, o) in out.redo[r..r + g].iter_mut().enumerate() {
                 *o = redo & (1 << k) != 0;
             }

@@ -306,7 +306,7 @@ pub(super) fn lane_target<T>(
 }
 
 /// The class (`ignored` when the lane has none, as [`lane_target`] reads it) and weight (0
-/// when ignored) of lanes `l0..l0 + class.len()` of index targets, in one branch-free loop;
+/// when ignored) of lanes `l0..l0 + class.len()` of index targets, in branch-free loops;
 /// `false` for probability targets or lanes past the targets (nothing written).
 pub(super) fn lane_classes<T: Real>(
     plan: &Plan<'_, T>,
@@ -323,20 +323,13 @@ pub(super) fn lane_classes<T: Real>(
         return false;
     };
     let (ignore, n) = (plan.ignore_index, plan.batch.n as u64);
-    let lanes = class.iter_mut().zip(weight.iter_mut()).zip(t);
     match plan.weight {
         None => {
-            for ((c, w), &v) in lanes {
-                let kept = v != ignore && (v as u64) < n;
-                (*c, *w) = if kept {
-                    (v as u32, 1.0)
-                } else {
-                    (ignored, 0.0)
-                };
-            }
+            let level = crate::simd::level();
+            crate::simd::unweighted_classes(level, t, ignore, n, ignored, class, weight);
         }
         Some(weights) => {
-            for ((c, w), &v) in lanes {
+            for ((c, w), &v) in class.iter_mut().zip(weight.iter_mut()).zip(t) {
                 let kept = v != ignore && (v as u64) < n;
                 *c = if kept { v as u32 } else { ignored };
                 *w = match weights.get(v as usize) {
