@@ -28,6 +28,10 @@ pub unsafe trait Lanes: Copy {
     const N: usize;
     /// Whether [`Lanes::stream`] is a non-temporal store.
     const STREAMS: bool = false;
+    /// Short rows at least this long under a dense `where=` mask are staged (the masked
+    /// elements `-inf`) before the short-row kernels load them; shorter ones mask their
+    /// columns as they load them.
+    const STAGED_FROM: usize = 0;
 
     fn splat(self, v: f64) -> Self::V;
     fn add(self, a: Self::V, b: Self::V) -> Self::V;

@@ -401,9 +401,10 @@ unsafe fn group_state<L: Lanes, T: Real>(
 }
 
 /// [`group_state`] of rows under `mask`. A group dense in x and the mask (rows and mask rows
-/// `n` apart) is staged into `staged` with its masked elements at `-inf` by one vector select
-/// over the whole group, then loaded as an unmasked group: the same columns, at a fraction of
-/// the cost of masking each loaded column. Other groups mask their columns as they load them.
+/// `n` apart) of rows of at least [`Lanes::STAGED_FROM`] is staged into `staged` with its masked
+/// elements at `-inf` by one vector select over the whole group, then loaded as an unmasked
+/// group: the same columns, at a fraction of the cost of masking each loaded column. Other
+/// groups mask their columns as they load them.
 ///
 /// # Safety
 /// As [`group_state`].
@@ -421,7 +422,12 @@ unsafe fn group_state_kept<L: Lanes, T: Real>(
     // SAFETY: forwarded from the caller; the group's rows * n elements and mask bytes are
     // readable when it is dense, and `staged` holds them.
     unsafe {
-        if mask.class == 1 && mask.lane == n && dense && rows * n <= staged.len() {
+        if mask.class == 1
+            && mask.lane == n
+            && dense
+            && n >= L::STAGED_FROM
+            && rows * n <= staged.len()
+        {
             let s = staged.as_mut_ptr() as *mut T;
             select_kept(l, grp.row(0), mask.keep, s, rows * n, f64::NEG_INFINITY);
             return group_state(l, Group::pitched(s, n, rows, n, rows), buf, keep, None);
