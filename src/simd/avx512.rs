@@ -360,6 +360,10 @@ unsafe impl Lanes for Avx512 {
     }
 
     #[inline(always)]
+    fn lanes_of_bits(self, bits: u8) -> __mmask8 {
+        bits
+    }
+    #[inline(always)]
     unsafe fn kept(self, keep: *const u8) -> __mmask8 {
         // SAFETY: the caller guarantees 8 readable bytes.
         unsafe {

@@ -79,6 +79,15 @@ pub unsafe trait Lanes: Copy {
         }
         self.eq(self.of_lanes(&a), self.splat(1.0))
     }
+    /// The lanes whose bit is set in `bits` (bit `r` for lane `r`).
+    #[inline(always)]
+    fn lanes_of_bits(self, bits: u8) -> Self::M {
+        // Bit r to byte r of a word: the lanes' mask bytes.
+        let spread = (u64::from(bits) * 0x0101_0101_0101_0101) & 0x8040_2010_0804_0201;
+        let bytes = spread.to_le_bytes();
+        // SAFETY: 8 readable bytes.
+        unsafe { self.kept(bytes.as_ptr()) }
+    }
     /// `acc + e` on the lanes of `m`, `acc` elsewhere.
     #[inline(always)]
     fn masked_add(self, acc: Self::V, m: Self::M, e: Self::V) -> Self::V {

@@ -112,12 +112,10 @@ impl RowMask {
         let bits = unsafe { self.columns(rows, c0, w, n) };
         let ninf = l.splat(f64::NEG_INFINITY);
         for (k, c) in cols.iter_mut().skip(c0).take(w).enumerate() {
-            // Byte k's bit r to byte r of a word: the lanes' mask bytes.
-            let spread =
-                (((bits >> (8 * k)) & 0xff) * 0x0101_0101_0101_0101) & 0x8040_2010_0804_0201;
-            let bytes = spread.to_le_bytes();
-            // SAFETY: 8 readable bytes; entry c0 + k was initialised by the caller.
-            unsafe { c.write(l.select(l.kept(bytes.as_ptr()), c.assume_init(), ninf)) };
+            // Byte k: bit r for row r, the lane of column c0 + k.
+            let kept = l.lanes_of_bits((bits >> (8 * k)) as u8);
+            // SAFETY: entry c0 + k was initialised by the caller.
+            unsafe { c.write(l.select(kept, c.assume_init(), ninf)) };
         }
     }
 }
