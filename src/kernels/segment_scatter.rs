@@ -211,19 +211,6 @@ unsafe fn part_of<'a, V>(ptr: SendPtr<V>, p: usize, n: usize) -> &'a mut [V] {
     unsafe { std::slice::from_raw_parts_mut(ptr.ptr().add(p * n), n) }
 }
 
-/// A hint to bring the line at `p` into the cache; never faults.
-#[inline(always)]
-pub(super) fn prefetch<T>(p: *const T) {
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: a prefetch does not access memory architecturally; SSE is baseline on x86_64.
-    unsafe {
-        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-        _mm_prefetch::<_MM_HINT_T0>(p as *const i8)
-    };
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = p;
-}
-
 /// Folds the per-part arrays `all[p * n..(p + 1) * n]` into the first, part by part in
 /// order for every element (so the result does not depend on the threads).
 fn fold_parts<V: Copy + Send + Sync>(
@@ -300,7 +287,7 @@ fn max_pass<T: Real>(
     for (k, (&v, &id)) in x.iter().zip(ids).enumerate() {
         if far {
             if let Some(&next) = ids.get(k + AHEAD) {
-                prefetch(maxima.as_ptr().wrapping_add((next as usize).min(last)));
+                simd::prefetch_line(maxima.as_ptr().wrapping_add((next as usize).min(last)));
             }
         }
         // One read of each id, bounded here; only the bounded index is used.
@@ -351,7 +338,7 @@ fn sum_pass<T: Real>(
             if far {
                 if let Some(&id) = next.get(k) {
                     let q = (k & bank) * num_segments + (id as usize).min(last);
-                    prefetch(pairs.as_ptr().wrapping_add(q));
+                    simd::prefetch_line(pairs.as_ptr().wrapping_add(q));
                 }
             }
             q[k] = (k & bank) * num_segments + s;

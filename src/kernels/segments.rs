@@ -999,9 +999,7 @@ unsafe fn gather_write_with<T: Real, P: Sync>(
                 // The next chunk's parameters are fetched while this one is written.
                 if far {
                     if let Some(&id) = ids.get(e + GATHER) {
-                        super::segment_scatter::prefetch(
-                            params.as_ptr().wrapping_add((id as usize).min(last)),
-                        );
+                        simd::prefetch_line(params.as_ptr().wrapping_add((id as usize).min(last)));
                     }
                 }
                 let (r, j) = if inner == 1 {

@@ -437,12 +437,6 @@ unsafe impl Lanes for Avx2 {
     }
 
     #[inline(always)]
-    fn prefetch(self, p: *const i8) {
-        // SAFETY: a prefetch does not access memory architecturally (SSE, baseline).
-        unsafe { _mm_prefetch::<_MM_HINT_T0>(p) }
-    }
-
-    #[inline(always)]
     fn exp(self, t: __m256d, full: bool) -> __m256d {
         unsafe { exp_pd(t, full) }
     }

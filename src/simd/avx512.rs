@@ -432,10 +432,6 @@ unsafe impl Lanes for Avx512 {
     fn fence(self) {
         unsafe { _mm_sfence() }
     }
-    #[inline(always)]
-    fn prefetch(self, p: *const i8) {
-        unsafe { _mm_prefetch::<_MM_HINT_T0>(p) }
-    }
 
     #[inline(always)]
     fn exp(self, t: __m512d, full: bool) -> __m512d {

@@ -126,10 +126,10 @@ pub unsafe trait Lanes: Copy {
     /// Orders the non-temporal stores before what follows.
     #[inline(always)]
     fn fence(self) {}
-    /// A hint to fetch the line at `p` into L1 (never faults).
+    /// A hint to fetch the line at `p` into L1 (never faults): [`super::prefetch_line`].
     #[inline(always)]
     fn prefetch(self, p: *const i8) {
-        let _ = p;
+        super::prefetch_line(p)
     }
 
     /// `exp(t)` for `t <= 710` or NaN (`-inf -> 0`, NaN -> NaN): to < 1 ULP of float64 when

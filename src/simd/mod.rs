@@ -137,27 +137,30 @@ use crate::state::LseState;
 use lanes::{dispatch, Kernel, Lanes};
 use rows::{ExpScaled, LaneMap, ShiftSub};
 
+/// Hints the cache line at `p` into L1. A hint does not access memory: it never faults,
+/// wherever `p` points. x86-64 only (SSE, baseline); elsewhere nothing.
+#[inline(always)]
+pub(crate) fn prefetch_line<T>(p: *const T) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch does not access memory architecturally; SSE is baseline on x86_64.
+    unsafe {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        _mm_prefetch::<_MM_HINT_T0>(p as *const i8)
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
+
 /// Hints every cache line of the `bytes` at `p` into L1 (its last byte's line too, for a span
-/// that does not start on a line). A hint does not access memory: it never faults, wherever
-/// `p` points. x86-64 only (SSE, baseline); elsewhere nothing.
+/// that does not start on a line), as [`prefetch_line`].
 #[inline]
 pub(crate) fn prefetch_span(p: *const u8, bytes: usize) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-        let hint = |at: usize| {
-            // SAFETY: a prefetch does not access memory architecturally.
-            unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(at) as *const i8) }
-        };
-        for off in (0..bytes).step_by(64) {
-            hint(off);
-        }
-        if bytes > 0 {
-            hint(bytes - 1);
-        }
+    for off in (0..bytes).step_by(64) {
+        prefetch_line(p.wrapping_add(off));
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = (p, bytes);
+    if bytes > 0 {
+        prefetch_line(p.wrapping_add(bytes - 1));
+    }
 }
 
 /// Rows up to this long take the short-row kernels (one row per vector lane) at SIMD levels.
@@ -1151,6 +1154,13 @@ pub(crate) fn lane_state(m: f64, below: f64, ties: f64) -> LseState {
     }
 }
 
+/// Whether the class target `v` names one of `n` classes: not `ignore` and in `[0, n)`
+/// (branch-free, for the loops that vectorise it).
+#[inline(always)]
+pub(crate) fn names_class(v: i64, ignore: i64, n: u64) -> bool {
+    (v != ignore) & ((v as u64) < n)
+}
+
 /// How many of the class targets `t` are kept (not `ignore`), and whether a kept one is
 /// outside `[0, n)`: one branch-free scan, compiled for `level` (where it vectorises).
 pub(crate) fn count_targets(level: Level, t: &[i64], ignore: i64, n: u64) -> (usize, bool) {
@@ -1160,7 +1170,7 @@ pub(crate) fn count_targets(level: Level, t: &[i64], ignore: i64, n: u64) -> (us
         for &v in t {
             let k = v != ignore;
             kept += u64::from(k);
-            bad |= u64::from(k & (v as u64 >= n));
+            bad |= u64::from(k & !names_class(v, ignore, n));
         }
         (kept as usize, bad != 0)
     }
@@ -1192,7 +1202,7 @@ pub(crate) fn unweighted_classes(
     #[inline(always)]
     fn fill(t: &[i64], ignore: i64, n: u64, ignored: u32, class: &mut [u32], weight: &mut [f64]) {
         for ((c, w), &v) in class.iter_mut().zip(weight.iter_mut()).zip(t) {
-            let kept = v != ignore && (v as u64) < n;
+            let kept = names_class(v, ignore, n);
             *c = if kept { v as u32 } else { ignored };
             *w = if kept { 1.0 } else { 0.0 };
         }

@@ -488,8 +488,8 @@ impl ShortMask<'_> {
 /// The loss of a [`ShortBlock`] against class indices (no label smoothing) by the fused
 /// short-row kernel (states, `L`, `x_t`, the loss and the gradient into the dense `g`, a
 /// vector of rows at a time); rows it flags (a non-finite max or a NaN) are redone here by
-/// the general row path, and left flagged in `lanes.redo`. `target_of(l)` is lane `l`'s
-/// target (a class `< n` or ignored). Under a mask the kernel reads the rows' mask beside
+/// the general row path, and left flagged in `lanes.redo`. Each lane's target (a class `< n`
+/// or ignored) is read once, into `lanes.class`. Under a mask the kernel reads the rows' mask beside
 /// them; a target the mask hides is left to the pre-pass, which refuses it in a row that
 /// keeps some class: such a row keeps none, is flagged, and is skipped here. Lane `(main, lse^2)` terms are added to `acc` in lane
 /// order, and "none" losses written to `lanes_out`.
@@ -530,7 +530,6 @@ fn short_index_block<T: Real>(
     ) {
         return Err(Error::Layout("short-row loss targets".into()));
     }
-    let target_of = |l| lane_target(targets, l, plan.ignore_index, n);
     let mut out = IndexLossOut {
         main: &mut main[..w],
         lse: &mut lse[..w],
@@ -592,7 +591,10 @@ fn short_index_block<T: Real>(
         let l = l0 + i;
         let mut target = LaneTarget::Ignored;
         if redo[i] {
-            target = target_of(l);
+            target = match class[i] {
+                IGNORED => LaneTarget::Ignored,
+                c => LaneTarget::Class(c as usize),
+            };
             if let (Some(m), LaneTarget::Class(t)) = (mask, target) {
                 // A masked target: the row keeps no class (the pre-pass refused it in any
                 // other), so it is skipped.

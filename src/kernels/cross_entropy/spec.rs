@@ -222,13 +222,13 @@ pub(super) fn plan<'a, T: Real>(
                     masked_denominators(&plan, targets, mask)?,
                 );
             }
-            let ignore = opts.ignore_index;
+            let (ignore, classes) = (opts.ignore_index, n as u64);
             // A target is kept unless ignored; a kept one must name a class.
             let kept_at = |v: i64| v != ignore;
-            let bad_at = |v: i64| v != ignore && v as u64 >= n as u64;
+            let bad_at = |v: i64| kept_at(v) && !crate::simd::names_class(v, ignore, classes);
             // One vector scan counts; the first bad target is looked for only when there is
             // one.
-            let (kept, bad) = crate::simd::count_targets(crate::simd::level(), t, ignore, n as u64);
+            let (kept, bad) = crate::simd::count_targets(crate::simd::level(), t, ignore, classes);
             if let Some(position) = bad.then(|| t.iter().position(|&v| bad_at(v))).flatten() {
                 return Err(Error::TargetOutOfRange {
                     position,
@@ -295,7 +295,7 @@ pub(super) fn lane_target<T>(
     match targets {
         Targets::Indices(t) => {
             let v = t[l];
-            if v != ignore_index && v >= 0 && (v as u64) < n as u64 {
+            if crate::simd::names_class(v, ignore_index, n as u64) {
                 LaneTarget::Class(v as usize)
             } else {
                 LaneTarget::Ignored
@@ -330,7 +330,7 @@ pub(super) fn lane_classes<T: Real>(
         }
         Some(weights) => {
             for ((c, w), &v) in class.iter_mut().zip(weight.iter_mut()).zip(t) {
-                let kept = v != ignore && (v as u64) < n;
+                let kept = crate::simd::names_class(v, ignore, n);
                 *c = if kept { v as u32 } else { ignored };
                 *w = match weights.get(v as usize) {
                     Some(wv) if kept => wv.to_f64(),
