@@ -162,6 +162,9 @@ fn tail_mask8(n: usize) -> __mmask8 {
 #[inline]
 #[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl,popcnt")]
 pub fn log1p_pd(e: __m512d, full: bool) -> __m512d {
+    if !full {
+        return log1p_table_pd(e);
+    }
     let one = _mm512_set1_pd(1.0);
     let u = _mm512_add_pd(one, e);
     let mut k = _mm512_getexp_pd(u);
@@ -188,6 +191,51 @@ pub fn log1p_pd(e: __m512d, full: bool) -> __m512d {
     // +inf and NaN (not below +inf) pass through (`inf - inf` would make the sum NaN).
     let special = _mm512_cmp_pd_mask::<_CMP_NLT_UQ>(e, _mm512_set1_pd(f64::INFINITY));
     _mm512_mask_mov_pd(_mm512_add_pd(log_u, c), special, e)
+}
+
+/// [`log1p_pd`] for float32-grade results (within 2e-12 relative), with no division: `u = 1 + e
+/// = 2^k f` with f in [0.75, 1.5), `f = c (1 + v)` with `c` the nearest sixteenth (from a
+/// 16-entry table of `1/c` and `log(1/c)`, `c = 1` exactly near 1), |v| <= 1/24, and `log1p(v)`
+/// by its Taylor series to v^8 (truncation < 2e-13 relative). The rounding error of `1 + e`
+/// is added as `(e - (u - 1)) 2^-k / c` (the exact quotient where it matters: `u` near 1).
+#[inline]
+#[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl,popcnt")]
+fn log1p_table_pd(e: __m512d) -> __m512d {
+    let one = _mm512_set1_pd(1.0);
+    let u = _mm512_add_pd(one, e);
+    let f = _mm512_getmant_pd::<_MM_MANT_NORM_P75_1P5, _MM_MANT_SIGN_SRC>(u);
+    // A mantissa of [1.5, 2) came back halved: its exponent is one more.
+    let k = _mm512_getexp_pd(u);
+    let k = _mm512_mask_add_pd(k, _mm512_cmp_pd_mask::<_CMP_LT_OQ>(f, one), k, one);
+    // round(16 f) in [12, 24]; its low 4 bits index the table.
+    let kd = _mm512_fmadd_pd(f, _mm512_set1_pd(16.0), _mm512_set1_pd(ROUND_MAGIC));
+    let idx = _mm512_castpd_si512(kd);
+    // SAFETY: each table holds 16 f64; two unaligned 8-lane loads read it exactly.
+    let (inv, log_inv) = unsafe {
+        let t = |p: *const f64| {
+            _mm512_permutex2var_pd(_mm512_loadu_pd(p), idx, _mm512_loadu_pd(p.add(8)))
+        };
+        (t(LOG_INV_C16[0].as_ptr()), t(LOG_INV_C16[1].as_ptr()))
+    };
+    let v = _mm512_fmsub_pd(f, inv, one);
+    let mut p = _mm512_set1_pd(-1.0 / 8.0);
+    for j in (1..8).rev() {
+        let c = if j % 2 == 1 { 1.0 } else { -1.0 } / j as f64;
+        p = _mm512_fmadd_pd(p, v, _mm512_set1_pd(c));
+    }
+    let c = _mm512_sub_pd(e, _mm512_sub_pd(u, one));
+    let c = _mm512_scalef_pd(_mm512_mul_pd(c, inv), _mm512_sub_pd(_mm512_setzero_pd(), k));
+    let small = _mm512_add_pd(
+        _mm512_fmadd_pd(v, p, c),
+        _mm512_sub_pd(_mm512_setzero_pd(), log_inv),
+    );
+    let log_u = _mm512_fmadd_pd(
+        k,
+        _mm512_set1_pd(LN2_HI),
+        _mm512_fmadd_pd(k, _mm512_set1_pd(LN2_LO), small),
+    );
+    let special = _mm512_cmp_pd_mask::<_CMP_NLT_UQ>(e, _mm512_set1_pd(f64::INFINITY));
+    _mm512_mask_mov_pd(log_u, special, e)
 }
 
 /// The 8x8 transpose of float32 lanes: `out[k][i] = r[i][k]`.

@@ -269,6 +269,57 @@ pub(crate) mod consts {
         0.16666668256107198,
         0.49999996708119265,
     ];
+    /// `1/c` (the float64 nearest) and `log(1/c)` of that float64 (nearest, from 60-digit
+    /// arithmetic) for `c = i/16` at i = 12..15 and `c = (16 + i)/16` at i = 0..8, the entry of
+    /// `round(16 f) mod 16` for f in [0.75, 1.5); entries 9..11 are unused (1 and 0).
+    pub const LOG_INV_C16: [[f64; 16]; 2] = {
+        const BITS: [[u64; 16]; 2] = [
+            [
+                0x3ff0000000000000,
+                0x3fee1e1e1e1e1e1e,
+                0x3fec71c71c71c71c,
+                0x3feaf286bca1af28,
+                0x3fe999999999999a,
+                0x3fe8618618618618,
+                0x3fe745d1745d1746,
+                0x3fe642c8590b2164,
+                0x3fe5555555555555,
+                0x3ff0000000000000,
+                0x3ff0000000000000,
+                0x3ff0000000000000,
+                0x3ff5555555555555,
+                0x3ff3b13b13b13b14,
+                0x3ff2492492492492,
+                0x3ff1111111111111,
+            ],
+            [
+                0x0000000000000000,
+                0xbfaf0a30c01162a8,
+                0xbfbe27076e2af2ea,
+                0xbfc5ff3070a793d6,
+                0xbfcc8ff7c79a9a20,
+                0xbfd1675cababa60f,
+                0xbfd4618bc21c5ec2,
+                0xbfd739d7f6bbd007,
+                0xbfd9f323ecbf984d,
+                0x0000000000000000,
+                0x0000000000000000,
+                0x0000000000000000,
+                0x3fd269621134db91,
+                0x3fca93ed3c8ad9e5,
+                0x3fc1178e8227e47a,
+                0x3fb08598b59e3a06,
+            ],
+        ];
+        let mut t = [[0.0f64; 16]; 2];
+        let mut i = 0;
+        while i < 16 {
+            t[0][i] = f64::from_bits(BITS[0][i]);
+            t[1][i] = f64::from_bits(BITS[1][i]);
+            i += 1;
+        }
+        t
+    };
     /// `ln2 = HI + LO` with `HI` short enough that `k * HI` is exact for |k| < 2^11.
     pub const LN2_HI: f64 = 0.6931471803691238;
     pub const LN2_LO: f64 = 1.9082149292705877e-10;

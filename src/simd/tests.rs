@@ -830,10 +830,12 @@ fn vector_log1p_meets_each_grade_against_std() {
             }
         };
         for i in 0..200_000 {
-            // Magnitudes from 1e-320 to 1e300, and the ranges around sqrt(2) - 1 and 1.
-            let e: [f64; 4] = std::array::from_fn(|l| match (i + l) % 3 {
+            // Magnitudes from 1e-320 to 1e300, and the ranges around sqrt(2) - 1, 0.5 (the
+            // table's edges) and 1.
+            let e: [f64; 4] = std::array::from_fn(|l| match (i + l) % 4 {
                 0 => 10f64.powf(rng.uniform(-320.0, 300.0)),
                 1 => rng.uniform(0.3, 0.5),
+                2 => rng.uniform(0.45, 0.55),
                 _ => rng.uniform(0.0, 3.0),
             });
             let got = run(&e);
