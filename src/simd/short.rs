@@ -558,35 +558,92 @@ unsafe fn logsumexp_groups<L: Lanes, T: Real, const HINT: bool>(
     out: *mut T,
 ) {
     // Uninitialised: zeroing it per group would cost more than the rows.
-    let mut buf = [MaybeUninit::<L::V>::uninit(); SHORT_ROW];
     let mut staged = [MaybeUninit::<T>::uninit(); 8 * SHORT_ROW];
-    let mut r = 0;
-    while r < rows {
-        let g = (rows - r).min(L::N);
-        // SAFETY: rows r..r+g are readable (and their mask bytes), out[r..r+g] writable.
-        unsafe {
-            let grp = x.group(r, g, n, rows);
-            if HINT {
-                x.prefetch_next::<L>(r, g, n, rows - r - g);
+    let mut one_buf = [[MaybeUninit::<L::V>::uninit(); SHORT_ROW]];
+    let init = (l.splat(0.0), l.splat(0.0), 0u8);
+    in_batches::<L, _, _>(
+        rows,
+        &mut one_buf,
+        init,
+        #[inline(always)]
+        |buf, r, g| {
+            // SAFETY: rows r..r+g are readable (and their mask bytes).
+            unsafe {
+                let grp = x.group(r, g, n, rows);
+                if HINT {
+                    x.prefetch_next::<L>(r, g, n, rows - r - g);
+                }
+                let kp = keep.map(|k| k.add(r * n));
+                group_state_of(l, grp, kp, buf, Keep::Input, &mut staged)
             }
-            let kp = keep.map(|k| k.add(r * n));
-            let kind = Keep::Input;
-            let (m, excess, redo) = group_state_of(l, grp, kp, &mut buf, kind, &mut staged);
-            let lse = l.add(m, l.log1p(excess, T::FULL));
-            if g == L::N {
-                l.store(out.add(r), lse);
-            } else {
-                l.store_tail(out.add(r), lse, g);
-            }
-            for k in 0..g {
-                if redo & (1 << k) != 0 {
-                    let kr = kp.map(|kp| kp.add(k * n));
+        },
+        #[inline(always)]
+        |_, r, g, (m, excess, redo)| {
+            // SAFETY: out[r..r+g] writable; rows r..r+g readable (and their mask bytes).
+            unsafe {
+                let lse = l.add(m, l.log1p(excess, T::FULL));
+                if g == L::N {
+                    l.store(out.add(r), lse);
+                } else {
+                    l.store_tail(out.add(r), lse, g);
+                }
+                let grp = x.group(r, g, n, rows);
+                for k in set_bits(redo) {
+                    let kr = keep.map(|kp| kp.add((r + k) * n));
                     let state = row_reference(l, grp.row(k), kr, grp.len_of(k));
                     *out.add(r + k) = T::from_f64(state.logsumexp());
                 }
             }
+        },
+    );
+}
+
+/// The positions of the set bits of `bits`, lowest first (none, at the cost of one test,
+/// when it is 0).
+#[inline(always)]
+fn set_bits(mut bits: u8) -> impl Iterator<Item = usize> {
+    std::iter::from_fn(move || {
+        (bits != 0).then(|| {
+            let k = bits.trailing_zeros() as usize;
+            bits &= bits - 1;
+            k
+        })
+    })
+}
+
+/// Groups of short rows whose states [`in_batches`] takes before it finishes any of them.
+const BATCH: usize = 4;
+
+/// Groups of `N` rows (the last of fewer) of `rows` rows, `BATCH` at a time: `state(buf, r, g)`
+/// of each group of a batch (rows `r..r + g`), then `finish(buf, r, g, state)` of each. The
+/// per-row work that follows a state (a log, a division, the writes) is a long chain of
+/// dependent arithmetic: taken group by group, the core waits on it; a batch's states are
+/// independent, so their chains overlap. Group `i` of a batch works in `bufs[i]`, or in
+/// `bufs[0]` when there are fewer (one buffer serves where the finish does not read it).
+#[inline(always)]
+fn in_batches<L: Lanes, B, S: Copy>(
+    rows: usize,
+    bufs: &mut [B],
+    init: S,
+    mut state: impl FnMut(&mut B, usize, usize) -> S,
+    mut finish: impl FnMut(&mut B, usize, usize, S),
+) {
+    // Group i's buffer (a compare, not a division by the count).
+    let count = bufs.len();
+    let own = |i: usize| if i < count { i } else { 0 };
+    let mut held = [(0, 0, init); BATCH];
+    let mut r = 0;
+    while r < rows {
+        let mut k = 0;
+        while k < BATCH && r < rows {
+            let g = (rows - r).min(L::N);
+            held[k] = (r, g, state(&mut bufs[own(k)], r, g));
+            k += 1;
+            r += g;
         }
-        r += g;
+        for (i, &(r, g, s)) in held[..k].iter().enumerate() {
+            finish(&mut bufs[own(i)], r, g, s);
+        }
     }
 }
 
@@ -741,66 +798,74 @@ unsafe fn softmax_groups<L: Lanes, T: Real>(
     out: *mut T,
     log: bool,
 ) {
-    let mut buf = [MaybeUninit::<L::V>::uninit(); SHORT_ROW];
+    let mut bufs = [[MaybeUninit::<L::V>::uninit(); SHORT_ROW]; BATCH];
     let mut staged = [MaybeUninit::<T>::uninit(); 8 * SHORT_ROW];
     let kind = if log { Keep::Shift } else { Keep::Exp };
-    let mut r = 0;
-    while r < rows {
-        let g = (rows - r).min(L::N);
-        // SAFETY: rows r..r+g are readable, their outputs writable; in place (out == x,
-        // pitch == n), every row of the group is read before any is written, and a redone
-        // row is written only by the reference, after the others.
-        unsafe {
-            let (grp, o) = (x.group(r, g, n, rows), out.add(r * n));
-            if hinted(n) {
-                x.prefetch_next::<L>(r, g, n, rows - r - g);
-            }
-            let kp = keep.map(|k| k.add(r * n));
-            let (_, excess, redo) = group_state_of(l, grp, kp, &mut buf, kind, &mut staged);
-            // Per row: softmax = e * (1 / S), log_softmax = t - log1p(excess).
-            let factor = if log {
-                l.log1p(excess, T::FULL)
-            } else {
-                let mut s = l.to_lanes(excess);
-                for v in s.iter_mut().take(L::N) {
-                    *v = 1.0 / (1.0 + *v);
+    let init = (l.splat(0.0), 0u8);
+    // In place (out == x, pitch == n), every row of a batch is read before any is written,
+    // and a redone row is written only by the reference, after the others of its group.
+    in_batches::<L, _, _>(
+        rows,
+        &mut bufs,
+        init,
+        #[inline(always)]
+        |buf, r, g| {
+            // SAFETY: rows r..r+g are readable (and their mask bytes).
+            unsafe {
+                let grp = x.group(r, g, n, rows);
+                if hinted(n) {
+                    x.prefetch_next::<L>(r, g, n, rows - r - g);
                 }
-                l.of_lanes(&s)
-            };
-            // A ragged group's columns run to its longest row (its store writes each row
-            // that far, inside the row's n elements of `out`).
-            let w = grp.n;
-            for b in buf.iter_mut().take(w) {
-                let v = b.assume_init();
-                b.write(if log {
-                    l.sub(v, factor)
+                let kp = keep.map(|k| k.add(r * n));
+                let (_, excess, redo) = group_state_of(l, grp, kp, buf, kind, &mut staged);
+                (excess, redo)
+            }
+        },
+        #[inline(always)]
+        |buf, r, g, (excess, redo)| {
+            // SAFETY: rows r..r+g are readable, their outputs writable; buf holds the
+            // group's columns, as its state pass left them.
+            unsafe {
+                let (grp, o) = (x.group(r, g, n, rows), out.add(r * n));
+                // Per row: softmax = e * (1 / S), log_softmax = t - log1p(excess).
+                let factor = if log {
+                    l.log1p(excess, T::FULL)
                 } else {
-                    l.mul(v, factor)
-                });
-            }
-            let cols = std::slice::from_raw_parts(buf.as_ptr() as *const L::V, w);
-            for c0 in (0..w).step_by(L::N) {
-                l.store_columns(o, n, g, redo, c0, (w - c0).min(L::N), cols);
-            }
-            for k in 0..g {
-                if redo & (1 << k) == 0 {
-                    continue;
+                    let one = l.splat(1.0);
+                    l.div(one, l.add(one, excess))
+                };
+                // A ragged group's columns run to its longest row (its store writes each
+                // row that far, inside the row's n elements of `out`).
+                let w = grp.n;
+                for b in buf.iter_mut().take(w) {
+                    let v = b.assume_init();
+                    b.write(if log {
+                        l.sub(v, factor)
+                    } else {
+                        l.mul(v, factor)
+                    });
                 }
-                let (xr, or) = (grp.row(k), o.add(k * n));
-                match kp {
-                    None => redo_row(l, xr, or, grp.len_of(k), log),
-                    Some(kp) => {
-                        let kr = kp.add(k * n);
-                        let masked = if log { f64::NEG_INFINITY } else { 0.0 };
-                        select_kept(l, xr, kr, or, n, f64::NEG_INFINITY);
-                        redo_row(l, or, or, n, log);
-                        select_kept(l, or, kr, or, n, masked);
+                let cols = std::slice::from_raw_parts(buf.as_ptr() as *const L::V, w);
+                for c0 in (0..w).step_by(L::N) {
+                    l.store_columns(o, n, g, redo, c0, (w - c0).min(L::N), cols);
+                }
+                for k in set_bits(redo) {
+                    let (xr, or) = (grp.row(k), o.add(k * n));
+                    let kp = keep.map(|k| k.add(r * n));
+                    match kp {
+                        None => redo_row(l, xr, or, grp.len_of(k), log),
+                        Some(kp) => {
+                            let kr = kp.add(k * n);
+                            let masked = if log { f64::NEG_INFINITY } else { 0.0 };
+                            select_kept(l, xr, kr, or, n, f64::NEG_INFINITY);
+                            redo_row(l, or, or, n, log);
+                            select_kept(l, or, kr, or, n, masked);
+                        }
                     }
                 }
             }
-        }
-        r += g;
-    }
+        },
+    );
 }
 
 /// A short row with a non-finite max or a NaN, written from the reference state.
