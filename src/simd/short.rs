@@ -92,32 +92,6 @@ impl RowMask {
             }
         }
     }
-
-    /// Column vectors `cols[c0..c0 + w]` of rows `0..rows` with their masked lanes set to
-    /// `-inf` (lanes past `rows` are `-inf` already).
-    ///
-    /// # Safety
-    /// As [`RowMask::columns`]; `cols` holds `c0 + w` initialised entries.
-    #[inline(always)]
-    unsafe fn apply<L: Lanes>(
-        self,
-        l: L,
-        cols: &mut [MaybeUninit<L::V>],
-        rows: usize,
-        c0: usize,
-        w: usize,
-        n: usize,
-    ) {
-        // SAFETY: forwarded from the caller.
-        let bits = unsafe { self.columns(rows, c0, w, n) };
-        let ninf = l.splat(f64::NEG_INFINITY);
-        for (k, c) in cols.iter_mut().skip(c0).take(w).enumerate() {
-            // Byte k: bit r for row r, the lane of column c0 + k.
-            let kept = l.lanes_of_bits((bits >> (8 * k)) as u8);
-            // SAFETY: entry c0 + k was initialised by the caller.
-            unsafe { c.write(l.select(kept, c.assume_init(), ninf)) };
-        }
-    }
 }
 
 /// Where the short rows of a kernel lie: rows of `n` elements (the kernel's row length)
@@ -285,6 +259,19 @@ unsafe fn group_state<L: Lanes, T: Real>(
                     let inside = l.gt(len, l.splat((c0 + k) as f64));
                     buf[c0 + k].write(l.select(inside, c.assume_init(), ninf));
                 }
+            } else if let Some(mask) = mask {
+                // Masked in registers, as the ragged columns are: a select written back over
+                // what buf holds would compile to masked stores, which the loads that follow
+                // cannot take their data from.
+                let mut cols = [MaybeUninit::<L::V>::uninit(); 8];
+                let room = grp.room - c0;
+                l.load_columns(|i| grp.row(i).wrapping_add(c0), rows, 0, w, room, &mut cols);
+                let bits = mask.columns(rows, c0, w, n);
+                for (k, c) in cols.iter().enumerate().take(w) {
+                    // Byte k: bit r for row r, the lane of column c0 + k.
+                    let kept = l.lanes_of_bits((bits >> (8 * k)) as u8);
+                    buf[c0 + k].write(l.select(kept, c.assume_init(), ninf));
+                }
             } else {
                 let row = |i: usize| grp.row(i);
                 let room = grp.room - c0;
@@ -293,9 +280,6 @@ unsafe fn group_state<L: Lanes, T: Real>(
                 } else {
                     l.load_columns(row, rows, c0, w, room, buf);
                 }
-            }
-            if let Some(mask) = mask {
-                mask.apply(l, buf, rows, c0, w, n);
             }
         }
     }
