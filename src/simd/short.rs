@@ -958,13 +958,37 @@ pub(crate) unsafe fn xent_index<L: Lanes, T: Real, const MASKED: bool>(
     out: &mut IndexLossOut<'_>,
     grad: Option<*mut T>,
 ) {
+    // Compiled apart with and without the gradient: what a group keeps and writes is then
+    // known where the columns are walked.
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        match grad {
+            Some(_) => xent_index_of::<L, T, MASKED, true>(l, x, rows, n, pitch, p, out, grad),
+            None => xent_index_of::<L, T, MASKED, false>(l, x, rows, n, pitch, p, out, None),
+        }
+    }
+}
+
+/// [`xent_index`] with `grad` given exactly when `GRAD`.
+///
+/// # Safety
+/// As [`xent_index`].
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn xent_index_of<L: Lanes, T: Real, const MASKED: bool, const GRAD: bool>(
+    l: L,
+    x: *const T,
+    rows: usize,
+    n: usize,
+    pitch: usize,
+    p: IndexLoss<'_>,
+    out: &mut IndexLossOut<'_>,
+    grad: Option<*mut T>,
+) {
+    let grad = grad.filter(|_| GRAD);
     let mut buf = [MaybeUninit::<L::V>::uninit(); SHORT_LOSS_ROW];
     let mut staged = [MaybeUninit::<T>::uninit(); 8 * SHORT_LOSS_ROW];
-    let keep = if grad.is_some() {
-        Keep::Exp
-    } else {
-        Keep::Input
-    };
+    let keep = if GRAD { Keep::Exp } else { Keep::Input };
     // One mask row for every row (a `(1, C)` mask): repeated once for a group of rows, so
     // that each group is staged as a dense one rather than masked column by column.
     let mut repeated = [0u8; 8 * SHORT_LOSS_ROW];
@@ -982,6 +1006,31 @@ pub(crate) unsafe fn xent_index<L: Lanes, T: Real, const MASKED: bool>(
                 class: 1,
             }
         });
+    // Rows r..r + g's main terms `w_t (L - x_t)` and `L` into `out`, from their states, x_t
+    // and w_t; returns `L`. An ignored row's main term is +0 (weight 0 times `L - m >= 0`,
+    // x_t being its max) unless the row is redone, which rewrites it. (A closure given as
+    // an argument, where it may carry its inline attribute.)
+    let losses = std::convert::identity(
+        #[inline(always)]
+        |out: &mut IndexLossOut<'_>, m, excess, xtv, wtv, r: usize, g: usize| {
+            let lt = l.log1p(excess, T::FULL);
+            let main = l.mul(wtv, l.sub(lt, l.sub(xtv, m)));
+            let lse = l.add(m, lt);
+            let (ma, la) = (l.to_lanes(main), l.to_lanes(lse));
+            if g == L::N {
+                // A copy of constant length: moves, not a call to memmove.
+                out.main[r..r + L::N].copy_from_slice(&ma[..L::N]);
+                out.lse[r..r + L::N].copy_from_slice(&la[..L::N]);
+            } else {
+                out.main[r..r + g].copy_from_slice(&ma[..g]);
+                out.lse[r..r + g].copy_from_slice(&la[..g]);
+            }
+            lse
+        },
+    );
+    let zero = l.splat(0.0);
+    let mut pending = [(zero, zero, zero, zero, 0usize, 0usize); BATCH];
+    let mut held = 0;
     let mut r = 0;
     while r < rows {
         let g = (rows - r).min(L::N);
@@ -1015,28 +1064,27 @@ pub(crate) unsafe fn xent_index<L: Lanes, T: Real, const MASKED: bool>(
                     kept[k] = 1.0;
                 }
             }
-            let lt = l.log1p(excess, T::FULL);
-            let xtv = l.of_lanes(&xt);
-            let main = l.mul(l.of_lanes(&wt), l.sub(lt, l.sub(xtv, m)));
-            let lse = l.add(m, lt);
-            let (ma, la) = (l.to_lanes(main), l.to_lanes(lse));
-            // An ignored row's main term is already +0 (weight 0 times `lt >= 0`) unless the
-            // row is redone, which rewrites it.
-            if g == L::N {
-                // A copy of constant length: moves, not a call to memmove.
-                out.main[r..r + L::N].copy_from_slice(&ma[..L::N]);
-                out.lse[r..r + L::N].copy_from_slice(&la[..L::N]);
-            } else {
-                out.main[r..r + g].copy_from_slice(&ma[..g]);
-                out.lse[r..r + g].copy_from_slice(&la[..g]);
-            }
             for (k, o) in out.redo[r..r + g].iter_mut().enumerate() {
                 *o = redo & (1 << k) != 0;
             }
+            let (xtv, wtv) = (l.of_lanes(&xt), l.of_lanes(&wt));
             let Some(gp) = grad else {
+                // Nothing waits on a group's log without a gradient: the logs of a few
+                // groups are taken together, their dependent chains overlapping (as
+                // [`in_batches`] does; compiled with the gradient's branch, the batch ran
+                // slower than one group at a time).
+                pending[held] = (m, excess, xtv, wtv, r, g);
+                held += 1;
                 r += g;
+                if held == BATCH || r >= rows {
+                    for &(m, excess, xtv, wtv, r, g) in &pending[..held] {
+                        losses(out, m, excess, xtv, wtv, r, g);
+                    }
+                    held = 0;
+                }
                 continue;
             };
+            let lse = losses(out, m, excess, xtv, wtv, r, g);
             // Lane-wise: c = s1 * w_t + z2 * L, factor = c / S, g_t = z2 * L - c * others / S,
             // with others = S - e_t (excess when the target is the max). An ignored row's
             // factor and g_t are 0: a zero gradient row.
