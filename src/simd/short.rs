@@ -547,6 +547,7 @@ unsafe fn logsumexp_groups<L: Lanes, T: Real, const HINT: bool>(
     let init = (l.splat(0.0), l.splat(0.0), 0u8);
     in_batches::<L, _, _>(
         rows,
+        BATCH,
         &mut one_buf,
         init,
         #[inline(always)]
@@ -595,11 +596,12 @@ fn set_bits(mut bits: u8) -> impl Iterator<Item = usize> {
     })
 }
 
-/// Groups of short rows whose states [`in_batches`] takes before it finishes any of them.
+/// The most groups of short rows whose states [`in_batches`] takes before it finishes any.
 const BATCH: usize = 4;
 
-/// Groups of `N` rows (the last of fewer) of `rows` rows, `BATCH` at a time: `state(buf, r, g)`
-/// of each group of a batch (rows `r..r + g`), then `finish(buf, r, g, state)` of each. The
+/// Groups of `N` rows (the last of fewer) of `rows` rows, `depth` (1..=`BATCH`) at a time:
+/// `state(buf, r, g)` of each group of a batch (rows `r..r + g`), then
+/// `finish(buf, r, g, state)` of each. The
 /// per-row work that follows a state (a log, a division, the writes) is a long chain of
 /// dependent arithmetic: taken group by group, the core waits on it; a batch's states are
 /// independent, so their chains overlap. Group `i` of a batch works in `bufs[i]`, or in
@@ -607,6 +609,7 @@ const BATCH: usize = 4;
 #[inline(always)]
 fn in_batches<L: Lanes, B, S: Copy>(
     rows: usize,
+    depth: usize,
     bufs: &mut [B],
     init: S,
     mut state: impl FnMut(&mut B, usize, usize) -> S,
@@ -619,7 +622,7 @@ fn in_batches<L: Lanes, B, S: Copy>(
     let mut r = 0;
     while r < rows {
         let mut k = 0;
-        while k < BATCH && r < rows {
+        while k < depth.clamp(1, BATCH) && r < rows {
             let g = (rows - r).min(L::N);
             held[k] = (r, g, state(&mut bufs[own(k)], r, g));
             k += 1;
@@ -788,8 +791,13 @@ unsafe fn softmax_groups<L: Lanes, T: Real>(
     let init = (l.splat(0.0), 0u8);
     // In place (out == x, pitch == n), every row of a batch is read before any is written,
     // and a redone row is written only by the reference, after the others of its group.
+    // Rows of 32 and more are written group by group: batched, their softmax and log_softmax
+    // from DRAM ran 1.1-1.2x slower (2 threads, float32, Zen 5), rows of 10-24 1.05-1.3x
+    // faster.
+    let depth = if n < 32 { BATCH } else { 1 };
     in_batches::<L, _, _>(
         rows,
+        depth,
         &mut bufs,
         init,
         #[inline(always)]
@@ -1006,31 +1014,6 @@ unsafe fn xent_index_of<L: Lanes, T: Real, const MASKED: bool, const GRAD: bool>
                 class: 1,
             }
         });
-    // Rows r..r + g's main terms `w_t (L - x_t)` and `L` into `out`, from their states, x_t
-    // and w_t; returns `L`. An ignored row's main term is +0 (weight 0 times `L - m >= 0`,
-    // x_t being its max) unless the row is redone, which rewrites it. (A closure given as
-    // an argument, where it may carry its inline attribute.)
-    let losses = std::convert::identity(
-        #[inline(always)]
-        |out: &mut IndexLossOut<'_>, m, excess, xtv, wtv, r: usize, g: usize| {
-            let lt = l.log1p(excess, T::FULL);
-            let main = l.mul(wtv, l.sub(lt, l.sub(xtv, m)));
-            let lse = l.add(m, lt);
-            let (ma, la) = (l.to_lanes(main), l.to_lanes(lse));
-            if g == L::N {
-                // A copy of constant length: moves, not a call to memmove.
-                out.main[r..r + L::N].copy_from_slice(&ma[..L::N]);
-                out.lse[r..r + L::N].copy_from_slice(&la[..L::N]);
-            } else {
-                out.main[r..r + g].copy_from_slice(&ma[..g]);
-                out.lse[r..r + g].copy_from_slice(&la[..g]);
-            }
-            lse
-        },
-    );
-    let zero = l.splat(0.0);
-    let mut pending = [(zero, zero, zero, zero, 0usize, 0usize); BATCH];
-    let mut held = 0;
     let mut r = 0;
     while r < rows {
         let g = (rows - r).min(L::N);
@@ -1064,27 +1047,28 @@ unsafe fn xent_index_of<L: Lanes, T: Real, const MASKED: bool, const GRAD: bool>
                     kept[k] = 1.0;
                 }
             }
+            let lt = l.log1p(excess, T::FULL);
+            let xtv = l.of_lanes(&xt);
+            let main = l.mul(l.of_lanes(&wt), l.sub(lt, l.sub(xtv, m)));
+            let lse = l.add(m, lt);
+            let (ma, la) = (l.to_lanes(main), l.to_lanes(lse));
+            // An ignored row's main term is already +0 (weight 0 times `lt >= 0`) unless the
+            // row is redone, which rewrites it.
+            if g == L::N {
+                // A copy of constant length: moves, not a call to memmove.
+                out.main[r..r + L::N].copy_from_slice(&ma[..L::N]);
+                out.lse[r..r + L::N].copy_from_slice(&la[..L::N]);
+            } else {
+                out.main[r..r + g].copy_from_slice(&ma[..g]);
+                out.lse[r..r + g].copy_from_slice(&la[..g]);
+            }
             for (k, o) in out.redo[r..r + g].iter_mut().enumerate() {
                 *o = redo & (1 << k) != 0;
             }
-            let (xtv, wtv) = (l.of_lanes(&xt), l.of_lanes(&wt));
             let Some(gp) = grad else {
-                // Nothing waits on a group's log without a gradient: the logs of a few
-                // groups are taken together, their dependent chains overlapping (as
-                // [`in_batches`] does; compiled with the gradient's branch, the batch ran
-                // slower than one group at a time).
-                pending[held] = (m, excess, xtv, wtv, r, g);
-                held += 1;
                 r += g;
-                if held == BATCH || r >= rows {
-                    for &(m, excess, xtv, wtv, r, g) in &pending[..held] {
-                        losses(out, m, excess, xtv, wtv, r, g);
-                    }
-                    held = 0;
-                }
                 continue;
             };
-            let lse = losses(out, m, excess, xtv, wtv, r, g);
             // Lane-wise: c = s1 * w_t + z2 * L, factor = c / S, g_t = z2 * L - c * others / S,
             // with others = S - e_t (excess when the target is the max). An ignored row's
             // factor and g_t are 0: a zero gradient row.
