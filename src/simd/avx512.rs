@@ -155,10 +155,10 @@ fn tail_mask8(n: usize) -> __mmask8 {
 }
 
 /// `log1p(e)` for `e >= 0` in float64 lanes (< 4 ULP of float64 when `full`, 3 where
-/// `k ln2 + log f` cancels; else within 2e-12 relative): `u = 1 + e = 2^k f` with f in
-/// [sqrt(1/2), sqrt(2)), `log f = 2 atanh(s)`, s = (f-1)/(f+1), |s| < 0.172, by its series to
-/// s^23 (truncation < 1e-18; to s^13, < 2e-12, for float32-grade results), plus the rounding
-/// error of `1 + e` as `(e-(u-1))/u`.
+/// `k ln2 + log f` cancels; else within 2e-12 relative, by [`log1p_table_pd`]): `u = 1 + e =
+/// 2^k f` with f in [sqrt(1/2), sqrt(2)), `log f = 2 atanh(s)`, s = (f-1)/(f+1), |s| < 0.172,
+/// by its series to s^23 (truncation < 1e-18), plus the rounding error of `1 + e` as
+/// `(e-(u-1))/u`.
 #[inline]
 #[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl,popcnt")]
 pub fn log1p_pd(e: __m512d, full: bool) -> __m512d {
