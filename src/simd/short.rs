@@ -475,6 +475,62 @@ unsafe fn row_reference<L: Lanes, T: Real>(
     }
 }
 
+/// The rows a short-row kernel walks `N` at a time: `rows` rows of `x` of at most `n`
+/// elements, with their `where=` mask bytes (`n` apart, rows `n` apart) when `keep` is given,
+/// the group after each hinted into L1 when `hint`.
+#[derive(Clone, Copy)]
+struct Source<'a, T> {
+    x: Rows<'a, T>,
+    keep: Option<*const u8>,
+    rows: usize,
+    n: usize,
+    hint: bool,
+}
+
+impl<'a, T: Real> Source<'a, T> {
+    /// Rows `r..r + g`.
+    #[inline(always)]
+    fn group(self, r: usize, g: usize) -> Group<'a, T> {
+        self.x.group(r, g, self.n, self.rows)
+    }
+
+    /// Row `r`'s mask bytes.
+    #[inline(always)]
+    fn keep_of(self, r: usize) -> Option<*const u8> {
+        self.keep.map(|k| k.wrapping_add(r * self.n))
+    }
+
+    /// The state of rows `r..r + g` ([`group_state_of`]), the group after them hinted.
+    ///
+    /// # Safety
+    /// As [`group_state_of`] for the group.
+    #[inline(always)]
+    unsafe fn state<L: Lanes>(
+        self,
+        l: L,
+        (r, g): (usize, usize),
+        buf: &mut [MaybeUninit<L::V>],
+        kind: Keep,
+        staged: &mut [MaybeUninit<T>],
+    ) -> (L::V, L::V, u8) {
+        if self.hint {
+            self.x.prefetch_next::<L>(r, g, self.n, self.rows - r - g);
+        }
+        // SAFETY: forwarded from the caller.
+        unsafe { group_state_of(l, self.group(r, g), self.keep_of(r), buf, kind, staged) }
+    }
+
+    /// The reference state of row `k` of `grp`, the group of rows from `r`.
+    ///
+    /// # Safety
+    /// As [`row_reference`] for the row.
+    #[inline(always)]
+    unsafe fn reference<L: Lanes>(self, l: L, grp: Group<'_, T>, r: usize, k: usize) -> LseState {
+        // SAFETY: forwarded from the caller.
+        unsafe { row_reference(l, grp.row(k), self.keep_of(r + k), grp.len_of(k)) }
+    }
+}
+
 /// logsumexp of `rows` short rows (`n <= SHORT_ROW` elements, or ragged rows of at most
 /// `n`) into `out[r]`.
 ///
@@ -544,6 +600,13 @@ unsafe fn logsumexp_groups<L: Lanes, T: Real, const HINT: bool>(
     // Uninitialised: zeroing it per group would cost more than the rows.
     let mut staged = [MaybeUninit::<T>::uninit(); 8 * SHORT_ROW];
     let mut one_buf = [[MaybeUninit::<L::V>::uninit(); SHORT_ROW]];
+    let src = Source {
+        x,
+        keep,
+        rows,
+        n,
+        hint: HINT,
+    };
     let init = (l.splat(0.0), l.splat(0.0), 0u8);
     in_batches::<L, _, _>(
         rows,
@@ -553,14 +616,7 @@ unsafe fn logsumexp_groups<L: Lanes, T: Real, const HINT: bool>(
         #[inline(always)]
         |buf, r, g| {
             // SAFETY: rows r..r+g are readable (and their mask bytes).
-            unsafe {
-                let grp = x.group(r, g, n, rows);
-                if HINT {
-                    x.prefetch_next::<L>(r, g, n, rows - r - g);
-                }
-                let kp = keep.map(|k| k.add(r * n));
-                group_state_of(l, grp, kp, buf, Keep::Input, &mut staged)
-            }
+            unsafe { src.state(l, (r, g), buf, Keep::Input, &mut staged) }
         },
         #[inline(always)]
         |_, r, g, (m, excess, redo)| {
@@ -572,10 +628,9 @@ unsafe fn logsumexp_groups<L: Lanes, T: Real, const HINT: bool>(
                 } else {
                     l.store_tail(out.add(r), lse, g);
                 }
-                let grp = x.group(r, g, n, rows);
+                let grp = src.group(r, g);
                 for k in set_bits(redo) {
-                    let kr = keep.map(|kp| kp.add((r + k) * n));
-                    let state = row_reference(l, grp.row(k), kr, grp.len_of(k));
+                    let state = src.reference(l, grp, r, k);
                     *out.add(r + k) = T::from_f64(state.logsumexp());
                 }
             }
@@ -687,22 +742,24 @@ unsafe fn states_groups<L: Lanes, T: Real>(
 ) {
     let mut buf = [MaybeUninit::<L::V>::uninit(); SHORT_ROW];
     let mut staged = [MaybeUninit::<T>::uninit(); 8 * SHORT_ROW];
+    let src = Source {
+        x,
+        keep,
+        rows,
+        n,
+        hint: hinted(n),
+    };
     let mut r = 0;
     while r < rows {
         let g = (rows - r).min(L::N);
         // SAFETY: rows r..r+g are readable (and their mask bytes).
         unsafe {
-            let grp = x.group(r, g, n, rows);
-            if hinted(n) {
-                x.prefetch_next::<L>(r, g, n, rows - r - g);
-            }
-            let kp = keep.map(|k| k.add(r * n));
-            let kind = Keep::Input;
-            let (m, excess, redo) = group_state_of(l, grp, kp, &mut buf, kind, &mut staged);
+            let (m, excess, redo) = src.state(l, (r, g), &mut buf, Keep::Input, &mut staged);
             let (ms, es) = (l.to_lanes(m), l.to_lanes(excess));
+            let grp = src.group(r, g);
             for k in 0..g {
                 out[r + k] = if redo & (1 << k) != 0 {
-                    row_reference(l, grp.row(k), kp.map(|kp| kp.add(k * n)), grp.len_of(k))
+                    src.reference(l, grp, r, k)
                 } else {
                     LseState {
                         max: ms[k],
@@ -788,6 +845,13 @@ unsafe fn softmax_groups<L: Lanes, T: Real>(
     let mut bufs = [[MaybeUninit::<L::V>::uninit(); SHORT_ROW]; BATCH];
     let mut staged = [MaybeUninit::<T>::uninit(); 8 * SHORT_ROW];
     let kind = if log { Keep::Shift } else { Keep::Exp };
+    let src = Source {
+        x,
+        keep,
+        rows,
+        n,
+        hint: hinted(n),
+    };
     let init = (l.splat(0.0), 0u8);
     // In place (out == x, pitch == n), every row of a batch is read before any is written,
     // and a redone row is written only by the reference, after the others of its group.
@@ -803,22 +867,15 @@ unsafe fn softmax_groups<L: Lanes, T: Real>(
         #[inline(always)]
         |buf, r, g| {
             // SAFETY: rows r..r+g are readable (and their mask bytes).
-            unsafe {
-                let grp = x.group(r, g, n, rows);
-                if hinted(n) {
-                    x.prefetch_next::<L>(r, g, n, rows - r - g);
-                }
-                let kp = keep.map(|k| k.add(r * n));
-                let (_, excess, redo) = group_state_of(l, grp, kp, buf, kind, &mut staged);
-                (excess, redo)
-            }
+            let (_, excess, redo) = unsafe { src.state(l, (r, g), buf, kind, &mut staged) };
+            (excess, redo)
         },
         #[inline(always)]
         |buf, r, g, (excess, redo)| {
             // SAFETY: rows r..r+g are readable, their outputs writable; buf holds the
             // group's columns, as its state pass left them.
             unsafe {
-                let (grp, o) = (x.group(r, g, n, rows), out.add(r * n));
+                let (grp, o) = (src.group(r, g), out.add(r * n));
                 // Per row: softmax = e * (1 / S), log_softmax = t - log1p(excess).
                 let factor = if log {
                     l.log1p(excess, T::FULL)
@@ -843,11 +900,9 @@ unsafe fn softmax_groups<L: Lanes, T: Real>(
                 }
                 for k in set_bits(redo) {
                     let (xr, or) = (grp.row(k), o.add(k * n));
-                    let kp = keep.map(|k| k.add(r * n));
-                    match kp {
+                    match src.keep_of(r + k) {
                         None => redo_row(l, xr, or, grp.len_of(k), log),
-                        Some(kp) => {
-                            let kr = kp.add(k * n);
+                        Some(kr) => {
                             let masked = if log { f64::NEG_INFINITY } else { 0.0 };
                             select_kept(l, xr, kr, or, n, f64::NEG_INFINITY);
                             redo_row(l, or, or, n, log);
