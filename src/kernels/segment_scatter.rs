@@ -337,8 +337,8 @@ fn sum_pass<T: Real>(
             // The next block's pairs are read after this block's exp.
             if far {
                 if let Some(&id) = next.get(k) {
-                    let q = (k & bank) * num_segments + (id as usize).min(last);
-                    simd::prefetch_line(pairs.as_ptr().wrapping_add(q));
+                    let at = (k & bank) * num_segments + (id as usize).min(last);
+                    simd::prefetch_line(pairs.as_ptr().wrapping_add(at));
                 }
             }
             q[k] = (k & bank) * num_segments + s;

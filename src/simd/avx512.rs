@@ -225,10 +225,7 @@ fn log1p_table_pd(e: __m512d) -> __m512d {
     }
     let c = _mm512_sub_pd(e, _mm512_sub_pd(u, one));
     let c = _mm512_scalef_pd(_mm512_mul_pd(c, inv), _mm512_sub_pd(_mm512_setzero_pd(), k));
-    let small = _mm512_add_pd(
-        _mm512_fmadd_pd(v, p, c),
-        _mm512_sub_pd(_mm512_setzero_pd(), log_inv),
-    );
+    let small = _mm512_sub_pd(_mm512_fmadd_pd(v, p, c), log_inv);
     let log_u = _mm512_fmadd_pd(
         k,
         _mm512_set1_pd(LN2_HI),

@@ -175,6 +175,18 @@ pub const COL_TILE: usize = 512;
 /// Constants shared by every level's exp.
 #[allow(dead_code, clippy::excessive_precision)]
 pub(crate) mod consts {
+    /// The float64 values of IEEE bit patterns (the tables below are written as bits, each the
+    /// float64 nearest its exact value).
+    const fn floats<const N: usize>(bits: [u64; N]) -> [f64; N] {
+        let mut t = [0.0f64; N];
+        let mut i = 0;
+        while i < N {
+            t[i] = f64::from_bits(bits[i]);
+            i += 1;
+        }
+        t
+    }
+
     /// `2^(j/16)`, j = 0..16, each the float64 nearest the exact value (computed in 60-digit
     /// decimal arithmetic).
     pub const EXP2_J16: [f64; 16] = {
@@ -196,13 +208,7 @@ pub(crate) mod consts {
             0x3ffd5818dcfba487,
             0x3ffea4afa2a490da,
         ];
-        let mut t = [0.0f64; 16];
-        let mut j = 0;
-        while j < 16 {
-            t[j] = f64::from_bits(BITS[j]);
-            j += 1;
-        }
-        t
+        floats(BITS)
     };
     /// The table's bit patterns less `j << 48`: adding `k << 48` (k = 16 k' + j) to entry j
     /// gives `2^(j/16) * 2^k'` (the float32-grade exp's integer scaling).
@@ -311,14 +317,7 @@ pub(crate) mod consts {
                 0x3fb08598b59e3a06,
             ],
         ];
-        let mut t = [[0.0f64; 16]; 2];
-        let mut i = 0;
-        while i < 16 {
-            t[0][i] = f64::from_bits(BITS[0][i]);
-            t[1][i] = f64::from_bits(BITS[1][i]);
-            i += 1;
-        }
-        t
+        [floats(BITS[0]), floats(BITS[1])]
     };
     /// `ln2 = HI + LO` with `HI` short enough that `k * HI` is exact for |k| < 2^11.
     pub const LN2_HI: f64 = 0.6931471803691238;
