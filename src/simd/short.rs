@@ -1003,7 +1003,8 @@ pub(crate) struct IndexLossOut<'a> {
 /// `g_k = c * exp(x_k - m) / S` is written from the exps of the state pass, and the target's
 /// `g_t = -c * (S - e_t) / S + z2 * L`, with `S - e_t` exact when the target is the max
 /// (`excess`) and at least 1 otherwise, so `p_t -> 1` loses no relative accuracy. `p.mask`
-/// is read only when `MASKED`.
+/// is read only when `MASKED`; `grad` is given exactly when `GRAD` (each compiled apart, so
+/// that what a group keeps and writes is known where its columns are walked).
 ///
 /// # Safety
 /// The rows readable, `grad` writable for `rows * n` elements; `p` and `out` hold `rows`
@@ -1011,34 +1012,7 @@ pub(crate) struct IndexLossOut<'a> {
 /// `p.mask`, the mask bytes of every row readable.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn xent_index<L: Lanes, T: Real, const MASKED: bool>(
-    l: L,
-    x: *const T,
-    rows: usize,
-    n: usize,
-    pitch: usize,
-    p: IndexLoss<'_>,
-    out: &mut IndexLossOut<'_>,
-    grad: Option<*mut T>,
-) {
-    // Compiled apart with and without the gradient: what a group keeps and writes is then
-    // known where the columns are walked.
-    // SAFETY: forwarded from the caller.
-    unsafe {
-        match grad {
-            Some(_) => xent_index_of::<L, T, MASKED, true>(l, x, rows, n, pitch, p, out, grad),
-            None => xent_index_of::<L, T, MASKED, false>(l, x, rows, n, pitch, p, out, None),
-        }
-    }
-}
-
-/// [`xent_index`] with `grad` given exactly when `GRAD`.
-///
-/// # Safety
-/// As [`xent_index`].
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-unsafe fn xent_index_of<L: Lanes, T: Real, const MASKED: bool, const GRAD: bool>(
+pub(crate) unsafe fn xent_index<L: Lanes, T: Real, const MASKED: bool, const GRAD: bool>(
     l: L,
     x: *const T,
     rows: usize,
@@ -1186,8 +1160,8 @@ fn prefetch_rows<T>(x: *const T, n: usize, pitch: usize, rows: usize) {
     }
 }
 
-/// [`xent_index`] at `level` (compiled apart with and without a mask); at the scalar level
-/// every row is flagged for the caller's reference path.
+/// [`xent_index`] at `level` (compiled apart with and without a mask, and with and without
+/// the gradient); at the scalar level every row is flagged for the caller's reference path.
 ///
 /// # Safety
 /// As [`xent_index`]; `level` supported by this CPU.
@@ -1222,7 +1196,14 @@ pub(crate) unsafe fn short_rows_xent_index<T: Real>(
             unsafe {
                 let (x, rows, n, pitch, p, grad) =
                     (self.x, self.rows, self.n, self.pitch, self.p, self.grad);
-                xent_index::<L, T, MASKED>(l, x, rows, n, pitch, p, self.out, grad)
+                match grad {
+                    Some(_) => {
+                        xent_index::<L, T, MASKED, true>(l, x, rows, n, pitch, p, self.out, grad)
+                    }
+                    None => {
+                        xent_index::<L, T, MASKED, false>(l, x, rows, n, pitch, p, self.out, None)
+                    }
+                }
             }
         }
         fn scalar(self) {
