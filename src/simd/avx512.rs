@@ -404,6 +404,38 @@ unsafe impl Lanes for Avx512 {
         unsafe { _mm512_mask_add_pd(acc, m, acc, e) }
     }
 
+    /// The rows' mask words gathered into one vector (a word a lane) and each column's byte
+    /// tested in every lane: one `vptestmq` a column, no transpose of the bits. The hardware
+    /// prefetchers do not follow the gathers, so the rows 16 on (the group after next) are
+    /// hinted into L1: on Zen 5 at 2 threads, 2^24 float32 in rows of 10-13 under a mask, the
+    /// gathers took 0.90-0.97x the time of the bits' transpose hinted, 1.1x unhinted.
+    #[inline(always)]
+    unsafe fn kept_columns(
+        self,
+        keep: *const u8,
+        lane: usize,
+        rows: usize,
+        skip: usize,
+        w: usize,
+        mut each: impl FnMut(usize, __mmask8),
+    ) {
+        // SAFETY: only the words of rows < rows are gathered (the caller's bytes).
+        unsafe {
+            let rows_at = _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0);
+            let at = _mm512_mullo_epi64(rows_at, _mm512_set1_epi64(lane as i64));
+            let words = _mm512_mask_i64gather_epi64::<1>(
+                _mm512_setzero_si512(),
+                tail_mask8(rows.min(8)),
+                at,
+                keep as *const i64,
+            );
+            super::prefetch_span(keep.wrapping_add(16 * lane), 8 * lane);
+            for k in 0..w {
+                let byte = _mm512_set1_epi64(0xff << (8 * (k + skip)));
+                each(k, _mm512_test_epi64_mask(words, byte));
+            }
+        }
+    }
     #[inline(always)]
     fn lanes_of_bits(self, bits: u8) -> __mmask8 {
         bits

@@ -88,6 +88,35 @@ pub unsafe trait Lanes: Copy {
         // SAFETY: 8 readable bytes.
         unsafe { self.kept(bytes.as_ptr()) }
     }
+    /// `each(k, kept)` for each of columns `0..w` (`w <= 8`) of a group of `rows` short rows
+    /// under a `where=` mask whose rows lie `lane` bytes apart, `kept` the lanes (rows) that
+    /// keep column `k`: row `r`'s 8 bytes at `keep + r * lane` hold its columns at bytes
+    /// `skip..skip + w` (`skip + w <= 8`), a nonzero byte where the row keeps the column.
+    /// Lanes past `rows` are not kept. (Each column's lanes are made as it is taken: a
+    /// vector of masks made ahead would not stay in registers.)
+    ///
+    /// # Safety
+    /// The 8 bytes at `keep + r * lane` readable for every `r < rows`.
+    #[inline(always)]
+    unsafe fn kept_columns(
+        self,
+        keep: *const u8,
+        lane: usize,
+        rows: usize,
+        skip: usize,
+        w: usize,
+        mut each: impl FnMut(usize, Self::M),
+    ) {
+        // Byte k: bit r for row r, the lane of column k.
+        let bits = (0..rows.min(Self::N)).fold(0u64, |acc, r| {
+            // SAFETY: the caller's 8 bytes of row r.
+            let word = unsafe { std::ptr::read_unaligned(keep.add(r * lane) as *const u64) };
+            acc | (nonzero_bytes(word >> (8 * skip)) << r)
+        });
+        for k in 0..w {
+            each(k, self.lanes_of_bits((bits >> (8 * k)) as u8));
+        }
+    }
     /// `acc + e` on the lanes of `m`, `acc` elsewhere.
     #[inline(always)]
     fn masked_add(self, acc: Self::V, m: Self::M, e: Self::V) -> Self::V {
@@ -385,6 +414,13 @@ pub(crate) unsafe fn load_columns_by_element<L: Lanes, T: Real>(
         }
         o.write(l.of_lanes(&a));
     }
+}
+
+/// The bytes of `v` that are nonzero, as 1 (and 0 elsewhere).
+#[inline(always)]
+pub(crate) fn nonzero_bytes(v: u64) -> u64 {
+    const LOW: u64 = 0x7f7f_7f7f_7f7f_7f7f;
+    ((((v & LOW) + LOW) | v) >> 7) & 0x0101_0101_0101_0101
 }
 
 /// [`Lanes::store_columns`] one element at a time.

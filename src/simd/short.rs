@@ -35,60 +35,27 @@ pub(crate) struct RowMask {
     pub(crate) class: usize,
 }
 
-/// The bytes of `v` that are nonzero, as 1 (and 0 elsewhere).
-#[inline(always)]
-fn nonzero_bytes(v: u64) -> u64 {
-    const LOW: u64 = 0x7f7f_7f7f_7f7f_7f7f;
-    ((((v & LOW) + LOW) | v) >> 7) & 0x0101_0101_0101_0101
-}
-
 impl RowMask {
-    /// The mask of classes `c0..c0 + w` (`w <= 8`) of rows `0..rows` (`rows <= 8`), transposed:
-    /// bit `r` of byte `k` is set when row `r` keeps class `c0 + k`. A row's up to 8 mask
-    /// bytes are read as one word where the row holds them, and 8 rows make one word.
+    /// The mask of classes `c0..c0 + w` (`w <= 8`) of rows `0..rows` (`rows <= 8`), transposed
+    /// byte by byte: bit `r` of byte `k` is set when row `r` keeps class `c0 + k`. For the
+    /// masks that [`Lanes::kept_columns`] cannot read a word a row: rows under 8 classes, one
+    /// flag a row, or classes apart in the mask.
     ///
     /// # Safety
-    /// Mask bytes of classes `0..n` of rows `0..rows` readable; `c0 + w <= n`.
+    /// Mask bytes of classes `c0..c0 + w` of rows `0..rows` readable.
     #[inline(always)]
-    unsafe fn columns(self, rows: usize, c0: usize, w: usize, n: usize) -> u64 {
-        // SAFETY: every read is a mask byte of class c0..n of a row < rows.
+    unsafe fn columns(self, rows: usize, c0: usize, w: usize) -> u64 {
+        // SAFETY: every read is a mask byte of class c0..c0 + w of a row < rows.
         unsafe {
-            let row_bytes = |r: usize| -> u64 {
-                let p = self.keep.add(r * self.lane + c0);
-                if c0 + 8 <= n {
-                    nonzero_bytes(std::ptr::read_unaligned(p as *const u64))
-                } else if n >= 8 {
-                    // The row's last 8 bytes, shifted down to class c0.
-                    let last = std::ptr::read_unaligned(p.sub(c0 + 8 - n) as *const u64);
-                    nonzero_bytes(last >> (8 * (c0 + 8 - n)))
-                } else {
-                    let mut v = 0u64;
-                    for k in 0..w {
-                        v |= ((*p.add(k) != 0) as u64) << (8 * k);
-                    }
-                    v
-                }
+            let flag = |r: usize, k: usize| -> u64 {
+                u64::from(*self.keep.add(r * self.lane + (c0 + k) * self.class) != 0)
             };
-            let all_rows = (1u64 << rows) - 1;
-            match (self.class, self.lane) {
-                (1, 0) => row_bytes(0) * all_rows,
-                (1, _) => (0..rows).fold(0, |acc, r| acc | (row_bytes(r) << r)),
-                (0, _) => {
-                    let flags = (0..rows).fold(0u64, |acc, r| {
-                        acc | (((*self.keep.add(r * self.lane) != 0) as u64) << r)
-                    });
-                    flags * 0x0101_0101_0101_0101
-                }
-                (s, _) => {
-                    let mut v = 0u64;
-                    for r in 0..rows {
-                        for k in 0..w {
-                            let b = *self.keep.add(r * self.lane + (c0 + k) * s);
-                            v |= ((b != 0) as u64) << (8 * k + r);
-                        }
-                    }
-                    v
-                }
+            match self.class {
+                // One flag for every class of a row.
+                0 => (0..rows).fold(0, |v, r| v | (flag(r, 0) << r)) * 0x0101_0101_0101_0101,
+                _ => (0..rows).fold(0, |v, r| {
+                    (0..w).fold(v, |v, k| v | (flag(r, k) << (8 * k + r)))
+                }),
             }
         }
     }
@@ -266,11 +233,32 @@ unsafe fn group_state<L: Lanes, T: Real>(
                 let mut cols = [MaybeUninit::<L::V>::uninit(); 8];
                 let room = grp.room - c0;
                 l.load_columns(|i| grp.row(i).wrapping_add(c0), rows, 0, w, room, &mut cols);
-                let bits = mask.columns(rows, c0, w, n);
-                for (k, c) in cols.iter().enumerate().take(w) {
-                    // Byte k: bit r for row r, the lane of column c0 + k.
-                    let kept = l.lanes_of_bits((bits >> (8 * k)) as u8);
-                    buf[c0 + k].write(l.select(kept, c.assume_init(), ninf));
+                if mask.class == 1 && n >= 8 {
+                    // Each row's 8 mask bytes from class c0, or its last 8 with the classes
+                    // before c0 skipped.
+                    let (start, skip) = if c0 + 8 <= n {
+                        (c0, 0)
+                    } else {
+                        (n - 8, c0 + 8 - n)
+                    };
+                    l.kept_columns(
+                        mask.keep.add(start),
+                        mask.lane,
+                        rows,
+                        skip,
+                        w,
+                        #[inline(always)]
+                        |k, kept| {
+                            buf[c0 + k].write(l.select(kept, cols[k].assume_init(), ninf));
+                        },
+                    );
+                } else {
+                    let bits = mask.columns(rows, c0, w);
+                    for (k, c) in cols.iter().enumerate().take(w) {
+                        // Byte k: bit r for row r, the lane of column c0 + k.
+                        let kept = l.lanes_of_bits((bits >> (8 * k)) as u8);
+                        buf[c0 + k].write(l.select(kept, c.assume_init(), ninf));
+                    }
                 }
             } else {
                 let row = |i: usize| grp.row(i);
