@@ -137,7 +137,8 @@ def _check_out(
 
 
 def _where_mask(where: Any, shape: tuple[int, ...]) -> np.ndarray:
-    """`where` as a bool array of `shape` (a broadcast view: no copy), or the error naming it.
+    """`where` as a bool array of `shape` (itself, or a broadcast view: no copy), or the error
+    naming it.
 
     As NumPy's ufuncs, the mask must be boolean (``where=[1, 0]`` is a ``TypeError``; JAX raises
     ``ValueError`` for it) and must broadcast to the input's shape without growing it.
@@ -148,6 +149,8 @@ def _where_mask(where: Any, shape: tuple[int, ...]) -> np.ndarray:
         raise ValueError(f"where is not a rectangular array of booleans: {exc}") from None
     if w.dtype != np.bool_:
         raise TypeError(f"where must be a boolean array, got dtype {w.dtype}")
+    if type(w) is np.ndarray and w.shape == shape:
+        return w  # nothing to broadcast (np.broadcast_to costs microseconds a call)
     try:
         return np.broadcast_to(w, shape)
     except ValueError:

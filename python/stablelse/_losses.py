@@ -61,7 +61,9 @@ def _mask3(where: Any, x: np.ndarray, axis: int, name: str) -> np.ndarray:
     is copied, as a dense bool array.
     """
     check_where(where, x.shape, name)
-    m = np.broadcast_to(np.asarray(where), x.shape)
+    m = np.asarray(where)
+    if type(m) is not np.ndarray or m.shape != x.shape:
+        m = np.broadcast_to(m, x.shape)
     shape = x.shape
     m3 = m.reshape(math.prod(shape[:axis]), shape[axis], math.prod(shape[axis + 1 :]))
     return m3 if all(s >= 0 for s in m3.strides) else np.ascontiguousarray(m3)

@@ -166,6 +166,8 @@ def check_where(where: Any, x_shape: tuple[Any, ...], name: str = "logits") -> N
     ``ValueError`` unless it broadcasts to `x_shape` (NumPy's rules, without changing
     `x_shape`), or when a shape is not known yet (a Dask array with unknown chunk sizes).
     """
+    if type(where) is np.ndarray and where.dtype == np.bool_ and where.shape == x_shape:
+        return  # the common case, decided without the general checks
     shape, dtype = _where_facts(where)
     if str(dtype) not in ("bool", "torch.bool"):
         raise TypeError(f"where must be a bool array, got dtype {dtype}")

@@ -341,7 +341,8 @@ impl Blocks {
                 outer: p.outer,
                 n: p.n,
                 inner: p.inner,
-                slabs: (BLOCK / slab).max(1),
+                // No more slabs than the array holds: each piece's scratch is a block's size.
+                slabs: (BLOCK / slab).clamp(1, p.outer.max(1)),
                 cols: p.inner,
             }
         } else {
