@@ -555,7 +555,8 @@ def test_short_rows_under_a_dense_mask_equal_a_strided_mask(dtype, n):
     loaded column instead. The
     loss, the lane losses and the gradient must be the same bits (a group staged from the wrong
     rows, a tail group, a masked NaN read), also with rows that keep no class, kept NaN and
-    +inf, and ignored targets."""
+    +inf, and ignored targets. (A mask of the logits' shape also takes the front door's one
+    native call, the strided one its general path: the two must agree as well.)"""
     rng = np.random.default_rng(200 + n)
     rows = 5003
     x = (rng.standard_normal((rows, n)) * 8).astype(dtype)

@@ -128,6 +128,7 @@ def cross_entropy_common(
     label_smoothing: float,
     z_loss: float,
     return_grad: bool,
+    where: Optional[npt.NDArray[np.bool_]] = None,
 ) -> Any: ...
 def nll_loss(
     log_probs: _Arr,

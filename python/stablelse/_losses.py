@@ -27,7 +27,6 @@ from ._api import (
 from ._axes import normalize_axis
 from ._spec import (
     Reduction,
-    TargetError,
     check_where,
     core_error,
     first_out_of_range,
@@ -303,19 +302,27 @@ def cross_entropy(
         and type(target) is np.ndarray
         and weight is None
         and grad_out is None
-        and where is None
+        and (
+            where is None
+            or (
+                type(where) is np.ndarray
+                and where.dtype == np.bool_
+                and where.shape == logits.shape
+            )
+        )
         and logits.ndim
         and logits.dtype.kind == "f"  # other dtypes are refused before axis is read
     ):
         # The common call (aligned C-contiguous float32/float64 logits, aligned int64 class
-        # indices of the batch shape) in one native call, where every conversion below is
-        # the identity; NotImplemented sends anything else down the general path.
+        # indices of the batch shape, a C-contiguous mask of the logits' shape or none) in one
+        # native call, where every conversion below is the identity; NotImplemented sends
+        # anything else down the general path.
         try:
             res = _core.cross_entropy_common(
-                logits, target, normalize_axis(axis, logits.ndim), *opts
+                logits, target, normalize_axis(axis, logits.ndim), *opts, where
             )
-        except IndexError as exc:
-            raise TargetError.from_core(exc, target.shape) from None
+        except (IndexError, ValueError) as exc:
+            raise core_error(exc, target.shape) from None
         if res is not NotImplemented:
             return res
     x, rdtype, ax = _logits(logits, axis, "logits", half=True)

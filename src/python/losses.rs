@@ -19,7 +19,7 @@ use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
 use pyo3::types::PyTuple;
 
-use super::array::{check_out, copy_values, dense, shares_memory, try_empty, Raw};
+use super::array::{check_out, copy_values, dense, shares_memory, try_empty, Raw, MAX_DIMS};
 use super::errors::to_pyerr;
 use super::exec::{self, WorkView};
 use super::half::as_bf16;
@@ -353,6 +353,28 @@ fn common_view<T: Element>(
     Ok(Some((rx, batch)))
 }
 
+/// A C-ordered bool `mask` of the logits' shape as the 3-D `(outer, classes, inner)` mask of
+/// `batch` (the same bytes), or `None` for any other mask.
+fn common_mask(mask: &Bound<'_, PyAny>, shape: &[usize], batch: Batch) -> PyResult<Option<Raw>> {
+    let Ok(m) = mask.cast::<PyArrayDyn<bool>>() else {
+        return Ok(None);
+    };
+    let raw = Raw::of(m)?;
+    if raw.shape() != shape || !raw.is_dense::<u8>() {
+        return Ok(None);
+    }
+    let (mut dims, mut steps) = ([0usize; MAX_DIMS], [0isize; MAX_DIMS]);
+    dims[..3].copy_from_slice(&[batch.outer, batch.n, batch.inner]);
+    steps[..3].copy_from_slice(&[(batch.n * batch.inner) as isize, batch.inner as isize, 1]);
+    Ok(Some(Raw {
+        ndim: 3,
+        shape: dims,
+        strides: steps,
+        ..raw
+    }))
+}
+
+#[allow(clippy::too_many_arguments)]
 fn common_typed<'py, T: Real + Element + Stored<Compute = T>>(
     py: Python<'py>,
     x: &Bound<'py, PyArrayDyn<T>>,
@@ -360,6 +382,7 @@ fn common_typed<'py, T: Real + Element + Stored<Compute = T>>(
     axis: usize,
     args: XentArgs,
     return_grad: bool,
+    mask: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyAny>> {
     let Ok(ti) = t.cast::<PyArrayDyn<i64>>() else {
         return Ok(py.NotImplemented().into_bound(py));
@@ -367,12 +390,19 @@ fn common_typed<'py, T: Real + Element + Stored<Compute = T>>(
     let Some((raw, batch)) = common_view(x, ti, axis)? else {
         return Ok(py.NotImplemented().into_bound(py));
     };
+    let mask = match mask {
+        None => None,
+        Some(m) => match common_mask(m, x.shape(), batch)? {
+            Some(raw) => Some(raw),
+            None => return Ok(py.NotImplemented().into_bound(py)),
+        },
+    };
     let view = XentView {
         raw: &raw,
         batch,
         lanes: ti.shape(),
         grad: x.shape(),
-        mask: None,
+        mask,
     };
     let res = xent_typed(py, x, view, t, None, args, return_grad, None)?;
     if return_grad {
@@ -387,10 +417,11 @@ fn common_typed<'py, T: Real + Element + Stored<Compute = T>>(
 /// dtype, or an array of the target's shape for "none"), or `(loss, grad)` with the grad of
 /// the logits' shape. Returns `NotImplemented` unless the logits are C-contiguous aligned
 /// float32/float64 and the target an aligned int64 array of the logits' shape without
-/// `axis`: the Python layer's general path converts and validates everything else.
+/// `axis`, and `where` (when given) a C-contiguous bool array of the logits' shape: the Python
+/// layer's general path converts and validates everything else.
 #[pyfunction]
 #[pyo3(signature = (logits, target, axis, ignore_index, reduction, label_smoothing, z_loss,
-    return_grad))]
+    return_grad, r#where = None))]
 #[allow(clippy::too_many_arguments)]
 fn cross_entropy_common<'py>(
     py: Python<'py>,
@@ -402,6 +433,7 @@ fn cross_entropy_common<'py>(
     label_smoothing: f64,
     z_loss: f64,
     return_grad: bool,
+    r#where: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyAny>> {
     let args = XentArgs {
         ignore_index,
@@ -411,9 +443,9 @@ fn cross_entropy_common<'py>(
         algorithm: Algorithm::Auto,
     };
     if let Ok(x) = logits.cast::<PyArrayDyn<f32>>() {
-        common_typed(py, x, target, axis, args, return_grad)
+        common_typed(py, x, target, axis, args, return_grad, r#where)
     } else if let Ok(x) = logits.cast::<PyArrayDyn<f64>>() {
-        common_typed(py, x, target, axis, args, return_grad)
+        common_typed(py, x, target, axis, args, return_grad, r#where)
     } else {
         Ok(py.NotImplemented().into_bound(py))
     }
