@@ -1068,16 +1068,18 @@ pub(crate) unsafe fn xent_index<L: Lanes, T: Real, const MASKED: bool, const GRA
             let xtv = l.of_lanes(&xt);
             let main = l.mul(l.of_lanes(&wt), l.sub(lt, l.sub(xtv, m)));
             let lse = l.add(m, lt);
-            let (ma, la) = (l.to_lanes(main), l.to_lanes(lse));
             // An ignored row's main term is already +0 (weight 0 times `lt >= 0`) unless the
             // row is redone, which rewrites it.
+            let (pm, pl) = (
+                out.main[r..r + g].as_mut_ptr(),
+                out.lse[r..r + g].as_mut_ptr(),
+            );
             if g == L::N {
-                // A copy of constant length: moves, not a call to memmove.
-                out.main[r..r + L::N].copy_from_slice(&ma[..L::N]);
-                out.lse[r..r + L::N].copy_from_slice(&la[..L::N]);
+                l.store(pm, main);
+                l.store(pl, lse);
             } else {
-                out.main[r..r + g].copy_from_slice(&ma[..g]);
-                out.lse[r..r + g].copy_from_slice(&la[..g]);
+                l.store_tail(pm, main, g);
+                l.store_tail(pl, lse, g);
             }
             for (k, o) in out.redo[r..r + g].iter_mut().enumerate() {
                 *o = redo & (1 << k) != 0;
