@@ -407,8 +407,9 @@ unsafe impl Lanes for Avx512 {
     /// The rows' mask words gathered into one vector (a word a lane) and each column's byte
     /// tested in every lane: one `vptestmq` a column, no transpose of the bits. The hardware
     /// prefetchers do not follow the gathers, so the rows 16 on (the group after next) are
-    /// hinted into L1: on Zen 5 at 2 threads, 2^24 float32 in rows of 10-13 under a mask, the
-    /// gathers took 0.90-0.97x the time of the bits' transpose hinted, 1.1x unhinted.
+    /// hinted into L1. On Zen 5 at 2 threads, 2^24 float32 in rows of 10-13 under a mask, the
+    /// gathers took 0.90-0.99x the time of the bits' transpose (hinted too); unhinted, they
+    /// took 1.03-1.1x.
     #[inline(always)]
     unsafe fn kept_columns(
         self,
