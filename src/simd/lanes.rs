@@ -418,7 +418,7 @@ pub(crate) unsafe fn load_columns_by_element<L: Lanes, T: Real>(
 
 /// The bytes of `v` that are nonzero, as 1 (and 0 elsewhere).
 #[inline(always)]
-pub(crate) fn nonzero_bytes(v: u64) -> u64 {
+fn nonzero_bytes(v: u64) -> u64 {
     const LOW: u64 = 0x7f7f_7f7f_7f7f_7f7f;
     ((((v & LOW) + LOW) | v) >> 7) & 0x0101_0101_0101_0101
 }
