@@ -303,10 +303,13 @@ def logsumexp(
     bw: np.ndarray | None = None
     if b is not None:
         bw, _ = _as_real_array(b, "b")
-        common = np.result_type(x.dtype, bw.dtype)
         rdtype = _weighted_result_dtype(np.asarray(a).dtype, np.asarray(b).dtype)
         try:
-            x, bw = np.broadcast_arrays(x.astype(common, copy=False), bw.astype(common, copy=False))
+            if bw.shape != x.shape or bw.dtype != x.dtype:  # (both costs microseconds a call)
+                common = np.result_type(x.dtype, bw.dtype)
+                x, bw = np.broadcast_arrays(
+                    x.astype(common, copy=False), bw.astype(common, copy=False)
+                )
         except ValueError:
             raise ValueError(
                 f"b with shape {np.shape(b)} does not broadcast against a with shape "
