@@ -288,8 +288,11 @@ def target_kind(
     known yet (a Dask array with unknown chunk sizes).
     """
     batch_shape = tuple(x_shape[:ax]) + tuple(x_shape[ax + 1 :])
-    # ml_dtypes' bfloat16 is a floating type to NumPy's eyes only by name (its kind is "V").
-    kind = "f" if t_dtype.name == "bfloat16" else t_dtype.kind
+    # ml_dtypes' bfloat16 is a floating type to NumPy's eyes only by name (its kind is "V");
+    # the name is looked up only then (it costs a microsecond a call).
+    kind = t_dtype.kind
+    if kind == "V" and t_dtype.name == "bfloat16":
+        kind = "f"
     t_shape = tuple(t_shape)
     if t_shape == batch_shape and kind in "iu":  # NaN sizes never compare equal
         return "index"
