@@ -9,6 +9,7 @@ to the native module in one call.
 
 from __future__ import annotations
 
+import math
 import operator
 from typing import Any, Literal, Optional
 
@@ -184,6 +185,31 @@ def _scalarize(res: np.ndarray) -> Any:
 # --------------------------------------------------------------------------- logsumexp
 
 
+def _weighted_trailing(
+    a: np.ndarray, b: np.ndarray, axes: tuple[int, ...], keepdims: Any, return_sign: bool
+) -> Any:
+    """Weighted logsumexp of C-ordered `a` and `b` (same shape and float dtype) over `axes` when
+    they are trailing axes (the last ones, or all): ``(outer, n, 1)`` reshapes handed to the
+    kernel, the result in the caller's shape. ``None`` for other axes."""
+    first = axes[0]
+    if axes != tuple(range(first, a.ndim)):
+        return None
+    outer = math.prod(a.shape[:first])
+    n = math.prod(a.shape[first:])
+    res, sgn = _core.logsumexp_weighted(
+        a.reshape(outer, n, 1), b.reshape(outer, n, 1), bool(return_sign)
+    )
+    kept = a.shape[:first]
+    shape = kept + (1,) * (a.ndim - first) if keepdims else kept
+    res = _scalarize(res.reshape(shape))
+    if not return_sign:
+        return res
+    sgn = sgn.reshape(shape)
+    if n == 0:
+        sgn[...] = -1.0  # as scipy, and as the general path
+    return res, _scalarize(sgn)
+
+
 def logsumexp(
     a: Any,
     axis: AxisLike = None,
@@ -290,6 +316,25 @@ def logsumexp(
         mask = None if where is None else _where_mask(where, a.shape)
         res = _core.logsumexp(a, normalize_axes(axis, a.ndim), keepdims, algorithm, out, mask)
         if res is not NotImplemented:
+            return res
+    if (
+        type(a) is np.ndarray
+        and type(b) is np.ndarray
+        and where is None
+        and out is None
+        and a.ndim
+        and a.shape == b.shape
+        and a.dtype == b.dtype
+        and a.dtype in (np.float32, np.float64)
+        and a.flags.c_contiguous
+        and b.flags.c_contiguous
+        and a.flags.aligned
+        and b.flags.aligned
+    ):
+        # Weights of a's shape and dtype, both C-ordered, reduced over the trailing axes: the
+        # kernels' (outer, n, 1) view is a reshape, with no planning in Python.
+        res = _weighted_trailing(a, b, normalize_axes(axis, a.ndim), keepdims, return_sign)
+        if res is not None:
             return res
     if _is_gpu_array(a):
         _where_unsupported_on_gpu(where)
