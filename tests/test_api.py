@@ -228,6 +228,32 @@ def test_weight_special_cases_match_scipy():
         assert_same(sl.logsumexp(a, b=b), want1, 1e-14)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(7,), (3, 5), (2, 3, 4), (0, 4), (4, 0), (3, 0, 2)])
+def test_weights_of_the_inputs_layout_take_the_reshape_path_with_the_same_bits(rng, dtype, shape):
+    """C-ordered `a` and `b` of one shape and dtype, reduced over trailing axes, reach the
+    kernel as reshapes; a strided `b` of the same values takes the general path. Results,
+    signs, shapes, dtypes and scalar-ness must agree bit for bit (inf, negative sums, empty
+    axes included)."""
+    a = (rng.standard_normal(shape) * 3).astype(dtype)
+    b = rng.standard_normal(shape).astype(dtype)
+    if a.size > 3:
+        a.flat[0] = np.inf
+    strided = np.empty(shape + (2,), dtype)[..., 0]
+    strided[...] = b
+    nd = len(shape)
+    axes = [None, -1, 0, *[tuple(range(k, nd)) for k in range(nd)]]
+    for axis, keep, sign in itertools.product(axes, [False, True], [False, True]):
+        with np.errstate(all="ignore"):
+            got = sl.logsumexp(a, axis=axis, b=b, keepdims=keep, return_sign=sign)
+            want = sl.logsumexp(a, axis=axis, b=strided, keepdims=keep, return_sign=sign)
+        pairs = zip(got, want) if sign else [(got, want)]
+        for u, v in pairs:
+            assert type(u) is type(v) and np.shape(u) == np.shape(v)
+            assert np.asarray(u).dtype == np.asarray(v).dtype
+            np.testing.assert_array_equal(u, v)
+
+
 def test_b_mixed_precision_promotes():
     a = np.arange(4, dtype=np.float32)
     out = sl.logsumexp(a, b=np.ones(4, dtype=np.float64))
