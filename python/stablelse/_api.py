@@ -18,6 +18,7 @@ import numpy as np
 from . import _complex, _core
 from ._axes import AxisLike, normalize_axes
 from ._plan import kernel_view, kernel_view3, reduced_to_user, view_as
+from ._spec import is_full_mask
 
 Algorithm = Literal["auto", "two_pass", "online"]
 _ALGORITHMS = ("auto", "two_pass", "online")
@@ -144,14 +145,14 @@ def _where_mask(where: Any, shape: tuple[int, ...]) -> np.ndarray:
     As NumPy's ufuncs, the mask must be boolean (``where=[1, 0]`` is a ``TypeError``; JAX raises
     ``ValueError`` for it) and must broadcast to the input's shape without growing it.
     """
+    if is_full_mask(where, shape):
+        return where
     try:
         w = where if isinstance(where, np.ndarray) else np.asarray(where)
     except ValueError as exc:
         raise ValueError(f"where is not a rectangular array of booleans: {exc}") from None
     if w.dtype != np.bool_:
         raise TypeError(f"where must be a boolean array, got dtype {w.dtype}")
-    if type(w) is np.ndarray and w.shape == shape:
-        return w  # nothing to broadcast (np.broadcast_to costs microseconds a call)
     try:
         return np.broadcast_to(w, shape)
     except ValueError:
@@ -202,12 +203,7 @@ def _weighted_trailing(
     kept = a.shape[:first]
     shape = kept + (1,) * (a.ndim - first) if keepdims else kept
     res = _scalarize(res.reshape(shape))
-    if not return_sign:
-        return res
-    sgn = sgn.reshape(shape)
-    if n == 0:
-        sgn[...] = -1.0  # as scipy, and as the general path
-    return res, _scalarize(sgn)
+    return (res, _scalarize(sgn.reshape(shape))) if return_sign else res
 
 
 def logsumexp(
@@ -398,8 +394,6 @@ def logsumexp(
         res = reduced_to_user(res2, plan, x.shape, keepdims)
         if return_sign:
             sgn = reduced_to_user(sgn2, plan, x.shape, keepdims)
-            if plan.n == 0:
-                sgn[...] = -1.0  # as scipy, and as the unweighted path above
     if res.dtype != rdtype:
         res = res.astype(rdtype)
     if out is not None:

@@ -30,6 +30,7 @@ from ._spec import (
     check_where,
     core_error,
     first_out_of_range,
+    is_full_mask,
     loss_options,
     target_kind,
     weight_array,
@@ -60,9 +61,7 @@ def _mask3(where: Any, x: np.ndarray, axis: int, name: str) -> np.ndarray:
     is copied, as a dense bool array.
     """
     check_where(where, x.shape, name)
-    m = np.asarray(where)
-    if type(m) is not np.ndarray or m.shape != x.shape:
-        m = np.broadcast_to(m, x.shape)
+    m = where if is_full_mask(where, x.shape) else np.broadcast_to(np.asarray(where), x.shape)
     shape = x.shape
     m3 = m.reshape(math.prod(shape[:axis]), shape[axis], math.prod(shape[axis + 1 :]))
     return m3 if all(s >= 0 for s in m3.strides) else np.ascontiguousarray(m3)
@@ -302,14 +301,7 @@ def cross_entropy(
         and type(target) is np.ndarray
         and weight is None
         and grad_out is None
-        and (
-            where is None
-            or (
-                type(where) is np.ndarray
-                and where.dtype == np.bool_
-                and where.shape == logits.shape
-            )
-        )
+        and (where is None or is_full_mask(where, logits.shape))
         and logits.ndim
         and logits.dtype.kind == "f"  # other dtypes are refused before axis is read
     ):

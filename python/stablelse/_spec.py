@@ -29,6 +29,7 @@ __all__ = [
     "MaskedTargetError",
     "TargetError",
     "check_where",
+    "is_full_mask",
     "loss_options",
     "target_kind",
     "weight_array",
@@ -159,6 +160,13 @@ def _where_facts(where: Any) -> tuple[tuple[Any, ...], Any]:
     return tuple(shape), dtype
 
 
+def is_full_mask(where: Any, shape: tuple[Any, ...]) -> bool:
+    """Whether `where` is a NumPy bool array of `shape` already: the common mask, which every
+    front door takes as it is, with no check or broadcast beyond this (each costs microseconds
+    a call)."""
+    return type(where) is np.ndarray and where.dtype == np.bool_ and where.shape == shape
+
+
 def check_where(where: Any, x_shape: tuple[Any, ...], name: str = "logits") -> None:
     """Check a ``where=`` mask against the shape of `name` (every front door calls this).
 
@@ -166,8 +174,8 @@ def check_where(where: Any, x_shape: tuple[Any, ...], name: str = "logits") -> N
     ``ValueError`` unless it broadcasts to `x_shape` (NumPy's rules, without changing
     `x_shape`), or when a shape is not known yet (a Dask array with unknown chunk sizes).
     """
-    if type(where) is np.ndarray and where.dtype == np.bool_ and where.shape == x_shape:
-        return  # the common case, decided without the general checks
+    if is_full_mask(where, x_shape):
+        return
     shape, dtype = _where_facts(where)
     if str(dtype) not in ("bool", "torch.bool"):
         raise TypeError(f"where must be a bool array, got dtype {dtype}")

@@ -144,7 +144,8 @@ pub unsafe fn log_softmax_write<T: Real>(
 /// the max are summed apart (`m`) from the rest (`s`) and the result is
 /// `log1p(s/m) + log|m| + max`; where that is not finite (infinite or NaN max, weights at the
 /// max cancelling) scipy falls back to the direct `log|sum b exp(a)|` in the input precision,
-/// and so do we. Without `return_sign` a negative sum gives NaN.
+/// and so do we. Without `return_sign` a negative sum gives NaN. An empty lane is `-inf` with
+/// sign -1, as scipy gives it.
 ///
 /// # Safety
 /// As [`lse_state_two_pass`], for `a` and for `b` (with its own start and stride).
@@ -166,6 +167,9 @@ pub unsafe fn logsumexp_weighted_lane<T: Real>(
             (*b.add(bstart + k * bstride)).to_f64(),
         )
     };
+    if n == 0 {
+        return (T::from_f64(f64::NEG_INFINITY), T::from_f64(-1.0));
+    }
     let mut max = f64::NEG_INFINITY;
     let mut nan = false;
     for k in 0..n {
