@@ -716,7 +716,7 @@ def test_masked_rows_streamed_into_a_large_out_equal_rows_written_through_the_ca
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("n", [1, 2, 5, 7, 10, 16, 33, 64])
+@pytest.mark.parametrize("n", [1, 2, 5, 7, 8, 10, 13, 15, 16, 33, 64])
 def test_short_rows_read_beside_the_mask_equal_the_staged_path(dtype, n):
     """Short rows dense in x, the mask and out go through the short-row kernels with the mask
     read beside them, a group of rows staged at a time (softmax, log_softmax, logsumexp and

@@ -235,6 +235,31 @@ fn log1p_table_pd(e: __m512d) -> __m512d {
     _mm512_mask_mov_pd(log_u, special, e)
 }
 
+/// `v` as it is, through an empty `asm!` that the compiler cannot see into: a load kept
+/// apart from the masked blend that takes it, which would otherwise be folded into a masked
+/// load (those stall on Zen 5 when they miss the cache: rows of 10-13 under a mask ran 2.7-3.5x
+/// slower from DRAM).
+#[inline]
+#[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl,popcnt")]
+fn opaque_ps(mut v: __m256) -> __m256 {
+    // SAFETY: an empty template; it reads and writes nothing but the register.
+    unsafe {
+        std::arch::asm!("/* {0} */", inout(ymm_reg) v, options(pure, nomem, nostack, preserves_flags))
+    };
+    v
+}
+
+/// [`opaque_ps`] for float64 rows.
+#[inline]
+#[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl,popcnt")]
+fn opaque_pd(mut v: __m512d) -> __m512d {
+    // SAFETY: as in opaque_ps.
+    unsafe {
+        std::arch::asm!("/* {0} */", inout(zmm_reg) v, options(pure, nomem, nostack, preserves_flags))
+    };
+    v
+}
+
 /// The 8x8 transpose of float32 lanes: `out[k][i] = r[i][k]`.
 #[inline]
 #[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl,popcnt")]
@@ -404,36 +429,57 @@ unsafe impl Lanes for Avx512 {
         unsafe { _mm512_mask_add_pd(acc, m, acc, e) }
     }
 
-    /// The rows' mask words gathered into one vector (a word a lane) and each column's byte
-    /// tested in every lane: one `vptestmq` a column, no transpose of the bits. The hardware
-    /// prefetchers do not follow the gathers, so the rows 16 on (the group after next) are
-    /// hinted into L1. On Zen 5 at 2 threads, 2^24 float32 in rows of 10-13 under a mask, the
-    /// gathers took 0.90-0.99x the time of the bits' transpose (hinted too); unhinted, they
-    /// took 1.03-1.1x.
+    /// A whole group's rows masked before their transpose: each row's 8 mask bytes tested at
+    /// once (one `vptestmb`) and its loaded vector blended with `-inf` under them, so a
+    /// column costs no mask work of its own. Partial groups and tails without room take the
+    /// bits' transpose.
     #[inline(always)]
-    unsafe fn kept_columns(
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn load_columns_kept<T: Real>(
         self,
-        keep: *const u8,
-        lane: usize,
+        row: impl Fn(usize) -> *const T,
         rows: usize,
-        skip: usize,
+        c0: usize,
         w: usize,
-        mut each: impl FnMut(usize, __mmask8),
+        room: usize,
+        (keep, lane, skip): (*const u8, usize, usize),
+        out: &mut [MaybeUninit<__m512d>],
     ) {
-        // SAFETY: only the words of rows < rows are gathered (the caller's bytes).
+        // SAFETY: whole rows of 8 elements from c0 (room) and their 8 mask bytes are
+        // readable (the caller's contract); out holds c0 + w entries.
         unsafe {
-            let rows_at = _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0);
-            let at = _mm512_mullo_epi64(rows_at, _mm512_set1_epi64(lane as i64));
-            let words = _mm512_mask_i64gather_epi64::<1>(
-                _mm512_setzero_si512(),
-                tail_mask8(rows.min(8)),
-                at,
-                keep as *const i64,
-            );
-            super::prefetch_span(keep.wrapping_add(16 * lane), 8 * lane);
-            for k in 0..w {
-                let byte = _mm512_set1_epi64(0xff << (8 * (k + skip)));
-                each(k, _mm512_test_epi64_mask(words, byte));
+            if rows < 8 || room < 8 {
+                let bits = super::lanes::word_bits(keep, lane, rows.min(8), skip);
+                return super::lanes::load_columns_of_bits(self, row, rows, c0, w, room, bits, out);
+            }
+            let shift = _mm_cvtsi64_si128((8 * skip) as i64);
+            let kept = |i: usize| {
+                let b = _mm_loadl_epi64(keep.add(i * lane) as *const __m128i);
+                let b = if skip == 0 {
+                    b
+                } else {
+                    _mm_srl_epi64(b, shift)
+                };
+                _mm_test_epi8_mask(b, b) as __mmask8
+            };
+            if T::FULL {
+                let ninf = _mm512_set1_pd(f64::NEG_INFINITY);
+                let r: [__m512d; 8] = super::array8(|i| {
+                    let v = opaque_pd(_mm512_loadu_pd((row(i) as *const f64).add(c0)));
+                    _mm512_mask_blend_pd(kept(i), ninf, v)
+                });
+                for (k, c) in transpose8_pd(r).iter().enumerate().take(w) {
+                    out[c0 + k].write(*c);
+                }
+            } else {
+                let ninf = _mm256_set1_ps(f32::NEG_INFINITY);
+                let r: [__m256; 8] = super::array8(|i| {
+                    let v = opaque_ps(_mm256_loadu_ps((row(i) as *const f32).add(c0)));
+                    _mm256_mask_blend_ps(kept(i), ninf, v)
+                });
+                for (k, c) in transpose8_ps(r).iter().enumerate().take(w) {
+                    out[c0 + k].write(_mm512_cvtps_pd(*c));
+                }
             }
         }
     }

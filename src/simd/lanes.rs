@@ -88,33 +88,30 @@ pub unsafe trait Lanes: Copy {
         // SAFETY: 8 readable bytes.
         unsafe { self.kept(bytes.as_ptr()) }
     }
-    /// `each(k, kept)` for each of columns `0..w` (`w <= 8`) of a group of `rows` short rows
-    /// under a `where=` mask whose rows lie `lane` bytes apart, `kept` the lanes (rows) that
-    /// keep column `k`: row `r`'s 8 bytes at `keep + r * lane` hold its columns at bytes
+    /// [`Lanes::load_columns`] under a `where=` mask: the masked elements read as `-inf`.
+    /// Row `r`'s 8 mask bytes at `keep + r * lane` hold its columns `c0..c0 + w` at bytes
     /// `skip..skip + w` (`skip + w <= 8`), a nonzero byte where the row keeps the column.
-    /// Lanes past `rows` are not kept. (Each column's lanes are made as it is taken: a
-    /// vector of masks made ahead would not stay in registers.)
+    /// (A level may mask each row before its transpose.)
     ///
     /// # Safety
-    /// The 8 bytes at `keep + r * lane` readable for every `r < rows`.
+    /// As [`Lanes::load_columns`], and the 8 bytes at `keep + r * lane` readable for every
+    /// `r < rows`.
     #[inline(always)]
-    unsafe fn kept_columns(
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn load_columns_kept<T: Real>(
         self,
-        keep: *const u8,
-        lane: usize,
+        row: impl Fn(usize) -> *const T,
         rows: usize,
-        skip: usize,
+        c0: usize,
         w: usize,
-        mut each: impl FnMut(usize, Self::M),
+        room: usize,
+        (keep, lane, skip): (*const u8, usize, usize),
+        out: &mut [MaybeUninit<Self::V>],
     ) {
-        // Byte k: bit r for row r, the lane of column k.
-        let bits = (0..rows.min(Self::N)).fold(0u64, |acc, r| {
-            // SAFETY: the caller's 8 bytes of row r.
-            let word = unsafe { std::ptr::read_unaligned(keep.add(r * lane) as *const u64) };
-            acc | (nonzero_bytes(word >> (8 * skip)) << r)
-        });
-        for k in 0..w {
-            each(k, self.lanes_of_bits((bits >> (8 * k)) as u8));
+        // SAFETY: forwarded from the caller.
+        unsafe {
+            let bits = word_bits(keep, lane, rows.min(Self::N), skip);
+            load_columns_of_bits(self, row, rows, c0, w, room, bits, out)
         }
     }
     /// `acc + e` on the lanes of `m`, `acc` elsewhere.
@@ -414,6 +411,50 @@ pub(crate) unsafe fn load_columns_by_element<L: Lanes, T: Real>(
         }
         o.write(l.of_lanes(&a));
     }
+}
+
+/// [`Lanes::load_columns`] with column `c0 + k` kept on the lanes whose bit is set in byte `k`
+/// of `bits` (bit `r` for row `r`), `-inf` on the others. The columns are masked in registers
+/// and written once: a select written back over what `out` holds would compile to masked
+/// stores, which the loads that follow cannot take their data from.
+///
+/// # Safety
+/// As [`Lanes::load_columns`].
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn load_columns_of_bits<L: Lanes, T: Real>(
+    l: L,
+    row: impl Fn(usize) -> *const T,
+    rows: usize,
+    c0: usize,
+    w: usize,
+    room: usize,
+    bits: u64,
+    out: &mut [MaybeUninit<L::V>],
+) {
+    let mut cols = [MaybeUninit::<L::V>::uninit(); 8];
+    // SAFETY: forwarded from the caller; cols holds w <= 8 entries.
+    unsafe { l.load_columns(|i| row(i).wrapping_add(c0), rows, 0, w, room, &mut cols) };
+    let ninf = l.splat(f64::NEG_INFINITY);
+    for (k, c) in cols.iter().enumerate().take(w) {
+        let kept = l.lanes_of_bits((bits >> (8 * k)) as u8);
+        // SAFETY: the first w entries were written above.
+        out[c0 + k].write(l.select(kept, unsafe { c.assume_init() }, ninf));
+    }
+}
+
+/// The mask words of [`Lanes::load_columns_kept`] transposed for [`load_columns_of_bits`]:
+/// bit `r` of byte `k` set where row `r < rows` keeps column `k`.
+///
+/// # Safety
+/// The 8 bytes at `keep + r * lane` readable for every `r < rows`.
+#[inline(always)]
+pub(crate) unsafe fn word_bits(keep: *const u8, lane: usize, rows: usize, skip: usize) -> u64 {
+    (0..rows).fold(0u64, |acc, r| {
+        // SAFETY: the caller's 8 bytes of row r.
+        let word = unsafe { std::ptr::read_unaligned(keep.add(r * lane) as *const u64) };
+        acc | (nonzero_bytes(word >> (8 * skip)) << r)
+    })
 }
 
 /// The bytes of `v` that are nonzero, as 1 (and 0 elsewhere).

@@ -7,7 +7,7 @@
 //! finite or whose sum is NaN are flagged and redone by the scalar reference, which owns the
 //! NaN/inf semantics.
 
-use super::lanes::{reference_state, Lanes};
+use super::lanes::{load_columns_of_bits, reference_state, Lanes};
 use super::rows::{self, map_row, select_kept, ExpScaled, ShiftSub};
 use super::{scalar, SHORT_ROW};
 use crate::real::Real;
@@ -38,7 +38,7 @@ pub(crate) struct RowMask {
 impl RowMask {
     /// The mask of classes `c0..c0 + w` (`w <= 8`) of rows `0..rows` (`rows <= 8`), transposed
     /// byte by byte: bit `r` of byte `k` is set when row `r` keeps class `c0 + k`. For the
-    /// masks that [`Lanes::kept_columns`] cannot read a word a row: rows under 8 classes, one
+    /// masks that [`Lanes::load_columns_kept`] cannot read a word a row: rows under 8 classes, one
     /// flag a row, or classes apart in the mask.
     ///
     /// # Safety
@@ -227,12 +227,8 @@ unsafe fn group_state<L: Lanes, T: Real>(
                     buf[c0 + k].write(l.select(inside, c.assume_init(), ninf));
                 }
             } else if let Some(mask) = mask {
-                // Masked in registers, as the ragged columns are: a select written back over
-                // what buf holds would compile to masked stores, which the loads that follow
-                // cannot take their data from.
-                let mut cols = [MaybeUninit::<L::V>::uninit(); 8];
+                let row = |i: usize| grp.row(i);
                 let room = grp.room - c0;
-                l.load_columns(|i| grp.row(i).wrapping_add(c0), rows, 0, w, room, &mut cols);
                 if mask.class == 1 && n >= 8 {
                     // Each row's 8 mask bytes from class c0, or its last 8 with the classes
                     // before c0 skipped.
@@ -241,24 +237,11 @@ unsafe fn group_state<L: Lanes, T: Real>(
                     } else {
                         (n - 8, c0 + 8 - n)
                     };
-                    l.kept_columns(
-                        mask.keep.add(start),
-                        mask.lane,
-                        rows,
-                        skip,
-                        w,
-                        #[inline(always)]
-                        |k, kept| {
-                            buf[c0 + k].write(l.select(kept, cols[k].assume_init(), ninf));
-                        },
-                    );
+                    let words = (mask.keep.add(start), mask.lane, skip);
+                    l.load_columns_kept(row, rows, c0, w, room, words, buf);
                 } else {
                     let bits = mask.columns(rows, c0, w);
-                    for (k, c) in cols.iter().enumerate().take(w) {
-                        // Byte k: bit r for row r, the lane of column c0 + k.
-                        let kept = l.lanes_of_bits((bits >> (8 * k)) as u8);
-                        buf[c0 + k].write(l.select(kept, c.assume_init(), ninf));
-                    }
+                    load_columns_of_bits(l, row, rows, c0, w, room, bits, buf);
                 }
             } else {
                 let row = |i: usize| grp.row(i);
