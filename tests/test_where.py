@@ -6,6 +6,8 @@ softmax 0 and log_softmax ``-inf``; masked positions get 0 / ``-inf``. jax itsel
 where it is installed.
 """
 
+import sys
+
 import numpy as np
 import pytest
 import scipy.special as sp
@@ -769,3 +771,53 @@ def test_short_rows_read_beside_the_mask_equal_the_staged_path(dtype, n):
                 sl.set_num_threads(0)
         np.testing.assert_array_equal(f(hidden, axis=1)[ok].view(bits), want[ok])
         assert np.all(want.view(dtype)[~keep] == masked)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mprotect through ctypes")
+def test_short_rows_and_masks_that_end_at_an_unreadable_page():
+    """The short-row kernels read whole vectors of a row and whole 8-byte words of its mask
+    past a short row, into the rows after it, where the arrays hold them. With the input and
+    the mask ending right before a page that cannot be read, every row length and group of
+    rows must read nothing past their ends (a read there kills the process) and give the
+    bits of the same call on ordinary copies."""
+    code = """
+        import ctypes, mmap
+        import numpy as np, stablelse as sl
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        keep_alive = []
+
+        def at_end(a):
+            # `a`'s bytes copied to the very end of a mapping whose next page is unreadable.
+            size = -(-a.nbytes // mmap.PAGESIZE) * mmap.PAGESIZE + mmap.PAGESIZE
+            m = mmap.mmap(-1, size, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
+            assert libc.mprotect(ctypes.c_void_p(addr + size - mmap.PAGESIZE),
+                                 mmap.PAGESIZE, 0) == 0
+            out = np.frombuffer(m, a.dtype, a.size, size - mmap.PAGESIZE - a.nbytes)
+            out = out.reshape(a.shape)
+            out[...] = a
+            keep_alive.append(m)
+            return out
+
+        rng = np.random.default_rng(7)
+        for dtype in (np.float32, np.float64):
+            for n in range(1, 17):
+                for rows in (1, 7, 8, 9, 17):
+                    x = rng.standard_normal((rows, n)).astype(dtype)
+                    keep = rng.random((rows, n)) < 0.8
+                    t = rng.integers(0, n, rows)
+                    keep[np.arange(rows), t] = True
+                    gx, gkeep = at_end(x), at_end(keep)
+                    for f in (sl.logsumexp, sl.softmax, sl.log_softmax):
+                        want = f(x, axis=1, where=keep)
+                        got = f(gx, axis=1, where=gkeep)
+                        assert np.array_equal(got, want, equal_nan=True), (f, dtype, n, rows)
+                    want = sl.cross_entropy(x, t, where=keep, return_grad=True)
+                    got = sl.cross_entropy(gx, t, where=gkeep, return_grad=True)
+                    assert got[0] == want[0] and np.array_equal(got[1], want[1])
+                    assert sl.cross_entropy(gx, t, where=gkeep) == want[0]
+        print("ok")
+    """
+    rc, out = _run_child(code)
+    assert rc == 0 and out.strip().endswith("ok"), out[-2000:]

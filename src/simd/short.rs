@@ -33,6 +33,9 @@ pub(crate) struct RowMask {
     pub(crate) keep: *const u8,
     pub(crate) lane: usize,
     pub(crate) class: usize,
+    /// The bytes readable from `keep` (at least the rows' own): whether a row's 8-byte word
+    /// may be read on past a row of fewer classes.
+    pub(crate) bytes: usize,
 }
 
 impl RowMask {
@@ -229,10 +232,13 @@ unsafe fn group_state<L: Lanes, T: Real>(
             } else if let Some(mask) = mask {
                 let row = |i: usize| grp.row(i);
                 let room = grp.room - c0;
-                if mask.class == 1 && n >= 8 {
+                // A row of fewer than 8 classes reads its word on into the rows after it
+                // (the bytes past its classes are not used) where the mask holds them.
+                let words = n >= 8 || (rows - 1) * mask.lane + 8 <= mask.bytes;
+                if mask.class == 1 && words {
                     // Each row's 8 mask bytes from class c0, or its last 8 with the classes
                     // before c0 skipped.
-                    let (start, skip) = if c0 + 8 <= n {
+                    let (start, skip) = if c0 + 8 <= n.max(8) {
                         (c0, 0)
                     } else {
                         (n - 8, c0 + 8 - n)
@@ -390,7 +396,8 @@ unsafe fn group_state_kept<L: Lanes, T: Real>(
 }
 
 /// [`group_state`] of a group of short rows, under a `where=` mask when `keep` is given (the
-/// group's mask rows, `grp.n` apart), through [`group_state_kept`].
+/// group's mask rows, `grp.n` apart, and the mask bytes readable from them), through
+/// [`group_state_kept`].
 ///
 /// # Safety
 /// As [`group_state_kept`] with a mask, else as [`group_state`].
@@ -398,7 +405,7 @@ unsafe fn group_state_kept<L: Lanes, T: Real>(
 unsafe fn group_state_of<L: Lanes, T: Real>(
     l: L,
     grp: Group<'_, T>,
-    keep: Option<*const u8>,
+    keep: Option<(*const u8, usize)>,
     buf: &mut [MaybeUninit<L::V>],
     kind: Keep,
     staged: &mut [MaybeUninit<T>],
@@ -406,11 +413,12 @@ unsafe fn group_state_of<L: Lanes, T: Real>(
     // SAFETY: forwarded from the caller.
     unsafe {
         match keep {
-            Some(k) => {
+            Some((k, mask_bytes)) => {
                 let mask = RowMask {
                     keep: k,
                     lane: grp.n,
                     class: 1,
+                    bytes: mask_bytes,
                 };
                 group_state_kept(l, grp, buf, kind, mask, staged)
             }
@@ -487,8 +495,10 @@ impl<'a, T: Real> Source<'a, T> {
         if self.hint {
             self.x.prefetch_next::<L>(r, g, self.n, self.rows - r - g);
         }
+        // The mask rows from row r on are readable.
+        let keep = self.keep_of(r).map(|k| (k, (self.rows - r) * self.n));
         // SAFETY: forwarded from the caller.
-        unsafe { group_state_of(l, self.group(r, g), self.keep_of(r), buf, kind, staged) }
+        unsafe { group_state_of(l, self.group(r, g), keep, buf, kind, staged) }
     }
 
     /// The reference state of row `k` of `grp`, the group of rows from `r`.
@@ -1012,6 +1022,7 @@ pub(crate) unsafe fn xent_index<L: Lanes, T: Real, const MASKED: bool, const GRA
                 keep: repeated.as_ptr(),
                 lane: n,
                 class: 1,
+                bytes: repeated.len(),
             }
         });
     let mut r = 0;
@@ -1028,6 +1039,7 @@ pub(crate) unsafe fn xent_index<L: Lanes, T: Real, const MASKED: bool, const GRA
             let mask = shared.or_else(|| {
                 p.mask.filter(|_| MASKED).map(|m| RowMask {
                     keep: m.keep.add(r * m.lane),
+                    bytes: m.bytes.saturating_sub(r * m.lane),
                     ..m
                 })
             });

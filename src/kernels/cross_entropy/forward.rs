@@ -545,6 +545,7 @@ fn short_index_block<T: Real>(
             keep: unsafe { m.keep.as_ptr().add(m.base) },
             lane: m.lane,
             class: m.class,
+            bytes: m.keep.len().saturating_sub(m.base),
         }),
     };
     let gp = match g.as_mut() {
