@@ -347,11 +347,12 @@ unsafe impl Lanes for Avx512 {
     type M = __mmask8;
     const N: usize = 8;
     const STREAMS: bool = true;
-    // On Zen 5 (2 threads, 2^24 float32, 90% kept), `where=` over the unmasked op: rows of
-    // 10-14 staged 2.0-2.7x, masked as loaded 1.3-1.9x; rows of 20 staged 1.2-1.3x, masked as
-    // loaded 1.3-1.6x. (At the AVX2 level staging stays ahead at rows of 10-14: 1.1-1.6x
-    // against 1.4-1.9x.)
-    const STAGED_FROM: usize = 16;
+    // Never: each row is masked before its transpose ([`Lanes::load_columns_kept`]). On Zen 5
+    // (2 threads, 2^24 float32, 90% kept), logsumexp `where=` over the unmasked op: rows of
+    // 20-64 1.07-1.29x masked so, 1.34-1.48x staged; rows of 10-14 staged 2.0-2.7x. (At the
+    // AVX2 level, which masks each column as it loads it, staging stays ahead at rows of
+    // 10-14: 1.1-1.6x against 1.4-1.9x.)
+    const STAGED_FROM: usize = usize::MAX;
 
     // SAFETY (every primitive below): a value of `Avx512` proves the CPU has the features.
     #[inline(always)]

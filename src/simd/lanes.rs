@@ -29,8 +29,8 @@ pub unsafe trait Lanes: Copy {
     /// Whether [`Lanes::stream`] is a non-temporal store.
     const STREAMS: bool = false;
     /// Short rows at least this long under a dense `where=` mask are staged (the masked
-    /// elements `-inf`) before the short-row kernels load them; shorter ones mask their
-    /// columns as they load them.
+    /// elements `-inf`) before the short-row kernels load them; shorter ones are masked as
+    /// they are loaded ([`Lanes::load_columns_kept`]).
     const STAGED_FROM: usize = 0;
 
     fn splat(self, v: f64) -> Self::V;
