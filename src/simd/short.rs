@@ -41,8 +41,8 @@ pub(crate) struct RowMask {
 impl RowMask {
     /// The mask of classes `c0..c0 + w` (`w <= 8`) of rows `0..rows` (`rows <= 8`), transposed
     /// byte by byte: bit `r` of byte `k` is set when row `r` keeps class `c0 + k`. For the
-    /// masks that [`Lanes::load_columns_kept`] cannot read a word a row: rows under 8 classes, one
-    /// flag a row, or classes apart in the mask.
+    /// masks that [`Lanes::load_columns_kept`] cannot read a word a row: rows under 8 classes
+    /// at the mask's end, one flag a row, or classes apart in the mask.
     ///
     /// # Safety
     /// Mask bytes of classes `c0..c0 + w` of rows `0..rows` readable.
