@@ -507,6 +507,20 @@ unsafe impl Lanes for Avx512 {
             }
         }
     }
+    /// The load behind an empty `asm!`: folded into the `vmovapd`/`vblendmpd` of a select it
+    /// becomes a masked load (`vcvtps2pd (mem), zmm{k}`), which on Zen 5 stalls when it misses
+    /// the cache: staging float32 rows of 1000 under a mask took as long as the loss itself.
+    #[inline(always)]
+    unsafe fn load_apart<T: Real>(self, p: *const T) -> __m512d {
+        // SAFETY: the caller guarantees 8 readable elements.
+        unsafe {
+            if T::FULL {
+                opaque_pd(_mm512_loadu_pd(p as *const f64))
+            } else {
+                _mm512_cvtps_pd(opaque_ps(_mm256_loadu_ps(p as *const f32)))
+            }
+        }
+    }
     #[inline(always)]
     unsafe fn load_tail<T: Real>(self, p: *const T, n: usize) -> __m512d {
         // SAFETY: masked lanes are not accessed; the first n are readable.
@@ -645,7 +659,11 @@ unsafe impl Lanes for Avx512 {
             } else {
                 let b = _mm_loadu_si128(keep as *const __m128i);
                 let k = _mm_test_epi8_mask(b, b);
-                let (a, v) = (_mm512_castpd_ps(acc[0]), _mm512_loadu_ps(p as *const f32));
+                let a = _mm512_castpd_ps(acc[0]);
+                // Kept apart from the masked max (a masked load if folded: see load_apart).
+                let v = _mm512_castpd_ps(opaque_pd(_mm512_castps_pd(_mm512_loadu_ps(
+                    p as *const f32,
+                ))));
                 [_mm512_castps_pd(_mm512_mask_max_ps(a, k, a, v)), acc[1]]
             }
         }

@@ -125,6 +125,17 @@ pub unsafe trait Lanes: Copy {
     /// # Safety
     /// `N` readable elements at `p`.
     unsafe fn load<T: Real>(self, p: *const T) -> Self::V;
+    /// [`Lanes::load`] kept apart from the select that takes it (the same value): a level
+    /// whose selects would fold the load into a masked load, which stalls when it misses the
+    /// cache, keeps the two apart.
+    ///
+    /// # Safety
+    /// `N` readable elements at `p`.
+    #[inline(always)]
+    unsafe fn load_apart<T: Real>(self, p: *const T) -> Self::V {
+        // SAFETY: forwarded from the caller.
+        unsafe { self.load(p) }
+    }
     /// `n < N` elements, the other lanes `-inf`.
     ///
     /// # Safety

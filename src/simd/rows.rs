@@ -193,7 +193,7 @@ unsafe fn load_kept<L: Lanes, T: Real>(
     fill: f64,
 ) -> L::V {
     // SAFETY: forwarded from the caller.
-    unsafe { l.select(l.kept(keep.add(i)), l.load(x.add(i)), l.splat(fill)) }
+    unsafe { l.select(l.kept(keep.add(i)), l.load_apart(x.add(i)), l.splat(fill)) }
 }
 
 /// [`load_kept`] of the `n < N` elements at `i`.
@@ -1161,8 +1161,8 @@ pub(super) unsafe fn select_kept<L: Lanes, T: Real>(
     // SAFETY: every access is within the n elements; element k is read before it is written.
     unsafe {
         while i + 2 * w <= n {
-            let a = l.select(l.kept(keep.add(i)), l.load(x.add(i)), f);
-            let b = l.select(l.kept(keep.add(i + w)), l.load(x.add(i + w)), f);
+            let a = l.select(l.kept(keep.add(i)), l.load_apart(x.add(i)), f);
+            let b = l.select(l.kept(keep.add(i + w)), l.load_apart(x.add(i + w)), f);
             l.store(out.add(i), a);
             l.store(out.add(i + w), b);
             i += 2 * w;
