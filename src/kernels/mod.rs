@@ -164,22 +164,8 @@ where
     let lanes = batch.count();
     let xp = SendPtr(x.as_ptr() as *mut T);
     if batch.inner > 1 && batch.n > 0 {
-        let tiles = batch.inner.div_ceil(simd::COL_TILE);
-        let run = |range: std::ops::Range<usize>| {
-            let mut states = vec![LseState::EMPTY; simd::COL_TILE];
-            for item in range {
-                let (o, t) = (item / tiles, item % tiles);
-                let j0 = t * simd::COL_TILE;
-                let w = simd::COL_TILE.min(batch.inner - j0);
-                // SAFETY: the tile's w columns of slab o lie inside the checked slice.
-                unsafe {
-                    let p = (xp.ptr() as *const T).add(o * batch.outer_stride + j0);
-                    simd::column_states(level, p, batch.n, batch.inner, w, &mut states);
-                }
-                f(o * batch.inner + j0, &states[..w]);
-            }
-        };
-        parallel::for_each_piece(batch.outer * tiles, batch.n * simd::COL_TILE, run);
+        // SAFETY: the batch was checked against the slice length.
+        unsafe { for_each_column_state(level, x.as_ptr(), None, batch, f) };
         return;
     }
     let run = |range: std::ops::Range<usize>| {
@@ -203,6 +189,88 @@ where
     } else {
         parallel::for_each_piece(lanes, batch.n.max(1), run);
     }
+}
+
+/// [`for_each_lane_state`] of a column batch (`inner > 1`): the column kernel, `COL_TILE`
+/// lanes at a time, in parallel pieces; with `keep` (mask bytes laid out as `x`) over the
+/// elements it keeps, the others read as `-inf`.
+///
+/// # Safety
+/// The batch's elements readable at `x` (and at `keep`).
+unsafe fn for_each_column_state<T: Real, F>(
+    level: Level,
+    x: *const T,
+    keep: Option<*const u8>,
+    batch: &Batch,
+    f: F,
+) where
+    F: Fn(usize, &[LseState]) + Sync + Send,
+{
+    let (xp, kp) = (SendPtr(x as *mut T), keep.map(|k| SendPtr(k as *mut u8)));
+    let tiles = batch.inner.div_ceil(simd::COL_TILE);
+    let run = |range: std::ops::Range<usize>| {
+        let mut states = vec![LseState::EMPTY; simd::COL_TILE];
+        for item in range {
+            let (o, t) = (item / tiles, item % tiles);
+            let j0 = t * simd::COL_TILE;
+            let w = simd::COL_TILE.min(batch.inner - j0);
+            let at = o * batch.outer_stride + j0;
+            // SAFETY: the tile's w columns of slab o lie inside the batch (the caller's).
+            unsafe {
+                let p = (xp.ptr() as *const T).add(at);
+                let k = kp.map(|k| (k.ptr() as *const u8).add(at));
+                simd::column_states(level, p, k, batch.n, batch.inner, w, &mut states);
+            }
+            f(o * batch.inner + j0, &states[..w]);
+        }
+    };
+    parallel::for_each_piece(batch.outer * tiles, batch.n * simd::COL_TILE, run);
+}
+
+/// The states of every column of `batch` (`inner > 1`) over the elements `keep` (laid out as
+/// `x`) keeps, `f(l, states)` for lanes `l..l + states.len()`: `x` and the mask read where
+/// they are by the column kernel, each masked element read as `-inf`, so the states are those
+/// of `x` with its masked elements at `-inf` bit for bit.
+pub fn kept_column_states<T: Real>(
+    x: &[T],
+    keep: &[u8],
+    batch: Batch,
+    f: impl Fn(usize, &[LseState]) + Sync + Send,
+) -> Result<(), String> {
+    batch.check(x.len())?;
+    batch.check(keep.len())?;
+    if batch.inner < 2 {
+        return Err(format!(
+            "kept_column_states needs columns, got inner {}",
+            batch.inner
+        ));
+    }
+    if batch.n > 0 {
+        // SAFETY: the batch was checked against both slices.
+        unsafe { for_each_column_state(simd::level(), x.as_ptr(), Some(keep.as_ptr()), &batch, f) };
+    } else {
+        let empty = [LseState::EMPTY; 64];
+        for l in (0..batch.count()).step_by(empty.len()) {
+            f(l, &empty[..empty.len().min(batch.count() - l)]);
+        }
+    }
+    Ok(())
+}
+
+/// [`kept_column_states`] finished into `log(sum(exp))` of every lane, written to `out`
+/// (length `batch.count()`).
+pub fn kept_column_logsumexp<T: Real>(
+    x: &[T],
+    keep: &[u8],
+    batch: Batch,
+    out: &mut [T],
+) -> Result<(), String> {
+    check_out(out.len(), batch.count())?;
+    let (level, op) = (simd::level(), SendPtr(out.as_mut_ptr()));
+    kept_column_states(x, keep, batch, |l, s| {
+        // SAFETY: lanes l..l + s.len() own their entries of out; runs are disjoint.
+        unsafe { simd::states_logsumexp(level, s, op.ptr().add(l)) };
+    })
 }
 
 /// The `(max, excess)` state of every lane, written to `out` (length `batch.count()`).
@@ -419,7 +487,7 @@ unsafe fn softmax_like_raw<T: Real>(
     let n = batch.n;
     if batch.inner > 1 {
         // SAFETY: forwarded from the caller.
-        unsafe { softmax_like_columns(level, xp, batch, alg, what, op) };
+        unsafe { softmax_like_columns(level, xp, None, batch, alg, what, op) };
         return;
     }
     let log = what == Reduction::LogSoftmax;
@@ -621,13 +689,17 @@ unsafe fn write_row_with<T: Real>(
     }
 }
 
-/// Softmax-like over column batches: the column kernel's states, then a write pass.
+/// Softmax-like over column batches: the column kernel's states, then a write pass. With
+/// `keep` (mask bytes laid out as `x`), over the kept elements: the states of `x` with its
+/// masked elements at `-inf`, and 0 (softmax) or `-inf` (log_softmax) written at them.
 ///
 /// # Safety
-/// As [`softmax_like_raw`].
+/// As [`softmax_like_raw`], and the batch's mask bytes readable at `keep`, sharing nothing
+/// with `out`.
 unsafe fn softmax_like_columns<T: Real>(
     level: Level,
     xp: SendPtr<T>,
+    keep: Option<SendPtr<u8>>,
     batch: Batch,
     alg: Algorithm,
     what: Reduction,
@@ -636,14 +708,25 @@ unsafe fn softmax_like_columns<T: Real>(
     let (n, inner) = (batch.n, batch.inner);
     let mut states = vec![LseState::EMPTY; batch.count()];
     let sp = SendPtr(states.as_mut_ptr());
-    // SAFETY: the caller checked the batch against x; the slice is rebuilt from it.
-    let x = unsafe {
-        std::slice::from_raw_parts(xp.ptr() as *const T, batch.required_len().unwrap_or(0))
-    };
-    for_each_lane_state(level, x, &batch, alg, |l, s| {
+    let collect = |l: usize, s: &[LseState]| {
         // SAFETY: lanes l..l + s.len() own their entries of states; runs are disjoint.
         unsafe { std::ptr::copy_nonoverlapping(s.as_ptr(), sp.ptr().add(l), s.len()) };
-    });
+    };
+    match keep {
+        Some(kp) if n > 0 => {
+            let (x, k) = (xp.ptr() as *const T, kp.ptr() as *const u8);
+            // SAFETY: the caller's contract (the batch at x and at keep).
+            unsafe { for_each_column_state(level, x, Some(k), &batch, collect) };
+        }
+        _ => {
+            // SAFETY: the caller checked the batch against x; the slice is rebuilt from it.
+            let x = unsafe {
+                let len = batch.required_len().unwrap_or(0);
+                std::slice::from_raw_parts(xp.ptr() as *const T, len)
+            };
+            for_each_lane_state(level, x, &batch, alg, collect);
+        }
+    }
     let exp = what == Reduction::Softmax;
     let (b, a): (Vec<f64>, Vec<f64>) = states
         .iter()
@@ -660,9 +743,36 @@ unsafe fn softmax_like_columns<T: Real>(
                 let or = op.ptr().add((o * n + k) * inner);
                 let (bo, ao) = (b.as_ptr().add(o * inner), a.as_ptr().add(o * inner));
                 simd::lanes_write(level, xr, or, inner, bo, ao, exp);
+                if let Some(kp) = keep {
+                    let kr = (kp.ptr() as *const u8).add(o * batch.outer_stride + k * inner);
+                    let fill = masked::masked_value::<T>(what).to_f64();
+                    simd::select_kept(level, or, kr, or, inner, fill);
+                }
             }
         }
     });
+}
+
+/// Softmax or log_softmax of the columns of `batch` (`inner > 1`) over the elements `keep`
+/// (laid out as `x`) keeps, into the dense `out`: `x` and the mask read where they are by the
+/// column kernel (the states of `x` with its masked elements at `-inf`), the column write,
+/// then 0 (softmax) or `-inf` (log_softmax) at every masked position. The values of the
+/// staged block bit for bit.
+///
+/// # Safety
+/// `x` and `keep` hold the batch; `out` is writable for `batch.elements()` dense elements and
+/// is `x` itself (a contiguous batch) or disjoint from it; `keep` shares nothing with `out`.
+pub unsafe fn kept_column_softmax_like<T: Real>(
+    x: *const T,
+    keep: *const u8,
+    batch: Batch,
+    what: Reduction,
+    out: *mut T,
+) {
+    let (xp, kp, op) = (SendPtr(x as *mut T), SendPtr(keep as *mut u8), SendPtr(out));
+    let alg = Algorithm::Auto;
+    // SAFETY: the caller's contract.
+    unsafe { softmax_like_columns(simd::level(), xp, Some(kp), batch, alg, what, op) };
 }
 
 /// The parameters `(b, a)` of the per-element write from a lane's finished state: softmax

@@ -556,6 +556,31 @@ pub(crate) unsafe fn softmax<S: Stored<Compute = T>, T: Real>(
             return Ok(());
         }
     }
+    // Masked columns of x and the mask where they are, out dense: the column kernel reads
+    // them directly, a few slabs at a time (as the unmasked columns above).
+    // SAFETY: the caller's contract.
+    if let (Some((xs, ks, xb)), Some(ob)) = (unsafe { kept_columns::<S, T>(p, x, mask)? }, ob) {
+        let (x0, x1) = x.extent();
+        let (o0, o1) = out.extent();
+        if (inplace || x0 >= o1 || o0 >= x1) && p.inner <= COLUMN_LANES {
+            let step = (COLUMN_LANES / p.inner).max(1);
+            let mut o = 0;
+            while o < p.outer {
+                let rows = step.min(p.outer - o);
+                let sub = Batch { outer: rows, ..xb };
+                // SAFETY: slabs o..o+rows of the checked batches; out is x itself or
+                // disjoint from it, and shares no element with the mask (the caller's).
+                unsafe {
+                    let at = o * xb.outer_stride;
+                    let op = out.data::<T>().add(o * ob.outer_stride);
+                    let (xp, kp) = (xs.as_ptr().add(at), ks.as_ptr().add(at));
+                    kernels::kept_column_softmax_like(xp, kp, sub, what, op);
+                }
+                o += rows;
+            }
+            return Ok(());
+        }
+    }
     let blocks = Blocks::new(p);
     let xv = WorkView::new(x, p.perm.iter().copied());
     let mv = mask.map(|m| WorkView::new(m, p.perm.iter().copied()));
@@ -737,6 +762,17 @@ pub(crate) unsafe fn reduce<S: Stored<Compute = T>, T: Real>(
                 return Ok(());
             }
             let ov = view(out);
+            // SAFETY: the caller's contract.
+            if let Some((xs, ks, b)) = unsafe { kept_columns::<S, T>(p, x, mask)? } {
+                let mut res: Vec<T> = Vec::new();
+                res.try_reserve_exact(count)
+                    .map_err(|_| ExecError::Memory)?;
+                res.resize(count, T::from_f64(0.0));
+                kernels::kept_column_logsumexp(xs, ks, b, &mut res)?;
+                // SAFETY: out covers the kept shape and is writeable.
+                unsafe { ov.scatter_as::<S>(0, &res) };
+                return Ok(());
+            }
             let blocks = Blocks::new(p);
             let xv = WorkView::new(x, p.perm.iter().copied());
             if blocks.long_lanes() {
@@ -794,6 +830,15 @@ pub(crate) unsafe fn reduce<S: Stored<Compute = T>, T: Real>(
         }
         LaneOut::States(mx, ex) => {
             let (mv, ev) = (view(mx), view(ex));
+            // SAFETY: the caller's contract.
+            if let Some((xs, ks, b)) = unsafe { kept_columns::<S, T>(p, x, mask)? } {
+                kernels::kept_column_states(xs, ks, b, |l, s| {
+                    // SAFETY: outputs cover the kept shape and are writeable; lanes l.. are
+                    // this piece's own.
+                    unsafe { emit_states(&mv, &ev, l, s) }
+                })?;
+                return Ok(());
+            }
             let blocks = Blocks::new(p);
             let xv = WorkView::new(x, p.perm.iter().copied());
             if let Some(xb) = xb {
@@ -870,6 +915,39 @@ pub(crate) unsafe fn reduce<S: Stored<Compute = T>, T: Real>(
                 },
             )
         }
+    }
+}
+
+/// `x`, its mask and their batch, read where they are ([`kept_columns`]).
+type KeptColumns<'a, T> = (&'a [T], &'a [u8], Batch);
+
+/// `x` and the mask as slices where they are, and their batch, when a masked reduction over
+/// columns (`inner > 1`) runs the column kernel on them directly
+/// ([`kernels::kept_column_states`]): `x` holds `T` itself and is read where it is, and the
+/// mask lies as `x` does (the same batch in the work order). Staging such columns block by
+/// block would read a few elements of every row per block.
+///
+/// # Safety
+/// `x` and `mask` describe live arrays of the planned shape (`x` of `S`, `mask` of bytes).
+unsafe fn kept_columns<'a, S: Stored<Compute = T>, T: Real>(
+    p: &Plan,
+    x: &Raw,
+    mask: Option<&Raw>,
+) -> Result<Option<KeptColumns<'a, T>>, ExecError> {
+    let (Some(mask), crate::plan::Access::Direct(xb)) = (mask, p.access) else {
+        return Ok(None);
+    };
+    if !S::NATIVE || xb.inner < 2 || mask.itemsize != 1 || p.direct_batch(mask.layout()) != Some(xb)
+    {
+        return Ok(None);
+    }
+    // SAFETY: the caller's contract; both arrays hold the batch.
+    unsafe {
+        Ok(Some((
+            slice_of::<T>(x, &xb)?,
+            slice_of::<u8>(mask, &xb)?,
+            xb,
+        )))
     }
 }
 

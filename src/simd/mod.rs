@@ -769,13 +769,16 @@ pub(crate) unsafe fn lanes_write<T: Real>(
 }
 
 /// States of `w <= COL_TILE` adjacent columns of an `(n, inner)` C-order slab at `x`, one
-/// streaming pass down the rows; `out[j]` for column `j < w`.
+/// streaming pass down the rows; `out[j]` for column `j < w`. With `keep` (mask bytes laid
+/// out as `x`), over the elements whose byte is nonzero (the others read as `-inf`).
 ///
 /// # Safety
-/// `x.add(k * inner + j)` readable for `k < n`, `j < w`; `level` supported by this CPU.
+/// `x.add(k * inner + j)` (and `keep.add(k * inner + j)`) readable for `k < n`, `j < w`;
+/// `level` supported by this CPU.
 pub(crate) unsafe fn column_states<T: Real>(
     level: Level,
     x: *const T,
+    keep: Option<*const u8>,
     n: usize,
     inner: usize,
     w: usize,
@@ -784,11 +787,14 @@ pub(crate) unsafe fn column_states<T: Real>(
     debug_assert!(w <= COL_TILE && out.len() >= w);
     // SAFETY: forwarded from the caller (the slab).
     unsafe {
-        run_kernel!(level, <'a> { x: *const T, n: usize, inner: usize, w: usize,
-                                  out: &'a mut [LseState] } -> (),
-            |l| rows::column_states(l, x, n, inner, w, out),
+        run_kernel!(level, <'a> { x: *const T, keep: Option<*const u8>, n: usize, inner: usize,
+                                  w: usize, out: &'a mut [LseState] } -> (),
+            |l| match keep {
+                None => rows::column_states(l, x, None, n, inner, w, out),
+                Some(k) => rows::column_states(l, x, Some(k), n, inner, w, out),
+            },
             scalar: for (j, o) in out.iter_mut().enumerate().take(w) {
-                *o = scalar::lse_state_online(x, j, n, inner);
+                *o = scalar::lse_state_online_kept(x, keep, j, n, inner);
             },
         )
     }

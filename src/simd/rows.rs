@@ -1034,14 +1034,18 @@ pub(crate) unsafe fn map_row_of<L: Lanes, S: Load, T: Real>(
 }
 
 /// Online states of `w <= COL_TILE` adjacent columns of an `(n, inner)` C-order slab at `x`:
-/// one streaming pass down the rows, each row reading `w` contiguous elements.
+/// one streaming pass down the rows, each row reading `w` contiguous elements. With `keep`
+/// (mask bytes laid out as `x`), the elements whose byte is 0 read as `-inf`, as a staged
+/// copy holds them, and are never looked at.
 ///
 /// # Safety
-/// `x.add(k * inner + j)` readable for `k < n`, `j < w`; `out` holds `w` states.
+/// `x.add(k * inner + j)` (and `keep.add(k * inner + j)`) readable for `k < n`, `j < w`;
+/// `out` holds `w` states.
 #[inline(always)]
 pub(crate) unsafe fn column_states<L: Lanes, T: Real>(
     l: L,
     x: *const T,
+    keep: Option<*const u8>,
     n: usize,
     inner: usize,
     w: usize,
@@ -1064,15 +1068,24 @@ pub(crate) unsafe fn column_states<L: Lanes, T: Real>(
         for line in (0..w * std::mem::size_of::<T>()).step_by(64) {
             l.prefetch(ahead.wrapping_add(line));
         }
+        let kept = keep.map(|kp| kp.wrapping_add(k * inner));
+        if let Some(kr) = kept {
+            let ahead = kr.wrapping_add(PREFETCH_ROWS * inner) as *const i8;
+            for line in (0..w).step_by(64) {
+                l.prefetch(ahead.wrapping_add(line));
+            }
+        }
         for (v, ln) in lanes.iter_mut().enumerate().take(vecs) {
-            let left = w - L::N * v;
+            let (left, i) = (w - L::N * v, L::N * v);
+            let ninf = f64::NEG_INFINITY;
             // SAFETY: as above; the last vector is -inf past the tile width. Entry v < vecs
             // was initialised above.
             unsafe {
-                let xv = if left >= L::N {
-                    l.load(row.add(L::N * v))
-                } else {
-                    l.load_tail(row.add(L::N * v), left)
+                let xv = match (kept, left >= L::N) {
+                    (None, true) => l.load(row.add(i)),
+                    (None, false) => l.load_tail(row.add(i), left),
+                    (Some(kr), true) => load_kept(l, row, kr, i, ninf),
+                    (Some(kr), false) => load_kept_tail(l, row, kr, i, left, ninf),
                 };
                 ln.assume_init_mut().push(l, xv, T::FULL);
             }

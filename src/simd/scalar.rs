@@ -73,6 +73,38 @@ pub unsafe fn lse_state_online<T: Real>(
     state
 }
 
+/// [`lse_state_online`] over the elements whose mask byte (laid out as `x`, when `keep` is
+/// given) is nonzero: the others are pushed as `-inf`, as a staged copy holds them.
+///
+/// # Safety
+/// As [`lse_state_online`], and the mask bytes at the same indices readable.
+pub unsafe fn lse_state_online_kept<T: Real>(
+    x: *const T,
+    keep: Option<*const u8>,
+    start: usize,
+    n: usize,
+    stride: usize,
+) -> LseState {
+    let Some(keep) = keep else {
+        // SAFETY: forwarded from the caller.
+        return unsafe { lse_state_online(x, start, n, stride) };
+    };
+    let mut state = LseState::EMPTY;
+    for k in 0..n {
+        let at = start + k * stride;
+        // SAFETY: the caller guarantees every read index is in bounds.
+        let v = unsafe {
+            if *keep.add(at) != 0 {
+                (*x.add(at)).to_f64()
+            } else {
+                f64::NEG_INFINITY
+            }
+        };
+        state.push(v);
+    }
+    state
+}
+
 /// Writes `softmax` of a lane given its finished state: `exp(x - max) / S` for a finite max;
 /// all NaN otherwise (scipy: `exp(x - max)` is NaN for `max = +-inf` and NaN).
 /// Reads element `k` before writing element `k`, so `out` may equal `x` (same indices).
