@@ -864,3 +864,38 @@ def test_masked_columns_read_in_place_equal_the_staged_path(dtype, shape, axis):
         inplace = x.copy()
         f(inplace, axis=axis, where=keep, out=inplace)
         np.testing.assert_array_equal(inplace.view(bits), want)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n", [1, 3, 7, 8, 10, 16, 33, 64, 100, 1000])
+@pytest.mark.parametrize("mask_shape", ["key", "query", "scalar_row"])
+def test_rows_under_a_broadcast_mask_equal_the_dense_mask(dtype, n, mask_shape):
+    """A mask broadcast over rows (a key-padding mask `(B, 1, L)` over scores `(B, Q, L)`, or a
+    `(1, Q, L)` mask shared by the batch) is read where it lies, one mask row for many rows;
+    its results must be the bits of the same mask made dense: logsumexp, the streaming states,
+    softmax and log_softmax (new array, out= and in place), over group and block boundaries,
+    with fully masked rows, masked NaN / +inf and kept +inf."""
+    rng = np.random.default_rng(n)
+    b, q = 5, 37
+    x = (rng.standard_normal((b, q, n)) * 20).astype(dtype)
+    shape = {"key": (b, 1, n), "query": (1, q, n), "scalar_row": (1, 1, n)}[mask_shape]
+    keep = rng.random(shape) < 0.8
+    keep.reshape(-1, n)[0] = False
+    x[..., 0] = np.nan
+    x[1, :, -1] = np.inf
+    dense = np.broadcast_to(keep, x.shape).copy()
+    bits = np.uint32 if dtype == np.float32 else np.uint64
+    want = sl.logsumexp(x, axis=-1, where=dense).view(bits)
+    np.testing.assert_array_equal(sl.logsumexp(x, axis=-1, where=keep).view(bits), want)
+    a = sl.LogSumExp(axis=-1).update(x, where=keep).result()
+    c = sl.LogSumExp(axis=-1).update(x, where=dense).result()
+    np.testing.assert_array_equal(a.view(bits), c.view(bits))
+    for f in (sl.softmax, sl.log_softmax):
+        want = f(x, axis=-1, where=dense).view(bits)
+        np.testing.assert_array_equal(f(x, axis=-1, where=keep).view(bits), want)
+        out = np.empty_like(x)
+        f(x, axis=-1, where=keep, out=out)
+        np.testing.assert_array_equal(out.view(bits), want)
+        inplace = x.copy()
+        f(inplace, axis=-1, where=keep, out=inplace)
+        np.testing.assert_array_equal(inplace.view(bits), want)

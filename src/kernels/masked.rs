@@ -65,7 +65,9 @@ pub fn reads_rows_in_place(batch: &Batch, alg: Algorithm) -> bool {
 }
 
 /// `f(r, state)` for each row `r` of `batch` (see [`reads_rows_in_place`]) over the kept
-/// elements, reading `x` and the mask where they are, with the states of the staged block
+/// elements, reading `x` and the mask where they are (row `r`'s mask bytes at `r * lane`:
+/// `lane` is `n` for a mask of the rows' shape, 0 for one row shared by all), with the states
+/// of the staged block
 /// (the masked elements `-inf`) bit for bit. Short rows go through the short-row kernels,
 /// each group of rows staged on the stack. Longer rows become `-inf` at their masked
 /// elements in registers as they are loaded, in both passes of the two-pass state, so no
@@ -74,13 +76,13 @@ pub fn reads_rows_in_place(batch: &Batch, alg: Algorithm) -> bool {
 /// staged block would be.
 pub fn kept_row_states<T: Real>(
     x: &[T],
-    keep: &[u8],
+    (keep, lane): (&[u8], usize),
     batch: Batch,
     alg: Algorithm,
     scratch: &mut [T],
     mut f: impl FnMut(usize, LseState),
 ) -> Result<(), String> {
-    check_rows(x.len(), keep.len(), &batch)?;
+    check_rows(x.len(), keep.len(), lane, &batch)?;
     let n = batch.n;
     let level = simd::level();
     if is_short(level, &batch) {
@@ -89,7 +91,11 @@ pub fn kept_row_states<T: Real>(
             let rows = states.len().min(batch.outer - r0);
             // SAFETY: rows r0..r0 + rows of x and of the mask, `n` apart (checked).
             unsafe {
-                let (xp, kp) = (x.as_ptr().add(r0 * n), keep.as_ptr().add(r0 * n));
+                let xp = x.as_ptr().add(r0 * n);
+                let kp = simd::KeepRows {
+                    keep: keep.as_ptr().add(r0 * lane),
+                    lane,
+                };
                 simd::short_rows_states_kept(level, xp, kp, rows, n, &mut states);
             }
             for (r, s) in states.iter().take(rows).enumerate() {
@@ -106,7 +112,7 @@ pub fn kept_row_states<T: Real>(
     }
     for r in 0..batch.outer {
         let at = r * batch.outer_stride;
-        let (xr, kr) = (&x[at..at + n], &keep[at..at + n]);
+        let (xr, kr) = (&x[at..at + n], &keep[r * lane..r * lane + n]);
         // SAFETY: n elements of the row and of its mask (checked above); the level is available.
         let state = match unsafe { simd::kept_row_state(level, xr.as_ptr(), kr.as_ptr(), n) } {
             Some(s) => s,
@@ -126,13 +132,13 @@ pub fn kept_row_states<T: Real>(
 /// staged block runs them).
 pub fn kept_row_logsumexp<T: Real>(
     x: &[T],
-    keep: &[u8],
+    (keep, lane): (&[u8], usize),
     batch: Batch,
     alg: Algorithm,
     scratch: &mut [T],
     out: &mut [T],
 ) -> Result<(), String> {
-    check_rows(x.len(), keep.len(), &batch)?;
+    check_rows(x.len(), keep.len(), lane, &batch)?;
     if out.len() < batch.outer {
         return Err(format!("{} rows for {} results", batch.outer, out.len()));
     }
@@ -140,21 +146,31 @@ pub fn kept_row_logsumexp<T: Real>(
     if is_short(level, &batch) {
         // SAFETY: the rows of x and of the mask, `n` apart (checked), and `outer` results.
         unsafe {
-            let (xp, kp) = (x.as_ptr(), keep.as_ptr());
-            simd::short_rows_logsumexp_kept(level, xp, kp, batch.outer, batch.n, out.as_mut_ptr())
+            let kp = simd::KeepRows {
+                keep: keep.as_ptr(),
+                lane,
+            };
+            let o = out.as_mut_ptr();
+            simd::short_rows_logsumexp_kept(level, x.as_ptr(), kp, batch.outer, batch.n, o)
         };
         return Ok(());
     }
-    kept_row_states(x, keep, batch, alg, scratch, |r, s| {
+    kept_row_states(x, (keep, lane), batch, alg, scratch, |r, s| {
         out[r] = T::from_f64(s.logsumexp())
     })
 }
 
 /// Checks that `batch` is dense rows (`outer_stride == n`, as the short-row kernels read a
-/// mask beside them) inside `x` and the mask.
-fn check_rows(x: usize, keep: usize, batch: &Batch) -> Result<(), String> {
+/// mask beside them) inside `x`, and that the mask holds its rows `lane` apart.
+fn check_rows(x: usize, keep: usize, lane: usize, batch: &Batch) -> Result<(), String> {
     batch.check(x)?;
-    batch.check(keep)?;
+    let need = match batch.outer {
+        0 => 0,
+        rows => (rows - 1) * lane + batch.n,
+    };
+    if keep < need {
+        return Err(format!("{keep} mask bytes for {need}"));
+    }
     if batch.inner != 1 || batch.outer_stride != batch.n {
         return Err(format!(
             "masked rows read in place must be dense rows, got inner {} and stride {}",
@@ -178,15 +194,16 @@ fn check_rows(x: usize, keep: usize, batch: &Batch) -> Result<(), String> {
 /// - a row whose state is not finite (fully masked, a kept NaN or infinity) is staged into
 ///   `out` and finished as the staged block finishes it.
 ///
-/// `stream` asks for non-temporal stores (`kernels::streams` of the whole output).
+/// `stream` asks for non-temporal stores (`kernels::streams` of the whole output). Row `r`'s
+/// mask bytes are at `keep + r * lane`.
 ///
 /// # Safety
 /// `x` readable and `out` writable for `batch.elements()` elements, `out` equal to `x` or
-/// disjoint from it; `keep` readable for as many bytes, disjoint from `out`; `batch` is a
+/// disjoint from it; every row's mask bytes readable, disjoint from `out`; `batch` is a
 /// contiguous row batch.
 pub unsafe fn softmax_like_rows_in_place<T: Real>(
     x: *const T,
-    keep: *const u8,
+    (keep, lane): (*const u8, usize),
     out: *mut T,
     batch: Batch,
     alg: Algorithm,
@@ -198,7 +215,10 @@ pub unsafe fn softmax_like_rows_in_place<T: Real>(
     let softmax = what == Reduction::Softmax;
     if is_short_for::<T>(level, &batch, what, alg) {
         // SAFETY: the caller's contract (rows of n elements and mask bytes, n apart).
-        unsafe { simd::short_rows_softmax_kept(level, x, keep, rows, n, out, !softmax) };
+        unsafe {
+            let kp = simd::KeepRows { keep, lane };
+            simd::short_rows_softmax_kept(level, x, kp, rows, n, out, !softmax)
+        };
         return;
     }
     let stored = softmax && n <= simd::STORED_ROW;
@@ -208,7 +228,7 @@ pub unsafe fn softmax_like_rows_in_place<T: Real>(
             // staged copy and every write go through raw pointers, so out may equal x; the
             // exp scratch holds n float64.
             unsafe {
-                let (xr, kr, or) = (x.add(r * n), keep.add(r * n), out.add(r * n));
+                let (xr, kr, or) = (x.add(r * n), keep.add(r * lane), out.add(r * n));
                 let state = if stored {
                     if let Some(e) = e {
                         if simd::softmax_stored(level, xr, kr, or, n, e, stream) {
@@ -576,7 +596,11 @@ mod tests {
                     // SAFETY: rows * n elements and mask bytes, rows results; the level is
                     // available.
                     unsafe {
-                        let (xp, kp, sp) = (x.as_ptr(), keep.as_ptr(), staged.as_ptr());
+                        let (xp, sp) = (x.as_ptr(), staged.as_ptr());
+                        let kp = simd::KeepRows {
+                            keep: keep.as_ptr(),
+                            lane: n,
+                        };
                         simd::short_rows_logsumexp(level, sp, rows, n, n, want.as_mut_ptr());
                         simd::short_rows_logsumexp_kept(level, xp, kp, rows, n, got.as_mut_ptr());
                         simd::short_rows_states(level, sp, rows, n, n, &mut want_st);
@@ -604,7 +628,10 @@ mod tests {
                                 want.as_mut_ptr(),
                                 log,
                             );
-                            let kp = keep.as_ptr();
+                            let kp = simd::KeepRows {
+                                keep: keep.as_ptr(),
+                                lane: n,
+                            };
                             let gp = got.as_mut_ptr();
                             simd::short_rows_softmax_kept(level, x.as_ptr(), kp, rows, n, gp, log);
                             let ip = inplace.as_mut_ptr();

@@ -160,6 +160,18 @@ impl WorkView {
         (runs == 1 && (p as usize).is_multiple_of(std::mem::align_of::<T>())).then_some(p)
     }
 
+    /// For rows of the view's last dimension (`n` elements): the length and byte stride of
+    /// the innermost dimension before it with more than one index, so that the rows within
+    /// one index of the dimensions above lie that stride apart (`(usize::MAX, 0)`: one row).
+    fn row_run(&self, n: usize) -> Option<(usize, isize)> {
+        let last = self.ndim.checked_sub(1)?;
+        if self.shape[last] != n {
+            return None;
+        }
+        let d = (0..last).rev().find(|&d| self.shape[d] > 1);
+        Some(d.map_or((usize::MAX, 0), |d| (self.shape[d], self.strides[d])))
+    }
+
     /// Copies work elements `start..start + dst.len()` into `dst`.
     ///
     /// # Safety
@@ -657,26 +669,35 @@ pub(crate) unsafe fn softmax<S: Stored<Compute = T>, T: Real>(
                 let len = batch.elements();
                 let start = o0 * blocks.n * blocks.inner;
                 let dense = (S::NATIVE && blocks.whole_slabs())
-                    .then(|| {
-                        Some((
-                            xv.unit_run::<T>(start, len)?,
-                            mv.unit_run::<u8>(start, len)?,
-                            ov.unit_run::<T>(start, len)?,
-                        ))
-                    })
+                    .then(|| Some((xv.unit_run::<T>(start, len)?, ov.unit_run::<T>(start, len)?)))
                     .flatten();
-                if let Some((xp, kp, op)) = dense {
+                let n = batch.n;
+                let runs = dense
+                    .filter(|_| masked::reads_rows_in_place(&batch, alg))
+                    .and_then(|_| mask_runs(mv, start, batch.outer, n));
+                if let (Some((xp, op)), Some(runs)) = (dense, runs) {
+                    for run in runs {
+                        let sub = Batch::rows(run.rows, n);
+                        // SAFETY: the run's rows of x and out (arrays of S hold values of T)
+                        // and its mask rows, this block's own; out is writeable, shares no
+                        // element with the mask, and is x itself or disjoint from it.
+                        unsafe {
+                            let (xr, or) = (xp.add(run.row * n), (op as *mut T).add(run.row * n));
+                            let keep = (run.keep, run.lane);
+                            masked::softmax_like_rows_in_place(
+                                xr, keep, or, sub, alg, what, stream,
+                            );
+                        }
+                    }
+                    return Ok(());
+                }
+                let kp = dense.and_then(|_| mv.unit_run::<u8>(start, len));
+                if let (Some((xp, op)), Some(kp)) = (dense, kp) {
                     let op = op as *mut T;
                     // SAFETY: `len` aligned elements of x and out (arrays of S hold values of
                     // T) and mask bytes, this block's own; out is writeable, shares no element
                     // with the mask, and is x itself or disjoint from it.
                     unsafe {
-                        if masked::reads_rows_in_place(&batch, alg) {
-                            masked::softmax_like_rows_in_place(
-                                xp, kp, op, batch, alg, what, stream,
-                            );
-                            return Ok(());
-                        }
                         crate::simd::select_kept(simd_level, xp, kp, op, len, f64::NEG_INFINITY);
                         let (os, keep) = (
                             std::slice::from_raw_parts_mut(op, len),
@@ -802,10 +823,18 @@ pub(crate) unsafe fn reduce<S: Stored<Compute = T>, T: Real>(
                     let buf = &mut buf[..batch.elements()];
                     let res = &mut res[..batch.count()];
                     let (start, _) = blocks.result_run(o0, j0, &batch);
-                    if let Some((xs, ks)) =
+                    if let Some((xs, runs)) =
                         rows_in_place::<S, T>(&blocks, o0, j0, &batch, &xv, &kv, alg)
                     {
-                        masked::kept_row_logsumexp(xs, ks, batch, alg, buf, res)?;
+                        let n = batch.n;
+                        for run in runs {
+                            let xr = &xs[run.row * n..][..run.rows * n];
+                            let res = &mut res[run.row..run.row + run.rows];
+                            // SAFETY: the run's mask rows lie in the live mask.
+                            let keep = (unsafe { run.bytes(n) }, run.lane);
+                            let sub = Batch::rows(run.rows, n);
+                            masked::kept_row_logsumexp(xr, keep, sub, alg, buf, res)?;
+                        }
                         // SAFETY: out covers the kept shape and is writeable.
                         unsafe { ov.scatter_as::<S>(start, res) };
                         return Ok(());
@@ -889,10 +918,18 @@ pub(crate) unsafe fn reduce<S: Stored<Compute = T>, T: Real>(
                     let buf = &mut scratch[..batch.elements()];
                     let states = &mut states[..batch.count()];
                     let (start, _) = blocks.result_run(o0, j0, &batch);
-                    if let Some((xs, ks)) =
+                    if let Some((xs, runs)) =
                         rows_in_place::<S, T>(&blocks, o0, j0, &batch, &xv, &kv, alg)
                     {
-                        masked::kept_row_states(xs, ks, batch, alg, buf, |r, s| states[r] = s)?;
+                        let n = batch.n;
+                        for run in runs {
+                            let xr = &xs[run.row * n..][..run.rows * n];
+                            // SAFETY: the run's mask rows lie in the live mask.
+                            let keep = (unsafe { run.bytes(n) }, run.lane);
+                            let sub = Batch::rows(run.rows, n);
+                            let at = &mut states[run.row..run.row + run.rows];
+                            masked::kept_row_states(xr, keep, sub, alg, buf, |r, s| at[r] = s)?;
+                        }
                         // SAFETY: outputs cover the kept shape and are writeable.
                         unsafe { emit_states(&mv, &ev, start, states) };
                         return Ok(());
@@ -951,9 +988,63 @@ unsafe fn kept_columns<'a, S: Stored<Compute = T>, T: Real>(
     }
 }
 
-/// The block `(o0, j0, batch)` of `x` and of the mask as slices where they are, when the
-/// reduction can read its rows in place ([`masked::reads_rows_in_place`]): a mask is given,
-/// the block is one aligned unit-stride run in both arrays, and `x` holds `T` itself.
+/// Rows `row..row + rows` of a block whose mask rows lie `lane` bytes apart from `keep`.
+#[derive(Clone, Copy)]
+struct MaskRun {
+    row: usize,
+    rows: usize,
+    keep: *const u8,
+    lane: usize,
+}
+
+impl MaskRun {
+    /// The run's mask bytes (rows `lane` apart, `n` each).
+    ///
+    /// # Safety
+    /// The run came from [`mask_runs`] over a live mask.
+    unsafe fn bytes<'a>(&self, n: usize) -> &'a [u8] {
+        let len = self.rows.saturating_sub(1) * self.lane + n;
+        // SAFETY: the caller's contract: every mask row of the run lies in the array.
+        unsafe { std::slice::from_raw_parts(self.keep, len) }
+    }
+}
+
+/// The mask rows of the work elements `start..start + rows * n` (rows of `n`) as runs of
+/// rows with evenly spaced mask rows: one run where the mask rows are dense, else a run for
+/// each index of the dimensions above the innermost outer dimension (a mask broadcast along
+/// it, as a key-padding mask over a batch of queries, has its rows 0 bytes apart). `None`
+/// when a mask row is not `n` contiguous bytes or rows run backwards.
+fn mask_runs(kv: &WorkView, start: usize, rows: usize, n: usize) -> Option<Vec<MaskRun>> {
+    if let Some(keep) = kv.unit_run::<u8>(start, rows * n) {
+        return Some(vec![MaskRun {
+            row: 0,
+            rows,
+            keep,
+            lane: n,
+        }]);
+    }
+    let (period, lane) = kv.row_run(n)?;
+    let lane = usize::try_from(lane).ok()?;
+    let (first, mut r) = (start / n.max(1), 0);
+    let mut runs = Vec::new();
+    while r < rows {
+        let len = (period - (first + r) % period).min(rows - r);
+        let keep = kv.unit_run::<u8>((first + r) * n, n)?;
+        runs.push(MaskRun {
+            row: r,
+            rows: len,
+            keep,
+            lane,
+        });
+        r += len;
+    }
+    Some(runs)
+}
+
+/// The block `(o0, j0, batch)` of `x` as a slice where it is and its mask rows as runs
+/// ([`mask_runs`]), when the reduction can read its rows in place
+/// ([`masked::reads_rows_in_place`]): a mask is given, the block is one aligned unit-stride
+/// run of `x`, its mask rows are runs of `n` bytes, and `x` holds `T` itself.
 #[allow(clippy::too_many_arguments)]
 fn rows_in_place<'a, S: Stored<Compute = T>, T: Real>(
     blocks: &Blocks,
@@ -963,7 +1054,7 @@ fn rows_in_place<'a, S: Stored<Compute = T>, T: Real>(
     xv: &'a WorkView,
     kv: &'a Option<WorkView>,
     alg: Algorithm,
-) -> Option<(&'a [T], &'a [u8])> {
+) -> Option<(&'a [T], Vec<MaskRun>)> {
     let kv = kv.as_ref()?;
     if !S::NATIVE || !masked::reads_rows_in_place(batch, alg) {
         return None;
@@ -977,15 +1068,11 @@ fn rows_in_place<'a, S: Stored<Compute = T>, T: Real>(
     if runs != 1 || d != 0 || len != batch.elements() {
         return None;
     }
-    let (xp, kp) = (xv.unit_run::<T>(w, len)?, kv.unit_run::<u8>(w, len)?);
-    // SAFETY: `len` aligned elements of x (an array of S holds values of T) and `len` mask
-    // bytes, live for the call that planned the views, only read.
-    unsafe {
-        Some((
-            std::slice::from_raw_parts(xp, len),
-            std::slice::from_raw_parts(kp, len),
-        ))
-    }
+    let xp = xv.unit_run::<T>(w, len)?;
+    let masks = mask_runs(kv, w, batch.outer, batch.n)?;
+    // SAFETY: `len` aligned elements of x (an array of S holds values of T), live for the
+    // call that planned the views, only read.
+    Some((unsafe { std::slice::from_raw_parts(xp, len) }, masks))
 }
 
 /// Gathers the block of `x` of `(o0, j0, batch)` into `buf`; with a mask `mv`, its masked

@@ -129,7 +129,7 @@ mod rows;
 pub mod scalar;
 mod short;
 pub(crate) use short::{
-    short_rows_xent_index, IndexLoss, IndexLossOut, RowMask, IGNORED, SHORT_LOSS_ROW,
+    short_rows_xent_index, IndexLoss, IndexLossOut, KeepRows, RowMask, IGNORED, SHORT_LOSS_ROW,
 };
 
 use crate::real::Real;
@@ -942,14 +942,14 @@ pub(crate) unsafe fn short_rows_states<T: Real>(
     }
 }
 
-/// Row `r`'s reference state over the elements its mask bytes keep (rows and mask rows `n`
-/// apart, `n <= SHORT_ROW`): the row staged with its masked elements at `-inf`.
+/// Row `r`'s reference state over the elements its mask bytes keep (rows `n` apart, mask
+/// rows as `keep` says, `n <= SHORT_ROW`): the row staged with its masked elements at `-inf`.
 ///
 /// # Safety
 /// Row `r` and its mask bytes readable.
 unsafe fn short_kept_reference<T: Real>(
     x: *const T,
-    keep: *const u8,
+    keep: KeepRows,
     r: usize,
     n: usize,
 ) -> LseState {
@@ -957,7 +957,7 @@ unsafe fn short_kept_reference<T: Real>(
     for (k, v) in row.iter_mut().enumerate().take(n) {
         // SAFETY: element k of row r and its mask byte are readable.
         unsafe {
-            if *keep.add(r * n + k) != 0 {
+            if *keep.keep.add(r * keep.lane + k) != 0 {
                 *v = *x.add(r * n + k);
             }
         }
@@ -967,16 +967,16 @@ unsafe fn short_kept_reference<T: Real>(
 }
 
 /// logsumexp of `rows` dense short rows (`n <= SHORT_ROW`) over the elements their mask
-/// bytes `keep` (`n` a row, read in place) keep into `out`: the values of the rows staged
+/// bytes (`keep`, `n` a row, read in place) keep into `out`: the values of the rows staged
 /// with their masked elements at `-inf` and run through [`short_rows_logsumexp`].
 ///
 /// # Safety
-/// `x` readable for `rows * n` elements and `keep` for as many bytes; `out` writable for
-/// `rows` elements; `level` supported by this CPU.
+/// `x` readable for `rows * n` elements and the rows' mask bytes; `out` writable for `rows`
+/// elements; `level` supported by this CPU.
 pub(crate) unsafe fn short_rows_logsumexp_kept<T: Real>(
     level: Level,
     x: *const T,
-    keep: *const u8,
+    keep: KeepRows,
     rows: usize,
     n: usize,
     out: *mut T,
@@ -985,7 +985,7 @@ pub(crate) unsafe fn short_rows_logsumexp_kept<T: Real>(
     // SAFETY: forwarded from the caller (the rows, their mask bytes and out).
     unsafe {
         run_kernel!(level,
-            { x: *const T, keep: *const u8, rows: usize, n: usize, out: *mut T } -> (),
+            { x: *const T, keep: KeepRows, rows: usize, n: usize, out: *mut T } -> (),
             |l| short::logsumexp_kept(l, x, keep, rows, n, out),
             scalar: for r in 0..rows {
                 *out.add(r) = T::from_f64(short_kept_reference(x, keep, r, n).logsumexp());
@@ -995,16 +995,16 @@ pub(crate) unsafe fn short_rows_logsumexp_kept<T: Real>(
 }
 
 /// The `(max, excess)` states of `rows` dense short rows (`n <= SHORT_ROW`) over the
-/// elements their mask bytes `keep` (`n` a row, read in place) keep into `out[r]`: the states
-/// of the rows staged with their masked elements at `-inf` ([`short_rows_states`]).
+/// elements their mask bytes (`keep`, `n` a row, read in place) keep into `out[r]`: the
+/// states of the rows staged with their masked elements at `-inf` ([`short_rows_states`]).
 ///
 /// # Safety
-/// `x` readable for `rows * n` elements and `keep` for as many bytes; `out` holds `rows`
-/// states; `level` supported by this CPU.
+/// `x` readable for `rows * n` elements and the rows' mask bytes; `out` holds `rows` states;
+/// `level` supported by this CPU.
 pub(crate) unsafe fn short_rows_states_kept<T: Real>(
     level: Level,
     x: *const T,
-    keep: *const u8,
+    keep: KeepRows,
     rows: usize,
     n: usize,
     out: &mut [LseState],
@@ -1012,7 +1012,7 @@ pub(crate) unsafe fn short_rows_states_kept<T: Real>(
     debug_assert!(n <= SHORT_ROW && out.len() >= rows);
     // SAFETY: forwarded from the caller (the rows and their mask bytes).
     unsafe {
-        run_kernel!(level, <'a> { x: *const T, keep: *const u8, rows: usize, n: usize,
+        run_kernel!(level, <'a> { x: *const T, keep: KeepRows, rows: usize, n: usize,
                                   out: &'a mut [LseState] } -> (),
             |l| short::states_kept(l, x, keep, rows, n, out),
             scalar: for (r, o) in out.iter_mut().enumerate().take(rows) {
@@ -1062,13 +1062,13 @@ pub(crate) unsafe fn short_rows_softmax<T: Real>(
 /// [`short_rows_softmax`], with 0 (softmax) or `-inf` (log_softmax) at the masked positions.
 ///
 /// # Safety
-/// `x` readable and `out` writable for `rows * n` elements, equal or disjoint; `keep`
-/// readable for as many bytes, disjoint from `out`; `level` supported by this CPU.
+/// `x` readable and `out` writable for `rows * n` elements, equal or disjoint; the rows' mask
+/// bytes readable, disjoint from `out`; `level` supported by this CPU.
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn short_rows_softmax_kept<T: Real>(
     level: Level,
     x: *const T,
-    keep: *const u8,
+    keep: KeepRows,
     rows: usize,
     n: usize,
     out: *mut T,
@@ -1079,11 +1079,12 @@ pub(crate) unsafe fn short_rows_softmax_kept<T: Real>(
     // before it is written).
     unsafe {
         run_kernel!(level,
-            { x: *const T, keep: *const u8, rows: usize, n: usize, out: *mut T, log: bool } -> (),
+            { x: *const T, keep: KeepRows, rows: usize, n: usize, out: *mut T, log: bool } -> (),
             |l| short::softmax_kept(l, x, keep, rows, n, out, log),
             scalar: for r in 0..rows {
                 // The staged row, reduced and written by the reference, masked positions set.
-                let (xr, kr, or) = (x.add(r * n), keep.add(r * n), out.add(r * n));
+                let (xr, or) = (x.add(r * n), out.add(r * n));
+                let kr = keep.keep.add(r * keep.lane);
                 for k in 0..n {
                     *or.add(k) = if *kr.add(k) != 0 { *xr.add(k) } else { T::NEG_INFINITY };
                 }

@@ -396,8 +396,8 @@ unsafe fn group_state_kept<L: Lanes, T: Real>(
 }
 
 /// [`group_state`] of a group of short rows, under a `where=` mask when `keep` is given (the
-/// group's mask rows, `grp.n` apart, and the mask bytes readable from them), through
-/// [`group_state_kept`].
+/// group's first mask row, the bytes between mask rows and the mask bytes readable from the
+/// first), through [`group_state_kept`].
 ///
 /// # Safety
 /// As [`group_state_kept`] with a mask, else as [`group_state`].
@@ -405,7 +405,7 @@ unsafe fn group_state_kept<L: Lanes, T: Real>(
 unsafe fn group_state_of<L: Lanes, T: Real>(
     l: L,
     grp: Group<'_, T>,
-    keep: Option<(*const u8, usize)>,
+    keep: Option<(*const u8, usize, usize)>,
     buf: &mut [MaybeUninit<L::V>],
     kind: Keep,
     staged: &mut [MaybeUninit<T>],
@@ -413,10 +413,10 @@ unsafe fn group_state_of<L: Lanes, T: Real>(
     // SAFETY: forwarded from the caller.
     unsafe {
         match keep {
-            Some((k, mask_bytes)) => {
+            Some((k, lane, mask_bytes)) => {
                 let mask = RowMask {
                     keep: k,
-                    lane: grp.n,
+                    lane,
                     class: 1,
                     bytes: mask_bytes,
                 };
@@ -454,13 +454,21 @@ unsafe fn row_reference<L: Lanes, T: Real>(
     }
 }
 
+/// The `where=` mask bytes of a kernel's rows: row `r`'s `n` bytes at `keep + r * lane`
+/// (`lane` is `n` for a mask of the rows' shape, 0 for one mask row that every row shares).
+#[derive(Clone, Copy)]
+pub(crate) struct KeepRows {
+    pub(crate) keep: *const u8,
+    pub(crate) lane: usize,
+}
+
 /// The rows a short-row kernel walks `N` at a time: `rows` rows of `x` of at most `n`
-/// elements, with their `where=` mask bytes (`n` apart, rows `n` apart) when `keep` is given,
-/// the group after each hinted into L1 when `hint`.
+/// elements, with their `where=` mask bytes when `keep` is given, the group after each hinted
+/// into L1 when `hint`.
 #[derive(Clone, Copy)]
 struct Source<'a, T> {
     x: Rows<'a, T>,
-    keep: Option<*const u8>,
+    keep: Option<KeepRows>,
     rows: usize,
     n: usize,
     hint: bool,
@@ -476,7 +484,7 @@ impl<'a, T: Real> Source<'a, T> {
     /// Row `r`'s mask bytes.
     #[inline(always)]
     fn keep_of(self, r: usize) -> Option<*const u8> {
-        self.keep.map(|k| k.wrapping_add(r * self.n))
+        self.keep.map(|k| k.keep.wrapping_add(r * k.lane))
     }
 
     /// The state of rows `r..r + g` ([`group_state_of`]), the group after them hinted.
@@ -496,7 +504,10 @@ impl<'a, T: Real> Source<'a, T> {
             self.x.prefetch_next::<L>(r, g, self.n, self.rows - r - g);
         }
         // The mask rows from row r on are readable.
-        let keep = self.keep_of(r).map(|k| (k, (self.rows - r) * self.n));
+        let keep = self.keep.map(|k| {
+            let bytes = (self.rows - r - 1) * k.lane + self.n;
+            (k.keep.wrapping_add(r * k.lane), k.lane, bytes)
+        });
         // SAFETY: forwarded from the caller.
         unsafe { group_state_of(l, self.group(r, g), keep, buf, kind, staged) }
     }
@@ -548,7 +559,7 @@ pub(crate) unsafe fn logsumexp<L: Lanes, T: Real>(
 pub(crate) unsafe fn logsumexp_kept<L: Lanes, T: Real>(
     l: L,
     x: *const T,
-    keep: *const u8,
+    keep: KeepRows,
     rows: usize,
     n: usize,
     out: *mut T,
@@ -573,7 +584,7 @@ pub(crate) unsafe fn logsumexp_kept<L: Lanes, T: Real>(
 unsafe fn logsumexp_groups<L: Lanes, T: Real, const HINT: bool>(
     l: L,
     x: Rows<'_, T>,
-    keep: Option<*const u8>,
+    keep: Option<KeepRows>,
     rows: usize,
     n: usize,
     out: *mut T,
@@ -698,7 +709,7 @@ pub(crate) unsafe fn states<L: Lanes, T: Real>(
 pub(crate) unsafe fn states_kept<L: Lanes, T: Real>(
     l: L,
     x: *const T,
-    keep: *const u8,
+    keep: KeepRows,
     rows: usize,
     n: usize,
     out: &mut [LseState],
@@ -716,7 +727,7 @@ pub(crate) unsafe fn states_kept<L: Lanes, T: Real>(
 unsafe fn states_groups<L: Lanes, T: Real>(
     l: L,
     x: Rows<'_, T>,
-    keep: Option<*const u8>,
+    keep: Option<KeepRows>,
     rows: usize,
     n: usize,
     out: &mut [LseState],
@@ -788,7 +799,7 @@ pub(crate) unsafe fn softmax<L: Lanes, T: Real>(
 pub(crate) unsafe fn softmax_kept<L: Lanes, T: Real>(
     l: L,
     x: *const T,
-    keep: *const u8,
+    keep: KeepRows,
     rows: usize,
     n: usize,
     out: *mut T,
@@ -817,7 +828,7 @@ pub(crate) unsafe fn softmax_kept<L: Lanes, T: Real>(
 unsafe fn softmax_groups<L: Lanes, T: Real>(
     l: L,
     x: Rows<'_, T>,
-    keep: Option<*const u8>,
+    keep: Option<KeepRows>,
     rows: usize,
     n: usize,
     out: *mut T,
