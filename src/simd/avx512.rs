@@ -510,6 +510,8 @@ unsafe impl Lanes for Avx512 {
     /// The load behind an empty `asm!`: folded into the `vmovapd`/`vblendmpd` of a select it
     /// becomes a masked load (`vcvtps2pd (mem), zmm{k}`), which on Zen 5 stalls when it misses
     /// the cache: staging float32 rows of 1000 under a mask took as long as the loss itself.
+    /// (The kept float32 max below keeps its load apart too: its pass is light enough to
+    /// miss.)
     #[inline(always)]
     unsafe fn load_apart<T: Real>(self, p: *const T) -> __m512d {
         // SAFETY: the caller guarantees 8 readable elements.

@@ -127,7 +127,10 @@ pub unsafe trait Lanes: Copy {
     unsafe fn load<T: Real>(self, p: *const T) -> Self::V;
     /// [`Lanes::load`] kept apart from the select that takes it (the same value): a level
     /// whose selects would fold the load into a masked load, which stalls when it misses the
-    /// cache, keeps the two apart.
+    /// cache, keeps the two apart. For passes that only move data (staging), whose loads
+    /// miss; where the loads feed arithmetic the prefetchers keep ahead and the folded form
+    /// costs less (in-place rows of 1000 under a mask: 1.06x the unmasked time apart, 0.96x
+    /// folded).
     ///
     /// # Safety
     /// `N` readable elements at `p`.

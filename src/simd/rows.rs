@@ -193,7 +193,7 @@ unsafe fn load_kept<L: Lanes, T: Real>(
     fill: f64,
 ) -> L::V {
     // SAFETY: forwarded from the caller.
-    unsafe { l.select(l.kept(keep.add(i)), l.load_apart(x.add(i)), l.splat(fill)) }
+    unsafe { l.select(l.kept(keep.add(i)), l.load(x.add(i)), l.splat(fill)) }
 }
 
 /// [`load_kept`] of the `n < N` elements at `i`.
