@@ -9,7 +9,11 @@ the same data, alternating the two within each repeat so the neighbours' load hi
 ms is the best time. GB/s counts the bytes the op must move: the input, the mask (one byte per
 element, masked cases only) and the output (softmax). ratio is the time over the unmasked op's
 time in the same run (the goal is at most 1.3). With --jax, jax.jit(jax.nn.*(where=)) is timed
-too (ratio over stablelse's unmasked op).
+too (ratio over stablelse's unmasked op). With --layouts, the masks and axes that are not rows
+under a mask of their own shape are timed instead, on the same number of elements: a
+key-padding mask ``(B, 1, L)`` over scores ``(B, 128, L)``, one mask row ``(1, C)`` for every
+row, a reduction over the first axis of ``(R, 4096)``, over the class axis of ``(N, 100, L)``
+(the layout of torch's losses), and a Fortran-ordered array reduced over its last axis.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--jax", action="store_true")
+    ap.add_argument("--layouts", action="store_true")
     args = ap.parse_args()
     if args.threads:
         stablelse.set_num_threads(args.threads)
@@ -58,6 +63,9 @@ def main() -> None:
         f"threads {stablelse.get_num_threads()}; 2^{args.log2n} {dtype}, "
         f"{args.keep:.0%} kept, best of {args.repeat}"
     )
+    if args.layouts:
+        layouts(args, rng, dtype)
+        return
     print(f"{'rows of':>8} {'op':22} {'impl':16} {'ms':>9} {'GB/s':>7} {'ratio':>6}")
     for n in args.rows_of:
         rows = (1 << args.log2n) // n
@@ -98,6 +106,49 @@ def main() -> None:
                     f"{n:8} {name:22} {'jax jit where=':16} {tj * 1e3:9.2f} {gbs:7.2f} "
                     f"{tj / tp2:6.2f}"
                 )
+
+
+def layouts(args, rng, dtype) -> None:
+    """Masked over unmasked time for the mask layouts and axes of --layouts."""
+    total = 1 << args.log2n
+
+    def data(shape, mask_shape, order="C"):
+        x = np.asarray(rng.standard_normal(shape).astype(dtype), order=order)
+        mask = np.asarray(rng.random(mask_shape) < args.keep, order=order)
+        return x, mask
+
+    cases = []
+    for length in (64, 1024):
+        x, mask = data((total // (128 * length), 128, length), (total // (128 * length), 1, length))
+        cases.append((f"key padding (B,1,{length})", x, mask, -1))
+    x, mask = data((total // 1024, 1024), (1, 1024))
+    cases.append(("one mask row (1,1024)", x, mask, -1))
+    x, mask = data((total // 4096, 4096), (total // 4096, 4096))
+    cases.append(("first axis of (R,4096)", x, mask, 0))
+    x, mask = data((total // (100 * 2560), 100, 2560), (total // (100 * 2560), 100, 2560))
+    cases.append(("class axis of (N,100,L)", x, mask, 1))
+    x, mask = data((total // 1024, 1024), (total // 1024, 1024), order="F")
+    cases.append(("Fortran (R,1024), last", x, mask, -1))
+    size = dtype.itemsize
+    print(f"{'layout':28} {'op':14} {'impl':10} {'ms':>9} {'GB/s':>7} {'ratio':>6}")
+    for name, x, mask, axis in cases:
+        out = np.empty_like(x)
+        for op, f, kw, writes in (
+            ("logsumexp", stablelse.logsumexp, {}, 0),
+            ("softmax out=", stablelse.softmax, {"out": out}, 1),
+        ):
+
+            def masked(f=f, kw=kw, x=x, mask=mask, axis=axis):
+                return f(x, axis=axis, where=mask, **kw)
+
+            def plain(f=f, kw=kw, x=x, axis=axis):
+                return f(x, axis=axis, **kw)
+
+            tm, tp = best_pair(masked, plain, args.repeat)
+            moved = x.size * size * (1 + writes)
+            for impl, t, extra in (("where=", tm, mask.size), ("unmasked", tp, 0)):
+                gbs = (moved + extra) / t / 1e9
+                print(f"{name:28} {op:14} {impl:10} {t * 1e3:9.2f} {gbs:7.2f} {t / tp:6.2f}")
 
 
 if __name__ == "__main__":
