@@ -827,7 +827,14 @@ def test_short_rows_and_masks_that_end_at_an_unreadable_page():
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize(
     ("shape", "axis"),
-    [((4096, 300), 0), ((7, 513, 33), 1), ((3, 100, 20), 0), ((70000, 3), 0), ((5, 0, 9), 1)],
+    [
+        ((4096, 300), 0),
+        ((7, 513, 33), 1),
+        ((3, 100, 20), 0),
+        ((70000, 3), 0),
+        ((5, 0, 9), 1),
+        ((40, 9000), 0),
+    ],
 )
 def test_masked_columns_read_in_place_equal_the_staged_path(dtype, shape, axis):
     """Columns (a reduced axis before the last) whose mask lies as x does are read where they
