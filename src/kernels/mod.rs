@@ -733,6 +733,7 @@ unsafe fn softmax_like_columns<T: Real>(
         .map(|s| write_params::<T>(level, *s, exp))
         .unzip();
     let (b, a) = (&b, &a);
+    let fill = masked::masked_value::<T>(what).to_f64();
     parallel::for_each_piece(batch.outer * n, 2 * inner, |range| {
         for item in range {
             let (o, k) = (item / n, item % n);
@@ -745,7 +746,6 @@ unsafe fn softmax_like_columns<T: Real>(
                 simd::lanes_write(level, xr, or, inner, bo, ao, exp);
                 if let Some(kp) = keep {
                     let kr = (kp.ptr() as *const u8).add(o * batch.outer_stride + k * inner);
-                    let fill = masked::masked_value::<T>(what).to_f64();
                     simd::select_kept(level, or, kr, or, inner, fill);
                 }
             }

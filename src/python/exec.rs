@@ -831,13 +831,10 @@ pub(crate) unsafe fn reduce<S: Stored<Compute = T>, T: Real>(
                     if let Some((xs, runs)) =
                         rows_in_place::<S, T>(&blocks, o0, j0, &batch, &xv, &kv, alg)
                     {
-                        let n = batch.n;
                         for run in runs {
-                            let xr = &xs[run.row * n..][..run.rows * n];
-                            let res = &mut res[run.row..run.row + run.rows];
                             // SAFETY: the run's mask rows lie in the live mask.
-                            let keep = (unsafe { run.bytes(n) }, run.lane);
-                            let sub = Batch::rows(run.rows, n);
+                            let (xr, keep, sub) = unsafe { run.rows_of(xs, batch.n) };
+                            let res = &mut res[run.row..run.row + run.rows];
                             masked::kept_row_logsumexp(xr, keep, sub, alg, buf, res)?;
                         }
                         // SAFETY: out covers the kept shape and is writeable.
@@ -926,12 +923,9 @@ pub(crate) unsafe fn reduce<S: Stored<Compute = T>, T: Real>(
                     if let Some((xs, runs)) =
                         rows_in_place::<S, T>(&blocks, o0, j0, &batch, &xv, &kv, alg)
                     {
-                        let n = batch.n;
                         for run in runs {
-                            let xr = &xs[run.row * n..][..run.rows * n];
                             // SAFETY: the run's mask rows lie in the live mask.
-                            let keep = (unsafe { run.bytes(n) }, run.lane);
-                            let sub = Batch::rows(run.rows, n);
+                            let (xr, keep, sub) = unsafe { run.rows_of(xs, batch.n) };
                             let at = &mut states[run.row..run.row + run.rows];
                             masked::kept_row_states(xr, keep, sub, alg, buf, |r, s| at[r] = s)?;
                         }
@@ -1003,14 +997,17 @@ struct MaskRun {
 }
 
 impl MaskRun {
-    /// The run's mask bytes (rows `lane` apart, `n` each).
+    /// The run's rows of the block `xs` (rows of `n`), its mask bytes with their row spacing,
+    /// and its batch: the arguments of the masked row kernels.
     ///
     /// # Safety
-    /// The run came from [`mask_runs`] over a live mask.
-    unsafe fn bytes<'a>(&self, n: usize) -> &'a [u8] {
+    /// The run came from [`mask_runs`] over a live mask, for the block `xs`.
+    unsafe fn rows_of<'a, T>(&self, xs: &'a [T], n: usize) -> (&'a [T], (&'a [u8], usize), Batch) {
         let len = self.rows.saturating_sub(1) * self.lane + n;
         // SAFETY: the caller's contract: every mask row of the run lies in the array.
-        unsafe { std::slice::from_raw_parts(self.keep, len) }
+        let keep = unsafe { std::slice::from_raw_parts(self.keep, len) };
+        let x = &xs[self.row * n..][..self.rows * n];
+        (x, (keep, self.lane), Batch::rows(self.rows, n))
     }
 }
 
