@@ -585,3 +585,51 @@ def test_short_rows_under_a_dense_mask_equal_a_strided_mask(dtype, n):
                     u, v = np.asarray(u), np.asarray(v)
                     bits = np.uint32 if u.dtype == np.float32 else np.uint64
                     np.testing.assert_array_equal(u.view(bits), v.view(bits))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n", [65, 100, 1000, 3000])
+def test_long_rows_under_a_dense_mask_equal_a_strided_mask(dtype, n):
+    """Rows longer than the short-row kernels' under a mask whose rows are dense (the logits'
+    shape or one (1, C) row) are read in place, the masked classes loaded as -inf; a strided
+    mask is staged, the masked classes written as -inf first. Loss, lane losses and gradient
+    must be the same bits for class and probability targets, label smoothing, weights and the
+    z-loss, also with rows that keep nothing, masked NaN / inf, kept inf / NaN (the rows the
+    kernels redo on a staged copy) and ignored targets."""
+    rng = np.random.default_rng(300 + n)
+    rows = 67
+    x = (rng.standard_normal((rows, n)) * 8).astype(dtype)
+    keep = rng.random((rows, n)) < 0.8
+    t = rng.integers(0, n, rows)
+    keep[np.arange(rows), t] = True
+    x[2::13, 1], keep[2::13, 1] = np.inf, True
+    x[3::11, n // 2], keep[3::11, n // 2] = np.nan, True
+    x[5::7][~keep[5::7]] = np.nan
+    x[6::9][~keep[6::9]] = np.inf
+    keep[1::17] = False
+    t[4::19] = -100
+    q = rng.random((rows, n)) * keep
+    q = (q / np.where(q.sum(1, keepdims=True) > 0, q.sum(1, keepdims=True), 1)).astype(dtype)
+    row = np.ones((1, n), bool)
+    row[0, ::3] = False
+    t_row = np.where((t < 0) | row[0, t % n], t, 1)
+    w = (rng.random(n) + 0.5).astype(dtype)
+    cases = [(keep, t), (keep, q), (row, t_row)]
+    options = (
+        {"reduction": "mean"},
+        {"reduction": "none", "return_grad": True},
+        {"reduction": "sum", "label_smoothing": 0.1, "weight": w, "return_grad": True},
+        {"reduction": "mean", "z_loss": 1e-3, "label_smoothing": 0.2, "return_grad": True},
+    )
+    for kw in options:
+        for mask, tt in cases:
+            strided = np.empty((mask.shape[0], 2 * n), bool)[:, ::2]
+            strided[...] = mask
+            with np.errstate(all="ignore"):
+                a = sl.cross_entropy(x, tt, where=mask, **kw)
+                b = sl.cross_entropy(x, tt, where=strided, **kw)
+            pairs = zip(a, b) if isinstance(a, tuple) else [(a, b)]
+            for u, v in pairs:
+                u, v = np.asarray(u), np.asarray(v)
+                bits = np.uint32 if u.dtype == np.float32 else np.uint64
+                np.testing.assert_array_equal(u.view(bits), v.view(bits))

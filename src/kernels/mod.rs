@@ -821,13 +821,21 @@ pub fn row_state<T: Real>(x: &[T], alg: Algorithm) -> LseState {
 /// ([`row_scaled_terms`]); the same bits as [`row_state`]. Returns with the state the index
 /// from which the kept terms are `exp(x[k] - max)` for the row's max (the write computes the
 /// earlier ones again). `None` where the max is not finite, the row is longer or `terms`
-/// shorter, and at the scalar level: take [`row_state`] then.
-pub fn row_state_stored<T: Real>(x: &[T], terms: &mut [f64]) -> Option<(LseState, usize)> {
-    if x.len() > simd::STORED_ROW || terms.len() < x.len() {
+/// shorter, and at the scalar level: take [`row_state`] then. With `keep` (a `where=` row,
+/// read in place) the masked elements are `-inf`: the staged row's state and terms.
+pub fn row_state_stored<T: Real>(
+    x: &[T],
+    keep: Option<&[u8]>,
+    terms: &mut [f64],
+) -> Option<(LseState, usize)> {
+    let n = x.len();
+    if n > simd::STORED_ROW || terms.len() < n || keep.is_some_and(|k| k.len() < n) {
         return None;
     }
-    // SAFETY: x holds n elements and terms at least n; the level is available.
-    unsafe { simd::row_state_stored(simd::level(), x.as_ptr(), x.len(), terms.as_mut_ptr()) }
+    let kp = keep.map_or(std::ptr::null(), |k| k.as_ptr());
+    // SAFETY: x holds n elements, the mask (when given) and terms at least n; the level is
+    // available.
+    unsafe { simd::row_state_stored(simd::level(), x.as_ptr(), kp, n, terms.as_mut_ptr()) }
 }
 
 /// `out[k] = scale * terms[k]` over the shorter of the two: the write of [`row_exp_scaled`]

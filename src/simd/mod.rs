@@ -412,20 +412,32 @@ pub(crate) unsafe fn row_state<T: Real>(
 /// each term its sums computed kept at `terms[k]` for a write from them ([`scaled_terms`]),
 /// and the index from which those terms are `exp(x[k] - max)` for the row's max (earlier
 /// ones were taken against a smaller running max). `None` where the max is not finite and
-/// at the scalar level: the caller then takes [`row_state`].
+/// at the scalar level: the caller then takes [`row_state`]. With a mask (`keep` not null)
+/// `x[k]` is `-inf` where `keep[k] == 0`, applied as it is loaded ([`kept_row_state`]): the
+/// staged row's state and terms bit for bit (its masked terms 0).
 ///
 /// # Safety
-/// `n` readable elements at `x`, `n` writable float64 at `terms`.
+/// `n` readable elements at `x`, `keep` null or readable for `n` bytes, `n` writable float64
+/// at `terms`.
 pub(crate) unsafe fn row_state_stored<T: Real>(
     level: Level,
     x: *const T,
+    keep: *const u8,
     n: usize,
     terms: *mut f64,
 ) -> Option<(LseState, usize)> {
     // SAFETY: forwarded from the caller.
     unsafe {
-        run_kernel!(level, { x: *const T, n: usize, terms: *mut f64 } -> Option<(LseState, usize)>,
-            |l| rows::state_two_pass_stored(l, x, n, terms),
+        run_kernel!(level,
+            { x: *const T, keep: *const u8, n: usize, terms: *mut f64 }
+                -> Option<(LseState, usize)>,
+            |l| {
+                if keep.is_null() {
+                    rows::state_two_pass_stored(l, rows::Dense(x), n, terms)
+                } else {
+                    rows::state_two_pass_stored(l, rows::Kept { x, keep }, n, terms)
+                }
+            },
             scalar: None,
         )
     }

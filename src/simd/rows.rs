@@ -642,19 +642,19 @@ unsafe fn state_two_pass_summed<L: Lanes, S: Source>(
 /// state bits. Returns the state and the index from which the kept terms are `exp(x - max)`
 /// for the row's max (before it they were taken against a smaller running max, and the
 /// write computes them again). `None` where the max is not finite (the caller takes
-/// [`state_two_pass`]).
+/// [`state_two_pass`]). Over a [`Kept`] source the masked terms are kept as 0.
 ///
 /// # Safety
-/// `n` readable elements at `x`, `n` writable float64 at `terms`.
+/// `n` readable elements of `src`, `n` writable float64 at `terms`.
 #[inline(always)]
-pub(crate) unsafe fn state_two_pass_stored<L: Lanes, T: Real>(
+pub(crate) unsafe fn state_two_pass_stored<L: Lanes, S: Source>(
     l: L,
-    x: *const T,
+    src: S,
     n: usize,
     terms: *mut f64,
 ) -> Option<(LseState, usize)> {
     // SAFETY: forwarded from the caller.
-    let (state, from) = unsafe { state_two_pass_keeping(l, Dense(x), n, Some(terms)) }?;
+    let (state, from) = unsafe { state_two_pass_keeping(l, src, n, Some(terms)) }?;
     state.max.is_finite().then_some((state, from))
 }
 

@@ -685,7 +685,9 @@ fn kept_terms_give_the_two_exp_bits_at_every_level() {
             }
             let mut terms = vec![0.0f64; n];
             // SAFETY: x holds n elements, terms n.
-            let kept = unsafe { row_state_stored(level, x.as_ptr(), n, terms.as_mut_ptr()) };
+            let kept = unsafe {
+                row_state_stored(level, x.as_ptr(), std::ptr::null(), n, terms.as_mut_ptr())
+            };
             // SAFETY: as above.
             let want = unsafe { row_state(level, x.as_ptr(), n, false) };
             let Some((st, from)) = kept else {
@@ -722,7 +724,9 @@ fn kept_terms_give_the_two_exp_bits_at_every_level() {
             }
             x[n / 4] = T::from_f64(f64::NAN);
             // SAFETY: as above.
-            let nan = unsafe { row_state_stored(level, x.as_ptr(), n, terms.as_mut_ptr()) };
+            let nan = unsafe {
+                row_state_stored(level, x.as_ptr(), std::ptr::null(), n, terms.as_mut_ptr())
+            };
             assert!(
                 nan.is_none_or(|(s, _)| s.excess.is_nan()),
                 "{} {n}",

@@ -799,6 +799,8 @@ fn lanes_block<T: Real>(
             LaneGrad::ZERO
         }
     };
+    // Masked rows read in place (their masked classes loaded as `-inf`).
+    let in_place = mask.filter(|m| m.in_place());
     match g {
         Some(g) if keeps_terms(n, alg) => {
             // One row at a time: its state keeps the exps, its gradient is written from them.
@@ -808,8 +810,17 @@ fn lanes_block<T: Real>(
             let terms = &mut bufs.terms[..n];
             for i in 0..w {
                 let (x, probs) = b.lane(i);
-                let kept = crate::kernels::row_state_stored(x, terms);
-                let state = kept.map_or_else(|| row_state(x, alg), |(s, _)| s);
+                let keep = in_place.map(|m| m.lane(i, n));
+                let kept = crate::kernels::row_state_stored(x, keep, terms);
+                let state = match (kept, in_place) {
+                    (Some((s, _)), _) => s,
+                    (None, None) => row_state(x, alg),
+                    (None, Some(m)) => {
+                        let one = &mut bufs.states[..1];
+                        m.kept_states(xb, (n, i..i + 1), alg, &mut bufs.scratch, one)?;
+                        one[0]
+                    }
+                };
                 let lg = lane(i, state, true);
                 let from = kept.map(|(_, from)| (&terms[..], from));
                 let gi = &mut g[i * n..(i + 1) * n];
@@ -817,7 +828,12 @@ fn lanes_block<T: Real>(
             }
         }
         g => {
-            block_states(xb, pitch, n, w, alg, &mut bufs.scratch, &mut bufs.states)?;
+            match in_place {
+                Some(m) => {
+                    m.kept_states(xb, (n, 0..w), alg, &mut bufs.scratch, &mut bufs.states)?
+                }
+                None => block_states(xb, pitch, n, w, alg, &mut bufs.scratch, &mut bufs.states)?,
+            }
             for i in 0..w {
                 bufs.grads[i] = lane(i, bufs.states[i], g.is_some());
             }
@@ -1052,8 +1068,14 @@ fn write_row_grad<T: Real>(
         let w = plan.weight.map(|w| &w[r.clone()]);
         scale_and_correct(plan, &lg, gb, probs, w, 1.0);
         if let Some(keep) = keep {
-            // The smoothing and probability terms reach every class.
-            zero_masked(gb, &keep[r]);
+            if lg.corr != 0.0 {
+                // The smoothing and probability terms reach every class.
+                zero_masked(gb, &keep[r]);
+            } else {
+                // Only the exps taken of the row: 0 at masked classes for a staged row (`-inf`)
+                // and in the kept terms; those of an in-place row's masked logits are not.
+                zero_masked(&mut gb[..split - r.start], &keep[r.start..split]);
+            }
         }
     })
     .for_each(drop); // the blocks ran for their writes
@@ -1062,12 +1084,9 @@ fn write_row_grad<T: Real>(
     }
 }
 
-/// Sets `g[k]` to 0 where `keep[k] == 0`.
+/// Sets `g[k]` to 0 where `keep[k] == 0` (a vector select).
 fn zero_masked<T: Real>(g: &mut [T], keep: &[u8]) {
-    for (gk, &k) in g.iter_mut().zip(keep) {
-        // Branch-free: masks are often irregular.
-        *gk = T::from_f64(if k != 0 { gk.to_f64() } else { 0.0 });
-    }
+    crate::kernels::masked::fill_masked(g, keep, T::from_f64(0.0));
 }
 
 /// `g_k = mul * g_k - corr * w_k [* q'_k]` over one row (block) of the lane `lg` describes:

@@ -45,6 +45,18 @@ enum Count {
     None,
 }
 
+impl Count {
+    /// What a lane's plan needs of its mask bytes `keep`.
+    fn of(self, keep: &[u8]) -> usize {
+        match self {
+            Count::Classes => keep.iter().map(|&b| (b != 0) as usize).sum(),
+            Count::Any => keep.iter().any(|&b| b != 0) as usize,
+            // A kept index target already says the lane keeps a class.
+            Count::None => 1,
+        }
+    }
+}
+
 /// Where a block's lanes start and how its elements are spaced in one array.
 #[derive(Clone, Copy)]
 struct Spacing {
@@ -137,13 +149,7 @@ impl<T: Real> Staged<T> {
             }
         }
         for (jj, kept) in self.kept[..w].iter_mut().enumerate() {
-            let kr = &self.keep[jj * n..][..n];
-            *kept = match count {
-                Count::Classes => kr.iter().map(|&b| b as usize).sum(),
-                Count::Any => kr.iter().any(|&b| b != 0) as usize,
-                // A kept index target already says the lane keeps a class.
-                Count::None => 1,
-            };
+            *kept = count.of(&self.keep[jj * n..][..n]);
         }
     }
 
@@ -158,19 +164,50 @@ impl<T: Real> Staged<T> {
     }
 }
 
-/// The mask of a staged block of lanes of `n` classes (as [`LaneBlock`] takes it): lane `i`
-/// keeps class `k` where `keep[i * n + k] != 0`, and `kept[i]` is what its plan needs to know
-/// of its kept classes ([`Count`]).
+/// The mask of a block of lanes of `n` classes (as [`LaneBlock`] takes it): lane `i` keeps
+/// class `k` where `keep[i * lane + k] != 0`, and `kept[i]` is what its plan needs to know of its
+/// kept classes ([`Count`]). A staged block holds the bytes densely (`lane == n`) beside logits
+/// that are `-inf` at the masked classes; a block read in place (`in_place`) has the user's
+/// logits and mask rows, the masked classes read as `-inf` by the kernels that load them.
 #[derive(Clone, Copy)]
 pub(super) struct StagedMask<'a> {
     keep: &'a [u8],
+    lane: usize,
     kept: &'a [usize],
+    in_place: bool,
 }
 
 impl<'a> StagedMask<'a> {
     /// Lane `i`'s mask bytes.
     pub(super) fn lane(&self, i: usize, n: usize) -> &'a [u8] {
-        &self.keep[i * n..][..n]
+        &self.keep[i * self.lane..][..n]
+    }
+
+    /// Whether the block's logits are the user's (masked classes not `-inf`).
+    pub(super) fn in_place(&self) -> bool {
+        self.in_place
+    }
+
+    /// The states of the in-place rows `rows` of `x` (row `i` at `i * n`, dense) over their
+    /// kept classes, into `states` from its start: the staged rows' ([`block_states`]) bit
+    /// for bit.
+    pub(super) fn kept_states<T: Real>(
+        &self,
+        x: &[T],
+        (n, rows): (usize, std::ops::Range<usize>),
+        alg: Algorithm,
+        scratch: &mut Vec<T>,
+        states: &mut [LseState],
+    ) -> Result<(), Error> {
+        if scratch.len() < n {
+            *scratch = try_vec(n, T::from_f64(0.0))?;
+        }
+        let keep = (&self.keep[rows.start * self.lane..], self.lane);
+        let batch = Batch::rows(rows.len(), n);
+        let x = &x[rows.start * n..rows.end * n];
+        let put = |r: usize, s: LseState| states[r] = s;
+        crate::kernels::masked::kept_row_states(x, keep, batch, alg, scratch, put)
+            .map_err(Error::Layout)
     }
 
     /// Lane `i`'s plan, target and sums with its masked classes deleted, from its staged
@@ -355,6 +392,18 @@ pub(super) fn xent_masked<T: Real, C: Logits<T>>(
     } else {
         (batch.outer * blocks_per_slab, n * width)
     };
+    // Dense rows longer than the short-row kernels' under a mask whose rows are dense too:
+    // read in place by the masked row kernels (the staged block's states bit for bit).
+    let in_place = rows
+        && !short_index
+        && n > SHORT_ROW
+        && batch.outer_stride == n
+        && mask.strides[1] == 1
+        && logits.direct().is_some()
+        && crate::kernels::masked::reads_rows_in_place(&batch, alg);
+    // Rows the fused short-row loss reads where they lie (16-bit rows widened first), and
+    // the rows read in place.
+    let unstaged = (short_index && rows) || in_place;
     let probs = matches!(targets, Targets::Probs(_));
     let count = match (plan.label_smoothing > 0.0, probs) {
         (true, _) => Count::Classes,
@@ -374,8 +423,8 @@ pub(super) fn xent_masked<T: Real, C: Logits<T>>(
         let mut acc = (0.0f64, 0.0f64);
         let mut counted = (0.0f64, 0usize);
         let zero = T::from_f64(0.0);
-        // Short rows in the compute type stage nothing (read in place).
-        let staged_width = if short_index && rows { 0 } else { width };
+        // The fused loss's rows and the longer rows read in place stage nothing.
+        let staged_width = if unstaged { 0 } else { width };
         let mut st = Staged::<T>::new(n, staged_width, probs)?;
         let mut short_lanes = ShortLanes::new();
         // 16-bit logits: each block widened (and for columns transposed, through a line of
@@ -421,8 +470,8 @@ pub(super) fn xent_masked<T: Real, C: Logits<T>>(
                 }
                 _ => None,
             };
-            // Every block but the fused loss's rows is staged (masked classes at -inf).
-            if !(short_index && rows) {
+            // Every other block is staged (masked classes at -inf).
+            if !unstaged {
                 stage(
                     &mut st,
                     logits,
@@ -489,6 +538,30 @@ pub(super) fn xent_masked<T: Real, C: Logits<T>>(
                     // The rows' mask is in cache now: the pre-pass's checks, lane by lane.
                     check_lanes(plan, t, mask, l0..l0 + w, &mut counted)?;
                 }
+            } else if let (true, Some(x)) = (in_place, logits.direct()) {
+                // Dense rows and their mask rows, read where they are.
+                let keep = &mask.keep[ms.base..];
+                for (i, kept) in st.kept[..w].iter_mut().enumerate() {
+                    *kept = count.of(&keep[i * ms.lane..][..n]);
+                }
+                let block = LaneBlock {
+                    x: &x[xs.base..],
+                    q: match targets {
+                        Targets::Probs(q) => Some(&q[xs.base..]),
+                        Targets::Indices(_) => None,
+                    },
+                    pitch: n,
+                    n,
+                    w,
+                    l0,
+                    mask: Some(StagedMask {
+                        keep,
+                        lane: ms.lane,
+                        kept: &st.kept,
+                        in_place: true,
+                    }),
+                };
+                lanes_block(plan, targets, block, alg, &mut bufs, lanes_out, g, &mut acc)?;
             } else {
                 if let Targets::Probs(q) = targets {
                     st.stage_probs(q, xs, n, w);
@@ -502,7 +575,9 @@ pub(super) fn xent_masked<T: Real, C: Logits<T>>(
                     l0,
                     mask: Some(StagedMask {
                         keep: &st.keep,
+                        lane: n,
                         kept: &st.kept,
+                        in_place: false,
                     }),
                 };
                 lanes_block(plan, targets, block, alg, &mut bufs, lanes_out, g, &mut acc)?;
