@@ -505,9 +505,10 @@ def test_masked_short_rows_read_in_place_equal_the_kernel_on_rows_holding_minus_
                 assert (g[~m] == 0).all()
 
 
+@pytest.mark.parametrize("weighted", [True, False])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_a_forward_only_masked_loss_checks_its_targets_in_the_main_pass_as_the_pre_pass_does(
-    reduction,
+    reduction, weighted
 ):
     # Without a gradient or per-row losses, short rows check their targets against the mask
     # in the kernel's pass (nothing is written before a refusal there). The loss must have the
@@ -520,7 +521,7 @@ def test_a_forward_only_masked_loss_checks_its_targets_in_the_main_pass_as_the_p
     m[::97] = False
     t = np.array([rng.choice(np.flatnonzero(r)) if r.any() else rng.integers(n) for r in m])
     t[5::13] = -100
-    w = rng.random(n) + 0.5
+    w = rng.random(n) + 0.5 if weighted else None
 
     def both(tt):
         outs = []
@@ -538,13 +539,16 @@ def test_a_forward_only_masked_loss_checks_its_targets_in_the_main_pass_as_the_p
     # Rows that keep some classes and mask others, far apart (different pieces).
     some = np.flatnonzero(m.any(axis=1) & ~m.all(axis=1))
     a, b = some[1000], some[30000 * len(some) // rows]
-    for masked_row, out_row in ((a, b), (b, a)):
+    # ... and next to each other (one block).
+    c = some[np.flatnonzero(np.diff(some) == 1)[50]]
+    for masked_row, out_row in ((a, b), (b, a), (c, c + 1), (c + 1, c)):
+        first = min(masked_row, out_row)
         tt = t.copy()
         tt[masked_row] = np.flatnonzero(~m[masked_row])[0]
         tt[out_row] = n + 4
         fwd, pre = both(tt)
         assert isinstance(fwd, str) and fwd == pre
-        assert fwd.startswith(f"target[{a}]")
+        assert fwd.startswith(f"target[{first}]")
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

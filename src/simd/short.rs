@@ -982,7 +982,8 @@ pub(crate) struct IndexLoss<'a> {
 
 /// The per-row outputs of [`xent_index`]: the main loss term `w_t * (L - x_t)` (0 for an
 /// ignored row), `L = logsumexp` and whether the row must be redone by the caller's reference
-/// path (a non-finite max or a NaN sum; its outputs, gradient included, are then left alone).
+/// path (a non-finite max or a NaN sum, or a target the mask hides; its outputs, gradient
+/// included, are then left alone).
 pub(crate) struct IndexLossOut<'a> {
     pub(crate) main: &'a mut [f64],
     pub(crate) lse: &'a mut [f64],
@@ -1055,7 +1056,7 @@ pub(crate) unsafe fn xent_index<L: Lanes, T: Real, const MASKED: bool, const GRA
                 })
             });
             let grp = Group::pitched(px, pitch, g, n, rows - r);
-            let (m, excess, redo) = match mask {
+            let (m, excess, mut redo) = match mask {
                 Some(mk) => group_state_kept(l, grp, &mut buf, keep, mk, &mut staged),
                 None => group_state(l, grp, &mut buf, keep, None),
             };
@@ -1068,6 +1069,11 @@ pub(crate) unsafe fn xent_index<L: Lanes, T: Real, const MASKED: bool, const GRA
                     xt[k] = (*px.add(k * pitch + c as usize)).to_f64();
                     wt[k] = p.weight[r + k];
                     kept[k] = 1.0;
+                    if let Some(mk) = mask {
+                        // A masked target: the row is the caller's (to skip or refuse).
+                        let flag = *mk.keep.add(k * mk.lane + c as usize * mk.class);
+                        redo |= u8::from(flag == 0) << k;
+                    }
                 }
             }
             let lt = l.log1p(excess, T::FULL);

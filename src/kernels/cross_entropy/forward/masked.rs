@@ -333,25 +333,53 @@ fn masked_sums<T: Real>(
     sums
 }
 
-/// The pre-pass's checks ([`index_lane`]) of `lanes`, in lane order, their "mean" weights
-/// and count added to `counted` one lane at a time as the pre-pass adds them. Apart from the
-/// block loop, so that the running sums stay in registers.
+/// The pre-pass's checks ([`index_lane`]) of the rows `l0..l0 + class.len()` after the fused
+/// loss ran them, their "mean" weights and count added to `counted` as the pre-pass adds
+/// them. `class`, `weight` and `redo` are the rows' targets as [`lane_classes`] read them
+/// (`IGNORED` and 0 where ignored or out of range) and the kernel's redo flags, which every
+/// row whose target the mask hides carries. Without weights, the named targets are counted in
+/// two vector scans (each counted weight is 1, so the pre-pass's float sum is the count,
+/// exactly) and only the redone rows are checked one by one; a target out of range (the
+/// scans disagree) or weights send the block through [`index_lane`] lane by lane, which
+/// reports the first refusal in lane order as the pre-pass does.
+///
+/// [`lane_classes`]: super::super::spec::lane_classes
 #[inline(never)]
 fn check_lanes<T: Real>(
     plan: &Plan<'_, T>,
     t: &[i64],
     mask: &ClassMask<'_>,
-    lanes: std::ops::Range<usize>,
+    l0: usize,
+    (class, redo): (&[u32], &[bool]),
     counted: &mut (f64, usize),
 ) -> Result<(), Error> {
     let (mut d, mut k) = *counted;
-    for l in lanes {
-        if let Some(wt) = index_lane(plan, t, mask, l)? {
-            d += wt;
-            k += 1;
+    let lanes = l0..l0 + class.len();
+    let named = class.iter().filter(|&&c| c != IGNORED).count();
+    let ignore = plan.ignore_index;
+    let kept = t[lanes.clone()].iter().filter(|&&v| v != ignore).count();
+    if plan.weight.is_some() || named != kept {
+        for l in lanes {
+            if let Some(wt) = index_lane(plan, t, mask, l)? {
+                d += wt;
+                k += 1;
+            }
         }
+        *counted = (d, k);
+        return Ok(());
     }
-    *counted = (d, k);
+    // A named target that is not redone is kept (the kernel flags the masked ones).
+    let mut skipped = 0;
+    for (i, _) in class
+        .iter()
+        .zip(redo)
+        .enumerate()
+        .filter(|(_, (&c, &r))| r && c != IGNORED)
+    {
+        skipped += index_lane(plan, t, mask, l0 + i)?.is_none() as usize;
+    }
+    let counts = named - skipped;
+    *counted = (d + counts as f64, k + counts);
     Ok(())
 }
 
@@ -536,7 +564,8 @@ pub(super) fn xent_masked<T: Real, C: Logits<T>>(
                 )?;
                 if let (true, Targets::Indices(t)) = (deferred, targets) {
                     // The rows' mask is in cache now: the pre-pass's checks, lane by lane.
-                    check_lanes(plan, t, mask, l0..l0 + w, &mut counted)?;
+                    let lanes = (&short_lanes.class[..w], &short_lanes.redo[..w]);
+                    check_lanes(plan, t, mask, l0, lanes, &mut counted)?;
                 }
             } else if let (true, Some(x)) = (in_place, logits.direct()) {
                 // Dense rows and their mask rows, read where they are.
