@@ -569,88 +569,85 @@ fn short_index_block<T: Real>(
             gp,
         );
     }
-    // `main` and `lse` become each lane's (main, lse^2) terms, summed in a fixed order.
-    // A fold, not a search: it vectorises, and a redo is rare.
-    if !redo[..w].iter().fold(false, |any, &r| any | r) {
-        // No lane to redo (the usual block): the terms and "none" losses in plain loops.
-        // The lse^2 terms only feed the z-loss.
-        if plan.z > 0.0 {
-            for (z, &c) in lse[..w].iter_mut().zip(&class[..w]) {
-                *z = if c == IGNORED { 0.0 } else { *z * *z };
-            }
-            acc.1 += fixed_sum(&lse[..w]);
+    // `main` and `lse` become each lane's (main, lse^2) terms, summed in a fixed order: a
+    // lane the kernel did not redo in plain loops, then the redone lanes (rare: a row with a
+    // NaN or an infinity, a fully masked row) one by one. The lse^2 terms only feed the z-loss.
+    if plan.z > 0.0 {
+        for (z, &c) in lse[..w].iter_mut().zip(&class[..w]) {
+            *z = if c == IGNORED { 0.0 } else { *z * *z };
         }
-        if lanes_out.is_some() {
-            for i in 0..w {
-                write_lane(plan, main[i], lse[i], l0 + i, lanes_out);
-            }
-        }
-        acc.0 += fixed_sum(&main[..w]);
-        return Ok(());
     }
-    for i in 0..w {
-        let l = l0 + i;
-        let mut target = LaneTarget::Ignored;
-        if redo[i] {
-            target = match class[i] {
+    // A fold, not a search: it vectorises.
+    if redo[..w].iter().fold(false, |any, &r| any | r) {
+        for i in (0..w).filter(|&i| redo[i]) {
+            let target = match class[i] {
                 IGNORED => LaneTarget::Ignored,
-                c => LaneTarget::Class(c as usize),
-            };
-            if let (Some(m), LaneTarget::Class(t)) = (mask, target) {
                 // A masked target: the row keeps no class (the pre-pass refused it in any
                 // other), so it is skipped.
-                if !m.keeps(i, t) {
-                    target = LaneTarget::Ignored;
-                }
-            }
-        }
-        if redo[i] && matches!(target, LaneTarget::Ignored) {
-            // An ignored row the kernel flags (a row that keeps no class, say): what the row
-            // path gives it, a zero loss and a zero gradient, without reading it again.
-            if let Some(g) = g.as_deref_mut() {
-                g[i * n..(i + 1) * n].fill(T::from_f64(0.0));
-            }
-            (main[i], lse[i]) = (0.0, 0.0);
-            write_lane(plan, 0.0, 0.0, l, lanes_out);
-        } else if redo[i] {
-            let mut row = &x[i * pitch..i * pitch + n];
-            let mut staged = [T::from_f64(f64::NEG_INFINITY); crate::simd::SHORT_LOSS_ROW];
-            if let Some(m) = mask {
-                // The row as a staged copy holds it: masked classes -inf.
-                for (k, s) in staged.iter_mut().enumerate().take(n) {
-                    if m.keeps(i, k) {
-                        *s = row[k];
-                    }
-                }
-                row = &staged[..n];
-            }
-            let sums = row_sums(plan, row, target, None, row_state(row, alg));
-            if let Some(g) = g.as_deref_mut() {
-                let lg = lane_grad(plan, target, &sums);
-                let gi = &mut g[i * n..(i + 1) * n];
-                write_row_grad(plan, row, None, None, lg, gi, None);
-                if let Some(m) = mask {
-                    // NaN and zero fills reach every class; a masked one's gradient is 0.
-                    for (k, gk) in gi.iter_mut().enumerate() {
-                        if !m.keeps(i, k) {
-                            *gk = T::from_f64(0.0);
-                        }
-                    }
-                }
-            }
-            (main[i], lse[i]) = lane_outputs(plan, target, &sums, l, lanes_out);
-        } else {
-            lse[i] = if class[i] == IGNORED {
-                0.0
-            } else {
-                lse[i] * lse[i]
+                c if mask.is_some_and(|m| !m.keeps(i, c as usize)) => LaneTarget::Ignored,
+                c => LaneTarget::Class(c as usize),
             };
-            write_lane(plan, main[i], lse[i], l, lanes_out);
+            let gi = g.as_deref_mut().map(|g| &mut g[i * n..(i + 1) * n]);
+            (main[i], lse[i]) = redo_lane(plan, (x, pitch, n), i, mask, target, alg, gi);
+        }
+    }
+    if lanes_out.is_some() {
+        for i in 0..w {
+            write_lane(plan, main[i], lse[i], l0 + i, lanes_out);
         }
     }
     acc.0 += fixed_sum(&main[..w]);
-    acc.1 += fixed_sum(&lse[..w]);
+    if plan.z > 0.0 {
+        acc.1 += fixed_sum(&lse[..w]);
+    }
     Ok(())
+}
+
+/// Lane `i` of a block of [`short_index_block`] that its kernel flagged, by the row path: its
+/// `(main, lse^2)` terms, and its gradient into `g` when given. An ignored lane (a row that
+/// keeps no class, say) gets what the row path gives it, a zero loss and a zero gradient,
+/// without reading the row again; a masked row is read as its staged copy holds it.
+fn redo_lane<T: Real>(
+    plan: &Plan<'_, T>,
+    (x, pitch, n): (&[T], usize, usize),
+    i: usize,
+    mask: Option<ShortMask<'_>>,
+    target: LaneTarget,
+    alg: Algorithm,
+    g: Option<&mut [T]>,
+) -> (f64, f64) {
+    if matches!(target, LaneTarget::Ignored) {
+        if let Some(g) = g {
+            g.fill(T::from_f64(0.0));
+        }
+        return (0.0, 0.0);
+    }
+    let mut row = &x[i * pitch..i * pitch + n];
+    let mut staged = [T::from_f64(f64::NEG_INFINITY); crate::simd::SHORT_LOSS_ROW];
+    if let Some(m) = mask {
+        // The row as a staged copy holds it: masked classes -inf.
+        for (k, s) in staged.iter_mut().enumerate().take(n) {
+            if m.keeps(i, k) {
+                *s = row[k];
+            }
+        }
+        row = &staged[..n];
+    }
+    let sums = row_sums(plan, row, target, None, row_state(row, alg));
+    if let Some(g) = g {
+        let lg = lane_grad(plan, target, &sums);
+        write_row_grad(plan, row, None, None, lg, g, None);
+        if let Some(m) = mask {
+            // NaN and zero fills reach every class; a masked one's gradient is 0.
+            for (k, gk) in g.iter_mut().enumerate() {
+                if !m.keeps(i, k) {
+                    *gk = T::from_f64(0.0);
+                }
+            }
+        }
+    }
+    let (main, lse) = lane_loss(plan, target, &sums);
+    (main, lse * lse)
 }
 
 /// The per-lane buffers of [`short_index_block`], one set per piece.
