@@ -335,13 +335,13 @@ fn masked_sums<T: Real>(
 
 /// The pre-pass's checks ([`index_lane`]) of the rows `l0..l0 + class.len()` after the fused
 /// loss ran them, their "mean" weights and count added to `counted` as the pre-pass adds
-/// them. `class`, `weight` and `redo` are the rows' targets as [`lane_classes`] read them
-/// (`IGNORED` and 0 where ignored or out of range) and the kernel's redo flags, which every
-/// row whose target the mask hides carries. Without weights, the named targets are counted in
-/// two vector scans (each counted weight is 1, so the pre-pass's float sum is the count,
-/// exactly) and only the redone rows are checked one by one; a target out of range (the
-/// scans disagree) or weights send the block through [`index_lane`] lane by lane, which
-/// reports the first refusal in lane order as the pre-pass does.
+/// them. `class` and `redo` are the rows' targets as [`lane_classes`] read them (`IGNORED`
+/// where ignored or out of range) and the kernel's redo flags, which every row whose target
+/// the mask hides carries. Without weights, the targets are counted in one vector scan (each
+/// counted weight is 1, so the pre-pass's float sum is the count, exactly) and only the
+/// redone rows are checked one by one; a target out of range or weights send the block
+/// through [`index_lane`] lane by lane, which reports the first refusal in lane order as the
+/// pre-pass does.
 ///
 /// [`lane_classes`]: super::super::spec::lane_classes
 #[inline(never)]
@@ -355,10 +355,11 @@ fn check_lanes<T: Real>(
 ) -> Result<(), Error> {
     let (mut d, mut k) = *counted;
     let lanes = l0..l0 + class.len();
-    let named = class.iter().filter(|&&c| c != IGNORED).count();
-    let ignore = plan.ignore_index;
-    let kept = t[lanes.clone()].iter().filter(|&&v| v != ignore).count();
-    if plan.weight.is_some() || named != kept {
+    let (ignore, n) = (plan.ignore_index, plan.batch.n as u64);
+    // The targets that are not ignored, and whether one is out of range.
+    let level = crate::simd::level();
+    let (named, bad) = crate::simd::count_targets(level, &t[lanes.clone()], ignore, n);
+    if plan.weight.is_some() || bad {
         for l in lanes {
             if let Some(wt) = index_lane(plan, t, mask, l)? {
                 d += wt;
@@ -368,15 +369,14 @@ fn check_lanes<T: Real>(
         *counted = (d, k);
         return Ok(());
     }
-    // A named target that is not redone is kept (the kernel flags the masked ones).
+    // A named target that is not redone is kept (the kernel flags the masked ones). A fold,
+    // not a search: it vectorises, and a redo is rare.
     let mut skipped = 0;
-    for (i, _) in class
-        .iter()
-        .zip(redo)
-        .enumerate()
-        .filter(|(_, (&c, &r))| r && c != IGNORED)
-    {
-        skipped += index_lane(plan, t, mask, l0 + i)?.is_none() as usize;
+    if redo.iter().fold(false, |any, &r| any | r) {
+        let flagged = class.iter().zip(redo).enumerate();
+        for (i, _) in flagged.filter(|(_, (&c, &r))| r && c != IGNORED) {
+            skipped += index_lane(plan, t, mask, l0 + i)?.is_none() as usize;
+        }
     }
     let counts = named - skipped;
     *counted = (d + counts as f64, k + counts);
