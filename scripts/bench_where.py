@@ -123,6 +123,9 @@ def layouts(args, rng, dtype) -> None:
         cases.append((f"key padding (B,1,{length})", x, mask, -1))
     x, mask = data((total // 1024, 1024), (1, 1024))
     cases.append(("one mask row (1,1024)", x, mask, -1))
+    for length in (10, 1000):
+        x, mask = data((total // length, length), (total // length, 1))
+        cases.append((f"row flags (R,1) over (R,{length})", x, mask, -1))
     x, mask = data((total // 4096, 4096), (total // 4096, 4096))
     cases.append(("first axis of (R,4096)", x, mask, 0))
     x, mask = data((total // (100 * 2560), 100, 2560), (total // (100 * 2560), 100, 2560))
@@ -130,7 +133,7 @@ def layouts(args, rng, dtype) -> None:
     x, mask = data((total // 1024, 1024), (total // 1024, 1024), order="F")
     cases.append(("Fortran (R,1024), last", x, mask, -1))
     size = dtype.itemsize
-    print(f"{'layout':28} {'op':14} {'impl':10} {'ms':>9} {'GB/s':>7} {'ratio':>6}")
+    print(f"{'layout':30} {'op':14} {'impl':10} {'ms':>9} {'GB/s':>7} {'ratio':>6}")
     for name, x, mask, axis in cases:
         out = np.empty_like(x)
         for op, f, kw, writes in (
@@ -148,7 +151,7 @@ def layouts(args, rng, dtype) -> None:
             moved = x.size * size * (1 + writes)
             for impl, t, extra in (("where=", tm, mask.size), ("unmasked", tp, 0)):
                 gbs = (moved + extra) / t / 1e9
-                print(f"{name:28} {op:14} {impl:10} {t * 1e3:9.2f} {gbs:7.2f} {t / tp:6.2f}")
+                print(f"{name:30} {op:14} {impl:10} {t * 1e3:9.2f} {gbs:7.2f} {t / tp:6.2f}")
 
 
 if __name__ == "__main__":

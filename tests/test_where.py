@@ -906,3 +906,48 @@ def test_rows_under_a_broadcast_mask_equal_the_dense_mask(dtype, n, mask_shape):
         inplace = x.copy()
         f(inplace, axis=-1, where=keep, out=inplace)
         np.testing.assert_array_equal(inplace.view(bits), want)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+@pytest.mark.parametrize(
+    ("shape", "axis", "flag_shape"),
+    [
+        ((1000, 10), -1, (1000, 1)),
+        ((300, 100), -1, (300, 1)),
+        ((7, 5000), 1, (7, 1)),
+        ((10, 600), 0, (1, 600)),
+        ((6, 9, 40), (1, 2), (6, 1, 1)),
+        ((6, 9, 40), 1, (6, 1, 40)),
+        ((4, 8, 50), (0, 2), (1, 8, 1)),
+    ],
+)
+def test_a_flag_per_lane_equals_the_dense_mask(dtype, shape, axis, flag_shape):
+    """A mask that is the same along the reduced axes (an `(R, 1)` flag per row, a flag per
+    column, per slab) runs the unmasked op and sets the masked lanes after it. Its results
+    must be the bits of the same mask made dense: logsumexp, the streaming states, softmax and
+    log_softmax (new array, out= and in place), with NaN and +inf in masked lanes, kept +inf,
+    every lane masked and none."""
+    rng = np.random.default_rng(len(shape) * 100 + shape[-1])
+    x = (rng.standard_normal(shape) * 20).astype(dtype)
+    x.reshape(-1)[::37] = np.nan
+    x.reshape(-1)[5::41] = np.inf
+    bits = {2: np.uint16, 4: np.uint32, 8: np.uint64}[x.dtype.itemsize]
+    flags = [rng.random(flag_shape) < 0.8, np.zeros(flag_shape, bool), np.ones(flag_shape, bool)]
+    for flag in flags:
+        dense = np.broadcast_to(flag, shape).copy()
+        want = sl.logsumexp(x, axis=axis, where=dense)
+        got = sl.logsumexp(x, axis=axis, where=flag)
+        np.testing.assert_array_equal(np.asarray(got).view(bits), np.asarray(want).view(bits))
+        a = sl.LogSumExp(axis=axis).update(x, where=flag).state
+        c = sl.LogSumExp(axis=axis).update(x, where=dense).state
+        for u, v in zip(a, c):
+            np.testing.assert_array_equal(u.view(np.uint64), v.view(np.uint64))
+        for f in (sl.softmax, sl.log_softmax):
+            want = f(x, axis=axis, where=dense).view(bits)
+            np.testing.assert_array_equal(f(x, axis=axis, where=flag).view(bits), want)
+            out = np.empty_like(x)
+            f(x, axis=axis, where=flag, out=out)
+            np.testing.assert_array_equal(out.view(bits), want)
+            inplace = x.copy()
+            f(inplace, axis=axis, where=flag, out=inplace)
+            np.testing.assert_array_equal(inplace.view(bits), want)

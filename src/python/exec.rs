@@ -534,6 +534,38 @@ pub(crate) unsafe fn softmax<S: Stored<Compute = T>, T: Real>(
     if p.outer * p.n * p.inner == 0 {
         return Ok(());
     }
+    if let Some(m) = mask.filter(|m| flags_lanes(p, m)) {
+        // A flag per lane: the unmasked op, then the masked lanes filled.
+        // SAFETY: the caller's contract.
+        unsafe { softmax::<S, T>(p, x, None, out, alg, what)? };
+        let ov = WorkView::new(out, p.perm.iter().copied());
+        let value = masked::masked_value::<T>(what);
+        let mut fill = Vec::new();
+        fill.try_reserve_exact(p.n).map_err(|_| ExecError::Memory)?;
+        fill.resize(p.n, value);
+        let (n, inner) = (p.n, p.inner);
+        for_each_flag_chunk(p, m, |l0, flags| {
+            // Rows dense in out: filled where they are.
+            let rows = (S::NATIVE && inner == 1)
+                .then(|| ov.unit_run::<T>(l0 * n, flags.len() * n))
+                .flatten();
+            for (i, _) in flags.iter().enumerate().filter(|(_, &k)| k == 0) {
+                let l = l0 + i;
+                match rows {
+                    // SAFETY: the chunk's rows of out (an array of S holds values of T),
+                    // writeable; the lane is row i of the run.
+                    Some(op) => unsafe {
+                        std::slice::from_raw_parts_mut((op as *mut T).add(i * n), n).fill(value)
+                    },
+                    // SAFETY: out covers the planned shape and is writeable.
+                    None => unsafe {
+                        ov.scatter_step::<S>((l / inner) * n * inner + l % inner, inner, &fill)
+                    },
+                }
+            }
+        });
+        return Ok(());
+    }
     let inplace = x.same_view(out);
     let xb = direct_batch::<S>(p, mask);
     let ob = p.dense_out(out.layout());
@@ -732,6 +764,7 @@ pub(crate) unsafe fn softmax<S: Stored<Compute = T>, T: Real>(
 }
 
 /// What a reduction writes per lane.
+#[derive(Clone, Copy)]
 pub(crate) enum LaneOut<'a> {
     /// `log(sum(exp))`, into an output of the kept axes.
     Logsumexp(&'a Raw),
@@ -758,6 +791,38 @@ pub(crate) unsafe fn reduce<S: Stored<Compute = T>, T: Real>(
 ) -> Result<(), ExecError> {
     let count = p.outer * p.inner;
     if count == 0 {
+        return Ok(());
+    }
+    if let Some(m) = mask.filter(|m| flags_lanes(p, m)) {
+        // A flag per lane: the unmasked reduction, then the masked lanes' results set.
+        // SAFETY: the caller's contract.
+        unsafe { reduce::<S, T>(p, x, None, out_axes, what, alg)? };
+        for_each_flag_chunk(p, m, |l0, flags| match what {
+            LaneOut::Logsumexp(out) => {
+                let ov = WorkView::new(out, out_axes.iter().copied());
+                match ov.unit_run::<T>(l0, flags.len()).filter(|_| S::NATIVE) {
+                    // SAFETY: the chunk's results (an array of S holds values of T), writeable.
+                    Some(op) => unsafe {
+                        let res = std::slice::from_raw_parts_mut(op as *mut T, flags.len());
+                        masked::fill_masked(res, flags, T::NEG_INFINITY);
+                    },
+                    None => {
+                        for (i, _) in flags.iter().enumerate().filter(|(_, &k)| k == 0) {
+                            // SAFETY: out covers the kept shape and is writeable.
+                            unsafe { ov.scatter_as::<S>(l0 + i, &[T::NEG_INFINITY]) };
+                        }
+                    }
+                }
+            }
+            LaneOut::States(mx, ex) => {
+                let mv = WorkView::new(mx, out_axes.iter().copied());
+                let ev = WorkView::new(ex, out_axes.iter().copied());
+                for (i, _) in flags.iter().enumerate().filter(|(_, &k)| k == 0) {
+                    // SAFETY: the outputs cover the kept shape and are writeable.
+                    unsafe { emit_states(&mv, &ev, l0 + i, &[LseState::EMPTY]) };
+                }
+            }
+        });
         return Ok(());
     }
     let xb = direct_batch::<S>(p, mask);
@@ -952,6 +1017,42 @@ pub(crate) unsafe fn reduce<S: Stored<Compute = T>, T: Real>(
             )
         }
     }
+}
+
+/// Whether `mask` keeps or masks each lane whole: the same along every reduced axis (an
+/// `(R, 1)` mask over rows of `x`, say). Such a reduction is the unmasked one with the masked
+/// lanes' results set ([`for_each_flag_chunk`]): nothing is staged, and a kept lane's
+/// result is the unmasked one, as it is under a mask keeping its every element.
+fn flags_lanes(p: &Plan, mask: &Raw) -> bool {
+    let reduced = &p.perm[p.first..p.first + p.reduced];
+    reduced
+        .iter()
+        .all(|&a| mask.shape[a] == 1 || mask.strides[a] == 0)
+}
+
+/// Lanes whose flags are read at once by [`for_each_flag_chunk`].
+const FLAG_CHUNK: usize = 1 << 12;
+
+/// `f(l0, flags)` for the chunks of lanes `l0..l0 + flags.len()` (in the work order of the
+/// kept axes) with their flags under a per-lane mask ([`flags_lanes`]) that masks some lane
+/// of the chunk, chunks in parallel (each writes its own lanes' results). `mask` describes a
+/// live byte array of the planned shape (the callers' contract).
+fn for_each_flag_chunk(p: &Plan, mask: &Raw, f: impl Fn(usize, &[u8]) + Sync + Send) {
+    let kv = WorkView::new(mask, p.kept());
+    let count = p.count();
+    let chunk = |c: usize| {
+        let l0 = c * FLAG_CHUNK;
+        let len = FLAG_CHUNK.min(count - l0);
+        let mut flags = [0u8; FLAG_CHUNK];
+        // SAFETY: the mask covers the planned shape; its kept axes index every lane once.
+        unsafe { kv.gather::<u8>(l0, &mut flags[..len]) };
+        if flags[..len].iter().fold(false, |any, &k| any | (k == 0)) {
+            f(l0, &flags[..len]);
+        }
+    };
+    crate::parallel::for_each_piece(count.div_ceil(FLAG_CHUNK), FLAG_CHUNK * p.n, |cs| {
+        cs.for_each(chunk)
+    });
 }
 
 /// `x`, its mask and their batch, read where they are ([`kept_columns`]).
