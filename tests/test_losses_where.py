@@ -637,3 +637,47 @@ def test_long_rows_under_a_dense_mask_equal_a_strided_mask(dtype, n):
                 u, v = np.asarray(u), np.asarray(v)
                 bits = np.uint32 if u.dtype == np.float32 else np.uint64
                 np.testing.assert_array_equal(u.view(bits), v.view(bits))
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+@pytest.mark.parametrize(
+    ("shape", "axis", "flag_shape"),
+    [((3001, 10), -1, (3001, 1)), ((200, 300), -1, (200, 1)), ((5, 7, 300), 1, (5, 1, 300))],
+)
+def test_a_flag_per_row_equals_the_dense_mask(dtype, shape, axis, flag_shape):
+    """A mask that keeps or masks each row whole (an `(N, 1)` flag) runs the unmasked loss
+    with the masked rows' targets ignored. Loss, per-row losses and gradient must be the bits
+    of the same mask made dense, for every reduction, weights, label smoothing, the z-loss
+    and an ignore_index that names a class; and an out-of-range target in a masked row is
+    still refused."""
+    rng = np.random.default_rng(shape[-1])
+    x = (rng.standard_normal(shape) * 6).astype(dtype)
+    n = shape[axis]
+    lanes = np.moveaxis(x, axis, -1).shape[:-1]
+    t = rng.integers(0, n, lanes)
+    t.reshape(-1)[::13] = -100
+    flag = rng.random(flag_shape) < 0.8
+    dense = np.broadcast_to(flag, shape).copy()
+    x[~dense] = np.nan  # masked rows hold anything
+    w = (rng.random(n) + 0.5).astype(dtype)
+    options = (
+        {"reduction": "mean"},
+        {"reduction": "sum", "return_grad": True},
+        {"reduction": "none", "return_grad": True, "z_loss": 1e-3},
+        {"reduction": "mean", "weight": w, "label_smoothing": 0.1, "return_grad": True},
+        {"reduction": "mean", "ignore_index": 3, "weight": w},
+    )
+    for kw in options:
+        tt = np.where(t == -100, kw.get("ignore_index", -100), t)
+        a = sl.cross_entropy(x, tt, axis=axis, where=flag, **kw)
+        b = sl.cross_entropy(x, tt, axis=axis, where=dense, **kw)
+        pairs = zip(a, b) if isinstance(a, tuple) else [(a, b)]
+        for u, v in pairs:
+            u, v = np.asarray(u), np.asarray(v)
+            bits = {2: np.uint16, 4: np.uint32, 8: np.uint64}[u.dtype.itemsize]
+            np.testing.assert_array_equal(u.view(bits), v.view(bits))
+    masked_lane = np.flatnonzero(~np.moveaxis(dense, axis, -1).any(-1).reshape(-1))[0]
+    bad = t.copy()
+    bad.reshape(-1)[masked_lane] = n + 2
+    with pytest.raises(IndexError, match=f"target\\[{masked_lane}\\]|{n + 2}"):
+        sl.cross_entropy(x, bad, axis=axis, where=flag)

@@ -264,6 +264,21 @@ fn xent_lanes<T: Real, C: Logits<T>>(
     let (batch, alg) = (plan.batch, opts.algorithm);
     let (main, zsum) = if batch.count() == 0 {
         (0.0, 0.0)
+    } else if let (Some(mask), Targets::Indices(t)) = (&opts.mask, targets) {
+        // (The fused short-row loss takes per-row flags itself, `short_index_block`.)
+        if mask.flags_lanes() && !takes_short_index(plan, targets) {
+            // A flag per lane: the unmasked loss with the masked lanes' targets ignored (a
+            // lane that keeps no class is skipped as an ignored one is). The pre-pass checked
+            // the targets and counted the kept lanes of the "mean".
+            let t = masked::ignore_masked_lanes(t, mask, plan)?;
+            let ignored = Targets::Indices(&t);
+            let opts = XentOptions {
+                mask: None,
+                ..*opts
+            };
+            return xent_lanes(logits, &ignored, plan, &opts, lanes_out, grad_out);
+        }
+        return masked::xent_masked(logits, targets, plan, mask, alg, lanes_out, grad_out);
     } else if let Some(mask) = &opts.mask {
         return masked::xent_masked(logits, targets, plan, mask, alg, lanes_out, grad_out);
     } else if batch.inner == 1 {
@@ -530,6 +545,17 @@ fn short_index_block<T: Real>(
     ) {
         return Err(Error::Layout("short-row loss targets".into()));
     }
+    // A flag per row (the same for all its classes): a masked row is an ignored one, and the
+    // kept rows run unmasked.
+    let flags = mask.filter(|m| m.class == 0);
+    if let Some(m) = flags {
+        for (i, (c, wt)) in class[..w].iter_mut().zip(&mut weight[..w]).enumerate() {
+            if !m.keeps(i, 0) {
+                (*c, *wt) = (IGNORED, 0.0);
+            }
+        }
+    }
+    let mask = mask.filter(|m| m.class != 0);
     let mut out = IndexLossOut {
         main: &mut main[..w],
         lse: &mut lse[..w],

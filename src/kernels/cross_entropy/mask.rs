@@ -29,6 +29,13 @@ pub struct ClassMask<'a> {
 }
 
 impl ClassMask<'_> {
+    /// Whether the mask keeps or masks each lane whole (one flag per lane, the same for all
+    /// its classes): such a loss against class indices is the unmasked one with the masked
+    /// lanes' targets ignored.
+    pub(super) fn flags_lanes(&self) -> bool {
+        self.strides[1] == 0
+    }
+
     /// Checks that every element of `batch` indexes inside `keep`.
     pub(super) fn check(&self, batch: &Batch) -> Result<(), Error> {
         if batch.elements() == 0 {

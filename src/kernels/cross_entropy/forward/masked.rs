@@ -238,9 +238,11 @@ impl<'a> StagedMask<'a> {
 }
 
 /// The plan of one lane with its masked classes deleted: smoothing over `C_kept` classes and
-/// `W` the kept classes' weight (only the smoothing terms read `W`).
+/// `W` the kept classes' weight (only the smoothing terms read `W`). A lane that keeps every
+/// class has the unmasked plan itself (its `W` summed as the unmasked loss sums it), so that
+/// its loss and gradient are the unmasked lane's bits.
 fn lane_plan<'a, T: Real>(plan: &Plan<'a, T>, keep: &[u8], kept: usize) -> Plan<'a, T> {
-    if kept == 0 {
+    if kept == 0 || kept == keep.len() {
         return *plan;
     }
     let w_total = match plan.weight {
@@ -335,15 +337,14 @@ fn masked_sums<T: Real>(
 
 /// The pre-pass's checks ([`index_lane`]) of the rows `l0..l0 + class.len()` after the fused
 /// loss ran them, their "mean" weights and count added to `counted` as the pre-pass adds
-/// them. `class` and `redo` are the rows' targets as [`lane_classes`] read them (`IGNORED`
-/// where ignored or out of range) and the kernel's redo flags, which every row whose target
-/// the mask hides carries. Without weights, the targets are counted in one vector scan (each
-/// counted weight is 1, so the pre-pass's float sum is the count, exactly) and only the
-/// redone rows are checked one by one; a target out of range or weights send the block
-/// through [`index_lane`] lane by lane, which reports the first refusal in lane order as the
-/// pre-pass does.
-///
-/// [`lane_classes`]: super::super::spec::lane_classes
+/// them. `class` and `redo` are the rows' targets as the fused loss read them (`IGNORED`
+/// where ignored, out of range or in a row a per-row flag masks) and its redo flags, which
+/// every row whose target the mask hides carries. Without weights, the targets are checked
+/// for range in one vector scan and the named classes counted in another (each counted weight
+/// is 1, so the pre-pass's float sum is the count, exactly), and only the redone rows are
+/// checked one by one; a target out of range or weights send the block through
+/// [`index_lane`] lane by lane, which reports the first refusal in lane order as the pre-pass
+/// does.
 #[inline(never)]
 fn check_lanes<T: Real>(
     plan: &Plan<'_, T>,
@@ -356,9 +357,10 @@ fn check_lanes<T: Real>(
     let (mut d, mut k) = *counted;
     let lanes = l0..l0 + class.len();
     let (ignore, n) = (plan.ignore_index, plan.batch.n as u64);
-    // The targets that are not ignored, and whether one is out of range.
+    // Whether a target is out of range; if none is, the classes the rows name (a row a
+    // per-row flag masks is read as ignored there).
     let level = crate::simd::level();
-    let (named, bad) = crate::simd::count_targets(level, &t[lanes.clone()], ignore, n);
+    let (_, bad) = crate::simd::count_targets(level, &t[lanes.clone()], ignore, n);
     if plan.weight.is_some() || bad {
         for l in lanes {
             if let Some(wt) = index_lane(plan, t, mask, l)? {
@@ -378,9 +380,38 @@ fn check_lanes<T: Real>(
             skipped += index_lane(plan, t, mask, l0 + i)?.is_none() as usize;
         }
     }
+    let named = class.iter().filter(|&&c| c != IGNORED).count();
     let counts = named - skipped;
     *counted = (d + counts as f64, k + counts);
     Ok(())
+}
+
+/// The targets `t` with those of the lanes a per-lane mask ([`ClassMask::flags_lanes`])
+/// masks set to the plan's `ignore_index`.
+pub(super) fn ignore_masked_lanes<T>(
+    t: &[i64],
+    mask: &ClassMask<'_>,
+    plan: &Plan<'_, T>,
+) -> Result<Vec<i64>, Error> {
+    let batch = plan.batch;
+    let mut out = try_vec(t.len(), plan.ignore_index)?;
+    let [s0, _, s2] = mask.strides;
+    let ignore = plan.ignore_index;
+    let slab = batch.inner.max(1);
+    for (o, (d, t)) in out
+        .chunks_exact_mut(slab)
+        .zip(t.chunks_exact(slab))
+        .enumerate()
+    {
+        for (j, (d, &v)) in d.iter_mut().zip(t).enumerate() {
+            *d = if mask.keep[o * s0 + j * s2] != 0 {
+                v
+            } else {
+                ignore
+            };
+        }
+    }
+    Ok(out)
 }
 
 /// The masked cross-entropy over every lane: `(main, lse^2)` sums as [`xent_rows`] /
