@@ -139,14 +139,16 @@ impl<T: Real> Staged<T> {
                 kd.fill(kk as u8);
             }
         } else {
+            // Columns (a class axis before the last): the logits and the mask bytes each
+            // transposed into rows, then the masked classes set to -inf in one vector select.
             for k in 0..n {
                 for jj in 0..w {
                     let (x0, m0) = (xs.base + jj * xs.lane, ms.base + jj * ms.lane);
-                    let kk = keep[m0 + k * ms.class] != 0;
-                    self.x[jj * n + k] = if kk { x[x0 + k * xs.class] } else { masked };
-                    self.keep[jj * n + k] = kk as u8;
+                    self.x[jj * n + k] = x[x0 + k * xs.class];
+                    self.keep[jj * n + k] = (keep[m0 + k * ms.class] != 0) as u8;
                 }
             }
+            crate::kernels::masked::fill_masked(&mut self.x[..w * n], &self.keep[..w * n], masked);
         }
         for (jj, kept) in self.kept[..w].iter_mut().enumerate() {
             *kept = count.of(&self.keep[jj * n..][..n]);
