@@ -265,8 +265,10 @@ fn xent_lanes<T: Real, C: Logits<T>>(
     let (main, zsum) = if batch.count() == 0 {
         (0.0, 0.0)
     } else if let (Some(mask), Targets::Indices(t)) = (&opts.mask, targets) {
-        // (The fused short-row loss takes per-row flags itself, `short_index_block`.)
-        if mask.flags_lanes() && !takes_short_index(plan, targets) {
+        // (The fused short-row loss over rows takes per-row flags itself,
+        // `short_index_block`.)
+        let fused_rows = takes_short_index(plan, targets) && batch.inner == 1;
+        if mask.flags_lanes() && !fused_rows {
             // A flag per lane: the unmasked loss with the masked lanes' targets ignored (a
             // lane that keeps no class is skipped as an ignored one is). The pre-pass checked
             // the targets and counted the kept lanes of the "mean".

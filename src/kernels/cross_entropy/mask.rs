@@ -100,21 +100,51 @@ pub(super) fn masked_denominators<T: Real>(
     let (n, lanes) = (batch.n, batch.count());
     let per = parallel::items_per_piece(n);
     let pieces = lanes.div_ceil(per.max(1));
+    let [s0, stride, s2] = mask.strides;
+    let inner = batch.inner.max(1);
+    let counts_flags = mask.flags_lanes() && plan.weight.is_none();
     let partials = parallel::map_collect(pieces, per * n.max(1), |p| {
         let (mut d, mut kept) = (0.0f64, 0usize);
-        for l in p * per..((p + 1) * per).min(lanes) {
+        let start = p * per;
+        let end = ((p + 1) * per).min(lanes);
+        if let (Targets::Indices(t), true) = (targets, counts_flags) {
+            // One flag per lane, weights 1: a branch-free count (the sum of ones is the
+            // count, exactly), unless a target is out of range (the loop below names it).
+            let (ignore, classes) = (plan.ignore_index, n as u64);
+            let (mut o, mut j, mut bad) = (start / inner, start % inner, false);
+            for &v in &t[start..end] {
+                let named = v != ignore;
+                bad |= named & !crate::simd::names_class(v, ignore, classes);
+                kept += usize::from(named & (mask.keep[o * s0 + j * s2] != 0));
+                j += 1;
+                if j == inner {
+                    (o, j) = (o + 1, 0);
+                }
+            }
+            if !bad {
+                return Ok((kept as f64, kept));
+            }
+            kept = 0;
+        }
+        // Lane l = o * inner + j, stepped without a division a lane.
+        let (mut o, mut j) = (start / inner, start % inner);
+        for l in start..end {
+            let (lo, lj) = (o, j);
+            j += 1;
+            if j == inner {
+                (o, j) = (o + 1, 0);
+            }
+            let base = lo * s0 + lj * s2;
             match targets {
-                Targets::Indices(t) => match index_lane(plan, t, mask, l)? {
+                Targets::Indices(t) => match index_lane_at(plan, t, mask, l, base)? {
                     Some(w) => d += w,
                     None => continue,
                 },
                 Targets::Probs(q) => {
-                    let (base, stride) = mask.lane(&batch, l);
                     if !mask.any_kept(base, stride, n) {
                         continue;
                     }
-                    let (o, j) = (l / batch.inner, l % batch.inner);
-                    let qbase = o * batch.outer_stride + j;
+                    let qbase = lo * batch.outer_stride + lj;
                     for k in 0..n {
                         let v = q[qbase + k * batch.inner].to_f64();
                         if v != 0.0 && !mask.keeps(base, stride, k) {
@@ -150,6 +180,18 @@ pub(super) fn index_lane<T: Real>(
     mask: &ClassMask<'_>,
     l: usize,
 ) -> Result<Option<f64>, Error> {
+    index_lane_at(plan, t, mask, l, mask.lane(&plan.batch, l).0)
+}
+
+/// [`index_lane`] of lane `l`, whose class 0 lies at `base` of the mask.
+#[inline(always)]
+fn index_lane_at<T: Real>(
+    plan: &Plan<'_, T>,
+    t: &[i64],
+    mask: &ClassMask<'_>,
+    l: usize,
+    base: usize,
+) -> Result<Option<f64>, Error> {
     let n = plan.batch.n;
     let value = t[l];
     if value == plan.ignore_index {
@@ -162,7 +204,7 @@ pub(super) fn index_lane<T: Real>(
             classes: n,
         });
     }
-    let (base, stride) = mask.lane(&plan.batch, l);
+    let stride = mask.strides[1];
     // The target's own flag first: a kept target settles the lane in one read.
     if !mask.keeps(base, stride, value as usize) {
         if !mask.any_kept(base, stride, n) {
