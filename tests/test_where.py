@@ -343,6 +343,18 @@ def complex_cases(draw):
     return x.astype(dtype), mask, axis, b, draw(st.booleans())
 
 
+def _writes_equal(f, x, axis, where, want, bits):
+    """`f(x, axis, where=where)` as a new array, into `out=` and in place: each the bits
+    `want` (viewed as `bits`)."""
+    np.testing.assert_array_equal(f(x, axis=axis, where=where).view(bits), want)
+    out = np.empty_like(x)
+    f(x, axis=axis, where=where, out=out)
+    np.testing.assert_array_equal(out.view(bits), want)
+    inplace = x.copy()
+    f(inplace, axis=axis, where=where, out=inplace)
+    np.testing.assert_array_equal(inplace.view(bits), want)
+
+
 def _agree(got, want, rtol):
     """Non-finite parts where `want` has them (NaN, signed infinity), finite parts within
     `rtol` of `want`'s magnitude."""
@@ -761,13 +773,7 @@ def test_short_rows_read_beside_the_mask_equal_the_staged_path(dtype, n):
         for threads in (1, 2):
             sl.set_num_threads(threads)
             try:
-                np.testing.assert_array_equal(f(x, axis=1, where=keep).view(bits), want)
-                out = np.empty_like(x)
-                f(x, axis=1, where=keep, out=out)
-                np.testing.assert_array_equal(out.view(bits), want)
-                inplace = x.copy()
-                f(inplace, axis=1, where=keep, out=inplace)
-                np.testing.assert_array_equal(inplace.view(bits), want)
+                _writes_equal(f, x, 1, keep, want, bits)
             finally:
                 sl.set_num_threads(0)
         np.testing.assert_array_equal(f(hidden, axis=1)[ok].view(bits), want[ok])
@@ -864,13 +870,7 @@ def test_masked_columns_read_in_place_equal_the_staged_path(dtype, shape, axis):
     np.testing.assert_array_equal(a.view(bits), b.view(bits))
     for f in (sl.softmax, sl.log_softmax):
         want = f(x, axis=axis, where=strided).view(bits)
-        np.testing.assert_array_equal(f(x, axis=axis, where=keep).view(bits), want)
-        out = np.empty_like(x)
-        f(x, axis=axis, where=keep, out=out)
-        np.testing.assert_array_equal(out.view(bits), want)
-        inplace = x.copy()
-        f(inplace, axis=axis, where=keep, out=inplace)
-        np.testing.assert_array_equal(inplace.view(bits), want)
+        _writes_equal(f, x, axis, keep, want, bits)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -899,13 +899,7 @@ def test_rows_under_a_broadcast_mask_equal_the_dense_mask(dtype, n, mask_shape):
     np.testing.assert_array_equal(a.view(bits), c.view(bits))
     for f in (sl.softmax, sl.log_softmax):
         want = f(x, axis=-1, where=dense).view(bits)
-        np.testing.assert_array_equal(f(x, axis=-1, where=keep).view(bits), want)
-        out = np.empty_like(x)
-        f(x, axis=-1, where=keep, out=out)
-        np.testing.assert_array_equal(out.view(bits), want)
-        inplace = x.copy()
-        f(inplace, axis=-1, where=keep, out=inplace)
-        np.testing.assert_array_equal(inplace.view(bits), want)
+        _writes_equal(f, x, -1, keep, want, bits)
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
@@ -944,10 +938,4 @@ def test_a_flag_per_lane_equals_the_dense_mask(dtype, shape, axis, flag_shape):
             np.testing.assert_array_equal(u.view(np.uint64), v.view(np.uint64))
         for f in (sl.softmax, sl.log_softmax):
             want = f(x, axis=axis, where=dense).view(bits)
-            np.testing.assert_array_equal(f(x, axis=axis, where=flag).view(bits), want)
-            out = np.empty_like(x)
-            f(x, axis=axis, where=flag, out=out)
-            np.testing.assert_array_equal(out.view(bits), want)
-            inplace = x.copy()
-            f(inplace, axis=axis, where=flag, out=inplace)
-            np.testing.assert_array_equal(inplace.view(bits), want)
+            _writes_equal(f, x, axis, flag, want, bits)
