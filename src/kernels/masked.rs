@@ -46,6 +46,52 @@ pub fn copy_kept<T: Real>(x: &[T], keep: &[u8], out: &mut [T], fill: f64) {
     }
 }
 
+/// `dst[c * dst_stride + r] = (src[r * src_stride + c] != 0) as u8` for `r < rows`,
+/// `c < cols`: a block of mask rows turned into columns, as 0 / 1 bytes. Whole 8x8 tiles are
+/// read as eight 8-byte words and transposed in them (three rounds of swaps, a byte, two
+/// bytes, then four apart); the edges byte by byte.
+pub fn transpose_mask(
+    (src, src_stride): (&[u8], usize),
+    (dst, dst_stride): (&mut [u8], usize),
+    rows: usize,
+    cols: usize,
+) {
+    let (full_rows, full_cols) = (rows - rows % 8, cols - cols % 8);
+    let word = |at: usize| u64::from_le_bytes(src[at..at + 8].try_into().unwrap_or([0; 8]));
+    for r0 in (0..full_rows).step_by(8) {
+        for c0 in (0..full_cols).step_by(8) {
+            let mut w: [u64; 8] = std::array::from_fn(|i| word((r0 + i) * src_stride + c0));
+            for (shift, mask) in [
+                (8, 0x00FF_00FF_00FF_00FFu64),
+                (16, 0x0000_FFFF_0000_FFFF),
+                (32, 0x0000_0000_FFFF_FFFF),
+            ] {
+                let apart = shift / 8;
+                for a in (0..8).filter(|a| a & apart == 0) {
+                    let t = ((w[a] >> shift) ^ w[a + apart]) & mask;
+                    w[a + apart] ^= t;
+                    w[a] ^= t << shift;
+                }
+            }
+            for (k, v) in w.iter().enumerate() {
+                // Any nonzero byte keeps: each byte becomes 0 or 1.
+                let ones = (((v & 0x7F7F_7F7F_7F7F_7F7F) + 0x7F7F_7F7F_7F7F_7F7F) | v) >> 7;
+                let at = (c0 + k) * dst_stride + r0;
+                dst[at..at + 8].copy_from_slice(&(ones & 0x0101_0101_0101_0101).to_le_bytes());
+            }
+        }
+    }
+    let mut by_byte = |rs: std::ops::Range<usize>, cs: std::ops::Range<usize>| {
+        for r in rs {
+            for c in cs.clone() {
+                dst[c * dst_stride + r] = (src[r * src_stride + c] != 0) as u8;
+            }
+        }
+    };
+    by_byte(0..full_rows, full_cols..cols);
+    by_byte(full_rows..rows, 0..cols);
+}
+
 /// `out[k] = fill` wherever `keep[k] == 0`, in place ([`copy_kept`]'s select).
 pub fn fill_masked<T: Real>(out: &mut [T], keep: &[u8], fill: T) {
     let n = out.len().min(keep.len());
@@ -651,6 +697,27 @@ mod tests {
         }
         check::<f32>(|v| v as f32);
         check::<f64>(|v| v);
+    }
+
+    #[test]
+    fn transpose_mask_moves_every_byte_as_0_or_1() {
+        for (rows, cols) in [(0, 3), (1, 1), (8, 8), (9, 17), (16, 24), (30, 10)] {
+            let (src_stride, dst_stride) = (cols + 5, rows + 1);
+            let src: Vec<u8> = (0..rows * src_stride)
+                .map(|i| [0u8, 1, 2, 0x80, 0xFF, 0x7F, 0, 0][(i * 7 + i / 3) % 8])
+                .collect();
+            let mut dst = vec![9u8; cols * dst_stride];
+            transpose_mask((&src, src_stride), (&mut dst, dst_stride), rows, cols);
+            for c in 0..cols {
+                for r in 0..dst_stride {
+                    let want = match r < rows {
+                        true => (src[r * src_stride + c] != 0) as u8,
+                        false => 9,
+                    };
+                    assert_eq!(dst[c * dst_stride + r], want, "{rows}x{cols} ({r}, {c})");
+                }
+            }
+        }
     }
 
     #[test]

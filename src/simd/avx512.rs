@@ -430,6 +430,58 @@ unsafe impl Lanes for Avx512 {
         unsafe { _mm512_mask_add_pd(acc, m, acc, e) }
     }
 
+    /// Whole 8x8 tiles loaded as 8 rows, transposed in registers and stored as 8 columns;
+    /// the edges element by element.
+    #[inline(always)]
+    unsafe fn transpose<T: Real>(
+        self,
+        (src, src_stride): (*const T, usize),
+        (dst, dst_stride): (*mut T, usize),
+        rows: usize,
+        cols: usize,
+    ) {
+        let (full_rows, full_cols) = (rows - rows % 8, cols - cols % 8);
+        // SAFETY: every tile lies inside the block (the caller's contract).
+        unsafe {
+            for r0 in (0..full_rows).step_by(8) {
+                for c0 in (0..full_cols).step_by(8) {
+                    let at = |i: usize| src.add((r0 + i) * src_stride + c0);
+                    let to = |k: usize| dst.add((c0 + k) * dst_stride + r0);
+                    if T::FULL {
+                        let r: [__m512d; 8] =
+                            super::array8(|i| _mm512_loadu_pd(at(i) as *const f64));
+                        for (k, c) in transpose8_pd(r).iter().enumerate() {
+                            _mm512_storeu_pd(to(k) as *mut f64, *c);
+                        }
+                    } else {
+                        let r: [__m256; 8] =
+                            super::array8(|i| _mm256_loadu_ps(at(i) as *const f32));
+                        for (k, c) in transpose8_ps(r).iter().enumerate() {
+                            _mm256_storeu_ps(to(k) as *mut f32, *c);
+                        }
+                    }
+                }
+            }
+            let by_element = super::lanes::transpose_by_element::<T>;
+            by_element(
+                src,
+                src_stride,
+                dst,
+                dst_stride,
+                (0, full_rows),
+                (full_cols, cols),
+            );
+            by_element(
+                src,
+                src_stride,
+                dst,
+                dst_stride,
+                (full_rows, rows),
+                (0, cols),
+            );
+        }
+    }
+
     /// A whole group's rows masked before their transpose: each row's 8 mask bytes tested at
     /// once (one `vptestmb`) and its loaded vector blended with `-inf` under them, so a
     /// column costs no mask work of its own. Partial groups and tails without room take the

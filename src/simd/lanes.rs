@@ -119,6 +119,23 @@ pub unsafe trait Lanes: Copy {
     fn masked_add(self, acc: Self::V, m: Self::M, e: Self::V) -> Self::V {
         self.select(m, self.add(acc, e), acc)
     }
+    /// `dst[c * dst_stride + r] = src[r * src_stride + c]` for `r < rows`, `c < cols`: a
+    /// block of rows turned into columns (a class axis before the last made rows). Element by
+    /// element here; a level may move whole tiles.
+    ///
+    /// # Safety
+    /// The `rows x cols` elements of `src` readable and of `dst` writable, disjoint.
+    #[inline(always)]
+    unsafe fn transpose<T: Real>(
+        self,
+        (src, src_stride): (*const T, usize),
+        (dst, dst_stride): (*mut T, usize),
+        rows: usize,
+        cols: usize,
+    ) {
+        // SAFETY: forwarded from the caller.
+        unsafe { transpose_by_element(src, src_stride, dst, dst_stride, (0, rows), (0, cols)) }
+    }
 
     /// `N` elements widened to float64.
     ///
@@ -544,4 +561,25 @@ pub(crate) unsafe fn dispatch<K: Kernel>(level: Level, k: K) -> K::Out {
 pub(crate) unsafe fn reference_state<T: Real>(x: *const T, n: usize) -> crate::state::LseState {
     // SAFETY: forwarded from the caller.
     unsafe { scalar::lse_state_two_pass(x, 0, n, 1) }
+}
+
+/// [`Lanes::transpose`] of rows `r0..r1` and columns `c0..c1`, element by element.
+///
+/// # Safety
+/// As [`Lanes::transpose`] for those rows and columns.
+#[inline(always)]
+pub(crate) unsafe fn transpose_by_element<T: Copy>(
+    src: *const T,
+    src_stride: usize,
+    dst: *mut T,
+    dst_stride: usize,
+    (r0, r1): (usize, usize),
+    (c0, c1): (usize, usize),
+) {
+    for r in r0..r1 {
+        for c in c0..c1 {
+            // SAFETY: the caller's contract.
+            unsafe { *dst.add(c * dst_stride + r) = *src.add(r * src_stride + c) };
+        }
+    }
 }

@@ -751,6 +751,32 @@ pub(crate) unsafe fn select_kept<T: Real>(
     }
 }
 
+/// `dst[c * dst_stride + r] = src[r * src_stride + c]` for `r < rows`, `c < cols` at `level`
+/// ([`Lanes::transpose`]).
+///
+/// # Safety
+/// The `rows x cols` elements of `src` readable and of `dst` writable, disjoint; `level`
+/// supported by this CPU.
+pub(crate) unsafe fn transpose<T: Real>(
+    level: Level,
+    (src, src_stride): (*const T, usize),
+    (dst, dst_stride): (*mut T, usize),
+    rows: usize,
+    cols: usize,
+) {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        run_kernel!(level,
+            { src: *const T, src_stride: usize, dst: *mut T, dst_stride: usize, rows: usize,
+              cols: usize } -> (),
+            |l| l.transpose::<T>((src, src_stride), (dst, dst_stride), rows, cols),
+            scalar: lanes::transpose_by_element(
+                src, src_stride, dst, dst_stride, (0, rows), (0, cols)
+            ),
+        )
+    }
+}
+
 /// The column write pass at `level`: `out[j] = a[j] * exp(x[j] - b[j])` when `exp`, else
 /// `out[j] = (x[j] - b[j]) - a[j]`, for `j < n`.
 ///

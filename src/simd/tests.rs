@@ -862,3 +862,46 @@ fn vector_log1p_meets_each_grade_against_std() {
         assert!(got[2].is_nan(), "{name}");
     }
 }
+
+#[test]
+fn transpose_moves_every_element_at_every_level() {
+    fn check<T: Real>(level: Level) {
+        for (rows, cols) in [
+            (0, 5),
+            (3, 0),
+            (1, 1),
+            (8, 8),
+            (9, 17),
+            (16, 24),
+            (23, 7),
+            (100, 10),
+        ] {
+            let (src_stride, dst_stride) = (cols + 3, rows + 2);
+            let src: Vec<T> = (0..rows * src_stride)
+                .map(|i| T::from_f64(i as f64 * 0.5 - 7.0))
+                .collect();
+            let mut dst = vec![T::from_f64(f64::NAN); cols * dst_stride];
+            // SAFETY: src holds rows lines of src_stride, dst cols lines of dst_stride.
+            unsafe {
+                let (s, d) = ((src.as_ptr(), src_stride), (dst.as_mut_ptr(), dst_stride));
+                transpose(level, s, d, rows, cols);
+            }
+            for c in 0..cols {
+                for r in 0..dst_stride {
+                    let got = dst[c * dst_stride + r].to_f64();
+                    if r < rows {
+                        let want = src[r * src_stride + c].to_f64();
+                        assert_eq!(got, want, "{} {rows}x{cols} ({r}, {c})", level.name());
+                    } else {
+                        // Past the block: untouched.
+                        assert!(got.is_nan(), "{} {rows}x{cols} ({r}, {c})", level.name());
+                    }
+                }
+            }
+        }
+    }
+    for level in levels() {
+        check::<f32>(level);
+        check::<f64>(level);
+    }
+}

@@ -1325,11 +1325,14 @@ impl<T: Real> Logits<T> for &[T] {
         rows: &mut [T],
         _: &mut [T],
     ) {
-        for k in 0..n {
-            let line = &self[base + k * inner..][..w];
-            for (jj, &v) in line.iter().enumerate() {
-                rows[jj * n + k] = v;
-            }
+        if n == 0 || w == 0 {
+            return;
+        }
+        let (src, dst) = (&self[base..base + (n - 1) * inner + w], &mut rows[..w * n]);
+        // SAFETY: `src` holds the n lines of w elements `inner` apart, `dst` the w rows of n.
+        unsafe {
+            let level = crate::simd::level();
+            crate::simd::transpose(level, (src.as_ptr(), inner), (dst.as_mut_ptr(), n), n, w)
         }
     }
     unsafe fn scatter(

@@ -141,11 +141,31 @@ impl<T: Real> Staged<T> {
         } else {
             // Columns (a class axis before the last): the logits and the mask bytes each
             // transposed into rows, then the masked classes set to -inf in one vector select.
-            for k in 0..n {
-                for jj in 0..w {
-                    let (x0, m0) = (xs.base + jj * xs.lane, ms.base + jj * ms.lane);
-                    self.x[jj * n + k] = x[x0 + k * xs.class];
-                    self.keep[jj * n + k] = (keep[m0 + k * ms.class] != 0) as u8;
+            if xs.lane == 1 && n > 0 && w > 0 {
+                let src = &x[xs.base..xs.base + (n - 1) * xs.class + w];
+                let dst = &mut self.x[..w * n];
+                // SAFETY: `src` holds n lines of w logits `class` apart, `dst` w rows of n.
+                unsafe {
+                    let (s, d) = ((src.as_ptr(), xs.class), (dst.as_mut_ptr(), n));
+                    crate::simd::transpose(crate::simd::level(), s, d, n, w);
+                }
+            } else {
+                for k in 0..n {
+                    for jj in 0..w {
+                        self.x[jj * n + k] = x[xs.base + jj * xs.lane + k * xs.class];
+                    }
+                }
+            }
+            if ms.lane == 1 && n > 0 && w > 0 {
+                let src = &keep[ms.base..ms.base + (n - 1) * ms.class + w];
+                let dst = &mut self.keep[..w * n];
+                crate::kernels::masked::transpose_mask((src, ms.class), (dst, n), n, w);
+            } else {
+                for k in 0..n {
+                    for jj in 0..w {
+                        let m0 = ms.base + jj * ms.lane;
+                        self.keep[jj * n + k] = (keep[m0 + k * ms.class] != 0) as u8;
+                    }
                 }
             }
             crate::kernels::masked::fill_masked(&mut self.x[..w * n], &self.keep[..w * n], masked);
