@@ -17,7 +17,7 @@ use crate::state::LseState;
 
 mod masked;
 
-use masked::StagedMask;
+use masked::LaneMask;
 
 /// Rows whose states are computed together (see [`block_states`]); also the widest column
 /// block, so a block's states fit one buffer.
@@ -734,7 +734,7 @@ struct LaneBlock<'a, T> {
     n: usize,
     w: usize,
     l0: usize,
-    mask: Option<StagedMask<'a>>,
+    mask: Option<LaneMask<'a>>,
 }
 
 impl<'a, T> LaneBlock<'a, T> {
@@ -780,7 +780,7 @@ fn keeps_terms(n: usize, alg: Algorithm) -> bool {
 /// The losses (added to `acc`, "none" losses to `lanes_out`) and, with `g` (`w * n`, dense),
 /// the gradients of one [`LaneBlock`]. Rows and columns (transposed into rows) both come
 /// through here, so both layouts give the same bits; so do staged `where=` blocks, each lane
-/// with its masked classes deleted ([`StagedMask::lane_sums`]) and a gradient of 0 at them.
+/// with its masked classes deleted ([`LaneMask::lane_sums`]) and a gradient of 0 at them.
 #[allow(clippy::too_many_arguments)]
 fn lanes_block<T: Real>(
     plan: &Plan<'_, T>,

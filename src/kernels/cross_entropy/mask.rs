@@ -102,62 +102,37 @@ pub(super) fn masked_denominators<T: Real>(
     let pieces = lanes.div_ceil(per.max(1));
     let [s0, stride, s2] = mask.strides;
     let inner = batch.inner.max(1);
-    let counts_flags = mask.flags_lanes() && plan.weight.is_none();
     let partials = parallel::map_collect(pieces, per * n.max(1), |p| {
+        let lanes = p * per..((p + 1) * per).min(lanes);
+        let q = match targets {
+            Targets::Indices(t) => return index_lanes(plan, t, mask, lanes, (0.0, 0)),
+            Targets::Probs(q) => q,
+        };
         let (mut d, mut kept) = (0.0f64, 0usize);
-        let start = p * per;
-        let end = ((p + 1) * per).min(lanes);
-        if let (Targets::Indices(t), true) = (targets, counts_flags) {
-            // One flag per lane, weights 1: a branch-free count (the sum of ones is the
-            // count, exactly), unless a target is out of range (the loop below names it).
-            let (ignore, classes) = (plan.ignore_index, n as u64);
-            let (mut o, mut j, mut bad) = (start / inner, start % inner, false);
-            for &v in &t[start..end] {
-                let named = v != ignore;
-                bad |= named & !crate::simd::names_class(v, ignore, classes);
-                kept += usize::from(named & (mask.keep[o * s0 + j * s2] != 0));
-                j += 1;
-                if j == inner {
-                    (o, j) = (o + 1, 0);
-                }
-            }
-            if !bad {
-                return Ok((kept as f64, kept));
-            }
-            kept = 0;
-        }
         // Lane l = o * inner + j, stepped without a division a lane.
-        let (mut o, mut j) = (start / inner, start % inner);
-        for l in start..end {
+        let (mut o, mut j) = (lanes.start / inner, lanes.start % inner);
+        for l in lanes {
             let (lo, lj) = (o, j);
             j += 1;
             if j == inner {
                 (o, j) = (o + 1, 0);
             }
             let base = lo * s0 + lj * s2;
-            match targets {
-                Targets::Indices(t) => match index_lane_at(plan, t, mask, l, base)? {
-                    Some(w) => d += w,
-                    None => continue,
-                },
-                Targets::Probs(q) => {
-                    if !mask.any_kept(base, stride, n) {
-                        continue;
-                    }
-                    let qbase = lo * batch.outer_stride + lj;
-                    for k in 0..n {
-                        let v = q[qbase + k * batch.inner].to_f64();
-                        if v != 0.0 && !mask.keeps(base, stride, k) {
-                            return Err(Error::MaskedProbability {
-                                position: l,
-                                class: k,
-                                value: v,
-                            });
-                        }
-                    }
-                    d += 1.0;
+            if !mask.any_kept(base, stride, n) {
+                continue;
+            }
+            let qbase = lo * batch.outer_stride + lj;
+            for k in 0..n {
+                let v = q[qbase + k * batch.inner].to_f64();
+                if v != 0.0 && !mask.keeps(base, stride, k) {
+                    return Err(Error::MaskedProbability {
+                        position: l,
+                        class: k,
+                        value: v,
+                    });
                 }
             }
+            d += 1.0;
             kept += 1;
         }
         Ok((d, kept))
@@ -168,6 +143,54 @@ pub(super) fn masked_denominators<T: Real>(
             let (d, k) = piece?;
             Ok((acc.0 + d, acc.1 + k as f64))
         })
+}
+
+/// The index targets of `lanes` checked against the mask ([`index_lane`], in lane order: the
+/// first refusal is the error) and the "mean" sums `(D, K)` of those that count, added to
+/// `counted` one lane at a time. One flag per lane without weights is counted in a
+/// branch-free loop (each weight is 1: the float sum is the count, exactly), unless a target
+/// is out of range (then the lane-by-lane checks name it).
+pub(super) fn index_lanes<T: Real>(
+    plan: &Plan<'_, T>,
+    t: &[i64],
+    mask: &ClassMask<'_>,
+    lanes: std::ops::Range<usize>,
+    counted: (f64, usize),
+) -> Result<(f64, usize), Error> {
+    let [s0, _, s2] = mask.strides;
+    let inner = plan.batch.inner.max(1);
+    let (ignore, classes) = (plan.ignore_index, plan.batch.n as u64);
+    if mask.flags_lanes() && plan.weight.is_none() {
+        let (mut o, mut j, mut bad, mut kept) =
+            (lanes.start / inner, lanes.start % inner, false, 0);
+        for &v in &t[lanes.clone()] {
+            let named = v != ignore;
+            bad |= named & !crate::simd::names_class(v, ignore, classes);
+            kept += usize::from(named & (mask.keep[o * s0 + j * s2] != 0));
+            j += 1;
+            if j == inner {
+                (o, j) = (o + 1, 0);
+            }
+        }
+        if !bad {
+            return Ok((counted.0 + kept as f64, counted.1 + kept));
+        }
+    }
+    let (mut d, mut k) = counted;
+    // Lane l = o * inner + j, stepped without a division a lane.
+    let (mut o, mut j) = (lanes.start / inner, lanes.start % inner);
+    for l in lanes {
+        let base = o * s0 + j * s2;
+        j += 1;
+        if j == inner {
+            (o, j) = (o + 1, 0);
+        }
+        if let Some(w) = index_lane_at(plan, t, mask, l, base)? {
+            d += w;
+            k += 1;
+        }
+    }
+    Ok((d, k))
 }
 
 /// Lane `l`'s index target checked against the mask: `Some(w_t)` for a lane that counts in

@@ -1,23 +1,27 @@
 //! The forward pass and fused gradient under `where=` (see [`ClassMask`] for the rule).
 //!
-//! Lanes are taken in blocks (rows, or columns of torch's layout) in the unmasked kernels' pieces;
-//! each block is staged once into per-piece scratch (at most [`STAGE_ELEMENTS`] elements or one
-//! lane for rows, `STATE_BLOCK` short rows for the fused short-row loss, the unmasked column blocks
-//! for columns), a masked class becoming `-inf` there, beside a dense copy of the block's mask
-//! bytes. The staged block then goes through the unmasked kernel's own code (the fused short-row
-//! loss for the lanes it takes, else [`lanes_block`], the unmasked per-lane loop, given the block's
-//! [`StagedMask`]): `exp(-inf - m) = 0`, so the state is the kept classes' log-sum-exp and masked
-//! probabilities are 0, and the gradient of rows whose exps fit L2 is written from the exps their
-//! state pass kept. The mask is read in place with its strides (a broadcast mask is never
-//! expanded), and nothing of the logits' size is allocated. The sums that weight every class (label
-//! smoothing, probability targets) skip masked classes through the staged mask bytes. 16-bit
-//! logits ([`Widened`]) are widened into a block buffer first (short rows too, which the
-//! compute type reads in place) and their gradient rounded as it is written back. A mask
-//! keeping every class gives the unmasked result bit for bit for index targets (the label-smoothing
-//! sum keeps the unmasked summation order); probability targets agree up to the rounding of their
-//! sums.
+//! Lanes are taken in blocks (rows, or columns of torch's layout) in the unmasked kernels' pieces,
+//! and each block goes through the unmasked kernel's own code with its mask:
+//! - short rows against class indices: the fused short-row loss, reading the rows and the mask
+//!   where they lie (a masked class read as `-inf`; a per-row flag makes a masked row an ignored
+//!   one);
+//! - longer dense rows under a mask with dense rows: [`lanes_block`], the unmasked per-lane loop,
+//!   reading them in place ([`LaneMask`] `in_place`: the masked row kernels' states);
+//! - every other block is staged once into per-piece scratch (at most [`STAGE_ELEMENTS`] elements
+//!   or one lane for rows, the unmasked column blocks for columns), a masked class becoming `-inf`
+//!   there, beside a dense copy of the block's mask bytes, then run as above.
+//!
+//! `exp(-inf - m) = 0`, so the state is the kept classes' log-sum-exp and masked probabilities
+//! are 0, and the gradient of rows whose exps fit L2 is written from the exps their state pass
+//! kept. The mask is read with its strides (a broadcast mask is never expanded), and nothing of
+//! the logits' size is allocated. The sums that weight every class (label smoothing, probability
+//! targets) skip masked classes through the mask bytes. 16-bit logits ([`Widened`]) are widened
+//! into a block buffer first (short rows too, which the compute type reads in place) and their
+//! gradient rounded as it is written back. A mask keeping every class gives the unmasked result
+//! bit for bit for index targets (such a lane keeps the unmasked plan); probability targets agree
+//! up to the rounding of their sums.
 
-use super::super::mask::{index_lane, ClassMask};
+use super::super::mask::{index_lane, index_lanes, ClassMask};
 use super::*;
 use crate::kernels::masked::copy_kept;
 
@@ -192,14 +196,14 @@ impl<T: Real> Staged<T> {
 /// that are `-inf` at the masked classes; a block read in place (`in_place`) has the user's
 /// logits and mask rows, the masked classes read as `-inf` by the kernels that load them.
 #[derive(Clone, Copy)]
-pub(super) struct StagedMask<'a> {
+pub(super) struct LaneMask<'a> {
     keep: &'a [u8],
     lane: usize,
     kept: &'a [usize],
     in_place: bool,
 }
 
-impl<'a> StagedMask<'a> {
+impl<'a> LaneMask<'a> {
     /// Lane `i`'s mask bytes.
     pub(super) fn lane(&self, i: usize, n: usize) -> &'a [u8] {
         &self.keep[i * self.lane..][..n]
@@ -364,9 +368,8 @@ fn masked_sums<T: Real>(
 /// every row whose target the mask hides carries. Without weights, the targets are checked
 /// for range in one vector scan and the named classes counted in another (each counted weight
 /// is 1, so the pre-pass's float sum is the count, exactly), and only the redone rows are
-/// checked one by one; a target out of range or weights send the block through
-/// [`index_lane`] lane by lane, which reports the first refusal in lane order as the pre-pass
-/// does.
+/// checked one by one; a target out of range or weights send the block through the
+/// pre-pass's own checks ([`index_lanes`]), which report the first refusal in lane order.
 #[inline(never)]
 fn check_lanes<T: Real>(
     plan: &Plan<'_, T>,
@@ -376,7 +379,6 @@ fn check_lanes<T: Real>(
     (class, redo): (&[u32], &[bool]),
     counted: &mut (f64, usize),
 ) -> Result<(), Error> {
-    let (mut d, mut k) = *counted;
     let lanes = l0..l0 + class.len();
     let (ignore, n) = (plan.ignore_index, plan.batch.n as u64);
     // Whether a target is out of range; if none is, the classes the rows name (a row a
@@ -384,13 +386,7 @@ fn check_lanes<T: Real>(
     let level = crate::simd::level();
     let (_, bad) = crate::simd::count_targets(level, &t[lanes.clone()], ignore, n);
     if plan.weight.is_some() || bad {
-        for l in lanes {
-            if let Some(wt) = index_lane(plan, t, mask, l)? {
-                d += wt;
-                k += 1;
-            }
-        }
-        *counted = (d, k);
+        *counted = index_lanes(plan, t, mask, lanes, *counted)?;
         return Ok(());
     }
     // A named target that is not redone is kept (the kernel flags the masked ones). A fold,
@@ -404,7 +400,7 @@ fn check_lanes<T: Real>(
     }
     let named = class.iter().filter(|&&c| c != IGNORED).count();
     let counts = named - skipped;
-    *counted = (d + counts as f64, k + counts);
+    *counted = (counted.0 + counts as f64, counted.1 + counts);
     Ok(())
 }
 
@@ -636,7 +632,7 @@ pub(super) fn xent_masked<T: Real, C: Logits<T>>(
                     n,
                     w,
                     l0,
-                    mask: Some(StagedMask {
+                    mask: Some(LaneMask {
                         keep,
                         lane: ms.lane,
                         kept: &st.kept,
@@ -655,7 +651,7 @@ pub(super) fn xent_masked<T: Real, C: Logits<T>>(
                     n,
                     w,
                     l0,
-                    mask: Some(StagedMask {
+                    mask: Some(LaneMask {
                         keep: &st.keep,
                         lane: n,
                         kept: &st.kept,
