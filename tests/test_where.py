@@ -655,7 +655,7 @@ def test_rows_read_in_place_equal_the_staged_and_unmasked_paths(dtype, n):
     from stablelse import _stream
 
     rng = np.random.default_rng(n)
-    rows = 16
+    rows = 256 if n < 10000 else 16  # enough rows to meet a one-ULP difference in the finish
     x = (rng.standard_normal((rows, n)) * 5).astype(dtype)
     keep = rng.random((rows, n)) < 0.8
     keep[1] = False

@@ -201,9 +201,20 @@ pub fn kept_row_logsumexp<T: Real>(
         };
         return Ok(());
     }
-    kept_row_states(x, (keep, lane), batch, alg, scratch, |r, s| {
-        out[r] = T::from_f64(s.logsumexp())
-    })
+    // The states of a group of rows at a time, finished as the staged block's are (the
+    // level's vector log1p for results of type T).
+    const GROUP: usize = 64;
+    let mut states = [LseState::EMPTY; GROUP];
+    let n = batch.n;
+    for r0 in (0..batch.outer).step_by(GROUP) {
+        let rows = GROUP.min(batch.outer - r0);
+        let (xr, kr) = (&x[r0 * n..(r0 + rows) * n], &keep[r0 * lane..]);
+        let group = Batch::rows(rows, n);
+        kept_row_states(xr, (kr, lane), group, alg, scratch, |r, s| states[r] = s)?;
+        // SAFETY: the level is this CPU's; `rows` results of out from r0 (checked above).
+        unsafe { simd::states_logsumexp(level, &states[..rows], out.as_mut_ptr().add(r0)) };
+    }
+    Ok(())
 }
 
 /// Checks that `batch` is dense rows (`outer_stride == n`, as the short-row kernels read a
