@@ -19,8 +19,17 @@ import stablelse as sl
 REDUCTIONS = ("mean", "sum", "none")
 
 
-def deleted_reference(x, t, m, axis=-1, weight=None, ignore_index=-100, reduction="mean",
-                      label_smoothing=0.0, z_loss=0.0):
+def deleted_reference(
+    x,
+    t,
+    m,
+    axis=-1,
+    weight=None,
+    ignore_index=-100,
+    reduction="mean",
+    label_smoothing=0.0,
+    z_loss=0.0,
+):
     """``(loss, grad)`` of cross_entropy with where=m, built by deleting masked classes."""
     x = np.moveaxis(np.asarray(x, dtype=np.float64), axis, -1)
     m = np.moveaxis(np.broadcast_to(m, np.moveaxis(x, -1, axis).shape), axis, -1)
@@ -47,7 +56,8 @@ def deleted_reference(x, t, m, axis=-1, weight=None, ignore_index=-100, reductio
             assert keep[tt[idx]], "the test drew a target on a masked class"
             tr = np.int64(np.cumsum(keep)[tt[idx]] - 1)
         loss, grad = oracles.cross_entropy_grad(
-            xr, tr, weight=w[keep], reduction="sum", label_smoothing=label_smoothing)
+            xr, tr, weight=w[keep], reduction="sum", label_smoothing=label_smoothing
+        )
         ce[idx] = loss
         g_ce[idx + (keep,)] = grad
         lse = float(oracles.logsumexp(xr))
@@ -78,7 +88,7 @@ def masked_problems(draw):
     rng = np.random.default_rng(seed)
     x = rng.normal(scale=draw(st.sampled_from([1.0, 30.0])), size=shape)
     mshape = tuple(s if draw(st.booleans()) else 1 for s in shape)
-    mshape = mshape[draw(st.integers(0, ndim)):]  # drop some leading axes too
+    mshape = mshape[draw(st.integers(0, ndim)) :]  # drop some leading axes too
     m = rng.random(mshape) < draw(st.sampled_from([0.3, 0.7, 1.0]))
     full = np.broadcast_to(m, shape)
     cls = np.moveaxis(full, axis, -1)
@@ -120,8 +130,9 @@ def test_where_equals_the_loss_of_each_row_with_its_masked_classes_deleted(probl
     assert (grad[~np.broadcast_to(m, x.shape)] == 0).all()
     assert np.array_equal(sl.cross_entropy(x, t, where=m, **opts), loss, equal_nan=True)
     x32 = x.astype(np.float32)
-    l32, g32 = sl.cross_entropy(x32, t if t.dtype.kind != "f" else t.astype(np.float32),
-                                where=m, return_grad=True, **opts)
+    l32, g32 = sl.cross_entropy(
+        x32, t if t.dtype.kind != "f" else t.astype(np.float32), where=m, return_grad=True, **opts
+    )
     assert l32.dtype == np.float32 and g32.dtype == np.float32
     np.testing.assert_allclose(g32, want_grad, rtol=1e-4, atol=1e-5)
 
@@ -156,8 +167,15 @@ def test_a_mask_keeping_every_class_gives_the_unmasked_result(dtype, axis, ls):
     w = rng.random(x.shape[axis]).astype(dtype) + 0.5
     for kw in ({}, {"weight": w}, {"z_loss": 1e-2}):
         plain = sl.cross_entropy(x, t, axis=axis, label_smoothing=ls, return_grad=True, **kw)
-        masked = sl.cross_entropy(x, t, axis=axis, label_smoothing=ls, return_grad=True,
-                                  where=np.ones(x.shape, bool), **kw)
+        masked = sl.cross_entropy(
+            x,
+            t,
+            axis=axis,
+            label_smoothing=ls,
+            return_grad=True,
+            where=np.ones(x.shape, bool),
+            **kw,
+        )
         assert plain[0] == masked[0] and np.array_equal(plain[1], masked[1])
 
 
@@ -168,8 +186,9 @@ def test_a_mask_keeping_every_class_gives_the_unmasked_bits_on_long_rows(dtype, 
     x = rng.normal(scale=5, size=(50, 300)).astype(dtype)
     t = rng.integers(0, 300, size=50)
     plain = sl.cross_entropy(x, t, label_smoothing=ls, z_loss=1e-2, return_grad=True)
-    masked = sl.cross_entropy(x, t, label_smoothing=ls, z_loss=1e-2, return_grad=True,
-                              where=np.ones(x.shape, bool))
+    masked = sl.cross_entropy(
+        x, t, label_smoothing=ls, z_loss=1e-2, return_grad=True, where=np.ones(x.shape, bool)
+    )
     assert plain[0] == masked[0] and np.array_equal(plain[1], masked[1])
 
 
@@ -199,8 +218,9 @@ def test_short_rows_under_a_mask_equal_the_deleted_reference_with_special_rows(n
         xa, ma, ta = x, m, t
     for kw in ({}, {"weight": w, "z_loss": 1e-2}):
         per = sl.cross_entropy(xa, ta, axis=axis, where=ma, reduction="none", **kw)
-        _, grad = sl.cross_entropy(xa, ta, axis=axis, where=ma, reduction="sum",
-                                   return_grad=True, **kw)
+        _, grad = sl.cross_entropy(
+            xa, ta, axis=axis, where=ma, reduction="sum", return_grad=True, **kw
+        )
         with np.errstate(invalid="ignore"):
             want, wgrad = deleted_reference(xa, ta, ma, axis=axis, reduction="none", **kw)
         # L - x_t cancels when p_t -> 1: an absolute error of L's rounding.
@@ -213,8 +233,9 @@ def test_short_rows_under_a_mask_equal_the_deleted_reference_with_special_rows(n
 
 
 @pytest.mark.parametrize("ls", [0.0, 0.2])
-@pytest.mark.parametrize("shape, axis", [((5000, 10), -1), ((3000, 100), -1),
-                                         ((40, 10, 300), 1), ((6, 100, 700), 1)])
+@pytest.mark.parametrize(
+    "shape, axis", [((5000, 10), -1), ((3000, 100), -1), ((40, 10, 300), 1), ((6, 100, 700), 1)]
+)
 def test_a_mask_keeping_every_class_gives_the_unmasked_bits_over_many_pieces(shape, axis, ls):
     # Enough lanes for several pieces and blocks: the masked path must sum in the same order.
     rng = np.random.default_rng(4)
@@ -252,8 +273,9 @@ def test_masked_gradient_is_zero_even_where_a_kept_nan_spoils_the_row(n):
     x[1, 2] = np.inf
     m = np.ones((3, n), bool)
     m[:, 3] = False
-    loss, grad = sl.cross_entropy(x, np.zeros(3, np.int64), where=m, reduction="none",
-                                  return_grad=True)
+    loss, grad = sl.cross_entropy(
+        x, np.zeros(3, np.int64), where=m, reduction="none", return_grad=True
+    )
     assert np.isnan(loss[0]) and loss[1] == np.inf and np.isfinite(loss[2])
     assert (grad[:, 3] == 0).all()
     assert np.isnan(grad[0, m[0]]).all() and np.isnan(grad[1, m[1]]).all()
@@ -342,16 +364,19 @@ def test_results_are_bit_identical_for_any_thread_count(n):
     try:
         for n in (1, 2, 3):
             sl.set_num_threads(n)
-            runs.append((
-                sl.cross_entropy(x, t, where=m, label_smoothing=0.1, z_loss=1e-3,
-                                 return_grad=True),
-                sl.cross_entropy(xc, t.reshape(200, 100), axis=1, where=mc, return_grad=True),
-                sl.nll_loss(x, t, where=m),
-            ))
+            runs.append(
+                (
+                    sl.cross_entropy(
+                        x, t, where=m, label_smoothing=0.1, z_loss=1e-3, return_grad=True
+                    ),
+                    sl.cross_entropy(xc, t.reshape(200, 100), axis=1, where=mc, return_grad=True),
+                    sl.nll_loss(x, t, where=m),
+                )
+            )
     finally:
         sl.set_num_threads(before)
     for other in runs[1:]:
-        for (a, b) in zip(runs[0], other):
+        for a, b in zip(runs[0], other):
             if isinstance(a, tuple):
                 assert a[0] == b[0] and np.array_equal(a[1], b[1])
             else:
@@ -376,8 +401,9 @@ def test_dask_where_matches_the_numpy_path():
             got = sd.cross_entropy(dx, t, where=da.from_array(m, chunks=3), reduction=red, **kw)
             np.testing.assert_allclose(got.compute(), want, rtol=1e-13)
     row = m[:1] | ~m[:1]  # a (1, C) mask broadcast over the rows
-    np.testing.assert_allclose(sd.cross_entropy(dx, t, where=row).compute(),
-                               sl.cross_entropy(x, t, where=row), rtol=1e-13)
+    np.testing.assert_allclose(
+        sd.cross_entropy(dx, t, where=row).compute(), sl.cross_entropy(x, t, where=row), rtol=1e-13
+    )
     bad = t.copy()
     bad[6] = int(np.flatnonzero(~m[6])[0])
     with pytest.raises(IndexError, match=rf"^target\[6\] = {bad[6]} is a class that where="):
@@ -426,16 +452,24 @@ def test_optax_gives_the_same_losses_and_gradients_where_it_agrees(tmp_path):
     q = rng.random((50, 9)) * m
     q = q / np.where(q.sum(1, keepdims=True) > 0, q.sum(1, keepdims=True), 1)
     np.savez(tmp_path / "in.npz", x=x, t=t, m=m, q=q)
-    subprocess.run([sys.executable, "-c", _OPTAX_SCRIPT, str(tmp_path / "in.npz"),
-                    str(tmp_path / "out.npz")], check=True, timeout=300)
+    subprocess.run(
+        [sys.executable, "-c", _OPTAX_SCRIPT, str(tmp_path / "in.npz"), str(tmp_path / "out.npz")],
+        check=True,
+        timeout=300,
+    )
     want = np.load(tmp_path / "out.npz")
-    np.testing.assert_allclose(sl.cross_entropy(x, t, where=m, reduction="none"),
-                               want["ints"], rtol=1e-12, atol=1e-14)
-    np.testing.assert_allclose(sl.cross_entropy(x, t, where=m, reduction="sum",
-                                                 return_grad=True)[1], want["grad"],
-                               rtol=1e-12, atol=1e-14)
-    np.testing.assert_allclose(sl.cross_entropy(x, q, where=m, reduction="none"),
-                               want["probs"], rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(
+        sl.cross_entropy(x, t, where=m, reduction="none"), want["ints"], rtol=1e-12, atol=1e-14
+    )
+    np.testing.assert_allclose(
+        sl.cross_entropy(x, t, where=m, reduction="sum", return_grad=True)[1],
+        want["grad"],
+        rtol=1e-12,
+        atol=1e-14,
+    )
+    np.testing.assert_allclose(
+        sl.cross_entropy(x, q, where=m, reduction="none"), want["probs"], rtol=1e-12, atol=1e-14
+    )
 
 
 def _mask_form(m, form):
@@ -457,9 +491,7 @@ def _mask_form(m, form):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("form", ["full", "row", "lane", "strided", "fortran"])
 @pytest.mark.parametrize("n", [1, 3, 8, 9, 10, 17, 100, 128])
-def test_masked_short_rows_read_in_place_equal_the_kernel_on_rows_holding_minus_inf(
-    dtype, form, n
-):
+def test_masked_short_rows_read_in_place_equal_the_kernel_on_rows_holding_minus_inf(dtype, form, n):
     # The fused short-row loss reads the rows and the mask where they lie. Its results must be
     # those of the same kernel on a copy whose masked classes hold -inf (what a staged block
     # holds), targets of rows that keep nothing ignored: bit for bit, loss and gradient, over
@@ -497,8 +529,7 @@ def test_masked_short_rows_read_in_place_equal_the_kernel_on_rows_holding_minus_
             # (The weighted mean's denominator is summed by the mask's pre-pass, in its own
             # order: only its last bit may differ, so that case is left to the other tests.)
             for red in ("sum",) if kw else ("mean", "sum"):
-                loss, g = sl.cross_entropy(x, t, where=where, reduction=red, return_grad=True,
-                                           **kw)
+                loss, g = sl.cross_entropy(x, t, where=where, reduction=red, return_grad=True, **kw)
                 wl, wg = sl.cross_entropy(ref_x, ref_t, reduction=red, return_grad=True, **kw)
                 assert loss.tobytes() == wl.tobytes()
                 assert np.array_equal(g[m].view(np.uint8), wg[m].view(np.uint8))
@@ -527,8 +558,9 @@ def test_a_forward_only_masked_loss_checks_its_targets_in_the_main_pass_as_the_p
         outs = []
         for grad in (False, True):  # the deferred check, then the pre-pass
             try:
-                res = sl.cross_entropy(x, tt, where=m, weight=w, reduction=reduction,
-                                       return_grad=grad)
+                res = sl.cross_entropy(
+                    x, tt, where=m, weight=w, reduction=reduction, return_grad=grad
+                )
                 outs.append(res[0] if grad else res)
             except IndexError as exc:
                 outs.append(str(exc))
@@ -681,3 +713,43 @@ def test_a_flag_per_row_equals_the_dense_mask(dtype, shape, axis, flag_shape):
     bad.reshape(-1)[masked_lane] = n + 2
     with pytest.raises(IndexError, match=f"target\\[{masked_lane}\\]|{n + 2}"):
         sl.cross_entropy(x, bad, axis=axis, where=flag)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+@pytest.mark.parametrize("n", [3, 10, 64, 65, 1000])
+def test_a_mask_stored_transposed_equals_the_dense_mask(dtype, n):
+    """A Fortran-ordered mask over C-ordered logits (consecutive rows one byte apart) has its
+    rows moved into dense rows by byte tiles, a window of rows at a time, before the fused
+    short-row loss or the per-lane loss reads them. Loss, lane losses and gradient must be the
+    bits of the C-ordered mask for class and probability targets, label smoothing, weights, the
+    z-loss, rows that keep nothing, masked NaN / inf and ignored targets, across windows."""
+    rng = np.random.default_rng(500 + n)
+    rows = 70_000 // n + 3
+    x = (rng.standard_normal((rows, n)) * 8).astype(dtype)
+    keep = rng.random((rows, n)) < 0.8
+    t = rng.integers(0, n, rows)
+    keep[np.arange(rows), t] = True
+    x[5::7][~keep[5::7]] = np.nan
+    x[6::9][~keep[6::9]] = np.inf
+    keep[1::17] = False
+    t[4::19] = -100
+    q = rng.random((rows, n)) * keep
+    q = (q / np.where(q.sum(1, keepdims=True) > 0, q.sum(1, keepdims=True), 1)).astype(dtype)
+    w = (rng.random(n) + 0.5).astype(dtype)
+    fortran = np.asfortranarray(keep)
+    options = (
+        {"reduction": "mean"},
+        {"reduction": "none", "return_grad": True},
+        {"reduction": "sum", "label_smoothing": 0.1, "weight": w, "return_grad": True},
+        {"reduction": "mean", "z_loss": 1e-3, "return_grad": True},
+    )
+    for kw in options:
+        for tt in (t, q):
+            with np.errstate(all="ignore"):
+                a = sl.cross_entropy(x, tt, where=fortran, **kw)
+                b = sl.cross_entropy(x, tt, where=keep, **kw)
+            pairs = zip(a, b) if isinstance(a, tuple) else [(a, b)]
+            for u, v in pairs:
+                u, v = np.asarray(u), np.asarray(v)
+                bits = {2: np.uint16, 4: np.uint32, 8: np.uint64}[u.dtype.itemsize]
+                np.testing.assert_array_equal(u.view(bits), v.view(bits))

@@ -321,8 +321,17 @@ def complex_oracle(x, mask, axis, b=None, return_sign=False):
     return _kept_slices(x, mask, axis, b, lse_sign, lse_dtype, rdt)
 
 
-COMPLEX_SPECIALS = [np.nan, np.inf, -np.inf, complex(-np.inf, 1.0), complex(np.inf, 2.0),
-                    complex(1.0, np.nan), complex(1.0, np.inf), 30.0, -30.0]
+COMPLEX_SPECIALS = [
+    np.nan,
+    np.inf,
+    -np.inf,
+    complex(-np.inf, 1.0),
+    complex(np.inf, 2.0),
+    complex(1.0, np.nan),
+    complex(1.0, np.inf),
+    30.0,
+    -30.0,
+]
 
 
 @st.composite
@@ -387,8 +396,10 @@ def test_complex_where_equals_scipy_on_the_kept_elements(case):
         _agree(np.real(got), np.real(lse), tol)
         fin = np.isfinite(lse)
         np.testing.assert_allclose(
-            np.exp(1j * np.imag(got)[fin].astype(float)), np.exp(1j * np.imag(lse)[fin]),
-            rtol=tol, atol=tol,
+            np.exp(1j * np.imag(got)[fin].astype(float)),
+            np.exp(1j * np.imag(lse)[fin]),
+            rtol=tol,
+            atol=tol,
         )
     if b is None:
         _agree(sl.softmax(x, axis=axis, where=mask), sm.astype(x.dtype), tol)
@@ -728,7 +739,6 @@ def test_masked_rows_streamed_into_a_large_out_equal_rows_written_through_the_ca
         assert np.all(got[~keep] == masked)
 
 
-
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("n", [1, 2, 5, 7, 8, 10, 13, 15, 16, 33, 64])
 def test_short_rows_read_beside_the_mask_equal_the_staged_path(dtype, n):
@@ -939,3 +949,39 @@ def test_a_flag_per_lane_equals_the_dense_mask(dtype, shape, axis, flag_shape):
         for f in (sl.softmax, sl.log_softmax):
             want = f(x, axis=axis, where=dense).view(bits)
             _writes_equal(f, x, axis, flag, want, bits)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+@pytest.mark.parametrize(
+    "shape", [(300, 3), (1000, 10), (77, 17), (500, 64), (40, 1000), (3, 6, 100)]
+)
+def test_a_mask_stored_transposed_equals_the_dense_mask(dtype, shape):
+    """A mask whose rows are stored transposed (Fortran order over C-ordered x, or a transposed
+    view: consecutive rows one byte apart) has each block's mask rows moved into dense rows by
+    byte tiles before the kernels read them. logsumexp, the streaming states, softmax and
+    log_softmax (new array, out= and in place) must be the bits of the C-ordered mask, with NaN
+    and +inf in masked positions, kept +inf, rows masked whole and tile edges in both
+    dimensions (a wrong byte of a tile, an edge tile's overlap or a run crossing an outer index
+    would show)."""
+    rng = np.random.default_rng(shape[-1] * 7 + len(shape))
+    x = (rng.standard_normal(shape) * 20).astype(dtype)
+    keep = rng.random(shape) < 0.7
+    x[~keep & (rng.random(shape) < 0.2)] = np.nan
+    x[~keep & (rng.random(shape) < 0.2)] = np.inf
+    x.reshape(-1, shape[-1])[3::11, 1] = np.inf
+    keep.reshape(-1, shape[-1])[5::13] = False
+    bits = {2: np.uint16, 4: np.uint32, 8: np.uint64}[x.dtype.itemsize]
+    transposed = [
+        np.asfortranarray(keep),
+        np.ascontiguousarray(keep.swapaxes(-1, -2)).swapaxes(-1, -2),
+    ]
+    for m in transposed:
+        want = sl.logsumexp(x, axis=-1, where=keep)
+        got = sl.logsumexp(x, axis=-1, where=m)
+        np.testing.assert_array_equal(np.asarray(got).view(bits), np.asarray(want).view(bits))
+        a = sl.LogSumExp(axis=-1).update(x, where=m).state
+        c = sl.LogSumExp(axis=-1).update(x, where=keep).state
+        for u, v in zip(a, c):
+            np.testing.assert_array_equal(u.view(np.uint64), v.view(np.uint64))
+        for f in (sl.softmax, sl.log_softmax):
+            _writes_equal(f, x, -1, m, f(x, axis=-1, where=keep).view(bits), bits)

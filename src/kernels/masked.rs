@@ -47,49 +47,45 @@ pub fn copy_kept<T: Real>(x: &[T], keep: &[u8], out: &mut [T], fill: f64) {
 }
 
 /// `dst[c * dst_stride + r] = (src[r * src_stride + c] != 0) as u8` for `r < rows`,
-/// `c < cols`: a block of mask rows turned into columns, as 0 / 1 bytes. Whole 8x8 tiles are
-/// read as eight 8-byte words and transposed in them (three rounds of swaps, a byte, two
-/// bytes, then four apart); the edges byte by byte.
+/// `c < cols`: a block of mask rows turned into columns, as 0 / 1 bytes, by 8x16 tiles
+/// ([`simd::mask_tile_8x16`]), the last tile of a dimension overlapping the one before; a
+/// block narrower than a tile goes through a padded copy of itself.
 pub fn transpose_mask(
     (src, src_stride): (&[u8], usize),
     (dst, dst_stride): (&mut [u8], usize),
     rows: usize,
     cols: usize,
 ) {
-    let (full_rows, full_cols) = (rows - rows % 8, cols - cols % 8);
-    let word = |at: usize| u64::from_le_bytes(src[at..at + 8].try_into().unwrap_or([0; 8]));
-    for r0 in (0..full_rows).step_by(8) {
-        for c0 in (0..full_cols).step_by(8) {
-            let mut w: [u64; 8] = std::array::from_fn(|i| word((r0 + i) * src_stride + c0));
-            for (shift, mask) in [
-                (8, 0x00FF_00FF_00FF_00FFu64),
-                (16, 0x0000_FFFF_0000_FFFF),
-                (32, 0x0000_0000_FFFF_FFFF),
-            ] {
-                let apart = shift / 8;
-                for a in (0..8).filter(|a| a & apart == 0) {
-                    let t = ((w[a] >> shift) ^ w[a + apart]) & mask;
-                    w[a + apart] ^= t;
-                    w[a] ^= t << shift;
-                }
+    // Source rows far apart (a mask stored transposed) are lines no prefetcher follows: each
+    // group of eight rows hints the lines of the group `AHEAD` rows on.
+    const AHEAD: usize = 64;
+    for r0 in (0..rows).step_by(8) {
+        for r in (r0 + AHEAD..r0 + AHEAD + 8).take_while(|&r| r < rows) {
+            simd::prefetch_span(src[r * src_stride..].as_ptr(), cols);
+        }
+        // The last tile of a row or column longer than a tile overlaps the one before it
+        // (the bytes both cover are written twice, alike), so that only a block narrower than
+        // a tile takes the padded copy.
+        let r0 = if rows >= 8 { r0.min(rows - 8) } else { r0 };
+        let h = (rows - r0).min(8);
+        for c0 in (0..cols).step_by(16) {
+            let c0 = if cols >= 16 { c0.min(cols - 16) } else { c0 };
+            let w = (cols - c0).min(16);
+            let (s0, d0) = (r0 * src_stride + c0, c0 * dst_stride + r0);
+            if h == 8 && w == 16 {
+                simd::mask_tile_8x16((&src[s0..], src_stride), (&mut dst[d0..], dst_stride));
+                continue;
             }
-            for (k, v) in w.iter().enumerate() {
-                // Any nonzero byte keeps: each byte becomes 0 or 1.
-                let ones = (((v & 0x7F7F_7F7F_7F7F_7F7F) + 0x7F7F_7F7F_7F7F_7F7F) | v) >> 7;
-                let at = (c0 + k) * dst_stride + r0;
-                dst[at..at + 8].copy_from_slice(&(ones & 0x0101_0101_0101_0101).to_le_bytes());
+            let (mut a, mut b) = ([0u8; 128], [0u8; 128]);
+            for r in 0..h {
+                a[r * 16..r * 16 + w].copy_from_slice(&src[s0 + r * src_stride..][..w]);
+            }
+            simd::mask_tile_8x16((&a, 16), (&mut b, 8));
+            for c in 0..w {
+                dst[d0 + c * dst_stride..][..h].copy_from_slice(&b[c * 8..c * 8 + h]);
             }
         }
     }
-    let mut by_byte = |rs: std::ops::Range<usize>, cs: std::ops::Range<usize>| {
-        for r in rs {
-            for c in cs.clone() {
-                dst[c * dst_stride + r] = (src[r * src_stride + c] != 0) as u8;
-            }
-        }
-    };
-    by_byte(0..full_rows, full_cols..cols);
-    by_byte(full_rows..rows, 0..cols);
 }
 
 /// `out[k] = fill` wherever `keep[k] == 0`, in place ([`copy_kept`]'s select).
@@ -712,7 +708,18 @@ mod tests {
 
     #[test]
     fn transpose_mask_moves_every_byte_as_0_or_1() {
-        for (rows, cols) in [(0, 3), (1, 1), (8, 8), (9, 17), (16, 24), (30, 10)] {
+        let shapes = [
+            (0, 3),
+            (1, 1),
+            (8, 8),
+            (9, 17),
+            (16, 24),
+            (30, 10),
+            (8, 40),
+            (17, 33),
+            (24, 56),
+        ];
+        for (rows, cols) in shapes {
             let (src_stride, dst_stride) = (cols + 5, rows + 1);
             let src: Vec<u8> = (0..rows * src_stride)
                 .map(|i| [0u8, 1, 2, 0x80, 0xFF, 0x7F, 0, 0][(i * 7 + i / 3) % 8])

@@ -177,6 +177,49 @@ impl WorkView {
         Some(d.map_or((usize::MAX, 0), |d| (self.shape[d], self.strides[d])))
     }
 
+    /// Copies the rows `start / n..` of `n` work elements of a byte array into `dst` (dense
+    /// rows of 0 / 1 bytes) when they are stored transposed: consecutive rows one byte apart
+    /// and a row's bytes a positive stride apart (a Fortran-ordered mask over the rows of a
+    /// C-ordered array). Each run of rows within one index of the dimensions above is moved by
+    /// 8x8 tiles ([`masked::transpose_mask`]). Returns `false`, writing nothing, for any other
+    /// layout.
+    ///
+    /// # Safety
+    /// The view describes a live byte array that covers the rows; `dst.len()` is a multiple
+    /// of `n`.
+    unsafe fn gather_transposed(&self, start: usize, n: usize, dst: &mut [u8]) -> bool {
+        let last = match self.ndim.checked_sub(1) {
+            Some(last) if last > 0 => last,
+            _ => return false,
+        };
+        let class = self.strides[last];
+        if n < 2 || self.shape[last] != n || self.strides[last - 1] != 1 || class <= 1 {
+            return false;
+        }
+        if !start.is_multiple_of(n) || !dst.len().is_multiple_of(n) {
+            return false;
+        }
+        let (class, period, first, rows) = (
+            class as usize,
+            self.shape[last - 1],
+            start / n,
+            dst.len() / n,
+        );
+        let mut r = 0;
+        while r < rows {
+            let len = (period - (first + r) % period).min(rows - r);
+            let mut off = 0;
+            self.runs((first + r) * n, 1, |o, _, _| off = o);
+            // SAFETY: the run's `n` rows of `len` bytes, `class` apart, lie in the array
+            // (caller's contract).
+            let src =
+                unsafe { std::slice::from_raw_parts(self.base.offset(off), (n - 1) * class + len) };
+            masked::transpose_mask((src, class), (&mut dst[r * n..(r + len) * n], n), n, len);
+            r += len;
+        }
+        true
+    }
+
     /// Copies work elements `start..start + dst.len()` into `dst`.
     ///
     /// # Safety
@@ -711,7 +754,7 @@ pub(crate) unsafe fn softmax<S: Stored<Compute = T>, T: Real>(
                 let n = batch.n;
                 let runs = dense
                     .filter(|_| masked::reads_rows_in_place(&batch, alg))
-                    .and_then(|_| mask_runs(mv, start, batch.outer, n));
+                    .and_then(|_| mask_runs(mv, start, batch.outer, n, keep));
                 if let (Some((xp, op)), Some(runs)) = (dense, runs) {
                     for run in runs {
                         let sub = Batch::rows(run.rows, n);
@@ -894,7 +937,7 @@ pub(crate) unsafe fn reduce<S: Stored<Compute = T>, T: Real>(
                     let res = &mut res[..batch.count()];
                     let (start, _) = blocks.result_run(o0, j0, &batch);
                     if let Some((xs, runs)) =
-                        rows_in_place::<S, T>(&blocks, o0, j0, &batch, &xv, &kv, alg)
+                        rows_in_place::<S, T>(&blocks, o0, j0, &batch, &xv, &kv, alg, keep)
                     {
                         for run in runs {
                             // SAFETY: the run's mask rows lie in the live mask.
@@ -986,7 +1029,7 @@ pub(crate) unsafe fn reduce<S: Stored<Compute = T>, T: Real>(
                     let states = &mut states[..batch.count()];
                     let (start, _) = blocks.result_run(o0, j0, &batch);
                     if let Some((xs, runs)) =
-                        rows_in_place::<S, T>(&blocks, o0, j0, &batch, &xv, &kv, alg)
+                        rows_in_place::<S, T>(&blocks, o0, j0, &batch, &xv, &kv, alg, keep)
                     {
                         for run in runs {
                             // SAFETY: the run's mask rows lie in the live mask.
@@ -1102,7 +1145,8 @@ impl MaskRun {
     /// and its batch: the arguments of the masked row kernels.
     ///
     /// # Safety
-    /// The run came from [`mask_runs`] over a live mask, for the block `xs`.
+    /// The run came from [`mask_runs`] over a live mask (and its scratch, still untouched),
+    /// for the block `xs`.
     unsafe fn rows_of<'a, T>(&self, xs: &'a [T], n: usize) -> (&'a [T], (&'a [u8], usize), Batch) {
         let len = self.rows.saturating_sub(1) * self.lane + n;
         // SAFETY: the caller's contract: every mask row of the run lies in the array.
@@ -1116,15 +1160,32 @@ impl MaskRun {
 /// rows with evenly spaced mask rows: one run where the mask rows are dense, else a run for
 /// each index of the dimensions above the innermost outer dimension (a mask broadcast along
 /// it, as a key-padding mask over a batch of queries, has its rows 0 bytes apart). `None`
-/// when a mask row is not `n` contiguous bytes or rows run backwards.
-fn mask_runs(kv: &WorkView, start: usize, rows: usize, n: usize) -> Option<Vec<MaskRun>> {
-    if let Some(keep) = kv.unit_run::<u8>(start, rows * n) {
-        return Some(vec![MaskRun {
+/// when a mask row is not `n` contiguous bytes or rows run backwards, unless the rows are
+/// stored transposed ([`WorkView::gather_transposed`]): then they are moved into `scratch`
+/// (at least `rows * n` bytes), one run.
+fn mask_runs(
+    kv: &WorkView,
+    start: usize,
+    rows: usize,
+    n: usize,
+    scratch: &mut [u8],
+) -> Option<Vec<MaskRun>> {
+    let dense = |keep: *const u8| {
+        Some(vec![MaskRun {
             row: 0,
             rows,
             keep,
             lane: n,
-        }]);
+        }])
+    };
+    // Transposed rows first: their test is a few compares, the unit-run test walks the rows.
+    let staged = &mut scratch[..rows * n];
+    // SAFETY: the view covers the block's rows (the caller's plan).
+    if unsafe { kv.gather_transposed(start, n, staged) } {
+        return dense(staged.as_ptr());
+    }
+    if let Some(keep) = kv.unit_run::<u8>(start, rows * n) {
+        return dense(keep);
     }
     let (period, lane) = kv.row_run(n)?;
     let lane = usize::try_from(lane).ok()?;
@@ -1147,7 +1208,8 @@ fn mask_runs(kv: &WorkView, start: usize, rows: usize, n: usize) -> Option<Vec<M
 /// The block `(o0, j0, batch)` of `x` as a slice where it is and its mask rows as runs
 /// ([`mask_runs`]), when the reduction can read its rows in place
 /// ([`masked::reads_rows_in_place`]): a mask is given, the block is one aligned unit-stride
-/// run of `x`, its mask rows are runs of `n` bytes, and `x` holds `T` itself.
+/// run of `x`, its mask rows are runs of `n` bytes (or stored transposed, then moved into
+/// `scratch`), and `x` holds `T` itself.
 #[allow(clippy::too_many_arguments)]
 fn rows_in_place<'a, S: Stored<Compute = T>, T: Real>(
     blocks: &Blocks,
@@ -1157,6 +1219,7 @@ fn rows_in_place<'a, S: Stored<Compute = T>, T: Real>(
     xv: &'a WorkView,
     kv: &'a Option<WorkView>,
     alg: Algorithm,
+    scratch: &mut [u8],
 ) -> Option<(&'a [T], Vec<MaskRun>)> {
     let kv = kv.as_ref()?;
     if !S::NATIVE || !masked::reads_rows_in_place(batch, alg) {
@@ -1172,7 +1235,7 @@ fn rows_in_place<'a, S: Stored<Compute = T>, T: Real>(
         return None;
     }
     let xp = xv.unit_run::<T>(w, len)?;
-    let masks = mask_runs(kv, w, batch.outer, batch.n)?;
+    let masks = mask_runs(kv, w, batch.outer, batch.n, scratch)?;
     // SAFETY: `len` aligned elements of x (an array of S holds values of T), live for the
     // call that planned the views, only read.
     Some((unsafe { std::slice::from_raw_parts(xp, len) }, masks))
@@ -1215,7 +1278,10 @@ fn gather_hidden<S: Stored<Compute = T>, T: Real>(
         }
         // SAFETY: the views cover the planned shape; this block's elements are its own.
         unsafe {
-            mv.gather(w, kr);
+            let rows = blocks.whole_slabs() && blocks.inner == 1;
+            if !(rows && mv.gather_transposed(w, blocks.n, kr)) {
+                mv.gather(w, kr);
+            }
             xv.gather_hidden::<S>(w, kr, run);
         }
     });

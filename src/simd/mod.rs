@@ -151,6 +151,86 @@ pub(crate) fn prefetch_line<T>(p: *const T) {
     let _ = p;
 }
 
+/// `dst[c * dst_stride + r] = (src[r * src_stride + c] != 0) as u8` for an 8x16 tile (`r < 8`,
+/// `c < 16`) of mask bytes: eight 16-byte rows in, sixteen 8-byte columns out. On x86_64 by
+/// the byte, word and doubleword interleaves of SSE2 (baseline there); elsewhere as two 8x8
+/// tiles of eight 8-byte words, each transposed by three rounds of swaps (a byte, two bytes,
+/// then four apart).
+#[inline]
+pub(crate) fn mask_tile_8x16(
+    (src, src_stride): (&[u8], usize),
+    (dst, dst_stride): (&mut [u8], usize),
+) {
+    let (src_end, dst_end) = (7 * src_stride + 16, 15 * dst_stride + 8);
+    assert!(
+        src.len() >= src_end && dst.len() >= dst_end,
+        "mask tile out of bounds"
+    );
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: SSE2 is baseline on x86_64; eight 16-byte rows of `src` and sixteen 8-byte
+    // columns of `dst` lie inside the slices (asserted); unaligned loads and stores.
+    unsafe {
+        use std::arch::x86_64::*;
+        let one = _mm_set1_epi8(1);
+        let mut a = [_mm_setzero_si128(); 8];
+        for (i, a) in a.iter_mut().enumerate() {
+            let row = _mm_loadu_si128(src.as_ptr().add(i * src_stride) as *const __m128i);
+            *a = _mm_min_epu8(row, one);
+        }
+        // Rows paired byte by byte, then the pairs by 16 bits, then the quads by 32 bits:
+        // each 8-byte half of the last round is one column.
+        let mut t = [_mm_setzero_si128(); 8];
+        for k in 0..4 {
+            t[2 * k] = _mm_unpacklo_epi8(a[2 * k], a[2 * k + 1]);
+            t[2 * k + 1] = _mm_unpackhi_epi8(a[2 * k], a[2 * k + 1]);
+        }
+        // u[0..4]: rows 0-3 of columns 0-3, 4-7, 8-11, 12-15; u[4..8]: rows 4-7.
+        let mut u = [_mm_setzero_si128(); 8];
+        for h in [0, 1, 4, 5] {
+            let k = 2 * (h % 4) + 4 * (h / 4);
+            u[k] = _mm_unpacklo_epi16(t[h], t[h + 2]);
+            u[k + 1] = _mm_unpackhi_epi16(t[h], t[h + 2]);
+        }
+        let d = dst.as_mut_ptr();
+        for q in 0..4 {
+            let lo = _mm_unpacklo_epi32(u[q], u[q + 4]);
+            let hi = _mm_unpackhi_epi32(u[q], u[q + 4]);
+            for (j, v) in [lo, hi].into_iter().enumerate() {
+                let c = 4 * q + 2 * j;
+                _mm_storel_epi64(d.add(c * dst_stride) as *mut __m128i, v);
+                let next = d.add((c + 1) * dst_stride) as *mut __m128i;
+                _mm_storel_epi64(next, _mm_unpackhi_epi64(v, v));
+            }
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    for c0 in [0, 8] {
+        let word = |r: usize| {
+            let at = r * src_stride + c0;
+            u64::from_le_bytes(src[at..at + 8].try_into().unwrap_or([0; 8]))
+        };
+        let mut w: [u64; 8] = std::array::from_fn(word);
+        for (shift, mask) in [
+            (8, 0x00FF_00FF_00FF_00FFu64),
+            (16, 0x0000_FFFF_0000_FFFF),
+            (32, 0x0000_0000_FFFF_FFFF),
+        ] {
+            let apart = shift / 8;
+            for a in (0..8).filter(|a| a & apart == 0) {
+                let t = ((w[a] >> shift) ^ w[a + apart]) & mask;
+                w[a + apart] ^= t;
+                w[a] ^= t << shift;
+            }
+        }
+        for (k, v) in w.iter().enumerate() {
+            // Any nonzero byte keeps: each byte becomes 0 or 1.
+            let ones = (((v & 0x7F7F_7F7F_7F7F_7F7F) + 0x7F7F_7F7F_7F7F_7F7F) | v) >> 7;
+            let at = (c0 + k) * dst_stride;
+            dst[at..at + 8].copy_from_slice(&(ones & 0x0101_0101_0101_0101).to_le_bytes());
+        }
+    }
+}
+
 /// Hints every cache line of the `bytes` at `p` into L1 (its last byte's line too, for a span
 /// that does not start on a line), as [`prefetch_line`].
 #[inline]

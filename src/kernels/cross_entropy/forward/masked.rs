@@ -471,11 +471,15 @@ pub(super) fn xent_masked<T: Real, C: Logits<T>>(
     };
     // Dense rows longer than the short-row kernels' under a mask whose rows are dense too:
     // read in place by the masked row kernels (the staged block's states bit for bit).
+    // A mask whose rows are stored transposed (consecutive rows one byte apart, a row's bytes
+    // further apart: a Fortran-ordered mask over C-ordered rows) has each block's mask rows
+    // moved into dense rows by 8x8 tiles first, then read as a mask with dense rows.
+    let transposed = rows && n > 1 && mask.strides[0] == 1 && mask.strides[1] > 1;
     let in_place = rows
         && !short_index
         && n > SHORT_ROW
         && batch.outer_stride == n
-        && mask.strides[1] == 1
+        && (mask.strides[1] == 1 || transposed)
         && logits.direct().is_some()
         && crate::kernels::masked::reads_rows_in_place(&batch, alg);
     // Rows the fused short-row loss reads where they lie (16-bit rows widened first), and
@@ -516,6 +520,15 @@ pub(super) fn xent_masked<T: Real, C: Logits<T>>(
             _ => Vec::new(),
         };
         let mut bufs = BlockBuffers::new();
+        // Transposed mask rows: a window of lanes at a time (a block of long rows is a few
+        // lanes), about 64 KiB of them and at least a cache line of each class's bytes, so
+        // that each class's bytes are read as a stream.
+        let window = match transposed {
+            true => width.max((1 << 16) / n).max(64),
+            false => 0,
+        };
+        let mut mask_rows = try_vec(n * window, 0u8)?;
+        let mut staged_lanes = 0..0;
         let mut next = range.start;
         while next < range.end {
             // The block's lanes l0..l0 + w are consecutive in lane order.
@@ -534,11 +547,30 @@ pub(super) fn xent_masked<T: Real, C: Logits<T>>(
                 lane: if rows { batch.outer_stride } else { 1 },
                 class: inner,
             };
-            let ms = Spacing {
+            let mut ms = Spacing {
                 base: o * s0 + j0 * s2,
                 lane: if rows { s0 } else { s2 },
                 class: s1,
             };
+            let mut keep = mask.keep;
+            if transposed {
+                // Rows: lanes l0..l0 + w of this piece, 1 byte apart in the mask.
+                if l0 < staged_lanes.start || l0 + w > staged_lanes.end {
+                    let len = window.min(range.end - l0);
+                    let src = &mask.keep[ms.base..ms.base + (n - 1) * ms.class + len];
+                    let dst = &mut mask_rows[..len * n];
+                    crate::kernels::masked::transpose_mask((src, ms.class), (dst, n), n, len);
+                    staged_lanes = l0..l0 + len;
+                }
+                (keep, ms) = (
+                    &mask_rows[(l0 - staged_lanes.start) * n..],
+                    Spacing {
+                        base: 0,
+                        lane: n,
+                        class: 1,
+                    },
+                );
+            }
             // SAFETY: lanes l0..l0 + w own the dense rows l0..l0 + w of the gradient, whose
             // length `plan` checked.
             let direct_g = match grad_out.and_then(C::direct_out) {
@@ -553,7 +585,7 @@ pub(super) fn xent_masked<T: Real, C: Logits<T>>(
                     &mut st,
                     logits,
                     xs,
-                    mask.keep,
+                    keep,
                     ms,
                     (n, w, count),
                     (&mut wide, &mut line),
@@ -570,7 +602,7 @@ pub(super) fn xent_masked<T: Real, C: Logits<T>>(
                 // so its probability and gradient are 0); columns are staged (transposed)
                 // first, as unmasked.
                 let row_mask = ShortMask {
-                    keep: mask.keep,
+                    keep,
                     base: ms.base,
                     lane: ms.lane,
                     class: ms.class,
@@ -618,7 +650,7 @@ pub(super) fn xent_masked<T: Real, C: Logits<T>>(
                 }
             } else if let (true, Some(x)) = (in_place, logits.direct()) {
                 // Dense rows and their mask rows, read where they are.
-                let keep = &mask.keep[ms.base..];
+                let keep = &keep[ms.base..];
                 for (i, kept) in st.kept[..w].iter_mut().enumerate() {
                     *kept = count.of(&keep[i * ms.lane..][..n]);
                 }
