@@ -13,7 +13,8 @@ too (ratio over stablelse's unmasked op). With --layouts, the masks and axes tha
 under a mask of their own shape are timed instead, on the same number of elements: a
 key-padding mask ``(B, 1, L)`` over scores ``(B, 128, L)``, one mask row ``(1, C)`` for every
 row, a reduction over the first axis of ``(R, 4096)``, over the class axis of ``(N, 100, L)``
-(the layout of torch's losses), and a Fortran-ordered array reduced over its last axis.
+(the layout of torch's losses), a Fortran-ordered array reduced over its last axis, and C-ordered
+rows of 10 and 1024 under a Fortran-ordered mask.
 """
 
 from __future__ import annotations
@@ -132,6 +133,10 @@ def layouts(args, rng, dtype) -> None:
     cases.append(("class axis of (N,100,L)", x, mask, 1))
     x, mask = data((total // 1024, 1024), (total // 1024, 1024), order="F")
     cases.append(("Fortran (R,1024), last", x, mask, -1))
+    for length in (10, 1024):
+        x, _ = data((total // length, length), (1, 1))
+        mask = np.asfortranarray(rng.random(x.shape) < args.keep)
+        cases.append((f"Fortran mask, C (R,{length})", x, mask, -1))
     size = dtype.itemsize
     print(f"{'layout':30} {'op':14} {'impl':10} {'ms':>9} {'GB/s':>7} {'ratio':>6}")
     for name, x, mask, axis in cases:

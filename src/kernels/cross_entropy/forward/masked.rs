@@ -520,11 +520,11 @@ pub(super) fn xent_masked<T: Real, C: Logits<T>>(
             _ => Vec::new(),
         };
         let mut bufs = BlockBuffers::new();
-        // Transposed mask rows: a window of lanes at a time (a block of long rows is a few
-        // lanes), about 64 KiB of them and at least a cache line of each class's bytes, so
-        // that each class's bytes are read as a stream.
+        // Transposed mask rows: a window of the piece's lanes at a time (a block of long rows
+        // is a few lanes), about 64 KiB of them and at least a cache line of each class's
+        // bytes, so that each class's bytes are read as a stream.
         let window = match transposed {
-            true => width.max((1 << 16) / n).max(64),
+            true => width.max((1 << 16) / n).max(64).min(range.len()),
             false => 0,
         };
         let mut mask_rows = try_vec(n * window, 0u8)?;
