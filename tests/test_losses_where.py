@@ -681,7 +681,7 @@ def test_a_flag_per_row_equals_the_dense_mask(dtype, shape, axis, flag_shape):
     with the masked rows' targets ignored. Loss, per-row losses and gradient must be the bits
     of the same mask made dense, for every reduction, weights, label smoothing, the z-loss
     and an ignore_index that names a class; and an out-of-range target in a masked row is
-    still refused."""
+    still refused. Flags that are not contiguous (3 bytes apart) too."""
     rng = np.random.default_rng(shape[-1])
     x = (rng.standard_normal(shape) * 6).astype(dtype)
     n = shape[axis]
@@ -699,15 +699,19 @@ def test_a_flag_per_row_equals_the_dense_mask(dtype, shape, axis, flag_shape):
         {"reduction": "mean", "weight": w, "label_smoothing": 0.1, "return_grad": True},
         {"reduction": "mean", "ignore_index": 3, "weight": w},
     )
+    # The same flags 3 bytes apart (read through a copy, a few hundred lanes at a time).
+    spaced = np.zeros(flag_shape[:-1] + (3 * flag_shape[-1],), bool)[..., ::3]
+    spaced[...] = flag
     for kw in options:
         tt = np.where(t == -100, kw.get("ignore_index", -100), t)
-        a = sl.cross_entropy(x, tt, axis=axis, where=flag, **kw)
         b = sl.cross_entropy(x, tt, axis=axis, where=dense, **kw)
-        pairs = zip(a, b) if isinstance(a, tuple) else [(a, b)]
-        for u, v in pairs:
-            u, v = np.asarray(u), np.asarray(v)
-            bits = {2: np.uint16, 4: np.uint32, 8: np.uint64}[u.dtype.itemsize]
-            np.testing.assert_array_equal(u.view(bits), v.view(bits))
+        for f in (flag, spaced):
+            a = sl.cross_entropy(x, tt, axis=axis, where=f, **kw)
+            pairs = zip(a, b) if isinstance(a, tuple) else [(a, b)]
+            for u, v in pairs:
+                u, v = np.asarray(u), np.asarray(v)
+                bits = {2: np.uint16, 4: np.uint32, 8: np.uint64}[u.dtype.itemsize]
+                np.testing.assert_array_equal(u.view(bits), v.view(bits))
     masked_lane = np.flatnonzero(~np.moveaxis(dense, axis, -1).any(-1).reshape(-1))[0]
     bad = t.copy()
     bad.reshape(-1)[masked_lane] = n + 2

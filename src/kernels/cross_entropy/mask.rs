@@ -69,6 +69,44 @@ impl ClassMask<'_> {
         (o * self.strides[0] + j * self.strides[2], self.strides[1])
     }
 
+    /// For a mask with one flag per lane ([`ClassMask::flags_lanes`]): `f(l0, flags)` for
+    /// consecutive runs of `lanes` in order, `flags` the bytes of lanes `l0..` (a slice where
+    /// the flags are contiguous, else a copy of up to 256 of them), so that a loop over a run
+    /// vectorises.
+    pub(super) fn flag_runs(
+        &self,
+        batch: &Batch,
+        lanes: std::ops::Range<usize>,
+        mut f: impl FnMut(usize, &[u8]),
+    ) {
+        let [s0, _, s2] = self.strides;
+        let inner = batch.inner.max(1);
+        let mut copy = [0u8; 256];
+        let mut l = lanes.start;
+        while l < lanes.end {
+            // Lanes within one slab are `s2` apart (rows, `inner == 1`: `s0` apart).
+            let (base, step, len) = match batch.inner {
+                1 => (l * s0, s0, lanes.end - l),
+                _ => {
+                    let (o, j) = (l / inner, l % inner);
+                    (o * s0 + j * s2, s2, (inner - j).min(lanes.end - l))
+                }
+            };
+            let len = if step == 1 {
+                f(l, &self.keep[base..base + len]);
+                len
+            } else {
+                let len = len.min(copy.len());
+                for (i, c) in copy[..len].iter_mut().enumerate() {
+                    *c = self.keep[base + i * step];
+                }
+                f(l, &copy[..len]);
+                len
+            };
+            l += len;
+        }
+    }
+
     /// Whether class `k` of the lane at `base` is kept.
     #[inline]
     pub(super) fn keeps(&self, base: usize, stride: usize, k: usize) -> bool {
@@ -161,17 +199,14 @@ pub(super) fn index_lanes<T: Real>(
     let inner = plan.batch.inner.max(1);
     let (ignore, classes) = (plan.ignore_index, plan.batch.n as u64);
     if mask.flags_lanes() && plan.weight.is_none() {
-        let (mut o, mut j, mut bad, mut kept) =
-            (lanes.start / inner, lanes.start % inner, false, 0);
-        for &v in &t[lanes.clone()] {
-            let named = v != ignore;
-            bad |= named & !crate::simd::names_class(v, ignore, classes);
-            kept += usize::from(named & (mask.keep[o * s0 + j * s2] != 0));
-            j += 1;
-            if j == inner {
-                (o, j) = (o + 1, 0);
+        let (mut bad, mut kept) = (false, 0);
+        mask.flag_runs(&plan.batch, lanes.clone(), |l0, flags| {
+            for (&v, &flag) in t[l0..l0 + flags.len()].iter().zip(flags) {
+                let named = v != ignore;
+                bad |= named & !crate::simd::names_class(v, ignore, classes);
+                kept += usize::from(named & (flag != 0));
             }
-        }
+        });
         if !bad {
             return Ok((counted.0 + kept as f64, counted.1 + kept));
         }

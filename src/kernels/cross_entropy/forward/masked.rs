@@ -405,30 +405,25 @@ fn check_lanes<T: Real>(
 }
 
 /// The targets `t` with those of the lanes a per-lane mask ([`ClassMask::flags_lanes`])
-/// masks set to the plan's `ignore_index`.
+/// masks set to the plan's `ignore_index`, in parallel pieces.
 pub(super) fn ignore_masked_lanes<T>(
     t: &[i64],
     mask: &ClassMask<'_>,
     plan: &Plan<'_, T>,
 ) -> Result<Vec<i64>, Error> {
-    let batch = plan.batch;
-    let mut out = try_vec(t.len(), plan.ignore_index)?;
-    let [s0, _, s2] = mask.strides;
-    let ignore = plan.ignore_index;
-    let slab = batch.inner.max(1);
-    for (o, (d, t)) in out
-        .chunks_exact_mut(slab)
-        .zip(t.chunks_exact(slab))
-        .enumerate()
-    {
-        for (j, (d, &v)) in d.iter_mut().zip(t).enumerate() {
-            *d = if mask.keep[o * s0 + j * s2] != 0 {
-                v
-            } else {
-                ignore
-            };
-        }
-    }
+    let (ignore, batch) = (plan.ignore_index, plan.batch);
+    let mut out = try_vec(t.len(), ignore)?;
+    let dst = SendPtr(out.as_mut_ptr());
+    let lanes = t.len().min(batch.count());
+    parallel::for_each_piece(lanes, 1, |range| {
+        mask.flag_runs(&batch, range, |l0, flags| {
+            // SAFETY: lanes l0.. of this piece, inside `out` (as long as `t`).
+            let d = unsafe { std::slice::from_raw_parts_mut(dst.ptr().add(l0), flags.len()) };
+            for ((d, &v), &flag) in d.iter_mut().zip(&t[l0..]).zip(flags) {
+                *d = if flag != 0 { v } else { ignore };
+            }
+        })
+    });
     Ok(out)
 }
 
