@@ -6,8 +6,8 @@ Shapes: 2^22 x 10 (short rows) and 2^14 x 1000, float32 by default. For each, wi
 without the gradient (written into a reused ``grad_out``, so page faults of a fresh array do
 not count), it times the unmasked loss, a full mask (about 90% of the classes kept, 1 row in 64
 fully masked), a broadcast ``(1, C)`` mask, an ``(N, 1)`` flag per row and the full mask in
-Fortran order, interleaving the calls and keeping each one's best time. Only the ratios mean anything on a shared machine: the
-goal is masked <= 1.3x the unmasked time.
+Fortran order, interleaving the calls and keeping each one's best time. Only the ratios mean
+anything on a shared machine: the goal is masked <= 1.3x the unmasked time.
 """
 
 from __future__ import annotations
