@@ -536,13 +536,15 @@ def test_masked_short_rows_read_in_place_equal_the_kernel_on_rows_holding_minus_
                 assert (g[~m] == 0).all()
 
 
+@pytest.mark.parametrize("layout", ["rows", "columns"])
 @pytest.mark.parametrize("weighted", [True, False])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_a_forward_only_masked_loss_checks_its_targets_in_the_main_pass_as_the_pre_pass_does(
-    reduction, weighted
+    reduction, weighted, layout
 ):
     # Without a gradient or per-row losses, short rows check their targets against the mask
-    # in the kernel's pass (nothing is written before a refusal there). The loss must have the
+    # in the kernel's pass (nothing is written before a refusal there); so do unweighted
+    # columns (the class axis before the last, staged block by block). The loss must have the
     # pre-pass's bits (the "mean" denominator summed in the same pieces) and a refusal must
     # name the same first bad row, whichever kind of error comes first, over many pieces.
     rng = np.random.default_rng(11)
@@ -554,12 +556,24 @@ def test_a_forward_only_masked_loss_checks_its_targets_in_the_main_pass_as_the_p
     t[5::13] = -100
     w = rng.random(n) + 0.5 if weighted else None
 
+    slabs = 4  # columns: rows r = o * (rows // slabs) + j as lanes (o, j) of (4, n, 10000)
+
+    def lay(a):
+        if layout == "rows":
+            return a
+        return np.moveaxis(a.reshape(slabs, rows // slabs, -1), 2, 1)
+
+    def name(r):
+        return f"target[{r}]" if layout == "rows" else f"target[{r // 10000}, {r % 10000}]"
+
     def both(tt):
         outs = []
+        axis = -1 if layout == "rows" else 1
+        xl, ml, tl = lay(x), lay(m), tt if layout == "rows" else tt.reshape(slabs, -1)
         for grad in (False, True):  # the deferred check, then the pre-pass
             try:
                 res = sl.cross_entropy(
-                    x, tt, where=m, weight=w, reduction=reduction, return_grad=grad
+                    xl, tl, axis=axis, where=ml, weight=w, reduction=reduction, return_grad=grad
                 )
                 outs.append(res[0] if grad else res)
             except IndexError as exc:
@@ -580,7 +594,7 @@ def test_a_forward_only_masked_loss_checks_its_targets_in_the_main_pass_as_the_p
         tt[out_row] = n + 4
         fwd, pre = both(tt)
         assert isinstance(fwd, str) and fwd == pre
-        assert fwd.startswith(f"target[{first}]")
+        assert fwd.startswith(name(first))
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

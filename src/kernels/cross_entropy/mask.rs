@@ -274,19 +274,24 @@ fn index_lane_at<T: Real>(
 }
 
 /// Whether a masked call checks its targets in its main pass rather than in a pre-pass: the
-/// fused short-row loss over rows, read in place, writing nothing but the reduced loss (no
-/// gradient, no per-lane losses), so a refused target still leaves every output unwritten,
-/// and the mask is read once, beside the logits, instead of twice.
+/// fused short-row loss, writing nothing but the reduced loss (no gradient, no per-lane
+/// losses), so a refused target still leaves every output unwritten, and the mask is read
+/// once, beside the logits (or in the staged block), instead of twice. Over rows, read in
+/// place, its "mean" weights are summed in the pre-pass's pieces; columns (a class axis
+/// before the last) are blocks of other pieces, so there only without weights (whose sum is
+/// the count, in any order) and not for a flag per lane (the unmasked loss on ignored
+/// targets, which checks nothing).
 pub(super) fn defers_masked_checks<T: Real>(
     plan: &Plan<'_, T>,
     targets: &Targets<'_, T>,
-    per_lane_len: Option<usize>,
-    grad_len: Option<usize>,
+    mask: &ClassMask<'_>,
+    (per_lane_len, grad_len): (Option<usize>, Option<usize>),
 ) -> bool {
     let batch = plan.batch;
+    let columns_count = plan.weight.is_none() && !mask.flags_lanes();
     per_lane_len.is_none()
         && grad_len.is_none()
-        && batch.inner == 1
+        && (batch.inner == 1 || columns_count)
         && (1..=crate::simd::SHORT_LOSS_ROW).contains(&batch.n)
         && matches!(targets, Targets::Indices(_))
         && plan.label_smoothing == 0.0

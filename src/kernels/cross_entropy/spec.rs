@@ -210,7 +210,8 @@ pub(super) fn plan<'a, T: Real>(
                 });
             }
             if let Some(mask) = &opts.mask {
-                if may_defer && defers_masked_checks(&plan, targets, per_lane_len, grad_len) {
+                let outputs = (per_lane_len, grad_len);
+                if may_defer && defers_masked_checks(&plan, targets, mask, outputs) {
                     return Ok(Plan {
                         deferred: true,
                         ..plan

@@ -487,9 +487,9 @@ pub(super) fn xent_masked<T: Real, C: Logits<T>>(
         (false, false) => Count::None,
     };
     let per = parallel::items_per_piece(unit_elements);
-    // Each piece's (D, K) when the checks are deferred: the pre-pass's pieces (lanes in
-    // pieces of `items_per_piece(n)`, as here for rows).
-    let deferred = plan.deferred && rows && short_index && targets_are_indices(targets);
+    // Each piece's (D, K) when the checks are deferred: for rows the pre-pass's pieces (lanes
+    // in pieces of `items_per_piece(n)`, as here); for columns, counts without weights.
+    let deferred = plan.deferred && short_index && targets_are_indices(targets);
     let mut counts = match deferred {
         true => try_vec(units.div_ceil(per.max(1)), (0.0f64, 0usize))?,
         false => Vec::new(),
