@@ -1066,13 +1066,23 @@ pub(crate) unsafe fn xent_index<L: Lanes, T: Real, const MASKED: bool, const GRA
             for k in 0..g {
                 let c = p.class[r + k];
                 if c != IGNORED {
-                    xt[k] = (*px.add(k * pitch + c as usize)).to_f64();
                     wt[k] = p.weight[r + k];
                     kept[k] = 1.0;
-                    if let Some(mk) = mask {
-                        // A masked target: the row is the caller's (to skip or refuse).
-                        let flag = *mk.keep.add(k * mk.lane + c as usize * mk.class);
-                        redo |= u8::from(flag == 0) << k;
+                    match mask {
+                        // The forward loss keeps the loaded columns, a masked class at -inf:
+                        // x_t read from them, and a masked target (or a kept -inf one, which
+                        // the reference path gives the same loss) makes the row the caller's
+                        // (to skip or refuse), without a read of the mask byte.
+                        Some(_) if !GRAD => {
+                            xt[k] = l.to_lanes(buf[c as usize].assume_init())[k];
+                            redo |= u8::from(xt[k] == f64::NEG_INFINITY) << k;
+                        }
+                        Some(mk) => {
+                            xt[k] = (*px.add(k * pitch + c as usize)).to_f64();
+                            let flag = *mk.keep.add(k * mk.lane + c as usize * mk.class);
+                            redo |= u8::from(flag == 0) << k;
+                        }
+                        None => xt[k] = (*px.add(k * pitch + c as usize)).to_f64(),
                     }
                 }
             }
