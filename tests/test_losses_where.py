@@ -630,11 +630,32 @@ def test_short_rows_under_a_dense_mask_equal_a_strided_mask(dtype, n):
                 strided[...] = mask
                 a = sl.cross_entropy(x, tt, where=mask, reduction=red, **kw)
                 b = sl.cross_entropy(x, tt, where=strided, reduction=red, **kw)
-                pairs = zip(a, b) if isinstance(a, tuple) else [(a, b)]
-                for u, v in pairs:
-                    u, v = np.asarray(u), np.asarray(v)
-                    bits = np.uint32 if u.dtype == np.float32 else np.uint64
-                    np.testing.assert_array_equal(u.view(bits), v.view(bits))
+                _same_bits(a, b)
+
+
+def _same_bits(a, b):
+    """The loss (and its per-lane losses or gradient, for a tuple) of two calls, bit for bit."""
+    for u, v in zip(a, b) if isinstance(a, tuple) else [(a, b)]:
+        u, v = np.asarray(u), np.asarray(v)
+        bits = {2: np.uint16, 4: np.uint32, 8: np.uint64}[u.dtype.itemsize]
+        np.testing.assert_array_equal(u.view(bits), v.view(bits))
+
+
+def _rows_under_a_mask(rng, rows, n, dtype):
+    """Logits `(rows, n)` with a mask keeping about 80% of the classes and every row's target,
+    masked NaN and inf, rows that keep nothing, ignored targets, and probability targets with
+    no mass on a masked class."""
+    x = (rng.standard_normal((rows, n)) * 8).astype(dtype)
+    keep = rng.random((rows, n)) < 0.8
+    t = rng.integers(0, n, rows)
+    keep[np.arange(rows), t] = True
+    x[5::7][~keep[5::7]] = np.nan
+    x[6::9][~keep[6::9]] = np.inf
+    keep[1::17] = False
+    t[4::19] = -100
+    q = rng.random((rows, n)) * keep
+    q = (q / np.where(q.sum(1, keepdims=True) > 0, q.sum(1, keepdims=True), 1)).astype(dtype)
+    return x, keep, t, q
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -647,19 +668,9 @@ def test_long_rows_under_a_dense_mask_equal_a_strided_mask(dtype, n):
     z-loss, also with rows that keep nothing, masked NaN / inf, kept inf / NaN (the rows the
     kernels redo on a staged copy) and ignored targets."""
     rng = np.random.default_rng(300 + n)
-    rows = 67
-    x = (rng.standard_normal((rows, n)) * 8).astype(dtype)
-    keep = rng.random((rows, n)) < 0.8
-    t = rng.integers(0, n, rows)
-    keep[np.arange(rows), t] = True
+    x, keep, t, q = _rows_under_a_mask(rng, 67, n, dtype)
     x[2::13, 1], keep[2::13, 1] = np.inf, True
     x[3::11, n // 2], keep[3::11, n // 2] = np.nan, True
-    x[5::7][~keep[5::7]] = np.nan
-    x[6::9][~keep[6::9]] = np.inf
-    keep[1::17] = False
-    t[4::19] = -100
-    q = rng.random((rows, n)) * keep
-    q = (q / np.where(q.sum(1, keepdims=True) > 0, q.sum(1, keepdims=True), 1)).astype(dtype)
     row = np.ones((1, n), bool)
     row[0, ::3] = False
     t_row = np.where((t < 0) | row[0, t % n], t, 1)
@@ -678,11 +689,7 @@ def test_long_rows_under_a_dense_mask_equal_a_strided_mask(dtype, n):
             with np.errstate(all="ignore"):
                 a = sl.cross_entropy(x, tt, where=mask, **kw)
                 b = sl.cross_entropy(x, tt, where=strided, **kw)
-            pairs = zip(a, b) if isinstance(a, tuple) else [(a, b)]
-            for u, v in pairs:
-                u, v = np.asarray(u), np.asarray(v)
-                bits = np.uint32 if u.dtype == np.float32 else np.uint64
-                np.testing.assert_array_equal(u.view(bits), v.view(bits))
+            _same_bits(a, b)
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
@@ -721,11 +728,7 @@ def test_a_flag_per_row_equals_the_dense_mask(dtype, shape, axis, flag_shape):
         b = sl.cross_entropy(x, tt, axis=axis, where=dense, **kw)
         for f in (flag, spaced):
             a = sl.cross_entropy(x, tt, axis=axis, where=f, **kw)
-            pairs = zip(a, b) if isinstance(a, tuple) else [(a, b)]
-            for u, v in pairs:
-                u, v = np.asarray(u), np.asarray(v)
-                bits = {2: np.uint16, 4: np.uint32, 8: np.uint64}[u.dtype.itemsize]
-                np.testing.assert_array_equal(u.view(bits), v.view(bits))
+            _same_bits(a, b)
     masked_lane = np.flatnonzero(~np.moveaxis(dense, axis, -1).any(-1).reshape(-1))[0]
     bad = t.copy()
     bad.reshape(-1)[masked_lane] = n + 2
@@ -742,17 +745,7 @@ def test_a_mask_stored_transposed_equals_the_dense_mask(dtype, n):
     bits of the C-ordered mask for class and probability targets, label smoothing, weights, the
     z-loss, rows that keep nothing, masked NaN / inf and ignored targets, across windows."""
     rng = np.random.default_rng(500 + n)
-    rows = 70_000 // n + 3
-    x = (rng.standard_normal((rows, n)) * 8).astype(dtype)
-    keep = rng.random((rows, n)) < 0.8
-    t = rng.integers(0, n, rows)
-    keep[np.arange(rows), t] = True
-    x[5::7][~keep[5::7]] = np.nan
-    x[6::9][~keep[6::9]] = np.inf
-    keep[1::17] = False
-    t[4::19] = -100
-    q = rng.random((rows, n)) * keep
-    q = (q / np.where(q.sum(1, keepdims=True) > 0, q.sum(1, keepdims=True), 1)).astype(dtype)
+    x, keep, t, q = _rows_under_a_mask(rng, 70_000 // n + 3, n, dtype)
     w = (rng.random(n) + 0.5).astype(dtype)
     fortran = np.asfortranarray(keep)
     options = (
@@ -766,8 +759,4 @@ def test_a_mask_stored_transposed_equals_the_dense_mask(dtype, n):
             with np.errstate(all="ignore"):
                 a = sl.cross_entropy(x, tt, where=fortran, **kw)
                 b = sl.cross_entropy(x, tt, where=keep, **kw)
-            pairs = zip(a, b) if isinstance(a, tuple) else [(a, b)]
-            for u, v in pairs:
-                u, v = np.asarray(u), np.asarray(v)
-                bits = {2: np.uint16, 4: np.uint32, 8: np.uint64}[u.dtype.itemsize]
-                np.testing.assert_array_equal(u.view(bits), v.view(bits))
+            _same_bits(a, b)
