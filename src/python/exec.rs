@@ -181,7 +181,7 @@ impl WorkView {
     /// rows of 0 / 1 bytes) when they are stored transposed: consecutive rows one byte apart
     /// and a row's bytes a positive stride apart (a Fortran-ordered mask over the rows of a
     /// C-ordered array). Each run of rows within one index of the dimensions above is moved by
-    /// 8x8 tiles ([`masked::transpose_mask`]). Returns `false`, writing nothing, for any other
+    /// byte tiles ([`masked::transpose_mask`]). Returns `false`, writing nothing, for any other
     /// layout.
     ///
     /// # Safety

@@ -468,7 +468,7 @@ pub(super) fn xent_masked<T: Real, C: Logits<T>>(
     // read in place by the masked row kernels (the staged block's states bit for bit).
     // A mask whose rows are stored transposed (consecutive rows one byte apart, a row's bytes
     // further apart: a Fortran-ordered mask over C-ordered rows) has each block's mask rows
-    // moved into dense rows by 8x8 tiles first, then read as a mask with dense rows.
+    // moved into dense rows by byte tiles first, then read as a mask with dense rows.
     let transposed = rows && n > 1 && mask.strides[0] == 1 && mask.strides[1] > 1;
     let in_place = rows
         && !short_index
