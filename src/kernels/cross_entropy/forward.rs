@@ -486,13 +486,15 @@ struct ShortBlock<'a, T> {
 }
 
 /// The mask of a [`ShortBlock`]: class `k` of row `i` is kept when
-/// `keep[base + i * lane + k * class] != 0`; every such byte is inside `keep`.
+/// `keep[base + i * lane + k * class] != 0`; every such byte is inside `keep`. `hidden`: the
+/// block's rows hold `-inf` at their masked classes already (a staged block).
 #[derive(Clone, Copy)]
 struct ShortMask<'a> {
     keep: &'a [u8],
     base: usize,
     lane: usize,
     class: usize,
+    hidden: bool,
 }
 
 impl ShortMask<'_> {
@@ -507,8 +509,9 @@ impl ShortMask<'_> {
 /// vector of rows at a time); rows it flags (a non-finite max or a NaN) are redone here by
 /// the general row path, and left flagged in `lanes.redo`. Each lane's target (a class `< n`
 /// or ignored) is read once, into `lanes.class`. Under a mask the kernel reads the rows' mask beside
-/// them; a target the mask hides is left to the pre-pass, which refuses it in a row that
-/// keeps some class: such a row keeps none, is flagged, and is skipped here. Lane `(main, lse^2)` terms are added to `acc` in lane
+/// them (rows that already hold `-inf` at their masked classes, a staged block, go through the
+/// unmasked kernel); a target the mask hides is left to the pre-pass, which refuses it in a row
+/// that keeps some class: such a row keeps none, is flagged, and is skipped here. Lane `(main, lse^2)` terms are added to `acc` in lane
 /// order, and "none" losses written to `lanes_out`.
 #[allow(clippy::too_many_arguments)]
 fn short_index_block<T: Real>(
@@ -558,6 +561,9 @@ fn short_index_block<T: Real>(
         }
     }
     let mask = mask.filter(|m| m.class != 0);
+    // Rows that hold -inf at their masked classes run through the unmasked kernel (the same
+    // columns, without the mask's loads); a row whose target is masked is found after it.
+    let hidden = mask.is_some_and(|m| m.hidden);
     let mut out = IndexLossOut {
         main: &mut main[..w],
         lse: &mut lse[..w],
@@ -569,7 +575,7 @@ fn short_index_block<T: Real>(
         s1: plan.s1,
         z2: 2.0 * plan.z * plan.s2,
         // SAFETY: `base` and every byte the strides reach from it are inside `keep`.
-        mask: mask.map(|m| RowMask {
+        mask: mask.filter(|_| !hidden).map(|m| RowMask {
             keep: unsafe { m.keep.as_ptr().add(m.base) },
             lane: m.lane,
             class: m.class,
@@ -596,6 +602,14 @@ fn short_index_block<T: Real>(
             &mut out,
             gp,
         );
+    }
+    if hidden {
+        // A target at -inf: a masked one (or a kept -inf, which the row path gives the same
+        // loss) is the row path's, as the masked kernel would have flagged it.
+        for (i, (&c, r)) in class[..w].iter().zip(redo[..w].iter_mut()).enumerate() {
+            let at = i * batch.outer_stride + c as usize;
+            *r |= c != IGNORED && xs[at].to_f64() == f64::NEG_INFINITY;
+        }
     }
     // `main` and `lse` become each lane's (main, lse^2) terms, summed in a fixed order: a
     // lane the kernel did not redo in plain loops, then the redone lanes (rare: a row with a

@@ -9,7 +9,9 @@
 //!   reading them in place ([`LaneMask`] `in_place`: the masked row kernels' states);
 //! - every other block is staged once into per-piece scratch (at most [`STAGE_ELEMENTS`] elements
 //!   or one lane for rows, the unmasked column blocks for columns), a masked class becoming `-inf`
-//!   there, beside a dense copy of the block's mask bytes, then run as above.
+//!   there, beside a dense copy of the block's mask bytes, then run as above (the fused short-row
+//!   loss unmasked on it: the `-inf` classes are the mask, and a row whose target is `-inf` is
+//!   flagged after it).
 //!
 //! `exp(-inf - m) = 0`, so the state is the kept classes' log-sum-exp and masked probabilities
 //! are 0, and the gradient of rows whose exps fit L2 is written from the exps their state pass
@@ -601,12 +603,14 @@ pub(super) fn xent_masked<T: Real, C: Logits<T>>(
                     base: ms.base,
                     lane: ms.lane,
                     class: ms.class,
+                    hidden: false,
                 };
                 let staged_mask = ShortMask {
                     keep: &st.keep,
                     base: 0,
                     lane: n,
                     class: 1,
+                    hidden: true,
                 };
                 let (x, pitch, block_mask) = match (rows, logits.direct()) {
                     (true, Some(x)) => (&x[xs.base..], xs.lane, row_mask),
