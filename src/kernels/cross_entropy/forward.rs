@@ -508,11 +508,12 @@ impl ShortMask<'_> {
 /// short-row kernel (states, `L`, `x_t`, the loss and the gradient into the dense `g`, a
 /// vector of rows at a time); rows it flags (a non-finite max or a NaN) are redone here by
 /// the general row path, and left flagged in `lanes.redo`. Each lane's target (a class `< n`
-/// or ignored) is read once, into `lanes.class`. Under a mask the kernel reads the rows' mask beside
-/// them (rows that already hold `-inf` at their masked classes, a staged block, go through the
-/// unmasked kernel); a target the mask hides is left to the pre-pass, which refuses it in a row
-/// that keeps some class: such a row keeps none, is flagged, and is skipped here. Lane `(main, lse^2)` terms are added to `acc` in lane
-/// order, and "none" losses written to `lanes_out`.
+/// or ignored) is read once, into `lanes.class`. Under a mask the kernel reads the rows' mask
+/// beside them (rows that already hold `-inf` at their masked classes, a staged block, go
+/// through the unmasked kernel); a target the mask hides is left to the pre-pass, which
+/// refuses it in a row that keeps some class: such a row keeps none, is flagged, and is
+/// skipped here. Lane `(main, lse^2)` terms are added to `acc` in lane order, and "none"
+/// losses written to `lanes_out`.
 #[allow(clippy::too_many_arguments)]
 fn short_index_block<T: Real>(
     plan: &Plan<'_, T>,

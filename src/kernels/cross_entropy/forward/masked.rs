@@ -643,7 +643,8 @@ pub(super) fn xent_masked<T: Real, C: Logits<T>>(
                     &mut acc,
                 )?;
                 if let (true, Targets::Indices(t)) = (deferred, targets) {
-                    // The rows' mask is in cache now: the pre-pass's checks, lane by lane.
+                    // The block's mask is in cache now: the pre-pass's checks (a vector scan,
+                    // the flagged lanes one by one).
                     let lanes = (&short_lanes.class[..w], &short_lanes.redo[..w]);
                     check_lanes(plan, t, mask, l0, lanes, &mut counted)?;
                 }
