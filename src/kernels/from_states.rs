@@ -57,12 +57,26 @@ pub fn softmax_like_from_states<T: Real>(
     let (n, pitch) = (batch.n, batch.outer_stride);
     let (xp, op) = (SendPtr(x.as_ptr() as *mut T), SendPtr(out.as_mut_ptr()));
     parallel::for_each_piece(batch.outer, 2 * n.max(1), |range| {
-        for r in range {
+        for r in range.clone() {
+            // The next row of the piece, hinted into cache as this one is written.
+            let next = if r + 1 < range.end {
+                xp.ptr().wrapping_add((r + 1) * pitch) as *const T
+            } else {
+                std::ptr::null()
+            };
             // SAFETY: row r lies inside x (checked by `batch.check`) and owns row r of the dense
             // out (length checked); `level` is the detected one; out does not alias x.
             unsafe {
                 let xr = (xp.ptr() as *const T).add(r * pitch);
-                write_row(level, xr, op.ptr().add(r * n), n, states[r], what, false);
+                write_row(
+                    level,
+                    (xr, next),
+                    op.ptr().add(r * n),
+                    n,
+                    states[r],
+                    what,
+                    false,
+                );
             }
         }
     });
@@ -112,7 +126,7 @@ pub fn softmax_like_from_states_stored<S: Stored>(
                     S::widen_run(xr, size as isize, w);
                     write_row(
                         level,
-                        w.as_ptr(),
+                        (w.as_ptr(), std::ptr::null()),
                         o.as_mut_ptr(),
                         len,
                         states[r],

@@ -27,6 +27,7 @@ use crate::parallel::{self, SendPtr};
 use crate::real::Real;
 use crate::simd;
 use crate::state::LseState;
+use std::ptr::null;
 
 /// `out[k] = keep[k] != 0 ? x[k] : fill` over the shortest of the three: the one select of
 /// the kept elements every masked path stages its lanes with (a vector select reading the mask
@@ -284,7 +285,7 @@ pub unsafe fn softmax_like_rows_in_place<T: Real>(
                 let (xr, kr, or) = (x.add(r * n), keep.add(r * lane), out.add(r * n));
                 let state = if stored {
                     if let Some(e) = e {
-                        if simd::softmax_stored(level, xr, kr, or, n, e, stream) {
+                        if simd::softmax_stored(level, xr, null(), kr, or, n, e, stream) {
                             continue;
                         }
                     }
@@ -410,7 +411,7 @@ unsafe fn write_kept<T: Real>(
             return;
         }
         simd::select_kept(level, x, keep, out, n, f64::NEG_INFINITY);
-        super::write_row(level, out, out, n, s, what, stream);
+        super::write_row(level, (out, null()), out, n, s, what, stream);
         simd::select_kept(level, out, keep, out, n, masked_value::<T>(what).to_f64());
     }
 }
@@ -490,7 +491,17 @@ pub fn softmax_like_masked<T: Real>(
                 fill_masked(row, kr, T::from_f64(s.max));
             }
             // SAFETY: the row is `n` elements, written in place (allowed: equal buffers).
-            unsafe { super::write_row(level, row.as_ptr(), row.as_mut_ptr(), n, *s, what, false) };
+            unsafe {
+                super::write_row(
+                    level,
+                    (row.as_ptr(), null()),
+                    row.as_mut_ptr(),
+                    n,
+                    *s,
+                    what,
+                    false,
+                )
+            };
             fill_masked(row, kr, zero);
         }
         return Ok(());

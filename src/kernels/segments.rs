@@ -37,6 +37,7 @@ use crate::simd::{self, Level};
 use crate::state::LseState;
 use std::mem::MaybeUninit;
 use std::ops::Range;
+use std::ptr::null;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 /// How rows are grouped into segments. Ids and offsets are `i64` as NumPy's `intp`.
@@ -604,7 +605,15 @@ unsafe fn csr_softmax_like<T: Real>(
                         let (xr, n) = (x.add(r0), r1 - r0);
                         let row = std::slice::from_raw_parts(xr, n);
                         let state = super::row_state(row, Algorithm::Auto);
-                        super::write_row(level, xr, op.ptr().add(r0), n, state, what, false);
+                        super::write_row(
+                            level,
+                            (xr, null()),
+                            op.ptr().add(r0),
+                            n,
+                            state,
+                            what,
+                            false,
+                        );
                     }
                 }
             }
@@ -1156,7 +1165,16 @@ pub fn segment_cross_entropy<T: Real>(
                             g.fill(T::NAN);
                         } else {
                             let xr = (xp.ptr() as *const T).add(r0);
-                            simd::exp_scaled(level, xr, g.as_mut_ptr(), r1 - r0, b, a, false);
+                            simd::exp_scaled(
+                                level,
+                                xr,
+                                null(),
+                                g.as_mut_ptr(),
+                                r1 - r0,
+                                b,
+                                a,
+                                false,
+                            );
                         }
                     }
                 });

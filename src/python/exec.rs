@@ -1404,7 +1404,7 @@ fn write_chunk<T: Real>(x: &[T], out: &mut [T], state: LseState, what: Reduction
     unsafe {
         kernels::write_row(
             crate::simd::level(),
-            x.as_ptr(),
+            (x.as_ptr(), std::ptr::null()),
             out.as_mut_ptr(),
             n,
             state,

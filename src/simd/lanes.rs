@@ -371,7 +371,7 @@ pub(crate) unsafe fn max_step_kept_widened<L: Lanes, T: Real>(
 #[inline(always)]
 pub(crate) unsafe fn max_of_widened<L: Lanes, T: Real>(l: L, p: *const T, n: usize) -> f64 {
     // SAFETY: forwarded from the caller.
-    unsafe { max_of_source(l, super::rows::Dense(p), 0, n) }
+    unsafe { max_of_source(l, super::rows::Dense::new(p), 0, n) }
 }
 
 /// The max of elements `i..i + n` of `src` over widened lanes, four vectors per step.

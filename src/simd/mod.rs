@@ -457,7 +457,8 @@ macro_rules! run_kernel {
 pub(crate) mod ragged;
 
 /// `(max, excess)` of `n` contiguous elements at `level`: blocked two-pass, or one pass with
-/// a running max (`online`).
+/// a running max (`online`). `next` (null for none) is where the row read after this one
+/// starts: the two-pass's last block hints its first lines into cache ([`rows::Dense`]).
 ///
 /// # Safety
 /// `x` must be readable for `n` elements, and `level` supported by this CPU.
@@ -466,15 +467,16 @@ pub(crate) unsafe fn row_state<T: Real>(
     x: *const T,
     n: usize,
     online: bool,
+    next: *const T,
 ) -> LseState {
     // SAFETY: forwarded from the caller (n readable elements at x), in both bodies.
     unsafe {
-        run_kernel!(level, { x: *const T, n: usize, online: bool } -> LseState,
+        run_kernel!(level, { x: *const T, n: usize, online: bool, next: *const T } -> LseState,
             |l| {
                 if online {
                     rows::state_online(l, x, n)
                 } else {
-                    rows::state_two_pass(l, x, n)
+                    rows::state_two_pass(l, rows::Dense::ahead(x, next, n), n)
                 }
             },
             scalar: {
@@ -501,7 +503,7 @@ pub(crate) unsafe fn row_state<T: Real>(
 /// at `terms`.
 pub(crate) unsafe fn row_state_stored<T: Real>(
     level: Level,
-    x: *const T,
+    (x, next): (*const T, *const T),
     keep: *const u8,
     n: usize,
     terms: *mut f64,
@@ -509,11 +511,11 @@ pub(crate) unsafe fn row_state_stored<T: Real>(
     // SAFETY: forwarded from the caller.
     unsafe {
         run_kernel!(level,
-            { x: *const T, keep: *const u8, n: usize, terms: *mut f64 }
+            { x: *const T, next: *const T, keep: *const u8, n: usize, terms: *mut f64 }
                 -> Option<(LseState, usize)>,
             |l| {
                 if keep.is_null() {
-                    rows::state_two_pass_stored(l, rows::Dense(x), n, terms)
+                    rows::state_two_pass_stored(l, rows::Dense::ahead(x, next, n), n, terms)
                 } else {
                     rows::state_two_pass_stored(l, rows::Kept { x, keep }, n, terms)
                 }
@@ -575,6 +577,7 @@ pub(crate) unsafe fn kept_row_state<T: Real>(
 /// or with `masked = Some((fill, value))` enters `f` as `fill` and is stored as `value`.
 struct MapRow<T, F> {
     x: *const T,
+    next: *const T,
     keep: *const u8,
     masked: Option<(f64, f64)>,
     out: *mut T,
@@ -589,6 +592,7 @@ impl<T: Real, F: LaneMap> Kernel for MapRow<T, F> {
     fn run<L: Lanes>(self, l: L) {
         let MapRow {
             x,
+            next,
             keep,
             masked,
             out,
@@ -599,7 +603,9 @@ impl<T: Real, F: LaneMap> Kernel for MapRow<T, F> {
         // SAFETY: the callers of map_row guarantee the buffers.
         unsafe {
             match masked {
-                _ if keep.is_null() => rows::map_row_of(l, rows::Dense(x), out, n, stream, f),
+                _ if keep.is_null() => {
+                    rows::map_row_of(l, rows::Dense::ahead(x, next, n), out, n, stream, f)
+                }
                 None => rows::map_row_of(l, rows::Kept { x, keep }, out, n, stream, f),
                 Some((fill, value)) => {
                     let src = rows::Masked {
@@ -631,6 +637,8 @@ impl<T: Real, F: LaneMap> Kernel for MapRow<T, F> {
 
 /// `out[k] = f(x[k])` for `k < n` at `level`; `out` may equal `x`. `stream` asks for
 /// non-temporal stores (outputs much larger than the caches) where the level has them.
+/// `next` (null for none) is where the row written after this one starts: the pass hints its
+/// first lines into cache ([`rows::Dense`]).
 ///
 /// # Safety
 /// `x` readable and `out` writable for `n` elements, either disjoint or equal; `level`
@@ -639,6 +647,7 @@ impl<T: Real, F: LaneMap> Kernel for MapRow<T, F> {
 unsafe fn map_row<T: Real>(
     level: Level,
     x: *const T,
+    next: *const T,
     out: *mut T,
     n: usize,
     stream: bool,
@@ -647,6 +656,7 @@ unsafe fn map_row<T: Real>(
     let (keep, masked) = (std::ptr::null(), None);
     let k = MapRow {
         x,
+        next,
         keep,
         masked,
         out,
@@ -677,9 +687,10 @@ pub(crate) unsafe fn kept_shift_sub<T: Real>(
     stream: bool,
 ) {
     let f = ShiftSub { shift, log_total };
-    let masked = None;
+    let (masked, next) = (None, std::ptr::null());
     let k = MapRow {
         x,
+        next,
         keep,
         masked,
         out,
@@ -712,9 +723,10 @@ pub(crate) unsafe fn kept_exp_scaled<T: Real>(
 ) {
     let full = T::FULL;
     let f = ExpScaled { shift, scale, full };
-    let masked = Some((shift, 0.0));
+    let (masked, next) = (Some((shift, 0.0)), std::ptr::null());
     let k = MapRow {
         x,
+        next,
         keep,
         masked,
         out,
@@ -730,9 +742,11 @@ pub(crate) unsafe fn kept_exp_scaled<T: Real>(
 ///
 /// # Safety
 /// As [`map_row`].
+#[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn exp_scaled<T: Real>(
     level: Level,
     x: *const T,
+    next: *const T,
     out: *mut T,
     n: usize,
     shift: f64,
@@ -741,16 +755,28 @@ pub(crate) unsafe fn exp_scaled<T: Real>(
 ) {
     let full = T::FULL;
     // SAFETY: forwarded from the caller.
-    unsafe { map_row(level, x, out, n, stream, ExpScaled { shift, scale, full }) }
+    unsafe {
+        map_row(
+            level,
+            x,
+            next,
+            out,
+            n,
+            stream,
+            ExpScaled { shift, scale, full },
+        )
+    }
 }
 
 /// `out[k] = (x[k] - shift) - log_total` for `k < n` at `level`, as [`map_row`].
 ///
 /// # Safety
 /// As [`map_row`].
+#[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn shift_sub<T: Real>(
     level: Level,
     x: *const T,
+    next: *const T,
     out: *mut T,
     n: usize,
     shift: f64,
@@ -758,7 +784,17 @@ pub(crate) unsafe fn shift_sub<T: Real>(
     stream: bool,
 ) {
     // SAFETY: forwarded from the caller.
-    unsafe { map_row(level, x, out, n, stream, ShiftSub { shift, log_total }) }
+    unsafe {
+        map_row(
+            level,
+            x,
+            next,
+            out,
+            n,
+            stream,
+            ShiftSub { shift, log_total },
+        )
+    }
 }
 
 /// Rows up to this long may take the softmax with one exp per element
@@ -771,15 +807,18 @@ pub const STORED_ROW: usize = 1 << 15;
 /// null) `x[k]` is `-inf` where `keep[k] == 0`, applied as it is loaded: the staged row's
 /// outputs bit for bit, 0 at the masked positions. Returns `false`, with nothing written, for
 /// rows with a NaN or an infinity (of those read), and at the scalar level: the caller then
-/// takes the two-exp path.
+/// takes the two-exp path. `next` (null for none; unused with a mask) is where the row read
+/// after this one starts: the sum pass hints its first lines into cache ([`rows::Dense`]).
 ///
 /// # Safety
 /// `x` readable and `out` writable for `n` elements, disjoint or equal; `keep` null or
 /// readable for `n` bytes, disjoint from `out`; `e` writable for `n` float64; `level`
 /// supported by this CPU.
+#[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn softmax_stored<T: Real>(
     level: Level,
     x: *const T,
+    next: *const T,
     keep: *const u8,
     out: *mut T,
     n: usize,
@@ -789,11 +828,11 @@ pub(crate) unsafe fn softmax_stored<T: Real>(
     // SAFETY: forwarded from the caller (the buffers).
     unsafe {
         run_kernel!(level,
-            { x: *const T, keep: *const u8, out: *mut T, n: usize, e: *mut f64, stream: bool }
-                -> bool,
+            { x: *const T, next: *const T, keep: *const u8, out: *mut T, n: usize, e: *mut f64,
+              stream: bool } -> bool,
             |l| {
                 if keep.is_null() {
-                    rows::softmax_stored(l, rows::Dense(x), out, n, e, stream)
+                    rows::softmax_stored(l, rows::Dense::ahead(x, next, n), out, n, e, stream)
                 } else {
                     rows::softmax_stored(l, rows::Kept { x, keep }, out, n, e, stream)
                 }
@@ -1264,6 +1303,7 @@ pub fn exp_nonpos_f64(level: Level, t: &[f64], out: &mut [f64], full: bool) {
         map_row(
             level,
             t.as_ptr(),
+            std::ptr::null(),
             out.as_mut_ptr(),
             t.len(),
             false,
@@ -1286,7 +1326,17 @@ pub fn exp_f64(level: Level, x: &[f64], out: &mut [f64]) {
         full: true,
     };
     // SAFETY: the level is available; both slices hold n elements.
-    unsafe { map_row(level, x.as_ptr(), out.as_mut_ptr(), x.len(), false, f) }
+    unsafe {
+        map_row(
+            level,
+            x.as_ptr(),
+            std::ptr::null(),
+            out.as_mut_ptr(),
+            x.len(),
+            false,
+            f,
+        )
+    }
 }
 
 /// A row's state from the blocked two-pass sums: `below` sums exp(x - m) over the elements

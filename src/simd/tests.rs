@@ -265,10 +265,20 @@ fn streaming_stores_write_the_same_bits_at_any_alignment() {
             // SAFETY: AVX-512 is available; every buffer holds offset + n elements.
             unsafe {
                 let l = Level::Avx512;
-                exp_scaled(l, x.as_ptr(), a.as_mut_ptr().add(offset), n, 3.0, 0.5, true);
                 exp_scaled(
                     l,
                     x.as_ptr(),
+                    std::ptr::null(),
+                    a.as_mut_ptr().add(offset),
+                    n,
+                    3.0,
+                    0.5,
+                    true,
+                );
+                exp_scaled(
+                    l,
+                    x.as_ptr(),
+                    std::ptr::null(),
                     b.as_mut_ptr().add(offset),
                     n,
                     3.0,
@@ -278,6 +288,7 @@ fn streaming_stores_write_the_same_bits_at_any_alignment() {
                 shift_sub(
                     l,
                     x64.as_ptr(),
+                    std::ptr::null(),
                     c.as_mut_ptr().add(offset),
                     n,
                     3.0,
@@ -287,6 +298,7 @@ fn streaming_stores_write_the_same_bits_at_any_alignment() {
                 shift_sub(
                     l,
                     x64.as_ptr(),
+                    std::ptr::null(),
                     d.as_mut_ptr().add(offset),
                     n,
                     3.0,
@@ -486,7 +498,7 @@ fn kept_rows_equal_the_staged_rows_at_every_level() {
                     let (mut got, mut want) = (vec![to(0.0); n], vec![to(0.0); n]);
                     // SAFETY: n elements, mask bytes and scratch each; the level is available.
                     unsafe {
-                        let s = row_state(level, staged.as_ptr(), n, false);
+                        let s = row_state(level, staged.as_ptr(), n, false, std::ptr::null());
                         if let Some(k) = kept_row_state(level, xp, kp, n) {
                             assert_eq!(
                                 (k.max.to_bits(), k.excess.to_bits()),
@@ -499,6 +511,7 @@ fn kept_rows_equal_the_staged_rows_at_every_level() {
                         let a = softmax_stored(
                             level,
                             xp,
+                            std::ptr::null(),
                             kp,
                             got.as_mut_ptr(),
                             n,
@@ -509,6 +522,7 @@ fn kept_rows_equal_the_staged_rows_at_every_level() {
                         let b = softmax_stored(
                             level,
                             staged.as_ptr(),
+                            std::ptr::null(),
                             null,
                             want.as_mut_ptr(),
                             n,
@@ -528,6 +542,7 @@ fn kept_rows_equal_the_staged_rows_at_every_level() {
                         exp_scaled(
                             level,
                             at_max.as_ptr(),
+                            std::ptr::null(),
                             want.as_mut_ptr(),
                             n,
                             s.max,
@@ -545,6 +560,7 @@ fn kept_rows_equal_the_staged_rows_at_every_level() {
                         shift_sub(
                             level,
                             staged.as_ptr(),
+                            std::ptr::null(),
                             want.as_mut_ptr(),
                             n,
                             s.max,
@@ -658,6 +674,60 @@ fn check_short_rows<T: crate::real::Real>(
     }
 }
 
+/// A row that hints the next one into cache ([`rows::Dense`]) computes the same bits as one
+/// that hints nothing, whether the hinted row is the real next one or lies past the end of
+/// the allocation (a hint never faults): states, kept terms and every row write.
+#[test]
+fn hinting_the_next_row_changes_no_bits() {
+    fn check<T: crate::real::Real>(level: Level, rng: &mut Rng) {
+        let b = T::BLOCK;
+        for n in [100, 1000, b + 1, 3 * b + 5] {
+            let buf: Vec<T> = (0..2 * n)
+                .map(|_| T::from_f64(rng.uniform(-30.0, 30.0)))
+                .collect();
+            let x = buf.as_ptr();
+            let hints = [std::ptr::null(), x.wrapping_add(n), x.wrapping_add(2 * n)];
+            let run = |next: *const T| {
+                let mut terms = vec![0.0f64; n];
+                let (mut sm, mut e) = (vec![T::from_f64(0.0); n], vec![0.0f64; n]);
+                let (mut es, mut ss) = (vec![T::from_f64(0.0); n], vec![T::from_f64(0.0); n]);
+                let null = std::ptr::null();
+                // SAFETY: x holds 2n elements; every buffer holds n.
+                unsafe {
+                    let st = row_state(level, x, n, false, next);
+                    let kept = row_state_stored(level, (x, next), null, n, terms.as_mut_ptr());
+                    let stored = softmax_stored(
+                        level,
+                        x,
+                        next,
+                        null,
+                        sm.as_mut_ptr(),
+                        n,
+                        e.as_mut_ptr(),
+                        false,
+                    );
+                    exp_scaled(level, x, next, es.as_mut_ptr(), n, st.max, 0.5, false);
+                    shift_sub(level, x, next, ss.as_mut_ptr(), n, st.max, 0.25, false);
+                    let bits = |v: &[T]| v.iter().map(|t| t.to_f64().to_bits()).collect::<Vec<_>>();
+                    let kept = kept.map(|(s, from)| (s.max.to_bits(), s.excess.to_bits(), from));
+                    let state = (st.max.to_bits(), st.excess.to_bits());
+                    let terms: Vec<u64> = terms.iter().map(|t| t.to_bits()).collect();
+                    (state, kept, terms, stored, bits(&sm), bits(&es), bits(&ss))
+                }
+            };
+            let want = run(hints[0]);
+            for next in &hints[1..] {
+                assert!(run(*next) == want, "{} {n}", level.name());
+            }
+        }
+    }
+    let mut rng = Rng::new(41);
+    for level in levels() {
+        check::<f32>(level, &mut rng);
+        check::<f64>(level, &mut rng);
+    }
+}
+
 /// The exps a row's state pass keeps give the states and the scaled writes of the two-exp path,
 /// bit for bit, at every level: rows of one and of many blocks whose max comes early, late or
 /// in the middle, every tail length, ties, `-inf` (a whole block of it too) and terms far below
@@ -686,10 +756,16 @@ fn kept_terms_give_the_two_exp_bits_at_every_level() {
             let mut terms = vec![0.0f64; n];
             // SAFETY: x holds n elements, terms n.
             let kept = unsafe {
-                row_state_stored(level, x.as_ptr(), std::ptr::null(), n, terms.as_mut_ptr())
+                row_state_stored(
+                    level,
+                    (x.as_ptr(), std::ptr::null()),
+                    std::ptr::null(),
+                    n,
+                    terms.as_mut_ptr(),
+                )
             };
             // SAFETY: as above.
-            let want = unsafe { row_state(level, x.as_ptr(), n, false) };
+            let want = unsafe { row_state(level, x.as_ptr(), n, false, std::ptr::null()) };
             let Some((st, from)) = kept else {
                 assert_eq!(level, Level::Scalar, "{n}");
                 continue;
@@ -712,7 +788,16 @@ fn kept_terms_give_the_two_exp_bits_at_every_level() {
                     n - from,
                     scale,
                 );
-                exp_scaled(level, x.as_ptr(), e.as_mut_ptr(), n, st.max, scale, false);
+                exp_scaled(
+                    level,
+                    x.as_ptr(),
+                    std::ptr::null(),
+                    e.as_mut_ptr(),
+                    n,
+                    st.max,
+                    scale,
+                    false,
+                );
             }
             for k in from..n {
                 assert_eq!(
@@ -725,7 +810,13 @@ fn kept_terms_give_the_two_exp_bits_at_every_level() {
             x[n / 4] = T::from_f64(f64::NAN);
             // SAFETY: as above.
             let nan = unsafe {
-                row_state_stored(level, x.as_ptr(), std::ptr::null(), n, terms.as_mut_ptr())
+                row_state_stored(
+                    level,
+                    (x.as_ptr(), std::ptr::null()),
+                    std::ptr::null(),
+                    n,
+                    terms.as_mut_ptr(),
+                )
             };
             assert!(
                 nan.is_none_or(|(s, _)| s.excess.is_nan()),
@@ -762,7 +853,7 @@ fn peaked_rows_keep_their_tiny_excess_at_every_level() {
                 let want = unsafe { scalar::lse_state_two_pass(x.as_ptr(), 0, n, 1) };
                 for level in levels() {
                     // SAFETY: as above.
-                    let got = unsafe { row_state(level, x.as_ptr(), n, false) };
+                    let got = unsafe { row_state(level, x.as_ptr(), n, false, std::ptr::null()) };
                     assert_eq!(got.max, want.max, "{} n={n} case {case}", level.name());
                     assert!(
                         agree(got.excess, want.excess, 1e-9),

@@ -7,7 +7,8 @@ use crate::error::{try_vec, Error};
 use crate::half::Stored;
 use crate::kernels::blocking::{row_blocks, sum3, COLUMN_BLOCK};
 use crate::kernels::{
-    row_exp_scaled, row_scaled_terms, row_state, softmax_like, Algorithm, Reduction,
+    row_exp_scaled, row_scaled_terms, row_state, row_state_before, softmax_like, Algorithm,
+    Reduction,
 };
 use crate::layout::Batch;
 use crate::parallel::{self, SendPtr};
@@ -851,7 +852,8 @@ fn lanes_block<T: Real>(
             for i in 0..w {
                 let (x, probs) = b.lane(i);
                 let keep = in_place.map(|m| m.lane(i, n));
-                let kept = crate::kernels::row_state_stored(x, keep, terms);
+                let next = (i + 1 < w).then(|| b.lane(i + 1).0);
+                let kept = crate::kernels::row_state_stored(x, next, keep, terms);
                 let state = match (kept, in_place) {
                     (Some((s, _)), _) => s,
                     (None, None) => row_state(x, alg),
@@ -903,14 +905,9 @@ fn block_states<T: Real>(
         crate::kernels::lse_states(xs, batch, alg, &mut states[..w]).map_err(Error::Layout)?;
     } else {
         for (i, st) in states.iter_mut().enumerate().take(w) {
-            if i + 1 < w {
-                // The next row's first block, hinted a row ahead: its DRAM loads overlap this
-                // row's exps (float32 rows of 500 from DRAM, one thread: 0.43-0.45 -> 0.33 ns
-                // per element; 1000: 0.37-0.38 -> 0.34-0.36; 2000 and longer unchanged).
-                let next = x.as_ptr().wrapping_add((i + 1) * pitch) as *const u8;
-                crate::simd::prefetch_span(next, n.min(T::BLOCK) * std::mem::size_of::<T>());
-            }
-            *st = row_state(&x[i * pitch..i * pitch + n], alg);
+            // The next row is hinted into cache as this one finishes.
+            let next = (i + 1 < w).then(|| &x[(i + 1) * pitch..(i + 1) * pitch + n]);
+            *st = row_state_before(&x[i * pitch..i * pitch + n], next, alg);
         }
     }
     Ok(())
