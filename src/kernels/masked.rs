@@ -25,7 +25,7 @@ use super::{is_short, is_short_for, Algorithm, Reduction};
 use crate::layout::Batch;
 use crate::parallel::{self, SendPtr};
 use crate::real::Real;
-use crate::simd;
+use crate::simd::{self, Ahead};
 use crate::state::LseState;
 use std::ptr::null;
 
@@ -156,8 +156,16 @@ pub fn kept_row_states<T: Real>(
     for r in 0..batch.outer {
         let at = r * batch.outer_stride;
         let (xr, kr) = (&x[at..at + n], &keep[r * lane..r * lane + n]);
+        let next = next_kept(
+            xr.as_ptr(),
+            kr.as_ptr(),
+            (batch.outer_stride, lane),
+            r,
+            batch.outer,
+        );
         // SAFETY: n elements of the row and of its mask (checked above); the level is available.
-        let state = match unsafe { simd::kept_row_state(level, xr.as_ptr(), kr.as_ptr(), n) } {
+        let state = match unsafe { simd::kept_row_state(level, xr.as_ptr(), kr.as_ptr(), n, next) }
+        {
             Some(s) => s,
             None => {
                 copy_kept(xr, kr, &mut scratch[..n], f64::NEG_INFINITY);
@@ -167,6 +175,26 @@ pub fn kept_row_states<T: Real>(
         f(r, state);
     }
     Ok(())
+}
+
+/// Where row `r + 1` of `rows` (and its mask bytes) lies, `pitch` elements and mask bytes
+/// after row `r` at `(x, keep)`, for the kernels to hint into cache while they compute row
+/// `r` ([`Ahead`]); none after the last row. Only addresses: nothing is read here.
+fn next_kept<T>(
+    x: *const T,
+    keep: *const u8,
+    (pitch, lane): (usize, usize),
+    r: usize,
+    rows: usize,
+) -> Ahead<T> {
+    if r + 1 < rows {
+        Ahead {
+            x: x.wrapping_add(pitch),
+            keep: keep.wrapping_add(lane),
+        }
+    } else {
+        Ahead::NONE
+    }
 }
 
 /// The log-sum-exp of each row of `batch` (see [`reads_rows_in_place`]) over the kept
@@ -283,21 +311,22 @@ pub unsafe fn softmax_like_rows_in_place<T: Real>(
             // exp scratch holds n float64.
             unsafe {
                 let (xr, kr, or) = (x.add(r * n), keep.add(r * lane), out.add(r * n));
+                let next = next_kept(xr, kr, (n, lane), r, rows);
                 let state = if stored {
                     if let Some(e) = e {
-                        if simd::softmax_stored(level, xr, null(), kr, or, n, e, stream) {
+                        if simd::softmax_stored(level, xr, next, kr, or, n, e, stream) {
                             continue;
                         }
                     }
                     None
                 } else {
-                    simd::kept_row_state(level, xr, kr, n)
+                    simd::kept_row_state(level, xr, kr, n, next)
                 };
                 let s = match state {
                     Some(s) => s,
                     None => staged_state(xr, kr, or, n, alg),
                 };
-                write_kept(xr, kr, or, n, s, what, stream);
+                write_kept((xr, Ahead::NONE), kr, or, n, s, what, stream);
             }
         }
     });
@@ -339,7 +368,7 @@ pub unsafe fn softmax_like_long_rows_in_place<T: Real>(
             let len = block.min(n - c * block);
             // SAFETY: the chunk's elements of x, the mask and out, this task's own.
             unsafe {
-                match simd::kept_row_state(simd::level(), xr, kr, len) {
+                match simd::kept_row_state(simd::level(), xr, kr, len, Ahead::NONE) {
                     Some(s) => s,
                     None => staged_state(xr, kr, or, len, alg),
                 }
@@ -351,7 +380,7 @@ pub unsafe fn softmax_like_long_rows_in_place<T: Real>(
                 let (xr, kr, or) = at(r, c);
                 let len = block.min(n - c * block);
                 // SAFETY: as above.
-                unsafe { write_kept(xr, kr, or, len, state, what, stream) };
+                unsafe { write_kept((xr, Ahead::NONE), kr, or, len, state, what, stream) };
             }
         });
     }
@@ -386,7 +415,7 @@ unsafe fn staged_state<T: Real>(
 /// # Safety
 /// As [`staged_state`].
 unsafe fn write_kept<T: Real>(
-    x: *const T,
+    (x, next): (*const T, Ahead<T>),
     keep: *const u8,
     out: *mut T,
     n: usize,
@@ -401,11 +430,11 @@ unsafe fn write_kept<T: Real>(
             match what {
                 Reduction::Softmax => {
                     let scale = 1.0 / s.total();
-                    simd::kept_exp_scaled(level, x, keep, out, n, s.max, scale, stream)
+                    simd::kept_exp_scaled(level, (x, next), keep, out, n, s.max, scale, stream)
                 }
                 Reduction::LogSoftmax => {
                     let log_total = super::log_total_at::<T>(level, s);
-                    simd::kept_shift_sub(level, x, keep, out, n, s.max, log_total, stream)
+                    simd::kept_shift_sub(level, (x, next), keep, out, n, s.max, log_total, stream)
                 }
             }
             return;

@@ -27,7 +27,7 @@ pub use crate::simd::scalar;
 use crate::layout::Batch;
 use crate::parallel::{self, SendPtr};
 use crate::real::Real;
-use crate::simd::{self, Level};
+use crate::simd::{self, Ahead, Level};
 use crate::state::LseState;
 use std::ptr::null;
 
@@ -134,7 +134,7 @@ unsafe fn lane_state<T: Real>(
     unsafe {
         if ln.stride == 1 {
             let online = alg == Algorithm::Online;
-            return simd::row_state(level, x.add(start), n, online, next);
+            return simd::row_state(level, x.add(start), n, online, Ahead::row(next));
         }
         match alg {
             Algorithm::Online => scalar::lse_state_online(x, start, n, ln.stride),
@@ -623,7 +623,7 @@ unsafe fn softmax_like_raw<T: Real>(
                     let done = unsafe {
                         let xr = (xp.ptr() as *const T).add(ln.start);
                         let or = op.ptr().add(l * n);
-                        simd::softmax_stored(level, xr, next, null(), or, n, e, stream)
+                        simd::softmax_stored(level, xr, Ahead::row(next), null(), or, n, e, stream)
                     };
                     if done {
                         continue;
@@ -722,11 +722,18 @@ unsafe fn write_row_with<T: Real>(
         match what {
             Reduction::Softmax => {
                 let scale = 1.0 / state.total();
-                simd::exp_scaled(level, x, next, out, n, state.max, scale, stream)
+                simd::exp_scaled(level, x, Ahead::row(next), out, n, state.max, scale, stream)
             }
-            Reduction::LogSoftmax => {
-                simd::shift_sub(level, x, next, out, n, state.max, log_total, stream)
-            }
+            Reduction::LogSoftmax => simd::shift_sub(
+                level,
+                x,
+                Ahead::row(next),
+                out,
+                n,
+                state.max,
+                log_total,
+                stream,
+            ),
         }
     }
 }
@@ -890,7 +897,7 @@ pub fn row_state_stored<T: Real>(
     // SAFETY: x holds n elements, the mask (when given) and terms at least n; the level is
     // available.
     unsafe {
-        let row = (x.as_ptr(), next.map_or(null(), |r| r.as_ptr()));
+        let row = (x.as_ptr(), Ahead::row(next.map_or(null(), |r| r.as_ptr())));
         simd::row_state_stored(simd::level(), row, kp, n, terms.as_mut_ptr())
     }
 }
@@ -916,7 +923,7 @@ pub fn row_exp_scaled<T: Real>(x: &[T], shift: f64, scale: f64, out: &mut [T]) {
         simd::exp_scaled(
             simd::level(),
             x.as_ptr(),
-            null(),
+            Ahead::NONE,
             out.as_mut_ptr(),
             x.len(),
             shift,

@@ -1168,7 +1168,7 @@ pub fn segment_cross_entropy<T: Real>(
                             simd::exp_scaled(
                                 level,
                                 xr,
-                                null(),
+                                simd::Ahead::NONE,
                                 g.as_mut_ptr(),
                                 r1 - r0,
                                 b,

@@ -135,6 +135,7 @@ pub(crate) use short::{
 use crate::real::Real;
 use crate::state::LseState;
 use lanes::{dispatch, Kernel, Lanes};
+pub(crate) use rows::Ahead;
 use rows::{ExpScaled, LaneMap, ShiftSub};
 
 /// Hints the cache line at `p` into L1. A hint does not access memory: it never faults,
@@ -457,8 +458,7 @@ macro_rules! run_kernel {
 pub(crate) mod ragged;
 
 /// `(max, excess)` of `n` contiguous elements at `level`: blocked two-pass, or one pass with
-/// a running max (`online`). `next` (null for none) is where the row read after this one
-/// starts: the two-pass's last block hints its first lines into cache ([`rows::Dense`]).
+/// a running max (`online`). The two-pass hints `next` into cache as it goes ([`Ahead`]).
 ///
 /// # Safety
 /// `x` must be readable for `n` elements, and `level` supported by this CPU.
@@ -467,11 +467,11 @@ pub(crate) unsafe fn row_state<T: Real>(
     x: *const T,
     n: usize,
     online: bool,
-    next: *const T,
+    next: Ahead<T>,
 ) -> LseState {
     // SAFETY: forwarded from the caller (n readable elements at x), in both bodies.
     unsafe {
-        run_kernel!(level, { x: *const T, n: usize, online: bool, next: *const T } -> LseState,
+        run_kernel!(level, { x: *const T, n: usize, online: bool, next: Ahead<T> } -> LseState,
             |l| {
                 if online {
                     rows::state_online(l, x, n)
@@ -503,7 +503,7 @@ pub(crate) unsafe fn row_state<T: Real>(
 /// at `terms`.
 pub(crate) unsafe fn row_state_stored<T: Real>(
     level: Level,
-    (x, next): (*const T, *const T),
+    (x, next): (*const T, Ahead<T>),
     keep: *const u8,
     n: usize,
     terms: *mut f64,
@@ -511,13 +511,14 @@ pub(crate) unsafe fn row_state_stored<T: Real>(
     // SAFETY: forwarded from the caller.
     unsafe {
         run_kernel!(level,
-            { x: *const T, next: *const T, keep: *const u8, n: usize, terms: *mut f64 }
+            { x: *const T, next: Ahead<T>, keep: *const u8, n: usize, terms: *mut f64 }
                 -> Option<(LseState, usize)>,
             |l| {
                 if keep.is_null() {
                     rows::state_two_pass_stored(l, rows::Dense::ahead(x, next, n), n, terms)
                 } else {
-                    rows::state_two_pass_stored(l, rows::Kept { x, keep }, n, terms)
+                    let next = next.for_rows_of(n);
+                    rows::state_two_pass_stored(l, rows::Kept { x, keep, next }, n, terms)
                 }
             },
             scalar: None,
@@ -553,7 +554,7 @@ pub(crate) unsafe fn scaled_terms<T: Real>(
 /// The two-pass `(max, excess)` of a `where=` row read in place: `x[k]` where `keep[k] != 0`,
 /// else `-inf`, bit-identical to [`row_state`] (two-pass) of the staged row. `None` where
 /// that row needs the scalar reference (a NaN or infinite max) and at the scalar level: the
-/// caller then stages the row.
+/// caller then stages the row. Hints `next` into cache as it goes ([`Ahead`]).
 ///
 /// # Safety
 /// `n` readable elements at `x` and mask bytes at `keep`; `level` supported by this CPU.
@@ -562,11 +563,16 @@ pub(crate) unsafe fn kept_row_state<T: Real>(
     x: *const T,
     keep: *const u8,
     n: usize,
+    next: Ahead<T>,
 ) -> Option<LseState> {
     // SAFETY: forwarded from the caller.
     unsafe {
-        run_kernel!(level, { x: *const T, keep: *const u8, n: usize } -> Option<LseState>,
-            |l| rows::state_two_pass_of(l, rows::Kept { x, keep }, n),
+        run_kernel!(level,
+            { x: *const T, keep: *const u8, n: usize, next: Ahead<T> } -> Option<LseState>,
+            |l| {
+                let next = next.for_rows_of(n);
+                rows::state_two_pass_of(l, rows::Kept { x, keep, next }, n)
+            },
             scalar: None,
         )
     }
@@ -577,7 +583,7 @@ pub(crate) unsafe fn kept_row_state<T: Real>(
 /// or with `masked = Some((fill, value))` enters `f` as `fill` and is stored as `value`.
 struct MapRow<T, F> {
     x: *const T,
-    next: *const T,
+    next: Ahead<T>,
     keep: *const u8,
     masked: Option<(f64, f64)>,
     out: *mut T,
@@ -600,19 +606,21 @@ impl<T: Real, F: LaneMap> Kernel for MapRow<T, F> {
             stream,
             f,
         } = self;
+        let next = next.for_rows_of(n);
         // SAFETY: the callers of map_row guarantee the buffers.
         unsafe {
             match masked {
                 _ if keep.is_null() => {
-                    rows::map_row_of(l, rows::Dense::ahead(x, next, n), out, n, stream, f)
+                    rows::map_row_of(l, rows::Dense { x, next }, out, n, stream, f)
                 }
-                None => rows::map_row_of(l, rows::Kept { x, keep }, out, n, stream, f),
+                None => rows::map_row_of(l, rows::Kept { x, keep, next }, out, n, stream, f),
                 Some((fill, value)) => {
                     let src = rows::Masked {
                         x,
                         keep,
                         fill,
                         value,
+                        next,
                     };
                     rows::map_row_of(l, src, out, n, stream, f)
                 }
@@ -637,8 +645,7 @@ impl<T: Real, F: LaneMap> Kernel for MapRow<T, F> {
 
 /// `out[k] = f(x[k])` for `k < n` at `level`; `out` may equal `x`. `stream` asks for
 /// non-temporal stores (outputs much larger than the caches) where the level has them.
-/// `next` (null for none) is where the row written after this one starts: the pass hints its
-/// first lines into cache ([`rows::Dense`]).
+/// The pass hints `next` into cache as it goes ([`Ahead`]).
 ///
 /// # Safety
 /// `x` readable and `out` writable for `n` elements, either disjoint or equal; `level`
@@ -647,7 +654,7 @@ impl<T: Real, F: LaneMap> Kernel for MapRow<T, F> {
 unsafe fn map_row<T: Real>(
     level: Level,
     x: *const T,
-    next: *const T,
+    next: Ahead<T>,
     out: *mut T,
     n: usize,
     stream: bool,
@@ -678,7 +685,7 @@ unsafe fn map_row<T: Real>(
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn kept_shift_sub<T: Real>(
     level: Level,
-    x: *const T,
+    (x, next): (*const T, Ahead<T>),
     keep: *const u8,
     out: *mut T,
     n: usize,
@@ -687,7 +694,7 @@ pub(crate) unsafe fn kept_shift_sub<T: Real>(
     stream: bool,
 ) {
     let f = ShiftSub { shift, log_total };
-    let (masked, next) = (None, std::ptr::null());
+    let masked = None;
     let k = MapRow {
         x,
         next,
@@ -713,7 +720,7 @@ pub(crate) unsafe fn kept_shift_sub<T: Real>(
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn kept_exp_scaled<T: Real>(
     level: Level,
-    x: *const T,
+    (x, next): (*const T, Ahead<T>),
     keep: *const u8,
     out: *mut T,
     n: usize,
@@ -723,7 +730,7 @@ pub(crate) unsafe fn kept_exp_scaled<T: Real>(
 ) {
     let full = T::FULL;
     let f = ExpScaled { shift, scale, full };
-    let (masked, next) = (Some((shift, 0.0)), std::ptr::null());
+    let masked = Some((shift, 0.0));
     let k = MapRow {
         x,
         next,
@@ -746,7 +753,7 @@ pub(crate) unsafe fn kept_exp_scaled<T: Real>(
 pub(crate) unsafe fn exp_scaled<T: Real>(
     level: Level,
     x: *const T,
-    next: *const T,
+    next: Ahead<T>,
     out: *mut T,
     n: usize,
     shift: f64,
@@ -776,7 +783,7 @@ pub(crate) unsafe fn exp_scaled<T: Real>(
 pub(crate) unsafe fn shift_sub<T: Real>(
     level: Level,
     x: *const T,
-    next: *const T,
+    next: Ahead<T>,
     out: *mut T,
     n: usize,
     shift: f64,
@@ -807,8 +814,7 @@ pub const STORED_ROW: usize = 1 << 15;
 /// null) `x[k]` is `-inf` where `keep[k] == 0`, applied as it is loaded: the staged row's
 /// outputs bit for bit, 0 at the masked positions. Returns `false`, with nothing written, for
 /// rows with a NaN or an infinity (of those read), and at the scalar level: the caller then
-/// takes the two-exp path. `next` (null for none; unused with a mask) is where the row read
-/// after this one starts: the sum pass hints its first lines into cache ([`rows::Dense`]).
+/// takes the two-exp path. The sum pass hints `next` into cache as it goes ([`Ahead`]).
 ///
 /// # Safety
 /// `x` readable and `out` writable for `n` elements, disjoint or equal; `keep` null or
@@ -818,7 +824,7 @@ pub const STORED_ROW: usize = 1 << 15;
 pub(crate) unsafe fn softmax_stored<T: Real>(
     level: Level,
     x: *const T,
-    next: *const T,
+    next: Ahead<T>,
     keep: *const u8,
     out: *mut T,
     n: usize,
@@ -828,13 +834,14 @@ pub(crate) unsafe fn softmax_stored<T: Real>(
     // SAFETY: forwarded from the caller (the buffers).
     unsafe {
         run_kernel!(level,
-            { x: *const T, next: *const T, keep: *const u8, out: *mut T, n: usize, e: *mut f64,
+            { x: *const T, next: Ahead<T>, keep: *const u8, out: *mut T, n: usize, e: *mut f64,
               stream: bool } -> bool,
             |l| {
                 if keep.is_null() {
                     rows::softmax_stored(l, rows::Dense::ahead(x, next, n), out, n, e, stream)
                 } else {
-                    rows::softmax_stored(l, rows::Kept { x, keep }, out, n, e, stream)
+                    let next = next.for_rows_of(n);
+                    rows::softmax_stored(l, rows::Kept { x, keep, next }, out, n, e, stream)
                 }
             },
             scalar: false,
@@ -1303,7 +1310,7 @@ pub fn exp_nonpos_f64(level: Level, t: &[f64], out: &mut [f64], full: bool) {
         map_row(
             level,
             t.as_ptr(),
-            std::ptr::null(),
+            Ahead::NONE,
             out.as_mut_ptr(),
             t.len(),
             false,
@@ -1330,7 +1337,7 @@ pub fn exp_f64(level: Level, x: &[f64], out: &mut [f64]) {
         map_row(
             level,
             x.as_ptr(),
-            std::ptr::null(),
+            Ahead::NONE,
             out.as_mut_ptr(),
             x.len(),
             false,

@@ -42,26 +42,81 @@ pub(crate) trait Load: Copy {
     unsafe fn written_tail<L: Lanes>(self, _l: L, _i: usize, _n: usize, y: L::V) -> L::V {
         y
     }
-    /// Where the row read after this one starts, for cache hints ([`hint`]); null where the
-    /// source does not know it.
+    /// Hints into cache element `i` of the row read after this one, for a pass that steps
+    /// `step` elements at a time ([`Ahead::hint`]); nothing where the source does not know
+    /// that row.
     #[inline(always)]
-    fn ahead(self) -> *const Self::T {
-        std::ptr::null()
-    }
+    fn hint_ahead<L: Lanes>(self, _l: L, _i: usize, _step: usize) {}
 }
 
-/// Hints into L1 the lines of the `step` elements at `base + i` (a pass's step, at most two
-/// lines); nothing where `base` is null. A hint never faults and changes no result.
-#[inline(always)]
-fn hint<L: Lanes, T>(l: L, base: *const T, i: usize, step: usize) {
-    if !base.is_null() {
-        let p = base.wrapping_add(i);
-        l.prefetch(p as *const i8);
-        if step * std::mem::size_of::<T>() > 64 {
-            l.prefetch(p.wrapping_add(64 / std::mem::size_of::<T>()) as *const i8);
+/// Where the row a caller reads after the current one starts: its elements and, for a
+/// `where=` row, its mask bytes (null where there is none, or nothing to hint). Each pass
+/// that computes from the current row hints the next row's line at the position it reads
+/// ([`Ahead::hint`]).
+///
+/// The hardware prefetchers do not run ahead of a row whose passes compute from L1: without
+/// the hints, the max pass of each row's first block waited on DRAM, and so did the fused
+/// max of the next block where the previous row had not brought it. One hint a step keeps
+/// the next row's loads spread over this row's exps, one stream, each line hinted once.
+/// Float32 rows from DRAM, one thread, ns per element: 1000 elements 0.36-0.38 -> 0.26,
+/// 2000-4000 0.35-0.40 -> 0.25-0.29, 8192 0.30 -> 0.25 (2^15 0.23 either way).
+#[derive(Clone, Copy)]
+pub(crate) struct Ahead<T> {
+    pub x: *const T,
+    pub keep: *const u8,
+}
+
+impl<T> Ahead<T> {
+    /// Nothing to hint.
+    pub(crate) const NONE: Self = Ahead {
+        x: std::ptr::null(),
+        keep: std::ptr::null(),
+    };
+
+    /// The row at `x` (null for none), without a mask.
+    #[inline(always)]
+    pub(crate) fn row(x: *const T) -> Self {
+        Ahead {
+            x,
+            keep: std::ptr::null(),
+        }
+    }
+
+    /// These hints for rows of `n` elements, or none where the rows are shorter than
+    /// [`HINT_BYTES`].
+    #[inline(always)]
+    pub(crate) fn for_rows_of(self, n: usize) -> Self {
+        if n * std::mem::size_of::<T>() >= HINT_BYTES {
+            self
+        } else {
+            Self::NONE
+        }
+    }
+
+    /// Hints into L1 the lines of the `step` elements at `i` of the row (at most two lines),
+    /// and the line of their mask bytes where the step starts one. A hint never faults and
+    /// changes no result.
+    #[inline(always)]
+    fn hint<L: Lanes>(self, l: L, i: usize, step: usize) {
+        let size = std::mem::size_of::<T>();
+        if !self.x.is_null() {
+            let p = self.x.wrapping_add(i);
+            l.prefetch(p as *const i8);
+            if step * size > 64 {
+                l.prefetch(p.wrapping_add(64 / size) as *const i8);
+            }
+        }
+        if !self.keep.is_null() && i % 64 < step {
+            l.prefetch(self.keep.wrapping_add(i) as *const i8);
         }
     }
 }
+
+/// The shortest row, in bytes, that hints the next row into cache ([`Ahead`]): shorter rows
+/// are read in runs the hardware prefetchers follow, and the hints cost more than they save
+/// (float32 rows of 100 from DRAM, two threads: the loss 0.38 -> 0.40 ns per element with
+/// them; rows of 200: 0.49 -> 0.42).
+const HINT_BYTES: usize = 512;
 
 /// Where a row algorithm that reduces reads its elements ([`Dense`], or [`Kept`]: masked
 /// lanes `-inf` as they are loaded).
@@ -106,55 +161,35 @@ pub(crate) trait Source: Load {
     unsafe fn reference(self, n: usize) -> Option<LseState>;
 }
 
-/// A contiguous row read as it is. Where `next` is not null it is the start of the row the
-/// caller reads after this one (of the same length), and each pass that computes from this
-/// row hints the element of that row at the position it reads into cache ([`hint`]).
-///
-/// The hardware prefetchers do not run ahead of a row whose passes compute from L1: without
-/// the hints, the max pass of each row's first block waited on DRAM, and so did the fused
-/// max of the next block where the previous row had not brought it. One hint a step keeps
-/// the next row's loads spread over this row's exps, one stream, each line hinted once.
-/// Float32 rows from DRAM, one thread, ns per element: 1000 elements 0.36-0.38 -> 0.26,
-/// 2000-4000 0.35-0.40 -> 0.25-0.29, 8192 0.30 -> 0.25 (2^15 0.23 either way).
+/// A contiguous row read as it is, hinting the row read after it ([`Ahead`]).
 #[derive(Clone, Copy)]
 pub(crate) struct Dense<T> {
     pub x: *const T,
-    pub next: *const T,
+    pub next: Ahead<T>,
 }
 
 impl<T> Dense<T> {
     /// The row at `x`, hinting nothing.
     #[inline(always)]
     pub(crate) fn new(x: *const T) -> Self {
-        Dense {
-            x,
-            next: std::ptr::null(),
-        }
+        Dense::ahead(x, Ahead::NONE, 0)
     }
 
-    /// The row of `n` elements at `x`, hinting the row at `next` (null for none) where rows
-    /// are at least [`HINT_BYTES`] long.
+    /// The row of `n` elements at `x`, hinting `next` ([`Ahead::for_rows_of`]).
     #[inline(always)]
-    pub(crate) fn ahead(x: *const T, next: *const T, n: usize) -> Self {
-        let hinted = n * std::mem::size_of::<T>() >= HINT_BYTES;
+    pub(crate) fn ahead(x: *const T, next: Ahead<T>, n: usize) -> Self {
         Dense {
             x,
-            next: if hinted { next } else { std::ptr::null() },
+            next: next.for_rows_of(n),
         }
     }
 }
 
-/// The shortest row, in bytes, that hints the next row into cache ([`Dense`]): shorter rows
-/// are read in runs the hardware prefetchers follow, and the hints cost more than they save
-/// (float32 rows of 100 from DRAM, two threads: the loss 0.38 -> 0.40 ns per element with
-/// them; rows of 200: 0.49 -> 0.42).
-const HINT_BYTES: usize = 512;
-
 impl<T: Real> Load for Dense<T> {
     type T = T;
     #[inline(always)]
-    fn ahead(self) -> *const T {
-        self.next
+    fn hint_ahead<L: Lanes>(self, l: L, i: usize, step: usize) {
+        self.next.hint(l, i, step)
     }
     #[inline(always)]
     unsafe fn load<L: Lanes>(self, l: L, i: usize) -> L::V {
@@ -210,11 +245,12 @@ impl<T: Real> Source for Dense<T> {
 
 /// A contiguous row and its `where=` mask bytes, read in place: element `k` is `x[k]` where
 /// `keep[k] != 0`, else `-inf` (the value a staged block would hold), so the algorithms see
-/// exactly the staged row's lanes without the staging pass.
+/// exactly the staged row's lanes without the staging pass. `next` as [`Dense`]'s.
 #[derive(Clone, Copy)]
 pub(crate) struct Kept<T> {
     pub x: *const T,
     pub keep: *const u8,
+    pub next: Ahead<T>,
 }
 
 /// A `where=` row written from `x` in place: the masked elements enter the map as `fill` and
@@ -226,6 +262,7 @@ pub(crate) struct Masked<T> {
     pub keep: *const u8,
     pub fill: f64,
     pub value: f64,
+    pub next: Ahead<T>,
 }
 
 /// The lanes of `n < N` mask bytes at `keep` (the others masked).
@@ -282,6 +319,10 @@ unsafe fn load_kept_tail<L: Lanes, T: Real>(
 impl<T: Real> Load for Kept<T> {
     type T = T;
     #[inline(always)]
+    fn hint_ahead<L: Lanes>(self, l: L, i: usize, step: usize) {
+        self.next.hint(l, i, step)
+    }
+    #[inline(always)]
     unsafe fn load<L: Lanes>(self, l: L, i: usize) -> L::V {
         // SAFETY: forwarded from the caller (N elements and N mask bytes at i).
         unsafe { load_kept(l, self.x, self.keep, i, f64::NEG_INFINITY) }
@@ -295,6 +336,10 @@ impl<T: Real> Load for Kept<T> {
 
 impl<T: Real> Load for Masked<T> {
     type T = T;
+    #[inline(always)]
+    fn hint_ahead<L: Lanes>(self, l: L, i: usize, step: usize) {
+        self.next.hint(l, i, step)
+    }
     #[inline(always)]
     unsafe fn load<L: Lanes>(self, l: L, i: usize) -> L::V {
         // SAFETY: forwarded from the caller (N elements and N mask bytes at i).
@@ -419,7 +464,6 @@ unsafe fn sum_below_max_next<L: Lanes, S: Source>(
     let mut ties = 0u64;
     let (mut i, mut qi) = (0, 0);
     let w = L::N;
-    let ahead = src.ahead();
     // SAFETY: loads stay within the n elements at p and the qn at q; tail lanes are -inf
     // (below the max, exp = 0; neutral for the max).
     unsafe {
@@ -430,7 +474,7 @@ unsafe fn sum_below_max_next<L: Lanes, S: Source>(
                 mx = src.max_step(l, mx, q + qi);
                 qi += 2 * w;
             }
-            hint(l, ahead, p + i, 2 * w);
+            src.hint_ahead(l, p + i, 2 * w);
             let (x0, x1) = (src.load(l, p + i), src.load(l, p + i + w));
             let te0 = sum_step(l, x0, mv, &mut acc[0], &mut ties, full, mode);
             let te1 = sum_step(l, x1, mv, &mut acc[1], &mut ties, full, mode);
@@ -840,12 +884,11 @@ unsafe fn sum_exp_store_with<L: Lanes, S: Source>(
         }
     };
     let (w, mut i) = (L::N, 0);
-    let ahead = src.ahead();
     // SAFETY: loads and stores stay within the n elements; tail lanes are -inf (exp 0, or a
     // clamped term under 1e-307) and are not stored.
     unsafe {
         while i + 2 * w <= n {
-            hint(l, ahead, i, 2 * w);
+            src.hint_ahead(l, i, 2 * w);
             for (k, acc) in acc.iter_mut().enumerate() {
                 let v = term(l.sub(src.load(l, i + k * w), mv));
                 l.store(e.add(i + k * w), v);
@@ -1071,7 +1114,6 @@ pub(crate) unsafe fn map_row_of<L: Lanes, S: Load, T: Real>(
     f: impl LaneMap,
 ) {
     let (w, mut i) = (L::N, 0);
-    let ahead = src.ahead();
     // SAFETY: reads and writes stay within the n elements; stream stores are aligned.
     unsafe {
         if stream && L::STREAMS {
@@ -1084,7 +1126,7 @@ pub(crate) unsafe fn map_row_of<L: Lanes, S: Load, T: Real>(
                 i = head;
             }
             while i + w <= n {
-                hint(l, ahead, i, w);
+                src.hint_ahead(l, i, w);
                 let y = f.apply(l, src.load(l, i));
                 l.stream(out.add(i), src.written(l, i, y));
                 i += w;
@@ -1092,7 +1134,7 @@ pub(crate) unsafe fn map_row_of<L: Lanes, S: Load, T: Real>(
             l.fence();
         }
         while i + w <= n {
-            hint(l, ahead, i, w);
+            src.hint_ahead(l, i, w);
             let y = f.apply(l, src.load(l, i));
             l.store(out.add(i), src.written(l, i, y));
             i += w;

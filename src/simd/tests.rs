@@ -268,7 +268,7 @@ fn streaming_stores_write_the_same_bits_at_any_alignment() {
                 exp_scaled(
                     l,
                     x.as_ptr(),
-                    std::ptr::null(),
+                    Ahead::NONE,
                     a.as_mut_ptr().add(offset),
                     n,
                     3.0,
@@ -278,7 +278,7 @@ fn streaming_stores_write_the_same_bits_at_any_alignment() {
                 exp_scaled(
                     l,
                     x.as_ptr(),
-                    std::ptr::null(),
+                    Ahead::NONE,
                     b.as_mut_ptr().add(offset),
                     n,
                     3.0,
@@ -288,7 +288,7 @@ fn streaming_stores_write_the_same_bits_at_any_alignment() {
                 shift_sub(
                     l,
                     x64.as_ptr(),
-                    std::ptr::null(),
+                    Ahead::NONE,
                     c.as_mut_ptr().add(offset),
                     n,
                     3.0,
@@ -298,7 +298,7 @@ fn streaming_stores_write_the_same_bits_at_any_alignment() {
                 shift_sub(
                     l,
                     x64.as_ptr(),
-                    std::ptr::null(),
+                    Ahead::NONE,
                     d.as_mut_ptr().add(offset),
                     n,
                     3.0,
@@ -498,8 +498,8 @@ fn kept_rows_equal_the_staged_rows_at_every_level() {
                     let (mut got, mut want) = (vec![to(0.0); n], vec![to(0.0); n]);
                     // SAFETY: n elements, mask bytes and scratch each; the level is available.
                     unsafe {
-                        let s = row_state(level, staged.as_ptr(), n, false, std::ptr::null());
-                        if let Some(k) = kept_row_state(level, xp, kp, n) {
+                        let s = row_state(level, staged.as_ptr(), n, false, Ahead::NONE);
+                        if let Some(k) = kept_row_state(level, xp, kp, n, Ahead::NONE) {
                             assert_eq!(
                                 (k.max.to_bits(), k.excess.to_bits()),
                                 (s.max.to_bits(), s.excess.to_bits()),
@@ -511,7 +511,7 @@ fn kept_rows_equal_the_staged_rows_at_every_level() {
                         let a = softmax_stored(
                             level,
                             xp,
-                            std::ptr::null(),
+                            Ahead::NONE,
                             kp,
                             got.as_mut_ptr(),
                             n,
@@ -522,7 +522,7 @@ fn kept_rows_equal_the_staged_rows_at_every_level() {
                         let b = softmax_stored(
                             level,
                             staged.as_ptr(),
-                            std::ptr::null(),
+                            Ahead::NONE,
                             null,
                             want.as_mut_ptr(),
                             n,
@@ -537,12 +537,21 @@ fn kept_rows_equal_the_staged_rows_at_every_level() {
                             continue;
                         }
                         let scale = 1.0 / s.total();
-                        kept_exp_scaled(level, xp, kp, got.as_mut_ptr(), n, s.max, scale, false);
+                        kept_exp_scaled(
+                            level,
+                            (xp, Ahead::NONE),
+                            kp,
+                            got.as_mut_ptr(),
+                            n,
+                            s.max,
+                            scale,
+                            false,
+                        );
                         let at_max = hide(s.max);
                         exp_scaled(
                             level,
                             at_max.as_ptr(),
-                            std::ptr::null(),
+                            Ahead::NONE,
                             want.as_mut_ptr(),
                             n,
                             s.max,
@@ -556,11 +565,20 @@ fn kept_rows_equal_the_staged_rows_at_every_level() {
                         }
                         assert_eq!(bits(&got), bits(&want), "{name} n={n} case {case} exp");
                         let lt = s.log_total();
-                        kept_shift_sub(level, xp, kp, got.as_mut_ptr(), n, s.max, lt, false);
+                        kept_shift_sub(
+                            level,
+                            (xp, Ahead::NONE),
+                            kp,
+                            got.as_mut_ptr(),
+                            n,
+                            s.max,
+                            lt,
+                            false,
+                        );
                         shift_sub(
                             level,
                             staged.as_ptr(),
-                            std::ptr::null(),
+                            Ahead::NONE,
                             want.as_mut_ptr(),
                             n,
                             s.max,
@@ -674,9 +692,10 @@ fn check_short_rows<T: crate::real::Real>(
     }
 }
 
-/// A row that hints the next one into cache ([`rows::Dense`]) computes the same bits as one
-/// that hints nothing, whether the hinted row is the real next one or lies past the end of
-/// the allocation (a hint never faults): states, kept terms and every row write.
+/// A row that hints the next one into cache ([`Ahead`]) computes the same bits as one that
+/// hints nothing, whether the hinted row is the real next one or lies past the end of the
+/// allocation (a hint never faults): states, kept terms and every row write, unmasked and
+/// read in place beside a mask (with the next row's mask bytes hinted too).
 #[test]
 fn hinting_the_next_row_changes_no_bits() {
     fn check<T: crate::real::Real>(level: Level, rng: &mut Rng) {
@@ -685,29 +704,42 @@ fn hinting_the_next_row_changes_no_bits() {
             let buf: Vec<T> = (0..2 * n)
                 .map(|_| T::from_f64(rng.uniform(-30.0, 30.0)))
                 .collect();
-            let x = buf.as_ptr();
-            let hints = [std::ptr::null(), x.wrapping_add(n), x.wrapping_add(2 * n)];
-            let run = |next: *const T| {
+            let mask: Vec<u8> = (0..2 * n).map(|k| u8::from(k % 7 != 3)).collect();
+            let (x, keep) = (buf.as_ptr(), mask.as_ptr());
+            let hints = [
+                Ahead::NONE,
+                Ahead::row(x.wrapping_add(n)),
+                Ahead {
+                    x: x.wrapping_add(n),
+                    keep: keep.wrapping_add(n),
+                },
+                Ahead {
+                    x: x.wrapping_add(2 * n),
+                    keep: keep.wrapping_add(2 * n),
+                },
+            ];
+            let run = |next: Ahead<T>, keep: *const u8| {
                 let mut terms = vec![0.0f64; n];
                 let (mut sm, mut e) = (vec![T::from_f64(0.0); n], vec![0.0f64; n]);
                 let (mut es, mut ss) = (vec![T::from_f64(0.0); n], vec![T::from_f64(0.0); n]);
-                let null = std::ptr::null();
-                // SAFETY: x holds 2n elements; every buffer holds n.
+                // SAFETY: x and the mask hold 2n elements; every buffer holds n.
                 unsafe {
-                    let st = row_state(level, x, n, false, next);
-                    let kept = row_state_stored(level, (x, next), null, n, terms.as_mut_ptr());
-                    let stored = softmax_stored(
-                        level,
-                        x,
-                        next,
-                        null,
-                        sm.as_mut_ptr(),
-                        n,
-                        e.as_mut_ptr(),
-                        false,
-                    );
-                    exp_scaled(level, x, next, es.as_mut_ptr(), n, st.max, 0.5, false);
-                    shift_sub(level, x, next, ss.as_mut_ptr(), n, st.max, 0.25, false);
+                    let st = if keep.is_null() {
+                        row_state(level, x, n, false, next)
+                    } else {
+                        kept_row_state(level, x, keep, n, next).unwrap_or(LseState::EMPTY)
+                    };
+                    let kept = row_state_stored(level, (x, next), keep, n, terms.as_mut_ptr());
+                    let (out, e) = (sm.as_mut_ptr(), e.as_mut_ptr());
+                    let stored = softmax_stored(level, x, next, keep, out, n, e, false);
+                    if keep.is_null() {
+                        exp_scaled(level, x, next, es.as_mut_ptr(), n, st.max, 0.5, false);
+                        shift_sub(level, x, next, ss.as_mut_ptr(), n, st.max, 0.25, false);
+                    } else {
+                        let (es, ss) = (es.as_mut_ptr(), ss.as_mut_ptr());
+                        kept_exp_scaled(level, (x, next), keep, es, n, st.max, 0.5, false);
+                        kept_shift_sub(level, (x, next), keep, ss, n, st.max, 0.25, false);
+                    }
                     let bits = |v: &[T]| v.iter().map(|t| t.to_f64().to_bits()).collect::<Vec<_>>();
                     let kept = kept.map(|(s, from)| (s.max.to_bits(), s.excess.to_bits(), from));
                     let state = (st.max.to_bits(), st.excess.to_bits());
@@ -715,9 +747,11 @@ fn hinting_the_next_row_changes_no_bits() {
                     (state, kept, terms, stored, bits(&sm), bits(&es), bits(&ss))
                 }
             };
-            let want = run(hints[0]);
-            for next in &hints[1..] {
-                assert!(run(*next) == want, "{} {n}", level.name());
+            for keep in [std::ptr::null(), keep] {
+                let want = run(Ahead::NONE, keep);
+                for next in &hints[1..] {
+                    assert!(run(*next, keep) == want, "{} {n}", level.name());
+                }
             }
         }
     }
@@ -758,14 +792,14 @@ fn kept_terms_give_the_two_exp_bits_at_every_level() {
             let kept = unsafe {
                 row_state_stored(
                     level,
-                    (x.as_ptr(), std::ptr::null()),
+                    (x.as_ptr(), Ahead::NONE),
                     std::ptr::null(),
                     n,
                     terms.as_mut_ptr(),
                 )
             };
             // SAFETY: as above.
-            let want = unsafe { row_state(level, x.as_ptr(), n, false, std::ptr::null()) };
+            let want = unsafe { row_state(level, x.as_ptr(), n, false, Ahead::NONE) };
             let Some((st, from)) = kept else {
                 assert_eq!(level, Level::Scalar, "{n}");
                 continue;
@@ -791,7 +825,7 @@ fn kept_terms_give_the_two_exp_bits_at_every_level() {
                 exp_scaled(
                     level,
                     x.as_ptr(),
-                    std::ptr::null(),
+                    Ahead::NONE,
                     e.as_mut_ptr(),
                     n,
                     st.max,
@@ -812,7 +846,7 @@ fn kept_terms_give_the_two_exp_bits_at_every_level() {
             let nan = unsafe {
                 row_state_stored(
                     level,
-                    (x.as_ptr(), std::ptr::null()),
+                    (x.as_ptr(), Ahead::NONE),
                     std::ptr::null(),
                     n,
                     terms.as_mut_ptr(),
@@ -853,7 +887,7 @@ fn peaked_rows_keep_their_tiny_excess_at_every_level() {
                 let want = unsafe { scalar::lse_state_two_pass(x.as_ptr(), 0, n, 1) };
                 for level in levels() {
                     // SAFETY: as above.
-                    let got = unsafe { row_state(level, x.as_ptr(), n, false, std::ptr::null()) };
+                    let got = unsafe { row_state(level, x.as_ptr(), n, false, Ahead::NONE) };
                     assert_eq!(got.max, want.max, "{} n={n} case {case}", level.name());
                     assert!(
                         agree(got.excess, want.excess, 1e-9),
