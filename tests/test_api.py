@@ -424,6 +424,10 @@ def test_algorithms_agree(rng):
 def test_bit_identical_for_any_thread_count(rng):
     x = rng.standard_normal((64, 3000)).astype(np.float32) * 20
     long_row = rng.standard_normal(300_000).astype(np.float32) * 20
+    # Rows long enough to be blocked: a row per task with 1 and 2 threads, one row at a time
+    # with its blocks in parallel with 3 (fewer than four rows a thread); float64, whose
+    # results show the order the blocks merge in.
+    long_rows = rng.standard_normal((9, 140_000)) * 20
     results = []
     try:
         for threads in [1, 2, 3]:
@@ -436,13 +440,26 @@ def test_bit_identical_for_any_thread_count(rng):
                     sl.log_softmax(x, axis=0),
                     sl.logsumexp(long_row),
                     sl.softmax(long_row),
+                    sl.logsumexp(long_rows, axis=1),
+                    sl.softmax(long_rows, axis=1),
+                    sl.log_softmax(long_rows, axis=1),
                 ]
             )
+        one_by_one = [
+            np.stack([f(row) for row in long_rows])
+            for f in (sl.logsumexp, sl.softmax, sl.log_softmax)
+        ]
     finally:
         sl.set_num_threads(0)
+
+    def bits(a):
+        return np.ascontiguousarray(a).view(np.uint8)
+
     for other in results[1:]:
         for a, b in zip(results[0], other):
-            assert np.array_equal(np.asarray(a).view(np.uint32), np.asarray(b).view(np.uint32))
+            assert np.array_equal(bits(a), bits(b))
+    for a, b in zip(results[0][-3:], one_by_one):
+        assert np.array_equal(bits(a), bits(b))
 
 
 def test_set_num_threads_validates():
