@@ -233,6 +233,26 @@ def test_determinism_across_thread_counts():
         assert g.tobytes() == res[0][1].tobytes()
 
 
+@pytest.mark.parametrize("n", [2048, 32768])
+def test_a_gradient_far_larger_than_the_caches_has_the_bits_of_smaller_calls(n):
+    # 64 MiB of float32 logits: the gradient rows are streamed, and rows of 32768 take a
+    # second exp rather than kept ones; the same rows in calls of a quarter of the size are
+    # written through the cache from kept exps. Loss "none" and gradient bits must agree.
+    rng = np.random.default_rng(11)
+    rows = (64 << 20) // (4 * n)
+    x = rng.normal(scale=4, size=(rows, n)).astype(np.float32)
+    t = rng.integers(0, n, size=rows)
+    t[1] = -100  # an ignored row: its gradient is filled with zeros
+    x[2, 5] = np.inf  # a row of NaN
+    loss, g = sl.cross_entropy(x, t, reduction="none", return_grad=True)
+    part = rows // 4
+    for k in range(4):
+        r = slice(k * part, (k + 1) * part)
+        lk, gk = sl.cross_entropy(x[r], t[r], reduction="none", return_grad=True)
+        assert lk.tobytes() == loss[r].tobytes()
+        assert gk.tobytes() == g[r].tobytes()
+
+
 def test_float32_loss_is_rounded_once():
     rng = np.random.default_rng(4)
     x = rng.normal(scale=5, size=(64, 513)).astype(np.float32)

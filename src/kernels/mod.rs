@@ -939,16 +939,22 @@ pub fn row_state_stored<T: Real>(
 }
 
 /// `out[k] = scale * terms[k]` over the shorter of the two: the write of [`row_exp_scaled`]
-/// from the terms [`row_state_stored`] kept (the same bits).
-pub fn row_scaled_terms<T: Real>(terms: &[f64], scale: f64, out: &mut [T]) {
+/// from the terms [`row_state_stored`] kept (the same bits). `stream` asks for non-temporal
+/// stores, as [`row_exp_scaled`]'s.
+pub fn row_scaled_terms<T: Real>(terms: &[f64], scale: f64, out: &mut [T], stream: bool) {
     let n = terms.len().min(out.len());
     // SAFETY: both slices hold at least n elements and are distinct borrows.
-    unsafe { simd::scaled_terms(simd::level(), terms.as_ptr(), out.as_mut_ptr(), n, scale) }
+    unsafe {
+        let (t, o) = (terms.as_ptr(), out.as_mut_ptr());
+        simd::scaled_terms(simd::level(), t, o, (n, scale), stream)
+    }
 }
 
 /// `out[k] = scale * exp(x[k] - shift)` over one contiguous row, at the process's SIMD level:
 /// the write pass of softmax (`shift = max`, `scale = 1 / S`) and of the loss gradients.
-pub fn row_exp_scaled<T: Real>(x: &[T], shift: f64, scale: f64, out: &mut [T]) {
+/// `stream` asks for non-temporal stores (an output far larger than the caches, not read
+/// again soon: [`streams`]) where the level has them.
+pub fn row_exp_scaled<T: Real>(x: &[T], shift: f64, scale: f64, out: &mut [T], stream: bool) {
     assert_eq!(
         x.len(),
         out.len(),
@@ -964,7 +970,7 @@ pub fn row_exp_scaled<T: Real>(x: &[T], shift: f64, scale: f64, out: &mut [T]) {
             x.len(),
             shift,
             scale,
-            false,
+            stream,
         )
     };
 }

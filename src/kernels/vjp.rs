@@ -90,7 +90,7 @@ pub fn softmax_like_backward<T: Real>(
                         }
                         Backward::LogSoftmax => {
                             // exp(y) * sum(dy) through the SIMD write primitive, then dy - that.
-                            row_exp_scaled(&yr[r.clone()], 0.0, dot, ob);
+                            row_exp_scaled(&yr[r.clone()], 0.0, dot, ob, false);
                             for (k, ok) in r.zip(ob.iter_mut()) {
                                 *ok = T::from_f64(dr[k].to_f64() - ok.to_f64());
                             }

@@ -527,7 +527,8 @@ pub(crate) unsafe fn row_state_stored<T: Real>(
 }
 
 /// `out[k] = scale * terms[k]` rounded once to `T`: the write of a softmax or a loss gradient
-/// from the terms [`row_state_stored`] kept (the same bits as [`exp_scaled`] from the row).
+/// from the terms [`row_state_stored`] kept (the same bits as [`exp_scaled`] from the row);
+/// `stream` as in [`map_row`].
 ///
 /// # Safety
 /// `n` readable float64 at `terms`, `n` writable elements at `out`.
@@ -535,13 +536,14 @@ pub(crate) unsafe fn scaled_terms<T: Real>(
     level: Level,
     terms: *const f64,
     out: *mut T,
-    n: usize,
-    scale: f64,
+    (n, scale): (usize, f64),
+    stream: bool,
 ) {
     // SAFETY: forwarded from the caller.
     unsafe {
-        run_kernel!(level, { terms: *const f64, out: *mut T, n: usize, scale: f64 } -> (),
-            |l| rows::map_row(l, terms, out, n, false, rows::Scale(scale)),
+        run_kernel!(level,
+            { terms: *const f64, out: *mut T, n: usize, scale: f64, stream: bool } -> (),
+            |l| rows::map_row(l, terms, out, n, stream, rows::Scale(scale)),
             scalar: {
                 for k in 0..n {
                     *out.add(k) = T::from_f64(scale * *terms.add(k));

@@ -819,8 +819,8 @@ fn kept_terms_give_the_two_exp_bits_at_every_level() {
                     level,
                     terms[from..].as_ptr(),
                     a[from..].as_mut_ptr(),
-                    n - from,
-                    scale,
+                    (n - from, scale),
+                    false,
                 );
                 exp_scaled(
                     level,

@@ -7,8 +7,8 @@ use crate::error::{try_vec, Error};
 use crate::half::Stored;
 use crate::kernels::blocking::{row_blocks, sum3, COLUMN_BLOCK};
 use crate::kernels::{
-    row_exp_scaled, row_scaled_terms, row_state, row_state_before, softmax_like, Algorithm,
-    Reduction,
+    row_exp_scaled, row_scaled_terms, row_state, row_state_before, softmax_like, streams,
+    Algorithm, Reduction,
 };
 use crate::layout::Batch;
 use crate::parallel::{self, SendPtr};
@@ -308,7 +308,12 @@ fn xent_rows<T: Real, C: Logits<T>>(
     let (n, pitch) = (batch.n, batch.outer_stride);
     let per = parallel::items_per_piece(n);
     if let Some(x) = logits.direct() {
-        let rows = RowsAt { x, pitch, base: 0 };
+        let rows = RowsAt {
+            x,
+            pitch,
+            base: 0,
+            stream: true,
+        };
         let g = grad_out.and_then(C::direct_out);
         return reduce_pieces(batch.outer, per, n, |range| {
             rows_piece(rows, targets, plan, alg, range, lanes_out, g)
@@ -339,6 +344,7 @@ fn xent_rows<T: Real, C: Logits<T>>(
             x: &xs,
             pitch: n,
             base: range.start,
+            stream: false,
         };
         let g = grad_out.map(|_| SendPtr(gs.as_mut_ptr()));
         let sums = rows_piece(rows, &piece_targets, plan, alg, range.clone(), lanes_out, g)?;
@@ -352,12 +358,14 @@ fn xent_rows<T: Real, C: Logits<T>>(
 }
 
 /// Rows of the logits from lane `base` on: lane `l`'s row at `x[(l - base) * pitch..][..n]`,
-/// its gradient row at `(l - base) * n` of the dense gradient given with it.
+/// its gradient row at `(l - base) * n` of the dense gradient given with it; `stream` as
+/// [`LaneBlock`]'s.
 #[derive(Clone, Copy)]
 struct RowsAt<'a, T> {
     x: &'a [T],
     pitch: usize,
     base: usize,
+    stream: bool,
 }
 
 /// The lanes `range` of [`xent_rows`] (one piece): their `(main, lse^2)` sums in lane order,
@@ -377,6 +385,7 @@ fn rows_piece<T: Real>(
         x: logits,
         pitch,
         base,
+        stream,
     } = rows;
     let mut acc = (0.0f64, 0.0f64);
     let mut bufs = BlockBuffers::new();
@@ -431,6 +440,7 @@ fn rows_piece<T: Real>(
             w,
             l0,
             mask: None,
+            stream,
         };
         lanes_block(plan, targets, block, alg, &mut bufs, lanes_out, g, &mut acc)?;
         l0 += w;
@@ -680,7 +690,7 @@ fn redo_lane<T: Real>(
     let sums = row_sums(plan, row, target, None, row_state(row, alg));
     if let Some(g) = g {
         let lg = lane_grad(plan, target, &sums);
-        write_row_grad(plan, row, None, None, lg, g, None);
+        write_row_grad(plan, row, None, None, lg, g, None, false);
         if let Some(m) = mask {
             // NaN and zero fills reach every class; a masked one's gradient is 0.
             for (k, gk) in g.iter_mut().enumerate() {
@@ -742,6 +752,8 @@ fn fixed_sum(v: &[f64]) -> f64 {
 /// `w` lanes of the logits laid out as rows, lane `l0 + i` at `x[i * pitch..][..n]` (its
 /// probabilities at the same place in `q`), for the per-lane path (not the fused short-row
 /// loss). Under `where=` the lanes are staged (a masked class `-inf`) with their `mask`.
+/// `stream`: the gradient rows go where the caller asked, not to a buffer, and may be
+/// streamed ([`streams_grad`]).
 #[derive(Clone, Copy)]
 struct LaneBlock<'a, T> {
     x: &'a [T],
@@ -751,6 +763,7 @@ struct LaneBlock<'a, T> {
     w: usize,
     l0: usize,
     mask: Option<LaneMask<'a>>,
+    stream: bool,
 }
 
 impl<'a, T> LaneBlock<'a, T> {
@@ -786,12 +799,22 @@ impl<T> BlockBuffers<T> {
     }
 }
 
-/// Whether the gradient of rows of `n` classes is written from the exps their states pass
-/// kept ([`crate::kernels::row_state_stored`]), not from a second exp of each logit: two-pass
-/// rows longer than the short-row kernels' whose exps fit L2. The same bits either way.
-fn keeps_terms(n: usize, alg: Algorithm) -> bool {
-    n > SHORT_ROW && n <= crate::simd::STORED_ROW && alg != Algorithm::Online
+/// Whether the gradient of the rows of `plan` (`n` classes) is written from the exps their
+/// states pass kept ([`crate::kernels::row_state_stored`]), not from a second exp of each
+/// logit: two-pass rows longer than the short-row kernels' whose exps fit L2, and, of
+/// logits far larger than the caches ([`streams`]), at most [`KEPT_TERMS_FROM_DRAM`] long.
+/// The same bits either way.
+fn keeps_terms<T: Real>(plan: &Plan<'_, T>, n: usize, alg: Algorithm) -> bool {
+    let long = n > KEPT_TERMS_FROM_DRAM && streams::<T>(&plan.batch);
+    n > SHORT_ROW && n <= crate::simd::STORED_ROW && !long && alg != Algorithm::Online
 }
+
+/// The longest rows from DRAM whose gradient is written from kept exps: longer ones, whose
+/// float64 terms (8 bytes an element, 128 KiB here) share L2 with the row, the next row's
+/// hinted lines and the gradient, took longer than a second exp from the row (float32 from
+/// DRAM, 2 threads, ns per element: rows of 16384 0.76 -> 0.61, 32768 0.76 -> 0.57; 8192
+/// level; in L2, rows of 32768, the kept exps stay ahead, 0.50 against 0.535).
+const KEPT_TERMS_FROM_DRAM: usize = 8192;
 
 /// The losses (added to `acc`, "none" losses to `lanes_out`) and, with `g` (`w * n`, dense),
 /// the gradients of one [`LaneBlock`]. Rows and columns (transposed into rows) both come
@@ -843,7 +866,7 @@ fn lanes_block<T: Real>(
     // Masked rows read in place (their masked classes loaded as `-inf`).
     let in_place = mask.filter(|m| m.in_place());
     match g {
-        Some(g) if keeps_terms(n, alg) => {
+        Some(g) if keeps_terms(plan, n, alg) => {
             // One row at a time: its state keeps the exps, its gradient is written from them.
             if bufs.terms.len() < n {
                 bufs.terms = try_vec(n, 0.0)?;
@@ -866,7 +889,7 @@ fn lanes_block<T: Real>(
                 let lg = lane(i, state, true);
                 let from = kept.map(|(_, from)| (&terms[..], from));
                 let gi = &mut g[i * n..(i + 1) * n];
-                write_row_grad(plan, x, probs, b.keep(i), lg, gi, from);
+                write_row_grad(plan, x, probs, b.keep(i), lg, gi, from, b.stream);
             }
         }
         g => {
@@ -930,7 +953,7 @@ fn block_grads<T: Real>(
         for (i, &lg) in grads.iter().enumerate() {
             let (x, probs) = b.lane(i);
             let gi = &mut g[i * n..(i + 1) * n];
-            write_row_grad(plan, x, probs, b.keep(i), lg, gi, None);
+            write_row_grad(plan, x, probs, b.keep(i), lg, gi, None, b.stream);
         }
         return Ok(());
     }
@@ -1071,6 +1094,7 @@ fn row_sums<T: Real>(
 
 /// Writes one row's gradient (dense, `g.len() == x.len()`), with 0 at the classes `keep`
 /// masks when given (`x` then holds `-inf` there, as staged).
+#[allow(clippy::too_many_arguments)]
 fn write_row_grad<T: Real>(
     plan: &Plan<'_, T>,
     x: &[T],
@@ -1079,7 +1103,12 @@ fn write_row_grad<T: Real>(
     lg: LaneGrad,
     g: &mut [T],
     terms: Option<(&[f64], usize)>,
+    stream: bool,
 ) {
+    // Written once and not read back here (no correction pass, no mask): streamed where the
+    // gradient is the caller's and far larger than the caches, as softmax outputs are.
+    let stream = stream && streams_grad(plan) && probs.is_none() && keep.is_none();
+    let stream = stream && lg.corr == 0.0;
     if let Some(v) = lg.fill {
         g.fill(T::from_f64(v));
         if let Some(keep) = keep {
@@ -1097,9 +1126,9 @@ fn write_row_grad<T: Real>(
         let split = from.clamp(r.start, r.end);
         let (head, tail) = gb.split_at_mut(split - r.start);
         // A masked class (`-inf`) gets exp 0: the vector exps zero underflowing lanes at no cost.
-        row_exp_scaled(&x[r.start..split], lg.shift, lg.scale, head);
+        row_exp_scaled(&x[r.start..split], lg.shift, lg.scale, head, stream);
         if !tail.is_empty() {
-            row_scaled_terms(&e[split..r.end], lg.scale, tail);
+            row_scaled_terms(&e[split..r.end], lg.scale, tail, stream);
         }
         let probs = probs.map(|q| &q[r.clone()]);
         let w = plan.weight.map(|w| &w[r.clone()]);
@@ -1119,6 +1148,13 @@ fn write_row_grad<T: Real>(
     if let Some((t, gt)) = lg.target {
         g[t] = T::from_f64(gt);
     }
+}
+
+/// Whether the gradient rows of `plan` may be written with non-temporal stores where they go
+/// to the caller's gradient ([`LaneBlock`]): rows over the last axis of an output that
+/// [`streams`] decides, as a softmax of the logits' shape would be.
+fn streams_grad<T: Real>(plan: &Plan<'_, T>) -> bool {
+    plan.batch.inner == 1 && streams::<T>(&plan.batch)
 }
 
 /// Sets `g[k]` to 0 where `keep[k] == 0` (a vector select).
@@ -1262,6 +1298,7 @@ fn xent_columns<T: Real, C: Logits<T>>(
                     w,
                     l0: o * inner + j0,
                     mask: None,
+                    stream: false,
                 };
                 let g = grad_out.map(|_| &mut gs[..w * n]);
                 lanes_block(plan, targets, block, alg, &mut bufs, lanes_out, g, &mut acc)?;

@@ -670,6 +670,7 @@ pub(super) fn xent_masked<T: Real, C: Logits<T>>(
                         kept: &st.kept,
                         in_place: true,
                     }),
+                    stream: false,
                 };
                 lanes_block(plan, targets, block, alg, &mut bufs, lanes_out, g, &mut acc)?;
             } else {
@@ -689,6 +690,7 @@ pub(super) fn xent_masked<T: Real, C: Logits<T>>(
                         kept: &st.kept,
                         in_place: false,
                     }),
+                    stream: false,
                 };
                 lanes_block(plan, targets, block, alg, &mut bufs, lanes_out, g, &mut acc)?;
             }
