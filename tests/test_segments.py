@@ -898,7 +898,11 @@ def test_scatter_boundary_gives_results_within_the_bound_on_both_sides(count):
     excess = stablelse._core.segment_states(x[:, None], segment_ids=ids, num_segments=count)[1]
     want_excess = stablelse._core.segment_states(x[order][:, None], offsets=offsets)[1]
     same = np.array_equal(_bits(excess[dense]), _bits(want_excess[dense]))
-    assert same == (count > SCATTER_MAX_SEGMENTS)
+    if stablelse._core.simd_level() == "scalar":
+        # The scalar level's sorted path sums each segment in array order too.
+        assert same
+    else:
+        assert same == (count > SCATTER_MAX_SEGMENTS)
 
 
 def test_float64_long_unsorted_segment_keeps_the_sorted_states():

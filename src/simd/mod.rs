@@ -1395,6 +1395,17 @@ pub(crate) fn names_class(v: i64, ignore: i64, n: u64) -> bool {
     (v != ignore) & ((v as u64) < n)
 }
 
+/// The class a target `v` that [`names_class`] accepted names, bounded below `n` by the
+/// arithmetic that produces it. Targets are read where they lie, possibly while another
+/// thread writes them, and the compiler may load `v` again for each use (the vectorised
+/// loops of AVX2 did: the class came from a second load the check had not seen, and the
+/// loss read outside its row). A class made this way is below `n` whatever was loaded: a
+/// changed result, never an index outside the row.
+#[inline(always)]
+pub(crate) fn bounded_class(v: i64, n: u64) -> u64 {
+    (v as u64).min(n.saturating_sub(1))
+}
+
 /// How many of the class targets `t` are kept (not `ignore`), and whether a kept one is
 /// outside `[0, n)`: one branch-free scan, compiled for `level` (where it vectorises).
 pub(crate) fn count_targets(level: Level, t: &[i64], ignore: i64, n: u64) -> (usize, bool) {
@@ -1437,7 +1448,11 @@ pub(crate) fn unweighted_classes(
     fn fill(t: &[i64], ignore: i64, n: u64, ignored: u32, class: &mut [u32], weight: &mut [f64]) {
         for ((c, w), &v) in class.iter_mut().zip(weight.iter_mut()).zip(t) {
             let kept = names_class(v, ignore, n);
-            *c = if kept { v as u32 } else { ignored };
+            *c = if kept {
+                bounded_class(v, n) as u32
+            } else {
+                ignored
+            };
             *w = if kept { 1.0 } else { 0.0 };
         }
     }

@@ -297,7 +297,7 @@ pub(super) fn lane_target<T>(
         Targets::Indices(t) => {
             let v = t[l];
             if crate::simd::names_class(v, ignore_index, n as u64) {
-                LaneTarget::Class(v as usize)
+                LaneTarget::Class(crate::simd::bounded_class(v, n as u64) as usize)
             } else {
                 LaneTarget::Ignored
             }
@@ -332,8 +332,9 @@ pub(super) fn lane_classes<T: Real>(
         Some(weights) => {
             for ((c, w), &v) in class.iter_mut().zip(weight.iter_mut()).zip(t) {
                 let kept = crate::simd::names_class(v, ignore, n);
-                *c = if kept { v as u32 } else { ignored };
-                *w = match weights.get(v as usize) {
+                let class = crate::simd::bounded_class(v, n);
+                *c = if kept { class as u32 } else { ignored };
+                *w = match weights.get(class as usize) {
                     Some(wv) if kept => wv.to_f64(),
                     _ => 0.0,
                 };
