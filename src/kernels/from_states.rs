@@ -7,7 +7,7 @@
 
 use crate::error::Error;
 use crate::half::Stored;
-use crate::kernels::{masked, write_row, Reduction};
+use crate::kernels::{masked, next_row, write_row, Reduction};
 use crate::layout::Batch;
 use crate::parallel::{self, SendPtr};
 use crate::real::Real;
@@ -59,11 +59,7 @@ pub fn softmax_like_from_states<T: Real>(
     parallel::for_each_piece(batch.outer, 2 * n.max(1), |range| {
         for r in range.clone() {
             // The next row of the piece, hinted into cache as this one is written.
-            let next = if r + 1 < range.end {
-                xp.ptr().wrapping_add((r + 1) * pitch) as *const T
-            } else {
-                std::ptr::null()
-            };
+            let next = next_row(xp.ptr(), &batch, r, range.end);
             // SAFETY: row r lies inside x (checked by `batch.check`) and owns row r of the dense
             // out (length checked); `level` is the detected one; out does not alias x.
             unsafe {

@@ -326,7 +326,7 @@ pub unsafe fn softmax_like_rows_in_place<T: Real>(
                     Some(s) => s,
                     None => staged_state(xr, kr, or, n, alg),
                 };
-                write_kept((xr, Ahead::NONE), kr, or, n, s, what, stream);
+                write_kept(xr, kr, or, n, s, what, stream);
             }
         }
     });
@@ -380,7 +380,7 @@ pub unsafe fn softmax_like_long_rows_in_place<T: Real>(
                 let (xr, kr, or) = at(r, c);
                 let len = block.min(n - c * block);
                 // SAFETY: as above.
-                unsafe { write_kept((xr, Ahead::NONE), kr, or, len, state, what, stream) };
+                unsafe { write_kept(xr, kr, or, len, state, what, stream) };
             }
         });
     }
@@ -415,7 +415,7 @@ unsafe fn staged_state<T: Real>(
 /// # Safety
 /// As [`staged_state`].
 unsafe fn write_kept<T: Real>(
-    (x, next): (*const T, Ahead<T>),
+    x: *const T,
     keep: *const u8,
     out: *mut T,
     n: usize,
@@ -430,11 +430,29 @@ unsafe fn write_kept<T: Real>(
             match what {
                 Reduction::Softmax => {
                     let scale = 1.0 / s.total();
-                    simd::kept_exp_scaled(level, (x, next), keep, out, n, s.max, scale, stream)
+                    simd::kept_exp_scaled(
+                        level,
+                        (x, Ahead::NONE),
+                        keep,
+                        out,
+                        n,
+                        s.max,
+                        scale,
+                        stream,
+                    )
                 }
                 Reduction::LogSoftmax => {
                     let log_total = super::log_total_at::<T>(level, s);
-                    simd::kept_shift_sub(level, (x, next), keep, out, n, s.max, log_total, stream)
+                    simd::kept_shift_sub(
+                        level,
+                        (x, Ahead::NONE),
+                        keep,
+                        out,
+                        n,
+                        s.max,
+                        log_total,
+                        stream,
+                    )
                 }
             }
             return;

@@ -101,7 +101,7 @@ fn lane(batch: &Batch, l: usize) -> Lane {
 /// Where row `l + 1` of a row batch (`inner == 1`) starts when it is below `end` (a thread's
 /// piece reads it after row `l`), else null: the row kernels hint it into cache while they
 /// compute row `l` ([`simd::row_state`]). Only an address: nothing is read here.
-fn next_row<T>(x: *mut T, batch: &Batch, l: usize, end: usize) -> *const T {
+pub(crate) fn next_row<T>(x: *mut T, batch: &Batch, l: usize, end: usize) -> *const T {
     row_at(x, batch, l + 1, end)
 }
 

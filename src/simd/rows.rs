@@ -440,7 +440,7 @@ impl Sum {
 /// Fused with the max of the `qn` elements of the *next* block at `q`: the next block's DRAM
 /// loads are issued while this block's exps run from L1, so memory and arithmetic overlap
 /// instead of taking turns. Each step hints the next row's element at its position
-/// ([`Dense`]).
+/// ([`Ahead`]).
 ///
 /// # Safety
 /// `n` readable elements at `p`, `qn` at `q`; with [`Sum::WholeUnclamped`], none below
