@@ -303,7 +303,41 @@ pub unsafe fn softmax_like_rows_in_place<T: Real>(
         };
         return;
     }
-    let stored = softmax && n <= simd::STORED_ROW;
+    if !softmax {
+        // log_softmax: the states of up to eight rows, their log totals in one vector, then
+        // their writes, as the unmasked rows take them (a vector log1p a row, waited on
+        // before its write, cost float32 rows of 256 under a mask a sixth of their time).
+        // Every row of a chunk is read (its state) before any is written. Rows one at a time
+        // hint the next one; rows in eights hint nothing, as unmasked.
+        let chunk = super::log_total_chunk::<T>(n);
+        let (mut states, mut logs) = ([LseState::EMPTY; 8], [0.0; 8]);
+        for r0 in (0..rows).step_by(chunk) {
+            let k = chunk.min(rows - r0);
+            // SAFETY: as below, for rows r0..r0 + k.
+            unsafe {
+                for (j, s) in states[..k].iter_mut().enumerate() {
+                    let r = r0 + j;
+                    let (xr, kr, or) = (x.add(r * n), keep.add(r * lane), out.add(r * n));
+                    let next = match chunk {
+                        1 => next_kept(xr, kr, (n, lane), r, rows),
+                        _ => Ahead::NONE,
+                    };
+                    *s = match simd::kept_row_state(level, xr, kr, n, next) {
+                        Some(s) => s,
+                        None => staged_state(xr, kr, or, n, alg),
+                    };
+                }
+                simd::states_log_totals::<T>(level, &states[..k], &mut logs[..k]);
+                for (j, (&s, &lt)) in states[..k].iter().zip(&logs[..k]).enumerate() {
+                    let r = r0 + j;
+                    let (xr, kr, or) = (x.add(r * n), keep.add(r * lane), out.add(r * n));
+                    write_kept(xr, kr, or, n, (s, lt), what, stream);
+                }
+            }
+        }
+        return;
+    }
+    let stored = n <= simd::STORED_ROW;
     super::with_exp_scratch(if stored { n } else { 0 }, |e| {
         for r in 0..rows {
             // SAFETY: row r's n elements of x, out and the mask (the caller's contract); the
@@ -326,7 +360,7 @@ pub unsafe fn softmax_like_rows_in_place<T: Real>(
                     Some(s) => s,
                     None => staged_state(xr, kr, or, n, alg),
                 };
-                write_kept(xr, kr, or, n, s, what, stream);
+                write_kept(xr, kr, or, n, (s, 0.0), what, stream);
             }
         }
     });
@@ -375,12 +409,13 @@ pub unsafe fn softmax_like_long_rows_in_place<T: Real>(
             }
         });
         let state = states.into_iter().fold(LseState::EMPTY, |a, s| a.merge(s));
+        let lt = super::write_log_total::<T>(simd::level(), state, what);
         parallel::for_each_piece(chunks, block, |range| {
             for c in range {
                 let (xr, kr, or) = at(r, c);
                 let len = block.min(n - c * block);
                 // SAFETY: as above.
-                unsafe { write_kept(xr, kr, or, len, state, what, stream) };
+                unsafe { write_kept(xr, kr, or, len, (state, lt), what, stream) };
             }
         });
     }
@@ -408,9 +443,10 @@ unsafe fn staged_state<T: Real>(
 }
 
 /// Writes softmax or log_softmax of a `where=` row read in place from its kept elements'
-/// `state`: with a finite max, one pass that applies the mask as `x` is loaded; otherwise the
-/// row is staged into `out` and written by the reference writers, the masked positions then
-/// set, as the staged path does.
+/// `state` (and, for log_softmax, its `log S`, [`super::write_log_total`]): with a finite
+/// max, one pass that applies the mask as `x` is loaded; otherwise the row is staged into
+/// `out` and written by the reference writers, the masked positions then set, as the staged
+/// path does.
 ///
 /// # Safety
 /// As [`staged_state`].
@@ -419,7 +455,7 @@ unsafe fn write_kept<T: Real>(
     keep: *const u8,
     out: *mut T,
     n: usize,
-    s: LseState,
+    (s, log_total): (LseState, f64),
     what: Reduction,
     stream: bool,
 ) {
@@ -441,19 +477,16 @@ unsafe fn write_kept<T: Real>(
                         stream,
                     )
                 }
-                Reduction::LogSoftmax => {
-                    let log_total = super::log_total_at::<T>(level, s);
-                    simd::kept_shift_sub(
-                        level,
-                        (x, Ahead::NONE),
-                        keep,
-                        out,
-                        n,
-                        s.max,
-                        log_total,
-                        stream,
-                    )
-                }
+                Reduction::LogSoftmax => simd::kept_shift_sub(
+                    level,
+                    (x, Ahead::NONE),
+                    keep,
+                    out,
+                    n,
+                    s.max,
+                    log_total,
+                    stream,
+                ),
             }
             return;
         }

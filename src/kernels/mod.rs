@@ -563,11 +563,7 @@ unsafe fn softmax_like_raw<T: Real>(
         // rows of 100); longer rows, whose eight would leave L1 before their writes, one by
         // one. Writing each chunk only after the next one's states (so that no write waits
         // on its log1p) measured no faster.
-        let chunk = if 8 * n * std::mem::size_of::<T>() <= LOG_TOTAL_CHUNK_BYTES {
-            8
-        } else {
-            1
-        };
+        let chunk = log_total_chunk::<T>(n);
         parallel::for_each_piece(batch.count(), 2 * n.max(1), |range| {
             let (mut states, mut logs) = ([LseState::EMPTY; 8], [0.0; 8]);
             for r0 in range.clone().step_by(chunk) {
@@ -703,6 +699,26 @@ fn with_exp_scratch<R>(n: usize, f: impl FnOnce(Option<*mut f64>) -> R) -> R {
 /// of 16 KiB were slower (500 elements 0.47 / 0.58, 1000 in fours 0.40 / 0.47).
 const LOG_TOTAL_CHUNK_BYTES: usize = 10 << 10;
 
+/// How many log_softmax rows of `n` elements take their log totals in one vector: eight
+/// where eight rows fit [`LOG_TOTAL_CHUNK_BYTES`], else one.
+pub(crate) fn log_total_chunk<T>(n: usize) -> usize {
+    if 8 * n * std::mem::size_of::<T>() <= LOG_TOTAL_CHUNK_BYTES {
+        8
+    } else {
+        1
+    }
+}
+
+/// `log S` of a log_softmax row's state for its write ([`log_total_at`]); 0 (unused) for
+/// softmax and where the max is not finite.
+pub(crate) fn write_log_total<T: Real>(level: Level, s: LseState, what: Reduction) -> f64 {
+    if what == Reduction::LogSoftmax && s.max.is_finite() {
+        log_total_at::<T>(level, s)
+    } else {
+        0.0
+    }
+}
+
 /// Softmax or log_softmax of `n` contiguous elements given the row's finished state.
 ///
 /// # Safety
@@ -716,11 +732,7 @@ pub(crate) unsafe fn write_row<T: Real>(
     what: Reduction,
     stream: bool,
 ) {
-    let log_total = if what == Reduction::LogSoftmax && state.max.is_finite() {
-        log_total_at::<T>(level, state)
-    } else {
-        0.0
-    };
+    let log_total = write_log_total::<T>(level, state, what);
     // SAFETY: forwarded from the caller.
     unsafe { write_row_with(level, x, out, n, state, log_total, what, stream) }
 }
