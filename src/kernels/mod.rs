@@ -102,13 +102,8 @@ fn lane(batch: &Batch, l: usize) -> Lane {
 /// piece reads it after row `l`), else null: the row kernels hint it into cache while they
 /// compute row `l` ([`simd::row_state`]). Only an address: nothing is read here.
 pub(crate) fn next_row<T>(x: *mut T, batch: &Batch, l: usize, end: usize) -> *const T {
-    row_at(x, batch, l + 1, end)
-}
-
-/// Where row `l` of a row batch starts when it is below `end`, else null ([`next_row`]).
-fn row_at<T>(x: *mut T, batch: &Batch, l: usize, end: usize) -> *const T {
-    if batch.inner == 1 && l < end {
-        x.wrapping_add(lane(batch, l).start)
+    if batch.inner == 1 && l + 1 < end {
+        x.wrapping_add(lane(batch, l + 1).start)
     } else {
         null()
     }
