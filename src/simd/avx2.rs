@@ -408,11 +408,19 @@ unsafe impl Lanes for Avx2 {
     }
     #[inline(always)]
     unsafe fn load_tail<T: Real>(self, p: *const T, n: usize) -> __m256d {
-        let mut buf = [T::NEG_INFINITY; 4];
-        // SAFETY: the caller guarantees n < 4 readable elements.
+        // A masked load rather than a copy into a buffer loaded whole: that load would wait
+        // for the copy's narrower stores to reach the cache.
+        // SAFETY: masked lanes are not accessed; the first n < 4 are readable.
         unsafe {
-            std::ptr::copy_nonoverlapping(p, buf.as_mut_ptr(), n);
-            self.load(buf.as_ptr())
+            let lanes = _mm_cmpgt_epi32(_mm_set1_epi32(n as i32), _mm_setr_epi32(0, 1, 2, 3));
+            let v = if T::FULL {
+                _mm256_maskload_pd(p as *const f64, _mm256_cvtepi32_epi64(lanes))
+            } else {
+                _mm256_cvtps_pd(_mm_maskload_ps(p as *const f32, lanes))
+            };
+            let ninf = _mm256_set1_pd(f64::NEG_INFINITY);
+            let inside = _mm256_castsi256_pd(_mm256_cvtepi32_epi64(lanes));
+            _mm256_blendv_pd(ninf, v, inside)
         }
     }
     #[inline(always)]

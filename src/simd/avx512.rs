@@ -549,6 +549,14 @@ unsafe impl Lanes for Avx512 {
         }
     }
     #[inline(always)]
+    unsafe fn kept_tail(self, keep: *const u8, n: usize) -> __mmask8 {
+        // SAFETY: the masked bytes are not accessed; the first n < 8 are readable.
+        unsafe {
+            let b = _mm_maskz_loadu_epi8(tail_mask8(n) as __mmask16, keep as *const i8);
+            _mm_test_epi8_mask(b, b) as __mmask8
+        }
+    }
+    #[inline(always)]
     unsafe fn load<T: Real>(self, p: *const T) -> __m512d {
         // SAFETY: the caller guarantees 8 readable elements.
         unsafe {

@@ -79,6 +79,21 @@ pub unsafe trait Lanes: Copy {
         }
         self.eq(self.of_lanes(&a), self.splat(1.0))
     }
+    /// [`Lanes::kept`] of the `n < N` mask bytes at `keep` (the other lanes not kept). The
+    /// bytes are gathered into bits rather than copied into a word and loaded: a load of
+    /// bytes just stored one by one waits for them to reach the cache.
+    ///
+    /// # Safety
+    /// `n` readable bytes at `keep`.
+    #[inline(always)]
+    unsafe fn kept_tail(self, keep: *const u8, n: usize) -> Self::M {
+        let mut bits = 0u8;
+        for k in 0..n.min(8) {
+            // SAFETY: byte k < n is readable.
+            bits |= u8::from(unsafe { *keep.add(k) } != 0) << k;
+        }
+        self.lanes_of_bits(bits)
+    }
     /// The lanes whose bit is set in `bits` (bit `r` for lane `r`).
     #[inline(always)]
     fn lanes_of_bits(self, bits: u8) -> Self::M {

@@ -265,21 +265,6 @@ pub(crate) struct Masked<T> {
     pub next: Ahead<T>,
 }
 
-/// The lanes of `n < N` mask bytes at `keep` (the others masked).
-///
-/// # Safety
-/// `n` readable bytes at `keep`.
-#[inline(always)]
-unsafe fn kept_tail<L: Lanes>(l: L, keep: *const u8, n: usize) -> L::M {
-    // Only n mask bytes are readable: copy them into a zeroed vector's worth.
-    let mut b = [0u8; 8];
-    // SAFETY: forwarded from the caller; n < N <= 8.
-    unsafe {
-        std::ptr::copy_nonoverlapping(keep, b.as_mut_ptr(), n);
-        l.kept(b.as_ptr())
-    }
-}
-
 /// `N` elements of `x` at `i`, `fill` where the mask bytes at `keep + i` are 0.
 ///
 /// # Safety
@@ -312,7 +297,7 @@ unsafe fn load_kept_tail<L: Lanes, T: Real>(
     // SAFETY: forwarded from the caller.
     unsafe {
         let v = l.load_tail(x.add(i), n);
-        l.select(kept_tail(l, keep.add(i), n), v, l.splat(fill))
+        l.select(l.kept_tail(keep.add(i), n), v, l.splat(fill))
     }
 }
 
@@ -358,7 +343,7 @@ impl<T: Real> Load for Masked<T> {
     #[inline(always)]
     unsafe fn written_tail<L: Lanes>(self, l: L, i: usize, n: usize, y: L::V) -> L::V {
         // SAFETY: forwarded from the caller.
-        unsafe { l.select(kept_tail(l, self.keep.add(i), n), y, l.splat(self.value)) }
+        unsafe { l.select(l.kept_tail(self.keep.add(i), n), y, l.splat(self.value)) }
     }
 }
 
