@@ -100,6 +100,7 @@ impl<'a, T: Copy> Rows<'a, T> {
                     rows: g,
                     n: len.iter().fold(0, |a, &b| a.max(b as usize)),
                     room: n,
+                    ahead: (std::ptr::null(), 0),
                 }
             }
         }
@@ -114,12 +115,20 @@ impl<'a, T: Copy> Rows<'a, T> {
         }
     }
 
-    /// Hints the group of rows after rows `r..r + g` into L1 (`left` rows follow them);
-    /// ragged rows are hinted by their caller.
+    /// Hints the group of rows after rows `r..r + g` into L1 (`left` rows follow them):
+    /// returns it as a span for `grp` to hint as it loads its columns where the rows are
+    /// dense, else hints it now; ragged rows are hinted by their caller.
     #[inline(always)]
-    fn prefetch_next<L: Lanes>(self, r: usize, g: usize, n: usize, left: usize) {
+    fn prefetch_next<L: Lanes>(
+        self,
+        grp: &mut Group<'_, T>,
+        r: usize,
+        g: usize,
+        n: usize,
+        left: usize,
+    ) {
         if let Rows::Pitched { x, pitch } = self {
-            prefetch_next_group::<L, T>(x.wrapping_add(r * pitch), g, n, pitch, left);
+            next_group::<L, T>(grp, x.wrapping_add(r * pitch), g, n, pitch, left);
         }
     }
 }
@@ -135,6 +144,9 @@ struct Group<'a, T> {
     /// Elements readable from each row's start (at least `n`): a load may read whole
     /// vectors within it.
     room: usize,
+    /// Bytes to hint into L1 while the group's columns are loaded (the next group's span),
+    /// a share of them at each column block: `(start, bytes)`, 0 bytes for none.
+    ahead: (*const u8, usize),
 }
 
 impl<T: Copy> Group<'_, T> {
@@ -148,6 +160,7 @@ impl<T: Copy> Group<'_, T> {
             n,
             // From the start of the group's last row to the end of the span's.
             room: (span - rows) * pitch + n,
+            ahead: (std::ptr::null(), 0),
         }
     }
 
@@ -214,8 +227,16 @@ unsafe fn group_state<L: Lanes, T: Real>(
         Rows::Pitched { .. } => None,
     };
     let ninf = l.splat(f64::NEG_INFINITY);
+    let blocks = n.div_ceil(L::N);
     for c0 in (0..n).step_by(L::N) {
         let w = (n - c0).min(L::N);
+        if grp.ahead.1 > 0 {
+            // This block's share of the hinted span: a few lines per block rather than the
+            // whole span at once, which would queue behind the block's own loads.
+            let (j, bytes) = (c0 / L::N, grp.ahead.1);
+            let (lo, hi) = (bytes * j / blocks, bytes * (j + 1) / blocks);
+            super::prefetch_span(grp.ahead.0.wrapping_add(lo), hi - lo);
+        }
         // SAFETY: the caller's contract; buf holds n entries or more. A full group
         // passes the constant N, so the per-row checks of the load fold away.
         unsafe {
@@ -389,7 +410,11 @@ unsafe fn group_state_kept<L: Lanes, T: Real>(
         {
             let s = staged.as_mut_ptr() as *mut T;
             select_kept(l, grp.row(0), mask.keep, s, rows * n, f64::NEG_INFINITY);
-            return group_state(l, Group::pitched(s, n, rows, n, rows), buf, keep, None);
+            let staged = Group {
+                ahead: grp.ahead,
+                ..Group::pitched(s, n, rows, n, rows)
+            };
+            return group_state(l, staged, buf, keep, None);
         }
         group_state(l, grp, buf, keep, Some(mask))
     }
@@ -500,8 +525,10 @@ impl<'a, T: Real> Source<'a, T> {
         kind: Keep,
         staged: &mut [MaybeUninit<T>],
     ) -> (L::V, L::V, u8) {
+        let mut grp = self.group(r, g);
         if self.hint {
-            self.x.prefetch_next::<L>(r, g, self.n, self.rows - r - g);
+            self.x
+                .prefetch_next::<L>(&mut grp, r, g, self.n, self.rows - r - g);
         }
         // The mask rows from row r on are readable.
         let keep = self.keep.map(|k| {
@@ -509,7 +536,7 @@ impl<'a, T: Real> Source<'a, T> {
             (k.keep.wrapping_add(r * k.lane), k.lane, bytes)
         });
         // SAFETY: forwarded from the caller.
-        unsafe { group_state_of(l, self.group(r, g), keep, buf, kind, staged) }
+        unsafe { group_state_of(l, grp, keep, buf, kind, staged) }
     }
 
     /// The reference state of row `k` of `grp`, the group of rows from `r`.
@@ -958,8 +985,12 @@ unsafe fn write_state_row<L: Lanes, T: Real>(
 }
 
 /// Rows up to this long take [`xent_index`]: longer than [`SHORT_ROW`], since a loss
-/// row's horizontal reductions and per-row scalar work cost more than a softmax's.
-pub(crate) const SHORT_LOSS_ROW: usize = 2 * SHORT_ROW;
+/// row's horizontal reductions and per-row scalar work cost more than a softmax's. (float32,
+/// AVX-512, ns per element, short rows against the row kernels: one thread in L2, rows of 150
+/// 0.30 / 0.43 and with the gradient 0.50 / 0.91, rows of 256 0.27 / 0.35 and 0.46 / 0.67;
+/// two threads from DRAM, rows of 193 0.35 / 0.45 and 0.71 / 0.82, rows of 256 0.32 / 0.40
+/// and 0.63 / 0.70.)
+pub(crate) const SHORT_LOSS_ROW: usize = 4 * SHORT_ROW;
 
 /// A row of a short-row loss whose target is ignored (no loss, a zero gradient).
 pub(crate) const IGNORED: u32 = u32::MAX;
@@ -1044,8 +1075,9 @@ pub(crate) unsafe fn xent_index<L: Lanes, T: Real, const MASKED: bool, const GRA
         // index inside the row.
         unsafe {
             let px = x.add(r * pitch);
+            let mut grp = Group::pitched(px, pitch, g, n, rows - r);
             if hinted(n) {
-                prefetch_next_group::<L, T>(px, g, n, pitch, rows - r - g);
+                next_group::<L, T>(&mut grp, px, g, n, pitch, rows - r - g);
             }
             // A constant `None` unmasked: the mask code compiles away.
             let mask = shared.or_else(|| {
@@ -1055,7 +1087,6 @@ pub(crate) unsafe fn xent_index<L: Lanes, T: Real, const MASKED: bool, const GRA
                     ..m
                 })
             });
-            let grp = Group::pitched(px, pitch, g, n, rows - r);
             let (m, excess, mut redo) = match mask {
                 Some(mk) => group_state_kept(l, grp, &mut buf, keep, mk, &mut staged),
                 None => group_state(l, grp, &mut buf, keep, None),
@@ -1150,10 +1181,24 @@ fn hinted(n: usize) -> bool {
 }
 
 /// Hints the group of up to `N` rows that follows the `g` rows at `x` into L1 (`left` rows
-/// remain), as [`prefetch_rows`].
+/// remain): dense rows (`pitch == n`) are one span, handed to `grp` to hint a share at each
+/// column block it loads; other rows are hinted now, as [`prefetch_rows`].
 #[inline(always)]
-fn prefetch_next_group<L: Lanes, T>(x: *const T, g: usize, n: usize, pitch: usize, left: usize) {
-    prefetch_rows(x.wrapping_add(g * pitch), n, pitch, left.min(L::N));
+fn next_group<L: Lanes, T>(
+    grp: &mut Group<'_, T>,
+    x: *const T,
+    g: usize,
+    n: usize,
+    pitch: usize,
+    left: usize,
+) {
+    let next = x.wrapping_add(g * pitch);
+    let rows = left.min(L::N);
+    if pitch == n {
+        grp.ahead = (next as *const u8, rows * n * std::mem::size_of::<T>());
+    } else {
+        prefetch_rows(next, n, pitch, rows);
+    }
 }
 
 /// Hints the `rows` rows of `n` elements at `x` (`pitch` apart) into L1: the next group's,
