@@ -7,8 +7,8 @@
 //! order, so every result is bit-identical for any thread count.
 //!
 //! Paths, by layout: contiguous rows go to the SIMD row kernels of [`crate::simd`] (rows of up
-//! to [`simd::SHORT_ROW`] to the short-row kernels, one row per vector lane, on every SIMD
-//! level); column batches (`inner > 1`) to the column kernel, `COL_TILE` columns per streaming
+//! to [`simd::short_row_limit`] elements to the short-row kernels, one row per vector lane, on
+//! every SIMD level); column batches (`inner > 1`) to the column kernel, `COL_TILE` columns per streaming
 //! pass; other strided lanes to the scalar reference. The `*_at` functions take the SIMD level
 //! explicitly (tests, benches); the others use [`simd::level()`].
 
@@ -312,7 +312,7 @@ pub fn kept_column_logsumexp<T: Real>(
 
 /// The `(max, excess)` state of every lane, written to `out` (length `batch.count()`).
 /// This is what streaming accumulators and Dask chunks keep and merge, and what a loss over
-/// a batch of rows starts from: rows of up to [`simd::SHORT_ROW`] elements take the
+/// a batch of rows starts from: rows of up to [`simd::short_row_limit`] elements take the
 /// short-row kernels (a vector of rows at a time, no per-row reductions or tails).
 pub fn lse_states<T: Real>(
     x: &[T],
@@ -335,7 +335,7 @@ pub fn lse_states_at<T: Real>(
     batch.check(x.len())?;
     check_out(out.len(), batch.count())?;
     let op = SendPtr(out.as_mut_ptr());
-    if is_short(level, &batch) {
+    if is_short::<T>(level, &batch) {
         let xp = SendPtr(x.as_ptr() as *mut T);
         for_each_row_group(&batch, |r0, rows| {
             // SAFETY: rows r0..r0+rows lie inside x (checked); they own out[r0..r0+rows].
@@ -376,7 +376,7 @@ pub fn logsumexp_at<T: Real>(
     batch.check(x.len())?;
     check_out(out.len(), batch.count())?;
     let op = SendPtr(out.as_mut_ptr());
-    if is_short(level, &batch) {
+    if is_short::<T>(level, &batch) {
         let xp = SendPtr(x.as_ptr() as *mut T);
         for_each_row_group(&batch, |r0, rows| {
             // SAFETY: rows r0..r0+rows lie inside x (checked); they own out[r0..r0+rows].
@@ -994,10 +994,10 @@ fn check_level(level: Level) -> Result<(), String> {
 }
 
 /// Whether a row batch takes the short-row kernels (rows in vector lanes).
-fn is_short(level: Level, batch: &Batch) -> bool {
+fn is_short<T: Real>(level: Level, batch: &Batch) -> bool {
     batch.inner == 1
         && batch.n > 0
-        && batch.n <= simd::SHORT_ROW
+        && batch.n <= simd::short_row_limit(level, T::FULL)
         && simd::has_short_rows(level, batch.outer_stride)
 }
 
@@ -1011,7 +1011,7 @@ pub(crate) fn is_short_for<T: Real>(
     what: Reduction,
     alg: Algorithm,
 ) -> bool {
-    is_short(level, batch)
+    is_short::<T>(level, batch)
         && (what != Reduction::Softmax
             || alg == Algorithm::Online
             || batch.n <= simd::short_softmax_limit(level, T::FULL))

@@ -7,7 +7,7 @@
 //!
 //! - CSR offsets, `offsets[s]..offsets[s + 1]`, and sorted ids (turned into offsets in one
 //!   scan): every segment is a contiguous run of rows. Single-column segments of at most
-//!   `SHORT_ROW` rows are packed one per vector lane by `simd::ragged` (the short-row kernels
+//!   `RAGGED_ROW` (64) rows are packed one per vector lane by `simd::ragged` (the short-row kernels
 //!   on segments grouped by length: a segment's sum runs over its rows in order, at most about
 //!   `n` float64 roundings); longer ones take the row kernels, and `inner > 1` the column
 //!   kernels. Each segment's result depends on its own rows only, so the work is split over
@@ -521,7 +521,7 @@ where
 }
 
 /// States of contiguous-row segments: the ragged short-row kernel for segments of
-/// `1..=SHORT_ROW` rows and the row kernel for longer ones (`inner == 1`), or the column
+/// `1..=RAGGED_ROW` (64) rows and the row kernel for longer ones (`inner == 1`), or the column
 /// kernel.
 fn csr_states<T: Real>(
     level: Level,

@@ -768,7 +768,7 @@ pub(crate) unsafe fn softmax<S: Stored<Compute = T>, T: Real>(
                     .flatten();
                 let n = batch.n;
                 let runs = dense
-                    .filter(|_| masked::reads_rows_in_place(&batch, alg))
+                    .filter(|_| masked::reads_rows_in_place::<T>(&batch, alg))
                     .and_then(|_| mask_runs(mv, start, batch.outer, n, keep));
                 if let (Some((xp, op)), Some(runs)) = (dense, runs) {
                     for run in runs {
@@ -1237,7 +1237,7 @@ fn rows_in_place<'a, S: Stored<Compute = T>, T: Real>(
     scratch: &mut [u8],
 ) -> Option<(&'a [T], Vec<MaskRun>)> {
     let kv = kv.as_ref()?;
-    if !S::NATIVE || !masked::reads_rows_in_place(batch, alg) {
+    if !S::NATIVE || !masked::reads_rows_in_place::<T>(batch, alg) {
         return None;
     }
     let (mut runs, mut first) = (0, None);

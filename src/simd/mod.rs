@@ -244,8 +244,24 @@ pub(crate) fn prefetch_span(p: *const u8, bytes: usize) {
     }
 }
 
-/// Rows up to this long take the short-row kernels (one row per vector lane) at SIMD levels.
-pub const SHORT_ROW: usize = 64;
+/// The longest rows the short-row kernels (one row per vector lane) take at any level: the
+/// capacity of their buffers. Each level's own limit is [`short_row_limit`].
+pub const SHORT_ROW: usize = 128;
+
+/// The longest rows the short-row kernels take at `level` for float32 (`full == false`) or
+/// float64 (`full`) logsumexp, log_softmax and states (softmax: [`short_softmax_limit`]).
+/// AVX-512 takes float32 rows of up to [`SHORT_ROW`]: rows of 65-128 from DRAM, two threads,
+/// ran in 0.30-0.34 ns per element x threads against 0.34-0.51 in the row kernels
+/// (logsumexp) and 0.44-0.47 against 0.48-0.70 (log_softmax `out=`). float64 rows and other
+/// levels keep rows of up to 64: from DRAM float64 rows of 128 ran slower short (logsumexp
+/// 0.55-0.60 against 0.48, log_softmax 1.10-1.17 against 0.84), and on AVX2 the row kernels
+/// are ahead beyond 64.
+pub fn short_row_limit(level: Level, full: bool) -> usize {
+    match (level, full) {
+        (Level::Avx512, false) => SHORT_ROW,
+        _ => SHORT_ROW / 2,
+    }
+}
 
 /// Columns per tile of the column kernel. A tile walks its rows one contiguous segment at a
 /// time (2 KiB of float32), keeping its online lanes in L1: walking narrower tiles down the
@@ -988,12 +1004,16 @@ pub(crate) fn array8<V>(mut f: impl FnMut(usize) -> V) -> [V; 8] {
 /// rows stored as they lie). On AVX2, one thread in L2, `softmax(out=)` in ns per element,
 /// short rows / row kernels: float32 rows of 32 1.79 / 1.88, 40 1.76 / 1.93, 48 1.77 / 1.62,
 /// 64 1.74 / 1.49; float64 rows of 24 3.6 / 3.6, 32 3.55 / 3.05, 48 3.48 / 2.82. log_softmax
-/// keeps the short rows (float32 rows of 32: 1.9 against 3.0-3.4 in the row kernels).
+/// keeps the short rows (float32 rows of 32: 1.9 against 3.0-3.4 in the row kernels). On
+/// AVX-512 the softmax keeps rows of up to 64 in the short-row kernels: from DRAM (two
+/// threads, float32) rows of 100 and 128 ran in 0.52-0.54 ns per element x threads there
+/// against 0.41-0.49 in the row kernels, level in L2 (0.42).
 pub(crate) fn short_softmax_limit(level: Level, full: bool) -> usize {
     match (level, full) {
         (Level::Avx2, false) => 40,
         (Level::Avx2, true) => 24,
-        _ => SHORT_ROW,
+        (Level::Avx512, _) => SHORT_ROW / 2,
+        _ => short_row_limit(level, full),
     }
 }
 

@@ -1,4 +1,4 @@
-//! Ragged short rows: contiguous rows of different lengths, `1..=SHORT_ROW` elements each (the
+//! Ragged short rows: contiguous rows of different lengths, `1..=RAGGED_ROW` elements each (the
 //! segments of a CSR partition), run by the short-row kernels of [`super::short`], one row per
 //! vector lane.
 //!
@@ -20,10 +20,14 @@
 //! at most about `n` float64 roundings for a row of `n` elements (plus the exp's ~5e-11
 //! relative error for float32-grade results), as for any short row.
 //!
-//! Rows of other lengths (0, or more than [`SHORT_ROW`]) are left to the caller.
+//! Rows of other lengths (0, or more than [`RAGGED_ROW`]) are left to the caller.
 
 use super::lanes::{dispatch, reference_state, Kernel, Lanes};
 use super::{scalar, short, Level, SHORT_ROW};
+
+/// The longest ragged rows taken here: rows of up to 64 elements, as the short-row kernels
+/// take at every level (longer ragged rows were not measured packed).
+pub(crate) const RAGGED_ROW: usize = SHORT_ROW / 2;
 use crate::real::Real;
 use crate::state::LseState;
 use std::mem::MaybeUninit;
@@ -38,7 +42,7 @@ const WINDOW: usize = 64;
 /// Whether a row of `len` elements is one of this module's.
 #[inline(always)]
 pub(crate) fn is_ragged_short(len: usize) -> bool {
-    (1..=SHORT_ROW).contains(&len)
+    (1..=RAGGED_ROW).contains(&len)
 }
 
 /// What a pass over the rows produces, per row `s` of `starts`.
@@ -52,7 +56,7 @@ enum Out<T> {
     Softmax(*mut T, bool),
 }
 
-/// The rows `starts[s]..starts[s + 1]` of `x` holding `1..=SHORT_ROW` elements, grouped and
+/// The rows `starts[s]..starts[s + 1]` of `x` holding `1..=RAGGED_ROW` elements, grouped and
 /// run as described in the module docs, writing `out` for each. A group's rows are read in
 /// place, each up to the group's longest (the elements past a row's own read and discarded,
 /// as [`short::Rows::Ragged`] says), where that stays inside the rows, `..starts.last()`;
@@ -70,7 +74,7 @@ unsafe fn run<L: Lanes, T: Real>(l: L, x: *const T, starts: &[usize], out: Out<T
     let rows = starts.len().saturating_sub(1);
     let end = starts.last().copied().unwrap_or(0);
     // One group's padded rows (uninitialised: only what a group wrote is read).
-    let mut block = [MaybeUninit::<T>::uninit(); GROUP * SHORT_ROW];
+    let mut block = [MaybeUninit::<T>::uninit(); GROUP * RAGGED_ROW];
     let bp = block.as_mut_ptr() as *mut T;
     let mut index = [0.0; 8];
     for (k, v) in index.iter_mut().enumerate() {
@@ -91,7 +95,7 @@ unsafe fn run<L: Lanes, T: Real>(l: L, x: *const T, starts: &[usize], out: Out<T
     while w0 < rows {
         let w = (rows - w0).min(WINDOW);
         // Counting sort of the window's short rows by length.
-        let mut first = [0u8; SHORT_ROW + 2];
+        let mut first = [0u8; RAGGED_ROW + 2];
         for (k, n) in lens.iter_mut().enumerate().take(w) {
             let d = starts[w0 + k + 1] - starts[w0 + k];
             *n = if is_ragged_short(d) { d as u8 } else { 0 };
@@ -147,12 +151,12 @@ unsafe fn run<L: Lanes, T: Real>(l: L, x: *const T, starts: &[usize], out: Out<T
                     }
                 } else {
                     for i in 0..g {
-                        let dst = bp.add(i * SHORT_ROW);
+                        let dst = bp.add(i * RAGGED_ROW);
                         copy_padded(l, x, end, start[i], len[i] as usize, dst, width, index);
                     }
                     short::Rows::Pitched {
                         x: bp as *const T,
-                        pitch: SHORT_ROW,
+                        pitch: RAGGED_ROW,
                     }
                 };
                 match out {
@@ -174,7 +178,7 @@ unsafe fn run<L: Lanes, T: Real>(l: L, x: *const T, starts: &[usize], out: Out<T
                     Out::Softmax(o, log) => {
                         // The group's rows written `width` apart, then each row's own
                         // elements copied out.
-                        let mut done = [MaybeUninit::<T>::uninit(); GROUP * SHORT_ROW];
+                        let mut done = [MaybeUninit::<T>::uninit(); GROUP * RAGGED_ROW];
                         let dp = done.as_mut_ptr() as *mut T;
                         short::softmax(l, src, g, width, dp, log);
                         for i in 0..g {
@@ -196,7 +200,7 @@ unsafe fn run<L: Lanes, T: Real>(l: L, x: *const T, starts: &[usize], out: Out<T
 /// past the row masked, so the copy does not branch on the row's length.
 ///
 /// # Safety
-/// `n <= width <= SHORT_ROW`; `len` readable elements at `x`, `r + n <= len`; `dst` writable
+/// `n <= width <= RAGGED_ROW`; `len` readable elements at `x`, `r + n <= len`; `dst` writable
 /// for `width` rounded up to a multiple of `N`.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
@@ -257,7 +261,7 @@ unsafe fn run_at<T: Real>(level: Level, x: *const T, starts: &[usize], out: Out<
 }
 
 /// The `(max, excess)` state of every row `s` (`starts[s]..starts[s + 1]` of `x`) holding
-/// `1..=SHORT_ROW` elements into `out[s]`; other rows' states are left alone.
+/// `1..=RAGGED_ROW` elements into `out[s]`; other rows' states are left alone.
 ///
 /// # Safety
 /// `starts` non-decreasing with every row readable at `x`; `out` writable for
@@ -272,7 +276,7 @@ pub(crate) unsafe fn states<T: Real>(
     unsafe { run_at(level, x, starts, Out::States(out)) }
 }
 
-/// logsumexp of every row `s` holding `1..=SHORT_ROW` elements into `out[s]`, as [`states`].
+/// logsumexp of every row `s` holding `1..=RAGGED_ROW` elements into `out[s]`, as [`states`].
 ///
 /// # Safety
 /// As [`states`], `out` writable for `starts.len() - 1` elements.
@@ -281,7 +285,7 @@ pub(crate) unsafe fn logsumexp<T: Real>(level: Level, x: *const T, starts: &[usi
     unsafe { run_at(level, x, starts, Out::Lse(out)) }
 }
 
-/// Softmax (`log = false`) or log_softmax of every row holding `1..=SHORT_ROW` elements into
+/// Softmax (`log = false`) or log_softmax of every row holding `1..=RAGGED_ROW` elements into
 /// the same elements of `out`, as [`states`].
 ///
 /// # Safety
@@ -422,15 +426,15 @@ pub(crate) unsafe fn sorted_id_starts(
 mod tests {
     use super::super::tests::Rng;
     use super::super::{
-        available_levels, short_rows_logsumexp, short_rows_softmax, short_rows_states, SHORT_ROW,
+        available_levels, short_rows_logsumexp, short_rows_softmax, short_rows_states,
     };
     use super::*;
 
-    /// Rows of every length 0..=SHORT_ROW + 3 (each several times, shuffled), values with a
+    /// Rows of every length 0..=RAGGED_ROW + 3 (each several times, shuffled), values with a
     /// few NaN / inf / -inf rows, as CSR starts.
     fn rows(seed: u64) -> (Vec<f64>, Vec<usize>) {
         let mut rng = Rng::new(seed);
-        let mut lens: Vec<usize> = (0..=SHORT_ROW + 3).flat_map(|n| [n; 3]).collect();
+        let mut lens: Vec<usize> = (0..=RAGGED_ROW + 3).flat_map(|n| [n; 3]).collect();
         for i in (1..lens.len()).rev() {
             lens.swap(i, (rng.next_u64() % (i as u64 + 1)) as usize);
         }
@@ -505,8 +509,8 @@ mod tests {
     /// Windows of rows that are all empty or long are left alone.
     #[test]
     fn windows_without_short_rows_are_left_alone() {
-        let x = vec![1.0f64; 200 * (SHORT_ROW + 1)];
-        let starts: Vec<usize> = (0..=400).map(|k| k / 2 * (SHORT_ROW + 1)).collect();
+        let x = vec![1.0f64; 200 * (RAGGED_ROW + 1)];
+        let starts: Vec<usize> = (0..=400).map(|k| k / 2 * (RAGGED_ROW + 1)).collect();
         for level in available_levels() {
             let mut lse = vec![7.0; 400];
             let mut sm = vec![7.0; x.len()];

@@ -1008,7 +1008,7 @@ unsafe fn write_state_row<L: Lanes, T: Real>(
 /// 0.30 / 0.43 and with the gradient 0.50 / 0.91, rows of 256 0.27 / 0.35 and 0.46 / 0.67;
 /// two threads from DRAM, rows of 193 0.35 / 0.45 and 0.71 / 0.82, rows of 256 0.32 / 0.40
 /// and 0.63 / 0.70.)
-pub(crate) const SHORT_LOSS_ROW: usize = 4 * SHORT_ROW;
+pub(crate) const SHORT_LOSS_ROW: usize = 2 * SHORT_ROW;
 
 /// A row of a short-row loss whose target is ignored (no loss, a zero gradient).
 pub(crate) const IGNORED: u32 = u32::MAX;

@@ -25,8 +25,10 @@ use masked::LaneMask;
 const STATE_BLOCK: usize = COLUMN_BLOCK;
 
 /// Rows up to this long take the SIMD short-row kernels (rows in vector lanes) for their states
-/// and gradients.
-const SHORT_ROW: usize = crate::simd::SHORT_ROW;
+/// and gradients on this CPU.
+fn short_row<T: Real>() -> usize {
+    crate::simd::short_row_limit(crate::simd::level(), T::FULL)
+}
 
 /// Rows of a pitch this large or more are copied to contiguous scratch before the short-row
 /// kernels, which index rows with 32-bit offsets (so every pitch takes the same kernel).
@@ -806,7 +808,7 @@ impl<T> BlockBuffers<T> {
 /// The same bits either way.
 fn keeps_terms<T: Real>(plan: &Plan<'_, T>, n: usize, alg: Algorithm) -> bool {
     let long = n > KEPT_TERMS_FROM_DRAM && streams::<T>(&plan.batch);
-    n > SHORT_ROW && n <= crate::simd::STORED_ROW && !long && alg != Algorithm::Online
+    n > short_row::<T>() && n <= crate::simd::STORED_ROW && !long && alg != Algorithm::Online
 }
 
 /// The longest rows from DRAM whose gradient is written from kept exps: longer ones, whose
@@ -923,7 +925,7 @@ fn block_states<T: Real>(
     scratch: &mut Vec<T>,
     states: &mut [LseState],
 ) -> Result<(), Error> {
-    if (1..=SHORT_ROW).contains(&n) {
+    if (1..=short_row::<T>()).contains(&n) {
         let (xs, batch) = short_block(x, pitch, n, w, scratch)?;
         crate::kernels::lse_states(xs, batch, alg, &mut states[..w]).map_err(Error::Layout)?;
     } else {
@@ -949,7 +951,7 @@ fn block_grads<T: Real>(
     g: &mut [T],
 ) -> Result<(), Error> {
     let (w, n) = (grads.len(), b.n);
-    if !(1..=SHORT_ROW).contains(&n) {
+    if !(1..=short_row::<T>()).contains(&n) {
         for (i, &lg) in grads.iter().enumerate() {
             let (x, probs) = b.lane(i);
             let gi = &mut g[i * n..(i + 1) * n];

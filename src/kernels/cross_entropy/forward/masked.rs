@@ -111,7 +111,12 @@ impl<T: Real> Staged<T> {
             let (x0, m0) = (xs.base, ms.base);
             let (xb, kb) = (&x[x0..x0 + w * n], &keep[m0..m0 + w * n]);
             select(&mut self.x[..w * n], &mut self.keep[..w * n], xb, kb);
-        } else if n <= SHORT_ROW && xs.class == 1 && xs.lane == n && ms.class == 1 && ms.lane == 0 {
+        } else if n <= short_row::<T>()
+            && xs.class == 1
+            && xs.lane == n
+            && ms.class == 1
+            && ms.lane == 0
+        {
             // One mask row for every short lane (`(1, C)`): its bytes repeated, then one flat
             // loop rather than a loop per lane of a few elements.
             let row = &keep[ms.base..ms.base + n];
@@ -474,11 +479,11 @@ pub(super) fn xent_masked<T: Real, C: Logits<T>>(
     let transposed = rows && n > 1 && mask.strides[0] == 1 && mask.strides[1] > 1;
     let in_place = rows
         && !short_index
-        && n > SHORT_ROW
+        && n > short_row::<T>()
         && batch.outer_stride == n
         && (mask.strides[1] == 1 || transposed)
         && logits.direct().is_some()
-        && crate::kernels::masked::reads_rows_in_place(&batch, alg);
+        && crate::kernels::masked::reads_rows_in_place::<T>(&batch, alg);
     // Rows the fused short-row loss reads where they lie (16-bit rows widened first), and
     // the rows read in place.
     let unstaged = (short_index && rows) || in_place;
@@ -1117,7 +1122,7 @@ mod tests {
             }
         }
         let long = crate::simd::STORED_ROW + 100;
-        for n in [SHORT_ROW + 1, 1000, 5000, long] {
+        for n in [short_row::<f32>() + 1, 1000, 5000, long] {
             for alg in [Algorithm::Auto, Algorithm::Online] {
                 check::<f32>(n, alg);
                 check::<f64>(n, alg);
