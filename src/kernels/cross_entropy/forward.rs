@@ -120,8 +120,10 @@ impl LaneGrad {
     };
 }
 
+/// The lane's gradient parameters; `lse` is its log-sum-exp as [`lane_loss`] returned it (one
+/// logarithm a lane, not two).
 #[inline]
-fn lane_grad<T: Real>(plan: &Plan<'_, T>, target: LaneTarget, s: &LaneSums) -> LaneGrad {
+fn lane_grad<T: Real>(plan: &Plan<'_, T>, target: LaneTarget, s: &LaneSums, lse: f64) -> LaneGrad {
     let fill = |v: f64| LaneGrad {
         fill: Some(v),
         ..LaneGrad::ZERO
@@ -134,7 +136,6 @@ fn lane_grad<T: Real>(plan: &Plan<'_, T>, target: LaneTarget, s: &LaneSums) -> L
     }
     let (m, excess) = (s.state.max, s.state.excess);
     let total = s.state.total();
-    let lse = m + s.state.log_total();
     let zterm = 2.0 * plan.z * plan.s2 * lse;
     match target {
         LaneTarget::Class(t) => {
@@ -690,8 +691,9 @@ fn redo_lane<T: Real>(
         row = &staged[..n];
     }
     let sums = row_sums(plan, row, target, None, row_state(row, alg));
+    let (main, lse) = lane_loss(plan, target, &sums);
     if let Some(g) = g {
-        let lg = lane_grad(plan, target, &sums);
+        let lg = lane_grad(plan, target, &sums, lse);
         write_row_grad(plan, row, None, None, lg, g, None, false);
         if let Some(m) = mask {
             // NaN and zero fills reach every class; a masked one's gradient is 0.
@@ -702,7 +704,6 @@ fn redo_lane<T: Real>(
             }
         }
     }
-    let (main, lse) = lane_loss(plan, target, &sums);
     (main, lse * lse)
 }
 
@@ -856,11 +857,11 @@ fn lanes_block<T: Real>(
                 (&own, target, sums)
             }
         };
-        let (main, zt) = lane_outputs(plan, target, &sums, l, lanes_out);
+        let (main, zt, lse) = lane_outputs(plan, target, &sums, l, lanes_out);
         acc.0 += main;
         acc.1 += zt;
         if grad {
-            lane_grad(plan, target, &sums)
+            lane_grad(plan, target, &sums, lse)
         } else {
             LaneGrad::ZERO
         }
@@ -979,8 +980,8 @@ fn block_grads<T: Real>(
     Ok(())
 }
 
-/// The lane's `(main, lse^2)` terms (0 for ignored lanes), its "none" loss written to
-/// `per_lane[l]` when asked.
+/// The lane's `(main, lse^2, lse)` terms (the first two 0 for ignored lanes), its "none" loss
+/// written to `per_lane[l]` when asked.
 #[inline]
 fn lane_outputs<T: Real>(
     plan: &Plan<'_, T>,
@@ -988,14 +989,14 @@ fn lane_outputs<T: Real>(
     sums: &LaneSums,
     l: usize,
     lanes_out: Option<SendPtr<T>>,
-) -> (f64, f64) {
+) -> (f64, f64, f64) {
     let (main, lse) = lane_loss(plan, target, sums);
     let zt = match target {
         LaneTarget::Ignored => 0.0,
         _ => lse * lse,
     };
     write_lane(plan, main, zt, l, lanes_out);
-    (main, zt)
+    (main, zt, lse)
 }
 
 /// Lane `l`'s "none" loss, `main + z * lse^2`, written to `per_lane[l]` when asked.
