@@ -9,6 +9,7 @@
 
 use super::consts::*;
 use super::lanes::{Kernel, Lanes};
+use super::short::IGNORED;
 use crate::real::Real;
 use std::arch::x86_64::*;
 use std::mem::MaybeUninit;
@@ -546,6 +547,37 @@ unsafe impl Lanes for Avx512 {
         unsafe {
             let b = _mm_loadl_epi64(keep as *const __m128i);
             _mm_test_epi8_mask(b, b) as __mmask8
+        }
+    }
+    #[inline(always)]
+    unsafe fn index_terms<T: Real>(
+        self,
+        x: *const T,
+        pitch: usize,
+        class: &[u32],
+        weight: &[f64],
+        fill: __m512d,
+    ) -> (__m512d, __m512d, __mmask8) {
+        // One gather of the eight targets (rows `pitch` apart, 32-bit offsets) and one load of
+        // the weights, where a loop would store eight lanes and load them back as a vector.
+        // SAFETY: 8 classes and weights (the caller's contract); only the kept rows' targets
+        // are read, each inside its row, at an offset that fits an i32.
+        unsafe {
+            let cls = _mm256_loadu_si256(class.as_ptr() as *const __m256i);
+            let kept = _mm256_cmpneq_epu32_mask(cls, _mm256_set1_epi32(IGNORED as i32));
+            let rows = _mm256_mullo_epi32(
+                _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                _mm256_set1_epi32(pitch as i32),
+            );
+            let at = _mm256_add_epi32(rows, cls);
+            let xt = if T::FULL {
+                _mm512_mask_i32gather_pd::<8>(fill, kept, at, x as *const f64)
+            } else {
+                let g =
+                    _mm256_mmask_i32gather_ps::<4>(_mm256_setzero_ps(), kept, at, x as *const f32);
+                _mm512_mask_blend_pd(kept, fill, _mm512_cvtps_pd(g))
+            };
+            (xt, _mm512_maskz_loadu_pd(kept, weight.as_ptr()), kept)
         }
     }
     #[inline(always)]

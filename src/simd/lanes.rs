@@ -11,6 +11,7 @@
 //! register transposes of short rows, streaming stores, float32-lane maxima) are provided
 //! methods that an implementation overrides, never a second copy of an algorithm.
 
+use super::short::IGNORED;
 use super::{scalar, Level};
 use crate::real::Real;
 use std::mem::MaybeUninit;
@@ -78,6 +79,34 @@ pub unsafe trait Lanes: Copy {
             };
         }
         self.eq(self.of_lanes(&a), self.splat(1.0))
+    }
+    /// The target logits `x_t`, weights `w_t` and kept rows of `N` short rows `pitch` apart
+    /// at `x`, whose classes are `class[..N]` and weights `weight[..N]`: a row whose class is
+    /// [`IGNORED`] takes `fill` (its max) as `x_t`, 0 as `w_t`, and is not kept.
+    ///
+    /// # Safety
+    /// `class` and `weight` hold `N` entries; every class that is not [`IGNORED`] indexes
+    /// inside its row, and `(N - 1) * pitch + n` fits an `i32`.
+    #[inline(always)]
+    unsafe fn index_terms<T: Real>(
+        self,
+        x: *const T,
+        pitch: usize,
+        class: &[u32],
+        weight: &[f64],
+        fill: Self::V,
+    ) -> (Self::V, Self::V, Self::M) {
+        let (mut xt, mut wt, mut kept) = (self.to_lanes(fill), [0.0; 8], [0.0; 8]);
+        for k in 0..Self::N {
+            if class[k] != IGNORED {
+                wt[k] = weight[k];
+                kept[k] = 1.0;
+                // SAFETY: the class indexes inside row k (the caller's contract).
+                xt[k] = unsafe { *x.add(k * pitch + class[k] as usize) }.to_f64();
+            }
+        }
+        let kept = self.gt(self.of_lanes(&kept), self.splat(0.0));
+        (self.of_lanes(&xt), self.of_lanes(&wt), kept)
     }
     /// [`Lanes::kept`] of the `n < N` mask bytes at `keep` (the other lanes not kept). The
     /// bytes are gathered into bits rather than copied into a word and loaded: a load of

@@ -1112,35 +1112,39 @@ pub(crate) unsafe fn xent_index<L: Lanes, T: Real, const MASKED: bool, const GRA
                 Some(mk) => group_state_kept(l, grp, &mut buf, keep, mk, &mut staged),
                 None => group_state(l, grp, &mut buf, keep, None),
             };
-            let ms = l.to_lanes(m);
             // An ignored row's x_t is its max: every term below stays finite.
-            let (mut xt, mut wt, mut kept) = (ms, [0.0f64; 8], [0.0f64; 8]);
-            for k in 0..g {
-                let c = p.class[r + k];
-                if c != IGNORED {
-                    wt[k] = p.weight[r + k];
-                    kept[k] = 1.0;
-                    match mask {
-                        // The forward loss keeps the loaded columns, a masked class at -inf:
-                        // x_t read from them, and a masked target (or a kept -inf one, which
-                        // the reference path gives the same loss) makes the row the caller's
-                        // (to skip or refuse), without a read of the mask byte.
-                        Some(_) if !GRAD => {
-                            xt[k] = l.to_lanes(buf[c as usize].assume_init())[k];
-                            redo |= u8::from(xt[k] == f64::NEG_INFINITY) << k;
+            let (xtv, wtv, kept) = if mask.is_none() && g == L::N {
+                l.index_terms(px, pitch, &p.class[r..r + g], &p.weight[r..r + g], m)
+            } else {
+                let (mut xt, mut wt, mut kept) = (l.to_lanes(m), [0.0f64; 8], [0.0f64; 8]);
+                for k in 0..g {
+                    let c = p.class[r + k];
+                    if c != IGNORED {
+                        wt[k] = p.weight[r + k];
+                        kept[k] = 1.0;
+                        match mask {
+                            // The forward loss keeps the loaded columns, a masked class at -inf:
+                            // x_t read from them, and a masked target (or a kept -inf one, which
+                            // the reference path gives the same loss) makes the row the caller's
+                            // (to skip or refuse), without a read of the mask byte.
+                            Some(_) if !GRAD => {
+                                xt[k] = l.to_lanes(buf[c as usize].assume_init())[k];
+                                redo |= u8::from(xt[k] == f64::NEG_INFINITY) << k;
+                            }
+                            Some(mk) => {
+                                xt[k] = (*px.add(k * pitch + c as usize)).to_f64();
+                                let flag = *mk.keep.add(k * mk.lane + c as usize * mk.class);
+                                redo |= u8::from(flag == 0) << k;
+                            }
+                            None => xt[k] = (*px.add(k * pitch + c as usize)).to_f64(),
                         }
-                        Some(mk) => {
-                            xt[k] = (*px.add(k * pitch + c as usize)).to_f64();
-                            let flag = *mk.keep.add(k * mk.lane + c as usize * mk.class);
-                            redo |= u8::from(flag == 0) << k;
-                        }
-                        None => xt[k] = (*px.add(k * pitch + c as usize)).to_f64(),
                     }
                 }
-            }
+                let kept = l.gt(l.of_lanes(&kept), l.splat(0.0));
+                (l.of_lanes(&xt), l.of_lanes(&wt), kept)
+            };
             let lt = l.log1p(excess, T::FULL);
-            let xtv = l.of_lanes(&xt);
-            let main = l.mul(l.of_lanes(&wt), l.sub(lt, l.sub(xtv, m)));
+            let main = l.mul(wtv, l.sub(lt, l.sub(xtv, m)));
             let lse = l.add(m, lt);
             // An ignored row's main term is already +0 (weight 0 times `lt >= 0`) unless the
             // row is redone, which rewrites it.
@@ -1168,10 +1172,9 @@ pub(crate) unsafe fn xent_index<L: Lanes, T: Real, const MASKED: bool, const GRA
             let et = l.exp_nonpos(l.sub(xtv, m), T::FULL);
             let total = l.add(l.splat(1.0), excess);
             let zterm = l.mul(l.splat(p.z2), lse);
-            let c = l.add(l.mul(l.splat(p.s1), l.of_lanes(&wt)), zterm);
+            let c = l.add(l.mul(l.splat(p.s1), wtv), zterm);
             let others = l.select(l.eq(xtv, m), excess, l.sub(total, et));
             let zero = l.splat(0.0);
-            let kept = l.gt(l.of_lanes(&kept), zero);
             let f = l.select(kept, l.div(c, total), zero);
             let gt = l.to_lanes(l.sub(zterm, l.div(l.mul(c, others), total)));
             for b in buf.iter_mut().take(n) {
