@@ -7,10 +7,10 @@
 //!
 //! - CSR offsets, `offsets[s]..offsets[s + 1]`, and sorted ids (turned into offsets in one
 //!   scan): every segment is a contiguous run of rows. Single-column segments of at most
-//!   `RAGGED_ROW` (64) rows are packed one per vector lane by `simd::ragged` (the short-row kernels
-//!   on segments grouped by length: a segment's sum runs over its rows in order, at most about
-//!   `n` float64 roundings); longer ones take the row kernels, and `inner > 1` the column
-//!   kernels. Each segment's result depends on its own rows only, so the work is split over
+//!   `RAGGED_ROW` (64) rows are packed one per vector lane by `simd::ragged` (the short-row
+//!   kernels on segments grouped by length: a segment's sum runs over its rows in order, at
+//!   most about `n` float64 roundings); longer ones take the row kernels, and `inner > 1` the
+//!   column kernels. Each segment's result depends on its own rows only, so the work is split over
 //!   segments and nothing depends on the split (thread count), and sorted ids give the bits
 //!   of the equivalent offsets.
 //! - Unsorted ids: float32 single columns with states that fit the cache are scattered,

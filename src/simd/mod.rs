@@ -249,7 +249,7 @@ pub(crate) fn prefetch_span(p: *const u8, bytes: usize) {
 pub const SHORT_ROW: usize = 128;
 
 /// The longest rows the short-row kernels take at `level` for float32 (`full == false`) or
-/// float64 (`full`) logsumexp, log_softmax and states (softmax: [`short_softmax_limit`]).
+/// float64 (`full`) logsumexp, log_softmax and states (softmax has its own, lower limit).
 /// AVX-512 takes float32 rows of up to [`SHORT_ROW`]: rows of 65-128 from DRAM, two threads,
 /// ran in 0.30-0.34 ns per element x threads against 0.34-0.51 in the row kernels
 /// (logsumexp) and 0.44-0.47 against 0.48-0.70 (log_softmax `out=`). float64 rows and other
