@@ -254,8 +254,8 @@ pub const SHORT_ROW: usize = 128;
 /// ran in 0.30-0.34 ns per element x threads against 0.34-0.51 in the row kernels
 /// (logsumexp) and 0.44-0.47 against 0.48-0.70 (log_softmax `out=`). float64 rows and other
 /// levels keep rows of up to 64: from DRAM float64 rows of 128 ran slower short (logsumexp
-/// 0.55-0.60 against 0.48, log_softmax 1.10-1.17 against 0.84), and on AVX2 the row kernels
-/// are ahead beyond 64.
+/// 0.55-0.60 against 0.48, log_softmax 0.97-1.17 against 0.84-0.90), and on AVX2 the row
+/// kernels are ahead beyond 64.
 pub fn short_row_limit(level: Level, full: bool) -> usize {
     match (level, full) {
         (Level::Avx512, false) => SHORT_ROW,
