@@ -19,6 +19,7 @@ should carry a private copy.
 - ``softmax_backward(y, dy)`` and ``log_softmax_backward(y, dy)``: the VJPs, given the forward
   output ``y``.
 - ``numeric_grad(f, x)``: central differences of ``sum(f(x))``, to check the analytic ones.
+- ``ulps(got, want)`` and ``assert_ulps(got, want, ulps, cancelled)``: errors in ULPs.
 """
 
 from __future__ import annotations
@@ -306,3 +307,19 @@ def ulps(got: Any, want: Any, dtype: Optional[Any] = None) -> float:
         err = np.where(same, 0.0, np.abs(g64 - w64) / spacing)
     err = np.where(np.isnan(err), np.inf, err)
     return float(err.max()) if err.size else 0.0
+
+
+def assert_ulps(got, want, ulps=1, cancelled=None):
+    """Same shape, dtype, non-finite values; finite values within `ulps` of `want`'s dtype,
+    plus 2 ULP of `cancelled` (a term of the result's size or larger that cancels in it)."""
+    got, want = np.asarray(got), np.asarray(want)
+    assert got.shape == want.shape and got.dtype == want.dtype
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    fin = np.isfinite(want)
+    np.testing.assert_array_equal(got[~fin], want[~fin])
+    err = np.abs(got[fin].astype(np.float64) - want[fin].astype(np.float64))
+    tol = ulps * np.spacing(np.abs(want[fin])).astype(np.float64)
+    if cancelled is not None:
+        big = np.abs(np.broadcast_to(np.asarray(cancelled, dtype=want.dtype), want.shape)[fin])
+        tol = tol + 2 * np.spacing(big).astype(np.float64)
+    assert np.all(err <= tol), (err - tol).max()
