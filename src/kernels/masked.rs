@@ -466,27 +466,11 @@ unsafe fn write_kept<T: Real>(
             match what {
                 Reduction::Softmax => {
                     let scale = 1.0 / s.total();
-                    simd::kept_exp_scaled(
-                        level,
-                        (x, Ahead::NONE),
-                        keep,
-                        out,
-                        n,
-                        s.max,
-                        scale,
-                        stream,
-                    )
+                    simd::kept_exp_scaled(level, x, keep, out, n, s.max, scale, stream)
                 }
-                Reduction::LogSoftmax => simd::kept_shift_sub(
-                    level,
-                    (x, Ahead::NONE),
-                    keep,
-                    out,
-                    n,
-                    s.max,
-                    log_total,
-                    stream,
-                ),
+                Reduction::LogSoftmax => {
+                    simd::kept_shift_sub(level, x, keep, out, n, s.max, log_total, stream)
+                }
             }
             return;
         }

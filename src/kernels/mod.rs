@@ -9,8 +9,8 @@
 //! Paths, by layout: contiguous rows go to the SIMD row kernels of [`crate::simd`] (rows of up
 //! to [`simd::short_row_limit`] elements to the short-row kernels, one row per vector lane, on
 //! every SIMD level); column batches (`inner > 1`) to the column kernel, `COL_TILE` columns
-//! per streaming pass; other strided lanes to the scalar reference. The `*_at` functions take the SIMD level
-//! explicitly (tests, benches); the others use [`simd::level()`].
+//! per streaming pass; other strided lanes to the scalar reference. The `*_at` functions take
+//! the SIMD level explicitly (tests, benches); the others use [`simd::level()`].
 
 mod blocking;
 pub mod complex;

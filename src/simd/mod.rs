@@ -695,7 +695,8 @@ unsafe fn map_row<T: Real>(
 
 /// The log_softmax write of a `where=` row read in place: `out[k] = (x[k] - shift) -
 /// log_total` where `keep[k] != 0`, else `-inf` (the staged row's values, `shift` and
-/// `log_total` finite), the mask applied as `x` is loaded.
+/// `log_total` finite), the mask applied as `x` is loaded. It hints no next row: a masked
+/// row's next one is hinted by its state pass ([`kept_row_state`]).
 ///
 /// # Safety
 /// `x` and `keep` readable and `out` writable for `n` elements, `out` disjoint from or equal
@@ -703,7 +704,7 @@ unsafe fn map_row<T: Real>(
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn kept_shift_sub<T: Real>(
     level: Level,
-    (x, next): (*const T, Ahead<T>),
+    x: *const T,
     keep: *const u8,
     out: *mut T,
     n: usize,
@@ -715,7 +716,7 @@ pub(crate) unsafe fn kept_shift_sub<T: Real>(
     let masked = None;
     let k = MapRow {
         x,
-        next,
+        next: Ahead::NONE,
         keep,
         masked,
         out,
@@ -731,14 +732,15 @@ pub(crate) unsafe fn kept_shift_sub<T: Real>(
 /// where `keep[k] != 0`, else 0 (`shift` the finite max of the kept elements, `scale` finite).
 /// The masked lanes are loaded as `shift` (`exp(0)`, where the `-inf` a staged row holds
 /// would take the exp's slow subnormal path) and replaced by 0: the values a staged row
-/// written with its masked elements set to the max, then filled with 0, holds.
+/// written with its masked elements set to the max, then filled with 0, holds. No next row
+/// is hinted, as [`kept_shift_sub`].
 ///
 /// # Safety
 /// As [`kept_shift_sub`].
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn kept_exp_scaled<T: Real>(
     level: Level,
-    (x, next): (*const T, Ahead<T>),
+    x: *const T,
     keep: *const u8,
     out: *mut T,
     n: usize,
@@ -751,7 +753,7 @@ pub(crate) unsafe fn kept_exp_scaled<T: Real>(
     let masked = Some((shift, 0.0));
     let k = MapRow {
         x,
-        next,
+        next: Ahead::NONE,
         keep,
         masked,
         out,

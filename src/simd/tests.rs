@@ -537,16 +537,7 @@ fn kept_rows_equal_the_staged_rows_at_every_level() {
                             continue;
                         }
                         let scale = 1.0 / s.total();
-                        kept_exp_scaled(
-                            level,
-                            (xp, Ahead::NONE),
-                            kp,
-                            got.as_mut_ptr(),
-                            n,
-                            s.max,
-                            scale,
-                            false,
-                        );
+                        kept_exp_scaled(level, xp, kp, got.as_mut_ptr(), n, s.max, scale, false);
                         let at_max = hide(s.max);
                         exp_scaled(
                             level,
@@ -565,16 +556,7 @@ fn kept_rows_equal_the_staged_rows_at_every_level() {
                         }
                         assert_eq!(bits(&got), bits(&want), "{name} n={n} case {case} exp");
                         let lt = s.log_total();
-                        kept_shift_sub(
-                            level,
-                            (xp, Ahead::NONE),
-                            kp,
-                            got.as_mut_ptr(),
-                            n,
-                            s.max,
-                            lt,
-                            false,
-                        );
+                        kept_shift_sub(level, xp, kp, got.as_mut_ptr(), n, s.max, lt, false);
                         shift_sub(
                             level,
                             staged.as_ptr(),
@@ -737,8 +719,8 @@ fn hinting_the_next_row_changes_no_bits() {
                         shift_sub(level, x, next, ss.as_mut_ptr(), n, st.max, 0.25, false);
                     } else {
                         let (es, ss) = (es.as_mut_ptr(), ss.as_mut_ptr());
-                        kept_exp_scaled(level, (x, next), keep, es, n, st.max, 0.5, false);
-                        kept_shift_sub(level, (x, next), keep, ss, n, st.max, 0.25, false);
+                        kept_exp_scaled(level, x, keep, es, n, st.max, 0.5, false);
+                        kept_shift_sub(level, x, keep, ss, n, st.max, 0.25, false);
                     }
                     let bits = |v: &[T]| v.iter().map(|t| t.to_f64().to_bits()).collect::<Vec<_>>();
                     let kept = kept.map(|(s, from)| (s.max.to_bits(), s.excess.to_bits(), from));

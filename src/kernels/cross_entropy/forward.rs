@@ -1110,8 +1110,8 @@ fn write_row_grad<T: Real>(
 ) {
     // Written once and not read back here (no correction pass, no mask): streamed where the
     // gradient is the caller's and far larger than the caches, as softmax outputs are.
-    let stream = stream && streams_grad(plan) && probs.is_none() && keep.is_none();
-    let stream = stream && lg.corr == 0.0;
+    let stream =
+        stream && streams_grad(plan) && probs.is_none() && keep.is_none() && lg.corr == 0.0;
     if let Some(v) = lg.fill {
         g.fill(T::from_f64(v));
         if let Some(keep) = keep {
