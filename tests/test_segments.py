@@ -842,8 +842,9 @@ def test_unsorted_float32_keeps_the_tiny_excess():
 @pytest.mark.parametrize("count", [7, 500, 40_000])
 def test_unsorted_float32_bits_do_not_depend_on_the_thread_count(count):
     # 600k rows: the scatter cuts the rows into several parts for 7 and 500 segments (each
-    # with its own states, merged in part order), one for 40000; catches a merge order or a
-    # part boundary that follows the thread count.
+    # with its own states, merged in part order); 40000 segments are partitioned into buckets
+    # first (chunks of rows, buckets of segments); catches a merge order, a part boundary or a
+    # chunk order that follows the thread count.
     rng = np.random.default_rng(count)
     ids = rng.integers(0, count, 600_000)
     x = (rng.standard_normal(ids.size) * 30).astype(np.float32)
