@@ -866,6 +866,21 @@ def test_unsorted_float32_bits_do_not_depend_on_the_thread_count(count):
     _within_scatter_bound(runs[0][0], _exact_lse(states), n, "lse")
 
 
+@pytest.mark.parametrize("fn", [segment_softmax, segment_log_softmax])
+def test_unsorted_float16_of_many_segments_is_float32_rounded_once_more(fn):
+    # 40000 segments take the partition, which carries values and results as float32: a
+    # float16 input must give the float32 path's results rounded to float16 (within the one
+    # extra rounding), at every position.
+    rng = np.random.default_rng(16)
+    ids = rng.integers(0, 40_000, 200_000)
+    x = (rng.standard_normal(ids.size) * 4).astype(np.float16)
+    got = fn(x, ids, 40_000)
+    want = fn(x.astype(np.float32), ids, 40_000)
+    assert got.dtype == np.float16
+    ulp = np.spacing(np.abs(want).astype(np.float16)).astype(np.float32)
+    assert (np.abs(got.astype(np.float32) - want) <= ulp).all()
+
+
 def test_unsorted_float32_names_the_first_bad_id_across_parts():
     ids = np.zeros(700_000, dtype=np.int64)
     ids[650_000] = -3

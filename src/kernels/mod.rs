@@ -869,11 +869,39 @@ pub unsafe fn kept_column_softmax_like<T: Real>(
 /// [`log_total_at`]). Non-finite states take the reference writers' values: softmax NaN
 /// (b = NaN), log_softmax `x - max` (b = 0).
 pub(crate) fn write_params<T: Real>(level: Level, s: LseState, exp: bool) -> (f64, f64) {
+    params_with(s, exp, || log_total_at::<T>(level, s))
+}
+
+/// [`write_params`] with the state's log total (asked only for a finite log_softmax) from
+/// `log_total`.
+fn params_with(s: LseState, exp: bool, log_total: impl FnOnce() -> f64) -> (f64, f64) {
     match (s.max.is_finite(), exp) {
         (true, true) => (s.max, 1.0 / s.total()),
-        (true, false) => (s.max, log_total_at::<T>(level, s)),
+        (true, false) => (s.max, log_total()),
         (false, true) => (f64::NAN, 1.0),
         (false, false) => (0.0, s.max),
+    }
+}
+
+/// [`write_params`] of every state as `[b, a]` into `out`, the log totals of a log_softmax
+/// taken a block of states at a time (the same bits).
+pub(crate) fn write_params_of<T: Real>(
+    level: Level,
+    states: &[LseState],
+    exp: bool,
+    out: &mut [[f64; 2]],
+) {
+    const BLOCK: usize = 256;
+    let mut lt = [0.0f64; BLOCK];
+    for (ss, os) in states.chunks(BLOCK).zip(out.chunks_mut(BLOCK)) {
+        if !exp {
+            // SAFETY: the level is the process's.
+            unsafe { simd::states_log_totals::<T>(level, ss, &mut lt[..ss.len()]) };
+        }
+        for ((&s, o), &l) in ss.iter().zip(os).zip(&lt) {
+            let (b, a) = params_with(s, exp, || l);
+            *o = [b, a];
+        }
     }
 }
 

@@ -35,7 +35,8 @@
 //! random access per element into the shared cache costs more than a pass over memory. The
 //! elements are first partitioned by segment into buckets of [`BUCKET_SEGMENTS`] segments, in
 //! array order, and each bucket is then scattered as above into states that stay in the
-//! core's caches (one copy of each, no parts): see [`partitioned_states`].
+//! core's caches (one copy of each, no parts): see [`partitioned_states`]. A softmax of so
+//! many segments is written through the same partition: [`partitioned_softmax_like`].
 //!
 //! Determinism: the rows are cut into [`parts`] chosen from the sizes alone, and with fewer
 //! than [`BANKED_BELOW`] segments each part keeps [`BANKS`] copies of its arrays, element
@@ -247,14 +248,242 @@ fn entry(v: f32, local: usize, pos: usize) -> u64 {
     u64::from(v.to_bits()) | ((local as u64 & 0xFFFF) << 32) | ((pos as u64 & 0xFFFF) << 48)
 }
 
-/// The states of many segments through a partition ([`PARTITION_FROM`]).
-///
-/// First pass, by chunks of [`CHUNK`] rows: each chunk validates and counts its ids per
-/// bucket and writes its elements, in array order, into its own region of one buffer of
-/// [`entry`]s, grouped by bucket. Second pass, by buckets: each bucket reads its pieces from
-/// every chunk in chunk order (so its elements in array order), and scatters them into the
-/// maxima, then the sums, of its own segments with the passes of the unpartitioned scatter.
-/// Every segment's sum is thus taken in array order by one copy, whatever the threads.
+/// The elements of one call partitioned by bucket of segments: [`Partition::new`].
+struct Partition {
+    /// The buffer of the entries; `ptr` points at the first, `rows` of them (aligned to a
+    /// cache line).
+    _buf: Vec<std::mem::MaybeUninit<u64>>,
+    ptr: SendPtr<u64>,
+    rows: usize,
+    /// `pieces[k * (buckets + 1) + b]`: where bucket `b` of chunk `k` starts; the chunk's
+    /// last one is its end.
+    pieces: Vec<usize>,
+    chunks: usize,
+    buckets: usize,
+}
+
+impl Partition {
+    /// First pass, by chunks of [`CHUNK`] rows: each chunk validates and counts its ids per
+    /// bucket and writes its elements, in array order, into its own region of one buffer of
+    /// [`entry`]s, grouped by bucket. The first id outside `[0, num_segments)` is reported by
+    /// position.
+    fn new<T: Real>(x: &[T], ids: &[i64], num_segments: usize) -> Result<Self, SegmentError> {
+        let rows = x.len();
+        let buckets = num_segments.div_ceil(BUCKET_SEGMENTS);
+        if buckets > MAX_BUCKETS {
+            return Err(SegmentError::Alloc);
+        }
+        let chunks = rows.div_ceil(CHUNK).max(1);
+        let stride = buckets + 1;
+        let mut pieces = try_vec(chunks * stride, 0usize)?;
+        // Aligned to whole cache lines, with up to 7 words in front.
+        let mut buf = super::segments::try_uninit::<u64>(rows + 7)?;
+        let front = buf.as_ptr().align_offset(64).min(7);
+        let (ep, pp) = (
+            SendPtr(buf[front..].as_mut_ptr() as *mut u64),
+            SendPtr(pieces.as_mut_ptr()),
+        );
+        let changed = std::sync::atomic::AtomicBool::new(false);
+        let errors = parallel::map_collect(chunks, CHUNK, |k| {
+            let (r0, r1) = ((k * CHUNK).min(rows), ((k + 1) * CHUNK).min(rows));
+            let (ids, x) = (&ids[r0..r1], &x[r0..r1]);
+            // SAFETY: chunk k owns pieces[k * stride..(k + 1) * stride].
+            let starts =
+                unsafe { std::slice::from_raw_parts_mut(pp.ptr().add(k * stride), stride) };
+            // Each row's bucket, from the one validating read of its id.
+            let mut bucket = [0u8; CHUNK];
+            let mut count = [0usize; MAX_BUCKETS];
+            for (r, (&id, b)) in ids.iter().zip(&mut bucket).enumerate() {
+                if r % 8 == 0 {
+                    simd::prefetch_line(ids.as_ptr().wrapping_add(r + FETCH_AHEAD));
+                    simd::prefetch_line(x.as_ptr().wrapping_add(r + FETCH_AHEAD));
+                }
+                if id < 0 || id as u64 >= num_segments as u64 {
+                    return Some(SegmentError::IdOutOfRange {
+                        pos: r0 + r,
+                        id,
+                        num_segments,
+                    });
+                }
+                *b = (id >> BUCKET_BITS) as u8;
+                count[usize::from(*b) % MAX_BUCKETS] += 1;
+            }
+            let mut run = r0;
+            for b in 0..buckets {
+                starts[b] = run;
+                run += count[b];
+            }
+            starts[buckets] = run;
+            // Entries gather per bucket in a line of 8 before they are written, a whole line of
+            // the buffer at a time: one write stream per bucket would overflow the core's store
+            // queues. A line shared with the piece in front is written word by word. The ids are
+            // read again (from the cache) for their segment within the bucket: one that changed
+            // since (another thread) is reported after the pass; only the bucket found by the
+            // first read decides where an entry goes.
+            let mut cur = [0usize; MAX_BUCKETS];
+            cur[..buckets].copy_from_slice(&starts[..buckets]);
+            let mut lines = [[0u64; 8]; MAX_BUCKETS];
+            let mut moved = false;
+            let write = |b: usize, line: &[u64; 8], to: usize| {
+                let from = (to - 1) / 8 * 8;
+                if from >= starts[b] && to - from == 8 {
+                    // SAFETY: the line [from, to) lies in bucket b's piece of this chunk's own
+                    // region, and is aligned: the buffer is, and from % 8 == 0.
+                    unsafe { simd::stream_line(ep.ptr().add(from), line) };
+                } else {
+                    for p in from.max(starts[b])..to {
+                        // SAFETY: p lies in bucket b's piece.
+                        unsafe { *ep.ptr().add(p) = line[p % 8] };
+                    }
+                }
+            };
+            for (r, ((&id, v), &b)) in ids.iter().zip(x).zip(&bucket).enumerate() {
+                let b = usize::from(b) % MAX_BUCKETS;
+                moved |= (id as u64 >> BUCKET_BITS) != b as u64 || id as u64 >= num_segments as u64;
+                // Exact: float32-grade values are float32 values.
+                let e = entry(v.to_f64() as f32, id as usize % BUCKET_SEGMENTS, r);
+                // Bucket b is found count[b] times: its cursor stays inside its piece.
+                let slot = cur[b];
+                lines[b][slot % 8] = e;
+                cur[b] = slot + 1;
+                if (slot + 1) % 8 == 0 {
+                    write(b, &lines[b], slot + 1);
+                }
+            }
+            for b in 0..buckets {
+                if cur[b] % 8 != 0 {
+                    write(b, &lines[b], cur[b]);
+                }
+            }
+            simd::stream_fence();
+            if moved {
+                changed.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+            None
+        });
+        if let Some(err) = errors.into_iter().flatten().next() {
+            return Err(err);
+        }
+        if changed.into_inner() {
+            return Err(super::segments::changed_ids());
+        }
+        Ok(Self {
+            _buf: buf,
+            ptr: ep,
+            rows,
+            pieces,
+            chunks,
+            buckets,
+        })
+    }
+
+    /// The entries (every one written by [`Partition::new`]).
+    fn entries(&self) -> *mut u64 {
+        self.ptr.ptr()
+    }
+
+    /// Where bucket `b` of chunk `k` lies among the entries.
+    fn piece(&self, k: usize, b: usize) -> std::ops::Range<usize> {
+        let at = k * (self.buckets + 1) + b;
+        self.pieces[at]..self.pieces[at + 1]
+    }
+
+    /// The entries of bucket `b` of chunk `k`, hinting the next piece of the same walk
+    /// (`next`) into the cache: the pieces lie apart in memory.
+    fn read(&self, k: usize, b: usize, next: Option<(usize, usize)>) -> &[u64] {
+        if let Some((k2, b2)) = next {
+            for p in self.piece(k2, b2).step_by(8) {
+                simd::prefetch_line(self.entries().wrapping_add(p));
+            }
+        }
+        let r = self.piece(k, b);
+        // SAFETY: every entry was written by the first pass; the range lies inside them.
+        unsafe { std::slice::from_raw_parts(self.entries().add(r.start), r.len()) }
+    }
+}
+
+/// One bucket's work tables, reused from bucket to bucket.
+struct Tables {
+    maxima: Vec<f32>,
+    pairs: Vec<[f64; 2]>,
+    met: Vec<u64>,
+    /// The bucket's states, where a caller keeps them.
+    states: Vec<LseState>,
+}
+
+impl Tables {
+    fn new() -> Result<Self, SegmentError> {
+        Ok(Self {
+            maxima: try_vec(BUCKET_SEGMENTS, f32::NEG_INFINITY)?,
+            pairs: try_vec(BUCKET_SEGMENTS, [0.0f64; 2])?,
+            met: try_vec(BUCKET_SEGMENTS.div_ceil(64), 0u64)?,
+            states: try_vec(BUCKET_SEGMENTS, LseState::EMPTY)?,
+        })
+    }
+
+    /// Second pass, for bucket `b`: its pieces from every chunk in chunk order (so its
+    /// elements in array order) scattered into the maxima, then the sums, of its segments
+    /// with the passes of the unpartitioned scatter, one copy each; their states into `out`
+    /// (one per segment of the bucket).
+    fn states(&mut self, level: Level, part: &Partition, b: usize, out: &mut [LseState]) {
+        let segs = out.len();
+        let (maxima, pairs, met) = (
+            &mut self.maxima[..segs],
+            &mut self.pairs[..segs],
+            &mut self.met[..segs.div_ceil(64)],
+        );
+        maxima.fill(f32::NEG_INFINITY);
+        met.fill(0);
+        let next = |k: usize| (k + 1 < part.chunks).then_some((k + 1, b));
+        // The local ids were bounded by the first pass.
+        for k in 0..part.chunks {
+            let _ = max_pass(Entries(part.read(k, b, next(k))), 1, maxima, segs);
+        }
+        for (pair, &m) in pairs.iter_mut().zip(&*maxima) {
+            *pair = [f64::from(m), 0.0];
+        }
+        for k in 0..part.chunks {
+            sum_pass(level, Entries(part.read(k, b, None)), 1, segs, pairs, met);
+        }
+        let words = met.len();
+        for (s, state) in out.iter_mut().enumerate() {
+            *state = finish(maxima[s], pairs[s][1], || {
+                copies_at_max(met, words, 1, segs, s)
+            });
+        }
+    }
+}
+
+/// Whether unsorted segments of `T` in `inner` columns go through the partition: the
+/// scatter's inputs ([`applies`]) with at least [`PARTITION_FROM`] segments.
+pub fn partitions<T: Real>(inner: usize, num_segments: usize) -> bool {
+    applies::<T>(inner, num_segments) && num_segments >= PARTITION_FROM
+}
+
+/// Calls `f(b, tables)` for every bucket, in parallel pieces, each with its own tables.
+fn for_each_bucket(
+    part: &Partition,
+    f: impl Fn(usize, &mut Tables) + Sync + Send,
+) -> Result<(), SegmentError> {
+    let failed = std::sync::atomic::AtomicBool::new(false);
+    parallel::for_each_piece(part.buckets, part.rows.div_ceil(part.buckets), |range| {
+        let Ok(mut tables) = Tables::new() else {
+            failed.store(true, std::sync::atomic::Ordering::Relaxed);
+            return;
+        };
+        for b in range {
+            f(b, &mut tables);
+        }
+    });
+    if failed.into_inner() {
+        return Err(SegmentError::Alloc);
+    }
+    Ok(())
+}
+
+/// The states of many segments through a partition ([`PARTITION_FROM`]): [`Partition::new`],
+/// then [`Tables::states`] per bucket. Every segment's sum is taken in array order by one
+/// copy, whatever the threads.
 ///
 /// Measured on one machine (2 threads, 2^24 float32 values in 2^19 random segments of 1-64,
 /// 2 MiB of L2 per core): 83 ms against 96-105 ms for the unpartitioned scatter, whose
@@ -265,164 +494,94 @@ fn partitioned_states<T: Real>(
     num_segments: usize,
     out: &mut [LseState],
 ) -> Result<(), SegmentError> {
-    let rows = x.len();
-    let buckets = num_segments.div_ceil(BUCKET_SEGMENTS);
-    if buckets > MAX_BUCKETS {
-        return Err(SegmentError::Alloc);
-    }
-    let chunks = rows.div_ceil(CHUNK).max(1);
-    // pieces[k * stride + b]: where bucket b of chunk k starts; [k * stride + buckets] its end.
-    let stride = buckets + 1;
-    let mut pieces = try_vec(chunks * stride, 0usize)?;
-    // Aligned to whole cache lines, with up to 7 words in front.
-    let mut entries = super::segments::try_uninit::<u64>(rows + 7)?;
-    let front = entries.as_ptr().align_offset(64).min(7);
-    let entries = &mut entries[front..front + rows];
-    let (ep, pp) = (
-        SendPtr(entries.as_mut_ptr() as *mut u64),
-        SendPtr(pieces.as_mut_ptr()),
-    );
-    let changed = std::sync::atomic::AtomicBool::new(false);
-    let errors = parallel::map_collect(chunks, CHUNK, |k| {
-        let (r0, r1) = ((k * CHUNK).min(rows), ((k + 1) * CHUNK).min(rows));
-        let (ids, x) = (&ids[r0..r1], &x[r0..r1]);
-        // SAFETY: chunk k owns pieces[k * stride..(k + 1) * stride].
-        let starts = unsafe { std::slice::from_raw_parts_mut(pp.ptr().add(k * stride), stride) };
-        // Each row's bucket, from the one validating read of its id.
-        let mut bucket = [0u8; CHUNK];
-        let mut count = [0usize; MAX_BUCKETS];
-        for (r, (&id, b)) in ids.iter().zip(&mut bucket).enumerate() {
-            if r % 8 == 0 {
-                simd::prefetch_line(ids.as_ptr().wrapping_add(r + FETCH_AHEAD));
-                simd::prefetch_line(x.as_ptr().wrapping_add(r + FETCH_AHEAD));
-            }
-            if id < 0 || id as u64 >= num_segments as u64 {
-                return Some(SegmentError::IdOutOfRange {
-                    pos: r0 + r,
-                    id,
-                    num_segments,
-                });
-            }
-            *b = (id >> BUCKET_BITS) as u8;
-            count[usize::from(*b) % MAX_BUCKETS] += 1;
-        }
-        let mut run = r0;
-        for b in 0..buckets {
-            starts[b] = run;
-            run += count[b];
-        }
-        starts[buckets] = run;
-        // Entries gather per bucket in a line of 8 before they are written, a whole line of
-        // the buffer at a time: one write stream per bucket would overflow the core's store
-        // queues. A line shared with the piece in front is written word by word. The ids are
-        // read again (from the cache) for their segment within the bucket: one that changed
-        // since (another thread) is reported after the pass; only the bucket found by the
-        // first read decides where an entry goes.
-        let mut cur = [0usize; MAX_BUCKETS];
-        cur[..buckets].copy_from_slice(&starts[..buckets]);
-        let mut lines = [[0u64; 8]; MAX_BUCKETS];
-        let mut moved = false;
-        let write = |b: usize, line: &[u64; 8], to: usize| {
-            let from = (to - 1) / 8 * 8;
-            if from >= starts[b] && to - from == 8 {
-                // SAFETY: the line [from, to) lies in bucket b's piece of this chunk's own
-                // region, and is aligned: the buffer is, and from % 8 == 0.
-                unsafe { simd::stream_line(ep.ptr().add(from), line) };
-            } else {
-                for p in from.max(starts[b])..to {
-                    // SAFETY: p lies in bucket b's piece.
-                    unsafe { *ep.ptr().add(p) = line[p % 8] };
+    let part = Partition::new(x, ids, num_segments)?;
+    let (op, level) = (SendPtr(out.as_mut_ptr()), simd::level());
+    for_each_bucket(&part, |b, tables| {
+        let base = b << BUCKET_BITS;
+        let segs = (num_segments - base).min(BUCKET_SEGMENTS);
+        // SAFETY: bucket b owns the states of segments base..base + segs.
+        let out = unsafe { std::slice::from_raw_parts_mut(op.ptr().add(base), segs) };
+        tables.states(level, &part, b, out);
+    })
+}
+
+/// Softmax (`exp`) or log_softmax of unsorted segments through the partition
+/// ([`partitions`]), into `out` (`x.len()` elements, disjoint from `x` or equal to it). Each
+/// bucket takes its states ([`Tables::states`]) and writes every element's result over its
+/// entry, from its segment's parameters (in the cache, as the states); a last pass by chunks
+/// puts the results at their positions, within the chunk's part of `out` (in the cache). A
+/// random read per element of parameters in the shared cache would cost more than these two
+/// passes. The results are those of the row kernels' write from the same states.
+///
+/// # Safety
+/// `out` writable for `x.len()` elements; `x` is not read through other references while
+/// this runs if they are the same memory (every element is read before any is written).
+pub unsafe fn partitioned_softmax_like<T: Real>(
+    x: &[T],
+    ids: &[i64],
+    num_segments: usize,
+    exp: bool,
+    out: SendPtr<T>,
+) -> Result<(), SegmentError> {
+    let part = Partition::new(x, ids, num_segments)?;
+    let level = simd::level();
+    let ep = SendPtr(part.entries());
+    for_each_bucket(&part, |b, tables| {
+        let base = b << BUCKET_BITS;
+        let segs = (num_segments - base).min(BUCKET_SEGMENTS);
+        let mut states = std::mem::take(&mut tables.states);
+        tables.states(level, &part, b, &mut states[..segs]);
+        // The parameters of the write, over the pairs of the tables.
+        let params = &mut tables.pairs[..segs];
+        super::write_params_of::<T>(level, &states[..segs], exp, params);
+        tables.states = states;
+        let zero = T::from_f64(0.0);
+        let (mut xs, mut bs, mut as_) = ([zero; BLOCK], [0.0f64; BLOCK], [0.0f64; BLOCK]);
+        for k in 0..part.chunks {
+            let r = part.piece(k, b);
+            for b0 in r.clone().step_by(BLOCK) {
+                let n = (r.end - b0).min(BLOCK);
+                // SAFETY: bucket b owns its pieces' entries (written by the first pass).
+                let es = unsafe { std::slice::from_raw_parts_mut(ep.ptr().add(b0), n) };
+                for (j, &e) in es.iter().enumerate() {
+                    let (v, local) = Entries(std::slice::from_ref(&e)).at(0);
+                    let [pb, pa] = params.get(local as usize).copied().unwrap_or([f64::NAN; 2]);
+                    (xs[j], bs[j], as_[j]) = (T::from_f64(f64::from(v)), pb, pa);
+                }
+                // SAFETY: n elements of each buffer; the write reads each before writing it.
+                unsafe {
+                    simd::lanes_write(
+                        level,
+                        xs.as_ptr(),
+                        xs.as_mut_ptr(),
+                        n,
+                        bs.as_ptr(),
+                        as_.as_ptr(),
+                        exp,
+                    )
+                };
+                for (e, y) in es.iter_mut().zip(&xs) {
+                    // Exact: a float32-grade result is a float32 value.
+                    *e = (*e & !0xFFFF_FFFF) | u64::from((y.to_f64() as f32).to_bits());
                 }
             }
-        };
-        for (r, ((&id, v), &b)) in ids.iter().zip(x).zip(&bucket).enumerate() {
-            let b = usize::from(b) % MAX_BUCKETS;
-            moved |= (id as u64 >> BUCKET_BITS) != b as u64 || id as u64 >= num_segments as u64;
-            // Exact: float32-grade values are float32 values.
-            let e = entry(v.to_f64() as f32, id as usize % BUCKET_SEGMENTS, r);
-            // Bucket b is found count[b] times: its cursor stays inside its piece.
-            let slot = cur[b];
-            lines[b][slot % 8] = e;
-            cur[b] = slot + 1;
-            if (slot + 1) % 8 == 0 {
-                write(b, &lines[b], slot + 1);
-            }
         }
-        for b in 0..buckets {
-            if cur[b] % 8 != 0 {
-                write(b, &lines[b], cur[b]);
-            }
-        }
-        simd::stream_fence();
-        if moved {
-            changed.store(true, std::sync::atomic::Ordering::Relaxed);
-        }
-        None
-    });
-    if let Some(err) = errors.into_iter().flatten().next() {
-        return Err(err);
-    }
-    if changed.into_inner() {
-        return Err(super::segments::changed_ids());
-    }
-    // SAFETY: the first pass wrote every entry exactly once (checked above).
-    let entries = unsafe { std::slice::from_raw_parts(entries.as_ptr() as *const u64, rows) };
-    let pieces = &pieces;
-    let piece = |k: usize, b: usize| &entries[pieces[k * stride + b]..pieces[k * stride + b + 1]];
-    let (op, level, failed) = (
-        SendPtr(out.as_mut_ptr()),
-        simd::level(),
-        std::sync::atomic::AtomicBool::new(false),
-    );
-    parallel::for_each_piece(buckets, rows.div_ceil(buckets), |range| {
-        let (Ok(mut maxima), Ok(mut pairs), Ok(mut met)) = (
-            try_vec(BUCKET_SEGMENTS, f32::NEG_INFINITY),
-            try_vec(BUCKET_SEGMENTS, [0.0f64; 2]),
-            try_vec(BUCKET_SEGMENTS.div_ceil(64), 0u64),
-        ) else {
-            failed.store(true, std::sync::atomic::Ordering::Relaxed);
-            return;
-        };
-        for b in range {
-            let base = b << BUCKET_BITS;
-            let segs = (num_segments - base).min(BUCKET_SEGMENTS);
-            let (maxima, pairs, met) = (
-                &mut maxima[..segs],
-                &mut pairs[..segs],
-                &mut met[..segs.div_ceil(64)],
-            );
-            maxima.fill(f32::NEG_INFINITY);
-            met.fill(0);
-            // One copy (no banks); the local ids were bounded by the first pass.
-            for k in 0..chunks {
-                // The pieces lie apart in memory: the next one is fetched while this one is
-                // read.
-                if k + 1 < chunks {
-                    for line in piece(k + 1, b).chunks(8) {
-                        simd::prefetch_line(line.as_ptr());
-                    }
+    })?;
+    parallel::for_each_piece(part.chunks, CHUNK, |range| {
+        for k in range {
+            let r0 = k * CHUNK;
+            for b in 0..part.buckets {
+                let next = (b + 1 < part.buckets).then_some((k, b + 1));
+                for &e in part.read(k, b, next) {
+                    let pos = (e >> 48) as usize;
+                    let y = T::from_f64(f64::from(f32::from_bits(e as u32)));
+                    // SAFETY: pos < CHUNK and r0 + pos < x.len() (the row the entry came
+                    // from); chunk k owns out[r0..r0 + CHUNK].
+                    unsafe { *out.ptr().add((r0 + pos).min(part.rows - 1)) = y };
                 }
-                let _ = max_pass(Entries(piece(k, b)), 1, maxima, segs);
-            }
-            for (pair, &m) in pairs.iter_mut().zip(&*maxima) {
-                *pair = [f64::from(m), 0.0];
-            }
-            for k in 0..chunks {
-                sum_pass(level, Entries(piece(k, b)), 1, segs, pairs, met);
-            }
-            let words = met.len();
-            for s in 0..segs {
-                let state = finish(maxima[s], pairs[s][1], || {
-                    copies_at_max(met, words, 1, segs, s)
-                });
-                // SAFETY: bucket b owns the states of segments base..base + segs.
-                unsafe { *op.ptr().add(base + s) = state };
             }
         }
     });
-    if failed.into_inner() {
-        return Err(SegmentError::Alloc);
-    }
     Ok(())
 }
 

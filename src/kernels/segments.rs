@@ -392,6 +392,15 @@ unsafe fn softmax_like_raw<T: Real>(
             // SAFETY: forwarded.
             unsafe { csr_softmax_like(level, xp, len, inner, &starts, what, op) };
         }
+        (None, Segments::Ids { ids, num_segments })
+            if super::segment_scatter::partitions::<T>(inner, num_segments) =>
+        {
+            let exp = what == Reduction::Softmax;
+            // SAFETY: forwarded.
+            unsafe {
+                super::segment_scatter::partitioned_softmax_like(xs, ids, num_segments, exp, op)?
+            };
+        }
         (None, Segments::Ids { ids, num_segments }) => {
             let mut states = try_vec(num_segments * inner, LseState::EMPTY)?;
             // A separate output is about to be overwritten: it holds the sorted values in the
@@ -1419,6 +1428,53 @@ mod tests {
         assert_eq!(uo[0..2], [lse2(2.0, 4.0), lse2(3.0, 5.0)]);
         assert_eq!(uo[2..4], [f64::NEG_INFINITY; 2]);
         assert_eq!(uo[4..6], [0.0, 1.0]);
+    }
+
+    #[test]
+    fn partitioned_softmax_writes_the_gathered_write_of_its_states() {
+        // Many segments take the partition, whose write must give the gathered write's bits
+        // from the same states (the pairs' form): catches a result put at the wrong position
+        // or taken with another segment's parameters, a piece or chunk left unwritten, and an
+        // in-place call that reads an element after writing it. Specials and a partial last
+        // chunk and bucket included.
+        let segments = (1usize << 15) + 5000;
+        assert!(super::super::segment_scatter::partitions::<f32>(
+            1, segments
+        ));
+        let mut rng = Rng(21);
+        let rows = 3 * (1 << 16) + 77;
+        let ids: Vec<i64> = (0..rows)
+            .map(|_| rng.below(segments as u64) as i64)
+            .collect();
+        let specials = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY];
+        let xs: Vec<f32> = (0..rows)
+            .map(|_| match rng.below(3000) {
+                k @ 0..3 => specials[k as usize],
+                k => (k as f32 - 1500.0) / 29.0,
+            })
+            .collect();
+        let seg = || Segments::Ids {
+            ids: &ids,
+            num_segments: segments,
+        };
+        let mut states = vec![LseState::EMPTY; segments];
+        segment_states(&xs, 1, seg(), &mut states).unwrap();
+        for what in [Reduction::Softmax, Reduction::LogSoftmax] {
+            let exp = what == Reduction::Softmax;
+            let params = WriteParams::Pair(try_params::<f32>(&states, exp, |_| 1.0).unwrap());
+            let mut want = xs.clone();
+            let p = SendPtr(want.as_mut_ptr());
+            // SAFETY: in place over want's rows elements.
+            unsafe { gather_write(simd::level(), p, rows, 1, &ids, &params, exp, p) };
+            let mut got = vec![0.0f32; rows];
+            segment_softmax_like(&xs, 1, seg(), what, &mut got).unwrap();
+            let mut inplace = xs.clone();
+            segment_softmax_like_inplace(&mut inplace, 1, seg(), what).unwrap();
+            for r in 0..rows {
+                assert_eq!(got[r].to_bits(), want[r].to_bits(), "{what:?} row {r}");
+                assert_eq!(inplace[r].to_bits(), want[r].to_bits(), "{what:?} row {r}");
+            }
+        }
     }
 
     #[test]
