@@ -839,12 +839,12 @@ def test_unsorted_float32_keeps_the_tiny_excess():
                                   np.float32(-4.248354255291589e-18))
 
 
-@pytest.mark.parametrize("count", [7, 500, 40_000])
+@pytest.mark.parametrize("count", [7, 500, 40_000, 300_000])
 def test_unsorted_float32_bits_do_not_depend_on_the_thread_count(count):
     # 600k rows: the scatter cuts the rows into several parts for 7 and 500 segments (each
-    # with its own states, merged in part order); 40000 segments are partitioned into buckets
-    # first (chunks of rows, buckets of segments); catches a merge order, a part boundary or a
-    # chunk order that follows the thread count.
+    # with its own states, merged in part order), one for 40000; 300000 segments are
+    # partitioned into buckets first (chunks of rows, buckets of segments); catches a merge
+    # order, a part boundary or a chunk order that follows the thread count.
     rng = np.random.default_rng(count)
     ids = rng.integers(0, count, 600_000)
     x = (rng.standard_normal(ids.size) * 30).astype(np.float32)
@@ -868,14 +868,14 @@ def test_unsorted_float32_bits_do_not_depend_on_the_thread_count(count):
 
 @pytest.mark.parametrize("fn", [segment_softmax, segment_log_softmax])
 def test_unsorted_float16_of_many_segments_is_float32_rounded_once_more(fn):
-    # 40000 segments take the partition, which carries values and results as float32: a
+    # 300000 segments take the partition, which carries values and results as float32: a
     # float16 input must give the float32 path's results rounded to float16 (within the one
     # extra rounding), at every position.
     rng = np.random.default_rng(16)
-    ids = rng.integers(0, 40_000, 200_000)
+    ids = rng.integers(0, 300_000, 600_000)
     x = (rng.standard_normal(ids.size) * 4).astype(np.float16)
-    got = fn(x, ids, 40_000)
-    want = fn(x.astype(np.float32), ids, 40_000)
+    got = fn(x, ids, 300_000)
+    want = fn(x.astype(np.float32), ids, 300_000)
     assert got.dtype == np.float16
     ulp = np.spacing(np.abs(want).astype(np.float16)).astype(np.float32)
     assert (np.abs(got.astype(np.float32) - want) <= ulp).all()

@@ -221,9 +221,12 @@ fn finish(max: f32, sum: f64, copies: impl FnOnce() -> f64) -> LseState {
 /// From this many segments on, the scatter first partitions the elements by segment into
 /// buckets of [`BUCKET_SEGMENTS`] (one pass that writes every element once), and then
 /// scatters each bucket into states that stay in the core's own caches: the states of all
-/// segments no longer fit them, and a random access per element into the shared cache costs
-/// more than the partition's pass.
-const PARTITION_FROM: usize = 1 << 15;
+/// segments (20 bytes each, 5 MiB here) no longer fit them, and a random access per element
+/// into the shared cache costs more than the partition's passes. Measured on one machine
+/// with 2 MiB of L2 per core (2 threads, 2^24 float32 values in random ids, logsumexp /
+/// softmax, ms): unpartitioned 38-45 / 57-67 up to 2^16 segments, 70-77 / 94 at 2^17, 87 /
+/// 134 at 2^18; partitioned 74-78 / 103-112 from 2^13 to 2^18.
+const PARTITION_FROM: usize = 1 << 18;
 
 /// Segments per bucket of the partitioned scatter (the local ids are 16 bits).
 const BUCKET_BITS: u32 = 12;
@@ -487,7 +490,8 @@ fn for_each_bucket(
 ///
 /// Measured on one machine (2 threads, 2^24 float32 values in 2^19 random segments of 1-64,
 /// 2 MiB of L2 per core): 83 ms against 96-105 ms for the unpartitioned scatter, whose
-/// `(max, sum)` pairs (8 MiB) are read from the shared cache at every element.
+/// `(max, sum)` pairs (8 MiB) are read from the shared cache at every element
+/// ([`PARTITION_FROM`]).
 fn partitioned_states<T: Real>(
     x: &[T],
     ids: &[i64],

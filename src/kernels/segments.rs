@@ -1437,12 +1437,12 @@ mod tests {
         // or taken with another segment's parameters, a piece or chunk left unwritten, and an
         // in-place call that reads an element after writing it. Specials and a partial last
         // chunk and bucket included.
-        let segments = (1usize << 15) + 5000;
+        let segments = (1usize << 18) + 5000;
         assert!(super::super::segment_scatter::partitions::<f32>(
             1, segments
         ));
         let mut rng = Rng(21);
-        let rows = 3 * (1 << 16) + 77;
+        let rows = 9 * (1 << 16) + 77;
         let ids: Vec<i64> = (0..rows)
             .map(|_| rng.below(segments as u64) as i64)
             .collect();
