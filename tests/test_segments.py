@@ -761,7 +761,7 @@ def test_packed_segments_are_bit_identical_for_any_thread_count_and_in_place():
 
 # Unsorted float32 ids: the scatter (each segment's max, then its sum, in array order).
 
-SCATTER_MAX_SEGMENTS = 2**19  # 8 MiB of 16-byte states; more segments take the sort
+SCATTER_MAX_SEGMENTS = 2**22  # 64 MiB of 16-byte states; more segments take the sort
 
 
 def _exact_states(x, ids, count):

@@ -229,7 +229,7 @@ def segment_logsumexp(
     or all ``-inf``. Sums are accumulated in float64 for float32 input. Results are
     bit-identical for any number of threads.
 
-    Accuracy: unsorted float32 (and float16) ids with up to 2**19 segments are scattered:
+    Accuracy: unsorted float32 (and float16) ids with up to 2**22 segments are scattered:
     one pass takes each segment's max, a second adds each element's ``exp(x - max)`` to its
     segment's float64 sum, in array order, with no sort. The sum then rounds differently
     from the sorted forms', so the result is not bit-identical to theirs, but within ``0.5``

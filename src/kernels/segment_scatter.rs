@@ -33,7 +33,7 @@
 //!
 //! Many segments (from [`PARTITION_FROM`]): their states outgrow the core's own caches, and a
 //! random access per element into the shared cache costs more than a pass over memory. The
-//! elements are first partitioned by segment into buckets of [`BUCKET_SEGMENTS`] segments, in
+//! elements are first partitioned by segment into buckets of 2^12 or more segments, in
 //! array order, and each bucket is then scattered as above into states that stay in the
 //! core's caches (one copy of each, no parts): see [`partitioned_states`]. A softmax of so
 //! many segments is written through the same partition: [`partitioned_softmax_like`].
@@ -57,12 +57,14 @@ use crate::simd::{self, Level};
 use crate::state::LseState;
 use std::hint::select_unpredictable;
 
-/// The most bytes of states (16 per segment; each part's maxima and pairs take 20) the
-/// scatter takes on, half a server's L3: beyond, its random accesses go to DRAM and the
-/// counting sort's streams win. (Measured on one thread, 2^24 float32 values in random ids, on
-/// a machine with 16 MiB of L3: the scatter takes 0.59x the sort's time at 2^17 segments and
-/// 0.66-0.76x at 2^19, the sort 0.77x the scatter's at 2^20 and 0.55x at 2^21.)
-pub const SCATTER_MAX_STATE_BYTES: usize = 8 << 20;
+/// The most bytes of states (16 per segment) the scatter takes on: 2^22 segments, over 2^18
+/// partitioned ([`PARTITION_FROM`]) into at most [`MAX_BUCKETS`] buckets of up to 2^14
+/// segments. Beyond, the counting sort. (Measured on 2 threads, 2^24 float32 values in random
+/// ids, on a machine with 2 MiB of L2 per core: logsumexp / softmax in 94 / 121 ms at 2^20
+/// segments against the sort's 125 / 179, 141 / 130 at 2^21 against 150 / 249, 206 / 152 at
+/// 2^22 against 211 / 316. Unpartitioned, on a machine with 16 MiB of L3, the scatter had
+/// taken 0.66-0.76x the sort's time at 2^19 and the sort 0.55x the scatter's at 2^21.)
+pub const SCATTER_MAX_STATE_BYTES: usize = 64 << 20;
 
 /// Elements per block of the scatter: the gathered maxima, factors and indices stay in L1.
 const BLOCK: usize = 256;
@@ -219,7 +221,7 @@ fn finish(max: f32, sum: f64, copies: impl FnOnce() -> f64) -> LseState {
 }
 
 /// From this many segments on, the scatter first partitions the elements by segment into
-/// buckets of [`BUCKET_SEGMENTS`] (one pass that writes every element once), and then
+/// buckets ([`bucket_bits`]; one pass that writes every element once), and then
 /// scatters each bucket into states that stay in the core's own caches: the states of all
 /// segments (20 bytes each, 5 MiB here) no longer fit them, and a random access per element
 /// into the shared cache costs more than the partition's passes. Measured on one machine
@@ -228,13 +230,20 @@ fn finish(max: f32, sum: f64, copies: impl FnOnce() -> f64) -> LseState {
 /// 134 at 2^18; partitioned 74-78 / 103-112 from 2^13 to 2^18.
 const PARTITION_FROM: usize = 1 << 18;
 
-/// Segments per bucket of the partitioned scatter (the local ids are 16 bits).
+/// The fewest segments per bucket of the partitioned scatter, as a power of two
+/// ([`bucket_bits`]).
 const BUCKET_BITS: u32 = 12;
-const BUCKET_SEGMENTS: usize = 1 << BUCKET_BITS;
 
-/// The most buckets: [`SCATTER_MAX_STATE_BYTES`] of states in buckets of [`BUCKET_SEGMENTS`].
-const MAX_BUCKETS: usize =
-    (SCATTER_MAX_STATE_BYTES / std::mem::size_of::<LseState>()).div_ceil(BUCKET_SEGMENTS);
+/// The most buckets (a bucket's index is a byte; a line of entries each in the partition).
+const MAX_BUCKETS: usize = 256;
+
+/// The bits of a segment's index within its bucket for `num_segments` segments: buckets of
+/// `2^BUCKET_BITS` segments, larger ones where that would make more than [`MAX_BUCKETS`]
+/// (16 bits at most: [`entry`]; 2^16 segments' work tables take 1.3 MiB).
+fn bucket_bits(num_segments: usize) -> u32 {
+    let fewest = num_segments.div_ceil(MAX_BUCKETS).next_power_of_two();
+    BUCKET_BITS.max(fewest.trailing_zeros())
+}
 
 /// Rows partitioned together: their ids and values stay in the cache between the count and
 /// the writes, and their positions fit 16 bits.
@@ -263,6 +272,8 @@ struct Partition {
     pieces: Vec<usize>,
     chunks: usize,
     buckets: usize,
+    /// Segments per bucket (a power of two, [`bucket_bits`]).
+    bucket: usize,
 }
 
 impl Partition {
@@ -272,8 +283,9 @@ impl Partition {
     /// position.
     fn new<T: Real>(x: &[T], ids: &[i64], num_segments: usize) -> Result<Self, SegmentError> {
         let rows = x.len();
-        let buckets = num_segments.div_ceil(BUCKET_SEGMENTS);
-        if buckets > MAX_BUCKETS {
+        let bits = bucket_bits(num_segments);
+        let buckets = num_segments.div_ceil(1 << bits);
+        if buckets > MAX_BUCKETS || bits > 16 {
             return Err(SegmentError::Alloc);
         }
         let chunks = rows.div_ceil(CHUNK).max(1);
@@ -308,7 +320,7 @@ impl Partition {
                         num_segments,
                     });
                 }
-                *b = (id >> BUCKET_BITS) as u8;
+                *b = (id >> bits) as u8;
                 count[usize::from(*b) % MAX_BUCKETS] += 1;
             }
             let mut run = r0;
@@ -342,9 +354,9 @@ impl Partition {
             };
             for (r, ((&id, v), &b)) in ids.iter().zip(x).zip(&bucket).enumerate() {
                 let b = usize::from(b) % MAX_BUCKETS;
-                moved |= (id as u64 >> BUCKET_BITS) != b as u64 || id as u64 >= num_segments as u64;
+                moved |= (id as u64 >> bits) != b as u64 || id as u64 >= num_segments as u64;
                 // Exact: float32-grade values are float32 values.
-                let e = entry(v.to_f64() as f32, id as usize % BUCKET_SEGMENTS, r);
+                let e = entry(v.to_f64() as f32, id as usize & ((1 << bits) - 1), r);
                 // Bucket b is found count[b] times: its cursor stays inside its piece.
                 let slot = cur[b];
                 lines[b][slot % 8] = e;
@@ -377,6 +389,7 @@ impl Partition {
             pieces,
             chunks,
             buckets,
+            bucket: 1 << bits,
         })
     }
 
@@ -415,12 +428,13 @@ struct Tables {
 }
 
 impl Tables {
-    fn new() -> Result<Self, SegmentError> {
+    /// Tables for buckets of `segments` segments.
+    fn new(segments: usize) -> Result<Self, SegmentError> {
         Ok(Self {
-            maxima: try_vec(BUCKET_SEGMENTS, f32::NEG_INFINITY)?,
-            pairs: try_vec(BUCKET_SEGMENTS, [0.0f64; 2])?,
-            met: try_vec(BUCKET_SEGMENTS.div_ceil(64), 0u64)?,
-            states: try_vec(BUCKET_SEGMENTS, LseState::EMPTY)?,
+            maxima: try_vec(segments, f32::NEG_INFINITY)?,
+            pairs: try_vec(segments, [0.0f64; 2])?,
+            met: try_vec(segments.div_ceil(64), 0u64)?,
+            states: try_vec(segments, LseState::EMPTY)?,
         })
     }
 
@@ -470,7 +484,7 @@ fn for_each_bucket(
 ) -> Result<(), SegmentError> {
     let failed = std::sync::atomic::AtomicBool::new(false);
     parallel::for_each_piece(part.buckets, part.rows.div_ceil(part.buckets), |range| {
-        let Ok(mut tables) = Tables::new() else {
+        let Ok(mut tables) = Tables::new(part.bucket) else {
             failed.store(true, std::sync::atomic::Ordering::Relaxed);
             return;
         };
@@ -501,8 +515,8 @@ fn partitioned_states<T: Real>(
     let part = Partition::new(x, ids, num_segments)?;
     let (op, level) = (SendPtr(out.as_mut_ptr()), simd::level());
     for_each_bucket(&part, |b, tables| {
-        let base = b << BUCKET_BITS;
-        let segs = (num_segments - base).min(BUCKET_SEGMENTS);
+        let base = b * part.bucket;
+        let segs = (num_segments - base).min(part.bucket);
         // SAFETY: bucket b owns the states of segments base..base + segs.
         let out = unsafe { std::slice::from_raw_parts_mut(op.ptr().add(base), segs) };
         tables.states(level, &part, b, out);
@@ -531,8 +545,8 @@ pub unsafe fn partitioned_softmax_like<T: Real>(
     let level = simd::level();
     let ep = SendPtr(part.entries());
     for_each_bucket(&part, |b, tables| {
-        let base = b << BUCKET_BITS;
-        let segs = (num_segments - base).min(BUCKET_SEGMENTS);
+        let base = b * part.bucket;
+        let segs = (num_segments - base).min(part.bucket);
         let mut states = std::mem::take(&mut tables.states);
         tables.states(level, &part, b, &mut states[..segs]);
         // The parameters of the write, over the pairs of the tables.
@@ -945,8 +959,20 @@ mod tests {
         // Both take each segment's sum in array order by one copy: the same bits. Rows over
         // several chunks, segments over several buckets and a partial last bucket, special
         // values; catches a piece gathered out of order, a lost line of the partition (the
-        // lines shared between pieces), a local id or bucket mixed up.
-        let segments = PARTITION_FROM + 3 * BUCKET_SEGMENTS + 17;
+        // lines shared between pieces), a local id or bucket mixed up. Buckets of 2^12
+        // segments, then of 2^13 (over a million segments: at most 256 buckets).
+        let widths = [
+            (PARTITION_FROM + 3 * (1 << BUCKET_BITS) + 17, 12),
+            ((1 << 20) + 3, 13),
+        ];
+        for (segments, bits) in widths {
+            assert_eq!(bucket_bits(segments), bits);
+            assert!(segments.div_ceil(1 << bits) <= MAX_BUCKETS);
+            partitioned_states_equal_one_part(segments);
+        }
+    }
+
+    fn partitioned_states_equal_one_part(segments: usize) {
         let (xs, ids) = data(11, 5 * CHUNK + 333, segments as u64);
         let got = states(&xs, &ids, segments);
         let mut want = vec![LseState::EMPTY; segments];

@@ -337,7 +337,23 @@ pub fn segment_logsumexp<T: Real>(
                 }
                 (None, _) => {}
             }
-            write_from_states(&states, out, |s| s.logsumexp());
+            if T::FULL {
+                write_from_states(&states, out, |s| s.logsumexp());
+            } else {
+                // float32-grade: the vector log1p of the row kernels, a piece at a time (one
+                // libm log1p per segment would cost as much as the scatter for many segments).
+                let (op, level) = (SendPtr(out.as_mut_ptr()), simd::level());
+                parallel::for_each_piece(states.len(), 8, |range| {
+                    // SAFETY: the piece owns out[range]; the level is the process's.
+                    unsafe {
+                        simd::states_logsumexp(
+                            level,
+                            &states[range.clone()],
+                            op.ptr().add(range.start),
+                        )
+                    };
+                });
+            }
         }
     }
     Ok(())
