@@ -66,6 +66,40 @@ def test_keepdims_and_return_sign_accept_any_truth_value():
     assert sl.logsumexp(x, axis=1, keepdims=np.True_).shape == (2, 1)
 
 
+@pytest.mark.parametrize("axis", [1, 0])
+def test_a_subnormal_weight_sum_gives_the_mean_and_its_gradient(axis):
+    # "mean" divides by the kept targets' weight sum D; D = 2.2e-309 has no finite 1 / D,
+    # which gave inf or NaN where torch's division is finite. The mean and its gradient are
+    # ratios of weights: the same with every weight times 2**64, where D is normal.
+    x = np.array([[0.0, 1.0, 2.0], [1.0, 0.0, -1.0], [0.5, 0.5, 0.5]])
+    t = np.array([0, 2, 1])
+    w = np.array([2.2250738585e-309, 5.0, 1e-310])
+    t[2] = 0
+    xs = x if axis == 1 else np.ascontiguousarray(x.T)
+    for ls in (0.0, 0.1):
+        loss, g = sl.cross_entropy(xs, t, axis=axis, weight=w, label_smoothing=ls, return_grad=True)
+        scaled = sl.cross_entropy(
+            xs, t, axis=axis, weight=w * 2.0**64, label_smoothing=ls, return_grad=True
+        )
+        assert np.isfinite(loss) and np.isfinite(g).all()
+        assert loss == scaled[0]
+        np.testing.assert_array_equal(g, scaled[1])
+    lp = np.log(sl.softmax(x, axis=1))
+    d = w[t].sum()
+    want = -(w[t] * lp[np.arange(3), t]).sum() / d
+    np.testing.assert_allclose(sl.nll_loss(lp, t, weight=w), want, rtol=1e-15)
+    np.testing.assert_allclose(sl.cross_entropy(x, t, weight=w), want, rtol=1e-15)
+    # w * log 2 keeps a subnormal's fewer bits: log 2 to about 1e-15.
+    got = sl.cross_entropy(np.zeros(2), 0, axis=0, weight=np.array([2.2e-309, 1.0]))
+    np.testing.assert_allclose(got, np.log(2), rtol=1e-13)
+
+
+@pytest.mark.parametrize("fn", ["cross_entropy", "nll_loss"])
+def test_a_ragged_weight_is_refused_naming_it(fn):
+    with pytest.raises(ValueError, match="weight is not a rectangular array"):
+        getattr(sl, fn)(np.zeros((1, 2)), np.array([1]), weight=[[1.0], [1.0, 2.0]])
+
+
 @pytest.mark.parametrize("fn", ["logsumexp", "softmax", "log_softmax"])
 def test_unaligned_out_is_filled(fn):
     x = np.arange(12.0).reshape(3, 4)

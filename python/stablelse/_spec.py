@@ -334,7 +334,10 @@ def weight_array(weight: Any, classes: int, dtype: np.dtype[Any]) -> Optional[np
     """The class weights as an aligned contiguous `dtype` array of shape ``(classes,)``."""
     if weight is None:
         return None
-    w = np.asarray(weight)
+    try:
+        w = np.asarray(weight)
+    except ValueError as exc:
+        raise ValueError(f"weight is not a rectangular array: {exc}") from None
     if w.dtype.kind not in "biuf":
         raise TypeError(f"weight must be a real numeric array, got dtype {w.dtype}")
     if w.shape != (classes,):

@@ -1,7 +1,8 @@
 //! The cross-entropy forward pass and its fused gradient, over rows (`inner == 1`) or columns.
 
 use super::spec::{
-    finish, lane_classes, lane_target, plan, reduce_pieces, LaneTarget, Plan, Targets, XentOptions,
+    finish, lane_classes, lane_target, plan, reduce_pieces, reduced, rescaled_weights, LaneTarget,
+    Plan, Targets, XentOptions,
 };
 use crate::error::{try_vec, Error};
 use crate::half::Stored;
@@ -192,6 +193,15 @@ pub fn cross_entropy<T: Real>(
         grad.as_ref().map(|g| g.len()),
         true,
     )?;
+    if grad.is_some() {
+        if let Some(w) = rescaled_weights(&plan)? {
+            let opts = XentOptions {
+                weight: Some(&w),
+                ..*opts
+            };
+            return cross_entropy(logits, batch, targets, &opts, per_lane, grad);
+        }
+    }
     let lanes_out = per_lane.map(|p| SendPtr(p.as_mut_ptr()));
     let grad_out = grad.map(|g| SendPtr(g.as_mut_ptr()));
     let (main, zsum, deferred) = xent_lanes(logits, &targets, &plan, opts, lanes_out, grad_out)?;
@@ -200,15 +210,6 @@ pub fn cross_entropy<T: Real>(
         plan = finish(plan, opts.reduction, counts)?;
     }
     Ok(T::from_f64(reduced(&plan, main, zsum)))
-}
-
-/// The reduced loss from the lanes' summed `(main, lse^2)` terms and the plan's scales.
-fn reduced<T>(plan: &Plan<'_, T>, main: f64, zsum: f64) -> f64 {
-    let mut total = main * plan.s1;
-    if plan.z > 0.0 {
-        total += plan.z * zsum * plan.s2;
-    }
-    total
 }
 
 /// As [`cross_entropy`] for logits stored as `S` and computed in `S::Compute` (float16 /
@@ -237,6 +238,15 @@ pub fn cross_entropy_stored<S: Stored>(
         grad.as_ref().map(|g| g.len()),
         false,
     )?;
+    if grad.is_some() {
+        if let Some(w) = rescaled_weights(&plan)? {
+            let opts = XentOptions {
+                weight: Some(&w),
+                ..*opts
+            };
+            return cross_entropy_stored(logits, batch, targets, &opts, per_lane, grad);
+        }
+    }
     let zero = <S::Compute as Real>::from_f64(0.0);
     let mut lanes = match per_lane {
         Some(_) => try_vec(batch.count(), zero)?,

@@ -82,5 +82,5 @@ pub fn nll_loss<S: Stored>(
         }
         Ok((acc, 0.0))
     })?;
-    Ok(<S::Compute as Real>::from_f64(main * plan.s1))
+    Ok(<S::Compute as Real>::from_f64(main / plan.d1))
 }

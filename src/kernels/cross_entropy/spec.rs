@@ -95,9 +95,14 @@ pub(super) struct Plan<'a, T> {
     pub(super) b: f64,
     /// `W = sum_k w_k`.
     pub(super) w_total: f64,
-    /// Reduction scales of the main term and of the z term.
+    /// Reduction scales of the main term and of the z term: `1 / D` and `1 / K` for "mean"
+    /// (the gradient's factors), else 1.
     pub(super) s1: f64,
     pub(super) s2: f64,
+    /// The mean's denominators `D` and `K` themselves, which the reduced loss divides by
+    /// (1 for "sum" and "none"): `1 / D` overflows for a subnormal `D`.
+    pub(super) d1: f64,
+    pub(super) d2: f64,
     pub(super) z: f64,
     /// The targets are checked against a `where=` mask, and the mean's scales set, by the
     /// main pass ([`defers_masked_checks`]), not before it.
@@ -194,6 +199,8 @@ pub(super) fn plan<'a, T: Real>(
         w_total,
         s1: 1.0,
         s2: 1.0,
+        d1: 1.0,
+        d2: 1.0,
         z: opts.z_loss,
         deferred: false,
     };
@@ -276,10 +283,37 @@ pub(super) fn finish<T>(
     (denominator, kept): (f64, f64),
 ) -> Result<Plan<'_, T>, Error> {
     if reduction == LossReduction::Mean {
-        plan.s1 = 1.0 / denominator;
-        plan.s2 = 1.0 / kept;
+        (plan.s1, plan.s2) = (1.0 / denominator, 1.0 / kept);
+        (plan.d1, plan.d2) = (denominator, kept);
     }
     Ok(plan)
+}
+
+/// The reduced loss from the lanes' summed `(main, lse^2)` terms: each divided by its
+/// denominator (torch divides too; a subnormal `D` has no finite `1 / D`).
+pub(super) fn reduced<T>(plan: &Plan<'_, T>, main: f64, zsum: f64) -> f64 {
+    let mut total = main / plan.d1;
+    if plan.z > 0.0 {
+        total += plan.z * zsum / plan.d2;
+    }
+    total
+}
+
+/// For a gradient under "mean" whose weight sum `D` is subnormal (its `1 / D`, the
+/// gradient's factor, overflows): the weights times 2^64, exactly, with which the mean and
+/// its gradient are the same (a ratio of weights) and `1 / D` finite. `None` otherwise.
+pub(super) fn rescaled_weights<T: Real>(plan: &Plan<'_, T>) -> Result<Option<Vec<T>>, Error> {
+    let Some(w) = plan.weight else {
+        return Ok(None);
+    };
+    if plan.s1.is_finite() || plan.d1 == 0.0 || !plan.d1.is_finite() {
+        return Ok(None);
+    }
+    let mut out = crate::error::try_vec(w.len(), T::from_f64(0.0))?;
+    for (o, v) in out.iter_mut().zip(w) {
+        *o = T::from_f64(v.to_f64() * 2f64.powi(64));
+    }
+    Ok(Some(out))
 }
 
 /// The target of lane `l` of `n` classes. `plan` validated every target, but the caller's
