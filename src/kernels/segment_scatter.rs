@@ -60,10 +60,10 @@ use std::hint::select_unpredictable;
 /// The most bytes of states (16 per segment) the scatter takes on: 2^22 segments, over 2^18
 /// partitioned ([`PARTITION_FROM`]) into at most [`MAX_BUCKETS`] buckets of up to 2^14
 /// segments. Beyond, the counting sort. (Measured on 2 threads, 2^24 float32 values in random
-/// ids, on a machine with 2 MiB of L2 per core: logsumexp / softmax in 94 / 121 ms at 2^20
-/// segments against the sort's 125 / 179, 141 / 130 at 2^21 against 150 / 249, 206 / 152 at
-/// 2^22 against 211 / 316. Unpartitioned, on a machine with 16 MiB of L3, the scatter had
-/// taken 0.66-0.76x the sort's time at 2^19 and the sort 0.55x the scatter's at 2^21.)
+/// ids, on a machine with 2 MiB of L2 per core: logsumexp / softmax in 97-99 / 128-131 ms at
+/// 2^20 segments against the sort's 124 / 186, 164-169 / 161-162 at 2^22 against 218-246 /
+/// 329-346. Unpartitioned, on a machine with 16 MiB of L3, the scatter had taken 0.66-0.76x
+/// the sort's time at 2^19 and the sort 0.55x the scatter's at 2^21.)
 pub const SCATTER_MAX_STATE_BYTES: usize = 64 << 20;
 
 /// Elements per block of the scatter: the gathered maxima, factors and indices stay in L1.
@@ -323,12 +323,7 @@ impl Partition {
                 *b = (id >> bits) as u8;
                 count[usize::from(*b) % MAX_BUCKETS] += 1;
             }
-            let mut run = r0;
-            for b in 0..buckets {
-                starts[b] = run;
-                run += count[b];
-            }
-            starts[buckets] = run;
+            super::segments::bucket_starts(r0, &count[..buckets], starts);
             // Entries gather per bucket in a line of 8 before they are written, a whole line of
             // the buffer at a time: one write stream per bucket would overflow the core's store
             // queues. A line shared with the piece in front is written word by word. The ids are

@@ -672,11 +672,12 @@ unsafe fn csr_softmax_like<T: Real>(
 /// The most buckets the first level of the unsorted path uses (one output stream each).
 const SORT_BUCKETS: usize = 64;
 
-/// A vector of `n` uninitialised elements, or [`SegmentError::Alloc`]. Skipping the fill
-/// saves a pass over memory that is about to be overwritten.
 /// Buffers of at least this many bytes ask the system for huge pages ([`try_uninit`]).
 const HUGE_FROM: usize = 4 << 20;
 
+/// A vector of `n` uninitialised elements, or [`SegmentError::Alloc`]. Skipping the fill
+/// saves a pass over memory that is about to be overwritten. From [`HUGE_FROM`] bytes on it
+/// asks for huge pages ([`advise_huge_pages`]).
 pub(super) fn try_uninit<T>(n: usize) -> Result<Vec<MaybeUninit<T>>, SegmentError> {
     let mut out = Vec::new();
     out.try_reserve_exact(n).map_err(|_| SegmentError::Alloc)?;
@@ -723,6 +724,17 @@ unsafe fn copy_row<T: Copy>(src: *const T, dst: *mut T, inner: usize) {
             std::ptr::copy_nonoverlapping(src, dst, inner);
         }
     }
+}
+
+/// Where each bucket of a chunk starting at row `r0` starts, from the buckets' counts, into
+/// `starts` (one more than the buckets: the last is the chunk's end).
+pub(super) fn bucket_starts(r0: usize, count: &[usize], starts: &mut [usize]) {
+    let mut run = r0;
+    for (s, &c) in starts.iter_mut().zip(count) {
+        *s = run;
+        run += c;
+    }
+    starts[count.len()] = run;
 }
 
 /// Rows of the first level of the unsorted path handled together: their ids, values and sorted
@@ -805,12 +817,7 @@ fn unsorted_states<T: Real>(
             }
             count[((id as usize) >> shift) & (SORT_BUCKETS - 1)] += 1;
         }
-        let mut run = r0;
-        for b in 0..buckets {
-            starts[b] = run;
-            run += count[b];
-        }
-        starts[buckets] = run;
+        bucket_starts(r0, &count[..buckets], starts);
         // Cursors and ends of this chunk's buckets. The ids are read again (from the cache):
         // one changed since the count (another thread) is caught by the bounds below, never
         // written outside this chunk's region, and reported after the pass.
