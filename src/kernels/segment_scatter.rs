@@ -260,6 +260,12 @@ fn entry(v: f32, local: usize, pos: usize) -> u64 {
     u64::from(v.to_bits()) | ((local as u64 & 0xFFFF) << 32) | ((pos as u64 & 0xFFFF) << 48)
 }
 
+/// An [`entry`]'s value and segment within its bucket.
+#[inline(always)]
+fn decode(e: u64) -> (f32, u64) {
+    (f32::from_bits(e as u32), (e >> 32) & 0xFFFF)
+}
+
 /// The elements of one call partitioned by bucket of segments: [`Partition::new`].
 struct Partition {
     /// The buffer of the entries; `ptr` points at the first, `rows` of them (aligned to a
@@ -418,7 +424,7 @@ struct Tables {
     maxima: Vec<f32>,
     pairs: Vec<[f64; 2]>,
     met: Vec<u64>,
-    /// The bucket's states, where a caller keeps them.
+    /// The bucket's states ([`Tables::states`]).
     states: Vec<LseState>,
 }
 
@@ -435,10 +441,9 @@ impl Tables {
 
     /// Second pass, for bucket `b`: its pieces from every chunk in chunk order (so its
     /// elements in array order) scattered into the maxima, then the sums, of its segments
-    /// with the passes of the unpartitioned scatter, one copy each; their states into `out`
-    /// (one per segment of the bucket).
-    fn states(&mut self, level: Level, part: &Partition, b: usize, out: &mut [LseState]) {
-        let segs = out.len();
+    /// with the passes of the unpartitioned scatter, one copy each; the states of its `segs`
+    /// segments into `self.states[..segs]`.
+    fn states(&mut self, level: Level, part: &Partition, b: usize, segs: usize) {
         let (maxima, pairs, met) = (
             &mut self.maxima[..segs],
             &mut self.pairs[..segs],
@@ -458,7 +463,7 @@ impl Tables {
             sum_pass(level, Entries(part.read(k, b, None)), 1, segs, pairs, met);
         }
         let words = met.len();
-        for (s, state) in out.iter_mut().enumerate() {
+        for (s, state) in self.states[..segs].iter_mut().enumerate() {
             *state = finish(maxima[s], pairs[s][1], || {
                 copies_at_max(met, words, 1, segs, s)
             });
@@ -514,7 +519,8 @@ fn partitioned_states<T: Real>(
         let segs = (num_segments - base).min(part.bucket);
         // SAFETY: bucket b owns the states of segments base..base + segs.
         let out = unsafe { std::slice::from_raw_parts_mut(op.ptr().add(base), segs) };
-        tables.states(level, &part, b, out);
+        tables.states(level, &part, b, segs);
+        out.copy_from_slice(&tables.states[..segs]);
     })
 }
 
@@ -542,12 +548,10 @@ pub unsafe fn partitioned_softmax_like<T: Real>(
     for_each_bucket(&part, |b, tables| {
         let base = b * part.bucket;
         let segs = (num_segments - base).min(part.bucket);
-        let mut states = std::mem::take(&mut tables.states);
-        tables.states(level, &part, b, &mut states[..segs]);
+        tables.states(level, &part, b, segs);
         // The parameters of the write, over the pairs of the tables.
         let params = &mut tables.pairs[..segs];
-        super::write_params_of::<T>(level, &states[..segs], exp, params);
-        tables.states = states;
+        super::write_params_of::<T>(level, &tables.states[..segs], exp, params);
         let zero = T::from_f64(0.0);
         let (mut xs, mut bs, mut as_) = ([zero; BLOCK], [0.0f64; BLOCK], [0.0f64; BLOCK]);
         for k in 0..part.chunks {
@@ -557,7 +561,7 @@ pub unsafe fn partitioned_softmax_like<T: Real>(
                 // SAFETY: bucket b owns its pieces' entries (written by the first pass).
                 let es = unsafe { std::slice::from_raw_parts_mut(ep.ptr().add(b0), n) };
                 for (j, &e) in es.iter().enumerate() {
-                    let (v, local) = Entries(std::slice::from_ref(&e)).at(0);
+                    let (v, local) = decode(e);
                     let [pb, pa] = params.get(local as usize).copied().unwrap_or([f64::NAN; 2]);
                     (xs[j], bs[j], as_[j]) = (T::from_f64(f64::from(v)), pb, pa);
                 }
@@ -715,8 +719,7 @@ impl Elements for Entries<'_> {
     }
     #[inline(always)]
     fn at(self, k: usize) -> (f32, u64) {
-        let e = self.0[k];
-        (f32::from_bits(e as u32), (e >> 32) & 0xFFFF)
+        decode(self.0[k])
     }
 }
 

@@ -193,14 +193,12 @@ pub fn cross_entropy<T: Real>(
         grad.as_ref().map(|g| g.len()),
         true,
     )?;
-    if grad.is_some() {
-        if let Some(w) = rescaled_weights(&plan)? {
-            let opts = XentOptions {
-                weight: Some(&w),
-                ..*opts
-            };
-            return cross_entropy(logits, batch, targets, &opts, per_lane, grad);
-        }
+    if let Some(w) = rescaled_weights(&plan, grad.is_some())? {
+        let opts = XentOptions {
+            weight: Some(&w),
+            ..*opts
+        };
+        return cross_entropy(logits, batch, targets, &opts, per_lane, grad);
     }
     let lanes_out = per_lane.map(|p| SendPtr(p.as_mut_ptr()));
     let grad_out = grad.map(|g| SendPtr(g.as_mut_ptr()));
@@ -238,14 +236,12 @@ pub fn cross_entropy_stored<S: Stored>(
         grad.as_ref().map(|g| g.len()),
         false,
     )?;
-    if grad.is_some() {
-        if let Some(w) = rescaled_weights(&plan)? {
-            let opts = XentOptions {
-                weight: Some(&w),
-                ..*opts
-            };
-            return cross_entropy_stored(logits, batch, targets, &opts, per_lane, grad);
-        }
+    if let Some(w) = rescaled_weights(&plan, grad.is_some())? {
+        let opts = XentOptions {
+            weight: Some(&w),
+            ..*opts
+        };
+        return cross_entropy_stored(logits, batch, targets, &opts, per_lane, grad);
     }
     let zero = <S::Compute as Real>::from_f64(0.0);
     let mut lanes = match per_lane {

@@ -299,11 +299,14 @@ pub(super) fn reduced<T>(plan: &Plan<'_, T>, main: f64, zsum: f64) -> f64 {
     total
 }
 
-/// For a gradient under "mean" whose weight sum `D` is subnormal (its `1 / D`, the
+/// For a gradient (`grad`) under "mean" whose weight sum `D` is subnormal (its `1 / D`, the
 /// gradient's factor, overflows): the weights times 2^64, exactly, with which the mean and
 /// its gradient are the same (a ratio of weights) and `1 / D` finite. `None` otherwise.
-pub(super) fn rescaled_weights<T: Real>(plan: &Plan<'_, T>) -> Result<Option<Vec<T>>, Error> {
-    let Some(w) = plan.weight else {
+pub(super) fn rescaled_weights<T: Real>(
+    plan: &Plan<'_, T>,
+    grad: bool,
+) -> Result<Option<Vec<T>>, Error> {
+    let Some(w) = plan.weight.filter(|_| grad) else {
         return Ok(None);
     };
     if plan.s1.is_finite() || plan.d1 == 0.0 || !plan.d1.is_finite() {
