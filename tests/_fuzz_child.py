@@ -688,8 +688,9 @@ def ref_cross_entropy(x, t, ax, w, ii, red, ls, zl, probs):  # noqa: ANN001
     xmax = np.max(np.abs(xm), axis=-1, keepdims=True, initial=0.0)
     elem_scale = (np.abs(a) * (np.abs(logp) + xmax)).sum(-1) + np.abs(per_z)
     scale = elem_scale if red == "none" else elem_scale.sum()
-    # Gradient entries sum_c(a) * p - a cancel: error ~ eps * sum|a| * (1 + |x|).
-    gscale = np.abs(a).sum(-1, keepdims=True) * (1 + xmax) + np.abs(2 * zl * lse)[..., None]
+    # Gradient entries sum_c(a) * p - a cancel: error ~ eps * sum|a| * (1 + |x|); the z-loss
+    # term 2 z lse p carries p's error, eps * |x| relative, as well.
+    gscale = (np.abs(a).sum(-1, keepdims=True) + np.abs(2 * zl * lse)[..., None]) * (1 + xmax)
     if red == "mean":
         scale = scale / max(denom, 1e-300)
         gscale = gscale / max(min(denom, count), 1e-300)
