@@ -582,7 +582,7 @@ pub(crate) unsafe fn logsumexp<L: Lanes, T: Real>(
     // elements, whose groups are the cheapest.
     // SAFETY: forwarded from the caller.
     unsafe {
-        if hinted(n) {
+        if Hints::Reads.on(n) {
             logsumexp_groups::<L, T, true>(l, x, None, rows, n, out)
         } else {
             logsumexp_groups::<L, T, false>(l, x, None, rows, n, out)
@@ -609,7 +609,7 @@ pub(crate) unsafe fn logsumexp_kept<L: Lanes, T: Real>(
     // SAFETY: forwarded from the caller.
     unsafe {
         let x = Rows::Pitched { x, pitch: n };
-        if hinted(n) {
+        if Hints::Reads.on(n) {
             logsumexp_groups::<L, T, true>(l, x, Some(keep), rows, n, out)
         } else {
             logsumexp_groups::<L, T, false>(l, x, Some(keep), rows, n, out)
@@ -782,7 +782,7 @@ unsafe fn states_groups<L: Lanes, T: Real>(
         keep,
         rows,
         n,
-        hint: hinted(n),
+        hint: Hints::Reads.on(n),
         out: std::ptr::null(),
     };
     let mut r = 0;
@@ -886,16 +886,13 @@ unsafe fn softmax_groups<L: Lanes, T: Real>(
         keep,
         rows,
         n,
-        hint: hinted(n),
+        hint: Hints::Rows.on(n),
         out: hinted_out(x, n, out),
     };
     let init = (l.splat(0.0), 0u8);
     // In place (out == x, pitch == n), every row of a batch is read before any is written,
     // and a redone row is written only by the reference, after the others of its group.
-    // Rows of 32 and more are written group by group: batched, their softmax and log_softmax
-    // from DRAM ran 1.1-1.2x slower (2 threads, float32, Zen 5), rows of 10-24 1.05-1.3x
-    // faster.
-    let depth = if n < HINTED_OUT { BATCH } else { 1 };
+    let depth = if n < GROUPED_FROM { BATCH } else { 1 };
     in_batches::<L, _, _>(
         rows,
         depth,
@@ -1094,9 +1091,9 @@ pub(crate) unsafe fn xent_index<L: Lanes, T: Real, const MASKED: bool, const GRA
         unsafe {
             let px = x.add(r * pitch);
             let mut grp = Group::pitched(px, pitch, g, n, rows - r);
-            if hinted(n) {
+            if Hints::Loss.on(n) {
                 next_group::<L, T>(&mut grp, px, g, n, pitch, rows - r - g);
-                if let Some(gp) = grad.filter(|_| grp.ahead.1 > 0 && n >= HINTED_OUT) {
+                if let Some(gp) = grad.filter(|_| grp.ahead.1 > 0) {
                     grp.ahead_out = gp.wrapping_add((r + g) * n) as *const u8;
                 }
             }
@@ -1196,28 +1193,47 @@ pub(crate) unsafe fn xent_index<L: Lanes, T: Real, const MASKED: bool, const GRA
     }
 }
 
-/// Whether the short-row kernels hint the next group into L1: not for rows under 16
-/// elements, whose groups are a few lines that the hardware's streams bring in time (rows of
-/// 10 ran ~5% slower hinted, strided or not; rows of 32 and 64 gained up to 15% in the loss).
-#[inline(always)]
-fn hinted(n: usize) -> bool {
-    n >= 16
+/// What a short-row kernel does with its rows, which decides from which row length it hints
+/// the next group into L1 (and its output lines beside them, where it writes rows): the
+/// hardware's streams keep up with a loop that only reads a few lines per group, but not
+/// with one that also stores as many. Measured (two threads from DRAM, float32, AVX-512,
+/// ms per 2^22 rows of 10 hinted / not): on a 2-core Intel Xeon, log_softmax 21.9 / 28.4,
+/// softmax 21.5 / 28.5, the loss 21.6 / 23.4 and with its gradient 47.2 / 50.5; rows of 16
+/// softmax 18.6 / 25.2; logsumexp of rows of 4 ran 12% slower hinted and the loss's 5-15%.
+/// On Zen 5 hinting rows under 16 cost up to 5%, and the output rows of 16 5-10%.
+#[derive(Clone, Copy)]
+enum Hints {
+    /// Reads rows, writes a value per row (logsumexp, the states).
+    Reads,
+    /// Writes rows of the input's size (softmax, log_softmax).
+    Rows,
+    /// A loss: reads rows, writes a value per row and, with the gradient, rows.
+    Loss,
 }
 
-/// Rows at least this long are written group by group ([`softmax_groups`]; shorter ones in
-/// batches of groups) and hint the next group's output lines beside its rows, so that its
-/// stores find the lines in L1 (two threads from DRAM, float32,
-/// rows of 32: softmax 0.58 -> 0.54 ns per element x threads, log_softmax 0.68 -> 0.56, the
-/// loss with its gradient 0.74 -> 0.64; rows of 128 with the gradient 0.67 -> 0.57). Rows of
-/// 16 ran 5-10% slower with it.
-const HINTED_OUT: usize = 32;
+impl Hints {
+    /// Whether rows of `n` elements are hinted.
+    #[inline(always)]
+    fn on(self, n: usize) -> bool {
+        n >= match self {
+            Hints::Reads => 16,
+            Hints::Rows => 1,
+            Hints::Loss => 8,
+        }
+    }
+}
 
-/// The output rows [`softmax_groups`] hints (null for none): dense rows of at least
-/// [`HINTED_OUT`] written apart from their input (in place, the rows hinted are the output's).
+/// Rows at least this long are written group by group ([`softmax_groups`]); shorter ones in
+/// batches of groups. Batched, rows of 32 from DRAM ran 1.1-1.2x slower (two threads,
+/// float32, Zen 5; 7% slower on the Intel Xeon), rows of 10-24 1.05-1.3x faster.
+const GROUPED_FROM: usize = 32;
+
+/// The output rows [`softmax_groups`] hints (null for none): dense rows written apart from
+/// their input (in place, the rows hinted are the output's).
 #[inline(always)]
 fn hinted_out<T>(x: Rows<'_, T>, n: usize, out: *mut T) -> *const T {
     match x {
-        Rows::Pitched { x, .. } if !std::ptr::eq(x, out) && n >= HINTED_OUT => out,
+        Rows::Pitched { x, .. } if !std::ptr::eq(x, out) && Hints::Rows.on(n) => out,
         _ => std::ptr::null(),
     }
 }
