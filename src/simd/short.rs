@@ -8,7 +8,7 @@
 //! NaN/inf semantics.
 
 use super::lanes::{load_columns_of_bits, reference_state, Lanes};
-use super::rows::{self, map_row, select_kept, ExpScaled, ShiftSub};
+use super::rows::{self, map_row, select_kept, ExpScaled, ShiftSub, AHEAD_BYTES};
 use super::{scalar, SHORT_ROW};
 use crate::real::Real;
 use crate::state::LseState;
@@ -497,15 +497,15 @@ pub(crate) struct KeepRows {
 }
 
 /// The rows a short-row kernel walks `N` at a time: `rows` rows of `x` of at most `n`
-/// elements, with their `where=` mask bytes when `keep` is given, the group after each hinted
-/// into L1 when `hint`.
+/// elements, with their `where=` mask bytes when `keep` is given, a group after each hinted
+/// into L1 as `hint` says.
 #[derive(Clone, Copy)]
 struct Source<'a, T> {
     x: Rows<'a, T>,
     keep: Option<KeepRows>,
     rows: usize,
     n: usize,
-    hint: bool,
+    hint: Option<Hints>,
     /// The output's rows (dense, `n` apart) when the groups write them: hinted beside the
     /// next group's rows. Null for none.
     out: *const T,
@@ -538,12 +538,13 @@ impl<'a, T: Real> Source<'a, T> {
         staged: &mut [MaybeUninit<T>],
     ) -> (L::V, L::V, u8) {
         let mut grp = self.group(r, g);
-        if self.hint {
+        if let Some(hints) = self.hint {
             self.x
                 .prefetch_next::<L>(&mut grp, r, g, self.n, self.rows - r - g);
             if grp.ahead.1 > 0 && !self.out.is_null() {
                 grp.ahead_out = self.out.wrapping_add((r + g) * self.n) as *const u8;
             }
+            grp.ahead.0 = grp.ahead.0.wrapping_add(hints.ahead());
         }
         // The mask rows from row r on are readable.
         let keep = self.keep.map(|k| {
@@ -578,16 +579,8 @@ pub(crate) unsafe fn logsumexp<L: Lanes, T: Real>(
     n: usize,
     out: *mut T,
 ) {
-    // Compiled apart: the hint's code, even skipped, slows the loop over rows of a few
-    // elements, whose groups are the cheapest.
     // SAFETY: forwarded from the caller.
-    unsafe {
-        if Hints::Reads.on(n) {
-            logsumexp_groups::<L, T, true>(l, x, None, rows, n, out)
-        } else {
-            logsumexp_groups::<L, T, false>(l, x, None, rows, n, out)
-        }
-    }
+    unsafe { logsumexp_groups(l, x, None, rows, n, out) }
 }
 
 /// [`logsumexp`] of `rows` dense short rows (`n` apart) over the elements their mask bytes
@@ -609,21 +602,17 @@ pub(crate) unsafe fn logsumexp_kept<L: Lanes, T: Real>(
     // SAFETY: forwarded from the caller.
     unsafe {
         let x = Rows::Pitched { x, pitch: n };
-        if Hints::Reads.on(n) {
-            logsumexp_groups::<L, T, true>(l, x, Some(keep), rows, n, out)
-        } else {
-            logsumexp_groups::<L, T, false>(l, x, Some(keep), rows, n, out)
-        }
+        logsumexp_groups(l, x, Some(keep), rows, n, out)
     }
 }
 
 /// [`logsumexp`] and [`logsumexp_kept`] (`keep`, mask rows `n` apart, given only with rows
-/// `n` apart), with the next group hinted into L1 when `HINT`.
+/// `n` apart).
 ///
 /// # Safety
 /// As [`logsumexp_kept`] with a mask, else as [`logsumexp`].
 #[inline(always)]
-unsafe fn logsumexp_groups<L: Lanes, T: Real, const HINT: bool>(
+unsafe fn logsumexp_groups<L: Lanes, T: Real>(
     l: L,
     x: Rows<'_, T>,
     keep: Option<KeepRows>,
@@ -639,7 +628,7 @@ unsafe fn logsumexp_groups<L: Lanes, T: Real, const HINT: bool>(
         keep,
         rows,
         n,
-        hint: HINT,
+        hint: Hints::Reads.of(n),
         out: std::ptr::null(),
     };
     let init = (l.splat(0.0), l.splat(0.0), 0u8);
@@ -782,7 +771,7 @@ unsafe fn states_groups<L: Lanes, T: Real>(
         keep,
         rows,
         n,
-        hint: Hints::Reads.on(n),
+        hint: Hints::Reads.of(n),
         out: std::ptr::null(),
     };
     let mut r = 0;
@@ -886,7 +875,7 @@ unsafe fn softmax_groups<L: Lanes, T: Real>(
         keep,
         rows,
         n,
-        hint: Hints::Rows.on(n),
+        hint: Hints::Rows.of(n),
         out: hinted_out(x, n, out),
     };
     let init = (l.splat(0.0), 0u8);
@@ -1096,6 +1085,7 @@ pub(crate) unsafe fn xent_index<L: Lanes, T: Real, const MASKED: bool, const GRA
                 if let Some(gp) = grad.filter(|_| grp.ahead.1 > 0) {
                     grp.ahead_out = gp.wrapping_add((r + g) * n) as *const u8;
                 }
+                grp.ahead.0 = grp.ahead.0.wrapping_add(Hints::Loss.ahead());
             }
             // A constant `None` unmasked: the mask code compiles away.
             let mask = shared.or_else(|| {
@@ -1194,13 +1184,17 @@ pub(crate) unsafe fn xent_index<L: Lanes, T: Real, const MASKED: bool, const GRA
 }
 
 /// What a short-row kernel does with its rows, which decides from which row length it hints
-/// the next group into L1 (and its output lines beside them, where it writes rows): the
-/// hardware's streams keep up with a loop that only reads a few lines per group, but not
-/// with one that also stores as many. Measured (two threads from DRAM, float32, AVX-512,
-/// ms per 2^22 rows of 10 hinted / not): on a 2-core Intel Xeon, log_softmax 21.9 / 28.4,
+/// a group into L1 as it loads the group before, and which: the next group (and its output
+/// lines beside it, where the kernel writes rows), or for a kernel that only reads, the rows
+/// [`AHEAD_BYTES`] past it, as the long rows' passes hint. The hardware's streams keep up
+/// with neither loop on every CPU. Measured (two threads from DRAM, float32, AVX-512, ms
+/// per 2^22 rows of 10, hinted / not): on a 2-core Intel Xeon, log_softmax 21.9 / 28.4,
 /// softmax 21.5 / 28.5, the loss 21.6 / 23.4 and with its gradient 47.2 / 50.5; rows of 16
-/// softmax 18.6 / 25.2; logsumexp of rows of 4 ran 12% slower hinted and the loss's 5-15%.
-/// On Zen 5 hinting rows under 16 cost up to 5%, and the output rows of 16 5-10%.
+/// softmax 18.6 / 25.2; the loss's rows of 4 ran 5-15% slower hinted. logsumexp of 2^26
+/// elements, 4 KiB ahead / the next group / none: rows of 4 24.4 / 28.8 / 25.7, of 10
+/// 15.4 / 16.9 / 17.4, of 16 13.1 / 13.9 / 13.9 (the loss ran 5% slower 4 KiB ahead on rows
+/// of 16 and 32). On Zen 5 hinting the next group of rows under 16 cost up to 5%, and the
+/// output rows of 16 5-10%.
 #[derive(Clone, Copy)]
 enum Hints {
     /// Reads rows, writes a value per row (logsumexp, the states).
@@ -1216,9 +1210,23 @@ impl Hints {
     #[inline(always)]
     fn on(self, n: usize) -> bool {
         n >= match self {
-            Hints::Reads => 16,
-            Hints::Rows => 1,
+            Hints::Reads | Hints::Rows => 1,
             Hints::Loss => 8,
+        }
+    }
+
+    /// These hints for rows of `n` elements, or none.
+    #[inline(always)]
+    fn of(self, n: usize) -> Option<Self> {
+        self.on(n).then_some(self)
+    }
+
+    /// How far past the next group, in bytes, the hinted rows start.
+    #[inline(always)]
+    fn ahead(self) -> usize {
+        match self {
+            Hints::Reads => AHEAD_BYTES,
+            Hints::Rows | Hints::Loss => 0,
         }
     }
 }
