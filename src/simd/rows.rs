@@ -113,11 +113,12 @@ impl<T> Ahead<T> {
 }
 
 /// How far ahead of its loads, in bytes, the fused max of a long row's next block hints its
-/// own row ([`Source::hint_own`]), and the short rows' kernels that only read hint theirs. A loop that computes as it reads keeps too few loads in
-/// flight for every CPU's prefetchers to stream the row from DRAM: on a 2-core Intel Xeon
-/// (float32, two threads, ms per 2^26 elements, hinted / not) logsumexp of rows of 32768 ran
-/// 8.0 / 17.7, the loss 8.5 / 15.3, log_softmax 13.4 / 17.9, the loss with its gradient
-/// 36.3 / 41.7; one row of 2^22 alike. 1 KiB ahead gained half as much, 8 KiB as much.
+/// own row ([`Source::hint_own`]), and the short-row kernels that only read hint theirs. A
+/// loop that computes as it reads keeps too few loads in flight for every CPU's prefetchers
+/// to stream the row from DRAM: on a 2-core Intel Xeon (float32, two threads, ms per 2^26
+/// elements, hinted / not) logsumexp of rows of 32768 ran 8.0 / 17.7, the loss 8.5 / 15.3,
+/// log_softmax 13.4 / 17.9, the loss with its gradient 36.3 / 41.7; rows of 2^22 alike.
+/// 1 KiB ahead gained half as much, 8 KiB as much.
 pub(crate) const AHEAD_BYTES: usize = 4096;
 
 /// The shortest row, in bytes, that hints the next row into cache ([`Ahead`]): shorter rows

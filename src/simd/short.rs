@@ -1190,7 +1190,7 @@ pub(crate) unsafe fn xent_index<L: Lanes, T: Real, const MASKED: bool, const GRA
 /// with neither loop on every CPU. Measured (two threads from DRAM, float32, AVX-512, ms
 /// per 2^22 rows of 10, hinted / not): on a 2-core Intel Xeon, log_softmax 21.9 / 28.4,
 /// softmax 21.5 / 28.5, the loss 21.6 / 23.4 and with its gradient 47.2 / 50.5; rows of 16
-/// softmax 18.6 / 25.2; the loss's rows of 4 ran 5-15% slower hinted. logsumexp of 2^26
+/// softmax 18.6 / 25.2; the loss's rows of 4 ran 5-17% slower hinted. logsumexp of 2^26
 /// elements, 4 KiB ahead / the next group / none: rows of 4 24.4 / 28.8 / 25.7, of 10
 /// 15.4 / 16.9 / 17.4, of 16 13.1 / 13.9 / 13.9 (the loss ran 5% slower 4 KiB ahead on rows
 /// of 16 and 32). On Zen 5 hinting the next group of rows under 16 cost up to 5%, and the
@@ -1233,7 +1233,7 @@ impl Hints {
 
 /// Rows at least this long are written group by group ([`softmax_groups`]); shorter ones in
 /// batches of groups. Batched, rows of 32 from DRAM ran 1.1-1.2x slower (two threads,
-/// float32, Zen 5; 7% slower on the Intel Xeon), rows of 10-24 1.05-1.3x faster.
+/// float32, Zen 5; 7-11% slower on the Intel Xeon), rows of 10-24 1.05-1.3x faster.
 const GROUPED_FROM: usize = 32;
 
 /// The output rows [`softmax_groups`] hints (null for none): dense rows written apart from
