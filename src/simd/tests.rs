@@ -1012,3 +1012,35 @@ fn transpose_moves_every_element_at_every_level() {
         check::<f64>(level);
     }
 }
+
+/// The float32 max and min of one pass ([`Lanes::range_of`]) at every level, against a plain
+/// scan: every length to 70 (whole vectors and the tails), the extremes first, last and inside.
+/// A level that takes no min reports `-inf` for it.
+#[test]
+fn range_of_is_the_rows_max_and_min() {
+    let mut rng = Rng::new(11);
+    for level in levels() {
+        for n in 1..=70usize {
+            for at in [0, n - 1, n / 2] {
+                let mut x: Vec<f32> = (0..n).map(|_| rng.uniform(-5.0, 5.0) as f32).collect();
+                x[at] = 9.5;
+                x[n - 1 - at] = -9.5;
+                let top = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+                let least = x.iter().fold(f32::INFINITY, |m, &v| m.min(v));
+                let p = x.as_ptr();
+                // SAFETY: n readable elements at p; the level is available.
+                let got = unsafe {
+                    run_kernel!(level, { p: *const T, n: usize } -> (f64, f64),
+                    |l| l.range_of(p, n),
+                    scalar: {
+                        let top = (0..n).fold(f64::NEG_INFINITY, |m, k| m.max((*p.add(k)).to_f64()));
+                        (top, f64::NEG_INFINITY)
+                    })
+                };
+                assert_eq!(got.0, f64::from(top), "{level:?} n={n} at={at}");
+                let want = [f64::from(least), f64::NEG_INFINITY];
+                assert!(want.contains(&got.1), "{level:?} n={n} at={at}: {got:?}");
+            }
+        }
+    }
+}
