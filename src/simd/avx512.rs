@@ -714,47 +714,6 @@ unsafe impl Lanes for Avx512 {
             _mm512_reduce_max_ps(m) as f64
         }
     }
-    const TAKES_MIN: bool = true;
-    /// float32: the max and the min in one pass of 16 float32 lanes, so that a row within the
-    /// exp's clamp of its max takes its kept exps unclamped (softmax of 2^26 float32 in rows
-    /// of 1000 from DRAM, two threads, 17.7 -> 17.0 ms; the loss with its gradient 29.7 ->
-    /// 28.9; one thread in cache, softmax of rows of 1000 0.50 -> 0.48 ns per element).
-    #[inline(always)]
-    unsafe fn range_of<T: Real>(self, p: *const T, n: usize) -> (f64, f64) {
-        if T::FULL {
-            // SAFETY: forwarded from the caller.
-            return (unsafe { self.max_of(p, n) }, f64::NEG_INFINITY);
-        }
-        let p = p as *const f32;
-        // SAFETY: every load is within the n elements (full vectors, then a masked tail).
-        unsafe {
-            let mut hi = [_mm512_set1_ps(f32::NEG_INFINITY); 2];
-            let mut lo = [_mm512_set1_ps(f32::INFINITY); 2];
-            let mut i = 0;
-            while i + 32 <= n {
-                for k in 0..2 {
-                    let v = _mm512_loadu_ps(p.add(i + 16 * k));
-                    hi[k] = _mm512_max_ps(hi[k], v);
-                    lo[k] = _mm512_min_ps(lo[k], v);
-                }
-                i += 32;
-            }
-            while i < n {
-                let m = if n - i >= 16 {
-                    0xffff
-                } else {
-                    ((1u32 << (n - i)) - 1) as __mmask16
-                };
-                // The lanes past n keep the accumulators' own values.
-                hi[0] = _mm512_mask_max_ps(hi[0], m, hi[0], _mm512_maskz_loadu_ps(m, p.add(i)));
-                lo[0] = _mm512_mask_min_ps(lo[0], m, lo[0], _mm512_maskz_loadu_ps(m, p.add(i)));
-                i += 16;
-            }
-            let top = _mm512_reduce_max_ps(_mm512_max_ps(hi[0], hi[1]));
-            let least = _mm512_reduce_min_ps(_mm512_min_ps(lo[0], lo[1]));
-            (f64::from(top), f64::from(least))
-        }
-    }
     #[inline(always)]
     fn max_init<T: Real>(self) -> [__m512d; 2] {
         unsafe {
