@@ -499,39 +499,37 @@ unsafe impl Lanes for Avx2 {
         }
     }
     const TAKES_MIN: bool = true;
-    /// float32: the max and the min in one pass of float32 lanes.
+    /// float32: the max and the min in 8 float32 lanes, no widening.
     #[inline(always)]
-    unsafe fn range_of<T: Real>(self, p: *const T, n: usize) -> (f64, f64) {
-        if T::FULL {
-            // SAFETY: forwarded from the caller.
-            return (unsafe { self.max_of(p, n) }, f64::NEG_INFINITY);
-        }
-        let p = p as *const f32;
-        // SAFETY: every load is within the n elements (full vectors, then a scalar tail).
+    fn range_init(self) -> [__m256d; 2] {
+        // SAFETY: AVX is enabled (this level).
         unsafe {
-            let mut hi = [_mm256_set1_ps(f32::NEG_INFINITY); 2];
-            let mut lo = [_mm256_set1_ps(f32::INFINITY); 2];
-            let mut i = 0;
-            while i + 16 <= n {
-                for k in 0..2 {
-                    let v = _mm256_loadu_ps(p.add(i + 8 * k));
-                    hi[k] = _mm256_max_ps(hi[k], v);
-                    lo[k] = _mm256_min_ps(lo[k], v);
-                }
-                i += 16;
-            }
-            let (mut m, mut least) = (
-                reduce_max_ps(_mm256_max_ps(hi[0], hi[1])),
-                -reduce_max_ps(_mm256_sub_ps(
-                    _mm256_setzero_ps(),
-                    _mm256_min_ps(lo[0], lo[1]),
-                )),
-            );
-            for k in i..n {
-                m = m.max(*p.add(k));
-                least = least.min(*p.add(k));
-            }
-            (f64::from(m), f64::from(least))
+            [
+                _mm256_castps_pd(_mm256_set1_ps(f32::NEG_INFINITY)),
+                _mm256_castps_pd(_mm256_set1_ps(f32::INFINITY)),
+            ]
+        }
+    }
+    #[inline(always)]
+    unsafe fn range_step(self, acc: [__m256d; 2], p: *const f32) -> [__m256d; 2] {
+        // SAFETY: the caller guarantees 8 readable elements.
+        unsafe {
+            let v = _mm256_loadu_ps(p);
+            [
+                _mm256_castps_pd(_mm256_max_ps(_mm256_castpd_ps(acc[0]), v)),
+                _mm256_castps_pd(_mm256_min_ps(_mm256_castpd_ps(acc[1]), v)),
+            ]
+        }
+    }
+    #[inline(always)]
+    fn range_finish(self, acc: [__m256d; 2]) -> (f32, f32) {
+        // SAFETY: AVX is enabled (this level). The min is minus the max of the negations.
+        unsafe {
+            let least = _mm256_sub_ps(_mm256_setzero_ps(), _mm256_castpd_ps(acc[1]));
+            (
+                reduce_max_ps(_mm256_castpd_ps(acc[0])),
+                -reduce_max_ps(least),
+            )
         }
     }
     #[inline(always)]

@@ -714,6 +714,40 @@ unsafe impl Lanes for Avx512 {
             _mm512_reduce_max_ps(m) as f64
         }
     }
+    const TAKES_MIN: bool = true;
+    /// float32: the max and the min in 16 float32 lanes, no widening (rows within the exp's
+    /// clamp of their max then take their kept exps unclamped).
+    #[inline(always)]
+    fn range_init(self) -> [__m512d; 2] {
+        // SAFETY: AVX-512 F is enabled (this level).
+        unsafe {
+            [
+                _mm512_castps_pd(_mm512_set1_ps(f32::NEG_INFINITY)),
+                _mm512_castps_pd(_mm512_set1_ps(f32::INFINITY)),
+            ]
+        }
+    }
+    #[inline(always)]
+    unsafe fn range_step(self, acc: [__m512d; 2], p: *const f32) -> [__m512d; 2] {
+        // SAFETY: the caller guarantees 16 readable elements.
+        unsafe {
+            let v = _mm512_loadu_ps(p);
+            [
+                _mm512_castps_pd(_mm512_max_ps(_mm512_castpd_ps(acc[0]), v)),
+                _mm512_castps_pd(_mm512_min_ps(_mm512_castpd_ps(acc[1]), v)),
+            ]
+        }
+    }
+    #[inline(always)]
+    fn range_finish(self, acc: [__m512d; 2]) -> (f32, f32) {
+        // SAFETY: AVX-512 F is enabled (this level).
+        unsafe {
+            (
+                _mm512_reduce_max_ps(_mm512_castpd_ps(acc[0])),
+                _mm512_reduce_min_ps(_mm512_castpd_ps(acc[1])),
+            )
+        }
+    }
     #[inline(always)]
     fn max_init<T: Real>(self) -> [__m512d; 2] {
         unsafe {

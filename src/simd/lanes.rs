@@ -278,19 +278,70 @@ pub unsafe trait Lanes: Copy {
         // SAFETY: forwarded from the caller.
         unsafe { max_of_widened(self, p, n) }
     }
-    /// [`Lanes::max_of`] and, where a level takes it in the same pass, the min (`-inf` where
-    /// not); NaN may or may not show in either.
+    /// [`Lanes::max_of`] and, where the level takes it ([`Lanes::TAKES_MIN`]) and the elements
+    /// are float32, the min in the same pass (`-inf` where not); NaN may or may not show in
+    /// either. Written once over the level's [`Lanes::range_step`]: two running pairs, then
+    /// the last elements one by one.
     ///
     /// # Safety
     /// `n` readable elements at `p`.
     #[inline(always)]
     unsafe fn range_of<T: Real>(self, p: *const T, n: usize) -> (f64, f64) {
-        // SAFETY: forwarded from the caller.
-        (unsafe { self.max_of(p, n) }, f64::NEG_INFINITY)
+        if T::FULL || !Self::TAKES_MIN {
+            // SAFETY: forwarded from the caller.
+            return (unsafe { self.max_of(p, n) }, f64::NEG_INFINITY);
+        }
+        let (p, step) = (p as *const f32, 2 * Self::N);
+        let mut acc = [self.range_init(); 2];
+        let mut i = 0;
+        // SAFETY: every step reads 2N elements inside the n, the rest one by one.
+        unsafe {
+            while i + 2 * step <= n {
+                for (k, a) in acc.iter_mut().enumerate() {
+                    *a = self.range_step(*a, p.add(i + k * step));
+                }
+                i += 2 * step;
+            }
+            if i + step <= n {
+                acc[0] = self.range_step(acc[0], p.add(i));
+                i += step;
+            }
+            let ((m0, l0), (m1, l1)) = (self.range_finish(acc[0]), self.range_finish(acc[1]));
+            let (mut m, mut least) = (m0.max(m1), l0.min(l1));
+            for k in i..n {
+                let v = *p.add(k);
+                (m, least) = (m.max(v), least.min(v));
+            }
+            (f64::from(m), f64::from(least))
+        }
     }
     /// Whether [`Lanes::range_of`] takes the min of float32 elements (of float64 ones it
-    /// takes none at any level).
+    /// takes none at any level): where the one-pass max and min cost less than the exps the
+    /// min lets a row take unclamped.
     const TAKES_MIN: bool = false;
+    /// A running max and min of float32 elements over steps of `2N` (a level may keep them
+    /// in its own float32 lanes): the start value, one step and the reduction to
+    /// `(max, min)`. These defaults widen, and keep the min as the max of the negated
+    /// elements.
+    #[inline(always)]
+    fn range_init(self) -> [Self::V; 2] {
+        [self.splat(f64::NEG_INFINITY); 2]
+    }
+    /// # Safety
+    /// `2N` readable elements at `p`.
+    #[inline(always)]
+    unsafe fn range_step(self, acc: [Self::V; 2], p: *const f32) -> [Self::V; 2] {
+        // SAFETY: forwarded from the caller.
+        let (a, b) = unsafe { (self.load(p), self.load(p.add(Self::N))) };
+        let zero = self.splat(0.0);
+        let least = self.max(self.sub(zero, a), self.sub(zero, b));
+        [self.max(acc[0], self.max(a, b)), self.max(acc[1], least)]
+    }
+    #[inline(always)]
+    fn range_finish(self, acc: [Self::V; 2]) -> (f32, f32) {
+        let (m, least) = (self.reduce_max(acc[0]), -self.reduce_max(acc[1]));
+        (m as f32, least as f32)
+    }
     /// A running max over steps of `2N` elements (a level may keep float32 in its own lanes):
     /// the start value, one step and the final reduction.
     #[inline(always)]
