@@ -1091,9 +1091,14 @@ impl LaneMap for ShiftSub {
 }
 
 /// Applies `f` to `N`-lane vectors of `x` (widened), writing `out` (rounded; `out` may equal
-/// `x`: each vector is read before it is written). With `stream` (where the level streams), the aligned body
-/// uses non-temporal stores: an output far larger than the caches then costs no
-/// read-for-ownership traffic.
+/// `x`: each vector is read before it is written). With `stream` (where the level streams),
+/// the aligned body uses non-temporal stores: an output far larger than the caches then costs
+/// no read-for-ownership traffic. Cached stores hint the output line [`AHEAD_BYTES`] on (the
+/// next rows' lines, for rows shorter than that): a store that misses waits on its line, and
+/// the hardware's streams do not fetch ahead of stores fast enough. Measured on a 2-core
+/// Intel Xeon, 2^26 float32 from DRAM, 2 threads, ms: rows of 1000 softmax 30.7 -> 22.5,
+/// log_softmax 29.8 -> 24.0, the loss with its gradient 52.8 -> 47.1; rows of 500 log_softmax
+/// 29.7 -> 25.3; in cache no change.
 ///
 /// # Safety
 /// `n` readable elements at `x`, `n` writable at `out`, disjoint or equal.
@@ -1143,8 +1148,15 @@ pub(crate) unsafe fn map_row_of<L: Lanes, S: Load, T: Real>(
             }
             l.fence();
         }
+        let size = std::mem::size_of::<T>();
         while i + w <= n {
             src.hint_ahead(l, i, w);
+            if (i * size) % 64 < w * size {
+                // The output line AHEAD_BYTES on, once a line: cached stores then find their
+                // lines in L1 rather than each waiting on its own read for ownership.
+                let at = (out as *const u8).wrapping_add(i * size + AHEAD_BYTES);
+                l.prefetch(at as *const i8);
+            }
             let y = f.apply(l, src.load(l, i));
             l.store(out.add(i), src.written(l, i, y));
             i += w;
