@@ -264,6 +264,20 @@ def test_in_place_softmax_over_the_leading_axis_adds_no_input_sized_buffer():
     assert grown < 24 * 1024, f"peak RSS grew by {grown} KiB for a 128 MiB input"
 
 
+@pytest.mark.parametrize("fn", ["softmax", "log_softmax"])
+def test_leading_axis_of_slabs_wider_than_a_stripe_matches_scipy(fn):
+    """Lanes of 512 elements in slabs 32808 wide: the column kernel takes them directly, a
+    stripe of 32768 columns at a time; the columns on both sides of the stripe's edge and
+    the last ones agree with scipy in float64, out of place and in place."""
+    x = np.random.default_rng(5).standard_normal((512, 32768 + 40)).astype(np.float32) * 8
+    cols = np.r_[0:8, 32760:32776, x.shape[1] - 8 : x.shape[1]]
+    want = getattr(sp, fn)(x[:, cols].astype(np.float64), axis=0).astype(np.float32)
+    got = getattr(sl, fn)(x, axis=0)
+    np.testing.assert_allclose(got[:, cols], want, rtol=3e-7, atol=1e-37)
+    getattr(sl, fn)(x, axis=0, out=x)
+    np.testing.assert_array_equal(x, got)
+
+
 # --------------------------------------------------------------------------- out= arguments
 
 

@@ -199,7 +199,7 @@ where
     let xp = SendPtr(x.as_ptr() as *mut T);
     if batch.inner > 1 && batch.n > 0 {
         // SAFETY: the batch was checked against the slice length.
-        unsafe { for_each_column_state(level, x.as_ptr(), None, batch, f) };
+        unsafe { for_each_column_state(level, x.as_ptr(), None, batch, 0..batch.inner, f) };
         return;
     }
     let in_parallel = batch.n < 2 * LONG_ROW_BLOCK || long_rows_in_parallel(lanes);
@@ -228,37 +228,40 @@ where
     }
 }
 
-/// [`for_each_lane_state`] of a column batch (`inner > 1`): the column kernel, `COL_TILE`
-/// lanes at a time, in parallel pieces; with `keep` (mask bytes laid out as `x`) over the
-/// elements it keeps, the others read as `-inf`.
+/// [`for_each_lane_state`] of a column batch (`inner > 1`) over its columns `cols` of every
+/// slab: the column kernel, `COL_TILE` lanes at a time, in parallel pieces, `f(l, states)`
+/// with `l = o * cols.len() + (j - cols.start)` for slab `o` and column `j`; with `keep` (mask
+/// bytes laid out as `x`) over the elements it keeps, the others read as `-inf`.
 ///
 /// # Safety
-/// The batch's elements readable at `x` (and at `keep`).
+/// The batch's elements readable at `x` (and at `keep`); `cols` within `0..batch.inner`.
 unsafe fn for_each_column_state<T: Real, F>(
     level: Level,
     x: *const T,
     keep: Option<*const u8>,
     batch: &Batch,
+    cols: std::ops::Range<usize>,
     f: F,
 ) where
     F: Fn(usize, &[LseState]) + Sync + Send,
 {
     let (xp, kp) = (SendPtr(x as *mut T), keep.map(|k| SendPtr(k as *mut u8)));
-    let tiles = batch.inner.div_ceil(simd::COL_TILE);
+    let width = cols.len();
+    let tiles = width.div_ceil(simd::COL_TILE);
     let run = |range: std::ops::Range<usize>| {
         let mut states = vec![LseState::EMPTY; simd::COL_TILE];
         for item in range {
             let (o, t) = (item / tiles, item % tiles);
             let j0 = t * simd::COL_TILE;
-            let w = simd::COL_TILE.min(batch.inner - j0);
-            let at = o * batch.outer_stride + j0;
+            let w = simd::COL_TILE.min(width - j0);
+            let at = o * batch.outer_stride + cols.start + j0;
             // SAFETY: the tile's w columns of slab o lie inside the batch (the caller's).
             unsafe {
                 let p = (xp.ptr() as *const T).add(at);
                 let k = kp.map(|k| (k.ptr() as *const u8).add(at));
                 simd::column_states(level, p, k, batch.n, batch.inner, w, &mut states);
             }
-            f(o * batch.inner + j0, &states[..w]);
+            f(o * width + j0, &states[..w]);
         }
     };
     parallel::for_each_piece(batch.outer * tiles, batch.n * simd::COL_TILE, run);
@@ -284,7 +287,10 @@ pub fn kept_column_states<T: Real>(
     }
     if batch.n > 0 {
         // SAFETY: the batch was checked against both slices.
-        unsafe { for_each_column_state(simd::level(), x.as_ptr(), Some(keep.as_ptr()), &batch, f) };
+        unsafe {
+            let k = Some(keep.as_ptr());
+            for_each_column_state(simd::level(), x.as_ptr(), k, &batch, 0..batch.inner, f)
+        };
     } else {
         let empty = [LseState::EMPTY; 64];
         for l in (0..batch.count()).step_by(empty.len()) {
@@ -524,7 +530,7 @@ unsafe fn softmax_like_raw<T: Real>(
     let n = batch.n;
     if batch.inner > 1 {
         // SAFETY: forwarded from the caller.
-        unsafe { softmax_like_columns(level, xp, None, batch, alg, what, op) };
+        unsafe { softmax_like_columns(level, xp, None, batch, what, op) };
         return;
     }
     let log = what == Reduction::LogSoftmax;
@@ -778,9 +784,16 @@ unsafe fn write_row_with<T: Real>(
     }
 }
 
-/// Softmax-like over column batches: the column kernel's states, then a write pass. With
-/// `keep` (mask bytes laid out as `x`), over the kept elements: the states of `x` with its
-/// masked elements at `-inf`, and 0 (softmax) or `-inf` (log_softmax) written at them.
+/// Columns per stripe of [`softmax_like_columns`]: the per-lane states and write parameters
+/// (32 bytes a lane) of one stripe of every slab are its scratch, so that it stays bounded
+/// (1 MiB for one slab) however wide the slabs are.
+pub const COLUMN_STRIPE: usize = 1 << 15;
+
+/// Softmax-like over column batches, a stripe of at most [`COLUMN_STRIPE`] columns of every
+/// slab at a time: the column kernel's states, then a write pass. With `keep` (mask bytes
+/// laid out as `x`), over the kept elements: the states of `x` with its masked elements at
+/// `-inf`, and 0 (softmax) or `-inf` (log_softmax) written at them. Each lane's values are
+/// its own whatever the stripes.
 ///
 /// # Safety
 /// As [`softmax_like_raw`], and the batch's mask bytes readable at `keep`, sharing nothing
@@ -790,56 +803,52 @@ unsafe fn softmax_like_columns<T: Real>(
     xp: SendPtr<T>,
     keep: Option<SendPtr<u8>>,
     batch: Batch,
-    alg: Algorithm,
     what: Reduction,
     op: SendPtr<T>,
 ) {
     let (n, inner) = (batch.n, batch.inner);
-    let mut states = vec![LseState::EMPTY; batch.count()];
-    let sp = SendPtr(states.as_mut_ptr());
-    let collect = |l: usize, s: &[LseState]| {
-        // SAFETY: lanes l..l + s.len() own their entries of states; runs are disjoint.
-        unsafe { std::ptr::copy_nonoverlapping(s.as_ptr(), sp.ptr().add(l), s.len()) };
-    };
-    match keep {
-        Some(kp) if n > 0 => {
-            let (x, k) = (xp.ptr() as *const T, kp.ptr() as *const u8);
-            // SAFETY: the caller's contract (the batch at x and at keep).
-            unsafe { for_each_column_state(level, x, Some(k), &batch, collect) };
-        }
-        _ => {
-            // SAFETY: the caller checked the batch against x; the slice is rebuilt from it.
-            let x = unsafe {
-                let len = batch.required_len().unwrap_or(0);
-                std::slice::from_raw_parts(xp.ptr() as *const T, len)
-            };
-            for_each_lane_state(level, x, &batch, alg, collect);
-        }
+    if n == 0 {
+        return;
     }
     let exp = what == Reduction::Softmax;
-    let (b, a): (Vec<f64>, Vec<f64>) = states
-        .iter()
-        .map(|s| write_params::<T>(level, *s, exp))
-        .unzip();
-    let (b, a) = (&b, &a);
     let fill = masked::masked_value::<T>(what).to_f64();
-    parallel::for_each_piece(batch.outer * n, 2 * inner, |range| {
-        for item in range {
-            let (o, k) = (item / n, item % n);
-            // SAFETY: row (o, k) of the slab lies inside x and out and is this item's own;
-            // the parameters cover the inner columns of slab o.
-            unsafe {
-                let xr = (xp.ptr() as *const T).add(o * batch.outer_stride + k * inner);
-                let or = op.ptr().add((o * n + k) * inner);
-                let (bo, ao) = (b.as_ptr().add(o * inner), a.as_ptr().add(o * inner));
-                simd::lanes_write(level, xr, or, inner, bo, ao, exp);
-                if let Some(kp) = keep {
-                    let kr = (kp.ptr() as *const u8).add(o * batch.outer_stride + k * inner);
-                    simd::select_kept(level, or, kr, or, inner, fill);
+    let stripe = inner.min(COLUMN_STRIPE);
+    let mut states = vec![LseState::EMPTY; batch.outer * stripe];
+    let (mut b, mut a) = (vec![0.0f64; states.len()], vec![0.0f64; states.len()]);
+    for c0 in (0..inner).step_by(stripe) {
+        let w = stripe.min(inner - c0);
+        let sp = SendPtr(states.as_mut_ptr());
+        let collect = |l: usize, s: &[LseState]| {
+            // SAFETY: lanes l..l + s.len() own their entries of states; runs are disjoint.
+            unsafe { std::ptr::copy_nonoverlapping(s.as_ptr(), sp.ptr().add(l), s.len()) };
+        };
+        let (x, k) = (xp.ptr() as *const T, keep.map(|k| k.ptr() as *const u8));
+        // SAFETY: the caller's contract (the batch at x and at keep); the stripe lies in it.
+        unsafe { for_each_column_state(level, x, k, &batch, c0..c0 + w, collect) };
+        let lanes = batch.outer * w;
+        for ((b, a), s) in b.iter_mut().zip(a.iter_mut()).zip(&states[..lanes]) {
+            (*b, *a) = write_params::<T>(level, *s, exp);
+        }
+        let (b, a) = (&b, &a);
+        parallel::for_each_piece(batch.outer * n, 2 * w, |range| {
+            for item in range {
+                let (o, k) = (item / n, item % n);
+                // SAFETY: the stripe of row (o, k) of the slab lies inside x and out and is
+                // this item's own; the parameters cover the stripe's columns of slab o.
+                unsafe {
+                    let at = o * batch.outer_stride + k * inner + c0;
+                    let xr = (xp.ptr() as *const T).add(at);
+                    let or = op.ptr().add((o * n + k) * inner + c0);
+                    let (bo, ao) = (b.as_ptr().add(o * w), a.as_ptr().add(o * w));
+                    simd::lanes_write(level, xr, or, w, bo, ao, exp);
+                    if let Some(kp) = keep {
+                        let kr = (kp.ptr() as *const u8).add(at);
+                        simd::select_kept(level, or, kr, or, w, fill);
+                    }
                 }
             }
-        }
-    });
+        });
+    }
 }
 
 /// Softmax or log_softmax of the columns of `batch` (`inner > 1`) over the elements `keep`
@@ -859,9 +868,8 @@ pub unsafe fn kept_column_softmax_like<T: Real>(
     out: *mut T,
 ) {
     let (xp, kp, op) = (SendPtr(x as *mut T), SendPtr(keep as *mut u8), SendPtr(out));
-    let alg = Algorithm::Auto;
     // SAFETY: the caller's contract.
-    unsafe { softmax_like_columns(simd::level(), xp, Some(kp), batch, alg, what, op) };
+    unsafe { softmax_like_columns(simd::level(), xp, Some(kp), batch, what, op) };
 }
 
 /// The parameters `(b, a)` of the per-element write from a lane's finished state: softmax

@@ -184,6 +184,37 @@ fn softmax_matches_reference_rows_and_columns_and_in_place() {
 }
 
 #[test]
+fn wide_slabs_are_written_a_stripe_at_a_time_with_each_lanes_own_values() {
+    // Slabs wider than a stripe: every lane's softmax equals that of the same lane in a
+    // narrow batch of its neighbours, bit for bit, on both sides of the stripe's edge.
+    let mut rng = Rng::new(11);
+    let (outer, n, inner) = (2, 3, COLUMN_STRIPE + 20);
+    let batch = Batch::contiguous(outer, n, inner);
+    let x = random_row(&mut rng, batch.elements(), 30.0);
+    for what in [Reduction::Softmax, Reduction::LogSoftmax] {
+        let mut out = vec![0.0; x.len()];
+        softmax_like(&x, batch, Algorithm::Auto, what, &mut out).unwrap();
+        let mut buf = x.clone();
+        softmax_like_inplace(&mut buf, batch, Algorithm::Auto, what).unwrap();
+        assert_eq!(buf, out);
+        for j0 in [0, COLUMN_STRIPE - 10, inner - 8] {
+            let w = 8.min(inner - j0);
+            let narrow = Batch::contiguous(outer, n, w);
+            let at = |o: usize, k: usize, j: usize| (o * n + k) * inner + j0 + j;
+            let xs: Vec<f64> = (0..narrow.elements())
+                .map(|e| x[at(e / (n * w), e / w % n, e % w)])
+                .collect();
+            let mut want = vec![0.0; xs.len()];
+            softmax_like(&xs, narrow, Algorithm::Auto, what, &mut want).unwrap();
+            for (e, &v) in want.iter().enumerate() {
+                let got = out[at(e / (n * w), e / w % n, e % w)];
+                assert_eq!(got.to_bits(), v.to_bits(), "{what:?} column {}", j0 + e % w);
+            }
+        }
+    }
+}
+
+#[test]
 fn columns_match_rows_of_the_transpose() {
     let mut rng = Rng::new(3);
     let (n, inner) = (37, 11);

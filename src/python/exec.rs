@@ -42,12 +42,18 @@ const KEPT_COLUMN_LANES: usize = 1 << 15;
 /// ms; 512x32768 12 -> 10.6 ms; from 128 to 256 elements a lane softmax gained and
 /// log_softmax lost up to 6%, and 16x32768 lost 1.5-2.3x).
 fn column_lanes(n: usize) -> usize {
-    if n >= 512 {
+    if n >= LONG_COLUMN {
         KEPT_COLUMN_LANES
     } else {
         COLUMN_LANES
     }
 }
+
+/// Lanes of at least this many elements take the column softmax directly however wide their
+/// slabs (the kernel works through [`kernels::COLUMN_STRIPE`] columns at a time): the blocked
+/// path would copy each block's rows in pieces of a few hundred bytes (float32 softmax over
+/// axis 0 of 1000x65536, 2 threads: 303 ms blocked, 62 ms direct).
+const LONG_COLUMN: usize = 512;
 
 /// Elements below which a binding keeps the GIL for the kernel call: releasing and taking it
 /// back costs more than the work (a few hundred nanoseconds against a call of about a
@@ -631,7 +637,7 @@ pub(crate) unsafe fn softmax<S: Stored<Compute = T>, T: Real>(
         let (o0, o1) = out.extent();
         let disjoint = x0 >= o1 || o0 >= x1;
         let lanes = column_lanes(p.n);
-        if (inplace || disjoint) && (p.inner == 1 || p.inner <= lanes) {
+        if (inplace || disjoint) && (p.inner == 1 || p.inner <= lanes || p.n >= LONG_COLUMN) {
             // Column kernels keep per-lane parameters: run them a few slabs at a time.
             let step = if p.inner == 1 {
                 p.outer
