@@ -1002,3 +1002,17 @@ fn short_index_rows_match_the_reference_with_special_rows_in_every_layout() {
         assert_eq!(bits(&gr), bits(&transpose_back(&gc, n, lanes)), "n={n}");
     }
 }
+
+#[test]
+fn flagged_finds_every_set_flag_in_order() {
+    let mut rng = Rng::new(29);
+    for len in 0..200 {
+        for density in [0, 1, 8, 64] {
+            let redo: Vec<bool> = (0..len)
+                .map(|_| density > 0 && rng.next_u64().is_multiple_of(density))
+                .collect();
+            let want: Vec<usize> = (0..len).filter(|&i| redo[i]).collect();
+            assert_eq!(forward::flagged(&redo).collect::<Vec<_>>(), want, "{len}");
+        }
+    }
+}

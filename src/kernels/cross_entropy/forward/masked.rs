@@ -400,8 +400,7 @@ fn check_lanes<T: Real>(
     // not a search: it vectorises, and a redo is rare.
     let mut skipped = 0;
     if redo.iter().fold(false, |any, &r| any | r) {
-        let flagged = class.iter().zip(redo).enumerate();
-        for (i, _) in flagged.filter(|(_, (&c, &r))| r && c != IGNORED) {
+        for i in flagged(redo).filter(|&i| class[i] != IGNORED) {
             skipped += index_lane(plan, t, mask, l0 + i)?.is_none() as usize;
         }
     }
