@@ -1040,7 +1040,34 @@ fn range_of_is_the_rows_max_and_min() {
                 assert_eq!(got.0, f64::from(top), "{level:?} n={n} at={at}");
                 let want = [f64::from(least), f64::NEG_INFINITY];
                 assert!(want.contains(&got.1), "{level:?} n={n} at={at}: {got:?}");
+                // The level's steps themselves (the widening defaults where a level takes no
+                // min), over the whole steps that fit.
+                // SAFETY: as above; every step reads 2N elements inside the n.
+                let (steps, stepped) = unsafe {
+                    run_kernel!(level, { p: *const T, n: usize } -> (Option<(f32, f32)>, usize),
+                    |l| {
+                        let step = 2 * lane_count(l);
+                        let mut acc = l.range_init();
+                        let mut i = 0;
+                        while i + step <= n {
+                            acc = l.range_step(acc, (p as *const f32).add(i));
+                            i += step;
+                        }
+                        ((i > 0).then(|| l.range_finish(acc)), i)
+                    },
+                    scalar: (None, 0))
+                };
+                if let Some((m, low)) = steps {
+                    let part = &x[..stepped];
+                    assert_eq!(m, part.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v)));
+                    assert_eq!(low, part.iter().fold(f32::INFINITY, |a, &v| a.min(v)));
+                }
             }
         }
     }
+}
+
+/// `L::N` of a level's value (for the tests' generic closures).
+fn lane_count<L: Lanes>(_: L) -> usize {
+    L::N
 }
