@@ -784,9 +784,9 @@ unsafe fn write_row_with<T: Real>(
     }
 }
 
-/// Columns per stripe of [`softmax_like_columns`]: the per-lane states and write parameters
-/// (32 bytes a lane) of one stripe of every slab are its scratch, so that it stays bounded
-/// (1 MiB for one slab) however wide the slabs are.
+/// Columns per stripe of the column softmax (`softmax_like_columns`): the per-lane states and
+/// write parameters (32 bytes a lane) of one stripe of every slab are its scratch, so that it
+/// stays bounded (1 MiB for one slab) however wide the slabs are.
 pub const COLUMN_STRIPE: usize = 1 << 15;
 
 /// Softmax-like over column batches, a stripe of at most [`COLUMN_STRIPE`] columns of every

@@ -1096,7 +1096,7 @@ impl LaneMap for ShiftSub {
 /// no read-for-ownership traffic. Cached stores hint the output line [`AHEAD_BYTES`] on (the
 /// next rows' lines, for rows shorter than that): a store that misses waits on its line, and
 /// the hardware's streams do not fetch ahead of stores fast enough. Measured on a 2-core
-/// Intel Xeon, 2^26 float32 from DRAM, 2 threads, ms: rows of 1000 softmax 30.7 -> 22.5,
+/// Intel Xeon, 2^26 float32 from DRAM, 2 threads, ms: rows of 1000 softmax 29.9 -> 22.8,
 /// log_softmax 29.8 -> 24.0, the loss with its gradient 52.8 -> 47.1; rows of 500 log_softmax
 /// 29.7 -> 25.3; in cache no change.
 ///
