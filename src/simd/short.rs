@@ -539,12 +539,8 @@ impl<'a, T: Real> Source<'a, T> {
     ) -> (L::V, L::V, u8) {
         let mut grp = self.group(r, g);
         if let Some(hints) = self.hint {
-            self.x
-                .prefetch_next::<L>(&mut grp, r, g, self.n, self.rows - r - g);
-            if grp.ahead.1 > 0 && !self.out.is_null() {
-                grp.ahead_out = self.out.wrapping_add((r + g) * self.n) as *const u8;
-            }
-            grp.ahead.0 = grp.ahead.0.wrapping_add(hints.ahead());
+            let left = self.rows - r - g;
+            hints.aim::<L, T>(&mut grp, self.x, (r, g, self.n, left), self.out);
         }
         // The mask rows from row r on are readable.
         let keep = self.keep.map(|k| {
@@ -1080,13 +1076,10 @@ pub(crate) unsafe fn xent_index<L: Lanes, T: Real, const MASKED: bool, const GRA
         unsafe {
             let px = x.add(r * pitch);
             let mut grp = Group::pitched(px, pitch, g, n, rows - r);
-            let hints = Hints::loss(GRAD, n);
-            if hints.on(n) {
-                next_group::<L, T>(&mut grp, px, g, n, pitch, rows - r - g);
-                if let Some(gp) = grad.filter(|_| grp.ahead.1 > 0) {
-                    grp.ahead_out = gp.wrapping_add((r + g) * n) as *const u8;
-                }
-                grp.ahead.0 = grp.ahead.0.wrapping_add(hints.ahead());
+            if let Some(hints) = Hints::loss(GRAD, n).of(n) {
+                let at = Rows::Pitched { x, pitch };
+                let out = grad.map_or(std::ptr::null(), |gp| gp as *const T);
+                hints.aim::<L, T>(&mut grp, at, (r, g, n, rows - r - g), out);
             }
             // A constant `None` unmasked: the mask code compiles away.
             let mask = shared.or_else(|| {
@@ -1245,6 +1238,25 @@ impl Hints {
             Hints::Reads => AHEAD_BYTES,
             Hints::Rows | Hints::Loss => 0,
         }
+    }
+
+    /// Aims `grp`, the `g` rows of `x` from row `r` (`n` elements, `left` rows after them),
+    /// at what these hints fetch as it loads its columns: the next group's rows, [`Hints::ahead`]
+    /// on, and beside them the output rows `out` (dense, `n` apart; null for none) of the
+    /// next group.
+    #[inline(always)]
+    fn aim<L: Lanes, T: Real>(
+        self,
+        grp: &mut Group<'_, T>,
+        x: Rows<'_, T>,
+        (r, g, n, left): (usize, usize, usize, usize),
+        out: *const T,
+    ) {
+        x.prefetch_next::<L>(grp, r, g, n, left);
+        if grp.ahead.1 > 0 && !out.is_null() {
+            grp.ahead_out = out.wrapping_add((r + g) * n) as *const u8;
+        }
+        grp.ahead.0 = grp.ahead.0.wrapping_add(self.ahead());
     }
 }
 
