@@ -553,7 +553,7 @@ unsafe impl Lanes for Avx512 {
     unsafe fn index_terms<T: Real>(
         self,
         x: *const T,
-        pitch: usize,
+        (pitch, step): (usize, usize),
         class: &[u32],
         weight: &[f64],
         fill: __m512d,
@@ -569,7 +569,11 @@ unsafe impl Lanes for Avx512 {
                 _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
                 _mm256_set1_epi32(pitch as i32),
             );
-            let at = _mm256_add_epi32(rows, cls);
+            // `step` is a constant where this is inlined: 1 adds the classes as they are.
+            let at = _mm256_add_epi32(
+                rows,
+                _mm256_mullo_epi32(cls, _mm256_set1_epi32(step as i32)),
+            );
             let xt = if T::FULL {
                 _mm512_mask_i32gather_pd::<8>(fill, kept, at, x as *const f64)
             } else {

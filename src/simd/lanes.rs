@@ -80,18 +80,20 @@ pub unsafe trait Lanes: Copy {
         }
         self.eq(self.of_lanes(&a), self.splat(1.0))
     }
-    /// The target logits `x_t`, weights `w_t` and kept rows of `N` short rows `pitch` apart
-    /// at `x`, whose classes are `class[..N]` and weights `weight[..N]`: a row whose class is
-    /// [`IGNORED`] takes `fill` (its max) as `x_t`, 0 as `w_t`, and is not kept.
+    /// The target logits `x_t`, weights `w_t` and kept rows of `N` short rows at `x`, row `k`'s
+    /// class `c` at `x[k * pitch + c * step]` (rows `pitch` apart, `step` 1; or the columns a
+    /// group's state leaves, `pitch` 1 and `step` `N`), whose classes are `class[..N]` and
+    /// weights `weight[..N]`: a row whose class is [`IGNORED`] takes `fill` (its max) as `x_t`,
+    /// 0 as `w_t`, and is not kept.
     ///
     /// # Safety
     /// `class` and `weight` hold `N` entries; every class that is not [`IGNORED`] indexes
-    /// inside its row, and `(N - 1) * pitch + n` fits an `i32`.
+    /// inside its row, and `(N - 1) * pitch + n * step` fits an `i32`.
     #[inline(always)]
     unsafe fn index_terms<T: Real>(
         self,
         x: *const T,
-        pitch: usize,
+        (pitch, step): (usize, usize),
         class: &[u32],
         weight: &[f64],
         fill: Self::V,
@@ -102,7 +104,7 @@ pub unsafe trait Lanes: Copy {
                 wt[k] = weight[k];
                 kept[k] = 1.0;
                 // SAFETY: the class indexes inside row k (the caller's contract).
-                xt[k] = unsafe { *x.add(k * pitch + class[k] as usize) }.to_f64();
+                xt[k] = unsafe { *x.add(k * pitch + class[k] as usize * step) }.to_f64();
             }
         }
         let kept = self.gt(self.of_lanes(&kept), self.splat(0.0));

@@ -1094,8 +1094,38 @@ pub(crate) unsafe fn xent_index<L: Lanes, T: Real, const MASKED: bool, const GRA
                 None => group_state(l, grp, &mut buf, keep, None),
             };
             // An ignored row's x_t is its max: every term below stays finite.
-            let (xtv, wtv, kept) = if mask.is_none() && g == L::N {
-                l.index_terms(px, pitch, &p.class[r..r + g], &p.weight[r..r + g], m)
+            let (cls, wts) = (&p.class[r..r + g], &p.weight[r..r + g]);
+            let (xtv, wtv, kept) = if g == L::N {
+                // Under a mask the forward loss reads x_t from the loaded columns (column c's
+                // lane k at c * N + k), where a masked class reads as -inf; the gradient's
+                // columns hold exps, so it reads x_t from the rows and the target's mask byte.
+                // A masked target (or a kept -inf one, which the reference path gives the same
+                // loss) makes the row the caller's, to skip or refuse. An ignored row's max is
+                // -inf only where the state already redoes it.
+                let terms = match mask {
+                    Some(_) if !GRAD => {
+                        l.index_terms(buf.as_ptr() as *const f64, (1, L::N), cls, wts, m)
+                    }
+                    _ => l.index_terms(px, (pitch, 1), cls, wts, m),
+                };
+                match mask {
+                    Some(_) if !GRAD && l.any(l.eq(terms.0, l.splat(f64::NEG_INFINITY))) => {
+                        for (k, v) in l.to_lanes(terms.0).iter().enumerate().take(g) {
+                            redo |= u8::from(*v == f64::NEG_INFINITY) << k;
+                        }
+                    }
+                    Some(_) if !GRAD => {}
+                    Some(mk) => {
+                        for (k, &c) in cls.iter().enumerate() {
+                            if c != IGNORED {
+                                let flag = *mk.keep.add(k * mk.lane + c as usize * mk.class);
+                                redo |= u8::from(flag == 0) << k;
+                            }
+                        }
+                    }
+                    None => {}
+                }
+                terms
             } else {
                 let (mut xt, mut wt, mut kept) = (l.to_lanes(m), [0.0f64; 8], [0.0f64; 8]);
                 for k in 0..g {
