@@ -46,9 +46,12 @@
 //! result is therefore the same for any thread count.
 //!
 //! Ids are read where they lie, possibly while another thread writes them: every read is
-//! bounded, and only the bounded index is used; an id found out of range (or, partitioned, in
-//! another bucket) by the second read after the first accepted it raises the "changed while
-//! reading" error.
+//! bounded, and only the bounded index is used. Unpartitioned, an id found out of range by
+//! the second pass after the first accepted it raises the "changed while reading" error.
+//! Partitioned, each id is read once for its bucket and its segment within the bucket
+//! together; should the compiler load an id again while another thread changes it, the
+//! element lands in another segment of its bucket (changed results, as in NumPy under such a
+//! race), never outside the work tables.
 
 use super::segments::{try_vec, SegmentError};
 use crate::parallel::{self, SendPtr};
@@ -239,28 +242,42 @@ const MAX_BUCKETS: usize = 256;
 
 /// The bits of a segment's index within its bucket for `num_segments` segments: buckets of
 /// `2^BUCKET_BITS` segments, larger ones where that would make more than [`MAX_BUCKETS`]
-/// (16 bits at most: [`entry`]; 2^16 segments' work tables take 1.3 MiB).
+/// (16 bits at most: [`simd::bucket_codes`]; 2^16 segments' work tables take 1.3 MiB).
 fn bucket_bits(num_segments: usize) -> u32 {
     let fewest = num_segments.div_ceil(MAX_BUCKETS).next_power_of_two();
     BUCKET_BITS.max(fewest.trailing_zeros())
 }
 
-/// Rows partitioned together: their ids and values stay in the cache between the count and
-/// the writes, and their positions fit 16 bits.
+/// Rows partitioned together: their entries, in row order and grouped, stay in the cache
+/// between the encoding and the write, and their positions fit 16 bits.
 const CHUNK: usize = 1 << 16;
 
-/// How many elements ahead the partition fetches the ids and values it reads: a loop that
-/// does work per element keeps too few lines in flight to stream from memory by itself.
-const FETCH_AHEAD: usize = 512;
-
-/// One partitioned element: the float32 value's bits, the segment within its bucket and the
-/// position within its chunk, 16 bits each.
-#[inline(always)]
-fn entry(v: f32, local: usize, pos: usize) -> u64 {
-    u64::from(v.to_bits()) | ((local as u64 & 0xFFFF) << 32) | ((pos as u64 & 0xFFFF) << 48)
+thread_local! {
+    /// Each thread's entries of one chunk of the partition, in row order and grouped by
+    /// bucket ([`CHUNK`] of each, kept between calls: 1 MiB).
+    static CODES: std::cell::RefCell<Vec<u64>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// An [`entry`]'s value and segment within its bucket.
+/// Runs `f` with this thread's room for a chunk's entries, or with `None` where it cannot be
+/// had (the allocation failed, or a call on this thread is already using it).
+fn with_codes<R>(f: impl FnOnce(Option<(&mut [u64], &mut [u64])>) -> R) -> R {
+    CODES.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut v) => {
+            if v.len() < 2 * CHUNK {
+                *v = Vec::new();
+                if v.try_reserve_exact(2 * CHUNK).is_err() {
+                    return f(None);
+                }
+                v.resize(2 * CHUNK, 0);
+            }
+            f(Some(v[..2 * CHUNK].split_at_mut(CHUNK)))
+        }
+        Err(_) => f(None),
+    })
+}
+
+/// A partitioned entry's value and segment within its bucket (the codes of
+/// [`simd::bucket_codes`]; the entry's position within its chunk is its top 16 bits).
 #[inline(always)]
 fn decode(e: u64) -> (f32, u64) {
     (f32::from_bits(e as u32), (e >> 32) & 0xFFFF)
@@ -283,10 +300,11 @@ struct Partition {
 }
 
 impl Partition {
-    /// First pass, by chunks of [`CHUNK`] rows: each chunk validates and counts its ids per
-    /// bucket and writes its elements, in array order, into its own region of one buffer of
-    /// [`entry`]s, grouped by bucket. The first id outside `[0, num_segments)` is reported by
-    /// position.
+    /// First pass, by chunks of [`CHUNK`] rows: each chunk encodes its rows (bucket, and the
+    /// entry of [`simd::bucket_codes`]: value, segment within the bucket, position) in one
+    /// branch-free pass, counts them per bucket, groups the entries by bucket in the cache and
+    /// writes them, in array order within each bucket, into its own region of one buffer. The
+    /// first id outside `[0, num_segments)` is reported by position.
     fn new<T: Real>(x: &[T], ids: &[i64], num_segments: usize) -> Result<Self, SegmentError> {
         let rows = x.len();
         let bits = bucket_bits(num_segments);
@@ -304,84 +322,74 @@ impl Partition {
             SendPtr(buf[front..].as_mut_ptr() as *mut u64),
             SendPtr(pieces.as_mut_ptr()),
         );
-        let changed = std::sync::atomic::AtomicBool::new(false);
+        let level = simd::level();
         let errors = parallel::map_collect(chunks, CHUNK, |k| {
-            let (r0, r1) = ((k * CHUNK).min(rows), ((k + 1) * CHUNK).min(rows));
-            let (ids, x) = (&ids[r0..r1], &x[r0..r1]);
-            // SAFETY: chunk k owns pieces[k * stride..(k + 1) * stride].
-            let starts =
-                unsafe { std::slice::from_raw_parts_mut(pp.ptr().add(k * stride), stride) };
-            // Each row's bucket, from the one validating read of its id.
-            let mut bucket = [0u8; CHUNK];
-            let mut count = [0usize; MAX_BUCKETS];
-            for (r, (&id, b)) in ids.iter().zip(&mut bucket).enumerate() {
-                if r % 8 == 0 {
-                    simd::prefetch_line(ids.as_ptr().wrapping_add(r + FETCH_AHEAD));
-                    simd::prefetch_line(x.as_ptr().wrapping_add(r + FETCH_AHEAD));
+            with_codes(|codes| {
+                let (r0, r1) = ((k * CHUNK).min(rows), ((k + 1) * CHUNK).min(rows));
+                let (ids, x) = (&ids[r0..r1], &x[r0..r1]);
+                // SAFETY: chunk k owns pieces[k * stride..(k + 1) * stride].
+                let starts =
+                    unsafe { std::slice::from_raw_parts_mut(pp.ptr().add(k * stride), stride) };
+                // Each row's bucket and entry, from one read of its id (a branch-free pass).
+                let mut bucket = [0u8; CHUNK];
+                let Some((codes, grouped)) = codes else {
+                    return Some(SegmentError::Alloc);
+                };
+                let key = (bits, num_segments as u64, (buckets - 1) as u8);
+                let n = r1 - r0;
+                if !simd::bucket_codes(level, x, ids, key, &mut bucket[..n], &mut codes[..n]) {
+                    let r = ids
+                        .iter()
+                        .position(|&id| id < 0 || id as u64 >= num_segments as u64);
+                    return Some(r.map_or_else(super::segments::changed_ids, |r| {
+                        SegmentError::IdOutOfRange {
+                            pos: r0 + r,
+                            id: ids[r],
+                            num_segments,
+                        }
+                    }));
                 }
-                if id < 0 || id as u64 >= num_segments as u64 {
-                    return Some(SegmentError::IdOutOfRange {
-                        pos: r0 + r,
-                        id,
-                        num_segments,
-                    });
+                let mut count = [0usize; MAX_BUCKETS];
+                for &b in &bucket[..n] {
+                    count[usize::from(b)] += 1;
                 }
-                *b = (id >> bits) as u8;
-                count[usize::from(*b) % MAX_BUCKETS] += 1;
-            }
-            super::segments::bucket_starts(r0, &count[..buckets], starts);
-            // Entries gather per bucket in a line of 8 before they are written, a whole line of
-            // the buffer at a time: one write stream per bucket would overflow the core's store
-            // queues. A line shared with the piece in front is written word by word. The ids are
-            // read again (from the cache) for their segment within the bucket: one that changed
-            // since (another thread) is reported after the pass; only the bucket found by the
-            // first read decides where an entry goes.
-            let mut cur = [0usize; MAX_BUCKETS];
-            cur[..buckets].copy_from_slice(&starts[..buckets]);
-            let mut lines = [[0u64; 8]; MAX_BUCKETS];
-            let mut moved = false;
-            let write = |b: usize, line: &[u64; 8], to: usize| {
-                let from = (to - 1) / 8 * 8;
-                if from >= starts[b] && to - from == 8 {
-                    // SAFETY: the line [from, to) lies in bucket b's piece of this chunk's own
-                    // region, and is aligned: the buffer is, and from % 8 == 0.
-                    unsafe { simd::stream_line(ep.ptr().add(from), line) };
-                } else {
-                    for p in from.max(starts[b])..to {
-                        // SAFETY: p lies in bucket b's piece.
-                        unsafe { *ep.ptr().add(p) = line[p % 8] };
+                super::segments::bucket_starts(r0, &count[..buckets], starts);
+                // The chunk's entries grouped by bucket in the cache first (its region of the
+                // buffer holds its buckets' pieces one after the other, so the grouped entries
+                // are the region as it will be), then the region written in one stream: a write
+                // stream per bucket would overflow the core's store queues, and flushing a line
+                // per bucket as it fills costs a mispredicted branch every eight entries.
+                let mut cur = [0usize; MAX_BUCKETS];
+                for (c, &s) in cur.iter_mut().zip(&starts[..buckets]) {
+                    *c = s - r0;
+                }
+                for (&b, &e) in bucket[..n].iter().zip(&*codes) {
+                    // Bucket b (below `buckets`) was counted count[b] times: its cursor stays
+                    // inside its piece.
+                    let slot = cur[usize::from(b)];
+                    if let Some(g) = grouped.get_mut(slot) {
+                        *g = e;
                     }
+                    cur[usize::from(b)] = slot + 1;
                 }
-            };
-            for (r, ((&id, v), &b)) in ids.iter().zip(x).zip(&bucket).enumerate() {
-                let b = usize::from(b) % MAX_BUCKETS;
-                moved |= (id as u64 >> bits) != b as u64 || id as u64 >= num_segments as u64;
-                // Exact: float32-grade values are float32 values.
-                let e = entry(v.to_f64() as f32, id as usize & ((1 << bits) - 1), r);
-                // Bucket b is found count[b] times: its cursor stays inside its piece.
-                let slot = cur[b];
-                lines[b][slot % 8] = e;
-                cur[b] = slot + 1;
-                if (slot + 1) % 8 == 0 {
-                    write(b, &lines[b], slot + 1);
+                // SAFETY: the region [r0, r1) is this chunk's own; r0 is a multiple of CHUNK
+                // (itself of 8), so its whole lines are aligned as the buffer is.
+                unsafe {
+                    let lines = grouped[..n].chunks_exact(8);
+                    let tail = lines.remainder();
+                    let mut to = ep.ptr().add(r0);
+                    for line in lines {
+                        simd::stream_line(to, line.try_into().unwrap_or(&[0; 8]));
+                        to = to.add(8);
+                    }
+                    std::ptr::copy_nonoverlapping(tail.as_ptr(), to, tail.len());
                 }
-            }
-            for b in 0..buckets {
-                if cur[b] % 8 != 0 {
-                    write(b, &lines[b], cur[b]);
-                }
-            }
-            simd::stream_fence();
-            if moved {
-                changed.store(true, std::sync::atomic::Ordering::Relaxed);
-            }
-            None
+                simd::stream_fence();
+                None
+            })
         });
         if let Some(err) = errors.into_iter().flatten().next() {
             return Err(err);
-        }
-        if changed.into_inner() {
-            return Err(super::segments::changed_ids());
         }
         Ok(Self {
             _buf: buf,
@@ -452,7 +460,8 @@ impl Tables {
         maxima.fill(f32::NEG_INFINITY);
         met.fill(0);
         let next = |k: usize| (k + 1 < part.chunks).then_some((k + 1, b));
-        // The local ids were bounded by the first pass.
+        // Every segment within the bucket is below segs, unless its id changed while the
+        // partition read it: the pass then stops there, reading nothing outside the tables.
         for k in 0..part.chunks {
             let _ = max_pass(Entries(part.read(k, b, next(k))), 1, maxima, segs);
         }

@@ -1461,6 +1461,52 @@ pub(crate) fn bounded_class(v: i64, n: u64) -> u64 {
     (v as u64).min(n.saturating_sub(1))
 }
 
+/// The rows of a chunk of unsorted segment ids, encoded for a partition by bucket in one
+/// branch-free pass compiled for `level` (where it vectorises): for row `r`, `bucket[r]` is
+/// `ids[r] >> bits`, at most `last` (so always a bucket of the partition, whatever was read),
+/// and `code[r]` holds the float32 bits of `x[r]` in its low 32 bits, the low `bits` of the
+/// id (its segment within the bucket; `bits <= 16`) at bit 32 and `r` (`< 2^16`) at bit 48. Returns whether every id lies in `[0, n)`; where one
+/// does not, the bytes and codes are meaningless.
+pub(crate) fn bucket_codes<T: Real>(
+    level: Level,
+    x: &[T],
+    ids: &[i64],
+    key: (u32, u64, u8),
+    bucket: &mut [u8],
+    code: &mut [u64],
+) -> bool {
+    #[inline(always)]
+    fn scan<T: Real>(
+        x: &[T],
+        ids: &[i64],
+        (bits, n, last): (u32, u64, u8),
+        bucket: &mut [u8],
+        code: &mut [u64],
+    ) -> bool {
+        let local = (1u64 << bits) - 1;
+        let mut bad = 0u64;
+        let rows = x.len().min(ids.len()).min(bucket.len()).min(code.len());
+        for r in 0..rows {
+            let id = ids[r] as u64;
+            bad |= u64::from(id >= n);
+            bucket[r] = (id >> bits).min(u64::from(last)) as u8;
+            let v = (x[r].to_f64() as f32).to_bits();
+            code[r] = u64::from(v) | ((id & local) << 32) | ((r as u64 & 0xFFFF) << 48);
+        }
+        bad == 0
+    }
+    // SAFETY: the level is the caller's, supported by this CPU; the scan uses slices only.
+    unsafe {
+        run_kernel!(level, <'a> { x: &'a [T], ids: &'a [i64], key: (u32, u64, u8), bucket: &'a mut [u8], code: &'a mut [u64] } -> bool,
+            |l| {
+                let _ = l;
+                scan(x, ids, key, bucket, code)
+            },
+            scalar: scan(x, ids, key, bucket, code),
+        )
+    }
+}
+
 /// How many of the class targets `t` are kept (not `ignore`), and whether a kept one is
 /// outside `[0, n)`: one branch-free scan, compiled for `level` (where it vectorises).
 pub(crate) fn count_targets(level: Level, t: &[i64], ignore: i64, n: u64) -> (usize, bool) {
