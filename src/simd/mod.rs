@@ -152,39 +152,6 @@ pub(crate) fn prefetch_line<T>(p: *const T) {
     let _ = p;
 }
 
-/// Writes the eight words of `line` to `dst`, a whole cache line, past the caches where the
-/// CPU can (x86-64: `movnti`, SSE2, baseline), else as a plain copy. Follow the last with
-/// [`stream_fence`] before another thread may read the lines.
-///
-/// # Safety
-/// `dst` writable for 8 words and aligned to 64 bytes.
-#[inline(always)]
-pub(crate) unsafe fn stream_line(dst: *mut u64, line: &[u64; 8]) {
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: the caller's contract; SSE2 is baseline on x86_64.
-    unsafe {
-        use std::arch::x86_64::_mm_stream_si64;
-        for (k, &w) in line.iter().enumerate() {
-            _mm_stream_si64(dst.add(k) as *mut i64, w as i64);
-        }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    // SAFETY: the caller's contract.
-    unsafe {
-        std::ptr::copy_nonoverlapping(line.as_ptr(), dst, 8)
-    };
-}
-
-/// Orders the [`stream_line`] writes before what follows.
-#[inline(always)]
-pub(crate) fn stream_fence() {
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: SSE is baseline on x86_64.
-    unsafe {
-        std::arch::x86_64::_mm_sfence()
-    };
-}
-
 /// `dst[c * dst_stride + r] = (src[r * src_stride + c] != 0) as u8` for an 8x16 tile (`r < 8`,
 /// `c < 16`) of mask bytes: eight 16-byte rows in, sixteen 8-byte columns out. On x86_64 by
 /// the byte, word and doubleword interleaves of SSE2 (baseline there); elsewhere as two 8x8
