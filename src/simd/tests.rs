@@ -1071,3 +1071,36 @@ fn range_of_is_the_rows_max_and_min() {
 fn lane_count<L: Lanes>(_: L) -> usize {
     L::N
 }
+
+#[test]
+fn bucket_codes_encode_each_row_from_its_id_at_every_level() {
+    // Ids over 5 buckets of 2^12 segments (the last one partial), values with NaN and -0.
+    let (bits, n) = (12u32, 4 * 4096 + 1000);
+    let rows = 1000;
+    let ids: Vec<i64> = (0..rows).map(|r| ((r * 7919) % n) as i64).collect();
+    let x: Vec<f32> = (0..rows)
+        .map(|r| match r % 97 {
+            0 => f32::NAN,
+            1 => -0.0,
+            _ => r as f32 / 7.0 - 60.0,
+        })
+        .collect();
+    for level in available_levels() {
+        let (mut bucket, mut code) = (vec![0u8; rows], vec![0u64; rows]);
+        let key = (bits, n as u64, 4u8);
+        assert!(bucket_codes(level, &x, &ids, key, &mut bucket, &mut code));
+        for r in 0..rows {
+            let id = ids[r] as u64;
+            assert_eq!(u64::from(bucket[r]), id >> bits, "{level:?} row {r}");
+            let want = u64::from(x[r].to_bits()) | ((id & 0xFFF) << 32) | ((r as u64) << 48);
+            assert_eq!(code[r], want, "{level:?} row {r}");
+        }
+        // An id out of range, negative or too large, is reported; the buckets stay in range.
+        for bad in [-1i64, n as i64, i64::MAX] {
+            let mut with = ids.clone();
+            with[rows / 2] = bad;
+            assert!(!bucket_codes(level, &x, &with, key, &mut bucket, &mut code));
+            assert!(bucket.iter().all(|&b| b <= 4), "{level:?} {bad}");
+        }
+    }
+}
