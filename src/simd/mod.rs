@@ -1429,11 +1429,12 @@ pub(crate) fn bounded_class(v: i64, n: u64) -> u64 {
 }
 
 /// The rows of a chunk of unsorted segment ids, encoded for a partition by bucket in one
-/// branch-free pass compiled for `level` (where it vectorises): for row `r`, `bucket[r]` is
-/// `ids[r] >> bits`, at most `last` (so always a bucket of the partition, whatever was read),
-/// and `code[r]` holds the float32 bits of `x[r]` in its low 32 bits, the low `bits` of the
-/// id (its segment within the bucket; `bits <= 16`) at bit 32 and `r` (`< 2^16`) at bit 48. Returns whether every id lies in `[0, n)`; where one
-/// does not, the bytes and codes are meaningless.
+/// branch-free pass compiled for `level` (where it vectorises). With `key = (bits, n, last)`:
+/// for row `r`, `bucket[r]` is `ids[r] >> bits`, at most `last` (so always a bucket of the
+/// partition, whatever was read), and `code[r]` holds the float32 bits of `x[r]` in its low
+/// 32 bits, the low `bits` of the id (its segment within the bucket; `bits <= 16`) at bit 32
+/// and `r` (`< 2^16`) at bit 48. Returns whether every id lies in `[0, n)`; where one does
+/// not, the bytes and codes are meaningless.
 pub(crate) fn bucket_codes<T: Real>(
     level: Level,
     x: &[T],
