@@ -1095,65 +1095,51 @@ pub(crate) unsafe fn xent_index<L: Lanes, T: Real, const MASKED: bool, const GRA
             };
             // An ignored row's x_t is its max: every term below stays finite.
             let (cls, wts) = (&p.class[r..r + g], &p.weight[r..r + g]);
+            // Under a mask the forward loss reads x_t from the loaded columns (column c's lane k
+            // at c * N + k), where a masked class reads as -inf; the gradient's columns hold
+            // exps, so it reads x_t from the rows.
             let (xtv, wtv, kept) = if g == L::N {
-                // Under a mask the forward loss reads x_t from the loaded columns (column c's
-                // lane k at c * N + k), where a masked class reads as -inf; the gradient's
-                // columns hold exps, so it reads x_t from the rows and the target's mask byte.
-                // A masked target (or a kept -inf one, which the reference path gives the same
-                // loss) makes the row the caller's, to skip or refuse. An ignored row's max is
-                // -inf only where the state already redoes it.
-                let terms = match mask {
+                match mask {
                     Some(_) if !GRAD => {
                         l.index_terms(buf.as_ptr() as *const f64, (1, L::N), cls, wts, m)
                     }
                     _ => l.index_terms(px, (pitch, 1), cls, wts, m),
-                };
-                match mask {
-                    Some(_) if !GRAD && l.any(l.eq(terms.0, l.splat(f64::NEG_INFINITY))) => {
-                        for (k, v) in l.to_lanes(terms.0).iter().enumerate().take(g) {
-                            redo |= u8::from(*v == f64::NEG_INFINITY) << k;
-                        }
-                    }
-                    Some(_) if !GRAD => {}
-                    Some(mk) => {
-                        for (k, &c) in cls.iter().enumerate() {
-                            if c != IGNORED {
-                                let flag = *mk.keep.add(k * mk.lane + c as usize * mk.class);
-                                redo |= u8::from(flag == 0) << k;
-                            }
-                        }
-                    }
-                    None => {}
                 }
-                terms
             } else {
                 let (mut xt, mut wt, mut kept) = (l.to_lanes(m), [0.0f64; 8], [0.0f64; 8]);
-                for k in 0..g {
-                    let c = p.class[r + k];
+                for (k, (&c, &w)) in cls.iter().zip(wts).enumerate() {
                     if c != IGNORED {
-                        wt[k] = p.weight[r + k];
-                        kept[k] = 1.0;
-                        match mask {
-                            // The forward loss keeps the loaded columns, a masked class at -inf:
-                            // x_t read from them, and a masked target (or a kept -inf one, which
-                            // the reference path gives the same loss) makes the row the caller's
-                            // (to skip or refuse), without a read of the mask byte.
-                            Some(_) if !GRAD => {
-                                xt[k] = l.to_lanes(buf[c as usize].assume_init())[k];
-                                redo |= u8::from(xt[k] == f64::NEG_INFINITY) << k;
-                            }
-                            Some(mk) => {
-                                xt[k] = (*px.add(k * pitch + c as usize)).to_f64();
-                                let flag = *mk.keep.add(k * mk.lane + c as usize * mk.class);
-                                redo |= u8::from(flag == 0) << k;
-                            }
-                            None => xt[k] = (*px.add(k * pitch + c as usize)).to_f64(),
-                        }
+                        (wt[k], kept[k]) = (w, 1.0);
+                        xt[k] = match mask {
+                            Some(_) if !GRAD => l.to_lanes(buf[c as usize].assume_init())[k],
+                            _ => (*px.add(k * pitch + c as usize)).to_f64(),
+                        };
                     }
                 }
                 let kept = l.gt(l.of_lanes(&kept), l.splat(0.0));
                 (l.of_lanes(&xt), l.of_lanes(&wt), kept)
             };
+            // A masked target (or a kept -inf one, which the reference path gives the same
+            // loss) makes the row the caller's, to skip or refuse: found by its x_t of -inf in
+            // the forward loss, by the target's mask byte with the gradient. An ignored row's
+            // max (its x_t) is -inf only where the state already redoes it.
+            match mask {
+                Some(_) if !GRAD && l.any(l.eq(xtv, l.splat(f64::NEG_INFINITY))) => {
+                    for (k, v) in l.to_lanes(xtv).iter().enumerate().take(g) {
+                        redo |= u8::from(*v == f64::NEG_INFINITY) << k;
+                    }
+                }
+                Some(_) if !GRAD => {}
+                Some(mk) => {
+                    for (k, &c) in cls.iter().enumerate() {
+                        if c != IGNORED {
+                            let flag = *mk.keep.add(k * mk.lane + c as usize * mk.class);
+                            redo |= u8::from(flag == 0) << k;
+                        }
+                    }
+                }
+                None => {}
+            }
             let lt = l.log1p(excess, T::FULL);
             let main = l.mul(wtv, l.sub(lt, l.sub(xtv, m)));
             let lse = l.add(m, lt);
