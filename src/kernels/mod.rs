@@ -675,20 +675,32 @@ thread_local! {
 }
 
 /// Runs `f` with room for `n > 0` float64 from this thread's scratch, or with `None` when
-/// `n == 0` or the room cannot be had (the allocation failed).
+/// `n == 0` or the room cannot be had ([`with_scratch`]).
 fn with_exp_scratch<R>(n: usize, f: impl FnOnce(Option<*mut f64>) -> R) -> R {
     if n == 0 {
         return f(None);
     }
-    EXP_SCRATCH.with(|cell| match cell.try_borrow_mut() {
+    with_scratch(&EXP_SCRATCH, n, |room| f(room.map(|r| r.as_mut_ptr())))
+}
+
+/// Runs `f` with the first `n` elements of this thread's scratch `key` (kept between calls;
+/// grown, zero-filled, when shorter), or with `None` where the room cannot be had: the
+/// allocation failed, or the scratch is already in use on this thread.
+fn with_scratch<T: Copy + Default, R>(
+    key: &'static std::thread::LocalKey<std::cell::RefCell<Vec<T>>>,
+    n: usize,
+    f: impl FnOnce(Option<&mut [T]>) -> R,
+) -> R {
+    key.with(|cell| match cell.try_borrow_mut() {
         Ok(mut v) => {
-            if v.capacity() < n {
+            if v.len() < n {
                 *v = Vec::new();
                 if v.try_reserve_exact(n).is_err() {
                     return f(None);
                 }
+                v.resize(n, T::default());
             }
-            f(Some(v.as_mut_ptr()))
+            f(Some(&mut v[..n]))
         }
         Err(_) => f(None),
     })

@@ -258,21 +258,11 @@ thread_local! {
     static CODES: std::cell::RefCell<Vec<u64>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// Runs `f` with this thread's room for a chunk's entries, or with `None` where it cannot be
-/// had (the allocation failed, or a call on this thread is already using it).
+/// Runs `f` with this thread's room for a chunk's entries, in row order and grouped, or with
+/// `None` where it cannot be had ([`super::with_scratch`]).
 fn with_codes<R>(f: impl FnOnce(Option<(&mut [u64], &mut [u64])>) -> R) -> R {
-    CODES.with(|cell| match cell.try_borrow_mut() {
-        Ok(mut v) => {
-            if v.len() < 2 * CHUNK {
-                *v = Vec::new();
-                if v.try_reserve_exact(2 * CHUNK).is_err() {
-                    return f(None);
-                }
-                v.resize(2 * CHUNK, 0);
-            }
-            f(Some(v[..2 * CHUNK].split_at_mut(CHUNK)))
-        }
-        Err(_) => f(None),
+    super::with_scratch(&CODES, 2 * CHUNK, |room| {
+        f(room.map(|r| r.split_at_mut(CHUNK)))
     })
 }
 
