@@ -740,12 +740,14 @@ def test_a_flag_per_row_equals_the_dense_mask(dtype, shape, axis, flag_shape):
 @pytest.mark.parametrize("n", [3, 10, 64, 65, 1000])
 def test_a_mask_stored_transposed_equals_the_dense_mask(dtype, n):
     """A Fortran-ordered mask over C-ordered logits (consecutive rows one byte apart) has its
-    rows moved into dense rows by byte tiles, a window of rows at a time, before the fused
-    short-row loss or the per-lane loss reads them. Loss, lane losses and gradient must be the
-    bits of the C-ordered mask for class and probability targets, label smoothing, weights, the
-    z-loss, rows that keep nothing, masked NaN / inf and ignored targets, across windows."""
+    rows moved into dense rows by byte tiles, a window of rows at a time (about 64 KiB of mask
+    bytes, several of the loss's pieces when rows are long), before the fused short-row loss
+    or the per-lane loss reads them. Loss, lane losses and gradient must be the bits of the
+    C-ordered mask for class and probability targets, label smoothing, weights, the z-loss,
+    rows that keep nothing, masked NaN / inf and ignored targets, across windows (two whole
+    windows and a partial one at every row length)."""
     rng = np.random.default_rng(500 + n)
-    x, keep, t, q = _rows_under_a_mask(rng, 70_000 // n + 3, n, dtype)
+    x, keep, t, q = _rows_under_a_mask(rng, 200_000 // n + 3, n, dtype)
     w = (rng.random(n) + 0.5).astype(dtype)
     fortran = np.asfortranarray(keep)
     options = (

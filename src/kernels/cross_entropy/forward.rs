@@ -1,8 +1,8 @@
 //! The cross-entropy forward pass and its fused gradient, over rows (`inner == 1`) or columns.
 
 use super::spec::{
-    finish, lane_classes, lane_target, plan, reduce_pieces, reduced, rescaled_weights, LaneTarget,
-    Plan, Targets, XentOptions,
+    finish, lane_classes, lane_target, plan, reduce_piece_groups, reduce_pieces, reduced,
+    rescaled_weights, LaneTarget, Plan, Targets, XentOptions,
 };
 use crate::error::{try_vec, Error};
 use crate::half::Stored;

@@ -392,12 +392,35 @@ pub(super) fn reduce_pieces<F>(
 where
     F: Fn(Range<usize>) -> Result<(f64, f64), Error> + Sync + Send,
 {
-    let pieces = units.div_ceil(per.max(1));
-    let partials = parallel::map_collect(pieces, per * unit_elements.max(1), |p| {
-        f(p * per..((p + 1) * per).min(units))
-    });
-    partials.into_iter().try_fold((0.0, 0.0), |acc, piece| {
-        let (m, z) = piece?;
-        Ok((acc.0 + m, acc.1 + z))
+    reduce_piece_groups(units, per, 1, unit_elements, |range| {
+        f(range).map(|sums| [sums])
     })
+}
+
+/// As [`reduce_pieces`], handing `group` consecutive pieces to one call of `f`, which returns
+/// each piece's sums in piece order: the same sums merged in the same order as one call per
+/// piece, for callers whose consecutive pieces share work (a window of a transposed mask).
+pub(super) fn reduce_piece_groups<F, P>(
+    units: usize,
+    per: usize,
+    group: usize,
+    unit_elements: usize,
+    f: F,
+) -> Result<(f64, f64), Error>
+where
+    F: Fn(Range<usize>) -> Result<P, Error> + Sync + Send,
+    P: IntoIterator<Item = (f64, f64)> + Send,
+{
+    let span = per.max(1) * group.max(1);
+    let groups = units.div_ceil(span);
+    let partials = parallel::map_collect(groups, span * unit_elements.max(1), |g| {
+        f(g * span..((g + 1) * span).min(units))
+    });
+    let mut acc = (0.0, 0.0);
+    for sums in partials {
+        for (m, z) in sums? {
+            acc = (acc.0 + m, acc.1 + z);
+        }
+    }
+    Ok(acc)
 }

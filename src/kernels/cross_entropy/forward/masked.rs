@@ -31,6 +31,9 @@ use crate::kernels::masked::copy_kept;
 /// reused from the heap rather than mapped afresh (and faulted in) by every piece.
 const STAGE_ELEMENTS: usize = 1 << 13;
 
+/// Bytes of mask rows a transposed mask is moved by at a time (see [`xent_masked`]).
+const TRANSPOSED_WINDOW: usize = 1 << 16;
+
 /// Staged lanes of one block: the logits (`-inf` where masked), the mask bytes, the
 /// probability targets when there are some, and each lane's kept-class count.
 struct Staged<T> {
@@ -501,9 +504,15 @@ pub(super) fn xent_masked<T: Real, C: Logits<T>>(
         false => Vec::new(),
     };
     let counts_out = SendPtr(counts.as_mut_ptr());
-    let (main, zsum) = reduce_pieces(units, per, unit_elements, |range| {
-        let mut acc = (0.0f64, 0.0f64);
-        let mut counted = (0.0f64, 0usize);
+    // Transposed mask rows: a window of lanes at a time, of about `TRANSPOSED_WINDOW` bytes
+    // and at least a cache line of each class's bytes, so that each class's bytes are read as
+    // a stream. A piece of long rows is a few lanes, so one call takes the pieces of a window
+    // (their sums still kept apart, in piece order).
+    let group = match transposed {
+        true => (TRANSPOSED_WINDOW / n.max(1)).max(64).div_ceil(per.max(1)),
+        false => 1,
+    };
+    let (main, zsum) = reduce_piece_groups(units, per, group, unit_elements, |span| {
         let zero = T::from_f64(0.0);
         // The fused loss's rows and the longer rows read in place stage nothing.
         let staged_width = if unstaged { 0 } else { width };
@@ -521,196 +530,199 @@ pub(super) fn xent_masked<T: Real, C: Logits<T>>(
             _ => Vec::new(),
         };
         let mut bufs = BlockBuffers::new();
-        // Transposed mask rows: a window of the piece's lanes at a time (a block of long rows
-        // is a few lanes), about 64 KiB of them and at least a cache line of each class's
-        // bytes, so that each class's bytes are read as a stream.
-        let window = match transposed {
-            true => width.max((1 << 16) / n).max(64).min(range.len()),
-            false => 0,
+        // A transposed mask: the span's mask rows moved into dense rows once (lanes of rows
+        // are 1 byte apart in the mask, a lane's classes `strides[1]` apart).
+        let mask_rows = match transposed {
+            true => {
+                let (class, len) = (mask.strides[1], span.len());
+                let base = span.start * mask.strides[0];
+                let mut dst = try_vec(n * len, 0u8)?;
+                let src = &mask.keep[base..base + (n - 1) * class + len];
+                crate::kernels::masked::transpose_mask((src, class), (&mut dst, n), n, len);
+                dst
+            }
+            false => Vec::new(),
         };
-        let mut mask_rows = try_vec(n * window, 0u8)?;
-        let mut staged_lanes = 0..0;
-        let mut next = range.start;
-        while next < range.end {
-            // The block's lanes l0..l0 + w are consecutive in lane order.
-            let (o, j0, w) = if rows {
-                let w = width.min(range.end - next);
-                (next, 0, w)
-            } else {
-                let (o, jb) = (next / blocks_per_slab, next % blocks_per_slab);
-                (o, jb * width, width.min(inner - jb * width))
-            };
-            next = if rows { next + w } else { next + 1 };
-            let l0 = o * inner + j0;
-            let [s0, s1, s2] = mask.strides;
-            let xs = Spacing {
-                base: o * batch.outer_stride + j0,
-                lane: if rows { batch.outer_stride } else { 1 },
-                class: inner,
-            };
-            let mut ms = Spacing {
-                base: o * s0 + j0 * s2,
-                lane: if rows { s0 } else { s2 },
-                class: s1,
-            };
-            let mut keep = mask.keep;
-            if transposed {
-                // Rows: lanes l0..l0 + w of this piece, 1 byte apart in the mask.
-                if l0 < staged_lanes.start || l0 + w > staged_lanes.end {
-                    let len = window.min(range.end - l0);
-                    let src = &mask.keep[ms.base..ms.base + (n - 1) * ms.class + len];
-                    let dst = &mut mask_rows[..len * n];
-                    crate::kernels::masked::transpose_mask((src, ms.class), (dst, n), n, len);
-                    staged_lanes = l0..l0 + len;
+        let mut sums = Vec::with_capacity(group);
+        for start in span.clone().step_by(per.max(1)) {
+            let range = start..(start + per.max(1)).min(span.end);
+            let mut acc = (0.0f64, 0.0f64);
+            let mut counted = (0.0f64, 0usize);
+            let mut next = range.start;
+            while next < range.end {
+                // The block's lanes l0..l0 + w are consecutive in lane order.
+                let (o, j0, w) = if rows {
+                    let w = width.min(range.end - next);
+                    (next, 0, w)
+                } else {
+                    let (o, jb) = (next / blocks_per_slab, next % blocks_per_slab);
+                    (o, jb * width, width.min(inner - jb * width))
+                };
+                next = if rows { next + w } else { next + 1 };
+                let l0 = o * inner + j0;
+                let [s0, s1, s2] = mask.strides;
+                let xs = Spacing {
+                    base: o * batch.outer_stride + j0,
+                    lane: if rows { batch.outer_stride } else { 1 },
+                    class: inner,
+                };
+                let mut ms = Spacing {
+                    base: o * s0 + j0 * s2,
+                    lane: if rows { s0 } else { s2 },
+                    class: s1,
+                };
+                let mut keep = mask.keep;
+                if transposed {
+                    (keep, ms) = (
+                        &mask_rows[(l0 - span.start) * n..],
+                        Spacing {
+                            base: 0,
+                            lane: n,
+                            class: 1,
+                        },
+                    );
                 }
-                (keep, ms) = (
-                    &mask_rows[(l0 - staged_lanes.start) * n..],
-                    Spacing {
+                // SAFETY: lanes l0..l0 + w own the dense rows l0..l0 + w of the gradient, whose
+                // length `plan` checked.
+                let direct_g = match grad_out.and_then(C::direct_out) {
+                    Some(gp) if rows => {
+                        Some(unsafe { std::slice::from_raw_parts_mut(gp.ptr().add(l0 * n), w * n) })
+                    }
+                    _ => None,
+                };
+                // Every other block is staged (masked classes at -inf).
+                if !unstaged {
+                    stage(
+                        &mut st,
+                        logits,
+                        xs,
+                        keep,
+                        ms,
+                        (n, w, count),
+                        (&mut wide, &mut line),
+                    );
+                }
+                let g = match (direct_g, grad_out) {
+                    (Some(g), _) => Some(g),
+                    (None, Some(_)) => Some(&mut gs[..w * n]),
+                    (None, None) => None,
+                };
+                if short_index {
+                    // The fused short-row loss. Rows are read where they lie (16-bit rows widened
+                    // first), the kernel reading the mask beside them (a masked class as `-inf`,
+                    // so its probability and gradient are 0); columns are staged (transposed)
+                    // first, as unmasked.
+                    let row_mask = ShortMask {
+                        keep,
+                        base: ms.base,
+                        lane: ms.lane,
+                        class: ms.class,
+                        hidden: false,
+                    };
+                    let staged_mask = ShortMask {
+                        keep: &st.keep,
                         base: 0,
                         lane: n,
                         class: 1,
-                    },
-                );
-            }
-            // SAFETY: lanes l0..l0 + w own the dense rows l0..l0 + w of the gradient, whose
-            // length `plan` checked.
-            let direct_g = match grad_out.and_then(C::direct_out) {
-                Some(gp) if rows => {
-                    Some(unsafe { std::slice::from_raw_parts_mut(gp.ptr().add(l0 * n), w * n) })
-                }
-                _ => None,
-            };
-            // Every other block is staged (masked classes at -inf).
-            if !unstaged {
-                stage(
-                    &mut st,
-                    logits,
-                    xs,
-                    keep,
-                    ms,
-                    (n, w, count),
-                    (&mut wide, &mut line),
-                );
-            }
-            let g = match (direct_g, grad_out) {
-                (Some(g), _) => Some(g),
-                (None, Some(_)) => Some(&mut gs[..w * n]),
-                (None, None) => None,
-            };
-            if short_index {
-                // The fused short-row loss. Rows are read where they lie (16-bit rows widened
-                // first), the kernel reading the mask beside them (a masked class as `-inf`,
-                // so its probability and gradient are 0); columns are staged (transposed)
-                // first, as unmasked.
-                let row_mask = ShortMask {
-                    keep,
-                    base: ms.base,
-                    lane: ms.lane,
-                    class: ms.class,
-                    hidden: false,
-                };
-                let staged_mask = ShortMask {
-                    keep: &st.keep,
-                    base: 0,
-                    lane: n,
-                    class: 1,
-                    hidden: true,
-                };
-                let (x, pitch, block_mask) = match (rows, logits.direct()) {
-                    (true, Some(x)) => (&x[xs.base..], xs.lane, row_mask),
-                    (true, None) => {
-                        for (jj, row) in wide.chunks_exact_mut(n.max(1)).take(w).enumerate() {
-                            logits.read_run(xs.base + jj * xs.lane, row);
+                        hidden: true,
+                    };
+                    let (x, pitch, block_mask) = match (rows, logits.direct()) {
+                        (true, Some(x)) => (&x[xs.base..], xs.lane, row_mask),
+                        (true, None) => {
+                            for (jj, row) in wide.chunks_exact_mut(n.max(1)).take(w).enumerate() {
+                                logits.read_run(xs.base + jj * xs.lane, row);
+                            }
+                            (&wide[..], n, row_mask)
                         }
-                        (&wide[..], n, row_mask)
+                        (false, _) => (&st.x[..], n, staged_mask),
+                    };
+                    let block = ShortBlock {
+                        x,
+                        pitch,
+                        n,
+                        w,
+                        l0,
+                        mask: Some(block_mask),
+                    };
+                    // A masked target is the kernel's to skip (short_index_block).
+                    short_index_block(
+                        plan,
+                        targets,
+                        block,
+                        alg,
+                        &mut bufs.scratch,
+                        &mut short_lanes,
+                        lanes_out,
+                        g,
+                        &mut acc,
+                    )?;
+                    if let (true, Targets::Indices(t)) = (deferred, targets) {
+                        // The block's mask is in cache now: the pre-pass's checks (a vector scan,
+                        // the flagged lanes one by one).
+                        let lanes = (&short_lanes.class[..w], &short_lanes.redo[..w]);
+                        check_lanes(plan, t, mask, l0, lanes, &mut counted)?;
                     }
-                    (false, _) => (&st.x[..], n, staged_mask),
-                };
-                let block = ShortBlock {
-                    x,
-                    pitch,
-                    n,
-                    w,
-                    l0,
-                    mask: Some(block_mask),
-                };
-                // A masked target is the kernel's to skip (short_index_block).
-                short_index_block(
-                    plan,
-                    targets,
-                    block,
-                    alg,
-                    &mut bufs.scratch,
-                    &mut short_lanes,
-                    lanes_out,
-                    g,
-                    &mut acc,
-                )?;
-                if let (true, Targets::Indices(t)) = (deferred, targets) {
-                    // The block's mask is in cache now: the pre-pass's checks (a vector scan,
-                    // the flagged lanes one by one).
-                    let lanes = (&short_lanes.class[..w], &short_lanes.redo[..w]);
-                    check_lanes(plan, t, mask, l0, lanes, &mut counted)?;
+                } else if let (true, Some(x)) = (in_place, logits.direct()) {
+                    // Dense rows and their mask rows, read where they are.
+                    let keep = &keep[ms.base..];
+                    for (i, kept) in st.kept[..w].iter_mut().enumerate() {
+                        *kept = count.of(&keep[i * ms.lane..][..n]);
+                    }
+                    let block = LaneBlock {
+                        x: &x[xs.base..],
+                        q: match targets {
+                            Targets::Probs(q) => Some(&q[xs.base..]),
+                            Targets::Indices(_) => None,
+                        },
+                        pitch: n,
+                        n,
+                        w,
+                        l0,
+                        mask: Some(LaneMask {
+                            keep,
+                            lane: ms.lane,
+                            kept: &st.kept,
+                            in_place: true,
+                        }),
+                        stream: false,
+                    };
+                    lanes_block(plan, targets, block, alg, &mut bufs, lanes_out, g, &mut acc)?;
+                } else {
+                    if let Targets::Probs(q) = targets {
+                        st.stage_probs(q, xs, n, w);
+                    }
+                    let block = LaneBlock {
+                        x: &st.x,
+                        q: probs.then_some(&st.q[..]),
+                        pitch: n,
+                        n,
+                        w,
+                        l0,
+                        mask: Some(LaneMask {
+                            keep: &st.keep,
+                            lane: n,
+                            kept: &st.kept,
+                            in_place: false,
+                        }),
+                        stream: false,
+                    };
+                    lanes_block(plan, targets, block, alg, &mut bufs, lanes_out, g, &mut acc)?;
                 }
-            } else if let (true, Some(x)) = (in_place, logits.direct()) {
-                // Dense rows and their mask rows, read where they are.
-                let keep = &keep[ms.base..];
-                for (i, kept) in st.kept[..w].iter_mut().enumerate() {
-                    *kept = count.of(&keep[i * ms.lane..][..n]);
-                }
-                let block = LaneBlock {
-                    x: &x[xs.base..],
-                    q: match targets {
-                        Targets::Probs(q) => Some(&q[xs.base..]),
-                        Targets::Indices(_) => None,
-                    },
-                    pitch: n,
-                    n,
-                    w,
-                    l0,
-                    mask: Some(LaneMask {
-                        keep,
-                        lane: ms.lane,
-                        kept: &st.kept,
-                        in_place: true,
-                    }),
-                    stream: false,
-                };
-                lanes_block(plan, targets, block, alg, &mut bufs, lanes_out, g, &mut acc)?;
-            } else {
-                if let Targets::Probs(q) = targets {
-                    st.stage_probs(q, xs, n, w);
-                }
-                let block = LaneBlock {
-                    x: &st.x,
-                    q: probs.then_some(&st.q[..]),
-                    pitch: n,
-                    n,
-                    w,
-                    l0,
-                    mask: Some(LaneMask {
-                        keep: &st.keep,
-                        lane: n,
-                        kept: &st.kept,
-                        in_place: false,
-                    }),
-                    stream: false,
-                };
-                lanes_block(plan, targets, block, alg, &mut bufs, lanes_out, g, &mut acc)?;
+                write_back::<T, C>(
+                    grad_out,
+                    through_buffer,
+                    &gs,
+                    (o, j0, w, n, inner),
+                    &mut line,
+                );
             }
-            write_back::<T, C>(
-                grad_out,
-                through_buffer,
-                &gs,
-                (o, j0, w, n, inner),
-                &mut line,
-            );
+            if deferred {
+                // SAFETY: one slot per piece, written by that piece alone.
+                unsafe { *counts_out.ptr().add(range.start / per.max(1)) = counted };
+            }
+            sums.push(acc);
         }
-        if deferred {
-            // SAFETY: one slot per piece, written by that piece alone.
-            unsafe { *counts_out.ptr().add(range.start / per.max(1)) = counted };
-        }
-        Ok(acc)
+        Ok(sums)
     })?;
     // Summed in piece order, as the pre-pass does.
     let dk = deferred.then(|| {
