@@ -31,8 +31,12 @@ use crate::kernels::masked::copy_kept;
 /// reused from the heap rather than mapped afresh (and faulted in) by every piece.
 const STAGE_ELEMENTS: usize = 1 << 13;
 
-/// Bytes of mask rows a transposed mask is moved by at a time (see [`xent_masked`]).
+/// Bytes of mask rows a transposed mask is moved by at a time (see [`xent_masked`]), and the
+/// most a window of at least a cache line of each class may take (rows of more than 2^16
+/// classes take fewer lanes). Fortran-ordered masks, float32, 2 threads, ms: 2048x16384
+/// 132.7 -> 15.8 (unmasked 6.8), 256x131072 110.8 -> 20.9 (28.3 with windows of 1 MiB).
 const TRANSPOSED_WINDOW: usize = 1 << 16;
+const TRANSPOSED_WINDOW_MAX: usize = 1 << 22;
 
 /// Staged lanes of one block: the logits (`-inf` where masked), the mask bytes, the
 /// probability targets when there are some, and each lane's kept-class count.
@@ -509,7 +513,11 @@ pub(super) fn xent_masked<T: Real, C: Logits<T>>(
     // a stream. A piece of long rows is a few lanes, so one call takes the pieces of a window
     // (their sums still kept apart, in piece order).
     let group = match transposed {
-        true => (TRANSPOSED_WINDOW / n.max(1)).max(64).div_ceil(per.max(1)),
+        true => (TRANSPOSED_WINDOW / n.max(1))
+            .max(64)
+            .min(TRANSPOSED_WINDOW_MAX / n.max(1))
+            .max(1)
+            .div_ceil(per.max(1)),
         false => 1,
     };
     let (main, zsum) = reduce_piece_groups(units, per, group, unit_elements, |span| {
