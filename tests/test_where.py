@@ -953,16 +953,18 @@ def test_a_flag_per_lane_equals_the_dense_mask(dtype, shape, axis, flag_shape):
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
 @pytest.mark.parametrize(
-    "shape", [(300, 3), (1000, 10), (77, 17), (500, 64), (40, 1000), (3, 6, 100)]
+    "shape",
+    [(300, 3), (1000, 10), (77, 17), (500, 64), (40, 1000), (3, 6, 100), (2, 9, 5000), (130, 20000)],
 )
 def test_a_mask_stored_transposed_equals_the_dense_mask(dtype, shape):
     """A mask whose rows are stored transposed (Fortran order over C-ordered x, or a transposed
     view: consecutive rows one byte apart) has each block's mask rows moved into dense rows by
-    byte tiles before the kernels read them. logsumexp, the streaming states, softmax and
-    log_softmax (new array, out= and in place) must be the bits of the C-ordered mask, with NaN
-    and +inf in masked positions, kept +inf, rows masked whole and tile edges in both
-    dimensions (a wrong byte of a tile, an edge tile's overlap or a run crossing an outer index
-    would show)."""
+    byte tiles before the kernels read them (rows of more than 4096 elements: the whole mask
+    copied into dense rows first, windows of at least 64 rows). logsumexp, the streaming
+    states, softmax and log_softmax (new array, out= and in place) must be the bits of the
+    C-ordered mask, with NaN and +inf in masked positions, kept +inf, rows masked whole and
+    tile edges in both dimensions (a wrong byte of a tile, an edge tile's overlap, a run
+    crossing an outer index or a window of the copy misplaced would show)."""
     rng = np.random.default_rng(shape[-1] * 7 + len(shape))
     x = (rng.standard_normal(shape) * 20).astype(dtype)
     keep = rng.random(shape) < 0.7
