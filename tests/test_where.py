@@ -954,7 +954,16 @@ def test_a_flag_per_lane_equals_the_dense_mask(dtype, shape, axis, flag_shape):
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
 @pytest.mark.parametrize(
     "shape",
-    [(300, 3), (1000, 10), (77, 17), (500, 64), (40, 1000), (3, 6, 100), (2, 9, 5000), (130, 20000)],
+    [
+        (300, 3),
+        (1000, 10),
+        (77, 17),
+        (500, 64),
+        (40, 1000),
+        (3, 6, 100),
+        (2, 9, 5000),
+        (130, 20000),
+    ],
 )
 def test_a_mask_stored_transposed_equals_the_dense_mask(dtype, shape):
     """A mask whose rows are stored transposed (Fortran order over C-ordered x, or a transposed

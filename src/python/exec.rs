@@ -1202,7 +1202,8 @@ fn mask_in_row_order(
                 unsafe { std::slice::from_raw_parts_mut(out.ptr().add(r0 * n), (r1 - r0) * n) };
             // SAFETY: the view covers every row of the plan; its rows are stored transposed
             // (checked above), so every row is written.
-            unsafe { kv.gather_transposed(r0 * n, n, dst) };
+            let moved = unsafe { kv.gather_transposed(r0 * n, n, dst) };
+            debug_assert!(moved, "a transposed mask's rows were not moved");
         }
     });
     Ok((Some(WorkView::dense(dense.as_ptr(), total)), dense))
