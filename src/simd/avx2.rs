@@ -374,6 +374,10 @@ unsafe impl Lanes for Avx2 {
         unsafe { _mm256_movemask_pd(m) != 0 }
     }
     #[inline(always)]
+    fn bits(self, m: __m256d) -> u8 {
+        unsafe { _mm256_movemask_pd(m) as u8 }
+    }
+    #[inline(always)]
     fn count(self, m: __m256d) -> u64 {
         unsafe { _mm256_movemask_pd(m).count_ones() as u64 }
     }

@@ -419,6 +419,10 @@ unsafe impl Lanes for Avx512 {
         m != 0
     }
     #[inline(always)]
+    fn bits(self, m: __mmask8) -> u8 {
+        m
+    }
+    #[inline(always)]
     fn count(self, m: __mmask8) -> u64 {
         u64::from(m.count_ones())
     }

@@ -61,6 +61,12 @@ pub unsafe trait Lanes: Copy {
     }
     fn any(self, m: Self::M) -> bool;
     fn count(self, m: Self::M) -> u64;
+    /// The flagged lanes as bits, lane `k` at bit `k`.
+    #[inline(always)]
+    fn bits(self, m: Self::M) -> u8 {
+        let v = self.to_lanes(self.select(m, self.splat(1.0), self.splat(0.0)));
+        (0..Self::N).fold(0, |b, k| b | (u8::from(v[k] != 0.0) << k))
+    }
     /// `m ? a : b` per lane.
     fn select(self, m: Self::M, a: Self::V, b: Self::V) -> Self::V;
     /// The lanes whose mask byte (`N` bytes at `keep`) is nonzero.

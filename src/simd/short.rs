@@ -185,6 +185,12 @@ impl<T: Copy> Group<'_, T> {
     }
 }
 
+/// A bit for each of the first `rows` lanes (`rows <= 8`).
+#[inline(always)]
+fn row_bits(rows: usize) -> u8 {
+    (0xFFu16 >> (8 - rows.min(8))) as u8
+}
+
 /// One column of a sum with the ties apart: `e` into `below` where `summed` (the lane is off
 /// the max and [`Lanes::summable`] keeps it), and `other` (off the max) counted. Both adds take
 /// their masks as they are (masked adds, no inversion or blend).
@@ -374,17 +380,11 @@ unsafe fn group_state<L: Lanes, T: Real>(
             l.select(unsure, split_excess(sums), whole)
         }
     };
-    // `excess + (m - m)` is NaN exactly where the max is not finite or the sum is NaN.
+    // `excess + (m - m)` is NaN exactly where the max is not finite or the sum is NaN. Taken
+    // as bits, with no branch: rows to redo come unpredictably (a `where=` row that keeps no
+    // class has a max of -inf), and a mispredicted test per such group cost more than the bits.
     let check = l.add(excess, l.sub(m, m));
-    let mut redo = 0u8;
-    if l.any(l.not(l.eq(check, check))) {
-        let (ms, es) = (l.to_lanes(m), l.to_lanes(excess));
-        for r in 0..rows {
-            if !ms[r].is_finite() || es[r].is_nan() {
-                redo |= 1 << r;
-            }
-        }
-    }
+    let redo = l.bits(l.not(l.eq(check, check))) & row_bits(rows);
     (m, excess, redo)
 }
 
@@ -1124,12 +1124,9 @@ pub(crate) unsafe fn xent_index<L: Lanes, T: Real, const MASKED: bool, const GRA
             // the forward loss, by the target's mask byte with the gradient. An ignored row's
             // max (its x_t) is -inf only where the state already redoes it.
             match mask {
-                Some(_) if !GRAD && l.any(l.eq(xtv, l.splat(f64::NEG_INFINITY))) => {
-                    for (k, v) in l.to_lanes(xtv).iter().enumerate().take(g) {
-                        redo |= u8::from(*v == f64::NEG_INFINITY) << k;
-                    }
+                Some(_) if !GRAD => {
+                    redo |= l.bits(l.eq(xtv, l.splat(f64::NEG_INFINITY))) & row_bits(g);
                 }
-                Some(_) if !GRAD => {}
                 Some(mk) => {
                     for (k, &c) in cls.iter().enumerate() {
                         if c != IGNORED {
