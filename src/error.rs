@@ -136,3 +136,40 @@ pub(crate) fn try_vec<T: Clone>(len: usize, fill: T) -> Result<Vec<T>, Error> {
     v.resize(len, fill);
     Ok(v)
 }
+
+/// `len` zero bytes, or [`Error::Alloc`]: from the allocator's zeroed memory, so that a large
+/// buffer comes as fresh pages the system zeroes as they are first written, with no pass that
+/// writes the zeros (as [`try_vec`] with a fill of 0 makes). For a buffer that is written
+/// whole right away.
+pub(crate) fn try_zeroed_bytes(len: usize) -> Result<Vec<u8>, Error> {
+    let failed = Error::Alloc { bytes: len };
+    if len == 0 {
+        return Ok(Vec::new());
+    }
+    let layout = std::alloc::Layout::array::<u8>(len).map_err(|_| failed.clone())?;
+    // SAFETY: the layout has a nonzero size.
+    let p = unsafe { std::alloc::alloc_zeroed(layout) };
+    if p.is_null() {
+        return Err(failed);
+    }
+    // SAFETY: `p` holds `len` initialised (zero) bytes, allocated by the global allocator
+    // with the layout of `len` bytes, which the vector takes over.
+    Ok(unsafe { Vec::from_raw_parts(p, len, len) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zeroed_bytes_are_zero_and_a_size_past_the_address_space_is_an_alloc_error() {
+        assert!(try_zeroed_bytes(0).unwrap().is_empty());
+        let v = try_zeroed_bytes(3 << 20).unwrap();
+        assert_eq!((v.len(), v.capacity()), (3 << 20, 3 << 20));
+        assert!(v.iter().all(|&b| b == 0));
+        assert_eq!(
+            try_zeroed_bytes(usize::MAX),
+            Err(Error::Alloc { bytes: usize::MAX })
+        );
+    }
+}

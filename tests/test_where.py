@@ -961,6 +961,7 @@ def test_a_flag_per_lane_equals_the_dense_mask(dtype, shape, axis, flag_shape):
         (500, 64),
         (40, 1000),
         (3, 6, 100),
+        (3, 50, 2049),
         (2, 9, 5000),
         (130, 20000),
     ],
@@ -968,7 +969,7 @@ def test_a_flag_per_lane_equals_the_dense_mask(dtype, shape, axis, flag_shape):
 def test_a_mask_stored_transposed_equals_the_dense_mask(dtype, shape):
     """A mask whose rows are stored transposed (Fortran order over C-ordered x, or a transposed
     view: consecutive rows one byte apart) has each block's mask rows moved into dense rows by
-    byte tiles before the kernels read them (rows of more than 4096 elements: the whole mask
+    byte tiles before the kernels read them (rows of more than 2048 elements: the whole mask
     copied into dense rows first, windows of at least 64 rows). logsumexp, the streaming
     states, softmax and log_softmax (new array, out= and in place) must be the bits of the
     C-ordered mask, with NaN and +inf in masked positions, kept +inf, rows masked whole and

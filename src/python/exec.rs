@@ -1166,15 +1166,21 @@ unsafe fn kept_columns<'a, S: Stored<Compute = T>, T: Real>(
     }
 }
 
+/// Bytes of the mask one task of [`mask_in_row_order`] moves at a time (at least 64 rows).
+const ROW_ORDER_WINDOW: usize = 1 << 20;
+
 /// The work view of a mask, with a mask stored transposed over rows too long for a block to
-/// hold 8 of them ([`WorkView::transposed_rows`]: a Fortran-ordered mask over C-ordered rows
-/// of more than 4096 elements) first copied into dense rows, windows of at least 64 rows
+/// hold 16 of them ([`WorkView::transposed_rows`]: a Fortran-ordered mask over C-ordered rows
+/// of more than 2048 elements) first copied into dense rows, windows of at least 64 rows
 /// (about 1 MiB) at a time in parallel, then read as a mask with dense rows. Moved a block at
 /// a time, such rows read a few bytes of each class's cache line per block. Float32, 2
-/// threads, `logsumexp`, ms, a block at a time / copied first: 2048x16384 75.7 / 36.9 (6.7
-/// unmasked), 4096x8192 59.3 / 38.2, 8192x4096 37.4 / 36.9 (a tie: rows of 4096 and shorter
-/// stay a block at a time, with no copy). The copy (one byte per element, the mask's own
-/// size) is returned beside the view, which points into it.
+/// threads, `logsumexp` of 2^25 elements, ms, a block at a time / copied first: rows of
+/// 4096 35.8 / 24.6, of 4000 22.3 / 13.9, of 2500 20.6 / 17.6, of 2048 20.7 / 24.4, of
+/// 2000 13.1 / 14.9 (rows of 2048 and shorter stay a block at a time, with no copy); rows
+/// of 16384 copied first 23.2 (unmasked 6.4), where a block at a time took over 70. The copy (one byte per element, the mask's own size) is
+/// returned beside the view, which points into it; it comes from the allocator's zeroed
+/// pages ([`crate::error::try_zeroed_bytes`]), faulted in by the parallel windows that write
+/// it, not by a serial pass of zeros first (which took a third of the call at rows of 16384).
 fn mask_in_row_order(
     mask: Option<&Raw>,
     p: &Plan,
@@ -1183,16 +1189,13 @@ fn mask_in_row_order(
         return Ok((None, Vec::new()));
     };
     let (n, rows) = (p.n, p.outer);
-    if p.inner != 1 || n.saturating_mul(8) <= BLOCK || !kv.transposed_rows(n) {
+    if p.inner != 1 || n.saturating_mul(16) <= BLOCK || !kv.transposed_rows(n) {
         return Ok((Some(kv), Vec::new()));
     }
     let total = rows.checked_mul(n).ok_or(ExecError::Memory)?;
-    let mut dense: Vec<u8> = Vec::new();
-    dense
-        .try_reserve_exact(total)
-        .map_err(|_| ExecError::Memory)?;
-    dense.resize(total, 0);
-    let window = ((1 << 20) / n).max(64);
+    // Every byte is written below: no pass of zeros first.
+    let mut dense = crate::error::try_zeroed_bytes(total).map_err(|_| ExecError::Memory)?;
+    let window = (ROW_ORDER_WINDOW / n).max(64);
     let out = parallel::SendPtr(dense.as_mut_ptr());
     parallel::for_each_piece(rows.div_ceil(window), window * n, |range| {
         for w in range {

@@ -544,7 +544,8 @@ pub(super) fn xent_masked<T: Real, C: Logits<T>>(
             true => {
                 let (class, len) = (mask.strides[1], span.len());
                 let base = span.start * mask.strides[0];
-                let mut dst = try_vec(n * len, 0u8)?;
+                // Every byte is written by the transposition: no pass of zeros first.
+                let mut dst = crate::error::try_zeroed_bytes(n * len)?;
                 let src = &mask.keep[base..base + (n - 1) * class + len];
                 crate::kernels::masked::transpose_mask((src, class), (&mut dst, n), n, len);
                 dst
