@@ -137,6 +137,29 @@ pub(crate) fn try_vec<T: Clone>(len: usize, fill: T) -> Result<Vec<T>, Error> {
     Ok(v)
 }
 
+/// Buffers of at least this many bytes ask the system for huge pages ([`advise_huge_pages`]).
+const HUGE_FROM: usize = 4 << 20;
+
+/// Asks for huge pages over the whole 2 MiB pages of `[addr, addr + bytes)`, a buffer not yet
+/// written: a fresh buffer of x's size faults in a page at a time, and a page fault per 4 KiB
+/// costs as much as the pass that fills it (measured: 25 ms of 57 for the partition of 2^24
+/// elements, 128 MiB). A hint, from [`HUGE_FROM`] bytes on: where the system declines,
+/// nothing changes. Linux only.
+pub(crate) fn advise_huge_pages(addr: usize, bytes: usize) {
+    #[cfg(target_os = "linux")]
+    if bytes >= HUGE_FROM {
+        const HUGE: usize = 2 << 20;
+        let (start, end) = (addr.next_multiple_of(HUGE), (addr + bytes) / HUGE * HUGE);
+        if start < end {
+            // SAFETY: the range lies inside one live allocation of the caller's; the advice
+            // changes how its pages are backed, never their contents.
+            unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE) };
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (addr, bytes);
+}
+
 /// `len` zero bytes, or [`Error::Alloc`]: from the allocator's zeroed memory, so that a large
 /// buffer comes as fresh pages the system zeroes as they are first written, with no pass that
 /// writes the zeros (as [`try_vec`] with a fill of 0 makes). For a buffer that is written
@@ -152,6 +175,7 @@ pub(crate) fn try_zeroed_bytes(len: usize) -> Result<Vec<u8>, Error> {
     if p.is_null() {
         return Err(failed);
     }
+    advise_huge_pages(p as usize, len);
     // SAFETY: `p` holds `len` initialised (zero) bytes, allocated by the global allocator
     // with the layout of `len` bytes, which the vector takes over.
     Ok(unsafe { Vec::from_raw_parts(p, len, len) })

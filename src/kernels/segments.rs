@@ -672,41 +672,16 @@ unsafe fn csr_softmax_like<T: Real>(
 /// The most buckets the first level of the unsorted path uses (one output stream each).
 const SORT_BUCKETS: usize = 64;
 
-/// Buffers of at least this many bytes ask the system for huge pages ([`try_uninit`]).
-const HUGE_FROM: usize = 4 << 20;
-
 /// A vector of `n` uninitialised elements, or [`SegmentError::Alloc`]. Skipping the fill
-/// saves a pass over memory that is about to be overwritten. From [`HUGE_FROM`] bytes on it
-/// asks for huge pages ([`advise_huge_pages`]).
+/// saves a pass over memory that is about to be overwritten. It asks for huge pages
+/// ([`crate::error::advise_huge_pages`]).
 pub(super) fn try_uninit<T>(n: usize) -> Result<Vec<MaybeUninit<T>>, SegmentError> {
     let mut out = Vec::new();
     out.try_reserve_exact(n).map_err(|_| SegmentError::Alloc)?;
     // SAFETY: MaybeUninit needs no initialisation; the capacity was reserved.
     unsafe { out.set_len(n) };
-    let bytes = std::mem::size_of_val(out.as_slice());
-    if bytes >= HUGE_FROM {
-        advise_huge_pages(out.as_ptr() as usize, bytes);
-    }
+    crate::error::advise_huge_pages(out.as_ptr() as usize, std::mem::size_of_val(out.as_slice()));
     Ok(out)
-}
-
-/// Asks for huge pages over the whole 2 MiB pages of `[addr, addr + bytes)`, a buffer not yet
-/// written: a fresh buffer of x's size faults in a page at a time, and a page fault per 4 KiB
-/// costs as much as the pass that fills it (measured: 25 ms of 57 for the partition of 2^24
-/// elements, 128 MiB). A hint: where the system declines, nothing changes. Linux only.
-fn advise_huge_pages(addr: usize, bytes: usize) {
-    #[cfg(target_os = "linux")]
-    {
-        const HUGE: usize = 2 << 20;
-        let (start, end) = (addr.next_multiple_of(HUGE), (addr + bytes) / HUGE * HUGE);
-        if start < end {
-            // SAFETY: the range lies inside one live allocation of the caller's; the advice
-            // changes how its pages are backed, never their contents.
-            unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE) };
-        }
-    }
-    #[cfg(not(target_os = "linux"))]
-    let _ = (addr, bytes);
 }
 
 /// Copies one row of `inner` elements; a plain move for the common `inner == 1` (a call to
