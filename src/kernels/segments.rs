@@ -122,12 +122,9 @@ impl std::fmt::Display for SegmentError {
 
 impl std::error::Error for SegmentError {}
 
-/// A vector of `n` copies of `v`, or [`SegmentError::Alloc`].
+/// A vector of `n` copies of `v` ([`crate::error::try_vec`]), or [`SegmentError::Alloc`].
 pub(super) fn try_vec<T: Clone>(n: usize, v: T) -> Result<Vec<T>, SegmentError> {
-    let mut out = Vec::new();
-    out.try_reserve_exact(n).map_err(|_| SegmentError::Alloc)?;
-    out.resize(n, v);
-    Ok(out)
+    crate::error::try_vec(n, v).map_err(|_| SegmentError::Alloc)
 }
 
 /// The rows of `x` for `inner` columns, or why `x` is not a whole number of rows.
