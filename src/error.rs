@@ -141,7 +141,7 @@ pub(crate) fn try_vec<T: Clone>(len: usize, fill: T) -> Result<Vec<T>, Error> {
 const HUGE_FROM: usize = 4 << 20;
 
 /// Asks for huge pages over the whole 2 MiB pages of `[addr, addr + bytes)`, a buffer not yet
-/// written: a fresh buffer of x's size faults in a page at a time, and a page fault per 4 KiB
+/// written: a fresh buffer of the input's size faults in a page at a time, and a fault per 4 KiB
 /// costs as much as the pass that fills it (measured: 25 ms of 57 for the partition of 2^24
 /// elements, 128 MiB). A hint, from [`HUGE_FROM`] bytes on: where the system declines,
 /// nothing changes. Linux only.

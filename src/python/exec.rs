@@ -1173,14 +1173,14 @@ const ROW_ORDER_WINDOW: usize = 1 << 20;
 /// hold 16 of them ([`WorkView::transposed_rows`]: a Fortran-ordered mask over C-ordered rows
 /// of more than 2048 elements) first copied into dense rows, windows of at least 64 rows
 /// (about 1 MiB) at a time in parallel, then read as a mask with dense rows. Moved a block at
-/// a time, such rows read a few bytes of each class's cache line per block. Float32, 2
-/// threads, `logsumexp` of 2^25 elements, ms, a block at a time / copied first: rows of
-/// 4096 35.8 / 24.6, of 4000 22.3 / 13.9, of 2500 20.6 / 17.6, of 2048 20.7 / 24.4, of
-/// 2000 13.1 / 14.9 (rows of 2048 and shorter stay a block at a time, with no copy); rows
-/// of 16384 copied first 23.2 (unmasked 6.4), where a block at a time took over 70. The copy (one byte per element, the mask's own size) is
-/// returned beside the view, which points into it; it comes from the allocator's zeroed
-/// pages ([`crate::error::try_zeroed_bytes`]), faulted in by the parallel windows that write
-/// it, not by a serial pass of zeros first (which took a third of the call at rows of 16384).
+/// a time, such rows read a few bytes of each class's cache line per block. The copy (one
+/// byte per element, the mask's own size) is returned beside the view, which points into it;
+/// it comes from the allocator's zeroed pages ([`crate::error::try_zeroed_bytes`]), faulted
+/// in by the parallel windows that write it rather than by a serial pass of zeros first.
+/// Float32, 2 threads, `logsumexp` of 2^25 elements, ms: rows of 16384 copied 20.5
+/// (unmasked 6.2; with a pass of zeros first, 39.1); a block at a time / copied, rows of
+/// 4096 35.7 / 21.9, of 4000 22.3 / 13.9, of 2500 20.6 / 17.6, of 2048 20.7 / 24.4, of 2000
+/// 13.1 / 14.9: rows of 2048 and shorter stay a block at a time, with no copy.
 fn mask_in_row_order(
     mask: Option<&Raw>,
     p: &Plan,
