@@ -145,6 +145,9 @@ def _laid_out(a, kind):
         return np.ascontiguousarray(a[flip])[flip]
     if kind == "transposed":
         return np.ascontiguousarray(a.T).T
+    if kind == "swapped" and a.ndim > 1:
+        # The last two axes stored transposed: rows of the last axis one element apart.
+        return np.ascontiguousarray(a.swapaxes(-1, -2)).swapaxes(-1, -2)
     return np.ascontiguousarray(a)
 
 
@@ -160,7 +163,7 @@ def layout_cases(draw):
     mask = rng.random(mshape) < draw(st.sampled_from([0.0, 0.5, 0.9, 1.0]))
     mask.reshape(-1)[: mask.size // 5 * draw(st.integers(0, 1))] = False
     axis = draw(st.sampled_from([None, -1, 0] + ([1, (0, 1)] if ndim > 1 else [])))
-    kinds = ["C", "F", "strided", "negative", "transposed"]
+    kinds = ["C", "F", "strided", "negative", "transposed", "swapped"]
     return (
         shape,
         dtype,
@@ -177,7 +180,7 @@ def layout_cases(draw):
 @given(layout_cases())
 def test_random_layouts_at_block_sizes_equal_scipy_on_the_kept_elements(case):
     """Rows of 1 to 5000 (the short-row kernels, the blocks, the row-order copy of a
-    transposed mask), x and the mask each in one of five layouts (the mask also broadcast),
+    transposed mask), x and the mask each in one of six layouts (the mask also broadcast),
     out= in three, against scipy on the kept elements, with NaN and infinities at masked
     positions: catches a mask read at the wrong element or a masked value leaking in on a path
     the small shapes above never take."""
