@@ -157,6 +157,7 @@ def layout_cases(draw):
     shape = tuple(draw(st.lists(st.sampled_from(SIZES), min_size=ndim, max_size=ndim)))
     while np.prod(shape) > 400_000:
         shape = shape[1:]
+    ndim = len(shape)
     dtype = draw(st.sampled_from([np.float32, np.float64]))
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     mshape = tuple(1 if draw(st.integers(0, 3)) == 0 else n for n in shape)
