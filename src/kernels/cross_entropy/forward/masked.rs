@@ -36,6 +36,7 @@ const STAGE_ELEMENTS: usize = 1 << 13;
 /// classes take fewer lanes). Fortran-ordered masks, float32, 2 threads, ms: 2048x16384
 /// 132.7 -> 15.8 (unmasked 6.8), 256x131072 110.8 -> 20.9 (28.3 with windows of 1 MiB).
 const TRANSPOSED_WINDOW: usize = 1 << 16;
+/// The most bytes of one such window ([`TRANSPOSED_WINDOW`]).
 const TRANSPOSED_WINDOW_MAX: usize = 1 << 22;
 
 /// Staged lanes of one block: the logits (`-inf` where masked), the mask bytes, the
